@@ -1,0 +1,421 @@
+"""Typed run configuration: YAML -> dataclasses, presets, dotted overrides, strict validation.
+
+A config is read in three steps: the YAML file becomes a nested dict, dotted command-line overrides
+(`train.train_steps=20 parallel.tp=2`) are applied to that dict, and the dict is turned into the
+dataclasses below. Every step rejects what it does not understand with a `ConfigError` whose message
+names the offending field, so a command can print it as one line and exit non-zero.
+
+Steps are counted from 1: step s is the s-th optimizer update. A data stage with `start_step: s`
+feeds steps s, s+1, ... until the next stage starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from nanotronix.errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A config problem, reported to the user as one line naming the field."""
+
+
+# Published SmolLM2 architectures (HF config.json of HuggingFaceTB/SmolLM2-*; init std from the nanotron
+# pretraining configs in huggingface/smollm). Pretraining used rope_theta 10000 at 2048 tokens; the released
+# HF configs carry the context-extended values (8192 positions, theta 1e5 / 1.3e5).
+PRESETS: dict[str, dict[str, Any]] = {
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, max_position_embeddings=2048,
+                         rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                         init_std=0.041666666666666664),
+    "smollm2-360m": dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15,
+                         num_key_value_heads=5, vocab_size=49152, max_position_embeddings=2048,
+                         rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, init_std=0.03227),
+    "smollm2-1.7b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
+                         num_key_value_heads=32, vocab_size=49152, max_position_embeddings=2048,
+                         rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, init_std=0.02),
+}
+
+
+@dataclass
+class ModelConfig:
+    preset: Optional[str] = None
+    hidden_size: Optional[int] = None
+    intermediate_size: Optional[int] = None
+    num_hidden_layers: Optional[int] = None
+    num_attention_heads: Optional[int] = None
+    num_key_value_heads: Optional[int] = None
+    vocab_size: Optional[int] = None
+    max_position_embeddings: Optional[int] = None
+    rope_theta: Optional[float] = None
+    rms_norm_eps: Optional[float] = None
+    tie_word_embeddings: Optional[bool] = None
+    init_std: Optional[float] = None
+    # auto: flash_attention_2 when flash-attn is installed and the run is on CUDA, else sdpa.
+    attn_implementation: str = "auto"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def num_parameters(self) -> int:
+        """Parameter count of the plain model (tied embeddings counted once)."""
+        d, f, v, layers = self.hidden_size, self.intermediate_size, self.vocab_size, self.num_hidden_layers
+        kv = self.num_key_value_heads * self.head_dim
+        per_layer = d * (d + 2 * kv) + d * d + 3 * d * f + 2 * d
+        head = 0 if self.tie_word_embeddings else v * d
+        return v * d + layers * per_layer + d + head
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    dp: Optional[int] = None  # derived from world size / (tp * pp) when left out
+    pp_schedule: str = "1f1b"
+    virtual_stages: int = 1  # model chunks per pipeline rank; > 1 only with pp_schedule: interleaved
+    sequence_parallel: bool = False
+    zero_stage: int = 0
+
+
+@dataclass
+class TrainConfig:
+    seq_len: int = 2048
+    global_batch_size: int = 8
+    micro_batch_size: int = 1
+    train_steps: int = 100
+    seed: int = 42
+    dtype: str = "float32"
+    device: str = "auto"  # auto: cuda when available, else cpu
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 3e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    clip_grad: float = 1.0
+
+
+@dataclass
+class LRScheduleConfig:
+    warmup_steps: int = 0
+    decay_start_step: Optional[int] = None  # None: no decay (constant after warm-up)
+    decay_steps: int = 0
+    decay_style: str = "linear"
+    min_lr: float = 0.0
+
+
+@dataclass
+class DatasetConfig:
+    path: str = ""
+    weight: float = 1.0
+
+
+@dataclass
+class StageConfig:
+    name: str = "stage1"
+    start_step: int = 1
+    datasets: list[DatasetConfig] = field(default_factory=list)
+
+
+@dataclass
+class DataConfig:
+    tokenizer: Optional[str] = None
+    stages: list[StageConfig] = field(default_factory=list)
+    data_seed: int = 1234
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None
+    interval: int = 0  # 0: only at the end of training (and on SIGTERM/SIGUSR1)
+    keep_last: int = 0  # 0: keep every checkpoint
+    resume: str = "auto"  # auto | none | PATH
+
+
+@dataclass
+class LoggingConfig:
+    dir: str = "runs/default"
+    interval: int = 1
+    tensorboard: bool = False
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    lr_schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------------
+# dict -> dataclass
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(value, inner[0], where)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return _build(tp, value, where)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_convert(v, args[0], f"{where}.{i}") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], where: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        name = f"{where}.{key}" if where else str(key)
+        if key not in known:
+            raise ConfigError(f"{name}: unknown config key (known: {', '.join(sorted(known))})")
+        kwargs[key] = _convert(value, hints[key], name)
+    return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# overrides
+
+
+def apply_override(tree: dict[str, Any], override: str) -> None:
+    """Apply one `dotted.key=value` override to a nested dict; the value is parsed as YAML."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r}: expected dotted.key=value")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {override!r}: empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    node: Any = tree
+    for i, part in enumerate(parts[:-1]):
+        where = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            node = node[_list_index(part, node, where)]
+        else:
+            node = node.setdefault(part, {})
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"{where}: is a value, cannot set {key}")
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_list_index(last, node, key)] = value
+    else:
+        node[last] = value
+
+
+def _list_index(part: str, node: list, where: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"{where}: no list item {part!r} (the list has {len(node)})")
+    return int(part)
+
+
+# --------------------------------------------------------------------------------------------------
+# loading and validation
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{p}:{at} is not valid YAML") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of sections")
+    for o in overrides or []:
+        apply_override(tree, o)
+    return config_from_dict(tree)
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    cfg = _build(Config, tree)
+    resolve_preset(cfg.model)
+    validate(cfg)
+    return cfg
+
+
+def resolve_preset(model: ModelConfig) -> None:
+    """Fill fields left out with the preset's values; fields given explicitly win (e.g. fewer layers)."""
+    if model.preset is None:
+        return
+    if model.preset not in PRESETS:
+        raise ConfigError(f"model.preset: unknown preset {model.preset!r} (known: {', '.join(PRESETS)})")
+    for key, value in PRESETS[model.preset].items():
+        if getattr(model, key) is None:
+            setattr(model, key, value)
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def validate(cfg: Config) -> None:
+    m = cfg.model
+    for f in dataclasses.fields(ModelConfig):
+        if f.name != "preset":
+            _require(getattr(m, f.name) is not None, f"model.{f.name}: missing (set it or use model.preset)")
+    for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "vocab_size", "max_position_embeddings"):
+        _require(getattr(m, name) > 0, f"model.{name}: must be positive, got {getattr(m, name)}")
+    _require(m.hidden_size % m.num_attention_heads == 0,
+             f"model.hidden_size: {m.hidden_size} is not divisible by model.num_attention_heads="
+             f"{m.num_attention_heads}")
+    _require(m.num_attention_heads % m.num_key_value_heads == 0,
+             f"model.num_attention_heads: {m.num_attention_heads} is not a multiple of "
+             f"model.num_key_value_heads={m.num_key_value_heads}")
+    _require(m.head_dim % 2 == 0, f"model.hidden_size: head dim {m.head_dim} must be even for RoPE")
+    _require(m.rope_theta > 0, "model.rope_theta: must be positive")
+    _require(m.rms_norm_eps > 0, "model.rms_norm_eps: must be positive")
+    _require(m.init_std > 0, "model.init_std: must be positive")
+    _require(m.attn_implementation in ("auto", "sdpa", "flash_attention_2", "eager"),
+             f"model.attn_implementation: {m.attn_implementation!r} is not auto|sdpa|flash_attention_2|eager")
+
+    p = cfg.parallel
+    for name in ("tp", "pp", "virtual_stages"):
+        _require(getattr(p, name) >= 1, f"parallel.{name}: must be >= 1, got {getattr(p, name)}")
+    _require(p.dp is None or p.dp >= 1, f"parallel.dp: must be >= 1, got {p.dp}")
+    _require(p.pp_schedule in ("1f1b", "afab", "interleaved"),
+             f"parallel.pp_schedule: {p.pp_schedule!r} is not 1f1b|afab|interleaved")
+    _require(p.zero_stage in (0, 1), f"parallel.zero_stage: {p.zero_stage} is not 0 or 1")
+    _require(p.virtual_stages == 1 or p.pp_schedule == "interleaved",
+             "parallel.virtual_stages: > 1 needs parallel.pp_schedule: interleaved")
+
+    t = cfg.train
+    for name in ("seq_len", "global_batch_size", "micro_batch_size", "train_steps"):
+        _require(getattr(t, name) >= 1, f"train.{name}: must be >= 1, got {getattr(t, name)}")
+    _require(t.dtype in ("bfloat16", "float32"), f"train.dtype: {t.dtype!r} is not bfloat16|float32")
+    _require(t.device in ("auto", "cpu", "cuda"), f"train.device: {t.device!r} is not auto|cpu|cuda")
+    _require(t.global_batch_size % t.micro_batch_size == 0,
+             f"train.global_batch_size: {t.global_batch_size} is not divisible by train.micro_batch_size="
+             f"{t.micro_batch_size}")
+    _require(t.seq_len <= m.max_position_embeddings,
+             f"train.seq_len: {t.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}")
+
+    o = cfg.optimizer
+    _require(o.lr >= 0, f"optimizer.lr: must be >= 0, got {o.lr}")
+    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+             f"optimizer.betas: expected two numbers in [0, 1), got {o.betas}")
+    _require(o.eps > 0, "optimizer.eps: must be positive")
+    _require(o.weight_decay >= 0, "optimizer.weight_decay: must be >= 0")
+    _require(o.clip_grad >= 0, "optimizer.clip_grad: must be >= 0 (0 disables clipping)")
+
+    s = cfg.lr_schedule
+    _require(s.warmup_steps >= 0, "lr_schedule.warmup_steps: must be >= 0")
+    _require(s.decay_style in ("linear", "cosine", "1-sqrt"),
+             f"lr_schedule.decay_style: {s.decay_style!r} is not linear|cosine|1-sqrt")
+    _require(0 <= s.min_lr <= o.lr, f"lr_schedule.min_lr: {s.min_lr} must be in [0, optimizer.lr={o.lr}]")
+    if s.decay_start_step is not None:
+        _require(s.decay_start_step >= s.warmup_steps,
+                 f"lr_schedule.decay_start_step: {s.decay_start_step} is before the end of warm-up "
+                 f"({s.warmup_steps})")
+        _require(s.decay_steps >= 1, "lr_schedule.decay_steps: must be >= 1 when decay_start_step is set")
+
+    d = cfg.data
+    prev = 0
+    for i, stage in enumerate(d.stages):
+        where = f"data.stages.{i}"
+        if i == 0:
+            _require(stage.start_step in (0, 1), f"{where}.start_step: the first stage must start at step 1")
+        else:
+            _require(stage.start_step > prev,
+                     f"{where}.start_step: {stage.start_step} does not come after the previous stage ({prev})")
+        prev = stage.start_step
+        _require(len(stage.datasets) > 0, f"{where}.datasets: a stage needs at least one dataset")
+        for j, ds in enumerate(stage.datasets):
+            _require(bool(ds.path), f"{where}.datasets.{j}.path: missing")
+            _require(ds.weight > 0 and math.isfinite(ds.weight),
+                     f"{where}.datasets.{j}.weight: must be positive, got {ds.weight}")
+
+    c = cfg.checkpoint
+    _require(c.interval >= 0, "checkpoint.interval: must be >= 0")
+    _require(c.keep_last >= 0, "checkpoint.keep_last: must be >= 0")
+    _require(cfg.logging.interval >= 1, "logging.interval: must be >= 1")
+
+
+def resolve_layout(cfg: Config, world_size: int) -> int:
+    """Check the parallel layout against the world size and the model; return the data-parallel size."""
+    p, m, t = cfg.parallel, cfg.model, cfg.train
+    _require(world_size % (p.tp * p.pp) == 0,
+             f"parallel: world size {world_size} is not divisible by tp*pp = {p.tp}*{p.pp}")
+    dp = world_size // (p.tp * p.pp)
+    _require(p.dp is None or p.dp == dp,
+             f"parallel.dp: {p.dp} but world size {world_size} / (tp*pp = {p.tp * p.pp}) gives {dp}")
+    _require(m.num_attention_heads % p.tp == 0,
+             f"parallel.tp: {p.tp} does not divide model.num_attention_heads={m.num_attention_heads}")
+    _require(m.num_key_value_heads % p.tp == 0,
+             f"parallel.tp: {p.tp} does not divide model.num_key_value_heads={m.num_key_value_heads}")
+    _require(m.intermediate_size % p.tp == 0,
+             f"parallel.tp: {p.tp} does not divide model.intermediate_size={m.intermediate_size}")
+    _require(m.vocab_size % p.tp == 0, f"parallel.tp: {p.tp} does not divide model.vocab_size={m.vocab_size}")
+    chunks = p.pp * p.virtual_stages
+    _require(m.num_hidden_layers >= chunks,
+             f"parallel.pp: {m.num_hidden_layers} layers cannot fill {chunks} pipeline stages")
+    _require(not p.sequence_parallel or t.seq_len % p.tp == 0,
+             f"parallel.sequence_parallel: train.seq_len={t.seq_len} is not divisible by tp={p.tp}")
+    per_step = t.micro_batch_size * dp
+    _require(t.global_batch_size % per_step == 0,
+             f"train.global_batch_size: {t.global_batch_size} is not divisible by micro_batch_size*dp = "
+             f"{t.micro_batch_size}*{dp}")
+    return dp
+
+
+def grad_accum_steps(cfg: Config, dp: int) -> int:
+    return cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,135 @@
+"""The one mapping between nanotronix parameter names/layouts and Hugging Face `LlamaForCausalLM`.
+
+Everything that crosses the boundary goes through here: the fused QKV rows (grouped by KV head, see
+`model/attention.py`), the pairwise gate/up interleave (`model/mlp.py`), the tied head (exported only when
+untied), and the config fields. RoPE needs no permutation: both sides use the rotate-half layout.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+
+from nanotronix.config import ModelConfig
+
+
+def _split_qkv(w: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    kv, d = cfg.num_key_value_heads, cfg.head_dim
+    r = cfg.num_attention_heads // kv
+    groups = w.view(kv, r + 2, d, w.shape[-1])
+    q = groups[:, :r].reshape(kv * r * d, -1)
+    k = groups[:, r].reshape(kv * d, -1)
+    v = groups[:, r + 1].reshape(kv * d, -1)
+    return q, k, v
+
+
+def _fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    kv, d = cfg.num_key_value_heads, cfg.head_dim
+    r = cfg.num_attention_heads // kv
+    cols = q.shape[-1]
+    fused = torch.cat([q.view(kv, r, d, cols), k.view(kv, 1, d, cols), v.view(kv, 1, d, cols)], dim=1)
+    return fused.reshape(-1, cols)
+
+
+def to_hf(name: str, tensor: torch.Tensor, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """Map one nanotronix tensor to the Hugging Face tensors it becomes (streaming-friendly)."""
+    if name == "embed_tokens.weight":
+        yield "model.embed_tokens.weight", tensor
+    elif name == "norm.weight":
+        yield "model.norm.weight", tensor
+    elif name == "lm_head.weight":
+        if not cfg.tie_word_embeddings:
+            yield "lm_head.weight", tensor
+    elif name.startswith("layers."):
+        _, idx, rest = name.split(".", 2)
+        p = f"model.layers.{idx}."
+        if rest == "self_attn.qkv_proj.weight":
+            q, k, v = _split_qkv(tensor, cfg)
+            yield p + "self_attn.q_proj.weight", q.contiguous()
+            yield p + "self_attn.k_proj.weight", k.contiguous()
+            yield p + "self_attn.v_proj.weight", v.contiguous()
+        elif rest == "mlp.gate_up_proj.weight":
+            yield p + "mlp.gate_proj.weight", tensor[0::2].contiguous()
+            yield p + "mlp.up_proj.weight", tensor[1::2].contiguous()
+        else:
+            yield p + rest, tensor
+    else:
+        raise KeyError(f"no Hugging Face name for parameter {name!r}")
+
+
+def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        out.update(to_hf(name, tensor, cfg))
+    return out
+
+
+def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Hugging Face tensors -> nanotronix state dict (raises KeyError naming a missing tensor)."""
+    def get(key: str) -> torch.Tensor:
+        if key not in hf:
+            raise KeyError(f"Hugging Face checkpoint lacks {key}")
+        return hf[key]
+
+    out = {"embed_tokens.weight": get("model.embed_tokens.weight"), "norm.weight": get("model.norm.weight")}
+    out["lm_head.weight"] = out["embed_tokens.weight"] if cfg.tie_word_embeddings else get("lm_head.weight")
+    for i in range(cfg.num_hidden_layers):
+        p, n = f"model.layers.{i}.", f"layers.{i}."
+        out[n + "self_attn.qkv_proj.weight"] = _fuse_qkv(
+            get(p + "self_attn.q_proj.weight"), get(p + "self_attn.k_proj.weight"),
+            get(p + "self_attn.v_proj.weight"), cfg)
+        out[n + "self_attn.o_proj.weight"] = get(p + "self_attn.o_proj.weight")
+        gate, up = get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")
+        out[n + "mlp.gate_up_proj.weight"] = torch.stack([gate, up], dim=1).reshape(-1, gate.shape[-1])
+        out[n + "mlp.down_proj.weight"] = get(p + "mlp.down_proj.weight")
+        out[n + "input_layernorm.weight"] = get(p + "input_layernorm.weight")
+        out[n + "post_attention_layernorm.weight"] = get(p + "post_attention_layernorm.weight")
+    return out
+
+
+def hf_config_dict(cfg: ModelConfig, eos_token_id: int = 0, bos_token_id: int = 0,
+                   torch_dtype: str = "bfloat16") -> dict[str, Any]:
+    """config.json for LlamaForCausalLM, with the field values SmolLM2's own release uses."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
+        "hidden_act": "silu",
+        "hidden_size": cfg.hidden_size,
+        "initializer_range": cfg.init_std,
+        "intermediate_size": cfg.intermediate_size,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "mlp_bias": False,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
+        "pretraining_tp": 1,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_scaling": None,
+        "rope_theta": cfg.rope_theta,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "torch_dtype": torch_dtype,
+        "use_cache": True,
+        "vocab_size": cfg.vocab_size,
+    }
+
+
+def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+    if hf.get("model_type") != "llama":
+        raise ValueError(f"not a Llama config (model_type={hf.get('model_type')!r})")
+    rope_theta = hf.get("rope_theta")
+    if rope_theta is None:  # transformers >= 5 may keep it under rope_parameters
+        rope_theta = (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    if (hf.get("rope_scaling") or {}).get("rope_type", "default") not in ("default", None):
+        raise ValueError("rope_scaling is not supported yet")
+    return ModelConfig(
+        hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
+        num_hidden_layers=hf["num_hidden_layers"], num_attention_heads=hf["num_attention_heads"],
+        num_key_value_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
+        vocab_size=hf["vocab_size"], max_position_embeddings=hf["max_position_embeddings"],
+        rope_theta=float(rope_theta), rms_norm_eps=hf["rms_norm_eps"],
+        tie_word_embeddings=hf.get("tie_word_embeddings", False), init_std=hf.get("initializer_range", 0.02))

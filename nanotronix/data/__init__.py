@@ -1,0 +1,32 @@
+"""Token stores, preprocessing and the trainer's deterministic data loader.
+
+Public API:
+    open_store(path_or_prefix) -> TokenStore      Megatron .bin/.idx, datatrove .ds, zarr (format detected)
+    load_tokenizer(spec) -> (tokenizers.Tokenizer, TokenizerInfo)
+    build_train_loader(cfg, dp_rank, dp_size, consumed_samples=0) -> TrainLoader
+    preprocess(PreprocessOptions) -> PreprocessResult   (what tools/preprocess.py runs)
+    DataError                                      every user-facing data problem (one line)
+
+`build_train_loader`/`TrainLoader` import torch; they are loaded lazily so that preprocessing and inspecting
+stores never pay for it.
+"""
+from .errors import DataError
+from .store import TokenStore, open_store
+from .tokenizer import TokenizerInfo, load_tokenizer
+
+_LAZY = {
+    "build_train_loader": ".loader",
+    "TrainLoader": ".loader",
+    "preprocess": ".preprocess",
+    "PreprocessOptions": ".preprocess",
+    "PreprocessResult": ".preprocess",
+}
+
+__all__ = ["DataError", "TokenStore", "open_store", "TokenizerInfo", "load_tokenizer", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

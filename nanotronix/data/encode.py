@@ -1,0 +1,99 @@
+"""Worker side of preprocessing: parse and validate one chunk of records, tokenise the good ones with
+`encode_batch`, append EOS to each document and return them as one flat array plus lengths.
+
+Bad-record reasons (the keys counted in the sidecar): invalid UTF-8, invalid JSON, not a JSON object,
+missing text key, text not a string, empty text (nothing but whitespace).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .inputs import MISSING, Chunk
+
+_TOKENIZER = None  # per-process tokenizer, set once by init_worker
+_EOS = 0
+_DTYPE = np.dtype(np.int32)
+
+
+def init_worker(tokenizer_file: str, eos_id: int, dtype: str) -> None:
+    """Load the tokenizer once per process. Parallelism comes from processes, so the Rust thread pool is
+    disabled (it would oversubscribe the cores, and it is unsafe after fork)."""
+    global _TOKENIZER, _EOS, _DTYPE
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    from tokenizers import Tokenizer
+    _TOKENIZER = Tokenizer.from_file(tokenizer_file)
+    _EOS = eos_id
+    _DTYPE = np.dtype(dtype)
+
+
+@dataclass
+class EncodedChunk:
+    file_index: int
+    tokens: np.ndarray  # all documents, each followed by EOS
+    lengths: np.ndarray  # tokens per document (EOS included)
+    bad: list[tuple[int, str, str]] = field(default_factory=list)  # (line, reason, detail), in order
+
+
+def _text_of(chunk: Chunk, item, text_key: str):
+    """(text, None) for a good record, (None, (reason, detail)) for a bad one."""
+    if chunk.kind == "text":
+        try:
+            text = item.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return None, ("invalid UTF-8", f"byte {e.start}")
+    elif chunk.kind == "jsonl":
+        try:
+            line = item.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return None, ("invalid UTF-8", f"byte {e.start}")
+        try:
+            record = json.loads(line)
+        except ValueError as e:
+            return None, ("invalid JSON", str(e))
+        if not isinstance(record, dict):
+            return None, ("not a JSON object", type(record).__name__)
+        if text_key not in record:
+            return None, ("missing text key", repr(text_key))
+        text = record[text_key]
+    else:
+        if item is MISSING:
+            return None, ("missing text key", repr(text_key))
+        text = item
+    if not isinstance(text, str):
+        return None, ("text not a string", type(text).__name__)
+    if not text.strip():
+        return None, ("empty text", "")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from a JSON "\ud800" escape
+        return None, ("invalid UTF-8", "lone surrogate")
+    return text, None
+
+
+def encode_chunk(chunk: Chunk, text_key: str, stop_at_first_bad: bool) -> EncodedChunk:
+    texts: list[str] = []
+    bad: list[tuple[int, str, str]] = []
+    for k, item in enumerate(chunk.items):
+        line = chunk.lines[k] if chunk.lines is not None else chunk.first_line + k
+        text, problem = _text_of(chunk, item, text_key)
+        if problem is None:
+            texts.append(text)
+        else:
+            bad.append((line, problem[0], problem[1]))
+            if stop_at_first_bad:
+                break
+    if bad and stop_at_first_bad:
+        return EncodedChunk(chunk.file_index, np.zeros(0, _DTYPE), np.zeros(0, np.int64), bad)
+    encodings = _TOKENIZER.encode_batch(texts, add_special_tokens=False) if texts else []
+    lengths = np.fromiter((len(e.ids) + 1 for e in encodings), dtype=np.int64, count=len(encodings))
+    tokens = np.empty(int(lengths.sum()), dtype=_DTYPE)
+    pos = 0
+    for enc, n in zip(encodings, lengths.tolist()):
+        tokens[pos:pos + n - 1] = enc.ids
+        tokens[pos + n - 1] = _EOS
+        pos += n
+    return EncodedChunk(chunk.file_index, tokens, lengths, bad)

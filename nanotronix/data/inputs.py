@@ -1,0 +1,176 @@
+"""Input discovery and streaming record reading for preprocessing.
+
+The main process only reads bytes and cuts them into chunks of whole records (bounded size); parsing,
+validation and tokenisation happen in the workers (`encode.py`), so the reader never becomes the bottleneck
+and memory stays bounded whatever the input size. Supported inputs:
+
+- JSON lines: `.jsonl`, `.ndjson`, `.json` (one object per line), optionally compressed `.gz` / `.zst`;
+  blank lines are not records and are passed over;
+- Parquet (`.parquet`, read in row batches with pyarrow, only the text column);
+- plain text (`.txt`, `.md`, `.rst`, `.py`, and other source suffixes below): one file is one document;
+- folders of any of these, walked recursively in sorted order (hidden files and folders are ignored).
+
+A record's position is `file:line` (1-based line for JSON lines, row number for Parquet, 1 for text files).
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+from .errors import DataError
+
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
+COMPRESSED_SUFFIXES = (".gz", ".zst")
+PARQUET_SUFFIXES = (".parquet",)
+TEXT_SUFFIXES = (".txt", ".text", ".md", ".markdown", ".rst", ".py", ".pyi", ".tex", ".c", ".h", ".cc",
+                 ".cpp", ".hpp", ".java", ".js", ".ts", ".go", ".rs", ".sh", ".html", ".css")
+MISSING = object()  # a Parquet row whose file has no such column
+
+
+def input_kind(path: Path) -> Optional[str]:
+    name = path.name.lower()
+    for comp in ("",) + COMPRESSED_SUFFIXES:
+        if any(name.endswith(s + comp) for s in JSONL_SUFFIXES):
+            return "jsonl"
+    if name.endswith(PARQUET_SUFFIXES):
+        return "parquet"
+    if name.endswith(TEXT_SUFFIXES):
+        return "text"
+    return None
+
+
+def expand_inputs(specs: list[str]) -> list[Path]:
+    """Files named on the command line, folders expanded; one clear error for anything unusable."""
+    files: list[Path] = []
+    for spec in specs:
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and input_kind(p)
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            if not found:
+                raise DataError(f"input folder {spec} holds no supported files (.jsonl[.gz|.zst], .parquet, "
+                                f"{', '.join(TEXT_SUFFIXES[:5])}, ...)")
+            files.extend(found)
+        elif path.is_file():
+            if input_kind(path) is None:
+                raise DataError(f"input {spec}: unsupported file type (expected .jsonl[.gz|.zst], .parquet or "
+                                f"a text file such as .txt/.md/.rst/.py)")
+            files.append(path)
+        else:
+            raise DataError(f"input not found: {spec}")
+    return files
+
+
+@dataclass
+class Chunk:
+    """Whole records of one file, to be parsed and tokenised by a worker."""
+    file_index: int
+    first_line: int  # line (JSON lines), row (Parquet) or 1 (text) of items[0]
+    kind: str  # jsonl | parquet | text
+    items: list  # raw lines (bytes), Parquet values, or one text file's bytes
+    lines: Optional[list[int]] = None  # JSON lines: line number of each item (blank lines are left out)
+
+
+class _CountingReader(io.RawIOBase):
+    """Wraps the raw file to report how many (compressed) bytes have been consumed, for the progress bar."""
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.consumed = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = self.raw.readinto(b)
+        self.consumed += n or 0
+        return n
+
+
+def _open_lines(path: Path, counter: _CountingReader):
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        return gzip.GzipFile(fileobj=io.BufferedReader(counter, 1 << 20), mode="rb")
+    if name.endswith(".zst"):
+        import zstandard
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(io.BufferedReader(counter, 1 << 20)),
+                                 1 << 20)
+    return io.BufferedReader(counter, 1 << 20)
+
+
+def iter_chunks(files: list[Path], text_key: str, chunk_bytes: int = 1 << 20,
+                on_progress=None) -> Iterator[Chunk]:
+    """Chunks of about `chunk_bytes` of input each, in file order. `on_progress(nbytes)` reports raw bytes."""
+    for index, path in enumerate(files):
+        kind = input_kind(path)
+        if kind == "text":
+            data = path.read_bytes()
+            if on_progress:
+                on_progress(len(data))
+            yield Chunk(index, 1, "text", [data])
+        elif kind == "jsonl":
+            yield from _jsonl_chunks(index, path, chunk_bytes, on_progress)
+        else:
+            yield from _parquet_chunks(index, path, text_key, chunk_bytes, on_progress)
+
+
+def _jsonl_chunks(index: int, path: Path, chunk_bytes: int, on_progress) -> Iterator[Chunk]:
+    with open(path, "rb", buffering=0) as raw:
+        counter = _CountingReader(raw)
+        reported = 0
+        try:
+            stream = _open_lines(path, counter)
+            items, lines, size, line_no = [], [], 0, 0
+            for line_no, line in enumerate(stream, start=1):
+                if not line.strip():
+                    continue
+                items.append(line)
+                lines.append(line_no)
+                size += len(line)
+                if size >= chunk_bytes:
+                    yield Chunk(index, lines[0], "jsonl", items, lines)
+                    if on_progress:
+                        on_progress(counter.consumed - reported)
+                        reported = counter.consumed
+                    items, lines, size = [], [], 0
+        except (OSError, EOFError, ValueError) as e:  # gzip/zstd damage: report the position reached
+            raise DataError(f"{path}:{line_no + 1}: cannot decompress ({type(e).__name__}: {e})") from None
+        if items:
+            yield Chunk(index, lines[0], "jsonl", items, lines)
+        if on_progress:
+            on_progress(counter.consumed - reported)
+
+
+def _parquet_chunks(index: int, path: Path, text_key: str, chunk_bytes: int, on_progress) -> Iterator[Chunk]:
+    import pyarrow.parquet as pq
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid and friends
+        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+    total_rows = pf.metadata.num_rows
+    size = os.path.getsize(path)
+    rows_per_batch = max(1, min(65536, chunk_bytes // max(1, size // max(1, total_rows))))
+    row = 1
+    if text_key not in pf.schema_arrow.names:
+        for lo in range(0, total_rows, rows_per_batch):
+            n = min(rows_per_batch, total_rows - lo)
+            yield Chunk(index, row, "parquet", [MISSING] * n)
+            row += n
+        if on_progress:
+            on_progress(size)
+        return
+    done = 0
+    for batch in pf.iter_batches(batch_size=rows_per_batch, columns=[text_key]):
+        values = batch.column(0).to_pylist()
+        yield Chunk(index, row, "parquet", values)
+        row += len(values)
+        if on_progress and total_rows:
+            step = size * (row - 1) // total_rows - done
+            on_progress(step)
+            done += step
+    if on_progress:
+        on_progress(size - done)

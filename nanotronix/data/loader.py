@@ -1,0 +1,108 @@
+"""The trainer's data loader: this data-parallel rank's share of each global batch, as a pure function of the
+step.
+
+Global step s (1-based) holds global samples [(s-1)*GBS, s*GBS). DP rank r takes the contiguous slice
+[r*GBS/dp, (r+1)*GBS/dp) of it, reshaped to [grad_accum, micro_batch_size, seq_len+1], so the global batch
+(and hence the run) does not depend on the number of ranks. The only resume state is the number of consumed
+samples (the global count over all ranks), which is what `state_dict()` returns.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import DataError
+from .schedule import BlendSchedule, PackedStream
+from .store import TokenStore, open_store
+
+
+class TrainLoader:
+    def __init__(self, schedule: BlendSchedule, stores: dict[str, TokenStore], seq_len: int,
+                 micro_batch_size: int, dp_rank: int, dp_size: int, consumed_samples: int = 0):
+        gbs = schedule.global_batch_size
+        if not 0 <= dp_rank < dp_size:
+            raise DataError(f"dp_rank {dp_rank} is outside [0, {dp_size})")
+        if gbs % (micro_batch_size * dp_size):
+            raise DataError(f"train.global_batch_size {gbs} is not divisible by micro_batch_size*dp = "
+                            f"{micro_batch_size}*{dp_size}")
+        if consumed_samples < 0 or consumed_samples % gbs:
+            raise DataError(f"consumed_samples {consumed_samples} is not a multiple of the global batch size {gbs}")
+        self.schedule = schedule
+        self.stores = stores
+        self.seq_len = seq_len
+        self.micro_batch_size = micro_batch_size
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.global_batch_size = gbs
+        self.grad_accum = gbs // (micro_batch_size * dp_size)
+        self.consumed_samples = consumed_samples
+
+    @property
+    def next_step(self) -> int:
+        return self.consumed_samples // self.global_batch_size + 1
+
+    def global_sample_ids(self, step: int) -> np.ndarray:
+        """Global sample numbers this rank reads for `step`, in [grad_accum, micro_batch] order."""
+        if step < 1:
+            raise DataError(f"steps are numbered from 1, got {step}")
+        per_rank = self.global_batch_size // self.dp_size
+        first = (step - 1) * self.global_batch_size + self.dp_rank * per_rank
+        return np.arange(first, first + per_rank, dtype=np.int64)
+
+    def read_samples(self, sample_ids: np.ndarray) -> np.ndarray:
+        """Token windows [n, seq_len+1] (int64) of the given global sample numbers."""
+        names, which, starts = self.schedule.locate(sample_ids)
+        out = np.empty((len(sample_ids), self.seq_len + 1), dtype=np.int64)
+        for d in np.unique(which).tolist():
+            rows = np.flatnonzero(which == d)
+            out[rows] = self.stores[names[d]].windows(starts[rows], self.seq_len + 1)
+        return out
+
+    def batch(self, step: int) -> torch.Tensor:
+        """This rank's share of global step `step`: LongTensor [grad_accum, micro_batch_size, seq_len+1]."""
+        tokens = self.read_samples(self.global_sample_ids(step))
+        self.consumed_samples = step * self.global_batch_size
+        return torch.from_numpy(tokens).view(self.grad_accum, self.micro_batch_size, self.seq_len + 1)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"consumed_samples": self.consumed_samples}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        consumed = int(state["consumed_samples"])
+        if consumed < 0 or consumed % self.global_batch_size:
+            raise DataError(f"consumed_samples {consumed} is not a multiple of the global batch size "
+                            f"{self.global_batch_size}")
+        self.consumed_samples = consumed
+
+    def stats(self, step: int) -> dict[str, Any]:
+        """Active stage at `step` and, per dataset, tokens consumed and epochs after `step` (whole run)."""
+        consumed = self.schedule.consumed(step * self.global_batch_size)
+        datasets = {}
+        for name, count in consumed.items():
+            stream = self.schedule.streams[name]
+            datasets[name] = {"consumed_tokens": count * self.seq_len, "epochs": stream.epochs(count)}
+        return {"stage": self.schedule.stage_at_step(step).name, "datasets": datasets}
+
+
+def build_train_loader(cfg, dp_rank: int, dp_size: int, consumed_samples: int = 0) -> TrainLoader:
+    """Open every store of `cfg.data.stages` and build this rank's loader (fast: reads only store headers)."""
+    seq_len, gbs = cfg.train.seq_len, cfg.train.global_batch_size
+    stores: dict[str, TokenStore] = {}
+    stages = []
+    for stage in cfg.data.stages:
+        for ds in stage.datasets:
+            if ds.path not in stores:
+                stores[ds.path] = open_store(os.path.expanduser(ds.path))
+        stages.append((stage.name, stage.start_step, [(ds.path, ds.weight) for ds in stage.datasets]))
+    vocab = cfg.model.vocab_size
+    for name, store in stores.items():
+        if vocab is not None and store.vocab_size is not None and store.vocab_size > vocab:
+            raise DataError(f"token store {name}: its tokenizer has {store.vocab_size} tokens, more than "
+                            f"model.vocab_size={vocab}")
+    streams = {name: PackedStream(name, store.num_tokens, seq_len, cfg.data.data_seed)
+               for name, store in stores.items()}
+    schedule = BlendSchedule(stages, gbs, streams)
+    return TrainLoader(schedule, stores, seq_len, cfg.train.micro_batch_size, dp_rank, dp_size,
+                       consumed_samples)

@@ -1,0 +1,227 @@
+"""Megatron-Core indexed dataset (`PREFIX.bin` + `PREFIX.idx`): writer and reader, byte-compatible with
+Megatron-LM's `IndexedDatasetBuilder` / `IndexedDataset` (facts in shared/formats/megatron_indexed.md).
+
+Hand-written rather than imported because Megatron-Core is a heavy dependency for a 34-byte header and three
+arrays. The writer keeps bounded memory: sequence lengths are spilled to a temporary file as documents
+arrive, and the `.idx` arrays are streamed from it in chunks at the end. Each document is one sequence
+(`document_indices = [0, 1, ..., N]`), as `preprocess_data.py` writes without `--split-sentences`.
+The reader memory-maps both files and accepts multi-sequence documents and the multimodal trailer.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from .errors import DataError
+from .files import commit, remove_quietly, temp_path, write_json_atomic
+from .store import TokenStore
+
+MAGIC = b"MMIDIDX\x00\x00"
+VERSION = 1
+HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequence count N, document-index length D+1
+DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
+               8: np.uint16}
+CODE_OF_DTYPE = {np.dtype(v): k for k, v in DTYPE_CODES.items()}
+_CHUNK = 1 << 22  # index entries per streamed chunk (32 MiB of int64)
+
+
+def optimal_dtype(vocab_size: int) -> np.dtype:
+    """Megatron's `DType.optimal_dtype`: uint16 when the vocabulary is below 65500, else int32."""
+    return np.dtype(np.uint16) if vocab_size < 65500 else np.dtype(np.int32)
+
+
+def sidecar_path(prefix: str) -> Path:
+    return Path(f"{prefix}.meta.json")
+
+
+def megatron_prefix(spec: str) -> Optional[str]:
+    """The prefix of the Megatron store that `spec` names, or None if there is none."""
+    for candidate in (spec, spec[:-4] if spec.endswith((".bin", ".idx")) else None):
+        if candidate and Path(f"{candidate}.idx").is_file():
+            return candidate
+    return None
+
+
+class MegatronWriter:
+    """Append documents, then `finalize()`; until then only hidden temporary files exist."""
+
+    def __init__(self, prefix: str | os.PathLike, dtype: np.dtype):
+        self.prefix = os.fspath(prefix)
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in CODE_OF_DTYPE:
+            raise DataError(f"Megatron stores cannot hold {self.dtype} tokens")
+        Path(self.prefix).parent.mkdir(parents=True, exist_ok=True)
+        self._bin_tmp = temp_path(f"{self.prefix}.bin")
+        self._lengths_tmp = temp_path(f"{self.prefix}.lengths")
+        self._bin = open(self._bin_tmp, "wb")
+        self._lengths = open(self._lengths_tmp, "wb")
+        self.num_documents = 0
+        self.num_tokens = 0
+
+    def add_documents(self, flat_tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Append documents given as one flat token array and the length of each (sum(lengths) == size)."""
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if int(lengths.sum()) != len(flat_tokens):
+            raise ValueError("document lengths do not add up to the token count")
+        if lengths.size and int(lengths.max()) > np.iinfo(np.int32).max:
+            raise DataError("a document longer than 2^31-1 tokens cannot be stored in a Megatron .idx")
+        self._bin.write(np.ascontiguousarray(flat_tokens, dtype=self.dtype).tobytes())
+        self._lengths.write(lengths.astype(np.int32).tobytes())
+        self.num_documents += len(lengths)
+        self.num_tokens += len(flat_tokens)
+
+    def add_document(self, tokens: np.ndarray) -> None:
+        self.add_documents(np.asarray(tokens), np.array([len(tokens)]))
+
+    def finalize(self, sidecar: Optional[dict[str, Any]] = None) -> None:
+        """Write the .idx, then rename .bin, sidecar and finally .idx (the completion marker) into place."""
+        self._bin.close()
+        self._lengths.close()
+        idx_tmp = temp_path(f"{self.prefix}.idx")
+        try:
+            _write_index(idx_tmp, self._lengths_tmp, self.num_documents, self.dtype)
+            commit(self._bin_tmp, f"{self.prefix}.bin")
+            if sidecar is not None:
+                write_json_atomic(sidecar_path(self.prefix), sidecar)
+            commit(idx_tmp, f"{self.prefix}.idx")
+        finally:
+            remove_quietly(idx_tmp)
+            remove_quietly(self._lengths_tmp)
+
+    def abort(self) -> None:
+        for f in (self._bin, self._lengths):
+            f.close()
+        for p in (self._bin_tmp, self._lengths_tmp):
+            remove_quietly(p)
+
+
+def _write_index(path: Path, lengths_file: Path, n: int, dtype: np.dtype) -> None:
+    itemsize = dtype.itemsize
+    lengths = np.memmap(lengths_file, dtype=np.int32, mode="r") if n else np.zeros(0, np.int32)
+    with open(path, "wb") as out:
+        out.write(HEADER.pack(MAGIC, VERSION, CODE_OF_DTYPE[dtype], n, n + 1))
+        for lo in range(0, n, _CHUNK):
+            out.write(np.ascontiguousarray(lengths[lo:lo + _CHUNK]).tobytes())
+        byte_offset = 0
+        for lo in range(0, n, _CHUNK):
+            chunk = lengths[lo:lo + _CHUNK].astype(np.int64) * itemsize
+            pointers = np.cumsum(chunk) - chunk + byte_offset
+            byte_offset += int(chunk.sum())
+            out.write(pointers.tobytes())
+        for lo in range(0, n + 1, _CHUNK):
+            out.write(np.arange(lo, min(lo + _CHUNK, n + 1), dtype=np.int64).tobytes())
+    del lengths
+
+
+class MegatronStore(TokenStore):
+    format = "megatron"
+
+    def __init__(self, prefix: str):
+        super().__init__(prefix)
+        self.idx_path, self.bin_path = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
+        if not self.idx_path.is_file():
+            raise DataError(f"token store not found: {self.idx_path} does not exist")
+        if not self.bin_path.is_file():
+            raise DataError(f"{self.bin_path}: missing (the .idx is there, the .bin is not)")
+        idx_size = self.idx_path.stat().st_size
+        with open(self.idx_path, "rb") as f:
+            head = f.read(HEADER.size)
+        if len(head) < HEADER.size:
+            raise DataError(f"{self.idx_path}: damaged header ({idx_size} bytes, a header needs {HEADER.size})")
+        magic, version, code, n, doc_count = HEADER.unpack(head)
+        if magic != MAGIC:
+            raise DataError(f"{self.idx_path}: damaged header (magic {magic!r}, expected {MAGIC!r})")
+        if version != VERSION:
+            raise DataError(f"{self.idx_path}: damaged header (version {version}, expected {VERSION})")
+        if code not in DTYPE_CODES:
+            raise DataError(f"{self.idx_path}: damaged header (unknown dtype code {code})")
+        if doc_count < 1:
+            raise DataError(f"{self.idx_path}: damaged header (document index length {doc_count} < 1)")
+        base = HEADER.size + 12 * n + 8 * doc_count
+        if idx_size not in (base, base + n):
+            raise DataError(f"{self.idx_path}: size {idx_size} bytes does not match its header (N={n} "
+                            f"sequences, {doc_count - 1} documents: expected {base} bytes)")
+        self.multimodal = idx_size == base + n and n > 0
+        self._dtype = np.dtype(DTYPE_CODES[code])
+        self.num_sequences = n
+        idx = np.memmap(self.idx_path, dtype=np.uint8, mode="r") if idx_size else None
+        self.sequence_lengths = idx[HEADER.size:HEADER.size + 4 * n].view(np.int32)
+        self.sequence_pointers = idx[HEADER.size + 4 * n:HEADER.size + 12 * n].view(np.int64)
+        self.document_indices = idx[HEADER.size + 12 * n:base].view(np.int64)
+        # The stream's length from the last entry (O(1), no pass over the index).
+        self._num_tokens = 0
+        if n:
+            end_byte = int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * self._dtype.itemsize
+            self._num_tokens = end_byte // self._dtype.itemsize
+        bin_size = self.bin_path.stat().st_size
+        if bin_size < self._num_tokens * self._dtype.itemsize:
+            raise DataError(f"{self.bin_path}: truncated ({bin_size} bytes, the index needs "
+                            f"{self._num_tokens * self._dtype.itemsize})")
+        self._bin = (np.memmap(self.bin_path, dtype=self._dtype, mode="r", shape=(self._num_tokens,))
+                     if self._num_tokens else np.zeros(0, self._dtype))
+        meta = sidecar_path(prefix)
+        if meta.is_file():
+            try:
+                self.metadata = json.loads(meta.read_text())
+            except ValueError:
+                raise DataError(f"{meta}: not valid JSON") from None
+
+    @property
+    def num_documents(self) -> int:
+        return len(self.document_indices) - 1
+
+    @property
+    def num_tokens(self) -> int:
+        return self._num_tokens
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._dtype
+
+    def _sequence_span(self, first: int, stop: int) -> tuple[int, int]:
+        """Token range [lo, hi) of sequences [first, stop) in the .bin."""
+        if stop <= first:
+            return 0, 0
+        lo = int(self.sequence_pointers[first]) // self._dtype.itemsize
+        hi = int(self.sequence_pointers[stop - 1]) // self._dtype.itemsize + int(self.sequence_lengths[stop - 1])
+        return lo, hi
+
+    def document(self, i: int) -> np.ndarray:
+        i = self._check_document(i)
+        lo, hi = self._sequence_span(int(self.document_indices[i]), int(self.document_indices[i + 1]))
+        return np.array(self._bin[lo:hi])
+
+    def document_lengths(self, start: int = 0, stop: Optional[int] = None) -> np.ndarray:
+        stop = self.num_documents if stop is None else min(stop, self.num_documents)
+        bounds = np.asarray(self.document_indices[start:stop + 1], dtype=np.int64)
+        if np.array_equal(bounds, np.arange(start, stop + 1)):  # one sequence per document
+            return np.asarray(self.sequence_lengths[start:stop], dtype=np.int64)
+        cum = np.concatenate([[0], np.cumsum(self.sequence_lengths[bounds[0]:bounds[-1]], dtype=np.int64)])
+        return np.diff(cum[bounds - bounds[0]])
+
+    def tokens(self, start: int, length: int) -> np.ndarray:
+        self._check_range(start, length)
+        return np.array(self._bin[start:start + length])
+
+    def windows(self, starts: np.ndarray, length: int) -> np.ndarray:
+        out = np.empty((len(starts), length), dtype=np.int64)
+        data = self._bin
+        for row, start in enumerate(starts.tolist()):
+            out[row] = data[start:start + length]
+        return out
+
+    def gather(self, positions: np.ndarray) -> np.ndarray:
+        return np.asarray(self._bin[np.asarray(positions, dtype=np.int64)], dtype=np.int64)
+
+    def verify(self, progress: bool = False) -> None:
+        from .verify import check_index_arrays
+        bin_size = self.bin_path.stat().st_size
+        if bin_size != self._num_tokens * self._dtype.itemsize:
+            raise DataError(f"{self.bin_path}: {bin_size} bytes, the index describes "
+                            f"{self._num_tokens * self._dtype.itemsize}")
+        check_index_arrays(self, progress)

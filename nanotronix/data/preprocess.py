@@ -1,0 +1,152 @@
+"""Streaming, parallel text -> token store conversion (what `tools/preprocess.py` runs).
+
+The main process reads inputs as chunks of whole records (`inputs.py`) and keeps at most a few chunks per
+worker in flight; worker processes parse, validate and tokenise them (`encode.py`); results are written in
+input order, so the output is the same for any worker count. Memory is bounded by chunk size x in-flight
+chunks whatever the input size, and the output appears only when complete (see `files.py`).
+"""
+from __future__ import annotations
+
+import collections
+import multiprocessing
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from tqdm import tqdm
+
+from . import encode
+from .errors import DataError
+from .inputs import expand_inputs, iter_chunks
+from .megatron_store import MegatronWriter, optimal_dtype
+from .tokenizer import load_tokenizer
+
+FORMATS = ("megatron", "zarr")
+_MAX_EXAMPLES = 20  # bad records listed by position in the sidecar (all are counted)
+
+
+@dataclass
+class PreprocessOptions:
+    inputs: list[str]
+    tokenizer: str
+    output_prefix: str
+    text_key: str = "text"
+    workers: int = 1
+    format: str = "megatron"
+    skip_bad: bool = False
+    progress: bool = True
+    chunk_bytes: int = 1 << 20
+
+
+@dataclass
+class PreprocessResult:
+    output: str  # the store's path as open_store accepts it
+    documents: int
+    tokens: int
+    skipped: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def summary_line(self) -> str:
+        rate = self.tokens / max(self.seconds, 1e-9)
+        skipped = sum(self.skipped.values())
+        why = (" (" + ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())) + ")") if skipped else ""
+        return (f"wrote {self.output}: {self.documents} documents, {self.tokens} tokens in {self.seconds:.1f} s "
+                f"({rate:,.0f} tokens/s); skipped {skipped} bad records{why}")
+
+
+def create_writer(fmt: str, prefix: str, dtype: np.dtype):
+    if fmt == "megatron":
+        return MegatronWriter(prefix, dtype), prefix
+    if fmt == "zarr":
+        from .zarr_store import ZarrWriter, zarr_output_path
+        path = zarr_output_path(prefix)
+        return ZarrWriter(path, dtype), path
+    raise DataError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+
+
+def preprocess(opts: PreprocessOptions) -> PreprocessResult:
+    if opts.workers < 1:
+        raise DataError(f"--workers must be >= 1, got {opts.workers}")
+    if opts.format not in FORMATS:
+        raise DataError(f"--format {opts.format!r}: expected one of {', '.join(FORMATS)}")
+    files = expand_inputs(opts.inputs)
+    _, info = load_tokenizer(opts.tokenizer)
+    dtype = optimal_dtype(info.vocab_size)
+    start = time.perf_counter()
+    writer, output = create_writer(opts.format, opts.output_prefix, dtype)
+    per_file = [{"path": str(f), "bytes": f.stat().st_size, "documents": 0, "tokens": 0} for f in files]
+    skipped: collections.Counter = collections.Counter()
+    examples: list[str] = []
+    bar = tqdm(total=sum(p["bytes"] for p in per_file), unit="B", unit_scale=True, desc="preprocess",
+               disable=not opts.progress, smoothing=0.1)
+    results = _encoded_chunks(files, opts, info, dtype, bar)
+    try:
+        for result in results:
+            for line, reason, detail in result.bad:
+                where = f"{files[result.file_index]}:{line}"
+                if not opts.skip_bad:
+                    raise DataError(f"{where}: {reason}{f' ({detail})' if detail else ''} "
+                                    f"(use --skip-bad to skip bad records)")
+                skipped[reason] += 1
+                if len(examples) < _MAX_EXAMPLES:
+                    examples.append(f"{where}: {reason}")
+            writer.add_documents(result.tokens, result.lengths)
+            stats = per_file[result.file_index]
+            stats["documents"] += len(result.lengths)
+            stats["tokens"] += len(result.tokens)
+            elapsed = max(time.perf_counter() - start, 1e-9)
+            bar.set_postfix_str(f"{writer.num_documents / elapsed:,.0f} docs/s, "
+                                f"{writer.num_tokens / elapsed:,.0f} tokens/s", refresh=False)
+        if writer.num_documents == 0:
+            raise DataError("no documents: every input record was empty or bad")
+        sidecar = {
+            "format": opts.format,
+            "created_by": "nanotronix tools/preprocess.py",
+            "tokenizer": {"name": info.name, "sha256": info.sha256, "vocab_size": info.vocab_size,
+                          "eos_id": info.eos_id, "eos_token": info.eos_token},
+            "dtype": dtype.name,
+            "eos_appended": True,
+            "num_documents": writer.num_documents,
+            "num_tokens": writer.num_tokens,
+            "text_key": opts.text_key,
+            "inputs": per_file,
+            "skipped": {"total": sum(skipped.values()), "reasons": dict(sorted(skipped.items())),
+                        "examples": examples},
+        }
+        writer.finalize(sidecar)
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        results.close()  # stops the worker pool now, not when the traceback is freed
+        bar.close()
+    return PreprocessResult(output, writer.num_documents, writer.num_tokens, dict(skipped),
+                            time.perf_counter() - start)
+
+
+def _encoded_chunks(files: list[Path], opts: PreprocessOptions, info, dtype: np.dtype, bar):
+    """Encoded chunks in input order; with several workers at most 2 per worker plus 2 are in flight."""
+    chunks = iter_chunks(files, opts.text_key, opts.chunk_bytes, on_progress=bar.update)
+    stop_early = not opts.skip_bad
+    init_args = (info.file, info.eos_id, dtype.name)
+    if opts.workers == 1:
+        encode.init_worker(*init_args)
+        for chunk in chunks:
+            yield encode.encode_chunk(chunk, opts.text_key, stop_early)
+        return
+    ctx = multiprocessing.get_context("spawn")  # safe whatever the parent imported (torch, tokenizers)
+    with ctx.Pool(opts.workers, initializer=encode.init_worker, initargs=init_args) as pool:
+        pending: collections.deque = collections.deque()
+        for chunk in chunks:
+            pending.append(pool.apply_async(encode.encode_chunk, (chunk, opts.text_key, stop_early)))
+            if len(pending) >= 2 * opts.workers + 2:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def default_workers() -> int:
+    return max(1, (os.cpu_count() or 1))

@@ -1,0 +1,143 @@
+"""The data schedule as a pure function: global sample number -> (dataset, token offset of its window).
+
+Layers, each O(1) in memory and time per sample (nothing grows with the length of the run):
+
+1. Stages: global samples [(start_step-1)*GBS, (next_start-1)*GBS) belong to a stage; a stage's samples are
+   numbered from 0 within it.
+2. Blending (`blend.BlendTree`): a stage's sample number -> (dataset, rank of the sample within that dataset in
+   this stage). A dataset used by several stages continues where it stopped: its rank in the whole run is the
+   samples it received in earlier stages (closed form, `BlendTree.counts`) plus the rank in this stage.
+3. Packing (`PackedStream`): a dataset's token stream (documents concatenated, EOS-separated, in store order)
+   is cut into W = (T-1) // L windows of L+1 tokens that overlap by one token (Megatron's `add_extra_token`).
+   Sample c of the dataset is window `permute(c mod W)` of epoch e = c // W: each epoch has its own keyed
+   permutation (`permutation.permute`) and its own start offset in [0, T-1-W*L], so windows are cut at
+   different places and visited in a different order every epoch.
+
+Documents are not shuffled inside the stream (no per-document arrays): shuffle them at preprocessing time,
+as datatrove's tokenizer merger does for SmolLM2's corpus. Samples are keyed by the dataset's path, so a
+dataset keeps its order when other datasets are added to the mixture.
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+import numpy as np
+
+from .blend import BlendTree
+from .errors import DataError
+from .permutation import derive_key, permute, stable_key
+
+
+class PackedStream:
+    """Shuffled, epoch-aware windows of one dataset's token stream."""
+
+    def __init__(self, name: str, num_tokens: int, seq_len: int, seed: int):
+        self.name = name
+        self.seq_len = seq_len
+        self.windows_per_epoch = (num_tokens - 1) // seq_len if num_tokens > 0 else 0
+        if self.windows_per_epoch < 1:
+            raise DataError(f"dataset {name}: {num_tokens} tokens cannot fill one window of seq_len+1 = "
+                            f"{seq_len + 1} tokens")
+        self.slack = num_tokens - 1 - self.windows_per_epoch * seq_len
+        self.key = stable_key("packed-stream", seed, name)
+
+    def window_starts(self, c: np.ndarray) -> np.ndarray:
+        """Token offsets of the windows of this dataset's samples number c (int64, any order)."""
+        c = np.asarray(c, dtype=np.int64)
+        epoch, i = np.divmod(c, self.windows_per_epoch)
+        starts = np.empty_like(c)
+        for e in np.unique(epoch).tolist():
+            sel = epoch == e
+            epoch_key = derive_key(self.key, e)
+            shift = derive_key(epoch_key, 1 << 40) % (self.slack + 1)
+            starts[sel] = shift + permute(i[sel], self.windows_per_epoch, epoch_key) * self.seq_len
+        return starts
+
+    def epochs(self, consumed: int) -> float:
+        return consumed / self.windows_per_epoch
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    name: str
+    start_step: int
+    first_sample: int  # global sample number of the stage's first sample
+    datasets: tuple[str, ...]  # dataset names (paths), in config order
+    tree: BlendTree
+    carried: tuple[int, ...]  # per dataset: samples it received in earlier stages
+
+
+class BlendSchedule:
+    """Stages x blend x packed streams for a fixed global batch size."""
+
+    def __init__(self, stages: list[tuple[str, int, list[tuple[str, float]]]], global_batch_size: int,
+                 streams: dict[str, PackedStream]):
+        if not stages:
+            raise DataError("data.stages: no stage configured (the trainer needs at least one dataset)")
+        self.global_batch_size = global_batch_size
+        self.streams = streams
+        self.stages: list[StagePlan] = []
+        totals: dict[str, int] = {}
+        for k, (name, start_step, datasets) in enumerate(stages):
+            start_step = 1 if k == 0 else start_step
+            names = [d for d, _ in datasets]
+            if len(set(names)) != len(names):
+                raise DataError(f"data.stages.{k}.datasets: a path is listed twice")
+            first = (start_step - 1) * global_batch_size
+            if self.stages:  # close the previous stage: add what each of its datasets received in it
+                prev = self.stages[-1]
+                for d, n in zip(prev.datasets, prev.tree.counts(first - prev.first_sample)):
+                    totals[d] = totals.get(d, 0) + n
+            tree = BlendTree([w for _, w in datasets])
+            self.stages.append(StagePlan(name, start_step, first, tuple(names), tree,
+                                         tuple(totals.get(d, 0) for d in names)))
+        self._firsts = [s.first_sample for s in self.stages]
+
+    def stage_index_of_sample(self, g: int) -> int:
+        return bisect.bisect_right(self._firsts, g) - 1
+
+    def stage_at_step(self, step: int) -> StagePlan:
+        return self.stages[self.stage_index_of_sample((step - 1) * self.global_batch_size)]
+
+    def locate(self, g: np.ndarray) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """For global sample numbers g: (dataset names, dataset index per sample, window token offset)."""
+        g = np.asarray(g, dtype=np.int64)
+        if g.size and g.min() < 0:
+            raise DataError(f"negative sample number {int(g.min())}")
+        names = list(self.streams)
+        which = np.empty_like(g)
+        starts = np.empty_like(g)
+        stage_of = np.searchsorted(np.array(self._firsts), g, side="right") - 1
+        for k in np.unique(stage_of).tolist():
+            plan = self.stages[k]
+            sel = np.flatnonzero(stage_of == k)
+            source, rank = plan.tree.assign(g[sel] - plan.first_sample)
+            for s in np.unique(source).tolist():
+                name = plan.datasets[s]
+                rows = sel[source == s]
+                which[rows] = names.index(name)
+                starts[rows] = self.streams[name].window_starts(rank[source == s] + plan.carried[s])
+        return names, which, starts
+
+    def consumed(self, num_samples: int) -> dict[str, int]:
+        """Samples each dataset has received among the run's first `num_samples` samples."""
+        out = {name: 0 for name in self.streams}
+        k = self.stage_index_of_sample(num_samples - 1) if num_samples > 0 else 0
+        plan = self.stages[k]
+        counts = plan.tree.counts(max(0, num_samples - plan.first_sample))
+        for d, n, carried in zip(plan.datasets, counts, plan.carried):
+            out[d] = carried + n
+        for earlier in self.stages[:k]:  # datasets not in the current stage keep their earlier totals
+            for d in earlier.datasets:
+                if d not in plan.datasets:
+                    out[d] = self._total_before(d, k)
+        return out
+
+    def _total_before(self, name: str, k: int) -> int:
+        total = 0
+        for j in range(k):
+            plan, nxt = self.stages[j], self.stages[j + 1]
+            if name in plan.datasets:
+                total += plan.tree.counts(nxt.first_sample - plan.first_sample)[plan.datasets.index(name)]
+        return total

@@ -1,0 +1,126 @@
+"""The one reader interface over every token-store format, and `open_store`, which picks the format.
+
+A token store holds documents of token ids (each ending with the tokenizer's EOS id when written by
+`tools/preprocess.py`). Besides per-document access, every store exposes its *token stream*: all documents
+concatenated in store order, which is what the training sampler cuts into packed windows and what
+`nanotronix.evaluate` reads (window i = stream tokens [i*L, i*L + L + 1)).
+"""
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, Optional
+
+import numpy as np
+
+from .errors import DataError
+
+
+class TokenStore(ABC):
+    format: ClassVar[str]
+
+    def __init__(self, path: str):
+        self.path = path  # prefix (Megatron), .ds file (datatrove) or URL/folder (zarr)
+        self.metadata: dict[str, Any] = {}  # sidecar contents ({} when the store has none)
+
+    # ---- sizes -------------------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def num_documents(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def num_tokens(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def dtype(self) -> np.dtype: ...
+
+    # ---- access ------------------------------------------------------------------------------------
+    @abstractmethod
+    def document(self, i: int) -> np.ndarray:
+        """Token ids of document i (0-based), EOS included when the writer appended one."""
+
+    @abstractmethod
+    def document_lengths(self, start: int = 0, stop: Optional[int] = None) -> np.ndarray:
+        """Token counts of documents [start, stop) as int64 (reads only that part of the index)."""
+
+    @abstractmethod
+    def tokens(self, start: int, length: int) -> np.ndarray:
+        """`length` tokens of the concatenated stream from token `start`, in the store's dtype."""
+
+    def windows(self, starts: np.ndarray, length: int) -> np.ndarray:
+        """Rows of `length` stream tokens beginning at each of `starts`, as an int64 [n, length] array."""
+        out = np.empty((len(starts), length), dtype=np.int64)
+        for row, start in enumerate(starts):
+            out[row] = self.tokens(int(start), length)
+        return out
+
+    def gather(self, positions: np.ndarray) -> np.ndarray:
+        """The stream tokens at the given positions (int64)."""
+        return np.array([self.tokens(int(p), 1)[0] for p in positions], dtype=np.int64)
+
+    @abstractmethod
+    def verify(self, progress: bool = False) -> None:
+        """Check every invariant of the format (reads the whole store); raise DataError on the first damage."""
+
+    # ---- facts from the sidecar ---------------------------------------------------------------------
+    @property
+    def tokenizer_info(self) -> dict[str, Any]:
+        return dict(self.metadata.get("tokenizer") or {})
+
+    @property
+    def vocab_size(self) -> Optional[int]:
+        return self.tokenizer_info.get("vocab_size")
+
+    @property
+    def eos_id(self) -> Optional[int]:
+        return self.tokenizer_info.get("eos_id")
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "format": self.format,
+            "dtype": np.dtype(self.dtype).name,
+            "documents": self.num_documents,
+            "tokens": self.num_tokens,
+            "tokenizer": self.tokenizer_info.get("name"),
+            "tokenizer_sha256": self.tokenizer_info.get("sha256"),
+            "vocab_size": self.vocab_size,
+            "eos_id": self.eos_id,
+            "skipped_records": (self.metadata.get("skipped") or {}).get("total"),
+        }
+
+    def _check_range(self, start: int, length: int) -> None:
+        if start < 0 or length < 0 or start + length > self.num_tokens:
+            raise DataError(f"{self.path}: tokens [{start}, {start + length}) are outside the stream of "
+                            f"{self.num_tokens} tokens")
+
+    def _check_document(self, i: int) -> int:
+        if not 0 <= i < self.num_documents:
+            raise DataError(f"{self.path}: no document {i} (the store has {self.num_documents})")
+        return int(i)
+
+
+def open_store(path_or_prefix: str | os.PathLike) -> TokenStore:
+    """Open a token store, recognising the format from the files present.
+
+    Accepted: a Megatron prefix (or its `.bin`/`.idx` file), a datatrove `.ds` file (or its path without
+    `.ds`), a zarr store folder or fsspec URL (`s3://...`, `file://...`, `memory://...`).
+    """
+    from .megatron_store import MegatronStore, megatron_prefix
+
+    spec = os.fspath(path_or_prefix)
+    prefix = megatron_prefix(spec)
+    if prefix is not None:
+        return MegatronStore(prefix)
+    from .datatrove_store import DatatroveStore, datatrove_path
+    ds = datatrove_path(spec)
+    if ds is not None:
+        return DatatroveStore(ds)
+    from .zarr_store import ZarrStore, zarr_path
+    zarr_location = zarr_path(spec)
+    if zarr_location is not None:
+        return ZarrStore(zarr_location)
+    raise DataError(f"token store not found: {spec} (looked for {spec}.bin + {spec}.idx, {spec}.ds + "
+                    f"{spec}.ds.index, a zarr store at {spec} or {spec}.zarr)")

@@ -1,0 +1,100 @@
+"""Load a Hugging Face `tokenizers.Tokenizer` from a file, a folder or a Hub id, with the facts a token store
+records about it (name, sha256 of the file, vocabulary size, end-of-document id).
+
+The spec is resolved in this order: an existing `tokenizer.json` file; an existing folder holding one; a
+string that looks like a path (starts with `/`, `.`, `~` or ends in `.json`) is reported as missing; anything
+else is treated as a Hugging Face Hub repository id and fetched with `huggingface_hub` (which uses its cache,
+so a tokenizer fetched once also works offline).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from .errors import DataError
+
+# Tokens that end a document in the common tokenizer families, tried in this order when no
+# tokenizer_config.json names the EOS token. SmolLM2's id 0 is `<|endoftext|>`.
+_EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eos|>", "[SEP]")
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    name: str  # the spec as the user gave it (path or Hub id)
+    file: str  # resolved tokenizer.json path
+    sha256: str  # of the tokenizer.json bytes
+    vocab_size: int  # including added/special tokens
+    eos_id: int
+    eos_token: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_tokenizer(spec: str) -> tuple[Tokenizer, TokenizerInfo]:
+    """Return (tokenizer, info) for a tokenizer.json path, a folder holding one, or a Hub id."""
+    spec = str(spec)
+    path = Path(spec).expanduser()
+    if path.is_file():
+        file = path
+    elif path.is_dir():
+        file = path / "tokenizer.json"
+        if not file.is_file():
+            raise DataError(f"tokenizer folder {spec} has no tokenizer.json")
+    elif spec.startswith(("/", ".", "~")) or spec.endswith(".json") or not spec:
+        raise DataError(f"tokenizer not found: {spec}")
+    else:
+        file = _download_from_hub(spec)
+    try:
+        tokenizer = Tokenizer.from_file(str(file))
+    except Exception as e:  # tokenizers raises a bare Exception on malformed files
+        raise DataError(f"tokenizer {file}: cannot be loaded ({str(e).splitlines()[0] if str(e) else e!r})") \
+            from None
+    eos_token = _find_eos_token(tokenizer, file.parent / "tokenizer_config.json")
+    info = TokenizerInfo(
+        name=spec,
+        file=str(file),
+        sha256=hashlib.sha256(file.read_bytes()).hexdigest(),
+        vocab_size=tokenizer.get_vocab_size(with_added_tokens=True),
+        eos_id=tokenizer.token_to_id(eos_token),
+        eos_token=eos_token,
+    )
+    return tokenizer, info
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import hf_hub_download
+        file = hf_hub_download(repo_id=repo_id, filename="tokenizer.json")
+    except Exception as e:  # offline, unknown repo, no tokenizer.json: all one clear line
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"tokenizer {repo_id!r} is not a local path and could not be fetched from the "
+                        f"Hugging Face Hub ({type(e).__name__}: {reason})") from None
+    try:  # the config names the EOS token when it is not one of the usual ones; optional
+        hf_hub_download(repo_id=repo_id, filename="tokenizer_config.json")
+    except Exception:
+        pass
+    return Path(file)
+
+
+def _find_eos_token(tokenizer: Tokenizer, config_file: Path) -> str:
+    if "<|endoftext|>" in tokenizer.get_vocab(with_added_tokens=True):
+        return "<|endoftext|>"
+    if config_file.is_file():
+        try:
+            eos = json.loads(config_file.read_text()).get("eos_token")
+        except (ValueError, OSError):
+            eos = None
+        if isinstance(eos, dict):  # older configs store an AddedToken dict
+            eos = eos.get("content")
+        if isinstance(eos, str) and tokenizer.token_to_id(eos) is not None:
+            return eos
+    for candidate in _EOS_CANDIDATES:
+        if tokenizer.token_to_id(candidate) is not None:
+            return candidate
+    raise DataError("tokenizer has no end-of-document token (looked for <|endoftext|>, the eos_token of "
+                    "tokenizer_config.json, and " + ", ".join(_EOS_CANDIDATES[1:]) + ")")

@@ -1,0 +1,76 @@
+"""The plain PyTorch SmolLM2 / Llama decoder: pre-RMSNorm blocks, GQA attention, SwiGLU, RoPE, tied head.
+
+This file knows nothing about parallelism. `nanotronix.parallel` turns it into a distributed model by swapping
+layers for tensor-parallel ones and by removing what a pipeline stage does not own: `embed_tokens`, `norm` and
+`lm_head` may be None and `layers` is a ModuleDict keyed by the global layer index, so parameter names stay the
+same on every stage and in every checkpoint.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from nanotronix.config import ModelConfig
+from nanotronix.model.attention import Attention
+from nanotronix.model.mlp import SwiGLU
+from nanotronix.model.norm import RMSNorm
+from nanotronix.model.rope import rope_cos_sin
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, attn_backend: str):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, attn_backend)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: ModelConfig, attn_backend: str = "sdpa"):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens: Optional[nn.Embedding] = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, attn_backend) for i in range(cfg.num_hidden_layers)})
+        self.norm: Optional[RMSNorm] = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head: Optional[nn.Linear] = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Normal(0, init_std) for every matrix, ones for norms (nanotron's init for SmolLM2)."""
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, RMSNorm):
+                module.reset_parameters()
+
+    def rope(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        return rope_cos_sin(torch.arange(seq_len, device=device), cfg.hidden_size // cfg.num_attention_heads,
+                            cfg.rope_theta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, S] (first stage) or hidden states [B, S, D]; returns logits or hidden states."""
+        h = self.embed_tokens(x) if self.embed_tokens is not None else x
+        cos, sin = self.rope(h.shape[1], h.device)
+        for layer in self.layers.values():
+            h = layer(h, cos, sin)
+        if self.norm is not None:
+            h = self.norm(h)
+        if self.lm_head is not None:
+            h = self.lm_head(h)
+        return h
+
+
+def build_model(cfg: ModelConfig, attn_backend: str = "sdpa", device: Optional[torch.device] = None) -> Llama:
+    with torch.device(device or "cpu"):
+        return Llama(cfg, attn_backend)

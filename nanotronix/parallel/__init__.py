@@ -1,0 +1,3 @@
+from nanotronix.parallel.context import ParallelContext
+
+__all__ = ["ParallelContext"]

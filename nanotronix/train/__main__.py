@@ -1,0 +1,3 @@
+from nanotronix.train.main import main
+
+main()

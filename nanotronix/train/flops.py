@@ -1,0 +1,60 @@
+"""Model FLOPs per token and MFU: the one FLOP counter of the project.
+
+Counted (per token, forward + backward = 3x forward):
+- matmuls: 6 * N_matmul, where N_matmul is every weight used in a matrix multiply: attention and MLP projections
+  and the output head (a real [D x V] GEMM even when tied). The input embedding is a lookup, not a matmul, so it
+  is NOT counted (counting it is a common MFU inflation).
+- attention scores and weighted values: 2 matmuls of 2*S*D_attn FLOPs per token per layer in full attention;
+  a causal mask halves the useful work, so 6 * L * S * D_attn in total (fwd+bwd) per token, D_attn = H * head_dim.
+Recomputation is not counted (it is overhead, not model FLOPs), which is what "model FLOPs utilisation" means.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from nanotronix.config import ModelConfig
+
+# Dense peak TFLOP/s from the vendor data sheets (no sparsity): bf16 tensor cores, and tf32 for fp32 training.
+PEAK_TFLOPS = {
+    "H100 SXM": {"bfloat16": 989.4, "float32": 494.7},
+    "H100 PCIe": {"bfloat16": 756.0, "float32": 378.0},
+    "H100 NVL": {"bfloat16": 835.0, "float32": 417.5},
+    "H200": {"bfloat16": 989.4, "float32": 494.7},
+    "A100": {"bfloat16": 312.0, "float32": 156.0},
+}
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+    d, f, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    kv = cfg.num_key_value_heads * cfg.head_dim
+    per_layer = d * (d + 2 * kv) + d * d + 3 * d * f
+    return layers * per_layer + d * cfg.vocab_size
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    attn = 6 * cfg.num_hidden_layers * seq_len * cfg.num_attention_heads * cfg.head_dim
+    return 6.0 * matmul_params(cfg) + attn
+
+
+def device_peak_tflops(device: torch.device, dtype: str) -> Optional[float]:
+    """Peak for this device, or None where it is unknown (CPUs, unlisted GPUs): MFU is then reported as null."""
+    if torch.device(device).type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    if "H100" in name:
+        key = "H100 PCIe" if "PCIe" in name else "H100 NVL" if "NVL" in name else "H100 SXM"
+    elif "H200" in name:
+        key = "H200"
+    elif "A100" in name:
+        key = "A100"
+    else:
+        return None
+    return PEAK_TFLOPS[key][dtype]
+
+
+def mfu(tokens_per_sec_per_gpu: float, flops_token: float, peak_tflops: Optional[float]) -> Optional[float]:
+    if peak_tflops is None:
+        return None
+    return tokens_per_sec_per_gpu * flops_token / (peak_tflops * 1e12)

@@ -1,0 +1,29 @@
+"""Warmup-stable-decay (WSD) learning rate as a pure function of the optimizer step.
+
+Nothing about the schedule is stored, so a resume (in any layout) can never get the learning rate wrong.
+Step s (1-based) gets:
+  warm-up  s <= warmup_steps:                 lr * s / warmup_steps   (linear; peak reached at s = warmup_steps)
+  stable   up to decay_start_step:            lr
+  decay    s in (decay_start, decay_start + decay_steps]: from lr down to min_lr (linear, cosine or 1-sqrt)
+  after the decay:                            min_lr
+"""
+from __future__ import annotations
+
+import math
+
+from nanotronix.config import LRScheduleConfig
+
+
+def lr_at(step: int, peak_lr: float, sched: LRScheduleConfig) -> float:
+    if sched.warmup_steps > 0 and step <= sched.warmup_steps:
+        return peak_lr * step / sched.warmup_steps
+    if sched.decay_start_step is None or step <= sched.decay_start_step:
+        return peak_lr
+    progress = min(1.0, (step - sched.decay_start_step) / sched.decay_steps)
+    if sched.decay_style == "linear":
+        factor = 1.0 - progress
+    elif sched.decay_style == "cosine":
+        factor = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:  # "1-sqrt" (Hägele et al. 2024, "Scaling Laws and Compute-Optimal Training Beyond Fixed Durations")
+        factor = 1.0 - math.sqrt(progress)
+    return sched.min_lr + (peak_lr - sched.min_lr) * factor

@@ -1,0 +1,46 @@
+"""`torchrun --nproc_per_node=N -m nanotronix.train --config CONFIG.yaml [dotted.key=value ...]`"""
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+
+from nanotronix.config import load_config
+from nanotronix.errors import UserError
+from nanotronix.distributed import init_distributed, pick_device, rank, shutdown_and_exit
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m nanotronix.train",
+        description="Train a SmolLM2-family model with tensor, pipeline and data parallelism. "
+                    "Launch with torchrun; overrides like train.train_steps=20 parallel.tp=2 change any config field.")
+    parser.add_argument("--config", required=True, help="YAML config file")
+    parser.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    code = 0
+    try:
+        cfg = load_config(args.config, args.overrides)
+        device = pick_device(cfg.train.device)
+        init_distributed(device)
+        from nanotronix.parallel import ParallelContext
+        from nanotronix.train.trainer import train
+
+        ctx = ParallelContext.build(cfg)
+        summary = train(cfg, ctx, device)
+        if rank() == 0 and summary["first_loss"] is not None:
+            print(f"done: {summary['steps']} steps, loss {summary['first_loss']:.4f} -> "
+                  f"{summary['last_loss']:.4f}", flush=True)
+    except (UserError, FileNotFoundError) as e:
+        # Bad input: one line, no traceback wall (the same on every rank, so print it once).
+        if rank() == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        code = 2
+    except Exception:
+        traceback.print_exc()
+        code = 1
+    shutdown_and_exit(code)

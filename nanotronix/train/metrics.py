@@ -1,0 +1,53 @@
+"""metrics.jsonl writer (one JSON object per logged step, rank 0 only) and throughput bookkeeping."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+
+class MetricsLog:
+    def __init__(self, log_dir: str, enabled: bool, tensorboard: bool = False):
+        self.enabled = enabled
+        self.path = Path(log_dir) / "metrics.jsonl"
+        self._tb = None
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                except ImportError as e:
+                    raise RuntimeError("logging.tensorboard: true needs the tensorboard package") from e
+                self._tb = SummaryWriter(str(self.path.parent / "tensorboard"))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+class Throughput:
+    """Tokens/s over the steps since the last report (wall clock, so data loading and logging count)."""
+
+    def __init__(self) -> None:
+        self._t = time.perf_counter()
+        self._tokens = 0
+
+    def add(self, tokens: int) -> None:
+        self._tokens += tokens
+
+    def rate(self) -> Optional[float]:
+        now = time.perf_counter()
+        elapsed, tokens = now - self._t, self._tokens
+        self._t, self._tokens = now, 0
+        return tokens / elapsed if elapsed > 0 and tokens else None

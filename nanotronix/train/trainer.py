@@ -1,0 +1,75 @@
+"""The training loop: build the model and data, then step, log and checkpoint.
+
+Everything a step needs is a pure function of the config and the step number (learning rate, data), so the loop
+keeps no hidden state beyond the model, the optimizer and the loader's consumed-sample count.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from nanotronix import accel
+from nanotronix.config import Config, grad_accum_steps
+from nanotronix.data import build_train_loader
+from nanotronix.model import build_model
+from nanotronix.parallel import ParallelContext
+from nanotronix.train.flops import device_peak_tflops, flops_per_token, mfu
+from nanotronix.train.lr_schedule import lr_at
+from nanotronix.train.metrics import MetricsLog, Throughput
+from nanotronix.train.optimizer import build_adamw
+from nanotronix.train.step import train_step
+
+
+def log0(ctx: ParallelContext, msg: str) -> None:
+    if ctx.rank == 0:
+        print(msg, flush=True)
+
+
+def train(cfg: Config, ctx: ParallelContext, device: torch.device) -> dict:
+    """Run the configured training; return a summary (first/last loss, steps) for the caller to print."""
+    t, m = cfg.train, cfg.model
+    torch.manual_seed(t.seed)
+    attn = accel.resolve_attention(m.attn_implementation, device)
+    model = build_model(m, attn, device)
+    optimizer = build_adamw(model.named_parameters(), cfg.optimizer, device)
+    loader = build_train_loader(cfg, ctx.dp_rank, ctx.dp, consumed_samples=0)
+
+    accum = grad_accum_steps(cfg, ctx.dp)
+    log0(ctx, f"nanotronix: {m.num_parameters() / 1e6:.1f}M parameters | layout tp={ctx.tp} pp={ctx.pp} "
+              f"dp={ctx.dp} | global batch {t.global_batch_size} x {t.seq_len} tokens, micro-batch "
+              f"{t.micro_batch_size}, grad accumulation {accum} | device {device.type} | {accel.describe(attn)}")
+
+    tokens_per_step = t.global_batch_size * t.seq_len
+    flops_token = flops_per_token(m, t.seq_len)
+    peak = device_peak_tflops(device, t.dtype)
+    metrics = MetricsLog(cfg.logging.dir, enabled=ctx.rank == 0, tensorboard=cfg.logging.tensorboard)
+    speed = Throughput()
+    first_loss = last_loss = None
+    start_step = loader.consumed_samples // t.global_batch_size + 1
+    for step in range(start_step, t.train_steps + 1):
+        lr = lr_at(step, cfg.optimizer.lr, cfg.lr_schedule)
+        result = train_step(model, optimizer, loader.batch(step), lr, cfg.optimizer.clip_grad, t.dtype, device)
+        if not math.isfinite(result.loss):
+            raise FloatingPointError(f"step {step}: loss is {result.loss}")
+        first_loss = result.loss if first_loss is None else first_loss
+        last_loss = result.loss
+        speed.add(tokens_per_step)
+        if step % cfg.logging.interval == 0 or step == t.train_steps:
+            rate = speed.rate()
+            per_gpu = rate / ctx.world_size if rate else None
+            stats = loader.stats(step)
+            record = {
+                "step": step, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
+                "consumed_tokens": step * tokens_per_step, "tokens_per_sec": rate,
+                "tokens_per_sec_per_gpu": per_gpu,
+                "model_tflops_per_gpu": per_gpu * flops_token / 1e12 if per_gpu else None,
+                "mfu": mfu(per_gpu, flops_token, peak) if per_gpu else None,
+                "stage": stats.get("stage"), "datasets": stats.get("datasets"), "time": time.time(),
+            }
+            metrics.write(record)
+            log0(ctx, f"step {step:>6}/{t.train_steps} | loss {result.loss:.4f} | lr {lr:.3e} | "
+                      f"grad norm {result.grad_norm:.3f} | {rate or 0:,.0f} tok/s")
+    metrics.close()
+    return {"first_loss": first_loss, "last_loss": last_loss, "steps": t.train_steps}

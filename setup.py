@@ -1,0 +1,59 @@
+"""nanotronix installation.
+
+`make test` / `make quickstart` install with `pip install --no-build-isolation -e .` into a venv whose torch was
+chosen beforehand (CPU 2.13.0 when none is present, the cluster's own when one is). The optional C++/CUDA kernels
+in csrc/ are built only when the torch in that environment has CUDA; a CPU machine skips them cleanly.
+"""
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent
+
+
+def optional_extensions():
+    """CUDA extensions from csrc/, only where CUDA torch and nvcc exist (never on the CPU CI machine)."""
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        return [], {}
+    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cu"))
+    if not sources or torch.version.cuda is None or CUDA_HOME is None:
+        return [], {}
+    ext = CUDAExtension(
+        name="nanotronix._kernels",
+        sources=sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp")) + sources,
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-std=c++17"]},
+    )
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = optional_extensions()
+
+setup(
+    name="nanotronix",
+    version="0.1.0",
+    description="Megatron-style 3D-parallel pre-training of SmolLM2-family models",
+    long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["nanotronix", "nanotronix.*"]),
+    install_requires=[
+        "torch>=2.11",
+        "numpy>=1.26",
+        "pyyaml>=6",
+        "tokenizers>=0.20",
+        "safetensors>=0.4",
+        "huggingface_hub>=0.24",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "data": ["zarr>=3", "pyarrow>=15", "zstandard>=0.22", "fsspec>=2024.1"],
+        "plot": ["matplotlib>=3.8"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "pytest-timeout>=2", "transformers>=4.45",
+                 "zarr>=3", "pyarrow>=15", "zstandard>=0.22", "fsspec>=2024.1", "matplotlib>=3.8"],
+    },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

@@ -1,0 +1,95 @@
+"""Config parsing, presets, overrides and validation (pure Python, < 1 s)."""
+import pytest
+import yaml
+
+from nanotronix.config import ConfigError, grad_accum_steps, load_config, resolve_layout
+
+TINY = {
+    "model": {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 4, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 128, "rope_theta": 10000.0,
+              "rms_norm_eps": 1e-5, "tie_word_embeddings": True, "init_std": 0.02},
+    "train": {"seq_len": 32, "global_batch_size": 8, "micro_batch_size": 2, "train_steps": 3},
+    "data": {"stages": [{"name": "s1", "start_step": 1, "datasets": [{"path": "x", "weight": 1.0}]}]},
+}
+
+
+@pytest.fixture
+def tiny_yaml(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    return path
+
+
+def test_presets_have_published_architecture():
+    # SmolLM2 HF config.json values (HuggingFaceTB/SmolLM2-*), see ../shared/smollm2/hf_configs.
+    expected = {
+        "smollm2-135m": (576, 1536, 30, 9, 3),
+        "smollm2-360m": (960, 2560, 32, 15, 5),
+        "smollm2-1.7b": (2048, 8192, 24, 32, 32),
+    }
+    for preset, (d, f, layers, heads, kv) in expected.items():
+        m = load_config(None, [f"model.preset={preset}"]).model
+        assert (m.hidden_size, m.intermediate_size, m.num_hidden_layers, m.num_attention_heads,
+                m.num_key_value_heads) == (d, f, layers, heads, kv)
+        assert m.vocab_size == 49152 and m.tie_word_embeddings and m.rms_norm_eps == 1e-5 and m.head_dim == 64
+
+
+def test_preset_fields_can_be_overridden():
+    m = load_config(None, ["model.preset=smollm2-135m", "model.num_hidden_layers=2"]).model
+    assert m.num_hidden_layers == 2 and m.hidden_size == 576
+
+
+def test_dotted_overrides_reach_nested_lists(tiny_yaml):
+    cfg = load_config(tiny_yaml, ["train.train_steps=20", "parallel.tp=2", "data.stages.0.datasets.0.path=/d",
+                                  "optimizer.betas=[0.8, 0.9]", "optimizer.lr=1e-3"])
+    assert cfg.train.train_steps == 20 and cfg.parallel.tp == 2
+    assert cfg.data.stages[0].datasets[0].path == "/d"
+    assert cfg.optimizer.betas == [0.8, 0.9] and cfg.optimizer.lr == 1e-3
+
+
+@pytest.mark.parametrize("override, field", [
+    ("model.hidden_sise=3", "model.hidden_sise: unknown config key"),
+    ("bogus.x=1", "bogus: unknown config key"),
+    ("model.hidden_size=66", "model.hidden_size: 66 is not divisible by model.num_attention_heads=4"),
+    ("model.num_key_value_heads=3", "model.num_attention_heads: 4 is not a multiple of model.num_key_value_heads=3"),
+    ("train.micro_batch_size=3", "train.global_batch_size: 8 is not divisible by train.micro_batch_size=3"),
+    ("train.dtype=fp16", "train.dtype"),
+    ("train.seq_len=abc", "train.seq_len: expected an integer"),
+    ("parallel.pp_schedule=gpipe", "parallel.pp_schedule"),
+    ("lr_schedule.decay_style=exp", "lr_schedule.decay_style"),
+    ("data.stages.0.datasets.0.weight=-1", "data.stages.0.datasets.0.weight: must be positive"),
+    ("data.stages.3.name=x", "data.stages.3: no list item"),
+    ("model.preset=smollm2-7b", "model.preset: unknown preset"),
+])
+def test_validation_names_the_field(tiny_yaml, override, field):
+    with pytest.raises(ConfigError) as e:
+        load_config(tiny_yaml, [override])
+    assert field in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_model_field_is_reported():
+    with pytest.raises(ConfigError, match="model.hidden_size: missing"):
+        load_config(None, [])
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_layout_resolution(tiny_yaml):
+    cfg = load_config(tiny_yaml, ["parallel.tp=2", "parallel.pp=2"])
+    assert resolve_layout(cfg, 8) == 2 and grad_accum_steps(cfg, 2) == 2
+    with pytest.raises(ConfigError, match="world size 6 is not divisible by tp\\*pp"):
+        resolve_layout(cfg, 6)
+    with pytest.raises(ConfigError, match="parallel.dp: 4 but world size 8"):
+        resolve_layout(load_config(tiny_yaml, ["parallel.tp=2", "parallel.dp=4", "parallel.pp=2"]), 8)
+    with pytest.raises(ConfigError, match="does not divide model.num_key_value_heads=2"):
+        resolve_layout(load_config(tiny_yaml, ["parallel.tp=4"]), 4)
+    with pytest.raises(ConfigError, match="4 layers cannot fill 8 pipeline stages"):
+        resolve_layout(load_config(tiny_yaml, ["parallel.pp=8"]), 8)

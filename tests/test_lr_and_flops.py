@@ -1,0 +1,47 @@
+"""LR schedule pinned to the published SmolLM2-1.7B recipe, and the MFU FLOP counter (< 1 s)."""
+import math
+
+import pytest
+
+from nanotronix.config import LRScheduleConfig, ModelConfig, PRESETS
+from nanotronix.train.flops import flops_per_token, matmul_params, mfu
+from nanotronix.train.lr_schedule import lr_at
+
+# SmolLM2-1.7B (huggingface/smollm config_smollm2_1B.yaml, paper Sec. 4.1): peak 5e-4, linear warm-up 2000 steps,
+# linear decay from step 4,716,000 over 524,000 steps to 0; 5,240,000 steps in all.
+SMOLLM2_1P7B = LRScheduleConfig(warmup_steps=2000, decay_start_step=4_716_000, decay_steps=524_000,
+                                decay_style="linear", min_lr=0.0)
+
+
+def test_smollm2_1p7b_schedule():
+    peak = 5e-4
+    assert lr_at(1, peak, SMOLLM2_1P7B) == pytest.approx(peak / 2000)
+    assert lr_at(1000, peak, SMOLLM2_1P7B) == pytest.approx(peak / 2)
+    assert lr_at(2000, peak, SMOLLM2_1P7B) == peak
+    assert lr_at(2001, peak, SMOLLM2_1P7B) == peak
+    assert lr_at(4_716_000, peak, SMOLLM2_1P7B) == peak
+    assert lr_at(4_716_000 + 262_000, peak, SMOLLM2_1P7B) == pytest.approx(peak / 2)
+    assert lr_at(5_240_000, peak, SMOLLM2_1P7B) == 0.0
+    # monotone non-increasing through the decay
+    values = [lr_at(s, peak, SMOLLM2_1P7B) for s in range(4_716_000, 5_240_001, 1000)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+@pytest.mark.parametrize("style, half", [("linear", 0.5), ("cosine", 0.5), ("1-sqrt", 1 - math.sqrt(0.5))])
+def test_decay_styles_end_at_min_lr(style, half):
+    s = LRScheduleConfig(warmup_steps=10, decay_start_step=100, decay_steps=100, decay_style=style, min_lr=1e-5)
+    assert lr_at(200, 1e-3, s) == pytest.approx(1e-5)
+    assert lr_at(300, 1e-3, s) == pytest.approx(1e-5)
+    assert lr_at(150, 1e-3, s) == pytest.approx(1e-5 + (1e-3 - 1e-5) * half)
+
+
+def test_flops_counter_excludes_embedding_lookup_and_halves_causal_attention():
+    cfg = ModelConfig(**PRESETS["smollm2-1.7b"])
+    n_nonembed = cfg.num_parameters() - cfg.vocab_size * cfg.hidden_size - cfg.num_hidden_layers * 2 * 2048 - 2048
+    # matmul params = non-embedding matrices + the output head GEMM (tied, but a real matmul)
+    assert matmul_params(cfg) == n_nonembed + cfg.vocab_size * cfg.hidden_size
+    s = 2048
+    full_attention = 12 * cfg.num_hidden_layers * s * cfg.hidden_size  # PaLM appendix B, non-causal
+    assert flops_per_token(cfg, s) == pytest.approx(6 * matmul_params(cfg) + full_attention / 2)
+    assert mfu(1000.0, 1e12, None) is None
+    assert mfu(1000.0, 1e12, 1000.0) == pytest.approx(1.0)

@@ -1,0 +1,53 @@
+#!/usr/bin/env python
+"""Summarise a token store (Megatron .bin/.idx, datatrove .ds, zarr), print a document, or verify it.
+
+    python tools/inspect_store.py PREFIX [--doc N] [--json] [--verify]
+
+--verify reads the whole store and checks every invariant of its format (header, sizes, contiguous
+pointers, token ids inside the vocabulary, EOS at the end of every document, sidecar counts); it exits
+non-zero with one line naming the first damage.
+"""
+import argparse
+import json
+import sys
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("store", metavar="PREFIX", help="store prefix, .ds file, zarr folder or fsspec URL")
+    parser.add_argument("--doc", type=int, metavar="N", help="print the token ids of document N")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--verify", action="store_true", help="check every invariant; non-zero exit on damage")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from nanotronix.data import DataError, open_store
+    try:
+        store = open_store(args.store)
+        report = store.summary()
+        if args.doc is not None:
+            report["doc"] = args.doc
+            report["doc_tokens"] = store.document(args.doc).tolist()
+        if args.verify:
+            store.verify(progress=not args.json)
+            report["verified"] = True
+    except DataError as e:
+        print(f"inspect_store: error: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    for key in ("path", "format", "dtype", "documents", "tokens", "tokenizer", "tokenizer_sha256", "vocab_size",
+                "eos_id", "skipped_records"):
+        print(f"{key:17s} {report[key] if report[key] is not None else '-'}")
+    if args.doc is not None:
+        print(f"document {args.doc} ({len(report['doc_tokens'])} tokens): {' '.join(map(str, report['doc_tokens']))}")
+    if args.verify:
+        print("verify           OK")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

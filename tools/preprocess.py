@@ -1,0 +1,54 @@
+#!/usr/bin/env python
+"""Tokenise text into a token store (Megatron .bin/.idx by default, or zarr).
+
+    python tools/preprocess.py --input FILE_OR_DIR [...] --tokenizer TOKENIZER --output-prefix PREFIX \\
+        [--text-key text] [--workers N] [--format megatron|zarr] [--skip-bad]
+
+Inputs: .jsonl/.ndjson/.json (optionally .gz/.zst), .parquet, plain text files (.txt/.md/.rst/.py/... one file
+= one document), or folders of them. Each document is followed by the tokenizer's EOS id. A bad record stops
+the run with file:line and the reason unless --skip-bad is given (then reasons are counted in the sidecar).
+"""
+import argparse
+import os
+import sys
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", nargs="+", action="extend", required=True, metavar="FILE_OR_DIR",
+                        help="input files or folders (repeatable)")
+    parser.add_argument("--tokenizer", required=True,
+                        help="tokenizer.json, a folder holding one, or a Hugging Face Hub id")
+    parser.add_argument("--output-prefix", required=True,
+                        help="output prefix: PREFIX.bin/.idx/.meta.json (megatron) or PREFIX.zarr (zarr)")
+    parser.add_argument("--text-key", default="text", help="JSON/Parquet field holding the text (default: text)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="tokenising processes (default: all cores)")
+    parser.add_argument("--format", default="megatron", choices=["megatron", "zarr"], help="store format")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="skip bad records (counted by reason) instead of stopping at the first one")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from nanotronix.data.errors import DataError
+    from nanotronix.data.preprocess import PreprocessOptions, preprocess
+    opts = PreprocessOptions(inputs=args.input, tokenizer=args.tokenizer, output_prefix=args.output_prefix,
+                             text_key=args.text_key, workers=args.workers, format=args.format,
+                             skip_bad=args.skip_bad, progress=not args.no_progress)
+    try:
+        result = preprocess(opts)
+    except DataError as e:
+        print(f"preprocess: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("preprocess: interrupted; no output was written", file=sys.stderr)
+        return 130
+    print(result.summary_line())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
