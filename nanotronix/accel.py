@@ -29,6 +29,13 @@ def flash_attn_available() -> bool:
     return _optional_module("flash_attn") is not None and torch.cuda.is_available()
 
 
+def compiled_kernels():
+    """The csrc/ CUDA extension (nanotronix._kernels) when it is built and CUDA is usable, else None."""
+    if not torch.cuda.is_available():
+        return None
+    return _optional_module("nanotronix._kernels")
+
+
 def fused_adam_class():
     """apex FusedAdam when apex is installed, else None (the caller uses torch's fused AdamW)."""
     mod = _optional_module("apex.optimizers")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +83,9 @@ class ParallelConfig:
     virtual_stages: int = 1  # model chunks per pipeline rank; > 1 only with pp_schedule: interleaved
     sequence_parallel: bool = False
     zero_stage: int = 0
+    # Gradient elements per data-parallel reduction bucket (fp32): each bucket's all-reduce / reduce-scatter starts
+    # as soon as its gradients are complete, overlapping the rest of the backward pass (Megatron's default size).
+    grad_bucket_size: int = 40_000_000
 
 
 @dataclass
@@ -93,6 +97,11 @@ class TrainConfig:
     seed: int = 42
     dtype: str = "float32"
     device: str = "auto"  # auto: cuda when available, else cpu
+    # Speed switches (nanotronix/parallel/speedups.py); each has a CPU numerics test against the plain path.
+    compile: bool = False  # torch.compile each decoder layer (Inductor fuses norm/RoPE/SwiGLU/residual adds)
+    recompute: str = "none"  # none | selective (save matmul/attention outputs only) | full (whole layer)
+    fused_kernels: bool = False  # csrc/ CUDA kernels for add+RMSNorm, RoPE, SwiGLU (PyTorch twin elsewhere)
+    loss_chunk_size: int = 0  # > 0: fused head + cross entropy over chunks of this many tokens (no full logits)
 
 
 @dataclass
@@ -129,6 +138,9 @@ class StageConfig:
 @dataclass
 class DataConfig:
     tokenizer: Optional[str] = None
+    # Folder that relative dataset paths are resolved against, so one override (data.root=/corpus) points a
+    # recipe at a corpus. None: relative paths stay relative to the working directory.
+    root: Optional[str] = None
     stages: list[StageConfig] = field(default_factory=list)
     data_seed: int = 1234
 
@@ -139,6 +151,7 @@ class CheckpointConfig:
     interval: int = 0  # 0: only at the end of training (and on SIGTERM/SIGUSR1)
     keep_last: int = 0  # 0: keep every checkpoint
     resume: str = "auto"  # auto | none | PATH
+    async_save: bool = False  # write checkpoints in a background thread while training goes on
 
 
 @dataclass
@@ -283,8 +296,23 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
 def config_from_dict(tree: dict[str, Any]) -> Config:
     cfg = _build(Config, tree)
     resolve_preset(cfg.model)
+    resolve_dataset_paths(cfg.data)
     validate(cfg)
     return cfg
+
+
+def resolve_dataset_paths(data: DataConfig) -> None:
+    """Join relative dataset paths to data.root, made absolute first so that a dumped config reloads unchanged."""
+    if data.root is None:
+        return
+    root_is_url = "://" in data.root  # an fsspec URL (zarr stores): join as a string
+    if not root_is_url:
+        data.root = os.path.abspath(os.path.expanduser(data.root))
+    for stage in data.stages:
+        for ds in stage.datasets:
+            if not ds.path or "://" in ds.path or os.path.isabs(os.path.expanduser(ds.path)):
+                continue
+            ds.path = data.root.rstrip("/") + "/" + ds.path if root_is_url else os.path.join(data.root, ds.path)
 
 
 def resolve_preset(model: ModelConfig) -> None:
@@ -325,7 +353,7 @@ def validate(cfg: Config) -> None:
              f"model.attn_implementation: {m.attn_implementation!r} is not auto|sdpa|flash_attention_2|eager")
 
     p = cfg.parallel
-    for name in ("tp", "pp", "virtual_stages"):
+    for name in ("tp", "pp", "virtual_stages", "grad_bucket_size"):
         _require(getattr(p, name) >= 1, f"parallel.{name}: must be >= 1, got {getattr(p, name)}")
     _require(p.dp is None or p.dp >= 1, f"parallel.dp: must be >= 1, got {p.dp}")
     _require(p.pp_schedule in ("1f1b", "afab", "interleaved"),
@@ -342,6 +370,12 @@ def validate(cfg: Config) -> None:
     _require(t.global_batch_size % t.micro_batch_size == 0,
              f"train.global_batch_size: {t.global_batch_size} is not divisible by train.micro_batch_size="
              f"{t.micro_batch_size}")
+    _require(t.recompute in ("none", "selective", "full"),
+             f"train.recompute: {t.recompute!r} is not none|selective|full")
+    _require(t.loss_chunk_size >= 0, f"train.loss_chunk_size: must be >= 0 (0: plain loss), got {t.loss_chunk_size}")
+    # Inductor already generates fused kernels for the same ops, and the compiled csrc ops are opaque to it.
+    _require(not (t.compile and t.fused_kernels),
+             "train.fused_kernels: cannot be combined with train.compile (compile fuses the same ops itself)")
     _require(t.seq_len <= m.max_position_embeddings,
              f"train.seq_len: {t.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}")
 
@@ -383,6 +417,7 @@ def validate(cfg: Config) -> None:
     c = cfg.checkpoint
     _require(c.interval >= 0, "checkpoint.interval: must be >= 0")
     _require(c.keep_last >= 0, "checkpoint.keep_last: must be >= 0")
+    _require(bool(c.resume.strip()), "checkpoint.resume: must be auto, none or a checkpoint path")
     _require(cfg.logging.interval >= 1, "logging.interval: must be >= 1")
 
 
@@ -410,6 +445,21 @@ def resolve_layout(cfg: Config, world_size: int) -> int:
     _require(t.global_batch_size % per_step == 0,
              f"train.global_batch_size: {t.global_batch_size} is not divisible by micro_batch_size*dp = "
              f"{t.micro_batch_size}*{dp}")
+    micro_batches = t.global_batch_size // per_step
+    if p.pp_schedule == "interleaved":
+        _require(p.pp >= 2 and p.virtual_stages >= 2,
+                 f"parallel.pp_schedule: interleaved needs pp >= 2 and virtual_stages >= 2, got pp={p.pp} "
+                 f"virtual_stages={p.virtual_stages}")
+    if p.pp > 1 and p.pp_schedule in ("1f1b", "interleaved"):
+        # torch.distributed.pipelining's 1F1B schedules need every stage busy before the first backward.
+        _require(micro_batches >= p.pp,
+                 f"parallel.pp_schedule: {p.pp_schedule} with pp={p.pp} needs at least {p.pp} micro-batches per "
+                 f"step, but global_batch_size / (micro_batch_size*dp) = {micro_batches}")
+    if p.pp > 1 and p.pp_schedule == "interleaved":
+        rounds = max(1, micro_batches // p.pp)
+        _require(micro_batches % rounds == 0,
+                 f"parallel.pp_schedule: interleaved runs micro-batches in rounds of pp={p.pp}; "
+                 f"{micro_batches} micro-batches per step is not a multiple of {rounds} rounds")
     return dp
 
 

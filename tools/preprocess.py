@@ -34,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from nanotronix.data.errors import DataError
-    from nanotronix.data.preprocess import PreprocessOptions, preprocess
+    from nanotronix.data.pipeline import PreprocessOptions, preprocess
     opts = PreprocessOptions(inputs=args.input, tokenizer=args.tokenizer, output_prefix=args.output_prefix,
                              text_key=args.text_key, workers=args.workers, format=args.format,
                              skip_bad=args.skip_bad, progress=not args.no_progress)

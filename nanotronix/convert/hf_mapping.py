@@ -6,7 +6,7 @@ untied), and the config fields. RoPE needs no permutation: both sides use the ro
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -64,6 +64,32 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[s
     return out
 
 
+def from_hf(name: str, get: Callable[[str], torch.Tensor], cfg: ModelConfig) -> torch.Tensor:
+    """The nanotronix tensor `name`, built from the Hugging Face tensors that `get(hf_name)` returns (reads only
+    the ones it needs, so a converter can stream)."""
+    if name == "embed_tokens.weight":
+        return get("model.embed_tokens.weight")
+    if name == "norm.weight":
+        return get("model.norm.weight")
+    if name == "lm_head.weight":
+        return get("model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight")
+    if not name.startswith("layers."):
+        raise KeyError(f"no Hugging Face source for parameter {name!r}")
+    _, idx, rest = name.split(".", 2)
+    p = f"model.layers.{idx}."
+    if rest == "self_attn.qkv_proj.weight":
+        return _fuse_qkv(get(p + "self_attn.q_proj.weight"), get(p + "self_attn.k_proj.weight"),
+                         get(p + "self_attn.v_proj.weight"), cfg)
+    if rest == "mlp.gate_up_proj.weight":
+        gate, up = get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")
+        return torch.stack([gate, up], dim=1).reshape(-1, gate.shape[-1])
+    return get(p + rest)
+
+
+_LAYER_PARAMS = ("self_attn.qkv_proj.weight", "self_attn.o_proj.weight", "mlp.gate_up_proj.weight",
+                 "mlp.down_proj.weight", "input_layernorm.weight", "post_attention_layernorm.weight")
+
+
 def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Hugging Face tensors -> nanotronix state dict (raises KeyError naming a missing tensor)."""
     def get(key: str) -> torch.Tensor:
@@ -71,20 +97,9 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
             raise KeyError(f"Hugging Face checkpoint lacks {key}")
         return hf[key]
 
-    out = {"embed_tokens.weight": get("model.embed_tokens.weight"), "norm.weight": get("model.norm.weight")}
-    out["lm_head.weight"] = out["embed_tokens.weight"] if cfg.tie_word_embeddings else get("lm_head.weight")
-    for i in range(cfg.num_hidden_layers):
-        p, n = f"model.layers.{i}.", f"layers.{i}."
-        out[n + "self_attn.qkv_proj.weight"] = _fuse_qkv(
-            get(p + "self_attn.q_proj.weight"), get(p + "self_attn.k_proj.weight"),
-            get(p + "self_attn.v_proj.weight"), cfg)
-        out[n + "self_attn.o_proj.weight"] = get(p + "self_attn.o_proj.weight")
-        gate, up = get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")
-        out[n + "mlp.gate_up_proj.weight"] = torch.stack([gate, up], dim=1).reshape(-1, gate.shape[-1])
-        out[n + "mlp.down_proj.weight"] = get(p + "mlp.down_proj.weight")
-        out[n + "input_layernorm.weight"] = get(p + "input_layernorm.weight")
-        out[n + "post_attention_layernorm.weight"] = get(p + "post_attention_layernorm.weight")
-    return out
+    names = ["embed_tokens.weight", "norm.weight", "lm_head.weight"]
+    names += [f"layers.{i}.{rest}" for i in range(cfg.num_hidden_layers) for rest in _LAYER_PARAMS]
+    return {name: from_hf(name, get, cfg) for name in names}
 
 
 def hf_config_dict(cfg: ModelConfig, eos_token_id: int = 0, bos_token_id: int = 0,

@@ -17,9 +17,9 @@ from .tokenizer import TokenizerInfo, load_tokenizer
 _LAZY = {
     "build_train_loader": ".loader",
     "TrainLoader": ".loader",
-    "preprocess": ".preprocess",
-    "PreprocessOptions": ".preprocess",
-    "PreprocessResult": ".preprocess",
+    "preprocess": ".pipeline",
+    "PreprocessOptions": ".pipeline",
+    "PreprocessResult": ".pipeline",
 }
 
 __all__ = ["DataError", "TokenStore", "open_store", "TokenizerInfo", "load_tokenizer", *_LAZY]

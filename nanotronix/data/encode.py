@@ -32,10 +32,10 @@ def init_worker(tokenizer_file: str, eos_id: int, dtype: str) -> None:
 
 @dataclass
 class EncodedChunk:
-    file_index: int
     tokens: np.ndarray  # all documents, each followed by EOS
     lengths: np.ndarray  # tokens per document (EOS included)
-    bad: list[tuple[int, str, str]] = field(default_factory=list)  # (line, reason, detail), in order
+    files: np.ndarray  # input file index of each document
+    bad: list[tuple[int, int, str, str]] = field(default_factory=list)  # (file, line, reason, detail), in order
 
 
 def _text_of(chunk: Chunk, item, text_key: str):
@@ -76,19 +76,21 @@ def _text_of(chunk: Chunk, item, text_key: str):
 
 def encode_chunk(chunk: Chunk, text_key: str, stop_at_first_bad: bool) -> EncodedChunk:
     texts: list[str] = []
-    bad: list[tuple[int, str, str]] = []
+    files: list[int] = []
+    bad: list[tuple[int, int, str, str]] = []
     for k, item in enumerate(chunk.items):
-        line = chunk.lines[k] if chunk.lines is not None else chunk.first_line + k
         text, problem = _text_of(chunk, item, text_key)
+        file_index, line = chunk.position(k)
         if problem is None:
             texts.append(text)
+            files.append(file_index)
         else:
-            bad.append((line, problem[0], problem[1]))
+            bad.append((file_index, line, problem[0], problem[1]))
             if stop_at_first_bad:
-                break
-    if bad and stop_at_first_bad:
-        return EncodedChunk(chunk.file_index, np.zeros(0, _DTYPE), np.zeros(0, np.int64), bad)
-    encodings = _TOKENIZER.encode_batch(texts, add_special_tokens=False) if texts else []
+                return EncodedChunk(np.zeros(0, _DTYPE), np.zeros(0, np.int64), np.zeros(0, np.int32), bad)
+    # encode_batch_fast (tokenizers >= 0.21) skips the character offsets that preprocessing never uses
+    encode_batch = getattr(_TOKENIZER, "encode_batch_fast", _TOKENIZER.encode_batch)
+    encodings = encode_batch(texts, add_special_tokens=False) if texts else []
     lengths = np.fromiter((len(e.ids) + 1 for e in encodings), dtype=np.int64, count=len(encodings))
     tokens = np.empty(int(lengths.sum()), dtype=_DTYPE)
     pos = 0
@@ -96,4 +98,4 @@ def encode_chunk(chunk: Chunk, text_key: str, stop_at_first_bad: bool) -> Encode
         tokens[pos:pos + n - 1] = enc.ids
         tokens[pos + n - 1] = _EOS
         pos += n
-    return EncodedChunk(chunk.file_index, tokens, lengths, bad)
+    return EncodedChunk(tokens, lengths, np.array(files, dtype=np.int32), bad)

@@ -67,12 +67,19 @@ def expand_inputs(specs: list[str]) -> list[Path]:
 
 @dataclass
 class Chunk:
-    """Whole records of one file, to be parsed and tokenised by a worker."""
-    file_index: int
-    first_line: int  # line (JSON lines), row (Parquet) or 1 (text) of items[0]
+    """Whole records, to be parsed and tokenised by a worker. Small text files share a chunk."""
     kind: str  # jsonl | parquet | text
-    items: list  # raw lines (bytes), Parquet values, or one text file's bytes
-    lines: Optional[list[int]] = None  # JSON lines: line number of each item (blank lines are left out)
+    items: list  # raw lines (bytes), Parquet values, or text files' bytes
+    file_index: int  # input file of the items (of the first item for text chunks)
+    first_line: int  # line (JSON lines), row (Parquet) or 1 (text) of items[0]
+    lines: Optional[list[int]] = None  # JSON lines: line of each item (blank lines are left out)
+    files: Optional[list[int]] = None  # text chunks: input file of each item
+
+    def position(self, k: int) -> tuple[int, int]:
+        """(file index, line) of item k."""
+        if self.files is not None:
+            return self.files[k], 1
+        return self.file_index, (self.lines[k] if self.lines is not None else self.first_line + k)
 
 
 class _CountingReader(io.RawIOBase):
@@ -105,17 +112,29 @@ def _open_lines(path: Path, counter: _CountingReader):
 def iter_chunks(files: list[Path], text_key: str, chunk_bytes: int = 1 << 20,
                 on_progress=None) -> Iterator[Chunk]:
     """Chunks of about `chunk_bytes` of input each, in file order. `on_progress(nbytes)` reports raw bytes."""
+    texts, text_files, text_bytes = [], [], 0
     for index, path in enumerate(files):
         kind = input_kind(path)
-        if kind == "text":
+        if kind == "text":  # gather consecutive small files: one task per file would cost more than it does
             data = path.read_bytes()
+            texts.append(data)
+            text_files.append(index)
+            text_bytes += len(data)
             if on_progress:
                 on_progress(len(data))
-            yield Chunk(index, 1, "text", [data])
-        elif kind == "jsonl":
+            if text_bytes >= chunk_bytes:
+                yield Chunk("text", texts, text_files[0], 1, files=text_files)
+                texts, text_files, text_bytes = [], [], 0
+            continue
+        if texts:
+            yield Chunk("text", texts, text_files[0], 1, files=text_files)
+            texts, text_files, text_bytes = [], [], 0
+        if kind == "jsonl":
             yield from _jsonl_chunks(index, path, chunk_bytes, on_progress)
         else:
             yield from _parquet_chunks(index, path, text_key, chunk_bytes, on_progress)
+    if texts:
+        yield Chunk("text", texts, text_files[0], 1, files=text_files)
 
 
 def _jsonl_chunks(index: int, path: Path, chunk_bytes: int, on_progress) -> Iterator[Chunk]:
@@ -132,7 +151,7 @@ def _jsonl_chunks(index: int, path: Path, chunk_bytes: int, on_progress) -> Iter
                 lines.append(line_no)
                 size += len(line)
                 if size >= chunk_bytes:
-                    yield Chunk(index, lines[0], "jsonl", items, lines)
+                    yield Chunk("jsonl", items, index, lines[0], lines)
                     if on_progress:
                         on_progress(counter.consumed - reported)
                         reported = counter.consumed
@@ -140,7 +159,7 @@ def _jsonl_chunks(index: int, path: Path, chunk_bytes: int, on_progress) -> Iter
         except (OSError, EOFError, ValueError) as e:  # gzip/zstd damage: report the position reached
             raise DataError(f"{path}:{line_no + 1}: cannot decompress ({type(e).__name__}: {e})") from None
         if items:
-            yield Chunk(index, lines[0], "jsonl", items, lines)
+            yield Chunk("jsonl", items, index, lines[0], lines)
         if on_progress:
             on_progress(counter.consumed - reported)
 
@@ -158,7 +177,7 @@ def _parquet_chunks(index: int, path: Path, text_key: str, chunk_bytes: int, on_
     if text_key not in pf.schema_arrow.names:
         for lo in range(0, total_rows, rows_per_batch):
             n = min(rows_per_batch, total_rows - lo)
-            yield Chunk(index, row, "parquet", [MISSING] * n)
+            yield Chunk("parquet", [MISSING] * n, index, row)
             row += n
         if on_progress:
             on_progress(size)
@@ -166,7 +185,7 @@ def _parquet_chunks(index: int, path: Path, text_key: str, chunk_bytes: int, on_
     done = 0
     for batch in pf.iter_batches(batch_size=rows_per_batch, columns=[text_key]):
         values = batch.column(0).to_pylist()
-        yield Chunk(index, row, "parquet", values)
+        yield Chunk("parquet", values, index, row)
         row += len(values)
         if on_progress and total_rows:
             step = size * (row - 1) // total_rows - done

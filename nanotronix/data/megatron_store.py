@@ -162,8 +162,9 @@ class MegatronStore(TokenStore):
         if bin_size < self._num_tokens * self._dtype.itemsize:
             raise DataError(f"{self.bin_path}: truncated ({bin_size} bytes, the index needs "
                             f"{self._num_tokens * self._dtype.itemsize})")
+        # A plain ndarray view of the memmap: slicing it skips np.memmap's per-slice subclass overhead.
         self._bin = (np.memmap(self.bin_path, dtype=self._dtype, mode="r", shape=(self._num_tokens,))
-                     if self._num_tokens else np.zeros(0, self._dtype))
+                     .view(np.ndarray) if self._num_tokens else np.zeros(0, self._dtype))
         meta = sidecar_path(prefix)
         if meta.is_file():
             try:

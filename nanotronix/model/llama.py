@@ -58,15 +58,18 @@ class Llama(nn.Module):
         return rope_cos_sin(torch.arange(seq_len, device=device), cfg.hidden_size // cfg.num_attention_heads,
                             cfg.rope_theta)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Token ids [B, S] (first stage) or hidden states [B, S, D]; returns logits or hidden states."""
+    def forward(self, x: torch.Tensor, skip_head: bool = False) -> torch.Tensor:
+        """Token ids [B, S] (first stage) or hidden states [B, S, D]; returns logits or hidden states.
+
+        skip_head: return the final norm's output instead of logits, for a loss that applies the head itself
+        (`linear_cross_entropy`, which never materialises the full logits)."""
         h = self.embed_tokens(x) if self.embed_tokens is not None else x
         cos, sin = self.rope(h.shape[1], h.device)
         for layer in self.layers.values():
             h = layer(h, cos, sin)
         if self.norm is not None:
             h = self.norm(h)
-        if self.lm_head is not None:
+        if self.lm_head is not None and not skip_head:
             h = self.lm_head(h)
         return h
 

@@ -7,6 +7,7 @@ import traceback
 
 from nanotronix.config import load_config
 from nanotronix.errors import UserError
+from nanotronix.train import EXIT_PREEMPTED
 from nanotronix.distributed import init_distributed, pick_device, rank, shutdown_and_exit
 
 
@@ -32,7 +33,9 @@ def main(argv=None) -> None:
 
         ctx = ParallelContext.build(cfg)
         summary = train(cfg, ctx, device)
-        if rank() == 0 and summary["first_loss"] is not None:
+        if summary.get("preempted"):
+            code = EXIT_PREEMPTED  # saved; the scheduler should requeue the job
+        elif rank() == 0 and summary["first_loss"] is not None:
             print(f"done: {summary['steps']} steps, loss {summary['first_loss']:.4f} -> "
                   f"{summary['last_loss']:.4f}", flush=True)
     except (UserError, FileNotFoundError) as e:

@@ -1,44 +1,40 @@
-"""One optimizer step: forward/backward over the step's micro-batches, gradient clipping, AdamW update."""
+"""One optimizer step in any TP x PP x DP layout: micro-batches through the pipeline, gradient reduction,
+global-norm clipping, AdamW update, and the global-batch loss.
+
+The same step runs one process or many: with tp = pp = dp = 1 it is the plain gradient-accumulation loop, and every
+layout reproduces that run's losses and weights (tests/test_parallel_layouts.py).
+"""
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from nanotronix.model import cross_entropy
+from nanotronix.parallel.clip import clip_grad_norm_and_reduce_loss
+from nanotronix.parallel.model import ParallelModel
+from nanotronix.parallel.optimizer import DistributedOptimizer
 
 
 @dataclass
 class StepResult:
-    loss: float  # mean next-token loss over the global batch
+    loss: float  # mean next-token loss over the global batch (the same value on every rank)
     grad_norm: float  # global L2 norm of the gradient before clipping
 
 
-def autocast_context(device: torch.device, dtype: str):
-    if dtype == "bfloat16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: torch.Tensor, lr: float,
-               clip_grad: float, dtype: str, device: torch.device) -> StepResult:
-    """batch: [grad_accum, micro_batch, seq_len + 1] token ids of this rank's share of the global batch."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    accum = batch.shape[0]
-    total = torch.zeros((), device=device)
-    for micro in batch:
-        micro = micro.to(device, non_blocking=True)
-        with autocast_context(device, dtype):
-            logits = model(micro[:, :-1])
-        loss = cross_entropy(logits, micro[:, 1:])
-        (loss / accum).backward()
-        total += loss.detach()
-    params = [p for p in model.parameters() if p.grad is not None]
-    max_norm = clip_grad if clip_grad > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss=(total / accum).item(), grad_norm=grad_norm.item())
+def train_step(model: ParallelModel, optimizer: DistributedOptimizer, batch: torch.Tensor, lr: float,
+               clip_grad: float) -> StepResult:
+    """batch: [grad_accum, micro_batch, seq_len + 1] token ids of this data-parallel rank's share of the global
+    batch (every rank of a pipeline/TP group passes the same batch). clip_grad <= 0 disables clipping."""
+    ctx = model.ctx
+    device = model.runner.device
+    batch = batch.to(device, non_blocking=True)
+    num_microbatches = batch.shape[0]
+    model.grads.start(num_microbatches)
+    # Each micro-batch loss is a mean over its tokens; 1/(micro-batches * dp) makes the DP sum the global mean.
+    local_loss = model.runner.run(batch[..., :-1], batch[..., 1:], scale=1.0 / (num_microbatches * ctx.dp))
+    model.grads.finish()
+    if ctx.tp_rank != 0:  # every TP rank computed the same loss: count it once
+        local_loss = torch.zeros_like(local_loss)
+    grad_norm, loss = clip_grad_norm_and_reduce_loss(optimizer, ctx, clip_grad, local_loss)
+    optimizer.step(lr)
+    return StepResult(loss=loss, grad_norm=grad_norm)

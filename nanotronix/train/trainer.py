@@ -11,6 +11,7 @@ import time
 import torch
 
 from nanotronix import accel
+from nanotronix.checkpoint import Checkpointer
 from nanotronix.config import Config, grad_accum_steps
 from nanotronix.data import build_train_loader
 from nanotronix.model import build_model
@@ -34,7 +35,9 @@ def train(cfg: Config, ctx: ParallelContext, device: torch.device) -> dict:
     attn = accel.resolve_attention(m.attn_implementation, device)
     model = build_model(m, attn, device)
     optimizer = build_adamw(model.named_parameters(), cfg.optimizer, device)
-    loader = build_train_loader(cfg, ctx.dp_rank, ctx.dp, consumed_samples=0)
+    checkpointer = Checkpointer(cfg, ctx, device)  # resume, periodic saves, SIGTERM/SIGUSR1 -> save and stop
+    resumed = checkpointer.resume(model, optimizer)
+    loader = build_train_loader(cfg, ctx.dp_rank, ctx.dp, consumed_samples=resumed.consumed_samples)
 
     accum = grad_accum_steps(cfg, ctx.dp)
     log0(ctx, f"nanotronix: {m.num_parameters() / 1e6:.1f}M parameters | layout tp={ctx.tp} pp={ctx.pp} "
@@ -47,7 +50,8 @@ def train(cfg: Config, ctx: ParallelContext, device: torch.device) -> dict:
     metrics = MetricsLog(cfg.logging.dir, enabled=ctx.rank == 0, tensorboard=cfg.logging.tensorboard)
     speed = Throughput()
     first_loss = last_loss = None
-    start_step = loader.consumed_samples // t.global_batch_size + 1
+    preempted = False
+    start_step = resumed.step + 1
     for step in range(start_step, t.train_steps + 1):
         lr = lr_at(step, cfg.optimizer.lr, cfg.lr_schedule)
         result = train_step(model, optimizer, loader.batch(step), lr, cfg.optimizer.clip_grad, t.dtype, device)
@@ -56,7 +60,7 @@ def train(cfg: Config, ctx: ParallelContext, device: torch.device) -> dict:
         first_loss = result.loss if first_loss is None else first_loss
         last_loss = result.loss
         speed.add(tokens_per_step)
-        if step % cfg.logging.interval == 0 or step == t.train_steps:
+        if step % cfg.logging.interval == 0 or step in (start_step, t.train_steps):
             rate = speed.rate()
             per_gpu = rate / ctx.world_size if rate else None
             stats = loader.stats(step)
@@ -71,5 +75,9 @@ def train(cfg: Config, ctx: ParallelContext, device: torch.device) -> dict:
             metrics.write(record)
             log0(ctx, f"step {step:>6}/{t.train_steps} | loss {result.loss:.4f} | lr {lr:.3e} | "
                       f"grad norm {result.grad_norm:.3f} | {rate or 0:,.0f} tok/s")
+        if checkpointer.after_step(step, model, optimizer, loader):
+            preempted = True
+            break
+    checkpointer.close()
     metrics.close()
-    return {"first_loss": first_loss, "last_loss": last_loss, "steps": t.train_steps}
+    return {"first_loss": first_loss, "last_loss": last_loss, "steps": t.train_steps, "preempted": preempted}

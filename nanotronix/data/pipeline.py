@@ -85,8 +85,8 @@ def preprocess(opts: PreprocessOptions) -> PreprocessResult:
     results = _encoded_chunks(files, opts, info, dtype, bar)
     try:
         for result in results:
-            for line, reason, detail in result.bad:
-                where = f"{files[result.file_index]}:{line}"
+            for file_index, line, reason, detail in result.bad:
+                where = f"{files[file_index]}:{line}"
                 if not opts.skip_bad:
                     raise DataError(f"{where}: {reason}{f' ({detail})' if detail else ''} "
                                     f"(use --skip-bad to skip bad records)")
@@ -94,9 +94,10 @@ def preprocess(opts: PreprocessOptions) -> PreprocessResult:
                 if len(examples) < _MAX_EXAMPLES:
                     examples.append(f"{where}: {reason}")
             writer.add_documents(result.tokens, result.lengths)
-            stats = per_file[result.file_index]
-            stats["documents"] += len(result.lengths)
-            stats["tokens"] += len(result.tokens)
+            for file_index in np.unique(result.files).tolist():
+                mine = result.files == file_index
+                per_file[file_index]["documents"] += int(mine.sum())
+                per_file[file_index]["tokens"] += int(result.lengths[mine].sum())
             elapsed = max(time.perf_counter() - start, 1e-9)
             bar.set_postfix_str(f"{writer.num_documents / elapsed:,.0f} docs/s, "
                                 f"{writer.num_tokens / elapsed:,.0f} tokens/s", refresh=False)

@@ -1,0 +1,162 @@
+"""The training loop's one handle on checkpoints: resume once, `after_step` after every step, `close` at the end.
+
+    checkpointer = Checkpointer(cfg, ctx, device)          # installs the SIGTERM/SIGUSR1 handler
+    resumed = checkpointer.resume(model, optimizer)         # weights, moments, step, RNG; .consumed_samples
+    loader = build_train_loader(..., consumed_samples=resumed.consumed_samples)
+    for step in range(resumed.step + 1, train_steps + 1):
+        ...
+        if checkpointer.after_step(step, model, optimizer, loader):
+            break                                           # preempted: saved on all ranks, exit EXIT_PREEMPTED
+    checkpointer.close()                                    # waits for an asynchronous save
+
+Which checkpoint a run resumes from (`checkpoint.resume`):
+  auto  the newest complete step in `checkpoint.dir`, or a fresh start when there is none;
+  none  a fresh start;
+  PATH  that step folder or run folder. Once the run has committed checkpoints of its own in `checkpoint.dir`,
+        those win over a PATH outside it, so a requeued job continues instead of starting over from PATH.
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from nanotronix.checkpoint import paths
+from nanotronix.checkpoint.errors import CheckpointError
+from nanotronix.checkpoint.manifest import read_manifest
+from nanotronix.checkpoint.preemption import PreemptionWatcher
+from nanotronix.checkpoint.storage import Collective
+from nanotronix.checkpoint.training_state import load_training_state, take_snapshot, write_snapshot
+
+# Model fields that fix the shapes of the weights: a checkpoint only loads into a model that agrees on them.
+# Other fields (rope_theta, max_position_embeddings, rms_norm_eps, init_std) may change between stages, e.g. the
+# 8k context extension raising rope_theta.
+ARCHITECTURE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                       "num_key_value_heads", "vocab_size", "tie_word_embeddings")
+
+
+@dataclass
+class ResumeState:
+    step: int  # last completed step; 0 on a fresh start
+    consumed_samples: int  # global samples consumed (what the data loader resumes from)
+    path: Optional[Path]  # the step folder loaded, or None
+
+
+def check_architecture(saved: dict[str, Any], current: dict[str, Any], where: Path) -> list[str]:
+    """Raise on a shape-changing difference; return notes on the allowed ones."""
+    for key in ARCHITECTURE_FIELDS:
+        if saved.get(key) != current.get(key):
+            raise CheckpointError(f"checkpoint {where} was saved with model.{key}={saved.get(key)}, but the config "
+                                  f"has {current.get(key)}")
+    return [f"model.{k}: {saved.get(k)} in the checkpoint, {current.get(k)} now"
+            for k in ("rope_theta", "max_position_embeddings", "rms_norm_eps") if saved.get(k) != current.get(k)]
+
+
+class Checkpointer:
+    def __init__(self, cfg, ctx, device: torch.device):
+        self.cfg, self.ctx = cfg, ctx
+        self.settings = cfg.checkpoint
+        self.run_dir = Path(self.settings.dir).expanduser() if self.settings.dir else None
+        # Checkpoint traffic gets its own gloo group: a background save must not interleave its collectives
+        # with the training step's on the same communicator, and gloo carries DCP's small planning messages.
+        group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        self.coll = Collective(group)
+        self.watcher = PreemptionWatcher(device)
+        self.watcher.install()
+        self._executor = ThreadPoolExecutor(1, "checkpoint") if self.settings.async_save else None
+        self._pending: Optional[Future] = None
+        self.last_saved_step: Optional[int] = None
+
+    def _log(self, msg: str) -> None:
+        if self.ctx.rank == 0:
+            print(f"checkpoint: {msg}", flush=True)
+
+    # ---- resume --------------------------------------------------------------------------------------
+
+    def _resume_source(self) -> Optional[Path]:
+        mode = self.settings.resume.strip()
+        if mode == "none":
+            return None
+        own = paths.find_checkpoint(self.run_dir) if self.run_dir is not None else None
+        if mode == "auto":
+            return own
+        requested = paths.resolve_checkpoint(Path(mode).expanduser())
+        inside_run = self.run_dir is not None and self.run_dir.resolve() in requested.resolve().parents
+        if own is not None and not inside_run:
+            self._log(f"{self.run_dir} already holds this run's checkpoints: continuing from {own.name} "
+                      f"instead of checkpoint.resume={mode}")
+            return own
+        return requested
+
+    def resume(self, model, optimizer) -> ResumeState:
+        source = self._resume_source()
+        if source is None:
+            return ResumeState(0, 0, None)
+        t0 = time.perf_counter()
+        saved = read_manifest(source)
+        for note in check_architecture(saved["config"]["model"], self.cfg.to_dict()["model"], source):
+            self._log(note)
+        manifest = load_training_state(source, model, optimizer, self.ctx, self.coll,
+                                       tied=bool(self.cfg.model.tie_word_embeddings))
+        restored = manifest["_restored"]
+        step = int(manifest["step"]) if restored["optimizer"] else 0
+        consumed = int(manifest.get("consumed_samples", 0)) if restored["optimizer"] else 0
+        own_run = self.run_dir is not None and source.parent.resolve() == self.run_dir.resolve()
+        self.last_saved_step = step if own_run else None  # never rewrite the step `latest` names
+        what = "weights, optimizer state" if restored["optimizer"] else "weights only (no optimizer state saved)"
+        rng = "RNG restored" if restored["rng"] else f"RNG freshly seeded (saved in layout {saved.get('layout')})"
+        self._log(f"resumed from {source} at step {step}: {what}, {consumed} samples consumed, {rng} "
+                  f"({time.perf_counter() - t0:.1f} s)")
+        return ResumeState(step, consumed, source)
+
+    # ---- save ----------------------------------------------------------------------------------------
+
+    def after_step(self, step: int, model, optimizer, loader) -> bool:
+        """Save when due; return True when the run was preempted (the checkpoint is then saved on all ranks)."""
+        stop = self.watcher.stop_requested()
+        last = step == self.cfg.train.train_steps
+        interval = self.settings.interval
+        if stop or last or (interval > 0 and step % interval == 0):
+            self.save(step, model, optimizer, loader, blocking=stop or last)
+        if stop:
+            saved = f"saved step {step}" if self.run_dir is not None else "checkpoint.dir is not set, nothing saved"
+            self._log(f"received {self.watcher.signal_name()}: {saved}; exiting for a requeue")
+        return stop
+
+    def save(self, step: int, model, optimizer, loader, blocking: bool = True) -> None:
+        if self.run_dir is None or step == self.last_saved_step:
+            return
+        self.wait()  # one save at a time
+        data_state = {**loader.state_dict(), **loader.stats(step)}
+        background = self._executor is not None and not blocking
+        snapshot = take_snapshot(step, model, optimizer, self.ctx, self.cfg.to_dict(), data_state,
+                                 stage=background)
+        self.last_saved_step = step
+        if background:
+            self._pending = self._executor.submit(self._write, snapshot)
+        else:
+            self._write(snapshot)
+
+    def _write(self, snapshot) -> None:
+        t0 = time.perf_counter()
+        folder = write_snapshot(snapshot, self.run_dir, self.coll, self.settings.keep_last)
+        self._log(f"saved step {snapshot.step} to {folder} ({time.perf_counter() - t0:.1f} s)")
+
+    def wait(self) -> None:
+        """Block until an asynchronous save has committed (re-raising its error, if any)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+            self.watcher.uninstall()

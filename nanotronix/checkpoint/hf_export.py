@@ -1,0 +1,185 @@
+"""Any nanotronix checkpoint -> a Hugging Face `LlamaForCausalLM` folder (what tools/convert_to_hf.py runs).
+
+Tensors stream from the checkpoint (one plain-model tensor at a time, whatever layout saved it) through
+`convert.hf_mapping.to_hf` into .safetensors shards, so memory stays bounded by the largest tensor. The folder is
+built under a hidden temp name and renamed into place at the end: an interrupted export leaves nothing that
+looks complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from nanotronix.checkpoint.errors import CheckpointError
+from nanotronix.checkpoint.reader import CheckpointReader
+from nanotronix.checkpoint.safetensors_stream import StreamingSafetensorsWriter, tensor_nbytes
+from nanotronix.convert.hf_mapping import hf_config_dict, to_hf
+from nanotronix.errors import UserError
+
+EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' save_pretrained default ("5GB")
+# Keys of an imported model's original config.json that the export recomputes rather than carries over.
+_RECOMPUTED = {"rope_parameters", "rope_scaling", "rope_theta", "dtype", "torch_dtype", "transformers_version",
+               "_name_or_path"}
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '2GiB' or a byte count -> bytes."""
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+    t = text.strip().upper()
+    for unit, factor in units.items():
+        if t.endswith(unit) and t[:-len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(t[:-len(unit)]) * factor)
+    if t.isdigit():
+        return int(t)
+    raise UserError(f"--max-shard-size: cannot read {text!r} (examples: 5GB, 500MB, 2GiB)")
+
+
+def plan_tensors(reader: CheckpointReader, dtype: torch.dtype) -> list[tuple[str, torch.Size, str]]:
+    """(HF name, shape, source parameter) for every exported tensor, in file order, without reading data:
+    the mapping runs on meta tensors."""
+    cfg = reader.model_config
+    plan = []
+    for name in reader.parameter_names:
+        for hf_name, t in to_hf(name, torch.empty(reader.shape(name), device="meta"), cfg):
+            plan.append((hf_name, t.shape, name))
+    return plan
+
+
+def split_shards(plan: list[tuple[str, torch.Size, str]], dtype: torch.dtype,
+                 max_bytes: int) -> list[list[tuple[str, torch.Size, str]]]:
+    shards: list[list] = [[]]
+    size = 0
+    for entry in plan:
+        n = tensor_nbytes(entry[1], dtype)
+        if shards[-1] and size + n > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += n
+    return shards
+
+
+def shard_file_names(count: int) -> list[str]:
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def write_tokenizer_files(spec: str, folder: Path, max_length: int) -> Any:
+    """Copy the run's tokenizer (tokenizer.json and, when beside it, its HF config files); return its info."""
+    from nanotronix.data import load_tokenizer
+
+    _, info = load_tokenizer(spec)
+    source = Path(info.file)
+    shutil.copyfile(source, folder / "tokenizer.json")
+    copied = False
+    for extra in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (source.parent / extra).is_file():
+            shutil.copyfile(source.parent / extra, folder / extra)
+            copied |= extra == "tokenizer_config.json"
+    if not copied:
+        eos = info.eos_token
+        (folder / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": eos, "eos_token": eos, "unk_token": eos,
+            "model_max_length": max_length, "clean_up_tokenization_spaces": False}, indent=2) + "\n")
+    return info
+
+
+def _transformers_version() -> Optional[str]:
+    try:
+        import transformers
+        return transformers.__version__
+    except ImportError:
+        return None
+
+
+def export_to_hf(checkpoint: str | os.PathLike, output: str | os.PathLike, dtype: str = "float32",
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, tokenizer: Optional[str] = None,
+                 overwrite: bool = False, progress: bool = True,
+                 log: Callable[[str], None] = print) -> Path:
+    if dtype not in EXPORT_DTYPES:
+        raise UserError(f"--dtype: {dtype!r} is not one of {', '.join(EXPORT_DTYPES)}")
+    output = Path(output)
+    if output.exists() and not (output.is_dir() and not any(output.iterdir())) and not overwrite:
+        raise UserError(f"output {output} already exists (remove it or pass --overwrite)")
+    reader = CheckpointReader(checkpoint)
+    cfg, manifest = reader.model_config, reader.manifest
+    torch_dtype = EXPORT_DTYPES[dtype]
+    source_hf = (manifest.get("source") or {}).get("hf") or {}
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    temp = output.parent / f".{output.name}.tmp-{os.getpid()}"
+    shutil.rmtree(temp, ignore_errors=True)
+    temp.mkdir()
+    try:
+        tokenizer_spec = tokenizer or (manifest["config"].get("data") or {}).get("tokenizer")
+        info = None
+        if tokenizer_spec:
+            try:
+                info = write_tokenizer_files(tokenizer_spec, temp, cfg.max_position_embeddings)
+            except UserError as e:
+                if tokenizer:  # asked for explicitly: an error; the run's own: export the model anyway
+                    raise
+                log(f"warning: tokenizer files not written ({e})")
+        _write_weights(reader, temp, torch_dtype, max_shard_bytes, progress)
+        eos = source_hf.get("config", {}).get("eos_token_id", info.eos_id if info else 0)
+        bos = source_hf.get("config", {}).get("bos_token_id", info.eos_id if info else 0)
+        config = hf_config_dict(cfg, eos_token_id=eos, bos_token_id=bos, torch_dtype=dtype)
+        for key, value in source_hf.get("config", {}).items():
+            if key not in config and key not in _RECOMPUTED:
+                config[key] = value  # fields of an imported model's config that nanotronix does not model
+        version = _transformers_version()
+        if version:
+            config["transformers_version"] = version
+        generation = source_hf.get("generation_config") or {"_from_model_config": True, "bos_token_id": bos,
+                                                            "eos_token_id": eos}
+        if version:
+            generation = {**generation, "transformers_version": version}
+        (temp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (temp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        if overwrite and output.exists():
+            shutil.rmtree(output) if output.is_dir() else output.unlink()
+        elif output.exists():
+            output.rmdir()  # empty
+        os.rename(temp, output)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    log(f"exported step {reader.step} of {reader.folder} to {output} ({dtype})")
+    return output
+
+
+def _write_weights(reader: CheckpointReader, folder: Path, dtype: torch.dtype, max_bytes: int,
+                   progress: bool) -> None:
+    from tqdm import tqdm
+
+    plan = plan_tensors(reader, dtype)
+    shards = split_shards(plan, dtype, max_bytes)
+    names = shard_file_names(len(shards))
+    total = sum(tensor_nbytes(shape, dtype) for _, shape, _ in plan)
+    cfg = reader.model_config
+    with tqdm(total=total, unit="B", unit_scale=True, desc="export", disable=not progress) as bar:
+        pending: list[tuple[str, torch.Tensor]] = []  # HF tensors of the source read last, not yet written
+        for shard, file_name in zip(shards, names):
+            writer = StreamingSafetensorsWriter(folder / file_name, [(n, s, dtype) for n, s, _ in shard],
+                                                {"format": "pt"})
+            for hf_name, _, source in shard:
+                if not pending or pending[0][0] != hf_name:
+                    tensor = reader.tensors([source])[source]
+                    pending = [(n, t.to(dtype)) for n, t in to_hf(source, tensor, cfg)]
+                name, tensor = pending.pop(0)
+                if name != hf_name:
+                    raise CheckpointError(f"export: expected {hf_name}, the mapping produced {name}")
+                writer.write(name, tensor)
+                bar.update(tensor.numel() * tensor.element_size())
+            writer.close()
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {n: file_name for shard, file_name in zip(shards, names) for n, _, _ in shard}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

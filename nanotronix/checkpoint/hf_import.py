@@ -1,0 +1,144 @@
+"""A Hugging Face Llama folder (SmolLM2 included) -> a nanotronix checkpoint to continue training from.
+
+The result is a run folder (`OUTPUT/step_0000000/` + `latest`) holding the weights in fp32, no optimizer state,
+step 0 and no consumed data, so `checkpoint.resume: OUTPUT` starts a run from the released weights (for example
+the 8k context-extension stage with `model.rope_theta: 130000`). The original config.json, generation config and
+tokenizer location are kept in the manifest so that exporting the checkpoint again returns the same folder.
+
+Memory stays bounded by one fused tensor: DCP plans the save on meta tensors and a planner reads each tensor from
+the safetensors files only when DCP writes it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+from nanotronix.checkpoint import manifest as mf
+from nanotronix.checkpoint import paths
+from nanotronix.checkpoint import state as st
+from nanotronix.checkpoint.reader import model_parameter_names
+from nanotronix.checkpoint.storage import Collective
+from nanotronix.config import Config
+from nanotronix.convert.hf_mapping import from_hf, model_config_from_hf
+from nanotronix.errors import UserError
+from nanotronix.model.rope import ROPE_LAYOUT
+
+
+class SafetensorsFolder:
+    """Lazy access to the tensors of model.safetensors or a sharded model.safetensors.index.json."""
+
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
+
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        elif (folder / "model.safetensors").is_file():
+            files = ["model.safetensors"]
+        elif any(folder.glob("*.bin")):
+            raise UserError(f"{folder}: only .bin (pickle) weights found; convert_from_hf reads .safetensors "
+                            "(re-save the model with safe_serialization=True)")
+        else:
+            raise UserError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+        self.handles = {}
+        self.location = {}
+        for name in files:
+            if not (folder / name).is_file():
+                raise UserError(f"{folder}: weight file {name} named in the index is missing")
+            handle = safe_open(str(folder / name), framework="pt")
+            self.handles[name] = handle
+            for key in handle.keys():
+                self.location[key] = name
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.location
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self.location:
+            raise KeyError(f"Hugging Face checkpoint lacks {key}")
+        return self.handles[self.location[key]].get_tensor(key)
+
+
+class _LazyPlanner(DefaultSavePlanner):
+    """Plans on meta tensors; produces each tensor's data only when DCP writes it."""
+
+    def __init__(self, produce: Callable[[str], torch.Tensor]):
+        super().__init__()
+        self.produce = produce
+
+    def lookup_object(self, index):
+        return self.produce(index.fqn)
+
+
+def import_from_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, overwrite: bool = False,
+                   log: Callable[[str], None] = print) -> Path:
+    hf_dir, output = Path(hf_dir), Path(output)
+    config_file = hf_dir / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"--hf: {hf_dir} has no config.json (expected a Hugging Face model folder)")
+    hf_config = json.loads(config_file.read_text())
+    try:
+        model_cfg = model_config_from_hf(hf_config)
+    except (KeyError, ValueError) as e:
+        raise UserError(f"--hf: {config_file}: {e}") from None
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise UserError(f"output {output} already exists and is not empty (remove it or pass --overwrite)")
+    source = SafetensorsFolder(hf_dir)
+    names = model_parameter_names(model_cfg)
+    if not model_cfg.tie_word_embeddings and "lm_head.weight" not in source:
+        raise UserError(f"--hf: {hf_dir} has untied embeddings but no lm_head.weight")
+
+    shapes = {n: t.shape for n, t in build_meta_state(model_cfg).items()}
+    state = {st.model_key(n): torch.empty(shapes[n], dtype=torch.float32, device="meta") for n in names}
+
+    def produce(key: str) -> torch.Tensor:
+        name = key[len(st.MODEL_PREFIX):]
+        return from_hf(name, lambda hf_name: source[hf_name].float(), model_cfg).contiguous()
+
+    config = Config(model=model_cfg).to_dict()
+    if (hf_dir / "tokenizer.json").is_file():
+        config["data"]["tokenizer"] = str(hf_dir.resolve())
+    generation_file = hf_dir / "generation_config.json"
+    manifest = {
+        "step": 0, "consumed_samples": 0, "data": {}, "config": config,
+        "layout": {"tp": 1, "pp": 1, "dp": 1, "world_size": 1}, "rope_layout": ROPE_LAYOUT,
+        "optimizer": False, "optimizer_step": 0, "torch_version": torch.__version__,
+        "source": {"hf": {"path": str(hf_dir.resolve()), "config": hf_config,
+                          "generation_config": json.loads(generation_file.read_text())
+                          if generation_file.is_file() else None}},
+    }
+    staging = output.parent / f".{output.name}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    temp = paths.temp_folder(staging, 0)
+    temp.mkdir(parents=True)
+    try:
+        import torch.distributed.checkpoint as dcp
+        from nanotronix.checkpoint.storage import _quiet_single_process
+
+        with _quiet_single_process():
+            dcp.save(state, storage_writer=dcp.FileSystemWriter(str(temp), sync_files=True),
+                     planner=_LazyPlanner(produce), no_dist=True)
+        manifest["files"] = mf.digest_files(temp, mf.list_files(temp))
+        mf.write_manifest(temp, manifest)
+        paths.commit_step(temp, staging, 0)
+        if output.exists():
+            shutil.rmtree(output)
+        os.rename(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log(f"imported {hf_dir} ({model_cfg.num_parameters() / 1e6:.1f}M parameters) as {output / 'step_0000000'}")
+    return output
+
+
+def build_meta_state(cfg) -> dict[str, Any]:
+    from nanotronix.model import build_model
+
+    return dict(build_model(cfg, device=torch.device("meta")).named_parameters())

@@ -1,0 +1,159 @@
+"""Where checkpoints live, how a step is committed, and which step a path means.
+
+A run's checkpoint folder holds one folder per committed step and a `latest` pointer:
+
+    CKPT_DIR/step_0000200/      complete: renamed into place only after every file in it was written and fsynced
+    CKPT_DIR/step_0000400/
+    CKPT_DIR/latest             "step_0000400\\n", replaced atomically after the rename
+    CKPT_DIR/.step_0000600.tmp/ a save in progress (or one killed mid-way); never read, removed by the next save
+
+The rename is the commit point, so a crash at any moment leaves every committed step intact and `latest`
+pointing at one of them. `keep_last` prunes only after a new step is committed and never removes the step that
+`latest` names.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Optional
+
+from nanotronix.checkpoint.errors import CheckpointError
+
+MANIFEST_NAME = "checkpoint.json"  # written last inside a step folder; its presence marks a complete step
+LATEST_NAME = "latest"
+_STEP_RE = re.compile(r"^step_(\d+)$")
+_TEMP_RE = re.compile(r"^\.step_(\d+)\.tmp$")
+
+
+def step_folder_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def temp_folder(run_dir: Path, step: int) -> Path:
+    return run_dir / f".{step_folder_name(step)}.tmp"
+
+
+def is_step_folder(path: Path) -> bool:
+    return (path / MANIFEST_NAME).is_file()
+
+
+def step_of(path: Path) -> Optional[int]:
+    match = _STEP_RE.match(path.name)
+    return int(match.group(1)) if match else None
+
+
+def committed_steps(run_dir: Path) -> list[Path]:
+    """Complete step folders of a run, oldest first."""
+    if not run_dir.is_dir():
+        return []
+    found = [p for p in run_dir.iterdir() if step_of(p) is not None and is_step_folder(p)]
+    return sorted(found, key=lambda p: step_of(p))
+
+
+def read_latest(run_dir: Path) -> Optional[Path]:
+    """The step folder that `latest` names, if the pointer exists and names a complete step."""
+    pointer = run_dir / LATEST_NAME
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text().strip()
+    target = run_dir / name
+    if step_of(target) is None or not is_step_folder(target):
+        return None
+    return target
+
+
+def find_checkpoint(path: str | os.PathLike) -> Optional[Path]:
+    """The step folder that a CKPT_DIR means, or None when it holds no complete checkpoint.
+
+    A step folder means itself; a run's checkpoint folder means the step `latest` points at, or the newest
+    complete step when the pointer is missing or stale (a crash between the rename and the pointer update).
+    """
+    path = Path(path)
+    if is_step_folder(path):
+        return path
+    if not path.is_dir():
+        return None
+    latest = read_latest(path)
+    if latest is not None:
+        return latest
+    steps = committed_steps(path)
+    return steps[-1] if steps else None
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """Like `find_checkpoint`, but a path without a complete checkpoint is an error naming it."""
+    found = find_checkpoint(path)
+    if found is not None:
+        return found
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.is_dir() and (step_of(path) is not None or any(path.glob("*.distcp"))):
+        raise CheckpointError(f"checkpoint {path} is incomplete: {MANIFEST_NAME} is missing "
+                              "(the save was interrupted)")
+    raise CheckpointError(f"no complete checkpoint in {path} (expected a step_NNNNNNN folder holding "
+                          f"{MANIFEST_NAME}, or a run folder containing such folders)")
+
+
+# --------------------------------------------------------------------------------------------------
+# durable file-system operations
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a folder's fsync makes renames inside it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_text_durably(path: Path, text: str) -> None:
+    """Replace `path` atomically: write a hidden temp file, fsync it, rename it, fsync the folder."""
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(temp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temp, path)
+    fsync_path(path.parent)
+
+
+def remove_stale_temps(run_dir: Path, keep: Optional[Path] = None) -> None:
+    """Delete the temp folders of saves that never committed (killed mid-way)."""
+    if not run_dir.is_dir():
+        return
+    for p in run_dir.iterdir():
+        if _TEMP_RE.match(p.name) and p != keep:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def commit_step(temp: Path, run_dir: Path, step: int) -> Path:
+    """Rename a fully written temp folder to its step folder, then point `latest` at it."""
+    final = run_dir / step_folder_name(step)
+    fsync_path(temp)
+    if final.exists():
+        # A step folder that `latest` does not name: left by a run that was later resumed from an older
+        # step and is now redoing this one. The caller never re-saves the step that `latest` names.
+        shutil.rmtree(final)
+    os.rename(temp, final)
+    fsync_path(run_dir)
+    write_text_durably(run_dir / LATEST_NAME, final.name + "\n")
+    return final
+
+
+def prune(run_dir: Path, keep_last: int) -> list[Path]:
+    """Remove all but the newest `keep_last` committed steps (0 keeps all); never the one `latest` names."""
+    if keep_last <= 0:
+        return []
+    latest = read_latest(run_dir)
+    steps = committed_steps(run_dir)
+    doomed = [p for p in steps[:-keep_last] if p != latest]
+    for p in doomed:
+        # Drop the manifest first: a prune interrupted half-way leaves an incomplete folder, never one
+        # that looks complete but lacks files.
+        (p / MANIFEST_NAME).unlink(missing_ok=True)
+        shutil.rmtree(p, ignore_errors=True)
+    return doomed

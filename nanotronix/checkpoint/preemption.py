@@ -1,0 +1,48 @@
+"""SIGTERM / SIGUSR1 -> "stop after this step": the preemption notice of Slurm, torchrun and cluster schedulers.
+
+The handler only sets a flag (nothing else is safe inside a signal handler). After each step every rank asks
+`stop_requested()`, which takes the maximum of the flag over all ranks: a signal that reached only some ranks
+(Slurm's `--signal` to one task, a user's `kill`) still stops all of them at the same step, so they all save
+that step and exit together.
+"""
+from __future__ import annotations
+
+import signal
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class PreemptionWatcher:
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.received: Optional[int] = None  # the signal number, once one arrived
+        self._previous = {}
+
+    def install(self) -> None:
+        for sig in PREEMPTION_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._on_signal)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.received is None:
+            self.received = signum
+
+    def stop_requested(self) -> bool:
+        """Collective when distributed: every rank must call it after every step."""
+        flag = self.received is not None
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            t = torch.tensor([int(flag)], dtype=torch.int32, device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = bool(t.item())
+        return flag
+
+    def signal_name(self) -> str:
+        return signal.Signals(self.received).name if self.received is not None else "a preemption signal"

@@ -1,0 +1,92 @@
+"""Single-process reading of any checkpoint, one logical tensor at a time (no torch.distributed needed).
+
+Used by the Hugging Face export and `nanotronix.evaluate`: DCP assembles each full plain-model tensor from
+whatever shards the saving layout wrote, and reads only the bytes of the tensors asked for, so memory stays
+bounded by the tensors in flight rather than the checkpoint size.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+import torch
+from torch import nn
+
+from nanotronix.checkpoint import manifest as mf
+from nanotronix.checkpoint import state as st
+from nanotronix.checkpoint import storage
+from nanotronix.checkpoint.errors import CheckpointError
+from nanotronix.checkpoint.paths import resolve_checkpoint
+from nanotronix.config import ModelConfig
+from nanotronix.model import build_model
+
+
+def model_config_from_saved(saved: dict, where: Path) -> ModelConfig:
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    try:
+        return ModelConfig(**{k: v for k, v in saved.items() if k in known})
+    except TypeError as e:
+        raise CheckpointError(f"checkpoint {where}: model config cannot be read ({e})") from None
+
+
+def model_parameter_names(cfg: ModelConfig) -> list[str]:
+    """The plain model's parameter names in definition order (the tied head appears once, as the embedding)."""
+    return [name for name, _ in build_model(cfg, device=torch.device("meta")).named_parameters()]
+
+
+class CheckpointReader:
+    def __init__(self, path: str | os.PathLike):
+        self.folder = resolve_checkpoint(path)
+        self.manifest = mf.read_manifest(self.folder)
+        mf.check_sizes(self.folder, self.manifest)
+        self.metadata = storage.dcp_metadata(self.folder)
+        self.model_config = model_config_from_saved(self.manifest["config"]["model"], self.folder)
+        self.parameter_names = model_parameter_names(self.model_config)
+        missing = [n for n in self.parameter_names if st.model_key(n) not in self.metadata.state_dict_metadata]
+        if missing:
+            raise CheckpointError(f"checkpoint {self.folder} lacks tensor {st.model_key(missing[0])}")
+        self._verified: set[str] = set()
+
+    @property
+    def step(self) -> int:
+        return int(self.manifest["step"])
+
+    def shape(self, name: str) -> torch.Size:
+        return torch.Size(self.metadata.state_dict_metadata[st.model_key(name)].size)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.metadata.state_dict_metadata[st.model_key(name)].properties.dtype
+
+    def verify(self, names: Iterable[str]) -> None:
+        """SHA-256 check of the files holding these tensors (each file once per reader)."""
+        keys = {st.model_key(n) for n in names}
+        files = storage.files_holding(self.metadata, keys) | {storage.DCP_METADATA}
+        todo = sorted(files - self._verified)
+        unlisted = [f for f in todo if f not in self.manifest["files"]]
+        if unlisted:
+            raise CheckpointError(f"checkpoint file missing from the manifest: {self.folder / unlisted[0]}")
+        mf.check_hashes(self.folder, self.manifest, todo)
+        self._verified.update(todo)
+
+    def tensors(self, names: list[str], dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+        """Full logical tensors (CPU) of the given parameter names."""
+        self.verify(names)
+        state = {st.model_key(n): torch.empty(self.shape(n), dtype=self.dtype(n)) for n in names}
+        storage.Collective(single_process=True).load(state, self.folder)
+        return {n: state[st.model_key(n)] if dtype is None else state[st.model_key(n)].to(dtype) for n in names}
+
+    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every parameter in model order, read one at a time."""
+        for name in self.parameter_names:
+            yield name, self.tensors([name])[name]
+
+    def load_into(self, model: nn.Module) -> None:
+        """Copy the weights into a plain model built from `self.model_config` (in place, tensor by tensor)."""
+        params = dict(model.named_parameters())
+        if set(params) != set(self.parameter_names):
+            raise CheckpointError(f"checkpoint {self.folder}: the model's parameters differ from the saved ones")
+        with torch.no_grad():
+            for name, tensor in self.iter_tensors():
+                params[name].copy_(tensor)

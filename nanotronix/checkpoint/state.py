@@ -1,0 +1,240 @@
+"""Model and optimizer state as a DCP state dict of LOGICAL plain-model tensors.
+
+Every entry is keyed by the plain model's parameter name and describes this rank's piece of the full tensor:
+
+    model.<fqn>                 the parameter (fp32 master weight)
+    optim.exp_avg.<fqn>         AdamW first moment
+    optim.exp_avg_sq.<fqn>      AdamW second moment
+
+A tensor-parallel shard (`param.tp_shard_dim = d`: the tensor is split over TP into equal contiguous chunks
+along d, rank r holding chunk r) is wrapped as a DTensor on a 1-D mesh over the TP group, which tells DCP where
+the chunk sits in the logical tensor. Replicated tensors are plain tensors. DCP writes each distinct chunk once
+(data-parallel replicas and TP-replicated norms dedupe) and on load reads whatever stored chunks overlap each
+rank's piece, so a checkpoint written in any TP x PP x DP reloads in any other. A pipeline stage simply lacks
+the names it does not own.
+
+Tied embeddings: `lm_head.weight` IS `embed_tokens.weight`. It is stored once, under `embed_tokens.weight`; a
+last pipeline stage holding its own copy of the head loads it from that key.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+MODEL_PREFIX = "model."
+MOMENTS = ("exp_avg", "exp_avg_sq")
+TIED_HEAD, EMBEDDING = "lm_head.weight", "embed_tokens.weight"
+
+
+def model_key(fqn: str) -> str:
+    return MODEL_PREFIX + fqn
+
+
+def optim_key(moment: str, fqn: str) -> str:
+    return f"optim.{moment}.{fqn}"
+
+
+@dataclass
+class LocalPiece:
+    """This rank's piece of one logical tensor."""
+    tensor: torch.Tensor
+    shard_dim: Optional[int]  # None: the whole tensor (replicated or unsharded)
+
+
+def shard_dim_of(param: torch.Tensor, tp: int) -> Optional[int]:
+    return getattr(param, "tp_shard_dim", None) if tp > 1 else None
+
+
+def stored_name(fqn: str, tied: bool) -> str:
+    return EMBEDDING if tied and fqn == TIED_HEAD else fqn
+
+
+# --------------------------------------------------------------------------------------------------
+# optimizer access
+
+
+class OptimizerStateAccess(Protocol):
+    """What the checkpoint needs from an optimizer; `nanotronix.parallel.DistributedOptimizer` implements it."""
+
+    step_count: int  # optimizer steps taken (AdamW's bias-correction step)
+
+    def param_states(self) -> dict[str, dict[str, torch.Tensor]]: ...  # {fqn: {"exp_avg", "exp_avg_sq"}}
+
+    def load_param_states(self, states: dict[str, dict[str, torch.Tensor]], step_count: int) -> None: ...
+
+
+class TorchAdamWAccess:
+    """`OptimizerStateAccess` for a single-process torch.optim.AdamW (or apex FusedAdam) over a plain model.
+
+    The moments live in `optimizer.state[param]`; names come from the model. Loading creates the state the
+    optimizer would have after `step_count` updates, so the next update is bit-identical to an uninterrupted run.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module):
+        self.optimizer = optimizer
+        self.names = {id(p): name for name, p in model.named_parameters()}
+
+    def _params(self):
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                yield group, p
+
+    @property
+    def step_count(self) -> int:
+        for group, p in self._params():
+            state = self.optimizer.state.get(p)
+            if state and "step" in state:
+                return int(state["step"])
+            if "step" in group:  # apex FusedAdam counts per group
+                return int(group["step"])
+        return 0
+
+    def param_states(self) -> dict[str, dict[str, torch.Tensor]]:
+        out = {}
+        for _, p in self._params():
+            state = self.optimizer.state.get(p)
+            if state and "exp_avg" in state:
+                out[self.names[id(p)]] = {m: state[m] for m in MOMENTS}
+        return out
+
+    def load_param_states(self, states: dict[str, dict[str, torch.Tensor]], step_count: int) -> None:
+        taken: set[int] = set()  # one buffer may serve two parameters (a tied head beside its embedding)
+        for group, p in self._params():
+            name = self.names[id(p)]
+            if name not in states:
+                continue
+            on_device = group.get("fused") or group.get("capturable")  # where torch's AdamW keeps `step`
+            state = self.optimizer.state[p]
+            state["step"] = torch.tensor(float(step_count), dtype=torch.float32,
+                                         device=p.device if on_device else "cpu")
+            for m in MOMENTS:
+                src = states[name][m]
+                state[m] = src.to(device=p.device, dtype=p.dtype, copy=id(src) in taken).contiguous()
+                taken.add(id(src))
+            if "step" in group:
+                group["step"] = step_count
+
+
+def optimizer_access(optimizer: Any, model: nn.Module) -> Any:
+    if hasattr(optimizer, "param_states") and hasattr(optimizer, "load_param_states"):
+        return optimizer
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return TorchAdamWAccess(optimizer, model)
+    raise TypeError(f"cannot checkpoint optimizer {type(optimizer).__name__}: it needs param_states() and "
+                    "load_param_states()")
+
+
+# --------------------------------------------------------------------------------------------------
+# collecting pieces (save) and targets (load)
+
+
+def model_pieces(model: nn.Module, tp: int, tied: bool) -> dict[str, LocalPiece]:
+    """Checkpoint key -> this rank's piece, for every parameter this rank owns (the tied head excluded)."""
+    out = {}
+    for fqn, p in model.named_parameters():
+        if tied and fqn == TIED_HEAD:
+            continue  # stored once, as embed_tokens.weight, by the rank(s) holding the embedding
+        out[model_key(fqn)] = LocalPiece(p.detach(), shard_dim_of(p, tp))
+    return out
+
+
+def optimizer_pieces(access: Any, model: nn.Module, tp: int, tied: bool) -> dict[str, LocalPiece]:
+    params = dict(model.named_parameters())
+    out = {}
+    for fqn, moments in access.param_states().items():
+        if tied and fqn == TIED_HEAD:
+            continue
+        dim = shard_dim_of(params[fqn], tp)
+        for m in MOMENTS:
+            out[optim_key(m, fqn)] = LocalPiece(moments[m].detach(), dim)
+    return out
+
+
+def stage_to_cpu(pieces: dict[str, LocalPiece]) -> dict[str, LocalPiece]:
+    """Private CPU copies, so a background save can write them while training changes the originals."""
+    return {k: LocalPiece(v.tensor.to("cpu", copy=True), v.shard_dim) for k, v in pieces.items()}
+
+
+class TensorParallelMeshes:
+    """1-D DeviceMeshes over this rank's TP group (one per device type), built without collectives."""
+
+    def __init__(self, tp_group: Optional[dist.ProcessGroup], tp: int):
+        self.tp_group, self.tp = tp_group, tp
+        self._meshes: dict[str, Any] = {}
+
+    def get(self, device_type: str):
+        if device_type not in self._meshes:
+            from torch.distributed.device_mesh import DeviceMesh
+
+            if self.tp_group is None:
+                raise RuntimeError("tensor-parallel shards need the TP process group")
+            self._meshes[device_type] = DeviceMesh.from_group(self.tp_group, device_type)
+        return self._meshes[device_type]
+
+
+def logical_shape(piece: LocalPiece, tp: int) -> torch.Size:
+    shape = list(piece.tensor.shape)
+    if piece.shard_dim is not None:
+        shape[piece.shard_dim] *= tp
+    return torch.Size(shape)
+
+
+def to_dcp(pieces: dict[str, LocalPiece], meshes: TensorParallelMeshes) -> dict[str, Any]:
+    """Wrap TP shards as DTensors (views: loading into them writes the original storage)."""
+    out: dict[str, Any] = {}
+    for key, piece in pieces.items():
+        if piece.shard_dim is None:
+            out[key] = piece.tensor
+            continue
+        from torch.distributed.tensor import DTensor, Shard
+
+        shape = logical_shape(piece, meshes.tp)
+        stride = torch.empty(shape, device="meta").stride()
+        out[key] = DTensor.from_local(piece.tensor, meshes.get(piece.tensor.device.type),
+                                      [Shard(piece.shard_dim)], run_check=False, shape=shape, stride=stride)
+    return out
+
+
+@dataclass
+class LoadTargets:
+    """Where a load writes: checkpoint key -> piece (views of parameters, or fresh moment buffers)."""
+    pieces: dict[str, LocalPiece]
+    head_copies: list[torch.Tensor]  # tied-head parameters to fill from the loaded embedding on this rank
+    moments: dict[str, dict[str, torch.Tensor]]  # fqn -> {moment: buffer}, handed to load_param_states
+
+
+def model_targets(model: nn.Module, tp: int, tied: bool) -> LoadTargets:
+    pieces: dict[str, LocalPiece] = {}
+    head_copies = []
+    params = list(model.named_parameters())
+    owns_embedding = any(fqn == EMBEDDING for fqn, _ in params)
+    for fqn, p in params:
+        if tied and fqn == TIED_HEAD and owns_embedding:
+            head_copies.append(p.detach())  # a separate copy beside the embedding: filled after the load
+            continue
+        pieces[model_key(stored_name(fqn, tied))] = LocalPiece(p.detach(), shard_dim_of(p, tp))
+    return LoadTargets(pieces, head_copies, {})
+
+
+def add_optimizer_targets(targets: LoadTargets, model: nn.Module, tp: int, tied: bool,
+                          stored_dtype) -> None:
+    """Fresh buffers (TP-local shape) for every trainable parameter's moments; `stored_dtype(key)` gives the
+    dtype the checkpoint holds them in."""
+    for fqn, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        name = stored_name(fqn, tied)
+        buffers = {}
+        for m in MOMENTS:
+            key = optim_key(m, name)
+            buffers[m] = torch.empty(p.shape, dtype=stored_dtype(key), device=p.device)
+            if key in targets.pieces:
+                # The same stored tensor twice on one rank (tied head beside its embedding): load once.
+                buffers[m] = targets.pieces[key].tensor
+            else:
+                targets.pieces[key] = LocalPiece(buffers[m], shard_dim_of(p, tp))
+        targets.moments[fqn] = buffers

@@ -1,0 +1,160 @@
+"""Writing and reading one step folder with torch.distributed.checkpoint (DCP), collectively over a group.
+
+write_step: every rank writes its (deduplicated) pieces and its RNG file into `.step_N.tmp/`, hashes the files
+it wrote, and sends the hashes to rank 0, which writes `checkpoint.json`, renames the folder into place, moves
+`latest` and prunes. Nothing outside the temp folder changes before the rename, so a crash at any moment leaves
+the previous checkpoint intact.
+
+read_step: every rank checks the manifest and the sizes of all files, the ranks share the work of hashing the
+files the load will read, and only then DCP reads each rank's pieces into its targets (in place).
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from nanotronix.checkpoint import manifest as mf
+from nanotronix.checkpoint import paths
+from nanotronix.checkpoint.errors import CheckpointError
+
+DCP_METADATA = ".metadata"
+
+
+class Collective:
+    """The group a save or load runs over; a plain process (no torch.distributed) is a group of one."""
+
+    def __init__(self, group: Optional[dist.ProcessGroup] = None, single_process: bool = False):
+        self.distributed = dist.is_initialized() and not single_process
+        self.group = group
+        self.rank = dist.get_rank(group) if self.distributed else 0
+        self.size = dist.get_world_size(group) if self.distributed else 1
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier(group=self.group)
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        if not self.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def broadcast(self, obj: Any) -> Any:
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, 0) if self.group else 0,
+                                   group=self.group)
+        return box[0]
+
+    def save(self, state: dict[str, Any], folder: Path) -> None:
+        with self._quiet():
+            dcp.save(state, storage_writer=dcp.FileSystemWriter(str(folder), sync_files=True), **self._kwargs())
+
+    def load(self, state: dict[str, Any], folder: Path) -> None:
+        with self._quiet():
+            dcp.load(state, storage_reader=dcp.FileSystemReader(str(folder)), **self._kwargs())
+
+    def _quiet(self):
+        return contextlib.nullcontext() if self.distributed else _quiet_single_process()
+
+    def _kwargs(self) -> dict[str, Any]:
+        return {"process_group": self.group} if self.distributed else {"no_dist": True}
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns on every single-process call that it "assumes" one: here that is the intent, not a guess."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
+
+
+def write_step(run_dir: Path, step: int, state: dict[str, Any], manifest: dict[str, Any],
+               rng_state: dict[str, Any], global_rank: int, coll: Collective, keep_last: int) -> Path:
+    """Save `state` (a DCP state dict) as step `step` of `run_dir`; every rank of `coll` calls this."""
+    from nanotronix.checkpoint.rng import save_rng
+
+    temp = paths.temp_folder(run_dir, step)
+    error = None
+    if coll.rank == 0:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            paths.remove_stale_temps(run_dir)
+            temp.mkdir()
+        except OSError as e:
+            error = f"cannot create checkpoint folder {temp}: {e}"
+    error = coll.broadcast(error)
+    if error:
+        raise CheckpointError(error)
+
+    coll.save(state, temp)
+    written = [save_rng(temp, global_rank, rng_state)]
+    written += [name for name in mf.list_files(temp) if name.startswith(f"__{coll.rank}_")]
+    digests = coll.all_gather(mf.digest_files(temp, written))
+    if coll.rank == 0:
+        try:
+            files: dict[str, Any] = {}
+            for d in digests:
+                files.update(d)
+            unclaimed = [name for name in mf.list_files(temp) if name not in files]  # .metadata, any others
+            files.update(mf.digest_files(temp, unclaimed))
+            mf.write_manifest(temp, {**manifest, "files": dict(sorted(files.items())), "saved_at": time.time()})
+            paths.commit_step(temp, run_dir, step)
+            paths.prune(run_dir, keep_last)
+        except OSError as e:
+            error = f"cannot commit checkpoint {temp}: {e}"
+    # Also a barrier: nobody returns (and maybe exits) before the commit is durable.
+    error = coll.broadcast(error)
+    if error:
+        raise CheckpointError(error)
+    return run_dir / paths.step_folder_name(step)
+
+
+def dcp_metadata(folder: Path):
+    try:
+        return dcp.FileSystemReader(str(folder)).read_metadata()
+    except Exception as e:  # the size/hash checks normally catch damage first
+        raise CheckpointError(f"checkpoint file damaged: {folder / DCP_METADATA} cannot be read "
+                              f"({type(e).__name__})") from None
+
+
+def files_holding(metadata, keys: set[str]) -> set[str]:
+    """The data files DCP will read for `keys` (all data files if the storage layout is not the known one)."""
+    storage = getattr(metadata, "storage_data", None)
+    if not isinstance(storage, dict):
+        return set()
+    return {info.relative_path for index, info in storage.items() if index.fqn in keys}
+
+
+def verify_step(folder: Path, manifest: dict[str, Any], keys: set[str], extra_files: list[str],
+                coll: Collective) -> None:
+    """Sizes of all files, then SHA-256 of the files this load reads, the hashing split over the ranks."""
+    mf.check_sizes(folder, manifest)
+    needed = files_holding(dcp_metadata(folder), keys) | set(extra_files) | {DCP_METADATA}
+    if needed == set(extra_files) | {DCP_METADATA}:
+        needed = set(manifest["files"])  # unknown storage layout: check everything
+    everyone = sorted(set().union(*coll.all_gather(sorted(needed))))
+    unlisted = [name for name in everyone if name not in manifest["files"]]
+    mine = [name for i, name in enumerate(everyone) if i % coll.size == coll.rank and name in manifest["files"]]
+    error = f"checkpoint file missing from {paths.MANIFEST_NAME}: {folder / unlisted[0]}" if unlisted else None
+    if error is None:
+        try:
+            mf.check_hashes(folder, manifest, mine)
+        except CheckpointError as e:
+            error = str(e)
+    errors = [e for e in coll.all_gather(error) if e]
+    if errors:
+        raise CheckpointError(errors[0])
+
+
+def read_step(folder: Path, state: dict[str, Any], coll: Collective) -> None:
+    """Fill `state` (a DCP state dict of targets) from the step folder."""
+    coll.load(state, folder)

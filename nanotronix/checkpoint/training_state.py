@@ -1,0 +1,111 @@
+"""A training run's whole resumable state: weights, AdamW moments, step, data position, RNG, config, layout.
+
+`take_snapshot` (main thread, between steps) collects this rank's pieces, copying them to CPU when the save is
+asynchronous; `write_snapshot` writes them (in the main thread or a background one); `load_training_state`
+puts a checkpoint back into a model and optimizer of any layout.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from nanotronix.checkpoint import manifest as mf
+from nanotronix.checkpoint import state as st
+from nanotronix.checkpoint import storage
+from nanotronix.checkpoint.errors import CheckpointError
+from nanotronix.checkpoint.rng import capture_rng, load_rng, restore_rng, rng_file
+from nanotronix.model.rope import ROPE_LAYOUT
+
+
+def layout_of(ctx) -> dict[str, int]:
+    return {"tp": ctx.tp, "pp": ctx.pp, "dp": ctx.dp, "world_size": ctx.world_size}
+
+
+@dataclass
+class Snapshot:
+    step: int
+    pieces: dict[str, st.LocalPiece]
+    rng: dict[str, Any]
+    manifest: dict[str, Any]
+    global_rank: int
+    meshes: st.TensorParallelMeshes = field(repr=False)
+
+
+def take_snapshot(step: int, model, optimizer, ctx, config: dict[str, Any], data_state: dict[str, Any],
+                  stage: bool) -> Snapshot:
+    """This rank's state after `step`; `data_state` holds consumed_samples and per-dataset consumption."""
+    tied = bool(config["model"]["tie_word_embeddings"])
+    access = st.optimizer_access(optimizer, model)
+    pieces = st.model_pieces(model, ctx.tp, tied)
+    pieces.update(st.optimizer_pieces(access, model, ctx.tp, tied))
+    if stage:
+        pieces = st.stage_to_cpu(pieces)
+    optimizer_step = getattr(access, "step_count", None)
+    manifest = {
+        "step": step,
+        "consumed_samples": int(data_state.get("consumed_samples", 0)),
+        "data": data_state,
+        "config": config,
+        "layout": layout_of(ctx),
+        "rope_layout": ROPE_LAYOUT,
+        "optimizer": True,
+        "optimizer_step": step if optimizer_step is None else int(optimizer_step),
+        "torch_version": torch.__version__,
+    }
+    return Snapshot(step, pieces, capture_rng(), manifest, ctx.rank, st.TensorParallelMeshes(ctx.tp_group, ctx.tp))
+
+
+def write_snapshot(snapshot: Snapshot, run_dir: Path, coll: storage.Collective, keep_last: int) -> Path:
+    return storage.write_step(run_dir, snapshot.step, st.to_dcp(snapshot.pieces, snapshot.meshes),
+                              snapshot.manifest, snapshot.rng, snapshot.global_rank, coll, keep_last)
+
+
+def _check_shapes(folder: Path, metadata, pieces: dict[str, st.LocalPiece], tp: int) -> None:
+    stored = metadata.state_dict_metadata
+    for key, piece in pieces.items():
+        if key not in stored:
+            raise CheckpointError(f"checkpoint {folder} has no tensor {key} (saved from a different model?)")
+        want, have = st.logical_shape(piece, tp), torch.Size(stored[key].size)
+        if want != have:
+            raise CheckpointError(f"checkpoint {folder} holds {key} of shape {tuple(have)}, but this model's is "
+                                  f"{tuple(want)}: the model config differs from the saved one")
+
+
+def load_training_state(folder: Path, model, optimizer: Optional[Any], ctx, coll: storage.Collective,
+                        tied: bool, restore_rng_state: bool = True) -> dict[str, Any]:
+    """Load weights (and, when the checkpoint has them and `optimizer` is given, AdamW moments and step count)
+    into this rank's model/optimizer, whatever layout saved them; return the manifest."""
+    manifest = mf.read_manifest(folder)
+    metadata = storage.dcp_metadata(folder)
+    targets = st.model_targets(model, ctx.tp, tied)
+    with_optimizer = optimizer is not None and manifest.get("optimizer", False)
+    if with_optimizer:
+        dtypes = metadata.state_dict_metadata
+
+        def stored_dtype(key: str) -> torch.dtype:
+            if key not in dtypes:
+                raise CheckpointError(f"checkpoint {folder} has no tensor {key} (saved from a different model?)")
+            return dtypes[key].properties.dtype
+
+        st.add_optimizer_targets(targets, model, ctx.tp, tied, stored_dtype)
+    _check_shapes(folder, metadata, targets.pieces, ctx.tp)
+    same_layout = manifest.get("layout") == layout_of(ctx)
+    restore = restore_rng_state and same_layout and rng_file(folder, ctx.rank).is_file()
+    extra = [rng_file(folder, ctx.rank).relative_to(folder).as_posix()] if restore else []
+    storage.verify_step(folder, manifest, set(targets.pieces), extra, coll)
+
+    meshes = st.TensorParallelMeshes(ctx.tp_group, ctx.tp)
+    storage.read_step(folder, st.to_dcp(targets.pieces, meshes), coll)
+    embedding = targets.pieces.get(st.model_key(st.EMBEDDING))
+    for head in targets.head_copies:
+        head.copy_(embedding.tensor)
+    if with_optimizer:
+        access = st.optimizer_access(optimizer, model)
+        access.load_param_states(targets.moments, int(manifest.get("optimizer_step", manifest["step"])))
+    if restore:
+        restore_rng(load_rng(folder, ctx.rank))
+    manifest["_restored"] = {"optimizer": with_optimizer, "rng": restore}
+    return manifest

@@ -1,0 +1,179 @@
+"""Optional zarr v3 token store: chunked, zstd-compressed, readable from any fsspec URL (s3://, gs://,
+file://, memory://), for corpora kept in object storage.
+
+Layout of `NAME.zarr` (a zarr v3 group):
+- `tokens`: 1-D array of all documents' tokens (uint16 when the vocabulary fits, else int32), sharded in
+  2^20-token shards of 2^14-token zstd chunks, so a random 2049-token window decodes ~16K tokens, not 1M;
+- `document_ends`: 1-D int64, exclusive end offset of each document in `tokens` (as datatrove's .ds.index);
+- group attributes: the sidecar (tokenizer, counts, inputs, skipped records).
+The writer appends in whole shards (bounded memory) into a hidden temporary folder renamed at the end.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from .errors import DataError
+from .files import commit, remove_quietly, temp_path
+from .store import TokenStore
+
+SHARD = 1 << 20
+INNER_CHUNK = 1 << 14
+_READ_CHUNK = 1 << 22
+
+
+def zarr_output_path(prefix: str) -> str:
+    return prefix if prefix.endswith(".zarr") else f"{prefix}.zarr"
+
+
+def zarr_path(spec: str) -> Optional[str]:
+    """The zarr store that `spec` names (local folder, `spec.zarr`, or a URL), or None."""
+    if "://" in spec:
+        return spec
+    for candidate in (spec, f"{spec}.zarr"):
+        if Path(candidate, "zarr.json").is_file():
+            return candidate
+    return None
+
+
+def _codecs():
+    from zarr.codecs import ZstdCodec
+    return ZstdCodec(level=3)
+
+
+class _AppendBuffer:
+    """Appends to a 1-D zarr array in whole `block`-sized pieces."""
+
+    def __init__(self, array, block: int):
+        self.array, self.block = array, block
+        self.parts: list[np.ndarray] = []
+        self.buffered = 0
+        self.written = 0
+
+    def append(self, values: np.ndarray) -> None:
+        self.parts.append(values)
+        self.buffered += len(values)
+        if self.buffered >= self.block:
+            self.flush(whole_blocks_only=True)
+
+    def flush(self, whole_blocks_only: bool = False) -> None:
+        if not self.parts:
+            return
+        data = np.concatenate(self.parts)
+        n = (len(data) // self.block) * self.block if whole_blocks_only else len(data)
+        if n:
+            self.array.resize((self.written + n,))
+            self.array[self.written:self.written + n] = data[:n]
+            self.written += n
+        rest = data[n:]
+        self.parts = [rest] if len(rest) else []
+        self.buffered = len(rest)
+
+
+class ZarrWriter:
+    def __init__(self, path: str, dtype: np.dtype):
+        import zarr
+        if "://" in path:
+            raise DataError(f"--format zarr writes a local folder; got the URL {path} (copy it there afterwards)")
+        self.path = path
+        self.dtype = np.dtype(dtype)
+        self._tmp = temp_path(path)
+        remove_quietly(self._tmp)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._group = zarr.open_group(str(self._tmp), mode="w")
+        tokens = self._group.create_array("tokens", shape=(0,), dtype=self.dtype, chunks=(INNER_CHUNK,),
+                                          shards=(SHARD,), compressors=_codecs())
+        ends = self._group.create_array("document_ends", shape=(0,), dtype=np.int64, chunks=(SHARD,),
+                                        compressors=_codecs())
+        self._tokens = _AppendBuffer(tokens, SHARD)
+        self._ends = _AppendBuffer(ends, SHARD)
+        self.num_documents = 0
+        self.num_tokens = 0
+
+    def add_documents(self, flat_tokens: np.ndarray, lengths: np.ndarray) -> None:
+        lengths = np.asarray(lengths, dtype=np.int64)
+        self._tokens.append(np.asarray(flat_tokens, dtype=self.dtype))
+        self._ends.append(self.num_tokens + np.cumsum(lengths))
+        self.num_documents += len(lengths)
+        self.num_tokens += len(flat_tokens)
+
+    def finalize(self, sidecar: Optional[dict[str, Any]] = None) -> None:
+        self._tokens.flush()
+        self._ends.flush()
+        self._group.attrs.update(dict(sidecar or {}, format="zarr"))
+        commit(self._tmp, self.path)
+
+    def abort(self) -> None:
+        remove_quietly(self._tmp)
+
+
+class ZarrStore(TokenStore):
+    format = "zarr"
+
+    def __init__(self, location: str):
+        super().__init__(location)
+        import zarr
+        try:
+            group = zarr.open_group(location, mode="r")
+            self._tokens = group["tokens"]
+            self._ends = group["document_ends"]
+        except Exception as e:  # zarr/fsspec raise many kinds: missing store, missing array, no network
+            raise DataError(f"token store not found or not a nanotronix zarr store: {location} "
+                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        self.metadata = group.attrs.asdict()
+        n = self._ends.shape[0]
+        self._num_tokens = int(self._ends[n - 1]) if n else 0
+        if self._tokens.shape[0] != self._num_tokens:
+            raise DataError(f"{location}: tokens array holds {self._tokens.shape[0]} tokens, document_ends "
+                            f"says {self._num_tokens}")
+
+    @property
+    def num_documents(self) -> int:
+        return self._ends.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self._num_tokens
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self._tokens.dtype)
+
+    def document(self, i: int) -> np.ndarray:
+        i = self._check_document(i)
+        lo = int(self._ends[i - 1]) if i else 0
+        return np.asarray(self._tokens[lo:int(self._ends[i])])
+
+    def document_lengths(self, start: int = 0, stop: Optional[int] = None) -> np.ndarray:
+        stop = self.num_documents if stop is None else min(stop, self.num_documents)
+        if start >= stop:
+            return np.zeros(0, np.int64)
+        ends = np.asarray(self._ends[max(start - 1, 0):stop], dtype=np.int64)
+        return np.diff(ends) if start else np.diff(np.concatenate([[0], ends]))
+
+    def tokens(self, start: int, length: int) -> np.ndarray:
+        self._check_range(start, length)
+        return np.asarray(self._tokens[start:start + length])
+
+    def gather(self, positions: np.ndarray) -> np.ndarray:
+        positions = np.asarray(positions, dtype=np.int64)
+        if not len(positions):
+            return np.zeros(0, np.int64)
+        lo, hi = int(positions.min()), int(positions.max()) + 1
+        if hi - lo <= _READ_CHUNK:
+            return np.asarray(self._tokens[lo:hi], dtype=np.int64)[positions - lo]
+        return np.asarray(self._tokens.get_coordinate_selection(positions), dtype=np.int64)
+
+    def verify(self, progress: bool = False) -> None:
+        from .verify import check_tokens_and_sidecar
+        previous = 0
+        for lo in range(0, self.num_documents, _READ_CHUNK):
+            ends = np.asarray(self._ends[lo:lo + _READ_CHUNK], dtype=np.int64)
+            steps = np.diff(np.concatenate([[previous], ends]))
+            if np.any(steps < 0):
+                raise DataError(f"{self.path}: document end {lo + int(np.argmin(steps))} goes backwards")
+            previous = int(ends[-1])
+        check_tokens_and_sidecar(self, progress)

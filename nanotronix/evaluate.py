@@ -1,0 +1,88 @@
+"""`python -m nanotronix.evaluate --checkpoint CKPT_DIR --data PREFIX --seq-len L --num-samples K [--json]`
+
+The mean next-token loss of a checkpoint over the first K windows of a token store, window i being tokens
+[i*L, i*L + L + 1) of the store's concatenated token stream (no shuffling, no document masking): inputs are its
+first L tokens, targets its last L. Every window has L targets, so the result is the mean over all K*L targets,
+a number any other implementation (e.g. transformers on the exported model) can recompute exactly.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import torch
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m nanotronix.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a step folder or a run's checkpoint folder")
+    p.add_argument("--data", required=True, help="token store (Megatron prefix, datatrove .ds, zarr)")
+    p.add_argument("--seq-len", type=int, required=True, help="L: input tokens per window")
+    p.add_argument("--num-samples", type=int, required=True, help="K: number of windows")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: cuda if available")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return p.parse_args(argv)
+
+
+def evaluate(checkpoint: str, data: str, seq_len: int, num_samples: int, batch_size: int = 8,
+             device: str = "auto") -> dict[str, Any]:
+    from nanotronix.checkpoint.reader import CheckpointReader
+    from nanotronix.data import open_store
+    from nanotronix.errors import UserError
+    from nanotronix.model import build_model
+
+    for name, value in (("--seq-len", seq_len), ("--num-samples", num_samples), ("--batch-size", batch_size)):
+        if value < 1:
+            raise UserError(f"{name}: must be >= 1, got {value}")
+    store = open_store(data)
+    needed = num_samples * seq_len + 1
+    if needed > store.num_tokens:
+        raise UserError(f"--num-samples: {num_samples} windows of {seq_len} tokens need {needed} tokens, the store "
+                        f"{data} has {store.num_tokens}")
+    reader = CheckpointReader(checkpoint)
+    cfg = reader.model_config
+    dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+    model = build_model(cfg, attn_backend="sdpa", device=dev)
+    reader.load_into(model)
+    model.eval()
+
+    total = torch.zeros((), dtype=torch.float64)
+    with torch.no_grad():
+        for first in range(0, num_samples, batch_size):
+            rows = range(first, min(first + batch_size, num_samples))
+            windows = torch.stack([torch.from_numpy(store.tokens(i * seq_len, seq_len + 1).astype("int64"))
+                                   for i in rows]).to(dev)
+            top = int(windows.max())
+            if top >= cfg.vocab_size:
+                raise UserError(f"--data: token id {top} is outside the model's vocabulary ({cfg.vocab_size})")
+            logits = model(windows[:, :-1]).float()
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten(), reduction="sum")
+            total += loss.double().cpu()
+    tokens = num_samples * seq_len
+    return {"loss": (total / tokens).item(), "checkpoint": str(reader.folder), "step": reader.step, "data": data,
+            "seq_len": seq_len, "num_samples": num_samples, "tokens": tokens}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from nanotronix.errors import UserError
+
+    try:
+        result = evaluate(args.checkpoint, args.data, args.seq_len, args.num_samples, args.batch_size, args.device)
+    except (UserError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"loss {result['loss']:.6f} over {result['num_samples']} windows x {result['seq_len']} tokens "
+              f"({result['checkpoint']}, step {result['step']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

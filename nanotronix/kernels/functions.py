@@ -1,0 +1,118 @@
+"""Autograd functions around the fused ops: add + RMSNorm, RoPE fused with the QKV split, SwiGLU.
+
+Each op runs the compiled CUDA kernel (nanotronix._kernels, built from csrc/ by setup.py; probed in accel.py)
+when its inputs are on CUDA and the extension is built, and the pure-PyTorch twin in `reference.py` otherwise.
+Both implement the same forward and backward formulas, so the same Functions are tested on CPU (twin vs
+autograd of the plain model) and on the GPU (kernel vs twin).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from nanotronix import accel
+from nanotronix.kernels import reference
+
+# Widest row the kernels keep in shared memory (3 fp32 rows in the backward must fit in 48 KB).
+_MAX_NORM_COLS = 4000
+
+
+def _impl(t: torch.Tensor, cols: Optional[int] = None):
+    """The compiled module when it can take `t`, else the PyTorch twin."""
+    ext = accel.compiled_kernels()
+    if ext is None or not t.is_cuda or t.dtype not in (torch.float32, torch.bfloat16):
+        return reference
+    if cols is not None and cols > _MAX_NORM_COLS:
+        return reference
+    return ext
+
+
+def _out_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """What the plain RMSNorm's output feeds the next matmul in: autocast's dtype, else weight * x promoted."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return torch.promote_types(x.dtype, weight.dtype)
+
+
+class _AddRMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, delta, weight, eps, out_dtype):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).contiguous()
+        d2 = delta.reshape(-1, shape[-1]).contiguous() if delta is not None else None
+        w = weight.float().contiguous()
+        out, res, rstd = _impl(x2, shape[-1]).add_rmsnorm_fwd(x2, d2, w, eps, out_dtype)
+        saved_res = res if delta is not None else x2
+        ctx.save_for_backward(saved_res, rstd, w)
+        ctx.has_delta = delta is not None
+        ctx.dtypes = (x.dtype, delta.dtype if delta is not None else None, weight.dtype)
+        out = out.view(shape)
+        if delta is None:
+            return out  # the residual is x itself: nothing to return
+        return out, res.view(shape)
+
+    @staticmethod
+    def backward(ctx, g_out, g_res=None):
+        res, rstd, w = ctx.saved_tensors
+        x_dtype, delta_dtype, w_dtype = ctx.dtypes
+        shape = g_out.shape
+        g2 = g_out.reshape(-1, shape[-1]).contiguous()
+        gr2 = g_res.reshape(-1, shape[-1]).to(res.dtype).contiguous() if g_res is not None else None
+        gx, gd, gw = _impl(g2, shape[-1]).add_rmsnorm_bwd(g2, gr2, res, rstd, w, x_dtype, delta_dtype)
+        gx = gx.view(shape)
+        return gx, gd.view(shape) if ctx.has_delta else None, gw.to(w_dtype), None, None
+
+
+def add_rms_norm(x: torch.Tensor, delta: Optional[torch.Tensor], weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + delta) * weight, x + delta): the residual add and the next norm in one pass.
+
+    The residual keeps the promoted dtype of x and delta (fp32 under autocast, as in the plain model); the
+    normed output is in autocast's dtype when autocast is on (what the following matmul would cast it to).
+    """
+    return _AddRMSNorm.apply(x, delta, weight, eps, _out_dtype(x, weight))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return _AddRMSNorm.apply(x, None, weight, eps, _out_dtype(x, weight))
+
+
+class _RopeQKV(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv, cos, sin):
+        qkv = qkv.contiguous()
+        cos, sin = cos.float().contiguous(), sin.float().contiguous()
+        ctx.save_for_backward(cos, sin)
+        return tuple(_impl(qkv).rope_qkv_fwd(qkv, cos, sin))
+
+    @staticmethod
+    def backward(ctx, gq, gk, gv):
+        cos, sin = ctx.saved_tensors
+        gq, gk, gv = (g.contiguous() for g in (gq, gk, gv))
+        return _impl(gq).rope_qkv_bwd(gq, gk, gv, cos, sin), None, None
+
+
+def rope_split_qkv(qkv: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """qkv [B, S, groups, r+2, D] (the fused projection's layout) -> rotated q [B, S, groups*r, D], rotated k
+    [B, S, groups, D], v [B, S, groups, D]; rotate-half RoPE computed in fp32 with fp32 cos/sin [S, D]."""
+    return _RopeQKV.apply(qkv, cos, sin)
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate_up):
+        gate_up = gate_up.contiguous()
+        ctx.save_for_backward(gate_up)
+        return _impl(gate_up).swiglu_fwd(gate_up)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (gate_up,) = ctx.saved_tensors
+        return _impl(gate_up).swiglu_bwd(grad_out.contiguous(), gate_up)
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate/up interleaved pairwise in the last dim [..., 2F] -> [..., F]."""
+    return _SwiGLU.apply(gate_up)

@@ -1,0 +1,192 @@
+"""Data-parallel gradients: fp32 flat buckets, reduction overlapped with backward, ZeRO-1 sharding.
+
+Each parameter's gradient lives in `param.main_grad`, an fp32 view into its bucket's flat buffer, and each
+parameter's data is a view into the bucket's flat parameter buffer (so ZeRO-1 can all-gather updated shards in
+one call per bucket). A post-accumulate-grad hook adds every micro-batch's `param.grad` into `main_grad` (fp32
+accumulation whatever the compute dtype) and frees `param.grad`. A parameter is complete after the step's last
+micro-batch (each pipeline chunk runs backward once per micro-batch); when every parameter of a bucket is complete
+the bucket's reduction starts asynchronously, while backward goes on for earlier layers. Buckets start in index
+order on every rank (as torch DDP does), so NCCL sees the same collective order everywhere. Earlier micro-batches
+trigger no communication at all.
+
+  zero_stage 0: all-reduce of the bucket over DP; every rank then holds the full summed gradient.
+  zero_stage 1: reduce-scatter; DP rank d holds the sum for its contiguous 1/dp shard of the bucket only, which is
+                all the sharded optimizer (`optimizer.DistributedOptimizer`) needs.
+
+Gradients are sums: the loss is pre-scaled by 1/(micro-batches * dp), so the sum is the global-batch mean.
+
+Two kinds of parameter need a sum over another group first, and get buckets of their own that are reduced at
+`finish()`, after backward (they are small, or there is only one):
+  - sequence-parallel replicated parameters (the norms): each TP rank saw only its share of the tokens, so their
+    gradients are summed over TP (Megatron does the same);
+  - the tied embedding under pipeline parallelism: the first stage (lookup) and the last stage (head) each hold a
+    part of its gradient, summed over `ctx.embedding_group`. Its bucket has the same layout on both stages, so
+    the DP shards line up.
+Hand-written rather than torch DDP because DDP has neither ZeRO-1 reduce-scatter nor per-parameter cross-group
+sums, and its `no_sync` would need the trainer to know which micro-batch is last in a pipeline schedule.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+ALIGN = 64  # elements: every parameter starts on a 256-byte boundary of the flat buffers
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+@dataclass
+class Bucket:
+    index: int
+    params: list[nn.Parameter]
+    offsets: list[int]
+    numel: int  # padded: a multiple of ALIGN * dp
+    pre_reduce_group: Optional[dist.ProcessGroup] = None  # summed over this group before the DP reduction
+    deferred: bool = False  # reduced in finish() instead of during backward
+    grad: torch.Tensor = field(default=None, repr=False)  # fp32 [numel]
+    data: torch.Tensor = field(default=None, repr=False)  # parameter dtype [numel]
+    shard_start: int = 0  # this DP rank's shard [shard_start, shard_end) of the bucket
+    shard_end: int = 0
+    shard_grad: torch.Tensor = field(default=None, repr=False)  # reduced gradient of the shard
+    pending: int = 0
+    handle: Optional[dist.Work] = None
+    launched: bool = False
+
+    def pieces(self):
+        """(param, start, end) in bucket coordinates: each parameter's overlap with this rank's shard."""
+        for p, off in zip(self.params, self.offsets):
+            lo, hi = max(off, self.shard_start), min(off + p.numel(), self.shard_end)
+            if lo < hi:
+                yield p, lo, hi
+
+
+class GradBuffers:
+    def __init__(self, model: nn.Module, ctx, zero_stage: int, bucket_size: int):
+        self.ctx = ctx
+        self.zero_stage = zero_stage
+        self.dp_group = ctx.dp_group if ctx.dp > 1 else None
+        self.num_microbatches = 1
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.buckets = self._build_buckets(params, bucket_size)
+        self._bucket_of: dict[int, Bucket] = {}
+        self._arrivals: dict[int, int] = {}
+        self._next_launch = 0
+        for bucket in self.buckets:
+            self._allocate(bucket)
+            for p in bucket.params:
+                self._bucket_of[id(p)] = bucket
+                p.register_post_accumulate_grad_hook(self._on_grad)
+        self.start(1)
+
+    # ---- layout
+
+    def _build_buckets(self, params: list[nn.Parameter], bucket_size: int) -> list[Bucket]:
+        """Reverse registration order (roughly the order backward produces gradients), special params apart."""
+        ctx = self.ctx
+        regular: list[list[nn.Parameter]] = [[]]
+        seq_parallel, tied = [], []
+        filled = 0
+        for p in reversed(params):
+            if getattr(p, "tied_across_stages", False):
+                tied.append(p)
+            elif getattr(p, "sequence_parallel", False):
+                seq_parallel.append(p)
+            else:
+                if filled >= bucket_size:
+                    regular.append([])
+                    filled = 0
+                regular[-1].append(p)
+                filled += p.numel()
+        specs = [(ps, None, False) for ps in regular if ps]
+        if seq_parallel:
+            specs.append((seq_parallel, ctx.tp_group, True))
+        if tied:
+            specs.append((tied, ctx.embedding_group, True))
+        buckets = []
+        for i, (ps, group, deferred) in enumerate(specs):
+            offsets, n = [], 0
+            for p in ps:
+                offsets.append(n)
+                n = _round_up(n + p.numel(), ALIGN)
+            buckets.append(Bucket(i, ps, offsets, _round_up(max(n, 1), ALIGN * self.ctx.dp), group, deferred))
+        return buckets
+
+    def _allocate(self, b: Bucket) -> None:
+        first = b.params[0]
+        b.grad = torch.zeros(b.numel, dtype=torch.float32, device=first.device)
+        b.data = torch.zeros(b.numel, dtype=first.dtype, device=first.device)
+        for p, off in zip(b.params, b.offsets):
+            view = b.data[off:off + p.numel()].view_as(p)
+            view.copy_(p.data)
+            p.data = view
+            p.main_grad = b.grad[off:off + p.numel()].view_as(p)
+        if self.zero_stage == 1 and self.ctx.dp > 1:
+            size = b.numel // self.ctx.dp
+            b.shard_start, b.shard_end = self.ctx.dp_rank * size, (self.ctx.dp_rank + 1) * size
+            b.shard_grad = torch.zeros(size, dtype=torch.float32, device=first.device)
+        else:
+            b.shard_start, b.shard_end = 0, b.numel
+            b.shard_grad = b.grad
+
+    # ---- per step
+
+    def start(self, num_microbatches: int) -> None:
+        """Zero the gradients before a step whose every chunk runs `num_microbatches` backward passes."""
+        self.num_microbatches = num_microbatches
+        self._next_launch = 0
+        for b in self.buckets:
+            b.grad.zero_()
+            b.pending = len(b.params)
+            b.handle, b.launched = None, False
+        self._arrivals = {id(p): 0 for b in self.buckets for p in b.params}
+
+    def _on_grad(self, p: nn.Parameter) -> None:
+        p.main_grad.add_(p.grad)
+        p.grad = None
+        count = self._arrivals[id(p)] + 1
+        self._arrivals[id(p)] = count
+        if count > self.num_microbatches:
+            raise RuntimeError(f"a parameter received {count} gradients in a step of {self.num_microbatches} "
+                               "micro-batches (backward ran more often than the schedule says)")
+        if count == self.num_microbatches:
+            bucket = self._bucket_of[id(p)]
+            bucket.pending -= 1
+            if bucket.pending == 0 and not bucket.deferred:
+                self._launch_ready()
+
+    def _launch_ready(self) -> None:
+        while self._next_launch < len(self.buckets):
+            b = self.buckets[self._next_launch]
+            if b.deferred or b.pending:
+                return
+            b.handle = self._reduce(b, async_op=True)
+            b.launched = True
+            self._next_launch += 1
+
+    def _reduce(self, b: Bucket, async_op: bool) -> Optional[dist.Work]:
+        if self.dp_group is None:
+            return None
+        if self.zero_stage == 1:
+            return dist.reduce_scatter_tensor(b.shard_grad, b.grad, group=self.dp_group, async_op=async_op)
+        return dist.all_reduce(b.grad, group=self.dp_group, async_op=async_op)
+
+    def finish(self) -> None:
+        """Wait for every reduction; afterwards `shard_grad` of each bucket holds the summed gradient."""
+        for b in self.buckets:
+            if b.pending:
+                missing = sum(1 for p in b.params if self._arrivals[id(p)] != self.num_microbatches)
+                raise RuntimeError(f"{missing} parameter(s) of gradient bucket {b.index} did not receive "
+                                   f"{self.num_microbatches} gradients this step (unused parameters?)")
+        for b in self.buckets:
+            if b.deferred:
+                if b.pre_reduce_group is not None and dist.get_world_size(b.pre_reduce_group) > 1:
+                    dist.all_reduce(b.grad, group=b.pre_reduce_group)
+                self._reduce(b, async_op=False)
+            elif b.handle is not None:
+                b.handle.wait()

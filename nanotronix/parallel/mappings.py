@@ -1,0 +1,151 @@
+"""Differentiable collectives over the tensor-parallel group (Megatron-Core's `tensor_parallel/mappings.py` idea).
+
+Each function is a collective in the forward pass paired with its adjoint in the backward pass, so the gradient of
+a tensor-parallel layer is right by construction:
+
+    copy_to_tp                 forward: identity             backward: all-reduce (sum of the ranks' partial grads)
+    reduce_from_tp             forward: all-reduce           backward: identity
+    gather_from_sequence       forward: all-gather seq dim   backward: reduce-scatter seq dim
+    reduce_scatter_to_sequence forward: reduce-scatter seq   backward: all-gather seq dim
+    scatter_to_sequence        forward: keep own seq chunk   backward: all-gather seq dim
+
+The sequence dimension is dim 1 of [batch, seq, hidden] (the model is batch-first). The collectives of torch
+(`all_gather_into_tensor`, `reduce_scatter_tensor`) work on dim 0, so we move the sequence chunks to the front with
+one copy each way. Hand-written because `torch.distributed.nn.functional` has no identity/all-reduce pairs
+(its all_reduce backward is an all-reduce, right only for a different use) and DTensor would make every layer
+carry DTensor parameters, which the checkpoint and optimizer code deliberately keep as plain local tensors.
+A group of size 1 (or None) makes every function the identity.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+Group = Optional[dist.ProcessGroup]
+
+
+def group_size(group: Group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def group_rank(group: Group) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+def _all_reduce(x: torch.Tensor, group: Group) -> torch.Tensor:
+    x = x.contiguous().clone()
+    dist.all_reduce(x, group=group)
+    return x
+
+
+def _seq_chunks_first(x: torch.Tensor, n: int) -> torch.Tensor:
+    """[B, S, ...] -> contiguous [n, B, S/n, ...]: sequence chunk r is row r."""
+    b, s = x.shape[:2]
+    return x.reshape(b, n, s // n, *x.shape[2:]).transpose(0, 1).contiguous()
+
+
+def _seq_chunks_back(x: torch.Tensor) -> torch.Tensor:
+    """[n, B, S/n, ...] -> [B, S, ...]."""
+    n, b, s = x.shape[:3]
+    return x.transpose(0, 1).reshape(b, n * s, *x.shape[3:])
+
+
+def _all_gather_seq(x: torch.Tensor, group: Group) -> torch.Tensor:
+    n = group_size(group)
+    # Both backends want the gathered dim 0 flat: [n * B, S/n, ...].
+    out = torch.empty((n * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+    return _seq_chunks_back(out.view(n, *x.shape))
+
+
+def _reduce_scatter_seq(x: torch.Tensor, group: Group) -> torch.Tensor:
+    n = group_size(group)
+    if x.shape[1] % n:
+        raise ValueError(f"sequence length {x.shape[1]} is not divisible by the tensor-parallel size {n}")
+    chunks = _seq_chunks_first(x, n)
+    out = torch.empty(chunks.shape[1:], dtype=x.dtype, device=x.device)
+    dist.reduce_scatter_tensor(out, chunks.flatten(0, 1), group=group)
+    return out
+
+
+def _own_seq_chunk(x: torch.Tensor, group: Group) -> torch.Tensor:
+    n, r = group_size(group), group_rank(group)
+    if x.shape[1] % n:
+        raise ValueError(f"sequence length {x.shape[1]} is not divisible by the tensor-parallel size {n}")
+    return x.chunk(n, dim=1)[r].contiguous()
+
+
+class _CopyToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_reduce(grad, ctx.group), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        return _all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _GatherFromSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_gather_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter_seq(grad, ctx.group), None
+
+
+class _ReduceScatterToSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather_seq(grad, ctx.group), None
+
+
+class _ScatterToSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _own_seq_chunk(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather_seq(grad, ctx.group), None
+
+
+def copy_to_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return x if group_size(group) == 1 else _CopyToTP.apply(x, group)
+
+
+def reduce_from_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return x if group_size(group) == 1 else _ReduceFromTP.apply(x, group)
+
+
+def gather_from_sequence(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return x if group_size(group) == 1 else _GatherFromSequence.apply(x, group)
+
+
+def reduce_scatter_to_sequence(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return x if group_size(group) == 1 else _ReduceScatterToSequence.apply(x, group)
+
+
+def scatter_to_sequence(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return x if group_size(group) == 1 else _ScatterToSequence.apply(x, group)

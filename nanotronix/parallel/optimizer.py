@@ -1,0 +1,132 @@
+"""AdamW over this rank's parameters, or (ZeRO-1) over its 1/dp shard of them, with layout-agnostic state I/O.
+
+The update itself is `torch.optim.AdamW` (fused on CUDA, foreach on CPU), so the numerics are torch's AdamW by
+construction. What it updates are flat fp32 "pieces": each parameter's overlap with this rank's shard of its
+gradient bucket (`data_parallel.Bucket.pieces`). A piece is a view into the bucket's parameter buffer, and its
+`.grad` a view into the bucket's reduced gradient, so nothing is copied:
+  zero_stage 0: the shard is the whole bucket: every DP rank updates every parameter (identically).
+  zero_stage 1: rank d updates only its contiguous 1/dp of each bucket (optimizer state is 1/dp of the
+                unsharded size), then the buckets are all-gathered over DP so every rank has the new weights.
+The weights are fp32 (bf16 runs use autocast), so they are their own master copy.
+
+Weight decay is decided per parameter by the caller's `param_groups` (the trainer's rule: none on 1-D tensors);
+a piece inherits its parameter's group. AdamW is elementwise, so splitting a tensor into pieces changes nothing.
+
+Checkpoint contract: `param_states()` returns {fqn: {"exp_avg", "exp_avg_sq"}} in TP-local, full (not DP-sharded)
+shapes, gathered over DP under ZeRO-1; `load_param_states(states, step_count)` scatters them back; `step_count` is
+the number of optimizer steps taken (AdamW's bias-correction step).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+STATE_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+class DistributedOptimizer:
+    def __init__(self, model, param_groups: list[dict], lr: float, betas: tuple[float, float], eps: float,
+                 fused: Optional[bool] = None):
+        self.model = model
+        self.grads = model.grads
+        ctx = model.ctx
+        self.dp_group = ctx.dp_group if ctx.dp > 1 else None
+        self.sharded = self.grads.zero_stage == 1 and ctx.dp > 1
+        self.names = {id(p): name for name, p in model.named_parameters()}
+        group_of = {id(p): i for i, g in enumerate(param_groups) for p in g["params"]}
+        missing = [self.names[id(p)] for p in model.parameters() if id(p) not in group_of]
+        if missing:
+            raise ValueError(f"parameters missing from the optimizer's param_groups: {missing[:3]}")
+
+        pieces_by_group: list[list[torch.Tensor]] = [[] for _ in param_groups]
+        self.pieces: list[tuple[torch.Tensor, object, nn.Parameter, int, int]] = []  # (piece, bucket, param, lo, hi)
+        for bucket in self.grads.buckets:
+            for p, lo, hi in bucket.pieces():
+                piece = bucket.data[lo:hi]
+                piece.grad = bucket.shard_grad[lo - bucket.shard_start:hi - bucket.shard_start]
+                pieces_by_group[group_of[id(p)]].append(piece)
+                self.pieces.append((piece, bucket, p, lo, hi))
+        groups = [dict({k: v for k, v in g.items() if k != "params"}, params=pieces)
+                  for g, pieces in zip(param_groups, pieces_by_group) if pieces]
+        self.inner: Optional[torch.optim.AdamW] = (
+            torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused) if groups else None)
+        self.step_count = 0
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.inner.param_groups if self.inner is not None else []
+
+    def grad_pieces(self):
+        """(gradient view, parameter) of every piece this rank updates."""
+        return [(piece.grad, p) for piece, _, p, _, _ in self.pieces]
+
+    @torch.no_grad()
+    def step(self, lr: float) -> None:
+        if self.inner is not None:
+            for group in self.inner.param_groups:
+                group["lr"] = lr
+            self.inner.step()
+        self.step_count += 1
+        if self.sharded:
+            self._all_gather_weights()
+
+    def _all_gather_weights(self) -> None:
+        handles = []
+        for b in self.grads.buckets:
+            local = b.data[b.shard_start:b.shard_end].clone()
+            handles.append(dist.all_gather_into_tensor(b.data, local, group=self.dp_group, async_op=True))
+        for h in handles:
+            h.wait()
+
+    # ---- checkpoint interface
+
+    def _full_bucket(self, b, values: torch.Tensor) -> torch.Tensor:
+        """A bucket-sized tensor whose own shard is `values`' shard, gathered over DP when sharded."""
+        if not self.sharded:
+            return values
+        full = torch.empty_like(values)
+        dist.all_gather_into_tensor(full, values[b.shard_start:b.shard_end].contiguous(), group=self.dp_group)
+        return full
+
+    @torch.no_grad()
+    def param_states(self) -> dict[str, dict[str, torch.Tensor]]:
+        """{fqn: {"exp_avg", "exp_avg_sq"}}: fp32, TP-local full shapes (zeros before the first step)."""
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for b in self.grads.buckets:
+            flats = {k: torch.zeros(b.numel, dtype=torch.float32, device=b.grad.device) for k in STATE_KEYS}
+            for piece, bucket, _, lo, hi in self.pieces:
+                state = self.inner.state.get(piece) if bucket is b and self.inner is not None else None
+                for k in STATE_KEYS:
+                    if state:
+                        flats[k][lo:hi] = state[k]
+            flats = {k: self._full_bucket(b, v) for k, v in flats.items()}
+            for p, off in zip(b.params, b.offsets):
+                out[self.names[id(p)]] = {k: flats[k][off:off + p.numel()].view_as(p).clone() for k in STATE_KEYS}
+        return out
+
+    @torch.no_grad()
+    def load_param_states(self, states: dict[str, dict[str, torch.Tensor]], step_count: int) -> None:
+        """Inverse of `param_states` (each rank takes its pieces); `step_count` is the steps already taken."""
+        by_piece = {}
+        for piece, b, p, lo, hi in self.pieces:
+            name = self.names[id(p)]
+            if name not in states:
+                raise KeyError(f"optimizer state for {name} is missing")
+            off = b.offsets[b.params.index(p)]
+            entry = {"step": torch.tensor(float(step_count))}
+            for k in STATE_KEYS:
+                full = states[name][k]
+                if tuple(full.shape) != tuple(p.shape):
+                    raise ValueError(f"optimizer state {name}.{k} has shape {tuple(full.shape)}, this rank's "
+                                     f"parameter has {tuple(p.shape)}")
+                entry[k] = full.reshape(-1)[lo - off:hi - off].to(piece.device, torch.float32).clone()
+            by_piece[id(piece)] = entry
+        if self.inner is not None:
+            sd = self.inner.state_dict()
+            order = [id(piece) for g in self.inner.param_groups for piece in g["params"]]
+            sd["state"] = {i: by_piece[pid] for i, pid in enumerate(order)}
+            self.inner.load_state_dict(sd)
+        self.step_count = step_count

@@ -1,0 +1,111 @@
+"""Speed features applied to a built model, each behind a `train.*` switch (typed in config.TrainConfig).
+
+- fused_kernels: switch each decoder layer, attention and MLP to the forwards of `nanotronix.kernels.layers`
+  (csrc/ CUDA kernels for add+RMSNorm, RoPE+QKV split and SwiGLU; PyTorch twins where they are not built).
+- recompute: `full` re-runs each whole decoder layer in the backward (keeps only its input); `selective` keeps
+  the outputs of the matmuls and of attention and re-runs the cheap elementwise ops (norms, RoPE, SwiGLU,
+  residual adds), the trade Megatron and torchtitan call selective activation checkpointing.
+- compile: `torch.compile` each decoder layer (one compiled graph shared by all layers, as torchtitan does);
+  Inductor fuses the elementwise ops around the matmuls.
+
+The model code stays plain: nothing here changes parameter names (layers are patched in place, never wrapped),
+so checkpoints, the HF mapping and tensor-parallel layers see the same module tree. Apply after the model is
+tensor-parallelised and split into pipeline stages, in the order of `apply_speedups`.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+from nanotronix.config import TrainConfig
+from nanotronix.model.llama import DecoderLayer
+
+
+def decoder_layers(model: nn.Module) -> list[DecoderLayer]:
+    return [m for m in model.modules() if isinstance(m, DecoderLayer)]
+
+
+def apply_fused_kernels(model: nn.Module) -> nn.Module:
+    from nanotronix.kernels.layers import FUSED_CLASSES  # the one place that knows the fused forwards
+    for module in model.modules():
+        fused = FUSED_CLASSES.get(type(module))
+        if fused is not None:
+            module.__class__ = fused
+    return model
+
+
+# Ops whose outputs selective recompute keeps: the expensive ones (matmuls and attention). Everything else in a
+# layer is elementwise and re-run in the backward.
+_SAVE_OPS = {
+    torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+    torch.ops.aten.linear.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+}
+
+
+def _save_matmuls_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _recomputed_forward(forward, mode: str):
+    context_fn = functools.partial(create_selective_checkpoint_contexts, _save_matmuls_policy) \
+        if mode == "selective" else None
+
+    @functools.wraps(forward)
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        extra = {"context_fn": context_fn} if context_fn is not None else {}
+        return checkpoint(forward, *args, use_reentrant=False, **extra, **kwargs)
+
+    return run
+
+
+def apply_recompute(model: nn.Module, mode: str) -> nn.Module:
+    if mode == "none":
+        return model
+    if mode not in ("selective", "full"):
+        raise ValueError(f"recompute mode {mode!r} is not none|selective|full")
+    for layer in decoder_layers(model):
+        layer.forward = _recomputed_forward(layer.forward, mode)  # instance attribute: names unchanged
+    return model
+
+
+def apply_compile(model: nn.Module, backend: str = "inductor") -> nn.Module:
+    """Compile each decoder layer in place (`Module.compile` keeps the module and its parameter names)."""
+    for layer in decoder_layers(model):
+        layer.compile(backend=backend, fullgraph=False)
+    return model
+
+
+def apply_fused_loss(model: nn.Module, chunk_size: int) -> bool:
+    """Let the last pipeline chunk hand its final hidden states to `linear_cross_entropy` (head + loss in chunks
+    of `chunk_size` tokens). Only without tensor parallelism: there the vocab-parallel cross entropy already
+    keeps each rank's logits to 1/tp of the vocabulary. Returns whether it was applied."""
+    chunks = getattr(model, "chunks", None) or []
+    if chunk_size <= 0 or getattr(model, "tp_group", None) is not None:
+        return False
+    applied = False
+    for chunk in chunks:
+        if chunk.lm_head is not None:
+            chunk.fused_loss_chunk = chunk_size
+            applied = True
+    return applied
+
+
+def apply_speedups(model: nn.Module, train: TrainConfig) -> nn.Module:
+    """Apply the switched-on features in the one order that composes: fused forwards, then recompute around
+    them, then compile around both (compile traces the checkpointed forward); the fused loss is independent."""
+    apply_fused_loss(model, train.loss_chunk_size)
+    if train.fused_kernels:
+        apply_fused_kernels(model)
+    apply_recompute(model, train.recompute)
+    if train.compile:
+        apply_compile(model)
+    return model

@@ -1,0 +1,115 @@
+"""Launch preflight: check a run's config, layout, devices and data in seconds, before any rendezvous.
+
+    python -m nanotronix.preflight --config CONFIG.yaml --nnodes N --nproc-per-node P [dotted.key=value ...]
+
+The Slurm scripts run it once, on the first node, before `srun torchrun`. A missing config, a token store that
+is not there, or a layout that does not fit the allocation then ends the job within seconds with one line
+(`error: ...`, exit 2), instead of failing on every rank after the rendezvous (or hanging in it). On success it
+prints one line that summarises the run. It reads the same config and overrides as the trainer, so it checks
+exactly what the trainer will run.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from nanotronix.config import Config, grad_accum_steps, load_config, resolve_layout
+from nanotronix.errors import UserError
+
+
+class PreflightError(UserError):
+    """A launch problem found before any process started."""
+
+
+def check_layout(cfg: Config, nnodes: int, nproc_per_node: int) -> int:
+    """The world size must hold tp*pp and fit the config's layout; returns the data-parallel size."""
+    world = nnodes * nproc_per_node
+    model_parallel = cfg.parallel.tp * cfg.parallel.pp
+    if world < model_parallel:
+        raise PreflightError(f"parallel: tp*pp = {cfg.parallel.tp}*{cfg.parallel.pp} = {model_parallel} needs at "
+                             f"least {model_parallel} processes, the job has {world} ({nnodes} node(s) x "
+                             f"{nproc_per_node} per node)")
+    return resolve_layout(cfg, world)
+
+
+def check_devices(cfg: Config, nproc_per_node: int) -> str:
+    """On CUDA, this node must show at least one GPU per process."""
+    import torch
+
+    if cfg.train.device == "cpu":
+        return "cpu"
+    if not torch.cuda.is_available():
+        if cfg.train.device == "cuda":
+            raise PreflightError("train.device: cuda, but no CUDA GPU is visible on this node "
+                                 f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
+        return "cpu"
+    found = torch.cuda.device_count()
+    if found < nproc_per_node:
+        raise PreflightError(f"{nproc_per_node} processes per node need {nproc_per_node} GPUs, this node shows "
+                             f"{found}")
+    return torch.cuda.get_device_name(0)
+
+
+def check_data(cfg: Config, dp: int) -> int:
+    """Open every token store and build the sampler's schedule (reads only headers); returns the store count."""
+    from nanotronix.data import DataError, build_train_loader
+
+    try:
+        loader = build_train_loader(cfg, 0, dp, consumed_samples=0)
+    except DataError as e:
+        hint = "" if cfg.data.root is not None else " (data.root is not set: relative paths are read from " \
+                                                    f"{os.getcwd()})"
+        raise PreflightError(f"{e}{hint}") from None
+    return len(loader.stores)
+
+
+def check_writable(path: str | None, what: str) -> None:
+    if not path:
+        return
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise PreflightError(f"{what}: cannot create {path}: {e.strerror}") from None
+    if not os.access(path, os.W_OK):
+        raise PreflightError(f"{what}: {path} is not writable")
+
+
+def preflight(config: str, overrides: list[str], nnodes: int, nproc_per_node: int) -> str:
+    cfg = load_config(config, overrides)
+    dp = check_layout(cfg, nnodes, nproc_per_node)
+    device = check_devices(cfg, nproc_per_node)
+    stores = check_data(cfg, dp)
+    check_writable(cfg.checkpoint.dir, "checkpoint.dir")
+    check_writable(cfg.logging.dir, "logging.dir")
+    p, t = cfg.parallel, cfg.train
+    return (f"preflight ok: {nnodes} node(s) x {nproc_per_node} = {nnodes * nproc_per_node} processes on {device} | "
+            f"tp={p.tp} pp={p.pp} dp={dp}, grad accumulation {grad_accum_steps(cfg, dp)} | {t.train_steps} steps of "
+            f"{t.global_batch_size} x {t.seq_len} tokens | {len(cfg.data.stages)} stage(s), {stores} token "
+            f"store(s) found | checkpoints {cfg.checkpoint.dir} (resume: {cfg.checkpoint.resume})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m nanotronix.preflight",
+        description="Check a training launch (config, layout against the allocation, GPUs on this node, token "
+                    "stores, output folders) before starting torchrun. Prints one summary line, or one error line "
+                    "and exits 2.")
+    parser.add_argument("--config", required=True, help="YAML config file (as for nanotronix.train)")
+    parser.add_argument("--nnodes", type=int, default=1, help="nodes in the job (default 1)")
+    parser.add_argument("--nproc-per-node", type=int, default=1, help="processes per node (default 1)")
+    parser.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides")
+    args = parser.parse_args(argv)
+    try:
+        if args.nnodes < 1 or args.nproc_per_node < 1:
+            raise PreflightError(f"--nnodes and --nproc-per-node must be >= 1, got {args.nnodes} and "
+                                 f"{args.nproc_per_node}")
+        print(preflight(args.config, args.overrides, args.nnodes, args.nproc_per_node), flush=True)
+    except (UserError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+# shellcheck shell=bash
+# The body of slurm/smollm2_*.sh (sourced by them after they set RECIPE_CONFIG and RUN_NAME): preflight,
+# `srun torchrun` over the allocation, and the USR1 -> save -> requeue cycle. Not meant to be run by itself.
+#
+# Settings (environment variables; every one has a default):
+#   NANOTRONIX_DIR  the nanotronix checkout             default: found from the submitted script's path
+#   PYTHON          interpreter with nanotronix + torch default: $NANOTRONIX_DIR/.venv/bin/python, else python3
+#   CONFIG          the run's YAML                      default: the recipe of the script (examples/configs/)
+#   DATA_ROOT       folder of the token stores          default: unset (the config's data.root is kept)
+#                   (passed as data.root=...: the recipes' dataset paths are relative to it)
+#   RUN_DIR         the run's folder                    default: $SLURM_SUBMIT_DIR/runs/$RUN_NAME
+#   CKPT_DIR        checkpoints                         default: $RUN_DIR/checkpoints
+#   LOG_DIR         metrics.jsonl (+ tensorboard)       default: $RUN_DIR/logs
+#   GPUS_PER_NODE   GPUs per node; 0 = CPU run (gloo)   default: 8
+#   NPROC_PER_NODE  processes per node                  default: GPUS_PER_NODE (1 when GPUS_PER_NODE=0)
+#   OVERRIDES       extra dotted overrides, space-separated, applied last (e.g. "train.train_steps=1000
+#                   parallel.tp=2"); write list values without spaces: optimizer.betas=[0.9,0.95]
+#   MASTER_PORT     rendezvous port on the first node   default: 20000 + job id mod 20000
+#   NCCL_* / TORCH_NCCL_*   passed through; unset ones get the defaults set below
+# Nodes, time limit, partition, account: sbatch's own flags or SBATCH_* variables, which override the #SBATCH
+# lines (`sbatch --nodes=4 --time=12:00:00 slurm/smollm2_1p7b.sh`, `SBATCH_TIMELIMIT=12:00:00`).
+# CPU-only cluster (no GPUs to request): SBATCH_GRES=none GPUS_PER_NODE=0 NPROC_PER_NODE=N sbatch ...
+#
+# Preemption and time limits. #SBATCH --signal=B:USR1@600 makes Slurm send USR1 to this batch shell 10 minutes
+# before the time limit (so does `scancel --signal=USR1 --batch JOBID`). The trap below forwards it to srun,
+# which passes it to every process of the job step on every node. The trainer's handler finishes the current
+# step, saves a checkpoint on all ranks and exits with 75 (nanotronix.train.EXIT_PREEMPTED). torchrun's agent
+# must NOT act on USR1: it would die (USR1's default action), or, when told to handle it, shut the workers
+# down with a 30 s SIGKILL deadline that a large checkpoint may not meet. So the agent is started with USR1
+# ignored (`trap '' USR1; exec ...`); an ignored signal stays ignored across exec and fork, so workers start
+# ignoring it too until the trainer installs its handler, i.e. a USR1 in the first seconds is dropped rather
+# than killing a worker. This relies on Slurm signalling every process of the step (proctrack/cgroup and
+# proctrack/linuxproc do; proctrack/pgid would miss the workers, which torchrun starts in their own sessions).
+# When srun has ended after a USR1, the script runs `scontrol requeue`: the job goes back to the queue with the
+# same id and SLURM_RESTART_COUNT+1, and checkpoint.resume=auto continues from the latest checkpoint. Slurm
+# holds a requeued job for about two minutes before it can start again (Reason=BeginTime).
+# Without a USR1 (a crash, or the run finished), the job ends with srun's exit code and is not requeued.
+
+set -uo pipefail  # not -e: failures are handled explicitly, and `wait` returns >128 when a trap fires
+
+log() { echo "[nanotronix-slurm $(date '+%F %T')] $*"; }
+fail() { echo "error: $*" >&2; exit 2; }
+
+[ -n "${SLURM_JOB_ID:-}" ] || fail "not inside a Slurm job: submit this script with sbatch"
+
+# ---- settings -------------------------------------------------------------------------------------------
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x "$NANOTRONIX_DIR/.venv/bin/python" ]; then PYTHON=$NANOTRONIX_DIR/.venv/bin/python; else PYTHON=python3; fi
+fi
+CONFIG=${CONFIG:-$RECIPE_CONFIG}
+DATA_ROOT=${DATA_ROOT:-}
+RUN_DIR=${RUN_DIR:-${SLURM_SUBMIT_DIR:-$PWD}/runs/$RUN_NAME}
+CKPT_DIR=${CKPT_DIR:-$RUN_DIR/checkpoints}
+LOG_DIR=${LOG_DIR:-$RUN_DIR/logs}
+GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+OVERRIDES=${OVERRIDES:-}
+NNODES=${SLURM_JOB_NUM_NODES:-1}
+
+# ---- checks that need no Python (each fails the job at once with one line) -------------------------------
+[[ "$GPUS_PER_NODE" =~ ^[0-9]+$ ]] || fail "GPUS_PER_NODE=$GPUS_PER_NODE is not a number"
+if [ "$GPUS_PER_NODE" -eq 0 ]; then
+  NPROC_PER_NODE=${NPROC_PER_NODE:-1}
+  DEVICE=cpu
+else
+  NPROC_PER_NODE=${NPROC_PER_NODE:-$GPUS_PER_NODE}
+  DEVICE=cuda
+fi
+[[ "$NPROC_PER_NODE" =~ ^[1-9][0-9]*$ ]] || fail "NPROC_PER_NODE=$NPROC_PER_NODE is not a positive number"
+if [ "$DEVICE" = cuda ]; then
+  [ "$NPROC_PER_NODE" -le "$GPUS_PER_NODE" ] \
+    || fail "NPROC_PER_NODE=$NPROC_PER_NODE is more than GPUS_PER_NODE=$GPUS_PER_NODE"
+  visible=${CUDA_VISIBLE_DEVICES:-}
+  count=0
+  [ -n "$visible" ] && count=$(awk -F, '{print NF}' <<<"$visible")
+  [ "$count" -ge "$NPROC_PER_NODE" ] || fail "GPUS_PER_NODE=$GPUS_PER_NODE but the allocation gives $count GPU(s) \
+per node (CUDA_VISIBLE_DEVICES='$visible'): request them (--gres=gpu:$GPUS_PER_NODE) or set GPUS_PER_NODE"
+fi
+command -v "$PYTHON" >/dev/null 2>&1 || fail "PYTHON=$PYTHON is not an executable"
+[ -f "$CONFIG" ] || fail "CONFIG=$CONFIG: no such file"
+[ -z "$DATA_ROOT" ] || [ -d "$DATA_ROOT" ] || fail "DATA_ROOT=$DATA_ROOT: no such directory"
+[[ "${MASTER_PORT:-}" =~ ^[0-9]*$ ]] || fail "MASTER_PORT=$MASTER_PORT is not a number"
+MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+[ -n "$MASTER_ADDR" ] || fail "cannot resolve the first node of SLURM_JOB_NODELIST=$SLURM_JOB_NODELIST"
+
+# Overrides: the script's (where the run lives, auto-resume, device), then the user's, which win.
+read -r -a USER_OVERRIDES <<<"$OVERRIDES"
+RUN_OVERRIDES=(checkpoint.dir="$CKPT_DIR" checkpoint.resume=auto logging.dir="$LOG_DIR" train.device="$DEVICE")
+[ -z "$DATA_ROOT" ] || RUN_OVERRIDES+=(data.root="$DATA_ROOT")
+RUN_OVERRIDES+=("${USER_OVERRIDES[@]}")
+
+# The checkout is importable even when nanotronix is not installed into $PYTHON.
+export PYTHONPATH=$NANOTRONIX_DIR${PYTHONPATH:+:$PYTHONPATH}
+
+RESTART=${SLURM_RESTART_COUNT:-0}
+JOB_LOG_DIR=$RUN_DIR/slurm/job-$SLURM_JOB_ID-restart-$RESTART
+mkdir -p "$JOB_LOG_DIR" || fail "cannot create $JOB_LOG_DIR"
+
+# ---- NCCL / PyTorch distributed defaults for H100 nodes on InfiniBand (values already set win) --------------
+export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+# IB retransmission timeout 4.096 us * 2^22 ~ 17 s per retry: rides out short link flaps instead of killing
+# the communicator (set NCCL_IB_HCA / NCCL_SOCKET_IFNAME for your fabric if NCCL picks the wrong devices).
+export NCCL_IB_TIMEOUT=${NCCL_IB_TIMEOUT:-22}
+# A failed or hung collective aborts the process (the job ends; resume from the last checkpoint) ...
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+# ... after every rank dumps its last collectives, so the log says which rank stopped and where.
+export TORCH_NCCL_TRACE_BUFFER_SIZE=${TORCH_NCCL_TRACE_BUFFER_SIZE:-2000}
+export TORCH_NCCL_DUMP_ON_TIMEOUT=${TORCH_NCCL_DUMP_ON_TIMEOUT:-1}
+export TORCH_NCCL_DEBUG_INFO_TEMP_FILE=${TORCH_NCCL_DEBUG_INFO_TEMP_FILE:-$JOB_LOG_DIR/nccl_trace_rank_}
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+
+log "job $SLURM_JOB_ID ($SLURM_JOB_NAME) restart $RESTART: $NNODES node(s) [$SLURM_JOB_NODELIST] x" \
+    "$NPROC_PER_NODE process(es) on $DEVICE; config $CONFIG; run dir $RUN_DIR; logs $JOB_LOG_DIR"
+
+# ---- preemption: USR1 -> the trainer saves -> requeue -------------------------------------------------------
+PREEMPTED=0
+SRUN_PID=""
+on_usr1() {
+  if [ "$PREEMPTED" = 0 ]; then
+    PREEMPTED=1
+    log "USR1: asking the trainer to save a checkpoint and stop (the job will requeue itself)"
+    [ -z "$SRUN_PID" ] || kill -USR1 "$SRUN_PID" 2>/dev/null || true
+  fi
+}
+trap on_usr1 USR1
+# SIGTERM (scancel, the time limit): Slurm signals the job step itself; the shell only waits for srun.
+trap 'log "TERM: waiting for the job step to stop"' TERM
+
+# ---- preflight: config, layout against the allocation, GPUs, token stores, in seconds -----------------------
+"$PYTHON" -m nanotronix.preflight --config "$CONFIG" --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" \
+    "${RUN_OVERRIDES[@]}" || exit 2
+
+# ---- train -----------------------------------------------------------------------------------------------
+RC=0
+LAUNCHED=0
+if [ "$PREEMPTED" = 0 ]; then
+  LAUNCHED=1
+  # One torchrun agent per node with all the node's CPUs (srun would otherwise confine it to one);
+  # --kill-on-bad-exit=0 and --wait: when one node's processes end, the others get 2 minutes to finish
+  # (a checkpoint written on USR1 is a collective) before Slurm stops them.
+  srun --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}" --kill-on-bad-exit=0 --wait=120 \
+    bash -c 'trap "" USR1; exec "$@"' torchrun-with-usr1-ignored \
+    "$PYTHON" -m torch.distributed.run \
+      --nnodes="$NNODES" --nproc_per_node="$NPROC_PER_NODE" \
+      --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="$SLURM_JOB_ID" \
+      --max_restarts=0 \
+      -m nanotronix.train --config "$CONFIG" "${RUN_OVERRIDES[@]}" &
+  SRUN_PID=$!
+  [ "$PREEMPTED" = 0 ] || kill -USR1 "$SRUN_PID" 2>/dev/null || true  # USR1 came while srun was starting
+  while :; do
+    wait "$SRUN_PID"
+    RC=$?
+    kill -0 "$SRUN_PID" 2>/dev/null || break  # srun has ended; otherwise a trap interrupted `wait`
+  done
+fi
+
+# After a USR1 the step ends non-zero (the trainer exits 75 after saving; torchrun reports that as a failure).
+# Exit 0 means the run had finished anyway: nothing to requeue.
+if [ "$PREEMPTED" = 1 ] && { [ "$LAUNCHED" = 0 ] || [ "$RC" != 0 ]; }; then
+  log "job step ended (exit $RC) after USR1: requeueing job $SLURM_JOB_ID to resume from $CKPT_DIR"
+  if scontrol requeue "$SLURM_JOB_ID"; then
+    exit 0  # not reached in practice: the requeue ends this shell
+  fi
+  log "scontrol requeue failed: resubmit the job to continue from the latest checkpoint"
+  exit 75
+fi
+log "job step ended with exit code $RC"
+exit "$RC"

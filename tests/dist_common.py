@@ -1,0 +1,70 @@
+"""The tiny SmolLM2-shaped setup shared by the parallel-layout test and its torchrun worker, and the
+single-process reference run (plain PyTorch: the model, F.cross_entropy, clip_grad_norm_, torch.optim.AdamW)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from nanotronix.config import Config, config_from_dict
+
+STEPS = 5
+
+# GQA (8 heads, 4 KV heads: TP4 splits KV heads too), tied embeddings, 8 layers so that PP4 x 2 virtual stages
+# has a layer per chunk.
+TINY_MODEL = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 8, "num_attention_heads": 8,
+              "num_key_value_heads": 4, "vocab_size": 128, "max_position_embeddings": 64, "rope_theta": 10000.0,
+              "rms_norm_eps": 1e-5, "tie_word_embeddings": True, "init_std": 0.05}
+
+
+def make_config(parallel: dict | None = None) -> Config:
+    return config_from_dict({
+        "model": dict(TINY_MODEL),
+        "parallel": {"grad_bucket_size": 3000, **(parallel or {})},  # small buckets: several per rank
+        "train": {"seq_len": 16, "global_batch_size": 8, "micro_batch_size": 1, "train_steps": STEPS, "seed": 3},
+        "optimizer": {"lr": 1e-3, "weight_decay": 0.1, "clip_grad": 1.0, "betas": [0.9, 0.95], "eps": 1e-8},
+    })
+
+
+def make_data(cfg: Config) -> torch.Tensor:
+    """[steps, global_batch, seq_len + 1] random token ids, the same in every process."""
+    g = torch.Generator().manual_seed(1234)
+    t = cfg.train
+    return torch.randint(0, cfg.model.vocab_size, (STEPS, t.global_batch_size, t.seq_len + 1), generator=g)
+
+
+def rank_batch(cfg: Config, data: torch.Tensor, step: int, dp_rank: int, dp: int) -> torch.Tensor:
+    """DP rank's contiguous share of the step's global batch as [grad_accum, micro_batch, seq_len + 1] (the
+    trainer's loader contract)."""
+    t = cfg.train
+    per_rank = t.global_batch_size // dp
+    share = data[step - 1, dp_rank * per_rank:(dp_rank + 1) * per_rank]
+    return share.reshape(per_rank // t.micro_batch_size, t.micro_batch_size, t.seq_len + 1)
+
+
+def reference_run(cfg: Config, data: torch.Tensor):
+    """One process: returns (losses, grad_norms, {name: weight}, {name: {exp_avg, exp_avg_sq}})."""
+    from nanotronix.model import build_model
+
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, "sdpa")
+    o = cfg.optimizer
+    named = list(model.named_parameters())
+    groups = [{"params": [p for _, p in named if p.ndim >= 2], "weight_decay": o.weight_decay},
+              {"params": [p for _, p in named if p.ndim < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    losses, norms = [], []
+    for step in range(1, STEPS + 1):
+        batch = rank_batch(cfg, data, step, 0, 1)
+        total = 0.0
+        for micro in batch:
+            logits = model(micro[:, :-1])
+            loss = F.cross_entropy(logits.flatten(0, 1), micro[:, 1:].flatten())
+            (loss / batch.shape[0]).backward()
+            total += loss.item()
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad).item())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(total / batch.shape[0])
+    weights = {n: p.detach().clone() for n, p in named}
+    states = {n: {k: opt.state[p][k].clone() for k in ("exp_avg", "exp_avg_sq")} for n, p in named}
+    return losses, norms, weights, states

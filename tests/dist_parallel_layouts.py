@@ -1,0 +1,94 @@
+"""torchrun worker for tests/test_parallel_layouts.py: train the tiny model for a few steps in several layouts.
+
+    torchrun --nproc_per_node=N tests/dist_parallel_layouts.py --out DIR LAYOUT [LAYOUT ...]
+
+A LAYOUT is `name:key=value,...` with ParallelConfig fields (tp, pp, pp_schedule, virtual_stages,
+sequence_parallel, zero_stage). For each layout every rank writes DIR/NAME/rank{R}.pt with its parameter shards
+(plus `tp_shard_dim`), its optimizer `param_states()` and its coordinates; global rank 0 also writes the per-step
+losses and gradient norms. The test assembles the logical tensors from the shards and compares them with a
+single-process run, so this script only trains and records.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from dist_common import STEPS, make_config, make_data, rank_batch  # noqa: E402
+from nanotronix.model import build_model  # noqa: E402
+from nanotronix.parallel import DistributedOptimizer, ParallelContext, parallelize  # noqa: E402
+from nanotronix.train.optimizer import param_groups  # noqa: E402
+from nanotronix.train.step import train_step  # noqa: E402
+
+
+def parse_layout(text: str) -> tuple[str, dict]:
+    name, _, spec = text.partition(":")
+    fields = {}
+    for item in filter(None, spec.split(",")):
+        key, _, value = item.partition("=")
+        fields[key] = {"true": True, "false": False}.get(value, int(value) if value.isdigit() else value)
+    return name, fields
+
+
+def run_layout(name: str, parallel: dict, out: Path) -> None:
+    cfg = make_config(parallel)
+    ctx = ParallelContext.build(cfg)
+    torch.manual_seed(cfg.train.seed)
+    model = parallelize(build_model(cfg.model, "sdpa"), ctx, cfg)
+    o = cfg.optimizer
+    optimizer = DistributedOptimizer(model, param_groups(model.named_parameters(), o.weight_decay), lr=o.lr,
+                                     betas=tuple(o.betas), eps=o.eps)
+    data = make_data(cfg)
+    losses, norms = [], []
+    for step in range(1, STEPS + 1):
+        result = train_step(model, optimizer, rank_batch(cfg, data, step, ctx.dp_rank, ctx.dp), o.lr,
+                            o.clip_grad)
+        losses.append(result.loss)
+        norms.append(result.grad_norm)
+    folder = out / name
+    folder.mkdir(parents=True, exist_ok=True)
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    torch.save({
+        "coords": {"tp": ctx.tp_rank, "dp": ctx.dp_rank, "pp": ctx.pp_rank},
+        "params": params,
+        "tp_shard_dim": {n: p.tp_shard_dim for n, p in model.named_parameters()},
+        "states": optimizer.param_states(),
+        "step_count": optimizer.step_count,
+        "losses": losses,
+    }, folder / f"rank{ctx.rank}.pt")
+    if ctx.rank == 0:
+        (folder / "metrics.json").write_text(json.dumps({"losses": losses, "grad_norms": norms}))
+    dist.barrier()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("layouts", nargs="+")
+    args = parser.parse_args()
+    dist.init_process_group("gloo")
+    code = 0
+    try:
+        for text in args.layouts:
+            name, fields = parse_layout(text)
+            run_layout(name, fields, Path(args.out))
+    except Exception:
+        traceback.print_exc()
+        code = 1
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()

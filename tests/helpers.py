@@ -1,0 +1,57 @@
+"""Shared test fixtures' building blocks: tiny configs and tiny learnable token stores."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY_MODEL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 128, "rope_theta": 10000.0,
+              "rms_norm_eps": 1e-5, "tie_word_embeddings": True, "init_std": 0.02}
+
+
+def write_learnable_store(prefix: Path, num_docs: int = 200, vocab: int = 256, seed: int = 0) -> Path:
+    """Documents of short arithmetic progressions: easy to learn, so a working trainer's loss falls fast."""
+    from nanotronix.data.megatron_store import MegatronWriter
+
+    rng = np.random.default_rng(seed)
+    writer = MegatronWriter(prefix, np.uint16)
+    for _ in range(num_docs):
+        start, stride, length = rng.integers(1, vocab), rng.integers(1, 5), rng.integers(20, 120)
+        doc = (start + stride * np.arange(length)) % (vocab - 1) + 1
+        writer.add_document(np.append(doc, 0))  # 0 = end of document
+    writer.finalize({"tokenizer": {"name": "synthetic", "vocab_size": vocab, "eos_id": 0}})
+    return prefix
+
+
+def tiny_config(tmp_path: Path, store: Path, **sections) -> Path:
+    cfg = {
+        "model": dict(TINY_MODEL),
+        "train": {"seq_len": 32, "global_batch_size": 8, "micro_batch_size": 2, "train_steps": 20, "seed": 7},
+        "optimizer": {"lr": 3e-3},
+        "lr_schedule": {"warmup_steps": 2},
+        "data": {"stages": [{"name": "arith", "start_step": 1, "datasets": [{"path": str(store), "weight": 1.0}]}]},
+        "logging": {"dir": str(tmp_path / "logs"), "interval": 1},
+    }
+    for key, value in sections.items():
+        cfg.setdefault(key, {}).update(value)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run(args: list[str], cwd: Path = ROOT, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def torchrun(nproc: int, args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    return run(["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args],
+               timeout=timeout)

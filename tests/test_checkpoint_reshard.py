@@ -1,0 +1,143 @@
+"""Resharding at the checkpoint layer: save in one TP x PP x DP layout, load in others, bit for bit.
+
+Eight gloo ranks (torch.multiprocessing spawn) hold the pieces of one tiny plain model and of reference AdamW
+moments, cut as `nanotronix.parallel` cuts them. The checkpoint saved in TP2xPP2xDP2 is loaded into TP1xPP1xDP1,
+TP2xPP1xDP4, TP1xPP4xDP2 and TP2xPP2xDP2, the one saved in TP2xPP1xDP4 back into TP2xPP2xDP2, and every rank
+checks its weights and moments against the slices of the reference. Then the checkpoints of three layouts are
+exported to Hugging Face and `transformers` must reproduce the plain model's logits (fp32, 1e-5).
+Costs ~25-40 s on 2 cores (mostly starting 8 processes).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from checkpoint_helpers import (TINY, TINY_UNTIED, FakeOptimizer, local_slice, plain_model, rank_piece,
+                                reference_moments)
+
+WORLD = 8
+SAVE_LAYOUTS = [(2, 2, 2), (2, 1, 4), (1, 4, 2)]  # (tp, pp, dp)
+LOAD_CASES = [("2x2x2", (1, 1, 1)), ("2x2x2", (2, 1, 4)), ("2x2x2", (1, 4, 2)), ("2x2x2", (2, 2, 2)),
+              ("2x1x4", (2, 2, 2)), ("1x4x2", (2, 1, 4))]
+
+
+def _name(layout) -> str:
+    return "x".join(map(str, layout))
+
+
+def _context(cfg_model, layout):
+    """A ParallelContext for `layout` over all 8 ranks (collective: every rank calls it for every layout)."""
+    from nanotronix.config import Config, ParallelConfig
+    from nanotronix.parallel import ParallelContext
+
+    tp, pp, dp = layout
+    cfg = Config(model=cfg_model, parallel=ParallelConfig(tp=tp, pp=pp, dp=dp))
+    cfg.train.seq_len = 32
+    return ParallelContext.build(cfg)
+
+
+def _piece(ctx, cfg_model, step_count):
+    plain = plain_model(cfg_model)
+    moments = reference_moments(plain)
+    model = rank_piece(plain, cfg_model, ctx.tp, ctx.pp, ctx.tp_rank, ctx.pp_rank)
+    states = {n: {k: local_slice(v, n, ctx.tp, ctx.tp_rank).clone() for k, v in moments[n].items()}
+              for n, _ in model.named_parameters()}
+    return model, FakeOptimizer(model, states, step_count), plain, moments
+
+
+def _worker(rank: int, port: int, root: str, cfg_model) -> None:
+    from nanotronix.checkpoint.storage import Collective
+    from nanotronix.checkpoint.training_state import load_training_state, take_snapshot, write_snapshot
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        tied = cfg_model.tie_word_embeddings
+        coll = Collective(dist.new_group(backend="gloo"))
+        for layout in SAVE_LAYOUTS:
+            ctx = _context(cfg_model, layout)
+            model, opt, _, _ = _piece(ctx, cfg_model, step_count=7)
+            snap = take_snapshot(7, model, opt, ctx, {"model": vars(cfg_model)}, {"consumed_samples": 56},
+                                 stage=layout == (2, 1, 4))  # one layout through the async path's CPU staging
+            write_snapshot(snap, Path(root) / _name(layout), coll, keep_last=0)
+
+        single = dist.new_group([0])
+        for source, layout in LOAD_CASES:
+            folder = Path(root) / source / "step_0000007"
+            if layout == (1, 1, 1):
+                ctx = _context(cfg_model, (2, 2, 2))  # keep the group-creation sequence identical on all ranks
+                if rank != 0:
+                    dist.barrier()
+                    continue
+                from nanotronix.parallel import ParallelContext
+                ctx, load_coll = ParallelContext(tp=1, pp=1, dp=1, rank=0, world_size=1), Collective(single)
+            else:
+                ctx, load_coll = _context(cfg_model, layout), coll
+            model, opt, plain, moments = _piece(ctx, cfg_model, step_count=0)
+            with torch.no_grad():  # scramble what will be loaded, so nothing passes by accident
+                for p in model.parameters():
+                    p.normal_()
+            opt.states = {n: {k: torch.full_like(v, -1.0) for k, v in s.items()} for n, s in opt.states.items()}
+            load_training_state(folder, model, opt, ctx, load_coll, tied=tied)
+            reference = dict(plain.named_parameters())
+            for n, p in model.named_parameters():
+                want = local_slice(reference[n].detach(), n, ctx.tp, ctx.tp_rank)
+                assert torch.equal(p.detach(), want), f"{source}->{layout} rank {rank}: weight {n} differs"
+                for k in ("exp_avg", "exp_avg_sq"):
+                    want = local_slice(moments[n][k], n, ctx.tp, ctx.tp_rank)
+                    assert torch.equal(opt.states[n][k], want), f"{source}->{layout} rank {rank}: {k} of {n}"
+            assert opt.step_count == 7
+            if tied and model.lm_head is not None:
+                assert model.lm_head.weight.data_ptr() == model.embed_tokens.weight.data_ptr()
+            if layout == (1, 1, 1):
+                dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module", params=[TINY, TINY_UNTIED], ids=["tied", "untied"])
+def saved_layouts(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp("reshard")
+    # A failing assertion in any rank raises here, with that rank's traceback.
+    mp.start_processes(_worker, args=(_free_port(), str(root), request.param), nprocs=WORLD, join=True,
+                       start_method="spawn")
+    return root, request.param
+
+
+def test_every_layout_loads_every_other(saved_layouts):
+    root, _ = saved_layouts  # the workers asserted; here: the checkpoints exist and record their layouts
+    for layout in SAVE_LAYOUTS:
+        manifest = json.loads((root / _name(layout) / "step_0000007" / "checkpoint.json").read_text())
+        tp, pp, dp = layout
+        assert manifest["layout"] == {"tp": tp, "pp": pp, "dp": dp, "world_size": WORLD}
+        assert manifest["step"] == 7 and manifest["rope_layout"] == "rotate_half"
+
+
+@pytest.mark.parametrize("layout", SAVE_LAYOUTS, ids=_name)
+def test_export_from_each_layout_matches_transformers(saved_layouts, layout, tmp_path):
+    import transformers
+
+    from nanotronix.checkpoint.hf_export import export_to_hf
+
+    root, cfg = saved_layouts
+    out = export_to_hf(root / _name(layout), tmp_path / "hf", progress=False, log=lambda _: None)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").float().eval()
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    ids = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ours = plain_model(cfg)(ids)
+        theirs = hf(input_ids=ids).logits
+    assert (ours - theirs).abs().max().item() < 1e-5

@@ -1,0 +1,176 @@
+"""The deterministic blended multi-stage sampler: blend proportions, stage switches at start_step, resume
+with another DP size, per-epoch reshuffling, dataset continuation across stages, permutation bijectivity.
+~5 s (stores of random tokens, up to 100k samples per stage located vectorised)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nanotronix.config import config_from_dict
+from nanotronix.data import DataError, build_train_loader, open_store
+from nanotronix.data.blend import BlendTree
+from nanotronix.data.megatron_store import MegatronWriter
+from nanotronix.data.permutation import permute
+from nanotronix.data.schedule import BlendSchedule, PackedStream
+
+SEQ = 16
+
+
+def _store(path, num_tokens, seed):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(1, 49152, size=num_tokens)
+    lengths = np.full(max(1, num_tokens // 50), min(50, num_tokens))
+    lengths[-1] += num_tokens - lengths.sum()
+    writer = MegatronWriter(path, np.uint16)
+    writer.add_documents(tokens, lengths)
+    writer.finalize({"tokenizer": {"vocab_size": 49152, "eos_id": 0}})
+    return str(path)
+
+
+def _cfg(stages, gbs=8, mbs=1, seed=1234):
+    return config_from_dict({
+        "model": {"preset": "smollm2-135m", "num_hidden_layers": 1},
+        "train": {"seq_len": SEQ, "global_batch_size": gbs, "micro_batch_size": mbs},
+        "data": {"data_seed": seed, "stages": [
+            {"name": n, "start_step": s, "datasets": [{"path": p, "weight": w} for p, w in ds]} for n, s, ds in stages]},
+    })
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sampler")
+    return [_store(d / f"s{i}", n, i) for i, n in enumerate((20_000, 5_000, 40_000, 801))]
+
+
+def test_permutation_is_a_bijection_and_keyed():
+    for n in (1, 2, 3, 17, 1000, 4097):
+        p = permute(np.arange(n), n, key=7)
+        assert sorted(p.tolist()) == list(range(n))
+    a, b = permute(np.arange(1000), 1000, 7), permute(np.arange(1000), 1000, 8)
+    assert not np.array_equal(a, b) and not np.array_equal(a, np.arange(1000))
+
+
+SMOLLM2_STAGES = [  # SmolLM2-1.7B stage mixtures (shared/smollm2/schedule.yaml), buckets flattened
+    [0.54, 0.36, 0.10],
+    [0.45, 0.30, 0.20, 0.05],
+    [0.296, 0.444, 0.16, 0.10],
+    [0.232, 0.348, 0.24, 0.14, 0.04],
+]
+
+
+@pytest.mark.parametrize("weights", SMOLLM2_STAGES + [[1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1], [3, 1]])
+def test_blend_proportions_within_one_percent_over_100k(weights):
+    tree = BlendTree(weights)
+    n = 100_000
+    source, rank = tree.assign(np.arange(n))
+    realised = np.bincount(source, minlength=len(weights)) / n
+    expected = np.array(weights) / sum(weights)
+    assert np.all(np.abs(realised - expected) <= 0.01 * expected), (realised, expected)
+    # ranks are 0..count-1 in order within each source, and counts() agrees with assign() on prefixes
+    for s in range(len(weights)):
+        assert np.array_equal(rank[source == s], np.arange(np.sum(source == s)))
+    for prefix in (0, 1, 1023, 1024, 77_777, n):
+        assert tree.counts(prefix) == np.bincount(source[:prefix], minlength=len(weights)).tolist()
+    # every 1024-sample global batch is close to the mixture too (deterministic, low discrepancy)
+    per_batch = np.stack([np.bincount(source[i:i + 1024], minlength=len(weights)) for i in range(0, n - 1024, 1024)])
+    assert np.abs(per_batch - expected * 1024).max() <= np.ceil(np.log2(len(weights))) + 1
+
+
+def test_stage_proportions_and_switch_at_exact_start_step(stores):
+    a, b, c, d = stores
+    gbs = 32
+    cfg = _cfg([("one", 1, [(a, 0.7), (b, 0.3)]), ("two", 101, [(c, 0.5), (d, 0.25), (a, 0.25)])], gbs=gbs)
+    loader = build_train_loader(cfg, 0, 1)
+    sched = loader.schedule
+    names, which, _ = sched.locate(np.arange(0, 300 * gbs))
+    step_of = np.arange(300 * gbs) // gbs + 1
+    used = {n: set(step_of[which == i].tolist()) for i, n in enumerate(names)}
+    assert max(used[b]) == 100 and min(used[c]) == 101 and min(used[d]) == 101
+    assert loader.stats(100)["stage"] == "one" and loader.stats(101)["stage"] == "two"
+    stage2 = which[100 * gbs:]
+    share = np.bincount(stage2, minlength=4)[[names.index(c), names.index(d), names.index(a)]] / len(stage2)
+    assert np.allclose(share, [0.5, 0.25, 0.25], rtol=0.01)
+
+
+def _global_batches(cfg, dp, first_step, last_step, consumed=0):
+    loaders = [build_train_loader(cfg, r, dp, consumed_samples=consumed) for r in range(dp)]
+    out = []
+    for step in range(first_step, last_step + 1):
+        parts = [ld.batch(step).reshape(-1, SEQ + 1) for ld in loaders]
+        out.append(np.concatenate([p.numpy() for p in parts]))
+    return np.stack(out), loaders
+
+
+def test_resume_with_other_dp_size_gives_identical_global_sequence(stores):
+    a, b, c, _ = stores
+    cfg = _cfg([("one", 1, [(a, 2), (b, 1)]), ("two", 4, [(c, 1), (a, 1)])], gbs=8, mbs=1)
+    full, (one,) = _global_batches(cfg, 1, 1, 8)
+    assert one.state_dict() == {"consumed_samples": 64}
+    for dp in (2, 4, 8):
+        resumed, loaders = _global_batches(cfg, dp, 4, 8, consumed=3 * 8)
+        assert np.array_equal(resumed, full[3:]), f"dp={dp}"
+        assert all(ld.state_dict() == {"consumed_samples": 64} for ld in loaders)
+    # micro-batch layout: [grad_accum, micro_batch, seq+1] with rank slices contiguous in the global batch
+    cfg2 = _cfg([("one", 1, [(a, 2), (b, 1)]), ("two", 4, [(c, 1), (a, 1)])], gbs=8, mbs=2)
+    batch = build_train_loader(cfg2, 1, 2).batch(5)
+    assert batch.shape == (2, 2, SEQ + 1)
+    assert np.array_equal(batch.reshape(-1, SEQ + 1).numpy(), full[4][4:8])
+
+
+def test_samples_are_a_pure_function_and_match_the_store(stores):
+    a, b, _, _ = stores
+    cfg = _cfg([("one", 1, [(a, 1), (b, 1)])], gbs=8)
+    loader = build_train_loader(cfg, 0, 1)
+    ids = np.array([5, 123, 7, 99_999, 5])
+    rows = loader.read_samples(ids)
+    assert np.array_equal(rows[0], rows[4])
+    assert np.array_equal(build_train_loader(cfg, 0, 1).read_samples(ids[::-1]), rows[::-1])
+    names, which, starts = loader.schedule.locate(ids)
+    for row, w, s in zip(rows, which, starts):
+        assert np.array_equal(row, open_store(names[w]).tokens(int(s), SEQ + 1))
+    other_seed = build_train_loader(_cfg([("one", 1, [(a, 1), (b, 1)])], gbs=8, seed=99), 0, 1).read_samples(ids)
+    assert not np.array_equal(other_seed, rows)
+
+
+def test_epochs_cover_every_window_and_reshuffle(stores):
+    small = stores[3]  # 801 tokens -> 50 windows of 17 tokens at seq_len 16
+    stream = PackedStream(small, open_store(small).num_tokens, SEQ, seed=3)
+    w = stream.windows_per_epoch
+    assert w == (801 - 1) // SEQ == 50
+    epochs = [stream.window_starts(np.arange(e * w, (e + 1) * w)) for e in range(4)]
+    for starts in epochs:
+        shift = int(starts.min()) % SEQ
+        assert sorted(starts.tolist()) == [shift + k * SEQ for k in range(w)]  # each window exactly once
+        assert starts.max() + SEQ + 1 <= 801
+    orders = [tuple(np.argsort(s)) for s in epochs]
+    assert len(set(orders)) == 4, "every epoch must have its own order"
+    assert stream.epochs(125) == 2.5
+
+
+def test_dataset_continues_across_stages_without_repeating(stores):
+    a, b, c, _ = stores
+    cfg = _cfg([("one", 1, [(a, 1), (b, 1)]), ("two", 11, [(a, 1), (c, 1)])], gbs=16)
+    loader = build_train_loader(cfg, 0, 1)
+    names, which, starts = loader.schedule.locate(np.arange(0, 200 * 16))
+    a_starts = starts[which == names.index(a)]
+    windows_a = loader.schedule.streams[a].windows_per_epoch
+    assert len(a_starts) > windows_a
+    assert len(set(a_starts[:windows_a].tolist())) == windows_a  # the first epoch spans both stages
+    stats = loader.stats(200)
+    assert sum(v["consumed_tokens"] for v in stats["datasets"].values()) == 200 * 16 * SEQ
+    assert stats["datasets"][a]["consumed_tokens"] == len(a_starts) * SEQ
+    assert stats["datasets"][b]["consumed_tokens"] == int(np.sum(which == names.index(b))) * SEQ
+    assert stats["datasets"][a]["epochs"] == pytest.approx(len(a_starts) / windows_a)
+
+
+def test_loader_errors_are_one_clear_line(stores, tmp_path):
+    with pytest.raises(DataError, match=f"token store not found: {tmp_path / 'missing'}"):
+        build_train_loader(_cfg([("one", 1, [(str(tmp_path / "missing"), 1)])]), 0, 1)
+    cfg = _cfg([("one", 1, [(stores[0], 1)])], gbs=8)
+    with pytest.raises(DataError, match="not a multiple of the global batch size"):
+        build_train_loader(cfg, 0, 1, consumed_samples=5)
+    with pytest.raises(DataError, match="not divisible"):
+        build_train_loader(cfg, 0, 3)
+    tiny = _store(tmp_path / "tiny", 10, 0)
+    with pytest.raises(DataError, match="cannot fill one window"):
+        build_train_loader(_cfg([("one", 1, [(tiny, 1)])]), 0, 1)

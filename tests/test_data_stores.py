@@ -1,0 +1,178 @@
+"""Token stores: Megatron bytes against an independent writer built from the spec, round trips of all three
+formats (Megatron, datatrove .ds, zarr incl. an fsspec URL), and the real SmolLM2 tokenizer. ~5 s."""
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nanotronix.data import DataError, load_tokenizer, open_store
+from nanotronix.data.megatron_store import MegatronWriter, optimal_dtype
+from nanotronix.data.zarr_store import ZarrWriter, zarr_output_path
+from test_data_support import spec_megatron_bytes, train_tiny_tokenizer, write_spec_megatron
+
+RNG = np.random.default_rng(0)
+DOCS = [RNG.integers(0, 49152, size=n).tolist() for n in (1, 7, 300, 2, 1000, 5)]
+
+
+def _write_ours(prefix: Path, docs, dtype, fmt="megatron"):
+    writer = MegatronWriter(prefix, dtype) if fmt == "megatron" else ZarrWriter(zarr_output_path(str(prefix)), dtype)
+    # two batches, so the writer's concatenation across calls is exercised
+    for part in (docs[:2], docs[2:]):
+        writer.add_documents(np.concatenate([np.array(d) for d in part]), np.array([len(d) for d in part]))
+    writer.finalize({"num_documents": len(docs), "num_tokens": sum(map(len, docs))})
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int32])
+def test_megatron_writer_matches_spec_bytes(tmp_path, dtype):
+    _write_ours(tmp_path / "ours", DOCS, dtype)
+    binary, idx = spec_megatron_bytes(DOCS, dtype)
+    assert (tmp_path / "ours.bin").read_bytes() == binary
+    assert (tmp_path / "ours.idx").read_bytes() == idx
+    assert not list(tmp_path.glob(".*tmp*")), "temporary files left behind"
+
+
+def test_spec_written_store_reads_back_document_for_document(tmp_path):
+    write_spec_megatron(tmp_path / "ref", DOCS, np.uint16)
+    store = open_store(tmp_path / "ref")
+    assert store.format == "megatron" and store.dtype == np.uint16
+    assert store.num_documents == len(DOCS) and store.num_tokens == sum(map(len, DOCS))
+    for i, doc in enumerate(DOCS):
+        assert store.document(i).tolist() == doc
+    flat = np.concatenate([np.array(d) for d in DOCS])
+    assert store.tokens(3, 400).tolist() == flat[3:403].tolist()
+    assert store.document_lengths(1, 4).tolist() == [7, 300, 2]
+    with pytest.raises(DataError, match="no document 6"):
+        store.document(6)
+    # the .bin/.idx file names are accepted too
+    assert open_store(f"{tmp_path / 'ref'}.idx").num_documents == len(DOCS)
+
+
+def test_megatron_reader_accepts_multi_sequence_documents(tmp_path):
+    """Megatron's --split-sentences layout: documents group several sequences (document_indices != 0..N)."""
+    seqs = [[1, 2], [3], [4, 5, 6], [7]]
+    n = len(seqs)
+    lengths, pointers, off = [], [], 0
+    for s in seqs:
+        lengths.append(len(s))
+        pointers.append(off)
+        off += 2 * len(s)
+    doc_index = [0, 2, 4]  # two documents of two sequences each
+    idx = (b"MMIDIDX\x00\x00" + struct.pack("<QBQQ", 1, 8, n, len(doc_index)) + struct.pack(f"<{n}i", *lengths)
+           + struct.pack(f"<{n}q", *pointers) + struct.pack(f"<{len(doc_index)}q", *doc_index))
+    (tmp_path / "s.idx").write_bytes(idx)
+    (tmp_path / "s.bin").write_bytes(np.array(sum(seqs, []), dtype=np.uint16).tobytes())
+    store = open_store(tmp_path / "s")
+    assert store.num_documents == 2
+    assert store.document(0).tolist() == [1, 2, 3] and store.document(1).tolist() == [4, 5, 6, 7]
+    assert store.document_lengths().tolist() == [3, 4]
+    store.verify()
+
+
+def test_optimal_dtype_follows_megatron():
+    assert optimal_dtype(49152) == np.uint16 and optimal_dtype(65499) == np.uint16
+    assert optimal_dtype(65500) == np.int32 and optimal_dtype(128256) == np.int32
+
+
+def _write_datatrove(path: Path, docs, token_size=2, metadata: str | None = "my/tokenizer|2"):
+    """A .ds/.ds.index/.ds.metadata triple written from datatrove's format facts."""
+    fmt = "H" if token_size == 2 else "I"
+    flat = sum(docs, [])
+    path.write_bytes(struct.pack(f"<{len(flat)}{fmt}", *flat))
+    Path(f"{path}.index").write_bytes(struct.pack(f"<{len(docs)}Q", *np.cumsum([len(d) for d in docs]).tolist()))
+    if metadata is not None:
+        Path(f"{path}.metadata").write_text(f"{metadata}\n{len(flat)}\n{len(flat)}T")
+
+
+@pytest.mark.parametrize("token_size,metadata", [(2, "my/tokenizer|2"), (4, "my/tokenizer|4"), (4, None)])
+def test_datatrove_file_round_trip(tmp_path, token_size, metadata):
+    _write_datatrove(tmp_path / "000_shuffled.ds", DOCS, token_size, metadata)
+    store = open_store(tmp_path / "000_shuffled.ds")
+    assert store.format == "datatrove" and store.dtype.itemsize == token_size
+    assert [store.document(i).tolist() for i in range(len(DOCS))] == DOCS
+    assert store.num_tokens == sum(map(len, DOCS))
+    if metadata:
+        assert store.tokenizer_info["name"] == "my/tokenizer"
+    store.verify()
+
+
+def test_datatrove_folder_is_one_stream(tmp_path):
+    _write_datatrove(tmp_path / "b.ds", DOCS[3:])  # sorted order: a.ds first
+    _write_datatrove(tmp_path / "a.ds", DOCS[:3])
+    store = open_store(tmp_path)
+    assert store.num_documents == len(DOCS)
+    assert [store.document(i).tolist() for i in range(len(DOCS))] == DOCS
+    flat = sum(DOCS, [])
+    boundary = sum(map(len, DOCS[:3]))
+    assert store.tokens(boundary - 5, 10).tolist() == flat[boundary - 5:boundary + 5]
+    assert store.document_lengths(2, 5).tolist() == [len(d) for d in DOCS[2:5]]
+    assert store.windows(np.array([boundary - 2, 0]), 4).tolist() == [flat[boundary - 2:boundary + 2], flat[:4]]
+
+
+def test_zarr_round_trip_local_and_fsspec_url(tmp_path):
+    _write_ours(tmp_path / "z", DOCS, np.uint16, fmt="zarr")
+    for location in (tmp_path / "z", f"{tmp_path / 'z'}.zarr", f"file://{tmp_path / 'z'}.zarr"):
+        store = open_store(location)
+        assert store.format == "zarr" and store.dtype == np.uint16
+        assert [store.document(i).tolist() for i in range(len(DOCS))] == DOCS
+        assert store.metadata["num_tokens"] == store.num_tokens == sum(map(len, DOCS))
+    store.verify()
+
+
+def test_zarr_spans_several_shards(tmp_path):
+    """More tokens than one 2^20-token shard: the append buffer's whole-shard writes and the tail agree."""
+    docs = [RNG.integers(0, 60000, size=n).tolist() for n in (700_000, 600_000, 5)]
+    _write_ours(tmp_path / "big", docs, np.uint16, fmt="zarr")
+    store = open_store(tmp_path / "big")
+    assert [store.document(i).tolist() for i in range(3)] == docs
+    flat = np.concatenate([np.array(d) for d in docs])
+    assert np.array_equal(store.gather(np.array([0, 1_048_575, 1_048_576, 1_300_004])),
+                          flat[[0, 1_048_575, 1_048_576, 1_300_004]])
+
+
+def test_missing_store_names_the_path(tmp_path):
+    with pytest.raises(DataError, match=f"token store not found: {tmp_path / 'nope'}"):
+        open_store(tmp_path / "nope")
+
+
+def test_tokenizer_from_file_folder_and_errors(tmp_path):
+    file = train_tiny_tokenizer(tmp_path / "tok" / "tokenizer.json")
+    tok, info = load_tokenizer(str(file))
+    _, info_dir = load_tokenizer(str(file.parent))
+    assert info == info_dir.__class__(**{**info_dir.to_dict(), "name": str(file)})
+    assert info.eos_token == "<|endoftext|>" and info.eos_id == 0 and info.vocab_size == tok.get_vocab_size()
+    with pytest.raises(DataError, match="tokenizer not found"):
+        load_tokenizer(str(tmp_path / "missing.json"))
+    with pytest.raises(DataError, match="has no tokenizer.json"):
+        load_tokenizer(str(tmp_path))
+
+
+def test_tokenizer_hub_id_fails_with_one_clear_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network in CI: the Hub path must fail cleanly, not hang
+    with pytest.raises(DataError, match="could not be fetched from the Hugging Face Hub") as err:
+        load_tokenizer("nanotronix-test/definitely-not-a-repo")
+    assert "\n" not in str(err.value)
+
+
+def test_real_smollm2_tokenizer_store_bytes(tmp_path, smollm2_tokenizer_path):
+    """Real SmolLM2 tokenizer: preprocess text, compare .bin/.idx with the spec writer fed by a direct
+    `tokenizers` encode + EOS (id 0)."""
+    from tokenizers import Tokenizer
+    from nanotronix.data import PreprocessOptions, preprocess
+    texts = ["Hello world! SmolLM2 was trained on 11T tokens.", "def f(x):\n    return x ** 2  # 12345\n",
+             "caf\u00e9 \u65e5\u672c\u8a9e"]
+    src = tmp_path / "in.jsonl"
+    import json
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    preprocess(PreprocessOptions([str(src)], smollm2_tokenizer_path, str(tmp_path / "out"), progress=False))
+    reference = Tokenizer.from_file(smollm2_tokenizer_path)
+    docs = [reference.encode(t, add_special_tokens=False).ids + [0] for t in texts]
+    assert reference.token_to_id("<|endoftext|>") == 0 and reference.get_vocab_size() == 49152
+    binary, idx = spec_megatron_bytes(docs, np.uint16)
+    assert (tmp_path / "out.bin").read_bytes() == binary
+    assert (tmp_path / "out.idx").read_bytes() == idx
+    store = open_store(tmp_path / "out")
+    assert store.metadata["tokenizer"]["sha256"] is not None and store.eos_id == 0 and store.vocab_size == 49152
+    assert reference.decode(store.document(1).tolist()[:-1]) == texts[1]

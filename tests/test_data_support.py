@@ -1,0 +1,80 @@
+"""Shared helpers of the data tests (no tests here): a tiny byte-level BPE tokenizer trained on the fly,
+an independent Megatron writer built from the spec table, and a subprocess runner for the tools."""
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. " * 3,
+    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))\n",
+    "Pack my box with five dozen liquor jugs! 0123456789",
+    "Sphinx of black quartz, judge my vow; the five boxing wizards jump quickly.",
+    "caf\u00e9 na\u00efve \u00fcber \u65e5\u672c\u8a9e \U0001f600 emoji and accents",
+]
+
+
+def train_tiny_tokenizer(path: Path, vocab_size: int = 400) -> Path:
+    """A byte-level BPE with <|endoftext|> as id 0 (like SmolLM2), trained in well under a second."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS * 20, trainer=trainer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path))
+    return path
+
+
+SPEC_DTYPE_CODES = {np.dtype(np.uint8): 1, np.dtype(np.int8): 2, np.dtype(np.int16): 3, np.dtype(np.int32): 4,
+                    np.dtype(np.int64): 5, np.dtype(np.float64): 6, np.dtype(np.float32): 7,
+                    np.dtype(np.uint16): 8}
+
+
+def spec_megatron_bytes(documents: list[list[int]], dtype) -> tuple[bytes, bytes]:
+    """(.bin, .idx) bytes written straight from the table in shared/formats/megatron_indexed.md, one
+    sequence per document: magic, <Q version 1, <B dtype code, <Q N, <Q D+1, int32 lengths, int64 byte
+    pointers, int64 document indices 0..N."""
+    dtype = np.dtype(dtype)
+    n = len(documents)
+    binary = b"".join(np.array(d, dtype=dtype).tobytes() for d in documents)
+    lengths = [len(d) for d in documents]
+    pointers, offset = [], 0
+    for length in lengths:
+        pointers.append(offset)
+        offset += length * dtype.itemsize
+    idx = (b"MMIDIDX\x00\x00" + struct.pack("<Q", 1) + struct.pack("<B", SPEC_DTYPE_CODES[dtype])
+           + struct.pack("<Q", n) + struct.pack("<Q", n + 1)
+           + struct.pack(f"<{n}i", *lengths) + struct.pack(f"<{n}q", *pointers)
+           + struct.pack(f"<{n + 1}q", *range(n + 1)))
+    return binary, idx
+
+
+def write_spec_megatron(prefix: Path, documents: list[list[int]], dtype) -> None:
+    binary, idx = spec_megatron_bytes(documents, dtype)
+    Path(f"{prefix}.bin").write_bytes(binary)
+    Path(f"{prefix}.idx").write_bytes(idx)
+
+
+def run_tool(script: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, str(ROOT / "tools" / script), *args], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+def load_tool(script: str):
+    """Import tools/<script> as a module (in-process calls of main(argv) are much faster than subprocesses)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"tool_{Path(script).stem}", ROOT / "tools" / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,0 +1,95 @@
+"""tools/inspect_store.py: summary, --doc, --json, and --verify catching each kind of damage with one line
+(truncated .bin, damaged .idx header, non-contiguous pointers, out-of-vocabulary ids, missing EOS, sidecar
+counts), on all three formats. ~3 s (two subprocess runs, the rest in-process)."""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nanotronix.data.megatron_store import MegatronWriter
+from nanotronix.data.zarr_store import ZarrWriter
+from test_data_support import load_tool, run_tool
+
+DOCS = [[5, 6, 7, 0], [9, 0], [1, 2, 3, 4, 5, 0]]
+SIDECAR = {"tokenizer": {"name": "tiny", "sha256": "ab" * 32, "vocab_size": 400, "eos_id": 0},
+           "eos_appended": True, "num_documents": 3, "num_tokens": 12}
+
+
+@pytest.fixture(scope="module")
+def tool():
+    return load_tool("inspect_store.py")
+
+
+def _write(writer, docs=DOCS, sidecar=SIDECAR):
+    writer.add_documents(np.concatenate([np.array(d) for d in docs]), np.array([len(d) for d in docs]))
+    writer.finalize(sidecar)
+
+
+@pytest.fixture
+def store(tmp_path):
+    _write(MegatronWriter(tmp_path / "s", np.uint16))
+    return tmp_path / "s"
+
+
+def _run(tool, capsys, *args):
+    code = tool.main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err.strip()
+
+
+def test_summary_doc_json_and_verify(tool, capsys, store, tmp_path):
+    code, out, _ = _run(tool, capsys, store, "--doc", 2, "--verify")
+    assert code == 0
+    assert "format            megatron" in out and "documents         3" in out and "tokens            12" in out
+    assert "document 2 (6 tokens): 1 2 3 4 5 0" in out and "verify           OK" in out
+    code, out, _ = _run(tool, capsys, store, "--json", "--doc", 0)
+    report = json.loads(out)
+    assert report["doc_tokens"] == DOCS[0] and report["dtype"] == "uint16" and report["vocab_size"] == 400
+    _write(ZarrWriter(str(tmp_path / "z.zarr"), np.uint16))
+    assert _run(tool, capsys, tmp_path / "z", "--verify")[0] == 0
+    ds = tmp_path / "d.ds"
+    ds.write_bytes(np.array(sum(DOCS, []), dtype="<u2").tobytes())
+    Path(f"{ds}.index").write_bytes(np.cumsum([len(d) for d in DOCS]).astype("<u8").tobytes())
+    code, out, _ = _run(tool, capsys, ds, "--verify", "--json")
+    assert code == 0 and json.loads(out)["format"] == "datatrove" and json.loads(out)["verified"]
+
+
+def _patch(path: Path, offset: int, data: bytes) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[offset:offset + len(data)] = data
+    path.write_bytes(bytes(raw))
+
+
+DAMAGE = {
+    "truncated .bin": (lambda p: Path(f"{p}.bin").write_bytes(Path(f"{p}.bin").read_bytes()[:-3]), "truncated"),
+    "magic": (lambda p: _patch(Path(f"{p}.idx"), 0, b"XX"), "damaged header (magic"),
+    "version": (lambda p: _patch(Path(f"{p}.idx"), 9, struct.pack("<Q", 2)), "damaged header (version 2"),
+    "dtype code": (lambda p: _patch(Path(f"{p}.idx"), 17, b"\x63"), "unknown dtype code 99"),
+    "sequence count": (lambda p: _patch(Path(f"{p}.idx"), 18, struct.pack("<Q", 4)), "does not match its header"),
+    "short header": (lambda p: Path(f"{p}.idx").write_bytes(b"MMIDIDX"), "damaged header (7 bytes"),
+    "pointer": (lambda p: _patch(Path(f"{p}.idx"), 34 + 12 + 8, struct.pack("<q", 6)), "sequence 1 points to byte 6"),
+    "token id": (lambda p: _patch(Path(f"{p}.bin"), 2, struct.pack("<H", 401)), "token 1 has id 401, outside"),
+    "missing EOS": (lambda p: _patch(Path(f"{p}.bin"), 2 * 5, struct.pack("<H", 7)), "document 1 does not end with"),
+    "sidecar count": (lambda p: Path(f"{p}.meta.json").write_text(json.dumps({**SIDECAR, "num_tokens": 13})),
+                      "sidecar says num_tokens=13"),
+}
+
+
+@pytest.mark.parametrize("kind", list(DAMAGE))
+def test_verify_reports_each_damage_in_one_line(tool, capsys, store, kind):
+    damage, message = DAMAGE[kind]
+    damage(store)
+    code, _, err = _run(tool, capsys, store, "--verify", "--json")
+    assert code != 0 and message in err and "\n" not in err, err
+
+
+def test_real_process_help_and_failure(store):
+    assert run_tool("inspect_store.py", "--help").returncode == 0
+    Path(f"{store}.bin").write_bytes(b"\x00")
+    res = run_tool("inspect_store.py", str(store), "--verify")
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert res.stderr.strip().startswith("inspect_store: error:") and len(res.stderr.strip().splitlines()) == 1

@@ -1,0 +1,119 @@
+"""tools/plan.py against the SmolLM2 facts: 5.24M steps ~ 10.99T tokens, stage starts ~ 2,861,023 / 3,814,697 /
+4,716,000, sources' epochs from real store sizes, memory and time arithmetic, one-line errors (~10 s)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import run
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "examples" / "configs"
+GIB = 1024 ** 3
+
+
+@pytest.fixture(scope="module")
+def plan_tool():
+    spec = importlib.util.spec_from_file_location("plan_tool", ROOT / "tools" / "plan.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_1p7b_plan_matches_the_published_schedule(plan_tool):
+    plan = plan_tool.build_plan(str(CONFIGS / "smollm2_1p7b.yaml"), ["data.root=/nonexistent"], 256, 0.45,
+                                "H100 SXM")
+    # [R] 5,240,000 steps x 2,097,152 tokens = 10.989T tokens ("~11T" [P])
+    assert plan["total_tokens"] == 5_240_000 * 2_097_152
+    assert plan["total_tokens"] / 1e12 == pytest.approx(10.99, abs=0.005)
+    assert plan["layout"] == {"tp": 1, "pp": 1, "dp": 256, "zero_stage": 0, "micro_batch_size": 4, "grad_accum": 1}
+    stages = plan["stages"]
+    # stage boundaries at 6T and 8T tokens [P], the decay phase after step 4,716,000 [R]
+    assert [s["first_step"] - 1 for s in stages] == pytest.approx([0, 2_861_023, 3_814_697, 4_716_000], abs=1)
+    assert stages[1]["tokens_before"] == pytest.approx(6e12, abs=2_097_152)
+    assert stages[2]["tokens_before"] == pytest.approx(8e12, abs=2_097_152)
+    assert stages[3]["tokens_before"] == 4_716_000 * 2_097_152
+    assert [s["last_step"] for s in stages][-1] == 5_240_000
+    assert sum(s["steps"] for s in stages) == 5_240_000
+    assert sum(s["tokens"] for s in stages) == plan["total_tokens"]
+    for s in stages:
+        assert sum(src["samples"] for src in s["sources"]) == s["steps"] * 1024
+        for src in s["sources"]:
+            # exact up to the blend's quantisation of weights to 1/2^24 of their sum
+            samples = s["steps"] * 1024
+            assert src["samples"] == pytest.approx(samples * src["share"], abs=8 + samples / 2 ** 23)
+            assert src["status"] == "store not found" and src["epochs"] is None
+    # memory for dp=256, no ZeRO: fp32 weights and grads, two fp32 AdamW moments, bf16 copies
+    mem = plan["memory"]["bytes"]
+    n = 1_711_376_384
+    assert plan["memory"]["params_per_gpu"] == n
+    assert (mem["weights_fp32"], mem["grads_fp32"], mem["optimizer_adamw"]) == (4 * n, 4 * n, 8 * n)
+    assert mem["weights_bf16_copies"] == 2 * n
+    assert 10 * GIB < mem["activations"] < 40 * GIB
+    assert mem["total"] < 80 * GIB  # the published layout fits an 80 GB H100
+    # time: 6 N_matmul + causal attention FLOPs per token, at 45% of 989.4 TFLOP/s on 256 GPUs
+    matmul = 24 * (2048 * 3 * 2048 + 2048 * 2048 + 3 * 2048 * 8192) + 2048 * 49152
+    per_token = 6 * matmul + 6 * 24 * 2048 * 2048
+    tm = plan["time"]
+    assert tm["flops_per_token"] == per_token
+    assert tm["total_flops"] == pytest.approx(1.1e23, rel=0.1)  # [P] "around 1e23 FLOPs"; 6ND = 1.13e23 [D]
+    hours = plan["total_tokens"] * per_token / (256 * 989.4e12 * 0.45) / 3600
+    assert tm["wall_hours"] == pytest.approx(hours) and tm["gpu_hours"] == pytest.approx(256 * hours)
+    assert sum(tm["stage_wall_hours"].values()) == pytest.approx(hours)
+
+
+def test_zero1_and_pipeline_change_memory(plan_tool):
+    base = plan_tool.build_plan(str(CONFIGS / "smollm2_1p7b.yaml"), [], 256, 0.45, "H100 SXM")["memory"]
+    zero = plan_tool.build_plan(str(CONFIGS / "smollm2_1p7b.yaml"), ["parallel.zero_stage=1"], 256, 0.45,
+                                "H100 SXM")["memory"]
+    assert zero["bytes"]["optimizer_adamw"] == pytest.approx(base["bytes"]["optimizer_adamw"] / 256)
+    pp = plan_tool.build_plan(str(CONFIGS / "smollm2_1p7b.yaml"), ["parallel.pp=4", "train.micro_batch_size=1"],
+                              256, 0.45, "H100 SXM")["memory"]
+    assert pp["in_flight_microbatches"] == 4  # 1F1B: the first stage holds pp micro-batches
+    assert pp["params_per_gpu"] < base["params_per_gpu"] / 3
+
+
+def test_epochs_from_real_stores(plan_tool, tmp_path):
+    from nanotronix.data.megatron_store import MegatronWriter
+
+    sizes = {"dclm-edu": 50_000, "stack-edu": 30_001, "infimm-webmath": 12_000, "finemath": 9_000}
+    for name, tokens in sizes.items():
+        writer = MegatronWriter(tmp_path / name, np.uint16)
+        writer.add_document(np.ones(tokens, dtype=np.uint16))
+        writer.finalize()
+    plan = plan_tool.build_plan(str(CONFIGS / "smollm2_135m.yaml"), [f"data.root={tmp_path}",
+                                "train.train_steps=100", "lr_schedule.warmup_steps=10", "lr_schedule.decay_start_step=80",
+                                "lr_schedule.decay_steps=20"], 64, 0.45, "H100 SXM")
+    (stage,) = plan["stages"]
+    for src in stage["sources"]:
+        name = Path(src["path"]).name
+        if name == "cosmopedia-v2":
+            assert src["status"] == "store not found" and src["epochs"] is None
+            continue
+        windows = (sizes[name] - 1) // 2048  # a sample is a window of seq_len+1 tokens overlapping by one
+        assert src["status"] == "ok" and src["store_tokens"] == sizes[name]
+        assert src["epochs"] == pytest.approx(src["samples"] / windows)
+        assert src["epochs_by_stage_end"] == src["epochs"]
+
+
+def test_cli_prints_the_three_recipes_and_errors_in_one_line(tmp_path):
+    proc = run(["tools/plan.py", str(CONFIGS / "smollm2_360m.yaml"), "--gpus", "128", "--json"])
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    assert plan["total_tokens"] == 2_600_000 * 1_572_864 and plan["layout"]["grad_accum"] == 1
+    proc = run(["tools/plan.py", str(CONFIGS / "smollm2_135m.yaml"), "--gpus", "64"])
+    assert proc.returncode == 0 and "2,000,000 steps" in proc.stdout and "store not found" in proc.stdout
+    for args, message in [
+        (["--gpus", "3"], "error: train.global_batch_size: 1024 is not divisible by micro_batch_size*dp = 4*3"),
+        (["--gpus", "256", "--mfu", "2"], "error: --mfu must be in (0, 1], got 2.0"),
+        (["--gpus", "256", "parallel.tq=2"], "error: parallel.tq: unknown config key"),
+    ]:
+        proc = run(["tools/plan.py", str(CONFIGS / "smollm2_1p7b.yaml"), *args])
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(message), proc.stderr
+    proc = run(["tools/plan.py", str(tmp_path / "missing.yaml"), "--gpus", "8"])
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: config file not found: {tmp_path / 'missing.yaml'}"

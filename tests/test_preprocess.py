@@ -1,0 +1,167 @@
+"""tools/preprocess.py: every input format, every bad-record kind with and without --skip-bad, identical
+output for any worker count, atomic outputs, one-line errors. Reference: direct `tokenizers` encoding + EOS.
+~12 s (one 2-worker spawn run and three subprocess runs; the rest in-process)."""
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nanotronix.data import open_store
+from test_data_support import load_tool, run_tool, train_tiny_tokenizer
+
+TEXTS = ["The quick brown fox.", "def add(a, b):\n    return a + b\n", "caf\u00e9 \u65e5\u672c", "jumps " * 200]
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return str(train_tiny_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.json"))
+
+
+@pytest.fixture(scope="module")
+def tool():
+    return load_tool("preprocess.py")
+
+
+def _reference(tok: str, texts: list[str]) -> list[list[int]]:
+    from tokenizers import Tokenizer
+    t = Tokenizer.from_file(tok)
+    return [t.encode(x, add_special_tokens=False).ids + [0] for x in texts]
+
+
+def _docs(prefix) -> list[list[int]]:
+    """Documents via one stream read split by the document lengths (per-document zarr reads are slow)."""
+    store = open_store(prefix)
+    ends = np.cumsum(store.document_lengths())
+    assert store.document(store.num_documents - 1).tolist() == store.tokens(int(ends[-2]) if len(ends) > 1 else 0,
+                                                                            int(store.document_lengths()[-1])).tolist()
+    return [d.tolist() for d in np.split(store.tokens(0, store.num_tokens), ends[:-1])]
+
+
+def _jsonl(path: Path, lines: list[str | bytes]) -> Path:
+    path.write_bytes(b"".join((x if isinstance(x, bytes) else x.encode()) + b"\n" for x in lines))
+    return path
+
+
+def _outputs(tmp_path: Path) -> list[str]:
+    return sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("out", ".out")))
+
+
+def test_all_input_formats_match_direct_tokenisation(tmp_path, tok, tool):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    records = [json.dumps({"text": t, "id": i}) for i, t in enumerate(TEXTS)]
+    _jsonl(src / "a.jsonl", records[:2])
+    with gzip.open(src / "b.jsonl.gz", "wb") as f:
+        f.write(("\n".join(records[2:]) + "\n").encode())
+    (src / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(("\n".join(records) + "\n").encode()))
+    pq.write_table(pa.table({"text": TEXTS[::-1], "n": list(range(4))}), src / "d.parquet", row_group_size=2)
+    (src / "sub" / "e.md").write_text(TEXTS[0])
+    (src / "sub" / "f.py").write_text(TEXTS[1])
+    (src / ".hidden.txt").write_text("not read")
+    (src / "notes.bin").write_bytes(b"\x00")  # unsupported suffix inside a folder: ignored
+    assert tool.main(["--input", str(src), "--tokenizer", tok, "--output-prefix", str(tmp_path / "out"),
+                      "--workers", "1", "--no-progress"]) == 0
+    expected = _reference(tok, TEXTS[:2] + TEXTS[2:] + TEXTS + TEXTS[::-1] + TEXTS[0:1] + TEXTS[1:2])
+    assert _docs(tmp_path / "out") == expected
+    meta = open_store(tmp_path / "out").metadata
+    assert [Path(i["path"]).name for i in meta["inputs"]] == ["a.jsonl", "b.jsonl.gz", "c.jsonl.zst", "d.parquet",
+                                                              "e.md", "f.py"]
+    assert [i["documents"] for i in meta["inputs"]] == [2, 2, 4, 4, 1, 1]
+    assert sum(i["tokens"] for i in meta["inputs"]) == meta["num_tokens"] == sum(map(len, expected))
+    assert meta["num_documents"] == 14 and meta["skipped"]["total"] == 0 and meta["eos_appended"]
+    assert meta["tokenizer"]["eos_id"] == 0 and len(meta["tokenizer"]["sha256"]) == 64
+    assert _outputs(tmp_path) == ["out.bin", "out.idx", "out.meta.json"]
+
+
+BAD_JSONL = [
+    (json.dumps({"text": "good one"}), None),
+    (b'{"text": "bad \xff utf8"}', "invalid UTF-8"),
+    ('{"text": "truncated', "invalid JSON"),
+    ("[1, 2]", "not a JSON object"),
+    (json.dumps({"content": "x"}), "missing text key"),
+    (json.dumps({"text": 42}), "text not a string"),
+    (json.dumps({"text": "  \n "}), "empty text"),
+    ('{"text": "lone \\ud800 surrogate"}', "invalid UTF-8"),
+    ("", None),  # blank line: not a record
+    (json.dumps({"text": "good two"}), None),
+]
+
+
+@pytest.mark.parametrize("bad", range(1, 8))
+def test_each_bad_record_stops_the_run_with_file_line_and_reason(tmp_path, tok, tool, capsys, bad):
+    lines = [BAD_JSONL[0][0], BAD_JSONL[bad][0], BAD_JSONL[-1][0]]
+    src = _jsonl(tmp_path / "in.jsonl", lines)
+    code = tool.main(["--input", str(src), "--tokenizer", tok, "--output-prefix", str(tmp_path / "out"),
+                      "--workers", "1", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code != 0
+    assert err.startswith(f"preprocess: error: {src}:2: {BAD_JSONL[bad][1]}") and "\n" not in err
+    assert _outputs(tmp_path) == [], "a failed run must leave nothing behind"
+
+
+def test_skip_bad_counts_every_reason_and_keeps_every_good_record(tmp_path, tok, tool, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    src = _jsonl(tmp_path / "in.jsonl", [x for x, _ in BAD_JSONL])
+    (tmp_path / "bad.txt").write_bytes(b"text file \xfe\xff not utf-8")
+    (tmp_path / "empty.txt").write_text("")
+    pq.write_table(pa.table({"text": ["good three", None, ""]}), tmp_path / "p.parquet")
+    pq.write_table(pa.table({"body": ["no text column"]}), tmp_path / "q.parquet")
+    inputs = [str(src), str(tmp_path / "bad.txt"), str(tmp_path / "empty.txt"), str(tmp_path / "p.parquet"),
+              str(tmp_path / "q.parquet")]
+    assert tool.main(["--input", *inputs, "--tokenizer", tok, "--output-prefix", str(tmp_path / "out"),
+                      "--workers", "1", "--skip-bad", "--no-progress"]) == 0
+    summary = capsys.readouterr().out
+    assert _docs(tmp_path / "out") == _reference(tok, ["good one", "good two", "good three"])
+    skipped = open_store(tmp_path / "out").metadata["skipped"]
+    assert skipped["reasons"] == {"invalid UTF-8": 3, "invalid JSON": 1, "not a JSON object": 1,
+                                  "missing text key": 2, "text not a string": 2, "empty text": 3}
+    assert skipped["total"] == 12 and f"{src}:3: invalid JSON" in skipped["examples"]
+    assert f"{tmp_path / 'p.parquet'}:2: text not a string" in skipped["examples"]
+    assert "skipped 12 bad records" in summary and "invalid JSON: 1" in summary
+
+
+def test_workers_give_identical_bytes_and_zarr_format(tmp_path, tok, tool):
+    lines = [json.dumps({"text": f"document {i} " + TEXTS[i % 3] * (i % 5 + 1)}) for i in range(1500)]
+    src = _jsonl(tmp_path / "in.jsonl", lines)
+    args = ["--input", str(src), "--tokenizer", tok, "--no-progress"]
+    assert tool.main(args + ["--output-prefix", str(tmp_path / "one"), "--workers", "1"]) == 0
+    from nanotronix.data import PreprocessOptions, preprocess
+    # small chunks so that both workers get many chunks and results arrive out of order
+    preprocess(PreprocessOptions([str(src)], tok, str(tmp_path / "two"), workers=2, progress=False,
+                                 chunk_bytes=2048))
+    for ext in ("bin", "idx"):
+        assert (tmp_path / f"one.{ext}").read_bytes() == (tmp_path / f"two.{ext}").read_bytes()
+    assert tool.main(args + ["--output-prefix", str(tmp_path / "z"), "--workers", "1", "--format", "zarr"]) == 0
+    assert _docs(tmp_path / "z.zarr") == _docs(tmp_path / "one")
+
+
+def test_cli_in_a_real_process_one_line_errors(tmp_path, tok):
+    help_ = run_tool("preprocess.py", "--help")
+    assert help_.returncode == 0 and "--output-prefix" in help_.stdout
+    missing = run_tool("preprocess.py", "--input", str(tmp_path / "nope.jsonl"), "--tokenizer", tok,
+                       "--output-prefix", str(tmp_path / "out"))
+    assert missing.returncode != 0 and missing.stderr.strip() == f"preprocess: error: input not found: {tmp_path / 'nope.jsonl'}"
+    src = _jsonl(tmp_path / "in.jsonl", [json.dumps({"text": "x"})])
+    bad_tok = run_tool("preprocess.py", "--input", str(src), "--tokenizer", str(tmp_path / "no" / "tokenizer.json"),
+                       "--output-prefix", str(tmp_path / "out"))
+    assert bad_tok.returncode != 0 and "tokenizer not found" in bad_tok.stderr
+    assert "Traceback" not in missing.stderr + bad_tok.stderr and len(bad_tok.stderr.strip().splitlines()) == 1
+
+
+def test_unsupported_input_and_empty_result(tmp_path, tok, tool, capsys):
+    (tmp_path / "x.csv").write_text("a,b")
+    assert tool.main(["--input", str(tmp_path / "x.csv"), "--tokenizer", tok, "--output-prefix",
+                      str(tmp_path / "out"), "--workers", "1"]) != 0
+    assert "unsupported file type" in capsys.readouterr().err
+    src = _jsonl(tmp_path / "in.jsonl", [json.dumps({"text": ""})])
+    assert tool.main(["--input", str(src), "--tokenizer", tok, "--output-prefix", str(tmp_path / "out"),
+                      "--workers", "1", "--skip-bad", "--no-progress"]) != 0
+    assert "no documents" in capsys.readouterr().err and _outputs(tmp_path) == []

@@ -1,0 +1,293 @@
+"""Training throughput of nanotronix against a plain Hugging Face training loop, measured in one run.
+
+    python tools/bench_train.py model.preset=smollm2-1.7b train.seq_len=2048 train.micro_batch_size=4 \
+        --accum 4 --warmup 3 --steps 5 --variant eager: \
+        --variant compiled:train.compile=true,train.loss_chunk_size=4096 --json bench.json
+
+Positional arguments are dotted config overrides (as for `python -m nanotronix.train`), giving the model and
+batch shape shared by every run. Each `--variant NAME:key=value,...` adds a nanotronix run with more overrides
+(default: one run named `nanotronix` with the overrides as given). Every nanotronix run goes through the
+trainer's own path: `parallelize` (single process: tp = pp = dp = 1), `DistributedOptimizer`, `train_step`.
+The baseline is `transformers.LlamaForCausalLM` with the same shape and init std, SDPA attention, bf16
+autocast when train.dtype is bfloat16, fp32 cross entropy on the full logits (what its own loss does), fused
+AdamW on CUDA, gradient clipping, the same micro-batch, accumulation and token batches.
+
+Reported per run: tokens/s per GPU, model TFLOP/s per GPU and MFU (nanotronix.train.flops: causal attention,
+no embedding, recompute not counted), peak allocated memory, and the ratio of tokens/s to the baseline. Steps
+are timed after `--warmup` steps (which include torch.compile's compilation); tokens are random.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from nanotronix import accel  # noqa: E402
+from nanotronix.config import Config, load_config  # noqa: E402
+from nanotronix.errors import UserError  # noqa: E402
+from nanotronix.train.flops import device_peak_tflops, flops_per_token, mfu  # noqa: E402
+
+
+@dataclass
+class RunResult:
+    name: str
+    ok: bool = True
+    error: Optional[str] = None
+    tokens_per_sec_per_gpu: Optional[float] = None
+    tflops_per_gpu: Optional[float] = None
+    mfu: Optional[float] = None
+    peak_memory_gb: Optional[float] = None
+    step_seconds: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    ratio_to_baseline: Optional[float] = None
+    overrides: list[str] = field(default_factory=list)
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("overrides", nargs="*", help="dotted config overrides shared by every run (model.preset=...)")
+    ap.add_argument("--config", help="YAML config to start from (default: built-in defaults)")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:k=v,k=v",
+                    help="a nanotronix run with extra overrides (repeatable)")
+    ap.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    ap.add_argument("--steps", type=int, default=5, help="timed optimizer steps (default 5)")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the transformers baseline")
+    ap.add_argument("--baseline-only", action="store_true", help="run only the transformers baseline")
+    ap.add_argument("--json", help="write every figure to this JSON file")
+    args = ap.parse_args(argv)
+    for name in ("accum", "steps"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name} must be >= 1")
+    if args.warmup < 0:
+        ap.error("--warmup must be >= 0")
+    return args
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    name, sep, spec = text.partition(":")
+    if not sep or not name:
+        raise UserError(f"--variant {text!r}: expected NAME:key=value,key=value")
+    return name, [item for item in spec.split(",") if item]
+
+
+def build_config(args: argparse.Namespace, extra: list[str], device: torch.device) -> Config:
+    defaults = [f"train.dtype={'bfloat16' if device.type == 'cuda' else 'float32'}"]
+    overrides = defaults + list(args.overrides) + extra
+    probe = load_config(args.config, overrides)
+    overrides.append(f"train.global_batch_size={probe.train.micro_batch_size * args.accum}")
+    overrides.append(f"train.train_steps={args.warmup + args.steps}")
+    return load_config(args.config, overrides)
+
+
+def make_batches(cfg: Config, count: int, accum: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1234)
+    t = cfg.train
+    shape = (accum, t.micro_batch_size, t.seq_len + 1)
+    batches = [torch.randint(0, cfg.model.vocab_size, shape, generator=g) for _ in range(count)]
+    return [b.pin_memory() for b in batches] if torch.cuda.is_available() else batches
+
+
+def free_memory(device: torch.device) -> None:
+    torch._dynamo.reset()  # compiled graphs hold references to the last model's tensors
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the two training loops
+
+
+def nanotronix_step_fn(cfg: Config, device: torch.device) -> Callable[[torch.Tensor], float]:
+    from nanotronix.model import build_model
+    from nanotronix.parallel import DistributedOptimizer, ParallelContext, parallelize
+    from nanotronix.train.optimizer import param_groups
+    from nanotronix.train.step import train_step
+
+    torch.manual_seed(cfg.train.seed)
+    ctx = ParallelContext.build(cfg)
+    attn = accel.resolve_attention(cfg.model.attn_implementation, device)
+    model = parallelize(build_model(cfg.model, attn, device), ctx, cfg)
+    o = cfg.optimizer
+    optimizer = DistributedOptimizer(model, param_groups(model.named_parameters(), o.weight_decay), lr=o.lr,
+                                     betas=tuple(o.betas), eps=o.eps, fused=device.type == "cuda")
+
+    def step(batch: torch.Tensor) -> float:
+        return train_step(model, optimizer, batch, o.lr, o.clip_grad).loss
+
+    step.model = model  # kept alive by the closure; exposed for the caller's cleanup
+    return step
+
+
+def hf_step_fn(cfg: Config, device: torch.device) -> Callable[[torch.Tensor], float]:
+    import transformers
+
+    from nanotronix.convert.hf_mapping import hf_config_dict
+    from nanotronix.train.optimizer import param_groups
+
+    torch.manual_seed(cfg.train.seed)
+    fields = {k: v for k, v in hf_config_dict(cfg.model).items()
+              if k not in ("architectures", "model_type", "torch_dtype", "dtype")}
+    hf_cfg = transformers.LlamaConfig(**fields)
+    hf_cfg._attn_implementation = "sdpa"
+    with torch.device(device):
+        model = transformers.LlamaForCausalLM(hf_cfg).float().train()
+    o = cfg.optimizer
+    optimizer = torch.optim.AdamW(param_groups(model.named_parameters(), o.weight_decay), lr=o.lr,
+                                  betas=tuple(o.betas), eps=o.eps, fused=device.type == "cuda")
+    params = [p for p in model.parameters() if p.requires_grad]
+    bf16 = cfg.train.dtype == "bfloat16"
+
+    def step(batch: torch.Tensor) -> float:
+        batch = batch.to(device, non_blocking=True)
+        total = torch.zeros((), device=device)
+        for micro in batch:
+            ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+            with ctx:
+                logits = model(input_ids=micro[:, :-1]).logits
+            # transformers' own causal-LM loss upcasts the full logits to fp32 the same way
+            loss = F.cross_entropy(logits.float().flatten(0, 1), micro[:, 1:].flatten())
+            (loss / batch.shape[0]).backward()
+            total += loss.detach()
+        torch.nn.utils.clip_grad_norm_(params, o.clip_grad if o.clip_grad > 0 else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return (total / batch.shape[0]).item()
+
+    step.model = model
+    return step
+
+
+def measure(name: str, build: Callable[[], Callable[[torch.Tensor], float]], cfg: Config, device: torch.device,
+            batches: list[torch.Tensor], warmup: int, overrides: list[str]) -> RunResult:
+    result = RunResult(name=name, overrides=overrides)
+    free_memory(device)
+    step = None
+    try:
+        step = build()
+        for i, batch in enumerate(batches):
+            sync(device)
+            t0 = time.perf_counter()
+            loss = step(batch)  # returns a Python float: the step has finished on the device
+            sync(device)
+            dt = time.perf_counter() - t0
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss} at step {i + 1}")
+            result.losses.append(loss)
+            if i >= warmup:
+                result.step_seconds.append(dt)
+            print(f"  [{name}] step {i + 1}/{len(batches)} loss {loss:.4f} {dt * 1000:.0f} ms"
+                  f"{' (warm-up)' if i < warmup else ''}", flush=True)
+    except torch.OutOfMemoryError as e:
+        result.ok, result.error = False, f"out of memory: {str(e).splitlines()[0]}"
+    finally:
+        del step
+    if result.ok:
+        t = cfg.train
+        tokens = batches[0].shape[0] * t.micro_batch_size * t.seq_len
+        rate = tokens * len(result.step_seconds) / sum(result.step_seconds)
+        flops = flops_per_token(cfg.model, t.seq_len)
+        result.tokens_per_sec_per_gpu = rate
+        result.tflops_per_gpu = rate * flops / 1e12
+        result.mfu = mfu(rate, flops, device_peak_tflops(device, t.dtype))
+    if device.type == "cuda":
+        result.peak_memory_gb = torch.cuda.max_memory_allocated(device) / 2**30
+    free_memory(device)
+    return result
+
+
+def format_table(results: list[RunResult]) -> str:
+    def fmt(v, spec):
+        return format(v, spec) if v is not None else "-"
+    lines = [f"{'run':<24} {'tokens/s/GPU':>13} {'TFLOP/s/GPU':>12} {'MFU':>7} {'peak GB':>8} {'vs HF':>7}"]
+    for r in results:
+        if not r.ok:
+            lines.append(f"{r.name:<24} {r.error}")
+            continue
+        lines.append(f"{r.name:<24} {fmt(r.tokens_per_sec_per_gpu, ',.0f'):>13} {fmt(r.tflops_per_gpu, '.1f'):>12} "
+                     f"{fmt(r.mfu and 100 * r.mfu, '.1f') + ('%' if r.mfu else ''):>7} "
+                     f"{fmt(r.peak_memory_gb, '.1f'):>8} {fmt(r.ratio_to_baseline, '.2f') + ('x' if r.ratio_to_baseline else ''):>7}")
+    return "\n".join(lines)
+
+
+def write_json(path: str, payload: dict) -> None:
+    """Temp file + rename: a reader never sees a half-written report."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(tmp, target)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        variants = [parse_variant(v) for v in args.variant] or [("nanotronix", [])]
+        base = build_config(args, [], device)
+        configs = [(name, extra, build_config(args, extra, device)) for name, extra in variants]
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    t, m = base.train, base.model
+    batches = make_batches(base, args.warmup + args.steps, args.accum)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device: {name} | torch {torch.__version__} | {accel.describe(accel.resolve_attention('auto', device))}"
+          f" | kernels: {'csrc built' if accel.compiled_kernels() is not None else 'csrc not built'}")
+    print(f"model: {m.preset or 'custom'} {m.num_parameters() / 1e6:.1f}M params, {m.num_hidden_layers} layers | "
+          f"seq {t.seq_len} x micro-batch {t.micro_batch_size} x accum {args.accum} = "
+          f"{t.seq_len * t.micro_batch_size * args.accum} tokens/step | {t.dtype} | "
+          f"warm-up {args.warmup}, timed {args.steps} | {flops_per_token(m, t.seq_len) / 1e9:.3f} GFLOP/token",
+          flush=True)
+
+    results: list[RunResult] = []
+    baseline = None
+    if not args.no_baseline:
+        baseline = measure("hf-transformers", lambda: hf_step_fn(base, device), base, device, batches,
+                           args.warmup, [])
+        results.append(baseline)
+    if not args.baseline_only:
+        for vname, extra, cfg in configs:
+            results.append(measure(vname, lambda cfg=cfg: nanotronix_step_fn(cfg, device), cfg, device, batches,
+                                   args.warmup, extra))
+    for r in results:
+        if baseline is not None and baseline.ok and r.ok:
+            r.ratio_to_baseline = r.tokens_per_sec_per_gpu / baseline.tokens_per_sec_per_gpu
+    table = format_table(results)
+    print(table, flush=True)
+    if args.json:
+        write_json(args.json, {
+            "device": name, "torch": torch.__version__, "model": asdict(m), "seq_len": t.seq_len,
+            "micro_batch_size": t.micro_batch_size, "accum": args.accum, "warmup": args.warmup,
+            "steps": args.steps, "dtype": t.dtype, "flops_per_token": flops_per_token(m, t.seq_len),
+            "peak_tflops": device_peak_tflops(device, t.dtype), "argv": sys.argv[1:] if argv is None else argv,
+            "results": [asdict(r) for r in results], "table": table,
+        })
+    return 0 if all(r.ok for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+#!/usr/bin/env python
+"""Import a Hugging Face Llama folder (SmolLM2 included) as a nanotronix checkpoint to continue training from.
+
+    python tools/convert_from_hf.py --hf HF_DIR --output CKPT_DIR
+
+CKPT_DIR becomes a run checkpoint folder (step_0000000/ + latest) holding fp32 weights and no optimizer state.
+Train from it with `checkpoint.resume=CKPT_DIR` (e.g. the 8k context stage: `model.rope_theta=130000`).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="tools/convert_from_hf.py",
+        description="Convert a Hugging Face LlamaForCausalLM folder (config.json + model.safetensors, sharded or "
+                    "not) into a nanotronix checkpoint that `checkpoint.resume` can start a run from.")
+    p.add_argument("--hf", required=True, help="Hugging Face model folder")
+    p.add_argument("--output", required=True, help="checkpoint folder to create")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from nanotronix.errors import UserError
+
+    try:
+        from nanotronix.checkpoint.hf_import import import_from_hf
+
+        import_from_hf(args.hf, args.output, overwrite=args.overwrite)
+    except (UserError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,277 @@
+#!/usr/bin/env python
+"""Plan a run before launching it: per data stage its steps, tokens and each source's epochs, memory per GPU for
+the layout, and projected wall-clock and GPU-hours at a stated MFU.
+
+    python tools/plan.py CONFIG --gpus N [--mfu 0.45] [--gpu "H100 SXM"] [--json] [dotted.key=value ...]
+
+Data: the per-source sample counts come from the sampler's own blend arithmetic (`nanotronix.data.blend`), so
+they are what the run will read, exactly; epochs need each store's token count, so a store that cannot be opened
+is reported as "store not found" (point the recipe at your corpus with data.root=...).
+
+Memory (per GPU, the most loaded pipeline stage): fp32 weights (they are their own master copy) and fp32 gradients,
+AdamW's two fp32 moments (divided over DP with ZeRO-1), bf16 weight copies made by autocast (held until the
+micro-batch's backward), and activations: the tensors one Llama block saves for backward with flash/memory-efficient
+attention and no recomputation, times the micro-batches a stage holds at once (1 without pipelining, up to pp with
+1F1B, all with AFAB), plus the last stage's logits (bf16, their fp32 copy and softmax for the loss). Allocator
+fragmentation, NCCL buffers and the CUDA context (~1-3 GiB together) come on top. An estimate, not a measurement.
+
+Time: total tokens x model FLOPs per token (`nanotronix.train.flops`, the trainer's own MFU counter) / (GPUs x peak
+x MFU). `--gpu` picks the peak from the same table the trainer uses.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from typing import Any, Optional
+
+GIB = 1024 ** 3
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="tools/plan.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", metavar="CONFIG", help="run config (YAML)")
+    parser.add_argument("--gpus", type=int, required=True, help="GPUs (processes) in the run")
+    parser.add_argument("--mfu", type=float, default=0.45, help="model FLOPs utilisation to project with "
+                                                                "(default 0.45)")
+    parser.add_argument("--gpu", default="H100 SXM", help='GPU model for the peak FLOP/s (default "H100 SXM")')
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides")
+    return parser.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------- data stages
+
+def store_tokens(path: str) -> tuple[Optional[int], str]:
+    """(token count, status) of the store at `path`; (None, reason) when it cannot be opened."""
+    from nanotronix.data import DataError, open_store
+
+    try:
+        return open_store(os.path.expanduser(path)).num_tokens, "ok"
+    except DataError as e:
+        return None, "store not found" if "not found" in str(e) else f"store unreadable: {e}"
+
+
+def stage_plan(cfg) -> list[dict[str, Any]]:
+    """Steps, tokens and per-source samples/tokens/epochs of every stage, with the sampler's arithmetic."""
+    from nanotronix.data import DataError
+    from nanotronix.data.blend import BlendTree
+    from nanotronix.data.schedule import PackedStream
+
+    t = cfg.train
+    gbs, seq, steps = t.global_batch_size, t.seq_len, t.train_steps
+    tokens_per_step = gbs * seq
+    sizes: dict[str, tuple[Optional[int], str]] = {}
+    seen_samples: dict[str, int] = {}  # per source, over the stages so far (a source continues across stages)
+    stages = cfg.data.stages
+    out = []
+    for k, stage in enumerate(stages):
+        first = 1 if k == 0 else stage.start_step
+        last = (stages[k + 1].start_step - 1) if k + 1 < len(stages) else steps
+        last = min(last, steps)
+        n_steps = max(0, last - first + 1)
+        samples = n_steps * gbs
+        tree = BlendTree([ds.weight for ds in stage.datasets])
+        counts = tree.counts(samples)
+        total_weight = sum(ds.weight for ds in stage.datasets)
+        sources = []
+        for ds, count in zip(stage.datasets, counts):
+            if ds.path not in sizes:
+                sizes[ds.path] = store_tokens(ds.path)
+            num_tokens, status = sizes[ds.path]
+            seen_samples[ds.path] = seen_samples.get(ds.path, 0) + count
+            epochs = epochs_after = None
+            if num_tokens is not None:
+                try:  # the sampler's own epoch arithmetic (windows of seq_len+1 tokens per epoch)
+                    stream = PackedStream(ds.path, num_tokens, seq, cfg.data.data_seed)
+                    epochs, epochs_after = stream.epochs(count), stream.epochs(seen_samples[ds.path])
+                except DataError as e:
+                    status = f"store too small: {e}"
+            sources.append({"path": ds.path, "weight": ds.weight, "share": ds.weight / total_weight,
+                            "samples": count, "tokens": count * seq, "store_tokens": num_tokens, "status": status,
+                            "epochs": epochs, "epochs_by_stage_end": epochs_after})
+        out.append({"name": stage.name, "first_step": first, "last_step": last, "steps": n_steps,
+                    "tokens": n_steps * tokens_per_step, "tokens_before": (first - 1) * tokens_per_step,
+                    "sources": sources})
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- memory
+
+def in_flight_microbatches(cfg, accum: int) -> int:
+    """Micro-batches whose activations the first pipeline stage holds at its peak."""
+    p = cfg.parallel
+    if p.pp == 1:
+        return 1
+    if p.pp_schedule == "afab":
+        return accum
+    return min(accum, p.pp * (2 if p.pp_schedule == "interleaved" else 1))
+
+
+def activation_bytes_per_token_per_layer(cfg) -> float:
+    """Bytes one decoder layer saves for backward per token (this rank's share under TP / sequence parallel).
+
+    The residual stream is fp32 (fp32 weights, bf16 autocast): both norms save their fp32 input; the two matmul
+    inputs after the norms, q/k/v after RoPE, the attention output and the o_proj input, and the four SwiGLU
+    tensors (gate, silu(gate), up, their product) are in the compute dtype. Flash/memory-efficient attention keeps
+    no seq x seq scores.
+    """
+    m, p = cfg.model, cfg.parallel
+    e = 2 if cfg.train.dtype == "bfloat16" else 4
+    d, f = m.hidden_size, m.intermediate_size
+    kv = m.num_key_value_heads * m.head_dim
+    replicated = 2 * 4 * d + 2 * e * d  # norm inputs and outputs: whole on every TP rank unless sequence parallel
+    sharded = e * (d + 2 * kv) + 2 * e * d + 4 * e * f
+    return replicated / (p.tp if p.sequence_parallel else 1) + sharded / p.tp
+
+
+def memory_plan(cfg, dp: int, accum: int) -> dict[str, Any]:
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    d, f, v, layers = m.hidden_size, m.intermediate_size, m.vocab_size, m.num_hidden_layers
+    kv = m.num_key_value_heads * m.head_dim
+    layer_params = (d * (d + 2 * kv) + d * d + 3 * d * f) / p.tp + 2 * d
+    embedding = v * d / p.tp
+    layers_per_stage = math.ceil(layers / p.pp)
+    bf16 = t.dtype == "bfloat16"
+    tokens = t.micro_batch_size * t.seq_len
+    act_layer = activation_bytes_per_token_per_layer(cfg)
+    logits = (2 + 4 + 4) * v / p.tp if bf16 else (4 + 4) * v / p.tp  # logits, fp32 copy, softmax for the loss
+
+    def stage(first: bool, last: bool) -> dict[str, float]:
+        params = layers_per_stage * layer_params
+        if first:
+            params += embedding
+        if last:
+            params += d + (embedding if (not m.tie_word_embeddings or not first) else 0)
+        held = in_flight_microbatches(cfg, accum) if first else 1
+        acts = held * tokens * layers_per_stage * act_layer
+        if last:
+            acts += tokens * (logits + 6 * d)  # + the final norm's input (fp32) and output
+        parts = {
+            "weights_fp32": 4 * params,
+            "weights_bf16_copies": (2 * params * held) if bf16 else 0.0,
+            "grads_fp32": 4 * params,
+            "optimizer_adamw": 8 * params / (dp if p.zero_stage == 1 else 1),
+            "activations": acts,
+        }
+        parts["total"] = sum(parts.values())
+        return {"params": params, **parts}
+
+    candidates = [stage(True, True)] if p.pp == 1 else [stage(True, False), stage(False, True)]
+    worst = max(candidates, key=lambda s: s["total"])
+    return {"stage": "first" if worst is candidates[0] else "last", "in_flight_microbatches":
+            in_flight_microbatches(cfg, accum), "params_per_gpu": worst.pop("params"),
+            "bytes": worst, "gib": {k: b / GIB for k, b in worst.items()}}
+
+
+# ----------------------------------------------------------------------------------------------------- time
+
+def time_plan(cfg, gpus: int, mfu: float, gpu: str, stages: list[dict]) -> dict[str, Any]:
+    from nanotronix.train.flops import PEAK_TFLOPS, flops_per_token
+
+    if gpu not in PEAK_TFLOPS:
+        raise ValueError(f"--gpu {gpu!r} is not in the peak table ({', '.join(PEAK_TFLOPS)})")
+    peak = PEAK_TFLOPS[gpu][cfg.train.dtype]
+    per_token = flops_per_token(cfg.model, cfg.train.seq_len)
+    tokens = cfg.train.train_steps * cfg.train.global_batch_size * cfg.train.seq_len
+    rate = gpus * peak * 1e12 * mfu  # model FLOP/s of the whole run
+
+    def hours(n_tokens: int) -> float:
+        return n_tokens * per_token / rate / 3600
+
+    return {"gpu": gpu, "dtype": cfg.train.dtype, "peak_tflops": peak, "mfu": mfu, "flops_per_token": per_token,
+            "total_tokens": tokens, "total_flops": tokens * per_token,
+            "tokens_per_sec_per_gpu": peak * 1e12 * mfu / per_token,
+            "wall_hours": hours(tokens), "gpu_hours": hours(tokens) * gpus,
+            "stage_wall_hours": {s["name"]: hours(s["tokens"]) for s in stages}}
+
+
+# ----------------------------------------------------------------------------------------------------- main
+
+def build_plan(config: str, overrides: list[str], gpus: int, mfu: float, gpu: str) -> dict[str, Any]:
+    from nanotronix.config import grad_accum_steps, load_config, resolve_layout
+
+    if gpus < 1:
+        raise ValueError(f"--gpus must be >= 1, got {gpus}")
+    if not 0 < mfu <= 1:
+        raise ValueError(f"--mfu must be in (0, 1], got {mfu}")
+    cfg = load_config(config, overrides)
+    dp = resolve_layout(cfg, gpus)
+    accum = grad_accum_steps(cfg, dp)
+    stages = stage_plan(cfg)
+    t = cfg.train
+    return {
+        "config": config, "gpus": gpus,
+        "model": {"preset": cfg.model.preset, "parameters": cfg.model.num_parameters()},
+        "layout": {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "dp": dp, "zero_stage": cfg.parallel.zero_stage,
+                   "micro_batch_size": t.micro_batch_size, "grad_accum": accum},
+        "batch": {"global_batch_size": t.global_batch_size, "seq_len": t.seq_len,
+                  "tokens_per_step": t.global_batch_size * t.seq_len},
+        "train_steps": t.train_steps, "total_tokens": t.train_steps * t.global_batch_size * t.seq_len,
+        "stages": stages, "memory": memory_plan(cfg, dp, accum), "time": time_plan(cfg, gpus, mfu, gpu, stages),
+    }
+
+
+def _tok(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3f}{unit}"
+    return f"{n:.0f}"
+
+
+def format_plan(plan: dict[str, Any]) -> str:
+    lay, b, mem, tm = plan["layout"], plan["batch"], plan["memory"], plan["time"]
+    lines = [
+        f"{plan['config']}: {plan['model']['preset'] or 'custom model'}, {plan['model']['parameters']:,} parameters",
+        f"layout: {plan['gpus']} GPUs = tp {lay['tp']} x pp {lay['pp']} x dp {lay['dp']} (ZeRO-{lay['zero_stage']}), "
+        f"micro-batch {lay['micro_batch_size']}, grad accumulation {lay['grad_accum']}",
+        f"batch: {b['global_batch_size']} x {b['seq_len']} = {b['tokens_per_step']:,} tokens/step; "
+        f"{plan['train_steps']:,} steps = {plan['total_tokens']:,} tokens ({_tok(plan['total_tokens'])})",
+        "",
+    ]
+    for s in plan["stages"]:
+        lines.append(f"stage {s['name']}: steps {s['first_step']:,}-{s['last_step']:,} ({s['steps']:,} steps), "
+                     f"{_tok(s['tokens'])} tokens, starts after {_tok(s['tokens_before'])} tokens, "
+                     f"~{tm['stage_wall_hours'][s['name']] / 24:.1f} days")
+        for src in s["sources"]:
+            epochs = (f"{src['epochs']:.2f} epochs here, {src['epochs_by_stage_end']:.2f} by stage end "
+                      f"(store {_tok(src['store_tokens'])} tokens)" if src["epochs"] is not None else src["status"])
+            lines.append(f"  {src['share'] * 100:7.3f}%  {_tok(src['tokens']):>9} tokens  {src['path']}: {epochs}")
+    missing = sorted({src["path"] for s in plan["stages"] for src in s["sources"] if src["epochs"] is None})
+    if missing:
+        lines.append(f"({len(missing)} store(s) not readable, so no epochs for them: point data.root=... at the "
+                     f"corpus folder)")
+    g = mem["gib"]
+    lines += [
+        "",
+        f"memory per GPU (estimate, {mem['stage']} pipeline stage, {mem['params_per_gpu'] / 1e6:,.1f}M parameters, "
+        f"{mem['in_flight_microbatches']} micro-batch(es) in flight): weights {g['weights_fp32']:.2f} GiB fp32 "
+        f"+ {g['weights_bf16_copies']:.2f} GiB bf16 copies, grads {g['grads_fp32']:.2f} GiB, optimizer "
+        f"{g['optimizer_adamw']:.2f} GiB, activations {g['activations']:.2f} GiB = {g['total']:.2f} GiB "
+        f"(+ ~1-3 GiB CUDA context, NCCL, fragmentation)",
+        f"time at MFU {tm['mfu']:.0%} of {tm['gpu']} ({tm['peak_tflops']} TFLOP/s {tm['dtype']}): "
+        f"{tm['flops_per_token'] / 1e9:.2f} GFLOP/token, {tm['total_flops']:.3g} FLOPs, "
+        f"{tm['tokens_per_sec_per_gpu']:,.0f} tokens/s/GPU -> {tm['wall_hours']:,.0f} h "
+        f"({tm['wall_hours'] / 24:.1f} days) on {plan['gpus']} GPUs = {tm['gpu_hours']:,.0f} GPU-hours",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from nanotronix.errors import UserError
+
+    try:
+        plan = build_plan(args.config, args.overrides, args.gpus, args.mfu, args.gpu)
+    except (UserError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(plan, indent=1) if args.json else format_plan(plan))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

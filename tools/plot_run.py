@@ -1,0 +1,168 @@
+#!/usr/bin/env python
+"""Plot a run's metrics.jsonl: loss, learning rate, throughput and per-source consumed tokens against the step,
+with the data-stage boundaries marked. One PNG, what people look at instead of reading logs.
+
+    python tools/plot_run.py LOG_DIR [--output PNG] [--title TEXT]
+
+LOG_DIR is the run's logging.dir (the folder holding metrics.jsonl) or the metrics.jsonl file itself; the PNG goes
+to LOG_DIR/run.png unless --output says otherwise, and appears only when complete. A run that resumed from an
+earlier checkpoint logs some steps twice: the later record of a step wins (it is the run that went on). A
+truncated last line (a job killed while writing) is skipped with a warning.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+class PlotError(Exception):
+    """Bad input, reported as one line."""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="tools/plot_run.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("log_dir", metavar="LOG_DIR", help="the run's logging.dir (or its metrics.jsonl)")
+    parser.add_argument("--output", "-o", metavar="PNG", help="output file (default LOG_DIR/run.png)")
+    parser.add_argument("--title", help="figure title (default: the folder name)")
+    return parser.parse_args(argv)
+
+
+def read_metrics(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """Records sorted by step, the last record of each step kept; and the number of unreadable lines."""
+    by_step: dict[int, dict[str, Any]] = {}
+    bad = 0
+    with path.open() as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                step = int(record["step"])
+            except (ValueError, KeyError, TypeError):
+                bad += 1
+                continue
+            by_step[step] = record
+    return [by_step[s] for s in sorted(by_step)], bad
+
+
+def stage_boundaries(records: list[dict[str, Any]]) -> list[tuple[int, str]]:
+    """(first logged step, name) of every stage after the first."""
+    out = []
+    for prev, cur in zip(records, records[1:]):
+        if cur.get("stage") is not None and cur.get("stage") != prev.get("stage"):
+            out.append((int(cur["step"]), str(cur["stage"])))
+    return out
+
+
+def series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def source_series(records: list[dict[str, Any]]) -> dict[str, tuple[list[int], list[float]]]:
+    out: dict[str, tuple[list[int], list[float]]] = {}
+    for r in records:
+        for name, stats in (r.get("datasets") or {}).items():
+            value = stats.get("consumed_tokens") if isinstance(stats, dict) else None
+            if isinstance(value, (int, float)):
+                steps, values = out.setdefault(name, ([], []))
+                steps.append(r["step"])
+                values.append(value)
+    return out
+
+
+def source_labels(names: list[str]) -> dict[str, str]:
+    """Short legend labels: the store's file name, or more of its path where two names collide."""
+    labels = {n: os.path.basename(n.rstrip("/")) or n for n in names}
+    if len(set(labels.values())) < len(labels):
+        labels = {n: n for n in names}
+    return labels
+
+
+def plot_run(metrics_path: Path, output: Path, title: str) -> dict[str, Any]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records, bad = read_metrics(metrics_path)
+    if not records:
+        raise PlotError(f"{metrics_path}: no metrics records")
+    boundaries = stage_boundaries(records)
+    sources = source_series(records)
+
+    fig, axes = plt.subplots(2, 2, figsize=(14, 9), sharex=True)
+    (ax_loss, ax_lr), (ax_speed, ax_data) = axes
+    ax_loss.plot(*series(records, "loss"), lw=1, color="tab:blue")
+    ax_loss.set_ylabel("loss")
+    ax_lr.plot(*series(records, "lr"), lw=1, color="tab:orange")
+    ax_lr.set_ylabel("learning rate")
+    steps, rate = series(records, "tokens_per_sec_per_gpu")
+    ax_speed.plot(steps, rate, lw=1, color="tab:green", label="tokens/s/GPU")
+    ax_speed.set_ylabel("tokens/s per GPU")
+    mfu_steps, mfu = series(records, "mfu")
+    if mfu:
+        ax_mfu = ax_speed.twinx()
+        ax_mfu.plot(mfu_steps, [100 * x for x in mfu], lw=1, color="tab:red", alpha=0.6)
+        ax_mfu.set_ylabel("MFU %", color="tab:red")
+    labels = source_labels(sorted(sources))
+    for name in sorted(sources):
+        ax_data.plot(*sources[name], lw=1.2, label=labels[name])
+    ax_data.set_ylabel("consumed tokens per source")
+    if sources:
+        ax_data.legend(fontsize=8, loc="upper left")
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+        for step, name in boundaries:
+            ax.axvline(step, color="gray", ls="--", lw=0.8)
+    for step, name in boundaries:  # stage names once, along the top
+        ax_loss.annotate(name, xy=(step, 1), xycoords=("data", "axes fraction"), rotation=90, va="top",
+                         ha="right", fontsize=8, color="gray")
+    for ax in axes[1]:
+        ax.set_xlabel("step")
+    fig.suptitle(title)
+    fig.tight_layout()
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".png", dir=output.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, output)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return {"output": str(output), "records": len(records), "skipped_lines": bad,
+            "first_step": records[0]["step"], "last_step": records[-1]["step"],
+            "stage_boundaries": boundaries, "sources": sorted(sources)}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    log_dir = Path(args.log_dir)
+    metrics = log_dir if log_dir.is_file() else log_dir / "metrics.jsonl"
+    try:
+        if not metrics.is_file():
+            raise PlotError(f"no metrics.jsonl in {log_dir}")
+        output = Path(args.output) if args.output else metrics.parent / "run.png"
+        summary = plot_run(metrics, output, args.title or metrics.parent.resolve().name)
+    except (PlotError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if summary["skipped_lines"]:
+        print(f"warning: skipped {summary['skipped_lines']} unreadable line(s) of {metrics}", file=sys.stderr)
+    marks = ", ".join(f"{name} at step {step}" for step, name in summary["stage_boundaries"]) or "none"
+    print(f"wrote {summary['output']}: steps {summary['first_step']}-{summary['last_step']} "
+          f"({summary['records']} records), {len(summary['sources'])} source(s), stage switches: {marks}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
