@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nnodes", type=int, default=1, help="nodes in the job (default 1)")
     parser.add_argument("--nproc-per-node", type=int, default=1, help="processes per node (default 1)")
     parser.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
     try:
         if args.nnodes < 1 or args.nproc_per_node < 1:
             raise PreflightError(f"--nnodes and --nproc-per-node must be >= 1, got {args.nnodes} and "

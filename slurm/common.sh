@@ -16,7 +16,7 @@
 #   OVERRIDES       extra dotted overrides, space-separated, applied last (e.g. "train.train_steps=1000
 #                   parallel.tp=2"); write list values without spaces: optimizer.betas=[0.9,0.95]
 #   MASTER_PORT     rendezvous port on the first node   default: 20000 + job id mod 20000
-#   NCCL_* / TORCH_NCCL_*   passed through; unset ones get the defaults set below
+#   NCCL_* / TORCH_NCCL_* / TORCH_FR_*   passed through; unset ones get the defaults set below
 # Nodes, time limit, partition, account: sbatch's own flags or SBATCH_* variables, which override the #SBATCH
 # lines (`sbatch --nodes=4 --time=12:00:00 slurm/smollm2_1p7b.sh`, `SBATCH_TIMELIMIT=12:00:00`).
 # CPU-only cluster (no GPUs to request): SBATCH_GRES=none GPUS_PER_NODE=0 NPROC_PER_NODE=N sbatch ...
@@ -28,8 +28,8 @@
 # must NOT act on USR1: it would die (USR1's default action), or, when told to handle it, shut the workers
 # down with a 30 s SIGKILL deadline that a large checkpoint may not meet. So the agent is started with USR1
 # ignored (`trap '' USR1; exec ...`); an ignored signal stays ignored across exec and fork, so workers start
-# ignoring it too until the trainer installs its handler, i.e. a USR1 in the first seconds is dropped rather
-# than killing a worker. This relies on Slurm signalling every process of the step (proctrack/cgroup and
+# ignoring it too until the trainer installs its handler: a USR1 in a worker's first seconds is ignored rather
+# than killing it, and the script repeats the USR1 every minute until the step ends. This relies on Slurm signalling every process of the step (proctrack/cgroup and
 # proctrack/linuxproc do; proctrack/pgid would miss the workers, which torchrun starts in their own sessions).
 # When srun has ended after a USR1, the script runs `scontrol requeue`: the job goes back to the queue with the
 # same id and SLURM_RESTART_COUNT+1, and checkpoint.resume=auto continues from the latest checkpoint. Slurm
@@ -66,14 +66,8 @@ else
   DEVICE=cuda
 fi
 [[ "$NPROC_PER_NODE" =~ ^[1-9][0-9]*$ ]] || fail "NPROC_PER_NODE=$NPROC_PER_NODE is not a positive number"
-if [ "$DEVICE" = cuda ]; then
-  [ "$NPROC_PER_NODE" -le "$GPUS_PER_NODE" ] \
-    || fail "NPROC_PER_NODE=$NPROC_PER_NODE is more than GPUS_PER_NODE=$GPUS_PER_NODE"
-  visible=${CUDA_VISIBLE_DEVICES:-}
-  count=0
-  [ -n "$visible" ] && count=$(awk -F, '{print NF}' <<<"$visible")
-  [ "$count" -ge "$NPROC_PER_NODE" ] || fail "GPUS_PER_NODE=$GPUS_PER_NODE but the allocation gives $count GPU(s) \
-per node (CUDA_VISIBLE_DEVICES='$visible'): request them (--gres=gpu:$GPUS_PER_NODE) or set GPUS_PER_NODE"
+if [ "$DEVICE" = cuda ] && [ "$NPROC_PER_NODE" -gt "$GPUS_PER_NODE" ]; then
+  fail "NPROC_PER_NODE=$NPROC_PER_NODE is more than GPUS_PER_NODE=$GPUS_PER_NODE"
 fi
 command -v "$PYTHON" >/dev/null 2>&1 || fail "PYTHON=$PYTHON is not an executable"
 [ -f "$CONFIG" ] || fail "CONFIG=$CONFIG: no such file"
@@ -87,7 +81,7 @@ MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 read -r -a USER_OVERRIDES <<<"$OVERRIDES"
 RUN_OVERRIDES=(checkpoint.dir="$CKPT_DIR" checkpoint.resume=auto logging.dir="$LOG_DIR" train.device="$DEVICE")
 [ -z "$DATA_ROOT" ] || RUN_OVERRIDES+=(data.root="$DATA_ROOT")
-RUN_OVERRIDES+=("${USER_OVERRIDES[@]}")
+RUN_OVERRIDES+=(${USER_OVERRIDES[@]+"${USER_OVERRIDES[@]}"})  # (empty-array safe under set -u in bash < 4.4)
 
 # The checkout is importable even when nanotronix is not installed into $PYTHON.
 export PYTHONPATH=$NANOTRONIX_DIR${PYTHONPATH:+:$PYTHONPATH}
@@ -104,9 +98,10 @@ export NCCL_IB_TIMEOUT=${NCCL_IB_TIMEOUT:-22}
 # A failed or hung collective aborts the process (the job ends; resume from the last checkpoint) ...
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
 # ... after every rank dumps its last collectives, so the log says which rank stopped and where.
-export TORCH_NCCL_TRACE_BUFFER_SIZE=${TORCH_NCCL_TRACE_BUFFER_SIZE:-2000}
+# (The flight recorder; TORCH_FR_* are the current names of TORCH_NCCL_TRACE_BUFFER_SIZE / _DEBUG_INFO_TEMP_FILE.)
+export TORCH_FR_BUFFER_SIZE=${TORCH_FR_BUFFER_SIZE:-2000}
 export TORCH_NCCL_DUMP_ON_TIMEOUT=${TORCH_NCCL_DUMP_ON_TIMEOUT:-1}
-export TORCH_NCCL_DEBUG_INFO_TEMP_FILE=${TORCH_NCCL_DEBUG_INFO_TEMP_FILE:-$JOB_LOG_DIR/nccl_trace_rank_}
+export TORCH_FR_DUMP_TEMP_FILE=${TORCH_FR_DUMP_TEMP_FILE:-$JOB_LOG_DIR/nccl_trace_rank_}
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 
 log "job $SLURM_JOB_ID ($SLURM_JOB_NAME) restart $RESTART: $NNODES node(s) [$SLURM_JOB_NODELIST] x" \
@@ -115,11 +110,20 @@ log "job $SLURM_JOB_ID ($SLURM_JOB_NAME) restart $RESTART: $NNODES node(s) [$SLU
 # ---- preemption: USR1 -> the trainer saves -> requeue -------------------------------------------------------
 PREEMPTED=0
 SRUN_PID=""
+RESENDER_PID=""
+forward_usr1() {
+  [ -n "$SRUN_PID" ] || return 0
+  kill -USR1 "$SRUN_PID" 2>/dev/null || return 0
+  # Again every minute while the step runs: a USR1 that reached the workers before the trainer installed its
+  # handler was ignored (see above). The trainer's handler only sets a flag, so repeats are harmless.
+  ( while sleep 60 && kill -USR1 "$SRUN_PID" 2>/dev/null; do :; done ) &
+  RESENDER_PID=$!
+}
 on_usr1() {
   if [ "$PREEMPTED" = 0 ]; then
     PREEMPTED=1
     log "USR1: asking the trainer to save a checkpoint and stop (the job will requeue itself)"
-    [ -z "$SRUN_PID" ] || kill -USR1 "$SRUN_PID" 2>/dev/null || true
+    forward_usr1
   fi
 }
 trap on_usr1 USR1
@@ -127,8 +131,18 @@ trap on_usr1 USR1
 trap 'log "TERM: waiting for the job step to stop"' TERM
 
 # ---- preflight: config, layout against the allocation, GPUs, token stores, in seconds -----------------------
-"$PYTHON" -m nanotronix.preflight --config "$CONFIG" --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" \
-    "${RUN_OVERRIDES[@]}" || exit 2
+# As a one-task job step on the first node, so it sees the GPUs (and CPUs) a training step gets: under
+# --exclusive the batch shell itself sees every GPU of the node, whatever the job asked for.
+# Its output is captured so that a failure shows as its one line, without srun's own "task 0: Exited" notes.
+PREFLIGHT=$(srun --nodes=1 --ntasks=1 --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}" \
+  "$PYTHON" -m nanotronix.preflight --config "$CONFIG" --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" \
+    "${RUN_OVERRIDES[@]}" 2>&1)
+PREFLIGHT_RC=$?
+if [ "$PREFLIGHT_RC" != 0 ]; then
+  grep -v '^srun: ' <<<"$PREFLIGHT" >&2
+  exit 2
+fi
+log "$PREFLIGHT"
 
 # ---- train -----------------------------------------------------------------------------------------------
 RC=0
@@ -138,20 +152,22 @@ if [ "$PREEMPTED" = 0 ]; then
   # One torchrun agent per node with all the node's CPUs (srun would otherwise confine it to one);
   # --kill-on-bad-exit=0 and --wait: when one node's processes end, the others get 2 minutes to finish
   # (a checkpoint written on USR1 is a collective) before Slurm stops them.
+  TRAIN_CMD=("$PYTHON" -m torch.distributed.run
+    --nnodes="$NNODES" --nproc_per_node="$NPROC_PER_NODE"
+    --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="$SLURM_JOB_ID" --max_restarts=0
+    -m nanotronix.train --config "$CONFIG" "${RUN_OVERRIDES[@]}")
+  printf '%q ' "${TRAIN_CMD[@]}" >"$JOB_LOG_DIR/command.sh"
+  log "launching on every node: $JOB_LOG_DIR/command.sh"
   srun --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}" --kill-on-bad-exit=0 --wait=120 \
-    bash -c 'trap "" USR1; exec "$@"' torchrun-with-usr1-ignored \
-    "$PYTHON" -m torch.distributed.run \
-      --nnodes="$NNODES" --nproc_per_node="$NPROC_PER_NODE" \
-      --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="$SLURM_JOB_ID" \
-      --max_restarts=0 \
-      -m nanotronix.train --config "$CONFIG" "${RUN_OVERRIDES[@]}" &
+    bash -c 'trap "" USR1; exec "$@"' torchrun-with-usr1-ignored "${TRAIN_CMD[@]}" &
   SRUN_PID=$!
-  [ "$PREEMPTED" = 0 ] || kill -USR1 "$SRUN_PID" 2>/dev/null || true  # USR1 came while srun was starting
+  [ "$PREEMPTED" = 0 ] || forward_usr1  # the USR1 came while srun was being started
   while :; do
     wait "$SRUN_PID"
     RC=$?
     kill -0 "$SRUN_PID" 2>/dev/null || break  # srun has ended; otherwise a trap interrupted `wait`
   done
+  [ -z "$RESENDER_PID" ] || kill "$RESENDER_PID" 2>/dev/null
 fi
 
 # After a USR1 the step ends non-zero (the trainer exits 75 after saving; torchrun reports that as a failure).

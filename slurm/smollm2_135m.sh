@@ -3,9 +3,10 @@
 #
 #   DATA_ROOT=/path/to/corpus sbatch slurm/smollm2_135m.sh
 #
-# The #SBATCH lines below are the published layout (8 nodes x 8 H100 = 64 GPUs, dp=64 [R][MC]). Change the allocation with sbatch's own
-# flags, which win over them (`sbatch --nodes=4 --time=12:00:00 --partition=p slurm/smollm2_135m.sh`), and
-# everything else with environment variables: CONFIG, DATA_ROOT, RUN_DIR, CKPT_DIR, LOG_DIR, GPUS_PER_NODE,
+# The #SBATCH lines below are the published layout (8 nodes x 8 H100 = 64 GPUs, dp=64 [R][MC]).
+# Change the allocation with sbatch's own flags, which win over them
+# (`sbatch --nodes=4 --time=12:00:00 --partition=p slurm/smollm2_135m.sh`), and everything else with
+# environment variables: CONFIG, DATA_ROOT, RUN_DIR, CKPT_DIR, LOG_DIR, GPUS_PER_NODE,
 # NPROC_PER_NODE, OVERRIDES, PYTHON, NANOTRONIX_DIR, MASTER_PORT (all documented, with their defaults, in
 # slurm/common.sh). global_batch_size stays 512 sequences on any node count (gradient accumulation adapts).
 # The job checkpoints every 2000 steps, saves and requeues itself on USR1 (sent 10 minutes before the time

@@ -3,15 +3,19 @@
 #
 #   DATA_ROOT=/path/to/corpus sbatch slurm/smollm2_1p7b.sh
 #
-# The #SBATCH lines below are the published layout (32 nodes x 8 H100 = 256 GPUs, dp=256 [P][R]). Change the allocation with sbatch's own
-# flags, which win over them (`sbatch --nodes=4 --time=12:00:00 --partition=p slurm/smollm2_1p7b.sh`), and
-# everything else with environment variables: CONFIG, DATA_ROOT, RUN_DIR, CKPT_DIR, LOG_DIR, GPUS_PER_NODE,
+# The #SBATCH lines below are the published layout (32 nodes x 8 H100 = 256 GPUs, dp=256 [P][R]).
+# Change the allocation with sbatch's own flags, which win over them
+# (`sbatch --nodes=4 --time=12:00:00 --partition=p slurm/smollm2_1p7b.sh`), and everything else with
+# environment variables: CONFIG, DATA_ROOT, RUN_DIR, CKPT_DIR, LOG_DIR, GPUS_PER_NODE,
 # NPROC_PER_NODE, OVERRIDES, PYTHON, NANOTRONIX_DIR, MASTER_PORT (all documented, with their defaults, in
 # slurm/common.sh). global_batch_size stays 1024 sequences on any node count (gradient accumulation adapts).
 # The job checkpoints every 2000 steps, saves and requeues itself on USR1 (sent 10 minutes before the time
 # limit), and resumes from the latest checkpoint in CKPT_DIR, so one sbatch carries the run to its end.
 # Output: %x-%j.out in the submission folder (appended across requeues); the run's metrics and checkpoints
 # under RUN_DIR (default ./runs/smollm2-1.7b).
+# The 8k context extension runs with this script too:
+#   CONFIG=examples/configs/smollm2_1p7b_context_8k.yaml RUN_DIR=runs/smollm2-1.7b-8k DATA_ROOT=... \
+#     sbatch slurm/smollm2_1p7b.sh
 #
 #SBATCH --job-name=smollm2-1.7b
 #SBATCH --nodes=32

@@ -3,9 +3,10 @@
 #
 #   DATA_ROOT=/path/to/corpus sbatch slurm/smollm2_360m.sh
 #
-# The #SBATCH lines below are the published layout (16 nodes x 8 H100 = 128 GPUs, dp=128 [R]). Change the allocation with sbatch's own
-# flags, which win over them (`sbatch --nodes=4 --time=12:00:00 --partition=p slurm/smollm2_360m.sh`), and
-# everything else with environment variables: CONFIG, DATA_ROOT, RUN_DIR, CKPT_DIR, LOG_DIR, GPUS_PER_NODE,
+# The #SBATCH lines below are the published layout (16 nodes x 8 H100 = 128 GPUs, dp=128 [R]).
+# Change the allocation with sbatch's own flags, which win over them
+# (`sbatch --nodes=4 --time=12:00:00 --partition=p slurm/smollm2_360m.sh`), and everything else with
+# environment variables: CONFIG, DATA_ROOT, RUN_DIR, CKPT_DIR, LOG_DIR, GPUS_PER_NODE,
 # NPROC_PER_NODE, OVERRIDES, PYTHON, NANOTRONIX_DIR, MASTER_PORT (all documented, with their defaults, in
 # slurm/common.sh). global_batch_size stays 768 sequences on any node count (gradient accumulation adapts).
 # The job checkpoints every 2000 steps, saves and requeues itself on USR1 (sent 10 minutes before the time

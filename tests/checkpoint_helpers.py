@@ -105,3 +105,25 @@ class FakeOptimizer:
         assert not missing, missing
         self.states = {n: {k: v.clone() for k, v in states[n].items()} for n in self.names}
         self.step_count = step_count
+
+
+def save_single(run_dir, step: int, model: nn.Module, optimizer, keep_last: int = 0, config: dict | None = None):
+    """Save a single-process checkpoint of a plain model (what the trainer saves with tp = pp = dp = 1)."""
+    from nanotronix.checkpoint.storage import Collective
+    from nanotronix.checkpoint.training_state import take_snapshot, write_snapshot
+    from nanotronix.parallel import ParallelContext
+
+    cfg_model = model.config
+    config = {"model": dataclasses.asdict(cfg_model), **(config or {})}
+    snap = take_snapshot(step, model, optimizer, ParallelContext(tp=1, pp=1, dp=1, rank=0, world_size=1), config,
+                         {"consumed_samples": 2 * step}, stage=False)
+    return write_snapshot(snap, run_dir, Collective(), keep_last)
+
+
+def load_single(folder, model: nn.Module, optimizer):
+    from nanotronix.checkpoint.storage import Collective
+    from nanotronix.checkpoint.training_state import load_training_state
+    from nanotronix.parallel import ParallelContext
+
+    return load_training_state(folder, model, optimizer, ParallelContext(tp=1, pp=1, dp=1, rank=0, world_size=1),
+                               Collective(), tied=model.config.tie_word_embeddings)

@@ -19,9 +19,9 @@ TINY_MODEL = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 8
 def make_config(parallel: dict | None = None) -> Config:
     return config_from_dict({
         "model": dict(TINY_MODEL),
-        "parallel": {"grad_bucket_size": 3000, **(parallel or {})},  # small buckets: several per rank
+        "parallel": {"grad_bucket_size": 20000, **(parallel or {})},  # small buckets: several per rank
         "train": {"seq_len": 16, "global_batch_size": 8, "micro_batch_size": 1, "train_steps": STEPS, "seed": 3},
-        "optimizer": {"lr": 1e-3, "weight_decay": 0.1, "clip_grad": 1.0, "betas": [0.9, 0.95], "eps": 1e-8},
+        "optimizer": {"lr": 3e-4, "weight_decay": 0.1, "clip_grad": 1.0, "betas": [0.9, 0.95], "eps": 1e-8},
     })
 
 

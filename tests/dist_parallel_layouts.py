@@ -57,13 +57,27 @@ def run_layout(name: str, parallel: dict, out: Path) -> None:
     folder = out / name
     folder.mkdir(parents=True, exist_ok=True)
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    states = optimizer.param_states()
+    # Checkpoint contract: a fresh optimizer loaded with these states reports exactly the same states.
+    fresh = DistributedOptimizer(model, param_groups(model.named_parameters(), o.weight_decay), lr=o.lr,
+                                 betas=tuple(o.betas), eps=o.eps)
+    fresh.load_param_states(states, optimizer.step_count)
+    reloaded = fresh.param_states()
+    roundtrip = fresh.step_count == optimizer.step_count and reloaded.keys() == states.keys() and all(
+        torch.equal(reloaded[n][k], states[n][k]) for n in states for k in states[n])
+    grads = model.grads
     torch.save({
         "coords": {"tp": ctx.tp_rank, "dp": ctx.dp_rank, "pp": ctx.pp_rank},
         "params": params,
         "tp_shard_dim": {n: p.tp_shard_dim for n, p in model.named_parameters()},
-        "states": optimizer.param_states(),
+        "states": states,
         "step_count": optimizer.step_count,
+        "states_roundtrip": roundtrip,
         "losses": losses,
+        # last step's bucket reductions: when each started, in gradients received so far
+        "buckets": [{"launched_after": b.launched_after, "deferred": b.deferred} for b in grads.buckets],
+        "microbatches": grads.num_microbatches,
+        "num_params": sum(len(b.params) for b in grads.buckets),
     }, folder / f"rank{ctx.rank}.pt")
     if ctx.rank == 0:
         (folder / "metrics.json").write_text(json.dumps({"losses": losses, "grad_norms": norms}))

@@ -32,15 +32,21 @@ def _name(layout) -> str:
     return "x".join(map(str, layout))
 
 
+_CONTEXTS: dict = {}
+
+
 def _context(cfg_model, layout):
-    """A ParallelContext for `layout` over all 8 ranks (collective: every rank calls it for every layout)."""
+    """The ParallelContext of `layout` over all 8 ranks; built once per process (group creation is collective,
+    and every rank asks for the layouts in the same order)."""
     from nanotronix.config import Config, ParallelConfig
     from nanotronix.parallel import ParallelContext
 
-    tp, pp, dp = layout
-    cfg = Config(model=cfg_model, parallel=ParallelConfig(tp=tp, pp=pp, dp=dp))
-    cfg.train.seq_len = 32
-    return ParallelContext.build(cfg)
+    if layout not in _CONTEXTS:
+        tp, pp, dp = layout
+        cfg = Config(model=cfg_model, parallel=ParallelConfig(tp=tp, pp=pp, dp=dp))
+        cfg.train.seq_len = 32
+        _CONTEXTS[layout] = ParallelContext.build(cfg)
+    return _CONTEXTS[layout]
 
 
 def _piece(ctx, cfg_model, step_count):
@@ -52,54 +58,61 @@ def _piece(ctx, cfg_model, step_count):
     return model, FakeOptimizer(model, states, step_count), plain, moments
 
 
-def _worker(rank: int, port: int, root: str, cfg_model) -> None:
-    from nanotronix.checkpoint.storage import Collective
-    from nanotronix.checkpoint.training_state import load_training_state, take_snapshot, write_snapshot
+CONFIGS = {"tied": TINY, "untied": TINY_UNTIED}
 
+
+def _worker(rank: int, port: int, root: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        tied = cfg_model.tie_word_embeddings
-        coll = Collective(dist.new_group(backend="gloo"))
-        for layout in SAVE_LAYOUTS:
-            ctx = _context(cfg_model, layout)
-            model, opt, _, _ = _piece(ctx, cfg_model, step_count=7)
-            snap = take_snapshot(7, model, opt, ctx, {"model": vars(cfg_model)}, {"consumed_samples": 56},
-                                 stage=layout == (2, 1, 4))  # one layout through the async path's CPU staging
-            write_snapshot(snap, Path(root) / _name(layout), coll, keep_last=0)
-
-        single = dist.new_group([0])
-        for source, layout in LOAD_CASES:
-            folder = Path(root) / source / "step_0000007"
-            if layout == (1, 1, 1):
-                ctx = _context(cfg_model, (2, 2, 2))  # keep the group-creation sequence identical on all ranks
-                if rank != 0:
-                    dist.barrier()
-                    continue
-                from nanotronix.parallel import ParallelContext
-                ctx, load_coll = ParallelContext(tp=1, pp=1, dp=1, rank=0, world_size=1), Collective(single)
-            else:
-                ctx, load_coll = _context(cfg_model, layout), coll
-            model, opt, plain, moments = _piece(ctx, cfg_model, step_count=0)
-            with torch.no_grad():  # scramble what will be loaded, so nothing passes by accident
-                for p in model.parameters():
-                    p.normal_()
-            opt.states = {n: {k: torch.full_like(v, -1.0) for k, v in s.items()} for n, s in opt.states.items()}
-            load_training_state(folder, model, opt, ctx, load_coll, tied=tied)
-            reference = dict(plain.named_parameters())
-            for n, p in model.named_parameters():
-                want = local_slice(reference[n].detach(), n, ctx.tp, ctx.tp_rank)
-                assert torch.equal(p.detach(), want), f"{source}->{layout} rank {rank}: weight {n} differs"
-                for k in ("exp_avg", "exp_avg_sq"):
-                    want = local_slice(moments[n][k], n, ctx.tp, ctx.tp_rank)
-                    assert torch.equal(opt.states[n][k], want), f"{source}->{layout} rank {rank}: {k} of {n}"
-            assert opt.step_count == 7
-            if tied and model.lm_head is not None:
-                assert model.lm_head.weight.data_ptr() == model.embed_tokens.weight.data_ptr()
-            if layout == (1, 1, 1):
-                dist.barrier()
+        for name, cfg_model in CONFIGS.items():
+            _save_and_reload(rank, Path(root) / name, cfg_model)
     finally:
         dist.destroy_process_group()
+
+
+def _save_and_reload(rank: int, root: Path, cfg_model) -> None:
+    from nanotronix.checkpoint.storage import Collective
+    from nanotronix.checkpoint.training_state import load_training_state, take_snapshot, write_snapshot
+
+    tied = cfg_model.tie_word_embeddings
+    coll = Collective(dist.new_group(backend="gloo"))
+    for layout in SAVE_LAYOUTS:
+        ctx = _context(cfg_model, layout)
+        model, opt, _, _ = _piece(ctx, cfg_model, step_count=7)
+        snap = take_snapshot(7, model, opt, ctx, {"model": vars(cfg_model)}, {"consumed_samples": 56},
+                             stage=layout == (2, 1, 4))  # one layout through the async path's CPU staging
+        write_snapshot(snap, Path(root) / _name(layout), coll, keep_last=0)
+
+    single = dist.new_group([0])  # collective: every rank creates it
+    for source, layout in LOAD_CASES:
+        folder = Path(root) / source / "step_0000007"
+        if layout == (1, 1, 1):
+            if rank != 0:
+                dist.barrier()
+                continue
+            from nanotronix.parallel import ParallelContext
+            ctx, load_coll = ParallelContext(tp=1, pp=1, dp=1, rank=0, world_size=1), Collective(single)
+        else:
+            ctx, load_coll = _context(cfg_model, layout), coll
+        model, opt, plain, moments = _piece(ctx, cfg_model, step_count=0)
+        with torch.no_grad():  # scramble what will be loaded, so nothing passes by accident
+            for p in model.parameters():
+                p.normal_()
+        opt.states = {n: {k: torch.full_like(v, -1.0) for k, v in s.items()} for n, s in opt.states.items()}
+        load_training_state(folder, model, opt, ctx, load_coll, tied=tied)
+        reference = dict(plain.named_parameters())
+        for n, p in model.named_parameters():
+            want = local_slice(reference[n].detach(), n, ctx.tp, ctx.tp_rank)
+            assert torch.equal(p.detach(), want), f"{source}->{layout} rank {rank}: weight {n} differs"
+            for k in ("exp_avg", "exp_avg_sq"):
+                want = local_slice(moments[n][k], n, ctx.tp, ctx.tp_rank)
+                assert torch.equal(opt.states[n][k], want), f"{source}->{layout} rank {rank}: {k} of {n}"
+        assert opt.step_count == 7
+        if tied and model.lm_head is not None:
+            assert model.lm_head.weight.data_ptr() == model.embed_tokens.weight.data_ptr()
+        if layout == (1, 1, 1):
+            dist.barrier()
 
 
 def _free_port() -> int:
@@ -108,32 +121,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module", params=[TINY, TINY_UNTIED], ids=["tied", "untied"])
-def saved_layouts(request, tmp_path_factory):
+@pytest.fixture(scope="module")
+def saved_layouts(tmp_path_factory):
     root = tmp_path_factory.mktemp("reshard")
     # A failing assertion in any rank raises here, with that rank's traceback.
-    mp.start_processes(_worker, args=(_free_port(), str(root), request.param), nprocs=WORLD, join=True,
-                       start_method="spawn")
-    return root, request.param
+    mp.start_processes(_worker, args=(_free_port(), str(root)), nprocs=WORLD, join=True, start_method="spawn")
+    return root
 
 
-def test_every_layout_loads_every_other(saved_layouts):
-    root, _ = saved_layouts  # the workers asserted; here: the checkpoints exist and record their layouts
+@pytest.mark.parametrize("config", CONFIGS)
+def test_every_layout_loads_every_other(saved_layouts, config):
+    # The workers asserted the loads; here: every saved checkpoint records its layout.
     for layout in SAVE_LAYOUTS:
-        manifest = json.loads((root / _name(layout) / "step_0000007" / "checkpoint.json").read_text())
+        manifest = json.loads((saved_layouts / config / _name(layout) / "step_0000007" / "checkpoint.json")
+                              .read_text())
         tp, pp, dp = layout
         assert manifest["layout"] == {"tp": tp, "pp": pp, "dp": dp, "world_size": WORLD}
         assert manifest["step"] == 7 and manifest["rope_layout"] == "rotate_half"
 
 
-@pytest.mark.parametrize("layout", SAVE_LAYOUTS, ids=_name)
-def test_export_from_each_layout_matches_transformers(saved_layouts, layout, tmp_path):
+@pytest.mark.parametrize("config, layout", [("tied", layout) for layout in SAVE_LAYOUTS] + [("untied", (1, 4, 2))],
+                         ids=lambda v: v if isinstance(v, str) else _name(v))
+def test_export_from_each_layout_matches_transformers(saved_layouts, config, layout, tmp_path):
     import transformers
 
     from nanotronix.checkpoint.hf_export import export_to_hf
 
-    root, cfg = saved_layouts
-    out = export_to_hf(root / _name(layout), tmp_path / "hf", progress=False, log=lambda _: None)
+    cfg = CONFIGS[config]
+    out = export_to_hf(saved_layouts / config / _name(layout), tmp_path / "hf", progress=False,
+                       log=lambda _: None)
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").float().eval()
     assert type(hf).__name__ == "LlamaForCausalLM"
     ids = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(3))

@@ -11,7 +11,7 @@ from nanotronix.data import DataError, build_train_loader, open_store
 from nanotronix.data.blend import BlendTree
 from nanotronix.data.megatron_store import MegatronWriter
 from nanotronix.data.permutation import permute
-from nanotronix.data.schedule import BlendSchedule, PackedStream
+from nanotronix.data.schedule import PackedStream
 
 SEQ = 16
 
@@ -39,15 +39,18 @@ def _cfg(stages, gbs=8, mbs=1, seed=1234):
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
     d = tmp_path_factory.mktemp("sampler")
-    return [_store(d / f"s{i}", n, i) for i, n in enumerate((20_000, 5_000, 40_000, 801))]
+    return [_store(d / f"s{i}", n, i) for i, n in enumerate((20_000, 5_000, 40_000, 801, 3_000))]
 
 
 def test_permutation_is_a_bijection_and_keyed():
     for n in (1, 2, 3, 17, 1000, 4097):
-        p = permute(np.arange(n), n, key=7)
+        p = permute(np.arange(n), n, 7)
         assert sorted(p.tolist()) == list(range(n))
     a, b = permute(np.arange(1000), 1000, 7), permute(np.arange(1000), 1000, 8)
     assert not np.array_equal(a, b) and not np.array_equal(a, np.arange(1000))
+    # one key per element (a batch spanning epochs) equals separate calls per key
+    mixed = permute(np.arange(2000) % 1000, 1000, np.repeat(np.array([7, 8], dtype=np.uint64), 1000))
+    assert np.array_equal(mixed, np.concatenate([a, b]))
 
 
 SMOLLM2_STAGES = [  # SmolLM2-1.7B stage mixtures (shared/smollm2/schedule.yaml), buckets flattened
@@ -76,8 +79,21 @@ def test_blend_proportions_within_one_percent_over_100k(weights):
     assert np.abs(per_batch - expected * 1024).max() <= np.ceil(np.log2(len(weights))) + 1
 
 
+def test_every_stage_of_the_smollm2_schedule_realises_its_weights(stores):
+    """Four stages with the SmolLM2-1.7B mixtures, 100k samples each, through the whole schedule path."""
+    gbs, steps_per_stage = 100, 1000
+    stages = [(f"stage{k + 1}", 1 + k * steps_per_stage, list(zip(stores, w))) for k, w in enumerate(SMOLLM2_STAGES)]
+    loader = build_train_loader(_cfg(stages, gbs=gbs), 0, 1)
+    names, which, _ = loader.schedule.locate(np.arange(4 * steps_per_stage * gbs))
+    for k, weights in enumerate(SMOLLM2_STAGES):
+        part = which[k * steps_per_stage * gbs:(k + 1) * steps_per_stage * gbs]
+        realised = np.array([np.mean(part == names.index(p)) for p in stores[:len(weights)]])
+        assert np.all(np.abs(realised - np.array(weights)) <= 0.01 * np.array(weights)), (k, realised)
+        assert loader.stats((k + 1) * steps_per_stage)["stage"] == f"stage{k + 1}"
+
+
 def test_stage_proportions_and_switch_at_exact_start_step(stores):
-    a, b, c, d = stores
+    a, b, c, d = stores[:4]
     gbs = 32
     cfg = _cfg([("one", 1, [(a, 0.7), (b, 0.3)]), ("two", 101, [(c, 0.5), (d, 0.25), (a, 0.25)])], gbs=gbs)
     loader = build_train_loader(cfg, 0, 1)
@@ -102,7 +118,7 @@ def _global_batches(cfg, dp, first_step, last_step, consumed=0):
 
 
 def test_resume_with_other_dp_size_gives_identical_global_sequence(stores):
-    a, b, c, _ = stores
+    a, b, c = stores[:3]
     cfg = _cfg([("one", 1, [(a, 2), (b, 1)]), ("two", 4, [(c, 1), (a, 1)])], gbs=8, mbs=1)
     full, (one,) = _global_batches(cfg, 1, 1, 8)
     assert one.state_dict() == {"consumed_samples": 64}
@@ -118,7 +134,7 @@ def test_resume_with_other_dp_size_gives_identical_global_sequence(stores):
 
 
 def test_samples_are_a_pure_function_and_match_the_store(stores):
-    a, b, _, _ = stores
+    a, b = stores[:2]
     cfg = _cfg([("one", 1, [(a, 1), (b, 1)])], gbs=8)
     loader = build_train_loader(cfg, 0, 1)
     ids = np.array([5, 123, 7, 99_999, 5])
@@ -148,7 +164,7 @@ def test_epochs_cover_every_window_and_reshuffle(stores):
 
 
 def test_dataset_continues_across_stages_without_repeating(stores):
-    a, b, c, _ = stores
+    a, b, c = stores[:3]
     cfg = _cfg([("one", 1, [(a, 1), (b, 1)]), ("two", 11, [(a, 1), (c, 1)])], gbs=16)
     loader = build_train_loader(cfg, 0, 1)
     names, which, starts = loader.schedule.locate(np.arange(0, 200 * 16))
@@ -174,3 +190,23 @@ def test_loader_errors_are_one_clear_line(stores, tmp_path):
     tiny = _store(tmp_path / "tiny", 10, 0)
     with pytest.raises(DataError, match="cannot fill one window"):
         build_train_loader(_cfg([("one", 1, [(tiny, 1)])]), 0, 1)
+
+
+def test_loader_blends_all_three_store_formats(stores, tmp_path):
+    """One reader interface: a datatrove .ds and a zarr store in the same blend as a Megatron store."""
+    from nanotronix.data.zarr_store import ZarrWriter
+    tokens = np.random.default_rng(5).integers(1, 49152, size=3000)
+    ds = tmp_path / "d.ds"
+    ds.write_bytes(tokens.astype("<u2").tobytes())
+    (tmp_path / "d.ds.index").write_bytes(np.array([1000, 3000], dtype="<u8").tobytes())
+    writer = ZarrWriter(str(tmp_path / "z.zarr"), np.uint16)
+    writer.add_documents(tokens[::-1].copy(), np.array([3000]))
+    writer.finalize({})
+    paths = [stores[0], str(ds), str(tmp_path / "z")]
+    loader = build_train_loader(_cfg([("one", 1, [(p, 1) for p in paths])], gbs=12), 0, 1)
+    rows = loader.read_samples(np.arange(60))
+    names, which, starts = loader.schedule.locate(np.arange(60))
+    assert set(which.tolist()) == {0, 1, 2} and {loader.stores[n].format for n in names} == {"megatron",
+                                                                                              "datatrove", "zarr"}
+    for row, w, s in zip(rows, which, starts):
+        assert np.array_equal(row, loader.stores[names[w]].tokens(int(s), SEQ + 1))

@@ -75,6 +75,12 @@ def test_zero1_and_pipeline_change_memory(plan_tool):
                               256, 0.45, "H100 SXM")["memory"]
     assert pp["in_flight_microbatches"] == 4  # 1F1B: the first stage holds pp micro-batches
     assert pp["params_per_gpu"] < base["params_per_gpu"] / 3
+    lean = plan_tool.build_plan(str(CONFIGS / "smollm2_1p7b.yaml"), ["train.recompute=full",
+                                "train.loss_chunk_size=1024"], 256, 0.45, "H100 SXM")["memory"]
+    # full recompute keeps each layer's fp32 input (4 x 2048 B per token) instead of its whole set; the fused loss
+    # drops the [8192 x 49152] logits (bf16 + fp32 + fp32 softmax = 10 B per element)
+    assert base["bytes"]["activations"] - lean["bytes"]["activations"] > 8192 * 49152 * 8 + 8192 * 23 * 90_000
+    assert lean["bytes"]["activations"] < base["bytes"]["activations"] / 4
 
 
 def test_epochs_from_real_stores(plan_tool, tmp_path):
@@ -86,8 +92,8 @@ def test_epochs_from_real_stores(plan_tool, tmp_path):
         writer.add_document(np.ones(tokens, dtype=np.uint16))
         writer.finalize()
     plan = plan_tool.build_plan(str(CONFIGS / "smollm2_135m.yaml"), [f"data.root={tmp_path}",
-                                "train.train_steps=100", "lr_schedule.warmup_steps=10", "lr_schedule.decay_start_step=80",
-                                "lr_schedule.decay_steps=20"], 64, 0.45, "H100 SXM")
+                                "train.train_steps=100", "lr_schedule.warmup_steps=10",
+                                "lr_schedule.decay_start_step=80", "lr_schedule.decay_steps=20"], 64, 0.45, "H100 SXM")
     (stage,) = plan["stages"]
     for src in stage["sources"]:
         name = Path(src["path"]).name
@@ -100,20 +106,24 @@ def test_epochs_from_real_stores(plan_tool, tmp_path):
         assert src["epochs_by_stage_end"] == src["epochs"]
 
 
-def test_cli_prints_the_three_recipes_and_errors_in_one_line(tmp_path):
-    proc = run(["tools/plan.py", str(CONFIGS / "smollm2_360m.yaml"), "--gpus", "128", "--json"])
-    assert proc.returncode == 0, proc.stderr
-    plan = json.loads(proc.stdout)
-    assert plan["total_tokens"] == 2_600_000 * 1_572_864 and plan["layout"]["grad_accum"] == 1
+def test_cli_prints_a_recipe(tmp_path):
     proc = run(["tools/plan.py", str(CONFIGS / "smollm2_135m.yaml"), "--gpus", "64"])
-    assert proc.returncode == 0 and "2,000,000 steps" in proc.stdout and "store not found" in proc.stdout
+    assert proc.returncode == 0, proc.stderr
+    assert "2,000,000 steps" in proc.stdout and "store not found" in proc.stdout and "GPU-hours" in proc.stdout
+
+
+def test_errors_are_one_line(plan_tool, tmp_path, capsys):
     for args, message in [
         (["--gpus", "3"], "error: train.global_batch_size: 1024 is not divisible by micro_batch_size*dp = 4*3"),
         (["--gpus", "256", "--mfu", "2"], "error: --mfu must be in (0, 1], got 2.0"),
         (["--gpus", "256", "parallel.tq=2"], "error: parallel.tq: unknown config key"),
+        (["--gpus", "256", "--gpu", "B300"], "error: --gpu 'B300' is not in the peak table"),
     ]:
-        proc = run(["tools/plan.py", str(CONFIGS / "smollm2_1p7b.yaml"), *args])
-        lines = proc.stderr.strip().splitlines()
-        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(message), proc.stderr
-    proc = run(["tools/plan.py", str(tmp_path / "missing.yaml"), "--gpus", "8"])
-    assert proc.returncode == 2 and proc.stderr.strip() == f"error: config file not found: {tmp_path / 'missing.yaml'}"
+        assert plan_tool.main([str(CONFIGS / "smollm2_1p7b.yaml"), *args]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(message), lines
+    assert plan_tool.main([str(tmp_path / "missing.yaml"), "--gpus", "8"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: config file not found: {tmp_path / 'missing.yaml'}"
+    assert plan_tool.main([str(CONFIGS / "smollm2_360m.yaml"), "--gpus", "128", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["total_tokens"] == 2_600_000 * 1_572_864 and plan["layout"]["grad_accum"] == 1

@@ -165,3 +165,23 @@ def test_unsupported_input_and_empty_result(tmp_path, tok, tool, capsys):
     assert tool.main(["--input", str(src), "--tokenizer", tok, "--output-prefix", str(tmp_path / "out"),
                       "--workers", "1", "--skip-bad", "--no-progress"]) != 0
     assert "no documents" in capsys.readouterr().err and _outputs(tmp_path) == []
+
+
+def test_damaged_compressed_inputs_fail_cleanly_and_multi_frame_zstd_reads(tmp_path, tok, tool, capsys):
+    import zstandard
+    body = ("\n".join(json.dumps({"text": f"line {i} " * 20}) for i in range(2000)) + "\n").encode()
+    gz, zst = gzip.compress(body), zstandard.ZstdCompressor().compress(body)
+    (tmp_path / "cut.jsonl.gz").write_bytes(gz[:len(gz) // 2])
+    (tmp_path / "cut.jsonl.zst").write_bytes(zst[:len(zst) // 2])
+    (tmp_path / "junk.jsonl.zst").write_bytes(b"this is not zstd")
+    for name, why in (("cut.jsonl.gz", "EOFError"), ("cut.jsonl.zst", "truncated"), ("junk.jsonl.zst", "ZstdError")):
+        assert tool.main(["--input", str(tmp_path / name), "--tokenizer", tok, "--output-prefix",
+                          str(tmp_path / "out"), "--workers", "1", "--no-progress"]) != 0
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"preprocess: error: {tmp_path / name}:") and "cannot decompress" in err and why in err
+        assert _outputs(tmp_path) == []
+    c = zstandard.ZstdCompressor()
+    (tmp_path / "multi.jsonl.zst").write_bytes(c.compress(b'{"text": "frame one"}\n') + c.compress(b'{"text": "two"}\n'))
+    assert tool.main(["--input", str(tmp_path / "multi.jsonl.zst"), "--tokenizer", tok, "--output-prefix",
+                      str(tmp_path / "out"), "--workers", "1", "--no-progress"]) == 0
+    assert _docs(tmp_path / "out") == _reference(tok, ["frame one", "two"])

@@ -216,3 +216,22 @@ def test_1p7b_sampler_switches_stages_at_the_published_steps(corpus_1p7b):
     owm = str(corpus_1p7b / "open-web-math")
     windows = (TOKENS_PER_STORE - 1) // cfg.train.seq_len
     assert end[owm]["epochs"] == pytest.approx(end[owm]["consumed_tokens"] / cfg.train.seq_len / windows)
+
+
+def test_data_root_joins_relative_paths_only(tmp_path, monkeypatch):
+    import yaml
+
+    from nanotronix.config import config_from_dict, dump_config
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load("135m", "data.root=corpus", "data.stages.0.datasets.1.path=/abs/stack-edu",
+               "data.stages.0.datasets.2.path=s3://bucket/infimm")
+    paths = [d.path for d in cfg.data.stages[0].datasets]
+    assert cfg.data.root == str(tmp_path / "corpus")  # made absolute once, so a dumped config reloads unchanged
+    assert paths[:3] == [str(tmp_path / "corpus" / "dclm-edu"), "/abs/stack-edu", "s3://bucket/infimm"]
+    again = config_from_dict(yaml.safe_load(dump_config(cfg)))
+    assert [d.path for d in again.data.stages[0].datasets] == paths
+    url = load("135m", "data.root=s3://bucket/corpus/")
+    assert url.data.stages[0].datasets[0].path == "s3://bucket/corpus/dclm-edu"
+    plain = load_config(CONFIGS / "smollm2_135m.yaml")  # no root: paths stay as written
+    assert plain.data.root is None and plain.data.stages[0].datasets[0].path == "dclm-edu"

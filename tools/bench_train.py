@@ -37,7 +37,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from nanotronix import accel  # noqa: E402
-from nanotronix.config import Config, load_config  # noqa: E402
+from nanotronix.config import Config, TrainConfig, apply_override, load_config  # noqa: E402
 from nanotronix.errors import UserError  # noqa: E402
 from nanotronix.train.flops import device_peak_tflops, flops_per_token, mfu  # noqa: E402
 
@@ -89,8 +89,13 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 def build_config(args: argparse.Namespace, extra: list[str], device: torch.device) -> Config:
     defaults = [f"train.dtype={'bfloat16' if device.type == 'cuda' else 'float32'}"]
     overrides = defaults + list(args.overrides) + extra
-    probe = load_config(args.config, overrides)
-    overrides.append(f"train.global_batch_size={probe.train.micro_batch_size * args.accum}")
+    tree: dict = {}
+    for o in overrides:  # read the micro-batch before validation, which checks it against the global batch
+        apply_override(tree, o)
+    micro = (tree.get("train") or {}).get("micro_batch_size", TrainConfig.micro_batch_size)
+    if not isinstance(micro, int) or micro < 1:
+        raise UserError(f"train.micro_batch_size: must be a positive integer, got {micro!r}")
+    overrides.append(f"train.global_batch_size={micro * args.accum}")
     overrides.append(f"train.train_steps={args.warmup + args.steps}")
     return load_config(args.config, overrides)
 
@@ -202,6 +207,8 @@ def measure(name: str, build: Callable[[], Callable[[torch.Tensor], float]], cfg
                   f"{' (warm-up)' if i < warmup else ''}", flush=True)
     except torch.OutOfMemoryError as e:
         result.ok, result.error = False, f"out of memory: {str(e).splitlines()[0]}"
+    except RuntimeError as e:  # e.g. an attention backend the device lacks: report it, go on with the next run
+        result.ok, result.error = False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     finally:
         del step
     if result.ok:

@@ -37,11 +37,12 @@ def main(argv=None) -> int:
     from nanotronix.errors import UserError
 
     try:
-        from nanotronix.checkpoint.hf_export import export_to_hf, parse_size
         from nanotronix.checkpoint.hub import check_hub_access, push_folder
 
         if args.push_to_hub:
-            check_hub_access(args.push_to_hub)  # fail before converting, not after
+            check_hub_access(args.push_to_hub)  # fail before converting (and before importing torch)
+        from nanotronix.checkpoint.hf_export import export_to_hf, parse_size
+
         folder = export_to_hf(args.checkpoint, args.output, dtype=args.dtype,
                               max_shard_bytes=parse_size(args.max_shard_size), tokenizer=args.tokenizer,
                               overwrite=args.overwrite, progress=not args.no_progress)

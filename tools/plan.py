@@ -11,8 +11,9 @@ is reported as "store not found" (point the recipe at your corpus with data.root
 Memory (per GPU, the most loaded pipeline stage): fp32 weights (they are their own master copy) and fp32 gradients,
 AdamW's two fp32 moments (divided over DP with ZeRO-1), bf16 weight copies made by autocast (held until the
 micro-batch's backward), and activations: the tensors one Llama block saves for backward with flash/memory-efficient
-attention and no recomputation, times the micro-batches a stage holds at once (1 without pipelining, up to pp with
-1F1B, all with AFAB), plus the last stage's logits (bf16, their fp32 copy and softmax for the loss). Allocator
+attention (fewer with train.recompute), times the micro-batches a stage holds at once (1 without pipelining, up to pp
+with 1F1B, all with AFAB), plus the last stage's logits (bf16, their fp32 copy and softmax for the loss; one chunk
+with train.loss_chunk_size). Allocator
 fragmentation, NCCL buffers and the CUDA context (~1-3 GiB together) come on top. An estimate, not a measurement.
 
 Time: total tokens x model FLOPs per token (`nanotronix.train.flops`, the trainer's own MFU counter) / (GPUs x peak
@@ -40,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--gpu", default="H100 SXM", help='GPU model for the peak FLOP/s (default "H100 SXM")')
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # overrides may follow the options
 
 
 # ---------------------------------------------------------------------------------------------- data stages
@@ -111,21 +112,36 @@ def in_flight_microbatches(cfg, accum: int) -> int:
     return min(accum, p.pp * (2 if p.pp_schedule == "interleaved" else 1))
 
 
-def activation_bytes_per_token_per_layer(cfg) -> float:
-    """Bytes one decoder layer saves for backward per token (this rank's share under TP / sequence parallel).
+def activation_bytes_per_token_per_layer(cfg) -> tuple[float, float]:
+    """(bytes one decoder layer keeps for backward per token, bytes of one layer's full set) on this rank.
 
     The residual stream is fp32 (fp32 weights, bf16 autocast): both norms save their fp32 input; the two matmul
     inputs after the norms, q/k/v after RoPE, the attention output and the o_proj input, and the four SwiGLU
     tensors (gate, silu(gate), up, their product) are in the compute dtype. Flash/memory-efficient attention keeps
-    no seq x seq scores.
+    no seq x seq scores. train.recompute: "full" keeps only each layer's input and rebuilds one layer's set in its
+    backward; "selective" keeps the matmul and attention outputs and recomputes the norms.
     """
     m, p = cfg.model, cfg.parallel
     e = 2 if cfg.train.dtype == "bfloat16" else 4
     d, f = m.hidden_size, m.intermediate_size
     kv = m.num_key_value_heads * m.head_dim
-    replicated = 2 * 4 * d + 2 * e * d  # norm inputs and outputs: whole on every TP rank unless sequence parallel
-    sharded = e * (d + 2 * kv) + 2 * e * d + 4 * e * f
-    return replicated / (p.tp if p.sequence_parallel else 1) + sharded / p.tp
+    seq_split = p.tp if p.sequence_parallel else 1
+    replicated = (2 * 4 * d + 2 * e * d) / seq_split  # norm inputs and outputs: whole on every TP rank unless SP
+    sharded = (e * (d + 2 * kv) + 2 * e * d + 4 * e * f) / p.tp
+    layer_input = 4 * d / seq_split
+    full = replicated + sharded
+    kept = {"full": layer_input, "selective": layer_input + sharded}.get(cfg.train.recompute, full)
+    return kept, full
+
+
+def loss_bytes(cfg, tokens: int) -> float:
+    """Peak bytes of the head + loss of one micro-batch on the last stage."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    v, d = m.vocab_size / p.tp, m.hidden_size
+    if t.loss_chunk_size > 0 and p.tp == 1:  # fused head + loss: one chunk of fp32 logits, dW and dX kept
+        return min(t.loss_chunk_size, tokens) * v * 6 + 4 * v * d + tokens * d * 4
+    # logits in the compute dtype, their fp32 copy and the fp32 softmax kept for backward
+    return tokens * v * ((2 if t.dtype == "bfloat16" else 0) + 4 + 4)
 
 
 def memory_plan(cfg, dp: int, accum: int) -> dict[str, Any]:
@@ -137,8 +153,7 @@ def memory_plan(cfg, dp: int, accum: int) -> dict[str, Any]:
     layers_per_stage = math.ceil(layers / p.pp)
     bf16 = t.dtype == "bfloat16"
     tokens = t.micro_batch_size * t.seq_len
-    act_layer = activation_bytes_per_token_per_layer(cfg)
-    logits = (2 + 4 + 4) * v / p.tp if bf16 else (4 + 4) * v / p.tp  # logits, fp32 copy, softmax for the loss
+    act_kept, act_full = activation_bytes_per_token_per_layer(cfg)
 
     def stage(first: bool, last: bool) -> dict[str, float]:
         params = layers_per_stage * layer_params
@@ -147,9 +162,9 @@ def memory_plan(cfg, dp: int, accum: int) -> dict[str, Any]:
         if last:
             params += d + (embedding if (not m.tie_word_embeddings or not first) else 0)
         held = in_flight_microbatches(cfg, accum) if first else 1
-        acts = held * tokens * layers_per_stage * act_layer
+        acts = held * tokens * layers_per_stage * act_kept + tokens * (act_full - act_kept)
         if last:
-            acts += tokens * (logits + 6 * d)  # + the final norm's input (fp32) and output
+            acts += loss_bytes(cfg, tokens) + tokens * 6 * d  # + the final norm's input (fp32) and output
         parts = {
             "weights_fp32": 4 * params,
             "weights_bf16_copies": (2 * params * held) if bf16 else 0.0,

@@ -6,6 +6,8 @@ A run's checkpoint folder holds one folder per committed step and a `latest` poi
     CKPT_DIR/step_0000400/
     CKPT_DIR/latest             "step_0000400\\n", replaced atomically after the rename
     CKPT_DIR/.step_0000600.tmp/ a save in progress (or one killed mid-way); never read, removed by the next save
+    CKPT_DIR/.step_0000400.replaced/  an older copy of a step being saved again after a rollback, until the new
+                                one is in place
 
 The rename is the commit point, so a crash at any moment leaves every committed step intact and `latest`
 pointing at one of them. `keep_last` prunes only after a new step is committed and never removes the step that
@@ -24,7 +26,7 @@ from nanotronix.checkpoint.errors import CheckpointError
 MANIFEST_NAME = "checkpoint.json"  # written last inside a step folder; its presence marks a complete step
 LATEST_NAME = "latest"
 _STEP_RE = re.compile(r"^step_(\d+)$")
-_TEMP_RE = re.compile(r"^\.step_(\d+)\.tmp$")
+_TEMP_RE = re.compile(r"^\.step_(\d+)\.(tmp|replaced)$")
 
 
 def step_folder_name(step: int) -> str:
@@ -122,7 +124,7 @@ def write_text_durably(path: Path, text: str) -> None:
 
 
 def remove_stale_temps(run_dir: Path, keep: Optional[Path] = None) -> None:
-    """Delete the temp folders of saves that never committed (killed mid-way)."""
+    """Delete the temp folders of saves that never committed (killed mid-way), and replaced step folders."""
     if not run_dir.is_dir():
         return
     for p in run_dir.iterdir():
@@ -134,13 +136,18 @@ def commit_step(temp: Path, run_dir: Path, step: int) -> Path:
     """Rename a fully written temp folder to its step folder, then point `latest` at it."""
     final = run_dir / step_folder_name(step)
     fsync_path(temp)
+    replaced = None
     if final.exists():
-        # A step folder that `latest` does not name: left by a run that was later resumed from an older
-        # step and is now redoing this one. The caller never re-saves the step that `latest` names.
-        shutil.rmtree(final)
+        # A run resumed from an older step (a rollback, or a crash before `latest` moved) is redoing this one.
+        # Move the old folder aside rather than deleting it first, so a complete copy exists at every moment.
+        replaced = run_dir / f".{final.name}.replaced"
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.rename(final, replaced)
     os.rename(temp, final)
     fsync_path(run_dir)
     write_text_durably(run_dir / LATEST_NAME, final.name + "\n")
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
     return final
 
 

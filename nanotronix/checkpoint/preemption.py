@@ -19,7 +19,8 @@ PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 class PreemptionWatcher:
     def __init__(self, device: torch.device):
         self.device = device
-        self.received: Optional[int] = None  # the signal number, once one arrived
+        self.received: Optional[int] = None  # the signal number, once one arrived at this rank
+        self.stop_signal: Optional[int] = None  # the signal all ranks agreed to stop for
         self._previous = {}
 
     def install(self) -> None:
@@ -36,13 +37,17 @@ class PreemptionWatcher:
             self.received = signum
 
     def stop_requested(self) -> bool:
-        """Collective when distributed: every rank must call it after every step."""
-        flag = self.received is not None
+        """Collective when distributed: every rank must call it after every step, and all get the same answer
+        (a signal landing on one rank just after the reduction counts at the next step, on every rank). Ranks
+        that got no signal adopt the number of one that did, so every rank can say what stopped the run."""
+        agreed = self.received or 0
         if dist.is_initialized() and dist.get_world_size() > 1:
-            t = torch.tensor([int(flag)], dtype=torch.int32, device=self.device)
+            t = torch.tensor([agreed], dtype=torch.int32, device=self.device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            flag = bool(t.item())
-        return flag
+            agreed = int(t.item())
+        if agreed:
+            self.stop_signal = agreed
+        return bool(agreed)
 
     def signal_name(self) -> str:
-        return signal.Signals(self.received).name if self.received is not None else "a preemption signal"
+        return signal.Signals(self.stop_signal).name if self.stop_signal else "a preemption signal"

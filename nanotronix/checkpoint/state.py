@@ -94,11 +94,12 @@ class TorchAdamWAccess:
         return 0
 
     def param_states(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Moments of every parameter; zeros before its first update (what AdamW starts from)."""
         out = {}
         for _, p in self._params():
             state = self.optimizer.state.get(p)
-            if state and "exp_avg" in state:
-                out[self.names[id(p)]] = {m: state[m] for m in MOMENTS}
+            has = bool(state) and "exp_avg" in state
+            out[self.names[id(p)]] = {m: state[m] if has else torch.zeros_like(p) for m in MOMENTS}
         return out
 
     def load_param_states(self, states: dict[str, dict[str, torch.Tensor]], step_count: int) -> None:

@@ -137,14 +137,10 @@ class DatatroveStore(TokenStore):
             pos += take
         return np.concatenate(out).astype(self.dtype) if out else np.zeros(0, self.dtype)
 
-    def windows(self, starts: np.ndarray, length: int) -> np.ndarray:
-        if len(self.files) > 1:
-            return super().windows(starts, length)
-        data = self.files[0].data
-        out = np.empty((len(starts), length), dtype=np.int64)
-        for row, start in enumerate(starts.tolist()):
-            out[row] = data[start:start + length]
-        return out
+    def read_windows(self, out: np.ndarray, rows: np.ndarray, starts: np.ndarray) -> None:
+        if len(self.files) > 1:  # windows may straddle two files
+            return super().read_windows(out, rows, starts)
+        self._read_windows_from(self.files[0].data, out, rows, starts)
 
     def gather(self, positions: np.ndarray) -> np.ndarray:
         positions = np.asarray(positions, dtype=np.int64)

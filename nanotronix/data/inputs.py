@@ -98,18 +98,64 @@ class _CountingReader(io.RawIOBase):
         return n
 
 
+class _ZstdReader(io.RawIOBase):
+    """Decompresses a (possibly multi-frame) zstd stream and, unlike zstandard's stream_reader, raises
+    EOFError when the input stops inside a frame, so a truncated file is reported instead of cut short."""
+
+    def __init__(self, raw):
+        import zstandard
+        self._zstd = zstandard
+        self.raw = raw
+        self._frame = zstandard.ZstdDecompressor().decompressobj()
+        self._in_frame = False
+        self._pending = memoryview(b"")  # decompressed bytes not yet handed out
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not len(self._pending):
+            data = self.raw.read(1 << 16)  # small reads bound the decompressed size held at once
+            if not data:
+                if self._in_frame:
+                    raise EOFError("zstd stream ended inside a frame (truncated file)")
+                return 0
+            out = []
+            while data:
+                self._in_frame = True
+                out.append(self._frame.decompress(data))
+                data = b""
+                if self._frame.eof:  # frame complete; anything after it starts the next frame
+                    data = self._frame.unused_data
+                    self._frame = self._zstd.ZstdDecompressor().decompressobj()
+                    self._in_frame = False
+            self._pending = memoryview(b"".join(out))
+        n = min(len(b), len(self._pending))
+        b[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+
+def _decompress_errors() -> tuple:
+    errors: tuple = (OSError, EOFError, ValueError)
+    try:
+        import zstandard
+        errors += (zstandard.ZstdError,)
+    except ImportError:
+        pass
+    return errors
+
+
 def _open_lines(path: Path, counter: _CountingReader):
     name = path.name.lower()
     if name.endswith(".gz"):
         return gzip.GzipFile(fileobj=io.BufferedReader(counter, 1 << 20), mode="rb")
     if name.endswith(".zst"):
-        import zstandard
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(io.BufferedReader(counter, 1 << 20)),
-                                 1 << 20)
+        return io.BufferedReader(_ZstdReader(io.BufferedReader(counter, 1 << 20)), 1 << 20)
     return io.BufferedReader(counter, 1 << 20)
 
 
-def iter_chunks(files: list[Path], text_key: str, chunk_bytes: int = 1 << 20,
+def iter_chunks(files: list[Path], text_key: str, chunk_bytes: int = 1 << 18,
                 on_progress=None) -> Iterator[Chunk]:
     """Chunks of about `chunk_bytes` of input each, in file order. `on_progress(nbytes)` reports raw bytes."""
     texts, text_files, text_bytes = [], [], 0
@@ -156,7 +202,7 @@ def _jsonl_chunks(index: int, path: Path, chunk_bytes: int, on_progress) -> Iter
                         on_progress(counter.consumed - reported)
                         reported = counter.consumed
                     items, lines, size = [], [], 0
-        except (OSError, EOFError, ValueError) as e:  # gzip/zstd damage: report the position reached
+        except _decompress_errors() as e:  # gzip/zstd damage: report where it was reached
             raise DataError(f"{path}:{line_no + 1}: cannot decompress ({type(e).__name__}: {e})") from None
         if items:
             yield Chunk("jsonl", items, index, lines[0], lines)

@@ -57,7 +57,7 @@ class TrainLoader:
         out = np.empty((len(sample_ids), self.seq_len + 1), dtype=np.int64)
         for d in np.unique(which).tolist():
             rows = np.flatnonzero(which == d)
-            out[rows] = self.stores[names[d]].windows(starts[rows], self.seq_len + 1)
+            self.stores[names[d]].read_windows(out, rows, starts[rows])
         return out
 
     def batch(self, step: int) -> torch.Tensor:

@@ -209,12 +209,8 @@ class MegatronStore(TokenStore):
         self._check_range(start, length)
         return np.array(self._bin[start:start + length])
 
-    def windows(self, starts: np.ndarray, length: int) -> np.ndarray:
-        out = np.empty((len(starts), length), dtype=np.int64)
-        data = self._bin
-        for row, start in enumerate(starts.tolist()):
-            out[row] = data[start:start + length]
-        return out
+    def read_windows(self, out: np.ndarray, rows: np.ndarray, starts: np.ndarray) -> None:
+        self._read_windows_from(self._bin, out, rows, starts)
 
     def gather(self, positions: np.ndarray) -> np.ndarray:
         return np.asarray(self._bin[np.asarray(positions, dtype=np.int64)], dtype=np.int64)

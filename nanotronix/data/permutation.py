@@ -2,9 +2,12 @@
 
 Why hand-written: shuffling the packed windows of a dataset with `numpy.random.permutation` needs an index
 array as long as the dataset (Megatron and nanotron materialise and cache such arrays; SmolLM2's sources hold
-up to ~10^9 windows each). A keyed Feistel network is a bijection on [0, 4^h); "cycle walking" (re-applying it
-until the value falls below n) turns it into a bijection on [0, n) while needing fewer than 4 rounds of walking
-on average. Everything is integer arithmetic on uint64, so the result is the same on every machine.
+up to ~10^9 windows each). A keyed Feistel network on b = bitlength(n-1) bits is a bijection on [0, 2^b);
+"cycle walking" (re-applying it until the value falls below n) turns it into a bijection on [0, n). As
+2^b < 2n, fewer than 2 applications are needed on average. The network is unbalanced when b is odd (halves
+of floor(b/2) and ceil(b/2) bits whose roles alternate each round), which keeps the domain tight. Keys may
+differ per element (one per epoch), so a batch spanning several epochs is permuted in one vectorised call.
+Everything is integer arithmetic on uint64, so the result is the same on every machine.
 """
 from __future__ import annotations
 
@@ -16,19 +19,18 @@ _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 _GOLDEN = 0x9E3779B97F4A7C15
 _MASK64 = (1 << 64) - 1
-_ROUNDS = 4
+_ROUNDS = 4  # even, so the two halves end where they started
 
 
 def mix64(x: np.ndarray) -> np.ndarray:
     """splitmix64's finaliser: a bijective avalanche mix of uint64 values (wraps modulo 2^64)."""
-    x = np.asarray(x, dtype=np.uint64)
-    x = (x ^ (x >> np.uint64(30))) * _M1
-    x = (x ^ (x >> np.uint64(27))) * _M2
-    return x ^ (x >> np.uint64(31))
-
-
-def mix_int(value: int) -> int:
-    return int(mix64(np.array([value & _MASK64], dtype=np.uint64))[0])
+    x = np.array(x, dtype=np.uint64)  # a copy, then in-place steps (no temporaries per step)
+    x ^= x >> np.uint64(30)
+    x *= _M1
+    x ^= x >> np.uint64(27)
+    x *= _M2
+    x ^= x >> np.uint64(31)
+    return x
 
 
 def stable_key(*parts: object) -> int:
@@ -37,30 +39,36 @@ def stable_key(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little")
 
 
-def derive_key(key: int, index: int) -> int:
-    """Sub-key number `index` of `key` (e.g. one per epoch)."""
-    return mix_int(key ^ ((index + 1) * _GOLDEN & _MASK64))
+def derive_keys(key: int, index: np.ndarray) -> np.ndarray:
+    """Sub-keys number `index` (array) of `key`, e.g. one per epoch, as uint64."""
+    index = np.asarray(index, dtype=np.uint64)
+    return mix64(np.uint64(key) ^ ((index + np.uint64(1)) * np.uint64(_GOLDEN)))
 
 
-def permute(i: np.ndarray, n: int, key: int) -> np.ndarray:
-    """Image of each value of `i` (all in [0, n)) under the permutation of [0, n) selected by `key`."""
+def permute(i: np.ndarray, n: int, keys) -> np.ndarray:
+    """Image of each value of `i` (all in [0, n)) under the permutation of [0, n) selected by its key
+    (`keys`: one uint64 per element, or a single int for all)."""
     i = np.asarray(i, dtype=np.uint64)
     if n <= 1:
         return i.astype(np.int64)
-    half_bits = max(1, ((n - 1).bit_length() + 1) // 2)
-    round_keys = [np.uint64(derive_key(key, r)) for r in range(_ROUNDS)]
-    x = _feistel(i, half_bits, round_keys)
-    outside = x >= np.uint64(n)
-    while outside.any():  # cycle walking: terminates because x's cycle contains an in-range value
-        x[outside] = _feistel(x[outside], half_bits, round_keys)
-        outside = x >= np.uint64(n)
+    keys = np.broadcast_to(np.asarray(keys, dtype=np.uint64), i.shape)
+    bits = (n - 1).bit_length()
+    round_keys = [mix64(keys ^ np.uint64((r + 1) * 0x632BE59BD9B4E019 & _MASK64)) for r in range(_ROUNDS)]
+    x = _feistel(i, bits, round_keys, slice(None))
+    outside = np.flatnonzero(x >= np.uint64(n))
+    while outside.size:  # cycle walking: terminates because x's cycle contains an in-range value
+        x[outside] = _feistel(x[outside], bits, round_keys, outside)
+        outside = outside[x[outside] >= np.uint64(n)]
     return x.astype(np.int64)
 
 
-def _feistel(x: np.ndarray, half_bits: int, round_keys: list) -> np.ndarray:
-    shift = np.uint64(half_bits)
-    mask = np.uint64((1 << half_bits) - 1)
-    left, right = x >> shift, x & mask
-    for rk in round_keys:
-        left, right = right, left ^ (mix64(right ^ rk) & mask)
-    return (left << shift) | right
+def _feistel(x: np.ndarray, bits: int, round_keys: list, which) -> np.ndarray:
+    a = bits // 2  # bits of the left part; the right part has b = bits - a
+    b = bits - a
+    left, right = x >> np.uint64(b), x & np.uint64((1 << b) - 1)
+    for r, rk in enumerate(round_keys):
+        # state (left: a bits, right: b bits) -> (right, left ^ F(right)) with sizes (b, a)
+        f = mix64(right ^ rk[which]) & np.uint64((1 << a) - 1)
+        left, right = right, left ^ f
+        a, b = b, a
+    return (left << np.uint64(b)) | right

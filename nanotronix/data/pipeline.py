@@ -11,9 +11,10 @@ import collections
 import multiprocessing
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 from tqdm import tqdm
@@ -38,7 +39,7 @@ class PreprocessOptions:
     format: str = "megatron"
     skip_bad: bool = False
     progress: bool = True
-    chunk_bytes: int = 1 << 20
+    chunk_bytes: int = 1 << 18  # small enough to balance the workers on the last chunks
 
 
 @dataclass
@@ -133,21 +134,37 @@ def _encoded_chunks(files: list[Path], opts: PreprocessOptions, info, dtype: np.
     chunks = iter_chunks(files, opts.text_key, opts.chunk_bytes, on_progress=bar.update)
     stop_early = not opts.skip_bad
     init_args = (info.file, info.eos_id, dtype.name)
-    if opts.workers == 1:
+    if opts.workers == 1:  # in this process; init_worker's setting of the tokenizers thread pool is undone
+        previous = os.environ.get("TOKENIZERS_PARALLELISM")
         encode.init_worker(*init_args)
-        for chunk in chunks:
-            yield encode.encode_chunk(chunk, opts.text_key, stop_early)
+        try:
+            for chunk in chunks:
+                yield encode.encode_chunk(chunk, opts.text_key, stop_early)
+        finally:
+            if previous is None:
+                os.environ.pop("TOKENIZERS_PARALLELISM", None)
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = previous
         return
-    ctx = multiprocessing.get_context("spawn")  # safe whatever the parent imported (torch, tokenizers)
-    with ctx.Pool(opts.workers, initializer=encode.init_worker, initargs=init_args) as pool:
+    # spawn: safe whatever the parent imported (torch, tokenizers' thread pool). An executor rather than
+    # multiprocessing.Pool because a worker killed by the OS breaks it (an error) instead of hanging it.
+    executor = ProcessPoolExecutor(opts.workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=encode.init_worker, initargs=init_args)
+    try:
         pending: collections.deque = collections.deque()
         for chunk in chunks:
-            pending.append(pool.apply_async(encode.encode_chunk, (chunk, opts.text_key, stop_early)))
+            pending.append(executor.submit(encode.encode_chunk, chunk, opts.text_key, stop_early))
             if len(pending) >= 2 * opts.workers + 2:
-                yield pending.popleft().get()
+                yield _result(pending.popleft())
         while pending:
-            yield pending.popleft().get()
+            yield _result(pending.popleft())
+    finally:
+        executor.shutdown(wait=False, cancel_futures=True)
 
 
-def default_workers() -> int:
-    return max(1, (os.cpu_count() or 1))
+def _result(future):
+    try:
+        return future.result()
+    except BrokenProcessPool:
+        raise DataError("a tokenizing worker process died (killed by the system, e.g. out of memory); "
+                        "no output was written") from None

@@ -13,9 +13,12 @@ Layers, each O(1) in memory and time per sample (nothing grows with the length o
    permutation (`permutation.permute`) and its own start offset in [0, T-1-W*L], so windows are cut at
    different places and visited in a different order every epoch.
 
-Documents are not shuffled inside the stream (no per-document arrays): shuffle them at preprocessing time,
-as datatrove's tokenizer merger does for SmolLM2's corpus. Samples are keyed by the dataset's path, so a
-dataset keeps its order when other datasets are added to the mixture.
+Documents are not reordered inside the stream (that would need per-document arrays): the windows a batch draws
+come from all over the dataset, but the documents sharing one window are neighbours in the store. Stores made
+by datatrove's DocumentTokenizer (shuffle=True, as for SmolLM2's corpus) are already document-shuffled, and
+nanotron's Nanoset reads them in this same order. Samples are keyed by the dataset's path as written in the
+config, so a dataset keeps its order when other datasets are added to the mixture (and changes it if the path
+is spelled differently).
 """
 from __future__ import annotations
 
@@ -26,7 +29,9 @@ import numpy as np
 
 from .blend import BlendTree
 from .errors import DataError
-from .permutation import derive_key, permute, stable_key
+from .permutation import derive_keys, mix64, permute, stable_key
+
+_SHIFT_SALT = np.uint64(0x5851F42D4C957F2D)  # separates each epoch's offset from its permutation keys
 
 
 class PackedStream:
@@ -44,15 +49,10 @@ class PackedStream:
 
     def window_starts(self, c: np.ndarray) -> np.ndarray:
         """Token offsets of the windows of this dataset's samples number c (int64, any order)."""
-        c = np.asarray(c, dtype=np.int64)
-        epoch, i = np.divmod(c, self.windows_per_epoch)
-        starts = np.empty_like(c)
-        for e in np.unique(epoch).tolist():
-            sel = epoch == e
-            epoch_key = derive_key(self.key, e)
-            shift = derive_key(epoch_key, 1 << 40) % (self.slack + 1)
-            starts[sel] = shift + permute(i[sel], self.windows_per_epoch, epoch_key) * self.seq_len
-        return starts
+        epoch, i = np.divmod(np.asarray(c, dtype=np.int64), self.windows_per_epoch)
+        epoch_keys = derive_keys(self.key, epoch)
+        shift = (mix64(epoch_keys ^ _SHIFT_SALT) % np.uint64(self.slack + 1)).astype(np.int64)
+        return shift + permute(i, self.windows_per_epoch, epoch_keys) * self.seq_len
 
     def epochs(self, consumed: int) -> float:
         return consumed / self.windows_per_epoch

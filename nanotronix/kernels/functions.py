@@ -41,7 +41,7 @@ class _AddRMSNorm(torch.autograd.Function):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).contiguous()
         d2 = delta.reshape(-1, shape[-1]).contiguous() if delta is not None else None
-        w = weight.float().contiguous()
+        w = reference._f(weight).contiguous()  # the kernels take an fp32 weight (fp64 only in CPU tests)
         out, res, rstd = _impl(x2, shape[-1]).add_rmsnorm_fwd(x2, d2, w, eps, out_dtype)
         saved_res = res if delta is not None else x2
         ctx.save_for_backward(saved_res, rstd, w)
@@ -82,7 +82,8 @@ class _RopeQKV(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv, cos, sin):
         qkv = qkv.contiguous()
-        cos, sin = cos.float().contiguous(), sin.float().contiguous()
+        math_dtype = torch.float64 if qkv.dtype == torch.float64 else torch.float32
+        cos, sin = cos.to(math_dtype).contiguous(), sin.to(math_dtype).contiguous()
         ctx.save_for_backward(cos, sin)
         return tuple(_impl(qkv).rope_qkv_fwd(qkv, cos, sin))
 

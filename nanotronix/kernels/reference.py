@@ -11,15 +11,20 @@ from typing import Optional
 import torch
 
 
+def _f(t: torch.Tensor) -> torch.Tensor:
+    """Upcast to the math dtype: fp32, or fp64 for fp64 inputs (so tests can check the formulas exactly)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def add_rmsnorm_fwd(x: torch.Tensor, delta: Optional[torch.Tensor], w: torch.Tensor, eps: float,
                     out_dtype: torch.dtype) -> list[torch.Tensor]:
     """x, delta [rows, cols]; w [cols] fp32 -> (out, residual or empty, rstd [rows] fp32)."""
     if delta is not None:
-        res = (x.float() + delta.float()).to(torch.promote_types(x.dtype, delta.dtype))
-        h = res.float()
+        res = (_f(x) + _f(delta)).to(torch.promote_types(x.dtype, delta.dtype))
+        h = _f(res)
     else:
         res = torch.empty(0, device=x.device)
-        h = x.float()
+        h = _f(x)
     rstd = torch.rsqrt(h.pow(2).mean(-1) + eps)
     out = (w * (h * rstd[:, None])).to(out_dtype)
     return [out, res, rstd]
@@ -28,13 +33,13 @@ def add_rmsnorm_fwd(x: torch.Tensor, delta: Optional[torch.Tensor], w: torch.Ten
 def add_rmsnorm_bwd(g: torch.Tensor, g_res: Optional[torch.Tensor], res: torch.Tensor, rstd: torch.Tensor,
                     w: torch.Tensor, x_dtype: torch.dtype, delta_dtype: Optional[torch.dtype]) -> list[torch.Tensor]:
     """-> (grad x, grad delta or empty, grad w fp32)."""
-    xhat = res.float() * rstd[:, None]
-    gw = g.float() * w
+    xhat = _f(res) * rstd[:, None]
+    gw = _f(g) * w
     gh = rstd[:, None] * (gw - xhat * (gw * xhat).mean(-1, keepdim=True))
     if g_res is not None:
-        gh = gh + g_res.float()
+        gh = gh + _f(g_res)
     gd = gh.to(delta_dtype) if delta_dtype is not None else torch.empty(0, device=g.device)
-    return [gh.to(x_dtype), gd, (g.float() * xhat).sum(0)]
+    return [gh.to(x_dtype), gd, (_f(g) * xhat).sum(0)]
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -57,7 +62,7 @@ def rope_qkv_fwd(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> lis
     b, s, groups, slots, d = qkv.shape
     r = slots - 2
     c, sn = cos[None, :, None, None, :], sin[None, :, None, None, :]
-    rotated = _rotate(qkv[:, :, :, :r + 1].float(), c, sn).to(qkv.dtype)
+    rotated = _rotate(_f(qkv[:, :, :, :r + 1]), c, sn).to(qkv.dtype)
     q = rotated[:, :, :, :r].reshape(b, s, groups * r, d)
     return [q, rotated[:, :, :, r].contiguous(), qkv[:, :, :, r + 1].contiguous()]
 
@@ -66,21 +71,21 @@ def rope_qkv_bwd(gq: torch.Tensor, gk: torch.Tensor, gv: torch.Tensor, cos: torc
                  sin: torch.Tensor) -> torch.Tensor:
     b, s, groups, d = gk.shape
     r = gq.shape[2] // groups
-    g = torch.cat((gq.reshape(b, s, groups, r, d), gk[:, :, :, None]), dim=3).float()
+    g = _f(torch.cat((gq.reshape(b, s, groups, r, d), gk[:, :, :, None]), dim=3))
     c, sn = cos[None, :, None, None, :], sin[None, :, None, None, :]
     return torch.cat((_rotate_back(g, c, sn).to(gq.dtype), gv[:, :, :, None]), dim=3)
 
 
 def swiglu_fwd(gate_up: torch.Tensor) -> torch.Tensor:
     """gate_up [..., 2F] (gate/up interleaved pairwise) -> silu(gate) * up [..., F]."""
-    gu = gate_up.unflatten(-1, (-1, 2)).float()
+    gu = _f(gate_up.unflatten(-1, (-1, 2)))
     return (torch.nn.functional.silu(gu[..., 0]) * gu[..., 1]).to(gate_up.dtype)
 
 
 def swiglu_bwd(grad_out: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
-    gu = gate_up.unflatten(-1, (-1, 2)).float()
+    gu = _f(gate_up.unflatten(-1, (-1, 2)))
     gate, up = gu[..., 0], gu[..., 1]
-    go = grad_out.float()
+    go = _f(grad_out)
     sig = torch.sigmoid(gate)
     d_gate = go * up * sig * (1 + gate * (1 - sig))
     d_up = go * gate * sig

@@ -34,6 +34,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from nanotronix.parallel.mappings import reduce_scatter_flat
+
 ALIGN = 64  # elements: every parameter starts on a 256-byte boundary of the flat buffers
 
 
@@ -56,14 +58,17 @@ class Bucket:
     shard_grad: torch.Tensor = field(default=None, repr=False)  # reduced gradient of the shard
     pending: int = 0
     handle: Optional[dist.Work] = None
-    launched: bool = False
+    # Gradients received this step (over all params and micro-batches) when the reduction started; None: not yet.
+    # Tests read it to check the overlap with backward and that no earlier micro-batch triggered a reduction.
+    launched_after: Optional[int] = None
 
     def pieces(self):
-        """(param, start, end) in bucket coordinates: each parameter's overlap with this rank's shard."""
+        """(param, offset, start, end) in bucket coordinates: each parameter's overlap [start, end) with this
+        rank's shard; the parameter itself occupies [offset, offset + numel)."""
         for p, off in zip(self.params, self.offsets):
             lo, hi = max(off, self.shard_start), min(off + p.numel(), self.shard_end)
             if lo < hi:
-                yield p, lo, hi
+                yield p, off, lo, hi
 
 
 class GradBuffers:
@@ -140,15 +145,17 @@ class GradBuffers:
         """Zero the gradients before a step whose every chunk runs `num_microbatches` backward passes."""
         self.num_microbatches = num_microbatches
         self._next_launch = 0
+        self.grads_received = 0
         for b in self.buckets:
             b.grad.zero_()
             b.pending = len(b.params)
-            b.handle, b.launched = None, False
+            b.handle, b.launched_after = None, None
         self._arrivals = {id(p): 0 for b in self.buckets for p in b.params}
 
     def _on_grad(self, p: nn.Parameter) -> None:
         p.main_grad.add_(p.grad)
         p.grad = None
+        self.grads_received += 1
         count = self._arrivals[id(p)] + 1
         self._arrivals[id(p)] = count
         if count > self.num_microbatches:
@@ -166,14 +173,14 @@ class GradBuffers:
             if b.deferred or b.pending:
                 return
             b.handle = self._reduce(b, async_op=True)
-            b.launched = True
+            b.launched_after = self.grads_received
             self._next_launch += 1
 
     def _reduce(self, b: Bucket, async_op: bool) -> Optional[dist.Work]:
         if self.dp_group is None:
             return None
         if self.zero_stage == 1:
-            return dist.reduce_scatter_tensor(b.shard_grad, b.grad, group=self.dp_group, async_op=async_op)
+            return reduce_scatter_flat(b.shard_grad, b.grad, group=self.dp_group, async_op=async_op)
         return dist.all_reduce(b.grad, group=self.dp_group, async_op=async_op)
 
     def finish(self) -> None:
@@ -188,5 +195,6 @@ class GradBuffers:
                 if b.pre_reduce_group is not None and dist.get_world_size(b.pre_reduce_group) > 1:
                     dist.all_reduce(b.grad, group=b.pre_reduce_group)
                 self._reduce(b, async_op=False)
+                b.launched_after = self.grads_received
             elif b.handle is not None:
                 b.handle.wait()

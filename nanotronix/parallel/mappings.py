@@ -10,7 +10,7 @@ a tensor-parallel layer is right by construction:
     scatter_to_sequence        forward: keep own seq chunk   backward: all-gather seq dim
 
 The sequence dimension is dim 1 of [batch, seq, hidden] (the model is batch-first). The collectives of torch
-(`all_gather_into_tensor`, `reduce_scatter_tensor`) work on dim 0, so we move the sequence chunks to the front with
+(flat all-gather / reduce-scatter) work on dim 0, so we move the sequence chunks to the front with
 one copy each way. Hand-written because `torch.distributed.nn.functional` has no identity/all-reduce pairs
 (its all_reduce backward is an all-reduce, right only for a different use) and DTensor would make every layer
 carry DTensor parameters, which the checkpoint and optimizer code deliberately keep as plain local tensors.
@@ -24,6 +24,11 @@ import torch
 import torch.distributed as dist
 
 Group = Optional[dist.ProcessGroup]
+
+# Flat all-gather / reduce-scatter along dim 0. torch 2.13 renamed them (`*_single`) and deprecates the old names,
+# which torch 2.11 (the GPU machines) still needs.
+all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def group_size(group: Group) -> int:
@@ -56,7 +61,7 @@ def _all_gather_seq(x: torch.Tensor, group: Group) -> torch.Tensor:
     n = group_size(group)
     # Both backends want the gathered dim 0 flat: [n * B, S/n, ...].
     out = torch.empty((n * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+    all_gather_flat(out, x.contiguous(), group=group)
     return _seq_chunks_back(out.view(n, *x.shape))
 
 
@@ -66,7 +71,7 @@ def _reduce_scatter_seq(x: torch.Tensor, group: Group) -> torch.Tensor:
         raise ValueError(f"sequence length {x.shape[1]} is not divisible by the tensor-parallel size {n}")
     chunks = _seq_chunks_first(x, n)
     out = torch.empty(chunks.shape[1:], dtype=x.dtype, device=x.device)
-    dist.reduce_scatter_tensor(out, chunks.flatten(0, 1), group=group)
+    reduce_scatter_flat(out, chunks.flatten(0, 1), group=group)
     return out
 
 

@@ -112,6 +112,16 @@ class ParallelModel(nn.Module):
     def has_last_chunk(self) -> bool:
         return self.num_chunks - 1 in self.chunk_ids
 
+    def describe(self) -> str:
+        """One line for the start-up log, e.g. 'tp=2 (sequence parallel) x pp=2 (1f1b) x dp=2 (ZeRO-1)'."""
+        p, ctx = self.parallel_cfg, self.ctx
+        tp = f"tp={ctx.tp}" + (" (sequence parallel)" if p.sequence_parallel and ctx.tp > 1 else "")
+        pp = f"pp={ctx.pp}"
+        if ctx.pp > 1:
+            pp += f" ({p.pp_schedule}" + (f", {p.virtual_stages} virtual stages" if p.virtual_stages > 1 else "") + ")"
+        dp = f"dp={ctx.dp}" + (" (ZeRO-1)" if p.zero_stage == 1 and ctx.dp > 1 else "")
+        return f"{tp} x {pp} x {dp}"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Token ids -> logits (this rank's vocabulary slice under TP). Only without pipeline parallelism."""
         if self.ctx.pp > 1:

@@ -18,13 +18,28 @@ the number of optimizer steps taken (AdamW's bias-correction step).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from nanotronix.parallel.data_parallel import Bucket
+from nanotronix.parallel.mappings import all_gather_flat
+
 STATE_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+@dataclass
+class Piece:
+    """The part [start, end) of `bucket` that this rank updates, belonging to `param` (at `offset` in the bucket)."""
+    tensor: torch.Tensor  # view into bucket.data; its .grad is a view into the bucket's reduced gradient
+    bucket: Bucket
+    param: nn.Parameter
+    offset: int
+    start: int
+    end: int
 
 
 class DistributedOptimizer:
@@ -37,18 +52,18 @@ class DistributedOptimizer:
         self.sharded = self.grads.zero_stage == 1 and ctx.dp > 1
         self.names = {id(p): name for name, p in model.named_parameters()}
         group_of = {id(p): i for i, g in enumerate(param_groups) for p in g["params"]}
-        missing = [self.names[id(p)] for p in model.parameters() if id(p) not in group_of]
+        missing = [self.names[id(p)] for p in model.parameters() if p.requires_grad and id(p) not in group_of]
         if missing:
             raise ValueError(f"parameters missing from the optimizer's param_groups: {missing[:3]}")
 
         pieces_by_group: list[list[torch.Tensor]] = [[] for _ in param_groups]
-        self.pieces: list[tuple[torch.Tensor, object, nn.Parameter, int, int]] = []  # (piece, bucket, param, lo, hi)
+        self.pieces: list[Piece] = []
         for bucket in self.grads.buckets:
-            for p, lo, hi in bucket.pieces():
+            for p, off, lo, hi in bucket.pieces():
                 piece = bucket.data[lo:hi]
                 piece.grad = bucket.shard_grad[lo - bucket.shard_start:hi - bucket.shard_start]
                 pieces_by_group[group_of[id(p)]].append(piece)
-                self.pieces.append((piece, bucket, p, lo, hi))
+                self.pieces.append(Piece(piece, bucket, p, off, lo, hi))
         groups = [dict({k: v for k, v in g.items() if k != "params"}, params=pieces)
                   for g, pieces in zip(param_groups, pieces_by_group) if pieces]
         self.inner: Optional[torch.optim.AdamW] = (
@@ -61,7 +76,7 @@ class DistributedOptimizer:
 
     def grad_pieces(self):
         """(gradient view, parameter) of every piece this rank updates."""
-        return [(piece.grad, p) for piece, _, p, _, _ in self.pieces]
+        return [(piece.tensor.grad, piece.param) for piece in self.pieces]
 
     @torch.no_grad()
     def step(self, lr: float) -> None:
@@ -77,7 +92,7 @@ class DistributedOptimizer:
         handles = []
         for b in self.grads.buckets:
             local = b.data[b.shard_start:b.shard_end].clone()
-            handles.append(dist.all_gather_into_tensor(b.data, local, group=self.dp_group, async_op=True))
+            handles.append(all_gather_flat(b.data, local, group=self.dp_group, async_op=True))
         for h in handles:
             h.wait()
 
@@ -88,7 +103,7 @@ class DistributedOptimizer:
         if not self.sharded:
             return values
         full = torch.empty_like(values)
-        dist.all_gather_into_tensor(full, values[b.shard_start:b.shard_end].contiguous(), group=self.dp_group)
+        all_gather_flat(full, values[b.shard_start:b.shard_end].contiguous(), group=self.dp_group)
         return full
 
     @torch.no_grad()
@@ -97,11 +112,11 @@ class DistributedOptimizer:
         out: dict[str, dict[str, torch.Tensor]] = {}
         for b in self.grads.buckets:
             flats = {k: torch.zeros(b.numel, dtype=torch.float32, device=b.grad.device) for k in STATE_KEYS}
-            for piece, bucket, _, lo, hi in self.pieces:
-                state = self.inner.state.get(piece) if bucket is b and self.inner is not None else None
+            for piece in self.pieces:
+                state = self.inner.state.get(piece.tensor) if piece.bucket is b and self.inner is not None else None
                 for k in STATE_KEYS:
                     if state:
-                        flats[k][lo:hi] = state[k]
+                        flats[k][piece.start:piece.end] = state[k]
             flats = {k: self._full_bucket(b, v) for k, v in flats.items()}
             for p, off in zip(b.params, b.offsets):
                 out[self.names[id(p)]] = {k: flats[k][off:off + p.numel()].view_as(p).clone() for k in STATE_KEYS}
@@ -111,19 +126,20 @@ class DistributedOptimizer:
     def load_param_states(self, states: dict[str, dict[str, torch.Tensor]], step_count: int) -> None:
         """Inverse of `param_states` (each rank takes its pieces); `step_count` is the steps already taken."""
         by_piece = {}
-        for piece, b, p, lo, hi in self.pieces:
+        for piece in self.pieces:
+            p = piece.param
             name = self.names[id(p)]
             if name not in states:
                 raise KeyError(f"optimizer state for {name} is missing")
-            off = b.offsets[b.params.index(p)]
             entry = {"step": torch.tensor(float(step_count))}
             for k in STATE_KEYS:
                 full = states[name][k]
                 if tuple(full.shape) != tuple(p.shape):
                     raise ValueError(f"optimizer state {name}.{k} has shape {tuple(full.shape)}, this rank's "
                                      f"parameter has {tuple(p.shape)}")
-                entry[k] = full.reshape(-1)[lo - off:hi - off].to(piece.device, torch.float32).clone()
-            by_piece[id(piece)] = entry
+                flat = full.reshape(-1)[piece.start - piece.offset:piece.end - piece.offset]
+                entry[k] = flat.to(piece.tensor.device, torch.float32).clone()
+            by_piece[id(piece.tensor)] = entry
         if self.inner is not None:
             sd = self.inner.state_dict()
             order = [id(piece) for g in self.inner.param_groups for piece in g["params"]]

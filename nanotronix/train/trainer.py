@@ -15,11 +15,11 @@ from nanotronix.checkpoint import Checkpointer
 from nanotronix.config import Config, grad_accum_steps
 from nanotronix.data import build_train_loader
 from nanotronix.model import build_model
-from nanotronix.parallel import ParallelContext
+from nanotronix.parallel import DistributedOptimizer, ParallelContext, parallelize
 from nanotronix.train.flops import device_peak_tflops, flops_per_token, mfu
 from nanotronix.train.lr_schedule import lr_at
 from nanotronix.train.metrics import MetricsLog, Throughput
-from nanotronix.train.optimizer import build_adamw
+from nanotronix.train.optimizer import param_groups
 from nanotronix.train.step import train_step
 
 
@@ -33,15 +33,18 @@ def train(cfg: Config, ctx: ParallelContext, device: torch.device) -> dict:
     t, m = cfg.train, cfg.model
     torch.manual_seed(t.seed)
     attn = accel.resolve_attention(m.attn_implementation, device)
-    model = build_model(m, attn, device)
-    optimizer = build_adamw(model.named_parameters(), cfg.optimizer, device)
+    # Every rank builds the whole plain model from the same seed, then keeps its TP/PP part (nanotronix.parallel).
+    model = parallelize(build_model(m, attn, device), ctx, cfg)
+    o = cfg.optimizer
+    optimizer = DistributedOptimizer(model, param_groups(model.named_parameters(), o.weight_decay), lr=o.lr,
+                                     betas=tuple(o.betas), eps=o.eps, fused=True if device.type == "cuda" else None)
     checkpointer = Checkpointer(cfg, ctx, device)  # resume, periodic saves, SIGTERM/SIGUSR1 -> save and stop
     resumed = checkpointer.resume(model, optimizer)
     loader = build_train_loader(cfg, ctx.dp_rank, ctx.dp, consumed_samples=resumed.consumed_samples)
 
     accum = grad_accum_steps(cfg, ctx.dp)
-    log0(ctx, f"nanotronix: {m.num_parameters() / 1e6:.1f}M parameters | layout tp={ctx.tp} pp={ctx.pp} "
-              f"dp={ctx.dp} | global batch {t.global_batch_size} x {t.seq_len} tokens, micro-batch "
+    log0(ctx, f"nanotronix: {m.num_parameters() / 1e6:.1f}M parameters | layout {model.describe()} "
+              f"| global batch {t.global_batch_size} x {t.seq_len} tokens, micro-batch "
               f"{t.micro_batch_size}, grad accumulation {accum} | device {device.type} | {accel.describe(attn)}")
 
     tokens_per_step = t.global_batch_size * t.seq_len
@@ -54,7 +57,7 @@ def train(cfg: Config, ctx: ParallelContext, device: torch.device) -> dict:
     start_step = resumed.step + 1
     for step in range(start_step, t.train_steps + 1):
         lr = lr_at(step, cfg.optimizer.lr, cfg.lr_schedule)
-        result = train_step(model, optimizer, loader.batch(step), lr, cfg.optimizer.clip_grad, t.dtype, device)
+        result = train_step(model, optimizer, loader.batch(step), lr, cfg.optimizer.clip_grad)
         if not math.isfinite(result.loss):
             raise FloatingPointError(f"step {step}: loss is {result.loss}")
         first_loss = result.loss if first_loss is None else first_loss

@@ -1,0 +1,155 @@
+"""torchrun worker for tests/test_parallel_layers.py: each tensor-parallel layer against its dense equivalent.
+
+    torchrun --nproc_per_node=N tests/dist_parallel_layers.py OUT.json
+
+Every rank builds the same random dense weights and inputs (fixed seeds), runs the dense op in one process and the
+TP layer over the whole world, and measures the largest absolute difference of the forward output and of every
+gradient against the matching slice of the dense result. Global rank 0 writes {check: {quantity: max error}}
+(max over ranks), plus the scale of the dense values so the test can tell a real comparison from zeros.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from nanotronix.parallel import mappings  # noqa: E402
+from nanotronix.parallel.cross_entropy import vocab_parallel_cross_entropy  # noqa: E402
+from nanotronix.parallel.tensor_parallel import (ColumnParallelLinear, RowParallelLinear,  # noqa: E402
+                                                 VocabParallelEmbedding)
+
+B, S, D_IN, D_OUT, V = 2, 8, 12, 16, 32
+
+
+def leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().clone().requires_grad_(True)
+
+
+def chunk(t: torch.Tensor, dim: int) -> torch.Tensor:
+    return t.chunk(dist.get_world_size(), dim=dim)[dist.get_rank()]
+
+
+def err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.detach().float() - b.detach().float()).abs().max().item()
+
+
+def check_column(mode: str, g) -> dict:
+    torch.manual_seed(0)
+    w, x, upstream = torch.randn(D_OUT, D_IN), torch.randn(B, S, D_IN), torch.randn(B, S, D_OUT)
+    xd, wd = leaf(x), leaf(w)
+    (F.linear(xd, wd) * upstream).sum().backward()
+    layer = ColumnParallelLinear.from_dense(w, g, mode)
+    xp = leaf(chunk(x, 1) if mode == "gather_sequence" else x)
+    y = layer(xp)
+    (y * chunk(upstream, 2)).sum().backward()
+    want_x = chunk(xd.grad, 1) if mode == "gather_sequence" else xd.grad
+    return {"forward": err(y, chunk(F.linear(x, w), 2)), "grad_input": err(xp.grad, want_x),
+            "grad_weight": err(layer.weight.grad, chunk(wd.grad, 0)), "shard_dim": layer.weight.tp_shard_dim,
+            "scale": xd.grad.abs().max().item()}
+
+
+def check_row(mode: str, g) -> dict:
+    torch.manual_seed(1)
+    w, x, upstream = torch.randn(D_OUT, D_IN), torch.randn(B, S, D_IN), torch.randn(B, S, D_OUT)
+    xd, wd = leaf(x), leaf(w)
+    (F.linear(xd, wd) * upstream).sum().backward()
+    layer = RowParallelLinear.from_dense(w, g, mode)
+    xp = leaf(chunk(x, 2))
+    y = layer(xp)
+    seq = mode == "reduce_scatter_sequence"
+    (y * (chunk(upstream, 1) if seq else upstream)).sum().backward()
+    want_y = F.linear(x, w)
+    return {"forward": err(y, chunk(want_y, 1) if seq else want_y), "grad_input": err(xp.grad, chunk(xd.grad, 2)),
+            "grad_weight": err(layer.weight.grad, chunk(wd.grad, 1)), "shard_dim": layer.weight.tp_shard_dim,
+            "scale": xd.grad.abs().max().item()}
+
+
+def check_embedding(sequence_parallel: bool, g) -> dict:
+    torch.manual_seed(2)
+    w, ids, upstream = torch.randn(V, D_OUT), torch.randint(0, V, (B, S)), torch.randn(B, S, D_OUT)
+    wd = leaf(w)
+    (F.embedding(ids, wd) * upstream).sum().backward()
+    layer = VocabParallelEmbedding.from_dense(w, g, sequence_parallel)
+    y = layer(ids)
+    (y * (chunk(upstream, 1) if sequence_parallel else upstream)).sum().backward()
+    want_y = F.embedding(ids, w)
+    return {"forward": err(y, chunk(want_y, 1) if sequence_parallel else want_y),
+            "grad_weight": err(layer.weight.grad, chunk(wd.grad, 0)), "shard_dim": layer.weight.tp_shard_dim,
+            "scale": wd.grad.abs().max().item()}
+
+
+def check_cross_entropy(g, logit_scale: float) -> dict:
+    torch.manual_seed(3)
+    logits = torch.randn(B, S, V) * logit_scale
+    labels = torch.randint(0, V, (B, S))
+    labels[0, :3] = -100  # ignored tokens
+    ld = leaf(logits)
+    want = F.cross_entropy(ld.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    want.backward()
+    lp = leaf(chunk(logits, 2))
+    got = vocab_parallel_cross_entropy(lp, labels, g)
+    got.backward()
+    per_token = vocab_parallel_cross_entropy(chunk(logits, 2), labels, g, reduction="none")
+    want_tok = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none")
+    return {"forward": err(got, want), "forward_per_token": err(per_token.flatten(), want_tok),
+            "grad_logits": err(lp.grad, chunk(ld.grad, 2)), "scale": ld.grad.abs().max().item()}
+
+
+def check_mappings(g) -> dict:
+    """gather/scatter over the sequence are inverses, and their backward passes are the adjoint collectives."""
+    torch.manual_seed(4)
+    x = torch.randn(B, S, D_IN)
+    local = leaf(chunk(x, 1))
+    full = mappings.gather_from_sequence(local, g)
+    (full * torch.arange(S).view(1, S, 1)).sum().backward()
+    scattered = mappings.scatter_to_sequence(x, g)
+    # d/d local of sum(gathered * position) summed over ranks: each rank adds the same upstream -> world * position
+    want_grad = chunk(torch.arange(S).view(1, S, 1).expand(B, S, D_IN).float(), 1) * dist.get_world_size()
+    return {"forward": err(full, x), "scatter": err(scattered, chunk(x, 1)), "grad_input": err(local.grad, want_grad),
+            "scale": 1.0}
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    dist.init_process_group("gloo")
+    g = dist.group.WORLD
+    code = 0
+    try:
+        checks = {
+            "column_copy": check_column("copy", g),
+            "column_gather_sequence": check_column("gather_sequence", g),
+            "row_reduce": check_row("reduce", g),
+            "row_reduce_scatter_sequence": check_row("reduce_scatter_sequence", g),
+            "embedding": check_embedding(False, g),
+            "embedding_sequence_parallel": check_embedding(True, g),
+            "cross_entropy": check_cross_entropy(g, 1.0),
+            "cross_entropy_large_logits": check_cross_entropy(g, 80.0),
+            "mappings_sequence": check_mappings(g),
+        }
+        for values in checks.values():  # worst case over ranks
+            for key, value in values.items():
+                if isinstance(value, float):
+                    t = torch.tensor(value, dtype=torch.float64)
+                    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+                    values[key] = t.item()
+        if dist.get_rank() == 0:
+            out.write_text(json.dumps({"world_size": dist.get_world_size(), "checks": checks}))
+    except Exception:
+        traceback.print_exc()
+        code = 1
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""tools/bench_train.py on CPU with a tiny model: the whole CLI (baseline + two nanotronix runs, JSON report),
+its one-line errors, and that a finished run frees its model (later runs must not measure leftovers).
+Costs ~15 s."""
+import gc
+import json
+import subprocess
+import sys
+import weakref
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+import bench_train  # noqa: E402
+
+TINY = ["model.preset=smollm2-135m", "model.num_hidden_layers=2", "model.hidden_size=64",
+        "model.intermediate_size=96", "model.num_attention_heads=4", "model.num_key_value_heads=2",
+        "model.vocab_size=128", "train.seq_len=16", "train.micro_batch_size=3"]
+
+
+def test_cli_reports_baseline_and_variants(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "tools/bench_train.py"), *TINY, "--accum", "2",
+                           "--warmup", "1", "--steps", "2", "--variant", "plain:",
+                           "--variant", "fused:train.fused_kernels=true,train.loss_chunk_size=5",
+                           "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    names = [r["name"] for r in report["results"]]
+    assert names == ["hf-transformers", "plain", "fused"]
+    assert report["accum"] == 2 and report["micro_batch_size"] == 3 and report["seq_len"] == 16
+    for r in report["results"]:
+        assert r["ok"] and r["tokens_per_sec_per_gpu"] > 0 and len(r["step_seconds"]) == 2
+        assert len(r["losses"]) == 3 and r["ratio_to_baseline"] > 0
+        assert r["mfu"] is None  # no known peak on a CPU
+    # same init and batches: nanotronix's first loss is transformers' first loss (same init std, fp32 on CPU)
+    plain, fused = report["results"][1]["losses"], report["results"][2]["losses"]
+    assert abs(plain[0] - fused[0]) < 1e-4
+    assert "hf-transformers" in proc.stdout and "vs HF" in proc.stdout
+
+
+def test_cli_bad_input_is_one_line_error():
+    proc = subprocess.run([sys.executable, str(ROOT / "tools/bench_train.py"), *TINY, "--variant", "nocolon"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: --variant") and len(proc.stderr.strip().splitlines()) == 1
+    proc = subprocess.run([sys.executable, str(ROOT / "tools/bench_train.py"), *TINY, "train.recompute=most"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "train.recompute" in proc.stderr
+
+
+def test_measure_frees_the_model():
+    args = bench_train.parse_args([*TINY, "--steps", "1", "--warmup", "0"])
+    device = torch.device("cpu")
+    cfg = bench_train.build_config(args, [], device)
+    batches = bench_train.make_batches(cfg, 1, 1)
+    refs = []
+
+    def build():
+        step = bench_train.nanotronix_step_fn(cfg, device)
+        refs.append(weakref.ref(step.model))
+        return step
+    result = bench_train.measure("x", build, cfg, device, batches, 0, [])
+    gc.collect()
+    assert result.ok and refs[0]() is None

@@ -1,0 +1,186 @@
+"""Single-process checkpoint storage: exact round trip, `latest` and retention, crashes injected mid-save,
+damaged files reported as one line naming the file. Costs ~10-15 s (three short subprocesses for the crashes)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from checkpoint_helpers import TINY, adamw, load_single, plain_model, save_single, train_steps
+from helpers import ROOT
+
+from nanotronix.checkpoint import CheckpointError, find_checkpoint, resolve_checkpoint
+
+
+@pytest.fixture
+def trained(tmp_path):
+    model = plain_model()
+    opt = adamw(model)
+    train_steps(model, opt, range(1, 4))
+    folder = save_single(tmp_path / "run", 3, model, opt)
+    return tmp_path / "run", folder, model, opt
+
+
+def test_round_trip_continues_bit_for_bit(trained):
+    run_dir, folder, model, opt = trained
+    torch.manual_seed(123)
+    rng_after_save = torch.rand(3)  # what the generator gives right after the save ...
+    uninterrupted = train_steps(model, opt, range(4, 8))
+
+    model2 = plain_model(seed=99)  # a different init: everything must come from the checkpoint
+    opt2 = adamw(model2)
+    torch.manual_seed(5)
+    manifest = load_single(folder, model2, opt2)
+    assert manifest["_restored"] == {"optimizer": True, "rng": True}
+    assert manifest["step"] == 3 and manifest["consumed_samples"] == 6 and manifest["optimizer_step"] == 3
+    torch.manual_seed(123)
+    assert torch.equal(torch.rand(3), rng_after_save)
+    assert train_steps(model2, opt2, range(4, 8)) == uninterrupted
+    for (n, a), (_, b) in zip(model.named_parameters(), model2.named_parameters()):
+        assert torch.equal(a, b), n
+
+
+def test_rng_restored_is_the_saved_state(tmp_path):
+    model = plain_model()
+    opt = adamw(model)
+    train_steps(model, opt, range(1, 2))
+    torch.manual_seed(42)
+    torch.rand(5)
+    folder = save_single(tmp_path / "run", 1, model, opt)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    fresh = plain_model()
+    load_single(folder, fresh, adamw(fresh))
+    assert torch.equal(torch.rand(4), expected)
+
+
+def test_latest_pointer_and_keep_last(tmp_path):
+    model = plain_model()
+    opt = adamw(model)
+    run_dir = tmp_path / "run"
+    for step in range(1, 5):
+        train_steps(model, opt, range(step, step + 1))
+        save_single(run_dir, step, model, opt, keep_last=2)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["latest", "step_0000003", "step_0000004"]
+    assert (run_dir / "latest").read_text().strip() == "step_0000004"
+    assert find_checkpoint(run_dir) == run_dir / "step_0000004"
+    assert find_checkpoint(run_dir / "step_0000003") == run_dir / "step_0000003"
+    (run_dir / "latest").unlink()  # a crash between the rename and the pointer update
+    assert find_checkpoint(run_dir) == run_dir / "step_0000004"
+    assert find_checkpoint(tmp_path / "empty") is None
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        resolve_checkpoint(tmp_path / "missing")
+
+
+CRASH_SCRIPT = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+import torch
+from checkpoint_helpers import adamw, plain_model, save_single, train_steps
+
+run_dir, where = sys.argv[1], sys.argv[2]
+from pathlib import Path
+model = plain_model()
+opt = adamw(model)
+train_steps(model, opt, range(1, 2))
+save_single(Path(run_dir), 1, model, opt)
+train_steps(model, opt, range(2, 3))
+
+def die(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if where == "data":  # inside DCP's write: the first data file is written, nothing else
+    real_fsync = os.fsync
+    os.fsync = lambda fd: (real_fsync(fd), die())
+elif where == "manifest":  # all data written, before checkpoint.json
+    import nanotronix.checkpoint.manifest as mf
+    mf.write_manifest = die
+elif where == "rename":  # checkpoint.json written, before the commit rename
+    import nanotronix.checkpoint.paths as paths
+    paths.commit_step = die
+save_single(Path(run_dir), 2, model, opt)
+print("not killed")
+"""
+
+
+@pytest.mark.parametrize("where", ["data", "manifest", "rename"])
+def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, where):
+    run_dir = tmp_path / "run"
+    script = CRASH_SCRIPT.format(tests=str(ROOT / "tests"))
+    proc = subprocess.run([sys.executable, "-c", script, str(run_dir), where], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT / "tests")
+    assert proc.returncode == -9, proc.stdout + proc.stderr
+    assert (run_dir / ".step_0000002.tmp").is_dir()  # the interrupted save left only its temp folder
+    assert (run_dir / "latest").read_text().strip() == "step_0000001"
+    assert find_checkpoint(run_dir) == run_dir / "step_0000001"
+    model = plain_model(seed=5)
+    manifest = load_single(find_checkpoint(run_dir), model, adamw(model))
+    assert manifest["step"] == 1
+    # The next save cleans the debris up.
+    save_single(run_dir, 2, model, adamw(model))
+    assert sorted(p.name for p in run_dir.iterdir()) == ["latest", "step_0000001", "step_0000002"]
+
+
+def _damage_largest_data_file(folder: Path, how: str) -> Path:
+    victim = max(folder.glob("*.distcp"), key=lambda p: p.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    if how == "truncate":
+        victim.write_bytes(data[: len(data) // 2])
+    else:
+        data[len(data) // 2] ^= 0x40
+        victim.write_bytes(data)
+    return victim
+
+
+@pytest.mark.parametrize("how, message", [("truncate", "truncated"), ("flip", "SHA-256")])
+def test_damaged_file_is_named(trained, how, message):
+    _, folder, _, _ = trained
+    victim = _damage_largest_data_file(folder, how)
+    model = plain_model()
+    with pytest.raises(CheckpointError) as err:
+        load_single(folder, model, adamw(model))
+    assert str(victim) in str(err.value) and message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_manifest_or_file(trained):
+    _, folder, _, _ = trained
+    (folder / "rng" / "rank_00000.pt").unlink()
+    model = plain_model()
+    with pytest.raises(CheckpointError, match="checkpoint file missing: .*rank_00000.pt"):
+        load_single(folder, model, adamw(model))
+    (folder / "checkpoint.json").unlink()
+    with pytest.raises(CheckpointError, match="incomplete: checkpoint.json is missing"):
+        resolve_checkpoint(folder)
+
+
+def test_damaged_checkpoint_cli_error_is_one_line(trained, tmp_path):
+    _, folder, _, _ = trained
+    victim = _damage_largest_data_file(folder, "flip")
+    proc = subprocess.run([sys.executable, "tools/convert_to_hf.py", "--checkpoint", str(folder), "--output",
+                           str(tmp_path / "hf"), "--no-progress"], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: checkpoint file damaged: ") and str(victim) in lines[0]
+    assert not (tmp_path / "hf").exists()
+
+
+def test_model_mismatch_is_one_line(trained):
+    from dataclasses import replace
+
+    from nanotronix.checkpoint.checkpointer import check_architecture
+
+    _, folder, _, _ = trained
+    saved = json.loads((folder / "checkpoint.json").read_text())["config"]["model"]
+    with pytest.raises(CheckpointError, match="model.num_hidden_layers=4, but the config has 2"):
+        check_architecture(saved, vars(replace(TINY, num_hidden_layers=2)), folder)
+    notes = check_architecture(saved, vars(replace(TINY, rope_theta=130000.0)), folder)
+    assert notes == ["model.rope_theta: 10000.0 in the checkpoint, 130000.0 now"]
+    wider = plain_model(replace(TINY, vocab_size=128))
+    with pytest.raises(CheckpointError, match="embed_tokens.weight of shape"):
+        load_single(folder, wider, adamw(wider))

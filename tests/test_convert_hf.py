@@ -1,0 +1,196 @@
+"""Hugging Face export and import against transformers itself: logits of the export (fp32, 1e-5), sharded
+safetensors with an index, bf16, tokenizer files, HF -> nanotronix -> HF identity of tensors and config, and the
+commands' one-line errors (Hub without token / offline, bad input). Costs ~20-30 s (a few CLI subprocesses)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors import safe_open
+
+from checkpoint_helpers import TINY, TINY_UNTIED, adamw, plain_model, save_single, train_steps
+from helpers import ROOT
+
+from nanotronix.checkpoint.hf_export import export_to_hf
+from nanotronix.checkpoint.hf_import import import_from_hf
+
+
+def cli(tool: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, f"tools/{tool}", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=180, env={**os.environ, **(env or {})})
+
+
+def trained_checkpoint(run_dir: Path, cfg=TINY, config: dict | None = None):
+    model = plain_model(cfg)
+    opt = adamw(model)
+    train_steps(model, opt, range(1, 3), cfg)
+    return save_single(run_dir, 2, model, opt, config=config), model
+
+
+def hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+def logits_match(hf_dir: Path, model, cfg) -> float:
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="eager").float().eval()
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    ids = torch.randint(0, cfg.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return (hf(input_ids=ids).logits - model(ids)).abs().max().item()
+
+
+@pytest.mark.parametrize("cfg", [TINY, TINY_UNTIED], ids=["tied", "untied"])
+def test_export_logits_match_transformers(tmp_path, cfg):
+    folder, model = trained_checkpoint(tmp_path / "run", cfg)
+    out = export_to_hf(tmp_path / "run", tmp_path / "hf", progress=False, log=lambda _: None)
+    assert logits_match(out, model, cfg) < 1e-5
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["tie_word_embeddings"] == cfg.tie_word_embeddings
+    assert config["rope_theta"] == cfg.rope_theta and config["torch_dtype"] == "float32"
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 0
+    assert ("lm_head.weight" in hf_tensors(out)) == (not cfg.tie_word_embeddings)
+
+
+def test_cli_sharded_bf16_export(tmp_path):
+    _, model = trained_checkpoint(tmp_path / "run")
+    proc = cli("convert_to_hf.py", "--checkpoint", str(tmp_path / "run"), "--output", str(tmp_path / "hf"),
+               "--dtype", "bfloat16", "--max-shard-size", "20KB", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "hf"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) > 2 and set(index["weight_map"].values()) == {p.name for p in shards}
+    tensors = hf_tensors(out)
+    assert index["metadata"]["total_size"] == sum(t.numel() * 2 for t in tensors.values())
+    assert all(t.dtype == torch.bfloat16 for t in tensors.values())
+    ours = model.state_dict()
+    assert torch.equal(tensors["model.embed_tokens.weight"], ours["embed_tokens.weight"].to(torch.bfloat16))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert hf.dtype == torch.bfloat16
+    assert torch.equal(hf.model.layers[1].mlp.up_proj.weight, ours["layers.1.mlp.gate_up_proj.weight"][1::2]
+                       .to(torch.bfloat16))
+
+
+def _write_tiny_tokenizer(folder: Path) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=TINY.vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20, trainer)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    return folder / "tokenizer.json"
+
+
+def test_export_ships_the_runs_tokenizer(tmp_path):
+    from tokenizers import Tokenizer
+
+    tokenizer_file = _write_tiny_tokenizer(tmp_path / "tok")
+    trained_checkpoint(tmp_path / "run", config={"data": {"tokenizer": str(tokenizer_file)}})
+    out = export_to_hf(tmp_path / "run", tmp_path / "hf", progress=False, log=lambda _: None)
+    theirs = transformers.AutoTokenizer.from_pretrained(out)
+    text = "the lazy fox"
+    assert theirs(text)["input_ids"] == Tokenizer.from_file(str(tokenizer_file)).encode(text).ids
+    assert theirs.eos_token == "<|endoftext|>"
+
+
+def _hf_original(folder: Path, untied: bool, dtype=torch.float32) -> Path:
+    """A tiny SmolLM2-shaped model saved by transformers itself, with the extra keys SmolLM2's config carries."""
+    cfg = transformers.LlamaConfig(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
+                                   num_key_value_heads=2, vocab_size=128, max_position_embeddings=256,
+                                   rope_theta=130000.0, rms_norm_eps=1e-5, tie_word_embeddings=not untied,
+                                   bos_token_id=0, eos_token_id=0, initializer_range=0.03)
+    cfg.is_llama_config = True
+    cfg.rope_interleaved = False
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).to(dtype)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("untied, dtype", [(False, "bfloat16"), (True, "float32")])
+def test_hf_to_nanotronix_to_hf_is_identity(tmp_path, untied, dtype):
+    original = _hf_original(tmp_path / "orig", untied, getattr(torch, dtype))
+    if untied:  # once through the command, once through the function it runs
+        proc = cli("convert_from_hf.py", "--hf", str(original), "--output", str(tmp_path / "ckpt"))
+        assert proc.returncode == 0, proc.stderr
+    else:
+        import_from_hf(original, tmp_path / "ckpt", log=lambda _: None)
+    assert (tmp_path / "ckpt" / "latest").read_text().strip() == "step_0000000"
+    manifest = json.loads((tmp_path / "ckpt" / "step_0000000" / "checkpoint.json").read_text())
+    assert manifest["optimizer"] is False and manifest["config"]["model"]["rope_theta"] == 130000.0
+    export_to_hf(tmp_path / "ckpt", tmp_path / "back", dtype=dtype, progress=False, log=lambda _: None)
+
+    a, b = hf_tensors(original), hf_tensors(tmp_path / "back")
+    assert set(a) == set(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+    ignore = {"transformers_version", "_name_or_path"}
+    ca = {k: v for k, v in transformers.AutoConfig.from_pretrained(original).to_dict().items() if k not in ignore}
+    cb = {k: v for k, v in transformers.AutoConfig.from_pretrained(tmp_path / "back").to_dict().items()
+          if k not in ignore}
+    assert ca == cb
+    ga, gb = (json.loads((d / "generation_config.json").read_text()) for d in (original, tmp_path / "back"))
+    ga.pop("transformers_version"), gb.pop("transformers_version")
+    assert ga == gb
+
+
+def test_imported_weights_load_into_a_training_model(tmp_path):
+    """An import is a starting point for training: its weights load into the plain model exactly."""
+    from checkpoint_helpers import load_single
+    from nanotronix.checkpoint.reader import CheckpointReader
+    from nanotronix.model import build_model
+
+    original = _hf_original(tmp_path / "orig", untied=False)
+    import_from_hf(original, tmp_path / "ckpt", log=lambda _: None)
+    cfg = CheckpointReader(tmp_path / "ckpt").model_config
+    model = build_model(cfg)
+    manifest = load_single(tmp_path / "ckpt" / "step_0000000", model, adamw(model))
+    assert manifest["_restored"]["optimizer"] is False
+    hf = transformers.AutoModelForCausalLM.from_pretrained(original, attn_implementation="eager").eval()
+    assert logits_match(original, model, cfg) < 1e-5
+    assert dataclasses.asdict(cfg)["rope_theta"] == hf.config.rope_parameters["rope_theta"]
+
+
+def test_cli_help_and_bad_input(tmp_path):
+    for tool in ("convert_to_hf.py", "convert_from_hf.py"):
+        assert cli(tool, "--help").returncode == 0
+    cases = [
+        (("convert_to_hf.py", "--checkpoint", str(tmp_path / "nope"), "--output", str(tmp_path / "o")),
+         "error: checkpoint not found: "),
+        (("convert_from_hf.py", "--hf", str(tmp_path), "--output", str(tmp_path / "o")), "has no config.json"),
+    ]
+    for args, message in cases:
+        proc = cli(*args)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"HF_HUB_OFFLINE": "1", "HF_TOKEN": "hf_fake"}, "offline mode"),
+    ({"HF_HUB_OFFLINE": "0"}, "no Hugging Face token"),
+])
+def test_push_to_hub_fails_early_with_one_line(tmp_path, env, message):
+    trained_checkpoint(tmp_path / "run")
+    clean = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+    base = {**clean, "HF_HOME": str(tmp_path / "hf_home"), **env}
+    proc = subprocess.run([sys.executable, "tools/convert_to_hf.py", "--checkpoint", str(tmp_path / "run"),
+                           "--output", str(tmp_path / "hf"), "--push-to-hub", "someone/tiny"], env=base,
+                          capture_output=True, text=True, cwd=ROOT, timeout=180)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
+    assert not (tmp_path / "hf").exists()  # failed before converting

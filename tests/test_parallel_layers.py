@@ -1,0 +1,39 @@
+"""Each tensor-parallel layer and the vocab-parallel cross entropy against its dense PyTorch equivalent, forward
+and gradients, over 2 gloo ranks (one torchrun launch, ~10 s on 2 cores): column-parallel linear (replicated and
+sequence-sharded input), row-parallel linear (all-reduce and sequence reduce-scatter), vocab-parallel embedding
+(both), vocab-parallel cross entropy (with ignored tokens, and with logits large enough to overflow a naive exp)
+and the sequence gather/scatter collectives."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from helpers import torchrun
+
+WORKER = str(Path(__file__).resolve().parent / "dist_parallel_layers.py")
+CHECKS = ["column_copy", "column_gather_sequence", "row_reduce", "row_reduce_scatter_sequence", "embedding",
+          "embedding_sequence_parallel", "cross_entropy", "cross_entropy_large_logits", "mappings_sequence"]
+SHARD_DIMS = {"column_copy": 0, "column_gather_sequence": 0, "row_reduce": 1, "row_reduce_scatter_sequence": 1,
+              "embedding": 0, "embedding_sequence_parallel": 0}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tp_layers") / "results.json"
+    proc = torchrun(2, [WORKER, str(out)], timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("check", CHECKS)
+def test_tensor_parallel_matches_dense(results, check):
+    values = results["checks"][check]
+    assert values["scale"] > 1e-3  # the dense gradients compared against are not all zero
+    errors = {k: v for k, v in values.items() if k not in ("scale", "shard_dim")}
+    assert errors, check
+    for name, error in errors.items():
+        assert error <= 1e-5 * max(1.0, values["scale"]), f"{check}: {name} differs from dense by {error}"
+    if check in SHARD_DIMS:
+        assert values["shard_dim"] == SHARD_DIMS[check]

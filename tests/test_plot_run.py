@@ -1,0 +1,79 @@
+"""tools/plot_run.py on a metrics.jsonl shaped like a resumed multi-stage run (~5 s)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from helpers import run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def plot_tool():
+    spec = importlib.util.spec_from_file_location("plot_tool", ROOT / "tools" / "plot_run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def record(step: int, stage: str, loss: float) -> dict:
+    a = step * 300 if stage == "web" else 3000 + (step - 10) * 200
+    b = 0 if stage == "web" else (step - 10) * 100
+    return {"step": step, "loss": loss, "lr": 1e-3 * min(1, step / 5), "grad_norm": 1.0,
+            "consumed_tokens": step * 300, "tokens_per_sec": 1000.0 + step, "tokens_per_sec_per_gpu": 500.0 + step,
+            "model_tflops_per_gpu": None, "mfu": None, "stage": stage,
+            "datasets": {"/data/web/fineweb-edu": {"consumed_tokens": a, "epochs": a / 1e4},
+                         "/data/code/stack-edu": {"consumed_tokens": b, "epochs": b / 1e4}}}
+
+
+def write_resumed_run(log_dir: Path) -> None:
+    """Steps 1-12, then a resume from the checkpoint of step 8 that logs 9-20 again; the file ends mid-line."""
+    rows = [record(s, "web" if s <= 10 else "code+web", 10.0 - 0.1 * s) for s in range(1, 13)]
+    rows += [record(s, "web" if s <= 10 else "code+web", 9.0 - 0.1 * s) for s in range(9, 21)]
+    log_dir.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps(r) + "\n" for r in rows) + '{"step": 21, "loss": 7.'
+    (log_dir / "metrics.jsonl").write_text(text)
+
+
+def test_plot_of_a_resumed_two_stage_run(plot_tool, tmp_path, capsys):
+    log_dir = tmp_path / "logs"
+    write_resumed_run(log_dir)
+    records, bad = plot_tool.read_metrics(log_dir / "metrics.jsonl")
+    assert bad == 1 and [r["step"] for r in records] == list(range(1, 21))
+    assert records[10]["loss"] == pytest.approx(9.0 - 1.1)  # the resumed run's record of step 11 wins
+    assert plot_tool.main([str(log_dir)]) == 0
+    out, err = capsys.readouterr()
+    assert "stage switches: code+web at step 11" in out and "skipped 1 unreadable line" in err
+    png = log_dir / "run.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+
+    image = matplotlib.image.imread(png)
+    assert image.shape[:2] == (900, 1400)
+    assert image[..., :3].std() > 0.05  # something was drawn
+    assert not [p for p in log_dir.iterdir() if p.name.startswith(".")]  # no temp file left behind
+
+
+def test_output_option_and_errors(plot_tool, tmp_path, capsys):
+    log_dir = tmp_path / "logs"
+    write_resumed_run(log_dir)
+    out_png = tmp_path / "figs" / "x.png"
+    assert plot_tool.main([str(log_dir / "metrics.jsonl"), "--output", str(out_png), "--title", "t"]) == 0
+    assert out_png.is_file()
+    capsys.readouterr()
+    assert plot_tool.main([str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: no metrics.jsonl in {tmp_path / 'nowhere'}"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "metrics.jsonl").write_text("")
+    assert plot_tool.main([str(empty)]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: ") and not (empty / "run.png").exists()
+
+
+def test_cli_help():
+    proc = run(["tools/plot_run.py", "--help"])
+    assert proc.returncode == 0 and "LOG_DIR" in proc.stdout

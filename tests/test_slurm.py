@@ -1,0 +1,240 @@
+"""slurm/smollm2_1p7b.sh on a real one-node Slurm cluster (Debian's slurm, started by .ci/slurm_cluster.sh).
+
+- A wrong or missing setting (config, data root, token stores, processes vs tp*pp, GPUs) fails the job within
+  seconds with one `error:` line, before torchrun starts (~25 s for the seven cases).
+- End to end on CPU (~60-90 s): `sbatch slurm/smollm2_1p7b.sh` with environment overrides pointing at a tiny
+  two-stage config and small token stores trains with 2 processes, checkpoints, receives USR1
+  (`scancel --signal=USR1 --batch`, what `#SBATCH --signal=B:USR1@600` sends before the time limit), saves,
+  requeues itself, resumes from its checkpoint and finishes; every step's loss, learning rate and data
+  bookkeeping equal those of an uninterrupted torchrun of the same config (the reference).
+
+Skips only where Slurm is not installed; .ci/run installs and starts the cluster, so CI never skips.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers import TINY_MODEL, torchrun, write_learnable_store
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "slurm" / "smollm2_1p7b.sh"
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+pytestmark = pytest.mark.skipif(shutil.which("sbatch") is None,
+                                reason="Slurm is not installed (sbatch missing); .ci/run installs and starts a "
+                                       "one-node cluster with .ci/slurm_cluster.sh")
+
+
+class Slurm:
+    """The test's handle on the cluster: submit, inspect, and cancel whatever is still queued at the end."""
+
+    def __init__(self, conf: str):
+        self.env = dict(os.environ, SLURM_CONF=conf)
+        for key in list(self.env):  # the test's own environment must not reshape the jobs
+            if key.startswith(("SBATCH_", "SLURM_")) and key != "SLURM_CONF":
+                del self.env[key]
+        self.jobs: list[str] = []
+
+    def cmd(self, *args: str) -> str:
+        proc = subprocess.run(list(args), env=self.env, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, f"{' '.join(args)}: {proc.stderr}"
+        return proc.stdout
+
+    def sbatch(self, cwd: Path, settings: dict[str, str], *flags: str) -> str:
+        env = dict(self.env, PYTHON=sys.executable, **settings)
+        proc = subprocess.run(["sbatch", "--parsable", "--nodes=1", *flags, str(SCRIPT)], cwd=cwd, env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        job = proc.stdout.strip().split(";")[0]
+        self.jobs.append(job)
+        return job
+
+    def info(self, job: str) -> dict[str, str]:
+        text = self.cmd("scontrol", "show", "job", "-o", job)
+        return dict(re.findall(r"(\w+)=(\S*)", text))
+
+    def wait(self, job: str, timeout: float, until=lambda info: info["JobState"] in ENDED) -> dict[str, str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = self.info(job)
+            if until(info):
+                return info
+            time.sleep(0.25)
+        raise AssertionError(f"job {job} did not get there in {timeout} s: {self.info(job)}")
+
+    def cancel_all(self) -> None:
+        for job in self.jobs:
+            subprocess.run(["scancel", job], env=self.env, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    start = subprocess.run(["bash", str(ROOT / ".ci" / "slurm_cluster.sh"), "start"], capture_output=True,
+                           text=True, timeout=300)
+    assert start.returncode == 0, f"could not start the Slurm cluster: {start.stderr}"
+    conf = subprocess.run(["bash", str(ROOT / ".ci" / "slurm_cluster.sh"), "conf"], capture_output=True,
+                          text=True).stdout.strip()
+    cluster = Slurm(conf)
+    yield cluster
+    cluster.cancel_all()
+
+
+def seconds(runtime: str) -> int:
+    """Slurm's RunTime ([D-]HH:MM:SS) in seconds."""
+    days, _, hms = runtime.rpartition("-")
+    h, m, s = (int(x) for x in hms.split(":"))
+    return ((int(days) if days else 0) * 24 + h) * 3600 + m * 60 + s
+
+
+def job_output(cwd: Path, job: str) -> str:
+    return (cwd / f"smollm2-1.7b-{job}.out").read_text()
+
+
+def tiny_two_stage_config(path: Path, train_steps: int, switch_step: int) -> Path:
+    """A tiny model on two stores `a` and `b` (relative to data.root), switching mixtures at `switch_step`."""
+    cfg = {
+        "model": dict(TINY_MODEL),
+        "train": {"seq_len": 32, "global_batch_size": 8, "micro_batch_size": 2, "train_steps": train_steps,
+                  "seed": 7, "dtype": "float32"},
+        "optimizer": {"lr": 3e-3},
+        "lr_schedule": {"warmup_steps": 5, "decay_start_step": train_steps - 40, "decay_steps": 40},
+        "data": {"stages": [
+            {"name": "only_a", "start_step": 1, "datasets": [{"path": "a", "weight": 1.0}]},
+            {"name": "a_and_b", "start_step": switch_step,
+             "datasets": [{"path": "a", "weight": 0.5}, {"path": "b", "weight": 0.5}]}]},
+        "checkpoint": {"interval": 10, "keep_last": 0, "resume": "auto"},
+        "logging": {"interval": 1},
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ preflight
+
+def preflight_cases(tmp: Path) -> list[tuple[str, dict[str, str], tuple[str, ...], str]]:
+    store_root = tmp / "stores"
+    write_learnable_store(store_root / "a")
+    write_learnable_store(store_root / "b", seed=1)
+    tiny = tiny_two_stage_config(tmp / "tiny.yaml", 100, 50)
+    (tmp / "empty").mkdir()
+    return [
+        ("no config", {"CONFIG": str(tmp / "missing.yaml")}, (),
+         f"error: CONFIG={tmp / 'missing.yaml'}: no such file"),
+        ("data root missing", {"DATA_ROOT": str(tmp / "nodata"), "GPUS_PER_NODE": "0"}, (),
+         f"error: DATA_ROOT={tmp / 'nodata'}: no such directory"),
+        ("token store missing", {"DATA_ROOT": str(tmp / "empty"), "GPUS_PER_NODE": "0"}, (),
+         f"error: token store not found: {tmp / 'empty' / 'fineweb-edu'}"),
+        ("fewer processes than tp*pp", {"CONFIG": str(tiny), "DATA_ROOT": str(store_root), "GPUS_PER_NODE": "0",
+                                        "NPROC_PER_NODE": "2", "OVERRIDES": "parallel.tp=2 parallel.pp=2"}, (),
+         "error: parallel: tp*pp = 2*2 = 4 needs at least 4 processes, the job has 2 (1 node(s) x 2 per node)"),
+        # GPUS_PER_NODE=8 (the default), but this CPU build of torch sees no GPU in the job step
+        ("GPUs but no CUDA", {"DATA_ROOT": str(store_root)}, (),
+         "error: train.device: cuda, but no CUDA GPU is visible on this node (CUDA_VISIBLE_DEVICES=0,1,2,3,4,5,6,7)"),
+        ("no GPUs in the allocation", {"SBATCH_GRES": "none"}, (),
+         "error: train.device: cuda, but no CUDA GPU is visible on this node (CUDA_VISIBLE_DEVICES=unset)"),
+        ("more processes than GPUs", {"NPROC_PER_NODE": "9"}, (),
+         "error: NPROC_PER_NODE=9 is more than GPUS_PER_NODE=8"),
+    ]
+
+
+def test_bad_settings_fail_in_seconds_with_one_line(slurm, tmp_path):
+    for name, settings, flags, message in preflight_cases(tmp_path):
+        job = slurm.sbatch(tmp_path, settings, *flags)
+        info = slurm.wait(job, timeout=120)
+        out = job_output(tmp_path, job)
+        errors = [line for line in out.splitlines() if line.startswith("error")]
+        assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0"), (name, info, out)
+        assert len(errors) == 1 and errors[0].startswith(message), (name, out)
+        assert "rendezvous" not in out and "nanotronix:" not in out, (name, out)  # torchrun never started
+        assert not [line for line in out.splitlines() if line.startswith("srun:")], (name, out)
+        assert seconds(info["RunTime"]) <= 45, (name, info["RunTime"])  # 1-5 s alone; slack for a busy machine
+
+
+# ------------------------------------------------------------------------------- USR1 -> save -> requeue
+
+TRAIN_STEPS, SWITCH_STEP, SIGNAL_AFTER = 150, 75, 12
+
+
+def read_records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_usr1_saves_requeues_resumes_and_continues_the_same_run(slurm, tmp_path):
+    stores = tmp_path / "stores"
+    write_learnable_store(stores / "a")
+    write_learnable_store(stores / "b", seed=1)
+    config = tiny_two_stage_config(tmp_path / "tiny.yaml", TRAIN_STEPS, SWITCH_STEP)
+    run_dir = tmp_path / "run"
+    metrics = run_dir / "logs" / "metrics.jsonl"
+
+    job = slurm.sbatch(tmp_path, {"CONFIG": str(config), "DATA_ROOT": str(stores), "RUN_DIR": str(run_dir),
+                                  "GPUS_PER_NODE": "0", "NPROC_PER_NODE": "2"})
+    # Train until the first interval checkpoint (step 10) is behind us, then preempt.
+    deadline = time.monotonic() + 180
+    while not (metrics.is_file() and any(r["step"] >= SIGNAL_AFTER for r in read_records(metrics))):
+        state = slurm.info(job)["JobState"]
+        assert state in ("PENDING", "RUNNING", "CONFIGURING"), (state, job_output(tmp_path, job))
+        assert time.monotonic() < deadline, "no training progress within 180 s"
+        time.sleep(0.1)
+    slurm.cmd("scancel", "--signal=USR1", "--batch", job)
+
+    # The job saves, requeues itself and waits in the queue (Slurm holds a requeued job ~2 min): release it.
+    info = slurm.wait(job, timeout=120, until=lambda i: i["Restarts"] == "1" and i["JobState"] == "PENDING"
+                      or i["JobState"] in ENDED)
+    assert info["JobState"] == "PENDING", (info, job_output(tmp_path, job))
+    preempted_at = max(r["step"] for r in read_records(metrics))
+    assert SIGNAL_AFTER <= preempted_at < TRAIN_STEPS, "the run ended before the signal could stop it"
+    # Release it once the node has finished the first run: a launch within the same second as the requeue
+    # fails with "Job credential revoked" (the hold Slurm imposes exists to avoid that).
+    deadline = time.monotonic() + 60
+    while slurm.cmd("sinfo", "-h", "-N", "-o", "%t").split() != ["idle"]:
+        assert time.monotonic() < deadline, slurm.cmd("sinfo", "-N")
+        time.sleep(0.25)
+    time.sleep(2)
+    slurm.cmd("scontrol", "update", f"JobId={job}", "StartTime=now")
+    info = slurm.wait(job, timeout=300)
+    out = job_output(tmp_path, job)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), (info, out)
+    assert "USR1: asking the trainer to save" in out and f"requeueing job {job}" in out, out
+    assert "restart 0:" in out and "restart 1:" in out and "job step ended with exit code 0" in out, out
+
+    # Checkpoints: every interval step before the signal, plus the one written on USR1.
+    ckpts = {p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step_")}
+    assert {"step_0000010", f"step_{preempted_at:07d}", f"step_{TRAIN_STEPS:07d}"} <= ckpts, ckpts
+
+    # The log: steps 1..N once each; the second allocation started right after the saved step.
+    records = read_records(metrics)
+    steps = [r["step"] for r in records]
+    assert steps == list(range(1, TRAIN_STEPS + 1)), steps
+    gaps = [b["time"] - a["time"] for a, b in zip(records, records[1:])]
+    assert max(range(len(gaps)), key=gaps.__getitem__) + 1 == preempted_at  # the requeue is the longest pause
+
+    # The reference: the same config, uninterrupted, with plain torchrun.
+    ref_dir = tmp_path / "reference"
+    proc = torchrun(2, ["-m", "nanotronix.train", "--config", str(config), f"data.root={stores}",
+                        f"checkpoint.dir={ref_dir / 'checkpoints'}", f"logging.dir={ref_dir / 'logs'}",
+                        "train.device=cpu"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reference = read_records(ref_dir / "logs" / "metrics.jsonl")
+    assert [r["step"] for r in reference] == steps
+    for got, want in zip(records, reference):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5), got["step"]
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4), got["step"]
+        assert (got["lr"], got["stage"], got["consumed_tokens"], got["datasets"]) == (
+            want["lr"], want["stage"], want["consumed_tokens"], want["datasets"]), got["step"]
+    assert records[-1]["loss"] < records[0]["loss"] - 1.0  # and it learned
+
+    # What a user looks at afterwards: the plot marks the stage switch.
+    plot = subprocess.run([sys.executable, str(ROOT / "tools" / "plot_run.py"), str(run_dir / "logs")],
+                          capture_output=True, text=True, timeout=120)
+    assert plot.returncode == 0 and f"a_and_b at step {SWITCH_STEP}" in plot.stdout, plot.stderr

@@ -1,0 +1,63 @@
+"""`python -m nanotronix.preflight`, the check the Slurm scripts run before torchrun, without Slurm (~3 s)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from helpers import tiny_config, write_learnable_store
+from nanotronix import preflight
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return write_learnable_store(tmp_path_factory.mktemp("store") / "arith")
+
+
+def check(capsys, *argv: str) -> tuple[int, str, str]:
+    code = preflight.main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out.strip(), captured.err.strip()
+
+
+def test_a_good_launch_prints_one_summary_line(tmp_path, store, capsys):
+    cfg = tiny_config(tmp_path, store)
+    code, out, err = check(capsys, "--config", str(cfg), "--nnodes", "2", "--nproc-per-node", "2",
+                           "train.device=cpu", f"checkpoint.dir={tmp_path / 'ckpt'}")
+    assert (code, err) == (0, "")
+    assert out.startswith("preflight ok: 2 node(s) x 2 = 4 processes on cpu | tp=1 pp=1 dp=4, grad accumulation 1")
+    assert "1 stage(s), 1 token store(s) found" in out and (tmp_path / "ckpt").is_dir()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--nnodes", "1", "--nproc-per-node", "2", "parallel.tp=2", "parallel.pp=2"],
+     "error: parallel: tp*pp = 2*2 = 4 needs at least 4 processes, the job has 2 (1 node(s) x 2 per node)"),
+    (["--nnodes", "1", "--nproc-per-node", "3"],
+     "error: train.global_batch_size: 8 is not divisible by micro_batch_size*dp = 2*3"),
+    (["--nnodes", "1", "--nproc-per-node", "3", "parallel.tp=2"],
+     "error: parallel: world size 3 is not divisible by tp*pp = 2*1"),
+    (["--nproc-per-node", "1", "data.stages.0.datasets.0.path=nowhere"],
+     "error: token store not found: nowhere"),
+    (["--nproc-per-node", "1", "data.root=/no/such/root", "data.stages.0.datasets.0.path=arith"],
+     "error: token store not found: /no/such/root/arith"),
+    (["--nproc-per-node", "1", "train.device=cuda"], "error: train.device: cuda, but no CUDA GPU is visible"),
+    (["--nproc-per-node", "0"], "error: --nnodes and --nproc-per-node must be >= 1"),
+    (["model.hidden_sise=3"], "error: model.hidden_sise: unknown config key"),
+])
+def test_a_bad_launch_is_one_line(tmp_path, store, capsys, args, message):
+    if "cuda" in " ".join(args):
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has a CUDA GPU, so train.device=cuda is not an error here")
+    cfg = tiny_config(tmp_path, store)
+    code, out, err = check(capsys, "--config", str(cfg), *args)
+    assert code == 2 and out == ""
+    assert len(err.splitlines()) == 1 and err.startswith(message), err
+
+
+def test_missing_config(tmp_path, capsys):
+    code, out, err = check(capsys, "--config", str(tmp_path / "missing.yaml"))
+    assert (code, err) == (2, f"error: config file not found: {tmp_path / 'missing.yaml'}")

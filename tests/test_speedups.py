@@ -1,0 +1,133 @@
+"""Speed switches against the plain path on CPU (forward + gradients): recompute (selective, full), torch.compile
+(traced by dynamo + AOTAutograd with the aot_eager backend; Inductor itself is exercised on the GPU), the fused
+head + chunked cross entropy, and their config validation. Costs ~15 s.
+"""
+import copy
+
+import pytest
+import torch
+
+from nanotronix.config import ConfigError, ModelConfig, config_from_dict
+from nanotronix.model import build_model, cross_entropy
+from nanotronix.model.loss import linear_cross_entropy
+from nanotronix.parallel.speedups import apply_compile, apply_recompute
+
+CFG = ModelConfig(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
+                  num_key_value_heads=2, vocab_size=131, max_position_embeddings=32, rope_theta=10000.0,
+                  rms_norm_eps=1e-5, tie_word_embeddings=True, init_std=0.05)
+
+
+def loss_and_grads(model, ids):
+    loss = cross_entropy(model(ids[:, :-1]), ids[:, 1:])
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def assert_same(a, b, atol=1e-6):
+    assert abs(a[0] - b[0]) < atol
+    assert a[1].keys() == b[1].keys()
+    for name in a[1]:
+        assert torch.allclose(a[1][name], b[1][name], atol=atol, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("mode", ["selective", "full"])
+def test_recompute_matches_plain(mode):
+    torch.manual_seed(0)
+    plain = build_model(CFG)
+    ids = torch.randint(0, CFG.vocab_size, (2, 17))
+    ref = loss_and_grads(plain, ids)
+    model = apply_recompute(copy.deepcopy(plain), mode)
+    assert [n for n, _ in model.named_parameters()] == [n for n, _ in plain.named_parameters()]
+    assert_same(loss_and_grads(model, ids), ref)
+
+
+def test_compile_matches_plain():
+    torch.manual_seed(0)
+    plain = build_model(CFG)
+    ids = torch.randint(0, CFG.vocab_size, (2, 17))
+    ref = loss_and_grads(plain, ids)
+    model = apply_compile(copy.deepcopy(plain), backend="aot_eager")
+    assert [n for n, _ in model.named_parameters()] == [n for n, _ in plain.named_parameters()]
+    assert_same(loss_and_grads(model, ids), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
+def test_linear_cross_entropy_matches_full_logits(chunk):
+    torch.manual_seed(0)
+    h = torch.randn(3, 21, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 50, (3, 21))
+    g = torch.tensor(0.7, dtype=torch.float64)
+    out = linear_cross_entropy(h, w, y, chunk)
+    out.backward(g)
+    got = (out.item(), h.grad.clone(), w.grad.clone())
+    h.grad = w.grad = None
+    logits = torch.nn.functional.linear(h, w)
+    ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+    ref.backward(g)
+    assert abs(got[0] - ref.item()) < 1e-6  # logits are made in fp32, as in the plain loss
+    assert torch.allclose(got[1], h.grad, atol=1e-7) and torch.allclose(got[2], w.grad, atol=1e-7)
+
+
+def test_linear_cross_entropy_bf16_close_to_plain_autocast_head():
+    torch.manual_seed(0)
+    h = torch.randn(64, 32, requires_grad=True)
+    w = (torch.randn(97, 32) * 0.2).requires_grad_(True)
+    y = torch.randint(0, 97, (64,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = cross_entropy(torch.nn.functional.linear(h, w), y)
+        out = linear_cross_entropy(h, w, y, 10)
+    ref.backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    out.backward()
+    assert w.grad.dtype == torch.float32
+    assert abs(out.item() - ref.item()) < 1e-2
+    assert (h.grad - gh).norm() / gh.norm() < 2e-2 and (w.grad - gw).norm() / gw.norm() < 2e-2
+
+
+def _train_two_steps(train_overrides: dict):
+    from nanotronix.parallel import DistributedOptimizer, ParallelContext, parallelize
+    from nanotronix.train.optimizer import param_groups
+    from nanotronix.train.step import train_step
+
+    cfg = config_from_dict({
+        "model": {k: getattr(CFG, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                               "num_attention_heads", "num_key_value_heads", "vocab_size",
+                                               "max_position_embeddings", "rope_theta", "rms_norm_eps",
+                                               "tie_word_embeddings", "init_std")},
+        "train": dict({"seq_len": 16, "global_batch_size": 4, "micro_batch_size": 2}, **train_overrides),
+    })
+    torch.manual_seed(0)
+    model = parallelize(build_model(cfg.model), ParallelContext.build(cfg), cfg)
+    o = cfg.optimizer
+    opt = DistributedOptimizer(model, param_groups(model.named_parameters(), o.weight_decay), lr=1e-2,
+                               betas=tuple(o.betas), eps=o.eps)
+    g = torch.Generator().manual_seed(1)
+    losses = [train_step(model, opt, torch.randint(0, CFG.vocab_size, (2, 2, 17), generator=g), 1e-2, 1.0).loss
+              for _ in range(2)]
+    return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("overrides", [{"loss_chunk_size": 5}, {"fused_kernels": True},
+                                       {"recompute": "selective", "loss_chunk_size": 3}])
+def test_trainer_path_with_switches_matches_plain(overrides):
+    """parallelize() applies the switches; two optimizer steps give the plain run's losses and weights."""
+    ref_losses, ref_params = _train_two_steps({})
+    losses, params = _train_two_steps(overrides)
+    assert losses == pytest.approx(ref_losses, abs=1e-5)
+    # Adam normalises each gradient entry, so rounding-level differences in near-zero entries move weights by a
+    # small fraction of lr (1e-2); a wrong gradient moves them by ~lr.
+    for name, p in ref_params.items():
+        assert torch.allclose(params[name], p, atol=2e-4), name
+
+
+@pytest.mark.parametrize("train,message", [
+    ({"recompute": "some"}, "train.recompute"),
+    ({"loss_chunk_size": -1}, "train.loss_chunk_size"),
+    ({"compile": True, "fused_kernels": True}, "train.fused_kernels"),
+    ({"compile": "yes"}, "train.compile"),
+])
+def test_switch_validation(train, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({"model": {"preset": "smollm2-135m"}, "train": train})

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Every GPU check and benchmark of nanotronix in one short run (made for a lent H100; ~3.5 minutes there):
+#   environment, csrc/ kernel build (sm_90), GPU tests (kernel numerics vs the PyTorch twins and fp64) -> $OUT/checks.log
+#   tools/bench_train.py: SmolLM2-1.7B / 360M / 135M at seq 2048 vs transformers -> $OUT/bench_*.{log,json}
+# Usage: OUT=/some/dir bash tools/gpu_checks.sh   (OUT defaults to ./gpu_out)
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+PY=${PY:-python3}
+export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=8
+
+{
+  date -u; nvidia-smi; uname -a; nvcc --version | tail -1
+  $PY -c "import torch, triton, transformers, sys; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'transformers', transformers.__version__); print(torch.cuda.get_device_name(0), torch.cuda.get_device_properties(0))"
+} > "$OUT/checks.log" 2>&1
+tail -3 "$OUT/checks.log"
+
+echo "== build csrc kernels"
+start=$(date +%s)
+timeout 240 $PY setup.py build_ext --inplace >> "$OUT/checks.log" 2>&1; echo "build rc=$? in $(( $(date +%s) - start )) s" | tee -a "$OUT/checks.log"
+$PY -c "from nanotronix import accel; print('kernels loaded:', accel.compiled_kernels() is not None)" 2>&1 | tee -a "$OUT/checks.log"
+
+echo "== GPU tests"
+timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py tests/test_kernels.py \
+  >> "$OUT/checks.log" 2>&1; echo "tests rc=$?"; tail -5 "$OUT/checks.log"
+
+bench() {  # name, timeout, args...
+  local name=$1 limit=$2; shift 2
+  echo "== bench $name"
+  timeout "$limit" $PY tools/bench_train.py "$@" --json "$OUT/bench_$name.json" > "$OUT/bench_$name.log" 2>&1
+  echo "bench $name rc=$?"; grep -A12 "^run " "$OUT/bench_$name.log" || tail -5 "$OUT/bench_$name.log"
+}
+S=train.seq_len=2048
+bench 1p7b 240 model.preset=smollm2-1.7b $S train.micro_batch_size=4 --accum 4 --warmup 2 --steps 4 \
+  --variant eager: --variant eager-fused:train.fused_kernels=true,train.loss_chunk_size=4096 \
+  --variant compiled:train.compile=true,train.loss_chunk_size=4096
+bench 360m 120 model.preset=smollm2-360m $S train.micro_batch_size=8 --accum 2 --warmup 2 --steps 4 \
+  --variant eager-fused:train.fused_kernels=true,train.loss_chunk_size=4096 \
+  --variant compiled:train.compile=true,train.loss_chunk_size=4096
+bench 135m 120 model.preset=smollm2-135m $S train.micro_batch_size=16 --accum 2 --warmup 2 --steps 4 \
+  --variant eager-fused:train.fused_kernels=true,train.loss_chunk_size=4096 \
+  --variant compiled:train.compile=true,train.loss_chunk_size=4096
+echo "== done"; date -u
