@@ -36,6 +36,18 @@ def compiled_kernels():
     return _optional_module("nanotronix._kernels")
 
 
+def dali_modules():
+    """NVIDIA DALI's pipeline API and PyTorch iterator as a namespace (pipeline_def, fn, types,
+    DALIGenericIterator, version) when DALI is installed, else None (data.loader: pytorch needs none of it)."""
+    dali = _optional_module("nvidia.dali")
+    plugin = _optional_module("nvidia.dali.plugin.pytorch")
+    if dali is None or plugin is None:
+        return None
+    from types import SimpleNamespace
+    return SimpleNamespace(pipeline_def=dali.pipeline_def, fn=dali.fn, types=dali.types,
+                           DALIGenericIterator=plugin.DALIGenericIterator, version=dali.__version__)
+
+
 def fused_adam_class():
     """apex FusedAdam when apex is installed, else None (the caller uses torch's fused AdamW)."""
     mod = _optional_module("apex.optimizers")

@@ -143,6 +143,9 @@ class DataConfig:
     root: Optional[str] = None
     stages: list[StageConfig] = field(default_factory=list)
     data_seed: int = 1234
+    # pytorch: the loader's numpy reads; dali: the same batches through an NVIDIA DALI pipeline (optional package
+    # nvidia-dali-cuda120). Either way the next step's batch is prefetched (pinned on CUDA): data/prefetch.py.
+    loader: str = "pytorch"
 
 
 @dataclass
@@ -400,6 +403,7 @@ def validate(cfg: Config) -> None:
         _require(s.decay_steps >= 1, "lr_schedule.decay_steps: must be >= 1 when decay_start_step is set")
 
     d = cfg.data
+    _require(d.loader in ("pytorch", "dali"), f"data.loader: {d.loader!r} is not pytorch|dali")
     prev = 0
     for i, stage in enumerate(d.stages):
         where = f"data.stages.{i}"

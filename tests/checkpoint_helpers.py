@@ -127,3 +127,24 @@ def load_single(folder, model: nn.Module, optimizer):
 
     return load_training_state(folder, model, optimizer, ParallelContext(tp=1, pp=1, dp=1, rank=0, world_size=1),
                                Collective(), tied=model.config.tie_word_embeddings)
+
+
+def train_in_process(config_path, *overrides: str) -> dict:
+    """`python -m nanotronix.train --config ... overrides` inside this process (a single rank, or this rank of an
+    already initialised process group): the trainer's own code path without paying for a new interpreter."""
+    from nanotronix.config import load_config
+    from nanotronix.parallel import ParallelContext
+    from nanotronix.train.trainer import train
+
+    cfg = load_config(config_path, list(overrides))
+    return train(cfg, ParallelContext.build(cfg), torch.device("cpu"))
+
+
+def read_metrics(log_dir) -> dict[int, dict]:
+    """metrics.jsonl per step; the LAST record of a step wins (a restarted run rewrites the steps after its
+    checkpoint)."""
+    import json
+    from pathlib import Path
+
+    rows = [json.loads(line) for line in (Path(log_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows}

@@ -1,11 +1,16 @@
-"""Resharding at the checkpoint layer: save in one TP x PP x DP layout, load in others, bit for bit.
+"""Resharded resume: save in one TP x PP x DP layout, continue in any other. One spawn of eight gloo ranks runs:
 
-Eight gloo ranks (torch.multiprocessing spawn) hold the pieces of one tiny plain model and of reference AdamW
-moments, cut as `nanotronix.parallel` cuts them. The checkpoint saved in TP2xPP2xDP2 is loaded into TP1xPP1xDP1,
-TP2xPP1xDP4, TP1xPP4xDP2 and TP2xPP2xDP2, the one saved in TP2xPP1xDP4 back into TP2xPP2xDP2, and every rank
-checks its weights and moments against the slices of the reference. Then the checkpoints of three layouts are
-exported to Hugging Face and `transformers` must reproduce the plain model's logits (fp32, 1e-5).
-Costs ~25-40 s on 2 cores (mostly starting 8 processes).
+1. The checkpoint layer, bit for bit: the ranks hold the pieces of one tiny plain model and of reference AdamW
+   moments, cut as `nanotronix.parallel` cuts them (tied and untied embeddings). The checkpoint saved in
+   TP2xPP2xDP2 is loaded into TP1xPP1xDP1, TP2xPP1xDP4, TP1xPP4xDP2 and TP2xPP2xDP2, those saved in TP2xPP1xDP4
+   and TP1xPP4xDP2 back into other layouts, and every rank checks its weights and moments against the reference.
+   The checkpoints of three layouts are then exported to Hugging Face: `transformers` must reproduce the plain
+   model's logits (fp32, 1e-5).
+2. The real trainer (`nanotronix.train.trainer.train`, i.e. parallelize + DistributedOptimizer + Checkpointer):
+   4 steps in TP2xPP2xDP2, resumed to step 6 in TP2xPP1xDP4, to 7 in TP1xPP4xDP2, to 8 back in TP2xPP2xDP2; and
+   from the first checkpoint to step 5 in one process. Every step's loss is within rel 1e-5 of an uninterrupted
+   single-process run, and its learning rate equal.
+Costs ~30-40 s of CPU on 2 cores (mostly starting 8 interpreters).
 """
 from __future__ import annotations
 
@@ -20,7 +25,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from checkpoint_helpers import (TINY, TINY_UNTIED, FakeOptimizer, local_slice, plain_model, rank_piece,
-                                reference_moments)
+                                read_metrics, reference_moments, train_in_process)
+from helpers import tiny_config, write_learnable_store
 
 WORLD = 8
 SAVE_LAYOUTS = [(2, 2, 2), (2, 1, 4), (1, 4, 2)]  # (tp, pp, dp)
@@ -61,12 +67,29 @@ def _piece(ctx, cfg_model, step_count):
 CONFIGS = {"tied": TINY, "untied": TINY_UNTIED}
 
 
-def _worker(rank: int, port: int, root: str) -> None:
+# (run name, (tp, pp, dp), train_steps, resume from): each run continues the previous one in another layout.
+TRAINER_CHAIN = [("2x2x2", (2, 2, 2), 4, None), ("2x1x4", (2, 1, 4), 6, "2x2x2"),
+                 ("1x4x2", (1, 4, 2), 7, "2x1x4"), ("back", (2, 2, 2), 8, "1x4x2")]
+
+
+def trainer_overrides(root: Path, name: str, steps: int, resume, tp: int = 1, pp: int = 1) -> list[str]:
+    # micro-batch 1 everywhere: 1F1B over 4 stages needs 4 micro-batches (the global batch stays 8).
+    out = [f"parallel.tp={tp}", f"parallel.pp={pp}", f"train.train_steps={steps}", "train.micro_batch_size=1",
+           f"checkpoint.dir={root / name / 'ckpt'}", f"logging.dir={root / name / 'logs'}",
+           f"checkpoint.resume={root / resume / 'ckpt' if resume else 'none'}"]
+    if name == "2x1x4":  # every step saved, in the background, while the 8 ranks train on
+        out += ["checkpoint.interval=1", "checkpoint.async_save=true"]
+    return out
+
+
+def _worker(rank: int, port: int, root: str, train_config: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         for name, cfg_model in CONFIGS.items():
             _save_and_reload(rank, Path(root) / name, cfg_model)
+        for name, (tp, pp, _), steps, resume in TRAINER_CHAIN:
+            train_in_process(train_config, *trainer_overrides(Path(root) / "train", name, steps, resume, tp, pp))
     finally:
         dist.destroy_process_group()
 
@@ -124,8 +147,12 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def saved_layouts(tmp_path_factory):
     root = tmp_path_factory.mktemp("reshard")
+    store = write_learnable_store(root / "store" / "arith")
+    (root / "train").mkdir()
+    train_config = tiny_config(root / "train", store)
     # A failing assertion in any rank raises here, with that rank's traceback.
-    mp.start_processes(_worker, args=(_free_port(), str(root)), nprocs=WORLD, join=True, start_method="spawn")
+    mp.start_processes(_worker, args=(_free_port(), str(root), str(train_config)), nprocs=WORLD, join=True,
+                       start_method="spawn")
     return root
 
 
@@ -157,3 +184,21 @@ def test_export_from_each_layout_matches_transformers(saved_layouts, config, lay
         ours = plain_model(cfg)(ids)
         theirs = hf(input_ids=ids).logits
     assert (ours - theirs).abs().max().item() < 1e-5
+
+
+def test_trainer_continues_in_every_layout(saved_layouts, capsys):
+    runs = saved_layouts / "train"
+    config = runs / "config.yaml"
+    train_in_process(config, *trainer_overrides(runs, "reference", 8, None))
+    train_in_process(config, *trainer_overrides(runs, "single", 5, "2x2x2"))
+    assert "RNG freshly seeded (saved in layout" in capsys.readouterr().out  # another layout: fresh RNG
+    expected = read_metrics(runs / "reference" / "logs")
+    chain = [(name, steps, resume) for name, _, steps, resume in TRAINER_CHAIN] + [("single", 5, "2x2x2")]
+    for name, steps, resume in chain:
+        got = read_metrics(runs / name / "logs")
+        start = 1 if resume is None else max(read_metrics(runs / resume / "logs")) + 1
+        assert sorted(got) == list(range(start, steps + 1)), name
+        for step in got:
+            assert got[step]["lr"] == expected[step]["lr"]
+            assert abs(got[step]["loss"] - expected[step]["loss"]) <= 1e-5 * abs(expected[step]["loss"]), \
+                (name, step, got[step]["loss"], expected[step]["loss"])

@@ -165,18 +165,34 @@ def test_imported_weights_load_into_a_training_model(tmp_path):
     assert dataclasses.asdict(cfg)["rope_theta"] == hf.config.rope_parameters["rope_theta"]
 
 
-def test_cli_help_and_bad_input(tmp_path):
+def tool_main(name: str):
+    """main() of tools/NAME.py, to run the command's own code in this process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_cli_help_and_bad_input(tmp_path, capsys):
     for tool in ("convert_to_hf.py", "convert_from_hf.py"):
         assert cli(tool, "--help").returncode == 0
+    (tmp_path / "weights_only_bin").mkdir()
+    (tmp_path / "weights_only_bin" / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
     cases = [
-        (("convert_to_hf.py", "--checkpoint", str(tmp_path / "nope"), "--output", str(tmp_path / "o")),
+        ("convert_to_hf", ["--checkpoint", str(tmp_path / "nope"), "--output", str(tmp_path / "o")],
          "error: checkpoint not found: "),
-        (("convert_from_hf.py", "--hf", str(tmp_path), "--output", str(tmp_path / "o")), "has no config.json"),
+        ("convert_from_hf", ["--hf", str(tmp_path), "--output", str(tmp_path / "o")], "has no config.json"),
+        ("convert_from_hf", ["--hf", str(tmp_path / "weights_only_bin"), "--output", str(tmp_path / "o")],
+         "config.json: "),
+        ("convert_to_hf", ["--checkpoint", str(tmp_path), "--output", str(tmp_path / "o"), "--max-shard-size",
+                           "lots"], "--max-shard-size: cannot read 'lots'"),
     ]
-    for args, message in cases:
-        proc = cli(*args)
-        lines = proc.stderr.strip().splitlines()
-        assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
+    for tool, args, message in cases:
+        code = tool_main(tool)(args)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
     assert not (tmp_path / "o").exists()
 
 

@@ -24,7 +24,8 @@ def test_torchrun_trains_and_logs_metrics(tmp_path, store):
     assert rows[-1]["consumed_tokens"] == 30 * 8 * 32
     assert rows[0]["mfu"] is None  # CPU: peak unknown
     assert rows[-1]["stage"] == "arith"
-    assert rows[-1]["loss"] < rows[0]["loss"] - 1.0, (rows[0]["loss"], rows[-1]["loss"])
+    first, last = sum(r["loss"] for r in rows[:3]) / 3, sum(r["loss"] for r in rows[-3:]) / 3
+    assert last < first - 0.7, (first, last)  # ln(256) = 5.5 at the start; the progressions are learnable
     assert rows[1]["lr"] == pytest.approx(3e-3) and rows[0]["lr"] == pytest.approx(1.5e-3)
 
 

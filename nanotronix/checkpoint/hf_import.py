@@ -86,7 +86,9 @@ def import_from_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, overwri
     hf_config = json.loads(config_file.read_text())
     try:
         model_cfg = model_config_from_hf(hf_config)
-    except (KeyError, ValueError) as e:
+    except KeyError as e:
+        raise UserError(f"--hf: {config_file}: field {e.args[0]!r} is missing") from None
+    except ValueError as e:
         raise UserError(f"--hf: {config_file}: {e}") from None
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise UserError(f"output {output} already exists and is not empty (remove it or pass --overwrite)")

@@ -4,6 +4,8 @@ Public API:
     open_store(path_or_prefix) -> TokenStore      Megatron .bin/.idx, datatrove .ds, zarr (format detected)
     load_tokenizer(spec) -> (tokenizers.Tokenizer, TokenizerInfo)
     build_train_loader(cfg, dp_rank, dp_size, consumed_samples=0) -> TrainLoader
+    build_prefetched_loader(cfg, dp_rank, dp_size, device, ...) -> PrefetchingLoader   the trainer's feed:
+                                                   data.loader (pytorch | dali), next batch read ahead, pinned
     preprocess(PreprocessOptions) -> PreprocessResult   (what tools/preprocess.py runs)
     DataError                                      every user-facing data problem (one line)
 
@@ -17,6 +19,8 @@ from .tokenizer import TokenizerInfo, load_tokenizer
 _LAZY = {
     "build_train_loader": ".loader",
     "TrainLoader": ".loader",
+    "build_prefetched_loader": ".prefetch",
+    "PrefetchingLoader": ".prefetch",
     "preprocess": ".pipeline",
     "PreprocessOptions": ".pipeline",
     "PreprocessResult": ".pipeline",

@@ -51,20 +51,35 @@ class TrainLoader:
         first = (step - 1) * self.global_batch_size + self.dp_rank * per_rank
         return np.arange(first, first + per_rank, dtype=np.int64)
 
-    def read_samples(self, sample_ids: np.ndarray) -> np.ndarray:
-        """Token windows [n, seq_len+1] (int64) of the given global sample numbers."""
+    def read_samples(self, sample_ids: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Token windows [n, seq_len+1] (int64) of the given global sample numbers, written into `out` when given
+        (e.g. a pinned buffer, saving a copy)."""
         names, which, starts = self.schedule.locate(sample_ids)
-        out = np.empty((len(sample_ids), self.seq_len + 1), dtype=np.int64)
+        if out is None:
+            out = np.empty((len(sample_ids), self.seq_len + 1), dtype=np.int64)
         for d in np.unique(which).tolist():
             rows = np.flatnonzero(which == d)
             self.stores[names[d]].read_windows(out, rows, starts[rows])
         return out
 
+    def read_batch(self, step: int, pin_memory: bool = False) -> torch.Tensor:
+        """This rank's share of global step `step`: LongTensor [grad_accum, micro_batch_size, seq_len+1], read
+        into page-locked memory when `pin_memory` (needs CUDA). Pure: it does not advance the resume state, so a
+        prefetcher may call it ahead of the step (nanotronix/data/prefetch.py)."""
+        shape = (self.grad_accum, self.micro_batch_size, self.seq_len + 1)
+        batch = torch.empty(shape, dtype=torch.int64, pin_memory=pin_memory)
+        self.read_samples(self.global_sample_ids(step), out=batch.numpy().reshape(-1, self.seq_len + 1))
+        return batch
+
+    def mark_consumed(self, step: int) -> None:
+        """Record that the batch of `step` has been handed to training (the resume state)."""
+        self.consumed_samples = step * self.global_batch_size
+
     def batch(self, step: int) -> torch.Tensor:
         """This rank's share of global step `step`: LongTensor [grad_accum, micro_batch_size, seq_len+1]."""
-        tokens = self.read_samples(self.global_sample_ids(step))
-        self.consumed_samples = step * self.global_batch_size
-        return torch.from_numpy(tokens).view(self.grad_accum, self.micro_batch_size, self.seq_len + 1)
+        batch = self.read_batch(step)
+        self.mark_consumed(step)
+        return batch
 
     def state_dict(self) -> dict[str, int]:
         return {"consumed_samples": self.consumed_samples}

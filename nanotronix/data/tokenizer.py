@@ -82,7 +82,7 @@ def _download_from_hub(repo_id: str) -> Path:
 
 
 def _find_eos_token(tokenizer: Tokenizer, config_file: Path) -> str:
-    if "<|endoftext|>" in tokenizer.get_vocab(with_added_tokens=True):
+    if tokenizer.token_to_id("<|endoftext|>") is not None:
         return "<|endoftext|>"
     if config_file.is_file():
         try:

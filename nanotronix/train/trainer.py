@@ -13,7 +13,7 @@ import torch
 from nanotronix import accel
 from nanotronix.checkpoint import Checkpointer
 from nanotronix.config import Config, grad_accum_steps
-from nanotronix.data import build_train_loader
+from nanotronix.data import build_prefetched_loader
 from nanotronix.model import build_model
 from nanotronix.parallel import DistributedOptimizer, ParallelContext, parallelize
 from nanotronix.train.flops import device_peak_tflops, flops_per_token, mfu
@@ -40,12 +40,14 @@ def train(cfg: Config, ctx: ParallelContext, device: torch.device) -> dict:
                                      betas=tuple(o.betas), eps=o.eps, fused=True if device.type == "cuda" else None)
     checkpointer = Checkpointer(cfg, ctx, device)  # resume, periodic saves, SIGTERM/SIGUSR1 -> save and stop
     resumed = checkpointer.resume(model, optimizer)
-    loader = build_train_loader(cfg, ctx.dp_rank, ctx.dp, consumed_samples=resumed.consumed_samples)
+    loader = build_prefetched_loader(cfg, ctx.dp_rank, ctx.dp, device, consumed_samples=resumed.consumed_samples,
+                                     last_step=t.train_steps)  # reads step s+1 while step s trains
 
     accum = grad_accum_steps(cfg, ctx.dp)
     log0(ctx, f"nanotronix: {m.num_parameters() / 1e6:.1f}M parameters | layout {model.describe()} "
               f"| global batch {t.global_batch_size} x {t.seq_len} tokens, micro-batch "
-              f"{t.micro_batch_size}, grad accumulation {accum} | device {device.type} | {accel.describe(attn)}")
+              f"{t.micro_batch_size}, grad accumulation {accum} | device {device.type} | {accel.describe(attn)} "
+              f"| data loader: {loader.name}")
 
     tokens_per_step = t.global_batch_size * t.seq_len
     flops_token = flops_per_token(m, t.seq_len)
@@ -82,5 +84,6 @@ def train(cfg: Config, ctx: ParallelContext, device: torch.device) -> dict:
             preempted = True
             break
     checkpointer.close()
+    loader.close()
     metrics.close()
     return {"first_loss": first_loss, "last_loss": last_loss, "steps": t.train_steps, "preempted": preempted}

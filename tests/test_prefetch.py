@@ -1,0 +1,121 @@
+"""The trainer's prefetching batch feed (nanotronix/data/prefetch.py) against the plain TrainLoader: the same
+batches in order, after jumps and after a resume, the same resume state, errors surfacing in the training thread,
+a clean shutdown, and data.loader validation. CPU only, about 2 s."""
+import threading
+
+import pytest
+import torch
+
+from helpers import write_learnable_store
+from nanotronix.config import ConfigError, config_from_dict
+from nanotronix.data import DataError, build_prefetched_loader, build_train_loader
+from nanotronix.data.prefetch import PrefetchingLoader
+
+CPU = torch.device("cpu")
+SEQ = 16
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return write_learnable_store(tmp_path_factory.mktemp("store") / "arith", num_docs=150)
+
+
+def _cfg(store, **data):
+    return config_from_dict({
+        "model": {"preset": "smollm2-135m", "num_hidden_layers": 1},
+        "train": {"seq_len": SEQ, "global_batch_size": 8, "micro_batch_size": 2},
+        "data": {"stages": [{"name": "one", "start_step": 1, "datasets": [{"path": str(store)}]}], **data}})
+
+
+def _threads():
+    return {t for t in threading.enumerate() if t.name.startswith("nanotronix-prefetch")}
+
+
+def test_prefetched_batches_equal_plain_loader(store):
+    cfg = _cfg(store)
+    plain = build_train_loader(cfg, 1, 2)
+    feed = build_prefetched_loader(cfg, 1, 2, CPU, last_step=12)
+    try:
+        assert feed.name == "pytorch"
+        for step in [1, 2, 3, 4, 9, 10, 11, 12, 2, 3]:  # in order, a jump ahead, the last step, a jump back
+            got = feed.batch(step)
+            want = plain.batch(step)
+            assert got.shape == (2, 2, SEQ + 1) and got.dtype == torch.int64
+            assert torch.equal(got, want), step
+            assert feed.state_dict() == plain.state_dict() == {"consumed_samples": step * 8}
+            assert feed.stats(step) == plain.stats(step)
+    finally:
+        feed.close()
+
+
+def test_read_ahead_does_not_advance_resume_state(store):
+    """The batch of step s+1 is read during step s, but a checkpoint after step s must say s, and a loader
+    resumed from that state feeds s+1, s+2, ... exactly as an uninterrupted one."""
+    cfg = _cfg(store)
+    feed = build_prefetched_loader(cfg, 0, 1, CPU)
+    for step in range(1, 4):
+        feed.batch(step)
+    feed._ahead[1].result()  # step 4 has been read ahead ...
+    assert feed.state_dict() == {"consumed_samples": 3 * 8}  # ... yet only 3 steps were consumed
+    state = feed.state_dict()
+    feed.close()
+
+    resumed = build_prefetched_loader(cfg, 0, 1, CPU, consumed_samples=state["consumed_samples"])
+    uninterrupted = build_train_loader(cfg, 0, 1)
+    try:
+        assert resumed.next_step == 4
+        for step in range(resumed.next_step, 8):
+            assert torch.equal(resumed.batch(step), uninterrupted.batch(step))
+    finally:
+        resumed.close()
+
+
+def test_batches_are_independent_buffers(store):
+    """Each batch is its own tensor: a batch kept by the caller is not overwritten by later reads."""
+    feed = build_prefetched_loader(_cfg(store), 0, 1, CPU)
+    try:
+        kept = [feed.batch(step) for step in range(1, 6)]
+        plain = build_train_loader(_cfg(store), 0, 1)
+        assert all(torch.equal(k, plain.batch(s)) for s, k in zip(range(1, 6), kept))
+        assert len({k.data_ptr() for k in kept}) == len(kept)
+    finally:
+        feed.close()
+
+
+def test_read_error_surfaces_in_caller_and_close_is_clean(store):
+    loader = build_train_loader(_cfg(store), 0, 1)
+    calls = []
+
+    def flaky_read(step):
+        calls.append((step, threading.current_thread().name))
+        if step == 3:
+            raise DataError("disk gone at step 3")
+        return loader.read_batch(step)
+
+    feed = PrefetchingLoader(loader, flaky_read, CPU)
+    feed.batch(1)
+    assert _threads()
+    feed.batch(2)  # step 3's read (ahead) fails in the worker ...
+    with pytest.raises(DataError, match="disk gone at step 3"):
+        feed.batch(3)  # ... and is reported here, where training asks for it
+    assert loader.state_dict() == {"consumed_samples": 2 * 8}
+    assert all(name.startswith("nanotronix-prefetch") for _, name in calls)  # every read on the worker thread
+    feed.close()
+    feed.close()  # idempotent
+    assert not _threads()
+
+
+def test_pinned_read_needs_cuda_only_when_asked(store):
+    """On CPU the feed reads plain memory (pinning needs CUDA); the pinned read is the same data."""
+    loader = build_train_loader(_cfg(store), 0, 1)
+    assert not loader.read_batch(1).is_pinned()
+    if torch.cuda.is_available():
+        pinned = loader.read_batch(1, pin_memory=True)
+        assert pinned.is_pinned() and torch.equal(pinned, loader.read_batch(1))
+
+
+def test_data_loader_field_is_validated(store):
+    assert _cfg(store).data.loader == "pytorch"
+    assert _cfg(store, loader="dali").data.loader == "dali"
+    with pytest.raises(ConfigError, match="data.loader: 'tfrecord' is not pytorch|dali"):
+        _cfg(store, loader="tfrecord")

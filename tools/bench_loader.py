@@ -1,0 +1,157 @@
+#!/usr/bin/env python
+"""Input-pipeline benchmark: the PyTorch loader vs the NVIDIA DALI loader, each with and without prefetching.
+
+    python tools/bench_loader.py [--seq-len 2048] [--windows 32] [--steps 100] [--step-ms 20] [--device cpu]
+
+A synthetic token store (random uint16 tokens, --tokens of them) is written to a temporary folder, then one data
+rank's batches of --windows windows of seq_len+1 tokens are read step after step by:
+
+  pytorch            TrainLoader.batch(step) in the training thread (the baseline)
+  dali               the same batches through the DALI pipeline (data.loader: dali), in the training thread
+  pytorch+prefetch   the trainer's feed: the next step's batch read by a background thread (pinned on CUDA)
+  dali+prefetch      the same for DALI
+
+Two figures per loader:
+  - cost: windows per CPU-second of this process (every thread) when reading is the whole loop. CPU time is the
+    work done, whatever else runs on the machine; prefetching moves that work to another thread, it cannot
+    shrink it.
+  - data wait: the wall time per step that training waits for its batch when each step also "computes" for
+    --step-ms milliseconds. That compute is a sleep: on a GPU the host thread mostly waits for the device,
+    leaving the CPU to the reader, which a sleep models; on a CPU run the model competes with the reader for the
+    cores, so prefetching can hide less there. This one is wall time, so run it on an otherwise idle machine.
+Every figure is the best of --rounds interleaved rounds (other processes only slow a measurement down); ratios are
+against `pytorch`, measured in this run.
+"""
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--windows", type=int, default=32,
+                        help="windows per step on this rank (default 32: SmolLM2-1.7B's 1024 over 32 DP ranks)")
+    parser.add_argument("--micro-batch", type=int, default=4, help="micro-batch size (divides --windows)")
+    parser.add_argument("--steps", type=int, default=100, help="steps per measurement")
+    parser.add_argument("--step-ms", type=float, default=20.0, help="simulated compute per step in the second figure")
+    parser.add_argument("--tokens", type=int, default=20_000_000, help="tokens in the synthetic store")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; the best is kept")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where batches go (cuda: pinned, DALI on GPU)")
+    args = parser.parse_args(argv)
+    for name in ("seq_len", "windows", "micro_batch", "steps", "rounds"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.windows % args.micro_batch:
+        parser.error(f"--windows {args.windows} is not divisible by --micro-batch {args.micro_batch}")
+    if args.tokens < 4 * (args.seq_len + 1):
+        parser.error(f"--tokens {args.tokens} is too few for windows of {args.seq_len + 1} tokens")
+    return args
+
+
+def write_store(prefix: Path, num_tokens: int) -> None:
+    import numpy as np
+    from nanotronix.data.megatron_store import MegatronWriter
+
+    rng = np.random.default_rng(0)
+    writer = MegatronWriter(prefix, np.uint16)
+    lengths = rng.integers(200, 4000, size=num_tokens // 2000 + 1)
+    lengths = lengths[np.cumsum(lengths) <= num_tokens]
+    writer.add_documents(rng.integers(1, 49152, size=int(lengths.sum()), dtype=np.uint16), lengths)
+    writer.finalize({"tokenizer": {"name": "synthetic", "vocab_size": 49152, "eos_id": 0}})
+
+
+def make_config(args, store: Path, loader: str):
+    from nanotronix.config import config_from_dict
+    return config_from_dict({
+        "model": {"preset": "smollm2-135m", "num_hidden_layers": 1, "max_position_embeddings": max(args.seq_len, 2048)},
+        "train": {"seq_len": args.seq_len, "global_batch_size": args.windows, "micro_batch_size": args.micro_batch},
+        "data": {"stages": [{"name": "bench", "start_step": 1, "datasets": [{"path": str(store)}]}],
+                 "loader": loader}})
+
+
+def make_feeds(args, store: Path, device, dali_ok: bool):
+    """name -> (batch(step) function, close function). Batches go to `device` as the trainer's step does."""
+    from nanotronix.data import build_prefetched_loader, build_train_loader
+    feeds = {}
+    plain = build_train_loader(make_config(args, store, "pytorch"), 0, 1)
+    feeds["pytorch"] = (plain.batch, lambda: None)
+    if dali_ok:
+        from nanotronix.data.dali_loader import DaliBatchReader
+        reader = DaliBatchReader(build_train_loader(make_config(args, store, "dali"), 0, 1), device)
+        feeds["dali"] = (reader.read_batch, reader.close)
+    for name in ("pytorch", "dali") if dali_ok else ("pytorch",):
+        feed = build_prefetched_loader(make_config(args, store, name), 0, 1, device)
+        feeds[f"{name}+prefetch"] = (feed.batch, feed.close)
+    return feeds
+
+
+def run_loop(batch, first_step: int, steps: int, step_seconds: float, device) -> tuple[float, float]:
+    """(CPU seconds of the process, wall seconds spent waiting for batches) over `steps` consecutive steps."""
+    import torch
+    wait = 0.0
+    start = time.process_time()
+    for step in range(first_step, first_step + steps):
+        t0 = time.perf_counter()
+        tokens = batch(step).to(device, non_blocking=True)
+        if device.type == "cuda":
+            torch.cuda.current_stream(device).synchronize()  # the batch is only usable once it is there
+        wait += time.perf_counter() - t0
+        if step_seconds:
+            time.sleep(step_seconds)
+        del tokens
+    return time.process_time() - start, wait
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+    from nanotronix import accel
+    from nanotronix.errors import UserError
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("bench_loader: error: --device cuda but CUDA is not available", file=sys.stderr)
+        return 2
+    dali_ok = accel.dali_modules() is not None
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmp:
+            store = Path(tmp) / "tokens"
+            write_store(store, args.tokens)
+            feeds = make_feeds(args, store, device, dali_ok)
+            rate = {name: 0.0 for name in feeds}
+            wait_ms = {name: float("inf") for name in feeds}
+            step = 1
+            for name, (batch, _) in feeds.items():  # warm-up: pipelines built, first pages touched
+                run_loop(batch, step, 3, 0.0, device)
+            step += 3
+            for _ in range(args.rounds):
+                for name, (batch, _) in feeds.items():
+                    # each feed reads a fresh range of steps, so no feed gets another's warm page cache
+                    cpu, _ = run_loop(batch, step, args.steps, 0.0, device)
+                    rate[name] = max(rate[name], args.steps * args.windows / cpu)
+                    _, wait = run_loop(batch, step + args.steps, args.steps, args.step_ms / 1e3, device)
+                    wait_ms[name] = min(wait_ms[name], wait / args.steps * 1e3)
+                    step += 2 * args.steps
+            for _, close in feeds.values():
+                close()
+    except UserError as e:
+        print(f"bench_loader: error: {e}", file=sys.stderr)
+        return 2
+    dali_note = f"DALI {accel.dali_modules().version}" if dali_ok else "DALI not installed: its rows are missing"
+    print(f"device {device.type}; {args.windows} windows of {args.seq_len + 1} tokens per step "
+          f"(micro-batch {args.micro_batch}); {args.steps} steps per measurement, best of {args.rounds}; {dali_note}")
+    print(f"{'loader':18s} {'windows/CPU-s':>14s} {'vs pytorch':>10s} {'data wait per step':>19s}  (each step "
+          f"computes {args.step_ms:g} ms)")
+    for name in feeds:
+        print(f"{name:18s} {rate[name]:14,.0f} {rate[name] / rate['pytorch']:10.2f} {wait_ms[name]:16.3f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
