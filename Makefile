@@ -19,7 +19,7 @@ $(PY):
 $(STAMP): setup.py | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet --upgrade "setuptools>=70" wheel
-	$(PY) -m pip install --quiet --no-build-isolation -e ".[test]"
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[test,dali]"
 	touch $(STAMP)
 
 quickstart: install

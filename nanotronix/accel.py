@@ -48,12 +48,6 @@ def dali_modules():
                            DALIGenericIterator=plugin.DALIGenericIterator, version=dali.__version__)
 
 
-def fused_adam_class():
-    """apex FusedAdam when apex is installed, else None (the caller uses torch's fused AdamW)."""
-    mod = _optional_module("apex.optimizers")
-    return getattr(mod, "FusedAdam", None) if mod is not None else None
-
-
 # --------------------------------------------------------------------------------------------------
 # attention backends: q [B, H, S, D], k/v [B, KV, S, D], causal; return [B, H, S, D]
 
@@ -117,5 +111,5 @@ def describe(attention: str) -> str:
     why = ""
     if attention != "flash_attention_2":
         why = " (flash-attn not installed)" if _optional_module("flash_attn") is None else ""
-    optim = "apex FusedAdam" if fused_adam_class() is not None else "torch AdamW"
+    optim = "torch AdamW (fused on CUDA)"
     return f"attention: {attention}{why}; optimizer: {optim}"

@@ -22,7 +22,7 @@ import pytest
 from checkpoint_helpers import read_metrics, train_in_process
 from helpers import ROOT, run, tiny_config, write_learnable_store
 
-STEPS = 40
+STEPS = 24
 
 
 def _config(folder: Path, store: Path, **sections) -> Path:
@@ -40,11 +40,11 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_exact(tmp_path, store):
     expected = read_metrics(tmp_path / "ref" / "logs")
 
     cfg = _config(tmp_path / "run", store, train={"train_steps": STEPS},
-                  checkpoint={"dir": str(tmp_path / "run" / "ckpt"), "interval": 7, "async_save": True})
+                  checkpoint={"dir": str(tmp_path / "run" / "ckpt"), "interval": 5, "async_save": True})
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "nanotronix.train", "--config", str(cfg)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    kill_at = random.Random().randint(8, STEPS - 5)  # after the first checkpoint (step 7), before the end
+    kill_at = random.Random().randint(6, STEPS - 5)  # after the first checkpoint (step 5), before the end
     log = tmp_path / "run" / "logs" / "metrics.jsonl"
     while not (log.is_file() and len(log.read_text().splitlines()) >= kill_at):
         assert proc.poll() is None, proc.stderr.read()[-3000:]

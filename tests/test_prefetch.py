@@ -119,3 +119,25 @@ def test_data_loader_field_is_validated(store):
     assert _cfg(store, loader="dali").data.loader == "dali"
     with pytest.raises(ConfigError, match="data.loader: 'tfrecord' is not pytorch|dali"):
         _cfg(store, loader="tfrecord")
+
+
+def test_bench_loader_reports_every_loader(capsys):
+    """tools/bench_loader.py end to end on a tiny store (in process, ~1 s): a row per loader, ratios vs pytorch."""
+    import sys
+
+    from helpers import ROOT
+    from nanotronix import accel
+    sys.path.insert(0, str(ROOT / "tools"))
+    import bench_loader
+
+    args = ["--seq-len", "32", "--windows", "8", "--micro-batch", "2", "--steps", "3", "--step-ms", "1",
+            "--tokens", "20000", "--rounds", "1"]
+    assert bench_loader.main(args) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:]}
+    expected = {"pytorch", "pytorch+prefetch"} | ({"dali", "dali+prefetch"} if accel.dali_modules() else set())
+    assert set(rows) == expected
+    assert rows["pytorch"][2] == "1.00" and all(float(r[1].replace(",", "")) > 0 for r in rows.values())
+    with pytest.raises(SystemExit) as bad:
+        bench_loader.main(["--windows", "5"])
+    assert bad.value.code == 2
+    assert capsys.readouterr().err.strip() == "bench_loader: error: --windows 5 is not divisible by --micro-batch 4"

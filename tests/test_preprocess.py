@@ -137,8 +137,15 @@ def test_workers_give_identical_bytes_and_zarr_format(tmp_path, tok, tool):
     # small chunks so that both workers get many chunks and results arrive out of order
     preprocess(PreprocessOptions([str(src)], tok, str(tmp_path / "two"), workers=2, progress=False,
                                  chunk_bytes=2048))
+    # the spawn path (platforms without fork): workers load the tokenizer file themselves
+    import multiprocessing
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(multiprocessing, "get_all_start_methods", lambda: ["spawn"])
+        preprocess(PreprocessOptions([str(src)], tok, str(tmp_path / "spawned"), workers=2, progress=False,
+                                     chunk_bytes=8192))
     for ext in ("bin", "idx"):
         assert (tmp_path / f"one.{ext}").read_bytes() == (tmp_path / f"two.{ext}").read_bytes()
+        assert (tmp_path / f"one.{ext}").read_bytes() == (tmp_path / f"spawned.{ext}").read_bytes()
     assert tool.main(args + ["--output-prefix", str(tmp_path / "z"), "--workers", "1", "--format", "zarr"]) == 0
     assert _docs(tmp_path / "z.zarr") == _docs(tmp_path / "one")
 

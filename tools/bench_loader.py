@@ -32,6 +32,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def _fail(message: str):
+    print(f"bench_loader: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq-len", type=int, default=2048)
@@ -42,7 +47,9 @@ def parse_args(argv=None):
     parser.add_argument("--step-ms", type=float, default=20.0, help="simulated compute per step in the second figure")
     parser.add_argument("--tokens", type=int, default=20_000_000, help="tokens in the synthetic store")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; the best is kept")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where batches go (cuda: pinned, DALI on GPU)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="where batches go (cuda: pinned memory, DALI pipeline on the GPU)")
+    parser.error = _fail  # one line, no usage dump
     args = parser.parse_args(argv)
     for name in ("seq_len", "windows", "micro_batch", "steps", "rounds"):
         if getattr(args, name) < 1:
@@ -116,8 +123,7 @@ def main(argv=None) -> int:
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        print("bench_loader: error: --device cuda but CUDA is not available", file=sys.stderr)
-        return 2
+        _fail("--device cuda but CUDA is not available")
     dali_ok = accel.dali_modules() is not None
     try:
         with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmp:
@@ -141,8 +147,7 @@ def main(argv=None) -> int:
             for _, close in feeds.values():
                 close()
     except UserError as e:
-        print(f"bench_loader: error: {e}", file=sys.stderr)
-        return 2
+        _fail(str(e))
     dali_note = f"DALI {accel.dali_modules().version}" if dali_ok else "DALI not installed: its rows are missing"
     print(f"device {device.type}; {args.windows} windows of {args.seq_len + 1} tokens per step "
           f"(micro-batch {args.micro_batch}); {args.steps} steps per measurement, best of {args.rounds}; {dali_note}")

@@ -9,6 +9,8 @@ preemption handling, and the Hugging Face export/import built on them.
 from nanotronix.checkpoint.errors import CheckpointError
 from nanotronix.checkpoint.paths import find_checkpoint, resolve_checkpoint
 
+# Imported on first use: they pull in torch.distributed.checkpoint (~1 s), which the path helpers and the Hub
+# checks of tools/convert_to_hf.py (run before any conversion) do not need.
 _LAZY = {"Checkpointer": "checkpointer", "ResumeState": "checkpointer", "CheckpointReader": "reader"}
 
 __all__ = ["CheckpointError", "find_checkpoint", "resolve_checkpoint", *_LAZY]

@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from nanotronix.checkpoint import manifest as mf
 from nanotronix.checkpoint import paths
 from nanotronix.checkpoint import state as st
-from nanotronix.checkpoint.reader import model_parameter_names
+from nanotronix.checkpoint.reader import model_parameter_shapes
 from nanotronix.checkpoint.storage import Collective
 from nanotronix.config import Config
 from nanotronix.convert.hf_mapping import from_hf, model_config_from_hf
@@ -83,22 +83,20 @@ def import_from_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, overwri
     config_file = hf_dir / "config.json"
     if not config_file.is_file():
         raise UserError(f"--hf: {hf_dir} has no config.json (expected a Hugging Face model folder)")
-    hf_config = json.loads(config_file.read_text())
     try:
+        hf_config = json.loads(config_file.read_text())
         model_cfg = model_config_from_hf(hf_config)
     except KeyError as e:
         raise UserError(f"--hf: {config_file}: field {e.args[0]!r} is missing") from None
-    except ValueError as e:
+    except (ValueError, TypeError, AttributeError) as e:  # not JSON, not a mapping, not a Llama
         raise UserError(f"--hf: {config_file}: {e}") from None
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise UserError(f"output {output} already exists and is not empty (remove it or pass --overwrite)")
     source = SafetensorsFolder(hf_dir)
-    names = model_parameter_names(model_cfg)
     if not model_cfg.tie_word_embeddings and "lm_head.weight" not in source:
         raise UserError(f"--hf: {hf_dir} has untied embeddings but no lm_head.weight")
-
-    shapes = {n: t.shape for n, t in build_meta_state(model_cfg).items()}
-    state = {st.model_key(n): torch.empty(shapes[n], dtype=torch.float32, device="meta") for n in names}
+    state = {st.model_key(n): torch.empty(shape, dtype=torch.float32, device="meta")
+             for n, shape in model_parameter_shapes(model_cfg).items()}
 
     def produce(key: str) -> torch.Tensor:
         name = key[len(st.MODEL_PREFIX):]
@@ -121,12 +119,7 @@ def import_from_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, overwri
     temp = paths.temp_folder(staging, 0)
     temp.mkdir(parents=True)
     try:
-        import torch.distributed.checkpoint as dcp
-        from nanotronix.checkpoint.storage import _quiet_single_process
-
-        with _quiet_single_process():
-            dcp.save(state, storage_writer=dcp.FileSystemWriter(str(temp), sync_files=True),
-                     planner=_LazyPlanner(produce), no_dist=True)
+        Collective(single_process=True).save(state, temp, planner=_LazyPlanner(produce))
         manifest["files"] = mf.digest_files(temp, mf.list_files(temp))
         mf.write_manifest(temp, manifest)
         paths.commit_step(temp, staging, 0)
@@ -138,9 +131,3 @@ def import_from_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, overwri
         raise
     log(f"imported {hf_dir} ({model_cfg.num_parameters() / 1e6:.1f}M parameters) as {output / 'step_0000000'}")
     return output
-
-
-def build_meta_state(cfg) -> dict[str, Any]:
-    from nanotronix.model import build_model
-
-    return dict(build_model(cfg, device=torch.device("meta")).named_parameters())

@@ -31,9 +31,14 @@ def model_config_from_saved(saved: dict, where: Path) -> ModelConfig:
         raise CheckpointError(f"checkpoint {where}: model config cannot be read ({e})") from None
 
 
+def model_parameter_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
+    """The plain model's parameters in definition order (the tied head appears once, as the embedding), from a
+    model built on the meta device (no memory)."""
+    return {name: p.shape for name, p in build_model(cfg, device=torch.device("meta")).named_parameters()}
+
+
 def model_parameter_names(cfg: ModelConfig) -> list[str]:
-    """The plain model's parameter names in definition order (the tied head appears once, as the embedding)."""
-    return [name for name, _ in build_model(cfg, device=torch.device("meta")).named_parameters()]
+    return list(model_parameter_shapes(cfg))
 
 
 class CheckpointReader:

@@ -13,8 +13,10 @@ the chunk sits in the logical tensor. Replicated tensors are plain tensors. DCP 
 rank's piece, so a checkpoint written in any TP x PP x DP reloads in any other. A pipeline stage simply lacks
 the names it does not own.
 
-Tied embeddings: `lm_head.weight` IS `embed_tokens.weight`. It is stored once, under `embed_tokens.weight`; a
-last pipeline stage holding its own copy of the head loads it from that key.
+Tied embeddings: `lm_head.weight` IS `embed_tokens.weight`, stored once under `embed_tokens.weight`. The plain
+model shares one Parameter (named_parameters lists it once), and under pipeline parallelism both ends hold
+`embed_tokens.weight` (DCP writes the identical chunks once); a tied model listing a separate `lm_head.weight` is
+refused rather than guessed at.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from torch import nn
 
 MODEL_PREFIX = "model."
 MOMENTS = ("exp_avg", "exp_avg_sq")
-TIED_HEAD, EMBEDDING = "lm_head.weight", "embed_tokens.weight"
+TIED_HEAD = "lm_head.weight"
 
 
 def model_key(fqn: str) -> str:
@@ -49,8 +51,10 @@ def shard_dim_of(param: torch.Tensor, tp: int) -> Optional[int]:
     return getattr(param, "tp_shard_dim", None) if tp > 1 else None
 
 
-def stored_name(fqn: str, tied: bool) -> str:
-    return EMBEDDING if tied and fqn == TIED_HEAD else fqn
+def check_tied_head(named_params, tied: bool) -> None:
+    if tied and any(fqn == TIED_HEAD for fqn, _ in named_params):
+        raise RuntimeError("tied embeddings, but lm_head.weight is a separate parameter: checkpoints expect it to "
+                           "be the embed_tokens.weight Parameter itself")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -103,7 +107,6 @@ class TorchAdamWAccess:
         return out
 
     def load_param_states(self, states: dict[str, dict[str, torch.Tensor]], step_count: int) -> None:
-        taken: set[int] = set()  # one buffer may serve two parameters (a tied head beside its embedding)
         for group, p in self._params():
             name = self.names[id(p)]
             if name not in states:
@@ -113,9 +116,7 @@ class TorchAdamWAccess:
             state["step"] = torch.tensor(float(step_count), dtype=torch.float32,
                                          device=p.device if on_device else "cpu")
             for m in MOMENTS:
-                src = states[name][m]
-                state[m] = src.to(device=p.device, dtype=p.dtype, copy=id(src) in taken).contiguous()
-                taken.add(id(src))
+                state[m] = states[name][m].to(device=p.device, dtype=p.dtype).contiguous()
             if "step" in group:
                 group["step"] = step_count
 
@@ -134,21 +135,16 @@ def optimizer_access(optimizer: Any, model: nn.Module) -> Any:
 
 
 def model_pieces(model: nn.Module, tp: int, tied: bool) -> dict[str, LocalPiece]:
-    """Checkpoint key -> this rank's piece, for every parameter this rank owns (the tied head excluded)."""
-    out = {}
-    for fqn, p in model.named_parameters():
-        if tied and fqn == TIED_HEAD:
-            continue  # stored once, as embed_tokens.weight, by the rank(s) holding the embedding
-        out[model_key(fqn)] = LocalPiece(p.detach(), shard_dim_of(p, tp))
-    return out
+    """Checkpoint key -> this rank's piece, for every parameter this rank owns."""
+    params = list(model.named_parameters())
+    check_tied_head(params, tied)
+    return {model_key(fqn): LocalPiece(p.detach(), shard_dim_of(p, tp)) for fqn, p in params}
 
 
-def optimizer_pieces(access: Any, model: nn.Module, tp: int, tied: bool) -> dict[str, LocalPiece]:
+def optimizer_pieces(access: Any, model: nn.Module, tp: int) -> dict[str, LocalPiece]:
     params = dict(model.named_parameters())
     out = {}
     for fqn, moments in access.param_states().items():
-        if tied and fqn == TIED_HEAD:
-            continue
         dim = shard_dim_of(params[fqn], tp)
         for m in MOMENTS:
             out[optim_key(m, fqn)] = LocalPiece(moments[m].detach(), dim)
@@ -204,38 +200,22 @@ def to_dcp(pieces: dict[str, LocalPiece], meshes: TensorParallelMeshes) -> dict[
 class LoadTargets:
     """Where a load writes: checkpoint key -> piece (views of parameters, or fresh moment buffers)."""
     pieces: dict[str, LocalPiece]
-    head_copies: list[torch.Tensor]  # tied-head parameters to fill from the loaded embedding on this rank
     moments: dict[str, dict[str, torch.Tensor]]  # fqn -> {moment: buffer}, handed to load_param_states
 
 
 def model_targets(model: nn.Module, tp: int, tied: bool) -> LoadTargets:
-    pieces: dict[str, LocalPiece] = {}
-    head_copies = []
     params = list(model.named_parameters())
-    owns_embedding = any(fqn == EMBEDDING for fqn, _ in params)
-    for fqn, p in params:
-        if tied and fqn == TIED_HEAD and owns_embedding:
-            head_copies.append(p.detach())  # a separate copy beside the embedding: filled after the load
-            continue
-        pieces[model_key(stored_name(fqn, tied))] = LocalPiece(p.detach(), shard_dim_of(p, tp))
-    return LoadTargets(pieces, head_copies, {})
+    check_tied_head(params, tied)
+    return LoadTargets({model_key(fqn): LocalPiece(p.detach(), shard_dim_of(p, tp)) for fqn, p in params}, {})
 
 
-def add_optimizer_targets(targets: LoadTargets, model: nn.Module, tp: int, tied: bool,
-                          stored_dtype) -> None:
+def add_optimizer_targets(targets: LoadTargets, model: nn.Module, tp: int, stored_dtype) -> None:
     """Fresh buffers (TP-local shape) for every trainable parameter's moments; `stored_dtype(key)` gives the
     dtype the checkpoint holds them in."""
     for fqn, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        name = stored_name(fqn, tied)
-        buffers = {}
-        for m in MOMENTS:
-            key = optim_key(m, name)
-            buffers[m] = torch.empty(p.shape, dtype=stored_dtype(key), device=p.device)
-            if key in targets.pieces:
-                # The same stored tensor twice on one rank (tied head beside its embedding): load once.
-                buffers[m] = targets.pieces[key].tensor
-            else:
-                targets.pieces[key] = LocalPiece(buffers[m], shard_dim_of(p, tp))
+        buffers = {m: torch.empty(p.shape, dtype=stored_dtype(optim_key(m, fqn)), device=p.device) for m in MOMENTS}
+        for m, buffer in buffers.items():
+            targets.pieces[optim_key(m, fqn)] = LocalPiece(buffer, shard_dim_of(p, tp))
         targets.moments[fqn] = buffers

@@ -54,9 +54,10 @@ class Collective:
                                    group=self.group)
         return box[0]
 
-    def save(self, state: dict[str, Any], folder: Path) -> None:
+    def save(self, state: dict[str, Any], folder: Path, planner=None) -> None:
         with self._quiet():
-            dcp.save(state, storage_writer=dcp.FileSystemWriter(str(folder), sync_files=True), **self._kwargs())
+            dcp.save(state, storage_writer=dcp.FileSystemWriter(str(folder), sync_files=True), planner=planner,
+                     **self._kwargs())
 
     def load(self, state: dict[str, Any], folder: Path) -> None:
         with self._quiet():

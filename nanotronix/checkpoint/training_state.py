@@ -40,7 +40,7 @@ def take_snapshot(step: int, model, optimizer, ctx, config: dict[str, Any], data
     tied = bool(config["model"]["tie_word_embeddings"])
     access = st.optimizer_access(optimizer, model)
     pieces = st.model_pieces(model, ctx.tp, tied)
-    pieces.update(st.optimizer_pieces(access, model, ctx.tp, tied))
+    pieces.update(st.optimizer_pieces(access, model, ctx.tp))
     if stage:
         pieces = st.stage_to_cpu(pieces)
     optimizer_step = getattr(access, "step_count", None)
@@ -90,7 +90,7 @@ def load_training_state(folder: Path, model, optimizer: Optional[Any], ctx, coll
                 raise CheckpointError(f"checkpoint {folder} has no tensor {key} (saved from a different model?)")
             return dtypes[key].properties.dtype
 
-        st.add_optimizer_targets(targets, model, ctx.tp, tied, stored_dtype)
+        st.add_optimizer_targets(targets, model, ctx.tp, stored_dtype)
     _check_shapes(folder, metadata, targets.pieces, ctx.tp)
     same_layout = manifest.get("layout") == layout_of(ctx)
     restore = restore_rng_state and same_layout and rng_file(folder, ctx.rank).is_file()
@@ -99,9 +99,6 @@ def load_training_state(folder: Path, model, optimizer: Optional[Any], ctx, coll
 
     meshes = st.TensorParallelMeshes(ctx.tp_group, ctx.tp)
     storage.read_step(folder, st.to_dcp(targets.pieces, meshes), coll)
-    embedding = targets.pieces.get(st.model_key(st.EMBEDDING))
-    for head in targets.head_copies:
-        head.copy_(embedding.tensor)
     if with_optimizer:
         access = st.optimizer_access(optimizer, model)
         access.load_param_states(targets.moments, int(manifest.get("optimizer_step", manifest["step"])))

@@ -7,7 +7,6 @@ missing text key, text not a string, empty text (nothing but whitespace).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,15 +18,16 @@ _EOS = 0
 _DTYPE = np.dtype(np.int32)
 
 
-def init_worker(tokenizer_file: str, eos_id: int, dtype: str) -> None:
-    """Load the tokenizer once per process. Parallelism comes from processes, so the Rust thread pool is
-    disabled (it would oversubscribe the cores, and it is unsafe after fork)."""
+def use_tokenizer(tokenizer, eos_id: int, dtype) -> None:
+    """Set this process's encoder; worker processes forked afterwards inherit it (no reload)."""
     global _TOKENIZER, _EOS, _DTYPE
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _TOKENIZER, _EOS, _DTYPE = tokenizer, eos_id, np.dtype(dtype)
+
+
+def init_worker(tokenizer_file: str, eos_id: int, dtype: str) -> None:
+    """Initialiser of spawned workers (where fork is unavailable): load the tokenizer once per process."""
     from tokenizers import Tokenizer
-    _TOKENIZER = Tokenizer.from_file(tokenizer_file)
-    _EOS = eos_id
-    _DTYPE = np.dtype(dtype)
+    use_tokenizer(Tokenizer.from_file(tokenizer_file), eos_id, dtype)
 
 
 @dataclass

@@ -9,3 +9,12 @@ from nanotronix.errors import UserError
 
 class DataError(UserError, ValueError):
     """A data problem, reported to the user as one line."""
+
+
+def require_module(name: str, feature: str):
+    """Import an optional dependency, or raise one clear line saying how to install it."""
+    import importlib
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise DataError(f"{feature} needs the Python package {name!r}: pip install 'nanotronix[data]'") from None

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
-from .errors import DataError
+from .errors import DataError, require_module
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 COMPRESSED_SUFFIXES = (".gz", ".zst")
@@ -103,7 +103,7 @@ class _ZstdReader(io.RawIOBase):
     EOFError when the input stops inside a frame, so a truncated file is reported instead of cut short."""
 
     def __init__(self, raw):
-        import zstandard
+        zstandard = require_module("zstandard", "reading .zst inputs")
         self._zstd = zstandard
         self.raw = raw
         self._frame = zstandard.ZstdDecompressor().decompressobj()
@@ -211,7 +211,7 @@ def _jsonl_chunks(index: int, path: Path, chunk_bytes: int, on_progress) -> Iter
 
 
 def _parquet_chunks(index: int, path: Path, text_key: str, chunk_bytes: int, on_progress) -> Iterator[Chunk]:
-    import pyarrow.parquet as pq
+    pq = require_module("pyarrow.parquet", "reading .parquet inputs")
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises ArrowInvalid and friends

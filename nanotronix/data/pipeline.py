@@ -15,6 +15,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from tqdm import tqdm
@@ -74,16 +75,22 @@ def preprocess(opts: PreprocessOptions) -> PreprocessResult:
     if opts.format not in FORMATS:
         raise DataError(f"--format {opts.format!r}: expected one of {', '.join(FORMATS)}")
     files = expand_inputs(opts.inputs)
-    _, info = load_tokenizer(opts.tokenizer)
+    tokenizer, info = load_tokenizer(opts.tokenizer)
     dtype = optimal_dtype(info.vocab_size)
     start = time.perf_counter()
+    # Parallelism comes from worker processes, so the tokenizers thread pool stays off for this run (it would
+    # oversubscribe the cores, and is unsafe in forked children); the caller's setting is restored after.
+    previous_parallelism = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    encode.use_tokenizer(tokenizer, info.eos_id, dtype)
+    executor = _start_workers(opts.workers, info, dtype)  # before any other thread (progress bar) exists
     writer, output = create_writer(opts.format, opts.output_prefix, dtype)
     per_file = [{"path": str(f), "bytes": f.stat().st_size, "documents": 0, "tokens": 0} for f in files]
     skipped: collections.Counter = collections.Counter()
     examples: list[str] = []
     bar = tqdm(total=sum(p["bytes"] for p in per_file), unit="B", unit_scale=True, desc="preprocess",
                disable=not opts.progress, smoothing=0.1)
-    results = _encoded_chunks(files, opts, info, dtype, bar)
+    results = _encoded_chunks(files, opts, executor, bar)
     try:
         for result in results:
             for file_index, line, reason, detail in result.bad:
@@ -123,43 +130,48 @@ def preprocess(opts: PreprocessOptions) -> PreprocessResult:
         writer.abort()
         raise
     finally:
-        results.close()  # stops the worker pool now, not when the traceback is freed
+        results.close()
+        if executor is not None:  # stop the workers now, not when the traceback is freed
+            executor.shutdown(wait=False, cancel_futures=True)
         bar.close()
+        if previous_parallelism is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = previous_parallelism
     return PreprocessResult(output, writer.num_documents, writer.num_tokens, dict(skipped),
                             time.perf_counter() - start)
 
 
-def _encoded_chunks(files: list[Path], opts: PreprocessOptions, info, dtype: np.dtype, bar):
-    """Encoded chunks in input order; with several workers at most 2 per worker plus 2 are in flight."""
+def _start_workers(workers: int, info, dtype: np.dtype) -> Optional[ProcessPoolExecutor]:
+    """None for one worker (this process encodes). Otherwise an executor (not multiprocessing.Pool: a
+    worker killed by the OS makes it raise instead of hang) whose processes are forked now, inheriting the
+    loaded tokenizer (no interpreter start-up, imports or tokenizer load per worker); where fork is
+    unavailable they are spawned and load the tokenizer file."""
+    if workers == 1:
+        return None
+    if "fork" in multiprocessing.get_all_start_methods():
+        executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+        executor.submit(int).result()  # with fork, the first submit starts every worker process
+        return executor
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=encode.init_worker, initargs=(info.file, info.eos_id, dtype.name))
+
+
+def _encoded_chunks(files: list[Path], opts: PreprocessOptions, executor, bar):
+    """Encoded chunks in input order; with workers, at most 2 per worker plus 2 are in flight."""
     chunks = iter_chunks(files, opts.text_key, opts.chunk_bytes, on_progress=bar.update)
     stop_early = not opts.skip_bad
-    init_args = (info.file, info.eos_id, dtype.name)
-    if opts.workers == 1:  # in this process; init_worker's setting of the tokenizers thread pool is undone
-        previous = os.environ.get("TOKENIZERS_PARALLELISM")
-        encode.init_worker(*init_args)
-        try:
-            for chunk in chunks:
-                yield encode.encode_chunk(chunk, opts.text_key, stop_early)
-        finally:
-            if previous is None:
-                os.environ.pop("TOKENIZERS_PARALLELISM", None)
-            else:
-                os.environ["TOKENIZERS_PARALLELISM"] = previous
-        return
-    # spawn: safe whatever the parent imported (torch, tokenizers' thread pool). An executor rather than
-    # multiprocessing.Pool because a worker killed by the OS breaks it (an error) instead of hanging it.
-    executor = ProcessPoolExecutor(opts.workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=encode.init_worker, initargs=init_args)
-    try:
-        pending: collections.deque = collections.deque()
+    if executor is None:
         for chunk in chunks:
-            pending.append(executor.submit(encode.encode_chunk, chunk, opts.text_key, stop_early))
-            if len(pending) >= 2 * opts.workers + 2:
-                yield _result(pending.popleft())
-        while pending:
+            yield encode.encode_chunk(chunk, opts.text_key, stop_early)
+        return
+    pending: collections.deque = collections.deque()
+    for chunk in chunks:
+        pending.append(executor.submit(encode.encode_chunk, chunk, opts.text_key, stop_early))
+        if len(pending) >= 2 * opts.workers + 2:
             yield _result(pending.popleft())
-    finally:
-        executor.shutdown(wait=False, cancel_futures=True)
+    while pending:
+        yield _result(pending.popleft())
 
 
 def _result(future):

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .errors import DataError
+from .errors import DataError, require_module
 from .files import commit, remove_quietly, temp_path
 from .store import TokenStore
 
@@ -40,8 +40,7 @@ def zarr_path(spec: str) -> Optional[str]:
 
 
 def _codecs():
-    from zarr.codecs import ZstdCodec
-    return ZstdCodec(level=3)
+    return require_module("zarr.codecs", "the zarr token store").ZstdCodec(level=3)
 
 
 class _AppendBuffer:
@@ -75,7 +74,7 @@ class _AppendBuffer:
 
 class ZarrWriter:
     def __init__(self, path: str, dtype: np.dtype):
-        import zarr
+        zarr = require_module("zarr", "--format zarr")
         if "://" in path:
             raise DataError(f"--format zarr writes a local folder; got the URL {path} (copy it there afterwards)")
         self.path = path
@@ -115,7 +114,7 @@ class ZarrStore(TokenStore):
 
     def __init__(self, location: str):
         super().__init__(location)
-        import zarr
+        zarr = require_module("zarr", f"reading the zarr store {location}")
         try:
             group = zarr.open_group(location, mode="r")
             self._tokens = group["tokens"]

@@ -5,7 +5,7 @@ import argparse
 import sys
 import traceback
 
-from nanotronix.config import load_config
+from nanotronix.config import ConfigError, load_config
 from nanotronix.errors import UserError
 from nanotronix.train import EXIT_PREEMPTED
 from nanotronix.distributed import init_distributed, pick_device, rank, shutdown_and_exit
@@ -38,10 +38,15 @@ def main(argv=None) -> None:
         elif rank() == 0 and summary["first_loss"] is not None:
             print(f"done: {summary['steps']} steps, loss {summary['first_loss']:.4f} -> "
                   f"{summary['last_loss']:.4f}", flush=True)
-    except (UserError, FileNotFoundError) as e:
-        # Bad input: one line, no traceback wall (the same on every rank, so print it once).
+    except ConfigError as e:
+        # Bad config: one line, no traceback wall. Every rank raises the same one, so rank 0 says it.
         if rank() == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
+        code = 2
+    except (UserError, FileNotFoundError) as e:
+        # Other bad input may show on some ranks only (a stage's own check, a path one node lacks): each says it.
+        where = f"rank {rank()}: " if rank() != 0 else ""
+        print(f"error: {where}{e}", file=sys.stderr, flush=True)
         code = 2
     except Exception:
         traceback.print_exc()
