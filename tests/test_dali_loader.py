@@ -45,7 +45,7 @@ def test_dali_reader_equals_pytorch_loader_with_resume(dali, tmp_path, store):
     assert reader.describe() == f"dali {dali.version} (cpu)"
     kept = {step: reader.read_batch(step) for step in range(1, 9)}  # up to the last step: no read past it
     for step, batch in kept.items():  # compared after all reads: no batch was overwritten by a later one
-        assert batch.shape == (3, 2, 33) and batch.dtype == torch.int64 and batch.device.type == "cpu"
+        assert batch.shape == (3, 2, 33) and batch.dtype == torch.int32 and batch.device.type == "cpu"
         assert torch.equal(batch, plain.batch(step)), step
     reader.close()
 

@@ -40,7 +40,7 @@ def test_prefetched_batches_equal_plain_loader(store):
         for step in [1, 2, 3, 4, 9, 10, 11, 12, 2, 3]:  # in order, a jump ahead, the last step, a jump back
             got = feed.batch(step)
             want = plain.batch(step)
-            assert got.shape == (2, 2, SEQ + 1) and got.dtype == torch.int64
+            assert got.shape == (2, 2, SEQ + 1) and got.dtype == torch.int32
             assert torch.equal(got, want), step
             assert feed.state_dict() == plain.state_dict() == {"consumed_samples": step * 8}
             assert feed.stats(step) == plain.stats(step)

@@ -78,13 +78,13 @@ class DaliBatchReader:
             step = first_step + info.iteration
             if last_step is not None and step > last_step:
                 raise StopIteration  # the run ends here: nothing to read ahead
-            return loader.read_samples(loader.global_sample_ids(step))  # int64 [samples_per_step, seq_len+1]
+            return loader.read_samples(loader.global_sample_ids(step))  # int32 [samples_per_step, seq_len+1]
 
         @dali.pipeline_def(batch_size=samples_per_step, num_threads=self.num_threads, device_id=self.device_id,
                            prefetch_queue_depth=self.prefetch_queue_depth)
         def token_pipeline():
             tokens = dali.fn.external_source(source=step_tokens, batch=True, batch_info=True,
-                                             dtype=dali.types.INT64, ndim=1, name="tokens")
+                                             dtype=dali.types.INT32, ndim=1, name="tokens")
             return tokens.gpu() if self.device_id is not None else tokens
 
         self._iterator = dali.DALIGenericIterator(token_pipeline(), ["tokens"], auto_reset=False)

@@ -19,6 +19,13 @@ from .schedule import BlendSchedule, PackedStream
 from .store import TokenStore, open_store
 
 
+# Batches travel as int32 (every vocabulary fits) and become int64 on the device (train/step.py): half the bytes
+# of int64 to allocate, write, pin and copy; fresh int64 buffers of a whole global batch were dominated by page
+# faults (tools/bench_data.py, sampler vs raw memmap slicing: 0.44 with int64, 0.6-0.7 with int32).
+BATCH_DTYPE = torch.int32
+BATCH_DTYPE_NP = np.int32
+
+
 class TrainLoader:
     def __init__(self, schedule: BlendSchedule, stores: dict[str, TokenStore], seq_len: int,
                  micro_batch_size: int, dp_rank: int, dp_size: int, consumed_samples: int = 0):
@@ -52,22 +59,22 @@ class TrainLoader:
         return np.arange(first, first + per_rank, dtype=np.int64)
 
     def read_samples(self, sample_ids: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """Token windows [n, seq_len+1] (int64) of the given global sample numbers, written into `out` when given
+        """Token windows [n, seq_len+1] (int32) of the given global sample numbers, written into `out` when given
         (e.g. a pinned buffer, saving a copy)."""
         names, which, starts = self.schedule.locate(sample_ids)
         if out is None:
-            out = np.empty((len(sample_ids), self.seq_len + 1), dtype=np.int64)
+            out = np.empty((len(sample_ids), self.seq_len + 1), dtype=BATCH_DTYPE_NP)
         for d in np.unique(which).tolist():
             rows = np.flatnonzero(which == d)
             self.stores[names[d]].read_windows(out, rows, starts[rows])
         return out
 
     def read_batch(self, step: int, pin_memory: bool = False) -> torch.Tensor:
-        """This rank's share of global step `step`: LongTensor [grad_accum, micro_batch_size, seq_len+1], read
+        """This rank's share of global step `step`: int32 [grad_accum, micro_batch_size, seq_len+1], read
         into page-locked memory when `pin_memory` (needs CUDA). Pure: it does not advance the resume state, so a
         prefetcher may call it ahead of the step (nanotronix/data/prefetch.py)."""
         shape = (self.grad_accum, self.micro_batch_size, self.seq_len + 1)
-        batch = torch.empty(shape, dtype=torch.int64, pin_memory=pin_memory)
+        batch = torch.empty(shape, dtype=BATCH_DTYPE, pin_memory=pin_memory)
         self.read_samples(self.global_sample_ids(step), out=batch.numpy().reshape(-1, self.seq_len + 1))
         return batch
 
@@ -76,7 +83,7 @@ class TrainLoader:
         self.consumed_samples = step * self.global_batch_size
 
     def batch(self, step: int) -> torch.Tensor:
-        """This rank's share of global step `step`: LongTensor [grad_accum, micro_batch_size, seq_len+1]."""
+        """This rank's share of global step `step`: int32 [grad_accum, micro_batch_size, seq_len+1]."""
         batch = self.read_batch(step)
         self.mark_consumed(step)
         return batch

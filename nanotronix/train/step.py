@@ -27,7 +27,7 @@ def train_step(model: ParallelModel, optimizer: DistributedOptimizer, batch: tor
     batch (every rank of a pipeline/TP group passes the same batch). clip_grad <= 0 disables clipping."""
     ctx = model.ctx
     device = model.runner.device
-    batch = batch.to(device, non_blocking=True)
+    batch = batch.to(device, non_blocking=True).long()  # the loader ships int32 (nanotronix/data/loader.py)
     num_microbatches = batch.shape[0]
     model.grads.start(num_microbatches)
     # Each micro-batch loss is a mean over its tokens; 1/(micro-batches * dp) makes the DP sum the global mean.
