@@ -10,7 +10,6 @@ gradient against the matching slice of the dense result. Global rank 0 writes {c
 from __future__ import annotations
 
 import json
-import os
 import sys
 import traceback
 from pathlib import Path
@@ -23,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nanotronix.parallel import mappings  # noqa: E402
 from nanotronix.parallel.cross_entropy import vocab_parallel_cross_entropy  # noqa: E402
+from nanotronix.distributed import shutdown_and_exit  # noqa: E402
 from nanotronix.parallel.tensor_parallel import (ColumnParallelLinear, RowParallelLinear,  # noqa: E402
                                                  VocabParallelEmbedding)
 
@@ -145,10 +145,7 @@ def main() -> None:
     except Exception:
         traceback.print_exc()
         code = 1
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    shutdown_and_exit(code)  # the trainer's teardown (dodges gloo's exit-time abort)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import traceback
 from pathlib import Path
@@ -28,6 +27,7 @@ from nanotronix.model import build_model  # noqa: E402
 from nanotronix.parallel import DistributedOptimizer, ParallelContext, parallelize  # noqa: E402
 from nanotronix.train.optimizer import param_groups  # noqa: E402
 from nanotronix.train.step import train_step  # noqa: E402
+from nanotronix.distributed import shutdown_and_exit  # noqa: E402
 
 
 def parse_layout(text: str) -> tuple[str, dict]:
@@ -98,10 +98,7 @@ def main() -> None:
     except Exception:
         traceback.print_exc()
         code = 1
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    shutdown_and_exit(code)  # the trainer's teardown (dodges gloo's exit-time abort)
 
 
 if __name__ == "__main__":
