@@ -134,18 +134,21 @@ def test_workers_give_identical_bytes_and_zarr_format(tmp_path, tok, tool):
     args = ["--input", str(src), "--tokenizer", tok, "--no-progress"]
     assert tool.main(args + ["--output-prefix", str(tmp_path / "one"), "--workers", "1"]) == 0
     from nanotronix.data import PreprocessOptions, preprocess
-    # small chunks so that both workers get many chunks and results arrive out of order
-    preprocess(PreprocessOptions([str(src)], tok, str(tmp_path / "two"), workers=2, progress=False,
-                                 chunk_bytes=2048))
+    # small chunks so that every worker gets many chunks and results arrive out of order: 2 threads; 3
+    # forked processes of one thread; 2 forked processes of 2 threads (groups of chunks)
+    layouts = {"threads": (2, 8), "processes": (3, 1), "mixed": (3, 2)}
+    for name, (workers, per_process) in layouts.items():
+        preprocess(PreprocessOptions([str(src)], tok, str(tmp_path / name), workers=workers, progress=False,
+                                     chunk_bytes=2048, threads_per_process=per_process))
     # the spawn path (platforms without fork): workers load the tokenizer file themselves
     import multiprocessing
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(multiprocessing, "get_all_start_methods", lambda: ["spawn"])
-        preprocess(PreprocessOptions([str(src)], tok, str(tmp_path / "spawned"), workers=2, progress=False,
-                                     chunk_bytes=8192))
+        preprocess(PreprocessOptions([str(src)], tok, str(tmp_path / "spawned"), workers=4, progress=False,
+                                     chunk_bytes=8192, threads_per_process=2))
     for ext in ("bin", "idx"):
-        assert (tmp_path / f"one.{ext}").read_bytes() == (tmp_path / f"two.{ext}").read_bytes()
-        assert (tmp_path / f"one.{ext}").read_bytes() == (tmp_path / f"spawned.{ext}").read_bytes()
+        for name in [*layouts, "spawned"]:
+            assert (tmp_path / f"one.{ext}").read_bytes() == (tmp_path / f"{name}.{ext}").read_bytes(), name
     assert tool.main(args + ["--output-prefix", str(tmp_path / "z"), "--workers", "1", "--format", "zarr"]) == 0
     assert _docs(tmp_path / "z.zarr") == _docs(tmp_path / "one")
 

@@ -7,6 +7,7 @@ missing text key, text not a string, empty text (nothing but whitespace).
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,6 +17,7 @@ from .inputs import MISSING, Chunk
 _TOKENIZER = None  # per-process tokenizer, set once by init_worker
 _EOS = 0
 _DTYPE = np.dtype(np.int32)
+_THREADS: ThreadPoolExecutor | None = None  # a worker process's encoding threads (see pipeline.py)
 
 
 def use_tokenizer(tokenizer, eos_id: int, dtype) -> None:
@@ -24,10 +26,18 @@ def use_tokenizer(tokenizer, eos_id: int, dtype) -> None:
     _TOKENIZER, _EOS, _DTYPE = tokenizer, eos_id, np.dtype(dtype)
 
 
-def init_worker(tokenizer_file: str, eos_id: int, dtype: str) -> None:
+def init_threads(threads: int) -> None:
+    """Initialiser of worker processes: the threads that encode a group of chunks side by side (created
+    after the fork: threads do not survive one)."""
+    global _THREADS
+    _THREADS = ThreadPoolExecutor(threads, thread_name_prefix="encode") if threads > 1 else None
+
+
+def init_worker(tokenizer_file: str, eos_id: int, dtype: str, threads: int) -> None:
     """Initialiser of spawned workers (where fork is unavailable): load the tokenizer once per process."""
     from tokenizers import Tokenizer
     use_tokenizer(Tokenizer.from_file(tokenizer_file), eos_id, dtype)
+    init_threads(threads)
 
 
 @dataclass
@@ -72,6 +82,13 @@ def _text_of(chunk: Chunk, item, text_key: str):
     except UnicodeEncodeError:  # a lone surrogate from a JSON "\ud800" escape
         return None, ("invalid UTF-8", "lone surrogate")
     return text, None
+
+
+def encode_chunks(chunks: list[Chunk], text_key: str, stop_at_first_bad: bool) -> list[EncodedChunk]:
+    """Several chunks, on this process's encoding threads when it has them; results in order."""
+    if _THREADS is None or len(chunks) == 1:
+        return [encode_chunk(chunk, text_key, stop_at_first_bad) for chunk in chunks]
+    return list(_THREADS.map(encode_chunk, chunks, [text_key] * len(chunks), [stop_at_first_bad] * len(chunks)))
 
 
 def encode_chunk(chunk: Chunk, text_key: str, stop_at_first_bad: bool) -> EncodedChunk:
