@@ -77,6 +77,7 @@ def run_layout(name: str, parallel: dict, out: Path) -> None:
         # last step's bucket reductions: when each started, in gradients received so far
         "buckets": [{"launched_after": b.launched_after, "deferred": b.deferred} for b in grads.buckets],
         "microbatches": grads.num_microbatches,
+        "copied_grads": grads.copied_grads,
         "num_params": sum(len(b.params) for b in grads.buckets),
     }, folder / f"rank{ctx.rank}.pt")
     if ctx.rank == 0:

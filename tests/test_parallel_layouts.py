@@ -122,6 +122,7 @@ def test_data_parallel_reduction_overlaps_backward(world, layout, runs):
     for f in sorted((runs(world) / layout).glob("rank*.pt")):
         r = torch.load(f, weights_only=False)
         assert r["states_roundtrip"], f.name
+        assert r["copied_grads"] == 0, f"{f.name}: gradients were copied instead of accumulated in the bucket"
         total = r["microbatches"] * r["num_params"]
         regular = [b["launched_after"] for b in r["buckets"] if not b["deferred"]]
         assert len(regular) >= 2 and all(n is not None for n in regular), r["buckets"]

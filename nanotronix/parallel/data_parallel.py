@@ -2,8 +2,10 @@
 
 Each parameter's gradient lives in `param.main_grad`, an fp32 view into its bucket's flat buffer, and each
 parameter's data is a view into the bucket's flat parameter buffer (so ZeRO-1 can all-gather updated shards in
-one call per bucket). A post-accumulate-grad hook adds every micro-batch's `param.grad` into `main_grad` (fp32
-accumulation whatever the compute dtype) and frees `param.grad`. A parameter is complete after the step's last
+one call per bucket). `param.grad` *is* that view (set at the start of every step): the weights are fp32, so
+autograd's gradient accumulation adds each micro-batch's gradient into the bucket in place, with no copy per
+micro-batch. Should something have replaced `param.grad` (a `zero_grad()`, a gradient of another dtype), the
+post-accumulate-grad hook adds it into `main_grad` and re-attaches the view. A parameter is complete after the step's last
 micro-batch (each pipeline chunk runs backward once per micro-batch); when every parameter of a bucket is complete
 the bucket's reduction starts asynchronously, while backward goes on for earlier layers. Buckets start in index
 order on every rank (as torch DDP does), so NCCL sees the same collective order everywhere. Earlier micro-batches
@@ -131,6 +133,7 @@ class GradBuffers:
             view.copy_(p.data)
             p.data = view
             p.main_grad = b.grad[off:off + p.numel()].view_as(p)
+            p.grad = p.main_grad
         if self.zero_stage == 1 and self.ctx.dp > 1:
             size = b.numel // self.ctx.dp
             b.shard_start, b.shard_end = self.ctx.dp_rank * size, (self.ctx.dp_rank + 1) * size
@@ -146,15 +149,20 @@ class GradBuffers:
         self.num_microbatches = num_microbatches
         self._next_launch = 0
         self.grads_received = 0
+        self.copied_grads = 0  # gradients that arrived outside the bucket this step (tests expect none)
         for b in self.buckets:
             b.grad.zero_()
+            for p in b.params:
+                p.grad = p.main_grad
             b.pending = len(b.params)
             b.handle, b.launched_after = None, None
         self._arrivals = {id(p): 0 for b in self.buckets for p in b.params}
 
     def _on_grad(self, p: nn.Parameter) -> None:
-        p.main_grad.add_(p.grad)
-        p.grad = None
+        if p.grad.data_ptr() != p.main_grad.data_ptr():  # not accumulated in place (see the docstring)
+            p.main_grad.add_(p.grad)
+            p.grad = p.main_grad
+            self.copied_grads += 1
         self.grads_received += 1
         count = self._arrivals[id(p)] + 1
         self._arrivals[id(p)] = count
