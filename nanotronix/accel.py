@@ -49,42 +49,62 @@ def dali_modules():
 
 
 # --------------------------------------------------------------------------------------------------
-# attention backends: q [B, H, S, D], k/v [B, KV, S, D], causal; return [B, H, S, D]
+# attention backends: q [B, H, S, D], k/v [B, KV, S, D]; causal, or within documents when `documents` (a
+# nanotronix.model.documents.Documents) is given; return [B, H, S, D]
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+def _expand_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """KV heads repeated to one per query head (grouped-query attention for kernels without enable_gqa)."""
+    rep = q.shape[1] // k.shape[1]
+    return (k, v) if rep == 1 else (k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1))
 
 
-def _sdpa_cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents=None) -> torch.Tensor:
+    if documents is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+    # A boolean mask rules out the FlashAttention kernel; KV heads are expanded so that the memory-efficient
+    # kernel (which has no enable_gqa) qualifies instead of the math fallback.
+    k, v = _expand_kv(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=documents.attention_mask)
+
+
+def _sdpa_cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents=None) -> torch.Tensor:
     """SDPA restricted to cuDNN's fused attention (faster than torch's built-in FlashAttention-2 on Hopper).
-    KV heads are expanded for grouped-query attention: enable_gqa is not supported by every cuDNN path."""
+    KV heads are expanded for grouped-query attention: enable_gqa is not supported by every cuDNN path.
+    With document masking it is plain `sdpa` with a mask (config validation says so)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    if q.shape[1] != k.shape[1]:
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    if documents is not None:
+        return _sdpa(q, k, v, documents)
+    k, v = _expand_kv(q, k, v)
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
-def _eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents=None) -> torch.Tensor:
     """Reference path: materialised scores, softmax in fp32 (what transformers' eager attention does)."""
-    rep = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(rep, dim=1)
-    v = v.repeat_interleave(rep, dim=1)
+    k, v = _expand_kv(q, k, v)
     scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
     s = q.shape[-2]
-    mask = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
-    scores = scores.masked_fill(mask, float("-inf"))
+    allowed = documents.attention_mask if documents is not None else \
+        torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
     return torch.matmul(probs, v)
 
 
-def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents=None) -> torch.Tensor:
+    """flash_attn_func; with documents, flash_attn_varlen_func over the flattened tokens with one sequence per
+    document (`cu_seqlens`), so no mask is built and no work is spent across document boundaries."""
     flash_attn = _optional_module("flash_attn")
-    out = flash_attn.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
-    return out.transpose(1, 2)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, S, heads, D]
+    if documents is None:
+        return flash_attn.flash_attn_func(q, k, v, causal=True).transpose(1, 2)
+    b, s = q.shape[:2]
+    cu, longest = documents.cu_seqlens
+    out = flash_attn.flash_attn_varlen_func(q.reshape(b * s, *q.shape[2:]), k.reshape(b * s, *k.shape[2:]),
+                                            v.reshape(b * s, *v.shape[2:]), cu, cu, longest, longest, causal=True)
+    return out.view(b, s, *out.shape[1:]).transpose(1, 2)
 
 
 ATTENTION_BACKENDS: dict[str, Callable[..., torch.Tensor]] = {

@@ -60,6 +60,10 @@ class ModelConfig:
     init_std: Optional[float] = None
     # auto: flash_attention_2 when flash-attn is installed and the run is on CUDA, else sdpa.
     attn_implementation: str = "auto"
+    # None: causal attention over the whole packed window (how SmolLM2 trained). A token id (the stores' EOS):
+    # document masking, each token attends within its own document and RoPE positions restart after every EOS
+    # (nanotronix/model/documents.py).
+    document_mask_eos_id: Optional[int] = None
 
     @property
     def head_dim(self) -> int:
@@ -337,7 +341,7 @@ def _require(cond: bool, msg: str) -> None:
 def validate(cfg: Config) -> None:
     m = cfg.model
     for f in dataclasses.fields(ModelConfig):
-        if f.name != "preset":
+        if f.name not in ("preset", "document_mask_eos_id"):
             _require(getattr(m, f.name) is not None, f"model.{f.name}: missing (set it or use model.preset)")
     for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                  "num_key_value_heads", "vocab_size", "max_position_embeddings"):
@@ -380,6 +384,12 @@ def validate(cfg: Config) -> None:
     # Inductor already generates fused kernels for the same ops, and the compiled csrc ops are opaque to it.
     _require(not (t.compile and t.fused_kernels),
              "train.fused_kernels: cannot be combined with train.compile (compile fuses the same ops itself)")
+    if m.document_mask_eos_id is not None:
+        _require(0 <= m.document_mask_eos_id < m.vocab_size,
+                 f"model.document_mask_eos_id: {m.document_mask_eos_id} is not a token id of the "
+                 f"{m.vocab_size}-token vocabulary")
+        _require(not t.fused_kernels, "train.fused_kernels: not yet implemented with model.document_mask_eos_id "
+                                      "(the fused RoPE kernel takes one position per column, not per document)")
     _require(t.seq_len <= m.max_position_embeddings,
              f"train.seq_len: {t.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}")
 

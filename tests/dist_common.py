@@ -16,10 +16,18 @@ TINY_MODEL = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 8
               "rms_norm_eps": 1e-5, "tie_word_embeddings": True, "init_std": 0.05}
 
 
-def make_config(parallel: dict | None = None) -> Config:
+# Document-masked layouts (`model.document_mask_eos_id=EOS` in a layout spec) split windows at this token, which
+# make_data plants at ~1 in 6 positions so that most windows hold several documents.
+EOS = 3
+
+
+def make_config(fields: dict | None = None) -> Config:
+    """ParallelConfig fields, plus `model.NAME` keys for model fields."""
+    fields = dict(fields or {})
+    model = {k.split(".", 1)[1]: fields.pop(k) for k in list(fields) if k.startswith("model.")}
     return config_from_dict({
-        "model": dict(TINY_MODEL),
-        "parallel": {"grad_bucket_size": 20000, **(parallel or {})},  # small buckets: several per rank
+        "model": {**TINY_MODEL, **model},
+        "parallel": {"grad_bucket_size": 20000, **fields},  # small buckets: several per rank
         "train": {"seq_len": 16, "global_batch_size": 8, "micro_batch_size": 1, "train_steps": STEPS, "seed": 3},
         "optimizer": {"lr": 3e-4, "weight_decay": 0.1, "clip_grad": 1.0, "betas": [0.9, 0.95], "eps": 1e-8},
     })
@@ -29,7 +37,9 @@ def make_data(cfg: Config) -> torch.Tensor:
     """[steps, global_batch, seq_len + 1] random token ids, the same in every process."""
     g = torch.Generator().manual_seed(1234)
     t = cfg.train
-    return torch.randint(0, cfg.model.vocab_size, (STEPS, t.global_batch_size, t.seq_len + 1), generator=g)
+    shape = (STEPS, t.global_batch_size, t.seq_len + 1)
+    tokens = torch.randint(0, cfg.model.vocab_size, shape, generator=g)
+    return torch.where(torch.rand(shape, generator=g) < 1 / 6, EOS, tokens)
 
 
 def rank_batch(cfg: Config, data: torch.Tensor, step: int, dp_rank: int, dp: int) -> torch.Tensor:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_common import make_config, make_data, reference_run
+from dist_common import EOS, make_config, make_data, reference_run
 from helpers import torchrun
 
 WORKER = str(Path(__file__).resolve().parent / "dist_parallel_layouts.py")
@@ -27,6 +27,7 @@ LAYOUTS = {
         "pp2_afab": "pp=2,pp_schedule=afab",
         "dp2": "",
         "dp2_zero1": "zero_stage=1",
+        "pp2_docs": f"pp=2,model.document_mask_eos_id={EOS}",
     },
     4: {
         "tp4": "tp=4",
@@ -34,6 +35,7 @@ LAYOUTS = {
         "tp2_pp2": "tp=2,pp=2",
         "tp2_dp2": "tp=2",
         "pp2_dp2_zero1": "pp=2,zero_stage=1",
+        "tp2_sp_pp2_docs": f"tp=2,pp=2,sequence_parallel=true,model.document_mask_eos_id={EOS}",
     },
     8: {
         "tp2_pp2_dp2_sp_zero1": "tp=2,pp=2,pp_schedule=1f1b,sequence_parallel=true,zero_stage=1",
@@ -43,9 +45,15 @@ ALL = [(world, name) for world, layouts in LAYOUTS.items() for name in layouts]
 
 
 @pytest.fixture(scope="module")
-def reference():
-    cfg = make_config()
-    return reference_run(cfg, make_data(cfg))
+def references():
+    """plain and document-masked single-process runs"""
+    plain, docs = make_config(), make_config({"model.document_mask_eos_id": EOS})
+    return {"plain": reference_run(plain, make_data(plain)), "docs": reference_run(docs, make_data(docs))}
+
+
+@pytest.fixture(scope="module")
+def reference(references):
+    return references["plain"]
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +102,8 @@ def assemble(folder: Path, key: str):
 
 
 @pytest.mark.parametrize("world, layout", ALL, ids=[name for _, name in ALL])
-def test_layout_matches_single_process(world, layout, runs, reference):
-    ref_losses, ref_norms, ref_weights, ref_states = reference
+def test_layout_matches_single_process(world, layout, runs, references):
+    ref_losses, ref_norms, ref_weights, ref_states = references["docs" if layout.endswith("_docs") else "plain"]
     folder = runs(world) / layout
     metrics = json.loads((folder / "metrics.json").read_text())
     for step, (got, want) in enumerate(zip(metrics["losses"], ref_losses), start=1):
@@ -143,3 +151,10 @@ def test_reference_run_is_a_real_test(reference):
     assert len(set(losses)) == len(losses)
     assert max(norms) > cfg.optimizer.clip_grad
     assert all((weights[n] - init[n]).abs().max() > 5e-4 for n in weights)
+
+
+def test_document_masking_changes_the_run(references):
+    """The document-masked layouts compare with a reference that differs from the plain one (the planted EOS
+    tokens split the windows), so they test the masking too."""
+    plain, docs = references["plain"][0], references["docs"][0]
+    assert all(abs(a - b) > 1e-4 for a, b in zip(plain, docs)), (plain, docs)

@@ -8,10 +8,13 @@ and the Hugging Face mapping all see the same logical tensor.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
 from nanotronix import accel
+from nanotronix.model.documents import Documents
 from nanotronix.model.rope import apply_rope
 
 
@@ -25,7 +28,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=False)
         self.attn_backend = attn_backend
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                documents: Optional[Documents] = None) -> torch.Tensor:
         b, s, _ = x.shape
         r, d = self.group_size, self.head_dim
         qkv = self.qkv_proj(x).view(b, s, -1, r + 2, d)  # [B, S, KV_local, r + 2, D]
@@ -33,5 +37,5 @@ class Attention(nn.Module):
         k = qkv[:, :, :, r].transpose(1, 2)  # [B, KV_local, S, D]
         v = qkv[:, :, :, r + 1].transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = accel.ATTENTION_BACKENDS[self.attn_backend](q, k, v)
+        out = accel.ATTENTION_BACKENDS[self.attn_backend](q, k, v, documents)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))

@@ -14,6 +14,7 @@ from torch import nn
 
 from nanotronix.config import ModelConfig
 from nanotronix.model.attention import Attention
+from nanotronix.model.documents import Documents
 from nanotronix.model.mlp import SwiGLU
 from nanotronix.model.norm import RMSNorm
 from nanotronix.model.rope import rope_cos_sin
@@ -27,8 +28,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                documents: Optional[Documents] = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, documents)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -53,25 +55,39 @@ class Llama(nn.Module):
             elif isinstance(module, RMSNorm):
                 module.reset_parameters()
 
-    def rope(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg = self.config
-        return rope_cos_sin(torch.arange(seq_len, device=device), cfg.hidden_size // cfg.num_attention_heads,
-                            cfg.rope_theta)
-
     def forward(self, x: torch.Tensor, skip_head: bool = False) -> torch.Tensor:
-        """Token ids [B, S] (first stage) or hidden states [B, S, D]; returns logits or hidden states.
+        """Token ids [B, S] -> logits [B, S, V] (or the final norm's output with skip_head)."""
+        return decoder_forward(self, x, skip_head=skip_head)[0]
 
-        skip_head: return the final norm's output instead of logits, for a loss that applies the head itself
-        (`linear_cross_entropy`, which never materialises the full logits)."""
-        h = self.embed_tokens(x) if self.embed_tokens is not None else x
-        cos, sin = self.rope(h.shape[1], h.device)
-        for layer in self.layers.values():
-            h = layer(h, cos, sin)
-        if self.norm is not None:
-            h = self.norm(h)
-        if self.lm_head is not None and not skip_head:
-            h = self.lm_head(h)
-        return h
+
+def decoder_forward(parts: nn.Module, x: torch.Tensor, skip_head: bool = False,
+                    documents: Optional[Documents] = None, seq_shards: int = 1
+                    ) -> tuple[torch.Tensor, Optional[Documents]]:
+    """The one decoder pass, shared by `Llama` and the pipeline stages (`parallel.model.ModelChunk`), which hold a
+    subset of the same parts: `embed_tokens`, `norm` and `lm_head` may be None and `layers` a slice.
+
+    x: token ids [B, S] when `parts` has the embedding, else hidden states [B, S / seq_shards, D] (sequence
+    parallelism shards them; RoPE and attention still see all S positions). documents: the window's document
+    layout, computed here from the token ids under document masking, passed in by later pipeline stages.
+    skip_head: return the final norm's output instead of logits, for a loss that applies the head itself
+    (`linear_cross_entropy`, which never materialises the full logits). Returns (output, documents)."""
+    cfg = parts.config
+    if parts.embed_tokens is not None:
+        if cfg.document_mask_eos_id is not None:
+            documents = Documents.from_tokens(x, cfg.document_mask_eos_id)
+        h = parts.embed_tokens(x)
+    else:
+        h = x
+    positions = documents.positions if documents is not None else \
+        torch.arange(h.shape[1] * seq_shards, device=h.device)
+    cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+    for layer in parts.layers.values():
+        h = layer(h, cos, sin, documents)
+    if parts.norm is not None:
+        h = parts.norm(h)
+    if parts.lm_head is not None and not skip_head:
+        h = parts.lm_head(h)
+    return h, documents
 
 
 def build_model(cfg: ModelConfig, attn_backend: str = "sdpa", device: Optional[torch.device] = None) -> Llama:

@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from nanotronix.config import Config
-from nanotronix.model.llama import DecoderLayer, Llama
-from nanotronix.model.rope import rope_cos_sin
+from nanotronix.model.documents import Documents
+from nanotronix.model.llama import DecoderLayer, Llama, decoder_forward
 from nanotronix.parallel import mappings
 from nanotronix.parallel.context import ParallelContext
 from nanotronix.parallel.data_parallel import GradBuffers
@@ -65,19 +65,17 @@ class ModelChunk(nn.Module):
         # the loss applies the head in chunks of this many tokens (model.loss.linear_cross_entropy).
         self.fused_loss_chunk = 0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, document_ids: Optional[torch.Tensor] = None):
+        """Returns this stage's output; under document masking a stage that hands on hidden states also hands on
+        the document ids [B, S] (the next stage has no token ids to find them in)."""
         autocast = (torch.autocast(device_type=x.device.type, dtype=self.compute_dtype)
                     if self.compute_dtype is not None else contextlib.nullcontext())
+        documents = Documents(document_ids) if document_ids is not None else None
         with autocast:
-            h = self.embed_tokens(x) if self.embed_tokens is not None else x
-            positions = torch.arange(h.shape[1] * self.seq_shards, device=h.device)
-            cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
-            for layer in self.layers.values():
-                h = layer(h, cos, sin)
-            if self.norm is not None:
-                h = self.norm(h)
-            if self.lm_head is not None and not self.fused_loss_chunk:
-                h = self.lm_head(h)
+            h, documents = decoder_forward(self, x, skip_head=bool(self.fused_loss_chunk), documents=documents,
+                                           seq_shards=self.seq_shards)
+        if documents is not None and self.lm_head is None:
+            return h, documents.ids
         return h
 
 
