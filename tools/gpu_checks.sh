@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check and benchmark of nanotronix in one short run (made for a lent H100; ~3.5 minutes there):
+# Every GPU check and benchmark of nanotronix in one short run (made for a lent H100; ~6 minutes there):
 #   environment, csrc/ kernel build (sm_90), GPU tests (kernel numerics vs the PyTorch twins and fp64) -> $OUT/checks.log
 #   tools/bench_train.py: SmolLM2-1.7B / 360M / 135M at seq 2048 vs transformers -> $OUT/bench_*.{log,json}
 # Usage: OUT=/some/dir bash tools/gpu_checks.sh   (OUT defaults to ./gpu_out)
@@ -32,9 +32,12 @@ bench() {  # name, timeout, args...
   echo "bench $name rc=$?"; grep -A12 "^run " "$OUT/bench_$name.log" || tail -5 "$OUT/bench_$name.log"
 }
 S=train.seq_len=2048
-bench 1p7b 240 model.preset=smollm2-1.7b $S train.micro_batch_size=4 --accum 4 --warmup 2 --steps 4 \
-  --variant eager: --variant eager-fused:train.fused_kernels=true,train.loss_chunk_size=4096 \
-  --variant compiled:train.compile=true,train.loss_chunk_size=4096
+# The headline figure: accumulation 16 (SmolLM2-1.7B's 1M-token batch is 4 x 16 x 16 GPUs), and the same with
+# document masking (random tokens: the mask is built and applied, the cost of the masked SDPA kernel is what shows).
+bench 1p7b 420 model.preset=smollm2-1.7b $S train.micro_batch_size=4 --accum 16 --warmup 2 --steps 3 \
+  --variant eager-fused:train.fused_kernels=true,train.loss_chunk_size=4096 \
+  --variant compiled:train.compile=true,train.loss_chunk_size=4096 \
+  --variant compiled-docmask:train.compile=true,train.loss_chunk_size=4096,model.document_mask_eos_id=0
 bench 360m 120 model.preset=smollm2-360m $S train.micro_batch_size=8 --accum 2 --warmup 2 --steps 4 \
   --variant eager-fused:train.fused_kernels=true,train.loss_chunk_size=4096 \
   --variant compiled:train.compile=true,train.loss_chunk_size=4096
