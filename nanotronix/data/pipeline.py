@@ -169,14 +169,14 @@ def _start_workers(opts: PreprocessOptions, info, dtype: np.dtype):
         return None
     if processes == 1:
         return ThreadPoolExecutor(threads, thread_name_prefix="encode")
-    init = (threads,)
     if "fork" in multiprocessing.get_all_start_methods():
         executor = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"),
-                                       initializer=encode.init_threads, initargs=init)
+                                       initializer=encode.init_threads, initargs=(threads,))
         executor.submit(int).result()  # with fork, the first submit starts every worker process
         return executor
     return ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=encode.init_worker, initargs=(info.file, info.eos_id, dtype.name, threads))
+                               initializer=encode.init_worker,
+                               initargs=(info.file, info.eos_id, dtype.name, threads))
 
 
 def _encoded_chunks(files: list[Path], opts: PreprocessOptions, executor, bar):
