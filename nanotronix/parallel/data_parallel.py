@@ -5,9 +5,9 @@ parameter's data is a view into the bucket's flat parameter buffer (so ZeRO-1 ca
 one call per bucket). `param.grad` *is* that view (set at the start of every step): the weights are fp32, so
 autograd's gradient accumulation adds each micro-batch's gradient into the bucket in place, with no copy per
 micro-batch. Should something have replaced `param.grad` (a `zero_grad()`, a gradient of another dtype), the
-post-accumulate-grad hook adds it into `main_grad` and re-attaches the view. A parameter is complete after the step's last
-micro-batch (each pipeline chunk runs backward once per micro-batch); when every parameter of a bucket is complete
-the bucket's reduction starts asynchronously, while backward goes on for earlier layers. Buckets start in index
+post-accumulate-grad hook adds it into `main_grad` and re-attaches the view. A parameter is complete after the
+step's last micro-batch (each pipeline chunk runs backward once per micro-batch); when every parameter of a bucket
+is complete the bucket's reduction starts asynchronously, while backward goes on for earlier layers. Buckets start in index
 order on every rank (as torch DDP does), so NCCL sees the same collective order everywhere. Earlier micro-batches
 trigger no communication at all.
 
