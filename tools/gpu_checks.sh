@@ -25,6 +25,10 @@ echo "== GPU tests"
 timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py tests/test_kernels.py \
   >> "$OUT/checks.log" 2>&1; echo "tests rc=$?"; tail -5 "$OUT/checks.log"
 
+echo "== this machine's torch: document ids between pipeline stages, and every layout (gloo on CPU)"
+timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_parallel_layouts.py tests/test_document_masking.py \
+  >> "$OUT/checks.log" 2>&1; echo "layout tests rc=$?"; tail -2 "$OUT/checks.log"
+
 bench() {  # name, timeout, args...
   local name=$1 limit=$2; shift 2
   echo "== bench $name"
