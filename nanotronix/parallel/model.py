@@ -42,7 +42,21 @@ from nanotronix.parallel.tensor_parallel import ColumnParallelLinear, RowParalle
 COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float32": None}
 
 
-class ModelChunk(nn.Module):
+class DecoderParts(nn.Module):
+    """The parts of the plain decoder that a rank or a pipeline chunk holds, under the plain model's names (what
+    `model.llama.decoder_forward` runs); `embed_tokens`, `norm` and `lm_head` may be None, `layers` a slice."""
+
+    def __init__(self, config, embed_tokens: Optional[nn.Module], layers: dict[str, DecoderLayer],
+                 norm: Optional[nn.Module], lm_head: Optional[nn.Module]):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = embed_tokens
+        self.layers = nn.ModuleDict(layers)
+        self.norm = norm
+        self.lm_head = lm_head
+
+
+class ModelChunk(DecoderParts):
     """The layers one (virtual) pipeline stage runs: token ids or hidden states in, hidden states or local logits out.
 
     Under sequence parallelism the hidden states are [B, S/tp, D]; RoPE is computed for the whole sequence because
@@ -53,12 +67,7 @@ class ModelChunk(nn.Module):
     def __init__(self, config, embed_tokens: Optional[nn.Module], layers: dict[str, DecoderLayer],
                  norm: Optional[nn.Module], lm_head: Optional[nn.Module], seq_shards: int,
                  compute_dtype: Optional[torch.dtype]):
-        super().__init__()
-        self.config = config
-        self.embed_tokens = embed_tokens
-        self.layers = nn.ModuleDict(layers)
-        self.norm = norm
-        self.lm_head = lm_head
+        super().__init__(config, embed_tokens, layers, norm, lm_head)
         self.seq_shards = seq_shards
         self.compute_dtype = compute_dtype
         # > 0 (set by speedups.apply_fused_loss, tp == 1 only): the last chunk returns the final norm's output and
@@ -79,17 +88,12 @@ class ModelChunk(nn.Module):
         return h
 
 
-class ParallelModel(nn.Module):
+class ParallelModel(DecoderParts):
     """This rank's part of the model, under the plain model's parameter names (see the module docstring)."""
 
     def __init__(self, config, ctx: ParallelContext, cfg: Config, embed_tokens: Optional[nn.Module],
                  layers: dict[str, DecoderLayer], norm: Optional[nn.Module], lm_head: Optional[nn.Module]):
-        super().__init__()
-        self.config = config
-        self.embed_tokens = embed_tokens
-        self.layers = nn.ModuleDict(layers)
-        self.norm = norm
-        self.lm_head = lm_head
+        super().__init__(config, embed_tokens, layers, norm, lm_head)
         self.ctx = ctx
         self.parallel_cfg = cfg.parallel
         self.chunks: list[ModelChunk] = []
