@@ -22,13 +22,15 @@ EOS = 3
 
 
 def make_config(fields: dict | None = None) -> Config:
-    """ParallelConfig fields, plus `model.NAME` keys for model fields."""
+    """ParallelConfig fields, plus `model.NAME` and `train.NAME` keys for model and train fields."""
     fields = dict(fields or {})
     model = {k.split(".", 1)[1]: fields.pop(k) for k in list(fields) if k.startswith("model.")}
+    train = {k.split(".", 1)[1]: fields.pop(k) for k in list(fields) if k.startswith("train.")}
     return config_from_dict({
         "model": {**TINY_MODEL, **model},
         "parallel": {"grad_bucket_size": 20000, **fields},  # small buckets: several per rank
-        "train": {"seq_len": 16, "global_batch_size": 8, "micro_batch_size": 1, "train_steps": STEPS, "seed": 3},
+        "train": {"seq_len": 16, "global_batch_size": 8, "micro_batch_size": 1, "train_steps": STEPS, "seed": 3,
+                  **train},
         "optimizer": {"lr": 3e-4, "weight_decay": 0.1, "clip_grad": 1.0, "betas": [0.9, 0.95], "eps": 1e-8},
     })
 

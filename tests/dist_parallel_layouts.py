@@ -3,7 +3,7 @@
     torchrun --nproc_per_node=N tests/dist_parallel_layouts.py --out DIR LAYOUT [LAYOUT ...]
 
 A LAYOUT is `name:key=value,...` with ParallelConfig fields (tp, pp, pp_schedule, virtual_stages,
-sequence_parallel, zero_stage). For each layout every rank writes DIR/NAME/rank{R}.pt with its parameter shards
+sequence_parallel, zero_stage), `model.NAME` and `train.NAME` fields. For each layout every rank writes DIR/NAME/rank{R}.pt with its parameter shards
 (plus `tp_shard_dim`), its optimizer `param_states()` and its coordinates; global rank 0 also writes the per-step
 losses and gradient norms. The test assembles the logical tensors from the shards and compares them with a
 single-process run, so this script only trains and records.
@@ -78,6 +78,8 @@ def run_layout(name: str, parallel: dict, out: Path) -> None:
         "buckets": [{"launched_after": b.launched_after, "deferred": b.deferred} for b in grads.buckets],
         "microbatches": grads.num_microbatches,
         "copied_grads": grads.copied_grads,
+        # train.bf16_weight_cache: gradients that came through the bf16 copies in the last step
+        "cached_gradients": grads.compute_weights.gradients_received if grads.compute_weights else 0,
         "num_params": sum(len(b.params) for b in grads.buckets),
     }, folder / f"rank{ctx.rank}.pt")
     if ctx.rank == 0:

@@ -43,6 +43,13 @@ LAYOUTS = {
 }
 ALL = [(world, name) for world, layouts in LAYOUTS.items() for name in layouts]
 
+# bf16 layouts run with and without train.bf16_weight_cache (nanotronix/parallel/compute_weights.py): the cached
+# copies must give bit-identical steps through pipeline stages, TP + SP and the ZeRO-1 all-gather of the weights.
+CACHE_PAIRS = {
+    2: {"pp2_1f1b_bf16": "pp=2,pp_schedule=1f1b,train.dtype=bfloat16"},
+    4: {"tp2_sp_dp2_zero1_bf16": "tp=2,sequence_parallel=true,zero_stage=1,train.dtype=bfloat16"},
+}
+
 
 @pytest.fixture(scope="module")
 def references():
@@ -65,6 +72,8 @@ def runs(tmp_path_factory):
         if world not in done:
             out = tmp_path_factory.mktemp(f"world{world}")
             specs = [f"{name}:{spec}" for name, spec in LAYOUTS[world].items()]
+            for name, spec in CACHE_PAIRS.get(world, {}).items():
+                specs += [f"{name}:{spec}", f"{name}_cache:{spec},train.bf16_weight_cache=true"]
             proc = torchrun(world, [WORKER, "--out", str(out), *specs], timeout=300)
             assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
             done[world] = out
@@ -138,6 +147,22 @@ def test_data_parallel_reduction_overlaps_backward(world, layout, runs):
         assert regular == sorted(regular)
         if "pp" not in layout:
             assert min(regular) > (r["microbatches"] - 1) * r["num_params"], (f.name, regular, total)
+
+
+@pytest.mark.parametrize("world, layout", [(w, n) for w, pairs in CACHE_PAIRS.items() for n in pairs],
+                         ids=lambda v: str(v))
+def test_bf16_weight_cache_is_bit_identical(world, layout, runs):
+    plain, cached = runs(world) / layout, runs(world) / f"{layout}_cache"
+    assert json.loads((cached / "metrics.json").read_text()) == json.loads((plain / "metrics.json").read_text())
+    for a, b in zip(sorted(plain.glob("rank*.pt")), sorted(cached.glob("rank*.pt")), strict=True):
+        ra, rb = torch.load(a, weights_only=False), torch.load(b, weights_only=False)
+        assert ra["cached_gradients"] == 0 and rb["cached_gradients"] > 0, b.name
+        assert rb["copied_grads"] == 0, b.name
+        for name, want in ra["params"].items():
+            assert torch.equal(rb["params"][name], want), f"{b.name}: {name}"
+        for name in ra["states"]:
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(rb["states"][name][key], ra["states"][name][key]), f"{b.name}: {name}.{key}"
 
 
 def test_reference_run_is_a_real_test(reference):

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark of nanotronix in one short run (made for a lent H100; ~6 minutes there):
-#   environment, csrc/ kernel build (sm_90), GPU tests (kernel numerics vs the PyTorch twins and fp64) -> $OUT/checks.log
+#   environment, csrc/ kernel build (sm_90), GPU tests (kernel numerics vs the PyTorch twins and fp64, the bf16
+#   weight cache on CUDA), the CPU layout tests under this torch -> $OUT/checks.log
 #   tools/bench_train.py: SmolLM2-1.7B / 360M / 135M at seq 2048 vs transformers -> $OUT/bench_*.{log,json}
 # Usage: OUT=/some/dir bash tools/gpu_checks.sh   (OUT defaults to ./gpu_out)
 set -u -o pipefail
@@ -23,10 +24,11 @@ $PY -c "from nanotronix import accel; print('kernels loaded:', accel.compiled_ke
 
 echo "== GPU tests"
 timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py tests/test_kernels.py \
+  tests/test_compute_weights.py -k "cuda or kernels" \
   >> "$OUT/checks.log" 2>&1; echo "tests rc=$?"; tail -5 "$OUT/checks.log"
 
-echo "== this machine's torch: document ids between pipeline stages, and every layout (gloo on CPU)"
-timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_parallel_layouts.py tests/test_document_masking.py \
+echo "== this machine's torch on CPU: document ids between pipeline stages, every layout (gloo), the bf16 weight cache"
+timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_parallel_layouts.py tests/test_document_masking.py tests/test_compute_weights.py -k "not cuda" \
   >> "$OUT/checks.log" 2>&1; echo "layout tests rc=$?"; tail -2 "$OUT/checks.log"
 
 bench() {  # name, timeout, args...
@@ -36,16 +38,17 @@ bench() {  # name, timeout, args...
   echo "bench $name rc=$?"; grep -A12 "^run " "$OUT/bench_$name.log" || tail -5 "$OUT/bench_$name.log"
 }
 S=train.seq_len=2048
-# The headline figure: accumulation 16 (SmolLM2-1.7B's 1M-token batch is 4 x 16 x 16 GPUs), and the same with
-# document masking (random tokens: the mask is built and applied, the cost of the masked SDPA kernel is what shows).
+# The headline figure: accumulation 16 (SmolLM2-1.7B's 1M-token batch is 4 x 16 x 16 GPUs), compiled, with and
+# without the bf16 weight cache, and with document masking (random tokens: the mask is built and applied, the cost
+# of the masked SDPA kernel is what shows).
+C=train.compile=true,train.loss_chunk_size=4096
 bench 1p7b 420 model.preset=smollm2-1.7b $S train.micro_batch_size=4 --accum 16 --warmup 2 --steps 3 \
-  --variant eager-fused:train.fused_kernels=true,train.loss_chunk_size=4096 \
-  --variant compiled:train.compile=true,train.loss_chunk_size=4096 \
-  --variant compiled-docmask:train.compile=true,train.loss_chunk_size=4096,model.document_mask_eos_id=0
+  --variant compiled:$C \
+  --variant compiled-cache:$C,train.bf16_weight_cache=true \
+  --variant compiled-cache-docmask:$C,train.bf16_weight_cache=true,model.document_mask_eos_id=0
 bench 360m 120 model.preset=smollm2-360m $S train.micro_batch_size=8 --accum 2 --warmup 2 --steps 4 \
-  --variant eager-fused:train.fused_kernels=true,train.loss_chunk_size=4096 \
-  --variant compiled:train.compile=true,train.loss_chunk_size=4096
+  --variant eager-fused:train.fused_kernels=true,train.loss_chunk_size=4096,train.bf16_weight_cache=true \
+  --variant compiled:$C --variant compiled-cache:$C,train.bf16_weight_cache=true
 bench 135m 120 model.preset=smollm2-135m $S train.micro_batch_size=16 --accum 2 --warmup 2 --steps 4 \
-  --variant eager-fused:train.fused_kernels=true,train.loss_chunk_size=4096 \
-  --variant compiled:train.compile=true,train.loss_chunk_size=4096
+  --variant compiled:$C --variant compiled-cache:$C,train.bf16_weight_cache=true
 echo "== done"; date -u

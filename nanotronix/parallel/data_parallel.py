@@ -84,6 +84,8 @@ class GradBuffers:
         self._bucket_of: dict[int, Bucket] = {}
         self._arrivals: dict[int, int] = {}
         self._next_launch = 0
+        # bf16 twins of the decoder weights used during a step (`compute_weights.py`, train.bf16_weight_cache)
+        self.compute_weights = None
         for bucket in self.buckets:
             self._allocate(bucket)
             for p in bucket.params:
@@ -142,6 +144,9 @@ class GradBuffers:
             b.shard_start, b.shard_end = 0, b.numel
             b.shard_grad = b.grad
 
+    def bucket_of(self, param: nn.Parameter) -> Bucket:
+        return self._bucket_of[id(param)]
+
     # ---- per step
 
     def start(self, num_microbatches: int) -> None:
@@ -157,12 +162,18 @@ class GradBuffers:
             b.pending = len(b.params)
             b.handle, b.launched_after = None, None
         self._arrivals = {id(p): 0 for b in self.buckets for p in b.params}
+        if self.compute_weights is not None:
+            self.compute_weights.arm()
 
     def _on_grad(self, p: nn.Parameter) -> None:
         if p.grad.data_ptr() != p.main_grad.data_ptr():  # not accumulated in place (see the docstring)
             p.main_grad.add_(p.grad)
             p.grad = p.main_grad
             self.copied_grads += 1
+        self.gradient_arrived(p)
+
+    def gradient_arrived(self, p: nn.Parameter) -> None:
+        """One micro-batch's gradient of `p` is in `p.main_grad`; start bucket reductions that became ready."""
         self.grads_received += 1
         count = self._arrivals[id(p)] + 1
         self._arrivals[id(p)] = count
@@ -193,6 +204,8 @@ class GradBuffers:
 
     def finish(self) -> None:
         """Wait for every reduction; afterwards `shard_grad` of each bucket holds the summed gradient."""
+        if self.compute_weights is not None:
+            self.compute_weights.disarm()
         for b in self.buckets:
             if b.pending:
                 missing = sum(1 for p in b.params if self._arrivals[id(p)] != self.num_microbatches)

@@ -7,6 +7,8 @@
   residual adds), the trade Megatron and torchtitan call selective activation checkpointing.
 - compile: `torch.compile` each decoder layer (one compiled graph shared by all layers, as torchtitan does);
   Inductor fuses the elementwise ops around the matmuls.
+- bf16_weight_cache: the decoder linears multiply with bf16 copies of their weights cast once per step
+  (`compute_weights.py`), and their gradients go straight into the fp32 buckets.
 
 The model code stays plain: nothing here changes parameter names (layers are patched in place, never wrapped),
 so checkpoints, the HF mapping and tensor-parallel layers see the same module tree. Apply after the model is
@@ -103,6 +105,9 @@ def apply_speedups(model: nn.Module, train: TrainConfig) -> nn.Module:
     """Apply the switched-on features in the one order that composes: fused forwards, then recompute around
     them, then compile around both (compile traces the checkpointed forward); the fused loss is independent."""
     apply_fused_loss(model, train.loss_chunk_size)
+    if train.bf16_weight_cache:
+        from nanotronix.parallel.compute_weights import cache_compute_weights
+        cache_compute_weights(model, torch.bfloat16)
     if train.fused_kernels:
         apply_fused_kernels(model)
     apply_recompute(model, train.recompute)

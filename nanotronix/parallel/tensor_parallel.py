@@ -36,7 +36,16 @@ def shard(tensor: torch.Tensor, dim: int, group: Group) -> nn.Parameter:
     return param
 
 
-class ColumnParallelLinear(nn.Module):
+class _ParallelLinear(nn.Module):
+    # During a bf16 training step with train.bf16_weight_cache: the weight's bf16 copy that the matmul uses
+    # instead of `weight` (nanotronix/parallel/compute_weights.py); None otherwise.
+    compute_weight = None
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight if self.compute_weight is None else self.compute_weight)
+
+
+class ColumnParallelLinear(_ParallelLinear):
     """y_r = x W_r^T with W_r the r-th row block of the [out, in] weight; the output stays split over TP."""
 
     def __init__(self, weight: nn.Parameter, group: Group, input_mode: str = "copy"):
@@ -58,13 +67,13 @@ class ColumnParallelLinear(nn.Module):
             x = mappings.copy_to_tp(x, self.group)
         elif self.input_mode == "gather_sequence":
             x = mappings.gather_from_sequence(x, self.group)
-        return F.linear(x, self.weight)
+        return self._matmul(x)
 
     def extra_repr(self) -> str:
         return f"local_weight={tuple(self.weight.shape)}, input={self.input_mode}"
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_ParallelLinear):
     """y = sum_r x_r W_r^T with W_r the r-th column block; input split over TP, output summed over TP."""
 
     def __init__(self, weight: nn.Parameter, group: Group, output_mode: str = "reduce"):
@@ -80,7 +89,7 @@ class RowParallelLinear(nn.Module):
         return cls(shard(dense_weight, 1, group), group, output_mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        partial = F.linear(x, self.weight)
+        partial = self._matmul(x)
         if self.output_mode == "reduce_scatter_sequence":
             return mappings.reduce_scatter_to_sequence(partial, self.group)
         return mappings.reduce_from_tp(partial, self.group)

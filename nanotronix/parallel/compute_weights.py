@@ -1,0 +1,84 @@
+"""bf16 copies of the decoder's matmul weights, cast once per optimizer step instead of once per micro-batch.
+
+The weights are fp32 (their own master copy) and a bf16 run multiplies under autocast, so every micro-batch casts
+each weight to bf16 in the forward, casts its bf16 gradient back to fp32 in the backward and then adds that into
+the gradient bucket: per parameter and micro-batch ~24 bytes of memory traffic that do no arithmetic (cast 4+2,
+cast back 2+4, accumulate 4+4+4), ~40 GB per micro-batch for SmolLM2-1.7B. With `train.bf16_weight_cache`:
+  - every gradient bucket holding a decoder linear weight gets a bf16 twin of its parameter buffer, cast from the
+    fp32 weights in one kernel per bucket when a training step starts (`GradBuffers.start` calls `arm`);
+  - during the step each decoder linear (`ColumnParallelLinear` / `RowParallelLinear`, attribute
+    `compute_weight`) multiplies with its bf16 view, a leaf tensor that requires grad, so autocast has nothing to
+    cast and autograd hands the leaf its bf16 gradient without any conversion;
+  - the leaf's post-accumulate-grad hook adds that gradient straight into the fp32 bucket (`param.main_grad`,
+    2+4 read, 4 written), drops it, and tells the buckets the parameter's gradient arrived.
+Numerically this is the autocast path: the same bf16 values enter the same matmuls and the same bf16 gradients
+are summed in fp32 (tests/test_compute_weights.py checks the steps are bit-identical).
+
+The copies are used only between `GradBuffers.start()` and `finish()`, the micro-batches of one training step,
+during which nothing changes the weights. Outside a step (evaluation, export, a checkpoint load, anything) the
+layers read the fp32 weights under autocast as before, so a stale copy can never be used.
+
+Only the decoder layers' linears take part: the tied embedding is also read by the (fp32) lookup, and the norms
+are a few thousand parameters. Hand-written because torch offers this only inside FSDP2's mixed-precision
+parameters, which this DP/ZeRO-1 design does not use.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+from nanotronix.model.llama import DecoderLayer
+from nanotronix.parallel.data_parallel import GradBuffers
+from nanotronix.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+
+class ComputeWeights:
+    def __init__(self, grads: GradBuffers, linears: list[nn.Module], dtype: torch.dtype):
+        self.grads = grads
+        self.linears = linears
+        self.leaves: list[torch.Tensor] = []
+        self.twins: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # bucket index -> (fp32 data, bf16 twin)
+        self.gradients_received = 0  # this step, through the copies (tests check they were really used)
+        for module in linears:
+            p = module.weight
+            bucket = grads.bucket_of(p)
+            if bucket.index not in self.twins:
+                self.twins[bucket.index] = (bucket.data, torch.empty(bucket.numel, dtype=dtype,
+                                                                     device=bucket.data.device))
+            offset = next(off for q, off in zip(bucket.params, bucket.offsets) if q is p)
+            twin = self.twins[bucket.index][1]
+            # detach(): a leaf of its own that shares the twin's memory, so refreshing the twin refreshes it.
+            leaf = twin[offset:offset + p.numel()].view_as(p).detach().requires_grad_(True)
+            leaf.register_post_accumulate_grad_hook(functools.partial(self._on_grad, p))
+            self.leaves.append(leaf)
+
+    def arm(self) -> None:
+        """Cast the current weights into the twins and let the linears use them (start of a training step)."""
+        with torch.no_grad():
+            for data, twin in self.twins.values():
+                twin.copy_(data)
+        self.gradients_received = 0
+        for module, leaf in zip(self.linears, self.leaves):
+            module.compute_weight = leaf
+
+    def disarm(self) -> None:
+        """Back to the fp32 weights (end of the step's backward)."""
+        for module in self.linears:
+            module.compute_weight = None
+
+    def _on_grad(self, param: nn.Parameter, leaf: torch.Tensor) -> None:
+        param.main_grad.add_(leaf.grad)
+        leaf.grad = None
+        self.gradients_received += 1
+        self.grads.gradient_arrived(param)
+
+
+def cache_compute_weights(model: nn.Module, dtype: torch.dtype) -> ComputeWeights:
+    """Give every decoder-layer linear of the parallelised `model` a `dtype` twin (see the module docstring)."""
+    linears = [m for layer in model.modules() if isinstance(layer, DecoderLayer)
+               for m in layer.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
+    weights = ComputeWeights(model.grads, linears, dtype)
+    model.grads.compute_weights = weights
+    return weights
