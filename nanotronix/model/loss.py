@@ -28,32 +28,59 @@ def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
+def _chunk_loss_and_grads(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, grad_scale: float,
+                          grad_weight: Optional[torch.Tensor], want_grad_hidden: bool, want_grads: bool):
+    """One chunk of tokens: returns the sum of its losses and (with `want_grad_hidden`) grad_scale * d(sum)/dh in
+    h's dtype; adds grad_scale * d(sum)/dw into the fp32 `grad_weight` when given. The logits exist only here, in
+    fp32; compiled (Inductor), not even that: one pass over the matmul's output finds the log-sum-exp, another
+    writes the low-precision gradient, and the fp32 accumulation of the weight gradient is one kernel."""
+    logits = (h @ w.t()).float()
+    lse = torch.logsumexp(logits, dim=-1)
+    target_logit = logits.gather(1, y[:, None]).squeeze(1)
+    loss_sum = (lse - target_logit).sum()
+    if not want_grads:
+        return loss_sum, None
+    # d(loss)/d(logits) = softmax - onehot. The softmax part is made in place in the logits buffer and rounded to
+    # h's dtype in the same pass; the label entries, where the 1 is subtracted (in fp32: subtracting after
+    # rounding would cancel badly), are computed apart and written over it (a scatter of one entry per token).
+    grad_logits = logits.sub_(lse[:, None]).exp_().mul_(grad_scale).to(h.dtype)
+    at_label = ((target_logit - lse).exp() - 1.0) * grad_scale
+    grad_logits.scatter_(1, y[:, None], at_label[:, None].to(h.dtype))
+    if grad_weight is not None:
+        grad_weight += (grad_logits.t() @ h).float()
+    return loss_sum, (grad_logits @ w) if want_grad_hidden else None
+
+
+_compiled_chunk_fns: dict[str, object] = {}
+
+
+def _chunk_fn(compile_backend: Optional[str]):
+    if compile_backend is None:
+        return _chunk_loss_and_grads
+    if compile_backend not in _compiled_chunk_fns:
+        _compiled_chunk_fns[compile_backend] = torch.compile(_chunk_loss_and_grads, backend=compile_backend)
+    return _compiled_chunk_fns[compile_backend]
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int,
-                compute_dtype: torch.dtype) -> torch.Tensor:
+                compute_dtype: torch.dtype, compile_backend: Optional[str]) -> torch.Tensor:
         n = hidden.shape[0]
         w = weight.to(compute_dtype)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
             if ctx.needs_input_grad[1] else None
+        chunk_fn = _chunk_fn(compile_backend)
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, n, chunk_size):
             h = hidden[start:start + chunk_size].to(compute_dtype)
-            y = labels[start:start + chunk_size]
-            logits = (h @ w.t()).float()  # the only logits that exist: one chunk, fp32
-            lse = torch.logsumexp(logits, dim=-1)
-            loss_sum += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
-            if grad_hidden is None and grad_weight is None:
-                continue
-            # d(sum of losses)/d(logits) = softmax - onehot, built in place in the logits buffer; 1/n is the mean
-            grad_logits = logits.sub_(lse[:, None]).exp_()
-            grad_logits.scatter_add_(1, y[:, None], torch.full_like(lse[:, None], -1.0))
-            grad_logits = grad_logits.mul_(1.0 / n).to(compute_dtype)
+            # 1/n: the loss is the mean over all n tokens
+            chunk_loss, grad_h = chunk_fn(h, w, labels[start:start + chunk_size], 1.0 / n, grad_weight,
+                                          grad_hidden is not None, grad_hidden is not None or grad_weight is not None)
+            loss_sum += chunk_loss
             if grad_hidden is not None:
-                grad_hidden[start:start + chunk_size] = (grad_logits @ w).to(hidden.dtype)
-            if grad_weight is not None:
-                grad_weight += (grad_logits.t() @ h).float()
+                grad_hidden[start:start + chunk_size] = grad_h
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return loss_sum / n
@@ -63,19 +90,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         gh = grad_hidden * grad_loss.to(grad_hidden.dtype) if grad_hidden is not None else None
         gw = (grad_weight * grad_loss).to(ctx.weight_dtype) if grad_weight is not None else None
-        return gh, gw, None, None, None
+        return gh, gw, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int,
-                         compute_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+                         compute_dtype: Optional[torch.dtype] = None,
+                         compile_backend: Optional[str] = None) -> torch.Tensor:
     """mean CE of `hidden @ weight.T` against `labels`, in chunks of `chunk_size` tokens.
 
     hidden [..., D] (the final norm's output), weight [V, D] (the head, tied or not), labels [...] (int64).
     Same value and gradients as `cross_entropy(F.linear(hidden, weight), labels)` up to rounding; the matmuls run
     in `compute_dtype` (default: autocast's dtype when autocast is on, like the plain head), logits in fp32.
+    `compile_backend` (e.g. "inductor"): each chunk's head matmul and softmax run through torch.compile, which fuses
+    the elementwise passes over the [chunk, vocab] logits (the trainer does so under `train.compile`).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     dtype = compute_dtype or _compute_dtype(weight)
     with torch.autocast(hidden.device.type, enabled=False):
-        return _LinearCrossEntropy.apply(hidden.flatten(0, -2), weight, labels.flatten(), chunk_size, dtype)
+        return _LinearCrossEntropy.apply(hidden.flatten(0, -2), weight, labels.flatten(), chunk_size, dtype,
+                                         compile_backend)

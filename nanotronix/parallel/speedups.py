@@ -6,7 +6,8 @@
   the outputs of the matmuls and of attention and re-runs the cheap elementwise ops (norms, RoPE, SwiGLU,
   residual adds), the trade Megatron and torchtitan call selective activation checkpointing.
 - compile: `torch.compile` each decoder layer (one compiled graph shared by all layers, as torchtitan does);
-  Inductor fuses the elementwise ops around the matmuls.
+  Inductor fuses the elementwise ops around the matmuls. With the fused loss on, its per-chunk softmax and
+  gradient passes over the [tokens, vocab] logits are compiled too.
 - bf16_weight_cache: the decoder linears multiply with bf16 copies of their weights cast once per step
   (`compute_weights.py`), and their gradients go straight into the fp32 buckets.
 
@@ -80,9 +81,12 @@ def apply_recompute(model: nn.Module, mode: str) -> nn.Module:
 
 
 def apply_compile(model: nn.Module, backend: str = "inductor") -> nn.Module:
-    """Compile each decoder layer in place (`Module.compile` keeps the module and its parameter names)."""
+    """Compile each decoder layer in place (`Module.compile` keeps the module and its parameter names), and the
+    chunks of the fused head + loss (`model.loss.linear_cross_entropy`) when it is on."""
     for layer in decoder_layers(model):
         layer.compile(backend=backend, fullgraph=False)
+    for chunk in getattr(model, "chunks", None) or []:
+        chunk.loss_compile_backend = backend
     return model
 
 
