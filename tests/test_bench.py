@@ -8,6 +8,7 @@ import sys
 import weakref
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,7 +25,7 @@ def test_cli_reports_baseline_and_variants(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "tools/bench_train.py"), *TINY, "--accum", "2",
                            "--warmup", "1", "--steps", "2", "--variant", "plain:",
                            "--variant", "fused:train.fused_kernels=true,train.loss_chunk_size=5",
-                           "--json", str(out)], capture_output=True, text=True, timeout=300)
+                           "--profile", "fused", "--json", str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
     names = [r["name"] for r in report["results"]]
@@ -38,6 +39,11 @@ def test_cli_reports_baseline_and_variants(tmp_path):
     plain, fused = report["results"][1]["losses"], report["results"][2]["losses"]
     assert abs(plain[0] - fused[0]) < 1e-4
     assert "hf-transformers" in proc.stdout and "vs HF" in proc.stdout
+    # --profile fused: one more step of that run profiled; its time split into kernel groups (matmuls among them)
+    shares = report["results"][2]["time_shares"]
+    assert report["results"][1]["time_shares"] is None and len(report["results"][2]["losses"]) == 3
+    assert sum(shares.values()) == pytest.approx(1.0) and shares["matmul"] > 0
+    assert "[fused] profile of one step" in proc.stdout and "by group:" in proc.stdout
 
 
 def test_cli_bad_input_is_one_line_error():
@@ -48,6 +54,9 @@ def test_cli_bad_input_is_one_line_error():
     proc = subprocess.run([sys.executable, str(ROOT / "tools/bench_train.py"), *TINY, "train.recompute=most"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "train.recompute" in proc.stderr
+    proc = subprocess.run([sys.executable, str(ROOT / "tools/bench_train.py"), *TINY, "--profile", "nope"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --profile nope: no run of that name")
 
 
 def test_measure_frees_the_model():

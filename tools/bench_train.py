@@ -15,6 +15,9 @@ AdamW on CUDA, gradient clipping, the same micro-batch, accumulation and token b
 Reported per run: tokens/s per GPU, model TFLOP/s per GPU and MFU (nanotronix.train.flops: causal attention,
 no embedding, recompute not counted), peak allocated memory, and the ratio of tokens/s to the baseline. Steps
 are timed after `--warmup` steps (which include torch.compile's compilation); tokens are random.
+
+`--profile NAME` runs one more step of that run under torch.profiler and prints where the device time went:
+per kernel (top 25), and grouped into matmuls, attention, fused elementwise (Triton), copies/casts and the rest.
 """
 from __future__ import annotations
 
@@ -55,6 +58,7 @@ class RunResult:
     losses: list[float] = field(default_factory=list)
     ratio_to_baseline: Optional[float] = None
     overrides: list[str] = field(default_factory=list)
+    time_shares: Optional[dict] = None  # --profile: share of the profiled step's device time per kernel group
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -70,6 +74,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--no-baseline", action="store_true", help="skip the transformers baseline")
     ap.add_argument("--baseline-only", action="store_true", help="run only the transformers baseline")
     ap.add_argument("--json", help="write every figure to this JSON file")
+    ap.add_argument("--profile", action="append", default=[], metavar="NAME",
+                    help="profile one extra step of this run and print its kernel-time breakdown (repeatable)")
     args = ap.parse_args(argv)
     for name in ("accum", "steps"):
         if getattr(args, name) < 1:
@@ -185,8 +191,52 @@ def hf_step_fn(cfg: Config, device: torch.device) -> Callable[[torch.Tensor], fl
     return step
 
 
+# Kernel groups of the --profile breakdown, by substrings of the kernel names (first match wins).
+KERNEL_GROUPS = [
+    ("attention", ("flash", "fmha", "attention", "attn", "cudnn_generated_fort_native_sdpa")),
+    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "matmul", "sm90_", "sm80_", "addmm", "aten::mm", "aten::bmm")),
+    ("fused elementwise (triton)", ("triton",)),
+    ("copy / cast", ("copy", "_to_copy", "cast", "memcpy", "memset", "fill")),
+    ("optimizer", ("adam", "foreach", "multi_tensor")),
+]
+
+
+def kernel_group(name: str) -> str:
+    low = name.lower()
+    for group, keys in KERNEL_GROUPS:
+        if any(k in low for k in keys):
+            return group
+    return "other"
+
+
+def profile_step(step: Callable[[torch.Tensor], float], batch: torch.Tensor, device: torch.device, name: str) -> dict:
+    """One step under torch.profiler: prints the top kernels and returns {group: share of device time}."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        step(batch)
+        sync(device)
+    events = prof.key_averages()
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    rows = [(e.key, getattr(e, attr), e.count) for e in events if getattr(e, attr) > 0]
+    if not cuda:  # CPU ops nest; keep the leaves' own time only (self time), which sums to the step
+        rows = [r for r in rows if not r[0].startswith("ProfilerStep")]
+    total = sum(t for _, t, _ in rows) or 1
+    shares: dict[str, float] = {}
+    for key, t, _ in rows:
+        shares[kernel_group(key)] = shares.get(kernel_group(key), 0.0) + t / total
+    print(f"  [{name}] profile of one step: {total / 1e3:.0f} ms of {'GPU' if cuda else 'CPU'} time", flush=True)
+    for key, t, count in sorted(rows, key=lambda r: -r[1])[:25]:
+        print(f"    {100 * t / total:5.1f}%  {t / 1e3:8.1f} ms  x{count:<6} {key[:100]}")
+    print("    by group: " + ", ".join(f"{g} {100 * v:.1f}%" for g, v in sorted(shares.items(), key=lambda kv: -kv[1])),
+          flush=True)
+    return shares
+
+
 def measure(name: str, build: Callable[[], Callable[[torch.Tensor], float]], cfg: Config, device: torch.device,
-            batches: list[torch.Tensor], warmup: int, overrides: list[str]) -> RunResult:
+            batches: list[torch.Tensor], warmup: int, overrides: list[str], profile: bool = False) -> RunResult:
     result = RunResult(name=name, overrides=overrides)
     free_memory(device)
     step = None
@@ -205,6 +255,8 @@ def measure(name: str, build: Callable[[], Callable[[torch.Tensor], float]], cfg
                 result.step_seconds.append(dt)
             print(f"  [{name}] step {i + 1}/{len(batches)} loss {loss:.4f} {dt * 1000:.0f} ms"
                   f"{' (warm-up)' if i < warmup else ''}", flush=True)
+        if profile:
+            result.time_shares = profile_step(step, batches[-1], device, name)
     except torch.OutOfMemoryError as e:
         result.ok, result.error = False, f"out of memory: {str(e).splitlines()[0]}"
     except RuntimeError as e:  # e.g. an attention backend the device lacks: report it, go on with the next run
@@ -259,6 +311,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    unknown = sorted(set(args.profile) - {name for name, _ in variants} - {"hf-transformers"})
+    if unknown:
+        print(f"error: --profile {unknown[0]}: no run of that name (runs: hf-transformers, "
+              f"{', '.join(name for name, _ in variants)})", file=sys.stderr)
+        return 2
     t, m = base.train, base.model
     batches = make_batches(base, args.warmup + args.steps, args.accum)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -274,12 +331,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     baseline = None
     if not args.no_baseline:
         baseline = measure("hf-transformers", lambda: hf_step_fn(base, device), base, device, batches,
-                           args.warmup, [])
+                           args.warmup, [], profile="hf-transformers" in args.profile)
         results.append(baseline)
     if not args.baseline_only:
         for vname, extra, cfg in configs:
             results.append(measure(vname, lambda cfg=cfg: nanotronix_step_fn(cfg, device), cfg, device, batches,
-                                   args.warmup, extra))
+                                   args.warmup, extra, profile=vname in args.profile))
     for r in results:
         if baseline is not None and baseline.ok and r.ok:
             r.ratio_to_baseline = r.tokens_per_sec_per_gpu / baseline.tokens_per_sec_per_gpu

@@ -40,13 +40,14 @@ bench() {  # name, timeout, args...
 S=train.seq_len=2048
 # The headline figure: accumulation 16 (SmolLM2-1.7B's 1M-token batch is 4 x 16 x 16 GPUs), compiled, with and
 # without the bf16 weight cache, with document masking (random tokens: the mask is built and applied, the cost of
-# the masked SDPA kernel is what shows), and at micro-batch 8 (fits in 80 GB without recompute?).
+# the masked SDPA kernel is what shows), and at micro-batch 8 (fits in 80 GB without recompute?); one step of
+# compiled-cache is profiled (kernel-time breakdown in the log: what to work on next).
 C=train.compile=true,train.loss_chunk_size=4096
 bench 1p7b 420 model.preset=smollm2-1.7b $S train.micro_batch_size=4 --accum 16 --warmup 2 --steps 3 \
   --variant compiled:$C \
   --variant compiled-cache:$C,train.bf16_weight_cache=true \
   --variant compiled-cache-docmask:$C,train.bf16_weight_cache=true,model.document_mask_eos_id=0 \
-  --variant compiled-cache-mb8:$C,train.bf16_weight_cache=true,train.micro_batch_size=8
+  --variant compiled-cache-mb8:$C,train.bf16_weight_cache=true,train.micro_batch_size=8 --profile compiled-cache
 bench 360m 120 model.preset=smollm2-360m $S train.micro_batch_size=8 --accum 2 --warmup 2 --steps 4 \
   --variant eager-fused:train.fused_kernels=true,train.loss_chunk_size=4096,train.bf16_weight_cache=true \
   --variant compiled:$C --variant compiled-cache:$C,train.bf16_weight_cache=true
