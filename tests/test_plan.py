@@ -67,7 +67,9 @@ def test_1p7b_plan_matches_the_published_schedule(plan_tool):
 
 
 def test_zero1_and_pipeline_change_memory(plan_tool):
-    base = plan_tool.build_plan(str(CONFIGS / "smollm2_1p7b.yaml"), [], 256, 0.45, "H100 SXM")["memory"]
+    # the plain loss (the recipe turns the fused one on; `lean` below measures what it saves)
+    base = plan_tool.build_plan(str(CONFIGS / "smollm2_1p7b.yaml"), ["train.loss_chunk_size=0"], 256, 0.45,
+                                "H100 SXM")["memory"]
     zero = plan_tool.build_plan(str(CONFIGS / "smollm2_1p7b.yaml"), ["parallel.zero_stage=1"], 256, 0.45,
                                 "H100 SXM")["memory"]
     assert zero["bytes"]["optimizer_adamw"] == pytest.approx(base["bytes"]["optimizer_adamw"] / 256)
@@ -75,6 +77,13 @@ def test_zero1_and_pipeline_change_memory(plan_tool):
                               256, 0.45, "H100 SXM")["memory"]
     assert pp["in_flight_microbatches"] == 4  # 1F1B: the first stage holds pp micro-batches
     assert pp["params_per_gpu"] < base["params_per_gpu"] / 3
+    cached = plan_tool.build_plan(str(CONFIGS / "smollm2_1p7b.yaml"), ["parallel.pp=4", "train.micro_batch_size=1",
+                                  "train.bf16_weight_cache=true"], 256, 0.45, "H100 SXM")["memory"]
+    # autocast's copies live per in-flight micro-batch (4 on the first stage); the cache's once (the first stage's
+    # embedding is still cast per micro-batch)
+    layer_copies = 2 * 6 * (3 * 2048 * 2048 + 2048 * 2048 + 3 * 2048 * 8192 + 2 * 2048)
+    assert pp["bytes"]["weights_bf16_copies"] - cached["bytes"]["weights_bf16_copies"] == pytest.approx(
+        3 * layer_copies)
     lean = plan_tool.build_plan(str(CONFIGS / "smollm2_1p7b.yaml"), ["train.recompute=full",
                                 "train.loss_chunk_size=1024"], 256, 0.45, "H100 SXM")["memory"]
     # full recompute keeps each layer's fp32 input (4 x 2048 B per token) instead of its whole set; the fused loss

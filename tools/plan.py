@@ -10,7 +10,7 @@ is reported as "store not found" (point the recipe at your corpus with data.root
 
 Memory (per GPU, the most loaded pipeline stage): fp32 weights (they are their own master copy) and fp32 gradients,
 AdamW's two fp32 moments (divided over DP with ZeRO-1), bf16 weight copies made by autocast (held until the
-micro-batch's backward), and activations: the tensors one Llama block saves for backward with flash/memory-efficient
+micro-batch's backward; once per step with train.bf16_weight_cache), and activations: the tensors one Llama block saves for backward with flash/memory-efficient
 attention (fewer with train.recompute), times the micro-batches a stage holds at once (1 without pipelining, up to pp
 with 1F1B, all with AFAB), plus the last stage's logits (bf16, their fp32 copy and softmax for the loss; one chunk
 with train.loss_chunk_size). Allocator
@@ -144,6 +144,14 @@ def loss_bytes(cfg, tokens: int) -> float:
     return tokens * v * ((2 if t.dtype == "bfloat16" else 0) + 4 + 4)
 
 
+def bf16_copy_bytes(params: float, layer_params: float, held: int, train) -> float:
+    """Autocast's bf16 weight copies live until each in-flight micro-batch's backward; with
+    train.bf16_weight_cache the decoder layers' copies exist once (the embedding/head is still cast per use)."""
+    if train.bf16_weight_cache:
+        return 2 * (layer_params + (params - layer_params) * held)
+    return 2 * params * held
+
+
 def memory_plan(cfg, dp: int, accum: int) -> dict[str, Any]:
     m, p, t = cfg.model, cfg.parallel, cfg.train
     d, f, v, layers = m.hidden_size, m.intermediate_size, m.vocab_size, m.num_hidden_layers
@@ -167,7 +175,7 @@ def memory_plan(cfg, dp: int, accum: int) -> dict[str, Any]:
             acts += loss_bytes(cfg, tokens) + tokens * 6 * d  # + the final norm's input (fp32) and output
         parts = {
             "weights_fp32": 4 * params,
-            "weights_bf16_copies": (2 * params * held) if bf16 else 0.0,
+            "weights_bf16_copies": bf16_copy_bytes(params, layers_per_stage * layer_params, held, t) if bf16 else 0.0,
             "grads_fp32": 4 * params,
             "optimizer_adamw": 8 * params / (dp if p.zero_stage == 1 else 1),
             "activations": acts,
