@@ -19,10 +19,10 @@ MODEL = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "nu
 STEPS = 3
 
 
-def _cfg(cache: bool, dtype: str = "bfloat16"):
+def _cfg(cache: bool, dtype: str = "bfloat16", recompute: str = "none"):
     return config_from_dict({"model": MODEL, "parallel": {"grad_bucket_size": 3000},
                              "train": {"seq_len": 12, "global_batch_size": 6, "micro_batch_size": 2, "dtype": dtype,
-                                       "bf16_weight_cache": cache},
+                                       "bf16_weight_cache": cache, "recompute": recompute},
                              "optimizer": {"lr": 1e-2, "weight_decay": 0.1}})
 
 
@@ -30,8 +30,8 @@ def _data():
     return torch.randint(0, MODEL["vocab_size"], (STEPS, 3, 2, 13), generator=torch.Generator().manual_seed(7))
 
 
-def _train(cache: bool, compiled: bool, device: str = "cpu"):
-    cfg = _cfg(cache)
+def _train(cache: bool, compiled: bool, device: str = "cpu", recompute: str = "none"):
+    cfg = _cfg(cache, recompute=recompute)
     torch.manual_seed(0)
     # eager attention on CUDA: its backward is deterministic (flash / mem-efficient SDPA accumulate atomically)
     model = build_model(cfg.model, "sdpa" if device == "cpu" else "eager").to(device)
@@ -79,6 +79,16 @@ def test_cached_bf16_weights_give_bit_identical_steps(compiled, device):
     assert model.grads.grads_received == len(list(model.parameters())) * microbatches
     assert model.grads.copied_grads == 0 and all(grad_views)
     assert all(m.compute_weight is None for m in cache.linears)  # disarmed after the step
+
+
+@pytest.mark.parametrize("recompute", ["selective", "full"])
+def test_cache_with_recompute_is_bit_identical(recompute):
+    """Recomputation re-runs layer forwards inside the backward, while the copies are still in use."""
+    _, ref_losses, ref_weights, _, _ = _train(cache=False, compiled=False, recompute=recompute)
+    model, losses, weights, _, _ = _train(cache=True, compiled=False, recompute=recompute)
+    assert losses == ref_losses
+    assert all(torch.equal(weights[n], ref_weights[n]) for n in weights)
+    assert model.grads.compute_weights.gradients_received == 8 * _data().shape[1]
 
 
 def build_ref_init():
