@@ -2,9 +2,10 @@
 import math
 
 import pytest
+import torch
 
 from nanotronix.config import LRScheduleConfig, ModelConfig, PRESETS
-from nanotronix.train.flops import flops_per_token, matmul_params, mfu
+from nanotronix.train.flops import document_attention_span, flops_per_token, matmul_params, mfu
 from nanotronix.train.lr_schedule import lr_at
 
 # SmolLM2-1.7B (huggingface/smollm config_smollm2_1B.yaml, paper Sec. 4.1): peak 5e-4, linear warm-up 2000 steps,
@@ -45,3 +46,16 @@ def test_flops_counter_excludes_embedding_lookup_and_halves_causal_attention():
     assert flops_per_token(cfg, s) == pytest.approx(6 * matmul_params(cfg) + full_attention / 2)
     assert mfu(1000.0, 1e12, None) is None
     assert mfu(1000.0, 1e12, 1000.0) == pytest.approx(1.0)
+
+
+def test_document_masking_counts_only_the_attention_inside_documents():
+    """Windows of 8 tokens, EOS = 1: documents [3, 5] and [8] attend 3^2 + 5^2 and 8^2 (halved by causality)
+    pairs, not 2 x 8^2."""
+    tokens = torch.tensor([[5, 6, 1, 7, 7, 7, 7, 1], [4, 4, 4, 4, 4, 4, 4, 4]])
+    span = document_attention_span(tokens, eos_id=1)
+    assert span == pytest.approx((3 ** 2 + 5 ** 2 + 8 ** 2) / (2 * 8))
+    assert document_attention_span(tokens[1:], eos_id=1) == 8  # no EOS: the whole window, as without masking
+    assert document_attention_span(tokens.reshape(1, 2, 8), eos_id=1) == span  # [accum, micro, S] batches
+    cfg = ModelConfig(**PRESETS["smollm2-135m"])
+    attention = flops_per_token(cfg, 8) - 6 * matmul_params(cfg)
+    assert flops_per_token(cfg, 8, span) - 6 * matmul_params(cfg) == pytest.approx(attention * span / 8)

@@ -29,6 +29,22 @@ def test_torchrun_trains_and_logs_metrics(tmp_path, store):
     assert rows[1]["lr"] == pytest.approx(3e-3) and rows[0]["lr"] == pytest.approx(1.5e-3)
 
 
+def test_document_masking_counts_fewer_attention_flops(tmp_path, store):
+    """The store's documents (20-120 tokens, EOS 0) split the 32-token windows: with document masking the logged
+    model FLOPs per token are below whole-window causal attention's, above the matmuls alone."""
+    from nanotronix.config import load_config
+    from nanotronix.train.flops import flops_per_token, matmul_params
+
+    cfg_path = tiny_config(tmp_path, store)
+    proc = torchrun(1, ["-m", "nanotronix.train", "--config", str(cfg_path), "train.train_steps=3",
+                        "model.document_mask_eos_id=0"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = load_config(str(cfg_path), []).model
+    for row in map(json.loads, (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()):
+        per_token = row["model_tflops_per_gpu"] * 1e12 / row["tokens_per_sec_per_gpu"]
+        assert 6 * matmul_params(m) < per_token < flops_per_token(m, 32) * (1 - 1e-3), row["step"]
+
+
 @pytest.mark.parametrize("override, message", [
     (["model.hidden_sise=64"], "error: model.hidden_sise: unknown config key"),
     (["model.num_attention_heads=3"], "error: model.hidden_size: 64 is not divisible by model.num_attention_heads=3"),

@@ -42,7 +42,7 @@ import torch.nn.functional as F  # noqa: E402
 from nanotronix import accel  # noqa: E402
 from nanotronix.config import Config, TrainConfig, apply_override, load_config  # noqa: E402
 from nanotronix.errors import UserError  # noqa: E402
-from nanotronix.train.flops import device_peak_tflops, flops_per_token, mfu  # noqa: E402
+from nanotronix.train.flops import device_peak_tflops, document_attention_span, flops_per_token, mfu  # noqa: E402
 
 
 @dataclass
@@ -267,7 +267,9 @@ def measure(name: str, build: Callable[[], Callable[[torch.Tensor], float]], cfg
         t = cfg.train
         tokens = batches[0].shape[0] * t.micro_batch_size * t.seq_len
         rate = tokens * len(result.step_seconds) / sum(result.step_seconds)
-        flops = flops_per_token(cfg.model, t.seq_len)
+        eos = cfg.model.document_mask_eos_id
+        span = None if eos is None else sum(document_attention_span(b[..., :-1], eos) for b in batches) / len(batches)
+        flops = flops_per_token(cfg.model, t.seq_len, span)
         result.tokens_per_sec_per_gpu = rate
         result.tflops_per_gpu = rate * flops / 1e12
         result.mfu = mfu(rate, flops, device_peak_tflops(device, t.dtype))

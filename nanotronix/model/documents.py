@@ -43,11 +43,16 @@ class Documents:
         return ((self.ids[:, :, None] == self.ids[:, None, :]) & causal)[:, None]
 
     @functools.cached_property
+    def lengths(self) -> torch.Tensor:
+        """[documents] token count of every document, row by row (documents never span two rows)."""
+        row_offset = torch.cumsum(self.ids[:, -1] + 1, dim=0) - (self.ids[:, -1] + 1)
+        return torch.bincount((self.ids + row_offset[:, None]).flatten())
+
+    @functools.cached_property
     def cu_seqlens(self) -> tuple[torch.Tensor, int]:
         """(int32 [documents + 1] start offsets of the documents in the flattened [B * S] tokens, longest
-        document), FlashAttention-2's varlen arguments. Documents never span two rows."""
-        row_offset = torch.cumsum(self.ids[:, -1] + 1, dim=0) - (self.ids[:, -1] + 1)
-        lengths = torch.bincount((self.ids + row_offset[:, None]).flatten())
+        document), FlashAttention-2's varlen arguments."""
+        lengths = self.lengths
         cu = torch.zeros(lengths.numel() + 1, dtype=torch.int32, device=self.ids.device)
         cu[1:] = torch.cumsum(lengths, dim=0)
         return cu, int(lengths.max())

@@ -16,7 +16,7 @@ from nanotronix.config import Config, grad_accum_steps
 from nanotronix.data import build_prefetched_loader
 from nanotronix.model import build_model
 from nanotronix.parallel import DistributedOptimizer, ParallelContext, parallelize
-from nanotronix.train.flops import device_peak_tflops, flops_per_token, mfu
+from nanotronix.train.flops import device_peak_tflops, document_attention_span, flops_per_token, mfu
 from nanotronix.train.lr_schedule import lr_at
 from nanotronix.train.metrics import MetricsLog, Throughput
 from nanotronix.train.optimizer import param_groups
@@ -50,7 +50,7 @@ def train(cfg: Config, ctx: ParallelContext, device: torch.device) -> dict:
               f"| data loader: {loader.name}")
 
     tokens_per_step = t.global_batch_size * t.seq_len
-    flops_token = flops_per_token(m, t.seq_len)
+    spans: list[float] = []  # under document masking: each step's attention span, since the last log line
     peak = device_peak_tflops(device, t.dtype)
     metrics = MetricsLog(cfg.logging.dir, enabled=ctx.rank == 0, tensorboard=cfg.logging.tensorboard)
     speed = Throughput()
@@ -59,7 +59,10 @@ def train(cfg: Config, ctx: ParallelContext, device: torch.device) -> dict:
     start_step = resumed.step + 1
     for step in range(start_step, t.train_steps + 1):
         lr = lr_at(step, cfg.optimizer.lr, cfg.lr_schedule)
-        result = train_step(model, optimizer, loader.batch(step), lr, cfg.optimizer.clip_grad)
+        batch = loader.batch(step)
+        if m.document_mask_eos_id is not None:  # attention FLOPs depend on the documents' lengths
+            spans.append(document_attention_span(batch[..., :-1], m.document_mask_eos_id))
+        result = train_step(model, optimizer, batch, lr, cfg.optimizer.clip_grad)
         if not math.isfinite(result.loss):
             raise FloatingPointError(f"step {step}: loss is {result.loss}")
         first_loss = result.loss if first_loss is None else first_loss
@@ -67,6 +70,8 @@ def train(cfg: Config, ctx: ParallelContext, device: torch.device) -> dict:
         speed.add(tokens_per_step)
         if step % cfg.logging.interval == 0 or step in (start_step, t.train_steps):
             rate = speed.rate()
+            flops_token = flops_per_token(m, t.seq_len, sum(spans) / len(spans) if spans else None)
+            spans.clear()
             per_gpu = rate / ctx.world_size if rate else None
             stats = loader.stats(step)
             record = {
