@@ -138,22 +138,26 @@ def test_switch_validation(train, message):
         config_from_dict({"model": {"preset": "smollm2-135m"}, "train": train})
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by tools/gpu_checks.sh)")
+
+
+@pytest.mark.parametrize("backend, device", [("aot_eager", "cpu"), ("inductor", "cpu"),
+                                             pytest.param("inductor", "cuda", marks=CUDA)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_compiled_loss_chunks_match_eager(backend, dtype):
+def test_compiled_loss_chunks_match_eager(backend, device, dtype):
     """`compile_backend` runs each chunk's matmul + softmax + gradient through torch.compile (Inductor generates
-    the fused kernels, here for the CPU); same loss and gradients as the eager chunks, a short last chunk
-    included (63 tokens in chunks of 16)."""
+    the fused kernels: C++ on the CPU, Triton on CUDA); same loss and gradients as the eager chunks, a short last
+    chunk included (63 tokens in chunks of 16)."""
     torch.manual_seed(0)
     h = torch.randn(3, 21, 16, dtype=torch.float64 if dtype == torch.float64 else torch.float32,
-                    requires_grad=True)
-    w = (torch.randn(50, 16, dtype=h.dtype) * 0.3).requires_grad_(True)
-    y = torch.randint(0, 50, (3, 21))
+                    device=device, requires_grad=True)
+    w = (torch.randn(50, 16, dtype=h.dtype, device=device) * 0.3).requires_grad_(True)
+    y = torch.randint(0, 50, (3, 21), device=device)
     results = []
     for compile_backend in (None, backend):
         h.grad = w.grad = None
         out = linear_cross_entropy(h, w, y, 16, compute_dtype=dtype, compile_backend=compile_backend)
-        out.backward(torch.tensor(0.7, dtype=out.dtype))
+        out.backward(torch.tensor(0.7, dtype=out.dtype, device=device))
         results.append((out.detach(), h.grad.clone(), w.grad.clone()))
     (ref, ref_h, ref_w), (got, got_h, got_w) = results
     # the logits are fp32 in both (by design), and Inductor's vectorised exp rounds differently from eager's

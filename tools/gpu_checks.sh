@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark of nanotronix in one short run (made for a lent H100; ~7 minutes there):
 #   environment, csrc/ kernel build (sm_90), GPU tests (kernel numerics vs the PyTorch twins and fp64, the bf16
-#   weight cache on CUDA), the CPU layout tests under this torch -> $OUT/checks.log
+#   weight cache and the compiled loss on CUDA) -> $OUT/checks.log
 #   tools/bench_train.py: SmolLM2-1.7B / 360M / 135M at seq 2048 vs transformers -> $OUT/bench_*.{log,json}
+#   last, the CPU layout tests under this machine's torch -> $OUT/checks.log
 # Usage: OUT=/some/dir bash tools/gpu_checks.sh   (OUT defaults to ./gpu_out)
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -24,12 +25,8 @@ $PY -c "from nanotronix import accel; print('kernels loaded:', accel.compiled_ke
 
 echo "== GPU tests"
 timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py tests/test_kernels.py \
-  tests/test_compute_weights.py -k "cuda or kernels" \
+  tests/test_compute_weights.py tests/test_speedups.py -k "cuda or kernels" \
   >> "$OUT/checks.log" 2>&1; echo "tests rc=$?"; tail -5 "$OUT/checks.log"
-
-echo "== this machine's torch on CPU: document ids between pipeline stages, every layout (gloo), the bf16 weight cache"
-timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_parallel_layouts.py tests/test_document_masking.py tests/test_compute_weights.py -k "not cuda" \
-  >> "$OUT/checks.log" 2>&1; echo "layout tests rc=$?"; tail -2 "$OUT/checks.log"
 
 bench() {  # name, timeout, args...
   local name=$1 limit=$2; shift 2
@@ -53,4 +50,8 @@ bench 360m 120 model.preset=smollm2-360m $S train.micro_batch_size=8 --accum 2 -
   --variant compiled:$C --variant compiled-cache:$C,train.bf16_weight_cache=true
 bench 135m 120 model.preset=smollm2-135m $S train.micro_batch_size=16 --accum 2 --warmup 2 --steps 4 \
   --variant compiled:$C --variant compiled-cache:$C,train.bf16_weight_cache=true
+echo "== this machine's torch on CPU: document ids between pipeline stages, every layout (gloo), the bf16 weight cache"
+timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_parallel_layouts.py tests/test_document_masking.py tests/test_compute_weights.py -k "not cuda" \
+  >> "$OUT/checks.log" 2>&1; echo "layout tests rc=$?"; tail -2 "$OUT/checks.log"
+
 echo "== done"; date -u
