@@ -2,11 +2,11 @@
 
     torchrun --nproc_per_node=N tests/dist_parallel_layouts.py --out DIR LAYOUT [LAYOUT ...]
 
-A LAYOUT is `name:key=value,...` with ParallelConfig fields (tp, pp, pp_schedule, virtual_stages,
-sequence_parallel, zero_stage), `model.NAME` and `train.NAME` fields. For each layout every rank writes DIR/NAME/rank{R}.pt with its parameter shards
-(plus `tp_shard_dim`), its optimizer `param_states()` and its coordinates; global rank 0 also writes the per-step
-losses and gradient norms. The test assembles the logical tensors from the shards and compares them with a
-single-process run, so this script only trains and records.
+A LAYOUT is `name:key=value,...` with ParallelConfig fields (tp, pp, pp_schedule, virtual_stages, sequence_parallel,
+zero_stage), `model.NAME` and `train.NAME` fields. For each layout every rank writes DIR/NAME/rank{R}.pt with its
+parameter shards (plus `tp_shard_dim`), its optimizer `param_states()` and its coordinates; global rank 0 also
+writes the per-step losses and gradient norms. The test assembles the logical tensors from the shards and compares
+them with a single-process run, so this script only trains and records.
 """
 from __future__ import annotations
 

@@ -10,11 +10,11 @@ is reported as "store not found" (point the recipe at your corpus with data.root
 
 Memory (per GPU, the most loaded pipeline stage): fp32 weights (they are their own master copy) and fp32 gradients,
 AdamW's two fp32 moments (divided over DP with ZeRO-1), bf16 weight copies made by autocast (held until the
-micro-batch's backward; once per step with train.bf16_weight_cache), and activations: the tensors one Llama block saves for backward with flash/memory-efficient
-attention (fewer with train.recompute), times the micro-batches a stage holds at once (1 without pipelining, up to pp
-with 1F1B, all with AFAB), plus the last stage's logits (bf16, their fp32 copy and softmax for the loss; one chunk
-with train.loss_chunk_size). Allocator
-fragmentation, NCCL buffers and the CUDA context (~1-3 GiB together) come on top. An estimate, not a measurement.
+micro-batch's backward; once per step with train.bf16_weight_cache), and activations: the tensors one Llama block
+saves for backward with flash/memory-efficient attention (fewer with train.recompute), times the micro-batches a
+stage holds at once (1 without pipelining, up to pp with 1F1B, all with AFAB), plus the last stage's logits (bf16,
+their fp32 copy and softmax for the loss; one chunk with train.loss_chunk_size). Allocator fragmentation, NCCL
+buffers and the CUDA context (~1-3 GiB together) come on top. An estimate, not a measurement.
 
 Time: total tokens x model FLOPs per token (`nanotronix.train.flops`, the trainer's own MFU counter) / (GPUs x peak
 x MFU). `--gpu` picks the peak from the same table the trainer uses.

@@ -1,13 +1,15 @@
 """Data-parallel gradients: fp32 flat buckets, reduction overlapped with backward, ZeRO-1 sharding.
 
 Each parameter's gradient lives in `param.main_grad`, an fp32 view into its bucket's flat buffer, and each
-parameter's data is a view into the bucket's flat parameter buffer (so ZeRO-1 can all-gather updated shards in
-one call per bucket). `param.grad` *is* that view (set at the start of every step): the weights are fp32, so
-autograd's gradient accumulation adds each micro-batch's gradient into the bucket in place, with no copy per
-micro-batch. Should something have replaced `param.grad` (a `zero_grad()`, a gradient of another dtype), the
-post-accumulate-grad hook adds it into `main_grad` and re-attaches the view. A parameter is complete after the
-step's last micro-batch (each pipeline chunk runs backward once per micro-batch); when every parameter of a bucket
-is complete the bucket's reduction starts asynchronously, while backward goes on for earlier layers. Buckets start in index
+parameter's data is a view into the bucket's flat parameter buffer (so ZeRO-1 can all-gather updated shards in one
+call per bucket). `param.grad` *is* that view (set at the start of every step): the weights are fp32, so autograd's
+gradient accumulation adds each micro-batch's gradient into the bucket in place, with no copy per micro-batch.
+Should something have replaced `param.grad` (a `zero_grad()`, a gradient of another dtype), the post-accumulate-grad
+hook adds it into `main_grad` and re-attaches the view. (With train.bf16_weight_cache the decoder linears' gradients
+arrive through their bf16 copies instead: `compute_weights.py` adds them into `main_grad` and reports them with
+`gradient_arrived`; `start`/`finish` arm and disarm those copies.) A parameter is complete after the step's last
+micro-batch (each pipeline chunk runs backward once per micro-batch); when every parameter of a bucket is complete
+the bucket's reduction starts asynchronously, while backward goes on for earlier layers. Buckets start in index
 order on every rank (as torch DDP does), so NCCL sees the same collective order everywhere. Earlier micro-batches
 trigger no communication at all.
 
