@@ -29,7 +29,7 @@ def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
 
 
 def _chunk_loss_and_grads(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, grad_scale: float,
-                          grad_weight: Optional[torch.Tensor], want_grad_hidden: bool, want_grads: bool):
+                          grad_weight: Optional[torch.Tensor], want_grad_hidden: bool):
     """One chunk of tokens: returns the sum of its losses and (with `want_grad_hidden`) grad_scale * d(sum)/dh in
     h's dtype; adds grad_scale * d(sum)/dw into the fp32 `grad_weight` when given. The logits exist only here, in
     fp32; compiled (Inductor), not even that: one pass over the matmul's output finds the log-sum-exp, another
@@ -38,7 +38,7 @@ def _chunk_loss_and_grads(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, gra
     lse = torch.logsumexp(logits, dim=-1)
     target_logit = logits.gather(1, y[:, None]).squeeze(1)
     loss_sum = (lse - target_logit).sum()
-    if not want_grads:
+    if grad_weight is None and not want_grad_hidden:
         return loss_sum, None
     # d(loss)/d(logits) = softmax - onehot. The softmax part is made in place in the logits buffer and rounded to
     # h's dtype in the same pass; the label entries, where the 1 is subtracted (in fp32: subtracting after
@@ -77,7 +77,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h = hidden[start:start + chunk_size].to(compute_dtype)
             # 1/n: the loss is the mean over all n tokens
             chunk_loss, grad_h = chunk_fn(h, w, labels[start:start + chunk_size], 1.0 / n, grad_weight,
-                                          grad_hidden is not None, grad_hidden is not None or grad_weight is not None)
+                                          grad_hidden is not None)
             loss_sum += chunk_loss
             if grad_hidden is not None:
                 grad_hidden[start:start + chunk_size] = grad_h

@@ -25,6 +25,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from nanotronix.config import TrainConfig
 from nanotronix.model.llama import DecoderLayer
+from nanotronix.parallel.compute_weights import cache_compute_weights
 
 
 def decoder_layers(model: nn.Module) -> list[DecoderLayer]:
@@ -110,7 +111,6 @@ def apply_speedups(model: nn.Module, train: TrainConfig) -> nn.Module:
     them, then compile around both (compile traces the checkpointed forward); the fused loss is independent."""
     apply_fused_loss(model, train.loss_chunk_size)
     if train.bf16_weight_cache:
-        from nanotronix.parallel.compute_weights import cache_compute_weights
         cache_compute_weights(model, torch.bfloat16)
     if train.fused_kernels:
         apply_fused_kernels(model)
