@@ -7,9 +7,15 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Test cases that need a GPU: skipped on the CPU machines, run by tools/gpu_checks.sh on the GPU machine.
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                   reason="needs a CUDA GPU (run by tools/gpu_checks.sh)")
 
 TINY_MODEL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
               "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 128, "rope_theta": 10000.0,

@@ -5,6 +5,7 @@ weights. The multi-rank layouts (TP + SP + ZeRO-1, pipeline) are in tests/test_p
 import pytest
 import torch
 
+from helpers import requires_cuda
 from nanotronix.config import ConfigError, config_from_dict
 from nanotronix.model import build_model
 from nanotronix.parallel import DistributedOptimizer, ParallelContext, parallelize
@@ -52,11 +53,9 @@ def _train(cache: bool, compiled: bool, device: str = "cpu", recompute: str = "n
     return model, losses, weights, linear_weights, fp32_grad_views
 
 
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by tools/gpu_checks.sh)")
-
-
-@pytest.mark.parametrize("compiled, device", [(False, "cpu"), (True, "cpu"), pytest.param(False, "cuda", marks=CUDA),
-                                              pytest.param(True, "cuda", marks=CUDA)],
+@pytest.mark.parametrize("compiled, device", [(False, "cpu"), (True, "cpu"),
+                                              pytest.param(False, "cuda", marks=requires_cuda),
+                                              pytest.param(True, "cuda", marks=requires_cuda)],
                          ids=["eager", "compiled", "cuda-eager", "cuda-compiled"])
 def test_cached_bf16_weights_give_bit_identical_steps(compiled, device):
     _, ref_losses, ref_weights, _, _ = _train(cache=False, compiled=compiled, device=device)

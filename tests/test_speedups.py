@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from helpers import requires_cuda
 from nanotronix.config import ConfigError, ModelConfig, config_from_dict
 from nanotronix.model import build_model, cross_entropy
 from nanotronix.model.loss import linear_cross_entropy
@@ -138,11 +139,8 @@ def test_switch_validation(train, message):
         config_from_dict({"model": {"preset": "smollm2-135m"}, "train": train})
 
 
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by tools/gpu_checks.sh)")
-
-
 @pytest.mark.parametrize("backend, device", [("aot_eager", "cpu"), ("inductor", "cpu"),
-                                             pytest.param("inductor", "cuda", marks=CUDA)])
+                                             pytest.param("inductor", "cuda", marks=requires_cuda)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_compiled_loss_chunks_match_eager(backend, device, dtype):
     """`compile_backend` runs each chunk's matmul + softmax + gradient through torch.compile (Inductor generates
