@@ -57,6 +57,7 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_exact(tmp_path, store):
     second = run(["-m", "nanotronix.train", "--config", str(cfg)])
     assert second.returncode == 0, second.stderr[-3000:]
     assert "checkpoint: resumed from" in second.stdout and "RNG restored" in second.stdout
+    assert "data order:" not in second.stdout  # same config: nothing changes the coming samples
     got = read_metrics(tmp_path / "run" / "logs")
     assert sorted(got) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):

@@ -194,3 +194,27 @@ def test_model_mismatch_is_one_line(trained):
     wider = plain_model(replace(TINY, vocab_size=128))
     with pytest.raises(CheckpointError, match="embed_tokens.weight of shape"):
         load_single(folder, wider, adamw(wider))
+
+
+
+def test_resume_notes_what_changes_the_data_order():
+    """Moving the corpus with data.root following keeps every dataset's order (no note); another data seed, another
+    seq_len or a dataset path spelled otherwise changes the coming samples, and resume says so."""
+    from nanotronix.checkpoint.checkpointer import data_order_notes
+    from nanotronix.config import config_from_dict
+
+    def config(root, first="fineweb-edu", seed=1234, seq_len=2048):
+        return config_from_dict({
+            "model": {"preset": "smollm2-135m"}, "train": {"seq_len": seq_len},
+            "data": {"root": root, "data_seed": seed, "stages": [
+                {"name": "stable", "datasets": [{"path": first, "weight": 0.6}, {"path": "stack-edu", "weight": 0.4}]},
+                {"name": "decay", "start_step": 100, "datasets": [{"path": "stack-edu", "weight": 1.0}]}]},
+        }).to_dict()
+
+    saved = config("/old/mount")
+    assert data_order_notes(saved, config("/new/cluster/corpus")) == []
+    notes = data_order_notes(saved, config("/new/cluster/corpus", first="/elsewhere/fineweb-edu", seed=7,
+                                           seq_len=1024))
+    assert [n.split(":")[0] for n in notes] == [
+        "data.data_seed", "train.seq_len", "datasets (order keys, relative to data.root) not in the checkpoint's config"]
+    assert "['/elsewhere/fineweb-edu']" in notes[2] and "no longer configured: ['fineweb-edu']" in notes[2]

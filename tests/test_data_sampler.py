@@ -210,3 +210,31 @@ def test_loader_blends_all_three_store_formats(stores, tmp_path):
                                                                                               "datatrove", "zarr"}
     for row, w, s in zip(rows, which, starts):
         assert np.array_equal(row, loader.stores[names[w]].tokens(int(s), SEQ + 1))
+
+
+def test_moved_corpus_keeps_its_order_when_data_root_follows(stores, tmp_path):
+    """A run requeued where the corpus is mounted elsewhere (data.root changed, recipe paths unchanged) reads the
+    same samples; spelling a dataset's path differently (another folder without data.root) is another order."""
+    import shutil
+    from pathlib import Path
+
+    def loader_at(root, names):
+        cfg = config_from_dict({
+            "model": {"preset": "smollm2-135m", "num_hidden_layers": 1},
+            "train": {"seq_len": SEQ, "global_batch_size": 8, "micro_batch_size": 1},
+            "data": {"root": str(root), "stages": [
+                {"name": "one", "start_step": 1, "datasets": [{"path": n, "weight": w} for n, w in names]}]},
+        })
+        return build_train_loader(cfg, 0, 1)
+
+    for copy in ("a", "b"):
+        (tmp_path / copy).mkdir()
+        for f in Path(stores[0]).parent.glob("s[02].*"):
+            shutil.copy(f, tmp_path / copy)
+    ids = np.arange(0, 4000, 7)
+    mixture = [("s0", 2), ("s2", 1)]
+    here = loader_at(tmp_path / "a", mixture).read_samples(ids)
+    assert np.array_equal(loader_at(tmp_path / "b", mixture).read_samples(ids), here)
+    absolute = [(str(tmp_path / "b" / n), w) for n, w in mixture]  # no data.root: keyed by the full path
+    moved = build_train_loader(_cfg([("one", 1, absolute)]), 0, 1).read_samples(ids)
+    assert not np.array_equal(moved, here)

@@ -32,6 +32,7 @@ from nanotronix.checkpoint.manifest import read_manifest
 from nanotronix.checkpoint.preemption import PreemptionWatcher
 from nanotronix.checkpoint.storage import Collective
 from nanotronix.checkpoint.training_state import load_training_state, take_snapshot, write_snapshot
+from nanotronix.data.schedule import dataset_order_key
 
 # Model fields that fix the shapes of the weights: a checkpoint only loads into a model that agrees on them.
 # Other fields (rope_theta, max_position_embeddings, rms_norm_eps, init_std) may change between stages, e.g. the
@@ -56,6 +57,30 @@ def check_architecture(saved: dict[str, Any], current: dict[str, Any], where: Pa
     return [f"model.{k}: {saved.get(k)} in the checkpoint, {current.get(k)} now"
             for k in ("rope_theta", "max_position_embeddings", "rms_norm_eps") if saved.get(k) != current.get(k)]
 
+
+
+def data_order_notes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Differences between the checkpoint's config and this one that change which windows the coming steps
+    read (full configs as dicts): notes, not errors, because some are deliberate (the 8k context stage changes
+    seq_len), but a requeued run that reads other samples than it would have should say so."""
+    def facts(cfg: dict[str, Any]):
+        data = cfg.get("data") or {}
+        keys = {dataset_order_key(ds["path"], data.get("root"))
+                for stage in data.get("stages") or [] for ds in stage.get("datasets") or []}
+        return data.get("data_seed"), (cfg.get("train") or {}).get("seq_len"), keys
+
+    (seed0, seq0, keys0), (seed1, seq1, keys1) = facts(saved), facts(current)
+    notes = []
+    if seed0 != seed1:
+        notes.append(f"data.data_seed: {seed0} in the checkpoint, {seed1} now (every dataset's sample order changes)")
+    if seq0 != seq1:
+        notes.append(f"train.seq_len: {seq0} in the checkpoint, {seq1} now (windows are cut anew)")
+    if keys0 != keys1:
+        gone, new = sorted(keys0 - keys1), sorted(keys1 - keys0)
+        notes.append(f"datasets (order keys, relative to data.root) not in the checkpoint's config: {new or 'none'}; "
+                     f"no longer configured: {gone or 'none'} (a renamed or moved dataset outside data.root gets "
+                     "another sample order)")
+    return notes
 
 class Checkpointer:
     def __init__(self, cfg, ctx, device: torch.device):
@@ -99,8 +124,11 @@ class Checkpointer:
             return ResumeState(0, 0, None)
         t0 = time.perf_counter()
         saved = read_manifest(source)
-        for note in check_architecture(saved["config"]["model"], self.cfg.to_dict()["model"], source):
+        current = self.cfg.to_dict()
+        for note in check_architecture(saved["config"]["model"], current["model"], source):
             self._log(note)
+        for note in data_order_notes(saved["config"], current):
+            self._log(f"data order: {note}")
         manifest = load_training_state(source, model, optimizer, self.ctx, self.coll,
                                        tied=bool(self.cfg.model.tie_word_embeddings))
         restored = manifest["_restored"]

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .errors import DataError
-from .schedule import BlendSchedule, PackedStream
+from .schedule import BlendSchedule, PackedStream, dataset_order_key
 from .store import TokenStore, open_store
 
 
@@ -123,7 +123,8 @@ def build_train_loader(cfg, dp_rank: int, dp_size: int, consumed_samples: int = 
         if vocab is not None and store.vocab_size is not None and store.vocab_size > vocab:
             raise DataError(f"token store {name}: its tokenizer has {store.vocab_size} tokens, more than "
                             f"model.vocab_size={vocab}")
-    streams = {name: PackedStream(name, store.num_tokens, seq_len, cfg.data.data_seed)
+    streams = {name: PackedStream(name, store.num_tokens, seq_len, cfg.data.data_seed,
+                                  order_key=dataset_order_key(name, cfg.data.root))
                for name, store in stores.items()}
     schedule = BlendSchedule(stages, gbs, streams)
     return TrainLoader(schedule, stores, seq_len, cfg.train.micro_batch_size, dp_rank, dp_size,

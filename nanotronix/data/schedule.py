@@ -16,14 +16,16 @@ Layers, each O(1) in memory and time per sample (nothing grows with the length o
 Documents are not reordered inside the stream (that would need per-document arrays): the windows a batch draws
 come from all over the dataset, but the documents sharing one window are neighbours in the store. Stores made
 by datatrove's DocumentTokenizer (shuffle=True, as for SmolLM2's corpus) are already document-shuffled, and
-nanotron's Nanoset reads them in this same order. Samples are keyed by the dataset's path as written in the
-config, so a dataset keeps its order when other datasets are added to the mixture (and changes it if the path
-is spelled differently).
+nanotron's Nanoset reads them in this same order. A dataset's order is keyed by its path (`dataset_order_key`:
+relative to `data.root` when it lies there, as the recipes write them), so a dataset keeps its order when other
+datasets are added to the mixture, and when the corpus moves and `data.root` follows it (a run requeued on
+another mount or cluster resumes with the same samples); a path spelled differently is another order.
 """
 from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -34,10 +36,21 @@ from .permutation import derive_keys, mix64, permute, stable_key
 _SHIFT_SALT = np.uint64(0x5851F42D4C957F2D)  # separates each epoch's offset from its permutation keys
 
 
-class PackedStream:
-    """Shuffled, epoch-aware windows of one dataset's token stream."""
+def dataset_order_key(path: str, root: Optional[str]) -> str:
+    """What a dataset's sample order is keyed by: its path relative to `root` (data.root, already joined to the
+    path by the config) when it lies under it, else the path as configured."""
+    if root:
+        prefix = root.rstrip("/") + "/"
+        if path.startswith(prefix):
+            return path[len(prefix):]
+    return path
 
-    def __init__(self, name: str, num_tokens: int, seq_len: int, seed: int):
+
+class PackedStream:
+    """Shuffled, epoch-aware windows of one dataset's token stream; `order_key` (default: `name`) selects the
+    shuffle (`dataset_order_key`)."""
+
+    def __init__(self, name: str, num_tokens: int, seq_len: int, seed: int, order_key: Optional[str] = None):
         self.name = name
         self.seq_len = seq_len
         self.windows_per_epoch = (num_tokens - 1) // seq_len if num_tokens > 0 else 0
@@ -45,7 +58,7 @@ class PackedStream:
             raise DataError(f"dataset {name}: {num_tokens} tokens cannot fill one window of seq_len+1 = "
                             f"{seq_len + 1} tokens")
         self.slack = num_tokens - 1 - self.windows_per_epoch * seq_len
-        self.key = stable_key("packed-stream", seed, name)
+        self.key = stable_key("packed-stream", seed, name if order_key is None else order_key)
 
     def window_starts(self, c: np.ndarray) -> np.ndarray:
         """Token offsets of the windows of this dataset's samples number c (int64, any order)."""
