@@ -42,7 +42,9 @@ def tiny_config(tmp_path: Path, store: Path, **sections) -> Path:
         "train": {"seq_len": 32, "global_batch_size": 8, "micro_batch_size": 2, "train_steps": 20, "seed": 7},
         "optimizer": {"lr": 3e-3},
         "lr_schedule": {"warmup_steps": 2},
-        "data": {"stages": [{"name": "arith", "start_step": 1, "datasets": [{"path": str(store), "weight": 1.0}]}]},
+        # data.root + a relative path: the sample order is keyed by "arith", the same on every machine and tmp dir
+        "data": {"root": str(store.parent),
+                 "stages": [{"name": "arith", "start_step": 1, "datasets": [{"path": store.name, "weight": 1.0}]}]},
         "logging": {"dir": str(tmp_path / "logs"), "interval": 1},
     }
     for key, value in sections.items():

@@ -33,8 +33,8 @@ def test_document_masking_counts_fewer_attention_flops(tmp_path, store):
     """The store's documents (20-120 tokens, EOS 0) split the 32-token windows: with document masking the logged
     model FLOPs per token are each step's sum(l_i^2)/S span, recomputed here from the loader's own batches
     (a step whose windows happen to hold no EOS logs the whole-window figure), and below whole-window causal
-    attention's over the run. Which windows a step reads depends on the store's path (the dataset's shuffle key),
-    so the expectation is rebuilt rather than fixed."""
+    attention's over the run. The expectation is rebuilt from the data rather than fixed, so it holds for any
+    store and shuffle key."""
     from nanotronix.config import load_config
     from nanotronix.data.loader import build_train_loader
     from nanotronix.train.flops import document_attention_span, flops_per_token, matmul_params
