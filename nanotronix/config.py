@@ -90,6 +90,9 @@ class ParallelConfig:
     # Gradient elements per data-parallel reduction bucket (fp32): each bucket's all-reduce / reduce-scatter starts
     # as soon as its gradients are complete, overlapping the rest of the backward pass (Megatron's default size).
     grad_bucket_size: int = 40_000_000
+    # ZeRO-1: the all-gather of the updated weights runs in the background and each layer waits for its own weights
+    # when the next step first runs it, so later layers' gathers overlap earlier layers' forward (bit-identical).
+    overlap_param_gather: bool = True
 
 
 @dataclass

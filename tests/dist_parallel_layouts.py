@@ -40,6 +40,8 @@ def parse_layout(text: str) -> tuple[str, dict]:
 
 
 def run_layout(name: str, parallel: dict, out: Path) -> None:
+    from torch._dynamo.utils import counters
+    graphs_before = counters["stats"]["unique_graphs"]  # train.compile layouts: graphs dynamo compiled for this one
     cfg = make_config(parallel)
     ctx = ParallelContext.build(cfg)
     torch.manual_seed(cfg.train.seed)
@@ -54,6 +56,12 @@ def run_layout(name: str, parallel: dict, out: Path) -> None:
                             o.clip_grad)
         losses.append(result.loss)
         norms.append(result.grad_norm)
+    grads = model.grads
+    # ZeRO-1 with overlap_param_gather: the last step's weight gathers are still pending here, and the waits of the
+    # previous ones happened part by part during the last step's forward.
+    gathers_pending = grads.gathers_pending()
+    gathers_waited_after = [b.gather_waited_after for b in grads.buckets]
+    grads.wait_for_weights()
     folder = out / name
     folder.mkdir(parents=True, exist_ok=True)
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -65,7 +73,6 @@ def run_layout(name: str, parallel: dict, out: Path) -> None:
     reloaded = fresh.param_states()
     roundtrip = fresh.step_count == optimizer.step_count and reloaded.keys() == states.keys() and all(
         torch.equal(reloaded[n][k], states[n][k]) for n in states for k in states[n])
-    grads = model.grads
     torch.save({
         "coords": {"tp": ctx.tp_rank, "dp": ctx.dp_rank, "pp": ctx.pp_rank},
         "params": params,
@@ -81,6 +88,9 @@ def run_layout(name: str, parallel: dict, out: Path) -> None:
         # train.bf16_weight_cache: gradients that came through the bf16 copies in the last step
         "cached_gradients": grads.compute_weights.gradients_received if grads.compute_weights else 0,
         "num_params": sum(len(b.params) for b in grads.buckets),
+        "gathers_pending": gathers_pending,
+        "unique_graphs": counters["stats"]["unique_graphs"] - graphs_before,
+        "gathers_waited_after": gathers_waited_after,
     }, folder / f"rank{ctx.rank}.pt")
     if ctx.rank == 0:
         (folder / "metrics.json").write_text(json.dumps({"losses": losses, "grad_norms": norms}))

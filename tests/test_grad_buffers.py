@@ -57,3 +57,77 @@ def test_gradients_accumulate_in_the_bucket(detach_between_microbatches):
         assert grads.copied_grads == 0
     for name, want in _plain_grads(cfg, batch).items():
         torch.testing.assert_close(params[name].main_grad, want, rtol=1e-5, atol=1e-6, msg=name)
+
+
+class LateGather:
+    """Stands in for a ZeRO-1 weight all-gather still in flight: the bucket's new weights land only on wait()."""
+
+    def __init__(self, bucket):
+        self.bucket, self.values = bucket, bucket.data + 1.0
+
+    def wait(self):
+        self.bucket.data.copy_(self.values)
+
+
+def _with_late_gathers():
+    """A model whose forward parts wait for their buckets (parallel.overlap_param_gather), every bucket's gather
+    pending; returns the model, the weights the gathers will deliver, and the optimizer."""
+    from nanotronix.parallel.model import weight_readers
+
+    cfg = _cfg()
+    torch.manual_seed(0)
+    model = parallelize(build_model(cfg.model), ParallelContext.build(cfg), cfg)
+    opt = DistributedOptimizer(model, param_groups(model.named_parameters(), 0.0), lr=0.0, betas=(0.9, 0.95),
+                               eps=1e-8)
+    model.grads.install_weight_hooks(weight_readers(model.chunks))
+    for b in model.grads.buckets:
+        b.gather = LateGather(b)
+    arrived = {n: p.detach() + 1.0 for n, p in model.named_parameters()}
+    return cfg, model, opt, arrived
+
+
+def test_forward_parts_wait_for_their_own_weights():
+    """Each part (embedding, layers, norm + head) waits only for its buckets, in forward order, and the forward
+    computes with the gathered weights; a bucket's gather is waited before any part that reads it."""
+    cfg, model, _, arrived = _with_late_gathers()
+    x = _batch()[0, :, :-1]
+    torch.manual_seed(0)
+    plain = build_model(cfg.model)
+    plain.load_state_dict({**arrived, "lm_head.weight": arrived["embed_tokens.weight"]})  # tied
+    torch.testing.assert_close(model(x), plain(x), rtol=1e-5, atol=1e-5)
+    grads = model.grads
+    assert grads.gathers_pending() == 0
+    waited = [b.gather_waited_after for b in grads.buckets]  # buckets hold the weights in backward order
+    assert waited[-1] == 1 and waited == sorted(waited, reverse=True) and len(set(waited)) > 1, waited
+
+
+
+def test_checkpoints_wait_for_pending_weight_gathers(tmp_path):
+    """A snapshot taken while ZeRO-1's gathers run holds the gathered weights; a checkpoint load waits for gathers
+    in flight first, so none lands afterwards over the loaded weights."""
+    from nanotronix.checkpoint.storage import Collective
+    from nanotronix.checkpoint.training_state import load_training_state, take_snapshot, write_snapshot
+
+    cfg, model, opt, arrived = _with_late_gathers()
+    snap = take_snapshot(1, model, opt, model.ctx, cfg.to_dict(), {"consumed_samples": 6}, stage=True)
+    for name, want in arrived.items():
+        assert torch.equal(snap.pieces[f"model.{name}"].tensor, want), name
+    assert model.grads.gathers_pending() == 0
+    folder = write_snapshot(snap, tmp_path, Collective(None), keep_last=0)
+    for b in model.grads.buckets:
+        b.gather = LateGather(b)  # would add 1 to every weight when it lands
+    load_training_state(folder, model, opt, model.ctx, Collective(None), tied=True)
+    assert model.grads.gathers_pending() == 0
+    for name, p in model.named_parameters():
+        assert torch.equal(p, arrived[name]), name
+
+
+def test_a_forward_that_skipped_its_wait_fails_the_step():
+    """finish() refuses a step during which a weight gather stayed pending (a part ran without waiting)."""
+    from nanotronix.parallel.model import weight_readers
+
+    _, model, opt, _ = _with_late_gathers()
+    for module, _ in weight_readers(model.chunks):
+        module._forward_pre_hooks.clear()  # as if a model part had no hook
+    with pytest.raises(RuntimeError, match="weight all-gather"):
+        train_step(model, opt, _batch(), lr=0.0, clip_grad=0.0)

@@ -50,6 +50,16 @@ CACHE_PAIRS = {
     4: {"tp2_sp_dp2_zero1_bf16": "tp=2,sequence_parallel=true,zero_stage=1,train.dtype=bfloat16"},
 }
 
+# ZeRO-1 layouts with parallel.overlap_param_gather (the default) against the same layout waiting for every weight
+# gather right after the update: bit-identical, and the overlapped gathers are really waited part by part.
+OVERLAP_PAIRS = {
+    2: {"dp2_zero1": "zero_stage=1",
+        # the hook that waits runs outside the compiled layer: same graphs, no graph break inside the layer
+        "dp2_zero1_compiled": "zero_stage=1,train.compile=true"},
+    4: {"tp2_sp_dp2_zero1_bf16_cache": "tp=2,sequence_parallel=true,zero_stage=1,train.dtype=bfloat16,"
+                                       "train.bf16_weight_cache=true"},
+}
+
 
 @pytest.fixture(scope="module")
 def references():
@@ -74,6 +84,10 @@ def runs(tmp_path_factory):
             specs = [f"{name}:{spec}" for name, spec in LAYOUTS[world].items()]
             for name, spec in CACHE_PAIRS.get(world, {}).items():
                 specs += [f"{name}:{spec}", f"{name}_cache:{spec},train.bf16_weight_cache=true"]
+            for name, spec in OVERLAP_PAIRS.get(world, {}).items():
+                if not any(s.startswith(f"{name}:") for s in specs):
+                    specs.append(f"{name}:{spec}")
+                specs.append(f"{name}_waited:{spec},overlap_param_gather=false")
             proc = torchrun(world, [WORKER, "--out", str(out), *specs], timeout=300)
             assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
             done[world] = out
@@ -163,6 +177,28 @@ def test_bf16_weight_cache_is_bit_identical(world, layout, runs):
         for name in ra["states"]:
             for key in ("exp_avg", "exp_avg_sq"):
                 assert torch.equal(rb["states"][name][key], ra["states"][name][key]), f"{b.name}: {name}.{key}"
+
+
+@pytest.mark.parametrize("world, layout", [(w, n) for w, pairs in OVERLAP_PAIRS.items() for n in pairs],
+                         ids=lambda v: str(v))
+def test_overlapped_weight_gather_is_bit_identical(world, layout, runs):
+    """ZeRO-1 weight all-gathers left running after the update and waited by each model part's forward give the
+    same losses, weights and moments as waiting for them at once; when a step returns they are all still pending,
+    and the next forward waited for them one part at a time (the first part for its own weights only)."""
+    overlapped, waited = runs(world) / layout, runs(world) / f"{layout}_waited"
+    assert json.loads((overlapped / "metrics.json").read_text()) == json.loads((waited / "metrics.json").read_text())
+    for a, b in zip(sorted(waited.glob("rank*.pt")), sorted(overlapped.glob("rank*.pt")), strict=True):
+        ra, rb = torch.load(a, weights_only=False), torch.load(b, weights_only=False)
+        for name, want in ra["params"].items():
+            assert torch.equal(rb["params"][name], want), f"{b.name}: {name}"
+        for name in ra["states"]:
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(rb["states"][name][key], ra["states"][name][key]), f"{b.name}: {name}.{key}"
+        assert ra["gathers_pending"] == 0 and rb["gathers_pending"] == len(rb["buckets"]), b.name
+        # compiled: one graph for all layers (the overlapped layout runs first in its process, so it compiles it)
+        assert rb["unique_graphs"] == (1 if "compiled" in layout else 0), (b.name, rb["unique_graphs"])
+        after = rb["gathers_waited_after"]
+        assert all(n is not None for n in after) and min(after) == 1 and max(after) > 1, (b.name, after)
 
 
 def test_reference_run_is_a_real_test(reference):

@@ -34,10 +34,19 @@ class Snapshot:
     meshes: st.TensorParallelMeshes = field(repr=False)
 
 
+def _settle_weights(model) -> None:
+    """A parallel model's ZeRO-1 weight all-gathers may still run after a step (parallel.overlap_param_gather):
+    wait for them before reading or writing the weights. Plain models have none."""
+    grads = getattr(model, "grads", None)
+    if grads is not None:
+        grads.wait_for_weights()
+
+
 def take_snapshot(step: int, model, optimizer, ctx, config: dict[str, Any], data_state: dict[str, Any],
                   stage: bool) -> Snapshot:
     """This rank's state after `step`; `data_state` holds consumed_samples and per-dataset consumption."""
     tied = bool(config["model"]["tie_word_embeddings"])
+    _settle_weights(model)
     access = st.optimizer_access(optimizer, model)
     pieces = st.model_pieces(model, ctx.tp, tied)
     pieces.update(st.optimizer_pieces(access, model, ctx.tp))
@@ -80,6 +89,7 @@ def load_training_state(folder: Path, model, optimizer: Optional[Any], ctx, coll
     into this rank's model/optimizer, whatever layout saved them; return the manifest."""
     manifest = mf.read_manifest(folder)
     metadata = storage.dcp_metadata(folder)
+    _settle_weights(model)  # a weight gather still in flight would overwrite what is loaded
     targets = st.model_targets(model, ctx.tp, tied)
     with_optimizer = optimizer is not None and manifest.get("optimizer", False)
     if with_optimizer:

@@ -14,6 +14,8 @@ cast back 2+4, accumulate 4+4+4), ~40 GB per micro-batch for SmolLM2-1.7B. With 
 Numerically this is the autocast path: the same bf16 values enter the same matmuls and the same bf16 gradients
 are summed in fp32 (tests/test_compute_weights.py checks the steps are bit-identical).
 
+Under ZeRO-1 with overlap_param_gather a bucket is cast when its weights have arrived (`refresh`, from the
+forward pre-hook that waits for them), not at `start()`.
 The copies are used only between `GradBuffers.start()` and `finish()`, the micro-batches of one training step,
 during which nothing changes the weights. Outside a step (evaluation, export, a checkpoint load, anything) the
 layers read the fp32 weights under autocast as before, so a stale copy can never be used.
@@ -41,6 +43,7 @@ class ComputeWeights:
         self.leaves: list[torch.Tensor] = []
         self.twins: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # bucket index -> (fp32 data, bf16 twin)
         self.gradients_received = 0  # this step, through the copies (tests check they were really used)
+        self.stale: set[int] = set()  # twins not yet cast this step (their weights were still being gathered)
         for module in linears:
             p = module.weight
             bucket = grads.bucket_of(p)
@@ -55,13 +58,25 @@ class ComputeWeights:
             self.leaves.append(leaf)
 
     def arm(self) -> None:
-        """Cast the current weights into the twins and let the linears use them (start of a training step)."""
+        """Cast the current weights into the twins and let the linears use them (start of a training step). A
+        bucket whose ZeRO-1 weight gather is still running (parallel.overlap_param_gather) is cast later, by
+        `refresh` once its gather is waited, before the first layer that reads it."""
+        self.stale = {i for i in self.twins if self.grads.buckets[i].gather is not None}
         with torch.no_grad():
-            for data, twin in self.twins.values():
-                twin.copy_(data)
+            for i, (data, twin) in self.twins.items():
+                if i not in self.stale:
+                    twin.copy_(data)
         self.gradients_received = 0
         for module, leaf in zip(self.linears, self.leaves):
             module.compute_weight = leaf
+
+    def refresh(self, bucket_index: int) -> None:
+        """Cast bucket `bucket_index` into its twin if `arm` left it stale (its weights are now gathered)."""
+        if bucket_index in self.stale:
+            self.stale.discard(bucket_index)
+            data, twin = self.twins[bucket_index]
+            with torch.no_grad():
+                twin.copy_(data)
 
     def disarm(self) -> None:
         """Back to the fp32 weights (end of the step's backward)."""

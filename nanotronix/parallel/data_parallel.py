@@ -15,7 +15,14 @@ trigger no communication at all.
 
   zero_stage 0: all-reduce of the bucket over DP; every rank then holds the full summed gradient.
   zero_stage 1: reduce-scatter; DP rank d holds the sum for its contiguous 1/dp shard of the bucket only, which is
-                all the sharded optimizer (`optimizer.DistributedOptimizer`) needs.
+                all the sharded optimizer (`optimizer.DistributedOptimizer`) needs. After the update the buckets
+                are all-gathered over DP (`gather_weights`). With `parallel.overlap_param_gather` those gathers
+                run in the background, in forward order, and each part of the model (embedding, decoder layer,
+                final norm with the head) waits only for the buckets of its own weights, in a forward pre-hook,
+                when the next step first runs it (Megatron's overlap_param_gather): the gather of later layers'
+                weights overlaps the forward of earlier ones. Whatever else reads the weights between steps calls
+                `wait_for_weights()` first (the checkpoint snapshot, the trainer at the end); `finish()` raises
+                should a gather still be pending, which would mean a forward ran without its hook.
 
 Gradients are sums: the loss is pre-scaled by 1/(micro-batches * dp), so the sum is the global-batch mean.
 
@@ -31,14 +38,15 @@ sums, and its `no_sync` would need the trainer to know which micro-batch is last
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from nanotronix.parallel.mappings import reduce_scatter_flat
+from nanotronix.parallel.mappings import all_gather_flat, reduce_scatter_flat
 
 ALIGN = 64  # elements: every parameter starts on a 256-byte boundary of the flat buffers
 
@@ -65,6 +73,10 @@ class Bucket:
     # Gradients received this step (over all params and micro-batches) when the reduction started; None: not yet.
     # Tests read it to check the overlap with backward and that no earlier micro-batch triggered a reduction.
     launched_after: Optional[int] = None
+    gather: Optional[dist.Work] = None  # ZeRO-1: the pending all-gather of the updated weights into `data`
+    gather_input: Optional[torch.Tensor] = field(default=None, repr=False)  # its input, alive until it is waited
+    # Model parts that had entered their forward when this bucket's last gather was waited (tests: the overlap).
+    gather_waited_after: Optional[int] = None
 
     def pieces(self):
         """(param, offset, start, end) in bucket coordinates: each parameter's overlap [start, end) with this
@@ -81,6 +93,8 @@ class GradBuffers:
         self.zero_stage = zero_stage
         self.dp_group = ctx.dp_group if ctx.dp > 1 else None
         self.num_microbatches = 1
+        self.overlap_param_gather = False  # set by install_weight_hooks
+        self.parts_entered = 0  # model parts whose forward pre-hook ran this step (tests read it)
         params = [p for p in model.parameters() if p.requires_grad]
         self.buckets = self._build_buckets(params, bucket_size)
         self._bucket_of: dict[int, Bucket] = {}
@@ -149,6 +163,51 @@ class GradBuffers:
     def bucket_of(self, param: nn.Parameter) -> Bucket:
         return self._bucket_of[id(param)]
 
+    # ---- ZeRO-1 weight all-gather
+
+    def install_weight_hooks(self, parts: list[tuple[nn.Module, list[nn.Parameter]]]) -> None:
+        """Turn on parallel.overlap_param_gather (ZeRO-1 over dp > 1): `parts` are (module, the weights its
+        forward reads), covering every parameter; each module waits for its weights' buckets before its forward."""
+        covered = {id(p) for _, params in parts for p in params}
+        missing = [b.index for b in self.buckets for p in b.params if id(p) not in covered]
+        if missing:
+            raise RuntimeError(f"overlap_param_gather: parameters of buckets {sorted(set(missing))} belong to no "
+                               "model part that waits for them")
+        for module, params in parts:
+            buckets = sorted({self._bucket_of[id(p)].index for p in params if id(p) in self._bucket_of})
+            module.register_forward_pre_hook(functools.partial(_wait_for_weights_hook, self,
+                                                               [self.buckets[i] for i in buckets]))
+        self.overlap_param_gather = True
+
+    def gather_weights(self) -> None:
+        """ZeRO-1, after the update: all-gather each bucket's updated shard over DP. Launched in forward order
+        (the deferred buckets, which hold weights of the first layers, then the regular ones last to first: they
+        were filled in backward order), so the first layer's weights arrive first. Waits for all of them unless
+        overlap_param_gather is on."""
+        regular = [b for b in self.buckets if not b.deferred]
+        for b in [b for b in self.buckets if b.deferred] + regular[::-1]:
+            b.gather_input = b.data[b.shard_start:b.shard_end].clone()
+            b.gather = all_gather_flat(b.data, b.gather_input, group=self.dp_group, async_op=True)
+        if not self.overlap_param_gather:
+            self.wait_for_weights()
+
+    def weights_ready(self, buckets: Iterable[Bucket]) -> None:
+        """Wait for these buckets' weight gathers (no-op when done) and refresh their bf16 copies if stale."""
+        for b in buckets:
+            if b.gather is not None:
+                b.gather.wait()
+                b.gather, b.gather_input = None, None
+                b.gather_waited_after = self.parts_entered
+            if self.compute_weights is not None:
+                self.compute_weights.refresh(b.index)
+
+    def wait_for_weights(self) -> None:
+        """Every weight up to date: call before reading parameters outside the model's forward (checkpoints)."""
+        self.weights_ready(self.buckets)
+
+    def gathers_pending(self) -> int:
+        return sum(b.gather is not None for b in self.buckets)
+
     # ---- per step
 
     def start(self, num_microbatches: int) -> None:
@@ -157,6 +216,7 @@ class GradBuffers:
         self._next_launch = 0
         self.grads_received = 0
         self.copied_grads = 0  # gradients that arrived outside the bucket this step (tests expect none)
+        self.parts_entered = 0
         for b in self.buckets:
             b.grad.zero_()
             for p in b.params:
@@ -208,6 +268,9 @@ class GradBuffers:
         """Wait for every reduction; afterwards `shard_grad` of each bucket holds the summed gradient."""
         if self.compute_weights is not None:
             self.compute_weights.disarm()
+        if self.gathers_pending():
+            raise RuntimeError(f"{self.gathers_pending()} weight all-gather(s) still pending after backward: a model "
+                               "part ran its forward without waiting for its weights (overlap_param_gather)")
         for b in self.buckets:
             if b.pending:
                 missing = sum(1 for p in b.params if self._arrivals[id(p)] != self.num_microbatches)
@@ -221,3 +284,9 @@ class GradBuffers:
                 b.launched_after = self.grads_received
             elif b.handle is not None:
                 b.handle.wait()
+
+
+@torch.compiler.disable  # waiting on a collective is not traceable; the compiled layer's graph starts after it
+def _wait_for_weights_hook(grads: GradBuffers, buckets: list[Bucket], module: nn.Module, args) -> None:
+    grads.parts_entered += 1
+    grads.weights_ready(buckets)

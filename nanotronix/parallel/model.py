@@ -153,6 +153,23 @@ def _gather_sequence_of_first_input(group):
     return hook
 
 
+def weight_readers(chunks: list[ModelChunk]) -> list[tuple[nn.Module, list[nn.Parameter]]]:
+    """(module, the weights its forward reads) for every part of the chunks, in forward order: the embedding,
+    each decoder layer, the final norm together with the head (the fused loss reads the head's weight without
+    calling the head module), and the head."""
+    parts = []
+    for chunk in chunks:
+        if chunk.embed_tokens is not None:
+            parts.append((chunk.embed_tokens, list(chunk.embed_tokens.parameters())))
+        parts += [(layer, list(layer.parameters())) for layer in chunk.layers.values()]
+        head = list(chunk.lm_head.parameters()) if chunk.lm_head is not None else []
+        if chunk.norm is not None:
+            parts.append((chunk.norm, list(chunk.norm.parameters()) + head))
+        if chunk.lm_head is not None:
+            parts.append((chunk.lm_head, head))
+    return parts
+
+
 def parallelize(model: Llama, ctx: ParallelContext, cfg: Config) -> ParallelModel:
     """Apply TP (+SP) and PP to the plain `model` for this rank and hook up data-parallel gradient reduction."""
     p, m = cfg.parallel, cfg.model
@@ -198,6 +215,8 @@ def parallelize(model: Llama, ctx: ParallelContext, cfg: Config) -> ParallelMode
     pm.chunk_ids = chunk_ids
     pm.num_chunks = num_chunks
     pm.grads = GradBuffers(pm, ctx, zero_stage=p.zero_stage, bucket_size=p.grad_bucket_size)
+    if p.overlap_param_gather and p.zero_stage == 1 and ctx.dp > 1:
+        pm.grads.install_weight_hooks(weight_readers(pm.chunks))
     pm.runner = MicroBatchRunner(pm, next(pm.parameters()).device)
     apply_speedups(pm, cfg.train)
     return pm

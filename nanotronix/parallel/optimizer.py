@@ -6,7 +6,9 @@ gradient bucket (`data_parallel.Bucket.pieces`). A piece is a view into the buck
 `.grad` a view into the bucket's reduced gradient, so nothing is copied:
   zero_stage 0: the shard is the whole bucket: every DP rank updates every parameter (identically).
   zero_stage 1: rank d updates only its contiguous 1/dp of each bucket (optimizer state is 1/dp of the
-                unsharded size), then the buckets are all-gathered over DP so every rank has the new weights.
+                unsharded size), then the buckets are all-gathered over DP so every rank has the new weights
+                (`GradBuffers.gather_weights`; with parallel.overlap_param_gather the next forward waits for them
+                layer by layer).
 The weights are fp32 (bf16 runs use autocast), so they are their own master copy.
 
 Weight decay is decided per parameter by the caller's `param_groups` (the trainer's rule: none on 1-D tensors);
@@ -85,16 +87,8 @@ class DistributedOptimizer:
                 group["lr"] = lr
             self.inner.step()
         self.step_count += 1
-        if self.sharded:
-            self._all_gather_weights()
-
-    def _all_gather_weights(self) -> None:
-        handles = []
-        for b in self.grads.buckets:
-            local = b.data[b.shard_start:b.shard_end].clone()
-            handles.append(all_gather_flat(b.data, local, group=self.dp_group, async_op=True))
-        for h in handles:
-            h.wait()
+        if self.sharded:  # every rank gets the others' updated shards (in the background: overlap_param_gather)
+            self.grads.gather_weights()
 
     # ---- checkpoint interface
 

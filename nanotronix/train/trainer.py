@@ -88,6 +88,7 @@ def train(cfg: Config, ctx: ParallelContext, device: torch.device) -> dict:
         if checkpointer.after_step(step, model, optimizer, loader):
             preempted = True
             break
+    model.grads.wait_for_weights()  # ZeRO-1 overlap_param_gather: the last step's weight gathers
     checkpointer.close()
     loader.close()
     metrics.close()
