@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from nanotronix.errors import fail
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m nanotronix.evaluate", description=__doc__,
@@ -74,8 +76,7 @@ def main(argv=None) -> int:
     try:
         result = evaluate(args.checkpoint, args.data, args.seq_len, args.num_samples, args.batch_size, args.device)
     except (UserError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     if args.json:
         print(json.dumps(result))
     else:

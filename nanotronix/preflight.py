@@ -15,7 +15,7 @@ import os
 import sys
 
 from nanotronix.config import Config, grad_accum_steps, load_config, resolve_layout
-from nanotronix.errors import UserError
+from nanotronix.errors import UserError, fail
 
 
 class PreflightError(UserError):
@@ -106,8 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                                  f"{args.nproc_per_node}")
         print(preflight(args.config, args.overrides, args.nnodes, args.nproc_per_node), flush=True)
     except (UserError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return fail(e)
     return 0
 
 

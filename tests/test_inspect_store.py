@@ -91,5 +91,5 @@ def test_real_process_help_and_failure(store):
     assert run_tool("inspect_store.py", "--help").returncode == 0
     Path(f"{store}.bin").write_bytes(b"\x00")
     res = run_tool("inspect_store.py", str(store), "--verify")
-    assert res.returncode != 0 and "Traceback" not in res.stderr
-    assert res.stderr.strip().startswith("inspect_store: error:") and len(res.stderr.strip().splitlines()) == 1
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().startswith("error:") and len(res.stderr.strip().splitlines()) == 1

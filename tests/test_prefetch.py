@@ -140,4 +140,4 @@ def test_bench_loader_reports_every_loader(capsys):
     with pytest.raises(SystemExit) as bad:
         bench_loader.main(["--windows", "5"])
     assert bad.value.code == 2
-    assert capsys.readouterr().err.strip() == "bench_loader: error: --windows 5 is not divisible by --micro-batch 4"
+    assert capsys.readouterr().err.strip() == "error: --windows 5 is not divisible by --micro-batch 4"

@@ -102,7 +102,7 @@ def test_each_bad_record_stops_the_run_with_file_line_and_reason(tmp_path, tok, 
                       "--workers", "1", "--no-progress"])
     err = capsys.readouterr().err.strip()
     assert code != 0
-    assert err.startswith(f"preprocess: error: {src}:2: {BAD_JSONL[bad][1]}") and "\n" not in err
+    assert err.startswith(f"error: {src}:2: {BAD_JSONL[bad][1]}") and "\n" not in err
     assert _outputs(tmp_path) == [], "a failed run must leave nothing behind"
 
 
@@ -158,7 +158,7 @@ def test_cli_in_a_real_process_one_line_errors(tmp_path, tok):
     assert help_.returncode == 0 and "--output-prefix" in help_.stdout
     missing = run_tool("preprocess.py", "--input", str(tmp_path / "nope.jsonl"), "--tokenizer", tok,
                        "--output-prefix", str(tmp_path / "out"))
-    assert missing.returncode != 0 and missing.stderr.strip() == f"preprocess: error: input not found: {tmp_path / 'nope.jsonl'}"
+    assert missing.returncode != 0 and missing.stderr.strip() == f"error: input not found: {tmp_path / 'nope.jsonl'}"
     src = _jsonl(tmp_path / "in.jsonl", [json.dumps({"text": "x"})])
     bad_tok = run_tool("preprocess.py", "--input", str(src), "--tokenizer", str(tmp_path / "no" / "tokenizer.json"),
                        "--output-prefix", str(tmp_path / "out"))
@@ -188,7 +188,7 @@ def test_damaged_compressed_inputs_fail_cleanly_and_multi_frame_zstd_reads(tmp_p
         assert tool.main(["--input", str(tmp_path / name), "--tokenizer", tok, "--output-prefix",
                           str(tmp_path / "out"), "--workers", "1", "--no-progress"]) != 0
         err = capsys.readouterr().err.strip()
-        assert err.startswith(f"preprocess: error: {tmp_path / name}:") and "cannot decompress" in err and why in err
+        assert err.startswith(f"error: {tmp_path / name}:") and "cannot decompress" in err and why in err
         assert _outputs(tmp_path) == []
     c = zstandard.ZstdCompressor()
     (tmp_path / "multi.jsonl.zst").write_bytes(c.compress(b'{"text": "frame one"}\n') + c.compress(b'{"text": "two"}\n'))

@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from nanotronix.errors import fail
+
 PROSE = ["/usr/share/games/fortunes", "/usr/share/doc/python3.11", "/usr/share/doc/jargon-text"]
 SUFFIXES = (".py", ".txt", ".rst", ".md")
 
@@ -201,8 +203,7 @@ def main(argv=None):
     folders = args.corpus or [sysconfig.get_paths()["stdlib"]] + [p for p in PROSE if Path(p).is_dir()]
     texts = collect_texts(folders, int(args.max_mb * 1e6))
     if not texts:
-        print("bench_data: error: no text found in " + ", ".join(folders), file=sys.stderr)
-        return 2
+        return fail("no text found in " + ", ".join(folders))
     mb = sum(len(t.encode()) for t in texts) / 1e6
     from nanotronix.data import DataError
     try:
@@ -210,8 +211,7 @@ def main(argv=None):
             tokens, pre, store = bench_preprocess(args, texts, Path(tmp))
             seq, samp = bench_sampler(args, store)
     except DataError as e:
-        print(f"bench_data: error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     print(f"corpus: {len(texts)} documents, {mb:.1f} MB, {tokens:,} tokens ({', '.join(folders)})")
     print(f"workers: {args.workers}; cores: {os.cpu_count()}; best of {args.rounds} interleaved rounds")
     print(f"raw encode_batch_fast: {pre['threads']:,.0f} tokens/s with {args.workers} Rust threads, "

@@ -31,10 +31,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from nanotronix.errors import fail  # noqa: E402
+
 
 def _fail(message: str):
-    print(f"bench_loader: error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(fail(message))
 
 
 def parse_args(argv=None):

@@ -41,7 +41,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from nanotronix import accel  # noqa: E402
 from nanotronix.config import Config, TrainConfig, apply_override, load_config  # noqa: E402
-from nanotronix.errors import UserError  # noqa: E402
+from nanotronix.errors import UserError, fail  # noqa: E402
 from nanotronix.train.flops import device_peak_tflops, document_attention_span, flops_per_token, mfu  # noqa: E402
 
 
@@ -311,13 +311,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         base = build_config(args, [], device)
         configs = [(name, extra, build_config(args, extra, device)) for name, extra in variants]
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     unknown = sorted(set(args.profile) - {name for name, _ in variants} - {"hf-transformers"})
     if unknown:
-        print(f"error: --profile {unknown[0]}: no run of that name (runs: hf-transformers, "
-              f"{', '.join(name for name, _ in variants)})", file=sys.stderr)
-        return 2
+        return fail(f"--profile {unknown[0]}: no run of that name (runs: hf-transformers, "
+                    f"{', '.join(name for name, _ in variants)})")
     t, m = base.train, base.model
     batches = make_batches(base, args.warmup + args.steps, args.accum)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

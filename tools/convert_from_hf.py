@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from nanotronix.errors import fail
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
@@ -32,8 +34,7 @@ def main(argv=None) -> int:
 
         import_from_hf(args.hf, args.output, overwrite=args.overwrite)
     except (UserError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     return 0
 
 

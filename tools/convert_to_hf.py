@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from nanotronix.errors import fail
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
@@ -49,8 +51,7 @@ def main(argv=None) -> int:
         if args.push_to_hub:
             print(f"pushed to {push_folder(folder, args.push_to_hub, args.private)}")
     except (UserError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     return 0
 
 

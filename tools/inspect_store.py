@@ -11,6 +11,8 @@ import argparse
 import json
 import sys
 
+from nanotronix.errors import fail
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -34,8 +36,7 @@ def main(argv=None) -> int:
             store.verify(progress=not args.json)
             report["verified"] = True
     except DataError as e:
-        print(f"inspect_store: error: {e}", file=sys.stderr)
-        return 1
+        return fail(e)
     if args.json:
         print(json.dumps(report))
         return 0

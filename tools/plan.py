@@ -28,6 +28,8 @@ import os
 import sys
 from typing import Any, Optional
 
+from nanotronix.errors import fail
+
 GIB = 1024 ** 3
 
 
@@ -290,8 +292,7 @@ def main(argv=None) -> int:
     try:
         plan = build_plan(args.config, args.overrides, args.gpus, args.mfu, args.gpu)
     except (UserError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     print(json.dumps(plan, indent=1) if args.json else format_plan(plan))
     return 0
 

@@ -19,6 +19,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from nanotronix.errors import fail
+
 
 class PlotError(Exception):
     """Bad input, reported as one line."""
@@ -154,8 +156,7 @@ def main(argv=None) -> int:
         output = Path(args.output) if args.output else metrics.parent / "run.png"
         summary = plot_run(metrics, output, args.title or metrics.parent.resolve().name)
     except (PlotError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     if summary["skipped_lines"]:
         print(f"warning: skipped {summary['skipped_lines']} unreadable line(s) of {metrics}", file=sys.stderr)
     marks = ", ".join(f"{name} at step {step}" for step, name in summary["stage_boundaries"]) or "none"

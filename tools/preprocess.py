@@ -12,6 +12,8 @@ import argparse
 import os
 import sys
 
+from nanotronix.errors import fail
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -41,8 +43,7 @@ def main(argv=None) -> int:
     try:
         result = preprocess(opts)
     except DataError as e:
-        print(f"preprocess: error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     except KeyboardInterrupt:
         print("preprocess: interrupted; no output was written", file=sys.stderr)
         return 130

@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from nanotronix.errors import fail
+
 
 def iter_texts(paths: list[Path], text_key: str):
     for path in paths:
@@ -36,11 +38,9 @@ def main(argv=None) -> int:
     paths = [Path(p) for p in args.input]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        print(f"error: input not found: {missing[0]}", file=sys.stderr)
-        return 2
+        return fail(f"input not found: {missing[0]}")
     if args.vocab_size < 300:
-        print("error: --vocab-size must be at least 300 (256 bytes + specials + merges)", file=sys.stderr)
-        return 2
+        return fail("--vocab-size must be at least 300 (256 bytes + specials + merges)")
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())

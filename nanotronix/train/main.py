@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import traceback
 
 from nanotronix.config import ConfigError, load_config
-from nanotronix.errors import UserError
+from nanotronix.errors import EXIT_BAD_INPUT, UserError, fail
 from nanotronix.train import EXIT_PREEMPTED
 from nanotronix.distributed import init_distributed, pick_device, rank, shutdown_and_exit
 
@@ -41,13 +40,12 @@ def main(argv=None) -> None:
     except ConfigError as e:
         # Bad config: one line, no traceback wall. Every rank raises the same one, so rank 0 says it.
         if rank() == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        code = 2
+            fail(e)
+        code = EXIT_BAD_INPUT
     except (UserError, FileNotFoundError) as e:
         # Other bad input may show on some ranks only (a stage's own check, a path one node lacks): each says it.
         where = f"rank {rank()}: " if rank() != 0 else ""
-        print(f"error: {where}{e}", file=sys.stderr, flush=True)
-        code = 2
+        code = fail(f"{where}{e}")
     except Exception:
         traceback.print_exc()
         code = 1
