@@ -3,6 +3,10 @@ embeddings, fp32, gradient clipping active) give the same loss at every step (re
 weights (1e-5) and the same AdamW moments, assembled from the ranks' shards through `tp_shard_dim` and
 `param_states()` (the contracts the checkpoint code builds on).
 
+Pairs of layouts that must be bit-identical to each other: bf16 with and without `train.bf16_weight_cache`, and
+ZeRO-1 with the weight all-gather overlapped with the next forward (`parallel.overlap_param_gather`) or waited for
+at once (also under torch.compile).
+
 One torchrun launch per world size runs all of its layouts (cost on 2 cores: ~15 s for 2 ranks, ~25 s for 4,
 ~35 s for 8).
 """
