@@ -7,8 +7,9 @@
    The checkpoints of three layouts are then exported to Hugging Face: `transformers` must reproduce the plain
    model's logits (fp32, 1e-5).
 2. The real trainer (`nanotronix.train.trainer.train`, i.e. parallelize + DistributedOptimizer + Checkpointer):
-   2 steps in TP2xPP2xDP2, resumed to step 4 in TP2xPP1xDP4 (saving every step in the background), to 5 in
-   TP1xPP4xDP2, to 6 back in TP2xPP2xDP2; and from the first checkpoint to step 3 in one process. Every step's loss is within rel 1e-5 of an uninterrupted
+   2 steps in TP2xPP2xDP2, resumed to step 4 in TP2xPP1xDP4 with ZeRO-1 (saving every step in the background,
+   right after the update, while ZeRO-1's overlapped weight gathers run), to 5 in TP1xPP4xDP2, to 6 back in
+   TP2xPP2xDP2 with ZeRO-1; and from the first checkpoint to step 3 in one process. Every step's loss is within rel 1e-5 of an uninterrupted
    single-process run, and its learning rate equal.
 Costs ~30-40 s of CPU on 2 cores (mostly starting 8 interpreters).
 """
@@ -79,6 +80,8 @@ def trainer_overrides(root: Path, name: str, steps: int, resume, tp: int = 1, pp
            f"checkpoint.resume={root / resume / 'ckpt' if resume else 'none'}"]
     if name == "2x1x4":  # every step saved, in the background, while the 8 ranks train on
         out += ["checkpoint.interval=1", "checkpoint.async_save=true"]
+    if name in ("2x1x4", "back"):  # ZeRO-1: sharded moments in and out, saves while the weight gathers run
+        out += ["parallel.zero_stage=1"]
     return out
 
 
