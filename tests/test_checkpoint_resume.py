@@ -88,3 +88,14 @@ def test_start_from_hf_import_and_requeue_keeps_progress(tmp_path, store, capsys
     assert "already holds this run's checkpoints: continuing from step_0000002" in capsys.readouterr().out
     lines = (tmp_path / "cont" / "logs" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3 and '"step": 3' in lines[-1]
+
+
+def test_resume_refuses_another_global_batch_size(tmp_path, store):
+    """A step's samples are fixed by its number and the global batch size, so resuming with another global batch
+    size would silently skip (or repeat) samples: one clear line instead, exit 2."""
+    cfg = _config(tmp_path, store, train={"train_steps": 2}, checkpoint={"dir": str(tmp_path / "ckpt")})
+    train_in_process(cfg)
+    proc = run(["-m", "nanotronix.train", "--config", str(cfg), "train.train_steps=4", "train.global_batch_size=16"])
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert "consumed 16 samples in 2 steps (global batch 8), but train.global_batch_size is 16" in lines[0]

@@ -134,6 +134,11 @@ class Checkpointer:
         restored = manifest["_restored"]
         step = int(manifest["step"]) if restored["optimizer"] else 0
         consumed = int(manifest.get("consumed_samples", 0)) if restored["optimizer"] else 0
+        gbs = self.cfg.train.global_batch_size
+        if consumed != step * gbs:  # a step's samples are [(s-1)*gbs, s*gbs): another gbs skips or repeats data
+            raise CheckpointError(f"checkpoint {source} consumed {consumed} samples in {step} steps (global batch "
+                                  f"{consumed // max(step, 1)}), but train.global_batch_size is {gbs}: the run would "
+                                  "skip or repeat samples; resume with the checkpoint's global batch size")
         own_run = self.run_dir is not None and source.parent.resolve() == self.run_dir.resolve()
         self.last_saved_step = step if own_run else None  # never rewrite the step `latest` names
         what = "weights, optimizer state" if restored["optimizer"] else "weights only (no optimizer state saved)"
