@@ -83,6 +83,7 @@ def test_start_from_hf_import_and_requeue_keeps_progress(tmp_path, store, capsys
     out = capsys.readouterr().out
     assert "model.rope_theta: 10000.0 in the checkpoint, 130000.0 now" in out
     assert "at step 0: weights only" in out
+    assert "data order:" not in out  # a fresh data position: the import's default data config is no reference
     assert sorted(read_metrics(tmp_path / "cont" / "logs")) == [1, 2]
     train_in_process(cfg, "train.train_steps=3")  # the requeued job, with the same checkpoint.resume
     assert "already holds this run's checkpoints: continuing from step_0000002" in capsys.readouterr().out

@@ -127,8 +127,6 @@ class Checkpointer:
         current = self.cfg.to_dict()
         for note in check_architecture(saved["config"]["model"], current["model"], source):
             self._log(note)
-        for note in data_order_notes(saved["config"], current):
-            self._log(f"data order: {note}")
         manifest = load_training_state(source, model, optimizer, self.ctx, self.coll,
                                        tied=bool(self.cfg.model.tie_word_embeddings))
         restored = manifest["_restored"]
@@ -139,6 +137,9 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint {source} consumed {consumed} samples in {step} steps (global batch "
                                   f"{consumed // max(step, 1)}), but train.global_batch_size is {gbs}: the run would "
                                   "skip or repeat samples; resume with the checkpoint's global batch size")
+        if consumed:  # the data position continues (not a fresh start from imported weights)
+            for note in data_order_notes(saved["config"], current):
+                self._log(f"data order: {note}")
         own_run = self.run_dir is not None and source.parent.resolve() == self.run_dir.resolve()
         self.last_saved_step = step if own_run else None  # never rewrite the step `latest` names
         what = "weights, optimizer state" if restored["optimizer"] else "weights only (no optimizer state saved)"
