@@ -203,18 +203,25 @@ def test_resume_notes_what_changes_the_data_order():
     from nanotronix.checkpoint.checkpointer import data_order_notes
     from nanotronix.config import config_from_dict
 
-    def config(root, first="fineweb-edu", seed=1234, seq_len=2048):
+    def config(root, first="fineweb-edu", seed=1234, seq_len=2048, weight=0.6, decay_start=100):
         return config_from_dict({
             "model": {"preset": "smollm2-135m"}, "train": {"seq_len": seq_len},
             "data": {"root": root, "data_seed": seed, "stages": [
-                {"name": "stable", "datasets": [{"path": first, "weight": 0.6}, {"path": "stack-edu", "weight": 0.4}]},
-                {"name": "decay", "start_step": 100, "datasets": [{"path": "stack-edu", "weight": 1.0}]}]},
+                {"name": "stable", "datasets": [{"path": first, "weight": weight},
+                                                {"path": "stack-edu", "weight": 0.4}]},
+                {"name": "decay", "start_step": decay_start, "datasets": [{"path": "stack-edu", "weight": 1.0}]}]},
         }).to_dict()
 
     saved = config("/old/mount")
-    assert data_order_notes(saved, config("/new/cluster/corpus")) == []
+    assert data_order_notes(saved, config("/new/cluster/corpus"), step=50) == []
+    # a stage that has not begun may still change
+    assert data_order_notes(saved, config("/old/mount", decay_start=120), step=50) == []
     notes = data_order_notes(saved, config("/new/cluster/corpus", first="/elsewhere/fineweb-edu", seed=7,
-                                           seq_len=1024))
+                                           seq_len=1024), step=50)
     assert [n.split(":")[0] for n in notes] == [
-        "data.data_seed", "train.seq_len", "datasets (order keys, relative to data.root) not in the checkpoint's config"]
+        "data.data_seed", "train.seq_len", "datasets (order keys, relative to data.root) not in the checkpoint's config",
+        "the stages begun by step 50 differ from the checkpoint's (start steps, datasets or weights)"]
     assert "['/elsewhere/fineweb-edu']" in notes[2] and "no longer configured: ['fineweb-edu']" in notes[2]
+    for changed in (config("/old/mount", weight=0.5), config("/old/mount", decay_start=40)):  # a begun blend
+        assert [n.split(":")[0] for n in data_order_notes(saved, changed, step=50)] == [
+            "the stages begun by step 50 differ from the checkpoint's (start steps, datasets or weights)"]

@@ -59,17 +59,21 @@ def check_architecture(saved: dict[str, Any], current: dict[str, Any], where: Pa
 
 
 
-def data_order_notes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Differences between the checkpoint's config and this one that change which windows the coming steps
-    read (full configs as dicts): notes, not errors, because some are deliberate (the 8k context stage changes
+def data_order_notes(saved: dict[str, Any], current: dict[str, Any], step: int) -> list[str]:
+    """Differences between the checkpoint's config and this one (full configs as dicts) that change which windows
+    the steps after `step` read: notes, not errors, because some are deliberate (the 8k context stage changes
     seq_len), but a requeued run that reads other samples than it would have should say so."""
     def facts(cfg: dict[str, Any]):
         data = cfg.get("data") or {}
-        keys = {dataset_order_key(ds["path"], data.get("root"))
-                for stage in data.get("stages") or [] for ds in stage.get("datasets") or []}
-        return data.get("data_seed"), (cfg.get("train") or {}).get("seq_len"), keys
+        blends = [(1 if k == 0 else stage.get("start_step") or 0,
+                   [(dataset_order_key(ds["path"], data.get("root")), ds.get("weight"))
+                    for ds in stage.get("datasets") or []])
+                  for k, stage in enumerate(data.get("stages") or [])]
+        keys = {key for _, blend in blends for key, _ in blend}
+        begun = [b for b in blends if b[0] <= step]  # their blends fixed what each dataset has given so far
+        return data.get("data_seed"), (cfg.get("train") or {}).get("seq_len"), keys, begun
 
-    (seed0, seq0, keys0), (seed1, seq1, keys1) = facts(saved), facts(current)
+    (seed0, seq0, keys0, begun0), (seed1, seq1, keys1, begun1) = facts(saved), facts(current)
     notes = []
     if seed0 != seed1:
         notes.append(f"data.data_seed: {seed0} in the checkpoint, {seed1} now (every dataset's sample order changes)")
@@ -80,7 +84,12 @@ def data_order_notes(saved: dict[str, Any], current: dict[str, Any]) -> list[str
         notes.append(f"datasets (order keys, relative to data.root) not in the checkpoint's config: {new or 'none'}; "
                      f"no longer configured: {gone or 'none'} (a renamed or moved dataset outside data.root gets "
                      "another sample order)")
+    if begun0 != begun1:
+        notes.append(f"the stages begun by step {step} differ from the checkpoint's (start steps, datasets or "
+                     "weights): what each dataset has given so far is recounted from the new blend, so some of "
+                     "its windows repeat or are skipped")
     return notes
+
 
 class Checkpointer:
     def __init__(self, cfg, ctx, device: torch.device):
@@ -138,7 +147,7 @@ class Checkpointer:
                                   f"{consumed // max(step, 1)}), but train.global_batch_size is {gbs}: the run would "
                                   "skip or repeat samples; resume with the checkpoint's global batch size")
         if consumed:  # the data position continues (not a fresh start from imported weights)
-            for note in data_order_notes(saved["config"], current):
+            for note in data_order_notes(saved["config"], current, step):
                 self._log(f"data order: {note}")
         own_run = self.run_dir is not None and source.parent.resolve() == self.run_dir.resolve()
         self.last_saved_step = step if own_run else None  # never rewrite the step `latest` names
