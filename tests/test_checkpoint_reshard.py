@@ -9,8 +9,8 @@
 2. The real trainer (`nanotronix.train.trainer.train`, i.e. parallelize + DistributedOptimizer + Checkpointer):
    2 steps in TP2xPP2xDP2, resumed to step 4 in TP2xPP1xDP4 with ZeRO-1 (saving every step in the background,
    right after the update, while ZeRO-1's overlapped weight gathers run), to 5 in TP1xPP4xDP2, to 6 back in
-   TP2xPP2xDP2 with ZeRO-1; and from the first checkpoint to step 3 in one process. Every step's loss is within rel 1e-5 of an uninterrupted
-   single-process run, and its learning rate equal.
+   TP2xPP2xDP2 with ZeRO-1; and from the first checkpoint to step 3 in one process. Every step's loss is within
+   rel 1e-5 of an uninterrupted single-process run, and its learning rate equal.
 Costs ~30-40 s of CPU on 2 cores (mostly starting 8 interpreters).
 """
 from __future__ import annotations

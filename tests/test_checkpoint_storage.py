@@ -219,7 +219,8 @@ def test_resume_notes_what_changes_the_data_order():
     notes = data_order_notes(saved, config("/new/cluster/corpus", first="/elsewhere/fineweb-edu", seed=7,
                                            seq_len=1024), step=50)
     assert [n.split(":")[0] for n in notes] == [
-        "data.data_seed", "train.seq_len", "datasets (order keys, relative to data.root) not in the checkpoint's config",
+        "data.data_seed", "train.seq_len",
+        "datasets (order keys, relative to data.root) not in the checkpoint's config",
         "the stages begun by step 50 differ from the checkpoint's (start steps, datasets or weights)"]
     assert "['/elsewhere/fineweb-edu']" in notes[2] and "no longer configured: ['fineweb-edu']" in notes[2]
     for changed in (config("/old/mount", weight=0.5), config("/old/mount", decay_start=40)):  # a begun blend
