@@ -39,6 +39,7 @@ LAYOUTS = {
         "tp2_pp2": "tp=2,pp=2",
         "tp2_dp2": "tp=2",
         "pp2_dp2_zero1": "pp=2,zero_stage=1",
+        "pp2_interleaved_dp2_zero1": "pp=2,pp_schedule=interleaved,virtual_stages=2,zero_stage=1",
         "tp2_sp_pp2_docs": f"tp=2,pp=2,sequence_parallel=true,model.document_mask_eos_id={EOS}",
     },
     8: {
@@ -61,7 +62,9 @@ OVERLAP_PAIRS = {
         # the hook that waits runs outside the compiled layer: same graphs, no graph break inside the layer
         "dp2_zero1_compiled": "zero_stage=1,train.compile=true"},
     4: {"tp2_sp_dp2_zero1_bf16_cache": "tp=2,sequence_parallel=true,zero_stage=1,train.dtype=bfloat16,"
-                                       "train.bf16_weight_cache=true"},
+                                       "train.bf16_weight_cache=true",
+        # torch.distributed.pipelining runs the chunks: the parts' hooks still wait, two chunks per rank
+        "pp2_interleaved_dp2_zero1": "pp=2,pp_schedule=interleaved,virtual_stages=2,zero_stage=1"},
 }
 
 
