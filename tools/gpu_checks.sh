@@ -50,8 +50,8 @@ bench 360m 120 model.preset=smollm2-360m $S train.micro_batch_size=8 --accum 2 -
   --variant compiled:$C --variant compiled-cache:$C,train.bf16_weight_cache=true
 bench 135m 120 model.preset=smollm2-135m $S train.micro_batch_size=16 --accum 2 --warmup 2 --steps 4 \
   --variant compiled:$C --variant compiled-cache:$C,train.bf16_weight_cache=true
-echo "== this machine's torch on CPU: document ids between pipeline stages, every layout (gloo), the bf16 weight cache"
-timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_parallel_layouts.py tests/test_document_masking.py tests/test_compute_weights.py -k "not cuda" \
+echo "== this machine's torch on CPU: document ids between pipeline stages, every layout (gloo), the bf16 weight cache, ZeRO-1 gather overlap"
+timeout 200 $PY -m pytest -q -p no:cacheprovider tests/test_parallel_layouts.py tests/test_document_masking.py tests/test_compute_weights.py -k "not cuda" \
   >> "$OUT/checks.log" 2>&1; echo "layout tests rc=$?"; tail -2 "$OUT/checks.log"
 
 echo "== done"; date -u
