@@ -155,18 +155,16 @@ def _gather_sequence_of_first_input(group):
 
 def weight_readers(chunks: list[ModelChunk]) -> list[tuple[nn.Module, list[nn.Parameter]]]:
     """(module, the weights its forward reads) for every part of the chunks, in forward order: the embedding,
-    each decoder layer, the final norm together with the head (the fused loss reads the head's weight without
-    calling the head module), and the head."""
+    each decoder layer, and the final norm together with the head (the last chunk holds both; the head runs right
+    after the norm, and the fused loss reads the head's weight without calling the head module)."""
     parts = []
     for chunk in chunks:
         if chunk.embed_tokens is not None:
             parts.append((chunk.embed_tokens, list(chunk.embed_tokens.parameters())))
         parts += [(layer, list(layer.parameters())) for layer in chunk.layers.values()]
-        head = list(chunk.lm_head.parameters()) if chunk.lm_head is not None else []
         if chunk.norm is not None:
+            head = list(chunk.lm_head.parameters()) if chunk.lm_head is not None else []
             parts.append((chunk.norm, list(chunk.norm.parameters()) + head))
-        if chunk.lm_head is not None:
-            parts.append((chunk.lm_head, head))
     return parts
 
 
