@@ -12,21 +12,24 @@ ROOT = Path(__file__).parent
 
 
 def optional_extensions():
-    """CUDA extensions from csrc/, only where CUDA torch and nvcc exist (never on the CPU CI machine)."""
+    """CUDA extensions from csrc/, only where CUDA torch and nvcc exist (never on the CPU CI machine):
+    nanotronix._kernels (the fused elementwise kernels) and nanotronix._wgrad_gemm (the weight-gradient GEMM that
+    accumulates into fp32; optional=True: it links cuBLAS, and a machine where that fails still gets _kernels)."""
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
     except ImportError:
         return [], {}
-    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cu"))
-    if not sources or torch.version.cuda is None or CUDA_HOME is None:
+    kernels = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cu"))
+    if not kernels or torch.version.cuda is None or CUDA_HOME is None:
         return [], {}
-    ext = CUDAExtension(
-        name="nanotronix._kernels",
-        sources=sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp")) + sources,
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-std=c++17"]},
-    )
-    return [ext], {"build_ext": BuildExtension}
+    flags = {"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-std=c++17"]}
+    exts = [
+        CUDAExtension(name="nanotronix._kernels", sources=["csrc/bindings.cpp", *kernels], extra_compile_args=flags),
+        CUDAExtension(name="nanotronix._wgrad_gemm", sources=["csrc/wgrad_gemm.cpp"], libraries=["cublas"],
+                      extra_compile_args=flags, optional=True),
+    ]
+    return exts, {"build_ext": BuildExtension}
 
 
 ext_modules, cmdclass = optional_extensions()

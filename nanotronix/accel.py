@@ -36,6 +36,14 @@ def compiled_kernels():
     return _optional_module("nanotronix._kernels")
 
 
+def wgrad_gemm_kernel():
+    """The csrc/ weight-gradient GEMM accumulating into fp32 (nanotronix._wgrad_gemm) when it is built and CUDA is
+    usable, else None (train.grad_accumulation_fusion needs it on CUDA)."""
+    if not torch.cuda.is_available():
+        return None
+    return _optional_module("nanotronix._wgrad_gemm")
+
+
 def dali_modules():
     """NVIDIA DALI's pipeline API and PyTorch iterator as a namespace (pipeline_def, fn, types,
     DALIGenericIterator, version) when DALI is installed, else None (data.loader: pytorch needs none of it)."""

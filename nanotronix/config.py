@@ -110,6 +110,7 @@ class TrainConfig:
     fused_kernels: bool = False  # csrc/ CUDA kernels for add+RMSNorm, RoPE, SwiGLU (PyTorch twin elsewhere)
     loss_chunk_size: int = 0  # > 0: fused head + cross entropy over chunks of this many tokens (no full logits)
     bf16_weight_cache: bool = False  # bf16 decoder weights cast once per step, not per micro-batch (dtype bfloat16)
+    grad_accumulation_fusion: bool = False  # with bf16_weight_cache: wgrad GEMMs accumulate into the fp32 buckets
 
 
 @dataclass
@@ -386,6 +387,9 @@ def validate(cfg: Config) -> None:
              f"train.recompute: {t.recompute!r} is not none|selective|full")
     _require(not t.bf16_weight_cache or t.dtype == "bfloat16",
              f"train.bf16_weight_cache: needs train.dtype bfloat16 (got {t.dtype!r}: there is nothing to cast)")
+    _require(not t.grad_accumulation_fusion or t.bf16_weight_cache,
+             "train.grad_accumulation_fusion: needs train.bf16_weight_cache: true (it fuses the bf16 copies' "
+             "gradient accumulation)")
     _require(t.loss_chunk_size >= 0, f"train.loss_chunk_size: must be >= 0 (0: plain loss), got {t.loss_chunk_size}")
     # Inductor already generates fused kernels for the same ops, and the compiled csrc ops are opaque to it.
     _require(not (t.compile and t.fused_kernels),

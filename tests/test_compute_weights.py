@@ -20,10 +20,11 @@ MODEL = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "nu
 STEPS = 3
 
 
-def _cfg(cache: bool, dtype: str = "bfloat16", recompute: str = "none"):
+def _cfg(cache: bool, dtype: str = "bfloat16", recompute: str = "none", fused: bool = False):
     return config_from_dict({"model": MODEL, "parallel": {"grad_bucket_size": 3000},
                              "train": {"seq_len": 12, "global_batch_size": 6, "micro_batch_size": 2, "dtype": dtype,
-                                       "bf16_weight_cache": cache, "recompute": recompute},
+                                       "bf16_weight_cache": cache, "recompute": recompute,
+                                       "grad_accumulation_fusion": fused},
                              "optimizer": {"lr": 1e-2, "weight_decay": 0.1}})
 
 
@@ -31,15 +32,21 @@ def _data():
     return torch.randint(0, MODEL["vocab_size"], (STEPS, 3, 2, 13), generator=torch.Generator().manual_seed(7))
 
 
-def _train(cache: bool, compiled: bool, device: str = "cpu", recompute: str = "none"):
-    cfg = _cfg(cache, recompute=recompute)
+def _model(cache: bool, compiled, device: str = "cpu", recompute: str = "none", fused: bool = False):
+    """compiled: False, True (the aot_eager backend: fast, and what Inductor receives) or a backend name."""
+    cfg = _cfg(cache, recompute=recompute, fused=fused)
     torch.manual_seed(0)
     # eager attention on CUDA: its backward is deterministic (flash / mem-efficient SDPA accumulate atomically)
     model = build_model(cfg.model, "sdpa" if device == "cpu" else "eager").to(device)
     model = parallelize(model, ParallelContext.build(cfg), cfg)
     if compiled:
         torch._dynamo.reset()
-        apply_compile(model, backend="aot_eager")
+        apply_compile(model, backend="aot_eager" if compiled is True else compiled)
+    return model
+
+
+def _train(cache: bool, compiled: bool, device: str = "cpu", recompute: str = "none", fused: bool = False):
+    model = _model(cache, compiled, device, recompute, fused)
     opt = DistributedOptimizer(model, param_groups(model.named_parameters(), 0.1), lr=1e-2, betas=(0.9, 0.95),
                                eps=1e-8)
     linear_weights = [m.weight for m in model.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
@@ -128,3 +135,117 @@ def test_outside_a_step_the_layers_read_the_fp32_weights():
 def test_cache_needs_bf16():
     with pytest.raises(ConfigError, match="train.bf16_weight_cache: needs train.dtype bfloat16"):
         _cfg(True, dtype="float32")
+
+
+# ---- train.grad_accumulation_fusion (nanotronix/parallel/grad_accumulation_fusion.py): the bf16 copies' weight
+# gradients accumulated in fp32 by the wgrad GEMM itself (on CPU through the op's PyTorch twin)
+
+def _step_gradients(fused: bool, compiled=False, recompute: str = "none", device: str = "cpu"):
+    """One training step's summed gradients (every bucket's main_grad, before the update) and its loss."""
+    model = _model(True, compiled, device, recompute, fused)
+    opt = DistributedOptimizer(model, param_groups(model.named_parameters(), 0.1), lr=1e-2, betas=(0.9, 0.95),
+                               eps=1e-8)
+    grads = {}
+    opt.step = lambda lr: grads.update({n: p.main_grad.detach().clone() for n, p in model.named_parameters()})
+    loss = train_step(model, opt, _data()[0].to(device), lr=1e-2, clip_grad=0.0).loss
+    return model, loss, grads
+
+
+def _decoder_linear_names(model):
+    return {n for n, p in model.named_parameters()
+            if any(m.weight is p for m in model.grads.compute_weights.linears)}
+
+
+@pytest.mark.parametrize("compiled", [False, "inductor"], ids=["eager", "inductor"])
+def test_fused_accumulation_gives_the_fp32_sum_of_the_same_gradients(compiled):
+    ref_model, ref_loss, ref = _step_gradients(fused=False, compiled=compiled)
+    model, loss, got = _step_gradients(fused=True, compiled=compiled)
+    assert loss == ref_loss  # the same forward
+    linears = _decoder_linear_names(model)
+    assert len(linears) == 8
+    for name in ref:
+        if name not in linears:  # norms, embedding: untouched by the fusion, and dx is the same bf16 matmul
+            assert torch.equal(got[name], ref[name]), name
+    # the decoder linears' gradients are the same sums without the bf16 rounding of each micro-batch's gradient:
+    # close (3 roundings of 2^-9 at most), and not equal (the rounding is really gone)
+    for name in linears:
+        err = ((got[name] - ref[name]).norm() / ref[name].norm()).item()
+        assert err < 4e-3, (name, err)
+    assert sum(not torch.equal(got[n], ref[n]) for n in linears) == len(linears)
+
+    cache, microbatches = model.grads.compute_weights, _data().shape[1]
+    assert cache.gradients_received == 8 * microbatches  # every arrival reported through the op
+    assert model.grads.grads_received == len(list(model.parameters())) * microbatches
+    assert all(leaf.grad is None for leaf in cache.leaves)  # no bf16 gradient was made
+    assert model.grads.copied_grads == 0
+    assert all(m.weight_grad_target is None and m.compute_weight is None for m in cache.linears)  # disarmed
+    from nanotronix.parallel import grad_accumulation_fusion
+    assert not grad_accumulation_fusion._listeners  # and no longer listening
+
+
+def test_fused_accumulation_is_the_exact_fp32_sum():
+    """Against an fp64 recomputation of the same sum: grad_out^T @ input of each micro-batch, from the very bf16
+    tensors the backward saw, summed over the micro-batches (what the CUDA GEMM computes, up to the order)."""
+    from nanotronix.parallel import grad_accumulation_fusion as fusion
+    calls = []
+    original = fusion.reference.wgrad_accumulate_fp32
+
+    def recording(main_grad, grad_out, inp):
+        calls.append((main_grad.data_ptr(), grad_out.double().t() @ inp.double()))
+        original(main_grad, grad_out, inp)
+
+    fusion.reference.wgrad_accumulate_fp32 = recording
+    try:
+        model, _, got = _step_gradients(fused=True)
+    finally:
+        fusion.reference.wgrad_accumulate_fp32 = original
+    names = {p.main_grad.data_ptr(): n for n, p in model.named_parameters()}
+    exact = {}
+    for ptr, g in calls:
+        exact[names[ptr]] = exact.get(names[ptr], 0) + g
+    assert set(exact) == _decoder_linear_names(model)
+    for name, want in exact.items():
+        torch.testing.assert_close(got[name].double(), want, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("recompute", ["selective", "full"])
+def test_fused_accumulation_with_recompute(recompute):
+    """Recomputed forwards inside the backward must not accumulate twice: same gradients as without recompute."""
+    _, loss, want = _step_gradients(fused=True)
+    model, got_loss, got = _step_gradients(fused=True, recompute=recompute)
+    assert got_loss == loss
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    assert model.grads.compute_weights.gradients_received == 8 * _data().shape[1]
+
+
+def test_fused_training_steps_follow_the_cache_path():
+    """Whole steps (update included): the same first loss, then the runs part only by the gradients' bf16
+    rounding, which Adam's normalisation amplifies for near-zero gradients: each weight's distance to the cache
+    path's is a few percent of how far the three steps moved it (measured: <= 3.2%)."""
+    _, ref_losses, ref_weights, _, _ = _train(cache=True, compiled=False)
+    _, losses, weights, _, _ = _train(cache=True, compiled=False, fused=True)
+    assert losses[0] == ref_losses[0] and losses == pytest.approx(ref_losses, rel=1e-3)
+    init = build_ref_init()
+    for name in weights:
+        moved = (ref_weights[name] - init[name]).norm()
+        assert (weights[name] - ref_weights[name]).norm() < 0.1 * moved, name
+
+
+def test_compiled_fused_accumulation_does_not_recompile():
+    """One graph for all layers: the op finds each layer's buffer by its address, not by a per-layer constant."""
+    from torch._dynamo.utils import counters
+    counters.clear()
+    _train(cache=True, compiled="inductor", fused=True)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_a_backend_that_copies_the_buffer_fails_loudly():
+    """aot_eager functionalises the op's mutation into a copy of the bucket and does not re-inplace it: the op must
+    not report a gradient that is only in the copy (the bucket reduction would start before the copy-back)."""
+    with pytest.raises(RuntimeError, match="ran on a copy of a gradient buffer"):
+        _step_gradients(fused=True, compiled=True)
+
+
+def test_fusion_needs_the_cache():
+    with pytest.raises(ConfigError, match="train.grad_accumulation_fusion: needs train.bf16_weight_cache"):
+        _cfg(False, fused=True)

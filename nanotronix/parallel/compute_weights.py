@@ -20,6 +20,10 @@ The copies are used only between `GradBuffers.start()` and `finish()`, the micro
 during which nothing changes the weights. Outside a step (evaluation, export, a checkpoint load, anything) the
 layers read the fp32 weights under autocast as before, so a stale copy can never be used.
 
+With train.grad_accumulation_fusion the leaves' gradients are not made at all: each linear's backward adds its
+weight gradient into `main_grad` inside the wgrad GEMM (`grad_accumulation_fusion.py`), and this class, listening
+on each `main_grad`, reports the arrival to the buckets.
+
 Only the decoder layers' linears take part: the tied embedding is also read by the (fp32) lookup, and the norms
 are a few thousand parameters. Hand-written because torch offers this only inside FSDP2's mixed-precision
 parameters, which this DP/ZeRO-1 design does not use.
@@ -32,14 +36,17 @@ import torch
 from torch import nn
 
 from nanotronix.model.llama import DecoderLayer
+from nanotronix.parallel import grad_accumulation_fusion
 from nanotronix.parallel.data_parallel import GradBuffers
 from nanotronix.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
 
 class ComputeWeights:
-    def __init__(self, grads: GradBuffers, linears: list[nn.Module], dtype: torch.dtype):
+    def __init__(self, grads: GradBuffers, linears: list[nn.Module], dtype: torch.dtype,
+                 fuse_grad_accumulation: bool = False):
         self.grads = grads
         self.linears = linears
+        self.fuse_grad_accumulation = fuse_grad_accumulation
         self.leaves: list[torch.Tensor] = []
         self.twins: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # bucket index -> (fp32 data, bf16 twin)
         self.gradients_received = 0  # this step, through the copies (tests check they were really used)
@@ -53,8 +60,10 @@ class ComputeWeights:
             offset = next(off for q, off in zip(bucket.params, bucket.offsets) if q is p)
             twin = self.twins[bucket.index][1]
             # detach(): a leaf of its own that shares the twin's memory, so refreshing the twin refreshes it.
-            leaf = twin[offset:offset + p.numel()].view_as(p).detach().requires_grad_(True)
-            leaf.register_post_accumulate_grad_hook(functools.partial(self._on_grad, p))
+            leaf = twin[offset:offset + p.numel()].view_as(p).detach()
+            if not fuse_grad_accumulation:  # fused: the wgrad GEMM accumulates; the copy itself needs no gradient
+                leaf.requires_grad_(True)
+                leaf.register_post_accumulate_grad_hook(functools.partial(self._on_grad, p))
             self.leaves.append(leaf)
 
     def arm(self) -> None:
@@ -69,6 +78,10 @@ class ComputeWeights:
         self.gradients_received = 0
         for module, leaf in zip(self.linears, self.leaves):
             module.compute_weight = leaf
+            if self.fuse_grad_accumulation:
+                p = module.weight
+                module.weight_grad_target = p.main_grad
+                grad_accumulation_fusion.listen(p.main_grad, functools.partial(self._on_fused_grad, p))
 
     def refresh(self, bucket_index: int) -> None:
         """Cast bucket `bucket_index` into its twin if `arm` left it stale (its weights are now gathered)."""
@@ -82,6 +95,9 @@ class ComputeWeights:
         """Back to the fp32 weights (end of the step's backward)."""
         for module in self.linears:
             module.compute_weight = None
+            if module.weight_grad_target is not None:
+                grad_accumulation_fusion.stop_listening(module.weight_grad_target)
+                module.weight_grad_target = None
 
     def _on_grad(self, param: nn.Parameter, leaf: torch.Tensor) -> None:
         param.main_grad.add_(leaf.grad)
@@ -89,11 +105,20 @@ class ComputeWeights:
         self.gradients_received += 1
         self.grads.gradient_arrived(param)
 
+    def _on_fused_grad(self, param: nn.Parameter) -> None:
+        """The wgrad GEMM has added one micro-batch's gradient of `param` into its main_grad."""
+        self.gradients_received += 1
+        self.grads.gradient_arrived(param)
 
-def cache_compute_weights(model: nn.Module, dtype: torch.dtype) -> ComputeWeights:
-    """Give every decoder-layer linear of the parallelised `model` a `dtype` twin (see the module docstring)."""
+
+def cache_compute_weights(model: nn.Module, dtype: torch.dtype,
+                          fuse_grad_accumulation: bool = False) -> ComputeWeights:
+    """Give every decoder-layer linear of the parallelised `model` a `dtype` twin (see the module docstring);
+    with `fuse_grad_accumulation` their weight gradients are accumulated by the wgrad GEMM into the buckets."""
     linears = [m for layer in model.modules() if isinstance(layer, DecoderLayer)
                for m in layer.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
-    weights = ComputeWeights(model.grads, linears, dtype)
+    if fuse_grad_accumulation:
+        grad_accumulation_fusion.check_available(next(model.parameters()).device)
+    weights = ComputeWeights(model.grads, linears, dtype, fuse_grad_accumulation)
     model.grads.compute_weights = weights
     return weights

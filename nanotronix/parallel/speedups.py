@@ -10,6 +10,8 @@
   gradient passes over the [tokens, vocab] logits are compiled too.
 - bf16_weight_cache: the decoder linears multiply with bf16 copies of their weights cast once per step
   (`compute_weights.py`), and their gradients go straight into the fp32 buckets.
+- grad_accumulation_fusion (with bf16_weight_cache): those gradients are accumulated into the buckets by the
+  wgrad GEMM itself, in fp32 (`grad_accumulation_fusion.py`).
 
 The model code stays plain: nothing here changes parameter names (layers are patched in place, never wrapped),
 so checkpoints, the HF mapping and tensor-parallel layers see the same module tree. Apply after the model is
@@ -111,7 +113,7 @@ def apply_speedups(model: nn.Module, train: TrainConfig) -> nn.Module:
     them, then compile around both (compile traces the checkpointed forward); the fused loss is independent."""
     apply_fused_loss(model, train.loss_chunk_size)
     if train.bf16_weight_cache:
-        cache_compute_weights(model, torch.bfloat16)
+        cache_compute_weights(model, torch.bfloat16, train.grad_accumulation_fusion)
     if train.fused_kernels:
         apply_fused_kernels(model)
     apply_recompute(model, train.recompute)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanotronix.parallel import mappings
+from nanotronix.parallel.grad_accumulation_fusion import linear_accumulating_weight_grad
 from nanotronix.parallel.mappings import Group
 
 COLUMN_INPUT_MODES = ("copy", "gather_sequence", "none")
@@ -40,9 +41,16 @@ class _ParallelLinear(nn.Module):
     # During a bf16 training step with train.bf16_weight_cache: the weight's bf16 copy that the matmul uses
     # instead of `weight` (nanotronix/parallel/compute_weights.py); None otherwise.
     compute_weight = None
+    # ... and with train.grad_accumulation_fusion the fp32 buffer (`weight.main_grad`) that the backward's wgrad GEMM
+    # accumulates into directly (nanotronix/parallel/grad_accumulation_fusion.py); None otherwise.
+    weight_grad_target = None
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight if self.compute_weight is None else self.compute_weight)
+        if self.compute_weight is None:
+            return F.linear(x, self.weight)
+        if self.weight_grad_target is None:
+            return F.linear(x, self.compute_weight)
+        return linear_accumulating_weight_grad(x, self.compute_weight, self.weight_grad_target)
 
 
 class ColumnParallelLinear(_ParallelLinear):

@@ -1,0 +1,100 @@
+"""Weight gradients accumulated into the fp32 buckets by the wgrad GEMM itself (`train.grad_accumulation_fusion`).
+
+Under `train.bf16_weight_cache` a decoder linear's backward makes its weight gradient as a bf16 tensor (the wgrad
+GEMM writes 2 bytes per element) and a separate kernel then adds it into the fp32 bucket `main_grad` (reads 2 + 4
+bytes, writes 4). With this switch the linear's backward instead runs one GEMM that reads `main_grad`, adds
+grad_out^T @ input computed with fp32 accumulation and writes it back (cuBLAS with an fp32 C and beta = 1,
+csrc/wgrad_gemm.cpp): no bf16 gradient tensor and no separate pass (10 bytes per parameter, ~16 GB per SmolLM2-1.7B
+micro-batch); the GEMM, compute-bound anyway, reads and writes 8 bytes per parameter in its epilogue instead of
+writing 2. The gradient is also no longer rounded to bf16 before it is summed. Megatron-LM calls this gradient_accumulation_fusion (there with apex's kernel).
+
+The accumulation is a custom op, `nanotronix::accumulate_weight_grad`, that declares it mutates `main_grad`:
+torch.compile keeps it as one opaque call inside the compiled layer's backward, on the bucket's own memory (no
+copy, one graph for all layers; tests/test_compute_weights.py). After accumulating, the op reports the gradient to
+whoever registered that buffer (`ComputeWeights`, which tells the gradient buckets, so a bucket's data-parallel
+reduction still starts during backward as soon as its last gradient is in). The op finds the listener by the
+buffer's address, not by an argument, because a per-layer constant would make torch.compile specialise (and
+recompile) each layer. That also makes it safe: torch.compile functionalises the mutation, and Inductor turns it
+back into the in-place call on the bucket; a backend that does not (aot_eager) would hand the op a copy of the
+whole bucket, whose address no listener has, and the op raises instead of reporting a gradient that is not in the
+bucket yet.
+
+Hand-written because neither torch nor its compiler offers a GEMM that accumulates into an fp32 buffer from bf16
+inputs in place. On CPU (tests) the op runs the PyTorch twin (`kernels.reference.wgrad_accumulate_fp32`, the same
+fp32 sums); on CUDA it needs the built extension (`python setup.py build_ext --inplace`).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from nanotronix import accel
+from nanotronix.errors import UserError
+from nanotronix.kernels import reference
+
+# main_grad.data_ptr() -> called after a gradient was accumulated into that buffer
+_listeners: dict[int, Callable[[], None]] = {}
+
+
+def listen(main_grad: torch.Tensor, callback: Callable[[], None]) -> None:
+    _listeners[main_grad.data_ptr()] = callback
+
+
+def stop_listening(main_grad: torch.Tensor) -> None:
+    _listeners.pop(main_grad.data_ptr(), None)
+
+
+def check_available(device: torch.device) -> None:
+    """Raise the one-line reason when the fused accumulation cannot run on `device`."""
+    if torch.device(device).type == "cuda" and accel.wgrad_gemm_kernel() is None:
+        raise UserError("train.grad_accumulation_fusion: needs the csrc/ weight-gradient GEMM (nanotronix."
+                        "_wgrad_gemm), which is not built here: run `python setup.py build_ext --inplace` on a "
+                        "machine with CUDA's compiler, or set train.grad_accumulation_fusion=false")
+
+
+@torch.library.custom_op("nanotronix::accumulate_weight_grad", mutates_args=("main_grad",))
+def accumulate_weight_grad(main_grad: torch.Tensor, grad_out: torch.Tensor, inp: torch.Tensor) -> None:
+    """main_grad [out, in] (fp32) += grad_out[tokens, out]^T @ inp[tokens, in], then tell its listener."""
+    if main_grad.is_cuda:
+        kernel = accel.wgrad_gemm_kernel()
+        if kernel is None:
+            check_available(main_grad.device)
+        kernel.wgrad_accumulate_fp32(main_grad, grad_out, inp)
+    else:
+        reference.wgrad_accumulate_fp32(main_grad, grad_out, inp)
+    callback = _listeners.get(main_grad.data_ptr())
+    if callback is not None:
+        callback()
+    elif _listeners:  # armed, yet not one of the buffers: the op was handed a copy (see the module docstring)
+        raise RuntimeError("nanotronix::accumulate_weight_grad ran on a copy of a gradient buffer: the torch.compile "
+                           "backend did not re-inplace the mutation (inductor does, aot_eager does not)")
+
+
+@accumulate_weight_grad.register_fake
+def _(main_grad: torch.Tensor, grad_out: torch.Tensor, inp: torch.Tensor) -> None:
+    return None
+
+
+class _LinearAccumulatingWeightGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, main_grad: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        # An attribute, not a saved tensor: every accumulation into the bucket bumps the version counter that all
+        # its views share, which save_for_backward would report as a modified input.
+        ctx.main_grad = main_grad
+        return F.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        accumulate_weight_grad(ctx.main_grad, grad_out.flatten(0, -2), x.flatten(0, -2))
+        grad_x = grad_out @ weight if ctx.needs_input_grad[0] else None
+        return grad_x, None, None
+
+
+def linear_accumulating_weight_grad(x: torch.Tensor, weight: torch.Tensor, main_grad: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, weight) whose backward adds the weight's gradient into `main_grad` (fp32, the shape of weight)
+    instead of returning it. x is cast to the weight's dtype first, as autocast would."""
+    return _LinearAccumulatingWeightGrad.apply(x.to(weight.dtype), weight, main_grad)
