@@ -11,6 +11,23 @@ from setuptools import find_packages, setup
 ROOT = Path(__file__).parent
 
 
+def find_cublas(cuda_home: str):
+    """(include dir, library file) of cuBLAS: the CUDA toolkit's, else the nvidia-cublas wheel's that CUDA builds of
+    torch install (a toolkit installed for nvcc alone may have no cuBLAS); None when neither is there."""
+    roots = [Path(cuda_home)]
+    try:
+        import nvidia  # namespace package of NVIDIA's wheels: nvidia/cu13, nvidia/cublas (CUDA 12), ...
+        roots += [p for base in nvidia.__path__ for p in sorted(Path(base).iterdir()) if p.is_dir()]
+    except ImportError:
+        pass
+    for root in roots:
+        header = root / "include" / "cublas_v2.h"
+        libraries = sorted(root.glob("lib*/libcublas.so*"))  # libcublas.so, else libcublas.so.13, ...
+        if header.is_file() and libraries:
+            return str(header.parent), str(libraries[0])
+    return None
+
+
 def optional_extensions():
     """CUDA extensions from csrc/, only where CUDA torch and nvcc exist (never on the CPU CI machine):
     nanotronix._kernels (the fused elementwise kernels) and nanotronix._wgrad_gemm (the weight-gradient GEMM that
@@ -24,11 +41,16 @@ def optional_extensions():
     if not kernels or torch.version.cuda is None or CUDA_HOME is None:
         return [], {}
     flags = {"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-std=c++17"]}
-    exts = [
-        CUDAExtension(name="nanotronix._kernels", sources=["csrc/bindings.cpp", *kernels], extra_compile_args=flags),
-        CUDAExtension(name="nanotronix._wgrad_gemm", sources=["csrc/wgrad_gemm.cpp"], libraries=["cublas"],
-                      extra_compile_args=flags, optional=True),
-    ]
+    exts = [CUDAExtension(name="nanotronix._kernels", sources=["csrc/bindings.cpp", *kernels],
+                          extra_compile_args=flags)]
+    cublas = find_cublas(CUDA_HOME)
+    if cublas is None:
+        print("setup.py: no cuBLAS header (CUDA toolkit, nvidia-cublas wheel): skipping nanotronix._wgrad_gemm")
+    else:
+        include, library = cublas
+        exts.append(CUDAExtension(name="nanotronix._wgrad_gemm", sources=["csrc/wgrad_gemm.cpp"],
+                                  include_dirs=[include], extra_link_args=[library], extra_compile_args=flags,
+                                  optional=True))
     return exts, {"build_ext": BuildExtension}
 
 

@@ -5,15 +5,33 @@
 // bf16 A/B, an fp32 C read and written in place (beta = 1) and fp32 accumulation: the gradient never exists as a
 // bf16 tensor and needs no separate add. A module of its own (built with optional=True by setup.py) because it
 // links cuBLAS: if that fails on some machine, the fused kernels of nanotronix._kernels still build.
+//
+// It uses a cuBLAS handle of its own (one per device, on the current stream) rather than torch's: torch's handle
+// comes from ATen/cuda/CUDAContext.h, which needs the cuSPARSE and cuSOLVER headers as well, and a CUDA toolkit
+// installed for nvcc alone (as on our CPU development machines) has none of them. setup.py finds cuBLAS's header
+// and library in the toolkit or in the nvidia-cublas wheel that CUDA builds of torch install.
 #include <torch/extension.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <cublas_v2.h>
+
+#include <mutex>
+#include <vector>
 
 namespace {
 
 void check_cublas(cublasStatus_t status) {
   TORCH_CHECK(status == CUBLAS_STATUS_SUCCESS, "nanotronix._wgrad_gemm: cuBLAS error ", static_cast<int>(status));
+}
+
+// The handle of `device`, created on first use and kept for the process (cuBLAS handles are meant to be reused).
+cublasHandle_t handle_for(int device) {
+  static std::mutex lock;
+  static std::vector<cublasHandle_t> handles;
+  std::lock_guard<std::mutex> guard(lock);
+  if (device >= static_cast<int>(handles.size())) handles.resize(device + 1, nullptr);
+  if (handles[device] == nullptr) check_cublas(cublasCreate(&handles[device]));
+  return handles[device];
 }
 
 void wgrad_accumulate_fp32(at::Tensor& main_grad, const at::Tensor& grad_out, const at::Tensor& input) {
@@ -34,7 +52,8 @@ void wgrad_accumulate_fp32(at::Tensor& main_grad, const at::Tensor& grad_out, co
   if (tokens == 0 || out == 0 || in == 0) return;
   TORCH_CHECK(tokens <= INT_MAX && out <= INT_MAX && in <= INT_MAX, "wgrad_accumulate_fp32: dimension too large");
   const c10::cuda::CUDAGuard guard(main_grad.device());
-  cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();  // already bound to the current stream
+  cublasHandle_t handle = handle_for(main_grad.get_device());
+  check_cublas(cublasSetStream(handle, c10::cuda::getCurrentCUDAStream(main_grad.get_device()).stream()));
   // cuBLAS is column-major: the row-major [out, in] main_grad is the column-major [in, out] matrix
   // C = x_cm @ g_cm^T, where x_cm = input viewed column-major ([in, tokens], ld in) and g_cm = grad_out viewed
   // column-major ([out, tokens], ld out).
@@ -48,6 +67,6 @@ void wgrad_accumulate_fp32(at::Tensor& main_grad, const at::Tensor& grad_out, co
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "nanotronix weight-gradient GEMM accumulating into fp32 (see nanotronix/parallel/grad_accumulation_fusion.py)";
+  m.doc() = "nanotronix weight-gradient GEMM accumulating into fp32 (nanotronix/parallel/grad_accumulation_fusion.py)";
   m.def("wgrad_accumulate_fp32", &wgrad_accumulate_fp32);
 }

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from helpers import requires_cuda
+from nanotronix import accel
 from nanotronix.config import ConfigError, config_from_dict
 from nanotronix.model import build_model
 from nanotronix.parallel import DistributedOptimizer, ParallelContext, parallelize
@@ -156,10 +157,18 @@ def _decoder_linear_names(model):
             if any(m.weight is p for m in model.grads.compute_weights.linears)}
 
 
-@pytest.mark.parametrize("compiled", [False, "inductor"], ids=["eager", "inductor"])
-def test_fused_accumulation_gives_the_fp32_sum_of_the_same_gradients(compiled):
-    ref_model, ref_loss, ref = _step_gradients(fused=False, compiled=compiled)
-    model, loss, got = _step_gradients(fused=True, compiled=compiled)
+requires_wgrad_gemm = pytest.mark.skipif(
+    accel.wgrad_gemm_kernel() is None,
+    reason="needs CUDA and the built nanotronix._wgrad_gemm (tools/gpu_checks.sh)")
+
+
+@pytest.mark.parametrize("compiled, device", [(False, "cpu"), ("inductor", "cpu"),
+                                              pytest.param(False, "cuda", marks=requires_wgrad_gemm),
+                                              pytest.param("inductor", "cuda", marks=requires_wgrad_gemm)],
+                         ids=["eager", "inductor", "cuda-eager", "cuda-inductor"])
+def test_fused_accumulation_gives_the_fp32_sum_of_the_same_gradients(compiled, device):
+    ref_model, ref_loss, ref = _step_gradients(fused=False, compiled=compiled, device=device)
+    model, loss, got = _step_gradients(fused=True, compiled=compiled, device=device)
     assert loss == ref_loss  # the same forward
     linears = _decoder_linear_names(model)
     assert len(linears) == 8
