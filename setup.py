@@ -51,7 +51,20 @@ def optional_extensions():
         exts.append(CUDAExtension(name="nanotronix._wgrad_gemm", sources=["csrc/wgrad_gemm.cpp"],
                                   include_dirs=[include], extra_link_args=[library], extra_compile_args=flags,
                                   optional=True))
-    return exts, {"build_ext": BuildExtension}
+    class BuildWithOptionalExtensions(BuildExtension):
+        """torch's BuildExtension, except that an extension marked optional that fails to build is skipped with a
+        warning: torch compiles with ninja, whose failures are RuntimeErrors, which setuptools' own handling of
+        `optional` does not catch (the whole build, _kernels included, would fail)."""
+
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as error:
+                if not ext.optional:
+                    raise
+                print(f"setup.py: skipping the optional extension {ext.name}: {error}")
+
+    return exts, {"build_ext": BuildWithOptionalExtensions}
 
 
 ext_modules, cmdclass = optional_extensions()
