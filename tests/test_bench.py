@@ -25,11 +25,16 @@ def test_cli_reports_baseline_and_variants(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "tools/bench_train.py"), *TINY, "--accum", "2",
                            "--warmup", "1", "--steps", "2", "--variant", "plain:",
                            "--variant", "fused:train.fused_kernels=true,train.loss_chunk_size=5",
+                           "--variant", "mb6:train.micro_batch_size=6",
                            "--profile", "fused", "--json", str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
     names = [r["name"] for r in report["results"]]
-    assert names == ["hf-transformers", "plain", "fused"]
+    assert names == ["hf-transformers", "plain", "fused", "mb6"]
+    # tokens per step = accum x micro-batch x seq, for a run with its own micro-batch size too
+    for r, micro in zip(report["results"], [3, 3, 3, 6]):
+        per_step = r["tokens_per_sec_per_gpu"] * sum(r["step_seconds"]) / len(r["step_seconds"])
+        assert per_step == pytest.approx(2 * micro * 16), r["name"]
     assert report["accum"] == 2 and report["micro_batch_size"] == 3 and report["seq_len"] == 16
     for r in report["results"]:
         assert r["ok"] and r["tokens_per_sec_per_gpu"] > 0 and len(r["step_seconds"]) == 2
@@ -38,6 +43,21 @@ def test_cli_reports_baseline_and_variants(tmp_path):
     # same init and batches: nanotronix's first loss is transformers' first loss (same init std, fp32 on CPU)
     plain, fused = report["results"][1]["losses"], report["results"][2]["losses"]
     assert abs(plain[0] - fused[0]) < 1e-4
+
+
+def test_a_run_with_its_own_micro_batch_size_trains_batches_of_that_size(monkeypatch):
+    """What each run's steps are handed (before: the base micro-batch, while its throughput counted its own)."""
+    shapes = {}
+    measure = bench_train.measure
+
+    def recording(name, build, cfg, device, batches, *args, **kwargs):
+        shapes[name] = tuple(batches[0].shape)
+        return measure(name, build, cfg, device, batches, *args, **kwargs)
+
+    monkeypatch.setattr(bench_train, "measure", recording)
+    assert bench_train.main([*TINY, "--accum", "2", "--warmup", "1", "--steps", "1", "--no-baseline",
+                             "--variant", "plain:", "--variant", "mb6:train.micro_batch_size=6"]) == 0
+    assert shapes == {"plain": (2, 3, 17), "mb6": (2, 6, 17)}
     assert "hf-transformers" in proc.stdout and "vs HF" in proc.stdout
     # --profile fused: one more step of that run profiled; its time split into kernel groups (matmuls among them)
     shares = report["results"][2]["time_shares"]

@@ -259,13 +259,15 @@ def measure(name: str, build: Callable[[], Callable[[torch.Tensor], float]], cfg
             result.time_shares = profile_step(step, batches[-1], device, name)
     except torch.OutOfMemoryError as e:
         result.ok, result.error = False, f"out of memory: {str(e).splitlines()[0]}"
-    except RuntimeError as e:  # e.g. an attention backend the device lacks: report it, go on with the next run
+    except (RuntimeError, UserError) as e:  # e.g. a backend or kernel the device lacks: report it, run the next
         result.ok, result.error = False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     finally:
         del step
     if result.ok:
         t = cfg.train
-        tokens = batches[0].shape[0] * t.micro_batch_size * t.seq_len
+        accum, micro, window = batches[0].shape
+        assert (micro, window) == (t.micro_batch_size, t.seq_len + 1), "batches of another shape than the config's"
+        tokens = accum * micro * t.seq_len
         rate = tokens * len(result.step_seconds) / sum(result.step_seconds)
         eos = cfg.model.document_mask_eos_id
         span = None if eos is None else sum(document_attention_span(b[..., :-1], eos) for b in batches) / len(batches)
@@ -330,27 +332,38 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     results: list[RunResult] = []
     baseline = None
+
+    def report() -> str:
+        """The table so far, and the JSON rewritten after every run: a run cut short (a device time limit) keeps
+        the figures of the runs that finished."""
+        for r in results:
+            if baseline is not None and baseline.ok and r.ok:
+                r.ratio_to_baseline = r.tokens_per_sec_per_gpu / baseline.tokens_per_sec_per_gpu
+        table = format_table(results)
+        if args.json:
+            write_json(args.json, {
+                "device": name, "torch": torch.__version__, "model": asdict(m), "seq_len": t.seq_len,
+                "micro_batch_size": t.micro_batch_size, "accum": args.accum, "warmup": args.warmup,
+                "steps": args.steps, "dtype": t.dtype, "flops_per_token": flops_per_token(m, t.seq_len),
+                "peak_tflops": device_peak_tflops(device, t.dtype), "argv": sys.argv[1:] if argv is None else argv,
+                "results": [asdict(r) for r in results], "table": table,
+            })
+        return table
+
     if not args.no_baseline:
         baseline = measure("hf-transformers", lambda: hf_step_fn(base, device), base, device, batches,
                            args.warmup, [], profile="hf-transformers" in args.profile)
         results.append(baseline)
+        report()
     if not args.baseline_only:
         for vname, extra, cfg in configs:
-            results.append(measure(vname, lambda cfg=cfg: nanotronix_step_fn(cfg, device), cfg, device, batches,
+            # a run with its own micro-batch size gets batches of that size (the same accumulation)
+            own = batches if cfg.train.micro_batch_size == t.micro_batch_size else \
+                make_batches(cfg, args.warmup + args.steps, args.accum)
+            results.append(measure(vname, lambda cfg=cfg: nanotronix_step_fn(cfg, device), cfg, device, own,
                                    args.warmup, extra, profile=vname in args.profile))
-    for r in results:
-        if baseline is not None and baseline.ok and r.ok:
-            r.ratio_to_baseline = r.tokens_per_sec_per_gpu / baseline.tokens_per_sec_per_gpu
-    table = format_table(results)
-    print(table, flush=True)
-    if args.json:
-        write_json(args.json, {
-            "device": name, "torch": torch.__version__, "model": asdict(m), "seq_len": t.seq_len,
-            "micro_batch_size": t.micro_batch_size, "accum": args.accum, "warmup": args.warmup,
-            "steps": args.steps, "dtype": t.dtype, "flops_per_token": flops_per_token(m, t.seq_len),
-            "peak_tflops": device_peak_tflops(device, t.dtype), "argv": sys.argv[1:] if argv is None else argv,
-            "results": [asdict(r) for r in results], "table": table,
-        })
+            report()
+    print(report(), flush=True)
     return 0 if all(r.ok for r in results) else 1
 
 
