@@ -43,6 +43,12 @@ def test_cli_reports_baseline_and_variants(tmp_path):
     # same init and batches: nanotronix's first loss is transformers' first loss (same init std, fp32 on CPU)
     plain, fused = report["results"][1]["losses"], report["results"][2]["losses"]
     assert abs(plain[0] - fused[0]) < 1e-4
+    assert "hf-transformers" in proc.stdout and "vs HF" in proc.stdout
+    # --profile fused: one more step of that run profiled; its time split into kernel groups (matmuls among them)
+    shares = report["results"][2]["time_shares"]
+    assert report["results"][1]["time_shares"] is None and len(report["results"][2]["losses"]) == 3
+    assert sum(shares.values()) == pytest.approx(1.0) and shares["matmul"] > 0
+    assert "[fused] profile of one step" in proc.stdout and "by group:" in proc.stdout
 
 
 def test_a_run_with_its_own_micro_batch_size_trains_batches_of_that_size(monkeypatch):
@@ -58,12 +64,6 @@ def test_a_run_with_its_own_micro_batch_size_trains_batches_of_that_size(monkeyp
     assert bench_train.main([*TINY, "--accum", "2", "--warmup", "1", "--steps", "1", "--no-baseline",
                              "--variant", "plain:", "--variant", "mb6:train.micro_batch_size=6"]) == 0
     assert shapes == {"plain": (2, 3, 17), "mb6": (2, 6, 17)}
-    assert "hf-transformers" in proc.stdout and "vs HF" in proc.stdout
-    # --profile fused: one more step of that run profiled; its time split into kernel groups (matmuls among them)
-    shares = report["results"][2]["time_shares"]
-    assert report["results"][1]["time_shares"] is None and len(report["results"][2]["losses"]) == 3
-    assert sum(shares.values()) == pytest.approx(1.0) and shares["matmul"] > 0
-    assert "[fused] profile of one step" in proc.stdout and "by group:" in proc.stdout
 
 
 def test_cli_bad_input_is_one_line_error():
