@@ -55,11 +55,11 @@ if [ "$PART" != 2 ]; then
   # without the bf16 weight cache, with the wgrad GEMMs accumulating into the fp32 buckets
   # (grad_accumulation_fusion), with document masking (random tokens: the mask is built and applied, the cost of
   # the masked SDPA kernel is what shows), and at micro-batch 8 (fits in 80 GB without recompute?); one step of
-  # compiled-cache and of compiled-cache-fused is profiled (kernel-time breakdown: what to work on next).
+  # compiled-cache and of compiled-cache-fused is profiled (kernel-time breakdown: what to work on next). The runs
+  # with nothing new to go wrong come first: bench_train rewrites its JSON after every run.
   bench 1p7b 400 model.preset=smollm2-1.7b $S train.micro_batch_size=4 --accum 16 --warmup 2 --steps 3 \
-    --variant compiled:$C --variant compiled-cache:$K --variant compiled-cache-fused:$F \
-    --variant compiled-cache-mb8:$K,train.micro_batch_size=8 \
-    --variant compiled-cache-fused-mb8:$F,train.micro_batch_size=8 \
+    --variant compiled:$C --variant compiled-cache:$K --variant compiled-cache-mb8:$K,train.micro_batch_size=8 \
+    --variant compiled-cache-fused:$F --variant compiled-cache-fused-mb8:$F,train.micro_batch_size=8 \
     --variant compiled-cache-docmask:$K,model.document_mask_eos_id=0 \
     --profile compiled-cache --profile compiled-cache-fused
 fi
