@@ -258,3 +258,16 @@ def test_a_backend_that_copies_the_buffer_fails_loudly():
 def test_fusion_needs_the_cache():
     with pytest.raises(ConfigError, match="train.grad_accumulation_fusion: needs train.bf16_weight_cache"):
         _cfg(False, fused=True)
+
+
+def test_a_step_that_dies_half_way_does_not_keep_its_model_alive():
+    """The op's table of listeners is module-level: a step interrupted before `disarm` (an out-of-memory error in
+    the benchmark, say) must not keep that model's weights and buckets alive for the next run."""
+    import gc
+    import weakref
+    model = _model(True, False, fused=True)
+    model.grads.start(3)  # armed: listening on every decoder linear's gradient buffer, never disarmed
+    alive = weakref.ref(model.grads)
+    del model
+    gc.collect()
+    assert alive() is None

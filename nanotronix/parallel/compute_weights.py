@@ -30,14 +30,13 @@ parameters, which this DP/ZeRO-1 design does not use.
 """
 from __future__ import annotations
 
-import functools
 
 import torch
 from torch import nn
 
 from nanotronix.model.llama import DecoderLayer
 from nanotronix.parallel import grad_accumulation_fusion
-from nanotronix.parallel.data_parallel import GradBuffers
+from nanotronix.parallel.data_parallel import GradBuffers, weak_tensor_hook
 from nanotronix.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
 
@@ -63,7 +62,7 @@ class ComputeWeights:
             leaf = twin[offset:offset + p.numel()].view_as(p).detach()
             if not fuse_grad_accumulation:  # fused: the wgrad GEMM accumulates; the copy itself needs no gradient
                 leaf.requires_grad_(True)
-                leaf.register_post_accumulate_grad_hook(functools.partial(self._on_grad, p))
+                leaf.register_post_accumulate_grad_hook(weak_tensor_hook(self._on_grad, p))
             self.leaves.append(leaf)
 
     def arm(self) -> None:
@@ -81,7 +80,7 @@ class ComputeWeights:
             if self.fuse_grad_accumulation:
                 p = module.weight
                 module.weight_grad_target = p.main_grad
-                grad_accumulation_fusion.listen(p.main_grad, functools.partial(self._on_fused_grad, p))
+                grad_accumulation_fusion.listen(p.main_grad, self._on_fused_grad, p)
 
     def refresh(self, bucket_index: int) -> None:
         """Cast bucket `bucket_index` into its twin if `arm` left it stale (its weights are now gathered)."""

@@ -39,6 +39,7 @@ sums, and its `no_sync` would need the trainer to know which micro-batch is last
 from __future__ import annotations
 
 import functools
+import weakref
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
@@ -49,6 +50,20 @@ from torch import nn
 from nanotronix.parallel.mappings import all_gather_flat, reduce_scatter_flat
 
 ALIGN = 64  # elements: every parameter starts on a 256-byte boundary of the flat buffers
+
+
+def weak_tensor_hook(method, *args):
+    """A tensor hook calling `method(*args, tensor)` for as long as the method's object lives. Tensor hooks are kept
+    in C++, where Python's garbage collector cannot see them: a hook holding its owner strongly while the owner
+    holds the tensor is a cycle that is never freed (every model built in a process would keep its weights and
+    buckets: the benchmark, which builds one model per run, ran later runs next to earlier runs' leftovers)."""
+    ref = weakref.WeakMethod(method)
+
+    def hook(tensor):
+        bound = ref()
+        if bound is not None:
+            bound(*args, tensor)
+    return hook
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -106,7 +121,7 @@ class GradBuffers:
             self._allocate(bucket)
             for p in bucket.params:
                 self._bucket_of[id(p)] = bucket
-                p.register_post_accumulate_grad_hook(self._on_grad)
+                p.register_post_accumulate_grad_hook(weak_tensor_hook(self._on_grad))
         self.start(1)
 
     # ---- layout

@@ -26,25 +26,40 @@ fp32 sums); on CUDA it needs the built extension (`python setup.py build_ext --i
 """
 from __future__ import annotations
 
-from typing import Callable
+import weakref
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from nanotronix import accel
 from nanotronix.errors import UserError
 from nanotronix.kernels import reference
 
-# main_grad.data_ptr() -> called after a gradient was accumulated into that buffer
-_listeners: dict[int, Callable[[], None]] = {}
+# main_grad.data_ptr() -> (weak bound method, weak parameter): called as method(parameter) after a gradient was
+# accumulated into that buffer. Weak, so that a step that dies half-way (an out-of-memory error, before `disarm`)
+# cannot keep its model and buckets alive through this module-level table.
+_listeners: dict[int, tuple[weakref.WeakMethod, weakref.ref]] = {}
 
 
-def listen(main_grad: torch.Tensor, callback: Callable[[], None]) -> None:
-    _listeners[main_grad.data_ptr()] = callback
+def listen(main_grad: torch.Tensor, method: Callable[[nn.Parameter], None], param: nn.Parameter) -> None:
+    _listeners[main_grad.data_ptr()] = (weakref.WeakMethod(method), weakref.ref(param))
 
 
 def stop_listening(main_grad: torch.Tensor) -> None:
     _listeners.pop(main_grad.data_ptr(), None)
+
+
+def _listener(main_grad: torch.Tensor) -> Optional[tuple[Callable[[nn.Parameter], None], nn.Parameter]]:
+    entry = _listeners.get(main_grad.data_ptr())
+    if entry is None:
+        return None
+    method, param = entry[0](), entry[1]()
+    if method is None or param is None:  # its model is gone: a stale entry
+        del _listeners[main_grad.data_ptr()]
+        return None
+    return method, param
 
 
 def check_available(device: torch.device) -> None:
@@ -65,9 +80,10 @@ def accumulate_weight_grad(main_grad: torch.Tensor, grad_out: torch.Tensor, inp:
         kernel.wgrad_accumulate_fp32(main_grad, grad_out, inp)
     else:
         reference.wgrad_accumulate_fp32(main_grad, grad_out, inp)
-    callback = _listeners.get(main_grad.data_ptr())
-    if callback is not None:
-        callback()
+    listener = _listener(main_grad)
+    if listener is not None:
+        method, param = listener
+        method(param)
     elif _listeners:  # armed, yet not one of the buffers: the op was handed a copy (see the module docstring)
         raise RuntimeError("nanotronix::accumulate_weight_grad ran on a copy of a gradient buffer: the torch.compile "
                            "backend did not re-inplace the mutation (inductor does, aot_eager does not)")
