@@ -115,8 +115,29 @@ def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents=None) ->
     return out.view(b, s, *out.shape[1:]).transpose(1, 2)
 
 
+@functools.lru_cache(maxsize=None)
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+    # FlexAttention runs its generated kernel only when compiled (eager it is a slow reference); inside a layer
+    # that is compiled already this is traced into the layer's graph.
+    return torch.compile(flex_attention, dynamic=False)
+
+
+@functools.lru_cache(maxsize=8)
+def _causal_block_mask(seq: int, device: torch.device):
+    from torch.nn.attention.flex_attention import create_block_mask
+    return create_block_mask(lambda b, h, q, k: k <= q, None, None, seq, seq, device=device)
+
+
+def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents=None) -> torch.Tensor:
+    """FlexAttention with a block mask: causal, or within documents, where blocks across documents are skipped
+    rather than masked (the masked SDPA path computes them all). Training needs CUDA: torch has no CPU backward."""
+    block_mask = documents.block_mask if documents is not None else _causal_block_mask(q.shape[-2], q.device)
+    return _compiled_flex_attention()(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
 ATTENTION_BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
-    "sdpa": _sdpa, "sdpa_cudnn": _sdpa_cudnn, "eager": _eager, "flash_attention_2": _flash,
+    "sdpa": _sdpa, "sdpa_cudnn": _sdpa_cudnn, "eager": _eager, "flash_attention_2": _flash, "flex": _flex,
 }
 
 
@@ -127,6 +148,8 @@ def resolve_attention(requested: str, device: Optional[torch.device] = None) -> 
         return "flash_attention_2" if on_cuda and flash_attn_available() else "sdpa"
     if requested == "flash_attention_2" and not (on_cuda and flash_attn_available()):
         raise UserError("model.attn_implementation: flash_attention_2 needs the flash_attn package and CUDA")
+    if requested == "flex" and not on_cuda:
+        raise UserError("model.attn_implementation: flex needs CUDA (torch's FlexAttention has no CPU backward)")
     if requested == "sdpa_cudnn" and not (on_cuda and torch.backends.cudnn.is_available()):
         raise UserError("model.attn_implementation: sdpa_cudnn needs CUDA with cuDNN")
     if requested not in ATTENTION_BACKENDS:

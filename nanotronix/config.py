@@ -361,9 +361,9 @@ def validate(cfg: Config) -> None:
     _require(m.rope_theta > 0, "model.rope_theta: must be positive")
     _require(m.rms_norm_eps > 0, "model.rms_norm_eps: must be positive")
     _require(m.init_std > 0, "model.init_std: must be positive")
-    _require(m.attn_implementation in ("auto", "sdpa", "sdpa_cudnn", "flash_attention_2", "eager"),
+    _require(m.attn_implementation in ("auto", "sdpa", "sdpa_cudnn", "flash_attention_2", "flex", "eager"),
              f"model.attn_implementation: {m.attn_implementation!r} is not "
-             "auto|sdpa|sdpa_cudnn|flash_attention_2|eager")
+             "auto|sdpa|sdpa_cudnn|flash_attention_2|flex|eager")
 
     p = cfg.parallel
     for name in ("tp", "pp", "virtual_stages", "grad_bucket_size"):

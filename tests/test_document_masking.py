@@ -141,3 +141,65 @@ def test_config_rejects(overrides, message):
         base[section].update(values)
     with pytest.raises(ConfigError, match=message):
         config_from_dict(base)
+
+
+# ---- model.attn_implementation: flex (FlexAttention with a block mask). torch has no FlexAttention backward on
+# CPU: here the forward (compiled by Inductor for the CPU) is checked; forward and backward on CUDA below.
+
+def _flex_vs_sdpa_forward(device: str, dtype: torch.dtype, grad: bool):
+    torch.manual_seed(0)
+    sdpa = build_model(CFG, attn_backend="sdpa" if device == "cpu" else "eager").to(device)
+    flex = build_model(CFG, attn_backend="flex").to(device)
+    flex.load_state_dict(sdpa.state_dict())
+    ids, _ = _packed([[5, 11, 3, 13], [17, 15]], torch.Generator().manual_seed(1))
+    ids = ids.to(device)
+    with torch.set_grad_enabled(grad), torch.autocast(device, dtype, enabled=dtype != torch.float32):
+        out = [model(ids).float() for model in (sdpa, flex)]
+    return out, (sdpa, flex)
+
+
+def test_flex_forward_matches_sdpa_within_documents():
+    (want, got), _ = _flex_vs_sdpa_forward("cpu", torch.float32, grad=False)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # one block mask per forward, built before the layers and shared by them
+    documents = Documents.from_tokens(_packed([[5, 11]], torch.Generator().manual_seed(2))[0], EOS)
+    assert documents.prepare("flex").block_mask is documents.block_mask
+
+
+def test_compiled_layers_with_flex_do_not_recompile_per_batch():
+    """Every batch brings new document ids, so a new block mask and mask function: the compiled layers must take
+    them as inputs (one graph), not specialise on them."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = build_model(CFG, attn_backend="flex")
+    for layer in model.layers.values():
+        layer.compile()
+    with torch.no_grad():
+        for lengths in ([[5, 11, 3, 13], [17, 15]], [[9, 23], [3, 3, 26]], [[32], [1, 31]]):
+            model(_packed(lengths, torch.Generator().manual_seed(3))[0])
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_flex_needs_cuda():
+    with pytest.raises(accel.UserError, match="flex needs CUDA"):
+        accel.resolve_attention("flex", torch.device("cpu"))
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (tools/gpu_checks.sh)")
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["cuda-fp32", "cuda-bf16"])
+def test_flex_forward_and_backward_match_masked_attention_on_cuda(dtype):
+    """Tolerances: fp32 1e-4 (different summation order and exp implementation); bf16 3e-2 relative L2 (rounding
+    of every matmul input and output, as between any two bf16 attention kernels)."""
+    (want, got), (sdpa, flex) = _flex_vs_sdpa_forward("cuda", dtype, grad=True)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    assert ((got - want).norm() / want.norm()).item() < tol
+    g = torch.randn_like(want)
+    (want * g).sum().backward()
+    (got * g).sum().backward()
+    for (name, a), b in zip(sdpa.named_parameters(), flex.parameters()):
+        assert ((b.grad - a.grad).norm() / a.grad.norm()).item() < tol, name

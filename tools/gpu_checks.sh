@@ -32,8 +32,9 @@ build() {
 
 gpu_tests() {
   echo "== GPU tests"
-  timeout 180 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py tests/test_wgrad_gemm_cuda.py \
-    tests/test_kernels.py tests/test_compute_weights.py tests/test_speedups.py -k "cuda or kernels" \
+  timeout 200 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py tests/test_wgrad_gemm_cuda.py \
+    tests/test_kernels.py tests/test_compute_weights.py tests/test_speedups.py tests/test_document_masking.py \
+    -k "cuda or kernels" \
     >> "$LOG" 2>&1; echo "tests rc=$?"; tail -5 "$LOG"
 }
 
@@ -53,14 +54,15 @@ if [ "$PART" != 2 ]; then
   gpu_tests
   # The headline figure: accumulation 16 (SmolLM2-1.7B's 1M-token batch is 4 x 16 x 16 GPUs), compiled, with and
   # without the bf16 weight cache, with the wgrad GEMMs accumulating into the fp32 buckets
-  # (grad_accumulation_fusion), with document masking (random tokens: the mask is built and applied, the cost of
-  # the masked SDPA kernel is what shows), and at micro-batch 8 (fits in 80 GB without recompute?); one step of
+  # (grad_accumulation_fusion), with document masking (random tokens, so about one document per window: the mask
+  # is built and applied, the cost of the masked SDPA kernel and of FlexAttention is what shows), and at micro-batch 8 (fits in 80 GB without recompute?); one step of
   # compiled-cache and of compiled-cache-fused is profiled (kernel-time breakdown: what to work on next). The runs
   # with nothing new to go wrong come first: bench_train rewrites its JSON after every run.
   bench 1p7b 400 model.preset=smollm2-1.7b $S train.micro_batch_size=4 --accum 16 --warmup 2 --steps 3 \
     --variant compiled:$C --variant compiled-cache:$K --variant compiled-cache-mb8:$K,train.micro_batch_size=8 \
     --variant compiled-cache-fused:$F --variant compiled-cache-fused-mb8:$F,train.micro_batch_size=8 \
     --variant compiled-cache-docmask:$K,model.document_mask_eos_id=0 \
+    --variant compiled-cache-docmask-flex:$K,model.document_mask_eos_id=0,model.attn_implementation=flex \
     --profile compiled-cache --profile compiled-cache-fused
 fi
 

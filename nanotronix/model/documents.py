@@ -7,7 +7,8 @@ reset_position_ids), so each document is computed exactly as if it stood alone.
 
 `Documents` is built once per forward from the token ids and handed to every layer; each attention backend asks it
 for the form it needs (a boolean mask for SDPA and the eager path, `cu_seqlens` for FlashAttention-2's varlen
-kernel), built on first use and shared by all layers.
+kernel, a block mask for FlexAttention), built once before the layers (`prepare`, so that a compiled layer receives
+it as an input instead of building it inside its graph) and shared by all layers.
 """
 from __future__ import annotations
 
@@ -56,3 +57,28 @@ class Documents:
         cu = torch.zeros(lengths.numel() + 1, dtype=torch.int32, device=self.ids.device)
         cu[1:] = torch.cumsum(lengths, dim=0)
         return cu, int(lengths.max())
+
+    @functools.cached_property
+    def block_mask(self):
+        """FlexAttention's BlockMask of the same rule (same document, causal). Blocks of 128 x 128 tokens that lie
+        wholly across two documents are skipped by the kernel, not computed and then masked."""
+        from torch.nn.attention.flex_attention import create_block_mask
+        b, s = self.ids.shape
+        return create_block_mask(_same_document_causal(self.ids), b, None, s, s, device=self.ids.device)
+
+    def prepare(self, attention_backend: str) -> "Documents":
+        """Build now the form `attention_backend` reads (see the module docstring)."""
+        getattr(self, _FORM_OF_BACKEND[attention_backend])
+        return self
+
+
+_FORM_OF_BACKEND = {"sdpa": "attention_mask", "sdpa_cudnn": "attention_mask", "eager": "attention_mask",
+                    "flash_attention_2": "cu_seqlens", "flex": "block_mask"}
+
+
+def _same_document_causal(ids: torch.Tensor):
+    """FlexAttention's mask_mod: query q may see key k of row b when both are in the same document and k <= q. One
+    code object for every batch (only the captured ids differ), so compiled layers do not recompile per batch."""
+    def mask_mod(b, h, q, k):
+        return (ids[b, q] == ids[b, k]) & (k <= q)
+    return mask_mod

@@ -78,6 +78,8 @@ def decoder_forward(parts: nn.Module, x: torch.Tensor, skip_head: bool = False,
         h = parts.embed_tokens(x)
     else:
         h = x
+    if documents is not None and len(parts.layers):
+        documents.prepare(next(iter(parts.layers.values())).self_attn.attn_backend)
     positions = documents.positions if documents is not None else \
         torch.arange(h.shape[1] * seq_shards, device=h.device)
     cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
