@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark of nanotronix, in two parts that each fit one device call (< 10 minutes):
-#   part 1 (~6 min on an H100): environment, csrc/ kernel build (sm_90), GPU tests (kernel numerics vs the PyTorch
-#     twins and fp64, the wgrad GEMM, the bf16 weight cache and the compiled loss on CUDA) -> $OUT/checks.log;
-#     tools/bench_train.py on SmolLM2-1.7B at seq 2048 vs transformers -> $OUT/bench_1p7b.{log,json}
-#   part 2 (~4 min): SmolLM2-360M and -135M -> $OUT/bench_{360m,135m}.*, then the CPU layout tests under this
-#     machine's torch -> $OUT/checks2.log (reuses part 1's build when the machine is still warm; builds otherwise)
+#   part 1 (~7 min on an H100, what issue 7's "Done when" needs first): environment, csrc/ kernel build (sm_90),
+#     GPU tests (kernel numerics vs the PyTorch twins and fp64, the wgrad GEMM, the bf16 weight cache, the compiled
+#     loss) -> $OUT/checks.log; tools/bench_train.py on SmolLM2-1.7B at seq 2048 vs transformers -> bench_1p7b.*
+#   part 2 (~7 min, most important first): SmolLM2-360M and -135M -> bench_{360m,135m}.*, FlexAttention's GPU tests,
+#     1.7B with document masking (masked SDPA, FlexAttention) -> bench_1p7b_docmask.*, the CPU layout tests under
+#     this machine's torch -> $OUT/checks2.log (reuses part 1's build on a warm machine; builds otherwise)
 # Usage: OUT=/some/dir bash tools/gpu_checks.sh [1|2|all]   (OUT defaults to ./gpu_out, the part to all)
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -30,14 +31,11 @@ build() {
   $PY -c "from nanotronix import accel; print('kernels loaded:', accel.compiled_kernels() is not None, '| wgrad GEMM loaded:', accel.wgrad_gemm_kernel() is not None)" 2>&1 | tee -a "$LOG"
 }
 
-gpu_tests() {
-  echo "== GPU tests"
-  timeout 200 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py tests/test_wgrad_gemm_cuda.py \
-    tests/test_kernels.py tests/test_compute_weights.py tests/test_speedups.py tests/test_document_masking.py \
-    -k "cuda or kernels" \
-    >> "$LOG" 2>&1; echo "tests rc=$?"; tail -5 "$LOG"
+gpu_tests() {  # test files...
+  echo "== GPU tests: $*"
+  timeout 200 $PY -m pytest -q -p no:cacheprovider "$@" -k "cuda or kernels" >> "$LOG" 2>&1
+  echo "tests rc=$?"; tail -5 "$LOG"
 }
-
 bench() {  # name, timeout, args...
   local name=$1 limit=$2; shift 2
   echo "== bench $name"
@@ -51,30 +49,34 @@ F=$K,train.grad_accumulation_fusion=true
 
 if [ "$PART" != 2 ]; then
   build
-  gpu_tests
+  gpu_tests tests/test_kernels_cuda.py tests/test_wgrad_gemm_cuda.py tests/test_kernels.py \
+    tests/test_compute_weights.py tests/test_speedups.py
   # The headline figure: accumulation 16 (SmolLM2-1.7B's 1M-token batch is 4 x 16 x 16 GPUs), compiled, with and
   # without the bf16 weight cache, with the wgrad GEMMs accumulating into the fp32 buckets
-  # (grad_accumulation_fusion), with document masking (random tokens, so about one document per window: the mask
-  # is built and applied, the cost of the masked SDPA kernel and of FlexAttention is what shows), and at micro-batch 8 (fits in 80 GB without recompute?); one step of
-  # compiled-cache and of compiled-cache-fused is profiled (kernel-time breakdown: what to work on next). The runs
-  # with nothing new to go wrong come first: bench_train rewrites its JSON after every run.
-  bench 1p7b 400 model.preset=smollm2-1.7b $S train.micro_batch_size=4 --accum 16 --warmup 2 --steps 3 \
+  # (grad_accumulation_fusion), and at micro-batch 8 (fits in 80 GB without recompute?); one step of compiled-cache
+  # and of compiled-cache-fused is profiled (kernel-time breakdown: what to work on next). The runs with nothing
+  # new to go wrong come first: bench_train rewrites its JSON after every run.
+  bench 1p7b 380 model.preset=smollm2-1.7b $S train.micro_batch_size=4 --accum 16 --warmup 2 --steps 3 \
     --variant compiled:$C --variant compiled-cache:$K --variant compiled-cache-mb8:$K,train.micro_batch_size=8 \
     --variant compiled-cache-fused:$F --variant compiled-cache-fused-mb8:$F,train.micro_batch_size=8 \
-    --variant compiled-cache-docmask:$K,model.document_mask_eos_id=0 \
-    --variant compiled-cache-docmask-flex:$K,model.document_mask_eos_id=0,model.attn_implementation=flex \
     --profile compiled-cache --profile compiled-cache-fused
 fi
 
-if [ "$PART" != 1 ]; then
+if [ "$PART" != 1 ]; then  # in the order of what matters most, should the device time run out
   $PY -c "from nanotronix import accel; assert accel.compiled_kernels() is not None" 2>/dev/null || build
   bench 360m 120 model.preset=smollm2-360m $S train.micro_batch_size=8 --accum 2 --warmup 2 --steps 4 \
     --variant eager-fused:train.fused_kernels=true,train.loss_chunk_size=4096,train.bf16_weight_cache=true \
     --variant compiled:$C --variant compiled-cache:$K --variant compiled-cache-fused:$F
   bench 135m 120 model.preset=smollm2-135m $S train.micro_batch_size=16 --accum 2 --warmup 2 --steps 4 \
     --variant compiled:$C --variant compiled-cache:$K --variant compiled-cache-fused:$F
+  # document masking (random tokens, so about one document per window: the mask is built and applied; the cost of
+  # the masked SDPA kernel and of FlexAttention is what shows), against the unmasked run of part 1
+  gpu_tests tests/test_document_masking.py
+  bench 1p7b_docmask 150 model.preset=smollm2-1.7b $S train.micro_batch_size=4 --accum 16 --warmup 2 --steps 3 \
+    --no-baseline --variant compiled-cache-docmask:$K,model.document_mask_eos_id=0 \
+    --variant compiled-cache-docmask-flex:$K,model.document_mask_eos_id=0,model.attn_implementation=flex
   echo "== this machine's torch on CPU: document ids between pipeline stages, every layout (gloo), the bf16 weight cache, ZeRO-1 gather overlap, the fused wgrad accumulation"
-  timeout 200 $PY -m pytest -q -p no:cacheprovider tests/test_parallel_layouts.py tests/test_document_masking.py \
+  timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_parallel_layouts.py tests/test_document_masking.py \
     tests/test_compute_weights.py -k "not cuda" >> "$LOG" 2>&1; echo "layout tests rc=$?"; tail -2 "$LOG"
 fi
 
