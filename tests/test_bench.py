@@ -95,3 +95,15 @@ def test_measure_frees_the_model():
     result = bench_train.measure("x", build, cfg, device, batches, 0, [])
     gc.collect()
     assert result.ok and [r() for r in refs] == [None] * 4
+
+
+def test_documents_plants_eos_at_the_mean_length():
+    args = bench_train.parse_args([*TINY, "--documents", "7:4"])
+    cfg = bench_train.build_config(args, [], torch.device("cpu"))
+    batches = bench_train.make_batches(cfg, 20, 2, args.documents)
+    eos = sum(int((b == 7).sum()) for b in batches) / sum(b.numel() for b in batches)
+    assert abs(eos - 1 / 4) < 0.03  # ~1 in 4 tokens (plus the 1/128 random draws of 7)
+    plain = bench_train.make_batches(cfg, 20, 2)
+    assert sum(int((b == 7).sum()) for b in plain) / sum(b.numel() for b in plain) < 0.02
+    with pytest.raises(SystemExit):
+        bench_train.parse_args([*TINY, "--documents", "7"])

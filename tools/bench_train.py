@@ -14,7 +14,8 @@ AdamW on CUDA, gradient clipping, the same micro-batch, accumulation and token b
 
 Reported per run: tokens/s per GPU, model TFLOP/s per GPU and MFU (nanotronix.train.flops: causal attention,
 no embedding, recompute not counted), peak allocated memory, and the ratio of tokens/s to the baseline. Steps
-are timed after `--warmup` steps (which include torch.compile's compilation); tokens are random.
+are timed after `--warmup` steps (which include torch.compile's compilation); tokens are random (with
+`--documents EOS_ID:MEAN_LENGTH`, EOS planted so that document masking has documents of that mean length).
 
 `--profile NAME` runs one more step of that run under torch.profiler and prints where the device time went:
 per kernel (top 25), and grouped into matmuls, attention, fused elementwise (Triton), copies/casts and the rest.
@@ -73,6 +74,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=5, help="timed optimizer steps (default 5)")
     ap.add_argument("--no-baseline", action="store_true", help="skip the transformers baseline")
     ap.add_argument("--baseline-only", action="store_true", help="run only the transformers baseline")
+    ap.add_argument("--documents", metavar="EOS_ID:MEAN_LENGTH",
+                    help="plant token EOS_ID in the random batches so that documents average MEAN_LENGTH tokens "
+                         "(for runs with model.document_mask_eos_id=EOS_ID; random tokens alone hold ~no EOS)")
     ap.add_argument("--json", help="write every figure to this JSON file")
     ap.add_argument("--profile", action="append", default=[], metavar="NAME",
                     help="profile one extra step of this run and print its kernel-time breakdown (repeatable)")
@@ -82,6 +86,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
             ap.error(f"--{name} must be >= 1")
     if args.warmup < 0:
         ap.error("--warmup must be >= 0")
+    if args.documents is not None:
+        eos, sep, mean = args.documents.partition(":")
+        if not (sep and eos.isdigit() and mean.isdigit() and int(mean) >= 1):
+            ap.error(f"--documents {args.documents!r}: expected EOS_ID:MEAN_LENGTH (two integers, length >= 1)")
+        args.documents = (int(eos), int(mean))
     return args
 
 
@@ -106,11 +115,18 @@ def build_config(args: argparse.Namespace, extra: list[str], device: torch.devic
     return load_config(args.config, overrides)
 
 
-def make_batches(cfg: Config, count: int, accum: int) -> list[torch.Tensor]:
+def make_batches(cfg: Config, count: int, accum: int,
+                 documents: Optional[tuple[int, int]] = None) -> list[torch.Tensor]:
+    """Random token batches [accum, micro-batch, seq + 1]; with documents = (eos, mean length), each token is
+    replaced by eos with probability 1 / mean length (geometric document lengths, as packed corpora have)."""
     g = torch.Generator().manual_seed(1234)
     t = cfg.train
     shape = (accum, t.micro_batch_size, t.seq_len + 1)
     batches = [torch.randint(0, cfg.model.vocab_size, shape, generator=g) for _ in range(count)]
+    if documents is not None:
+        eos, mean = documents
+        for b in batches:
+            b.masked_fill_(torch.rand(shape, generator=g) < 1.0 / mean, eos)
     return [b.pin_memory() for b in batches] if torch.cuda.is_available() else batches
 
 
@@ -319,7 +335,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return fail(f"--profile {unknown[0]}: no run of that name (runs: hf-transformers, "
                     f"{', '.join(name for name, _ in variants)})")
     t, m = base.train, base.model
-    batches = make_batches(base, args.warmup + args.steps, args.accum)
+    batches = make_batches(base, args.warmup + args.steps, args.accum, args.documents)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device: {name} | torch {torch.__version__} | {accel.describe(accel.resolve_attention('auto', device))}"
           f" | kernels: {'csrc built' if accel.compiled_kernels() is not None else 'csrc not built'}"
@@ -359,7 +375,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         for vname, extra, cfg in configs:
             # a run with its own micro-batch size gets batches of that size (the same accumulation)
             own = batches if cfg.train.micro_batch_size == t.micro_batch_size else \
-                make_batches(cfg, args.warmup + args.steps, args.accum)
+                make_batches(cfg, args.warmup + args.steps, args.accum, args.documents)
             results.append(measure(vname, lambda cfg=cfg: nanotronix_step_fn(cfg, device), cfg, device, own,
                                    args.warmup, extra, profile=vname in args.profile))
             report()
