@@ -271,3 +271,25 @@ def test_a_step_that_dies_half_way_does_not_keep_its_model_alive():
     del model
     gc.collect()
     assert alive() is None
+
+
+def test_a_backward_for_input_gradients_only_accumulates_nothing():
+    """torch.distributed.pipelining asks autograd.grad for the stage inputs' gradients on its first step: the fused
+    accumulation must not add weight gradients then (the leaf path never did: no accumulator runs)."""
+    from nanotronix.model.llama import DecoderLayer
+    from nanotronix.model.rope import rope_cos_sin
+    model = _model(True, False, fused=True)
+    model.grads.start(1)
+    layer = next(m for m in model.modules() if isinstance(m, DecoderLayer))
+    cos, sin = rope_cos_sin(torch.arange(12), MODEL["hidden_size"] // MODEL["num_attention_heads"], 10000.0)
+    h = torch.randn(2, 12, MODEL["hidden_size"], requires_grad=True)
+    weights = [m.weight for m in layer.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(h, cos, sin)
+    (grad_h,) = torch.autograd.grad(out.float().sum(), h, retain_graph=True)
+    assert grad_h.abs().sum() > 0
+    assert all(w.main_grad.abs().sum() == 0 for w in weights)
+    assert model.grads.compute_weights.gradients_received == 0
+    out.float().sum().backward()  # the full backward does accumulate, once per weight
+    assert all(w.main_grad.abs().sum() > 0 for w in weights)
+    assert model.grads.compute_weights.gradients_received == len(weights) == 4

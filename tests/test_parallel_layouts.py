@@ -59,7 +59,8 @@ CACHE_PAIRS = {
 # against the cached layout of CACHE_PAIRS: the same sums without the bf16 rounding, reported to the buckets so that
 # their reductions still start during backward (TP + SP: gathered inputs and row-parallel weights; ZeRO-1: stale
 # copies refreshed by the weight-gather hooks).
-FUSION_PAIRS = {4: {"tp2_sp_dp2_zero1_bf16": "train.grad_accumulation_fusion=true"}}
+FUSION_PAIRS = {2: {"pp2_1f1b_bf16": "train.grad_accumulation_fusion=true"},  # torch.distributed.pipelining
+                4: {"tp2_sp_dp2_zero1_bf16": "train.grad_accumulation_fusion=true"}}
 
 # ZeRO-1 layouts with parallel.overlap_param_gather (the default) against the same layout waiting for every weight
 # gather right after the update: bit-identical, and the overlapped gathers are really waited part by part.

@@ -50,6 +50,7 @@ class ComputeWeights:
         self.twins: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # bucket index -> (fp32 data, bf16 twin)
         self.gradients_received = 0  # this step, through the copies (tests check they were really used)
         self.stale: set[int] = set()  # twins not yet cast this step (their weights were still being gathered)
+        self.accumulators: dict[int, object] = {}  # fused: id(param) -> its copy's AccumulateGrad node
         for module in linears:
             p = module.weight
             bucket = grads.bucket_of(p)
@@ -59,9 +60,12 @@ class ComputeWeights:
             offset = next(off for q, off in zip(bucket.params, bucket.offsets) if q is p)
             twin = self.twins[bucket.index][1]
             # detach(): a leaf of its own that shares the twin's memory, so refreshing the twin refreshes it.
-            leaf = twin[offset:offset + p.numel()].view_as(p).detach()
-            if not fuse_grad_accumulation:  # fused: the wgrad GEMM accumulates; the copy itself needs no gradient
-                leaf.requires_grad_(True)
+            leaf = twin[offset:offset + p.numel()].view_as(p).detach().requires_grad_(True)
+            if fuse_grad_accumulation:
+                # No gradient ever reaches the copy (the wgrad GEMM accumulates into the bucket); its gradient
+                # accumulator node only tells whether a backward pass wants weight gradients at all.
+                self.accumulators[id(p)] = leaf.view_as(leaf).grad_fn.next_functions[0][0]
+            else:
                 leaf.register_post_accumulate_grad_hook(weak_tensor_hook(self._on_grad, p))
             self.leaves.append(leaf)
 
@@ -80,7 +84,7 @@ class ComputeWeights:
             if self.fuse_grad_accumulation:
                 p = module.weight
                 module.weight_grad_target = p.main_grad
-                grad_accumulation_fusion.listen(p.main_grad, self._on_fused_grad, p)
+                grad_accumulation_fusion.listen(p.main_grad, self, p)
 
     def refresh(self, bucket_index: int) -> None:
         """Cast bucket `bucket_index` into its twin if `arm` left it stale (its weights are now gathered)."""
@@ -104,7 +108,13 @@ class ComputeWeights:
         self.gradients_received += 1
         self.grads.gradient_arrived(param)
 
-    def _on_fused_grad(self, param: nn.Parameter) -> None:
+    def wants_weight_gradient(self, param: nn.Parameter) -> bool:
+        """Whether the running backward pass computes weight gradients: not one that asks autograd.grad for input
+        gradients only (torch.distributed.pipelining does so on its first step, to learn the stage inputs'
+        gradient shapes), which must not accumulate anything into the buckets."""
+        return torch._C._will_engine_execute_node(self.accumulators[id(param)])
+
+    def weight_gradient_arrived(self, param: nn.Parameter) -> None:
         """The wgrad GEMM has added one micro-batch's gradient of `param` into its main_grad."""
         self.gradients_received += 1
         self.grads.gradient_arrived(param)

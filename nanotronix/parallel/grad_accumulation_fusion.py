@@ -20,6 +20,13 @@ back into the in-place call on the bucket; a backend that does not (aot_eager) w
 whole bucket, whose address no listener has, and the op raises instead of reporting a gradient that is not in the
 bucket yet.
 
+A weight gradient made inside the backward of a linear is made whenever that backward runs, also by a pass that
+asked autograd.grad for input gradients only (torch.distributed.pipelining runs one on its first step to learn
+the shapes of the stage inputs' gradients). So before accumulating, the op asks the listener whether the running
+backward will execute the gradient accumulator of the weight's bf16 copy (`torch._C._will_engine_execute_node`,
+what torch's own multi-grad hooks use): a full backward does, an input-only one does not, and then the op does
+nothing.
+
 Hand-written because neither torch nor its compiler offers a GEMM that accumulates into an fp32 buffer from bf16
 inputs in place. On CPU (tests) the op runs the PyTorch twin (`kernels.reference.wgrad_accumulate_fp32`, the same
 fp32 sums); on CUDA it needs the built extension (`python setup.py build_ext --inplace`).
@@ -27,7 +34,7 @@ fp32 sums); on CUDA it needs the built extension (`python setup.py build_ext --i
 from __future__ import annotations
 
 import weakref
-from typing import Callable, Optional
+from typing import Optional, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -37,29 +44,35 @@ from nanotronix import accel
 from nanotronix.errors import UserError
 from nanotronix.kernels import reference
 
-# main_grad.data_ptr() -> (weak bound method, weak parameter): called as method(parameter) after a gradient was
-# accumulated into that buffer. Weak, so that a step that dies half-way (an out-of-memory error, before `disarm`)
-# cannot keep its model and buckets alive through this module-level table.
-_listeners: dict[int, tuple[weakref.WeakMethod, weakref.ref]] = {}
+# main_grad.data_ptr() -> (owner, parameter), both weak: the owner (`ComputeWeights`) is asked whether the running
+# backward wants weight gradients and told when one arrived. Weak, so that a step that dies half-way (an
+# out-of-memory error, before `disarm`) cannot keep its model and buckets alive through this module-level table.
+_listeners: dict[int, tuple[weakref.ref, weakref.ref]] = {}
 
 
-def listen(main_grad: torch.Tensor, method: Callable[[nn.Parameter], None], param: nn.Parameter) -> None:
-    _listeners[main_grad.data_ptr()] = (weakref.WeakMethod(method), weakref.ref(param))
+class Listener(Protocol):
+    def wants_weight_gradient(self, param: nn.Parameter) -> bool: ...
+
+    def weight_gradient_arrived(self, param: nn.Parameter) -> None: ...
+
+
+def listen(main_grad: torch.Tensor, owner: Listener, param: nn.Parameter) -> None:
+    _listeners[main_grad.data_ptr()] = (weakref.ref(owner), weakref.ref(param))
 
 
 def stop_listening(main_grad: torch.Tensor) -> None:
     _listeners.pop(main_grad.data_ptr(), None)
 
 
-def _listener(main_grad: torch.Tensor) -> Optional[tuple[Callable[[nn.Parameter], None], nn.Parameter]]:
+def _listener(main_grad: torch.Tensor) -> Optional[tuple[Listener, nn.Parameter]]:
     entry = _listeners.get(main_grad.data_ptr())
     if entry is None:
         return None
-    method, param = entry[0](), entry[1]()
-    if method is None or param is None:  # its model is gone: a stale entry
+    owner, param = entry[0](), entry[1]()
+    if owner is None or param is None:  # its model is gone: a stale entry
         del _listeners[main_grad.data_ptr()]
         return None
-    return method, param
+    return owner, param
 
 
 def check_available(device: torch.device) -> None:
@@ -72,7 +85,14 @@ def check_available(device: torch.device) -> None:
 
 @torch.library.custom_op("nanotronix::accumulate_weight_grad", mutates_args=("main_grad",))
 def accumulate_weight_grad(main_grad: torch.Tensor, grad_out: torch.Tensor, inp: torch.Tensor) -> None:
-    """main_grad [out, in] (fp32) += grad_out[tokens, out]^T @ inp[tokens, in], then tell its listener."""
+    """main_grad [out, in] (fp32) += grad_out[tokens, out]^T @ inp[tokens, in], then tell its listener; nothing
+    when the listener says the running backward wants no weight gradients."""
+    listener = _listener(main_grad)
+    if listener is None and _listeners:  # armed, yet not one of the buffers: a copy (see the module docstring)
+        raise RuntimeError("nanotronix::accumulate_weight_grad ran on a copy of a gradient buffer: the torch.compile "
+                           "backend did not re-inplace the mutation (inductor does, aot_eager does not)")
+    if listener is not None and not listener[0].wants_weight_gradient(listener[1]):
+        return
     if main_grad.is_cuda:
         kernel = accel.wgrad_gemm_kernel()
         if kernel is None:
@@ -80,13 +100,8 @@ def accumulate_weight_grad(main_grad: torch.Tensor, grad_out: torch.Tensor, inp:
         kernel.wgrad_accumulate_fp32(main_grad, grad_out, inp)
     else:
         reference.wgrad_accumulate_fp32(main_grad, grad_out, inp)
-    listener = _listener(main_grad)
     if listener is not None:
-        method, param = listener
-        method(param)
-    elif _listeners:  # armed, yet not one of the buffers: the op was handed a copy (see the module docstring)
-        raise RuntimeError("nanotronix::accumulate_weight_grad ran on a copy of a gradient buffer: the torch.compile "
-                           "backend did not re-inplace the mutation (inductor does, aot_eager does not)")
+        listener[0].weight_gradient_arrived(listener[1])
 
 
 @accumulate_weight_grad.register_fake
