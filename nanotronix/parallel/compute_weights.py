@@ -30,7 +30,6 @@ parameters, which this DP/ZeRO-1 design does not use.
 """
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 
