@@ -81,4 +81,18 @@ if [ "$PART" != 1 ]; then  # in the order of what matters most, should the devic
     tests/test_compute_weights.py -k "not cuda" >> "$LOG" 2>&1; echo "layout tests rc=$?"; tail -2 "$LOG"
 fi
 
+echo "== summary against issue 7's Done-when (best run of each bench file present)"
+$PY - "$OUT" <<'PYEOF'
+import json, sys
+from pathlib import Path
+for path in sorted(Path(sys.argv[1]).glob("bench_*.json")):
+    report = json.loads(path.read_text())
+    runs = [r for r in report["results"] if r["ok"] and r["name"] != "hf-transformers"]
+    if not runs:
+        print(f"{path.stem}: no nanotronix run finished"); continue
+    best = max(runs, key=lambda r: r["mfu"] or 0)
+    ratio = f"{best['ratio_to_baseline']:.2f}x HF" if best["ratio_to_baseline"] else "no baseline"
+    print(f"{path.stem}: best {best['name']}: MFU {100 * (best['mfu'] or 0):.1f}%, {ratio}, "
+          f"{best['peak_memory_gb'] or 0:.1f} GB; failed: {[r['name'] for r in report['results'] if not r['ok']]}")
+PYEOF
 echo "== done"; date -u
