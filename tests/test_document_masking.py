@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
+from helpers import requires_cuda
 from nanotronix import accel
 from nanotronix.config import ConfigError, ModelConfig, config_from_dict
 from nanotronix.convert.hf_mapping import hf_config_dict, to_hf_state_dict
@@ -185,9 +186,6 @@ def test_compiled_layers_with_flex_do_not_recompile_per_batch():
 def test_flex_needs_cuda():
     with pytest.raises(accel.UserError, match="flex needs CUDA"):
         accel.resolve_attention("flex", torch.device("cpu"))
-
-
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (tools/gpu_checks.sh)")
 
 
 @requires_cuda

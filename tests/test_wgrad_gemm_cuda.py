@@ -11,15 +11,11 @@ import torch
 
 from nanotronix import accel
 from nanotronix.kernels import reference
+from test_kernels_cuda import rel_err
 
 ext = accel.wgrad_gemm_kernel()
 pytestmark = pytest.mark.skipif(ext is None, reason="needs CUDA and the built nanotronix._wgrad_gemm extension "
                                                     "(python setup.py build_ext --inplace on a CUDA machine)")
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm()).item()
 
 
 @pytest.mark.parametrize("tokens,out,inp", [(333, 96, 160), (8192, 2048, 2048), (4096, 6144, 2048),
