@@ -11,27 +11,9 @@ from setuptools import find_packages, setup
 ROOT = Path(__file__).parent
 
 
-def find_cublas(cuda_home: str):
-    """(include dir, library file) of cuBLAS: the CUDA toolkit's, else the nvidia-cublas wheel's that CUDA builds of
-    torch install (a toolkit installed for nvcc alone may have no cuBLAS); None when neither is there."""
-    roots = [Path(cuda_home)]
-    try:
-        import nvidia  # namespace package of NVIDIA's wheels: nvidia/cu13, nvidia/cublas (CUDA 12), ...
-        roots += [p for base in nvidia.__path__ for p in sorted(Path(base).iterdir()) if p.is_dir()]
-    except ImportError:
-        pass
-    for root in roots:
-        header = root / "include" / "cublas_v2.h"
-        libraries = sorted(root.glob("lib*/libcublas.so*"))  # libcublas.so, else libcublas.so.13, ...
-        if header.is_file() and libraries:
-            return str(header.parent), str(libraries[0])
-    return None
-
-
 def optional_extensions():
-    """CUDA extensions from csrc/, only where CUDA torch and nvcc exist (never on the CPU CI machine):
-    nanotronix._kernels (the fused elementwise kernels) and nanotronix._wgrad_gemm (the weight-gradient GEMM that
-    accumulates into fp32; optional=True: it links cuBLAS, and a machine where that fails still gets _kernels)."""
+    """The CUDA extension from csrc/ (nanotronix._kernels, the fused elementwise kernels), only where CUDA torch
+    and nvcc exist (never on the CPU CI machine)."""
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
@@ -41,30 +23,9 @@ def optional_extensions():
     if not kernels or torch.version.cuda is None or CUDA_HOME is None:
         return [], {}
     flags = {"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-std=c++17"]}
-    exts = [CUDAExtension(name="nanotronix._kernels", sources=["csrc/bindings.cpp", *kernels],
-                          extra_compile_args=flags)]
-    cublas = find_cublas(CUDA_HOME)
-    if cublas is None:
-        print("setup.py: no cuBLAS header (CUDA toolkit, nvidia-cublas wheel): skipping nanotronix._wgrad_gemm")
-    else:
-        include, library = cublas
-        exts.append(CUDAExtension(name="nanotronix._wgrad_gemm", sources=["csrc/wgrad_gemm.cpp"],
-                                  include_dirs=[include], extra_link_args=[library], extra_compile_args=flags,
-                                  optional=True))
-    class BuildWithOptionalExtensions(BuildExtension):
-        """torch's BuildExtension, except that an extension marked optional that fails to build is skipped with a
-        warning: torch compiles with ninja, whose failures are RuntimeErrors, which setuptools' own handling of
-        `optional` does not catch (the whole build, _kernels included, would fail)."""
-
-        def build_extension(self, ext):
-            try:
-                super().build_extension(ext)
-            except Exception as error:
-                if not ext.optional:
-                    raise
-                print(f"setup.py: skipping the optional extension {ext.name}: {error}")
-
-    return exts, {"build_ext": BuildWithOptionalExtensions}
+    return ([CUDAExtension(name="nanotronix._kernels", sources=["csrc/bindings.cpp", *kernels],
+                           extra_compile_args=flags)],
+            {"build_ext": BuildExtension})
 
 
 ext_modules, cmdclass = optional_extensions()

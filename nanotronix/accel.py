@@ -36,12 +36,20 @@ def compiled_kernels():
     return _optional_module("nanotronix._kernels")
 
 
-def wgrad_gemm_kernel():
-    """The csrc/ weight-gradient GEMM accumulating into fp32 (nanotronix._wgrad_gemm) when it is built and CUDA is
-    usable, else None (train.grad_accumulation_fusion needs it on CUDA)."""
+@functools.lru_cache(maxsize=None)
+def fp32_accumulating_gemm() -> bool:
+    """Whether torch here adds a bf16 GEMM's product into an fp32 tensor in place on CUDA, in one cuBLAS call
+    (`torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)`: beta 1, fp32 C; accepted with an fp32 `acc`
+    since torch 2.10). Probed once on a 2x2 product; False without CUDA."""
     if not torch.cuda.is_available():
-        return None
-    return _optional_module("nanotronix._wgrad_gemm")
+        return False
+    try:
+        acc = torch.ones(2, 2, device="cuda")
+        a = torch.ones(2, 2, device="cuda", dtype=torch.bfloat16)
+        torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+        return acc.dtype == torch.float32 and bool((acc == 3).all())
+    except (RuntimeError, TypeError):  # an older torch: no such overload, or an fp32 `acc` refused
+        return False
 
 
 def dali_modules():

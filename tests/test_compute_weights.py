@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from helpers import requires_cuda
-from nanotronix import accel
 from nanotronix.config import ConfigError, config_from_dict
 from nanotronix.model import build_model
 from nanotronix.parallel import DistributedOptimizer, ParallelContext, parallelize
@@ -157,14 +156,9 @@ def _decoder_linear_names(model):
             if any(m.weight is p for m in model.grads.compute_weights.linears)}
 
 
-requires_wgrad_gemm = pytest.mark.skipif(
-    accel.wgrad_gemm_kernel() is None,
-    reason="needs CUDA and the built nanotronix._wgrad_gemm (tools/gpu_checks.sh)")
-
-
 @pytest.mark.parametrize("compiled, device", [(False, "cpu"), ("inductor", "cpu"),
-                                              pytest.param(False, "cuda", marks=requires_wgrad_gemm),
-                                              pytest.param("inductor", "cuda", marks=requires_wgrad_gemm)],
+                                              pytest.param(False, "cuda", marks=requires_cuda),
+                                              pytest.param("inductor", "cuda", marks=requires_cuda)],
                          ids=["eager", "inductor", "cuda-eager", "cuda-inductor"])
 def test_fused_accumulation_gives_the_fp32_sum_of_the_same_gradients(compiled, device):
     ref_model, ref_loss, ref = _step_gradients(fused=False, compiled=compiled, device=device)
@@ -195,19 +189,19 @@ def test_fused_accumulation_gives_the_fp32_sum_of_the_same_gradients(compiled, d
 def test_fused_accumulation_is_the_exact_fp32_sum():
     """Against an fp64 recomputation of the same sum: grad_out^T @ input of each micro-batch, from the very bf16
     tensors the backward saw, summed over the micro-batches (what the CUDA GEMM computes, up to the order)."""
-    from nanotronix.parallel import grad_accumulation_fusion as fusion
+    from nanotronix.kernels import reference
     calls = []
-    original = fusion.reference.wgrad_accumulate_fp32
+    original = reference.wgrad_accumulate_fp32
 
     def recording(main_grad, grad_out, inp):
         calls.append((main_grad.data_ptr(), grad_out.double().t() @ inp.double()))
         original(main_grad, grad_out, inp)
 
-    fusion.reference.wgrad_accumulate_fp32 = recording
+    reference.wgrad_accumulate_fp32 = recording
     try:
         model, _, got = _step_gradients(fused=True)
     finally:
-        fusion.reference.wgrad_accumulate_fp32 = original
+        reference.wgrad_accumulate_fp32 = original
     names = {p.main_grad.data_ptr(): n for n, p in model.named_parameters()}
     exact = {}
     for ptr, g in calls:

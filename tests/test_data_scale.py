@@ -7,7 +7,6 @@ import struct
 import time
 from pathlib import Path
 
-import numpy as np
 
 from nanotronix.config import config_from_dict
 from nanotronix.data import build_train_loader

@@ -2,7 +2,6 @@
 
 Costs ~10 s: depth-reduced SmolLM2 shapes plus odd shapes (9 heads / 3 KV heads, untied, MHA).
 """
-import dataclasses
 
 import pytest
 import torch

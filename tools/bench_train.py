@@ -339,7 +339,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device: {name} | torch {torch.__version__} | {accel.describe(accel.resolve_attention('auto', device))}"
           f" | kernels: {'csrc built' if accel.compiled_kernels() is not None else 'csrc not built'}"
-          f"{', wgrad GEMM built' if accel.wgrad_gemm_kernel() is not None else ''}")
+          f"{', fp32-accumulating GEMM' if accel.fp32_accumulating_gemm() else ''}")
     print(f"model: {m.preset or 'custom'} {m.num_parameters() / 1e6:.1f}M params, {m.num_hidden_layers} layers | "
           f"seq {t.seq_len} x micro-batch {t.micro_batch_size} x accum {args.accum} = "
           f"{t.seq_len * t.micro_batch_size * args.accum} tokens/step | {t.dtype} | "

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark of nanotronix, in two parts that each fit one device call (< 10 minutes):
 #   part 1 (~7 min on an H100, what issue 7's "Done when" needs first): environment, csrc/ kernel build (sm_90),
-#     GPU tests (kernel numerics vs the PyTorch twins and fp64, the wgrad GEMM, the bf16 weight cache, the compiled
-#     loss) -> $OUT/checks.log; tools/bench_train.py on SmolLM2-1.7B at seq 2048 vs transformers -> bench_1p7b.*
+#     GPU tests (kernel numerics vs the PyTorch twins and fp64, the fp32-accumulating wgrad GEMM, the bf16 weight
+#     cache, the compiled loss) -> $OUT/checks.log; tools/bench_train.py on SmolLM2-1.7B at seq 2048 vs transformers -> bench_1p7b.*
 #   part 2 (~7 min, most important first): SmolLM2-360M and -135M -> bench_{360m,135m}.*, FlexAttention's GPU tests,
 #     1.7B with document masking (masked SDPA, FlexAttention) -> bench_1p7b_docmask.*, the CPU layout tests under
 #     this machine's torch -> $OUT/checks2.log (reuses part 1's build on a warm machine; builds otherwise)
@@ -28,7 +28,7 @@ build() {
   echo "== build csrc kernels"
   local start=$(date +%s)
   timeout 240 $PY setup.py build_ext --inplace >> "$LOG" 2>&1; echo "build rc=$? in $(( $(date +%s) - start )) s" | tee -a "$LOG"
-  $PY -c "from nanotronix import accel; print('kernels loaded:', accel.compiled_kernels() is not None, '| wgrad GEMM loaded:', accel.wgrad_gemm_kernel() is not None)" 2>&1 | tee -a "$LOG"
+  $PY -c "from nanotronix import accel; print('kernels loaded:', accel.compiled_kernels() is not None, '| torch fp32-accumulating GEMM:', accel.fp32_accumulating_gemm())" 2>&1 | tee -a "$LOG"
 }
 
 gpu_tests() {  # test files...
@@ -49,7 +49,7 @@ F=$K,train.grad_accumulation_fusion=true
 
 if [ "$PART" != 2 ]; then
   build
-  gpu_tests tests/test_kernels_cuda.py tests/test_wgrad_gemm_cuda.py tests/test_kernels.py \
+  gpu_tests tests/test_kernels_cuda.py tests/test_wgrad_accumulate_cuda.py tests/test_kernels.py \
     tests/test_compute_weights.py tests/test_speedups.py
   # The headline figure: accumulation 16 (SmolLM2-1.7B's 1M-token batch is 4 x 16 x 16 GPUs), compiled, with and
   # without the bf16 weight cache, with the wgrad GEMMs accumulating into the fp32 buckets

@@ -10,7 +10,6 @@ The writer appends in whole shards (bounded memory) into a hidden temporary fold
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Optional
 

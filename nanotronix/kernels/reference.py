@@ -94,5 +94,6 @@ def swiglu_bwd(grad_out: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
 
 def wgrad_accumulate_fp32(main_grad: torch.Tensor, grad_out: torch.Tensor, inp: torch.Tensor) -> None:
     """main_grad [out, in] += grad_out[tokens, out]^T @ inp[tokens, in] with products and sums in main_grad's dtype
-    (fp32): the bf16 inputs are exact in fp32, so this is the CUDA GEMM's result up to summation order."""
+    (fp32): the bf16 inputs are exact in fp32, so this is the CUDA GEMM's result (`functions.wgrad_accumulate_fp32`)
+    up to summation order."""
     main_grad.addmm_(grad_out.t().to(main_grad.dtype), inp.to(main_grad.dtype))

@@ -16,6 +16,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from nanotronix.kernels.functions import wgrad_accumulate_fp32
+
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), reduction=reduction)
@@ -29,26 +31,24 @@ def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
 
 
 def _chunk_loss_and_grads(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, grad_scale: float,
-                          grad_weight: Optional[torch.Tensor], want_grad_hidden: bool):
-    """One chunk of tokens: returns the sum of its losses and (with `want_grad_hidden`) grad_scale * d(sum)/dh in
-    h's dtype; adds grad_scale * d(sum)/dw into the fp32 `grad_weight` when given. The logits exist only here, in
-    fp32; compiled (Inductor), not even that: one pass over the matmul's output finds the log-sum-exp, another
-    writes the low-precision gradient, and the fp32 accumulation of the weight gradient is one kernel."""
+                          want_grads: bool):
+    """One chunk of tokens: returns the sum of its losses and, with `want_grads`, grad_scale * d(sum)/d(logits) and
+    grad_scale * d(sum)/dh, both in h's dtype (the caller turns the first into the head weight's gradient). The
+    logits exist only here, in fp32; compiled (Inductor), not even that: one pass over the matmul's output finds
+    the log-sum-exp, another writes the low-precision gradient."""
     logits = (h @ w.t()).float()
     lse = torch.logsumexp(logits, dim=-1)
     target_logit = logits.gather(1, y[:, None]).squeeze(1)
     loss_sum = (lse - target_logit).sum()
-    if grad_weight is None and not want_grad_hidden:
-        return loss_sum, None
+    if not want_grads:
+        return loss_sum, None, None
     # d(loss)/d(logits) = softmax - onehot. The softmax part is made in place in the logits buffer and rounded to
     # h's dtype in the same pass; the label entries, where the 1 is subtracted (in fp32: subtracting after
     # rounding would cancel badly), are computed apart and written over it (a scatter of one entry per token).
     grad_logits = logits.sub_(lse[:, None]).exp_().mul_(grad_scale).to(h.dtype)
     at_label = ((target_logit - lse).exp() - 1.0) * grad_scale
     grad_logits.scatter_(1, y[:, None], at_label[:, None].to(h.dtype))
-    if grad_weight is not None:
-        grad_weight += (grad_logits.t() @ h).float()
-    return loss_sum, (grad_logits @ w) if want_grad_hidden else None
+    return loss_sum, grad_logits, grad_logits @ w
 
 
 _compiled_chunk_fns: dict[str, object] = {}
@@ -72,15 +72,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
             if ctx.needs_input_grad[1] else None
         chunk_fn = _chunk_fn(compile_backend)
+        want_grads = grad_hidden is not None or grad_weight is not None
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, n, chunk_size):
             h = hidden[start:start + chunk_size].to(compute_dtype)
             # 1/n: the loss is the mean over all n tokens
-            chunk_loss, grad_h = chunk_fn(h, w, labels[start:start + chunk_size], 1.0 / n, grad_weight,
-                                          grad_hidden is not None)
+            chunk_loss, grad_logits, grad_h = chunk_fn(h, w, labels[start:start + chunk_size], 1.0 / n,
+                                                       want_grads)
             loss_sum += chunk_loss
             if grad_hidden is not None:
                 grad_hidden[start:start + chunk_size] = grad_h
+            if grad_weight is not None:
+                # Outside the compiled function: torch.compile cannot yet trace the fp32-accumulating GEMM
+                # (addmm with out_dtype and out=), and it would run as the same cuBLAS call anyway.
+                wgrad_accumulate_fp32(grad_weight, grad_logits, h)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return loss_sum / n

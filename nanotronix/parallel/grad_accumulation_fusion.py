@@ -3,8 +3,9 @@
 Under `train.bf16_weight_cache` a decoder linear's backward makes its weight gradient as a bf16 tensor (the wgrad
 GEMM writes 2 bytes per element) and a separate kernel then adds it into the fp32 bucket `main_grad` (reads 2 + 4
 bytes, writes 4). With this switch the linear's backward instead runs one GEMM that reads `main_grad`, adds
-grad_out^T @ input computed with fp32 accumulation and writes it back (cuBLAS with an fp32 C and beta = 1,
-csrc/wgrad_gemm.cpp): no bf16 gradient tensor and no separate pass (10 bytes per parameter, ~16 GB per SmolLM2-1.7B
+grad_out^T @ input computed with fp32 accumulation and writes it back (cuBLAS with an fp32 C and beta = 1, through
+torch's `addmm(..., out_dtype=torch.float32, out=main_grad)`; `kernels.functions.wgrad_accumulate_fp32`): no bf16
+gradient tensor and no separate pass (10 bytes per parameter, ~16 GB per SmolLM2-1.7B
 micro-batch); the GEMM, compute-bound anyway, reads and writes 8 bytes per parameter in its epilogue instead of
 writing 2. The gradient is also no longer rounded to bf16 before it is summed. Megatron-LM calls this
 gradient_accumulation_fusion (there with apex's kernel).
@@ -27,9 +28,10 @@ backward will execute the gradient accumulator of the weight's bf16 copy (`torch
 what torch's own multi-grad hooks use): a full backward does, an input-only one does not, and then the op does
 nothing.
 
-Hand-written because neither torch nor its compiler offers a GEMM that accumulates into an fp32 buffer from bf16
-inputs in place. On CPU (tests) the op runs the PyTorch twin (`kernels.reference.wgrad_accumulate_fp32`, the same
-fp32 sums); on CUDA it needs the built extension (`python setup.py build_ext --inplace`).
+The GEMM is torch's; what is hand-written is the plumbing torch has no switch for: an autograd Function whose
+backward hands the weight gradient to that GEMM instead of returning it, and the op that keeps torch.compile from
+copying the bucket and reports arrivals. On CPU (tests) the op runs the PyTorch twin
+(`kernels.reference.wgrad_accumulate_fp32`, the same fp32 sums).
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ from torch import nn
 
 from nanotronix import accel
 from nanotronix.errors import UserError
-from nanotronix.kernels import reference
+from nanotronix.kernels import functions
 
 # main_grad.data_ptr() -> (owner, parameter), both weak: the owner (`ComputeWeights`) is asked whether the running
 # backward wants weight gradients and told when one arrived. Weak, so that a step that dies half-way (an
@@ -77,10 +79,10 @@ def _listener(main_grad: torch.Tensor) -> Optional[tuple[Listener, nn.Parameter]
 
 def check_available(device: torch.device) -> None:
     """Raise the one-line reason when the fused accumulation cannot run on `device`."""
-    if torch.device(device).type == "cuda" and accel.wgrad_gemm_kernel() is None:
-        raise UserError("train.grad_accumulation_fusion: needs the csrc/ weight-gradient GEMM (nanotronix."
-                        "_wgrad_gemm), which is not built here: run `python setup.py build_ext --inplace` on a "
-                        "machine with CUDA's compiler, or set train.grad_accumulation_fusion=false")
+    if torch.device(device).type == "cuda" and not accel.fp32_accumulating_gemm():
+        raise UserError(f"train.grad_accumulation_fusion: torch {torch.__version__} cannot accumulate a bf16 GEMM "
+                        "into an fp32 buffer (torch.addmm with out_dtype=float32 and an fp32 input needs torch >= "
+                        "2.10): upgrade torch, or set train.grad_accumulation_fusion=false")
 
 
 @torch.library.custom_op("nanotronix::accumulate_weight_grad", mutates_args=("main_grad",))
@@ -93,13 +95,7 @@ def accumulate_weight_grad(main_grad: torch.Tensor, grad_out: torch.Tensor, inp:
                            "backend did not re-inplace the mutation (inductor does, aot_eager does not)")
     if listener is not None and not listener[0].wants_weight_gradient(listener[1]):
         return
-    if main_grad.is_cuda:
-        kernel = accel.wgrad_gemm_kernel()
-        if kernel is None:
-            check_available(main_grad.device)
-        kernel.wgrad_accumulate_fp32(main_grad, grad_out, inp)
-    else:
-        reference.wgrad_accumulate_fp32(main_grad, grad_out, inp)
+    functions.wgrad_accumulate_fp32(main_grad, grad_out, inp)
     if listener is not None:
         listener[0].weight_gradient_arrived(listener[1])
 

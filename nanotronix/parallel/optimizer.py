@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from nanotronix.parallel.data_parallel import Bucket
