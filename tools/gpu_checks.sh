@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark of nanotronix, in two parts that each fit one device call (< 10 minutes):
-#   part 1 (~7 min on an H100, what issue 7's "Done when" needs first): environment, csrc/ kernel build (sm_90),
-#     GPU tests (kernel numerics vs the PyTorch twins and fp64, the fp32-accumulating wgrad GEMM, the bf16 weight
-#     cache, the compiled loss) -> $OUT/checks.log; tools/bench_train.py on SmolLM2-1.7B at seq 2048 vs transformers -> bench_1p7b.*
-#   part 2 (~7 min, most important first): SmolLM2-360M and -135M -> bench_{360m,135m}.*, FlexAttention's GPU tests,
-#     1.7B with document masking (masked SDPA, FlexAttention) -> bench_1p7b_docmask.*, the CPU layout tests under
-#     this machine's torch -> $OUT/checks2.log (reuses part 1's build on a warm machine; builds otherwise)
+#   part 1 (~8 min on an H100: everything issue 7's "Done when" needs): environment, csrc/ kernel build (sm_90), GPU
+#     tests (kernel numerics vs the PyTorch twins and fp64, the fp32-accumulating wgrad GEMM, the bf16 weight cache,
+#     the compiled loss) -> $OUT/checks.log; tools/bench_train.py vs transformers on SmolLM2-360M and -135M ->
+#     bench_{360m,135m}.*, then SmolLM2-1.7B at seq 2048 -> bench_1p7b.*
+#   part 2 (~6 min, most important first): where the 1.7B step's time goes (kernel-time profiles) ->
+#     bench_1p7b_profile.*, FlexAttention's GPU tests, 1.7B with document masking (masked SDPA, FlexAttention) ->
+#     bench_1p7b_docmask.*, the CPU layout tests under this machine's torch -> $OUT/checks2.log (reuses part 1's
+#     build on a warm machine; builds otherwise)
+# At most 7 files land in $OUT per part (the device tool returns 8).
 # Usage: OUT=/some/dir bash tools/gpu_checks.sh [1|2|all]   (OUT defaults to ./gpu_out, the part to all)
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -31,9 +34,10 @@ build() {
   $PY -c "from nanotronix import accel; print('kernels loaded:', accel.compiled_kernels() is not None, '| torch fp32-accumulating GEMM:', accel.fp32_accumulating_gemm())" 2>&1 | tee -a "$LOG"
 }
 
-gpu_tests() {  # test files...
+gpu_tests() {  # timeout, test files...
+  local limit=$1; shift
   echo "== GPU tests: $*"
-  timeout 200 $PY -m pytest -q -p no:cacheprovider "$@" -k "cuda or kernels" >> "$LOG" 2>&1
+  timeout "$limit" $PY -m pytest -q -p no:cacheprovider "$@" -k "cuda or kernels" >> "$LOG" 2>&1
   echo "tests rc=$?"; tail -5 "$LOG"
 }
 bench() {  # name, timeout, args...
@@ -49,30 +53,32 @@ F=$K,train.grad_accumulation_fusion=true
 
 if [ "$PART" != 2 ]; then
   build
-  gpu_tests tests/test_kernels_cuda.py tests/test_wgrad_accumulate_cuda.py tests/test_kernels.py \
+  gpu_tests 170 tests/test_kernels_cuda.py tests/test_wgrad_accumulate_cuda.py tests/test_kernels.py \
     tests/test_compute_weights.py tests/test_speedups.py
-  # The headline figure: accumulation 16 (SmolLM2-1.7B's 1M-token batch is 4 x 16 x 16 GPUs), compiled, with and
-  # without the bf16 weight cache, with the wgrad GEMMs accumulating into the fp32 buckets
-  # (grad_accumulation_fusion), and at micro-batch 8 (fits in 80 GB without recompute?); one step of compiled-cache
-  # and of compiled-cache-fused is profiled (kernel-time breakdown: what to work on next). The runs with nothing
-  # new to go wrong come first: bench_train rewrites its JSON after every run.
-  bench 1p7b 380 model.preset=smollm2-1.7b $S train.micro_batch_size=4 --accum 16 --warmup 2 --steps 3 \
-    --variant compiled:$C --variant compiled-cache:$K --variant compiled-cache-mb8:$K,train.micro_batch_size=8 \
-    --variant compiled-cache-fused:$F --variant compiled-cache-fused-mb8:$F,train.micro_batch_size=8 \
-    --profile compiled-cache --profile compiled-cache-fused
+  # The small models first (a minute each, and the "Done when" needs both), then the headline figure: 1.7B at
+  # accumulation 16 (its 1M-token batch is 4 x 16 x 16 GPUs), compiled, with the bf16 weight cache and the wgrad GEMMs
+  # accumulating into the fp32 buckets (grad_accumulation_fusion), at micro-batch 4 and 8, and the cache alone. The
+  # run with nothing new to go wrong comes first: bench_train rewrites its JSON after every run.
+  bench 360m 100 model.preset=smollm2-360m $S train.micro_batch_size=8 --accum 2 --warmup 2 --steps 4 \
+    --variant compiled:$C --variant compiled-cache-fused:$F
+  bench 135m 90 model.preset=smollm2-135m $S train.micro_batch_size=16 --accum 2 --warmup 2 --steps 4 \
+    --variant compiled:$C --variant compiled-cache-fused:$F
+  bench 1p7b 330 model.preset=smollm2-1.7b $S train.micro_batch_size=4 --accum 16 --warmup 2 --steps 3 \
+    --variant compiled:$C --variant compiled-cache-fused:$F --variant compiled-cache-fused-mb8:$F,train.micro_batch_size=8 \
+    --variant compiled-cache:$K --variant compiled-cache-mb8:$K,train.micro_batch_size=8
 fi
 
 if [ "$PART" != 1 ]; then  # in the order of what matters most, should the device time run out
   $PY -c "from nanotronix import accel; assert accel.compiled_kernels() is not None" 2>/dev/null || build
-  bench 360m 120 model.preset=smollm2-360m $S train.micro_batch_size=8 --accum 2 --warmup 2 --steps 4 \
-    --variant eager-fused:train.fused_kernels=true,train.loss_chunk_size=4096,train.bf16_weight_cache=true \
-    --variant compiled:$C --variant compiled-cache:$K --variant compiled-cache-fused:$F
-  bench 135m 120 model.preset=smollm2-135m $S train.micro_batch_size=16 --accum 2 --warmup 2 --steps 4 \
-    --variant compiled:$C --variant compiled-cache:$K --variant compiled-cache-fused:$F
+  # one step of each, profiled: the kernel-time breakdown (matmuls, attention, fused elementwise, casts) says
+  # what to work on next
+  bench 1p7b_profile 150 model.preset=smollm2-1.7b $S train.micro_batch_size=4 --accum 4 --warmup 2 --steps 2 \
+    --no-baseline --variant compiled:$C --variant compiled-cache-fused:$F --profile compiled \
+    --profile compiled-cache-fused
   # document masking, documents of 1,024 tokens on average (EOS = 0, SmolLM2's <|endoftext|>, planted in the random
   # tokens): masked SDPA computes every block, FlexAttention skips those across documents; MFU counts only the
   # attention inside documents. The unmasked figure is part 1's.
-  gpu_tests tests/test_document_masking.py
+  gpu_tests 100 tests/test_document_masking.py
   bench 1p7b_docmask 150 model.preset=smollm2-1.7b $S train.micro_batch_size=4 --accum 16 --warmup 2 --steps 3 \
     --documents 0:1024 --no-baseline --variant compiled-cache-docmask:$K,model.document_mask_eos_id=0 \
     --variant compiled-cache-docmask-flex:$K,model.document_mask_eos_id=0,model.attn_implementation=flex
