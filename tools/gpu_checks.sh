@@ -96,7 +96,7 @@ for path in sorted(Path(sys.argv[1]).glob("bench_*.json")):
     runs = [r for r in report["results"] if r["ok"] and r["name"] != "hf-transformers"]
     if not runs:
         print(f"{path.stem}: no nanotronix run finished"); continue
-    best = max(runs, key=lambda r: r["mfu"] or 0)
+    best = max(runs, key=lambda r: r["tokens_per_sec_per_gpu"] or 0)
     ratio = f"{best['ratio_to_baseline']:.2f}x HF" if best["ratio_to_baseline"] else "no baseline"
     print(f"{path.stem}: best {best['name']}: MFU {100 * (best['mfu'] or 0):.1f}%, {ratio}, "
           f"{best['peak_memory_gb'] or 0:.1f} GB; failed: {[r['name'] for r in report['results'] if not r['ok']]}")
