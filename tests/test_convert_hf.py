@@ -210,3 +210,24 @@ def test_push_to_hub_fails_early_with_one_line(tmp_path, env, message):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
     assert not (tmp_path / "hf").exists()  # failed before converting
+
+
+def test_push_to_hub_failure_keeps_the_complete_export(tmp_path):
+    """The real huggingface_hub client up to its first request, against an endpoint where nothing listens (no
+    network here): one error line naming the failure, exit 2, and the converted folder complete on disk."""
+    import socket
+    trained_checkpoint(tmp_path / "run")
+    with socket.socket() as s:  # a free local port, closed again: connections to it are refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    clean = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE")}
+    env = {**clean, "HF_HOME": str(tmp_path / "hf_home"), "HF_TOKEN": "hf_fake", "HF_HUB_OFFLINE": "0",
+           "HF_ENDPOINT": f"http://127.0.0.1:{port}"}
+    proc = subprocess.run([sys.executable, "tools/convert_to_hf.py", "--checkpoint", str(tmp_path / "run"),
+                           "--output", str(tmp_path / "hf"), "--push-to-hub", "someone/tiny"], env=env,
+                          capture_output=True, text=True, cwd=ROOT, timeout=180)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr
+    assert lines[-1].startswith("error: --push-to-hub someone/tiny: upload failed") and str(tmp_path / "hf") in lines[-1]
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "hf").model_type == "llama"
+    assert list((tmp_path / "hf").glob("*.safetensors"))
