@@ -27,6 +27,9 @@ class ConfigError(UserError, ValueError):
     """A config problem, reported to the user as one line naming the field."""
 
 
+# torch.compile modes for train.compile_mode ("default" passes no mode); none with CUDA graphs.
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+
 # Published SmolLM2 architectures (HF config.json of HuggingFaceTB/SmolLM2-*; init std from the nanotron
 # pretraining configs in huggingface/smollm). Pretraining used rope_theta 10000 at 2048 tokens; the released
 # HF configs carry the context-extended values (8192 positions, theta 1e5 / 1.3e5).
@@ -106,6 +109,9 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda when available, else cpu
     # Speed switches (nanotronix/parallel/speedups.py); each has a CPU numerics test against the plain path.
     compile: bool = False  # torch.compile each decoder layer (Inductor fuses norm/RoPE/SwiGLU/residual adds)
+    # with compile: default | max-autotune-no-cudagraphs (Inductor times its own Triton GEMMs against cuBLAS for
+    # every matmul shape and may fuse the elementwise ops around a GEMM into it; minutes more of compilation)
+    compile_mode: str = "default"
     recompute: str = "none"  # none | selective (save matmul/attention outputs only) | full (whole layer)
     fused_kernels: bool = False  # csrc/ CUDA kernels for add+RMSNorm, RoPE, SwiGLU (PyTorch twin elsewhere)
     loss_chunk_size: int = 0  # > 0: fused head + cross entropy over chunks of this many tokens (no full logits)
@@ -391,6 +397,11 @@ def validate(cfg: Config) -> None:
              "train.grad_accumulation_fusion: needs train.bf16_weight_cache: true (it fuses the bf16 copies' "
              "gradient accumulation)")
     _require(t.loss_chunk_size >= 0, f"train.loss_chunk_size: must be >= 0 (0: plain loss), got {t.loss_chunk_size}")
+    _require(t.compile_mode in COMPILE_MODES,
+             f"train.compile_mode: {t.compile_mode!r} is not {'|'.join(COMPILE_MODES)} (the modes with CUDA graphs "
+             "are not supported: the gradient buckets run Python hooks during every backward)")
+    _require(t.compile_mode == "default" or t.compile,
+             f"train.compile_mode: {t.compile_mode!r} needs train.compile: true")
     # Inductor already generates fused kernels for the same ops, and the compiled csrc ops are opaque to it.
     _require(not (t.compile and t.fused_kernels),
              "train.fused_kernels: cannot be combined with train.compile (compile fuses the same ops itself)")

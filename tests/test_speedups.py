@@ -1,6 +1,6 @@
 """Speed switches against the plain path on CPU (forward + gradients): recompute (selective, full), torch.compile
-(traced by dynamo + AOTAutograd with the aot_eager backend; Inductor itself is exercised on the GPU), the fused
-head + chunked cross entropy, and their config validation. Costs ~15 s.
+(traced by dynamo + AOTAutograd with the aot_eager backend; Inductor, with and without GEMM autotuning, in the trainer
+path and the loss chunks), the fused head + chunked cross entropy, and their config validation. Costs ~25 s.
 """
 import copy
 
@@ -87,7 +87,8 @@ def test_linear_cross_entropy_bf16_close_to_plain_autocast_head():
     assert (h.grad - gh).norm() / gh.norm() < 2e-2 and (w.grad - gw).norm() / gw.norm() < 2e-2
 
 
-def _train_two_steps(train_overrides: dict, compile_backend: str | None = None):
+def _train_two_steps(train_overrides: dict, compile_backend: str | None = None,
+                     expect_loss_compile: dict | None = None):
     from nanotronix.parallel import DistributedOptimizer, ParallelContext, parallelize
     from nanotronix.train.optimizer import param_groups
     from nanotronix.train.step import train_step
@@ -104,7 +105,9 @@ def _train_two_steps(train_overrides: dict, compile_backend: str | None = None):
     if compile_backend is not None:  # what train.compile does, with a backend that needs no C++ build
         torch._dynamo.reset()
         apply_compile(model, compile_backend)
-        assert model.chunks[-1].loss_compile_backend == compile_backend
+        assert model.chunks[-1].loss_compile == {"backend": compile_backend, "mode": None}
+    if expect_loss_compile is not None:  # train.compile applied by parallelize()
+        assert model.chunks[-1].loss_compile == expect_loss_compile
     o = cfg.optimizer
     opt = DistributedOptimizer(model, param_groups(model.named_parameters(), o.weight_decay), lr=1e-2,
                                betas=tuple(o.betas), eps=o.eps)
@@ -128,11 +131,27 @@ def test_trainer_path_with_switches_matches_plain(overrides, compile_backend):
         assert torch.allclose(params[name], p, atol=2e-4), name
 
 
+def test_compile_mode_max_autotune_matches_plain():
+    """train.compile_mode reaches every torch.compile of the trainer path (the decoder layers and the fused loss's
+    chunks): Inductor with GEMM autotuning (C++ templates on the CPU, Triton on CUDA) gives the plain run's
+    losses and weights."""
+    torch._dynamo.reset()
+    ref_losses, ref_params = _train_two_steps({})
+    mode = "max-autotune-no-cudagraphs"
+    losses, params = _train_two_steps({"compile": True, "compile_mode": mode, "loss_chunk_size": 5},
+                                      expect_loss_compile={"backend": "inductor", "mode": mode})
+    assert losses == pytest.approx(ref_losses, abs=1e-5)
+    for name, p in ref_params.items():
+        assert torch.allclose(params[name], p, atol=2e-4), name
+
+
 @pytest.mark.parametrize("train,message", [
     ({"recompute": "some"}, "train.recompute"),
     ({"loss_chunk_size": -1}, "train.loss_chunk_size"),
     ({"compile": True, "fused_kernels": True}, "train.fused_kernels"),
     ({"compile": "yes"}, "train.compile"),
+    ({"compile": True, "compile_mode": "max-autotune"}, "train.compile_mode"),
+    ({"compile_mode": "max-autotune-no-cudagraphs"}, "needs train.compile: true"),
 ])
 def test_switch_validation(train, message):
     with pytest.raises(ConfigError, match=message):
@@ -143,7 +162,7 @@ def test_switch_validation(train, message):
                                              pytest.param("inductor", "cuda", marks=requires_cuda)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_compiled_loss_chunks_match_eager(backend, device, dtype):
-    """`compile_backend` runs each chunk's matmul + softmax + gradient through torch.compile (Inductor generates
+    """`compile_options` runs each chunk's matmul + softmax + gradient through torch.compile (Inductor generates
     the fused kernels: C++ on the CPU, Triton on CUDA); same loss and gradients as the eager chunks, a short last
     chunk included (63 tokens in chunks of 16)."""
     torch.manual_seed(0)
@@ -152,9 +171,9 @@ def test_compiled_loss_chunks_match_eager(backend, device, dtype):
     w = (torch.randn(50, 16, dtype=h.dtype, device=device) * 0.3).requires_grad_(True)
     y = torch.randint(0, 50, (3, 21), device=device)
     results = []
-    for compile_backend in (None, backend):
+    for compile_options in (None, {"backend": backend}):
         h.grad = w.grad = None
-        out = linear_cross_entropy(h, w, y, 16, compute_dtype=dtype, compile_backend=compile_backend)
+        out = linear_cross_entropy(h, w, y, 16, compute_dtype=dtype, compile_options=compile_options)
         out.backward(torch.tensor(0.7, dtype=out.dtype, device=device))
         results.append((out.detach(), h.grad.clone(), w.grad.clone()))
     (ref, ref_h, ref_w), (got, got_h, got_w) = results

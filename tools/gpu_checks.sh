@@ -4,8 +4,9 @@
 #     tests (kernel numerics vs the PyTorch twins and fp64, the fp32-accumulating wgrad GEMM, the bf16 weight cache,
 #     the compiled loss) -> $OUT/checks.log; tools/bench_train.py vs transformers on SmolLM2-360M and -135M ->
 #     bench_{360m,135m}.*, then SmolLM2-1.7B at seq 2048 -> bench_1p7b.*
-#   part 2 (~6 min, most important first): where the 1.7B step's time goes (kernel-time profiles) ->
-#     bench_1p7b_profile.*, FlexAttention's GPU tests, 1.7B with document masking (masked SDPA, FlexAttention) ->
+#   part 2 (~9 min, most important first): 1.7B with Inductor's GEMM autotuning (train.compile_mode) vs transformers
+#     -> bench_1p7b_autotune.*, where the 1.7B step's time goes (kernel-time profiles) -> bench_1p7b_profile.*,
+#     FlexAttention's GPU tests, 1.7B with document masking (masked SDPA, FlexAttention) ->
 #     bench_1p7b_docmask.*, the CPU layout tests under this machine's torch -> $OUT/checks2.log (reuses part 1's
 #     build on a warm machine; builds otherwise)
 # At most 7 files land in $OUT per part (the device tool returns 8).
@@ -70,6 +71,10 @@ fi
 
 if [ "$PART" != 1 ]; then  # in the order of what matters most, should the device time run out
   $PY -c "from nanotronix import accel; assert accel.compiled_kernels() is not None" 2>/dev/null || build
+  # Inductor times its Triton GEMMs against cuBLAS per shape and may fuse the elementwise ops around a GEMM into it
+  # (the first step compiles for minutes); next to its own baseline, so that it counts as one run
+  bench 1p7b_autotune 280 model.preset=smollm2-1.7b $S train.micro_batch_size=4 --accum 16 --warmup 2 --steps 3 \
+    --variant compiled-cache-fused-autotune:$F,train.compile_mode=max-autotune-no-cudagraphs
   # one step of each, profiled: the kernel-time breakdown (matmuls, attention, fused elementwise, casts) says
   # what to work on next
   bench 1p7b_profile 150 model.preset=smollm2-1.7b $S train.micro_batch_size=4 --accum 4 --warmup 2 --steps 2 \

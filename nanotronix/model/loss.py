@@ -51,27 +51,28 @@ def _chunk_loss_and_grads(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, gra
     return loss_sum, grad_logits, grad_logits @ w
 
 
-_compiled_chunk_fns: dict[str, object] = {}
+_compiled_chunk_fns: dict[tuple, object] = {}
 
 
-def _chunk_fn(compile_backend: Optional[str]):
-    if compile_backend is None:
+def _chunk_fn(compile_options: Optional[dict]):
+    if not compile_options:
         return _chunk_loss_and_grads
-    if compile_backend not in _compiled_chunk_fns:
-        _compiled_chunk_fns[compile_backend] = torch.compile(_chunk_loss_and_grads, backend=compile_backend)
-    return _compiled_chunk_fns[compile_backend]
+    key = tuple(sorted(compile_options.items()))
+    if key not in _compiled_chunk_fns:
+        _compiled_chunk_fns[key] = torch.compile(_chunk_loss_and_grads, **compile_options)
+    return _compiled_chunk_fns[key]
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int,
-                compute_dtype: torch.dtype, compile_backend: Optional[str]) -> torch.Tensor:
+                compute_dtype: torch.dtype, compile_options: Optional[dict]) -> torch.Tensor:
         n = hidden.shape[0]
         w = weight.to(compute_dtype)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
             if ctx.needs_input_grad[1] else None
-        chunk_fn = _chunk_fn(compile_backend)
+        chunk_fn = _chunk_fn(compile_options)
         want_grads = grad_hidden is not None or grad_weight is not None
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, n, chunk_size):
@@ -100,18 +101,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int,
                          compute_dtype: Optional[torch.dtype] = None,
-                         compile_backend: Optional[str] = None) -> torch.Tensor:
+                         compile_options: Optional[dict] = None) -> torch.Tensor:
     """mean CE of `hidden @ weight.T` against `labels`, in chunks of `chunk_size` tokens.
 
     hidden [..., D] (the final norm's output), weight [V, D] (the head, tied or not), labels [...] (int64).
     Same value and gradients as `cross_entropy(F.linear(hidden, weight), labels)` up to rounding; the matmuls run
     in `compute_dtype` (default: autocast's dtype when autocast is on, like the plain head), logits in fp32.
-    `compile_backend` (e.g. "inductor"): each chunk's head matmul and softmax run through torch.compile, which fuses
-    the elementwise passes over the [chunk, vocab] logits (the trainer does so under `train.compile`).
+    `compile_options` (torch.compile's keyword arguments, e.g. {"backend": "inductor"}): each chunk's head matmul and
+    softmax run through torch.compile, which fuses the elementwise passes over the [chunk, vocab] logits (the
+    trainer does so under `train.compile`, with train.compile_mode).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     dtype = compute_dtype or _compute_dtype(weight)
     with torch.autocast(hidden.device.type, enabled=False):
         return _LinearCrossEntropy.apply(hidden.flatten(0, -2), weight, labels.flatten(), chunk_size, dtype,
-                                         compile_backend)
+                                         compile_options)

@@ -73,8 +73,8 @@ class ModelChunk(DecoderParts):
         # > 0 (set by speedups.apply_fused_loss, tp == 1 only): the last chunk returns the final norm's output and
         # the loss applies the head in chunks of this many tokens (model.loss.linear_cross_entropy).
         self.fused_loss_chunk = 0
-        # set by speedups.apply_compile: the fused loss runs its chunks through torch.compile with this backend
-        self.loss_compile_backend: Optional[str] = None
+        # set by speedups.apply_compile: the fused loss runs its chunks through torch.compile with these options
+        self.loss_compile: Optional[dict] = None
 
     def forward(self, x: torch.Tensor, document_ids: Optional[torch.Tensor] = None):
         """Returns this stage's output; under document masking a stage that hands on hidden states also hands on

@@ -42,7 +42,7 @@ class MicroBatchRunner:
         last = self.model.chunks[-1]
         if last.fused_loss_chunk:  # `logits` is the final norm's output: the loss applies the head (tp == 1)
             return linear_cross_entropy(logits, last.lm_head.weight, labels, last.fused_loss_chunk,
-                                        last.compute_dtype, last.loss_compile_backend) * self._scale
+                                        last.compute_dtype, last.loss_compile) * self._scale
         return micro_batch_loss(logits, labels, self.model.tp_group) * self._scale
 
     def run(self, inputs: torch.Tensor, labels: torch.Tensor, scale: float) -> torch.Tensor:

@@ -84,13 +84,15 @@ def apply_recompute(model: nn.Module, mode: str) -> nn.Module:
     return model
 
 
-def apply_compile(model: nn.Module, backend: str = "inductor") -> nn.Module:
+def apply_compile(model: nn.Module, backend: str = "inductor", mode: str = "default") -> nn.Module:
     """Compile each decoder layer in place (`Module.compile` keeps the module and its parameter names), and the
-    chunks of the fused head + loss (`model.loss.linear_cross_entropy`) when it is on."""
+    chunks of the fused head + loss (`model.loss.linear_cross_entropy`) when it is on. `mode`: one of
+    config.COMPILE_MODES ("default": torch.compile's own)."""
+    options = {"backend": backend, "mode": None if mode == "default" else mode}
     for layer in decoder_layers(model):
-        layer.compile(backend=backend, fullgraph=False)
+        layer.compile(fullgraph=False, **options)
     for chunk in getattr(model, "chunks", None) or []:
-        chunk.loss_compile_backend = backend
+        chunk.loss_compile = options
     return model
 
 
@@ -119,5 +121,5 @@ def apply_speedups(model: nn.Module, train: TrainConfig) -> nn.Module:
         apply_fused_kernels(model)
     apply_recompute(model, train.recompute)
     if train.compile:
-        apply_compile(model)
+        apply_compile(model, mode=train.compile_mode)
     return model
