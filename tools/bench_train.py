@@ -300,12 +300,13 @@ def measure(name: str, build: Callable[[], Callable[[torch.Tensor], float]], cfg
 def format_table(results: list[RunResult]) -> str:
     def fmt(v, spec):
         return format(v, spec) if v is not None else "-"
-    lines = [f"{'run':<24} {'tokens/s/GPU':>13} {'TFLOP/s/GPU':>12} {'MFU':>7} {'peak GB':>8} {'vs HF':>7}"]
+    w = max([24] + [len(r.name) for r in results])
+    lines = [f"{'run':<{w}} {'tokens/s/GPU':>13} {'TFLOP/s/GPU':>12} {'MFU':>7} {'peak GB':>8} {'vs HF':>7}"]
     for r in results:
         if not r.ok:
-            lines.append(f"{r.name:<24} {r.error}")
+            lines.append(f"{r.name:<{w}} {r.error}")
             continue
-        lines.append(f"{r.name:<24} {fmt(r.tokens_per_sec_per_gpu, ',.0f'):>13} {fmt(r.tflops_per_gpu, '.1f'):>12} "
+        lines.append(f"{r.name:<{w}} {fmt(r.tokens_per_sec_per_gpu, ',.0f'):>13} {fmt(r.tflops_per_gpu, '.1f'):>12} "
                      f"{fmt(r.mfu and 100 * r.mfu, '.1f') + ('%' if r.mfu else ''):>7} "
                      f"{fmt(r.peak_memory_gb, '.1f'):>8} {fmt(r.ratio_to_baseline, '.2f') + ('x' if r.ratio_to_baseline else ''):>7}")
     return "\n".join(lines)
