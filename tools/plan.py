@@ -2,7 +2,8 @@
 """Plan a run before launching it: per data stage its steps, tokens and each source's epochs, memory per GPU for
 the layout, and projected wall-clock and GPU-hours at a stated MFU.
 
-    python tools/plan.py CONFIG --gpus N [--mfu 0.45] [--gpu "H100 SXM"] [--json] [dotted.key=value ...]
+    python tools/plan.py CONFIG --gpus N [--mfu 0.45] [--gpu "H100 SXM"] [--net-gbps 400] [--gpus-per-node 8]
+                         [--json] [dotted.key=value ...]
 
 Data: the per-source sample counts come from the sampler's own blend arithmetic (`nanotronix.data.blend`), so
 they are what the run will read, exactly; epochs need each store's token count, so a store that cannot be opened
@@ -18,6 +19,15 @@ buffers and the CUDA context (~1-3 GiB together) come on top. An estimate, not a
 
 Time: total tokens x model FLOPs per token (`nanotronix.train.flops`, the trainer's own MFU counter) / (GPUs x peak
 x MFU). `--gpu` picks the peak from the same table the trainer uses.
+
+Data-parallel traffic (per GPU and step, an estimate): the fp32 gradient reduction of the GPU's parameters over its
+DP group, as NCCL's ring moves it: all-reduce 2 (dp-1)/dp x 4 bytes per parameter; ZeRO-1 the same in two halves,
+a reduce-scatter and the all-gather of the updated fp32 weights. Ranks are numbered tp fastest, then dp, so a DP
+group spans tp x dp consecutive ranks: within one node of `--gpus-per-node` it rides NVLink (450 GB/s per GPU and
+direction on H100 SXM), across nodes each GPU's own network link (`--net-gbps`, 400 Gb/s: one ConnectX-7 per GPU
+as in a DGX H100). The trainer hides it behind compute: the gradient reduction behind the backward of the step's
+last micro-batch (~2/3 of its compute), ZeRO-1's weight gather behind the next step's first forward (~1/3, with
+parallel.overlap_param_gather); what sticks out lengthens the step and lowers the MFU the run can reach.
 """
 from __future__ import annotations
 
@@ -41,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--mfu", type=float, default=0.45, help="model FLOPs utilisation to project with "
                                                                 "(default 0.45)")
     parser.add_argument("--gpu", default="H100 SXM", help='GPU model for the peak FLOP/s (default "H100 SXM")')
+    parser.add_argument("--net-gbps", type=float, default=400.0,
+                        help="network bandwidth per GPU between nodes, Gbit/s per direction (default 400)")
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides")
     return parser.parse_intermixed_args(argv)  # overrides may follow the options
@@ -214,20 +227,54 @@ def time_plan(cfg, gpus: int, mfu: float, gpu: str, stages: list[dict]) -> dict[
             "stage_wall_hours": {s["name"]: hours(s["tokens"]) for s in stages}}
 
 
+# ------------------------------------------------------------------------------------- data-parallel traffic
+
+NVLINK_GBYTES = 450.0  # H100 SXM NVLink 4: 900 GB/s per GPU, both directions together
+
+
+def comm_plan(cfg, dp: int, accum: int, params_per_gpu: float, time: dict, net_gbps: float,
+              gpus_per_node: int) -> dict[str, Any]:
+    """The DP gradient traffic of one step and how much of it compute cannot hide (module docstring)."""
+    p = cfg.parallel
+    ring = (dp - 1) / dp * 4 * params_per_gpu  # one ring pass over the fp32 gradients (or weights)
+    crosses_nodes = p.tp * dp > gpus_per_node
+    gbytes_per_s = net_gbps / 8 if crosses_nodes else NVLINK_GBYTES
+    step_tokens = cfg.train.global_batch_size * cfg.train.seq_len
+    compute = step_tokens / (dp * p.tp * p.pp * time["tokens_per_sec_per_gpu"])  # the step's FLOPs / all GPUs
+    micro = compute / accum  # one micro-batch's forward and backward on this GPU
+    if p.zero_stage == 1:
+        seconds = {"reduce_scatter": ring / (gbytes_per_s * 1e9), "all_gather": ring / (gbytes_per_s * 1e9)}
+        gather_window = micro / 3 if p.overlap_param_gather else 0.0
+        exposed = max(0.0, seconds["reduce_scatter"] - 2 / 3 * micro) + max(0.0, seconds["all_gather"] - gather_window)
+    else:
+        seconds = {"all_reduce": 2 * ring / (gbytes_per_s * 1e9)}
+        exposed = max(0.0, seconds["all_reduce"] - 2 / 3 * micro)
+    step = compute + exposed
+    return {"bytes_per_gpu": 2 * ring if dp > 1 else 0.0, "link": "network" if crosses_nodes else "NVLink",
+            "gbytes_per_s": gbytes_per_s, "comm_seconds": sum(seconds.values()) if dp > 1 else 0.0,
+            "compute_seconds": compute, "exposed_seconds": exposed if dp > 1 else 0.0,
+            "step_seconds": step if dp > 1 else compute,
+            "mfu": time["mfu"] * compute / (step if dp > 1 else compute)}
+
+
 # ----------------------------------------------------------------------------------------------------- main
 
-def build_plan(config: str, overrides: list[str], gpus: int, mfu: float, gpu: str) -> dict[str, Any]:
+def build_plan(config: str, overrides: list[str], gpus: int, mfu: float, gpu: str, net_gbps: float = 400.0,
+               gpus_per_node: int = 8) -> dict[str, Any]:
     from nanotronix.config import grad_accum_steps, load_config, resolve_layout
 
     if gpus < 1:
         raise ValueError(f"--gpus must be >= 1, got {gpus}")
     if not 0 < mfu <= 1:
         raise ValueError(f"--mfu must be in (0, 1], got {mfu}")
+    if net_gbps <= 0 or gpus_per_node < 1:
+        raise ValueError(f"--net-gbps must be > 0 and --gpus-per-node >= 1, got {net_gbps} and {gpus_per_node}")
     cfg = load_config(config, overrides)
     dp = resolve_layout(cfg, gpus)
     accum = grad_accum_steps(cfg, dp)
     stages = stage_plan(cfg)
     t = cfg.train
+    memory, time = memory_plan(cfg, dp, accum), time_plan(cfg, gpus, mfu, gpu, stages)
     return {
         "config": config, "gpus": gpus,
         "model": {"preset": cfg.model.preset, "parameters": cfg.model.num_parameters()},
@@ -236,7 +283,8 @@ def build_plan(config: str, overrides: list[str], gpus: int, mfu: float, gpu: st
         "batch": {"global_batch_size": t.global_batch_size, "seq_len": t.seq_len,
                   "tokens_per_step": t.global_batch_size * t.seq_len},
         "train_steps": t.train_steps, "total_tokens": t.train_steps * t.global_batch_size * t.seq_len,
-        "stages": stages, "memory": memory_plan(cfg, dp, accum), "time": time_plan(cfg, gpus, mfu, gpu, stages),
+        "stages": stages, "memory": memory, "time": time,
+        "comm": comm_plan(cfg, dp, accum, memory["params_per_gpu"], time, net_gbps, gpus_per_node),
     }
 
 
@@ -282,6 +330,18 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"{tm['tokens_per_sec_per_gpu']:,.0f} tokens/s/GPU -> {tm['wall_hours']:,.0f} h "
         f"({tm['wall_hours'] / 24:.1f} days) on {plan['gpus']} GPUs = {tm['gpu_hours']:,.0f} GPU-hours",
     ]
+    c = plan["comm"]
+    if lay["dp"] > 1:
+        what = "gradient reduce-scatter + fp32 weight all-gather" if lay["zero_stage"] == 1 else \
+            "fp32 gradient all-reduce"
+        lines.append(
+            f"data-parallel traffic per step (estimate): {c['bytes_per_gpu'] / 1e9:.2f} GB per GPU ({what} over "
+            f"{lay['dp']} ranks) through {c['link']} at {c['gbytes_per_s']:.0f} GB/s = "
+            f"{c['comm_seconds'] * 1e3:,.0f} ms; compute {c['compute_seconds'] * 1e3:,.0f} ms per step"
+            + (" hides all of it" if c["exposed_seconds"] == 0 else
+               f", ~{c['exposed_seconds'] * 1e3:,.0f} ms not hidden: ~{c['step_seconds'] * 1e3:,.0f} ms per step, "
+               f"MFU ~{c['mfu']:.0%} instead of {tm['mfu']:.0%} (more accumulation per GPU, i.e. fewer GPUs for "
+               f"this batch, amortises it; a faster network shortens it)"))
     return "\n".join(lines)
 
 
@@ -290,7 +350,8 @@ def main(argv=None) -> int:
     from nanotronix.errors import UserError
 
     try:
-        plan = build_plan(args.config, args.overrides, args.gpus, args.mfu, args.gpu)
+        plan = build_plan(args.config, args.overrides, args.gpus, args.mfu, args.gpu, args.net_gbps,
+                          args.gpus_per_node)
     except (UserError, ValueError, FileNotFoundError) as e:
         return fail(e)
     print(json.dumps(plan, indent=1) if args.json else format_plan(plan))
