@@ -96,6 +96,10 @@ class ParallelConfig:
     # ZeRO-1: the all-gather of the updated weights runs in the background and each layer waits for its own weights
     # when the next step first runs it, so later layers' gathers overlap earlier layers' forward (bit-identical).
     overlap_param_gather: bool = True
+    # dtype the data-parallel reduction moves: float32 (the sum of fp32 gradients), or bfloat16 (each rank's summed
+    # micro-batch gradients rounded to bf16 and summed in bf16 over DP: half the traffic, which sets the pace of
+    # multi-node runs at few sequences per GPU; tools/plan.py weighs it; torch DDP's bf16_compress_hook)
+    grad_reduce_dtype: str = "float32"
 
 
 @dataclass
@@ -378,6 +382,8 @@ def validate(cfg: Config) -> None:
     _require(p.pp_schedule in ("1f1b", "afab", "interleaved"),
              f"parallel.pp_schedule: {p.pp_schedule!r} is not 1f1b|afab|interleaved")
     _require(p.zero_stage in (0, 1), f"parallel.zero_stage: {p.zero_stage} is not 0 or 1")
+    _require(p.grad_reduce_dtype in ("float32", "bfloat16"),
+             f"parallel.grad_reduce_dtype: {p.grad_reduce_dtype!r} is not float32|bfloat16")
     _require(p.virtual_stages == 1 or p.pp_schedule == "interleaved",
              "parallel.virtual_stages: > 1 needs parallel.pp_schedule: interleaved")
 

@@ -51,7 +51,22 @@ def run_layout(name: str, parallel: dict, out: Path) -> None:
                                      betas=tuple(o.betas), eps=o.eps)
     data = make_data(cfg)
     losses, norms = [], []
+    # the last step's DP reduction of each bucket: this rank's summed fp32 gradient going in, and its reduced shard
+    # as the reduction left it (before clipping scales it)
+    reductions, reduced = {}, {}
     for step in range(1, STEPS + 1):
+        if step == STEPS:
+            grads, reduce, finish = model.grads, model.grads._reduce, model.grads.finish
+
+            def recording_reduce(b, async_op):
+                reductions[b.index] = b.grad.detach().clone()
+                return reduce(b, async_op)
+
+            def recording_finish():
+                finish()
+                reduced.update({b.index: (b.shard_start, b.shard_end, b.shard_grad.detach().clone())
+                                for b in grads.buckets})
+            grads._reduce, grads.finish = recording_reduce, recording_finish
         result = train_step(model, optimizer, rank_batch(cfg, data, step, ctx.dp_rank, ctx.dp), o.lr,
                             o.clip_grad)
         losses.append(result.loss)
@@ -91,6 +106,8 @@ def run_layout(name: str, parallel: dict, out: Path) -> None:
         "gathers_pending": gathers_pending,
         "unique_graphs": counters["stats"]["unique_graphs"] - graphs_before,
         "gathers_waited_after": gathers_waited_after,
+        "reduction_inputs": reductions if "reduce" in name else None,
+        "reduced": reduced if "reduce" in name else None,
     }, folder / f"rank{ctx.rank}.pt")
     if ctx.rank == 0:
         (folder / "metrics.json").write_text(json.dumps({"losses": losses, "grad_norms": norms}))

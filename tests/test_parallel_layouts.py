@@ -7,6 +7,9 @@ Pairs of layouts that must be bit-identical to each other: bf16 with and without
 ZeRO-1 with the weight all-gather overlapped with the next forward (`parallel.overlap_param_gather`) or waited for
 at once (also under torch.compile).
 
+Data-parallel reductions in bf16 (`parallel.grad_reduce_dtype`): exactly the bf16 sums of the ranks' rounded
+gradients, and runs that follow the fp32 reduction.
+
 One torchrun launch per world size runs all of its layouts (cost on 2 cores: ~15 s for 2 ranks, ~25 s for 4,
 ~35 s for 8).
 """
@@ -75,6 +78,12 @@ OVERLAP_PAIRS = {
 }
 
 
+# parallel.grad_reduce_dtype bfloat16 against the same layout reducing fp32: each bucket's reduced gradient is
+# exactly the bf16 sum of the ranks' bf16-rounded gradients, and the run follows the fp32 one up to that rounding.
+REDUCE_PAIRS = {2: {"dp2": "", "dp2_zero1": "zero_stage=1"},
+                4: {"pp2_dp2_zero1": "pp=2,zero_stage=1"}}
+
+
 @pytest.fixture(scope="module")
 def references():
     """plain and document-masked single-process runs"""
@@ -100,6 +109,8 @@ def runs(tmp_path_factory):
                 specs += [f"{name}:{spec}", f"{name}_cache:{spec},train.bf16_weight_cache=true"]
                 if name in FUSION_PAIRS.get(world, {}):
                     specs.append(f"{name}_fused:{spec},train.bf16_weight_cache=true,{FUSION_PAIRS[world][name]}")
+            for name, spec in REDUCE_PAIRS.get(world, {}).items():
+                specs.append(f"{name}_bf16reduce:{spec},grad_reduce_dtype=bfloat16")
             for name, spec in OVERLAP_PAIRS.get(world, {}).items():
                 if not any(s.startswith(f"{name}:") for s in specs):
                     specs.append(f"{name}:{spec}")
@@ -214,6 +225,39 @@ def test_fused_grad_accumulation_follows_the_cache(world, layout, runs, referenc
         total = r["microbatches"] * r["num_params"]
         regular = [b["launched_after"] for b in r["buckets"] if not b["deferred"]]
         assert regular[0] < total and regular == sorted(regular), (f.name, regular, total)  # during backward
+
+
+@pytest.mark.parametrize("world, layout", [(w, n) for w, pairs in REDUCE_PAIRS.items() for n in pairs],
+                         ids=lambda v: str(v))
+def test_bf16_gradient_reduction(world, layout, runs, reference):
+    fp32, bf16 = runs(world) / layout, runs(world) / f"{layout}_bf16reduce"
+    ranks = [torch.load(f, weights_only=False) for f in sorted(bf16.glob("rank*.pt"))]
+    # exact: per pipeline stage, the DP ranks' fp32 sums rounded to bf16 and added in bf16 (one addition per element
+    # for dp 2, so the order cannot matter), then widened back to fp32
+    checked = 0
+    for pp_rank in {r["coords"]["pp"] for r in ranks}:
+        group = sorted((r for r in ranks if r["coords"]["pp"] == pp_rank), key=lambda r: r["coords"]["dp"])
+        assert len(group) == 2
+        for index, (start, end, shard) in group[0]["reduced"].items():
+            inputs = [r["reduction_inputs"][index] for r in group]
+            want = (inputs[0].bfloat16() + inputs[1].bfloat16()).float()
+            for r in group:
+                start, end, shard = r["reduced"][index]
+                assert torch.equal(shard, want[start:end]), (layout, pp_rank, index)
+            assert not torch.equal(want, inputs[0] + inputs[1]), index  # really rounded
+            checked += 1
+    assert checked >= 2
+    # the run: the same first loss, then apart only by that rounding (amplified by Adam), far less than it moved
+    want, got = (json.loads((f / "metrics.json").read_text())["losses"] for f in (fp32, bf16))
+    assert got[0] == want[0] and got == pytest.approx(want, rel=1e-3)
+    cfg = make_config()
+    torch.manual_seed(cfg.train.seed)
+    from nanotronix.model import build_model
+    init = dict(build_model(cfg.model, "sdpa").named_parameters())
+    a, b = assemble(fp32, "params"), assemble(bf16, "params")
+    for name in a:
+        assert (b[name] - a[name]).norm() < 0.1 * (reference[2][name] - init[name]).norm(), name
+    assert any(not torch.equal(a[n], b[n]) for n in a)
 
 
 @pytest.mark.parametrize("world, layout", [(w, n) for w, pairs in OVERLAP_PAIRS.items() for n in pairs],

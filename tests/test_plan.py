@@ -121,6 +121,12 @@ def test_data_parallel_traffic_against_compute(plan_tool):
     fewer = plan(64)["comm"]
     assert fewer["compute_seconds"] == pytest.approx(4 * compute) and c["mfu"] < fewer["mfu"] < 0.45
     assert plan(64, net_gbps=1600)["comm"]["exposed_seconds"] == 0
+    # bf16 reduction: half the gradient bytes, which the last backward almost hides at this layout
+    b = plan(256, "parallel.grad_reduce_dtype=bfloat16")["comm"]
+    assert b["bytes_per_gpu"] == pytest.approx(c["bytes_per_gpu"] / 2)
+    assert b["exposed_seconds"] == pytest.approx(c["comm_seconds"] / 2 - 2 / 3 * compute) and b["mfu"] > 0.4
+    bz = plan(256, "parallel.grad_reduce_dtype=bfloat16", "parallel.zero_stage=1")["comm"]
+    assert bz["bytes_per_gpu"] == pytest.approx(c["bytes_per_gpu"] * 3 / 4)  # the weights still gather in fp32
     # one node: NVLink
     assert plan(8)["comm"]["link"] == "NVLink" and plan(8)["comm"]["exposed_seconds"] == 0
     assert plan(1, "train.global_batch_size=4")["comm"]["bytes_per_gpu"] == 0

@@ -21,8 +21,9 @@ Time: total tokens x model FLOPs per token (`nanotronix.train.flops`, the traine
 x MFU). `--gpu` picks the peak from the same table the trainer uses.
 
 Data-parallel traffic (per GPU and step, an estimate): the fp32 gradient reduction of the GPU's parameters over its
-DP group, as NCCL's ring moves it: all-reduce 2 (dp-1)/dp x 4 bytes per parameter; ZeRO-1 the same in two halves,
-a reduce-scatter and the all-gather of the updated fp32 weights. Ranks are numbered tp fastest, then dp, so a DP
+DP group, as NCCL's ring moves it: all-reduce 2 (dp-1)/dp x 4 bytes per parameter (2 with
+parallel.grad_reduce_dtype bfloat16); ZeRO-1 the same in two halves, a reduce-scatter and the all-gather of the
+updated fp32 weights. Ranks are numbered tp fastest, then dp, so a DP
 group spans tp x dp consecutive ranks: within one node of `--gpus-per-node` it rides NVLink (450 GB/s per GPU and
 direction on H100 SXM), across nodes each GPU's own network link (`--net-gbps`, 400 Gb/s: one ConnectX-7 per GPU
 as in a DGX H100). The trainer hides it behind compute: the gradient reduction behind the backward of the step's
@@ -236,21 +237,25 @@ def comm_plan(cfg, dp: int, accum: int, params_per_gpu: float, time: dict, net_g
               gpus_per_node: int) -> dict[str, Any]:
     """The DP gradient traffic of one step and how much of it compute cannot hide (module docstring)."""
     p = cfg.parallel
-    ring = (dp - 1) / dp * 4 * params_per_gpu  # one ring pass over the fp32 gradients (or weights)
+    grad_bytes = 2 if p.grad_reduce_dtype == "bfloat16" else 4
+    ring_grads = (dp - 1) / dp * grad_bytes * params_per_gpu  # one ring pass over the gradients
+    ring = (dp - 1) / dp * 4 * params_per_gpu  # ... and over the fp32 weights (ZeRO-1's all-gather)
     crosses_nodes = p.tp * dp > gpus_per_node
     gbytes_per_s = net_gbps / 8 if crosses_nodes else NVLINK_GBYTES
     step_tokens = cfg.train.global_batch_size * cfg.train.seq_len
     compute = step_tokens / (dp * p.tp * p.pp * time["tokens_per_sec_per_gpu"])  # the step's FLOPs / all GPUs
     micro = compute / accum  # one micro-batch's forward and backward on this GPU
     if p.zero_stage == 1:
-        seconds = {"reduce_scatter": ring / (gbytes_per_s * 1e9), "all_gather": ring / (gbytes_per_s * 1e9)}
+        seconds = {"reduce_scatter": ring_grads / (gbytes_per_s * 1e9), "all_gather": ring / (gbytes_per_s * 1e9)}
         gather_window = micro / 3 if p.overlap_param_gather else 0.0
         exposed = max(0.0, seconds["reduce_scatter"] - 2 / 3 * micro) + max(0.0, seconds["all_gather"] - gather_window)
     else:
-        seconds = {"all_reduce": 2 * ring / (gbytes_per_s * 1e9)}
+        seconds = {"all_reduce": 2 * ring_grads / (gbytes_per_s * 1e9)}
         exposed = max(0.0, seconds["all_reduce"] - 2 / 3 * micro)
     step = compute + exposed
-    return {"bytes_per_gpu": 2 * ring if dp > 1 else 0.0, "link": "network" if crosses_nodes else "NVLink",
+    moved = ring_grads + (ring if p.zero_stage == 1 else ring_grads)
+    return {"grad_reduce_dtype": p.grad_reduce_dtype, "bytes_per_gpu": moved if dp > 1 else 0.0,
+            "link": "network" if crosses_nodes else "NVLink",
             "gbytes_per_s": gbytes_per_s, "comm_seconds": sum(seconds.values()) if dp > 1 else 0.0,
             "compute_seconds": compute, "exposed_seconds": exposed if dp > 1 else 0.0,
             "step_seconds": step if dp > 1 else compute,
@@ -332,16 +337,19 @@ def format_plan(plan: dict[str, Any]) -> str:
     ]
     c = plan["comm"]
     if lay["dp"] > 1:
-        what = "gradient reduce-scatter + fp32 weight all-gather" if lay["zero_stage"] == 1 else \
-            "fp32 gradient all-reduce"
+        grad = "bf16" if plan["comm"]["grad_reduce_dtype"] == "bfloat16" else "fp32"
+        what = f"{grad} gradient reduce-scatter + fp32 weight all-gather" if lay["zero_stage"] == 1 else \
+            f"{grad} gradient all-reduce"
         lines.append(
             f"data-parallel traffic per step (estimate): {c['bytes_per_gpu'] / 1e9:.2f} GB per GPU ({what} over "
             f"{lay['dp']} ranks) through {c['link']} at {c['gbytes_per_s']:.0f} GB/s = "
             f"{c['comm_seconds'] * 1e3:,.0f} ms; compute {c['compute_seconds'] * 1e3:,.0f} ms per step"
             + (" hides all of it" if c["exposed_seconds"] == 0 else
                f", ~{c['exposed_seconds'] * 1e3:,.0f} ms not hidden: ~{c['step_seconds'] * 1e3:,.0f} ms per step, "
-               f"MFU ~{c['mfu']:.0%} instead of {tm['mfu']:.0%} (more accumulation per GPU, i.e. fewer GPUs for "
-               f"this batch, amortises it; a faster network shortens it)"))
+               f"MFU ~{c['mfu']:.0%} instead of {tm['mfu']:.0%} ("
+               + ("parallel.grad_reduce_dtype=bfloat16 halves the gradients' share; " if grad == "fp32" else "")
+               + "more accumulation per GPU, i.e. fewer GPUs for this batch, amortises it; a faster network "
+               "shortens it)"))
     return "\n".join(lines)
 
 

@@ -25,6 +25,10 @@ trigger no communication at all.
                 should a gather still be pending, which would mean a forward ran without its hook.
 
 Gradients are sums: the loss is pre-scaled by 1/(micro-batches * dp), so the sum is the global-batch mean.
+With parallel.grad_reduce_dtype bfloat16 a bucket's fp32 sum over the micro-batches is rounded to a bf16 copy when
+its reduction starts, the collective sums those copies in bf16 (half the bytes on the wire: what limits a multi-node
+run with few sequences per GPU, see tools/plan.py), and the result is copied back into the fp32 `shard_grad`; the
+optimizer, clipping and the accumulation over micro-batches stay fp32.
 
 Two kinds of parameter need a sum over another group first, and get buckets of their own that are reduced at
 `finish()`, after backward (they are small, or there is only one):
@@ -85,6 +89,9 @@ class Bucket:
     shard_grad: torch.Tensor = field(default=None, repr=False)  # reduced gradient of the shard
     pending: int = 0
     handle: Optional[dist.Work] = None
+    # parallel.grad_reduce_dtype bfloat16: the low-precision copies the reduction runs on, (whole bucket, reduced
+    # result: itself, or this rank's shard under ZeRO-1), copied back into fp32 `shard_grad` once it is done
+    low_precision: Optional[tuple[torch.Tensor, torch.Tensor]] = field(default=None, repr=False)
     # Gradients received this step (over all params and micro-batches) when the reduction started; None: not yet.
     # Tests read it to check the overlap with backward and that no earlier micro-batch triggered a reduction.
     launched_after: Optional[int] = None
@@ -103,9 +110,11 @@ class Bucket:
 
 
 class GradBuffers:
-    def __init__(self, model: nn.Module, ctx, zero_stage: int, bucket_size: int):
+    def __init__(self, model: nn.Module, ctx, zero_stage: int, bucket_size: int,
+                 reduce_dtype: torch.dtype = torch.float32):
         self.ctx = ctx
         self.zero_stage = zero_stage
+        self.reduce_dtype = reduce_dtype
         self.dp_group = ctx.dp_group if ctx.dp > 1 else None
         self.num_microbatches = 1
         self.overlap_param_gather = False  # set by install_weight_hooks
@@ -275,9 +284,21 @@ class GradBuffers:
     def _reduce(self, b: Bucket, async_op: bool) -> Optional[dist.Work]:
         if self.dp_group is None:
             return None
+        grad, result = b.grad, b.shard_grad
+        if self.reduce_dtype != torch.float32:
+            grad = b.grad.to(self.reduce_dtype)
+            result = grad if self.zero_stage == 0 else \
+                torch.empty(b.shard_end - b.shard_start, dtype=self.reduce_dtype, device=grad.device)
+            b.low_precision = (grad, result)
         if self.zero_stage == 1:
-            return reduce_scatter_flat(b.shard_grad, b.grad, group=self.dp_group, async_op=async_op)
-        return dist.all_reduce(b.grad, group=self.dp_group, async_op=async_op)
+            return reduce_scatter_flat(result, grad, group=self.dp_group, async_op=async_op)
+        return dist.all_reduce(grad, group=self.dp_group, async_op=async_op)
+
+    def _reduced(self, b: Bucket) -> None:
+        """After the bucket's reduction has finished: a low-precision result back into the fp32 `shard_grad`."""
+        if b.low_precision is not None:
+            b.shard_grad.copy_(b.low_precision[1])
+            b.low_precision = None
 
     def finish(self) -> None:
         """Wait for every reduction; afterwards `shard_grad` of each bucket holds the summed gradient."""
@@ -299,6 +320,7 @@ class GradBuffers:
                 b.launched_after = self.grads_received
             elif b.handle is not None:
                 b.handle.wait()
+            self._reduced(b)
 
 
 @torch.compiler.disable  # waiting on a collective is not traceable; the compiled layer's graph starts after it

@@ -212,7 +212,8 @@ def parallelize(model: Llama, ctx: ParallelContext, cfg: Config) -> ParallelMode
             seq_shards, compute_dtype))
     pm.chunk_ids = chunk_ids
     pm.num_chunks = num_chunks
-    pm.grads = GradBuffers(pm, ctx, zero_stage=p.zero_stage, bucket_size=p.grad_bucket_size)
+    pm.grads = GradBuffers(pm, ctx, zero_stage=p.zero_stage, bucket_size=p.grad_bucket_size,
+                           reduce_dtype=getattr(torch, p.grad_reduce_dtype))
     if p.overlap_param_gather and p.zero_stage == 1 and ctx.dp > 1:
         pm.grads.install_weight_hooks(weight_readers(pm.chunks))
     pm.runner = MicroBatchRunner(pm, next(pm.parameters()).device)
