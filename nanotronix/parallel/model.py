@@ -123,7 +123,9 @@ class ParallelModel(DecoderParts):
         pp = f"pp={ctx.pp}"
         if ctx.pp > 1:
             pp += f" ({p.pp_schedule}" + (f", {p.virtual_stages} virtual stages" if p.virtual_stages > 1 else "") + ")"
-        dp = f"dp={ctx.dp}" + (" (ZeRO-1)" if p.zero_stage == 1 and ctx.dp > 1 else "")
+        notes = [n for n, on in (("ZeRO-1", p.zero_stage == 1), ("bf16 gradient reduction",
+                                                             p.grad_reduce_dtype == "bfloat16")) if on]
+        dp = f"dp={ctx.dp}" + (f" ({', '.join(notes)})" if notes and ctx.dp > 1 else "")
         return f"{tp} x {pp} x {dp}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
