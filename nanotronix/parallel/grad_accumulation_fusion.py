@@ -6,8 +6,9 @@ bytes, writes 4). With this switch the linear's backward instead runs one GEMM t
 grad_out^T @ input computed with fp32 accumulation and writes it back (cuBLAS with an fp32 C and beta = 1, through
 torch's `addmm(..., out_dtype=torch.float32, out=main_grad)`; `kernels.functions.wgrad_accumulate_fp32`): no bf16
 gradient tensor and no separate pass (10 bytes per parameter, ~16 GB per SmolLM2-1.7B micro-batch); the GEMM,
-compute-bound anyway, reads and writes 8 bytes per parameter in its epilogue instead of writing 2. The gradient is also no longer rounded to bf16 before it is summed. Megatron-LM calls this
-gradient_accumulation_fusion (there with apex's kernel).
+compute-bound anyway, reads and writes 8 bytes per parameter in its epilogue instead of writing 2. The gradient is
+also no longer rounded to bf16 before it is summed. Megatron-LM calls this gradient_accumulation_fusion (there with
+apex's kernel).
 
 The accumulation is a custom op, `nanotronix::accumulate_weight_grad`, that declares it mutates `main_grad`:
 torch.compile keeps it as one opaque call inside the compiled layer's backward, on the bucket's own memory (no
