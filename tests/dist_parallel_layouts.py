@@ -75,6 +75,8 @@ def run_layout(name: str, parallel: dict, out: Path) -> None:
     # ZeRO-1 with overlap_param_gather: the last step's weight gathers are still pending here, and the waits of the
     # previous ones happened part by part during the last step's forward.
     gathers_pending = grads.gathers_pending()
+    # ZeRO-1 with bf16 twins: the buckets whose last weight gather went into their bf16 twins
+    twin_gathered = [b.twin_version is not None for b in grads.buckets]
     gathers_waited_after = [b.gather_waited_after for b in grads.buckets]
     grads.wait_for_weights()
     folder = out / name
@@ -106,6 +108,7 @@ def run_layout(name: str, parallel: dict, out: Path) -> None:
         "gathers_pending": gathers_pending,
         "unique_graphs": counters["stats"]["unique_graphs"] - graphs_before,
         "gathers_waited_after": gathers_waited_after,
+        "twin_gathered": twin_gathered,
         "reduction_inputs": reductions if "reduce" in name else None,
         "reduced": reduced if "reduce" in name else None,
     }, folder / f"rank{ctx.rank}.pt")

@@ -3,7 +3,8 @@ embeddings, fp32, gradient clipping active) give the same loss at every step (re
 weights (1e-5) and the same AdamW moments, assembled from the ranks' shards through `tp_shard_dim` and
 `param_states()` (the contracts the checkpoint code builds on).
 
-Pairs of layouts that must be bit-identical to each other: bf16 with and without `train.bf16_weight_cache`, and
+Pairs of layouts that must be bit-identical to each other: bf16 with and without `train.bf16_weight_cache` (under
+ZeRO-1 the cache's weights are gathered in bf16 into the copies, the others' in fp32), and
 ZeRO-1 with the weight all-gather overlapped with the next forward (`parallel.overlap_param_gather`) or waited for
 at once (also under torch.compile).
 
@@ -199,6 +200,13 @@ def test_bf16_weight_cache_is_bit_identical(world, layout, runs):
         ra, rb = torch.load(a, weights_only=False), torch.load(b, weights_only=False)
         assert ra["cached_gradients"] == 0 and rb["cached_gradients"] > 0, b.name
         assert rb["copied_grads"] == 0, b.name
+        # ZeRO-1: the decoder linears' buckets were gathered in bf16 straight into their twins (the weights read
+        # here were gathered in fp32 only for this read, by wait_for_weights), the other buckets in fp32
+        assert not any(ra["twin_gathered"])
+        if "zero1" in layout:
+            assert 0 < sum(rb["twin_gathered"]) < len(rb["twin_gathered"]), rb["twin_gathered"]
+        else:
+            assert not any(rb["twin_gathered"])
         for name, want in ra["params"].items():
             assert torch.equal(rb["params"][name], want), f"{b.name}: {name}"
         for name in ra["states"]:

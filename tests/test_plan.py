@@ -127,6 +127,12 @@ def test_data_parallel_traffic_against_compute(plan_tool):
     assert b["exposed_seconds"] == pytest.approx(c["comm_seconds"] / 2 - 2 / 3 * compute) and b["mfu"] > 0.4
     bz = plan(256, "parallel.grad_reduce_dtype=bfloat16", "parallel.zero_stage=1")["comm"]
     assert bz["bytes_per_gpu"] == pytest.approx(c["bytes_per_gpu"] * 3 / 4)  # the weights still gather in fp32
+    # ... unless the bf16 weight cache gathers the decoder linears' weights in bf16 into its copies
+    bzc = plan(256, "parallel.grad_reduce_dtype=bfloat16", "parallel.zero_stage=1",
+               "train.bf16_weight_cache=true")["comm"]
+    linear = 24 * (2048 * 3 * 2048 + 2048 * 2048 + 3 * 2048 * 8192)
+    assert bzc["bytes_per_gpu"] == pytest.approx(bz["bytes_per_gpu"] - 255 / 256 * 2 * linear)
+    assert bzc["mfu"] > bz["mfu"]
     # one node: NVLink
     assert plan(8)["comm"]["link"] == "NVLink" and plan(8)["comm"]["exposed_seconds"] == 0
     assert plan(1, "train.global_batch_size=4")["comm"]["bytes_per_gpu"] == 0

@@ -23,7 +23,7 @@ x MFU). `--gpu` picks the peak from the same table the trainer uses.
 Data-parallel traffic (per GPU and step, an estimate): the fp32 gradient reduction of the GPU's parameters over its
 DP group, as NCCL's ring moves it: all-reduce 2 (dp-1)/dp x 4 bytes per parameter (2 with
 parallel.grad_reduce_dtype bfloat16); ZeRO-1 the same in two halves, a reduce-scatter and the all-gather of the
-updated fp32 weights. Ranks are numbered tp fastest, then dp, so a DP
+updated weights (fp32; the decoder linears' in bf16 with train.bf16_weight_cache). Ranks are numbered tp fastest, then dp, so a DP
 group spans tp x dp consecutive ranks: within one node of `--gpus-per-node` it rides NVLink (450 GB/s per GPU and
 direction on H100 SXM), across nodes each GPU's own network link (`--net-gbps`, 400 Gb/s: one ConnectX-7 per GPU
 as in a DGX H100). The trainer hides it behind compute: the gradient reduction behind the backward of the step's
@@ -239,7 +239,16 @@ def comm_plan(cfg, dp: int, accum: int, params_per_gpu: float, time: dict, net_g
     p = cfg.parallel
     grad_bytes = 2 if p.grad_reduce_dtype == "bfloat16" else 4
     ring_grads = (dp - 1) / dp * grad_bytes * params_per_gpu  # one ring pass over the gradients
-    ring = (dp - 1) / dp * 4 * params_per_gpu  # ... and over the fp32 weights (ZeRO-1's all-gather)
+    # ... and over the weights (ZeRO-1's all-gather): fp32, except the decoder linears' in bf16 under
+    # train.bf16_weight_cache (gathered into their bf16 copies)
+    bf16_weights = 0.0
+    if cfg.train.bf16_weight_cache:
+        m = cfg.model
+        kv = m.num_key_value_heads * m.head_dim
+        per_layer = (m.hidden_size * (m.hidden_size + 2 * kv) + m.hidden_size ** 2
+                     + 3 * m.hidden_size * m.intermediate_size) / p.tp
+        bf16_weights = per_layer * math.ceil(m.num_hidden_layers / p.pp)
+    ring = (dp - 1) / dp * (4 * (params_per_gpu - bf16_weights) + 2 * bf16_weights)
     crosses_nodes = p.tp * dp > gpus_per_node
     gbytes_per_s = net_gbps / 8 if crosses_nodes else NVLINK_GBYTES
     step_tokens = cfg.train.global_batch_size * cfg.train.seq_len
@@ -338,7 +347,7 @@ def format_plan(plan: dict[str, Any]) -> str:
     c = plan["comm"]
     if lay["dp"] > 1:
         grad = "bf16" if plan["comm"]["grad_reduce_dtype"] == "bfloat16" else "fp32"
-        what = f"{grad} gradient reduce-scatter + fp32 weight all-gather" if lay["zero_stage"] == 1 else \
+        what = f"{grad} gradient reduce-scatter + weight all-gather" if lay["zero_stage"] == 1 else \
             f"{grad} gradient all-reduce"
         lines.append(
             f"data-parallel traffic per step (estimate): {c['bytes_per_gpu'] / 1e9:.2f} GB per GPU ({what} over "

@@ -15,7 +15,10 @@ Numerically this is the autocast path: the same bf16 values enter the same matmu
 are summed in fp32 (tests/test_compute_weights.py checks the steps are bit-identical).
 
 Under ZeRO-1 with overlap_param_gather a bucket is cast when its weights have arrived (`refresh`, from the
-forward pre-hook that waits for them), not at `start()`.
+forward pre-hook that waits for them), not at `start()`. Under ZeRO-1 the decoder linears fill buckets of their own
+(parallelize), and those are gathered straight into their twins in bf16 (`GradBuffers.gather_weights`): half the
+all-gather traffic, the same bits as casting after an fp32 gather, and no cast at all in the step; the fp32
+weights are then gathered only when something outside a step reads them (`GradBuffers.weights_ready`).
 The copies are used only between `GradBuffers.start()` and `finish()`, the micro-batches of one training step,
 during which nothing changes the weights. Outside a step (evaluation, export, a checkpoint load, anything) the
 layers read the fp32 weights under autocast as before, so a stale copy can never be used.
@@ -29,6 +32,8 @@ are a few thousand parameters. Hand-written because torch offers this only insid
 parameters, which this DP/ZeRO-1 design does not use.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import nn
@@ -50,6 +55,9 @@ class ComputeWeights:
         self.gradients_received = 0  # this step, through the copies (tests check they were really used)
         self.stale: set[int] = set()  # twins not yet cast this step (their weights were still being gathered)
         self.accumulators: dict[int, object] = {}  # fused: id(param) -> its copy's AccumulateGrad node
+        cached = {id(m.weight) for m in linears}
+        # buckets that hold nothing but these weights: ZeRO-1 gathers them straight into their twins (`twin_of`)
+        self.whole_buckets = {b.index for b in grads.buckets if all(id(q) in cached for q in b.params)}
         for module in linears:
             p = module.weight
             bucket = grads.bucket_of(p)
@@ -68,14 +76,19 @@ class ComputeWeights:
                 leaf.register_post_accumulate_grad_hook(weak_tensor_hook(self._on_grad, p))
             self.leaves.append(leaf)
 
+    def twin_of(self, bucket) -> Optional[torch.Tensor]:
+        """The bf16 twin ZeRO-1 may gather `bucket`'s updated weights into (it holds only these weights), else None."""
+        return self.twins[bucket.index][1] if bucket.index in self.whole_buckets else None
+
     def arm(self) -> None:
         """Cast the current weights into the twins and let the linears use them (start of a training step). A
         bucket whose ZeRO-1 weight gather is still running (parallel.overlap_param_gather) is cast later, by
-        `refresh` once its gather is waited, before the first layer that reads it."""
+        `refresh` once its gather is waited, before the first layer that reads it; one gathered into its twin
+        needs no cast at all."""
         self.stale = {i for i in self.twins if self.grads.buckets[i].gather is not None}
         with torch.no_grad():
             for i, (data, twin) in self.twins.items():
-                if i not in self.stale:
+                if i not in self.stale and not self.grads.twin_holds_weights(self.grads.buckets[i]):
                     twin.copy_(data)
         self.gradients_received = 0
         for module, leaf in zip(self.linears, self.leaves):
@@ -89,6 +102,8 @@ class ComputeWeights:
         """Cast bucket `bucket_index` into its twin if `arm` left it stale (its weights are now gathered)."""
         if bucket_index in self.stale:
             self.stale.discard(bucket_index)
+            if self.grads.twin_holds_weights(self.grads.buckets[bucket_index]):
+                return
             data, twin = self.twins[bucket_index]
             with torch.no_grad():
                 twin.copy_(data)
@@ -119,12 +134,17 @@ class ComputeWeights:
         self.grads.gradient_arrived(param)
 
 
+def decoder_linears(model: nn.Module) -> list[nn.Module]:
+    """The linears whose weights get twins: every ColumnParallelLinear / RowParallelLinear of a decoder layer."""
+    return [m for layer in model.modules() if isinstance(layer, DecoderLayer)
+            for m in layer.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
+
+
 def cache_compute_weights(model: nn.Module, dtype: torch.dtype,
                           fuse_grad_accumulation: bool = False) -> ComputeWeights:
     """Give every decoder-layer linear of the parallelised `model` a `dtype` twin (see the module docstring);
     with `fuse_grad_accumulation` their weight gradients are accumulated by the wgrad GEMM into the buckets."""
-    linears = [m for layer in model.modules() if isinstance(layer, DecoderLayer)
-               for m in layer.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
+    linears = decoder_linears(model)
     if fuse_grad_accumulation:
         grad_accumulation_fusion.check_available(next(model.parameters()).device)
     weights = ComputeWeights(model.grads, linears, dtype, fuse_grad_accumulation)

@@ -96,6 +96,10 @@ class Bucket:
     # Tests read it to check the overlap with backward and that no earlier micro-batch triggered a reduction.
     launched_after: Optional[int] = None
     gather: Optional[dist.Work] = None  # ZeRO-1: the pending all-gather of the updated weights into `data`
+    # ZeRO-1 with bf16 twins (`compute_weights.py`): `data`'s version when the updated weights were gathered into
+    # the twin in bf16 instead of into `data` in fp32; while `data` keeps that version, the twin holds the weights
+    # and `data` is current in this rank's shard only. None: `data` holds them everywhere.
+    twin_version: Optional[int] = None
     gather_input: Optional[torch.Tensor] = field(default=None, repr=False)  # its input, alive until it is waited
     # Model parts that had entered their forward when this bucket's last gather was waited (tests: the overlap).
     gather_waited_after: Optional[int] = None
@@ -111,16 +115,19 @@ class Bucket:
 
 class GradBuffers:
     def __init__(self, model: nn.Module, ctx, zero_stage: int, bucket_size: int,
-                 reduce_dtype: torch.dtype = torch.float32):
+                 reduce_dtype: torch.dtype = torch.float32, own_buckets: Iterable[nn.Parameter] = ()):
+        """own_buckets: parameters kept in buckets of their own, apart from the others (the decoder linears that
+        get bf16 twins under ZeRO-1, so that their buckets can be gathered in bf16)."""
         self.ctx = ctx
         self.zero_stage = zero_stage
         self.reduce_dtype = reduce_dtype
+        self.in_step = False  # between start() and finish()
         self.dp_group = ctx.dp_group if ctx.dp > 1 else None
         self.num_microbatches = 1
         self.overlap_param_gather = False  # set by install_weight_hooks
         self.parts_entered = 0  # model parts whose forward pre-hook ran this step (tests read it)
         params = [p for p in model.parameters() if p.requires_grad]
-        self.buckets = self._build_buckets(params, bucket_size)
+        self.buckets = self._build_buckets(params, bucket_size, {id(p) for p in own_buckets})
         self._bucket_of: dict[int, Bucket] = {}
         self._arrivals: dict[int, int] = {}
         self._next_launch = 0
@@ -132,27 +139,31 @@ class GradBuffers:
                 self._bucket_of[id(p)] = bucket
                 p.register_post_accumulate_grad_hook(weak_tensor_hook(self._on_grad))
         self.start(1)
+        self.in_step = False
 
     # ---- layout
 
-    def _build_buckets(self, params: list[nn.Parameter], bucket_size: int) -> list[Bucket]:
-        """Reverse registration order (roughly the order backward produces gradients), special params apart."""
+    def _build_buckets(self, params: list[nn.Parameter], bucket_size: int, apart: set[int]) -> list[Bucket]:
+        """Reverse registration order (roughly the order backward produces gradients), special params apart; the
+        `apart` ones fill regular buckets of their own, which come first (they complete during backward; the other
+        stream ends with the embedding, the last gradient to arrive)."""
         ctx = self.ctx
-        regular: list[list[nn.Parameter]] = [[]]
+        streams: dict[bool, list[list[nn.Parameter]]] = {True: [[]], False: [[]]}
+        filled = {True: 0, False: 0}
         seq_parallel, tied = [], []
-        filled = 0
         for p in reversed(params):
             if getattr(p, "tied_across_stages", False):
                 tied.append(p)
             elif getattr(p, "sequence_parallel", False):
                 seq_parallel.append(p)
             else:
-                if filled >= bucket_size:
-                    regular.append([])
-                    filled = 0
-                regular[-1].append(p)
-                filled += p.numel()
-        specs = [(ps, None, False) for ps in regular if ps]
+                own = id(p) in apart
+                if filled[own] >= bucket_size:
+                    streams[own].append([])
+                    filled[own] = 0
+                streams[own][-1].append(p)
+                filled[own] += p.numel()
+        specs = [(ps, None, False) for ps in streams[True] + streams[False] if ps]
         if seq_parallel:
             specs.append((seq_parallel, ctx.tp_group, True))
         if tied:
@@ -206,28 +217,46 @@ class GradBuffers:
     def gather_weights(self) -> None:
         """ZeRO-1, after the update: all-gather each bucket's updated shard over DP. Launched in forward order
         (the deferred buckets, which hold weights of the first layers, then the regular ones last to first: they
-        were filled in backward order), so the first layer's weights arrive first. Waits for all of them unless
-        overlap_param_gather is on."""
+        were filled in backward order), so the first layer's weights arrive first. A bucket whose weights the
+        step reads from a bf16 twin is cast in its own shard and gathered into the twin: half the bytes, and the
+        same bits as casting after an fp32 gather. Waits for all of them unless overlap_param_gather is on."""
         regular = [b for b in self.buckets if not b.deferred]
         for b in [b for b in self.buckets if b.deferred] + regular[::-1]:
-            b.gather_input = b.data[b.shard_start:b.shard_end].clone()
-            b.gather = all_gather_flat(b.data, b.gather_input, group=self.dp_group, async_op=True)
+            twin = self.compute_weights.twin_of(b) if self.compute_weights is not None else None
+            target = b.data if twin is None else twin
+            if twin is not None:
+                twin[b.shard_start:b.shard_end].copy_(b.data[b.shard_start:b.shard_end])
+                b.twin_version = b.data._version
+            b.gather_input = target[b.shard_start:b.shard_end].clone()
+            b.gather = all_gather_flat(target, b.gather_input, group=self.dp_group, async_op=True)
         if not self.overlap_param_gather:
-            self.wait_for_weights()
+            self.weights_ready(self.buckets, fp32=False)  # the step reads the twins: no fp32 gather for them
 
-    def weights_ready(self, buckets: Iterable[Bucket]) -> None:
-        """Wait for these buckets' weight gathers (no-op when done) and refresh their bf16 copies if stale."""
+    def twin_holds_weights(self, b: Bucket) -> bool:
+        """Whether bucket `b`'s weights are in its bf16 twin only (see `Bucket.twin_version`). A write to `data`
+        since that gather (a checkpoint load, which writes every weight on every rank) makes `data` the truth again."""
+        if b.twin_version is not None and b.data._version != b.twin_version:
+            b.twin_version = None
+        return b.twin_version is not None
+
+    def weights_ready(self, buckets: Iterable[Bucket], fp32: bool) -> None:
+        """Wait for these buckets' weight gathers (no-op when done) and refresh their bf16 copies if stale. With
+        `fp32` (whoever reads the fp32 weights: a checkpoint, the end of training, a forward outside a training
+        step) a bucket gathered in bf16 gets its fp32 weights gathered too; every rank reads at the same points."""
         for b in buckets:
             if b.gather is not None:
                 b.gather.wait()
                 b.gather, b.gather_input = None, None
                 b.gather_waited_after = self.parts_entered
+            if fp32 and self.twin_holds_weights(b):
+                all_gather_flat(b.data, b.data[b.shard_start:b.shard_end].clone(), group=self.dp_group)
+                b.twin_version = None
             if self.compute_weights is not None:
                 self.compute_weights.refresh(b.index)
 
     def wait_for_weights(self) -> None:
         """Every weight up to date: call before reading parameters outside the model's forward (checkpoints)."""
-        self.weights_ready(self.buckets)
+        self.weights_ready(self.buckets, fp32=True)
 
     def gathers_pending(self) -> int:
         return sum(b.gather is not None for b in self.buckets)
@@ -248,6 +277,7 @@ class GradBuffers:
             b.pending = len(b.params)
             b.handle, b.launched_after = None, None
         self._arrivals = {id(p): 0 for b in self.buckets for p in b.params}
+        self.in_step = True
         if self.compute_weights is not None:
             self.compute_weights.arm()
 
@@ -302,6 +332,7 @@ class GradBuffers:
 
     def finish(self) -> None:
         """Wait for every reduction; afterwards `shard_grad` of each bucket holds the summed gradient."""
+        self.in_step = False
         if self.compute_weights is not None:
             self.compute_weights.disarm()
         if self.gathers_pending():
@@ -326,4 +357,4 @@ class GradBuffers:
 @torch.compiler.disable  # waiting on a collective is not traceable; the compiled layer's graph starts after it
 def _wait_for_weights_hook(grads: GradBuffers, buckets: list[Bucket], module: nn.Module, args) -> None:
     grads.parts_entered += 1
-    grads.weights_ready(buckets)
+    grads.weights_ready(buckets, fp32=not grads.in_step)

@@ -32,6 +32,7 @@ from nanotronix.config import Config
 from nanotronix.model.documents import Documents
 from nanotronix.model.llama import DecoderLayer, Llama, decoder_forward
 from nanotronix.parallel import mappings
+from nanotronix.parallel.compute_weights import decoder_linears
 from nanotronix.parallel.context import ParallelContext
 from nanotronix.parallel.data_parallel import GradBuffers
 from nanotronix.parallel.pipeline import MicroBatchRunner
@@ -214,8 +215,12 @@ def parallelize(model: Llama, ctx: ParallelContext, cfg: Config) -> ParallelMode
             seq_shards, compute_dtype))
     pm.chunk_ids = chunk_ids
     pm.num_chunks = num_chunks
+    # ZeRO-1: the decoder linears fill buckets of their own, which the bf16 weight cache gathers in bf16 into its
+    # copies; the same layout without the cache, so that its steps stay bit-identical (the gradient norm sums
+    # per-bucket shard pieces)
+    apart = [m.weight for m in decoder_linears(pm)] if p.zero_stage == 1 and ctx.dp > 1 else []
     pm.grads = GradBuffers(pm, ctx, zero_stage=p.zero_stage, bucket_size=p.grad_bucket_size,
-                           reduce_dtype=getattr(torch, p.grad_reduce_dtype))
+                           reduce_dtype=getattr(torch, p.grad_reduce_dtype), own_buckets=apart)
     if p.overlap_param_gather and p.zero_stage == 1 and ctx.dp > 1:
         pm.grads.install_weight_hooks(weight_readers(pm.chunks))
     pm.runner = MicroBatchRunner(pm, next(pm.parameters()).device)
