@@ -130,10 +130,13 @@ class ParallelModel(DecoderParts):
         return f"{tp} x {pp} x {dp}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Token ids -> logits (this rank's vocabulary slice under TP). Only without pipeline parallelism."""
+        """Token ids -> logits (this rank's vocabulary slice under TP). Only without pipeline parallelism. Outside
+        a training step it first makes every weight current in fp32 (ZeRO-1: collective, so every rank calls it)."""
         if self.ctx.pp > 1:
             raise RuntimeError("a pipeline-parallel model runs through nanotronix.train.step.train_step, "
                                "not model(x)")
+        if not self.grads.in_step:
+            self.grads.wait_for_weights()
         return self.chunks[0](x)
 
 
