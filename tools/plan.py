@@ -23,12 +23,13 @@ x MFU). `--gpu` picks the peak from the same table the trainer uses.
 Data-parallel traffic (per GPU and step, an estimate): the fp32 gradient reduction of the GPU's parameters over its
 DP group, as NCCL's ring moves it: all-reduce 2 (dp-1)/dp x 4 bytes per parameter (2 with
 parallel.grad_reduce_dtype bfloat16); ZeRO-1 the same in two halves, a reduce-scatter and the all-gather of the
-updated weights (fp32; the decoder linears' in bf16 with train.bf16_weight_cache). Ranks are numbered tp fastest, then dp, so a DP
-group spans tp x dp consecutive ranks: within one node of `--gpus-per-node` it rides NVLink (450 GB/s per GPU and
-direction on H100 SXM), across nodes each GPU's own network link (`--net-gbps`, 400 Gb/s: one ConnectX-7 per GPU
-as in a DGX H100). The trainer hides it behind compute: the gradient reduction behind the backward of the step's
-last micro-batch (~2/3 of its compute), ZeRO-1's weight gather behind the next step's first forward (~1/3, with
-parallel.overlap_param_gather); what sticks out lengthens the step and lowers the MFU the run can reach.
+updated weights (fp32; the decoder linears' in bf16 with train.bf16_weight_cache). Ranks are numbered tp fastest,
+then dp, so a DP group spans tp x dp consecutive ranks: within one node of `--gpus-per-node` it rides NVLink
+(450 GB/s per GPU and direction on H100 SXM), across nodes each GPU's own network link (`--net-gbps`, 400 Gb/s:
+one ConnectX-7 per GPU as in a DGX H100). The trainer hides it behind compute: the gradient reduction behind the
+backward of the step's last micro-batch (~2/3 of its compute), ZeRO-1's weight gather behind the next step's first
+forward (~1/3, with parallel.overlap_param_gather); what sticks out lengthens the step and lowers the MFU the run
+can reach.
 """
 from __future__ import annotations
 
@@ -168,11 +169,17 @@ def bf16_copy_bytes(params: float, layer_params: float, held: int, train) -> flo
     return 2 * params * held
 
 
+def layer_linear_params(cfg) -> float:
+    """Parameters of one decoder layer's linears on one TP rank (QKV, output, gate/up, down)."""
+    m = cfg.model
+    d, kv = m.hidden_size, m.num_key_value_heads * m.head_dim
+    return (d * (d + 2 * kv) + d * d + 3 * d * m.intermediate_size) / cfg.parallel.tp
+
+
 def memory_plan(cfg, dp: int, accum: int) -> dict[str, Any]:
     m, p, t = cfg.model, cfg.parallel, cfg.train
-    d, f, v, layers = m.hidden_size, m.intermediate_size, m.vocab_size, m.num_hidden_layers
-    kv = m.num_key_value_heads * m.head_dim
-    layer_params = (d * (d + 2 * kv) + d * d + 3 * d * f) / p.tp + 2 * d
+    d, v, layers = m.hidden_size, m.vocab_size, m.num_hidden_layers
+    layer_params = layer_linear_params(cfg) + 2 * d
     embedding = v * d / p.tp
     layers_per_stage = math.ceil(layers / p.pp)
     bf16 = t.dtype == "bfloat16"
@@ -241,13 +248,8 @@ def comm_plan(cfg, dp: int, accum: int, params_per_gpu: float, time: dict, net_g
     ring_grads = (dp - 1) / dp * grad_bytes * params_per_gpu  # one ring pass over the gradients
     # ... and over the weights (ZeRO-1's all-gather): fp32, except the decoder linears' in bf16 under
     # train.bf16_weight_cache (gathered into their bf16 copies)
-    bf16_weights = 0.0
-    if cfg.train.bf16_weight_cache:
-        m = cfg.model
-        kv = m.num_key_value_heads * m.head_dim
-        per_layer = (m.hidden_size * (m.hidden_size + 2 * kv) + m.hidden_size ** 2
-                     + 3 * m.hidden_size * m.intermediate_size) / p.tp
-        bf16_weights = per_layer * math.ceil(m.num_hidden_layers / p.pp)
+    bf16_weights = layer_linear_params(cfg) * math.ceil(cfg.model.num_hidden_layers / p.pp) \
+        if cfg.train.bf16_weight_cache else 0.0
     ring = (dp - 1) / dp * (4 * (params_per_gpu - bf16_weights) + 2 * bf16_weights)
     crosses_nodes = p.tp * dp > gpus_per_node
     gbytes_per_s = net_gbps / 8 if crosses_nodes else NVLINK_GBYTES
@@ -261,14 +263,12 @@ def comm_plan(cfg, dp: int, accum: int, params_per_gpu: float, time: dict, net_g
     else:
         seconds = {"all_reduce": 2 * ring_grads / (gbytes_per_s * 1e9)}
         exposed = max(0.0, seconds["all_reduce"] - 2 / 3 * micro)
-    step = compute + exposed
-    moved = ring_grads + (ring if p.zero_stage == 1 else ring_grads)
-    return {"grad_reduce_dtype": p.grad_reduce_dtype, "bytes_per_gpu": moved if dp > 1 else 0.0,
-            "link": "network" if crosses_nodes else "NVLink",
-            "gbytes_per_s": gbytes_per_s, "comm_seconds": sum(seconds.values()) if dp > 1 else 0.0,
-            "compute_seconds": compute, "exposed_seconds": exposed if dp > 1 else 0.0,
-            "step_seconds": step if dp > 1 else compute,
-            "mfu": time["mfu"] * compute / (step if dp > 1 else compute)}
+    step = compute + exposed  # with dp 1 the ring volumes are 0: nothing is exposed
+    return {"grad_reduce_dtype": p.grad_reduce_dtype,
+            "bytes_per_gpu": ring_grads + (ring if p.zero_stage == 1 else ring_grads),
+            "link": "network" if crosses_nodes else "NVLink", "gbytes_per_s": gbytes_per_s,
+            "comm_seconds": sum(seconds.values()), "compute_seconds": compute, "exposed_seconds": exposed,
+            "step_seconds": step, "mfu": time["mfu"] * compute / step}
 
 
 # ----------------------------------------------------------------------------------------------------- main

@@ -85,10 +85,11 @@ class ComputeWeights:
         bucket whose ZeRO-1 weight gather is still running (parallel.overlap_param_gather) is cast later, by
         `refresh` once its gather is waited, before the first layer that reads it; one gathered into its twin
         needs no cast at all."""
-        self.stale = {i for i in self.twins if self.grads.buckets[i].gather is not None}
+        held = {i for i in self.twins if self.grads.twin_holds_weights(self.grads.buckets[i])}
+        self.stale = {i for i in self.twins if i not in held and self.grads.buckets[i].gather is not None}
         with torch.no_grad():
             for i, (data, twin) in self.twins.items():
-                if i not in self.stale and not self.grads.twin_holds_weights(self.grads.buckets[i]):
+                if i not in self.stale and i not in held:
                     twin.copy_(data)
         self.gradients_received = 0
         for module, leaf in zip(self.linears, self.leaves):
@@ -102,8 +103,6 @@ class ComputeWeights:
         """Cast bucket `bucket_index` into its twin if `arm` left it stale (its weights are now gathered)."""
         if bucket_index in self.stale:
             self.stale.discard(bucket_index)
-            if self.grads.twin_holds_weights(self.grads.buckets[bucket_index]):
-                return
             data, twin = self.twins[bucket_index]
             with torch.no_grad():
                 twin.copy_(data)
