@@ -168,6 +168,16 @@ class DataConfig:
 
 
 @dataclass
+class ValidationConfig:
+    # A held-out token store (relative paths are joined to data.root, like the datasets). Its first num_samples
+    # windows of train.seq_len tokens (window i = stream tokens [i*L, i*L + L + 1), as `nanotronix.evaluate`
+    # reads them) are scored every `interval` steps and after the last step: `val_loss` in metrics.jsonl.
+    data: Optional[str] = None
+    interval: int = 0  # 0: no validation
+    num_samples: int = 0
+
+
+@dataclass
 class CheckpointConfig:
     dir: Optional[str] = None
     interval: int = 0  # 0: only at the end of training (and on SIGTERM/SIGUSR1)
@@ -191,6 +201,7 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     lr_schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -318,23 +329,30 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
 def config_from_dict(tree: dict[str, Any]) -> Config:
     cfg = _build(Config, tree)
     resolve_preset(cfg.model)
-    resolve_dataset_paths(cfg.data)
+    resolve_dataset_paths(cfg.data, cfg.validation)
     validate(cfg)
     return cfg
 
 
-def resolve_dataset_paths(data: DataConfig) -> None:
-    """Join relative dataset paths to data.root, made absolute first so that a dumped config reloads unchanged."""
+def resolve_dataset_paths(data: DataConfig, validation: Optional[ValidationConfig] = None) -> None:
+    """Join relative dataset paths (and validation.data) to data.root, made absolute first so that a dumped config
+    reloads unchanged."""
     if data.root is None:
         return
     root_is_url = "://" in data.root  # an fsspec URL (zarr stores): join as a string
     if not root_is_url:
         data.root = os.path.abspath(os.path.expanduser(data.root))
+
+    def joined(path: str) -> str:
+        if not path or "://" in path or os.path.isabs(os.path.expanduser(path)):
+            return path
+        return data.root.rstrip("/") + "/" + path if root_is_url else os.path.join(data.root, path)
+
     for stage in data.stages:
         for ds in stage.datasets:
-            if not ds.path or "://" in ds.path or os.path.isabs(os.path.expanduser(ds.path)):
-                continue
-            ds.path = data.root.rstrip("/") + "/" + ds.path if root_is_url else os.path.join(data.root, ds.path)
+            ds.path = joined(ds.path)
+    if validation is not None and validation.data:
+        validation.data = joined(validation.data)
 
 
 def resolve_preset(model: ModelConfig) -> None:
@@ -455,6 +473,13 @@ def validate(cfg: Config) -> None:
             _require(bool(ds.path), f"{where}.datasets.{j}.path: missing")
             _require(ds.weight > 0 and math.isfinite(ds.weight),
                      f"{where}.datasets.{j}.weight: must be positive, got {ds.weight}")
+
+    v = cfg.validation
+    _require(v.interval >= 0, f"validation.interval: must be >= 0 (0: no validation), got {v.interval}")
+    if v.interval > 0:
+        _require(bool(v.data), "validation.data: missing (validation.interval > 0 needs a held-out token store)")
+        _require(v.num_samples >= 1, f"validation.num_samples: must be >= 1 with validation.interval > 0, got "
+                                     f"{v.num_samples}")
 
     c = cfg.checkpoint
     _require(c.interval >= 0, "checkpoint.interval: must be >= 0")

@@ -55,9 +55,8 @@ def evaluate(checkpoint: str, data: str, seq_len: int, num_samples: int, batch_s
     total = torch.zeros((), dtype=torch.float64)
     with torch.no_grad():
         for first in range(0, num_samples, batch_size):
-            rows = range(first, min(first + batch_size, num_samples))
-            windows = torch.stack([torch.from_numpy(store.tokens(i * seq_len, seq_len + 1).astype("int64"))
-                                   for i in rows]).to(dev)
+            count = min(batch_size, num_samples - first)
+            windows = torch.from_numpy(store.leading_windows(first, count, seq_len)).to(dev)
             top = int(windows.max())
             if top >= cfg.vocab_size:
                 raise UserError(f"--data: token id {top} is outside the model's vocabulary ({cfg.vocab_size})")

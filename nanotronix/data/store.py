@@ -55,6 +55,12 @@ class TokenStore(ABC):
         self.read_windows(out, np.arange(len(starts)), starts)
         return out
 
+    def leading_windows(self, first: int, count: int, seq_len: int) -> np.ndarray:
+        """Windows first .. first + count - 1 cut from the start of the stream without shuffling, window i being
+        tokens [i*seq_len, i*seq_len + seq_len + 1): what `nanotronix.evaluate` and the trainer's validation
+        score. int64 [count, seq_len + 1]."""
+        return self.windows(np.arange(first, first + count, dtype=np.int64) * seq_len, seq_len + 1)
+
     def read_windows(self, out: np.ndarray, rows: np.ndarray, starts: np.ndarray) -> None:
         """Fill out[rows[k]] with the stream tokens from starts[k] (row length = out.shape[1]; rows sorted,
         unique)."""

@@ -1,6 +1,7 @@
 """metrics.jsonl writer (one JSON object per logged step, rank 0 only) and throughput bookkeeping."""
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -45,6 +46,15 @@ class Throughput:
 
     def add(self, tokens: int) -> None:
         self._tokens += tokens
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Leave the time spent inside out of the rate (validation passes)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._t += time.perf_counter() - start
 
     def rate(self) -> Optional[float]:
         now = time.perf_counter()

@@ -21,6 +21,7 @@ from nanotronix.train.lr_schedule import lr_at
 from nanotronix.train.metrics import MetricsLog, Throughput
 from nanotronix.train.optimizer import param_groups
 from nanotronix.train.step import train_step
+from nanotronix.train.validation import Validator
 
 
 def log0(ctx: ParallelContext, msg: str) -> None:
@@ -42,6 +43,7 @@ def train(cfg: Config, ctx: ParallelContext, device: torch.device) -> dict:
     resumed = checkpointer.resume(model, optimizer)
     loader = build_prefetched_loader(cfg, ctx.dp_rank, ctx.dp, device, consumed_samples=resumed.consumed_samples,
                                      last_step=t.train_steps)  # reads step s+1 while step s trains
+    validator = Validator.from_config(cfg, ctx, model)  # None unless validation.interval > 0
 
     accum = grad_accum_steps(cfg, ctx.dp)
     log0(ctx, f"nanotronix: {m.num_parameters() / 1e6:.1f}M parameters | layout {model.describe()} "
@@ -68,7 +70,11 @@ def train(cfg: Config, ctx: ParallelContext, device: torch.device) -> dict:
         first_loss = result.loss if first_loss is None else first_loss
         last_loss = result.loss
         speed.add(tokens_per_step)
-        if step % cfg.logging.interval == 0 or step in (start_step, t.train_steps):
+        val_loss = None
+        if validator is not None and (step % cfg.validation.interval == 0 or step == t.train_steps):
+            with speed.paused():  # the tokens/s of training only
+                val_loss = validator.run()
+        if step % cfg.logging.interval == 0 or step in (start_step, t.train_steps) or val_loss is not None:
             rate = speed.rate()
             flops_token = flops_per_token(m, t.seq_len, sum(spans) / len(spans) if spans else None)
             spans.clear()
@@ -82,8 +88,11 @@ def train(cfg: Config, ctx: ParallelContext, device: torch.device) -> dict:
                 "mfu": mfu(per_gpu, flops_token, peak) if per_gpu else None,
                 "stage": stats.get("stage"), "datasets": stats.get("datasets"), "time": time.time(),
             }
+            if val_loss is not None:
+                record["val_loss"] = val_loss
             metrics.write(record)
-            log0(ctx, f"step {step:>6}/{t.train_steps} | loss {result.loss:.4f} | lr {lr:.3e} | "
+            validation = f" | val loss {val_loss:.4f}" if val_loss is not None else ""
+            log0(ctx, f"step {step:>6}/{t.train_steps} | loss {result.loss:.4f}{validation} | lr {lr:.3e} | "
                       f"grad norm {result.grad_norm:.3f} | {rate or 0:,.0f} tok/s")
         if checkpointer.after_step(step, model, optimizer, loader):
             preempted = True
