@@ -52,16 +52,24 @@ def check_devices(cfg: Config, nproc_per_node: int) -> str:
 
 
 def check_data(cfg: Config, dp: int) -> int:
-    """Open every token store and build the sampler's schedule (reads only headers); returns the store count."""
+    """Open every token store (the validation store too) and build the sampler's schedule (reads only headers);
+    returns the store count."""
     from nanotronix.data import DataError, build_train_loader
 
+    hint = "" if cfg.data.root is not None else f" (data.root is not set: relative paths are read from {os.getcwd()})"
     try:
         loader = build_train_loader(cfg, 0, dp, consumed_samples=0)
     except DataError as e:
-        hint = "" if cfg.data.root is not None else " (data.root is not set: relative paths are read from " \
-                                                    f"{os.getcwd()})"
         raise PreflightError(f"{e}{hint}") from None
-    return len(loader.stores)
+    stores = len(loader.stores)
+    if cfg.validation.interval > 0:
+        from nanotronix.train.validation import open_validation_store
+        try:
+            open_validation_store(cfg.validation, cfg.train.seq_len)
+        except DataError as e:
+            raise PreflightError(f"{e}{hint}") from None
+        stores += 1
+    return stores
 
 
 def check_writable(path: str | None, what: str) -> None:

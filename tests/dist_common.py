@@ -44,6 +44,20 @@ def make_data(cfg: Config) -> torch.Tensor:
     return torch.where(torch.rand(shape, generator=g) < 1 / 6, EOS, tokens)
 
 
+# After these steps every layout scores held-out windows (nanotronix/train/validation.py); 5 windows fill no layout's
+# rounds of micro-batches evenly, so padding rows are exercised, and DP ranks get blocks of different sizes.
+VALIDATE_AFTER = (3, STEPS)
+VALIDATION_WINDOWS = 5
+
+
+def make_validation_windows(cfg: Config) -> torch.Tensor:
+    """[VALIDATION_WINDOWS, seq_len + 1] held-out token ids (other draws than make_data's), EOS planted alike."""
+    g = torch.Generator().manual_seed(4321)
+    shape = (VALIDATION_WINDOWS, cfg.train.seq_len + 1)
+    tokens = torch.randint(0, cfg.model.vocab_size, shape, generator=g)
+    return torch.where(torch.rand(shape, generator=g) < 1 / 6, EOS, tokens)
+
+
 def rank_batch(cfg: Config, data: torch.Tensor, step: int, dp_rank: int, dp: int) -> torch.Tensor:
     """DP rank's contiguous share of the step's global batch as [grad_accum, micro_batch, seq_len + 1] (the
     trainer's loader contract)."""
@@ -54,7 +68,8 @@ def rank_batch(cfg: Config, data: torch.Tensor, step: int, dp_rank: int, dp: int
 
 
 def reference_run(cfg: Config, data: torch.Tensor):
-    """One process: returns (losses, grad_norms, {name: weight}, {name: {exp_avg, exp_avg_sq}})."""
+    """One process: returns (losses, grad_norms, {name: weight}, {name: {exp_avg, exp_avg_sq}}, validation losses
+    after the steps of VALIDATE_AFTER: the mean loss over make_validation_windows of a plain forward)."""
     from nanotronix.model import build_model
 
     torch.manual_seed(cfg.train.seed)
@@ -64,7 +79,8 @@ def reference_run(cfg: Config, data: torch.Tensor):
     groups = [{"params": [p for _, p in named if p.ndim >= 2], "weight_decay": o.weight_decay},
               {"params": [p for _, p in named if p.ndim < 2], "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
-    losses, norms = [], []
+    losses, norms, val_losses = [], [], []
+    windows = make_validation_windows(cfg)
     for step in range(1, STEPS + 1):
         batch = rank_batch(cfg, data, step, 0, 1)
         total = 0.0
@@ -77,6 +93,10 @@ def reference_run(cfg: Config, data: torch.Tensor):
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(total / batch.shape[0])
+        if step in VALIDATE_AFTER:
+            with torch.no_grad():
+                logits = model(windows[:, :-1])
+                val_losses.append(F.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten()).item())
     weights = {n: p.detach().clone() for n, p in named}
     states = {n: {k: opt.state[p][k].clone() for k in ("exp_avg", "exp_avg_sq")} for n, p in named}
-    return losses, norms, weights, states
+    return losses, norms, weights, states, val_losses

@@ -22,11 +22,13 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dist_common import STEPS, make_config, make_data, rank_batch  # noqa: E402
+from dist_common import (STEPS, VALIDATE_AFTER, VALIDATION_WINDOWS, make_config, make_data,  # noqa: E402
+                         make_validation_windows, rank_batch)
 from nanotronix.model import build_model  # noqa: E402
 from nanotronix.parallel import DistributedOptimizer, ParallelContext, parallelize  # noqa: E402
 from nanotronix.train.optimizer import param_groups  # noqa: E402
 from nanotronix.train.step import train_step  # noqa: E402
+from nanotronix.train.validation import Validator  # noqa: E402
 from nanotronix.distributed import shutdown_and_exit  # noqa: E402
 
 
@@ -50,7 +52,11 @@ def run_layout(name: str, parallel: dict, out: Path) -> None:
     optimizer = DistributedOptimizer(model, param_groups(model.named_parameters(), o.weight_decay), lr=o.lr,
                                      betas=tuple(o.betas), eps=o.eps)
     data = make_data(cfg)
-    losses, norms = [], []
+    windows = make_validation_windows(cfg)
+    validator = Validator(model, ctx, lambda first, count: windows[first:first + count], VALIDATION_WINDOWS,
+                          cfg.train.global_batch_size // (cfg.train.micro_batch_size * ctx.dp),
+                          cfg.train.micro_batch_size)
+    losses, norms, val_losses = [], [], []
     # the last step's DP reduction of each bucket: this rank's summed fp32 gradient going in, and its reduced shard
     # as the reduction left it (before clipping scales it)
     reductions, reduced = {}, {}
@@ -71,6 +77,8 @@ def run_layout(name: str, parallel: dict, out: Path) -> None:
                             o.clip_grad)
         losses.append(result.loss)
         norms.append(result.grad_norm)
+        if step in VALIDATE_AFTER and step < STEPS:  # the last step's is scored after the records below
+            val_losses.append(validator.run())
     grads = model.grads
     # ZeRO-1 with overlap_param_gather: the last step's weight gathers are still pending here, and the waits of the
     # previous ones happened part by part during the last step's forward.
@@ -79,6 +87,7 @@ def run_layout(name: str, parallel: dict, out: Path) -> None:
     twin_gathered = [b.twin_version is not None for b in grads.buckets]
     gathers_waited_after = [b.gather_waited_after for b in grads.buckets]
     grads.wait_for_weights()
+    val_losses.append(validator.run())  # after the records of the last step's gathers and reductions
     folder = out / name
     folder.mkdir(parents=True, exist_ok=True)
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -113,7 +122,8 @@ def run_layout(name: str, parallel: dict, out: Path) -> None:
         "reduced": reduced if "reduce" in name else None,
     }, folder / f"rank{ctx.rank}.pt")
     if ctx.rank == 0:
-        (folder / "metrics.json").write_text(json.dumps({"losses": losses, "grad_norms": norms}))
+        (folder / "metrics.json").write_text(json.dumps({"losses": losses, "grad_norms": norms,
+                                                          "val_losses": val_losses}))
     dist.barrier()
 
 

@@ -154,13 +154,17 @@ def assemble(folder: Path, key: str):
 
 @pytest.mark.parametrize("world, layout", ALL, ids=[name for _, name in ALL])
 def test_layout_matches_single_process(world, layout, runs, references):
-    ref_losses, ref_norms, ref_weights, ref_states = references["docs" if layout.endswith("_docs") else "plain"]
+    ref_losses, ref_norms, ref_weights, ref_states, ref_val = references["docs" if layout.endswith("_docs")
+                                                                          else "plain"]
     folder = runs(world) / layout
     metrics = json.loads((folder / "metrics.json").read_text())
     for step, (got, want) in enumerate(zip(metrics["losses"], ref_losses), start=1):
         assert got == pytest.approx(want, rel=1e-5), f"step {step}: loss {got} != {want}"
     assert len(metrics["losses"]) == len(ref_losses)
     assert metrics["grad_norms"] == pytest.approx(ref_norms, rel=1e-4)
+    # validation in the layout (forward only, through its pipeline schedule, padded rounds) after step 3, then
+    # training on, and after the last step: the plain forward's loss on the same held-out windows
+    assert metrics["val_losses"] == pytest.approx(ref_val, rel=1e-5) and len(ref_val) == 2
 
     weights = assemble(folder, "params")
     assert set(weights) == set(ref_weights)
@@ -284,8 +288,9 @@ def test_overlapped_weight_gather_is_bit_identical(world, layout, runs):
             for key in ("exp_avg", "exp_avg_sq"):
                 assert torch.equal(rb["states"][name][key], ra["states"][name][key]), f"{b.name}: {name}.{key}"
         assert ra["gathers_pending"] == 0 and rb["gathers_pending"] == len(rb["buckets"]), b.name
-        # compiled: one graph for all layers (the overlapped layout runs first in its process, so it compiles it)
-        assert rb["unique_graphs"] == (1 if "compiled" in layout else 0), (b.name, rb["unique_graphs"])
+        # compiled: one graph for all layers (the overlapped layout runs first in its process, so it compiles it),
+        # and one for the validation's forward without gradients (dynamo guards on the grad mode)
+        assert rb["unique_graphs"] == (2 if "compiled" in layout else 0), (b.name, rb["unique_graphs"])
         after = rb["gathers_waited_after"]
         assert all(n is not None for n in after) and min(after) == 1 and max(after) > 1, (b.name, after)
 
@@ -293,7 +298,7 @@ def test_overlapped_weight_gather_is_bit_identical(world, layout, runs):
 def test_reference_run_is_a_real_test(reference):
     """The comparison above would catch a layout that does nothing or skips clipping: every weight tensor moves
     by far more than the tolerance, and clipping is active (the norm exceeds clip_grad=1.0 on some step)."""
-    losses, norms, weights, _ = reference
+    losses, norms, weights, _, val_losses = reference
     cfg = make_config()
     torch.manual_seed(cfg.train.seed)
     from nanotronix.model import build_model
@@ -301,6 +306,7 @@ def test_reference_run_is_a_real_test(reference):
     assert len(set(losses)) == len(losses)
     assert max(norms) > cfg.optimizer.clip_grad
     assert all((weights[n] - init[n]).abs().max() > 5e-4 for n in weights)
+    assert abs(val_losses[0] - val_losses[1]) > 1e-3, val_losses  # the two validations see different weights
 
 
 def test_document_masking_changes_the_run(references):

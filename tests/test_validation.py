@@ -1,0 +1,47 @@
+"""Validation loss during training (config `validation`) against `nanotronix.evaluate` on the checkpoints saved at the
+same steps (itself checked against transformers in tests/test_evaluate.py), in one process (~20 s). Every parallel
+layout's validation loss against a plain single-process forward: tests/test_parallel_layouts.py."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from helpers import tiny_config, torchrun, write_learnable_store
+
+from nanotronix.evaluate import evaluate
+
+STEPS, INTERVAL, WINDOWS = 10, 4, 7  # 7 windows, micro-batches of 2 rows: the last round is padded
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return write_learnable_store(tmp_path_factory.mktemp("store") / "arith")
+
+
+def train(tmp_path, store, *overrides: str) -> list[dict]:
+    tmp_path.mkdir()
+    cfg = tiny_config(tmp_path, store, train={"train_steps": STEPS}, logging={"interval": 3},
+                      checkpoint={"dir": str(tmp_path / "ckpt"), "interval": INTERVAL})
+    proc = torchrun(1, ["-m", "nanotronix.train", "--config", str(cfg), *overrides])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_validation_loss_is_the_checkpoints_evaluate_loss(tmp_path, store):
+    rows = train(tmp_path / "with", store, "validation.data=arith", f"validation.interval={INTERVAL}",
+                 f"validation.num_samples={WINDOWS}")
+    validated = {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}
+    assert sorted(validated) == [4, 8, 10]  # every interval and after the last step
+    assert {r["step"] for r in rows} == {1, 3, 4, 6, 8, 9, 10}  # validation steps are logged too
+    for step, val_loss in validated.items():
+        reference = evaluate(str(tmp_path / "with" / "ckpt" / f"step_{step:07d}"), str(store), 32, WINDOWS)
+        assert reference["step"] == step
+        assert val_loss == pytest.approx(reference["loss"], rel=1e-6, abs=0), step
+    assert validated[10] < validated[4]  # the progressions are learnable, and the weights really changed
+
+    # validating changes nothing in the run
+    plain = train(tmp_path / "without", store)
+    assert all("val_loss" not in r for r in plain)
+    losses = {r["step"]: r["loss"] for r in rows}
+    assert {r["step"]: r["loss"] for r in plain if r["step"] in losses} == {s: losses[s] for s in (1, 3, 6, 9, 10)}
