@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Plot a run's metrics.jsonl: loss, learning rate, throughput and per-source consumed tokens against the step,
+"""Plot a run's metrics.jsonl: loss (and validation loss), learning rate, throughput and per-source consumed tokens against the step,
 with the data-stage boundaries marked. One PNG, what people look at instead of reading logs.
 
     python tools/plot_run.py LOG_DIR [--output PNG] [--title TEXT]
@@ -101,7 +101,11 @@ def plot_run(metrics_path: Path, output: Path, title: str) -> dict[str, Any]:
 
     fig, axes = plt.subplots(2, 2, figsize=(14, 9), sharex=True)
     (ax_loss, ax_lr), (ax_speed, ax_data) = axes
-    ax_loss.plot(*series(records, "loss"), lw=1, color="tab:blue")
+    ax_loss.plot(*series(records, "loss"), lw=1, color="tab:blue", label="training")
+    val_steps, val_loss = series(records, "val_loss")  # validation.interval > 0
+    if val_loss:
+        ax_loss.plot(val_steps, val_loss, lw=1.2, marker="o", ms=3, color="tab:purple", label="validation")
+        ax_loss.legend(fontsize=8, loc="upper right")
     ax_loss.set_ylabel("loss")
     ax_lr.plot(*series(records, "lr"), lw=1, color="tab:orange")
     ax_lr.set_ylabel("learning rate")
@@ -143,7 +147,7 @@ def plot_run(metrics_path: Path, output: Path, title: str) -> dict[str, Any]:
             os.unlink(tmp)
     return {"output": str(output), "records": len(records), "skipped_lines": bad,
             "first_step": records[0]["step"], "last_step": records[-1]["step"],
-            "stage_boundaries": boundaries, "sources": sorted(sources)}
+            "stage_boundaries": boundaries, "sources": sorted(sources), "validations": len(val_loss)}
 
 
 def main(argv=None) -> int:
@@ -161,7 +165,8 @@ def main(argv=None) -> int:
         print(f"warning: skipped {summary['skipped_lines']} unreadable line(s) of {metrics}", file=sys.stderr)
     marks = ", ".join(f"{name} at step {step}" for step, name in summary["stage_boundaries"]) or "none"
     print(f"wrote {summary['output']}: steps {summary['first_step']}-{summary['last_step']} "
-          f"({summary['records']} records), {len(summary['sources'])} source(s), stage switches: {marks}")
+          f"({summary['records']} records, {summary['validations']} with a validation loss), "
+          f"{len(summary['sources'])} source(s), stage switches: {marks}")
     return 0
 
 
