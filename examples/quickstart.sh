@@ -11,13 +11,17 @@ OUT=quickstart
 NPROC=${NPROC:-4}
 LAYOUT=${LAYOUT:-parallel.tp=2 parallel.pp=2}
 
-# 1. A real corpus that exists on every machine with Python: the standard library's source.
-[ -f "$OUT/corpus.jsonl" ] || "$PY" examples/quickstart/build_corpus.py --output "$OUT/corpus.jsonl"
+# 1. A real corpus that exists on every machine with Python: the standard library's source (and the modules that
+#    follow it, held out for the validation loss).
+[ -f "$OUT/corpus.jsonl" ] && [ -f "$OUT/heldout.jsonl" ] || "$PY" examples/quickstart/build_corpus.py \
+    --output "$OUT/corpus.jsonl" --heldout "$OUT/heldout.jsonl"
 # 2. A small byte-level BPE trained on it (real runs use the SmolLM2 tokenizer instead).
 [ -f "$OUT/tokenizer.json" ] || "$PY" tools/train_tokenizer.py --input "$OUT/corpus.jsonl" --output "$OUT/tokenizer.json"
 # 3. Tokenise into a Megatron .bin/.idx token store, then show its summary.
 [ -f "$OUT/data/stdlib.idx" ] || "$PY" tools/preprocess.py --input "$OUT/corpus.jsonl" --tokenizer "$OUT/tokenizer.json" \
     --output-prefix "$OUT/data/stdlib" --workers 2
+[ -f "$OUT/data/heldout.idx" ] || "$PY" tools/preprocess.py --input "$OUT/heldout.jsonl" \
+    --tokenizer "$OUT/tokenizer.json" --output-prefix "$OUT/data/heldout" --workers 2
 "$PY" tools/inspect_store.py "$OUT/data/stdlib"
 # 4. Train from scratch (a fresh run each time).
 rm -rf "$OUT/logs" "$OUT/checkpoints"
@@ -28,9 +32,13 @@ rm -rf "$OUT/logs" "$OUT/checkpoints"
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]
 first, last = rows[0], rows[-1]
-print(f"quickstart: loss {first['loss']:.3f} at step {first['step']} -> {last['loss']:.3f} at step {last['step']}")
+val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+print(f"quickstart: loss {first['loss']:.3f} at step {first['step']} -> {last['loss']:.3f} at step {last['step']}; "
+      f"held-out loss " + ", ".join(f"{v:.3f} at step {s}" for s, v in val))
 if not last["loss"] < first["loss"] - 1.0:
     sys.exit("quickstart: the loss did not fall by a clear margin")
+if not val[-1][1] < val[0][1]:
+    sys.exit("quickstart: the held-out loss did not fall")
 PYEOF
 # 6. Export to Hugging Face format and let transformers generate from it.
 "$PY" tools/convert_to_hf.py --checkpoint "$OUT/checkpoints" --output "$OUT/hf" --dtype float32 --overwrite
