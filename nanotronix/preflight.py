@@ -65,7 +65,7 @@ def check_data(cfg: Config, dp: int) -> int:
     if cfg.validation.interval > 0:
         from nanotronix.train.validation import open_validation_store
         try:
-            open_validation_store(cfg.validation, cfg.train.seq_len)
+            open_validation_store(cfg.validation, cfg.train.seq_len, cfg.model.vocab_size)
         except DataError as e:
             raise PreflightError(f"{e}{hint}") from None
         stores += 1

@@ -2,6 +2,8 @@
 
 - A wrong or missing setting (config, data root, token stores, processes vs tp*pp, GPUs) fails the job within
   seconds with one `error:` line, before torchrun starts (~25 s for the seven cases).
+- slurm/preprocess.sh as a job array of 3 tasks (~15 s): the folder of shards reads as one store equal to a
+  single preprocess run of the same inputs; a task without its settings fails with one line.
 - End to end on CPU (~60-90 s): `sbatch slurm/smollm2_1p7b.sh` with environment overrides pointing at a tiny
   two-stage config and small token stores trains with 2 processes, checkpoints, receives USR1
   (`scancel --signal=USR1 --batch`, what `#SBATCH --signal=B:USR1@600` sends before the time limit), saves,
@@ -50,9 +52,9 @@ class Slurm:
         assert proc.returncode == 0, f"{' '.join(args)}: {proc.stderr}"
         return proc.stdout
 
-    def sbatch(self, cwd: Path, settings: dict[str, str], *flags: str) -> str:
+    def sbatch(self, cwd: Path, settings: dict[str, str], *flags: str, script: Path = SCRIPT) -> str:
         env = dict(self.env, PYTHON=sys.executable, **settings)
-        proc = subprocess.run(["sbatch", "--parsable", "--nodes=1", *flags, str(SCRIPT)], cwd=cwd, env=env,
+        proc = subprocess.run(["sbatch", "--parsable", "--nodes=1", *flags, str(script)], cwd=cwd, env=env,
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
         job = proc.stdout.strip().split(";")[0]
@@ -158,6 +160,37 @@ def test_bad_settings_fail_in_seconds_with_one_line(slurm, tmp_path):
         assert "rendezvous" not in out and "nanotronix:" not in out, (name, out)  # torchrun never started
         assert not [line for line in out.splitlines() if line.startswith("srun:")], (name, out)
         assert seconds(info["RunTime"]) <= 45, (name, info["RunTime"])  # 1-5 s alone; slack for a busy machine
+
+
+# ------------------------------------------------------------------------------- preprocessing job array
+
+def test_preprocess_job_array_writes_one_store(slurm, tmp_path):
+    from nanotronix.data import PreprocessOptions, open_store, preprocess
+    from test_data_support import train_tiny_tokenizer
+    from test_preprocess_shards import write_corpus
+
+    corpus = write_corpus(tmp_path / "corpus")
+    tok = str(train_tiny_tokenizer(tmp_path / "tokenizer.json"))
+    settings = {"INPUT": str(corpus), "TOKENIZER": tok, "OUTPUT": str(tmp_path / "sharded")}
+    job = slurm.sbatch(tmp_path, settings, "--array=0-2", "--cpus-per-task=1",
+                       script=ROOT / "slurm" / "preprocess.sh")
+    broken = slurm.sbatch(tmp_path, {"TOKENIZER": tok, "OUTPUT": str(tmp_path / "x")}, "--array=0",
+                          "--cpus-per-task=1", script=ROOT / "slurm" / "preprocess.sh")
+    for task in (f"{job}_0", f"{job}_1", f"{job}_2", f"{broken}_0"):
+        info = slurm.wait(task, timeout=180)
+        log = (tmp_path / f"preprocess-{task}.out").read_text()
+        if task.startswith(broken):
+            assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0"), (info, log)
+            assert log.strip().splitlines() == ["error: INPUT is not set (input files or folders)"], log
+        else:
+            assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), (info, log)
+            assert f"shard {task[-1]}/3" in log and "wrote " in log, log
+
+    preprocess(PreprocessOptions([str(corpus)], tok, str(tmp_path / "whole"), progress=False))
+    sharded, whole = open_store(tmp_path / "sharded"), open_store(tmp_path / "whole")
+    assert sharded.metadata["shards"] == 3 and sharded.num_documents == whole.num_documents
+    assert (tmp_path / "whole.bin").read_bytes() == b"".join(
+        (tmp_path / "sharded" / f"shard-{i:05d}-of-00003.bin").read_bytes() for i in range(3))
 
 
 # ------------------------------------------------------------------------------- USR1 -> save -> requeue

@@ -45,3 +45,15 @@ def test_validation_loss_is_the_checkpoints_evaluate_loss(tmp_path, store):
     assert all("val_loss" not in r for r in plain)
     losses = {r["step"]: r["loss"] for r in rows}
     assert {r["step"]: r["loss"] for r in plain if r["step"] in losses} == {s: losses[s] for s in (1, 3, 6, 9, 10)}
+
+
+def test_a_store_of_another_vocabulary_is_refused_at_launch(tmp_path, store, capsys):
+    from nanotronix import preflight
+
+    write_learnable_store(tmp_path / "wide", vocab=512)  # its sidecar says 512 tokens; the model has 256
+    cfg = tiny_config(tmp_path, store)
+    code = preflight.main(["--config", str(cfg), "train.device=cpu", f"validation.data={tmp_path / 'wide'}",
+                           "validation.interval=5", "validation.num_samples=4"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [f"error: validation.data: {tmp_path / 'wide'} was tokenized with 512 tokens, more "
+                                 "than model.vocab_size=256"], err

@@ -22,6 +22,7 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from tqdm import tqdm
@@ -30,6 +31,7 @@ from . import encode
 from .errors import DataError
 from .inputs import expand_inputs, iter_chunks
 from .megatron_store import MegatronWriter, optimal_dtype
+from .sharded_store import shard_name, split_inputs
 from .tokenizer import load_tokenizer
 
 FORMATS = ("megatron", "zarr")
@@ -46,6 +48,9 @@ class PreprocessOptions:
     format: str = "megatron"
     skip_bad: bool = False
     progress: bool = True
+    # (index, count): tokenize only shard `index` of `count` of the inputs into OUTPUT_PREFIX/shard-IIIII-of-NNNNN,
+    # one task of a job array; the folder then reads as one store (sharded_store.py)
+    shard: Optional[tuple[int, int]] = None
     chunk_bytes: int = 1 << 18  # small enough to balance the workers on the last chunks
     threads_per_process: int = 8  # see the module docstring
 
@@ -82,6 +87,12 @@ def preprocess(opts: PreprocessOptions) -> PreprocessResult:
     if opts.format not in FORMATS:
         raise DataError(f"--format {opts.format!r}: expected one of {', '.join(FORMATS)}")
     files = expand_inputs(opts.inputs)
+    prefix = opts.output_prefix
+    if opts.shard is not None:
+        index, count = opts.shard
+        start, stop = split_inputs([f.stat().st_size for f in files], index, count)
+        files = files[start:stop]
+        prefix = os.path.join(opts.output_prefix, shard_name(index, count))
     tokenizer, info = load_tokenizer(opts.tokenizer)
     dtype = optimal_dtype(info.vocab_size)
     start = time.perf_counter()
@@ -91,7 +102,7 @@ def preprocess(opts: PreprocessOptions) -> PreprocessResult:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     encode.use_tokenizer(tokenizer, info.eos_id, dtype)
     executor = _start_workers(opts, info, dtype)  # before any other thread (progress bar) exists
-    writer, output = create_writer(opts.format, opts.output_prefix, dtype)
+    writer, output = create_writer(opts.format, prefix, dtype)
     per_file = [{"path": str(f), "bytes": f.stat().st_size, "documents": 0, "tokens": 0} for f in files]
     skipped: collections.Counter = collections.Counter()
     examples: list[str] = []

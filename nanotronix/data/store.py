@@ -128,11 +128,16 @@ def open_store(path_or_prefix: str | os.PathLike) -> TokenStore:
     """Open a token store, recognising the format from the files present.
 
     Accepted: a Megatron prefix (or its `.bin`/`.idx` file), a datatrove `.ds` file (or its path without
-    `.ds`), a zarr store folder or fsspec URL (`s3://...`, `file://...`, `memory://...`).
+    `.ds`), a zarr store folder or fsspec URL (`s3://...`, `file://...`, `memory://...`), a folder of
+    `preprocess --shard` shards (one dataset, `sharded_store.py`).
     """
     from .megatron_store import MegatronStore, megatron_prefix
 
     spec = os.fspath(path_or_prefix)
+    from .sharded_store import ShardedStore, sharded_folder
+    folder = sharded_folder(spec)
+    if folder is not None:
+        return ShardedStore(folder)
     prefix = megatron_prefix(spec)
     if prefix is not None:
         return MegatronStore(prefix)

@@ -15,6 +15,7 @@ of the windows' mean losses: one all-reduce of each rank's sum, the same value o
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable, Optional
 
 import torch
@@ -27,9 +28,13 @@ from nanotronix.parallel.context import ParallelContext
 from nanotronix.parallel.pipeline import PAD_LABEL
 
 
-def open_validation_store(v: ValidationConfig, seq_len: int) -> TokenStore:
-    """The held-out store, checked to hold K windows of seq_len + 1 tokens (the launch preflight calls this too)."""
-    store = open_store(v.data)
+def open_validation_store(v: ValidationConfig, seq_len: int, vocab_size: int) -> TokenStore:
+    """The held-out store, checked to hold K windows of seq_len + 1 tokens of the model's vocabulary (as far as its
+    sidecar tells; the launch preflight calls this too)."""
+    store = open_store(os.path.expanduser(v.data))
+    if store.vocab_size is not None and store.vocab_size > vocab_size:
+        raise DataError(f"validation.data: {v.data} was tokenized with {store.vocab_size} tokens, more than "
+                        f"model.vocab_size={vocab_size}")
     needed = v.num_samples * seq_len + 1
     if needed > store.num_tokens:
         raise DataError(f"validation.num_samples: {v.num_samples} windows of {seq_len} tokens need {needed} tokens, "
@@ -73,7 +78,7 @@ class Validator:
         if v.interval == 0:
             return None
         check_torch_supports(ctx)
-        store = open_validation_store(v, t.seq_len)
+        store = open_validation_store(v, t.seq_len, cfg.model.vocab_size)
 
         def read_windows(first: int, count: int) -> torch.Tensor:
             windows = torch.from_numpy(store.leading_windows(first, count, t.seq_len))

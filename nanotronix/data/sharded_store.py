@@ -1,0 +1,167 @@
+"""One token store made of several: a folder of shards written by `tools/preprocess.py --shard I/N` (a Slurm job
+array tokenizing a corpus on many machines), read as one dataset whose stream is the shards' streams concatenated
+in shard order. `preprocess --shard` splits the sorted input files into N contiguous runs, so that stream is token
+for token the one a single `preprocess` of the same inputs writes.
+
+A shard is `FOLDER/shard-IIIII-of-NNNNN` in either writable format (Megatron `.bin/.idx` + sidecar, or `.zarr`);
+it exists only once complete (its writer renames it into place last). The folder opens only when all N shards are
+there, so a job array with a failed task never looks like a finished dataset. The shards must agree on the
+tokenizer (sidecar sha256) and the token dtype.
+
+Hand-written: no store library concatenates Megatron or zarr stores without copying them (Megatron's
+`merge_datasets.py` rewrites one big file).
+"""
+from __future__ import annotations
+
+import bisect
+import re
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .errors import DataError
+from .store import TokenStore
+
+_SHARD = re.compile(r"^shard-(\d{5})-of-(\d{5})(\.idx|\.zarr)$")
+
+
+def shard_name(index: int, count: int) -> str:
+    """The file name (without suffix) of shard `index` of `count`."""
+    return f"shard-{index:05d}-of-{count:05d}"
+
+
+def sharded_folder(spec: str) -> Optional[Path]:
+    """`spec` if it is a folder holding preprocess shards, else None."""
+    path = Path(spec)
+    if path.is_dir() and any(_SHARD.match(p.name) for p in path.iterdir()):
+        return path
+    return None
+
+
+def split_inputs(sizes: list[int], index: int, count: int) -> tuple[int, int]:
+    """Shard `index` of `count`: the [start, stop) run of the inputs (in their order, of these byte sizes) it
+    tokenizes. Cuts fall at the file boundaries nearest to equal byte shares; every shard gets at least one file."""
+    if not 0 <= index < count:
+        raise DataError(f"--shard {index}/{count}: the shard index must be in [0, {count})")
+    if count > len(sizes):
+        raise DataError(f"--shard {index}/{count}: {count} shards but {len(sizes)} input file(s) (shards split the "
+                        f"inputs by file)")
+    ends = np.cumsum(np.asarray(sizes, dtype=np.float64))
+    total = ends[-1] if len(ends) else 0.0
+    cuts = [0]
+    for k in range(1, count):
+        target = total * k / count
+        j = int(np.searchsorted(ends, target))  # the first file ending at or after the target share
+        before = ends[j - 1] if j else 0.0
+        cut = j + 1 if ends[j] - target < target - before else j  # the nearer of its two boundaries
+        cuts.append(min(max(cut, cuts[-1] + 1), len(sizes) - (count - k)))
+    cuts.append(len(sizes))
+    return cuts[index], cuts[index + 1]
+
+
+class ShardedStore(TokenStore):
+    def __init__(self, folder: Path):
+        from .store import open_store
+
+        super().__init__(str(folder))
+        found: dict[int, Path] = {}
+        counts = set()
+        for p in sorted(folder.iterdir()):
+            m = _SHARD.match(p.name)
+            if m:
+                found[int(m.group(1))] = p.with_suffix("") if m.group(3) == ".idx" else p
+                counts.add(int(m.group(2)))
+        if len(counts) != 1:
+            raise DataError(f"{folder}: shards of different splits ({', '.join(map(str, sorted(counts)))} shards)")
+        count = counts.pop()
+        missing = [i for i in range(count) if i not in found]
+        if missing:
+            listed = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
+            raise DataError(f"{folder}: {len(missing)} of {count} shards missing ({listed}): a preprocess task has "
+                            f"not finished")
+        self.parts = [open_store(found[i]) for i in range(count)]
+        formats = {p.format for p in self.parts}
+        dtypes = {np.dtype(p.dtype) for p in self.parts}
+        tokenizers = {p.tokenizer_info.get("sha256") or p.tokenizer_info.get("name") for p in self.parts}
+        if len(dtypes) > 1 or len(formats) > 1:
+            raise DataError(f"{folder}: its shards mix formats or token dtypes ({sorted(formats)}, "
+                            f"{sorted(d.name for d in dtypes)})")
+        if len(tokenizers) > 1:
+            raise DataError(f"{folder}: its shards were tokenized with different tokenizers")
+        self.format = formats.pop()
+        self._dtype = dtypes.pop()
+        self._token_starts = np.cumsum([0] + [p.num_tokens for p in self.parts]).tolist()
+        self._doc_starts = np.cumsum([0] + [p.num_documents for p in self.parts]).tolist()
+        first = self.parts[0].metadata
+        self.metadata = {key: first[key] for key in ("format", "created_by", "tokenizer", "dtype", "eos_appended",
+                                                     "text_key") if key in first}
+        self.metadata.update(num_documents=self.num_documents, num_tokens=self.num_tokens, shards=count,
+                             skipped={"total": sum((p.metadata.get("skipped") or {}).get("total", 0)
+                                                   for p in self.parts)})
+
+    @property
+    def num_documents(self) -> int:
+        return self._doc_starts[-1]
+
+    @property
+    def num_tokens(self) -> int:
+        return self._token_starts[-1]
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._dtype
+
+    def _part_of_document(self, i: int) -> tuple[TokenStore, int]:
+        k = bisect.bisect_right(self._doc_starts, i) - 1
+        return self.parts[k], i - self._doc_starts[k]
+
+    def document(self, i: int) -> np.ndarray:
+        part, j = self._part_of_document(self._check_document(i))
+        return part.document(j)
+
+    def document_lengths(self, start: int = 0, stop: Optional[int] = None) -> np.ndarray:
+        stop = self.num_documents if stop is None else min(stop, self.num_documents)
+        pieces = []
+        for k, part in enumerate(self.parts):
+            lo, hi = max(start - self._doc_starts[k], 0), min(stop - self._doc_starts[k], part.num_documents)
+            if lo < hi:
+                pieces.append(part.document_lengths(lo, hi))
+        return np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
+
+    def tokens(self, start: int, length: int) -> np.ndarray:
+        self._check_range(start, length)
+        pieces, pos, end = [], start, start + length
+        while pos < end:
+            k = bisect.bisect_right(self._token_starts, pos) - 1  # shards are never empty (preprocess refuses)
+            base, part = self._token_starts[k], self.parts[k]
+            take = min(end, base + part.num_tokens) - pos
+            pieces.append(part.tokens(pos - base, take))
+            pos += take
+        return np.concatenate(pieces).astype(self._dtype) if pieces else np.zeros(0, self._dtype)
+
+    def read_windows(self, out: np.ndarray, rows: np.ndarray, starts: np.ndarray) -> None:
+        """Windows inside one shard are read by that shard in one call; the few that straddle two are pieced."""
+        rows, starts = np.asarray(rows), np.asarray(starts, dtype=np.int64)
+        bounds = np.asarray(self._token_starts, dtype=np.int64)
+        first = np.searchsorted(bounds, starts, side="right") - 1
+        last = np.searchsorted(bounds, starts + out.shape[1] - 1, side="right") - 1
+        inside = first == last
+        for k in np.unique(first[inside]).tolist():
+            sel = inside & (first == k)
+            self.parts[k].read_windows(out, rows[sel], starts[sel] - bounds[k])
+        for row, start in zip(rows[~inside].tolist(), starts[~inside].tolist()):
+            out[row] = self.tokens(start, out.shape[1])
+
+    def gather(self, positions: np.ndarray) -> np.ndarray:
+        positions = np.asarray(positions, dtype=np.int64)
+        out = np.empty(len(positions), dtype=np.int64)
+        k = np.searchsorted(np.asarray(self._token_starts), positions, side="right") - 1
+        for part in np.unique(k).tolist():
+            sel = k == part
+            out[sel] = self.parts[part].gather(positions[sel] - self._token_starts[part])
+        return out
+
+    def verify(self, progress: bool = False) -> None:
+        for part in self.parts:
+            part.verify(progress)
