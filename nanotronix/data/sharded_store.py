@@ -1,12 +1,13 @@
-"""One token store made of several: a folder of shards written by `tools/preprocess.py --shard I/N` (a Slurm job
-array tokenizing a corpus on many machines), read as one dataset whose stream is the shards' streams concatenated
-in shard order. `preprocess --shard` splits the sorted input files into N contiguous runs, so that stream is token
-for token the one a single `preprocess` of the same inputs writes.
+"""Token stores made of several: `ConcatenatedStore`, whose stream is its parts' streams one after another, and its
+two uses, a datatrove folder of `.ds` files (nanotron's Nanoset reads them so) and a folder of shards written by
+`tools/preprocess.py --shard I/N` (a Slurm job array tokenizing a corpus on many machines: `ShardedStore`).
+`preprocess --shard` splits the sorted input files into N contiguous runs, so a sharded store's stream is token for
+token the one a single `preprocess` of the same inputs writes.
 
 A shard is `FOLDER/shard-IIIII-of-NNNNN` in either writable format (Megatron `.bin/.idx` + sidecar, or `.zarr`);
 it exists only once complete (its writer renames it into place last). The folder opens only when all N shards are
-there, so a job array with a failed task never looks like a finished dataset. The shards must agree on the
-tokenizer (sidecar sha256) and the token dtype.
+there, so a job array with a failed task never looks like a finished dataset. Parts must agree on the format, the
+token dtype and the tokenizer (sidecar sha256, or name).
 
 Hand-written: no store library concatenates Megatron or zarr stores without copying them (Megatron's
 `merge_datasets.py` rewrites one big file).
@@ -60,45 +61,28 @@ def split_inputs(sizes: list[int], index: int, count: int) -> tuple[int, int]:
     return cuts[index], cuts[index + 1]
 
 
-class ShardedStore(TokenStore):
-    def __init__(self, folder: Path):
-        from .store import open_store
-
-        super().__init__(str(folder))
-        found: dict[int, Path] = {}
-        counts = set()
-        for p in sorted(folder.iterdir()):
-            m = _SHARD.match(p.name)
-            if m:
-                found[int(m.group(1))] = p.with_suffix("") if m.group(3) == ".idx" else p
-                counts.add(int(m.group(2)))
-        if len(counts) != 1:
-            raise DataError(f"{folder}: shards of different splits ({', '.join(map(str, sorted(counts)))} shards)")
-        count = counts.pop()
-        missing = [i for i in range(count) if i not in found]
-        if missing:
-            listed = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
-            raise DataError(f"{folder}: {len(missing)} of {count} shards missing ({listed}): a preprocess task has "
-                            f"not finished")
-        self.parts = [open_store(found[i]) for i in range(count)]
-        formats = {p.format for p in self.parts}
-        dtypes = {np.dtype(p.dtype) for p in self.parts}
-        tokenizers = {p.tokenizer_info.get("sha256") or p.tokenizer_info.get("name") for p in self.parts}
+class ConcatenatedStore(TokenStore):
+    def __init__(self, path: str, parts: list[TokenStore]):
+        super().__init__(path)
+        self.parts = parts
+        formats = {p.format for p in parts}
+        dtypes = {np.dtype(p.dtype) for p in parts}
         if len(dtypes) > 1 or len(formats) > 1:
-            raise DataError(f"{folder}: its shards mix formats or token dtypes ({sorted(formats)}, "
-                            f"{sorted(d.name for d in dtypes)})")
+            raise DataError(f"{path}: its parts mix formats or token dtypes ({', '.join(sorted(formats))}; "
+                            f"{', '.join(sorted(d.name for d in dtypes))})")
+        tokenizers = {p.tokenizer_info.get("sha256") or p.tokenizer_info.get("name") for p in parts} - {None}
         if len(tokenizers) > 1:
-            raise DataError(f"{folder}: its shards were tokenized with different tokenizers")
+            raise DataError(f"{path}: its parts were tokenized with different tokenizers")
         self.format = formats.pop()
         self._dtype = dtypes.pop()
-        self._token_starts = np.cumsum([0] + [p.num_tokens for p in self.parts]).tolist()
-        self._doc_starts = np.cumsum([0] + [p.num_documents for p in self.parts]).tolist()
-        first = self.parts[0].metadata
-        self.metadata = {key: first[key] for key in ("format", "created_by", "tokenizer", "dtype", "eos_appended",
-                                                     "text_key") if key in first}
-        self.metadata.update(num_documents=self.num_documents, num_tokens=self.num_tokens, shards=count,
+        self._token_starts = np.cumsum([0] + [p.num_tokens for p in parts]).tolist()
+        self._doc_starts = np.cumsum([0] + [p.num_documents for p in parts]).tolist()
+        described = next((p for p in parts if p.tokenizer_info), parts[0]).metadata
+        self.metadata = {key: described[key] for key in ("format", "created_by", "tokenizer", "dtype",
+                                                         "eos_appended", "text_key") if key in described}
+        self.metadata.update(num_documents=self.num_documents, num_tokens=self.num_tokens, parts=len(parts),
                              skipped={"total": sum((p.metadata.get("skipped") or {}).get("total", 0)
-                                                   for p in self.parts)})
+                                                   for p in parts)})
 
     @property
     def num_documents(self) -> int:
@@ -133,7 +117,7 @@ class ShardedStore(TokenStore):
         self._check_range(start, length)
         pieces, pos, end = [], start, start + length
         while pos < end:
-            k = bisect.bisect_right(self._token_starts, pos) - 1  # shards are never empty (preprocess refuses)
+            k = bisect.bisect_right(self._token_starts, pos) - 1  # the last part starting at or before pos
             base, part = self._token_starts[k], self.parts[k]
             take = min(end, base + part.num_tokens) - pos
             pieces.append(part.tokens(pos - base, take))
@@ -165,3 +149,28 @@ class ShardedStore(TokenStore):
     def verify(self, progress: bool = False) -> None:
         for part in self.parts:
             part.verify(progress)
+
+
+class ShardedStore(ConcatenatedStore):
+    """A folder of `preprocess --shard` shards, all N of them (else one DataError naming the missing ones)."""
+
+    def __init__(self, folder: Path):
+        from .store import open_store
+
+        found: dict[int, Path] = {}
+        counts = set()
+        for p in sorted(folder.iterdir()):
+            m = _SHARD.match(p.name)
+            if m:
+                found[int(m.group(1))] = p.with_suffix("") if m.group(3) == ".idx" else p
+                counts.add(int(m.group(2)))
+        if len(counts) != 1:
+            raise DataError(f"{folder}: shards of different splits ({', '.join(map(str, sorted(counts)))} shards)")
+        count = counts.pop()
+        missing = [i for i in range(count) if i not in found]
+        if missing:
+            listed = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
+            raise DataError(f"{folder}: {len(missing)} of {count} shards missing ({listed}): a preprocess task has "
+                            f"not finished")
+        super().__init__(str(folder), [open_store(found[i]) for i in range(count)])
+        self.metadata["shards"] = count

@@ -141,10 +141,10 @@ def open_store(path_or_prefix: str | os.PathLike) -> TokenStore:
     prefix = megatron_prefix(spec)
     if prefix is not None:
         return MegatronStore(prefix)
-    from .datatrove_store import DatatroveStore, datatrove_path
+    from .datatrove_store import datatrove_path, open_datatrove
     ds = datatrove_path(spec)
     if ds is not None:
-        return DatatroveStore(ds)
+        return open_datatrove(ds)
     from .zarr_store import ZarrStore, zarr_path
     zarr_location = zarr_path(spec)
     if zarr_location is not None:
