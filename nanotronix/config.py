@@ -169,10 +169,11 @@ class DataConfig:
 
 @dataclass
 class ValidationConfig:
-    # A held-out token store (relative paths are joined to data.root, like the datasets). Its first num_samples
-    # windows of train.seq_len tokens (window i = stream tokens [i*L, i*L + L + 1), as `nanotronix.evaluate`
-    # reads them) are scored every `interval` steps and after the last step: `val_loss` in metrics.jsonl.
-    data: Optional[str] = None
+    # Held-out token stores (relative paths are joined to data.root, like the datasets). The first num_samples
+    # windows of train.seq_len tokens of each (window i = stream tokens [i*L, i*L + L + 1), as `nanotronix.evaluate`
+    # reads them) are scored every `interval` steps and after the last step: `val_losses` (each store) and
+    # `val_loss` (their mean) in metrics.jsonl.
+    data: list[str] = field(default_factory=list)
     interval: int = 0  # 0: no validation
     num_samples: int = 0
 
@@ -351,8 +352,8 @@ def resolve_dataset_paths(data: DataConfig, validation: Optional[ValidationConfi
     for stage in data.stages:
         for ds in stage.datasets:
             ds.path = joined(ds.path)
-    if validation is not None and validation.data:
-        validation.data = joined(validation.data)
+    if validation is not None:
+        validation.data = [joined(path) for path in validation.data]
 
 
 def resolve_preset(model: ModelConfig) -> None:
@@ -477,7 +478,10 @@ def validate(cfg: Config) -> None:
     v = cfg.validation
     _require(v.interval >= 0, f"validation.interval: must be >= 0 (0: no validation), got {v.interval}")
     if v.interval > 0:
-        _require(bool(v.data), "validation.data: missing (validation.interval > 0 needs a held-out token store)")
+        _require(bool(v.data), "validation.data: missing (validation.interval > 0 needs a list of held-out token "
+                               "stores)")
+        _require(all(v.data), "validation.data: an empty path")
+        _require(len(set(v.data)) == len(v.data), "validation.data: a path is listed twice")
         _require(v.num_samples >= 1, f"validation.num_samples: must be >= 1 with validation.interval > 0, got "
                                      f"{v.num_samples}")
 

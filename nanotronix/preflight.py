@@ -64,11 +64,13 @@ def check_data(cfg: Config, dp: int) -> int:
     stores = len(loader.stores)
     if cfg.validation.interval > 0:
         from nanotronix.train.validation import open_validation_store
+        v = cfg.validation
         try:
-            open_validation_store(cfg.validation, cfg.train.seq_len, cfg.model.vocab_size)
+            for path in v.data:
+                open_validation_store(path, v.num_samples, cfg.train.seq_len, cfg.model.vocab_size)
         except DataError as e:
             raise PreflightError(f"{e}{hint}") from None
-        stores += 1
+        stores += len(v.data)
     return stores
 
 

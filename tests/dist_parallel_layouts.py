@@ -53,7 +53,8 @@ def run_layout(name: str, parallel: dict, out: Path) -> None:
                                      betas=tuple(o.betas), eps=o.eps)
     data = make_data(cfg)
     windows = make_validation_windows(cfg)
-    validator = Validator(model, ctx, lambda first, count: windows[first:first + count], VALIDATION_WINDOWS,
+    validator = Validator(model, ctx, {"heldout": lambda first, count: windows[first:first + count]},
+                          VALIDATION_WINDOWS,
                           cfg.train.global_batch_size // (cfg.train.micro_batch_size * ctx.dp),
                           cfg.train.micro_batch_size)
     losses, norms, val_losses = [], [], []
@@ -78,7 +79,7 @@ def run_layout(name: str, parallel: dict, out: Path) -> None:
         losses.append(result.loss)
         norms.append(result.grad_norm)
         if step in VALIDATE_AFTER and step < STEPS:  # the last step's is scored after the records below
-            val_losses.append(validator.run())
+            val_losses.append(validator.run()["heldout"])
     grads = model.grads
     # ZeRO-1 with overlap_param_gather: the last step's weight gathers are still pending here, and the waits of the
     # previous ones happened part by part during the last step's forward.
@@ -87,7 +88,7 @@ def run_layout(name: str, parallel: dict, out: Path) -> None:
     twin_gathered = [b.twin_version is not None for b in grads.buckets]
     gathers_waited_after = [b.gather_waited_after for b in grads.buckets]
     grads.wait_for_weights()
-    val_losses.append(validator.run())  # after the records of the last step's gathers and reductions
+    val_losses.append(validator.run()["heldout"])  # after the records of the last step's gathers and reductions
     folder = out / name
     folder.mkdir(parents=True, exist_ok=True)
     params = {n: p.detach().clone() for n, p in model.named_parameters()}

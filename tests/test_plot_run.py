@@ -36,6 +36,7 @@ def write_resumed_run(log_dir: Path) -> None:
     rows += [record(s, "web" if s <= 10 else "code+web", 9.0 - 0.1 * s) for s in range(9, 21)]
     for row in rows:
         if row["step"] % 5 == 0:  # validation.interval 5
+            row["val_losses"] = {"/data/heldout/web": row["loss"] + 0.2, "/data/heldout/code": row["loss"] + 0.4}
             row["val_loss"] = row["loss"] + 0.3
     log_dir.mkdir(parents=True, exist_ok=True)
     text = "".join(json.dumps(r) + "\n" for r in rows) + '{"step": 21, "loss": 7.'
@@ -51,7 +52,7 @@ def test_plot_of_a_resumed_two_stage_run(plot_tool, tmp_path, capsys):
     assert plot_tool.main([str(log_dir)]) == 0
     out, err = capsys.readouterr()
     assert "stage switches: code+web at step 11" in out and "skipped 1 unreadable line" in err
-    assert "(20 records, 4 with a validation loss)" in out  # steps 5, 10, 15, 20
+    assert "(20 records, 4 with a validation loss over 2 store(s))" in out  # steps 5, 10, 15, 20
     png = log_dir / "run.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     import matplotlib.image

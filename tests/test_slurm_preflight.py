@@ -30,7 +30,7 @@ def test_a_good_launch_prints_one_summary_line(tmp_path, store, capsys):
     assert out.startswith("preflight ok: 2 node(s) x 2 = 4 processes on cpu | tp=1 pp=1 dp=4, grad accumulation 1")
     assert "1 stage(s), 1 token store(s) found" in out and (tmp_path / "ckpt").is_dir()
     code, out, err = check(capsys, "--config", str(cfg), "train.device=cpu", "validation.interval=5",
-                           "validation.num_samples=4", "validation.data=arith")
+                           "validation.num_samples=4", "validation.data=[arith]")
     assert code == 0 and "1 stage(s), 2 token store(s) found" in out, (out, err)
 
 
@@ -45,9 +45,9 @@ def test_a_good_launch_prints_one_summary_line(tmp_path, store, capsys):
      "error: token store not found: /nowhere"),
     (["--nproc-per-node", "1", "data.root=/no/such/root", "data.stages.0.datasets.0.path=arith"],
      "error: token store not found: /no/such/root/arith"),
-    (["--nproc-per-node", "1", "validation.interval=5", "validation.num_samples=4", "validation.data=heldout"],
+    (["--nproc-per-node", "1", "validation.interval=5", "validation.num_samples=4", "validation.data=[heldout]"],
      "error: token store not found: "),  # joined to data.root like the datasets
-    (["--nproc-per-node", "1", "validation.interval=5", "validation.num_samples=100000", "validation.data=arith"],
+    (["--nproc-per-node", "1", "validation.interval=5", "validation.num_samples=100000", "validation.data=[arith]"],
      "error: validation.num_samples: 100000 windows of 32 tokens need 3200001 tokens, "),
     (["--nproc-per-node", "1", "train.device=cuda"], "error: train.device: cuda, but no CUDA GPU is visible"),
     (["--nproc-per-node", "0"], "error: --nnodes and --nproc-per-node must be >= 1"),

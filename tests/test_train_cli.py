@@ -59,9 +59,10 @@ def test_document_masking_counts_fewer_attention_flops(tmp_path, store):
     (["model.num_attention_heads=3"], "error: model.hidden_size: 64 is not divisible by model.num_attention_heads=3"),
     (["parallel.tp=2"], "error: parallel: world size 1 is not divisible by tp*pp = 2*1"),
     (["data.stages.0.datasets.0.path=/nonexistent/store"], "/nonexistent/store"),
-    (["validation.interval=5"], "error: validation.data: missing (validation.interval > 0 needs a held-out token "
-                                "store)"),
-    (["validation.interval=5", "validation.data=arith", "validation.num_samples=100000"],
+    (["validation.interval=5"], "error: validation.data: missing (validation.interval > 0 needs a list of held-out "
+                                "token stores)"),
+    (["validation.interval=5", "validation.data=arith"], "error: validation.data: expected a list, got 'arith'"),
+    (["validation.interval=5", "validation.data=[arith]", "validation.num_samples=100000"],
      "error: validation.num_samples: 100000 windows of 32 tokens need 3200001 tokens"),
 ])
 def test_bad_input_is_one_line(tmp_path, store, override, message):

@@ -28,17 +28,25 @@ def train(tmp_path, store, *overrides: str) -> list[dict]:
     return [json.loads(line) for line in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_validation_loss_is_the_checkpoints_evaluate_loss(tmp_path, store):
-    rows = train(tmp_path / "with", store, "validation.data=arith", f"validation.interval={INTERVAL}",
+def test_validation_losses_are_the_checkpoints_evaluate_losses(tmp_path, store):
+    # two held-out stores: the training store itself and another one (other progressions), by path relative to
+    # data.root and by absolute path
+    other = write_learnable_store(tmp_path / "heldout" / "other", seed=5)
+    rows = train(tmp_path / "with", store, f"validation.data=[arith,{other}]", f"validation.interval={INTERVAL}",
                  f"validation.num_samples={WINDOWS}")
-    validated = {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}
+    validated = {r["step"]: r for r in rows if "val_loss" in r}
     assert sorted(validated) == [4, 8, 10]  # every interval and after the last step
     assert {r["step"] for r in rows} == {1, 3, 4, 6, 8, 9, 10}  # validation steps are logged too
-    for step, val_loss in validated.items():
-        reference = evaluate(str(tmp_path / "with" / "ckpt" / f"step_{step:07d}"), str(store), 32, WINDOWS)
-        assert reference["step"] == step
-        assert val_loss == pytest.approx(reference["loss"], rel=1e-6, abs=0), step
-    assert validated[10] < validated[4]  # the progressions are learnable, and the weights really changed
+    for step, row in validated.items():
+        assert list(row["val_losses"]) == ["arith", str(other)]
+        checkpoint = str(tmp_path / "with" / "ckpt" / f"step_{step:07d}")
+        for name, path in (("arith", store), (str(other), other)):
+            reference = evaluate(checkpoint, str(path), 32, WINDOWS)
+            assert reference["step"] == step
+            assert row["val_losses"][name] == pytest.approx(reference["loss"], rel=1e-6, abs=0), (step, name)
+        assert row["val_loss"] == pytest.approx(sum(row["val_losses"].values()) / 2, rel=1e-12)
+    assert validated[10]["val_loss"] < validated[4]["val_loss"]  # learnable progressions; the weights changed
+    assert validated[10]["val_losses"]["arith"] != validated[10]["val_losses"][str(other)]
 
     # validating changes nothing in the run
     plain = train(tmp_path / "without", store)
@@ -52,7 +60,7 @@ def test_a_store_of_another_vocabulary_is_refused_at_launch(tmp_path, store, cap
 
     write_learnable_store(tmp_path / "wide", vocab=512)  # its sidecar says 512 tokens; the model has 256
     cfg = tiny_config(tmp_path, store)
-    code = preflight.main(["--config", str(cfg), "train.device=cpu", f"validation.data={tmp_path / 'wide'}",
+    code = preflight.main(["--config", str(cfg), "train.device=cpu", f"validation.data=[{tmp_path / 'wide'}]",
                            "validation.interval=5", "validation.num_samples=4"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err == [f"error: validation.data: {tmp_path / 'wide'} was tokenized with 512 tokens, more "

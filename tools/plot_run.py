@@ -67,11 +67,12 @@ def series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[flo
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def source_series(records: list[dict[str, Any]]) -> dict[str, tuple[list[int], list[float]]]:
+def store_series(records: list[dict[str, Any]], key: str, pick) -> dict[str, tuple[list[int], list[float]]]:
+    """Per-store series of a record field that maps store names to values (`pick` takes the number out of one)."""
     out: dict[str, tuple[list[int], list[float]]] = {}
     for r in records:
-        for name, stats in (r.get("datasets") or {}).items():
-            value = stats.get("consumed_tokens") if isinstance(stats, dict) else None
+        for name, stats in (r.get(key) or {}).items():
+            value = pick(stats)
             if isinstance(value, (int, float)):
                 steps, values = out.setdefault(name, ([], []))
                 steps.append(r["step"])
@@ -97,14 +98,20 @@ def plot_run(metrics_path: Path, output: Path, title: str) -> dict[str, Any]:
     if not records:
         raise PlotError(f"{metrics_path}: no metrics records")
     boundaries = stage_boundaries(records)
-    sources = source_series(records)
+    sources = store_series(records, "datasets", lambda stats: stats.get("consumed_tokens")
+                           if isinstance(stats, dict) else None)
 
     fig, axes = plt.subplots(2, 2, figsize=(14, 9), sharex=True)
     (ax_loss, ax_lr), (ax_speed, ax_data) = axes
     ax_loss.plot(*series(records, "loss"), lw=1, color="tab:blue", label="training")
     val_steps, val_loss = series(records, "val_loss")  # validation.interval > 0
+    val_stores = store_series(records, "val_losses", lambda value: value)
     if val_loss:
         ax_loss.plot(val_steps, val_loss, lw=1.2, marker="o", ms=3, color="tab:purple", label="validation")
+        if len(val_stores) > 1:  # each held-out store, next to their mean
+            names = source_labels(sorted(val_stores))
+            for name in sorted(val_stores):
+                ax_loss.plot(*val_stores[name], lw=0.8, ls="--", marker=".", label=f"validation: {names[name]}")
         ax_loss.legend(fontsize=8, loc="upper right")
     ax_loss.set_ylabel("loss")
     ax_lr.plot(*series(records, "lr"), lw=1, color="tab:orange")
@@ -147,7 +154,8 @@ def plot_run(metrics_path: Path, output: Path, title: str) -> dict[str, Any]:
             os.unlink(tmp)
     return {"output": str(output), "records": len(records), "skipped_lines": bad,
             "first_step": records[0]["step"], "last_step": records[-1]["step"],
-            "stage_boundaries": boundaries, "sources": sorted(sources), "validations": len(val_loss)}
+            "stage_boundaries": boundaries, "sources": sorted(sources), "validations": len(val_loss),
+            "validation_stores": sorted(val_stores)}
 
 
 def main(argv=None) -> int:
@@ -165,7 +173,8 @@ def main(argv=None) -> int:
         print(f"warning: skipped {summary['skipped_lines']} unreadable line(s) of {metrics}", file=sys.stderr)
     marks = ", ".join(f"{name} at step {step}" for step, name in summary["stage_boundaries"]) or "none"
     print(f"wrote {summary['output']}: steps {summary['first_step']}-{summary['last_step']} "
-          f"({summary['records']} records, {summary['validations']} with a validation loss), "
+          f"({summary['records']} records, {summary['validations']} with a validation loss over "
+          f"{len(summary['validation_stores'])} store(s)), "
           f"{len(summary['sources'])} source(s), stage switches: {marks}")
     return 0
 

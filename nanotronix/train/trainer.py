@@ -21,7 +21,7 @@ from nanotronix.train.lr_schedule import lr_at
 from nanotronix.train.metrics import MetricsLog, Throughput
 from nanotronix.train.optimizer import param_groups
 from nanotronix.train.step import train_step
-from nanotronix.train.validation import Validator
+from nanotronix.train.validation import Validator, mean_loss
 
 
 def log0(ctx: ParallelContext, msg: str) -> None:
@@ -70,10 +70,11 @@ def train(cfg: Config, ctx: ParallelContext, device: torch.device) -> dict:
         first_loss = result.loss if first_loss is None else first_loss
         last_loss = result.loss
         speed.add(tokens_per_step)
-        val_loss = None
+        val_losses = None
         if validator is not None and (step % cfg.validation.interval == 0 or step == t.train_steps):
             with speed.paused():  # the tokens/s of training only
-                val_loss = validator.run()
+                val_losses = validator.run()
+        val_loss = mean_loss(val_losses) if val_losses else None
         if step % cfg.logging.interval == 0 or step in (start_step, t.train_steps) or val_loss is not None:
             rate = speed.rate()
             flops_token = flops_per_token(m, t.seq_len, sum(spans) / len(spans) if spans else None)
@@ -88,10 +89,13 @@ def train(cfg: Config, ctx: ParallelContext, device: torch.device) -> dict:
                 "mfu": mfu(per_gpu, flops_token, peak) if per_gpu else None,
                 "stage": stats.get("stage"), "datasets": stats.get("datasets"), "time": time.time(),
             }
-            if val_loss is not None:
-                record["val_loss"] = val_loss
+            validation = ""
+            if val_losses:
+                record.update(val_loss=val_loss, val_losses=val_losses)
+                validation = f" | val loss {val_loss:.4f}"
+                if len(val_losses) > 1:
+                    validation += " (" + ", ".join(f"{k} {v:.4f}" for k, v in val_losses.items()) + ")"
             metrics.write(record)
-            validation = f" | val loss {val_loss:.4f}" if val_loss is not None else ""
             log0(ctx, f"step {step:>6}/{t.train_steps} | loss {result.loss:.4f}{validation} | lr {lr:.3e} | "
                       f"grad norm {result.grad_norm:.3f} | {rate or 0:,.0f} tok/s")
         if checkpointer.after_step(step, model, optimizer, loader):
