@@ -6,7 +6,7 @@ import pytest
 from helpers import run, tiny_config, torchrun, write_learnable_store
 
 REQUIRED = {"step", "loss", "lr", "grad_norm", "consumed_tokens", "tokens_per_sec", "tokens_per_sec_per_gpu",
-            "model_tflops_per_gpu", "mfu", "stage"}
+            "model_tflops_per_gpu", "mfu", "stage", "data_wait_ms", "peak_memory_gb"}
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,8 @@ def test_torchrun_trains_and_logs_metrics(tmp_path, store):
     assert [r["step"] for r in rows] == list(range(1, 31))
     assert REQUIRED <= set(rows[0])
     assert rows[-1]["consumed_tokens"] == 30 * 8 * 32
-    assert rows[0]["mfu"] is None  # CPU: peak unknown
+    assert rows[0]["mfu"] is None and rows[0]["peak_memory_gb"] is None  # CPU: peak FLOP/s unknown, no GPU memory
+    assert all(0 <= r["data_wait_ms"] < 1e3 for r in rows)  # read ahead: a step waits little for its batch
     assert rows[-1]["stage"] == "arith"
     first, last = sum(r["loss"] for r in rows[:3]) / 3, sum(r["loss"] for r in rows[-3:]) / 3
     assert last < first - 0.7, (first, last)  # ln(256) = 5.5 at the start; the progressions are learnable
@@ -77,3 +78,13 @@ def test_missing_config_file(tmp_path):
     proc = run(["-m", "nanotronix.train", "--config", str(tmp_path / "missing.yaml")])
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: config file not found: {tmp_path / 'missing.yaml'}"
+
+
+def test_tensorboard_gets_every_number_nested_ones_by_path():
+    from nanotronix.train.metrics import _scalars
+
+    record = {"step": 4, "loss": 2.5, "stage": "web", "mfu": None, "flag": True, "val_loss": 3.0,
+              "val_losses": {"web": 2.0, "code": 4.0}, "datasets": {"web": {"consumed_tokens": 64, "epochs": 0.5}}}
+    assert dict(_scalars(record)) == {"step": 4, "loss": 2.5, "val_loss": 3.0, "val_losses/web": 2.0,
+                                      "val_losses/code": 4.0, "datasets/web/consumed_tokens": 64,
+                                      "datasets/web/epochs": 0.5}

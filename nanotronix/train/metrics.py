@@ -1,4 +1,5 @@
-"""metrics.jsonl writer (one JSON object per logged step, rank 0 only) and throughput bookkeeping."""
+"""metrics.jsonl writer (one JSON object per logged step, rank 0 only), throughput bookkeeping, and the peak GPU
+memory over all ranks."""
 from __future__ import annotations
 
 import contextlib
@@ -6,6 +7,9 @@ import json
 import time
 from pathlib import Path
 from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
 
 
 class MetricsLog:
@@ -28,9 +32,8 @@ class MetricsLog:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self._tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self._tb.add_scalar(k, v, record["step"])
+            for k, v in _scalars(record):
+                self._tb.add_scalar(k, v, record["step"])
 
     def close(self) -> None:
         if self._tb is not None:
@@ -61,3 +64,25 @@ class Throughput:
         elapsed, tokens = now - self._t, self._tokens
         self._t, self._tokens = now, 0
         return tokens / elapsed if elapsed > 0 and tokens else None
+
+
+def _scalars(record: dict[str, Any], prefix: str = ""):
+    """(name, number) of every numeric field, nested ones named by their path (val_losses/web,
+    datasets/web/epochs)."""
+    for k, v in record.items():
+        if isinstance(v, dict):
+            yield from _scalars(v, f"{prefix}{k}/")
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            yield f"{prefix}{k}", v
+
+
+def peak_memory_gb(device: torch.device) -> Optional[float]:
+    """The largest GPU memory any rank has allocated since the last call, in GB (collective on CUDA: every rank
+    calls it at the same steps); None on CPU."""
+    if device.type != "cuda":
+        return None
+    peak = torch.tensor([torch.cuda.max_memory_allocated(device)], dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    torch.cuda.reset_peak_memory_stats(device)
+    return peak.item() / 1e9

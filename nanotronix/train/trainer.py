@@ -18,7 +18,7 @@ from nanotronix.model import build_model
 from nanotronix.parallel import DistributedOptimizer, ParallelContext, parallelize
 from nanotronix.train.flops import device_peak_tflops, document_attention_span, flops_per_token, mfu
 from nanotronix.train.lr_schedule import lr_at
-from nanotronix.train.metrics import MetricsLog, Throughput
+from nanotronix.train.metrics import MetricsLog, Throughput, peak_memory_gb
 from nanotronix.train.optimizer import param_groups
 from nanotronix.train.step import train_step
 from nanotronix.train.validation import Validator, mean_loss
@@ -59,9 +59,13 @@ def train(cfg: Config, ctx: ParallelContext, device: torch.device) -> dict:
     first_loss = last_loss = None
     preempted = False
     start_step = resumed.step + 1
+    data_wait, steps_since_log = 0.0, 0  # seconds the steps since the last log line waited for their batch
     for step in range(start_step, t.train_steps + 1):
         lr = lr_at(step, cfg.optimizer.lr, cfg.lr_schedule)
-        batch = loader.batch(step)
+        asked = time.perf_counter()
+        batch = loader.batch(step)  # read ahead while the previous step trained: ~0 unless the input is too slow
+        data_wait += time.perf_counter() - asked
+        steps_since_log += 1
         if m.document_mask_eos_id is not None:  # attention FLOPs depend on the documents' lengths
             spans.append(document_attention_span(batch[..., :-1], m.document_mask_eos_id))
         result = train_step(model, optimizer, batch, lr, cfg.optimizer.clip_grad)
@@ -88,7 +92,9 @@ def train(cfg: Config, ctx: ParallelContext, device: torch.device) -> dict:
                 "model_tflops_per_gpu": per_gpu * flops_token / 1e12 if per_gpu else None,
                 "mfu": mfu(per_gpu, flops_token, peak) if per_gpu else None,
                 "stage": stats.get("stage"), "datasets": stats.get("datasets"), "time": time.time(),
+                "data_wait_ms": 1e3 * data_wait / steps_since_log, "peak_memory_gb": peak_memory_gb(device),
             }
+            data_wait, steps_since_log = 0.0, 0
             validation = ""
             if val_losses:
                 record.update(val_loss=val_loss, val_losses=val_losses)
@@ -96,8 +102,9 @@ def train(cfg: Config, ctx: ParallelContext, device: torch.device) -> dict:
                 if len(val_losses) > 1:
                     validation += " (" + ", ".join(f"{k} {v:.4f}" for k, v in val_losses.items()) + ")"
             metrics.write(record)
+            memory = f" | {record['peak_memory_gb']:.1f} GB" if record["peak_memory_gb"] is not None else ""
             log0(ctx, f"step {step:>6}/{t.train_steps} | loss {result.loss:.4f}{validation} | lr {lr:.3e} | "
-                      f"grad norm {result.grad_norm:.3f} | {rate or 0:,.0f} tok/s")
+                      f"grad norm {result.grad_norm:.3f} | {rate or 0:,.0f} tok/s{memory}")
         if checkpointer.after_step(step, model, optimizer, loader):
             preempted = True
             break
