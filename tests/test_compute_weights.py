@@ -2,6 +2,8 @@
 linears multiply with bf16 copies cast once per step are bit-identical to the plain autocast steps (eager and
 traced by torch.compile), the copies are really the ones used, and outside a step the layers read the fp32
 weights. The multi-rank layouts (TP + SP + ZeRO-1, pipeline) are in tests/test_parallel_layouts.py."""
+import math
+
 import pytest
 import torch
 
@@ -287,3 +289,26 @@ def test_a_backward_for_input_gradients_only_accumulates_nothing():
     out.float().sum().backward()  # the full backward does accumulate, once per weight
     assert all(w.main_grad.abs().sum() > 0 for w in weights)
     assert model.grads.compute_weights.gradients_received == len(weights) == 4
+
+
+def test_a_non_finite_gradient_leaves_the_weights_and_moments_alone():
+    """One inf gradient (the loss stays finite): train_step reports it and applies nothing, neither to the weights
+    nor to the AdamW moments; the next step trains as usual."""
+    model = _model(cache=False, compiled=False)
+    opt = DistributedOptimizer(model, param_groups(model.named_parameters(), 0.1), lr=1e-2, betas=(0.9, 0.95),
+                               eps=1e-8)
+    data = _data()
+    assert train_step(model, opt, data[0], lr=1e-2, clip_grad=1.0).applied
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    states = opt.param_states()
+    victim = next(p for n, p in model.named_parameters() if n.endswith("down_proj.weight"))
+    hook = victim.register_hook(lambda g: g * float("inf"))
+    result = train_step(model, opt, data[1], lr=1e-2, clip_grad=1.0)
+    hook.remove()
+    assert not result.applied and not math.isfinite(result.grad_norm)
+    assert math.isfinite(result.loss)  # the forward was fine
+    assert opt.step_count == 1
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
+    after = opt.param_states()
+    assert all(torch.equal(after[n][k], states[n][k]) for n in states for k in states[n])
+    assert train_step(model, opt, data[2], lr=1e-2, clip_grad=1.0).applied and opt.step_count == 2

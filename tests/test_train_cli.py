@@ -74,6 +74,18 @@ def test_bad_input_is_one_line(tmp_path, store, override, message):
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
 
 
+def test_a_diverging_run_stops_with_one_line_before_updating(tmp_path, store):
+    """lr 1e30: step 1 throws the weights to ~1e30, step 2's loss overflows. The trainer stops there without applying
+    step 2's update or saving it: one error line, exit 1, the checkpoint of step 1 intact and the latest."""
+    cfg = tiny_config(tmp_path, store, checkpoint={"dir": str(tmp_path / "ckpt"), "interval": 1})
+    proc = run(["-m", "nanotronix.train", "--config", str(cfg), "optimizer.lr=1e30", "lr_schedule.warmup_steps=0",
+                "train.train_steps=5"])
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error: step 2: the loss (") and "not finite" in errors[0], errors
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.name.startswith("step_")) == ["step_0000001"]
+
+
 def test_missing_config_file(tmp_path):
     proc = run(["-m", "nanotronix.train", "--config", str(tmp_path / "missing.yaml")])
     assert proc.returncode == 2

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import traceback
 
 from nanotronix.config import ConfigError, load_config
@@ -42,6 +43,11 @@ def main(argv=None) -> None:
         if rank() == 0:
             fail(e)
         code = EXIT_BAD_INPUT
+    except FloatingPointError as e:
+        # The run diverged: the same on every rank (the loss and gradient norm are global), so rank 0 says it.
+        if rank() == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        code = 1
     except (UserError, FileNotFoundError) as e:
         # Other bad input may show on some ranks only (a stage's own check, a path one node lacks): each says it.
         where = f"rank {rank()}: " if rank() != 0 else ""

@@ -1,11 +1,13 @@
 """One optimizer step in any TP x PP x DP layout: micro-batches through the pipeline, gradient reduction,
-global-norm clipping, AdamW update, and the global-batch loss.
+global-norm clipping, AdamW update (skipped when the loss or the gradient norm is not finite), and the global-batch
+loss.
 
 The same step runs one process or many: with tp = pp = dp = 1 it is the plain gradient-accumulation loop, and every
 layout reproduces that run's losses and weights (tests/test_parallel_layouts.py).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +21,7 @@ from nanotronix.parallel.optimizer import DistributedOptimizer
 class StepResult:
     loss: float  # mean next-token loss over the global batch (the same value on every rank)
     grad_norm: float  # global L2 norm of the gradient before clipping
+    applied: bool = True  # False: the loss or the gradient was not finite, and the weights were left unchanged
 
 
 def train_step(model: ParallelModel, optimizer: DistributedOptimizer, batch: torch.Tensor, lr: float,
@@ -36,5 +39,9 @@ def train_step(model: ParallelModel, optimizer: DistributedOptimizer, batch: tor
     if ctx.tp_rank != 0:  # every TP rank computed the same loss: count it once
         local_loss = torch.zeros_like(local_loss)
     grad_norm, loss = clip_grad_norm_and_reduce_loss(optimizer, ctx, clip_grad, local_loss)
+    if not (math.isfinite(grad_norm) and math.isfinite(loss)):
+        # An inf/nan gradient would poison the weights and the AdamW moments for good (and a checkpoint saved after
+        # it): leave them as they are. The loss and the norm are global, so every rank decides the same.
+        return StepResult(loss=loss, grad_norm=grad_norm, applied=False)
     optimizer.step(lr)
     return StepResult(loss=loss, grad_norm=grad_norm)

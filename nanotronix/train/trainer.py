@@ -5,7 +5,6 @@ keeps no hidden state beyond the model, the optimizer and the loader's consumed-
 """
 from __future__ import annotations
 
-import math
 import time
 
 import torch
@@ -69,8 +68,12 @@ def train(cfg: Config, ctx: ParallelContext, device: torch.device) -> dict:
         if m.document_mask_eos_id is not None:  # attention FLOPs depend on the documents' lengths
             spans.append(document_attention_span(batch[..., :-1], m.document_mask_eos_id))
         result = train_step(model, optimizer, batch, lr, cfg.optimizer.clip_grad)
-        if not math.isfinite(result.loss):
-            raise FloatingPointError(f"step {step}: loss is {result.loss}")
+        if not result.applied:
+            checkpointer.close()  # an asynchronous save of an earlier (good) step completes first
+            raise FloatingPointError(
+                f"step {step}: the loss ({result.loss}) or the gradient norm ({result.grad_norm}) is not finite; the "
+                f"weights were not updated and nothing was saved after step {step - 1} (rerunning would meet the same "
+                f"batch: lower the learning rate, or resume from an earlier checkpoint with other data)")
         first_loss = result.loss if first_loss is None else first_loss
         last_loss = result.loss
         speed.add(tokens_per_step)
