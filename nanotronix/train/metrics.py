@@ -66,6 +66,20 @@ class Throughput:
         return tokens / elapsed if elapsed > 0 and tokens else None
 
 
+def console_line(record: dict[str, Any], train_steps: int) -> str:
+    """The log line of a metrics record: step, loss (and validation losses), lr, grad norm, tokens/s (and memory)."""
+    parts = [f"step {record['step']:>6}/{train_steps}", f"loss {record['loss']:.4f}"]
+    if record.get("val_losses"):
+        parts[-1] += f" | val loss {record['val_loss']:.4f}"
+        if len(record["val_losses"]) > 1:
+            parts[-1] += " (" + ", ".join(f"{k} {v:.4f}" for k, v in record["val_losses"].items()) + ")"
+    parts += [f"lr {record['lr']:.3e}", f"grad norm {record['grad_norm']:.3f}",
+              f"{record['tokens_per_sec'] or 0:,.0f} tok/s"]
+    if record.get("peak_memory_gb") is not None:
+        parts.append(f"{record['peak_memory_gb']:.1f} GB")
+    return " | ".join(parts)
+
+
 def _scalars(record: dict[str, Any], prefix: str = ""):
     """(name, number) of every numeric field, nested ones named by their path (val_losses/web,
     datasets/web/epochs)."""

@@ -17,7 +17,7 @@ from nanotronix.model import build_model
 from nanotronix.parallel import DistributedOptimizer, ParallelContext, parallelize
 from nanotronix.train.flops import device_peak_tflops, document_attention_span, flops_per_token, mfu
 from nanotronix.train.lr_schedule import lr_at
-from nanotronix.train.metrics import MetricsLog, Throughput, peak_memory_gb
+from nanotronix.train.metrics import MetricsLog, Throughput, console_line, peak_memory_gb
 from nanotronix.train.optimizer import param_groups
 from nanotronix.train.step import train_step
 from nanotronix.train.validation import Validator, mean_loss
@@ -81,8 +81,7 @@ def train(cfg: Config, ctx: ParallelContext, device: torch.device) -> dict:
         if validator is not None and (step % cfg.validation.interval == 0 or step == t.train_steps):
             with speed.paused():  # the tokens/s of training only
                 val_losses = validator.run()
-        val_loss = mean_loss(val_losses) if val_losses else None
-        if step % cfg.logging.interval == 0 or step in (start_step, t.train_steps) or val_loss is not None:
+        if step % cfg.logging.interval == 0 or step in (start_step, t.train_steps) or val_losses:
             rate = speed.rate()
             flops_token = flops_per_token(m, t.seq_len, sum(spans) / len(spans) if spans else None)
             spans.clear()
@@ -98,16 +97,10 @@ def train(cfg: Config, ctx: ParallelContext, device: torch.device) -> dict:
                 "data_wait_ms": 1e3 * data_wait / steps_since_log, "peak_memory_gb": peak_memory_gb(device),
             }
             data_wait, steps_since_log = 0.0, 0
-            validation = ""
             if val_losses:
-                record.update(val_loss=val_loss, val_losses=val_losses)
-                validation = f" | val loss {val_loss:.4f}"
-                if len(val_losses) > 1:
-                    validation += " (" + ", ".join(f"{k} {v:.4f}" for k, v in val_losses.items()) + ")"
+                record.update(val_loss=mean_loss(val_losses), val_losses=val_losses)
             metrics.write(record)
-            memory = f" | {record['peak_memory_gb']:.1f} GB" if record["peak_memory_gb"] is not None else ""
-            log0(ctx, f"step {step:>6}/{t.train_steps} | loss {result.loss:.4f}{validation} | lr {lr:.3e} | "
-                      f"grad norm {result.grad_norm:.3f} | {rate or 0:,.0f} tok/s{memory}")
+            log0(ctx, console_line(record, t.train_steps))
         if checkpointer.after_step(step, model, optimizer, loader):
             preempted = True
             break
