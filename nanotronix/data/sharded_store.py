@@ -62,6 +62,8 @@ def split_inputs(sizes: list[int], index: int, count: int) -> tuple[int, int]:
 
 
 class ConcatenatedStore(TokenStore):
+    """The stores `parts` as one: documents and stream in part order."""
+
     def __init__(self, path: str, parts: list[TokenStore]):
         super().__init__(path)
         self.parts = parts
@@ -125,7 +127,7 @@ class ConcatenatedStore(TokenStore):
         return np.concatenate(pieces).astype(self._dtype) if pieces else np.zeros(0, self._dtype)
 
     def read_windows(self, out: np.ndarray, rows: np.ndarray, starts: np.ndarray) -> None:
-        """Windows inside one shard are read by that shard in one call; the few that straddle two are pieced."""
+        """Windows inside one part are read by that part in one call; the few that straddle two are pieced."""
         rows, starts = np.asarray(rows), np.asarray(starts, dtype=np.int64)
         bounds = np.asarray(self._token_starts, dtype=np.int64)
         first = np.searchsorted(bounds, starts, side="right") - 1
