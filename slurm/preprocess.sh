@@ -16,7 +16,7 @@
 #   TOKENIZER    tokenizer.json, a folder holding one, or a Hub id                            required
 #   OUTPUT       the sharded store's folder                                                   required
 #   SHARDS       N, the number of shards                              default: the array's size (its max index + 1)
-#   EXTRA_ARGS   more tools/preprocess.py options, e.g. "--text-key content --skip-bad"      default: none
+#   EXTRA_ARGS   more tools/preprocess.py options, e.g. "--shuffle --text-key content"       default: none
 #   NANOTRONIX_DIR, PYTHON   as for slurm/smollm2_*.sh (slurm/common.sh)
 # Workers: the task's CPUs (--cpus-per-task below, or sbatch --cpus-per-task=N).
 #

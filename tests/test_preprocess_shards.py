@@ -1,7 +1,7 @@
 """`tools/preprocess.py --shard I/N` and the folder of shards it writes, read as one store: the shards' concatenated
 stream is byte for byte the single run's (reference: one `preprocess` over the same inputs, and the Megatron files
-it writes), in both writable formats; an incomplete folder refuses to open. The Slurm job array that runs the
-shards: tests/test_slurm.py. ~10 s."""
+it writes), in both writable formats; an incomplete folder refuses to open. `--shuffle`: the documents in numpy's
+seeded permutation, per shard. The Slurm job array that runs the shards: tests/test_slurm.py. ~10 s."""
 from __future__ import annotations
 
 import json
@@ -104,3 +104,36 @@ def test_an_incomplete_folder_does_not_open(tmp_path, tok, tool, capsys):
     capsys.readouterr()
     assert tool.main(common + ["--shard", "0/9"]) == 2  # more shards than input files
     assert "9 shards but 7 input file(s)" in capsys.readouterr().err
+
+
+def test_shuffle_stores_a_seeded_permutation_of_the_documents(tmp_path, tok, tool, capsys, monkeypatch):
+    from nanotronix.data import megatron_store
+    monkeypatch.setattr(megatron_store, "_SHUFFLE_BATCH", 50)  # many batches of the rewrite
+    corpus = write_corpus(tmp_path / "corpus")
+    common = ["--input", str(corpus), "--tokenizer", tok, "--no-progress", "--workers", "1"]
+    assert tool.main(common + ["--output-prefix", str(tmp_path / "plain")]) == 0
+    assert tool.main(common + ["--output-prefix", str(tmp_path / "shuffled"), "--shuffle", "7"]) == 0
+    assert tool.main(common + ["--output-prefix", str(tmp_path / "other"), "--shuffle"]) == 0  # seed 1234
+    plain, shuffled, other = (open_store(tmp_path / name) for name in ("plain", "shuffled", "other"))
+    n = plain.num_documents
+    order = np.random.default_rng([7]).permutation(n)  # document j of the output is input document order[j]
+    assert [shuffled.document(j).tolist() for j in range(n)] == [plain.document(i).tolist() for i in order]
+    assert np.array_equal(shuffled.document_lengths(), plain.document_lengths()[order])
+    assert shuffled.metadata["shuffled"] == {"seed": [7]} and plain.metadata["shuffled"] is None
+    assert not np.array_equal(other.document_lengths(), shuffled.document_lengths())  # another seed, another order
+    shuffled.verify()
+    # shards: each shuffled on its own, from the seed and its index
+    for i in range(2):
+        assert tool.main(common + ["--output-prefix", str(tmp_path / "sharded"), "--shard", f"{i}/2",
+                                   "--shuffle", "7"]) == 0
+    sharded = open_store(tmp_path / "sharded")
+    offset = 0
+    for i, part in enumerate(sharded.parts):
+        m = part.num_documents
+        order = np.random.default_rng([7, i, 2]).permutation(m) + offset
+        assert [part.document(j).tolist() for j in range(m)] == [plain.document(k).tolist() for k in order]
+        offset += m
+    assert offset == n
+    capsys.readouterr()
+    assert tool.main(common + ["--output-prefix", str(tmp_path / "z"), "--format", "zarr", "--shuffle"]) == 2
+    assert "error: --shuffle: not implemented for --format zarr (megatron only)" in capsys.readouterr().err

@@ -2,7 +2,7 @@
 """Tokenise text into a token store (Megatron .bin/.idx by default, or zarr).
 
     python tools/preprocess.py --input FILE_OR_DIR [...] --tokenizer TOKENIZER --output-prefix PREFIX \\
-        [--text-key text] [--workers N] [--format megatron|zarr] [--skip-bad] [--shard I/N]
+        [--text-key text] [--workers N] [--format megatron|zarr] [--skip-bad] [--shard I/N] [--shuffle [SEED]]
 
 Inputs: .jsonl/.ndjson/.json (optionally .gz/.zst), .parquet, plain text files (.txt/.md/.rst/.py/... one file
 = one document), or folders of them. Each document is followed by the tokenizer's EOS id. A bad record stops
@@ -11,6 +11,10 @@ the run with file:line and the reason unless --skip-bad is given (then reasons a
 --shard I/N (one task of N, e.g. a Slurm job array: slurm/preprocess.sh) tokenizes only the I-th of N contiguous
 runs of the sorted input files, about equal in bytes, into PREFIX/shard-IIIII-of-NNNNN; once all N are written,
 the folder PREFIX is one dataset whose token stream is exactly what one run over all the inputs writes.
+
+--shuffle stores the documents in a random order (from SEED, default 1234, and the shard index; megatron format):
+the training sampler shuffles windows, not documents, so this keeps documents that were neighbours in the input
+(same crawl, same site) out of the same training windows. It costs one more pass over the output.
 """
 import argparse
 import os
@@ -34,6 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--skip-bad", action="store_true",
                         help="skip bad records (counted by reason) instead of stopping at the first one")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--shuffle", metavar="SEED", type=int, nargs="?", const=1234, default=None,
+                        help="store the documents in a random order from SEED (default 1234; megatron format)")
     parser.add_argument("--shard", metavar="I/N", type=parse_shard,
                         help="tokenize only shard I of N (0 <= I < N) of the inputs into PREFIX/shard-IIIII-of-NNNNN")
     return parser.parse_args(argv)
@@ -52,7 +58,8 @@ def main(argv=None) -> int:
     from nanotronix.data.pipeline import PreprocessOptions, preprocess
     opts = PreprocessOptions(inputs=args.input, tokenizer=args.tokenizer, output_prefix=args.output_prefix,
                              text_key=args.text_key, workers=args.workers, format=args.format,
-                             skip_bad=args.skip_bad, progress=not args.no_progress, shard=args.shard)
+                             skip_bad=args.skip_bad, progress=not args.no_progress, shard=args.shard,
+                             shuffle_seed=args.shuffle)
     try:
         result = preprocess(opts)
     except DataError as e:

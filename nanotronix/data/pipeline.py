@@ -51,6 +51,9 @@ class PreprocessOptions:
     # (index, count): tokenize only shard `index` of `count` of the inputs into OUTPUT_PREFIX/shard-IIIII-of-NNNNN,
     # one task of a job array; the folder then reads as one store (sharded_store.py)
     shard: Optional[tuple[int, int]] = None
+    # documents stored in a random order drawn from this seed (and the shard index), megatron format only: the
+    # sampler shuffles windows, so this is what keeps neighbouring input documents out of the same windows
+    shuffle_seed: Optional[int] = None
     chunk_bytes: int = 1 << 18  # small enough to balance the workers on the last chunks
     threads_per_process: int = 8  # see the module docstring
 
@@ -86,6 +89,8 @@ def preprocess(opts: PreprocessOptions) -> PreprocessResult:
         raise DataError(f"--workers must be >= 1, got {opts.workers}")
     if opts.format not in FORMATS:
         raise DataError(f"--format {opts.format!r}: expected one of {', '.join(FORMATS)}")
+    if opts.shuffle_seed is not None and opts.format != "megatron":
+        raise DataError(f"--shuffle: not implemented for --format {opts.format} (megatron only)")
     files = expand_inputs(opts.inputs)
     prefix = opts.output_prefix
     if opts.shard is not None:
@@ -142,8 +147,14 @@ def preprocess(opts: PreprocessOptions) -> PreprocessResult:
             "inputs": per_file,
             "skipped": {"total": sum(skipped.values()), "reasons": dict(sorted(skipped.items())),
                         "examples": examples},
+            "shuffled": None,
         }
-        writer.finalize(sidecar)
+        if opts.shuffle_seed is None:
+            writer.finalize(sidecar)
+        else:
+            seed = [opts.shuffle_seed, *(opts.shard or ())]  # each shard its own order
+            sidecar["shuffled"] = {"seed": seed}
+            writer.finalize(sidecar, shuffle_seed=seed, progress=opts.progress)
     except BaseException:
         writer.abort()
         raise
