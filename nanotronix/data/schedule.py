@@ -14,9 +14,9 @@ Layers, each O(1) in memory and time per sample (nothing grows with the length o
    different places and visited in a different order every epoch.
 
 Documents are not reordered inside the stream (that would need per-document arrays): the windows a batch draws
-come from all over the dataset, but the documents sharing one window are neighbours in the store. Stores made
-by datatrove's DocumentTokenizer (shuffle=True, as for SmolLM2's corpus) are already document-shuffled, and
-nanotron's Nanoset reads them in this same order. A dataset's order is keyed by its path (`dataset_order_key`:
+come from all over the dataset, but the documents sharing one window are neighbours in the store. Stores written
+by `tools/preprocess.py --shuffle` or by datatrove's DocumentTokenizer (shuffle=True, as for SmolLM2's corpus) are
+document-shuffled, and nanotron's Nanoset reads the latter in this same order. A dataset's order is keyed by its path (`dataset_order_key`:
 relative to `data.root` when it lies there, as the recipes write them), so a dataset keeps its order when other
 datasets are added to the mixture, and when the corpus moves and `data.root` follows it (a run requeued on
 another mount or cluster resumes with the same samples); a path spelled differently is another order.
