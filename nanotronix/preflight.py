@@ -51,26 +51,21 @@ def check_devices(cfg: Config, nproc_per_node: int) -> str:
     return torch.cuda.get_device_name(0)
 
 
-def check_data(cfg: Config, dp: int) -> int:
-    """Open every token store (the validation store too) and build the sampler's schedule (reads only headers);
-    returns the store count."""
+def check_data(cfg: Config, dp: int) -> dict:
+    """Open every token store (the validation stores too) and build the sampler's schedule (reads only headers);
+    returns the stores by path."""
     from nanotronix.data import DataError, build_train_loader
 
     hint = "" if cfg.data.root is not None else f" (data.root is not set: relative paths are read from {os.getcwd()})"
     try:
-        loader = build_train_loader(cfg, 0, dp, consumed_samples=0)
+        stores = dict(build_train_loader(cfg, 0, dp, consumed_samples=0).stores)
+        if cfg.validation.interval > 0:
+            from nanotronix.train.validation import open_validation_store
+            v = cfg.validation
+            for path in v.data:
+                stores[path] = open_validation_store(path, v.num_samples, cfg.train.seq_len, cfg.model.vocab_size)
     except DataError as e:
         raise PreflightError(f"{e}{hint}") from None
-    stores = len(loader.stores)
-    if cfg.validation.interval > 0:
-        from nanotronix.train.validation import open_validation_store
-        v = cfg.validation
-        try:
-            for path in v.data:
-                open_validation_store(path, v.num_samples, cfg.train.seq_len, cfg.model.vocab_size)
-        except DataError as e:
-            raise PreflightError(f"{e}{hint}") from None
-        stores += len(v.data)
     return stores
 
 
@@ -90,13 +85,16 @@ def preflight(config: str, overrides: list[str], nnodes: int, nproc_per_node: in
     dp = check_layout(cfg, nnodes, nproc_per_node)
     device = check_devices(cfg, nproc_per_node)
     stores = check_data(cfg, dp)
+    from nanotronix.data import tokenizer_note
+    note = tokenizer_note(stores)
     check_writable(cfg.checkpoint.dir, "checkpoint.dir")
     check_writable(cfg.logging.dir, "logging.dir")
     p, t = cfg.parallel, cfg.train
     return (f"preflight ok: {nnodes} node(s) x {nproc_per_node} = {nnodes * nproc_per_node} processes on {device} | "
             f"tp={p.tp} pp={p.pp} dp={dp}, grad accumulation {grad_accum_steps(cfg, dp)} | {t.train_steps} steps of "
-            f"{t.global_batch_size} x {t.seq_len} tokens | {len(cfg.data.stages)} stage(s), {stores} token "
-            f"store(s) found | checkpoints {cfg.checkpoint.dir} (resume: {cfg.checkpoint.resume})")
+            f"{t.global_batch_size} x {t.seq_len} tokens | {len(cfg.data.stages)} stage(s), {len(stores)} token "
+            f"store(s) found | checkpoints {cfg.checkpoint.dir} (resume: {cfg.checkpoint.resume})"
+            + (f"\nnote: {note}" if note else ""))
 
 
 def main(argv: list[str] | None = None) -> int:

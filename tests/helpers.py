@@ -22,7 +22,8 @@ TINY_MODEL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 
               "rms_norm_eps": 1e-5, "tie_word_embeddings": True, "init_std": 0.02}
 
 
-def write_learnable_store(prefix: Path, num_docs: int = 200, vocab: int = 256, seed: int = 0) -> Path:
+def write_learnable_store(prefix: Path, num_docs: int = 200, vocab: int = 256, seed: int = 0,
+                          tokenizer_sha256: str | None = None) -> Path:
     """Documents of short arithmetic progressions: easy to learn, so a working trainer's loss falls fast."""
     from nanotronix.data.megatron_store import MegatronWriter
 
@@ -32,7 +33,8 @@ def write_learnable_store(prefix: Path, num_docs: int = 200, vocab: int = 256, s
         start, stride, length = rng.integers(1, vocab), rng.integers(1, 5), rng.integers(20, 120)
         doc = (start + stride * np.arange(length)) % (vocab - 1) + 1
         writer.add_document(np.append(doc, 0))  # 0 = end of document
-    writer.finalize({"tokenizer": {"name": "synthetic", "vocab_size": vocab, "eos_id": 0}})
+    writer.finalize({"tokenizer": {"name": "synthetic", "vocab_size": vocab, "eos_id": 0,
+                                   **({"sha256": tokenizer_sha256} if tokenizer_sha256 else {})}})
     return prefix
 
 

@@ -176,3 +176,20 @@ def test_real_smollm2_tokenizer_store_bytes(tmp_path, smollm2_tokenizer_path):
     store = open_store(tmp_path / "out")
     assert store.metadata["tokenizer"]["sha256"] is not None and store.eos_id == 0 and store.vocab_size == 49152
     assert reference.decode(store.document(1).tolist()[:-1]) == texts[1]
+
+
+def test_stores_of_different_tokenizer_files_get_a_note(tmp_path):
+    from nanotronix.data import tokenizer_note
+    from nanotronix.data.megatron_store import MegatronWriter
+
+    def store(name: str, sha):
+        writer = MegatronWriter(tmp_path / name, np.uint16)
+        writer.add_document(np.array([5, 6, 0]))
+        writer.finalize({"tokenizer": {"name": "t", "sha256": sha, "vocab_size": 10, "eos_id": 0}})
+        return open_store(tmp_path / name)
+
+    a, b, c, d = store("a", "aa" * 32), store("b", "aa" * 32), store("c", "cc" * 32), store("d", None)
+    assert tokenizer_note({"a": a, "b": b, "d": d}) is None  # one file (d's is not known)
+    note = tokenizer_note({"a": a, "b": b, "c": c})
+    assert note.startswith("token stores were written with 2 different tokenizer files (aaaaaaaaaaaa: a, b; "
+                           "cccccccccccc: c)"), note

@@ -29,9 +29,17 @@ def test_a_good_launch_prints_one_summary_line(tmp_path, store, capsys):
     assert (code, err) == (0, "")
     assert out.startswith("preflight ok: 2 node(s) x 2 = 4 processes on cpu | tp=1 pp=1 dp=4, grad accumulation 1")
     assert "1 stage(s), 1 token store(s) found" in out and (tmp_path / "ckpt").is_dir()
+    held = write_learnable_store(tmp_path / "held" / "out", seed=3)
     code, out, err = check(capsys, "--config", str(cfg), "train.device=cpu", "validation.interval=5",
-                           "validation.num_samples=4", "validation.data=[arith]")
-    assert code == 0 and "1 stage(s), 2 token store(s) found" in out, (out, err)
+                           "validation.num_samples=4", f"validation.data=[arith,{held}]")
+    assert code == 0 and "1 stage(s), 2 token store(s) found" in out, (out, err)  # arith counts once
+    assert "note:" not in out  # one tokenizer
+    a = write_learnable_store(tmp_path / "sha" / "a", tokenizer_sha256="a" * 64)
+    b = write_learnable_store(tmp_path / "sha" / "b", tokenizer_sha256="b" * 64)
+    code, out, err = check(capsys, "--config", str(cfg), "train.device=cpu", f"data.stages.0.datasets.0.path={a}",
+                           "validation.interval=5", "validation.num_samples=4", f"validation.data=[{b}]")
+    assert code == 0 and out.splitlines()[1].startswith("note: token stores were written with 2 different tokenizer "
+                                                        f"files (aaaaaaaaaaaa: {a}; bbbbbbbbbbbb: {b})"), out
 
 
 @pytest.mark.parametrize("args, message", [

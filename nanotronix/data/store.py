@@ -124,6 +124,21 @@ class TokenStore(ABC):
         return int(i)
 
 
+def tokenizer_note(stores: dict[str, TokenStore]) -> Optional[str]:
+    """A warning when the stores' sidecars name different tokenizer files (by sha256), else None. Only a note: two
+    files can hold the same vocabulary (a tokenizer re-saved by another `tokenizers` version), so the run goes on."""
+    by_file: dict[str, list[str]] = {}
+    for name, store in stores.items():
+        sha = store.tokenizer_info.get("sha256")
+        if sha:
+            by_file.setdefault(sha, []).append(name)
+    if len(by_file) < 2:
+        return None
+    groups = "; ".join(f"{sha[:12]}: {', '.join(names)}" for sha, names in by_file.items())
+    return (f"token stores were written with {len(by_file)} different tokenizer files ({groups}); unless they hold "
+            f"the same vocabulary, the ids mean different tokens")
+
+
 def open_store(path_or_prefix: str | os.PathLike) -> TokenStore:
     """Open a token store, recognising the format from the files present.
 

@@ -12,7 +12,7 @@ import torch
 from nanotronix import accel
 from nanotronix.checkpoint import Checkpointer
 from nanotronix.config import Config, grad_accum_steps
-from nanotronix.data import build_prefetched_loader
+from nanotronix.data import build_prefetched_loader, tokenizer_note
 from nanotronix.model import build_model
 from nanotronix.parallel import DistributedOptimizer, ParallelContext, parallelize
 from nanotronix.train.flops import device_peak_tflops, document_attention_span, flops_per_token, mfu
@@ -43,6 +43,9 @@ def train(cfg: Config, ctx: ParallelContext, device: torch.device) -> dict:
     loader = build_prefetched_loader(cfg, ctx.dp_rank, ctx.dp, device, consumed_samples=resumed.consumed_samples,
                                      last_step=t.train_steps)  # reads step s+1 while step s trains
     validator = Validator.from_config(cfg, ctx, model)  # None unless validation.interval > 0
+    note = tokenizer_note({**loader.loader.stores, **(validator.stores if validator else {})})
+    if note:
+        log0(ctx, f"note: {note}")
 
     accum = grad_accum_steps(cfg, ctx.dp)
     log0(ctx, f"nanotronix: {m.num_parameters() / 1e6:.1f}M parameters | layout {model.describe()} "

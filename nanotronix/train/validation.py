@@ -62,6 +62,7 @@ class Validator:
         self.model = model
         self.ctx = ctx
         self.num_samples = num_samples
+        self.stores: dict[str, TokenStore] = {}  # path -> the opened store (from_config)
         self.names = list(sources)
         per_rank = math.ceil(num_samples / ctx.dp)
         first = min(num_samples, ctx.dp_rank * per_rank)
@@ -86,8 +87,10 @@ class Validator:
             return None
         check_torch_supports(ctx)
 
+        stores: dict[str, TokenStore] = {}
+
         def reader(path: str):
-            store = open_validation_store(path, v.num_samples, t.seq_len, cfg.model.vocab_size)
+            store = stores[path] = open_validation_store(path, v.num_samples, t.seq_len, cfg.model.vocab_size)
 
             def read_windows(first: int, count: int) -> torch.Tensor:
                 windows = torch.from_numpy(store.leading_windows(first, count, t.seq_len))
@@ -98,7 +101,9 @@ class Validator:
             return read_windows
 
         sources = {dataset_order_key(path, cfg.data.root): reader(path) for path in v.data}
-        return cls(model, ctx, sources, v.num_samples, grad_accum_steps(cfg, ctx.dp), t.micro_batch_size)
+        validator = cls(model, ctx, sources, v.num_samples, grad_accum_steps(cfg, ctx.dp), t.micro_batch_size)
+        validator.stores = stores
+        return validator
 
     def run(self) -> dict[str, float]:
         """Each store's mean loss with the current weights, by name; collective: every rank calls it."""
