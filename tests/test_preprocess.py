@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 
 from nanotronix.data import open_store
-from test_data_support import load_tool, run_tool, train_tiny_tokenizer
+from test_data_support import load_tool, run_tool
 
 TEXTS = ["The quick brown fox.", "def add(a, b):\n    return a + b\n", "caf\u00e9 \u65e5\u672c", "jumps " * 200]
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return str(train_tiny_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.json"))
+def tok(tiny_tokenizer):
+    return tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,9 @@ import pytest
 
 from nanotronix.data import DataError, open_store
 from nanotronix.data.sharded_store import split_inputs
-from test_data_support import load_tool, train_tiny_tokenizer
+from test_data_support import load_tool
 
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return str(train_tiny_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.json"))
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +54,9 @@ def test_split_refuses_impossible_requests():
 
 
 @pytest.mark.parametrize("fmt", ["megatron", "zarr"])
-def test_shards_read_as_the_single_run(tmp_path, tok, tool, fmt):
+def test_shards_read_as_the_single_run(tmp_path, tiny_tokenizer, tool, fmt):
     corpus = write_corpus(tmp_path / "corpus")
-    common = ["--input", str(corpus), "--tokenizer", tok, "--no-progress", "--workers", "1", "--format", fmt]
+    common = ["--input", str(corpus), "--tokenizer", tiny_tokenizer, "--no-progress", "--workers", "1", "--format", fmt]
     assert tool.main(common + ["--output-prefix", str(tmp_path / "whole")]) == 0
     for i in range(3):
         assert tool.main(common + ["--output-prefix", str(tmp_path / "sharded"), "--shard", f"{i}/3"]) == 0
@@ -86,9 +81,9 @@ def test_shards_read_as_the_single_run(tmp_path, tok, tool, fmt):
         assert parts == (tmp_path / "whole.bin").read_bytes()
 
 
-def test_an_incomplete_folder_does_not_open(tmp_path, tok, tool, capsys):
+def test_an_incomplete_folder_does_not_open(tmp_path, tiny_tokenizer, tool, capsys):
     corpus = write_corpus(tmp_path / "corpus")
-    common = ["--input", str(corpus), "--tokenizer", tok, "--no-progress", "--workers", "1",
+    common = ["--input", str(corpus), "--tokenizer", tiny_tokenizer, "--no-progress", "--workers", "1",
               "--output-prefix", str(tmp_path / "sharded")]
     for i in (0, 2):
         assert tool.main(common + ["--shard", f"{i}/3"]) == 0
@@ -106,11 +101,11 @@ def test_an_incomplete_folder_does_not_open(tmp_path, tok, tool, capsys):
     assert "9 shards but 7 input file(s)" in capsys.readouterr().err
 
 
-def test_shuffle_stores_a_seeded_permutation_of_the_documents(tmp_path, tok, tool, capsys, monkeypatch):
+def test_shuffle_stores_a_seeded_permutation_of_the_documents(tmp_path, tiny_tokenizer, tool, capsys, monkeypatch):
     from nanotronix.data import megatron_store
     monkeypatch.setattr(megatron_store, "_SHUFFLE_BATCH", 50)  # many batches of the rewrite
     corpus = write_corpus(tmp_path / "corpus")
-    common = ["--input", str(corpus), "--tokenizer", tok, "--no-progress", "--workers", "1"]
+    common = ["--input", str(corpus), "--tokenizer", tiny_tokenizer, "--no-progress", "--workers", "1"]
     assert tool.main(common + ["--output-prefix", str(tmp_path / "plain")]) == 0
     assert tool.main(common + ["--output-prefix", str(tmp_path / "shuffled"), "--shuffle", "7"]) == 0
     assert tool.main(common + ["--output-prefix", str(tmp_path / "other"), "--shuffle"]) == 0  # seed 1234

@@ -164,13 +164,12 @@ def test_bad_settings_fail_in_seconds_with_one_line(slurm, tmp_path):
 
 # ------------------------------------------------------------------------------- preprocessing job array
 
-def test_preprocess_job_array_writes_one_store(slurm, tmp_path):
+def test_preprocess_job_array_writes_one_store(slurm, tmp_path, tiny_tokenizer):
     from nanotronix.data import PreprocessOptions, open_store, preprocess
-    from test_data_support import train_tiny_tokenizer
     from test_preprocess_shards import write_corpus
 
     corpus = write_corpus(tmp_path / "corpus")
-    tok = str(train_tiny_tokenizer(tmp_path / "tokenizer.json"))
+    tok = tiny_tokenizer
     settings = {"INPUT": str(corpus), "TOKENIZER": tok, "OUTPUT": str(tmp_path / "sharded")}
     job = slurm.sbatch(tmp_path, settings, "--array=0-2", "--cpus-per-task=1",
                        script=ROOT / "slurm" / "preprocess.sh")
