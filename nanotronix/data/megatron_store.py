@@ -106,7 +106,7 @@ class MegatronWriter:
 
     def _shuffle(self, seed, progress: bool) -> None:
         """Rewrite the temporary .bin and lengths with the documents in a seeded random order: one sequential pass
-        over the output, reading the written tokens by document (memory: 16 bytes per document, plus a batch)."""
+        over the output, reading the written tokens by document (memory: 24 bytes per document, plus a batch)."""
         lengths = np.fromfile(self._lengths_tmp, dtype=np.int32).astype(np.int64)
         starts = np.cumsum(lengths) - lengths
         order = np.random.default_rng(seed).permutation(len(lengths))
