@@ -11,17 +11,8 @@ OUT=quickstart
 NPROC=${NPROC:-4}
 LAYOUT=${LAYOUT:-parallel.tp=2 parallel.pp=2}
 
-# 1. A real corpus that exists on every machine with Python: the standard library's source (and the modules that
-#    follow it, held out for the validation loss).
-[ -f "$OUT/corpus.jsonl" ] && [ -f "$OUT/heldout.jsonl" ] || "$PY" examples/quickstart/build_corpus.py \
-    --output "$OUT/corpus.jsonl" --heldout "$OUT/heldout.jsonl"
-# 2. A small byte-level BPE trained on it (real runs use the SmolLM2 tokenizer instead).
-[ -f "$OUT/tokenizer.json" ] || "$PY" tools/train_tokenizer.py --input "$OUT/corpus.jsonl" --output "$OUT/tokenizer.json"
-# 3. Tokenise into a Megatron .bin/.idx token store, then show its summary.
-[ -f "$OUT/data/stdlib.idx" ] || "$PY" tools/preprocess.py --input "$OUT/corpus.jsonl" --tokenizer "$OUT/tokenizer.json" \
-    --output-prefix "$OUT/data/stdlib" --workers 2
-[ -f "$OUT/data/heldout.idx" ] || "$PY" tools/preprocess.py --input "$OUT/heldout.jsonl" \
-    --tokenizer "$OUT/tokenizer.json" --output-prefix "$OUT/data/heldout" --workers 2
+# 1-3. Corpus, tokenizer, token stores (examples/quickstart_data.sh; kept between runs).
+PY="$PY" bash examples/quickstart_data.sh
 "$PY" tools/inspect_store.py "$OUT/data/stdlib"
 # 4. Train from scratch (a fresh run each time).
 rm -rf "$OUT/logs" "$OUT/checkpoints"

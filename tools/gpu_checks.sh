@@ -7,8 +7,9 @@
 #   part 2 (~9 min, most important first): 1.7B with Inductor's GEMM autotuning (train.compile_mode) vs transformers
 #     -> bench_1p7b_autotune.*, where the 1.7B step's time goes (kernel-time profiles) -> bench_1p7b_profile.*,
 #     FlexAttention's GPU tests, 1.7B with document masking (masked SDPA, FlexAttention) ->
-#     bench_1p7b_docmask.*, the CPU layout tests under this machine's torch -> $OUT/checks2.log (reuses part 1's
-#     build on a warm machine; builds otherwise)
+#     bench_1p7b_docmask.*, the CPU layout tests under this machine's torch, and the trainer on CUDA (quickstart data,
+#     bf16 + compile + cache + fusion, validation) -> $OUT/checks2.log (reuses part 1's build on a warm machine;
+#     builds otherwise)
 # At most 7 files land in $OUT per part (the device tool returns 8).
 # Usage: OUT=/some/dir bash tools/gpu_checks.sh [1|2|all]   (OUT defaults to ./gpu_out, the part to all)
 set -u -o pipefail
@@ -17,6 +18,7 @@ OUT=${OUT:-gpu_out}
 PART=${1:-all}
 mkdir -p "$OUT"
 PY=${PY:-python3}
+TRAIN_EXTRA=${TRAIN_EXTRA:-}  # more overrides for the trainer check (a CPU smoke test: TRAIN_DEVICE=cpu)
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=8
 case $PART in 1|2|all) ;; *) echo "usage: OUT=dir bash tools/gpu_checks.sh [1|2|all]" >&2; exit 2 ;; esac
 LOG=$OUT/checks.log
@@ -90,6 +92,17 @@ if [ "$PART" != 1 ]; then  # in the order of what matters most, should the devic
   echo "== this machine's torch on CPU: document ids between pipeline stages, every layout (gloo), the bf16 weight cache, ZeRO-1 gather overlap, the fused wgrad accumulation"
   timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_parallel_layouts.py tests/test_document_masking.py \
     tests/test_compute_weights.py -k "not cuda" >> "$LOG" 2>&1; echo "layout tests rc=$?"; tail -2 "$LOG"
+  # last, best effort: the trainer itself on the GPU (the quickstart's data and model): bf16, compile, the weight
+  # cache, the fused wgrad accumulation and loss, validation every 50 steps; its log lines show MFU, peak memory
+  # and the validation loss (nothing of it lands in $OUT but checks2.log)
+  echo "== the trainer on CUDA (quickstart data and model)"
+  { PY=$PY bash examples/quickstart_data.sh && timeout 150 $PY -m torch.distributed.run --standalone \
+      --nproc_per_node=1 -m nanotronix.train --config examples/configs/quickstart.yaml parallel.tp=1 parallel.pp=1 \
+      train.device=${TRAIN_DEVICE:-cuda} train.dtype=bfloat16 train.compile=true train.bf16_weight_cache=true \
+      train.grad_accumulation_fusion=true train.loss_chunk_size=256 validation.interval=50 logging.interval=50 \
+      checkpoint.dir=/tmp/nanotronix_gpu_checks/ckpt logging.dir=/tmp/nanotronix_gpu_checks/logs $TRAIN_EXTRA; \
+  } >> "$LOG" 2>&1
+  echo "trainer rc=$?"; grep -E "^step|^done|error" "$LOG" | tail -8
 fi
 
 echo "== summary against issue 7's Done-when (best run of each bench file present)"
