@@ -54,7 +54,7 @@ def test_split_refuses_impossible_requests():
 
 
 @pytest.mark.parametrize("fmt", ["megatron", "zarr"])
-def test_shards_read_as_the_single_run(tmp_path, tiny_tokenizer, tool, fmt):
+def test_shards_read_as_the_single_run(tmp_path, tiny_tokenizer, tool, fmt, capsys):
     corpus = write_corpus(tmp_path / "corpus")
     common = ["--input", str(corpus), "--tokenizer", tiny_tokenizer, "--no-progress", "--workers", "1", "--format", fmt]
     assert tool.main(common + ["--output-prefix", str(tmp_path / "whole")]) == 0
@@ -76,6 +76,10 @@ def test_shards_read_as_the_single_run(tmp_path, tiny_tokenizer, tool, fmt):
     assert np.array_equal(sharded.windows(starts, 65), whole.windows(starts, 65))
     assert np.array_equal(sharded.gather(starts), whole.gather(starts))
     sharded.verify()
+    inspect = load_tool("inspect_store.py")
+    assert inspect.main([str(tmp_path / "sharded"), "--verify"]) == 0
+    shown = capsys.readouterr().out
+    assert f"documents         {whole.num_documents}\n" in shown and "parts             3\n" in shown, shown
     if fmt == "megatron":  # the shards of a Megatron run hold the single run's .bin bytes, in order
         parts = b"".join((tmp_path / "sharded" / f"shard-{i:05d}-of-00003.bin").read_bytes() for i in range(3))
         assert parts == (tmp_path / "whole.bin").read_bytes()

@@ -43,6 +43,8 @@ def main(argv=None) -> int:
     for key in ("path", "format", "dtype", "documents", "tokens", "tokenizer", "tokenizer_sha256", "vocab_size",
                 "eos_id", "skipped_records"):
         print(f"{key:17s} {report[key] if report[key] is not None else '-'}")
+    if "parts" in report:  # a folder read as one store: preprocess shards, datatrove .ds files
+        print(f"{'parts':17s} {report['parts']}")
     if args.doc is not None:
         print(f"document {args.doc} ({len(report['doc_tokens'])} tokens): {' '.join(map(str, report['doc_tokens']))}")
     if args.verify:

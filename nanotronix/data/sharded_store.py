@@ -152,6 +152,9 @@ class ConcatenatedStore(TokenStore):
         for part in self.parts:
             part.verify(progress)
 
+    def summary(self) -> dict:
+        return {**super().summary(), "parts": len(self.parts)}
+
 
 class ShardedStore(ConcatenatedStore):
     """A folder of `preprocess --shard` shards, all N of them (else one DataError naming the missing ones)."""
