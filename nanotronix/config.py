@@ -335,7 +335,7 @@ def config_from_dict(tree: dict[str, Any]) -> Config:
     return cfg
 
 
-def resolve_dataset_paths(data: DataConfig, validation: Optional[ValidationConfig] = None) -> None:
+def resolve_dataset_paths(data: DataConfig, validation: ValidationConfig) -> None:
     """Join relative dataset paths (and validation.data) to data.root, made absolute first so that a dumped config
     reloads unchanged."""
     if data.root is None:
@@ -352,8 +352,7 @@ def resolve_dataset_paths(data: DataConfig, validation: Optional[ValidationConfi
     for stage in data.stages:
         for ds in stage.datasets:
             ds.path = joined(ds.path)
-    if validation is not None:
-        validation.data = [joined(path) for path in validation.data]
+    validation.data = [joined(path) for path in validation.data]
 
 
 def resolve_preset(model: ModelConfig) -> None:

@@ -147,9 +147,9 @@ def open_store(path_or_prefix: str | os.PathLike) -> TokenStore:
     `preprocess --shard` shards (one dataset, `sharded_store.py`).
     """
     from .megatron_store import MegatronStore, megatron_prefix
+    from .sharded_store import ShardedStore, sharded_folder
 
     spec = os.fspath(path_or_prefix)
-    from .sharded_store import ShardedStore, sharded_folder
     folder = sharded_folder(spec)
     if folder is not None:
         return ShardedStore(folder)

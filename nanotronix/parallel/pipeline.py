@@ -65,7 +65,7 @@ class MicroBatchRunner:
             return torch.zeros((), device=labels.device)
         if count < len(real):
             logits, labels = logits[real], labels[real]
-        return self._mean_loss(logits, labels).float() * count
+        return self._mean_loss(logits, labels) * count
 
     def run(self, inputs: torch.Tensor, labels: torch.Tensor, scale: float) -> torch.Tensor:
         """inputs/labels: [micro_batches, micro_batch_size, seq_len]. Returns the sum of this rank's scaled
