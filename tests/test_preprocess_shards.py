@@ -1,9 +1,11 @@
 """`tools/preprocess.py --shard I/N` and the folder of shards it writes, read as one store: the shards' concatenated
 stream is byte for byte the single run's (reference: one `preprocess` over the same inputs, and the Megatron files
 it writes), in both writable formats; an incomplete folder refuses to open. `--shuffle`: the documents in numpy's
-seeded permutation, per shard. The Slurm job array that runs the shards: tests/test_slurm.py. ~10 s."""
+seeded permutation, per shard. Large inputs are cut between shards (JSON lines at line starts, Parquet at row groups)
+and still give the single run's stream. The Slurm job array that runs the shards: tests/test_slurm.py. ~10 s."""
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
 from pathlib import Path
@@ -47,7 +49,7 @@ def test_split_is_contiguous_covering_and_balanced(sizes, count):
 
 
 def test_split_refuses_impossible_requests():
-    with pytest.raises(DataError, match="3 shards but 2 input file"):
+    with pytest.raises(DataError, match=r"3 shards but the inputs make 2 piece\(s\)"):
         split_inputs([1, 2], 0, 3)
     with pytest.raises(DataError, match="shard index must be in"):
         split_inputs([1, 2], 2, 2)
@@ -101,8 +103,80 @@ def test_an_incomplete_folder_does_not_open(tmp_path, tiny_tokenizer, tool, caps
     with pytest.raises(DataError, match="shards of different splits"):
         open_store(other)
     capsys.readouterr()
-    assert tool.main(common + ["--shard", "0/9"]) == 2  # more shards than input files
-    assert "9 shards but 7 input file(s)" in capsys.readouterr().err
+    for path in corpus.rglob("*.jsonl"):  # compressed JSON lines cannot be cut: 7 files are at most 7 shards
+        path.with_suffix(".jsonl.gz").write_bytes(gzip.compress(path.read_bytes()))
+        path.unlink()
+    assert tool.main(common + ["--shard", "0/9"]) == 2
+    assert "9 shards but the inputs make 7 piece(s)" in capsys.readouterr().err
+
+
+def write_large_inputs(folder: Path) -> list[Path]:
+    """One large JSON-lines file (with blank lines and an unterminated last line), a Parquet file of 9 row groups, a
+    gzipped JSON-lines file and a text file: what a corpus of few, big files looks like."""
+    rng = np.random.default_rng(3)
+    folder.mkdir()
+    texts = [" ".join(rng.choice(WORDS, rng.integers(1, 80))) for _ in range(600)]
+    lines = [json.dumps({"text": t}) for t in texts[:400]]
+    for k in (5, 77, 78, 250):
+        lines[k] += "\n"  # a blank line after these
+    (folder / "a.jsonl").write_text("\n".join(lines))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"text": texts[400:580]}), folder / "b.parquet", row_group_size=20)
+    (folder / "c.jsonl.gz").write_bytes(gzip.compress("\n".join(json.dumps({"text": t}) for t in texts[580:]).encode()))
+    (folder / "d.txt").write_text(texts[0])
+    return sorted(folder.iterdir())
+
+
+def test_large_inputs_are_cut_where_their_format_allows(tmp_path):
+    from nanotronix.data.inputs import split_large_inputs
+    files = write_large_inputs(tmp_path / "corpus")
+    pieces = split_large_inputs(files, piece_bytes=2000)
+    by_file = {f.name: [p for p in pieces if p.path == f] for f in files}
+    size = files[0].stat().st_size
+    ranges = [p.byte_range for p in by_file["a.jsonl"]]
+    assert len(ranges) == -(-size // 2000) and ranges[0][0] == 0 and ranges[-1][1] == size
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))  # contiguous byte ranges covering the file
+    groups = [p.row_groups for p in by_file["b.parquet"]]
+    assert groups[0][0] == 0 and groups[-1][1] == 9 and all(a[1] == b[0] for a, b in zip(groups, groups[1:]))
+    assert len(groups) > 1 and sum(p.nbytes for p in by_file["b.parquet"]) == pytest.approx(files[1].stat().st_size, abs=9)
+    assert [(p.byte_range, p.row_groups) for f in ("c.jsonl.gz", "d.txt") for p in by_file[f]] == [(None, None)] * 2
+    assert pieces == [p for f in files for p in by_file[f.name]]  # in file order
+
+
+@pytest.mark.parametrize("count", [2, 5, 11])
+def test_shards_of_large_inputs_read_as_the_single_run(tmp_path, tiny_tokenizer, tool, count):
+    write_large_inputs(tmp_path / "corpus")
+    common = ["--input", str(tmp_path / "corpus"), "--tokenizer", tiny_tokenizer, "--no-progress", "--workers", "2"]
+    assert tool.main(common + ["--output-prefix", str(tmp_path / "whole")]) == 0
+    for i in range(count):
+        assert tool.main(common + ["--output-prefix", str(tmp_path / "sharded"), "--shard", f"{i}/{count}"]) == 0
+    whole, sharded = open_store(tmp_path / "whole"), open_store(tmp_path / "sharded")
+    assert np.array_equal(sharded.tokens(0, sharded.num_tokens), whole.tokens(0, whole.num_tokens))
+    assert np.array_equal(sharded.document_lengths(), whole.document_lengths()) and whole.num_documents == 601
+    parts = b"".join((tmp_path / "sharded" / f"shard-{i:05d}-of-{count:05d}.bin").read_bytes() for i in range(count))
+    assert parts == (tmp_path / "whole.bin").read_bytes()
+    # each shard's sidecar says which part of which file it read; the documents add up per file
+    inputs = [entry for part in sharded.parts for entry in part.metadata["inputs"]]
+    assert any(e.get("part", "").startswith("bytes ") for e in inputs)
+    assert any(e.get("part", "").startswith("row groups ") for e in inputs)
+    per_file = {}
+    for entry in inputs:
+        per_file[Path(entry["path"]).name] = per_file.get(Path(entry["path"]).name, 0) + entry["documents"]
+    assert per_file == {"a.jsonl": 400, "b.parquet": 180, "c.jsonl.gz": 20, "d.txt": 1}
+
+
+def test_a_bad_line_inside_a_cut_file_is_reported_by_byte_offset(tmp_path, tiny_tokenizer, tool, capsys):
+    corpus = tmp_path / "corpus"
+    write_large_inputs(corpus)
+    data = (corpus / "a.jsonl").read_bytes()
+    bad = data.index(b"\n", len(data) * 3 // 4) + 1  # a line start in the last quarter of the file
+    (corpus / "a.jsonl").write_bytes(data[:bad] + b"{not json}\n" + data[bad:])
+    common = ["--input", str(corpus), "--tokenizer", tiny_tokenizer, "--no-progress", "--workers", "1",
+              "--output-prefix", str(tmp_path / "sharded")]
+    codes = [tool.main(common + ["--shard", f"{i}/8"]) for i in range(8)]
+    assert codes.count(2) == 1 and set(codes) == {0, 2}, codes
+    assert f"a.jsonl:byte {bad}: invalid JSON" in capsys.readouterr().err
 
 
 def test_shuffle_stores_a_seeded_permutation_of_the_documents(tmp_path, tiny_tokenizer, tool, capsys, monkeypatch):

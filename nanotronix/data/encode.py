@@ -44,8 +44,9 @@ def init_worker(tokenizer_file: str, eos_id: int, dtype: str, threads: int) -> N
 class EncodedChunk:
     tokens: np.ndarray  # all documents, each followed by EOS
     lengths: np.ndarray  # tokens per document (EOS included)
-    files: np.ndarray  # input file index of each document
-    bad: list[tuple[int, int, str, str]] = field(default_factory=list)  # (file, line, reason, detail), in order
+    files: np.ndarray  # input piece index of each document
+    # (input piece, line | "byte B", reason, detail), in order
+    bad: list[tuple[int, int | str, str, str]] = field(default_factory=list)
 
 
 def _text_of(chunk: Chunk, item, text_key: str):
@@ -94,7 +95,7 @@ def encode_chunks(chunks: list[Chunk], text_key: str, stop_at_first_bad: bool) -
 def encode_chunk(chunk: Chunk, text_key: str, stop_at_first_bad: bool) -> EncodedChunk:
     texts: list[str] = []
     files: list[int] = []
-    bad: list[tuple[int, int, str, str]] = []
+    bad: list[tuple[int, int | str, str, str]] = []
     for k, item in enumerate(chunk.items):
         text, problem = _text_of(chunk, item, text_key)
         file_index, line = chunk.position(k)

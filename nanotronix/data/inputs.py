@@ -10,13 +10,19 @@ and memory stays bounded whatever the input size. Supported inputs:
 - plain text (`.txt`, `.md`, `.rst`, `.py`, and other source suffixes below): one file is one document;
 - folders of any of these, walked recursively in sorted order (hidden files and folders are ignored).
 
-A record's position is `file:line` (1-based line for JSON lines, row number for Parquet, 1 for text files).
+A record's position is `file:line` (1-based line for JSON lines, row number for Parquet, 1 for text files), or
+`file:byte B` for a JSON line of a piece that starts inside its file (its line number is unknown without reading
+the file up to it).
+
+`preprocess --shard` splits large inputs into pieces (`split_large_inputs`) where the format allows it: an
+uncompressed JSON-lines file at any byte (a line belongs to the piece holding its first byte), a Parquet file at
+row-group boundaries. Compressed JSON lines (no random access) and text files (one document each) stay whole.
 """
 from __future__ import annotations
 
 import gzip
 import io
-import os
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -65,21 +71,96 @@ def expand_inputs(specs: list[str]) -> list[Path]:
     return files
 
 
+@dataclass(frozen=True)
+class InputPiece:
+    """What one run reads of an input file: all of it, or (`preprocess --shard`) a byte range [begin, end) of an
+    uncompressed JSON-lines file, meaning the lines that start inside it, or the row groups [first, stop) of a
+    Parquet file."""
+    path: Path
+    nbytes: int  # its share of the file's bytes: what balances shards and drives the progress bar
+    byte_range: Optional[tuple[int, int]] = None
+    row_groups: Optional[tuple[int, int]] = None
+
+    def part(self) -> Optional[str]:
+        """Which part of the file it is (for the sidecar), None for the whole file."""
+        if self.byte_range is not None:
+            return "bytes {}-{}".format(*self.byte_range)
+        if self.row_groups is not None:
+            return "row groups {}-{}".format(*self.row_groups)
+        return None
+
+
+def whole_files(files: list[Path]) -> list[InputPiece]:
+    return [InputPiece(f, f.stat().st_size) for f in files]
+
+
+def split_large_inputs(files: list[Path], piece_bytes: float) -> list[InputPiece]:
+    """The files in order, each larger than `piece_bytes` cut into pieces of about that size where its format
+    allows (see the module docstring). Depends only on the files' sizes and Parquet footers, so every task of a
+    job array computes the same pieces."""
+    pieces: list[InputPiece] = []
+    for path in files:
+        size = path.stat().st_size
+        kind = input_kind(path)
+        if size <= piece_bytes or kind not in ("jsonl", "parquet"):
+            pieces.append(InputPiece(path, size))
+        elif kind == "jsonl":
+            if path.name.lower().endswith(COMPRESSED_SUFFIXES):
+                pieces.append(InputPiece(path, size))
+                continue
+            n = math.ceil(size / piece_bytes)
+            cuts = [size * k // n for k in range(n + 1)]
+            pieces += [InputPiece(path, b - a, byte_range=(a, b)) for a, b in zip(cuts, cuts[1:])]
+        else:
+            pieces += _row_group_pieces(path, size, piece_bytes)
+    return pieces
+
+
+def _row_group_pieces(path: Path, size: int, piece_bytes: float) -> list[InputPiece]:
+    """Consecutive row groups of about piece_bytes (by their compressed size, scaled to the file's)."""
+    md = _parquet_file(path).metadata
+    groups = [sum(md.row_group(g).column(c).total_compressed_size for c in range(md.num_columns))
+              for g in range(md.num_row_groups)]
+    if len(groups) < 2:
+        return [InputPiece(path, size)]
+    scale = size / max(1, sum(groups))
+    pieces, first, held = [], 0, 0.0
+    for g, nbytes in enumerate(groups):
+        held += nbytes * scale
+        if held >= piece_bytes or g == len(groups) - 1:
+            pieces.append(InputPiece(path, round(held), row_groups=(first, g + 1)))
+            first, held = g + 1, 0.0
+    return pieces
+
+
+def _parquet_file(path: Path):
+    pq = require_module("pyarrow.parquet", "reading .parquet inputs")
+    try:
+        return pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid and friends
+        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+
+
 @dataclass
 class Chunk:
     """Whole records, to be parsed and tokenised by a worker. Small text files share a chunk."""
     kind: str  # jsonl | parquet | text
     items: list  # raw lines (bytes), Parquet values, or text files' bytes
-    file_index: int  # input file of the items (of the first item for text chunks)
+    file_index: int  # input piece of the items (of the first item for text chunks)
     first_line: int  # line (JSON lines), row (Parquet) or 1 (text) of items[0]
-    lines: Optional[list[int]] = None  # JSON lines: line of each item (blank lines are left out)
-    files: Optional[list[int]] = None  # text chunks: input file of each item
+    # JSON lines: line of each item (blank lines are left out), or its byte offset in the file when the piece
+    # starts inside the file (`at_bytes`)
+    lines: Optional[list[int]] = None
+    files: Optional[list[int]] = None  # text chunks: input piece of each item
+    at_bytes: bool = False
 
-    def position(self, k: int) -> tuple[int, int]:
-        """(file index, line) of item k."""
+    def position(self, k: int) -> tuple[int, int | str]:
+        """(piece index, line, row, or "byte B") of item k."""
         if self.files is not None:
             return self.files[k], 1
-        return self.file_index, (self.lines[k] if self.lines is not None else self.first_line + k)
+        if self.lines is None:
+            return self.file_index, self.first_line + k
+        return self.file_index, f"byte {self.lines[k]}" if self.at_bytes else self.lines[k]
 
 
 class _CountingReader(io.RawIOBase):
@@ -155,11 +236,12 @@ def _open_lines(path: Path, counter: _CountingReader):
     return io.BufferedReader(counter, 1 << 20)
 
 
-def iter_chunks(files: list[Path], text_key: str, chunk_bytes: int = 1 << 18,
+def iter_chunks(pieces: list[InputPiece], text_key: str, chunk_bytes: int = 1 << 18,
                 on_progress=None) -> Iterator[Chunk]:
-    """Chunks of about `chunk_bytes` of input each, in file order. `on_progress(nbytes)` reports raw bytes."""
+    """Chunks of about `chunk_bytes` of input each, in piece order. `on_progress(nbytes)` reports raw bytes."""
     texts, text_files, text_bytes = [], [], 0
-    for index, path in enumerate(files):
+    for index, piece in enumerate(pieces):
+        path = piece.path
         kind = input_kind(path)
         if kind == "text":  # gather consecutive small files: one task per file would cost more than it does
             data = path.read_bytes()
@@ -176,50 +258,57 @@ def iter_chunks(files: list[Path], text_key: str, chunk_bytes: int = 1 << 18,
             yield Chunk("text", texts, text_files[0], 1, files=text_files)
             texts, text_files, text_bytes = [], [], 0
         if kind == "jsonl":
-            yield from _jsonl_chunks(index, path, chunk_bytes, on_progress)
+            yield from _jsonl_chunks(index, piece, chunk_bytes, on_progress)
         else:
-            yield from _parquet_chunks(index, path, text_key, chunk_bytes, on_progress)
+            yield from _parquet_chunks(index, piece, text_key, chunk_bytes, on_progress)
     if texts:
         yield Chunk("text", texts, text_files[0], 1, files=text_files)
 
 
-def _jsonl_chunks(index: int, path: Path, chunk_bytes: int, on_progress) -> Iterator[Chunk]:
+def _jsonl_chunks(index: int, piece: InputPiece, chunk_bytes: int, on_progress) -> Iterator[Chunk]:
+    path = piece.path
+    begin, end = piece.byte_range or (0, None)
     with open(path, "rb", buffering=0) as raw:
+        raw.seek(max(begin - 1, 0))
         counter = _CountingReader(raw)
         reported = 0
         try:
             stream = _open_lines(path, counter)
+            pos = begin  # byte offset of the next line
+            if begin:  # the rest of the line holding byte begin-1 belongs to the piece before
+                pos = begin - 1 + len(stream.readline())
             items, lines, size, line_no = [], [], 0, 0
             for line_no, line in enumerate(stream, start=1):
+                start, pos = pos, pos + len(line)
+                if end is not None and start >= end:
+                    break
                 if not line.strip():
                     continue
                 items.append(line)
-                lines.append(line_no)
+                lines.append(start if begin else line_no)
                 size += len(line)
                 if size >= chunk_bytes:
-                    yield Chunk("jsonl", items, index, lines[0], lines)
-                    if on_progress:
-                        on_progress(counter.consumed - reported)
-                        reported = counter.consumed
+                    yield Chunk("jsonl", items, index, lines[0], lines, at_bytes=begin > 0)
+                    if on_progress:  # the read-ahead past the piece's end is not its progress
+                        on_progress(min(counter.consumed, piece.nbytes) - reported)
+                        reported = min(counter.consumed, piece.nbytes)
                     items, lines, size = [], [], 0
         except _decompress_errors() as e:  # gzip/zstd damage: report where it was reached
             raise DataError(f"{path}:{line_no + 1}: cannot decompress ({type(e).__name__}: {e})") from None
         if items:
-            yield Chunk("jsonl", items, index, lines[0], lines)
+            yield Chunk("jsonl", items, index, lines[0], lines, at_bytes=begin > 0)
         if on_progress:
-            on_progress(counter.consumed - reported)
+            on_progress(piece.nbytes - reported)
 
 
-def _parquet_chunks(index: int, path: Path, text_key: str, chunk_bytes: int, on_progress) -> Iterator[Chunk]:
-    pq = require_module("pyarrow.parquet", "reading .parquet inputs")
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as e:  # pyarrow raises ArrowInvalid and friends
-        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
-    total_rows = pf.metadata.num_rows
-    size = os.path.getsize(path)
+def _parquet_chunks(index: int, piece: InputPiece, text_key: str, chunk_bytes: int, on_progress) -> Iterator[Chunk]:
+    pf = _parquet_file(piece.path)
+    md = pf.metadata
+    first, stop = piece.row_groups or (0, md.num_row_groups)
+    total_rows = sum(md.row_group(g).num_rows for g in range(first, stop))
+    size = piece.nbytes
     rows_per_batch = max(1, min(65536, chunk_bytes // max(1, size // max(1, total_rows))))
-    row = 1
+    row = 1 + sum(md.row_group(g).num_rows for g in range(first))  # of the file
     if text_key not in pf.schema_arrow.names:
         for lo in range(0, total_rows, rows_per_batch):
             n = min(rows_per_batch, total_rows - lo)
@@ -228,13 +317,15 @@ def _parquet_chunks(index: int, path: Path, text_key: str, chunk_bytes: int, on_
         if on_progress:
             on_progress(size)
         return
-    done = 0
-    for batch in pf.iter_batches(batch_size=rows_per_batch, columns=[text_key]):
+    done, read = 0, 0
+    groups = None if piece.row_groups is None else list(range(first, stop))
+    for batch in pf.iter_batches(batch_size=rows_per_batch, row_groups=groups, columns=[text_key]):
         values = batch.column(0).to_pylist()
         yield Chunk("parquet", values, index, row)
         row += len(values)
+        read += len(values)
         if on_progress and total_rows:
-            step = size * (row - 1) // total_rows - done
+            step = size * read // total_rows - done
             on_progress(step)
             done += step
     if on_progress:

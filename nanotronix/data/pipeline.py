@@ -21,7 +21,6 @@ import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -29,7 +28,7 @@ from tqdm import tqdm
 
 from . import encode
 from .errors import DataError
-from .inputs import expand_inputs, iter_chunks
+from .inputs import InputPiece, expand_inputs, iter_chunks, split_large_inputs, whole_files
 from .megatron_store import MegatronWriter, optimal_dtype
 from .sharded_store import shard_name, split_inputs
 from .tokenizer import load_tokenizer
@@ -91,13 +90,11 @@ def preprocess(opts: PreprocessOptions) -> PreprocessResult:
         raise DataError(f"--format {opts.format!r}: expected one of {', '.join(FORMATS)}")
     if opts.shuffle_seed is not None and opts.format != "megatron":
         raise DataError(f"--shuffle: not implemented for --format {opts.format} (megatron only)")
-    files = expand_inputs(opts.inputs)
+    pieces = whole_files(expand_inputs(opts.inputs))
     prefix = opts.output_prefix
     if opts.shard is not None:
-        index, count = opts.shard
-        start, stop = split_inputs([f.stat().st_size for f in files], index, count)
-        files = files[start:stop]
-        prefix = os.path.join(opts.output_prefix, shard_name(index, count))
+        pieces = _pieces_of_shard(pieces, *opts.shard)
+        prefix = os.path.join(opts.output_prefix, shard_name(*opts.shard))
     tokenizer, info = load_tokenizer(opts.tokenizer)
     dtype = optimal_dtype(info.vocab_size)
     start = time.perf_counter()
@@ -108,16 +105,17 @@ def preprocess(opts: PreprocessOptions) -> PreprocessResult:
     encode.use_tokenizer(tokenizer, info.eos_id, dtype)
     executor = _start_workers(opts, info, dtype)  # before any other thread (progress bar) exists
     writer, output = create_writer(opts.format, prefix, dtype)
-    per_file = [{"path": str(f), "bytes": f.stat().st_size, "documents": 0, "tokens": 0} for f in files]
+    per_file = [{"path": str(p.path), **({"part": p.part()} if p.part() else {}), "bytes": p.nbytes,
+                 "documents": 0, "tokens": 0} for p in pieces]
     skipped: collections.Counter = collections.Counter()
     examples: list[str] = []
     bar = tqdm(total=sum(p["bytes"] for p in per_file), unit="B", unit_scale=True, desc="preprocess",
                disable=not opts.progress, smoothing=0.1)
-    results = _encoded_chunks(files, opts, executor, bar)
+    results = _encoded_chunks(pieces, opts, executor, bar)
     try:
         for result in results:
             for file_index, line, reason, detail in result.bad:
-                where = f"{files[file_index]}:{line}"
+                where = f"{pieces[file_index].path}:{line}"
                 if not opts.skip_bad:
                     raise DataError(f"{where}: {reason}{f' ({detail})' if detail else ''} "
                                     f"(use --skip-bad to skip bad records)")
@@ -133,7 +131,8 @@ def preprocess(opts: PreprocessOptions) -> PreprocessResult:
             bar.set_postfix_str(f"{writer.num_documents / elapsed:,.0f} docs/s, "
                                 f"{writer.num_tokens / elapsed:,.0f} tokens/s", refresh=False)
         if writer.num_documents == 0:
-            raise DataError("no documents: every input record was empty or bad")
+            where = " in shard {}/{}'s part of the inputs".format(*opts.shard) if opts.shard else ""
+            raise DataError(f"no documents{where}: every input record was empty or bad")
         sidecar = {
             "format": opts.format,
             "created_by": "nanotronix tools/preprocess.py",
@@ -171,6 +170,17 @@ def preprocess(opts: PreprocessOptions) -> PreprocessResult:
                             time.perf_counter() - start)
 
 
+def _pieces_of_shard(pieces: list[InputPiece], index: int, count: int) -> list[InputPiece]:
+    """The contiguous run of the inputs that shard `index` of `count` tokenizes. Files larger than a quarter of a
+    shard's share are first cut into pieces where their format allows (inputs.split_large_inputs), so that one
+    huge input no longer has to be one task."""
+    if count > 1:
+        share = sum(p.nbytes for p in pieces) / count
+        pieces = split_large_inputs([p.path for p in pieces], piece_bytes=max(share / 4, 1))
+    start, stop = split_inputs([p.nbytes for p in pieces], index, count)
+    return pieces[start:stop]
+
+
 def _layout(opts: PreprocessOptions) -> tuple[int, int]:
     """(processes, threads per process) for opts.workers encoding threads in all."""
     if opts.threads_per_process < 1:
@@ -200,9 +210,9 @@ def _start_workers(opts: PreprocessOptions, info, dtype: np.dtype):
                                initargs=(info.file, info.eos_id, dtype.name, threads))
 
 
-def _encoded_chunks(files: list[Path], opts: PreprocessOptions, executor, bar):
+def _encoded_chunks(pieces: list[InputPiece], opts: PreprocessOptions, executor, bar):
     """Encoded chunks in input order; about 2 chunks per worker thread plus 2 are in flight."""
-    chunks = iter_chunks(files, opts.text_key, opts.chunk_bytes, on_progress=bar.update)
+    chunks = iter_chunks(pieces, opts.text_key, opts.chunk_bytes, on_progress=bar.update)
     stop_early = not opts.skip_bad
     if executor is None:
         for chunk in chunks:

@@ -1,8 +1,8 @@
 """Token stores made of several: `ConcatenatedStore`, whose stream is its parts' streams one after another, and its
 two uses, a datatrove folder of `.ds` files (nanotron's Nanoset reads them so) and a folder of shards written by
 `tools/preprocess.py --shard I/N` (a Slurm job array tokenizing a corpus on many machines: `ShardedStore`).
-`preprocess --shard` splits the sorted input files into N contiguous runs, so a sharded store's stream is token for
-token the one a single `preprocess` of the same inputs writes.
+`preprocess --shard` splits the sorted inputs (large files cut into pieces first: data/inputs.py) into N contiguous
+runs, so a sharded store's stream is token for token the one a single `preprocess` of the same inputs writes.
 
 A shard is `FOLDER/shard-IIIII-of-NNNNN` in either writable format (Megatron `.bin/.idx` + sidecar, or `.zarr`);
 it exists only once complete (its writer renames it into place last). The folder opens only when all N shards are
@@ -41,13 +41,13 @@ def sharded_folder(spec: str) -> Optional[Path]:
 
 
 def split_inputs(sizes: list[int], index: int, count: int) -> tuple[int, int]:
-    """Shard `index` of `count`: the [start, stop) run of the inputs (in their order, of these byte sizes) it
-    tokenizes. Cuts fall at the file boundaries nearest to equal byte shares; every shard gets at least one file."""
+    """Shard `index` of `count`: the [start, stop) run of the input pieces (in their order, of these byte sizes) it
+    tokenizes. Cuts fall at the piece boundaries nearest to equal byte shares; every shard gets at least one."""
     if not 0 <= index < count:
         raise DataError(f"--shard {index}/{count}: the shard index must be in [0, {count})")
     if count > len(sizes):
-        raise DataError(f"--shard {index}/{count}: {count} shards but {len(sizes)} input file(s) (shards split the "
-                        f"inputs by file)")
+        raise DataError(f"--shard {index}/{count}: {count} shards but the inputs make {len(sizes)} piece(s) (compressed "
+                        f"JSON lines, text files and one-row-group Parquet files cannot be split)")
     ends = np.cumsum(np.asarray(sizes, dtype=np.float64))
     total = ends[-1] if len(ends) else 0.0
     cuts = [0]
