@@ -121,6 +121,10 @@ class TrainConfig:
     loss_chunk_size: int = 0  # > 0: fused head + cross entropy over chunks of this many tokens (no full logits)
     bf16_weight_cache: bool = False  # bf16 decoder weights cast once per step, not per micro-batch (dtype bfloat16)
     grad_accumulation_fusion: bool = False  # with bf16_weight_cache: wgrad GEMMs accumulate into the fp32 buckets
+    # steps not trained ("A-B" inclusive, or "N"; Megatron's --skip-train-iteration-range): their batches are passed
+    # over, no update is made, the learning rate goes on by step. After a loss spike: resume from a checkpoint before
+    # it with the steps around it skipped, so the run meets other data.
+    skip_steps: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -420,6 +424,7 @@ def validate(cfg: Config) -> None:
     _require(not t.grad_accumulation_fusion or t.bf16_weight_cache,
              "train.grad_accumulation_fusion: needs train.bf16_weight_cache: true (it fuses the bf16 copies' "
              "gradient accumulation)")
+    skipped_step_ranges(t)
     _require(t.loss_chunk_size >= 0, f"train.loss_chunk_size: must be >= 0 (0: plain loss), got {t.loss_chunk_size}")
     _require(t.compile_mode in COMPILE_MODES,
              f"train.compile_mode: {t.compile_mode!r} is not {'|'.join(COMPILE_MODES)} (the modes with CUDA graphs "
@@ -531,6 +536,26 @@ def resolve_layout(cfg: Config, world_size: int) -> int:
                  f"parallel.pp_schedule: interleaved runs micro-batches in rounds of pp={p.pp}; "
                  f"{micro_batches} micro-batches per step is not a multiple of {rounds} rounds")
     return dp
+
+
+def skipped_step_ranges(t: TrainConfig) -> list[tuple[int, int]]:
+    """train.skip_steps as sorted inclusive (first, last) ranges, overlapping or adjacent ones merged."""
+    ranges = []
+    for text in t.skip_steps:
+        first, dash, last = text.partition("-")
+        _require(first.strip().isdigit() and (not dash or last.strip().isdigit()),
+                 f"train.skip_steps: {text!r} is not a step N or a range A-B")
+        a, b = int(first), int(last if dash else first)
+        _require(1 <= a <= b <= t.train_steps,
+                 f"train.skip_steps: {text!r} is not within 1 <= A <= B <= train.train_steps={t.train_steps}")
+        ranges.append((a, b))
+    merged: list[tuple[int, int]] = []
+    for a, b in sorted(ranges):
+        if merged and a <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(b, merged[-1][1]))
+        else:
+            merged.append((a, b))
+    return merged
 
 
 def grad_accum_steps(cfg: Config, dp: int) -> int:

@@ -141,3 +141,24 @@ def test_bench_loader_reports_every_loader(capsys):
         bench_loader.main(["--windows", "5"])
     assert bad.value.code == 2
     assert capsys.readouterr().err.strip() == "error: --windows 5 is not divisible by --micro-batch 4"
+
+
+def test_skipped_steps_are_never_read(store):
+    """train.skip_steps: after step 3 the batch read ahead is step 7's (4-6 skipped); a skipped step counts as consumed
+    for the resume state; nothing is read past the run's last step, even when the steps before it are skipped."""
+    cfg = _cfg(store)
+    plain = build_train_loader(cfg, 0, 1)
+    feed = build_prefetched_loader(cfg, 0, 1, CPU, last_step=10, skipped_steps=[(4, 6), (9, 10)])
+    read = []
+    reader = feed._read_batch
+    feed._read_batch = lambda step: read.append(step) or reader(step)
+    try:
+        for step in range(1, 11):
+            if 4 <= step <= 6 or step >= 9:
+                feed.skip(step)
+            else:
+                assert torch.equal(feed.batch(step), plain.read_batch(step)), step
+            assert feed.state_dict() == {"consumed_samples": step * 8}
+        assert read == [1, 2, 3, 7, 8]
+    finally:
+        feed.close()

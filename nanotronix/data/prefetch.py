@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -29,9 +29,10 @@ class PrefetchingLoader:
 
     def __init__(self, loader: TrainLoader, read_batch: Callable[[int], torch.Tensor], device: torch.device,
                  last_step: Optional[int] = None, close_reader: Optional[Callable[[], None]] = None,
-                 name: str = "pytorch"):
+                 name: str = "pytorch", skipped_steps: Sequence[tuple[int, int]] = ()):
         self.loader = loader  # owns the resume state
         self.name = name
+        self._skipped_steps = sorted(skipped_steps)  # inclusive ranges never read (train.skip_steps)
         self._read_batch = read_batch
         self._close_reader = close_reader
         self._pin = device.type == "cuda"
@@ -56,10 +57,23 @@ class PrefetchingLoader:
             future = self._worker.submit(self._read, step)
         self._ahead = None
         batch = future.result()  # re-raises a read error here, in the training thread
-        if self._last_step is None or step < self._last_step:
-            self._ahead = (step + 1, self._worker.submit(self._read, step + 1))
+        following = self._following(step)
+        if self._last_step is None or following <= self._last_step:
+            self._ahead = (following, self._worker.submit(self._read, following))
         self.loader.mark_consumed(step)
         return batch
+
+    def skip(self, step: int) -> None:
+        """Pass over the batch of a skipped step (train.skip_steps): consumed for the resume state, never read."""
+        self.loader.mark_consumed(step)
+
+    def _following(self, step: int) -> int:
+        """The next step whose batch is read after `step`'s."""
+        following = step + 1
+        for first, last in self._skipped_steps:
+            if first <= following <= last:
+                following = last + 1
+        return following
 
     def _drop_ahead(self) -> None:
         if self._ahead is not None:
@@ -91,14 +105,17 @@ class PrefetchingLoader:
 
 
 def build_prefetched_loader(cfg, dp_rank: int, dp_size: int, device: torch.device, consumed_samples: int = 0,
-                            last_step: Optional[int] = None) -> PrefetchingLoader:
+                            last_step: Optional[int] = None,
+                            skipped_steps: Sequence[tuple[int, int]] = ()) -> PrefetchingLoader:
     """This rank's batch feed for the trainer, reading with `cfg.data.loader` (pytorch | dali); `last_step`
-    (the run's last step) keeps it from reading past the end of the run."""
+    (the run's last step) keeps it from reading past the end of the run, and the batches of `skipped_steps`
+    (inclusive ranges) are not read ahead."""
     loader = build_train_loader(cfg, dp_rank, dp_size, consumed_samples)
     if cfg.data.loader == "dali":
         from .dali_loader import DaliBatchReader
-        reader = DaliBatchReader(loader, device, last_step)
-        return PrefetchingLoader(loader, reader.read_batch, device, last_step, reader.close, reader.describe())
+        reader = DaliBatchReader(loader, device, last_step)  # a jump over skipped steps restarts its pipeline
+        return PrefetchingLoader(loader, reader.read_batch, device, last_step, reader.close, reader.describe(),
+                                 skipped_steps=skipped_steps)
     read = functools.partial(loader.read_batch, pin_memory=device.type == "cuda")
-    return PrefetchingLoader(loader, read, device, last_step,
-                             name="pytorch (pinned)" if device.type == "cuda" else "pytorch")
+    return PrefetchingLoader(loader, read, device, last_step, name="pytorch (pinned)" if device.type == "cuda"
+                             else "pytorch", skipped_steps=skipped_steps)

@@ -11,7 +11,7 @@ import torch
 
 from nanotronix import accel
 from nanotronix.checkpoint import Checkpointer
-from nanotronix.config import Config, grad_accum_steps
+from nanotronix.config import Config, grad_accum_steps, skipped_step_ranges
 from nanotronix.data import build_prefetched_loader, tokenizer_note
 from nanotronix.model import build_model
 from nanotronix.parallel import DistributedOptimizer, ParallelContext, parallelize
@@ -40,8 +40,9 @@ def train(cfg: Config, ctx: ParallelContext, device: torch.device) -> dict:
                                      betas=tuple(o.betas), eps=o.eps, fused=True if device.type == "cuda" else None)
     checkpointer = Checkpointer(cfg, ctx, device)  # resume, periodic saves, SIGTERM/SIGUSR1 -> save and stop
     resumed = checkpointer.resume(model, optimizer)
+    skips = skipped_step_ranges(t)
     loader = build_prefetched_loader(cfg, ctx.dp_rank, ctx.dp, device, consumed_samples=resumed.consumed_samples,
-                                     last_step=t.train_steps)  # reads step s+1 while step s trains
+                                     last_step=t.train_steps, skipped_steps=skips)  # reads ahead while a step trains
     validator = Validator.from_config(cfg, ctx, model)  # None unless validation.interval > 0
     note = tokenizer_note({**loader.loader.stores, **(validator.stores if validator else {})})
     if note:
@@ -63,6 +64,16 @@ def train(cfg: Config, ctx: ParallelContext, device: torch.device) -> dict:
     start_step = resumed.step + 1
     data_wait, steps_since_log = 0.0, 0  # seconds the steps since the last log line waited for their batch
     for step in range(start_step, t.train_steps + 1):
+        skipped = next(((a, b) for a, b in skips if a <= step <= b), None)
+        if skipped is not None:  # no batch read, no update: the data position and the step move on
+            if step in (skipped[0], start_step):
+                log0(ctx, f"steps {step}-{skipped[1]}: skipped (train.skip_steps), their "
+                          f"{(skipped[1] - step + 1) * t.global_batch_size} samples are passed over")
+            loader.skip(step)
+            if checkpointer.after_step(step, model, optimizer, loader):
+                preempted = True
+                break
+            continue
         lr = lr_at(step, cfg.optimizer.lr, cfg.lr_schedule)
         asked = time.perf_counter()
         batch = loader.batch(step)  # read ahead while the previous step trained: ~0 unless the input is too slow
@@ -76,7 +87,8 @@ def train(cfg: Config, ctx: ParallelContext, device: torch.device) -> dict:
             raise FloatingPointError(
                 f"step {step}: the loss ({result.loss}) or the gradient norm ({result.grad_norm}) is not finite; the "
                 f"weights were not updated and nothing was saved after step {step - 1} (rerunning would meet the same "
-                f"batch: lower the learning rate, or resume from an earlier checkpoint with other data)")
+                f"batch: lower the learning rate, or resume from an earlier checkpoint with the steps around this one "
+                f"skipped, e.g. train.skip_steps=[{step}-{min(step + 99, t.train_steps)}])")
         first_loss = result.loss if first_loss is None else first_loss
         last_loss = result.loss
         speed.add(tokens_per_step)

@@ -1,0 +1,104 @@
+"""`train.skip_steps`: steps that are not trained (loss-spike recovery, Megatron's --skip-train-iteration-range).
+
+References: an uninterrupted run without skips (the steps before a range, the learning rate by step), the weights and
+AdamW state saved before the range (unchanged through it), the loss of those weights on the batch the sampler gives
+the first step after the range (the data moves on by step), and the run itself resumed inside a range. ~10 s.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from checkpoint_helpers import read_metrics, train_in_process
+from helpers import tiny_config, write_learnable_store
+from nanotronix.config import ConfigError, load_config, skipped_step_ranges
+
+STEPS = 9
+SKIPS = ["4-5", "6", "8"]  # 4-6 (merged) and 8
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return write_learnable_store(tmp_path_factory.mktemp("store") / "arith")
+
+
+def _config(folder, store, **sections):
+    folder.mkdir(parents=True, exist_ok=True)
+    return tiny_config(folder, store, **sections)
+
+
+def _saved(folder, tmp_path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint step (weights and AdamW moments), read with torch's own DCP converter."""
+    out = tmp_path / f"{folder.name}.pt"
+    dcp_to_torch_save(folder, out)
+    return {k: v for k, v in torch.load(out, weights_only=False).items() if isinstance(v, torch.Tensor)}
+
+
+def test_skipped_steps_train_nothing_and_pass_their_data_over(tmp_path, store, capsys):
+    train_in_process(_config(tmp_path / "ref", store, train={"train_steps": STEPS}))
+    reference = read_metrics(tmp_path / "ref" / "logs")
+    ckpt = tmp_path / "run" / "ckpt"
+    cfg_path = _config(tmp_path / "run", store, train={"train_steps": STEPS, "skip_steps": SKIPS},
+                           checkpoint={"dir": str(ckpt), "interval": 1})
+    train_in_process(cfg_path)
+    assert "steps 4-6: skipped (train.skip_steps), their 24 samples are passed over" in capsys.readouterr().out
+    got = read_metrics(tmp_path / "run" / "logs")
+    assert sorted(got) == [1, 2, 3, 7, 9]
+    for step in (1, 2, 3):  # before the first range: the plain run
+        assert got[step]["loss"] == reference[step]["loss"] and got[step]["grad_norm"] == reference[step]["grad_norm"]
+    for step in (7, 9):  # the learning rate and the data position go by step
+        assert got[step]["lr"] == reference[step]["lr"]
+        assert got[step]["consumed_tokens"] == reference[step]["consumed_tokens"]
+
+    # Through a skipped range nothing changes: the checkpoint of step 6 holds step 3's weights and AdamW state
+    # (the AdamW step count too, so bias correction goes on from 3).
+    after_3, after_6 = _saved(ckpt / "step_0000003", tmp_path), _saved(ckpt / "step_0000006", tmp_path)
+    assert after_3.keys() == after_6.keys() and any(k.startswith("optim.exp_avg") for k in after_3)
+    assert all(torch.equal(after_3[k], after_6[k]) for k in after_3)
+    saved = {s: json.loads((ckpt / f"step_000000{s}" / "checkpoint.json").read_text()) for s in (3, 6)}
+    assert saved[3]["optimizer_step"] == saved[6]["optimizer_step"] == 3 and saved[6]["consumed_samples"] == 6 * 8
+
+    # Step 7 trains step 3's weights on step 7's batch (what the sampler gives step 7, not step 4).
+    from nanotronix.checkpoint.reader import CheckpointReader
+    from nanotronix.data.loader import build_train_loader
+    from nanotronix.model import build_model, cross_entropy
+
+    reader = CheckpointReader(ckpt / "step_0000006")
+    model = build_model(reader.model_config)
+    reader.load_into(model)
+    loader = build_train_loader(load_config(cfg_path), 0, 1)
+    with torch.no_grad():
+        losses = {s: torch.stack([cross_entropy(model(mb[:, :-1].long()), mb[:, 1:].long())
+                                  for mb in loader.read_batch(s)]).mean().item() for s in (4, 7)}
+    assert got[7]["loss"] == pytest.approx(losses[7], rel=1e-5)
+    assert abs(losses[4] - losses[7]) > 1e-3  # the two batches tell apart
+
+    # A run resumed inside a range (from step 5's checkpoint) goes on exactly as the uninterrupted one.
+    resumed_cfg = _config(tmp_path / "resumed", store, train={"train_steps": STEPS, "skip_steps": SKIPS},
+                              checkpoint={"dir": str(tmp_path / "resumed" / "ckpt"), "interval": 100,
+                                          "resume": str(ckpt / "step_0000005")})
+    train_in_process(resumed_cfg)
+    again = read_metrics(tmp_path / "resumed" / "logs")
+    assert sorted(again) == [7, 9]
+    assert all(again[s][k] == got[s][k] for s in (7, 9) for k in ("loss", "grad_norm", "lr", "consumed_tokens"))
+
+
+@pytest.mark.parametrize("skips, message", [
+    (["3-2"], "'3-2' is not within 1 <= A <= B <= train.train_steps=9"),
+    (["0"], "'0' is not within"),
+    (["5-10"], "'5-10' is not within"),
+    (["4..6"], "'4..6' is not a step N or a range A-B"),
+    (["-3"], "'-3' is not a step N or a range A-B"),
+])
+def test_bad_ranges_are_refused_in_one_line(tmp_path, store, skips, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        load_config(tiny_config(tmp_path, store, train={"train_steps": STEPS, "skip_steps": skips}))
+
+
+def test_ranges_merge_and_take_yaml_and_overrides(tmp_path, store):
+    path = tiny_config(tmp_path, store, train={"train_steps": 100})
+    cfg = load_config(path, ["train.skip_steps=[20-30, 7, 31-40, 25-26, 50]"])
+    assert skipped_step_ranges(cfg.train) == [(7, 7), (20, 40), (50, 50)]
