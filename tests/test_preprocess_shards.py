@@ -179,15 +179,17 @@ def test_a_bad_line_inside_a_cut_file_is_reported_by_byte_offset(tmp_path, tiny_
     assert f"a.jsonl:byte {bad}: invalid JSON" in capsys.readouterr().err
 
 
-def test_shuffle_stores_a_seeded_permutation_of_the_documents(tmp_path, tiny_tokenizer, tool, capsys, monkeypatch):
-    from nanotronix.data import megatron_store
-    monkeypatch.setattr(megatron_store, "_SHUFFLE_BATCH", 50)  # many batches of the rewrite
+@pytest.mark.parametrize("fmt", ["megatron", "zarr"])
+def test_shuffle_stores_a_seeded_permutation_of_the_documents(tmp_path, tiny_tokenizer, tool, monkeypatch, fmt):
+    from nanotronix.data import shuffle
+    monkeypatch.setattr(shuffle, "SHUFFLE_BATCH", 50)  # many batches of the permuted pass
     corpus = write_corpus(tmp_path / "corpus")
-    common = ["--input", str(corpus), "--tokenizer", tiny_tokenizer, "--no-progress", "--workers", "1"]
+    common = ["--input", str(corpus), "--tokenizer", tiny_tokenizer, "--no-progress", "--workers", "1", "--format", fmt]
+    suffix = ".zarr" if fmt == "zarr" else ""
     assert tool.main(common + ["--output-prefix", str(tmp_path / "plain")]) == 0
     assert tool.main(common + ["--output-prefix", str(tmp_path / "shuffled"), "--shuffle", "7"]) == 0
     assert tool.main(common + ["--output-prefix", str(tmp_path / "other"), "--shuffle"]) == 0  # seed 1234
-    plain, shuffled, other = (open_store(tmp_path / name) for name in ("plain", "shuffled", "other"))
+    plain, shuffled, other = (open_store(tmp_path / (name + suffix)) for name in ("plain", "shuffled", "other"))
     n = plain.num_documents
     order = np.random.default_rng([7]).permutation(n)  # document j of the output is input document order[j]
     assert [shuffled.document(j).tolist() for j in range(n)] == [plain.document(i).tolist() for i in order]
@@ -195,6 +197,9 @@ def test_shuffle_stores_a_seeded_permutation_of_the_documents(tmp_path, tiny_tok
     assert shuffled.metadata["shuffled"] == {"seed": [7]} and plain.metadata["shuffled"] is None
     assert not np.array_equal(other.document_lengths(), shuffled.document_lengths())  # another seed, another order
     shuffled.verify()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(  # no temporary file left beside the outputs
+        ["corpus"] + [name + ext for name in ("plain", "shuffled", "other")
+                      for ext in ([".zarr"] if fmt == "zarr" else [".bin", ".idx", ".meta.json"])])
     # shards: each shuffled on its own, from the seed and its index
     for i in range(2):
         assert tool.main(common + ["--output-prefix", str(tmp_path / "sharded"), "--shard", f"{i}/2",
@@ -207,6 +212,3 @@ def test_shuffle_stores_a_seeded_permutation_of_the_documents(tmp_path, tiny_tok
         assert [part.document(j).tolist() for j in range(m)] == [plain.document(k).tolist() for k in order]
         offset += m
     assert offset == n
-    capsys.readouterr()
-    assert tool.main(common + ["--output-prefix", str(tmp_path / "z"), "--format", "zarr", "--shuffle"]) == 2
-    assert "error: --shuffle: not implemented for --format zarr (megatron only)" in capsys.readouterr().err

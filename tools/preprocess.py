@@ -13,9 +13,9 @@ runs of the sorted inputs, about equal in bytes, into PREFIX/shard-IIIII-of-NNNN
 files are cut at line starts, Parquet files at row groups); once all N are written, the folder PREFIX is one
 dataset whose token stream is exactly what one run over all the inputs writes.
 
---shuffle stores the documents in a random order (from SEED, default 1234, and the shard index; megatron format):
-the training sampler shuffles windows, not documents, so this keeps documents that were neighbours in the input
-(same crawl, same site) out of the same training windows. It costs one more pass over the output.
+--shuffle stores the documents in a random order (from SEED, default 1234, and the shard index): the training
+sampler shuffles windows, not documents, so this keeps documents that were neighbours in the input (same crawl,
+same site) out of the same training windows. It costs a raw temporary copy of the tokens beside the output.
 """
 import argparse
 import os
@@ -40,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="skip bad records (counted by reason) instead of stopping at the first one")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--shuffle", metavar="SEED", type=int, nargs="?", const=1234, default=None,
-                        help="store the documents in a random order from SEED (default 1234; megatron format)")
+                        help="store the documents in a random order from SEED (default 1234)")
     parser.add_argument("--shard", metavar="I/N", type=parse_shard,
                         help="tokenize only shard I of N (0 <= I < N) of the inputs into PREFIX/shard-IIIII-of-NNNNN")
     return parser.parse_args(argv)

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-from tqdm import tqdm
 
 from .errors import DataError
 from .files import commit, remove_quietly, temp_path, write_json_atomic
@@ -28,7 +27,6 @@ HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequence count 
 DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
                8: np.uint16}
 CODE_OF_DTYPE = {np.dtype(v): k for k, v in DTYPE_CODES.items()}
-_SHUFFLE_BATCH = 1 << 14  # documents gathered at a time when shuffling
 _CHUNK = 1 << 22  # index entries per streamed chunk (32 MiB of int64)
 
 
@@ -80,15 +78,12 @@ class MegatronWriter:
     def add_document(self, tokens: np.ndarray) -> None:
         self.add_documents(np.asarray(tokens), np.array([len(tokens)]))
 
-    def finalize(self, sidecar: Optional[dict[str, Any]] = None, shuffle_seed=None, progress: bool = False) -> None:
-        """Write the .idx, then rename .bin, sidecar and finally .idx (the completion marker) into place. With
-        `shuffle_seed` (anything numpy.random.default_rng takes) the documents are stored in a random order."""
+    def finalize(self, sidecar: Optional[dict[str, Any]] = None) -> None:
+        """Write the .idx, then rename .bin, sidecar and finally .idx (the completion marker) into place."""
         self._bin.close()
         self._lengths.close()
         idx_tmp = temp_path(f"{self.prefix}.idx")
         try:
-            if shuffle_seed is not None:
-                self._shuffle(shuffle_seed, progress)
             _write_index(idx_tmp, self._lengths_tmp, self.num_documents, self.dtype)
             commit(self._bin_tmp, f"{self.prefix}.bin")
             if sidecar is not None:
@@ -103,31 +98,6 @@ class MegatronWriter:
             f.close()
         for p in (self._bin_tmp, self._lengths_tmp):
             remove_quietly(p)
-
-    def _shuffle(self, seed, progress: bool) -> None:
-        """Rewrite the temporary .bin and lengths with the documents in a seeded random order: one sequential pass
-        over the output, reading the written tokens by document (memory: 24 bytes per document, plus a batch)."""
-        lengths = np.fromfile(self._lengths_tmp, dtype=np.int32).astype(np.int64)
-        starts = np.cumsum(lengths) - lengths
-        order = np.random.default_rng(seed).permutation(len(lengths))
-        data = (np.memmap(self._bin_tmp, dtype=self.dtype, mode="r") if self.num_tokens
-                else np.zeros(0, self.dtype))
-        shuffled = temp_path(f"{self.prefix}.shuffled.bin")
-        try:
-            with open(shuffled, "wb") as out, tqdm(total=self.num_tokens, unit="tok", unit_scale=True,
-                                                   desc="shuffle", disable=not progress) as bar:
-                for lo in range(0, len(order), _SHUFFLE_BATCH):
-                    docs = order[lo:lo + _SHUFFLE_BATCH]
-                    size = lengths[docs]
-                    # token positions of the batch's documents, one after another
-                    positions = np.repeat(starts[docs] - (np.cumsum(size) - size), size) + np.arange(size.sum())
-                    out.write(np.ascontiguousarray(data[positions]).tobytes())
-                    bar.update(int(size.sum()))
-            del data
-            lengths[order].astype(np.int32).tofile(self._lengths_tmp)
-            os.replace(shuffled, self._bin_tmp)
-        finally:
-            remove_quietly(shuffled)
 
 
 def _write_index(path: Path, lengths_file: Path, n: int, dtype: np.dtype) -> None:

@@ -31,6 +31,7 @@ from .errors import DataError
 from .inputs import InputPiece, expand_inputs, iter_chunks, split_large_inputs, whole_files
 from .megatron_store import MegatronWriter, optimal_dtype
 from .sharded_store import shard_name, split_inputs
+from .shuffle import ShufflingWriter
 from .tokenizer import load_tokenizer
 
 FORMATS = ("megatron", "zarr")
@@ -50,8 +51,8 @@ class PreprocessOptions:
     # (index, count): tokenize only shard `index` of `count` of the inputs into OUTPUT_PREFIX/shard-IIIII-of-NNNNN,
     # one task of a job array; the folder then reads as one store (sharded_store.py)
     shard: Optional[tuple[int, int]] = None
-    # documents stored in a random order drawn from this seed (and the shard index), megatron format only: the
-    # sampler shuffles windows, so this is what keeps neighbouring input documents out of the same windows
+    # documents stored in a random order drawn from this seed (and the shard index): the sampler shuffles windows,
+    # so this is what keeps neighbouring input documents out of the same windows
     shuffle_seed: Optional[int] = None
     chunk_bytes: int = 1 << 18  # small enough to balance the workers on the last chunks
     threads_per_process: int = 8  # see the module docstring
@@ -88,8 +89,6 @@ def preprocess(opts: PreprocessOptions) -> PreprocessResult:
         raise DataError(f"--workers must be >= 1, got {opts.workers}")
     if opts.format not in FORMATS:
         raise DataError(f"--format {opts.format!r}: expected one of {', '.join(FORMATS)}")
-    if opts.shuffle_seed is not None and opts.format != "megatron":
-        raise DataError(f"--shuffle: not implemented for --format {opts.format} (megatron only)")
     pieces = whole_files(expand_inputs(opts.inputs))
     prefix = opts.output_prefix
     if opts.shard is not None:
@@ -105,6 +104,9 @@ def preprocess(opts: PreprocessOptions) -> PreprocessResult:
     encode.use_tokenizer(tokenizer, info.eos_id, dtype)
     executor = _start_workers(opts, info, dtype)  # before any other thread (progress bar) exists
     writer, output = create_writer(opts.format, prefix, dtype)
+    shuffle_seed = None if opts.shuffle_seed is None else [opts.shuffle_seed, *(opts.shard or ())]  # per shard
+    if shuffle_seed is not None:
+        writer = ShufflingWriter(writer, output, shuffle_seed, progress=opts.progress)
     per_file = [{"path": str(p.path), **({"part": p.part()} if p.part() else {}), "bytes": p.nbytes,
                  "documents": 0, "tokens": 0} for p in pieces]
     skipped: collections.Counter = collections.Counter()
@@ -146,14 +148,9 @@ def preprocess(opts: PreprocessOptions) -> PreprocessResult:
             "inputs": per_file,
             "skipped": {"total": sum(skipped.values()), "reasons": dict(sorted(skipped.items())),
                         "examples": examples},
-            "shuffled": None,
+            "shuffled": None if shuffle_seed is None else {"seed": shuffle_seed},
         }
-        if opts.shuffle_seed is None:
-            writer.finalize(sidecar)
-        else:
-            seed = [opts.shuffle_seed, *(opts.shard or ())]  # each shard its own order
-            sidecar["shuffled"] = {"seed": seed}
-            writer.finalize(sidecar, shuffle_seed=seed, progress=opts.progress)
+        writer.finalize(sidecar)
     except BaseException:
         writer.abort()
         raise

@@ -1,0 +1,83 @@
+"""Documents stored in a seeded random order (`preprocess --shuffle`), in front of any store writer.
+
+`ShufflingWriter` takes documents as they are tokenized (in input order) into a raw temporary file beside the
+output; `finalize()` then hands them to the real writer (Megatron or zarr) in the order
+`numpy.random.default_rng(seed).permutation(n)` gives, so document j of the store is input document order[j]. The
+permuted pass reads the temporary file by document in batches (memory: 16 bytes per document plus a batch) and
+writes the store sequentially, once: the same I/O as shuffling a written Megatron .bin in place, and a compressed
+zarr store is not compressed twice.
+
+Hand-written: no library shuffles variable-length records out of core.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import numpy as np
+from tqdm import tqdm
+
+from .files import remove_quietly, temp_path
+
+SHUFFLE_BATCH = 1 << 14  # documents gathered at a time
+
+
+class ShufflingWriter:
+    """The writer interface (add_documents, finalize, abort, num_documents, num_tokens, dtype) of `writer`, with
+    the documents reordered at finalize()."""
+
+    def __init__(self, writer, output: str | os.PathLike, seed, progress: bool = False):
+        self.writer = writer
+        self.dtype = writer.dtype
+        self.seed = seed
+        self.progress = progress
+        self._tokens_path = temp_path(f"{os.fspath(output)}.unshuffled")
+        self._lengths_path = temp_path(f"{os.fspath(output)}.unshuffled-lengths")
+        self._tokens = open(self._tokens_path, "wb")
+        self._lengths = open(self._lengths_path, "wb")
+        self.num_documents = 0
+        self.num_tokens = 0
+
+    def add_documents(self, flat_tokens: np.ndarray, lengths: np.ndarray) -> None:
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if int(lengths.sum()) != len(flat_tokens):
+            raise ValueError("document lengths do not add up to the token count")
+        self._tokens.write(np.ascontiguousarray(flat_tokens, dtype=self.dtype).tobytes())
+        self._lengths.write(lengths.tobytes())
+        self.num_documents += len(lengths)
+        self.num_tokens += len(flat_tokens)
+
+    def finalize(self, sidecar: Optional[dict[str, Any]] = None) -> None:
+        self._close()
+        try:
+            lengths = np.fromfile(self._lengths_path, dtype=np.int64)
+            starts = np.cumsum(lengths) - lengths
+            order = np.random.default_rng(self.seed).permutation(len(lengths))
+            data = (np.memmap(self._tokens_path, dtype=self.dtype, mode="r") if self.num_tokens
+                    else np.zeros(0, self.dtype))
+            with tqdm(total=self.num_tokens, unit="tok", unit_scale=True, desc="shuffle",
+                      disable=not self.progress) as bar:
+                for lo in range(0, len(order), SHUFFLE_BATCH):
+                    docs = order[lo:lo + SHUFFLE_BATCH]
+                    size = lengths[docs]
+                    # token positions of the batch's documents, one after another
+                    positions = np.repeat(starts[docs] - (np.cumsum(size) - size), size) + np.arange(size.sum())
+                    self.writer.add_documents(np.asarray(data[positions]), size)
+                    bar.update(int(size.sum()))
+            del data
+            self.writer.finalize(sidecar)
+        finally:
+            self._remove_temporaries()
+
+    def abort(self) -> None:
+        self._close()
+        self._remove_temporaries()
+        self.writer.abort()
+
+    def _close(self) -> None:
+        self._tokens.close()
+        self._lengths.close()
+
+    def _remove_temporaries(self) -> None:
+        remove_quietly(self._tokens_path)
+        remove_quietly(self._lengths_path)
