@@ -3,7 +3,7 @@
 `ShufflingWriter` takes documents as they are tokenized (in input order) into a raw temporary file beside the
 output; `finalize()` then hands them to the real writer (Megatron or zarr) in the order
 `numpy.random.default_rng(seed).permutation(n)` gives, so document j of the store is input document order[j]. The
-permuted pass reads the temporary file by document in batches (memory: 16 bytes per document plus a batch) and
+permuted pass reads the temporary file by document in batches (memory: 24 bytes per document plus a batch) and
 writes the store sequentially, once: the same I/O as shuffling a written Megatron .bin in place, and a compressed
 zarr store is not compressed twice.
 
