@@ -102,12 +102,9 @@ def split_large_inputs(files: list[Path], piece_bytes: float) -> list[InputPiece
     for path in files:
         size = path.stat().st_size
         kind = input_kind(path)
-        if size <= piece_bytes or kind not in ("jsonl", "parquet"):
+        if size <= piece_bytes or kind == "text" or path.name.lower().endswith(COMPRESSED_SUFFIXES):
             pieces.append(InputPiece(path, size))
         elif kind == "jsonl":
-            if path.name.lower().endswith(COMPRESSED_SUFFIXES):
-                pieces.append(InputPiece(path, size))
-                continue
             n = math.ceil(size / piece_bytes)
             cuts = [size * k // n for k in range(n + 1)]
             pieces += [InputPiece(path, b - a, byte_range=(a, b)) for a, b in zip(cuts, cuts[1:])]
