@@ -67,8 +67,9 @@ def train(cfg: Config, ctx: ParallelContext, device: torch.device) -> dict:
         skipped = next(((a, b) for a, b in skips if a <= step <= b), None)
         if skipped is not None:  # no batch read, no update: the data position and the step move on
             if step in (skipped[0], start_step):
-                log0(ctx, f"steps {step}-{skipped[1]}: skipped (train.skip_steps), their "
-                          f"{(skipped[1] - step + 1) * t.global_batch_size} samples are passed over")
+                which = f"steps {step}-{skipped[1]}" if skipped[1] > step else f"step {step}"
+                log0(ctx, f"{which}: skipped (train.skip_steps), "
+                          f"{(skipped[1] - step + 1) * t.global_batch_size} samples passed over")
             loader.skip(step)
             if checkpointer.after_step(step, model, optimizer, loader):
                 preempted = True
