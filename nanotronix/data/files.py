@@ -1,12 +1,17 @@
 """Atomic output: every file a command writes first lives under a temporary name beside its final one and is
 renamed into place only once complete and flushed, so an interrupted run never leaves an output that looks
-finished. Readers look for the file renamed last (e.g. a Megatron `.idx`), which is the completion marker."""
+finished. Readers look for the file renamed last (e.g. a Megatron `.idx`), which is the completion marker. Writers
+hold their documents in a `DocumentSpill` until then."""
 from __future__ import annotations
 
 import json
 import os
 import shutil
 from pathlib import Path
+
+import numpy as np
+
+from .errors import DataError
 
 
 def temp_path(final: str | os.PathLike) -> Path:
@@ -47,3 +52,37 @@ def write_json_atomic(path: str | os.PathLike, obj: dict) -> None:
     temp = temp_path(path)
     temp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
     commit(temp, path)
+
+
+class DocumentSpill:
+    """Documents appended to two raw files in bounded memory, the tokens one after another and each document's length
+    (int32): what a store writer holds until it finalizes (the Megatron writer's token file becomes its `.bin`)."""
+
+    def __init__(self, tokens_path: Path, lengths_path: Path, dtype: np.dtype):
+        self.tokens_path, self.lengths_path = tokens_path, lengths_path
+        self.dtype = np.dtype(dtype)
+        self._tokens = open(tokens_path, "wb")
+        self._lengths = open(lengths_path, "wb")
+        self.num_documents = 0
+        self.num_tokens = 0
+
+    def add(self, flat_tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Documents given as one flat token array and the length of each (sum(lengths) == size)."""
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if int(lengths.sum()) != len(flat_tokens):
+            raise ValueError("document lengths do not add up to the token count")
+        if lengths.size and int(lengths.max()) > np.iinfo(np.int32).max:
+            raise DataError("a document longer than 2^31-1 tokens cannot be stored")
+        self._tokens.write(np.ascontiguousarray(flat_tokens, dtype=self.dtype).tobytes())
+        self._lengths.write(lengths.astype(np.int32).tobytes())
+        self.num_documents += len(lengths)
+        self.num_tokens += len(flat_tokens)
+
+    def close(self) -> None:
+        self._tokens.close()
+        self._lengths.close()
+
+    def remove(self) -> None:
+        self.close()
+        remove_quietly(self.tokens_path)
+        remove_quietly(self.lengths_path)

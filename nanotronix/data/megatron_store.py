@@ -18,7 +18,7 @@ from typing import Any, Optional
 import numpy as np
 
 from .errors import DataError
-from .files import commit, remove_quietly, temp_path, write_json_atomic
+from .files import DocumentSpill, commit, remove_quietly, temp_path, write_json_atomic
 from .store import TokenStore
 
 MAGIC = b"MMIDIDX\x00\x00"
@@ -56,48 +56,39 @@ class MegatronWriter:
         if self.dtype not in CODE_OF_DTYPE:
             raise DataError(f"Megatron stores cannot hold {self.dtype} tokens")
         Path(self.prefix).parent.mkdir(parents=True, exist_ok=True)
-        self._bin_tmp = temp_path(f"{self.prefix}.bin")
-        self._lengths_tmp = temp_path(f"{self.prefix}.lengths")
-        self._bin = open(self._bin_tmp, "wb")
-        self._lengths = open(self._lengths_tmp, "wb")
-        self.num_documents = 0
-        self.num_tokens = 0
+        self._spill = DocumentSpill(temp_path(f"{self.prefix}.bin"), temp_path(f"{self.prefix}.lengths"), self.dtype)
+
+    @property
+    def num_documents(self) -> int:
+        return self._spill.num_documents
+
+    @property
+    def num_tokens(self) -> int:
+        return self._spill.num_tokens
 
     def add_documents(self, flat_tokens: np.ndarray, lengths: np.ndarray) -> None:
         """Append documents given as one flat token array and the length of each (sum(lengths) == size)."""
-        lengths = np.asarray(lengths, dtype=np.int64)
-        if int(lengths.sum()) != len(flat_tokens):
-            raise ValueError("document lengths do not add up to the token count")
-        if lengths.size and int(lengths.max()) > np.iinfo(np.int32).max:
-            raise DataError("a document longer than 2^31-1 tokens cannot be stored in a Megatron .idx")
-        self._bin.write(np.ascontiguousarray(flat_tokens, dtype=self.dtype).tobytes())
-        self._lengths.write(lengths.astype(np.int32).tobytes())
-        self.num_documents += len(lengths)
-        self.num_tokens += len(flat_tokens)
+        self._spill.add(flat_tokens, lengths)
 
     def add_document(self, tokens: np.ndarray) -> None:
         self.add_documents(np.asarray(tokens), np.array([len(tokens)]))
 
     def finalize(self, sidecar: Optional[dict[str, Any]] = None) -> None:
         """Write the .idx, then rename .bin, sidecar and finally .idx (the completion marker) into place."""
-        self._bin.close()
-        self._lengths.close()
+        self._spill.close()
         idx_tmp = temp_path(f"{self.prefix}.idx")
         try:
-            _write_index(idx_tmp, self._lengths_tmp, self.num_documents, self.dtype)
-            commit(self._bin_tmp, f"{self.prefix}.bin")
+            _write_index(idx_tmp, self._spill.lengths_path, self.num_documents, self.dtype)
+            commit(self._spill.tokens_path, f"{self.prefix}.bin")
             if sidecar is not None:
                 write_json_atomic(sidecar_path(self.prefix), sidecar)
             commit(idx_tmp, f"{self.prefix}.idx")
         finally:
             remove_quietly(idx_tmp)
-            remove_quietly(self._lengths_tmp)
+            remove_quietly(self._spill.lengths_path)
 
     def abort(self) -> None:
-        for f in (self._bin, self._lengths):
-            f.close()
-        for p in (self._bin_tmp, self._lengths_tmp):
-            remove_quietly(p)
+        self._spill.remove()
 
 
 def _write_index(path: Path, lengths_file: Path, n: int, dtype: np.dtype) -> None:

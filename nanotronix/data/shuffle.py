@@ -17,7 +17,7 @@ from typing import Any, Optional
 import numpy as np
 from tqdm import tqdm
 
-from .files import remove_quietly, temp_path
+from .files import DocumentSpill, temp_path
 
 SHUFFLE_BATCH = 1 << 14  # documents gathered at a time
 
@@ -31,29 +31,28 @@ class ShufflingWriter:
         self.dtype = writer.dtype
         self.seed = seed
         self.progress = progress
-        self._tokens_path = temp_path(f"{os.fspath(output)}.unshuffled")
-        self._lengths_path = temp_path(f"{os.fspath(output)}.unshuffled-lengths")
-        self._tokens = open(self._tokens_path, "wb")
-        self._lengths = open(self._lengths_path, "wb")
-        self.num_documents = 0
-        self.num_tokens = 0
+        output = os.fspath(output)
+        self._spill = DocumentSpill(temp_path(f"{output}.unshuffled"), temp_path(f"{output}.unshuffled-lengths"),
+                                    self.dtype)
+
+    @property
+    def num_documents(self) -> int:
+        return self._spill.num_documents
+
+    @property
+    def num_tokens(self) -> int:
+        return self._spill.num_tokens
 
     def add_documents(self, flat_tokens: np.ndarray, lengths: np.ndarray) -> None:
-        lengths = np.asarray(lengths, dtype=np.int64)
-        if int(lengths.sum()) != len(flat_tokens):
-            raise ValueError("document lengths do not add up to the token count")
-        self._tokens.write(np.ascontiguousarray(flat_tokens, dtype=self.dtype).tobytes())
-        self._lengths.write(lengths.tobytes())
-        self.num_documents += len(lengths)
-        self.num_tokens += len(flat_tokens)
+        self._spill.add(flat_tokens, lengths)
 
     def finalize(self, sidecar: Optional[dict[str, Any]] = None) -> None:
-        self._close()
+        self._spill.close()
         try:
-            lengths = np.fromfile(self._lengths_path, dtype=np.int64)
+            lengths = np.fromfile(self._spill.lengths_path, dtype=np.int32).astype(np.int64)
             starts = np.cumsum(lengths) - lengths
             order = np.random.default_rng(self.seed).permutation(len(lengths))
-            data = (np.memmap(self._tokens_path, dtype=self.dtype, mode="r") if self.num_tokens
+            data = (np.memmap(self._spill.tokens_path, dtype=self.dtype, mode="r") if self.num_tokens
                     else np.zeros(0, self.dtype))
             with tqdm(total=self.num_tokens, unit="tok", unit_scale=True, desc="shuffle",
                       disable=not self.progress) as bar:
@@ -67,17 +66,8 @@ class ShufflingWriter:
             del data
             self.writer.finalize(sidecar)
         finally:
-            self._remove_temporaries()
+            self._spill.remove()
 
     def abort(self) -> None:
-        self._close()
-        self._remove_temporaries()
+        self._spill.remove()
         self.writer.abort()
-
-    def _close(self) -> None:
-        self._tokens.close()
-        self._lengths.close()
-
-    def _remove_temporaries(self) -> None:
-        remove_quietly(self._tokens_path)
-        remove_quietly(self._lengths_path)
