@@ -86,3 +86,20 @@ class DocumentSpill:
         self.close()
         remove_quietly(self.tokens_path)
         remove_quietly(self.lengths_path)
+
+
+class SpillingWriter:
+    """A store writer whose documents wait in `self._spill` until it finalizes."""
+    _spill: DocumentSpill
+
+    @property
+    def num_documents(self) -> int:
+        return self._spill.num_documents
+
+    @property
+    def num_tokens(self) -> int:
+        return self._spill.num_tokens
+
+    def add_documents(self, flat_tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Append documents given as one flat token array and the length of each (sum(lengths) == size)."""
+        self._spill.add(flat_tokens, lengths)

@@ -18,7 +18,7 @@ from typing import Any, Optional
 import numpy as np
 
 from .errors import DataError
-from .files import DocumentSpill, commit, remove_quietly, temp_path, write_json_atomic
+from .files import DocumentSpill, SpillingWriter, commit, remove_quietly, temp_path, write_json_atomic
 from .store import TokenStore
 
 MAGIC = b"MMIDIDX\x00\x00"
@@ -47,7 +47,7 @@ def megatron_prefix(spec: str) -> Optional[str]:
     return None
 
 
-class MegatronWriter:
+class MegatronWriter(SpillingWriter):
     """Append documents, then `finalize()`; until then only hidden temporary files exist."""
 
     def __init__(self, prefix: str | os.PathLike, dtype: np.dtype):
@@ -57,18 +57,6 @@ class MegatronWriter:
             raise DataError(f"Megatron stores cannot hold {self.dtype} tokens")
         Path(self.prefix).parent.mkdir(parents=True, exist_ok=True)
         self._spill = DocumentSpill(temp_path(f"{self.prefix}.bin"), temp_path(f"{self.prefix}.lengths"), self.dtype)
-
-    @property
-    def num_documents(self) -> int:
-        return self._spill.num_documents
-
-    @property
-    def num_tokens(self) -> int:
-        return self._spill.num_tokens
-
-    def add_documents(self, flat_tokens: np.ndarray, lengths: np.ndarray) -> None:
-        """Append documents given as one flat token array and the length of each (sum(lengths) == size)."""
-        self._spill.add(flat_tokens, lengths)
 
     def add_document(self, tokens: np.ndarray) -> None:
         self.add_documents(np.asarray(tokens), np.array([len(tokens)]))

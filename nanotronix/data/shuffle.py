@@ -17,12 +17,12 @@ from typing import Any, Optional
 import numpy as np
 from tqdm import tqdm
 
-from .files import DocumentSpill, temp_path
+from .files import DocumentSpill, SpillingWriter, temp_path
 
 SHUFFLE_BATCH = 1 << 14  # documents gathered at a time
 
 
-class ShufflingWriter:
+class ShufflingWriter(SpillingWriter):
     """The writer interface (add_documents, finalize, abort, num_documents, num_tokens, dtype) of `writer`, with
     the documents reordered at finalize()."""
 
@@ -34,17 +34,6 @@ class ShufflingWriter:
         output = os.fspath(output)
         self._spill = DocumentSpill(temp_path(f"{output}.unshuffled"), temp_path(f"{output}.unshuffled-lengths"),
                                     self.dtype)
-
-    @property
-    def num_documents(self) -> int:
-        return self._spill.num_documents
-
-    @property
-    def num_tokens(self) -> int:
-        return self._spill.num_tokens
-
-    def add_documents(self, flat_tokens: np.ndarray, lengths: np.ndarray) -> None:
-        self._spill.add(flat_tokens, lengths)
 
     def finalize(self, sidecar: Optional[dict[str, Any]] = None) -> None:
         self._spill.close()
