@@ -110,6 +110,26 @@ def test_an_incomplete_folder_does_not_open(tmp_path, tiny_tokenizer, tool, caps
     assert "9 shards but the inputs make 7 piece(s)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("fmt", ["megatron", "zarr"])
+def test_shards_cut_from_different_input_listings_do_not_open(tmp_path, tiny_tokenizer, tool, fmt):
+    """A file that grows while the array runs moves the cuts: a shard rerun afterwards would overlap its
+    neighbours or leave a gap, so the folder refuses to open rather than read as a dataset."""
+    corpus = write_corpus(tmp_path / "corpus")
+    common = ["--input", str(corpus), "--tokenizer", tiny_tokenizer, "--no-progress", "--workers", "1", "--format", fmt,
+              "--output-prefix", str(tmp_path / "sharded")]
+    for i in range(3):
+        assert tool.main(common + ["--shard", f"{i}/3"]) == 0
+    store = open_store(tmp_path / "sharded")
+    shards = [part.metadata["shard"] for part in store.parts]
+    assert [(s["index"], s["count"]) for s in shards] == [(0, 3), (1, 3), (2, 3)]
+    assert len({s["inputs_sha256"] for s in shards}) == 1
+    with open(corpus / "part0" / "00.jsonl", "a") as f:
+        f.write(json.dumps({"text": "alpha beta"}) + "\n")
+    assert tool.main(common + ["--shard", "1/3"]) == 0
+    with pytest.raises(DataError, match="its shards were cut from different input listings"):
+        open_store(tmp_path / "sharded")
+
+
 def write_large_inputs(folder: Path) -> list[Path]:
     """One large JSON-lines file (with blank lines and an unterminated last line), a Parquet file of 9 row groups, a
     gzipped JSON-lines file and a text file: what a corpus of few, big files looks like."""

@@ -30,7 +30,7 @@ from . import encode
 from .errors import DataError
 from .inputs import InputPiece, expand_inputs, iter_chunks, split_large_inputs, whole_files
 from .megatron_store import MegatronWriter, optimal_dtype
-from .sharded_store import shard_name, split_inputs
+from .sharded_store import inputs_fingerprint, shard_name, split_inputs
 from .shuffle import ShufflingWriter
 from .tokenizer import load_tokenizer
 
@@ -91,7 +91,10 @@ def preprocess(opts: PreprocessOptions) -> PreprocessResult:
         raise DataError(f"--format {opts.format!r}: expected one of {', '.join(FORMATS)}")
     pieces = whole_files(expand_inputs(opts.inputs))
     prefix = opts.output_prefix
+    shard = None
     if opts.shard is not None:
+        # what every task of the array must have seen alike, or their runs of the inputs overlap or leave gaps
+        shard = {"index": opts.shard[0], "count": opts.shard[1], "inputs_sha256": inputs_fingerprint(pieces)}
         pieces = _pieces_of_shard(pieces, *opts.shard)
         prefix = os.path.join(opts.output_prefix, shard_name(*opts.shard))
     tokenizer, info = load_tokenizer(opts.tokenizer)
@@ -149,6 +152,7 @@ def preprocess(opts: PreprocessOptions) -> PreprocessResult:
             "skipped": {"total": sum(skipped.values()), "reasons": dict(sorted(skipped.items())),
                         "examples": examples},
             "shuffled": None if shuffle_seed is None else {"seed": shuffle_seed},
+            "shard": shard,
         }
         writer.finalize(sidecar)
     except BaseException:

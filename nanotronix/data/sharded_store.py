@@ -15,6 +15,8 @@ Hand-written: no store library concatenates Megatron or zarr stores without copy
 from __future__ import annotations
 
 import bisect
+import hashlib
+import os
 import re
 from pathlib import Path
 from typing import Optional
@@ -38,6 +40,15 @@ def sharded_folder(spec: str) -> Optional[Path]:
     if path.is_dir() and any(_SHARD.match(p.name) for p in path.iterdir()):
         return path
     return None
+
+
+def inputs_fingerprint(pieces) -> str:
+    """sha256 of the whole input listing a shard was cut from (each file's path below the inputs' common folder,
+    and its size), recorded in every shard's sidecar: shards of one folder must agree on it."""
+    paths = [os.path.abspath(p.path) for p in pieces]
+    root = os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0]) if paths else ""
+    listing = "\n".join(f"{os.path.relpath(path, root)}\t{p.nbytes}" for path, p in zip(paths, pieces))
+    return hashlib.sha256(listing.encode()).hexdigest()
 
 
 def split_inputs(sizes: list[int], index: int, count: int) -> tuple[int, int]:
@@ -178,4 +189,8 @@ class ShardedStore(ConcatenatedStore):
             raise DataError(f"{folder}: {len(missing)} of {count} shards missing ({listed}): a preprocess task has "
                             f"not finished")
         super().__init__(str(folder), [open_store(found[i]) for i in range(count)])
+        listings = {(p.metadata.get("shard") or {}).get("inputs_sha256") for p in self.parts} - {None}
+        if len(listings) > 1:
+            raise DataError(f"{folder}: its shards were cut from different input listings (files added, removed or "
+                            f"resized while the tasks ran): rerun every shard")
         self.metadata["shards"] = count
