@@ -13,7 +13,7 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from checkpoint_helpers import read_metrics, train_in_process
-from helpers import tiny_config, write_learnable_store
+from helpers import run, tiny_config, write_learnable_store
 from nanotronix.config import ConfigError, load_config, skipped_step_ranges
 
 STEPS = 9
@@ -104,3 +104,37 @@ def test_ranges_merge_and_take_yaml_and_overrides(tmp_path, store):
     path = tiny_config(tmp_path, store, train={"train_steps": 100})
     cfg = load_config(path, ["train.skip_steps=[20-30, 7, 31-40, 25-26, 50]"])
     assert skipped_step_ranges(cfg.train) == [(7, 7), (20, 40), (50, 50)]
+
+
+def test_rollback_then_skip_equals_a_run_that_skipped_from_the_start(tmp_path, store, capsys):
+    """The spike-recovery recipe: tools/rollback.py to step 4, then the same command with steps 5-6 skipped and
+    checkpoint.resume auto. Its steps 7-8 equal a run that skipped 5-6 from the start, bit for bit; the rolled-back
+    steps are kept aside; a requeue of the same command continues from the run's own latest step."""
+    from test_data_support import load_tool
+    rollback = load_tool("rollback.py")
+    assert run(["tools/rollback.py", "--help"]).returncode == 0
+    train_in_process(_config(tmp_path / "ref", store, train={"train_steps": 8, "skip_steps": ["5-6"]}))
+    reference = read_metrics(tmp_path / "ref" / "logs")
+
+    ckpt = tmp_path / "run" / "ckpt"
+    checkpoint = {"dir": str(ckpt), "interval": 2, "resume": "auto"}
+    train_in_process(_config(tmp_path / "run", store, train={"train_steps": 8}, checkpoint=checkpoint))
+    capsys.readouterr()
+    assert rollback.main([str(ckpt), "--to-step", "3"]) == 2  # never saved
+    assert "no complete checkpoint of step 3 (committed steps: 2, 4, 6, 8)" in capsys.readouterr().err
+    assert rollback.main([str(ckpt), "--to-step", "4"]) == 0
+    shown = capsys.readouterr().out
+    assert "to step 4: latest -> step_0000004; 2 later step(s) (6, 8) moved to" in shown
+    assert (ckpt / "latest").read_text() == "step_0000004\n"
+    aside = [p for p in ckpt.iterdir() if p.name.startswith("rolled_back_after_step_0000004-")]
+    assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == ["step_0000006", "step_0000008"]
+
+    recovered = _config(tmp_path / "run", store, train={"train_steps": 8, "skip_steps": ["5-6"]},
+                        checkpoint=checkpoint)
+    train_in_process(recovered)
+    assert f"resumed from {ckpt / 'step_0000004'} at step 4" in capsys.readouterr().out
+    got = read_metrics(tmp_path / "run" / "logs")  # the last record of a step wins
+    for step in (7, 8):
+        assert all(got[step][k] == reference[step][k] for k in ("loss", "grad_norm", "lr", "consumed_tokens"))
+    train_in_process(recovered)  # a requeue: nothing left to do, and not back to step 4
+    assert f"resumed from {ckpt / 'step_0000008'} at step 8" in capsys.readouterr().out

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -164,3 +165,24 @@ def prune(run_dir: Path, keep_last: int) -> list[Path]:
         (p / MANIFEST_NAME).unlink(missing_ok=True)
         shutil.rmtree(p, ignore_errors=True)
     return doomed
+
+
+def roll_back(run_dir: Path, step: int) -> tuple[Optional[Path], list[Path]]:
+    """Make the committed `step` the run's latest again (`tools/rollback.py`): `latest` names it first, then every
+    later step folder moves into RUN_DIR/rolled_back_after_step_NNNNNNN-TIME/ (kept, not deleted; no step pattern
+    there, so no resume, prune or export sees it). Returns (that folder or None, the steps moved). A crash between
+    the two leaves `latest` on `step` and the later folders in place, to be replaced as the run saves them anew."""
+    target = run_dir / step_folder_name(step)
+    if not is_step_folder(target):
+        steps = ", ".join(str(step_of(p)) for p in committed_steps(run_dir)) or "none"
+        raise CheckpointError(f"{run_dir}: no complete checkpoint of step {step} (committed steps: {steps})")
+    later = [p for p in committed_steps(run_dir) if step_of(p) > step]
+    write_text_durably(run_dir / LATEST_NAME, target.name + "\n")
+    if not later:
+        return None, []
+    aside = run_dir / f"rolled_back_after_{target.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.mkdir()
+    for p in later:
+        os.rename(p, aside / p.name)
+    fsync_path(run_dir)
+    return aside, later

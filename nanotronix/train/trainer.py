@@ -88,8 +88,8 @@ def train(cfg: Config, ctx: ParallelContext, device: torch.device) -> dict:
             raise FloatingPointError(
                 f"step {step}: the loss ({result.loss}) or the gradient norm ({result.grad_norm}) is not finite; the "
                 f"weights were not updated and nothing was saved after step {step - 1} (rerunning would meet the same "
-                f"batch: lower the learning rate, or resume from an earlier checkpoint with the steps around this one "
-                f"skipped, e.g. train.skip_steps=[{step}-{min(step + 99, t.train_steps)}])")
+                f"batch: lower the learning rate, or resume with the steps from here skipped, e.g. "
+                f"train.skip_steps=[{step}-{min(step + 99, t.train_steps)}]; tools/rollback.py goes back further)")
         first_loss = result.loss if first_loss is None else first_loss
         last_loss = result.loss
         speed.add(tokens_per_step)

@@ -1,0 +1,49 @@
+#!/usr/bin/env python
+"""Roll a run's checkpoint folder back to an earlier step (after a loss spike), so that the run resumes there.
+
+    python tools/rollback.py CKPT_DIR --to-step N
+
+`latest` then names step N, and every later step moves into CKPT_DIR/rolled_back_after_step_NNNNNNN-TIME/ (kept:
+delete it once it is not wanted). Run it while the run is stopped. Then start the run as before (checkpoint.resume:
+auto, the Slurm scripts' default), usually with the steps after N that met the spike skipped:
+
+    python tools/rollback.py runs/smollm2-1.7b/checkpoints --to-step 12000
+    OVERRIDES="train.skip_steps=[12001-12200]" sbatch slurm/smollm2_1p7b.sh
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from nanotronix.errors import fail
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="tools/rollback.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint_dir", metavar="CKPT_DIR", help="the run's checkpoint folder (checkpoint.dir)")
+    p.add_argument("--to-step", type=int, required=True, metavar="N", help="the committed step to go back to")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from nanotronix.checkpoint import paths
+    from nanotronix.checkpoint.errors import CheckpointError
+
+    run_dir = Path(args.checkpoint_dir)
+    if not run_dir.is_dir() or paths.is_step_folder(run_dir):
+        return fail(f"{run_dir}: not a run's checkpoint folder (the folder that holds step_NNNNNNN folders)")
+    try:
+        aside, moved = paths.roll_back(run_dir, args.to_step)
+    except CheckpointError as e:
+        return fail(e)
+    where = (f"; {len(moved)} later step(s) ({', '.join(str(paths.step_of(p)) for p in moved)}) moved to {aside} "
+             f"(delete it when no longer wanted)") if moved else "; no later steps"
+    print(f"rolled back {run_dir} to step {args.to_step}: latest -> {paths.step_folder_name(args.to_step)}{where}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
