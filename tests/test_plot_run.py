@@ -31,9 +31,11 @@ def record(step: int, stage: str, loss: float) -> dict:
 
 
 def write_resumed_run(log_dir: Path) -> None:
-    """Steps 1-12, then a resume from the checkpoint of step 8 that logs 9-20 again; the file ends mid-line."""
+    """Steps 1-12, then a resume from the checkpoint of step 8 that logs 9-20 again, then a rollback to step 16 whose
+    run has logged 17-18 when the plot is drawn (19-20 of the abandoned run must go); the file ends mid-line."""
     rows = [record(s, "web" if s <= 10 else "code+web", 10.0 - 0.1 * s) for s in range(1, 13)]
     rows += [record(s, "web" if s <= 10 else "code+web", 9.0 - 0.1 * s) for s in range(9, 21)]
+    rows += [record(s, "code+web", 5.0 - 0.1 * s) for s in range(17, 19)]
     for row in rows:
         if row["step"] % 5 == 0:  # validation.interval 5
             row["val_losses"] = {"/data/heldout/web": row["loss"] + 0.2, "/data/heldout/code": row["loss"] + 0.4}
@@ -47,12 +49,13 @@ def test_plot_of_a_resumed_two_stage_run(plot_tool, tmp_path, capsys):
     log_dir = tmp_path / "logs"
     write_resumed_run(log_dir)
     records, bad = plot_tool.read_metrics(log_dir / "metrics.jsonl")
-    assert bad == 1 and [r["step"] for r in records] == list(range(1, 21))
+    assert bad == 1 and [r["step"] for r in records] == list(range(1, 19))
     assert records[10]["loss"] == pytest.approx(9.0 - 1.1)  # the resumed run's record of step 11 wins
+    assert records[-1]["loss"] == pytest.approx(5.0 - 1.8)  # and the rolled-back run's of step 18
     assert plot_tool.main([str(log_dir)]) == 0
     out, err = capsys.readouterr()
     assert "stage switches: code+web at step 11" in out and "skipped 1 unreadable line" in err
-    assert "(20 records, 4 with a validation loss over 2 store(s))" in out  # steps 5, 10, 15, 20
+    assert "(18 records, 3 with a validation loss over 2 store(s))" in out  # steps 5, 10, 15
     png = log_dir / "run.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     import matplotlib.image

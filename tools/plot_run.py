@@ -6,8 +6,9 @@ with the data-stage boundaries marked. One PNG, what people look at instead of r
 
 LOG_DIR is the run's logging.dir (the folder holding metrics.jsonl) or the metrics.jsonl file itself; the PNG goes
 to LOG_DIR/run.png unless --output says otherwise, and appears only when complete. A run that resumed from an
-earlier checkpoint logs some steps twice: the later record of a step wins (it is the run that went on). A
-truncated last line (a job killed while writing) is skipped with a warning.
+earlier checkpoint logs some steps twice: a record of step s drops the records of steps >= s written before it (they
+belong to the run that was abandoned: after tools/rollback.py its logged steps beyond the new run's progress, too).
+A truncated last line (a job killed while writing) is skipped with a warning.
 """
 from __future__ import annotations
 
@@ -36,8 +37,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def read_metrics(path: Path) -> tuple[list[dict[str, Any]], int]:
-    """Records sorted by step, the last record of each step kept; and the number of unreadable lines."""
-    by_step: dict[int, dict[str, Any]] = {}
+    """The records of the run that went on, in step order (see the module docstring); and the number of unreadable
+    lines."""
+    kept: list[dict[str, Any]] = []  # increasing steps
     bad = 0
     with path.open() as f:
         for line in f:
@@ -49,8 +51,11 @@ def read_metrics(path: Path) -> tuple[list[dict[str, Any]], int]:
             except (ValueError, KeyError, TypeError):
                 bad += 1
                 continue
-            by_step[step] = record
-    return [by_step[s] for s in sorted(by_step)], bad
+            while kept and kept[-1]["step"] >= step:  # a resume from an earlier step: what followed it is gone
+                kept.pop()
+            record["step"] = step
+            kept.append(record)
+    return kept, bad
 
 
 def stage_boundaries(records: list[dict[str, Any]]) -> list[tuple[int, str]]:
