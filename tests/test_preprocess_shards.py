@@ -164,6 +164,36 @@ def test_large_inputs_are_cut_where_their_format_allows(tmp_path):
     assert pieces == [p for f in files for p in by_file[f.name]]  # in file order
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_json_lines_pieces_hold_every_line_once_in_order(tmp_path, seed):
+    """The byte-range rule on awkward files: lines far longer than a piece, blank and CRLF lines, no final newline,
+    pieces of a few bytes. Concatenating what the pieces read gives the file's non-blank lines, each once, in order,
+    each at the byte offset it says."""
+    from nanotronix.data.inputs import iter_chunks, split_large_inputs
+    rng = np.random.default_rng(seed)
+    lines = []
+    for _ in range(int(rng.integers(1, 60))):
+        kind = rng.integers(0, 6)
+        body = "" if kind == 0 else json.dumps({"text": "x" * int(rng.integers(0, 400 if kind == 1 else 20))})
+        lines.append(body + ("\r\n" if kind == 2 else "\n"))
+    if rng.integers(0, 2):
+        lines[-1] = lines[-1].rstrip("\r\n") or "{}"  # no final newline
+    path = tmp_path / "f.jsonl"
+    data = "".join(lines).encode()
+    path.write_bytes(data)
+    for piece_bytes in (1, 7, 64, len(data) // 3 + 1):
+        pieces = split_large_inputs([path], piece_bytes)
+        read, offsets = [], []
+        for chunk in iter_chunks(pieces, "text", chunk_bytes=50):
+            read += chunk.items
+            offsets += [chunk.at_bytes and int(chunk.position(k)[1].split()[1])
+                        for k in range(len(chunk.items))]
+        expected = [line.encode() for line in lines if line.strip()]
+        assert read == expected, (piece_bytes, len(pieces))
+        for item, offset in zip(read, offsets):  # a piece inside the file names each line by its byte offset
+            assert offset is False or data[offset:offset + len(item)] == item
+
+
 @pytest.mark.parametrize("count", [2, 5, 11])
 def test_shards_of_large_inputs_read_as_the_single_run(tmp_path, tiny_tokenizer, tool, count):
     write_large_inputs(tmp_path / "corpus")
