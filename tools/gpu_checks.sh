@@ -31,7 +31,7 @@ LOG=$OUT/checks.log
 tail -3 "$LOG"
 
 build() {
-  echo "== build csrc kernels"
+  echo "== [t+${SECONDS}s] build csrc kernels"
   local start=$(date +%s)
   timeout 240 $PY setup.py build_ext --inplace >> "$LOG" 2>&1; echo "build rc=$? in $(( $(date +%s) - start )) s" | tee -a "$LOG"
   $PY -c "from nanotronix import accel; print('kernels loaded:', accel.compiled_kernels() is not None, '| torch fp32-accumulating GEMM:', accel.fp32_accumulating_gemm())" 2>&1 | tee -a "$LOG"
@@ -39,13 +39,13 @@ build() {
 
 gpu_tests() {  # timeout, test files...
   local limit=$1; shift
-  echo "== GPU tests: $*"
+  echo "== [t+${SECONDS}s] GPU tests: $*"
   timeout "$limit" $PY -m pytest -q -p no:cacheprovider "$@" -k "cuda or kernels" >> "$LOG" 2>&1
   echo "tests rc=$?"; tail -5 "$LOG"
 }
 bench() {  # name, timeout, args...
   local name=$1 limit=$2; shift 2
-  echo "== bench $name"
+  echo "== [t+${SECONDS}s] bench $name"
   timeout "$limit" $PY tools/bench_train.py "$@" --json "$OUT/bench_$name.json" > "$OUT/bench_$name.log" 2>&1
   echo "bench $name rc=$?"; grep -A12 "^run " "$OUT/bench_$name.log" || tail -5 "$OUT/bench_$name.log"
 }
@@ -89,13 +89,13 @@ if [ "$PART" != 1 ]; then  # in the order of what matters most, should the devic
   bench 1p7b_docmask 150 model.preset=smollm2-1.7b $S train.micro_batch_size=4 --accum 16 --warmup 2 --steps 3 \
     --documents 0:1024 --no-baseline --variant compiled-cache-docmask:$K,model.document_mask_eos_id=0 \
     --variant compiled-cache-docmask-flex:$K,model.document_mask_eos_id=0,model.attn_implementation=flex
-  echo "== this machine's torch on CPU: document ids between pipeline stages, every layout (gloo), the bf16 weight cache, ZeRO-1 gather overlap, the fused wgrad accumulation"
+  echo "== [t+${SECONDS}s] this machine's torch on CPU: document ids between pipeline stages, every layout (gloo), the bf16 weight cache, ZeRO-1 gather overlap, the fused wgrad accumulation"
   timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_parallel_layouts.py tests/test_document_masking.py \
     tests/test_compute_weights.py -k "not cuda" >> "$LOG" 2>&1; echo "layout tests rc=$?"; tail -2 "$LOG"
   # last, best effort: the trainer itself on the GPU (the quickstart's data and model): bf16, compile, the weight
   # cache, the fused wgrad accumulation and loss, validation every 50 steps; its log lines show MFU, peak memory
   # and the validation loss (nothing of it lands in $OUT but checks2.log)
-  echo "== the trainer on CUDA (quickstart data and model)"
+  echo "== [t+${SECONDS}s] the trainer on CUDA (quickstart data and model)"
   { PY=$PY bash examples/quickstart_data.sh && timeout 150 $PY -m torch.distributed.run --standalone \
       --nproc_per_node=1 -m nanotronix.train --config examples/configs/quickstart.yaml parallel.tp=1 parallel.pp=1 \
       train.device=${TRAIN_DEVICE:-cuda} train.dtype=bfloat16 train.compile=true train.bf16_weight_cache=true \
@@ -105,7 +105,7 @@ if [ "$PART" != 1 ]; then  # in the order of what matters most, should the devic
   echo "trainer rc=$?"; grep -E "^step|^done|error" "$LOG" | tail -8
 fi
 
-echo "== summary against issue 7's Done-when (best run of each bench file present)"
+echo "== [t+${SECONDS}s] summary against issue 7's Done-when (best run of each bench file present)"
 $PY - "$OUT" <<'PYEOF'
 import json, sys
 from pathlib import Path
@@ -119,4 +119,4 @@ for path in sorted(Path(sys.argv[1]).glob("bench_*.json")):
     print(f"{path.stem}: best {best['name']}: MFU {100 * (best['mfu'] or 0):.1f}%, {ratio}, "
           f"{best['peak_memory_gb'] or 0:.1f} GB; failed: {[r['name'] for r in report['results'] if not r['ok']]}")
 PYEOF
-echo "== done"; date -u
+echo "== [t+${SECONDS}s] done"; date -u
