@@ -149,9 +149,9 @@ def write_large_inputs(folder: Path) -> list[Path]:
 
 
 def test_large_inputs_are_cut_where_their_format_allows(tmp_path):
-    from nanotronix.data.inputs import split_large_inputs
+    from nanotronix.data.inputs import split_large_inputs, whole_files
     files = write_large_inputs(tmp_path / "corpus")
-    pieces = split_large_inputs(files, piece_bytes=2000)
+    pieces = split_large_inputs(whole_files(files), piece_bytes=2000)
     by_file = {f.name: [p for p in pieces if p.path == f] for f in files}
     size = files[0].stat().st_size
     ranges = [p.byte_range for p in by_file["a.jsonl"]]
@@ -169,7 +169,7 @@ def test_json_lines_pieces_hold_every_line_once_in_order(tmp_path, seed):
     """The byte-range rule on awkward files: lines far longer than a piece, blank and CRLF lines, no final newline,
     pieces of a few bytes. Concatenating what the pieces read gives the file's non-blank lines, each once, in order,
     each at the byte offset it says."""
-    from nanotronix.data.inputs import iter_chunks, split_large_inputs
+    from nanotronix.data.inputs import iter_chunks, split_large_inputs, whole_files
     rng = np.random.default_rng(seed)
     lines = []
     for _ in range(int(rng.integers(1, 60))):
@@ -182,7 +182,7 @@ def test_json_lines_pieces_hold_every_line_once_in_order(tmp_path, seed):
     data = "".join(lines).encode()
     path.write_bytes(data)
     for piece_bytes in (1, 7, 64, len(data) // 3 + 1):
-        pieces = split_large_inputs([path], piece_bytes)
+        pieces = split_large_inputs(whole_files([path]), piece_bytes)
         read, offsets = [], []
         for chunk in iter_chunks(pieces, "text", chunk_bytes=50):
             read += chunk.items

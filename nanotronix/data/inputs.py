@@ -94,16 +94,16 @@ def whole_files(files: list[Path]) -> list[InputPiece]:
     return [InputPiece(f, f.stat().st_size) for f in files]
 
 
-def split_large_inputs(files: list[Path], piece_bytes: float) -> list[InputPiece]:
-    """The files in order, each larger than `piece_bytes` cut into pieces of about that size where its format
-    allows (see the module docstring). Depends only on the files' sizes and Parquet footers, so every task of a
-    job array computes the same pieces."""
+def split_large_inputs(files: list[InputPiece], piece_bytes: float) -> list[InputPiece]:
+    """The whole files (`whole_files`) in order, each larger than `piece_bytes` cut into pieces of about that size
+    where its format allows (see the module docstring). Depends only on the files' sizes and Parquet footers, so
+    every task of a job array computes the same pieces."""
     pieces: list[InputPiece] = []
-    for path in files:
-        size = path.stat().st_size
+    for whole in files:
+        path, size = whole.path, whole.nbytes
         kind = input_kind(path)
         if size <= piece_bytes or kind == "text" or path.name.lower().endswith(COMPRESSED_SUFFIXES):
-            pieces.append(InputPiece(path, size))
+            pieces.append(whole)
         elif kind == "jsonl":
             n = math.ceil(size / piece_bytes)
             cuts = [size * k // n for k in range(n + 1)]

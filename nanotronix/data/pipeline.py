@@ -177,7 +177,7 @@ def _pieces_of_shard(pieces: list[InputPiece], index: int, count: int) -> list[I
     huge input no longer has to be one task."""
     if count > 1:
         share = sum(p.nbytes for p in pieces) / count
-        pieces = split_large_inputs([p.path for p in pieces], piece_bytes=max(share / 4, 1))
+        pieces = split_large_inputs(pieces, piece_bytes=max(share / 4, 1))
     start, stop = split_inputs([p.nbytes for p in pieces], index, count)
     return pieces[start:stop]
 
