@@ -196,6 +196,9 @@ class LoggingConfig:
     dir: str = "runs/default"
     interval: int = 1
     tensorboard: bool = False
+    # Seconds without progress after which rank 0 reports which ranks are behind or not responding, and those print
+    # their stacks (nanotronix/train/hang_report.py); below the 10-minute collective timeout. 0: off.
+    hang_report_seconds: float = 300.0
 
 
 @dataclass
@@ -494,6 +497,7 @@ def validate(cfg: Config) -> None:
     _require(c.keep_last >= 0, "checkpoint.keep_last: must be >= 0")
     _require(bool(c.resume.strip()), "checkpoint.resume: must be auto, none or a checkpoint path")
     _require(cfg.logging.interval >= 1, "logging.interval: must be >= 1")
+    _require(cfg.logging.hang_report_seconds >= 0, "logging.hang_report_seconds: must be >= 0 (0: off)")
 
 
 def resolve_layout(cfg: Config, world_size: int) -> int:

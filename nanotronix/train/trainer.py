@@ -16,6 +16,7 @@ from nanotronix.data import build_prefetched_loader, tokenizer_note
 from nanotronix.model import build_model
 from nanotronix.parallel import DistributedOptimizer, ParallelContext, parallelize
 from nanotronix.train.flops import device_peak_tflops, document_attention_span, flops_per_token, mfu
+from nanotronix.train.hang_report import HangWatch
 from nanotronix.train.lr_schedule import lr_at
 from nanotronix.train.metrics import MetricsLog, Throughput, console_line, peak_memory_gb
 from nanotronix.train.optimizer import param_groups
@@ -30,6 +31,14 @@ def log0(ctx: ParallelContext, msg: str) -> None:
 
 def train(cfg: Config, ctx: ParallelContext, device: torch.device) -> dict:
     """Run the configured training; return a summary (first/last loss, steps) for the caller to print."""
+    watch = HangWatch.start(cfg.logging.hang_report_seconds)  # which rank a stuck run waits for, and where
+    try:
+        return _train(cfg, ctx, device, watch)
+    finally:
+        watch.close()
+
+
+def _train(cfg: Config, ctx: ParallelContext, device: torch.device, watch: HangWatch) -> dict:
     t, m = cfg.train, cfg.model
     torch.manual_seed(t.seed)
     attn = accel.resolve_attention(m.attn_implementation, device)
@@ -39,6 +48,7 @@ def train(cfg: Config, ctx: ParallelContext, device: torch.device) -> dict:
     optimizer = DistributedOptimizer(model, param_groups(model.named_parameters(), o.weight_decay), lr=o.lr,
                                      betas=tuple(o.betas), eps=o.eps, fused=True if device.type == "cuda" else None)
     checkpointer = Checkpointer(cfg, ctx, device)  # resume, periodic saves, SIGTERM/SIGUSR1 -> save and stop
+    watch.at(0, "resume")
     resumed = checkpointer.resume(model, optimizer)
     skips = skipped_step_ranges(t)
     loader = build_prefetched_loader(cfg, ctx.dp_rank, ctx.dp, device, consumed_samples=resumed.consumed_samples,
@@ -66,22 +76,26 @@ def train(cfg: Config, ctx: ParallelContext, device: torch.device) -> dict:
     for step in range(start_step, t.train_steps + 1):
         skipped = next(((a, b) for a, b in skips if a <= step <= b), None)
         if skipped is not None:  # no batch read, no update: the data position and the step move on
+            watch.at(step, "skipped")
             if step in (skipped[0], start_step):
                 which = f"steps {step}-{skipped[1]}" if skipped[1] > step else f"step {step}"
                 log0(ctx, f"{which}: skipped (train.skip_steps), "
                           f"{(skipped[1] - step + 1) * t.global_batch_size} samples passed over")
             loader.skip(step)
+            watch.at(step, "checkpoint")
             if checkpointer.after_step(step, model, optimizer, loader):
                 preempted = True
                 break
             continue
         lr = lr_at(step, cfg.optimizer.lr, cfg.lr_schedule)
         asked = time.perf_counter()
+        watch.at(step, "data")
         batch = loader.batch(step)  # read ahead while the previous step trained: ~0 unless the input is too slow
         data_wait += time.perf_counter() - asked
         steps_since_log += 1
         if m.document_mask_eos_id is not None:  # attention FLOPs depend on the documents' lengths
             spans.append(document_attention_span(batch[..., :-1], m.document_mask_eos_id))
+        watch.at(step, "train step")
         result = train_step(model, optimizer, batch, lr, cfg.optimizer.clip_grad)
         if not result.applied:
             checkpointer.close()  # an asynchronous save of an earlier (good) step completes first
@@ -95,6 +109,7 @@ def train(cfg: Config, ctx: ParallelContext, device: torch.device) -> dict:
         speed.add(tokens_per_step)
         val_losses = None
         if validator is not None and (step % cfg.validation.interval == 0 or step == t.train_steps):
+            watch.at(step, "validation")
             with speed.paused():  # the tokens/s of training only
                 val_losses = validator.run()
         if step % cfg.logging.interval == 0 or step in (start_step, t.train_steps) or val_losses:
@@ -117,9 +132,11 @@ def train(cfg: Config, ctx: ParallelContext, device: torch.device) -> dict:
                 record.update(val_loss=mean_loss(val_losses), val_losses=val_losses)
             metrics.write(record)
             log0(ctx, console_line(record, t.train_steps))
+        watch.at(step, "checkpoint")
         if checkpointer.after_step(step, model, optimizer, loader):
             preempted = True
             break
+    watch.at(None, "finish")  # the last step it reached
     model.grads.wait_for_weights()  # ZeRO-1 overlap_param_gather: the last step's weight gathers
     checkpointer.close()
     loader.close()
