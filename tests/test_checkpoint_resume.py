@@ -4,8 +4,9 @@
   checkpoint (possibly in the middle of a save) and restarted, reproduces the uninterrupted run's per-step loss,
   grad norm, learning rate and data position bit for bit (fp32, same layout);
 - a run started from a Hugging Face import (weights only, a new rope_theta), and a requeue of the same command
-  that keeps the run's own progress instead of going back to checkpoint.resume.
-Costs ~15-20 s of CPU (two training subprocesses; the rest runs in this process).
+  that keeps the run's own progress instead of going back to checkpoint.resume;
+- checkpoint.resume naming an earlier step of the run's own folder is refused (a requeue would go back again).
+Costs ~25-35 s of CPU (four training subprocesses; the rest runs in this process).
 """
 from __future__ import annotations
 
@@ -100,3 +101,21 @@ def test_resume_refuses_another_global_batch_size(tmp_path, store):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
     assert "consumed 16 samples in 2 steps (global batch 8), but train.global_batch_size is 16" in lines[0]
+
+
+def test_resume_to_an_earlier_step_of_the_own_run_is_refused(tmp_path, store):
+    """checkpoint.resume=DIR/step_X with a later step in DIR would be honoured on every requeue of the job, throwing
+    its progress away each time: one line pointing at tools/rollback.py, exit 2. The latest step itself is fine."""
+    ckpt = tmp_path / "ckpt"
+    cfg = _config(tmp_path, store, train={"train_steps": 4}, checkpoint={"dir": str(ckpt), "interval": 2})
+    train_in_process(cfg)
+    proc = run(["-m", "nanotronix.train", "--config", str(cfg), "train.train_steps=6",
+                f"checkpoint.resume={ckpt / 'step_0000002'}"])
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert "is an earlier step of this run's own checkpoint.dir (latest: step_0000004)" in lines[0]
+    assert f"python tools/rollback.py {ckpt} --to-step 2" in lines[0]
+    assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_0000002", "step_0000004"]  # nothing touched
+    proc = run(["-m", "nanotronix.train", "--config", str(cfg), "train.train_steps=6",
+                f"checkpoint.resume={ckpt / 'step_0000004'}"])
+    assert proc.returncode == 0 and "resumed from" in proc.stdout and "at step 4" in proc.stdout, proc.stderr[-2000:]

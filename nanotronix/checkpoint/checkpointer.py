@@ -13,7 +13,8 @@ Which checkpoint a run resumes from (`checkpoint.resume`):
   auto  the newest complete step in `checkpoint.dir`, or a fresh start when there is none;
   none  a fresh start;
   PATH  that step folder or run folder. Once the run has committed checkpoints of its own in `checkpoint.dir`,
-        those win over a PATH outside it, so a requeued job continues instead of starting over from PATH.
+        those win over a PATH outside it, so a requeued job continues instead of starting over from PATH. An
+        earlier step inside `checkpoint.dir` is refused (every requeue would go back to it): tools/rollback.py.
 """
 from __future__ import annotations
 
@@ -125,6 +126,12 @@ class Checkpointer:
             self._log(f"{self.run_dir} already holds this run's checkpoints: continuing from {own.name} "
                       f"instead of checkpoint.resume={mode}")
             return own
+        if own is not None and paths.step_of(requested) < paths.step_of(own):
+            # Honoured, this would take every requeue of the job back to that step again, losing its progress.
+            raise CheckpointError(
+                f"checkpoint.resume={mode} is an earlier step of this run's own checkpoint.dir (latest: {own.name}): "
+                f"every requeue would go back to it again; to go back, run `python tools/rollback.py {self.run_dir} "
+                f"--to-step {paths.step_of(requested)}` and resume with checkpoint.resume=auto")
         return requested
 
     def resume(self, model, optimizer) -> ResumeState:
