@@ -138,3 +138,21 @@ def test_rollback_then_skip_equals_a_run_that_skipped_from_the_start(tmp_path, s
         assert all(got[step][k] == reference[step][k] for k in ("loss", "grad_norm", "lr", "consumed_tokens"))
     train_in_process(recovered)  # a requeue: nothing left to do, and not back to step 4
     assert f"resumed from {ckpt / 'step_0000008'} at step 8" in capsys.readouterr().out
+
+
+def test_validation_due_on_a_skipped_step_still_runs_on_the_unchanged_weights(tmp_path, store, capsys):
+    """A validation interval (or the last step) inside a range still validates, so the curve keeps its points: the
+    record says `skipped` and holds the validation loss of the weights of the last trained step."""
+    cfg = _config(tmp_path, store, train={"train_steps": STEPS, "skip_steps": ["4-6", "8-9"]},
+                  validation={"data": ["arith"], "interval": 3, "num_samples": 4})
+    train_in_process(cfg)
+    shown = capsys.readouterr().out
+    got = read_metrics(tmp_path / "logs")
+    assert sorted(got) == [1, 2, 3, 6, 7, 9]
+    for step in (6, 9):
+        assert got[step]["skipped"] is True and "loss" not in got[step] and got[step]["lr"] > 0
+        assert f"step      {step}/{STEPS} | skipped | val loss {got[step]['val_loss']:.4f}" in shown
+    # Steps 4-6 trained nothing: step 6's validation is step 3's, to the bit; step 7 trained, so step 9's differs.
+    assert got[6]["val_losses"] == got[3]["val_losses"]
+    assert got[9]["val_loss"] != got[6]["val_loss"]
+    assert "skipped" not in got[3] and "skipped" not in got[7]

@@ -67,12 +67,16 @@ class Throughput:
 
 
 def console_line(record: dict[str, Any], train_steps: int) -> str:
-    """The log line of a metrics record: step, loss (and validation losses), lr, grad norm, tokens/s (and memory)."""
-    parts = [f"step {record['step']:>6}/{train_steps}", f"loss {record['loss']:.4f}"]
+    """The log line of a metrics record: step, loss (and validation losses), lr, grad norm, tokens/s (and memory);
+    a skipped step's record (train.skip_steps: validation only) gets step, validation losses and lr."""
+    skipped = record.get("skipped", False)
+    parts = [f"step {record['step']:>6}/{train_steps}", "skipped" if skipped else f"loss {record['loss']:.4f}"]
     if record.get("val_losses"):
         parts[-1] += f" | val loss {record['val_loss']:.4f}"
         if len(record["val_losses"]) > 1:
             parts[-1] += " (" + ", ".join(f"{k} {v:.4f}" for k, v in record["val_losses"].items()) + ")"
+    if skipped:
+        return " | ".join(parts + [f"lr {record['lr']:.3e}"])
     parts += [f"lr {record['lr']:.3e}", f"grad norm {record['grad_norm']:.3f}",
               f"{record['tokens_per_sec'] or 0:,.0f} tok/s"]
     if record.get("peak_memory_gb") is not None:

@@ -73,6 +73,10 @@ def _train(cfg: Config, ctx: ParallelContext, device: torch.device, watch: HangW
     preempted = False
     start_step = resumed.step + 1
     data_wait, steps_since_log = 0.0, 0  # seconds the steps since the last log line waited for their batch
+
+    def validation_due(step: int) -> bool:
+        return step % cfg.validation.interval == 0 or step == t.train_steps
+
     for step in range(start_step, t.train_steps + 1):
         skipped = next(((a, b) for a, b in skips if a <= step <= b), None)
         if skipped is not None:  # no batch read, no update: the data position and the step move on
@@ -82,6 +86,17 @@ def _train(cfg: Config, ctx: ParallelContext, device: torch.device, watch: HangW
                 log0(ctx, f"{which}: skipped (train.skip_steps), "
                           f"{(skipped[1] - step + 1) * t.global_batch_size} samples passed over")
             loader.skip(step)
+            if validator is not None and validation_due(step):  # the curve keeps its points (the weights are those
+                watch.at(step, "validation")                    # of the last trained step)
+                with speed.paused():
+                    val_losses = validator.run()
+                stats = loader.stats(step)
+                record = {"step": step, "skipped": True, "lr": lr_at(step, cfg.optimizer.lr, cfg.lr_schedule),
+                          "consumed_tokens": step * tokens_per_step, "stage": stats.get("stage"),
+                          "datasets": stats.get("datasets"), "time": time.time(),
+                          "val_loss": mean_loss(val_losses), "val_losses": val_losses}
+                metrics.write(record)
+                log0(ctx, console_line(record, t.train_steps))
             watch.at(step, "checkpoint")
             if checkpointer.after_step(step, model, optimizer, loader):
                 preempted = True
@@ -108,7 +123,7 @@ def _train(cfg: Config, ctx: ParallelContext, device: torch.device, watch: HangW
         last_loss = result.loss
         speed.add(tokens_per_step)
         val_losses = None
-        if validator is not None and (step % cfg.validation.interval == 0 or step == t.train_steps):
+        if validator is not None and validation_due(step):
             watch.at(step, "validation")
             with speed.paused():  # the tokens/s of training only
                 val_losses = validator.run()
