@@ -12,6 +12,7 @@ import time
 import pytest
 import torch.distributed as dist
 
+from checkpoint_helpers import read_metrics
 from helpers import tiny_config, torchrun, write_learnable_store
 
 from nanotronix.config import ConfigError, load_config
@@ -121,6 +122,10 @@ def test_trainer_under_torchrun_reports_a_stalled_then_a_stopped_rank(tmp_path):
                      r"  behind: rank 1 \(.*, pid \d+\) in step 3 \(data\)", out), out[-4000:]
     dump = out.split("hang report: rank 1 ")[1]
     assert "is behind the others, in step 3 (data)" in dump and "in stalled_filesystem_read" in dump, dump[:3000]
+    # The metrics name the slow rank too: step 3's data wait is rank 1's 6 s, and the console line says so.
+    step3 = read_metrics(tmp_path / "logs")[3]
+    assert step3["data_wait_rank"] == 1 and 6000 <= step3["data_wait_ms"] < 9000, step3
+    assert re.search(r"step +3/8 \| .* \| data wait 6\d\d\d ms/step \(rank 1\)", out), out[-4000:]
     # Step 6: rank 1's process is stopped: no heartbeat, so it is named as not responding, with the last position it
     # published (a poll, 0.4 s here, can span several of these tiny steps, so which one is not asserted).
     assert re.search(r"hang report: rank 0 has waited \d+ s in step 6 \(train step\); of 2 ranks:\n"

@@ -6,7 +6,7 @@ import pytest
 from helpers import run, tiny_config, torchrun, write_learnable_store
 
 REQUIRED = {"step", "loss", "lr", "grad_norm", "consumed_tokens", "tokens_per_sec", "tokens_per_sec_per_gpu",
-            "model_tflops_per_gpu", "mfu", "stage", "data_wait_ms", "peak_memory_gb"}
+            "model_tflops_per_gpu", "mfu", "stage", "data_wait_ms", "data_wait_rank", "peak_memory_gb"}
 
 
 @pytest.fixture(scope="module")

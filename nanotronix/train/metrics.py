@@ -81,6 +81,10 @@ def console_line(record: dict[str, Any], train_steps: int) -> str:
               f"{record['tokens_per_sec'] or 0:,.0f} tok/s"]
     if record.get("peak_memory_gb") is not None:
         parts.append(f"{record['peak_memory_gb']:.1f} GB")
+    tokens_per_step = record["consumed_tokens"] / record["step"]
+    step_ms = 1e3 * tokens_per_step / record["tokens_per_sec"] if record.get("tokens_per_sec") else None
+    if step_ms and record.get("data_wait_ms", 0) > 0.05 * step_ms:  # the input is too slow somewhere: say where
+        parts.append(f"data wait {record['data_wait_ms']:.0f} ms/step (rank {record['data_wait_rank']})")
     return " | ".join(parts)
 
 
@@ -92,6 +96,18 @@ def _scalars(record: dict[str, Any], prefix: str = ""):
             yield from _scalars(v, f"{prefix}{k}/")
         elif isinstance(v, (int, float)) and not isinstance(v, bool):
             yield f"{prefix}{k}", v
+
+
+def slowest_rank(value: float, device: torch.device) -> tuple[float, int]:
+    """The largest of every rank's `value` and the rank it comes from (collective: every rank calls it at the same
+    steps). The job goes at its slowest rank's pace, so that rank, not rank 0, is the one to look at."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return value, 0
+    values = torch.zeros(dist.get_world_size(), dtype=torch.float64, device=device)
+    values[dist.get_rank()] = value
+    dist.all_reduce(values)  # each rank fills its own slot: the sum is every rank's value
+    rank = int(values.argmax())
+    return values[rank].item(), rank
 
 
 def peak_memory_gb(device: torch.device) -> Optional[float]:

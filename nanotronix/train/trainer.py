@@ -18,7 +18,7 @@ from nanotronix.parallel import DistributedOptimizer, ParallelContext, paralleli
 from nanotronix.train.flops import device_peak_tflops, document_attention_span, flops_per_token, mfu
 from nanotronix.train.hang_report import HangWatch
 from nanotronix.train.lr_schedule import lr_at
-from nanotronix.train.metrics import MetricsLog, Throughput, console_line, peak_memory_gb
+from nanotronix.train.metrics import MetricsLog, Throughput, console_line, peak_memory_gb, slowest_rank
 from nanotronix.train.optimizer import param_groups
 from nanotronix.train.step import train_step
 from nanotronix.train.validation import Validator, mean_loss
@@ -140,8 +140,10 @@ def _train(cfg: Config, ctx: ParallelContext, device: torch.device, watch: HangW
                 "model_tflops_per_gpu": per_gpu * flops_token / 1e12 if per_gpu else None,
                 "mfu": mfu(per_gpu, flops_token, peak) if per_gpu else None,
                 "stage": stats.get("stage"), "datasets": stats.get("datasets"), "time": time.time(),
-                "data_wait_ms": 1e3 * data_wait / steps_since_log, "peak_memory_gb": peak_memory_gb(device),
+                "peak_memory_gb": peak_memory_gb(device),
             }
+            # the slowest rank's wait: one rank's slow filesystem holds every rank back
+            record["data_wait_ms"], record["data_wait_rank"] = slowest_rank(1e3 * data_wait / steps_since_log, device)
             data_wait, steps_since_log = 0.0, 0
             if val_losses:
                 record.update(val_loss=mean_loss(val_losses), val_losses=val_losses)
