@@ -16,6 +16,7 @@
 #   OVERRIDES       extra dotted overrides, space-separated, applied last (e.g. "train.train_steps=1000
 #                   parallel.tp=2"); write list values without spaces: optimizer.betas=[0.9,0.95]
 #   MASTER_PORT     rendezvous port on the first node   default: 20000 + job id mod 20000
+#   REQUEUE_ON_FAILURE  1: a failed job step that committed a checkpoint requeues the job   default: 1
 #   NCCL_* / TORCH_NCCL_* / TORCH_FR_*   passed through; unset ones get the defaults set below
 # Nodes, time limit, partition, account: sbatch's own flags or SBATCH_* variables, which override the #SBATCH
 # lines (`sbatch --nodes=4 --time=12:00:00 slurm/smollm2_1p7b.sh`, `SBATCH_TIMELIMIT=12:00:00`).
@@ -34,7 +35,11 @@
 # When srun has ended after a USR1, the script runs `scontrol requeue`: the job goes back to the queue with the
 # same id and SLURM_RESTART_COUNT+1, and checkpoint.resume=auto continues from the latest checkpoint. Slurm
 # holds a requeued job for about two minutes before it can start again (Reason=BeginTime).
-# Without a USR1 (a crash, or the run finished), the job ends with srun's exit code and is not requeued.
+# A job step that fails without a USR1 (a node or GPU lost, a hung collective aborted, a process killed) requeues
+# the job the same way, but only if it committed a checkpoint newer than the one it started from: a failure that
+# repeats before the next checkpoint (a diverging loss, a bad input met at the same step) then stops after one
+# rerun instead of looping. REQUEUE_ON_FAILURE=0 turns this off. A finished run (exit 0) is not requeued. A
+# node that fails with this batch shell on it takes the shell with it: Slurm itself requeues that (--requeue).
 
 set -uo pipefail  # not -e: failures are handled explicitly, and `wait` returns >128 when a trap fires
 
@@ -54,6 +59,7 @@ CKPT_DIR=${CKPT_DIR:-$RUN_DIR/checkpoints}
 LOG_DIR=${LOG_DIR:-$RUN_DIR/logs}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 OVERRIDES=${OVERRIDES:-}
+REQUEUE_ON_FAILURE=${REQUEUE_ON_FAILURE:-1}
 NNODES=${SLURM_JOB_NUM_NODES:-1}
 
 # ---- checks that need no Python (each fails the job at once with one line) -------------------------------
@@ -73,6 +79,7 @@ command -v "$PYTHON" >/dev/null 2>&1 || fail "PYTHON=$PYTHON is not an executabl
 [ -f "$CONFIG" ] || fail "CONFIG=$CONFIG: no such file"
 [ -z "$DATA_ROOT" ] || [ -d "$DATA_ROOT" ] || fail "DATA_ROOT=$DATA_ROOT: no such directory"
 [[ "${MASTER_PORT:-}" =~ ^[0-9]*$ ]] || fail "MASTER_PORT=$MASTER_PORT is not a number"
+[[ "$REQUEUE_ON_FAILURE" =~ ^[01]$ ]] || fail "REQUEUE_ON_FAILURE=$REQUEUE_ON_FAILURE is not 0 or 1"
 MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 [ -n "$MASTER_ADDR" ] || fail "cannot resolve the first node of SLURM_JOB_NODELIST=$SLURM_JOB_NODELIST"
@@ -145,6 +152,13 @@ fi
 log "$PREFLIGHT"
 
 # ---- train -----------------------------------------------------------------------------------------------
+# The step the run's `latest` checkpoint pointer names (0: none yet): a failure after it moved on has made progress.
+latest_step() {
+  local name
+  name=$(cat "$CKPT_DIR/latest" 2>/dev/null) || { echo 0; return; }
+  [[ "$name" =~ ^step_0*([0-9]+)$ ]] && echo "${BASH_REMATCH[1]:-0}" || echo 0
+}
+STARTED_FROM=$(latest_step)
 RC=0
 LAUNCHED=0
 if [ "$PREEMPTED" = 0 ]; then
@@ -179,6 +193,18 @@ if [ "$PREEMPTED" = 1 ] && { [ "$LAUNCHED" = 0 ] || [ "$RC" != 0 ]; }; then
   fi
   log "scontrol requeue failed: resubmit the job to continue from the latest checkpoint"
   exit 75
+fi
+if [ "$RC" != 0 ] && [ "$LAUNCHED" = 1 ]; then
+  REACHED=$(latest_step)
+  if [ "$REQUEUE_ON_FAILURE" = 1 ] && [ "$REACHED" -gt "$STARTED_FROM" ]; then
+    log "job step failed (exit $RC) after committing the checkpoint of step $REACHED (this allocation started" \
+        "from step $STARTED_FROM): requeueing job $SLURM_JOB_ID to resume from it"
+    scontrol requeue "$SLURM_JOB_ID" && exit 0
+    log "scontrol requeue failed: resubmit the job to continue from the latest checkpoint"
+  elif [ "$REQUEUE_ON_FAILURE" = 1 ]; then
+    log "job step failed (exit $RC) without committing a checkpoint after step $STARTED_FROM: not requeued (it" \
+        "would meet the same failure again); fix the cause (see the errors above) and resubmit"
+  fi
 fi
 log "job step ended with exit code $RC"
 exit "$RC"

@@ -9,6 +9,8 @@
   (`scancel --signal=USR1 --batch`, what `#SBATCH --signal=B:USR1@600` sends before the time limit), saves,
   requeues itself, resumes from its checkpoint and finishes; every step's loss, learning rate and data
   bookkeeping equal those of an uninterrupted torchrun of the same config (the reference).
+- A failed job step (a trainer process SIGKILLed) requeues the job only if it committed a checkpoint since the
+  allocation started (~60 s): without one it ends FAILED with one line saying why; with one it resumes and finishes.
 
 Skips only where Slurm is not installed; .ci/run installs and starts the cluster, so CI never skips.
 """
@@ -18,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -201,6 +204,26 @@ def read_records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def release(slurm: Slurm, job: str) -> None:
+    """Start a requeued job now instead of after Slurm's ~2 min hold, once the node has finished its first run: a
+    launch within the same second as the requeue fails with "Job credential revoked" (what the hold avoids)."""
+    deadline = time.monotonic() + 60
+    while slurm.cmd("sinfo", "-h", "-N", "-o", "%t").split() != ["idle"]:
+        assert time.monotonic() < deadline, slurm.cmd("sinfo", "-N")
+        time.sleep(0.25)
+    time.sleep(2)
+    slurm.cmd("scontrol", "update", f"JobId={job}", "StartTime=now")
+
+
+def wait_for_step(slurm: Slurm, job: str, cwd: Path, metrics: Path, step: int) -> None:
+    deadline = time.monotonic() + 180
+    while not (metrics.is_file() and any(r["step"] >= step for r in read_records(metrics))):
+        state = slurm.info(job)["JobState"]
+        assert state in ("PENDING", "RUNNING", "CONFIGURING"), (state, job_output(cwd, job))
+        assert time.monotonic() < deadline, "no training progress within 180 s"
+        time.sleep(0.1)
+
+
 def test_usr1_saves_requeues_resumes_and_continues_the_same_run(slurm, tmp_path):
     stores = tmp_path / "stores"
     write_learnable_store(stores / "a")
@@ -212,12 +235,7 @@ def test_usr1_saves_requeues_resumes_and_continues_the_same_run(slurm, tmp_path)
     job = slurm.sbatch(tmp_path, {"CONFIG": str(config), "DATA_ROOT": str(stores), "RUN_DIR": str(run_dir),
                                   "GPUS_PER_NODE": "0", "NPROC_PER_NODE": "2"})
     # Train until the first interval checkpoint (step 10) is behind us, then preempt.
-    deadline = time.monotonic() + 180
-    while not (metrics.is_file() and any(r["step"] >= SIGNAL_AFTER for r in read_records(metrics))):
-        state = slurm.info(job)["JobState"]
-        assert state in ("PENDING", "RUNNING", "CONFIGURING"), (state, job_output(tmp_path, job))
-        assert time.monotonic() < deadline, "no training progress within 180 s"
-        time.sleep(0.1)
+    wait_for_step(slurm, job, tmp_path, metrics, SIGNAL_AFTER)
     slurm.cmd("scancel", "--signal=USR1", "--batch", job)
 
     # The job saves, requeues itself and waits in the queue (Slurm holds a requeued job ~2 min): release it.
@@ -226,14 +244,7 @@ def test_usr1_saves_requeues_resumes_and_continues_the_same_run(slurm, tmp_path)
     assert info["JobState"] == "PENDING", (info, job_output(tmp_path, job))
     preempted_at = max(r["step"] for r in read_records(metrics))
     assert SIGNAL_AFTER <= preempted_at < TRAIN_STEPS, "the run ended before the signal could stop it"
-    # Release it once the node has finished the first run: a launch within the same second as the requeue
-    # fails with "Job credential revoked" (the hold Slurm imposes exists to avoid that).
-    deadline = time.monotonic() + 60
-    while slurm.cmd("sinfo", "-h", "-N", "-o", "%t").split() != ["idle"]:
-        assert time.monotonic() < deadline, slurm.cmd("sinfo", "-N")
-        time.sleep(0.25)
-    time.sleep(2)
-    slurm.cmd("scontrol", "update", f"JobId={job}", "StartTime=now")
+    release(slurm, job)
     info = slurm.wait(job, timeout=300)
     out = job_output(tmp_path, job)
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), (info, out)
@@ -270,3 +281,60 @@ def test_usr1_saves_requeues_resumes_and_continues_the_same_run(slurm, tmp_path)
     plot = subprocess.run([sys.executable, str(ROOT / "tools" / "plot_run.py"), str(run_dir / "logs")],
                           capture_output=True, text=True, timeout=120)
     assert plot.returncode == 0 and f"a_and_b at step {SWITCH_STEP}" in plot.stdout, plot.stderr
+
+
+# ------------------------------------------------------------------- a failed job step -> requeue if it progressed
+
+def kill_worker(run_dir: Path, rank: int) -> None:
+    """SIGKILL the trainer process of `rank` of the job training into `run_dir` (as a lost GPU or the OOM killer
+    would end it); torchrun then stops the other workers and the job step fails."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            env = b"\0" + Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            continue
+        if (b"nanotronix.train" in cmd and b"torch.distributed.run" not in cmd and str(run_dir).encode() in cmd
+                and f"\0RANK={rank}\0".encode() in env):
+            os.kill(int(pid), signal.SIGKILL)
+            return
+    raise AssertionError(f"no trainer process of rank {rank} training into {run_dir}")
+
+
+def test_a_failed_step_requeues_only_after_committing_a_checkpoint(slurm, tmp_path):
+    stores = tmp_path / "stores"
+    write_learnable_store(stores / "a")
+    write_learnable_store(stores / "b", seed=1)
+    config = tiny_two_stage_config(tmp_path / "tiny.yaml", TRAIN_STEPS, SWITCH_STEP)
+    settings = {"CONFIG": str(config), "DATA_ROOT": str(stores), "GPUS_PER_NODE": "0", "NPROC_PER_NODE": "2"}
+
+    # Without a checkpoint since it started (only the last step saves): the failure would recur, no requeue.
+    run_dir = tmp_path / "no_progress"
+    job = slurm.sbatch(tmp_path, dict(settings, RUN_DIR=str(run_dir), OVERRIDES="checkpoint.interval=0"))
+    wait_for_step(slurm, job, tmp_path, run_dir / "logs" / "metrics.jsonl", 5)
+    kill_worker(run_dir, 1)
+    info = slurm.wait(job, timeout=120)
+    out = job_output(tmp_path, job)
+    assert (info["JobState"], info["Restarts"]) == ("FAILED", "0"), (info, out)
+    assert "job step failed (exit 1) without committing a checkpoint after step 0: not requeued" in out, out
+
+    # After the checkpoint of step 10: requeued, resumed from it, finished.
+    run_dir = tmp_path / "progress"
+    metrics = run_dir / "logs" / "metrics.jsonl"
+    job = slurm.sbatch(tmp_path, dict(settings, RUN_DIR=str(run_dir)))
+    wait_for_step(slurm, job, tmp_path, metrics, SIGNAL_AFTER)
+    kill_worker(run_dir, 1)
+    info = slurm.wait(job, timeout=120, until=lambda i: i["Restarts"] == "1" and i["JobState"] == "PENDING"
+                      or i["JobState"] in ENDED)
+    assert info["JobState"] == "PENDING", (info, job_output(tmp_path, job))
+    failed_at = max(r["step"] for r in read_records(metrics))
+    reached = (run_dir / "checkpoints" / "latest").read_text().strip()
+    release(slurm, job)
+    info = slurm.wait(job, timeout=300)
+    out = job_output(tmp_path, job)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), (info, out)
+    assert (f"job step failed (exit 1) after committing the checkpoint of step {int(reached[5:])} (this allocation "
+            f"started from step 0): requeueing job {job}") in out, out
+    assert f"resumed from {run_dir / 'checkpoints' / reached}" in out, out
+    steps = [r["step"] for r in read_records(metrics)]
+    assert sorted(set(steps)) == list(range(1, TRAIN_STEPS + 1)) and SIGNAL_AFTER <= failed_at < TRAIN_STEPS
