@@ -125,6 +125,10 @@ class TrainConfig:
     # over, no update is made, the learning rate goes on by step. After a loss spike: resume from a checkpoint before
     # it with the steps around it skipped, so the run meets other data.
     skip_steps: list[str] = field(default_factory=list)
+    # > 0: a step whose loss or gradient norm is more than this many standard deviations above the mean of the
+    # last spike_skip_window steps' is not applied (OLMo 2: 6 over 128; nanotronix/train/spike_guard.py). 0: off.
+    spike_skip_sigma: float = 0.0
+    spike_skip_window: int = 128
 
 
 @dataclass
@@ -428,6 +432,8 @@ def validate(cfg: Config) -> None:
              "train.grad_accumulation_fusion: needs train.bf16_weight_cache: true (it fuses the bf16 copies' "
              "gradient accumulation)")
     skipped_step_ranges(t)
+    _require(t.spike_skip_sigma >= 0, f"train.spike_skip_sigma: must be >= 0 (0: off), got {t.spike_skip_sigma}")
+    _require(t.spike_skip_window >= 2, f"train.spike_skip_window: must be >= 2, got {t.spike_skip_window}")
     _require(t.loss_chunk_size >= 0, f"train.loss_chunk_size: must be >= 0 (0: plain loss), got {t.loss_chunk_size}")
     _require(t.compile_mode in COMPILE_MODES,
              f"train.compile_mode: {t.compile_mode!r} is not {'|'.join(COMPILE_MODES)} (the modes with CUDA graphs "

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -47,6 +47,7 @@ class ResumeState:
     step: int  # last completed step; 0 on a fresh start
     consumed_samples: int  # global samples consumed (what the data loader resumes from)
     path: Optional[Path]  # the step folder loaded, or None
+    trainer_state: dict[str, Any] = field(default_factory=dict)  # what the loop saved beside the model (after_step)
 
 
 def check_architecture(saved: dict[str, Any], current: dict[str, Any], where: Path) -> list[str]:
@@ -162,30 +163,32 @@ class Checkpointer:
         rng = "RNG restored" if restored["rng"] else f"RNG freshly seeded (saved in layout {saved.get('layout')})"
         self._log(f"resumed from {source} at step {step}: {what}, {consumed} samples consumed, {rng} "
                   f"({time.perf_counter() - t0:.1f} s)")
-        return ResumeState(step, consumed, source)
+        return ResumeState(step, consumed, source, manifest.get("trainer_state", {}) if restored["optimizer"] else {})
 
     # ---- save ----------------------------------------------------------------------------------------
 
-    def after_step(self, step: int, model, optimizer, loader) -> bool:
-        """Save when due; return True when the run was preempted (the checkpoint is then saved on all ranks)."""
+    def after_step(self, step: int, model, optimizer, loader, trainer_state: Optional[dict] = None) -> bool:
+        """Save when due; return True when the run was preempted (the checkpoint is then saved on all ranks).
+        `trainer_state` (JSON values) is saved too and comes back as `ResumeState.trainer_state`."""
         stop = self.watcher.stop_requested()
         last = step == self.cfg.train.train_steps
         interval = self.settings.interval
         if stop or last or (interval > 0 and step % interval == 0):
-            self.save(step, model, optimizer, loader, blocking=stop or last)
+            self.save(step, model, optimizer, loader, blocking=stop or last, trainer_state=trainer_state)
         if stop:
             saved = f"saved step {step}" if self.run_dir is not None else "checkpoint.dir is not set, nothing saved"
             self._log(f"received {self.watcher.signal_name()}: {saved}; exiting for a requeue")
         return stop
 
-    def save(self, step: int, model, optimizer, loader, blocking: bool = True) -> None:
+    def save(self, step: int, model, optimizer, loader, blocking: bool = True,
+             trainer_state: Optional[dict] = None) -> None:
         if self.run_dir is None or step == self.last_saved_step:
             return
         self.wait()  # one save at a time
         data_state = {**loader.state_dict(), **loader.stats(step)}
         background = self._executor is not None and not blocking
         snapshot = take_snapshot(step, model, optimizer, self.ctx, self.cfg.to_dict(), data_state,
-                                 stage=background)
+                                 stage=background, trainer_state=trainer_state)
         self.last_saved_step = step
         if background:
             self._pending = self._executor.submit(self._write, snapshot)

@@ -43,8 +43,9 @@ def _settle_weights(model) -> None:
 
 
 def take_snapshot(step: int, model, optimizer, ctx, config: dict[str, Any], data_state: dict[str, Any],
-                  stage: bool) -> Snapshot:
-    """This rank's state after `step`; `data_state` holds consumed_samples and per-dataset consumption."""
+                  stage: bool, trainer_state: Optional[dict[str, Any]] = None) -> Snapshot:
+    """This rank's state after `step`; `data_state` holds consumed_samples and per-dataset consumption,
+    `trainer_state` what the training loop keeps beyond the model (the spike guard's window)."""
     tied = bool(config["model"]["tie_word_embeddings"])
     _settle_weights(model)
     access = st.optimizer_access(optimizer, model)
@@ -63,6 +64,7 @@ def take_snapshot(step: int, model, optimizer, ctx, config: dict[str, Any], data
         "optimizer": True,
         "optimizer_step": step if optimizer_step is None else int(optimizer_step),
         "torch_version": torch.__version__,
+        "trainer_state": dict(trainer_state or {}),
     }
     return Snapshot(step, pieces, capture_rng(), manifest, ctx.rank, st.TensorParallelMeshes(ctx.tp_group, ctx.tp))
 

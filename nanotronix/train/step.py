@@ -9,25 +9,29 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from nanotronix.parallel.clip import clip_grad_norm_and_reduce_loss
 from nanotronix.parallel.model import ParallelModel
 from nanotronix.parallel.optimizer import DistributedOptimizer
+from nanotronix.train.spike_guard import SpikeGuard
 
 
 @dataclass
 class StepResult:
     loss: float  # mean next-token loss over the global batch (the same value on every rank)
     grad_norm: float  # global L2 norm of the gradient before clipping
-    applied: bool = True  # False: the loss or the gradient was not finite, and the weights were left unchanged
+    applied: bool = True  # False: the weights were left unchanged (not finite, or a spike: see `spike`)
+    spike: Optional[str] = None  # why the spike guard skipped the update (train.spike_skip_sigma)
 
 
 def train_step(model: ParallelModel, optimizer: DistributedOptimizer, batch: torch.Tensor, lr: float,
-               clip_grad: float) -> StepResult:
+               clip_grad: float, guard: Optional[SpikeGuard] = None) -> StepResult:
     """batch: [grad_accum, micro_batch, seq_len + 1] token ids of this data-parallel rank's share of the global
-    batch (every rank of a pipeline/TP group passes the same batch). clip_grad <= 0 disables clipping."""
+    batch (every rank of a pipeline/TP group passes the same batch). clip_grad <= 0 disables clipping. `guard`:
+    the update is skipped when it judges the step's loss or gradient norm a spike."""
     ctx = model.ctx
     device = model.runner.device
     batch = batch.to(device, non_blocking=True).long()  # the loader ships int32 (nanotronix/data/loader.py)
@@ -43,5 +47,8 @@ def train_step(model: ParallelModel, optimizer: DistributedOptimizer, batch: tor
         # An inf/nan gradient would poison the weights and the AdamW moments for good (and a checkpoint saved after
         # it): leave them as they are. The loss and the norm are global, so every rank decides the same.
         return StepResult(loss=loss, grad_norm=grad_norm, applied=False)
+    spike = guard.judge(loss, grad_norm) if guard is not None else None
+    if spike is not None:  # the same decision on every rank: the loss and the norm are global
+        return StepResult(loss=loss, grad_norm=grad_norm, applied=False, spike=spike)
     optimizer.step(lr)
     return StepResult(loss=loss, grad_norm=grad_norm)

@@ -20,6 +20,7 @@ from nanotronix.train.hang_report import HangWatch
 from nanotronix.train.lr_schedule import lr_at
 from nanotronix.train.metrics import MetricsLog, Throughput, console_line, peak_memory_gb, slowest_rank
 from nanotronix.train.optimizer import param_groups
+from nanotronix.train.spike_guard import SpikeGuard
 from nanotronix.train.step import train_step
 from nanotronix.train.validation import Validator, mean_loss
 
@@ -51,6 +52,12 @@ def _train(cfg: Config, ctx: ParallelContext, device: torch.device, watch: HangW
     watch.at(0, "resume")
     resumed = checkpointer.resume(model, optimizer)
     skips = skipped_step_ranges(t)
+    guard = (SpikeGuard(t.spike_skip_sigma, t.spike_skip_window, resumed.trainer_state.get("spike_guard"))
+             if t.spike_skip_sigma > 0 else None)
+
+    def trainer_state() -> dict:  # saved with each checkpoint, back in `resumed.trainer_state` on resume
+        return {"spike_guard": guard.state_dict()} if guard is not None else {}
+
     loader = build_prefetched_loader(cfg, ctx.dp_rank, ctx.dp, device, consumed_samples=resumed.consumed_samples,
                                      last_step=t.train_steps, skipped_steps=skips)  # reads ahead while a step trains
     validator = Validator.from_config(cfg, ctx, model)  # None unless validation.interval > 0
@@ -98,7 +105,7 @@ def _train(cfg: Config, ctx: ParallelContext, device: torch.device, watch: HangW
                 metrics.write(record)
                 log0(ctx, console_line(record, t.train_steps))
             watch.at(step, "checkpoint")
-            if checkpointer.after_step(step, model, optimizer, loader):
+            if checkpointer.after_step(step, model, optimizer, loader, trainer_state()):
                 preempted = True
                 break
             continue
@@ -111,8 +118,10 @@ def _train(cfg: Config, ctx: ParallelContext, device: torch.device, watch: HangW
         if m.document_mask_eos_id is not None:  # attention FLOPs depend on the documents' lengths
             spans.append(document_attention_span(batch[..., :-1], m.document_mask_eos_id))
         watch.at(step, "train step")
-        result = train_step(model, optimizer, batch, lr, cfg.optimizer.clip_grad)
-        if not result.applied:
+        result = train_step(model, optimizer, batch, lr, cfg.optimizer.clip_grad, guard)
+        if result.spike is not None:
+            log0(ctx, f"step {step}: update skipped (train.spike_skip_sigma): {result.spike}")
+        elif not result.applied:
             checkpointer.close()  # an asynchronous save of an earlier (good) step completes first
             raise FloatingPointError(
                 f"step {step}: the loss ({result.loss}) or the gradient norm ({result.grad_norm}) is not finite; the "
@@ -127,7 +136,8 @@ def _train(cfg: Config, ctx: ParallelContext, device: torch.device, watch: HangW
             watch.at(step, "validation")
             with speed.paused():  # the tokens/s of training only
                 val_losses = validator.run()
-        if step % cfg.logging.interval == 0 or step in (start_step, t.train_steps) or val_losses:
+        if (step % cfg.logging.interval == 0 or step in (start_step, t.train_steps) or val_losses
+                or result.spike is not None):
             rate = speed.rate()
             flops_token = flops_per_token(m, t.seq_len, sum(spans) / len(spans) if spans else None)
             spans.clear()
@@ -147,10 +157,12 @@ def _train(cfg: Config, ctx: ParallelContext, device: torch.device, watch: HangW
             data_wait, steps_since_log = 0.0, 0
             if val_losses:
                 record.update(val_loss=mean_loss(val_losses), val_losses=val_losses)
+            if result.spike is not None:
+                record["update_skipped"] = result.spike
             metrics.write(record)
             log0(ctx, console_line(record, t.train_steps))
         watch.at(step, "checkpoint")
-        if checkpointer.after_step(step, model, optimizer, loader):
+        if checkpointer.after_step(step, model, optimizer, loader, trainer_state()):
             preempted = True
             break
     watch.at(None, "finish")  # the last step it reached

@@ -1,0 +1,50 @@
+"""Skip the update of a step whose loss or gradient norm spikes far above the recent steps' (`train.spike_skip_sigma`).
+
+One bad batch can throw a long run off for thousands of steps, and by the time anyone looks the damage is in every
+checkpoint since. OLMo 2 trained with this guard (OLMo-core's skip-step AdamW: 6 sigma over the last 128 steps):
+a step whose loss or gradient norm is more than `sigma` standard deviations above the mean of the last `window`
+steps' is not applied (weights, AdamW moments and step count stay as they are, like a step in `train.skip_steps`),
+the run goes on with the next batch, and the console and metrics say so. The values of every finite step enter the
+window, the skipped ones included, so a lasting change of level (a new data stage) becomes the norm after a few
+steps instead of being refused forever. The guard waits until the window is full.
+
+Exact on resume: the window is saved in every checkpoint (`state_dict`, the manifest's `trainer_state`) and
+restored, so a resumed run skips the same steps as an uninterrupted one. The loss and the gradient norm are global
+(the same on every rank), so every rank decides the same. Hand-written: torch has no such optimizer wrapper, and
+the decision needs the step's global loss, which only the training step knows.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Any, Optional
+
+
+class SpikeGuard:
+    def __init__(self, sigma: float, window: int, state: Optional[dict[str, Any]] = None):
+        self.sigma = sigma
+        self.window = window
+        self.losses: deque[float] = deque(maxlen=window)
+        self.grad_norms: deque[float] = deque(maxlen=window)
+        if state:
+            self.losses.extend(state["losses"])
+            self.grad_norms.extend(state["grad_norms"])
+
+    def judge(self, loss: float, grad_norm: float) -> Optional[str]:
+        """Why this step's update should be skipped (None: apply it); then add its values to the window."""
+        reason = None
+        if len(self.losses) == self.window:
+            for name, value, seen in (("loss", loss, self.losses), ("gradient norm", grad_norm, self.grad_norms)):
+                mean = sum(seen) / len(seen)
+                std = math.sqrt(sum((x - mean) ** 2 for x in seen) / len(seen))
+                if std > 0 and value > mean + self.sigma * std:
+                    z = (value - mean) / std
+                    reason = (f"{name} {value:.4g} is {z:.1f} sigma above the last {self.window} steps' "
+                              f"({mean:.4g} +- {std:.2g})")
+                    break
+        self.losses.append(loss)
+        self.grad_norms.append(grad_norm)
+        return reason
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"losses": list(self.losses), "grad_norms": list(self.grad_norms)}
