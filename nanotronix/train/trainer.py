@@ -1,11 +1,14 @@
 """The training loop: build the model and data, then step, log and checkpoint.
 
 Everything a step needs is a pure function of the config and the step number (learning rate, data), so the loop
-keeps no hidden state beyond the model, the optimizer and the loader's consumed-sample count.
+keeps no hidden state beyond the model, the optimizer, the loader's consumed-sample count and, with
+train.spike_skip_sigma, the spike guard's window (all of them saved with each checkpoint). What it reports is
+nanotronix/train/run_log.py's; where it is, nanotronix/train/hang_report.py's.
 """
 from __future__ import annotations
 
 import time
+from typing import Optional
 
 import torch
 
@@ -15,14 +18,13 @@ from nanotronix.config import Config, grad_accum_steps, skipped_step_ranges
 from nanotronix.data import build_prefetched_loader, tokenizer_note
 from nanotronix.model import build_model
 from nanotronix.parallel import DistributedOptimizer, ParallelContext, parallelize
-from nanotronix.train.flops import device_peak_tflops, document_attention_span, flops_per_token, mfu
 from nanotronix.train.hang_report import HangWatch
 from nanotronix.train.lr_schedule import lr_at
-from nanotronix.train.metrics import MetricsLog, Throughput, console_line, peak_memory_gb, slowest_rank
 from nanotronix.train.optimizer import param_groups
+from nanotronix.train.run_log import RunLog
 from nanotronix.train.spike_guard import SpikeGuard
 from nanotronix.train.step import train_step
-from nanotronix.train.validation import Validator, mean_loss
+from nanotronix.train.validation import Validator
 
 
 def log0(ctx: ParallelContext, msg: str) -> None:
@@ -71,20 +73,20 @@ def _train(cfg: Config, ctx: ParallelContext, device: torch.device, watch: HangW
               f"{t.micro_batch_size}, grad accumulation {accum} | device {device.type} | {accel.describe(attn)} "
               f"| data loader: {loader.name}")
 
-    tokens_per_step = t.global_batch_size * t.seq_len
-    spans: list[float] = []  # under document masking: each step's attention span, since the last log line
-    peak = device_peak_tflops(device, t.dtype)
-    metrics = MetricsLog(cfg.logging.dir, enabled=ctx.rank == 0, tensorboard=cfg.logging.tensorboard)
-    speed = Throughput()
+    log = RunLog(cfg, ctx.rank, ctx.world_size, device)
     first_loss = last_loss = None
     preempted = False
     start_step = resumed.step + 1
-    data_wait, steps_since_log = 0.0, 0  # seconds the steps since the last log line waited for their batch
 
-    def validation_due(step: int) -> bool:
-        return step % cfg.validation.interval == 0 or step == t.train_steps
+    def validate_if_due(step: int) -> Optional[dict[str, float]]:
+        if validator is None or not (step % cfg.validation.interval == 0 or step == t.train_steps):
+            return None
+        watch.at(step, "validation")
+        with log.paused():  # the tokens/s of training only
+            return validator.run()
 
     for step in range(start_step, t.train_steps + 1):
+        lr = lr_at(step, cfg.optimizer.lr, cfg.lr_schedule)
         skipped = next(((a, b) for a, b in skips if a <= step <= b), None)
         if skipped is not None:  # no batch read, no update: the data position and the step move on
             watch.at(step, "skipped")
@@ -93,74 +95,32 @@ def _train(cfg: Config, ctx: ParallelContext, device: torch.device, watch: HangW
                 log0(ctx, f"{which}: skipped (train.skip_steps), "
                           f"{(skipped[1] - step + 1) * t.global_batch_size} samples passed over")
             loader.skip(step)
-            if validator is not None and validation_due(step):  # the curve keeps its points (the weights are those
-                watch.at(step, "validation")                    # of the last trained step)
-                with speed.paused():
-                    val_losses = validator.run()
-                stats = loader.stats(step)
-                record = {"step": step, "skipped": True, "lr": lr_at(step, cfg.optimizer.lr, cfg.lr_schedule),
-                          "consumed_tokens": step * tokens_per_step, "stage": stats.get("stage"),
-                          "datasets": stats.get("datasets"), "time": time.time(),
-                          "val_loss": mean_loss(val_losses), "val_losses": val_losses}
-                metrics.write(record)
-                log0(ctx, console_line(record, t.train_steps))
-            watch.at(step, "checkpoint")
-            if checkpointer.after_step(step, model, optimizer, loader, trainer_state()):
-                preempted = True
-                break
-            continue
-        lr = lr_at(step, cfg.optimizer.lr, cfg.lr_schedule)
-        asked = time.perf_counter()
-        watch.at(step, "data")
-        batch = loader.batch(step)  # read ahead while the previous step trained: ~0 unless the input is too slow
-        data_wait += time.perf_counter() - asked
-        steps_since_log += 1
-        if m.document_mask_eos_id is not None:  # attention FLOPs depend on the documents' lengths
-            spans.append(document_attention_span(batch[..., :-1], m.document_mask_eos_id))
-        watch.at(step, "train step")
-        result = train_step(model, optimizer, batch, lr, cfg.optimizer.clip_grad, guard)
-        if result.spike is not None:
-            log0(ctx, f"step {step}: update skipped (train.spike_skip_sigma): {result.spike}")
-        elif not result.applied:
-            checkpointer.close()  # an asynchronous save of an earlier (good) step completes first
-            raise FloatingPointError(
-                f"step {step}: the loss ({result.loss}) or the gradient norm ({result.grad_norm}) is not finite; the "
-                f"weights were not updated and nothing was saved after step {step - 1} (rerunning would meet the same "
-                f"batch: lower the learning rate, or resume with the steps from here skipped, e.g. "
-                f"train.skip_steps=[{step}-{min(step + 99, t.train_steps)}]; tools/rollback.py goes back further)")
-        first_loss = result.loss if first_loss is None else first_loss
-        last_loss = result.loss
-        speed.add(tokens_per_step)
-        val_losses = None
-        if validator is not None and validation_due(step):
-            watch.at(step, "validation")
-            with speed.paused():  # the tokens/s of training only
-                val_losses = validator.run()
-        if (step % cfg.logging.interval == 0 or step in (start_step, t.train_steps) or val_losses
-                or result.spike is not None):
-            rate = speed.rate()
-            flops_token = flops_per_token(m, t.seq_len, sum(spans) / len(spans) if spans else None)
-            spans.clear()
-            per_gpu = rate / ctx.world_size if rate else None
-            stats = loader.stats(step)
-            record = {
-                "step": step, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
-                "consumed_tokens": step * tokens_per_step, "tokens_per_sec": rate,
-                "tokens_per_sec_per_gpu": per_gpu,
-                "model_tflops_per_gpu": per_gpu * flops_token / 1e12 if per_gpu else None,
-                "mfu": mfu(per_gpu, flops_token, peak) if per_gpu else None,
-                "stage": stats.get("stage"), "datasets": stats.get("datasets"), "time": time.time(),
-                "peak_memory_gb": peak_memory_gb(device),
-            }
-            # the slowest rank's wait: one rank's slow filesystem holds every rank back
-            record["data_wait_ms"], record["data_wait_rank"] = slowest_rank(1e3 * data_wait / steps_since_log, device)
-            data_wait, steps_since_log = 0.0, 0
+            val_losses = validate_if_due(step)  # the curve keeps its points (the last trained step's weights)
             if val_losses:
-                record.update(val_loss=mean_loss(val_losses), val_losses=val_losses)
+                log.skipped(step, lr, loader.stats(step), val_losses)
+        else:
+            watch.at(step, "data")
+            asked = time.perf_counter()
+            batch = loader.batch(step)  # read ahead while the previous step trained: ~0 unless the input is slow
+            log.batch_read(time.perf_counter() - asked, batch)
+            watch.at(step, "train step")
+            result = train_step(model, optimizer, batch, lr, cfg.optimizer.clip_grad, guard)
             if result.spike is not None:
-                record["update_skipped"] = result.spike
-            metrics.write(record)
-            log0(ctx, console_line(record, t.train_steps))
+                log0(ctx, f"step {step}: update skipped (train.spike_skip_sigma): {result.spike}")
+            elif not result.applied:
+                checkpointer.close()  # an asynchronous save of an earlier (good) step completes first
+                raise FloatingPointError(
+                    f"step {step}: the loss ({result.loss}) or the gradient norm ({result.grad_norm}) is not finite; "
+                    f"the weights were not updated and nothing was saved after step {step - 1} (rerunning would meet "
+                    f"the same batch: lower the learning rate, or resume with the steps from here skipped, e.g. "
+                    f"train.skip_steps=[{step}-{min(step + 99, t.train_steps)}]; tools/rollback.py goes back further)")
+            first_loss = result.loss if first_loss is None else first_loss
+            last_loss = result.loss
+            log.trained()
+            val_losses = validate_if_due(step)
+            if (step % cfg.logging.interval == 0 or step in (start_step, t.train_steps) or val_losses
+                    or result.spike is not None):
+                log.step(step, lr, result, loader.stats(step), val_losses)
         watch.at(step, "checkpoint")
         if checkpointer.after_step(step, model, optimizer, loader, trainer_state()):
             preempted = True
@@ -169,5 +129,5 @@ def _train(cfg: Config, ctx: ParallelContext, device: torch.device, watch: HangW
     model.grads.wait_for_weights()  # ZeRO-1 overlap_param_gather: the last step's weight gathers
     checkpointer.close()
     loader.close()
-    metrics.close()
+    log.close()
     return {"first_loss": first_loss, "last_loss": last_loss, "steps": t.train_steps, "preempted": preempted}

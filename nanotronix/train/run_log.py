@@ -1,0 +1,81 @@
+"""What the training loop reports for its steps: each logged step's metrics record (metrics.jsonl, TensorBoard) and
+console line, and the bookkeeping behind them since the last record: tokens/s, MFU (from the steps' attention span
+under document masking), and the slowest rank's wait for its batches."""
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+import torch
+
+from nanotronix.config import Config
+from nanotronix.train.flops import device_peak_tflops, document_attention_span, flops_per_token, mfu
+from nanotronix.train.metrics import MetricsLog, Throughput, console_line, peak_memory_gb, slowest_rank
+from nanotronix.train.step import StepResult
+from nanotronix.train.validation import mean_loss
+
+
+class RunLog:
+    def __init__(self, cfg: Config, rank: int, world_size: int, device: torch.device):
+        self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
+        self.metrics = MetricsLog(cfg.logging.dir, enabled=rank == 0, tensorboard=cfg.logging.tensorboard)
+        self.speed = Throughput()
+        self.peak = device_peak_tflops(device, cfg.train.dtype)
+        self.tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
+        self.spans: list[float] = []  # under document masking: each step's attention span, since the last record
+        self.data_wait, self.steps = 0.0, 0  # seconds the trained steps since the last record waited for a batch
+
+    def batch_read(self, waited: float, batch: torch.Tensor) -> None:
+        """A step's batch arrived after `waited` seconds (~0 while the read-ahead keeps up)."""
+        self.data_wait += waited
+        self.steps += 1
+        eos = self.cfg.model.document_mask_eos_id
+        if eos is not None:  # attention FLOPs depend on the documents' lengths
+            self.spans.append(document_attention_span(batch[..., :-1], eos))
+
+    def trained(self) -> None:
+        self.speed.add(self.tokens_per_step)
+
+    def paused(self):
+        """Leave the time spent inside out of tokens/s (validation)."""
+        return self.speed.paused()
+
+    def step(self, step: int, lr: float, result: StepResult, data_stats: dict[str, Any],
+             val_losses: Optional[dict[str, float]]) -> None:
+        """The record of a trained step: loss, throughput, MFU, data, memory (and validation, a skipped update)."""
+        t, m = self.cfg.train, self.cfg.model
+        rate = self.speed.rate()
+        flops_token = flops_per_token(m, t.seq_len, sum(self.spans) / len(self.spans) if self.spans else None)
+        per_gpu = rate / self.world_size if rate else None
+        record = {
+            "step": step, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
+            "consumed_tokens": step * self.tokens_per_step, "tokens_per_sec": rate, "tokens_per_sec_per_gpu": per_gpu,
+            "model_tflops_per_gpu": per_gpu * flops_token / 1e12 if per_gpu else None,
+            "mfu": mfu(per_gpu, flops_token, self.peak) if per_gpu else None,
+            "stage": data_stats.get("stage"), "datasets": data_stats.get("datasets"), "time": time.time(),
+            "peak_memory_gb": peak_memory_gb(self.device),
+        }
+        # the slowest rank's wait: one rank's slow filesystem holds every rank back
+        record["data_wait_ms"], record["data_wait_rank"] = slowest_rank(1e3 * self.data_wait / max(self.steps, 1),
+                                                                        self.device)
+        self.spans.clear()
+        self.data_wait, self.steps = 0.0, 0
+        if val_losses:
+            record.update(val_loss=mean_loss(val_losses), val_losses=val_losses)
+        if result.spike is not None:
+            record["update_skipped"] = result.spike
+        self._emit(record)
+
+    def skipped(self, step: int, lr: float, data_stats: dict[str, Any], val_losses: dict[str, float]) -> None:
+        """The record of a step in train.skip_steps that ran a validation (on the last trained step's weights)."""
+        self._emit({"step": step, "skipped": True, "lr": lr, "consumed_tokens": step * self.tokens_per_step,
+                    "stage": data_stats.get("stage"), "datasets": data_stats.get("datasets"), "time": time.time(),
+                    "val_loss": mean_loss(val_losses), "val_losses": val_losses})
+
+    def _emit(self, record: dict[str, Any]) -> None:
+        self.metrics.write(record)
+        if self.rank == 0:
+            print(console_line(record, self.cfg.train.train_steps), flush=True)
+
+    def close(self) -> None:
+        self.metrics.close()
