@@ -36,6 +36,7 @@ def write_resumed_run(log_dir: Path) -> None:
     rows = [record(s, "web" if s <= 10 else "code+web", 10.0 - 0.1 * s) for s in range(1, 13)]
     rows += [record(s, "web" if s <= 10 else "code+web", 9.0 - 0.1 * s) for s in range(9, 21)]
     rows += [record(s, "code+web", 5.0 - 0.1 * s) for s in range(17, 19)]
+    rows[-1]["update_skipped"] = "loss 3.2 is 7.0 sigma above the last 128 steps' (2.9 +- 0.04)"  # the spike guard
     for row in rows:
         if row["step"] % 5 == 0:  # validation.interval 5
             row["val_losses"] = {"/data/heldout/web": row["loss"] + 0.2, "/data/heldout/code": row["loss"] + 0.4}
@@ -56,6 +57,7 @@ def test_plot_of_a_resumed_two_stage_run(plot_tool, tmp_path, capsys):
     out, err = capsys.readouterr()
     assert "stage switches: code+web at step 11" in out and "skipped 1 unreadable line" in err
     assert "(18 records, 3 with a validation loss over 2 store(s))" in out  # steps 5, 10, 15
+    assert out.rstrip().endswith("updates skipped by the spike guard at steps [18]")
     png = log_dir / "run.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     import matplotlib.image

@@ -118,6 +118,10 @@ def plot_run(metrics_path: Path, output: Path, title: str) -> dict[str, Any]:
             for name in sorted(val_stores):
                 ax_loss.plot(*val_stores[name], lw=0.8, ls="--", marker=".", label=f"validation: {names[name]}")
         ax_loss.legend(fontsize=8, loc="upper right")
+    spikes = [(r["step"], r["loss"]) for r in records if r.get("update_skipped") and isinstance(r.get("loss"), float)]
+    if spikes:  # steps whose update the spike guard skipped (train.spike_skip_sigma)
+        ax_loss.plot(*zip(*spikes), ls="none", marker="x", ms=7, color="tab:red", label="update skipped (spike)")
+        ax_loss.legend(fontsize=8, loc="upper right")
     ax_loss.set_ylabel("loss")
     ax_lr.plot(*series(records, "lr"), lw=1, color="tab:orange")
     ax_lr.set_ylabel("learning rate")
@@ -160,7 +164,7 @@ def plot_run(metrics_path: Path, output: Path, title: str) -> dict[str, Any]:
     return {"output": str(output), "records": len(records), "skipped_lines": bad,
             "first_step": records[0]["step"], "last_step": records[-1]["step"],
             "stage_boundaries": boundaries, "sources": sorted(sources), "validations": len(val_loss),
-            "validation_stores": sorted(val_stores)}
+            "validation_stores": sorted(val_stores), "skipped_updates": [step for step, _ in spikes]}
 
 
 def main(argv=None) -> int:
@@ -180,7 +184,9 @@ def main(argv=None) -> int:
     print(f"wrote {summary['output']}: steps {summary['first_step']}-{summary['last_step']} "
           f"({summary['records']} records, {summary['validations']} with a validation loss over "
           f"{len(summary['validation_stores'])} store(s)), "
-          f"{len(summary['sources'])} source(s), stage switches: {marks}")
+          f"{len(summary['sources'])} source(s), stage switches: {marks}"
+          + (f", updates skipped by the spike guard at steps {summary['skipped_updates']}"
+             if summary["skipped_updates"] else ""))
     return 0
 
 
