@@ -100,6 +100,9 @@ class ParallelConfig:
     # micro-batch gradients rounded to bf16 and summed in bf16 over DP: half the traffic, which sets the pace of
     # multi-node runs at few sequences per GPU; tools/plan.py weighs it; torch DDP's bf16_compress_hook)
     grad_reduce_dtype: str = "float32"
+    # How long a collective may wait for the other ranks before the process group aborts the run (NCCL and gloo;
+    # Megatron's --distributed-timeout-minutes). Raise it if a checkpoint or validation takes longer on one rank.
+    collective_timeout_minutes: float = 10.0
 
 
 @dataclass
@@ -504,6 +507,12 @@ def validate(cfg: Config) -> None:
     _require(bool(c.resume.strip()), "checkpoint.resume: must be auto, none or a checkpoint path")
     _require(cfg.logging.interval >= 1, "logging.interval: must be >= 1")
     _require(cfg.logging.hang_report_seconds >= 0, "logging.hang_report_seconds: must be >= 0 (0: off)")
+    _require(p.collective_timeout_minutes > 0,
+             f"parallel.collective_timeout_minutes: must be > 0, got {p.collective_timeout_minutes}")
+    _require(cfg.logging.hang_report_seconds < 60 * p.collective_timeout_minutes,
+             f"logging.hang_report_seconds: {cfg.logging.hang_report_seconds:g} s is not below the collective timeout "
+             f"(parallel.collective_timeout_minutes={p.collective_timeout_minutes:g}): the run would be aborted before "
+             "the report; lower it, or set 0 to turn the report off")
 
 
 def resolve_layout(cfg: Config, world_size: int) -> int:

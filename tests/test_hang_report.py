@@ -131,3 +131,24 @@ def test_trainer_under_torchrun_reports_a_stalled_then_a_stopped_rank(tmp_path):
     assert re.search(r"hang report: rank 0 has waited \d+ s in step 6 \(train step\); of 2 ranks:\n"
                      r"  not responding for \d+ s: rank 1 \(.*\), last heartbeat from step \d+ ", out), out[-4000:]
     assert len(re.findall(r"hang report: rank 0 moving again", out)) >= 2, out[-4000:]
+
+
+def test_the_collective_timeout_applies_to_every_group_and_follows_the_report(tmp_path):
+    """parallel.collective_timeout_minutes reaches the training groups (torch's new_group does not inherit it from
+    init_process_group): with 3 s, rank 0 reports rank 1 behind, then its step's collective times out."""
+    cfg = tiny_config(tmp_path, write_learnable_store(tmp_path / "d"), train={"train_steps": 8})
+    proc = torchrun(2, ["tests/hang_worker.py", "--config", str(cfg), "logging.hang_report_seconds=1",
+                        "parallel.collective_timeout_minutes=0.05"], timeout=240)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-4000:]
+    report = re.search(r"hang report: rank 0 has waited \d+ s in step 3 \(train step\)", out)
+    assert report and out.index("Timed out waiting 3000ms") > report.start(), out[-4000:]
+    assert "done:" not in out
+
+
+def test_a_report_after_the_collective_timeout_is_refused(tmp_path):
+    cfg = tiny_config(tmp_path, write_learnable_store(tmp_path / "d"))
+    with pytest.raises(ConfigError, match=r"logging.hang_report_seconds: 600 s is not below the collective timeout "
+                                          r"\(parallel.collective_timeout_minutes=10\)"):
+        load_config(cfg, ["logging.hang_report_seconds=600"])
+    assert load_config(cfg, ["logging.hang_report_seconds=900", "parallel.collective_timeout_minutes=20"])

@@ -18,6 +18,7 @@ Which checkpoint a run resumes from (`checkpoint.resume`):
 """
 from __future__ import annotations
 
+import datetime
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -100,7 +101,8 @@ class Checkpointer:
         self.run_dir = Path(self.settings.dir).expanduser() if self.settings.dir else None
         # Checkpoint traffic gets its own gloo group: a background save must not interleave its collectives
         # with the training step's on the same communicator, and gloo carries DCP's small planning messages.
-        group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        timeout = datetime.timedelta(minutes=cfg.parallel.collective_timeout_minutes)  # not inherited by a group
+        group = dist.new_group(backend="gloo", timeout=timeout) if dist.is_initialized() else None
         self.coll = Collective(group)
         self.watcher = PreemptionWatcher(device)
         self.watcher.install()

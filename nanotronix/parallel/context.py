@@ -6,6 +6,8 @@ parallelism need the first and last stage to sum their gradients: `embedding_gro
 """
 from __future__ import annotations
 
+import datetime
+
 from dataclasses import dataclass
 from typing import Optional
 
@@ -63,32 +65,34 @@ class ParallelContext:
         ctx = cls(tp=cfg.parallel.tp, pp=cfg.parallel.pp, dp=dp, rank=rank, world_size=world)
         if not dist.is_initialized():
             return ctx
-        # new_group is collective: every rank creates every group, in the same order, and keeps its own.
+        # new_group is collective: every rank creates every group, in the same order, and keeps its own. A group
+        # does not inherit init_process_group's timeout (it would get torch's default): each is given it.
+        timeout = datetime.timedelta(minutes=cfg.parallel.collective_timeout_minutes)
         g = ctx.global_rank
         for p in range(ctx.pp):
             for d in range(ctx.dp):
-                group = dist.new_group([g(t, d, p) for t in range(ctx.tp)])
+                group = dist.new_group([g(t, d, p) for t in range(ctx.tp)], timeout=timeout)
                 if rank in [g(t, d, p) for t in range(ctx.tp)]:
                     ctx.tp_group = group
         for p in range(ctx.pp):
             for t in range(ctx.tp):
                 members = [g(t, d, p) for d in range(ctx.dp)]
-                group = dist.new_group(members)
+                group = dist.new_group(members, timeout=timeout)
                 if rank in members:
                     ctx.dp_group = group
         for d in range(ctx.dp):
             for t in range(ctx.tp):
                 members = [g(t, d, p) for p in range(ctx.pp)]
-                group = dist.new_group(members)
+                group = dist.new_group(members, timeout=timeout)
                 if rank in members:
                     ctx.pp_group = group
                 ends = sorted({members[0], members[-1]})
-                group = dist.new_group(ends)
+                group = dist.new_group(ends, timeout=timeout)
                 if rank in ends:
                     ctx.embedding_group = group
         for d in range(ctx.dp):
             members = [g(t, d, p) for p in range(ctx.pp) for t in range(ctx.tp)]
-            group = dist.new_group(members)
+            group = dist.new_group(members, timeout=timeout)
             if rank in members:
                 ctx.model_parallel_group = group
         return ctx

@@ -27,7 +27,7 @@ def main(argv=None) -> None:
     try:
         cfg = load_config(args.config, args.overrides)
         device = pick_device(cfg.train.device)
-        init_distributed(device)
+        init_distributed(device, cfg.parallel.collective_timeout_minutes)
         from nanotronix.parallel import ParallelContext
         from nanotronix.train.trainer import train
 
