@@ -67,7 +67,8 @@ class Throughput:
 
 
 def console_line(record: dict[str, Any], train_steps: int) -> str:
-    """The log line of a metrics record: step, loss (and validation losses), lr, grad norm, tokens/s (and memory);
+    """The log line of a metrics record: step, loss (and validation losses), lr, grad norm, tokens/s, MFU, memory,
+    a slow rank's data wait, and the time left at this pace;
     a skipped step's record (train.skip_steps: validation only) gets step, validation losses and lr."""
     skipped = record.get("skipped", False)
     parts = [f"step {record['step']:>6}/{train_steps}", "skipped" if skipped else f"loss {record['loss']:.4f}"]
@@ -79,13 +80,26 @@ def console_line(record: dict[str, Any], train_steps: int) -> str:
         return " | ".join(parts + [f"lr {record['lr']:.3e}"])
     parts += [f"lr {record['lr']:.3e}", f"grad norm {record['grad_norm']:.3f}",
               f"{record['tokens_per_sec'] or 0:,.0f} tok/s"]
+    if record.get("mfu") is not None:
+        parts.append(f"MFU {100 * record['mfu']:.1f}%")
     if record.get("peak_memory_gb") is not None:
         parts.append(f"{record['peak_memory_gb']:.1f} GB")
     tokens_per_step = record["consumed_tokens"] / record["step"]
     step_ms = 1e3 * tokens_per_step / record["tokens_per_sec"] if record.get("tokens_per_sec") else None
     if step_ms and record.get("data_wait_ms", 0) > 0.05 * step_ms:  # the input is too slow somewhere: say where
         parts.append(f"data wait {record['data_wait_ms']:.0f} ms/step (rank {record['data_wait_rank']})")
+    if step_ms and record["step"] < train_steps:  # at the pace of the steps since the last record
+        parts.append(f"ETA {_duration((train_steps - record['step']) * step_ms / 1e3)}")
     return " | ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    """3d 04h, 2h 05m, 7m 09s: the two largest units."""
+    minutes = int(seconds // 60)
+    days, hours, minutes = minutes // 1440, minutes // 60 % 24, minutes % 60
+    if days:
+        return f"{days}d {hours:02d}h"
+    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {int(seconds) % 60:02d}s"
 
 
 def _scalars(record: dict[str, Any], prefix: str = ""):
