@@ -1,0 +1,84 @@
+"""tools/inspect_checkpoint.py on a real run's checkpoints: the summary against what the run itself says (its
+config's parameter count, its metrics' data position) and --verify against damage done to a file (~10 s)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from checkpoint_helpers import read_metrics, train_in_process
+from helpers import ROOT, tiny_config, write_learnable_store
+from nanotronix.config import load_config
+
+
+@pytest.fixture(scope="module")
+def tool():
+    spec = importlib.util.spec_from_file_location("inspect_checkpoint", ROOT / "tools" / "inspect_checkpoint.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_tool(tool, capsys, *args):
+    """The command in this process (no interpreter start-up per call): (exit code, stdout, stderr)."""
+    code = tool.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("run")
+    cfg = tiny_config(tmp, write_learnable_store(tmp / "arith"), train={"train_steps": 4},
+                      checkpoint={"dir": str(tmp / "ckpt"), "interval": 2})
+    train_in_process(cfg)
+    return cfg, tmp
+
+
+def test_summary_of_a_run_folder_is_its_latest_step(trained, tool, capsys):
+    cfg, tmp = trained
+    code, out, err = run_tool(tool, capsys, tmp / "ckpt", "--json", "--verify")
+    assert code == 0, err
+    report = json.loads(out)
+    config = load_config(cfg, [])
+    assert report["path"] == str(tmp / "ckpt" / "step_0000004") and report["step"] == 4
+    assert report["parameters"] == config.model.num_parameters()  # DCP's tensor sizes vs the config's formula
+    assert report["consumed_tokens"] == read_metrics(tmp / "logs")[4]["consumed_tokens"]
+    assert report["optimizer_state"] and report["optimizer_step"] == 4
+    assert report["run_steps"] == [2, 4] and report["verified"] is True
+    assert report["layout"] == {"tp": 1, "pp": 1, "dp": 1, "world_size": 1}
+
+    code, out, err = run_tool(tool, capsys, tmp / "ckpt" / "step_0000002")
+    assert code == 0, err
+    assert "step           2\n" in out and "AdamW moments, 2 updates" in out
+    assert "run steps      2 committed: 2, 4" in out
+
+
+def test_verify_names_a_corrupted_or_truncated_file(trained, tool, capsys, tmp_path):
+    import shutil
+
+    _, tmp = trained
+    step = tmp_path / "step_0000004"
+    shutil.copytree(tmp / "ckpt" / "step_0000004", step)
+    data = max((p for p in step.iterdir() if p.suffix == ".distcp"), key=lambda p: p.stat().st_size)
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # one flipped byte: the size is right, the content is not
+    data.write_bytes(bytes(raw))
+    assert run_tool(tool, capsys, step)[0] == 0  # the summary reads only metadata
+    code, _, err = run_tool(tool, capsys, step, "--verify", "--no-progress")
+    assert code == 2 and err.strip() == (
+        f"error: checkpoint file damaged: {data} does not match its SHA-256 in checkpoint.json (corrupted)")
+    data.write_bytes(bytes(raw[:-10]))
+    code, _, err = run_tool(tool, capsys, step, "--verify", "--no-progress")
+    assert code == 2 and err.strip() == (
+        f"error: checkpoint file damaged: {data} has {len(raw) - 10} bytes, expected {len(raw)} "
+        "(truncated or overwritten)")
+
+
+def test_errors_and_help(tool, capsys, tmp_path):
+    code, _, err = run_tool(tool, capsys, tmp_path / "missing")
+    assert code == 2 and err == f"error: checkpoint not found: {tmp_path / 'missing'}\n"
+    with pytest.raises(SystemExit) as done:
+        tool.main(["--help"])
+    assert done.value.code == 0 and "--verify" in capsys.readouterr().out

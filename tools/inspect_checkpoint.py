@@ -1,0 +1,140 @@
+#!/usr/bin/env python
+"""Summarise a checkpoint (one step folder, or a run's checkpoint folder: its latest step), or verify it.
+
+    python tools/inspect_checkpoint.py CKPT_DIR [--verify] [--json]
+
+Prints what the step holds, from its manifest (checkpoint.json) and torch.distributed.checkpoint's own metadata:
+the step and the data position, the model's shape and parameter count, whether the AdamW moments are there, the
+layout that saved it, and for a run folder its committed steps. --verify reads every file and checks it against
+the size and SHA-256 the manifest recorded when the step was written (after copying checkpoints between file
+systems, before a long job resumes from one); it exits non-zero with one line naming the first damaged file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from nanotronix.errors import fail
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="tools/inspect_checkpoint.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", metavar="CKPT_DIR", help="a step folder, or a run's checkpoint folder (latest step)")
+    p.add_argument("--verify", action="store_true", help="check every file's size and SHA-256; non-zero exit on damage")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar while verifying")
+    return p.parse_args(argv)
+
+
+def summarise(folder: Path) -> dict:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from nanotronix.checkpoint import paths
+    from nanotronix.checkpoint.manifest import read_manifest
+    from nanotronix.checkpoint.state import MODEL_PREFIX
+
+    manifest = read_manifest(folder)
+    tensors = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    numel = {key: 1 for key in tensors}
+    for key, meta in tensors.items():
+        for n in getattr(meta, "size", ()):  # tensors only (DCP also stores plain values)
+            numel[key] *= n
+    config = manifest.get("config", {})
+    train = config.get("train", {})
+    consumed = int(manifest.get("consumed_samples", 0))
+    run = folder.parent
+    return {
+        "path": str(folder), "step": manifest["step"], "consumed_samples": consumed,
+        "consumed_tokens": consumed * train["seq_len"] if "seq_len" in train else None,
+        "stage": manifest.get("data", {}).get("stage"),
+        "model": {k: config.get("model", {}).get(k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                               "num_attention_heads", "num_key_value_heads",
+                                                               "vocab_size", "tie_word_embeddings", "rope_theta")},
+        "parameters": sum(n for key, n in numel.items() if key.startswith(MODEL_PREFIX)),
+        "optimizer_state": bool(manifest.get("optimizer")), "optimizer_step": manifest.get("optimizer_step"),
+        "layout": manifest.get("layout"), "rope_layout": manifest.get("rope_layout"),
+        "torch_version": manifest.get("torch_version"), "source": manifest.get("source"),
+        "trainer_state": sorted(manifest.get("trainer_state", {})),
+        "files": len(manifest["files"]), "bytes": sum(f["size"] for f in manifest["files"].values()),
+        "run_steps": [paths.step_of(p) for p in paths.committed_steps(run)],
+    }
+
+
+def verify(folder: Path, progress: bool) -> None:
+    from tqdm import tqdm
+
+    from nanotronix.checkpoint.manifest import check_hashes, check_sizes, read_manifest
+
+    manifest = read_manifest(folder)
+    check_sizes(folder, manifest)  # a missing or truncated file: found at once, before hours of hashing
+    files = manifest["files"]
+    with tqdm(total=sum(f["size"] for f in files.values()), unit="B", unit_scale=True, desc="verify",
+              disable=not progress) as bar:
+        for name in sorted(files):
+            check_hashes(folder, manifest, [name])
+            bar.update(files[name]["size"])
+
+
+def _layout(layout) -> str:
+    if not isinstance(layout, dict):
+        return str(layout)
+    return f"tp {layout.get('tp')} x pp {layout.get('pp')} x dp {layout.get('dp')} ({layout.get('world_size')} ranks)"
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from nanotronix.checkpoint import paths
+    from nanotronix.checkpoint.errors import CheckpointError
+
+    try:
+        folder = paths.resolve_checkpoint(Path(args.checkpoint))
+        report = summarise(folder)
+        if args.verify:
+            verify(folder, progress=not (args.json or args.no_progress))
+            report["verified"] = True
+    except (CheckpointError, OSError) as e:
+        return fail(e)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    m = report["model"]
+    rows = [
+        ("checkpoint", report["path"]),
+        ("step", report["step"]),
+        ("consumed", f"{report['consumed_samples']:,} samples"
+                     + (f", {report['consumed_tokens']:,} tokens" if report["consumed_tokens"] is not None else "")
+                     + (f" (stage {report['stage']})" if report["stage"] else "")),
+        ("model", f"{report['parameters'] / 1e6:.1f}M parameters: {m['num_hidden_layers']} layers, hidden "
+                  f"{m['hidden_size']}, FFN {m['intermediate_size']}, {m['num_attention_heads']} heads / "
+                  f"{m['num_key_value_heads']} KV, vocab {m['vocab_size']}, tied {m['tie_word_embeddings']}, "
+                  f"RoPE theta {m['rope_theta']} ({report['rope_layout']})"),
+        ("optimizer", f"AdamW moments, {report['optimizer_step']} updates" if report["optimizer_state"]
+                      else "none (weights only)"),
+        ("saved by", f"layout {_layout(report['layout'])}, torch {report['torch_version']}"),
+        ("files", f"{report['files']} files, {_size(report['bytes'])}"),
+    ]
+    if report["source"]:
+        rows.append(("imported from", report["source"]))
+    if report["trainer_state"]:
+        rows.append(("trainer state", ", ".join(report["trainer_state"])))
+    steps = report["run_steps"]
+    if steps:  # the first and last few of a long run's steps
+        shown = ", ".join(map(str, steps)) if len(steps) <= 8 else (
+            f"{', '.join(map(str, steps[:3]))} ... {', '.join(map(str, steps[-3:]))}")
+        rows.append(("run steps", f"{len(steps)} committed: {shown}"))
+    if args.verify:
+        rows.append(("verify", "OK: every file matches its size and SHA-256"))
+    for key, value in rows:
+        print(f"{key:14s} {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
