@@ -56,6 +56,16 @@ def tiny_config(tmp_path: Path, store: Path, **sections) -> Path:
     return path
 
 
+def load_tool(name: str):
+    """tools/NAME.py as a module, so a test calls its main() in this process (no interpreter start-up per call)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run(args: list[str], cwd: Path = ROOT, timeout: float = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,

@@ -2,22 +2,18 @@
 config's parameter count, its metrics' data position) and --verify against damage done to a file (~10 s)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 
 from checkpoint_helpers import read_metrics, train_in_process
-from helpers import ROOT, tiny_config, write_learnable_store
+from helpers import load_tool, tiny_config, write_learnable_store
 from nanotronix.config import load_config
 
 
 @pytest.fixture(scope="module")
 def tool():
-    spec = importlib.util.spec_from_file_location("inspect_checkpoint", ROOT / "tools" / "inspect_checkpoint.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("inspect_checkpoint")
 
 
 def run_tool(tool, capsys, *args):

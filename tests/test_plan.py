@@ -2,14 +2,13 @@
 4,716,000, sources' epochs from real store sizes, memory and time arithmetic, one-line errors (~10 s)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from helpers import run
+from helpers import load_tool, run
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "examples" / "configs"
@@ -18,10 +17,7 @@ GIB = 1024 ** 3
 
 @pytest.fixture(scope="module")
 def plan_tool():
-    spec = importlib.util.spec_from_file_location("plan_tool", ROOT / "tools" / "plan.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("plan")
 
 
 def test_1p7b_plan_matches_the_published_schedule(plan_tool):

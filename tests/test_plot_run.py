@@ -1,23 +1,18 @@
 """tools/plot_run.py on a metrics.jsonl shaped like a resumed multi-stage run (~5 s)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-from helpers import run
+from helpers import load_tool, run
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def plot_tool():
-    spec = importlib.util.spec_from_file_location("plot_tool", ROOT / "tools" / "plot_run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("plot_run")
 
 
 def record(step: int, stage: str, loss: float) -> dict:
