@@ -9,7 +9,6 @@ import pytest
 from helpers import load_tool, run
 
 
-
 @pytest.fixture(scope="module")
 def plot_tool():
     return load_tool("plot_run")
