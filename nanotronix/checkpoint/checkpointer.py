@@ -23,7 +23,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -169,14 +169,17 @@ class Checkpointer:
 
     # ---- save ----------------------------------------------------------------------------------------
 
-    def after_step(self, step: int, model, optimizer, loader, trainer_state: Optional[dict] = None) -> bool:
+    def after_step(self, step: int, model, optimizer, loader,
+                   trainer_state: Optional[Callable[[], dict]] = None) -> bool:
         """Save when due; return True when the run was preempted (the checkpoint is then saved on all ranks).
-        `trainer_state` (JSON values) is saved too and comes back as `ResumeState.trainer_state`."""
+        `trainer_state()` (JSON values), asked for only when a save is due, is saved too and comes back as
+        `ResumeState.trainer_state`."""
         stop = self.watcher.stop_requested()
         last = step == self.cfg.train.train_steps
         interval = self.settings.interval
         if stop or last or (interval > 0 and step % interval == 0):
-            self.save(step, model, optimizer, loader, blocking=stop or last, trainer_state=trainer_state)
+            self.save(step, model, optimizer, loader, blocking=stop or last,
+                      trainer_state=trainer_state() if trainer_state is not None else None)
         if stop:
             saved = f"saved step {step}" if self.run_dir is not None else "checkpoint.dir is not set, nothing saved"
             self._log(f"received {self.watcher.signal_name()}: {saved}; exiting for a requeue")

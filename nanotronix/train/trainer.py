@@ -122,7 +122,7 @@ def _train(cfg: Config, ctx: ParallelContext, device: torch.device, watch: HangW
                     or result.spike is not None):
                 log.step(step, lr, result, loader.stats(step), val_losses)
         watch.at(step, "checkpoint")
-        if checkpointer.after_step(step, model, optimizer, loader, trainer_state()):
+        if checkpointer.after_step(step, model, optimizer, loader, trainer_state):
             preempted = True
             break
     watch.at(None, "finish")  # the last step it reached
