@@ -126,39 +126,40 @@ class HangWatch:
                 "pid": self.pid}
 
     def _run(self) -> None:
-        stuck_at, reported, dumped = None, False, False
+        reported = dumped = False  # this stuck episode: rank 0 reported it / this rank printed its stacks
+        stuck_since = 0.0  # when the phase that got stuck began (set with `reported`)
         while True:
             closing = self._stop.wait(self.poll)  # one last look when closing: a report gets its "moving again"
             try:
                 beat = self._beat()
                 if self.store is not None:
                     self.store.set(HEARTBEAT_KEY.format(self.rank), json.dumps(beat))
-                if beat["sent"] - beat["since"] < self.after:
+                stuck_for = beat["sent"] - beat["since"]
+                if stuck_for < self.after:
                     if reported:
                         _say(f"hang report: rank {self.rank} moving again, now at {_where(beat)}, after "
-                             f"{time.time() - stuck_at[2]:.0f} s")
+                             f"{beat['sent'] - stuck_since:.0f} s")
                         if self.store is not None:
                             self.store.set(BEHIND_KEY, "[]")
-                    stuck_at, reported, dumped = None, False, False
-                    if closing:
-                        return
-                    continue
+                    reported = dumped = False
+                elif closing:  # stuck, but the run is ending: nothing to report
+                    pass
+                elif self.store is None:  # a single process: its own stacks
+                    if not reported:
+                        _say(f"hang report: no progress for {stuck_for:.0f} s in {_where(beat)}; where this process "
+                             f"is:\n{thread_stacks(skip=threading.get_ident())}")
+                        stuck_since, reported = beat["since"], True
+                else:
+                    if self.rank == 0 and not reported:
+                        self.store.set(BEHIND_KEY, json.dumps(self._report(beat)))
+                        stuck_since, reported = beat["since"], True
+                    if not dumped and self.rank in self._listed_behind():
+                        _say(f"hang report: rank {self.rank} ({self.host}, pid {self.pid}) is behind the others, in "
+                             f"{_where(beat)} for {stuck_for:.0f} s; where it is:\n"
+                             f"{thread_stacks(skip=threading.get_ident())}")
+                        dumped = True
                 if closing:
                     return
-                stuck_at = stuck_at or self._where
-                if self.store is None and not reported:
-                    _say(f"hang report: no progress for {beat['sent'] - beat['since']:.0f} s in {_where(beat)}; "
-                         f"where this process is:\n{thread_stacks(skip=threading.get_ident())}")
-                    reported = dumped = True
-                elif self.rank == 0 and not reported:
-                    behind = self._report(beat)
-                    self.store.set(BEHIND_KEY, json.dumps(behind))
-                    reported = True
-                if self.store is not None and not dumped and self.rank in self._listed_behind():
-                    _say(f"hang report: rank {self.rank} ({self.host}, pid {self.pid}) is behind the others, in "
-                         f"{_where(beat)} for {beat['sent'] - beat['since']:.0f} s; where it is:\n"
-                         f"{thread_stacks(skip=threading.get_ident())}")
-                    dumped = True
             except Exception as e:  # the store gone (the job ending) or any other failure: the run is unaffected
                 if not self._stop.is_set():
                     _say(f"hang report: rank {self.rank} stopped watching ({type(e).__name__}: {e})")
