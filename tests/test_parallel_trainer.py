@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from helpers import tiny_config, torchrun, write_learnable_store
 
@@ -39,7 +38,12 @@ def test_tp2_pp2_dp2_trainer_matches_one_process(tmp_path):
 
     want, got = CheckpointReader(tmp_path / "single" / "ckpt"), CheckpointReader(tmp_path / "parallel" / "ckpt")
     assert got.step == want.step == STEPS
-    # Adam's first steps amplify summation-order noise to ~3e-5 here (zero_stage 0 alike); a weight gather missed
-    # by the snapshot would leave a rank's half of a tensor one update (~lr = 3e-3) behind.
+    # Adam's first steps amplify summation-order noise to ~3e-5 here (zero_stage 0 alike), and where a gradient is
+    # ~0 its m / sqrt(v) turns that noise into a sizeable update: a few scattered elements may differ by up to ~lr
+    # (which ones depends on the CPU's summation order: one element of 4096 by 2.9e-4 on an AVX-512 machine). A
+    # weight gather missed by the snapshot would leave a rank's whole shard one update (~lr = 3e-3) behind: a mean
+    # difference ~100x this bound and most of the shard's elements beyond 2e-4.
     for name, tensor in want.iter_tensors():
-        torch.testing.assert_close(got.tensors([name])[name], tensor, rtol=0, atol=2e-4, msg=name)
+        diff = (got.tensors([name])[name] - tensor).abs()
+        assert diff.mean() < 2e-5, (name, diff.mean().item())
+        assert (diff > 2e-4).float().mean() < 0.01, (name, (diff > 2e-4).sum().item(), diff.numel())
