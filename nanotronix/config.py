@@ -206,6 +206,12 @@ class LoggingConfig:
     # Seconds without progress after which rank 0 reports which ranks are behind or not responding, and those print
     # their stacks (nanotronix/train/hang_report.py); below the 10-minute collective timeout. 0: off.
     hang_report_seconds: float = 300.0
+    # Steps run under torch.profiler ("A-B" inclusive, or "N"; "" off) on the ranks in profile_ranks: a trace and a
+    # kernel-time summary per rank in LOGGING_DIR/profile/ (nanotronix/train/profiler.py). Those steps run slower.
+    profile_steps: str = ""
+    profile_ranks: list[int] = field(default_factory=lambda: [0])
+    # With profile_steps on CUDA: the caching allocator's history over those steps too (for pytorch.org/memory_viz).
+    memory_snapshot: bool = False
 
 
 @dataclass
@@ -507,6 +513,11 @@ def validate(cfg: Config) -> None:
     _require(bool(c.resume.strip()), "checkpoint.resume: must be auto, none or a checkpoint path")
     _require(cfg.logging.interval >= 1, "logging.interval: must be >= 1")
     _require(cfg.logging.hang_report_seconds >= 0, "logging.hang_report_seconds: must be >= 0 (0: off)")
+    profiled_step_range(cfg)
+    _require(bool(cfg.logging.profile_ranks) and all(r >= 0 for r in cfg.logging.profile_ranks),
+             f"logging.profile_ranks: expected a list of ranks >= 0, got {cfg.logging.profile_ranks}")
+    _require(not cfg.logging.memory_snapshot or bool(cfg.logging.profile_steps.strip()),
+             "logging.memory_snapshot: records the steps of logging.profile_steps, which is not set")
     _require(p.collective_timeout_minutes > 0,
              f"parallel.collective_timeout_minutes: must be > 0, got {p.collective_timeout_minutes}")
     _require(cfg.logging.hang_report_seconds < 60 * p.collective_timeout_minutes,
@@ -559,15 +570,7 @@ def resolve_layout(cfg: Config, world_size: int) -> int:
 
 def skipped_step_ranges(t: TrainConfig) -> list[tuple[int, int]]:
     """train.skip_steps as sorted inclusive (first, last) ranges, overlapping or adjacent ones merged."""
-    ranges = []
-    for text in t.skip_steps:
-        first, dash, last = text.partition("-")
-        _require(first.strip().isdigit() and (not dash or last.strip().isdigit()),
-                 f"train.skip_steps: {text!r} is not a step N or a range A-B")
-        a, b = int(first), int(last if dash else first)
-        _require(1 <= a <= b <= t.train_steps,
-                 f"train.skip_steps: {text!r} is not within 1 <= A <= B <= train.train_steps={t.train_steps}")
-        ranges.append((a, b))
+    ranges = [_step_range(text, "train.skip_steps", t.train_steps) for text in t.skip_steps]
     merged: list[tuple[int, int]] = []
     for a, b in sorted(ranges):
         if merged and a <= merged[-1][1] + 1:
@@ -575,6 +578,23 @@ def skipped_step_ranges(t: TrainConfig) -> list[tuple[int, int]]:
         else:
             merged.append((a, b))
     return merged
+
+
+def profiled_step_range(cfg: Config) -> Optional[tuple[int, int]]:
+    """logging.profile_steps as an inclusive (first, last) range, None when off."""
+    text = cfg.logging.profile_steps
+    return _step_range(text, "logging.profile_steps", cfg.train.train_steps) if text.strip() else None
+
+
+def _step_range(text: str, where: str, train_steps: int) -> tuple[int, int]:
+    """"A-B" (inclusive) or "N" as (A, B), within the run's steps."""
+    first, dash, last = text.partition("-")
+    _require(first.strip().isdigit() and (not dash or last.strip().isdigit()),
+             f"{where}: {text!r} is not a step N or a range A-B")
+    a, b = int(first), int(last if dash else first)
+    _require(1 <= a <= b <= train_steps,
+             f"{where}: {text!r} is not within 1 <= A <= B <= train.train_steps={train_steps}")
+    return a, b
 
 
 def grad_accum_steps(cfg: Config, dp: int) -> int:

@@ -65,6 +65,12 @@ def test_document_masking_counts_fewer_attention_flops(tmp_path, store):
     (["validation.interval=5", "validation.data=arith"], "error: validation.data: expected a list, got 'arith'"),
     (["validation.interval=5", "validation.data=[arith]", "validation.num_samples=100000"],
      "error: validation.num_samples: 100000 windows of 32 tokens need 3200001 tokens"),
+    (["logging.profile_steps=5-3"], "error: logging.profile_steps: '5-3' is not within 1 <= A <= B <= "
+                                    "train.train_steps=20"),
+    (["logging.profile_steps=3", "logging.profile_ranks=[1]"],
+     "error: logging.profile_ranks: [1] names a rank this run does not have (its ranks are 0-0)"),
+    (["logging.profile_steps=3", "logging.memory_snapshot=true"],
+     "error: logging.memory_snapshot: records the CUDA caching allocator; this run is on cpu"),
 ])
 def test_bad_input_is_one_line(tmp_path, store, override, message):
     cfg = tiny_config(tmp_path, store)

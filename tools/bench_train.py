@@ -44,6 +44,7 @@ from nanotronix import accel  # noqa: E402
 from nanotronix.config import Config, TrainConfig, apply_override, load_config  # noqa: E402
 from nanotronix.errors import UserError, fail  # noqa: E402
 from nanotronix.train.flops import device_peak_tflops, document_attention_span, flops_per_token, mfu  # noqa: E402
+from nanotronix.train.profiler import own_times, summary  # noqa: E402
 
 
 @dataclass
@@ -207,47 +208,17 @@ def hf_step_fn(cfg: Config, device: torch.device) -> Callable[[torch.Tensor], fl
     return step
 
 
-# Kernel groups of the --profile breakdown, by substrings of the kernel names (first match wins).
-KERNEL_GROUPS = [
-    ("attention", ("flash", "fmha", "attention", "attn", "cudnn_generated_fort_native_sdpa")),
-    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "matmul", "sm90_", "sm80_", "addmm", "aten::mm", "aten::bmm")),
-    ("fused elementwise (triton)", ("triton",)),
-    ("copy / cast", ("copy", "_to_copy", "cast", "memcpy", "memset", "fill")),
-    ("optimizer", ("adam", "foreach", "multi_tensor")),
-]
-
-
-def kernel_group(name: str) -> str:
-    low = name.lower()
-    for group, keys in KERNEL_GROUPS:
-        if any(k in low for k in keys):
-            return group
-    return "other"
-
-
 def profile_step(step: Callable[[torch.Tensor], float], batch: torch.Tensor, device: torch.device, name: str) -> dict:
     """One step under torch.profiler: prints the top kernels and returns {group: share of device time}."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
-    activities = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
-    with profile(activities=activities) as prof:
+    with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
         step(batch)
         sync(device)
-    events = prof.key_averages()
-    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
-    rows = [(e.key, getattr(e, attr), e.count) for e in events if getattr(e, attr) > 0]
-    if not cuda:  # CPU ops nest; keep the leaves' own time only (self time), which sums to the step
-        rows = [r for r in rows if not r[0].startswith("ProfilerStep")]
-    total = sum(t for _, t, _ in rows) or 1
-    shares: dict[str, float] = {}
-    for key, t, _ in rows:
-        shares[kernel_group(key)] = shares.get(kernel_group(key), 0.0) + t / total
-    print(f"  [{name}] profile of one step: {total / 1e3:.0f} ms of {'GPU' if cuda else 'CPU'} time", flush=True)
-    for key, t, count in sorted(rows, key=lambda r: -r[1])[:25]:
-        print(f"    {100 * t / total:5.1f}%  {t / 1e3:8.1f} ms  x{count:<6} {key[:100]}")
-    print("    by group: " + ", ".join(f"{g} {100 * v:.1f}%" for g, v in sorted(shares.items(), key=lambda kv: -kv[1])),
-          flush=True)
+    shares, lines = summary(own_times(prof, cuda))
+    print(f"  [{name}] profile of one step: {lines[0]} of {'GPU' if cuda else 'CPU'} time", flush=True)
+    print("\n".join(f"    {line}" for line in lines[1:]), flush=True)
     return shares
 
 

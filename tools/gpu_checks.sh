@@ -93,16 +93,21 @@ if [ "$PART" != 1 ]; then  # in the order of what matters most, should the devic
   timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_parallel_layouts.py tests/test_document_masking.py \
     tests/test_compute_weights.py -k "not cuda" >> "$LOG" 2>&1; echo "layout tests rc=$?"; tail -2 "$LOG"
   # last, best effort: the trainer itself on the GPU (the quickstart's data and model): bf16, compile, the weight
-  # cache, the fused wgrad accumulation and loss, validation every 50 steps; its log lines show MFU, peak memory
-  # and the validation loss (nothing of it lands in $OUT but checks2.log)
+  # cache, the fused wgrad accumulation and loss, validation every 50 steps, steps 101-102 profiled (CUDA kernels
+  # and the allocator's history); its log lines show MFU, peak memory and the validation loss, the profile's summary
+  # follows (nothing of it lands in $OUT but checks2.log)
   echo "== [t+${SECONDS}s] the trainer on CUDA (quickstart data and model)"
+  PROFILE="logging.profile_steps=101-102"
+  [ "${TRAIN_DEVICE:-cuda}" = cuda ] && PROFILE="$PROFILE logging.memory_snapshot=true"
+  rm -rf /tmp/nanotronix_gpu_checks
   { PY=$PY bash examples/quickstart_data.sh && timeout 150 $PY -m torch.distributed.run --standalone \
       --nproc_per_node=1 -m nanotronix.train --config examples/configs/quickstart.yaml parallel.tp=1 parallel.pp=1 \
       train.device=${TRAIN_DEVICE:-cuda} train.dtype=bfloat16 train.compile=true train.bf16_weight_cache=true \
       train.grad_accumulation_fusion=true train.loss_chunk_size=256 validation.interval=50 logging.interval=50 \
-      checkpoint.dir=/tmp/nanotronix_gpu_checks/ckpt logging.dir=/tmp/nanotronix_gpu_checks/logs $TRAIN_EXTRA; \
-  } >> "$LOG" 2>&1
-  echo "trainer rc=$?"; grep -E "^step|^done|error" "$LOG" | tail -8
+      checkpoint.dir=/tmp/nanotronix_gpu_checks/ckpt logging.dir=/tmp/nanotronix_gpu_checks/logs $PROFILE \
+      $TRAIN_EXTRA; } >> "$LOG" 2>&1
+  echo "trainer rc=$?"; grep -E "^step|^done|^profile of|error" "$LOG" | tail -9
+  { ls -la /tmp/nanotronix_gpu_checks/logs/profile; cat /tmp/nanotronix_gpu_checks/logs/profile/*.txt; } >> "$LOG" 2>&1
 fi
 
 echo "== [t+${SECONDS}s] summary against issue 7's Done-when (best run of each bench file present)"

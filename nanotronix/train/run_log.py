@@ -37,7 +37,7 @@ class RunLog:
         self.speed.add(self.tokens_per_step)
 
     def paused(self):
-        """Leave the time spent inside out of tokens/s (validation)."""
+        """Leave the time spent inside out of tokens/s (validation, writing a profile)."""
         return self.speed.paused()
 
     def step(self, step: int, lr: float, result: StepResult, data_stats: dict[str, Any],

@@ -21,6 +21,7 @@ from nanotronix.parallel import DistributedOptimizer, ParallelContext, paralleli
 from nanotronix.train.hang_report import HangWatch
 from nanotronix.train.lr_schedule import lr_at
 from nanotronix.train.optimizer import param_groups
+from nanotronix.train.profiler import StepProfiler
 from nanotronix.train.run_log import RunLog
 from nanotronix.train.spike_guard import SpikeGuard
 from nanotronix.train.step import train_step
@@ -43,6 +44,7 @@ def train(cfg: Config, ctx: ParallelContext, device: torch.device) -> dict:
 
 def _train(cfg: Config, ctx: ParallelContext, device: torch.device, watch: HangWatch) -> dict:
     t, m = cfg.train, cfg.model
+    profiler = StepProfiler.from_config(cfg, ctx.rank, ctx.world_size, device)  # logging.profile_steps, or nothing
     torch.manual_seed(t.seed)
     attn = accel.resolve_attention(m.attn_implementation, device)
     # Every rank builds the whole plain model from the same seed, then keeps its TP/PP part (nanotronix.parallel).
@@ -86,6 +88,7 @@ def _train(cfg: Config, ctx: ParallelContext, device: torch.device, watch: HangW
             return validator.run()
 
     for step in range(start_step, t.train_steps + 1):
+        profiler.begin(step)
         lr = lr_at(step, cfg.optimizer.lr, cfg.lr_schedule)
         skipped = next(((a, b) for a, b in skips if a <= step <= b), None)
         if skipped is not None:  # no batch read, no update: the data position and the step move on
@@ -122,10 +125,14 @@ def _train(cfg: Config, ctx: ParallelContext, device: torch.device, watch: HangW
                     or result.spike is not None):
                 log.step(step, lr, result, loader.stats(step), val_losses)
         watch.at(step, "checkpoint")
-        if checkpointer.after_step(step, model, optimizer, loader, trainer_state):
+        stop = checkpointer.after_step(step, model, optimizer, loader, trainer_state)
+        with log.paused():  # writing the trace, at the window's end
+            profiler.end(step)
+        if stop:
             preempted = True
             break
     watch.at(None, "finish")  # the last step it reached
+    profiler.close()  # a run stopped inside the profiled steps (preempted): what it recorded
     model.grads.wait_for_weights()  # ZeRO-1 overlap_param_gather: the last step's weight gathers
     checkpointer.close()
     loader.close()

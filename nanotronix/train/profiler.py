@@ -1,0 +1,156 @@
+"""torch.profiler over a window of training steps (`logging.profile_steps`) on chosen ranks (`logging.profile_ranks`).
+
+Where the time of a real step goes on the real layout (its communication, pipeline bubbles, data waits and
+checkpoint saves included), which `tools/bench_train.py --profile` cannot show. Each profiling rank writes to
+LOGGING_DIR/profile/:
+  - `rank{R}_steps_{A}-{B}.json.gz`: a Chrome trace (https://ui.perfetto.dev or chrome://tracing), each step a range
+    named `nanotronix step N`;
+  - `rank{R}_steps_{A}-{B}.txt`: the top ops by their own device time (CPU time on CPU) and that time split into
+    kernel groups (matmul, attention, communication, ...), whose one-line form the rank also prints;
+  - with `logging.memory_snapshot` (CUDA): `rank{R}_steps_{A}-{B}_memory.pickle`, the caching allocator's history
+    over the steps (drop it on https://pytorch.org/memory_viz).
+The window opens before step A reads its batch and closes after step B's checkpoint; a run that stops inside it
+(preemption) writes the steps it profiled. Files appear whole (written aside, then renamed).
+
+torch.profiler records and exports; what is ours is the step window, the files and the kernel groups
+(`kernel_group`, shared with bench_train) that turn thousands of kernel names into a few shares.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from nanotronix.config import Config, ConfigError, profiled_step_range
+
+STEP_LABEL = "nanotronix step "  # the trace's range of each profiled step
+
+# Kernel groups by substrings of the op / kernel names (first match wins).
+KERNEL_GROUPS = [
+    ("attention", ("flash", "fmha", "attention", "attn", "cudnn_generated_fort_native_sdpa")),
+    ("communication", ("nccl", "gloo", "c10d::", "record_param_comms", "allreduce", "all_reduce", "allgather",
+                       "all_gather", "reduce_scatter", "broadcast")),
+    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "matmul", "sm90_", "sm80_", "addmm", "aten::mm", "aten::bmm",
+                "accumulate_weight_grad")),  # the last: train.grad_accumulation_fusion's wgrad GEMM (its CPU twin)
+    ("fused elementwise (triton)", ("triton",)),
+    ("copy / cast", ("copy", "_to_copy", "cast", "memcpy", "memset", "fill")),
+    ("optimizer", ("adam", "foreach", "multi_tensor")),
+]
+
+
+def kernel_group(name: str) -> str:
+    low = name.lower()
+    for group, keys in KERNEL_GROUPS:
+        if any(k in low for k in keys):
+            return group
+    return "other"
+
+
+def own_times(prof: torch.profiler.profile, cuda: bool) -> list[tuple[str, float, int]]:
+    """(op or kernel name, own time in microseconds, calls) of what a profile recorded: device time on CUDA, else the
+    CPU ops' self time (ops nest on CPU; their self times sum to the profiled time). Step ranges are left out."""
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    return [(e.key, getattr(e, attr), e.count) for e in prof.key_averages()
+            if getattr(e, attr) > 0 and not e.key.startswith(("ProfilerStep", STEP_LABEL))]
+
+
+def summary(rows: list[tuple[str, float, int]], top: int = 25) -> tuple[dict[str, float], list[str]]:
+    """The share of each kernel group in `rows`' total time, and lines naming the total, the top rows and the groups."""
+    total = sum(t for _, t, _ in rows) or 1.0
+    shares: dict[str, float] = {}
+    for key, t, _ in rows:
+        shares[kernel_group(key)] = shares.get(kernel_group(key), 0.0) + t / total
+    lines = [f"{100 * t / total:5.1f}%  {t / 1e3:8.1f} ms  x{count:<6} {key[:100]}"
+             for key, t, count in sorted(rows, key=lambda r: -r[1])[:top]]
+    return shares, [f"{total / 1e3:.0f} ms", *lines, "by group: " + groups_line(shares)]
+
+
+def groups_line(shares: dict[str, float]) -> str:
+    return ", ".join(f"{g} {100 * v:.1f}%" for g, v in sorted(shares.items(), key=lambda kv: -kv[1]))
+
+
+class StepProfiler:
+    """`begin(n)` and `end(n)` around each step of the loop, `close()` after it. Does nothing on ranks (and steps) not
+    profiled."""
+
+    def __init__(self, window: Optional[tuple[int, int]], out_dir: Path, rank: int, device: torch.device,
+                 memory: bool):
+        self.window, self.out_dir, self.rank, self.memory = window, out_dir, rank, memory
+        self.cuda = device.type == "cuda"
+        self.prof: Optional[torch.profiler.profile] = None
+        self.range: Optional[torch.profiler.record_function] = None  # the step's range in the trace
+        self.first = self.last = 0  # the steps profiled so far
+
+    @classmethod
+    def from_config(cls, cfg: Config, rank: int, world_size: int, device: torch.device) -> "StepProfiler":
+        lg = cfg.logging
+        window = profiled_step_range(cfg)
+        if window is not None:
+            if max(lg.profile_ranks) >= world_size:
+                raise ConfigError(f"logging.profile_ranks: {lg.profile_ranks} names a rank this run does not have "
+                                  f"(its ranks are 0-{world_size - 1})")
+            if lg.memory_snapshot and device.type != "cuda":
+                raise ConfigError(f"logging.memory_snapshot: records the CUDA caching allocator; this run is on "
+                                  f"{device.type}")
+        on = window is not None and rank in lg.profile_ranks
+        return cls(window if on else None, Path(lg.dir) / "profile", rank, device, lg.memory_snapshot)
+
+    def begin(self, step: int) -> None:
+        if self.window is None or not self.window[0] <= step <= self.window[1]:
+            return
+        if self.prof is None:
+            self._start(step)
+        self.last = step
+        self.range = torch.profiler.record_function(f"{STEP_LABEL}{step}")
+        self.range.__enter__()
+
+    def end(self, step: int) -> None:
+        if self.range is not None:
+            self.range.__exit__(None, None, None)
+            self.range = None
+        if self.window is not None and step == self.window[1]:
+            self.close()
+
+    def close(self) -> None:
+        """Stop and write what was profiled (a run that ended inside the window: its steps so far)."""
+        if self.prof is None:
+            return
+        prof, self.prof = self.prof, None
+        if self.cuda:
+            torch.cuda.synchronize()
+        prof.stop()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        stem = f"rank{self.rank}_steps_{self.first}-{self.last}"
+        trace = self.out_dir / f"{stem}.json.gz"
+        _write_aside(trace, prof.export_chrome_trace)  # torch gzips a path ending in .gz
+        if self.memory:
+            _write_aside(self.out_dir / f"{stem}_memory.pickle", torch.cuda.memory._dump_snapshot)
+            torch.cuda.memory._record_memory_history(enabled=None)
+        shares, lines = summary(own_times(prof, self.cuda), top=40)
+        what = f"profile of steps {self.first}-{self.last} (rank {self.rank}): {lines[0]} of {self.device_name} time"
+        text = "\n".join([what, *lines[1:]]) + "\n"
+        _write_aside(self.out_dir / f"{stem}.txt", lambda path: Path(path).write_text(text))
+        print(f"{what}: {groups_line(shares)} -> {trace}", flush=True)
+
+    @property
+    def device_name(self) -> str:
+        return "GPU" if self.cuda else "CPU"
+
+    def _start(self, step: int) -> None:
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if self.cuda:
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+            if self.memory:
+                torch.cuda.memory._record_memory_history(max_entries=1_000_000)
+        self.prof = torch.profiler.profile(activities=activities)
+        self.prof.start()
+        self.first = step
+
+
+def _write_aside(path: Path, write) -> None:
+    """`write(name)` to a temporary name beside `path` (keeping its suffixes), then rename: no half-written file."""
+    tmp = path.with_name(f".partial.{path.name}")
+    write(str(tmp))
+    os.replace(tmp, path)

@@ -1,0 +1,47 @@
+"""`logging.profile_steps` / `logging.profile_ranks`: the real trainer under torchrun (2 gloo ranks, DP2) profiles steps
+3-4 on rank 1 only and goes on training (~10 s on 2 cores). The trace is torch.profiler's own Chrome trace; the
+summary is checked against it (each op's call count), and the trace against the window (exactly the ranges of steps 3
+and 4, in order, holding the model's matmuls and the gradient all-reduce)."""
+from __future__ import annotations
+
+import gzip
+import json
+import re
+
+from helpers import tiny_config, torchrun, write_learnable_store
+
+
+def test_profiled_steps_leave_a_trace_and_a_summary_on_the_chosen_rank(tmp_path):
+    cfg = tiny_config(tmp_path, write_learnable_store(tmp_path / "arith"))
+    proc = torchrun(2, ["-m", "nanotronix.train", "--config", str(cfg), "train.train_steps=5",
+                        "logging.profile_steps=3-4", "logging.profile_ranks=[1]"])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+
+    out = tmp_path / "logs" / "profile"
+    assert sorted(p.name for p in out.iterdir()) == ["rank1_steps_3-4.json.gz", "rank1_steps_3-4.txt"]
+    printed = [line for line in proc.stdout.splitlines() if line.startswith("profile of")]
+    assert len(printed) == 1 and printed[0].startswith("profile of steps 3-4 (rank 1): "), proc.stdout
+    assert printed[0].endswith(f"-> {out / 'rank1_steps_3-4.json.gz'}")
+
+    events = [e for e in json.loads(gzip.decompress((out / "rank1_steps_3-4.json.gz").read_bytes()))["traceEvents"]
+              if e.get("ph") == "X"]
+    steps = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events if e["name"].startswith("nanotronix step"))
+    assert [name for *_, name in steps] == ["nanotronix step 3", "nanotronix step 4"]
+    assert steps[0][1] <= steps[1][0]  # step 4 begins after step 3 ended
+    names = [e["name"] for e in events]
+    assert "aten::mm" in names and "c10d::allreduce_" in names  # the model's matmuls, DP2's gradient reduction
+
+    summary = (out / "rank1_steps_3-4.txt").read_text().splitlines()
+    assert re.fullmatch(r"profile of steps 3-4 \(rank 1\): \d+ ms of CPU time", summary[0]), summary[0]
+    listed = {}
+    for line in summary[1:-1]:  # "<share>%  <ms> ms  x<calls> <op>": the calls are the trace's events of that op
+        share, _, _, calls, op = line.split(maxsplit=4)
+        listed[op] = int(calls[1:])
+    assert listed["aten::mm"] == names.count("aten::mm") > 0  # the top op on CPU
+    for op in set(listed) & {"aten::addmm", "c10d::allreduce_"}:
+        assert listed[op] == names.count(op), (op, listed[op], names.count(op))
+    groups = dict(g.rsplit(" ", 1) for g in summary[-1].removeprefix("by group: ").split(", "))
+    assert {"matmul", "communication", "attention"} <= set(groups)
+    assert abs(sum(float(v.rstrip("%")) for v in groups.values()) - 100) < 0.5  # each share rounded to 0.1
