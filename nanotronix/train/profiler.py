@@ -31,7 +31,7 @@ STEP_LABEL = "nanotronix step "  # the trace's range of each profiled step
 KERNEL_GROUPS = [
     ("attention", ("flash", "fmha", "attention", "attn", "cudnn_generated_fort_native_sdpa")),
     ("communication", ("nccl", "gloo", "c10d::", "record_param_comms", "allreduce", "all_reduce", "allgather",
-                       "all_gather", "reduce_scatter", "broadcast")),
+                       "all_gather", "reduce_scatter")),  # not "broadcast": aten::broadcast_tensors is no collective
     ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "matmul", "sm90_", "sm80_", "addmm", "aten::mm", "aten::bmm",
                 "accumulate_weight_grad")),  # the last: train.grad_accumulation_fusion's wgrad GEMM (its CPU twin)
     ("fused elementwise (triton)", ("triton",)),
