@@ -1,5 +1,6 @@
 """The trainer end to end on a tiny store (single process, ~15 s), and its one-line errors on bad input."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -90,6 +91,20 @@ def test_a_diverging_run_stops_with_one_line_before_updating(tmp_path, store):
     errors = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(errors) == 1 and errors[0].startswith("error: step 2: the loss (") and "not finite" in errors[0], errors
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.name.startswith("step_")) == ["step_0000001"]
+
+
+def test_out_of_memory_is_one_line_with_where_and_what_to_change(tmp_path, store):
+    """A GPU out of memory in step 3 (raised by tests/oom_worker.py with torch's wording): one line saying where,
+    torch's sizes (not its allocator advice) and the switches that lower memory; exit 2, as for a config too big."""
+    cfg = tiny_config(tmp_path, store)
+    proc = run([str(Path(__file__).parent / "oom_worker.py"), "--config", str(cfg), "train.train_steps=5"])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: out of memory in step 3 (train step): CUDA out of memory. Tried to allocate "
+                               "3.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 1.02 GiB is free."), lines
+    assert "expandable_segments" not in lines[0] and "train.micro_batch_size" in lines[0]
+    assert [json.loads(r)["step"] for r in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
 def test_missing_config_file(tmp_path):

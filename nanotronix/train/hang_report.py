@@ -113,6 +113,12 @@ class HangWatch:
         if (step, phase) != self._where[:2]:
             self._where = (step, phase, time.time())
 
+    @property
+    def where(self) -> str:
+        """Where this rank is, in words: "in step 3 (train step)", or "at start-up (resume)" before the first step."""
+        step, phase, _ = self._where
+        return f"in step {step} ({phase})" if step else f"at start-up ({phase})"
+
     def close(self) -> None:
         self._stop.set()
         if self._thread is not None:

@@ -16,6 +16,7 @@ from nanotronix import accel
 from nanotronix.checkpoint import Checkpointer
 from nanotronix.config import Config, grad_accum_steps, skipped_step_ranges
 from nanotronix.data import build_prefetched_loader, tokenizer_note
+from nanotronix.errors import UserError
 from nanotronix.model import build_model
 from nanotronix.parallel import DistributedOptimizer, ParallelContext, parallelize
 from nanotronix.train.hang_report import HangWatch
@@ -38,8 +39,20 @@ def train(cfg: Config, ctx: ParallelContext, device: torch.device) -> dict:
     watch = HangWatch.start(cfg.logging.hang_report_seconds)  # which rank a stuck run waits for, and where
     try:
         return _train(cfg, ctx, device, watch)
+    except torch.OutOfMemoryError as e:
+        raise out_of_memory(watch.where, e) from None
     finally:
         watch.close()
+
+
+def out_of_memory(where: str, error: torch.OutOfMemoryError) -> UserError:
+    """A GPU out of memory as one line (each rank that met it says it): where, what torch tried and had free, and
+    what to change."""
+    said = " ".join(str(error).split(" If reserved")[0].split())  # torch's sizes, without its allocator advice
+    return UserError(f"out of memory {where}: {said} Lower train.micro_batch_size (the global batch stays), or "
+                     "set train.recompute=selective (or full) or train.loss_chunk_size; `python tools/plan.py CONFIG "
+                     "--gpus N` estimates the memory per GPU; logging.profile_steps + logging.memory_snapshot show "
+                     "what holds it")
 
 
 def _train(cfg: Config, ctx: ParallelContext, device: torch.device, watch: HangWatch) -> dict:

@@ -1,0 +1,29 @@
+"""Worker for tests/test_train_cli.py: the real trainer, where step 3's training step meets a GPU out of memory
+(torch.OutOfMemoryError with torch's own wording; a CPU machine has no GPU allocator to exhaust)."""
+import sys
+
+import torch
+
+import nanotronix.train.trainer as trainer
+from nanotronix.train.main import main
+
+_train_step = trainer.train_step
+TORCH_SAID = ("CUDA out of memory. Tried to allocate 3.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which "
+              "1.02 GiB is free. Including non-PyTorch memory, this process has 78.16 GiB memory in use. Of the "
+              "allocated memory 74.11 GiB is allocated by PyTorch, and 2.53 GiB is reserved by PyTorch but "
+              "unallocated. If reserved but unallocated memory is large try setting "
+              "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.  See documentation for Memory "
+              "Management  (https://pytorch.org/docs/stable/notes/cuda.html#environment-variables)")
+
+
+def train_step(*args):
+    train_step.calls += 1
+    if train_step.calls == 3:
+        raise torch.OutOfMemoryError(TORCH_SAID)
+    return _train_step(*args)
+
+
+train_step.calls = 0
+trainer.train_step = train_step
+if __name__ == "__main__":
+    main(sys.argv[1:])
