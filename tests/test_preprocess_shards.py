@@ -1,8 +1,9 @@
 """`tools/preprocess.py --shard I/N` and the folder of shards it writes, read as one store: the shards' concatenated
 stream is byte for byte the single run's (reference: one `preprocess` over the same inputs, and the Megatron files
 it writes), in both writable formats; an incomplete folder refuses to open. `--shuffle`: the documents in numpy's
-seeded permutation, per shard. Large inputs are cut between shards (JSON lines at line starts, Parquet at row groups)
-and still give the single run's stream. The Slurm job array that runs the shards: tests/test_slurm.py. ~10 s."""
+seeded permutation, per shard. Large inputs are cut between shards (JSON lines at line starts, compressed ones at
+blocks of compressed bytes, Parquet at row groups) and still give the single run's stream. The Slurm job array that
+runs the shards: tests/test_slurm.py. ~15 s."""
 from __future__ import annotations
 
 import gzip
@@ -103,7 +104,7 @@ def test_an_incomplete_folder_does_not_open(tmp_path, tiny_tokenizer, tool, caps
     with pytest.raises(DataError, match="shards of different splits"):
         open_store(other)
     capsys.readouterr()
-    for path in corpus.rglob("*.jsonl"):  # compressed JSON lines cannot be cut: 7 files are at most 7 shards
+    for path in corpus.rglob("*.jsonl"):  # compressed files are cut at 64 KiB blocks: 7 small ones are 7 pieces
         path.with_suffix(".jsonl.gz").write_bytes(gzip.compress(path.read_bytes()))
         path.unlink()
     assert tool.main(common + ["--shard", "0/9"]) == 2
@@ -132,23 +133,26 @@ def test_shards_cut_from_different_input_listings_do_not_open(tmp_path, tiny_tok
 
 def write_large_inputs(folder: Path) -> list[Path]:
     """One large JSON-lines file (with blank lines and an unterminated last line), a Parquet file of 9 row groups, a
-    gzipped JSON-lines file and a text file: what a corpus of few, big files looks like."""
+    gzipped JSON-lines file of two members and a text file: what a corpus of few, big files looks like."""
     rng = np.random.default_rng(3)
     folder.mkdir()
     texts = [" ".join(rng.choice(WORDS, rng.integers(1, 80))) for _ in range(600)]
-    lines = [json.dumps({"text": t}) for t in texts[:400]]
+    lines = [json.dumps({"text": t}) for t in texts[:300]]
     for k in (5, 77, 78, 250):
         lines[k] += "\n"  # a blank line after these
     (folder / "a.jsonl").write_text("\n".join(lines))
     import pyarrow as pa
     import pyarrow.parquet as pq
-    pq.write_table(pa.table({"text": texts[400:580]}), folder / "b.parquet", row_group_size=20)
-    (folder / "c.jsonl.gz").write_bytes(gzip.compress("\n".join(json.dumps({"text": t}) for t in texts[580:]).encode()))
+    pq.write_table(pa.table({"text": texts[300:480]}), folder / "b.parquet", row_group_size=20)
+    gz = [gzip.compress("".join(json.dumps({"text": t}) + "\n" for t in part).encode())
+          for part in (texts[480:530], texts[530:])]
+    (folder / "c.jsonl.gz").write_bytes(b"".join(gz))
     (folder / "d.txt").write_text(texts[0])
     return sorted(folder.iterdir())
 
 
-def test_large_inputs_are_cut_where_their_format_allows(tmp_path):
+def test_large_inputs_are_cut_where_their_format_allows(tmp_path, monkeypatch):
+    from nanotronix.data import inputs
     from nanotronix.data.inputs import split_large_inputs, whole_files
     files = write_large_inputs(tmp_path / "corpus")
     pieces = split_large_inputs(whole_files(files), piece_bytes=2000)
@@ -160,16 +164,37 @@ def test_large_inputs_are_cut_where_their_format_allows(tmp_path):
     groups = [p.row_groups for p in by_file["b.parquet"]]
     assert groups[0][0] == 0 and groups[-1][1] == 9 and all(a[1] == b[0] for a, b in zip(groups, groups[1:]))
     assert len(groups) > 1 and sum(p.nbytes for p in by_file["b.parquet"]) == pytest.approx(files[1].stat().st_size, abs=9)
+    # c.jsonl.gz is smaller than a block of compressed bytes (64 KiB): whole; a text file is one document: whole
     assert [(p.byte_range, p.row_groups) for f in ("c.jsonl.gz", "d.txt") for p in by_file[f]] == [(None, None)] * 2
     assert pieces == [p for f in files for p in by_file[f.name]]  # in file order
+    monkeypatch.setattr(inputs, "COMPRESSED_BLOCK", 256)
+    size = files[2].stat().st_size
+    ranges = [p.byte_range for p in split_large_inputs(whole_files(files[2:3]), piece_bytes=1000)]
+    assert len(ranges) > 1 and ranges[0][0] == 0 and ranges[-1][1] == size
+    assert all(a[1] == b[0] and b[0] % 256 == 0 for a, b in zip(ranges, ranges[1:]))  # cut at blocks only
 
 
+def compress(data: bytes, how: str, rng) -> bytes:
+    """`data` as a .gz or .zst file, in 1-3 gzip members / zstd frames cut at random bytes (zero padding after the
+    last gzip member, as some writers leave)."""
+    import zstandard
+    cuts = sorted(int(c) for c in rng.integers(0, len(data) + 1, int(rng.integers(0, 3))))
+    parts = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)])]
+    if how == ".gz":
+        return b"".join(gzip.compress(part) for part in parts) + b"\0" * int(rng.integers(0, 3))
+    return b"".join(zstandard.ZstdCompressor(level=int(rng.integers(1, 20))).compress(part) for part in parts)
+
+
+@pytest.mark.parametrize("compression", ["", ".gz", ".zst"])
 @pytest.mark.parametrize("seed", range(6))
-def test_json_lines_pieces_hold_every_line_once_in_order(tmp_path, seed):
+def test_json_lines_pieces_hold_every_line_once_in_order(tmp_path, seed, compression, monkeypatch):
     """The byte-range rule on awkward files: lines far longer than a piece, blank and CRLF lines, no final newline,
-    pieces of a few bytes. Concatenating what the pieces read gives the file's non-blank lines, each once, in order,
-    each at the byte offset it says."""
+    pieces of a few bytes; compressed, in several members or frames, cut at blocks of 16 compressed bytes.
+    Concatenating what the pieces read gives the file's non-blank lines, each once, in order, each at the byte
+    offset (uncompressed pieces inside the file) or line number it says."""
+    from nanotronix.data import inputs
     from nanotronix.data.inputs import iter_chunks, split_large_inputs, whole_files
+    monkeypatch.setattr(inputs, "COMPRESSED_BLOCK", 16)
     rng = np.random.default_rng(seed)
     lines = []
     for _ in range(int(rng.integers(1, 60))):
@@ -178,24 +203,31 @@ def test_json_lines_pieces_hold_every_line_once_in_order(tmp_path, seed):
         lines.append(body + ("\r\n" if kind == 2 else "\n"))
     if rng.integers(0, 2):
         lines[-1] = lines[-1].rstrip("\r\n") or "{}"  # no final newline
-    path = tmp_path / "f.jsonl"
+    path = tmp_path / f"f.jsonl{compression}"
     data = "".join(lines).encode()
-    path.write_bytes(data)
-    for piece_bytes in (1, 7, 64, len(data) // 3 + 1):
+    path.write_bytes(compress(data, compression, rng) if compression else data)
+    for piece_bytes in (1, 7, 64, path.stat().st_size // 3 + 1):
         pieces = split_large_inputs(whole_files([path]), piece_bytes)
-        read, offsets = [], []
+        if piece_bytes == 1:  # cut at every byte, or every block of 16 compressed bytes
+            assert len(pieces) == -(-path.stat().st_size // (16 if compression else 1))
+        read, positions = [], []
         for chunk in iter_chunks(pieces, "text", chunk_bytes=50):
             read += chunk.items
-            offsets += [chunk.at_bytes and int(chunk.position(k)[1].split()[1])
-                        for k in range(len(chunk.items))]
+            positions += [chunk.position(k)[1] for k in range(len(chunk.items))]
         expected = [line.encode() for line in lines if line.strip()]
         assert read == expected, (piece_bytes, len(pieces))
-        for item, offset in zip(read, offsets):  # a piece inside the file names each line by its byte offset
-            assert offset is False or data[offset:offset + len(item)] == item
+        for item, where in zip(read, positions):  # byte B (a piece inside an uncompressed file), or the line number
+            if isinstance(where, str):
+                offset = int(where.split()[1])
+                assert data[offset:offset + len(item)] == item
+            else:
+                assert lines[where - 1].encode() == item
 
 
 @pytest.mark.parametrize("count", [2, 5, 11])
-def test_shards_of_large_inputs_read_as_the_single_run(tmp_path, tiny_tokenizer, tool, count):
+def test_shards_of_large_inputs_read_as_the_single_run(tmp_path, tiny_tokenizer, tool, count, monkeypatch):
+    from nanotronix.data import inputs
+    monkeypatch.setattr(inputs, "COMPRESSED_BLOCK", 128)  # c.jsonl.gz (~2.5 KB) is cut too
     write_large_inputs(tmp_path / "corpus")
     common = ["--input", str(tmp_path / "corpus"), "--tokenizer", tiny_tokenizer, "--no-progress", "--workers", "2"]
     assert tool.main(common + ["--output-prefix", str(tmp_path / "whole")]) == 0
@@ -210,10 +242,12 @@ def test_shards_of_large_inputs_read_as_the_single_run(tmp_path, tiny_tokenizer,
     inputs = [entry for part in sharded.parts for entry in part.metadata["inputs"]]
     assert any(e.get("part", "").startswith("bytes ") for e in inputs)
     assert any(e.get("part", "").startswith("row groups ") for e in inputs)
+    # c.jsonl.gz (3.6 KB) is larger than a quarter of a shard's share of the corpus (~100 KB) only in 11 shards
+    assert any(e.get("part", "").startswith("compressed bytes ") for e in inputs) == (count == 11)
     per_file = {}
     for entry in inputs:
         per_file[Path(entry["path"]).name] = per_file.get(Path(entry["path"]).name, 0) + entry["documents"]
-    assert per_file == {"a.jsonl": 400, "b.parquet": 180, "c.jsonl.gz": 20, "d.txt": 1}
+    assert per_file == {"a.jsonl": 300, "b.parquet": 180, "c.jsonl.gz": 120, "d.txt": 1}
 
 
 def test_a_bad_line_inside_a_cut_file_is_reported_by_byte_offset(tmp_path, tiny_tokenizer, tool, capsys):
@@ -227,6 +261,27 @@ def test_a_bad_line_inside_a_cut_file_is_reported_by_byte_offset(tmp_path, tiny_
     codes = [tool.main(common + ["--shard", f"{i}/8"]) for i in range(8)]
     assert codes.count(2) == 1 and set(codes) == {0, 2}, codes
     assert f"a.jsonl:byte {bad}: invalid JSON" in capsys.readouterr().err
+
+
+def test_a_bad_line_inside_a_cut_compressed_file_is_reported_by_line(tmp_path, tiny_tokenizer, tool, capsys,
+                                                                      monkeypatch):
+    """One gzipped file of two members cut into 4 shards: the shard holding the bad line names its true line
+    number; the others read their pieces."""
+    from nanotronix.data import inputs
+    monkeypatch.setattr(inputs, "COMPRESSED_BLOCK", 128)
+    write_large_inputs(tmp_path / "corpus")
+    lines = gzip.decompress((tmp_path / "corpus" / "c.jsonl.gz").read_bytes()).splitlines(keepends=True)
+    lines.insert(97, b"{not json}\n")  # line 98, in the second gzip member
+    path = tmp_path / "c.jsonl.gz"
+    path.write_bytes(gzip.compress(b"".join(lines[:60])) + gzip.compress(b"".join(lines[60:])))
+    common = ["--input", str(path), "--tokenizer", tiny_tokenizer, "--no-progress", "--workers", "1",
+              "--output-prefix", str(tmp_path / "sharded")]
+    codes = [tool.main(common + ["--shard", f"{i}/4"]) for i in range(4)]
+    assert codes.count(2) == 1 and set(codes) == {0, 2}, codes
+    assert f"c.jsonl.gz:98: invalid JSON" in capsys.readouterr().err
+    parts = [entry["part"] for i in range(4) if codes[i] == 0 for entry in json.loads(
+        (tmp_path / "sharded" / f"shard-{i:05d}-of-00004.meta.json").read_text())["inputs"]]
+    assert len(parts) >= 3 and all(part.startswith("compressed bytes ") for part in parts), parts
 
 
 @pytest.mark.parametrize("fmt", ["megatron", "zarr"])

@@ -9,9 +9,10 @@ Inputs: .jsonl/.ndjson/.json (optionally .gz/.zst), .parquet, plain text files (
 the run with file:line and the reason unless --skip-bad is given (then reasons are counted in the sidecar).
 
 --shard I/N (one task of N, e.g. a Slurm job array: slurm/preprocess.sh) tokenizes only the I-th of N contiguous
-runs of the sorted inputs, about equal in bytes, into PREFIX/shard-IIIII-of-NNNNN (large uncompressed JSON-lines
-files are cut at line starts, Parquet files at row groups); once all N are written, the folder PREFIX is one
-dataset whose token stream is exactly what one run over all the inputs writes.
+runs of the sorted inputs, about equal in bytes, into PREFIX/shard-IIIII-of-NNNNN (large JSON-lines files are
+cut at line starts, compressed ones at 64 KiB blocks of compressed bytes, Parquet files at row groups); once all N
+are written, the folder PREFIX is one dataset whose token stream is exactly what one run over all the inputs
+writes.
 
 --shuffle stores the documents in a random order (from SEED, default 1234, and the shard index): the training
 sampler shuffles windows, not documents, so this keeps documents that were neighbours in the input (same crawl,

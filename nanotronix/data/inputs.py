@@ -11,18 +11,24 @@ and memory stays bounded whatever the input size. Supported inputs:
 - folders of any of these, walked recursively in sorted order (hidden files and folders are ignored).
 
 A record's position is `file:line` (1-based line for JSON lines, row number for Parquet, 1 for text files), or
-`file:byte B` for a JSON line of a piece that starts inside its file (its line number is unknown without reading
-the file up to it).
+`file:byte B` for a JSON line of an uncompressed piece that starts inside its file (its line number is unknown
+without reading the file up to it).
 
 `preprocess --shard` splits large inputs into pieces (`split_large_inputs`) where the format allows it: an
 uncompressed JSON-lines file at any byte (a line belongs to the piece holding its first byte), a Parquet file at
-row-group boundaries. Compressed JSON lines (no random access) and text files (one document each) stay whole.
+row-group boundaries, a compressed JSON-lines file (`.gz`, `.zst`) at blocks of COMPRESSED_BLOCK compressed bytes:
+a line belongs to the piece holding the block whose decompression gave its first byte. Such a file has no random
+access, so each piece decompresses the file from its start, counting the lines before its own (decompressing runs
+at hundreds of MB/s, tokenizing at a few per thread: a late piece's detour is small next to its own work, and the
+lines keep their true numbers). zlib and zstd hand out all they can decode of the input so far, so what each block
+adds is a function of the file, and every task of a job array (one software environment) attributes each line to
+the same piece. Text files (one document each) stay whole.
 """
 from __future__ import annotations
 
-import gzip
 import io
 import math
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -35,6 +41,7 @@ PARQUET_SUFFIXES = (".parquet",)
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".markdown", ".rst", ".py", ".pyi", ".tex", ".c", ".h", ".cc",
                  ".cpp", ".hpp", ".java", ".js", ".ts", ".go", ".rs", ".sh", ".html", ".css")
 MISSING = object()  # a Parquet row whose file has no such column
+COMPRESSED_BLOCK = 1 << 16  # compressed JSON lines are read, and cut between shards, in blocks of this many bytes
 
 
 def input_kind(path: Path) -> Optional[str]:
@@ -73,9 +80,9 @@ def expand_inputs(specs: list[str]) -> list[Path]:
 
 @dataclass(frozen=True)
 class InputPiece:
-    """What one run reads of an input file: all of it, or (`preprocess --shard`) a byte range [begin, end) of an
-    uncompressed JSON-lines file, meaning the lines that start inside it, or the row groups [first, stop) of a
-    Parquet file."""
+    """What one run reads of an input file: all of it, or (`preprocess --shard`) a byte range [begin, end) of a
+    JSON-lines file, meaning the lines that start inside it (compressed: whose first byte comes out of it), or the
+    row groups [first, stop) of a Parquet file."""
     path: Path
     nbytes: int  # its share of the file's bytes: what balances shards and drives the progress bar
     byte_range: Optional[tuple[int, int]] = None
@@ -84,10 +91,14 @@ class InputPiece:
     def part(self) -> Optional[str]:
         """Which part of the file it is (for the sidecar), None for the whole file."""
         if self.byte_range is not None:
-            return "bytes {}-{}".format(*self.byte_range)
+            return ("compressed bytes {}-{}" if is_compressed(self.path) else "bytes {}-{}").format(*self.byte_range)
         if self.row_groups is not None:
             return "row groups {}-{}".format(*self.row_groups)
         return None
+
+
+def is_compressed(path: Path) -> bool:
+    return path.name.lower().endswith(COMPRESSED_SUFFIXES)
 
 
 def whole_files(files: list[Path]) -> list[InputPiece]:
@@ -102,12 +113,16 @@ def split_large_inputs(files: list[InputPiece], piece_bytes: float) -> list[Inpu
     for whole in files:
         path, size = whole.path, whole.nbytes
         kind = input_kind(path)
-        if size <= piece_bytes or kind == "text" or path.name.lower().endswith(COMPRESSED_SUFFIXES):
+        if size <= piece_bytes or kind == "text":
             pieces.append(whole)
         elif kind == "jsonl":
             n = math.ceil(size / piece_bytes)
-            cuts = [size * k // n for k in range(n + 1)]
-            pieces += [InputPiece(path, b - a, byte_range=(a, b)) for a, b in zip(cuts, cuts[1:])]
+            step = COMPRESSED_BLOCK if is_compressed(path) else 1
+            cuts = sorted({size * k // n // step * step for k in range(n)} | {size})
+            if len(cuts) == 2:  # too small to cut at blocks
+                pieces.append(whole)
+            else:
+                pieces += [InputPiece(path, b - a, byte_range=(a, b)) for a, b in zip(cuts, cuts[1:])]
         else:
             pieces += _row_group_pieces(path, size, piece_bytes)
     return pieces
@@ -176,46 +191,43 @@ class _CountingReader(io.RawIOBase):
         return n
 
 
-class _ZstdReader(io.RawIOBase):
-    """Decompresses a (possibly multi-frame) zstd stream and, unlike zstandard's stream_reader, raises
-    EOFError when the input stops inside a frame, so a truncated file is reported instead of cut short."""
-
-    def __init__(self, raw):
+def _decompressed_blocks(path: Path) -> Iterator[tuple[int, bytes, int]]:
+    """(compressed offset, the bytes its decompression added, compressed bytes read so far) for each
+    COMPRESSED_BLOCK of a .gz or .zst file from its start, its gzip members or zstd frames one after another. The
+    decompressors hand out all they can decode from the input so far, so what each block adds depends on the file
+    alone. EOFError when the file ends inside a member or frame (truncated)."""
+    gz = path.name.lower().endswith(".gz")
+    if gz:
+        def new():
+            return zlib.decompressobj(zlib.MAX_WBITS | 16)  # a gzip header and trailer around deflate
+    else:
         zstandard = require_module("zstandard", "reading .zst inputs")
-        self._zstd = zstandard
-        self.raw = raw
-        self._frame = zstandard.ZstdDecompressor().decompressobj()
-        self._in_frame = False
-        self._pending = memoryview(b"")  # decompressed bytes not yet handed out
 
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        while not len(self._pending):
-            data = self.raw.read(1 << 16)  # small reads bound the decompressed size held at once
-            if not data:
-                if self._in_frame:
-                    raise EOFError("zstd stream ended inside a frame (truncated file)")
-                return 0
-            out = []
+        def new():
+            return zstandard.ZstdDecompressor().decompressobj()
+    stream, inside = new(), False
+    with open(path, "rb") as f:
+        offset = 0
+        while block := f.read(COMPRESSED_BLOCK):
+            out, data = [], block
             while data:
-                self._in_frame = True
-                out.append(self._frame.decompress(data))
+                if gz and not inside:
+                    data = data.lstrip(b"\0")  # zero padding after a member, which gzip tolerates
+                    if not data:
+                        break
+                inside = True
+                out.append(stream.decompress(data))
                 data = b""
-                if self._frame.eof:  # frame complete; anything after it starts the next frame
-                    data = self._frame.unused_data
-                    self._frame = self._zstd.ZstdDecompressor().decompressobj()
-                    self._in_frame = False
-            self._pending = memoryview(b"".join(out))
-        n = min(len(b), len(self._pending))
-        b[:n] = self._pending[:n]
-        self._pending = self._pending[n:]
-        return n
+                if stream.eof:  # this member/frame is complete; whatever follows starts the next one
+                    data, stream, inside = stream.unused_data, new(), False
+            offset += len(block)
+            yield offset - len(block), b"".join(out), offset
+    if inside:
+        raise EOFError(f"the file ends inside a {'gzip member' if gz else 'zstd frame'} (truncated)")
 
 
 def _decompress_errors() -> tuple:
-    errors: tuple = (OSError, EOFError, ValueError)
+    errors: tuple = (OSError, EOFError, ValueError, zlib.error)
     try:
         import zstandard
         errors += (zstandard.ZstdError,)
@@ -224,13 +236,79 @@ def _decompress_errors() -> tuple:
     return errors
 
 
-def _open_lines(path: Path, counter: _CountingReader):
-    name = path.name.lower()
-    if name.endswith(".gz"):
-        return gzip.GzipFile(fileobj=io.BufferedReader(counter, 1 << 20), mode="rb")
-    if name.endswith(".zst"):
-        return io.BufferedReader(_ZstdReader(io.BufferedReader(counter, 1 << 20)), 1 << 20)
-    return io.BufferedReader(counter, 1 << 20)
+class _PlainLines:
+    """(line number, or byte offset in a piece that starts inside the file; the line) of an uncompressed JSON-lines
+    piece: the lines whose first byte lies in its byte range."""
+
+    def __init__(self, piece: InputPiece):
+        self.piece = piece
+        self.at_bytes = bool(piece.byte_range and piece.byte_range[0] > 0)
+        self.line_no = 0  # of the last line read
+        self.counter: Optional[_CountingReader] = None
+
+    def consumed(self) -> int:
+        return self.counter.consumed if self.counter else 0
+
+    def __iter__(self) -> Iterator[tuple[int, bytes]]:
+        begin, end = self.piece.byte_range or (0, None)
+        with open(self.piece.path, "rb", buffering=0) as raw:
+            raw.seek(max(begin - 1, 0))
+            self.counter = _CountingReader(raw)
+            stream = io.BufferedReader(self.counter, 1 << 20)
+            pos = begin  # byte offset of the next line
+            if begin:  # the rest of the line holding byte begin-1 belongs to the piece before
+                pos = begin - 1 + len(stream.readline())
+            for self.line_no, line in enumerate(stream, start=1):
+                start, pos = pos, pos + len(line)
+                if end is not None and start >= end:
+                    return
+                yield (start if begin else self.line_no), line
+
+
+class _CompressedLines:
+    """(line number, line) of a compressed JSON-lines piece: the lines whose first byte comes out of a block of its
+    compressed byte range (see the module docstring). The blocks before it are decompressed and only counted."""
+    at_bytes = False
+
+    def __init__(self, piece: InputPiece):
+        self.piece = piece
+        self.line_no = 0  # lines of the file completed so far
+        self.read = 0  # compressed bytes read
+
+    def consumed(self) -> int:
+        return max(0, self.read - (self.piece.byte_range or (0, 0))[0])
+
+    def __iter__(self) -> Iterator[tuple[int, bytes]]:
+        begin, end = self.piece.byte_range or (0, math.inf)
+        line: list[bytes] = []  # the piece's line being read, so far
+        owner = -1  # block (compressed offset) the line being read began in; -1: between lines
+        for offset, data, self.read in _decompressed_blocks(self.piece.path):
+            if offset < begin:  # every line beginning here is an earlier piece's: count them, keep nothing
+                if data:
+                    self.line_no += data.count(b"\n")
+                    owner = -1 if data.endswith(b"\n") else 0
+                continue
+            pos = 0
+            while pos < len(data):
+                if owner < 0:
+                    if offset >= end:  # every later line is a later piece's
+                        return
+                    owner = offset
+                newline = data.find(b"\n", pos)
+                stop = len(data) if newline < 0 else newline + 1
+                ours = begin <= owner < end
+                if ours:
+                    line.append(data[pos:stop])
+                pos = stop
+                if newline >= 0:
+                    self.line_no += 1
+                    owner = -1
+                    if ours:
+                        yield self.line_no, b"".join(line)
+                        line = []
+        if line:  # the file's last line, without a final newline
+            self.line_no += 1
+            yield self.line_no, b"".join(line)
 
 
 def iter_chunks(pieces: list[InputPiece], text_key: str, chunk_bytes: int = 1 << 18,
@@ -263,39 +341,28 @@ def iter_chunks(pieces: list[InputPiece], text_key: str, chunk_bytes: int = 1 <<
 
 
 def _jsonl_chunks(index: int, piece: InputPiece, chunk_bytes: int, on_progress) -> Iterator[Chunk]:
-    path = piece.path
-    begin, end = piece.byte_range or (0, None)
-    with open(path, "rb", buffering=0) as raw:
-        raw.seek(max(begin - 1, 0))
-        counter = _CountingReader(raw)
-        reported = 0
-        try:
-            stream = _open_lines(path, counter)
-            pos = begin  # byte offset of the next line
-            if begin:  # the rest of the line holding byte begin-1 belongs to the piece before
-                pos = begin - 1 + len(stream.readline())
-            items, lines, size, line_no = [], [], 0, 0
-            for line_no, line in enumerate(stream, start=1):
-                start, pos = pos, pos + len(line)
-                if end is not None and start >= end:
-                    break
-                if not line.strip():
-                    continue
-                items.append(line)
-                lines.append(start if begin else line_no)
-                size += len(line)
-                if size >= chunk_bytes:
-                    yield Chunk("jsonl", items, index, lines[0], lines, at_bytes=begin > 0)
-                    if on_progress:  # the read-ahead past the piece's end is not its progress
-                        on_progress(min(counter.consumed, piece.nbytes) - reported)
-                        reported = min(counter.consumed, piece.nbytes)
-                    items, lines, size = [], [], 0
-        except _decompress_errors() as e:  # gzip/zstd damage: report where it was reached
-            raise DataError(f"{path}:{line_no + 1}: cannot decompress ({type(e).__name__}: {e})") from None
-        if items:
-            yield Chunk("jsonl", items, index, lines[0], lines, at_bytes=begin > 0)
-        if on_progress:
-            on_progress(piece.nbytes - reported)
+    reader = _CompressedLines(piece) if is_compressed(piece.path) else _PlainLines(piece)
+    items, lines, size, reported = [], [], 0, 0
+    try:
+        for position, line in reader:
+            if not line.strip():
+                continue
+            items.append(line)
+            lines.append(position)
+            size += len(line)
+            if size >= chunk_bytes:
+                yield Chunk("jsonl", items, index, lines[0], lines, at_bytes=reader.at_bytes)
+                if on_progress:  # the read-ahead past the piece's end is not its progress
+                    done = min(reader.consumed(), piece.nbytes)
+                    on_progress(done - reported)
+                    reported = done
+                items, lines, size = [], [], 0
+    except _decompress_errors() as e:  # gzip/zstd damage: report where it was reached
+        raise DataError(f"{piece.path}:{reader.line_no + 1}: cannot decompress ({type(e).__name__}: {e})") from None
+    if items:
+        yield Chunk("jsonl", items, index, lines[0], lines, at_bytes=reader.at_bytes)
+    if on_progress:
+        on_progress(piece.nbytes - reported)
 
 
 def _parquet_chunks(index: int, piece: InputPiece, text_key: str, chunk_bytes: int, on_progress) -> Iterator[Chunk]:
