@@ -21,7 +21,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nanotronix.parallel import mappings  # noqa: E402
-from nanotronix.parallel.cross_entropy import vocab_parallel_cross_entropy  # noqa: E402
+from nanotronix.parallel.cross_entropy import head_and_loss, vocab_parallel_cross_entropy  # noqa: E402
 from nanotronix.distributed import shutdown_and_exit  # noqa: E402
 from nanotronix.parallel.tensor_parallel import (ColumnParallelLinear, RowParallelLinear,  # noqa: E402
                                                  VocabParallelEmbedding)
@@ -103,6 +103,25 @@ def check_cross_entropy(g, logit_scale: float) -> dict:
             "grad_logits": err(lp.grad, chunk(ld.grad, 2)), "scale": ld.grad.abs().max().item()}
 
 
+def check_fused_head_loss(mode: str, g, logit_scale: float, compile_options=None) -> dict:
+    """train.loss_chunk_size under TP: the head fused into the loss over each rank's vocabulary slice, in chunks of
+    5 tokens (16 tokens: the last chunk is short), against F.cross_entropy of the dense head's full logits."""
+    torch.manual_seed(5)
+    w, h, labels = torch.randn(V, D_IN) * logit_scale, torch.randn(B, S, D_IN), torch.randint(0, V, (B, S))
+    hd, wd = leaf(h), leaf(w)
+    want = F.cross_entropy(F.linear(hd, wd).flatten(0, 1), labels.flatten())
+    want.backward()
+    head = ColumnParallelLinear.from_dense(w, g, mode)
+    hp = leaf(chunk(h, 1) if mode == "gather_sequence" else h)
+    got = head_and_loss(hp, head, labels, 5, torch.float32, compile_options, g)
+    got.backward()
+    want_h = chunk(hd.grad, 1) if mode == "gather_sequence" else hd.grad
+    # relative: with logits of ~100 the loss is ~100, where fp32 rounds to ~1e-5
+    return {"forward": err(got, want) / max(1.0, abs(want.item())), "grad_input": err(hp.grad, want_h),
+            "grad_weight": err(head.weight.grad, chunk(wd.grad, 0)), "shard_dim": head.weight.tp_shard_dim,
+            "scale": max(wd.grad.abs().max().item(), hd.grad.abs().max().item())}
+
+
 def check_mappings(g) -> dict:
     """gather/scatter over the sequence are inverses, and their backward passes are the adjoint collectives."""
     torch.manual_seed(4)
@@ -133,6 +152,10 @@ def main() -> None:
             "cross_entropy": check_cross_entropy(g, 1.0),
             "cross_entropy_large_logits": check_cross_entropy(g, 80.0),
             "mappings_sequence": check_mappings(g),
+            "fused_head_loss_copy": check_fused_head_loss("copy", g, 1.0),
+            "fused_head_loss_gather_sequence": check_fused_head_loss("gather_sequence", g, 1.0),
+            "fused_head_loss_large_logits": check_fused_head_loss("copy", g, 30.0),
+            "fused_head_loss_compiled": check_fused_head_loss("gather_sequence", g, 1.0, {"backend": "aot_eager"}),
         }
         for values in checks.values():  # worst case over ranks
             for key, value in values.items():

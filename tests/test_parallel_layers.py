@@ -1,8 +1,9 @@
 """Each tensor-parallel layer and the vocab-parallel cross entropy against its dense PyTorch equivalent, forward
 and gradients, over 2 gloo ranks (one torchrun launch, ~10 s on 2 cores): column-parallel linear (replicated and
 sequence-sharded input), row-parallel linear (all-reduce and sequence reduce-scatter), vocab-parallel embedding
-(both), vocab-parallel cross entropy (with ignored tokens, and with logits large enough to overflow a naive exp)
-and the sequence gather/scatter collectives."""
+(both), vocab-parallel cross entropy (with ignored tokens, and with logits large enough to overflow a naive exp),
+the sequence gather/scatter collectives, and the head fused into the vocab-parallel loss in chunks of tokens
+(train.loss_chunk_size; both head inputs, large logits, traced by torch.compile)."""
 from __future__ import annotations
 
 import json
@@ -14,9 +15,12 @@ from helpers import torchrun
 
 WORKER = str(Path(__file__).resolve().parent / "dist_parallel_layers.py")
 CHECKS = ["column_copy", "column_gather_sequence", "row_reduce", "row_reduce_scatter_sequence", "embedding",
-          "embedding_sequence_parallel", "cross_entropy", "cross_entropy_large_logits", "mappings_sequence"]
+          "embedding_sequence_parallel", "cross_entropy", "cross_entropy_large_logits", "mappings_sequence",
+          "fused_head_loss_copy", "fused_head_loss_gather_sequence", "fused_head_loss_large_logits",
+          "fused_head_loss_compiled"]
 SHARD_DIMS = {"column_copy": 0, "column_gather_sequence": 0, "row_reduce": 1, "row_reduce_scatter_sequence": 1,
-              "embedding": 0, "embedding_sequence_parallel": 0}
+              "embedding": 0, "embedding_sequence_parallel": 0, "fused_head_loss_copy": 0,
+              "fused_head_loss_gather_sequence": 0}
 
 
 @pytest.fixture(scope="module")

@@ -36,6 +36,8 @@ LAYOUTS = {
         "dp2": "",
         "dp2_zero1": "zero_stage=1",
         "pp2_docs": f"pp=2,model.document_mask_eos_id={EOS}",
+        # the head fused into the vocab-parallel loss, in chunks of tokens (parallel/cross_entropy.py)
+        "tp2_sp_fused_loss": "tp=2,sequence_parallel=true,train.loss_chunk_size=24",
     },
     4: {
         "tp4": "tp=4",

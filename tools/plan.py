@@ -155,7 +155,7 @@ def loss_bytes(cfg, tokens: int) -> float:
     """Peak bytes of the head + loss of one micro-batch on the last stage."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
     v, d = m.vocab_size / p.tp, m.hidden_size
-    if t.loss_chunk_size > 0 and p.tp == 1:  # fused head + loss: one chunk of fp32 logits, dW and dX kept
+    if t.loss_chunk_size > 0:  # fused head + loss: one chunk of fp32 logits (a vocabulary slice), dW and dX kept
         return min(t.loss_chunk_size, tokens) * v * 6 + 4 * v * d + tokens * d * 4
     # logits in the compute dtype, their fp32 copy and the fp32 softmax kept for backward
     return tokens * v * ((2 if t.dtype == "bfloat16" else 0) + 4 + 4)

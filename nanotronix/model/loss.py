@@ -11,7 +11,7 @@ Liger-Kernel's FusedLinearCrossEntropy (written here from the math, not from its
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -66,13 +66,12 @@ def _chunk_fn(compile_options: Optional[dict]):
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int,
-                compute_dtype: torch.dtype, compile_options: Optional[dict]) -> torch.Tensor:
+                compute_dtype: torch.dtype, chunk_fn: Callable) -> torch.Tensor:
         n = hidden.shape[0]
         w = weight.to(compute_dtype)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
             if ctx.needs_input_grad[1] else None
-        chunk_fn = _chunk_fn(compile_options)
         want_grads = grad_hidden is not None or grad_weight is not None
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, n, chunk_size):
@@ -100,8 +99,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int,
-                         compute_dtype: Optional[torch.dtype] = None,
-                         compile_options: Optional[dict] = None) -> torch.Tensor:
+                         compute_dtype: Optional[torch.dtype] = None, compile_options: Optional[dict] = None,
+                         chunk_fn: Optional[Callable] = None) -> torch.Tensor:
     """mean CE of `hidden @ weight.T` against `labels`, in chunks of `chunk_size` tokens.
 
     hidden [..., D] (the final norm's output), weight [V, D] (the head, tied or not), labels [...] (int64).
@@ -110,10 +109,13 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     `compile_options` (torch.compile's keyword arguments, e.g. {"backend": "inductor"}): each chunk's head matmul and
     softmax run through torch.compile, which fuses the elementwise passes over the [chunk, vocab] logits (the
     trainer does so under `train.compile`, with train.compile_mode).
+    `chunk_fn(h, w, labels, grad_scale, want_grads) -> (loss sum, grad of the logits, grad of h)` replaces the
+    plain chunk (`_chunk_loss_and_grads`): the vocab-parallel loss (parallel/cross_entropy.py) passes one that
+    combines its vocabulary slice's log-sum-exp with the other ranks'.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     dtype = compute_dtype or _compute_dtype(weight)
     with torch.autocast(hidden.device.type, enabled=False):
         return _LinearCrossEntropy.apply(hidden.flatten(0, -2), weight, labels.flatten(), chunk_size, dtype,
-                                         compile_options)
+                                         chunk_fn or _chunk_fn(compile_options))

@@ -8,12 +8,19 @@ Rank r holds logits for vocabulary ids [r*V/tp, (r+1)*V/tp) (the output of the c
 so the communication is 3 floats per token instead of V. Hand-written (Megatron-LM's `vocab_parallel_cross_entropy`
 does the same) because torch's `loss_parallel` needs DTensor logits. Computed in fp32; `ignore_index` targets give
 a zero loss and no gradient, as in `torch.nn.functional.cross_entropy`.
+
+`head_and_loss` (train.loss_chunk_size) fuses the head into the loss and runs it over chunks of tokens
+(`model.loss.linear_cross_entropy`); under TP each chunk is multiplied with the rank's vocabulary slice and
+combined by the same three reductions, so no rank holds even its [tokens, V/tp] logits at once.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
+from nanotronix.model.loss import linear_cross_entropy
 from nanotronix.parallel import mappings
 from nanotronix.parallel.mappings import Group
 
@@ -73,3 +80,81 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, gro
     if reduction == "mean":
         return per_token.sum() / (flat_labels != ignore_index).sum()
     raise ValueError(f"reduction {reduction!r} is not none|sum|mean")
+
+
+# ---- the head fused into the loss, over this rank's vocabulary slice (train.loss_chunk_size under TP) -------------
+
+def _slice_logits(h: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = (h @ w.t()).float()
+    return logits, logits.amax(dim=-1)
+
+
+def _slice_sums(logits: torch.Tensor, row_max: torch.Tensor, local: torch.Tensor, here: torch.Tensor) -> torch.Tensor:
+    """[2, tokens]: this slice's sum of exp(logit - max), and the target's logit - max where it holds the target."""
+    sum_exp = (logits - row_max[:, None]).exp().sum(dim=-1)
+    target = logits.gather(1, local.clamp(0, logits.shape[1] - 1)[:, None]).squeeze(1) - row_max
+    return torch.stack([sum_exp, torch.where(here, target, torch.zeros_like(target))])
+
+
+def _slice_grads(logits: torch.Tensor, lse: torch.Tensor, at_label: torch.Tensor, local: torch.Tensor,
+                 here: torch.Tensor, grad_scale: float, w: torch.Tensor, dtype: torch.dtype):
+    """grad_scale * (softmax - onehot) of this slice's logits in `dtype` (made in place in the logits buffer, the
+    label entries written over it), and its product with the slice's weight: this slice's part of d/dh."""
+    grad_logits = logits.sub_(lse[:, None]).exp_().mul_(grad_scale).to(dtype)
+    index = local.clamp(0, logits.shape[1] - 1)[:, None]
+    label_entry = torch.where(here, at_label.to(dtype), grad_logits.gather(1, index).squeeze(1))
+    grad_logits.scatter_(1, index, label_entry[:, None])
+    return grad_logits, grad_logits @ w
+
+
+_compiled: dict[tuple, object] = {}
+
+
+def _maybe_compiled(fn, compile_options: Optional[dict]):
+    if not compile_options:
+        return fn
+    key = (fn.__name__, *sorted(compile_options.items()))
+    if key not in _compiled:
+        _compiled[key] = torch.compile(fn, **compile_options)
+    return _compiled[key]
+
+
+class _VocabSliceChunk:
+    """`linear_cross_entropy`'s chunk for a head split along the vocabulary: the same math, with the row max, the
+    sum of exponentials and the target logit combined over the TP group (3 floats per token, as above). Each rank
+    gets the whole chunk's loss and the gradients of its own slice; its d/dh is its slice's part, summed over the
+    ranks by the head's input mapping in backward."""
+
+    def __init__(self, group: Group, vocab_start: int, compile_options: Optional[dict]):
+        self.group, self.vocab_start = group, vocab_start
+        self.logits_fn = _maybe_compiled(_slice_logits, compile_options)
+        self.sums_fn = _maybe_compiled(_slice_sums, compile_options)
+        self.grads_fn = _maybe_compiled(_slice_grads, compile_options)
+
+    def __call__(self, h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, grad_scale: float, want_grads: bool):
+        logits, row_max = self.logits_fn(h, w)
+        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=self.group)
+        local = y - self.vocab_start
+        here = (local >= 0) & (local < w.shape[0])
+        sums = self.sums_fn(logits, row_max, local, here)
+        dist.all_reduce(sums, group=self.group)
+        log_sum_exp = sums[0].log()  # log of the sum over the whole vocabulary of exp(logit - max)
+        loss_sum = (log_sum_exp - sums[1]).sum()
+        if not want_grads:
+            return loss_sum, None, None
+        at_label = ((sums[1] - log_sum_exp).exp() - 1.0) * grad_scale  # softmax - 1 at the target, in fp32
+        grad_logits, grad_h = self.grads_fn(logits, row_max + log_sum_exp, at_label, local, here, grad_scale, w,
+                                            h.dtype)
+        return loss_sum, grad_logits, grad_h
+
+
+def head_and_loss(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, chunk_size: int,
+                  compute_dtype: Optional[torch.dtype], compile_options: Optional[dict], group: Group) -> torch.Tensor:
+    """Mean next-token loss of the head applied to `hidden` (the final norm's output) in chunks of `chunk_size`
+    tokens, never making the [tokens, vocab] logits: `model.loss.linear_cross_entropy`, and under tensor
+    parallelism its vocab-parallel form (the head's input mapping, then each rank's vocabulary slice)."""
+    if group is None:
+        return linear_cross_entropy(hidden, head.weight, labels, chunk_size, compute_dtype, compile_options)
+    chunk = _VocabSliceChunk(group, mappings.group_rank(group) * head.weight.shape[0], compile_options)
+    return linear_cross_entropy(head.map_input(hidden), head.weight, labels, chunk_size, compute_dtype,
+                                chunk_fn=chunk)

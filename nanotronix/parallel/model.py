@@ -71,8 +71,8 @@ class ModelChunk(DecoderParts):
         super().__init__(config, embed_tokens, layers, norm, lm_head)
         self.seq_shards = seq_shards
         self.compute_dtype = compute_dtype
-        # > 0 (set by speedups.apply_fused_loss, tp == 1 only): the last chunk returns the final norm's output and
-        # the loss applies the head in chunks of this many tokens (model.loss.linear_cross_entropy).
+        # > 0 (set by speedups.apply_fused_loss): the last chunk returns the final norm's output and the loss
+        # applies the head in chunks of this many tokens (parallel.cross_entropy.head_and_loss).
         self.fused_loss_chunk = 0
         # set by speedups.apply_compile: the fused loss runs its chunks through torch.compile with these options
         self.loss_compile: Optional[dict] = None

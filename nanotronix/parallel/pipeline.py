@@ -20,8 +20,8 @@ import torch
 from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe,
                                           ScheduleInterleaved1F1B)
 
-from nanotronix.model.loss import cross_entropy, linear_cross_entropy
-from nanotronix.parallel.cross_entropy import vocab_parallel_cross_entropy
+from nanotronix.model.loss import cross_entropy
+from nanotronix.parallel.cross_entropy import head_and_loss, vocab_parallel_cross_entropy
 
 SCHEDULES = {"afab": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved": ScheduleInterleaved1F1B}
 PAD_LABEL = -1  # labels of a padding row in `MicroBatchRunner.evaluate`
@@ -50,9 +50,9 @@ class MicroBatchRunner:
 
     def _mean_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         last = self.model.chunks[-1]
-        if last.fused_loss_chunk:  # `logits` is the final norm's output: the loss applies the head (tp == 1)
-            return linear_cross_entropy(logits, last.lm_head.weight, labels, last.fused_loss_chunk,
-                                        last.compute_dtype, last.loss_compile)
+        if last.fused_loss_chunk:  # `logits` is the final norm's output: the loss applies the head
+            return head_and_loss(logits, last.lm_head, labels, last.fused_loss_chunk, last.compute_dtype,
+                                 last.loss_compile, self.model.tp_group)
         return micro_batch_loss(logits, labels, self.model.tp_group)
 
     def _sum_of_row_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

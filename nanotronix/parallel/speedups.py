@@ -97,11 +97,11 @@ def apply_compile(model: nn.Module, backend: str = "inductor", mode: str = "defa
 
 
 def apply_fused_loss(model: nn.Module, chunk_size: int) -> bool:
-    """Let the last pipeline chunk hand its final hidden states to `linear_cross_entropy` (head + loss in chunks
-    of `chunk_size` tokens). Only without tensor parallelism: there the vocab-parallel cross entropy already
-    keeps each rank's logits to 1/tp of the vocabulary. Returns whether it was applied."""
+    """Let the last pipeline chunk hand its final hidden states to the loss, which applies the head in chunks of
+    `chunk_size` tokens (`parallel.cross_entropy.head_and_loss`; under TP over each rank's vocabulary slice).
+    Returns whether it was applied."""
     chunks = getattr(model, "chunks", None) or []
-    if chunk_size <= 0 or getattr(model, "tp_group", None) is not None:
+    if chunk_size <= 0:
         return False
     applied = False
     for chunk in chunks:

@@ -71,11 +71,15 @@ class ColumnParallelLinear(_ParallelLinear):
         return cls(shard(dense_weight, 0, group), group, input_mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._matmul(self.map_input(x))
+
+    def map_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input every rank multiplies (a loss that applies the head itself maps it the same way)."""
         if self.input_mode == "copy":
-            x = mappings.copy_to_tp(x, self.group)
-        elif self.input_mode == "gather_sequence":
-            x = mappings.gather_from_sequence(x, self.group)
-        return self._matmul(x)
+            return mappings.copy_to_tp(x, self.group)
+        if self.input_mode == "gather_sequence":
+            return mappings.gather_from_sequence(x, self.group)
+        return x
 
     def extra_repr(self) -> str:
         return f"local_weight={tuple(self.weight.shape)}, input={self.input_mode}"
