@@ -126,8 +126,7 @@ def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents=None) ->
 @functools.lru_cache(maxsize=None)
 def _compiled_flex_attention():
     from torch.nn.attention.flex_attention import flex_attention
-    # FlexAttention runs its generated kernel only when compiled (eager it is a slow reference); inside a layer
-    # that is compiled already this is traced into the layer's graph.
+    # FlexAttention runs its generated kernel only when compiled (eager it is a slow reference)
     return torch.compile(flex_attention, dynamic=False)
 
 
@@ -141,7 +140,12 @@ def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents=None) -> 
     """FlexAttention with a block mask: causal, or within documents, where blocks across documents are skipped
     rather than masked (the masked SDPA path computes them all). Training needs CUDA: torch has no CPU backward."""
     block_mask = documents.block_mask if documents is not None else _causal_block_mask(q.shape[-2], q.device)
-    return _compiled_flex_attention()(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+    if torch.compiler.is_compiling():  # inside a compiled layer: traced into the layer's graph as it is
+        from torch.nn.attention.flex_attention import flex_attention
+        attend = flex_attention
+    else:
+        attend = _compiled_flex_attention()
+    return attend(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
 ATTENTION_BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
