@@ -44,7 +44,7 @@ from nanotronix import accel  # noqa: E402
 from nanotronix.config import Config, TrainConfig, apply_override, load_config  # noqa: E402
 from nanotronix.errors import UserError, fail  # noqa: E402
 from nanotronix.train.flops import device_peak_tflops, document_attention_span, flops_per_token, mfu  # noqa: E402
-from nanotronix.train.profiler import own_times, summary  # noqa: E402
+from nanotronix.train.profiler import own_times, summarize  # noqa: E402
 
 
 @dataclass
@@ -216,10 +216,10 @@ def profile_step(step: Callable[[torch.Tensor], float], batch: torch.Tensor, dev
     with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
         step(batch)
         sync(device)
-    shares, lines = summary(own_times(prof, cuda))
-    print(f"  [{name}] profile of one step: {lines[0]} of {'GPU' if cuda else 'CPU'} time", flush=True)
-    print("\n".join(f"    {line}" for line in lines[1:]), flush=True)
-    return shares
+    found = summarize(own_times(prof, cuda))
+    print(f"  [{name}] profile of one step: {found.total_ms:.0f} ms of {'GPU' if cuda else 'CPU'} time", flush=True)
+    print("\n".join(f"    {line}" for line in [*found.top, f"by group: {found.groups()}"]), flush=True)
+    return found.shares
 
 
 def measure(name: str, build: Callable[[], Callable[[torch.Tensor], float]], cfg: Config, device: torch.device,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -56,19 +56,24 @@ def own_times(prof: torch.profiler.profile, cuda: bool) -> list[tuple[str, float
             if getattr(e, attr) > 0 and not e.key.startswith(("ProfilerStep", STEP_LABEL))]
 
 
-def summary(rows: list[tuple[str, float, int]], top: int = 25) -> tuple[dict[str, float], list[str]]:
-    """The share of each kernel group in `rows`' total time, and lines naming the total, the top rows and the groups."""
+class Summary(NamedTuple):
+    total_ms: float
+    shares: dict[str, float]  # kernel group -> share of the total
+    top: list[str]  # "<share>%  <ms> ms  x<calls> <name>" of the longest rows
+
+    def groups(self) -> str:
+        return ", ".join(f"{g} {100 * v:.1f}%" for g, v in sorted(self.shares.items(), key=lambda kv: -kv[1]))
+
+
+def summarize(rows: list[tuple[str, float, int]], top: int = 25) -> Summary:
+    """`own_times` rows: their total, each kernel group's share of it, and the `top` longest rows as lines."""
     total = sum(t for _, t, _ in rows) or 1.0
     shares: dict[str, float] = {}
     for key, t, _ in rows:
         shares[kernel_group(key)] = shares.get(kernel_group(key), 0.0) + t / total
     lines = [f"{100 * t / total:5.1f}%  {t / 1e3:8.1f} ms  x{count:<6} {key[:100]}"
              for key, t, count in sorted(rows, key=lambda r: -r[1])[:top]]
-    return shares, [f"{total / 1e3:.0f} ms", *lines, "by group: " + groups_line(shares)]
-
-
-def groups_line(shares: dict[str, float]) -> str:
-    return ", ".join(f"{g} {100 * v:.1f}%" for g, v in sorted(shares.items(), key=lambda kv: -kv[1]))
+    return Summary(total / 1e3, shares, lines)
 
 
 class StepProfiler:
@@ -128,15 +133,12 @@ class StepProfiler:
         if self.memory:
             _write_aside(self.out_dir / f"{stem}_memory.pickle", torch.cuda.memory._dump_snapshot)
             torch.cuda.memory._record_memory_history(enabled=None)
-        shares, lines = summary(own_times(prof, self.cuda), top=40)
-        what = f"profile of steps {self.first}-{self.last} (rank {self.rank}): {lines[0]} of {self.device_name} time"
-        text = "\n".join([what, *lines[1:]]) + "\n"
+        found = summarize(own_times(prof, self.cuda), top=40)
+        what = (f"profile of steps {self.first}-{self.last} (rank {self.rank}): {found.total_ms:.0f} ms of "
+                f"{'GPU' if self.cuda else 'CPU'} time")
+        text = "\n".join([what, *found.top, f"by group: {found.groups()}"]) + "\n"
         _write_aside(self.out_dir / f"{stem}.txt", lambda path: Path(path).write_text(text))
-        print(f"{what}: {groups_line(shares)} -> {trace}", flush=True)
-
-    @property
-    def device_name(self) -> str:
-        return "GPU" if self.cuda else "CPU"
+        print(f"{what}: {found.groups()} -> {trace}", flush=True)
 
     def _start(self, step: int) -> None:
         activities = [torch.profiler.ProfilerActivity.CPU]
