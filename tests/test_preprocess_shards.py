@@ -152,7 +152,7 @@ def write_large_inputs(folder: Path) -> list[Path]:
 
 
 def test_large_inputs_are_cut_where_their_format_allows(tmp_path, monkeypatch):
-    from nanotronix.data import inputs
+    from nanotronix.data import compressed_lines
     from nanotronix.data.inputs import split_large_inputs, whole_files
     files = write_large_inputs(tmp_path / "corpus")
     pieces = split_large_inputs(whole_files(files), piece_bytes=2000)
@@ -167,7 +167,7 @@ def test_large_inputs_are_cut_where_their_format_allows(tmp_path, monkeypatch):
     # c.jsonl.gz is smaller than a block of compressed bytes (64 KiB): whole; a text file is one document: whole
     assert [(p.byte_range, p.row_groups) for f in ("c.jsonl.gz", "d.txt") for p in by_file[f]] == [(None, None)] * 2
     assert pieces == [p for f in files for p in by_file[f.name]]  # in file order
-    monkeypatch.setattr(inputs, "COMPRESSED_BLOCK", 256)
+    monkeypatch.setattr(compressed_lines, "COMPRESSED_BLOCK", 256)
     size = files[2].stat().st_size
     ranges = [p.byte_range for p in split_large_inputs(whole_files(files[2:3]), piece_bytes=1000)]
     assert len(ranges) > 1 and ranges[0][0] == 0 and ranges[-1][1] == size
@@ -192,9 +192,9 @@ def test_json_lines_pieces_hold_every_line_once_in_order(tmp_path, seed, compres
     pieces of a few bytes; compressed, in several members or frames, cut at blocks of 16 compressed bytes.
     Concatenating what the pieces read gives the file's non-blank lines, each once, in order, each at the byte
     offset (uncompressed pieces inside the file) or line number it says."""
-    from nanotronix.data import inputs
+    from nanotronix.data import compressed_lines
     from nanotronix.data.inputs import iter_chunks, split_large_inputs, whole_files
-    monkeypatch.setattr(inputs, "COMPRESSED_BLOCK", 16)
+    monkeypatch.setattr(compressed_lines, "COMPRESSED_BLOCK", 16)
     rng = np.random.default_rng(seed)
     lines = []
     for _ in range(int(rng.integers(1, 60))):
@@ -226,8 +226,8 @@ def test_json_lines_pieces_hold_every_line_once_in_order(tmp_path, seed, compres
 
 @pytest.mark.parametrize("count", [2, 5, 11])
 def test_shards_of_large_inputs_read_as_the_single_run(tmp_path, tiny_tokenizer, tool, count, monkeypatch):
-    from nanotronix.data import inputs
-    monkeypatch.setattr(inputs, "COMPRESSED_BLOCK", 128)  # c.jsonl.gz (~2.5 KB) is cut too
+    from nanotronix.data import compressed_lines
+    monkeypatch.setattr(compressed_lines, "COMPRESSED_BLOCK", 128)  # c.jsonl.gz (~2.5 KB) is cut too
     write_large_inputs(tmp_path / "corpus")
     common = ["--input", str(tmp_path / "corpus"), "--tokenizer", tiny_tokenizer, "--no-progress", "--workers", "2"]
     assert tool.main(common + ["--output-prefix", str(tmp_path / "whole")]) == 0
@@ -267,8 +267,8 @@ def test_a_bad_line_inside_a_cut_compressed_file_is_reported_by_line(tmp_path, t
                                                                       monkeypatch):
     """One gzipped file of two members cut into 4 shards: the shard holding the bad line names its true line
     number; the others read their pieces."""
-    from nanotronix.data import inputs
-    monkeypatch.setattr(inputs, "COMPRESSED_BLOCK", 128)
+    from nanotronix.data import compressed_lines
+    monkeypatch.setattr(compressed_lines, "COMPRESSED_BLOCK", 128)
     write_large_inputs(tmp_path / "corpus")
     lines = gzip.decompress((tmp_path / "corpus" / "c.jsonl.gz").read_bytes()).splitlines(keepends=True)
     lines.insert(97, b"{not json}\n")  # line 98, in the second gzip member
@@ -278,7 +278,7 @@ def test_a_bad_line_inside_a_cut_compressed_file_is_reported_by_line(tmp_path, t
               "--output-prefix", str(tmp_path / "sharded")]
     codes = [tool.main(common + ["--shard", f"{i}/4"]) for i in range(4)]
     assert codes.count(2) == 1 and set(codes) == {0, 2}, codes
-    assert f"c.jsonl.gz:98: invalid JSON" in capsys.readouterr().err
+    assert "c.jsonl.gz:98: invalid JSON" in capsys.readouterr().err
     parts = [entry["part"] for i in range(4) if codes[i] == 0 for entry in json.loads(
         (tmp_path / "sharded" / f"shard-{i:05d}-of-00004.meta.json").read_text())["inputs"]]
     assert len(parts) >= 3 and all(part.startswith("compressed bytes ") for part in parts), parts

@@ -16,32 +16,26 @@ without reading the file up to it).
 
 `preprocess --shard` splits large inputs into pieces (`split_large_inputs`) where the format allows it: an
 uncompressed JSON-lines file at any byte (a line belongs to the piece holding its first byte), a Parquet file at
-row-group boundaries, a compressed JSON-lines file (`.gz`, `.zst`) at blocks of COMPRESSED_BLOCK compressed bytes:
-a line belongs to the piece holding the block whose decompression gave its first byte. Such a file has no random
-access, so each piece decompresses the file from its start, counting the lines before its own (decompressing runs
-at hundreds of MB/s, tokenizing at a few per thread: a late piece's detour is small next to its own work, and the
-lines keep their true numbers). zlib and zstd hand out all they can decode of the input so far, so what each block
-adds is a function of the file, and every task of a job array (one software environment) attributes each line to
-the same piece. Text files (one document each) stay whole.
+row-group boundaries, a compressed JSON-lines file (`.gz`, `.zst`) at blocks of compressed bytes
+(`compressed_lines.py`). Text files (one document each) stay whole.
 """
 from __future__ import annotations
 
 import io
 import math
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
+from . import compressed_lines
+from .compressed_lines import COMPRESSED_SUFFIXES, CompressedLines, decompress_errors, is_compressed
 from .errors import DataError, require_module
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
-COMPRESSED_SUFFIXES = (".gz", ".zst")
 PARQUET_SUFFIXES = (".parquet",)
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".markdown", ".rst", ".py", ".pyi", ".tex", ".c", ".h", ".cc",
                  ".cpp", ".hpp", ".java", ".js", ".ts", ".go", ".rs", ".sh", ".html", ".css")
 MISSING = object()  # a Parquet row whose file has no such column
-COMPRESSED_BLOCK = 1 << 16  # compressed JSON lines are read, and cut between shards, in blocks of this many bytes
 
 
 def input_kind(path: Path) -> Optional[str]:
@@ -97,10 +91,6 @@ class InputPiece:
         return None
 
 
-def is_compressed(path: Path) -> bool:
-    return path.name.lower().endswith(COMPRESSED_SUFFIXES)
-
-
 def whole_files(files: list[Path]) -> list[InputPiece]:
     return [InputPiece(f, f.stat().st_size) for f in files]
 
@@ -117,7 +107,7 @@ def split_large_inputs(files: list[InputPiece], piece_bytes: float) -> list[Inpu
             pieces.append(whole)
         elif kind == "jsonl":
             n = math.ceil(size / piece_bytes)
-            step = COMPRESSED_BLOCK if is_compressed(path) else 1
+            step = compressed_lines.COMPRESSED_BLOCK if is_compressed(path) else 1
             cuts = sorted({size * k // n // step * step for k in range(n)} | {size})
             if len(cuts) == 2:  # too small to cut at blocks
                 pieces.append(whole)
@@ -191,51 +181,6 @@ class _CountingReader(io.RawIOBase):
         return n
 
 
-def _decompressed_blocks(path: Path) -> Iterator[tuple[int, bytes, int]]:
-    """(compressed offset, the bytes its decompression added, compressed bytes read so far) for each
-    COMPRESSED_BLOCK of a .gz or .zst file from its start, its gzip members or zstd frames one after another. The
-    decompressors hand out all they can decode from the input so far, so what each block adds depends on the file
-    alone. EOFError when the file ends inside a member or frame (truncated)."""
-    gz = path.name.lower().endswith(".gz")
-    if gz:
-        def new():
-            return zlib.decompressobj(zlib.MAX_WBITS | 16)  # a gzip header and trailer around deflate
-    else:
-        zstandard = require_module("zstandard", "reading .zst inputs")
-
-        def new():
-            return zstandard.ZstdDecompressor().decompressobj()
-    stream, inside = new(), False
-    with open(path, "rb") as f:
-        offset = 0
-        while block := f.read(COMPRESSED_BLOCK):
-            out, data = [], block
-            while data:
-                if gz and not inside:
-                    data = data.lstrip(b"\0")  # zero padding after a member, which gzip tolerates
-                    if not data:
-                        break
-                inside = True
-                out.append(stream.decompress(data))
-                data = b""
-                if stream.eof:  # this member/frame is complete; whatever follows starts the next one
-                    data, stream, inside = stream.unused_data, new(), False
-            offset += len(block)
-            yield offset - len(block), b"".join(out), offset
-    if inside:
-        raise EOFError(f"the file ends inside a {'gzip member' if gz else 'zstd frame'} (truncated)")
-
-
-def _decompress_errors() -> tuple:
-    errors: tuple = (OSError, EOFError, ValueError, zlib.error)
-    try:
-        import zstandard
-        errors += (zstandard.ZstdError,)
-    except ImportError:
-        pass
-    return errors
-
-
 class _PlainLines:
     """(line number, or byte offset in a piece that starts inside the file; the line) of an uncompressed JSON-lines
     piece: the lines whose first byte lies in its byte range."""
@@ -263,52 +208,6 @@ class _PlainLines:
                 if end is not None and start >= end:
                     return
                 yield (start if begin else self.line_no), line
-
-
-class _CompressedLines:
-    """(line number, line) of a compressed JSON-lines piece: the lines whose first byte comes out of a block of its
-    compressed byte range (see the module docstring). The blocks before it are decompressed and only counted."""
-    at_bytes = False
-
-    def __init__(self, piece: InputPiece):
-        self.piece = piece
-        self.line_no = 0  # lines of the file completed so far
-        self.read = 0  # compressed bytes read
-
-    def consumed(self) -> int:
-        return max(0, self.read - (self.piece.byte_range or (0, 0))[0])
-
-    def __iter__(self) -> Iterator[tuple[int, bytes]]:
-        begin, end = self.piece.byte_range or (0, math.inf)
-        line: list[bytes] = []  # the piece's line being read, so far
-        owner = -1  # block (compressed offset) the line being read began in; -1: between lines
-        for offset, data, self.read in _decompressed_blocks(self.piece.path):
-            if offset < begin:  # every line beginning here is an earlier piece's: count them, keep nothing
-                if data:
-                    self.line_no += data.count(b"\n")
-                    owner = -1 if data.endswith(b"\n") else 0
-                continue
-            pos = 0
-            while pos < len(data):
-                if owner < 0:
-                    if offset >= end:  # every later line is a later piece's
-                        return
-                    owner = offset
-                newline = data.find(b"\n", pos)
-                stop = len(data) if newline < 0 else newline + 1
-                ours = begin <= owner < end
-                if ours:
-                    line.append(data[pos:stop])
-                pos = stop
-                if newline >= 0:
-                    self.line_no += 1
-                    owner = -1
-                    if ours:
-                        yield self.line_no, b"".join(line)
-                        line = []
-        if line:  # the file's last line, without a final newline
-            self.line_no += 1
-            yield self.line_no, b"".join(line)
 
 
 def iter_chunks(pieces: list[InputPiece], text_key: str, chunk_bytes: int = 1 << 18,
@@ -341,7 +240,7 @@ def iter_chunks(pieces: list[InputPiece], text_key: str, chunk_bytes: int = 1 <<
 
 
 def _jsonl_chunks(index: int, piece: InputPiece, chunk_bytes: int, on_progress) -> Iterator[Chunk]:
-    reader = _CompressedLines(piece) if is_compressed(piece.path) else _PlainLines(piece)
+    reader = CompressedLines(piece.path, piece.byte_range) if is_compressed(piece.path) else _PlainLines(piece)
     items, lines, size, reported = [], [], 0, 0
     try:
         for position, line in reader:
@@ -357,7 +256,7 @@ def _jsonl_chunks(index: int, piece: InputPiece, chunk_bytes: int, on_progress) 
                     on_progress(done - reported)
                     reported = done
                 items, lines, size = [], [], 0
-    except _decompress_errors() as e:  # gzip/zstd damage: report where it was reached
+    except decompress_errors() as e:  # gzip/zstd damage: report where it was reached
         raise DataError(f"{piece.path}:{reader.line_no + 1}: cannot decompress ({type(e).__name__}: {e})") from None
     if items:
         yield Chunk("jsonl", items, index, lines[0], lines, at_bytes=reader.at_bytes)
