@@ -194,6 +194,10 @@ class CheckpointConfig:
     dir: Optional[str] = None
     interval: int = 0  # 0: only at the end of training (and on SIGTERM/SIGUSR1)
     keep_last: int = 0  # 0: keep every checkpoint
+    # Milestones saved (even off the interval) and never pruned: every multiple of keep_every (0: none) and the steps
+    # in keep_steps. A WSD run's decays and later phases start from such steps.
+    keep_every: int = 0
+    keep_steps: list[int] = field(default_factory=list)
     resume: str = "auto"  # auto | none | PATH
     async_save: bool = False  # write checkpoints in a background thread while training goes on
 
@@ -510,6 +514,9 @@ def validate(cfg: Config) -> None:
     c = cfg.checkpoint
     _require(c.interval >= 0, "checkpoint.interval: must be >= 0")
     _require(c.keep_last >= 0, "checkpoint.keep_last: must be >= 0")
+    _require(c.keep_every >= 0, "checkpoint.keep_every: must be >= 0 (0: none)")
+    # steps past train.train_steps are allowed: a shortened run of a recipe just never reaches them
+    _require(all(s >= 1 for s in c.keep_steps), f"checkpoint.keep_steps: steps are >= 1, got {c.keep_steps}")
     _require(bool(c.resume.strip()), "checkpoint.resume: must be auto, none or a checkpoint path")
     _require(cfg.logging.interval >= 1, "logging.interval: must be >= 1")
     _require(cfg.logging.hang_report_seconds >= 0, "logging.hang_report_seconds: must be >= 0 (0: off)")

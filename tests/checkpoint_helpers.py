@@ -107,8 +107,11 @@ class FakeOptimizer:
         self.step_count = step_count
 
 
-def save_single(run_dir, step: int, model: nn.Module, optimizer, keep_last: int = 0, config: dict | None = None):
-    """Save a single-process checkpoint of a plain model (what the trainer saves with tp = pp = dp = 1)."""
+def save_single(run_dir, step: int, model: nn.Module, optimizer, keep_last: int = 0, config: dict | None = None,
+                keep_every: int = 0, keep_steps: tuple = ()):
+    """Save a single-process checkpoint of a plain model (what the trainer saves with tp = pp = dp = 1), then prune
+    as the trainer's checkpoint.keep_last / keep_every / keep_steps say."""
+    from nanotronix.checkpoint.paths import Retention
     from nanotronix.checkpoint.storage import Collective
     from nanotronix.checkpoint.training_state import take_snapshot, write_snapshot
     from nanotronix.parallel import ParallelContext
@@ -117,7 +120,7 @@ def save_single(run_dir, step: int, model: nn.Module, optimizer, keep_last: int 
     config = {"model": dataclasses.asdict(cfg_model), **(config or {})}
     snap = take_snapshot(step, model, optimizer, ParallelContext(tp=1, pp=1, dp=1, rank=0, world_size=1), config,
                          {"consumed_samples": 2 * step}, stage=False)
-    return write_snapshot(snap, run_dir, Collective(), keep_last)
+    return write_snapshot(snap, run_dir, Collective(), Retention(keep_last, keep_every, frozenset(keep_steps)))
 
 
 def load_single(folder, model: nn.Module, optimizer):

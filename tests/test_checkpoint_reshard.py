@@ -108,7 +108,7 @@ def _save_and_reload(rank: int, root: Path, cfg_model) -> None:
         model, opt, _, _ = _piece(ctx, cfg_model, step_count=7)
         snap = take_snapshot(7, model, opt, ctx, {"model": vars(cfg_model)}, {"consumed_samples": 56},
                              stage=layout == (2, 1, 4))  # one layout through the async path's CPU staging
-        write_snapshot(snap, Path(root) / _name(layout), coll, keep_last=0)
+        write_snapshot(snap, Path(root) / _name(layout), coll)
 
     single = dist.new_group([0])  # collective: every rank creates it
     for source, layout in LOAD_CASES:

@@ -119,3 +119,20 @@ def test_resume_to_an_earlier_step_of_the_own_run_is_refused(tmp_path, store):
     proc = run(["-m", "nanotronix.train", "--config", str(cfg), "train.train_steps=6",
                 f"checkpoint.resume={ckpt / 'step_0000004'}"])
     assert proc.returncode == 0 and "resumed from" in proc.stdout and "at step 4" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_milestones_are_saved_off_the_interval_and_kept(tmp_path, store):
+    """checkpoint.keep_steps [6] and keep_every 5 with interval 4 and keep_last 1 over 12 steps: steps 4, 8 and 12 are
+    saved on the interval (4 and 8 then pruned), steps 5, 6 and 10 off it, and those stay; a resume from the
+    milestone of step 6 (what the next phase of a WSD run starts from) continues the run."""
+    ckpt = tmp_path / "ckpt"
+    cfg = _config(tmp_path, store, train={"train_steps": 12},
+                  checkpoint={"dir": str(ckpt), "interval": 4, "keep_last": 1, "keep_every": 5, "keep_steps": [6]})
+    train_in_process(cfg)
+    assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_0000005", "step_0000006", "step_0000010",
+                                                           "step_0000012"]
+    other = _config(tmp_path / "branch", store, train={"train_steps": 7},
+                    checkpoint={"dir": str(tmp_path / "branch" / "ckpt"), "resume": str(ckpt / "step_0000006")})
+    train_in_process(other)
+    branch = read_metrics(tmp_path / "branch" / "logs")
+    assert sorted(branch) == [7] and branch[7]["loss"] == read_metrics(tmp_path / "logs")[7]["loss"]

@@ -76,6 +76,17 @@ def test_latest_pointer_and_keep_last(tmp_path):
         resolve_checkpoint(tmp_path / "missing")
 
 
+def test_milestones_are_never_pruned(tmp_path):
+    """keep_last 2 with checkpoint.keep_every 3 and keep_steps [5]: after steps 1-10 the milestones 3, 5, 6, 9 stay
+    with the newest two (9, 10)."""
+    model = plain_model()
+    opt = adamw(model)
+    for step in range(1, 11):
+        save_single(tmp_path / "run", step, model, opt, keep_last=2, keep_every=3, keep_steps=(5,))
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "latest", "step_0000003", "step_0000005", "step_0000006", "step_0000009", "step_0000010"]
+
+
 KILLED_MID_WRITE = """
 import os, signal, sys
 from pathlib import Path

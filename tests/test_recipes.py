@@ -235,3 +235,21 @@ def test_data_root_joins_relative_paths_only(tmp_path, monkeypatch):
     assert url.data.stages[0].datasets[0].path == "s3://bucket/corpus/dclm-edu"
     plain = load_config(CONFIGS / "smollm2_135m.yaml")  # no root: paths stay as written
     assert plain.data.root is None and plain.data.stages[0].datasets[0].path == "dclm-edu"
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_the_checkpoints_later_phases_start_from_are_kept(name):
+    """A WSD run's other decays start from its last stable step, and the 1.7B 8k context extension from the stage-4
+    step "before the final 75 billion tokens" [P 4.6]: the recipe saves and keeps both for good, which keep_last alone
+    (the last 10 saves, 20,000 steps) would have pruned long before the run ends."""
+    from nanotronix.checkpoint.paths import Retention
+    pub = PUBLISHED[name]
+    cfg = load_config(CONFIGS / pub["file"])
+    keep = Retention.of(cfg.checkpoint)
+    wanted = [pub["decay_start"]]
+    if name == "1p7b":
+        before_final_75b = pub["steps"] - 75e9 / pub["tokens_per_step"]  # 5,204,237
+        wanted.append(int(before_final_75b) // cfg.checkpoint.interval * cfg.checkpoint.interval)
+    for step in wanted:
+        assert keep.milestone(step), (name, step)
+        assert pub["steps"] - step > keep.keep_last * cfg.checkpoint.interval  # pruned without the milestone

@@ -98,6 +98,7 @@ class Checkpointer:
     def __init__(self, cfg, ctx, device: torch.device):
         self.cfg, self.ctx = cfg, ctx
         self.settings = cfg.checkpoint
+        self.retention = paths.Retention.of(self.settings)  # which steps pruning keeps; milestones are always saved
         self.run_dir = Path(self.settings.dir).expanduser() if self.settings.dir else None
         # Checkpoint traffic gets its own gloo group: a background save must not interleave its collectives
         # with the training step's on the same communicator, and gloo carries DCP's small planning messages.
@@ -177,7 +178,7 @@ class Checkpointer:
         stop = self.watcher.stop_requested()
         last = step == self.cfg.train.train_steps
         interval = self.settings.interval
-        if stop or last or (interval > 0 and step % interval == 0):
+        if stop or last or (interval > 0 and step % interval == 0) or self.retention.milestone(step):
             self.save(step, model, optimizer, loader, blocking=stop or last,
                       trainer_state=trainer_state() if trainer_state is not None else None)
         if stop:
@@ -202,7 +203,7 @@ class Checkpointer:
 
     def _write(self, snapshot) -> None:
         t0 = time.perf_counter()
-        folder = write_snapshot(snapshot, self.run_dir, self.coll, self.settings.keep_last)
+        folder = write_snapshot(snapshot, self.run_dir, self.coll, self.retention)
         self._log(f"saved step {snapshot.step} to {folder} ({time.perf_counter() - t0:.1f} s)")
 
     def wait(self) -> None:

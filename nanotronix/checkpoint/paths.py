@@ -10,8 +10,8 @@ A run's checkpoint folder holds one folder per committed step and a `latest` poi
                                 one is in place
 
 The rename is the commit point, so a crash at any moment leaves every committed step intact and `latest`
-pointing at one of them. `keep_last` prunes only after a new step is committed and never removes the step that
-`latest` names.
+pointing at one of them. Pruning (`Retention`: the newest `keep_last`, plus milestones kept for good) runs only
+after a new step is committed and never removes the step that `latest` names.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -152,13 +153,31 @@ def commit_step(temp: Path, run_dir: Path, step: int) -> Path:
     return final
 
 
-def prune(run_dir: Path, keep_last: int) -> list[Path]:
-    """Remove all but the newest `keep_last` committed steps (0 keeps all); never the one `latest` names."""
-    if keep_last <= 0:
+@dataclass(frozen=True)
+class Retention:
+    """Which committed steps pruning keeps: the newest `keep_last` (0: every step), and for good the multiples of
+    `keep_every` (0: none) and the steps in `keep_steps` (checkpoint.keep_every / keep_steps: a WSD run's decays and
+    later phases start from such milestones)."""
+    keep_last: int = 0
+    keep_every: int = 0
+    keep_steps: frozenset = frozenset()
+
+    @classmethod
+    def of(cls, settings) -> "Retention":
+        """From a CheckpointConfig."""
+        return cls(settings.keep_last, settings.keep_every, frozenset(settings.keep_steps))
+
+    def milestone(self, step: int) -> bool:
+        return (self.keep_every > 0 and step % self.keep_every == 0) or step in self.keep_steps
+
+
+def prune(run_dir: Path, retention: Retention) -> list[Path]:
+    """Remove the committed steps `retention` does not keep; never the one `latest` names."""
+    if retention.keep_last <= 0:
         return []
     latest = read_latest(run_dir)
     steps = committed_steps(run_dir)
-    doomed = [p for p in steps[:-keep_last] if p != latest]
+    doomed = [p for p in steps[:-retention.keep_last] if p != latest and not retention.milestone(step_of(p))]
     for p in doomed:
         # Drop the manifest first: a prune interrupted half-way leaves an incomplete folder, never one
         # that looks complete but lacks files.

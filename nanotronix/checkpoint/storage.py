@@ -79,7 +79,7 @@ def _quiet_single_process():
 
 
 def write_step(run_dir: Path, step: int, state: dict[str, Any], manifest: dict[str, Any],
-               rng_state: dict[str, Any], global_rank: int, coll: Collective, keep_last: int) -> Path:
+               rng_state: dict[str, Any], global_rank: int, coll: Collective, retention: paths.Retention) -> Path:
     """Save `state` (a DCP state dict) as step `step` of `run_dir`; every rank of `coll` calls this."""
     from nanotronix.checkpoint.rng import save_rng
 
@@ -109,7 +109,7 @@ def write_step(run_dir: Path, step: int, state: dict[str, Any], manifest: dict[s
             files.update(mf.digest_files(temp, unclaimed))
             mf.write_manifest(temp, {**manifest, "files": dict(sorted(files.items())), "saved_at": time.time()})
             paths.commit_step(temp, run_dir, step)
-            paths.prune(run_dir, keep_last)
+            paths.prune(run_dir, retention)
         except OSError as e:
             error = f"cannot commit checkpoint {temp}: {e}"
     # Also a barrier: nobody returns (and maybe exits) before the commit is durable.

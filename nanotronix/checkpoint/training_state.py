@@ -13,6 +13,7 @@ from typing import Any, Optional
 import torch
 
 from nanotronix.checkpoint import manifest as mf
+from nanotronix.checkpoint import paths
 from nanotronix.checkpoint import state as st
 from nanotronix.checkpoint import storage
 from nanotronix.checkpoint.errors import CheckpointError
@@ -69,9 +70,12 @@ def take_snapshot(step: int, model, optimizer, ctx, config: dict[str, Any], data
     return Snapshot(step, pieces, capture_rng(), manifest, ctx.rank, st.TensorParallelMeshes(ctx.tp_group, ctx.tp))
 
 
-def write_snapshot(snapshot: Snapshot, run_dir: Path, coll: storage.Collective, keep_last: int) -> Path:
+def write_snapshot(snapshot: Snapshot, run_dir: Path, coll: storage.Collective,
+                   retention: Optional[paths.Retention] = None) -> Path:
+    """Commit `snapshot` as a step of `run_dir`, then prune by `retention` (None: keep every step)."""
     return storage.write_step(run_dir, snapshot.step, st.to_dcp(snapshot.pieces, snapshot.meshes),
-                              snapshot.manifest, snapshot.rng, snapshot.global_rank, coll, keep_last)
+                              snapshot.manifest, snapshot.rng, snapshot.global_rank, coll,
+                              retention or paths.Retention())
 
 
 def _check_shapes(folder: Path, metadata, pieces: dict[str, st.LocalPiece], tp: int) -> None:
