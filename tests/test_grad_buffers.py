@@ -114,7 +114,7 @@ def test_checkpoints_wait_for_pending_weight_gathers(tmp_path):
     for name, want in arrived.items():
         assert torch.equal(snap.pieces[f"model.{name}"].tensor, want), name
     assert model.grads.gathers_pending() == 0
-    folder = write_snapshot(snap, tmp_path, Collective(None), keep_last=0)
+    folder = write_snapshot(snap, tmp_path, Collective(None))
     for b in model.grads.buckets:
         b.gather = LateGather(b)  # would add 1 to every weight when it lands
     load_training_state(folder, model, opt, model.ctx, Collective(None), tied=True)
