@@ -17,6 +17,10 @@ stage holds at once (1 without pipelining, up to pp with 1F1B, all with AFAB), p
 their fp32 copy and softmax for the loss; one chunk with train.loss_chunk_size). Allocator fragmentation, NCCL
 buffers and the CUDA context (~1-3 GiB together) come on top. An estimate, not a measurement.
 
+Checkpoints: the saves the run makes (checkpoint.interval, its milestones, the last step), how many stay on disk
+at its end under keep_last / keep_every / keep_steps, and their size (12 bytes per parameter: fp32 weights and
+AdamW's two moments).
+
 Time: total tokens x model FLOPs per token (`nanotronix.train.flops`, the trainer's own MFU counter) / (GPUs x peak
 x MFU). `--gpu` picks the peak from the same table the trainer uses.
 
@@ -240,6 +244,25 @@ def time_plan(cfg, gpus: int, mfu: float, gpu: str, stages: list[dict]) -> dict[
 NVLINK_GBYTES = 450.0  # H100 SXM NVLink 4: 900 GB/s per GPU, both directions together
 
 
+def checkpoint_plan(cfg) -> dict[str, Any]:
+    """The saves a run makes (every checkpoint.interval steps, its milestones, the last step) and what is left on
+    disk at its end under the retention settings (the checkpointer's own `Retention`). A step holds the fp32
+    weights and AdamW's two fp32 moments of every parameter (~12 bytes each; RNG states and the manifest are small)."""
+    from nanotronix.checkpoint.paths import Retention
+
+    c, steps = cfg.checkpoint, cfg.train.train_steps
+    keep = Retention.of(c)
+    saved = set(range(c.interval, steps + 1, c.interval)) if c.interval > 0 else set()
+    saved |= {s for s in c.keep_steps if s <= steps}
+    if c.keep_every > 0:
+        saved |= set(range(c.keep_every, steps + 1, c.keep_every))
+    saved = sorted(saved | {steps})
+    kept = saved if c.keep_last == 0 else sorted(set(saved[-c.keep_last:]) | {s for s in saved if keep.milestone(s)})
+    step_bytes = 12 * cfg.model.num_parameters()
+    return {"saves": len(saved), "kept": len(kept), "milestones_kept": sum(keep.milestone(s) for s in kept),
+            "bytes_per_checkpoint": step_bytes, "bytes_kept": step_bytes * len(kept)}
+
+
 def comm_plan(cfg, dp: int, accum: int, params_per_gpu: float, time: dict, net_gbps: float,
               gpus_per_node: int) -> dict[str, Any]:
     """The DP gradient traffic of one step and how much of it compute cannot hide (module docstring)."""
@@ -299,6 +322,7 @@ def build_plan(config: str, overrides: list[str], gpus: int, mfu: float, gpu: st
         "train_steps": t.train_steps, "total_tokens": t.train_steps * t.global_batch_size * t.seq_len,
         "stages": stages, "memory": memory, "time": time,
         "comm": comm_plan(cfg, dp, accum, memory["params_per_gpu"], time, net_gbps, gpus_per_node),
+        "checkpoints": checkpoint_plan(cfg),
     }
 
 
@@ -344,6 +368,10 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"{tm['tokens_per_sec_per_gpu']:,.0f} tokens/s/GPU -> {tm['wall_hours']:,.0f} h "
         f"({tm['wall_hours'] / 24:.1f} days) on {plan['gpus']} GPUs = {tm['gpu_hours']:,.0f} GPU-hours",
     ]
+    ck = plan["checkpoints"]
+    lines.append(f"checkpoints: {ck['bytes_per_checkpoint'] / 1e9:,.1f} GB each (fp32 weights + AdamW moments), "
+                 f"{ck['saves']:,} saves; on disk at the end {ck['kept']:,} ({ck['milestones_kept']:,} of them "
+                 f"milestones) = {ck['bytes_kept'] / 1e12:,.2f} TB")
     c = plan["comm"]
     if lay["dp"] > 1:
         grad = "bf16" if plan["comm"]["grad_reduce_dtype"] == "bfloat16" else "fp32"
