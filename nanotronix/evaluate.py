@@ -1,4 +1,5 @@
-"""`python -m nanotronix.evaluate --checkpoint CKPT_DIR --data PREFIX --seq-len L --num-samples K [--json]`
+"""`python -m nanotronix.evaluate --checkpoint CKPT_DIR --data PREFIX --seq-len L --num-samples K [--json]
+[--batch-size B] [--device cpu|cuda] [--no-progress]`
 
 The mean next-token loss of a checkpoint over the first K windows of a token store, window i being tokens
 [i*L, i*L + L + 1) of the store's concatenated token stream (no shuffling, no document masking): inputs are its
@@ -27,11 +28,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: cuda if available")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (stderr)")
     return p.parse_args(argv)
 
 
 def evaluate(checkpoint: str, data: str, seq_len: int, num_samples: int, batch_size: int = 8,
-             device: str = "auto") -> dict[str, Any]:
+             device: str = "auto", progress: bool = False) -> dict[str, Any]:
     from nanotronix.checkpoint.reader import CheckpointReader
     from nanotronix.data import open_store
     from nanotronix.errors import UserError
@@ -52,8 +54,11 @@ def evaluate(checkpoint: str, data: str, seq_len: int, num_samples: int, batch_s
     reader.load_into(model)
     model.eval()
 
+    from tqdm import tqdm
+
     total = torch.zeros((), dtype=torch.float64)
-    with torch.no_grad():
+    bar = tqdm(total=num_samples, unit="window", desc="evaluate", disable=not progress)
+    with torch.no_grad(), bar:
         for first in range(0, num_samples, batch_size):
             count = min(batch_size, num_samples - first)
             windows = torch.from_numpy(store.leading_windows(first, count, seq_len)).to(dev)
@@ -63,6 +68,7 @@ def evaluate(checkpoint: str, data: str, seq_len: int, num_samples: int, batch_s
             logits = model(windows[:, :-1]).float()
             loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten(), reduction="sum")
             total += loss.double().cpu()
+            bar.update(count)
     tokens = num_samples * seq_len
     return {"loss": (total / tokens).item(), "checkpoint": str(reader.folder), "step": reader.step, "data": data,
             "seq_len": seq_len, "num_samples": num_samples, "tokens": tokens}
@@ -73,7 +79,8 @@ def main(argv=None) -> int:
     from nanotronix.errors import UserError
 
     try:
-        result = evaluate(args.checkpoint, args.data, args.seq_len, args.num_samples, args.batch_size, args.device)
+        result = evaluate(args.checkpoint, args.data, args.seq_len, args.num_samples, args.batch_size, args.device,
+                          progress=not args.no_progress)
     except (UserError, FileNotFoundError) as e:
         return fail(e)
     if args.json:
