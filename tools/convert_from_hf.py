@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Import a Hugging Face Llama folder (SmolLM2 included) as a nanotronix checkpoint to continue training from.
 
-    python tools/convert_from_hf.py --hf HF_DIR --output CKPT_DIR
+    python tools/convert_from_hf.py --hf HF_DIR --output CKPT_DIR [--overwrite] [--no-progress]
 
 CKPT_DIR becomes a run checkpoint folder (step_0000000/ + latest) holding fp32 weights and no optimizer state.
 Train from it with `checkpoint.resume=CKPT_DIR` (e.g. the 8k context stage: `model.rope_theta=130000`).
@@ -22,6 +22,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hf", required=True, help="Hugging Face model folder")
     p.add_argument("--output", required=True, help="checkpoint folder to create")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
 
@@ -32,7 +33,7 @@ def main(argv=None) -> int:
     try:
         from nanotronix.checkpoint.hf_import import import_from_hf
 
-        import_from_hf(args.hf, args.output, overwrite=args.overwrite)
+        import_from_hf(args.hf, args.output, overwrite=args.overwrite, progress=not args.no_progress)
     except (UserError, FileNotFoundError) as e:
         return fail(e)
     return 0

@@ -78,7 +78,7 @@ class _LazyPlanner(DefaultSavePlanner):
 
 
 def import_from_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, overwrite: bool = False,
-                   log: Callable[[str], None] = print) -> Path:
+                   log: Callable[[str], None] = print, progress: bool = False) -> Path:
     hf_dir, output = Path(hf_dir), Path(output)
     config_file = hf_dir / "config.json"
     if not config_file.is_file():
@@ -98,9 +98,15 @@ def import_from_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, overwri
     state = {st.model_key(n): torch.empty(shape, dtype=torch.float32, device="meta")
              for n, shape in model_parameter_shapes(model_cfg).items()}
 
+    from tqdm import tqdm
+    bar = tqdm(total=sum(t.numel() for t in state.values()), unit="param", unit_scale=True, desc="import",
+               disable=not progress)
+
     def produce(key: str) -> torch.Tensor:
         name = key[len(st.MODEL_PREFIX):]
-        return from_hf(name, lambda hf_name: source[hf_name].float(), model_cfg).contiguous()
+        tensor = from_hf(name, lambda hf_name: source[hf_name].float(), model_cfg).contiguous()
+        bar.update(tensor.numel())
+        return tensor
 
     config = Config(model=model_cfg).to_dict()
     if (hf_dir / "tokenizer.json").is_file():
@@ -129,5 +135,7 @@ def import_from_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, overwri
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        bar.close()
     log(f"imported {hf_dir} ({model_cfg.num_parameters() / 1e6:.1f}M parameters) as {output / 'step_0000000'}")
     return output
