@@ -107,6 +107,23 @@ def test_out_of_memory_is_one_line_with_where_and_what_to_change(tmp_path, store
     assert [json.loads(r)["step"] for r in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
+def test_an_out_of_memory_re_raised_by_a_pipeline_stage_is_found():
+    """torch.distributed.pipelining's stage re-raises an error of its forward as `raise RuntimeError(msg) from e`
+    (torch/distributed/pipelining/stage.py): the trainer still finds the out of memory behind it."""
+    import torch
+    from nanotronix.train.trainer import out_of_memory_behind
+
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+    try:
+        try:
+            raise oom
+        except Exception as e:
+            raise RuntimeError("[Stage 1] failed to run forward") from e
+    except RuntimeError as wrapped:
+        assert out_of_memory_behind(wrapped) is oom
+    assert out_of_memory_behind(RuntimeError("something else")) is None
+
+
 def test_missing_config_file(tmp_path):
     proc = run(["-m", "nanotronix.train", "--config", str(tmp_path / "missing.yaml")])
     assert proc.returncode == 2

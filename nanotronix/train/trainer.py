@@ -39,10 +39,20 @@ def train(cfg: Config, ctx: ParallelContext, device: torch.device) -> dict:
     watch = HangWatch.start(cfg.logging.hang_report_seconds)  # which rank a stuck run waits for, and where
     try:
         return _train(cfg, ctx, device, watch)
-    except torch.OutOfMemoryError as e:
-        raise out_of_memory(watch.where, e) from None
+    except Exception as e:
+        if out_of_memory_behind(e) is None:
+            raise
+        raise out_of_memory(watch.where, out_of_memory_behind(e)) from None
     finally:
         watch.close()
+
+
+def out_of_memory_behind(error: BaseException) -> Optional[torch.OutOfMemoryError]:
+    """The GPU out of memory that caused `error`, if one did (torch.distributed.pipelining re-raises a stage's
+    errors as a RuntimeError from them)."""
+    while error is not None and not isinstance(error, torch.OutOfMemoryError):
+        error = error.__cause__ or error.__context__
+    return error
 
 
 def out_of_memory(where: str, error: torch.OutOfMemoryError) -> UserError:
