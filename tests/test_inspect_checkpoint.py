@@ -27,7 +27,7 @@ def run_tool(tool, capsys, *args):
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("run")
     cfg = tiny_config(tmp, write_learnable_store(tmp / "arith"), train={"train_steps": 4},
-                      checkpoint={"dir": str(tmp / "ckpt"), "interval": 2})
+                      checkpoint={"dir": str(tmp / "ckpt"), "interval": 2, "keep_steps": [3]})
     train_in_process(cfg)
     return cfg, tmp
 
@@ -42,13 +42,14 @@ def test_summary_of_a_run_folder_is_its_latest_step(trained, tool, capsys):
     assert report["parameters"] == config.model.num_parameters()  # DCP's tensor sizes vs the config's formula
     assert report["consumed_tokens"] == read_metrics(tmp / "logs")[4]["consumed_tokens"]
     assert report["optimizer_state"] and report["optimizer_step"] == 4
-    assert report["run_steps"] == [2, 4] and report["verified"] is True
+    assert report["run_steps"] == [2, 3, 4] and report["milestones"] == [3] and report["verified"] is True
     assert report["layout"] == {"tp": 1, "pp": 1, "dp": 1, "world_size": 1}
 
     code, out, err = run_tool(tool, capsys, tmp / "ckpt" / "step_0000002")
     assert code == 0, err
     assert "step           2\n" in out and "AdamW moments, 2 updates" in out
-    assert "run steps      2 committed: 2, 4" in out
+    assert "run steps      3 committed: 2, 3, 4" in out
+    assert "milestones     1 kept for good (checkpoint.keep_every / keep_steps): 3" in out
 
 
 def test_verify_names_a_corrupted_or_truncated_file(trained, tool, capsys, tmp_path):

@@ -46,6 +46,9 @@ def summarise(folder: Path) -> dict:
     train = config.get("train", {})
     consumed = int(manifest.get("consumed_samples", 0))
     run = folder.parent
+    run_steps = [paths.step_of(p) for p in paths.committed_steps(run)]
+    kept = config.get("checkpoint", {})  # the run's checkpoint.keep_every / keep_steps (absent before they existed)
+    retention = paths.Retention(0, kept.get("keep_every") or 0, frozenset(kept.get("keep_steps") or ()))
     return {
         "path": str(folder), "step": manifest["step"], "consumed_samples": consumed,
         "consumed_tokens": consumed * train["seq_len"] if "seq_len" in train else None,
@@ -59,7 +62,7 @@ def summarise(folder: Path) -> dict:
         "torch_version": manifest.get("torch_version"), "source": manifest.get("source"),
         "trainer_state": sorted(manifest.get("trainer_state", {})),
         "files": len(manifest["files"]), "bytes": sum(f["size"] for f in manifest["files"].values()),
-        "run_steps": [paths.step_of(p) for p in paths.committed_steps(run)],
+        "run_steps": run_steps, "milestones": [s for s in run_steps if retention.milestone(s)],
     }
 
 
@@ -129,6 +132,10 @@ def main(argv=None) -> int:
         shown = ", ".join(map(str, steps)) if len(steps) <= 8 else (
             f"{', '.join(map(str, steps[:3]))} ... {', '.join(map(str, steps[-3:]))}")
         rows.append(("run steps", f"{len(steps)} committed: {shown}"))
+    if report["milestones"]:
+        rows.append(("milestones", f"{len(report['milestones'])} kept for good (checkpoint.keep_every / keep_steps): "
+                                   + ", ".join(map(str, report["milestones"][:8]))
+                                   + (" ..." if len(report["milestones"]) > 8 else "")))
     if args.verify:
         rows.append(("verify", "OK: every file matches its size and SHA-256"))
     for key, value in rows:
