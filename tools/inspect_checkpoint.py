@@ -5,9 +5,10 @@
 
 Prints what the step holds, from its manifest (checkpoint.json) and torch.distributed.checkpoint's own metadata:
 the step and the data position, the model's shape and parameter count, whether the AdamW moments are there, the
-layout that saved it, and for a run folder its committed steps. --verify reads every file and checks it against
-the size and SHA-256 the manifest recorded when the step was written (after copying checkpoints between file
-systems, before a long job resumes from one); it exits non-zero with one line naming the first damaged file.
+layout that saved it, and for a run folder its committed steps and the milestones among them. --verify reads every
+file and checks it against the size and SHA-256 the manifest recorded when the step was written (after copying
+checkpoints between file systems, before a long job resumes from one); it exits non-zero with one line naming the
+first damaged file.
 """
 from __future__ import annotations
 
