@@ -12,6 +12,7 @@ zstandard's readers hide the compressed position a line came from.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import zlib
 from pathlib import Path
@@ -63,12 +64,11 @@ def decompressed_blocks(path: Path) -> Iterator[tuple[int, bytes, int]]:
 
 
 def decompress_errors() -> tuple:
+    """What reading a damaged .gz / .zst file raises (zstandard's own error where it is installed)."""
     errors: tuple = (OSError, EOFError, ValueError, zlib.error)
-    try:
+    if importlib.util.find_spec("zstandard") is not None:
         import zstandard
         errors += (zstandard.ZstdError,)
-    except ImportError:
-        pass
     return errors
 
 
