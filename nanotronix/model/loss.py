@@ -51,16 +51,17 @@ def _chunk_loss_and_grads(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, gra
     return loss_sum, grad_logits, grad_logits @ w
 
 
-_compiled_chunk_fns: dict[tuple, object] = {}
+_compiled: dict[tuple, Callable] = {}
 
 
-def _chunk_fn(compile_options: Optional[dict]):
+def maybe_compiled(fn: Callable, compile_options: Optional[dict]) -> Callable:
+    """`fn` through torch.compile with `compile_options` (made once per function and options), or `fn` itself."""
     if not compile_options:
-        return _chunk_loss_and_grads
-    key = tuple(sorted(compile_options.items()))
-    if key not in _compiled_chunk_fns:
-        _compiled_chunk_fns[key] = torch.compile(_chunk_loss_and_grads, **compile_options)
-    return _compiled_chunk_fns[key]
+        return fn
+    key = (fn, *sorted(compile_options.items()))
+    if key not in _compiled:
+        _compiled[key] = torch.compile(fn, **compile_options)
+    return _compiled[key]
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -118,4 +119,4 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     dtype = compute_dtype or _compute_dtype(weight)
     with torch.autocast(hidden.device.type, enabled=False):
         return _LinearCrossEntropy.apply(hidden.flatten(0, -2), weight, labels.flatten(), chunk_size, dtype,
-                                         chunk_fn or _chunk_fn(compile_options))
+                                         chunk_fn or maybe_compiled(_chunk_loss_and_grads, compile_options))

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from nanotronix.model.loss import linear_cross_entropy
+from nanotronix.model.loss import linear_cross_entropy, maybe_compiled
 from nanotronix.parallel import mappings
 from nanotronix.parallel.mappings import Group
 
@@ -107,18 +107,6 @@ def _slice_grads(logits: torch.Tensor, lse: torch.Tensor, at_label: torch.Tensor
     return grad_logits, grad_logits @ w
 
 
-_compiled: dict[tuple, object] = {}
-
-
-def _maybe_compiled(fn, compile_options: Optional[dict]):
-    if not compile_options:
-        return fn
-    key = (fn.__name__, *sorted(compile_options.items()))
-    if key not in _compiled:
-        _compiled[key] = torch.compile(fn, **compile_options)
-    return _compiled[key]
-
-
 class _VocabSliceChunk:
     """`linear_cross_entropy`'s chunk for a head split along the vocabulary: the same math, with the row max, the
     sum of exponentials and the target logit combined over the TP group (3 floats per token, as above). Each rank
@@ -127,9 +115,9 @@ class _VocabSliceChunk:
 
     def __init__(self, group: Group, vocab_start: int, compile_options: Optional[dict]):
         self.group, self.vocab_start = group, vocab_start
-        self.logits_fn = _maybe_compiled(_slice_logits, compile_options)
-        self.sums_fn = _maybe_compiled(_slice_sums, compile_options)
-        self.grads_fn = _maybe_compiled(_slice_grads, compile_options)
+        self.logits_fn = maybe_compiled(_slice_logits, compile_options)
+        self.sums_fn = maybe_compiled(_slice_sums, compile_options)
+        self.grads_fn = maybe_compiled(_slice_grads, compile_options)
 
     def __call__(self, h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, grad_scale: float, want_grads: bool):
         logits, row_max = self.logits_fn(h, w)
