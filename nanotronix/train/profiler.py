@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import NamedTuple, Optional
 
 import torch
+from torch.autograd import DeviceType
 
 from nanotronix.config import Config, ConfigError, profiled_step_range
 
@@ -49,11 +50,13 @@ def kernel_group(name: str) -> str:
 
 
 def own_times(prof: torch.profiler.profile, cuda: bool) -> list[tuple[str, float, int]]:
-    """(op or kernel name, own time in microseconds, calls) of what a profile recorded: device time on CUDA, else the
-    CPU ops' self time (ops nest on CPU; their self times sum to the profiled time). Step ranges are left out."""
+    """(op or kernel name, own time in microseconds, calls) of what a profile recorded: on CUDA the kernels' device
+    time (a CPU op also reports the device time of the kernels it launched: counted once, as kernels), else the CPU
+    ops' self time (ops nest on CPU; their self times sum to the profiled time). Step ranges are left out."""
     attr = "self_device_time_total" if cuda else "self_cpu_time_total"
     return [(e.key, getattr(e, attr), e.count) for e in prof.key_averages()
-            if getattr(e, attr) > 0 and not e.key.startswith(("ProfilerStep", STEP_LABEL))]
+            if getattr(e, attr) > 0 and not e.key.startswith(("ProfilerStep", STEP_LABEL))
+            and not (cuda and e.device_type == DeviceType.CPU)]
 
 
 class Summary(NamedTuple):
