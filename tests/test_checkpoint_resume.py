@@ -124,7 +124,8 @@ def test_resume_to_an_earlier_step_of_the_own_run_is_refused(tmp_path, store):
 def test_milestones_are_saved_off_the_interval_and_kept(tmp_path, store):
     """checkpoint.keep_steps [6] and keep_every 5 with interval 4 and keep_last 1 over 12 steps: steps 4, 8 and 12 are
     saved on the interval (4 and 8 then pruned), steps 5, 6 and 10 off it, and those stay; a resume from the
-    milestone of step 6 (what the next phase of a WSD run starts from) continues the run."""
+    milestone of step 6 (what the next phase of a WSD run starts from) continues the run, and a branch from it with a
+    decay and a new data stage (an annealing ablation) follows them."""
     ckpt = tmp_path / "ckpt"
     cfg = _config(tmp_path, store, train={"train_steps": 12},
                   checkpoint={"dir": str(ckpt), "interval": 4, "keep_last": 1, "keep_every": 5, "keep_steps": [6]})
@@ -136,3 +137,15 @@ def test_milestones_are_saved_off_the_interval_and_kept(tmp_path, store):
     train_in_process(other)
     branch = read_metrics(tmp_path / "branch" / "logs")
     assert sorted(branch) == [7] and branch[7]["loss"] == read_metrics(tmp_path / "logs")[7]["loss"]
+    # an annealing branch (smollm2_1p7b_anneal_math.yaml in small): the LR decays linearly to 0 from the milestone,
+    # and a stage added from the next step feeds it
+    stages = [{"name": "arith", "start_step": 1, "datasets": [{"path": store.name, "weight": 1.0}]},
+              {"name": "anneal", "start_step": 7, "datasets": [{"path": store.name, "weight": 1.0}]}]
+    anneal = _config(tmp_path / "anneal", store, train={"train_steps": 9},
+                     lr_schedule={"warmup_steps": 2, "decay_start_step": 6, "decay_steps": 3},
+                     data={"root": str(store.parent), "stages": stages},
+                     checkpoint={"dir": str(tmp_path / "anneal" / "ckpt"), "resume": str(ckpt / "step_0000006")})
+    train_in_process(anneal)
+    rows = read_metrics(tmp_path / "anneal" / "logs")
+    assert sorted(rows) == [7, 8, 9] and {rows[s]["stage"] for s in rows} == {"anneal"}
+    assert [rows[s]["lr"] for s in (7, 8, 9)] == pytest.approx([2e-3, 1e-3, 0.0])  # 3e-3 x (1 - k/3)

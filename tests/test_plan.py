@@ -183,12 +183,12 @@ def test_errors_are_one_line(plan_tool, tmp_path, capsys):
 
 def test_checkpoint_disk_plan(plan_tool, tmp_path):
     """The 1.7B recipe saves every 2,000 steps (2,620 saves) and keeps the newest 10 plus its milestones (the 20
-    multiples of 250,000 and steps 4,716,000 and 5,204,000); a step's size is 12 bytes per parameter, checked
-    against the files of a real checkpoint the trainer wrote."""
+    multiples of 250,000 and steps 1,430,000, 4,716,000 and 5,204,000); a step's size is 12 bytes per parameter,
+    checked against the files of a real checkpoint the trainer wrote."""
     plan = plan_tool.build_plan(str(CONFIGS / "smollm2_1p7b.yaml"), ["data.root=/nonexistent"], 256, 0.45,
                                 "H100 SXM")["checkpoints"]
-    assert (plan["saves"], plan["kept"], plan["milestones_kept"]) == (5_240_000 // 2_000, 10 + 22, 22)
-    assert plan["bytes_kept"] == 32 * plan["bytes_per_checkpoint"]
+    assert (plan["saves"], plan["kept"], plan["milestones_kept"]) == (5_240_000 // 2_000, 10 + 23, 23)
+    assert plan["bytes_kept"] == 33 * plan["bytes_per_checkpoint"]
     from checkpoint_helpers import train_in_process
     from helpers import tiny_config, write_learnable_store
     from nanotronix.config import load_config

@@ -253,3 +253,31 @@ def test_the_checkpoints_later_phases_start_from_are_kept(name):
     for step in wanted:
         assert keep.milestone(step), (name, step)
         assert pub["steps"] - step > keep.keep_last * cfg.checkpoint.interval  # pruned without the milestone
+
+
+def test_the_annealing_ablation_branches_off_the_1p7b_run_as_published():
+    """smollm2_1p7b_anneal_math.yaml [P 3.1]: from the 3T-token checkpoint (kept by the 1.7B recipe), the learning
+    rate decays linearly to 0 over 100B tokens of 60% candidate + 40% the pre-checkpoint mixture; everything the
+    resumed data order depends on is the main run's."""
+    from nanotronix.checkpoint.paths import Retention, step_of
+    main = load_config(CONFIGS / "smollm2_1p7b.yaml")
+    anneal = load_config(CONFIGS / "smollm2_1p7b_anneal_math.yaml")
+    tokens_per_step = PUBLISHED["1p7b"]["tokens_per_step"]
+    start = int(3e12 / tokens_per_step) // main.checkpoint.interval * main.checkpoint.interval
+    assert step_of(Path(anneal.checkpoint.resume)) == start == 1_430_000
+    assert Retention.of(main.checkpoint).milestone(start)
+    assert anneal.train.train_steps - start == -(-int(100e9) // tokens_per_step)  # 47,684 steps = 100B tokens
+    for field in ("seq_len", "global_batch_size", "seed"):
+        assert getattr(anneal.train, field) == getattr(main.train, field), field
+    assert (anneal.data.data_seed, anneal.optimizer) == (main.data.data_seed, main.optimizer)
+    first = main.data.stages[0]
+    assert anneal.data.stages[0] == first and main.data.stages[1].start_step > start  # stage 1 was being read
+    stage = anneal.data.stages[1]
+    assert stage.start_step == start + 1
+    weights = {d.path: d.weight for d in stage.datasets}
+    assert weights.pop("finemath-4plus") == pytest.approx(0.60)  # the candidate: 60B of 100B tokens
+    assert weights == pytest.approx({d.path: 0.40 * d.weight for d in first.datasets})
+    lr = anneal.optimizer.lr
+    assert lr_at(start, lr, anneal.lr_schedule) == lr == lr_at(start, lr, main.lr_schedule)
+    assert lr_at(start + 1, lr, anneal.lr_schedule) == pytest.approx(lr * (1 - 1 / 47_684))
+    assert lr_at(anneal.train.train_steps, lr, anneal.lr_schedule) == 0.0
