@@ -84,14 +84,22 @@ MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 [ -n "$MASTER_ADDR" ] || fail "cannot resolve the first node of SLURM_JOB_NODELIST=$SLURM_JOB_NODELIST"
 
-# Overrides: the script's (where the run lives, auto-resume, device), then the user's, which win.
-read -r -a USER_OVERRIDES <<<"$OVERRIDES"
-RUN_OVERRIDES=(checkpoint.dir="$CKPT_DIR" checkpoint.resume=auto logging.dir="$LOG_DIR" train.device="$DEVICE")
-[ -z "$DATA_ROOT" ] || RUN_OVERRIDES+=(data.root="$DATA_ROOT")
-RUN_OVERRIDES+=(${USER_OVERRIDES[@]+"${USER_OVERRIDES[@]}"})  # (empty-array safe under set -u in bash < 4.4)
-
 # The checkout is importable even when nanotronix is not installed into $PYTHON.
 export PYTHONPATH=$NANOTRONIX_DIR${PYTHONPATH:+:$PYTHONPATH}
+
+# Resume: auto, so that a requeued job continues from its own latest checkpoint, unless the config names a
+# checkpoint to start from (a branch off another run, e.g. smollm2_1p7b_anneal_math.yaml): the trainer then starts
+# from it while CKPT_DIR is empty and continues from CKPT_DIR's latest once it is not. (A config it cannot read
+# falls back to auto; the preflight below says what is wrong with it.)
+CONFIG_RESUME=$("$PYTHON" -c 'import sys; from nanotronix.config import load_config
+print(load_config(sys.argv[1]).checkpoint.resume.strip())' "$CONFIG" 2>/dev/null) || CONFIG_RESUME=auto
+case "$CONFIG_RESUME" in auto|none|"") RESUME=auto ;; *) RESUME=$CONFIG_RESUME ;; esac
+
+# Overrides: the script's (where the run lives, resume, device), then the user's, which win.
+read -r -a USER_OVERRIDES <<<"$OVERRIDES"
+RUN_OVERRIDES=(checkpoint.dir="$CKPT_DIR" checkpoint.resume="$RESUME" logging.dir="$LOG_DIR" train.device="$DEVICE")
+[ -z "$DATA_ROOT" ] || RUN_OVERRIDES+=(data.root="$DATA_ROOT")
+RUN_OVERRIDES+=(${USER_OVERRIDES[@]+"${USER_OVERRIDES[@]}"})  # (empty-array safe under set -u in bash < 4.4)
 
 RESTART=${SLURM_RESTART_COUNT:-0}
 JOB_LOG_DIR=$RUN_DIR/slurm/job-$SLURM_JOB_ID-restart-$RESTART

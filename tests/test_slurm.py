@@ -165,6 +165,31 @@ def test_bad_settings_fail_in_seconds_with_one_line(slurm, tmp_path):
         assert seconds(info["RunTime"]) <= 45, (name, info["RunTime"])  # 1-5 s alone; slack for a busy machine
 
 
+def test_a_config_that_names_a_checkpoint_starts_from_it(slurm, tmp_path):
+    """A branch off another run (checkpoint.resume: PATH in the config, as smollm2_1p7b_anneal_math.yaml): the job
+    starts from that checkpoint, not from scratch (the script passes auto only when the config names none)."""
+    stores = tmp_path / "stores"
+    write_learnable_store(stores / "a")
+    write_learnable_store(stores / "b", seed=1)
+    source = tmp_path / "source"
+    config = tiny_two_stage_config(tmp_path / "tiny.yaml", 60, 55)
+    proc = torchrun(1, ["-m", "nanotronix.train", "--config", str(config), f"data.root={stores}",
+                        "train.train_steps=4", f"checkpoint.dir={source}", f"logging.dir={tmp_path / 'source_logs'}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    branch = yaml.safe_load(config.read_text())
+    branch["checkpoint"]["resume"] = str(source / "step_0000004")
+    branch["train"]["train_steps"] = 6
+    (tmp_path / "branch.yaml").write_text(yaml.safe_dump(branch))
+    run_dir = tmp_path / "run"
+    job = slurm.sbatch(tmp_path, {"CONFIG": str(tmp_path / "branch.yaml"), "DATA_ROOT": str(stores),
+                                  "RUN_DIR": str(run_dir), "GPUS_PER_NODE": "0", "NPROC_PER_NODE": "1"})
+    info = slurm.wait(job, timeout=180)
+    out = job_output(tmp_path, job)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), (info, out)
+    assert f"resumed from {source / 'step_0000004'}" in out, out
+    assert [r["step"] for r in read_records(run_dir / "logs" / "metrics.jsonl")] == [5, 6]
+
+
 # ------------------------------------------------------------------------------- preprocessing job array
 
 def test_preprocess_job_array_writes_one_store(slurm, tmp_path, tiny_tokenizer):
