@@ -198,3 +198,17 @@ def test_checkpoint_disk_plan(plan_tool, tmp_path):
     written = sum(f.stat().st_size for f in (tmp_path / "ckpt" / "step_0000002").glob("*.distcp"))
     want = plan_tool.checkpoint_plan(load_config(cfg_path))["bytes_per_checkpoint"]
     assert want <= written <= 1.05 * want + 65536, (written, want)
+
+
+def test_a_branch_off_another_run_is_planned_from_its_checkpoint(plan_tool):
+    """smollm2_1p7b_anneal_math.yaml resumes the 1.7B run's step 1,430,000: its time is that of its own 47,684 steps
+    (the 1.7B run's per-step time, taken from that recipe's plan) and it saves only those steps."""
+    main = plan_tool.build_plan(str(CONFIGS / "smollm2_1p7b.yaml"), ["data.root=/nonexistent"], 64, 0.45, "H100 SXM")
+    anneal = plan_tool.build_plan(str(CONFIGS / "smollm2_1p7b_anneal_math.yaml"), ["data.root=/nonexistent"], 64,
+                                  0.45, "H100 SXM")
+    assert anneal["resumed_step"] == 1_430_000 and main["resumed_step"] == 0
+    per_step = main["time"]["wall_hours"] / 5_240_000
+    assert anneal["time"]["wall_hours"] == pytest.approx(47_684 * per_step)
+    assert anneal["time"]["stage_wall_hours"]["stage1_stable"] == 0
+    assert anneal["checkpoints"]["saves"] == len(range(1_432_000, 1_477_684, 2_000)) + 1  # and the last step
+    assert "starts from step 1,430,000 of another run" in plan_tool.format_plan(anneal)

@@ -21,6 +21,9 @@ Checkpoints: the saves the run makes (checkpoint.interval, its milestones, the l
 at its end under keep_last / keep_every / keep_steps, and their size (12 bytes per parameter: fp32 weights and
 AdamW's two moments).
 
+A run that starts from another run's step (checkpoint.resume naming a step folder: a branch such as
+smollm2_1p7b_anneal_math.yaml) is planned from that step: its time and saves count only the steps it trains.
+
 Time: total tokens x model FLOPs per token (`nanotronix.train.flops`, the trainer's own MFU counter) / (GPUs x peak
 x MFU). `--gpu` picks the peak from the same table the trainer uses.
 
@@ -42,6 +45,7 @@ import json
 import math
 import os
 import sys
+from pathlib import Path
 from typing import Any, Optional
 
 from nanotronix.errors import fail
@@ -219,14 +223,25 @@ def memory_plan(cfg, dp: int, accum: int) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------------------- time
 
-def time_plan(cfg, gpus: int, mfu: float, gpu: str, stages: list[dict]) -> dict[str, Any]:
+def resumed_step(cfg) -> int:
+    """The step a run starts after: the one `checkpoint.resume` names when it is a step folder (a branch off another
+    run, e.g. smollm2_1p7b_anneal_math.yaml), else 0. Its earlier steps were trained by that other run."""
+    from nanotronix.checkpoint.paths import step_of
+
+    resume = cfg.checkpoint.resume.strip()
+    return 0 if resume in ("auto", "none") else step_of(Path(resume)) or 0
+
+
+def time_plan(cfg, gpus: int, mfu: float, gpu: str, stages: list[dict], start: int = 0) -> dict[str, Any]:
+    """Compute time of the steps after `start` (`resumed_step`), in all and per stage."""
     from nanotronix.train.flops import PEAK_TFLOPS, flops_per_token
 
     if gpu not in PEAK_TFLOPS:
         raise ValueError(f"--gpu {gpu!r} is not in the peak table ({', '.join(PEAK_TFLOPS)})")
     peak = PEAK_TFLOPS[gpu][cfg.train.dtype]
     per_token = flops_per_token(cfg.model, cfg.train.seq_len)
-    tokens = cfg.train.train_steps * cfg.train.global_batch_size * cfg.train.seq_len
+    step_tokens = cfg.train.global_batch_size * cfg.train.seq_len
+    tokens = (cfg.train.train_steps - start) * step_tokens
     rate = gpus * peak * 1e12 * mfu  # model FLOP/s of the whole run
 
     def hours(n_tokens: int) -> float:
@@ -236,7 +251,8 @@ def time_plan(cfg, gpus: int, mfu: float, gpu: str, stages: list[dict]) -> dict[
             "total_tokens": tokens, "total_flops": tokens * per_token,
             "tokens_per_sec_per_gpu": peak * 1e12 * mfu / per_token,
             "wall_hours": hours(tokens), "gpu_hours": hours(tokens) * gpus,
-            "stage_wall_hours": {s["name"]: hours(s["tokens"]) for s in stages}}
+            "stage_wall_hours": {s["name"]: hours(max(0, s["last_step"] - max(s["first_step"], start + 1) + 1)
+                                                  * step_tokens) for s in stages}}
 
 
 # ------------------------------------------------------------------------------------- data-parallel traffic
@@ -256,7 +272,8 @@ def checkpoint_plan(cfg) -> dict[str, Any]:
     saved |= {s for s in c.keep_steps if s <= steps}
     if c.keep_every > 0:
         saved |= set(range(c.keep_every, steps + 1, c.keep_every))
-    saved = sorted(saved | {steps})
+    start = resumed_step(cfg)  # a branch off another run saves only its own steps
+    saved = sorted(s for s in saved | {steps} if s > start)
     kept = saved if c.keep_last == 0 else sorted(set(saved[-c.keep_last:]) | {s for s in saved if keep.milestone(s)})
     step_bytes = 12 * cfg.model.num_parameters()
     return {"saves": len(saved), "kept": len(kept), "milestones_kept": sum(keep.milestone(s) for s in kept),
@@ -311,7 +328,8 @@ def build_plan(config: str, overrides: list[str], gpus: int, mfu: float, gpu: st
     accum = grad_accum_steps(cfg, dp)
     stages = stage_plan(cfg)
     t = cfg.train
-    memory, time = memory_plan(cfg, dp, accum), time_plan(cfg, gpus, mfu, gpu, stages)
+    start = resumed_step(cfg)
+    memory, time = memory_plan(cfg, dp, accum), time_plan(cfg, gpus, mfu, gpu, stages, start)
     return {
         "config": config, "gpus": gpus,
         "model": {"preset": cfg.model.preset, "parameters": cfg.model.num_parameters()},
@@ -320,6 +338,7 @@ def build_plan(config: str, overrides: list[str], gpus: int, mfu: float, gpu: st
         "batch": {"global_batch_size": t.global_batch_size, "seq_len": t.seq_len,
                   "tokens_per_step": t.global_batch_size * t.seq_len},
         "train_steps": t.train_steps, "total_tokens": t.train_steps * t.global_batch_size * t.seq_len,
+        "resumed_step": start,
         "stages": stages, "memory": memory, "time": time,
         "comm": comm_plan(cfg, dp, accum, memory["params_per_gpu"], time, net_gbps, gpus_per_node),
         "checkpoints": checkpoint_plan(cfg),
@@ -341,8 +360,11 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"micro-batch {lay['micro_batch_size']}, grad accumulation {lay['grad_accum']}",
         f"batch: {b['global_batch_size']} x {b['seq_len']} = {b['tokens_per_step']:,} tokens/step; "
         f"{plan['train_steps']:,} steps = {plan['total_tokens']:,} tokens ({_tok(plan['total_tokens'])})",
-        "",
     ]
+    if plan["resumed_step"]:
+        lines.append(f"starts from step {plan['resumed_step']:,} of another run (checkpoint.resume): this run trains "
+                     f"steps {plan['resumed_step'] + 1:,}-{plan['train_steps']:,}; time and saves count those only")
+    lines.append("")
     for s in plan["stages"]:
         lines.append(f"stage {s['name']}: steps {s['first_step']:,}-{s['last_step']:,} ({s['steps']:,} steps), "
                      f"{_tok(s['tokens'])} tokens, starts after {_tok(s['tokens_before'])} tokens, "
