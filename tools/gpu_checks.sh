@@ -7,9 +7,10 @@
 #   part 2 (~9 min, most important first): 1.7B with Inductor's GEMM autotuning (train.compile_mode) vs transformers
 #     -> bench_1p7b_autotune.*, where the 1.7B step's time goes (kernel-time profiles) -> bench_1p7b_profile.*,
 #     FlexAttention's GPU tests, 1.7B with document masking (masked SDPA, FlexAttention) ->
-#     bench_1p7b_docmask.*, the CPU layout tests under this machine's torch, and the trainer on CUDA (quickstart data,
-#     bf16 + compile + cache + fusion, validation) -> $OUT/checks2.log (reuses part 1's build on a warm machine;
-#     builds otherwise)
+#     bench_1p7b_docmask.*, the CPU layout tests under this machine's torch, the trainer on CUDA (quickstart data,
+#     bf16 + compile + cache + fusion, validation, two steps profiled with a memory snapshot) and a real out of
+#     memory (one error line expected) -> $OUT/checks2.log (reuses part 1's build on a warm machine; builds
+#     otherwise)
 # At most 7 files land in $OUT per part (the device tool returns 8).
 # Usage: OUT=/some/dir bash tools/gpu_checks.sh [1|2|all]   (OUT defaults to ./gpu_out, the part to all)
 set -u -o pipefail
@@ -109,16 +110,20 @@ if [ "$PART" != 1 ]; then  # in the order of what matters most, should the devic
   echo "trainer rc=$?"; grep -E "^step|^done|^profile of|error" "$LOG" | tail -9
   { ls -la /tmp/nanotronix_gpu_checks/logs/profile; cat /tmp/nanotronix_gpu_checks/logs/profile/*.txt; } >> "$LOG" 2>&1
   # a real GPU out of memory (1.7B-wide layers, 131k tokens per micro-batch): one line saying where, not a traceback
-  echo "== [t+${SECONDS}s] a real out of memory in step 1"; mkdir -p /tmp/nanotronix_gpu_checks
-  timeout 120 $PY -m torch.distributed.run --standalone --nproc_per_node=1 -m nanotronix.train \
-    --config examples/configs/quickstart.yaml parallel.tp=1 parallel.pp=1 train.device=${TRAIN_DEVICE:-cuda} \
-    train.dtype=bfloat16 model.hidden_size=2048 model.intermediate_size=8192 model.num_hidden_layers=24 \
-    model.num_attention_heads=32 model.num_key_value_heads=32 train.micro_batch_size=1024 \
-    train.global_batch_size=1024 train.train_steps=2 validation.interval=0 checkpoint.interval=0 \
-    checkpoint.dir=/tmp/nanotronix_gpu_checks/oom_ckpt logging.dir=/tmp/nanotronix_gpu_checks/oom_logs \
-    > /tmp/nanotronix_gpu_checks/oom.err 2>&1
-  echo "out-of-memory run rc=$? (expected: 1 from torchrun, one 'error: out of memory in step 1' line)" | tee -a "$LOG"
-  grep -E "^error|Traceback" /tmp/nanotronix_gpu_checks/oom.err | head -3 | tee -a "$LOG"
+  # (GPU only: on a CPU smoke run it would only exhaust the host's memory)
+  if [ "${TRAIN_DEVICE:-cuda}" = cuda ]; then
+    echo "== [t+${SECONDS}s] a real out of memory in step 1"; mkdir -p /tmp/nanotronix_gpu_checks
+    timeout 120 $PY -m torch.distributed.run --standalone --nproc_per_node=1 -m nanotronix.train \
+      --config examples/configs/quickstart.yaml parallel.tp=1 parallel.pp=1 train.device=${TRAIN_DEVICE:-cuda} \
+      train.dtype=bfloat16 model.hidden_size=2048 model.intermediate_size=8192 model.num_hidden_layers=24 \
+      model.num_attention_heads=32 model.num_key_value_heads=32 train.micro_batch_size=1024 \
+      train.global_batch_size=1024 train.train_steps=2 validation.interval=0 checkpoint.interval=0 \
+      checkpoint.dir=/tmp/nanotronix_gpu_checks/oom_ckpt logging.dir=/tmp/nanotronix_gpu_checks/oom_logs \
+      > /tmp/nanotronix_gpu_checks/oom.err 2>&1
+    echo "out-of-memory run rc=$? (expected: 1 from torchrun; one 'error: out of memory in step 1' line)" \
+      | tee -a "$LOG"
+    grep -E "^error|Traceback" /tmp/nanotronix_gpu_checks/oom.err | head -3 | tee -a "$LOG"
+  fi
 fi
 
 echo "== [t+${SECONDS}s] summary against issue 7's Done-when (best run of each bench file present)"
