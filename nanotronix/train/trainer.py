@@ -40,9 +40,10 @@ def train(cfg: Config, ctx: ParallelContext, device: torch.device) -> dict:
     try:
         return _train(cfg, ctx, device, watch)
     except Exception as e:
-        if out_of_memory_behind(e) is None:
+        oom = out_of_memory_behind(e)
+        if oom is None:
             raise
-        raise out_of_memory(watch.where, out_of_memory_behind(e)) from None
+        raise out_of_memory(watch.where, oom) from None
     finally:
         watch.close()
 
