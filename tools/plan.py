@@ -260,10 +260,11 @@ def time_plan(cfg, gpus: int, mfu: float, gpu: str, stages: list[dict], start: i
 NVLINK_GBYTES = 450.0  # H100 SXM NVLink 4: 900 GB/s per GPU, both directions together
 
 
-def checkpoint_plan(cfg) -> dict[str, Any]:
-    """The saves a run makes (every checkpoint.interval steps, its milestones, the last step) and what is left on
-    disk at its end under the retention settings (the checkpointer's own `Retention`). A step holds the fp32
-    weights and AdamW's two fp32 moments of every parameter (~12 bytes each; RNG states and the manifest are small)."""
+def checkpoint_plan(cfg, start: int = 0) -> dict[str, Any]:
+    """The saves a run makes after `start` (`resumed_step`; every checkpoint.interval steps, its milestones, the last
+    step) and what is left on disk at its end under the retention settings (the checkpointer's own `Retention`). A
+    step holds the fp32 weights and AdamW's two fp32 moments of every parameter (~12 bytes each; RNG states and the
+    manifest are small)."""
     from nanotronix.checkpoint.paths import Retention
 
     c, steps = cfg.checkpoint, cfg.train.train_steps
@@ -272,8 +273,7 @@ def checkpoint_plan(cfg) -> dict[str, Any]:
     saved |= {s for s in c.keep_steps if s <= steps}
     if c.keep_every > 0:
         saved |= set(range(c.keep_every, steps + 1, c.keep_every))
-    start = resumed_step(cfg)  # a branch off another run saves only its own steps
-    saved = sorted(s for s in saved | {steps} if s > start)
+    saved = sorted(s for s in saved | {steps} if s > start)  # a branch off another run saves only its own steps
     kept = saved if c.keep_last == 0 else sorted(set(saved[-c.keep_last:]) | {s for s in saved if keep.milestone(s)})
     step_bytes = 12 * cfg.model.num_parameters()
     return {"saves": len(saved), "kept": len(kept), "milestones_kept": sum(keep.milestone(s) for s in kept),
@@ -341,7 +341,7 @@ def build_plan(config: str, overrides: list[str], gpus: int, mfu: float, gpu: st
         "resumed_step": start,
         "stages": stages, "memory": memory, "time": time,
         "comm": comm_plan(cfg, dp, accum, memory["params_per_gpu"], time, net_gbps, gpus_per_node),
-        "checkpoints": checkpoint_plan(cfg),
+        "checkpoints": checkpoint_plan(cfg, start),
     }
 
 
