@@ -3,12 +3,17 @@
 NCCL on CUDA and gloo on CPU, same code path. Teardown ends with `os._exit`: on gloo a process that used
 DTensor collectives can abort at interpreter exit after its work is done (see the shared ENVIRONMENT notes), which
 torchrun would report as a failed run.
+
+When one rank stops on an error, the others fail in their next collective: `peer_stopped` tells that failure
+from a bug of their own, so that they say it in one line each instead of a traceback that hides the one error
+that matters (the first rank's).
 """
 from __future__ import annotations
 
 import datetime
 import os
 import sys
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -52,3 +57,26 @@ def rank() -> int:
 
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
+
+
+class PeerStopped(Exception):
+    """This rank stops because another one did: said in one line, exit 1 (the other rank's error is the cause)."""
+
+
+# How a collective reports a peer that is gone: gloo's TCP transport ("Connection closed by peer ... This is
+# typically caused by a remote worker crashing", or the socket's own errno text), NCCL's aborted communicator.
+PEER_GONE_WORDS = ("connection closed by peer", "connection reset by peer", "broken pipe", "remote worker crashing",
+                   "communicator was aborted")
+
+
+def peer_stopped(error: BaseException) -> Optional[str]:
+    """If `error` (or one behind it) is a collective failing because another rank has stopped, its message's first
+    sentence; else None. Network and store errors count too: the store lives in rank 0's agent."""
+    while error is not None:
+        said = str(error)
+        if isinstance(error, (dist.DistNetworkError, dist.DistStoreError)) or (
+                isinstance(error, RuntimeError) and any(w in said.lower() for w in PEER_GONE_WORDS)):
+            said = said.split("] ", 1)[-1] if said.startswith("[") else said  # gloo's [file.cc:line] prefix
+            return " ".join(said.split(". ")[0].split())
+        error = error.__cause__ or error.__context__
+    return None

@@ -1,5 +1,7 @@
 """Worker for tests/test_train_cli.py: the real trainer, where step 3's training step meets a GPU out of memory
-(torch.OutOfMemoryError with torch's own wording; a CPU machine has no GPU allocator to exhaust)."""
+(torch.OutOfMemoryError with torch's own wording; a CPU machine has no GPU allocator to exhaust).
+`oom_worker.py [--only-rank=R] --config ...`: on rank R only (the others meet R's absence), else on every rank."""
+import os
 import sys
 
 import torch
@@ -18,7 +20,7 @@ TORCH_SAID = ("CUDA out of memory. Tried to allocate 3.00 GiB. GPU 0 has a total
 
 def train_step(*args):
     train_step.calls += 1
-    if train_step.calls == 3:
+    if train_step.calls == 3 and ONLY_RANK in (None, os.environ.get("RANK", "0")):
         raise torch.OutOfMemoryError(TORCH_SAID)
     return _train_step(*args)
 
@@ -26,4 +28,6 @@ def train_step(*args):
 train_step.calls = 0
 trainer.train_step = train_step
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    args = sys.argv[1:]
+    ONLY_RANK = args.pop(0).split("=")[1] if args[0].startswith("--only-rank=") else None
+    main(args)

@@ -107,6 +107,43 @@ def test_out_of_memory_is_one_line_with_where_and_what_to_change(tmp_path, store
     assert [json.loads(r)["step"] for r in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
+def test_a_rank_stopped_by_another_says_so_in_one_line_and_exits_after_it(tmp_path, store):
+    """Rank 1 alone meets the out of memory; rank 0's next collective fails (gloo: connection closed by peer). Each
+    says one line, rank 0 that it stops because another did, and no traceback; rank 0 exits after rank 1, so that
+    torchrun's report names rank 1 as the root cause."""
+    cfg = tiny_config(tmp_path, store)
+    proc = torchrun(2, [str(Path(__file__).parent / "oom_worker.py"), "--only-rank=1", "--config", str(cfg),
+                        "train.train_steps=5"])
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2, proc.stderr
+    assert errors[0].startswith("error: rank 1: out of memory in step 3 (train step): CUDA out of memory."), errors
+    assert errors[1].startswith("error: rank 0: in step 3 (train step): another rank stopped (its error says why), "
+                                "so this one stops too: Connection closed by peer"), errors
+    assert "nanotronix/" not in proc.stderr.split("ChildFailedError")[0]  # no traceback of a worker's
+    root_cause = proc.stderr.split("Root Cause (first observed failure):")[1]
+    assert "rank      : 1 (local_rank: 1)" in root_cause and "exitcode  : 2" in root_cause, root_cause
+
+
+def test_peer_stopped_tells_a_lost_peer_from_a_bug():
+    import torch.distributed as dist
+    from nanotronix.distributed import peer_stopped
+
+    gloo = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+                        "[127.0.0.1]:11649. This is typically caused by a remote worker crashing. Check the logs")
+    assert peer_stopped(gloo) == "Connection closed by peer [127.0.0.1]:11649"
+    try:
+        try:
+            raise gloo
+        except RuntimeError as e:
+            raise RuntimeError("[Stage 0] failed to run backward") from e
+    except RuntimeError as wrapped:
+        assert peer_stopped(wrapped) == "Connection closed by peer [127.0.0.1]:11649"
+    assert peer_stopped(dist.DistNetworkError("failed to recv, got 0 bytes")) == "failed to recv, got 0 bytes"
+    assert peer_stopped(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+    assert peer_stopped(ValueError("broken pipe in a config value")) is None
+
+
 def test_an_out_of_memory_re_raised_by_a_pipeline_stage_is_found():
     """torch.distributed.pipelining's stage re-raises an error of its forward as `raise RuntimeError(msg) from e`
     (torch/distributed/pipelining/stage.py): the trainer still finds the out of memory behind it."""

@@ -3,12 +3,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 import traceback
 
 from nanotronix.config import ConfigError, load_config
 from nanotronix.errors import EXIT_BAD_INPUT, UserError, fail
 from nanotronix.train import EXIT_PREEMPTED
-from nanotronix.distributed import init_distributed, pick_device, rank, shutdown_and_exit
+from nanotronix.distributed import PeerStopped, init_distributed, pick_device, rank, shutdown_and_exit
+
+# Longer than torchrun's --monitor-interval (0.1 s by default) and a shutting-down rank's teardown.
+PEER_STOPPED_EXIT_DELAY_S = 3.0
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,6 +51,12 @@ def main(argv=None) -> None:
         # The run diverged: the same on every rank (the loss and gradient norm are global), so rank 0 says it.
         if rank() == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
+        code = 1
+    except PeerStopped as e:
+        # Not this rank's fault: one line, so that the stopped rank's own error stands out among thousands.
+        # torchrun names the first failure it sees as the root cause: the rank that stopped first exits first.
+        print(f"error: rank {rank()}: {e}", file=sys.stderr, flush=True)
+        time.sleep(PEER_STOPPED_EXIT_DELAY_S)
         code = 1
     except (UserError, FileNotFoundError) as e:
         # Other bad input may show on some ranks only (a stage's own check, a path one node lacks): each says it.

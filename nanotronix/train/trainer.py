@@ -16,6 +16,7 @@ from nanotronix import accel
 from nanotronix.checkpoint import Checkpointer
 from nanotronix.config import Config, grad_accum_steps, skipped_step_ranges
 from nanotronix.data import build_prefetched_loader, tokenizer_note
+from nanotronix.distributed import PeerStopped, peer_stopped
 from nanotronix.errors import UserError
 from nanotronix.model import build_model
 from nanotronix.parallel import DistributedOptimizer, ParallelContext, parallelize
@@ -41,9 +42,13 @@ def train(cfg: Config, ctx: ParallelContext, device: torch.device) -> dict:
         return _train(cfg, ctx, device, watch)
     except Exception as e:
         oom = out_of_memory_behind(e)
-        if oom is None:
-            raise
-        raise out_of_memory(watch.where, oom) from None
+        if oom is not None:
+            raise out_of_memory(watch.where, oom) from None
+        gone = peer_stopped(e)
+        if gone is not None:
+            raise PeerStopped(f"{watch.where}: another rank stopped (its error says why), so this one stops "
+                              f"too: {gone}") from None
+        raise
     finally:
         watch.close()
 
