@@ -1,9 +1,10 @@
 """Typed run configuration: YAML -> dataclasses, presets, dotted overrides, strict validation.
 
-A config is read in three steps: the YAML file becomes a nested dict, dotted command-line overrides
-(`train.train_steps=20 parallel.tp=2`) are applied to that dict, and the dict is turned into the
-dataclasses below. Every step rejects what it does not understand with a `ConfigError` whose message
-names the offending field, so a command can print it as one line and exit non-zero.
+A config is read in three steps (the generic ones in nanotronix/config_tree.py): the YAML file becomes a nested
+dict, dotted command-line overrides (`train.train_steps=20 parallel.tp=2`) are applied to that dict, and the dict
+is turned into the dataclasses below; then presets fill what was left out and `validate` checks the whole. Every
+step rejects what it does not understand with a `ConfigError` whose message names the offending field, so a
+command can print it as one line and exit non-zero.
 
 Steps are counted from 1: step s is the s-th optimizer update. A data stage with `start_step: s`
 feeds steps s, s+1, ... until the next stage starts.
@@ -13,18 +14,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
 
-from nanotronix.errors import UserError
-
-
-class ConfigError(UserError, ValueError):
-    """A config problem, reported to the user as one line naming the field."""
+from nanotronix.config_tree import apply_override, build_dataclass, read_yaml_tree
+from nanotronix.errors import ConfigError
 
 
 # torch.compile modes for train.compile_mode ("default" passes no mode); none with CUDA graphs.
@@ -235,124 +232,18 @@ class Config:
 
 
 # --------------------------------------------------------------------------------------------------
-# dict -> dataclass
-
-
-def _convert(value: Any, tp: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin is typing.Union:  # Optional[X]
-        if value is None:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _convert(value, inner[0], where)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return _build(tp, value, where)
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return [_convert(v, args[0], f"{where}.{i}") for i, v in enumerate(value)]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return int(value)
-    if tp is float:
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                raise ConfigError(f"{where}: expected a number, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return str(value)
-    return value
-
-
-def _build(cls: type, values: dict[str, Any], where: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in values.items():
-        name = f"{where}.{key}" if where else str(key)
-        if key not in known:
-            raise ConfigError(f"{name}: unknown config key (known: {', '.join(sorted(known))})")
-        kwargs[key] = _convert(value, hints[key], name)
-    return cls(**kwargs)
-
-
-# --------------------------------------------------------------------------------------------------
-# overrides
-
-
-def apply_override(tree: dict[str, Any], override: str) -> None:
-    """Apply one `dotted.key=value` override to a nested dict; the value is parsed as YAML."""
-    if "=" not in override:
-        raise ConfigError(f"override {override!r}: expected dotted.key=value")
-    key, raw = override.split("=", 1)
-    parts = key.strip().split(".")
-    if not all(parts):
-        raise ConfigError(f"override {override!r}: empty key part")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
-    node: Any = tree
-    for i, part in enumerate(parts[:-1]):
-        where = ".".join(parts[: i + 1])
-        if isinstance(node, list):
-            node = node[_list_index(part, node, where)]
-        else:
-            node = node.setdefault(part, {})
-        if not isinstance(node, (dict, list)):
-            raise ConfigError(f"{where}: is a value, cannot set {key}")
-    last = parts[-1]
-    if isinstance(node, list):
-        node[_list_index(last, node, key)] = value
-    else:
-        node[last] = value
-
-
-def _list_index(part: str, node: list, where: str) -> int:
-    if not part.isdigit() or int(part) >= len(node):
-        raise ConfigError(f"{where}: no list item {part!r} (the list has {len(node)})")
-    return int(part)
-
-
-# --------------------------------------------------------------------------------------------------
 # loading and validation
 
 
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
-    tree: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            tree = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            at = f" line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{p}:{at} is not valid YAML") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{p}: top level must be a mapping of sections")
+    tree = read_yaml_tree(path) if path is not None else {}
     for o in overrides or []:
         apply_override(tree, o)
     return config_from_dict(tree)
 
 
 def config_from_dict(tree: dict[str, Any]) -> Config:
-    cfg = _build(Config, tree)
+    cfg = build_dataclass(Config, tree)
     resolve_preset(cfg.model)
     resolve_dataset_paths(cfg.data, cfg.validation)
     validate(cfg)

@@ -9,6 +9,10 @@ class UserError(Exception):
     pass
 
 
+class ConfigError(UserError, ValueError):
+    """A config problem, reported to the user as one line naming the field."""
+
+
 def fail(message: object) -> int:
     """Say `error: message` on one stderr line; returns the bad-input exit code for the command to exit with."""
     print(f"error: {message}", file=sys.stderr, flush=True)

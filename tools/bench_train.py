@@ -41,7 +41,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from nanotronix import accel  # noqa: E402
-from nanotronix.config import Config, TrainConfig, apply_override, load_config  # noqa: E402
+from nanotronix.config import Config, TrainConfig, load_config  # noqa: E402
+from nanotronix.config_tree import apply_override  # noqa: E402
 from nanotronix.errors import UserError, fail  # noqa: E402
 from nanotronix.train.flops import device_peak_tflops, document_attention_span, flops_per_token, mfu  # noqa: E402
 from nanotronix.train.profiler import own_times, summarize  # noqa: E402
