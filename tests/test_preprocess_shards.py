@@ -174,6 +174,52 @@ def test_large_inputs_are_cut_where_their_format_allows(tmp_path, monkeypatch):
     assert all(a[1] == b[0] and b[0] % 256 == 0 for a, b in zip(ranges, ranges[1:]))  # cut at blocks only
 
 
+def test_text_per_byte_reads_the_first_block_or_the_footer(tmp_path):
+    """A compressed file small enough for one block holds exactly its text per byte; a Parquet file what its
+    footer says its row groups hold before and after compression; plain files, and damaged ones, 1."""
+    from nanotronix.data.inputs import text_per_byte
+    files = write_large_inputs(tmp_path / "corpus")
+    gz = files[2]
+    with gzip.open(gz, "rb") as f:
+        text = len(f.read())
+    assert text_per_byte(gz) == pytest.approx(text / gz.stat().st_size) and text_per_byte(gz) > 2
+    import pyarrow.parquet as pq
+    md = pq.ParquetFile(files[1]).metadata
+    before = sum(md.row_group(g).total_byte_size for g in range(md.num_row_groups))
+    after = sum(md.row_group(g).column(0).total_compressed_size for g in range(md.num_row_groups))
+    assert text_per_byte(files[1]) == pytest.approx(before / after) and before != after
+    assert text_per_byte(files[0]) == text_per_byte(files[3]) == 1.0
+    damaged = tmp_path / "damaged.jsonl.gz"
+    damaged.write_bytes(b"not gzip at all" * 10)
+    assert text_per_byte(damaged) == 1.0
+
+
+def test_compressed_and_plain_inputs_mixed_give_each_shard_a_like_share_of_text(tmp_path, tiny_tokenizer, tool):
+    """Half the documents in one plain JSON-lines file, half in eight gzipped ones (~5x smaller on disk): balanced by
+    bytes on disk, the shards holding the gzipped files would get most of the text; by text, each of 2 or 4 shards
+    holds its share of the tokens, within a piece's worth."""
+    rng = np.random.default_rng(5)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    texts = [" ".join(rng.choice(WORDS, rng.integers(20, 60))) for _ in range(1600)]
+    (corpus / "a_plain.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:800]))
+    for k in range(8):
+        part = texts[800 + 100 * k:900 + 100 * k]
+        (corpus / f"b{k}.jsonl.gz").write_bytes(gzip.compress("".join(json.dumps({"text": t}) + "\n"
+                                                                      for t in part).encode()))
+    gz_bytes = sum(f.stat().st_size for f in corpus.glob("*.gz"))
+    assert (corpus / "a_plain.jsonl").stat().st_size > 4 * gz_bytes
+    common = ["--input", str(corpus), "--tokenizer", tiny_tokenizer, "--no-progress", "--workers", "1"]
+    for count in (2, 4):
+        out = tmp_path / f"sharded{count}"
+        for i in range(count):
+            assert tool.main(common + ["--output-prefix", str(out), "--shard", f"{i}/{count}"]) == 0
+        store = open_store(out)
+        tokens = np.array([part.num_tokens for part in store.parts], dtype=float)
+        assert store.num_documents == 1600
+        assert np.abs(tokens / tokens.sum() - 1 / count).max() < 0.25 / count, tokens  # a piece: 1/4 of a share
+
+
 def compress(data: bytes, how: str, rng) -> bytes:
     """`data` as a .gz or .zst file, in 1-3 gzip members / zstd frames cut at random bytes (zero padding after the
     last gzip member, as some writers leave)."""
@@ -242,7 +288,8 @@ def test_shards_of_large_inputs_read_as_the_single_run(tmp_path, tiny_tokenizer,
     inputs = [entry for part in sharded.parts for entry in part.metadata["inputs"]]
     assert any(e.get("part", "").startswith("bytes ") for e in inputs)
     assert any(e.get("part", "").startswith("row groups ") for e in inputs)
-    # c.jsonl.gz (3.6 KB) is larger than a quarter of a shard's share of the corpus (~100 KB) only in 11 shards
+    # c.jsonl.gz (3.6 KB; ~5.4 KB of text by what its first 128-byte block gives) holds more than a quarter of a
+    # shard's share of the corpus' text (~140 KB) only in 11 shards
     assert any(e.get("part", "").startswith("compressed bytes ") for e in inputs) == (count == 11)
     per_file = {}
     for entry in inputs:

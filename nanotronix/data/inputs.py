@@ -17,7 +17,9 @@ without reading the file up to it).
 `preprocess --shard` splits large inputs into pieces (`split_large_inputs`) where the format allows it: an
 uncompressed JSON-lines file at any byte (a line belongs to the piece holding its first byte), a Parquet file at
 row-group boundaries, a compressed JSON-lines file (`.gz`, `.zst`) at blocks of compressed bytes
-(`compressed_lines.py`). Text files (one document each) stay whole.
+(`compressed_lines.py`). Text files (one document each) stay whole. The tasks get like amounts of text, not of
+bytes on disk: compressed files count by their estimated text (`text_per_byte`), so that a mix of compressed and
+plain inputs still balances.
 """
 from __future__ import annotations
 
@@ -95,18 +97,43 @@ def whole_files(files: list[Path]) -> list[InputPiece]:
     return [InputPiece(f, f.stat().st_size) for f in files]
 
 
-def split_large_inputs(files: list[InputPiece], piece_bytes: float) -> list[InputPiece]:
-    """The whole files (`whole_files`) in order, each larger than `piece_bytes` cut into pieces of about that size
-    where its format allows (see the module docstring). Depends only on the files' sizes and Parquet footers, so
-    every task of a job array computes the same pieces."""
+def text_per_byte(path: Path) -> float:
+    """About how many bytes of text each byte of `path` holds (what `preprocess --shard` balances its tasks by): a
+    compressed JSON-lines file's first block of compressed bytes is decompressed to see, a Parquet file's footer
+    gives its row groups' sizes before and after compression, any other file is its text. Depends on the file
+    alone, so every task of a job array finds the same; a damaged file counts as text (the task that reads it
+    reports the damage)."""
+    kind = input_kind(path)
+    try:
+        if kind == "jsonl" and is_compressed(path):
+            for _, text, read in compressed_lines.decompressed_blocks(path):
+                return max(len(text), 1) / read
+        elif kind == "parquet":
+            md = _parquet_file(path).metadata
+            groups = [md.row_group(g) for g in range(md.num_row_groups)]
+            stored = sum(g.column(c).total_compressed_size for g in groups for c in range(md.num_columns))
+            if stored > 0:
+                return max(sum(g.total_byte_size for g in groups), 1) / stored
+    except (DataError, *decompress_errors()):
+        pass
+    return 1.0
+
+
+def split_large_inputs(files: list[InputPiece], piece_bytes: float,
+                       text_ratio: Optional[dict[Path, float]] = None) -> list[InputPiece]:
+    """The whole files (`whole_files`) in order, each holding more than `piece_bytes` of text (its size times
+    `text_ratio[path]`, `text_per_byte`; 1 when left out) cut into pieces of about that much where its format
+    allows (see the module docstring). Depends only on the files' sizes, first blocks and Parquet footers, so every
+    task of a job array computes the same pieces."""
     pieces: list[InputPiece] = []
     for whole in files:
-        path, size = whole.path, whole.nbytes
+        path = whole.path
+        size, piece_bytes_here = whole.nbytes, piece_bytes / (text_ratio or {}).get(path, 1.0)  # bytes on disk
         kind = input_kind(path)
-        if size <= piece_bytes or kind == "text":
+        if size <= piece_bytes_here or kind == "text":
             pieces.append(whole)
         elif kind == "jsonl":
-            n = math.ceil(size / piece_bytes)
+            n = math.ceil(size / piece_bytes_here)
             step = compressed_lines.COMPRESSED_BLOCK if is_compressed(path) else 1
             cuts = sorted({size * k // n // step * step for k in range(n)} | {size})
             if len(cuts) == 2:  # too small to cut at blocks
@@ -114,7 +141,7 @@ def split_large_inputs(files: list[InputPiece], piece_bytes: float) -> list[Inpu
             else:
                 pieces += [InputPiece(path, b - a, byte_range=(a, b)) for a, b in zip(cuts, cuts[1:])]
         else:
-            pieces += _row_group_pieces(path, size, piece_bytes)
+            pieces += _row_group_pieces(path, size, piece_bytes_here)
     return pieces
 
 

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from . import encode
 from .errors import DataError
-from .inputs import InputPiece, expand_inputs, iter_chunks, split_large_inputs, whole_files
+from .inputs import InputPiece, expand_inputs, iter_chunks, split_large_inputs, text_per_byte, whole_files
 from .megatron_store import MegatronWriter, optimal_dtype
 from .sharded_store import inputs_fingerprint, shard_name, split_inputs
 from .shuffle import ShufflingWriter
@@ -172,13 +172,15 @@ def preprocess(opts: PreprocessOptions) -> PreprocessResult:
 
 
 def _pieces_of_shard(pieces: list[InputPiece], index: int, count: int) -> list[InputPiece]:
-    """The contiguous run of the inputs that shard `index` of `count` tokenizes. Files larger than a quarter of a
-    shard's share are first cut into pieces where their format allows (inputs.split_large_inputs), so that one
-    huge input no longer has to be one task."""
+    """The contiguous run of the inputs that shard `index` of `count` tokenizes, the shards holding like amounts of
+    text (compressed files count by their estimated text, inputs.text_per_byte). Files holding more than a quarter
+    of a shard's share are first cut into pieces where their format allows (inputs.split_large_inputs), so that
+    one huge input no longer has to be one task."""
+    ratio = {p.path: text_per_byte(p.path) for p in pieces} if count > 1 else {}
     if count > 1:
-        share = sum(p.nbytes for p in pieces) / count
-        pieces = split_large_inputs(pieces, piece_bytes=max(share / 4, 1))
-    start, stop = split_inputs([p.nbytes for p in pieces], index, count)
+        share = sum(p.nbytes * ratio[p.path] for p in pieces) / count
+        pieces = split_large_inputs(pieces, piece_bytes=max(share / 4, 1), text_ratio=ratio)
+    start, stop = split_inputs([p.nbytes * ratio.get(p.path, 1.0) for p in pieces], index, count)
     return pieces[start:stop]
 
 

@@ -52,8 +52,8 @@ def inputs_fingerprint(pieces) -> str:
 
 
 def split_inputs(sizes: list[int], index: int, count: int) -> tuple[int, int]:
-    """Shard `index` of `count`: the [start, stop) run of the input pieces (in their order, of these byte sizes) it
-    tokenizes. Cuts fall at the piece boundaries nearest to equal byte shares; every shard gets at least one."""
+    """Shard `index` of `count`: the [start, stop) run of the input pieces (in their order, of these sizes: bytes of
+    text) it tokenizes. Cuts fall at the piece boundaries nearest to equal shares; every shard gets at least one."""
     if not 0 <= index < count:
         raise DataError(f"--shard {index}/{count}: the shard index must be in [0, {count})")
     if count > len(sizes):
