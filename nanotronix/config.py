@@ -203,7 +203,14 @@ class CheckpointConfig:
 class LoggingConfig:
     dir: str = "runs/default"
     interval: int = 1
-    tensorboard: bool = False
+    tensorboard: bool = False  # the records as TensorBoard scalars too, in LOGGING_DIR/tensorboard
+    # Weights & Biases (nanotronix/train/wandb_log.py): the records go to this W&B project too (None: off). One W&B
+    # run per logging folder: a resumed or requeued job continues it. offline: written under LOGGING_DIR/wandb for
+    # `wandb sync` later (compute nodes without internet).
+    wandb_project: Optional[str] = None
+    wandb_entity: Optional[str] = None
+    wandb_name: Optional[str] = None  # the W&B run's name; None: the name of the folder holding logging.dir
+    wandb_mode: str = "online"  # online | offline
     # Seconds without progress after which rank 0 reports which ranks are behind or not responding, and those print
     # their stacks (nanotronix/train/hang_report.py); below the 10-minute collective timeout. 0: off.
     hang_report_seconds: float = 300.0
@@ -411,6 +418,11 @@ def validate(cfg: Config) -> None:
     _require(bool(c.resume.strip()), "checkpoint.resume: must be auto, none or a checkpoint path")
     _require(cfg.logging.interval >= 1, "logging.interval: must be >= 1")
     _require(cfg.logging.hang_report_seconds >= 0, "logging.hang_report_seconds: must be >= 0 (0: off)")
+    _require(cfg.logging.wandb_mode in ("online", "offline"),
+             f"logging.wandb_mode: {cfg.logging.wandb_mode!r} is not online|offline")
+    for key in ("wandb_entity", "wandb_name"):
+        _require(getattr(cfg.logging, key) is None or cfg.logging.wandb_project is not None,
+                 f"logging.{key}: needs logging.wandb_project (W&B logging is off without it)")
     profiled_step_range(cfg)
     _require(bool(cfg.logging.profile_ranks) and all(r >= 0 for r in cfg.logging.profile_ranks),
              f"logging.profile_ranks: expected a list of ranks >= 0, got {cfg.logging.profile_ranks}")

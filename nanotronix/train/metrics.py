@@ -11,20 +11,29 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from nanotronix.config import Config
+from nanotronix.errors import UserError
+
 
 class MetricsLog:
-    def __init__(self, log_dir: str, enabled: bool, tensorboard: bool = False):
+    """Where rank 0's records go: metrics.jsonl, and TensorBoard and W&B when the config asks for them."""
+
+    def __init__(self, cfg: Config, enabled: bool):
         self.enabled = enabled
-        self.path = Path(log_dir) / "metrics.jsonl"
-        self._tb = None
+        self.path = Path(cfg.logging.dir) / "metrics.jsonl"
+        self._tb = self._wandb = None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            if tensorboard:
+            if cfg.logging.tensorboard:
                 try:
                     from torch.utils.tensorboard import SummaryWriter
-                except ImportError as e:
-                    raise RuntimeError("logging.tensorboard: true needs the tensorboard package") from e
+                except ImportError:
+                    raise UserError("logging.tensorboard: needs the tensorboard package (pip install "
+                                    "tensorboard)") from None
                 self._tb = SummaryWriter(str(self.path.parent / "tensorboard"))
+            if cfg.logging.wandb_project is not None:
+                from nanotronix.train.wandb_log import WandbLog
+                self._wandb = WandbLog(cfg.logging, cfg.to_dict())
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -34,10 +43,14 @@ class MetricsLog:
         if self._tb is not None:
             for k, v in _scalars(record):
                 self._tb.add_scalar(k, v, record["step"])
+        if self._wandb is not None:
+            self._wandb.log(dict(_scalars(record)))
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.close()
 
 
 class Throughput:

@@ -18,7 +18,7 @@ from nanotronix.train.validation import mean_loss
 class RunLog:
     def __init__(self, cfg: Config, rank: int, world_size: int, device: torch.device):
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
-        self.metrics = MetricsLog(cfg.logging.dir, enabled=rank == 0, tensorboard=cfg.logging.tensorboard)
+        self.metrics = MetricsLog(cfg, enabled=rank == 0)
         self.speed = Throughput()
         self.peak = device_peak_tflops(device, cfg.train.dtype)
         self.tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
