@@ -80,6 +80,17 @@ def check_writable(path: str | None, what: str) -> None:
         raise PreflightError(f"{what}: {path} is not writable")
 
 
+def check_loggers(cfg: Config) -> None:
+    """The packages of the loggers the config asks for are installed (a W&B login is checked by the run itself)."""
+    import importlib.util
+
+    for wanted, module, package in ((cfg.logging.tensorboard, "tensorboard", "tensorboard"),
+                                    (cfg.logging.wandb_project is not None, "wandb", "wandb")):
+        if wanted and importlib.util.find_spec(module) is None:
+            key = "logging.tensorboard: true" if module == "tensorboard" else "logging.wandb_project"
+            raise PreflightError(f"{key} needs the {package} package (pip install {package})")
+
+
 def preflight(config: str, overrides: list[str], nnodes: int, nproc_per_node: int) -> str:
     cfg = load_config(config, overrides)
     dp = check_layout(cfg, nnodes, nproc_per_node)
@@ -89,6 +100,7 @@ def preflight(config: str, overrides: list[str], nnodes: int, nproc_per_node: in
     note = tokenizer_note(stores)
     check_writable(cfg.checkpoint.dir, "checkpoint.dir")
     check_writable(cfg.logging.dir, "logging.dir")
+    check_loggers(cfg)
     p, t = cfg.parallel, cfg.train
     return (f"preflight ok: {nnodes} node(s) x {nproc_per_node} = {nnodes * nproc_per_node} processes on {device} | "
             f"tp={p.tp} pp={p.pp} dp={dp}, grad accumulation {grad_accum_steps(cfg, dp)} | {t.train_steps} steps of "
