@@ -107,13 +107,15 @@ def test_out_of_memory_is_one_line_with_where_and_what_to_change(tmp_path, store
     assert [json.loads(r)["step"] for r in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
-def test_a_rank_stopped_by_another_says_so_in_one_line_and_exits_after_it(tmp_path, store):
-    """Rank 1 alone meets the out of memory; rank 0's next collective fails (gloo: connection closed by peer). Each
-    says one line, rank 0 that it stops because another did, and no traceback; rank 0 exits after rank 1, so that
-    torchrun's report names rank 1 as the root cause."""
+@pytest.mark.parametrize("layout, where", [([], []), (["parallel.pp=2"], ["--in-forward"])], ids=["dp2", "pp2"])
+def test_a_rank_stopped_by_another_says_so_in_one_line_and_exits_after_it(tmp_path, store, layout, where):
+    """Rank 1 alone meets the out of memory (DP2: in its training step; PP2: in the last stage's forward, which
+    torch.distributed.pipelining re-raises wrapped); rank 0's next collective or send fails (gloo: connection closed
+    by peer). Each says one line, rank 0 that it stops because another did, and no traceback; rank 0 exits after
+    rank 1, so that torchrun's report names rank 1 as the root cause."""
     cfg = tiny_config(tmp_path, store)
-    proc = torchrun(2, [str(Path(__file__).parent / "oom_worker.py"), "--only-rank=1", "--config", str(cfg),
-                        "train.train_steps=5"])
+    proc = torchrun(2, [str(Path(__file__).parent / "oom_worker.py"), "--only-rank=1", *where, "--config", str(cfg),
+                        "train.train_steps=5", *layout])
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 2, proc.stderr
