@@ -6,7 +6,12 @@ EXIT_BAD_INPUT = 2
 
 
 class UserError(Exception):
-    pass
+    """`every_rank`: every rank of a distributed run raises the same one (a collective step failed as a whole), so
+    rank 0 says it for all."""
+
+    def __init__(self, message: object = "", *, every_rank: bool = False):
+        super().__init__(message)
+        self.every_rank = every_rank
 
 
 class ConfigError(UserError, ValueError):

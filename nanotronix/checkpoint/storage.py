@@ -11,6 +11,7 @@ files the load will read, and only then DCP reads each rank's pieces into its ta
 from __future__ import annotations
 
 import contextlib
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any, Optional
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: `except Exception` misses it
 
 from nanotronix.checkpoint import manifest as mf
 from nanotronix.checkpoint import paths
@@ -94,10 +96,18 @@ def write_step(run_dir: Path, step: int, state: dict[str, Any], manifest: dict[s
             error = f"cannot create checkpoint folder {temp}: {e}"
     error = coll.broadcast(error)
     if error:
-        raise CheckpointError(error)
+        raise CheckpointError(error, every_rank=True)
 
-    coll.save(state, temp)
-    written = [save_rng(temp, global_rank, rng_state)]
+    try:
+        coll.save(state, temp)  # DCP raises the same CheckpointException, of every rank's failures, on every rank
+        written = [save_rng(temp, global_rank, rng_state)]
+    except (Exception, CheckpointException) as e:
+        error = _failure(e, coll.rank)
+    failed = [e for e in coll.all_gather(error) if e]
+    if failed:
+        raise CheckpointError(f"cannot write checkpoint {temp} ({failed[0]}; {_free_space(run_dir)} free on its "
+                              f"filesystem); the checkpoints committed before it are intact (the next save removes "
+                              f"the partial folder)", every_rank=True)
     written += [name for name in mf.list_files(temp) if name.startswith(f"__{coll.rank}_")]
     digests = coll.all_gather(mf.digest_files(temp, written))
     if coll.rank == 0:
@@ -115,8 +125,28 @@ def write_step(run_dir: Path, step: int, state: dict[str, Any], manifest: dict[s
     # Also a barrier: nobody returns (and maybe exits) before the commit is durable.
     error = coll.broadcast(error)
     if error:
-        raise CheckpointError(error)
+        raise CheckpointError(error, every_rank=True)
     return run_dir / paths.step_folder_name(step)
+
+
+def _failure(error: BaseException, rank: int) -> str:
+    """A failed write on `rank` in one line. DCP's CheckpointException carries each failed rank's exception
+    (`failures`: rank in the group -> (exception, traceback)); shown is the lowest rank's OSError, which names the
+    cause (no space, no permission), else the lowest rank's error (torch's zip writer may only say "unexpected pos"
+    when the disk fills under it), without torch's wrapper and tracebacks."""
+    failures = getattr(error, "failures", None)
+    if isinstance(failures, dict) and failures:
+        unwrapped = sorted((r, w[0] if isinstance(w, tuple) else w) for r, w in failures.items())
+        rank, error = next(((r, e) for r, e in unwrapped if isinstance(e, OSError)), unwrapped[0])
+    return f"on rank {rank}: {type(error).__name__}: {' '.join(str(error).split())}"
+
+
+def _free_space(folder: Path) -> str:
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return "unknown space"
+    return f"{free / 1e9:.1f} GB" if free >= 1e9 else f"{free / 1e6:.1f} MB"
 
 
 def dcp_metadata(folder: Path):
@@ -157,5 +187,9 @@ def verify_step(folder: Path, manifest: dict[str, Any], keys: set[str], extra_fi
 
 
 def read_step(folder: Path, state: dict[str, Any], coll: Collective) -> None:
-    """Fill `state` (a DCP state dict of targets) from the step folder."""
-    coll.load(state, folder)
+    """Fill `state` (a DCP state dict of targets) from the step folder (already verified: a failure here is the
+    storage failing while it reads)."""
+    try:
+        coll.load(state, folder)
+    except CheckpointException as e:  # raised alike on every rank, with each failed rank's exception
+        raise CheckpointError(f"cannot read checkpoint {folder} ({_failure(e, coll.rank)})", every_rank=True) from None

@@ -59,9 +59,10 @@ def main(argv=None) -> None:
         time.sleep(PEER_STOPPED_EXIT_DELAY_S)
         code = 1
     except (UserError, FileNotFoundError) as e:
-        # Other bad input may show on some ranks only (a stage's own check, a path one node lacks): each says it.
+        # Other bad input may show on some ranks only (a stage's own check, a path one node lacks): each says it,
+        # unless every rank met the same (every_rank: rank 0 says it).
         where = f"rank {rank()}: " if rank() != 0 else ""
-        code = fail(f"{where}{e}")
+        code = EXIT_BAD_INPUT if getattr(e, "every_rank", False) and rank() != 0 else fail(f"{where}{e}")
     except Exception:
         traceback.print_exc()
         code = 1
