@@ -46,3 +46,19 @@ def test_a_full_disk_stops_the_run_in_one_line_and_it_resumes_once_there_is_room
     assert again.returncode == 0, again.stderr[-3000:]
     assert "checkpoint: resumed from" in again.stdout and "step_0000002" in again.stdout, again.stdout[-2000:]
     assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step_0000006"]  # partial gone, keep_last 1
+
+
+def test_a_read_that_fails_under_dcp_is_a_checkpoint_error(tmp_path):
+    """DCP raises its CheckpointException (a BaseException, which `except Exception` misses) when the storage fails
+    during a load: it comes out as one CheckpointError naming the folder and the rank's error."""
+    import torch
+
+    from nanotronix.checkpoint import storage
+    from nanotronix.checkpoint.errors import CheckpointError
+    coll = storage.Collective(single_process=True)
+    coll.save({"w": torch.ones(3)}, tmp_path)
+    data, = tmp_path.glob("*.distcp")
+    data.write_bytes(b"damaged after it was verified")
+    with pytest.raises(CheckpointError, match=rf"^cannot read checkpoint {tmp_path} \(on rank 0: ") as caught:
+        coll.load({"w": torch.empty(3)}, tmp_path)
+    assert caught.value.every_rank

@@ -62,8 +62,12 @@ class Collective:
                      **self._kwargs())
 
     def load(self, state: dict[str, Any], folder: Path) -> None:
-        with self._quiet():
-            dcp.load(state, storage_reader=dcp.FileSystemReader(str(folder)), **self._kwargs())
+        try:
+            with self._quiet():
+                dcp.load(state, storage_reader=dcp.FileSystemReader(str(folder)), **self._kwargs())
+        except CheckpointException as e:  # raised alike on every rank, with each failed rank's exception
+            raise CheckpointError(f"cannot read checkpoint {folder} ({_failure(e, self.rank)})",
+                                  every_rank=True) from None
 
     def _quiet(self):
         return contextlib.nullcontext() if self.distributed else _quiet_single_process()
@@ -187,9 +191,5 @@ def verify_step(folder: Path, manifest: dict[str, Any], keys: set[str], extra_fi
 
 
 def read_step(folder: Path, state: dict[str, Any], coll: Collective) -> None:
-    """Fill `state` (a DCP state dict of targets) from the step folder (already verified: a failure here is the
-    storage failing while it reads)."""
-    try:
-        coll.load(state, folder)
-    except CheckpointException as e:  # raised alike on every rank, with each failed rank's exception
-        raise CheckpointError(f"cannot read checkpoint {folder} ({_failure(e, coll.rank)})", every_rank=True) from None
+    """Fill `state` (a DCP state dict of targets) from the step folder."""
+    coll.load(state, folder)
