@@ -52,11 +52,8 @@ def shutdown_and_exit(code: int) -> None:
 
 
 def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
+    """This process's rank; before the process group exists (a bad config is found first), torchrun's RANK."""
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
 
 
 class PeerStopped(Exception):

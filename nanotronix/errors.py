@@ -15,7 +15,10 @@ class UserError(Exception):
 
 
 class ConfigError(UserError, ValueError):
-    """A config problem, reported to the user as one line naming the field."""
+    """A config problem, reported to the user as one line naming the field (every rank reads the same config)."""
+
+    def __init__(self, message: object = "", *, every_rank: bool = True):
+        super().__init__(message, every_rank=every_rank)
 
 
 def fail(message: object) -> int:

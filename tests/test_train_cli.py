@@ -81,6 +81,19 @@ def test_bad_input_is_one_line(tmp_path, store, override, message):
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
 
 
+@pytest.mark.parametrize("override, message", [
+    (["model.hidden_sise=64"], "error: model.hidden_sise: unknown config key"),  # before the process group exists
+    (["parallel.tp=2"], "error: parallel: world size 3 is not divisible by tp*pp = 2*1"),  # after: the layout
+])
+def test_bad_input_met_by_every_rank_is_said_once(tmp_path, store, override, message):
+    """3 ranks read the same config: rank 0 says what is wrong, the others exit without repeating it (on a cluster,
+    one line instead of one per GPU), after it, so that torchrun does not stop rank 0 before it has said it."""
+    cfg = tiny_config(tmp_path, store)
+    proc = torchrun(3, ["-m", "nanotronix.train", "--config", str(cfg), "train.global_batch_size=12", *override])
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode != 0 and len(errors) == 1 and errors[0].startswith(message), proc.stderr[-3000:]
+
+
 def test_a_diverging_run_stops_with_one_line_before_updating(tmp_path, store):
     """lr 1e30: step 1 throws the weights to ~1e30, step 2's loss overflows. The trainer stops there without applying
     step 2's update or saving it: one error line, exit 1, the checkpoint of step 1 intact and the latest."""

@@ -6,13 +6,14 @@ import sys
 import time
 import traceback
 
-from nanotronix.config import ConfigError, load_config
+from nanotronix.config import load_config
 from nanotronix.errors import EXIT_BAD_INPUT, UserError, fail
 from nanotronix.train import EXIT_PREEMPTED
 from nanotronix.distributed import PeerStopped, init_distributed, pick_device, rank, shutdown_and_exit
 
-# Longer than torchrun's --monitor-interval (0.1 s by default) and a shutting-down rank's teardown.
-PEER_STOPPED_EXIT_DELAY_S = 3.0
+# How much later than the rank that says an error the others exit: longer than torchrun's --monitor-interval (0.1 s
+# by default) and a failing rank's teardown.
+EXIT_LATE_S = 3.0
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -27,7 +28,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    code = 0
+    code, exit_late = 0, False  # exit_late: a rank that did not meet the error itself, or leaves rank 0 to say it
     try:
         cfg = load_config(args.config, args.overrides)
         device = pick_device(cfg.train.device)
@@ -42,28 +43,26 @@ def main(argv=None) -> None:
         elif rank() == 0 and summary["first_loss"] is not None:
             print(f"done: {summary['steps']} steps, loss {summary['first_loss']:.4f} -> "
                   f"{summary['last_loss']:.4f}", flush=True)
-    except ConfigError as e:
-        # Bad config: one line, no traceback wall. Every rank raises the same one, so rank 0 says it.
-        if rank() == 0:
-            fail(e)
-        code = EXIT_BAD_INPUT
     except FloatingPointError as e:
         # The run diverged: the same on every rank (the loss and gradient norm are global), so rank 0 says it.
         if rank() == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
-        code = 1
+        code, exit_late = 1, rank() != 0
     except PeerStopped as e:
         # Not this rank's fault: one line, so that the stopped rank's own error stands out among thousands.
-        # torchrun names the first failure it sees as the root cause: the rank that stopped first exits first.
         print(f"error: rank {rank()}: {e}", file=sys.stderr, flush=True)
-        time.sleep(PEER_STOPPED_EXIT_DELAY_S)
-        code = 1
+        code, exit_late = 1, True
     except (UserError, FileNotFoundError) as e:
-        # Other bad input may show on some ranks only (a stage's own check, a path one node lacks): each says it,
-        # unless every rank met the same (every_rank: rank 0 says it).
-        where = f"rank {rank()}: " if rank() != 0 else ""
-        code = EXIT_BAD_INPUT if getattr(e, "every_rank", False) and rank() != 0 else fail(f"{where}{e}")
+        # Bad input, one line, no traceback wall. A bad config, or a collective step that failed as a whole
+        # (every_rank), is the same on every rank: rank 0 says it. Other bad input may show on some ranks only (a
+        # stage's own check, a path one node lacks): each says it.
+        if getattr(e, "every_rank", False) and rank() != 0:
+            code, exit_late = EXIT_BAD_INPUT, True
+        else:
+            code = fail(f"rank {rank()}: {e}" if rank() != 0 else e)
     except Exception:
         traceback.print_exc()
         code = 1
+    if exit_late:  # torchrun stops the other workers at the first exit it sees, and names that one the root cause
+        time.sleep(EXIT_LATE_S)
     shutdown_and_exit(code)
