@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from nanotronix.errors import UserError
+from nanotronix.errors import UserError, found_behind
 
 
 def pick_device(requested: str) -> torch.device:
@@ -69,11 +69,10 @@ PEER_GONE_WORDS = ("connection closed by peer", "connection reset by peer", "bro
 def peer_stopped(error: BaseException) -> Optional[str]:
     """If `error` (or one behind it) is a collective failing because another rank has stopped, its message's first
     sentence; else None. Network and store errors count too: the store lives in rank 0's agent."""
-    while error is not None:
-        said = str(error)
-        if isinstance(error, (dist.DistNetworkError, dist.DistStoreError)) or (
-                isinstance(error, RuntimeError) and any(w in said.lower() for w in PEER_GONE_WORDS)):
-            said = said.split("] ", 1)[-1] if said.startswith("[") else said  # gloo's [file.cc:line] prefix
-            return " ".join(said.split(". ")[0].split())
-        error = error.__cause__ or error.__context__
-    return None
+    gone = found_behind(error, lambda e: isinstance(e, (dist.DistNetworkError, dist.DistStoreError)) or (
+        isinstance(e, RuntimeError) and any(w in str(e).lower() for w in PEER_GONE_WORDS)))
+    if gone is None:
+        return None
+    said = str(gone)
+    said = said.split("] ", 1)[-1] if said.startswith("[") else said  # gloo's [file.cc:line] prefix
+    return " ".join(said.split(". ")[0].split())

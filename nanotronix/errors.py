@@ -1,6 +1,7 @@
 """Errors caused by the user's input (config, paths, layout). Commands print them as one line and exit 2
 (`fail`); anything else is a bug and keeps its traceback."""
 import sys
+from typing import Callable, Optional
 
 EXIT_BAD_INPUT = 2
 
@@ -25,3 +26,11 @@ def fail(message: object) -> int:
     """Say `error: message` on one stderr line; returns the bad-input exit code for the command to exit with."""
     print(f"error: {message}", file=sys.stderr, flush=True)
     return EXIT_BAD_INPUT
+
+
+def found_behind(error: Optional[BaseException], matches: Callable[[BaseException], bool]) -> Optional[BaseException]:
+    """`error` itself or the first exception behind it (its cause or context, and theirs) that `matches`, else None:
+    libraries re-raise what went wrong wrapped in their own errors (torch.distributed.pipelining's stages, DCP)."""
+    while error is not None and not matches(error):
+        error = error.__cause__ or error.__context__
+    return error

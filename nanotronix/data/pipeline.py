@@ -176,8 +176,9 @@ def _pieces_of_shard(pieces: list[InputPiece], index: int, count: int) -> list[I
     text (compressed files count by their estimated text, inputs.text_per_byte). Files holding more than a quarter
     of a shard's share are first cut into pieces where their format allows (inputs.split_large_inputs), so that
     one huge input no longer has to be one task."""
-    ratio = {p.path: text_per_byte(p.path) for p in pieces} if count > 1 else {}
+    ratio: dict = {}  # bytes of text per byte on disk, by file (1 where left out)
     if count > 1:
+        ratio = {p.path: text_per_byte(p.path) for p in pieces}
         share = sum(p.nbytes * ratio[p.path] for p in pieces) / count
         pieces = split_large_inputs(pieces, piece_bytes=max(share / 4, 1), text_ratio=ratio)
     start, stop = split_inputs([p.nbytes * ratio.get(p.path, 1.0) for p in pieces], index, count)

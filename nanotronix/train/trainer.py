@@ -17,7 +17,7 @@ from nanotronix.checkpoint import Checkpointer
 from nanotronix.config import Config, grad_accum_steps, skipped_step_ranges
 from nanotronix.data import build_prefetched_loader, tokenizer_note
 from nanotronix.distributed import PeerStopped, peer_stopped
-from nanotronix.errors import UserError
+from nanotronix.errors import UserError, found_behind
 from nanotronix.model import build_model
 from nanotronix.parallel import DistributedOptimizer, ParallelContext, parallelize
 from nanotronix.train.hang_report import HangWatch
@@ -56,9 +56,7 @@ def train(cfg: Config, ctx: ParallelContext, device: torch.device) -> dict:
 def out_of_memory_behind(error: BaseException) -> Optional[torch.OutOfMemoryError]:
     """The GPU out of memory that caused `error`, if one did (torch.distributed.pipelining re-raises a stage's
     errors as a RuntimeError from them)."""
-    while error is not None and not isinstance(error, torch.OutOfMemoryError):
-        error = error.__cause__ or error.__context__
-    return error
+    return found_behind(error, lambda e: isinstance(e, torch.OutOfMemoryError))
 
 
 def out_of_memory(where: str, error: torch.OutOfMemoryError) -> UserError:
