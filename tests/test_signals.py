@@ -84,3 +84,22 @@ def test_sigusr1_to_one_rank_stops_all_ranks(tmp_path):
     assert f"checkpoint: received SIGUSR1: saved step {step}" in out  # printed by rank 0
     # torchrun reports each worker's exit code (it exits 1 itself when a worker exits non-zero).
     assert out.count(f"exitcode  : {EXIT_PREEMPTED}") == 2, out[-3000:]
+
+
+def test_ctrl_c_stops_every_rank_with_one_line(tmp_path):
+    """Ctrl-C in a terminal: SIGINT to the whole foreground process group (torchrun and its 2 workers). The run stops
+    where it is, without saving; rank 0 says where in one line, and no worker prints a KeyboardInterrupt traceback."""
+    store = write_learnable_store(tmp_path / "arith")
+    cfg = tiny_config(tmp_path, store, checkpoint={"dir": str(tmp_path / "ckpt"), "interval": 1000})
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "nanotronix.train", "--config", str(cfg), "train.train_steps=100000"], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _wait_for_step(tmp_path / "logs" / "metrics.jsonl", proc, 3)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    said = [line for line in err.splitlines() if line.startswith("interrupted ")]
+    assert len(said) == 1 and said[0].startswith("interrupted in step "), err[-3000:]
+    assert "nothing saved since the latest checkpoint" in said[0]
+    assert "KeyboardInterrupt" not in err and "[rank" not in err, err[-3000:]
+    assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").glob("step_*"))

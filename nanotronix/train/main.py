@@ -8,7 +8,7 @@ import traceback
 
 from nanotronix.config import load_config
 from nanotronix.errors import EXIT_BAD_INPUT, UserError, fail
-from nanotronix.train import EXIT_PREEMPTED
+from nanotronix.train import EXIT_INTERRUPTED, EXIT_PREEMPTED, Interrupted
 from nanotronix.distributed import PeerStopped, init_distributed, pick_device, rank, shutdown_and_exit
 
 # How much later than the rank that says an error the others exit: longer than torchrun's --monitor-interval (0.1 s
@@ -60,6 +60,10 @@ def main(argv=None) -> None:
             code, exit_late = EXIT_BAD_INPUT, True
         else:
             code = fail(f"rank {rank()}: {e}" if rank() != 0 else e)
+    except (Interrupted, KeyboardInterrupt) as e:  # Ctrl-C reaches every rank: rank 0 says it
+        if rank() == 0:
+            print(e if isinstance(e, Interrupted) else "interrupted at start-up", file=sys.stderr, flush=True)
+        code = EXIT_INTERRUPTED
     except Exception:
         traceback.print_exc()
         code = 1

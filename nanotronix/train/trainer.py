@@ -20,6 +20,7 @@ from nanotronix.distributed import PeerStopped, peer_stopped
 from nanotronix.errors import UserError, found_behind
 from nanotronix.model import build_model
 from nanotronix.parallel import DistributedOptimizer, ParallelContext, parallelize
+from nanotronix.train import Interrupted
 from nanotronix.train.hang_report import HangWatch
 from nanotronix.train.lr_schedule import lr_at
 from nanotronix.train.optimizer import param_groups
@@ -40,6 +41,9 @@ def train(cfg: Config, ctx: ParallelContext, device: torch.device) -> dict:
     watch = HangWatch.start(cfg.logging.hang_report_seconds)  # which rank a stuck run waits for, and where
     try:
         return _train(cfg, ctx, device, watch)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted {watch.where}: nothing saved since the latest checkpoint, which a rerun "
+                          "resumes from (SIGTERM or SIGUSR1 would have saved this step first)") from None
     except Exception as e:
         oom = out_of_memory_behind(e)
         if oom is not None:
