@@ -220,6 +220,24 @@ def test_compressed_and_plain_inputs_mixed_give_each_shard_a_like_share_of_text(
         assert np.abs(tokens / tokens.sum() - 1 / count).max() < 0.25 / count, tokens  # a piece: 1/4 of a share
 
 
+def test_shards_whose_tasks_counted_a_compressed_file_differently_do_not_open(tmp_path, tiny_tokenizer, tool,
+                                                                               monkeypatch):
+    """The cuts depend on what each task's decompressor makes of a compressed file's first block: a task that found
+    another text per byte (another zlib) would cut elsewhere, so its shard does not open with the others'."""
+    from nanotronix.data import inputs, pipeline
+    files = write_large_inputs(tmp_path / "corpus")
+    common = ["--input", str(tmp_path / "corpus"), "--tokenizer", tiny_tokenizer, "--no-progress", "--workers", "1",
+              "--output-prefix", str(tmp_path / "sharded")]
+    for i in range(3):
+        assert tool.main(common + ["--shard", f"{i}/3"]) == 0
+    assert open_store(tmp_path / "sharded").num_documents == 601
+    found = inputs.text_per_byte
+    monkeypatch.setattr(pipeline, "text_per_byte", lambda path: found(path) * (1.01 if path == files[2] else 1))
+    assert tool.main(common + ["--shard", "1/3"]) == 0
+    with pytest.raises(DataError, match="cut from different input listings .* compressed files decoded differently"):
+        open_store(tmp_path / "sharded")
+
+
 def compress(data: bytes, how: str, rng) -> bytes:
     """`data` as a .gz or .zst file, in 1-3 gzip members / zstd frames cut at random bytes (zero padding after the
     last gzip member, as some writers leave)."""

@@ -21,6 +21,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -93,9 +94,11 @@ def preprocess(opts: PreprocessOptions) -> PreprocessResult:
     prefix = opts.output_prefix
     shard = None
     if opts.shard is not None:
+        index, count = opts.shard
+        text_ratio = {p.path: text_per_byte(p.path) for p in pieces} if count > 1 else {}  # what cuts count by
         # what every task of the array must have seen alike, or their runs of the inputs overlap or leave gaps
-        shard = {"index": opts.shard[0], "count": opts.shard[1], "inputs_sha256": inputs_fingerprint(pieces)}
-        pieces = _pieces_of_shard(pieces, *opts.shard)
+        shard = {"index": index, "count": count, "inputs_sha256": inputs_fingerprint(pieces, text_ratio)}
+        pieces = _pieces_of_shard(pieces, index, count, text_ratio)
         prefix = os.path.join(opts.output_prefix, shard_name(*opts.shard))
     tokenizer, info = load_tokenizer(opts.tokenizer)
     dtype = optimal_dtype(info.vocab_size)
@@ -171,17 +174,16 @@ def preprocess(opts: PreprocessOptions) -> PreprocessResult:
                             time.perf_counter() - start)
 
 
-def _pieces_of_shard(pieces: list[InputPiece], index: int, count: int) -> list[InputPiece]:
+def _pieces_of_shard(pieces: list[InputPiece], index: int, count: int,
+                     text_ratio: dict[Path, float]) -> list[InputPiece]:
     """The contiguous run of the inputs that shard `index` of `count` tokenizes, the shards holding like amounts of
-    text (compressed files count by their estimated text, inputs.text_per_byte). Files holding more than a quarter
-    of a shard's share are first cut into pieces where their format allows (inputs.split_large_inputs), so that
-    one huge input no longer has to be one task."""
-    ratio: dict = {}  # bytes of text per byte on disk, by file (1 where left out)
+    text (`text_ratio`: bytes of text per byte on disk, inputs.text_per_byte, 1 where left out). Files holding more
+    than a quarter of a shard's share are first cut into pieces where their format allows
+    (inputs.split_large_inputs), so that one huge input no longer has to be one task."""
     if count > 1:
-        ratio = {p.path: text_per_byte(p.path) for p in pieces}
-        share = sum(p.nbytes * ratio[p.path] for p in pieces) / count
-        pieces = split_large_inputs(pieces, piece_bytes=max(share / 4, 1), text_ratio=ratio)
-    start, stop = split_inputs([p.nbytes * ratio.get(p.path, 1.0) for p in pieces], index, count)
+        share = sum(p.nbytes * text_ratio.get(p.path, 1.0) for p in pieces) / count
+        pieces = split_large_inputs(pieces, piece_bytes=max(share / 4, 1), text_ratio=text_ratio)
+    start, stop = split_inputs([p.nbytes * text_ratio.get(p.path, 1.0) for p in pieces], index, count)
     return pieces[start:stop]
 
 

@@ -42,12 +42,16 @@ def sharded_folder(spec: str) -> Optional[Path]:
     return None
 
 
-def inputs_fingerprint(pieces) -> str:
+def inputs_fingerprint(pieces, text_ratio: Optional[dict] = None) -> str:
     """sha256 of the whole input listing a shard was cut from (each file's path below the inputs' common folder,
-    and its size), recorded in every shard's sidecar: shards of one folder must agree on it."""
+    its size, and the text per byte the cuts counted it at where that is not 1: a task whose decompressor found
+    another would cut elsewhere), recorded in every shard's sidecar: shards of one folder must agree on it."""
     paths = [os.path.abspath(p.path) for p in pieces]
     root = os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0]) if paths else ""
-    listing = "\n".join(f"{os.path.relpath(path, root)}\t{p.nbytes}" for path, p in zip(paths, pieces))
+    ratio = text_ratio or {}
+    listing = "\n".join(f"{os.path.relpath(path, root)}\t{p.nbytes}"
+                        + (f"\t{ratio[p.path]!r}" if ratio.get(p.path, 1.0) != 1.0 else "")
+                        for path, p in zip(paths, pieces))
     return hashlib.sha256(listing.encode()).hexdigest()
 
 
@@ -192,5 +196,6 @@ class ShardedStore(ConcatenatedStore):
         listings = {(p.metadata.get("shard") or {}).get("inputs_sha256") for p in self.parts} - {None}
         if len(listings) > 1:
             raise DataError(f"{folder}: its shards were cut from different input listings (files added, removed or "
-                            f"resized while the tasks ran): rerun every shard")
+                            f"resized while the tasks ran, or compressed files decoded differently): rerun every "
+                            f"shard")
         self.metadata["shards"] = count
