@@ -84,11 +84,10 @@ def check_loggers(cfg: Config) -> None:
     """The packages of the loggers the config asks for are installed (a W&B login is checked by the run itself)."""
     import importlib.util
 
-    for wanted, module, package in ((cfg.logging.tensorboard, "tensorboard", "tensorboard"),
-                                    (cfg.logging.wandb_project is not None, "wandb", "wandb")):
-        if wanted and importlib.util.find_spec(module) is None:
-            key = "logging.tensorboard: true" if module == "tensorboard" else "logging.wandb_project"
-            raise PreflightError(f"{key} needs the {package} package (pip install {package})")
+    for wanted, key, package in ((cfg.logging.tensorboard, "logging.tensorboard", "tensorboard"),
+                                 (cfg.logging.wandb_project is not None, "logging.wandb_project", "wandb")):
+        if wanted and importlib.util.find_spec(package) is None:  # the run's own words for it (metrics.py)
+            raise PreflightError(f"{key}: needs the {package} package (pip install {package})")
 
 
 def preflight(config: str, overrides: list[str], nnodes: int, nproc_per_node: int) -> str:

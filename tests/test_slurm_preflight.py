@@ -84,6 +84,6 @@ def test_a_logger_whose_package_is_missing_is_one_line(tmp_path, store, capsys, 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
     cfg = tiny_config(tmp_path, store)
     code, out, err = check(capsys, "--config", str(cfg), "logging.wandb_project=smollm2")
-    assert (code, out, err) == (2, "", "error: logging.wandb_project needs the wandb package (pip install wandb)")
+    assert (code, out, err) == (2, "", "error: logging.wandb_project: needs the wandb package (pip install wandb)")
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     assert check(capsys, "--config", str(cfg), "logging.wandb_project=smollm2")[0] == 0  # wandb: a test extra

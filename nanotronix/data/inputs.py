@@ -115,8 +115,8 @@ def text_per_byte(path: Path) -> float:
             if stored > 0:
                 return max(sum(g.total_byte_size for g in groups), 1) / stored
     except (DataError, *decompress_errors()):
-        pass
-    return 1.0
+        return 1.0
+    return 1.0  # an empty compressed file, a Parquet file of no row groups, or any other file
 
 
 def split_large_inputs(files: list[InputPiece], piece_bytes: float,
