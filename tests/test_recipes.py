@@ -211,9 +211,9 @@ def test_1p7b_sampler_switches_stages_at_the_published_steps(corpus_1p7b):
             assert abs(got - expected) <= max_dev + samples / 2 ** 23, (STAGES_1P7B[k]["name"], name, got, expected)
     # a source left out of later stages keeps its count; a source that comes back continues its epochs
     end = loader.stats(cfg.train.train_steps)["datasets"]
-    starcoder = str(corpus_1p7b / "starcoderdata")
+    starcoder = "starcoderdata"  # named relative to data.root, as validation stores are
     assert end[starcoder]["consumed_tokens"] == loader.stats(starts[2] - 1)["datasets"][starcoder]["consumed_tokens"]
-    owm = str(corpus_1p7b / "open-web-math")
+    owm = "open-web-math"
     windows = (TOKENS_PER_STORE - 1) // cfg.train.seq_len
     assert end[owm]["epochs"] == pytest.approx(end[owm]["consumed_tokens"] / cfg.train.seq_len / windows)
 

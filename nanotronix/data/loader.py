@@ -99,12 +99,13 @@ class TrainLoader:
         self.consumed_samples = consumed
 
     def stats(self, step: int) -> dict[str, Any]:
-        """Active stage at `step` and, per dataset, tokens consumed and epochs after `step` (whole run)."""
+        """Active stage at `step` and, per dataset, tokens consumed and epochs after `step` (whole run). Datasets
+        are named as validation stores are (`dataset_order_key`: the path relative to data.root under it)."""
         consumed = self.schedule.consumed(step * self.global_batch_size)
         datasets = {}
         for name, count in consumed.items():
             stream = self.schedule.streams[name]
-            datasets[name] = {"consumed_tokens": count * self.seq_len, "epochs": stream.epochs(count)}
+            datasets[stream.order_key] = {"consumed_tokens": count * self.seq_len, "epochs": stream.epochs(count)}
         return {"stage": self.schedule.stage_at_step(step).name, "datasets": datasets}
 
 

@@ -52,13 +52,14 @@ class PackedStream:
 
     def __init__(self, name: str, num_tokens: int, seq_len: int, seed: int, order_key: Optional[str] = None):
         self.name = name
+        self.order_key = name if order_key is None else order_key
         self.seq_len = seq_len
         self.windows_per_epoch = (num_tokens - 1) // seq_len if num_tokens > 0 else 0
         if self.windows_per_epoch < 1:
             raise DataError(f"dataset {name}: {num_tokens} tokens cannot fill one window of seq_len+1 = "
                             f"{seq_len + 1} tokens")
         self.slack = num_tokens - 1 - self.windows_per_epoch * seq_len
-        self.key = stable_key("packed-stream", seed, name if order_key is None else order_key)
+        self.key = stable_key("packed-stream", seed, self.order_key)
 
     def window_starts(self, c: np.ndarray) -> np.ndarray:
         """Token offsets of the windows of this dataset's samples number c (int64, any order)."""
