@@ -107,3 +107,15 @@ def test_documents_plants_eos_at_the_mean_length():
     assert sum(int((b == 7).sum()) for b in plain) / sum(b.numel() for b in plain) < 0.02
     with pytest.raises(SystemExit):
         bench_train.parse_args([*TINY, "--documents", "7"])
+
+
+def test_a_config_file_sets_the_micro_batch(tmp_path):
+    """--config with its own micro_batch_size (the quickstart's is 4): the global batch follows it (before, only an
+    override's was read, and validation refused micro-batch 4 against a global batch of 1 x --accum)."""
+    import yaml
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"train": {"micro_batch_size": 5, "seq_len": 16}}))
+    args = bench_train.parse_args(["--config", str(config), *TINY[:-2], "--accum", "3"])
+    cfg = bench_train.build_config(args, [], torch.device("cpu"))
+    assert (cfg.train.micro_batch_size, cfg.train.global_batch_size) == (5, 15)

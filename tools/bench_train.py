@@ -42,7 +42,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from nanotronix import accel  # noqa: E402
 from nanotronix.config import Config, TrainConfig, load_config  # noqa: E402
-from nanotronix.config_tree import apply_override  # noqa: E402
+from nanotronix.config_tree import apply_override, read_yaml_tree  # noqa: E402
 from nanotronix.errors import UserError, fail  # noqa: E402
 from nanotronix.train.flops import device_peak_tflops, document_attention_span, flops_per_token, mfu  # noqa: E402
 from nanotronix.train.profiler import own_times, summarize  # noqa: E402
@@ -106,8 +106,10 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 def build_config(args: argparse.Namespace, extra: list[str], device: torch.device) -> Config:
     defaults = [f"train.dtype={'bfloat16' if device.type == 'cuda' else 'float32'}"]
     overrides = defaults + list(args.overrides) + extra
-    tree: dict = {}
-    for o in overrides:  # read the micro-batch before validation, which checks it against the global batch
+    # the micro-batch (from the config file or an override) sets the global batch, before validation checks one
+    # against the other
+    tree = read_yaml_tree(args.config) if args.config else {}
+    for o in overrides:
         apply_override(tree, o)
     micro = (tree.get("train") or {}).get("micro_batch_size", TrainConfig.micro_batch_size)
     if not isinstance(micro, int) or micro < 1:
