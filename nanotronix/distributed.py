@@ -21,10 +21,12 @@ import torch.distributed as dist
 from nanotronix.errors import UserError, found_behind
 
 
-def pick_device(requested: str) -> torch.device:
+def pick_device(requested: str, option: str = "train.device") -> torch.device:
+    """cuda (this process's LOCAL_RANK GPU) or cpu for `requested` (auto: cuda if there is one); `option` names
+    where it was asked for, in the error when CUDA is missing."""
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise UserError("train.device: cuda requested but CUDA is not available")
+            raise UserError(f"{option}: cuda requested but CUDA is not available")
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
 

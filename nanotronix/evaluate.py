@@ -36,6 +36,7 @@ def evaluate(checkpoint: str, data: str, seq_len: int, num_samples: int, batch_s
              device: str = "auto", progress: bool = False) -> dict[str, Any]:
     from nanotronix.checkpoint.reader import CheckpointReader
     from nanotronix.data import open_store
+    from nanotronix.distributed import pick_device
     from nanotronix.errors import UserError
     from nanotronix.model import build_model
 
@@ -49,7 +50,10 @@ def evaluate(checkpoint: str, data: str, seq_len: int, num_samples: int, batch_s
                         f"{data} has {store.num_tokens}")
     reader = CheckpointReader(checkpoint)
     cfg = reader.model_config
-    dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+    if seq_len > cfg.max_position_embeddings:  # as the trainer refuses it: positions the model never learned
+        raise UserError(f"--seq-len: {seq_len} exceeds the checkpoint's max_position_embeddings="
+                        f"{cfg.max_position_embeddings}")
+    dev = pick_device(device, "--device")
     model = build_model(cfg, attn_backend="sdpa", device=dev)
     reader.load_into(model)
     model.eval()

@@ -52,9 +52,15 @@ def test_evaluate_bad_input_is_one_line(tmp_path, capsys):
     model = plain_model()
     save_single(tmp_path / "run", 1, model, adamw(model))
     tokens = np.fromfile(f"{store}.bin", dtype=np.uint16).size
-    cases = [((str(tmp_path / "run"), str(tokens)), "error: --num-samples: "),
-             ((str(tmp_path / "missing"), "1"), f"error: checkpoint not found: {tmp_path / 'missing'}")]
-    for (checkpoint, samples), message in cases:
-        code = main(["--checkpoint", checkpoint, "--data", str(store), "--seq-len", "32", "--num-samples", samples])
+    run, longest = str(tmp_path / "run"), TINY.max_position_embeddings
+    cases = [((run, str(tokens), "32"), "error: --num-samples: "),
+             ((str(tmp_path / "missing"), "1", "32"), f"error: checkpoint not found: {tmp_path / 'missing'}"),
+             ((run, "1", str(longest + 1)),  # the trainer refuses these positions too
+              f"error: --seq-len: {longest + 1} exceeds the checkpoint's max_position_embeddings={longest}")]
+    if not torch.cuda.is_available():
+        cases.append(((run, "1", "32", "--device", "cuda"), "error: --device: cuda requested but CUDA is not"))
+    for (checkpoint, samples, seq, *more), message in cases:
+        code = main(["--checkpoint", checkpoint, "--data", str(store), "--seq-len", seq, "--num-samples", samples,
+                     *more])
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and err[0].startswith(message), err
