@@ -1,12 +1,15 @@
 # Two commands do everything on a fresh machine: `make quickstart` and `make test`.
 # Both create .venv (seeing the system's packages, so a cluster's own CUDA torch is kept), install torch only
-# when none is importable (the CPU build 2.13.0: an unpinned torch would pull a multi-GB CUDA build), then
-# install nanotronix editable. Re-running is fast: the install step is skipped while setup.py is unchanged.
+# when none is importable (2.13.0: the CPU build where pip's index offers it, as on the CI machines; an unpinned
+# torch would pull the newest, multi-GB CUDA build), then install nanotronix editable with what the quickstart and
+# tests use; `make test` adds NVIDIA DALI (~1 GB, for the DALI loader's CPU tests). Re-running is fast: the
+# install steps are skipped while setup.py is unchanged.
 
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.nanotronix-installed
+DALI_STAMP := $(VENV)/.nanotronix-dali-installed
 PYTEST_ARGS ?=
 
 .PHONY: install quickstart test clean
@@ -19,13 +22,17 @@ $(PY):
 $(STAMP): setup.py | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet --upgrade "setuptools>=70" wheel
-	$(PY) -m pip install --quiet --no-build-isolation -e ".[test,dali]"
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[test]"
 	touch $(STAMP)
+
+$(DALI_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[test,dali]"
+	touch $(DALI_STAMP)
 
 quickstart: install
 	PY=$(PY) bash examples/quickstart.sh
 
-test: install
+test: install $(DALI_STAMP)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 clean:

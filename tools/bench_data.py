@@ -7,7 +7,7 @@
    installed) is written as JSON lines, then tokenised with the same worker count N by the raw
    `Tokenizer.encode_batch_fast` (encode_batch without character offsets, which the pipeline uses too) on
    texts already in memory (the better of N Rust threads and N processes, pure encoding time) and by the
-   whole `tools/preprocess.py` pipeline (start-up, read, parse, tokenise in N processes, write the store).
+   whole `tools/preprocess.py` pipeline (start-up, read, parse, tokenise with N workers, write the store).
    Goal: >= 0.85.
    Wall-clock rates are what the goal is about but are only meaningful on an otherwise idle machine, so
    tokens per CPU-second (this process and its workers, start-up included) are printed as well.
@@ -197,7 +197,8 @@ def bench_sampler(args, store_prefix):
 def main(argv=None):
     args = parse_args(argv)
     # The raw thread baseline runs `encode_batch` on the Rust thread pool; give it exactly N threads (read
-    # once, before the pool starts). The pipeline's workers disable that pool and use N processes instead.
+    # once, before the pool starts). The pipeline's workers disable that pool and encode in N worker threads
+    # instead (processes of several threads each beyond PreprocessOptions.threads_per_process).
     os.environ["RAYON_NUM_THREADS"] = str(args.workers)
     os.environ["TOKENIZERS_PARALLELISM"] = "true"
     folders = args.corpus or [sysconfig.get_paths()["stdlib"]] + [p for p in PROSE if Path(p).is_dir()]

@@ -9,7 +9,8 @@ Inputs: .jsonl/.ndjson/.json (optionally .gz/.zst), .parquet, plain text files (
 the run with file:line and the reason unless --skip-bad is given (then reasons are counted in the sidecar).
 
 --shard I/N (one task of N, e.g. a Slurm job array: slurm/preprocess.sh) tokenizes only the I-th of N contiguous
-runs of the sorted inputs, about equal in bytes, into PREFIX/shard-IIIII-of-NNNNN (large JSON-lines files are
+runs of the sorted inputs, about equal in text (compressed files weighed by their decoded size, estimated from
+their first block), into PREFIX/shard-IIIII-of-NNNNN (large JSON-lines files are
 cut at line starts, compressed ones at 64 KiB blocks of compressed bytes, Parquet files at row groups); once all N
 are written, the folder PREFIX is one dataset whose token stream is exactly what one run over all the inputs
 writes.
