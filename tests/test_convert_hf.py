@@ -232,3 +232,48 @@ def test_push_to_hub_failure_keeps_the_complete_export(tmp_path):
     assert str(tmp_path / "hf") in lines[-1]  # where the complete export is
     assert transformers.AutoConfig.from_pretrained(tmp_path / "hf").model_type == "llama"
     assert list((tmp_path / "hf").glob("*.safetensors"))
+
+
+def test_output_and_overwrite_never_destroy_the_input_or_other_files(tmp_path, capsys):
+    """--overwrite replaces an earlier output of the same kind only: not the run being read (it used to delete the
+    whole run and exit 0), not the HF folder being imported, not a training run, not someone's other files."""
+    run = tmp_path / "run"
+    trained_checkpoint(run)
+    files = sorted(p.relative_to(tmp_path) for p in run.rglob("*"))
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "thesis.tex").write_text("years of work")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+
+    def one_error(tool: str, *args: str) -> str:
+        code = tool_main(tool)([*args, "--no-progress"])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+        return lines[0]
+
+    for output in (run, run / "step_0000002", tmp_path, run / "step_0000002" / "hf"):
+        said = one_error("convert_to_hf", "--checkpoint", str(run), "--output", str(output), "--overwrite")
+        assert "it is, holds or lies inside the input" in said
+    assert "is not a Hugging Face model folder" in one_error(
+        "convert_to_hf", "--checkpoint", str(run), "--output", str(notes), "--overwrite")
+    assert "cannot write there" in one_error("convert_to_hf", "--checkpoint", str(run), "--output",
+                                             str(blocker / "hf"))
+    assert sorted(p.relative_to(tmp_path) for p in run.rglob("*")) == files
+    assert (notes / "thesis.tex").read_text() == "years of work"
+
+    hf = tmp_path / "hf"
+    assert tool_main("convert_to_hf")(["--checkpoint", str(run), "--output", str(hf), "--no-progress"]) == 0
+    assert tool_main("convert_to_hf")(["--checkpoint", str(run), "--output", str(hf), "--overwrite",
+                                       "--no-progress"]) == 0  # an earlier export is replaced
+    capsys.readouterr()
+    assert "it is, holds or lies inside the input" in one_error("convert_from_hf", "--hf", str(hf), "--output",
+                                                                str(hf), "--overwrite")
+    said = one_error("convert_from_hf", "--hf", str(hf), "--output", str(run), "--overwrite")
+    assert "is not an earlier import" in said
+    imported = tmp_path / "imported"
+    for _ in range(2):  # the second replaces the first
+        assert tool_main("convert_from_hf")(["--hf", str(hf), "--output", str(imported), "--overwrite",
+                                             "--no-progress"]) == 0
+    assert sorted(p.relative_to(tmp_path) for p in run.rglob("*")) == files
+    assert (hf / "config.json").is_file() and not list(tmp_path.glob(".*tmp*"))

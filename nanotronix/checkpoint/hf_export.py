@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from nanotronix.checkpoint.errors import CheckpointError
+from nanotronix.checkpoint.output_folder import commit_output, prepare_output
 from nanotronix.checkpoint.reader import CheckpointReader
 from nanotronix.checkpoint.safetensors_stream import StreamingSafetensorsWriter, tensor_nbytes
 from nanotronix.convert.hf_mapping import hf_config_dict, to_hf
@@ -106,17 +107,13 @@ def export_to_hf(checkpoint: str | os.PathLike, output: str | os.PathLike, dtype
     if dtype not in EXPORT_DTYPES:
         raise UserError(f"--dtype: {dtype!r} is not one of {', '.join(EXPORT_DTYPES)}")
     output = Path(output)
-    if output.exists() and not (output.is_dir() and not any(output.iterdir())) and not overwrite:
-        raise UserError(f"output {output} already exists (remove it or pass --overwrite)")
     reader = CheckpointReader(checkpoint)
     cfg, manifest = reader.model_config, reader.manifest
     torch_dtype = EXPORT_DTYPES[dtype]
     source_hf = (manifest.get("source") or {}).get("hf") or {}
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    temp = output.parent / f".{output.name}.tmp-{os.getpid()}"
-    shutil.rmtree(temp, ignore_errors=True)
-    temp.mkdir()
+    temp = prepare_output(output, reader.folder, overwrite, lambda old: (old / "config.json").is_file(),
+                          "a Hugging Face model folder (no config.json)")
     try:
         tokenizer_spec = tokenizer or (manifest["config"].get("data") or {}).get("tokenizer")
         info = None
@@ -143,11 +140,7 @@ def export_to_hf(checkpoint: str | os.PathLike, output: str | os.PathLike, dtype
             generation = {**generation, "transformers_version": version}
         (temp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (temp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        if overwrite and output.exists():
-            shutil.rmtree(output) if output.is_dir() else output.unlink()
-        elif output.exists():
-            output.rmdir()  # empty
-        os.rename(temp, output)
+        commit_output(temp, output)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise

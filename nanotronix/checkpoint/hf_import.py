@@ -21,6 +21,7 @@ from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
 from nanotronix.checkpoint import manifest as mf
 from nanotronix.checkpoint import paths
+from nanotronix.checkpoint.output_folder import commit_output, prepare_output
 from nanotronix.checkpoint import state as st
 from nanotronix.checkpoint.reader import model_parameter_shapes
 from nanotronix.checkpoint.storage import Collective
@@ -90,8 +91,6 @@ def import_from_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, overwri
         raise UserError(f"--hf: {config_file}: field {e.args[0]!r} is missing") from None
     except (ValueError, TypeError, AttributeError) as e:  # not JSON, not a mapping, not a Llama
         raise UserError(f"--hf: {config_file}: {e}") from None
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise UserError(f"output {output} already exists and is not empty (remove it or pass --overwrite)")
     source = SafetensorsFolder(hf_dir)
     if not model_cfg.tie_word_embeddings and "lm_head.weight" not in source:
         raise UserError(f"--hf: {hf_dir} has untied embeddings but no lm_head.weight")
@@ -120,18 +119,16 @@ def import_from_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, overwri
                           "generation_config": json.loads(generation_file.read_text())
                           if generation_file.is_file() else None}},
     }
-    staging = output.parent / f".{output.name}.tmp-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = prepare_output(output, hf_dir, overwrite, _is_an_import,
+                             "an earlier import (a checkpoint folder holding step 0 only)")
     temp = paths.temp_folder(staging, 0)
-    temp.mkdir(parents=True)
+    temp.mkdir()
     try:
         Collective(single_process=True).save(state, temp, planner=_LazyPlanner(produce))
         manifest["files"] = mf.digest_files(temp, mf.list_files(temp))
         mf.write_manifest(temp, manifest)
         paths.commit_step(temp, staging, 0)
-        if output.exists():
-            shutil.rmtree(output)
-        os.rename(staging, output)
+        commit_output(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -139,3 +136,8 @@ def import_from_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, overwri
         bar.close()
     log(f"imported {hf_dir} ({model_cfg.num_parameters() / 1e6:.1f}M parameters) as {output / 'step_0000000'}")
     return output
+
+
+def _is_an_import(folder: Path) -> bool:
+    """What `--overwrite` may replace: a checkpoint folder whose only step is 0 (not a training run's)."""
+    return [paths.step_of(p) for p in paths.committed_steps(folder)] == [0]
