@@ -2,6 +2,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from helpers import run, tiny_config, torchrun, write_learnable_store
@@ -206,3 +207,23 @@ def test_console_line_says_mfu_a_slow_rank_and_the_time_left():
                  consumed_tokens=5_239_000 * 1024 * 2048)
     assert console_line(quiet, 5_240_000).endswith("2,100,000 tok/s | ETA 16m 38s")  # a 20 ms wait is < 5% of a step
     assert "ETA" not in console_line(dict(quiet, step=5_240_000), 5_240_000)  # the last step
+
+
+def test_a_damaged_store_is_one_line_naming_it(tmp_path, store):
+    """Token ids beyond the vocabulary in the .bin (a damaged store, its sidecar still fine): one line that names the
+    store, not the embedding's IndexError on every rank."""
+    import shutil
+
+    damaged = tmp_path / "data" / "damaged"
+    damaged.parent.mkdir()
+    for suffix in (".bin", ".idx", ".meta.json"):
+        shutil.copyfile(f"{store}{suffix}", f"{damaged}{suffix}")
+    tokens = np.memmap(f"{damaged}.bin", dtype=np.uint16, mode="r+")
+    tokens[::50] = 65535
+    tokens.flush()
+    cfg = tiny_config(tmp_path, store)
+    proc = run(["-m", "nanotronix.train", "--config", str(cfg), f"data.stages.0.datasets.0.path={damaged}",
+                "train.train_steps=2"])
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith(f"error: token store {damaged}: token id 65535 (in the window at token "), lines

@@ -9,7 +9,7 @@ samples (the global count over all ranks), which is what `state_dict()` returns.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -28,7 +28,8 @@ BATCH_DTYPE_NP = np.int32
 
 class TrainLoader:
     def __init__(self, schedule: BlendSchedule, stores: dict[str, TokenStore], seq_len: int,
-                 micro_batch_size: int, dp_rank: int, dp_size: int, consumed_samples: int = 0):
+                 micro_batch_size: int, dp_rank: int, dp_size: int, consumed_samples: int = 0,
+                 vocab_size: Optional[int] = None):
         gbs = schedule.global_batch_size
         if not 0 <= dp_rank < dp_size:
             raise DataError(f"dp_rank {dp_rank} is outside [0, {dp_size})")
@@ -45,6 +46,7 @@ class TrainLoader:
         self.global_batch_size = gbs
         self.grad_accum = gbs // (micro_batch_size * dp_size)
         self.consumed_samples = consumed_samples
+        self.vocab_size = vocab_size  # token ids read are checked against it (a damaged store: one line)
 
     @property
     def next_step(self) -> int:
@@ -67,7 +69,20 @@ class TrainLoader:
         for d in np.unique(which).tolist():
             rows = np.flatnonzero(which == d)
             self.stores[names[d]].read_windows(out, rows, starts[rows])
+        if self.vocab_size is not None and len(out) and not 0 <= out.min() <= out.max() < self.vocab_size:
+            self._name_the_bad_store(out, names, which, starts)
         return out
+
+    def _name_the_bad_store(self, windows: np.ndarray, names, which: np.ndarray, starts: np.ndarray) -> None:
+        """Raise the DataError for the first window whose token ids fall outside the model's vocabulary (without
+        this, the embedding's IndexError, a traceback on every rank)."""
+        for row, window in enumerate(windows):
+            bad = window[(window < 0) | (window >= self.vocab_size)]
+            if len(bad):
+                raise DataError(f"token store {names[which[row]]}: token id {int(bad[0])} (in the window at token "
+                                f"{int(starts[row])}) is outside the model's vocabulary ({self.vocab_size}): the "
+                                "store is damaged or was made with another tokenizer (tools/inspect_store.py "
+                                "PREFIX --verify)")
 
     def read_batch(self, step: int, pin_memory: bool = False) -> torch.Tensor:
         """This rank's share of global step `step`: int32 [grad_accum, micro_batch_size, seq_len+1], read
@@ -129,4 +144,4 @@ def build_train_loader(cfg, dp_rank: int, dp_size: int, consumed_samples: int = 
                for name, store in stores.items()}
     schedule = BlendSchedule(stages, gbs, streams)
     return TrainLoader(schedule, stores, seq_len, cfg.train.micro_batch_size, dp_rank, dp_size,
-                       consumed_samples)
+                       consumed_samples, vocab_size=vocab)
