@@ -227,3 +227,23 @@ def test_a_damaged_store_is_one_line_naming_it(tmp_path, store):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
     assert lines[0].startswith(f"error: token store {damaged}: token id 65535 (in the window at token "), lines
+
+
+def test_run_folders_that_cannot_be_written_or_hold_another_run_stop_it_at_start(tmp_path, store):
+    """A checkpoint.dir or logging.dir that cannot be created is one line before the first step (it used to be found
+    at the first save, every step before it lost); resume=none into a folder holding checkpoints would commit the
+    new run's steps among the old run's: refused."""
+    cfg = tiny_config(tmp_path, store)
+    (tmp_path / "a_file").write_text("x")
+    for option in ("checkpoint.dir", "logging.dir"):
+        proc = run(["-m", "nanotronix.train", "--config", str(cfg), f"{option}={tmp_path / 'a_file' / 'sub'}"])
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+        assert lines[0] == f"error: {option}: cannot create {tmp_path / 'a_file' / 'sub'} (Not a directory)"
+        assert "step 1/" not in proc.stdout
+    ckpt = f"checkpoint.dir={tmp_path / 'ckpt'}"
+    assert run(["-m", "nanotronix.train", "--config", str(cfg), ckpt, "train.train_steps=2"]).returncode == 0
+    proc = run(["-m", "nanotronix.train", "--config", str(cfg), ckpt, "train.train_steps=4", "checkpoint.resume=none"])
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        f"error: checkpoint.resume=none, but checkpoint.dir {tmp_path / 'ckpt'} already holds checkpoints (latest: "
+        "step_0000002): set another checkpoint.dir, remove those, or resume=auto to continue them"), proc.stderr

@@ -119,9 +119,13 @@ class Checkpointer:
 
     def _resume_source(self) -> Optional[Path]:
         mode = self.settings.resume.strip()
-        if mode == "none":
-            return None
         own = paths.find_checkpoint(self.run_dir) if self.run_dir is not None else None
+        if mode == "none":
+            if own is not None:  # a fresh run's steps would be committed among those of the run already there
+                raise CheckpointError(f"checkpoint.resume=none, but checkpoint.dir {self.run_dir} already holds "
+                                      f"checkpoints (latest: {own.name}): set another checkpoint.dir, remove those, "
+                                      "or resume=auto to continue them", every_rank=True)
+            return None
         if mode == "auto":
             return own
         requested = paths.resolve_checkpoint(Path(mode).expanduser())

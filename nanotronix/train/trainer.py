@@ -8,12 +8,14 @@ nanotronix/train/run_log.py's; where it is, nanotronix/train/hang_report.py's.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Optional
 
 import torch
 
 from nanotronix import accel
 from nanotronix.checkpoint import Checkpointer
+from nanotronix.checkpoint.storage import Collective
 from nanotronix.config import Config, grad_accum_steps, skipped_step_ranges
 from nanotronix.data import build_prefetched_loader, tokenizer_note
 from nanotronix.distributed import PeerStopped, peer_stopped
@@ -57,6 +59,23 @@ def train(cfg: Config, ctx: ParallelContext, device: torch.device) -> dict:
         watch.close()
 
 
+def create_run_folders(cfg: Config, coll: Collective) -> None:
+    """checkpoint.dir and logging.dir, created by rank 0 at start-up (collective): a folder that cannot be written
+    is one line now, not an error at the first checkpoint, hours of training later."""
+    error = None
+    if coll.rank == 0:
+        for option, folder in (("checkpoint.dir", cfg.checkpoint.dir), ("logging.dir", cfg.logging.dir)):
+            try:
+                if folder:
+                    Path(folder).expanduser().mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                error = f"{option}: cannot create {folder} ({e.strerror or e})"
+                break
+    error = coll.broadcast(error)
+    if error:
+        raise UserError(error, every_rank=True)
+
+
 def out_of_memory_behind(error: BaseException) -> Optional[torch.OutOfMemoryError]:
     """The GPU out of memory that caused `error`, if one did (torch.distributed.pipelining re-raises a stage's
     errors as a RuntimeError from them)."""
@@ -84,6 +103,7 @@ def _train(cfg: Config, ctx: ParallelContext, device: torch.device, watch: HangW
     optimizer = DistributedOptimizer(model, param_groups(model.named_parameters(), o.weight_decay), lr=o.lr,
                                      betas=tuple(o.betas), eps=o.eps, fused=True if device.type == "cuda" else None)
     checkpointer = Checkpointer(cfg, ctx, device)  # resume, periodic saves, SIGTERM/SIGUSR1 -> save and stop
+    create_run_folders(cfg, checkpointer.coll)
     watch.at(0, "resume")
     resumed = checkpointer.resume(model, optimizer)
     skips = skipped_step_ranges(t)
