@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from nanotronix.cli import one_line_errors
 from nanotronix.errors import fail
 
 
@@ -78,6 +79,7 @@ def evaluate(checkpoint: str, data: str, seq_len: int, num_samples: int, batch_s
             "seq_len": seq_len, "num_samples": num_samples, "tokens": tokens}
 
 
+@one_line_errors
 def main(argv=None) -> int:
     args = parse_args(argv)
     from nanotronix.errors import UserError

@@ -239,7 +239,8 @@ def test_run_folders_that_cannot_be_written_or_hold_another_run_stop_it_at_start
         proc = run(["-m", "nanotronix.train", "--config", str(cfg), f"{option}={tmp_path / 'a_file' / 'sub'}"])
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
-        assert lines[0] == f"error: {option}: cannot create {tmp_path / 'a_file' / 'sub'} (Not a directory)"
+        assert lines[0] == (f"error: {option}: cannot write to {tmp_path / 'a_file' / 'sub'} (a part of that path "
+                            "is a file, not a folder)")
         assert "step 1/" not in proc.stdout
     ckpt = f"checkpoint.dir={tmp_path / 'ckpt'}"
     assert run(["-m", "nanotronix.train", "--config", str(cfg), ckpt, "train.train_steps=2"]).returncode == 0

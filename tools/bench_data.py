@@ -26,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from nanotronix.cli import one_line_errors
 from nanotronix.errors import fail
 
 PROSE = ["/usr/share/games/fortunes", "/usr/share/doc/python3.11", "/usr/share/doc/jargon-text"]
@@ -194,6 +195,7 @@ def bench_sampler(args, store_prefix):
     return seq, best
 
 
+@one_line_errors
 def main(argv=None):
     args = parse_args(argv)
     # The raw thread baseline runs `encode_batch` on the Rust thread pool; give it exactly N threads (read

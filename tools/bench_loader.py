@@ -31,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from nanotronix.cli import one_line_errors  # noqa: E402
 from nanotronix.errors import fail  # noqa: E402
 
 
@@ -116,6 +117,7 @@ def run_loop(batch, first_step: int, steps: int, step_seconds: float, device) ->
     return time.process_time() - start, wait
 
 
+@one_line_errors
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch

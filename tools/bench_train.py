@@ -27,9 +27,7 @@ import contextlib
 import gc
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,6 +41,7 @@ import torch.nn.functional as F  # noqa: E402
 from nanotronix import accel  # noqa: E402
 from nanotronix.config import Config, TrainConfig, load_config  # noqa: E402
 from nanotronix.config_tree import apply_override, read_yaml_tree  # noqa: E402
+from nanotronix.cli import one_line_errors, replace_file  # noqa: E402
 from nanotronix.errors import UserError, fail  # noqa: E402
 from nanotronix.train.flops import device_peak_tflops, document_attention_span, flops_per_token, mfu  # noqa: E402
 from nanotronix.train.profiler import own_times, summarize  # noqa: E402
@@ -287,15 +286,14 @@ def format_table(results: list[RunResult]) -> str:
 
 
 def write_json(path: str, payload: dict) -> None:
-    """Temp file + rename: a reader never sees a half-written report."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, target)
+    """Replaced whole: a reader never sees a half-written report."""
+    def write(temp: str) -> None:
+        with open(temp, "w") as f:
+            json.dump(payload, f, indent=2)
+    replace_file(path, write)
 
 
+@one_line_errors
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     try:
@@ -305,6 +303,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         configs = [(name, extra, build_config(args, extra, device)) for name, extra in variants]
     except UserError as e:
         return fail(e)
+    if args.no_baseline and args.baseline_only:
+        return fail("--no-baseline and --baseline-only: together they leave nothing to run")
     unknown = sorted(set(args.profile) - {name for name, _ in variants} - {"hf-transformers"})
     if unknown:
         return fail(f"--profile {unknown[0]}: no run of that name (runs: hf-transformers, "
@@ -341,6 +341,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             })
         return table
 
+    report()  # an unusable --json path is said now, not after the runs
     if not args.no_baseline:
         baseline = measure("hf-transformers", lambda: hf_step_fn(base, device), base, device, batches,
                            args.warmup, [], profile="hf-transformers" in args.profile)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from nanotronix.cli import one_line_errors
 from nanotronix.errors import fail
 
 
@@ -26,6 +27,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@one_line_errors
 def main(argv=None) -> int:
     args = parse_args(argv)
     from nanotronix.errors import UserError

@@ -17,6 +17,7 @@ import json
 import sys
 from pathlib import Path
 
+from nanotronix.cli import one_line_errors
 from nanotronix.errors import fail
 
 
@@ -92,6 +93,7 @@ def _size(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
+@one_line_errors
 def main(argv=None) -> int:
     args = parse_args(argv)
     from nanotronix.checkpoint import paths

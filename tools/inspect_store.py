@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 
+from nanotronix.cli import one_line_errors
 from nanotronix.errors import fail
 
 
@@ -23,6 +24,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@one_line_errors
 def main(argv=None) -> int:
     args = parse_args(argv)
     from nanotronix.data import DataError, open_store

@@ -48,6 +48,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+from nanotronix.cli import one_line_errors
 from nanotronix.errors import fail
 
 GIB = 1024 ** 3
@@ -412,6 +413,7 @@ def format_plan(plan: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@one_line_errors
 def main(argv=None) -> int:
     args = parse_args(argv)
     from nanotronix.errors import UserError

@@ -16,10 +16,10 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from nanotronix.cli import one_line_errors, replace_file
 from nanotronix.errors import fail
 
 
@@ -151,22 +151,17 @@ def plot_run(metrics_path: Path, output: Path, title: str) -> dict[str, Any]:
     fig.suptitle(title)
     fig.tight_layout()
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".png", dir=output.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, output)
+        replace_file(output, lambda temp: fig.savefig(temp, dpi=100, format="png"), suffix=".png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return {"output": str(output), "records": len(records), "skipped_lines": bad,
             "first_step": records[0]["step"], "last_step": records[-1]["step"],
             "stage_boundaries": boundaries, "sources": sorted(sources), "validations": len(val_loss),
             "validation_stores": sorted(val_stores), "skipped_updates": [step for step, _ in spikes]}
 
 
+@one_line_errors
 def main(argv=None) -> int:
     args = parse_args(argv)
     log_dir = Path(args.log_dir)

@@ -23,6 +23,7 @@ import argparse
 import os
 import sys
 
+from nanotronix.cli import one_line_errors
 from nanotronix.errors import fail
 
 
@@ -55,6 +56,7 @@ def parse_shard(text: str) -> tuple[int, int]:
     return int(index), int(count)
 
 
+@one_line_errors
 def main(argv=None) -> int:
     args = parse_args(argv)
     from nanotronix.data.errors import DataError

@@ -16,6 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from nanotronix.cli import one_line_errors
 from nanotronix.errors import fail
 
 
@@ -27,6 +28,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@one_line_errors
 def main(argv=None) -> int:
     args = parse_args(argv)
     from nanotronix.checkpoint import paths

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .inputs import MISSING, Chunk
+from .errors import DataError
+from .inputs import MISSING, Chunk, expand_inputs, iter_chunks, whole_files
 
 _TOKENIZER = None  # per-process tokenizer, set once by init_worker
 _EOS = 0
@@ -83,6 +84,24 @@ def _text_of(chunk: Chunk, item, text_key: str):
     except UnicodeEncodeError:  # a lone surrogate from a JSON "\ud800" escape
         return None, ("invalid UTF-8", "lone surrogate")
     return text, None
+
+
+def read_texts(specs: list[str], text_key: str):
+    """The text of every record of the inputs (files or folders, in every format preprocess reads), in order; a bad
+    record is a DataError at its file:line, as in preprocess (tools/train_tokenizer.py reads its text this way)."""
+    pieces = whole_files(expand_inputs(specs))
+    found = False
+    for chunk in iter_chunks(pieces, text_key):
+        for k, item in enumerate(chunk.items):
+            text, problem = _text_of(chunk, item, text_key)
+            if problem is not None:
+                piece, line = chunk.position(k)
+                reason, detail = problem
+                raise DataError(f"{pieces[piece].path}:{line}: {reason}{f' ({detail})' if detail else ''}")
+            found = True
+            yield text
+    if not found:
+        raise DataError(f"no text in {', '.join(specs)}")
 
 
 def encode_chunks(chunks: list[Chunk], text_key: str, stop_at_first_bad: bool) -> list[EncodedChunk]:

@@ -27,6 +27,8 @@ from typing import Optional
 import numpy as np
 from tqdm import tqdm
 
+from nanotronix.cli import check_writable_folder
+
 from . import encode
 from .errors import DataError
 from .inputs import InputPiece, expand_inputs, iter_chunks, split_large_inputs, text_per_byte, whole_files
@@ -90,6 +92,9 @@ def preprocess(opts: PreprocessOptions) -> PreprocessResult:
         raise DataError(f"--workers must be >= 1, got {opts.workers}")
     if opts.format not in FORMATS:
         raise DataError(f"--format {opts.format!r}: expected one of {', '.join(FORMATS)}")
+    if opts.shard is None and not os.path.basename(opts.output_prefix):
+        raise DataError(f"--output-prefix {opts.output_prefix}: names a folder; give DIR/NAME (NAME.bin and "
+                        "NAME.idx are written)")
     pieces = whole_files(expand_inputs(opts.inputs))
     prefix = opts.output_prefix
     shard = None
@@ -100,6 +105,7 @@ def preprocess(opts: PreprocessOptions) -> PreprocessResult:
         shard = {"index": index, "count": count, "inputs_sha256": inputs_fingerprint(pieces, text_ratio)}
         pieces = _pieces_of_shard(pieces, index, count, text_ratio)
         prefix = os.path.join(opts.output_prefix, shard_name(*opts.shard))
+    check_writable_folder(os.path.dirname(os.path.abspath(prefix)), "--output-prefix")
     tokenizer, info = load_tokenizer(opts.tokenizer)
     dtype = optimal_dtype(info.vocab_size)
     start = time.perf_counter()

@@ -16,6 +16,7 @@ import torch
 from nanotronix import accel
 from nanotronix.checkpoint import Checkpointer
 from nanotronix.checkpoint.storage import Collective
+from nanotronix.cli import check_writable_folder
 from nanotronix.config import Config, grad_accum_steps, skipped_step_ranges
 from nanotronix.data import build_prefetched_loader, tokenizer_note
 from nanotronix.distributed import PeerStopped, peer_stopped
@@ -67,9 +68,9 @@ def create_run_folders(cfg: Config, coll: Collective) -> None:
         for option, folder in (("checkpoint.dir", cfg.checkpoint.dir), ("logging.dir", cfg.logging.dir)):
             try:
                 if folder:
-                    Path(folder).expanduser().mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                error = f"{option}: cannot create {folder} ({e.strerror or e})"
+                    check_writable_folder(Path(folder).expanduser(), option)
+            except UserError as e:
+                error = str(e)
                 break
     error = coll.broadcast(error)
     if error:

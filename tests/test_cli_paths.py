@@ -1,0 +1,107 @@
+"""The commands' output paths, as a careless user gives them: under a file, a folder where a file is to be written, a
+special file system, a reader that goes away (`| head`). Each is one `error:` line (exit 2) before the work, no
+traceback, and nothing half-written left behind (nanotronix/cli.py). Costs ~15 s."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import ROOT, load_tool, write_learnable_store
+
+from nanotronix.cli import replace_file
+from nanotronix.errors import UserError
+
+
+def one_error(capsys, code: int) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (code, lines)
+    return lines[0]
+
+
+@pytest.fixture()
+def blocker(tmp_path) -> Path:
+    path = tmp_path / "a_file"
+    path.write_text("x")
+    return path
+
+
+def test_preprocess_refuses_unusable_output_prefixes_before_tokenizing(tmp_path, tiny_tokenizer, blocker, capsys):
+    tool = load_tool("preprocess")
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"text": "hello world"}) + "\n")
+    run = ["--input", str(src), "--tokenizer", tiny_tokenizer, "--no-progress", "--output-prefix"]
+    said = one_error(capsys, tool.main([*run, str(blocker / "x")]))
+    assert said == f"error: --output-prefix: cannot write to {blocker} (a part of that path is a file, not a folder)"
+    said = one_error(capsys, tool.main([*run, str(blocker / "x"), "--format", "zarr"]))
+    assert "a part of that path is a file" in said
+    said = one_error(capsys, tool.main([*run, "/proc/self/x", "--shuffle"]))  # a folder no file can be made in
+    assert said.startswith("error: --output-prefix: cannot write to /proc/self (")
+    said = one_error(capsys, tool.main([*run, str(tmp_path / "out") + "/"]))  # would write out/.bin, out/.idx
+    assert said.startswith(f"error: --output-prefix {tmp_path / 'out'}/: names a folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "in.jsonl"]
+
+
+def test_train_tokenizer_reads_what_preprocess_reads_and_says_what_is_wrong(tmp_path, blocker, capsys):
+    tool = load_tool("train_tokenizer")
+    good, bad = tmp_path / "good", tmp_path / "bad.jsonl"
+    good.mkdir()  # a folder of inputs, as preprocess takes
+    (good / "a.jsonl").write_text("".join(json.dumps({"text": f"line {i} of some text"}) + "\n" for i in range(50)))
+    (good / "b.txt").write_text("plain text, one document\n")
+    bad.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"text": 5}) + "\n")
+    out = tmp_path / "tok.json"
+    said = one_error(capsys, tool.main(["--input", str(bad), "--output", str(out), "--vocab-size", "300"]))
+    assert said == f"error: {bad}:2: text not a string (int)"
+    said = one_error(capsys, tool.main(["--input", str(good), "--output", str(tmp_path), "--vocab-size", "300"]))
+    assert said == f"error: --output {tmp_path} is a folder; name the tokenizer.json to write"
+    said = one_error(capsys, tool.main(["--input", str(good), "--output", str(blocker / "t.json")]))
+    assert said.startswith("error: --output: cannot write to")
+    (tmp_path / "empty.jsonl").write_text("")
+    said = one_error(capsys, tool.main(["--input", str(tmp_path / "empty.jsonl"), "--output", str(out)]))
+    assert said == f"error: no text in {tmp_path / 'empty.jsonl'}"
+    assert not out.exists()
+    assert tool.main(["--input", str(good), "--output", str(out), "--vocab-size", "300"]) == 0
+    from tokenizers import Tokenizer
+
+    assert Tokenizer.from_file(str(out)).token_to_id("<|endoftext|>") == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "bad.jsonl", "empty.jsonl", "good", "tok.json"]
+
+
+def test_bench_json_path_is_checked_before_the_runs(blocker, capsys):
+    sys.path.insert(0, str(ROOT / "tools"))
+    import bench_train as tool  # imported, not loaded by path: its dataclasses need their module registered
+    tiny = ["model.preset=smollm2-135m", "model.num_hidden_layers=1", "model.hidden_size=32",
+            "model.intermediate_size=48", "model.num_attention_heads=2", "model.num_key_value_heads=1",
+            "model.vocab_size=64", "train.seq_len=8"]
+    said = one_error(capsys, tool.main([*tiny, "--steps", "1", "--warmup", "0", "--json", str(blocker / "b.json")]))
+    assert said.startswith(f"error: cannot write {blocker / 'b.json'}: ")
+    assert "[hf-transformers]" not in capsys.readouterr().out  # nothing ran
+    said = one_error(capsys, tool.main([*tiny, "--no-baseline", "--baseline-only"]))
+    assert "leave nothing to run" in said
+
+
+def test_replace_file_leaves_no_temp_behind(tmp_path):
+    target = tmp_path / "report.json"
+    target.write_text("old")
+
+    def broken(temp: str) -> None:
+        Path(temp).write_text("half")
+        raise OSError(28, "No space left on device")
+    with pytest.raises(UserError, match=f"cannot write {target}: No space left on device"):
+        replace_file(target, broken)
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["report.json"]
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(UserError, match="cannot write"):  # a folder where the file is to be
+        replace_file(tmp_path / "folder", lambda temp: Path(temp).write_text("x"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "report.json"]
+
+
+def test_a_reader_that_goes_away_is_not_an_error(tmp_path):
+    """`inspect_store.py PREFIX --doc 0 | head -c 10`: the pipe closes early; no BrokenPipeError traceback."""
+    store = write_learnable_store(tmp_path / "arith", num_docs=400)
+    proc = subprocess.run(f"{sys.executable} tools/inspect_store.py {store} --json | head -c 10", shell=True,
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and len(proc.stdout) == 10 and proc.stderr == "", proc.stderr
