@@ -67,10 +67,23 @@ def test_verify_names_a_corrupted_or_truncated_file(trained, tool, capsys, tmp_p
     assert code == 2 and err.strip() == (
         f"error: checkpoint file damaged: {data} does not match its SHA-256 in checkpoint.json (corrupted)")
     data.write_bytes(bytes(raw[:-10]))
+    for flags in (["--verify", "--no-progress"], []):  # a size is checked even without --verify (it costs nothing)
+        code, _, err = run_tool(tool, capsys, step, *flags)
+        assert code == 2 and err.strip() == (
+            f"error: checkpoint file damaged: {data} has {len(raw) - 10} bytes, expected {len(raw)} "
+            "(truncated or overwritten)")
+    data.write_bytes(bytes(raw))
+    metadata = step / ".metadata"
+    size = metadata.stat().st_size
+    metadata.write_bytes(b"\x00" * size)  # garbage of the right size: --verify names it, no UnpicklingError
     code, _, err = run_tool(tool, capsys, step, "--verify", "--no-progress")
     assert code == 2 and err.strip() == (
-        f"error: checkpoint file damaged: {data} has {len(raw) - 10} bytes, expected {len(raw)} "
-        "(truncated or overwritten)")
+        f"error: checkpoint file damaged: {metadata} does not match its SHA-256 in checkpoint.json (corrupted)")
+    code, _, err = run_tool(tool, capsys, step)
+    assert code == 2 and err.strip() == f"error: checkpoint file damaged: {metadata} cannot be read (UnpicklingError)"
+    metadata.unlink()
+    code, _, err = run_tool(tool, capsys, step)
+    assert code == 2 and err.startswith("error: checkpoint file missing: ") and str(metadata) in err, err
 
 
 def test_errors_and_help(tool, capsys, tmp_path):

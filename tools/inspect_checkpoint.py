@@ -32,14 +32,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def summarise(folder: Path) -> dict:
-    from torch.distributed.checkpoint import FileSystemReader
-
     from nanotronix.checkpoint import paths
     from nanotronix.checkpoint.manifest import read_manifest
     from nanotronix.checkpoint.state import MODEL_PREFIX
+    from nanotronix.checkpoint.storage import dcp_metadata
 
     manifest = read_manifest(folder)
-    tensors = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    tensors = dcp_metadata(folder).state_dict_metadata
     numel = {key: 1 for key in tensors}
     for key, meta in tensors.items():
         for n in getattr(meta, "size", ()):  # tensors only (DCP also stores plain values)
@@ -71,10 +70,9 @@ def summarise(folder: Path) -> dict:
 def verify(folder: Path, progress: bool) -> None:
     from tqdm import tqdm
 
-    from nanotronix.checkpoint.manifest import check_hashes, check_sizes, read_manifest
+    from nanotronix.checkpoint.manifest import check_hashes, read_manifest
 
     manifest = read_manifest(folder)
-    check_sizes(folder, manifest)  # a missing or truncated file: found at once, before hours of hashing
     files = manifest["files"]
     with tqdm(total=sum(f["size"] for f in files.values()), unit="B", unit_scale=True, desc="verify",
               disable=not progress) as bar:
@@ -98,13 +96,15 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from nanotronix.checkpoint import paths
     from nanotronix.checkpoint.errors import CheckpointError
+    from nanotronix.checkpoint.manifest import check_sizes, read_manifest
 
     try:
         folder = paths.resolve_checkpoint(Path(args.checkpoint))
-        report = summarise(folder)
-        if args.verify:
+        check_sizes(folder, read_manifest(folder))  # a missing or truncated file: said at once, before hashing
+        if args.verify:  # damage is the answer, before anything read from the damaged files
             verify(folder, progress=not (args.json or args.no_progress))
-            report["verified"] = True
+        report = summarise(folder)
+        report["verified"] = args.verify
     except (CheckpointError, OSError) as e:
         return fail(e)
     if args.json:
