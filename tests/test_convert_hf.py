@@ -277,3 +277,44 @@ def test_output_and_overwrite_never_destroy_the_input_or_other_files(tmp_path, c
                                              "--no-progress"]) == 0
     assert sorted(p.relative_to(tmp_path) for p in run.rglob("*")) == files
     assert (hf / "config.json").is_file() and not list(tmp_path.glob(".*tmp*"))
+
+
+def test_weights_that_do_not_fit_their_config_are_one_line(tmp_path, capsys):
+    """A config beside the weights that does not describe them (an edited checkpoint.json or config.json), damaged
+    safetensors, a config.json that is not an object: one line naming the tensor or file, never a traceback."""
+    run = tmp_path / "run"
+    folder, _ = trained_checkpoint(run)
+    hf = export_to_hf(run, tmp_path / "hf", progress=False, log=lambda _: None)
+
+    def one_error(tool: str, *args: str) -> str:
+        code = tool_main(tool)([*args, "--no-progress"])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+        return lines[0]
+
+    edited = tmp_path / "edited"
+    edited.mkdir()
+    import shutil
+
+    shutil.copytree(folder, edited / folder.name)
+    manifest = json.loads((edited / folder.name / "checkpoint.json").read_text())
+    manifest["config"]["model"]["intermediate_size"] *= 2
+    (edited / folder.name / "checkpoint.json").write_text(json.dumps(manifest))
+    said = one_error("convert_to_hf", "--checkpoint", str(edited), "--output", str(tmp_path / "o"))
+    assert "tensor layers.0.mlp.gate_up_proj.weight is [" in said and "but the model config in checkpoint.json" in said
+
+    config = json.loads((hf / "config.json").read_text())
+    wrong = tmp_path / "wrong"
+    shutil.copytree(hf, wrong)
+    (wrong / "config.json").write_text(json.dumps({**config, "intermediate_size": config["intermediate_size"] * 2}))
+    said = one_error("convert_from_hf", "--hf", str(wrong), "--output", str(tmp_path / "o"))
+    assert said.startswith(f"error: --hf: {wrong}: tensor model.layers.0.mlp.gate_proj.weight is [")
+    (wrong / "config.json").write_text(json.dumps(config))
+    weights = wrong / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert one_error("convert_from_hf", "--hf", str(wrong), "--output", str(tmp_path / "o")).startswith(
+        f"error: {weights}: cannot be read as safetensors (")
+    (wrong / "config.json").write_text("[1]")
+    assert one_error("convert_from_hf", "--hf", str(wrong), "--output", str(tmp_path / "o")) == (
+        f"error: --hf: {wrong / 'config.json'}: a JSON list, not an object")
+    assert not (tmp_path / "o").exists()

@@ -26,7 +26,7 @@ from nanotronix.checkpoint import state as st
 from nanotronix.checkpoint.reader import model_parameter_shapes
 from nanotronix.checkpoint.storage import Collective
 from nanotronix.config import Config
-from nanotronix.convert.hf_mapping import from_hf, model_config_from_hf
+from nanotronix.convert.hf_mapping import from_hf, model_config_from_hf, to_hf
 from nanotronix.errors import UserError
 from nanotronix.model.rope import ROPE_LAYOUT
 
@@ -53,13 +53,20 @@ class SafetensorsFolder:
         for name in files:
             if not (folder / name).is_file():
                 raise UserError(f"{folder}: weight file {name} named in the index is missing")
-            handle = safe_open(str(folder / name), framework="pt")
+            try:
+                handle = safe_open(str(folder / name), framework="pt")
+            except Exception as e:  # safetensors' own error type: a truncated or foreign file
+                raise UserError(f"{folder / name}: cannot be read as safetensors ({' '.join(str(e).split())})") \
+                    from None
             self.handles[name] = handle
             for key in handle.keys():
                 self.location[key] = name
 
     def __contains__(self, key: str) -> bool:
         return key in self.location
+
+    def shape(self, key: str) -> list[int]:
+        return list(self.handles[self.location[key]].get_slice(key).get_shape())
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self.location:
@@ -86,6 +93,8 @@ def import_from_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, overwri
         raise UserError(f"--hf: {hf_dir} has no config.json (expected a Hugging Face model folder)")
     try:
         hf_config = json.loads(config_file.read_text())
+        if not isinstance(hf_config, dict):
+            raise ValueError(f"a JSON {type(hf_config).__name__}, not an object")
         model_cfg = model_config_from_hf(hf_config)
     except KeyError as e:
         raise UserError(f"--hf: {config_file}: field {e.args[0]!r} is missing") from None
@@ -96,6 +105,13 @@ def import_from_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, overwri
         raise UserError(f"--hf: {hf_dir} has untied embeddings but no lm_head.weight")
     state = {st.model_key(n): torch.empty(shape, dtype=torch.float32, device="meta")
              for n, shape in model_parameter_shapes(model_cfg).items()}
+    for key, tensor in state.items():  # every weight there, of the shape config.json gives it, before writing
+        for hf_name, expected in to_hf(key[len(st.MODEL_PREFIX):], tensor, model_cfg):
+            if hf_name not in source:
+                raise UserError(f"--hf: {hf_dir} lacks tensor {hf_name}")
+            if source.shape(hf_name) != list(expected.shape):
+                raise UserError(f"--hf: {hf_dir}: tensor {hf_name} is {source.shape(hf_name)}, but its config.json "
+                                f"makes it {list(expected.shape)}")
 
     from tqdm import tqdm
     bar = tqdm(total=sum(t.numel() for t in state.values()), unit="param", unit_scale=True, desc="import",

@@ -18,7 +18,7 @@ from nanotronix.checkpoint import manifest as mf
 from nanotronix.checkpoint import state as st
 from nanotronix.checkpoint import storage
 from nanotronix.checkpoint.errors import CheckpointError
-from nanotronix.checkpoint.paths import resolve_checkpoint
+from nanotronix.checkpoint.paths import MANIFEST_NAME, resolve_checkpoint
 from nanotronix.config import ModelConfig
 from nanotronix.model import build_model
 
@@ -37,9 +37,6 @@ def model_parameter_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
     return {name: p.shape for name, p in build_model(cfg, device=torch.device("meta")).named_parameters()}
 
 
-def model_parameter_names(cfg: ModelConfig) -> list[str]:
-    return list(model_parameter_shapes(cfg))
-
 
 class CheckpointReader:
     def __init__(self, path: str | os.PathLike):
@@ -48,10 +45,15 @@ class CheckpointReader:
         mf.check_sizes(self.folder, self.manifest)
         self.metadata = storage.dcp_metadata(self.folder)
         self.model_config = model_config_from_saved(self.manifest["config"]["model"], self.folder)
-        self.parameter_names = model_parameter_names(self.model_config)
+        shapes = model_parameter_shapes(self.model_config)
+        self.parameter_names = list(shapes)
         missing = [n for n in self.parameter_names if st.model_key(n) not in self.metadata.state_dict_metadata]
         if missing:
             raise CheckpointError(f"checkpoint {self.folder} lacks tensor {st.model_key(missing[0])}")
+        for name, shape in shapes.items():  # the config beside the weights must describe them
+            if self.shape(name) != shape:
+                raise CheckpointError(f"checkpoint {self.folder}: tensor {name} is {list(self.shape(name))}, but the "
+                                      f"model config in {MANIFEST_NAME} makes it {list(shape)} (the manifest was edited, or the files mixed up)")
         self._verified: set[str] = set()
 
     @property
