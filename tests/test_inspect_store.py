@@ -76,6 +76,9 @@ DAMAGE = {
     "missing EOS": (lambda p: _patch(Path(f"{p}.bin"), 2 * 5, struct.pack("<H", 7)), "document 1 does not end with"),
     "sidecar count": (lambda p: Path(f"{p}.meta.json").write_text(json.dumps({**SIDECAR, "num_tokens": 13})),
                       "sidecar says num_tokens=13"),
+    "sidecar not an object": (lambda p: Path(f"{p}.meta.json").write_text("[1, 2]"), "not a token store's sidecar"),
+    "sidecar tokenizer": (lambda p: Path(f"{p}.meta.json").write_text(json.dumps({**SIDECAR, "tokenizer": "abc"})),
+                          "not a token store's sidecar"),
 }
 
 

@@ -150,6 +150,8 @@ class MegatronStore(TokenStore):
                 self.metadata = json.loads(meta.read_text())
             except ValueError:
                 raise DataError(f"{meta}: not valid JSON") from None
+            if not isinstance(self.metadata, dict) or not isinstance(self.metadata.get("tokenizer") or {}, dict):
+                raise DataError(f"{meta}: not a token store's sidecar (a JSON object, its tokenizer an object)")
 
     @property
     def num_documents(self) -> int:
