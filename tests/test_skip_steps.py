@@ -122,6 +122,13 @@ def test_rollback_then_skip_equals_a_run_that_skipped_from_the_start(tmp_path, s
     capsys.readouterr()
     assert rollback.main([str(ckpt), "--to-step", "3"]) == 2  # never saved
     assert "no complete checkpoint of step 3 (committed steps: 2, 4, 6, 8)" in capsys.readouterr().err
+    damaged = max((ckpt / "step_0000002").glob("*.distcp"), key=lambda p: p.stat().st_size)
+    whole = damaged.read_bytes()
+    damaged.write_bytes(whole[:-10])  # a truncated step: refused before anything moves
+    assert rollback.main([str(ckpt), "--to-step", "2"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: checkpoint file damaged: {damaged} has ")
+    assert (ckpt / "latest").read_text() == "step_0000008\n" and (ckpt / "step_0000006").is_dir()
+    damaged.write_bytes(whole)
     assert rollback.main([str(ckpt), "--to-step", "4"]) == 0
     shown = capsys.readouterr().out
     assert "to step 4: latest -> step_0000004; 2 later step(s) (6, 8) moved to" in shown

@@ -33,11 +33,15 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from nanotronix.checkpoint import paths
     from nanotronix.checkpoint.errors import CheckpointError
+    from nanotronix.checkpoint.manifest import check_sizes, read_manifest
 
     run_dir = Path(args.checkpoint_dir)
     if not run_dir.is_dir() or paths.is_step_folder(run_dir):
         return fail(f"{run_dir}: not a run's checkpoint folder (the folder that holds step_NNNNNNN folders)")
     try:
+        target = run_dir / paths.step_folder_name(args.to_step)
+        if paths.is_step_folder(target):  # a damaged step is no place to go back to: found before anything moves
+            check_sizes(target, read_manifest(target))
         aside, moved = paths.roll_back(run_dir, args.to_step)
     except CheckpointError as e:
         return fail(e)
