@@ -44,7 +44,13 @@ def parse_args(argv=None):
     parser.add_argument("--reads", type=int, default=8192, help="random windows read per sampler measurement")
     parser.add_argument("--rounds", type=int, default=3,
                         help="interleaved repetitions; the best of each measurement is kept (shared machines)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name in ("workers", "seq_len", "reads", "rounds"):  # before minutes of tokenising, not after
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.max_mb <= 0:
+        parser.error(f"--max-mb must be > 0, got {args.max_mb}")
+    return args
 
 
 def collect_texts(folders, max_bytes):

@@ -56,6 +56,8 @@ def parse_args(argv=None):
     for name in ("seq_len", "windows", "micro_batch", "steps", "rounds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.step_ms < 0:
+        parser.error(f"--step-ms must be >= 0, got {args.step_ms}")
     if args.windows % args.micro_batch:
         parser.error(f"--windows {args.windows} is not divisible by --micro-batch {args.micro_batch}")
     if args.tokens < 4 * (args.seq_len + 1):
