@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 import traceback
@@ -61,6 +62,7 @@ def main(argv=None) -> None:
         else:
             code = fail(f"rank {rank()}: {e}" if rank() != 0 else e)
     except (Interrupted, KeyboardInterrupt) as e:  # Ctrl-C reaches every rank: rank 0 says it
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # and torchrun passes it on again
         if rank() == 0:
             print(e if isinstance(e, Interrupted) else "interrupted at start-up", file=sys.stderr, flush=True)
         code = EXIT_INTERRUPTED

@@ -7,6 +7,7 @@ nanotronix/train/run_log.py's; where it is, nanotronix/train/hang_report.py's.
 """
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 from typing import Optional
@@ -15,6 +16,7 @@ import torch
 
 from nanotronix import accel
 from nanotronix.checkpoint import Checkpointer
+from nanotronix.checkpoint.paths import find_checkpoint
 from nanotronix.checkpoint.storage import Collective
 from nanotronix.cli import check_writable_folder
 from nanotronix.config import Config, grad_accum_steps, skipped_step_ranges
@@ -43,21 +45,35 @@ def train(cfg: Config, ctx: ParallelContext, device: torch.device) -> dict:
     """Run the configured training; return a summary (first/last loss, steps) for the caller to print."""
     watch = HangWatch.start(cfg.logging.hang_report_seconds)  # which rank a stuck run waits for, and where
     try:
-        return _train(cfg, ctx, device, watch)
-    except KeyboardInterrupt:
-        raise Interrupted(f"interrupted {watch.where}: nothing saved since the latest checkpoint, which a rerun "
-                          "resumes from (SIGTERM or SIGUSR1 would have saved this step first)") from None
-    except Exception as e:
-        oom = out_of_memory_behind(e)
-        if oom is not None:
-            raise out_of_memory(watch.where, oom) from None
-        gone = peer_stopped(e)
-        if gone is not None:
-            raise PeerStopped(f"{watch.where}: another rank stopped (its error says why), so this one stops "
-                              f"too: {gone}") from None
-        raise
+        try:
+            return _train(cfg, ctx, device, watch)
+        except Exception as e:
+            oom = out_of_memory_behind(e)
+            if oom is not None:
+                raise out_of_memory(watch.where, oom) from None
+            gone = peer_stopped(e)
+            if gone is not None:
+                raise PeerStopped(f"{watch.where}: another rank stopped (its error says why), so this one stops "
+                                  f"too: {gone}") from None
+            raise
+    except KeyboardInterrupt:  # also one that lands while the above handles the failed collective it caused
+        # Ctrl-C reaches a worker twice (the terminal's process group, then torchrun passing it on): the second must
+        # not cut short the first's handling
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise Interrupted(f"interrupted {watch.where}: {what_a_rerun_does(cfg)} (SIGTERM or SIGUSR1 would have saved "
+                          "this step first)") from None
     finally:
         watch.close()
+
+
+def what_a_rerun_does(cfg: Config) -> str:
+    """After a stop that saved nothing: where the same command would start again."""
+    latest = find_checkpoint(Path(cfg.checkpoint.dir).expanduser()) if cfg.checkpoint.dir else None
+    if latest is None:
+        return "no checkpoint saved yet, so a rerun starts over"
+    if cfg.checkpoint.resume.strip() == "none":
+        return f"nothing saved since {latest.name}; a rerun continues from it with checkpoint.resume=auto"
+    return f"nothing saved since {latest.name}, which a rerun resumes from"
 
 
 def create_run_folders(cfg: Config, coll: Collective) -> None:
