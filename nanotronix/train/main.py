@@ -42,7 +42,9 @@ def main(argv=None) -> None:
         if summary.get("preempted"):
             code = EXIT_PREEMPTED  # saved; the scheduler should requeue the job
         elif rank() == 0 and summary["first_loss"] is not None:
-            print(f"done: {summary['steps']} steps, loss {summary['first_loss']:.4f} -> "
+            resumed = f" (steps {summary['first_step']}-{summary['steps']} in this run)" \
+                if summary["first_step"] > 1 else ""
+            print(f"done: {summary['steps']} steps{resumed}, loss {summary['first_loss']:.4f} -> "
                   f"{summary['last_loss']:.4f}", flush=True)
     except FloatingPointError as e:
         # The run diverged: the same on every rank (the loss and gradient norm are global), so rank 0 says it.

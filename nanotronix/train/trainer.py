@@ -205,4 +205,5 @@ def _train(cfg: Config, ctx: ParallelContext, device: torch.device, watch: HangW
     checkpointer.close()
     loader.close()
     log.close()
-    return {"first_loss": first_loss, "last_loss": last_loss, "steps": t.train_steps, "preempted": preempted}
+    return {"first_loss": first_loss, "last_loss": last_loss, "steps": t.train_steps, "first_step": start_step,
+            "preempted": preempted}
