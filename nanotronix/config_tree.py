@@ -19,14 +19,18 @@ from nanotronix.errors import ConfigError
 def read_yaml_tree(path: str | Path) -> dict[str, Any]:
     """A YAML file of sections as a nested dict."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config file {p} is a folder (give a YAML file, e.g. examples/configs/quickstart.yaml)")
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        tree = yaml.safe_load(p.read_text()) or {}
+        tree = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{p}:{at} is not valid YAML") from None
+    if tree is None:
+        raise ConfigError(f"config file {p} is empty")
     if not isinstance(tree, dict):
         raise ConfigError(f"{p}: top level must be a mapping of sections")
     return tree

@@ -188,6 +188,10 @@ def test_cli_help_and_bad_input(tmp_path, capsys):
          "config.json: "),
         ("convert_to_hf", ["--checkpoint", str(tmp_path), "--output", str(tmp_path / "o"), "--max-shard-size",
                            "lots"], "--max-shard-size: cannot read 'lots'"),
+        ("convert_to_hf", ["--checkpoint", str(tmp_path), "--output", str(tmp_path / "o"), "--max-shard-size",
+                           "0GB"], "--max-shard-size: must be more than 0 bytes"),
+        ("convert_to_hf", ["--checkpoint", str(tmp_path), "--output", str(tmp_path / "o"), "--private"],
+         "--private: applies to the Hub repo that --push-to-hub creates"),
     ]
     for tool, args, message in cases:
         code = tool_main(tool)(args)

@@ -40,6 +40,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from nanotronix.errors import UserError
 
+    if args.private and not args.push_to_hub:
+        return fail("--private: applies to the Hub repo that --push-to-hub creates; give --push-to-hub REPO too")
     try:
         from nanotronix.checkpoint.hub import check_hub_access, push_folder
 

@@ -33,12 +33,18 @@ def parse_size(text: str) -> int:
     """'5GB', '500MB', '2GiB' or a byte count -> bytes."""
     units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
     t = text.strip().upper()
+    size = None
     for unit, factor in units.items():
         if t.endswith(unit) and t[:-len(unit)].strip().replace(".", "", 1).isdigit():
-            return int(float(t[:-len(unit)]) * factor)
-    if t.isdigit():
-        return int(t)
-    raise UserError(f"--max-shard-size: cannot read {text!r} (examples: 5GB, 500MB, 2GiB)")
+            size = int(float(t[:-len(unit)]) * factor)
+            break
+    if size is None and t.isdigit():
+        size = int(t)
+    if size is None:
+        raise UserError(f"--max-shard-size: cannot read {text!r} (examples: 5GB, 500MB, 2GiB)")
+    if size < 1:
+        raise UserError(f"--max-shard-size: must be more than 0 bytes, got {text!r}")
+    return size
 
 
 def plan_tensors(reader: CheckpointReader, dtype: torch.dtype) -> list[tuple[str, torch.Size, str]]:
