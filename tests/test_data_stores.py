@@ -135,6 +135,9 @@ def test_zarr_spans_several_shards(tmp_path):
 def test_missing_store_names_the_path(tmp_path):
     with pytest.raises(DataError, match=f"token store not found: {tmp_path / 'nope'}"):
         open_store(tmp_path / "nope")
+    (tmp_path / "half.bin").write_bytes(b"\x00\x00")  # its .idx lost in a copy
+    with pytest.raises(DataError, match=f"token store {tmp_path / 'half'}: {tmp_path / 'half'}.idx is missing"):
+        open_store(tmp_path / "half")
 
 
 def test_tokenizer_from_file_folder_and_errors(tmp_path):

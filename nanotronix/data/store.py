@@ -164,5 +164,9 @@ def open_store(path_or_prefix: str | os.PathLike) -> TokenStore:
     zarr_location = zarr_path(spec)
     if zarr_location is not None:
         return ZarrStore(zarr_location)
+    halves = [os.path.exists(f"{spec}{suffix}") for suffix in (".bin", ".idx")]
+    if any(halves):  # half of a Megatron store: say which half is gone
+        raise DataError(f"token store {spec}: {spec}{'.idx' if halves[0] else '.bin'} is missing (a Megatron store "
+                        "is PREFIX.bin + PREFIX.idx)")
     raise DataError(f"token store not found: {spec} (looked for {spec}.bin + {spec}.idx, {spec}.ds + "
                     f"{spec}.ds.index, a zarr store at {spec} or {spec}.zarr)")
