@@ -68,7 +68,11 @@ def test_output_option_and_errors(plot_tool, tmp_path, capsys):
     out_png = tmp_path / "figs" / "x.png"
     assert plot_tool.main([str(log_dir / "metrics.jsonl"), "--output", str(out_png), "--title", "t"]) == 0
     assert out_png.is_file()
+    assert plot_tool.main([str(log_dir), "--output", str(tmp_path / "figs" / "x.svg")]) == 0
+    assert (tmp_path / "figs" / "x.svg").read_text().lstrip().startswith("<?xml")  # the suffix picks the format
     capsys.readouterr()
+    assert plot_tool.main([str(log_dir), "--output", str(tmp_path / "p.txt")]) == 2
+    assert "name a .png, .svg or .pdf file" in capsys.readouterr().err and not (tmp_path / "p.txt").exists()
     assert plot_tool.main([str(tmp_path / "nowhere")]) == 2
     assert capsys.readouterr().err.strip() == f"error: no metrics.jsonl in {tmp_path / 'nowhere'}"
     empty = tmp_path / "empty"

@@ -2,7 +2,7 @@
 """Plot a run's metrics.jsonl: loss (and validation loss), learning rate, throughput and per-source consumed tokens against the step,
 with the data-stage boundaries marked. One PNG, what people look at instead of reading logs.
 
-    python tools/plot_run.py LOG_DIR [--output PNG] [--title TEXT]
+    python tools/plot_run.py LOG_DIR [--output PNG|SVG|PDF] [--title TEXT]
 
 LOG_DIR is the run's logging.dir (the folder holding metrics.jsonl) or the metrics.jsonl file itself; the PNG goes
 to LOG_DIR/run.png unless --output says otherwise, and appears only when complete. A run that resumed from an
@@ -31,7 +31,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="tools/plot_run.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("log_dir", metavar="LOG_DIR", help="the run's logging.dir (or its metrics.jsonl)")
-    parser.add_argument("--output", "-o", metavar="PNG", help="output file (default LOG_DIR/run.png)")
+    parser.add_argument("--output", "-o", metavar="PNG", help="output file, .png, .svg or .pdf (default LOG_DIR/run.png)")
     parser.add_argument("--title", help="figure title (default: the folder name)")
     return parser.parse_args(argv)
 
@@ -152,7 +152,8 @@ def plot_run(metrics_path: Path, output: Path, title: str) -> dict[str, Any]:
     fig.tight_layout()
 
     try:
-        replace_file(output, lambda temp: fig.savefig(temp, dpi=100, format="png"), suffix=".png")
+        replace_file(output, lambda temp: fig.savefig(temp, dpi=100, format=output.suffix[1:].lower()),
+                     suffix=output.suffix)
     finally:
         plt.close(fig)
     return {"output": str(output), "records": len(records), "skipped_lines": bad,
@@ -170,6 +171,8 @@ def main(argv=None) -> int:
         if not metrics.is_file():
             raise PlotError(f"no metrics.jsonl in {log_dir}")
         output = Path(args.output) if args.output else metrics.parent / "run.png"
+        if output.suffix.lower() not in (".png", ".svg", ".pdf"):
+            raise PlotError(f"--output {output}: name a .png, .svg or .pdf file (its suffix picks the format)")
         summary = plot_run(metrics, output, args.title or metrics.parent.resolve().name)
     except (PlotError, OSError) as e:
         return fail(e)
