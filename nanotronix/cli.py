@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import functools
 import os
+import select
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable
 
+from nanotronix.data.files import commit, remove_quietly, temp_path
 from nanotronix.errors import UserError, fail
 
 EXIT_INTERRUPTED = 130
@@ -32,7 +35,9 @@ def one_line_errors(main: Callable[..., int]) -> Callable[..., int]:
             return main(*args, **kwargs)
         except UserError as e:
             return fail(e)
-        except BrokenPipeError:
+        except BrokenPipeError as e:
+            if not _stdout_is_gone():  # a pipe to a worker or a socket: a real failure
+                return fail(os_error_line(e))
             # the reader went away (`| head`): stop quietly, and keep Python's exit-time flush from complaining
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0
@@ -44,21 +49,33 @@ def one_line_errors(main: Callable[..., int]) -> Callable[..., int]:
     return guarded
 
 
+def _stdout_is_gone() -> bool:
+    """Whether standard output is a pipe whose reader has closed it (poll reports an error on its write end)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no real file behind stdout, or no poll on this platform
+        return False
+
+
 def replace_file(path: str | Path, write: Callable[[str], None], suffix: str = "") -> Path:
     """Write `path` whole or not at all: `write(temp_path)` creates a hidden file beside it, which then replaces
     `path` (a reader never sees a half-written file); the temp file never stays behind. An unusable path is a
     UserError naming `path`."""
     target = Path(path)
-    temp = str(target.parent / f".{target.name}.tmp-{os.getpid()}{suffix}")  # made by `write`: the usual mode
+    temp = temp_path(target)
+    temp = temp.with_name(temp.name + suffix)  # made by `write` (the usual file mode); the suffix for its format
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        write(temp)
-        os.replace(temp, target)
+        if target.is_dir():
+            raise IsADirectoryError(21, "Is a directory")
+        write(str(temp))
+        commit(temp, target)
     except OSError as e:
         raise UserError(f"cannot write {target}: {e.strerror or e}") from None
     finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
+        remove_quietly(temp)
     return target
 
 
@@ -68,9 +85,9 @@ def check_writable_folder(folder: str | Path, option: str) -> None:
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".nanotronix-probe-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
+        fd, probe = tempfile.mkstemp(prefix=".nanotronix-probe-", dir=folder)  # unique across hosts sharing it
+        os.close(fd)
+        os.unlink(probe)
     except (FileExistsError, NotADirectoryError):  # mkdir's words for a file where a folder was to be
         raise UserError(f"{option}: cannot write to {folder} (a part of that path is a file, not a folder)") from None
     except OSError as e:

@@ -253,6 +253,8 @@ def config_from_dict(tree: dict[str, Any]) -> Config:
     cfg = build_dataclass(Config, tree)
     resolve_preset(cfg.model)
     resolve_dataset_paths(cfg.data, cfg.validation)
+    for section in (cfg.checkpoint, cfg.logging):  # `~` once, here: every user of the folder sees the same path
+        section.dir = os.path.expanduser(section.dir) if section.dir else section.dir
     validate(cfg)
     return cfg
 

@@ -14,6 +14,7 @@ import argparse
 import os
 import sys
 
+from nanotronix.cli import check_writable_folder
 from nanotronix.config import Config, grad_accum_steps, load_config, resolve_layout
 from nanotronix.errors import UserError, fail
 
@@ -70,14 +71,11 @@ def check_data(cfg: Config, dp: int) -> dict:
 
 
 def check_writable(path: str | None, what: str) -> None:
-    if not path:
-        return
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise PreflightError(f"{what}: cannot create {path}: {e.strerror}") from None
-    if not os.access(path, os.W_OK):
-        raise PreflightError(f"{what}: {path} is not writable")
+    if path:
+        try:
+            check_writable_folder(os.path.expanduser(path), what)
+        except UserError as e:
+            raise PreflightError(str(e)) from None
 
 
 def check_loggers(cfg: Config) -> None:

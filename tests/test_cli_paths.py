@@ -8,9 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from helpers import ROOT, load_tool, write_learnable_store
+from helpers import ROOT, load_tool
 
 from nanotronix.cli import replace_file
 from nanotronix.errors import UserError
@@ -51,6 +52,7 @@ def test_train_tokenizer_reads_what_preprocess_reads_and_says_what_is_wrong(tmp_
     good.mkdir()  # a folder of inputs, as preprocess takes
     (good / "a.jsonl").write_text("".join(json.dumps({"text": f"line {i} of some text"}) + "\n" for i in range(50)))
     (good / "b.txt").write_text("plain text, one document\n")
+    (good / "__init__.py").write_text("")  # empty: passed over (nothing to learn), not an error
     bad.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"text": 5}) + "\n")
     out = tmp_path / "tok.json"
     said = one_error(capsys, tool.main(["--input", str(bad), "--output", str(out), "--vocab-size", "300"]))
@@ -70,15 +72,19 @@ def test_train_tokenizer_reads_what_preprocess_reads_and_says_what_is_wrong(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "bad.jsonl", "empty.jsonl", "good", "tok.json"]
 
 
-def test_bench_json_path_is_checked_before_the_runs(blocker, capsys):
+def test_bench_json_path_is_checked_before_the_runs(tmp_path, blocker, capsys):
     sys.path.insert(0, str(ROOT / "tools"))
     import bench_train as tool  # imported, not loaded by path: its dataclasses need their module registered
     tiny = ["model.preset=smollm2-135m", "model.num_hidden_layers=1", "model.hidden_size=32",
             "model.intermediate_size=48", "model.num_attention_heads=2", "model.num_key_value_heads=1",
             "model.vocab_size=64", "train.seq_len=8"]
-    said = one_error(capsys, tool.main([*tiny, "--steps", "1", "--warmup", "0", "--json", str(blocker / "b.json")]))
-    assert said.startswith(f"error: cannot write {blocker / 'b.json'}: ")
-    assert "[hf-transformers]" not in capsys.readouterr().out  # nothing ran
+    code = tool.main([*tiny, "--steps", "1", "--warmup", "0", "--json", str(blocker / "b.json")])
+    out, err = capsys.readouterr()
+    assert code == 2 and err == f"error: --json: cannot write to {blocker} (a part of that path is a file, not a " \
+        "folder)\n"
+    assert "[hf-transformers]" not in out  # nothing ran
+    code = tool.main([*tiny, "--steps", "1", "--warmup", "0", "--json", str(tmp_path)])
+    assert code == 2 and capsys.readouterr().err.startswith(f"error: --json {tmp_path} is a folder")
     said = one_error(capsys, tool.main([*tiny, "--no-baseline", "--baseline-only"]))
     assert "leave nothing to run" in said
 
@@ -100,8 +106,14 @@ def test_replace_file_leaves_no_temp_behind(tmp_path):
 
 
 def test_a_reader_that_goes_away_is_not_an_error(tmp_path):
-    """`inspect_store.py PREFIX --doc 0 | head -c 10`: the pipe closes early; no BrokenPipeError traceback."""
-    store = write_learnable_store(tmp_path / "arith", num_docs=400)
-    proc = subprocess.run(f"{sys.executable} tools/inspect_store.py {store} --json | head -c 10", shell=True,
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    """`inspect_store.py PREFIX --doc 0 | head -c 10` of a document longer than the pipe's buffer: the reader closes
+    the pipe while the tool still writes; the tool exits 0 without a BrokenPipeError traceback."""
+    from nanotronix.data.megatron_store import MegatronWriter
+
+    writer = MegatronWriter(tmp_path / "long", np.uint16)
+    writer.add_document(np.append(np.arange(1, 60_000) % 1000 + 1, 0))  # ~300 KB of printed ids
+    writer.finalize({"tokenizer": {"name": "synthetic", "vocab_size": 1024, "eos_id": 0}})
+    proc = subprocess.run(["bash", "-c", f"set -o pipefail; {sys.executable} tools/inspect_store.py "
+                           f"{tmp_path / 'long'} --doc 0 | head -c 10"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 0 and len(proc.stdout) == 10 and proc.stderr == "", proc.stderr

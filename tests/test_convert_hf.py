@@ -263,6 +263,10 @@ def test_output_and_overwrite_never_destroy_the_input_or_other_files(tmp_path, c
         "convert_to_hf", "--checkpoint", str(run), "--output", str(notes), "--overwrite")
     assert "cannot write there" in one_error("convert_to_hf", "--checkpoint", str(run), "--output",
                                              str(blocker / "hf"))
+    link = tmp_path / "link"
+    link.symlink_to(notes)
+    assert "is a symbolic link" in one_error("convert_to_hf", "--checkpoint", str(run), "--output", str(link),
+                                             "--overwrite")
     assert sorted(p.relative_to(tmp_path) for p in run.rglob("*")) == files
     assert (notes / "thesis.tex").read_text() == "years of work"
 

@@ -41,7 +41,7 @@ import torch.nn.functional as F  # noqa: E402
 from nanotronix import accel  # noqa: E402
 from nanotronix.config import Config, TrainConfig, load_config  # noqa: E402
 from nanotronix.config_tree import apply_override, read_yaml_tree  # noqa: E402
-from nanotronix.cli import one_line_errors, replace_file  # noqa: E402
+from nanotronix.cli import check_writable_folder, one_line_errors, replace_file  # noqa: E402
 from nanotronix.errors import UserError, fail  # noqa: E402
 from nanotronix.train.flops import device_peak_tflops, document_attention_span, flops_per_token, mfu  # noqa: E402
 from nanotronix.train.profiler import own_times, summarize  # noqa: E402
@@ -341,7 +341,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             })
         return table
 
-    report()  # an unusable --json path is said now, not after the runs
+    if args.json:  # an unusable --json path is said now, not after the runs (an older report stays until then)
+        if Path(args.json).is_dir():
+            return fail(f"--json {args.json} is a folder; name the JSON file to write")
+        check_writable_folder(Path(args.json).resolve().parent, "--json")
     if not args.no_baseline:
         baseline = measure("hf-transformers", lambda: hf_step_fn(base, device), base, device, batches,
                            args.warmup, [], profile="hf-transformers" in args.profile)

@@ -20,6 +20,8 @@ def prepare_output(output: Path, source: Path, overwrite: bool, replaceable: Cal
     UserError unless `output` may be written: absent or empty, or (with overwrite) a folder for which `replaceable`
     holds, `kind` naming what that is ("a Hugging Face model folder"); never one that is, holds or lies inside
     `source`; and when its folder cannot be written (the error names the output, not the staging folder)."""
+    if output.is_symlink():  # what would be replaced is the link, not the folder it names: say so before the work
+        raise UserError(f"--output {output} is a symbolic link; give the folder it points to, or another name")
     out, src = output.resolve(), source.resolve()
     if out == src or out in src.parents or src in out.parents:
         raise UserError(f"--output {output}: it is, holds or lies inside the input {source}; choose another folder")

@@ -88,12 +88,15 @@ def _text_of(chunk: Chunk, item, text_key: str):
 
 def read_texts(specs: list[str], text_key: str):
     """The text of every record of the inputs (files or folders, in every format preprocess reads), in order; a bad
-    record is a DataError at its file:line, as in preprocess (tools/train_tokenizer.py reads its text this way)."""
+    record is a DataError at its file:line, as in preprocess, except that empty ones (an empty __init__.py) are
+    passed over: they hold nothing to learn (tools/train_tokenizer.py reads its text this way)."""
     pieces = whole_files(expand_inputs(specs))
     found = False
     for chunk in iter_chunks(pieces, text_key):
         for k, item in enumerate(chunk.items):
             text, problem = _text_of(chunk, item, text_key)
+            if problem is not None and problem[0] == "empty text":
+                continue
             if problem is not None:
                 piece, line = chunk.position(k)
                 reason, detail = problem

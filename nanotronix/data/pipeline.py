@@ -105,7 +105,8 @@ def preprocess(opts: PreprocessOptions) -> PreprocessResult:
         shard = {"index": index, "count": count, "inputs_sha256": inputs_fingerprint(pieces, text_ratio)}
         pieces = _pieces_of_shard(pieces, index, count, text_ratio)
         prefix = os.path.join(opts.output_prefix, shard_name(*opts.shard))
-    check_writable_folder(os.path.dirname(os.path.abspath(prefix)), "--output-prefix")
+    if "://" not in prefix:  # (a URL is the zarr writer's to refuse: it writes local folders only)
+        check_writable_folder(os.path.dirname(os.path.abspath(prefix)), "--output-prefix")
     tokenizer, info = load_tokenizer(opts.tokenizer)
     dtype = optimal_dtype(info.vocab_size)
     start = time.perf_counter()

@@ -8,6 +8,7 @@ nanotronix/train/run_log.py's; where it is, nanotronix/train/hang_report.py's.
 from __future__ import annotations
 
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Optional
@@ -68,27 +69,33 @@ def train(cfg: Config, ctx: ParallelContext, device: torch.device) -> dict:
 
 def what_a_rerun_does(cfg: Config) -> str:
     """After a stop that saved nothing: where the same command would start again."""
-    latest = find_checkpoint(Path(cfg.checkpoint.dir).expanduser()) if cfg.checkpoint.dir else None
+    latest = find_checkpoint(Path(cfg.checkpoint.dir)) if cfg.checkpoint.dir else None
+    resume = cfg.checkpoint.resume.strip()
     if latest is None:
-        return "no checkpoint saved yet, so a rerun starts over"
-    if cfg.checkpoint.resume.strip() == "none":
+        return (f"no checkpoint of this run saved yet, so a rerun starts again from {resume}"
+                if resume not in ("auto", "none") else "no checkpoint saved yet, so a rerun starts over")
+    if resume == "none":
         return f"nothing saved since {latest.name}; a rerun continues from it with checkpoint.resume=auto"
     return f"nothing saved since {latest.name}, which a rerun resumes from"
 
 
 def create_run_folders(cfg: Config, coll: Collective) -> None:
-    """checkpoint.dir and logging.dir, created by rank 0 at start-up (collective): a folder that cannot be written
-    is one line now, not an error at the first checkpoint, hours of training later."""
-    error = None
-    if coll.rank == 0:
-        for option, folder in (("checkpoint.dir", cfg.checkpoint.dir), ("logging.dir", cfg.logging.dir)):
+    """checkpoint.dir and logging.dir, created by rank 0 at start-up, then written to by every rank (collective): a
+    folder that cannot be written, or that another node does not see, is one line now, not an error at the first
+    checkpoint, hours of training later."""
+    folders = [(option, folder) for option, folder in (("checkpoint.dir", cfg.checkpoint.dir),
+                                                       ("logging.dir", cfg.logging.dir)) if folder]
+
+    def check() -> Optional[str]:
+        for option, folder in folders:
             try:
-                if folder:
-                    check_writable_folder(Path(folder).expanduser(), option)
+                check_writable_folder(folder, option)
             except UserError as e:
-                error = str(e)
-                break
-    error = coll.broadcast(error)
+                return str(e) if coll.rank == 0 else f"{e} (on rank {coll.rank}, {socket.gethostname()})"
+        return None
+    error = coll.broadcast(check() if coll.rank == 0 else None)  # rank 0 creates them
+    if error is None:  # then every other rank writes to them
+        error = next((e for e in coll.all_gather(check() if coll.rank != 0 else None) if e), None)
     if error:
         raise UserError(error, every_rank=True)
 
