@@ -63,6 +63,9 @@ def test_names_a_rank_that_stopped_responding(store, capsys):
         w.at(7, "train step")
     time.sleep(0.3)  # every rank has published at least once
     watches[2].close()  # its heartbeats stop, as when the process dies or is stopped
+    # silent for more than 3 polls (0.6 s) before the others can report at all (the report comes 0.5 s after they
+    # move on: without this wait, a loaded machine reported rank 2 as merely behind)
+    time.sleep(0.8)
     for w in watches[:2]:
         w.at(8, "train step")
     time.sleep(1.5)
