@@ -17,8 +17,7 @@ from typing import Callable
 
 from nanotronix.data.files import commit, remove_quietly, temp_path
 from nanotronix.errors import UserError, fail
-
-EXIT_INTERRUPTED = 130
+from nanotronix.train import EXIT_INTERRUPTED
 
 
 def os_error_line(error: OSError) -> str:
