@@ -81,8 +81,8 @@ def what_a_rerun_does(cfg: Config) -> str:
 
 def create_run_folders(cfg: Config, coll: Collective) -> None:
     """checkpoint.dir and logging.dir, created by rank 0 at start-up, then written to by every rank (collective): a
-    folder that cannot be written, or that another node does not see, is one line now, not an error at the first
-    checkpoint, hours of training later."""
+    folder that cannot be written, from any node, is one line now, not an error at the first checkpoint, hours of
+    training later. (A folder that is not shared between nodes is not found here: each node creates its own.)"""
     folders = [(option, folder) for option, folder in (("checkpoint.dir", cfg.checkpoint.dir),
                                                        ("logging.dir", cfg.logging.dir)) if folder]
 
