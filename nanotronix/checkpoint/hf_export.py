@@ -16,10 +16,11 @@ from typing import Any, Callable, Optional
 import torch
 
 from nanotronix.checkpoint.errors import CheckpointError
-from nanotronix.checkpoint.output_folder import commit_output, prepare_output
+from nanotronix.checkpoint.output_folder import prepare_output
 from nanotronix.checkpoint.reader import CheckpointReader
 from nanotronix.checkpoint.safetensors_stream import StreamingSafetensorsWriter, tensor_nbytes
 from nanotronix.convert.hf_mapping import hf_config_dict, to_hf
+from nanotronix.data.files import commit
 from nanotronix.errors import UserError
 
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -146,7 +147,7 @@ def export_to_hf(checkpoint: str | os.PathLike, output: str | os.PathLike, dtype
             generation = {**generation, "transformers_version": version}
         (temp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (temp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        commit_output(temp, output)
+        commit(temp, output)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise

@@ -21,12 +21,13 @@ from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
 from nanotronix.checkpoint import manifest as mf
 from nanotronix.checkpoint import paths
-from nanotronix.checkpoint.output_folder import commit_output, prepare_output
+from nanotronix.checkpoint.output_folder import prepare_output
 from nanotronix.checkpoint import state as st
 from nanotronix.checkpoint.reader import model_parameter_shapes
 from nanotronix.checkpoint.storage import Collective
 from nanotronix.config import Config
 from nanotronix.convert.hf_mapping import from_hf, model_config_from_hf, to_hf
+from nanotronix.data.files import commit
 from nanotronix.errors import UserError
 from nanotronix.model.rope import ROPE_LAYOUT
 
@@ -144,7 +145,7 @@ def import_from_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, overwri
         manifest["files"] = mf.digest_files(temp, mf.list_files(temp))
         mf.write_manifest(temp, manifest)
         paths.commit_step(temp, staging, 0)
-        commit_output(staging, output)
+        commit(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -6,18 +6,18 @@ kind (`replaceable`) is replaced; a training run, or anyone's other files, are l
 """
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 from typing import Callable
 
+from nanotronix.data.files import temp_path
 from nanotronix.errors import UserError
 
 
 def prepare_output(output: Path, source: Path, overwrite: bool, replaceable: Callable[[Path], bool],
                    kind: str) -> Path:
-    """The new, empty staging folder beside `output` that `commit_output` later puts in its place. Raises
-    UserError unless `output` may be written: absent or empty, or (with overwrite) a folder for which `replaceable`
+    """The new, empty staging folder beside `output` (data/files' temp name) that `data.files.commit` later puts in
+    its place. Raises UserError unless `output` may be written: absent or empty, or (with overwrite) a folder for which `replaceable`
     holds, `kind` naming what that is ("a Hugging Face model folder"); never one that is, holds or lies inside
     `source`; and when its folder cannot be written (the error names the output, not the staging folder)."""
     if output.is_symlink():  # what would be replaced is the link, not the folder it names: say so before the work
@@ -31,7 +31,7 @@ def prepare_output(output: Path, source: Path, overwrite: bool, replaceable: Cal
         if not output.is_dir() or not replaceable(output):
             raise UserError(f"--overwrite: {output} is not {kind}, so it is left as it is (remove it yourself if "
                             "it is to go)")
-    staging = output.parent / f".{output.name}.tmp-{os.getpid()}"
+    staging = temp_path(output)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(staging, ignore_errors=True)
@@ -40,9 +40,3 @@ def prepare_output(output: Path, source: Path, overwrite: bool, replaceable: Cal
         raise UserError(f"--output {output}: cannot write there ({e.strerror or e})") from None
     return staging
 
-
-def commit_output(staging: Path, output: Path) -> None:
-    """Put the complete `staging` folder in the place of `output` (removing what `prepare_output` allowed)."""
-    if output.exists():
-        shutil.rmtree(output)
-    os.rename(staging, output)
