@@ -19,6 +19,7 @@ Which checkpoint a run resumes from (`checkpoint.resume`):
 from __future__ import annotations
 
 import datetime
+import socket
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -118,6 +119,29 @@ class Checkpointer:
     # ---- resume --------------------------------------------------------------------------------------
 
     def _resume_source(self) -> Optional[Path]:
+        """The step folder to resume from, chosen by rank 0 for every rank: ranks that each read the folder could
+        choose different steps (a save committed between their reads, a file system that shows one node a new
+        step later than another), and would then load a model of mixed steps. Every rank must see the folder."""
+        chosen = None
+        if self.coll.rank == 0:
+            try:
+                chosen = ("ok", self._choose_resume_source())
+            except CheckpointError as e:
+                chosen = ("error", str(e))
+        outcome, value = self.coll.broadcast(chosen)
+        if outcome == "error":
+            raise CheckpointError(value, every_rank=True)
+        if value is None:
+            return None
+        missing = None if paths.is_step_folder(value) else (
+            f"rank {self.ctx.rank} ({socket.gethostname()}) does not see checkpoint {value}, which rank 0 resumes "
+            f"from: checkpoint.dir and checkpoint.resume must be on a file system every node mounts")
+        missing = next((m for m in self.coll.all_gather(missing) if m), None)
+        if missing:
+            raise CheckpointError(missing, every_rank=True)
+        return value
+
+    def _choose_resume_source(self) -> Optional[Path]:
         mode = self.settings.resume.strip()
         own = paths.find_checkpoint(self.run_dir) if self.run_dir is not None else None
         if mode == "none":

@@ -8,7 +8,6 @@ nanotronix/train/run_log.py's; where it is, nanotronix/train/hang_report.py's.
 from __future__ import annotations
 
 import signal
-import socket
 import time
 from pathlib import Path
 from typing import Optional
@@ -18,8 +17,6 @@ import torch
 from nanotronix import accel
 from nanotronix.checkpoint import Checkpointer
 from nanotronix.checkpoint.paths import find_checkpoint
-from nanotronix.checkpoint.storage import Collective
-from nanotronix.cli import check_writable_folder
 from nanotronix.config import Config, grad_accum_steps, skipped_step_ranges
 from nanotronix.data import build_prefetched_loader, tokenizer_note
 from nanotronix.distributed import PeerStopped, peer_stopped
@@ -31,6 +28,7 @@ from nanotronix.train.hang_report import HangWatch
 from nanotronix.train.lr_schedule import lr_at
 from nanotronix.train.optimizer import param_groups
 from nanotronix.train.profiler import StepProfiler
+from nanotronix.train.run_folders import create_run_folders
 from nanotronix.train.run_log import RunLog
 from nanotronix.train.spike_guard import SpikeGuard
 from nanotronix.train.step import train_step
@@ -77,27 +75,6 @@ def what_a_rerun_does(cfg: Config) -> str:
     if resume == "none":
         return f"nothing saved since {latest.name}; a rerun continues from it with checkpoint.resume=auto"
     return f"nothing saved since {latest.name}, which a rerun resumes from"
-
-
-def create_run_folders(cfg: Config, coll: Collective) -> None:
-    """checkpoint.dir and logging.dir, created by rank 0 at start-up, then written to by every rank (collective): a
-    folder that cannot be written, from any node, is one line now, not an error at the first checkpoint, hours of
-    training later. (A folder that is not shared between nodes is not found here: each node creates its own.)"""
-    folders = [(option, folder) for option, folder in (("checkpoint.dir", cfg.checkpoint.dir),
-                                                       ("logging.dir", cfg.logging.dir)) if folder]
-
-    def check() -> Optional[str]:
-        for option, folder in folders:
-            try:
-                check_writable_folder(folder, option)
-            except UserError as e:
-                return str(e) if coll.rank == 0 else f"{e} (on rank {coll.rank}, {socket.gethostname()})"
-        return None
-    error = coll.broadcast(check() if coll.rank == 0 else None)  # rank 0 creates them
-    if error is None:  # then every other rank writes to them
-        error = next((e for e in coll.all_gather(check() if coll.rank != 0 else None) if e), None)
-    if error:
-        raise UserError(error, every_rank=True)
 
 
 def out_of_memory_behind(error: BaseException) -> Optional[torch.OutOfMemoryError]:

@@ -1,0 +1,83 @@
+"""The run's folders, checked at start-up: `checkpoint.dir` and `logging.dir` exist and every rank can write to
+them, and `checkpoint.dir` is one folder that every node sees.
+
+Found here, a bad folder is one line before step 1; found at the first save, it would cost every step before it.
+A `checkpoint.dir` on a node-local disk (/tmp, /scratch on many clusters) is the costly case: every rank writes its
+shards into its own node's copy, rank 0 commits a step whose shards mostly lie on other machines, and no saved
+step can be loaded. `logging.dir` need not be shared (rank 0 writes the metrics; a profiled rank its own traces).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from pathlib import Path
+from typing import Optional
+
+from nanotronix.checkpoint.storage import Collective
+from nanotronix.cli import check_writable_folder
+from nanotronix.config import Config
+from nanotronix.errors import UserError
+
+MARKER_PREFIX = ".nanotronix-shared-"
+# How long a rank looks for rank 0's marker: network file systems may show another client's new file a little
+# late (attribute caches), never minutes late.
+MARKER_WAIT_SECONDS = 10.0
+
+
+def create_run_folders(cfg: Config, coll: Collective, marker_wait: float = MARKER_WAIT_SECONDS) -> None:
+    """Rank 0 creates the folders and leaves a marker file in checkpoint.dir; then every other rank writes a probe
+    file to each folder and looks for the marker (collective). Raises one UserError on every rank, naming the
+    first rank (and host) that failed."""
+    folders = [(option, folder) for option, folder in (("checkpoint.dir", cfg.checkpoint.dir),
+                                                       ("logging.dir", cfg.logging.dir)) if folder]
+    marker = Path(cfg.checkpoint.dir) / f"{MARKER_PREFIX}{uuid.uuid4().hex}" if cfg.checkpoint.dir else None
+
+    def where() -> str:
+        return f"rank {coll.rank}, {socket.gethostname()}"
+
+    def check() -> Optional[str]:
+        for option, folder in folders:
+            try:
+                check_writable_folder(folder, option)
+            except UserError as e:
+                return str(e) if coll.rank == 0 else f"{e} (on {where()})"
+        return None
+
+    def leave_marker() -> Optional[str]:
+        error = check()
+        if error is None and marker is not None:
+            try:
+                marker.write_text(socket.gethostname())
+            except OSError as e:
+                return f"checkpoint.dir: cannot write to {marker.parent} ({e.strerror or e})"
+        return error
+
+    def sees(marker_name: str) -> Optional[str]:
+        error = check()
+        if error is not None or marker is None:
+            return error
+        seen = Path(cfg.checkpoint.dir) / marker_name
+        deadline = time.monotonic() + marker_wait
+        while not seen.exists():
+            if time.monotonic() > deadline:
+                return (f"checkpoint.dir {cfg.checkpoint.dir} is not one folder shared by every node: {where()} "
+                        f"does not see the file {marker_name} that rank 0 wrote there; every rank saves its part "
+                        "of each checkpoint into that folder, so it must be on a file system all nodes mount")
+            time.sleep(0.2)
+        return None
+
+    error = coll.broadcast(leave_marker() if coll.rank == 0 else None)  # rank 0 creates them
+    try:
+        if error is None:  # then every other rank writes to them and looks for the marker
+            names = coll.broadcast(marker.name if marker is not None else None)
+            error = next((e for e in coll.all_gather(sees(names) if coll.rank != 0 else None) if e), None)
+    finally:
+        if coll.rank == 0 and marker is not None:
+            try:
+                os.unlink(marker)
+            except OSError:
+                pass
+    if error:
+        raise UserError(error, every_rank=True)
