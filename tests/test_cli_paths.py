@@ -46,6 +46,33 @@ def test_preprocess_refuses_unusable_output_prefixes_before_tokenizing(tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "in.jsonl"]
 
 
+@pytest.mark.parametrize("fmt, written", [("megatron", ["out.bin", "out.idx", "out.meta.json"]),
+                                            ("zarr", ["out.zarr"])])
+def test_preprocess_replaces_a_store_only_when_asked(tmp_path, tiny_tokenizer, capsys, fmt, written):
+    """A store can be days of tokenizing: a second run into its prefix (a typo, a copied command) is refused before
+    any work, the store untouched; --overwrite replaces it."""
+    from nanotronix.data import open_store
+
+    tool = load_tool("preprocess")
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"text": "hello world"}) + "\n")
+    run = ["--input", str(src), "--tokenizer", tiny_tokenizer, "--no-progress", "--format", fmt,
+           "--output-prefix", str(tmp_path / "out")]
+    assert tool.main(run) == 0
+    capsys.readouterr()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("out")) == written
+    before = open_store(tmp_path / written[0].replace(".bin", "")).num_tokens
+    src.write_text(json.dumps({"text": "hello world, and more words than before"}) + "\n")
+    said = one_error(capsys, tool.main(run))
+    first = "out.idx" if fmt == "megatron" else "out.zarr"
+    assert said == (f"error: --output-prefix {tmp_path / 'out'}: {tmp_path / first} already exists; pass "
+                    "--overwrite to replace that store")
+    assert open_store(tmp_path / written[0].replace(".bin", "")).num_tokens == before
+    assert tool.main([*run, "--overwrite"]) == 0
+    assert open_store(tmp_path / written[0].replace(".bin", "")).num_tokens > before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("out", ".out"))) == written
+
+
 def test_train_tokenizer_reads_what_preprocess_reads_and_says_what_is_wrong(tmp_path, blocker, capsys):
     tool = load_tool("train_tokenizer")
     good, bad = tmp_path / "good", tmp_path / "bad.jsonl"
@@ -70,6 +97,15 @@ def test_train_tokenizer_reads_what_preprocess_reads_and_says_what_is_wrong(tmp_
 
     assert Tokenizer.from_file(str(out)).token_to_id("<|endoftext|>") == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "bad.jsonl", "empty.jsonl", "good", "tok.json"]
+    # a second run would silently unmatch every store tokenized with the first: refused unless --overwrite
+    saved = out.read_bytes()
+    (good / "c.txt").write_text("zebra quokka " * 40)  # new words: the tokenizer it trains differs
+    said = one_error(capsys, tool.main(["--input", str(good), "--output", str(out), "--vocab-size", "320"]))
+    assert said == (f"error: --output {out} already exists (token stores made with it would no longer match it); "
+                    "pass --overwrite to replace it")
+    assert out.read_bytes() == saved
+    assert tool.main(["--input", str(good), "--output", str(out), "--vocab-size", "320", "--overwrite"]) == 0
+    assert out.read_bytes() != saved
 
 
 def test_bench_json_path_is_checked_before_the_runs(tmp_path, blocker, capsys):

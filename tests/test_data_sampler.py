@@ -238,3 +238,22 @@ def test_moved_corpus_keeps_its_order_when_data_root_follows(stores, tmp_path):
     absolute = [(str(tmp_path / "b" / n), w) for n, w in mixture]  # no data.root: keyed by the full path
     moved = build_train_loader(_cfg([("one", 1, absolute)]), 0, 1).read_samples(ids)
     assert not np.array_equal(moved, here)
+
+
+@pytest.mark.parametrize("bad_id", [-1, 49152, 2**31 - 1])
+def test_token_ids_outside_the_vocabulary_name_the_store(tmp_path, bad_id):
+    """Ids the embedding cannot look up (a damaged int32 store can hold negative ones too) are one DataError naming
+    the store and window, not an IndexError on every rank; ids within the vocabulary, up to its last, pass."""
+    tokens = np.random.default_rng(0).integers(0, 49152, size=4000, dtype=np.int32)
+    tokens[100] = 49151
+    path = tmp_path / "int32"
+    writer = MegatronWriter(path, np.int32)
+    writer.add_documents(tokens, np.full(40, 100))
+    writer.finalize({"tokenizer": {"vocab_size": 49152, "eos_id": 0}})
+    loader = build_train_loader(_cfg([("a", 1, [(str(path), 1.0)])], gbs=250), 0, 1)
+    assert loader.batch(1).max() == 49151  # one epoch: 249 windows of 16+1 tokens, token 100 among them
+    tokens[1234] = bad_id
+    path.with_suffix(".bin").write_bytes(tokens.tobytes())
+    with pytest.raises(DataError, match=rf"token store .*int32: token id {bad_id} \(in the window at token \d+\) is "
+                                        r"outside the model's vocabulary \(49152\)"):
+        loader.batch(1)

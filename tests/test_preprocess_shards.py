@@ -126,7 +126,8 @@ def test_shards_cut_from_different_input_listings_do_not_open(tmp_path, tiny_tok
     assert len({s["inputs_sha256"] for s in shards}) == 1
     with open(corpus / "part0" / "00.jsonl", "a") as f:
         f.write(json.dumps({"text": "alpha beta"}) + "\n")
-    assert tool.main(common + ["--shard", "1/3"]) == 0
+    assert tool.main(common + ["--shard", "1/3"]) == 2  # a shard already written is not replaced unasked
+    assert tool.main(common + ["--shard", "1/3", "--overwrite"]) == 0
     with pytest.raises(DataError, match="its shards were cut from different input listings"):
         open_store(tmp_path / "sharded")
 
@@ -233,7 +234,7 @@ def test_shards_whose_tasks_counted_a_compressed_file_differently_do_not_open(tm
     assert open_store(tmp_path / "sharded").num_documents == 601
     found = inputs.text_per_byte
     monkeypatch.setattr(pipeline, "text_per_byte", lambda path: found(path) * (1.01 if path == files[2] else 1))
-    assert tool.main(common + ["--shard", "1/3"]) == 0
+    assert tool.main(common + ["--shard", "1/3", "--overwrite"]) == 0
     with pytest.raises(DataError, match="cut from different input listings .* compressed files decoded differently"):
         open_store(tmp_path / "sharded")
 

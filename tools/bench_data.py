@@ -125,7 +125,7 @@ def pipeline_rate(args, corpus, prefix):
     from nanotronix.data import PreprocessOptions, preprocess
     wall, cpu, children = time.perf_counter(), time.process_time(), _children_cpu()
     result = preprocess(PreprocessOptions([str(corpus)], args.tokenizer, str(prefix), workers=args.workers,
-                                          progress=False))
+                                          progress=False, overwrite=True))  # each round rewrites the store
     wall = time.perf_counter() - wall
     deadline = time.time() + 30
     while multiprocessing.active_children() and time.time() < deadline:  # reap the workers: their CPU counts

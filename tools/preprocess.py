@@ -3,6 +3,7 @@
 
     python tools/preprocess.py --input FILE_OR_DIR [...] --tokenizer TOKENIZER --output-prefix PREFIX \\
         [--text-key text] [--workers N] [--format megatron|zarr] [--skip-bad] [--shard I/N] [--shuffle [SEED]]
+        [--overwrite]
 
 Inputs: .jsonl/.ndjson/.json (optionally .gz/.zst), .parquet, plain text files (.txt/.md/.rst/.py/... one file
 = one document), or folders of them. Each document is followed by the tokenizer's EOS id. A bad record stops
@@ -44,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--shuffle", metavar="SEED", type=int, nargs="?", const=1234, default=None,
                         help="store the documents in a random order from SEED (default 1234)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a store already at the output prefix (refused otherwise)")
     parser.add_argument("--shard", metavar="I/N", type=parse_shard,
                         help="tokenize only shard I of N (0 <= I < N) of the inputs into PREFIX/shard-IIIII-of-NNNNN")
     return parser.parse_args(argv)
@@ -64,7 +67,7 @@ def main(argv=None) -> int:
     opts = PreprocessOptions(inputs=args.input, tokenizer=args.tokenizer, output_prefix=args.output_prefix,
                              text_key=args.text_key, workers=args.workers, format=args.format,
                              skip_bad=args.skip_bad, progress=not args.no_progress, shard=args.shard,
-                             shuffle_seed=args.shuffle)
+                             shuffle_seed=args.shuffle, overwrite=args.overwrite)
     try:
         result = preprocess(opts)
     except DataError as e:

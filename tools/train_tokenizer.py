@@ -24,6 +24,9 @@ def main(argv=None) -> int:
     parser.add_argument("--output", required=True, help="tokenizer.json to write")
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--text-key", default="text", help="JSON key of the text in .jsonl inputs")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --output (refused otherwise: stores tokenized with it would no "
+                             "longer match it)")
     args = parser.parse_args(argv)
 
     if args.vocab_size < 300:
@@ -31,6 +34,9 @@ def main(argv=None) -> int:
     out = Path(args.output)
     if out.is_dir():
         return fail(f"--output {out} is a folder; name the tokenizer.json to write")
+    if out.exists() and not args.overwrite:
+        return fail(f"--output {out} already exists (token stores made with it would no longer match it); pass "
+                    "--overwrite to replace it")
     check_writable_folder(out.parent, "--output")
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 

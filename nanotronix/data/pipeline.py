@@ -32,7 +32,7 @@ from nanotronix.cli import check_writable_folder
 from . import encode
 from .errors import DataError
 from .inputs import InputPiece, expand_inputs, iter_chunks, split_large_inputs, text_per_byte, whole_files
-from .megatron_store import MegatronWriter, optimal_dtype
+from .megatron_store import MegatronWriter, optimal_dtype, sidecar_path
 from .sharded_store import inputs_fingerprint, shard_name, split_inputs
 from .shuffle import ShufflingWriter
 from .tokenizer import load_tokenizer
@@ -57,6 +57,7 @@ class PreprocessOptions:
     # documents stored in a random order drawn from this seed (and the shard index): the sampler shuffles windows,
     # so this is what keeps neighbouring input documents out of the same windows
     shuffle_seed: Optional[int] = None
+    overwrite: bool = False  # replace a store already at the output (refused otherwise: it may be days of work)
     chunk_bytes: int = 1 << 18  # small enough to balance the workers on the last chunks
     threads_per_process: int = 8  # see the module docstring
 
@@ -87,6 +88,18 @@ def create_writer(fmt: str, prefix: str, dtype: np.dtype):
     raise DataError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
 
 
+def existing_output(fmt: str, prefix: str) -> Optional[str]:
+    """The first file or folder of a store already at `prefix` that a run in `fmt` would replace, if any."""
+    if "://" in prefix:
+        return None
+    if fmt == "zarr":
+        from .zarr_store import zarr_output_path
+        candidates = [zarr_output_path(prefix)]
+    else:
+        candidates = [f"{prefix}.idx", f"{prefix}.bin", str(sidecar_path(prefix))]
+    return next((c for c in candidates if os.path.lexists(c)), None)
+
+
 def preprocess(opts: PreprocessOptions) -> PreprocessResult:
     if opts.workers < 1:
         raise DataError(f"--workers must be >= 1, got {opts.workers}")
@@ -105,6 +118,10 @@ def preprocess(opts: PreprocessOptions) -> PreprocessResult:
         shard = {"index": index, "count": count, "inputs_sha256": inputs_fingerprint(pieces, text_ratio)}
         pieces = _pieces_of_shard(pieces, index, count, text_ratio)
         prefix = os.path.join(opts.output_prefix, shard_name(*opts.shard))
+    existing = existing_output(opts.format, prefix)
+    if existing is not None and not opts.overwrite:
+        raise DataError(f"--output-prefix {opts.output_prefix}: {existing} already exists; pass --overwrite to "
+                        "replace that store")
     if "://" not in prefix:  # (a URL is the zarr writer's to refuse: it writes local folders only)
         check_writable_folder(os.path.dirname(os.path.abspath(prefix)), "--output-prefix")
     tokenizer, info = load_tokenizer(opts.tokenizer)
