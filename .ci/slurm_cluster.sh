@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A real one-node Slurm cluster on localhost, for the tests of slurm/*.sh (Debian's slurm 22.05 + munge).
+# A real two-node Slurm cluster on localhost, for the tests of slurm/*.sh (Debian's slurm 22.05 + munge).
 #
 #   bash .ci/slurm_cluster.sh [start]   install the packages if absent, write the config, start munged,
 #                                       slurmctld and slurmd, wait until the node is idle (idempotent: a
@@ -11,14 +11,18 @@
 # Must run as root (no systemd here: the daemons are started by hand). State lives under
 # NANOTRONIX_SLURM_DIR (default /tmp/nanotronix-slurm); its slurm.conf is what SLURM_CONF must point at.
 #
-# The node advertises 8 fake GPUs (gres/gpu backed by stand-ins for /dev/null) and at least 8 CPUs, so the
-# recipes' headers (--gres=gpu:8 --exclusive) are accepted unchanged; jobs then run on CPU.
+# The nodes are `hostname -s` and that name with "-b" (a second slurmd, `slurmd -N`, on its own port, spool and
+# log; the name is added to /etc/hosts as 127.0.0.1, so a job's first node resolves whichever it is): a job with
+# --nodes=2 runs one srun task per node, as on a real cluster, with every process on this machine. Each node
+# advertises 8 fake GPUs (gres/gpu backed by stand-ins for /dev/null) and at least 8 CPUs, so the recipes' headers
+# (--gres=gpu:8 --exclusive) are accepted unchanged; jobs then run on CPU.
 # Checked on Debian 12 with slurm 22.05.8 and munge 0.5.15 (2 cores, root, no systemd).
 set -euo pipefail
 
 STATE_DIR=${NANOTRONIX_SLURM_DIR:-/tmp/nanotronix-slurm}
 CONF=$STATE_DIR/slurm.conf
 NODE=$(hostname -s)
+NODE_B=$NODE-b
 FAKE_GPUS=8
 
 die() { echo "slurm_cluster: error: $*" >&2; exit 1; }
@@ -44,9 +48,9 @@ write_config() {  # writes $CONF.new; the caller decides whether it differs from
   cpus=$(nproc)
   [ "$cpus" -ge 8 ] || cpus=8  # declared larger than real (config_overrides): 8-rank jobs still fit
   mem_mb=$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
-  mkdir -p "$STATE_DIR"/{state,spool/slurmd,run,log}
+  mkdir -p "$STATE_DIR"/{state,spool,run,log}
   cat > "$CONF.new" <<EOF
-# Written by .ci/slurm_cluster.sh for the nanotronix tests: one node, $NODE, on 127.0.0.1.
+# Written by .ci/slurm_cluster.sh for the nanotronix tests: two nodes, $NODE and $NODE_B, on 127.0.0.1.
 ClusterName=nanotronix-ci
 SlurmctldHost=$NODE(127.0.0.1)
 SlurmUser=root
@@ -67,12 +71,13 @@ EnforcePartLimits=ALL
 MailProg=/bin/true
 GresTypes=gpu
 StateSaveLocation=$STATE_DIR/state
-SlurmdSpoolDir=$STATE_DIR/spool/slurmd
+SlurmdSpoolDir=$STATE_DIR/spool/slurmd-%n
 SlurmctldPidFile=$STATE_DIR/run/slurmctld.pid
-SlurmdPidFile=$STATE_DIR/run/slurmd.pid
+SlurmdPidFile=$STATE_DIR/run/slurmd-%n.pid
 SlurmctldLogFile=$STATE_DIR/log/slurmctld.log
-SlurmdLogFile=$STATE_DIR/log/slurmd.log
-NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$cpus CoresPerSocket=$cpus RealMemory=$mem_mb Gres=gpu:$FAKE_GPUS State=UNKNOWN
+SlurmdLogFile=$STATE_DIR/log/slurmd-%n.log
+NodeName=$NODE NodeAddr=127.0.0.1 Port=6818 CPUs=$cpus CoresPerSocket=$cpus RealMemory=$mem_mb Gres=gpu:$FAKE_GPUS State=UNKNOWN
+NodeName=$NODE_B NodeAddr=127.0.0.1 Port=6828 CPUs=$cpus CoresPerSocket=$cpus RealMemory=$mem_mb Gres=gpu:$FAKE_GPUS State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
   # gres.conf is read from the folder of slurm.conf. slurmd drops GPUs without device files, so each fake
@@ -83,7 +88,12 @@ EOF
     [ -c "$STATE_DIR/dev/gpu$i" ] || mknod "$STATE_DIR/dev/gpu$i" c 1 3 \
       || die "cannot create the fake GPU device $STATE_DIR/dev/gpu$i (mknod; is the folder on a nodev mount?)"
   done
-  echo "NodeName=$NODE Name=gpu File=$STATE_DIR/dev/gpu[0-$((FAKE_GPUS - 1))]" > "$STATE_DIR/gres.conf"
+  echo "NodeName=$NODE,$NODE_B Name=gpu File=$STATE_DIR/dev/gpu[0-$((FAKE_GPUS - 1))]" > "$STATE_DIR/gres.conf"
+}
+
+add_host_name() {  # the second node's name resolves to this machine (the first is this machine's own name)
+  grep -qE "^[^#]*[[:space:]]$NODE_B([[:space:]]|\$)" /etc/hosts || echo "127.0.0.1 $NODE_B" >> /etc/hosts \
+    || die "cannot add $NODE_B to /etc/hosts"
 }
 
 start_munge() {
@@ -96,13 +106,15 @@ start_munge() {
   runuser -u munge -- /usr/sbin/munged
 }
 
-node_state() {
-  SLURM_CONF=$CONF sinfo -h -N -n "$NODE" -o %t 2>/dev/null | head -n1
+node_state() {  # node_state NAME
+  SLURM_CONF=$CONF sinfo -h -N -n "$1" -o %t 2>/dev/null | head -n1
 }
+
+SLURMD_PIDS=("$STATE_DIR/run/slurmd-$NODE.pid" "$STATE_DIR/run/slurmd-$NODE_B.pid")
 
 stop_daemons() {
   local f
-  for f in "$STATE_DIR/run/slurmd.pid" "$STATE_DIR/run/slurmctld.pid"; do
+  for f in "${SLURMD_PIDS[@]}" "$STATE_DIR/run/slurmd.pid" "$STATE_DIR/run/slurmctld.pid"; do
     if pid_alive "$f"; then
       kill "$(cat "$f")"
       for _ in $(seq 50); do pid_alive "$f" || break; sleep 0.1; done
@@ -116,7 +128,8 @@ start() {
   install_packages
   [ "$(id -u)" = 0 ] || die "starting the Slurm daemons needs root"
   write_config
-  if pid_alive "$STATE_DIR/run/slurmctld.pid" && pid_alive "$STATE_DIR/run/slurmd.pid" \
+  add_host_name
+  if pid_alive "$STATE_DIR/run/slurmctld.pid" && pid_alive "${SLURMD_PIDS[0]}" && pid_alive "${SLURMD_PIDS[1]}" \
      && cmp -s "$CONF" "$CONF.new"; then
     rm -f "$CONF.new"
   else
@@ -124,27 +137,31 @@ start() {
     mv "$CONF.new" "$CONF"
     start_munge
     SLURM_CONF=$CONF slurmctld -f "$CONF"
-    SLURM_CONF=$CONF slurmd -f "$CONF"
+    SLURM_CONF=$CONF slurmd -f "$CONF" -N "$NODE"
+    SLURM_CONF=$CONF slurmd -f "$CONF" -N "$NODE_B"
   fi
-  local state=""
-  for _ in $(seq 100); do  # 10 s
-    state=$(node_state)
+  local node state
+  for node in "$NODE" "$NODE_B"; do
+    state=""
+    for _ in $(seq 100); do  # 10 s
+      state=$(node_state "$node")
+      case "$state" in
+        idle|alloc|mix|comp) break ;;
+        down*|drain*|drng*) SLURM_CONF=$CONF scontrol update NodeName="$node" State=RESUME >/dev/null 2>&1 || true ;;
+      esac
+      sleep 0.1
+    done
     case "$state" in
-      idle|alloc|mix|comp) break ;;
-      down*|drain*|drng*) SLURM_CONF=$CONF scontrol update NodeName="$NODE" State=RESUME >/dev/null 2>&1 || true ;;
+      idle|alloc|mix|comp) log "node $node is $state (SLURM_CONF=$CONF)" ;;
+      *) die "node $node did not become idle (state '${state:-none}'); see $STATE_DIR/log/" ;;
     esac
-    sleep 0.1
   done
-  case "$state" in
-    idle|alloc|mix|comp) log "node $NODE is $state (SLURM_CONF=$CONF)" ;;
-    *) die "node $NODE did not become idle (state '${state:-none}'); see $STATE_DIR/log/" ;;
-  esac
 }
 
 case "${1:-start}" in
   start) start ;;
   stop) stop_daemons; log "stopped" ;;
-  status) echo "${NODE}: $(node_state)" ;;
+  status) echo "${NODE}: $(node_state "$NODE")"; echo "${NODE_B}: $(node_state "$NODE_B")" ;;
   conf) echo "$CONF" ;;
   -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' ;;
   *) die "unknown command '$1' (start | stop | status | conf)" ;;

@@ -1,11 +1,13 @@
-"""slurm/smollm2_1p7b.sh on a real one-node Slurm cluster (Debian's slurm, started by .ci/slurm_cluster.sh).
+"""slurm/smollm2_1p7b.sh on a real two-node Slurm cluster (Debian's slurm, two slurmd on this machine, started by
+.ci/slurm_cluster.sh).
 
 - A wrong or missing setting (config, data root, token stores, processes vs tp*pp, GPUs) fails the job within
   seconds with one `error:` line, before torchrun starts (~25 s for the seven cases).
 - slurm/preprocess.sh as a job array of 3 tasks (~15 s): the folder of shards reads as one store equal to a
   single preprocess run of the same inputs; a task without its settings fails with one line.
-- End to end on CPU (~60-90 s): `sbatch slurm/smollm2_1p7b.sh` with environment overrides pointing at a tiny
-  two-stage config and small token stores trains with 2 processes, checkpoints, receives USR1
+- End to end on CPU (~60-90 s): `sbatch --nodes=2 slurm/smollm2_1p7b.sh` with environment overrides pointing at a
+  tiny two-stage config and small token stores trains with one process on each node (a torchrun agent per node,
+  joined by the c10d rendezvous on the first node), checkpoints, receives USR1
   (`scancel --signal=USR1 --batch`, what `#SBATCH --signal=B:USR1@600` sends before the time limit), saves,
   requeues itself, resumes from its checkpoint and finishes; every step's loss, learning rate and data
   bookkeeping equal those of an uninterrupted torchrun of the same config (the reference).
@@ -37,7 +39,7 @@ ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEM
 
 pytestmark = pytest.mark.skipif(shutil.which("sbatch") is None,
                                 reason="Slurm is not installed (sbatch missing); .ci/run installs and starts a "
-                                       "one-node cluster with .ci/slurm_cluster.sh")
+                                       "two-node cluster with .ci/slurm_cluster.sh")
 
 
 class Slurm:
@@ -55,9 +57,9 @@ class Slurm:
         assert proc.returncode == 0, f"{' '.join(args)}: {proc.stderr}"
         return proc.stdout
 
-    def sbatch(self, cwd: Path, settings: dict[str, str], *flags: str, script: Path = SCRIPT) -> str:
+    def sbatch(self, cwd: Path, settings: dict[str, str], *flags: str, script: Path = SCRIPT, nodes: int = 1) -> str:
         env = dict(self.env, PYTHON=sys.executable, **settings)
-        proc = subprocess.run(["sbatch", "--parsable", "--nodes=1", *flags, str(script)], cwd=cwd, env=env,
+        proc = subprocess.run(["sbatch", "--parsable", f"--nodes={nodes}", *flags, str(script)], cwd=cwd, env=env,
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
         job = proc.stdout.strip().split(";")[0]
@@ -230,10 +232,10 @@ def read_records(path: Path) -> list[dict]:
 
 
 def release(slurm: Slurm, job: str) -> None:
-    """Start a requeued job now instead of after Slurm's ~2 min hold, once the node has finished its first run: a
+    """Start a requeued job now instead of after Slurm's ~2 min hold, once the nodes have finished its first run: a
     launch within the same second as the requeue fails with "Job credential revoked" (what the hold avoids)."""
     deadline = time.monotonic() + 60
-    while slurm.cmd("sinfo", "-h", "-N", "-o", "%t").split() != ["idle"]:
+    while set(slurm.cmd("sinfo", "-h", "-N", "-o", "%t").split()) != {"idle"}:
         assert time.monotonic() < deadline, slurm.cmd("sinfo", "-N")
         time.sleep(0.25)
     time.sleep(2)
@@ -258,7 +260,10 @@ def test_usr1_saves_requeues_resumes_and_continues_the_same_run(slurm, tmp_path)
     metrics = run_dir / "logs" / "metrics.jsonl"
 
     job = slurm.sbatch(tmp_path, {"CONFIG": str(config), "DATA_ROOT": str(stores), "RUN_DIR": str(run_dir),
-                                  "GPUS_PER_NODE": "0", "NPROC_PER_NODE": "2"})
+                                  "GPUS_PER_NODE": "0", "NPROC_PER_NODE": "1"}, nodes=2)
+    nodes = slurm.cmd("scontrol", "show", "hostnames", slurm.wait(job, 60, lambda i: i.get("NodeList", "") not in ("", "(null)"))[
+        "NodeList"]).split()
+    assert len(nodes) == 2, nodes  # two nodes, one process each (world size 2, as the reference below)
     # Train until the first interval checkpoint (step 10) is behind us, then preempt.
     wait_for_step(slurm, job, tmp_path, metrics, SIGNAL_AFTER)
     slurm.cmd("scancel", "--signal=USR1", "--batch", job)
@@ -275,6 +280,7 @@ def test_usr1_saves_requeues_resumes_and_continues_the_same_run(slurm, tmp_path)
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), (info, out)
     assert "USR1: asking the trainer to save" in out and f"requeueing job {job}" in out, out
     assert "restart 0:" in out and "restart 1:" in out and "job step ended with exit code 0" in out, out
+    assert out.count("2 node(s) [") == 2 and "x 1 process(es) on cpu" in out, out  # both allocations
 
     # Checkpoints: every interval step before the signal, plus the one written on USR1.
     ckpts = {p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step_")}
