@@ -178,10 +178,18 @@ if [ "$PREEMPTED" = 0 ]; then
     --nnodes="$NNODES" --nproc_per_node="$NPROC_PER_NODE"
     --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="$SLURM_JOB_ID" --max_restarts=0
     -m nanotronix.train --config "$CONFIG" "${RUN_OVERRIDES[@]}")
-  printf '%q ' "${TRAIN_CMD[@]}" >"$JOB_LOG_DIR/command.sh"
+  # The first node (MASTER_ADDR) hosts the rendezvous store, and each node is told whether it is that one
+  # (--rdzv_conf=is_host, from SLURM_NODEID): torchrun's own guess compares MASTER_ADDR with the machine's names and
+  # addresses, which fails where nodes know each other by another name than their own (no agent hosts the store:
+  # the rendezvous times out) and matches on every agent of nodes that share a machine.
+  { printf '%q ' "${TRAIN_CMD[@]}"
+    printf '\n# run on every node with --rdzv_conf=is_host=1 after torch.distributed.run on node 0, =0 elsewhere\n'
+  } >"$JOB_LOG_DIR/command.sh"
   log "launching on every node: $JOB_LOG_DIR/command.sh"
+  # In the task: $1 is $PYTHON, $2 $3 are `-m torch.distributed.run`, the rest are torchrun's and the trainer's.
   srun --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}" --kill-on-bad-exit=0 --wait=120 \
-    bash -c 'trap "" USR1; exec "$@"' torchrun-with-usr1-ignored "${TRAIN_CMD[@]}" &
+    bash -c 'trap "" USR1; exec "$1" "$2" "$3" --rdzv_conf="is_host=$(( SLURM_NODEID == 0 ))" "${@:4}"' \
+    torchrun-with-usr1-ignored "${TRAIN_CMD[@]}" &
   SRUN_PID=$!
   [ "$PREEMPTED" = 0 ] || forward_usr1  # the USR1 came while srun was being started
   while :; do
