@@ -29,7 +29,7 @@ die() { echo "slurm_cluster: error: $*" >&2; exit 1; }
 log() { echo "slurm_cluster: $*" >&2; }
 
 pid_alive() {  # pid_alive PIDFILE
-  [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null
+  [ -s "$1" ] && kill -0 "$(cat "$1" 2>/dev/null)" 2>/dev/null  # (a daemon that exits removes its pid file)
 }
 
 install_packages() {

@@ -181,7 +181,9 @@ if [ "$PREEMPTED" = 0 ]; then
   # The first node (MASTER_ADDR) hosts the rendezvous store, and each node is told whether it is that one
   # (--rdzv_conf=is_host, from SLURM_NODEID): torchrun's own guess compares MASTER_ADDR with the machine's names and
   # addresses, which fails where nodes know each other by another name than their own (no agent hosts the store:
-  # the rendezvous times out) and matches on every agent of nodes that share a machine.
+  # the rendezvous times out) and matches on every agent of nodes that share a machine (the test cluster). (The
+  # store lives in that agent: when its node's processes fail, the other agents lose it and log TCPStore errors
+  # while they stop.)
   { printf '%q ' "${TRAIN_CMD[@]}"
     printf '\n# run on every node with --rdzv_conf=is_host=1 after torch.distributed.run on node 0, =0 elsewhere\n'
   } >"$JOB_LOG_DIR/command.sh"

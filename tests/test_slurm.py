@@ -350,7 +350,8 @@ def test_a_failed_step_requeues_only_after_committing_a_checkpoint(slurm, tmp_pa
     assert "job step failed (exit 1) without committing a checkpoint after step 0: not requeued" in out, out
 
     # After the checkpoint of step 10: requeued, resumed from it, finished. On two nodes, one process each: the
-    # killed rank is the second node's, whose torchrun ends its task; the first node's rank must stop too.
+    # killed rank's torchrun ends its node's task, and the other node's rank must stop too (the rendezvous orders
+    # ranks by arrival, so rank 1 is on either node).
     run_dir = tmp_path / "progress"
     metrics = run_dir / "logs" / "metrics.jsonl"
     job = slurm.sbatch(tmp_path, dict(settings, RUN_DIR=str(run_dir), NPROC_PER_NODE="1"), nodes=2)
@@ -368,9 +369,5 @@ def test_a_failed_step_requeues_only_after_committing_a_checkpoint(slurm, tmp_pa
     assert (f"job step failed (exit 1) after committing the checkpoint of step {int(reached[5:])} (this allocation "
             f"started from step 0): requeueing job {job}") in out, out
     assert f"resumed from {run_dir / 'checkpoints' / reached}" in out, out
-    # The first node's agent hosts the rendezvous store (slurm/common.sh says which node is the host; torchrun's
-    # guess matched on both nodes of this one machine, and the killed rank's agent, when it won, took the store
-    # down with it: the other agent's TCPStore errors and stack dumps filled the log)
-    assert "TCPStore.cpp" not in out and "keep-alive heartbeat" not in out, out
     steps = [r["step"] for r in read_records(metrics)]
     assert sorted(set(steps)) == list(range(1, TRAIN_STEPS + 1)) and SIGNAL_AFTER <= failed_at < TRAIN_STEPS

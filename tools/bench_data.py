@@ -214,13 +214,9 @@ def main(argv=None):
     if not texts:
         return fail("no text found in " + ", ".join(folders))
     mb = sum(len(t.encode()) for t in texts) / 1e6
-    from nanotronix.data import DataError
-    try:
-        with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
-            tokens, pre, store = bench_preprocess(args, texts, Path(tmp))
-            seq, samp = bench_sampler(args, store)
-    except DataError as e:
-        return fail(e)
+    with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
+        tokens, pre, store = bench_preprocess(args, texts, Path(tmp))
+        seq, samp = bench_sampler(args, store)
     print(f"corpus: {len(texts)} documents, {mb:.1f} MB, {tokens:,} tokens ({', '.join(folders)})")
     print(f"workers: {args.workers}; cores: {os.cpu_count()}; best of {args.rounds} interleaved rounds")
     print(f"raw encode_batch_fast: {pre['threads']:,.0f} tokens/s with {args.workers} Rust threads, "

@@ -124,35 +124,31 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
     from nanotronix import accel
-    from nanotronix.errors import UserError
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         _fail("--device cuda but CUDA is not available")
     dali_ok = accel.dali_modules() is not None
-    try:
-        with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmp:
-            store = Path(tmp) / "tokens"
-            write_store(store, args.tokens)
-            feeds = make_feeds(args, store, device, dali_ok)
-            rate = {name: 0.0 for name in feeds}
-            wait_ms = {name: float("inf") for name in feeds}
-            step = 1
-            for name, (batch, _) in feeds.items():  # warm-up: pipelines built, first pages touched
-                run_loop(batch, step, 3, 0.0, device)
-            step += 3
-            for _ in range(args.rounds):
-                for name, (batch, _) in feeds.items():
-                    # each feed reads a fresh range of steps, so no feed gets another's warm page cache
-                    cpu, _ = run_loop(batch, step, args.steps, 0.0, device)
-                    rate[name] = max(rate[name], args.steps * args.windows / cpu)
-                    _, wait = run_loop(batch, step + args.steps, args.steps, args.step_ms / 1e3, device)
-                    wait_ms[name] = min(wait_ms[name], wait / args.steps * 1e3)
-                    step += 2 * args.steps
-            for _, close in feeds.values():
-                close()
-    except UserError as e:
-        _fail(str(e))
+    with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmp:
+        store = Path(tmp) / "tokens"
+        write_store(store, args.tokens)
+        feeds = make_feeds(args, store, device, dali_ok)
+        rate = {name: 0.0 for name in feeds}
+        wait_ms = {name: float("inf") for name in feeds}
+        step = 1
+        for name, (batch, _) in feeds.items():  # warm-up: pipelines built, first pages touched
+            run_loop(batch, step, 3, 0.0, device)
+        step += 3
+        for _ in range(args.rounds):
+            for name, (batch, _) in feeds.items():
+                # each feed reads a fresh range of steps, so no feed gets another's warm page cache
+                cpu, _ = run_loop(batch, step, args.steps, 0.0, device)
+                rate[name] = max(rate[name], args.steps * args.windows / cpu)
+                _, wait = run_loop(batch, step + args.steps, args.steps, args.step_ms / 1e3, device)
+                wait_ms[name] = min(wait_ms[name], wait / args.steps * 1e3)
+                step += 2 * args.steps
+        for _, close in feeds.values():
+            close()
     dali_note = f"DALI {accel.dali_modules().version}" if dali_ok else "DALI not installed: its rows are missing"
     print(f"device {device.type}; {args.windows} windows of {args.seq_len + 1} tokens per step "
           f"(micro-batch {args.micro_batch}); {args.steps} steps per measurement, best of {args.rounds}; {dali_note}")

@@ -296,13 +296,10 @@ def write_json(path: str, payload: dict) -> None:
 @one_line_errors
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    try:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        variants = [parse_variant(v) for v in args.variant] or [("nanotronix", [])]
-        base = build_config(args, [], device)
-        configs = [(name, extra, build_config(args, extra, device)) for name, extra in variants]
-    except UserError as e:
-        return fail(e)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    variants = [parse_variant(v) for v in args.variant] or [("nanotronix", [])]
+    base = build_config(args, [], device)
+    configs = [(name, extra, build_config(args, extra, device)) for name, extra in variants]
     if args.no_baseline and args.baseline_only:
         return fail("--no-baseline and --baseline-only: together they leave nothing to run")
     unknown = sorted(set(args.profile) - {name for name, _ in variants} - {"hf-transformers"})

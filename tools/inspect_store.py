@@ -12,7 +12,6 @@ import json
 import sys
 
 from nanotronix.cli import one_line_errors
-from nanotronix.errors import fail
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -27,18 +26,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 @one_line_errors
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from nanotronix.data import DataError, open_store
-    try:
-        store = open_store(args.store)
-        report = store.summary()
-        if args.doc is not None:
-            report["doc"] = args.doc
-            report["doc_tokens"] = store.document(args.doc).tolist()
-        if args.verify:
-            store.verify(progress=not args.json)
-            report["verified"] = True
-    except DataError as e:
-        return fail(e)
+    from nanotronix.data import open_store
+    store = open_store(args.store)
+    report = store.summary()
+    if args.doc is not None:
+        report["doc"] = args.doc
+        report["doc_tokens"] = store.document(args.doc).tolist()
+    if args.verify:
+        store.verify(progress=not args.json)
+        report["verified"] = True
     if args.json:
         print(json.dumps(report))
         return 0

@@ -25,7 +25,6 @@ import os
 import sys
 
 from nanotronix.cli import one_line_errors
-from nanotronix.errors import fail
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -62,7 +61,6 @@ def parse_shard(text: str) -> tuple[int, int]:
 @one_line_errors
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from nanotronix.data.errors import DataError
     from nanotronix.data.pipeline import PreprocessOptions, preprocess
     opts = PreprocessOptions(inputs=args.input, tokenizer=args.tokenizer, output_prefix=args.output_prefix,
                              text_key=args.text_key, workers=args.workers, format=args.format,
@@ -70,9 +68,7 @@ def main(argv=None) -> int:
                              shuffle_seed=args.shuffle, overwrite=args.overwrite)
     try:
         result = preprocess(opts)
-    except DataError as e:
-        return fail(e)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # (other errors: one_line_errors)
         print("preprocess: interrupted; no output was written", file=sys.stderr)
         return 130
     print(result.summary_line())

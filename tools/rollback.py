@@ -32,19 +32,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from nanotronix.checkpoint import paths
-    from nanotronix.checkpoint.errors import CheckpointError
     from nanotronix.checkpoint.manifest import check_sizes, read_manifest
 
     run_dir = Path(args.checkpoint_dir)
     if not run_dir.is_dir() or paths.is_step_folder(run_dir):
         return fail(f"{run_dir}: not a run's checkpoint folder (the folder that holds step_NNNNNNN folders)")
-    try:
-        target = run_dir / paths.step_folder_name(args.to_step)
-        if paths.is_step_folder(target):  # a damaged step is no place to go back to: found before anything moves
-            check_sizes(target, read_manifest(target))
-        aside, moved = paths.roll_back(run_dir, args.to_step)
-    except CheckpointError as e:
-        return fail(e)
+    target = run_dir / paths.step_folder_name(args.to_step)
+    if paths.is_step_folder(target):  # a damaged step is no place to go back to: found before anything moves
+        check_sizes(target, read_manifest(target))
+    aside, moved = paths.roll_back(run_dir, args.to_step)
     where = (f"; {len(moved)} later step(s) ({', '.join(str(paths.step_of(p)) for p in moved)}) moved to {aside} "
              f"(delete it when no longer wanted)") if moved else "; no later steps"
     print(f"rolled back {run_dir} to step {args.to_step}: latest -> {paths.step_folder_name(args.to_step)}{where}")
