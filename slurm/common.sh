@@ -145,6 +145,14 @@ trap on_usr1 USR1
 # SIGTERM (scancel, the time limit): Slurm signals the job step itself; the shell only waits for srun.
 trap 'log "TERM: waiting for the job step to stop"' TERM
 
+# ---- the rendezvous store, on this (the first) node, for the job's lifetime --------------------------------
+# Hosted here rather than in one of the torchrun agents (nanotronix/rendezvous_store.py says why); it starts
+# while the preflight runs, and is checked after it. USR1 is ignored from the start (see preemption above).
+STORE_LOG=$JOB_LOG_DIR/rendezvous_store.log
+(trap '' USR1; exec "$PYTHON" -m nanotronix.rendezvous_store --port "$MASTER_PORT") >"$STORE_LOG" 2>&1 &
+STORE_PID=$!
+trap 'kill "$STORE_PID" 2>/dev/null' EXIT
+
 # ---- preflight: config, layout against the allocation, GPUs, token stores, in seconds -----------------------
 # As a one-task job step on the first node, so it sees the GPUs (and CPUs) a training step gets: under
 # --exclusive the batch shell itself sees every GPU of the node, whatever the job asked for.
@@ -158,6 +166,7 @@ if [ "$PREFLIGHT_RC" != 0 ]; then
   exit 2
 fi
 log "$PREFLIGHT"
+kill -0 "$STORE_PID" 2>/dev/null || fail "$(grep -h '^error' "$STORE_LOG" || echo "the rendezvous store stopped: see $STORE_LOG")"
 
 # ---- train -----------------------------------------------------------------------------------------------
 # The step the run's `latest` checkpoint pointer names (0: none yet): a failure after it moved on has made progress.
@@ -176,22 +185,13 @@ if [ "$PREEMPTED" = 0 ]; then
   # (a checkpoint written on USR1 is a collective) before Slurm stops them.
   TRAIN_CMD=("$PYTHON" -m torch.distributed.run
     --nnodes="$NNODES" --nproc_per_node="$NPROC_PER_NODE"
-    --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="$SLURM_JOB_ID" --max_restarts=0
+    --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_conf=is_host=0 --rdzv_id="$SLURM_JOB_ID"
+    --max_restarts=0
     -m nanotronix.train --config "$CONFIG" "${RUN_OVERRIDES[@]}")
-  # The first node (MASTER_ADDR) hosts the rendezvous store, and each node is told whether it is that one
-  # (--rdzv_conf=is_host, from SLURM_NODEID): torchrun's own guess compares MASTER_ADDR with the machine's names and
-  # addresses, which fails where nodes know each other by another name than their own (no agent hosts the store:
-  # the rendezvous times out) and matches on every agent of nodes that share a machine (the test cluster). (The
-  # store lives in that agent: when its node's processes fail, the other agents lose it and log TCPStore errors
-  # while they stop.)
-  { printf '%q ' "${TRAIN_CMD[@]}"
-    printf '\n# run on every node with --rdzv_conf=is_host=1 after torch.distributed.run on node 0, =0 elsewhere\n'
-  } >"$JOB_LOG_DIR/command.sh"
+  printf '%q ' "${TRAIN_CMD[@]}" >"$JOB_LOG_DIR/command.sh"
   log "launching on every node: $JOB_LOG_DIR/command.sh"
-  # In the task: $1 is $PYTHON, $2 $3 are `-m torch.distributed.run`, the rest are torchrun's and the trainer's.
   srun --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}" --kill-on-bad-exit=0 --wait=120 \
-    bash -c 'trap "" USR1; exec "$1" "$2" "$3" --rdzv_conf="is_host=$(( SLURM_NODEID == 0 ))" "${@:4}"' \
-    torchrun-with-usr1-ignored "${TRAIN_CMD[@]}" &
+    bash -c 'trap "" USR1; exec "$@"' torchrun-with-usr1-ignored "${TRAIN_CMD[@]}" &
   SRUN_PID=$!
   [ "$PREEMPTED" = 0 ] || forward_usr1  # the USR1 came while srun was being started
   while :; do

@@ -32,7 +32,7 @@ def create_run_folders(cfg: Config, coll: Collective, marker_wait: float = MARKE
     first rank (and host) that failed."""
     folders = [(option, folder) for option, folder in (("checkpoint.dir", cfg.checkpoint.dir),
                                                        ("logging.dir", cfg.logging.dir)) if folder]
-    marker = Path(cfg.checkpoint.dir) / f"{MARKER_PREFIX}{uuid.uuid4().hex}" if cfg.checkpoint.dir else None
+    checkpoints = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else None
 
     def where() -> str:
         return f"rank {coll.rank}, {socket.gethostname()}"
@@ -45,38 +45,38 @@ def create_run_folders(cfg: Config, coll: Collective, marker_wait: float = MARKE
                 return str(e) if coll.rank == 0 else f"{e} (on {where()})"
         return None
 
-    def leave_marker() -> Optional[str]:
+    def leave_marker() -> tuple[Optional[str], Optional[str]]:  # (error, the marker's name)
         error = check()
-        if error is None and marker is not None:
-            try:
-                marker.write_text(socket.gethostname())
-            except OSError as e:
-                return f"checkpoint.dir: cannot write to {marker.parent} ({e.strerror or e})"
-        return error
+        if error is not None or checkpoints is None:
+            return error, None
+        name = f"{MARKER_PREFIX}{uuid.uuid4().hex}"
+        try:
+            (checkpoints / name).write_text(socket.gethostname())
+        except OSError as e:
+            return f"checkpoint.dir: cannot write to {checkpoints} ({e.strerror or e})", None
+        return None, name
 
-    def sees(marker_name: str) -> Optional[str]:
+    def sees(name: Optional[str]) -> Optional[str]:
         error = check()
-        if error is not None or marker is None:
+        if error is not None or name is None:
             return error
-        seen = Path(cfg.checkpoint.dir) / marker_name
         deadline = time.monotonic() + marker_wait
-        while not seen.exists():
+        while not (checkpoints / name).exists():
             if time.monotonic() > deadline:
-                return (f"checkpoint.dir {cfg.checkpoint.dir} is not one folder shared by every node: {where()} "
-                        f"does not see the file {marker_name} that rank 0 wrote there; every rank saves its part "
-                        "of each checkpoint into that folder, so it must be on a file system all nodes mount")
+                return (f"checkpoint.dir {checkpoints} is not one folder shared by every node: {where()} does not "
+                        f"see the file {name} that rank 0 wrote there; every rank saves its part of each "
+                        "checkpoint into that folder, so it must be on a file system all nodes mount")
             time.sleep(0.2)
         return None
 
-    error = coll.broadcast(leave_marker() if coll.rank == 0 else None)  # rank 0 creates them
+    error, name = coll.broadcast(leave_marker() if coll.rank == 0 else None)  # rank 0 creates them
     try:
         if error is None:  # then every other rank writes to them and looks for the marker
-            names = coll.broadcast(marker.name if marker is not None else None)
-            error = next((e for e in coll.all_gather(sees(names) if coll.rank != 0 else None) if e), None)
+            error = next((e for e in coll.all_gather(sees(name) if coll.rank != 0 else None) if e), None)
     finally:
-        if coll.rank == 0 and marker is not None:
+        if coll.rank == 0 and name is not None:
             try:
-                os.unlink(marker)
+                os.unlink(checkpoints / name)
             except OSError:
                 pass
     if error:

@@ -1,0 +1,51 @@
+"""nanotronix.rendezvous_store, the c10d rendezvous store slurm/common.sh hosts for a job (its use by torchrun agents
+across two Slurm nodes: tests/test_slurm.py). Here: torch's own TCPStore client talks to it, a USR1 (what
+`scancel --signal=USR1 --batch` sends the batch shell's children) does not stop it, SIGTERM does (exit 0), and a
+taken port is one line. ~5 s."""
+import datetime
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from helpers import ROOT
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(port: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "nanotronix.rendezvous_store", "--port", str(port)], cwd=ROOT,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_store_serves_torch_clients_outlives_usr1_and_stops_on_term():
+    from torch.distributed import TCPStore
+
+    port = _free_port()
+    store = _start(port)
+    try:
+        client = TCPStore("127.0.0.1", port, is_master=False, multi_tenant=True,
+                          timeout=datetime.timedelta(seconds=30))  # (retries the connection while it starts)
+        client.set("rank0", "ready")
+        assert client.get("rank0") == b"ready" and client.add("joined", 2) == 2
+        taken = _start(port)
+        out, err = taken.communicate(timeout=60)
+        assert taken.returncode == 2 and err.splitlines()[0].startswith(
+            f"error: rendezvous store: cannot listen on port {port}: "), err
+        assert len(err.strip().splitlines()) == 1, err
+        store.send_signal(signal.SIGUSR1)
+        time.sleep(0.5)
+        assert store.poll() is None and client.get("rank0") == b"ready"
+        store.send_signal(signal.SIGTERM)
+        out, err = store.communicate(timeout=30)
+        assert store.returncode == 0 and out == "" and err == "", (store.returncode, out, err)
+    finally:
+        if store.poll() is None:
+            store.kill()
