@@ -81,7 +81,9 @@ command -v "$PYTHON" >/dev/null 2>&1 || fail "PYTHON=$PYTHON is not an executabl
 [[ "${MASTER_PORT:-}" =~ ^[0-9]*$ ]] || fail "MASTER_PORT=$MASTER_PORT is not a number"
 [[ "$REQUEUE_ON_FAILURE" =~ ^[01]$ ]] || fail "REQUEUE_ON_FAILURE=$REQUEUE_ON_FAILURE is not 0 or 1"
 MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
-MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# The node this batch script runs on (Slurm's name for it, which the other nodes resolve): the rendezvous store
+# below runs here. (Slurm runs the script on the allocation's first node.)
+MASTER_ADDR=${SLURMD_NODENAME:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
 [ -n "$MASTER_ADDR" ] || fail "cannot resolve the first node of SLURM_JOB_NODELIST=$SLURM_JOB_NODELIST"
 
 # The checkout is importable even when nanotronix is not installed into $PYTHON.
