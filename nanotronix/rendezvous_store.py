@@ -14,6 +14,7 @@ here; this module only keeps it alive for the job and is quiet.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import signal
 import sys
@@ -38,13 +39,10 @@ def main(argv=None) -> int:
                          timeout=datetime.timedelta(hours=1))
     except (RuntimeError, ValueError) as e:  # torch's DistNetworkError (a RuntimeError): the port is taken
         return fail(f"rendezvous store: cannot listen on port {args.port}: {str(e).splitlines()[0]}")
-    try:
+    with contextlib.suppress(KeyboardInterrupt):  # SIGINT, as SIGTERM, ends it quietly
         while True:
             signal.pause()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        del store
+    del store
     return 0
 
 

@@ -8,7 +8,6 @@ step can be loaded. `logging.dir` need not be shared (rank 0 writes the metrics;
 """
 from __future__ import annotations
 
-import os
 import socket
 import time
 import uuid
@@ -18,6 +17,7 @@ from typing import Optional
 from nanotronix.checkpoint.storage import Collective
 from nanotronix.cli import check_writable_folder
 from nanotronix.config import Config
+from nanotronix.data.files import remove_quietly
 from nanotronix.errors import UserError
 
 MARKER_PREFIX = ".nanotronix-shared-"
@@ -75,9 +75,6 @@ def create_run_folders(cfg: Config, coll: Collective, marker_wait: float = MARKE
             error = next((e for e in coll.all_gather(sees(name) if coll.rank != 0 else None) if e), None)
     finally:
         if coll.rank == 0 and name is not None:
-            try:
-                os.unlink(checkpoints / name)
-            except OSError:
-                pass
+            remove_quietly(checkpoints / name)
     if error:
         raise UserError(error, every_rank=True)
