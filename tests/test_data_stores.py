@@ -153,7 +153,11 @@ def test_tokenizer_from_file_folder_and_errors(tmp_path):
 
 
 def test_tokenizer_hub_id_fails_with_one_clear_line(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network in CI: the Hub path must fail cleanly, not hang
+    # No network in CI: the Hub path must fail cleanly, not hang. huggingface_hub reads the variable once, at
+    # import (an earlier test may have imported it): set its constant too, or this test waits ~25 s on the network.
+    import huggingface_hub.constants
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(DataError, match="could not be fetched from the Hugging Face Hub") as err:
         load_tokenizer("nanotronix-test/definitely-not-a-repo")
     assert "\n" not in str(err.value)

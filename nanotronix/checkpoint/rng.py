@@ -1,5 +1,8 @@
 """Random number generator states of one rank (torch CPU and CUDA, Python, NumPy), saved per global rank.
 
+The CUDA state is that of the rank's own GPU only (torch.cuda's current device, LOCAL_RANK's): every GPU of the
+node is visible to each rank, and the states of all of them would not fit a resume on nodes with fewer GPUs.
+
 They are restored only into the same layout (same world size and TP/PP/DP): in another layout rank r does
 different work, so its old generator state would mean nothing; the run then keeps its freshly seeded state.
 """
@@ -20,7 +23,8 @@ def rng_file(folder: Path, rank: int) -> Path:
 def capture_rng() -> dict[str, Any]:
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        # None where CUDA was never used (a CPU run on a GPU machine): nothing to restore, nothing to initialise
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None,
         "python": random.getstate(),
         "numpy": np.random.get_state(),
     }
@@ -28,8 +32,12 @@ def capture_rng() -> dict[str, Any]:
 
 def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, list):  # checkpoints before 2026-12-03 held every visible GPU's state
+        own = torch.cuda.current_device() if torch.cuda.is_available() else len(cuda)
+        cuda = cuda[own] if own < len(cuda) else None
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
 
