@@ -1,4 +1,5 @@
-"""LR schedule pinned to the published SmolLM2-1.7B recipe, and the MFU FLOP counter (< 1 s)."""
+"""LR schedule pinned to the published SmolLM2-1.7B recipe, and the MFU FLOP counter against hand counts and torch's
+FlopCounterMode (~3 s)."""
 import math
 
 import pytest
@@ -59,3 +60,27 @@ def test_document_masking_counts_only_the_attention_inside_documents():
     cfg = ModelConfig(**PRESETS["smollm2-135m"])
     attention = flops_per_token(cfg, 8) - 6 * matmul_params(cfg)
     assert flops_per_token(cfg, 8, span) - 6 * matmul_params(cfg) == pytest.approx(attention * span / 8)
+
+
+def test_flops_counter_agrees_with_torch_flop_counter():
+    """torch's FlopCounterMode counts every matmul of a forward and backward (the embedding lookup is none):
+    6 x matmul_params per token exactly; the materialised attention of the eager backend computes the full S x S
+    scores, twice the causal attention the MFU counts."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from nanotronix.model import build_model
+
+    cfg = ModelConfig(hidden_size=96, intermediate_size=160, num_hidden_layers=2, num_attention_heads=6,
+                      num_key_value_heads=2, vocab_size=300, max_position_embeddings=64, rope_theta=10000.0,
+                      rms_norm_eps=1e-5, tie_word_embeddings=True, init_std=0.02)
+    batch, seq = 3, 40
+    tokens = torch.randint(0, cfg.vocab_size, (batch, seq + 1))
+    counted = {}
+    for backend in ("sdpa", "eager"):  # CPU SDPA is not counted by FlopCounterMode: only the matmuls are
+        model = build_model(cfg, backend)
+        with FlopCounterMode(display=False) as counter:
+            logits = model(tokens[:, :-1])
+            torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+        counted[backend] = counter.get_total_flops()
+    assert counted["sdpa"] == 6 * matmul_params(cfg) * batch * seq
+    causal_attention = (flops_per_token(cfg, seq) - 6 * matmul_params(cfg)) * batch * seq
+    assert counted["eager"] - counted["sdpa"] == pytest.approx(2 * causal_attention, rel=1e-12)
