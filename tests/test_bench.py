@@ -119,3 +119,30 @@ def test_a_config_file_sets_the_micro_batch(tmp_path):
     args = bench_train.parse_args(["--config", str(config), *TINY[:-2], "--accum", "3"])
     cfg = bench_train.build_config(args, [], torch.device("cpu"))
     assert (cfg.train.micro_batch_size, cfg.train.global_batch_size) == (5, 15)
+
+
+def test_gpu_checks_benchmarks_are_valid_runs():
+    """Every `bench` line of tools/gpu_checks.sh, expanded by bash as the script does, parses and gives valid
+    configs for its baseline and each variant (as on a GPU: bf16), and its --profile names are runs: a typo there
+    would otherwise be found only on the lent GPU machine, whose time is short."""
+    import re
+
+    script = (ROOT / "tools" / "gpu_checks.sh").read_text().replace("\\\n", " ")
+    assignments = [line for line in script.splitlines() if re.match(r"^[A-Z]=\S+$", line)]
+    calls = [m.group(1) for m in re.finditer(r"^\s*bench (\S+ \d+ .*)$", script, re.MULTILINE)]
+    assert len(calls) >= 6 and assignments, (len(calls), assignments)
+    expand = "\n".join(assignments + [f"printf '%s\\n' {call}; echo '<end>'" for call in calls])
+    words = subprocess.run(["bash", "-c", expand], capture_output=True, text=True, check=True).stdout.split("\n")
+    cuda = torch.device("cuda")  # build_config only reads its type (the default dtype): nothing runs on it
+    checked = 0
+    while "<end>" in words:
+        end = words.index("<end>")
+        name, _timeout, *argv = words[:end]
+        words = words[end + 1:]
+        args = bench_train.parse_args(argv)
+        variants = [bench_train.parse_variant(v) for v in args.variant]
+        configs = [bench_train.build_config(args, extra, cuda) for _, extra in [("base", [])] + variants]
+        assert all(c.train.dtype == "bfloat16" for c in configs), name
+        assert set(args.profile) <= {v for v, _ in variants} | {"hf-transformers"}, (name, args.profile)
+        checked += 1 + len(variants)
+    assert checked >= 15
