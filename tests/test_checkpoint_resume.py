@@ -92,6 +92,33 @@ def test_start_from_hf_import_and_requeue_keeps_progress(tmp_path, store, capsys
     assert len(lines) == 3 and '"step": 3' in lines[-1]
 
 
+def test_resume_says_when_a_store_it_read_from_has_changed(tmp_path, capsys):
+    """A store rewritten with more documents between a save and the resume: its windows are cut and shuffled from
+    its token count, so the run would silently read other samples; resume says so in one line. A store of a stage
+    not begun yet (nothing read from it) may change without a note."""
+    from nanotronix.data import open_store
+
+    grown, later = write_learnable_store(tmp_path / "data" / "arith"), write_learnable_store(tmp_path / "data" / "later",
+                                                                                             seed=1)
+    data = {"root": str(tmp_path / "data"), "stages": [
+        {"name": "one", "start_step": 1, "datasets": [{"path": "arith", "weight": 1.0}]},
+        {"name": "two", "start_step": 50, "datasets": [{"path": "later", "weight": 1.0}]}]}
+    cfg = _config(tmp_path / "run", grown, train={"train_steps": 2}, data=data,
+                  checkpoint={"dir": str(tmp_path / "run" / "ckpt")})
+    train_in_process(cfg)
+    before = open_store(grown).num_tokens
+    write_learnable_store(later, num_docs=300, seed=1)  # not read yet: no note
+    capsys.readouterr()
+    train_in_process(cfg, "train.train_steps=3")
+    assert "data order:" not in capsys.readouterr().out
+    write_learnable_store(grown, num_docs=300)
+    train_in_process(cfg, "train.train_steps=4")
+    notes = [line for line in capsys.readouterr().out.splitlines() if "data order:" in line]
+    assert notes == [f"data order: dataset arith: its store holds {open_store(grown).num_tokens:,} tokens, "
+                     f"{before:,} when the checkpoint was saved, so its windows are cut and shuffled anew: some it "
+                     "gave repeat, some are passed over"]
+
+
 def test_resume_refuses_another_global_batch_size(tmp_path, store):
     """A step's samples are fixed by its number and the global batch size, so resuming with another global batch
     size would silently skip (or repeat) samples: one clear line instead, exit 2."""

@@ -50,6 +50,7 @@ class ResumeState:
     consumed_samples: int  # global samples consumed (what the data loader resumes from)
     path: Optional[Path]  # the step folder loaded, or None
     trainer_state: dict[str, Any] = field(default_factory=dict)  # what the loop saved beside the model (after_step)
+    data: dict[str, Any] = field(default_factory=dict)  # the checkpoint's data state when its data position is kept
 
 
 def check_architecture(saved: dict[str, Any], current: dict[str, Any], where: Path) -> list[str]:
@@ -93,6 +94,18 @@ def data_order_notes(saved: dict[str, Any], current: dict[str, Any], step: int) 
                      "weights): what each dataset has given so far is recounted from the new blend, so some of "
                      "its windows repeat or are skipped")
     return notes
+
+
+def store_change_notes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Stores that hold another number of tokens than when the checkpoint was saved, among those the run had read
+    from (`saved`, `current`: the loader's stats, as the checkpoint keeps them): their windows are cut and shuffled
+    from the token count, so a store rewritten or grown since gives other windows in another order. Notes, not
+    errors: adding data to a source can be deliberate."""
+    before, now = saved.get("store_tokens") or {}, current.get("store_tokens") or {}
+    read = [key for key, got in (saved.get("datasets") or {}).items() if got.get("consumed_tokens")]
+    return [f"dataset {key}: its store holds {now[key]:,} tokens, {before[key]:,} when the checkpoint was saved, "
+            "so its windows are cut and shuffled anew: some it gave repeat, some are passed over"
+            for key in read if key in before and key in now and before[key] != now[key]]
 
 
 class Checkpointer:
@@ -194,7 +207,8 @@ class Checkpointer:
         rng = "RNG restored" if restored["rng"] else f"RNG freshly seeded (saved in layout {saved.get('layout')})"
         self._log(f"resumed from {source} at step {step}: {what}, {consumed} samples consumed, {rng} "
                   f"({time.perf_counter() - t0:.1f} s)")
-        return ResumeState(step, consumed, source, manifest.get("trainer_state", {}) if restored["optimizer"] else {})
+        return ResumeState(step, consumed, source, manifest.get("trainer_state", {}) if restored["optimizer"] else {},
+                           dict(manifest.get("data") or {}) if consumed else {})
 
     # ---- save ----------------------------------------------------------------------------------------
 

@@ -120,14 +120,17 @@ class TrainLoader:
         self.consumed_samples = consumed
 
     def stats(self, step: int) -> dict[str, Any]:
-        """Active stage at `step` and, per dataset, tokens consumed and epochs after `step` (whole run). Datasets
-        are named as validation stores are (`dataset_order_key`: the path relative to data.root under it)."""
+        """Active stage at `step` and, per dataset, tokens consumed and epochs after `step` (whole run), and the
+        tokens each store holds (what its sample order is cut from: a checkpoint keeps them, so a resume can say
+        when a store it read from has changed). Datasets are named as validation stores are (`dataset_order_key`:
+        the path relative to data.root under it)."""
         consumed = self.schedule.consumed(step * self.global_batch_size)
-        datasets = {}
+        datasets, store_tokens = {}, {}
         for name, count in consumed.items():
             stream = self.schedule.streams[name]
             datasets[stream.order_key] = {"consumed_tokens": count * self.seq_len, "epochs": stream.epochs(count)}
-        return {"stage": self.schedule.stage_at_step(step).name, "datasets": datasets}
+            store_tokens[stream.order_key] = self.stores[name].num_tokens
+        return {"stage": self.schedule.stage_at_step(step).name, "datasets": datasets, "store_tokens": store_tokens}
 
 
 def build_train_loader(cfg, dp_rank: int, dp_size: int, consumed_samples: int = 0) -> TrainLoader:

@@ -16,6 +16,7 @@ import torch
 
 from nanotronix import accel
 from nanotronix.checkpoint import Checkpointer
+from nanotronix.checkpoint.checkpointer import store_change_notes
 from nanotronix.checkpoint.paths import find_checkpoint
 from nanotronix.config import Config, grad_accum_steps, skipped_step_ranges
 from nanotronix.data import build_prefetched_loader, tokenizer_note
@@ -117,6 +118,8 @@ def _train(cfg: Config, ctx: ParallelContext, device: torch.device, watch: HangW
     loader = build_prefetched_loader(cfg, ctx.dp_rank, ctx.dp, device, consumed_samples=resumed.consumed_samples,
                                      last_step=t.train_steps, skipped_steps=skips)  # reads ahead while a step trains
     validator = Validator.from_config(cfg, ctx, model)  # None unless validation.interval > 0
+    for changed in store_change_notes(resumed.data, loader.stats(resumed.step)):
+        log0(ctx, f"data order: {changed}")
     note = tokenizer_note({**loader.loader.stores, **(validator.stores if validator else {})})
     if note:
         log0(ctx, f"note: {note}")
