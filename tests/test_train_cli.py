@@ -185,6 +185,29 @@ def test_missing_config_file(tmp_path):
     assert proc.stderr.strip() == f"error: config file not found: {tmp_path / 'missing.yaml'}"
 
 
+def test_print_config_shows_what_the_run_would_use_and_launches_nothing(tmp_path, store):
+    """--print-config: the whole config, preset fields filled in, overrides applied and dataset paths joined to
+    data.root, as YAML that loads back into the same config; no torchrun, no run folders."""
+    import yaml
+    from nanotronix.config import PRESETS, config_from_dict, load_config
+
+    cfg = tiny_config(tmp_path, store, checkpoint={"dir": str(tmp_path / "ckpt")})
+    tree = yaml.safe_load(cfg.read_text())
+    tree["model"] = {"preset": "smollm2-135m"}
+    cfg.write_text(yaml.safe_dump(tree))
+    overrides = ["model.num_hidden_layers=2", "train.train_steps=7"]
+    proc = run(["-m", "nanotronix.train", "--config", str(cfg), "--print-config", *overrides])
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    printed = yaml.safe_load(proc.stdout)
+    assert printed["train"]["train_steps"] == 7 and printed["model"]["num_hidden_layers"] == 2
+    assert printed["model"]["vocab_size"] == PRESETS["smollm2-135m"]["vocab_size"]  # the preset, filled in
+    assert printed["data"]["stages"][0]["datasets"][0]["path"] == str(store)  # joined to data.root
+    assert config_from_dict(printed) == load_config(cfg, overrides)
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "logs").exists()
+    bad = run(["-m", "nanotronix.train", "--config", str(cfg), "--print-config", "train.train_stepz=7"])
+    assert bad.returncode == 2 and bad.stderr.startswith("error: train.train_stepz: unknown config key")
+
+
 def test_tensorboard_gets_every_number_nested_ones_by_path():
     from nanotronix.train.metrics import _scalars
 

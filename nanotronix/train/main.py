@@ -7,7 +7,7 @@ import sys
 import time
 import traceback
 
-from nanotronix.config import load_config
+from nanotronix.config import dump_config, load_config
 from nanotronix.errors import EXIT_BAD_INPUT, UserError, fail
 from nanotronix.train import EXIT_INTERRUPTED, EXIT_PREEMPTED, Interrupted
 from nanotronix.distributed import PeerStopped, init_distributed, pick_device, rank, shutdown_and_exit
@@ -23,6 +23,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         description="Train a SmolLM2-family model with tensor, pipeline and data parallelism. "
                     "Launch with torchrun; overrides like train.train_steps=20 parallel.tp=2 change any config field.")
     parser.add_argument("--config", required=True, help="YAML config file")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the config the run would use (defaults, preset and overrides applied, dataset "
+                             "paths resolved) as YAML and exit, without torchrun")
     parser.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides")
     return parser.parse_args(argv)
 
@@ -32,6 +35,9 @@ def main(argv=None) -> None:
     code, exit_late = 0, False  # exit_late: a rank that did not meet the error itself, or leaves rank 0 to say it
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            print(dump_config(cfg), end="", flush=True)
+            shutdown_and_exit(0)
         device = pick_device(cfg.train.device)
         init_distributed(device, cfg.parallel.collective_timeout_minutes)
         from nanotronix.parallel import ParallelContext
