@@ -1,5 +1,6 @@
 """Token stores: Megatron bytes against an independent writer built from the spec, round trips of all three
-formats (Megatron, datatrove .ds, zarr incl. an fsspec URL), and the real SmolLM2 tokenizer. ~5 s."""
+formats (Megatron, datatrove .ds, zarr incl. an fsspec URL), the files datatrove itself writes, and the real SmolLM2
+tokenizer. ~6 s."""
 from __future__ import annotations
 
 import struct
@@ -109,6 +110,41 @@ def test_datatrove_folder_is_one_stream(tmp_path):
     assert store.tokens(boundary - 5, 10).tolist() == flat[boundary - 5:boundary + 5]
     assert store.document_lengths(2, 5).tolist() == [len(d) for d in DOCS[2:5]]
     assert store.windows(np.array([boundary - 2, 0]), 4).tolist() == [flat[boundary - 2:boundary + 2], flat[:4]]
+
+
+def test_reads_what_datatrove_itself_writes_and_preprocess_agrees(tmp_path):
+    """datatrove's own tokenizer step (what SmolLM2's corpora were made with) writes .ds files: unshuffled, shuffled
+    per task (two tasks), and merged by its DocumentTokenizerMerger. Each reads as one store holding datatrove's
+    documents, and tools/preprocess.py makes the same documents from the same texts and tokenizer."""
+    import json
+    from datatrove.data import Document
+    from datatrove.pipeline.tokens.merger import DocumentTokenizerMerger
+    from datatrove.pipeline.tokens.tokenizer import DocumentTokenizer
+    from nanotronix.data import PreprocessOptions, preprocess
+
+    tokenizer = str(train_tiny_tokenizer(tmp_path / "tok" / "tokenizer.json"))
+    texts = [f"document {i}: " + "the quick brown fox jumps over the lazy dog. " * (i % 7 + 1) for i in range(40)]
+    documents = lambda part: iter([Document(text, str(i)) for i, text in enumerate(part)])  # noqa: E731
+    DocumentTokenizer(str(tmp_path / "plain"), tokenizer, eos_token="<|endoftext|>", shuffle_documents=False,
+                      save_filename="web").run(documents(texts))
+    for rank, part in enumerate((texts[:25], texts[25:])):  # two tasks of a shuffled tokenization, then merged
+        DocumentTokenizer(str(tmp_path / "shuffled"), tokenizer, eos_token="<|endoftext|>", seed=3,
+                          save_filename="web").run(documents(part), rank=rank)
+    DocumentTokenizerMerger(str(tmp_path / "shuffled"), str(tmp_path / "merged"), save_filename="web",
+                            seed=1).run(None)
+
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    preprocess(PreprocessOptions([str(tmp_path / "in.jsonl")], tokenizer, str(tmp_path / "ours"), progress=False))
+    ours = open_store(tmp_path / "ours")
+    want = [ours.document(i).tolist() for i in range(ours.num_documents)]
+    assert len(want) == len(texts) and all(doc[-1] == 0 for doc in want)  # <|endoftext|> is id 0
+    for folder in ("plain", "shuffled", "merged"):
+        store = open_store(tmp_path / folder)
+        assert store.format == "datatrove" and store.dtype == np.uint16, folder
+        got = [store.document(i).tolist() for i in range(store.num_documents)]
+        assert (got == want) if folder == "plain" else (sorted(got) == sorted(want) and got != want), folder
+        assert store.num_tokens == ours.num_tokens and store.tokenizer_info["name"] == tokenizer, folder
+        store.verify()
 
 
 def test_zarr_round_trip_local_and_fsspec_url(tmp_path):
