@@ -5,10 +5,11 @@ split of transformers' Trainer (no decay on norms), `torch.nn.utils.clip_grad_no
 accumulation 2, clipping active: the trainer logs the same loss, gradient norm and learning rate at every step, and
 its last checkpoint, exported with tools/convert_to_hf.py, holds the same weights as the loop's model (~10 s).
 
-Learning-rate convention: the trainer's step s uses `get_wsd_schedule`'s factor at s, as Megatron and nanotron do
-(transformers' own loop applies the factor at s - 1 to its s-th update, so its first update has learning rate 0).
-Where the minimum learning rate is above 0, transformers' warm-up starts from it and ours from 0 (Megatron's
-`init_lr`); the decay phases agree either way (test_learning_rate_is_transformers_wsd_schedule).
+Learning-rate convention: the trainer's step s uses `get_wsd_schedule`'s factor at s. Loops that step their
+scheduler after each update (transformers', nanotron's LambdaLR, Megatron's OptimizerParamScheduler) apply the factor
+at s - 1 to their s-th update, so their first update has learning rate 0; ours trains at lr / warmup_steps from step
+1. Where the minimum learning rate is above 0, transformers' warm-up starts from it and ours from 0 (like Megatron's
+default init_lr); the decay phases agree either way (test_learning_rate_is_transformers_wsd_schedule).
 """
 from __future__ import annotations
 
