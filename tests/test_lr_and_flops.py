@@ -1,5 +1,5 @@
 """LR schedule pinned to the published SmolLM2-1.7B recipe, and the MFU FLOP counter against hand counts and torch's
-FlopCounterMode (~3 s)."""
+FlopCounterMode, and the learning rate against Megatron-Core's WSD scheduler (~8 s)."""
 import math
 
 import pytest
@@ -84,3 +84,48 @@ def test_flops_counter_agrees_with_torch_flop_counter():
     assert counted["sdpa"] == 6 * matmul_params(cfg) * batch * seq
     causal_attention = (flops_per_token(cfg, seq) - 6 * matmul_params(cfg)) * batch * seq
     assert counted["eager"] - counted["sdpa"] == pytest.approx(2 * causal_attention, rel=1e-12)
+
+
+# Megatron-Core's scheduler in a process of its own (importing megatron.core sets environment variables and warning
+# filters): its learning rate after `num_steps` updates, for each schedule given.
+MEGATRON_LR = """
+import json, sys, warnings
+warnings.simplefilter("ignore")
+import torch
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+out = []
+for s in json.loads(sys.argv[1]):
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=s["peak"])
+    sched = OptimizerParamScheduler(optimizer, init_lr=0.0, max_lr=s["peak"], min_lr=s["min_lr"],
+                                    lr_warmup_steps=s["warmup_steps"],
+                                    lr_decay_steps=s["decay_start_step"] + s["decay_steps"], lr_decay_style="WSD",
+                                    start_wd=0.0, end_wd=0.0, wd_incr_steps=1, wd_incr_style="constant",
+                                    wsd_decay_steps=s["decay_steps"], lr_wsd_decay_style=s["megatron_style"])
+    lrs = []
+    for _ in range(s["steps"]):
+        sched.step(1)
+        lrs.append(sched.get_lr(optimizer.param_groups[0]))
+    out.append(lrs)
+print(json.dumps(out))
+"""
+
+
+def test_learning_rate_is_megatron_wsd_schedule():
+    """Megatron-Core's WSD schedule (init_lr 0, warm-up, stable, decay to min_lr over wsd_decay_steps) after s updates
+    is ours at step s, warm-up included, for each decay style (Megatron's minus_sqrt is our 1-sqrt)."""
+    import json
+    import subprocess
+    import sys
+
+    schedules = [dict(peak=1e-3, min_lr=min_lr, warmup_steps=10, decay_start_step=40, decay_steps=25, steps=80,
+                      style=style, megatron_style=megatron_style)
+                 for style, megatron_style in (("linear", "linear"), ("cosine", "cosine"), ("1-sqrt", "minus_sqrt"))
+                 for min_lr in (0.0, 1e-4)]
+    proc = subprocess.run([sys.executable, "-c", MEGATRON_LR, json.dumps(schedules)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for s, theirs in zip(schedules, json.loads(proc.stdout.strip().splitlines()[-1])):
+        ours = LRScheduleConfig(warmup_steps=s["warmup_steps"], decay_start_step=s["decay_start_step"],
+                                decay_steps=s["decay_steps"], decay_style=s["style"], min_lr=s["min_lr"])
+        for step, lr in enumerate(theirs, start=1):
+            assert lr_at(step, s["peak"], ours) == pytest.approx(lr, rel=1e-12, abs=1e-15), (s["style"], step)
