@@ -119,6 +119,20 @@ def test_resume_says_when_a_store_it_read_from_has_changed(tmp_path, capsys):
                      "gave repeat, some are passed over"]
 
 
+def test_each_start_leaves_the_config_it_trains_with(tmp_path, store):
+    """LOGGING_DIR/config/step_N.yaml: the whole config of each start, named by its first step, which loads back to
+    the config that trained those steps (here a requeue that changed the learning rate and the step count)."""
+    from nanotronix.config import load_config
+
+    cfg = _config(tmp_path / "run", store, train={"train_steps": 2}, checkpoint={"dir": str(tmp_path / "ckpt")})
+    train_in_process(cfg)
+    train_in_process(cfg, "train.train_steps=4", "optimizer.lr=0.001")
+    folder = tmp_path / "run" / "logs" / "config"
+    assert sorted(p.name for p in folder.iterdir()) == ["step_0000001.yaml", "step_0000003.yaml"]
+    assert load_config(folder / "step_0000001.yaml") == load_config(cfg)
+    assert load_config(folder / "step_0000003.yaml") == load_config(cfg, ["train.train_steps=4", "optimizer.lr=0.001"])
+
+
 def test_resume_refuses_another_global_batch_size(tmp_path, store):
     """A step's samples are fixed by its number and the global batch size, so resuming with another global batch
     size would silently skip (or repeat) samples: one clear line instead, exit 2."""

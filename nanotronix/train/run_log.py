@@ -4,11 +4,13 @@ under document masking), and the slowest rank's wait for its batches."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from nanotronix.config import Config
+from nanotronix.cli import replace_file
+from nanotronix.config import Config, dump_config
 from nanotronix.train.flops import device_peak_tflops, document_attention_span, flops_per_token, mfu
 from nanotronix.train.metrics import MetricsLog, Throughput, console_line, peak_memory_gb, slowest_rank
 from nanotronix.train.step import StepResult
@@ -24,6 +26,15 @@ class RunLog:
         self.tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
         self.spans: list[float] = []  # under document masking: each step's attention span, since the last record
         self.data_wait, self.steps = 0.0, 0  # seconds the trained steps since the last record waited for a batch
+
+    def config_used_from(self, first_step: int) -> None:
+        """Rank 0 writes LOGGING_DIR/config/step_NNNNNNN.yaml: the whole config that trains the steps from
+        `first_step` on (defaults, preset and overrides applied), one file per start, so every step of metrics.jsonl
+        can be matched to the config that trained it (a requeue may have changed OVERRIDES). A restart from the same
+        step replaces it."""
+        if self.rank == 0:
+            path = Path(self.cfg.logging.dir) / "config" / f"step_{first_step:07d}.yaml"
+            replace_file(path, lambda temp: Path(temp).write_text(dump_config(self.cfg)))
 
     def batch_read(self, waited: float, batch: torch.Tensor) -> None:
         """A step's batch arrived after `waited` seconds (~0 while the read-ahead keeps up)."""

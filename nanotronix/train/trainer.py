@@ -134,6 +134,7 @@ def _train(cfg: Config, ctx: ParallelContext, device: torch.device, watch: HangW
     first_loss = last_loss = None
     preempted = False
     start_step = resumed.step + 1
+    log.config_used_from(start_step)
 
     def validate_if_due(step: int) -> Optional[dict[str, float]]:
         if validator is None or not (step % cfg.validation.interval == 0 or step == t.train_steps):
