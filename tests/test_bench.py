@@ -128,8 +128,8 @@ def test_gpu_checks_benchmarks_are_valid_runs():
     import re
 
     script = (ROOT / "tools" / "gpu_checks.sh").read_text().replace("\\\n", " ")
-    assignments = [line for line in script.splitlines() if re.match(r"^[A-Z]=\S+$", line)]
-    calls = [m.group(1) for m in re.finditer(r"^\s*bench (\S+ \d+ .*)$", script, re.MULTILINE)]
+    assignments = [line.strip() for line in script.splitlines() if re.match(r"^\s*[A-Z][A-Z0-9_]*=\S+$", line)]
+    calls = [m.group(1) for m in re.finditer(r"^\s*bench (\S+ \S+ .*)$", script, re.MULTILINE)]
     assert len(calls) >= 6 and assignments, (len(calls), assignments)
     expand = "\n".join(assignments + [f"printf '%s\\n' {call}; echo '<end>'" for call in calls])
     words = subprocess.run(["bash", "-c", expand], capture_output=True, text=True, check=True).stdout.split("\n")
@@ -137,7 +137,8 @@ def test_gpu_checks_benchmarks_are_valid_runs():
     checked = 0
     while "<end>" in words:
         end = words.index("<end>")
-        name, _timeout, *argv = words[:end]
+        name, timeout, *argv = words[:end]
+        assert int(timeout) > 0, name
         words = words[end + 1:]
         args = bench_train.parse_args(argv)
         variants = [bench_train.parse_variant(v) for v in args.variant]
