@@ -212,6 +212,23 @@ def test_loader_blends_all_three_store_formats(stores, tmp_path):
         assert np.array_equal(row, loader.stores[names[w]].tokens(int(s), SEQ + 1))
 
 
+@pytest.mark.parametrize("blend", [False, True])
+def test_windows_read_in_blocks_match_the_store(stores, blend):
+    """Stores gather windows in blocks of WINDOW_BLOCK rows: every row of a batch many blocks long equals the
+    store's own tokens at its located start, whether the rows are all of one store (one contiguous run) or
+    scattered among the datasets of a blend."""
+    from nanotronix.data.store import WINDOW_BLOCK
+    datasets = [(stores[0], 1), (stores[2], 2), (stores[4], 1)] if blend else [(stores[2], 1)]
+    loader = build_train_loader(_cfg([("one", 1, datasets)], gbs=4 * WINDOW_BLOCK + 5), 0, 1)
+    ids = loader.global_sample_ids(3)
+    rows = loader.read_samples(ids)
+    names, which, starts = loader.schedule.locate(ids)
+    if blend:
+        assert min(np.bincount(which)) > WINDOW_BLOCK  # every store reads more than one block, scattered
+    for row, w, s in zip(rows, which, starts):
+        assert np.array_equal(row, open_store(names[w]).tokens(int(s), SEQ + 1))
+
+
 def test_moved_corpus_keeps_its_order_when_data_root_follows(stores, tmp_path):
     """A run requeued where the corpus is mounted elsewhere (data.root changed, recipe paths unchanged) reads the
     same samples; spelling a dataset's path differently (another folder without data.root) is another order."""
@@ -240,17 +257,20 @@ def test_moved_corpus_keeps_its_order_when_data_root_follows(stores, tmp_path):
     assert not np.array_equal(moved, here)
 
 
+@pytest.mark.parametrize("blend", [False, True])
 @pytest.mark.parametrize("bad_id", [-1, 49152, 2**31 - 1])
-def test_token_ids_outside_the_vocabulary_name_the_store(tmp_path, bad_id):
+def test_token_ids_outside_the_vocabulary_name_the_store(stores, tmp_path, bad_id, blend):
     """Ids the embedding cannot look up (a damaged int32 store can hold negative ones too) are one DataError naming
-    the store and window, not an IndexError on every rank; ids within the vocabulary, up to its last, pass."""
+    the store and window, not an IndexError on every rank; ids within the vocabulary, up to its last, pass. Alone,
+    the store's rows are one run of the batch; blended with another store, they are scattered."""
     tokens = np.random.default_rng(0).integers(0, 49152, size=4000, dtype=np.int32)
     tokens[100] = 49151
     path = tmp_path / "int32"
     writer = MegatronWriter(path, np.int32)
     writer.add_documents(tokens, np.full(40, 100))
     writer.finalize({"tokenizer": {"vocab_size": 49152, "eos_id": 0}})
-    loader = build_train_loader(_cfg([("a", 1, [(str(path), 1.0)])], gbs=250), 0, 1)
+    datasets = [(str(path), 1.0)] + ([(stores[2], 1.0)] if blend else [])
+    loader = build_train_loader(_cfg([("a", 1, datasets)], gbs=500 if blend else 250), 0, 1)
     assert loader.batch(1).max() == 49151  # one epoch: 249 windows of 16+1 tokens, token 100 among them
     tokens[1234] = bad_id
     path.with_suffix(".bin").write_bytes(tokens.tobytes())

@@ -114,8 +114,8 @@ class DatatroveStore(TokenStore):
         self._check_range(start, length)
         return np.asarray(self.data[start:start + length]).astype(self.dtype)
 
-    def read_windows(self, out: np.ndarray, rows: np.ndarray, starts: np.ndarray) -> None:
-        self._read_windows_from(self.data, out, rows, starts)
+    def read_windows(self, out: np.ndarray, rows: np.ndarray, starts: np.ndarray) -> int:
+        return self._read_windows_from(self.data, out, rows, starts)
 
     def gather(self, positions: np.ndarray) -> np.ndarray:
         return self.data[np.asarray(positions, dtype=np.int64)].astype(np.int64)

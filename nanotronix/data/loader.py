@@ -66,12 +66,11 @@ class TrainLoader:
         names, which, starts = self.schedule.locate(sample_ids)
         if out is None:
             out = np.empty((len(sample_ids), self.seq_len + 1), dtype=BATCH_DTYPE_NP)
+        top = -1  # the largest id read, as unsigned: the stores take it while the rows are in cache
         for d in np.unique(which).tolist():
             rows = np.flatnonzero(which == d)
-            self.stores[names[d]].read_windows(out, rows, starts[rows])
-        # One pass: as uint32, a negative id is above any vocabulary (min and max were two passes, which halved
-        # the sampler's speed: tools/bench_data.py)
-        if self.vocab_size is not None and len(out) and out.view(np.uint32).max() >= self.vocab_size:
+            top = max(top, self.stores[names[d]].read_windows(out, rows, starts[rows]))
+        if self.vocab_size is not None and top >= self.vocab_size:
             self._name_the_bad_store(out, names, which, starts)
         return out
 

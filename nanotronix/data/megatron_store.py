@@ -190,8 +190,8 @@ class MegatronStore(TokenStore):
         self._check_range(start, length)
         return np.array(self._bin[start:start + length])
 
-    def read_windows(self, out: np.ndarray, rows: np.ndarray, starts: np.ndarray) -> None:
-        self._read_windows_from(self._bin, out, rows, starts)
+    def read_windows(self, out: np.ndarray, rows: np.ndarray, starts: np.ndarray) -> int:
+        return self._read_windows_from(self._bin, out, rows, starts)
 
     def gather(self, positions: np.ndarray) -> np.ndarray:
         return np.asarray(self._bin[np.asarray(positions, dtype=np.int64)], dtype=np.int64)

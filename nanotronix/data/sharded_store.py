@@ -24,7 +24,7 @@ from typing import Optional
 import numpy as np
 
 from .errors import DataError
-from .store import TokenStore
+from .store import TokenStore, largest_id
 
 _SHARD = re.compile(r"^shard-(\d{5})-of-(\d{5})(\.idx|\.zarr)$")
 
@@ -141,18 +141,21 @@ class ConcatenatedStore(TokenStore):
             pos += take
         return np.concatenate(pieces).astype(self._dtype) if pieces else np.zeros(0, self._dtype)
 
-    def read_windows(self, out: np.ndarray, rows: np.ndarray, starts: np.ndarray) -> None:
+    def read_windows(self, out: np.ndarray, rows: np.ndarray, starts: np.ndarray) -> int:
         """Windows inside one part are read by that part in one call; the few that straddle two are pieced."""
         rows, starts = np.asarray(rows), np.asarray(starts, dtype=np.int64)
         bounds = np.asarray(self._token_starts, dtype=np.int64)
         first = np.searchsorted(bounds, starts, side="right") - 1
         last = np.searchsorted(bounds, starts + out.shape[1] - 1, side="right") - 1
         inside = first == last
+        top = -1
         for k in np.unique(first[inside]).tolist():
             sel = inside & (first == k)
-            self.parts[k].read_windows(out, rows[sel], starts[sel] - bounds[k])
+            top = max(top, self.parts[k].read_windows(out, rows[sel], starts[sel] - bounds[k]))
         for row, start in zip(rows[~inside].tolist(), starts[~inside].tolist()):
             out[row] = self.tokens(start, out.shape[1])
+            top = max(top, largest_id(out[row]))
+        return top
 
     def gather(self, positions: np.ndarray) -> np.ndarray:
         positions = np.asarray(positions, dtype=np.int64)
