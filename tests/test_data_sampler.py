@@ -11,7 +11,7 @@ from nanotronix.data import DataError, build_train_loader, open_store
 from nanotronix.data.blend import BlendTree
 from nanotronix.data.megatron_store import MegatronWriter
 from nanotronix.data.permutation import permute
-from nanotronix.data.schedule import PackedStream
+from nanotronix.data.schedule import BlendSchedule, PackedStream, window_starts
 
 SEQ = 16
 
@@ -51,6 +51,42 @@ def test_permutation_is_a_bijection_and_keyed():
     # one key per element (a batch spanning epochs) equals separate calls per key
     mixed = permute(np.arange(2000) % 1000, 1000, np.repeat(np.array([7, 8], dtype=np.uint64), 1000))
     assert np.array_equal(mixed, np.concatenate([a, b]))
+
+
+def test_one_call_for_several_datasets_equals_one_call_per_dataset():
+    """The schedule places the samples of all datasets in one vectorised call (a size, key, slack and window
+    length per sample): the same permutations and window starts as separate calls per dataset, including sizes
+    of 1 and 2, powers of two and their neighbours, and sizes whose domain needs long cycle walks."""
+    rng = np.random.default_rng(3)
+    sizes = [1, 2, 3, 4096, 4097, 65_537, 10**9, 7 * 10**11]
+    n = np.repeat(sizes, 700)
+    i = rng.integers(0, n)
+    keys = rng.integers(0, 2**63, size=len(n)).astype(np.uint64) * np.uint64(2)  # above 2^63 too
+    order = rng.permutation(len(n))  # datasets interleaved, as in a blended batch
+    together = np.empty(len(n), dtype=np.int64)
+    together[order] = permute(i[order], n[order], keys[order])
+    apart = np.concatenate([permute(i[n == m], m, keys[n == m]) for m in sizes])  # n is grouped by size
+    assert np.array_equal(together, apart)
+    streams = [PackedStream(f"d{k}", m * 16 + 1 + k, 16, 1234) for k, m in enumerate((1, 5, 300, 4097))]
+    owner = rng.integers(0, len(streams), size=4000)
+    c = rng.integers(0, 10**6, size=4000)
+    facts = [np.array(column, dtype=dtype)[owner] for column, dtype in (
+        ([s.windows_per_epoch for s in streams], np.int64), ([s.key for s in streams], np.uint64),
+        ([s.slack for s in streams], np.int64), ([s.seq_len for s in streams], np.int64))]
+    expected = np.empty(len(c), dtype=np.int64)
+    for k, stream in enumerate(streams):
+        expected[owner == k] = stream.window_starts(c[owner == k])
+    assert np.array_equal(window_starts(c, *facts), expected)
+    # and the schedule's one call for a blended batch (keys above 2^63 among them: no float detour)
+    assert max(stream.key for stream in streams) >= 2**63
+    schedule = BlendSchedule([("one", 1, [(s.name, 1 + k) for k, s in enumerate(streams)])], 64,
+                             {s.name: s for s in streams})
+    g = np.arange(5000, 9000)
+    names, which, starts = schedule.locate(g)
+    source, rank = schedule.stages[0].tree.assign(g)
+    for k, stream in enumerate(streams):
+        assert np.array_equal(starts[source == k], stream.window_starts(rank[source == k]))
+        assert set(np.array(names)[which[source == k]]) == {stream.name}
 
 
 SMOLLM2_STAGES = [  # SmolLM2-1.7B stage mixtures (shared/smollm2/schedule.yaml), buckets flattened

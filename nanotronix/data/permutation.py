@@ -39,36 +39,58 @@ def stable_key(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little")
 
 
-def derive_keys(key: int, index: np.ndarray) -> np.ndarray:
-    """Sub-keys number `index` (array) of `key`, e.g. one per epoch, as uint64."""
+def derive_keys(key, index: np.ndarray) -> np.ndarray:
+    """Sub-keys number `index` (array) of `key` (an int, or one uint64 per element), e.g. one per epoch."""
     index = np.asarray(index, dtype=np.uint64)
-    return mix64(np.uint64(key) ^ ((index + np.uint64(1)) * np.uint64(_GOLDEN)))
+    return mix64(np.asarray(key, dtype=np.uint64) ^ ((index + np.uint64(1)) * np.uint64(_GOLDEN)))
 
 
-def permute(i: np.ndarray, n: int, keys) -> np.ndarray:
-    """Image of each value of `i` (all in [0, n)) under the permutation of [0, n) selected by its key
-    (`keys`: one uint64 per element, or a single int for all)."""
+def permute(i: np.ndarray, n, keys) -> np.ndarray:
+    """Image of each value of `i` under the permutation of [0, n) selected by its key. `n`: one size for all, or
+    one per element (each value of i in [0, its n), n >= 1), so that samples of several datasets are permuted in
+    one vectorised call; `keys`: one uint64 per element, or a single int for all."""
     i = np.asarray(i, dtype=np.uint64)
-    if n <= 1:
-        return i.astype(np.int64)
+    if np.ndim(n) == 0:
+        if n <= 1:
+            return i.astype(np.int64)
+        bits = np.uint64((int(n) - 1).bit_length())
+    else:
+        n = np.asarray(n, dtype=np.uint64)
+        sizes, which_size = np.unique(n, return_inverse=True)  # a few distinct sizes: one per dataset
+        bits = np.array([(int(m) - 1).bit_length() if m else 0 for m in sizes.tolist()],
+                        dtype=np.uint64)[which_size.reshape(n.shape)]
     keys = np.broadcast_to(np.asarray(keys, dtype=np.uint64), i.shape)
-    bits = (n - 1).bit_length()
     round_keys = [mix64(keys ^ np.uint64((r + 1) * 0x632BE59BD9B4E019 & _MASK64)) for r in range(_ROUNDS)]
-    x = _feistel(i, bits, round_keys, slice(None))
-    outside = np.flatnonzero(x >= np.uint64(n))
+    halves = _Halves(bits)
+    x = _feistel(i, halves, round_keys, slice(None))
+    outside = np.flatnonzero(x >= n)
     while outside.size:  # cycle walking: terminates because x's cycle contains an in-range value
-        x[outside] = _feistel(x[outside], bits, round_keys, outside)
-        outside = outside[x[outside] >= np.uint64(n)]
+        x[outside] = _feistel(x[outside], halves, round_keys, outside)
+        outside = outside[x[outside] >= (n if np.ndim(n) == 0 else n[outside])]
     return x.astype(np.int64)
 
 
-def _feistel(x: np.ndarray, bits: int, round_keys: list, which) -> np.ndarray:
-    a = bits // 2  # bits of the left part; the right part has b = bits - a
-    b = bits - a
-    left, right = x >> np.uint64(b), x & np.uint64((1 << b) - 1)
-    for r, rk in enumerate(round_keys):
+class _Halves:
+    """Bit counts of the Feistel network's two parts and their masks, for b = bits: the left part has
+    a = floor(b/2) bits, the right part b - a. Scalars when every element has the same b."""
+
+    def __init__(self, bits):
+        one = np.uint64(1)
+        self.a = bits // np.uint64(2)
+        self.b = bits - self.a
+        self.mask_a, self.mask_b = (one << self.a) - one, (one << self.b) - one
+
+    def of(self, which) -> tuple:
+        parts = (self.a, self.b, self.mask_a, self.mask_b)
+        return parts if np.ndim(self.a) == 0 else tuple(v[which] for v in parts)
+
+
+def _feistel(x: np.ndarray, halves: _Halves, round_keys: list, which) -> np.ndarray:
+    a, b, mask_a, mask_b = halves.of(which)
+    left, right = x >> b, x & mask_b
+    for rk in round_keys:
         # state (left: a bits, right: b bits) -> (right, left ^ F(right)) with sizes (b, a)
-        f = mix64(right ^ rk[which]) & np.uint64((1 << a) - 1)
+        f = mix64(right ^ rk[which]) & mask_a
         left, right = right, left ^ f
-        a, b = b, a
-    return (left << np.uint64(b)) | right
+        a, b, mask_a, mask_b = b, a, mask_b, mask_a
+    return (left << b) | right

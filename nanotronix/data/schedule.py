@@ -46,6 +46,17 @@ def dataset_order_key(path: str, root: Optional[str]) -> str:
     return path
 
 
+def window_starts(c: np.ndarray, windows_per_epoch, key, slack, seq_len) -> np.ndarray:
+    """Token offsets of the windows of samples number c of their datasets (int64, any order). The datasets'
+    facts (`PackedStream`'s windows_per_epoch, key, slack and seq_len) are scalars or one per element, so the
+    samples of every dataset in a batch are placed by one vectorised call (one call per dataset spent ~0.2 ms of
+    small numpy calls on each: a blend of 10 took 2.2 ms per 1024 samples, now 0.5)."""
+    epoch, i = np.divmod(np.asarray(c, dtype=np.int64), windows_per_epoch)
+    epoch_keys = derive_keys(key, epoch)
+    shift = (mix64(epoch_keys ^ _SHIFT_SALT) % (np.asarray(slack, dtype=np.uint64) + np.uint64(1))).astype(np.int64)
+    return shift + permute(i, windows_per_epoch, epoch_keys) * seq_len
+
+
 class PackedStream:
     """Shuffled, epoch-aware windows of one dataset's token stream; `order_key` (default: `name`) selects the
     shuffle (`dataset_order_key`)."""
@@ -63,10 +74,7 @@ class PackedStream:
 
     def window_starts(self, c: np.ndarray) -> np.ndarray:
         """Token offsets of the windows of this dataset's samples number c (int64, any order)."""
-        epoch, i = np.divmod(np.asarray(c, dtype=np.int64), self.windows_per_epoch)
-        epoch_keys = derive_keys(self.key, epoch)
-        shift = (mix64(epoch_keys ^ _SHIFT_SALT) % np.uint64(self.slack + 1)).astype(np.int64)
-        return shift + permute(i, self.windows_per_epoch, epoch_keys) * self.seq_len
+        return window_starts(c, self.windows_per_epoch, self.key, self.slack, self.seq_len)
 
     def epochs(self, consumed: int) -> float:
         return consumed / self.windows_per_epoch
@@ -127,11 +135,17 @@ class BlendSchedule:
             plan = self.stages[k]
             sel = np.flatnonzero(stage_of == k)
             source, rank = plan.tree.assign(g[sel] - plan.first_sample)
-            for s in np.unique(source).tolist():
-                name = plan.datasets[s]
-                rows = sel[source == s]
-                which[rows] = names.index(name)
-                starts[rows] = self.streams[name].window_starts(rank[source == s] + plan.carried[s])
+            streams = [self.streams[name] for name in plan.datasets]
+            which[sel] = np.array([names.index(name) for name in plan.datasets])[source]
+
+            def per_sample(values, dtype=np.int64):  # a fact of each sample's dataset
+                return np.array(values, dtype=dtype)[source]
+
+            starts[sel] = window_starts(rank + per_sample(plan.carried),
+                                        per_sample([p.windows_per_epoch for p in streams]),
+                                        per_sample([p.key for p in streams], np.uint64),  # 64-bit keys
+                                        per_sample([p.slack for p in streams]),
+                                        per_sample([p.seq_len for p in streams]))
         return names, which, starts
 
     def consumed(self, num_samples: int) -> dict[str, int]:
