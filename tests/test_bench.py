@@ -97,6 +97,22 @@ def test_measure_frees_the_model():
     assert result.ok and [r() for r in refs] == [None] * 4
 
 
+def test_a_failing_profile_keeps_the_runs_timings(monkeypatch, capsys):
+    """The profiled step is an extra: when the profiler fails (on a GPU: CUPTI unavailable, out of memory), the
+    run's timed steps still count."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUPTI_ERROR_NOT_INITIALIZED\nmore detail")
+
+    monkeypatch.setattr(bench_train, "profile_step", broken)
+    args = bench_train.parse_args([*TINY, "--steps", "2", "--warmup", "1"])
+    device = torch.device("cpu")
+    cfg = bench_train.build_config(args, [], device)
+    result = bench_train.measure("x", lambda: bench_train.nanotronix_step_fn(cfg, device), cfg, device,
+                                 bench_train.make_batches(cfg, 2, 1), 1, [], profile=True)
+    assert result.ok and len(result.step_seconds) == 1 and result.time_shares is None
+    assert "[x] profile failed, timings kept: RuntimeError: CUPTI_ERROR_NOT_INITIALIZED" in capsys.readouterr().out
+
+
 def test_documents_plants_eos_at_the_mean_length():
     args = bench_train.parse_args([*TINY, "--documents", "7:4"])
     cfg = bench_train.build_config(args, [], torch.device("cpu"))

@@ -245,7 +245,11 @@ def measure(name: str, build: Callable[[], Callable[[torch.Tensor], float]], cfg
             print(f"  [{name}] step {i + 1}/{len(batches)} loss {loss:.4f} {dt * 1000:.0f} ms"
                   f"{' (warm-up)' if i < warmup else ''}", flush=True)
         if profile:
-            result.time_shares = profile_step(step, batches[-1], device, name)
+            try:  # the timed steps stand whatever befalls the extra, profiled one
+                result.time_shares = profile_step(step, batches[-1], device, name)
+            except (RuntimeError, torch.OutOfMemoryError) as e:
+                print(f"  [{name}] profile failed, timings kept: {type(e).__name__}: "
+                      f"{str(e).splitlines()[0] if str(e) else ''}", flush=True)
     except torch.OutOfMemoryError as e:
         result.ok, result.error = False, f"out of memory: {str(e).splitlines()[0]}"
     except (RuntimeError, UserError) as e:  # e.g. a backend or kernel the device lacks: report it, run the next
