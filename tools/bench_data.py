@@ -12,7 +12,7 @@
    Wall-clock rates are what the goal is about but are only meaningful on an otherwise idle machine, so
    tokens per CPU-second (this process and its workers, start-up included) are printed as well.
 2. Sampler: random windows of seq_len+1 tokens from the resulting store, read by the training loader
-   (schedule lookup, permutation, read, int64 batch) vs `np.array(tokens[s:s+L+1])` on a plain memmap view
+   (schedule lookup, permutation, read, int32 batch) vs `np.array(tokens[s:s+L+1])` on a plain memmap view
    at random offsets, in CPU time of this (single-threaded) process, calls alternated. Goal: >= 0.5. Also
    for a blend of 10 datasets (the store linked under 10 names), as a SmolLM2 stage mixes many sources.
 Everything is measured in this run, on this machine, over --rounds repetitions keeping the best of each
