@@ -12,13 +12,16 @@
 #     memory (one error line expected) -> $OUT/checks2.log (reuses part 1's build on a warm machine; builds
 #     otherwise)
 # At most 7 files land in $OUT per part (the device tool returns 8).
-# Usage: OUT=/some/dir bash tools/gpu_checks.sh [1|2|all]   (OUT defaults to ./gpu_out, the part to all)
+# Usage: OUT=/some/dir [CALL_S=590] bash tools/gpu_checks.sh [1|2|all]   (OUT defaults to ./gpu_out, the part to
+# all; CALL_S: part 1's time in the device call, which sizes the 1.7B bench, the last step: when the machine's start
+# has left less than the usual ~590 s of the session's device time, pass what the call is given)
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
 PART=${1:-all}
 mkdir -p "$OUT"
 PY=${PY:-python3}
+CALL_S=${CALL_S:-590}  # part 1: the seconds this device call may run (the timeout_s it was given, less a margin)
 TRAIN_EXTRA=${TRAIN_EXTRA:-}  # more overrides for the trainer check (a CPU smoke test: TRAIN_DEVICE=cpu)
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=8
 case $PART in 1|2|all) ;; *) echo "usage: OUT=dir bash tools/gpu_checks.sh [1|2|all]" >&2; exit 2 ;; esac
@@ -69,10 +72,10 @@ if [ "$PART" != 2 ]; then
     --variant compiled:$C --variant compiled-cache-fused:$F
   bench 135m 90 model.preset=smollm2-135m $S train.micro_batch_size=16 --accum 2 --warmup 2 --steps 4 \
     --variant compiled:$C --variant compiled-cache-fused:$F
-  # part 1 alone (one device call, ~590 s): whatever is left of it, ending in time for the summary (>= 330 s when
-  # the steps before took their usual ~230 s)
+  # part 1 alone (one device call of CALL_S seconds): whatever is left of it, ending in time for the summary
+  # (>= 330 s when the call has 590 s and the steps before took their usual ~230 s)
   T1P7B=330
-  [ "$PART" = 1 ] && T1P7B=$(( SECONDS < 510 ? 570 - SECONDS : 60 ))  # never below a minute
+  [ "$PART" = 1 ] && T1P7B=$(( SECONDS < CALL_S - 80 ? CALL_S - 20 - SECONDS : 60 ))  # never below a minute
   bench 1p7b $T1P7B model.preset=smollm2-1.7b $S train.micro_batch_size=4 --accum 16 --warmup 2 --steps 3 \
     --variant compiled:$C --variant compiled-cache-fused:$F --variant compiled-cache-fused-mb8:$F,train.micro_batch_size=8 \
     --variant compiled-cache:$K --variant compiled-cache-mb8:$K,train.micro_batch_size=8 \
