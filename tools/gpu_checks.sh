@@ -21,7 +21,7 @@ OUT=${OUT:-gpu_out}
 PART=${1:-all}
 mkdir -p "$OUT"
 PY=${PY:-python3}
-CALL_S=${CALL_S:-590}  # part 1: the seconds this device call may run (the timeout_s it was given, less a margin)
+CALL_S=${CALL_S:-590}  # part 1: the timeout_s of this device call (the script keeps 20 s of it for the summary)
 TRAIN_EXTRA=${TRAIN_EXTRA:-}  # more overrides for the trainer check (a CPU smoke test: TRAIN_DEVICE=cpu)
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=8
 case $PART in 1|2|all) ;; *) echo "usage: OUT=dir bash tools/gpu_checks.sh [1|2|all]" >&2; exit 2 ;; esac
