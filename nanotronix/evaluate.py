@@ -36,7 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def evaluate(checkpoint: str, data: str, seq_len: int, num_samples: int, batch_size: int = 8,
              device: str = "auto", progress: bool = False) -> dict[str, Any]:
     from nanotronix.checkpoint.reader import CheckpointReader
-    from nanotronix.data import open_store
+    from nanotronix.data import open_store, require_integer_tokens
     from nanotronix.distributed import pick_device
     from nanotronix.errors import UserError
     from nanotronix.model import build_model
@@ -44,7 +44,7 @@ def evaluate(checkpoint: str, data: str, seq_len: int, num_samples: int, batch_s
     for name, value in (("--seq-len", seq_len), ("--num-samples", num_samples), ("--batch-size", batch_size)):
         if value < 1:
             raise UserError(f"{name}: must be >= 1, got {value}")
-    store = open_store(data)
+    store = require_integer_tokens(open_store(data), data)
     needed = num_samples * seq_len + 1
     if needed > store.num_tokens:
         raise UserError(f"--num-samples: {num_samples} windows of {seq_len} tokens need {needed} tokens, the store "

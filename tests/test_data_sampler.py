@@ -294,15 +294,17 @@ def test_moved_corpus_keeps_its_order_when_data_root_follows(stores, tmp_path):
 
 
 @pytest.mark.parametrize("blend", [False, True])
-@pytest.mark.parametrize("bad_id", [-1, 49152, 2**31 - 1])
-def test_token_ids_outside_the_vocabulary_name_the_store(stores, tmp_path, bad_id, blend):
+@pytest.mark.parametrize("dtype,bad_id", [(np.int32, -1), (np.int32, 49152), (np.int32, 2**31 - 1),
+                                          (np.int64, 2**32 + 5), (np.int64, 7 - 2**32)])
+def test_token_ids_outside_the_vocabulary_name_the_store(stores, tmp_path, dtype, bad_id, blend):
     """Ids the embedding cannot look up (a damaged int32 store can hold negative ones too) are one DataError naming
     the store and window, not an IndexError on every rank; ids within the vocabulary, up to its last, pass. Alone,
-    the store's rows are one run of the batch; blended with another store, they are scattered."""
-    tokens = np.random.default_rng(0).integers(0, 49152, size=4000, dtype=np.int32)
+    the store's rows are one run of the batch; blended with another store, they are scattered. An int64 store's
+    2^32 + 5 and 7 - 2^32 are 5 and 7 in the int32 batch: the check reads the store's own values."""
+    tokens = np.random.default_rng(0).integers(0, 49152, size=4000, dtype=dtype)
     tokens[100] = 49151
-    path = tmp_path / "int32"
-    writer = MegatronWriter(path, np.int32)
+    path = tmp_path / np.dtype(dtype).name
+    writer = MegatronWriter(path, dtype)
     writer.add_documents(tokens, np.full(40, 100))
     writer.finalize({"tokenizer": {"vocab_size": 49152, "eos_id": 0}})
     datasets = [(str(path), 1.0)] + ([(stores[2], 1.0)] if blend else [])
@@ -310,6 +312,16 @@ def test_token_ids_outside_the_vocabulary_name_the_store(stores, tmp_path, bad_i
     assert loader.batch(1).max() == 49151  # one epoch: 249 windows of 16+1 tokens, token 100 among them
     tokens[1234] = bad_id
     path.with_suffix(".bin").write_bytes(tokens.tobytes())
-    with pytest.raises(DataError, match=rf"token store .*int32: token id {bad_id} \(in the window at token \d+\) is "
-                                        r"outside the model's vocabulary \(49152\)"):
+    with pytest.raises(DataError, match=rf"token store .*{path.name}: token id {bad_id} \(in the window at token \d+\) "
+                                        r"is outside the model's vocabulary \(49152\)"):
         loader.batch(1)
+
+
+def test_a_store_of_floats_is_refused(tmp_path):
+    """A Megatron file may hold float32 values (the format has a code for them); they are no token ids and would be
+    truncated on their way into the int32 batch, so the trainer refuses such a store before it reads anything."""
+    writer = MegatronWriter(tmp_path / "floats", np.float32)
+    writer.add_documents(np.arange(1000, dtype=np.float32) + 0.5, np.full(10, 100))
+    writer.finalize({})
+    with pytest.raises(DataError, match=r"token store .*floats: holds float32 values, not integer token ids"):
+        build_train_loader(_cfg([("a", 1, [(str(tmp_path / "floats"), 1.0)])]), 0, 1)

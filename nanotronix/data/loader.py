@@ -16,7 +16,7 @@ import torch
 
 from .errors import DataError
 from .schedule import BlendSchedule, PackedStream, dataset_order_key
-from .store import TokenStore, open_store
+from .store import TokenStore, open_store, require_integer_tokens
 
 
 # Batches travel as int32 (every vocabulary fits) and become int64 on the device (train/step.py): half the bytes
@@ -76,11 +76,16 @@ class TrainLoader:
 
     def _name_the_bad_store(self, windows: np.ndarray, names, which: np.ndarray, starts: np.ndarray) -> None:
         """Raise the DataError for the first window whose token ids fall outside the model's vocabulary (without
-        this, the embedding's IndexError, a traceback on every rank)."""
-        for row, window in enumerate(windows):
-            bad = window[(window < 0) | (window >= self.vocab_size)]
-            if len(bad):
-                raise DataError(f"token store {names[which[row]]}: token id {int(bad[0])} (in the window at token "
+        this, the embedding's IndexError, a traceback on every rank). The windows are read again from the stores
+        in their own dtype: an int64 id may have wrapped into the vocabulary's range in the int32 batch."""
+        length = windows.shape[1]
+        for row in range(len(windows)):
+            store = self.stores[names[which[row]]]
+            window = np.ascontiguousarray(store.tokens(int(starts[row]), length))
+            outside = np.flatnonzero(window.view(f"u{window.dtype.itemsize}") >= self.vocab_size)
+            if len(outside):
+                bad = int(window[outside[0]])
+                raise DataError(f"token store {names[which[row]]}: token id {bad} (in the window at token "
                                 f"{int(starts[row])}) is outside the model's vocabulary ({self.vocab_size}): the "
                                 "store is damaged or was made with another tokenizer (tools/inspect_store.py "
                                 "PREFIX --verify)")
@@ -140,7 +145,7 @@ def build_train_loader(cfg, dp_rank: int, dp_size: int, consumed_samples: int = 
     for stage in cfg.data.stages:
         for ds in stage.datasets:
             if ds.path not in stores:
-                stores[ds.path] = open_store(os.path.expanduser(ds.path))
+                stores[ds.path] = require_integer_tokens(open_store(os.path.expanduser(ds.path)), ds.path)
         stages.append((stage.name, stage.start_step, [(ds.path, ds.weight) for ds in stage.datasets]))
     vocab = cfg.model.vocab_size
     for name, store in stores.items():

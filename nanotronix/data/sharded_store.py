@@ -153,8 +153,9 @@ class ConcatenatedStore(TokenStore):
             sel = inside & (first == k)
             top = max(top, self.parts[k].read_windows(out, rows[sel], starts[sel] - bounds[k]))
         for row, start in zip(rows[~inside].tolist(), starts[~inside].tolist()):
-            out[row] = self.tokens(start, out.shape[1])
-            top = max(top, largest_id(out[row]))
+            tokens = self.tokens(start, out.shape[1])
+            out[row] = tokens
+            top = max(top, largest_id(tokens))
         return top
 
     def gather(self, positions: np.ndarray) -> np.ndarray:

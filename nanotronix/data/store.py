@@ -30,6 +30,14 @@ def largest_id(tokens: np.ndarray) -> int:
     return int(np.ascontiguousarray(tokens).view(f"u{tokens.dtype.itemsize}").max())
 
 
+def require_integer_tokens(store: "TokenStore", name: str) -> "TokenStore":
+    """`store`, once it is known to hold integers: a Megatron file may hold float32/float64 values (the format
+    allows them), which are no token ids and would be truncated silently on their way into a batch."""
+    if np.dtype(store.dtype).kind not in "iu":
+        raise DataError(f"token store {name}: holds {np.dtype(store.dtype).name} values, not integer token ids")
+    return store
+
+
 class TokenStore(ABC):
     format: ClassVar[str]
 
@@ -77,35 +85,37 @@ class TokenStore(ABC):
 
     def read_windows(self, out: np.ndarray, rows: np.ndarray, starts: np.ndarray) -> int:
         """Fill out[rows[k]] with the stream tokens from starts[k] (row length = out.shape[1]; rows sorted,
-        unique). Returns the largest token id written, read as unsigned (so a negative id counts as above every
-        vocabulary), or -1 when no row was: the loader's vocabulary check, done here on rows still in cache."""
+        unique). Returns the largest token id read, in the store's own dtype read as unsigned (so a negative id
+        counts as above every vocabulary, and an int64 id that out's dtype would wrap into range is still seen), or
+        -1 when no row was: the loader's vocabulary check, done here on rows still in cache."""
         length, top = out.shape[1], -1
         for row, start in zip(rows.tolist(), starts.tolist()):
-            out[row] = self.tokens(start, length)
-            top = max(top, largest_id(out[row]))
+            tokens = self.tokens(start, length)
+            out[row] = tokens
+            top = max(top, largest_id(tokens))
         return top
 
     @staticmethod
     def _read_windows_from(data: np.ndarray, out: np.ndarray, rows: np.ndarray, starts: np.ndarray) -> int:
         """read_windows for a stream held in one (memory-mapped) array: a sliding-window view (no copy) gathered
         by one numpy call per block of WINDOW_BLOCK rows, which is faster than a Python loop of slices. In
-        blocks, the gathered windows are still in the CPU cache when they are converted to out's dtype and when
-        their largest id is taken; a whole 1024 x 2049 batch at once made three passes through memory
-        (tools/bench_data.py's sampler: 1.07 -> 0.65 ms for the gather, conversion and check of such a batch)."""
+        blocks, the gathered windows are still in the CPU cache when their largest id is taken and when they are
+        converted to out's dtype; a whole 1024 x 2049 batch at once made three passes through memory
+        (tools/bench_data.py's sampler: 1.07 -> 0.65 ms for the gather, conversion and check of such a batch). The
+        check reads the gathered copy, before the conversion, which is narrower (uint16 for SmolLM2's vocabulary)
+        and cannot have wrapped."""
         windows = np.lib.stride_tricks.sliding_window_view(data, out.shape[1])
         starts = np.asarray(starts, dtype=np.int64)
         contiguous = len(rows) == len(out)  # rows are sorted and unique, so this is every row in order
-        unsigned = np.dtype(f"u{out.dtype.itemsize}")  # largest_id's reading, without its per-call checks
+        unsigned = np.dtype(f"u{data.dtype.itemsize}")  # largest_id's reading, without its per-call checks
         top = -1
         for lo in range(0, len(rows), WINDOW_BLOCK):
-            block = windows[starts[lo:lo + WINDOW_BLOCK]]
+            block = windows[starts[lo:lo + WINDOW_BLOCK]]  # the gathered copy, in the store's dtype
+            top = max(top, int(block.view(unsigned).max()))
             if contiguous:
-                target = out[lo:lo + len(block)]
-                target[...] = block
-            else:
-                target = block.astype(out.dtype, copy=False)
-                out[rows[lo:lo + WINDOW_BLOCK]] = target
-            top = max(top, int(target.view(unsigned).max()))
+                out[lo:lo + len(block)] = block
+            else:  # converted while scattered: no temporary in out's dtype
+                out[rows[lo:lo + WINDOW_BLOCK]] = block
         return top
 
     def gather(self, positions: np.ndarray) -> np.ndarray:

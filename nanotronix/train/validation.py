@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from nanotronix.config import Config, grad_accum_steps
-from nanotronix.data import DataError, TokenStore, open_store
+from nanotronix.data import DataError, TokenStore, open_store, require_integer_tokens
 from nanotronix.data.schedule import dataset_order_key
 from nanotronix.errors import UserError
 from nanotronix.parallel.context import ParallelContext
@@ -35,7 +35,7 @@ from nanotronix.parallel.pipeline import PAD_LABEL
 def open_validation_store(path: str, num_samples: int, seq_len: int, vocab_size: int) -> TokenStore:
     """A held-out store, checked to hold `num_samples` windows of seq_len + 1 tokens of the model's vocabulary (as
     far as its sidecar tells; the launch preflight calls this too)."""
-    store = open_store(os.path.expanduser(path))
+    store = require_integer_tokens(open_store(os.path.expanduser(path)), path)
     if store.vocab_size is not None and store.vocab_size > vocab_size:
         raise DataError(f"validation.data: {path} was tokenized with {store.vocab_size} tokens, more than "
                         f"model.vocab_size={vocab_size}")
