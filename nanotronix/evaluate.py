@@ -36,7 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def evaluate(checkpoint: str, data: str, seq_len: int, num_samples: int, batch_size: int = 8,
              device: str = "auto", progress: bool = False) -> dict[str, Any]:
     from nanotronix.checkpoint.reader import CheckpointReader
-    from nanotronix.data import open_store, require_integer_tokens
+    from nanotronix.data import first_outside_vocabulary, open_store, require_integer_tokens
     from nanotronix.distributed import pick_device
     from nanotronix.errors import UserError
     from nanotronix.model import build_model
@@ -66,10 +66,11 @@ def evaluate(checkpoint: str, data: str, seq_len: int, num_samples: int, batch_s
     with torch.no_grad(), bar:
         for first in range(0, num_samples, batch_size):
             count = min(batch_size, num_samples - first)
-            windows = torch.from_numpy(store.leading_windows(first, count, seq_len)).to(dev)
-            top = int(windows.max())
-            if top >= cfg.vocab_size:
-                raise UserError(f"--data: token id {top} is outside the model's vocabulary ({cfg.vocab_size})")
+            windows = store.leading_windows(first, count, seq_len)
+            bad = first_outside_vocabulary(windows, cfg.vocab_size)  # negative ids too: a damaged int32 store
+            if bad is not None:
+                raise UserError(f"--data: token id {bad} is outside the model's vocabulary ({cfg.vocab_size})")
+            windows = torch.from_numpy(windows).to(dev)
             logits = model(windows[:, :-1]).float()
             loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten(), reduction="sum")
             total += loss.double().cpu()

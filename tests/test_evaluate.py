@@ -14,6 +14,7 @@ from checkpoint_helpers import TINY, adamw, plain_model, save_single, train_step
 from helpers import ROOT, write_learnable_store
 
 from nanotronix.checkpoint.hf_export import export_to_hf
+from nanotronix.data.megatron_store import MegatronWriter
 
 SEQ, WINDOWS = 32, 11  # 11 windows with batch size 4: the last batch is partial
 
@@ -59,8 +60,18 @@ def test_evaluate_bad_input_is_one_line(tmp_path, capsys):
               f"error: --seq-len: {longest + 1} exceeds the checkpoint's max_position_embeddings={longest}")]
     if not torch.cuda.is_available():
         cases.append(((run, "1", "32", "--device", "cuda"), "error: --device: cuda requested but CUDA is not"))
+    # a damaged int32 store: a negative id is outside the vocabulary too (not the embedding's IndexError)
+    damaged = np.fromfile(f"{store}.bin", dtype=np.uint16).astype(np.int32)
+    damaged[40] = -1
+    writer = MegatronWriter(tmp_path / "damaged", np.int32)
+    writer.add_documents(damaged, [len(damaged)])
+    writer.finalize({})
+    cases.append(((run, "2", "32", "--data", str(tmp_path / "damaged"), "--no-progress"),
+                  f"error: --data: token id -1 is outside the model's vocabulary ({TINY.vocab_size})"))
     for (checkpoint, samples, seq, *more), message in cases:
-        code = main(["--checkpoint", checkpoint, "--data", str(store), "--seq-len", seq, "--num-samples", samples,
+        data = more[more.index("--data") + 1] if "--data" in more else str(store)
+        more = [m for m in more if m not in ("--data", data)]
+        code = main(["--checkpoint", checkpoint, "--data", data, "--seq-len", seq, "--num-samples", samples,
                      *more])
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and err[0].startswith(message), err

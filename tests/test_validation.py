@@ -65,3 +65,23 @@ def test_a_store_of_another_vocabulary_is_refused_at_launch(tmp_path, store, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err == [f"error: validation.data: {tmp_path / 'wide'} was tokenized with 512 tokens, more "
                                  "than model.vocab_size=256"], err
+
+
+def test_a_damaged_validation_store_is_one_line(tmp_path, store):
+    """Token ids outside the vocabulary in a held-out store, negative ones included (an int32 store can hold them),
+    stop the run with one line naming the store, not the embedding's IndexError."""
+    import numpy as np
+
+    from nanotronix.data.megatron_store import MegatronWriter
+
+    tokens = np.fromfile(f"{store}.bin", dtype=np.uint16).astype(np.int32)
+    tokens[40] = -1
+    writer = MegatronWriter(tmp_path / "damaged", np.int32)
+    writer.add_documents(tokens, [len(tokens)])
+    writer.finalize({})
+    cfg = tiny_config(tmp_path, store, train={"train_steps": 2}, checkpoint={"dir": str(tmp_path / "ckpt")})
+    proc = torchrun(1, ["-m", "nanotronix.train", "--config", str(cfg), f"validation.data=[{tmp_path / 'damaged'}]",
+                        "validation.interval=1", "validation.num_samples=4"])
+    assert proc.returncode != 0
+    assert f"error: validation.data: token id -1 in {tmp_path / 'damaged'} is outside the model's vocabulary" \
+        in proc.stderr and "IndexError" not in proc.stderr, proc.stderr[-3000:]

@@ -16,7 +16,7 @@ import torch
 
 from .errors import DataError
 from .schedule import BlendSchedule, PackedStream, dataset_order_key
-from .store import TokenStore, open_store, require_integer_tokens
+from .store import TokenStore, first_outside_vocabulary, open_store, require_integer_tokens
 
 
 # Batches travel as int32 (every vocabulary fits) and become int64 on the device (train/step.py): half the bytes
@@ -81,10 +81,8 @@ class TrainLoader:
         length = windows.shape[1]
         for row in range(len(windows)):
             store = self.stores[names[which[row]]]
-            window = np.ascontiguousarray(store.tokens(int(starts[row]), length))
-            outside = np.flatnonzero(window.view(f"u{window.dtype.itemsize}") >= self.vocab_size)
-            if len(outside):
-                bad = int(window[outside[0]])
+            bad = first_outside_vocabulary(store.tokens(int(starts[row]), length), self.vocab_size)
+            if bad is not None:
                 raise DataError(f"token store {names[which[row]]}: token id {bad} (in the window at token "
                                 f"{int(starts[row])}) is outside the model's vocabulary ({self.vocab_size}): the "
                                 "store is damaged or was made with another tokenizer (tools/inspect_store.py "

@@ -30,6 +30,14 @@ def largest_id(tokens: np.ndarray) -> int:
     return int(np.ascontiguousarray(tokens).view(f"u{tokens.dtype.itemsize}").max())
 
 
+def first_outside_vocabulary(tokens: np.ndarray, vocab_size: int) -> Optional[int]:
+    """The first token id of `tokens` (integers, any shape) outside [0, vocab_size), or None. Read as unsigned, so
+    a negative id, which a damaged store can hold, is found in the same one comparison."""
+    flat = np.ascontiguousarray(tokens).reshape(-1)
+    outside = np.flatnonzero(flat.view(f"u{flat.dtype.itemsize}") >= vocab_size)
+    return int(flat[outside[0]]) if len(outside) else None
+
+
 def require_integer_tokens(store: "TokenStore", name: str) -> "TokenStore":
     """`store`, once it is known to hold integers: a Megatron file may hold float32/float64 values (the format
     allows them), which are no token ids and would be truncated silently on their way into a batch."""

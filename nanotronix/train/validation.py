@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from nanotronix.config import Config, grad_accum_steps
-from nanotronix.data import DataError, TokenStore, open_store, require_integer_tokens
+from nanotronix.data import DataError, TokenStore, first_outside_vocabulary, open_store, require_integer_tokens
 from nanotronix.data.schedule import dataset_order_key
 from nanotronix.errors import UserError
 from nanotronix.parallel.context import ParallelContext
@@ -93,11 +93,12 @@ class Validator:
             store = stores[path] = open_validation_store(path, v.num_samples, t.seq_len, cfg.model.vocab_size)
 
             def read_windows(first: int, count: int) -> torch.Tensor:
-                windows = torch.from_numpy(store.leading_windows(first, count, t.seq_len))
-                if count and int(windows.max()) >= cfg.model.vocab_size:
-                    raise DataError(f"validation.data: token id {int(windows.max())} in {path} is outside the "
-                                    f"model's vocabulary ({cfg.model.vocab_size})")
-                return windows
+                windows = store.leading_windows(first, count, t.seq_len)
+                bad = first_outside_vocabulary(windows, cfg.model.vocab_size)  # negative ids too
+                if bad is not None:
+                    raise DataError(f"validation.data: token id {bad} in {path} is outside the model's vocabulary "
+                                    f"({cfg.model.vocab_size})")
+                return torch.from_numpy(windows)
             return read_windows
 
         sources = {dataset_order_key(path, cfg.data.root): reader(path) for path in v.data}
