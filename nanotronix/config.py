@@ -296,7 +296,12 @@ def _require(cond: bool, msg: str) -> None:
 
 
 def validate(cfg: Config) -> None:
-    m = cfg.model
+    validate_model(cfg.model)
+    _validate_run(cfg)
+
+
+def validate_model(m: ModelConfig) -> None:
+    """The model section's own checks (also run on a Hugging Face config.json by convert_from_hf)."""
     for f in dataclasses.fields(ModelConfig):
         if f.name not in ("preset", "document_mask_eos_id"):
             _require(getattr(m, f.name) is not None, f"model.{f.name}: missing (set it or use model.preset)")
@@ -317,6 +322,10 @@ def validate(cfg: Config) -> None:
              f"model.attn_implementation: {m.attn_implementation!r} is not "
              "auto|sdpa|sdpa_cudnn|flash_attention_2|flex|eager")
 
+
+def _validate_run(cfg: Config) -> None:
+    """Everything but the model section's own checks: the layout, training, data and their fit to the model."""
+    m = cfg.model
     p = cfg.parallel
     for name in ("tp", "pp", "virtual_stages", "grad_bucket_size"):
         _require(getattr(p, name) >= 1, f"parallel.{name}: must be >= 1, got {getattr(p, name)}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -157,6 +158,15 @@ def test_resume_to_an_earlier_step_of_the_own_run_is_refused(tmp_path, store):
     assert "is an earlier step of this run's own checkpoint.dir (latest: step_0000004)" in lines[0]
     assert f"python tools/rollback.py {ckpt} --to-step 2" in lines[0]
     assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_0000002", "step_0000004"]  # nothing touched
+    # the same step kept under another name inside the run (a copy as ckpt/best): its step is in its manifest
+    shutil.copytree(ckpt / "step_0000002", ckpt / "best")
+    proc = run(["-m", "nanotronix.train", "--config", str(cfg), "train.train_steps=6",
+                f"checkpoint.resume={ckpt / 'best'}"])
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert "is an earlier step of this run's own checkpoint.dir (latest: step_0000004)" in lines[0]
+    assert "--to-step 2`" in lines[0]
+    shutil.rmtree(ckpt / "best")
     proc = run(["-m", "nanotronix.train", "--config", str(cfg), "train.train_steps=6",
                 f"checkpoint.resume={ckpt / 'step_0000004'}"])
     assert proc.returncode == 0 and "resumed from" in proc.stdout and "at step 4" in proc.stdout, proc.stderr[-2000:]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -302,8 +303,6 @@ def test_weights_that_do_not_fit_their_config_are_one_line(tmp_path, capsys):
 
     edited = tmp_path / "edited"
     edited.mkdir()
-    import shutil
-
     shutil.copytree(folder, edited / folder.name)
     manifest = json.loads((edited / folder.name / "checkpoint.json").read_text())
     manifest["config"]["model"]["intermediate_size"] *= 2
@@ -326,3 +325,83 @@ def test_weights_that_do_not_fit_their_config_are_one_line(tmp_path, capsys):
     assert one_error("convert_from_hf", "--hf", str(wrong), "--output", str(tmp_path / "o")) == (
         f"error: --hf: {wrong / 'config.json'}: a JSON list, not an object")
     assert not (tmp_path / "o").exists()
+
+
+def test_what_the_model_does_not_compute_is_refused_on_import(tmp_path, capsys):
+    """A Llama config.json with biases, another activation or scaled RoPE (in each of the forms transformers
+    writes: rope_scaling with `rope_type` or the older `type`, transformers 5's rope_parameters) describes a model
+    whose logits this one would not give: refused in one line rather than imported as plain Llama. So are a
+    config that the trainer itself would refuse, a damaged safetensors index, and bias tensors the config hides."""
+    hf = _hf_original(tmp_path / "hf", untied=False)
+    config = json.loads((hf / "config.json").read_text())
+    capsys.readouterr()  # transformers' own progress bar
+
+    def refused(edits: dict, message: str, folder_edit=None) -> None:
+        folder = tmp_path / f"case{len(list(tmp_path.glob('case*')))}"
+        shutil.copytree(hf, folder)
+        (folder / "config.json").write_text(json.dumps({**config, **edits}))
+        if folder_edit:
+            folder_edit(folder)
+        code = tool_main("convert_from_hf")(["--hf", str(folder), "--output", str(tmp_path / "o"), "--no-progress"])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and message in lines[0], (edits, lines)
+
+    refused({"attention_bias": True}, "attention_bias: true is not supported")
+    refused({"mlp_bias": True}, "mlp_bias: true is not supported")
+    refused({"hidden_act": "gelu"}, "hidden_act: 'gelu' is not supported")
+    refused({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling: RoPE type 'llama3'")
+    refused({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling: RoPE type 'linear'")
+    refused({"rope_parameters": {"rope_type": "yarn", "rope_theta": 130000.0}}, "rope_parameters: RoPE type 'yarn'")
+    refused({"num_key_value_heads": 4}, "model.num_attention_heads: 6 is not a multiple of model.num_key_value_heads=4")
+    refused({"hidden_size": "48"}, "model.hidden_size: expected an integer, got '48'")
+    refused({"head_dim": 16}, "head_dim: 16 is not hidden_size / num_attention_heads = 8")
+
+    def with_index(text: str):
+        return lambda folder: (folder / "model.safetensors.index.json").write_text(text)
+
+    refused({}, "model.safetensors.index.json: not a safetensors index (", with_index('{"weight_map": '))
+    refused({}, "model.safetensors.index.json: not a safetensors index (no 'weight_map')", with_index("{}"))
+
+    def add_bias(folder: Path) -> None:
+        from safetensors.torch import load_file, save_file
+        tensors = load_file(folder / "model.safetensors")
+        tensors["model.layers.0.self_attn.q_proj.bias"] = torch.ones(48)
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+    refused({}, "holds bias tensors (model.layers.0.self_attn.q_proj.bias, ...)", add_bias)
+    # plain RoPE written either way is imported (transformers 5 writes rope_parameters with rope_type default)
+    plain = {"rope_scaling": None, "rope_parameters": {"rope_type": "default", "rope_theta": 130000.0}}
+    (tmp_path / "plain").mkdir()
+    shutil.copytree(hf, tmp_path / "plain" / "hf")
+    (tmp_path / "plain" / "hf" / "config.json").write_text(json.dumps({**config, **plain}))
+    assert tool_main("convert_from_hf")(["--hf", str(tmp_path / "plain" / "hf"), "--output",
+                                         str(tmp_path / "plain" / "o"), "--no-progress"]) == 0
+    assert not (tmp_path / "o").exists()
+
+
+def test_overwrite_replaces_only_a_bare_import_and_dot_is_refused(tmp_path, capsys, monkeypatch):
+    """--overwrite of an import's folder: only when it holds the import's step 0 and `latest` alone, not when steps
+    set aside by tools/rollback.py (a run rolled back to its imported step 0) or the user's files lie beside them.
+    `--output .` (the current folder) is one line for both converters, not a traceback."""
+    hf = _hf_original(tmp_path / "hf", untied=False)
+    capsys.readouterr()  # transformers' own progress bar
+    imported = tmp_path / "imported"
+    assert tool_main("convert_from_hf")(["--hf", str(hf), "--output", str(imported), "--no-progress"]) == 0
+    (imported / "rolled_back_after_step_0000000-20261204-000000").mkdir()
+    (imported / "rolled_back_after_step_0000000-20261204-000000" / "keep").write_text("trained steps")
+    code = tool_main("convert_from_hf")(["--hf", str(hf), "--output", str(imported), "--overwrite", "--no-progress"])
+    assert code == 2 and "is not an earlier import" in capsys.readouterr().err
+    assert (imported / "rolled_back_after_step_0000000-20261204-000000" / "keep").is_file()
+    shutil.rmtree(imported / "rolled_back_after_step_0000000-20261204-000000")
+    assert tool_main("convert_from_hf")(["--hf", str(hf), "--output", str(imported), "--overwrite",
+                                         "--no-progress"]) == 0
+
+    here = tmp_path / "empty"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    for tool, source in (("convert_from_hf", ["--hf", str(hf)]), ("convert_to_hf", ["--checkpoint", str(imported)])):
+        code = tool_main(tool)([*source, "--output", ".", "--no-progress"])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and lines == ["error: --output .: it is or holds the current folder; name a folder "
+                                       "(e.g. ../NAME)"], lines
+    assert not list(here.iterdir())

@@ -135,13 +135,17 @@ class Checkpointer:
         """The step folder to resume from, chosen by rank 0 for every rank: ranks that each read the folder could
         choose different steps (a save committed between their reads, a file system that shows one node a new
         step later than another), and would then load a model of mixed steps. Every rank must see the folder."""
-        chosen = None
+        chosen, failure = None, None
         if self.coll.rank == 0:
             try:
                 chosen = ("ok", self._choose_resume_source())
             except CheckpointError as e:
                 chosen = ("error", str(e))
+            except Exception as e:  # unforeseen: the other ranks must not wait in the broadcast until its timeout
+                chosen, failure = ("error", f"rank 0 could not choose the checkpoint to resume from ({e!r})"), e
         outcome, value = self.coll.broadcast(chosen)
+        if failure is not None:
+            raise failure
         if outcome == "error":
             raise CheckpointError(value, every_rank=True)
         if value is None:
@@ -171,12 +175,18 @@ class Checkpointer:
             self._log(f"{self.run_dir} already holds this run's checkpoints: continuing from {own.name} "
                       f"instead of checkpoint.resume={mode}")
             return own
-        if own is not None and paths.step_of(requested) < paths.step_of(own):
+        if own is None:
+            return requested
+        # a step folder of this run by another name (a copy kept as ckpt/best): its step is in its manifest
+        requested_step = paths.step_of(requested)
+        if requested_step is None:
+            requested_step = int(read_manifest(requested)["step"])
+        if requested_step < paths.step_of(own):
             # Honoured, this would take every requeue of the job back to that step again, losing its progress.
             raise CheckpointError(
                 f"checkpoint.resume={mode} is an earlier step of this run's own checkpoint.dir (latest: {own.name}): "
                 f"every requeue would go back to it again; to go back, run `python tools/rollback.py {self.run_dir} "
-                f"--to-step {paths.step_of(requested)}` and resume with checkpoint.resume=auto")
+                f"--to-step {requested_step}` and resume with checkpoint.resume=auto")
         return requested
 
     def resume(self, model, optimizer) -> ResumeState:

@@ -21,6 +21,7 @@ from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
 from nanotronix.checkpoint import manifest as mf
 from nanotronix.checkpoint import paths
+from nanotronix.checkpoint.errors import CheckpointError
 from nanotronix.checkpoint.output_folder import prepare_output
 from nanotronix.checkpoint import state as st
 from nanotronix.checkpoint.reader import model_parameter_shapes
@@ -40,8 +41,12 @@ class SafetensorsFolder:
 
         index = folder / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                files = sorted(set(weight_map.values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON, or no weight_map of names
+                why = f"no {e.args[0]!r}" if isinstance(e, KeyError) else " ".join(str(e).split())
+                raise UserError(f"{index}: not a safetensors index ({why})") from None
         elif (folder / "model.safetensors").is_file():
             files = ["model.safetensors"]
         elif any(folder.glob("*.bin")):
@@ -102,6 +107,9 @@ def import_from_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, overwri
     except (ValueError, TypeError, AttributeError) as e:  # not JSON, not a mapping, not a Llama
         raise UserError(f"--hf: {config_file}: {e}") from None
     source = SafetensorsFolder(hf_dir)
+    biases = sorted(name for name in source.location if name.endswith(".bias"))
+    if biases:  # the config did not say so, but the weights have biases the model would drop
+        raise UserError(f"--hf: {hf_dir} holds bias tensors ({biases[0]}, ...), which this model does not have")
     if not model_cfg.tie_word_embeddings and "lm_head.weight" not in source:
         raise UserError(f"--hf: {hf_dir} has untied embeddings but no lm_head.weight")
     state = {st.model_key(n): torch.empty(shape, dtype=torch.float32, device="meta")
@@ -156,5 +164,15 @@ def import_from_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, overwri
 
 
 def _is_an_import(folder: Path) -> bool:
-    """What `--overwrite` may replace: a checkpoint folder whose only step is 0 (not a training run's)."""
-    return [paths.step_of(p) for p in paths.committed_steps(folder)] == [0]
+    """What `--overwrite` may replace: a folder holding nothing but an import's step 0 and the `latest` pointer (not
+    a training run, not steps that tools/rollback.py set aside, not the user's other files)."""
+    steps = paths.committed_steps(folder)
+    if [paths.step_of(p) for p in steps] != [0]:
+        return False
+    if {p.name for p in folder.iterdir()} - {steps[0].name, paths.LATEST_NAME}:
+        return False
+    try:
+        manifest = mf.read_manifest(steps[0])
+    except (CheckpointError, OSError):  # unreadable: not known to be an import
+        return False
+    return "hf" in (manifest.get("source") or {}) and manifest.get("optimizer") is False

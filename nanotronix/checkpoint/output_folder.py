@@ -22,9 +22,11 @@ def prepare_output(output: Path, source: Path, overwrite: bool, replaceable: Cal
     `source`; and when its folder cannot be written (the error names the output, not the staging folder)."""
     if output.is_symlink():  # what would be replaced is the link, not the folder it names: say so before the work
         raise UserError(f"--output {output} is a symbolic link; give the folder it points to, or another name")
-    out, src = output.resolve(), source.resolve()
+    out, src, here = output.resolve(), source.resolve(), Path.cwd().resolve()
     if out == src or out in src.parents or src in out.parents:
         raise UserError(f"--output {output}: it is, holds or lies inside the input {source}; choose another folder")
+    if out == here or out in here.parents:  # `.`: the finished folder is renamed into place, which cannot be done here
+        raise UserError(f"--output {output}: it is or holds the current folder; name a folder (e.g. ../NAME)")
     if output.exists() and not (output.is_dir() and not any(output.iterdir())):
         if not overwrite:
             raise UserError(f"output {output} already exists (remove it or pass --overwrite)")

@@ -10,7 +10,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from nanotronix.config import ModelConfig
+from nanotronix.config import ModelConfig, validate_model
+from nanotronix.config_tree import build_dataclass
 
 
 def _split_qkv(w: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -133,18 +134,45 @@ def hf_config_dict(cfg: ModelConfig, eos_token_id: int = 0, bos_token_id: int = 
     }
 
 
+def _rope_type(settings: Any) -> str:
+    """The RoPE variant a config's `rope_scaling` / `rope_parameters` names: transformers writes `rope_type` (and,
+    before 4.45, `type`); none named is the default."""
+    if not settings:
+        return "default"
+    if not isinstance(settings, dict):
+        raise ValueError(f"RoPE settings {settings!r} are not a mapping")
+    return settings.get("rope_type") or settings.get("type") or "default"
+
+
 def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+    """The model section of a Llama config.json, refusing (ValueError) what this model does not compute: biases,
+    another activation, scaled RoPE (llama3, yarn, linear, ...). Accepting them would load the weights into a model
+    that gives other logits."""
     if hf.get("model_type") != "llama":
         raise ValueError(f"not a Llama config (model_type={hf.get('model_type')!r})")
+    for field in ("rope_scaling", "rope_parameters"):  # transformers >= 5 keeps the RoPE settings in the second
+        kind = _rope_type(hf.get(field))
+        if kind != "default":
+            raise ValueError(f"{field}: RoPE type {kind!r} is not supported (only plain RoPE)")
+    for field in ("attention_bias", "mlp_bias"):
+        if hf.get(field):
+            raise ValueError(f"{field}: true is not supported (the model has no biases)")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act: {hf['hidden_act']!r} is not supported (the MLP is SwiGLU: silu)")
     rope_theta = hf.get("rope_theta")
     if rope_theta is None:  # transformers >= 5 may keep it under rope_parameters
         rope_theta = (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-    if (hf.get("rope_scaling") or {}).get("rope_type", "default") not in ("default", None):
-        raise ValueError("rope_scaling is not supported yet")
-    return ModelConfig(
-        hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
-        num_hidden_layers=hf["num_hidden_layers"], num_attention_heads=hf["num_attention_heads"],
-        num_key_value_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
-        vocab_size=hf["vocab_size"], max_position_embeddings=hf["max_position_embeddings"],
-        rope_theta=float(rope_theta), rms_norm_eps=hf["rms_norm_eps"],
-        tie_word_embeddings=hf.get("tie_word_embeddings", False), init_std=hf.get("initializer_range", 0.02))
+    fields = {
+        "hidden_size": hf["hidden_size"], "intermediate_size": hf["intermediate_size"],
+        "num_hidden_layers": hf["num_hidden_layers"], "num_attention_heads": hf["num_attention_heads"],
+        "num_key_value_heads": hf.get("num_key_value_heads", hf["num_attention_heads"]),
+        "vocab_size": hf["vocab_size"], "max_position_embeddings": hf["max_position_embeddings"],
+        "rope_theta": rope_theta, "rms_norm_eps": hf["rms_norm_eps"],
+        "tie_word_embeddings": hf.get("tie_word_embeddings", False), "init_std": hf.get("initializer_range", 0.02)}
+    model = build_dataclass(ModelConfig, fields, "model")  # each value of its field's type (ConfigError)
+    validate_model(model)  # the trainer's own checks (ConfigError, a ValueError)
+    head_dim = hf.get("head_dim")
+    if head_dim is not None and head_dim != model.head_dim:
+        raise ValueError(f"head_dim: {head_dim} is not hidden_size / num_attention_heads = {model.head_dim} "
+                         "(not supported)")
+    return model
