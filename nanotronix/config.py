@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -26,6 +27,10 @@ from nanotronix.errors import ConfigError
 
 # torch.compile modes for train.compile_mode ("default" passes no mode); none with CUDA graphs.
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+
+# parallel.collective_timeout_minutes' ceiling (~2 years): torch's stores take the timeout in milliseconds as a 64-bit
+# integer, and infinity has no timedelta at all.
+MAX_COLLECTIVE_TIMEOUT_MINUTES = 1e6
 
 # Published SmolLM2 architectures (HF config.json of HuggingFaceTB/SmolLM2-*; init std from the nanotron
 # pretraining configs in huggingface/smollm). Pretraining used rope_theta 10000 at 2048 tokens; the released
@@ -403,7 +408,7 @@ def _validate_run(cfg: Config) -> None:
         else:
             _require(stage.start_step > prev,
                      f"{where}.start_step: {stage.start_step} does not come after the previous stage ({prev})")
-        prev = stage.start_step
+        prev = max(stage.start_step, 1)  # a first stage's 0 is step 1: the next must start after that
         _require(len(stage.datasets) > 0, f"{where}.datasets: a stage needs at least one dataset")
         for j, ds in enumerate(stage.datasets):
             _require(bool(ds.path), f"{where}.datasets.{j}.path: missing")
@@ -439,8 +444,9 @@ def _validate_run(cfg: Config) -> None:
              f"logging.profile_ranks: expected a list of ranks >= 0, got {cfg.logging.profile_ranks}")
     _require(not cfg.logging.memory_snapshot or bool(cfg.logging.profile_steps.strip()),
              "logging.memory_snapshot: records the steps of logging.profile_steps, which is not set")
-    _require(p.collective_timeout_minutes > 0,
-             f"parallel.collective_timeout_minutes: must be > 0, got {p.collective_timeout_minutes}")
+    _require(0 < p.collective_timeout_minutes <= MAX_COLLECTIVE_TIMEOUT_MINUTES,  # also refuses inf and nan
+             f"parallel.collective_timeout_minutes: must be > 0 and at most {MAX_COLLECTIVE_TIMEOUT_MINUTES:g} (about "
+             f"two years), got {p.collective_timeout_minutes}")
     _require(cfg.logging.hang_report_seconds < 60 * p.collective_timeout_minutes,
              f"logging.hang_report_seconds: {cfg.logging.hang_report_seconds:g} s is not below the collective timeout "
              f"(parallel.collective_timeout_minutes={p.collective_timeout_minutes:g}): the run would be aborted before "
@@ -510,7 +516,10 @@ def profiled_step_range(cfg: Config) -> Optional[tuple[int, int]]:
 def _step_range(text: str, where: str, train_steps: int) -> tuple[int, int]:
     """"A-B" (inclusive) or "N" as (A, B), within the run's steps."""
     first, dash, last = text.partition("-")
-    _require(first.strip().isdigit() and (not dash or last.strip().isdigit()),
+    def is_number(part: str) -> bool:  # ASCII digits: str.isdigit() also takes "²", which int() refuses
+        return re.fullmatch(r"[0-9]+", part.strip()) is not None
+
+    _require(is_number(first) and (not dash or is_number(last)),
              f"{where}: {text!r} is not a step N or a range A-B")
     a, b = int(first), int(last if dash else first)
     _require(1 <= a <= b <= train_steps,

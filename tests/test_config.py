@@ -60,6 +60,13 @@ def test_dotted_overrides_reach_nested_lists(tiny_yaml):
     ("data.stages.0.datasets.0.weight=-1", "data.stages.0.datasets.0.weight: must be positive"),
     ("data.stages.3.name=x", "data.stages.3: no list item"),
     ("model.preset=smollm2-7b", "model.preset: unknown preset"),
+    # a first stage at step 0 is at step 1: a second one there would silently replace it
+    ("data.stages=[{name: a, start_step: 0, datasets: [{path: x}]}, {name: b, start_step: 1, datasets: [{path: y}]}]",
+     "data.stages.1.start_step: 1 does not come after the previous stage (1)"),
+    ("train.skip_steps=['²']", "train.skip_steps: '²' is not a step N or a range A-B"),  # isdigit() takes it
+    ("logging.profile_steps=1-²", "logging.profile_steps: '1-²' is not a step N or a range A-B"),
+    ("parallel.collective_timeout_minutes=.inf", "parallel.collective_timeout_minutes: must be > 0 and at most"),
+    ("parallel.collective_timeout_minutes=1e12", "parallel.collective_timeout_minutes: must be > 0 and at most"),
 ])
 def test_validation_names_the_field(tiny_yaml, override, field):
     with pytest.raises(ConfigError) as e:

@@ -86,6 +86,21 @@ def test_flops_counter_agrees_with_torch_flop_counter():
     assert counted["eager"] - counted["sdpa"] == pytest.approx(2 * causal_attention, rel=1e-12)
 
 
+def test_fp32_mfu_is_against_the_peak_of_the_math_that_runs():
+    """fp32 training's matmuls run in full FP32 (TF32 off, torch's default, and the trainer does not turn it on), so
+    its MFU is against the plain FP32 peak, a fraction of the tensor cores' (the TF32 peak made fp32 MFU read ~7x
+    too low). If TF32 is ever switched on, this fails and the peaks must follow."""
+    import importlib
+
+    from nanotronix.train.flops import PEAK_TFLOPS
+
+    importlib.import_module("nanotronix.train.trainer")  # everything the trainer imports, in case one set it
+
+    assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cuda.matmul.allow_tf32
+    for device, peaks in PEAK_TFLOPS.items():
+        assert peaks["float32"] < peaks["bfloat16"] / 10, device  # FP32 without tensor cores: ~1/15 of bf16
+
+
 # Megatron-Core's scheduler in a process of its own (importing megatron.core sets environment variables and warning
 # filters): its learning rate after `num_steps` updates, for each schedule given.
 MEGATRON_LR = """

@@ -23,17 +23,27 @@ def logged(tmp_path, name, nproc, overrides):
     return proc.stdout, rows
 
 
+def flops_per_token(row: dict) -> float:
+    return row["model_tflops_per_gpu"] * 1e12 / row["tokens_per_sec_per_gpu"]
+
+
 def test_tp2_pp2_dp2_trainer_matches_one_process(tmp_path):
+    """With document masking (EOS 0 ends the store's documents): the same losses, and the same model FLOPs per token,
+    which then depend on the documents of the whole global batch, not on those of one data-parallel rank's share."""
     (tmp_path / "single").mkdir()
     (tmp_path / "parallel").mkdir()
-    _, single = logged(tmp_path, "single", 1, [])
-    out, parallel = logged(tmp_path, "parallel", 8, ["parallel.tp=2", "parallel.pp=2", "parallel.zero_stage=1"])
+    masked = ["model.document_mask_eos_id=0"]
+    _, single = logged(tmp_path, "single", 1, masked)
+    out, parallel = logged(tmp_path, "parallel", 8, ["parallel.tp=2", "parallel.pp=2", "parallel.zero_stage=1",
+                                                     *masked])
     assert "layout tp=2 x pp=2 (1f1b) x dp=2 (ZeRO-1)" in out
     assert [r["step"] for r in parallel] == [r["step"] for r in single] == list(range(1, STEPS + 1))
     for a, b in zip(parallel, single):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), (a["step"], a["loss"], b["loss"])
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
         assert a["consumed_tokens"] == b["consumed_tokens"]
+        assert flops_per_token(a) == pytest.approx(flops_per_token(b), rel=1e-9), a["step"]
+    assert len({round(flops_per_token(r)) for r in single}) > 1  # the documents, not a constant, set them
     from nanotronix.checkpoint.reader import CheckpointReader
 
     want, got = CheckpointReader(tmp_path / "single" / "ckpt"), CheckpointReader(tmp_path / "parallel" / "ckpt")

@@ -19,13 +19,15 @@ import torch
 
 from nanotronix.config import ModelConfig
 
-# Dense peak TFLOP/s from the vendor data sheets (no sparsity): bf16 tensor cores, and tf32 for fp32 training.
+# Dense peak TFLOP/s from the vendor data sheets (no sparsity): bf16 tensor cores, and plain FP32 for fp32 training,
+# whose matmuls run in full fp32 here (torch's default: TF32 is off and nothing here turns it on; dividing by the TF32
+# tensor-core peak would show ~1/7 of the real utilisation).
 PEAK_TFLOPS = {
-    "H100 SXM": {"bfloat16": 989.4, "float32": 494.7},
-    "H100 PCIe": {"bfloat16": 756.0, "float32": 378.0},
-    "H100 NVL": {"bfloat16": 835.0, "float32": 417.5},
-    "H200": {"bfloat16": 989.4, "float32": 494.7},
-    "A100": {"bfloat16": 312.0, "float32": 156.0},
+    "H100 SXM": {"bfloat16": 989.4, "float32": 66.9},
+    "H100 PCIe": {"bfloat16": 756.0, "float32": 51.2},
+    "H100 NVL": {"bfloat16": 835.0, "float32": 60.0},
+    "H200": {"bfloat16": 989.4, "float32": 66.9},
+    "A100": {"bfloat16": 312.0, "float32": 19.5},
 }
 
 

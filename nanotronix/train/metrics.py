@@ -137,6 +137,15 @@ def slowest_rank(value: float, device: torch.device) -> tuple[float, int]:
     return values[rank].item(), rank
 
 
+def mean_over_ranks(value: float, device: torch.device) -> float:
+    """The mean of every rank's `value` (collective: every rank calls it at the same steps)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    total = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return total.item() / dist.get_world_size()
+
+
 def peak_memory_gb(device: torch.device) -> Optional[float]:
     """The largest GPU memory any rank has allocated since the last call, in GB (collective on CUDA: every rank
     calls it at the same steps); None on CPU."""

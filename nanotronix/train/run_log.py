@@ -12,7 +12,8 @@ import torch
 from nanotronix.cli import replace_file
 from nanotronix.config import Config, dump_config
 from nanotronix.train.flops import device_peak_tflops, document_attention_span, flops_per_token, mfu
-from nanotronix.train.metrics import MetricsLog, Throughput, console_line, peak_memory_gb, slowest_rank
+from nanotronix.train.metrics import (MetricsLog, Throughput, console_line, mean_over_ranks, peak_memory_gb,
+                                      slowest_rank)
 from nanotronix.train.step import StepResult
 from nanotronix.train.validation import mean_loss
 
@@ -56,7 +57,10 @@ class RunLog:
         """The record of a trained step: loss, throughput, MFU, data, memory (and validation, a skipped update)."""
         t, m = self.cfg.train, self.cfg.model
         rate = self.speed.rate()
-        flops_token = flops_per_token(m, t.seq_len, sum(self.spans) / len(self.spans) if self.spans else None)
+        # Under document masking, the span of the whole global batch: each data-parallel rank saw only its share (a
+        # rank's batch is replicated over its TP and PP peers, the same number of times for every share)
+        span = mean_over_ranks(sum(self.spans) / len(self.spans), self.device) if self.spans else None
+        flops_token = flops_per_token(m, t.seq_len, span)
         per_gpu = rate / self.world_size if rate else None
         record = {
             "step": step, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
