@@ -482,8 +482,9 @@ def resolve_layout(cfg: Config, world_size: int) -> int:
         _require(p.pp >= 2 and p.virtual_stages >= 2,
                  f"parallel.pp_schedule: interleaved needs pp >= 2 and virtual_stages >= 2, got pp={p.pp} "
                  f"virtual_stages={p.virtual_stages}")
-    if p.pp > 1 and p.pp_schedule in ("1f1b", "interleaved"):
-        # torch.distributed.pipelining's 1F1B schedules need every stage busy before the first backward.
+    if p.pp > 1 and p.pp_schedule == "1f1b":
+        # torch.distributed.pipelining's 1F1B needs every stage busy before the first backward; its interleaved
+        # schedule (rounds, below) also takes fewer micro-batches than stages (torch >= 2.5).
         _require(micro_batches >= p.pp,
                  f"parallel.pp_schedule: {p.pp_schedule} with pp={p.pp} needs at least {p.pp} micro-batches per "
                  f"step, but global_batch_size / (micro_batch_size*dp) = {micro_batches}")

@@ -42,6 +42,8 @@ LAYOUTS = {
     4: {
         "tp4": "tp=4",
         "pp4_interleaved": "pp=4,pp_schedule=interleaved,virtual_stages=2",
+        # 2 micro-batches for 4 stages: the interleaved schedule runs them as one round (1F1B could not)
+        "pp4_interleaved_2mb": "pp=4,pp_schedule=interleaved,virtual_stages=2,train.micro_batch_size=4",
         "tp2_pp2": "tp=2,pp=2",
         "tp2_dp2": "tp=2",
         "pp2_dp2_zero1": "pp=2,zero_stage=1",
