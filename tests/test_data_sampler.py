@@ -325,3 +325,15 @@ def test_a_store_of_floats_is_refused(tmp_path):
     writer.finalize({})
     with pytest.raises(DataError, match=r"token store .*floats: holds float32 values, not integer token ids"):
         build_train_loader(_cfg([("a", 1, [(str(tmp_path / "floats"), 1.0)])]), 0, 1)
+
+
+def test_blend_weights_beyond_its_resolution_are_refused():
+    """Weights are quantised to 2^24 units of their sum: a sum that overflows (each weight finite) made every
+    dataset one unit, a uniform blend; a weight below one unit was served as one (2^-24 instead of 1e-9). Both are
+    one line now; weights within the resolution are served as their share of every prefix."""
+    with pytest.raises(DataError, match=r"their sum is not finite"):
+        BlendTree([1e308, 1e308, 1e300])
+    with pytest.raises(DataError, match=r"1e-09 is below 2\^-24 of their sum"):
+        BlendTree([1e-9, 1.0])
+    counts = BlendTree([1e-7, 1.0]).counts(10**8)
+    assert abs(int(counts[0]) - 10) <= 2 and int(sum(counts)) == 10**8

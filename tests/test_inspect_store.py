@@ -79,6 +79,15 @@ DAMAGE = {
     "sidecar not an object": (lambda p: Path(f"{p}.meta.json").write_text("[1, 2]"), "not a token store's sidecar"),
     "sidecar tokenizer": (lambda p: Path(f"{p}.meta.json").write_text(json.dumps({**SIDECAR, "tokenizer": "abc"})),
                           "not a token store's sidecar"),
+    # header 34 bytes, then 3 lengths (int32), 3 pointers (int64), 4 document indices (int64)
+    "negative last pointer": (lambda p: _patch(Path(f"{p}.idx"), 34 + 12 + 16, struct.pack("<q", -100)),
+                              "damaged index (its last sequence starts at byte -100"),
+    "negative last length": (lambda p: _patch(Path(f"{p}.idx"), 34 + 8, struct.pack("<i", -50)), "holds -50 tokens"),
+    "sidecar skipped": (lambda p: Path(f"{p}.meta.json").write_text(json.dumps({**SIDECAR, "skipped": 3})),
+                        "its skipped is 3, not an object"),
+    "sidecar vocab_size": (lambda p: Path(f"{p}.meta.json").write_text(json.dumps(
+        {**SIDECAR, "tokenizer": {**SIDECAR["tokenizer"], "vocab_size": "400"}})),
+        "its tokenizer's vocab_size is '400', not a whole number"),
 }
 
 
@@ -88,6 +97,15 @@ def test_verify_reports_each_damage_in_one_line(tool, capsys, store, kind):
     damage(store)
     code, _, err = _run(tool, capsys, store, "--verify", "--json")
     assert code != 0 and message in err and "\n" not in err, err
+
+
+def test_a_document_beyond_a_damaged_index_is_one_line(tool, capsys, store):
+    """--doc on a store whose document indices point past its sequences: one line (verify finds it too, first)."""
+    _patch(Path(f"{store}.idx"), 34 + 12 + 24 + 16, struct.pack("<q", 7))  # document 2 starts at sequence 7 of 3
+    code, _, err = _run(tool, capsys, store, "--doc", "1")
+    assert code == 2 and "damaged index (document 1 spans sequences [1, 7) of 3" in err and "\n" not in err, err
+    code, _, err = _run(tool, capsys, store, "--doc", "1", "--verify", "--json")  # --json: no progress bar
+    assert code == 2 and "document indices decrease" in err and "\n" not in err, err
 
 
 def test_real_process_help_and_failure(store):

@@ -177,6 +177,44 @@ def test_unsupported_input_and_empty_result(tmp_path, tok, tool, capsys):
     assert "no documents" in capsys.readouterr().err and _outputs(tmp_path) == []
 
 
+def test_inputs_named_twice_and_url_outputs_are_refused(tmp_path, tok, tool, capsys, monkeypatch):
+    """A folder and a file inside it (or overlapping globs) would store that file's documents twice; a URL prefix
+    would have been written as a local folder named 's3:' (preprocess writes local files): one line each, nothing
+    written."""
+    (tmp_path / "in").mkdir()
+    src = _jsonl(tmp_path / "in" / "a.jsonl", [json.dumps({"text": "hello"})])
+    out = ["--tokenizer", tok, "--workers", "1", "--no-progress"]
+    assert tool.main(["--input", str(tmp_path / "in"), str(src), *out, "--output-prefix", str(tmp_path / "out")]) == 2
+    assert f"input {src} is named twice: its documents would be stored twice" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    assert tool.main(["--input", str(src), *out, "--output-prefix", "s3://bucket/tokens"]) == 2
+    assert "--output-prefix s3://bucket/tokens: preprocess writes local files" in capsys.readouterr().err
+    assert _outputs(tmp_path) == [] and not (tmp_path / "s3:").exists()
+
+
+def test_a_failed_overwrite_leaves_no_old_index_beside_new_tokens(tmp_path, monkeypatch):
+    """--overwrite of a Megatron store that fails after its new .bin is in place (a full disk while the sidecar is
+    written): the old .idx must not stay to describe the new tokens (it opened, and read other documents, without
+    a word); the store is then half there and says so."""
+    from nanotronix.data import DataError, megatron_store
+    from nanotronix.data.megatron_store import MegatronWriter
+
+    writer = MegatronWriter(tmp_path / "s", np.uint16)
+    writer.add_documents(np.array([5, 6, 0, 7, 0]), np.array([3, 2]))
+    writer.finalize({})
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(megatron_store, "write_json_atomic", full_disk)
+    writer = MegatronWriter(tmp_path / "s", np.uint16)
+    writer.add_documents(np.arange(1, 101), np.array([50, 50]))
+    with pytest.raises(OSError):
+        writer.finalize({})
+    with pytest.raises(DataError, match=r"s.idx is missing"):
+        open_store(tmp_path / "s")
+
+
 def test_damaged_compressed_inputs_fail_cleanly_and_multi_frame_zstd_reads(tmp_path, tok, tool, capsys):
     import zstandard
     body = ("\n".join(json.dumps({"text": f"line {i} " * 20}) for i in range(2000)) + "\n").encode()

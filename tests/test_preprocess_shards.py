@@ -383,3 +383,21 @@ def test_shuffle_stores_a_seeded_permutation_of_the_documents(tmp_path, tiny_tok
         assert [part.document(j).tolist() for j in range(m)] == [plain.document(k).tolist() for k in order]
         offset += m
     assert offset == n
+
+
+@pytest.mark.parametrize("fmt", ["megatron", "zarr"])
+def test_a_shard_whose_part_holds_no_record_is_written_empty(tmp_path, tiny_tokenizer, tool, fmt):
+    """One document longer than a shard's share of the text: the second task's byte range holds no line start. It
+    writes an empty shard (0 documents), so the folder completes and reads as the single run; before, that task
+    failed with 'every input record was empty or bad' on every rerun and the folder could never open."""
+    src = tmp_path / "skew.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("x", "y", "z" * 3000)))
+    common = ["--input", str(src), "--tokenizer", tiny_tokenizer, "--no-progress", "--workers", "1", "--format", fmt]
+    assert tool.main(common + ["--output-prefix", str(tmp_path / "whole")]) == 0
+    for i in range(2):
+        assert tool.main(common + ["--output-prefix", str(tmp_path / "sharded"), "--shard", f"{i}/2"]) == 0
+    whole = open_store(tmp_path / ("whole" if fmt == "megatron" else "whole.zarr"))
+    sharded = open_store(tmp_path / "sharded")
+    assert [p.num_documents for p in sharded.parts] == [3, 0]
+    assert np.array_equal(sharded.tokens(0, sharded.num_tokens), whole.tokens(0, whole.num_tokens))
+    sharded.verify()

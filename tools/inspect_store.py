@@ -29,12 +29,12 @@ def main(argv=None) -> int:
     from nanotronix.data import open_store
     store = open_store(args.store)
     report = store.summary()
+    if args.verify:  # first: a damaged index is then named as such, not met while reading --doc
+        store.verify(progress=not args.json)
+        report["verified"] = True
     if args.doc is not None:
         report["doc"] = args.doc
         report["doc_tokens"] = store.document(args.doc).tolist()
-    if args.verify:
-        store.verify(progress=not args.json)
-        report["verified"] = True
     if args.json:
         print(json.dumps(report))
         return 0

@@ -25,7 +25,13 @@ class BlendTree:
         if not weights or any(not w > 0 for w in weights):
             raise DataError(f"blend weights must be positive, got {weights}")
         total = float(sum(weights))
-        units = [max(1, round(w / total * WEIGHT_UNITS)) for w in weights]
+        if not np.isfinite(total):
+            raise DataError(f"blend weights {weights}: their sum is not finite; scale them down (only their ratios "
+                            "matter)")
+        units = [round(w / total * WEIGHT_UNITS) for w in weights]
+        if min(units) < 1:  # the blend's resolution: a smaller share would be served as 2^-24, not as asked
+            raise DataError(f"blend weights {weights}: {weights[units.index(min(units))]!r} is below 2^-24 of their "
+                            f"sum, finer than the blend can serve; raise it or leave that dataset out")
         self.num_sources = len(units)
         # Node arrays; node 0 is the root. Leaves have source >= 0 and no children.
         self._left: list[int] = []

@@ -19,7 +19,7 @@ import numpy as np
 
 from .errors import DataError
 from .files import DocumentSpill, SpillingWriter, commit, remove_quietly, temp_path, write_json_atomic
-from .store import TokenStore
+from .store import TokenStore, checked_sidecar
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -62,11 +62,14 @@ class MegatronWriter(SpillingWriter):
         self.add_documents(np.asarray(tokens), np.array([len(tokens)]))
 
     def finalize(self, sidecar: Optional[dict[str, Any]] = None) -> None:
-        """Write the .idx, then rename .bin, sidecar and finally .idx (the completion marker) into place."""
+        """Write the .idx, then rename .bin, sidecar and finally .idx (the completion marker) into place. A store
+        being replaced (--overwrite) loses its .idx first: a failure before the new one is in place (a full disk
+        while the sidecar is written) must not leave the old index describing the new tokens."""
         self._spill.close()
         idx_tmp = temp_path(f"{self.prefix}.idx")
         try:
             _write_index(idx_tmp, self._spill.lengths_path, self.num_documents, self.dtype)
+            remove_quietly(f"{self.prefix}.idx")
             commit(self._spill.tokens_path, f"{self.prefix}.bin")
             if sidecar is not None:
                 write_json_atomic(sidecar_path(self.prefix), sidecar)
@@ -135,7 +138,11 @@ class MegatronStore(TokenStore):
         # The stream's length from the last entry (O(1), no pass over the index).
         self._num_tokens = 0
         if n:
-            end_byte = int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * self._dtype.itemsize
+            last_pointer, last_length = int(self.sequence_pointers[-1]), int(self.sequence_lengths[-1])
+            if last_pointer < 0 or last_length < 0:
+                raise DataError(f"{self.idx_path}: damaged index (its last sequence starts at byte {last_pointer} "
+                                f"and holds {last_length} tokens)")
+            end_byte = last_pointer + last_length * self._dtype.itemsize
             self._num_tokens = end_byte // self._dtype.itemsize
         bin_size = self.bin_path.stat().st_size
         if bin_size < self._num_tokens * self._dtype.itemsize:
@@ -147,11 +154,10 @@ class MegatronStore(TokenStore):
         meta = sidecar_path(prefix)
         if meta.is_file():
             try:
-                self.metadata = json.loads(meta.read_text())
+                sidecar = json.loads(meta.read_text())
             except ValueError:
                 raise DataError(f"{meta}: not valid JSON") from None
-            if not isinstance(self.metadata, dict) or not isinstance(self.metadata.get("tokenizer") or {}, dict):
-                raise DataError(f"{meta}: not a token store's sidecar (a JSON object, its tokenizer an object)")
+            self.metadata = checked_sidecar(sidecar, str(meta))
 
     @property
     def num_documents(self) -> int:
@@ -175,7 +181,11 @@ class MegatronStore(TokenStore):
 
     def document(self, i: int) -> np.ndarray:
         i = self._check_document(i)
-        lo, hi = self._sequence_span(int(self.document_indices[i]), int(self.document_indices[i + 1]))
+        first, stop = int(self.document_indices[i]), int(self.document_indices[i + 1])
+        if not 0 <= first <= stop <= self.num_sequences:
+            raise DataError(f"{self.idx_path}: damaged index (document {i} spans sequences [{first}, {stop}) of "
+                            f"{self.num_sequences}; tools/inspect_store.py PREFIX --verify)")
+        lo, hi = self._sequence_span(first, stop)
         return np.array(self._bin[lo:hi])
 
     def document_lengths(self, start: int = 0, stop: Optional[int] = None) -> np.ndarray:

@@ -90,8 +90,6 @@ def create_writer(fmt: str, prefix: str, dtype: np.dtype):
 
 def existing_output(fmt: str, prefix: str) -> Optional[str]:
     """The first file or folder of a store already at `prefix` that a run in `fmt` would replace, if any."""
-    if "://" in prefix:
-        return None
     if fmt == "zarr":
         from .zarr_store import zarr_output_path
         candidates = [zarr_output_path(prefix)]
@@ -105,6 +103,9 @@ def preprocess(opts: PreprocessOptions) -> PreprocessResult:
         raise DataError(f"--workers must be >= 1, got {opts.workers}")
     if opts.format not in FORMATS:
         raise DataError(f"--format {opts.format!r}: expected one of {', '.join(FORMATS)}")
+    if "://" in opts.output_prefix:  # as a local path it would be a folder named "s3:", the URL never written
+        raise DataError(f"--output-prefix {opts.output_prefix}: preprocess writes local files (stores are read from "
+                        "URLs, not written to them); write locally, then copy it there")
     if opts.shard is None and not os.path.basename(opts.output_prefix):
         raise DataError(f"--output-prefix {opts.output_prefix}: names a folder; give DIR/NAME (NAME.bin and "
                         "NAME.idx are written)")
@@ -122,8 +123,7 @@ def preprocess(opts: PreprocessOptions) -> PreprocessResult:
     if existing is not None and not opts.overwrite:
         raise DataError(f"--output-prefix {opts.output_prefix}: {existing} already exists; pass --overwrite to "
                         "replace that store")
-    if "://" not in prefix:  # (a URL is the zarr writer's to refuse: it writes local folders only)
-        check_writable_folder(os.path.dirname(os.path.abspath(prefix)), "--output-prefix")
+    check_writable_folder(os.path.dirname(os.path.abspath(prefix)), "--output-prefix")
     tokenizer, info = load_tokenizer(opts.tokenizer)
     dtype = optimal_dtype(info.vocab_size)
     start = time.perf_counter()
@@ -162,7 +162,9 @@ def preprocess(opts: PreprocessOptions) -> PreprocessResult:
             elapsed = max(time.perf_counter() - start, 1e-9)
             bar.set_postfix_str(f"{writer.num_documents / elapsed:,.0f} docs/s, "
                                 f"{writer.num_tokens / elapsed:,.0f} tokens/s", refresh=False)
-        if writer.num_documents == 0:
+        # A shard whose byte range holds no record start (a document longer than a shard's share of the text) is
+        # an empty part of the folder, written so that the folder completes; records that were all bad are an error.
+        if writer.num_documents == 0 and not (opts.shard and not skipped):
             where = " in shard {}/{}'s part of the inputs".format(*opts.shard) if opts.shard else ""
             raise DataError(f"no documents{where}: every input record was empty or bad")
         sidecar = {

@@ -38,6 +38,26 @@ def first_outside_vocabulary(tokens: np.ndarray, vocab_size: int) -> Optional[in
     return int(flat[outside[0]]) if len(outside) else None
 
 
+def checked_sidecar(metadata: Any, where: str) -> dict[str, Any]:
+    """A store's sidecar (Megatron's PREFIX.meta.json, a zarr store's attributes) as read, once the fields that
+    readers use have their types: `tokenizer` and `skipped` objects, the tokenizer's vocab_size and eos_id
+    integers. Anything else is a DataError naming `where` (a hand-edited sidecar would otherwise fail later, as a
+    traceback)."""
+    def fail(what: str):
+        raise DataError(f"{where}: not a token store's sidecar ({what})")
+
+    if not isinstance(metadata, dict):
+        fail(f"a JSON {type(metadata).__name__}, not an object")
+    for key in ("tokenizer", "skipped"):
+        if not isinstance(metadata.get(key) or {}, dict):
+            fail(f"its {key} is {metadata[key]!r}, not an object")
+    for key in ("vocab_size", "eos_id"):
+        value = (metadata.get("tokenizer") or {}).get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            fail(f"its tokenizer's {key} is {value!r}, not a whole number")
+    return metadata
+
+
 def require_integer_tokens(store: "TokenStore", name: str) -> "TokenStore":
     """`store`, once it is known to hold integers: a Megatron file may hold float32/float64 values (the format
     allows them), which are no token ids and would be truncated silently on their way into a batch."""

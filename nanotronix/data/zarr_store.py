@@ -17,7 +17,7 @@ import numpy as np
 
 from .errors import DataError, require_module
 from .files import commit, remove_quietly, temp_path
-from .store import TokenStore
+from .store import TokenStore, checked_sidecar
 
 SHARD = 1 << 20
 INNER_CHUNK = 1 << 14
@@ -121,7 +121,7 @@ class ZarrStore(TokenStore):
         except Exception as e:  # zarr/fsspec raise many kinds: missing store, missing array, no network
             raise DataError(f"token store not found or not a nanotronix zarr store: {location} "
                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-        self.metadata = group.attrs.asdict()
+        self.metadata = checked_sidecar(group.attrs.asdict(), f"{self.path} (attributes)")
         n = self._ends.shape[0]
         self._num_tokens = int(self._ends[n - 1]) if n else 0
         if self._tokens.shape[0] != self._num_tokens:
