@@ -28,6 +28,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True, help="TCP port to listen on (all interfaces)")
     args = parser.parse_args(argv)
+    if not 1 <= args.port <= 65535:
+        parser.error(f"--port {args.port}: not a TCP port (1-65535)")
     # The batch shell's USR1 (save and requeue) may reach its children (`scancel --signal=USR1 --batch`): the store
     # must outlive it, since the trainers save a checkpoint, which needs no rendezvous, but their agents still
     # report to it until they exit.

@@ -79,6 +79,8 @@ command -v "$PYTHON" >/dev/null 2>&1 || fail "PYTHON=$PYTHON is not an executabl
 [ -f "$CONFIG" ] || fail "CONFIG=$CONFIG: no such file"
 [ -z "$DATA_ROOT" ] || [ -d "$DATA_ROOT" ] || fail "DATA_ROOT=$DATA_ROOT: no such directory"
 [[ "${MASTER_PORT:-}" =~ ^[0-9]*$ ]] || fail "MASTER_PORT=$MASTER_PORT is not a number"
+[ -z "${MASTER_PORT:-}" ] || { [ "$MASTER_PORT" -ge 1 ] && [ "$MASTER_PORT" -le 65535 ]; } \
+  || fail "MASTER_PORT=$MASTER_PORT is not a TCP port (1-65535)"
 [[ "$REQUEUE_ON_FAILURE" =~ ^[01]$ ]] || fail "REQUEUE_ON_FAILURE=$REQUEUE_ON_FAILURE is not 0 or 1"
 MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 # The node this batch script runs on (Slurm's name for it, which the other nodes resolve): the rendezvous store
@@ -99,6 +101,13 @@ case "$CONFIG_RESUME" in auto|none|"") RESUME=auto ;; *) RESUME=$CONFIG_RESUME ;
 
 # Overrides: the script's (where the run lives, resume, device), then the user's, which win.
 read -r -a USER_OVERRIDES <<<"$OVERRIDES"
+for override in ${USER_OVERRIDES[@]+"${USER_OVERRIDES[@]}"}; do
+  # The script reads CKPT_DIR to decide whether a failed step made progress (and requeues): the folders are its.
+  case "$override" in
+    checkpoint.dir=*) fail "OVERRIDES sets checkpoint.dir: set CKPT_DIR instead (this script reads that folder)" ;;
+    logging.dir=*) fail "OVERRIDES sets logging.dir: set LOG_DIR instead" ;;
+  esac
+done
 RUN_OVERRIDES=(checkpoint.dir="$CKPT_DIR" checkpoint.resume="$RESUME" logging.dir="$LOG_DIR" train.device="$DEVICE")
 [ -z "$DATA_ROOT" ] || RUN_OVERRIDES+=(data.root="$DATA_ROOT")
 RUN_OVERRIDES+=(${USER_OVERRIDES[@]+"${USER_OVERRIDES[@]}"})  # (empty-array safe under set -u in bash < 4.4)
@@ -144,8 +153,11 @@ on_usr1() {
   fi
 }
 trap on_usr1 USR1
-# SIGTERM (scancel, the time limit): Slurm signals the job step itself; the shell only waits for srun.
-trap 'log "TERM: waiting for the job step to stop"' TERM
+# SIGTERM (scancel, the time limit): Slurm signals the job step itself; the shell only waits for srun, and does not
+# requeue the job afterwards (the trainer saves on TERM too, which would otherwise look like progress to requeue on:
+# a cancelled job would come back).
+TERMINATED=0
+trap 'TERMINATED=1; log "TERM: waiting for the job step to stop (the job will not be requeued)"' TERM
 
 # ---- the rendezvous store, on this (the first) node, for the job's lifetime --------------------------------
 # Hosted here rather than in one of the torchrun agents (nanotronix/rendezvous_store.py says why); it starts
@@ -216,7 +228,10 @@ if [ "$PREEMPTED" = 1 ] && { [ "$LAUNCHED" = 0 ] || [ "$RC" != 0 ]; }; then
 fi
 if [ "$RC" != 0 ] && [ "$LAUNCHED" = 1 ]; then
   REACHED=$(latest_step)
-  if [ "$REQUEUE_ON_FAILURE" = 1 ] && [ "$REACHED" -gt "$STARTED_FROM" ]; then
+  if [ "$TERMINATED" = 1 ]; then
+    log "job step ended (exit $RC) after TERM (scancel or the time limit): not requeued; the latest checkpoint" \
+        "is step $REACHED: resubmit the job to continue from it"
+  elif [ "$REQUEUE_ON_FAILURE" = 1 ] && [ "$REACHED" -gt "$STARTED_FROM" ]; then
     log "job step failed (exit $RC) after committing the checkpoint of step $REACHED (this allocation started" \
         "from step $STARTED_FROM): requeueing job $SLURM_JOB_ID to resume from it"
     scontrol requeue "$SLURM_JOB_ID" && exit 0

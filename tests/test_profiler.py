@@ -45,3 +45,22 @@ def test_profiled_steps_leave_a_trace_and_a_summary_on_the_chosen_rank(tmp_path)
     groups = dict(g.rsplit(" ", 1) for g in summary[-1].removeprefix("by group: ").split(", "))
     assert {"matmul", "communication", "attention"} <= set(groups)
     assert abs(sum(float(v.rstrip("%")) for v in groups.values()) - 100) < 0.5  # each share rounded to 0.1
+
+
+def test_inductor_gemm_templates_count_as_matmuls():
+    """Inductor names its kernels triton_<category[:3]>_<fused ops>_<n> (torch/_inductor/codegen/triton.py, the
+    category from its own get_kernel_category_by_source_code): its GEMM templates (train.compile_mode:
+    max-autotune-*) are matmuls in the profile's split, not fused elementwise work; pointwise and reduction
+    kernels are, and a FlexAttention template is attention."""
+    from torch._inductor.wrapper_benchmark import get_kernel_category_by_source_code
+
+    from nanotronix.train.profiler import kernel_group
+
+    def name(category: str, fused: str) -> str:
+        return "_".join(["triton", get_kernel_category_by_source_code(f"@triton_heuristics.{category}")[:3], fused, "0"])
+
+    expected = {name("template", "fused_mm"): "matmul", name("template", "fused_add_addmm"): "matmul",
+                name("template", "fused_bmm"): "matmul", name("template", "fused_flex_attention"): "attention",
+                name("pointwise", "fused_add_mul_silu"): "fused elementwise (triton)",
+                name("reduction", "fused__to_copy_mean_pow_rsqrt"): "fused elementwise (triton)"}
+    assert {n: kernel_group(n) for n in expected} == expected

@@ -151,6 +151,10 @@ def preflight_cases(tmp: Path) -> list[tuple[str, dict[str, str], tuple[str, ...
          "error: train.device: cuda, but no CUDA GPU is visible on this node (CUDA_VISIBLE_DEVICES=unset)"),
         ("more processes than GPUs", {"NPROC_PER_NODE": "9"}, (),
          "error: NPROC_PER_NODE=9 is more than GPUS_PER_NODE=8"),
+        ("a port out of range", {"MASTER_PORT": "99999"}, (), "error: MASTER_PORT=99999 is not a TCP port (1-65535)"),
+        # the script reads CKPT_DIR to decide about requeueing: checkpoints elsewhere would look like no progress
+        ("checkpoint.dir in OVERRIDES", {"OVERRIDES": f"checkpoint.dir={tmp / 'elsewhere'}"}, (),
+         "error: OVERRIDES sets checkpoint.dir: set CKPT_DIR instead"),
     ]
 
 
@@ -374,3 +378,26 @@ def test_a_failed_step_requeues_only_after_committing_a_checkpoint(slurm, tmp_pa
     assert "TCPStore" not in out and "keep-alive heartbeat" not in out and "frame #" not in out, out
     steps = [r["step"] for r in read_records(metrics)]
     assert sorted(set(steps)) == list(range(1, TRAIN_STEPS + 1)) and SIGNAL_AFTER <= failed_at < TRAIN_STEPS
+
+
+def test_scancel_ends_the_job_without_a_requeue(slurm, tmp_path):
+    """scancel (SIGTERM): the trainer saves the step it is on and the job ends CANCELLED. Before, that save looked
+    like progress to the failed-step requeue, and the cancelled job came back (Restarts=1, PENDING)."""
+    stores = tmp_path / "stores"
+    write_learnable_store(stores / "a")
+    write_learnable_store(stores / "b", seed=1)
+    config = tiny_two_stage_config(tmp_path / "tiny.yaml", TRAIN_STEPS, SWITCH_STEP)
+    run_dir = tmp_path / "run"
+    job = slurm.sbatch(tmp_path, {"CONFIG": str(config), "DATA_ROOT": str(stores), "GPUS_PER_NODE": "0",
+                                  "NPROC_PER_NODE": "1", "RUN_DIR": str(run_dir)})
+    wait_for_step(slurm, job, tmp_path, run_dir / "logs" / "metrics.jsonl", 5)
+    slurm.cmd("scancel", job)
+    deadline = time.monotonic() + 120
+    while "job step ended (exit" not in job_output(tmp_path, job):  # the batch shell's last word
+        assert time.monotonic() < deadline, job_output(tmp_path, job)
+        time.sleep(0.5)
+    time.sleep(2)  # a requeue, had there been one, is in by now
+    info, out = slurm.info(job), job_output(tmp_path, job)
+    assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0"), (info, out)
+    assert "after TERM (scancel or the time limit): not requeued" in out and "requeueing job" not in out, out
+    assert (run_dir / "checkpoints" / "latest").is_file()  # the step it was on, saved

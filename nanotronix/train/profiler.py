@@ -41,10 +41,17 @@ KERNEL_GROUPS = [
 ]
 
 
+def _is_gemm_template(low: str) -> bool:
+    """Inductor's own GEMMs (train.compile_mode: max-autotune-*): template kernels named after the ops they fuse,
+    `triton_tem_fused_mm_0`, `triton_tem_fused_add_addmm_3`, ... (FlexAttention's templates name attention, which
+    the attention group meets first)."""
+    return low.startswith("triton_tem_") and "mm" in low
+
+
 def kernel_group(name: str) -> str:
     low = name.lower()
     for group, keys in KERNEL_GROUPS:
-        if any(k in low for k in keys):
+        if any(k in low for k in keys) or (group == "matmul" and _is_gemm_template(low)):
             return group
     return "other"
 
