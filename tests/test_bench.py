@@ -62,8 +62,33 @@ def test_a_run_with_its_own_micro_batch_size_trains_batches_of_that_size(monkeyp
 
     monkeypatch.setattr(bench_train, "measure", recording)
     assert bench_train.main([*TINY, "--accum", "2", "--warmup", "1", "--steps", "1", "--no-baseline",
-                             "--variant", "plain:", "--variant", "mb6:train.micro_batch_size=6"]) == 0
-    assert shapes == {"plain": (2, 3, 17), "mb6": (2, 6, 17)}
+                             "--variant", "plain:", "--variant", "mb6:train.micro_batch_size=6",
+                             "--variant", "seq8:train.seq_len=8", "--variant", "v64:model.vocab_size=64"]) == 0
+    assert shapes == {"plain": (2, 3, 17), "mb6": (2, 6, 17), "seq8": (2, 3, 9), "v64": (2, 3, 17)}
+
+
+def test_a_diverging_run_is_a_failed_row_and_the_next_runs(monkeypatch, capsys):
+    """A run whose loss is not finite is reported as failed, and the runs after it still run (before: a
+    FloatingPointError traceback ended the benchmark)."""
+    real = bench_train.nanotronix_step_fn
+    calls = []
+
+    def diverging(cfg, device):
+        inner = real(cfg, device)
+        calls.append(cfg)
+
+        def step(batch):
+            loss = inner(batch)
+            return float("nan") if len(calls) == 1 else loss
+        step.model = inner.model
+        return step
+
+    monkeypatch.setattr(bench_train, "nanotronix_step_fn", diverging)
+    assert bench_train.main([*TINY, "--warmup", "1", "--steps", "1", "--no-baseline", "--variant", "a:",
+                             "--variant", "b:"]) == 1
+    table = capsys.readouterr().out.split("tokens/s/GPU")[-1]
+    assert "a                        FloatingPointError: loss is nan at step 1" in table and len(calls) == 2
+    assert "\nb " in table and "b                        FloatingPointError" not in table
 
 
 def test_cli_bad_input_is_one_line_error():

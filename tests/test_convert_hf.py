@@ -395,6 +395,9 @@ def test_overwrite_replaces_only_a_bare_import_and_dot_is_refused(tmp_path, caps
     shutil.rmtree(imported / "rolled_back_after_step_0000000-20261204-000000")
     assert tool_main("convert_from_hf")(["--hf", str(hf), "--output", str(imported), "--overwrite",
                                          "--no-progress"]) == 0
+    capsys.readouterr()
+    assert tool_main("inspect_checkpoint")([str(imported)]) == 0  # where it came from, not its whole config.json
+    assert f"imported from  {hf.resolve()} (Hugging Face)\n" in capsys.readouterr().out
 
     here = tmp_path / "empty"
     here.mkdir()

@@ -71,7 +71,12 @@ def test_zero1_and_pipeline_change_memory(plan_tool):
     assert zero["bytes"]["optimizer_adamw"] == pytest.approx(base["bytes"]["optimizer_adamw"] / 256)
     pp = plan_tool.build_plan(str(CONFIGS / "smollm2_1p7b.yaml"), ["parallel.pp=4", "train.micro_batch_size=1"],
                               256, 0.45, "H100 SXM")["memory"]
-    assert pp["in_flight_microbatches"] == 4  # 1F1B: the first stage holds pp micro-batches
+    assert pp["in_flight_microbatches"] == 4 and pp["stage"] == "first"  # 1F1B: the first stage holds pp
+    # the last stage (its head and loss) can be the heavier one: its count is its own, one micro-batch in flight
+    last = plan_tool.build_plan(str(CONFIGS / "smollm2_1p7b.yaml"), ["parallel.pp=2", "train.loss_chunk_size=0",
+                                "model.num_hidden_layers=2", "train.micro_batch_size=1"], 256, 0.45,
+                                "H100 SXM")["memory"]
+    assert last["stage"] == "last" and last["in_flight_microbatches"] == 1
     assert pp["params_per_gpu"] < base["params_per_gpu"] / 3
     cached = plan_tool.build_plan(str(CONFIGS / "smollm2_1p7b.yaml"), ["parallel.pp=4", "train.micro_batch_size=1",
                                   "train.bf16_weight_cache=true"], 256, 0.45, "H100 SXM")["memory"]

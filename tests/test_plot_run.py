@@ -80,6 +80,14 @@ def test_output_option_and_errors(plot_tool, tmp_path, capsys):
     (empty / "metrics.jsonl").write_text("")
     assert plot_tool.main([str(empty)]) == 2
     assert capsys.readouterr().err.strip().startswith("error: ") and not (empty / "run.png").exists()
+    # a binary file given as the metrics (the figure it wrote): one line, not a UnicodeDecodeError
+    assert plot_tool.main([str(out_png), "--output", str(tmp_path / "y.png")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {out_png}: no metrics records"
+    # a record whose per-store fields are not mappings (hand-edited): plotted without them, not an AttributeError
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0, "datasets": [1], "val_losses": [2.0]}\n')
+    assert plot_tool.main([str(odd)]) == 0 and (odd / "run.png").is_file()
 
 
 def test_cli_help():

@@ -164,7 +164,9 @@ def bench_sampler(args, store_prefix):
     seq = min(args.seq_len, store.num_tokens // 4)
     rng = np.random.default_rng(0)
     view = np.memmap(f"{store_prefix}.bin", dtype=store.dtype, mode="r").view(np.ndarray)
-    starts = rng.integers(0, store.num_tokens - seq - 1, size=args.reads + 1024).tolist()
+    # calls number 0 .. max(2, reads // per_call) - 1, each reading per_call windows: enough starts for all of them
+    # (with --reads below 1024, the 1024-per-call raw reader was handed fewer windows than it was credited with)
+    starts = rng.integers(0, store.num_tokens - seq - 1, size=max(args.reads, 2 * 1024) + 1024).tolist()
     steps = rng.integers(1, 1 << 20, size=args.reads + 1).tolist()  # random steps of a long run
 
     def loader(dp, datasets=({"path": store_prefix},)):

@@ -73,6 +73,8 @@ def write_store(prefix: Path, num_tokens: int) -> None:
     writer = MegatronWriter(prefix, np.uint16)
     lengths = rng.integers(200, 4000, size=num_tokens // 2000 + 1)
     lengths = lengths[np.cumsum(lengths) <= num_tokens]
+    if lengths.sum() < num_tokens:  # the rest as a last document: the store holds --tokens tokens, however few
+        lengths = np.append(lengths, num_tokens - lengths.sum())
     writer.add_documents(rng.integers(1, 49152, size=int(lengths.sum()), dtype=np.uint16), lengths)
     writer.finalize({"tokenizer": {"name": "synthetic", "vocab_size": 49152, "eos_id": 0}})
 

@@ -252,7 +252,8 @@ def measure(name: str, build: Callable[[], Callable[[torch.Tensor], float]], cfg
                       f"{str(e).splitlines()[0] if str(e) else ''}", flush=True)
     except torch.OutOfMemoryError as e:
         result.ok, result.error = False, f"out of memory: {str(e).splitlines()[0]}"
-    except (RuntimeError, UserError) as e:  # e.g. a backend or kernel the device lacks: report it, run the next
+    except (RuntimeError, UserError, ValueError, FloatingPointError) as e:  # a backend or kernel the device lacks, a
+        # diverging run, a config the baseline refuses: report it, run the next
         result.ok, result.error = False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     finally:
         del step
@@ -353,9 +354,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         report()
     if not args.baseline_only:
         for vname, extra, cfg in configs:
-            # a run with its own micro-batch size gets batches of that size (the same accumulation)
-            own = batches if cfg.train.micro_batch_size == t.micro_batch_size else \
-                make_batches(cfg, args.warmup + args.steps, args.accum, args.documents)
+            # a run with its own micro-batch size, sequence length or vocabulary gets batches of its own (the same
+            # accumulation)
+            same = (cfg.train.micro_batch_size, cfg.train.seq_len, cfg.model.vocab_size) == \
+                (t.micro_batch_size, t.seq_len, m.vocab_size)
+            own = batches if same else make_batches(cfg, args.warmup + args.steps, args.accum, args.documents)
             results.append(measure(vname, lambda cfg=cfg: nanotronix_step_fn(cfg, device), cfg, device, own,
                                    args.warmup, extra, profile=vname in args.profile))
             report()

@@ -81,12 +81,6 @@ def verify(folder: Path, progress: bool) -> None:
             bar.update(files[name]["size"])
 
 
-def _layout(layout) -> str:
-    if not isinstance(layout, dict):
-        return str(layout)
-    return f"tp {layout.get('tp')} x pp {layout.get('pp')} x dp {layout.get('dp')} ({layout.get('world_size')} ranks)"
-
-
 def _size(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
@@ -96,7 +90,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from nanotronix.checkpoint import paths
     from nanotronix.checkpoint.errors import CheckpointError
-    from nanotronix.checkpoint.manifest import check_sizes, read_manifest
+    from nanotronix.checkpoint.manifest import check_sizes, layout_text, read_manifest
 
     try:
         folder = paths.resolve_checkpoint(Path(args.checkpoint))
@@ -123,11 +117,13 @@ def main(argv=None) -> int:
                   f"RoPE theta {m['rope_theta']} ({report['rope_layout']})"),
         ("optimizer", f"AdamW moments, {report['optimizer_step']} updates" if report["optimizer_state"]
                       else "none (weights only)"),
-        ("saved by", f"layout {_layout(report['layout'])}, torch {report['torch_version']}"),
+        ("saved by", f"layout {layout_text(report['layout'])}, torch {report['torch_version']}"),
         ("files", f"{report['files']} files, {_size(report['bytes'])}"),
     ]
-    if report["source"]:
-        rows.append(("imported from", report["source"]))
+    if report["source"]:  # convert_from_hf's record; the text shows its folder (--json keeps the whole config)
+        hf = report["source"].get("hf") if isinstance(report["source"], dict) else None
+        rows.append(("imported from", f"{hf.get('path')} (Hugging Face)" if isinstance(hf, dict)
+                     else str(report["source"])))
     if report["trainer_state"]:
         rows.append(("trainer state", ", ".join(report["trainer_state"])))
     steps = report["run_steps"]

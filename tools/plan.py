@@ -213,13 +213,13 @@ def memory_plan(cfg, dp: int, accum: int) -> dict[str, Any]:
             "activations": acts,
         }
         parts["total"] = sum(parts.values())
-        return {"params": params, **parts}
+        return {"params": params, "held": held, **parts}
 
     candidates = [stage(True, True)] if p.pp == 1 else [stage(True, False), stage(False, True)]
     worst = max(candidates, key=lambda s: s["total"])
-    return {"stage": "first" if worst is candidates[0] else "last", "in_flight_microbatches":
-            in_flight_microbatches(cfg, accum), "params_per_gpu": worst.pop("params"),
-            "bytes": worst, "gib": {k: b / GIB for k, b in worst.items()}}
+    held = worst.pop("held")  # the micro-batches in flight on the stage reported, not always the first's
+    return {"stage": "first" if worst is candidates[0] else "last", "in_flight_microbatches": held,
+            "params_per_gpu": worst.pop("params"), "bytes": worst, "gib": {k: b / GIB for k, b in worst.items()}}
 
 
 # ----------------------------------------------------------------------------------------------------- time

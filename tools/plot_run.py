@@ -41,7 +41,7 @@ def read_metrics(path: Path) -> tuple[list[dict[str, Any]], int]:
     lines."""
     kept: list[dict[str, Any]] = []  # increasing steps
     bad = 0
-    with path.open() as f:
+    with path.open(errors="replace") as f:  # bytes that are not UTF-8 make their line unreadable, not the file
         for line in f:
             if not line.strip():
                 continue
@@ -76,7 +76,10 @@ def store_series(records: list[dict[str, Any]], key: str, pick) -> dict[str, tup
     """Per-store series of a record field that maps store names to values (`pick` takes the number out of one)."""
     out: dict[str, tuple[list[int], list[float]]] = {}
     for r in records:
-        for name, stats in (r.get(key) or {}).items():
+        by_store = r.get(key)
+        if not isinstance(by_store, dict):  # absent, or not a mapping of store names (a hand-edited record)
+            continue
+        for name, stats in by_store.items():
             value = pick(stats)
             if isinstance(value, (int, float)):
                 steps, values = out.setdefault(name, ([], []))

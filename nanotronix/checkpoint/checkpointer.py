@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from nanotronix.checkpoint import paths
 from nanotronix.checkpoint.errors import CheckpointError
-from nanotronix.checkpoint.manifest import read_manifest
+from nanotronix.checkpoint.manifest import layout_text, read_manifest
 from nanotronix.checkpoint.preemption import PreemptionWatcher
 from nanotronix.checkpoint.storage import Collective
 from nanotronix.checkpoint.training_state import load_training_state, take_snapshot, write_snapshot
@@ -214,7 +214,7 @@ class Checkpointer:
         own_run = self.run_dir is not None and source.parent.resolve() == self.run_dir.resolve()
         self.last_saved_step = step if own_run else None  # never rewrite the step `latest` names
         what = "weights, optimizer state" if restored["optimizer"] else "weights only (no optimizer state saved)"
-        rng = "RNG restored" if restored["rng"] else f"RNG freshly seeded (saved in layout {saved.get('layout')})"
+        rng = "RNG restored" if restored["rng"] else f"RNG freshly seeded (saved in layout {layout_text(saved.get('layout'))})"
         self._log(f"resumed from {source} at step {step}: {what}, {consumed} samples consumed, {rng} "
                   f"({time.perf_counter() - t0:.1f} s)")
         return ResumeState(step, consumed, source, manifest.get("trainer_state", {}) if restored["optimizer"] else {},

@@ -59,6 +59,13 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
+def layout_text(layout: Any) -> str:
+    """A manifest's `layout` as people read it: `tp 2 x pp 1 x dp 4 (8 ranks)`."""
+    if not isinstance(layout, dict):
+        return str(layout)
+    return f"tp {layout.get('tp')} x pp {layout.get('pp')} x dp {layout.get('dp')} ({layout.get('world_size')} ranks)"
+
+
 def read_manifest(folder: Path) -> dict[str, Any]:
     path = folder / MANIFEST_NAME
     try:
