@@ -1,5 +1,5 @@
 """`python -m nanotronix.evaluate --checkpoint CKPT_DIR --data PREFIX --seq-len L --num-samples K [--json]
-[--batch-size B] [--device cpu|cuda] [--no-progress]`
+[--batch-size B] [--device auto|cpu|cuda] [--no-progress]`
 
 The mean next-token loss of a checkpoint over the first K windows of a token store, window i being tokens
 [i*L, i*L + L + 1) of the store's concatenated token stream (no shuffling, no document masking): inputs are its

@@ -94,7 +94,7 @@ def preflight(config: str, overrides: list[str], nnodes: int, nproc_per_node: in
     device = check_devices(cfg, nproc_per_node)
     stores = check_data(cfg, dp)
     from nanotronix.data import tokenizer_note
-    note = tokenizer_note(stores)
+    note = tokenizer_note(stores, cfg.data.tokenizer)
     check_writable(cfg.checkpoint.dir, "checkpoint.dir")
     check_writable(cfg.logging.dir, "logging.dir")
     check_loggers(cfg)

@@ -25,7 +25,8 @@ from nanotronix.errors import fail
 
 @one_line_errors
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m nanotronix.rendezvous_store",
+                                     description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--port", type=int, required=True, help="TCP port to listen on (all interfaces)")
     args = parser.parse_args(argv)
     if not 1 <= args.port <= 65535:

@@ -236,3 +236,15 @@ def test_stores_of_different_tokenizer_files_get_a_note(tmp_path):
     note = tokenizer_note({"a": a, "b": b, "c": c})
     assert note.startswith("token stores were written with 2 different tokenizer files (aaaaaaaaaaaa: a, b; "
                            "cccccccccccc: c)"), note
+    # data.tokenizer, which the Hugging Face export ships, against the stores' file (a file or a folder holding one)
+    import hashlib
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text('{"model": "other"}')
+    other = hashlib.sha256(b'{"model": "other"}').hexdigest()
+    for configured in (str(tmp_path / "tok"), str(tmp_path / "tok" / "tokenizer.json")):
+        note = tokenizer_note({"a": a, "b": b}, configured)
+        assert note.startswith(f"data.tokenizer {configured} ({other[:12]}) is another file than the one the token "
+                               "stores were written with (aaaaaaaaaaaa: a, b)"), note
+    same = store("same", other)
+    assert tokenizer_note({"same": same}, str(tmp_path / "tok")) is None
+    assert tokenizer_note({"a": a}, "HuggingFaceTB/SmolLM2-135M") is None  # a Hub id: not compared (no download)

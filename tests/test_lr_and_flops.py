@@ -144,3 +144,14 @@ def test_learning_rate_is_megatron_wsd_schedule():
                                 decay_steps=s["decay_steps"], decay_style=s["style"], min_lr=s["min_lr"])
         for step, lr in enumerate(theirs, start=1):
             assert lr_at(step, s["peak"], ours) == pytest.approx(lr, rel=1e-12, abs=1e-15), (s["style"], step)
+
+
+def test_a_run_that_ends_before_its_schedule_gets_a_note():
+    """A short run that kept a long run's schedule (the README's `train.train_steps=20` on the quickstart config)
+    says so at start; a run whose schedule fits says nothing."""
+    from nanotronix.train.lr_schedule import schedule_note
+
+    sched = LRScheduleConfig(warmup_steps=30, decay_start_step=240, decay_steps=60)
+    assert "warmup_steps=30 is beyond train.train_steps=20" in schedule_note(sched, 20)
+    assert "decays until step 300, after train.train_steps=100" in schedule_note(sched, 100)
+    assert schedule_note(sched, 300) is None and schedule_note(LRScheduleConfig(warmup_steps=2), 5) is None

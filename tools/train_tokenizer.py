@@ -22,7 +22,7 @@ def main(argv=None) -> int:
     parser.add_argument("--input", nargs="+", required=True, metavar="FILE_OR_DIR",
                         help="what tools/preprocess.py reads: text, .jsonl[.gz|.zst] or .parquet files, or folders")
     parser.add_argument("--output", required=True, help="tokenizer.json to write")
-    parser.add_argument("--vocab-size", type=int, default=4096)
+    parser.add_argument("--vocab-size", type=int, default=4096, help="tokens in the vocabulary (default: 4096)")
     parser.add_argument("--text-key", default="text", help="JSON key of the text in .jsonl inputs")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing --output (refused otherwise: stores tokenized with it would no "

@@ -165,7 +165,7 @@ class Checkpointer:
             if own is not None:  # a fresh run's steps would be committed among those of the run already there
                 raise CheckpointError(f"checkpoint.resume=none, but checkpoint.dir {self.run_dir} already holds "
                                       f"checkpoints (latest: {own.name}): set another checkpoint.dir, remove those, "
-                                      "or resume=auto to continue them", every_rank=True)
+                                      "or checkpoint.resume=auto to continue them", every_rank=True)
             return None
         if mode == "auto":
             return own

@@ -7,8 +7,10 @@ concatenated in store order, which is what the training sampler cuts into packed
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any, ClassVar, Optional
 
 import numpy as np
@@ -192,19 +194,39 @@ class TokenStore(ABC):
         return int(i)
 
 
-def tokenizer_note(stores: dict[str, TokenStore]) -> Optional[str]:
-    """A warning when the stores' sidecars name different tokenizer files (by sha256), else None. Only a note: two
-    files can hold the same vocabulary (a tokenizer re-saved by another `tokenizers` version), so the run goes on."""
+def tokenizer_note(stores: dict[str, TokenStore], configured: Optional[str] = None) -> Optional[str]:
+    """A warning when the stores' sidecars name different tokenizer files (by sha256), or when `configured`
+    (data.tokenizer: a local tokenizer.json or a folder holding one; what the Hugging Face export ships) is another
+    file than theirs; else None. Only a note: two files can hold the same vocabulary (a tokenizer re-saved by another
+    `tokenizers` version), so the run goes on."""
     by_file: dict[str, list[str]] = {}
     for name, store in stores.items():
         sha = store.tokenizer_info.get("sha256")
         if sha:
             by_file.setdefault(sha, []).append(name)
-    if len(by_file) < 2:
-        return None
     groups = "; ".join(f"{sha[:12]}: {', '.join(names)}" for sha, names in by_file.items())
-    return (f"token stores were written with {len(by_file)} different tokenizer files ({groups}); unless they hold "
-            f"the same vocabulary, the ids mean different tokens")
+    if len(by_file) >= 2:
+        return (f"token stores were written with {len(by_file)} different tokenizer files ({groups}); unless they "
+                f"hold the same vocabulary, the ids mean different tokens")
+    mine = _tokenizer_file_sha256(configured)
+    if mine and by_file and mine not in by_file:
+        return (f"data.tokenizer {configured} ({mine[:12]}) is another file than the one the token stores were "
+                f"written with ({groups}); the Hugging Face export ships data.tokenizer, so unless they hold the same "
+                f"vocabulary, set it to the stores' tokenizer")
+    return None
+
+
+def _tokenizer_file_sha256(spec: Optional[str]) -> Optional[str]:
+    """sha256 of a local tokenizer.json (or of the one in a folder), as the sidecars record it; None for a Hub id
+    or anything not on this machine."""
+    if not spec:
+        return None
+    path = Path(spec).expanduser()
+    path = path / "tokenizer.json" if path.is_dir() else path
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+    except OSError:
+        return None
 
 
 def open_store(path_or_prefix: str | os.PathLike) -> TokenStore:

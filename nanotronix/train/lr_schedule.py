@@ -27,3 +27,16 @@ def lr_at(step: int, peak_lr: float, sched: LRScheduleConfig) -> float:
     else:  # "1-sqrt" (Hägele et al. 2024, "Scaling Laws and Compute-Optimal Training Beyond Fixed Durations")
         factor = 1.0 - math.sqrt(progress)
     return sched.min_lr + (peak_lr - sched.min_lr) * factor
+
+
+def schedule_note(sched: LRScheduleConfig, train_steps: int) -> str | None:
+    """A note when the run ends before its schedule does (a short test run that kept a long run's schedule: its
+    learning rate never reaches the peak, or never decays); None otherwise. Only a note: a run continued later
+    with more steps (a WSD run's stable phase) ends before its decay on purpose."""
+    if sched.warmup_steps > train_steps:
+        return (f"lr_schedule.warmup_steps={sched.warmup_steps} is beyond train.train_steps={train_steps}: the "
+                f"learning rate never reaches optimizer.lr (set lr_schedule.* for a short run)")
+    if sched.decay_start_step is not None and sched.decay_start_step + sched.decay_steps > train_steps:
+        return (f"the learning rate decays until step {sched.decay_start_step + sched.decay_steps}, after "
+                f"train.train_steps={train_steps}: this run stops before the end of its decay")
+    return None

@@ -26,7 +26,7 @@ from nanotronix.model import build_model
 from nanotronix.parallel import DistributedOptimizer, ParallelContext, parallelize
 from nanotronix.train import Interrupted
 from nanotronix.train.hang_report import HangWatch
-from nanotronix.train.lr_schedule import lr_at
+from nanotronix.train.lr_schedule import lr_at, schedule_note
 from nanotronix.train.optimizer import param_groups
 from nanotronix.train.profiler import StepProfiler
 from nanotronix.train.run_folders import create_run_folders
@@ -120,9 +120,11 @@ def _train(cfg: Config, ctx: ParallelContext, device: torch.device, watch: HangW
     validator = Validator.from_config(cfg, ctx, model)  # None unless validation.interval > 0
     for changed in store_change_notes(resumed.data, loader.stats(resumed.step)):
         log0(ctx, f"data order: {changed}")
-    note = tokenizer_note({**loader.loader.stores, **(validator.stores if validator else {})})
-    if note:
-        log0(ctx, f"note: {note}")
+    note = tokenizer_note({**loader.loader.stores, **(validator.stores if validator else {})},
+                          cfg.data.tokenizer)
+    for note in (note, schedule_note(cfg.lr_schedule, t.train_steps)):
+        if note:
+            log0(ctx, f"note: {note}")
 
     accum = grad_accum_steps(cfg, ctx.dp)
     log0(ctx, f"nanotronix: {m.num_parameters() / 1e6:.1f}M parameters | layout {model.describe()} "
