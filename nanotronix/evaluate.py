@@ -36,7 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def evaluate(checkpoint: str, data: str, seq_len: int, num_samples: int, batch_size: int = 8,
              device: str = "auto", progress: bool = False) -> dict[str, Any]:
     from nanotronix.checkpoint.reader import CheckpointReader
-    from nanotronix.data import first_outside_vocabulary, open_store, require_integer_tokens
+    from nanotronix.data import first_outside_vocabulary, open_store, require_integer_tokens, tokenizer_note
     from nanotronix.distributed import pick_device
     from nanotronix.errors import UserError
     from nanotronix.model import build_model
@@ -51,6 +51,10 @@ def evaluate(checkpoint: str, data: str, seq_len: int, num_samples: int, batch_s
                         f"{data} has {store.num_tokens}")
     reader = CheckpointReader(checkpoint)
     cfg = reader.model_config
+    # the tokenizer the checkpoint's run names (data.tokenizer) against the one that wrote the store
+    note = tokenizer_note({data: store}, (reader.manifest["config"].get("data") or {}).get("tokenizer"))
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     if seq_len > cfg.max_position_embeddings:  # as the trainer refuses it: positions the model never learned
         raise UserError(f"--seq-len: {seq_len} exceeds the checkpoint's max_position_embeddings="
                         f"{cfg.max_position_embeddings}")

@@ -75,3 +75,24 @@ def test_evaluate_bad_input_is_one_line(tmp_path, capsys):
                      *more])
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and err[0].startswith(message), err
+
+
+def test_a_store_of_another_tokenizer_than_the_runs_gets_a_note(tmp_path, capsys):
+    """The checkpoint's run named a tokenizer file (data.tokenizer) other than the one that wrote the store: the loss
+    is still computed, with a note saying so (the ids may mean other tokens)."""
+    from nanotronix.evaluate import main
+
+    store = write_learnable_store(tmp_path / "store" / "arith", num_docs=5, vocab=TINY.vocab_size,
+                                  tokenizer_sha256="ab" * 32)
+    model = plain_model()
+    save_single(tmp_path / "run", 1, model, adamw(model))
+    (tmp_path / "tokenizer.json").write_text("{}")
+    manifest_file = next((tmp_path / "run").glob("step_*/checkpoint.json"))
+    manifest = json.loads(manifest_file.read_text())
+    manifest["config"].setdefault("data", {})["tokenizer"] = str(tmp_path / "tokenizer.json")
+    manifest_file.write_text(json.dumps(manifest))
+    assert main(["--checkpoint", str(tmp_path / "run"), "--data", str(store), "--seq-len", "32", "--num-samples",
+                 "2", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert f"note: data.tokenizer {tmp_path / 'tokenizer.json'} (44136fa355b3) is another file than the one the " \
+           f"token stores were written with (abababababab: {store})" in err, err
