@@ -7,15 +7,14 @@ concatenated in store order, which is what the training sampler cuts into packed
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from abc import ABC, abstractmethod
-from pathlib import Path
 from typing import Any, ClassVar, Optional
 
 import numpy as np
 
 from .errors import DataError
+from .tokenizer import local_tokenizer_sha256
 
 
 # Rows gathered, converted and checked at a time by `TokenStore._read_windows_from`: 32 windows of 2049 tokens are
@@ -208,25 +207,12 @@ def tokenizer_note(stores: dict[str, TokenStore], configured: Optional[str] = No
     if len(by_file) >= 2:
         return (f"token stores were written with {len(by_file)} different tokenizer files ({groups}); unless they "
                 f"hold the same vocabulary, the ids mean different tokens")
-    mine = _tokenizer_file_sha256(configured)
+    mine = local_tokenizer_sha256(configured)
     if mine and by_file and mine not in by_file:
         return (f"data.tokenizer {configured} ({mine[:12]}) is another file than the one the token stores were "
                 f"written with ({groups}); the Hugging Face export ships data.tokenizer, so unless they hold the same "
                 f"vocabulary, set it to the stores' tokenizer")
     return None
-
-
-def _tokenizer_file_sha256(spec: Optional[str]) -> Optional[str]:
-    """sha256 of a local tokenizer.json (or of the one in a folder), as the sidecars record it; None for a Hub id
-    or anything not on this machine."""
-    if not spec:
-        return None
-    path = Path(spec).expanduser()
-    path = path / "tokenizer.json" if path.is_dir() else path
-    try:
-        return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
-    except OSError:
-        return None
 
 
 def open_store(path_or_prefix: str | os.PathLike) -> TokenStore:

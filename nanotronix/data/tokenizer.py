@@ -12,6 +12,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 from tokenizers import Tokenizer
 
@@ -33,6 +34,24 @@ class TokenizerInfo:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def file_sha256(file: Path) -> str:
+    """What a store's sidecar records of the tokenizer file that wrote it."""
+    return hashlib.sha256(file.read_bytes()).hexdigest()
+
+
+def local_tokenizer_sha256(spec: Optional[str]) -> Optional[str]:
+    """`file_sha256` of a local tokenizer spec (a tokenizer.json, or a folder holding one); None for a Hub id or a
+    path that is not on this machine (nothing is downloaded)."""
+    if not spec:
+        return None
+    path = Path(spec).expanduser()
+    path = path / "tokenizer.json" if path.is_dir() else path
+    try:
+        return file_sha256(path) if path.is_file() else None
+    except OSError:
+        return None
 
 
 def load_tokenizer(spec: str) -> tuple[Tokenizer, TokenizerInfo]:
@@ -58,7 +77,7 @@ def load_tokenizer(spec: str) -> tuple[Tokenizer, TokenizerInfo]:
     info = TokenizerInfo(
         name=spec,
         file=str(file),
-        sha256=hashlib.sha256(file.read_bytes()).hexdigest(),
+        sha256=file_sha256(file),
         vocab_size=tokenizer.get_vocab_size(with_added_tokens=True),
         eos_id=tokenizer.token_to_id(eos_token),
         eos_token=eos_token,
