@@ -57,7 +57,8 @@ def test_inductor_gemm_templates_count_as_matmuls():
     from nanotronix.train.profiler import kernel_group
 
     def name(category: str, fused: str) -> str:
-        return "_".join(["triton", get_kernel_category_by_source_code(f"@triton_heuristics.{category}")[:3], fused, "0"])
+        kind = get_kernel_category_by_source_code(f"@triton_heuristics.{category}")[:3]
+        return "_".join(["triton", kind, fused, "0"])
 
     expected = {name("template", "fused_mm"): "matmul", name("template", "fused_add_addmm"): "matmul",
                 name("template", "fused_bmm"): "matmul", name("template", "fused_flex_attention"): "attention",

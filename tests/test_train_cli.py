@@ -272,6 +272,7 @@ def test_run_folders_that_cannot_be_written_or_hold_another_run_stop_it_at_start
     proc = run(["-m", "nanotronix.train", "--config", str(cfg), ckpt, "train.train_steps=4", "checkpoint.resume=none"])
     assert proc.returncode == 2 and proc.stderr.strip() == (
         f"error: checkpoint.resume=none, but checkpoint.dir {tmp_path / 'ckpt'} already holds checkpoints (latest: "
-        "step_0000002): set another checkpoint.dir, remove those, or checkpoint.resume=auto to continue them"), proc.stderr
+        "step_0000002): set another checkpoint.dir, remove those, or checkpoint.resume=auto to continue them"), \
+        proc.stderr
     proc = run(["-m", "nanotronix.train", "--config", str(cfg), ckpt, "train.train_steps=4"])
     assert proc.returncode == 0 and "done: 4 steps (steps 3-4 in this run), loss " in proc.stdout, proc.stdout

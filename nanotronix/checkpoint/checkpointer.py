@@ -214,7 +214,8 @@ class Checkpointer:
         own_run = self.run_dir is not None and source.parent.resolve() == self.run_dir.resolve()
         self.last_saved_step = step if own_run else None  # never rewrite the step `latest` names
         what = "weights, optimizer state" if restored["optimizer"] else "weights only (no optimizer state saved)"
-        rng = "RNG restored" if restored["rng"] else f"RNG freshly seeded (saved in layout {layout_text(saved.get('layout'))})"
+        rng = "RNG restored" if restored["rng"] else \
+            f"RNG freshly seeded (saved in layout {layout_text(saved.get('layout'))})"
         self._log(f"resumed from {source} at step {step}: {what}, {consumed} samples consumed, {rng} "
                   f"({time.perf_counter() - t0:.1f} s)")
         return ResumeState(step, consumed, source, manifest.get("trainer_state", {}) if restored["optimizer"] else {},
