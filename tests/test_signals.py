@@ -103,3 +103,35 @@ def test_ctrl_c_stops_every_rank_with_one_line(tmp_path):
     assert "no checkpoint saved yet, so a rerun starts over" in said[0]  # checkpoint.interval 1000: none yet
     assert "KeyboardInterrupt" not in err and "[rank" not in err, err[-3000:]
     assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").glob("step_*"))
+
+
+# The trainer in a process of its own, sending itself SIGTERM while step AT trains (as a scheduler might at any time).
+SIGNAL_AT_STEP = """
+import os, signal, sys
+import nanotronix.train.trainer as trainer
+train_step, at = trainer.train_step, int(sys.argv[1])
+def signalling(*args, **kwargs):
+    signalling.calls += 1
+    if signalling.calls == at:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return train_step(*args, **kwargs)
+signalling.calls = 0
+trainer.train_step = signalling
+from nanotronix.train.main import main
+sys.argv = ["nanotronix.train", *sys.argv[2:]]
+sys.exit(main())
+"""
+
+
+def test_a_signal_in_the_last_step_ends_a_complete_run_with_0(tmp_path):
+    """SIGTERM met at the last step: the final checkpoint is saved and the run ends as finished (exit 0, its summary
+    line), not as preempted (75), which would have a scheduler requeue a run that is done."""
+    store = write_learnable_store(tmp_path / "store" / "arith")
+    cfg = tiny_config(tmp_path, store, train={"train_steps": 4}, checkpoint={"dir": str(tmp_path / "ckpt"),
+                                                                            "interval": 0})
+    proc = subprocess.run([sys.executable, "-c", SIGNAL_AT_STEP, "4", "--config", str(cfg)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=180, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "received SIGTERM: saved step 4; that was the last step: the run is complete" in proc.stdout
+    assert "done: 4 steps" in proc.stdout
+    assert (tmp_path / "ckpt" / "latest").read_text().strip() == "step_0000004"

@@ -225,7 +225,8 @@ class Checkpointer:
 
     def after_step(self, step: int, model, optimizer, loader,
                    trainer_state: Optional[Callable[[], dict]] = None) -> bool:
-        """Save when due; return True when the run was preempted (the checkpoint is then saved on all ranks).
+        """Save when due; return True when the run was preempted (the checkpoint is then saved on all ranks): not at
+        its last step, which ends the run anyway (a signal met there must not ask for a requeue of a finished run).
         `trainer_state()` (JSON values), asked for only when a save is due, is saved too and comes back as
         `ResumeState.trainer_state`."""
         stop = self.watcher.stop_requested()
@@ -236,8 +237,9 @@ class Checkpointer:
                       trainer_state=trainer_state() if trainer_state is not None else None)
         if stop:
             saved = f"saved step {step}" if self.run_dir is not None else "checkpoint.dir is not set, nothing saved"
-            self._log(f"received {self.watcher.signal_name()}: {saved}; exiting for a requeue")
-        return stop
+            self._log(f"received {self.watcher.signal_name()}: {saved}; " +
+                      ("that was the last step: the run is complete" if last else "exiting for a requeue"))
+        return stop and not last
 
     def save(self, step: int, model, optimizer, loader, blocking: bool = True,
              trainer_state: Optional[dict] = None) -> None:
