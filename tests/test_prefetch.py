@@ -162,3 +162,22 @@ def test_skipped_steps_are_never_read(store):
         assert read == [1, 2, 3, 7, 8]
     finally:
         feed.close()
+
+
+def test_a_failing_run_leaves_no_reader_thread(tmp_path):
+    """train() ending in an error (here a damaged store's token id, met while reading ahead) stops the read-ahead
+    thread too (before, it outlived the call: tests, notebooks, tools that train in-process)."""
+    import numpy as np
+
+    from checkpoint_helpers import train_in_process
+    from helpers import tiny_config
+
+    bad = write_learnable_store(tmp_path / "store" / "arith")
+    tokens = np.fromfile(f"{bad}.bin", dtype=np.uint16)
+    tokens[len(tokens) // 4:] = 9999  # beyond the tiny model's vocabulary (256)
+    tokens.tofile(f"{bad}.bin")
+    cfg = tiny_config(tmp_path, bad, train={"train_steps": 20}, checkpoint={"dir": str(tmp_path / "ckpt")})
+    before = _threads()
+    with pytest.raises(DataError, match="token id 9999"):
+        train_in_process(cfg)
+    assert _threads() - before == set()

@@ -117,83 +117,88 @@ def _train(cfg: Config, ctx: ParallelContext, device: torch.device, watch: HangW
 
     loader = build_prefetched_loader(cfg, ctx.dp_rank, ctx.dp, device, consumed_samples=resumed.consumed_samples,
                                      last_step=t.train_steps, skipped_steps=skips)  # reads ahead while a step trains
-    validator = Validator.from_config(cfg, ctx, model)  # None unless validation.interval > 0
-    for changed in store_change_notes(resumed.data, loader.stats(resumed.step)):
-        log0(ctx, f"data order: {changed}")
-    note = tokenizer_note({**loader.loader.stores, **(validator.stores if validator else {})},
-                          cfg.data.tokenizer)
-    for note in (note, schedule_note(cfg.lr_schedule, t.train_steps)):
-        if note:
-            log0(ctx, f"note: {note}")
+    log = None
+    try:  # the read-ahead thread (or DALI pipeline) and the loggers are released on an error too
+        validator = Validator.from_config(cfg, ctx, model)  # None unless validation.interval > 0
+        for changed in store_change_notes(resumed.data, loader.stats(resumed.step)):
+            log0(ctx, f"data order: {changed}")
+        note = tokenizer_note({**loader.loader.stores, **(validator.stores if validator else {})},
+                              cfg.data.tokenizer)
+        for note in (note, schedule_note(cfg.lr_schedule, t.train_steps)):
+            if note:
+                log0(ctx, f"note: {note}")
 
-    accum = grad_accum_steps(cfg, ctx.dp)
-    log0(ctx, f"nanotronix: {m.num_parameters() / 1e6:.1f}M parameters | layout {model.describe()} "
-              f"| global batch {t.global_batch_size} x {t.seq_len} tokens, micro-batch "
-              f"{t.micro_batch_size}, grad accumulation {accum} | device {device.type} | {accel.describe(attn)} "
-              f"| data loader: {loader.name}")
+        accum = grad_accum_steps(cfg, ctx.dp)
+        log0(ctx, f"nanotronix: {m.num_parameters() / 1e6:.1f}M parameters | layout {model.describe()} "
+                  f"| global batch {t.global_batch_size} x {t.seq_len} tokens, micro-batch "
+                  f"{t.micro_batch_size}, grad accumulation {accum} | device {device.type} | {accel.describe(attn)} "
+                  f"| data loader: {loader.name}")
 
-    log = RunLog(cfg, ctx.rank, ctx.world_size, device)
-    first_loss = last_loss = None
-    preempted = False
-    start_step = resumed.step + 1
-    log.config_used_from(start_step)
+        log = RunLog(cfg, ctx.rank, ctx.world_size, device)
+        first_loss = last_loss = None
+        preempted = False
+        start_step = resumed.step + 1
+        log.config_used_from(start_step)
 
-    def validate_if_due(step: int) -> Optional[dict[str, float]]:
-        if validator is None or not (step % cfg.validation.interval == 0 or step == t.train_steps):
-            return None
-        watch.at(step, "validation")
-        with log.paused():  # the tokens/s of training only
-            return validator.run()
+        def validate_if_due(step: int) -> Optional[dict[str, float]]:
+            if validator is None or not (step % cfg.validation.interval == 0 or step == t.train_steps):
+                return None
+            watch.at(step, "validation")
+            with log.paused():  # the tokens/s of training only
+                return validator.run()
 
-    for step in range(start_step, t.train_steps + 1):
-        profiler.begin(step)
-        lr = lr_at(step, cfg.optimizer.lr, cfg.lr_schedule)
-        skipped = next(((a, b) for a, b in skips if a <= step <= b), None)
-        if skipped is not None:  # no batch read, no update: the data position and the step move on
-            watch.at(step, "skipped")
-            if step in (skipped[0], start_step):
-                which = f"steps {step}-{skipped[1]}" if skipped[1] > step else f"step {step}"
-                log0(ctx, f"{which}: skipped (train.skip_steps), "
-                          f"{(skipped[1] - step + 1) * t.global_batch_size} samples passed over")
-            loader.skip(step)
-            val_losses = validate_if_due(step)  # the curve keeps its points (the last trained step's weights)
-            if val_losses:
-                log.skipped(step, lr, loader.stats(step), val_losses)
-        else:
-            watch.at(step, "data")
-            asked = time.perf_counter()
-            batch = loader.batch(step)  # read ahead while the previous step trained: ~0 unless the input is slow
-            log.batch_read(time.perf_counter() - asked, batch)
-            watch.at(step, "train step")
-            result = train_step(model, optimizer, batch, lr, cfg.optimizer.clip_grad, guard)
-            if result.spike is not None:
-                log0(ctx, f"step {step}: update skipped (train.spike_skip_sigma): {result.spike}")
-            elif not result.applied:
-                checkpointer.close()  # an asynchronous save of an earlier (good) step completes first
-                raise FloatingPointError(
-                    f"step {step}: the loss ({result.loss}) or the gradient norm ({result.grad_norm}) is not finite; "
-                    f"the weights were not updated and nothing was saved after step {step - 1} (rerunning would meet "
-                    f"the same batch: lower the learning rate, or resume with the steps from here skipped, e.g. "
-                    f"train.skip_steps=[{step}-{min(step + 99, t.train_steps)}]; tools/rollback.py goes back further)")
-            first_loss = result.loss if first_loss is None else first_loss
-            last_loss = result.loss
-            log.trained()
-            val_losses = validate_if_due(step)
-            if (step % cfg.logging.interval == 0 or step in (start_step, t.train_steps) or val_losses
-                    or result.spike is not None):
-                log.step(step, lr, result, loader.stats(step), val_losses)
-        watch.at(step, "checkpoint")
-        stop = checkpointer.after_step(step, model, optimizer, loader, trainer_state)
-        with log.paused():  # writing the trace, at the window's end
-            profiler.end(step)
-        if stop:
-            preempted = True
-            break
-    watch.at(None, "finish")  # the last step it reached
-    profiler.close()  # a run stopped inside the profiled steps (preempted): what it recorded
-    model.grads.wait_for_weights()  # ZeRO-1 overlap_param_gather: the last step's weight gathers
-    checkpointer.close()
-    loader.close()
-    log.close()
-    return {"first_loss": first_loss, "last_loss": last_loss, "steps": t.train_steps, "first_step": start_step,
-            "preempted": preempted}
+        for step in range(start_step, t.train_steps + 1):
+            profiler.begin(step)
+            lr = lr_at(step, cfg.optimizer.lr, cfg.lr_schedule)
+            skipped = next(((a, b) for a, b in skips if a <= step <= b), None)
+            if skipped is not None:  # no batch read, no update: the data position and the step move on
+                watch.at(step, "skipped")
+                if step in (skipped[0], start_step):
+                    which = f"steps {step}-{skipped[1]}" if skipped[1] > step else f"step {step}"
+                    log0(ctx, f"{which}: skipped (train.skip_steps), "
+                              f"{(skipped[1] - step + 1) * t.global_batch_size} samples passed over")
+                loader.skip(step)
+                val_losses = validate_if_due(step)  # the curve keeps its points (the last trained step's weights)
+                if val_losses:
+                    log.skipped(step, lr, loader.stats(step), val_losses)
+            else:
+                watch.at(step, "data")
+                asked = time.perf_counter()
+                batch = loader.batch(step)  # read ahead while the previous step trained: ~0 unless the input is slow
+                log.batch_read(time.perf_counter() - asked, batch)
+                watch.at(step, "train step")
+                result = train_step(model, optimizer, batch, lr, cfg.optimizer.clip_grad, guard)
+                if result.spike is not None:
+                    log0(ctx, f"step {step}: update skipped (train.spike_skip_sigma): {result.spike}")
+                elif not result.applied:
+                    checkpointer.close()  # an asynchronous save of an earlier (good) step completes first
+                    raise FloatingPointError(
+                        f"step {step}: the loss ({result.loss}) or the gradient norm ({result.grad_norm}) is not "
+                        f"finite; the weights were not updated and nothing was saved after step {step - 1} (rerunning "
+                        f"would meet the same batch: lower the learning rate, or resume with the steps from here "
+                        f"skipped, e.g. train.skip_steps=[{step}-{min(step + 99, t.train_steps)}]; tools/rollback.py "
+                        f"goes back further)")
+                first_loss = result.loss if first_loss is None else first_loss
+                last_loss = result.loss
+                log.trained()
+                val_losses = validate_if_due(step)
+                if (step % cfg.logging.interval == 0 or step in (start_step, t.train_steps) or val_losses
+                        or result.spike is not None):
+                    log.step(step, lr, result, loader.stats(step), val_losses)
+            watch.at(step, "checkpoint")
+            stop = checkpointer.after_step(step, model, optimizer, loader, trainer_state)
+            with log.paused():  # writing the trace, at the window's end
+                profiler.end(step)
+            if stop:
+                preempted = True
+                break
+        watch.at(None, "finish")  # the last step it reached
+        profiler.close()  # a run stopped inside the profiled steps (preempted): what it recorded
+        model.grads.wait_for_weights()  # ZeRO-1 overlap_param_gather: the last step's weight gathers
+        checkpointer.close()
+        return {"first_loss": first_loss, "last_loss": last_loss, "steps": t.train_steps, "first_step": start_step,
+                "preempted": preempted}
+    finally:  # after the checkpointer's last save (normal path), or at once (an error)
+        loader.close()
+        if log is not None:
+            log.close()
