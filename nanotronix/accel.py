@@ -153,11 +153,19 @@ ATTENTION_BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
-def resolve_attention(requested: str, device: Optional[torch.device] = None) -> str:
-    """Map `model.attn_implementation` to a backend name; raise a clear error if it cannot run here."""
+# Backends whose kernels take fp16/bf16 only (flash-attn's and cuDNN's): an fp32 run (train.dtype) cannot use them.
+HALF_PRECISION_ONLY = ("flash_attention_2", "sdpa_cudnn")
+
+
+def resolve_attention(requested: str, device: Optional[torch.device], dtype: str) -> str:
+    """Map `model.attn_implementation` to a backend name for a run in `dtype` (train.dtype); raise a clear error if
+    it cannot run here."""
     on_cuda = device is not None and torch.device(device).type == "cuda"
     if requested == "auto":
-        return "flash_attention_2" if on_cuda and flash_attn_available() else "sdpa"
+        return "flash_attention_2" if on_cuda and flash_attn_available() and dtype == "bfloat16" else "sdpa"
+    if requested in HALF_PRECISION_ONLY and dtype != "bfloat16":
+        raise UserError(f"model.attn_implementation: {requested} runs in bf16 only, not train.dtype={dtype} "
+                        "(use sdpa)")
     if requested == "flash_attention_2" and not (on_cuda and flash_attn_available()):
         raise UserError("model.attn_implementation: flash_attention_2 needs the flash_attn package and CUDA")
     if requested == "flex" and not on_cuda:

@@ -2,9 +2,11 @@
 [--batch-size B] [--device auto|cpu|cuda] [--no-progress]`
 
 The mean next-token loss of a checkpoint over the first K windows of a token store, window i being tokens
-[i*L, i*L + L + 1) of the store's concatenated token stream (no shuffling, no document masking): inputs are its
-first L tokens, targets its last L. Every window has L targets, so the result is the mean over all K*L targets,
-a number any other implementation (e.g. transformers on the exported model) can recompute exactly.
+[i*L, i*L + L + 1) of the store's concatenated token stream (no shuffling): inputs are its first L tokens, targets
+its last L. Every window has L targets, so the result is the mean over all K*L targets, a number any other
+implementation (e.g. transformers on the exported model) can recompute exactly. A checkpoint trained with document
+masking (model.document_mask_eos_id) is scored with it, as the trainer's validation does; the Hugging Face export
+carries no such mask, so transformers recomputes such a checkpoint's loss with attention across documents.
 """
 from __future__ import annotations
 

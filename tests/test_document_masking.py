@@ -185,7 +185,19 @@ def test_compiled_layers_with_flex_do_not_recompile_per_batch():
 
 def test_flex_needs_cuda():
     with pytest.raises(accel.UserError, match="flex needs CUDA"):
-        accel.resolve_attention("flex", torch.device("cpu"))
+        accel.resolve_attention("flex", torch.device("cpu"), "bfloat16")
+
+
+def test_half_precision_only_attention_is_not_picked_or_taken_for_fp32(monkeypatch):
+    """flash-attn's and cuDNN's attention kernels take fp16/bf16 only (flash-attn: "FlashAttention only support fp16
+    and bf16 data type"): an fp32 run gets SDPA from `auto`, and a one-line refusal when it names them."""
+    monkeypatch.setattr(accel, "flash_attn_available", lambda: True)
+    cuda = torch.device("cuda")
+    assert accel.resolve_attention("auto", cuda, "bfloat16") == "flash_attention_2"
+    assert accel.resolve_attention("auto", cuda, "float32") == "sdpa"
+    for backend in ("flash_attention_2", "sdpa_cudnn"):
+        with pytest.raises(accel.UserError, match="runs in bf16 only"):
+            accel.resolve_attention(backend, cuda, "float32")
 
 
 @requires_cuda

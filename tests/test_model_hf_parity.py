@@ -86,3 +86,18 @@ def test_parameter_count_matches_published_smollm2():
         assert cfg.num_parameters() == count
     small = SHAPES["odd-9h-3kv-untied"]
     assert small.num_parameters() == sum(p.numel() for p in build_model(small).parameters())
+
+
+def test_init_follows_nanotrons_standard_parametrization():
+    """nanotron (SmolLM2's trainer) draws the residual-writing row-parallel matrices (o_proj, down_proj) with
+    init_method.std / sqrt(2 * num_hidden_layers) and everything else with init_method.std (its
+    StandardParametrizator); the 135M preset's 30 layers give 0.0417 and 0.0054."""
+    cfg = _shape("smollm2-135m", num_hidden_layers=30, vocab_size=4096)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    residual_std = cfg.init_std / (2 * cfg.num_hidden_layers) ** 0.5
+    for name, param in model.named_parameters():
+        expected = (residual_std if name.endswith(("o_proj.weight", "down_proj.weight"))
+                    else 1.0 if "norm" in name else cfg.init_std)
+        got = param.detach().std().item() if "norm" not in name else param.detach().mean().item()
+        assert got == pytest.approx(expected, rel=0.02), name

@@ -358,6 +358,9 @@ def test_shuffle_stores_a_seeded_permutation_of_the_documents(tmp_path, tiny_tok
     common = ["--input", str(corpus), "--tokenizer", tiny_tokenizer, "--no-progress", "--workers", "1", "--format", fmt]
     suffix = ".zarr" if fmt == "zarr" else ""
     assert tool.main(common + ["--output-prefix", str(tmp_path / "plain")]) == 0
+    # batches also cut by tokens: the longest document is copied alone, the others gathered several at a time
+    longest = int(open_store(tmp_path / ("plain" + suffix)).document_lengths().max())
+    monkeypatch.setattr(shuffle, "SHUFFLE_BATCH_TOKENS", longest - 1)
     assert tool.main(common + ["--output-prefix", str(tmp_path / "shuffled"), "--shuffle", "7"]) == 0
     assert tool.main(common + ["--output-prefix", str(tmp_path / "other"), "--shuffle"]) == 0  # seed 1234
     plain, shuffled, other = (open_store(tmp_path / (name + suffix)) for name in ("plain", "shuffled", "other"))
@@ -401,3 +404,23 @@ def test_a_shard_whose_part_holds_no_record_is_written_empty(tmp_path, tiny_toke
     assert [p.num_documents for p in sharded.parts] == [3, 0]
     assert np.array_equal(sharded.tokens(0, sharded.num_tokens), whole.tokens(0, whole.num_tokens))
     sharded.verify()
+
+
+def test_a_shard_whose_records_were_all_skipped_is_written_empty(tmp_path, tiny_tokenizer, tool):
+    """With --skip-bad, a task whose part of the inputs holds only bad records writes an empty shard that counts
+    them, so the folder reads as the single run over the same inputs (which skips them too); before, that task
+    failed on every rerun and the folder never opened."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / "a.jsonl").write_text("".join(json.dumps({"text": f"good document {i}"}) + "\n" for i in range(50)))
+    (inputs / "b.jsonl").write_text("".join(json.dumps({"text": "   " * 12}) + "\n" for _ in range(50)))
+    common = ["--input", str(inputs), "--tokenizer", tiny_tokenizer, "--no-progress", "--workers", "1", "--skip-bad"]
+    assert tool.main(common + ["--output-prefix", str(tmp_path / "whole")]) == 0
+    for i in range(2):
+        assert tool.main(common + ["--output-prefix", str(tmp_path / "sharded"), "--shard", f"{i}/2"]) == 0
+    whole, sharded = open_store(tmp_path / "whole"), open_store(tmp_path / "sharded")
+    assert [p.num_documents for p in sharded.parts] == [50, 0]
+    assert np.array_equal(sharded.tokens(0, sharded.num_tokens), whole.tokens(0, whole.num_tokens))
+    sidecars = sorted((tmp_path / "sharded").glob("*.json"))
+    skipped = [json.loads(p.read_text()).get("skipped", {}).get("total") for p in sidecars]
+    assert sum(skipped) == 50, skipped  # each task counts the bad records of its own byte range

@@ -65,3 +65,33 @@ def test_inductor_gemm_templates_count_as_matmuls():
                 name("pointwise", "fused_add_mul_silu"): "fused elementwise (triton)",
                 name("reduction", "fused__to_copy_mean_pow_rsqrt"): "fused elementwise (triton)"}
     assert {n: kernel_group(n) for n in expected} == expected
+
+
+def test_gpu_user_annotations_are_not_counted_as_kernel_time():
+    """On CUDA, torch projects every record_function range onto the GPU timeline as a `gpu_user_annotation` row whose
+    self device time is the range's whole span (Inductor's "## Call CompiledFxGraph ##" around each compiled graph,
+    the optimizer's step): counted, a compiled step's kernels would count twice. torch's own table leaves them out
+    (profiler_util: `not evt.is_user_annotation`); so does the summary. The rows below are key_averages() rows as
+    torch makes them (FunctionEventAvg adopts is_user_annotation from its events)."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import FunctionEvent, FunctionEventAvg
+
+    from nanotronix.train.profiler import own_times
+
+    def row(name, device_time, device_type, annotation):
+        event = FunctionEvent(id=0, name=name, thread=0, start_us=0, end_us=device_time, device_type=device_type,
+                              is_user_annotation=annotation)
+        avg = FunctionEventAvg()
+        avg.add(event)
+        avg.self_device_time_total = device_time
+        return avg
+
+    rows = [row("sm90_xmma_gemm_bf16", 700, DeviceType.CUDA, False),
+            row("triton_poi_fused_add_mul_silu_0", 300, DeviceType.CUDA, False),
+            row("## Call CompiledFxGraph abc ##", 1000, DeviceType.CUDA, True),
+            row("aten::mm", 700, DeviceType.CPU, False)]
+    prof = SimpleNamespace(key_averages=lambda: rows)
+    assert [(name, t) for name, t, _ in own_times(prof, cuda=True)] == [("sm90_xmma_gemm_bf16", 700),
+                                                                       ("triton_poi_fused_add_mul_silu_0", 300)]

@@ -134,11 +134,12 @@ def test_context_8k_recipe():
     assert t.global_batch_size * t.seq_len == TOKENS_PER_STEP_1P7B
     assert t.train_steps * TOKENS_PER_STEP_1P7B == pytest.approx(50e9, rel=0.01)
     assert cfg.lr_schedule.decay_start_step + cfg.lr_schedule.decay_steps == t.train_steps
-    # it continues stage 4's linear decay from the checkpoint 75B tokens before the end of 11T
-    ckpt_step = (11e12 - 75e9) / TOKENS_PER_STEP_1P7B
-    s4 = base.lr_schedule
-    assert cfg.optimizer.lr == pytest.approx(base.optimizer.lr * (1 - (ckpt_step - s4.decay_start_step)
-                                                                   / s4.decay_steps), rel=0.01)
+    # it continues stage 4's linear decay from the checkpoint it starts from, the last save "before the final 75
+    # billion tokens" [P 4.6] of the 1.7B run (the step its keep_steps keeps)
+    ckpt_step = int(base.train.train_steps - 75e9 / TOKENS_PER_STEP_1P7B) // base.checkpoint.interval \
+        * base.checkpoint.interval
+    assert ckpt_step in base.checkpoint.keep_steps
+    assert cfg.optimizer.lr == pytest.approx(lr_at(ckpt_step, base.optimizer.lr, base.lr_schedule), rel=0.005)
     (stage,) = cfg.data.stages
     total = sum(d.weight for d in stage.datasets)
     share = {Path(d.path).name: d.weight / total for d in stage.datasets}

@@ -70,6 +70,28 @@ def test_linear_cross_entropy_matches_full_logits(chunk):
     assert torch.allclose(got[1], h.grad, atol=1e-7) and torch.allclose(got[2], w.grad, atol=1e-7)
 
 
+def test_linear_cross_entropy_computes_no_gradients_under_no_grad():
+    """Validation runs the fused loss under torch.no_grad() with weights that require grad: the same loss, and no
+    chunk computes the gradients it would throw away (a [vocab, hidden] fp32 buffer and two GEMMs per chunk)."""
+    from nanotronix.model.loss import _chunk_loss_and_grads
+
+    torch.manual_seed(0)
+    h, w = torch.randn(40, 16), torch.randn(50, 16, requires_grad=True)
+    y = torch.randint(0, 50, (40,))
+    asked = []
+
+    def chunk_fn(h, w, labels, grad_scale, want_grads):
+        asked.append(want_grads)
+        return _chunk_loss_and_grads(h, w, labels, grad_scale, want_grads)
+
+    with torch.no_grad():
+        loss = linear_cross_entropy(h, w, y, 16, chunk_fn=chunk_fn)
+    assert asked == [False] * 3
+    assert loss.item() == pytest.approx(cross_entropy(torch.nn.functional.linear(h, w.detach()), y).item(), rel=1e-6)
+    linear_cross_entropy(h, w, y, 16, chunk_fn=chunk_fn).backward()
+    assert asked[3:] == [True] * 3 and w.grad is not None
+
+
 def test_linear_cross_entropy_bf16_close_to_plain_autocast_head():
     torch.manual_seed(0)
     h = torch.randn(64, 32, requires_grad=True)

@@ -158,7 +158,7 @@ def nanotronix_step_fn(cfg: Config, device: torch.device) -> Callable[[torch.Ten
 
     torch.manual_seed(cfg.train.seed)
     ctx = ParallelContext.build(cfg)
-    attn = accel.resolve_attention(cfg.model.attn_implementation, device)
+    attn = accel.resolve_attention(cfg.model.attn_implementation, device, cfg.train.dtype)
     model = parallelize(build_model(cfg.model, attn, device), ctx, cfg)
     o = cfg.optimizer
     optimizer = DistributedOptimizer(model, param_groups(model.named_parameters(), o.weight_decay), lr=o.lr,
@@ -314,7 +314,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     t, m = base.train, base.model
     batches = make_batches(base, args.warmup + args.steps, args.accum, args.documents)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"device: {name} | torch {torch.__version__} | {accel.describe(accel.resolve_attention('auto', device))}"
+    print(f"device: {name} | torch {torch.__version__} | {accel.describe(accel.resolve_attention('auto', device, 'bfloat16'))}"
           f" | kernels: {'csrc built' if accel.compiled_kernels() is not None else 'csrc not built'}"
           f"{', fp32-accumulating GEMM' if accel.fp32_accumulating_gemm() else ''}")
     print(f"model: {m.preset or 'custom'} {m.num_parameters() / 1e6:.1f}M params, {m.num_hidden_layers} layers | "

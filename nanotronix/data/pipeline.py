@@ -162,11 +162,11 @@ def preprocess(opts: PreprocessOptions) -> PreprocessResult:
             elapsed = max(time.perf_counter() - start, 1e-9)
             bar.set_postfix_str(f"{writer.num_documents / elapsed:,.0f} docs/s, "
                                 f"{writer.num_tokens / elapsed:,.0f} tokens/s", refresh=False)
-        # A shard whose byte range holds no record start (a document longer than a shard's share of the text) is
-        # an empty part of the folder, written so that the folder completes; records that were all bad are an error.
-        if writer.num_documents == 0 and not (opts.shard and not skipped):
-            where = " in shard {}/{}'s part of the inputs".format(*opts.shard) if opts.shard else ""
-            raise DataError(f"no documents{where}: every input record was empty or bad")
+        # A shard with no document (its byte range holds no record start, or only records --skip-bad skipped) is
+        # an empty part of the folder, written (with its skipped counts) so that the folder completes as a single
+        # run over the same inputs would; a single run with no document is an error.
+        if writer.num_documents == 0 and not opts.shard:
+            raise DataError("no documents: every input record was empty or bad")
         sidecar = {
             "format": opts.format,
             "created_by": "nanotronix tools/preprocess.py",

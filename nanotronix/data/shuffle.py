@@ -3,7 +3,9 @@
 `ShufflingWriter` takes documents as they are tokenized (in input order) into a raw temporary file beside the
 output; `finalize()` then hands them to the real writer (Megatron or zarr) in the order
 `numpy.random.default_rng(seed).permutation(n)` gives, so document j of the store is input document order[j]. The
-permuted pass reads the temporary file by document in batches (memory: 24 bytes per document plus a batch) and
+permuted pass reads the temporary file by document in batches of at most SHUFFLE_BATCH documents and
+SHUFFLE_BATCH_TOKENS tokens (memory: 24 bytes per document plus ~30 bytes per token of a batch, ~130 MB; a longer
+document is copied alone, as one slice) and
 writes the store sequentially, once: the same I/O as shuffling a written Megatron .bin in place, and a compressed
 zarr store is not compressed twice.
 
@@ -19,7 +21,8 @@ from tqdm import tqdm
 
 from .files import DocumentSpill, SpillingWriter, temp_path
 
-SHUFFLE_BATCH = 1 << 14  # documents gathered at a time
+SHUFFLE_BATCH = 1 << 14  # documents gathered at a time, at most
+SHUFFLE_BATCH_TOKENS = 1 << 22  # and their tokens, at most (unless one document alone is longer)
 
 
 class ShufflingWriter(SpillingWriter):
@@ -45,13 +48,20 @@ class ShufflingWriter(SpillingWriter):
                     else np.zeros(0, self.dtype))
             with tqdm(total=self.num_tokens, unit="tok", unit_scale=True, desc="shuffle",
                       disable=not self.progress) as bar:
-                for lo in range(0, len(order), SHUFFLE_BATCH):
+                lo = 0
+                while lo < len(order):
                     docs = order[lo:lo + SHUFFLE_BATCH]
                     size = lengths[docs]
-                    # token positions of the batch's documents, one after another
-                    positions = np.repeat(starts[docs] - (np.cumsum(size) - size), size) + np.arange(size.sum())
-                    self.writer.add_documents(np.asarray(data[positions]), size)
-                    bar.update(int(size.sum()))
+                    ends = np.cumsum(size)
+                    count = max(1, int(np.searchsorted(ends, SHUFFLE_BATCH_TOKENS, side="right")))
+                    docs, size, ends = docs[:count], size[:count], ends[:count]
+                    if count == 1:  # a document as long as a batch or longer: one slice, no positions
+                        tokens = np.array(data[starts[docs[0]]:starts[docs[0]] + size[0]])
+                    else:  # token positions of the batch's documents, one after another
+                        tokens = data[np.repeat(starts[docs] - (ends - size), size) + np.arange(ends[-1])]
+                    self.writer.add_documents(tokens, size)
+                    bar.update(int(ends[-1]))
+                    lo += count
             del data
             self.writer.finalize(sidecar)
         finally:

@@ -126,11 +126,12 @@ def wgrad_accumulate_fp32(main_grad: torch.Tensor, grad_out: torch.Tensor, inp: 
     On CUDA with bf16/fp16 inputs: one cuBLAS GEMM through torch (`addmm` with out_dtype=float32 into main_grad
     itself, beta 1): products summed in fp32 and added to main_grad in the GEMM's epilogue, so the gradient never
     exists as a low-precision tensor and needs no separate add (reads and writes 8 bytes per element instead of
-    writing 2, reading 2 + 4 and writing 4). On CPU, or with inputs already in main_grad's dtype: the fp32 twin in
+    writing 2, reading 2 + 4 and writing 4). On CPU, or with other inputs (fp32, or fp64 in tests): the fp32 twin in
     `reference`, the same sums up to their order. A CUDA torch without that GEMM (older than 2.10) gets the
     low-precision GEMM and a separate add rather than an fp32 GEMM at a fraction of the speed
     (train.grad_accumulation_fusion refuses such a torch up front)."""
-    if not main_grad.is_cuda or grad_out.dtype == main_grad.dtype:
+    low_precision = grad_out.dtype in (torch.bfloat16, torch.float16) and inp.dtype == grad_out.dtype
+    if not main_grad.is_cuda or not low_precision:  # cuBLAS's out_dtype GEMM takes fp16/bf16 inputs only (not fp64)
         reference.wgrad_accumulate_fp32(main_grad, grad_out, inp)
     elif accel.fp32_accumulating_gemm():
         torch.addmm(main_grad, grad_out.t(), inp, out_dtype=torch.float32, out=main_grad)

@@ -7,6 +7,7 @@ same on every stage and in every checkpoint.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -47,12 +48,20 @@ class Llama(nn.Module):
         self.init_weights()
 
     def init_weights(self) -> None:
-        """Normal(0, init_std) for every matrix, ones for norms (nanotron's init for SmolLM2)."""
+        """nanotron's init for SmolLM2 (its StandardParametrizator): Normal(0, init_std) for the embedding, the
+        head and the column-parallel matrices (qkv, gate/up), Normal(0, init_std / sqrt(2 * layers)) for the two
+        that write into the residual stream (o_proj, down_proj: the row-parallel ones), ones for norms."""
         std = self.config.init_std
+        residual_std = std / math.sqrt(2 * self.config.num_hidden_layers)
+        for layer in self.layers.values():
+            writes_residual = {layer.self_attn.o_proj, layer.mlp.down_proj}
+            for module in layer.modules():
+                if isinstance(module, nn.Linear):
+                    nn.init.normal_(module.weight, mean=0.0, std=residual_std if module in writes_residual else std)
+        for module in (self.embed_tokens, self.lm_head):
+            nn.init.normal_(module.weight, mean=0.0, std=std)  # tied: the same tensor, drawn again
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-            elif isinstance(module, RMSNorm):
+            if isinstance(module, RMSNorm):
                 module.reset_parameters()
 
     def forward(self, x: torch.Tensor, skip_head: bool = False) -> torch.Tensor:

@@ -67,12 +67,14 @@ def maybe_compiled(fn: Callable, compile_options: Optional[dict]) -> Callable:
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int,
-                compute_dtype: torch.dtype, chunk_fn: Callable) -> torch.Tensor:
+                compute_dtype: torch.dtype, chunk_fn: Callable, grad_enabled: bool) -> torch.Tensor:
+        # grad_enabled: the caller's grad mode (always off in here; needs_input_grad stays True under no_grad, as in
+        # validation, which then would compute and drop the gradients)
         n = hidden.shape[0]
         w = weight.to(compute_dtype)
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_hidden = torch.empty_like(hidden) if grad_enabled and ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
-            if ctx.needs_input_grad[1] else None
+            if grad_enabled and ctx.needs_input_grad[1] else None
         want_grads = grad_hidden is not None or grad_weight is not None
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, n, chunk_size):
@@ -96,7 +98,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         gh = grad_hidden * grad_loss.to(grad_hidden.dtype) if grad_hidden is not None else None
         gw = (grad_weight * grad_loss).to(ctx.weight_dtype) if grad_weight is not None else None
-        return gh, gw, None, None, None, None
+        return gh, gw, None, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int,
@@ -119,4 +121,5 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     dtype = compute_dtype or _compute_dtype(weight)
     with torch.autocast(hidden.device.type, enabled=False):
         return _LinearCrossEntropy.apply(hidden.flatten(0, -2), weight, labels.flatten(), chunk_size, dtype,
-                                         chunk_fn or maybe_compiled(_chunk_loss_and_grads, compile_options))
+                                         chunk_fn or maybe_compiled(_chunk_loss_and_grads, compile_options),
+                                         torch.is_grad_enabled())

@@ -59,11 +59,14 @@ def kernel_group(name: str) -> str:
 def own_times(prof: torch.profiler.profile, cuda: bool) -> list[tuple[str, float, int]]:
     """(op or kernel name, own time in microseconds, calls) of what a profile recorded: on CUDA the kernels' device
     time (a CPU op also reports the device time of the kernels it launched: counted once, as kernels), else the CPU
-    ops' self time (ops nest on CPU; their self times sum to the profiled time). Step ranges are left out."""
+    ops' self time (ops nest on CPU; their self times sum to the profiled time). Step ranges are left out, and on CUDA
+    the GPU projections of `record_function` ranges (`gpu_user_annotation`: Inductor's "## Call CompiledFxGraph"
+    around each compiled graph, the optimizer's step), whose "self" device time is their whole span (torch's own
+    table leaves them out too, pytorch/pytorch#130730)."""
     attr = "self_device_time_total" if cuda else "self_cpu_time_total"
     return [(e.key, getattr(e, attr), e.count) for e in prof.key_averages()
             if getattr(e, attr) > 0 and not e.key.startswith(("ProfilerStep", STEP_LABEL))
-            and not (cuda and e.device_type == DeviceType.CPU)]
+            and not (cuda and (e.device_type == DeviceType.CPU or getattr(e, "is_user_annotation", False)))]
 
 
 class Summary(NamedTuple):

@@ -98,7 +98,7 @@ def _train(cfg: Config, ctx: ParallelContext, device: torch.device, watch: HangW
     t, m = cfg.train, cfg.model
     profiler = StepProfiler.from_config(cfg, ctx.rank, ctx.world_size, device)  # logging.profile_steps, or nothing
     torch.manual_seed(t.seed)
-    attn = accel.resolve_attention(m.attn_implementation, device)
+    attn = accel.resolve_attention(m.attn_implementation, device, t.dtype)
     # Every rank builds the whole plain model from the same seed, then keeps its TP/PP part (nanotronix.parallel).
     model = parallelize(build_model(m, attn, device), ctx, cfg)
     o = cfg.optimizer
