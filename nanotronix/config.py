@@ -142,6 +142,7 @@ class OptimizerConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     weight_decay: float = 0.01
+    weight_decay_norms: bool = False  # decay the RMSNorm gains too (SmolLM2's nanotron decayed every parameter)
     clip_grad: float = 1.0
 
 

@@ -90,6 +90,7 @@ def test_recipe_matches_published_numbers(name):
     assert (t.seed, cfg.data.data_seed, t.dtype) == (pub["seed"], pub["data_seed"], "bfloat16")
     # AdamW and the WSD schedule [P][R]
     assert (o.lr, o.betas, o.eps, o.weight_decay, o.clip_grad) == (pub["lr"], [0.9, 0.95], 1e-8, 0.01, 1.0)
+    assert o.weight_decay_norms  # [R]: no exclusion list in the nanotron of that time: every parameter decays
     assert (s.warmup_steps, s.decay_start_step, s.decay_steps, s.decay_style, s.min_lr) == (
         2000, pub["decay_start"], pub["decay_steps"], "linear", 0.0)
     assert s.decay_start_step + s.decay_steps == t.train_steps  # decay to 0 at the last step

@@ -205,3 +205,24 @@ def test_compiled_loss_chunks_match_eager(backend, device, dtype):
     torch.testing.assert_close(got_h, ref_h, **tol)
     torch.testing.assert_close(got_w, ref_w, **tol)
     assert ref_w.abs().max() > 1e-3  # the gradients are not trivially zero
+
+
+def test_weight_decay_reaches_the_norm_gains_only_when_asked():
+    """optimizer.weight_decay_norms: SmolLM2's nanotron decayed every parameter (one AdamW group); the default, as
+    transformers' Trainer, leaves the RMSNorm gains undecayed. One AdamW step with zero gradients and lr 1 moves a
+    parameter by exactly -weight_decay * itself where it is decayed, not at all otherwise."""
+    from nanotronix.train.optimizer import param_groups
+
+    cfg = ModelConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, vocab_size=40, max_position_embeddings=8, rope_theta=10000.0,
+                      rms_norm_eps=1e-5, tie_word_embeddings=True, init_std=0.05)
+    for decay_norms in (False, True):
+        model = build_model(cfg)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt = torch.optim.AdamW(param_groups(model.named_parameters(), 0.1, decay_norms), lr=1.0)
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        for n, p in model.named_parameters():
+            decayed = decay_norms or p.ndim >= 2
+            assert torch.allclose(p, before[n] * (0.9 if decayed else 1.0)), (decay_norms, n)

@@ -161,7 +161,7 @@ def nanotronix_step_fn(cfg: Config, device: torch.device) -> Callable[[torch.Ten
     attn = accel.resolve_attention(cfg.model.attn_implementation, device, cfg.train.dtype)
     model = parallelize(build_model(cfg.model, attn, device), ctx, cfg)
     o = cfg.optimizer
-    optimizer = DistributedOptimizer(model, param_groups(model.named_parameters(), o.weight_decay), lr=o.lr,
+    optimizer = DistributedOptimizer(model, param_groups(model.named_parameters(), o.weight_decay, o.weight_decay_norms), lr=o.lr,
                                      betas=tuple(o.betas), eps=o.eps, fused=device.type == "cuda")
 
     def step(batch: torch.Tensor) -> float:
@@ -185,7 +185,7 @@ def hf_step_fn(cfg: Config, device: torch.device) -> Callable[[torch.Tensor], fl
     with torch.device(device):
         model = transformers.LlamaForCausalLM(hf_cfg).float().train()
     o = cfg.optimizer
-    optimizer = torch.optim.AdamW(param_groups(model.named_parameters(), o.weight_decay), lr=o.lr,
+    optimizer = torch.optim.AdamW(param_groups(model.named_parameters(), o.weight_decay, o.weight_decay_norms), lr=o.lr,
                                   betas=tuple(o.betas), eps=o.eps, fused=device.type == "cuda")
     params = [p for p in model.parameters() if p.requires_grad]
     bf16 = cfg.train.dtype == "bfloat16"

@@ -102,7 +102,7 @@ def _train(cfg: Config, ctx: ParallelContext, device: torch.device, watch: HangW
     # Every rank builds the whole plain model from the same seed, then keeps its TP/PP part (nanotronix.parallel).
     model = parallelize(build_model(m, attn, device), ctx, cfg)
     o = cfg.optimizer
-    optimizer = DistributedOptimizer(model, param_groups(model.named_parameters(), o.weight_decay), lr=o.lr,
+    optimizer = DistributedOptimizer(model, param_groups(model.named_parameters(), o.weight_decay, o.weight_decay_norms), lr=o.lr,
                                      betas=tuple(o.betas), eps=o.eps, fused=True if device.type == "cuda" else None)
     checkpointer = Checkpointer(cfg, ctx, device)  # resume, periodic saves, SIGTERM/SIGUSR1 -> save and stop
     create_run_folders(cfg, checkpointer.coll)
