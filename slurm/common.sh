@@ -13,7 +13,7 @@
 #   LOG_DIR         metrics.jsonl (+ tensorboard)       default: $RUN_DIR/logs
 #   GPUS_PER_NODE   GPUs per node; 0 = CPU run (gloo)   default: 8
 #   NPROC_PER_NODE  processes per node                  default: GPUS_PER_NODE (1 when GPUS_PER_NODE=0)
-#   OVERRIDES       extra dotted overrides, space-separated, applied last (e.g. "train.train_steps=1000
+#   OVERRIDES       extra dotted overrides, space- or newline-separated, applied last (e.g. "train.train_steps=1000
 #                   parallel.tp=2"); write list values without spaces: optimizer.betas=[0.9,0.95]
 #   MASTER_PORT     rendezvous port on the first node   default: 20000 + job id mod 20000
 #   REQUEUE_ON_FAILURE  1: a failed job step that committed a checkpoint requeues the job   default: 1
@@ -100,7 +100,7 @@ print(load_config(sys.argv[1]).checkpoint.resume.strip())' "$CONFIG" 2>/dev/null
 case "$CONFIG_RESUME" in auto|none|"") RESUME=auto ;; *) RESUME=$CONFIG_RESUME ;; esac
 
 # Overrides: the script's (where the run lives, resume, device), then the user's, which win.
-read -r -a USER_OVERRIDES <<<"$OVERRIDES"
+read -r -d "" -a USER_OVERRIDES <<<"$OVERRIDES"  # every line (-d ""): read stops at the first newline otherwise
 for override in ${USER_OVERRIDES[@]+"${USER_OVERRIDES[@]}"}; do
   # The script reads CKPT_DIR to decide whether a failed step made progress (and requeues): the folders are its.
   case "$override" in

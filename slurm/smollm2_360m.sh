@@ -27,7 +27,7 @@
 
 # Find the checkout: sbatch runs a copy of this script from Slurm's spool folder, so its own path is useless.
 if [ -z "${NANOTRONIX_DIR:-}" ]; then
-  submitted=$(scontrol show job "${SLURM_JOB_ID:-0}" 2>/dev/null | sed -n 's/^ *Command=\([^ ]*\).*/\1/p' | head -n 1)
+  submitted=$(scontrol show job "${SLURM_JOB_ID:-0}" 2>/dev/null | sed -n 's/^ *Command=\(.*\.sh\)\( .*\)\{0,1\}$/\1/p' | head -n 1)
   for dir in "$(dirname "$(dirname "${submitted:-.}")")" "${SLURM_SUBMIT_DIR:-}" "$(dirname "$(dirname "$0")")"; do
     if [ -n "$dir" ] && [ -f "$dir/slurm/common.sh" ]; then NANOTRONIX_DIR=$(cd "$dir" && pwd); break; fi
   done

@@ -62,3 +62,26 @@ def test_a_read_that_fails_under_dcp_is_a_checkpoint_error(tmp_path):
     with pytest.raises(CheckpointError, match=rf"^cannot read checkpoint {tmp_path} \(on rank 0: ") as caught:
         coll.load({"w": torch.empty(3)}, tmp_path)
     assert caught.value.every_rank
+
+
+def test_a_full_log_disk_costs_metrics_lines_not_the_run(tmp_path, capsys):
+    """metrics.jsonl on a device that says 'No space left on device' (/dev/full) mid-run: one warning, the training
+    goes on (before: an OSError traceback, and every step since the last checkpoint lost), and the records are written
+    again, whole lines only, once the disk takes them."""
+    from nanotronix.config import load_config
+    from nanotronix.train.metrics import MetricsLog
+
+    cfg = load_config(tiny_config(tmp_path, write_learnable_store(tmp_path / "arith")))
+    log = MetricsLog(cfg, enabled=True)
+    log.write({"step": 1, "loss": 5.0})
+    log.path.rename(tmp_path / "kept.jsonl")
+    log.path.symlink_to("/dev/full")
+    log.write({"step": 2, "loss": 4.0})
+    log.write({"step": 3, "loss": 3.0})
+    log.path.unlink()
+    (tmp_path / "kept.jsonl").rename(log.path)
+    log.write({"step": 4, "loss": 2.0})
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and err[0].startswith(f"warning: step 2: cannot write {log.path}: No space left on device")
+    assert err[1] == f"{log.path}: written again from step 4"
+    assert log.path.read_text() == '{"step": 1, "loss": 5.0}\n{"step": 4, "loss": 2.0}\n'

@@ -145,6 +145,21 @@ def test_resume_refuses_another_global_batch_size(tmp_path, store):
     assert "consumed 16 samples in 2 steps (global batch 8), but train.global_batch_size is 16" in lines[0]
 
 
+def test_resume_at_or_past_the_last_step(tmp_path, store):
+    """A checkpoint past train.train_steps (the step count lowered by mistake): one line, exit 2, not a silent exit 0
+    that trained nothing; at the last step exactly (a finished job submitted again): exit 0, saying so."""
+    cfg = _config(tmp_path, store, train={"train_steps": 2}, checkpoint={"dir": str(tmp_path / "ckpt")})
+    train_in_process(cfg)
+    proc = run(["-m", "nanotronix.train", "--config", str(cfg), "train.train_steps=1"])
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].endswith("train.train_steps=1, but the checkpoint resumed from is at step 2: past the end of "
+                             "the run, nothing to train"), lines
+    proc = run(["-m", "nanotronix.train", "--config", str(cfg)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "step 2 = train.train_steps: the run is complete, nothing left to train" in proc.stdout
+
+
 def test_resume_to_an_earlier_step_of_the_own_run_is_refused(tmp_path, store):
     """checkpoint.resume=DIR/step_X with a later step in DIR would be honoured on every requeue of the job, throwing
     its progress away each time: one line pointing at tools/rollback.py, exit 2. The latest step itself is fine."""

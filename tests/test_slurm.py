@@ -142,7 +142,7 @@ def preflight_cases(tmp: Path) -> list[tuple[str, dict[str, str], tuple[str, ...
         ("token store missing", {"DATA_ROOT": str(tmp / "empty"), "GPUS_PER_NODE": "0"}, (),
          f"error: token store not found: {tmp / 'empty' / 'fineweb-edu'}"),
         ("fewer processes than tp*pp", {"CONFIG": str(tiny), "DATA_ROOT": str(store_root), "GPUS_PER_NODE": "0",
-                                        "NPROC_PER_NODE": "2", "OVERRIDES": "parallel.tp=2 parallel.pp=2"}, (),
+                                        "NPROC_PER_NODE": "2", "OVERRIDES": "parallel.tp=2\n  parallel.pp=2\n"}, (),
          "error: parallel: tp*pp = 2*2 = 4 needs at least 4 processes, the job has 2 (1 node(s) x 2 per node)"),
         # GPUS_PER_NODE=8 (the default), but this CPU build of torch sees no GPU in the job step
         ("GPUs but no CUDA", {"DATA_ROOT": str(store_root)}, (),
@@ -153,7 +153,8 @@ def preflight_cases(tmp: Path) -> list[tuple[str, dict[str, str], tuple[str, ...
          "error: NPROC_PER_NODE=9 is more than GPUS_PER_NODE=8"),
         ("a port out of range", {"MASTER_PORT": "99999"}, (), "error: MASTER_PORT=99999 is not a TCP port (1-65535)"),
         # the script reads CKPT_DIR to decide about requeueing: checkpoints elsewhere would look like no progress
-        ("checkpoint.dir in OVERRIDES", {"OVERRIDES": f"checkpoint.dir={tmp / 'elsewhere'}"}, (),
+        # (one override per line, as OVERRIDES=$(cat file) gives: every line counts, not only the first)
+        ("checkpoint.dir in OVERRIDES", {"OVERRIDES": f"\ntrain.seed=3\ncheckpoint.dir={tmp / 'elsewhere'}"}, (),
          "error: OVERRIDES sets checkpoint.dir: set CKPT_DIR instead"),
     ]
 
@@ -169,6 +170,15 @@ def test_bad_settings_fail_in_seconds_with_one_line(slurm, tmp_path):
         assert "rendezvous" not in out and "nanotronix:" not in out, (name, out)  # torchrun never started
         assert not [line for line in out.splitlines() if line.startswith("srun:")], (name, out)
         assert seconds(info["RunTime"]) <= 45, (name, info["RunTime"])  # 1-5 s alone; slack for a busy machine
+    # a checkout whose path has a space, submitted from elsewhere: found from the submitted script's path
+    (tmp_path / "my checkout").symlink_to(ROOT)
+    (tmp_path / "elsewhere").mkdir()
+    job = slurm.sbatch(tmp_path / "elsewhere", {"CONFIG": str(tmp_path / "missing.yaml")},
+                       script=tmp_path / "my checkout" / SCRIPT.relative_to(ROOT))
+    slurm.wait(job, timeout=120)
+    errors = [line for line in job_output(tmp_path / "elsewhere", job).splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: CONFIG={tmp_path / 'missing.yaml'}: no such file"), \
+        errors
 
 
 def test_a_config_that_names_a_checkpoint_starts_from_it(slurm, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -22,6 +23,7 @@ class MetricsLog:
         self.enabled = enabled
         self.path = Path(cfg.logging.dir) / "metrics.jsonl"
         self._tb = self._wandb = None
+        self._failing = False  # the last write to metrics.jsonl failed (a full disk): warned once
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if cfg.logging.tensorboard:
@@ -38,13 +40,39 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        self._append(json.dumps(record) + "\n", record["step"])
         if self._tb is not None:
             for k, v in _scalars(record):
                 self._tb.add_scalar(k, v, record["step"])
         if self._wandb is not None:
             self._wandb.log(dict(_scalars(record)))
+
+    def _append(self, line: str, step: int) -> None:
+        """One line onto metrics.jsonl. A log disk that fills up (or fails) mid-run does not stop the training (the
+        checkpoints are what a run must not lose): one warning, the line dropped whole (no partial line for readers
+        to trip on), and the next records are tried again."""
+        data = line.encode()
+        try:
+            with self.path.open("ab", buffering=0) as f:  # unbuffered: nothing left to flush at close
+                size = f.seek(0, 2)
+                try:
+                    written = 0
+                    while written < len(data):
+                        written += f.write(data[written:])
+                except OSError:
+                    with contextlib.suppress(OSError):
+                        f.truncate(size)
+                    raise
+        except OSError as e:
+            if not self._failing:
+                print(f"warning: step {step}: cannot write {self.path}: {e.strerror or e}; training goes on, "
+                      "the metrics of the steps until it can be written again are not kept there", file=sys.stderr,
+                      flush=True)
+            self._failing = True
+            return
+        if self._failing:
+            print(f"{self.path}: written again from step {step}", file=sys.stderr, flush=True)
+        self._failing = False
 
     def close(self) -> None:
         if self._tb is not None:

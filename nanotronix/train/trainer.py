@@ -102,12 +102,18 @@ def _train(cfg: Config, ctx: ParallelContext, device: torch.device, watch: HangW
     # Every rank builds the whole plain model from the same seed, then keeps its TP/PP part (nanotronix.parallel).
     model = parallelize(build_model(m, attn, device), ctx, cfg)
     o = cfg.optimizer
-    optimizer = DistributedOptimizer(model, param_groups(model.named_parameters(), o.weight_decay, o.weight_decay_norms), lr=o.lr,
-                                     betas=tuple(o.betas), eps=o.eps, fused=True if device.type == "cuda" else None)
+    groups = param_groups(model.named_parameters(), o.weight_decay, o.weight_decay_norms)
+    optimizer = DistributedOptimizer(model, groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                     fused=True if device.type == "cuda" else None)
     checkpointer = Checkpointer(cfg, ctx, device)  # resume, periodic saves, SIGTERM/SIGUSR1 -> save and stop
     create_run_folders(cfg, checkpointer.coll)
     watch.at(0, "resume")
     resumed = checkpointer.resume(model, optimizer)
+    if resumed.step > t.train_steps:  # the same checkpoint on every rank: rank 0 says it
+        raise UserError(f"train.train_steps={t.train_steps}, but the checkpoint resumed from is at step "
+                        f"{resumed.step}: past the end of the run, nothing to train", every_rank=True)
+    if resumed.step == t.train_steps:
+        log0(ctx, f"step {resumed.step} = train.train_steps: the run is complete, nothing left to train")
     skips = skipped_step_ranges(t)
     guard = (SpikeGuard(t.spike_skip_sigma, t.spike_skip_window, resumed.trainer_state.get("spike_guard"))
              if t.spike_skip_sigma > 0 else None)
