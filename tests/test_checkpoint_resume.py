@@ -145,6 +145,24 @@ def test_resume_refuses_another_global_batch_size(tmp_path, store):
     assert "consumed 16 samples in 2 steps (global batch 8), but train.global_batch_size is 16" in lines[0]
 
 
+def test_tokens_are_counted_at_the_length_each_step_trained(tmp_path, store):
+    """A resume with another train.seq_len (the 8k context stage does so): steps 1-2 trained 8 x 32 tokens each, steps
+    3-4 8 x 64; the metrics and the checkpoint count 512 + 1,024 tokens, not 4 x 8 x 64 (every step at the new
+    length), in total and per dataset, and tools/inspect_checkpoint.py says the same."""
+    from helpers import load_tool
+
+    ckpt = tmp_path / "ckpt"
+    cfg = _config(tmp_path, store, train={"train_steps": 2}, checkpoint={"dir": str(ckpt)})
+    train_in_process(cfg)
+    train_in_process(cfg, "train.train_steps=4", "train.seq_len=64")
+    rows = read_metrics(tmp_path / "logs")
+    expected = {1: 256, 2: 512, 3: 1024, 4: 1536}
+    assert {step: rows[step]["consumed_tokens"] for step in expected} == expected
+    assert {step: rows[step]["datasets"]["arith"]["consumed_tokens"] for step in expected} == expected
+    report = load_tool("inspect_checkpoint").summarise(ckpt / "step_0000004")
+    assert report["consumed_tokens"] == 1536
+
+
 def test_resume_at_or_past_the_last_step(tmp_path, store):
     """A checkpoint past train.train_steps (the step count lowered by mistake): one line, exit 2, not a silent exit 0
     that trained nothing; at the last step exactly (a finished job submitted again): exit 0, saying so."""

@@ -31,6 +31,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def consumed_tokens(manifest: dict, consumed_samples: int, seq_len) -> int | None:
+    """The tokens trained on: the datasets' counts the checkpoint saved (right across a resume that changed
+    train.seq_len), else samples x the config's seq_len (checkpoints without them, an import: None)."""
+    datasets = manifest.get("data", {}).get("datasets")
+    if datasets:
+        return sum(int(d["consumed_tokens"]) for d in datasets.values())
+    return consumed_samples * seq_len if seq_len is not None else None
+
+
 def summarise(folder: Path) -> dict:
     from nanotronix.checkpoint import paths
     from nanotronix.checkpoint.manifest import read_manifest
@@ -52,7 +61,7 @@ def summarise(folder: Path) -> dict:
     retention = paths.Retention(0, kept.get("keep_every") or 0, frozenset(kept.get("keep_steps") or ()))
     return {
         "path": str(folder), "step": manifest["step"], "consumed_samples": consumed,
-        "consumed_tokens": consumed * train["seq_len"] if "seq_len" in train else None,
+        "consumed_tokens": consumed_tokens(manifest, consumed, train.get("seq_len")),
         "stage": manifest.get("data", {}).get("stage"),
         "model": {k: config.get("model", {}).get(k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
                                                                "num_attention_heads", "num_key_value_heads",

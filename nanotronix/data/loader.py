@@ -47,6 +47,8 @@ class TrainLoader:
         self.grad_accum = gbs // (micro_batch_size * dp_size)
         self.consumed_samples = consumed_samples
         self.vocab_size = vocab_size  # token ids read are checked against it (a damaged store: one line)
+        # per dataset: (samples consumed at the resumed step, tokens they held then); see count_tokens_from
+        self._tokens_before: dict[str, tuple[int, int]] = {}
 
     @property
     def next_step(self) -> int:
@@ -130,9 +132,22 @@ class TrainLoader:
         datasets, store_tokens = {}, {}
         for name, count in consumed.items():
             stream = self.schedule.streams[name]
-            datasets[stream.order_key] = {"consumed_tokens": count * self.seq_len, "epochs": stream.epochs(count)}
+            samples_then, tokens_then = self._tokens_before.get(name, (0, 0))
+            tokens = tokens_then + (count - samples_then) * self.seq_len
+            datasets[stream.order_key] = {"consumed_tokens": tokens, "epochs": stream.epochs(count)}
             store_tokens[stream.order_key] = self.stores[name].num_tokens
         return {"stage": self.schedule.stage_at_step(step).name, "datasets": datasets, "store_tokens": store_tokens}
+
+
+    def count_tokens_from(self, saved: dict[str, Any], step: int) -> None:
+        """Resuming at `step` from a checkpoint whose data state (`stats` then) is `saved`: count each dataset's tokens
+        on from what the checkpoint says it had consumed, so that a run whose train.seq_len changed on resume (the
+        8k stage) does not count the earlier steps' samples at the new length."""
+        consumed = self.schedule.consumed(step * self.global_batch_size)
+        for name, count in consumed.items():
+            tokens = saved.get("datasets", {}).get(self.schedule.streams[name].order_key, {}).get("consumed_tokens")
+            if tokens is not None:
+                self._tokens_before[name] = (count, int(tokens))
 
 
 def build_train_loader(cfg, dp_rank: int, dp_size: int, consumed_samples: int = 0) -> TrainLoader:

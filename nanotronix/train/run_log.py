@@ -64,7 +64,8 @@ class RunLog:
         per_gpu = rate / self.world_size if rate else None
         record = {
             "step": step, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
-            "consumed_tokens": step * self.tokens_per_step, "tokens_per_sec": rate, "tokens_per_sec_per_gpu": per_gpu,
+            "consumed_tokens": self._consumed_tokens(step, data_stats), "tokens_per_sec": rate,
+            "tokens_per_sec_per_gpu": per_gpu,
             "model_tflops_per_gpu": per_gpu * flops_token / 1e12 if per_gpu else None,
             "mfu": mfu(per_gpu, flops_token, self.peak) if per_gpu else None,
             "stage": data_stats.get("stage"), "datasets": data_stats.get("datasets"), "time": time.time(),
@@ -83,9 +84,18 @@ class RunLog:
 
     def skipped(self, step: int, lr: float, data_stats: dict[str, Any], val_losses: dict[str, float]) -> None:
         """The record of a step in train.skip_steps that ran a validation (on the last trained step's weights)."""
-        self._emit({"step": step, "skipped": True, "lr": lr, "consumed_tokens": step * self.tokens_per_step,
+        self._emit({"step": step, "skipped": True, "lr": lr, "consumed_tokens": self._consumed_tokens(step, data_stats),
                     "stage": data_stats.get("stage"), "datasets": data_stats.get("datasets"), "time": time.time(),
                     "val_loss": mean_loss(val_losses), "val_losses": val_losses})
+
+    def _consumed_tokens(self, step: int, data_stats: dict[str, Any]) -> int:
+        """Tokens of the samples consumed by the end of `step`: the datasets' counts, which a resume with another
+        train.seq_len carries on from the checkpoint's (step x tokens per step would count the earlier steps at the
+        new length)."""
+        datasets = data_stats.get("datasets")
+        if datasets:
+            return sum(d["consumed_tokens"] for d in datasets.values())
+        return step * self.tokens_per_step
 
     def _emit(self, record: dict[str, Any]) -> None:
         self.metrics.write(record)

@@ -126,6 +126,8 @@ def _train(cfg: Config, ctx: ParallelContext, device: torch.device, watch: HangW
     log = None
     try:  # the read-ahead thread (or DALI pipeline) and the loggers are released on an error too
         validator = Validator.from_config(cfg, ctx, model)  # None unless validation.interval > 0
+        if resumed.data:
+            loader.loader.count_tokens_from(resumed.data, resumed.step)
         for changed in store_change_notes(resumed.data, loader.stats(resumed.step)):
             log0(ctx, f"data order: {changed}")
         note = tokenizer_note({**loader.loader.stores, **(validator.stores if validator else {})},
