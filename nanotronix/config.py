@@ -267,7 +267,11 @@ def config_from_dict(tree: dict[str, Any]) -> Config:
 
 def resolve_dataset_paths(data: DataConfig, validation: ValidationConfig) -> None:
     """Join relative dataset paths (and validation.data) to data.root, made absolute first so that a dumped config
-    reloads unchanged."""
+    reloads unchanged. A data.tokenizer that names a local file or folder relative to where the run starts is made
+    absolute too (checkpoints keep the config: the export reads the tokenizer from any folder); a Hub id stays."""
+    if data.tokenizer and not os.path.isabs(os.path.expanduser(data.tokenizer)) \
+            and os.path.exists(os.path.expanduser(data.tokenizer)):
+        data.tokenizer = os.path.abspath(os.path.expanduser(data.tokenizer))
     if data.root is None:
         return
     root_is_url = "://" in data.root  # an fsspec URL (zarr stores): join as a string

@@ -10,6 +10,7 @@ Costs ~25-35 s of CPU (four training subprocesses; the rest runs in this process
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -87,6 +88,13 @@ def test_start_from_hf_import_and_requeue_keeps_progress(tmp_path, store, capsys
     assert "at step 0: weights only" in out
     assert "data order:" not in out  # a fresh data position: the import's default data config is no reference
     assert sorted(read_metrics(tmp_path / "cont" / "logs")) == [1, 2]
+    # the imported model's HF config and generation config travel with the run's checkpoints into its export
+    imported = json.loads((tmp_path / "imported" / "step_0000000" / "checkpoint.json").read_text())["source"]
+    trained = json.loads((tmp_path / "cont" / "ckpt" / "step_0000002" / "checkpoint.json").read_text())
+    assert trained["source"] == imported and trained["optimizer"] is True
+    export_to_hf(tmp_path / "cont" / "ckpt", tmp_path / "hf_cont", progress=False, log=lambda _: None)
+    assert (tmp_path / "hf_cont" / "generation_config.json").read_text() == \
+        (tmp_path / "hf" / "generation_config.json").read_text()
     train_in_process(cfg, "train.train_steps=3")  # the requeued job, with the same checkpoint.resume
     assert "already holds this run's checkpoints: continuing from step_0000002" in capsys.readouterr().out
     lines = (tmp_path / "cont" / "logs" / "metrics.jsonl").read_text().splitlines()

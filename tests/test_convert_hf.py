@@ -21,6 +21,7 @@ from helpers import ROOT
 
 from nanotronix.checkpoint.hf_export import export_to_hf
 from nanotronix.checkpoint.hf_import import import_from_hf
+from nanotronix.errors import UserError
 
 
 def cli(tool: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -96,16 +97,56 @@ def _write_tiny_tokenizer(folder: Path) -> Path:
     return folder / "tokenizer.json"
 
 
+# the tiny byte-level tokenizer's 256 bytes and a few merges fit this vocabulary
+WITH_BYTES = dataclasses.replace(TINY, vocab_size=320)
+
+
 def test_export_ships_the_runs_tokenizer(tmp_path):
     from tokenizers import Tokenizer
 
     tokenizer_file = _write_tiny_tokenizer(tmp_path / "tok")
-    trained_checkpoint(tmp_path / "run", config={"data": {"tokenizer": str(tokenizer_file)}})
+    trained_checkpoint(tmp_path / "run", cfg=WITH_BYTES, config={"data": {"tokenizer": str(tokenizer_file)}})
     out = export_to_hf(tmp_path / "run", tmp_path / "hf", progress=False, log=lambda _: None)
     theirs = transformers.AutoTokenizer.from_pretrained(out)
     text = "the lazy fox"
     assert theirs(text)["input_ids"] == Tokenizer.from_file(str(tokenizer_file)).encode(text).ids
     assert theirs.eos_token == "<|endoftext|>"
+
+
+def test_export_takes_bos_from_the_tokenizer_and_refuses_a_larger_one(tmp_path):
+    """config.json's bos_token_id is the tokenizer's own bos_token (here <s>, not its EOS); a tokenizer with more
+    tokens than the model's vocabulary is not the model's (transformers' generate() would index past the
+    embedding): refused when asked for, left out with a warning when it is the run's, and the ids defaulted say so."""
+    from tokenizers import Tokenizer
+
+    tokenizer_file = _write_tiny_tokenizer(tmp_path / "tok")
+    tok = Tokenizer.from_file(str(tokenizer_file))
+    tok.add_special_tokens(["<s>"])
+    tok.save(str(tokenizer_file))
+    (tokenizer_file.parent / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "<|endoftext|>"}))
+    trained_checkpoint(tmp_path / "run", cfg=WITH_BYTES, config={"data": {"tokenizer": str(tokenizer_file)}})
+    out = export_to_hf(tmp_path / "run", tmp_path / "hf", progress=False, log=lambda _: None)
+    config = json.loads((out / "config.json").read_text())
+    assert config["bos_token_id"] == tok.token_to_id("<s>")
+    assert config["eos_token_id"] == tok.token_to_id("<|endoftext|>")
+    assert config["bos_token_id"] != config["eos_token_id"]
+    assert transformers.AutoTokenizer.from_pretrained(out).bos_token_id == config["bos_token_id"]
+
+    big = tmp_path / "big"
+    big.mkdir()
+    tok.add_tokens([f"word{i}" for i in range(100)])  # past the model's 320
+    tok.save(str(big / "tokenizer.json"))
+    with pytest.raises(UserError, match=f"has {tok.get_vocab_size()} tokens, more than the model's vocabulary "
+                                        "\\(320\\)"):
+        export_to_hf(tmp_path / "run", tmp_path / "hf2", tokenizer=str(big), progress=False, log=lambda _: None)
+    assert not (tmp_path / "hf2").exists()
+    said = []
+    trained_checkpoint(tmp_path / "run2", cfg=WITH_BYTES, config={"data": {"tokenizer": str(big / "tokenizer.json")}})
+    out = export_to_hf(tmp_path / "run2", tmp_path / "hf3", progress=False, log=said.append)
+    assert not (out / "tokenizer.json").exists() and not (out / "tokenizer_config.json").exists()
+    assert said[0].startswith("warning: tokenizer files not written (tokenizer ") and "more than the model's" in said[0]
+    assert said[1].startswith("warning: no tokenizer, so bos_token_id and eos_token_id in config.json are set to 0")
 
 
 def _hf_original(folder: Path, untied: bool, dtype=torch.float32) -> Path:

@@ -124,6 +124,7 @@ class Checkpointer:
         self._executor = ThreadPoolExecutor(1, "checkpoint") if self.settings.async_save else None
         self._pending: Optional[Future] = None
         self.last_saved_step: Optional[int] = None
+        self.origin: Optional[dict] = None  # the manifest's `source` of the checkpoint resumed from, saved on
 
     def _log(self, msg: str) -> None:
         if self.ctx.rank == 0:
@@ -195,6 +196,7 @@ class Checkpointer:
             return ResumeState(0, 0, None)
         t0 = time.perf_counter()
         saved = read_manifest(source)
+        self.origin = saved.get("source")  # an imported model's HF config, carried to this run's checkpoints
         current = self.cfg.to_dict()
         for note in check_architecture(saved["config"]["model"], current["model"], source):
             self._log(note)
@@ -249,7 +251,7 @@ class Checkpointer:
         data_state = {**loader.state_dict(), **loader.stats(step)}
         background = self._executor is not None and not blocking
         snapshot = take_snapshot(step, model, optimizer, self.ctx, self.cfg.to_dict(), data_state,
-                                 stage=background, trainer_state=trainer_state)
+                                 stage=background, trainer_state=trainer_state, source=self.origin)
         self.last_saved_step = step
         if background:
             self._pending = self._executor.submit(self._write, snapshot)

@@ -99,6 +99,24 @@ def write_tokenizer_files(spec: str, folder: Path, max_length: int) -> Any:
     return info
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _bos_id(info, folder: Path) -> int:
+    """The tokenizer's own beginning-of-sequence id: its tokenizer_config.json's bos_token (a string, or a dict with
+    "content"), else its EOS (SmolLM2's tokenizer uses <|endoftext|> for both)."""
+    from tokenizers import Tokenizer
+
+    try:
+        bos = json.loads((folder / "tokenizer_config.json").read_text()).get("bos_token")
+    except (OSError, ValueError, AttributeError):  # none, or not a JSON object: no bos of its own
+        bos = None
+    if isinstance(bos, dict):
+        bos = bos.get("content")
+    bos_id = Tokenizer.from_file(info.file).token_to_id(bos) if isinstance(bos, str) else None
+    return info.eos_id if bos_id is None else bos_id
+
+
 def _transformers_version() -> Optional[str]:
     try:
         import transformers
@@ -123,17 +141,28 @@ def export_to_hf(checkpoint: str | os.PathLike, output: str | os.PathLike, dtype
                           "a Hugging Face model folder (no config.json)")
     try:
         tokenizer_spec = tokenizer or (manifest["config"].get("data") or {}).get("tokenizer")
-        info = None
+        info = bos_id = None
         if tokenizer_spec:
             try:
                 info = write_tokenizer_files(tokenizer_spec, temp, cfg.max_position_embeddings)
+                if info.vocab_size > cfg.vocab_size:  # its ids past the embedding: an IndexError in generate()
+                    raise UserError(f"tokenizer {tokenizer_spec} has {info.vocab_size} tokens, more than the "
+                                    f"model's vocabulary ({cfg.vocab_size}): not the model's tokenizer")
+                bos_id = _bos_id(info, temp)
             except UserError as e:
                 if tokenizer:  # asked for explicitly: an error; the run's own: export the model anyway
                     raise
+                for name in TOKENIZER_FILES:
+                    (temp / name).unlink(missing_ok=True)
+                info = None
                 log(f"warning: tokenizer files not written ({e})")
         _write_weights(reader, temp, torch_dtype, max_shard_bytes, progress)
-        eos = source_hf.get("config", {}).get("eos_token_id", info.eos_id if info else 0)
-        bos = source_hf.get("config", {}).get("bos_token_id", info.eos_id if info else 0)
+        imported = source_hf.get("config", {})
+        if info is None and not {"eos_token_id", "bos_token_id"} <= imported.keys():
+            log("warning: no tokenizer, so bos_token_id and eos_token_id in config.json are set to 0 (SmolLM2's "
+                "<|endoftext|>): pass --tokenizer to have the tokenizer's own")
+        eos = imported.get("eos_token_id", info.eos_id if info else 0)
+        bos = imported.get("bos_token_id", bos_id if info else 0)
         config = hf_config_dict(cfg, eos_token_id=eos, bos_token_id=bos, torch_dtype=dtype)
         for key, value in source_hf.get("config", {}).items():
             if key not in config and key not in _RECOMPUTED:

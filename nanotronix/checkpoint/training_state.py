@@ -44,9 +44,12 @@ def _settle_weights(model) -> None:
 
 
 def take_snapshot(step: int, model, optimizer, ctx, config: dict[str, Any], data_state: dict[str, Any],
-                  stage: bool, trainer_state: Optional[dict[str, Any]] = None) -> Snapshot:
+                  stage: bool, trainer_state: Optional[dict[str, Any]] = None,
+                  source: Optional[dict[str, Any]] = None) -> Snapshot:
     """This rank's state after `step`; `data_state` holds consumed_samples and per-dataset consumption,
-    `trainer_state` what the training loop keeps beyond the model (the spike guard's window)."""
+    `trainer_state` what the training loop keeps beyond the model (the spike guard's window), `source` where the
+    run's weights first came from (an imported Hugging Face model: its config and generation config, which the export
+    writes back)."""
     tied = bool(config["model"]["tie_word_embeddings"])
     _settle_weights(model)
     access = st.optimizer_access(optimizer, model)
@@ -66,6 +69,7 @@ def take_snapshot(step: int, model, optimizer, ctx, config: dict[str, Any], data
         "optimizer_step": step if optimizer_step is None else int(optimizer_step),
         "torch_version": torch.__version__,
         "trainer_state": dict(trainer_state or {}),
+        **({"source": source} if source else {}),
     }
     return Snapshot(step, pieces, capture_rng(), manifest, ctx.rank, st.TensorParallelMeshes(ctx.tp_group, ctx.tp))
 
