@@ -20,6 +20,30 @@ from nanotronix.errors import UserError, fail
 from nanotronix.train import EXIT_INTERRUPTED
 
 
+def finite_float(text: str) -> float:
+    """argparse type: a number, not nan or inf (which pass every `<= 0` check and end in a traceback or a nan
+    figure)."""
+    import argparse
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (a seed: numpy's generators take no negative one)."""
+    import argparse
+
+    if not text.isascii() or not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 0")
+    return int(text)
+
+
 def os_error_line(error: OSError) -> str:
     """`Not a directory: /x/y` (what failed, on which path), without Python's `[Errno 20]` and quotes."""
     where = error.filename2 if error.filename2 is not None else error.filename

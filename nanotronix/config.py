@@ -402,6 +402,9 @@ def _validate_run(cfg: Config) -> None:
                  f"lr_schedule.decay_start_step: {s.decay_start_step} is before the end of warm-up "
                  f"({s.warmup_steps})")
         _require(s.decay_steps >= 1, "lr_schedule.decay_steps: must be >= 1 when decay_start_step is set")
+    else:
+        _require(s.decay_steps == 0, f"lr_schedule.decay_steps: {s.decay_steps} without lr_schedule.decay_start_step: "
+                                     "the learning rate would never decay (set both, or neither)")
 
     d = cfg.data
     _require(d.loader in ("pytorch", "dali"), f"data.loader: {d.loader!r} is not pytorch|dali")
@@ -437,6 +440,9 @@ def _validate_run(cfg: Config) -> None:
     # steps past train.train_steps are allowed: a shortened run of a recipe just never reaches them
     _require(all(s >= 1 for s in c.keep_steps), f"checkpoint.keep_steps: steps are >= 1, got {c.keep_steps}")
     _require(bool(c.resume.strip()), "checkpoint.resume: must be auto, none or a checkpoint path")
+    # an empty folder name was the current folder (logging) or silently no checkpoints at all
+    _require(c.dir is None or bool(c.dir.strip()), "checkpoint.dir: empty (leave it out, or null, for no checkpoints)")
+    _require(bool(cfg.logging.dir.strip()), "logging.dir: empty (name the folder for metrics.jsonl)")
     _require(cfg.logging.interval >= 1, "logging.interval: must be >= 1")
     _require(cfg.logging.hang_report_seconds >= 0, "logging.hang_report_seconds: must be >= 0 (0: off)")
     _require(cfg.logging.wandb_mode in ("online", "offline"),

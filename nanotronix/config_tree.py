@@ -7,6 +7,7 @@ because the config contract needs exactly this: strict types without coercion su
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,30 @@ from typing import Any
 import yaml
 
 from nanotronix.errors import ConfigError
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps the last: a
+    second `train:` section appended to a recipe would silently replace the first, every field back to defaults)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: key {key!r} given twice in the same mapping")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _unshared(value: Any) -> Any:
+    """The tree with new containers at every place: a YAML alias (`*mix`) becomes a copy of its anchor's value, so
+    that an override of one place does not change the others."""
+    if isinstance(value, dict):
+        return {k: _unshared(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unshared(v) for v in value]
+    return value
 
 
 def read_yaml_tree(path: str | Path) -> dict[str, Any]:
@@ -24,7 +49,11 @@ def read_yaml_tree(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        tree = yaml.safe_load(p.read_text())
+        tree = yaml.load(p.read_text(encoding="utf-8"), Loader=_StrictLoader)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start})") from None
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" line {mark.line + 1}" if mark is not None else ""
@@ -33,7 +62,7 @@ def read_yaml_tree(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {p} is empty")
     if not isinstance(tree, dict):
         raise ConfigError(f"{p}: top level must be a mapping of sections")
-    return tree
+    return _unshared(tree)
 
 
 def _convert(value: Any, tp: Any, where: str) -> Any:
@@ -56,6 +85,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, bool):
             return value
         raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value) and tp in (int, float):
+        raise ConfigError(f"{where}: expected a finite number, got {value!r}")
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
@@ -66,6 +97,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
                 value = float(value)
             except ValueError:
                 raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+            if not math.isfinite(value):
+                raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)

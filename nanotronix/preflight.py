@@ -88,6 +88,25 @@ def check_loggers(cfg: Config) -> None:
             raise PreflightError(f"{key}: needs the {package} package (pip install {package})")
 
 
+def check_resume(cfg: Config) -> None:
+    """checkpoint.resume=PATH names a complete checkpoint, when the run would start from it (its own checkpoint.dir
+    holds none yet: a requeue continues from those instead): found wrong here, not after torchrun started on every
+    node."""
+    from pathlib import Path
+
+    from nanotronix.checkpoint import paths
+
+    mode = cfg.checkpoint.resume.strip()
+    if mode in ("auto", "none"):
+        return
+    if cfg.checkpoint.dir and paths.find_checkpoint(Path(cfg.checkpoint.dir).expanduser()) is not None:
+        return
+    try:
+        paths.resolve_checkpoint(Path(mode).expanduser())
+    except UserError as e:
+        raise PreflightError(f"checkpoint.resume: {e}") from None
+
+
 def preflight(config: str, overrides: list[str], nnodes: int, nproc_per_node: int) -> str:
     cfg = load_config(config, overrides)
     dp = check_layout(cfg, nnodes, nproc_per_node)
@@ -97,6 +116,7 @@ def preflight(config: str, overrides: list[str], nnodes: int, nproc_per_node: in
     note = tokenizer_note(stores, cfg.data.tokenizer)
     check_writable(cfg.checkpoint.dir, "checkpoint.dir")
     check_writable(cfg.logging.dir, "logging.dir")
+    check_resume(cfg)
     check_loggers(cfg)
     p, t = cfg.parallel, cfg.train
     return (f"preflight ok: {nnodes} node(s) x {nproc_per_node} = {nnodes * nproc_per_node} processes on {device} | "

@@ -65,7 +65,16 @@ def test_dotted_overrides_reach_nested_lists(tiny_yaml):
      "data.stages.1.start_step: 1 does not come after the previous stage (1)"),
     ("train.skip_steps=['²']", "train.skip_steps: '²' is not a step N or a range A-B"),  # isdigit() takes it
     ("logging.profile_steps=1-²", "logging.profile_steps: '1-²' is not a step N or a range A-B"),
-    ("parallel.collective_timeout_minutes=.inf", "parallel.collective_timeout_minutes: must be > 0 and at most"),
+    ("parallel.collective_timeout_minutes=.inf", "parallel.collective_timeout_minutes: expected a finite number"),
+    # int() of inf or nan raises its own errors; an infinite eps, norm eps or RoPE base trains without learning
+    ("train.train_steps=.inf", "train.train_steps: expected a finite number, got inf"),
+    ("parallel.tp=.nan", "parallel.tp: expected a finite number, got nan"),
+    ("optimizer.eps=.inf", "optimizer.eps: expected a finite number, got inf"),
+    ("model.rms_norm_eps=inf", "model.rms_norm_eps: expected a finite number, got inf"),  # a string
+    ("model.rope_theta=.nan", "model.rope_theta: expected a finite number, got nan"),
+    ("lr_schedule.decay_steps=5", "lr_schedule.decay_steps: 5 without lr_schedule.decay_start_step"),
+    ("checkpoint.dir=''", "checkpoint.dir: empty"),
+    ("logging.dir=' '", "logging.dir: empty"),
     ("parallel.collective_timeout_minutes=1e12", "parallel.collective_timeout_minutes: must be > 0 and at most"),
 ])
 def test_validation_names_the_field(tiny_yaml, override, field):
@@ -106,3 +115,26 @@ def test_layout_resolution(tiny_yaml):
         resolve_layout(load_config(tiny_yaml, ["parallel.tp=4"]), 4)
     with pytest.raises(ConfigError, match="4 layers cannot fill 8 pipeline stages"):
         resolve_layout(load_config(tiny_yaml, ["parallel.pp=8"]), 8)
+
+
+def test_yaml_that_would_be_read_other_than_written_is_refused(tmp_path, tiny_yaml):
+    """A key given twice (PyYAML keeps the last: a second `train:` section appended to a recipe put every train field
+    back to its default), a file that is not UTF-8, and an override of a place that a YAML alias shares with its
+    anchor (which changed both: the first stage's mixture along with the second's)."""
+    twice = tmp_path / "twice.yaml"
+    twice.write_text(tiny_yaml.read_text() + "train: {train_steps: 1000}\n")
+    with pytest.raises(ConfigError, match=f"{twice}: line \\d+: key 'train' given twice in the same mapping"):
+        load_config(twice)
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(tiny_yaml.read_bytes() + b"# \xe9t\xe9\n")
+    with pytest.raises(ConfigError, match=f"{latin1}: not UTF-8 text"):
+        load_config(latin1)
+    anchored = tmp_path / "anchored.yaml"
+    tree = yaml.safe_dump({k: v for k, v in TINY.items() if k != "data"})
+    anchored.write_text(tree + """data:
+  stages:
+    - {name: s1, start_step: 1, datasets: &mix [{path: x, weight: 1.0}, {path: y, weight: 1.0}]}
+    - {name: s2, start_step: 2, datasets: *mix}
+""")
+    cfg = load_config(anchored, ["data.stages.1.datasets.0.weight=0.1"])
+    assert [[d.weight for d in stage.datasets] for stage in cfg.data.stages] == [[1.0, 1.0], [0.1, 1.0]]

@@ -181,6 +181,9 @@ def test_errors_are_one_line(plan_tool, tmp_path, capsys):
         assert len(lines) == 1 and lines[0].startswith(message), lines
     assert plan_tool.main([str(tmp_path / "missing.yaml"), "--gpus", "8"]) == 2
     assert capsys.readouterr().err.strip() == f"error: config file not found: {tmp_path / 'missing.yaml'}"
+    with pytest.raises(SystemExit) as e:  # nan passed `<= 0` and printed nan figures
+        plan_tool.main([str(CONFIGS / "smollm2_1p7b.yaml"), "--gpus", "256", "--net-gbps", "nan"])
+    assert e.value.code == 2 and "argument --net-gbps: 'nan' is not a finite number" in capsys.readouterr().err
     assert plan_tool.main([str(CONFIGS / "smollm2_360m.yaml"), "--gpus", "128", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["total_tokens"] == 2_600_000 * 1_572_864 and plan["layout"]["grad_accum"] == 1

@@ -190,6 +190,14 @@ def test_inputs_named_twice_and_url_outputs_are_refused(tmp_path, tok, tool, cap
     assert tool.main(["--input", str(src), *out, "--output-prefix", "s3://bucket/tokens"]) == 2
     assert "--output-prefix s3://bucket/tokens: preprocess writes local files" in capsys.readouterr().err
     assert _outputs(tmp_path) == [] and not (tmp_path / "s3:").exists()
+    # an unset $INPUT ("") was the current folder, tokenized into a store that looked complete
+    assert tool.main(["--input", "", *out, "--output-prefix", str(tmp_path / "out")]) == 2
+    assert "an input is empty (an unset variable?)" in capsys.readouterr().err
+    # a negative seed failed in numpy only after the whole corpus was tokenized: refused up front
+    with pytest.raises(SystemExit) as e:
+        tool.main(["--input", str(src), *out, "--output-prefix", str(tmp_path / "out"), "--shuffle", "-5"])
+    assert e.value.code == 2 and "argument --shuffle: '-5' is not an integer >= 0" in capsys.readouterr().err
+    assert _outputs(tmp_path) == []
 
 
 def test_a_failed_overwrite_leaves_no_old_index_beside_new_tokens(tmp_path, monkeypatch):

@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from nanotronix.cli import one_line_errors
+from nanotronix.cli import finite_float, one_line_errors
 from nanotronix.errors import fail
 
 PROSE = ["/usr/share/games/fortunes", "/usr/share/doc/python3.11", "/usr/share/doc/jargon-text"]
@@ -38,7 +38,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokenizer", required=True, help="tokenizer.json, folder or Hub id")
     parser.add_argument("--corpus", nargs="+", help="folders of text/code (default: Python stdlib + prose)")
-    parser.add_argument("--max-mb", type=float, default=16.0,
+    parser.add_argument("--max-mb", type=finite_float, default=16.0,
                         help="corpus size cap in MB (default 16: worker start-up, ~0.5 s, is then a few %%)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="workers/threads (default: cores)")
     parser.add_argument("--seq-len", type=int, default=2048)

@@ -48,7 +48,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from nanotronix.cli import one_line_errors
+from nanotronix.cli import finite_float, one_line_errors
 from nanotronix.errors import fail
 
 GIB = 1024 ** 3
@@ -59,10 +59,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", metavar="CONFIG", help="run config (YAML)")
     parser.add_argument("--gpus", type=int, required=True, help="GPUs (processes) in the run")
-    parser.add_argument("--mfu", type=float, default=0.45, help="model FLOPs utilisation to project with "
+    parser.add_argument("--mfu", type=finite_float, default=0.45, help="model FLOPs utilisation to project with "
                                                                 "(default 0.45)")
     parser.add_argument("--gpu", default="H100 SXM", help='GPU model for the peak FLOP/s (default "H100 SXM")')
-    parser.add_argument("--net-gbps", type=float, default=400.0,
+    parser.add_argument("--net-gbps", type=finite_float, default=400.0,
                         help="network bandwidth per GPU between nodes, Gbit/s per direction (default 400)")
     parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")

@@ -24,7 +24,7 @@ import argparse
 import os
 import sys
 
-from nanotronix.cli import one_line_errors
+from nanotronix.cli import non_negative_int, one_line_errors
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,7 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--skip-bad", action="store_true",
                         help="skip bad records (counted by reason) instead of stopping at the first one")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--shuffle", metavar="SEED", type=int, nargs="?", const=1234, default=None,
+    parser.add_argument("--shuffle", metavar="SEED", type=non_negative_int, nargs="?", const=1234, default=None,
                         help="store the documents in a random order from SEED (default 1234)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a store already at the output prefix (refused otherwise)")

@@ -15,6 +15,9 @@ from pathlib import Path
 from nanotronix.cli import check_writable_folder, one_line_errors, replace_file
 from nanotronix.errors import fail
 
+# far above any LM vocabulary (SmolLM2: 49,152); the trainer allocates for it up front and aborts in Rust past memory
+MAX_VOCAB = 1_000_000
+
 
 @one_line_errors
 def main(argv=None) -> int:
@@ -29,8 +32,8 @@ def main(argv=None) -> int:
                              "longer match it)")
     args = parser.parse_args(argv)
 
-    if args.vocab_size < 300:
-        return fail("--vocab-size must be at least 300 (256 bytes + specials + merges)")
+    if not 300 <= args.vocab_size <= MAX_VOCAB:
+        return fail(f"--vocab-size must be between 300 (256 bytes + specials + merges) and {MAX_VOCAB:,}")
     out = Path(args.output)
     if out.is_dir():
         return fail(f"--output {out} is a folder; name the tokenizer.json to write")

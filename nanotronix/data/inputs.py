@@ -56,6 +56,8 @@ def expand_inputs(specs: list[str]) -> list[Path]:
     """Files named on the command line, folders expanded; one clear error for anything unusable."""
     files: list[Path] = []
     for spec in specs:
+        if not spec.strip():  # Path("") is the current folder: an unset $INPUT would tokenize wherever it runs
+            raise DataError("an input is empty (an unset variable?): name files or folders")
         path = Path(spec).expanduser()
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and input_kind(p)

@@ -132,7 +132,8 @@ def _train(cfg: Config, ctx: ParallelContext, device: torch.device, watch: HangW
             log0(ctx, f"data order: {changed}")
         note = tokenizer_note({**loader.loader.stores, **(validator.stores if validator else {})},
                               cfg.data.tokenizer)
-        for note in (note, schedule_note(cfg.lr_schedule, t.train_steps)):
+        unsaved = None if cfg.checkpoint.dir else "checkpoint.dir is not set: no checkpoint will be saved"
+        for note in (note, schedule_note(cfg.lr_schedule, t.train_steps), unsaved):
             if note:
                 log0(ctx, f"note: {note}")
 
