@@ -38,7 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def evaluate(checkpoint: str, data: str, seq_len: int, num_samples: int, batch_size: int = 8,
              device: str = "auto", progress: bool = False) -> dict[str, Any]:
     from nanotronix.checkpoint.reader import CheckpointReader
-    from nanotronix.data import first_outside_vocabulary, open_store, require_integer_tokens, tokenizer_note
+    from nanotronix.data import (document_eos_mismatch, first_outside_vocabulary, open_store, require_integer_tokens,
+                                 tokenizer_note)
     from nanotronix.distributed import pick_device
     from nanotronix.errors import UserError
     from nanotronix.model import build_model
@@ -55,6 +56,9 @@ def evaluate(checkpoint: str, data: str, seq_len: int, num_samples: int, batch_s
     cfg = reader.model_config
     # the tokenizer the checkpoint's run names (data.tokenizer) against the one that wrote the store
     note = tokenizer_note({data: store}, (reader.manifest["config"].get("data") or {}).get("tokenizer"))
+    wrong_eos = document_eos_mismatch({data: store}, cfg.document_mask_eos_id)
+    if wrong_eos:
+        raise UserError(wrong_eos)
     if note:
         print(f"note: {note}", file=sys.stderr)
     if seq_len > cfg.max_position_embeddings:  # as the trainer refuses it: positions the model never learned

@@ -112,7 +112,10 @@ def preflight(config: str, overrides: list[str], nnodes: int, nproc_per_node: in
     dp = check_layout(cfg, nnodes, nproc_per_node)
     device = check_devices(cfg, nproc_per_node)
     stores = check_data(cfg, dp)
-    from nanotronix.data import tokenizer_note
+    from nanotronix.data import document_eos_mismatch, tokenizer_note
+    wrong_eos = document_eos_mismatch(stores, cfg.model.document_mask_eos_id)
+    if wrong_eos:
+        raise PreflightError(wrong_eos)
     note = tokenizer_note(stores, cfg.data.tokenizer)
     check_writable(cfg.checkpoint.dir, "checkpoint.dir")
     check_writable(cfg.logging.dir, "logging.dir")

@@ -213,3 +213,17 @@ def test_flex_forward_and_backward_match_masked_attention_on_cuda(dtype):
     (got * g).sum().backward()
     for (name, a), b in zip(sdpa.named_parameters(), flex.parameters()):
         assert ((b.grad - a.grad).norm() / a.grad.norm()).item() < tol, name
+
+
+def test_a_mask_eos_other_than_the_stores_is_refused(tmp_path):
+    """model.document_mask_eos_id must be the EOS the stores' sidecars record: another id would cut documents at an
+    ordinary token and leave the real boundaries unmasked, silently. The trainer refuses it in one line (so do
+    preflight and evaluate: tests/test_slurm_preflight.py); the stores' own id trains."""
+    from checkpoint_helpers import train_in_process
+    from helpers import tiny_config, write_learnable_store
+
+    cfg = tiny_config(tmp_path, write_learnable_store(tmp_path / "arith"), train={"train_steps": 1})
+    with pytest.raises(accel.UserError, match="model.document_mask_eos_id: 3, but token store .* ends its documents "
+                                              "with id 0"):
+        train_in_process(cfg, "model.document_mask_eos_id=3")
+    assert train_in_process(cfg, "model.document_mask_eos_id=0")["steps"] == 1

@@ -60,6 +60,9 @@ def test_a_good_launch_prints_one_summary_line(tmp_path, store, capsys):
     (["--nproc-per-node", "1", "train.device=cuda"], "error: train.device: cuda, but no CUDA GPU is visible"),
     (["--nproc-per-node", "0"], "error: --nnodes and --nproc-per-node must be >= 1"),
     (["model.hidden_sise=3"], "error: model.hidden_sise: unknown config key"),
+    # documents cut at an ordinary token: the store's sidecar says its EOS is 0
+    (["--nproc-per-node", "1", "model.document_mask_eos_id=3"],
+     "error: model.document_mask_eos_id: 3, but token store "),
     # a branch off another run (the anneal recipe) that names a checkpoint that is not there
     (["--nproc-per-node", "1", "checkpoint.resume=/nonexistent/step_0001430"],
      "error: checkpoint.resume: checkpoint not found: /nonexistent/step_0001430"),

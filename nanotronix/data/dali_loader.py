@@ -13,6 +13,9 @@ The DALI modules come from `nanotronix.accel` (the one place that imports option
 """
 from __future__ import annotations
 
+from typing import Sequence
+
+import numpy as np
 import torch
 
 from nanotronix import accel
@@ -37,10 +40,15 @@ class DaliBatchReader:
     (any other order restarts the pipeline, with the same result). Not thread-safe: use from one thread."""
 
     def __init__(self, loader: TrainLoader, device: torch.device, last_step: int | None = None,
-                 num_threads: int = 1, prefetch_queue_depth: int = 2):
+                 num_threads: int = 1, prefetch_queue_depth: int = 2,
+                 skipped_steps: Sequence[tuple[int, int]] = ()):
         self.dali = require_dali()
         self.loader = loader
         self.last_step = last_step
+        self.skipped_steps = list(skipped_steps)  # inclusive ranges whose batches are never read (train.skip_steps)
+        # A read that failed ahead of its step (DALI's queue reads up to prefetch_queue_depth steps early): raised
+        # when that step's batch is asked for, not out of an earlier step's
+        self._errors: dict[int, Exception] = {}
         self.num_threads = num_threads
         self.prefetch_queue_depth = prefetch_queue_depth
         if device.type == "cuda":
@@ -60,25 +68,38 @@ class DaliBatchReader:
             self._start(step)
         tokens = next(self._iterator)[0]["tokens"]
         self._next_step = step + 1
+        if step in self._errors:
+            error = self._errors.pop(step)
+            self.close()  # the pipeline's later reads are of no use now
+            raise error
         ld = self.loader
         return tokens.view(ld.grad_accum, ld.micro_batch_size, ld.seq_len + 1)
 
     def close(self) -> None:
         self._iterator = None  # releases the pipeline (and its threads)
         self._next_step = None
+        self._errors.clear()
 
     def _start(self, first_step: int) -> None:
         """A new pipeline whose iteration i is step first_step + i."""
         self.close()
-        dali, loader, last_step = self.dali, self.loader, self.last_step
+        dali, loader, last_step, errors = self.dali, self.loader, self.last_step, self._errors
         samples_per_step = loader.grad_accum * loader.micro_batch_size
+        skipped = self.skipped_steps
 
         def step_tokens(info):
             # Called by DALI, possibly a few iterations ahead (its prefetch queue): the sample function is pure.
             step = first_step + info.iteration
             if last_step is not None and step > last_step:
                 raise StopIteration  # the run ends here: nothing to read ahead
-            return loader.read_samples(loader.global_sample_ids(step))  # int32 [samples_per_step, seq_len+1]
+            placeholder = np.zeros((samples_per_step, loader.seq_len + 1), dtype=np.int32)
+            if any(a <= step <= b for a, b in skipped):
+                return placeholder  # never handed out: the trainer jumps over these steps (a new pipeline)
+            try:
+                return loader.read_samples(loader.global_sample_ids(step))  # int32 [samples_per_step, seq_len+1]
+            except Exception as e:  # kept for its own step (read_batch), which may never come (a skip, the end)
+                errors[step] = e
+                return placeholder
 
         @dali.pipeline_def(batch_size=samples_per_step, num_threads=self.num_threads, device_id=self.device_id,
                            prefetch_queue_depth=self.prefetch_queue_depth)

@@ -113,7 +113,8 @@ def build_prefetched_loader(cfg, dp_rank: int, dp_size: int, device: torch.devic
     loader = build_train_loader(cfg, dp_rank, dp_size, consumed_samples)
     if cfg.data.loader == "dali":
         from .dali_loader import DaliBatchReader
-        reader = DaliBatchReader(loader, device, last_step)  # a jump over skipped steps restarts its pipeline
+        # a jump over skipped steps restarts its pipeline; it never reads them ahead either
+        reader = DaliBatchReader(loader, device, last_step, skipped_steps=skipped_steps)
         return PrefetchingLoader(loader, reader.read_batch, device, last_step, reader.close, reader.describe(),
                                  skipped_steps=skipped_steps)
     read = functools.partial(loader.read_batch, pin_memory=device.type == "cuda")

@@ -215,6 +215,19 @@ def tokenizer_note(stores: dict[str, TokenStore], configured: Optional[str] = No
     return None
 
 
+def document_eos_mismatch(stores: dict[str, TokenStore], eos_id: Optional[int]) -> Optional[str]:
+    """What is wrong when model.document_mask_eos_id is not the EOS id a store's sidecar records (documents would be
+    cut at an ordinary token, and the real boundaries left unmasked); None when it matches, when masking is off, or
+    when the stores record no EOS (Megatron's own tools write no sidecar)."""
+    if eos_id is None:
+        return None
+    for name, store in stores.items():
+        if store.eos_id is not None and store.eos_id != eos_id:
+            return (f"model.document_mask_eos_id: {eos_id}, but token store {name} ends its documents with id "
+                    f"{store.eos_id} (its sidecar): documents would be cut at another token")
+    return None
+
+
 def open_store(path_or_prefix: str | os.PathLike) -> TokenStore:
     """Open a token store, recognising the format from the files present.
 

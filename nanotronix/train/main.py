@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import signal
 import sys
 import time
@@ -31,6 +32,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> None:
+    # A crash in native code (a token store truncated or rewritten in place under its memory map: SIGBUS) then
+    # prints each thread's Python stack, which names the store being read, instead of only "Bus error".
+    faulthandler.enable()
     args = parse_args(argv)
     code, exit_late = 0, False  # exit_late: a rank that did not meet the error itself, or leaves rank 0 to say it
     try:

@@ -19,7 +19,7 @@ from nanotronix.checkpoint import Checkpointer
 from nanotronix.checkpoint.checkpointer import store_change_notes
 from nanotronix.checkpoint.paths import find_checkpoint
 from nanotronix.config import Config, grad_accum_steps, skipped_step_ranges
-from nanotronix.data import build_prefetched_loader, tokenizer_note
+from nanotronix.data import build_prefetched_loader, document_eos_mismatch, tokenizer_note
 from nanotronix.distributed import PeerStopped, peer_stopped
 from nanotronix.errors import UserError, found_behind
 from nanotronix.model import build_model
@@ -130,8 +130,11 @@ def _train(cfg: Config, ctx: ParallelContext, device: torch.device, watch: HangW
             loader.loader.count_tokens_from(resumed.data, resumed.step)
         for changed in store_change_notes(resumed.data, loader.stats(resumed.step)):
             log0(ctx, f"data order: {changed}")
-        note = tokenizer_note({**loader.loader.stores, **(validator.stores if validator else {})},
-                              cfg.data.tokenizer)
+        stores = {**loader.loader.stores, **(validator.stores if validator else {})}
+        wrong_eos = document_eos_mismatch(stores, m.document_mask_eos_id)
+        if wrong_eos:  # the same stores and config on every rank
+            raise UserError(wrong_eos, every_rank=True)
+        note = tokenizer_note(stores, cfg.data.tokenizer)
         unsaved = None if cfg.checkpoint.dir else "checkpoint.dir is not set: no checkpoint will be saved"
         for note in (note, schedule_note(cfg.lr_schedule, t.train_steps), unsaved):
             if note:
