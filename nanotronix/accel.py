@@ -87,7 +87,8 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents=None) -> 
 def _sdpa_cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents=None) -> torch.Tensor:
     """SDPA restricted to cuDNN's fused attention (faster than torch's built-in FlashAttention-2 on Hopper).
     KV heads are expanded for grouped-query attention: enable_gqa is not supported by every cuDNN path.
-    With document masking it is plain `sdpa` with a mask (config validation says so)."""
+    With document masking it is plain `sdpa` with a mask (cuDNN's path takes no mask here); the start-up line says
+    so (`describe`)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     if documents is not None:
@@ -177,10 +178,12 @@ def resolve_attention(requested: str, device: Optional[torch.device], dtype: str
     return requested
 
 
-def describe(attention: str) -> str:
+def describe(attention: str, document_masking: bool = False) -> str:
     """One start-up line saying what runs and why (e.g. 'attention: sdpa (flash-attn not installed)')."""
     why = ""
-    if attention != "flash_attention_2":
+    if attention == "sdpa_cudnn" and document_masking:
+        why = " (masked: plain sdpa with a mask)"
+    elif attention != "flash_attention_2":
         why = " (flash-attn not installed)" if _optional_module("flash_attn") is None else ""
     optim = "torch AdamW (fused on CUDA)"
     return f"attention: {attention}{why}; optimizer: {optim}"

@@ -150,6 +150,28 @@ def test_documents_plants_eos_at_the_mean_length():
         bench_train.parse_args([*TINY, "--documents", "7"])
 
 
+def test_documents_eos_outside_the_vocabulary_and_the_baselines_flops(capsys):
+    """--documents with an EOS id past the vocabulary: one line (an IndexError in the embedding before). Under
+    model.document_mask_eos_id, the nanotronix run's FLOPs count attention within documents, the baseline's (which
+    masks nothing) full causal attention."""
+    from nanotronix.train.flops import document_attention_span, flops_per_token
+
+    assert bench_train.main([*TINY, "--documents", "500:4"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --documents 500:4: the EOS id is outside the vocabulary (128)"
+    args = bench_train.parse_args([*TINY, "model.document_mask_eos_id=7", "--documents", "7:4"])
+    cfg = bench_train.build_config(args, [], torch.device("cpu"))
+    batches = bench_train.make_batches(cfg, 2, 1, args.documents)
+    per_token = {}
+    for masks in (True, False):
+        r = bench_train.measure("x", lambda: (lambda batch: 1.0), cfg, torch.device("cpu"), batches, 0, [],
+                                masks_documents=masks)
+        per_token[masks] = r.tflops_per_gpu * 1e12 / r.tokens_per_sec_per_gpu
+    span = sum(document_attention_span(b[..., :-1], 7) for b in batches) / len(batches)
+    assert per_token[True] == pytest.approx(flops_per_token(cfg.model, 16, span))
+    assert per_token[False] == pytest.approx(flops_per_token(cfg.model, 16))
+    assert per_token[False] > per_token[True]
+
+
 def test_a_config_file_sets_the_micro_batch(tmp_path):
     """--config with its own micro_batch_size (the quickstart's is 4): the global batch follows it (before, only an
     override's was read, and validation refused micro-batch 4 against a global batch of 1 x --accum)."""

@@ -227,3 +227,11 @@ def test_a_mask_eos_other_than_the_stores_is_refused(tmp_path):
                                               "with id 0"):
         train_in_process(cfg, "model.document_mask_eos_id=3")
     assert train_in_process(cfg, "model.document_mask_eos_id=0")["steps"] == 1
+
+
+def test_a_resume_that_turns_masking_on_or_off_says_so(tmp_path):
+    from nanotronix.checkpoint.checkpointer import check_architecture
+
+    saved = dataclasses.asdict(CFG)
+    assert check_architecture(saved, {**saved, "document_mask_eos_id": None}, tmp_path) == [
+        f"model.document_mask_eos_id: {EOS} in the checkpoint, None now"]

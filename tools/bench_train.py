@@ -161,7 +161,8 @@ def nanotronix_step_fn(cfg: Config, device: torch.device) -> Callable[[torch.Ten
     attn = accel.resolve_attention(cfg.model.attn_implementation, device, cfg.train.dtype)
     model = parallelize(build_model(cfg.model, attn, device), ctx, cfg)
     o = cfg.optimizer
-    optimizer = DistributedOptimizer(model, param_groups(model.named_parameters(), o.weight_decay, o.weight_decay_norms), lr=o.lr,
+    groups = param_groups(model.named_parameters(), o.weight_decay, o.weight_decay_norms)
+    optimizer = DistributedOptimizer(model, groups, lr=o.lr,
                                      betas=tuple(o.betas), eps=o.eps, fused=device.type == "cuda")
 
     def step(batch: torch.Tensor) -> float:
@@ -185,8 +186,8 @@ def hf_step_fn(cfg: Config, device: torch.device) -> Callable[[torch.Tensor], fl
     with torch.device(device):
         model = transformers.LlamaForCausalLM(hf_cfg).float().train()
     o = cfg.optimizer
-    optimizer = torch.optim.AdamW(param_groups(model.named_parameters(), o.weight_decay, o.weight_decay_norms), lr=o.lr,
-                                  betas=tuple(o.betas), eps=o.eps, fused=device.type == "cuda")
+    groups = param_groups(model.named_parameters(), o.weight_decay, o.weight_decay_norms)
+    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=device.type == "cuda")
     params = [p for p in model.parameters() if p.requires_grad]
     bf16 = cfg.train.dtype == "bfloat16"
 
@@ -225,7 +226,10 @@ def profile_step(step: Callable[[torch.Tensor], float], batch: torch.Tensor, dev
 
 
 def measure(name: str, build: Callable[[], Callable[[torch.Tensor], float]], cfg: Config, device: torch.device,
-            batches: list[torch.Tensor], warmup: int, overrides: list[str], profile: bool = False) -> RunResult:
+            batches: list[torch.Tensor], warmup: int, overrides: list[str], profile: bool = False,
+            masks_documents: bool = True) -> RunResult:
+    """masks_documents: the run attends within documents when the config names an EOS (the baseline never does: its
+    FLOPs count full causal attention)."""
     result = RunResult(name=name, overrides=overrides)
     free_memory(device)
     step = None
@@ -263,7 +267,7 @@ def measure(name: str, build: Callable[[], Callable[[torch.Tensor], float]], cfg
         assert (micro, window) == (t.micro_batch_size, t.seq_len + 1), "batches of another shape than the config's"
         tokens = accum * micro * t.seq_len
         rate = tokens * len(result.step_seconds) / sum(result.step_seconds)
-        eos = cfg.model.document_mask_eos_id
+        eos = cfg.model.document_mask_eos_id if masks_documents else None
         span = None if eos is None else sum(document_attention_span(b[..., :-1], eos) for b in batches) / len(batches)
         flops = flops_per_token(cfg.model, t.seq_len, span)
         result.tokens_per_sec_per_gpu = rate
@@ -312,9 +316,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         return fail(f"--profile {unknown[0]}: no run of that name (runs: hf-transformers, "
                     f"{', '.join(name for name, _ in variants)})")
     t, m = base.train, base.model
+    smallest_vocab = min(cfg.model.vocab_size for cfg in [base] + [c for _, _, c in configs])
+    if args.documents is not None and args.documents[0] >= smallest_vocab:
+        return fail(f"--documents {args.documents[0]}:{args.documents[1]}: the EOS id is outside the vocabulary "
+                    f"({smallest_vocab})")
     batches = make_batches(base, args.warmup + args.steps, args.accum, args.documents)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"device: {name} | torch {torch.__version__} | {accel.describe(accel.resolve_attention('auto', device, 'bfloat16'))}"
+    attention = accel.describe(accel.resolve_attention("auto", device, "bfloat16"))
+    print(f"device: {name} | torch {torch.__version__} | {attention}"
           f" | kernels: {'csrc built' if accel.compiled_kernels() is not None else 'csrc not built'}"
           f"{', fp32-accumulating GEMM' if accel.fp32_accumulating_gemm() else ''}")
     print(f"model: {m.preset or 'custom'} {m.num_parameters() / 1e6:.1f}M params, {m.num_hidden_layers} layers | "
@@ -349,7 +358,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         check_writable_folder(Path(args.json).resolve().parent, "--json")
     if not args.no_baseline:
         baseline = measure("hf-transformers", lambda: hf_step_fn(base, device), base, device, batches,
-                           args.warmup, [], profile="hf-transformers" in args.profile)
+                           args.warmup, [], profile="hf-transformers" in args.profile, masks_documents=False)
         results.append(baseline)
         report()
     if not args.baseline_only:

@@ -60,7 +60,8 @@ def check_architecture(saved: dict[str, Any], current: dict[str, Any], where: Pa
             raise CheckpointError(f"checkpoint {where} was saved with model.{key}={saved.get(key)}, but the config "
                                   f"has {current.get(key)}")
     return [f"model.{k}: {saved.get(k)} in the checkpoint, {current.get(k)} now"
-            for k in ("rope_theta", "max_position_embeddings", "rms_norm_eps") if saved.get(k) != current.get(k)]
+            for k in ("rope_theta", "max_position_embeddings", "rms_norm_eps", "document_mask_eos_id")
+            if saved.get(k) != current.get(k)]
 
 
 

@@ -143,8 +143,8 @@ def _train(cfg: Config, ctx: ParallelContext, device: torch.device, watch: HangW
         accum = grad_accum_steps(cfg, ctx.dp)
         log0(ctx, f"nanotronix: {m.num_parameters() / 1e6:.1f}M parameters | layout {model.describe()} "
                   f"| global batch {t.global_batch_size} x {t.seq_len} tokens, micro-batch "
-                  f"{t.micro_batch_size}, grad accumulation {accum} | device {device.type} | {accel.describe(attn)} "
-                  f"| data loader: {loader.name}")
+                  f"{t.micro_batch_size}, grad accumulation {accum} | device {device.type} | "
+                  f"{accel.describe(attn, m.document_mask_eos_id is not None)} | data loader: {loader.name}")
 
         log = RunLog(cfg, ctx.rank, ctx.world_size, device)
         first_loss = last_loss = None
