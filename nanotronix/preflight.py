@@ -14,9 +14,9 @@ import argparse
 import os
 import sys
 
-from nanotronix.cli import check_writable_folder
+from nanotronix.cli import check_writable_folder, one_line_errors
 from nanotronix.config import Config, grad_accum_steps, load_config, resolve_layout
-from nanotronix.errors import UserError, fail
+from nanotronix.errors import UserError
 
 
 class PreflightError(UserError):
@@ -89,22 +89,18 @@ def check_loggers(cfg: Config) -> None:
 
 
 def check_resume(cfg: Config) -> None:
-    """checkpoint.resume=PATH names a complete checkpoint, when the run would start from it (its own checkpoint.dir
-    holds none yet: a requeue continues from those instead): found wrong here, not after torchrun started on every
-    node."""
+    """The checkpoint the run would start from is there, and checkpoint.resume fits checkpoint.dir (none into a
+    folder holding checkpoints, an earlier step of the run's own folder): the trainer's own decision, made here
+    before torchrun starts on every node."""
     from pathlib import Path
 
-    from nanotronix.checkpoint import paths
+    from nanotronix.checkpoint.checkpointer import choose_resume_source
 
-    mode = cfg.checkpoint.resume.strip()
-    if mode in ("auto", "none"):
-        return
-    if cfg.checkpoint.dir and paths.find_checkpoint(Path(cfg.checkpoint.dir).expanduser()) is not None:
-        return
+    run_dir = Path(cfg.checkpoint.dir).expanduser() if cfg.checkpoint.dir else None
     try:
-        paths.resolve_checkpoint(Path(mode).expanduser())
+        choose_resume_source(run_dir, cfg.checkpoint.resume, log=lambda _: None)
     except UserError as e:
-        raise PreflightError(f"checkpoint.resume: {e}") from None
+        raise PreflightError(f"checkpoint.resume: {e}" if "checkpoint.resume" not in str(e) else str(e)) from None
 
 
 def preflight(config: str, overrides: list[str], nnodes: int, nproc_per_node: int) -> str:
@@ -129,6 +125,7 @@ def preflight(config: str, overrides: list[str], nnodes: int, nproc_per_node: in
             + (f"\nnote: {note}" if note else ""))
 
 
+@one_line_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m nanotronix.preflight",
@@ -140,13 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nproc-per-node", type=int, default=1, help="processes per node (default 1)")
     parser.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides")
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
-    try:
-        if args.nnodes < 1 or args.nproc_per_node < 1:
-            raise PreflightError(f"--nnodes and --nproc-per-node must be >= 1, got {args.nnodes} and "
-                                 f"{args.nproc_per_node}")
-        print(preflight(args.config, args.overrides, args.nnodes, args.nproc_per_node), flush=True)
-    except (UserError, FileNotFoundError) as e:
-        return fail(e)
+    if args.nnodes < 1 or args.nproc_per_node < 1:
+        raise PreflightError(f"--nnodes and --nproc-per-node must be >= 1, got {args.nnodes} and "
+                             f"{args.nproc_per_node}")
+    print(preflight(args.config, args.overrides, args.nnodes, args.nproc_per_node), flush=True)
     return 0
 
 

@@ -84,6 +84,12 @@ def test_train_tokenizer_reads_what_preprocess_reads_and_says_what_is_wrong(tmp_
     out = tmp_path / "tok.json"
     said = one_error(capsys, tool.main(["--input", str(bad), "--output", str(out), "--vocab-size", "300"]))
     assert said == f"error: {bad}:2: text not a string (int)"
+    # --input given twice, as preprocess takes it: both are read (argparse kept only the last)
+    said = one_error(capsys, tool.main(["--input", str(bad), "--input", str(good), "--output", str(out),
+                                        "--vocab-size", "300"]))
+    assert said == f"error: {bad}:2: text not a string (int)"
+    said = one_error(capsys, tool.main(["--input", str(good), "--output", str(out), "--vocab-size", "4294967295"]))
+    assert said == "error: --vocab-size must be between 300 (256 bytes + specials + merges) and 1,000,000"
     said = one_error(capsys, tool.main(["--input", str(good), "--output", str(tmp_path), "--vocab-size", "300"]))
     assert said == f"error: --output {tmp_path} is a folder; name the tokenizer.json to write"
     said = one_error(capsys, tool.main(["--input", str(good), "--output", str(blocker / "t.json")]))

@@ -52,6 +52,19 @@ def test_summary_of_a_run_folder_is_its_latest_step(trained, tool, capsys):
     assert "milestones     1 kept for good (checkpoint.keep_every / keep_steps): 3" in out
 
 
+def test_a_damaged_latest_pointer_is_stale(trained, tool, capsys, tmp_path):
+    """`latest` holding bytes that are not text (a damaged pointer file): passed over for the newest complete step,
+    as a pointer naming no step is, not a UnicodeDecodeError in every command that reads the folder."""
+    import shutil
+
+    _, tmp = trained
+    shutil.copytree(tmp / "ckpt", tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "latest").write_bytes(b"\xff\xfe")
+    code, out, err = run_tool(tool, capsys, tmp_path / "ckpt", "--json")
+    assert code == 0, err
+    assert json.loads(out)["path"] == str(tmp_path / "ckpt" / "step_0000004")
+
+
 def test_verify_names_a_corrupted_or_truncated_file(trained, tool, capsys, tmp_path):
     import shutil
 

@@ -88,6 +88,11 @@ def test_output_option_and_errors(plot_tool, tmp_path, capsys):
     odd.mkdir()
     (odd / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0, "datasets": [1], "val_losses": [2.0]}\n')
     assert plot_tool.main([str(odd)]) == 0 and (odd / "run.png").is_file()
+    # an output path through a file: the output named with the reason, not the hidden temp file with an errno
+    capsys.readouterr()
+    assert plot_tool.main([str(log_dir), "--output", str(out_png / "z.png")]) == 2
+    said = capsys.readouterr().err.strip()
+    assert said.startswith(f"error: cannot write {out_png / 'z.png'}: ") and "tmp" not in said.split(": ")[-1], said
 
 
 def test_cli_help():

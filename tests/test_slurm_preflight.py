@@ -93,3 +93,32 @@ def test_a_logger_whose_package_is_missing_is_one_line(tmp_path, store, capsys, 
     assert (code, out, err) == (2, "", "error: logging.wandb_project: needs the wandb package (pip install wandb)")
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     assert check(capsys, "--config", str(cfg), "logging.wandb_project=smollm2")[0] == 0  # wandb: a test extra
+
+
+def test_resume_settings_the_trainer_refuses_fail_here(tmp_path, store, capsys):
+    """Preflight makes the trainer's own resume decision: `resume: none` into a checkpoint.dir that holds a run, and
+    an earlier step of the run's own folder, fail before torchrun starts (before: "preflight ok", then the error on
+    every node after the rendezvous)."""
+    from checkpoint_helpers import train_in_process
+
+    ckpt = tmp_path / "ckpt"
+    cfg = tiny_config(tmp_path, store, train={"train_steps": 4}, checkpoint={"dir": str(ckpt), "interval": 2})
+    train_in_process(cfg)
+    capsys.readouterr()
+    code, out, err = check(capsys, "--config", str(cfg), "checkpoint.resume=none")
+    assert code == 2 and err.startswith(f"error: checkpoint.resume=none, but checkpoint.dir {ckpt} already holds "), err
+    code, out, err = check(capsys, "--config", str(cfg), f"checkpoint.resume={ckpt / 'step_0000002'}",
+                           "train.train_steps=6")
+    assert code == 2 and "is an earlier step of this run's own checkpoint.dir (latest: step_0000004)" in err, err
+    code, out, err = check(capsys, "--config", str(cfg), "checkpoint.resume=auto", "train.train_steps=6")
+    assert code == 0 and out.startswith("preflight ok"), err
+
+
+def test_a_closed_stdout_is_quiet():
+    import subprocess
+    import sys
+
+    proc = subprocess.run(f"{sys.executable} -m nanotronix.preflight --config examples/configs/quickstart.yaml "
+                          "train.device=cpu | head -c 0", shell=True, cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert "Traceback" not in proc.stderr, proc.stderr

@@ -37,7 +37,8 @@ SUFFIXES = (".py", ".txt", ".rst", ".md")
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokenizer", required=True, help="tokenizer.json, folder or Hub id")
-    parser.add_argument("--corpus", nargs="+", help="folders of text/code (default: Python stdlib + prose)")
+    parser.add_argument("--corpus", nargs="+", action="extend",
+                        help="folders of text/code (default: Python stdlib + prose)")
     parser.add_argument("--max-mb", type=finite_float, default=16.0,
                         help="corpus size cap in MB (default 16: worker start-up, ~0.5 s, is then a few %%)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="workers/threads (default: cores)")

@@ -22,7 +22,7 @@ MAX_VOCAB = 1_000_000
 @one_line_errors
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--input", nargs="+", required=True, metavar="FILE_OR_DIR",
+    parser.add_argument("--input", nargs="+", action="extend", required=True, metavar="FILE_OR_DIR",
                         help="what tools/preprocess.py reads: text, .jsonl[.gz|.zst] or .parquet files, or folders")
     parser.add_argument("--output", required=True, help="tokenizer.json to write")
     parser.add_argument("--vocab-size", type=int, default=4096, help="tokens in the vocabulary (default: 4096)")

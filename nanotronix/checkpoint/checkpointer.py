@@ -109,6 +109,40 @@ def store_change_notes(saved: dict[str, Any], current: dict[str, Any]) -> list[s
             for key in read if key in before and key in now and before[key] != now[key]]
 
 
+def choose_resume_source(run_dir: Optional[Path], resume: str, log: Callable[[str], None]) -> Optional[Path]:
+    """The step folder a run with checkpoint.dir `run_dir` and checkpoint.resume `resume` starts from (None: from
+    scratch), or the CheckpointError that refuses the combination; the trainer's rank 0 and preflight decide alike."""
+    mode = resume.strip()
+    own = paths.find_checkpoint(run_dir) if run_dir is not None else None
+    if mode == "none":
+        if own is not None:  # a fresh run's steps would be committed among those of the run already there
+            raise CheckpointError(f"checkpoint.resume=none, but checkpoint.dir {run_dir} already holds "
+                                  f"checkpoints (latest: {own.name}): set another checkpoint.dir, remove those, "
+                                  "or checkpoint.resume=auto to continue them", every_rank=True)
+        return None
+    if mode == "auto":
+        return own
+    requested = paths.resolve_checkpoint(Path(mode).expanduser())
+    inside_run = run_dir is not None and run_dir.resolve() in requested.resolve().parents
+    if own is not None and not inside_run:
+        log(f"{run_dir} already holds this run's checkpoints: continuing from {own.name} "
+            f"instead of checkpoint.resume={mode}")
+        return own
+    if own is None:
+        return requested
+    # a step folder of this run by another name (a copy kept as ckpt/best): its step is in its manifest
+    requested_step = paths.step_of(requested)
+    if requested_step is None:
+        requested_step = int(read_manifest(requested)["step"])
+    if requested_step < paths.step_of(own):
+        # Honoured, this would take every requeue of the job back to that step again, losing its progress.
+        raise CheckpointError(
+            f"checkpoint.resume={mode} is an earlier step of this run's own checkpoint.dir (latest: {own.name}): "
+            f"every requeue would go back to it again; to go back, run `python tools/rollback.py {run_dir} "
+            f"--to-step {requested_step}` and resume with checkpoint.resume=auto")
+    return requested
+
+
 class Checkpointer:
     def __init__(self, cfg, ctx, device: torch.device):
         self.cfg, self.ctx = cfg, ctx
@@ -161,35 +195,7 @@ class Checkpointer:
         return value
 
     def _choose_resume_source(self) -> Optional[Path]:
-        mode = self.settings.resume.strip()
-        own = paths.find_checkpoint(self.run_dir) if self.run_dir is not None else None
-        if mode == "none":
-            if own is not None:  # a fresh run's steps would be committed among those of the run already there
-                raise CheckpointError(f"checkpoint.resume=none, but checkpoint.dir {self.run_dir} already holds "
-                                      f"checkpoints (latest: {own.name}): set another checkpoint.dir, remove those, "
-                                      "or checkpoint.resume=auto to continue them", every_rank=True)
-            return None
-        if mode == "auto":
-            return own
-        requested = paths.resolve_checkpoint(Path(mode).expanduser())
-        inside_run = self.run_dir is not None and self.run_dir.resolve() in requested.resolve().parents
-        if own is not None and not inside_run:
-            self._log(f"{self.run_dir} already holds this run's checkpoints: continuing from {own.name} "
-                      f"instead of checkpoint.resume={mode}")
-            return own
-        if own is None:
-            return requested
-        # a step folder of this run by another name (a copy kept as ckpt/best): its step is in its manifest
-        requested_step = paths.step_of(requested)
-        if requested_step is None:
-            requested_step = int(read_manifest(requested)["step"])
-        if requested_step < paths.step_of(own):
-            # Honoured, this would take every requeue of the job back to that step again, losing its progress.
-            raise CheckpointError(
-                f"checkpoint.resume={mode} is an earlier step of this run's own checkpoint.dir (latest: {own.name}): "
-                f"every requeue would go back to it again; to go back, run `python tools/rollback.py {self.run_dir} "
-                f"--to-step {requested_step}` and resume with checkpoint.resume=auto")
-        return requested
+        return choose_resume_source(self.run_dir, self.settings.resume, self._log)
 
     def resume(self, model, optimizer) -> ResumeState:
         source = self._resume_source()

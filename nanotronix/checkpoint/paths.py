@@ -61,7 +61,10 @@ def read_latest(run_dir: Path) -> Optional[Path]:
     pointer = run_dir / LATEST_NAME
     if not pointer.is_file():
         return None
-    name = pointer.read_text().strip()
+    try:
+        name = pointer.read_text().strip()
+    except UnicodeDecodeError:  # a damaged pointer: stale, like one naming no complete step
+        return None
     target = run_dir / name
     if step_of(target) is None or not is_step_folder(target):
         return None

@@ -44,7 +44,7 @@ def remove_quietly(path: str | os.PathLike) -> None:
     else:
         try:
             path.unlink()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # never made (a parent that is a file): nothing to remove
             pass
 
 
