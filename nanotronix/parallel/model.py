@@ -130,8 +130,10 @@ class ParallelModel(DecoderParts):
         return f"{tp} x {pp} x {dp}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Token ids -> logits (this rank's vocabulary slice under TP). Only without pipeline parallelism. Outside
-        a training step it first makes every weight current in fp32 (ZeRO-1: collective, so every rank calls it)."""
+        """Token ids -> logits (this rank's vocabulary slice under TP); with train.loss_chunk_size, the final norm's
+        output instead (the fused loss applies the head itself, chunk by chunk: parallel.cross_entropy.head_and_loss).
+        Only without pipeline parallelism. Outside a training step it first makes every weight current in fp32
+        (ZeRO-1: collective, so every rank calls it)."""
         if self.ctx.pp > 1:
             raise RuntimeError("a pipeline-parallel model runs through nanotronix.train.step.train_step, "
                                "not model(x)")
