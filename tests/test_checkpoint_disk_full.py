@@ -45,7 +45,7 @@ def test_a_full_disk_stops_the_run_in_one_line_and_it_resumes_once_there_is_room
     again = torchrun(2, ["-m", "nanotronix.train", "--config", str(cfg), "train.train_steps=6"])
     assert again.returncode == 0, again.stderr[-3000:]
     assert "checkpoint: resumed from" in again.stdout and "step_0000002" in again.stdout, again.stdout[-2000:]
-    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step_0000006"]  # partial gone, keep_last 1
+    assert sorted(p.name for p in ckpt.iterdir()) == [".lock", "latest", "step_0000006"]  # partial gone, keep_last 1
 
 
 def test_a_read_that_fails_under_dcp_is_a_checkpoint_error(tmp_path):

@@ -241,3 +241,71 @@ def test_milestones_are_saved_off_the_interval_and_kept(tmp_path, store):
     rows = read_metrics(tmp_path / "anneal" / "logs")
     assert sorted(rows) == [7, 8, 9] and {rows[s]["stage"] for s in rows} == {"anneal"}
     assert [rows[s]["lr"] for s in (7, 8, 9)] == pytest.approx([2e-3, 1e-3, 0.0])  # 3e-3 x (1 - k/3)
+
+
+def test_one_run_per_checkpoint_dir(tmp_path, store, monkeypatch):
+    """A second run into a checkpoint.dir that a live run holds (a job submitted twice) would resume from the first's
+    steps and replace them with its own: refused in one line naming the holder, after waiting a while (NFS keeps a
+    dead node's lock until its lease ends). The lock goes with the run: the next run in the same process takes it."""
+    import fcntl
+
+    from nanotronix.checkpoint import CheckpointError, checkpointer
+
+    ckpt = tmp_path / "ckpt"
+    cfg = _config(tmp_path, store, train={"train_steps": 2}, checkpoint={"dir": str(ckpt)})
+    train_in_process(cfg)
+    monkeypatch.setattr(checkpointer, "LOCK_WAIT_S", 0.5)
+    with open(ckpt / ".lock", "r+") as other:  # another live run's hold on the folder
+        fcntl.flock(other, fcntl.LOCK_EX)
+        other.truncate(0)
+        other.write("host elsewhere pid 4242 since then\n")
+        other.flush()
+        with pytest.raises(CheckpointError, match=f"checkpoint.dir {ckpt} is in use by another run \\(host elsewhere "
+                                                  "pid 4242 since then;"):
+            train_in_process(cfg, "train.train_steps=4")
+    assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_0000002"]
+    train_in_process(cfg, "train.train_steps=3")
+    train_in_process(cfg, "train.train_steps=4")  # the lock of the run before was let go
+    assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_0000002", "step_0000003", "step_0000004"]
+
+
+def test_async_saves_survive_a_failed_step_and_their_failure_is_said_at_once(tmp_path, store, monkeypatch):
+    """checkpoint.async_save: a step that fails while the background save of a good step is still writing lets that
+    save commit first (before, the process exited mid-write and the step was lost: a whole interval); a background
+    save that fails is raised at the next step, not when the next save is due an interval later."""
+    from nanotronix.checkpoint import CheckpointError
+    from nanotronix.checkpoint.checkpointer import Checkpointer
+    from nanotronix.train import trainer
+
+    ckpt = tmp_path / "ckpt"
+    cfg = _config(tmp_path, store, train={"train_steps": 12},
+                  checkpoint={"dir": str(ckpt), "interval": 3, "async_save": True})
+    write = Checkpointer._write
+    monkeypatch.setattr(Checkpointer, "_write", lambda self, snap: time.sleep(1.0) or write(self, snap))  # slow disk
+    train_step = trainer.train_step
+    calls = []
+
+    def failing_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 7:
+            raise RuntimeError("a kernel failed in step 7")
+        return train_step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_step", failing_step)
+    with pytest.raises(RuntimeError, match="step 7"):
+        train_in_process(cfg)
+    assert (ckpt / "latest").read_text().strip() == "step_0000006"  # committed before train() gave up
+
+    monkeypatch.setattr(trainer, "train_step", train_step)
+    failed = []
+
+    def failing_write(self, snap):
+        if snap.step == 9 and not failed:
+            failed.append(snap.step)
+            raise CheckpointError("cannot write checkpoint step 9 (a full disk)")
+        return write(self, snap)
+
+    monkeypatch.setattr(Checkpointer, "_write", failing_write)
+    with pytest.raises(CheckpointError, match="step 9"):
+        train_in_process(cfg, "checkpoint.resume=auto")
+    assert max(read_metrics(tmp_path / "logs")) <= 10  # said at once, not at step 12's save

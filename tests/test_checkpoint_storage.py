@@ -87,6 +87,27 @@ def test_milestones_are_never_pruned(tmp_path):
         "latest", "step_0000003", "step_0000005", "step_0000006", "step_0000009", "step_0000010"]
 
 
+def test_a_prune_cut_short_is_finished_by_the_next_save(tmp_path, monkeypatch):
+    """A prune killed inside its rmtree (or one that files held open on NFS stop): the pruned step is already out of
+    the step pattern (`.step_N.pruning`), and the next save removes what is left of it; before, a step folder
+    without its manifest stayed on disk for good (up to a whole checkpoint, ~20 GB at 1.7B), seen by nothing."""
+    import shutil
+
+    from nanotronix.checkpoint import paths
+
+    model = plain_model()
+    opt = adamw(model)
+    for step in (1, 2):
+        save_single(tmp_path / "run", step, model, opt, keep_last=1)
+    monkeypatch.setattr(shutil, "rmtree", lambda *a, **k: None)  # the deletion never happens
+    save_single(tmp_path / "run", 3, model, opt, keep_last=1)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".step_0000002.pruning", "latest", "step_0000003"]
+    assert [paths.step_of(p) for p in paths.committed_steps(tmp_path / "run")] == [3]
+    monkeypatch.undo()
+    save_single(tmp_path / "run", 4, model, opt, keep_last=1)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["latest", "step_0000004"]
+
+
 KILLED_MID_WRITE = """
 import os, signal, sys
 from pathlib import Path

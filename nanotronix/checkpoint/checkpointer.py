@@ -8,6 +8,8 @@
         if checkpointer.after_step(step, model, optimizer, loader):
             break                                           # preempted: saved on all ranks, exit EXIT_PREEMPTED
     checkpointer.close()                                    # waits for an asynchronous save
+    # on a failure: checkpointer.finish_pending() (a background save of a good step commits); at the end, always:
+    checkpointer.release()                                  # the run folder's lock (one run per checkpoint.dir)
 
 Which checkpoint a run resumes from (`checkpoint.resume`):
   auto  the newest complete step in `checkpoint.dir`, or a fresh start when there is none;
@@ -19,6 +21,8 @@ Which checkpoint a run resumes from (`checkpoint.resume`):
 from __future__ import annotations
 
 import datetime
+import fcntl
+import os
 import socket
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,10 +40,15 @@ from nanotronix.checkpoint.preemption import PreemptionWatcher
 from nanotronix.checkpoint.storage import Collective
 from nanotronix.checkpoint.training_state import load_training_state, take_snapshot, write_snapshot
 from nanotronix.data.schedule import dataset_order_key
+from nanotronix.errors import UserError
 
 # Model fields that fix the shapes of the weights: a checkpoint only loads into a model that agrees on them.
 # Other fields (rope_theta, max_position_embeddings, rms_norm_eps, init_std) may change between stages, e.g. the
 # 8k context extension raising rope_theta.
+# RUN_DIR/.lock: rank 0 of the run that uses the folder holds it (Checkpointer._lock_run_dir)
+LOCK_NAME = ".lock"
+LOCK_WAIT_S = 150.0  # longer than an NFS lease (a dead node's lock outlives it that long)
+
 ARCHITECTURE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                        "num_key_value_heads", "vocab_size", "tie_word_embeddings")
 
@@ -160,6 +169,7 @@ class Checkpointer:
         self._pending: Optional[Future] = None
         self.last_saved_step: Optional[int] = None
         self.origin: Optional[dict] = None  # the manifest's `source` of the checkpoint resumed from, saved on
+        self._lock_fd: Optional[int] = None  # rank 0's hold on RUN_DIR/.lock (one run per checkpoint.dir)
 
     def _log(self, msg: str) -> None:
         if self.ctx.rank == 0:
@@ -174,6 +184,7 @@ class Checkpointer:
         chosen, failure = None, None
         if self.coll.rank == 0:
             try:
+                self._lock_run_dir()
                 chosen = ("ok", self._choose_resume_source())
             except CheckpointError as e:
                 chosen = ("error", str(e))
@@ -193,6 +204,53 @@ class Checkpointer:
         if missing:
             raise CheckpointError(missing, every_rank=True)
         return value
+
+    def _lock_run_dir(self) -> None:
+        """Rank 0 holds an exclusive lock on RUN_DIR/.lock until the run ends: a second run into the same
+        checkpoint.dir (a job submitted twice, a new experiment with resume=auto) would resume from the first's
+        steps and replace them with its own, and its start would delete the first's save in progress. A lock still
+        held is waited for a while (NFS keeps a dead node's lock until its lease runs out, ~90 s), then refused.
+        File systems without locks (Lustre mounted without flock) go unlocked."""
+        if self.run_dir is None:
+            return
+        lock = self.run_dir / LOCK_NAME
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:  # a folder that cannot take a file says so at its first save, in the save's own words
+            return
+        deadline, said = time.monotonic() + LOCK_WAIT_S, False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise CheckpointError(
+                        f"checkpoint.dir {self.run_dir} is in use by another run ({holder}; {lock}): two runs in one "
+                        "folder would resume from and replace each other's steps; wait for it to end, or set "
+                        "another checkpoint.dir") from None
+                if not said:
+                    self._log(f"{lock} is held by {holder}: waiting up to {LOCK_WAIT_S:.0f} s for it")
+                    said = True
+                time.sleep(1.0)
+            except OSError:  # no locks on this file system
+                os.close(fd)
+                return
+        self._lock_fd = fd
+        try:  # who holds it, for the message of a run refused (advisory: a full disk may not take it)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()} since "
+                          f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        except OSError:
+            pass
+
+    def release(self) -> None:
+        """Let go of the run folder's lock (the end of the run, or its failure)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor releases the flock
+            self._lock_fd = None
 
     def _choose_resume_source(self) -> Optional[Path]:
         return choose_resume_source(self.run_dir, self.settings.resume, self._log)
@@ -238,6 +296,8 @@ class Checkpointer:
         its last step, which ends the run anyway (a signal met there must not ask for a requeue of a finished run).
         `trainer_state()` (JSON values), asked for only when a save is due, is saved too and comes back as
         `ResumeState.trainer_state`."""
+        if self._pending is not None and self._pending.done():
+            self.wait()  # a background save that failed is said now, not when the next one is due (an interval on)
         stop = self.watcher.stop_requested()
         last = step == self.cfg.train.train_steps
         interval = self.settings.interval
@@ -254,7 +314,11 @@ class Checkpointer:
              trainer_state: Optional[dict] = None) -> None:
         if self.run_dir is None or step == self.last_saved_step:
             return
-        self.wait()  # one save at a time
+        earlier = None
+        try:
+            self.wait()  # one save at a time
+        except UserError as e:  # a background save failed (a full disk since cleared?): this step is still tried
+            earlier = e
         data_state = {**loader.state_dict(), **loader.stats(step)}
         background = self._executor is not None and not blocking
         snapshot = take_snapshot(step, model, optimizer, self.ctx, self.cfg.to_dict(), data_state,
@@ -264,6 +328,8 @@ class Checkpointer:
             self._pending = self._executor.submit(self._write, snapshot)
         else:
             self._write(snapshot)
+        if earlier is not None:
+            raise earlier
 
     def _write(self, snapshot) -> None:
         t0 = time.perf_counter()
@@ -275,6 +341,15 @@ class Checkpointer:
         if self._pending is not None:
             pending, self._pending = self._pending, None
             pending.result()
+
+    def finish_pending(self) -> None:
+        """The run failed: a background save of an earlier, good step still writing commits before the process
+        exits (which would kill it mid-write and lose that step); its own failure is said, not raised over the run's
+        error."""
+        try:
+            self.wait()
+        except Exception as e:
+            self._log(f"the save in progress failed too: {e}")
 
     def close(self) -> None:
         try:

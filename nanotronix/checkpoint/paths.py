@@ -28,7 +28,7 @@ from nanotronix.checkpoint.errors import CheckpointError
 MANIFEST_NAME = "checkpoint.json"  # written last inside a step folder; its presence marks a complete step
 LATEST_NAME = "latest"
 _STEP_RE = re.compile(r"^step_(\d+)$")
-_TEMP_RE = re.compile(r"^\.step_(\d+)\.(tmp|replaced)$")
+_TEMP_RE = re.compile(r"^\.step_(\d+)\.(tmp|replaced|pruning)$")
 
 
 def step_folder_name(step: int) -> str:
@@ -129,7 +129,8 @@ def write_text_durably(path: Path, text: str) -> None:
 
 
 def remove_stale_temps(run_dir: Path, keep: Optional[Path] = None) -> None:
-    """Delete the temp folders of saves that never committed (killed mid-way), and replaced step folders."""
+    """Delete the temp folders of saves that never committed (killed mid-way), replaced step folders and pruned
+    ones whose deletion was cut short."""
     if not run_dir.is_dir():
         return
     for p in run_dir.iterdir():
@@ -182,10 +183,16 @@ def prune(run_dir: Path, retention: Retention) -> list[Path]:
     steps = committed_steps(run_dir)
     doomed = [p for p in steps[:-retention.keep_last] if p != latest and not retention.milestone(step_of(p))]
     for p in doomed:
-        # Drop the manifest first: a prune interrupted half-way leaves an incomplete folder, never one
-        # that looks complete but lacks files.
-        (p / MANIFEST_NAME).unlink(missing_ok=True)
-        shutil.rmtree(p, ignore_errors=True)
+        # Renamed out of the step pattern first (atomic): a prune interrupted half-way (killed, or files a reader
+        # holds open on NFS) leaves a `.step_N.pruning` folder, which the next save's remove_stale_temps finishes
+        # off, never a step folder that looks complete but lacks files, nor one that stays on disk for good.
+        doomed_temp = run_dir / f".{p.name}.pruning"
+        try:
+            p.rename(doomed_temp)
+        except OSError:  # cannot rename: at least no longer a complete step
+            (p / MANIFEST_NAME).unlink(missing_ok=True)
+            doomed_temp = p
+        shutil.rmtree(doomed_temp, ignore_errors=True)
     return doomed
 
 

@@ -95,6 +95,18 @@ def out_of_memory(where: str, error: torch.OutOfMemoryError) -> UserError:
 
 
 def _train(cfg: Config, ctx: ParallelContext, device: torch.device, watch: HangWatch) -> dict:
+    checkpointer = Checkpointer(cfg, ctx, device)  # resume, periodic saves, SIGTERM/SIGUSR1 -> save and stop
+    try:
+        return _train_with(cfg, ctx, device, watch, checkpointer)
+    except Exception:
+        checkpointer.finish_pending()  # a background save of an earlier, good step commits before the exit
+        raise
+    finally:
+        checkpointer.release()
+
+
+def _train_with(cfg: Config, ctx: ParallelContext, device: torch.device, watch: HangWatch,
+                checkpointer: Checkpointer) -> dict:
     t, m = cfg.train, cfg.model
     profiler = StepProfiler.from_config(cfg, ctx.rank, ctx.world_size, device)  # logging.profile_steps, or nothing
     torch.manual_seed(t.seed)
@@ -105,7 +117,6 @@ def _train(cfg: Config, ctx: ParallelContext, device: torch.device, watch: HangW
     groups = param_groups(model.named_parameters(), o.weight_decay, o.weight_decay_norms)
     optimizer = DistributedOptimizer(model, groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                      fused=True if device.type == "cuda" else None)
-    checkpointer = Checkpointer(cfg, ctx, device)  # resume, periodic saves, SIGTERM/SIGUSR1 -> save and stop
     create_run_folders(cfg, checkpointer.coll)
     watch.at(0, "resume")
     resumed = checkpointer.resume(model, optimizer)
