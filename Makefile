@@ -35,5 +35,6 @@ quickstart: install
 test: install $(DALI_STAMP)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
+# Not runs/: the Slurm scripts keep their runs (checkpoints) there by default.
 clean:
-	rm -rf quickstart runs build *.egg-info
+	rm -rf quickstart build *.egg-info

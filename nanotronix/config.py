@@ -312,9 +312,10 @@ def validate(cfg: Config) -> None:
 
 def validate_model(m: ModelConfig) -> None:
     """The model section's own checks (also run on a Hugging Face config.json by convert_from_hf)."""
-    for f in dataclasses.fields(ModelConfig):
-        if f.name not in ("preset", "document_mask_eos_id"):
-            _require(getattr(m, f.name) is not None, f"model.{f.name}: missing (set it or use model.preset)")
+    missing = [f.name for f in dataclasses.fields(ModelConfig)
+               if f.name not in ("preset", "document_mask_eos_id") and getattr(m, f.name) is None]
+    _require(not missing, f"model.{', model.'.join(missing)}: missing (set {'it' if len(missing) == 1 else 'them'} "
+                          f"or use model.preset, e.g. smollm2-135m)")
     for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                  "num_key_value_heads", "vocab_size", "max_position_embeddings"):
         _require(getattr(m, name) > 0, f"model.{name}: must be positive, got {getattr(m, name)}")

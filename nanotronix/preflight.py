@@ -57,7 +57,10 @@ def check_data(cfg: Config, dp: int) -> dict:
     returns the stores by path."""
     from nanotronix.data import DataError, build_train_loader
 
-    hint = "" if cfg.data.root is not None else f" (data.root is not set: relative paths are read from {os.getcwd()})"
+    paths = [ds.path for stage in cfg.data.stages for ds in stage.datasets] + list(cfg.validation.data)
+    relative = any(not os.path.isabs(os.path.expanduser(p)) and "://" not in p for p in paths)
+    hint = "" if cfg.data.root is not None or not relative else \
+        f" (data.root is not set: relative paths are read from {os.getcwd()})"
     try:
         stores = dict(build_train_loader(cfg, 0, dp, consumed_samples=0).stores)
         if cfg.validation.interval > 0:
@@ -89,16 +92,19 @@ def check_loggers(cfg: Config) -> None:
 
 
 def check_resume(cfg: Config) -> None:
-    """The checkpoint the run would start from is there, and checkpoint.resume fits checkpoint.dir (none into a
-    folder holding checkpoints, an earlier step of the run's own folder): the trainer's own decision, made here
-    before torchrun starts on every node."""
+    """The checkpoint the run would start from is there, holds a model of the config's shape, and
+    checkpoint.resume fits checkpoint.dir (none into a folder holding checkpoints, an earlier step of the run's own
+    folder): the trainer's own decisions, made here before torchrun starts on every node."""
     from pathlib import Path
 
-    from nanotronix.checkpoint.checkpointer import choose_resume_source
+    from nanotronix.checkpoint.checkpointer import check_architecture, choose_resume_source
+    from nanotronix.checkpoint.manifest import read_manifest
 
     run_dir = Path(cfg.checkpoint.dir).expanduser() if cfg.checkpoint.dir else None
     try:
-        choose_resume_source(run_dir, cfg.checkpoint.resume, log=lambda _: None)
+        source = choose_resume_source(run_dir, cfg.checkpoint.resume, log=lambda _: None)
+        if source is not None:  # a model of another shape than the config's would fail after the rendezvous
+            check_architecture(read_manifest(source)["config"]["model"], cfg.to_dict()["model"], source)
     except UserError as e:
         raise PreflightError(f"checkpoint.resume: {e}" if "checkpoint.resume" not in str(e) else str(e)) from None
 

@@ -84,9 +84,12 @@ def test_validation_names_the_field(tiny_yaml, override, field):
     assert "\n" not in str(e.value)
 
 
-def test_missing_model_field_is_reported():
-    with pytest.raises(ConfigError, match="model.hidden_size: missing"):
-        load_config(None, [])
+def test_missing_model_field_is_reported(tiny_yaml):
+    with pytest.raises(ConfigError, match="model.hidden_size, model.intermediate_size, .*, model.init_std: missing "
+                                          "\\(set them or use model.preset"):
+        load_config(None, [])  # every missing field at once, not one per attempt
+    with pytest.raises(ConfigError, match="^model.rope_theta: missing \\(set it or"):
+        load_config(tiny_yaml, ["model.rope_theta=null"])
 
 
 def test_missing_file_and_bad_yaml(tmp_path):

@@ -155,3 +155,8 @@ def test_a_run_that_ends_before_its_schedule_gets_a_note():
     assert "warmup_steps=30 is beyond train.train_steps=20" in schedule_note(sched, 20)
     assert "decays until step 300, after train.train_steps=100" in schedule_note(sched, 100)
     assert schedule_note(sched, 300) is None and schedule_note(LRScheduleConfig(warmup_steps=2), 5) is None
+    # a run continued past a decay to 0: its last steps would change nothing
+    assert "decays to 0 at step 300: steps 301-350 (train.train_steps) train at learning rate 0" in \
+        schedule_note(sched, 350)
+    assert schedule_note(LRScheduleConfig(warmup_steps=30, decay_start_step=240, decay_steps=60, min_lr=1e-5),
+                         350) is None

@@ -85,7 +85,7 @@ BAD_JSONL = [
     (b'{"text": "bad \xff utf8"}', "invalid UTF-8"),
     ('{"text": "truncated', "invalid JSON"),
     ("[1, 2]", "not a JSON object"),
-    (json.dumps({"content": "x"}), "missing text key"),
+    (json.dumps({"content": "x"}), "missing text key ('text'; its keys: 'content'; --text-key names another)"),
     (json.dumps({"text": 42}), "text not a string"),
     (json.dumps({"text": "  \n "}), "empty text"),
     ('{"text": "lone \\ud800 surrogate"}', "invalid UTF-8"),

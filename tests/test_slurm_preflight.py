@@ -112,6 +112,8 @@ def test_resume_settings_the_trainer_refuses_fail_here(tmp_path, store, capsys):
     assert code == 2 and "is an earlier step of this run's own checkpoint.dir (latest: step_0000004)" in err, err
     code, out, err = check(capsys, "--config", str(cfg), "checkpoint.resume=auto", "train.train_steps=6")
     assert code == 0 and out.startswith("preflight ok"), err
+    code, out, err = check(capsys, "--config", str(cfg), "checkpoint.resume=auto", "model.hidden_size=128")
+    assert code == 2 and err.endswith("was saved with model.hidden_size=64, but the config has 128"), err
 
 
 def test_a_closed_stdout_is_quiet():

@@ -307,7 +307,8 @@ class Checkpointer:
         if stop:
             saved = f"saved step {step}" if self.run_dir is not None else "checkpoint.dir is not set, nothing saved"
             self._log(f"received {self.watcher.signal_name()}: {saved}; " +
-                      ("that was the last step: the run is complete" if last else "exiting for a requeue"))
+                      ("that was the last step: the run is complete" if last else
+                       "stopping (exit 75: a scheduler may requeue the job, which resumes from it)"))
         return stop and not last
 
     def save(self, step: int, model, optimizer, loader, blocking: bool = True,

@@ -68,8 +68,9 @@ def _text_of(chunk: Chunk, item, text_key: str):
             return None, ("invalid JSON", str(e))
         if not isinstance(record, dict):
             return None, ("not a JSON object", type(record).__name__)
-        if text_key not in record:
-            return None, ("missing text key", repr(text_key))
+        if text_key not in record:  # the keys it has, for --text-key (a corpus whose field is "content")
+            keys = ", ".join(repr(k) for k in list(record)[:8]) or "none"
+            return None, ("missing text key", f"{text_key!r}; its keys: {keys}; --text-key names another")
         text = record[text_key]
     else:
         if item is MISSING:

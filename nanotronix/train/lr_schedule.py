@@ -31,7 +31,7 @@ def lr_at(step: int, peak_lr: float, sched: LRScheduleConfig) -> float:
 
 def schedule_note(sched: LRScheduleConfig, train_steps: int) -> str | None:
     """A note when the run ends before its schedule does (a short test run that kept a long run's schedule: its
-    learning rate never reaches the peak, or never decays); None otherwise. Only a note: a run continued later
+    learning rate never reaches the peak, or never decays), or goes on after a decay to 0; None otherwise. Only a note: a run continued later
     with more steps (a WSD run's stable phase) ends before its decay on purpose."""
     if sched.warmup_steps > train_steps:
         return (f"lr_schedule.warmup_steps={sched.warmup_steps} is beyond train.train_steps={train_steps}: the "
@@ -39,4 +39,9 @@ def schedule_note(sched: LRScheduleConfig, train_steps: int) -> str | None:
     if sched.decay_start_step is not None and sched.decay_start_step + sched.decay_steps > train_steps:
         return (f"the learning rate decays until step {sched.decay_start_step + sched.decay_steps}, after "
                 f"train.train_steps={train_steps}: this run stops before the end of its decay")
+    if sched.decay_start_step is not None and sched.min_lr == 0 and sched.decay_start_step + sched.decay_steps < \
+            train_steps:
+        end = sched.decay_start_step + sched.decay_steps
+        return (f"the learning rate decays to 0 at step {end}: steps {end + 1}-{train_steps} (train.train_steps) "
+                "train at learning rate 0 and change nothing but the optimizer's moments")
     return None
