@@ -24,8 +24,15 @@ class _StrictLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            # A merge key (`<<: *defaults`) is no key of its own: its entries may be overridden here, as YAML says.
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
             key = self.construct_object(key_node, deep=True)
-            if key in seen:
+            try:
+                given_twice = key in seen
+            except TypeError:  # an unhashable key (`? [1, 2]`): PyYAML's own one-line error below says so
+                continue
+            if given_twice:
                 raise ConfigError(f"line {key_node.start_mark.line + 1}: key {key!r} given twice in the same mapping")
             seen.add(key)
         return super().construct_mapping(node, deep=deep)

@@ -190,6 +190,14 @@ latest_step() {
   [[ "$name" =~ ^step_0*([0-9]+)$ ]] && echo "${BASH_REMATCH[1]:-0}" || echo 0
 }
 STARTED_FROM=$(latest_step)
+# Whether another run holds the trainer's lock on CKPT_DIR now that this job's processes have ended (a job submitted
+# twice): `latest` moving is then that run's progress, not this one's, and requeueing would only repeat the refusal.
+lock_holder() {
+  local lock=$CKPT_DIR/.lock rc=0
+  [ -e "$lock" ] || return 1
+  flock --nonblock --conflict-exit-code 200 "$lock" true 2>/dev/null || rc=$?
+  [ "$rc" = 200 ] && { head -c 200 "$lock" | tr -d '\n'; echo; }
+}
 RC=0
 LAUNCHED=0
 if [ "$PREEMPTED" = 0 ]; then
@@ -231,6 +239,9 @@ if [ "$RC" != 0 ] && [ "$LAUNCHED" = 1 ]; then
   if [ "$TERMINATED" = 1 ]; then
     log "job step ended (exit $RC) after TERM (scancel or the time limit): not requeued; the latest checkpoint" \
         "is step $REACHED: resubmit the job to continue from it"
+  elif [ "$REQUEUE_ON_FAILURE" = 1 ] && HOLDER=$(lock_holder); then
+    log "job step failed (exit $RC) while another run holds $CKPT_DIR/.lock (${HOLDER:-holder unknown}): not" \
+        "requeued (two jobs cannot train into one CKPT_DIR); wait for that run to end or give this one its own"
   elif [ "$REQUEUE_ON_FAILURE" = 1 ] && [ "$REACHED" -gt "$STARTED_FROM" ]; then
     log "job step failed (exit $RC) after committing the checkpoint of step $REACHED (this allocation started" \
         "from step $STARTED_FROM): requeueing job $SLURM_JOB_ID to resume from it"

@@ -141,3 +141,27 @@ def test_yaml_that_would_be_read_other_than_written_is_refused(tmp_path, tiny_ya
 """)
     cfg = load_config(anchored, ["data.stages.1.datasets.0.weight=0.1"])
     assert [[d.weight for d in stage.datasets] for stage in cfg.data.stages] == [[1.0, 1.0], [0.1, 1.0]]
+
+
+def test_yaml_merge_keys_are_read_as_yaml_says(tmp_path):
+    """`<<: *anchor` merges the anchor's entries, which the mapping may then override (the duplicate-key check must
+    not count merged entries, nor refuse the merge key itself); an unhashable key is a one-line error."""
+    merged = tmp_path / "merged.yaml"
+    tree = yaml.safe_dump({k: v for k, v in TINY.items() if k != "data"})
+    merged.write_text(tree + """data:
+  stages:
+    - &first {name: s1, start_step: 1, datasets: [{path: x, weight: 1.0}]}
+    - <<: *first
+      name: s2
+      start_step: 2
+""")
+    cfg = load_config(merged)
+    assert [(s.name, s.start_step, s.datasets[0].path) for s in cfg.data.stages] == [("s1", 1, "x"), ("s2", 2, "x")]
+    twice = tmp_path / "merged_twice.yaml"
+    twice.write_text(merged.read_text() + "      name: s3\n")
+    with pytest.raises(ConfigError, match="key 'name' given twice"):
+        load_config(twice)
+    unhashable = tmp_path / "unhashable.yaml"
+    unhashable.write_text(tree + "? [1, 2]\n: 3\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(unhashable)

@@ -421,9 +421,9 @@ def test_what_the_model_does_not_compute_is_refused_on_import(tmp_path, capsys):
 
 
 def test_overwrite_replaces_only_a_bare_import_and_dot_is_refused(tmp_path, capsys, monkeypatch):
-    """--overwrite of an import's folder: only when it holds the import's step 0 and `latest` alone, not when steps
-    set aside by tools/rollback.py (a run rolled back to its imported step 0) or the user's files lie beside them.
-    `--output .` (the current folder) is one line for both converters, not a traceback."""
+    """--overwrite of an import's folder: only when it holds the import's step 0, `latest` and a run's lock alone, not
+    when steps set aside by tools/rollback.py (a run rolled back to its imported step 0) or the user's files lie
+    beside them. `--output .` (the current folder) is one line for both converters, not a traceback."""
     hf = _hf_original(tmp_path / "hf", untied=False)
     capsys.readouterr()  # transformers' own progress bar
     imported = tmp_path / "imported"
@@ -434,6 +434,7 @@ def test_overwrite_replaces_only_a_bare_import_and_dot_is_refused(tmp_path, caps
     assert code == 2 and "is not an earlier import" in capsys.readouterr().err
     assert (imported / "rolled_back_after_step_0000000-20261204-000000" / "keep").is_file()
     shutil.rmtree(imported / "rolled_back_after_step_0000000-20261204-000000")
+    (imported / ".lock").write_text("host h pid 1\n")  # left by a run that trained from it and saved nothing
     assert tool_main("convert_from_hf")(["--hf", str(hf), "--output", str(imported), "--overwrite",
                                          "--no-progress"]) == 0
     capsys.readouterr()

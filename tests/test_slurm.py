@@ -13,6 +13,7 @@
   bookkeeping equal those of an uninterrupted torchrun of the same config (the reference).
 - A failed job step (a trainer process SIGKILLed) requeues the job only if it committed a checkpoint since the
   allocation started (~60 s): without one it ends FAILED with one line saying why; with one it resumes and finishes.
+  A job that fails while another run holds CKPT_DIR's lock is not requeued, though `latest` moved (~10 s).
 
 Skips only where Slurm is not installed; .ci/run installs and starts the cluster, so CI never skips.
 """
@@ -388,6 +389,36 @@ def test_a_failed_step_requeues_only_after_committing_a_checkpoint(slurm, tmp_pa
     assert "TCPStore" not in out and "keep-alive heartbeat" not in out and "frame #" not in out, out
     steps = [r["step"] for r in read_records(metrics)]
     assert sorted(set(steps)) == list(range(1, TRAIN_STEPS + 1)) and SIGNAL_AFTER <= failed_at < TRAIN_STEPS
+
+
+def test_a_job_refused_by_another_runs_lock_is_not_requeued(slurm, tmp_path):
+    """A job submitted twice: the second's trainer waits for the first's lock on CKPT_DIR. When it fails there,
+    `latest` has moved on (the first run's checkpoints), which is no progress of its own: it must not requeue
+    (before, it did, over and over). The test process holds the lock and moves `latest` as the first run would."""
+    import fcntl
+    stores = tmp_path / "stores"
+    write_learnable_store(stores / "a")
+    write_learnable_store(stores / "b", seed=1)
+    config = tiny_two_stage_config(tmp_path / "tiny.yaml", TRAIN_STEPS, SWITCH_STEP)
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    with open(run_dir / "checkpoints" / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.write("host first-job pid 1\n")
+        lock.flush()
+        job = slurm.sbatch(tmp_path, {"CONFIG": str(config), "DATA_ROOT": str(stores), "GPUS_PER_NODE": "0",
+                                      "NPROC_PER_NODE": "1", "RUN_DIR": str(run_dir)})
+        out_file, deadline = tmp_path / f"smollm2-1.7b-{job}.out", time.monotonic() + 120
+        while not (out_file.is_file() and "is held by host first-job pid 1: waiting" in out_file.read_text()):
+            assert time.monotonic() < deadline and slurm.info(job)["JobState"] not in ENDED, job_output(tmp_path, job)
+            time.sleep(0.25)
+        (run_dir / "checkpoints" / "latest").write_text("step_0000020\n")  # the first run's progress
+        kill_worker(run_dir, 0)
+        info = slurm.wait(job, timeout=120, until=lambda i: i["JobState"] in ENDED or i["Restarts"] != "0")
+        out = job_output(tmp_path, job)
+    assert (info["JobState"], info["Restarts"]) == ("FAILED", "0"), (info, out)
+    assert (f"job step failed (exit 1) while another run holds {run_dir / 'checkpoints' / '.lock'} (host first-job "
+            "pid 1): not requeued") in out and "requeueing job" not in out, out
 
 
 def test_scancel_ends_the_job_without_a_requeue(slurm, tmp_path):

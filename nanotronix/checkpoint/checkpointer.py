@@ -46,7 +46,6 @@ from nanotronix.errors import UserError
 # Other fields (rope_theta, max_position_embeddings, rms_norm_eps, init_std) may change between stages, e.g. the
 # 8k context extension raising rope_theta.
 # RUN_DIR/.lock: rank 0 of the run that uses the folder holds it (Checkpointer._lock_run_dir)
-LOCK_NAME = ".lock"
 LOCK_WAIT_S = 150.0  # longer than an NFS lease (a dead node's lock outlives it that long)
 
 ARCHITECTURE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -213,7 +212,7 @@ class Checkpointer:
         File systems without locks (Lustre mounted without flock) go unlocked."""
         if self.run_dir is None:
             return
-        lock = self.run_dir / LOCK_NAME
+        lock = self.run_dir / paths.LOCK_NAME
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError:  # a folder that cannot take a file says so at its first save, in the save's own words

@@ -164,12 +164,13 @@ def import_from_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, overwri
 
 
 def _is_an_import(folder: Path) -> bool:
-    """What `--overwrite` may replace: a folder holding nothing but an import's step 0 and the `latest` pointer (not
-    a training run, not steps that tools/rollback.py set aside, not the user's other files)."""
+    """What `--overwrite` may replace: a folder holding nothing but an import's step 0, the `latest` pointer and the
+    lock of a run that trained from it without saving (not a training run, not steps that tools/rollback.py set
+    aside, not the user's other files)."""
     steps = paths.committed_steps(folder)
     if [paths.step_of(p) for p in steps] != [0]:
         return False
-    if {p.name for p in folder.iterdir()} - {steps[0].name, paths.LATEST_NAME}:
+    if {p.name for p in folder.iterdir()} - {steps[0].name, paths.LATEST_NAME, paths.LOCK_NAME}:
         return False
     try:
         manifest = mf.read_manifest(steps[0])

@@ -27,6 +27,7 @@ from nanotronix.checkpoint.errors import CheckpointError
 
 MANIFEST_NAME = "checkpoint.json"  # written last inside a step folder; its presence marks a complete step
 LATEST_NAME = "latest"
+LOCK_NAME = ".lock"  # the lock a run holds on its checkpoint.dir (Checkpointer._lock_run_dir)
 _STEP_RE = re.compile(r"^step_(\d+)$")
 _TEMP_RE = re.compile(r"^\.step_(\d+)\.(tmp|replaced|pruning)$")
 
