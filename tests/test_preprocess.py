@@ -241,3 +241,49 @@ def test_damaged_compressed_inputs_fail_cleanly_and_multi_frame_zstd_reads(tmp_p
     assert tool.main(["--input", str(tmp_path / "multi.jsonl.zst"), "--tokenizer", tok, "--output-prefix",
                       str(tmp_path / "out"), "--workers", "1", "--no-progress"]) == 0
     assert _docs(tmp_path / "out") == _reference(tok, ["frame one", "two"])
+
+
+def _sentencepiece_style_tokenizer(path: Path, prepend: bool) -> str:
+    """A SentencePiece-style BPE: spaces become "▁" (Metaspace), and with `prepend` a normalizer puts one before the
+    text as Llama-2's tokenizer.json does, so that a text cut before " word" would encode "▁▁word"."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from test_data_support import CORPUS
+    t = Tokenizer(models.BPE())
+    if prepend:
+        t.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    t.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never" if prepend else "always")
+    t.train_from_iterator(CORPUS * 20, trainer=trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                                   show_progress=False))
+    t.save(str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("which", ["byte_level", "smollm2", "metaspace", "prepended"])
+def test_a_long_document_is_encoded_in_pieces_with_the_ids_of_encoding_it_whole(tmp_path, tok, tool, monkeypatch,
+                                                                                which):
+    """Documents longer than LONG_TEXT_CHARS (made 1,500 here; 1 MiB in use) are encoded a piece at a time, so a
+    worker's memory does not grow with the longest document, and give the ids `tokenizers` gives for the whole
+    text: with the tiny byte-level BPE, the real SmolLM2 tokenizer, a Metaspace one, and one that puts "▁" before
+    every text (which must not be cut)."""
+    import os
+    from nanotronix.data import encode
+    from test_data_support import CORPUS
+    if which == "smollm2":
+        tok = os.environ.get("NANOTRONIX_SMOLLM2_TOKENIZER", "")
+        if not os.path.isfile(tok):
+            pytest.skip("the real SmolLM2 tokenizer is absent: set NANOTRONIX_SMOLLM2_TOKENIZER (.ci/run does)")
+    elif which != "byte_level":
+        tok = _sentencepiece_style_tokenizer(tmp_path / f"{which}.json", prepend=which == "prepended")
+    monkeypatch.setattr(encode, "LONG_TEXT_CHARS", 1500)
+    long_text = "  ".join(f"{i}: {CORPUS[i % len(CORPUS)]}" for i in range(300))  # ~17k characters
+    texts = ["short one", long_text, long_text[:1600], "x" * 4000 + " tail"]  # the third: one cut; the fourth: none
+    src = _jsonl(tmp_path / "in.jsonl", [json.dumps({"text": t}) for t in texts])
+    for workers in (1, 3):
+        out = tmp_path / f"out{workers}"
+        assert tool.main(["--input", str(src), "--tokenizer", tok, "--output-prefix", str(out), "--no-progress",
+                          "--workers", str(workers)]) == 0
+        assert _docs(out) == _reference(tok, texts), workers
+    from tokenizers import Tokenizer
+    encode.use_tokenizer(Tokenizer.from_file(tok), 0, np.int32)
+    cut = encode._cut(long_text, 1500)
+    assert (cut == len(long_text)) == (which == "prepended"), cut  # the check at the cut decides, not the name

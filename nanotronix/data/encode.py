@@ -3,6 +3,12 @@
 
 Bad-record reasons (the keys counted in the sidecar): invalid UTF-8, invalid JSON, not a JSON object,
 missing text key, text not a string, empty text (nothing but whitespace).
+
+A document longer than LONG_TEXT_CHARS is encoded in pieces: `tokenizers` keeps ~125 bytes per input byte while it
+encodes one text (each token's string and offsets beside its id), so one 100 MB document would take a worker to
+12 GB. A piece ends at a single space between two words, and only where encoding the 512 characters around the cut
+whole gives the ids of its two halves, so the document's ids are those of encoding it whole (a tokenizer whose
+pre-tokenizer sees the start of a text, such as Metaspace's prepended "▁", finds no such cut and is not split).
 """
 from __future__ import annotations
 
@@ -129,14 +135,60 @@ def encode_chunk(chunk: Chunk, text_key: str, stop_at_first_bad: bool) -> Encode
             bad.append((file_index, line, problem[0], problem[1]))
             if stop_at_first_bad:
                 return EncodedChunk(np.zeros(0, _DTYPE), np.zeros(0, np.int64), np.zeros(0, np.int32), bad)
-    # encode_batch_fast (tokenizers >= 0.21) skips the character offsets that preprocessing never uses
-    encode_batch = getattr(_TOKENIZER, "encode_batch_fast", _TOKENIZER.encode_batch)
-    encodings = encode_batch(texts, add_special_tokens=False) if texts else []
-    lengths = np.fromiter((len(e.ids) + 1 for e in encodings), dtype=np.int64, count=len(encodings))
+    ids: list = [None] * len(texts)
+    short = [i for i, text in enumerate(texts) if len(text) <= LONG_TEXT_CHARS]
+    if short:
+        encodings = _encode_batch([texts[i] for i in short])
+        for i, enc in zip(short, encodings):
+            ids[i] = enc.ids
+    for i, text in enumerate(texts):
+        if ids[i] is None:
+            ids[i] = _encode_long(text)
+    lengths = np.fromiter((len(d) + 1 for d in ids), dtype=np.int64, count=len(ids))
     tokens = np.empty(int(lengths.sum()), dtype=_DTYPE)
     pos = 0
-    for enc, n in zip(encodings, lengths.tolist()):
-        tokens[pos:pos + n - 1] = enc.ids
+    for doc, n in zip(ids, lengths.tolist()):
+        tokens[pos:pos + n - 1] = doc
         tokens[pos + n - 1] = _EOS
         pos += n
     return EncodedChunk(tokens, lengths, np.array(files, dtype=np.int32), bad)
+
+
+LONG_TEXT_CHARS = 1 << 20  # a document longer than this is encoded in pieces of about this many characters
+_CUT_WINDOW = 256  # characters each side of a cut that are encoded to check it
+_CUT_TRIES = 64  # candidate cuts checked before a piece is given up on (the rest is then encoded whole)
+
+
+def _encode_batch(texts: list[str]):
+    # encode_batch_fast (tokenizers >= 0.21) skips the character offsets that preprocessing never uses
+    encode_batch = getattr(_TOKENIZER, "encode_batch_fast", _TOKENIZER.encode_batch)
+    return encode_batch(texts, add_special_tokens=False)
+
+
+def _encode_long(text: str) -> np.ndarray:
+    """The ids of a long text, encoded a piece at a time (see the module docstring)."""
+    parts, start = [], 0
+    while start < len(text):
+        end = _cut(text, start + LONG_TEXT_CHARS) if len(text) - start > LONG_TEXT_CHARS else len(text)
+        parts.append(np.asarray(_encode_batch([text[start:end]])[0].ids, dtype=_DTYPE))
+        start = end
+    return np.concatenate(parts)
+
+
+def _cut(text: str, target: int) -> int:
+    """A position at or before `target` where the text can be encoded in two parts with the ids of encoding it
+    whole, or len(text) when none is found within _CUT_TRIES candidates."""
+    lowest, hi = target - LONG_TEXT_CHARS // 2, target
+    for _ in range(_CUT_TRIES):
+        at = text.rfind(" ", lowest, hi)
+        if at <= 0:
+            break
+        hi = at
+        if text[at - 1].isspace() or at + 1 >= len(text) or text[at + 1].isspace():
+            continue
+        lo = max(0, at - _CUT_WINDOW)
+        window = text[lo:at + _CUT_WINDOW]
+        whole, left, right = _encode_batch([window, window[:at - lo], window[at - lo:]])
+        if whole.ids == left.ids + right.ids:
+            return at
+    return len(text)
