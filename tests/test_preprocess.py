@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -287,3 +292,53 @@ def test_a_long_document_is_encoded_in_pieces_with_the_ids_of_encoding_it_whole(
     encode.use_tokenizer(Tokenizer.from_file(tok), 0, np.int32)
     cut = encode._cut(long_text, 1500)
     assert (cut == len(long_text)) == (which == "prepended"), cut  # the check at the cut decides, not the name
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; the parent-death signal is Linux's")
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_a_stopped_preprocess_leaves_no_workers_and_no_partial_output(tmp_path, tok, how):
+    """With more workers than one process takes (12: two forked processes of 6 threads), `kill` (SIGTERM, also
+    what scancel sends) removes the partial output and ends the workers, exit 143; SIGKILL (the OOM killer) gives
+    no chance to clean up, but the kernel ends the workers with it (before, they went on encoding, orphaned)."""
+    text = " ".join(TEXTS)
+    src = _jsonl(tmp_path / "in.jsonl", [json.dumps({"text": f"{i} {text}"}) for i in range(60_000)])  # ~25 MB
+    out = tmp_path / "out"
+    out.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve().parents[1] / "tools" / "preprocess.py"),
+                             "--input", str(src), "--tokenizer", tok, "--output-prefix", str(out / "store"),
+                             "--workers", "12", "--no-progress"], env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (len(_children(proc.pid)) >= 2 and any(out.iterdir())):  # the workers forked, the output begun
+        assert proc.poll() is None and time.monotonic() < deadline, "preprocess ended before it could be stopped"
+        time.sleep(0.05)
+    workers = _children(proc.pid)
+    proc.send_signal(getattr(signal, how))
+    _, err = proc.communicate(timeout=60)
+    deadline = time.monotonic() + 10
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [w for w in workers if _alive(w)], f"workers left running after {how}"
+    if how == "SIGTERM":
+        assert proc.returncode == 143 and err.strip() == "preprocess: terminated; no output was written", err
+        assert not list(out.iterdir()), list(out.iterdir())
+    else:
+        assert proc.returncode == -signal.SIGKILL

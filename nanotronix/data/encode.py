@@ -12,7 +12,11 @@ pre-tokenizer sees the start of a text, such as Metaspace's prepended "▁", fin
 """
 from __future__ import annotations
 
+import ctypes
 import json
+import os
+import signal
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -25,6 +29,7 @@ _TOKENIZER = None  # per-process tokenizer, set once by init_worker
 _EOS = 0
 _DTYPE = np.dtype(np.int32)
 _THREADS: ThreadPoolExecutor | None = None  # a worker process's encoding threads (see pipeline.py)
+_PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h): the signal a process gets when its parent dies
 
 
 def use_tokenizer(tokenizer, eos_id: int, dtype) -> None:
@@ -33,18 +38,35 @@ def use_tokenizer(tokenizer, eos_id: int, dtype) -> None:
     _TOKENIZER, _EOS, _DTYPE = tokenizer, eos_id, np.dtype(dtype)
 
 
-def init_threads(threads: int) -> None:
-    """Initialiser of worker processes: the threads that encode a group of chunks side by side (created
+def init_threads(threads: int, parent_pid: int) -> None:
+    """Initialiser of forked worker processes: the threads that encode a group of chunks side by side (created
     after the fork: threads do not survive one)."""
     global _THREADS
+    _end_with_parent(parent_pid)
     _THREADS = ThreadPoolExecutor(threads, thread_name_prefix="encode") if threads > 1 else None
 
 
-def init_worker(tokenizer_file: str, eos_id: int, dtype: str, threads: int) -> None:
+def init_worker(tokenizer_file: str, eos_id: int, dtype: str, threads: int, parent_pid: int) -> None:
     """Initialiser of spawned workers (where fork is unavailable): load the tokenizer once per process."""
     from tokenizers import Tokenizer
+    init_threads(threads, parent_pid)
     use_tokenizer(Tokenizer.from_file(tokenizer_file), eos_id, dtype)
-    init_threads(threads)
+
+
+def _end_with_parent(parent_pid: int) -> None:
+    """A worker ends with the preprocess that started it: the kernel kills it when its parent dies (SIGKILL, the
+    OOM killer; a worker would otherwise encode on, orphaned, holding a core and its memory), and it ignores the
+    SIGINT/SIGTERM sent to the whole process group (Ctrl-C, scancel), which the parent handles by removing its
+    partial output and stopping its workers; a worker dying of them first would be reported as a crash."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # the parent died before the line above
+        os._exit(1)
 
 
 @dataclass

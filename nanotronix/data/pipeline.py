@@ -234,12 +234,12 @@ def _start_workers(opts: PreprocessOptions, info, dtype: np.dtype):
         return ThreadPoolExecutor(threads, thread_name_prefix="encode")
     if "fork" in multiprocessing.get_all_start_methods():
         executor = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"),
-                                       initializer=encode.init_threads, initargs=(threads,))
+                                       initializer=encode.init_threads, initargs=(threads, os.getpid()))
         executor.submit(int).result()  # with fork, the first submit starts every worker process
         return executor
     return ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
                                initializer=encode.init_worker,
-                               initargs=(info.file, info.eos_id, dtype.name, threads))
+                               initargs=(info.file, info.eos_id, dtype.name, threads, os.getpid()))
 
 
 def _encoded_chunks(pieces: list[InputPiece], opts: PreprocessOptions, executor, bar):
