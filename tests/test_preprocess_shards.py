@@ -256,10 +256,13 @@ def test_json_lines_pieces_hold_every_line_once_in_order(tmp_path, seed, compres
     """The byte-range rule on awkward files: lines far longer than a piece, blank and CRLF lines, no final newline,
     pieces of a few bytes; compressed, in several members or frames, cut at blocks of 16 compressed bytes.
     Concatenating what the pieces read gives the file's non-blank lines, each once, in order, each at the byte
-    offset (uncompressed pieces inside the file) or line number it says."""
+    offset (uncompressed pieces inside the file) or line number it says; the pieces of a compressed file, read
+    together, are decompressed once and give each piece the lines it gives read alone."""
     from nanotronix.data import compressed_lines
     from nanotronix.data.inputs import iter_chunks, split_large_inputs, whole_files
     monkeypatch.setattr(compressed_lines, "COMPRESSED_BLOCK", 16)
+    passes, blocks = [], compressed_lines.decompressed_blocks
+    monkeypatch.setattr(compressed_lines, "decompressed_blocks", lambda path: passes.append(path) or blocks(path))
     rng = np.random.default_rng(seed)
     lines = []
     for _ in range(int(rng.integers(1, 60))):
@@ -275,12 +278,19 @@ def test_json_lines_pieces_hold_every_line_once_in_order(tmp_path, seed, compres
         pieces = split_large_inputs(whole_files([path]), piece_bytes)
         if piece_bytes == 1:  # cut at every byte, or every block of 16 compressed bytes
             assert len(pieces) == -(-path.stat().st_size // (16 if compression else 1))
-        read, positions = [], []
+        read, positions, by_piece = [], [], [[] for _ in pieces]
+        passes.clear()
         for chunk in iter_chunks(pieces, "text", chunk_bytes=50):
             read += chunk.items
             positions += [chunk.position(k)[1] for k in range(len(chunk.items))]
+            by_piece[chunk.file_index] += chunk.items
         expected = [line.encode() for line in lines if line.strip()]
         assert read == expected, (piece_bytes, len(pieces))
+        if compression:  # a run of pieces of one compressed file is decompressed once, each line in its own piece
+            assert len(passes) == 1, (piece_bytes, len(pieces), len(passes))
+            alone = [[item for chunk in iter_chunks([p], "text", chunk_bytes=50) for item in chunk.items]
+                     for p in pieces]
+            assert by_piece == alone, (piece_bytes, len(pieces))
         for item, where in zip(read, positions):  # byte B (a piece inside an uncompressed file), or the line number
             if isinstance(where, str):
                 offset = int(where.split()[1])

@@ -2,16 +2,18 @@
 
 `preprocess --shard` cuts a large compressed file between tasks at blocks of COMPRESSED_BLOCK compressed bytes: a
 line belongs to the piece holding the block whose decompression gave its first byte. Such a file has no random
-access, so each piece decompresses the file from its start, counting the lines before its own (decompressing runs
-at hundreds of MB/s, tokenizing at a few per thread: a late piece's detour is small next to its own work, and the
-lines keep their true numbers). zlib and zstd hand out all they can decode of the input so far, so what each block
-adds is a function of the file, and every task of a job array (one software environment) attributes each line to
-the same piece. A whole file is read the same way (one piece). Any number of gzip members or zstd frames, one after
-another; a file that ends inside one is reported (EOFError) rather than read short. Hand-written: gzip.GzipFile and
-zstandard's readers hide the compressed position a line came from.
+access, so a task decompresses the file from its start, counting the lines before its own pieces, then reads its
+consecutive pieces in the same pass (decompressing runs at hundreds of MB/s, tokenizing at a few per thread: a late
+task's detour is small next to its own work, and the lines keep their true numbers). zlib and zstd hand out all
+they can decode of the input so far, so what each block adds is a function of the file, and every task of a job
+array (one software environment) attributes each line to the same piece. A whole file is read the same way (one
+piece). Any number of gzip members or zstd frames, one after another; a file that ends inside one is reported
+(EOFError) rather than read short. Hand-written: gzip.GzipFile and zstandard's readers hide the compressed position
+a line came from.
 """
 from __future__ import annotations
 
+import bisect
 import importlib.util
 import math
 import zlib
@@ -73,21 +75,26 @@ def decompress_errors() -> tuple:
 
 
 class CompressedLines:
-    """(line number, line) of a piece of a compressed JSON-lines file: the lines whose first byte comes out of a block
-    of its compressed byte range. The blocks before it are decompressed and only counted."""
+    """(line number, line) of pieces of a compressed JSON-lines file: the lines whose first byte comes out of a block
+    of their compressed byte ranges, which follow one another (a task's run of pieces of one file is read in one
+    pass, not once per piece); `range_index` says which range the last line belongs to. The blocks before the
+    first range are decompressed and only counted."""
     at_bytes = False
 
-    def __init__(self, path: Path, byte_range: Optional[tuple[int, int]] = None):
-        self.path, self.byte_range = path, byte_range  # None: the whole file
+    def __init__(self, path: Path, byte_ranges: Optional[list[tuple[int, int]]] = None):
+        self.path = path
+        self.begins = [0] if byte_ranges is None else [a for a, _ in byte_ranges]  # None: the whole file
+        self.end = math.inf if byte_ranges is None else byte_ranges[-1][1]
+        self.range_index = 0  # which range the last line yielded belongs to
         self.line_no = 0  # lines of the file completed so far
         self.read = 0  # compressed bytes read
 
     def consumed(self) -> int:
-        """Compressed bytes of the piece's own range read so far."""
-        return max(0, self.read - (self.byte_range or (0, 0))[0])
+        """Compressed bytes of the ranges read so far."""
+        return max(0, self.read - self.begins[0])
 
     def __iter__(self) -> Iterator[tuple[int, bytes]]:
-        begin, end = self.byte_range or (0, math.inf)
+        begin, end = self.begins[0], self.end
         line: list[bytes] = []  # the piece's line being read, so far
         owner = -1  # block (compressed offset) the line being read began in; -1: between lines
         for offset, data, self.read in decompressed_blocks(self.path):
@@ -110,10 +117,12 @@ class CompressedLines:
                 pos = stop
                 if newline >= 0:
                     self.line_no += 1
-                    owner = -1
                     if ours:
+                        self.range_index = bisect.bisect_right(self.begins, owner) - 1
                         yield self.line_no, b"".join(line)
                         line = []
+                    owner = -1
         if line:  # the file's last line, without a final newline
             self.line_no += 1
+            self.range_index = bisect.bisect_right(self.begins, owner) - 1
             yield self.line_no, b"".join(line)

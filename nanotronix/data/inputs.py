@@ -24,6 +24,7 @@ plain inputs still balances.
 from __future__ import annotations
 
 import io
+import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -251,6 +252,8 @@ def iter_chunks(pieces: list[InputPiece], text_key: str, chunk_bytes: int = 1 <<
     texts, text_files, text_bytes = [], [], 0
     for index, piece in enumerate(pieces):
         path = piece.path
+        if _continues(pieces, index):  # read along with the piece before it (_jsonl_chunks)
+            continue
         kind = input_kind(path)
         if kind == "text":  # gather consecutive small files: one task per file would cost more than it does
             data = path.read_bytes()
@@ -267,36 +270,65 @@ def iter_chunks(pieces: list[InputPiece], text_key: str, chunk_bytes: int = 1 <<
             yield Chunk("text", texts, text_files[0], 1, files=text_files)
             texts, text_files, text_bytes = [], [], 0
         if kind == "jsonl":
-            yield from _jsonl_chunks(index, piece, chunk_bytes, on_progress)
+            run = 1
+            while index + run < len(pieces) and _continues(pieces, index + run):
+                run += 1
+            yield from _jsonl_chunks(index, pieces[index:index + run], chunk_bytes, on_progress)
         else:
             yield from _parquet_chunks(index, piece, text_key, chunk_bytes, on_progress)
     if texts:
         yield Chunk("text", texts, text_files[0], 1, files=text_files)
 
 
-def _jsonl_chunks(index: int, piece: InputPiece, chunk_bytes: int, on_progress) -> Iterator[Chunk]:
-    reader = CompressedLines(piece.path, piece.byte_range) if is_compressed(piece.path) else _PlainLines(piece)
-    items, lines, size, reported = [], [], 0, 0
+def _continues(pieces: list[InputPiece], index: int) -> bool:
+    """Whether pieces[index] is the next compressed byte range of the file of the piece before it: a file without
+    random access is then decompressed once for both, not once from its start for each."""
+    if index == 0:
+        return False
+    before, piece = pieces[index - 1], pieces[index]
+    return (piece.path == before.path and is_compressed(piece.path) and piece.byte_range is not None
+            and before.byte_range is not None and before.byte_range[1] == piece.byte_range[0])
+
+
+def _jsonl_chunks(first_index: int, run: list[InputPiece], chunk_bytes: int, on_progress) -> Iterator[Chunk]:
+    """The chunks of a JSON-lines piece, or of a run of consecutive compressed pieces of one file (read in one pass);
+    a chunk holds lines of one piece."""
+    piece = run[0]
+    if is_compressed(piece.path):
+        reader = CompressedLines(piece.path, None if piece.byte_range is None else [p.byte_range for p in run])
+    else:
+        reader = _PlainLines(piece)
+    ends = list(itertools.accumulate(p.nbytes for p in run))  # progress: compressed bytes up to each piece's end
+    items, lines, size, reported, current = [], [], 0, 0, 0
+
+    def report(done: int) -> None:
+        nonlocal reported
+        if on_progress and done > reported:
+            on_progress(done - reported)
+            reported = done
+
     try:
         for position, line in reader:
+            if getattr(reader, "range_index", 0) != current:  # the next piece's lines begin
+                if items:
+                    yield Chunk("jsonl", items, first_index + current, lines[0], lines, at_bytes=reader.at_bytes)
+                    items, lines, size = [], [], 0
+                report(ends[reader.range_index - 1])
+                current = reader.range_index
             if not line.strip():
                 continue
             items.append(line)
             lines.append(position)
             size += len(line)
             if size >= chunk_bytes:
-                yield Chunk("jsonl", items, index, lines[0], lines, at_bytes=reader.at_bytes)
-                if on_progress:  # the read-ahead past the piece's end is not its progress
-                    done = min(reader.consumed(), piece.nbytes)
-                    on_progress(done - reported)
-                    reported = done
+                yield Chunk("jsonl", items, first_index + current, lines[0], lines, at_bytes=reader.at_bytes)
+                report(min(reader.consumed(), ends[current]))  # the read-ahead past a piece is not its progress
                 items, lines, size = [], [], 0
     except decompress_errors() as e:  # gzip/zstd damage: report where it was reached
         raise DataError(f"{piece.path}:{reader.line_no + 1}: cannot decompress ({type(e).__name__}: {e})") from None
     if items:
-        yield Chunk("jsonl", items, index, lines[0], lines, at_bytes=reader.at_bytes)
-    if on_progress:
-        on_progress(piece.nbytes - reported)
+        yield Chunk("jsonl", items, first_index + current, lines[0], lines, at_bytes=reader.at_bytes)
+    report(ends[-1])
 
 
 def _parquet_chunks(index: int, piece: InputPiece, text_key: str, chunk_bytes: int, on_progress) -> Iterator[Chunk]:
