@@ -42,7 +42,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                          init_std=0.041666666666666664),
     "smollm2-360m": dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15,
                          num_key_value_heads=5, vocab_size=49152, max_position_embeddings=2048,
-                         rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, init_std=0.03227),
+                         rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, init_std=0.03227,
+                         initializer_range=0.02),
     "smollm2-1.7b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
                          num_key_value_heads=32, vocab_size=49152, max_position_embeddings=2048,
                          rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, init_std=0.02),
@@ -63,6 +64,9 @@ class ModelConfig:
     rms_norm_eps: Optional[float] = None
     tie_word_embeddings: Optional[bool] = None
     init_std: Optional[float] = None
+    # What an exported config.json says as `initializer_range` (transformers uses it only to initialise weights a
+    # checkpoint lacks); None: init_std. SmolLM2-360M trained with init std 0.03227 but its release says 0.02.
+    initializer_range: Optional[float] = None
     # auto: flash_attention_2 when flash-attn is installed and the run is on CUDA, else sdpa.
     attn_implementation: str = "auto"
     # None: causal attention over the whole packed window (how SmolLM2 trained). A token id (the stores' EOS):
@@ -312,8 +316,8 @@ def validate(cfg: Config) -> None:
 
 def validate_model(m: ModelConfig) -> None:
     """The model section's own checks (also run on a Hugging Face config.json by convert_from_hf)."""
-    missing = [f.name for f in dataclasses.fields(ModelConfig)
-               if f.name not in ("preset", "document_mask_eos_id") and getattr(m, f.name) is None]
+    optional = ("preset", "document_mask_eos_id", "initializer_range")
+    missing = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in optional and getattr(m, f.name) is None]
     _require(not missing, f"model.{', model.'.join(missing)}: missing (set {'it' if len(missing) == 1 else 'them'} "
                           f"or use model.preset, e.g. smollm2-135m)")
     for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -329,6 +333,7 @@ def validate_model(m: ModelConfig) -> None:
     _require(m.rope_theta > 0, "model.rope_theta: must be positive")
     _require(m.rms_norm_eps > 0, "model.rms_norm_eps: must be positive")
     _require(m.init_std > 0, "model.init_std: must be positive")
+    _require(m.initializer_range is None or m.initializer_range > 0, "model.initializer_range: must be positive")
     _require(m.attn_implementation in ("auto", "sdpa", "sdpa_cudnn", "flash_attention_2", "flex", "eager"),
              f"model.attn_implementation: {m.attn_implementation!r} is not "
              "auto|sdpa|sdpa_cudnn|flash_attention_2|flex|eager")

@@ -32,6 +32,14 @@ def test_presets_have_published_architecture():
         assert (m.hidden_size, m.intermediate_size, m.num_hidden_layers, m.num_attention_heads,
                 m.num_key_value_heads) == (d, f, layers, heads, kv)
         assert m.vocab_size == 49152 and m.tie_word_embeddings and m.rms_norm_eps == 1e-5 and m.head_dim == 64
+    # nanotron's init std (what training uses) and the release's config.json initializer_range differ for 360M
+    # (../shared/smollm2/FACTS.md, architecture table): an export says what the release says
+    from nanotronix.convert.hf_mapping import hf_config_dict
+    published = {"smollm2-135m": (0.041666666666666664, 0.041666666666666664), "smollm2-360m": (0.03227, 0.02),
+                 "smollm2-1.7b": (0.02, 0.02)}
+    for preset, (init_std, initializer_range) in published.items():
+        m = load_config(None, [f"model.preset={preset}"]).model
+        assert (m.init_std, hf_config_dict(m)["initializer_range"]) == (init_std, initializer_range), preset
 
 
 def test_preset_fields_can_be_overridden():

@@ -115,7 +115,7 @@ def hf_config_dict(cfg: ModelConfig, eos_token_id: int = 0, bos_token_id: int = 
         "eos_token_id": eos_token_id,
         "hidden_act": "silu",
         "hidden_size": cfg.hidden_size,
-        "initializer_range": cfg.init_std,
+        "initializer_range": cfg.init_std if cfg.initializer_range is None else cfg.initializer_range,
         "intermediate_size": cfg.intermediate_size,
         "max_position_embeddings": cfg.max_position_embeddings,
         "mlp_bias": False,
