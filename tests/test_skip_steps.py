@@ -109,7 +109,8 @@ def test_ranges_merge_and_take_yaml_and_overrides(tmp_path, store):
 def test_rollback_then_skip_equals_a_run_that_skipped_from_the_start(tmp_path, store, capsys):
     """The spike-recovery recipe: tools/rollback.py to step 4, then the same command with steps 5-6 skipped and
     checkpoint.resume auto. Its steps 7-8 equal a run that skipped 5-6 from the start, bit for bit; the rolled-back
-    steps are kept aside; a requeue of the same command continues from the run's own latest step."""
+    steps are kept aside; a requeue of the same command continues from the run's own latest step. A rollback while
+    a run holds the folder is refused (the run's next save would undo it)."""
     from test_data_support import load_tool
     rollback = load_tool("rollback.py")
     assert run(["tools/rollback.py", "--help"]).returncode == 0
@@ -129,6 +130,17 @@ def test_rollback_then_skip_equals_a_run_that_skipped_from_the_start(tmp_path, s
     assert capsys.readouterr().err.startswith(f"error: checkpoint file damaged: {damaged} has ")
     assert (ckpt / "latest").read_text() == "step_0000008\n" and (ckpt / "step_0000006").is_dir()
     damaged.write_bytes(whole)
+    import fcntl
+    with open(ckpt / ".lock", "r+") as live:  # a run still training into the folder: its next save would undo it
+        fcntl.flock(live, fcntl.LOCK_EX)
+        live.truncate(0)
+        live.write("host node7 pid 99 since then\n")
+        live.flush()
+        assert rollback.main([str(ckpt), "--to-step", "4"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: CKPT_DIR {ckpt} is in use by another run (host node7 pid 99 since then; {ckpt / '.lock'}): stop it "
+        "first (its next save would undo the rollback)")
+    assert (ckpt / "latest").read_text() == "step_0000008\n"
     assert rollback.main([str(ckpt), "--to-step", "4"]) == 0
     shown = capsys.readouterr().out
     assert "to step 4: latest -> step_0000004; 2 later step(s) (6, 8) moved to" in shown

@@ -4,7 +4,7 @@
     python tools/rollback.py CKPT_DIR --to-step N
 
 `latest` then names step N, and every later step moves into CKPT_DIR/rolled_back_after_step_NNNNNNN-TIME/ (kept:
-delete it once it is not wanted). Run it while the run is stopped. Then start the run as before (checkpoint.resume:
+delete it once it is not wanted). Run it while the run is stopped (a run that holds the folder is refused). Then start the run as before (checkpoint.resume:
 auto, the Slurm scripts' default), usually with the steps after N that met the spike skipped:
 
     python tools/rollback.py runs/smollm2-1.7b/checkpoints --to-step 12000
@@ -13,6 +13,7 @@ auto, the Slurm scripts' default), usually with the steps after N that met the s
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -31,16 +32,23 @@ def parse_args(argv=None) -> argparse.Namespace:
 @one_line_errors
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from nanotronix.checkpoint import paths
+    from nanotronix.checkpoint import paths, run_lock
     from nanotronix.checkpoint.manifest import check_sizes, read_manifest
 
     run_dir = Path(args.checkpoint_dir)
     if not run_dir.is_dir() or paths.is_step_folder(run_dir):
         return fail(f"{run_dir}: not a run's checkpoint folder (the folder that holds step_NNNNNNN folders)")
-    target = run_dir / paths.step_folder_name(args.to_step)
-    if paths.is_step_folder(target):  # a damaged step is no place to go back to: found before anything moves
-        check_sizes(target, read_manifest(target))
-    aside, moved = paths.roll_back(run_dir, args.to_step)
+    # A live run's next save would undo the rollback: refused while a run holds the folder, held meanwhile
+    lock = run_lock.acquire(run_dir, 0.0, print, "stop it first (its next save would undo the rollback)",
+                            name="CKPT_DIR")
+    try:
+        target = run_dir / paths.step_folder_name(args.to_step)
+        if paths.is_step_folder(target):  # a damaged step is no place to go back to: found before anything moves
+            check_sizes(target, read_manifest(target))
+        aside, moved = paths.roll_back(run_dir, args.to_step)
+    finally:
+        if lock is not None:
+            os.close(lock)
     where = (f"; {len(moved)} later step(s) ({', '.join(str(paths.step_of(p)) for p in moved)}) moved to {aside} "
              f"(delete it when no longer wanted)") if moved else "; no later steps"
     print(f"rolled back {run_dir} to step {args.to_step}: latest -> {paths.step_folder_name(args.to_step)}{where}")

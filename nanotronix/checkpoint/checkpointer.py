@@ -21,7 +21,6 @@ Which checkpoint a run resumes from (`checkpoint.resume`):
 from __future__ import annotations
 
 import datetime
-import fcntl
 import os
 import socket
 import time
@@ -33,7 +32,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-from nanotronix.checkpoint import paths
+from nanotronix.checkpoint import paths, run_lock
 from nanotronix.checkpoint.errors import CheckpointError
 from nanotronix.checkpoint.manifest import layout_text, read_manifest
 from nanotronix.checkpoint.preemption import PreemptionWatcher
@@ -205,45 +204,11 @@ class Checkpointer:
         return value
 
     def _lock_run_dir(self) -> None:
-        """Rank 0 holds an exclusive lock on RUN_DIR/.lock until the run ends: a second run into the same
-        checkpoint.dir (a job submitted twice, a new experiment with resume=auto) would resume from the first's
-        steps and replace them with its own, and its start would delete the first's save in progress. A lock still
-        held is waited for a while (NFS keeps a dead node's lock until its lease runs out, ~90 s), then refused.
-        File systems without locks (Lustre mounted without flock) go unlocked."""
-        if self.run_dir is None:
-            return
-        lock = self.run_dir / paths.LOCK_NAME
-        try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError:  # a folder that cannot take a file says so at its first save, in the save's own words
-            return
-        deadline, said = time.monotonic() + LOCK_WAIT_S, False
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-                if time.monotonic() >= deadline:
-                    os.close(fd)
-                    raise CheckpointError(
-                        f"checkpoint.dir {self.run_dir} is in use by another run ({holder}; {lock}): two runs in one "
-                        "folder would resume from and replace each other's steps; wait for it to end, or set "
-                        "another checkpoint.dir") from None
-                if not said:
-                    self._log(f"{lock} is held by {holder}: waiting up to {LOCK_WAIT_S:.0f} s for it")
-                    said = True
-                time.sleep(1.0)
-            except OSError:  # no locks on this file system
-                os.close(fd)
-                return
-        self._lock_fd = fd
-        try:  # who holds it, for the message of a run refused (advisory: a full disk may not take it)
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()} since "
-                          f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
-        except OSError:
-            pass
+        """Rank 0 holds RUN_DIR/.lock until the run ends (run_lock: one run per checkpoint.dir)."""
+        if self.run_dir is not None:
+            self._lock_fd = run_lock.acquire(
+                self.run_dir, LOCK_WAIT_S, self._log, "two runs in one folder would resume from and replace each "
+                "other's steps; wait for it to end, or set another checkpoint.dir")
 
     def release(self) -> None:
         """Let go of the run folder's lock (the end of the run, or its failure)."""
