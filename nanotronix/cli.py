@@ -1,22 +1,26 @@
 """What every command shares at its edges: bad input and unusable paths as one line, and files replaced whole.
 
 `one_line_errors` wraps a command's `main`: a UserError (bad input), an OSError (a path that cannot be read or
-written: under a file, a read-only or special file system, a full disk) and Ctrl-C each end the command with one
-line instead of a traceback; a closed pipe (`tool | head`) ends it quietly. Anything else is a bug and keeps its
-traceback.
+written: under a file, a read-only or special file system, a full disk), Ctrl-C and SIGTERM each end the command
+with one line instead of a traceback; a closed pipe (`tool | head`) ends it quietly. Anything else is a bug and
+keeps its traceback. SIGTERM (kill, timeout, scancel, a Slurm time limit) is raised as `Terminated`, a
+KeyboardInterrupt, so that whatever a command cleans up on Ctrl-C (a half-written output) it cleans up on it too;
+by default it would end the process on the spot.
 """
 from __future__ import annotations
 
 import functools
 import os
 import select
+import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Callable
 
 from nanotronix.data.files import commit, remove_quietly, temp_path
-from nanotronix.errors import UserError, fail
+from nanotronix.errors import PATH_THROUGH_A_FILE, UserError, fail
 from nanotronix.train import EXIT_INTERRUPTED
 
 
@@ -51,9 +55,29 @@ def os_error_line(error: OSError) -> str:
     return f"{what}: {where}" if where is not None else what
 
 
+EXIT_TERMINATED = 128 + signal.SIGTERM  # what a shell reports for a process that SIGTERM ended
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C would be (see the module docstring)."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def _catch_sigterm():
+    """Install SIGTERM -> Terminated where it can be (the main thread) and nobody else handles it; the handler to
+    put back, or None."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        return None
+    return signal.signal(signal.SIGTERM, _raise_terminated)
+
+
 def one_line_errors(main: Callable[..., int]) -> Callable[..., int]:
     @functools.wraps(main)
     def guarded(*args, **kwargs) -> int:
+        previous = _catch_sigterm()
         try:
             return main(*args, **kwargs)
         except UserError as e:
@@ -66,9 +90,15 @@ def one_line_errors(main: Callable[..., int]) -> Callable[..., int]:
             return 0
         except OSError as e:
             return fail(os_error_line(e))
+        except Terminated:
+            print("terminated", file=sys.stderr, flush=True)
+            return EXIT_TERMINATED
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr, flush=True)
             return EXIT_INTERRUPTED
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
     return guarded
 
 
@@ -90,7 +120,10 @@ def replace_file(path: str | Path, write: Callable[[str], None], suffix: str = "
     temp = temp_path(target)
     temp = temp.with_name(temp.name + suffix)  # made by `write` (the usual file mode); the suffix for its format
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):  # mkdir's words for a file where a folder was to be
+            raise UserError(f"cannot write {target} ({PATH_THROUGH_A_FILE})") from None
         if target.is_dir():
             raise IsADirectoryError(21, "Is a directory")
         write(str(temp))
@@ -112,6 +145,6 @@ def check_writable_folder(folder: str | Path, option: str) -> None:
         os.close(fd)
         os.unlink(probe)
     except (FileExistsError, NotADirectoryError):  # mkdir's words for a file where a folder was to be
-        raise UserError(f"{option}: cannot write to {folder} (a part of that path is a file, not a folder)") from None
+        raise UserError(f"{option}: cannot write to {folder} ({PATH_THROUGH_A_FILE})") from None
     except OSError as e:
         raise UserError(f"{option}: cannot write to {folder} ({e.strerror or e})") from None

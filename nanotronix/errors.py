@@ -4,6 +4,7 @@ import sys
 from typing import Callable, Optional
 
 EXIT_BAD_INPUT = 2
+PATH_THROUGH_A_FILE = "a part of that path is a file, not a folder"  # what mkdir's FileExistsError means to a user
 
 
 class UserError(Exception):

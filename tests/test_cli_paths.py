@@ -147,6 +147,26 @@ def test_replace_file_leaves_no_temp_behind(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "report.json"]
 
 
+def test_an_output_under_a_file_or_on_a_read_only_file_system_is_named(tmp_path, blocker, monkeypatch):
+    """The path the user gave, in the words of the commands' other path checks: not mkdir's `File exists`, nor
+    (on a read-only file system, where removing the temp file fails too) the hidden temp file's name."""
+    from nanotronix.checkpoint.output_folder import prepare_output
+    with pytest.raises(UserError) as said:
+        replace_file(blocker / "plot.png", lambda temp: Path(temp).write_text("x"))
+    assert str(said.value) == f"cannot write {blocker / 'plot.png'} (a part of that path is a file, not a folder)"
+    with pytest.raises(UserError) as said:
+        prepare_output(blocker / "hf", tmp_path / "ckpt", False, lambda p: False, "a model folder")
+    assert str(said.value) == f"--output {blocker / 'hf'}: cannot write there (a part of that path is a file, not " \
+                              "a folder)"
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+    monkeypatch.setattr(Path, "unlink", read_only)
+    with pytest.raises(UserError) as said:
+        replace_file(tmp_path / "plot.png", read_only)
+    assert str(said.value) == f"cannot write {tmp_path / 'plot.png'}: Read-only file system"
+
+
 def test_a_reader_that_goes_away_is_not_an_error(tmp_path):
     """`inspect_store.py PREFIX --doc 0 | head -c 10` of a document longer than the pipe's buffer: the reader closes
     the pipe while the tool still writes; the tool exits 0 without a BrokenPipeError traceback."""

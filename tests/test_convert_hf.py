@@ -450,3 +450,70 @@ def test_overwrite_replaces_only_a_bare_import_and_dot_is_refused(tmp_path, caps
         assert code == 2 and lines == ["error: --output .: it is or holds the current folder; name a folder "
                                        "(e.g. ../NAME)"], lines
     assert not list(here.iterdir())
+
+
+@pytest.mark.parametrize("tool", ["convert_to_hf", "convert_from_hf"])
+def test_sigterm_leaves_no_half_written_output(tmp_path, capsys, monkeypatch, tool):
+    """SIGTERM (kill, timeout, a Slurm time limit) in the middle of a conversion cleans up as Ctrl-C does: one line,
+    exit 143, and neither the output nor its hidden staging folder is left (before, SIGTERM ended the process on
+    the spot and left the staging folder, hundreds of MB, behind)."""
+    import signal
+
+    from nanotronix.checkpoint import hf_export, hf_import
+    if tool == "convert_to_hf":
+        trained_checkpoint(tmp_path / "run")
+        source = ["--checkpoint", str(tmp_path / "run")]
+    else:
+        source = ["--hf", str(_hf_original(tmp_path / "hf", untied=False))]
+    capsys.readouterr()
+    module = hf_export if tool == "convert_to_hf" else hf_import
+
+    def commit_when_killed(*args):  # the signal arrives while the output is still being written
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop the conversion")
+
+    monkeypatch.setattr(module, "commit", commit_when_killed)
+    out = tmp_path / "out"
+    assert tool_main(tool)([*source, "--output", str(out), "--no-progress"]) == 143
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "terminated"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith((".out", "out"))]
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handed back when the command ended
+
+
+def test_quantized_nan_and_extra_tensors_are_said(tmp_path, capsys):
+    """What would import as a float checkpoint that is not the model: a quantized model (quantization_config, or
+    integer weights with scales beside them), weights holding NaN; extra tensors are imported without, and said."""
+    from safetensors.torch import load_file, save_file
+    original = _hf_original(tmp_path / "orig", untied=False)
+    weights = load_file(original / "model.safetensors")
+    config = json.loads((original / "config.json").read_text())
+
+    def variant(name: str, tensors: dict, **config_fields) -> list[str]:
+        folder = tmp_path / name
+        shutil.copytree(original, folder)
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+        (folder / "config.json").write_text(json.dumps({**config, **config_fields}))
+        capsys.readouterr()
+        code = tool_main("convert_from_hf")(["--hf", str(folder), "--output", str(tmp_path / f"{name}_ckpt"),
+                                             "--no-progress"])
+        said = capsys.readouterr()
+        assert code == (0 if name == "extra" else 2) and (tmp_path / f"{name}_ckpt").exists() == (code == 0)
+        return (said.err if code else said.out).strip().splitlines()
+
+    said = variant("quantized_config", weights, quantization_config={"quant_method": "bitsandbytes"})
+    assert said == [f"error: --hf: {tmp_path / 'quantized_config'} is a quantized model (quantization_config: "
+                    "bitsandbytes); convert from its unquantized weights"]
+    name = "model.layers.0.mlp.down_proj.weight"
+    int8 = dict(weights, **{name: weights[name].to(torch.int8), name + "_scale": torch.ones(1)})
+    said = variant("quantized_tensors", int8)
+    assert said == [f"error: --hf: {tmp_path / 'quantized_tensors'}: tensor {name} is I8, not floating point (a "
+                    "quantized model? convert from its unquantized weights)"]
+    nan = dict(weights, **{name: weights[name].clone().fill_(float("nan"))})
+    said = variant("nan", nan)
+    assert len(said) == 1 and said[0].startswith(f"error: --hf: {tmp_path / 'nan'}: the weights of ") \
+        and said[0].endswith("hold NaN or infinite values"), said
+    extra = dict(weights, **{"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(4),
+                             "vision.proj": torch.ones(2)})
+    said = variant("extra", extra)
+    assert f"warning: 1 tensor(s) of {tmp_path / 'extra'} not imported, which this model has no place for: " \
+           "vision.proj" in said, said

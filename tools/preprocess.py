@@ -22,10 +22,10 @@ same site) out of the same training windows. It costs a raw temporary copy of th
 """
 import argparse
 import os
-import signal
 import sys
 
-from nanotronix.cli import non_negative_int, one_line_errors
+from nanotronix.cli import EXIT_TERMINATED, Terminated, non_negative_int, one_line_errors
+from nanotronix.train import EXIT_INTERRUPTED
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -67,21 +67,13 @@ def main(argv=None) -> int:
                              text_key=args.text_key, workers=args.workers, format=args.format,
                              skip_bad=args.skip_bad, progress=not args.no_progress, shard=args.shard,
                              shuffle_seed=args.shuffle, overwrite=args.overwrite)
-    terminated = []
-
-    def stop_on_term(signum, frame):  # scancel, kill: stop as on Ctrl-C, so the partial output is removed
-        terminated.append(signum)
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, stop_on_term)
     try:
         result = preprocess(opts)
-    except KeyboardInterrupt:  # (other errors: one_line_errors)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated); other errors: one_line_errors
+        terminated = isinstance(e, Terminated)
         print(f"preprocess: {'terminated' if terminated else 'interrupted'}; no output was written",
               file=sys.stderr)
-        return 143 if terminated else 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     print(result.summary_line())
     return 0
 

@@ -33,6 +33,9 @@ from nanotronix.errors import UserError
 from nanotronix.model.rope import ROPE_LAYOUT
 
 
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors' names of the types a weight is read from
+
+
 class SafetensorsFolder:
     """Lazy access to the tensors of model.safetensors or a sharded model.safetensors.index.json."""
 
@@ -74,6 +77,10 @@ class SafetensorsFolder:
     def shape(self, key: str) -> list[int]:
         return list(self.handles[self.location[key]].get_slice(key).get_shape())
 
+    def dtype(self, key: str) -> str:
+        """safetensors' name of the tensor's type: F32, BF16, I8, F8_E4M3, ..."""
+        return self.handles[self.location[key]].get_slice(key).get_dtype()
+
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self.location:
             raise KeyError(f"Hugging Face checkpoint lacks {key}")
@@ -106,6 +113,11 @@ def import_from_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, overwri
         raise UserError(f"--hf: {config_file}: field {e.args[0]!r} is missing") from None
     except (ValueError, TypeError, AttributeError) as e:  # not JSON, not a mapping, not a Llama
         raise UserError(f"--hf: {config_file}: {e}") from None
+    quantization = hf_config.get("quantization_config")
+    if quantization is not None:  # its weights are integers plus scales this model has no place for
+        method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else "?"
+        raise UserError(f"--hf: {hf_dir} is a quantized model (quantization_config: {method}); convert from its "
+                        "unquantized weights")
     source = SafetensorsFolder(hf_dir)
     biases = sorted(name for name in source.location if name.endswith(".bias"))
     if biases:  # the config did not say so, but the weights have biases the model would drop
@@ -114,6 +126,7 @@ def import_from_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, overwri
         raise UserError(f"--hf: {hf_dir} has untied embeddings but no lm_head.weight")
     state = {st.model_key(n): torch.empty(shape, dtype=torch.float32, device="meta")
              for n, shape in model_parameter_shapes(model_cfg).items()}
+    used = set()
     for key, tensor in state.items():  # every weight there, of the shape config.json gives it, before writing
         for hf_name, expected in to_hf(key[len(st.MODEL_PREFIX):], tensor, model_cfg):
             if hf_name not in source:
@@ -121,14 +134,29 @@ def import_from_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, overwri
             if source.shape(hf_name) != list(expected.shape):
                 raise UserError(f"--hf: {hf_dir}: tensor {hf_name} is {source.shape(hf_name)}, but its config.json "
                                 f"makes it {list(expected.shape)}")
+            if source.dtype(hf_name) not in FLOAT_DTYPES:
+                raise UserError(f"--hf: {hf_dir}: tensor {hf_name} is {source.dtype(hf_name)}, not floating point "
+                                "(a quantized model? convert from its unquantized weights)")
+            used.add(hf_name)
+    # Tensors left out: what older transformers saved of RoPE (rotary_emb.inv_freq, recomputed from rope_theta), a
+    # tied model's copy of the embedding; anything else is said, as weights the model has no place for
+    unused = sorted(n for n in source.location if n not in used and not n.endswith("rotary_emb.inv_freq")
+                    and not (n == "lm_head.weight" and model_cfg.tie_word_embeddings))
+    if unused:
+        log(f"warning: {len(unused)} tensor(s) of {hf_dir} not imported, which this model has no place for: "
+            f"{', '.join(unused[:3])}{', ...' if len(unused) > 3 else ''}")
 
     from tqdm import tqdm
     bar = tqdm(total=sum(t.numel() for t in state.values()), unit="param", unit_scale=True, desc="import",
                disable=not progress)
 
+    not_finite: list[str] = []
+
     def produce(key: str) -> torch.Tensor:
         name = key[len(st.MODEL_PREFIX):]
         tensor = from_hf(name, lambda hf_name: source[hf_name].float(), model_cfg).contiguous()
+        if not torch.isfinite(tensor).all():  # a model that diverged before it was saved (raised after the write:
+            not_finite.append(name)  # DCP would wrap an error raised here in its own)
         bar.update(tensor.numel())
         return tensor
 
@@ -150,6 +178,8 @@ def import_from_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, overwri
     temp.mkdir()
     try:
         Collective(single_process=True).save(state, temp, planner=_LazyPlanner(produce))
+        if not_finite:
+            raise UserError(f"--hf: {hf_dir}: the weights of {not_finite[0]} hold NaN or infinite values")
         manifest["files"] = mf.digest_files(temp, mf.list_files(temp))
         mf.write_manifest(temp, manifest)
         paths.commit_step(temp, staging, 0)

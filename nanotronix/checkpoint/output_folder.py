@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from nanotronix.data.files import temp_path
-from nanotronix.errors import UserError
+from nanotronix.errors import PATH_THROUGH_A_FILE, UserError
 
 
 def prepare_output(output: Path, source: Path, overwrite: bool, replaceable: Callable[[Path], bool],
@@ -38,6 +38,8 @@ def prepare_output(output: Path, source: Path, overwrite: bool, replaceable: Cal
         output.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
+    except (FileExistsError, NotADirectoryError):  # mkdir's words for a file where a folder was to be
+        raise UserError(f"--output {output}: cannot write there ({PATH_THROUGH_A_FILE})") from None
     except OSError as e:
         raise UserError(f"--output {output}: cannot write there ({e.strerror or e})") from None
     return staging

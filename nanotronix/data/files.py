@@ -44,7 +44,7 @@ def remove_quietly(path: str | os.PathLike) -> None:
     else:
         try:
             path.unlink()
-        except (FileNotFoundError, NotADirectoryError):  # never made (a parent that is a file): nothing to remove
+        except OSError:  # never made (a parent that is a file, a read-only file system): nothing to remove
             pass
 
 
