@@ -9,6 +9,7 @@ by default it would end the process on the spot.
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import select
@@ -20,14 +21,21 @@ from pathlib import Path
 from typing import Callable
 
 from nanotronix.data.files import commit, remove_quietly, temp_path
-from nanotronix.errors import PATH_THROUGH_A_FILE, UserError, fail
+from nanotronix.errors import EXIT_BAD_INPUT, PATH_THROUGH_A_FILE, UserError, fail
 from nanotronix.train import EXIT_INTERRUPTED
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, except that bad arguments are one `error:` line (exit 2) as every other bad input is, not
+    the usage text and the program's name before the message (`--help` shows the usage)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"error: {message}\n")
 
 
 def finite_float(text: str) -> float:
     """argparse type: a number, not nan or inf (which pass every `<= 0` check and end in a traceback or a nan
     figure)."""
-    import argparse
     import math
 
     try:
@@ -41,8 +49,6 @@ def finite_float(text: str) -> float:
 
 def non_negative_int(text: str) -> int:
     """argparse type: an integer >= 0 (a seed: numpy's generators take no negative one)."""
-    import argparse
-
     if not text.isascii() or not text.isdigit():
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 0")
     return int(text)

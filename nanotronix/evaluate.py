@@ -17,12 +17,12 @@ from typing import Any
 
 import torch
 
-from nanotronix.cli import one_line_errors
+from nanotronix.cli import ArgumentParser, one_line_errors
 from nanotronix.errors import fail
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m nanotronix.evaluate", description=__doc__,
+    p = ArgumentParser(prog="python -m nanotronix.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a step folder or a run's checkpoint folder")
     p.add_argument("--data", required=True, help="token store (Megatron prefix, datatrove .ds, zarr)")

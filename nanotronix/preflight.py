@@ -10,11 +10,10 @@ exactly what the trainer will run.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
-from nanotronix.cli import check_writable_folder, one_line_errors
+from nanotronix.cli import ArgumentParser, check_writable_folder, one_line_errors
 from nanotronix.config import Config, grad_accum_steps, load_config, resolve_layout
 from nanotronix.errors import UserError
 
@@ -133,7 +132,7 @@ def preflight(config: str, overrides: list[str], nnodes: int, nproc_per_node: in
 
 @one_line_errors
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m nanotronix.preflight",
         description="Check a training launch (config, layout against the allocation, GPUs on this node, token "
                     "stores, output folders) before starting torchrun. Prints one summary line, or one error line "

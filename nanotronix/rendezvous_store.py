@@ -13,19 +13,18 @@ here; this module only keeps it alive for the job and is quiet.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import signal
 import sys
 
-from nanotronix.cli import one_line_errors
+from nanotronix.cli import ArgumentParser, one_line_errors
 from nanotronix.errors import fail
 
 
 @one_line_errors
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m nanotronix.rendezvous_store",
+    parser = ArgumentParser(prog="python -m nanotronix.rendezvous_store",
                                      description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--port", type=int, required=True, help="TCP port to listen on (all interfaces)")
     args = parser.parse_args(argv)

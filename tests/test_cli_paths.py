@@ -179,3 +179,23 @@ def test_a_reader_that_goes_away_is_not_an_error(tmp_path):
                            f"{tmp_path / 'long'} --doc 0 | head -c 10"], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0 and len(proc.stdout) == 10 and proc.stderr == "", proc.stderr
+
+
+TOOLS = ["bench_data", "bench_loader", "bench_train", "convert_from_hf", "convert_to_hf", "inspect_checkpoint",
+         "inspect_store", "plan", "plot_run", "preprocess", "rollback", "train_tokenizer"]
+
+
+@pytest.mark.parametrize("command", TOOLS + ["nanotronix.train.main", "nanotronix.evaluate", "nanotronix.preflight",
+                                             "nanotronix.rendezvous_store"])
+def test_bad_arguments_are_one_error_line(command, capsys, monkeypatch):
+    """An option the command does not have is one `error:` line and exit 2, as every other bad input, not argparse's
+    usage text before `prog: error:` (and, under torchrun, once per rank)."""
+    import importlib
+    if command in TOOLS:
+        monkeypatch.syspath_prepend(str(ROOT / "tools"))  # imported by name: bench_train's dataclasses need it
+    module = importlib.import_module(command)
+    main = module.parse_args if command == "nanotronix.train.main" else module.main  # (its main needs a real stderr)
+    with pytest.raises(SystemExit) as done:
+        main(["--no-such-option", "1"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert done.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines

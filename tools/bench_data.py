@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from nanotronix.cli import finite_float, one_line_errors
+from nanotronix.cli import ArgumentParser, finite_float, one_line_errors
 from nanotronix.errors import fail
 
 PROSE = ["/usr/share/games/fortunes", "/usr/share/doc/python3.11", "/usr/share/doc/jargon-text"]
@@ -35,7 +35,7 @@ SUFFIXES = (".py", ".txt", ".rst", ".md")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokenizer", required=True, help="tokenizer.json, folder or Hub id")
     parser.add_argument("--corpus", nargs="+", action="extend",
                         help="folders of text/code (default: Python stdlib + prose)")

@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from nanotronix.cli import finite_float, one_line_errors  # noqa: E402
+from nanotronix.cli import ArgumentParser, finite_float, one_line_errors  # noqa: E402
 from nanotronix.errors import fail  # noqa: E402
 
 
@@ -40,7 +40,7 @@ def _fail(message: str):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--windows", type=int, default=32,
                         help="windows per step on this rank (default 32: SmolLM2-1.7B's 1024 over 32 DP ranks)")
@@ -51,7 +51,6 @@ def parse_args(argv=None):
     parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; the best is kept")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                         help="where batches go (cuda: pinned memory, DALI pipeline on the GPU)")
-    parser.error = _fail  # one line, no usage dump
     args = parser.parse_args(argv)
     for name in ("seq_len", "windows", "micro_batch", "steps", "rounds"):
         if getattr(args, name) < 1:

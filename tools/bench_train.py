@@ -41,7 +41,7 @@ import torch.nn.functional as F  # noqa: E402
 from nanotronix import accel  # noqa: E402
 from nanotronix.config import Config, TrainConfig, load_config  # noqa: E402
 from nanotronix.config_tree import apply_override, read_yaml_tree  # noqa: E402
-from nanotronix.cli import check_writable_folder, one_line_errors, replace_file  # noqa: E402
+from nanotronix.cli import ArgumentParser, check_writable_folder, one_line_errors, replace_file  # noqa: E402
 from nanotronix.errors import UserError, fail  # noqa: E402
 from nanotronix.train.flops import device_peak_tflops, document_attention_span, flops_per_token, mfu  # noqa: E402
 from nanotronix.train.profiler import own_times, summarize  # noqa: E402
@@ -64,7 +64,7 @@ class RunResult:
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    ap = ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("overrides", nargs="*", help="dotted config overrides shared by every run (model.preset=...)")
     ap.add_argument("--config", help="YAML config to start from (default: built-in defaults)")

@@ -11,12 +11,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nanotronix.cli import one_line_errors
+from nanotronix.cli import ArgumentParser, one_line_errors
 from nanotronix.errors import fail
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="tools/convert_from_hf.py",
         description="Convert a Hugging Face LlamaForCausalLM folder (config.json + model.safetensors, sharded or "
                     "not) into a nanotronix checkpoint that `checkpoint.resume` can start a run from.")

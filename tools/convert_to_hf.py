@@ -11,12 +11,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nanotronix.cli import one_line_errors
+from nanotronix.cli import ArgumentParser, one_line_errors
 from nanotronix.errors import fail
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="tools/convert_to_hf.py",
         description="Export a nanotronix checkpoint to a Hugging Face LlamaForCausalLM folder (config.json, "
                     "generation_config.json, model.safetensors (sharded with an index above the shard size), "

@@ -17,12 +17,12 @@ import json
 import sys
 from pathlib import Path
 
-from nanotronix.cli import one_line_errors
+from nanotronix.cli import ArgumentParser, one_line_errors
 from nanotronix.errors import fail
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="tools/inspect_checkpoint.py", description=__doc__,
+    p = ArgumentParser(prog="tools/inspect_checkpoint.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", metavar="CKPT_DIR", help="a step folder, or a run's checkpoint folder (latest step)")
     p.add_argument("--verify", action="store_true", help="check every file's size and SHA-256; non-zero exit on damage")

@@ -11,11 +11,11 @@ import argparse
 import json
 import sys
 
-from nanotronix.cli import one_line_errors
+from nanotronix.cli import ArgumentParser, one_line_errors
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("store", metavar="PREFIX", help="store prefix, .ds file, zarr folder or fsspec URL")
     parser.add_argument("--doc", type=int, metavar="N", help="print the token ids of document N")
     parser.add_argument("--json", action="store_true", help="machine-readable output")

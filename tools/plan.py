@@ -48,14 +48,14 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from nanotronix.cli import finite_float, one_line_errors
+from nanotronix.cli import ArgumentParser, finite_float, one_line_errors
 from nanotronix.errors import fail
 
 GIB = 1024 ** 3
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="tools/plan.py", description=__doc__,
+    parser = ArgumentParser(prog="tools/plan.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", metavar="CONFIG", help="run config (YAML)")
     parser.add_argument("--gpus", type=int, required=True, help="GPUs (processes) in the run")

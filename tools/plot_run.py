@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from nanotronix.cli import one_line_errors, replace_file
+from nanotronix.cli import ArgumentParser, one_line_errors, replace_file
 from nanotronix.errors import fail
 
 
@@ -28,7 +28,7 @@ class PlotError(Exception):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="tools/plot_run.py", description=__doc__,
+    parser = ArgumentParser(prog="tools/plot_run.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("log_dir", metavar="LOG_DIR", help="the run's logging.dir (or its metrics.jsonl)")
     parser.add_argument("--output", "-o", metavar="PNG", help="output file, .png, .svg or .pdf (default LOG_DIR/run.png)")

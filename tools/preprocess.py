@@ -24,12 +24,12 @@ import argparse
 import os
 import sys
 
-from nanotronix.cli import EXIT_TERMINATED, Terminated, non_negative_int, one_line_errors
+from nanotronix.cli import ArgumentParser, EXIT_TERMINATED, Terminated, non_negative_int, one_line_errors
 from nanotronix.train import EXIT_INTERRUPTED
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", action="extend", required=True, metavar="FILE_OR_DIR",
                         help="input files or folders (repeatable)")
     parser.add_argument("--tokenizer", required=True,

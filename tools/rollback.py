@@ -17,12 +17,12 @@ import os
 import sys
 from pathlib import Path
 
-from nanotronix.cli import one_line_errors
+from nanotronix.cli import ArgumentParser, one_line_errors
 from nanotronix.errors import fail
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="tools/rollback.py", description=__doc__,
+    p = ArgumentParser(prog="tools/rollback.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint_dir", metavar="CKPT_DIR", help="the run's checkpoint folder (checkpoint.dir)")
     p.add_argument("--to-step", type=int, required=True, metavar="N", help="the committed step to go back to")

@@ -7,12 +7,11 @@ with the same structure (byte-level BPE, `<|endoftext|>` as id 0, no normaliser)
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import sys
 from pathlib import Path
 
-from nanotronix.cli import check_writable_folder, one_line_errors, replace_file
+from nanotronix.cli import ArgumentParser, check_writable_folder, one_line_errors, replace_file
 from nanotronix.errors import fail
 
 # far above any LM vocabulary (SmolLM2: 49,152); the trainer allocates for it up front and aborts in Rust past memory
@@ -21,7 +20,7 @@ MAX_VOCAB = 1_000_000
 
 @one_line_errors
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--input", nargs="+", action="extend", required=True, metavar="FILE_OR_DIR",
                         help="what tools/preprocess.py reads: text, .jsonl[.gz|.zst] or .parquet files, or folders")
     parser.add_argument("--output", required=True, help="tokenizer.json to write")

@@ -8,6 +8,7 @@ import sys
 import time
 import traceback
 
+from nanotronix.cli import ArgumentParser
 from nanotronix.config import dump_config, load_config
 from nanotronix.errors import EXIT_BAD_INPUT, UserError, fail
 from nanotronix.train import EXIT_INTERRUPTED, EXIT_PREEMPTED, Interrupted
@@ -19,7 +20,7 @@ EXIT_LATE_S = 3.0
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m nanotronix.train",
         description="Train a SmolLM2-family model with tensor, pipeline and data parallelism. "
                     "Launch with torchrun; overrides like train.train_steps=20 parallel.tp=2 change any config field.")
