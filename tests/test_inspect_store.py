@@ -99,6 +99,14 @@ def test_verify_reports_each_damage_in_one_line(tool, capsys, store, kind):
     assert code != 0 and message in err and "\n" not in err, err
 
 
+def test_document_indices_that_do_not_end_at_the_sequence_count_are_refused_at_open(tool, capsys, store):
+    """What Megatron's IndexedDataset asserts when it opens a store (the spec): caught when the store is opened, not
+    only by --verify (the loader read documents running into the next ones)."""
+    _patch(Path(f"{store}.idx"), 34 + 12 + 24 + 24, struct.pack("<q", 4))  # the last of 4 document indices: 3 -> 4
+    code, _, err = _run(tool, capsys, store)
+    assert code == 2 and "damaged index (document indices run 0..4, expected 0..3)" in err and "\n" not in err, err
+
+
 def test_a_document_beyond_a_damaged_index_is_one_line(tool, capsys, store):
     """--doc on a store whose document indices point past its sequences: one line (verify finds it too, first)."""
     _patch(Path(f"{store}.idx"), 34 + 12 + 24 + 16, struct.pack("<q", 7))  # document 2 starts at sequence 7 of 3

@@ -342,3 +342,26 @@ def test_a_stopped_preprocess_leaves_no_workers_and_no_partial_output(tmp_path, 
         assert not list(out.iterdir()), list(out.iterdir())
     else:
         assert proc.returncode == -signal.SIGKILL
+
+
+def test_a_bom_json_arrays_and_files_a_folder_leaves_out_are_said(tmp_path, tok, tool, capsys):
+    """A byte-order mark before line 1 (some editors write one) is read past; a `.json` file holding one array says
+    that JSON lines are read; a folder's files that are not read (an unsupported compression, a link to a folder)
+    are named in a note, not dropped without a word."""
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": TEXTS[0]}).encode() + b"\n")
+    (src / "b.jsonl.bz2").write_bytes(b"BZh9")
+    (src / "linked").symlink_to(tmp_path)
+    (src / ".hidden.jsonl").write_text("not read, not said\n")
+    assert tool.main(["--input", str(src), "--tokenizer", tok, "--output-prefix", str(tmp_path / "out"),
+                      "--no-progress", "--workers", "1"]) == 0
+    assert _docs(tmp_path / "out") == _reference(tok, TEXTS[:1])
+    err = capsys.readouterr().err
+    assert f"note: input folder {src}: 2 entries not read (not a supported file type, or a link to a folder): " \
+           "b.jsonl.bz2, linked" in err, err
+    array = tmp_path / "array.json"
+    array.write_text(json.dumps([{"text": "x"}]))
+    assert tool.main(["--input", str(array), "--tokenizer", tok, "--output-prefix", str(tmp_path / "arr"),
+                      "--no-progress"]) == 2
+    assert "not a JSON object (list; JSON lines are read: one object per line)" in capsys.readouterr().err

@@ -37,8 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output-prefix", required=True,
                         help="output prefix: PREFIX.bin/.idx/.meta.json (megatron) or PREFIX.zarr (zarr)")
     parser.add_argument("--text-key", default="text", help="JSON/Parquet field holding the text (default: text)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                        help="tokenising threads, up to 8 per process (default: all cores)")
+    parser.add_argument("--workers", type=int, default=_usable_cores(),
+                        help="tokenising threads, up to 8 per process (default: the cores this process may use)")
     parser.add_argument("--format", default="megatron", choices=["megatron", "zarr"], help="store format")
     parser.add_argument("--skip-bad", action="store_true",
                         help="skip bad records (counted by reason) instead of stopping at the first one")
@@ -50,6 +50,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--shard", metavar="I/N", type=parse_shard,
                         help="tokenize only shard I of N (0 <= I < N) of the inputs into PREFIX/shard-IIIII-of-NNNNN")
     return parser.parse_args(argv)
+
+
+def _usable_cores() -> int:
+    """The cores this process may run on (a Slurm task's --cpus-per-task, taskset), not all the machine's."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def parse_shard(text: str) -> tuple[int, int]:

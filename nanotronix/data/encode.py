@@ -91,11 +91,11 @@ def _text_of(chunk: Chunk, item, text_key: str):
         except UnicodeDecodeError as e:
             return None, ("invalid UTF-8", f"byte {e.start}")
         try:
-            record = json.loads(line)
+            record = json.loads(line.removeprefix("\ufeff"))  # a byte-order mark some editors put before line 1
         except ValueError as e:
-            return None, ("invalid JSON", str(e))
+            return None, ("invalid JSON", f"{e}; JSON lines are read: one object per line")
         if not isinstance(record, dict):
-            return None, ("not a JSON object", type(record).__name__)
+            return None, ("not a JSON object", f"{type(record).__name__}; JSON lines are read: one object per line")
         if text_key not in record:  # the keys it has, for --text-key (a corpus whose field is "content")
             keys = ", ".join(repr(k) for k in list(record)[:8]) or "none"
             return None, ("missing text key", f"{text_key!r}; its keys: {keys}; --text-key names another")

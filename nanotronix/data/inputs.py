@@ -26,6 +26,7 @@ from __future__ import annotations
 import io
 import itertools
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -61,11 +62,20 @@ def expand_inputs(specs: list[str]) -> list[Path]:
             raise DataError("an input is empty (an unset variable?): name files or folders")
         path = Path(spec).expanduser()
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and input_kind(p)
-                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            visible = [p for p in path.rglob("*")
+                       if not any(part.startswith(".") for part in p.relative_to(path).parts)]
+            found = sorted(p for p in visible if p.is_file() and input_kind(p))
             if not found:
                 raise DataError(f"input folder {spec} holds no supported files (.jsonl[.gz|.zst], .parquet, "
                                 f"{', '.join(TEXT_SUFFIXES[:5])}, ...)")
+            # what a folder holds that is not read (a .bz2 file, a link to a folder, a broken link): said, since a
+            # corpus would otherwise come out smaller without a word; hidden files are passed over quietly
+            left_out = sorted(p for p in visible if not (p.is_dir() and not p.is_symlink()) and p not in found)
+            if left_out:
+                names = ", ".join(str(p.relative_to(path)) for p in left_out[:3])
+                print(f"note: input folder {spec}: {len(left_out)} entr{'y' if len(left_out) == 1 else 'ies'} not "
+                      f"read (not a supported file type, or a link to a folder): {names}"
+                      f"{', ...' if len(left_out) > 3 else ''}", file=sys.stderr)
             files.extend(found)
         elif path.is_file():
             if input_kind(path) is None:

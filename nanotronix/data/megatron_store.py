@@ -135,6 +135,10 @@ class MegatronStore(TokenStore):
         self.sequence_lengths = idx[HEADER.size:HEADER.size + 4 * n].view(np.int32)
         self.sequence_pointers = idx[HEADER.size + 4 * n:HEADER.size + 12 * n].view(np.int64)
         self.document_indices = idx[HEADER.size + 12 * n:base].view(np.int64)
+        first_doc, last_doc = int(self.document_indices[0]), int(self.document_indices[-1])
+        if (first_doc, last_doc) != (0, n):  # what Megatron's IndexedDataset asserts when it opens a store
+            raise DataError(f"{self.idx_path}: damaged index (document indices run {first_doc}..{last_doc}, "
+                            f"expected 0..{n})")
         # The stream's length from the last entry (O(1), no pass over the index).
         self._num_tokens = 0
         if n:

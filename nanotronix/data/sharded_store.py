@@ -61,8 +61,10 @@ def split_inputs(sizes: list[int], index: int, count: int) -> tuple[int, int]:
     if not 0 <= index < count:
         raise DataError(f"--shard {index}/{count}: the shard index must be in [0, {count})")
     if count > len(sizes):
-        raise DataError(f"--shard {index}/{count}: {count} shards but the inputs make {len(sizes)} piece(s) "
-                        f"(compressed JSON lines, text files and one-row-group Parquet files cannot be split)")
+        raise DataError(f"--shard {index}/{count}: {count} shards but the inputs make {len(sizes)} piece(s) (a "
+                        "text file is one document; a JSON-lines or Parquet file is cut only where it holds more "
+                        "than a quarter of a shard's share, and at most at every line, 64 KiB block of a "
+                        "compressed file or row group): use fewer shards")
     ends = np.cumsum(np.asarray(sizes, dtype=np.float64))
     total = ends[-1] if len(ends) else 0.0
     cuts = [0]
