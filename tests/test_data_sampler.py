@@ -226,6 +226,13 @@ def test_loader_errors_are_one_clear_line(stores, tmp_path):
     tiny = _store(tmp_path / "tiny", 10, 0)
     with pytest.raises(DataError, match="cannot fill one window"):
         build_train_loader(_cfg([("one", 1, [(tiny, 1)])]), 0, 1)
+    # one store under two spellings (a link, `./`, its .bin file) would be two datasets, weighted and counted apart
+    from pathlib import Path
+    (tmp_path / "link").symlink_to(Path(stores[0]).parent)
+    for other in (str(tmp_path / "link" / Path(stores[0]).name), f"{stores[0]}.bin",
+                  f"{Path(stores[0]).parent}/./{Path(stores[0]).name}"):
+        with pytest.raises(DataError, match=f"datasets {stores[0]} and {other} are the same token store"):
+            build_train_loader(_cfg([("one", 1, [(stores[0], 1)]), ("two", 3, [(stores[1], 1), (other, 1)])]), 0, 1)
 
 
 def test_loader_blends_all_three_store_formats(stores, tmp_path):

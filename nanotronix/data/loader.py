@@ -160,6 +160,12 @@ def build_train_loader(cfg, dp_rank: int, dp_size: int, consumed_samples: int = 
             if ds.path not in stores:
                 stores[ds.path] = require_integer_tokens(open_store(os.path.expanduser(ds.path)), ds.path)
         stages.append((stage.name, stage.start_step, [(ds.path, ds.weight) for ds in stage.datasets]))
+    same: dict[str, str] = {}
+    for name, store in stores.items():  # one store under two spellings would be two datasets: weights and counts split
+        where = store.path if "://" in store.path else os.path.realpath(store.path)
+        if same.setdefault(where, name) != name:
+            raise DataError(f"data.stages: datasets {same[where]} and {name} are the same token store ({where}): "
+                            "name it one way (in one stage, once, with the weights added)")
     vocab = cfg.model.vocab_size
     for name, store in stores.items():
         if vocab is not None and store.vocab_size is not None and store.vocab_size > vocab:
