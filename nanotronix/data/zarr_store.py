@@ -119,8 +119,10 @@ class ZarrStore(TokenStore):
             self._tokens = group["tokens"]
             self._ends = group["document_ends"]
         except Exception as e:  # zarr/fsspec raise many kinds: missing store, missing array, no network
+            url_note = ("; through a URL only single zarr stores are read: Megatron and .ds stores and folders of "
+                        "shards need a local path") if "://" in location else ""
             raise DataError(f"token store not found or not a nanotronix zarr store: {location} "
-                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}){url_note}") from None
         self.metadata = checked_sidecar(group.attrs.asdict(), f"{self.path} (attributes)")
         n = self._ends.shape[0]
         self._num_tokens = int(self._ends[n - 1]) if n else 0
