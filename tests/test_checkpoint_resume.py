@@ -241,6 +241,13 @@ def test_milestones_are_saved_off_the_interval_and_kept(tmp_path, store):
     rows = read_metrics(tmp_path / "anneal" / "logs")
     assert sorted(rows) == [7, 8, 9] and {rows[s]["stage"] for s in rows} == {"anneal"}
     assert [rows[s]["lr"] for s in (7, 8, 9)] == pytest.approx([2e-3, 1e-3, 0.0])  # 3e-3 x (1 - k/3)
+    # a resume that leaves keep_every / keep_steps out (a requeue with trimmed overrides) keeps the milestones saved
+    # under them: only the step that was no milestone is pruned (before, 5, 6 and 10 went without a word)
+    longer = _config(tmp_path, store, train={"train_steps": 16},
+                     checkpoint={"dir": str(ckpt), "interval": 4, "keep_last": 1})
+    train_in_process(longer)
+    assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_0000005", "step_0000006", "step_0000010",
+                                                           "step_0000016"]
 
 
 def test_one_run_per_checkpoint_dir(tmp_path, store, monkeypatch):

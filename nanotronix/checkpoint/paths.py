@@ -15,6 +15,7 @@ after a new step is committed and never removes the step that `latest` names.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -176,13 +177,26 @@ class Retention:
         return (self.keep_every > 0 and step % self.keep_every == 0) or step in self.keep_steps
 
 
+def _saved_as_milestone(step_dir: Path) -> bool:
+    """Whether the step is a milestone by the keep_every / keep_steps of the run that saved it (its manifest's
+    config): a resume that leaves those settings out (a requeue with trimmed overrides) must not prune it."""
+    try:
+        settings = json.loads((step_dir / MANIFEST_NAME).read_text())["config"]["checkpoint"]
+        saved = Retention(0, int(settings.get("keep_every") or 0), frozenset(settings.get("keep_steps") or ()))
+        return saved.milestone(step_of(step_dir))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # unreadable: the current settings decide
+        return False
+
+
 def prune(run_dir: Path, retention: Retention) -> list[Path]:
-    """Remove the committed steps `retention` does not keep; never the one `latest` names."""
+    """Remove the committed steps `retention` does not keep, nor the settings they were saved with; never the one
+    `latest` names."""
     if retention.keep_last <= 0:
         return []
     latest = read_latest(run_dir)
     steps = committed_steps(run_dir)
-    doomed = [p for p in steps[:-retention.keep_last] if p != latest and not retention.milestone(step_of(p))]
+    doomed = [p for p in steps[:-retention.keep_last]
+              if p != latest and not retention.milestone(step_of(p)) and not _saved_as_milestone(p)]
     for p in doomed:
         # Renamed out of the step pattern first (atomic): a prune interrupted half-way (killed, or files a reader
         # holds open on NFS) leaves a `.step_N.pruning` folder, which the next save's remove_stale_temps finishes
