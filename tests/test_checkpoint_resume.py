@@ -169,6 +169,16 @@ def test_tokens_are_counted_at_the_length_each_step_trained(tmp_path, store):
     assert {step: rows[step]["datasets"]["arith"]["consumed_tokens"] for step in expected} == expected
     report = load_tool("inspect_checkpoint").summarise(ckpt / "step_0000004")
     assert report["consumed_tokens"] == 1536
+    # a resume whose stage blends in another dataset: it counts from the resume on (before, the samples the new blend
+    # would have given it in steps 1-4 were counted too, and the wrong total went into the checkpoints)
+    other = write_learnable_store(tmp_path / "other" / "more", seed=1)
+    train_in_process(cfg, "train.train_steps=6", "train.seq_len=64",
+                     f"data.stages.0.datasets=[{{path: arith, weight: 0.5}}, {{path: {other}, weight: 0.5}}]")
+    rows = read_metrics(tmp_path / "logs")
+    assert {step: rows[step]["consumed_tokens"] for step in (5, 6)} == {5: 2048, 6: 2560}
+    assert sum(d["consumed_tokens"] for d in rows[6]["datasets"].values()) == 2560
+    assert 0 < rows[6]["datasets"][str(other)]["consumed_tokens"] < 1024
+    assert load_tool("inspect_checkpoint").summarise(ckpt / "step_0000006")["consumed_tokens"] == 2560
 
 
 def test_resume_at_or_past_the_last_step(tmp_path, store):

@@ -225,13 +225,16 @@ def test_console_line_says_mfu_a_slow_rank_and_the_time_left():
     record = {"step": 1000, "loss": 2.5, "lr": 3e-4, "grad_norm": 0.25, "consumed_tokens": 1000 * 1024 * 2048,
               "tokens_per_sec": 2.1e6, "mfu": 0.4634, "peak_memory_gb": 51.23, "data_wait_ms": 80.0,
               "data_wait_rank": 17}
-    assert console_line(record, 5_240_000) == (
+    assert console_line(record, 5_240_000, 1024 * 2048) == (
         "step   1000/5240000 | loss 2.5000 | lr 3.000e-04 | grad norm 0.250 | 2,100,000 tok/s | MFU 46.3% | 51.2 GB "
         "| data wait 80 ms/step (rank 17) | ETA 60d 13h")
     quiet = dict(record, data_wait_ms=20.0, mfu=None, peak_memory_gb=None, step=5_239_000,
                  consumed_tokens=5_239_000 * 1024 * 2048)
-    assert console_line(quiet, 5_240_000).endswith("2,100,000 tok/s | ETA 16m 38s")  # a 20 ms wait is < 5% of a step
-    assert "ETA" not in console_line(dict(quiet, step=5_240_000), 5_240_000)  # the last step
+    assert console_line(quiet, 5_240_000, 1024 * 2048).endswith("2,100,000 tok/s | ETA 16m 38s")  # 20 ms < 5%
+    assert "ETA" not in console_line(dict(quiet, step=5_240_000), 5_240_000, 1024 * 2048)  # the last step
+    # after the 8k stage's resume (2048 -> 8192 tokens a window, the pace in tokens/s about the same): the steps left
+    # are 4x as long as the run's average step so far, and the ETA says so
+    assert console_line(quiet, 5_240_000, 1024 * 8192).endswith("ETA 1h 06m")
 
 
 def test_a_damaged_store_is_one_line_naming_it(tmp_path, store):

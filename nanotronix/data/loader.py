@@ -142,10 +142,14 @@ class TrainLoader:
     def count_tokens_from(self, saved: dict[str, Any], step: int) -> None:
         """Resuming at `step` from a checkpoint whose data state (`stats` then) is `saved`: count each dataset's tokens
         on from what the checkpoint says it had consumed, so that a run whose train.seq_len changed on resume (the
-        8k stage) does not count the earlier steps' samples at the new length."""
+        8k stage) does not count the earlier steps' samples at the new length, nor one whose blend changed the
+        samples the new blend would have given before the resume."""
         consumed = self.schedule.consumed(step * self.global_batch_size)
+        saved_datasets = saved.get("datasets") or {}
         for name, count in consumed.items():
-            tokens = saved.get("datasets", {}).get(self.schedule.streams[name].order_key, {}).get("consumed_tokens")
+            tokens = saved_datasets.get(self.schedule.streams[name].order_key, {}).get("consumed_tokens")
+            if tokens is None and saved_datasets:  # a dataset the checkpoint's config did not have: none read yet
+                tokens = 0  # (a blend changed on resume would otherwise count its samples before the resume)
             if tokens is not None:
                 self._tokens_before[name] = (count, int(tokens))
 

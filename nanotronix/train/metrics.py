@@ -107,9 +107,10 @@ class Throughput:
         return tokens / elapsed if elapsed > 0 and tokens else None
 
 
-def console_line(record: dict[str, Any], train_steps: int) -> str:
+def console_line(record: dict[str, Any], train_steps: int, tokens_per_step: int) -> str:
     """The log line of a metrics record: step, loss (and validation losses), lr, grad norm, tokens/s, MFU, memory,
-    a slow rank's data wait, and the time left at this pace;
+    a slow rank's data wait, and the time left at this pace (of steps of `tokens_per_step` tokens: the run's now,
+    not the average since step 1, which a resume with another seq_len changed);
     a skipped step's record (train.skip_steps: validation only) gets step, validation losses and lr."""
     skipped = record.get("skipped", False)
     parts = [f"step {record['step']:>6}/{train_steps}", "skipped" if skipped else f"loss {record['loss']:.4f}"]
@@ -125,7 +126,6 @@ def console_line(record: dict[str, Any], train_steps: int) -> str:
         parts.append(f"MFU {100 * record['mfu']:.1f}%")
     if record.get("peak_memory_gb") is not None:
         parts.append(f"{record['peak_memory_gb']:.1f} GB")
-    tokens_per_step = record["consumed_tokens"] / record["step"]
     step_ms = 1e3 * tokens_per_step / record["tokens_per_sec"] if record.get("tokens_per_sec") else None
     if step_ms and record.get("data_wait_ms", 0) > 0.05 * step_ms:  # the input is too slow somewhere: say where
         parts.append(f"data wait {record['data_wait_ms']:.0f} ms/step (rank {record['data_wait_rank']})")

@@ -100,7 +100,7 @@ class RunLog:
     def _emit(self, record: dict[str, Any]) -> None:
         self.metrics.write(record)
         if self.rank == 0:
-            print(console_line(record, self.cfg.train.train_steps), flush=True)
+            print(console_line(record, self.cfg.train.train_steps, self.tokens_per_step), flush=True)
 
     def close(self) -> None:
         self.metrics.close()
