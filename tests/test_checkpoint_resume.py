@@ -326,3 +326,17 @@ def test_async_saves_survive_a_failed_step_and_their_failure_is_said_at_once(tmp
     with pytest.raises(CheckpointError, match="step 9"):
         train_in_process(cfg, "checkpoint.resume=auto")
     assert max(read_metrics(tmp_path / "logs")) <= 10  # said at once, not at step 12's save
+
+
+def test_a_fresh_run_into_a_logging_dir_with_records_says_so(tmp_path, store, capsys):
+    """Two runs with their own checkpoint.dir but one logging.dir: the second's records go after the first's in one
+    metrics.jsonl (two curves in one file); it says so in a note. A resumed run appends without one."""
+    cfg = _config(tmp_path, store, train={"train_steps": 2}, checkpoint={"dir": str(tmp_path / "a")})
+    train_in_process(cfg)
+    assert "already holds records" not in capsys.readouterr().out
+    train_in_process(cfg, f"checkpoint.dir={tmp_path / 'b'}")
+    assert (f"note: {tmp_path / 'logs' / 'metrics.jsonl'} already holds records (another run's, or this run's before "
+            "it was restarted without a checkpoint)") in capsys.readouterr().out
+    train_in_process(cfg, "train.train_steps=3")  # resumes from a's step 2
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "already holds records" not in out

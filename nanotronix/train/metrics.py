@@ -107,6 +107,20 @@ class Throughput:
         return tokens / elapsed if elapsed > 0 and tokens else None
 
 
+def earlier_records_note(cfg: Config, resumed_step: int) -> Optional[str]:
+    """What a run that starts from step 0 says when its logging.dir already holds records (another run's, or an
+    earlier start of this one): its records are appended after them, which mixes two runs' curves in one file."""
+    path = Path(cfg.logging.dir) / "metrics.jsonl"
+    try:
+        held = resumed_step == 0 and path.stat().st_size > 0
+    except OSError:
+        return None
+    if not held:
+        return None
+    return (f"{path} already holds records (another run's, or this run's before it was restarted without a "
+            "checkpoint): this run's are appended after them; a run of its own wants a logging.dir of its own")
+
+
 def console_line(record: dict[str, Any], train_steps: int, tokens_per_step: int) -> str:
     """The log line of a metrics record: step, loss (and validation losses), lr, grad norm, tokens/s, MFU, memory,
     a slow rank's data wait, and the time left at this pace (of steps of `tokens_per_step` tokens: the run's now,

@@ -27,6 +27,7 @@ from nanotronix.parallel import DistributedOptimizer, ParallelContext, paralleli
 from nanotronix.train import Interrupted
 from nanotronix.train.hang_report import HangWatch
 from nanotronix.train.lr_schedule import lr_at, schedule_note
+from nanotronix.train.metrics import earlier_records_note
 from nanotronix.train.optimizer import param_groups
 from nanotronix.train.profiler import StepProfiler
 from nanotronix.train.run_folders import create_run_folders
@@ -147,7 +148,8 @@ def _train_with(cfg: Config, ctx: ParallelContext, device: torch.device, watch: 
             raise UserError(wrong_eos, every_rank=True)
         note = tokenizer_note(stores, cfg.data.tokenizer)
         unsaved = None if cfg.checkpoint.dir else "checkpoint.dir is not set: no checkpoint will be saved"
-        for note in (note, schedule_note(cfg.lr_schedule, t.train_steps), unsaved):
+        earlier = earlier_records_note(cfg, resumed.step) if ctx.rank == 0 else None
+        for note in (note, schedule_note(cfg.lr_schedule, t.train_steps), unsaved, earlier):
             if note:
                 log0(ctx, f"note: {note}")
 
