@@ -211,7 +211,9 @@ class Checkpointer:
                 "other's steps; wait for it to end, or set another checkpoint.dir")
 
     def release(self) -> None:
-        """Let go of the run folder's lock (the end of the run, or its failure)."""
+        """Let go of what the run holds, at its end or its failure: the run folder's lock, and the SIGTERM/SIGUSR1
+        handlers (left installed after a failure, they swallowed a later SIGTERM of the process that ran it)."""
+        self.watcher.uninstall()
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # closing the descriptor releases the flock
             self._lock_fd = None
