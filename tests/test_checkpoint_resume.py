@@ -344,3 +344,16 @@ def test_a_fresh_run_into_a_logging_dir_with_records_says_so(tmp_path, store, ca
     train_in_process(cfg, "train.train_steps=3")  # resumes from a's step 2
     out = capsys.readouterr().out
     assert "resumed from" in out and "already holds records" not in out
+
+
+def test_a_resume_with_other_learning_rate_settings_says_so(tmp_path, store, capsys):
+    """A requeue with edited overrides that change the learning rate jumps it at the resumed step: each changed
+    setting is a note (an annealing branch changes them on purpose); an unchanged resume says nothing of it."""
+    cfg = _config(tmp_path, store, train={"train_steps": 2}, checkpoint={"dir": str(tmp_path / "ckpt")})
+    train_in_process(cfg)
+    train_in_process(cfg, "train.train_steps=3")
+    assert "learning rate:" not in capsys.readouterr().out
+    train_in_process(cfg, "train.train_steps=4", "optimizer.lr=0.001", "lr_schedule.warmup_steps=5")
+    out = capsys.readouterr().out
+    assert "checkpoint: learning rate: optimizer.lr: 0.003 in the checkpoint, 0.001 now" in out, out
+    assert "checkpoint: learning rate: lr_schedule.warmup_steps: 2 in the checkpoint, 5 now" in out, out

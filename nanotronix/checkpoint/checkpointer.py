@@ -104,6 +104,17 @@ def data_order_notes(saved: dict[str, Any], current: dict[str, Any], step: int) 
     return notes
 
 
+def schedule_change_notes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The learning-rate settings that differ from the checkpoint's config (full configs as dicts): a note each, since
+    a branch means it (an annealing run decays from a milestone) but a requeue with edited overrides would jump the
+    learning rate without a word."""
+    fields = [("optimizer", "lr")] + [("lr_schedule", k) for k in
+                                      ("warmup_steps", "decay_start_step", "decay_steps", "decay_style", "min_lr")]
+    then = {f"{a}.{b}": (saved.get(a) or {}).get(b) for a, b in fields}
+    now = {f"{a}.{b}": (current.get(a) or {}).get(b) for a, b in fields}
+    return [f"{k}: {then[k]} in the checkpoint, {now[k]} now" for k in then if then[k] != now[k]]
+
+
 def store_change_notes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Stores that hold another number of tokens than when the checkpoint was saved, among those the run had read
     from (`saved`, `current`: the loader's stats, as the checkpoint keeps them): their windows are cut and shuffled
@@ -244,6 +255,8 @@ class Checkpointer:
         if consumed:  # the data position continues (not a fresh start from imported weights)
             for note in data_order_notes(saved["config"], current, step):
                 self._log(f"data order: {note}")
+            for note in schedule_change_notes(saved["config"], current):
+                self._log(f"learning rate: {note}")
         own_run = self.run_dir is not None and source.parent.resolve() == self.run_dir.resolve()
         self.last_saved_step = step if own_run else None  # never rewrite the step `latest` names
         what = "weights, optimizer state" if restored["optimizer"] else "weights only (no optimizer state saved)"
