@@ -70,7 +70,8 @@ def expand_inputs(specs: list[str]) -> list[Path]:
                                 f"{', '.join(TEXT_SUFFIXES[:5])}, ...)")
             # what a folder holds that is not read (a .bz2 file, a link to a folder, a broken link): said, since a
             # corpus would otherwise come out smaller without a word; hidden files are passed over quietly
-            left_out = sorted(p for p in visible if not (p.is_dir() and not p.is_symlink()) and p not in found)
+            read = set(found)
+            left_out = sorted(p for p in visible if not (p.is_dir() and not p.is_symlink()) and p not in read)
             if left_out:
                 names = ", ".join(str(p.relative_to(path)) for p in left_out[:3])
                 print(f"note: input folder {spec}: {len(left_out)} entr{'y' if len(left_out) == 1 else 'ies'} not "
