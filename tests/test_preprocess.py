@@ -191,6 +191,10 @@ def test_inputs_named_twice_and_url_outputs_are_refused(tmp_path, tok, tool, cap
     out = ["--tokenizer", tok, "--workers", "1", "--no-progress"]
     assert tool.main(["--input", str(tmp_path / "in"), str(src), *out, "--output-prefix", str(tmp_path / "out")]) == 2
     assert f"input {src} is named twice: its documents would be stored twice" in capsys.readouterr().err
+    os.link(src, tmp_path / "in" / "hard_link.jsonl")  # one file under two names: a link copies nothing
+    assert tool.main(["--input", str(tmp_path / "in"), *out, "--output-prefix", str(tmp_path / "out")]) == 2
+    assert f"(also as {src})" in capsys.readouterr().err
+    os.unlink(tmp_path / "in" / "hard_link.jsonl")
     monkeypatch.chdir(tmp_path)
     assert tool.main(["--input", str(src), *out, "--output-prefix", "s3://bucket/tokens"]) == 2
     assert "--output-prefix s3://bucket/tokens: preprocess writes local files" in capsys.readouterr().err

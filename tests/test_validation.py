@@ -19,12 +19,14 @@ def store(tmp_path_factory):
     return write_learnable_store(tmp_path_factory.mktemp("store") / "arith")
 
 
-def train(tmp_path, store, *overrides: str) -> list[dict]:
+def train(tmp_path, store, *overrides: str, stdout: list | None = None) -> list[dict]:
     tmp_path.mkdir()
     cfg = tiny_config(tmp_path, store, train={"train_steps": STEPS}, logging={"interval": 3},
                       checkpoint={"dir": str(tmp_path / "ckpt"), "interval": INTERVAL})
     proc = torchrun(1, ["-m", "nanotronix.train", "--config", str(cfg), *overrides])
     assert proc.returncode == 0, proc.stderr[-3000:]
+    if stdout is not None:
+        stdout.append(proc.stdout)
     return [json.loads(line) for line in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -48,9 +50,11 @@ def test_validation_losses_are_the_checkpoints_evaluate_losses(tmp_path, store):
     assert validated[10]["val_loss"] < validated[4]["val_loss"]  # learnable progressions; the weights changed
     assert validated[10]["val_losses"]["arith"] != validated[10]["val_losses"][str(other)]
 
-    # validating changes nothing in the run
-    plain = train(tmp_path / "without", store)
+    # validating changes nothing in the run; held-out stores without an interval are not scored, and said so
+    printed: list[str] = []
+    plain = train(tmp_path / "without", store, "validation.data=[arith]", stdout=printed)
     assert all("val_loss" not in r for r in plain)
+    assert "note: validation.data is set but validation.interval is 0: it is not scored" in printed[0]
     losses = {r["step"]: r["loss"] for r in rows}
     assert {r["step"]: r["loss"] for r in plain if r["step"] in losses} == {s: losses[s] for s in (1, 3, 6, 9, 10)}
 

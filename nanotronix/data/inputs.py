@@ -85,9 +85,11 @@ def expand_inputs(specs: list[str]) -> list[Path]:
             files.append(path)
         else:
             raise DataError(f"input not found: {spec}")
-    seen: dict[Path, Path] = {}
-    for path in files:  # a folder and a file inside it, overlapping globs: the documents would be stored twice
-        first = seen.setdefault(path.resolve(), path)
+    seen: dict[tuple[int, int], Path] = {}
+    for path in files:  # a folder and a file inside it, overlapping globs, a link (symbolic or hard) to another
+        # input: the documents would be stored twice. The file's identity (device, inode) sees through every one.
+        info = path.stat()
+        first = seen.setdefault((info.st_dev, info.st_ino), path)
         if first is not path:
             also = f" (also as {first})" if str(first) != str(path) else ""
             raise DataError(f"input {path} is named twice{also}: its documents would be stored twice")

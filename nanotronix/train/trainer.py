@@ -148,8 +148,10 @@ def _train_with(cfg: Config, ctx: ParallelContext, device: torch.device, watch: 
             raise UserError(wrong_eos, every_rank=True)
         note = tokenizer_note(stores, cfg.data.tokenizer)
         unsaved = None if cfg.checkpoint.dir else "checkpoint.dir is not set: no checkpoint will be saved"
+        unscored = ("validation.data is set but validation.interval is 0: it is not scored (set an interval)"
+                    if cfg.validation.data and cfg.validation.interval == 0 else None)
         earlier = earlier_records_note(cfg, resumed.step) if ctx.rank == 0 else None
-        for note in (note, schedule_note(cfg.lr_schedule, t.train_steps), unsaved, earlier):
+        for note in (note, schedule_note(cfg.lr_schedule, t.train_steps), unsaved, unscored, earlier):
             if note:
                 log0(ctx, f"note: {note}")
 
