@@ -480,6 +480,23 @@ def test_sigterm_leaves_no_half_written_output(tmp_path, capsys, monkeypatch, to
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handed back when the command ended
 
 
+def test_what_a_killed_conversion_left_is_removed(tmp_path, capsys):
+    """SIGKILL (the OOM killer, scancel -s KILL) gives a converter no chance to remove its staging folder; the next
+    conversion to that output removes the ones whose process is gone, and says so, leaving a live one alone."""
+    dead = subprocess.Popen(["true"])  # its process id names no process once it has ended
+    dead.wait()
+    out = tmp_path / "out"
+    for pid in (dead.pid, 1):  # 1: a process that is alive (init), maybe another conversion
+        (tmp_path / f".out.tmp-{pid}").mkdir()
+        (tmp_path / f".out.tmp-{pid}" / "model.safetensors").write_bytes(b"half")
+    source = _hf_original(tmp_path / "hf", untied=False)
+    capsys.readouterr()
+    assert tool_main("convert_from_hf")(["--hf", str(source), "--output", str(out), "--no-progress"]) == 0
+    assert f"note: removed what an interrupted run left beside the output (its process is gone): .out.tmp-{dead.pid}" \
+        in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out")) == [".out.tmp-1"]
+
+
 def test_quantized_nan_and_extra_tensors_are_said(tmp_path, capsys):
     """What would import as a float checkpoint that is not the model: a quantized model (quantization_config, or
     integer weights with scales beside them), weights holding NaN; extra tensors are imported without, and said."""

@@ -346,6 +346,14 @@ def test_a_stopped_preprocess_leaves_no_workers_and_no_partial_output(tmp_path, 
         assert not list(out.iterdir()), list(out.iterdir())
     else:
         assert proc.returncode == -signal.SIGKILL
+        # what it left (its staging files, as large as the store) goes with the next run to that output, said
+        assert [p.name for p in out.iterdir() if ".tmp-" not in p.name] == [] and any(out.iterdir())
+        small = _jsonl(tmp_path / "small.jsonl", [json.dumps({"text": TEXTS[0]})])
+        again = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "tools" / "preprocess.py"),
+                                "--input", str(small), "--tokenizer", tok, "--output-prefix", str(out / "store"),
+                                "--workers", "1", "--no-progress"], env=env, capture_output=True, text=True)
+        assert again.returncode == 0 and "note: removed what an interrupted run left beside the output" in again.stderr
+        assert not [p.name for p in out.iterdir() if ".tmp-" in p.name], list(out.iterdir())
 
 
 def test_a_bom_json_arrays_and_files_a_folder_leaves_out_are_said(tmp_path, tok, tool, capsys):

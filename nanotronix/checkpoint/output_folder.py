@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from nanotronix.data.files import temp_path
+from nanotronix.data.files import note_removed_temps, remove_abandoned_temps, temp_path
 from nanotronix.errors import PATH_THROUGH_A_FILE, UserError
 
 
@@ -34,6 +34,7 @@ def prepare_output(output: Path, source: Path, overwrite: bool, replaceable: Cal
             raise UserError(f"--overwrite: {output} is not {kind}, so it is left as it is (remove it yourself if "
                             "it is to go)")
     staging = temp_path(output)
+    note_removed_temps(remove_abandoned_temps(output))
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(staging, ignore_errors=True)

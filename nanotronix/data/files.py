@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,46 @@ from .errors import DataError
 def temp_path(final: str | os.PathLike) -> Path:
     final = Path(final)
     return final.with_name(f".{final.name}.tmp-{os.getpid()}")
+
+
+def remove_abandoned_temps(final: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files and folders that killed writers of `final` left beside it (`.NAME[.ext].tmp-PID`,
+    NAME being `final`'s name, e.g. a store prefix's `.NAME.bin.tmp-PID`), when their process is gone from this
+    machine: a SIGKILLed preprocess or converter cannot clean up, and its leftovers are as large as the output.
+    Returns what was removed. A writer of the same output on another machine is not seen (it would collide at its
+    own commit anyway)."""
+    final = Path(final)
+    pattern = re.compile(rf"\.{re.escape(final.name)}(\.[^/]*)?\.tmp-(\d+)")
+    removed = []
+    try:
+        entries = list(final.parent.iterdir())
+    except OSError:  # no folder yet: nothing left there
+        return removed
+    for entry in entries:
+        found = pattern.fullmatch(entry.name)
+        if found and _process_is_gone(int(found.group(2))):
+            remove_quietly(entry)
+            removed.append(entry)
+    return removed
+
+
+def note_removed_temps(removed: list[Path]) -> None:
+    if removed:
+        names = ", ".join(p.name for p in removed[:3]) + (", ..." if len(removed) > 3 else "")
+        print(f"note: removed what an interrupted run left beside the output (its process is gone): {names}",
+              file=sys.stderr)
+
+
+def _process_is_gone(pid: int) -> bool:
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # someone else's live process (EPERM)
+        return False
+    return False
 
 
 def fsync_file(path: str | os.PathLike) -> None:

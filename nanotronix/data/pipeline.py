@@ -31,6 +31,7 @@ from nanotronix.cli import check_writable_folder
 
 from . import encode
 from .errors import DataError
+from .files import note_removed_temps, remove_abandoned_temps
 from .inputs import InputPiece, expand_inputs, iter_chunks, split_large_inputs, text_per_byte, whole_files
 from .megatron_store import MegatronWriter, optimal_dtype, sidecar_path
 from .sharded_store import inputs_fingerprint, shard_name, split_inputs
@@ -124,6 +125,7 @@ def preprocess(opts: PreprocessOptions) -> PreprocessResult:
         raise DataError(f"--output-prefix {opts.output_prefix}: {existing} already exists; pass --overwrite to "
                         "replace that store")
     check_writable_folder(os.path.dirname(os.path.abspath(prefix)), "--output-prefix")
+    note_removed_temps(remove_abandoned_temps(prefix))
     tokenizer, info = load_tokenizer(opts.tokenizer)
     dtype = optimal_dtype(info.vocab_size)
     start = time.perf_counter()
