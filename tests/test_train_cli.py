@@ -218,6 +218,32 @@ def test_tensorboard_gets_every_number_nested_ones_by_path():
                                       "datasets/web/epochs": 0.5}
 
 
+def test_tensorboard_holds_each_step_once_after_a_resume_retrains_steps(tmp_path, store):
+    """TensorBoard's scalars, read back by TensorBoard's own reader, are metrics.jsonl's: one point a step, the
+    value of the step's last record. A resume re-trains the steps that the stopped run logged after its checkpoint
+    (here after a rollback, at another learning rate so that the two runs' values differ): TensorBoard drops the
+    stopped run's points of those steps (before, both runs' points were drawn for steps 4-6)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = tiny_config(tmp_path, store, train={"train_steps": 6}, logging={"tensorboard": True},
+                      checkpoint={"dir": str(tmp_path / "ckpt"), "interval": 3})
+    first = run(["-m", "nanotronix.train", "--config", str(cfg)])
+    assert first.returncode == 0, first.stderr[-3000:]
+    back = run(["tools/rollback.py", str(tmp_path / "ckpt"), "--to-step", "3"])
+    assert back.returncode == 0, back.stderr
+    again = run(["-m", "nanotronix.train", "--config", str(cfg), "optimizer.lr=1e-3"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6, 4, 5, 6]
+    last = {r["step"]: r for r in records}
+    assert last[6]["loss"] != records[5]["loss"]  # the resumed run's values are other values
+    events = EventAccumulator(str(tmp_path / "logs" / "tensorboard"))
+    events.Reload()
+    for tag in ("loss", "lr", "grad_norm"):
+        points = [(e.step, e.value) for e in events.Scalars(tag)]
+        assert points == [(step, pytest.approx(last[step][tag], rel=1e-6)) for step in range(1, 7)], (tag, points)
+
+
 def test_console_line_says_mfu_a_slow_rank_and_the_time_left():
     from nanotronix.train.metrics import console_line
 

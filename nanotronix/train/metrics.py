@@ -19,7 +19,7 @@ from nanotronix.errors import UserError
 class MetricsLog:
     """Where rank 0's records go: metrics.jsonl, and TensorBoard and W&B when the config asks for them."""
 
-    def __init__(self, cfg: Config, enabled: bool):
+    def __init__(self, cfg: Config, enabled: bool, first_step: int = 1):
         self.enabled = enabled
         self.path = Path(cfg.logging.dir) / "metrics.jsonl"
         self._tb = self._wandb = None
@@ -32,7 +32,10 @@ class MetricsLog:
                 except ImportError:
                     raise UserError("logging.tensorboard: needs the tensorboard package (pip install "
                                     "tensorboard)") from None
-                self._tb = SummaryWriter(str(self.path.parent / "tensorboard"))
+                # A resume re-trains the steps after its checkpoint that the stopped run had logged: TensorBoard
+                # drops those earlier points (purge_step), or its curves would hold both runs' values of each step.
+                self._tb = SummaryWriter(str(self.path.parent / "tensorboard"),
+                                         purge_step=first_step if first_step > 1 else None)
             if cfg.logging.wandb_project is not None:
                 from nanotronix.train.wandb_log import WandbLog
                 self._wandb = WandbLog(cfg.logging, cfg.to_dict())

@@ -19,9 +19,9 @@ from nanotronix.train.validation import mean_loss
 
 
 class RunLog:
-    def __init__(self, cfg: Config, rank: int, world_size: int, device: torch.device):
+    def __init__(self, cfg: Config, rank: int, world_size: int, device: torch.device, first_step: int):
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
-        self.metrics = MetricsLog(cfg, enabled=rank == 0)
+        self.metrics = MetricsLog(cfg, enabled=rank == 0, first_step=first_step)
         self.speed = Throughput()
         self.peak = device_peak_tflops(device, cfg.train.dtype)
         self.tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len

@@ -161,10 +161,10 @@ def _train_with(cfg: Config, ctx: ParallelContext, device: torch.device, watch: 
                   f"{t.micro_batch_size}, grad accumulation {accum} | device {device.type} | "
                   f"{accel.describe(attn, m.document_mask_eos_id is not None)} | data loader: {loader.name}")
 
-        log = RunLog(cfg, ctx.rank, ctx.world_size, device)
+        start_step = resumed.step + 1
+        log = RunLog(cfg, ctx.rank, ctx.world_size, device, start_step)
         first_loss = last_loss = None
         preempted = False
-        start_step = resumed.step + 1
         log.config_used_from(start_step)
 
         def validate_if_due(step: int) -> Optional[dict[str, float]]:
