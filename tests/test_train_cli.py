@@ -244,6 +244,19 @@ def test_tensorboard_holds_each_step_once_after_a_resume_retrains_steps(tmp_path
         assert points == [(step, pytest.approx(last[step][tag], rel=1e-6)) for step in range(1, 7)], (tag, points)
 
 
+def test_a_store_read_more_than_once_over_is_said_at_the_start(tmp_path):
+    """A run that takes more windows from a store than it holds reads it again (each epoch in a new order): said
+    once at the start, as many times over as the last step's metrics record says."""
+    small = write_learnable_store(tmp_path / "data" / "small", num_docs=8)  # a few hundred tokens
+    proc = run(["-m", "nanotronix.train", "--config", str(tiny_config(tmp_path, small, train={"train_steps": 4}))])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = json.loads((tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()[-1])
+    epochs = last["datasets"]["small"]["epochs"]
+    assert last["step"] == 4 and epochs > 1
+    assert proc.stdout.count("is read") == 1, proc.stdout
+    assert f"note: data: small is read {epochs:.2f} times over by step 4 (the run takes more windows" in proc.stdout
+
+
 def test_console_line_says_mfu_a_slow_rank_and_the_time_left():
     from nanotronix.train.metrics import console_line
 

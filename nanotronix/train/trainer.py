@@ -142,6 +142,10 @@ def _train_with(cfg: Config, ctx: ParallelContext, device: torch.device, watch: 
             loader.loader.count_tokens_from(resumed.data, resumed.step)
         for changed in store_change_notes(resumed.data, loader.stats(resumed.step)):
             log0(ctx, f"data order: {changed}")
+        for name, read in loader.stats(t.train_steps)["datasets"].items():  # the sampler's arithmetic, as plan's
+            if read["epochs"] > 1:
+                log0(ctx, f"note: data: {name} is read {read['epochs']:.2f} times over by step {t.train_steps} (the "
+                          "run takes more windows from it than its store holds; each epoch in a new order)")
         stores = {**loader.loader.stores, **(validator.stores if validator else {})}
         wrong_eos = document_eos_mismatch(stores, m.document_mask_eos_id)
         if wrong_eos:  # the same stores and config on every rank
