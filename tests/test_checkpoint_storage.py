@@ -3,6 +3,7 @@ damaged files reported as one line naming the file. Costs ~10 s of CPU (two shor
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +57,20 @@ def test_rng_restored_is_the_saved_state(tmp_path):
     fresh = plain_model()
     load_single(folder, fresh, adamw(fresh))
     assert torch.equal(torch.rand(4), expected)
+
+
+def test_every_name_in_a_saved_step_is_durable(tmp_path, monkeypatch):
+    """Each folder of a committed step is fsynced after the names in it were made (a file's data fsynced is not
+    its name: after a power loss, a step that `latest` names could lack its rank's RNG file)."""
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(Path(os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd)))
+    model = plain_model()
+    folder = save_single(tmp_path / "run", 1, model, adamw(model))
+    written_as = tmp_path / "run" / ".step_0000001.tmp"  # renamed into place once complete
+    folders = [written_as / sub.relative_to(folder) for sub in [folder, *folder.rglob("*")] if sub.is_dir()]
+    assert len(folders) >= 2 and all(sub in synced for sub in folders), (folders, synced)
 
 
 def test_latest_pointer_and_keep_last(tmp_path):

@@ -8,12 +8,15 @@ different work, so its old generator state would mean nothing; the run then keep
 """
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from nanotronix.checkpoint.paths import fsync_path
 
 
 def rng_file(folder: Path, rank: int) -> Path:
@@ -43,15 +46,16 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 def save_rng(folder: Path, rank: int, state: dict[str, Any]) -> str:
-    """Write this rank's RNG file (fsynced); return its path relative to the folder."""
-    import os
-
+    """Write this rank's RNG file, durably (the file, and its name in the rng folder: the step commit fsyncs only the
+    step folder, so after a power loss a committed step could lack the file); return its path relative to the
+    folder."""
     path = rng_file(folder, rank)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
+    fsync_path(path.parent)
     return path.relative_to(folder).as_posix()
 
 
