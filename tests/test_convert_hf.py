@@ -21,6 +21,7 @@ from helpers import ROOT
 
 from nanotronix.checkpoint.hf_export import export_to_hf
 from nanotronix.checkpoint.hf_import import import_from_hf
+from nanotronix.convert.hf_mapping import hf_config_dict
 from nanotronix.errors import UserError
 
 
@@ -534,3 +535,86 @@ def test_quantized_nan_and_extra_tensors_are_said(tmp_path, capsys):
     said = variant("extra", extra)
     assert f"warning: 1 tensor(s) of {tmp_path / 'extra'} not imported, which this model has no place for: " \
            "vision.proj" in said, said
+
+
+CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+
+
+def test_export_ships_the_tokenizer_as_transformers_reads_it(tmp_path):
+    """An instruct tokenizer (eos_token <|im_end|>, its chat template in chat_template.jinja, where transformers saves
+    it): the export keeps the template and makes config.json's eos_token_id the one AutoTokenizer reports (generate()
+    stops there); a run continued from an import that names no data.tokenizer ships the imported model's."""
+    from tokenizers import Tokenizer
+    from nanotronix.checkpoint.manifest import read_manifest
+    from nanotronix.checkpoint.paths import Retention
+    from nanotronix.checkpoint.storage import Collective
+    from nanotronix.checkpoint.training_state import take_snapshot, write_snapshot
+    from nanotronix.parallel import ParallelContext
+
+    folder = tmp_path / "orig"
+    tokenizer_file = _write_tiny_tokenizer(folder)
+    tok = Tokenizer.from_file(str(tokenizer_file))
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    tok.save(str(tokenizer_file))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}))
+    (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+
+    trained_checkpoint(tmp_path / "run", cfg=WITH_BYTES)
+    out = export_to_hf(tmp_path / "run", tmp_path / "hf", tokenizer=str(folder), progress=False, log=lambda _: None)
+    theirs = transformers.AutoTokenizer.from_pretrained(out)
+    config = json.loads((out / "config.json").read_text())
+    assert theirs.eos_token == "<|im_end|>" and config["eos_token_id"] == theirs.eos_token_id == tok.token_to_id(
+        "<|im_end|>")
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == theirs.eos_token_id
+    assert theirs.chat_template == CHAT_TEMPLATE
+
+    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in hf_config_dict(WITH_BYTES).items()
+                                         if k not in ("architectures", "model_type", "torch_dtype")})
+    transformers.LlamaForCausalLM(hf_cfg).save_pretrained(folder)
+    import_from_hf(folder, tmp_path / "imported", log=lambda _: None)
+    source = read_manifest(tmp_path / "imported" / "step_0000000")["source"]
+    model = plain_model(WITH_BYTES)
+    opt = adamw(model)
+    train_steps(model, opt, range(1, 2), WITH_BYTES)
+    snap = take_snapshot(1, model, opt, ParallelContext(tp=1, pp=1, dp=1, rank=0, world_size=1),
+                         {"model": dataclasses.asdict(WITH_BYTES)}, {"consumed_samples": 2}, stage=False,
+                         source=source)  # what the trainer saves after resuming from the import, data.tokenizer unset
+    write_snapshot(snap, tmp_path / "continued", Collective(), Retention(0, 0, frozenset()))
+    said = []
+    out = export_to_hf(tmp_path / "continued", tmp_path / "hf2", progress=False, log=said.append)
+    assert transformers.AutoTokenizer.from_pretrained(out).chat_template == CHAT_TEMPLATE
+    assert (out / "tokenizer.json").read_bytes() == tokenizer_file.read_bytes()
+    assert any("shipping the imported model's" in line for line in said), said
+
+
+def test_import_reads_the_weights_and_rope_theta_transformers_reads(tmp_path):
+    """A folder holding model.safetensors beside a sharded index (an older save left there): transformers loads
+    model.safetensors, and so must the import; a rope_theta given twice with two values is refused (transformers 5
+    reads rope_parameters', older versions the top-level one)."""
+    original = _hf_original(tmp_path / "orig", untied=False)
+    stale = tmp_path / "stale"
+    torch.manual_seed(1)
+    transformers.LlamaForCausalLM(transformers.AutoConfig.from_pretrained(original)).save_pretrained(
+        stale, max_shard_size="20KB")
+    both = tmp_path / "both"
+    shutil.copytree(original, both)
+    for file in [*stale.glob("model-*.safetensors"), stale / "model.safetensors.index.json"]:
+        shutil.copyfile(file, both / file.name)
+    import_from_hf(both, tmp_path / "ckpt", log=lambda _: None)
+    from checkpoint_helpers import load_single
+    from nanotronix.checkpoint.reader import CheckpointReader
+    from nanotronix.model import build_model
+    cfg = CheckpointReader(tmp_path / "ckpt").model_config
+    model = build_model(cfg)
+    load_single(tmp_path / "ckpt" / "step_0000000", model, adamw(model))
+    assert logits_match(both, model, cfg) < 1e-5
+
+    config = json.loads((original / "config.json").read_text())
+    twice = tmp_path / "twice"
+    shutil.copytree(original, twice)
+    (twice / "config.json").write_text(json.dumps(
+        {**config, "rope_theta": 500000.0, "rope_parameters": {"rope_type": "default", "rope_theta": 130000.0}}))
+    with pytest.raises(UserError, match="rope_theta: config.json gives rope_parameters.rope_theta=130000.0, "
+                                        "rope_theta=500000.0"):
+        import_from_hf(twice, tmp_path / "ckpt2", log=lambda _: None)

@@ -87,7 +87,7 @@ def write_tokenizer_files(spec: str, folder: Path, max_length: int) -> Any:
     source = Path(info.file)
     shutil.copyfile(source, folder / "tokenizer.json")
     copied = False
-    for extra in ("tokenizer_config.json", "special_tokens_map.json"):
+    for extra in TOKENIZER_FILES[1:]:
         if (source.parent / extra).is_file():
             shutil.copyfile(source.parent / extra, folder / extra)
             copied |= extra == "tokenizer_config.json"
@@ -99,22 +99,36 @@ def write_tokenizer_files(spec: str, folder: Path, max_length: int) -> Any:
     return info
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# chat_template.jinja: where transformers (>= 4.50) saves a tokenizer's chat template (an instruct model's)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
-def _bos_id(info, folder: Path) -> int:
-    """The tokenizer's own beginning-of-sequence id: its tokenizer_config.json's bos_token (a string, or a dict with
-    "content"), else its EOS (SmolLM2's tokenizer uses <|endoftext|> for both)."""
+def _special_id(info, folder: Path, key: str) -> Optional[int]:
+    """The id of the token the shipped tokenizer_config.json names as `key` (bos_token, eos_token: a string, or a
+    dict with "content"); None when it names none in the vocabulary."""
     from tokenizers import Tokenizer
 
     try:
-        bos = json.loads((folder / "tokenizer_config.json").read_text()).get("bos_token")
-    except (OSError, ValueError, AttributeError):  # none, or not a JSON object: no bos of its own
-        bos = None
-    if isinstance(bos, dict):
-        bos = bos.get("content")
-    bos_id = Tokenizer.from_file(info.file).token_to_id(bos) if isinstance(bos, str) else None
+        token = json.loads((folder / "tokenizer_config.json").read_text()).get(key)
+    except (OSError, ValueError, AttributeError):  # none, or not a JSON object: no token of its own
+        token = None
+    if isinstance(token, dict):
+        token = token.get("content")
+    return Tokenizer.from_file(info.file).token_to_id(token) if isinstance(token, str) else None
+
+
+def _bos_id(info, folder: Path) -> int:
+    """The tokenizer's own beginning-of-sequence id: its tokenizer_config.json's bos_token, else its EOS (SmolLM2's
+    tokenizer uses <|endoftext|> for both)."""
+    bos_id = _special_id(info, folder, "bos_token")
     return info.eos_id if bos_id is None else bos_id
+
+
+def _eos_id(info, folder: Path) -> int:
+    """The EOS id the shipped tokenizer reports (its tokenizer_config.json's eos_token, e.g. an instruct model's
+    <|im_end|>), so that generate() stops where AutoTokenizer says; else the one the data pipeline uses."""
+    eos_id = _special_id(info, folder, "eos_token")
+    return info.eos_id if eos_id is None else eos_id
 
 
 def _transformers_version() -> Optional[str]:
@@ -141,14 +155,18 @@ def export_to_hf(checkpoint: str | os.PathLike, output: str | os.PathLike, dtype
                           "a Hugging Face model folder (no config.json)")
     try:
         tokenizer_spec = tokenizer or (manifest["config"].get("data") or {}).get("tokenizer")
-        info = bos_id = None
+        imported_tokenizer = Path(source_hf["path"]) if source_hf.get("path") else None
+        if not tokenizer_spec and imported_tokenizer and (imported_tokenizer / "tokenizer.json").is_file():
+            tokenizer_spec = str(imported_tokenizer)  # a run continued from an import that names no data.tokenizer
+            log(f"note: the run names no data.tokenizer; shipping the imported model's ({imported_tokenizer})")
+        info = bos_id = eos_id = None
         if tokenizer_spec:
             try:
                 info = write_tokenizer_files(tokenizer_spec, temp, cfg.max_position_embeddings)
                 if info.vocab_size > cfg.vocab_size:  # its ids past the embedding: an IndexError in generate()
                     raise UserError(f"tokenizer {tokenizer_spec} has {info.vocab_size} tokens, more than the "
                                     f"model's vocabulary ({cfg.vocab_size}): not the model's tokenizer")
-                bos_id = _bos_id(info, temp)
+                bos_id, eos_id = _bos_id(info, temp), _eos_id(info, temp)
             except UserError as e:
                 if tokenizer:  # asked for explicitly: an error; the run's own: export the model anyway
                     raise
@@ -161,7 +179,7 @@ def export_to_hf(checkpoint: str | os.PathLike, output: str | os.PathLike, dtype
         if info is None and not {"eos_token_id", "bos_token_id"} <= imported.keys():
             log("warning: no tokenizer, so bos_token_id and eos_token_id in config.json are set to 0 (SmolLM2's "
                 "<|endoftext|>): pass --tokenizer to have the tokenizer's own")
-        eos = imported.get("eos_token_id", info.eos_id if info else 0)
+        eos = imported.get("eos_token_id", eos_id if info else 0)
         bos = imported.get("bos_token_id", bos_id if info else 0)
         config = hf_config_dict(cfg, eos_token_id=eos, bos_token_id=bos, torch_dtype=dtype)
         for key, value in source_hf.get("config", {}).items():

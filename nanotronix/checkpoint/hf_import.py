@@ -50,6 +50,8 @@ class SafetensorsFolder:
             except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON, or no weight_map of names
                 why = f"no {e.args[0]!r}" if isinstance(e, KeyError) else " ".join(str(e).split())
                 raise UserError(f"{index}: not a safetensors index ({why})") from None
+            if (folder / "model.safetensors").is_file():  # beside it (an older save's): transformers loads this one
+                files = ["model.safetensors"]
         elif (folder / "model.safetensors").is_file():
             files = ["model.safetensors"]
         elif any(folder.glob("*.bin")):

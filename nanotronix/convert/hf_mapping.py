@@ -159,9 +159,17 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
             raise ValueError(f"{field}: true is not supported (the model has no biases)")
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act: {hf['hidden_act']!r} is not supported (the MLP is SwiGLU: silu)")
-    rope_theta = hf.get("rope_theta")
-    if rope_theta is None:  # transformers >= 5 may keep it under rope_parameters
-        rope_theta = (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    # transformers >= 5 keeps rope_theta under rope_parameters (and reads it from there, or from a rope_scaling dict,
+    # before the top-level field); older versions read only the top-level one. Two different values: refused, as
+    # which one applies depends on the transformers version
+    thetas = {f"{field}.rope_theta": hf[field]["rope_theta"] for field in ("rope_parameters", "rope_scaling")
+              if isinstance(hf.get(field), dict) and hf[field].get("rope_theta") is not None}
+    if hf.get("rope_theta") is not None:
+        thetas["rope_theta"] = hf["rope_theta"]
+    if len({float(v) for v in thetas.values()}) > 1:
+        raise ValueError("rope_theta: config.json gives " + ", ".join(f"{k}={v}" for k, v in thetas.items()) +
+                         "; transformers versions differ in which one they use: keep one")
+    rope_theta = next(iter(thetas.values()), 10000.0)
     fields = {
         "hidden_size": hf["hidden_size"], "intermediate_size": hf["intermediate_size"],
         "num_hidden_layers": hf["num_hidden_layers"], "num_attention_heads": hf["num_attention_heads"],
