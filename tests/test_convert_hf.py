@@ -481,6 +481,29 @@ def test_sigterm_leaves_no_half_written_output(tmp_path, capsys, monkeypatch, to
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handed back when the command ended
 
 
+def test_a_step_pruned_while_it_is_exported_is_said_in_one_line(tmp_path, capsys, monkeypatch):
+    """A running run's keep_last prunes the step an export is reading (an export of a large model takes minutes):
+    one line saying so, exit 2, no output (before: DCP's tracebacks, then "metadata is None")."""
+    from nanotronix.checkpoint.reader import CheckpointReader
+    folder, _ = trained_checkpoint(tmp_path / "run")
+    real, calls = CheckpointReader.tensors, []
+
+    def pruned_meanwhile(self, names, dtype=None):
+        calls.append(names)
+        if len(calls) == 3:  # what paths.prune does: rename aside, then delete
+            folder.rename(folder.with_name(".pruned"))
+        return real(self, names, dtype)
+
+    monkeypatch.setattr(CheckpointReader, "tensors", pruned_meanwhile)
+    capsys.readouterr()
+    code = tool_main("convert_to_hf")(["--checkpoint", str(folder), "--output", str(tmp_path / "hf"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [f"error: checkpoint {folder} was removed while it was being read (a running run's "
+                                 "checkpoint.keep_last prunes its older steps): read a step it keeps (a milestone: "
+                                 "checkpoint.keep_every / keep_steps) or a copy of the step"], err
+    assert not [p.name for p in tmp_path.iterdir() if "hf" in p.name]
+
+
 def test_what_a_killed_conversion_left_is_removed(tmp_path, capsys):
     """SIGKILL (the OOM killer, scancel -s KILL) gives a converter no chance to remove its staging folder; the next
     conversion to that output removes the ones whose process is gone, and says so, leaving a live one alone."""

@@ -81,8 +81,21 @@ class CheckpointReader:
         """Full logical tensors (CPU) of the given parameter names."""
         self.verify(names)
         state = {st.model_key(n): torch.empty(self.shape(n), dtype=self.dtype(n)) for n in names}
-        storage.Collective(single_process=True).load(state, self.folder)
+        try:
+            self._still_there()  # before DCP's load, which logs tracebacks of its own on a missing folder
+            storage.Collective(single_process=True).load(state, self.folder)
+        except CheckpointError:
+            self._still_there()
+            raise
         return {n: state[st.model_key(n)] if dtype is None else state[st.model_key(n)].to(dtype) for n in names}
+
+    def _still_there(self) -> None:
+        """A step read tensor by tensor (an export of a 1.7B model takes minutes) that a running run prunes meanwhile
+        (checkpoint.keep_last): said as that, not as a damaged checkpoint."""
+        if not self.folder.is_dir():
+            raise CheckpointError(f"checkpoint {self.folder} was removed while it was being read (a running run's "
+                                  "checkpoint.keep_last prunes its older steps): read a step it keeps (a milestone: "
+                                  "checkpoint.keep_every / keep_steps) or a copy of the step")
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Every parameter in model order, read one at a time."""
