@@ -390,6 +390,7 @@ def test_what_the_model_does_not_compute_is_refused_on_import(tmp_path, capsys):
 
     refused({"attention_bias": True}, "attention_bias: true is not supported")
     refused({"mlp_bias": True}, "mlp_bias: true is not supported")
+    refused({"attention_bias": "false"}, 'attention_bias: "false" is not supported')  # a string: a bias in transformers
     refused({"hidden_act": "gelu"}, "hidden_act: 'gelu' is not supported")
     refused({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling: RoPE type 'llama3'")
     refused({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling: RoPE type 'linear'")

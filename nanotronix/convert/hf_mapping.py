@@ -6,6 +6,7 @@ untied), and the config fields. RoPE needs no permutation: both sides use the ro
 """
 from __future__ import annotations
 
+import json
 from typing import Any, Callable, Iterator
 
 import torch
@@ -155,8 +156,8 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         if kind != "default":
             raise ValueError(f"{field}: RoPE type {kind!r} is not supported (only plain RoPE)")
     for field in ("attention_bias", "mlp_bias"):
-        if hf.get(field):
-            raise ValueError(f"{field}: true is not supported (the model has no biases)")
+        if hf.get(field):  # a string such as "false" too: transformers' nn.Linear(bias="false") has a bias
+            raise ValueError(f"{field}: {json.dumps(hf[field])} is not supported (the model has no biases)")
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act: {hf['hidden_act']!r} is not supported (the MLP is SwiGLU: silu)")
     # transformers >= 5 keeps rope_theta under rope_parameters (and reads it from there, or from a rope_scaling dict,
