@@ -54,6 +54,9 @@ def evaluate(checkpoint: str, data: str, seq_len: int, num_samples: int, batch_s
                         f"{data} has {store.num_tokens}")
     reader = CheckpointReader(checkpoint)
     cfg = reader.model_config
+    if store.vocab_size is not None and store.vocab_size > cfg.vocab_size:  # refused as the trainer's validation does
+        raise UserError(f"--data: {data} was tokenized with {store.vocab_size} tokens, more than the model's "
+                        f"vocabulary ({cfg.vocab_size}): not the checkpoint's tokenizer")
     # the tokenizer the checkpoint's run names (data.tokenizer) against the one that wrote the store
     note = tokenizer_note({data: store}, (reader.manifest["config"].get("data") or {}).get("tokenizer"))
     wrong_eos = document_eos_mismatch({data: store}, cfg.document_mask_eos_id)

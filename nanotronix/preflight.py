@@ -55,11 +55,10 @@ def check_data(cfg: Config, dp: int) -> dict:
     """Open every token store (the validation stores too) and build the sampler's schedule (reads only headers);
     returns the stores by path."""
     from nanotronix.data import DataError, build_train_loader
+    from nanotronix.data.loader import data_root_hint
 
-    paths = [ds.path for stage in cfg.data.stages for ds in stage.datasets] + list(cfg.validation.data)
-    relative = any(not os.path.isabs(os.path.expanduser(p)) and "://" not in p for p in paths)
-    hint = "" if cfg.data.root is not None or not relative else \
-        f" (data.root is not set: relative paths are read from {os.getcwd()})"
+    hint = data_root_hint(cfg, [ds.path for stage in cfg.data.stages for ds in stage.datasets] +
+                          list(cfg.validation.data))
     try:
         stores = dict(build_train_loader(cfg, 0, dp, consumed_samples=0).stores)
         if cfg.validation.interval > 0:
@@ -68,7 +67,7 @@ def check_data(cfg: Config, dp: int) -> dict:
             for path in v.data:
                 stores[path] = open_validation_store(path, v.num_samples, cfg.train.seq_len, cfg.model.vocab_size)
     except DataError as e:
-        raise PreflightError(f"{e}{hint}") from None
+        raise PreflightError(f"{e}{hint}" if hint not in str(e) else str(e)) from None
     return stores
 
 

@@ -3,6 +3,8 @@ with another DP size, per-epoch reshuffling, dataset continuation across stages,
 ~5 s (stores of random tokens, up to 100k samples per stage located vectorised)."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -344,3 +346,16 @@ def test_blend_weights_beyond_its_resolution_are_refused():
         BlendTree([1e-9, 1.0])
     counts = BlendTree([1e-7, 1.0]).counts(10**8)
     assert abs(int(counts[0]) - 10) <= 2 and int(sum(counts)) == 10**8
+
+
+def test_a_relative_dataset_path_without_data_root_says_where_it_was_looked_for(tmp_path, monkeypatch):
+    """README's own-text run sets data.root=my with a dataset path `tokens`; forgetting data.root made the trainer say
+    only `token store not found: tokens`. Its error now names data.root and the folder relative paths were read
+    from, as the launch preflight's does (and an absolute path, or a set data.root, gets no such hint)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=rf"token store not found: tokens .* \(data\.root is not set: relative paths "
+                                        rf"are read from {re.escape(str(tmp_path))}\)$"):
+        build_train_loader(_cfg([("a", 1, [("tokens", 1.0)])]), 0, 1)
+    with pytest.raises(DataError) as e:
+        build_train_loader(_cfg([("a", 1, [(str(tmp_path / "tokens"), 1.0)])]), 0, 1)
+    assert "data.root" not in str(e.value)

@@ -96,3 +96,24 @@ def test_a_store_of_another_tokenizer_than_the_runs_gets_a_note(tmp_path, capsys
     err = capsys.readouterr().err
     assert f"note: data.tokenizer {tmp_path / 'tokenizer.json'} (44136fa355b3) is another file than the one the " \
            f"token stores were written with (abababababab: {store})" in err, err
+
+
+def test_a_store_of_a_larger_tokenizer_is_refused_up_front(tmp_path, capsys):
+    """A store whose sidecar says its tokenizer has more tokens than the model's vocabulary was written with another
+    tokenizer; the trainer and its validation refuse it before reading, and so does evaluate now. Before, evaluate
+    scored it whenever the first K windows happened to hold only ids below the model's vocabulary (a loss for the
+    wrong tokenizer, exit 0) and failed on an id only when it met one."""
+    from nanotronix.evaluate import main
+
+    store = write_learnable_store(tmp_path / "store" / "arith", num_docs=5, vocab=TINY.vocab_size)
+    meta = tmp_path / "store" / "arith.meta.json"
+    sidecar = json.loads(meta.read_text())
+    sidecar["tokenizer"]["vocab_size"] = 2 * TINY.vocab_size  # ids in range: only the sidecar tells
+    meta.write_text(json.dumps(sidecar))
+    model = plain_model()
+    save_single(tmp_path / "run", 1, model, adamw(model))
+    code = main(["--checkpoint", str(tmp_path / "run"), "--data", str(store), "--seq-len", "32", "--num-samples", "2",
+                 "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [f"error: --data: {store} was tokenized with {2 * TINY.vocab_size} tokens, more than "
+                                 f"the model's vocabulary ({TINY.vocab_size}): not the checkpoint's tokenizer"], err

@@ -154,6 +154,15 @@ class TrainLoader:
                 self._tokens_before[name] = (count, int(tokens))
 
 
+def data_root_hint(cfg, paths: list[str]) -> str:
+    """Where relative store paths were read from when data.root is not set (a forgotten data.root gives "not found"
+    for a path that is right under it), to append to an error about them; "" otherwise."""
+    relative = any(not os.path.isabs(os.path.expanduser(p)) and "://" not in p for p in paths)
+    if cfg.data.root is not None or not relative:
+        return ""
+    return f" (data.root is not set: relative paths are read from {os.getcwd()})"
+
+
 def build_train_loader(cfg, dp_rank: int, dp_size: int, consumed_samples: int = 0) -> TrainLoader:
     """Open every store of `cfg.data.stages` and build this rank's loader (fast: reads only store headers)."""
     seq_len, gbs = cfg.train.seq_len, cfg.train.global_batch_size
@@ -162,7 +171,13 @@ def build_train_loader(cfg, dp_rank: int, dp_size: int, consumed_samples: int = 
     for stage in cfg.data.stages:
         for ds in stage.datasets:
             if ds.path not in stores:
-                stores[ds.path] = require_integer_tokens(open_store(os.path.expanduser(ds.path)), ds.path)
+                try:
+                    stores[ds.path] = require_integer_tokens(open_store(os.path.expanduser(ds.path)), ds.path)
+                except DataError as e:  # a forgotten data.root: said by the trainer as by the preflight
+                    hint = data_root_hint(cfg, [ds.path])
+                    if hint and "not found" in str(e):
+                        raise DataError(f"{e}{hint}") from None
+                    raise
         stages.append((stage.name, stage.start_step, [(ds.path, ds.weight) for ds in stage.datasets]))
     same: dict[str, str] = {}
     for name, store in stores.items():  # one store under two spellings would be two datasets: weights and counts split
