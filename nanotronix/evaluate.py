@@ -58,7 +58,8 @@ def evaluate(checkpoint: str, data: str, seq_len: int, num_samples: int, batch_s
         raise UserError(f"--data: {data} was tokenized with {store.vocab_size} tokens, more than the model's "
                         f"vocabulary ({cfg.vocab_size}): not the checkpoint's tokenizer")
     # the tokenizer the checkpoint's run names (data.tokenizer) against the one that wrote the store
-    note = tokenizer_note({data: store}, (reader.manifest["config"].get("data") or {}).get("tokenizer"))
+    run_tokenizer = (reader.manifest["config"].get("data") or {}).get("tokenizer")
+    note = tokenizer_note({data: store}, run_tokenizer, evaluated=True)
     wrong_eos = document_eos_mismatch({data: store}, cfg.document_mask_eos_id)
     if wrong_eos:
         raise UserError(wrong_eos)

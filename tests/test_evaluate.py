@@ -94,8 +94,9 @@ def test_a_store_of_another_tokenizer_than_the_runs_gets_a_note(tmp_path, capsys
     assert main(["--checkpoint", str(tmp_path / "run"), "--data", str(store), "--seq-len", "32", "--num-samples",
                  "2", "--no-progress"]) == 0
     err = capsys.readouterr().err
-    assert f"note: data.tokenizer {tmp_path / 'tokenizer.json'} (44136fa355b3) is another file than the one the " \
-           f"token stores were written with (abababababab: {store})" in err, err
+    assert f"note: the checkpoint's run names data.tokenizer {tmp_path / 'tokenizer.json'} (44136fa355b3), another " \
+           f"file than the one the store was written with (abababababab: {store}); unless they hold the same " \
+           "vocabulary, the loss scores the model on ids that mean other tokens than in its training" in err, err
 
 
 def test_a_store_of_a_larger_tokenizer_is_refused_up_front(tmp_path, capsys):

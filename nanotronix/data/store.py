@@ -193,11 +193,13 @@ class TokenStore(ABC):
         return int(i)
 
 
-def tokenizer_note(stores: dict[str, TokenStore], configured: Optional[str] = None) -> Optional[str]:
+def tokenizer_note(stores: dict[str, TokenStore], configured: Optional[str] = None,
+                   evaluated: bool = False) -> Optional[str]:
     """A warning when the stores' sidecars name different tokenizer files (by sha256), or when `configured`
     (data.tokenizer: a local tokenizer.json or a folder holding one; what the Hugging Face export ships) is another
     file than theirs; else None. Only a note: two files can hold the same vocabulary (a tokenizer re-saved by another
-    `tokenizers` version), so the run goes on."""
+    `tokenizers` version), so the run goes on. `evaluated`: the stores are scored by a checkpoint whose run named
+    `configured` (nanotronix.evaluate), which the note then says."""
     by_file: dict[str, list[str]] = {}
     for name, store in stores.items():
         sha = store.tokenizer_info.get("sha256")
@@ -208,6 +210,10 @@ def tokenizer_note(stores: dict[str, TokenStore], configured: Optional[str] = No
         return (f"token stores were written with {len(by_file)} different tokenizer files ({groups}); unless they "
                 f"hold the same vocabulary, the ids mean different tokens")
     mine = local_tokenizer_sha256(configured)
+    if mine and by_file and mine not in by_file and evaluated:
+        return (f"the checkpoint's run names data.tokenizer {configured} ({mine[:12]}), another file than the one the "
+                f"store was written with ({groups}); unless they hold the same vocabulary, the loss scores the model "
+                f"on ids that mean other tokens than in its training")
     if mine and by_file and mine not in by_file:
         return (f"data.tokenizer {configured} ({mine[:12]}) is another file than the one the token stores were "
                 f"written with ({groups}); the Hugging Face export ships data.tokenizer, so unless they hold the same "
