@@ -304,6 +304,18 @@ def resolve_preset(model: ModelConfig) -> None:
             setattr(model, key, value)
 
 
+def preset_note(model: ModelConfig) -> Optional[str]:
+    """What a run of a named preset says when explicit fields changed it (fewer layers for a test, a longer context;
+    or a copied config whose fields all win, so that the preset names a model that is not the one trained)."""
+    if model.preset is None:
+        return None
+    changed = [f"{key}={getattr(model, key)} (the preset's {value})" for key, value in PRESETS[model.preset].items()
+               if getattr(model, key) != value]
+    if not changed:
+        return None
+    return f"model.preset {model.preset}, with explicit fields that win over it: {', '.join(changed)}"
+
+
 def _require(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import run, tiny_config, torchrun, write_learnable_store
+from helpers import TINY_MODEL, run, tiny_config, torchrun, write_learnable_store
 
 REQUIRED = {"step", "loss", "lr", "grad_norm", "consumed_tokens", "tokens_per_sec", "tokens_per_sec_per_gpu",
             "model_tflops_per_gpu", "mfu", "stage", "data_wait_ms", "data_wait_rank", "peak_memory_gb"}
@@ -244,12 +244,16 @@ def test_tensorboard_holds_each_step_once_after_a_resume_retrains_steps(tmp_path
         assert points == [(step, pytest.approx(last[step][tag], rel=1e-6)) for step in range(1, 7)], (tag, points)
 
 
-def test_a_store_read_more_than_once_over_is_said_at_the_start(tmp_path):
+def test_a_store_read_more_than_once_over_and_an_overridden_preset_are_said_at_the_start(tmp_path):
     """A run that takes more windows from a store than it holds reads it again (each epoch in a new order): said
-    once at the start, as many times over as the last step's metrics record says."""
+    once at the start, as many times over as the last step's metrics record says. A preset named in a config whose
+    own model fields win (a copied config: the model trained is not the preset's) is said with what differs."""
     small = write_learnable_store(tmp_path / "data" / "small", num_docs=8)  # a few hundred tokens
-    proc = run(["-m", "nanotronix.train", "--config", str(tiny_config(tmp_path, small, train={"train_steps": 4}))])
+    proc = run(["-m", "nanotronix.train", "--config", str(tiny_config(tmp_path, small, train={"train_steps": 4})),
+                "model.preset=smollm2-135m"])
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (f"note: model.preset smollm2-135m, with explicit fields that win over it: hidden_size="
+            f"{TINY_MODEL['hidden_size']} (the preset's 576), ") in proc.stdout, proc.stdout
     last = json.loads((tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()[-1])
     epochs = last["datasets"]["small"]["epochs"]
     assert last["step"] == 4 and epochs > 1

@@ -18,7 +18,7 @@ from nanotronix import accel
 from nanotronix.checkpoint import Checkpointer
 from nanotronix.checkpoint.checkpointer import store_change_notes
 from nanotronix.checkpoint.paths import find_checkpoint
-from nanotronix.config import Config, grad_accum_steps, skipped_step_ranges
+from nanotronix.config import Config, grad_accum_steps, preset_note, skipped_step_ranges
 from nanotronix.data import build_prefetched_loader, document_eos_mismatch, tokenizer_note
 from nanotronix.distributed import PeerStopped, peer_stopped
 from nanotronix.errors import UserError, found_behind
@@ -155,7 +155,7 @@ def _train_with(cfg: Config, ctx: ParallelContext, device: torch.device, watch: 
         unscored = ("validation.data is set but validation.interval is 0: it is not scored (set an interval)"
                     if cfg.validation.data and cfg.validation.interval == 0 else None)
         earlier = earlier_records_note(cfg, resumed.step) if ctx.rank == 0 else None
-        for note in (note, schedule_note(cfg.lr_schedule, t.train_steps), unsaved, unscored, earlier):
+        for note in (preset_note(m), note, schedule_note(cfg.lr_schedule, t.train_steps), unsaved, unscored, earlier):
             if note:
                 log0(ctx, f"note: {note}")
 
