@@ -92,6 +92,9 @@ def test_train_tokenizer_reads_what_preprocess_reads_and_says_what_is_wrong(tmp_
     assert said == "error: --vocab-size must be between 300 (256 bytes + specials + merges) and 1,000,000"
     said = one_error(capsys, tool.main(["--input", str(good), "--output", str(tmp_path), "--vocab-size", "300"]))
     assert said == f"error: --output {tmp_path} is a folder; name the tokenizer.json to write"
+    said = one_error(capsys, tool.main(["--input", str(good), "--output", f"{tmp_path}/new/", "--vocab-size", "300"]))
+    assert said == f"error: --output {tmp_path}/new/ is a folder; name the tokenizer.json to write"
+    assert not (tmp_path / "new").exists()
     said = one_error(capsys, tool.main(["--input", str(good), "--output", str(blocker / "t.json")]))
     assert said.startswith("error: --output: cannot write to")
     (tmp_path / "empty.jsonl").write_text("")

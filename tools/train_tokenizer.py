@@ -34,8 +34,8 @@ def main(argv=None) -> int:
     if not 300 <= args.vocab_size <= MAX_VOCAB:
         return fail(f"--vocab-size must be between 300 (256 bytes + specials + merges) and {MAX_VOCAB:,}")
     out = Path(args.output)
-    if out.is_dir():
-        return fail(f"--output {out} is a folder; name the tokenizer.json to write")
+    if out.is_dir() or args.output.endswith("/"):  # Path drops the slash: "new/" would have been a file named new
+        return fail(f"--output {args.output} is a folder; name the tokenizer.json to write")
     if out.exists() and not args.overwrite:
         return fail(f"--output {out} already exists (token stores made with it would no longer match it); pass "
                     "--overwrite to replace it")
