@@ -131,6 +131,11 @@ def test_skip_bad_counts_every_reason_and_keeps_every_good_record(tmp_path, tok,
     assert skipped["total"] == 12 and f"{src}:3: invalid JSON" in skipped["examples"]
     assert f"{tmp_path / 'p.parquet'}:2: text not a string" in skipped["examples"]
     assert "skipped 12 bad records" in summary and "invalid JSON: 1" in summary
+    # without --skip-bad, a Parquet file without the text column names its columns, as a JSON line its keys
+    assert tool.main(["--input", str(tmp_path / "q.parquet"), "--tokenizer", tok, "--output-prefix",
+                      str(tmp_path / "q"), "--workers", "2", "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'q.parquet'}:1: missing text key ('text'; its " \
+        "columns: 'body'; --text-key names another) (use --skip-bad to skip bad records)"
 
 
 def test_workers_give_identical_bytes_and_zarr_format(tmp_path, tok, tool):

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import DataError
-from .inputs import MISSING, Chunk, expand_inputs, iter_chunks, whole_files
+from .inputs import Chunk, MissingColumn, expand_inputs, iter_chunks, whole_files
 
 _TOKENIZER = None  # per-process tokenizer, set once by init_worker
 _EOS = 0
@@ -101,8 +101,9 @@ def _text_of(chunk: Chunk, item, text_key: str):
             return None, ("missing text key", f"{text_key!r}; its keys: {keys}; --text-key names another")
         text = record[text_key]
     else:
-        if item is MISSING:
-            return None, ("missing text key", repr(text_key))
+        if isinstance(item, MissingColumn):
+            columns = ", ".join(repr(c) for c in item.columns[:8]) or "none"
+            return None, ("missing text key", f"{text_key!r}; its columns: {columns}; --text-key names another")
         text = item
     if not isinstance(text, str):
         return None, ("text not a string", type(text).__name__)

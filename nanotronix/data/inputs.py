@@ -39,7 +39,13 @@ JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 PARQUET_SUFFIXES = (".parquet",)
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".markdown", ".rst", ".py", ".pyi", ".tex", ".c", ".h", ".cc",
                  ".cpp", ".hpp", ".java", ".js", ".ts", ".go", ".rs", ".sh", ".html", ".css")
-MISSING = object()  # a Parquet row whose file has no such column
+
+
+@dataclass(frozen=True)
+class MissingColumn:
+    """A Parquet row whose file has no text column: its columns, for the --text-key hint."""
+    columns: tuple[str, ...]
+
 
 
 def input_kind(path: Path) -> Optional[str]:
@@ -353,9 +359,10 @@ def _parquet_chunks(index: int, piece: InputPiece, text_key: str, chunk_bytes: i
     rows_per_batch = max(1, min(65536, chunk_bytes // max(1, size // max(1, total_rows))))
     row = 1 + sum(md.row_group(g).num_rows for g in range(first))  # of the file
     if text_key not in pf.schema_arrow.names:
+        missing = MissingColumn(tuple(pf.schema_arrow.names))
         for lo in range(0, total_rows, rows_per_batch):
             n = min(rows_per_batch, total_rows - lo)
-            yield Chunk("parquet", [MISSING] * n, index, row)
+            yield Chunk("parquet", [missing] * n, index, row)
             row += n
         if on_progress:
             on_progress(size)
