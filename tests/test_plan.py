@@ -111,6 +111,9 @@ def test_data_parallel_traffic_against_compute(plan_tool):
     assert c["exposed_seconds"] == pytest.approx(c["comm_seconds"] - 2 / 3 * compute)  # accumulation 1
     assert c["mfu"] == pytest.approx(0.45 * compute / (compute + c["exposed_seconds"]))
     assert 0.15 < c["mfu"] < 0.35
+    time = plan(256)["time"]  # the run at the pace the traffic leaves: as much longer as the MFU is lower
+    assert c["wall_hours"] / time["wall_hours"] == pytest.approx(0.45 / c["mfu"])
+    assert c["gpu_hours"] == pytest.approx(c["wall_hours"] * 256)
     # ZeRO-1: the same bytes, the weight half hidden behind the next forward instead
     z = plan(256, "parallel.zero_stage=1")["comm"]
     assert z["bytes_per_gpu"] == pytest.approx(c["bytes_per_gpu"]) and c["mfu"] < z["mfu"] < 0.45

@@ -309,7 +309,9 @@ def comm_plan(cfg, dp: int, accum: int, params_per_gpu: float, time: dict, net_g
             "bytes_per_gpu": ring_grads + (ring if p.zero_stage == 1 else ring_grads),
             "link": "network" if crosses_nodes else "NVLink", "gbytes_per_s": gbytes_per_s,
             "comm_seconds": sum(seconds.values()), "compute_seconds": compute, "exposed_seconds": exposed,
-            "step_seconds": step, "mfu": time["mfu"] * compute / step}
+            "step_seconds": step, "mfu": time["mfu"] * compute / step,
+            # the run's time at that pace (time's figures are compute alone)
+            "wall_hours": time["wall_hours"] * step / compute, "gpu_hours": time["gpu_hours"] * step / compute}
 
 
 # ----------------------------------------------------------------------------------------------------- main
@@ -406,7 +408,8 @@ def format_plan(plan: dict[str, Any]) -> str:
             f"{c['comm_seconds'] * 1e3:,.0f} ms; compute {c['compute_seconds'] * 1e3:,.0f} ms per step"
             + (" hides all of it" if c["exposed_seconds"] == 0 else
                f", ~{c['exposed_seconds'] * 1e3:,.0f} ms not hidden: ~{c['step_seconds'] * 1e3:,.0f} ms per step, "
-               f"MFU ~{c['mfu']:.0%} instead of {tm['mfu']:.0%} ("
+               f"MFU ~{c['mfu']:.0%} instead of {tm['mfu']:.0%}: ~{c['wall_hours']:,.0f} h "
+               f"({c['wall_hours'] / 24:.1f} days) = {c['gpu_hours']:,.0f} GPU-hours ("
                + ("parallel.grad_reduce_dtype=bfloat16 halves the gradients' share; " if grad == "fp32" else "")
                + "more accumulation per GPU, i.e. fewer GPUs for this batch, amortises it; a faster network "
                "shortens it)"))
