@@ -299,7 +299,7 @@ def test_output_and_overwrite_never_destroy_the_input_or_other_files(tmp_path, c
         assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
         return lines[0]
 
-    for output in (run, run / "step_0000002", tmp_path, run / "step_0000002" / "hf"):
+    for output in (run, run / "step_0000002", tmp_path, run / "step_0000002" / "hf", run / "hf"):
         said = one_error("convert_to_hf", "--checkpoint", str(run), "--output", str(output), "--overwrite")
         assert "it is, holds or lies inside the input" in said
     assert "is not a Hugging Face model folder" in one_error(

@@ -17,6 +17,7 @@ import torch
 
 from nanotronix.checkpoint.errors import CheckpointError
 from nanotronix.checkpoint.output_folder import prepare_output
+from nanotronix.checkpoint.paths import LATEST_NAME
 from nanotronix.checkpoint.reader import CheckpointReader
 from nanotronix.checkpoint.safetensors_stream import StreamingSafetensorsWriter, tensor_nbytes
 from nanotronix.convert.hf_mapping import hf_config_dict, to_hf
@@ -151,7 +152,10 @@ def export_to_hf(checkpoint: str | os.PathLike, output: str | os.PathLike, dtype
     torch_dtype = EXPORT_DTYPES[dtype]
     source_hf = (manifest.get("source") or {}).get("hf") or {}
 
-    temp = prepare_output(output, reader.folder, overwrite, lambda old: (old / "config.json").is_file(),
+    # the run's folder when the step lies in one: an export among its step folders would be in the way of its
+    # pruning, rollback and copies
+    in_run = reader.folder.parent if (reader.folder.parent / LATEST_NAME).is_file() else reader.folder
+    temp = prepare_output(output, in_run, overwrite, lambda old: (old / "config.json").is_file(),
                           "a Hugging Face model folder (no config.json)")
     try:
         tokenizer_spec = tokenizer or (manifest["config"].get("data") or {}).get("tokenizer")
