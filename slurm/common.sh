@@ -114,7 +114,7 @@ RUN_OVERRIDES+=(${USER_OVERRIDES[@]+"${USER_OVERRIDES[@]}"})  # (empty-array saf
 
 RESTART=${SLURM_RESTART_COUNT:-0}
 JOB_LOG_DIR=$RUN_DIR/slurm/job-$SLURM_JOB_ID-restart-$RESTART
-mkdir -p "$JOB_LOG_DIR" || fail "cannot create $JOB_LOG_DIR"
+MKDIR_ERROR=$(mkdir -p "$JOB_LOG_DIR" 2>&1) || fail "cannot create $JOB_LOG_DIR: ${MKDIR_ERROR##*: }"
 
 # ---- NCCL / PyTorch distributed defaults for H100 nodes on InfiniBand (values already set win) --------------
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
@@ -131,7 +131,8 @@ export TORCH_FR_DUMP_TEMP_FILE=${TORCH_FR_DUMP_TEMP_FILE:-$JOB_LOG_DIR/nccl_trac
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 
 log "job $SLURM_JOB_ID ($SLURM_JOB_NAME) restart $RESTART: $NNODES node(s) [$SLURM_JOB_NODELIST] x" \
-    "$NPROC_PER_NODE process(es) on $DEVICE; config $CONFIG; run dir $RUN_DIR; logs $JOB_LOG_DIR"
+    "$NPROC_PER_NODE process(es) on $DEVICE; config $CONFIG; run dir $RUN_DIR (checkpoints $CKPT_DIR, metrics" \
+    "$LOG_DIR, this job's logs $JOB_LOG_DIR)"
 
 # ---- preemption: USR1 -> the trainer saves -> requeue -------------------------------------------------------
 PREEMPTED=0
@@ -180,7 +181,9 @@ if [ "$PREFLIGHT_RC" != 0 ]; then
   exit 2
 fi
 log "$PREFLIGHT"
-kill -0 "$STORE_PID" 2>/dev/null || fail "$(grep -h '^error' "$STORE_LOG" || echo "the rendezvous store stopped: see $STORE_LOG")"
+# (the store's own line already starts with "error: ")
+kill -0 "$STORE_PID" 2>/dev/null || fail "$(grep -h '^error' "$STORE_LOG" | sed 's/^error: //' | grep . \
+  || echo "the rendezvous store stopped: see $STORE_LOG")"
 
 # ---- train -----------------------------------------------------------------------------------------------
 # The step the run's `latest` checkpoint pointer names (0: none yet): a failure after it moved on has made progress.
@@ -226,8 +229,28 @@ fi
 
 # After a USR1 the step ends non-zero (the trainer exits 75 after saving; torchrun reports that as a failure).
 # Exit 0 means the run had finished anyway: nothing to requeue.
+# Not when another run holds CKPT_DIR's lock (this job's trainer was refused: a requeue would be refused again), nor
+# when this allocation and the one before it both got USR1 before committing a checkpoint: a --time not above the
+# --signal lead sends USR1 during every start-up, and each requeue would stop the same way, forever.
+USR1_MARK=usr1_without_progress  # in JOB_LOG_DIR: this allocation was requeued on USR1 from step N, without progress
 if [ "$PREEMPTED" = 1 ] && { [ "$LAUNCHED" = 0 ] || [ "$RC" != 0 ]; }; then
-  log "job step ended (exit $RC) after USR1: requeueing job $SLURM_JOB_ID to resume from $CKPT_DIR"
+  REACHED=$(latest_step)
+  if [ "$LAUNCHED" = 1 ] && HOLDER=$(lock_holder); then
+    log "job step ended (exit $RC) after USR1 while another run holds $CKPT_DIR/.lock (${HOLDER:-holder unknown}):" \
+        "not requeued (two jobs cannot train into one CKPT_DIR); wait for that run to end or give this one its own"
+    exit "$RC"
+  fi
+  if [ "$REACHED" -le "$STARTED_FROM" ]; then
+    PREVIOUS=$RUN_DIR/slurm/job-$SLURM_JOB_ID-restart-$((RESTART - 1))/$USR1_MARK
+    if [ "$RESTART" -gt 0 ] && [ "$(cat "$PREVIOUS" 2>/dev/null)" = "$STARTED_FROM" ]; then
+      fail "USR1 came before a checkpoint in two allocations in a row (still at step $STARTED_FROM): not requeued" \
+           "again, the next one would stop the same way; the job's --time must be well above the USR1 lead time" \
+           "(#SBATCH --signal=B:USR1@600: 10 minutes; for a short job pass e.g. --signal=B:USR1@60)"
+    fi
+    echo "$STARTED_FROM" >"$JOB_LOG_DIR/$USR1_MARK"
+  fi
+  if [ "$LAUNCHED" = 1 ]; then WHAT="job step ended (exit $RC) after USR1"; else WHAT="USR1 before training started"; fi
+  log "$WHAT: requeueing job $SLURM_JOB_ID to resume from $CKPT_DIR"
   if scontrol requeue "$SLURM_JOB_ID"; then
     exit 0  # not reached in practice: the requeue ends this shell
   fi

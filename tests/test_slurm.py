@@ -59,7 +59,7 @@ class Slurm:
         return proc.stdout
 
     def sbatch(self, cwd: Path, settings: dict[str, str], *flags: str, script: Path = SCRIPT, nodes: int = 1) -> str:
-        env = dict(self.env, PYTHON=sys.executable, **settings)
+        env = {**self.env, "PYTHON": sys.executable, **settings}  # settings may name another PYTHON
         proc = subprocess.run(["sbatch", "--parsable", f"--nodes={nodes}", *flags, str(script)], cwd=cwd, env=env,
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
@@ -391,10 +391,13 @@ def test_a_failed_step_requeues_only_after_committing_a_checkpoint(slurm, tmp_pa
     assert sorted(set(steps)) == list(range(1, TRAIN_STEPS + 1)) and SIGNAL_AFTER <= failed_at < TRAIN_STEPS
 
 
-def test_a_job_refused_by_another_runs_lock_is_not_requeued(slurm, tmp_path):
+@pytest.mark.parametrize("usr1", [False, True], ids=["failed", "usr1"])
+def test_a_job_refused_by_another_runs_lock_is_not_requeued(slurm, tmp_path, usr1):
     """A job submitted twice: the second's trainer waits for the first's lock on CKPT_DIR. When it fails there,
     `latest` has moved on (the first run's checkpoints), which is no progress of its own: it must not requeue
-    (before, it did, over and over). The test process holds the lock and moves `latest` as the first run would."""
+    (before, it did, over and over). The test process holds the lock and moves `latest` as the first run would.
+    Likewise when a USR1 (the time limit's notice, a preemption) came while it waited: before, the USR1 path
+    requeued it without asking, and the requeued job waited for the lock and was refused again."""
     import fcntl
     stores = tmp_path / "stores"
     write_learnable_store(stores / "a")
@@ -412,13 +415,19 @@ def test_a_job_refused_by_another_runs_lock_is_not_requeued(slurm, tmp_path):
         while not (out_file.is_file() and "is held by host first-job pid 1: waiting" in out_file.read_text()):
             assert time.monotonic() < deadline and slurm.info(job)["JobState"] not in ENDED, job_output(tmp_path, job)
             time.sleep(0.25)
+        if usr1:
+            slurm.cmd("scancel", "--signal=USR1", "--batch", job)
+            while "USR1: asking the trainer" not in job_output(tmp_path, job):
+                assert time.monotonic() < deadline, job_output(tmp_path, job)
+                time.sleep(0.25)
         (run_dir / "checkpoints" / "latest").write_text("step_0000020\n")  # the first run's progress
         kill_worker(run_dir, 0)
         info = slurm.wait(job, timeout=120, until=lambda i: i["JobState"] in ENDED or i["Restarts"] != "0")
         out = job_output(tmp_path, job)
     assert (info["JobState"], info["Restarts"]) == ("FAILED", "0"), (info, out)
-    assert (f"job step failed (exit 1) while another run holds {run_dir / 'checkpoints' / '.lock'} (host first-job "
-            "pid 1): not requeued") in out and "requeueing job" not in out, out
+    assert (f"{'job step ended (exit 1) after USR1' if usr1 else 'job step failed (exit 1)'} while another run holds "
+            f"{run_dir / 'checkpoints' / '.lock'} (host first-job pid 1): not requeued") in out, out
+    assert "requeueing job" not in out, out
 
 
 def test_scancel_ends_the_job_without_a_requeue(slurm, tmp_path):
@@ -442,3 +451,73 @@ def test_scancel_ends_the_job_without_a_requeue(slurm, tmp_path):
     assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0"), (info, out)
     assert "after TERM (scancel or the time limit): not requeued" in out and "requeueing job" not in out, out
     assert (run_dir / "checkpoints" / "latest").is_file()  # the step it was on, saved
+
+
+def test_usr1_before_a_checkpoint_in_two_allocations_in_a_row_ends_the_requeues(slurm, tmp_path):
+    """A --time not above the --signal lead (`sbatch --time=5` with #SBATCH --signal=B:USR1@600): Slurm sends USR1
+    as soon as every allocation starts, before the trainer saved anything, and each requeue stopped the same way,
+    forever. One requeue without progress is allowed (a preemption during start-up); the second ends the job with one
+    line. The preflight is slowed down (a PYTHON wrapper) so that the USR1 lands in it, as in a large job's start."""
+    stores = tmp_path / "stores"
+    write_learnable_store(stores / "a")
+    write_learnable_store(stores / "b", seed=1)
+    config = tiny_two_stage_config(tmp_path / "tiny.yaml", TRAIN_STEPS, SWITCH_STEP)
+    wrapper = tmp_path / "python"
+    wrapper.write_text('#!/bin/bash\ncase " $* " in *" nanotronix.preflight "*) sleep 8 ;; esac\n'
+                       f'exec {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    run_dir = tmp_path / "run"
+    job = slurm.sbatch(tmp_path, {"CONFIG": str(config), "DATA_ROOT": str(stores), "GPUS_PER_NODE": "0",
+                                  "NPROC_PER_NODE": "1", "RUN_DIR": str(run_dir), "PYTHON": str(wrapper)})
+    for restart in (0, 1):
+        out_file, deadline = tmp_path / f"smollm2-1.7b-{job}.out", time.monotonic() + 120
+        while not (out_file.is_file() and f" restart {restart}: " in out_file.read_text()):
+            assert time.monotonic() < deadline and slurm.info(job)["JobState"] not in ENDED, job_output(tmp_path, job)
+            time.sleep(0.25)
+        slurm.cmd("scancel", "--signal=USR1", "--batch", job)
+        info = slurm.wait(job, timeout=120, until=lambda i: i["JobState"] in ENDED or i["Restarts"] != str(restart))
+        if restart == 0:
+            assert (info["JobState"], info["Restarts"]) == ("PENDING", "1"), (info, job_output(tmp_path, job))
+            release(slurm, job)
+    out = job_output(tmp_path, job)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("FAILED", "2:0", "1"), (info, out)
+    assert out.count(f"USR1 before training started: requeueing job {job}") == 1, out
+    errors = [line for line in out.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and errors[0].startswith("error: USR1 came before a checkpoint in two allocations in a "
+                                                     "row (still at step 0): not requeued again"), out
+    assert "launching on every node" not in out, out
+
+
+def test_startup_failures_outside_the_preflight_are_one_line(slurm, tmp_path):
+    """The rendezvous port already taken on the first node, and a RUN_DIR that cannot be created: one `error:` line
+    each (before: "error: error: rendezvous store: ...", and mkdir's own line above a reasonless one). The first line
+    of the log says where the checkpoints and the metrics go."""
+    import socket
+    busy = socket.socket()
+    busy.bind(("0.0.0.0", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    (tmp_path / "a_file").write_text("")
+    cases = [({"MASTER_PORT": str(port), "RUN_DIR": str(tmp_path / "run"), "CKPT_DIR": str(tmp_path / "ckpt")},
+              f"error: rendezvous store: cannot listen on port {port}"),
+             ({"RUN_DIR": str(tmp_path / "a_file" / "run")},
+              f"error: cannot create {tmp_path / 'a_file' / 'run' / 'slurm'}/job-")]
+    stores = tmp_path / "stores"
+    write_learnable_store(stores / "a")
+    write_learnable_store(stores / "b", seed=1)
+    config = tiny_two_stage_config(tmp_path / "tiny.yaml", TRAIN_STEPS, SWITCH_STEP)
+    try:
+        for settings, message in cases:
+            job = slurm.sbatch(tmp_path, dict(settings, CONFIG=str(config), DATA_ROOT=str(stores), GPUS_PER_NODE="0",
+                                              NPROC_PER_NODE="1"))
+            info = slurm.wait(job, timeout=120)
+            out = job_output(tmp_path, job)
+            lines = [line for line in out.splitlines() if not line.startswith("[nanotronix-slurm")]
+            assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0"), (info, out)
+            assert len(lines) == 1 and lines[0].startswith(message), out
+            if "MASTER_PORT" in settings:
+                assert f"(checkpoints {tmp_path / 'ckpt'}, metrics {tmp_path / 'run' / 'logs'}, this job's logs " in out
+            else:
+                assert lines[0].endswith(": Not a directory"), out
+    finally:
+        busy.close()
