@@ -11,7 +11,8 @@
 # exactly what a single `tools/preprocess.py` over the same inputs writes. Task I writes shard I; N is SHARDS, by
 # default the array's size (--array=0-(N-1)). A failed task leaves its shard missing, and the folder refuses to
 # open until that task is rerun with the same settings and N: `SHARDS=64 sbatch --array=17 slurm/preprocess.sh`.
-# A task whose shard is already complete stops with one line; EXTRA_ARGS=--overwrite replaces it.
+# A task whose shard is already complete from the same inputs, tokenizer and settings succeeds at once (so the whole
+# array may be resubmitted); one of other settings stops with one line, and EXTRA_ARGS=--overwrite replaces it.
 #
 # Settings (environment variables):
 #   INPUT        input files or folders, space-separated (.jsonl[.gz|.zst], .parquet, text)   required

@@ -98,6 +98,22 @@ def test_an_incomplete_folder_does_not_open(tmp_path, tiny_tokenizer, tool, caps
         open_store(tmp_path / "sharded")
     assert tool.main(common + ["--shard", "1/3"]) == 0
     assert open_store(tmp_path / "sharded").num_documents > 0
+    # the whole array resubmitted after one task failed: a finished shard succeeds without work, said; a shard of
+    # other settings is not replaced unasked; a shard of another split would leave a folder that never opens
+    capsys.readouterr()
+    written = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "sharded").iterdir()}
+    assert tool.main(common + ["--shard", "1/3"]) == 0
+    said = capsys.readouterr()
+    assert "this shard is already complete (the same inputs, tokenizer and settings): nothing to do" in said.err
+    assert said.out.startswith(f"already complete: {tmp_path / 'sharded' / 'shard-00001-of-00003'}: ")
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "sharded").iterdir()} == written
+    assert tool.main(common + ["--shard", "1/3", "--shuffle"]) == 2
+    assert "already exists; pass --overwrite (slurm/preprocess.sh: EXTRA_ARGS=--overwrite)" in capsys.readouterr().err
+    assert tool.main(common + ["--shard", "3/4"]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: --output-prefix {tmp_path / 'sharded'}: holds shards of a "
+                                               "3-way split; --shard 3/4 would mix two splits in one store (write to "
+                                               "another folder, or remove those shards)")
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "sharded").iterdir()} == written
     other = tmp_path / "mixed"
     shutil.copytree(tmp_path / "sharded", other)
     (other / "shard-00000-of-00002.idx").write_bytes((other / "shard-00000-of-00003.idx").read_bytes())

@@ -17,6 +17,7 @@ import collections
 import math
 import multiprocessing
 import os
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -34,7 +35,7 @@ from .errors import DataError
 from .files import note_removed_temps, remove_abandoned_temps
 from .inputs import InputPiece, expand_inputs, iter_chunks, split_large_inputs, text_per_byte, whole_files
 from .megatron_store import MegatronWriter, optimal_dtype, sidecar_path
-from .sharded_store import inputs_fingerprint, shard_name, split_inputs
+from .sharded_store import inputs_fingerprint, shard_name, split_counts, split_inputs
 from .shuffle import ShufflingWriter
 from .tokenizer import load_tokenizer
 
@@ -70,11 +71,15 @@ class PreprocessResult:
     tokens: int
     skipped: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    written: bool = True  # False: an earlier run's complete shard, left as it was
 
     def summary_line(self) -> str:
         rate = self.tokens / max(self.seconds, 1e-9)
         skipped = sum(self.skipped.values())
         why = (" (" + ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())) + ")") if skipped else ""
+        if not self.written:
+            return (f"already complete: {self.output}: {self.documents} documents, {self.tokens} tokens; skipped "
+                    f"{skipped} bad records{why}")
         return (f"wrote {self.output}: {self.documents} documents, {self.tokens} tokens in {self.seconds:.1f} s "
                 f"({rate:,.0f} tokens/s); skipped {skipped} bad records{why}")
 
@@ -120,9 +125,20 @@ def preprocess(opts: PreprocessOptions) -> PreprocessResult:
         shard = {"index": index, "count": count, "inputs_sha256": inputs_fingerprint(pieces, text_ratio)}
         pieces = _pieces_of_shard(pieces, index, count, text_ratio)
         prefix = os.path.join(opts.output_prefix, shard_name(*opts.shard))
+    if shard is not None:
+        others = split_counts(Path(opts.output_prefix)) - {shard["count"]}
+        if others:  # the folder would never open: "shards of different splits"
+            raise DataError(f"--output-prefix {opts.output_prefix}: holds shards of a {min(others)}-way split; "
+                            f"--shard {shard['index']}/{shard['count']} would mix two splits in one store (write to "
+                            "another folder, or remove those shards)")
     existing = existing_output(opts.format, prefix)
     if existing is not None and not opts.overwrite:
-        raise DataError(f"--output-prefix {opts.output_prefix}: {existing} already exists; pass --overwrite to "
+        if shard is not None:
+            done = _complete_shard(opts, prefix, shard)
+            if done is not None:  # an array resubmitted after one task failed: its finished tasks succeed at once
+                return done
+        raise DataError(f"--output-prefix {opts.output_prefix}: {existing} already exists; pass --overwrite"
+                        f"{' (slurm/preprocess.sh: EXTRA_ARGS=--overwrite)' if shard is not None else ''} to "
                         "replace that store")
     check_writable_folder(os.path.dirname(os.path.abspath(prefix)), "--output-prefix")
     note_removed_temps(remove_abandoned_temps(prefix))
@@ -200,6 +216,26 @@ def preprocess(opts: PreprocessOptions) -> PreprocessResult:
             os.environ["TOKENIZERS_PARALLELISM"] = previous_parallelism
     return PreprocessResult(output, writer.num_documents, writer.num_tokens, dict(skipped),
                             time.perf_counter() - start)
+
+
+def _complete_shard(opts: PreprocessOptions, prefix: str, shard: dict) -> Optional[PreprocessResult]:
+    """The result of an earlier run that wrote this very shard (same split, inputs, tokenizer file, format, text key
+    and shuffle), said in a note; None when the store there is another one (or cannot be read)."""
+    from .store import open_store
+
+    try:
+        meta = open_store(prefix).metadata
+        _, info = load_tokenizer(opts.tokenizer)
+    except DataError:
+        return None
+    seed = None if opts.shuffle_seed is None else {"seed": [opts.shuffle_seed, *opts.shard]}
+    if (meta.get("shard") != shard or meta.get("format") != opts.format or meta.get("text_key") != opts.text_key
+            or meta.get("shuffled") != seed or (meta.get("tokenizer") or {}).get("sha256") != info.sha256):
+        return None
+    print(f"note: {prefix}: this shard is already complete (the same inputs, tokenizer and settings): nothing to do "
+          "(--overwrite writes it again)", file=sys.stderr)
+    skipped = (meta.get("skipped") or {}).get("reasons") or {}
+    return PreprocessResult(prefix, int(meta["num_documents"]), int(meta["num_tokens"]), dict(skipped), written=False)
 
 
 def _pieces_of_shard(pieces: list[InputPiece], index: int, count: int,

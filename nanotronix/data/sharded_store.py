@@ -177,6 +177,14 @@ class ConcatenatedStore(TokenStore):
         return {**super().summary(), "parts": len(self.parts)}
 
 
+def split_counts(folder: Path) -> set[int]:
+    """The N of every `shard-IIIII-of-NNNNN` store in `folder` (one number for a folder of one split)."""
+    try:
+        return {int(m.group(2)) for p in folder.iterdir() if (m := _SHARD.match(p.name))}
+    except OSError:  # no folder yet
+        return set()
+
+
 class ShardedStore(ConcatenatedStore):
     """A folder of `preprocess --shard` shards, all N of them (else one DataError naming the missing ones)."""
 
