@@ -106,6 +106,11 @@ for override in ${USER_OVERRIDES[@]+"${USER_OVERRIDES[@]}"}; do
   case "$override" in
     checkpoint.dir=*) fail "OVERRIDES sets checkpoint.dir: set CKPT_DIR instead (this script reads that folder)" ;;
     logging.dir=*) fail "OVERRIDES sets logging.dir: set LOG_DIR instead" ;;
+    checkpoint=*|logging=*) fail "OVERRIDES replaces the whole ${override%%=*} section (and its folder): set its keys" \
+                                 "one by one (e.g. checkpoint.interval=500), the folders with CKPT_DIR and LOG_DIR" ;;
+    *=*) ;;
+    *) fail "OVERRIDES: '$override' is not dotted.key=value (OVERRIDES is split at spaces and newlines: write" \
+            "a list without spaces, e.g. validation.data=[a,b])" ;;
   esac
 done
 RUN_OVERRIDES=(checkpoint.dir="$CKPT_DIR" checkpoint.resume="$RESUME" logging.dir="$LOG_DIR" train.device="$DEVICE")

@@ -157,6 +157,10 @@ def preflight_cases(tmp: Path) -> list[tuple[str, dict[str, str], tuple[str, ...
         # (one override per line, as OVERRIDES=$(cat file) gives: every line counts, not only the first)
         ("checkpoint.dir in OVERRIDES", {"OVERRIDES": f"\ntrain.seed=3\ncheckpoint.dir={tmp / 'elsewhere'}"}, (),
          "error: OVERRIDES sets checkpoint.dir: set CKPT_DIR instead"),
+        ("the checkpoint section in OVERRIDES", {"OVERRIDES": 'checkpoint={"dir":"/tmp/x","interval":5}'}, (),
+         "error: OVERRIDES replaces the whole checkpoint section (and its folder): set its keys one by one"),
+        ("a list with a space in OVERRIDES", {"OVERRIDES": "train.seed=3 validation.data=[a, b]"}, (),
+         "error: OVERRIDES: 'b]' is not dotted.key=value (OVERRIDES is split at spaces and newlines"),
     ]
 
 
