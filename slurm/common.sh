@@ -15,7 +15,8 @@
 #   NPROC_PER_NODE  processes per node                  default: GPUS_PER_NODE (1 when GPUS_PER_NODE=0)
 #   OVERRIDES       extra dotted overrides, space- or newline-separated, applied last (e.g. "train.train_steps=1000
 #                   parallel.tp=2"); write list values without spaces: optimizer.betas=[0.9,0.95]
-#   MASTER_PORT     rendezvous port on the first node   default: 20000 + job id mod 20000
+#   MASTER_PORT     rendezvous port on the first node   default: 20000 + job id mod 12000 (below Linux's
+#                   ephemeral ports, 32768-60999, which the node's outgoing connections take)
 #   REQUEUE_ON_FAILURE  1: a failed job step that committed a checkpoint requeues the job   default: 1
 #   NCCL_* / TORCH_NCCL_* / TORCH_FR_*   passed through; unset ones get the defaults set below
 # Nodes, time limit, partition, account: sbatch's own flags or SBATCH_* variables, which override the #SBATCH
@@ -82,7 +83,7 @@ command -v "$PYTHON" >/dev/null 2>&1 || fail "PYTHON=$PYTHON is not an executabl
 [ -z "${MASTER_PORT:-}" ] || { [ "$MASTER_PORT" -ge 1 ] && [ "$MASTER_PORT" -le 65535 ]; } \
   || fail "MASTER_PORT=$MASTER_PORT is not a TCP port (1-65535)"
 [[ "$REQUEUE_ON_FAILURE" =~ ^[01]$ ]] || fail "REQUEUE_ON_FAILURE=$REQUEUE_ON_FAILURE is not 0 or 1"
-MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 12000))}
 # The node this batch script runs on (Slurm's name for it, which the other nodes resolve): the rendezvous store
 # below runs here. (Slurm runs the script on the allocation's first node.)
 MASTER_ADDR=${SLURMD_NODENAME:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
