@@ -369,6 +369,8 @@ def _validate_run(cfg: Config) -> None:
     t = cfg.train
     for name in ("seq_len", "global_batch_size", "micro_batch_size", "train_steps"):
         _require(getattr(t, name) >= 1, f"train.{name}: must be >= 1, got {getattr(t, name)}")
+    # torch.manual_seed's range: a larger integer ended in an OverflowError traceback after the rendezvous
+    _require(-2 ** 63 <= t.seed < 2 ** 64, f"train.seed: {t.seed} is not a 64-bit integer")
     _require(t.dtype in ("bfloat16", "float32"), f"train.dtype: {t.dtype!r} is not bfloat16|float32")
     _require(t.device in ("auto", "cpu", "cuda"), f"train.device: {t.device!r} is not auto|cpu|cuda")
     _require(t.global_batch_size % t.micro_batch_size == 0,
@@ -423,6 +425,12 @@ def _validate_run(cfg: Config) -> None:
     else:
         _require(s.decay_steps == 0, f"lr_schedule.decay_steps: {s.decay_steps} without lr_schedule.decay_start_step: "
                                      "the learning rate would never decay (set both, or neither)")
+        # the same for the decay's shape and floor: `decay_style: cosine` alone trained at a constant learning rate
+        _require(s.decay_style == "linear", f"lr_schedule.decay_style: {s.decay_style} without "
+                                            "lr_schedule.decay_start_step: the learning rate would never decay (set "
+                                            "decay_start_step and decay_steps too)")
+        _require(s.min_lr == 0, f"lr_schedule.min_lr: {s.min_lr} without lr_schedule.decay_start_step: the learning "
+                                "rate would never decay to it (set decay_start_step and decay_steps too)")
 
     d = cfg.data
     _require(d.loader in ("pytorch", "dali"), f"data.loader: {d.loader!r} is not pytorch|dali")
@@ -490,27 +498,12 @@ def resolve_layout(cfg: Config, world_size: int) -> int:
     dp = world_size // (p.tp * p.pp)
     _require(p.dp is None or p.dp == dp,
              f"parallel.dp: {p.dp} but world size {world_size} / (tp*pp = {p.tp * p.pp}) gives {dp}")
-    _require(m.num_attention_heads % p.tp == 0,
-             f"parallel.tp: {p.tp} does not divide model.num_attention_heads={m.num_attention_heads}")
-    _require(m.num_key_value_heads % p.tp == 0,
-             f"parallel.tp: {p.tp} does not divide model.num_key_value_heads={m.num_key_value_heads}")
-    _require(m.intermediate_size % p.tp == 0,
-             f"parallel.tp: {p.tp} does not divide model.intermediate_size={m.intermediate_size}")
-    _require(m.vocab_size % p.tp == 0, f"parallel.tp: {p.tp} does not divide model.vocab_size={m.vocab_size}")
-    chunks = p.pp * p.virtual_stages
-    _require(m.num_hidden_layers >= chunks,
-             f"parallel.pp: {m.num_hidden_layers} layers cannot fill {chunks} pipeline stages")
-    _require(not p.sequence_parallel or t.seq_len % p.tp == 0,
-             f"parallel.sequence_parallel: train.seq_len={t.seq_len} is not divisible by tp={p.tp}")
+    check_parallel_shape(cfg)
     per_step = t.micro_batch_size * dp
     _require(t.global_batch_size % per_step == 0,
              f"train.global_batch_size: {t.global_batch_size} is not divisible by micro_batch_size*dp = "
              f"{t.micro_batch_size}*{dp}")
     micro_batches = t.global_batch_size // per_step
-    if p.pp_schedule == "interleaved":
-        _require(p.pp >= 2 and p.virtual_stages >= 2,
-                 f"parallel.pp_schedule: interleaved needs pp >= 2 and virtual_stages >= 2, got pp={p.pp} "
-                 f"virtual_stages={p.virtual_stages}")
     if p.pp > 1 and p.pp_schedule == "1f1b":
         # torch.distributed.pipelining's 1F1B needs every stage busy before the first backward; its interleaved
         # schedule (rounds, below) also takes fewer micro-batches than stages (torch >= 2.5).
@@ -523,6 +516,28 @@ def resolve_layout(cfg: Config, world_size: int) -> int:
                  f"parallel.pp_schedule: interleaved runs micro-batches in rounds of pp={p.pp}; "
                  f"{micro_batches} micro-batches per step is not a multiple of {rounds} rounds")
     return dp
+
+
+def check_parallel_shape(cfg: Config) -> None:
+    """The layout's checks that need no world size (the model's split over tp and pp): `resolve_layout` makes them,
+    and so does `--print-config`, which knows no world size but should not print a config no launch can run."""
+    p, m, t = cfg.parallel, cfg.model, cfg.train
+    _require(m.num_attention_heads % p.tp == 0,
+             f"parallel.tp: {p.tp} does not divide model.num_attention_heads={m.num_attention_heads}")
+    _require(m.num_key_value_heads % p.tp == 0,
+             f"parallel.tp: {p.tp} does not divide model.num_key_value_heads={m.num_key_value_heads}")
+    _require(m.intermediate_size % p.tp == 0,
+             f"parallel.tp: {p.tp} does not divide model.intermediate_size={m.intermediate_size}")
+    _require(m.vocab_size % p.tp == 0, f"parallel.tp: {p.tp} does not divide model.vocab_size={m.vocab_size}")
+    chunks = p.pp * p.virtual_stages
+    _require(m.num_hidden_layers >= chunks,
+             f"parallel.pp: {m.num_hidden_layers} layers cannot fill {chunks} pipeline stages")
+    _require(not p.sequence_parallel or t.seq_len % p.tp == 0,
+             f"parallel.sequence_parallel: train.seq_len={t.seq_len} is not divisible by tp={p.tp}")
+    if p.pp_schedule == "interleaved":
+        _require(p.pp >= 2 and p.virtual_stages >= 2,
+                 f"parallel.pp_schedule: interleaved needs pp >= 2 and virtual_stages >= 2, got pp={p.pp} "
+                 f"virtual_stages={p.virtual_stages}")
 
 
 def skipped_step_ranges(t: TrainConfig) -> list[tuple[int, int]]:

@@ -51,6 +51,20 @@ def check_devices(cfg: Config, nproc_per_node: int) -> str:
     return torch.cuda.get_device_name(0)
 
 
+def check_device_features(cfg: Config, world: int, on_cuda: bool) -> None:
+    """What the trainer refuses once it knows its device and world size, before the first step: an attention
+    backend this device or dtype cannot run (flex on CPU, flash-attn in fp32), a CUDA memory snapshot on CPU,
+    a profiled rank the run does not have."""
+    import torch
+
+    from nanotronix import accel
+    from nanotronix.train.profiler import StepProfiler
+
+    device = torch.device("cuda" if on_cuda else "cpu")
+    accel.resolve_attention(cfg.model.attn_implementation, device, cfg.train.dtype)
+    StepProfiler.from_config(cfg, -1, world, device)  # rank -1: checks only, profiles nothing
+
+
 def check_data(cfg: Config, dp: int) -> dict:
     """Open every token store (the validation stores too) and build the sampler's schedule (reads only headers);
     returns the stores by path."""
@@ -111,6 +125,7 @@ def preflight(config: str, overrides: list[str], nnodes: int, nproc_per_node: in
     cfg = load_config(config, overrides)
     dp = check_layout(cfg, nnodes, nproc_per_node)
     device = check_devices(cfg, nproc_per_node)
+    check_device_features(cfg, nnodes * nproc_per_node, on_cuda=device != "cpu")
     stores = check_data(cfg, dp)
     from nanotronix.data import document_eos_mismatch, tokenizer_note
     wrong_eos = document_eos_mismatch(stores, cfg.model.document_mask_eos_id)

@@ -89,6 +89,10 @@ def test_latest_pointer_and_keep_last(tmp_path):
     assert find_checkpoint(tmp_path / "empty") is None
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         resolve_checkpoint(tmp_path / "missing")
+    # the trainer's resume decision names the key the path came from (as the launch preflight's line does)
+    from nanotronix.checkpoint.checkpointer import choose_resume_source
+    with pytest.raises(CheckpointError, match=f"^checkpoint.resume: checkpoint not found: {tmp_path / 'missing'}$"):
+        choose_resume_source(None, str(tmp_path / "missing"), log=lambda _: None)
 
 
 def test_milestones_are_never_pruned(tmp_path):

@@ -81,6 +81,11 @@ def test_dotted_overrides_reach_nested_lists(tiny_yaml):
     ("model.rms_norm_eps=inf", "model.rms_norm_eps: expected a finite number, got inf"),  # a string
     ("model.rope_theta=.nan", "model.rope_theta: expected a finite number, got nan"),
     ("lr_schedule.decay_steps=5", "lr_schedule.decay_steps: 5 without lr_schedule.decay_start_step"),
+    # a decay's shape or floor without a decay trained at a constant learning rate without a word
+    ("lr_schedule.decay_style=cosine", "lr_schedule.decay_style: cosine without lr_schedule.decay_start_step"),
+    ("lr_schedule.min_lr=1e-4", "lr_schedule.min_lr: 0.0001 without lr_schedule.decay_start_step"),
+    # past torch.manual_seed's range: an OverflowError traceback on every rank after the rendezvous
+    ("train.seed=99999999999999999999999", "train.seed: 99999999999999999999999 is not a 64-bit integer"),
     ("checkpoint.dir=''", "checkpoint.dir: empty"),
     ("logging.dir=' '", "logging.dir: empty"),
     ("parallel.collective_timeout_minutes=1e12", "parallel.collective_timeout_minutes: must be > 0 and at most"),

@@ -66,6 +66,16 @@ def test_a_good_launch_prints_one_summary_line(tmp_path, store, capsys):
     # a branch off another run (the anneal recipe) that names a checkpoint that is not there
     (["--nproc-per-node", "1", "checkpoint.resume=/nonexistent/step_0001430"],
      "error: checkpoint.resume: checkpoint not found: /nonexistent/step_0001430"),
+    # the trainer's checks once it knows its device and world size (before: "preflight ok", then the error on
+    # every rank after the rendezvous)
+    (["--nproc-per-node", "1", "model.attn_implementation=sdpa_cudnn"],
+     "error: model.attn_implementation: sdpa_cudnn runs in bf16 only, not train.dtype=float32"),
+    (["--nproc-per-node", "2", "logging.profile_steps=1", "logging.profile_ranks=[2]"],
+     "error: logging.profile_ranks: [2] names a rank this run does not have (its ranks are 0-1)"),
+    (["--nproc-per-node", "1", "train.device=cpu", "model.attn_implementation=flex"],
+     "error: model.attn_implementation: flex needs CUDA"),
+    (["--nproc-per-node", "1", "train.device=cpu", "logging.profile_steps=1", "logging.memory_snapshot=true"],
+     "error: logging.memory_snapshot: records the CUDA caching allocator; this run is on cpu"),
 ])
 def test_a_bad_launch_is_one_line(tmp_path, store, capsys, args, message):
     if "cuda" in " ".join(args):

@@ -206,6 +206,11 @@ def test_print_config_shows_what_the_run_would_use_and_launches_nothing(tmp_path
     assert not (tmp_path / "ckpt").exists() and not (tmp_path / "logs").exists()
     bad = run(["-m", "nanotronix.train", "--config", str(cfg), "--print-config", "train.train_stepz=7"])
     assert bad.returncode == 2 and bad.stderr.startswith("error: train.train_stepz: unknown config key")
+    # a layout no world size can run (the model's split over tp and pp) is refused here as torchrun would refuse it
+    bad = run(["-m", "nanotronix.train", "--config", str(cfg), "--print-config", "parallel.tp=7"])
+    assert bad.returncode == 2 and bad.stderr == "error: parallel.tp: 7 does not divide model.num_attention_heads=9\n"
+    bad = run(["-m", "nanotronix.train", "--config", str(cfg), "--print-config", "parallel.pp_schedule=interleaved"])
+    assert bad.returncode == 2 and bad.stderr.startswith("error: parallel.pp_schedule: interleaved needs pp >= 2")
 
 
 def test_tensorboard_gets_every_number_nested_ones_by_path():

@@ -140,7 +140,10 @@ def choose_resume_source(run_dir: Optional[Path], resume: str, log: Callable[[st
         return None
     if mode == "auto":
         return own
-    requested = paths.resolve_checkpoint(Path(mode).expanduser())
+    try:
+        requested = paths.resolve_checkpoint(Path(mode).expanduser())
+    except CheckpointError as e:  # "checkpoint not found: PATH" named no key (preflight's line already did)
+        raise CheckpointError(f"checkpoint.resume: {e}") from None
     inside_run = run_dir is not None and run_dir.resolve() in requested.resolve().parents
     if own is not None and not inside_run:
         log(f"{run_dir} already holds this run's checkpoints: continuing from {own.name} "

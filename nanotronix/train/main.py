@@ -9,7 +9,7 @@ import time
 import traceback
 
 from nanotronix.cli import ArgumentParser
-from nanotronix.config import dump_config, load_config
+from nanotronix.config import check_parallel_shape, dump_config, load_config
 from nanotronix.errors import EXIT_BAD_INPUT, UserError, fail
 from nanotronix.train import EXIT_INTERRUPTED, EXIT_PREEMPTED, Interrupted
 from nanotronix.distributed import PeerStopped, init_distributed, pick_device, rank, shutdown_and_exit
@@ -41,6 +41,7 @@ def main(argv=None) -> None:
     try:
         cfg = load_config(args.config, args.overrides)
         if args.print_config:
+            check_parallel_shape(cfg)  # the layout's checks that need no world size: what any launch would refuse
             print(dump_config(cfg), end="", flush=True)
             shutdown_and_exit(0)
         device = pick_device(cfg.train.device)
