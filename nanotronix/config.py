@@ -492,7 +492,7 @@ def _validate_run(cfg: Config) -> None:
 
 def resolve_layout(cfg: Config, world_size: int) -> int:
     """Check the parallel layout against the world size and the model; return the data-parallel size."""
-    p, m, t = cfg.parallel, cfg.model, cfg.train
+    p, t = cfg.parallel, cfg.train
     _require(world_size % (p.tp * p.pp) == 0,
              f"parallel: world size {world_size} is not divisible by tp*pp = {p.tp}*{p.pp}")
     dp = world_size // (p.tp * p.pp)
