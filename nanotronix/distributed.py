@@ -38,8 +38,14 @@ def init_distributed(device: torch.device, timeout_minutes: float = 10.0) -> Non
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes),
-                            device_id=device if device.type == "cuda" else None)
+    try:
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes),
+                                device_id=device if device.type == "cuda" else None)
+    except RuntimeError as e:  # the ranks did not all arrive in time (torch's store, or gloo's connection mesh):
+        if not isinstance(e, dist.DistStoreError) and "timed out" not in str(e) and "timeout" not in str(e):
+            raise  # a traceback on each rank before
+        raise UserError(f"the ranks did not all join within parallel.collective_timeout_minutes={timeout_minutes:g} "
+                        f"({' '.join(str(e).split())}): a node that started late, or a rank that failed first") from None
 
 
 def shutdown_and_exit(code: int) -> None:

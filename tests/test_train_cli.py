@@ -305,6 +305,18 @@ def test_a_damaged_store_is_one_line_naming_it(tmp_path, store):
     assert lines[0].startswith(f"error: token store {damaged}: token id 65535 (in the window at token "), lines
 
 
+def test_ranks_that_do_not_all_join_in_time_are_one_line(tmp_path, store):
+    """A collective timeout shorter than the ranks take to meet (or a node that starts late): the rank that gives
+    up says so in one line naming the setting (before: torch's store or gloo traceback on each rank)."""
+    cfg = tiny_config(tmp_path, store)
+    proc = torchrun(2, ["-m", "nanotronix.train", "--config", str(cfg), "parallel.collective_timeout_minutes=0.0001",
+                        "logging.hang_report_seconds=0"], timeout=120)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode != 0 and errors, proc.stderr[-3000:]
+    assert all("the ranks did not all join within parallel.collective_timeout_minutes=0.0001 (" in e for e in errors)
+    assert "DistStoreError" not in proc.stderr and "RuntimeError" not in proc.stderr, proc.stderr[-3000:]
+
+
 def test_run_folders_that_cannot_be_written_or_hold_another_run_stop_it_at_start(tmp_path, store):
     """A checkpoint.dir or logging.dir that cannot be created is one line before the first step (it used to be found
     at the first save, every step before it lost); resume=none into a folder holding checkpoints would commit the
