@@ -44,8 +44,9 @@ def init_distributed(device: torch.device, timeout_minutes: float = 10.0) -> Non
     except RuntimeError as e:  # the ranks did not all arrive in time (torch's store, or gloo's connection mesh):
         if not isinstance(e, dist.DistStoreError) and "timed out" not in str(e) and "timeout" not in str(e):
             raise  # a traceback on each rank before
+        why = " ".join(str(e).split())
         raise UserError(f"the ranks did not all join within parallel.collective_timeout_minutes={timeout_minutes:g} "
-                        f"({' '.join(str(e).split())}): a node that started late, or a rank that failed first") from None
+                        f"({why}): a node that started late, or a rank that failed first") from None
 
 
 def shutdown_and_exit(code: int) -> None:
