@@ -369,6 +369,10 @@ def _validate_run(cfg: Config) -> None:
     t = cfg.train
     for name in ("seq_len", "global_batch_size", "micro_batch_size", "train_steps"):
         _require(getattr(t, name) >= 1, f"train.{name}: must be >= 1, got {getattr(t, name)}")
+    from nanotronix.data.blend import MAX_SAMPLES  # the sampler's: beyond it, its integer arithmetic overflows
+    _require(t.train_steps * t.global_batch_size <= MAX_SAMPLES,
+             f"train.train_steps: {t.train_steps} steps of {t.global_batch_size} samples are more than the sampler's "
+             f"2^38 samples")
     # torch.manual_seed's range: a larger integer ended in an OverflowError traceback after the rendezvous
     _require(-2 ** 63 <= t.seed < 2 ** 64, f"train.seed: {t.seed} is not a 64-bit integer")
     _require(t.dtype in ("bfloat16", "float32"), f"train.dtype: {t.dtype!r} is not bfloat16|float32")

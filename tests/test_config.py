@@ -85,6 +85,8 @@ def test_dotted_overrides_reach_nested_lists(tiny_yaml):
     ("lr_schedule.decay_style=cosine", "lr_schedule.decay_style: cosine without lr_schedule.decay_start_step"),
     ("lr_schedule.min_lr=1e-4", "lr_schedule.min_lr: 0.0001 without lr_schedule.decay_start_step"),
     # past torch.manual_seed's range: an OverflowError traceback on every rank after the rendezvous
+    ("train.train_steps=99999999999999", "train.train_steps: 99999999999999 steps of 8 samples are more than the "
+                                         "sampler's 2^38 samples"),
     ("train.seed=99999999999999999999999", "train.seed: 99999999999999999999999 is not a 64-bit integer"),
     ("checkpoint.dir=''", "checkpoint.dir: empty"),
     ("logging.dir=' '", "logging.dir: empty"),

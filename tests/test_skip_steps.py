@@ -88,6 +88,16 @@ def test_skipped_steps_train_nothing_and_pass_their_data_over(tmp_path, store, c
     assert all(again[s][k] == got[s][k] for s in (7, 9) for k in ("loss", "grad_norm", "lr", "consumed_tokens"))
 
 
+def test_a_run_whose_steps_are_all_skipped_says_so(tmp_path, store):
+    """Every step of the run in train.skip_steps: it ends saying that no update was applied (before: without a
+    word, as the summary line needs a loss)."""
+    proc = run(["-m", "nanotronix.train", "--config", str(_config(tmp_path, store, train={"train_steps": STEPS})),
+                f"train.skip_steps=[1-{STEPS}]"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == (f"done: {STEPS} steps; steps 1-{STEPS} were all skipped "
+                                                     "(train.skip_steps): no update was applied in this run")
+
+
 @pytest.mark.parametrize("skips, message", [
     (["3-2"], "'3-2' is not within 1 <= A <= B <= train.train_steps=9"),
     (["0"], "'0' is not within"),

@@ -58,6 +58,9 @@ def main(argv=None) -> None:
                 if summary["first_step"] > 1 else ""
             print(f"done: {summary['steps']} steps{resumed}, loss {summary['first_loss']:.4f} -> "
                   f"{summary['last_loss']:.4f}", flush=True)
+        elif rank() == 0 and summary["first_step"] <= summary["steps"]:  # steps trained, every one of them skipped
+            print(f"done: {summary['steps']} steps; steps {summary['first_step']}-{summary['steps']} were all skipped "
+                  "(train.skip_steps): no update was applied in this run", flush=True)
     except FloatingPointError as e:
         # The run diverged: the same on every rank (the loss and gradient norm are global), so rank 0 says it.
         if rank() == 0:
