@@ -223,3 +223,16 @@ def test_a_branch_off_another_run_is_planned_from_its_checkpoint(plan_tool):
     assert anneal["time"]["stage_wall_hours"]["stage1_stable"] == 0
     assert anneal["checkpoints"]["saves"] == len(range(1_432_000, 1_477_684, 2_000)) + 1  # and the last step
     assert "starts from step 1,430,000 of another run" in plan_tool.format_plan(anneal)
+
+
+def test_a_stage_the_run_never_reaches_is_said_as_such(plan_tool):
+    """A run shorter than its schedule (a test of a recipe, train.train_steps=1000): the stages that start after its
+    last step are said never reached (before: "steps 2,861,023-1,000 (0 steps)", "starts after" more tokens than
+    the run trains)."""
+    plan = plan_tool.build_plan(str(CONFIGS / "smollm2_1p7b.yaml"), ["train.train_steps=1000"], 256, 0.45,
+                                "H100 SXM")
+    assert [s["steps"] for s in plan["stages"]] == [1000, 0, 0, 0]
+    text = plan_tool.format_plan(plan)
+    later = [line for line in text.splitlines() if line.startswith("stage ")][1:]
+    assert len(later) == 3 and all(" never reached (it starts at step " in line and
+                                   line.endswith(", after the last step 1,000)") for line in later), later

@@ -249,13 +249,15 @@ def test_tensorboard_holds_each_step_once_after_a_resume_retrains_steps(tmp_path
         assert points == [(step, pytest.approx(last[step][tag], rel=1e-6)) for step in range(1, 7)], (tag, points)
 
 
-def test_a_store_read_more_than_once_over_and_an_overridden_preset_are_said_at_the_start(tmp_path):
+def test_start_notes_a_store_read_more_than_once_an_overridden_preset_and_a_stage_never_reached(tmp_path):
     """A run that takes more windows from a store than it holds reads it again (each epoch in a new order): said
     once at the start, as many times over as the last step's metrics record says. A preset named in a config whose
     own model fields win (a copied config: the model trained is not the preset's) is said with what differs."""
     small = write_learnable_store(tmp_path / "data" / "small", num_docs=8)  # a few hundred tokens
-    proc = run(["-m", "nanotronix.train", "--config", str(tiny_config(tmp_path, small, train={"train_steps": 4})),
-                "model.preset=smollm2-135m"])
+    stages = [{"name": "first", "start_step": 1, "datasets": [{"path": "small", "weight": 1.0}]},
+              {"name": "late", "start_step": 50, "datasets": [{"path": "small", "weight": 1.0}]}]
+    cfg = tiny_config(tmp_path, small, train={"train_steps": 4}, data={"stages": stages})
+    proc = run(["-m", "nanotronix.train", "--config", str(cfg), "model.preset=smollm2-135m"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (f"note: model.preset smollm2-135m, with explicit fields that win over it: hidden_size="
             f"{TINY_MODEL['hidden_size']} (the preset's 576), ") in proc.stdout, proc.stdout
@@ -264,6 +266,8 @@ def test_a_store_read_more_than_once_over_and_an_overridden_preset_are_said_at_t
     assert last["step"] == 4 and epochs > 1
     assert proc.stdout.count("is read") == 1, proc.stdout
     assert f"note: data: small is read {epochs:.2f} times over by step 4 (the run takes more windows" in proc.stdout
+    # a stage that starts after the last step (a short test of a long recipe): never trained, said
+    assert "note: data stages that start after the last step 4 are never trained: late (from step 50)" in proc.stdout
 
 
 def test_console_line_says_mfu_a_slow_rank_and_the_time_left():

@@ -369,6 +369,10 @@ def format_plan(plan: dict[str, Any]) -> str:
                      f"steps {plan['resumed_step'] + 1:,}-{plan['train_steps']:,}; time and saves count those only")
     lines.append("")
     for s in plan["stages"]:
+        if s["steps"] == 0:  # its start_step lies past train.train_steps
+            lines.append(f"stage {s['name']}: never reached (it starts at step {s['first_step']:,}, after the last "
+                         f"step {plan['train_steps']:,})")
+            continue
         lines.append(f"stage {s['name']}: steps {s['first_step']:,}-{s['last_step']:,} ({s['steps']:,} steps), "
                      f"{_tok(s['tokens'])} tokens, starts after {_tok(s['tokens_before'])} tokens, "
                      f"~{tm['stage_wall_hours'][s['name']] / 24:.1f} days")
