@@ -154,7 +154,8 @@ def _train_with(cfg: Config, ctx: ParallelContext, device: torch.device, watch: 
         unsaved = None if cfg.checkpoint.dir else "checkpoint.dir is not set: no checkpoint will be saved"
         unscored = ("validation.data is set but validation.interval is 0: it is not scored (set an interval)"
                     if cfg.validation.data and cfg.validation.interval == 0 else None)
-        unreached = [f"{st.name} (from step {st.start_step})" for st in cfg.data.stages if st.start_step > t.train_steps]
+        unreached = [f"{st.name} (from step {st.start_step})" for st in cfg.data.stages
+                     if st.start_step > t.train_steps]
         unreached = (f"data stages that start after the last step {t.train_steps} are never trained: "
                      f"{', '.join(unreached)}") if unreached else None
         earlier = earlier_records_note(cfg, resumed.step) if ctx.rank == 0 else None
