@@ -309,6 +309,16 @@ def test_a_damaged_store_is_one_line_naming_it(tmp_path, store):
     assert lines[0].startswith(f"error: token store {damaged}: token id 65535 (in the window at token "), lines
 
 
+def test_host_memory_running_out_is_one_line(tmp_path, store):
+    """A CPU allocation that fails (a model far too large for the host) is torch's plain RuntimeError, not its
+    OutOfMemoryError: one line like a GPU's out of memory, not a traceback."""
+    proc = run(["-m", "nanotronix.train", "--config", str(tiny_config(tmp_path, store)),
+                f"model.hidden_size={2 ** 40}"])
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith("error: out of memory at start-up (start): host memory: "), lines
+
+
 def test_ranks_that_do_not_all_join_in_time_are_one_line(tmp_path, store):
     """A collective timeout shorter than the ranks take to meet (or a node that starts late): the rank that gives
     up says so in one line naming the setting (before: torch's store or gloo traceback on each rank)."""

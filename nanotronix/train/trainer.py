@@ -79,16 +79,23 @@ def what_a_rerun_does(cfg: Config) -> str:
     return f"nothing saved since {latest.name}, which a rerun resumes from"
 
 
-def out_of_memory_behind(error: BaseException) -> Optional[torch.OutOfMemoryError]:
-    """The GPU out of memory that caused `error`, if one did (torch.distributed.pipelining re-raises a stage's
-    errors as a RuntimeError from them)."""
-    return found_behind(error, lambda e: isinstance(e, torch.OutOfMemoryError))
+def out_of_memory_behind(error: BaseException) -> Optional[RuntimeError]:
+    """The GPU (or host: a CPU run, a CPU tensor) out of memory that caused `error`, if one did
+    (torch.distributed.pipelining re-raises a stage's errors as a RuntimeError from them)."""
+    return found_behind(error, lambda e: isinstance(e, torch.OutOfMemoryError) or
+                        (isinstance(e, RuntimeError) and _HOST_ALLOCATOR in str(e)))
 
 
-def out_of_memory(where: str, error: torch.OutOfMemoryError) -> UserError:
-    """A GPU out of memory as one line (each rank that met it says it): where, what torch tried and had free, and
+_HOST_ALLOCATOR = "DefaultCPUAllocator: "  # torch's CPU allocator failing: a plain RuntimeError
+
+
+def out_of_memory(where: str, error: RuntimeError) -> UserError:
+    """An out of memory as one line (each rank that met it says it): where, what torch tried and had free, and
     what to change."""
-    said = " ".join(str(error).split(" If reserved")[0].split())  # torch's sizes, without its allocator advice
+    if isinstance(error, torch.OutOfMemoryError):
+        said = " ".join(str(error).split(" If reserved")[0].split())  # torch's sizes, without its allocator advice
+    else:
+        said = "host memory: " + " ".join(str(error).split(_HOST_ALLOCATOR, 1)[1].split())
     return UserError(f"out of memory {where}: {said} Lower train.micro_batch_size (the global batch stays), or "
                      "set train.recompute=selective (or full) or train.loss_chunk_size; `python tools/plan.py CONFIG "
                      "--gpus N` estimates the memory per GPU; logging.profile_steps + logging.memory_snapshot show "
