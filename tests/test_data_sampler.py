@@ -326,6 +326,24 @@ def test_token_ids_outside_the_vocabulary_name_the_store(stores, tmp_path, dtype
         loader.batch(1)
 
 
+@pytest.mark.parametrize("dtype", [np.int8, np.int16])
+def test_negative_ids_of_narrow_signed_stores_are_outside_the_vocabulary(tmp_path, dtype):
+    """Read as unsigned, an int8 -1 is 255 and an int16 -1 is 65535, inside a larger vocabulary (int8 inside
+    SmolLM2's 49152, int16 inside a 128256 one): the batch check passed them and -1 went on to the embedding. The
+    format has codes for both dtypes (Megatron's IndexedDatasetBuilder writes them)."""
+    tokens = np.full(4000, 5, dtype=dtype)
+    tokens[1234] = -1
+    writer = MegatronWriter(tmp_path / "narrow", dtype)
+    writer.add_documents(tokens, np.full(40, 100))
+    writer.finalize({})
+    cfg = _cfg([("a", 1, [(str(tmp_path / "narrow"), 1.0)])], gbs=250)
+    cfg.model.vocab_size = 128256
+    loader = build_train_loader(cfg, 0, 1)
+    with pytest.raises(DataError, match=r"token store .*narrow: token id -1 \(in the window at token \d+\) is outside "
+                                        r"the model's vocabulary \(128256\)"):
+        loader.batch(1)
+
+
 def test_a_store_of_floats_is_refused(tmp_path):
     """A Megatron file may hold float32 values (the format has a code for them); they are no token ids and would be
     truncated on their way into the int32 batch, so the trainer refuses such a store before it reads anything."""

@@ -176,6 +176,14 @@ def test_missing_store_names_the_path(tmp_path):
         open_store(tmp_path / "half")
 
 
+def test_a_path_from_home_is_expanded(tmp_path, monkeypatch):
+    """`--data=~/corpus` reaches evaluate and inspect_store with its `~` (the shell expands only a word's start): it
+    is read from the home folder, as the trainer's dataset paths are."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_spec_megatron(tmp_path / "corpus", DOCS, np.uint16)
+    assert open_store("~/corpus").num_documents == len(DOCS)
+
+
 def test_tokenizer_from_file_folder_and_errors(tmp_path):
     file = train_tiny_tokenizer(tmp_path / "tok" / "tokenizer.json")
     tok, info = load_tokenizer(str(file))

@@ -88,6 +88,14 @@ DAMAGE = {
     "sidecar vocab_size": (lambda p: Path(f"{p}.meta.json").write_text(json.dumps(
         {**SIDECAR, "tokenizer": {**SIDECAR["tokenizer"], "vocab_size": "400"}})),
         "its tokenizer's vocab_size is '400', not a whole number"),
+    # a vocabulary of 0 holds no id: every token is outside it (was an IndexError's traceback)
+    "sidecar vocab_size 0": (lambda p: Path(f"{p}.meta.json").write_text(json.dumps(
+        {**SIDECAR, "tokenizer": {**SIDECAR["tokenizer"], "vocab_size": 0}})), "token 0 has id 5, outside"),
+    # a count of the wrong type is said as such (was "sidecar says num_tokens=12, the store holds 12")
+    "sidecar count type": (lambda p: Path(f"{p}.meta.json").write_text(json.dumps({**SIDECAR, "num_tokens": "12"})),
+                           "sidecar says num_tokens='12', the store holds 12"),
+    # float values are no token ids: the trainer and evaluate refuse such a store, so --verify does not pass it
+    "float values": (lambda p: _write(MegatronWriter(p, np.float32)), "holds float32 values, not integer"),
 }
 
 

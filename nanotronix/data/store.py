@@ -28,14 +28,26 @@ def largest_id(tokens: np.ndarray) -> int:
     hold, comes out above every vocabulary. -1 when empty."""
     if not tokens.size:
         return -1
-    return int(np.ascontiguousarray(tokens).view(f"u{tokens.dtype.itemsize}").max())
+    return above_vocabulary_if_negative(int(np.ascontiguousarray(tokens).view(f"u{tokens.dtype.itemsize}").max()),
+                                        tokens.dtype)
+
+
+def above_vocabulary_if_negative(top: int, dtype: np.dtype) -> int:
+    """`top`, the largest of some ids of `dtype` read as unsigned, moved above every vocabulary when it is a negative
+    id: read as unsigned, an int8 or int16 -1 is only 255 or 65535, inside a vocabulary larger than that."""
+    dtype = np.dtype(dtype)
+    return top + (1 << 64) if dtype.kind == "i" and top >= 1 << (8 * dtype.itemsize - 1) else top
 
 
 def first_outside_vocabulary(tokens: np.ndarray, vocab_size: int) -> Optional[int]:
     """The first token id of `tokens` (integers, any shape) outside [0, vocab_size), or None. Read as unsigned, so
-    a negative id, which a damaged store can hold, is found in the same one comparison."""
+    a negative id, which a damaged store can hold, is found in the same one comparison (and, for the signed dtypes
+    too narrow for that, int8 and int16, in a second)."""
     flat = np.ascontiguousarray(tokens).reshape(-1)
-    outside = np.flatnonzero(flat.view(f"u{flat.dtype.itemsize}") >= vocab_size)
+    outside = flat.view(f"u{flat.dtype.itemsize}") >= vocab_size
+    if flat.dtype.kind == "i" and flat.dtype.itemsize < 4:
+        outside |= flat < 0
+    outside = np.flatnonzero(outside)
     return int(flat[outside[0]]) if len(outside) else None
 
 
@@ -145,7 +157,7 @@ class TokenStore(ABC):
                 out[lo:lo + len(block)] = block
             else:  # converted while scattered: no temporary in out's dtype
                 out[rows[lo:lo + WINDOW_BLOCK]] = block
-        return top
+        return above_vocabulary_if_negative(top, data.dtype)
 
     def gather(self, positions: np.ndarray) -> np.ndarray:
         """The stream tokens at the given positions (int64)."""
@@ -239,12 +251,15 @@ def open_store(path_or_prefix: str | os.PathLike) -> TokenStore:
 
     Accepted: a Megatron prefix (or its `.bin`/`.idx` file), a datatrove `.ds` file (or its path without
     `.ds`), a zarr store folder or fsspec URL (`s3://...`, `file://...`, `memory://...`), a folder of
-    `preprocess --shard` shards (one dataset, `sharded_store.py`).
+    `preprocess --shard` shards (one dataset, `sharded_store.py`). A local path may start with `~` (as the trainer's
+    dataset paths may: `--data=~/corpus` reaches evaluate and inspect_store unexpanded).
     """
     from .megatron_store import MegatronStore, megatron_prefix
     from .sharded_store import ShardedStore, sharded_folder
 
     spec = os.fspath(path_or_prefix)
+    if "://" not in spec:
+        spec = os.path.expanduser(spec)
     folder = sharded_folder(spec)
     if folder is not None:
         return ShardedStore(folder)

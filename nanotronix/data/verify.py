@@ -6,7 +6,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .errors import DataError
-from .store import TokenStore
+from .store import TokenStore, require_integer_tokens
 
 _CHUNK = 1 << 22
 _DOC_CHUNK = 1 << 16
@@ -42,17 +42,18 @@ def check_index_arrays(store, progress: bool = False) -> None:
 
 def check_tokens_and_sidecar(store: TokenStore, progress: bool = False) -> None:
     """Token ids within the vocabulary, every document ends with EOS, sidecar counts match the store."""
+    require_integer_tokens(store, store.path)
     meta = store.metadata
     if meta:
         for key, actual in (("num_documents", store.num_documents), ("num_tokens", store.num_tokens)):
             if key in meta and meta[key] != actual:
-                raise DataError(f"{store.path}: sidecar says {key}={meta[key]}, the store holds {actual}")
+                raise DataError(f"{store.path}: sidecar says {key}={meta[key]!r}, the store holds {actual}")
     vocab = store.vocab_size
     total = store.num_tokens
     for lo in tqdm(range(0, total, _CHUNK), desc="tokens", unit="chunk", disable=not progress):
         part = store.tokens(lo, min(_CHUNK, total - lo))
         if part.size and (int(part.min()) < 0 or (vocab is not None and int(part.max()) >= vocab)):
-            bad = lo + int(np.flatnonzero((part < 0) | (part >= (vocab or np.inf)))[0])
+            bad = lo + int(np.flatnonzero((part < 0) | (part >= (np.inf if vocab is None else vocab)))[0])
             raise DataError(f"{store.path}: token {bad} has id {int(store.tokens(bad, 1)[0])}, outside the "
                             f"vocabulary of {vocab}")
     eos = store.eos_id
