@@ -111,8 +111,10 @@ def test_an_incomplete_folder_does_not_open(tmp_path, tiny_tokenizer, tool, caps
     assert "already exists; pass --overwrite (slurm/preprocess.sh: EXTRA_ARGS=--overwrite)" in capsys.readouterr().err
     assert tool.main(common + ["--shard", "3/4"]) == 2
     assert capsys.readouterr().err.strip() == (f"error: --output-prefix {tmp_path / 'sharded'}: holds shards of a "
-                                               "3-way split; --shard 3/4 would mix two splits in one store (write to "
-                                               "another folder, or remove those shards)")
+                                               "3-way split; --shard 3/4 --format megatron would mix them in one "
+                                               "store (write to another folder, or remove those shards)")
+    assert tool.main(common + ["--shard", "1/3", "--format", "zarr"]) == 2  # the folder's parts would mix formats
+    assert "holds shards of the megatron format; --shard 1/3 --format zarr would mix them" in capsys.readouterr().err
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "sharded").iterdir()} == written
     other = tmp_path / "mixed"
     shutil.copytree(tmp_path / "sharded", other)

@@ -35,7 +35,7 @@ from .errors import DataError
 from .files import note_removed_temps, remove_abandoned_temps
 from .inputs import InputPiece, expand_inputs, iter_chunks, split_large_inputs, text_per_byte, whole_files
 from .megatron_store import MegatronWriter, optimal_dtype, sidecar_path
-from .sharded_store import inputs_fingerprint, shard_name, split_counts, split_inputs
+from .sharded_store import inputs_fingerprint, shard_name, shard_kinds, split_inputs
 from .shuffle import ShufflingWriter
 from .tokenizer import load_tokenizer
 
@@ -126,11 +126,13 @@ def preprocess(opts: PreprocessOptions) -> PreprocessResult:
         pieces = _pieces_of_shard(pieces, index, count, text_ratio)
         prefix = os.path.join(opts.output_prefix, shard_name(*opts.shard))
     if shard is not None:
-        others = split_counts(Path(opts.output_prefix)) - {shard["count"]}
-        if others:  # the folder would never open: "shards of different splits"
-            raise DataError(f"--output-prefix {opts.output_prefix}: holds shards of a {min(others)}-way split; "
-                            f"--shard {shard['index']}/{shard['count']} would mix two splits in one store (write to "
-                            "another folder, or remove those shards)")
+        others = shard_kinds(Path(opts.output_prefix)) - {(shard["count"], opts.format)}
+        if others:  # the folder would never open: "shards of different splits", "its parts mix formats"
+            count, fmt = min(others)
+            other = f"a {count}-way split" if count != shard["count"] else f"the {fmt} format"
+            raise DataError(f"--output-prefix {opts.output_prefix}: holds shards of {other}; --shard "
+                            f"{shard['index']}/{shard['count']} --format {opts.format} would mix them in one store "
+                            "(write to another folder, or remove those shards)")
     existing = existing_output(opts.format, prefix)
     if existing is not None and not opts.overwrite:
         if shard is not None:

@@ -177,10 +177,11 @@ class ConcatenatedStore(TokenStore):
         return {**super().summary(), "parts": len(self.parts)}
 
 
-def split_counts(folder: Path) -> set[int]:
-    """The N of every `shard-IIIII-of-NNNNN` store in `folder` (one number for a folder of one split)."""
+def shard_kinds(folder: Path) -> set[tuple[int, str]]:
+    """(N, format) of every `shard-IIIII-of-NNNNN` store in `folder` (one pair for a folder of one split)."""
     try:
-        return {int(m.group(2)) for p in folder.iterdir() if (m := _SHARD.match(p.name))}
+        return {(int(m.group(2)), "megatron" if m.group(3) == ".idx" else "zarr")
+                for p in folder.iterdir() if (m := _SHARD.match(p.name))}
     except OSError:  # no folder yet
         return set()
 
