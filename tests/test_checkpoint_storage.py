@@ -73,7 +73,7 @@ def test_every_name_in_a_saved_step_is_durable(tmp_path, monkeypatch):
     assert len(folders) >= 2 and all(sub in synced for sub in folders), (folders, synced)
 
 
-def test_latest_pointer_and_keep_last(tmp_path):
+def test_latest_pointer_and_keep_last(tmp_path, monkeypatch):
     model = plain_model()
     opt = adamw(model)
     run_dir = tmp_path / "run"
@@ -89,6 +89,9 @@ def test_latest_pointer_and_keep_last(tmp_path):
     assert find_checkpoint(tmp_path / "empty") is None
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         resolve_checkpoint(tmp_path / "missing")
+    # a path from the home folder, as `--checkpoint=~/run` gives it (the shell expands only a word's start)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert find_checkpoint("~/run") == resolve_checkpoint("~/run") == run_dir / "step_0000004"
     # the trainer's resume decision names the key the path came from (as the launch preflight's line does)
     from nanotronix.checkpoint.checkpointer import choose_resume_source
     with pytest.raises(CheckpointError, match=f"^checkpoint.resume: checkpoint not found: {tmp_path / 'missing'}$"):

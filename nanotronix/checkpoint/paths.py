@@ -77,9 +77,10 @@ def find_checkpoint(path: str | os.PathLike) -> Optional[Path]:
     """The step folder that a CKPT_DIR means, or None when it holds no complete checkpoint.
 
     A step folder means itself; a run's checkpoint folder means the step `latest` points at, or the newest
-    complete step when the pointer is missing or stale (a crash between the rename and the pointer update).
+    complete step when the pointer is missing or stale (a crash between the rename and the pointer update). A path
+    may start with `~` (`--checkpoint=~/run` reaches the tools unexpanded).
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     if is_step_folder(path):
         return path
     if not path.is_dir():
@@ -96,7 +97,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     found = find_checkpoint(path)
     if found is not None:
         return found
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.is_dir() and (step_of(path) is not None or any(path.glob("*.distcp"))):
