@@ -210,3 +210,21 @@ def test_gpu_checks_benchmarks_are_valid_runs():
         assert set(args.profile) <= {v for v, _ in variants} | {"hf-transformers"}, (name, args.profile)
         checked += 1 + len(variants)
     assert checked >= 15
+
+
+@pytest.mark.parametrize("part", ["1", "2"])
+def test_gpu_checks_skip_what_the_device_call_has_no_time_for(tmp_path, part):
+    """CALL_S is the device call's time: a step that no longer fits is skipped with a line, not started and then
+    killed with the call (which loses the summary). With 20 s, every step of either part is skipped at once; the
+    device's Python is not needed for that (PY=true)."""
+    env = {"PATH": "/usr/bin:/bin", "OUT": str(tmp_path), "CALL_S": "20", "PY": "true", "TRAIN_DEVICE": "cpu"}
+    proc = subprocess.run(["bash", str(ROOT / "tools" / "gpu_checks.sh"), part], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    skipped = [line for line in (proc.stdout + proc.stderr).splitlines() if "skipped (" in line]
+    names = {"1": ["csrc build", "GPU tests", "bench 360m", "bench 135m", "bench 1p7b"],
+             "2": ["bench 1p7b_autotune", "bench 1p7b_profile", "GPU tests", "bench 1p7b_docmask",
+                   "CPU layout tests", "trainer on CUDA"]}[part]
+    for name in names:
+        assert any(name in line for line in skipped), (name, skipped)
+    assert not list(tmp_path.glob("bench_*"))

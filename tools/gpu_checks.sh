@@ -9,21 +9,25 @@
 #     FlexAttention's GPU tests, 1.7B with document masking (masked SDPA, FlexAttention) ->
 #     bench_1p7b_docmask.*, the CPU layout tests under this machine's torch, the trainer on CUDA (quickstart data,
 #     bf16 + compile + cache + fusion, validation, two steps profiled with a memory snapshot) and a real out of
-#     memory (one error line expected) -> $OUT/checks2.log (reuses part 1's build on a warm machine; builds
-#     otherwise)
+#     memory (one error line expected) -> $OUT/checks2.log (no csrc build: nothing in part 2 uses the kernels)
 # At most 7 files land in $OUT per part (the device tool returns 8).
 # Usage: OUT=/some/dir [CALL_S=590] bash tools/gpu_checks.sh [1|2|all]   (OUT defaults to ./gpu_out, the part to
-# all; CALL_S: part 1's time in the device call, which sizes the 1.7B bench, the last step: when the machine's start
-# has left less than the usual ~590 s of the session's device time, pass what the call is given)
+# all; CALL_S: this part's time in the device call (its timeout_s, or the session's device time left if less): every
+# step's time limit is cut to what is left of it, 20 s kept for the summary, and a step with too little left is
+# skipped, saying so (part 1's 1.7B bench, the last step, gets whatever is left); default 590, unlimited for all)
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
 PART=${1:-all}
 mkdir -p "$OUT"
 PY=${PY:-python3}
-CALL_S=${CALL_S:-590}  # part 1: the timeout_s of this device call (the script keeps 20 s of it for the summary)
+[ "$PART" = all ] && CALL_S=${CALL_S:-100000}  # all: not one device call
+CALL_S=${CALL_S:-590}  # this part's device call's timeout_s (the script keeps 20 s of it for the summary)
 TRAIN_EXTRA=${TRAIN_EXTRA:-}  # more overrides for the trainer check (a CPU smoke test: TRAIN_DEVICE=cpu)
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=8
+# nanotronix is not pip-installed on the device machine: tools/preprocess.py and tools/train_tokenizer.py (the
+# quickstart data of the trainer check) import it from the checkout
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 case $PART in 1|2|all) ;; *) echo "usage: OUT=dir bash tools/gpu_checks.sh [1|2|all]" >&2; exit 2 ;; esac
 LOG=$OUT/checks.log
 [ "$PART" = 2 ] && LOG=$OUT/checks2.log
@@ -34,21 +38,33 @@ LOG=$OUT/checks.log
 } > "$LOG" 2>&1
 tail -3 "$LOG"
 
+left() { echo $(( CALL_S - 20 - SECONDS )); }  # seconds of this part's device call left for the steps
+cap() {  # LIMIT [MIN]: LIMIT cut to what is left of CALL_S; fails (the step is skipped) when under MIN seconds are left
+  local l; l=$(left)
+  (( l >= ${2:-30} )) || { echo "== [t+${SECONDS}s] skipped (${l} s left of CALL_S=$CALL_S): ${3:-next step}" | tee -a "$LOG" >&2; return 1; }
+  echo $(( $1 < l ? $1 : l ))
+}
+
 build() {
   echo "== [t+${SECONDS}s] build csrc kernels"
-  local start=$(date +%s)
-  timeout 240 $PY setup.py build_ext --inplace >> "$LOG" 2>&1; echo "build rc=$? in $(( $(date +%s) - start )) s" | tee -a "$LOG"
+  local start=$(date +%s) limit
+  limit=$(cap 240 60 "csrc build") || return 0
+  timeout "$limit" $PY setup.py build_ext --inplace >> "$LOG" 2>&1; echo "build rc=$? in $(( $(date +%s) - start )) s" | tee -a "$LOG"
   $PY -c "from nanotronix import accel; print('kernels loaded:', accel.compiled_kernels() is not None, '| torch fp32-accumulating GEMM:', accel.fp32_accumulating_gemm())" 2>&1 | tee -a "$LOG"
 }
 
 gpu_tests() {  # timeout, test files...
-  local limit=$1; shift
+  local limit
+  limit=$(cap "$1" 30 "GPU tests ${*:2}") || return 0
+  shift
   echo "== [t+${SECONDS}s] GPU tests: $*"
   timeout "$limit" $PY -m pytest -q -p no:cacheprovider "$@" -k "cuda or kernels" >> "$LOG" 2>&1
   echo "tests rc=$?"; tail -5 "$LOG"
 }
 bench() {  # name, timeout, args...
-  local name=$1 limit=$2; shift 2
+  local name=$1 limit
+  limit=$(cap "$2" 45 "bench $name") || return 0
+  shift 2
   echo "== [t+${SECONDS}s] bench $name"
   timeout "$limit" $PY tools/bench_train.py "$@" --json "$OUT/bench_$name.json" > "$OUT/bench_$name.log" 2>&1
   echo "bench $name rc=$?"; grep -A12 "^run " "$OUT/bench_$name.log" || tail -5 "$OUT/bench_$name.log"
@@ -75,7 +91,7 @@ if [ "$PART" != 2 ]; then
   # part 1 alone (one device call of CALL_S seconds): whatever is left of it, ending in time for the summary
   # (>= 330 s when the call has 590 s and the steps before took their usual ~230 s)
   T1P7B=330
-  [ "$PART" = 1 ] && T1P7B=$(( SECONDS < CALL_S - 80 ? CALL_S - 20 - SECONDS : 60 ))  # never below a minute
+  [ "$PART" = 1 ] && T1P7B=600  # bench cuts it to what is left of CALL_S
   bench 1p7b $T1P7B model.preset=smollm2-1.7b $S train.micro_batch_size=4 --accum 16 --warmup 2 --steps 3 \
     --variant compiled:$C --variant compiled-cache-fused:$F --variant compiled-cache-fused-mb8:$F,train.micro_batch_size=8 \
     --variant compiled-cache:$K --variant compiled-cache-mb8:$K,train.micro_batch_size=8 \
@@ -83,7 +99,7 @@ if [ "$PART" != 2 ]; then
 fi
 
 if [ "$PART" != 1 ]; then  # in the order of what matters most, should the device time run out
-  $PY -c "from nanotronix import accel; assert accel.compiled_kernels() is not None" 2>/dev/null || build
+  # no csrc build: no step of part 2 uses the kernels (train.fused_kernels is off in all of them)
   # Inductor times its Triton GEMMs against cuBLAS per shape and may fuse the elementwise ops around a GEMM into it
   # (the first step compiles for minutes); next to its own baseline, so that it counts as one run
   bench 1p7b_autotune 280 model.preset=smollm2-1.7b $S train.micro_batch_size=4 --accum 16 --warmup 2 --steps 3 \
@@ -101,29 +117,34 @@ if [ "$PART" != 1 ]; then  # in the order of what matters most, should the devic
     --documents 0:1024 --no-baseline --variant compiled-cache-docmask:$K,model.document_mask_eos_id=0 \
     --variant compiled-cache-docmask-flex:$K,model.document_mask_eos_id=0,model.attn_implementation=flex
   echo "== [t+${SECONDS}s] this machine's torch on CPU: document ids between pipeline stages, every layout (gloo), the bf16 weight cache, ZeRO-1 gather overlap, the fused wgrad accumulation"
-  timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_parallel_layouts.py tests/test_document_masking.py \
-    tests/test_compute_weights.py -k "not cuda" >> "$LOG" 2>&1; echo "layout tests rc=$?"; tail -2 "$LOG"
+  if LIMIT=$(cap 150 60 "CPU layout tests"); then
+    timeout "$LIMIT" $PY -m pytest -q -p no:cacheprovider tests/test_parallel_layouts.py tests/test_document_masking.py \
+      tests/test_compute_weights.py -k "not cuda" >> "$LOG" 2>&1; echo "layout tests rc=$?"; tail -2 "$LOG"
+  fi
   # last, best effort: the trainer itself on the GPU (the quickstart's data and model): bf16, compile, the weight
   # cache, the fused wgrad accumulation and loss, validation every 50 steps, steps 101-102 profiled (CUDA kernels
   # and the allocator's history); its log lines show MFU, peak memory and the validation loss, the profile's summary
   # follows (nothing of it lands in $OUT but checks2.log)
-  echo "== [t+${SECONDS}s] the trainer on CUDA (quickstart data and model)"
-  PROFILE="logging.profile_steps=101-102"
-  [ "${TRAIN_DEVICE:-cuda}" = cuda ] && PROFILE="$PROFILE logging.memory_snapshot=true"
-  rm -rf /tmp/nanotronix_gpu_checks
-  { PY=$PY bash examples/quickstart_data.sh && timeout 150 $PY -m torch.distributed.run --standalone \
-      --nproc_per_node=1 -m nanotronix.train --config examples/configs/quickstart.yaml parallel.tp=1 parallel.pp=1 \
-      train.device=${TRAIN_DEVICE:-cuda} train.dtype=bfloat16 train.compile=true train.bf16_weight_cache=true \
-      train.grad_accumulation_fusion=true train.loss_chunk_size=256 validation.interval=50 logging.interval=50 \
-      checkpoint.dir=/tmp/nanotronix_gpu_checks/ckpt logging.dir=/tmp/nanotronix_gpu_checks/logs $PROFILE \
-      $TRAIN_EXTRA; } >> "$LOG" 2>&1
-  echo "trainer rc=$?"; grep -E "^step|^done|^profile of|error" "$LOG" | tail -9
-  { ls -la /tmp/nanotronix_gpu_checks/logs/profile; cat /tmp/nanotronix_gpu_checks/logs/profile/*.txt; } >> "$LOG" 2>&1
+  if cap 150 75 "trainer on CUDA" > /dev/null; then  # the quickstart data (~20 s) and the trainer
+    echo "== [t+${SECONDS}s] the trainer on CUDA (quickstart data and model)"
+    PROFILE="logging.profile_steps=101-102"
+    [ "${TRAIN_DEVICE:-cuda}" = cuda ] && PROFILE="$PROFILE logging.memory_snapshot=true"
+    rm -rf /tmp/nanotronix_gpu_checks
+    { PY=$PY timeout 60 bash examples/quickstart_data.sh && LIMIT=$(cap 150 45 "trainer on CUDA") &&
+      timeout "$LIMIT" $PY -m torch.distributed.run --standalone \
+        --nproc_per_node=1 -m nanotronix.train --config examples/configs/quickstart.yaml parallel.tp=1 parallel.pp=1 \
+        train.device=${TRAIN_DEVICE:-cuda} train.dtype=bfloat16 train.compile=true train.bf16_weight_cache=true \
+        train.grad_accumulation_fusion=true train.loss_chunk_size=256 validation.interval=50 logging.interval=50 \
+        checkpoint.dir=/tmp/nanotronix_gpu_checks/ckpt logging.dir=/tmp/nanotronix_gpu_checks/logs $PROFILE \
+        $TRAIN_EXTRA; } >> "$LOG" 2>&1
+    echo "trainer rc=$?"; grep -E "^step|^done|^profile of|error" "$LOG" | tail -9
+    { ls -la /tmp/nanotronix_gpu_checks/logs/profile; cat /tmp/nanotronix_gpu_checks/logs/profile/*.txt; } >> "$LOG" 2>&1
+  fi
   # a real GPU out of memory (1.7B-wide layers, 131k tokens per micro-batch): one line saying where, not a traceback
   # (GPU only: on a CPU smoke run it would only exhaust the host's memory)
-  if [ "${TRAIN_DEVICE:-cuda}" = cuda ]; then
+  if [ "${TRAIN_DEVICE:-cuda}" = cuda ] && LIMIT=$(cap 120 45 "out-of-memory run"); then
     echo "== [t+${SECONDS}s] a real out of memory in step 1"; mkdir -p /tmp/nanotronix_gpu_checks
-    timeout 120 $PY -m torch.distributed.run --standalone --nproc_per_node=1 -m nanotronix.train \
+    timeout "$LIMIT" $PY -m torch.distributed.run --standalone --nproc_per_node=1 -m nanotronix.train \
       --config examples/configs/quickstart.yaml parallel.tp=1 parallel.pp=1 train.device=${TRAIN_DEVICE:-cuda} \
       train.dtype=bfloat16 model.hidden_size=2048 model.intermediate_size=8192 model.num_hidden_layers=24 \
       model.num_attention_heads=32 model.num_key_value_heads=32 train.micro_batch_size=1024 \
