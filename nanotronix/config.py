@@ -316,6 +316,20 @@ def preset_note(model: ModelConfig) -> Optional[str]:
     return f"model.preset {model.preset}, with explicit fields that win over it: {', '.join(changed)}"
 
 
+def config_notes(cfg: Config) -> list[str]:
+    """What a run says at its start about settings that are valid but likely not what was meant."""
+    notes = [preset_note(cfg.model)]
+    if not cfg.checkpoint.dir:
+        notes.append("checkpoint.dir is not set: no checkpoint will be saved")
+    if cfg.validation.data and cfg.validation.interval == 0:
+        notes.append("validation.data is set but validation.interval is 0: it is not scored (set an interval)")
+    steps = cfg.train.train_steps
+    unreached = [f"{st.name} (from step {st.start_step})" for st in cfg.data.stages if st.start_step > steps]
+    if unreached:
+        notes.append(f"data stages that start after the last step {steps} are never trained: {', '.join(unreached)}")
+    return [note for note in notes if note]
+
+
 def _require(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)

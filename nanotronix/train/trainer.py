@@ -18,7 +18,7 @@ from nanotronix import accel
 from nanotronix.checkpoint import Checkpointer
 from nanotronix.checkpoint.checkpointer import store_change_notes
 from nanotronix.checkpoint.paths import find_checkpoint
-from nanotronix.config import Config, grad_accum_steps, preset_note, skipped_step_ranges
+from nanotronix.config import Config, config_notes, grad_accum_steps, skipped_step_ranges
 from nanotronix.data import build_prefetched_loader, document_eos_mismatch, tokenizer_note
 from nanotronix.distributed import PeerStopped, peer_stopped
 from nanotronix.errors import UserError, found_behind
@@ -157,17 +157,9 @@ def _train_with(cfg: Config, ctx: ParallelContext, device: torch.device, watch: 
         wrong_eos = document_eos_mismatch(stores, m.document_mask_eos_id)
         if wrong_eos:  # the same stores and config on every rank
             raise UserError(wrong_eos, every_rank=True)
-        note = tokenizer_note(stores, cfg.data.tokenizer)
-        unsaved = None if cfg.checkpoint.dir else "checkpoint.dir is not set: no checkpoint will be saved"
-        unscored = ("validation.data is set but validation.interval is 0: it is not scored (set an interval)"
-                    if cfg.validation.data and cfg.validation.interval == 0 else None)
-        unreached = [f"{st.name} (from step {st.start_step})" for st in cfg.data.stages
-                     if st.start_step > t.train_steps]
-        unreached = (f"data stages that start after the last step {t.train_steps} are never trained: "
-                     f"{', '.join(unreached)}") if unreached else None
         earlier = earlier_records_note(cfg, resumed.step) if ctx.rank == 0 else None
-        for note in (preset_note(m), note, schedule_note(cfg.lr_schedule, t.train_steps), unsaved, unscored,
-                     unreached, earlier):
+        for note in (*config_notes(cfg), tokenizer_note(stores, cfg.data.tokenizer),
+                     schedule_note(cfg.lr_schedule, t.train_steps), earlier):
             if note:
                 log0(ctx, f"note: {note}")
 
