@@ -154,7 +154,7 @@ def preprocess(opts: PreprocessOptions) -> PreprocessResult:
     encode.use_tokenizer(tokenizer, info.eos_id, dtype)
     executor = _start_workers(opts, info, dtype)  # before any other thread (progress bar) exists
     writer, output = create_writer(opts.format, prefix, dtype)
-    shuffle_seed = None if opts.shuffle_seed is None else [opts.shuffle_seed, *(opts.shard or ())]  # per shard
+    shuffle_seed = _shuffle_seed(opts)
     if shuffle_seed is not None:
         writer = ShufflingWriter(writer, output, shuffle_seed, progress=opts.progress)
     per_file = [{"path": str(p.path), **({"part": p.part()} if p.part() else {}), "bytes": p.nbytes,
@@ -220,6 +220,11 @@ def preprocess(opts: PreprocessOptions) -> PreprocessResult:
                             time.perf_counter() - start)
 
 
+def _shuffle_seed(opts: PreprocessOptions) -> Optional[list[int]]:
+    """--shuffle's seed, per shard (the sidecar's `shuffled.seed`); None without --shuffle."""
+    return None if opts.shuffle_seed is None else [opts.shuffle_seed, *(opts.shard or ())]
+
+
 def _complete_shard(opts: PreprocessOptions, prefix: str, shard: dict) -> Optional[PreprocessResult]:
     """The result of an earlier run that wrote this very shard (same split, inputs, tokenizer file, format, text key
     and shuffle), said in a note; None when the store there is another one (or cannot be read)."""
@@ -230,9 +235,9 @@ def _complete_shard(opts: PreprocessOptions, prefix: str, shard: dict) -> Option
         _, info = load_tokenizer(opts.tokenizer)
     except DataError:
         return None
-    seed = None if opts.shuffle_seed is None else {"seed": [opts.shuffle_seed, *opts.shard]}
+    seed = _shuffle_seed(opts)
     if (meta.get("shard") != shard or meta.get("format") != opts.format or meta.get("text_key") != opts.text_key
-            or meta.get("shuffled") != seed or (meta.get("tokenizer") or {}).get("sha256") != info.sha256):
+            or meta.get("shuffled") != (None if seed is None else {"seed": seed}) or (meta.get("tokenizer") or {}).get("sha256") != info.sha256):
         return None
     print(f"note: {prefix}: this shard is already complete (the same inputs, tokenizer and settings): nothing to do "
           "(--overwrite writes it again)", file=sys.stderr)
