@@ -39,7 +39,7 @@ LOG=$OUT/checks.log
 tail -3 "$LOG"
 
 left() { echo $(( CALL_S - 20 - SECONDS )); }  # seconds of this part's device call left for the steps
-cap() {  # LIMIT [MIN]: LIMIT cut to what is left of CALL_S; fails (the step is skipped) when under MIN seconds are left
+cap() {  # LIMIT [MIN [NAME]]: LIMIT cut to what is left of CALL_S; under MIN s left: NAME skipped, said, fails
   local l; l=$(left)
   (( l >= ${2:-30} )) || { echo "== [t+${SECONDS}s] skipped (${l} s left of CALL_S=$CALL_S): ${3:-next step}" | tee -a "$LOG" >&2; return 1; }
   echo $(( $1 < l ? $1 : l ))
