@@ -479,7 +479,9 @@ def test_usr1_before_a_checkpoint_in_two_allocations_in_a_row_ends_the_requeues(
             assert time.monotonic() < deadline and slurm.info(job)["JobState"] not in ENDED, job_output(tmp_path, job)
             time.sleep(0.25)
         slurm.cmd("scancel", "--signal=USR1", "--batch", job)
-        info = slurm.wait(job, timeout=120, until=lambda i: i["JobState"] in ENDED or i["Restarts"] != str(restart))
+        # requeued: PENDING once the old allocation's COMPLETING is over
+        info = slurm.wait(job, timeout=120, until=lambda i: i["JobState"] in ENDED or
+                          (i["Restarts"] != str(restart) and i["JobState"] == "PENDING"))
         if restart == 0:
             assert (info["JobState"], info["Restarts"]) == ("PENDING", "1"), (info, job_output(tmp_path, job))
             release(slurm, job)
