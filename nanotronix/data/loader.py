@@ -172,7 +172,7 @@ def build_train_loader(cfg, dp_rank: int, dp_size: int, consumed_samples: int = 
         for ds in stage.datasets:
             if ds.path not in stores:
                 try:
-                    stores[ds.path] = require_integer_tokens(open_store(os.path.expanduser(ds.path)), ds.path)
+                    stores[ds.path] = require_integer_tokens(open_store(ds.path), ds.path)
                 except DataError as e:  # a forgotten data.root: said by the trainer as by the preflight
                     hint = data_root_hint(cfg, [ds.path])
                     if hint and "not found" in str(e):

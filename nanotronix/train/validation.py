@@ -18,7 +18,6 @@ loss is the mean of its windows' mean losses: one all-reduce of every store's su
 from __future__ import annotations
 
 import math
-import os
 from typing import Callable, Optional
 
 import torch
@@ -35,7 +34,7 @@ from nanotronix.parallel.pipeline import PAD_LABEL
 def open_validation_store(path: str, num_samples: int, seq_len: int, vocab_size: int) -> TokenStore:
     """A held-out store, checked to hold `num_samples` windows of seq_len + 1 tokens of the model's vocabulary (as
     far as its sidecar tells; the launch preflight calls this too)."""
-    store = require_integer_tokens(open_store(os.path.expanduser(path)), path)
+    store = require_integer_tokens(open_store(path), path)
     if store.vocab_size is not None and store.vocab_size > vocab_size:
         raise DataError(f"validation.data: {path} was tokenized with {store.vocab_size} tokens, more than "
                         f"model.vocab_size={vocab_size}")
