@@ -174,6 +174,27 @@ def test_missing_store_names_the_path(tmp_path):
     (tmp_path / "half.bin").write_bytes(b"\x00\x00")  # its .idx lost in a copy
     with pytest.raises(DataError, match=f"token store {tmp_path / 'half'}: {tmp_path / 'half'}.idx is missing"):
         open_store(tmp_path / "half")
+    with pytest.raises(DataError, match=f"token store {tmp_path / 'half'}.bin: {tmp_path / 'half'}.idx is missing"):
+        open_store(tmp_path / "half.bin")  # named by its .bin file
+
+
+def test_a_folder_in_place_of_a_store_file_is_said_so(tmp_path):
+    """A folder with the name of a store's .idx, .bin or .ds.index (a copy gone wrong) is not "missing": the file
+    the user would look for is there, as a folder."""
+    (tmp_path / "a.bin").write_bytes(b"\x00\x00")
+    (tmp_path / "a.idx").mkdir()
+    with pytest.raises(DataError, match=f"^token store {tmp_path / 'a'}: {tmp_path / 'a'}.idx is a folder, not a "
+                                        r"file \(a Megatron store is PREFIX.bin \+ PREFIX.idx\)$"):
+        open_store(tmp_path / "a")
+    write_spec_megatron(tmp_path / "b", DOCS, np.uint16)
+    (tmp_path / "b.bin").unlink()
+    (tmp_path / "b.bin").mkdir()
+    with pytest.raises(DataError, match=f"^{tmp_path / 'b'}.bin: is a folder, not a file \\(the .idx is there\\)$"):
+        open_store(tmp_path / "b")
+    (tmp_path / "c.ds").write_bytes(b"\x00\x00")
+    (tmp_path / "c.ds.index").mkdir()
+    with pytest.raises(DataError, match=f"^{tmp_path / 'c'}.ds.index: is a folder, not a file"):
+        open_store(tmp_path / "c.ds")
 
 
 def test_a_path_from_home_is_expanded(tmp_path, monkeypatch):

@@ -121,6 +121,24 @@ def test_an_incomplete_folder_does_not_open(tmp_path, tiny_tokenizer, tool, caps
     (other / "shard-00000-of-00002.idx").write_bytes((other / "shard-00000-of-00003.idx").read_bytes())
     with pytest.raises(DataError, match="shards of different splits"):
         open_store(other)
+    # a file numbered past the split (copied in by hand) would be left out of the dataset: refused, named
+    stray = tmp_path / "stray"
+    shutil.copytree(tmp_path / "sharded", stray)
+    (stray / "shard-00005-of-00003.bin").write_bytes(b"\x00\x00")
+    with pytest.raises(DataError, match=f"^{stray}: shard-00005-of-00003.bin is not one of its 3 shards \\(they are "
+                                        r"numbered 0 to 2\): remove or rename it$"):
+        open_store(stray)
+    (stray / "shard-00005-of-00003.bin").unlink()
+    for suffix in (".idx", ".bin"):  # a shard's file that is a folder is that, not "missing"
+        part = stray / f"shard-00001-of-00003{suffix}"
+        content = part.read_bytes()
+        part.unlink()
+        part.mkdir()
+        with pytest.raises(DataError, match=f"{part}:? is a folder, not a file"):
+            open_store(stray)
+        part.rmdir()
+        part.write_bytes(content)
+    assert open_store(stray).num_documents == open_store(tmp_path / "sharded").num_documents
     capsys.readouterr()
     for path in corpus.rglob("*.jsonl"):  # compressed files are cut at 64 KiB blocks: 7 small ones are 7 pieces
         path.with_suffix(".jsonl.gz").write_bytes(gzip.compress(path.read_bytes()))

@@ -19,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .errors import DataError
-from .store import TokenStore
+from .store import TokenStore, absent
 
 _CHUNK = 1 << 22
 
@@ -64,7 +64,7 @@ class DatatroveStore(TokenStore):
         super().__init__(str(path))
         index_path = Path(f"{path}.index")
         if not index_path.is_file():
-            raise DataError(f"{index_path}: missing (a datatrove .ds file needs its .ds.index)")
+            raise DataError(f"{index_path}: {absent(index_path)} (a datatrove .ds file needs its .ds.index)")
         index_size = index_path.stat().st_size
         if index_size % 8:
             raise DataError(f"{index_path}: size {index_size} is not a multiple of 8 (uint64 document ends)")

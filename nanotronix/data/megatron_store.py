@@ -19,7 +19,7 @@ import numpy as np
 
 from .errors import DataError
 from .files import DocumentSpill, SpillingWriter, commit, remove_quietly, temp_path, write_json_atomic
-from .store import TokenStore, checked_sidecar
+from .store import TokenStore, absent, checked_sidecar
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -107,9 +107,9 @@ class MegatronStore(TokenStore):
         super().__init__(prefix)
         self.idx_path, self.bin_path = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
         if not self.idx_path.is_file():
-            raise DataError(f"token store not found: {self.idx_path} does not exist")
+            raise DataError(f"token store {prefix}: {self.idx_path} {absent(self.idx_path)}")
         if not self.bin_path.is_file():
-            raise DataError(f"{self.bin_path}: missing (the .idx is there, the .bin is not)")
+            raise DataError(f"{self.bin_path}: {absent(self.bin_path)} (the .idx is there)")
         idx_size = self.idx_path.stat().st_size
         with open(self.idx_path, "rb") as f:
             head = f.read(HEADER.size)

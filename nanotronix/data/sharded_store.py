@@ -27,6 +27,7 @@ from .errors import DataError
 from .store import TokenStore, largest_id
 
 _SHARD = re.compile(r"^shard-(\d{5})-of-(\d{5})(\.idx|\.zarr)$")
+_SHARD_FILE = re.compile(r"^shard-(\d{5})-of-\d{5}\.")  # any file of a shard: .bin, .idx, .meta.json, .zarr
 
 
 def shard_name(index: int, count: int) -> str:
@@ -194,14 +195,21 @@ class ShardedStore(ConcatenatedStore):
 
         found: dict[int, Path] = {}
         counts = set()
-        for p in sorted(folder.iterdir()):
-            m = _SHARD.match(p.name)
+        names = sorted(p.name for p in folder.iterdir())
+        for name in names:
+            m = _SHARD.match(name)
             if m:
-                found[int(m.group(1))] = p.with_suffix("") if m.group(3) == ".idx" else p
+                found[int(m.group(1))] = folder / (name[:-4] if m.group(3) == ".idx" else name)
                 counts.add(int(m.group(2)))
         if len(counts) != 1:
             raise DataError(f"{folder}: shards of different splits ({', '.join(map(str, sorted(counts)))} shards)")
         count = counts.pop()
+        # A file numbered past the split (renamed or copied in by hand; any of a shard's files, its .bin too) would
+        # otherwise be left out of the dataset without a word.
+        stray = next((name for name in names if (m := _SHARD_FILE.match(name)) and int(m.group(1)) >= count), None)
+        if stray:
+            raise DataError(f"{folder}: {stray} is not one of its {count} shards (they are numbered 0 to "
+                            f"{count - 1}): remove or rename it")
         missing = [i for i in range(count) if i not in found]
         if missing:
             listed = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")

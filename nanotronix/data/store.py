@@ -71,6 +71,12 @@ def checked_sidecar(metadata: Any, where: str) -> dict[str, Any]:
     return metadata
 
 
+def absent(path: str | os.PathLike) -> str:
+    """What is wrong with a store file that is not there to read: a folder of its name (a copy gone wrong) is said as
+    such, not as "missing", which would send the user looking for a file that is in plain sight."""
+    return "is a folder, not a file" if os.path.isdir(path) else "is missing"
+
+
 def require_integer_tokens(store: "TokenStore", name: str) -> "TokenStore":
     """`store`, once it is known to hold integers: a Megatron file may hold float32/float64 values (the format
     allows them), which are no token ids and would be truncated silently on their way into a batch."""
@@ -274,9 +280,10 @@ def open_store(path_or_prefix: str | os.PathLike) -> TokenStore:
     zarr_location = zarr_path(spec)
     if zarr_location is not None:
         return ZarrStore(zarr_location)
-    halves = [os.path.exists(f"{spec}{suffix}") for suffix in (".bin", ".idx")]
-    if any(halves):  # half of a Megatron store: say which half is gone
-        raise DataError(f"token store {spec}: {spec}{'.idx' if halves[0] else '.bin'} is missing (a Megatron store "
-                        "is PREFIX.bin + PREFIX.idx)")
+    for prefix in (spec, spec[:-4] if spec.endswith((".bin", ".idx")) else None):
+        if prefix and any(os.path.exists(f"{prefix}{suffix}") for suffix in (".bin", ".idx")):
+            # half of a Megatron store: its .idx is not a file (megatron_prefix would have found it)
+            raise DataError(f"token store {spec}: {prefix}.idx {absent(f'{prefix}.idx')} (a Megatron store is "
+                            "PREFIX.bin + PREFIX.idx)")
     raise DataError(f"token store not found: {spec} (looked for {spec}.bin + {spec}.idx, {spec}.ds + "
                     f"{spec}.ds.index, a zarr store at {spec} or {spec}.zarr)")
