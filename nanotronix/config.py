@@ -321,6 +321,9 @@ def config_notes(cfg: Config) -> list[str]:
     notes = [preset_note(cfg.model)]
     if not cfg.checkpoint.dir:
         notes.append("checkpoint.dir is not set: no checkpoint will be saved")
+    if cfg.parallel.sequence_parallel and cfg.parallel.tp == 1:  # an error would break a tp>1 recipe reused at tp=1
+        notes.append("parallel.sequence_parallel is set but parallel.tp is 1: it splits activations among the "
+                     "tensor-parallel ranks, so with one it does nothing")
     if cfg.validation.data and cfg.validation.interval == 0:
         notes.append("validation.data is set but validation.interval is 0: it is not scored (set an interval)")
     steps = cfg.train.train_steps
@@ -508,9 +511,22 @@ def _validate_run(cfg: Config) -> None:
              "the report; lower it, or set 0 to turn the report off")
 
 
+def too_few_processes(p: ParallelConfig, world_size: int) -> Optional[str]:
+    """What is wrong when the world cannot hold one model replica (tp*pp processes), else None: "not divisible"
+    would send the user looking for a multiple when the job is simply too small (preflight adds the nodes)."""
+    model_parallel = p.tp * p.pp
+    if world_size >= model_parallel:
+        return None
+    return (f"parallel: tp*pp = {p.tp}*{p.pp} = {model_parallel} needs at least {model_parallel} processes, the job "
+            f"has {world_size}")
+
+
 def resolve_layout(cfg: Config, world_size: int) -> int:
     """Check the parallel layout against the world size and the model; return the data-parallel size."""
     p, t = cfg.parallel, cfg.train
+    short = too_few_processes(p, world_size)
+    if short:
+        raise ConfigError(short)
     _require(world_size % (p.tp * p.pp) == 0,
              f"parallel: world size {world_size} is not divisible by tp*pp = {p.tp}*{p.pp}")
     dp = world_size // (p.tp * p.pp)

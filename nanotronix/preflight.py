@@ -14,7 +14,7 @@ import os
 import sys
 
 from nanotronix.cli import ArgumentParser, check_writable_folder, one_line_errors
-from nanotronix.config import Config, grad_accum_steps, load_config, resolve_layout
+from nanotronix.config import Config, grad_accum_steps, load_config, resolve_layout, too_few_processes
 from nanotronix.errors import UserError
 
 
@@ -25,11 +25,9 @@ class PreflightError(UserError):
 def check_layout(cfg: Config, nnodes: int, nproc_per_node: int) -> int:
     """The world size must hold tp*pp and fit the config's layout; returns the data-parallel size."""
     world = nnodes * nproc_per_node
-    model_parallel = cfg.parallel.tp * cfg.parallel.pp
-    if world < model_parallel:
-        raise PreflightError(f"parallel: tp*pp = {cfg.parallel.tp}*{cfg.parallel.pp} = {model_parallel} needs at "
-                             f"least {model_parallel} processes, the job has {world} ({nnodes} node(s) x "
-                             f"{nproc_per_node} per node)")
+    short = too_few_processes(cfg.parallel, world)
+    if short:
+        raise PreflightError(f"{short} ({nnodes} node(s) x {nproc_per_node} per node)")
     return resolve_layout(cfg, world)
 
 

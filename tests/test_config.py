@@ -2,7 +2,7 @@
 import pytest
 import yaml
 
-from nanotronix.config import ConfigError, grad_accum_steps, load_config, resolve_layout
+from nanotronix.config import ConfigError, config_notes, grad_accum_steps, load_config, resolve_layout
 
 TINY = {
     "model": {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 4, "num_attention_heads": 4,
@@ -127,12 +127,24 @@ def test_layout_resolution(tiny_yaml):
     assert resolve_layout(cfg, 8) == 2 and grad_accum_steps(cfg, 2) == 2
     with pytest.raises(ConfigError, match="world size 6 is not divisible by tp\\*pp"):
         resolve_layout(cfg, 6)
+    with pytest.raises(ConfigError, match=r"^parallel: tp\*pp = 2\*2 = 4 needs at least 4 processes, the job has 3$"):
+        resolve_layout(cfg, 3)
     with pytest.raises(ConfigError, match="parallel.dp: 4 but world size 8"):
         resolve_layout(load_config(tiny_yaml, ["parallel.tp=2", "parallel.dp=4", "parallel.pp=2"]), 8)
     with pytest.raises(ConfigError, match="does not divide model.num_key_value_heads=2"):
         resolve_layout(load_config(tiny_yaml, ["parallel.tp=4"]), 4)
     with pytest.raises(ConfigError, match="4 layers cannot fill 8 pipeline stages"):
         resolve_layout(load_config(tiny_yaml, ["parallel.pp=8"]), 8)
+
+
+def test_sequence_parallel_at_tp_1_is_a_note_not_an_error(tiny_yaml):
+    """A recipe written for tp>1 may set it and be reused at tp=1, where it splits nothing: said; the run goes on."""
+    said = [n for n in config_notes(load_config(tiny_yaml, ["parallel.sequence_parallel=true"]))
+            if n.startswith("parallel.sequence_parallel")]
+    assert said == ["parallel.sequence_parallel is set but parallel.tp is 1: it splits activations among the "
+                    "tensor-parallel ranks, so with one it does nothing"]
+    for overrides in (["parallel.sequence_parallel=true", "parallel.tp=2"], ["parallel.tp=2"], []):
+        assert not [n for n in config_notes(load_config(tiny_yaml, overrides)) if "sequence_parallel" in n], overrides
 
 
 def test_yaml_that_would_be_read_other_than_written_is_refused(tmp_path, tiny_yaml):

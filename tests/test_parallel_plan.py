@@ -52,6 +52,8 @@ def test_every_chunk_gets_a_layer_and_interleaved_placement():
 
 @pytest.mark.parametrize("world, parallel, train, model, message", [
     (6, {"tp": 4}, None, None, "world size 6 is not divisible by tp*pp = 4*1"),
+    # too few processes for one replica is not a divisibility problem: the preflight's words, without the nodes
+    (2, {"tp": 2, "pp": 2}, None, None, "parallel: tp*pp = 2*2 = 4 needs at least 4 processes, the job has 2"),
     (4, {"tp": 2, "dp": 1}, None, None, "parallel.dp: 1 but world size 4"),
     (8, {"tp": 8}, None, None, "parallel.tp: 8 does not divide model.num_key_value_heads=4"),
     (3, {"tp": 3}, None, None, "parallel.tp: 3 does not divide model.num_attention_heads=8"),

@@ -60,7 +60,7 @@ def test_document_masking_counts_fewer_attention_flops(tmp_path, store):
 @pytest.mark.parametrize("override, message", [
     (["model.hidden_sise=64"], "error: model.hidden_sise: unknown config key"),
     (["model.num_attention_heads=3"], "error: model.hidden_size: 64 is not divisible by model.num_attention_heads=3"),
-    (["parallel.tp=2"], "error: parallel: world size 1 is not divisible by tp*pp = 2*1"),
+    (["parallel.tp=2"], "error: parallel: tp*pp = 2*1 = 2 needs at least 2 processes, the job has 1"),
     (["data.stages.0.datasets.0.path=/nonexistent/store"], "/nonexistent/store"),
     (["validation.interval=5"], "error: validation.data: missing (validation.interval > 0 needs a list of held-out "
                                 "token stores)"),
@@ -252,12 +252,14 @@ def test_tensorboard_holds_each_step_once_after_a_resume_retrains_steps(tmp_path
 def test_start_notes_a_store_read_more_than_once_an_overridden_preset_and_a_stage_never_reached(tmp_path):
     """A run that takes more windows from a store than it holds reads it again (each epoch in a new order): said
     once at the start, as many times over as the last step's metrics record says. A preset named in a config whose
-    own model fields win (a copied config: the model trained is not the preset's) is said with what differs."""
+    own model fields win (a copied config: the model trained is not the preset's) is said with what differs, and so
+    is sequence parallelism at tp=1."""
     small = write_learnable_store(tmp_path / "data" / "small", num_docs=8)  # a few hundred tokens
     stages = [{"name": "first", "start_step": 1, "datasets": [{"path": "small", "weight": 1.0}]},
               {"name": "late", "start_step": 50, "datasets": [{"path": "small", "weight": 1.0}]}]
     cfg = tiny_config(tmp_path, small, train={"train_steps": 4}, data={"stages": stages})
-    proc = run(["-m", "nanotronix.train", "--config", str(cfg), "model.preset=smollm2-135m"])
+    proc = run(["-m", "nanotronix.train", "--config", str(cfg), "model.preset=smollm2-135m",
+                "parallel.sequence_parallel=true"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (f"note: model.preset smollm2-135m, with explicit fields that win over it: hidden_size="
             f"{TINY_MODEL['hidden_size']} (the preset's 576), ") in proc.stdout, proc.stdout
@@ -268,6 +270,8 @@ def test_start_notes_a_store_read_more_than_once_an_overridden_preset_and_a_stag
     assert f"note: data: small is read {epochs:.2f} times over by step 4 (the run takes more windows" in proc.stdout
     # a stage that starts after the last step (a short test of a long recipe): never trained, said
     assert "note: data stages that start after the last step 4 are never trained: late (from step 50)" in proc.stdout
+    # sequence parallelism asked for at tp=1 (a tp>1 recipe reused on one GPU): nothing to split, said
+    assert "note: parallel.sequence_parallel is set but parallel.tp is 1: " in proc.stdout
 
 
 def test_console_line_says_mfu_a_slow_rank_and_the_time_left():
