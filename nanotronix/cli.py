@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import os
 import select
 import signal
@@ -141,10 +142,13 @@ def replace_file(path: str | Path, write: Callable[[str], None], suffix: str = "
     return target
 
 
-def check_writable_folder(folder: str | Path, option: str) -> None:
+def check_writable_folder(folder: str | Path, option: str, keep: bool = True) -> None:
     """Create `folder` if it is missing and make sure a file can be written in it, so that an unusable output path
-    is one line naming `option` before the work, not an error after it."""
+    is one line naming `option` before the work, not an error after it. keep=False removes again the folders it
+    created (a check made long before the work, by the launch preflight: a run that fails before it starts then
+    leaves no empty folders behind)."""
     folder = Path(folder)
+    created = [] if keep else list(itertools.takewhile(lambda p: not os.path.lexists(p), [folder, *folder.parents]))
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".nanotronix-probe-", dir=folder)  # unique across hosts sharing it
@@ -154,3 +158,9 @@ def check_writable_folder(folder: str | Path, option: str) -> None:
         raise UserError(f"{option}: cannot write to {folder} ({PATH_THROUGH_A_FILE})") from None
     except OSError as e:
         raise UserError(f"{option}: cannot write to {folder} ({e.strerror or e})") from None
+    finally:
+        for path in created:  # deepest first; one that something else has filled since stays
+            try:
+                path.rmdir()
+            except OSError:
+                pass

@@ -84,9 +84,11 @@ def check_data(cfg: Config, dp: int) -> dict:
 
 
 def check_writable(path: str | None, what: str) -> None:
+    """The run's folder can be created and written; it is not left created (the run makes it: a launch that fails
+    before step 1 would leave empty folders that look like a run's)."""
     if path:
         try:
-            check_writable_folder(os.path.expanduser(path), what)
+            check_writable_folder(os.path.expanduser(path), what, keep=False)
         except UserError as e:
             raise PreflightError(str(e)) from None
 

@@ -28,7 +28,7 @@ def test_a_good_launch_prints_one_summary_line(tmp_path, store, capsys):
                            "train.device=cpu", f"checkpoint.dir={tmp_path / 'ckpt'}")
     assert (code, err) == (0, "")
     assert out.startswith("preflight ok: 2 node(s) x 2 = 4 processes on cpu | tp=1 pp=1 dp=4, grad accumulation 1")
-    assert "1 stage(s), 1 token store(s) found" in out and (tmp_path / "ckpt").is_dir()
+    assert "1 stage(s), 1 token store(s) found" in out and not (tmp_path / "ckpt").exists()  # the run makes it
     held = write_learnable_store(tmp_path / "held" / "out", seed=3)
     code, out, err = check(capsys, "--config", str(cfg), "train.device=cpu", "validation.interval=5",
                            "validation.num_samples=4", f"validation.data=[arith,{held}]")
@@ -87,6 +87,29 @@ def test_a_bad_launch_is_one_line(tmp_path, store, capsys, args, message):
     code, out, err = check(capsys, "--config", str(cfg), *args)
     assert code == 2 and out == ""
     assert len(err.splitlines()) == 1 and err.startswith(message), err
+
+
+def test_the_run_folders_are_checked_but_not_left_behind(tmp_path, store, capsys):
+    """checkpoint.dir and logging.dir must be folders that can be made and written, but the run makes them: a launch
+    that fails after the preflight (here at its last check, the resume path; on a cluster, at the rendezvous) leaves
+    no empty run folders that look like a run's. A folder that exists stays; one that cannot be made is one line (a
+    file in the way: root may write anywhere else)."""
+    cfg = tiny_config(tmp_path, store)
+    run = tmp_path / "runs" / "one"
+    folders = ["train.device=cpu", f"checkpoint.dir={run / 'checkpoints'}", f"logging.dir={run / 'logs'}"]
+    code, out, err = check(capsys, "--config", str(cfg), *folders)
+    assert code == 0 and out.startswith("preflight ok"), err
+    assert not (tmp_path / "runs").exists()
+    code, out, err = check(capsys, "--config", str(cfg), *folders, f"checkpoint.resume={tmp_path / 'step_0000002'}")
+    assert code == 2 and "checkpoint not found" in err and not (tmp_path / "runs").exists(), err
+    run.mkdir(parents=True)
+    assert check(capsys, "--config", str(cfg), *folders)[0] == 0
+    assert sorted(p.name for p in (tmp_path / "runs").rglob("*")) == ["one"]  # kept, and nothing made in it
+    (tmp_path / "a_file").write_text("x")
+    for key in ("checkpoint.dir", "logging.dir"):
+        code, out, err = check(capsys, "--config", str(cfg), *folders, f"{key}={tmp_path / 'a_file' / 'run'}")
+        assert (code, err) == (2, f"error: {key}: cannot write to {tmp_path / 'a_file' / 'run'} (a part of that path "
+                                  "is a file, not a folder)")
 
 
 def test_missing_config(tmp_path, capsys):
