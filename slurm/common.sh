@@ -35,7 +35,8 @@
 # proctrack/linuxproc do; proctrack/pgid would miss the workers, which torchrun starts in their own sessions).
 # When srun has ended after a USR1, the script runs `scontrol requeue`: the job goes back to the queue with the
 # same id and SLURM_RESTART_COUNT+1, and checkpoint.resume=auto continues from the latest checkpoint. Slurm
-# holds a requeued job for about two minutes before it can start again (Reason=BeginTime).
+# holds a requeued job for about two minutes before it can start again (Reason=BeginTime). A job submitted with
+# `sbatch --no-requeue` is not requeued: the script says so and exits 75 (resubmit it to continue).
 # A job step that fails without a USR1 (a node or GPU lost, a hung collective aborted, a process killed) requeues
 # the job the same way, but only if it committed a checkpoint newer than the one it started from: a failure that
 # repeats before the next checkpoint (a diverging loss, a bad input met at the same step) then stops after one
@@ -106,6 +107,10 @@ for override in ${USER_OVERRIDES[@]+"${USER_OVERRIDES[@]}"}; do
   # The script reads CKPT_DIR to decide whether a failed step made progress (and requeues): the folders are its.
   case "$override" in
     checkpoint.dir=*) fail "OVERRIDES sets checkpoint.dir: set CKPT_DIR instead (this script reads that folder)" ;;
+    # Every allocation after the first would find the run's own checkpoints there and be refused.
+    checkpoint.resume=none|checkpoint.resume=\"none\"|checkpoint.resume=\'none\')
+      fail "OVERRIDES sets checkpoint.resume=none: a requeued job would refuse its own checkpoints in CKPT_DIR; to" \
+           "start afresh, give the run an empty CKPT_DIR (or another RUN_DIR): auto starts from scratch there" ;;
     logging.dir=*) fail "OVERRIDES sets logging.dir: set LOG_DIR instead" ;;
     checkpoint=*|logging=*) fail "OVERRIDES replaces the whole ${override%%=*} section (and its folder): set its keys" \
                                  "one by one (e.g. checkpoint.interval=500), the folders with CKPT_DIR and LOG_DIR" ;;
@@ -141,6 +146,10 @@ log "job $SLURM_JOB_ID ($SLURM_JOB_NAME) restart $RESTART: $NNODES node(s) [$SLU
     "$LOG_DIR, this job's logs $JOB_LOG_DIR)"
 
 # ---- preemption: USR1 -> the trainer saves -> requeue -------------------------------------------------------
+# Whether Slurm refuses to requeue this job (`sbatch --no-requeue`, which wins over the #SBATCH --requeue line):
+# asked before saying "requeueing", which `scontrol requeue` would then refuse ("presently disabled").
+NO_REQUEUE="the job was submitted with --no-requeue"
+requeue_disabled() { scontrol show job "$SLURM_JOB_ID" 2>/dev/null | grep -q '\bRequeue=0\b'; }
 PREEMPTED=0
 SRUN_PID=""
 RESENDER_PID=""
@@ -155,7 +164,9 @@ forward_usr1() {
 on_usr1() {
   if [ "$PREEMPTED" = 0 ]; then
     PREEMPTED=1
-    log "USR1: asking the trainer to save a checkpoint and stop (the job will requeue itself)"
+    local after="the job will requeue itself"
+    ! requeue_disabled || after="it will not requeue itself: $NO_REQUEUE"
+    log "USR1: asking the trainer to save a checkpoint and stop ($after)"
     forward_usr1
   fi
 }
@@ -256,6 +267,10 @@ if [ "$PREEMPTED" = 1 ] && { [ "$LAUNCHED" = 0 ] || [ "$RC" != 0 ]; }; then
     echo "$STARTED_FROM" >"$JOB_LOG_DIR/$USR1_MARK"
   fi
   if [ "$LAUNCHED" = 1 ]; then WHAT="job step ended (exit $RC) after USR1"; else WHAT="USR1 before training started"; fi
+  if requeue_disabled; then
+    log "$WHAT: not requeued: $NO_REQUEUE; resubmit it to continue from the latest checkpoint in $CKPT_DIR"
+    exit 75
+  fi
   log "$WHAT: requeueing job $SLURM_JOB_ID to resume from $CKPT_DIR"
   if scontrol requeue "$SLURM_JOB_ID"; then
     exit 0  # not reached in practice: the requeue ends this shell
@@ -271,6 +286,9 @@ if [ "$RC" != 0 ] && [ "$LAUNCHED" = 1 ]; then
   elif [ "$REQUEUE_ON_FAILURE" = 1 ] && HOLDER=$(lock_holder); then
     log "job step failed (exit $RC) while another run holds $CKPT_DIR/.lock (${HOLDER:-holder unknown}): not" \
         "requeued (two jobs cannot train into one CKPT_DIR); wait for that run to end or give this one its own"
+  elif [ "$REQUEUE_ON_FAILURE" = 1 ] && [ "$REACHED" -gt "$STARTED_FROM" ] && requeue_disabled; then
+    log "job step failed (exit $RC) after committing the checkpoint of step $REACHED: not requeued: $NO_REQUEUE;" \
+        "resubmit it to continue from that checkpoint"
   elif [ "$REQUEUE_ON_FAILURE" = 1 ] && [ "$REACHED" -gt "$STARTED_FROM" ]; then
     log "job step failed (exit $RC) after committing the checkpoint of step $REACHED (this allocation started" \
         "from step $STARTED_FROM): requeueing job $SLURM_JOB_ID to resume from it"

@@ -13,7 +13,8 @@
   bookkeeping equal those of an uninterrupted torchrun of the same config (the reference).
 - A failed job step (a trainer process SIGKILLed) requeues the job only if it committed a checkpoint since the
   allocation started (~60 s): without one it ends FAILED with one line saying why; with one it resumes and finishes.
-  A job that fails while another run holds CKPT_DIR's lock is not requeued, though `latest` moved (~10 s).
+  A job that fails while another run holds CKPT_DIR's lock is not requeued, though `latest` moved (~10 s); nor is one
+  submitted with --no-requeue, which says so instead of trying (~15 s).
 
 Skips only where Slurm is not installed; .ci/run installs and starts the cluster, so CI never skips.
 """
@@ -157,6 +158,9 @@ def preflight_cases(tmp: Path) -> list[tuple[str, dict[str, str], tuple[str, ...
         # (one override per line, as OVERRIDES=$(cat file) gives: every line counts, not only the first)
         ("checkpoint.dir in OVERRIDES", {"OVERRIDES": f"\ntrain.seed=3\ncheckpoint.dir={tmp / 'elsewhere'}"}, (),
          "error: OVERRIDES sets checkpoint.dir: set CKPT_DIR instead"),
+        # every allocation after the first would find the run's own checkpoints in CKPT_DIR and be refused
+        ("checkpoint.resume=none in OVERRIDES", {"OVERRIDES": "train.seed=3 checkpoint.resume=none"}, (),
+         "error: OVERRIDES sets checkpoint.resume=none: a requeued job would refuse its own checkpoints in CKPT_DIR"),
         ("the checkpoint section in OVERRIDES", {"OVERRIDES": 'checkpoint={"dir":"/tmp/x","interval":5}'}, (),
          "error: OVERRIDES replaces the whole checkpoint section (and its folder): set its keys one by one"),
         ("a list with a space in OVERRIDES", {"OVERRIDES": "train.seed=3 validation.data=[a, b]"}, (),
@@ -492,6 +496,36 @@ def test_usr1_before_a_checkpoint_in_two_allocations_in_a_row_ends_the_requeues(
     assert len(errors) == 1 and errors[0].startswith("error: USR1 came before a checkpoint in two allocations in a "
                                                      "row (still at step 0): not requeued again"), out
     assert "launching on every node" not in out, out
+
+
+def test_usr1_in_a_job_submitted_with_no_requeue_says_it_is_not_requeued(slurm, tmp_path):
+    """`sbatch --no-requeue`: Slurm refuses `scontrol requeue`. The log said "requeueing job" and then that scontrol
+    failed; it now says at the USR1, and at the end, that the job is not requeued and why (~15 s: the preflight is
+    slowed down, as in the test above, so that the USR1 lands in it)."""
+    stores = tmp_path / "stores"
+    write_learnable_store(stores / "a")
+    write_learnable_store(stores / "b", seed=1)
+    config = tiny_two_stage_config(tmp_path / "tiny.yaml", TRAIN_STEPS, SWITCH_STEP)
+    wrapper = tmp_path / "python"
+    wrapper.write_text('#!/bin/bash\ncase " $* " in *" nanotronix.preflight "*) sleep 5 ;; esac\n'
+                       f'exec {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    job = slurm.sbatch(tmp_path, {"CONFIG": str(config), "DATA_ROOT": str(stores), "GPUS_PER_NODE": "0",
+                                  "NPROC_PER_NODE": "1", "RUN_DIR": str(tmp_path / "run"), "PYTHON": str(wrapper)},
+                       "--no-requeue")
+    out_file, deadline = tmp_path / f"smollm2-1.7b-{job}.out", time.monotonic() + 120
+    while not (out_file.is_file() and " restart 0: " in out_file.read_text()):
+        assert time.monotonic() < deadline and slurm.info(job)["JobState"] not in ENDED, job_output(tmp_path, job)
+        time.sleep(0.25)
+    slurm.cmd("scancel", "--signal=USR1", "--batch", job)
+    info = slurm.wait(job, timeout=120)
+    out = job_output(tmp_path, job)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("FAILED", "75:0", "0"), (info, out)
+    assert ("USR1: asking the trainer to save a checkpoint and stop (it will not requeue itself: the job was "
+            "submitted with --no-requeue)") in out, out
+    assert ("USR1 before training started: not requeued: the job was submitted with --no-requeue; resubmit it to "
+            f"continue from the latest checkpoint in {tmp_path / 'run' / 'checkpoints'}") in out, out
+    assert "requeueing" not in out and "scontrol requeue failed" not in out, out
 
 
 def test_startup_failures_outside_the_preflight_are_one_line(slurm, tmp_path):
