@@ -103,9 +103,12 @@ def test_start_from_hf_import_and_requeue_keeps_progress(tmp_path, store, capsys
 
 def test_resume_says_when_a_store_it_read_from_has_changed(tmp_path, capsys):
     """A store rewritten with more documents between a save and the resume: its windows are cut and shuffled from
-    its token count, so the run would silently read other samples; resume says so in one line. A store of a stage
-    not begun yet (nothing read from it) may change without a note."""
+    its token count, so the run would silently read other samples; resume says so in one line (one, though its
+    content fingerprint changed too). Then the same store rewritten with its documents in another order: as many
+    tokens, other ones in each window, said in one line too. An unchanged store, and a store of a stage not begun yet
+    (nothing read from it) that changed, resume without a note."""
     from nanotronix.data import open_store
+    from nanotronix.data.megatron_store import MegatronWriter
 
     grown, later = write_learnable_store(tmp_path / "data" / "arith"), write_learnable_store(tmp_path / "data" / "later",
                                                                                              seed=1)
@@ -126,6 +129,18 @@ def test_resume_says_when_a_store_it_read_from_has_changed(tmp_path, capsys):
     assert notes == [f"data order: dataset arith: its store holds {open_store(grown).num_tokens:,} tokens, "
                      f"{before:,} when the checkpoint was saved, so its windows are cut and shuffled anew: some it "
                      "gave repeat, some are passed over"]
+    reading = open_store(grown)
+    docs, sidecar = [reading.document(i) for i in range(reading.num_documents)], reading.metadata
+    writer = MegatronWriter(grown, reading.dtype)
+    for doc in reversed(docs):  # the same documents in another order: the same token count
+        writer.add_document(doc)
+    writer.finalize(sidecar)
+    assert open_store(grown).num_tokens == reading.num_tokens
+    train_in_process(cfg, "train.train_steps=5")
+    notes = [line for line in capsys.readouterr().out.splitlines() if "data order:" in line]
+    assert notes == ["data order: dataset arith: its store holds other tokens than when the checkpoint was saved (as "
+                     "many, but another content fingerprint: rewritten, reordered or re-tokenized), so its windows "
+                     "hold other data: some it gave may repeat, some be passed over"]
 
 
 def test_each_start_leaves_the_config_it_trains_with(tmp_path, store):

@@ -280,3 +280,24 @@ def test_resume_notes_what_changes_the_data_order():
     for changed in (config("/old/mount", weight=0.5), config("/old/mount", decay_start=40)):  # a begun blend
         assert [n.split(":")[0] for n in data_order_notes(saved, changed, step=50)] == [
             "the stages begun by step 50 differ from the checkpoint's (start steps, datasets or weights)"]
+
+
+def test_store_change_notes_one_per_store_and_none_for_checkpoints_without_fingerprints():
+    """The loader's data stats as saved and now: a store read from with another token count gets the count's note
+    alone (its fingerprint changed too), one with as many tokens but another fingerprint the content's note, one not
+    read yet none; a checkpoint saved before fingerprints were kept resumes without a content note."""
+    from nanotronix.checkpoint.checkpointer import store_change_notes
+
+    read = {"datasets": {"web": {"consumed_tokens": 64}, "code": {"consumed_tokens": 64},
+                         "math": {"consumed_tokens": 0}}}
+    saved = {**read, "store_tokens": {"web": 1000, "code": 500, "math": 70},
+             "store_fingerprints": {"web": "a" * 64, "code": "b" * 64, "math": "c" * 64}}
+    now = {**read, "store_tokens": {"web": 1200, "code": 500, "math": 80},
+           "store_fingerprints": {"web": "d" * 64, "code": "e" * 64, "math": "f" * 64}}
+    notes = store_change_notes(saved, now)
+    assert [n.split(":")[0] for n in notes] == ["dataset web", "dataset code"]
+    assert "holds 1,200 tokens, 1,000 when the checkpoint was saved" in notes[0]
+    assert "other tokens than when the checkpoint was saved (as many, but another content fingerprint" in notes[1]
+    assert store_change_notes(saved, saved) == []
+    old = {key: value for key, value in saved.items() if key != "store_fingerprints"}
+    assert [n.split(":")[0] for n in store_change_notes(old, now)] == ["dataset web"]

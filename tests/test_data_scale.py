@@ -1,6 +1,7 @@
 """Schedule scale: the full SmolLM2-1.7B schedule (5.24M steps x 1024 samples x 2048 tokens, 4 stages,
 10 sources) over synthetic Megatron stores whose headers claim billions of documents and trillions of tokens
-(sparse files: nothing is built). Asserts < 1 GiB of memory growth and < 30 s to be ready, per rank. ~2 s."""
+(sparse files: nothing is built). Asserts < 1 GiB of memory growth and < 30 s to be ready (the stores' content
+fingerprints read), per rank. ~2 s."""
 from __future__ import annotations
 
 import struct
@@ -64,6 +65,7 @@ def test_smollm2_1p7b_schedule_memory_and_startup(tmp_path):
     start = time.perf_counter()
     loader = build_train_loader(cfg, dp_rank=DP - 1, dp_size=DP, consumed_samples=4_716_000 * GBS)
     batch = loader.batch(4_716_001)  # first step of the decay stage, resumed there
+    loader.stats(4_716_000)  # the resume's store notes: every store's content fingerprint, read at start
     ready = time.perf_counter() - start
     for step in (1, 2_861_022, 2_861_023, 3_814_698, STEPS):
         assert loader.batch(step).shape == (GBS // (MBS * DP), MBS, SEQ + 1)

@@ -277,3 +277,33 @@ def test_stores_of_different_tokenizer_files_get_a_note(tmp_path):
     same = store("same", other)
     assert tokenizer_note({"same": same}, str(tmp_path / "tok")) is None
     assert tokenizer_note({"a": a}, "HuggingFaceTB/SmolLM2-135M") is None  # a Hub id: not compared (no download)
+
+
+def test_fingerprint_follows_the_stream_not_the_format(tmp_path):
+    """A store's content fingerprint (kept by checkpoints, so a resume notices a store rewritten with as many tokens)
+    is a function of its token stream: the same for the store opened twice, for the same documents as a zarr store,
+    a datatrove file and a folder of two preprocess shards; another for the same documents in another order (as
+    many tokens) and for one token changed in a store small enough to be hashed whole. Computed once per store."""
+    docs = [RNG.integers(1, 49152, size=n).tolist() for n in RNG.integers(5, 60, size=300)]
+    _write_ours(tmp_path / "one", docs, np.uint16)
+    _write_ours(tmp_path / "one", docs, np.uint16, fmt="zarr")
+    _write_datatrove(tmp_path / "one.ds", docs)
+    (tmp_path / "sharded").mkdir()
+    _write_ours(tmp_path / "sharded" / "shard-00000-of-00002", docs[:120], np.uint16)
+    _write_ours(tmp_path / "sharded" / "shard-00001-of-00002", docs[120:], np.uint16)
+    _write_ours(tmp_path / "reordered", docs[::-1], np.uint16)
+    store = open_store(tmp_path / "one")
+    assert store.num_tokens > 4 * 256  # sampled, not hashed whole
+    prints = {where: open_store(tmp_path / where).fingerprint
+              for where in ("one", "one.zarr", "one.ds", "sharded", "reordered")}
+    assert len(store.fingerprint) == 64 and store.fingerprint == prints["one"]
+    assert prints["one.zarr"] == prints["one.ds"] == prints["sharded"] == prints["one"]
+    assert open_store(tmp_path / "reordered").num_tokens == store.num_tokens and prints["reordered"] != prints["one"]
+    _write_ours(tmp_path / "small", [[5, 6, 7], [8, 9], [4]], np.uint16)
+    _write_ours(tmp_path / "small2", [[5, 6, 7], [8, 10], [4]], np.uint16)
+    assert open_store(tmp_path / "small").fingerprint != open_store(tmp_path / "small2").fingerprint
+    sharded, starts = open_store(tmp_path / "sharded"), np.array([0, sum(map(len, docs[:120])) - 2, 9000])
+    assert np.array_equal(sharded.spaced_runs(starts, 4), store.windows(starts, 4))  # one run across the shards
+    assert np.array_equal(store.spaced_runs(starts, 4), store.windows(starts, 4))
+    store.spaced_runs = None  # a second reading would fail: the first one's answer is kept
+    assert store.fingerprint == prints["one"]

@@ -116,15 +116,27 @@ def schedule_change_notes(saved: dict[str, Any], current: dict[str, Any]) -> lis
 
 
 def store_change_notes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Stores that hold another number of tokens than when the checkpoint was saved, among those the run had read
-    from (`saved`, `current`: the loader's stats, as the checkpoint keeps them): their windows are cut and shuffled
-    from the token count, so a store rewritten or grown since gives other windows in another order. Notes, not
-    errors: adding data to a source can be deliberate."""
+    """Stores that hold another number of tokens, or as many but other ones (another content fingerprint), than
+    when the checkpoint was saved, among those the run had read from (`saved`, `current`: the loader's stats, as the
+    checkpoint keeps them): their windows are cut and shuffled from the token count, so a store rewritten or grown
+    since gives other windows in another order, and one rewritten to the same count (documents reordered,
+    re-tokenized, files replaced) other tokens in the same windows. One note per store (the count's when both
+    changed); none for a checkpoint saved before fingerprints were kept. Notes, not errors: replacing or adding
+    data can be deliberate."""
     before, now = saved.get("store_tokens") or {}, current.get("store_tokens") or {}
+    prints_before, prints_now = saved.get("store_fingerprints") or {}, current.get("store_fingerprints") or {}
     read = [key for key, got in (saved.get("datasets") or {}).items() if got.get("consumed_tokens")]
-    return [f"dataset {key}: its store holds {now[key]:,} tokens, {before[key]:,} when the checkpoint was saved, "
-            "so its windows are cut and shuffled anew: some it gave repeat, some are passed over"
-            for key in read if key in before and key in now and before[key] != now[key]]
+    notes = []
+    for key in read:
+        if key in before and key in now and before[key] != now[key]:
+            notes.append(f"dataset {key}: its store holds {now[key]:,} tokens, {before[key]:,} when the checkpoint "
+                         "was saved, so its windows are cut and shuffled anew: some it gave repeat, some are passed "
+                         "over")
+        elif key in prints_before and key in prints_now and prints_before[key] != prints_now[key]:
+            notes.append(f"dataset {key}: its store holds other tokens than when the checkpoint was saved (as many, "
+                         "but another content fingerprint: rewritten, reordered or re-tokenized), so its windows "
+                         "hold other data: some it gave may repeat, some be passed over")
+    return notes
 
 
 def choose_resume_source(run_dir: Optional[Path], resume: str, log: Callable[[str], None]) -> Optional[Path]:

@@ -125,18 +125,20 @@ class TrainLoader:
 
     def stats(self, step: int) -> dict[str, Any]:
         """Active stage at `step` and, per dataset, tokens consumed and epochs after `step` (whole run), and the
-        tokens each store holds (what its sample order is cut from: a checkpoint keeps them, so a resume can say
-        when a store it read from has changed). Datasets are named as validation stores are (`dataset_order_key`:
-        the path relative to data.root under it)."""
+        tokens each store holds (what its sample order is cut from) and its content fingerprint (what its windows
+        hold): a checkpoint keeps them, so a resume can say when a store it read from has changed. Datasets are
+        named as validation stores are (`dataset_order_key`: the path relative to data.root under it)."""
         consumed = self.schedule.consumed(step * self.global_batch_size)
-        datasets, store_tokens = {}, {}
+        datasets, store_tokens, store_fingerprints = {}, {}, {}
         for name, count in consumed.items():
             stream = self.schedule.streams[name]
             samples_then, tokens_then = self._tokens_before.get(name, (0, 0))
             tokens = tokens_then + (count - samples_then) * self.seq_len
             datasets[stream.order_key] = {"consumed_tokens": tokens, "epochs": stream.epochs(count)}
             store_tokens[stream.order_key] = self.stores[name].num_tokens
-        return {"stage": self.schedule.stage_at_step(step).name, "datasets": datasets, "store_tokens": store_tokens}
+            store_fingerprints[stream.order_key] = self.stores[name].fingerprint
+        return {"stage": self.schedule.stage_at_step(step).name, "datasets": datasets, "store_tokens": store_tokens,
+                "store_fingerprints": store_fingerprints}
 
 
     def count_tokens_from(self, saved: dict[str, Any], step: int) -> None:
