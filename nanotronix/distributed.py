@@ -6,19 +6,24 @@ torchrun would report as a failed run.
 
 When one rank stops on an error, the others fail in their next collective: `peer_stopped` tells that failure
 from a bug of their own, so that they say it in one line each instead of a traceback that hides the one error
-that matters (the first rank's).
+that matters (the first rank's). Where bad input may stop some ranks or all (a start-up step that reads files),
+`stopping_together` has them agree first, so that an error every rank met is said once.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import sys
-from typing import Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 
 from nanotronix.errors import UserError, found_behind
+
+if TYPE_CHECKING:
+    from nanotronix.checkpoint.storage import Collective
 
 
 def pick_device(requested: str, option: str = "train.device") -> torch.device:
@@ -66,7 +71,12 @@ def rank() -> int:
 
 
 class PeerStopped(Exception):
-    """This rank stops because another one did: said in one line, exit 1 (the other rank's error is the cause)."""
+    """This rank stops because another one did: said in one line, exit 1 (the other rank's error is the cause).
+    `every_rank`: every rank that did not fail raises the same one, so rank 0 says it for all."""
+
+    def __init__(self, message: object = "", *, every_rank: bool = False):
+        super().__init__(message)
+        self.every_rank = every_rank
 
 
 # How a collective reports a peer that is gone: gloo's TCP transport ("Connection closed by peer ... This is
@@ -85,3 +95,32 @@ def peer_stopped(error: BaseException) -> Optional[str]:
     said = str(gone)
     said = said.split("] ", 1)[-1] if said.startswith("[") else said  # gloo's [file.cc:line] prefix
     return " ".join(said.split(". ")[0].split())
+
+
+NAMED_RANKS = 8  # failed ranks named one by one in a PeerStopped line; the rest are counted
+
+
+@contextlib.contextmanager
+def stopping_together(coll: "Collective", where: str) -> Iterator[None]:
+    """Run the block, then agree over `coll` (one all-gather that every rank reaches, whether its block failed or
+    not) on which ranks met bad input (a UserError) in it. If every rank did, it is the same input (the same stores
+    and config; the messages may differ in what each rank read): the error goes on as every_rank, so rank 0 alone
+    says its own, which stands for all (thousands of GPUs, one line). If some did (a file missing from one node's
+    disk), each of those says its own, and the others stop with a PeerStopped that rank 0 alone says, instead of
+    going on into a collective that waits for the failed ones."""
+    error: Optional[UserError] = None
+    try:
+        yield
+    except UserError as e:
+        error = e
+    failed = [r for r, met in enumerate(coll.all_gather(error is not None)) if met]
+    if error is not None:
+        error.every_rank = error.every_rank or len(failed) == coll.size
+        raise error
+    if len(failed) == 1:
+        raise PeerStopped(f"{where}: bad input stopped rank {failed[0]} (its error says why), so this one stops too",
+                          every_rank=True)
+    if failed:
+        more = f" and {len(failed) - NAMED_RANKS} more" if len(failed) > NAMED_RANKS else ""
+        raise PeerStopped(f"{where}: bad input stopped ranks {', '.join(map(str, failed[:NAMED_RANKS]))}{more} "
+                          "(their errors say why), so this one stops too", every_rank=True)

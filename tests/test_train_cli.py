@@ -85,10 +85,12 @@ def test_bad_input_is_one_line(tmp_path, store, override, message):
 @pytest.mark.parametrize("override, message", [
     (["model.hidden_sise=64"], "error: model.hidden_sise: unknown config key"),  # before the process group exists
     (["parallel.tp=2"], "error: parallel: world size 3 is not divisible by tp*pp = 2*1"),  # after: the layout
+    (["model.vocab_size=128"], "error: token store "),  # each rank opening the store: agreed on after (256 tokens)
 ])
 def test_bad_input_met_by_every_rank_is_said_once(tmp_path, store, override, message):
-    """3 ranks read the same config: rank 0 says what is wrong, the others exit without repeating it (on a cluster,
-    one line instead of one per GPU), after it, so that torchrun does not stop rank 0 before it has said it."""
+    """3 ranks read the same config (and stores): rank 0 says what is wrong, the others exit without repeating it (on
+    a cluster, one line instead of one per GPU), after it, so that torchrun does not stop rank 0 before it has said
+    it."""
     cfg = tiny_config(tmp_path, store)
     proc = torchrun(3, ["-m", "nanotronix.train", "--config", str(cfg), "train.global_batch_size=12", *override])
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
@@ -141,6 +143,65 @@ def test_a_rank_stopped_by_another_says_so_in_one_line_and_exits_after_it(tmp_pa
     assert "nanotronix/" not in proc.stderr.split("ChildFailedError")[0]  # no traceback of a worker's
     root_cause = proc.stderr.split("Root Cause (first observed failure):")[1]
     assert "rank      : 1 (local_rank: 1)" in root_cause and "exitcode  : 2" in root_cause, root_cause
+
+
+def test_bad_data_met_by_one_rank_stops_the_others_at_start_up(tmp_path, store):
+    """The held-out store's token 300 (its sidecar says 256 tokens) lies in rank 1's validation windows only (windows
+    2-3 of 4: tokens 64-128): rank 1 says its error, rank 0 stops at start-up with one line saying so (not in step
+    1's collective, from the lost connection), and exits after rank 1, torchrun's root cause."""
+    from nanotronix.data.megatron_store import MegatronWriter
+
+    tokens = np.arange(1, 201, dtype=np.uint16)
+    tokens[120] = 300
+    writer = MegatronWriter(tmp_path / "held", np.uint16)
+    writer.add_document(tokens)
+    writer.finalize({"tokenizer": {"name": "synthetic", "vocab_size": 256, "eos_id": 0}})
+    cfg = tiny_config(tmp_path, store)
+    proc = torchrun(2, ["-m", "nanotronix.train", "--config", str(cfg), "validation.interval=5",
+                        "validation.num_samples=4", f"validation.data=[{tmp_path / 'held'}]"])
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode != 0 and errors == [
+        f"error: rank 1: validation.data: token id 300 in {tmp_path / 'held'} is outside the model's vocabulary (256)",
+        "error: rank 0: at start-up (data): bad input stopped rank 1 (its error says why), so this one stops too",
+    ], proc.stderr[-3000:]
+    root_cause = proc.stderr.split("Root Cause (first observed failure):")[1]
+    assert "rank      : 1 (local_rank: 1)" in root_cause and "exitcode  : 2" in root_cause, root_cause
+
+
+STOPPED = "PeerStopped, every_rank=True: at start-up (data): bad input stopped "
+
+
+@pytest.mark.parametrize("size, failed, outcome", [
+    (3, [0, 1, 2], "DataError, every_rank=True"),
+    (3, [0, 2], "DataError, every_rank=False"),
+    (3, [1], STOPPED + "rank 1 (its error says why), so this one stops too"),
+    (11, list(range(1, 11)), STOPPED + "ranks 1, 2, 3, 4, 5, 6, 7, 8 and 2 more (their errors say why), so this one "
+                                       "stops too"),
+    (3, [], "went on"),
+])
+def test_stopping_together_says_an_error_every_rank_met_once(size, failed, outcome):
+    """Rank 0 of `size` ranks, of which `failed` met bad input: an error every rank met becomes every_rank (rank 0
+    alone says it), one that some ranks met is said by each of them, and the others stop (rank 0 says it for them)."""
+    from nanotronix.data import DataError
+    from nanotronix.distributed import PeerStopped, stopping_together
+
+    class Group:  # rank 0's all-gather, with the other ranks' answers
+        def __init__(self):
+            self.size = size
+
+        def all_gather(self, met):
+            return [met] + [r in failed for r in range(1, size)]
+
+    try:
+        with stopping_together(Group(), "at start-up (data)"):
+            if 0 in failed:
+                raise DataError("token store x: bad")
+        said = "went on"
+    except DataError as e:
+        said = f"DataError, every_rank={e.every_rank}"
+    except PeerStopped as e:
+        said = f"PeerStopped, every_rank={e.every_rank}: {e}"
+    assert said == outcome
 
 
 def test_peer_stopped_tells_a_lost_peer_from_a_bug():

@@ -67,8 +67,10 @@ def main(argv=None) -> None:
             print(f"error: {e}", file=sys.stderr, flush=True)
         code, exit_late = 1, rank() != 0
     except PeerStopped as e:
-        # Not this rank's fault: one line, so that the stopped rank's own error stands out among thousands.
-        print(f"error: rank {rank()}: {e}", file=sys.stderr, flush=True)
+        # Not this rank's fault: one line, so that the stopped rank's own error stands out among thousands (one in
+        # all, rank 0's, where the ranks that did not fail agreed on it: every_rank).
+        if not e.every_rank or rank() == 0:
+            print(f"error: rank {rank()}: {e}", file=sys.stderr, flush=True)
         code, exit_late = 1, True
     except (UserError, FileNotFoundError) as e:
         # Bad input, one line, no traceback wall. A bad config, or a collective step that failed as a whole

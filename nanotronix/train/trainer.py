@@ -20,7 +20,7 @@ from nanotronix.checkpoint.checkpointer import store_change_notes
 from nanotronix.checkpoint.paths import find_checkpoint
 from nanotronix.config import Config, config_notes, grad_accum_steps, skipped_step_ranges
 from nanotronix.data import build_prefetched_loader, document_eos_mismatch, tokenizer_note
-from nanotronix.distributed import PeerStopped, peer_stopped
+from nanotronix.distributed import PeerStopped, peer_stopped, stopping_together
 from nanotronix.errors import UserError, found_behind
 from nanotronix.model import build_model
 from nanotronix.parallel import DistributedOptimizer, ParallelContext, parallelize
@@ -140,11 +140,15 @@ def _train_with(cfg: Config, ctx: ParallelContext, device: torch.device, watch: 
     def trainer_state() -> dict:  # saved with each checkpoint, back in `resumed.trainer_state` on resume
         return {"spike_guard": guard.state_dict()} if guard is not None else {}
 
-    loader = build_prefetched_loader(cfg, ctx.dp_rank, ctx.dp, device, consumed_samples=resumed.consumed_samples,
-                                     last_step=t.train_steps, skipped_steps=skips)  # reads ahead while a step trains
-    log = None
+    watch.at(0, "data")
+    loader = log = None
     try:  # the read-ahead thread (or DALI pipeline) and the loggers are released on an error too
-        validator = Validator.from_config(cfg, ctx, model)  # None unless validation.interval > 0
+        # A bad store met by every rank is said once (rank 0); one that some ranks met stops the others too.
+        with stopping_together(checkpointer.coll, watch.where):
+            loader = build_prefetched_loader(cfg, ctx.dp_rank, ctx.dp, device, last_step=t.train_steps,
+                                             consumed_samples=resumed.consumed_samples,
+                                             skipped_steps=skips)  # reads ahead while a step trains
+            validator = Validator.from_config(cfg, ctx, model)  # None unless validation.interval > 0
         if resumed.data:
             loader.loader.count_tokens_from(resumed.data, resumed.step)
         for changed in store_change_notes(resumed.data, loader.stats(resumed.step)):
@@ -234,6 +238,7 @@ def _train_with(cfg: Config, ctx: ParallelContext, device: torch.device, watch: 
         return {"first_loss": first_loss, "last_loss": last_loss, "steps": t.train_steps, "first_step": start_step,
                 "preempted": preempted}
     finally:  # after the checkpointer's last save (normal path), or at once (an error)
-        loader.close()
+        if loader is not None:
+            loader.close()
         if log is not None:
             log.close()
