@@ -23,9 +23,16 @@ class ConfigError(UserError, ValueError):
         super().__init__(message, every_rank=every_rank)
 
 
+def say_line(line: str) -> None:
+    """`line` on stderr in one write: ranks saying theirs at the same moment into torchrun's one pipe would otherwise
+    mix them (unbuffered, as PYTHONUNBUFFERED makes it, print writes the text and its newline apart)."""
+    sys.stderr.write(f"{line}\n")
+    sys.stderr.flush()
+
+
 def fail(message: object) -> int:
     """Say `error: message` on one stderr line; returns the bad-input exit code for the command to exit with."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    say_line(f"error: {message}")
     return EXIT_BAD_INPUT
 
 

@@ -160,12 +160,32 @@ def test_bad_data_met_by_one_rank_stops_the_others_at_start_up(tmp_path, store):
     proc = torchrun(2, ["-m", "nanotronix.train", "--config", str(cfg), "validation.interval=5",
                         "validation.num_samples=4", f"validation.data=[{tmp_path / 'held'}]"])
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert proc.returncode != 0 and errors == [
-        f"error: rank 1: validation.data: token id 300 in {tmp_path / 'held'} is outside the model's vocabulary (256)",
+    assert proc.returncode != 0 and sorted(errors) == [  # said at the same moment: in either order, each whole
         "error: rank 0: at start-up (data): bad input stopped rank 1 (its error says why), so this one stops too",
+        f"error: rank 1: validation.data: token id 300 in {tmp_path / 'held'} is outside the model's vocabulary (256)",
     ], proc.stderr[-3000:]
     root_cause = proc.stderr.split("Root Cause (first observed failure):")[1]
     assert "rank      : 1 (local_rank: 1)" in root_cause and "exitcode  : 2" in root_cause, root_cause
+
+
+def test_an_error_line_is_one_write(monkeypatch):
+    """Ranks that fail at the same moment share torchrun's stderr pipe: an error line written in two parts (print's
+    text, then its newline, on an unbuffered stderr) lets another rank's line land in between."""
+    import sys
+    from nanotronix.errors import fail
+
+    class Stderr:
+        writes: list[str] = []
+
+        def write(self, text):
+            self.writes.append(text)
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(sys, "stderr", Stderr())
+    assert fail("token store x: bad") == 2
+    assert Stderr.writes == ["error: token store x: bad\n"]
 
 
 STOPPED = "PeerStopped, every_rank=True: at start-up (data): bad input stopped "

@@ -10,7 +10,7 @@ import traceback
 
 from nanotronix.cli import ArgumentParser
 from nanotronix.config import check_parallel_shape, dump_config, load_config
-from nanotronix.errors import EXIT_BAD_INPUT, UserError, fail
+from nanotronix.errors import EXIT_BAD_INPUT, UserError, fail, say_line
 from nanotronix.train import EXIT_INTERRUPTED, EXIT_PREEMPTED, Interrupted
 from nanotronix.distributed import PeerStopped, init_distributed, pick_device, rank, shutdown_and_exit
 
@@ -70,7 +70,7 @@ def main(argv=None) -> None:
         # Not this rank's fault: one line, so that the stopped rank's own error stands out among thousands (one in
         # all, rank 0's, where the ranks that did not fail agreed on it: every_rank).
         if not e.every_rank or rank() == 0:
-            print(f"error: rank {rank()}: {e}", file=sys.stderr, flush=True)
+            say_line(f"error: rank {rank()}: {e}")
         code, exit_late = 1, True
     except (UserError, FileNotFoundError) as e:
         # Bad input, one line, no traceback wall. A bad config, or a collective step that failed as a whole
