@@ -43,12 +43,21 @@ def init_distributed(device: torch.device, timeout_minutes: float = 10.0) -> Non
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    try:
+    with joining(timeout_minutes):
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes),
                                 device_id=device if device.type == "cuda" else None)
-    except RuntimeError as e:  # the ranks did not all arrive in time (torch's store, or gloo's connection mesh):
+
+
+@contextlib.contextmanager
+def joining(timeout_minutes: float) -> Iterator[None]:
+    """The ranks meeting to form the process group or a group of it (`new_group` is collective too: gloo connects
+    every member to every other): a timeout there is the ranks not all arriving in time (torch's store, or gloo's
+    connection mesh), said in one line naming the setting instead of a traceback on each rank."""
+    try:
+        yield
+    except RuntimeError as e:
         if not isinstance(e, dist.DistStoreError) and "timed out" not in str(e) and "timeout" not in str(e):
-            raise  # a traceback on each rank before
+            raise
         why = " ".join(str(e).split())
         raise UserError(f"the ranks did not all join within parallel.collective_timeout_minutes={timeout_minutes:g} "
                         f"({why}): a node that started late, or a rank that failed first") from None

@@ -416,6 +416,35 @@ def test_ranks_that_do_not_all_join_in_time_are_one_line(tmp_path, store):
     assert "DistStoreError" not in proc.stderr and "RuntimeError" not in proc.stderr, proc.stderr[-3000:]
 
 
+def test_ranks_that_do_not_all_create_a_group_in_time_are_one_line(tmp_path, store):
+    """init_process_group may succeed and a later new_group (collective too: the parallel context's groups, the
+    checkpointer's gloo group) time out on the rank that waits for a late one: the same one line, not gloo's
+    traceback (the test above met that one run in three when the ranks happened to form the world in time)."""
+    cfg = tiny_config(tmp_path, store)
+    worker = tmp_path / "late_rank.py"
+    worker.write_text(f"""
+import time
+import torch.distributed as dist
+from nanotronix.config import load_config
+from nanotronix.errors import UserError
+from nanotronix.parallel import ParallelContext
+
+dist.init_process_group("gloo")  # torch's default timeout: every rank gets here
+if dist.get_rank() == 1:
+    time.sleep(3)  # the late rank
+try:
+    ParallelContext.build(load_config({str(cfg)!r}, ["parallel.collective_timeout_minutes=0.005",
+                                                "logging.hang_report_seconds=0"]))
+except UserError as e:
+    print(f"error: rank {{dist.get_rank()}}: {{e}}", flush=True)
+""")
+    proc = torchrun(2, [str(worker)], timeout=120)
+    errors = [line for line in proc.stdout.splitlines() if line.startswith("error: rank 0:")]
+    assert errors and "the ranks did not all join within parallel.collective_timeout_minutes=0.005 (" in errors[0], \
+        proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
 def test_run_folders_that_cannot_be_written_or_hold_another_run_stop_it_at_start(tmp_path, store):
     """A checkpoint.dir or logging.dir that cannot be created is one line before the first step (it used to be found
     at the first save, every step before it lost); resume=none into a folder holding checkpoints would commit the

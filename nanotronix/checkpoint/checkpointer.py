@@ -39,6 +39,7 @@ from nanotronix.checkpoint.preemption import PreemptionWatcher
 from nanotronix.checkpoint.storage import Collective
 from nanotronix.checkpoint.training_state import load_training_state, take_snapshot, write_snapshot
 from nanotronix.data.schedule import dataset_order_key
+from nanotronix.distributed import joining
 from nanotronix.errors import UserError
 
 # Model fields that fix the shapes of the weights: a checkpoint only loads into a model that agrees on them.
@@ -185,7 +186,10 @@ class Checkpointer:
         # Checkpoint traffic gets its own gloo group: a background save must not interleave its collectives
         # with the training step's on the same communicator, and gloo carries DCP's small planning messages.
         timeout = datetime.timedelta(minutes=cfg.parallel.collective_timeout_minutes)  # not inherited by a group
-        group = dist.new_group(backend="gloo", timeout=timeout) if dist.is_initialized() else None
+        group = None
+        if dist.is_initialized():
+            with joining(cfg.parallel.collective_timeout_minutes):
+                group = dist.new_group(backend="gloo", timeout=timeout)
         self.coll = Collective(group)
         self.watcher = PreemptionWatcher(device)
         self.watcher.install()

@@ -14,6 +14,7 @@ from typing import Optional
 import torch.distributed as dist
 
 from nanotronix.config import Config, resolve_layout
+from nanotronix.distributed import joining
 
 
 @dataclass
@@ -65,9 +66,14 @@ class ParallelContext:
         ctx = cls(tp=cfg.parallel.tp, pp=cfg.parallel.pp, dp=dp, rank=rank, world_size=world)
         if not dist.is_initialized():
             return ctx
-        # new_group is collective: every rank creates every group, in the same order, and keeps its own. A group
-        # does not inherit init_process_group's timeout (it would get torch's default): each is given it.
-        timeout = datetime.timedelta(minutes=cfg.parallel.collective_timeout_minutes)
+        with joining(cfg.parallel.collective_timeout_minutes):
+            ctx._create_groups(datetime.timedelta(minutes=cfg.parallel.collective_timeout_minutes))
+        return ctx
+
+    def _create_groups(self, timeout: datetime.timedelta) -> None:
+        """new_group is collective: every rank creates every group, in the same order, and keeps its own. A group
+        does not inherit init_process_group's timeout (it would get torch's default): each is given it."""
+        ctx, rank = self, self.rank
         g = ctx.global_rank
         for p in range(ctx.pp):
             for d in range(ctx.dp):
@@ -95,4 +101,3 @@ class ParallelContext:
             group = dist.new_group(members, timeout=timeout)
             if rank in members:
                 ctx.model_parallel_group = group
-        return ctx
