@@ -11,6 +11,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.nanotronix-installed
 DALI_STAMP := $(VENV)/.nanotronix-dali-installed
 PYTEST_ARGS ?=
+# Two workers (pytest-xdist), whole files each: the suite's Slurm jobs and launches wait as much as they compute.
+PYTEST_WORKERS ?= 2
 
 .PHONY: install quickstart test clean
 
@@ -33,7 +35,7 @@ quickstart: install
 	PY=$(PY) bash examples/quickstart.sh
 
 test: install $(DALI_STAMP)
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+	$(PY) -m pytest tests -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # Not runs/: the Slurm scripts keep their runs (checkpoints) there by default.
 clean:

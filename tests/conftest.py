@@ -23,3 +23,15 @@ def tiny_tokenizer(tmp_path_factory) -> str:
     """Path of a tiny byte-level BPE tokenizer.json (<|endoftext|> = 0), trained in well under a second."""
     from test_data_support import train_tiny_tokenizer
     return str(train_tiny_tokenizer(tmp_path_factory.mktemp("tiny_tokenizer") / "tokenizer.json"))
+
+
+# `make test` runs the files on two pytest-xdist workers, a file per worker at a time (--dist loadfile, without
+# xdist's reordering by test count): these take minutes each (the Slurm jobs, the quickstart's 4-process run, the
+# layout launches), so they start first and the short files fill in around them, instead of one of them running
+# alone at the end. Serial runs (plain `pytest tests`) keep this order too.
+SLOW_FILES_FIRST = ("test_slurm.py", "test_quickstart.py", "test_parallel_layouts.py", "test_checkpoint_reshard.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    first = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
+    items.sort(key=lambda item: first.get(item.path.name, len(first)))  # stable: the others keep their order

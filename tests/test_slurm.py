@@ -171,7 +171,7 @@ def preflight_cases(tmp: Path) -> list[tuple[str, dict[str, str], tuple[str, ...
 def test_bad_settings_fail_in_seconds_with_one_line(slurm, tmp_path):
     for name, settings, flags, message in preflight_cases(tmp_path):
         job = slurm.sbatch(tmp_path, settings, *flags)
-        info = slurm.wait(job, timeout=120)
+        info = slurm.wait(job, timeout=600)
         out = job_output(tmp_path, job)
         errors = [line for line in out.splitlines() if line.startswith("error")]
         assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0"), (name, info, out)
@@ -184,7 +184,7 @@ def test_bad_settings_fail_in_seconds_with_one_line(slurm, tmp_path):
     (tmp_path / "elsewhere").mkdir()
     job = slurm.sbatch(tmp_path / "elsewhere", {"CONFIG": str(tmp_path / "missing.yaml")},
                        script=tmp_path / "my checkout" / SCRIPT.relative_to(ROOT))
-    slurm.wait(job, timeout=120)
+    slurm.wait(job, timeout=300)
     errors = [line for line in job_output(tmp_path / "elsewhere", job).splitlines() if line.startswith("error")]
     assert len(errors) == 1 and errors[0].startswith(f"error: CONFIG={tmp_path / 'missing.yaml'}: no such file"), \
         errors
@@ -208,7 +208,7 @@ def test_a_config_that_names_a_checkpoint_starts_from_it(slurm, tmp_path):
     run_dir = tmp_path / "run"
     job = slurm.sbatch(tmp_path, {"CONFIG": str(tmp_path / "branch.yaml"), "DATA_ROOT": str(stores),
                                   "RUN_DIR": str(run_dir), "GPUS_PER_NODE": "0", "NPROC_PER_NODE": "1"})
-    info = slurm.wait(job, timeout=180)
+    info = slurm.wait(job, timeout=400)
     out = job_output(tmp_path, job)
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), (info, out)
     assert f"resumed from {source / 'step_0000004'}" in out, out
@@ -229,7 +229,7 @@ def test_preprocess_job_array_writes_one_store(slurm, tmp_path, tiny_tokenizer):
     broken = slurm.sbatch(tmp_path, {"TOKENIZER": tok, "OUTPUT": str(tmp_path / "x")}, "--array=0",
                           "--cpus-per-task=1", script=ROOT / "slurm" / "preprocess.sh")
     for task in (f"{job}_0", f"{job}_1", f"{job}_2", f"{broken}_0"):
-        info = slurm.wait(task, timeout=180)
+        info = slurm.wait(task, timeout=400)
         log = (tmp_path / f"preprocess-{task}.out").read_text()
         if task.startswith(broken):
             assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0"), (info, log)
@@ -257,7 +257,7 @@ def read_records(path: Path) -> list[dict]:
 def release(slurm: Slurm, job: str) -> None:
     """Start a requeued job now instead of after Slurm's ~2 min hold, once the nodes have finished its first run: a
     launch within the same second as the requeue fails with "Job credential revoked" (what the hold avoids)."""
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 180
     while set(slurm.cmd("sinfo", "-h", "-N", "-o", "%t").split()) != {"idle"}:
         assert time.monotonic() < deadline, slurm.cmd("sinfo", "-N")
         time.sleep(0.25)
@@ -266,11 +266,11 @@ def release(slurm: Slurm, job: str) -> None:
 
 
 def wait_for_step(slurm: Slurm, job: str, cwd: Path, metrics: Path, step: int) -> None:
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 400
     while not (metrics.is_file() and any(r["step"] >= step for r in read_records(metrics))):
         state = slurm.info(job)["JobState"]
         assert state in ("PENDING", "RUNNING", "CONFIGURING"), (state, job_output(cwd, job))
-        assert time.monotonic() < deadline, "no training progress within 180 s"
+        assert time.monotonic() < deadline, "no training progress within 400 s"
         time.sleep(0.1)
 
 
@@ -292,13 +292,13 @@ def test_usr1_saves_requeues_resumes_and_continues_the_same_run(slurm, tmp_path)
     slurm.cmd("scancel", "--signal=USR1", "--batch", job)
 
     # The job saves, requeues itself and waits in the queue (Slurm holds a requeued job ~2 min): release it.
-    info = slurm.wait(job, timeout=120, until=lambda i: i["Restarts"] == "1" and i["JobState"] == "PENDING"
+    info = slurm.wait(job, timeout=300, until=lambda i: i["Restarts"] == "1" and i["JobState"] == "PENDING"
                       or i["JobState"] in ENDED)
     assert info["JobState"] == "PENDING", (info, job_output(tmp_path, job))
     preempted_at = max(r["step"] for r in read_records(metrics))
     assert SIGNAL_AFTER <= preempted_at < TRAIN_STEPS, "the run ended before the signal could stop it"
     release(slurm, job)
-    info = slurm.wait(job, timeout=300)
+    info = slurm.wait(job, timeout=600)
     out = job_output(tmp_path, job)
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), (info, out)
     assert "USR1: asking the trainer to save" in out and f"requeueing job {job}" in out, out
@@ -367,7 +367,7 @@ def test_a_failed_step_requeues_only_after_committing_a_checkpoint(slurm, tmp_pa
     job = slurm.sbatch(tmp_path, dict(settings, RUN_DIR=str(run_dir), OVERRIDES="checkpoint.interval=0"))
     wait_for_step(slurm, job, tmp_path, run_dir / "logs" / "metrics.jsonl", 5)
     kill_worker(run_dir, 1)
-    info = slurm.wait(job, timeout=120)
+    info = slurm.wait(job, timeout=600)
     out = job_output(tmp_path, job)
     assert (info["JobState"], info["Restarts"]) == ("FAILED", "0"), (info, out)
     assert "job step failed (exit 1) without committing a checkpoint after step 0: not requeued" in out, out
@@ -380,13 +380,13 @@ def test_a_failed_step_requeues_only_after_committing_a_checkpoint(slurm, tmp_pa
     job = slurm.sbatch(tmp_path, dict(settings, RUN_DIR=str(run_dir), NPROC_PER_NODE="1"), nodes=2)
     wait_for_step(slurm, job, tmp_path, metrics, SIGNAL_AFTER)
     kill_worker(run_dir, 1)
-    info = slurm.wait(job, timeout=120, until=lambda i: i["Restarts"] == "1" and i["JobState"] == "PENDING"
+    info = slurm.wait(job, timeout=300, until=lambda i: i["Restarts"] == "1" and i["JobState"] == "PENDING"
                       or i["JobState"] in ENDED)
     assert info["JobState"] == "PENDING", (info, job_output(tmp_path, job))
     failed_at = max(r["step"] for r in read_records(metrics))
     reached = (run_dir / "checkpoints" / "latest").read_text().strip()
     release(slurm, job)
-    info = slurm.wait(job, timeout=300)
+    info = slurm.wait(job, timeout=600)
     out = job_output(tmp_path, job)
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), (info, out)
     assert (f"job step failed (exit 1) after committing the checkpoint of step {int(reached[5:])} (this allocation "
@@ -419,7 +419,7 @@ def test_a_job_refused_by_another_runs_lock_is_not_requeued(slurm, tmp_path, usr
         lock.flush()
         job = slurm.sbatch(tmp_path, {"CONFIG": str(config), "DATA_ROOT": str(stores), "GPUS_PER_NODE": "0",
                                       "NPROC_PER_NODE": "1", "RUN_DIR": str(run_dir)})
-        out_file, deadline = tmp_path / f"smollm2-1.7b-{job}.out", time.monotonic() + 120
+        out_file, deadline = tmp_path / f"smollm2-1.7b-{job}.out", time.monotonic() + 300
         while not (out_file.is_file() and "is held by host first-job pid 1: waiting" in out_file.read_text()):
             assert time.monotonic() < deadline and slurm.info(job)["JobState"] not in ENDED, job_output(tmp_path, job)
             time.sleep(0.25)
@@ -430,7 +430,7 @@ def test_a_job_refused_by_another_runs_lock_is_not_requeued(slurm, tmp_path, usr
                 time.sleep(0.25)
         (run_dir / "checkpoints" / "latest").write_text("step_0000020\n")  # the first run's progress
         kill_worker(run_dir, 0)
-        info = slurm.wait(job, timeout=120, until=lambda i: i["JobState"] in ENDED or i["Restarts"] != "0")
+        info = slurm.wait(job, timeout=300, until=lambda i: i["JobState"] in ENDED or i["Restarts"] != "0")
         out = job_output(tmp_path, job)
     assert (info["JobState"], info["Restarts"]) == ("FAILED", "0"), (info, out)
     assert (f"{'job step ended (exit 1) after USR1' if usr1 else 'job step failed (exit 1)'} while another run holds "
@@ -450,7 +450,7 @@ def test_scancel_ends_the_job_without_a_requeue(slurm, tmp_path):
                                   "NPROC_PER_NODE": "1", "RUN_DIR": str(run_dir)})
     wait_for_step(slurm, job, tmp_path, run_dir / "logs" / "metrics.jsonl", 5)
     slurm.cmd("scancel", job)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300
     while "job step ended (exit" not in job_output(tmp_path, job):  # the batch shell's last word
         assert time.monotonic() < deadline, job_output(tmp_path, job)
         time.sleep(0.5)
@@ -478,13 +478,13 @@ def test_usr1_before_a_checkpoint_in_two_allocations_in_a_row_ends_the_requeues(
     job = slurm.sbatch(tmp_path, {"CONFIG": str(config), "DATA_ROOT": str(stores), "GPUS_PER_NODE": "0",
                                   "NPROC_PER_NODE": "1", "RUN_DIR": str(run_dir), "PYTHON": str(wrapper)})
     for restart in (0, 1):
-        out_file, deadline = tmp_path / f"smollm2-1.7b-{job}.out", time.monotonic() + 120
+        out_file, deadline = tmp_path / f"smollm2-1.7b-{job}.out", time.monotonic() + 300
         while not (out_file.is_file() and f" restart {restart}: " in out_file.read_text()):
             assert time.monotonic() < deadline and slurm.info(job)["JobState"] not in ENDED, job_output(tmp_path, job)
             time.sleep(0.25)
         slurm.cmd("scancel", "--signal=USR1", "--batch", job)
         # requeued: PENDING once the old allocation's COMPLETING is over
-        info = slurm.wait(job, timeout=120, until=lambda i: i["JobState"] in ENDED or
+        info = slurm.wait(job, timeout=300, until=lambda i: i["JobState"] in ENDED or
                           (i["Restarts"] != str(restart) and i["JobState"] == "PENDING"))
         if restart == 0:
             assert (info["JobState"], info["Restarts"]) == ("PENDING", "1"), (info, job_output(tmp_path, job))
@@ -513,12 +513,12 @@ def test_usr1_in_a_job_submitted_with_no_requeue_says_it_is_not_requeued(slurm, 
     job = slurm.sbatch(tmp_path, {"CONFIG": str(config), "DATA_ROOT": str(stores), "GPUS_PER_NODE": "0",
                                   "NPROC_PER_NODE": "1", "RUN_DIR": str(tmp_path / "run"), "PYTHON": str(wrapper)},
                        "--no-requeue")
-    out_file, deadline = tmp_path / f"smollm2-1.7b-{job}.out", time.monotonic() + 120
+    out_file, deadline = tmp_path / f"smollm2-1.7b-{job}.out", time.monotonic() + 300
     while not (out_file.is_file() and " restart 0: " in out_file.read_text()):
         assert time.monotonic() < deadline and slurm.info(job)["JobState"] not in ENDED, job_output(tmp_path, job)
         time.sleep(0.25)
     slurm.cmd("scancel", "--signal=USR1", "--batch", job)
-    info = slurm.wait(job, timeout=120)
+    info = slurm.wait(job, timeout=600)
     out = job_output(tmp_path, job)
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("FAILED", "75:0", "0"), (info, out)
     assert ("USR1: asking the trainer to save a checkpoint and stop (it will not requeue itself: the job was "
@@ -550,7 +550,7 @@ def test_startup_failures_outside_the_preflight_are_one_line(slurm, tmp_path):
         for settings, message in cases:
             job = slurm.sbatch(tmp_path, dict(settings, CONFIG=str(config), DATA_ROOT=str(stores), GPUS_PER_NODE="0",
                                               NPROC_PER_NODE="1"))
-            info = slurm.wait(job, timeout=120)
+            info = slurm.wait(job, timeout=600)
             out = job_output(tmp_path, job)
             lines = [line for line in out.splitlines() if not line.startswith("[nanotronix-slurm")]
             assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0"), (info, out)
