@@ -14,7 +14,7 @@
 - A failed job step (a trainer process SIGKILLed) requeues the job only if it committed a checkpoint since the
   allocation started (~60 s): without one it ends FAILED with one line saying why; with one it resumes and finishes.
   A job that fails while another run holds CKPT_DIR's lock is not requeued, though `latest` moved (~10 s); nor is one
-  submitted with --no-requeue, which says so instead of trying (~15 s).
+  submitted with --no-requeue, which says so instead of trying (~20 s).
 
 Skips only where Slurm is not installed; .ci/run installs and starts the cluster, so CI never skips.
 """
@@ -461,11 +461,9 @@ def test_scancel_ends_the_job_without_a_requeue(slurm, tmp_path):
     assert (run_dir / "checkpoints" / "latest").is_file()  # the step it was on, saved
 
 
-def test_usr1_before_a_checkpoint_in_two_allocations_in_a_row_ends_the_requeues(slurm, tmp_path):
-    """A --time not above the --signal lead (`sbatch --time=5` with #SBATCH --signal=B:USR1@600): Slurm sends USR1
-    as soon as every allocation starts, before the trainer saved anything, and each requeue stopped the same way,
-    forever. One requeue without progress is allowed (a preemption during start-up); the second ends the job with one
-    line. The preflight is slowed down (a PYTHON wrapper) so that the USR1 lands in it, as in a large job's start."""
+def submit_with_a_slow_preflight(slurm: Slurm, tmp_path: Path, *flags: str) -> str:
+    """A training job of the tiny two-stage config whose launch preflight takes 8 s more (a PYTHON wrapper), as in a
+    large job's start: a USR1 sent once the log says the allocation started (`wait_for_restart`) lands in it."""
     stores = tmp_path / "stores"
     write_learnable_store(stores / "a")
     write_learnable_store(stores / "b", seed=1)
@@ -474,14 +472,27 @@ def test_usr1_before_a_checkpoint_in_two_allocations_in_a_row_ends_the_requeues(
     wrapper.write_text('#!/bin/bash\ncase " $* " in *" nanotronix.preflight "*) sleep 8 ;; esac\n'
                        f'exec {sys.executable} "$@"\n')
     wrapper.chmod(0o755)
-    run_dir = tmp_path / "run"
-    job = slurm.sbatch(tmp_path, {"CONFIG": str(config), "DATA_ROOT": str(stores), "GPUS_PER_NODE": "0",
-                                  "NPROC_PER_NODE": "1", "RUN_DIR": str(run_dir), "PYTHON": str(wrapper)})
+    return slurm.sbatch(tmp_path, {"CONFIG": str(config), "DATA_ROOT": str(stores), "GPUS_PER_NODE": "0",
+                                   "NPROC_PER_NODE": "1", "RUN_DIR": str(tmp_path / "run"), "PYTHON": str(wrapper)},
+                        *flags)
+
+
+def wait_for_restart(slurm: Slurm, tmp_path: Path, job: str, restart: int) -> None:
+    """Until the job's log says its allocation number `restart` started."""
+    out_file, deadline = tmp_path / f"smollm2-1.7b-{job}.out", time.monotonic() + 300
+    while not (out_file.is_file() and f" restart {restart}: " in out_file.read_text()):
+        assert time.monotonic() < deadline and slurm.info(job)["JobState"] not in ENDED, job_output(tmp_path, job)
+        time.sleep(0.25)
+
+
+def test_usr1_before_a_checkpoint_in_two_allocations_in_a_row_ends_the_requeues(slurm, tmp_path):
+    """A --time not above the --signal lead (`sbatch --time=5` with #SBATCH --signal=B:USR1@600): Slurm sends USR1
+    as soon as every allocation starts, before the trainer saved anything, and each requeue stopped the same way,
+    forever. One requeue without progress is allowed (a preemption during start-up); the second ends the job with one
+    line. The preflight is slowed down so that the USR1 lands in it, as in a large job's start."""
+    job = submit_with_a_slow_preflight(slurm, tmp_path)
     for restart in (0, 1):
-        out_file, deadline = tmp_path / f"smollm2-1.7b-{job}.out", time.monotonic() + 300
-        while not (out_file.is_file() and f" restart {restart}: " in out_file.read_text()):
-            assert time.monotonic() < deadline and slurm.info(job)["JobState"] not in ENDED, job_output(tmp_path, job)
-            time.sleep(0.25)
+        wait_for_restart(slurm, tmp_path, job, restart)
         slurm.cmd("scancel", "--signal=USR1", "--batch", job)
         # requeued: PENDING once the old allocation's COMPLETING is over
         info = slurm.wait(job, timeout=300, until=lambda i: i["JobState"] in ENDED or
@@ -500,23 +511,10 @@ def test_usr1_before_a_checkpoint_in_two_allocations_in_a_row_ends_the_requeues(
 
 def test_usr1_in_a_job_submitted_with_no_requeue_says_it_is_not_requeued(slurm, tmp_path):
     """`sbatch --no-requeue`: Slurm refuses `scontrol requeue`. The log said "requeueing job" and then that scontrol
-    failed; it now says at the USR1, and at the end, that the job is not requeued and why (~15 s: the preflight is
+    failed; it now says at the USR1, and at the end, that the job is not requeued and why (~20 s: the preflight is
     slowed down, as in the test above, so that the USR1 lands in it)."""
-    stores = tmp_path / "stores"
-    write_learnable_store(stores / "a")
-    write_learnable_store(stores / "b", seed=1)
-    config = tiny_two_stage_config(tmp_path / "tiny.yaml", TRAIN_STEPS, SWITCH_STEP)
-    wrapper = tmp_path / "python"
-    wrapper.write_text('#!/bin/bash\ncase " $* " in *" nanotronix.preflight "*) sleep 5 ;; esac\n'
-                       f'exec {sys.executable} "$@"\n')
-    wrapper.chmod(0o755)
-    job = slurm.sbatch(tmp_path, {"CONFIG": str(config), "DATA_ROOT": str(stores), "GPUS_PER_NODE": "0",
-                                  "NPROC_PER_NODE": "1", "RUN_DIR": str(tmp_path / "run"), "PYTHON": str(wrapper)},
-                       "--no-requeue")
-    out_file, deadline = tmp_path / f"smollm2-1.7b-{job}.out", time.monotonic() + 300
-    while not (out_file.is_file() and " restart 0: " in out_file.read_text()):
-        assert time.monotonic() < deadline and slurm.info(job)["JobState"] not in ENDED, job_output(tmp_path, job)
-        time.sleep(0.25)
+    job = submit_with_a_slow_preflight(slurm, tmp_path, "--no-requeue")
+    wait_for_restart(slurm, tmp_path, job, 0)
     slurm.cmd("scancel", "--signal=USR1", "--batch", job)
     info = slurm.wait(job, timeout=600)
     out = job_output(tmp_path, job)
