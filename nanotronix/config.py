@@ -543,13 +543,26 @@ def resolve_layout(cfg: Config, world_size: int) -> int:
         # schedule (rounds, below) also takes fewer micro-batches than stages (torch >= 2.5).
         _require(micro_batches >= p.pp,
                  f"parallel.pp_schedule: {p.pp_schedule} with pp={p.pp} needs at least {p.pp} micro-batches per "
-                 f"step, but global_batch_size / (micro_batch_size*dp) = {micro_batches}")
+                 f"step, but global_batch_size / (micro_batch_size*dp) = {micro_batches} (train.global_batch_size "
+                 f"{p.pp * per_step} would give {p.pp})")
     if p.pp > 1 and p.pp_schedule == "interleaved":
         rounds = max(1, micro_batches // p.pp)
-        _require(micro_batches % rounds == 0,
-                 f"parallel.pp_schedule: interleaved runs micro-batches in rounds of pp={p.pp}; "
-                 f"{micro_batches} micro-batches per step is not a multiple of {rounds} rounds")
+        if micro_batches % rounds:
+            fits = [_interleaved_fit(micro_batches, p.pp, direction) for direction in (-1, 1)]
+            raise ConfigError(f"parallel.pp_schedule: interleaved runs micro-batches in rounds of pp={p.pp}; "
+                              f"{micro_batches} micro-batches per step is not a multiple of {rounds} rounds "
+                              f"(train.global_batch_size {fits[0] * per_step} or {fits[1] * per_step} would give "
+                              f"{fits[0]} or {fits[1]})")
     return dp
+
+
+def _interleaved_fit(micro_batches: int, pp: int, direction: int) -> int:
+    """The nearest count of micro-batches below (direction -1) or above (+1) `micro_batches` that the interleaved
+    schedule runs in whole rounds (a multiple of max(1, count // pp)); pp itself always is one."""
+    count = micro_batches + direction
+    while count > pp and count % max(1, count // pp):
+        count += direction
+    return max(count, pp)
 
 
 def check_parallel_shape(cfg: Config) -> None:

@@ -61,10 +61,14 @@ def test_every_chunk_gets_a_layer_and_interleaved_placement():
     (4, {"pp": 2, "pp_schedule": "interleaved", "virtual_stages": 5}, None, None,
      "8 layers cannot fill 10 pipeline stages"),
     (2, {"tp": 2, "sequence_parallel": True}, {"seq_len": 15}, None, "seq_len=15 is not divisible by tp=2"),
-    (4, {"pp": 4}, {"global_batch_size": 2}, None, "1f1b with pp=4 needs at least 4 micro-batches"),
+    (4, {"pp": 4}, {"global_batch_size": 2}, None, "1f1b with pp=4 needs at least 4 micro-batches per step, but "
+     "global_batch_size / (micro_batch_size*dp) = 2 (train.global_batch_size 4 would give 4)"),
     (2, {"pp": 2, "pp_schedule": "interleaved"}, None, None, "interleaved needs pp >= 2 and virtual_stages >= 2"),
     (4, {"pp": 4, "pp_schedule": "interleaved", "virtual_stages": 2}, {"global_batch_size": 9}, None,
-     "9 micro-batches per step is not a multiple of 2 rounds"),
+     "9 micro-batches per step is not a multiple of 2 rounds (train.global_batch_size 8 or 10 would give 8 or 10)"),
+    # 13 in rounds of 3 (13 // 4) does not fit: 12 below does, and above 14 (rounds of 3) does not, 15 does
+    (4, {"pp": 4, "pp_schedule": "interleaved", "virtual_stages": 2}, {"global_batch_size": 13}, None,
+     "(train.global_batch_size 12 or 15 would give 12 or 15)"),
     (4, {}, {"global_batch_size": 6}, None, "global_batch_size: 6 is not divisible by micro_batch_size*dp = 1*4"),
 ])
 def test_wrong_layout_is_a_clear_error(world, parallel, train, model, message):
@@ -77,4 +81,7 @@ def test_wrong_layout_is_a_clear_error(world, parallel, train, model, message):
 def test_good_layouts_resolve():
     assert resolve_layout(cfg({"tp": 2, "pp": 2}), 8) == 2
     assert resolve_layout(cfg({"pp": 4, "pp_schedule": "interleaved", "virtual_stages": 2}), 4) == 1
+    for suggested in (8, 10, 12, 15):  # what the refusals above suggest
+        interleaved = cfg({"pp": 4, "pp_schedule": "interleaved", "virtual_stages": 2}, {"global_batch_size": suggested})
+        assert resolve_layout(interleaved, 4) == 1
     assert resolve_layout(cfg({"pp": 2, "pp_schedule": "afab"}, {"global_batch_size": 1}), 2) == 1
