@@ -307,3 +307,50 @@ def test_fingerprint_follows_the_stream_not_the_format(tmp_path):
     assert np.array_equal(store.spaced_runs(starts, 4), store.windows(starts, 4))
     store.spaced_runs = None  # a second reading would fail: the first one's answer is kept
     assert store.fingerprint == prints["one"]
+
+
+def _advised_random(path: Path) -> bool:
+    """Whether this process maps `path` with the kernel's random-read flag (madvise MADV_RANDOM: "rr" in the
+    mapping's VmFlags in /proc/self/smaps)."""
+    mapping = None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+            mapping = head[5] if len(head) > 5 else None
+        elif head and head[0] == "VmFlags:" and mapping == str(path) and "rr" in head[1:]:
+            return True
+    return False
+
+
+def test_windows_are_the_streams_slices_in_every_memory_mapped_format(tmp_path):
+    """The sampler's windows (read through a map of their own, advised MADV_RANDOM so that a cold window does not
+    read the device's whole readahead window) are the plain slices of the token stream: random starts, the first and
+    the last window, windows across document boundaries and across the parts of a sharded folder and of a datatrove
+    folder, rows filled in any subset, in a Megatron store (uint16, int32), a datatrove file (2 and 4 bytes)."""
+    docs = [RNG.integers(0, 49152, size=n).tolist() for n in RNG.integers(1, 90, size=200)]
+    flat = np.array(sum(docs, []), dtype=np.int64)
+    _write_ours(tmp_path / "u16", docs, np.uint16)
+    _write_ours(tmp_path / "i32", docs, np.int32)
+    _write_datatrove(tmp_path / "two.ds", docs, 2, "t|2")
+    _write_datatrove(tmp_path / "four.ds", docs, 4, "t|4")
+    (tmp_path / "sharded").mkdir()
+    _write_ours(tmp_path / "sharded" / "shard-00000-of-00002", docs[:70], np.uint16)
+    _write_ours(tmp_path / "sharded" / "shard-00001-of-00002", docs[70:], np.uint16)
+    (tmp_path / "dsfolder").mkdir()
+    _write_datatrove(tmp_path / "dsfolder" / "a.ds", docs[:130])
+    _write_datatrove(tmp_path / "dsfolder" / "b.ds", docs[130:])
+    length = 65
+    ends = np.cumsum([len(d) for d in docs])
+    starts = np.concatenate([[0, len(flat) - length], ends[[3, 69, 129]] - 7,  # across documents and parts
+                             RNG.integers(0, len(flat) - length + 1, size=40)])
+    expected = np.stack([flat[s:s + length] for s in starts.tolist()])
+    for where in ("u16", "i32", "two.ds", "four.ds", "sharded", "dsfolder"):
+        store = open_store(tmp_path / where)
+        assert np.array_equal(store.windows(starts, length), expected), where
+        out, rows = np.full((len(starts), length), -1, dtype=np.int64), np.arange(0, len(starts), 3)
+        assert store.read_windows(out, rows, starts[rows]) == int(expected[rows].max()), where
+        assert np.array_equal(out[rows], expected[rows]) and (np.delete(out, rows, axis=0) == -1).all(), where
+    if Path("/proc/self/smaps").is_file():  # Linux: the windows' maps carry the advice
+        stores = [open_store(tmp_path / "u16"), open_store(tmp_path / "two.ds")]
+        assert _advised_random((tmp_path / "u16.bin").resolve()) and _advised_random((tmp_path / "two.ds").resolve())
+        del stores

@@ -143,6 +143,29 @@ def test_bench_loader_reports_every_loader(capsys):
     assert capsys.readouterr().err.strip() == "error: --windows 5 is not divisible by --micro-batch 4"
 
 
+def test_bench_loader_cold_reports_every_read_path(capsys, tmp_path):
+    """tools/bench_loader.py --cold on a tiny store (in process, < 1 s): a row per read path, each read checked against
+    the store's tokens by the benchmark itself, ratios vs the plain map; --store needs --cold and a store."""
+    import sys
+
+    from helpers import ROOT
+    sys.path.insert(0, str(ROOT / "tools"))
+    import bench_loader
+
+    argv = ["--cold", "--seq-len", "32", "--windows", "40", "--tokens", "20000", "--rounds", "1"]
+    assert bench_loader.main(argv) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:-1]}
+    assert set(rows) == {"map", "map+MADV_RANDOM", "pread"}
+    assert rows["map"][2] == rows["map"][4] == rows["map"][6] == "1.00x"
+    missing = tmp_path / "none"
+    for argv, message in ((["--store", "x"], "error: --store needs --cold"),
+                          (["--cold", "--store", str(missing)],
+                           f"error: --store {missing}: no Megatron store there (PREFIX.bin + PREFIX.idx)")):
+        with pytest.raises(SystemExit):
+            bench_loader.main(argv)
+        assert capsys.readouterr().err.strip() == message
+
+
 def test_skipped_steps_are_never_read(store):
     """train.skip_steps: after step 3 the batch read ahead is step 7's (4-6 skipped); a skipped step counts as consumed
     for the resume state; nothing is read past the run's last step, even when the steps before it are skipped."""

@@ -21,8 +21,24 @@ Two figures per loader:
     cores, so prefetching can hide less there. This one is wall time, so run it on an otherwise idle machine.
 Every figure is the best of --rounds interleaved rounds (other processes only slow a measurement down); ratios are
 against `pytorch`, measured in this run.
+
+    python tools/bench_loader.py --cold [--tokens 1000000000 | --store PREFIX] [--windows 1024] [--rounds 3]
+
+--cold measures instead how one batch of --windows random windows of seq_len+1 tokens is read from a Megatron
+store (the synthetic one, or --store, an existing store: one on the file system training reads from) by each read
+path, the store's page cache dropped before each cold read (posix_fadvise DONTNEED on the .bin, after every map of
+it is closed; no root needed):
+
+  map               a plain memory map of the .bin (the sampler's path before MADV_RANDOM: the baseline)
+  map+MADV_RANDOM   the store's read_windows, what the sampler reads through
+  pread             one os.preadv per window into a block buffer (a candidate, measured only)
+
+Three figures per path, each also as a ratio against `map`: cold (nothing cached), warm (cached, a fresh map: the
+first touch of each page in this process, as on a store much larger than what training has read of it) and
+mapped (the same windows read again through the same map).
 """
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -51,6 +67,9 @@ def parse_args(argv=None):
     parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; the best is kept")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                         help="where batches go (cuda: pinned memory, DALI pipeline on the GPU)")
+    parser.add_argument("--cold", action="store_true",
+                        help="measure the read paths of random windows, cold and warm, instead of the loaders")
+    parser.add_argument("--store", help="with --cold: an existing Megatron store PREFIX instead of a synthetic one")
     args = parser.parse_args(argv)
     for name in ("seq_len", "windows", "micro_batch", "steps", "rounds"):
         if getattr(args, name) < 1:
@@ -59,6 +78,8 @@ def parse_args(argv=None):
         parser.error(f"--step-ms must be >= 0, got {args.step_ms}")
     if args.windows % args.micro_batch:
         parser.error(f"--windows {args.windows} is not divisible by --micro-batch {args.micro_batch}")
+    if args.store and not args.cold:
+        parser.error("--store needs --cold")
     if args.tokens < 4 * (args.seq_len + 1):
         parser.error(f"--tokens {args.tokens} is too few for windows of {args.seq_len + 1} tokens")
     return args
@@ -74,8 +95,113 @@ def write_store(prefix: Path, num_tokens: int) -> None:
     lengths = lengths[np.cumsum(lengths) <= num_tokens]
     if lengths.sum() < num_tokens:  # the rest as a last document: the store holds --tokens tokens, however few
         lengths = np.append(lengths, num_tokens - lengths.sum())
-    writer.add_documents(rng.integers(1, 49152, size=int(lengths.sum()), dtype=np.uint16), lengths)
+    # in documents of at most 2^26 tokens at a time: a store of a few GB for --cold without that much memory
+    ends = np.cumsum(lengths)
+    for lo, hi in _batches(ends, 1 << 26):
+        writer.add_documents(rng.integers(1, 49152, size=int(lengths[lo:hi].sum()), dtype=np.uint16), lengths[lo:hi])
     writer.finalize({"tokenizer": {"name": "synthetic", "vocab_size": 49152, "eos_id": 0}})
+
+
+def _batches(ends, tokens: int):
+    """[lo, hi) runs of documents (of cumulative ends `ends`) holding about `tokens` tokens each."""
+    import numpy as np
+    cuts = np.unique(np.concatenate([[0], np.searchsorted(ends, np.arange(tokens, ends[-1], tokens)), [len(ends)]]))
+    return zip(cuts[:-1].tolist(), cuts[1:].tolist())
+
+
+def drop_from_page_cache(path: Path) -> None:
+    """Ask the kernel to drop `path`'s cached pages (those no live map of it holds): the next read is cold."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def pread_windows(store, out, starts) -> None:
+    """The candidate path: one os.preadv per window into a block of the store's dtype, converted into `out`."""
+    import numpy as np
+    from nanotronix.data.store import WINDOW_BLOCK
+    length, itemsize = out.shape[1], store.dtype.itemsize
+    block = np.empty((WINDOW_BLOCK, length), dtype=store.dtype)
+    fd = os.open(store.bin_path, os.O_RDONLY)
+    try:
+        for lo in range(0, len(starts), WINDOW_BLOCK):
+            part = starts[lo:lo + WINDOW_BLOCK].tolist()
+            for k, start in enumerate(part):
+                os.preadv(fd, [block[k]], start * itemsize)
+            out[lo:lo + len(part)] = block[:len(part)]
+    finally:
+        os.close(fd)
+
+
+def cold_paths():
+    """name -> read(store, out, starts), each through its own fresh map or file descriptor."""
+    import numpy as np
+    from nanotronix.data.store import TokenStore
+
+    def plain_map(store, out, starts):
+        if not hasattr(store, "plain_map"):  # one per store, as the store's own maps: `mapped` reads it again
+            store.plain_map = np.memmap(store.bin_path, dtype=store.dtype, mode="r",
+                                        shape=(store.num_tokens,)).view(np.ndarray)
+        TokenStore._read_windows_from(store.plain_map, out, np.arange(len(out)), starts)
+
+    return {"map": plain_map,
+            "map+MADV_RANDOM": lambda store, out, starts: store.read_windows(out, np.arange(len(out)), starts),
+            "pread": pread_windows}
+
+
+def cold_main(args) -> int:
+    """--cold: seconds per batch of random windows through each read path, cold, warm and mapped."""
+    import gc
+
+    import numpy as np
+    from nanotronix.data.megatron_store import MegatronStore, megatron_prefix
+
+    with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmp:
+        prefix = args.store and megatron_prefix(os.path.expanduser(args.store))
+        if args.store and prefix is None:
+            _fail(f"--store {args.store}: no Megatron store there (PREFIX.bin + PREFIX.idx)")
+        if not args.store:
+            prefix = str(Path(tmp) / "tokens")
+            write_store(Path(prefix), args.tokens)
+        length, paths = args.seq_len + 1, cold_paths()
+        best = {(name, kind): float("inf") for name in paths for kind in ("cold", "warm", "mapped")}
+        rng = np.random.default_rng(1)
+        for _ in range(args.rounds):
+            for name, read in paths.items():
+                store = MegatronStore(prefix)
+                if store.num_tokens < length:
+                    _fail(f"{prefix}: {store.num_tokens} tokens, fewer than a window of {length}")
+                starts = np.sort(rng.integers(0, store.num_tokens - length + 1, size=args.windows))
+                bin_path = store.bin_path
+                for kind in ("cold", "warm", "mapped"):
+                    if kind == "cold":
+                        del store
+                        gc.collect()  # every map of the .bin closed: its pages can be dropped
+                        drop_from_page_cache(bin_path)
+                        store = MegatronStore(prefix)
+                    elif kind == "warm":  # the pages are cached now; a fresh store maps them anew
+                        del store
+                        gc.collect()
+                        store = MegatronStore(prefix)
+                    out = np.empty((args.windows, length), dtype=np.int64)
+                    t0 = time.perf_counter()
+                    read(store, out, starts)
+                    best[name, kind] = min(best[name, kind], time.perf_counter() - t0)
+                if not np.array_equal(out, np.stack([store.tokens(s, length) for s in starts.tolist()])):
+                    _fail(f"{name} read other tokens than the store's windows")
+                del store
+                gc.collect()
+    source = f"--store {args.store}" if args.store else f"a synthetic store of {args.tokens:,} uint16 tokens"
+    print(f"{args.windows} random windows of {length} tokens from {source}; best of {args.rounds} rounds")
+    print(f"{'path':16s} {'cold':>9s} {'vs map':>7s} {'warm':>9s} {'vs map':>7s} {'mapped':>9s} {'vs map':>7s}")
+    for name in paths:
+        cells = "".join(f" {best[name, kind] * 1e3:7.1f}ms {best['map', kind] / best[name, kind]:6.2f}x"
+                        for kind in ("cold", "warm", "mapped"))
+        print(f"{name:16s}{cells}")
+    print("(vs map: how many times faster than the plain map)")
+    return 0
 
 
 def make_config(args, store: Path, loader: str):
@@ -123,6 +249,8 @@ def run_loop(batch, first_step: int, steps: int, step_seconds: float, device) ->
 @one_line_errors
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.cold:
+        return cold_main(args)
     import torch
     from nanotronix import accel
 

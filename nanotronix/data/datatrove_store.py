@@ -19,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .errors import DataError
-from .store import TokenStore, absent, pread_runs
+from .store import TokenStore, absent, pread_runs, random_access_map
 
 _CHUNK = 1 << 22
 
@@ -83,6 +83,7 @@ class DatatroveStore(TokenStore):
             raise DataError(f"{path}: truncated ({data_size} bytes, the index needs {tokens * token_size})")
         self.data = (np.memmap(path, dtype=self._dtype, mode="r", shape=(tokens,)).view(np.ndarray)
                      if tokens else np.zeros(0, self._dtype))
+        self._windows = random_access_map(path, self._dtype, tokens)
         self.metadata = {"format": "datatrove", "num_documents": len(self.ends), "num_tokens": tokens}
         if tokenizer:
             self.metadata["tokenizer"] = {"name": tokenizer}
@@ -115,7 +116,7 @@ class DatatroveStore(TokenStore):
         return np.asarray(self.data[start:start + length]).astype(self.dtype)
 
     def read_windows(self, out: np.ndarray, rows: np.ndarray, starts: np.ndarray) -> int:
-        return self._read_windows_from(self.data, out, rows, starts)
+        return self._read_windows_from(self._windows, out, rows, starts)
 
     def spaced_runs(self, starts: np.ndarray, length: int) -> np.ndarray:
         return pread_runs(self.path, self._dtype, starts, length)

@@ -19,7 +19,7 @@ import numpy as np
 
 from .errors import DataError
 from .files import DocumentSpill, SpillingWriter, commit, remove_quietly, temp_path, write_json_atomic
-from .store import TokenStore, absent, checked_sidecar, pread_runs
+from .store import TokenStore, absent, checked_sidecar, pread_runs, random_access_map
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -155,6 +155,7 @@ class MegatronStore(TokenStore):
         # A plain ndarray view of the memmap: slicing it skips np.memmap's per-slice subclass overhead.
         self._bin = (np.memmap(self.bin_path, dtype=self._dtype, mode="r", shape=(self._num_tokens,))
                      .view(np.ndarray) if self._num_tokens else np.zeros(0, self._dtype))
+        self._windows = random_access_map(self.bin_path, self._dtype, self._num_tokens)
         meta = sidecar_path(prefix)
         if meta.is_file():
             try:
@@ -205,7 +206,7 @@ class MegatronStore(TokenStore):
         return np.array(self._bin[start:start + length])
 
     def read_windows(self, out: np.ndarray, rows: np.ndarray, starts: np.ndarray) -> int:
-        return self._read_windows_from(self._bin, out, rows, starts)
+        return self._read_windows_from(self._windows, out, rows, starts)
 
     def spaced_runs(self, starts: np.ndarray, length: int) -> np.ndarray:
         return pread_runs(self.bin_path, self._dtype, starts, length)

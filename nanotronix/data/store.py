@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import mmap
 import os
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Optional
@@ -46,6 +47,22 @@ def pread_runs(path: str | os.PathLike, dtype: np.dtype, starts: np.ndarray, len
     finally:
         os.close(fd)
     return out
+
+
+def random_access_map(path: str | os.PathLike, dtype: np.dtype, count: int) -> np.ndarray:
+    """The first `count` tokens of the file `path` as a read-only array over a memory map advised MADV_RANDOM: what
+    the sampler reads its random windows through. Without the advice a page fault reads the device's whole readahead
+    window around the page (8 MiB on the development machine), so a cold window of a few KB cost megabytes of reads:
+    1024 random windows of a cold 2 GB store took ~1.1-1.7 s, ~0.13 s advised (tools/bench_loader.py --cold, README
+    "Input pipeline"). A map of its own: the store's other reads (verify, documents) stream and keep readahead."""
+    dtype = np.dtype(dtype)
+    if not count:
+        return np.zeros(0, dtype)
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), count * dtype.itemsize, access=mmap.ACCESS_READ)
+    if hasattr(mapped, "madvise") and hasattr(mmap, "MADV_RANDOM"):  # Linux and macOS; elsewhere a plain map
+        mapped.madvise(mmap.MADV_RANDOM)
+    return np.frombuffer(mapped, dtype=dtype, count=count)
 
 
 def largest_id(tokens: np.ndarray) -> int:
