@@ -351,6 +351,6 @@ def test_windows_are_the_streams_slices_in_every_memory_mapped_format(tmp_path):
         assert store.read_windows(out, rows, starts[rows]) == int(expected[rows].max()), where
         assert np.array_equal(out[rows], expected[rows]) and (np.delete(out, rows, axis=0) == -1).all(), where
     if Path("/proc/self/smaps").is_file():  # Linux: the windows' maps carry the advice
-        stores = [open_store(tmp_path / "u16"), open_store(tmp_path / "two.ds")]
+        opened = [open_store(tmp_path / "u16"), open_store(tmp_path / "two.ds")]  # their maps exist while they do
         assert _advised_random((tmp_path / "u16.bin").resolve()) and _advised_random((tmp_path / "two.ds").resolve())
-        del stores
+        assert [store.num_tokens for store in opened] == [len(flat)] * 2

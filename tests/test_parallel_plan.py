@@ -82,6 +82,6 @@ def test_good_layouts_resolve():
     assert resolve_layout(cfg({"tp": 2, "pp": 2}), 8) == 2
     assert resolve_layout(cfg({"pp": 4, "pp_schedule": "interleaved", "virtual_stages": 2}), 4) == 1
     for suggested in (8, 10, 12, 15):  # what the refusals above suggest
-        interleaved = cfg({"pp": 4, "pp_schedule": "interleaved", "virtual_stages": 2}, {"global_batch_size": suggested})
-        assert resolve_layout(interleaved, 4) == 1
+        interleaved = {"pp": 4, "pp_schedule": "interleaved", "virtual_stages": 2}
+        assert resolve_layout(cfg(interleaved, {"global_batch_size": suggested}), 4) == 1
     assert resolve_layout(cfg({"pp": 2, "pp_schedule": "afab"}, {"global_batch_size": 1}), 2) == 1
