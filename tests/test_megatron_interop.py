@@ -12,8 +12,9 @@ import sys
 
 import numpy as np
 
-from nanotronix.data import PreprocessOptions, open_store, preprocess
+from nanotronix.data import PreprocessOptions, multimodal_note, open_store, preprocess
 from nanotronix.data.megatron_store import MegatronWriter
+from nanotronix.data.sharded_store import ConcatenatedStore
 from test_data_support import CORPUS, train_tiny_tokenizer
 
 # Writes theirs_<dtype> for each job and reads every prefix given, printing {prefix: [[tokens of item i], ...]}.
@@ -27,6 +28,11 @@ for prefix, dtype, docs in jobs["write"]:
     builder = IndexedDatasetBuilder(prefix + ".bin", dtype=getattr(np, dtype))
     for doc in docs:
         builder.add_document(np.array(doc), [len(doc)])  # what preprocess_data.py does with each document
+    builder.finalize(prefix + ".idx")
+for prefix, docs in jobs["write_multimodal"]:  # each document one sequence of mode 0 and one of mode 1
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16, multimodal=True)
+    for doc in docs:
+        builder.add_document(np.array(doc), [1, len(doc) - 1], modes=[0, 1])
     builder.finalize(prefix + ".idx")
 read = {}
 for prefix in jobs["read"]:
@@ -55,6 +61,7 @@ def test_megatron_core_and_nanotronix_write_the_same_files_and_read_each_others(
                                  progress=False))
 
     jobs = {"write": [[str(tmp_path / f"theirs_{dtype}"), dtype, dtype_docs] for dtype, dtype_docs in docs.items()],
+            "write_multimodal": [[str(tmp_path / "theirs_multimodal"), docs["uint16"][1:3]]],
             "read": [str(tmp_path / name) for name in ("ours_uint16", "ours_int32", "preprocessed")]}
     proc = subprocess.run([sys.executable, "-c", MEGATRON_SIDE, json.dumps(jobs)], capture_output=True, text=True,
                           timeout=300)
@@ -70,6 +77,18 @@ def test_megatron_core_and_nanotronix_write_the_same_files_and_read_each_others(
         assert [theirs.document(i).tolist() for i in range(theirs.num_documents)] == dtype_docs
         got = read[str(tmp_path / f"ours_{dtype}")]
         assert got["items"] == dtype_docs and got["document_indices"] == list(range(len(dtype_docs) + 1))
+
+    # megatron-core's multimodal=True: a mode byte per sequence after the index, which we read past (every sequence
+    # trains as text tokens) and say so in a note (the trainer prints it) and in inspect_store
+    multimodal = open_store(tmp_path / "theirs_multimodal")
+    assert multimodal.multimodal and not open_store(tmp_path / "theirs_uint16").multimodal
+    assert [multimodal.document(i).tolist() for i in range(multimodal.num_documents)] == docs["uint16"][1:3]
+    assert multimodal_note({"mm": multimodal, "text": open_store(tmp_path / "theirs_uint16")}) == (
+        "token stores mm are multimodal Megatron stores (their .idx holds a mode per sequence): the modes are "
+        "ignored and every sequence is trained on as text tokens")
+    assert multimodal_note({"text": open_store(tmp_path / "theirs_uint16")}) is None
+    assert multimodal.summary()["multimodal"] is True
+    assert ConcatenatedStore("folder", [open_store(tmp_path / "theirs_uint16"), multimodal]).multimodal  # any part
 
     encode = Tokenizer.from_file(str(tokenizer))
     want = [encode.encode(text, add_special_tokens=False).ids + [0] for text in CORPUS]  # + <|endoftext|>

@@ -41,6 +41,8 @@ def main(argv=None) -> int:
     for key in ("path", "format", "dtype", "documents", "tokens", "tokenizer", "tokenizer_sha256", "vocab_size",
                 "eos_id", "skipped_records"):
         print(f"{key:17s} {report[key] if report[key] is not None else '-'}")
+    if report["multimodal"]:  # megatron-core's multimodal=True: its sequence modes are not read
+        print(f"{'multimodal':17s} yes (a mode per sequence; nanotronix trains every sequence as text tokens)")
     if "parts" in report:  # a folder read as one store: preprocess shards, datatrove .ds files
         print(f"{'parts':17s} {report['parts']}")
     if args.doc is not None:

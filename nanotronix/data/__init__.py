@@ -5,6 +5,7 @@ Public API:
     require_integer_tokens(store, name) -> store   refuses a store of float values (the trainer and evaluate do)
     first_outside_vocabulary(tokens, vocab) -> int | None   the first id outside [0, vocab), negative ones too
     tokenizer_note(stores) -> str | None           a warning when stores name different tokenizer files
+    multimodal_note(stores) -> str | None          a note naming megatron-core multimodal stores (modes ignored)
     document_eos_mismatch(stores, eos_id) -> str | None   model.document_mask_eos_id against the stores' EOS
     load_tokenizer(spec) -> (tokenizers.Tokenizer, TokenizerInfo)
     build_train_loader(cfg, dp_rank, dp_size, consumed_samples=0) -> TrainLoader
@@ -17,8 +18,8 @@ Public API:
 stores never pay for it.
 """
 from .errors import DataError
-from .store import (TokenStore, document_eos_mismatch, first_outside_vocabulary, open_store, require_integer_tokens,
-                    tokenizer_note)
+from .store import (TokenStore, document_eos_mismatch, first_outside_vocabulary, multimodal_note, open_store,
+                    require_integer_tokens, tokenizer_note)
 from .tokenizer import TokenizerInfo, load_tokenizer
 
 _LAZY = {
@@ -31,8 +32,8 @@ _LAZY = {
     "PreprocessResult": ".pipeline",
 }
 
-__all__ = ["DataError", "TokenStore", "document_eos_mismatch", "first_outside_vocabulary", "open_store",
-           "require_integer_tokens", "tokenizer_note", "TokenizerInfo", "load_tokenizer", *_LAZY]
+__all__ = ["DataError", "TokenStore", "document_eos_mismatch", "first_outside_vocabulary", "multimodal_note",
+           "open_store", "require_integer_tokens", "tokenizer_note", "TokenizerInfo", "load_tokenizer", *_LAZY]
 
 
 def __getattr__(name: str):

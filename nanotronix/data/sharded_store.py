@@ -188,6 +188,10 @@ class ConcatenatedStore(TokenStore):
         for part in self.parts:
             part.verify(progress)
 
+    @property
+    def multimodal(self) -> bool:
+        return any(part.multimodal for part in self.parts)
+
     def summary(self) -> dict:
         return {**super().summary(), "parts": len(self.parts)}
 

@@ -129,6 +129,7 @@ def require_integer_tokens(store: "TokenStore", name: str) -> "TokenStore":
 
 class TokenStore(ABC):
     format: ClassVar[str]
+    multimodal: bool = False  # a megatron-core multimodal store (sequence modes after its index): `multimodal_note`
 
     def __init__(self, path: str):
         self.path = path  # prefix (Megatron), .ds file (datatrove) or URL/folder (zarr)
@@ -256,6 +257,7 @@ class TokenStore(ABC):
         return {
             "path": self.path,
             "format": self.format,
+            "multimodal": self.multimodal,
             "dtype": np.dtype(self.dtype).name,
             "documents": self.num_documents,
             "tokens": self.num_tokens,
@@ -303,6 +305,17 @@ def tokenizer_note(stores: dict[str, TokenStore], configured: Optional[str] = No
                 f"written with ({groups}); the Hugging Face export ships data.tokenizer, so unless they hold the same "
                 f"vocabulary, set it to the stores' tokenizer")
     return None
+
+
+def multimodal_note(stores: dict[str, TokenStore]) -> Optional[str]:
+    """A note naming the stores written by megatron-core with `multimodal=True` (their .idx ends in one mode byte per
+    sequence): what the modes mean is the writer's (an image sequence's values are no token ids), and the sampler
+    reads every sequence as text tokens; None when no store is one."""
+    names = [name for name, store in stores.items() if store.multimodal]
+    if not names:
+        return None
+    return (f"token stores {', '.join(names)} are multimodal Megatron stores (their .idx holds a mode per sequence): "
+            "the modes are ignored and every sequence is trained on as text tokens")
 
 
 def document_eos_mismatch(stores: dict[str, TokenStore], eos_id: Optional[int]) -> Optional[str]:

@@ -19,7 +19,7 @@ from nanotronix.checkpoint import Checkpointer
 from nanotronix.checkpoint.checkpointer import store_change_notes
 from nanotronix.checkpoint.paths import find_checkpoint
 from nanotronix.config import Config, config_notes, grad_accum_steps, skipped_step_ranges
-from nanotronix.data import build_prefetched_loader, document_eos_mismatch, tokenizer_note
+from nanotronix.data import build_prefetched_loader, document_eos_mismatch, multimodal_note, tokenizer_note
 from nanotronix.distributed import PeerStopped, peer_stopped, stopping_together
 from nanotronix.errors import UserError, found_behind
 from nanotronix.model import build_model
@@ -162,7 +162,7 @@ def _train_with(cfg: Config, ctx: ParallelContext, device: torch.device, watch: 
         if wrong_eos:  # the same stores and config on every rank
             raise UserError(wrong_eos, every_rank=True)
         earlier = earlier_records_note(cfg, resumed.step) if ctx.rank == 0 else None
-        for note in (*config_notes(cfg), tokenizer_note(stores, cfg.data.tokenizer),
+        for note in (*config_notes(cfg), tokenizer_note(stores, cfg.data.tokenizer), multimodal_note(stores),
                      schedule_note(cfg.lr_schedule, t.train_steps), earlier):
             if note:
                 log0(ctx, f"note: {note}")
