@@ -19,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .errors import DataError
-from .store import TokenStore, absent, pread_runs, random_access_map
+from .store import TokenStore, absent, random_access_map
 
 _CHUNK = 1 << 22
 
@@ -117,9 +117,6 @@ class DatatroveStore(TokenStore):
 
     def read_windows(self, out: np.ndarray, rows: np.ndarray, starts: np.ndarray) -> int:
         return self._read_windows_from(self._windows, out, rows, starts)
-
-    def spaced_runs(self, starts: np.ndarray, length: int) -> np.ndarray:
-        return pread_runs(self.path, self._dtype, starts, length)
 
     def gather(self, positions: np.ndarray) -> np.ndarray:
         return self.data[np.asarray(positions, dtype=np.int64)].astype(np.int64)

@@ -19,7 +19,7 @@ import numpy as np
 
 from .errors import DataError
 from .files import DocumentSpill, SpillingWriter, commit, remove_quietly, temp_path, write_json_atomic
-from .store import TokenStore, absent, checked_sidecar, pread_runs, random_access_map
+from .store import TokenStore, absent, checked_sidecar, random_access_map
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -207,9 +207,6 @@ class MegatronStore(TokenStore):
 
     def read_windows(self, out: np.ndarray, rows: np.ndarray, starts: np.ndarray) -> int:
         return self._read_windows_from(self._windows, out, rows, starts)
-
-    def spaced_runs(self, starts: np.ndarray, length: int) -> np.ndarray:
-        return pread_runs(self.bin_path, self._dtype, starts, length)
 
     def gather(self, positions: np.ndarray) -> np.ndarray:
         return np.asarray(self._bin[np.asarray(positions, dtype=np.int64)], dtype=np.int64)

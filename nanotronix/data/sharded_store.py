@@ -161,20 +161,6 @@ class ConcatenatedStore(TokenStore):
             top = max(top, largest_id(tokens))
         return top
 
-    def spaced_runs(self, starts: np.ndarray, length: int) -> np.ndarray:
-        """Runs inside one part are read by that part (its own way); the few that straddle two are pieced."""
-        starts = np.asarray(starts, dtype=np.int64)
-        bounds = np.asarray(self._token_starts, dtype=np.int64)
-        out = np.empty((len(starts), length), dtype=np.int64)
-        first = np.searchsorted(bounds, starts, side="right") - 1
-        inside = first == np.searchsorted(bounds, starts + max(length - 1, 0), side="right") - 1
-        for k in np.unique(first[inside]).tolist():
-            sel = inside & (first == k)
-            out[sel] = self.parts[k].spaced_runs(starts[sel] - bounds[k], length)
-        for row in np.flatnonzero(~inside).tolist():
-            out[row] = self.tokens(int(starts[row]), length)
-        return out
-
     def gather(self, positions: np.ndarray) -> np.ndarray:
         positions = np.asarray(positions, dtype=np.int64)
         out = np.empty(len(positions), dtype=np.int64)

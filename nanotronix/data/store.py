@@ -33,28 +33,13 @@ FINGERPRINT_RUNS = 256
 FINGERPRINT_RUN_TOKENS = 4
 
 
-def pread_runs(path: str | os.PathLike, dtype: np.dtype, starts: np.ndarray, length: int) -> np.ndarray:
-    """`TokenStore.spaced_runs` of a stream held as one flat array from the start of the file `path` (a Megatron
-    .bin, a datatrove .ds), read by plain read calls, not through the store's memory map: a page fault in a map
-    reads the device's whole readahead window around it (8 MiB on the development machine, where 256 runs of a cold
-    2 GB store took 1.3-1.9 s through the map and 0.02-0.03 s so; a sparse 1T-token one 2.5 s through the map)."""
-    dtype = np.dtype(dtype)
-    out = np.empty((len(starts), length), dtype=np.int64)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        for row, start in enumerate(np.asarray(starts, dtype=np.int64).tolist()):
-            out[row] = np.frombuffer(os.pread(fd, length * dtype.itemsize, start * dtype.itemsize), dtype=dtype)
-    finally:
-        os.close(fd)
-    return out
-
-
 def random_access_map(path: str | os.PathLike, dtype: np.dtype, count: int) -> np.ndarray:
     """The first `count` tokens of the file `path` as a read-only array over a memory map advised MADV_RANDOM: what
     the sampler reads its random windows through. Without the advice a page fault reads the device's whole readahead
     window around the page (8 MiB on the development machine), so a cold window of a few KB cost megabytes of reads:
     1024 random windows of a cold 2 GB store took ~1.1-1.7 s, ~0.13 s advised (tools/bench_loader.py --cold, README
-    "Input pipeline"). A map of its own: the store's other reads (verify, documents) stream and keep readahead."""
+    "Input pipeline"); the content fingerprint reads its runs so too. A map of its own: the store's other reads (verify,
+    documents) stream and keep readahead."""
     dtype = np.dtype(dtype)
     if not count:
         return np.zeros(0, dtype)
@@ -212,11 +197,6 @@ class TokenStore(ABC):
         """The stream tokens at the given positions (int64)."""
         return np.array([self.tokens(int(p), 1)[0] for p in positions], dtype=np.int64)
 
-    def spaced_runs(self, starts: np.ndarray, length: int) -> np.ndarray:
-        """Runs of `length` stream tokens from each of `starts` (sorted; few and far apart, as the content
-        fingerprint reads them), int64 [n, length]. The memory-mapped formats read them with `pread_runs`."""
-        return self.windows(np.asarray(starts, dtype=np.int64), length)
-
     @functools.cached_property
     def fingerprint(self) -> str:
         """sha256 (hex) of the token and document counts and of FINGERPRINT_RUNS runs of FINGERPRINT_RUN_TOKENS
@@ -225,7 +205,8 @@ class TokenStore(ABC):
         many. A function of the stream alone (what the sampler cuts windows from), so it is the same for any format
         or sharding of one stream, on every rank, without a sidecar. No sample of document lengths: they do not
         change the windows, and on a zarr store each of them spread over the index decodes a 2^20-entry chunk.
-        Computed once per opened store."""
+        Computed once per opened store; read like the sampler's windows, through the map advised for random
+        reads (`random_access_map`), so a cold store costs a few hundred small reads, not a readahead each."""
         n = self.num_tokens
         if n <= FINGERPRINT_RUNS * FINGERPRINT_RUN_TOKENS:  # all of it, as one run
             starts, length = np.zeros(1 if n else 0, dtype=np.int64), n
@@ -233,7 +214,7 @@ class TokenStore(ABC):
             length = FINGERPRINT_RUN_TOKENS
             starts = np.arange(FINGERPRINT_RUNS, dtype=np.int64) * (n - length) // (FINGERPRINT_RUNS - 1)
         digest = hashlib.sha256(np.array([n, self.num_documents], dtype="<i8").tobytes())
-        digest.update(np.asarray(self.spaced_runs(starts, length), dtype="<i8").tobytes())
+        digest.update(np.asarray(self.windows(starts, length), dtype="<i8").tobytes())
         return digest.hexdigest()
 
     @abstractmethod

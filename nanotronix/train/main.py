@@ -64,7 +64,7 @@ def main(argv=None) -> None:
     except FloatingPointError as e:
         # The run diverged: the same on every rank (the loss and gradient norm are global), so rank 0 says it.
         if rank() == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
+            say_line(f"error: {e}")
         code, exit_late = 1, rank() != 0
     except PeerStopped as e:
         # Not this rank's fault: one line, so that the stopped rank's own error stands out among thousands (one in
