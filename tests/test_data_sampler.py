@@ -276,7 +276,8 @@ def test_windows_read_in_blocks_match_the_store(stores, blend):
 
 def test_moved_corpus_keeps_its_order_when_data_root_follows(stores, tmp_path):
     """A run requeued where the corpus is mounted elsewhere (data.root changed, recipe paths unchanged) reads the
-    same samples; spelling a dataset's path differently (another folder without data.root) is another order."""
+    same samples, as does one that spells a path otherwise (`./`, `../b/`, a Megatron store's .bin file); the same
+    store in another folder (no data.root: keyed by the full path) is another order."""
     import shutil
     from pathlib import Path
 
@@ -297,6 +298,8 @@ def test_moved_corpus_keeps_its_order_when_data_root_follows(stores, tmp_path):
     mixture = [("s0", 2), ("s2", 1)]
     here = loader_at(tmp_path / "a", mixture).read_samples(ids)
     assert np.array_equal(loader_at(tmp_path / "b", mixture).read_samples(ids), here)
+    respelled = [("./s0.bin", 2), ("../b/s2.idx", 1)]
+    assert np.array_equal(loader_at(tmp_path / "b", respelled).read_samples(ids), here)
     absolute = [(str(tmp_path / "b" / n), w) for n, w in mixture]  # no data.root: keyed by the full path
     moved = build_train_loader(_cfg([("one", 1, absolute)]), 0, 1).read_samples(ids)
     assert not np.array_equal(moved, here)

@@ -71,3 +71,27 @@ def test_resume_is_bit_exact_with_two_zero1_ranks(tmp_path, stores):
         assert proc.returncode == 0, proc.stderr[-3000:]
     assert "RNG restored" in proc.stdout
     _assert_resumed_exactly(tmp_path)
+
+
+def test_a_dataset_spelled_otherwise_on_resume_keeps_its_order(tmp_path, stores, monkeypatch):
+    """Sample orders are keyed by a dataset's canonical path: a resume that spells a store otherwise (`./x`, its
+    `.bin` file) reads on in the same order. The uninterrupted run here keys its datasets as they were before keys
+    were canonical (as written: `./arith`, `other.bin`), as a run begun then did; its resume, spelled `arith.bin` and
+    `other`, keeps those keys (the checkpoint's) and trains the same steps, bit for bit."""
+    import nanotronix.data.loader as loader_module
+
+    def key_as_written(path, root, earlier=()):  # dataset_order_key before keys were canonical
+        prefix = root.rstrip("/") + "/"
+        return path[len(prefix):] if path.startswith(prefix) else path
+
+    arith, other = stores
+    ref, resumed = _configs(tmp_path, stores)
+    for config, (first, second) in ((ref, ("./arith", "other.bin")), (resumed, ("arith.bin", "other"))):
+        text = config.read_text().replace("path: arith", f"path: {first}").replace(f"path: {other.name}",
+                                                                                  f"path: {second}")
+        config.write_text(text)
+    with monkeypatch.context() as patched:
+        patched.setattr(loader_module, "dataset_order_key", key_as_written)
+        train_in_process(ref)
+    train_in_process(resumed)
+    _assert_resumed_exactly(tmp_path)

@@ -9,7 +9,7 @@ samples (the global count over all ranks), which is what `state_dict()` returns.
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import numpy as np
 import torch
@@ -165,8 +165,10 @@ def data_root_hint(cfg, paths: list[str]) -> str:
     return f" (data.root is not set: relative paths are read from {os.getcwd()})"
 
 
-def build_train_loader(cfg, dp_rank: int, dp_size: int, consumed_samples: int = 0) -> TrainLoader:
-    """Open every store of `cfg.data.stages` and build this rank's loader (fast: reads only store headers)."""
+def build_train_loader(cfg, dp_rank: int, dp_size: int, consumed_samples: int = 0,
+                       earlier_order_keys: Iterable[str] = ()) -> TrainLoader:
+    """Open every store of `cfg.data.stages` and build this rank's loader (fast: reads only store headers);
+    `earlier_order_keys`: the dataset keys of the checkpoint resumed from (`dataset_order_key`)."""
     seq_len, gbs = cfg.train.seq_len, cfg.train.global_batch_size
     stores: dict[str, TokenStore] = {}
     stages = []
@@ -193,7 +195,7 @@ def build_train_loader(cfg, dp_rank: int, dp_size: int, consumed_samples: int = 
             raise DataError(f"token store {name}: its tokenizer has {store.vocab_size} tokens, more than "
                             f"model.vocab_size={vocab}")
     streams = {name: PackedStream(name, store.num_tokens, seq_len, cfg.data.data_seed,
-                                  order_key=dataset_order_key(name, cfg.data.root))
+                                  order_key=dataset_order_key(name, cfg.data.root, earlier_order_keys))
                for name, store in stores.items()}
     schedule = BlendSchedule(stages, gbs, streams)
     return TrainLoader(schedule, stores, seq_len, cfg.train.micro_batch_size, dp_rank, dp_size,

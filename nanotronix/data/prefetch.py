@@ -106,11 +106,12 @@ class PrefetchingLoader:
 
 def build_prefetched_loader(cfg, dp_rank: int, dp_size: int, device: torch.device, consumed_samples: int = 0,
                             last_step: Optional[int] = None,
-                            skipped_steps: Sequence[tuple[int, int]] = ()) -> PrefetchingLoader:
+                            skipped_steps: Sequence[tuple[int, int]] = (),
+                            earlier_order_keys: Sequence[str] = ()) -> PrefetchingLoader:
     """This rank's batch feed for the trainer, reading with `cfg.data.loader` (pytorch | dali); `last_step`
     (the run's last step) keeps it from reading past the end of the run, and the batches of `skipped_steps`
-    (inclusive ranges) are not read ahead."""
-    loader = build_train_loader(cfg, dp_rank, dp_size, consumed_samples)
+    (inclusive ranges) are not read ahead; `earlier_order_keys` as for `build_train_loader`."""
+    loader = build_train_loader(cfg, dp_rank, dp_size, consumed_samples, earlier_order_keys)
     if cfg.data.loader == "dali":
         from .dali_loader import DaliBatchReader
         # a jump over skipped steps restarts its pipeline; it never reads them ahead either

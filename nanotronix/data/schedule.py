@@ -19,13 +19,16 @@ by `tools/preprocess.py --shuffle` or by datatrove's DocumentTokenizer (shuffle=
 document-shuffled, and nanotron's Nanoset reads the latter in this same order. A dataset's order is keyed by its path (`dataset_order_key`:
 relative to `data.root` when it lies there, as the recipes write them), so a dataset keeps its order when other
 datasets are added to the mixture, and when the corpus moves and `data.root` follows it (a run requeued on
-another mount or cluster resumes with the same samples); a path spelled differently is another order.
+another mount or cluster resumes with the same samples). The key is the path's canonical spelling (`./`, doubled
+or trailing slashes and a store file's suffix do not count: a requeue whose path was tab-completed to `corpus/` or
+`x.bin` reads on in its order); a store in another folder is another order.
 """
 from __future__ import annotations
 
 import bisect
+import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterable, Optional
 
 import numpy as np
 
@@ -36,14 +39,36 @@ from .permutation import derive_keys, mix64, permute, stable_key
 _SHIFT_SALT = np.uint64(0x5851F42D4C957F2D)  # separates each epoch's offset from its permutation keys
 
 
-def dataset_order_key(path: str, root: Optional[str]) -> str:
-    """What a dataset's sample order is keyed by: its path relative to `root` (data.root, already joined to the
-    path by the config) when it lies under it, else the path as configured."""
+_STORE_SUFFIXES = (".bin", ".idx", ".ds", ".zarr")  # a file of the store named for it: open_store takes either
+
+
+def _normalised(path: str) -> str:
+    """`./`, `a/../`, doubled and trailing slashes gone (an fsspec URL's slashes after its scheme alike)."""
+    if "://" in path:
+        scheme, rest = path.split("://", 1)
+        return scheme + "://" + "/".join(part for part in rest.split("/") if part)
+    return os.path.normpath(path)
+
+
+def canonical_path(path: str) -> str:
+    """`path` as a dataset key spells it: normalised, without a store file's suffix (`x.bin`, `x.ds`: open_store
+    opens the store x for them)."""
+    stem, suffix = os.path.splitext(_normalised(path))
+    return stem if suffix in _STORE_SUFFIXES else stem + suffix
+
+
+def dataset_order_key(path: str, root: Optional[str], earlier: Iterable[str] = ()) -> str:
+    """What a dataset's sample order is keyed by: its canonical path (`canonical_path`) relative to `root`
+    (data.root, already joined to the path by the config) when it lies under it, else the canonical path.
+    `earlier`: the keys of the checkpoint a run resumes from (its data stats); one that is this key spelled
+    otherwise is kept as it is, so that a run whose checkpoints were keyed before keys were canonical (as
+    written: `./x`, `x.bin`) resumes in the same order."""
+    key = canonical_path(path)
     if root:
-        prefix = root.rstrip("/") + "/"
-        if path.startswith(prefix):
-            return path[len(prefix):]
-    return path
+        prefix = _normalised(root).rstrip("/") + "/"
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+    return next((old for old in earlier if canonical_path(old) == key), key)
 
 
 def window_starts(c: np.ndarray, windows_per_epoch, key, slack, seq_len) -> np.ndarray:

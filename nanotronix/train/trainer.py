@@ -147,7 +147,8 @@ def _train_with(cfg: Config, ctx: ParallelContext, device: torch.device, watch: 
         with stopping_together(checkpointer.coll, watch.where):
             loader = build_prefetched_loader(cfg, ctx.dp_rank, ctx.dp, device, last_step=t.train_steps,
                                              consumed_samples=resumed.consumed_samples,
-                                             skipped_steps=skips)  # reads ahead while a step trains
+                                             skipped_steps=skips,  # reads ahead while a step trains
+                                             earlier_order_keys=list(resumed.data.get("datasets") or ()))
             validator = Validator.from_config(cfg, ctx, model)  # None unless validation.interval > 0
         if resumed.data:
             loader.loader.count_tokens_from(resumed.data, resumed.step)
