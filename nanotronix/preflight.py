@@ -5,17 +5,23 @@
 The Slurm scripts run it once, on the first node, before `srun torchrun`. A missing config, a token store that
 is not there, or a layout that does not fit the allocation then ends the job within seconds with one line
 (`error: ...`, exit 2), instead of failing on every rank after the rendezvous (or hanging in it). On success it
-prints one line that summarises the run. It reads the same config and overrides as the trainer, so it checks
-exactly what the trainer will run.
+prints one line that summarises the run, then the run's start notes (`note: ...`, one a line: settings that are
+valid but likely not what was meant), which the trainer would otherwise say only when the job leaves the queue.
+It reads the same config and overrides as the trainer, so it checks exactly what the trainer will run.
 """
 from __future__ import annotations
 
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from nanotronix.cli import ArgumentParser, check_writable_folder, one_line_errors
 from nanotronix.config import Config, grad_accum_steps, load_config, resolve_layout, too_few_processes
 from nanotronix.errors import UserError
+
+if TYPE_CHECKING:
+    from nanotronix.data import TokenStore
+    from nanotronix.data.loader import TrainLoader
 
 
 class PreflightError(UserError):
@@ -63,16 +69,17 @@ def check_device_features(cfg: Config, world: int, on_cuda: bool) -> None:
     StepProfiler.from_config(cfg, -1, world, device)  # rank -1: checks only, profiles nothing
 
 
-def check_data(cfg: Config, dp: int) -> dict:
+def check_data(cfg: Config, dp: int) -> tuple[TrainLoader, dict[str, TokenStore]]:
     """Open every token store (the validation stores too) and build the sampler's schedule (reads only headers);
-    returns the stores by path."""
+    returns the loader and every store by path."""
     from nanotronix.data import DataError, build_train_loader
     from nanotronix.data.loader import data_root_hint
 
     hint = data_root_hint(cfg, [ds.path for stage in cfg.data.stages for ds in stage.datasets] +
                           list(cfg.validation.data))
     try:
-        stores = dict(build_train_loader(cfg, 0, dp, consumed_samples=0).stores)
+        loader = build_train_loader(cfg, 0, dp, consumed_samples=0)
+        stores = dict(loader.stores)
         if cfg.validation.interval > 0:
             from nanotronix.train.validation import open_validation_store
             v = cfg.validation
@@ -80,7 +87,7 @@ def check_data(cfg: Config, dp: int) -> dict:
                 stores[path] = open_validation_store(path, v.num_samples, cfg.train.seq_len, cfg.model.vocab_size)
     except DataError as e:
         raise PreflightError(f"{e}{hint}" if hint not in str(e) else str(e)) from None
-    return stores
+    return loader, stores
 
 
 def check_writable(path: str | None, what: str) -> None:
@@ -103,10 +110,11 @@ def check_loggers(cfg: Config) -> None:
             raise PreflightError(f"{key}: needs the {package} package (pip install {package})")
 
 
-def check_resume(cfg: Config) -> None:
+def check_resume(cfg: Config) -> int:
     """The checkpoint the run would start from is there, holds a model of the config's shape, and
     checkpoint.resume fits checkpoint.dir (none into a folder holding checkpoints, an earlier step of the run's own
-    folder): the trainer's own decisions, made here before torchrun starts on every node."""
+    folder): the trainer's own decisions, made here before torchrun starts on every node. Returns the step the run
+    would start after (0: from scratch)."""
     from pathlib import Path
 
     from nanotronix.checkpoint.checkpointer import check_architecture, choose_resume_source
@@ -115,8 +123,11 @@ def check_resume(cfg: Config) -> None:
     run_dir = Path(cfg.checkpoint.dir).expanduser() if cfg.checkpoint.dir else None
     try:
         source = choose_resume_source(run_dir, cfg.checkpoint.resume, log=lambda _: None)
-        if source is not None:  # a model of another shape than the config's would fail after the rendezvous
-            check_architecture(read_manifest(source)["config"]["model"], cfg.to_dict()["model"], source)
+        if source is None:
+            return 0
+        manifest = read_manifest(source)  # a model of another shape than the config's would fail after the rendezvous
+        check_architecture(manifest["config"]["model"], cfg.to_dict()["model"], source)
+        return int(manifest["step"])
     except UserError as e:
         raise PreflightError(f"checkpoint.resume: {e}" if "checkpoint.resume" not in str(e) else str(e)) from None
 
@@ -126,22 +137,23 @@ def preflight(config: str, overrides: list[str], nnodes: int, nproc_per_node: in
     dp = check_layout(cfg, nnodes, nproc_per_node)
     device = check_devices(cfg, nproc_per_node)
     check_device_features(cfg, nnodes * nproc_per_node, on_cuda=device != "cpu")
-    stores = check_data(cfg, dp)
-    from nanotronix.data import document_eos_mismatch, tokenizer_note
+    loader, stores = check_data(cfg, dp)
+    from nanotronix.data import document_eos_mismatch
     wrong_eos = document_eos_mismatch(stores, cfg.model.document_mask_eos_id)
     if wrong_eos:
         raise PreflightError(wrong_eos)
-    note = tokenizer_note(stores, cfg.data.tokenizer)
     check_writable(cfg.checkpoint.dir, "checkpoint.dir")
     check_writable(cfg.logging.dir, "logging.dir")
-    check_resume(cfg)
+    resumed_step = check_resume(cfg)
     check_loggers(cfg)
+    from nanotronix.train.start_notes import start_notes
+    notes = start_notes(cfg, loader, stores, resumed_step)  # the trainer's, in its words
     p, t = cfg.parallel, cfg.train
     return (f"preflight ok: {nnodes} node(s) x {nproc_per_node} = {nnodes * nproc_per_node} processes on {device} | "
             f"tp={p.tp} pp={p.pp} dp={dp}, grad accumulation {grad_accum_steps(cfg, dp)} | {t.train_steps} steps of "
             f"{t.global_batch_size} x {t.seq_len} tokens | {len(cfg.data.stages)} stage(s), {len(stores)} token "
             f"store(s) found | checkpoints {cfg.checkpoint.dir} (resume: {cfg.checkpoint.resume})"
-            + (f"\nnote: {note}" if note else ""))
+            + "".join(f"\nnote: {note}" for note in notes))
 
 
 @one_line_errors
@@ -149,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(
         prog="python -m nanotronix.preflight",
         description="Check a training launch (config, layout against the allocation, GPUs on this node, token "
-                    "stores, output folders) before starting torchrun. Prints one summary line, or one error line "
-                    "and exits 2.")
+                    "stores, output folders) before starting torchrun. Prints one summary line and the run's start "
+                    "notes (one `note:` line each), or one error line and exits 2.")
     parser.add_argument("--config", required=True, help="YAML config file (as for nanotronix.train)")
     parser.add_argument("--nnodes", type=int, default=1, help="nodes in the job (default 1)")
     parser.add_argument("--nproc-per-node", type=int, default=1, help="processes per node (default 1)")

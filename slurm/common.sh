@@ -197,7 +197,8 @@ if [ "$PREFLIGHT_RC" != 0 ]; then
   grep -v '^srun: ' <<<"$PREFLIGHT" >&2
   exit 2
 fi
-log "$PREFLIGHT"
+# Its summary line, then the run's start notes (`note: ...`, the trainer's words): a log line each.
+while IFS= read -r line; do log "$line"; done <<<"$PREFLIGHT"
 # (the store's own line already starts with "error: ")
 kill -0 "$STORE_PID" 2>/dev/null || fail "$(grep -h '^error' "$STORE_LOG" | sed 's/^error: //' | grep . \
   || echo "the rendezvous store stopped: see $STORE_LOG")"

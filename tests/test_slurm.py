@@ -555,6 +555,7 @@ def test_startup_failures_outside_the_preflight_are_one_line(slurm, tmp_path):
             assert len(lines) == 1 and lines[0].startswith(message), out
             if "MASTER_PORT" in settings:
                 assert f"(checkpoints {tmp_path / 'ckpt'}, metrics {tmp_path / 'run' / 'logs'}, this job's logs " in out
+                assert "] note: data: a is read 2.02 times over by step 150 " in out, out  # the preflight's, a log line
             else:
                 assert lines[0].endswith(": Not a directory"), out
     finally:

@@ -28,18 +28,19 @@ def test_a_good_launch_prints_one_summary_line(tmp_path, store, capsys):
                            "train.device=cpu", f"checkpoint.dir={tmp_path / 'ckpt'}")
     assert (code, err) == (0, "")
     assert out.startswith("preflight ok: 2 node(s) x 2 = 4 processes on cpu | tp=1 pp=1 dp=4, grad accumulation 1")
+    assert len(out.splitlines()) == 1  # nothing to note
     assert "1 stage(s), 1 token store(s) found" in out and not (tmp_path / "ckpt").exists()  # the run makes it
     held = write_learnable_store(tmp_path / "held" / "out", seed=3)
     code, out, err = check(capsys, "--config", str(cfg), "train.device=cpu", "validation.interval=5",
                            "validation.num_samples=4", f"validation.data=[arith,{held}]")
     assert code == 0 and "1 stage(s), 2 token store(s) found" in out, (out, err)  # arith counts once
-    assert "note:" not in out  # one tokenizer
+    assert "note: token stores" not in out  # one tokenizer
     a = write_learnable_store(tmp_path / "sha" / "a", tokenizer_sha256="a" * 64)
     b = write_learnable_store(tmp_path / "sha" / "b", tokenizer_sha256="b" * 64)
     code, out, err = check(capsys, "--config", str(cfg), "train.device=cpu", f"data.stages.0.datasets.0.path={a}",
                            "validation.interval=5", "validation.num_samples=4", f"validation.data=[{b}]")
-    assert code == 0 and out.splitlines()[1].startswith("note: token stores were written with 2 different tokenizer "
-                                                        f"files (aaaaaaaaaaaa: {a}; bbbbbbbbbbbb: {b})"), out
+    assert code == 0 and f"\nnote: token stores were written with 2 different tokenizer files (aaaaaaaaaaaa: {a}; " \
+                         f"bbbbbbbbbbbb: {b})" in out, out
 
 
 @pytest.mark.parametrize("args, message", [
@@ -145,6 +146,10 @@ def test_resume_settings_the_trainer_refuses_fail_here(tmp_path, store, capsys):
     assert code == 2 and "is an earlier step of this run's own checkpoint.dir (latest: step_0000004)" in err, err
     code, out, err = check(capsys, "--config", str(cfg), "checkpoint.resume=auto", "train.train_steps=6")
     assert code == 0 and out.startswith("preflight ok"), err
+    assert "already holds records" not in out, out  # continued: its records follow the checkpoint's step
+    # from scratch into the logging.dir of that run: the trainer's note, said at launch
+    code, out, err = check(capsys, "--config", str(cfg), f"checkpoint.dir={tmp_path / 'other'}")
+    assert code == 0 and f"\nnote: {tmp_path / 'logs' / 'metrics.jsonl'} already holds records " in out, (out, err)
     code, out, err = check(capsys, "--config", str(cfg), "checkpoint.resume=auto", "model.hidden_size=128")
     assert code == 2 and err.endswith("was saved with model.hidden_size=64, but the config has 128"), err
 

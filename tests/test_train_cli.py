@@ -330,18 +330,26 @@ def test_tensorboard_holds_each_step_once_after_a_resume_retrains_steps(tmp_path
         assert points == [(step, pytest.approx(last[step][tag], rel=1e-6)) for step in range(1, 7)], (tag, points)
 
 
-def test_start_notes_a_store_read_more_than_once_an_overridden_preset_and_a_stage_never_reached(tmp_path):
+def test_start_notes_a_store_read_more_than_once_an_overridden_preset_and_a_stage_never_reached(tmp_path, capsys):
     """A run that takes more windows from a store than it holds reads it again (each epoch in a new order): said
     once at the start, as many times over as the last step's metrics record says. A preset named in a config whose
     own model fields win (a copied config: the model trained is not the preset's) is said with what differs, and so
-    is sequence parallelism at tp=1."""
+    is sequence parallelism at tp=1. The launch preflight says the same notes, before the job waits in the queue
+    (before, only the trainer did, maybe hours after the submission)."""
+    from nanotronix import preflight
+
     small = write_learnable_store(tmp_path / "data" / "small", num_docs=8)  # a few hundred tokens
     stages = [{"name": "first", "start_step": 1, "datasets": [{"path": "small", "weight": 1.0}]},
               {"name": "late", "start_step": 50, "datasets": [{"path": "small", "weight": 1.0}]}]
     cfg = tiny_config(tmp_path, small, train={"train_steps": 4}, data={"stages": stages})
-    proc = run(["-m", "nanotronix.train", "--config", str(cfg), "model.preset=smollm2-135m",
-                "parallel.sequence_parallel=true"])
+    overrides = ["model.preset=smollm2-135m", "parallel.sequence_parallel=true"]
+    assert preflight.main(["--config", str(cfg), *overrides]) == 0  # before the run: no metrics.jsonl yet
+    said = capsys.readouterr()
+    assert said.err == "" and said.out.startswith("preflight ok: "), said
+    proc = run(["-m", "nanotronix.train", "--config", str(cfg), *overrides])
     assert proc.returncode == 0, proc.stderr[-3000:]
+    notes = [line for line in proc.stdout.splitlines() if line.startswith("note: ")]
+    assert len(notes) >= 4 and said.out.splitlines()[1:] == notes, (said.out, proc.stdout)
     assert (f"note: model.preset smollm2-135m, with explicit fields that win over it: hidden_size="
             f"{TINY_MODEL['hidden_size']} (the preset's 576), ") in proc.stdout, proc.stdout
     last = json.loads((tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()[-1])

@@ -141,6 +141,13 @@ class TrainLoader:
                 "store_fingerprints": store_fingerprints}
 
 
+    def epochs(self, step: int) -> dict[str, float]:
+        """Per dataset (named as in `stats`), how many times over its store the run has read by `step` (the sampler's
+        arithmetic only: `stats` also reads each store's content fingerprint)."""
+        streams = self.schedule.streams
+        return {streams[name].order_key: streams[name].epochs(count)
+                for name, count in self.schedule.consumed(step * self.global_batch_size).items()}
+
     def count_tokens_from(self, saved: dict[str, Any], step: int) -> None:
         """Resuming at `step` from a checkpoint whose data state (`stats` then) is `saved`: count each dataset's tokens
         on from what the checkpoint says it had consumed, so that a run whose train.seq_len changed on resume (the

@@ -18,21 +18,21 @@ from nanotronix import accel
 from nanotronix.checkpoint import Checkpointer
 from nanotronix.checkpoint.checkpointer import store_change_notes
 from nanotronix.checkpoint.paths import find_checkpoint
-from nanotronix.config import Config, config_notes, grad_accum_steps, skipped_step_ranges
-from nanotronix.data import build_prefetched_loader, document_eos_mismatch, multimodal_note, tokenizer_note
+from nanotronix.config import Config, grad_accum_steps, skipped_step_ranges
+from nanotronix.data import build_prefetched_loader, document_eos_mismatch
 from nanotronix.distributed import PeerStopped, peer_stopped, stopping_together
 from nanotronix.errors import UserError, found_behind
 from nanotronix.model import build_model
 from nanotronix.parallel import DistributedOptimizer, ParallelContext, parallelize
 from nanotronix.train import Interrupted
 from nanotronix.train.hang_report import HangWatch
-from nanotronix.train.lr_schedule import lr_at, schedule_note
-from nanotronix.train.metrics import earlier_records_note
+from nanotronix.train.lr_schedule import lr_at
 from nanotronix.train.optimizer import param_groups
 from nanotronix.train.profiler import StepProfiler
 from nanotronix.train.run_folders import create_run_folders
 from nanotronix.train.run_log import RunLog
 from nanotronix.train.spike_guard import SpikeGuard
+from nanotronix.train.start_notes import start_notes
 from nanotronix.train.step import train_step
 from nanotronix.train.validation import Validator
 
@@ -154,19 +154,12 @@ def _train_with(cfg: Config, ctx: ParallelContext, device: torch.device, watch: 
             loader.loader.count_tokens_from(resumed.data, resumed.step)
         for changed in store_change_notes(resumed.data, loader.stats(resumed.step)):
             log0(ctx, f"data order: {changed}")
-        for name, read in loader.stats(t.train_steps)["datasets"].items():  # the sampler's arithmetic, as plan's
-            if read["epochs"] > 1:
-                log0(ctx, f"note: data: {name} is read {read['epochs']:.2f} times over by step {t.train_steps} (the "
-                          "run takes more windows from it than its store holds; each epoch in a new order)")
         stores = {**loader.loader.stores, **(validator.stores if validator else {})}
         wrong_eos = document_eos_mismatch(stores, m.document_mask_eos_id)
         if wrong_eos:  # the same stores and config on every rank
             raise UserError(wrong_eos, every_rank=True)
-        earlier = earlier_records_note(cfg, resumed.step) if ctx.rank == 0 else None
-        for note in (*config_notes(cfg), tokenizer_note(stores, cfg.data.tokenizer), multimodal_note(stores),
-                     schedule_note(cfg.lr_schedule, t.train_steps), earlier):
-            if note:
-                log0(ctx, f"note: {note}")
+        for note in start_notes(cfg, loader.loader, stores, resumed.step if ctx.rank == 0 else None):
+            log0(ctx, f"note: {note}")  # the launch preflight said them too
 
         accum = grad_accum_steps(cfg, ctx.dp)
         log0(ctx, f"nanotronix: {m.num_parameters() / 1e6:.1f}M parameters | layout {model.describe()} "
