@@ -14,7 +14,7 @@
 - A failed job step (a trainer process SIGKILLed) requeues the job only if it committed a checkpoint since the
   allocation started (~60 s): without one it ends FAILED with one line saying why; with one it resumes and finishes.
   A job that fails while another run holds CKPT_DIR's lock is not requeued, though `latest` moved (~10 s); nor is one
-  submitted with --no-requeue, which says so instead of trying (~20 s).
+  submitted with --no-requeue, which says so instead of trying, on USR1 (~20 s) and on a failed step (~10 s).
 
 Skips only where Slurm is not installed; .ci/run installs and starts the cluster, so CI never skips.
 """
@@ -523,6 +523,32 @@ def test_usr1_in_a_job_submitted_with_no_requeue_says_it_is_not_requeued(slurm, 
             "submitted with --no-requeue)") in out, out
     assert ("USR1 before training started: not requeued: the job was submitted with --no-requeue; resubmit it to "
             f"continue from the latest checkpoint in {tmp_path / 'run' / 'checkpoints'}") in out, out
+    assert "requeueing" not in out and "scontrol requeue failed" not in out, out
+
+
+def test_a_failed_step_in_a_job_submitted_with_no_requeue_says_it_is_not_requeued(slurm, tmp_path):
+    """`sbatch --no-requeue`, a step that fails after committing a checkpoint: the log says why the job is not
+    requeued (Slurm would refuse `scontrol requeue`) and how to continue, and Slurm shows no restart (~15 s)."""
+    stores = tmp_path / "stores"
+    write_learnable_store(stores / "a")
+    write_learnable_store(stores / "b", seed=1)
+    config = tiny_two_stage_config(tmp_path / "tiny.yaml", TRAIN_STEPS, SWITCH_STEP)
+    run_dir = tmp_path / "run"
+    latest = run_dir / "checkpoints" / "latest"
+    job = slurm.sbatch(tmp_path, {"CONFIG": str(config), "DATA_ROOT": str(stores), "GPUS_PER_NODE": "0",
+                                  "NPROC_PER_NODE": "1", "RUN_DIR": str(run_dir), "OVERRIDES": "checkpoint.interval=2"},
+                       "--no-requeue")
+    deadline = time.monotonic() + 300
+    while not latest.is_file():  # a checkpoint committed: progress, which a requeueable job would requeue on
+        assert time.monotonic() < deadline and slurm.info(job)["JobState"] not in ENDED, job_output(tmp_path, job)
+        time.sleep(0.1)
+    kill_worker(run_dir, 0)
+    info = slurm.wait(job, timeout=300)
+    out = job_output(tmp_path, job)
+    reached = int(latest.read_text().strip()[5:])
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("FAILED", "1:0", "0"), (info, out)
+    assert (f"job step failed (exit 1) after committing the checkpoint of step {reached}: not requeued: the job was "
+            "submitted with --no-requeue; resubmit it to continue from that checkpoint") in out, out
     assert "requeueing" not in out and "scontrol requeue failed" not in out, out
 
 
