@@ -152,7 +152,8 @@ def preflight(config: str, overrides: list[str], nnodes: int, nproc_per_node: in
     return (f"preflight ok: {nnodes} node(s) x {nproc_per_node} = {nnodes * nproc_per_node} processes on {device} | "
             f"tp={p.tp} pp={p.pp} dp={dp}, grad accumulation {grad_accum_steps(cfg, dp)} | {t.train_steps} steps of "
             f"{t.global_batch_size} x {t.seq_len} tokens | {len(cfg.data.stages)} stage(s), {len(stores)} token "
-            f"store(s) found | checkpoints {cfg.checkpoint.dir} (resume: {cfg.checkpoint.resume})"
+            f"store(s) found | " + (f"checkpoints {cfg.checkpoint.dir} (resume: {cfg.checkpoint.resume})"
+                                     if cfg.checkpoint.dir else "no checkpoints (checkpoint.dir not set)")
             + "".join(f"\nnote: {note}" for note in notes))
 
 

@@ -34,6 +34,7 @@ def test_a_good_launch_prints_one_summary_line(tmp_path, store, capsys):
     code, out, err = check(capsys, "--config", str(cfg), "train.device=cpu", "validation.interval=5",
                            "validation.num_samples=4", f"validation.data=[arith,{held}]")
     assert code == 0 and "1 stage(s), 2 token store(s) found" in out, (out, err)  # arith counts once
+    assert "| no checkpoints (checkpoint.dir not set)" in out.splitlines()[0]  # (said "checkpoints None")
     assert "note: token stores" not in out  # one tokenizer
     a = write_learnable_store(tmp_path / "sha" / "a", tokenizer_sha256="a" * 64)
     b = write_learnable_store(tmp_path / "sha" / "b", tokenizer_sha256="b" * 64)
