@@ -130,6 +130,69 @@ def test_a_prune_cut_short_is_finished_by_the_next_save(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["latest", "step_0000004"]
 
 
+def test_a_kill_between_the_commit_rename_and_the_pointer_update_resumes_the_new_step(tmp_path, monkeypatch):
+    """Killed after step 2's folder was renamed into place (the commit: fsynced, complete) but before `latest` was
+    replaced: the resume takes step 2, not the step `latest` still names (before, a whole checkpoint interval was
+    trained again), and the next save removes the pointer's temp file the kill left behind."""
+    from nanotronix.checkpoint import paths
+    from nanotronix.checkpoint.checkpointer import choose_resume_source
+
+    model = plain_model()
+    opt = adamw(model)
+    run_dir = tmp_path / "run"
+    save_single(run_dir, 1, model, opt)
+    train_steps(model, opt, range(2, 3))
+    real_replace = os.replace
+
+    def killed_at_the_pointer(src, dst, *args, **kwargs):
+        if Path(dst).name == paths.LATEST_NAME:
+            raise KeyboardInterrupt("killed before `latest` moved")
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", killed_at_the_pointer)
+    monkeypatch.setattr(os, "getpid", lambda: 4242)  # the killed process (the next run has another pid)
+    with pytest.raises(KeyboardInterrupt):
+        save_single(run_dir, 2, model, opt)
+    monkeypatch.undo()
+    assert sorted(p.name for p in run_dir.iterdir()) == [".latest.tmp-4242", "latest", "step_0000001", "step_0000002"]
+    assert (run_dir / "latest").read_text() == "step_0000001\n"
+    assert find_checkpoint(run_dir) == choose_resume_source(run_dir, "auto", print) == run_dir / "step_0000002"
+    fresh = plain_model(seed=5)
+    assert load_single(find_checkpoint(run_dir), fresh, adamw(fresh))["step"] == 2
+    save_single(run_dir, 3, model, opt)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["latest", "step_0000001", "step_0000002", "step_0000003"]
+
+
+def test_a_rollback_cut_short_never_leaves_latest_behind_the_step_resumed_from(tmp_path, monkeypatch):
+    """tools/rollback.py killed part-way: `latest` names the step a resume takes, or none (stale), never an earlier
+    one beside later steps that the resume takes anyway; run again, it finishes the rollback."""
+    from nanotronix.checkpoint import paths
+
+    model = plain_model()
+    opt = adamw(model)
+    run_dir = tmp_path / "run"
+    for step in range(1, 5):
+        save_single(run_dir, step, model, opt)
+    real_rename, renamed = os.rename, []
+
+    def killed_after_one_move(src, dst):
+        if renamed:
+            raise KeyboardInterrupt("killed mid-rollback")
+        renamed.append(src)
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", killed_after_one_move)
+    with pytest.raises(KeyboardInterrupt):
+        paths.roll_back(run_dir, 1)
+    monkeypatch.undo()
+    assert paths.read_latest(run_dir) in (None, find_checkpoint(run_dir))
+    assert [paths.step_of(p) for p in paths.committed_steps(run_dir)] == [1, 2, 3]  # the newest moved first
+    aside, moved = paths.roll_back(run_dir, 1)
+    assert [p.name for p in moved] == ["step_0000002", "step_0000003"]
+    assert find_checkpoint(run_dir) == paths.read_latest(run_dir) == run_dir / "step_0000001"
+    assert sorted(p.name for p in aside.iterdir()) == ["step_0000002", "step_0000003", "step_0000004"]
+
+
 KILLED_MID_WRITE = """
 import os, signal, sys
 from pathlib import Path

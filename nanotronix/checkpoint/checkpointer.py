@@ -277,7 +277,7 @@ class Checkpointer:
             for note in schedule_change_notes(saved["config"], current):
                 self._log(f"learning rate: {note}")
         own_run = self.run_dir is not None and source.parent.resolve() == self.run_dir.resolve()
-        self.last_saved_step = step if own_run else None  # never rewrite the step `latest` names
+        self.last_saved_step = step if own_run else None  # never save again the step resumed from
         what = "weights, optimizer state" if restored["optimizer"] else "weights only (no optimizer state saved)"
         rng = "RNG restored" if restored["rng"] else \
             f"RNG freshly seeded (saved in layout {layout_text(saved.get('layout'))})"

@@ -4,14 +4,19 @@ A run's checkpoint folder holds one folder per committed step and a `latest` poi
 
     CKPT_DIR/step_0000200/      complete: renamed into place only after every file in it was written and fsynced
     CKPT_DIR/step_0000400/
-    CKPT_DIR/latest             "step_0000400\\n", replaced atomically after the rename
+    CKPT_DIR/latest             "step_0000400\\n", replaced atomically after the rename (for people and scripts)
     CKPT_DIR/.step_0000600.tmp/ a save in progress (or one killed mid-way); never read, removed by the next save
     CKPT_DIR/.step_0000400.replaced/  an older copy of a step being saved again after a rollback, until the new
                                 one is in place
+    CKPT_DIR/.latest.tmp-PID    the pointer's next version, left by a kill before it replaced `latest`; removed by
+                                the next save
 
-The rename is the commit point, so a crash at any moment leaves every committed step intact and `latest`
-pointing at one of them. Pruning (`Retention`: the newest `keep_last`, plus milestones kept for good) runs only
-after a new step is committed and never removes the step that `latest` names.
+The rename is the commit point: a run resumes from the newest step folder holding its manifest, so a crash at any
+moment leaves every committed step intact and the newest of them the one resumed from, even a crash between the
+rename and the pointer update, which leaves `latest` on the step before (a resume that trusted it would train a
+whole interval again). `tools/rollback.py` therefore moves later steps out of the step pattern before it points
+`latest` back. Pruning (`Retention`: the newest `keep_last`, plus milestones kept for good) runs only after a new
+step is committed and never removes the newest step nor the one that `latest` names.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ LATEST_NAME = "latest"
 LOCK_NAME = ".lock"  # the lock a run holds on its checkpoint.dir (Checkpointer._lock_run_dir)
 _STEP_RE = re.compile(r"^step_(\d+)$")
 _TEMP_RE = re.compile(r"^\.step_(\d+)\.(tmp|replaced|pruning)$")
+_POINTER_TEMP_RE = re.compile(rf"^\.{LATEST_NAME}\.tmp-\d+$")  # write_text_durably's temp file of `latest`
 
 
 def step_folder_name(step: int) -> str:
@@ -76,18 +82,15 @@ def read_latest(run_dir: Path) -> Optional[Path]:
 def find_checkpoint(path: str | os.PathLike) -> Optional[Path]:
     """The step folder that a CKPT_DIR means, or None when it holds no complete checkpoint.
 
-    A step folder means itself; a run's checkpoint folder means the step `latest` points at, or the newest
-    complete step when the pointer is missing or stale (a crash between the rename and the pointer update). A path
-    may start with `~` (`--checkpoint=~/run` reaches the tools unexpanded).
+    A step folder means itself; a run's checkpoint folder means its newest complete step, not necessarily the one
+    `latest` names: a kill between a step's rename (its commit) and the pointer update leaves `latest` on the step
+    before. A path may start with `~` (`--checkpoint=~/run` reaches the tools unexpanded).
     """
     path = Path(path).expanduser()
     if is_step_folder(path):
         return path
     if not path.is_dir():
         return None
-    latest = read_latest(path)
-    if latest is not None:
-        return latest
     steps = committed_steps(path)
     return steps[-1] if steps else None
 
@@ -133,12 +136,14 @@ def write_text_durably(path: Path, text: str) -> None:
 
 def remove_stale_temps(run_dir: Path, keep: Optional[Path] = None) -> None:
     """Delete the temp folders of saves that never committed (killed mid-way), replaced step folders and pruned
-    ones whose deletion was cut short."""
+    ones whose deletion was cut short, and a `latest` pointer's temp file that a kill kept from replacing it."""
     if not run_dir.is_dir():
         return
     for p in run_dir.iterdir():
         if _TEMP_RE.match(p.name) and p != keep:
             shutil.rmtree(p, ignore_errors=True)
+        elif _POINTER_TEMP_RE.match(p.name):
+            p.unlink(missing_ok=True)
 
 
 def commit_step(temp: Path, run_dir: Path, step: int) -> Path:
@@ -213,21 +218,23 @@ def prune(run_dir: Path, retention: Retention) -> list[Path]:
 
 
 def roll_back(run_dir: Path, step: int) -> tuple[Optional[Path], list[Path]]:
-    """Make the committed `step` the run's latest again (`tools/rollback.py`): `latest` names it first, then every
-    later step folder moves into RUN_DIR/rolled_back_after_step_NNNNNNN-TIME/ (kept, not deleted; no step pattern
-    there, so no resume, prune or export sees it). Returns (that folder or None, the steps moved). A crash between
-    the two leaves `latest` on `step` and the later folders in place, to be replaced as the run saves them anew."""
+    """Make the committed `step` the run's latest again (`tools/rollback.py`): every later step folder moves into
+    RUN_DIR/rolled_back_after_step_NNNNNNN-TIME/ (kept, not deleted; no step pattern there, so no resume, prune or
+    export sees it), newest first, then `latest` names `step`. Returns (that folder or None, the steps moved).
+    A resume takes the newest complete step, so a crash part-way leaves what looks like a run that got less far
+    (its newest steps aside, the others not yet), never `latest` on `step` beside later steps that a resume would
+    take: run it again to finish."""
     target = run_dir / step_folder_name(step)
     if not is_step_folder(target):
         steps = ", ".join(str(step_of(p)) for p in committed_steps(run_dir)) or "none"
         raise CheckpointError(f"{run_dir}: no complete checkpoint of step {step} (committed steps: {steps})")
     later = [p for p in committed_steps(run_dir) if step_of(p) > step]
+    aside = None
+    if later:
+        aside = run_dir / f"rolled_back_after_{target.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        aside.mkdir(exist_ok=True)  # a rollback cut short and run again within the same second
+        for p in reversed(later):
+            os.rename(p, aside / p.name)
+        fsync_path(run_dir)
     write_text_durably(run_dir / LATEST_NAME, target.name + "\n")
-    if not later:
-        return None, []
-    aside = run_dir / f"rolled_back_after_{target.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    aside.mkdir()
-    for p in later:
-        os.rename(p, aside / p.name)
-    fsync_path(run_dir)
     return aside, later
