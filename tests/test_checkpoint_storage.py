@@ -1,5 +1,5 @@
-"""Single-process checkpoint storage: exact round trip, `latest` and retention, crashes injected mid-save,
-damaged files reported as one line naming the file. Costs ~10 s of CPU (two short subprocesses)."""
+"""Checkpoint storage: exact round trip, `latest` and retention, crashes injected mid-save (in one process, and one
+rank of two killed), damaged files reported as one line naming the file. Costs ~15 s of CPU (short subprocesses)."""
 from __future__ import annotations
 
 import json
@@ -193,6 +193,30 @@ def test_a_rollback_cut_short_never_leaves_latest_behind_the_step_resumed_from(t
     assert sorted(p.name for p in aside.iterdir()) == ["step_0000002", "step_0000003", "step_0000004"]
 
 
+def test_a_step_is_durable_before_its_rename_and_the_rename_before_latest(tmp_path, monkeypatch):
+    """The order a power loss needs: every file of the step fsynced (DCP's `.metadata` as the temp file it renames),
+    then its folder, then the rename into place, the run folder fsynced, and only then `latest` replaced."""
+    events = []
+    real_fsync, real_rename, real_replace = os.fsync, os.rename, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(os, "rename", lambda a, b: (events.append(("rename", str(a), str(b))), real_rename(a, b))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(a), str(b))),
+                                                     real_replace(a, b))[1])
+    model = plain_model()
+    folder = save_single(tmp_path / "run", 1, model, adamw(model))
+    temp, run_dir = str(tmp_path / "run" / ".step_0000001.tmp"), str(tmp_path / "run")
+    commit = events.index(("rename", temp, str(folder)))
+    synced_before = {e[1] for e in events[:commit] if e[0] == "fsync"}
+    for name in [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]:
+        assert {f"{temp}/{name}", f"{temp}/{name}.tmp"} & synced_before, name
+    folder_synced = [i for i, e in enumerate(events[:commit]) if e == ("fsync", temp)]
+    files_synced = [i for i, e in enumerate(events[:commit]) if e[0] == "fsync" and e[1] != temp]
+    assert folder_synced and folder_synced[-1] > files_synced[-1]  # the folder after the names made in it
+    pointer = next(i for i, e in enumerate(events) if e[0] == "replace" and e[2] == f"{run_dir}/latest")
+    assert commit < events.index(("fsync", run_dir)) < pointer
+
+
 KILLED_MID_WRITE = """
 import os, signal, sys
 from pathlib import Path
@@ -227,6 +251,51 @@ def test_sigkill_during_the_write_keeps_previous_checkpoint(tmp_path):
                           text=True, timeout=120, cwd=ROOT / "tests")
     assert proc.returncode == -9, proc.stdout + proc.stderr
     _check_previous_survives(tmp_path / "run")
+
+
+ONE_OF_TWO_RANKS_KILLED = """
+import os, signal, sys
+from datetime import timedelta
+from pathlib import Path
+import torch, torch.distributed as dist
+from nanotronix.checkpoint import paths, rng, storage
+
+rank, run_dir, rendezvous = int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2,
+                        timeout=timedelta(seconds=60))
+coll = storage.Collective()
+
+def save(step):
+    state = {f"w{rank}": torch.full((1000,), float(step))}  # a piece per rank: each writes a data file
+    storage.write_step(run_dir, step, state, {"step": step}, rng.capture_rng(), rank, coll, paths.Retention())
+
+save(1)
+if rank == 1:  # SIGKILLed once its step-2 files are all written and fsynced, before it says so to rank 0
+    real_save_rng = rng.save_rng
+    rng.save_rng = lambda *a: (real_save_rng(*a), os.kill(os.getpid(), signal.SIGKILL))
+try:
+    save(2)
+except BaseException as e:
+    print(f"rank {rank}: {type(e).__name__}", flush=True)
+    os._exit(3)
+os._exit(0)
+"""
+
+
+def test_one_rank_killed_mid_save_leaves_no_committed_step(tmp_path):
+    """Two ranks save; rank 1 is SIGKILLed after its files of step 2 are durable but before it reports them, when
+    DCP's own `.metadata` already makes the folder look finished: rank 0 fails instead of committing (a step is
+    renamed into place only once every rank said its files are written), and step 1 stays the one resumed from."""
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    ranks = [subprocess.Popen([sys.executable, "-c", ONE_OF_TWO_RANKS_KILLED, str(r), str(run_dir),
+                               str(tmp_path / "rendezvous")], cwd=ROOT / "tests", env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    outs = [proc.communicate(timeout=120)[0] for proc in ranks]
+    assert [proc.returncode for proc in ranks] == [3, -9], outs
+    assert (run_dir / ".step_0000002.tmp" / ".metadata").is_file(), outs  # DCP had finished on both ranks
+    assert sorted(p.name for p in run_dir.iterdir()) == [".step_0000002.tmp", "latest", "step_0000001"]
+    assert find_checkpoint(run_dir) == run_dir / "step_0000001"
 
 
 @pytest.mark.parametrize("where", ["before the manifest", "before the rename"])
