@@ -204,11 +204,17 @@ kill -0 "$STORE_PID" 2>/dev/null || fail "$(grep -h '^error' "$STORE_LOG" | sed 
   || echo "the rendezvous store stopped: see $STORE_LOG")"
 
 # ---- train -----------------------------------------------------------------------------------------------
-# The step the run's `latest` checkpoint pointer names (0: none yet): a failure after it moved on has made progress.
+# The run's newest committed step (0: none yet), the one the trainer resumes from (a step folder holding its
+# manifest; `latest` lags one step behind after a kill between the commit and its update): a failure after it
+# moved on has made progress.
 latest_step() {
-  local name
-  name=$(cat "$CKPT_DIR/latest" 2>/dev/null) || { echo 0; return; }
-  [[ "$name" =~ ^step_0*([0-9]+)$ ]] && echo "${BASH_REMATCH[1]:-0}" || echo 0
+  local newest=0 manifest n
+  for manifest in "$CKPT_DIR"/step_*/checkpoint.json; do
+    [[ "$manifest" =~ /step_0*([0-9]+)/checkpoint\.json$ && -f "$manifest" ]] || continue
+    n=${BASH_REMATCH[1]:-0}
+    (( n > newest )) && newest=$n
+  done
+  echo "$newest"
 }
 STARTED_FROM=$(latest_step)
 # Whether another run holds the trainer's lock on CKPT_DIR now that this job's processes have ended (a job submitted
