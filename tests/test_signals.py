@@ -86,6 +86,37 @@ def test_sigusr1_to_one_rank_stops_all_ranks(tmp_path):
     assert out.count(f"exitcode  : {EXIT_PREEMPTED}") == 2, out[-3000:]
 
 
+def test_workers_whose_torchrun_is_gone_save_and_stop(tmp_path):
+    """torchrun killed (here SIGKILL; a SIGUSR1 sent to it instead of its workers kills it too) leaves its workers
+    running without it: they notice at the next step (their parent changed), save it on every rank and stop with
+    75, instead of training alone to the run's last step (100,000 here) holding the run's lock."""
+    proc = _launch(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nanotronix.train",
+                    "--config", str(_config(tmp_path))], ROOT)
+    _wait_for_step(tmp_path / "logs" / "metrics.jsonl", proc, 3)
+    workers = _children(proc.pid)
+    assert len(workers) == 2
+    proc.kill()
+    try:
+        out, _ = proc.communicate(timeout=120)  # the pipe closes when the workers, which hold it too, have exited
+    finally:  # workers that train on must not outlive the test
+        for pid in workers:
+            if not _exited(pid):
+                os.kill(pid, signal.SIGKILL)
+    step = _check_saved_last_step(tmp_path, world_size=2)
+    assert f"checkpoint: torchrun, the launcher of a rank, is gone: saved step {step}; stopping (exit 75" in out, \
+        out[-3000:]
+    assert all(_exited(pid) for pid in workers)
+
+
+def _exited(pid: int) -> bool:
+    """Gone, or a zombie (exited; the process that adopted it may not reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
 def test_ctrl_c_stops_every_rank_with_one_line(tmp_path):
     """Ctrl-C in a terminal: SIGINT to the whole foreground process group (torchrun and its 2 workers). The run stops
     where it is, without saving; rank 0 says where in one line, and no worker prints a KeyboardInterrupt traceback."""

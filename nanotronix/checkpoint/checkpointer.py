@@ -35,7 +35,7 @@ import torch.distributed as dist
 from nanotronix.checkpoint import paths, run_lock
 from nanotronix.checkpoint.errors import CheckpointError
 from nanotronix.checkpoint.manifest import layout_text, read_manifest
-from nanotronix.checkpoint.preemption import PreemptionWatcher
+from nanotronix.checkpoint.preemption import PreemptionWatcher, torchrun_pid
 from nanotronix.checkpoint.storage import Collective
 from nanotronix.checkpoint.training_state import load_training_state, take_snapshot, write_snapshot
 from nanotronix.data.schedule import dataset_order_key
@@ -191,7 +191,7 @@ class Checkpointer:
             with joining(cfg.parallel.collective_timeout_minutes):
                 group = dist.new_group(backend="gloo", timeout=timeout)
         self.coll = Collective(group)
-        self.watcher = PreemptionWatcher(device)
+        self.watcher = PreemptionWatcher(device, launcher_pid=torchrun_pid())
         self.watcher.install()
         self._executor = ThreadPoolExecutor(1, "checkpoint") if self.settings.async_save else None
         self._pending: Optional[Future] = None
@@ -304,7 +304,7 @@ class Checkpointer:
                       trainer_state=trainer_state() if trainer_state is not None else None)
         if stop:
             saved = f"saved step {step}" if self.run_dir is not None else "checkpoint.dir is not set, nothing saved"
-            self._log(f"received {self.watcher.signal_name()}: {saved}; " +
+            self._log(f"{self.watcher.reason()}: {saved}; " +
                       ("that was the last step: the run is complete" if last else
                        "stopping (exit 75: a scheduler may requeue the job, which resumes from it)"))
         return stop and not last
