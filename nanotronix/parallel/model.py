@@ -77,17 +77,19 @@ class ModelChunk(DecoderParts):
         # set by speedups.apply_compile: the fused loss runs its chunks through torch.compile with these options
         self.loss_compile: Optional[dict] = None
 
-    def forward(self, x: torch.Tensor, document_ids: Optional[torch.Tensor] = None):
-        """Returns this stage's output; under document masking a stage that hands on hidden states also hands on
-        the document ids [B, S] (the next stage has no token ids to find them in)."""
+    def forward(self, x: torch.Tensor, tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Returns this stage's output. Under document masking a stage after the first finds the documents in the
+        micro-batch's token ids `tokens` [B, S] (every pipeline rank holds the batch; the schedule hands them to
+        every stage as a keyword argument), rather than receive them from the stage before: torch 2.11's
+        PipelineStage wants a gradient for every tensor it receives."""
         autocast = (torch.autocast(device_type=x.device.type, dtype=self.compute_dtype)
                     if self.compute_dtype is not None else contextlib.nullcontext())
-        documents = Documents(document_ids) if document_ids is not None else None
+        eos = self.config.document_mask_eos_id
+        documents = (Documents.from_tokens(tokens, eos) if tokens is not None and eos is not None
+                     and self.embed_tokens is None else None)
         with autocast:
-            h, documents = decoder_forward(self, x, skip_head=bool(self.fused_loss_chunk), documents=documents,
-                                           seq_shards=self.seq_shards)
-        if documents is not None and self.lm_head is None:
-            return h, documents.ids
+            h, _ = decoder_forward(self, x, skip_head=bool(self.fused_loss_chunk), documents=documents,
+                                   seq_shards=self.seq_shards)
         return h
 
 

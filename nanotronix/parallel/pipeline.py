@@ -120,9 +120,14 @@ class MicroBatchRunner:
     def _run_pipeline(self, inputs: torch.Tensor, labels: torch.Tensor, losses: list,
                       forward_only: bool = False) -> None:
         schedule = self._schedule(inputs.shape[0])
-        args = (inputs.flatten(0, 1),) if self.model.has_first_chunk else ()
+        # contiguous: the batch's slices ([..., :-1]) have the window's stride, which torch 2.11's stages check
+        # against the contiguous tensors they were first set up with ("stride mismatch")
+        inputs = inputs.flatten(0, 1).contiguous()
+        args = (inputs,) if self.model.has_first_chunk else ()
         target = labels.flatten(0, 1) if self.model.has_last_chunk else None
         kwargs = {}
+        if self.model.config.document_mask_eos_id is not None:  # every stage finds the documents in the tokens
+            kwargs["tokens"] = inputs
         if "return_outputs" in inspect.signature(schedule.step).parameters:
             kwargs["return_outputs"] = False  # do not keep every micro-batch's logits for a return value
         run = schedule.eval if forward_only else schedule.step
