@@ -193,6 +193,31 @@ def test_a_rollback_cut_short_never_leaves_latest_behind_the_step_resumed_from(t
     assert sorted(p.name for p in aside.iterdir()) == ["step_0000002", "step_0000003", "step_0000004"]
 
 
+def test_a_pruned_step_is_renamed_durably_before_its_files_go(tmp_path, monkeypatch):
+    """Pruning renames a step out of the step pattern, fsyncs the run folder, and only then deletes the files: a
+    power loss between the two cannot bring back `step_N` without its files (ext4 may persist the deletions first)."""
+    import shutil
+
+    from nanotronix.checkpoint import paths
+
+    events = []
+    model = plain_model()
+    opt = adamw(model)
+    save_single(tmp_path / "run", 1, model, opt, keep_last=1)
+    real_fsync, real_rename, real_rmtree = os.fsync, os.rename, shutil.rmtree
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(os, "rename", lambda a, b: (events.append(("rename", str(a), str(b))), real_rename(a, b))[1])
+    monkeypatch.setattr(shutil, "rmtree", lambda p, *a, **k: (events.append(("rmtree", str(p))),
+                                                               real_rmtree(p, *a, **k))[1])
+    save_single(tmp_path / "run", 2, model, opt, keep_last=1)
+    run_dir = str(tmp_path / "run")
+    doomed = f"{run_dir}/.step_0000001.pruning"
+    renamed = events.index(("rename", f"{run_dir}/step_0000001", doomed))
+    assert ("fsync", run_dir) in events[renamed:events.index(("rmtree", doomed))], events
+    assert [paths.step_of(p) for p in paths.committed_steps(tmp_path / "run")] == [2]
+
+
 def test_a_step_is_durable_before_its_rename_and_the_rename_before_latest(tmp_path, monkeypatch):
     """The order a power loss needs: every file of the step fsynced (DCP's `.metadata` as the temp file it renames),
     then its folder, then the rename into place, the run folder fsynced, and only then `latest` replaced."""

@@ -203,6 +203,7 @@ def prune(run_dir: Path, retention: Retention) -> list[Path]:
     steps = committed_steps(run_dir)
     doomed = [p for p in steps[:-retention.keep_last]
               if p != latest and not retention.milestone(step_of(p)) and not _saved_as_milestone(p)]
+    removing = []
     for p in doomed:
         # Renamed out of the step pattern first (atomic): a prune interrupted half-way (killed, or files a reader
         # holds open on NFS) leaves a `.step_N.pruning` folder, which the next save's remove_stale_temps finishes
@@ -213,7 +214,11 @@ def prune(run_dir: Path, retention: Retention) -> list[Path]:
         except OSError:  # cannot rename: at least no longer a complete step
             (p / MANIFEST_NAME).unlink(missing_ok=True)
             doomed_temp = p
-        shutil.rmtree(doomed_temp, ignore_errors=True)
+        removing.append(doomed_temp)
+    if removing:  # the renames reach the disk before the deletions: a power loss cannot bring back a step folder
+        fsync_path(run_dir)  # whose files were deleted
+    for folder in removing:
+        shutil.rmtree(folder, ignore_errors=True)
     return doomed
 
 
