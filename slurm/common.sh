@@ -218,7 +218,7 @@ latest_step() {
 }
 STARTED_FROM=$(latest_step)
 # Whether another run holds the trainer's lock on CKPT_DIR now that this job's processes have ended (a job submitted
-# twice): `latest` moving is then that run's progress, not this one's, and requeueing would only repeat the refusal.
+# twice): a newer step is then that run's progress, not this one's, and requeueing would only repeat the refusal.
 lock_holder() {
   local lock=$CKPT_DIR/.lock rc=0
   [ -e "$lock" ] || return 1
