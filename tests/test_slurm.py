@@ -193,11 +193,8 @@ def test_bad_settings_fail_in_seconds_with_one_line(slurm, tmp_path):
 def test_a_config_that_names_a_checkpoint_starts_from_it(slurm, tmp_path):
     """A branch off another run (checkpoint.resume: PATH in the config, as smollm2_1p7b_anneal_math.yaml): the job
     starts from that checkpoint, not from scratch (the script passes auto only when the config names none)."""
-    stores = tmp_path / "stores"
-    write_learnable_store(stores / "a")
-    write_learnable_store(stores / "b", seed=1)
+    config, stores = two_stage_run(tmp_path, train_steps=60, switch_step=55)
     source = tmp_path / "source"
-    config = tiny_two_stage_config(tmp_path / "tiny.yaml", 60, 55)
     proc = torchrun(1, ["-m", "nanotronix.train", "--config", str(config), f"data.root={stores}",
                         "train.train_steps=4", f"checkpoint.dir={source}", f"logging.dir={tmp_path / 'source_logs'}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -250,6 +247,15 @@ def test_preprocess_job_array_writes_one_store(slurm, tmp_path, tiny_tokenizer):
 TRAIN_STEPS, SWITCH_STEP, SIGNAL_AFTER = 150, 75, 12
 
 
+def two_stage_run(tmp_path: Path, train_steps: int = TRAIN_STEPS, switch_step: int = SWITCH_STEP
+                  ) -> tuple[Path, Path]:
+    """The tiny two-stage config (tmp_path/tiny.yaml) and the folder of its two learnable stores, a and b."""
+    stores = tmp_path / "stores"
+    write_learnable_store(stores / "a")
+    write_learnable_store(stores / "b", seed=1)
+    return tiny_two_stage_config(tmp_path / "tiny.yaml", train_steps, switch_step), stores
+
+
 def read_records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -275,10 +281,7 @@ def wait_for_step(slurm: Slurm, job: str, cwd: Path, metrics: Path, step: int) -
 
 
 def test_usr1_saves_requeues_resumes_and_continues_the_same_run(slurm, tmp_path):
-    stores = tmp_path / "stores"
-    write_learnable_store(stores / "a")
-    write_learnable_store(stores / "b", seed=1)
-    config = tiny_two_stage_config(tmp_path / "tiny.yaml", TRAIN_STEPS, SWITCH_STEP)
+    config, stores = two_stage_run(tmp_path)
     run_dir = tmp_path / "run"
     metrics = run_dir / "logs" / "metrics.jsonl"
 
@@ -356,10 +359,7 @@ def kill_worker(run_dir: Path, rank: int) -> None:
 
 
 def test_a_failed_step_requeues_only_after_committing_a_checkpoint(slurm, tmp_path):
-    stores = tmp_path / "stores"
-    write_learnable_store(stores / "a")
-    write_learnable_store(stores / "b", seed=1)
-    config = tiny_two_stage_config(tmp_path / "tiny.yaml", TRAIN_STEPS, SWITCH_STEP)
+    config, stores = two_stage_run(tmp_path)
     settings = {"CONFIG": str(config), "DATA_ROOT": str(stores), "GPUS_PER_NODE": "0", "NPROC_PER_NODE": "2"}
 
     # Without a checkpoint since it started (only the last step saves): the failure would recur, no requeue.
@@ -407,10 +407,7 @@ def test_a_job_refused_by_another_runs_lock_is_not_requeued(slurm, tmp_path, usr
     Likewise when a USR1 (the time limit's notice, a preemption) came while it waited: before, the USR1 path
     requeued it without asking, and the requeued job waited for the lock and was refused again."""
     import fcntl
-    stores = tmp_path / "stores"
-    write_learnable_store(stores / "a")
-    write_learnable_store(stores / "b", seed=1)
-    config = tiny_two_stage_config(tmp_path / "tiny.yaml", TRAIN_STEPS, SWITCH_STEP)
+    config, stores = two_stage_run(tmp_path)
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
     with open(run_dir / "checkpoints" / ".lock", "w") as lock:
@@ -441,10 +438,7 @@ def test_a_job_refused_by_another_runs_lock_is_not_requeued(slurm, tmp_path, usr
 def test_scancel_ends_the_job_without_a_requeue(slurm, tmp_path):
     """scancel (SIGTERM): the trainer saves the step it is on and the job ends CANCELLED. Before, that save looked
     like progress to the failed-step requeue, and the cancelled job came back (Restarts=1, PENDING)."""
-    stores = tmp_path / "stores"
-    write_learnable_store(stores / "a")
-    write_learnable_store(stores / "b", seed=1)
-    config = tiny_two_stage_config(tmp_path / "tiny.yaml", TRAIN_STEPS, SWITCH_STEP)
+    config, stores = two_stage_run(tmp_path)
     run_dir = tmp_path / "run"
     job = slurm.sbatch(tmp_path, {"CONFIG": str(config), "DATA_ROOT": str(stores), "GPUS_PER_NODE": "0",
                                   "NPROC_PER_NODE": "1", "RUN_DIR": str(run_dir)})
@@ -464,10 +458,7 @@ def test_scancel_ends_the_job_without_a_requeue(slurm, tmp_path):
 def submit_with_a_slow_preflight(slurm: Slurm, tmp_path: Path, *flags: str) -> str:
     """A training job of the tiny two-stage config whose launch preflight takes 8 s more (a PYTHON wrapper), as in a
     large job's start: a USR1 sent once the log says the allocation started (`wait_for_restart`) lands in it."""
-    stores = tmp_path / "stores"
-    write_learnable_store(stores / "a")
-    write_learnable_store(stores / "b", seed=1)
-    config = tiny_two_stage_config(tmp_path / "tiny.yaml", TRAIN_STEPS, SWITCH_STEP)
+    config, stores = two_stage_run(tmp_path)
     wrapper = tmp_path / "python"
     wrapper.write_text('#!/bin/bash\ncase " $* " in *" nanotronix.preflight "*) sleep 8 ;; esac\n'
                        f'exec {sys.executable} "$@"\n')
@@ -529,10 +520,7 @@ def test_usr1_in_a_job_submitted_with_no_requeue_says_it_is_not_requeued(slurm, 
 def test_a_failed_step_in_a_job_submitted_with_no_requeue_says_it_is_not_requeued(slurm, tmp_path):
     """`sbatch --no-requeue`, a step that fails after committing a checkpoint: the log says why the job is not
     requeued (Slurm would refuse `scontrol requeue`) and how to continue, and Slurm shows no restart (~15 s)."""
-    stores = tmp_path / "stores"
-    write_learnable_store(stores / "a")
-    write_learnable_store(stores / "b", seed=1)
-    config = tiny_two_stage_config(tmp_path / "tiny.yaml", TRAIN_STEPS, SWITCH_STEP)
+    config, stores = two_stage_run(tmp_path)
     run_dir = tmp_path / "run"
     latest = run_dir / "checkpoints" / "latest"
     job = slurm.sbatch(tmp_path, {"CONFIG": str(config), "DATA_ROOT": str(stores), "GPUS_PER_NODE": "0",
@@ -545,7 +533,7 @@ def test_a_failed_step_in_a_job_submitted_with_no_requeue_says_it_is_not_requeue
     kill_worker(run_dir, 0)
     info = slurm.wait(job, timeout=300)
     out = job_output(tmp_path, job)
-    reached = int(latest.read_text().strip()[5:])
+    reached = max(int(p.name[5:]) for p in latest.parent.glob("step_*") if (p / "checkpoint.json").is_file())
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("FAILED", "1:0", "0"), (info, out)
     assert (f"job step failed (exit 1) after committing the checkpoint of step {reached}: not requeued: the job was "
             "submitted with --no-requeue; resubmit it to continue from that checkpoint") in out, out
@@ -566,10 +554,7 @@ def test_startup_failures_outside_the_preflight_are_one_line(slurm, tmp_path):
               f"error: rendezvous store: cannot listen on port {port}"),
              ({"RUN_DIR": str(tmp_path / "a_file" / "run")},
               f"error: cannot create {tmp_path / 'a_file' / 'run' / 'slurm'}/job-")]
-    stores = tmp_path / "stores"
-    write_learnable_store(stores / "a")
-    write_learnable_store(stores / "b", seed=1)
-    config = tiny_two_stage_config(tmp_path / "tiny.yaml", TRAIN_STEPS, SWITCH_STEP)
+    config, stores = two_stage_run(tmp_path)
     try:
         for settings, message in cases:
             job = slurm.sbatch(tmp_path, dict(settings, CONFIG=str(config), DATA_ROOT=str(stores), GPUS_PER_NODE="0",
