@@ -125,7 +125,7 @@ def test_gradients_flow_per_document():
     from nanotronix.model.llama import decoder_forward
     documents = Documents.from_tokens(ids, EOS)
     model.embed_tokens, embed = None, model.embed_tokens
-    out, _ = decoder_forward(model, h, documents=documents)
+    out = decoder_forward(model, h, documents=documents)
     model.embed_tokens = embed
     out[0, 7:].sum().backward()
     assert h.grad[0, :7].abs().max() == 0 and h.grad[0, 7:].abs().max() > 0

@@ -66,20 +66,20 @@ class Llama(nn.Module):
 
     def forward(self, x: torch.Tensor, skip_head: bool = False) -> torch.Tensor:
         """Token ids [B, S] -> logits [B, S, V] (or the final norm's output with skip_head)."""
-        return decoder_forward(self, x, skip_head=skip_head)[0]
+        return decoder_forward(self, x, skip_head=skip_head)
 
 
 def decoder_forward(parts: nn.Module, x: torch.Tensor, skip_head: bool = False,
-                    documents: Optional[Documents] = None, seq_shards: int = 1
-                    ) -> tuple[torch.Tensor, Optional[Documents]]:
+                    documents: Optional[Documents] = None, seq_shards: int = 1) -> torch.Tensor:
     """The one decoder pass, shared by `Llama` and the pipeline stages (`parallel.model.ModelChunk`), which hold a
     subset of the same parts: `embed_tokens`, `norm` and `lm_head` may be None and `layers` a slice.
 
     x: token ids [B, S] when `parts` has the embedding, else hidden states [B, S / seq_shards, D] (sequence
     parallelism shards them; RoPE and attention still see all S positions). documents: the window's document
-    layout, computed here from the token ids under document masking, passed in by later pipeline stages.
+    layout, computed here from the token ids under document masking, passed in by later pipeline stages (which
+    compute it from the micro-batch's token ids themselves).
     skip_head: return the final norm's output instead of logits, for a loss that applies the head itself
-    (`linear_cross_entropy`, which never materialises the full logits). Returns (output, documents)."""
+    (`linear_cross_entropy`, which never materialises the full logits). Returns the output."""
     cfg = parts.config
     if parts.embed_tokens is not None:
         if cfg.document_mask_eos_id is not None:
@@ -98,7 +98,7 @@ def decoder_forward(parts: nn.Module, x: torch.Tensor, skip_head: bool = False,
         h = parts.norm(h)
     if parts.lm_head is not None and not skip_head:
         h = parts.lm_head(h)
-    return h, documents
+    return h
 
 
 def build_model(cfg: ModelConfig, attn_backend: str = "sdpa", device: Optional[torch.device] = None) -> Llama:

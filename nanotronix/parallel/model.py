@@ -88,9 +88,8 @@ class ModelChunk(DecoderParts):
         documents = (Documents.from_tokens(tokens, eos) if tokens is not None and eos is not None
                      and self.embed_tokens is None else None)
         with autocast:
-            h, _ = decoder_forward(self, x, skip_head=bool(self.fused_loss_chunk), documents=documents,
+            return decoder_forward(self, x, skip_head=bool(self.fused_loss_chunk), documents=documents,
                                    seq_shards=self.seq_shards)
-        return h
 
 
 class ParallelModel(DecoderParts):
