@@ -413,14 +413,22 @@ def test_host_memory_running_out_is_one_line(tmp_path, store):
 
 
 def test_ranks_that_do_not_all_join_in_time_are_one_line(tmp_path, store):
-    """A collective timeout shorter than the ranks take to meet (or a node that starts late): the rank that gives
-    up says so in one line naming the setting (before: torch's store or gloo traceback on each rank)."""
+    """A collective timeout shorter than the ranks take to meet (a node that starts late: here rank 1, 3 s after rank
+    0, with 0.3 s to meet): the rank that gives up says so in one line naming the setting (before: torch's store or
+    gloo traceback on each rank). The late rank is made late on purpose: with a timeout of a few milliseconds and
+    no late rank, the ranks sometimes met in time and a later collective timed out instead (1 CI run in ~10)."""
     cfg = tiny_config(tmp_path, store)
-    proc = torchrun(2, ["-m", "nanotronix.train", "--config", str(cfg), "parallel.collective_timeout_minutes=0.0001",
+    late = tmp_path / "late_rank.py"
+    late.write_text("import os, sys, time\n"
+                    "if os.environ['RANK'] == '1':\n    time.sleep(3)\n"
+                    "from nanotronix.train.main import main\n"
+                    "sys.argv = ['nanotronix.train', *sys.argv[1:]]\nsys.exit(main())\n")
+    proc = torchrun(2, [str(late), "--config", str(cfg), "parallel.collective_timeout_minutes=0.005",
                         "logging.hang_report_seconds=0"], timeout=120)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode != 0 and errors, proc.stderr[-3000:]
-    assert all("the ranks did not all join within parallel.collective_timeout_minutes=0.0001 (" in e for e in errors)
+    assert all("the ranks did not all join within parallel.collective_timeout_minutes=0.005 (" in e
+               for e in errors), errors
     assert "DistStoreError" not in proc.stderr and "RuntimeError" not in proc.stderr, proc.stderr[-3000:]
 
 
