@@ -240,6 +240,21 @@ def test_a_step_is_durable_before_its_rename_and_the_rename_before_latest(tmp_pa
     assert folder_synced and folder_synced[-1] > files_synced[-1]  # the folder after the names made in it
     pointer = next(i for i, e in enumerate(events) if e[0] == "replace" and e[2] == f"{run_dir}/latest")
     assert commit < events.index(("fsync", run_dir)) < pointer
+    assert commit < events.index(("fsync", str(tmp_path)))  # the run folder's own entry (new with its first step)
+
+
+@pytest.mark.parametrize("kind", ["tmp", "replaced", "pruning"])
+def test_a_saves_hidden_folder_is_never_a_checkpoint_even_with_its_manifest(tmp_path, kind):
+    """checkpoint.resume or a tool pointed at `.step_N.tmp` (killed between its manifest and its commit rename),
+    `.replaced` or `.pruning` (files being deleted in any order): refused, not loaded as a step."""
+    model = plain_model()
+    folder = save_single(tmp_path / "run", 1, model, adamw(model))
+    hidden = folder.parent / f".{folder.name}.{kind}"
+    folder.rename(hidden)
+    assert (hidden / "checkpoint.json").is_file()
+    assert find_checkpoint(hidden) is None and find_checkpoint(tmp_path / "run") is None
+    with pytest.raises(CheckpointError, match="is not a committed checkpoint"):
+        resolve_checkpoint(hidden)
 
 
 KILLED_MID_WRITE = """

@@ -80,13 +80,18 @@ def read_latest(run_dir: Path) -> Optional[Path]:
 
 
 def find_checkpoint(path: str | os.PathLike) -> Optional[Path]:
-    """The step folder that a CKPT_DIR means, or None when it holds no complete checkpoint.
+    """The step folder that a CKPT_DIR means, or None when it holds no complete checkpoint (or is one of a save's
+    hidden `.step_N.*` folders).
 
     A step folder means itself; a run's checkpoint folder means its newest complete step, not necessarily the one
     `latest` names: a kill between a step's rename (its commit) and the pointer update leaves `latest` on the step
     before. A path may start with `~` (`--checkpoint=~/run` reaches the tools unexpanded).
     """
     path = Path(path).expanduser()
+    if _TEMP_RE.match(path.name):
+        # Never a checkpoint, even holding a manifest: a save killed before its commit rename (its files maybe not
+        # all durable), an old copy being replaced, or a pruned step whose files are being deleted in any order.
+        return None
     if is_step_folder(path):
         return path
     if not path.is_dir():
@@ -103,6 +108,9 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     path = Path(path).expanduser()
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if _TEMP_RE.match(path.name):
+        raise CheckpointError(f"{path} is not a committed checkpoint (a save that never committed, or a step being "
+                              "replaced or pruned): use its run folder or a step_NNNNNNN folder")
     if path.is_dir() and (step_of(path) is not None or any(path.glob("*.distcp"))):
         raise CheckpointError(f"checkpoint {path} is incomplete: {MANIFEST_NAME} is missing "
                               "(the save was interrupted)")
@@ -159,6 +167,10 @@ def commit_step(temp: Path, run_dir: Path, step: int) -> Path:
         os.rename(final, replaced)
     os.rename(temp, final)
     fsync_path(run_dir)
+    try:  # the run folder's own entry, new at a run's start: a power loss must not take the whole run folder
+        fsync_path(run_dir.parent)  # (the levels above it are the user's, or mkdir -p's before the run)
+    except OSError:  # a parent this user may only traverse (mode 711): the file system's own commit then
+        pass
     write_text_durably(run_dir / LATEST_NAME, final.name + "\n")
     if replaced is not None:
         shutil.rmtree(replaced, ignore_errors=True)
