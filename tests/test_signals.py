@@ -166,3 +166,33 @@ def test_a_signal_in_the_last_step_ends_a_complete_run_with_0(tmp_path):
     assert "received SIGTERM: saved step 4; that was the last step: the run is complete" in proc.stdout
     assert "done: 4 steps" in proc.stdout
     assert (tmp_path / "ckpt" / "latest").read_text().strip() == "step_0000004"
+
+
+ORPHANED_DURING_START_UP = """
+import os, sys, time
+from pathlib import Path
+import torch
+from nanotronix.checkpoint.preemption import PreemptionWatcher, torchrun_pid
+torchrun_pid()  # what the trainer's main does first
+launcher = os.getppid()
+Path(sys.argv[1]).touch()  # the stand-in torchrun exits now, while this worker is still starting up
+while os.getppid() == launcher:
+    time.sleep(0.02)
+watcher = PreemptionWatcher(torch.device("cpu"), launcher_pid=torchrun_pid())  # as the Checkpointer, minutes later
+print(watcher.stop_requested(), watcher.reason(), flush=True)
+"""
+STAND_IN_TORCHRUN = """
+import os, subprocess, sys, time
+subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]], env=dict(os.environ, TORCHELASTIC_RUN_ID="t"))
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.02)
+"""
+
+
+def test_a_torchrun_gone_during_the_workers_start_up_is_noticed(tmp_path):
+    """A worker notes its torchrun when its main starts: one that dies while the workers build the model and check
+    the data (minutes at scale) is noticed at the first step, not taken for init (pid 1) as the launcher."""
+    out = subprocess.run([sys.executable, "-c", STAND_IN_TORCHRUN, ORPHANED_DURING_START_UP, str(tmp_path / "up")],
+                         cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
+                         timeout=120).stdout  # returns when the orphaned worker, which holds the pipe, has printed
+    assert out.strip() == "True torchrun, the launcher of a rank, is gone", out

@@ -11,6 +11,7 @@ and it would train on alone, holding the run's lock, until the run's last step.
 """
 from __future__ import annotations
 
+import functools
 import os
 import signal
 from typing import Optional
@@ -22,9 +23,12 @@ PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 LAUNCHER_GONE = 255  # not a signal number: what a rank whose launcher died puts in the ranks' agreement
 
 
+@functools.cache
 def torchrun_pid() -> Optional[int]:
     """The torchrun (torch elastic agent) that started this process, its parent, or None when it was not started
-    by one (the agent gives its workers TORCHELASTIC_RUN_ID)."""
+    by one (the agent gives its workers TORCHELASTIC_RUN_ID). Fixed at the first call, which the trainer's main
+    makes first thing: a torchrun that dies during the start-up (model build, data checks: minutes at scale) has
+    left its workers to init (pid 1) or a subreaper by the time the Checkpointer asks."""
     return os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
 
 

@@ -8,6 +8,7 @@ import sys
 import time
 import traceback
 
+from nanotronix.checkpoint.preemption import torchrun_pid
 from nanotronix.cli import ArgumentParser
 from nanotronix.config import check_parallel_shape, dump_config, load_config
 from nanotronix.errors import EXIT_BAD_INPUT, UserError, fail, say_line
@@ -36,6 +37,7 @@ def main(argv=None) -> None:
     # A crash in native code (a token store truncated or rewritten in place under its memory map: SIGBUS) then
     # prints each thread's Python stack, which names the store being read, instead of only "Bus error".
     faulthandler.enable()
+    torchrun_pid()  # whose worker this is, noted before the start-up's minutes: a torchrun gone by then is noticed
     args = parse_args(argv)
     code, exit_late = 0, False  # exit_late: a rank that did not meet the error itself, or leaves rank 0 to say it
     try:
