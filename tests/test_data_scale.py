@@ -65,7 +65,7 @@ def test_smollm2_1p7b_schedule_memory_and_startup(tmp_path):
     start = time.perf_counter()
     loader = build_train_loader(cfg, dp_rank=DP - 1, dp_size=DP, consumed_samples=4_716_000 * GBS)
     batch = loader.batch(4_716_001)  # first step of the decay stage, resumed there
-    loader.stats(4_716_000)  # the resume's store notes: every store's content fingerprint, read at start
+    loader.stats(4_716_000, fingerprints=True)  # rank 0 at a resume: every store's content fingerprint
     ready = time.perf_counter() - start
     for step in (1, 2_861_022, 2_861_023, 3_814_698, STEPS):
         assert loader.batch(step).shape == (GBS // (MBS * DP), MBS, SEQ + 1)

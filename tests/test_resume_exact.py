@@ -11,6 +11,9 @@ steps: test_skip_steps.py.) ~40 s.
 """
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 
 from checkpoint_helpers import read_metrics, train_in_process
@@ -64,13 +67,36 @@ def test_resume_is_bit_exact_in_process(tmp_path, stores, switches):
     _assert_resumed_exactly(tmp_path)
 
 
-def test_resume_is_bit_exact_with_two_zero1_ranks(tmp_path, stores):
+# Loaded by every process of the torchrun runs below (a `sitecustomize` on PYTHONPATH): which ranks read a store's
+# content fingerprint.
+FINGERPRINT_READS = """
+import os
+from nanotronix.data.store import TokenStore
+read = TokenStore.fingerprint.func
+def fingerprint(store):
+    with open({log!r}, "a") as f:
+        f.write(os.environ["RANK"] + "\\n")
+    return read(store)
+TokenStore.fingerprint = property(fingerprint)
+"""
+
+
+def test_resume_is_bit_exact_with_two_zero1_ranks(tmp_path, stores, monkeypatch):
+    """Also: only rank 0 reads the stores' content fingerprints (a few hundred small reads per store, which every
+    rank of a large job would repeat at each start), and its checkpoints keep them."""
+    hook, reads = tmp_path / "hook", tmp_path / "fingerprint_reads.txt"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(FINGERPRINT_READS.format(log=str(reads)))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(hook), *filter(None, [os.environ.get("PYTHONPATH")])]))
     ref, resumed = _configs(tmp_path, stores, parallel={"zero_stage": 1}, checkpoint={"async_save": True})
     for cfg in (ref, resumed):
         proc = torchrun(2, ["-m", "nanotronix.train", "--config", str(cfg)])
         assert proc.returncode == 0, proc.stderr[-3000:]
     assert "RNG restored" in proc.stdout
     _assert_resumed_exactly(tmp_path)
+    assert set(reads.read_text().split()) == {"0"}
+    manifest = json.loads((tmp_path / "resumed" / "ckpt" / f"step_{STEPS:07d}" / "checkpoint.json").read_text())
+    assert set(manifest["data"]["store_fingerprints"]) == {"arith", stores[1].name}
 
 
 def test_a_dataset_spelled_otherwise_on_resume_keeps_its_order(tmp_path, stores, monkeypatch):

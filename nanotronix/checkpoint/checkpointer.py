@@ -318,7 +318,8 @@ class Checkpointer:
             self.wait()  # one save at a time
         except UserError as e:  # a background save failed (a full disk since cleared?): this step is still tried
             earlier = e
-        data_state = {**loader.state_dict(), **loader.stats(step)}
+        # the fingerprints on rank 0 alone, which writes the manifest (`stats`: reads the others need not make)
+        data_state = {**loader.state_dict(), **loader.stats(step, fingerprints=self.ctx.rank == 0)}
         background = self._executor is not None and not blocking
         snapshot = take_snapshot(step, model, optimizer, self.ctx, self.cfg.to_dict(), data_state,
                                  stage=background, trainer_state=trainer_state, source=self.origin)

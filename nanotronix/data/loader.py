@@ -123,11 +123,13 @@ class TrainLoader:
                             f"{self.global_batch_size}")
         self.consumed_samples = consumed
 
-    def stats(self, step: int) -> dict[str, Any]:
+    def stats(self, step: int, fingerprints: bool = False) -> dict[str, Any]:
         """Active stage at `step` and, per dataset, tokens consumed and epochs after `step` (whole run), and the
-        tokens each store holds (what its sample order is cut from) and its content fingerprint (what its windows
-        hold): a checkpoint keeps them, so a resume can say when a store it read from has changed. Datasets are
-        named as validation stores are (`dataset_order_key`: the path relative to data.root under it)."""
+        tokens each store holds (what its sample order is cut from) and, with `fingerprints`, its content
+        fingerprint (what its windows hold): a checkpoint keeps them, so a resume can say when a store it read from
+        has changed. Only the rank that writes the manifest and says the notes asks for fingerprints: a few hundred
+        small reads per store, which thousands of ranks would repeat on a shared file system at every start.
+        Datasets are named as validation stores are (`dataset_order_key`: the path relative to data.root under it)."""
         consumed = self.schedule.consumed(step * self.global_batch_size)
         datasets, store_tokens, store_fingerprints = {}, {}, {}
         for name, count in consumed.items():
@@ -136,14 +138,15 @@ class TrainLoader:
             tokens = tokens_then + (count - samples_then) * self.seq_len
             datasets[stream.order_key] = {"consumed_tokens": tokens, "epochs": stream.epochs(count)}
             store_tokens[stream.order_key] = self.stores[name].num_tokens
-            store_fingerprints[stream.order_key] = self.stores[name].fingerprint
+            if fingerprints:
+                store_fingerprints[stream.order_key] = self.stores[name].fingerprint
         return {"stage": self.schedule.stage_at_step(step).name, "datasets": datasets, "store_tokens": store_tokens,
-                "store_fingerprints": store_fingerprints}
+                **({"store_fingerprints": store_fingerprints} if fingerprints else {})}
 
 
     def epochs(self, step: int) -> dict[str, float]:
         """Per dataset (named as in `stats`), how many times over its store the run has read by `step` (the sampler's
-        arithmetic only: `stats` also reads each store's content fingerprint)."""
+        arithmetic only)."""
         streams = self.schedule.streams
         return {streams[name].order_key: streams[name].epochs(count)
                 for name, count in self.schedule.consumed(step * self.global_batch_size).items()}

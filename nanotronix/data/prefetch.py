@@ -100,8 +100,8 @@ class PrefetchingLoader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.loader.load_state_dict(state)
 
-    def stats(self, step: int) -> dict[str, Any]:
-        return self.loader.stats(step)
+    def stats(self, step: int, fingerprints: bool = False) -> dict[str, Any]:
+        return self.loader.stats(step, fingerprints)
 
 
 def build_prefetched_loader(cfg, dp_rank: int, dp_size: int, device: torch.device, consumed_samples: int = 0,

@@ -152,8 +152,9 @@ def _train_with(cfg: Config, ctx: ParallelContext, device: torch.device, watch: 
             validator = Validator.from_config(cfg, ctx, model)  # None unless validation.interval > 0
         if resumed.data:
             loader.loader.count_tokens_from(resumed.data, resumed.step)
-        for changed in store_change_notes(resumed.data, loader.stats(resumed.step)):
-            log0(ctx, f"data order: {changed}")
+        if ctx.rank == 0:  # its notes to say, and its fingerprint reads alone (`stats`)
+            for changed in store_change_notes(resumed.data, loader.stats(resumed.step, fingerprints=True)):
+                log0(ctx, f"data order: {changed}")
         stores = {**loader.loader.stores, **(validator.stores if validator else {})}
         wrong_eos = document_eos_mismatch(stores, m.document_mask_eos_id)
         if wrong_eos:  # the same stores and config on every rank
