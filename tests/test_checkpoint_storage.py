@@ -450,8 +450,15 @@ def test_resume_notes_what_changes_the_data_order():
         "the stages begun by step 50 differ from the checkpoint's (start steps, datasets or weights)"]
     assert "['/elsewhere/fineweb-edu']" in notes[2] and "no longer configured: ['fineweb-edu']" in notes[2]
     for changed in (config("/old/mount", weight=0.5), config("/old/mount", decay_start=40)):  # a begun blend
-        assert [n.split(":")[0] for n in data_order_notes(saved, changed, step=50)] == [
+        notes = data_order_notes(saved, changed, step=50)
+        assert [n.split(":")[0] for n in notes] == [
             "the stages begun by step 50 differ from the checkpoint's (start steps, datasets or weights)"]
+        assert notes[0].endswith("(to change the blend from here on without that, keep the checkpoint's stages and "
+                                 "add a stage with start_step 51)")
+    # weights in other units but the same ratios (0.6 : 0.4 as 1.5 : 1.0) are the same blend, the same samples
+    rescaled = config("/old/mount", weight=1.5)
+    rescaled["data"]["stages"][0]["datasets"][1]["weight"] = 1.0
+    assert data_order_notes(saved, rescaled, step=50) == []
 
 
 def test_store_change_notes_one_per_store_and_none_for_checkpoints_without_fingerprints():

@@ -38,6 +38,7 @@ from nanotronix.checkpoint.manifest import layout_text, read_manifest
 from nanotronix.checkpoint.preemption import PreemptionWatcher, torchrun_pid
 from nanotronix.checkpoint.storage import Collective
 from nanotronix.checkpoint.training_state import load_training_state, take_snapshot, write_snapshot
+from nanotronix.data.blend import weight_units
 from nanotronix.data.schedule import dataset_order_key
 from nanotronix.distributed import joining
 from nanotronix.errors import UserError
@@ -79,10 +80,13 @@ def data_order_notes(saved: dict[str, Any], current: dict[str, Any], step: int) 
     seq_len), but a requeued run that reads other samples than it would have should say so."""
     def facts(cfg: dict[str, Any]):
         data = cfg.get("data") or {}
-        blends = [(1 if k == 0 else stage.get("start_step") or 0,
-                   [(dataset_order_key(ds["path"], data.get("root")), ds.get("weight"))
-                    for ds in stage.get("datasets") or []])
-                  for k, stage in enumerate(data.get("stages") or [])]
+        blends = []
+        for k, stage in enumerate(data.get("stages") or []):
+            datasets = stage.get("datasets") or []
+            # the weights as the blend serves them: 1:1 and 0.5:0.5 draw the same samples (no note for a rescale)
+            units = weight_units([ds.get("weight") for ds in datasets]) if datasets else []
+            blends.append((1 if k == 0 else stage.get("start_step") or 0,
+                           list(zip([dataset_order_key(ds["path"], data.get("root")) for ds in datasets], units))))
         keys = {key for _, blend in blends for key, _ in blend}
         begun = [b for b in blends if b[0] <= step]  # their blends fixed what each dataset has given so far
         return data.get("data_seed"), (cfg.get("train") or {}).get("seq_len"), keys, begun
@@ -96,12 +100,13 @@ def data_order_notes(saved: dict[str, Any], current: dict[str, Any], step: int) 
     if keys0 != keys1:
         gone, new = sorted(keys0 - keys1), sorted(keys1 - keys0)
         notes.append(f"datasets (order keys, relative to data.root) not in the checkpoint's config: {new or 'none'}; "
-                     f"no longer configured: {gone or 'none'} (a renamed or moved dataset outside data.root gets "
-                     "another sample order)")
+                     f"no longer configured: {gone or 'none'} (a dataset renamed, or moved other than with "
+                     "data.root, gets another sample order)")
     if begun0 != begun1:
         notes.append(f"the stages begun by step {step} differ from the checkpoint's (start steps, datasets or "
                      "weights): what each dataset has given so far is recounted from the new blend, so some of "
-                     "its windows repeat or are skipped")
+                     f"its windows repeat or are skipped (to change the blend from here on without that, keep the "
+                     f"checkpoint's stages and add a stage with start_step {step + 1})")
     return notes
 
 

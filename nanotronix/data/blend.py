@@ -20,18 +20,25 @@ WEIGHT_UNITS = 1 << 24  # weights are quantised to integers summing to ~2^24 (ex
 MAX_SAMPLES = 1 << 38  # keeps (i+1)*A + T within int64
 
 
+def weight_units(weights: list[float]) -> list[int]:
+    """The weights as the blend serves them: integers summing to ~2^24 in their ratios (so weights that differ only
+    in scale, 1:1 and 0.5:0.5, are the same blend and draw the same samples)."""
+    if not weights or any(not w > 0 for w in weights):
+        raise DataError(f"blend weights must be positive, got {weights}")
+    total = float(sum(weights))
+    if not np.isfinite(total):
+        raise DataError(f"blend weights {weights}: their sum is not finite; scale them down (only their ratios "
+                        "matter)")
+    units = [round(w / total * WEIGHT_UNITS) for w in weights]
+    if min(units) < 1:  # the blend's resolution: a smaller share would be served as 2^-24, not as asked
+        raise DataError(f"blend weights {weights}: {weights[units.index(min(units))]!r} is below 2^-24 of their "
+                        f"sum, finer than the blend can serve; raise it or leave that dataset out")
+    return units
+
+
 class BlendTree:
     def __init__(self, weights: list[float]):
-        if not weights or any(not w > 0 for w in weights):
-            raise DataError(f"blend weights must be positive, got {weights}")
-        total = float(sum(weights))
-        if not np.isfinite(total):
-            raise DataError(f"blend weights {weights}: their sum is not finite; scale them down (only their ratios "
-                            "matter)")
-        units = [round(w / total * WEIGHT_UNITS) for w in weights]
-        if min(units) < 1:  # the blend's resolution: a smaller share would be served as 2^-24, not as asked
-            raise DataError(f"blend weights {weights}: {weights[units.index(min(units))]!r} is below 2^-24 of their "
-                            f"sum, finer than the blend can serve; raise it or leave that dataset out")
+        units = weight_units(weights)
         self.num_sources = len(units)
         # Node arrays; node 0 is the root. Leaves have source >= 0 and no children.
         self._left: list[int] = []
