@@ -326,6 +326,11 @@ def config_notes(cfg: Config) -> list[str]:
                      "tensor-parallel ranks, so with one it does nothing")
     if cfg.validation.data and cfg.validation.interval == 0:
         notes.append("validation.data is set but validation.interval is 0: it is not scored (set an interval)")
+    for i, stage in enumerate(cfg.data.stages):  # a mixture's shares: a typo in one would shift all the others
+        total = sum(ds.weight for ds in stage.datasets)
+        if len(stage.datasets) > 1 and abs(total - 1) > 1e-6:
+            notes.append(f"data.stages.{i} ({stage.name}): its weights sum to {total:.6g}, not 1: each dataset gets "
+                         f"its weight / {total:.6g} of the stage's samples (only their ratios count)")
     steps = cfg.train.train_steps
     unreached = [f"{st.name} (from step {st.start_step})" for st in cfg.data.stages if st.start_step > steps]
     if unreached:

@@ -147,6 +147,19 @@ def test_sequence_parallel_at_tp_1_is_a_note_not_an_error(tiny_yaml):
         assert not [n for n in config_notes(load_config(tiny_yaml, overrides)) if "sequence_parallel" in n], overrides
 
 
+def test_stage_weights_that_do_not_sum_to_1_are_a_note(tiny_yaml):
+    """The weights are a stage's shares of its samples; ones that do not sum to 1 are scaled (the blend uses their
+    ratios), which a typo in one share would do to every other: said in a note, naming the stage and the sum."""
+    two = ["data.stages.0.datasets=[{path: x, weight: 0.54}, {path: y, weight: 0.46}]"]
+    assert not [n for n in config_notes(load_config(tiny_yaml, two)) if "weights sum" in n]
+    assert not [n for n in config_notes(load_config(tiny_yaml, ["data.stages.0.datasets.0.weight=0.3"]))
+                if "weights sum" in n]  # one dataset: all of the stage, whatever its weight
+    typo = ["data.stages.0.datasets=[{path: x, weight: 0.45}, {path: y, weight: 0.46}]"]
+    assert [n for n in config_notes(load_config(tiny_yaml, typo)) if "weights sum" in n] == [
+        "data.stages.0 (s1): its weights sum to 0.91, not 1: each dataset gets its weight / 0.91 of the stage's "
+        "samples (only their ratios count)"]
+
+
 def test_yaml_that_would_be_read_other_than_written_is_refused(tmp_path, tiny_yaml):
     """A key given twice (PyYAML keeps the last: a second `train:` section appended to a recipe put every train field
     back to its default), a file that is not UTF-8, and an override of a place that a YAML alias shares with its

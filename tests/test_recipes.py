@@ -283,3 +283,14 @@ def test_the_annealing_ablation_branches_off_the_1p7b_run_as_published():
     assert lr_at(start, lr, anneal.lr_schedule) == lr == lr_at(start, lr, main.lr_schedule)
     assert lr_at(start + 1, lr, anneal.lr_schedule) == pytest.approx(lr * (1 - 1 / 47_684))
     assert lr_at(anneal.train.train_steps, lr, anneal.lr_schedule) == 0.0
+
+
+@pytest.mark.parametrize("file", sorted(p.name for p in CONFIGS.glob("smollm2_*.yaml")))
+def test_every_recipe_stage_is_a_whole_mixture(file):
+    """Each stage's weights are its shares and sum to 1 (the blend would scale them, and say so in a note), as the
+    published mixtures do [P Figure 2, 4.6]."""
+    from nanotronix.config import config_notes
+    cfg = load_config(CONFIGS / file, ["data.root=/corpus"])
+    for stage in cfg.data.stages:
+        assert sum(d.weight for d in stage.datasets) == pytest.approx(1.0, abs=1e-9), (file, stage.name)
+    assert not [n for n in config_notes(cfg) if "weights sum" in n]
