@@ -233,8 +233,13 @@ def test_loader_errors_are_one_clear_line(stores, tmp_path):
     (tmp_path / "link").symlink_to(Path(stores[0]).parent)
     for other in (str(tmp_path / "link" / Path(stores[0]).name), f"{stores[0]}.bin",
                   f"{Path(stores[0]).parent}/./{Path(stores[0]).name}"):
-        with pytest.raises(DataError, match=f"datasets {stores[0]} and {other} are the same token store"):
+        with pytest.raises(DataError, match=f"datasets {stores[0]} and {other} are the same token store") as e:
             build_train_loader(_cfg([("one", 1, [(stores[0], 1)]), ("two", 3, [(stores[1], 1), (other, 1)])]), 0, 1)
+        assert str(e.value).endswith(": spell it the same way in every stage (a dataset in several stages reads on "
+                                     "where it stopped)")  # the two spellings are in two stages
+    with pytest.raises(DataError, match=f"datasets {stores[0]} and {other} are the same token store") as e:
+        build_train_loader(_cfg([("one", 1, [(stores[0], 1), (other, 1)])]), 0, 1)
+    assert str(e.value).endswith(": list it once in data.stages.0, with the weights added")
 
 
 def test_loader_blends_all_three_store_formats(stores, tmp_path):

@@ -197,8 +197,12 @@ def build_train_loader(cfg, dp_rank: int, dp_size: int, consumed_samples: int = 
     for name, store in stores.items():  # one store under two spellings would be two datasets: weights and counts split
         where = store.path if "://" in store.path else os.path.realpath(store.path)
         if same.setdefault(where, name) != name:
+            both = [k for k, stage in enumerate(cfg.data.stages)
+                    if {same[where], name} <= {ds.path for ds in stage.datasets}]
+            fix = (f"list it once in data.stages.{both[0]}, with the weights added" if both else
+                   "spell it the same way in every stage (a dataset in several stages reads on where it stopped)")
             raise DataError(f"data.stages: datasets {same[where]} and {name} are the same token store ({where}): "
-                            "name it one way (in one stage, once, with the weights added)")
+                            f"{fix}")
     vocab = cfg.model.vocab_size
     for name, store in stores.items():
         if vocab is not None and store.vocab_size is not None and store.vocab_size > vocab:
