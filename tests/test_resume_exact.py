@@ -5,9 +5,10 @@ data position, bit for bit. The reference is that uninterrupted run (the same tr
 - fp32, a second data stage that begins after the resume point (its blend, each dataset's continuation),
   document masking, the fused chunked loss, selective recompute;
 - bf16 autocast with the bf16 weight cache and the wgrad GEMMs accumulating into fp32 (gradient accumulation 4);
-- two data-parallel ranks (torchrun) with ZeRO-1 (sharded AdamW moments) and asynchronous saves.
+- two data-parallel ranks (torchrun) with ZeRO-1 (sharded AdamW moments) and asynchronous saves;
+- fp32 resumed at a stage boundary: from the step before the second stage's first step, and from that step.
 (Plain fp32 after a SIGKILL: test_checkpoint_resume.py; the spike guard's window: test_spike_guard.py; skipped
-steps: test_skip_steps.py.) ~40 s.
+steps: test_skip_steps.py.) ~50 s.
 """
 from __future__ import annotations
 
@@ -121,3 +122,39 @@ def test_a_dataset_spelled_otherwise_on_resume_keeps_its_order(tmp_path, stores,
         train_in_process(ref)
     train_in_process(resumed)
     _assert_resumed_exactly(tmp_path)
+
+
+
+def test_resume_at_a_stage_boundary_is_bit_exact(tmp_path, stores):
+    """Resumed from the step just before the second stage's first step, and from that first step itself: the steps
+    after, each dataset's consumed tokens and the final weights are the uninterrupted run's, bit for bit, and the
+    datasets' tokens add up to the run's (the first step of stage two splits its 8 samples 4 : 4). ~5 s."""
+    import torch
+    from nanotronix.checkpoint.reader import CheckpointReader
+
+    ref, resumed = _configs(tmp_path, stores, checkpoint={"interval": 1})
+    train_in_process(ref)
+    reference = read_metrics(tmp_path / "ref" / "logs")
+    first = reference[RESUME_AT + 2]["datasets"]  # stage two's first step: 4 windows of 32 tokens from each
+    assert {k: v["consumed_tokens"] - reference[RESUME_AT + 1]["datasets"][k]["consumed_tokens"]
+            for k, v in first.items()} == {"arith": 4 * 32, "other": 4 * 32}
+    assert sum(v["consumed_tokens"] for v in reference[STEPS]["datasets"].values()) == \
+        reference[STEPS]["consumed_tokens"]
+
+    def final_weights(run):
+        return dict(CheckpointReader(tmp_path / run / "ckpt" / f"step_{STEPS:07d}").iter_tensors())
+
+    expected = final_weights("ref")
+    for at in (RESUME_AT + 1, RESUME_AT + 2):
+        (tmp_path / f"at{at}").mkdir()
+        config = tmp_path / f"at{at}" / "config.yaml"
+        config.write_text(resumed.read_text().replace(str(tmp_path / "resumed"), str(tmp_path / f"at{at}"))
+                          .replace(f"step_{RESUME_AT:07d}", f"step_{at:07d}"))
+        train_in_process(config)
+        after = read_metrics(tmp_path / f"at{at}" / "logs")
+        assert sorted(after) == list(range(at + 1, STEPS + 1))
+        for step in after:
+            for key in (*COMPARED, "datasets"):
+                assert after[step][key] == reference[step][key], (at, step, key)
+        weights = final_weights(f"at{at}")
+        assert weights.keys() == expected.keys() and all(torch.equal(weights[k], expected[k]) for k in expected)
