@@ -124,7 +124,6 @@ def test_a_dataset_spelled_otherwise_on_resume_keeps_its_order(tmp_path, stores,
     _assert_resumed_exactly(tmp_path)
 
 
-
 def test_resume_at_a_stage_boundary_is_bit_exact(tmp_path, stores):
     """Resumed from the step just before the second stage's first step, and from that first step itself: the steps
     after, each dataset's consumed tokens and the final weights are the uninterrupted run's, bit for bit, and the
