@@ -202,3 +202,16 @@ def test_bad_arguments_are_one_error_line(command, capsys, monkeypatch):
         main(["--no-such-option", "1"])
     lines = capsys.readouterr().err.strip().splitlines()
     assert done.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_help_shows_docstring_commands_as_written(tool):
+    """`--help` prints the docstring's example commands; a line continued with a lone `\\` in the source is joined
+    to the next by Python (one line of wide gaps that does not paste into a shell): write `\\\\`."""
+    import ast
+    source = (ROOT / "tools" / f"{tool}.py").read_text()
+    literal = ast.get_source_segment(source, ast.parse(source).body[0].value)  # the docstring as written
+    shown = ast.literal_eval(literal)  # as Python reads it: the module's __doc__, which --help prints
+    continued = [line for line in literal.splitlines() if line.endswith("\\")]
+    assert [line for line in shown.splitlines() if line.endswith("\\")] == [line.replace("\\\\", "\\")
+                                                                         for line in continued], tool

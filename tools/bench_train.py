@@ -1,7 +1,7 @@
 """Training throughput of nanotronix against a plain Hugging Face training loop, measured in one run.
 
-    python tools/bench_train.py model.preset=smollm2-1.7b train.seq_len=2048 train.micro_batch_size=4 \
-        --accum 4 --warmup 3 --steps 5 --variant eager: \
+    python tools/bench_train.py model.preset=smollm2-1.7b train.seq_len=2048 train.micro_batch_size=4 \\
+        --accum 4 --warmup 3 --steps 5 --variant eager: \\
         --variant compiled:train.compile=true,train.loss_chunk_size=4096 --json bench.json
 
 Positional arguments are dotted config overrides (as for `python -m nanotronix.train`), giving the model and
