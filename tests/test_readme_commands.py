@@ -1,0 +1,57 @@
+"""README's `## Commands` block against the commands themselves: every `--flag` it shows for a tool or a
+`python -m nanotronix.*` command is one that command's `--help` lists, so a renamed or dropped option cannot stay
+in the README. In-process (`--help` of each, no interpreter start-up): ~5 s."""
+from __future__ import annotations
+
+import importlib
+import re
+
+import pytest
+
+from helpers import ROOT
+
+FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
+
+
+def readme_commands() -> dict[str, set[str]]:
+    """{command: flags} from the code block under `## Commands`; an indented line continues the command above it."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = text.split("\n## Commands\n", 1)[1].split("```", 2)[1]
+    commands: dict[str, set[str]] = {}
+    current = None
+    for line in block.splitlines():
+        tool = re.search(r"(?:^python tools/(\w+)\.py|-m (nanotronix\.\w+))", line)  # also torchrun ... -m ...
+        if tool:
+            current, line = tool.group(1) or tool.group(2), line[tool.end():]  # not torchrun's own flags
+        elif not line.startswith(" "):
+            current = None  # another kind of line (sbatch ...): its flags are not a command's of ours
+        if current:
+            commands.setdefault(current, set()).update(FLAG.findall(line))
+    return commands
+
+
+def help_text(command: str, capsys, monkeypatch) -> str:
+    if command.startswith("nanotronix."):
+        module = importlib.import_module(command + (".main" if command == "nanotronix.train" else ""))
+        main = module.parse_args if command == "nanotronix.train" else module.main
+    else:
+        monkeypatch.syspath_prepend(str(ROOT / "tools"))  # imported by name: bench_train's dataclasses need it
+        main = importlib.import_module(command).main
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0, command
+    return capsys.readouterr().out
+
+
+def test_readme_block_is_read():
+    commands = readme_commands()
+    assert {"preprocess", "convert_to_hf", "nanotronix.train", "nanotronix.evaluate"} <= set(commands)
+    assert "--output-prefix" in commands["preprocess"] and "--print-config" in commands["nanotronix.train"]
+    assert all(not command.startswith("sbatch") for command in commands)
+
+
+@pytest.mark.parametrize("command", sorted(readme_commands()))
+def test_readme_flags_exist(command, capsys, monkeypatch):
+    listed = set(FLAG.findall(help_text(command, capsys, monkeypatch)))
+    assert readme_commands()[command] <= listed, (command, readme_commands()[command] - listed)
