@@ -1,6 +1,6 @@
 """README's `## Commands` block against the commands themselves: every `--flag` it shows for a tool or a
 `python -m nanotronix.*` command is one that command's `--help` lists, so a renamed or dropped option cannot stay
-in the README. In-process (`--help` of each, no interpreter start-up): ~5 s."""
+in the README; likewise the `## Config` block's field names. In-process (no interpreter start-up): ~5 s."""
 from __future__ import annotations
 
 import importlib
@@ -55,3 +55,33 @@ def test_readme_block_is_read():
 def test_readme_flags_exist(command, capsys, monkeypatch):
     listed = set(FLAG.findall(help_text(command, capsys, monkeypatch)))
     assert readme_commands()[command] <= listed, (command, readme_commands()[command] - listed)
+
+
+def readme_config_fields() -> dict[str, list[str]]:
+    """{section: top-level field names} from the YAML block under `## Config` (`name` or `name: choices` items)."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = text.split("\n## Config\n", 1)[1].split("```", 2)[1]
+    body = "\n".join(line.split("#")[0] for line in block.splitlines()[1:])  # no comments, no ```yaml
+    sections: dict[str, list[str]] = {}
+    for name, fields in re.findall(r"^(\w+):\s*\{(.*?)\}\s*$", body, flags=re.M | re.S):
+        items, depth, part = [], 0, ""
+        for ch in fields.replace("\n", " ") + ",":
+            depth += (ch in "[{") - (ch in "]}")
+            if ch == "," and depth == 0:
+                items.append(part.split(":")[0].strip())
+                part = ""
+            else:
+                part += ch
+        sections[name] = items
+    return sections
+
+
+def test_readme_config_block_names_every_field():
+    """The Config block lists each section's fields, no more and no fewer than the dataclasses hold."""
+    import dataclasses
+    import typing
+    from nanotronix.config import Config
+
+    sections = typing.get_type_hints(Config)  # {section: its dataclass}
+    want = {name: [f.name for f in dataclasses.fields(section)] for name, section in sections.items()}
+    assert readme_config_fields() == want
