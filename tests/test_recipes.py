@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from nanotronix.checkpoint import CheckpointError
 from nanotronix.config import load_config, resolve_layout, grad_accum_steps
 from nanotronix.train.lr_schedule import lr_at
 
@@ -126,8 +127,13 @@ def test_1p7b_stage_steps_and_mixtures():
     assert all(d.path.startswith("/corpus/") for s in stages for d in s.datasets)
 
 
-def test_context_8k_recipe():
+def test_context_8k_recipe(tmp_path, monkeypatch):
     cfg = load_config(CONFIGS / "smollm2_1p7b_context_8k.yaml", ["data.root=/corpus"])
+    # it starts from imported stage-4 weights (checkpoint.resume names them), never silently from random ones
+    from nanotronix.checkpoint.checkpointer import choose_resume_source
+    monkeypatch.chdir(tmp_path)  # the recipe's paths are relative to where the job is submitted
+    with pytest.raises(CheckpointError, match="checkpoint.resume: checkpoint not found: runs/smollm2-1.7b-8k/"):
+        choose_resume_source(tmp_path / "checkpoints", cfg.checkpoint.resume, print)
     base = load("1p7b")
     m, t = cfg.model, cfg.train
     assert (m.max_position_embeddings, m.rope_theta, t.seq_len) == (8192, 130000.0, 8192)  # [P 4.6]
