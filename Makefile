@@ -1,9 +1,9 @@
 # Two commands do everything on a fresh machine: `make quickstart` and `make test`.
 # Both create .venv (seeing the system's packages, so a cluster's own CUDA torch is kept), install torch only
-# when none is importable (2.13.0: the CPU build where pip's index offers it, as on the CI machines; an unpinned
-# torch would pull the newest, multi-GB CUDA build), then install nanotronix editable with what the quickstart and
-# tests use; `make test` adds NVIDIA DALI (~1 GB, for the DALI loader's CPU tests). Re-running is fast: the
-# install steps are skipped while setup.py is unchanged.
+# when none >= 2.11 (setup.py's floor) is importable: 2.13.0, the CPU build where pip's index offers it, as on the
+# CI machines (left to pip, an older torch would be replaced by the newest, a multi-GB CUDA build); then install
+# nanotronix editable with what the quickstart and tests use; `make test` adds NVIDIA DALI (~1 GB, for the DALI
+# loader's CPU tests). Re-running is fast: the install steps are skipped while setup.py is unchanged.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -22,7 +22,8 @@ $(PY):
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 
 $(STAMP): setup.py | $(PY)
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -c "import torch, sys; sys.exit(tuple(map(int, torch.__version__.split('.')[:2])) < (2, 11))" 2>/dev/null \
+		|| $(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet --upgrade "setuptools>=70" wheel
 	$(PY) -m pip install --quiet --no-build-isolation -e ".[test]"
 	touch $(STAMP)
