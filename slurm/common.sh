@@ -225,6 +225,9 @@ lock_holder() {
   flock --nonblock --conflict-exit-code 200 "$lock" true 2>/dev/null || rc=$?
   [ "$rc" = 200 ] && { head -c 200 "$lock" | tr -d '\n'; echo; }
 }
+# Whether a job step of this job other than the batch script (`JOBID.N`) still runs; the preflight's has ended.
+step_running() { squeue -h --steps --jobs "$SLURM_JOB_ID" -o %i 2>/dev/null | grep -qE "^$SLURM_JOB_ID\.[0-9]+$"; }
+STEP_END_WAIT_S=150  # Slurm's KillWait (30 s by default) and srun's --wait=120 below, with room
 RC=0
 LAUNCHED=0
 if [ "$PREEMPTED" = 0 ]; then
@@ -249,6 +252,16 @@ if [ "$PREEMPTED" = 0 ]; then
     kill -0 "$SRUN_PID" 2>/dev/null || break  # srun has ended; otherwise a trap interrupted `wait`
   done
   [ -z "$RESENDER_PID" ] || kill "$RESENDER_PID" 2>/dev/null
+  # srun itself killed (the OOM killer, a user): it ends at once, while Slurm cancels its job step, whose processes
+  # take seconds to stop. Until they have, CKPT_DIR is not final and the step's own trainer holds its lock (before,
+  # the job took that for another run's and was not requeued, though it had committed checkpoints).
+  # (Said only when it takes a while: a step that ended with srun can still show for a moment.)
+  WAITED=0
+  while [ "$WAITED" -lt "$STEP_END_WAIT_S" ] && step_running; do
+    [ "$WAITED" != 2 ] || log "srun ended (exit $RC) before its job step: waiting for the step's processes to stop"
+    sleep 1
+    WAITED=$((WAITED + 1))
+  done
 fi
 
 # After a USR1 the step ends non-zero (the trainer exits 75 after saving; torchrun reports that as a failure).

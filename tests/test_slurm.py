@@ -15,6 +15,7 @@
   allocation started (~60 s): without one it ends FAILED with one line saying why; with one it resumes and finishes.
   A job that fails while another run holds CKPT_DIR's lock is not requeued, though `latest` moved (~10 s); nor is one
   submitted with --no-requeue, which says so instead of trying, on USR1 (~20 s) and on a failed step (~10 s).
+  A job whose srun is SIGKILLed after a checkpoint requeues once Slurm has stopped the step (~20 s).
 
 Skips only where Slurm is not installed; .ci/run installs and starts the cluster, so CI never skips.
 """
@@ -397,6 +398,47 @@ def test_a_failed_step_requeues_only_after_committing_a_checkpoint(slurm, tmp_pa
     assert "TCPStore" not in out and "keep-alive heartbeat" not in out and "frame #" not in out, out
     steps = [r["step"] for r in read_records(metrics)]
     assert sorted(set(steps)) == list(range(1, TRAIN_STEPS + 1)) and SIGNAL_AFTER <= failed_at < TRAIN_STEPS
+
+
+def test_srun_killed_after_a_checkpoint_requeues_the_job(slurm, tmp_path):
+    """The batch script's `srun` SIGKILLed (the OOM killer, a user) after a checkpoint: srun ends at once, and Slurm
+    cancels its job step, whose trainers stop seconds later. Before, the script read CKPT_DIR's lock meanwhile,
+    found it held by the step's own rank 0, took that for another run's and did not requeue (~25 s)."""
+    config, stores = two_stage_run(tmp_path)
+    run_dir = tmp_path / "run"
+    job = slurm.sbatch(tmp_path, {"CONFIG": str(config), "DATA_ROOT": str(stores), "GPUS_PER_NODE": "0",
+                                  "NPROC_PER_NODE": "1", "RUN_DIR": str(run_dir), "OVERRIDES": "checkpoint.interval=2"})
+    deadline = time.monotonic() + 300
+    while not (run_dir / "checkpoints" / "latest").is_file():
+        assert time.monotonic() < deadline and slurm.info(job)["JobState"] not in ENDED, job_output(tmp_path, job)
+        time.sleep(0.1)
+    sruns = {pid: argv for pid, argv in processes(run_dir) if os.path.basename(argv[0]) == b"srun"
+             and b"torch.distributed.run" in argv}
+    launcher = next(pid for pid in sruns if parent_of(pid) not in sruns)  # srun forks a helper srun
+    os.kill(launcher, signal.SIGKILL)
+    info = slurm.wait(job, timeout=300, until=lambda i: i["JobState"] in ENDED or i["Restarts"] != "0")
+    out = job_output(tmp_path, job)
+    slurm.cmd("scancel", job)
+    assert (info["JobState"], info["Restarts"]) == ("PENDING", "1"), (info, out)
+    assert "after committing the checkpoint of step" in out and f"requeueing job {job}" in out, out
+    assert "another run holds" not in out, out
+
+
+def processes(run_dir: Path) -> list[tuple[int, list[bytes]]]:
+    """(pid, argv) of the processes whose command line names `run_dir`."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(str(run_dir).encode() in arg for arg in argv):
+            found.append((int(pid), argv))
+    return found
+
+
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
 @pytest.mark.parametrize("usr1", [False, True], ids=["failed", "usr1"])
