@@ -173,9 +173,23 @@ on_usr1() {
 trap on_usr1 USR1
 # SIGTERM (scancel, the time limit): Slurm signals the job step itself; the shell only waits for srun, and does not
 # requeue the job afterwards (the trainer saves on TERM too, which would otherwise look like progress to requeue on:
-# a cancelled job would come back).
+# a cancelled job would come back). Unless Slurm itself is requeueing the job (`scontrol requeue`, a preemption in
+# REQUEUE mode), which it counts before the TERM: the job then comes back by itself (before, the log said it would
+# not and to resubmit it, which would have made two jobs of one run).
 TERMINATED=0
-trap 'TERMINATED=1; log "TERM: waiting for the job step to stop (the job will not be requeued)"' TERM
+REQUEUED_BY_SLURM=0
+slurm_restarts() { scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/.*\bRestarts=\([0-9]*\).*/\1/p'; }
+on_term() {
+  TERMINATED=1
+  if [ "$(slurm_restarts)" -gt "$RESTART" ] 2>/dev/null; then
+    REQUEUED_BY_SLURM=1
+    log "TERM: Slurm is requeueing the job (scontrol requeue or a preemption): waiting for the job step to stop;" \
+        "the job resumes from the latest checkpoint in $CKPT_DIR"
+  else
+    log "TERM: waiting for the job step to stop (the job will not be requeued)"
+  fi
+}
+trap on_term TERM
 
 # ---- the rendezvous store, on this (the first) node, for the job's lifetime --------------------------------
 # Hosted here rather than in one of the torchrun agents (nanotronix/rendezvous_store.py says why); it starts
@@ -300,7 +314,9 @@ if [ "$PREEMPTED" = 1 ] && { [ "$LAUNCHED" = 0 ] || [ "$RC" != 0 ]; }; then
 fi
 if [ "$RC" != 0 ] && [ "$LAUNCHED" = 1 ]; then
   REACHED=$(latest_step)
-  if [ "$TERMINATED" = 1 ]; then
+  if [ "$REQUEUED_BY_SLURM" = 1 ]; then
+    log "job step ended (exit $RC) after TERM: Slurm requeues the job, which resumes from step $REACHED"
+  elif [ "$TERMINATED" = 1 ]; then
     log "job step ended (exit $RC) after TERM (scancel or the time limit): not requeued; the latest checkpoint" \
         "is step $REACHED: resubmit the job to continue from it"
   elif [ "$REQUEUE_ON_FAILURE" = 1 ] && HOLDER=$(lock_holder); then

@@ -16,6 +16,7 @@
   A job that fails while another run holds CKPT_DIR's lock is not requeued, though `latest` moved (~10 s); nor is one
   submitted with --no-requeue, which says so instead of trying, on USR1 (~20 s) and on a failed step (~10 s).
   A job whose srun is SIGKILLed after a checkpoint requeues once Slurm has stopped the step (~20 s).
+  `scontrol requeue` says that Slurm brings the job back, not that it is not requeued (~15 s).
 
 Skips only where Slurm is not installed; .ci/run installs and starts the cluster, so CI never skips.
 """
@@ -495,6 +496,26 @@ def test_scancel_ends_the_job_without_a_requeue(slurm, tmp_path):
     assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0"), (info, out)
     assert "after TERM (scancel or the time limit): not requeued" in out and "requeueing job" not in out, out
     assert (run_dir / "checkpoints" / "latest").is_file()  # the step it was on, saved
+
+
+def test_scontrol_requeue_says_the_job_comes_back(slurm, tmp_path):
+    """`scontrol requeue` (or a preemption in REQUEUE mode) TERMs the job as scancel does, but Slurm brings it back
+    by itself: the log says so (before: "will not be requeued ... resubmit the job", which would make a second job
+    of the same run) (~15 s)."""
+    config, stores = two_stage_run(tmp_path)
+    run_dir = tmp_path / "run"
+    job = slurm.sbatch(tmp_path, {"CONFIG": str(config), "DATA_ROOT": str(stores), "GPUS_PER_NODE": "0",
+                                  "NPROC_PER_NODE": "1", "RUN_DIR": str(run_dir)})
+    wait_for_step(slurm, job, tmp_path, run_dir / "logs" / "metrics.jsonl", 3)
+    slurm.cmd("scontrol", "requeue", job)
+    info = slurm.wait(job, timeout=300, until=lambda i: i["JobState"] in ENDED or
+                      (i["Restarts"] == "1" and i["JobState"] == "PENDING"))
+    out = job_output(tmp_path, job)
+    slurm.cmd("scancel", job)
+    assert (info["JobState"], info["Restarts"]) == ("PENDING", "1"), (info, out)
+    assert "TERM: Slurm is requeueing the job (scontrol requeue or a preemption)" in out, out
+    assert "after TERM: Slurm requeues the job, which resumes from step " in out, out
+    assert "not be requeued" not in out and "resubmit" not in out, out
 
 
 def submit_with_a_slow_preflight(slurm: Slurm, tmp_path: Path, *flags: str) -> str:
