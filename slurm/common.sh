@@ -176,15 +176,23 @@ trap on_usr1 USR1
 # a cancelled job would come back). Unless Slurm itself is requeueing the job (`scontrol requeue`, a preemption in
 # REQUEUE mode), which it counts before the TERM: the job then comes back by itself (before, the log said it would
 # not and to resubmit it, which would have made two jobs of one run).
+# After a USR1, a TERM of the time limit (the save took longer than the USR1's lead) leaves the requeue to go on, and
+# any other (scancel) stops it: before, a job cancelled while it stopped on USR1 requeued itself all the same.
 TERMINATED=0
 REQUEUED_BY_SLURM=0
-slurm_restarts() { scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/.*\bRestarts=\([0-9]*\).*/\1/p'; }
+TIME_LIMIT=0
 on_term() {
+  local job restarts
   TERMINATED=1
-  if [ "$(slurm_restarts)" -gt "$RESTART" ] 2>/dev/null; then
+  job=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null)
+  restarts=$(sed -n 's/.*\bRestarts=\([0-9]*\).*/\1/p' <<<"$job")
+  ! grep -q '\bReason=TimeLimit\b' <<<"$job" || TIME_LIMIT=1
+  if [ "${restarts:-0}" -gt "$RESTART" ] 2>/dev/null; then
     REQUEUED_BY_SLURM=1
     log "TERM: Slurm is requeueing the job (scontrol requeue or a preemption): waiting for the job step to stop;" \
         "the job resumes from the latest checkpoint in $CKPT_DIR"
+  elif [ "$PREEMPTED" = 1 ] && [ "$TIME_LIMIT" = 1 ]; then
+    log "TERM: the time limit, while the job step stops on USR1: waiting for it (the job will requeue itself)"
   else
     log "TERM: waiting for the job step to stop (the job will not be requeued)"
   fi
@@ -286,6 +294,15 @@ fi
 USR1_MARK=usr1_without_progress  # in JOB_LOG_DIR: this allocation was requeued on USR1 from step N, without progress
 if [ "$PREEMPTED" = 1 ] && { [ "$LAUNCHED" = 0 ] || [ "$RC" != 0 ]; }; then
   REACHED=$(latest_step)
+  if [ "$REQUEUED_BY_SLURM" = 1 ]; then
+    log "job step ended (exit $RC) after USR1 and TERM: Slurm requeues the job, which resumes from step $REACHED"
+    exit "$RC"
+  fi
+  if [ "$TERMINATED" = 1 ] && [ "$TIME_LIMIT" = 0 ]; then
+    log "job step ended (exit $RC) after USR1, then TERM (scancel): not requeued; the latest checkpoint is step" \
+        "$REACHED: resubmit the job to continue from it"
+    exit "$RC"
+  fi
   if [ "$LAUNCHED" = 1 ] && HOLDER=$(lock_holder); then
     log "job step ended (exit $RC) after USR1 while another run holds $CKPT_DIR/.lock (${HOLDER:-holder unknown}):" \
         "not requeued (two jobs cannot train into one CKPT_DIR); wait for that run to end or give this one its own"

@@ -17,6 +17,7 @@
   submitted with --no-requeue, which says so instead of trying, on USR1 (~20 s) and on a failed step (~10 s).
   A job whose srun is SIGKILLed after a checkpoint requeues once Slurm has stopped the step (~20 s).
   `scontrol requeue` says that Slurm brings the job back, not that it is not requeued (~15 s).
+  A job cancelled while it stops on USR1 ends CANCELLED instead of requeueing itself (~15 s).
 
 Skips only where Slurm is not installed; .ci/run installs and starts the cluster, so CI never skips.
 """
@@ -516,6 +517,26 @@ def test_scontrol_requeue_says_the_job_comes_back(slurm, tmp_path):
     assert "TERM: Slurm is requeueing the job (scontrol requeue or a preemption)" in out, out
     assert "after TERM: Slurm requeues the job, which resumes from step " in out, out
     assert "not be requeued" not in out and "resubmit" not in out, out
+
+
+def test_scancel_while_stopping_on_usr1_ends_the_job(slurm, tmp_path):
+    """scancel right after a USR1, while the trainer saves and stops: the job ends CANCELLED. Before, the USR1 path
+    requeued it all the same (its TERM line said it would not), and the cancelled job came back (~15 s)."""
+    config, stores = two_stage_run(tmp_path)
+    run_dir = tmp_path / "run"
+    job = slurm.sbatch(tmp_path, {"CONFIG": str(config), "DATA_ROOT": str(stores), "GPUS_PER_NODE": "0",
+                                  "NPROC_PER_NODE": "1", "RUN_DIR": str(run_dir)})
+    wait_for_step(slurm, job, tmp_path, run_dir / "logs" / "metrics.jsonl", 3)
+    slurm.cmd("scancel", "--signal=USR1", "--batch", job)
+    slurm.cmd("scancel", job)
+    deadline = time.monotonic() + 300
+    while "job step ended (exit" not in job_output(tmp_path, job):  # the batch shell's last word
+        assert time.monotonic() < deadline, job_output(tmp_path, job)
+        time.sleep(0.5)
+    time.sleep(2)  # a requeue, had there been one, is in by now
+    info, out = slurm.info(job), job_output(tmp_path, job)
+    assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0"), (info, out)
+    assert "after USR1, then TERM (scancel): not requeued" in out and "requeueing job" not in out, out
 
 
 def submit_with_a_slow_preflight(slurm: Slurm, tmp_path: Path, *flags: str) -> str:
