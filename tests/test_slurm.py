@@ -274,6 +274,17 @@ def release(slurm: Slurm, job: str) -> None:
     slurm.cmd("scontrol", "update", f"JobId={job}", "StartTime=now")
 
 
+def ended_without_restart(slurm: Slurm, job: str, cwd: Path) -> tuple[dict, str]:
+    """(scontrol's fields, the job's log) once the batch shell has said its last word and a requeue, had there been
+    one, would be in."""
+    deadline = time.monotonic() + 300
+    while "job step ended (exit" not in job_output(cwd, job):
+        assert time.monotonic() < deadline, job_output(cwd, job)
+        time.sleep(0.5)
+    time.sleep(2)
+    return slurm.info(job), job_output(cwd, job)
+
+
 def wait_for_step(slurm: Slurm, job: str, cwd: Path, metrics: Path, step: int) -> None:
     deadline = time.monotonic() + 400
     while not (metrics.is_file() and any(r["step"] >= step for r in read_records(metrics))):
@@ -488,12 +499,7 @@ def test_scancel_ends_the_job_without_a_requeue(slurm, tmp_path):
                                   "NPROC_PER_NODE": "1", "RUN_DIR": str(run_dir)})
     wait_for_step(slurm, job, tmp_path, run_dir / "logs" / "metrics.jsonl", 5)
     slurm.cmd("scancel", job)
-    deadline = time.monotonic() + 300
-    while "job step ended (exit" not in job_output(tmp_path, job):  # the batch shell's last word
-        assert time.monotonic() < deadline, job_output(tmp_path, job)
-        time.sleep(0.5)
-    time.sleep(2)  # a requeue, had there been one, is in by now
-    info, out = slurm.info(job), job_output(tmp_path, job)
+    info, out = ended_without_restart(slurm, job, tmp_path)
     assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0"), (info, out)
     assert "after TERM (scancel or the time limit): not requeued" in out and "requeueing job" not in out, out
     assert (run_dir / "checkpoints" / "latest").is_file()  # the step it was on, saved
@@ -529,12 +535,7 @@ def test_scancel_while_stopping_on_usr1_ends_the_job(slurm, tmp_path):
     wait_for_step(slurm, job, tmp_path, run_dir / "logs" / "metrics.jsonl", 3)
     slurm.cmd("scancel", "--signal=USR1", "--batch", job)
     slurm.cmd("scancel", job)
-    deadline = time.monotonic() + 300
-    while "job step ended (exit" not in job_output(tmp_path, job):  # the batch shell's last word
-        assert time.monotonic() < deadline, job_output(tmp_path, job)
-        time.sleep(0.5)
-    time.sleep(2)  # a requeue, had there been one, is in by now
-    info, out = slurm.info(job), job_output(tmp_path, job)
+    info, out = ended_without_restart(slurm, job, tmp_path)
     assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0"), (info, out)
     assert "after USR1, then TERM (scancel): not requeued" in out and "requeueing job" not in out, out
 
