@@ -348,8 +348,9 @@ if [ "$RC" != 0 ] && [ "$LAUNCHED" = 1 ]; then
     scontrol requeue "$SLURM_JOB_ID" && exit 0
     log "scontrol requeue failed: resubmit the job to continue from the latest checkpoint"
   elif [ "$REQUEUE_ON_FAILURE" = 1 ]; then
-    log "job step failed (exit $RC) without committing a checkpoint after step $STARTED_FROM: not requeued (it" \
-        "would meet the same failure again); fix the cause (see the errors above) and resubmit"
+    log "job step failed (exit $RC) without committing a checkpoint after step $STARTED_FROM: not requeued (a" \
+        "failure before any progress could repeat at every requeue); see the errors above (a process killed by" \
+        "the OOM killer or a user shows in torchrun's report as a signal, e.g. exitcode -9), then resubmit"
   fi
 fi
 log "job step ended with exit code $RC"
