@@ -97,8 +97,8 @@ class FakeOptimizer:
         self.states = {n: states[n] for n in self.names}
         self.step_count = step_count
 
-    def param_states(self):
-        return self.states
+    def param_states(self, names=None):
+        return {n: s for n, s in self.states.items() if names is None or n in names}
 
     def load_param_states(self, states, step_count):
         missing = [n for n in self.names if n not in states]
@@ -119,7 +119,7 @@ def save_single(run_dir, step: int, model: nn.Module, optimizer, keep_last: int 
     cfg_model = model.config
     config = {"model": dataclasses.asdict(cfg_model), **(config or {})}
     snap = take_snapshot(step, model, optimizer, ParallelContext(tp=1, pp=1, dp=1, rank=0, world_size=1), config,
-                         {"consumed_samples": 2 * step}, stage=False)
+                         {"consumed_samples": 2 * step}, stage=False, coll=Collective())
     return write_snapshot(snap, run_dir, Collective(), Retention(keep_last, keep_every, frozenset(keep_steps)))
 
 

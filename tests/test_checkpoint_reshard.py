@@ -107,7 +107,8 @@ def _save_and_reload(rank: int, root: Path, cfg_model) -> None:
         ctx = _context(cfg_model, layout)
         model, opt, _, _ = _piece(ctx, cfg_model, step_count=7)
         snap = take_snapshot(7, model, opt, ctx, {"model": vars(cfg_model)}, {"consumed_samples": 56},
-                             stage=layout == (2, 1, 4))  # one layout through the async path's CPU staging
+                             stage=layout == (2, 1, 4), coll=coll)  # one layout staged to CPU
+        _check_each_chunk_collected_once(snap, ctx, coll, plain_model(cfg_model), layout)
         write_snapshot(snap, Path(root) / _name(layout), coll)
 
     single = dist.new_group([0])  # collective: every rank creates it
@@ -139,6 +140,24 @@ def _save_and_reload(rank: int, root: Path, cfg_model) -> None:
             assert model.lm_head.weight.data_ptr() == model.embed_tokens.weight.data_ptr()
         if layout == (1, 1, 1):
             dist.barrier()
+
+
+def _check_each_chunk_collected_once(snap, ctx, coll, plain, layout) -> None:
+    """The ranks' snapshots together hold every element of every logical tensor exactly once: a replica (DP, a
+    TP-replicated norm, the tied embedding at both pipeline ends) is collected, and staged, by one rank only."""
+    mine = [(key, piece.shard_dim, ctx.tp_rank if piece.shard_dim is not None else 0, piece.tensor.numel())
+            for key, piece in snap.pieces.items()]
+    held = [entry for entries in coll.all_gather(mine) for entry in entries]
+    chunks = [entry[:3] for entry in held]
+    assert len(chunks) == len(set(chunks)), f"{layout}: a chunk collected twice"
+    collected: dict[str, int] = {}
+    for key, _, _, numel in held:
+        collected[key] = collected.get(key, 0) + numel
+    logical = {}
+    for fqn, p in plain.named_parameters():
+        logical.update({f"model.{fqn}": p.numel(), f"optim.exp_avg.{fqn}": p.numel(),
+                        f"optim.exp_avg_sq.{fqn}": p.numel()})
+    assert collected == logical, f"{layout}: collected elements differ from the logical tensors'"
 
 
 def _free_port() -> int:

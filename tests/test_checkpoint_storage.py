@@ -480,3 +480,19 @@ def test_store_change_notes_one_per_store_and_none_for_checkpoints_without_finge
     assert store_change_notes(saved, saved) == []
     old = {key: value for key, value in saved.items() if key != "store_fingerprints"}
     assert [n.split(":")[0] for n in store_change_notes(old, now)] == ["dataset web"]
+
+
+def test_each_replicated_chunk_has_one_writer_and_the_bytes_are_balanced():
+    """`assign_writers`: a chunk several ranks hold is written by exactly one of them, the writes spread evenly over
+    the holders, and a chunk only one rank holds stays with it."""
+    from nanotronix.checkpoint.state import assign_writers
+
+    replicated = {f"model.layer{i}": ((-1, 0, (4,)), 16) for i in range(8)}
+    own = [{"model.shard": ((0, r, (2, 4)), 32)} for r in range(4)]  # a TP shard per rank: different chunks
+    writes = assign_writers([{**replicated, **own[r]} for r in range(4)])
+    assert [len(w) for w in writes] == [3, 3, 3, 3]
+    assert all("model.shard" in w for w in writes)
+    replicated_writes = [w - {"model.shard"} for w in writes]
+    assert set().union(*replicated_writes) == set(replicated)
+    assert sum(len(w) for w in replicated_writes) == len(replicated)
+    assert assign_writers([{**replicated, **own[r]} for r in range(4)]) == writes  # the same on every rank

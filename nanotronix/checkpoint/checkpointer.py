@@ -327,7 +327,7 @@ class Checkpointer:
         data_state = {**loader.state_dict(), **loader.stats(step, fingerprints=self.ctx.rank == 0)}
         background = self._executor is not None and not blocking
         snapshot = take_snapshot(step, model, optimizer, self.ctx, self.cfg.to_dict(), data_state,
-                                 stage=background, trainer_state=trainer_state, source=self.origin)
+                                 stage=background, coll=self.coll, trainer_state=trainer_state, source=self.origin)
         self.last_saved_step = step
         if background:
             self._pending = self._executor.submit(self._write, snapshot)

@@ -13,6 +13,11 @@ the chunk sits in the logical tensor. Replicated tensors are plain tensors. DCP 
 rank's piece, so a checkpoint written in any TP x PP x DP reloads in any other. A pipeline stage simply lacks
 the names it does not own.
 
+Each distinct chunk is collected by one rank only (`assign_writers`, decided before anything is copied): every
+rank holding all of its pieces would have DCP drop the replicas only when writing, after an asynchronous save had
+staged them all to host memory (1.7B without ZeRO: ~20 GB per rank, ~160 GB per 8-GPU node, for a checkpoint whose
+every byte one rank of the node writes) and after ZeRO-1 had cloned every moment on every GPU.
+
 Tied embeddings: `lm_head.weight` IS `embed_tokens.weight`, stored once under `embed_tokens.weight`. The plain
 model shares one Parameter (named_parameters lists it once), and under pipeline parallelism both ends hold
 `embed_tokens.weight` (DCP writes the identical chunks once); a tied model listing a separate `lm_head.weight` is
@@ -66,7 +71,8 @@ class OptimizerStateAccess(Protocol):
 
     step_count: int  # optimizer steps taken (AdamW's bias-correction step)
 
-    def param_states(self) -> dict[str, dict[str, torch.Tensor]]: ...  # {fqn: {"exp_avg", "exp_avg_sq"}}
+    # {fqn: {"exp_avg", "exp_avg_sq"}} of the parameters in `names` (None: all); a collective call under ZeRO-1
+    def param_states(self, names: Optional[set[str]] = None) -> dict[str, dict[str, torch.Tensor]]: ...
 
     def load_param_states(self, states: dict[str, dict[str, torch.Tensor]], step_count: int) -> None: ...
 
@@ -97,10 +103,13 @@ class TorchAdamWAccess:
                 return int(group["step"])
         return 0
 
-    def param_states(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Moments of every parameter; zeros before its first update (what AdamW starts from)."""
+    def param_states(self, names: Optional[set[str]] = None) -> dict[str, dict[str, torch.Tensor]]:
+        """Moments of every parameter (of those in `names`); zeros before its first update (what AdamW starts
+        from)."""
         out = {}
         for _, p in self._params():
+            if names is not None and self.names[id(p)] not in names:
+                continue
             state = self.optimizer.state.get(p)
             has = bool(state) and "exp_avg" in state
             out[self.names[id(p)]] = {m: state[m] if has else torch.zeros_like(p) for m in MOMENTS}
@@ -134,20 +143,59 @@ def optimizer_access(optimizer: Any, model: nn.Module) -> Any:
 # collecting pieces (save) and targets (load)
 
 
-def model_pieces(model: nn.Module, tp: int, tied: bool) -> dict[str, LocalPiece]:
-    """Checkpoint key -> this rank's piece, for every parameter this rank owns."""
+def save_chunks(model: nn.Module, tp: int, tp_rank: int) -> dict[str, tuple[tuple, int]]:
+    """Every key this rank can save -> (which chunk of the logical tensor it holds, its bytes). Two ranks holding
+    the same chunk hold the same values (data-parallel replicas, TP-replicated norms, both pipeline ends' tied
+    embedding), so one of them writes it. Moments are saved for the trainable parameters (what a load restores)."""
+    out = {}
+    for fqn, p in model.named_parameters():
+        dim = shard_dim_of(p, tp)
+        chunk = (-1, 0, tuple(p.shape)) if dim is None else (dim, tp_rank, tuple(p.shape))
+        size = p.numel() * p.element_size()
+        out[model_key(fqn)] = (chunk, size)
+        if p.requires_grad:
+            out.update({optim_key(m, fqn): (chunk, size) for m in MOMENTS})
+    return out
+
+
+def assign_writers(chunks_by_rank: list[dict[str, tuple[tuple, int]]]) -> list[set[str]]:
+    """Rank r's `save_chunks` at index r -> the keys each rank writes: every distinct chunk exactly once, by the
+    holder with the fewest bytes assigned so far, largest chunks first (balanced, and the same on every rank)."""
+    holders: dict[tuple[str, tuple], tuple[int, list[int]]] = {}
+    for rank, chunks in enumerate(chunks_by_rank):
+        for key, (chunk, size) in chunks.items():
+            holders.setdefault((key, chunk), (size, []))[1].append(rank)
+    assigned = [0] * len(chunks_by_rank)
+    writes: list[set[str]] = [set() for _ in chunks_by_rank]
+    for (key, _), (size, ranks) in sorted(holders.items(), key=lambda item: (-item[1][0], item[0])):
+        writer = min(ranks, key=lambda r: (assigned[r], r))
+        assigned[writer] += size
+        writes[writer].add(key)
+    return writes
+
+
+def model_pieces(model: nn.Module, tp: int, tied: bool, keys: Optional[set[str]] = None) -> dict[str, LocalPiece]:
+    """Checkpoint key -> this rank's piece, for every parameter this rank owns (whose key is in `keys`)."""
     params = list(model.named_parameters())
     check_tied_head(params, tied)
-    return {model_key(fqn): LocalPiece(p.detach(), shard_dim_of(p, tp)) for fqn, p in params}
+    return {model_key(fqn): LocalPiece(p.detach(), shard_dim_of(p, tp)) for fqn, p in params
+            if keys is None or model_key(fqn) in keys}
 
 
-def optimizer_pieces(access: Any, model: nn.Module, tp: int) -> dict[str, LocalPiece]:
+def optimizer_pieces(access: Any, model: nn.Module, tp: int, keys: Optional[set[str]] = None) -> dict[str, LocalPiece]:
+    """The moments' pieces (those whose keys are in `keys`); every rank calls it (ZeRO-1 gathers over DP)."""
     params = dict(model.named_parameters())
+    names = None if keys is None else {fqn for fqn in params if any(optim_key(m, fqn) in keys for m in MOMENTS)}
+    states = access.param_states(names)
+    missing = sorted(names - set(states)) if names is not None else []
+    if missing:
+        raise RuntimeError(f"the optimizer holds no state for trainable parameter {missing[0]}")
     out = {}
-    for fqn, moments in access.param_states().items():
+    for fqn, moments in states.items():
         dim = shard_dim_of(params[fqn], tp)
         for m in MOMENTS:
-            out[optim_key(m, fqn)] = LocalPiece(moments[m].detach(), dim)
+            if keys is None or optim_key(m, fqn) in keys:
+                out[optim_key(m, fqn)] = LocalPiece(moments[m].detach(), dim)
     return out
 
 

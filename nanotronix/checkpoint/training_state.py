@@ -44,17 +44,19 @@ def _settle_weights(model) -> None:
 
 
 def take_snapshot(step: int, model, optimizer, ctx, config: dict[str, Any], data_state: dict[str, Any],
-                  stage: bool, trainer_state: Optional[dict[str, Any]] = None,
+                  stage: bool, coll: storage.Collective, trainer_state: Optional[dict[str, Any]] = None,
                   source: Optional[dict[str, Any]] = None) -> Snapshot:
     """This rank's state after `step`; `data_state` holds consumed_samples and per-dataset consumption,
     `trainer_state` what the training loop keeps beyond the model (the spike guard's window), `source` where the
     run's weights first came from (an imported Hugging Face model: its config and generation config, which the export
-    writes back)."""
+    writes back). Collective over `coll` (the group `write_snapshot` writes with): this rank collects only the
+    pieces it will write (`state.assign_writers`)."""
     tied = bool(config["model"]["tie_word_embeddings"])
     _settle_weights(model)
     access = st.optimizer_access(optimizer, model)
-    pieces = st.model_pieces(model, ctx.tp, tied)
-    pieces.update(st.optimizer_pieces(access, model, ctx.tp))
+    writes = st.assign_writers(coll.all_gather(st.save_chunks(model, ctx.tp, ctx.tp_rank)))[coll.rank]
+    pieces = st.model_pieces(model, ctx.tp, tied, writes)
+    pieces.update(st.optimizer_pieces(access, model, ctx.tp, writes))
     if stage:
         pieces = st.stage_to_cpu(pieces)
     optimizer_step = getattr(access, "step_count", None)

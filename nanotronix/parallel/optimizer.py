@@ -14,7 +14,7 @@ The weights are fp32 (bf16 runs use autocast), so they are their own master copy
 Weight decay is decided per parameter by the caller's `param_groups` (the trainer's rule: none on 1-D tensors);
 a piece inherits its parameter's group. AdamW is elementwise, so splitting a tensor into pieces changes nothing.
 
-Checkpoint contract: `param_states()` returns {fqn: {"exp_avg", "exp_avg_sq"}} in TP-local, full (not DP-sharded)
+Checkpoint contract: `param_states(names)` returns {fqn: {"exp_avg", "exp_avg_sq"}} in TP-local, full (not DP-sharded)
 shapes, gathered over DP under ZeRO-1; `load_param_states(states, step_count)` scatters them back; `step_count` is
 the number of optimizer steps taken (AdamW's bias-correction step).
 """
@@ -100,8 +100,10 @@ class DistributedOptimizer:
         return full
 
     @torch.no_grad()
-    def param_states(self) -> dict[str, dict[str, torch.Tensor]]:
-        """{fqn: {"exp_avg", "exp_avg_sq"}}: fp32, TP-local full shapes (zeros before the first step)."""
+    def param_states(self, names: Optional[set[str]] = None) -> dict[str, dict[str, torch.Tensor]]:
+        """{fqn: {"exp_avg", "exp_avg_sq"}} of the parameters in `names` (None: all): fp32, TP-local full shapes
+        (zeros before the first step). Under ZeRO-1 every DP rank must call it (it gathers each bucket); only the
+        named parameters' moments are kept, so a checkpoint's writer holds copies of what it writes alone."""
         out: dict[str, dict[str, torch.Tensor]] = {}
         for b in self.grads.buckets:
             flats = {k: torch.zeros(b.numel, dtype=torch.float32, device=b.grad.device) for k in STATE_KEYS}
@@ -112,7 +114,8 @@ class DistributedOptimizer:
                         flats[k][piece.start:piece.end] = state[k]
             flats = {k: self._full_bucket(b, v) for k, v in flats.items()}
             for p, off in zip(b.params, b.offsets):
-                out[self.names[id(p)]] = {k: flats[k][off:off + p.numel()].view_as(p).clone() for k in STATE_KEYS}
+                if names is None or self.names[id(p)] in names:
+                    out[self.names[id(p)]] = {k: flats[k][off:off + p.numel()].view_as(p).clone() for k in STATE_KEYS}
         return out
 
     @torch.no_grad()
