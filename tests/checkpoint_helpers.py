@@ -100,10 +100,17 @@ class FakeOptimizer:
     def param_states(self, names=None):
         return {n: s for n, s in self.states.items() if names is None or n in names}
 
+    def load_groups(self):
+        """A group per decoder layer and one per other module: pipeline stages have different numbers of groups."""
+        groups: dict[str, list[str]] = {}
+        for n in self.names:
+            groups.setdefault(".".join(n.split(".")[:2 if n.startswith("layers.") else 1]), []).append(n)
+        return list(groups.values())
+
     def load_param_states(self, states, step_count):
-        missing = [n for n in self.names if n not in states]
-        assert not missing, missing
-        self.states = {n: {k: v.clone() for k, v in states[n].items()} for n in self.names}
+        unknown = [n for n in states if n not in self.states]
+        assert not unknown, unknown
+        self.states.update({n: {k: v.clone() for k, v in s.items()} for n, s in states.items()})
         self.step_count = step_count
 
 

@@ -74,6 +74,11 @@ class OptimizerStateAccess(Protocol):
     # {fqn: {"exp_avg", "exp_avg_sq"}} of the parameters in `names` (None: all); a collective call under ZeRO-1
     def param_states(self, names: Optional[set[str]] = None) -> dict[str, dict[str, torch.Tensor]]: ...
 
+    # the names of the parameters whose moments a load reads together, group by group (the moments held at once
+    # beyond the optimizer's own state); every parameter whose state this rank keeps is in one of them
+    def load_groups(self) -> list[list[str]]: ...
+
+    # the moments of the parameters in `states` (a load hands them over one group at a time), after `step_count` steps
     def load_param_states(self, states: dict[str, dict[str, torch.Tensor]], step_count: int) -> None: ...
 
 
@@ -115,6 +120,10 @@ class TorchAdamWAccess:
             out[self.names[id(p)]] = {m: state[m] if has else torch.zeros_like(p) for m in MOMENTS}
         return out
 
+    def load_groups(self) -> list[list[str]]:
+        """One parameter at a time: the load holds one parameter's moments beyond those already handed over."""
+        return [[self.names[id(p)]] for _, p in self._params()]
+
     def load_param_states(self, states: dict[str, dict[str, torch.Tensor]], step_count: int) -> None:
         for group, p in self._params():
             name = self.names[id(p)]
@@ -131,12 +140,12 @@ class TorchAdamWAccess:
 
 
 def optimizer_access(optimizer: Any, model: nn.Module) -> Any:
-    if hasattr(optimizer, "param_states") and hasattr(optimizer, "load_param_states"):
+    if all(hasattr(optimizer, method) for method in ("param_states", "load_groups", "load_param_states")):
         return optimizer
     if isinstance(optimizer, torch.optim.Optimizer):
         return TorchAdamWAccess(optimizer, model)
-    raise TypeError(f"cannot checkpoint optimizer {type(optimizer).__name__}: it needs param_states() and "
-                    "load_param_states()")
+    raise TypeError(f"cannot checkpoint optimizer {type(optimizer).__name__}: it needs param_states(), "
+                    "load_groups() and load_param_states()")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -246,24 +255,33 @@ def to_dcp(pieces: dict[str, LocalPiece], meshes: TensorParallelMeshes) -> dict[
 
 @dataclass
 class LoadTargets:
-    """Where a load writes: checkpoint key -> piece (views of parameters, or fresh moment buffers)."""
+    """Where a load writes: the weights in place (`pieces`, views of the parameters), the moments into fresh buffers
+    made for one group of parameters at a time (`moment_buffers`), so that a load never holds every moment at once."""
     pieces: dict[str, LocalPiece]
-    moments: dict[str, dict[str, torch.Tensor]]  # fqn -> {moment: buffer}, handed to load_param_states
+    moments: dict[str, LocalPiece]  # optimizer key -> a stand-in on the meta device (shape, dtype, shard dim)
+    devices: dict[str, torch.device]  # fqn -> where its moment buffers go: its parameter's device
+
+    def moment_buffers(self, names: list[str]) -> dict[str, LocalPiece]:
+        """Fresh buffers for the moments of the parameters `names`: optimizer key -> piece."""
+        return {optim_key(m, fqn): LocalPiece(torch.empty_like(self.moments[optim_key(m, fqn)].tensor,
+                                                               device=self.devices[fqn]),
+                                              self.moments[optim_key(m, fqn)].shard_dim)
+                for fqn in names for m in MOMENTS}
 
 
 def model_targets(model: nn.Module, tp: int, tied: bool) -> LoadTargets:
     params = list(model.named_parameters())
     check_tied_head(params, tied)
-    return LoadTargets({model_key(fqn): LocalPiece(p.detach(), shard_dim_of(p, tp)) for fqn, p in params}, {})
+    return LoadTargets({model_key(fqn): LocalPiece(p.detach(), shard_dim_of(p, tp)) for fqn, p in params}, {}, {})
 
 
 def add_optimizer_targets(targets: LoadTargets, model: nn.Module, tp: int, stored_dtype) -> None:
-    """Fresh buffers (TP-local shape) for every trainable parameter's moments; `stored_dtype(key)` gives the
+    """Stand-ins (TP-local shape, no memory) for every trainable parameter's moments; `stored_dtype(key)` gives the
     dtype the checkpoint holds them in."""
     for fqn, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        buffers = {m: torch.empty(p.shape, dtype=stored_dtype(optim_key(m, fqn)), device=p.device) for m in MOMENTS}
-        for m, buffer in buffers.items():
-            targets.pieces[optim_key(m, fqn)] = LocalPiece(buffer, shard_dim_of(p, tp))
-        targets.moments[fqn] = buffers
+        for m in MOMENTS:
+            stand_in = torch.empty(p.shape, dtype=stored_dtype(optim_key(m, fqn)), device="meta")
+            targets.moments[optim_key(m, fqn)] = LocalPiece(stand_in, shard_dim_of(p, tp))
+        targets.devices[fqn] = p.device

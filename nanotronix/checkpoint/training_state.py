@@ -2,7 +2,8 @@
 
 `take_snapshot` (main thread, between steps) collects this rank's pieces, copying them to CPU when the save is
 asynchronous; `write_snapshot` writes them (in the main thread or a background one); `load_training_state`
-puts a checkpoint back into a model and optimizer of any layout.
+puts a checkpoint back into a model and optimizer of any layout (the weights in place, then the moments one
+gradient bucket at a time).
 """
 from __future__ import annotations
 
@@ -113,18 +114,40 @@ def load_training_state(folder: Path, model, optimizer: Optional[Any], ctx, coll
             return dtypes[key].properties.dtype
 
         st.add_optimizer_targets(targets, model, ctx.tp, stored_dtype)
-    _check_shapes(folder, metadata, targets.pieces, ctx.tp)
+    _check_shapes(folder, metadata, {**targets.pieces, **targets.moments}, ctx.tp)
     same_layout = manifest.get("layout") == layout_of(ctx)
     restore = restore_rng_state and same_layout and rng_file(folder, ctx.rank).is_file()
     extra = [rng_file(folder, ctx.rank).relative_to(folder).as_posix()] if restore else []
-    storage.verify_step(folder, manifest, set(targets.pieces), extra, coll)
+    storage.verify_step(folder, manifest, set(targets.pieces) | set(targets.moments), extra, coll)
 
     meshes = st.TensorParallelMeshes(ctx.tp_group, ctx.tp)
     storage.read_step(folder, st.to_dcp(targets.pieces, meshes), coll)
     if with_optimizer:
         access = st.optimizer_access(optimizer, model)
-        access.load_param_states(targets.moments, int(manifest.get("optimizer_step", manifest["step"])))
+        _load_moments(folder, targets, access, int(manifest.get("optimizer_step", manifest["step"])), meshes, coll)
     if restore:
         restore_rng(load_rng(folder, ctx.rank))
     manifest["_restored"] = {"optimizer": with_optimizer, "rng": restore}
     return manifest
+
+
+def _load_moments(folder: Path, targets: st.LoadTargets, access, step_count: int, meshes: st.TensorParallelMeshes,
+                  coll: storage.Collective) -> None:
+    """The moments, one of `access.load_groups()` at a time (a gradient bucket of a `DistributedOptimizer`): each
+    group's full TP-local buffers are handed over, and freed, before the next group's are made, so a load holds at
+    most one group's moments beyond the optimizer's own state (all of them at once would undo ZeRO-1's saving at
+    every resume). A DCP read is collective: every rank reads as many times as the rank with the most groups (another
+    pipeline stage holds other buckets), reading nothing once its own groups are done."""
+    groups = [names for names in ([n for n in g if n in targets.devices] for g in access.load_groups()) if names]
+    reads = max(max(coll.all_gather(len(groups))), 1)  # at least one: every rank's optimizer gets its step count
+    for i in range(reads):
+        access.load_param_states(_read_moments(folder, targets, groups[i] if i < len(groups) else [], meshes, coll),
+                                 step_count)
+
+
+def _read_moments(folder: Path, targets: st.LoadTargets, names: list[str], meshes: st.TensorParallelMeshes,
+                  coll: storage.Collective) -> dict[str, dict[str, torch.Tensor]]:
+    """{fqn: {moment: buffer}} of the parameters `names`, read from the step folder (collective over `coll`)."""
+    pieces = targets.moment_buffers(names)
+    storage.read_step(folder, st.to_dcp(pieces, meshes), coll)
+    return {fqn: {m: pieces[st.optim_key(m, fqn)].tensor for m in st.MOMENTS} for fqn in names}

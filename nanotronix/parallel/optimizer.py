@@ -15,8 +15,9 @@ Weight decay is decided per parameter by the caller's `param_groups` (the traine
 a piece inherits its parameter's group. AdamW is elementwise, so splitting a tensor into pieces changes nothing.
 
 Checkpoint contract: `param_states(names)` returns {fqn: {"exp_avg", "exp_avg_sq"}} in TP-local, full (not DP-sharded)
-shapes, gathered over DP under ZeRO-1; `load_param_states(states, step_count)` scatters them back; `step_count` is
-the number of optimizer steps taken (AdamW's bias-correction step).
+shapes, gathered over DP under ZeRO-1; `load_param_states(states, step_count)` scatters them back, for any subset of
+the parameters (a load hands over one of `load_groups()` at a time: a bucket's parameters that this rank updates);
+`step_count` is the number of optimizer steps taken (AdamW's bias-correction step).
 """
 from __future__ import annotations
 
@@ -118,15 +119,21 @@ class DistributedOptimizer:
                     out[self.names[id(p)]] = {k: flats[k][off:off + p.numel()].view_as(p).clone() for k in STATE_KEYS}
         return out
 
+    def load_groups(self) -> list[list[str]]:
+        """Per bucket, the parameters this rank updates a piece of (under ZeRO-1 those overlapping its shard): what
+        a load reads at once, so it holds at most one bucket's full moments beyond the optimizer's own state."""
+        return [[self.names[id(p)] for p, *_ in b.pieces()] for b in self.grads.buckets]
+
     @torch.no_grad()
     def load_param_states(self, states: dict[str, dict[str, torch.Tensor]], step_count: int) -> None:
-        """Inverse of `param_states` (each rank takes its pieces); `step_count` is the steps already taken."""
+        """Inverse of `param_states` for the parameters in `states` (each rank takes its pieces; the others keep their
+        state); `step_count` is the steps already taken."""
         by_piece = {}
         for piece in self.pieces:
             p = piece.param
             name = self.names[id(p)]
             if name not in states:
-                raise KeyError(f"optimizer state for {name} is missing")
+                continue
             entry = {"step": torch.tensor(float(step_count))}
             for k in STATE_KEYS:
                 full = states[name][k]
@@ -136,9 +143,10 @@ class DistributedOptimizer:
                 flat = full.reshape(-1)[piece.start - piece.offset:piece.end - piece.offset]
                 entry[k] = flat.to(piece.tensor.device, torch.float32).clone()
             by_piece[id(piece.tensor)] = entry
-        if self.inner is not None:
+        if self.inner is not None and by_piece:
+            # torch places `step` where the group wants it (on the device when fused); the other pieces' state stays
             sd = self.inner.state_dict()
             order = [id(piece) for g in self.inner.param_groups for piece in g["params"]]
-            sd["state"] = {i: by_piece[pid] for i, pid in enumerate(order)}
+            sd["state"].update({i: by_piece[pid] for i, pid in enumerate(order) if pid in by_piece})
             self.inner.load_state_dict(sd)
         self.step_count = step_count
