@@ -26,13 +26,15 @@
 # Preemption and time limits. #SBATCH --signal=B:USR1@600 makes Slurm send USR1 to this batch shell 10 minutes
 # before the time limit (so does `scancel --signal=USR1 --batch JOBID`). The trap below forwards it to srun,
 # which passes it to every process of the job step on every node. The trainer's handler finishes the current
-# step, saves a checkpoint on all ranks and exits with 75 (nanotronix.train.EXIT_PREEMPTED). torchrun's agent
-# must NOT act on USR1: it would die (USR1's default action), or, when told to handle it, shut the workers
-# down with a 30 s SIGKILL deadline that a large checkpoint may not meet. So the agent is started with USR1
-# ignored (`trap '' USR1; exec ...`); an ignored signal stays ignored across exec and fork, so workers start
-# ignoring it too until the trainer installs its handler: a USR1 in a worker's first seconds is ignored rather
-# than killing it, and the script repeats the USR1 every minute until the step ends. This relies on Slurm signalling every process of the step (proctrack/cgroup and
-# proctrack/linuxproc do; proctrack/pgid would miss the workers, which torchrun starts in their own sessions).
+# step, saves a checkpoint on all ranks and exits with 75 (nanotronix.train.EXIT_PREEMPTED); each node's torchrun
+# (run as `python -m nanotronix.launch`) then says so in one line and exits 75, not with a failure report.
+# torchrun's agent must NOT act on USR1: it would die (USR1's default action), or, when told to handle it, shut the
+# workers down with a 30 s SIGKILL deadline that a large checkpoint may not meet. So the agent is started with USR1
+# ignored (`trap '' USR1; exec ...`); an ignored signal stays ignored across exec and fork, so workers start ignoring it
+# too until the trainer installs its handler: a USR1 in a worker's first seconds is ignored rather than killing it, and
+# the script repeats the USR1 every minute until the step ends. This relies on Slurm signalling every process of the
+# step (proctrack/cgroup and proctrack/linuxproc do; proctrack/pgid would miss the workers, which torchrun starts in
+# their own sessions).
 # When srun has ended after a USR1, the script runs `scontrol requeue`: the job goes back to the queue with the
 # same id and SLURM_RESTART_COUNT+1, and checkpoint.resume=auto continues from the latest checkpoint. Slurm
 # holds a requeued job for about two minutes before it can start again (Reason=BeginTime). A job submitted with
@@ -257,7 +259,9 @@ if [ "$PREEMPTED" = 0 ]; then
   # One torchrun agent per node with all the node's CPUs (srun would otherwise confine it to one);
   # --kill-on-bad-exit=0 and --wait: when one node's processes end, the others get 2 minutes to finish
   # (a checkpoint written on USR1 is a collective) before Slurm stops them.
-  TRAIN_CMD=("$PYTHON" -m torch.distributed.run
+  # (nanotronix.launch is torchrun that says a planned stop, the workers' exit 75 after a save, in one line and
+  # exits 75, instead of torchrun's failure report and exit 1; any other end is torchrun's own report.)
+  TRAIN_CMD=("$PYTHON" -m nanotronix.launch
     --nnodes="$NNODES" --nproc_per_node="$NPROC_PER_NODE"
     --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_conf=is_host=0 --rdzv_id="$SLURM_JOB_ID"
     --max_restarts=0
@@ -286,7 +290,7 @@ if [ "$PREEMPTED" = 0 ]; then
   done
 fi
 
-# After a USR1 the step ends non-zero (the trainer exits 75 after saving; torchrun reports that as a failure).
+# After a USR1 the step ends non-zero (the trainer exits 75 after saving, and so does nanotronix.launch then).
 # Exit 0 means the run had finished anyway: nothing to requeue.
 # Not when another run holds CKPT_DIR's lock (this job's trainer was refused: a requeue would be refused again), nor
 # when this allocation and the one before it both got USR1 before committing a checkpoint: a --time not above the

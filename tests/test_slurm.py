@@ -8,11 +8,13 @@
 - End to end on CPU (~60-90 s): `sbatch --nodes=2 slurm/smollm2_1p7b.sh` with environment overrides pointing at a
   tiny two-stage config and small token stores trains with one process on each node (a torchrun agent per node,
   joined by the c10d rendezvous on the first node), checkpoints, receives USR1
-  (`scancel --signal=USR1 --batch`, what `#SBATCH --signal=B:USR1@600` sends before the time limit), saves,
-  requeues itself, resumes from its checkpoint and finishes; every step's loss, learning rate and data
-  bookkeeping equal those of an uninterrupted torchrun of the same config (the reference).
+  (`scancel --signal=USR1 --batch`, what `#SBATCH --signal=B:USR1@600` sends before the time limit), saves (the
+  log: the trainer's line and one per node, not torchrun's failure report of an exit 75), requeues itself,
+  resumes from its checkpoint and finishes; every step's loss, learning rate and data bookkeeping equal those of an
+  uninterrupted torchrun of the same config (the reference).
 - A failed job step (a trainer process SIGKILLed) requeues the job only if it committed a checkpoint since the
-  allocation started (~60 s): without one it ends FAILED with one line saying why; with one it resumes and finishes.
+  allocation started (~60 s): without one it ends FAILED with one line saying why (and torchrun's report of the
+  killed process); with one it resumes and finishes.
   A job that fails while another run holds CKPT_DIR's lock is not requeued, though `latest` moved (~10 s); nor is one
   submitted with --no-requeue, which says so instead of trying, on USR1 (~20 s) and on a failed step (~10 s).
   A job whose srun is SIGKILLed after a checkpoint requeues once Slurm has stopped the step (~20 s).
@@ -319,6 +321,13 @@ def test_usr1_saves_requeues_resumes_and_continues_the_same_run(slurm, tmp_path)
     out = job_output(tmp_path, job)
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), (info, out)
     assert "USR1: asking the trainer to save" in out and f"requeueing job {job}" in out, out
+    # A planned stop reads as one: the trainer's line, one line per node's torchrun, the requeue; not torchrun's
+    # failure report (a traceback and a failure table per node) of a worker exit 75 (nanotronix.launch)
+    assert "saved step" in out and "stopping (exit 75: a scheduler may requeue the job" in out, out
+    assert out.count(" worker(s) stopped as planned (exit 75; ") == 2, out
+    assert all(f"torchrun on {node}: its 1 worker(s) stopped as planned" in out for node in nodes), out
+    assert f"job step ended (exit 75) after USR1: requeueing job {job}" in out, out
+    assert "Traceback" not in out and "ChildFailedError" not in out and "failed (exitcode" not in out, out
     assert "restart 0:" in out and "restart 1:" in out and "job step ended with exit code 0" in out, out
     assert out.count("2 node(s) [") == 2 and "x 1 process(es) on cpu" in out, out  # both allocations
 
@@ -365,7 +374,7 @@ def kill_worker(run_dir: Path, rank: int) -> None:
             env = b"\0" + Path(f"/proc/{pid}/environ").read_bytes()
         except OSError:
             continue
-        if (b"nanotronix.train" in cmd and b"torch.distributed.run" not in cmd and str(run_dir).encode() in cmd
+        if (b"nanotronix.train" in cmd and b"nanotronix.launch" not in cmd and str(run_dir).encode() in cmd
                 and f"\0RANK={rank}\0".encode() in env):
             os.kill(int(pid), signal.SIGKILL)
             return
@@ -385,6 +394,9 @@ def test_a_failed_step_requeues_only_after_committing_a_checkpoint(slurm, tmp_pa
     out = job_output(tmp_path, job)
     assert (info["JobState"], info["Restarts"]) == ("FAILED", "0"), (info, out)
     assert "job step failed (exit 1) without committing a checkpoint after step 0: not requeued" in out, out
+    # a real failure keeps torchrun's report (nanotronix.launch shortens only a planned stop's)
+    assert "ChildFailedError" in out and "Signal 9 (SIGKILL) received by PID" in out, out
+    assert "stopped as planned" not in out, out
 
     # After the checkpoint of step 10: requeued, resumed from it, finished. On two nodes, one process each: the
     # killed rank's torchrun ends its node's task, and the other node's rank must stop too (the rendezvous orders
@@ -426,7 +438,7 @@ def test_srun_killed_after_a_checkpoint_requeues_the_job(slurm, tmp_path):
         assert time.monotonic() < deadline and slurm.info(job)["JobState"] not in ENDED, job_output(tmp_path, job)
         time.sleep(0.1)
     sruns = {pid: argv for pid, argv in processes(run_dir) if os.path.basename(argv[0]) == b"srun"
-             and b"torch.distributed.run" in argv}
+             and b"nanotronix.launch" in argv}
     launcher = next(pid for pid in sruns if parent_of(pid) not in sruns)  # srun forks a helper srun
     os.kill(launcher, signal.SIGKILL)
     info = slurm.wait(job, timeout=300, until=lambda i: i["JobState"] in ENDED or i["Restarts"] != "0")
