@@ -32,7 +32,7 @@
 # workers down with a 30 s SIGKILL deadline that a large checkpoint may not meet. So the agent is started with USR1
 # ignored (`trap '' USR1; exec ...`); an ignored signal stays ignored across exec and fork, so workers start ignoring it
 # too until the trainer installs its handler: a USR1 in a worker's first seconds is ignored rather than killing it, and
-# the script repeats the USR1 every minute until the step ends. This relies on Slurm signalling every process of the
+# the script repeats the USR1 every 10 s until the step ends. This relies on Slurm signalling every process of the
 # step (proctrack/cgroup and proctrack/linuxproc do; proctrack/pgid would miss the workers, which torchrun starts in
 # their own sessions).
 # When srun has ended after a USR1, the script runs `scontrol requeue`: the job goes back to the queue with the
@@ -158,9 +158,11 @@ RESENDER_PID=""
 forward_usr1() {
   [ -n "$SRUN_PID" ] || return 0
   kill -USR1 "$SRUN_PID" 2>/dev/null || return 0
-  # Again every minute while the step runs: a USR1 that reached the workers before the trainer installed its
-  # handler was ignored (see above). The trainer's handler only sets a flag, so repeats are harmless.
-  ( while sleep 60 && kill -USR1 "$SRUN_PID" 2>/dev/null; do :; done ) &
+  # Again every 10 s while the step runs: a USR1 that reached the workers before the trainer installed its
+  # handler was ignored (see above). The trainer's handler only sets a flag, so repeats are harmless; every other
+  # process of the step ignores USR1 (torchrun's agents, the rendezvous store). (Every minute, as before, was most of
+  # a short lead such as --signal=B:USR1@60.)
+  ( while sleep 10 && kill -USR1 "$SRUN_PID" 2>/dev/null; do :; done ) &
   RESENDER_PID=$!
 }
 on_usr1() {

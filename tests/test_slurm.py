@@ -19,7 +19,8 @@
   submitted with --no-requeue, which says so instead of trying, on USR1 (~20 s) and on a failed step (~10 s).
   A job whose srun is SIGKILLed after a checkpoint requeues once Slurm has stopped the step (~20 s).
   `scontrol requeue` says that Slurm brings the job back, not that it is not requeued (~15 s).
-  A job cancelled while it stops on USR1 ends CANCELLED instead of requeueing itself (~15 s).
+  A job cancelled while it stops on USR1 ends CANCELLED instead of requeueing itself (~15 s). A USR1 that came in
+  the workers' start-up, before their handler, is repeated until it takes, within seconds (~30 s).
 
 Skips only where Slurm is not installed; .ci/run installs and starts the cluster, so CI never skips.
 """
@@ -361,6 +362,35 @@ def test_usr1_saves_requeues_resumes_and_continues_the_same_run(slurm, tmp_path)
     plot = subprocess.run([sys.executable, str(ROOT / "tools" / "plot_run.py"), str(run_dir / "logs")],
                           capture_output=True, text=True, timeout=120)
     assert plot.returncode == 0 and f"a_and_b at step {SWITCH_STEP}" in plot.stdout, plot.stderr
+
+
+def test_a_usr1_in_the_workers_start_up_is_repeated_within_seconds(slurm, tmp_path):
+    """A USR1 that reaches the workers before the trainer installed its handler is ignored (they start with USR1
+    ignored: slurm/common.sh says why); the script repeats it every 10 s until it takes. Before, every 60 s: most of a
+    short --signal lead. The workers' start-up is held 5 s here (a sitecustomize on PYTHONPATH), the USR1 sent in it;
+    the run is long enough never to end by itself (~30 s)."""
+    config, stores = two_stage_run(tmp_path)
+    started = tmp_path / "a_worker_started"
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(
+        "import os, time\n"
+        "if 'TORCHELASTIC_RUN_ID' in os.environ and 'LOCAL_RANK' in os.environ:  # a worker of torchrun\n"
+        f"    open({str(started)!r}, 'w').close()\n"
+        "    time.sleep(5)\n")
+    job = slurm.sbatch(tmp_path, {"CONFIG": str(config), "DATA_ROOT": str(stores), "GPUS_PER_NODE": "0",
+                                  "NPROC_PER_NODE": "1", "RUN_DIR": str(tmp_path / "run"),
+                                  "OVERRIDES": "train.train_steps=100000", "PYTHONPATH": str(tmp_path / "site")})
+    deadline = time.monotonic() + 300
+    while not started.is_file():
+        assert time.monotonic() < deadline and slurm.info(job)["JobState"] not in ENDED, job_output(tmp_path, job)
+        time.sleep(0.1)
+    slurm.cmd("scancel", "--signal=USR1", "--batch", job)
+    # within two repeats and the stop (a repeat every 60 s would take a minute)
+    info = slurm.wait(job, timeout=40, until=lambda i: i["JobState"] in ENDED or i["Restarts"] != "0")
+    out = job_output(tmp_path, job)
+    slurm.cmd("scancel", job)
+    assert info["Restarts"] == "1", (info, out)
+    assert "checkpoint: received SIGUSR1: saved step " in out and f"requeueing job {job}" in out, out
 
 
 # ------------------------------------------------------------------- a failed job step -> requeue if it progressed
