@@ -10,6 +10,7 @@ import dataclasses
 import os
 import socket
 import weakref
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -102,7 +103,7 @@ def _zero1_save_and_load(rank: int, root: str) -> None:
     saved = opt.param_states()
     snap = take_snapshot(2, model, opt, ctx, {"model": dataclasses.asdict(cfg.model)}, {"consumed_samples": 16},
                          stage=False, coll=coll)
-    folder = write_snapshot(snap, __import__("pathlib").Path(root), coll)
+    folder = write_snapshot(snap, Path(root), coll)
 
     fresh, fresh_opt = build(7)
     watch = MomentBufferWatch()
