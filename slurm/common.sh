@@ -182,6 +182,9 @@ trap on_usr1 USR1
 # not and to resubmit it, which would have made two jobs of one run).
 # After a USR1, a TERM of the time limit (the save took longer than the USR1's lead) leaves the requeue to go on, and
 # any other (scancel) stops it: before, a job cancelled while it stopped on USR1 requeued itself all the same.
+# Each node's torchrun (nanotronix.launch) says such a stop in one line and exits 75 (its trainers saved) or 143
+# (they had not installed their handler yet), where torchrun printed a traceback and exited 1: non-zero either way,
+# and what follows the step asks only whether its exit was 0 (the number is only said).
 TERMINATED=0
 REQUEUED_BY_SLURM=0
 TIME_LIMIT=0
@@ -261,8 +264,9 @@ if [ "$PREEMPTED" = 0 ]; then
   # One torchrun agent per node with all the node's CPUs (srun would otherwise confine it to one);
   # --kill-on-bad-exit=0 and --wait: when one node's processes end, the others get 2 minutes to finish
   # (a checkpoint written on USR1 is a collective) before Slurm stops them.
-  # (nanotronix.launch is torchrun that says a planned stop, the workers' exit 75 after a save, in one line and
-  # exits 75, instead of torchrun's failure report and exit 1; any other end is torchrun's own report.)
+  # (nanotronix.launch is torchrun that says a planned stop, the workers' exit 75 after a save on USR1 or TERM, in
+  # one line and exits 75, instead of torchrun's failure report or traceback and exit 1; any other end is
+  # torchrun's own report.)
   TRAIN_CMD=("$PYTHON" -m nanotronix.launch
     --nnodes="$NNODES" --nproc_per_node="$NPROC_PER_NODE"
     --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_conf=is_host=0 --rdzv_id="$SLURM_JOB_ID"

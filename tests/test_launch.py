@@ -1,12 +1,16 @@
 """`python -m nanotronix.launch` (torchrun for slurm/common.sh) on 2 stand-in workers, each told what to do: a
 planned stop (every worker exits 75, or is SIGTERMed by torchrun in its teardown) is one line and exit 75; a failure
-is torchrun's own report, the same lines as plain torchrun's (~4 s a launch)."""
+is torchrun's own report, the same lines as plain torchrun's (~4 s a launch). Likewise when the launcher itself is
+SIGTERMed (scancel, a time limit) with its workers: one line when they stopped as a trainer does, torchrun's
+traceback when one failed."""
 from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from nanotronix.train import EXIT_PREEMPTED
@@ -33,6 +37,21 @@ if plan == "slow-to-stop":  # catches torchrun's SIGTERM, takes 3 s to stop, the
         os._exit(1)
     signal.signal(signal.SIGTERM, stop)
     time.sleep(30)
+if plan.startswith("term-"):  # SIGTERMed (Slurm signals every process of the step, torchrun then passes it on)
+    stopping = []
+    if plan != "term-default":  # term-default: no handler yet (a trainer in its start-up)
+        signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
+    open(f"{sys.argv[3]}/ready-{rank}", "w").write(str(os.getpid()))
+    while not stopping:
+        time.sleep(0.05)
+    time.sleep(0.5)  # the save
+    if plan == "term-75":  # the trainer: saved, exit 75
+        print(f"rank {rank} saved", flush=True)
+        sys.exit(75)
+    if plan == "term-fails":
+        raise ValueError(f"rank {rank} fails")
+    if plan == "term-killed":  # SIGKILLed, as torchrun ends a worker that outlives its shutdown deadline
+        os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
@@ -92,3 +111,63 @@ def test_a_75_beside_a_failure_keeps_the_report_and_its_held_lines_come_in_time(
     failed = [line for line in lines if "failed (exitcode: 75) local_rank: 1" in line]
     assert len(failed) == 1 and lines.index(failed[0]) > sending, out
     assert "exitcode  : 75" in out and "exitcode  : 1" in out, out
+
+
+def launch_and_sigterm(tmp_path: Path, plans: tuple[str, str], launcher: str = "nanotronix.launch") -> tuple[int, str]:
+    """(exit code, output) of `launcher` with 2 `term-*` workers, SIGTERMed with them once they are ready, as Slurm
+    TERMs every process of a job step (scancel, the time limit)."""
+    (tmp_path / "worker.py").write_text(WORKER)
+    for ready in tmp_path.glob("ready-*"):
+        ready.unlink()
+    cmd = [sys.executable, "-m", launcher, "--standalone", "--nproc_per_node=2", "--max_restarts=0",
+           str(tmp_path / "worker.py"), *plans, str(tmp_path)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.glob("ready-*"))) < 2:
+            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate(timeout=60)[0]
+            time.sleep(0.05)
+        for pid in [proc.pid] + [int(ready.read_text()) for ready in tmp_path.glob("ready-*")]:
+            os.kill(pid, signal.SIGTERM)
+        out = proc.communicate(timeout=60)[0]
+    finally:
+        proc.kill()
+    return proc.returncode, out
+
+
+def test_a_sigterm_stop_is_one_line(tmp_path):
+    # rank 1 has no handler yet (-15): as a trainer in its start-up, or in its teardown after the save
+    code, out = launch_and_sigterm(tmp_path, ("term-75", "term-default"))
+    assert code == EXIT_PREEMPTED, out
+    assert "rank 0 saved" in out and ("torchrun on " in out and ": stopped by SIGTERM; its 2 worker(s) stopped as "
+                                      "planned (exit 75; the trainer's line above says what it saved): exit 75") in out
+    for noise in ("Traceback", "SignalException", "death signal", "Sending process", "exitcode"):
+        assert noise not in out, (noise, out)
+
+
+def test_a_sigterm_stop_without_a_save_is_one_line(tmp_path):
+    code, out = launch_and_sigterm(tmp_path, ("term-default", "term-default"))
+    assert code == 128 + signal.SIGTERM, out
+    assert ": stopped by SIGTERM; its 2 worker(s) ended without saving on it (exit codes -15, -15): exit 143" in out
+    assert "Traceback" not in out and "death signal" not in out and "Sending process" not in out, out
+
+
+def test_a_sigterm_with_a_worker_killed_keeps_torchruns_report(tmp_path):
+    """Rank 0 saves, rank 1 is SIGKILLed (as torchrun ends a worker that outlives --shutdown-timeout): the stop did not
+    go as planned: torchrun's agent lines and traceback, as plain torchrun's."""
+    code, out = launch_and_sigterm(tmp_path, ("term-75", "term-killed"))
+    want_code, want = launch_and_sigterm(tmp_path, ("term-75", "term-killed"), launcher="torch.distributed.run")
+    assert (code, want_code) == (1, 1), out
+
+    def agent_lines(text: str) -> list[str]:
+        return [re.sub(r"\d+", "N", line) for line in text.splitlines()
+                if re.match(r"[EW]\d{4} ", line) or "SignalException:" in line]
+    assert agent_lines(out) == agent_lines(want) and "death signal" in out and "Traceback" in out, (out, want)
+    assert "stopped by SIGTERM" not in out, out
+
+
+def test_a_sigterm_with_a_worker_failing_keeps_torchruns_report(tmp_path):
+    code, out = launch_and_sigterm(tmp_path, ("term-75", "term-fails"))
+    assert code == 1 and "ValueError: rank 1 fails" in out and "SignalException: Process" in out, out
+    assert "stopped by SIGTERM" not in out, out

@@ -544,6 +544,7 @@ def test_scancel_ends_the_job_without_a_requeue(slurm, tmp_path):
     info, out = ended_without_restart(slurm, job, tmp_path)
     assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0"), (info, out)
     assert "after TERM (scancel or the time limit): not requeued" in out and "requeueing job" not in out, out
+    assert "Traceback" not in out, out
     assert (run_dir / "checkpoints" / "latest").is_file()  # the step it was on, saved
 
 
@@ -580,6 +581,7 @@ def test_scancel_while_stopping_on_usr1_ends_the_job(slurm, tmp_path):
     info, out = ended_without_restart(slurm, job, tmp_path)
     assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0"), (info, out)
     assert "after USR1, then TERM (scancel): not requeued" in out and "requeueing job" not in out, out
+    assert "Traceback" not in out, out
 
 
 def submit_with_a_slow_preflight(slurm: Slurm, tmp_path: Path, *flags: str) -> str:
