@@ -58,17 +58,23 @@ if plan.startswith("term-"):  # SIGTERMed (Slurm signals every process of the st
 def launch(tmp_path: Path, plans: tuple[str, str], launcher: str = "nanotronix.launch",
            hold_back_s: float | None = None) -> tuple[int, str]:
     """(exit code, stdout and stderr together, in order) of `launcher` with 2 workers following `plans`."""
+    proc = subprocess.run(launch_command(tmp_path, plans, launcher, hold_back_s), cwd=ROOT, env=ENV,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
+    return proc.returncode, proc.stdout
+
+
+ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+
+
+def launch_command(tmp_path: Path, plans: tuple[str, ...], launcher: str, hold_back_s: float | None) -> list[str]:
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
     args = ["--standalone", "--nproc_per_node=2", "--max_restarts=0", str(worker), *plans]
     if hold_back_s is None:
-        cmd = [sys.executable, "-m", launcher, *args]
-    else:  # the launcher with a shorter hold-back
-        cmd = [sys.executable, "-c", f"import sys, nanotronix.launch as m; m.HOLD_BACK_S = {hold_back_s}; "
-                                     "sys.exit(m.main(sys.argv[1:]))", *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
-    return proc.returncode, proc.stdout
+        return [sys.executable, "-m", launcher, *args]
+    # the launcher with a shorter hold-back
+    return [sys.executable, "-c", f"import sys, nanotronix.launch as m; m.HOLD_BACK_S = {hold_back_s}; "
+                                  "sys.exit(m.main(sys.argv[1:]))", *args]
 
 
 def test_a_planned_stop_is_one_line(tmp_path):
@@ -113,16 +119,14 @@ def test_a_75_beside_a_failure_keeps_the_report_and_its_held_lines_come_in_time(
     assert "exitcode  : 75" in out and "exitcode  : 1" in out, out
 
 
-def launch_and_sigterm(tmp_path: Path, plans: tuple[str, str], launcher: str = "nanotronix.launch") -> tuple[int, str]:
+def launch_and_sigterm(tmp_path: Path, plans: tuple[str, str], launcher: str = "nanotronix.launch",
+                       hold_back_s: float | None = None) -> tuple[int, str]:
     """(exit code, output) of `launcher` with 2 `term-*` workers, SIGTERMed with them once they are ready, as Slurm
     TERMs every process of a job step (scancel, the time limit)."""
-    (tmp_path / "worker.py").write_text(WORKER)
     for ready in tmp_path.glob("ready-*"):
         ready.unlink()
-    cmd = [sys.executable, "-m", launcher, "--standalone", "--nproc_per_node=2", "--max_restarts=0",
-           str(tmp_path / "worker.py"), *plans, str(tmp_path)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(launch_command(tmp_path, (*plans, str(tmp_path)), launcher, hold_back_s), cwd=ROOT,
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 60
         while len(list(tmp_path.glob("ready-*"))) < 2:
@@ -137,8 +141,9 @@ def launch_and_sigterm(tmp_path: Path, plans: tuple[str, str], launcher: str = "
 
 
 def test_a_sigterm_stop_is_one_line(tmp_path):
-    # rank 1 has no handler yet (-15): as a trainer in its start-up, or in its teardown after the save
-    code, out = launch_and_sigterm(tmp_path, ("term-75", "term-default"))
+    """Rank 1 has no handler yet (-15): as a trainer in its start-up, or in its teardown after the save. The save
+    (0.5 s) takes longer than the hold-back (0.1 s here): the agent's lines about the SIGTERM are held till it ends."""
+    code, out = launch_and_sigterm(tmp_path, ("term-75", "term-default"), hold_back_s=0.1)
     assert code == EXIT_PREEMPTED, out
     assert "rank 0 saved" in out and ("torchrun on " in out and ": stopped by SIGTERM; its 2 worker(s) stopped as "
                                       "planned (exit 75; the trainer's line above says what it saved): exit 75") in out
