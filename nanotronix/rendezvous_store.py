@@ -1,7 +1,7 @@
 """The c10d rendezvous store of a multi-node torchrun job, hosted by the job itself rather than by one of the
 torchrun agents.
 
-    python -m nanotronix.rendezvous_store --port PORT      # runs until SIGTERM / SIGINT
+    python -m nanotronix.rendezvous_store --port PORT      # runs until SIGTERM / SIGINT / SIGHUP
 
 slurm/common.sh starts it on the first node (where the batch script runs) before it launches an agent on every
 node, each told it is not the host (`--rdzv_conf=is_host=0`). Left to torchrun, the store lives inside the agent
@@ -10,6 +10,10 @@ with it, and every other agent then logs TCPStore errors and C++ stack dumps whi
 that says what went wrong; and where no agent recognises the endpoint as its own machine (nodes that know each
 other by another name), none hosts it and the rendezvous times out. torch's TCPStore server is what is hosted
 here; this module only keeps it alive for the job and is quiet.
+
+Started with SIGTERM ignored (slurm/common.sh), it keeps ignoring it: Slurm's TERM of a scancel or a time limit
+reaches every process of the job, the store too, while the agents still report to it as they wait for their workers
+to save and stop. SIGHUP (or SIGINT) ends it then.
 """
 from __future__ import annotations
 
@@ -34,7 +38,9 @@ def main(argv=None) -> int:
     # must outlive it, since the trainers save a checkpoint, which needs no rendezvous, but their agents still
     # report to it until they exit.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) != signal.SIG_IGN:  # an ignored SIGTERM: the module docstring says why
+            signal.signal(sig, lambda *_: sys.exit(0))
     from torch.distributed import TCPStore
     try:
         store = TCPStore("0.0.0.0", args.port, is_master=True, wait_for_workers=False, multi_tenant=True,

@@ -208,11 +208,14 @@ trap on_term TERM
 
 # ---- the rendezvous store, on this (the first) node, for the job's lifetime --------------------------------
 # Hosted here rather than in one of the torchrun agents (nanotronix/rendezvous_store.py says why); it starts
-# while the preflight runs, and is checked after it. USR1 is ignored from the start (see preemption above).
+# while the preflight runs, and is checked after it. USR1 is ignored from the start (see preemption above), and so
+# is TERM: Slurm's TERM (scancel, the time limit) reaches it with every other process of the job, while the agents
+# still report to it until their workers have saved and stopped (gone, it left each agent logging TCPStore errors
+# and a C++ stack dump). It ends with this shell (HUP), or with Slurm's SIGKILL after KillWait.
 STORE_LOG=$JOB_LOG_DIR/rendezvous_store.log
-(trap '' USR1; exec "$PYTHON" -m nanotronix.rendezvous_store --port "$MASTER_PORT") >"$STORE_LOG" 2>&1 &
+(trap '' USR1 TERM; exec "$PYTHON" -m nanotronix.rendezvous_store --port "$MASTER_PORT") >"$STORE_LOG" 2>&1 &
 STORE_PID=$!
-trap 'kill "$STORE_PID" 2>/dev/null' EXIT
+trap 'kill -HUP "$STORE_PID" 2>/dev/null' EXIT
 
 # ---- preflight: config, layout against the allocation, GPUs, token stores, in seconds -----------------------
 # As a one-task job step on the first node, so it sees the GPUs (and CPUs) a training step gets: under
@@ -223,6 +226,11 @@ PREFLIGHT=$(srun --nodes=1 --ntasks=1 --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}"
     "${RUN_OVERRIDES[@]}" 2>&1)
 PREFLIGHT_RC=$?
 if [ "$PREFLIGHT_RC" != 0 ]; then
+  # Slurm's TERM (scancel, the time limit, a requeue) stops the preflight's step too: its output is then no error.
+  if [ "$TERMINATED" = 1 ]; then
+    log "the TERM came during the preflight: training was not started (nothing was saved)"
+    exit 2
+  fi
   grep -v '^srun: ' <<<"$PREFLIGHT" >&2
   exit 2
 fi

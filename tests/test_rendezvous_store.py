@@ -1,7 +1,8 @@
 """nanotronix.rendezvous_store, the c10d rendezvous store slurm/common.sh hosts for a job (its use by torchrun agents
 across two Slurm nodes: tests/test_slurm.py). Here: torch's own TCPStore client talks to it, a USR1 (what
 `scancel --signal=USR1 --batch` sends the batch shell's children) does not stop it, SIGTERM does (exit 0), and a
-taken port is one line. ~5 s."""
+taken port is one line; started with SIGTERM ignored (slurm/common.sh), it outlives a SIGTERM and stops on SIGHUP.
+~7 s."""
 import datetime
 import os
 import signal
@@ -19,10 +20,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(port: int) -> subprocess.Popen:
+def _start(port: int, ignoring=()) -> subprocess.Popen:
+    def ignore():
+        for sig in ignoring:
+            signal.signal(sig, signal.SIG_IGN)
     return subprocess.Popen([sys.executable, "-m", "nanotronix.rendezvous_store", "--port", str(port)], cwd=ROOT,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=ignore)
 
 
 def test_store_serves_torch_clients_outlives_usr1_and_stops_on_term():
@@ -44,6 +48,29 @@ def test_store_serves_torch_clients_outlives_usr1_and_stops_on_term():
         time.sleep(0.5)
         assert store.poll() is None and client.get("rank0") == b"ready"
         store.send_signal(signal.SIGTERM)
+        out, err = store.communicate(timeout=30)
+        assert store.returncode == 0 and out == "" and err == "", (store.returncode, out, err)
+    finally:
+        if store.poll() is None:
+            store.kill()
+
+
+def test_store_started_ignoring_sigterm_outlives_it_and_stops_on_hup():
+    """As slurm/common.sh starts it: Slurm's TERM (scancel, the time limit) reaches it with every process of the job,
+    while the agents still report to it as their workers save and stop. Before, it stopped, and each agent logged
+    TCPStore errors and a C++ stack dump."""
+    from torch.distributed import TCPStore
+
+    port = _free_port()
+    store = _start(port, ignoring=(signal.SIGUSR1, signal.SIGTERM))
+    try:
+        client = TCPStore("127.0.0.1", port, is_master=False, multi_tenant=True,
+                          timeout=datetime.timedelta(seconds=30))
+        client.set("rank0", "ready")
+        store.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert store.poll() is None and client.get("rank0") == b"ready"
+        store.send_signal(signal.SIGHUP)
         out, err = store.communicate(timeout=30)
         assert store.returncode == 0 and out == "" and err == "", (store.returncode, out, err)
     finally:

@@ -19,7 +19,9 @@
   submitted with --no-requeue, which says so instead of trying, on USR1 (~20 s) and on a failed step (~10 s).
   A job whose srun is SIGKILLed after a checkpoint requeues once Slurm has stopped the step (~20 s).
   `scontrol requeue` says that Slurm brings the job back, not that it is not requeued (~15 s).
-  A job cancelled while it stops on USR1 ends CANCELLED instead of requeueing itself (~15 s). A USR1 that came in
+  A job cancelled while it stops on USR1 ends CANCELLED instead of requeueing itself (~15 s); a cancelled job's log
+  has one line per node's torchrun, no traceback or TCPStore errors, and says so when the cancel came in the
+  preflight (~5 s). A USR1 that came in
   the workers' start-up, before their handler, is repeated until it takes, within seconds (~30 s).
 
 Skips only where Slurm is not installed; .ci/run installs and starts the cluster, so CI never skips.
@@ -544,7 +546,9 @@ def test_scancel_ends_the_job_without_a_requeue(slurm, tmp_path):
     info, out = ended_without_restart(slurm, job, tmp_path)
     assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0"), (info, out)
     assert "after TERM (scancel or the time limit): not requeued" in out and "requeueing job" not in out, out
-    assert "Traceback" not in out, out
+    # each node's torchrun says the stop in one line (nanotronix.launch), and the rendezvous store outlives the TERM
+    assert "Traceback" not in out and "stopped by SIGTERM; its 1 worker(s) stopped as planned" in out, out
+    assert "TCPStore" not in out and "frame #" not in out, out
     assert (run_dir / "checkpoints" / "latest").is_file()  # the step it was on, saved
 
 
@@ -581,7 +585,9 @@ def test_scancel_while_stopping_on_usr1_ends_the_job(slurm, tmp_path):
     info, out = ended_without_restart(slurm, job, tmp_path)
     assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0"), (info, out)
     assert "after USR1, then TERM (scancel): not requeued" in out and "requeueing job" not in out, out
-    assert "Traceback" not in out, out
+    # each node's torchrun says the stop in one line (nanotronix.launch), and the rendezvous store outlives the TERM
+    assert "Traceback" not in out and "stopped by SIGTERM; its 1 worker(s) stopped as planned" in out, out
+    assert "TCPStore" not in out and "frame #" not in out, out
 
 
 def submit_with_a_slow_preflight(slurm: Slurm, tmp_path: Path, *flags: str) -> str:
@@ -627,6 +633,23 @@ def test_usr1_before_a_checkpoint_in_two_allocations_in_a_row_ends_the_requeues(
     assert len(errors) == 1 and errors[0].startswith("error: USR1 came before a checkpoint in two allocations in a "
                                                      "row (still at step 0): not requeued again"), out
     assert "launching on every node" not in out, out
+
+
+def test_scancel_during_the_preflight_says_nothing_was_started(slurm, tmp_path):
+    """scancel while the preflight runs (slowed down as above): Slurm stops its step too; the log says that training
+    was not started, instead of nothing after the TERM line (~15 s)."""
+    job = submit_with_a_slow_preflight(slurm, tmp_path)
+    wait_for_restart(slurm, tmp_path, job, 0)
+    slurm.cmd("scancel", job)
+    info = slurm.wait(job, timeout=300)
+    deadline = time.monotonic() + 30  # the batch shell's last line, once Slurm shows the job ended
+    while "training was not started" not in job_output(tmp_path, job) and time.monotonic() < deadline:
+        time.sleep(0.25)
+    out = job_output(tmp_path, job)
+    assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0"), (info, out)
+    assert "TERM: waiting for the job step to stop (the job will not be requeued)" in out, out
+    assert "the TERM came during the preflight: training was not started (nothing was saved)" in out, out
+    assert "launching on every node" not in out and not any(line.startswith("error") for line in out.splitlines()), out
 
 
 def test_usr1_in_a_job_submitted_with_no_requeue_says_it_is_not_requeued(slurm, tmp_path):
