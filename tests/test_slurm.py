@@ -304,8 +304,10 @@ def test_usr1_saves_requeues_resumes_and_continues_the_same_run(slurm, tmp_path)
     run_dir = tmp_path / "run"
     metrics = run_dir / "logs" / "metrics.jsonl"
 
+    # Interval saves in the background, as the SmolLM2 recipes make them; the save on USR1 is blocking.
     job = slurm.sbatch(tmp_path, {"CONFIG": str(config), "DATA_ROOT": str(stores), "RUN_DIR": str(run_dir),
-                                  "GPUS_PER_NODE": "0", "NPROC_PER_NODE": "1"}, nodes=2)
+                                  "GPUS_PER_NODE": "0", "NPROC_PER_NODE": "1",
+                                  "OVERRIDES": "checkpoint.async_save=true"}, nodes=2)
     nodes = slurm.cmd("scontrol", "show", "hostnames", slurm.wait(job, 60, lambda i: i.get("NodeList", "") not in ("", "(null)"))[
         "NodeList"]).split()
     assert len(nodes) == 2, nodes  # two nodes, one process each (world size 2, as the reference below)
@@ -337,6 +339,8 @@ def test_usr1_saves_requeues_resumes_and_continues_the_same_run(slurm, tmp_path)
     # Checkpoints: every interval step before the signal, plus the one written on USR1.
     ckpts = {p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step_")}
     assert {"step_0000010", f"step_{preempted_at:07d}", f"step_{TRAIN_STEPS:07d}"} <= ckpts, ckpts
+    saved_config = json.loads((run_dir / "checkpoints" / "step_0000010" / "checkpoint.json").read_text())["config"]
+    assert saved_config["checkpoint"]["async_save"] is True
 
     # The log: steps 1..N once each; the second allocation started right after the saved step.
     records = read_records(metrics)
