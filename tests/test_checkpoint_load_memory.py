@@ -3,7 +3,8 @@
 before the next group's are made. Every DCP read of a load is watched (`storage.read_step`, the one way a load reads):
 the moment buffers alive at any read are at most one group's, where reading them all at once would hold every
 trainable parameter's full moments beside the optimizer's own (ZeRO-1's saving lost exactly at resume). The loaded
-state must still be the saved one, bit for bit. Costs ~10 s (two gloo ranks)."""
+state must still be the saved one, bit for bit. A save, likewise, reads only the moments of the buckets it writes
+from. Costs ~10 s (two gloo ranks)."""
 from __future__ import annotations
 
 import dataclasses
@@ -134,3 +135,40 @@ def test_a_zero1_load_holds_one_buckets_moments(tmp_path):
     # A failing assertion in either rank raises here, with that rank's traceback.
     mp.start_processes(_zero1_worker, args=(_free_port(), str(tmp_path / "run")), nprocs=2, join=True,
                        start_method="spawn")
+
+
+def test_a_save_reads_only_the_buckets_it_writes_from():
+    """What a save collects (`param_states(names)`, names: the parameters this rank writes) without ZeRO-1 reads the
+    moments of the buckets holding those parameters alone (before: every bucket's, each built in full and thrown
+    away, at every save of a rank that writes 1/N of them), and gives for them what `param_states()` gives."""
+    from dist_common import make_config, make_data, rank_batch
+
+    from nanotronix.model import build_model
+    from nanotronix.parallel import DistributedOptimizer, ParallelContext, parallelize
+    from nanotronix.train.optimizer import param_groups
+    from nanotronix.train.step import train_step
+
+    cfg = make_config({})  # one process, small gradient buckets: several
+    torch.manual_seed(0)
+    model = parallelize(build_model(cfg.model), ParallelContext.build(cfg), cfg)
+    opt = DistributedOptimizer(model, param_groups(model.named_parameters(), 0.1), lr=1e-3, betas=(0.9, 0.95),
+                               eps=1e-8)
+    train_step(model, opt, rank_batch(cfg, make_data(cfg), 1, 0, 1), lr=1e-3, clip_grad=1.0)
+    everything = opt.param_states()
+    bucket = model.grads.buckets[-1]
+    names = {opt.names[id(p)] for p in bucket.params}
+    read = []
+
+    class ReadStates(dict):
+        def get(self, key, default=None):
+            read.append(key)
+            return super().get(key, default)
+
+    opt.inner.state = ReadStates(opt.inner.state)
+    some = opt.param_states(names)
+    assert len(model.grads.buckets) >= 4 and set(some) == names
+    for name in names:
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(some[name][k], everything[name][k]), (name, k)
+    in_bucket = {id(piece.tensor) for piece in opt.pieces if piece.bucket is bucket}
+    assert read and {id(t) for t in read} <= in_bucket, "moments of buckets that hold none of the names were read"

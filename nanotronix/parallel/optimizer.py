@@ -107,6 +107,10 @@ class DistributedOptimizer:
         named parameters' moments are kept, so a checkpoint's writer holds copies of what it writes alone."""
         out: dict[str, dict[str, torch.Tensor]] = {}
         for b in self.grads.buckets:
+            if not self.sharded and names is not None and not any(self.names[id(p)] in names for p in b.params):
+                # nothing asked for from it and no gather to join: a checkpoint writer of 1/N of the parameters
+                # would otherwise build (and throw away) every bucket's full moments at every save
+                continue
             flats = {k: torch.zeros(b.numel, dtype=torch.float32, device=b.grad.device) for k in STATE_KEYS}
             for piece in self.pieces:
                 state = self.inner.state.get(piece.tensor) if piece.bucket is b and self.inner is not None else None
