@@ -184,8 +184,8 @@ def test_a_reader_that_goes_away_is_not_an_error(tmp_path):
     assert proc.returncode == 0 and len(proc.stdout) == 10 and proc.stderr == "", proc.stderr
 
 
-TOOLS = ["bench_data", "bench_loader", "bench_train", "convert_from_hf", "convert_to_hf", "inspect_checkpoint",
-         "inspect_store", "plan", "plot_run", "preprocess", "rollback", "train_tokenizer"]
+TOOLS = ["bench_checkpoint", "bench_data", "bench_loader", "bench_train", "convert_from_hf", "convert_to_hf",
+         "inspect_checkpoint", "inspect_store", "plan", "plot_run", "preprocess", "rollback", "train_tokenizer"]
 
 
 @pytest.mark.parametrize("command", TOOLS + ["nanotronix.train.main", "nanotronix.evaluate", "nanotronix.preflight",

@@ -1,0 +1,63 @@
+"""tools/bench_checkpoint.py on CPU with a tiny model: both modes run through the trainer and are reported, with
+their JSON, and what a rank collects per save is the checkpoint's tensors (all of them on one rank, about half on
+each of two). No timing is asserted (benchmarks are not timed tests). Costs ~10 s."""
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+import bench_checkpoint  # noqa: E402
+
+TINY = ["model.hidden_size=32", "model.intermediate_size=48", "model.num_hidden_layers=2",
+        "model.num_attention_heads=4", "model.num_key_value_heads=2", "model.vocab_size=96",
+        "model.max_position_embeddings=32", "train.seq_len=16", "train.micro_batch_size=2"]
+
+
+def tensor_bytes(report: dict) -> int:
+    """fp32 weights and AdamW's two fp32 moments of every parameter: what one save holds."""
+    return report["parameters"] * 4 * 3
+
+
+def test_both_modes_are_measured_and_reported(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert bench_checkpoint.main([*TINY, "--interval", "2", "--saves", "2", "--warmup", "0", "--dir",
+                                  str(tmp_path / "ckpt"), "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "\nsync " in printed and "\nasync " in printed and "pause sync / async:" in printed
+    report = json.loads(out.read_text())
+    sync, background = report["modes"]["sync"], report["modes"]["async"]
+    for mode in (sync, background):
+        assert mode["saves"] == 2 and mode["pause_s"] > 0 and mode["write_s"] > 0
+        assert mode["collected_bytes"] == tensor_bytes(report) and mode["collected_bytes_per_rank"] == [
+            tensor_bytes(report)]
+        assert mode["checkpoint_bytes"] > tensor_bytes(report)  # the tensors, plus metadata, RNG and manifest
+    assert sync["steps_beside_write"] == 0  # sync writes inside the pause
+    assert report["pause_ratio"] == sync["pause_s"] / background["pause_s"]
+    assert list((tmp_path / "ckpt").iterdir()) == []  # the checkpoints are removed after the run
+
+
+def test_two_ranks_each_collect_about_half(tmp_path):
+    """--nproc 2 (gloo, data parallel): each distinct chunk is collected by one rank, so the two ranks' bytes add up
+    to one checkpoint's tensors, and neither collects much more than half (the tensors are spread by size)."""
+    out = tmp_path / "bench.json"
+    assert bench_checkpoint.main([*TINY, "--interval", "2", "--saves", "1", "--warmup", "0", "--nproc", "2",
+                                  "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    for mode in report["modes"].values():
+        per_rank = mode["collected_bytes_per_rank"]
+        assert sum(per_rank) == tensor_bytes(report) and max(per_rank) < 0.6 * tensor_bytes(report), per_rank
+
+
+def test_bad_input_is_one_line(capsys):
+    assert bench_checkpoint.main([*TINY, "train.recompute=most"]) == 2
+    assert capsys.readouterr().err.startswith("error: train.recompute")
+
+
+def test_a_preset_replaces_the_default_model(tmp_path):
+    """`model.preset=...` benchmarks that model, not the default one (whose explicit fields would win over a preset)."""
+    from nanotronix.config import load_config
+
+    args = bench_checkpoint.parse_args(["model.preset=smollm2-360m", "model.num_hidden_layers=2"])
+    cfg = bench_checkpoint.mode_config(bench_checkpoint.build_tree(args, "cpu"), tmp_path, "sync", False, 5)
+    assert cfg.model == load_config(None, ["model.preset=smollm2-360m", "model.num_hidden_layers=2"]).model
