@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import functools
 import itertools
+import json
 import os
 import select
 import signal
@@ -140,6 +141,14 @@ def replace_file(path: str | Path, write: Callable[[str], None], suffix: str = "
     finally:
         remove_quietly(temp)
     return target
+
+
+def write_json_report(path: str | Path, payload: dict) -> Path:
+    """A tool's --json report, replaced whole (`replace_file`): a reader never sees a half-written one."""
+    def write(temp: str) -> None:
+        with open(temp, "w") as f:
+            json.dump(payload, f, indent=2)
+    return replace_file(path, write)
 
 
 def check_writable_folder(folder: str | Path, option: str, keep: bool = True) -> None:

@@ -54,7 +54,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from nanotronix.checkpoint import Checkpointer, paths  # noqa: E402
-from nanotronix.cli import ArgumentParser, check_writable_folder, one_line_errors, replace_file  # noqa: E402
+from nanotronix.cli import ArgumentParser, check_writable_folder, one_line_errors, write_json_report  # noqa: E402
 from nanotronix.config import Config, config_from_dict  # noqa: E402
 from nanotronix.config_tree import apply_override, read_yaml_tree  # noqa: E402
 from nanotronix.errors import UserError, fail  # noqa: E402
@@ -304,14 +304,6 @@ def format_table(modes: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_json(path: str, payload: dict) -> None:
-    """Replaced whole: a reader never sees a half-written report."""
-    def write(temp: str) -> None:
-        with open(temp, "w") as f:
-            json.dump(payload, f, indent=2)
-    replace_file(path, write)
-
-
 @one_line_errors
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
@@ -355,7 +347,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                f"cost per save sync / async: {f'{cost_ratio:.2f}x' if cost_ratio else '-'}")
     print(table, summary, sep="\n", flush=True)
     if args.json:
-        write_json(args.json, {
+        write_json_report(args.json, {
             "device": device_name, "nproc": args.nproc, "torch": torch.__version__,
             "parameters": m.num_parameters(), "dtype": t.dtype, "seq_len": t.seq_len,
             "global_batch_size": t.global_batch_size, "interval": args.interval, "saves": args.saves,

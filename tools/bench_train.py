@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import math
 import sys
 import time
@@ -41,7 +40,7 @@ import torch.nn.functional as F  # noqa: E402
 from nanotronix import accel  # noqa: E402
 from nanotronix.config import Config, TrainConfig, load_config  # noqa: E402
 from nanotronix.config_tree import apply_override, read_yaml_tree  # noqa: E402
-from nanotronix.cli import ArgumentParser, check_writable_folder, one_line_errors, replace_file  # noqa: E402
+from nanotronix.cli import ArgumentParser, check_writable_folder, one_line_errors, write_json_report  # noqa: E402
 from nanotronix.errors import UserError, fail  # noqa: E402
 from nanotronix.train.flops import device_peak_tflops, document_attention_span, flops_per_token, mfu  # noqa: E402
 from nanotronix.train.profiler import own_times, summarize  # noqa: E402
@@ -294,14 +293,6 @@ def format_table(results: list[RunResult]) -> str:
     return "\n".join(lines)
 
 
-def write_json(path: str, payload: dict) -> None:
-    """Replaced whole: a reader never sees a half-written report."""
-    def write(temp: str) -> None:
-        with open(temp, "w") as f:
-            json.dump(payload, f, indent=2)
-    replace_file(path, write)
-
-
 @one_line_errors
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
@@ -343,7 +334,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 r.ratio_to_baseline = r.tokens_per_sec_per_gpu / baseline.tokens_per_sec_per_gpu
         table = format_table(results)
         if args.json:
-            write_json(args.json, {
+            write_json_report(args.json, {
                 "device": name, "torch": torch.__version__, "model": asdict(m), "seq_len": t.seq_len,
                 "micro_batch_size": t.micro_batch_size, "accum": args.accum, "warmup": args.warmup,
                 "steps": args.steps, "dtype": t.dtype, "flops_per_token": flops_per_token(m, t.seq_len),
