@@ -91,6 +91,16 @@ def test_one_call_for_several_datasets_equals_one_call_per_dataset():
         assert set(np.array(names)[which[source == k]]) == {stream.name}
 
 
+def test_window_starts_of_one_sample_is_the_batch_value():
+    # a scalar took numpy's scalar path: an IndexError in the cycle walk, an overflow warning in the key hash
+    stream = PackedStream("d", 300 * 16 + 9, 16, 1234)
+    c = np.arange(0, 2000, 7)
+    batch = stream.window_starts(c)
+    with np.errstate(all="raise"):
+        assert [int(stream.window_starts(int(x))) for x in c] == batch.tolist()
+        assert [int(stream.window_starts(np.int64(x))) for x in c] == batch.tolist()
+
+
 SMOLLM2_STAGES = [  # SmolLM2-1.7B stage mixtures (shared/smollm2/schedule.yaml), buckets flattened
     [0.54, 0.36, 0.10],
     [0.45, 0.30, 0.20, 0.05],
