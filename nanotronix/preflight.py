@@ -16,7 +16,8 @@ import sys
 from typing import TYPE_CHECKING
 
 from nanotronix.cli import ArgumentParser, check_writable_folder, one_line_errors
-from nanotronix.config import Config, grad_accum_steps, load_config, resolve_layout, too_few_processes
+from nanotronix.config import Config, grad_accum_steps, load_config
+from nanotronix.config_checks import resolve_layout, too_few_processes
 from nanotronix.errors import UserError
 
 if TYPE_CHECKING:

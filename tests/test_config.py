@@ -2,7 +2,8 @@
 import pytest
 import yaml
 
-from nanotronix.config import ConfigError, config_notes, grad_accum_steps, load_config, resolve_layout
+from nanotronix.config import ConfigError, config_notes, grad_accum_steps, load_config
+from nanotronix.config_checks import resolve_layout
 
 TINY = {
     "model": {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 4, "num_attention_heads": 4,

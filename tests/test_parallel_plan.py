@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from nanotronix.config import PRESETS, ConfigError, ModelConfig, config_from_dict, resolve_layout
+from nanotronix.config import PRESETS, ConfigError, ModelConfig, config_from_dict
+from nanotronix.config_checks import resolve_layout
 from nanotronix.parallel.partition import block_costs, chunk_ids_of_rank, partition_layers, pipeline_chunks
 
 from dist_common import TINY_MODEL

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from nanotronix.checkpoint import CheckpointError
-from nanotronix.config import load_config, resolve_layout, grad_accum_steps
+from nanotronix.config import load_config, grad_accum_steps
+from nanotronix.config_checks import resolve_layout
 from nanotronix.train.lr_schedule import lr_at
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,7 +14,8 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from checkpoint_helpers import read_metrics, train_in_process
 from helpers import run, tiny_config, write_learnable_store
-from nanotronix.config import ConfigError, load_config, skipped_step_ranges
+from nanotronix.config import ConfigError, load_config
+from nanotronix.config_checks import skipped_step_ranges
 
 STEPS = 9
 SKIPS = ["4-5", "6", "8"]  # 4-6 (merged) and 8

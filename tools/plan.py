@@ -318,7 +318,8 @@ def comm_plan(cfg, dp: int, accum: int, params_per_gpu: float, time: dict, net_g
 
 def build_plan(config: str, overrides: list[str], gpus: int, mfu: float, gpu: str, net_gbps: float = 400.0,
                gpus_per_node: int = 8) -> dict[str, Any]:
-    from nanotronix.config import grad_accum_steps, load_config, resolve_layout
+    from nanotronix.config import grad_accum_steps, load_config
+    from nanotronix.config_checks import resolve_layout
 
     if gpus < 1:
         raise ValueError(f"--gpus must be >= 1, got {gpus}")

@@ -11,7 +11,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from nanotronix.config import ModelConfig, validate_model
+from nanotronix.config import ModelConfig
+from nanotronix.config_checks import validate_model
 from nanotronix.config_tree import build_dataclass
 
 

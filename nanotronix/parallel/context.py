@@ -13,7 +13,8 @@ from typing import Optional
 
 import torch.distributed as dist
 
-from nanotronix.config import Config, resolve_layout
+from nanotronix.config import Config
+from nanotronix.config_checks import resolve_layout
 from nanotronix.distributed import joining
 
 

@@ -87,7 +87,7 @@ def apply_recompute(model: nn.Module, mode: str) -> nn.Module:
 def apply_compile(model: nn.Module, backend: str = "inductor", mode: str = "default") -> nn.Module:
     """Compile each decoder layer in place (`Module.compile` keeps the module and its parameter names), and the
     chunks of the fused head + loss (`model.loss.linear_cross_entropy`) when it is on. `mode`: one of
-    config.COMPILE_MODES ("default": torch.compile's own)."""
+    config_checks.COMPILE_MODES ("default": torch.compile's own)."""
     options = {"backend": backend, "mode": None if mode == "default" else mode}
     for layer in decoder_layers(model):
         layer.compile(fullgraph=False, **options)

@@ -10,7 +10,8 @@ import traceback
 
 from nanotronix.checkpoint.preemption import torchrun_pid
 from nanotronix.cli import ArgumentParser
-from nanotronix.config import check_parallel_shape, dump_config, load_config
+from nanotronix.config import dump_config, load_config
+from nanotronix.config_checks import check_parallel_shape
 from nanotronix.errors import EXIT_BAD_INPUT, UserError, fail, say_line
 from nanotronix.train import EXIT_INTERRUPTED, EXIT_PREEMPTED, Interrupted
 from nanotronix.distributed import PeerStopped, init_distributed, pick_device, rank, shutdown_and_exit

@@ -24,7 +24,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch.autograd import DeviceType
 
-from nanotronix.config import Config, ConfigError, profiled_step_range
+from nanotronix.config import Config, ConfigError
+from nanotronix.config_checks import profiled_step_range
 
 STEP_LABEL = "nanotronix step "  # the trace's range of each profiled step
 

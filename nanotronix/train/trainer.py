@@ -18,7 +18,8 @@ from nanotronix import accel
 from nanotronix.checkpoint import Checkpointer
 from nanotronix.checkpoint.checkpointer import store_change_notes
 from nanotronix.checkpoint.paths import find_checkpoint
-from nanotronix.config import Config, grad_accum_steps, skipped_step_ranges
+from nanotronix.config import Config, grad_accum_steps
+from nanotronix.config_checks import skipped_step_ranges
 from nanotronix.data import build_prefetched_loader, document_eos_mismatch
 from nanotronix.distributed import PeerStopped, peer_stopped, stopping_together
 from nanotronix.errors import UserError, found_behind
