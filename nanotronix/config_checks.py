@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Optional
 from nanotronix.errors import ConfigError
 
 if TYPE_CHECKING:  # nanotronix.config imports this module (load_config validates what it builds)
-    from nanotronix.config import Config, ModelConfig, ParallelConfig, TrainConfig
+    from nanotronix.config import (CheckpointConfig, Config, DataConfig, LRScheduleConfig, ModelConfig,
+                                   OptimizerConfig, ParallelConfig, TrainConfig, ValidationConfig)
 
 
 # torch.compile modes for train.compile_mode ("default" passes no mode); none with CUDA graphs.
@@ -69,9 +70,23 @@ def validate_model(m: ModelConfig) -> None:
 
 
 def _validate_run(cfg: Config) -> None:
-    """Everything but the model section's own checks: the layout, training, data and their fit to the model."""
-    m = cfg.model
-    p = cfg.parallel
+    """Everything but the model section's own checks: the layout, training, data and their fit to the model; one
+    function per subject, each on its own sections (a config wrong in several places says the first of them)."""
+    _check_parallel(cfg.parallel)
+    _check_train(cfg.train)
+    _check_speed_switches(cfg.train)
+    _check_fit_to_model(cfg.train, cfg.model)
+    _check_optimizer(cfg.optimizer)
+    _check_lr_schedule(cfg.lr_schedule, cfg.optimizer.lr)
+    _check_data(cfg.data)
+    _check_validation(cfg.validation)
+    _check_checkpoint(cfg.checkpoint)
+    _check_logging(cfg)
+
+
+def _check_parallel(p: ParallelConfig) -> None:
+    """The parallel section's own values (their fit to the model and the world size: check_parallel_shape and
+    resolve_layout)."""
     for name in ("tp", "pp", "virtual_stages", "grad_bucket_size"):
         _require(getattr(p, name) >= 1, f"parallel.{name}: must be >= 1, got {getattr(p, name)}")
     _require(p.dp is None or p.dp >= 1, f"parallel.dp: must be >= 1, got {p.dp}")
@@ -82,8 +97,13 @@ def _validate_run(cfg: Config) -> None:
              f"parallel.grad_reduce_dtype: {p.grad_reduce_dtype!r} is not float32|bfloat16")
     _require(p.virtual_stages == 1 or p.pp_schedule == "interleaved",
              "parallel.virtual_stages: > 1 needs parallel.pp_schedule: interleaved")
+    _require(0 < p.collective_timeout_minutes <= MAX_COLLECTIVE_TIMEOUT_MINUTES,  # also refuses inf and nan
+             f"parallel.collective_timeout_minutes: must be > 0 and at most {MAX_COLLECTIVE_TIMEOUT_MINUTES:g} (about "
+             f"two years), got {p.collective_timeout_minutes}")
 
-    t = cfg.train
+
+def _check_train(t: TrainConfig) -> None:
+    """The run's size (steps, batch, sequence), seed, dtype and device, and the steps it skips."""
     for name in ("seq_len", "global_batch_size", "micro_batch_size", "train_steps"):
         _require(getattr(t, name) >= 1, f"train.{name}: must be >= 1, got {getattr(t, name)}")
     from nanotronix.data.blend import MAX_SAMPLES  # the sampler's: beyond it, its integer arithmetic overflows
@@ -97,6 +117,13 @@ def _validate_run(cfg: Config) -> None:
     _require(t.global_batch_size % t.micro_batch_size == 0,
              f"train.global_batch_size: {t.global_batch_size} is not divisible by train.micro_batch_size="
              f"{t.micro_batch_size}")
+    skipped_step_ranges(t)
+    _require(t.spike_skip_sigma >= 0, f"train.spike_skip_sigma: must be >= 0 (0: off), got {t.spike_skip_sigma}")
+    _require(t.spike_skip_window >= 2, f"train.spike_skip_window: must be >= 2, got {t.spike_skip_window}")
+
+
+def _check_speed_switches(t: TrainConfig) -> None:
+    """train's speed switches (recomputation, weight cache, fused loss, compile, fused kernels) and their pairings."""
     _require(t.recompute in ("none", "selective", "full"),
              f"train.recompute: {t.recompute!r} is not none|selective|full")
     _require(not t.bf16_weight_cache or t.dtype == "bfloat16",
@@ -104,9 +131,6 @@ def _validate_run(cfg: Config) -> None:
     _require(not t.grad_accumulation_fusion or t.bf16_weight_cache,
              "train.grad_accumulation_fusion: needs train.bf16_weight_cache: true (it fuses the bf16 copies' "
              "gradient accumulation)")
-    skipped_step_ranges(t)
-    _require(t.spike_skip_sigma >= 0, f"train.spike_skip_sigma: must be >= 0 (0: off), got {t.spike_skip_sigma}")
-    _require(t.spike_skip_window >= 2, f"train.spike_skip_window: must be >= 2, got {t.spike_skip_window}")
     _require(t.loss_chunk_size >= 0, f"train.loss_chunk_size: must be >= 0 (0: plain loss), got {t.loss_chunk_size}")
     _require(t.compile_mode in COMPILE_MODES,
              f"train.compile_mode: {t.compile_mode!r} is not {'|'.join(COMPILE_MODES)} (the modes with CUDA graphs "
@@ -116,6 +140,11 @@ def _validate_run(cfg: Config) -> None:
     # Inductor already generates fused kernels for the same ops, and the compiled csrc ops are opaque to it.
     _require(not (t.compile and t.fused_kernels),
              "train.fused_kernels: cannot be combined with train.compile (compile fuses the same ops itself)")
+
+
+def _check_fit_to_model(t: TrainConfig, m: ModelConfig) -> None:
+    """What training asks of the model: the document mask's EOS id in its vocabulary, the sequence within its
+    positions."""
     if m.document_mask_eos_id is not None:
         _require(0 <= m.document_mask_eos_id < m.vocab_size,
                  f"model.document_mask_eos_id: {m.document_mask_eos_id} is not a token id of the "
@@ -125,7 +154,8 @@ def _validate_run(cfg: Config) -> None:
     _require(t.seq_len <= m.max_position_embeddings,
              f"train.seq_len: {t.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}")
 
-    o = cfg.optimizer
+
+def _check_optimizer(o: OptimizerConfig) -> None:
     _require(o.lr >= 0, f"optimizer.lr: must be >= 0, got {o.lr}")
     _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
              f"optimizer.betas: expected two numbers in [0, 1), got {o.betas}")
@@ -133,11 +163,13 @@ def _validate_run(cfg: Config) -> None:
     _require(o.weight_decay >= 0, "optimizer.weight_decay: must be >= 0")
     _require(o.clip_grad >= 0, "optimizer.clip_grad: must be >= 0 (0 disables clipping)")
 
-    s = cfg.lr_schedule
+
+def _check_lr_schedule(s: LRScheduleConfig, lr: float) -> None:
+    """Warm-up, decay and floor; `lr` is optimizer.lr, the peak that min_lr may not exceed."""
     _require(s.warmup_steps >= 0, "lr_schedule.warmup_steps: must be >= 0")
     _require(s.decay_style in ("linear", "cosine", "1-sqrt"),
              f"lr_schedule.decay_style: {s.decay_style!r} is not linear|cosine|1-sqrt")
-    _require(0 <= s.min_lr <= o.lr, f"lr_schedule.min_lr: {s.min_lr} must be in [0, optimizer.lr={o.lr}]")
+    _require(0 <= s.min_lr <= lr, f"lr_schedule.min_lr: {s.min_lr} must be in [0, optimizer.lr={lr}]")
     if s.decay_start_step is not None:
         _require(s.decay_start_step >= s.warmup_steps,
                  f"lr_schedule.decay_start_step: {s.decay_start_step} is before the end of warm-up "
@@ -153,7 +185,9 @@ def _validate_run(cfg: Config) -> None:
         _require(s.min_lr == 0, f"lr_schedule.min_lr: {s.min_lr} without lr_schedule.decay_start_step: the learning "
                                 "rate would never decay to it (set decay_start_step and decay_steps too)")
 
-    d = cfg.data
+
+def _check_data(d: DataConfig) -> None:
+    """The loader and the stages: the first starting at step 1, each after the one before, each with datasets."""
     _require(d.loader in ("pytorch", "dali"), f"data.loader: {d.loader!r} is not pytorch|dali")
     prev = 0
     for i, stage in enumerate(d.stages):
@@ -170,7 +204,9 @@ def _validate_run(cfg: Config) -> None:
             _require(ds.weight > 0 and math.isfinite(ds.weight),
                      f"{where}.datasets.{j}.weight: must be positive, got {ds.weight}")
 
-    v = cfg.validation
+
+def _check_validation(v: ValidationConfig) -> None:
+    """With an interval, held-out stores to score (each once) and a number of windows."""
     _require(v.interval >= 0, f"validation.interval: must be >= 0 (0: no validation), got {v.interval}")
     if v.interval > 0:
         _require(bool(v.data), "validation.data: missing (validation.interval > 0 needs a list of held-out token "
@@ -180,7 +216,8 @@ def _validate_run(cfg: Config) -> None:
         _require(v.num_samples >= 1, f"validation.num_samples: must be >= 1 with validation.interval > 0, got "
                                      f"{v.num_samples}")
 
-    c = cfg.checkpoint
+
+def _check_checkpoint(c: CheckpointConfig) -> None:
     _require(c.interval >= 0, "checkpoint.interval: must be >= 0")
     _require(c.keep_last >= 0, "checkpoint.keep_last: must be >= 0")
     _require(c.keep_every >= 0, "checkpoint.keep_every: must be >= 0 (0: none)")
@@ -189,25 +226,28 @@ def _validate_run(cfg: Config) -> None:
     _require(bool(c.resume.strip()), "checkpoint.resume: must be auto, none or a checkpoint path")
     # an empty folder name was the current folder (logging) or silently no checkpoints at all
     _require(c.dir is None or bool(c.dir.strip()), "checkpoint.dir: empty (leave it out, or null, for no checkpoints)")
-    _require(bool(cfg.logging.dir.strip()), "logging.dir: empty (name the folder for metrics.jsonl)")
-    _require(cfg.logging.interval >= 1, "logging.interval: must be >= 1")
-    _require(cfg.logging.hang_report_seconds >= 0, "logging.hang_report_seconds: must be >= 0 (0: off)")
-    _require(cfg.logging.wandb_mode in ("online", "offline"),
-             f"logging.wandb_mode: {cfg.logging.wandb_mode!r} is not online|offline")
+
+
+def _check_logging(cfg: Config) -> None:
+    """The logging section, and what it is measured against: profile_steps within train.train_steps, the hang report
+    before the collective timeout (which _check_parallel has bounded, so a nan cannot slip through here)."""
+    log, timeout = cfg.logging, cfg.parallel.collective_timeout_minutes
+    _require(bool(log.dir.strip()), "logging.dir: empty (name the folder for metrics.jsonl)")
+    _require(log.interval >= 1, "logging.interval: must be >= 1")
+    _require(log.hang_report_seconds >= 0, "logging.hang_report_seconds: must be >= 0 (0: off)")
+    _require(log.wandb_mode in ("online", "offline"),
+             f"logging.wandb_mode: {log.wandb_mode!r} is not online|offline")
     for key in ("wandb_entity", "wandb_name"):
-        _require(getattr(cfg.logging, key) is None or cfg.logging.wandb_project is not None,
+        _require(getattr(log, key) is None or log.wandb_project is not None,
                  f"logging.{key}: needs logging.wandb_project (W&B logging is off without it)")
     profiled_step_range(cfg)
-    _require(bool(cfg.logging.profile_ranks) and all(r >= 0 for r in cfg.logging.profile_ranks),
-             f"logging.profile_ranks: expected a list of ranks >= 0, got {cfg.logging.profile_ranks}")
-    _require(not cfg.logging.memory_snapshot or bool(cfg.logging.profile_steps.strip()),
+    _require(bool(log.profile_ranks) and all(r >= 0 for r in log.profile_ranks),
+             f"logging.profile_ranks: expected a list of ranks >= 0, got {log.profile_ranks}")
+    _require(not log.memory_snapshot or bool(log.profile_steps.strip()),
              "logging.memory_snapshot: records the steps of logging.profile_steps, which is not set")
-    _require(0 < p.collective_timeout_minutes <= MAX_COLLECTIVE_TIMEOUT_MINUTES,  # also refuses inf and nan
-             f"parallel.collective_timeout_minutes: must be > 0 and at most {MAX_COLLECTIVE_TIMEOUT_MINUTES:g} (about "
-             f"two years), got {p.collective_timeout_minutes}")
-    _require(cfg.logging.hang_report_seconds < 60 * p.collective_timeout_minutes,
-             f"logging.hang_report_seconds: {cfg.logging.hang_report_seconds:g} s is not below the collective timeout "
-             f"(parallel.collective_timeout_minutes={p.collective_timeout_minutes:g}): the run would be aborted before "
+    _require(log.hang_report_seconds < 60 * timeout,
+             f"logging.hang_report_seconds: {log.hang_report_seconds:g} s is not below the collective timeout "
+             f"(parallel.collective_timeout_minutes={timeout:g}): the run would be aborted before "
              "the report; lower it, or set 0 to turn the report off")
 
 
