@@ -300,7 +300,7 @@ def test_a_non_finite_gradient_leaves_the_weights_and_moments_alone():
     data = _data()
     assert train_step(model, opt, data[0], lr=1e-2, clip_grad=1.0).applied
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
-    states = opt.param_states()
+    states = {n: {k: v.clone() for k, v in s.items()} for n, s in opt.param_states().items()}  # views: a copy
     victim = next(p for n, p in model.named_parameters() if n.endswith("down_proj.weight"))
     hook = victim.register_hook(lambda g: g * float("inf"))
     result = train_step(model, opt, data[1], lr=1e-2, clip_grad=1.0)

@@ -71,7 +71,8 @@ class OptimizerStateAccess(Protocol):
 
     step_count: int  # optimizer steps taken (AdamW's bias-correction step)
 
-    # {fqn: {"exp_avg", "exp_avg_sq"}} of the parameters in `names` (None: all); a collective call under ZeRO-1
+    # {fqn: {"exp_avg", "exp_avg_sq"}} of the parameters in `names` (None: all); a collective call under ZeRO-1.
+    # Possibly the optimizer's own state tensors (no copies on the GPU at a save): read them before the next step.
     def param_states(self, names: Optional[set[str]] = None) -> dict[str, dict[str, torch.Tensor]]: ...
 
     # the names of the parameters whose moments a load reads together, group by group (the moments held at once
@@ -109,8 +110,8 @@ class TorchAdamWAccess:
         return 0
 
     def param_states(self, names: Optional[set[str]] = None) -> dict[str, dict[str, torch.Tensor]]:
-        """Moments of every parameter (of those in `names`); zeros before its first update (what AdamW starts
-        from)."""
+        """Moments of every parameter (of those in `names`): the optimizer's own state tensors, not copies; zeros
+        before its first update (what AdamW starts from)."""
         out = {}
         for _, p in self._params():
             if names is not None and self.names[id(p)] not in names:

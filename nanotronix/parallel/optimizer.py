@@ -15,9 +15,10 @@ Weight decay is decided per parameter by the caller's `param_groups` (the traine
 a piece inherits its parameter's group. AdamW is elementwise, so splitting a tensor into pieces changes nothing.
 
 Checkpoint contract: `param_states(names)` returns {fqn: {"exp_avg", "exp_avg_sq"}} in TP-local, full (not DP-sharded)
-shapes, gathered over DP under ZeRO-1; `load_param_states(states, step_count)` scatters them back, for any subset of
-the parameters (a load hands over one of `load_groups()` at a time: a bucket's parameters that this rank updates);
-`step_count` is the number of optimizer steps taken (AdamW's bias-correction step).
+shapes, gathered over DP under ZeRO-1 (without it, views of AdamW's own state: no copy on the GPU at a save);
+`load_param_states(states, step_count)` scatters them back, for any subset of the parameters (a load hands over one
+of `load_groups()` at a time: a bucket's parameters that this rank updates); `step_count` is the number of optimizer
+steps taken (AdamW's bias-correction step).
 """
 from __future__ import annotations
 
@@ -92,35 +93,48 @@ class DistributedOptimizer:
 
     # ---- checkpoint interface
 
-    def _full_bucket(self, b, values: torch.Tensor) -> torch.Tensor:
-        """A bucket-sized tensor whose own shard is `values`' shard, gathered over DP when sharded."""
-        if not self.sharded:
-            return values
-        full = torch.empty_like(values)
-        all_gather_flat(full, values[b.shard_start:b.shard_end].contiguous(), group=self.dp_group)
-        return full
-
     @torch.no_grad()
     def param_states(self, names: Optional[set[str]] = None) -> dict[str, dict[str, torch.Tensor]]:
         """{fqn: {"exp_avg", "exp_avg_sq"}} of the parameters in `names` (None: all): fp32, TP-local full shapes
-        (zeros before the first step). Under ZeRO-1 every DP rank must call it (it gathers each bucket); only the
-        named parameters' moments are kept, so a checkpoint's writer holds copies of what it writes alone."""
+        (zeros before the first step). To be read, not kept across a step: without ZeRO-1 they are the optimizer's own
+        state tensors. Under ZeRO-1 every DP rank must call it (it gathers each bucket)."""
+        return self._gathered_states(names) if self.sharded else self._own_states(names)
+
+    def _own_states(self, names: Optional[set[str]]) -> dict[str, dict[str, torch.Tensor]]:
+        """Without ZeRO-1 each piece is a whole parameter, so its moments are AdamW's own state tensors, handed out as
+        views in the parameter's shape: a copy would cost GPU memory at every save (up to all the moments a rank
+        writes), and a checkpoint only reads them (a sync save writes them before training goes on, an asynchronous
+        one copies them to host memory first)."""
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for piece in self.pieces:
+            p, name = piece.param, self.names[id(piece.param)]
+            if names is not None and name not in names:
+                continue
+            state = self.inner.state.get(piece.tensor)
+            out[name] = {k: state[k].view_as(p).to(torch.float32) if state else
+                         torch.zeros(p.shape, dtype=torch.float32, device=p.device) for k in STATE_KEYS}
+        return out
+
+    def _gathered_states(self, names: Optional[set[str]]) -> dict[str, dict[str, torch.Tensor]]:
+        """ZeRO-1: each bucket's moments gathered over DP from every rank's shard; only the named parameters' are
+        kept (cloned out of the bucket-sized gather, freed with it), so a checkpoint's writer holds copies of what it
+        writes alone."""
         out: dict[str, dict[str, torch.Tensor]] = {}
         for b in self.grads.buckets:
-            if not self.sharded and names is not None and not any(self.names[id(p)] in names for p in b.params):
-                # nothing asked for from it and no gather to join: a checkpoint writer of 1/N of the parameters
-                # would otherwise build (and throw away) every bucket's full moments at every save
-                continue
-            flats = {k: torch.zeros(b.numel, dtype=torch.float32, device=b.grad.device) for k in STATE_KEYS}
+            shards = {k: torch.zeros(b.shard_end - b.shard_start, dtype=torch.float32, device=b.grad.device)
+                      for k in STATE_KEYS}
             for piece in self.pieces:
-                state = self.inner.state.get(piece.tensor) if piece.bucket is b and self.inner is not None else None
+                state = self.inner.state.get(piece.tensor) if piece.bucket is b else None
                 for k in STATE_KEYS:
                     if state:
-                        flats[k][piece.start:piece.end] = state[k]
-            flats = {k: self._full_bucket(b, v) for k, v in flats.items()}
+                        shards[k][piece.start - b.shard_start:piece.end - b.shard_start] = state[k]
+            full = {}
+            for k, shard in shards.items():
+                full[k] = torch.empty(b.numel, dtype=torch.float32, device=shard.device)
+                all_gather_flat(full[k], shard, group=self.dp_group)
             for p, off in zip(b.params, b.offsets):
                 if names is None or self.names[id(p)] in names:
-                    out[self.names[id(p)]] = {k: flats[k][off:off + p.numel()].view_as(p).clone() for k in STATE_KEYS}
+                    out[self.names[id(p)]] = {k: full[k][off:off + p.numel()].view_as(p).clone() for k in STATE_KEYS}
         return out
 
     def load_groups(self) -> list[list[str]]:
