@@ -126,7 +126,7 @@ def save_single(run_dir, step: int, model: nn.Module, optimizer, keep_last: int 
     cfg_model = model.config
     config = {"model": dataclasses.asdict(cfg_model), **(config or {})}
     snap = take_snapshot(step, model, optimizer, ParallelContext(tp=1, pp=1, dp=1, rank=0, world_size=1), config,
-                         {"consumed_samples": 2 * step}, stage=False, coll=Collective())
+                         {"consumed_samples": 2 * step}, staging=None, coll=Collective())
     return write_snapshot(snap, run_dir, Collective(), Retention(keep_last, keep_every, frozenset(keep_steps)))
 
 

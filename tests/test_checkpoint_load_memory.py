@@ -103,7 +103,7 @@ def _zero1_save_and_load(rank: int, root: str) -> None:
         train_step(model, opt, rank_batch(cfg, data, step, ctx.dp_rank, ctx.dp), lr=1e-3, clip_grad=1.0)
     saved = opt.param_states()
     snap = take_snapshot(2, model, opt, ctx, {"model": dataclasses.asdict(cfg.model)}, {"consumed_samples": 16},
-                         stage=False, coll=coll)
+                         staging=None, coll=coll)
     folder = write_snapshot(snap, Path(root), coll)
 
     fresh, fresh_opt = build(7)

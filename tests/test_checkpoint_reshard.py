@@ -98,6 +98,7 @@ def _worker(rank: int, port: int, root: str, train_config: str) -> None:
 
 
 def _save_and_reload(rank: int, root: Path, cfg_model) -> None:
+    from nanotronix.checkpoint.staging import HostStaging
     from nanotronix.checkpoint.storage import Collective
     from nanotronix.checkpoint.training_state import load_training_state, take_snapshot, write_snapshot
 
@@ -107,7 +108,8 @@ def _save_and_reload(rank: int, root: Path, cfg_model) -> None:
         ctx = _context(cfg_model, layout)
         model, opt, _, _ = _piece(ctx, cfg_model, step_count=7)
         snap = take_snapshot(7, model, opt, ctx, {"model": vars(cfg_model)}, {"consumed_samples": 56},
-                             stage=layout == (2, 1, 4), coll=coll)  # one layout staged to CPU
+                             staging=HostStaging() if layout == (2, 1, 4) else None,  # one layout staged to CPU
+                             coll=coll)
         _check_each_chunk_collected_once(snap, ctx, coll, plain_model(cfg_model), layout)
         write_snapshot(snap, Path(root) / _name(layout), coll)
 

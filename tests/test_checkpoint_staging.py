@@ -1,11 +1,27 @@
-"""What a checkpoint save costs on the accelerator. Without ZeRO-1 the moments a save collects are the optimizer's own
-state tensors (no copy on the device), for the DistributedOptimizer and a plain torch AdamW alike. ~10 s.
+"""What an asynchronous save costs on the accelerator: its pause (the copy to host memory, `staging.HostStaging`) and
+its device memory (the AdamW moments handed to the checkpoint, `DistributedOptimizer.param_states`).
+
+- the host buffers are kept from one save to the next (the same storage at every save), and a save made while the
+  training changes the weights and moments after the staging still writes the staged values, which equal what a
+  synchronous save of the same state writes (the reference: the tensors themselves, written without staging);
+- through the trainer: the Checkpointer stages a save only after the previous background write has finished
+  (which the reuse of the buffers depends on), and an asynchronous run's checkpoints equal a synchronous run's;
+- without ZeRO-1 the moments a save collects are the optimizer's own state tensors (no copy on the device), for
+  the DistributedOptimizer and a plain torch AdamW alike;
+- on a GPU (tools/gpu_checks.sh): the buffers are pinned.
+Bit-exact resume with both (ZeRO-1 and not, async saves): test_resume_exact.py, test_checkpoint_resume.py. ~15 s.
 """
 from __future__ import annotations
 
+import threading
+import time
+from pathlib import Path
+
+import pytest
 import torch
 
-from checkpoint_helpers import adamw, plain_model, train_steps
+from checkpoint_helpers import adamw, plain_model, train_in_process, train_steps
+from helpers import requires_cuda, tiny_config, write_learnable_store
 
 
 def _parallel_run():
@@ -30,6 +46,105 @@ def _parallel_run():
         train_step(model, opt, rank_batch(cfg, data, next(steps), 0, 1), lr=1e-3, clip_grad=1.0)
 
     return cfg, ctx, model, opt, step
+
+
+def read_all(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a step folder (one process, no torch.distributed)."""
+    from nanotronix.checkpoint.storage import Collective, dcp_metadata
+
+    stored = dcp_metadata(folder).state_dict_metadata
+    state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in stored.items() if hasattr(m, "size")}
+    Collective(single_process=True).load(state, folder)
+    return state
+
+
+def assert_same_tensors(a: Path, b: Path) -> None:
+    left, right = read_all(a), read_all(b)
+    assert left.keys() == right.keys() and any(k.startswith("optim.") for k in left)
+    for key in left:
+        assert torch.equal(left[key], right[key]), key
+
+
+def test_staged_buffers_are_reused_and_hold_the_values_of_the_save(tmp_path):
+    from nanotronix.checkpoint.staging import HostStaging
+    from nanotronix.checkpoint.storage import Collective
+    from nanotronix.checkpoint.training_state import take_snapshot, write_snapshot
+
+    cfg, ctx, model, opt, step = _parallel_run()
+    config, coll = cfg.to_dict(), Collective(None)
+    staging = HostStaging()
+
+    def snapshot(n, with_staging):
+        return take_snapshot(n, model, opt, ctx, config, {"consumed_samples": 8 * n},
+                             staging=staging if with_staging else None, coll=coll)
+
+    step()
+    first = snapshot(1, True)
+    storages = {k: p.tensor.untyped_storage().data_ptr() for k, p in first.pieces.items()}
+    write_snapshot(first, tmp_path / "async", coll)
+    step()
+    write_snapshot(snapshot(2, False), tmp_path / "sync", coll)  # the reference: the live tensors, not staged
+    second = snapshot(2, True)
+    assert {k: p.tensor.untyped_storage().data_ptr() for k, p in second.pieces.items()} == storages
+    assert all(p.tensor.device.type == "cpu" for p in second.pieces.values())
+    step()  # the training goes on, changing the weights and moments in place, before the background write
+    write_snapshot(second, tmp_path / "async", coll)
+    assert_same_tensors(tmp_path / "sync" / "step_0000002", tmp_path / "async" / "step_0000002")
+    now = snapshot(3, False)
+    assert not torch.equal(now.pieces["optim.exp_avg.embed_tokens.weight"].tensor,
+                           second.pieces["optim.exp_avg.embed_tokens.weight"].tensor)  # step 3 did change them
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return write_learnable_store(tmp_path_factory.mktemp("store") / "arith")
+
+
+def test_the_checkpointer_stages_after_the_last_write_and_saves_what_a_sync_run_saves(tmp_path, store,
+                                                                                     monkeypatch):
+    from nanotronix.checkpoint.checkpointer import Checkpointer
+    from nanotronix.checkpoint.staging import HostStaging
+
+    events: list[tuple] = []
+    stage, write, wait = HostStaging.stage, Checkpointer._write, Checkpointer.wait
+    next_save = threading.Event()  # the main thread went on to the next save (staging it, or waiting for a write)
+
+    def noted_stage(self, pieces):
+        events.append(("stage", time.perf_counter()))
+        next_save.set()
+        return stage(self, pieces)
+
+    def noted_wait(self):
+        next_save.set()
+        return wait(self)
+
+    def slow_write(self, snapshot):
+        background = threading.current_thread() is not threading.main_thread()
+        if background:  # a slow disk: this write lasts until the next save is due (whatever the step's time)
+            next_save.clear()
+            next_save.wait(timeout=60)
+        storages = {k: p.tensor.untyped_storage().data_ptr() for k, p in snapshot.pieces.items()}
+        write(self, snapshot)
+        events.append(("write", time.perf_counter(), snapshot.step, background, storages))
+
+    monkeypatch.setattr(HostStaging, "stage", noted_stage)
+    monkeypatch.setattr(Checkpointer, "_write", slow_write)
+    monkeypatch.setattr(Checkpointer, "wait", noted_wait)
+    folders = {}
+    for mode, async_save in (("sync", False), ("async", True)):
+        (tmp_path / mode).mkdir()
+        cfg = tiny_config(tmp_path / mode, store, train={"train_steps": 4},
+                          checkpoint={"dir": str(tmp_path / mode / "ckpt"), "interval": 1, "keep_last": 0,
+                                      "async_save": async_save})
+        train_in_process(cfg)
+        folders[mode] = tmp_path / mode / "ckpt"
+    writes = [e for e in events if e[0] == "write" and e[3]]
+    assert [w[2] for w in writes] == [1, 2, 3]  # step 4, the last, saves in the foreground
+    assert all(w[4] == writes[0][4] for w in writes)  # every background save staged into the same buffers
+    stages = [e[1] for e in events if e[0] == "stage"]
+    assert len(stages) == 3 and all(start > done[1] for start, done in zip(stages[1:], writes))
+    for n in range(1, 5):
+        assert_same_tensors(folders["sync"] / f"step_{n:07d}", folders["async"] / f"step_{n:07d}")
 
 
 def test_without_zero1_param_states_hands_out_the_optimizers_own_moments():
@@ -62,3 +177,24 @@ def test_without_zero1_param_states_hands_out_the_optimizers_own_moments():
     for name, p in plain.named_parameters():
         for k in ("exp_avg", "exp_avg_sq"):
             assert got[name][k].data_ptr() == optimizer.state[p][k].data_ptr(), (name, k)
+
+
+@requires_cuda
+def test_cuda_pieces_are_staged_into_pinned_buffers_kept_across_saves():
+    from nanotronix.checkpoint.staging import HostStaging
+    from nanotronix.checkpoint.state import LocalPiece
+
+    device = torch.device("cuda")
+    sources = {"a": torch.randn(1 << 20, device=device), "b": torch.randn(64, 32, device=device)}
+    staging = HostStaging()
+    first = staging.stage({k: LocalPiece(v, None) for k, v in sources.items()})
+    assert all(p.tensor.is_pinned() and p.tensor.device.type == "cpu" for p in first.values())
+    assert all(torch.equal(first[k].tensor, v.cpu()) for k, v in sources.items())
+    storages = {k: p.tensor.untyped_storage().data_ptr() for k, p in first.items()}
+    for v in sources.values():
+        v.mul_(2)
+    second = staging.stage({k: LocalPiece(v, None) for k, v in sources.items()})
+    for v in sources.values():
+        v.add_(1)  # after the staging: the staged copies keep the values they were staged with
+    assert {k: p.tensor.untyped_storage().data_ptr() for k, p in second.items()} == storages
+    assert all(torch.equal(second[k].tensor, (v - 1).cpu()) for k, v in sources.items())

@@ -602,7 +602,7 @@ def test_export_ships_the_tokenizer_as_transformers_reads_it(tmp_path):
     opt = adamw(model)
     train_steps(model, opt, range(1, 2), WITH_BYTES)
     snap = take_snapshot(1, model, opt, ParallelContext(tp=1, pp=1, dp=1, rank=0, world_size=1),
-                         {"model": dataclasses.asdict(WITH_BYTES)}, {"consumed_samples": 2}, stage=False,
+                         {"model": dataclasses.asdict(WITH_BYTES)}, {"consumed_samples": 2}, staging=None,
                          # what the trainer saves after resuming from the import, data.tokenizer unset
                          coll=Collective(), source=source)
     write_snapshot(snap, tmp_path / "continued", Collective(), Retention(0, 0, frozenset()))

@@ -106,11 +106,12 @@ def test_forward_parts_wait_for_their_own_weights():
 def test_checkpoints_wait_for_pending_weight_gathers(tmp_path):
     """A snapshot taken while ZeRO-1's gathers run holds the gathered weights; a checkpoint load waits for gathers
     in flight first, so none lands afterwards over the loaded weights."""
+    from nanotronix.checkpoint.staging import HostStaging
     from nanotronix.checkpoint.storage import Collective
     from nanotronix.checkpoint.training_state import load_training_state, take_snapshot, write_snapshot
 
     cfg, model, opt, arrived = _with_late_gathers()
-    snap = take_snapshot(1, model, opt, model.ctx, cfg.to_dict(), {"consumed_samples": 6}, stage=True,
+    snap = take_snapshot(1, model, opt, model.ctx, cfg.to_dict(), {"consumed_samples": 6}, staging=HostStaging(),
                          coll=Collective(None))
     for name, want in arrived.items():
         assert torch.equal(snap.pieces[f"model.{name}"].tensor, want), name

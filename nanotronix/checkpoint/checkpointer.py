@@ -36,6 +36,7 @@ from nanotronix.checkpoint import paths, run_lock
 from nanotronix.checkpoint.errors import CheckpointError
 from nanotronix.checkpoint.manifest import layout_text, read_manifest
 from nanotronix.checkpoint.preemption import PreemptionWatcher, torchrun_pid
+from nanotronix.checkpoint.staging import HostStaging
 from nanotronix.checkpoint.storage import Collective
 from nanotronix.checkpoint.training_state import load_training_state, take_snapshot, write_snapshot
 from nanotronix.data.blend import weight_units
@@ -199,6 +200,8 @@ class Checkpointer:
         self.watcher = PreemptionWatcher(device, launcher_pid=torchrun_pid())
         self.watcher.install()
         self._executor = ThreadPoolExecutor(1, "checkpoint") if self.settings.async_save else None
+        # host buffers an asynchronous save copies into, kept from one save to the next (pinned on a GPU)
+        self._staging = HostStaging() if self.settings.async_save else None
         self._pending: Optional[Future] = None
         self.last_saved_step: Optional[int] = None
         self.origin: Optional[dict] = None  # the manifest's `source` of the checkpoint resumed from, saved on
@@ -320,14 +323,15 @@ class Checkpointer:
             return
         earlier = None
         try:
-            self.wait()  # one save at a time
+            self.wait()  # one save at a time (and the staging buffers are reused only once the last write is done)
         except UserError as e:  # a background save failed (a full disk since cleared?): this step is still tried
             earlier = e
         # the fingerprints on rank 0 alone, which writes the manifest (`stats`: reads the others need not make)
         data_state = {**loader.state_dict(), **loader.stats(step, fingerprints=self.ctx.rank == 0)}
         background = self._executor is not None and not blocking
         snapshot = take_snapshot(step, model, optimizer, self.ctx, self.cfg.to_dict(), data_state,
-                                 stage=background, coll=self.coll, trainer_state=trainer_state, source=self.origin)
+                                 staging=self._staging if background else None, coll=self.coll,
+                                 trainer_state=trainer_state, source=self.origin)
         self.last_saved_step = step
         if background:
             self._pending = self._executor.submit(self._write, snapshot)
@@ -362,4 +366,6 @@ class Checkpointer:
         finally:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
+            if self._staging is not None:
+                self._staging.release()
             self.watcher.uninstall()

@@ -209,11 +209,6 @@ def optimizer_pieces(access: Any, model: nn.Module, tp: int, keys: Optional[set[
     return out
 
 
-def stage_to_cpu(pieces: dict[str, LocalPiece]) -> dict[str, LocalPiece]:
-    """Private CPU copies, so a background save can write them while training changes the originals."""
-    return {k: LocalPiece(v.tensor.to("cpu", copy=True), v.shard_dim) for k, v in pieces.items()}
-
-
 class TensorParallelMeshes:
     """1-D DeviceMeshes over this rank's TP group (one per device type), built without collectives."""
 

@@ -1,9 +1,9 @@
 """A training run's whole resumable state: weights, AdamW moments, step, data position, RNG, config, layout.
 
-`take_snapshot` (main thread, between steps) collects this rank's pieces, copying them to CPU when the save is
-asynchronous; `write_snapshot` writes them (in the main thread or a background one); `load_training_state`
-puts a checkpoint back into a model and optimizer of any layout (the weights in place, then the moments one
-gradient bucket at a time).
+`take_snapshot` (main thread, between steps) collects this rank's pieces, copying them to host memory when the save
+is asynchronous (`staging.HostStaging`); `write_snapshot` writes them (in the main thread or a background one);
+`load_training_state` puts a checkpoint back into a model and optimizer of any layout (the weights in place, then
+the moments one gradient bucket at a time).
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from nanotronix.checkpoint import state as st
 from nanotronix.checkpoint import storage
 from nanotronix.checkpoint.errors import CheckpointError
 from nanotronix.checkpoint.rng import capture_rng, load_rng, restore_rng, rng_file
+from nanotronix.checkpoint.staging import HostStaging
 from nanotronix.model.rope import ROPE_LAYOUT
 
 
@@ -45,21 +46,23 @@ def _settle_weights(model) -> None:
 
 
 def take_snapshot(step: int, model, optimizer, ctx, config: dict[str, Any], data_state: dict[str, Any],
-                  stage: bool, coll: storage.Collective, trainer_state: Optional[dict[str, Any]] = None,
-                  source: Optional[dict[str, Any]] = None) -> Snapshot:
+                  staging: Optional[HostStaging], coll: storage.Collective,
+                  trainer_state: Optional[dict[str, Any]] = None, source: Optional[dict[str, Any]] = None) -> Snapshot:
     """This rank's state after `step`; `data_state` holds consumed_samples and per-dataset consumption,
     `trainer_state` what the training loop keeps beyond the model (the spike guard's window), `source` where the
     run's weights first came from (an imported Hugging Face model: its config and generation config, which the export
-    writes back). Collective over `coll` (the group `write_snapshot` writes with): this rank collects only the
-    pieces it will write (`state.assign_writers`)."""
+    writes back). With `staging` (an asynchronous save) the pieces are copied into its host buffers, so the training
+    may go on while they are written; without, they are the model's and optimizer's own tensors (no copies), to be
+    written before the training changes them. Collective over `coll` (the group `write_snapshot` writes with): this
+    rank collects only the pieces it will write (`state.assign_writers`)."""
     tied = bool(config["model"]["tie_word_embeddings"])
     _settle_weights(model)
     access = st.optimizer_access(optimizer, model)
     writes = st.assign_writers(coll.all_gather(st.save_chunks(model, ctx.tp, ctx.tp_rank)))[coll.rank]
     pieces = st.model_pieces(model, ctx.tp, tied, writes)
     pieces.update(st.optimizer_pieces(access, model, ctx.tp, writes))
-    if stage:
-        pieces = st.stage_to_cpu(pieces)
+    if staging is not None:
+        pieces = staging.stage(pieces)
     optimizer_step = getattr(access, "step_count", None)
     manifest = {
         "step": step,
