@@ -9,7 +9,7 @@ its device memory (the AdamW moments handed to the checkpoint, `DistributedOptim
 - without ZeRO-1 the moments a save collects are the optimizer's own state tensors (no copy on the device), for
   the DistributedOptimizer and a plain torch AdamW alike;
 - on a GPU (tools/gpu_checks.sh): the buffers are pinned.
-Bit-exact resume with both (ZeRO-1 and not, async saves): test_resume_exact.py, test_checkpoint_resume.py. ~15 s.
+Bit-exact resume with both (ZeRO-1 and not, async saves): test_resume_exact.py, test_checkpoint_resume.py. ~30 s.
 """
 from __future__ import annotations
 

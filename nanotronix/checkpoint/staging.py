@@ -27,7 +27,7 @@ class HostStaging:
     """Host buffers for the pieces a rank saves, reused across saves (see the module docstring)."""
 
     def __init__(self):
-        self._buffers: dict[str, torch.Tensor] = {}
+        self._buffers: dict[str, tuple[torch.Tensor, bool]] = {}  # key -> (host buffer, pinned)
 
     def stage(self, pieces: dict[str, LocalPiece]) -> dict[str, LocalPiece]:
         """Host copies of `pieces` (in this object's buffers: the copies of the previous call are overwritten), all
@@ -49,12 +49,11 @@ class HostStaging:
 
     def _buffer(self, key: str, source: torch.Tensor) -> torch.Tensor:
         pinned = source.device.type == "cuda"
-        buffer = self._buffers.get(key)
-        if buffer is None or buffer.shape != source.shape or buffer.dtype != source.dtype or \
-                buffer.is_pinned() != pinned:
+        buffer, was_pinned = self._buffers.get(key, (None, False))
+        if buffer is None or buffer.shape != source.shape or buffer.dtype != source.dtype or was_pinned != pinned:
             self._buffers.pop(key, None)  # freed before its replacement is allocated
             buffer = torch.empty(source.shape, dtype=source.dtype, device="cpu", pin_memory=pinned)
-            self._buffers[key] = buffer
+            self._buffers[key] = (buffer, pinned)
         return buffer
 
     def release(self) -> None:
