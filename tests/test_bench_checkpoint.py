@@ -61,3 +61,21 @@ def test_a_preset_replaces_the_default_model(tmp_path):
     args = bench_checkpoint.parse_args(["model.preset=smollm2-360m", "model.num_hidden_layers=2"])
     cfg = bench_checkpoint.mode_config(bench_checkpoint.build_tree(args, "cpu"), tmp_path, "sync", False, 5)
     assert cfg.model == load_config(None, ["model.preset=smollm2-360m", "model.num_hidden_layers=2"]).model
+
+
+def test_the_gpu_checks_run_is_a_valid_benchmark(tmp_path):
+    """tools/gpu_checks.sh's bench_checkpoint line, expanded by bash as the script does, parses and gives a valid
+    config (as on a GPU: bf16): a typo there would otherwise be found only on the lent GPU machine."""
+    import re
+    import subprocess
+
+    script = (ROOT / "tools" / "gpu_checks.sh").read_text().replace("\\\n", " ")
+    calls = re.findall(r"tools/bench_checkpoint\.py (.*?)(?:>>|$)", script, re.MULTILINE)
+    assert len(calls) == 1, calls
+    argv = subprocess.run(["bash", "-c", f"printf '%s\\n' {calls[0]}"], capture_output=True, text=True,
+                          check=True).stdout.split()
+    args = bench_checkpoint.parse_args(argv)
+    cfg = bench_checkpoint.mode_config(bench_checkpoint.build_tree(args, "cuda"), tmp_path, "async", True,
+                                       args.interval)
+    assert cfg.train.dtype == "bfloat16" and cfg.checkpoint.async_save
+    assert args.saves >= 3  # the median pause leaves out the first async save's allocation of its host buffers

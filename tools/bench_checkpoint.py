@@ -16,17 +16,20 @@ A step's time is the wall time from the end of one step to the end of the next (
 checkpoint: what the training loop spends on it). Reported per mode:
   step         median time of the steps that neither save nor run beside a background write
   save step    median time of the steps that save: the step plus the training's pause for its save
-  pause        median time a save held the training (sync: collect and write; async: collect and copy to host)
+  pause        median time a save held the training (sync: collect and write; async: collect and copy to host,
+               after waiting for the previous write if it still runs: an --interval too short for the write)
   write        median duration of the background write (async), or of the write inside the pause (sync)
   beside write median time of the steps that ran while a background write was in flight (async: on a CPU the
                write competes with the training for the same cores, which a GPU node's training does not)
   cost/save    median over the saves of the extra time of the save step and the steps after it (until the next
                save) over as many plain steps: the whole price of a save, the slowed steps beside it included
 and the bytes this rank collects per save (staged in host memory when async; each distinct chunk is collected by
-one rank only, so about 1/N of the checkpoint on N ranks), the checkpoint's size on disk, and the ratios sync /
-async of the pause and of the cost per save. The first `--warmup` steps and the last step (whose save always blocks:
-the run ends) are left out. `--nproc N` runs N ranks (gloo on CPU, NCCL on CUDA: one GPU each) with data
-parallelism, started by torch.multiprocessing; the step figures are rank 0's, the bytes every rank's.
+one rank only, so about 1/N of the checkpoint on N ranks), the checkpoint's size on disk, whether the async saves
+staged in pinned host memory (on CUDA they do; the first async save also allocates those buffers, which the later
+ones reuse: the median pause over 3 or more saves leaves it out), and the ratios sync / async of the pause and of
+the cost per save. The first `--warmup` steps and the last step (whose save always blocks: the run ends) are left
+out. `--nproc N` runs N ranks (gloo on CPU, NCCL on CUDA: one GPU each) with data parallelism, started by
+torch.multiprocessing; the step figures are rank 0's, the bytes every rank's.
 """
 from __future__ import annotations
 
@@ -163,10 +166,12 @@ class TimedCheckpointer(Checkpointer):
 
     def _write(self, snapshot) -> None:
         nbytes = sum(p.tensor.numel() * p.tensor.element_size() for p in snapshot.pieces.values())
+        pinned = all(p.tensor.is_pinned() for p in snapshot.pieces.values())
         t0 = time.perf_counter()
         super()._write(snapshot)
         self.writes.append({"step": snapshot.step, "start": t0, "end": time.perf_counter(), "bytes": nbytes,
-                            "background": threading.current_thread() is not threading.main_thread()})
+                            "background": threading.current_thread() is not threading.main_thread(),
+                            "pinned": pinned})
 
 
 def train_timed(cfg: Config, device: torch.device) -> TimedCheckpointer:
@@ -210,6 +215,7 @@ def summarize(ck: TimedCheckpointer, warmup: int, interval: int, last: int) -> d
             "beside_write_s": _median(beside), "cost_per_save_s": _median(costs),
             "saves": len(saves), "plain_steps": len(plain), "steps_beside_write": len(beside),
             "collected_bytes": max((w["bytes"] for w in ck.writes), default=0),
+            "staged_pinned": all(w["pinned"] for w in background) if background else None,
             "pauses_s": [ck.pauses[s] for s in saves], "writes_s": [w["end"] - w["start"] for w in writes]}
 
 
@@ -342,7 +348,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     table = format_table(modes)
     size = sync["checkpoint_bytes"]
     share = ", ".join(f"{b / size:.2f}" for b in modes["async"]["collected_bytes_per_rank"]) if size else "-"
-    summary = (f"checkpoint: {size / 2**20:,.1f} MB on disk; collected per rank and save: {share} of it\n"
+    staged = {True: "pinned", False: "pageable", None: "-"}[background["staged_pinned"]]
+    summary = (f"checkpoint: {size / 2**20:,.1f} MB on disk; collected per rank and save: {share} of it; async "
+               f"saves staged in {staged} host memory\n"
                f"pause sync / async: {f'{pause_ratio:.2f}x' if pause_ratio else '-'} | "
                f"cost per save sync / async: {f'{cost_ratio:.2f}x' if cost_ratio else '-'}")
     print(table, summary, sep="\n", flush=True)

@@ -7,9 +7,10 @@
 #   part 2 (~9 min, most important first): 1.7B with Inductor's GEMM autotuning (train.compile_mode) vs transformers
 #     -> bench_1p7b_autotune.*, where the 1.7B step's time goes (kernel-time profiles) -> bench_1p7b_profile.*,
 #     FlexAttention's GPU tests, 1.7B with document masking (masked SDPA, FlexAttention) ->
-#     bench_1p7b_docmask.*, the CPU layout tests under this machine's torch, the trainer on CUDA (quickstart data,
-#     bf16 + compile + cache + fusion, validation, two steps profiled with a memory snapshot) and a real out of
-#     memory (one error line expected) -> $OUT/checks2.log (no csrc build: nothing in part 2 uses the kernels)
+#     bench_1p7b_docmask.*, the CPU layout tests under this machine's torch, checkpoint saves (pinned staging's GPU
+#     test; sync vs async on 135M), the trainer on CUDA (quickstart data, bf16 + compile + cache + fusion,
+#     validation, two steps profiled with a memory snapshot) and a real out of memory (one error line expected)
+#     -> $OUT/checks2.log (no csrc build: nothing in part 2 uses the kernels)
 # At most 7 files land in $OUT per part (the device tool returns 8).
 # Usage: OUT=/some/dir [CALL_S=590] bash tools/gpu_checks.sh [1|2|all]   (OUT defaults to ./gpu_out, the part to
 # all; CALL_S: this part's time in the device call (its timeout_s, or the session's device time left if less): every
@@ -120,6 +121,17 @@ if [ "$PART" != 1 ]; then  # in the order of what matters most, should the devic
   if LIMIT=$(cap 150 60 "CPU layout tests"); then
     timeout "$LIMIT" $PY -m pytest -q -p no:cacheprovider tests/test_parallel_layouts.py tests/test_document_masking.py \
       tests/test_compute_weights.py -k "not cuda" >> "$LOG" 2>&1; echo "layout tests rc=$?"; tail -2 "$LOG"
+  fi
+  # an asynchronous save's pause on the GPU, staged in pinned host buffers kept across saves, against a sync save in
+  # the same run (tools/bench_checkpoint.py): SmolLM2-135M (a 1.6 GB checkpoint with its moments), bf16, 3 timed
+  # saves 30 steps apart (~0.2 s a step: the background write ends before the next save); its table lands in
+  # checks2.log only (no JSON in $OUT: the summary below reads bench_train's)
+  gpu_tests 60 tests/test_checkpoint_staging.py
+  if LIMIT=$(cap 180 90 "checkpoint bench"); then
+    echo "== [t+${SECONDS}s] checkpoint saves on the GPU: sync vs async (pinned staging)"
+    timeout "$LIMIT" $PY tools/bench_checkpoint.py model.preset=smollm2-135m train.seq_len=2048 \
+      train.micro_batch_size=16 --interval 30 --saves 3 --warmup 3 >> "$LOG" 2>&1
+    echo "checkpoint bench rc=$?"; grep -A4 "^mode " "$LOG" | tail -5
   fi
   # last, best effort: the trainer itself on the GPU (the quickstart's data and model): bf16, compile, the weight
   # cache, the fused wgrad accumulation and loss, validation every 50 steps, steps 101-102 profiled (CUDA kernels
