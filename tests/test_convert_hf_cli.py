@@ -1,0 +1,278 @@
+"""The conversion commands (tools/convert_to_hf.py, tools/convert_from_hf.py) on bad input and interruption:
+--help, one-line errors (bad flags, a Hub push without token / offline or failing, weights that do not fit their
+config), --output / --overwrite that never destroy the input or other files, and no half-written output after
+SIGTERM, a SIGKILL or a step pruned while it is read. Costs ~10 s (a few CLI subprocesses)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import transformers
+
+from convert_hf_helpers import _hf_original, cli, tool_main, trained_checkpoint
+from helpers import ROOT
+
+from nanotronix.checkpoint.hf_export import export_to_hf
+
+
+def test_cli_help_and_bad_input(tmp_path, capsys):
+    for tool in ("convert_to_hf.py", "convert_from_hf.py"):
+        assert cli(tool, "--help").returncode == 0
+    (tmp_path / "weights_only_bin").mkdir()
+    (tmp_path / "weights_only_bin" / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+    cases = [
+        ("convert_to_hf", ["--checkpoint", str(tmp_path / "nope"), "--output", str(tmp_path / "o")],
+         "error: checkpoint not found: "),
+        ("convert_from_hf", ["--hf", str(tmp_path), "--output", str(tmp_path / "o")], "has no config.json"),
+        ("convert_from_hf", ["--hf", str(tmp_path / "weights_only_bin"), "--output", str(tmp_path / "o")],
+         "config.json: "),
+        ("convert_to_hf", ["--checkpoint", str(tmp_path), "--output", str(tmp_path / "o"), "--max-shard-size",
+                           "lots"], "--max-shard-size: cannot read 'lots'"),
+        ("convert_to_hf", ["--checkpoint", str(tmp_path), "--output", str(tmp_path / "o"), "--max-shard-size",
+                           "0GB"], "--max-shard-size: must be more than 0 bytes"),
+        ("convert_to_hf", ["--checkpoint", str(tmp_path), "--output", str(tmp_path / "o"), "--private"],
+         "--private: applies to the Hub repo that --push-to-hub creates"),
+    ]
+    for tool, args, message in cases:
+        code = tool_main(tool)(args)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert not (tmp_path / "o").exists()
+
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"HF_HUB_OFFLINE": "1", "HF_TOKEN": "hf_fake"}, "offline mode"),
+    ({"HF_HUB_OFFLINE": "0"}, "no Hugging Face token"),
+])
+def test_push_to_hub_fails_early_with_one_line(tmp_path, env, message):
+    trained_checkpoint(tmp_path / "run")
+    clean = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+    base = {**clean, "HF_HOME": str(tmp_path / "hf_home"), **env}
+    proc = subprocess.run([sys.executable, "tools/convert_to_hf.py", "--checkpoint", str(tmp_path / "run"),
+                           "--output", str(tmp_path / "hf"), "--push-to-hub", "someone/tiny"], env=base,
+                          capture_output=True, text=True, cwd=ROOT, timeout=180)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
+    assert not (tmp_path / "hf").exists()  # failed before converting
+
+
+
+def test_push_to_hub_failure_keeps_the_complete_export(tmp_path):
+    """The real huggingface_hub client up to its first request, against an endpoint where nothing listens (no
+    network here): one error line naming the failure, exit 2, and the converted folder complete on disk."""
+    import socket
+    trained_checkpoint(tmp_path / "run")
+    with socket.socket() as s:  # a free local port, closed again: connections to it are refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    clean = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE")}
+    env = {**clean, "HF_HOME": str(tmp_path / "hf_home"), "HF_TOKEN": "hf_fake", "HF_HUB_OFFLINE": "0",
+           "HF_ENDPOINT": f"http://127.0.0.1:{port}"}
+    proc = subprocess.run([sys.executable, "tools/convert_to_hf.py", "--checkpoint", str(tmp_path / "run"),
+                           "--output", str(tmp_path / "hf"), "--push-to-hub", "someone/tiny"], env=env,
+                          capture_output=True, text=True, cwd=ROOT, timeout=180)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr
+    assert lines[-1].startswith("error: --push-to-hub someone/tiny: upload failed")
+    assert str(tmp_path / "hf") in lines[-1]  # where the complete export is
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "hf").model_type == "llama"
+    assert list((tmp_path / "hf").glob("*.safetensors"))
+
+
+
+def test_output_and_overwrite_never_destroy_the_input_or_other_files(tmp_path, capsys):
+    """--overwrite replaces an earlier output of the same kind only: not the run being read (it used to delete the
+    whole run and exit 0), not the HF folder being imported, not a training run, not someone's other files."""
+    run = tmp_path / "run"
+    trained_checkpoint(run)
+    files = sorted(p.relative_to(tmp_path) for p in run.rglob("*"))
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "thesis.tex").write_text("years of work")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+
+    def one_error(tool: str, *args: str) -> str:
+        code = tool_main(tool)([*args, "--no-progress"])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+        return lines[0]
+
+    for output in (run, run / "step_0000002", tmp_path, run / "step_0000002" / "hf", run / "hf"):
+        said = one_error("convert_to_hf", "--checkpoint", str(run), "--output", str(output), "--overwrite")
+        assert "it is, holds or lies inside the input" in said
+    assert "is not a Hugging Face model folder" in one_error(
+        "convert_to_hf", "--checkpoint", str(run), "--output", str(notes), "--overwrite")
+    assert "cannot write there" in one_error("convert_to_hf", "--checkpoint", str(run), "--output",
+                                             str(blocker / "hf"))
+    link = tmp_path / "link"
+    link.symlink_to(notes)
+    assert "is a symbolic link" in one_error("convert_to_hf", "--checkpoint", str(run), "--output", str(link),
+                                             "--overwrite")
+    assert sorted(p.relative_to(tmp_path) for p in run.rglob("*")) == files
+    assert (notes / "thesis.tex").read_text() == "years of work"
+
+    hf = tmp_path / "hf"
+    assert tool_main("convert_to_hf")(["--checkpoint", str(run), "--output", str(hf), "--no-progress"]) == 0
+    assert tool_main("convert_to_hf")(["--checkpoint", str(run), "--output", str(hf), "--overwrite",
+                                       "--no-progress"]) == 0  # an earlier export is replaced
+    capsys.readouterr()
+    assert "it is, holds or lies inside the input" in one_error("convert_from_hf", "--hf", str(hf), "--output",
+                                                                str(hf), "--overwrite")
+    said = one_error("convert_from_hf", "--hf", str(hf), "--output", str(run), "--overwrite")
+    assert "is not an earlier import" in said
+    imported = tmp_path / "imported"
+    for _ in range(2):  # the second replaces the first
+        assert tool_main("convert_from_hf")(["--hf", str(hf), "--output", str(imported), "--overwrite",
+                                             "--no-progress"]) == 0
+    assert sorted(p.relative_to(tmp_path) for p in run.rglob("*")) == files
+    assert (hf / "config.json").is_file() and not list(tmp_path.glob(".*tmp*"))
+
+
+
+def test_weights_that_do_not_fit_their_config_are_one_line(tmp_path, capsys):
+    """A config beside the weights that does not describe them (an edited checkpoint.json or config.json), damaged
+    safetensors, a config.json that is not an object: one line naming the tensor or file, never a traceback."""
+    run = tmp_path / "run"
+    folder, _ = trained_checkpoint(run)
+    hf = export_to_hf(run, tmp_path / "hf", progress=False, log=lambda _: None)
+
+    def one_error(tool: str, *args: str) -> str:
+        code = tool_main(tool)([*args, "--no-progress"])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+        return lines[0]
+
+    edited = tmp_path / "edited"
+    edited.mkdir()
+    shutil.copytree(folder, edited / folder.name)
+    manifest = json.loads((edited / folder.name / "checkpoint.json").read_text())
+    manifest["config"]["model"]["intermediate_size"] *= 2
+    (edited / folder.name / "checkpoint.json").write_text(json.dumps(manifest))
+    said = one_error("convert_to_hf", "--checkpoint", str(edited), "--output", str(tmp_path / "o"))
+    assert "tensor layers.0.mlp.gate_up_proj.weight is [" in said and "but the model config in checkpoint.json" in said
+
+    config = json.loads((hf / "config.json").read_text())
+    wrong = tmp_path / "wrong"
+    shutil.copytree(hf, wrong)
+    (wrong / "config.json").write_text(json.dumps({**config, "intermediate_size": config["intermediate_size"] * 2}))
+    said = one_error("convert_from_hf", "--hf", str(wrong), "--output", str(tmp_path / "o"))
+    assert said.startswith(f"error: --hf: {wrong}: tensor model.layers.0.mlp.gate_proj.weight is [")
+    (wrong / "config.json").write_text(json.dumps(config))
+    weights = wrong / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert one_error("convert_from_hf", "--hf", str(wrong), "--output", str(tmp_path / "o")).startswith(
+        f"error: {weights}: cannot be read as safetensors (")
+    (wrong / "config.json").write_text("[1]")
+    assert one_error("convert_from_hf", "--hf", str(wrong), "--output", str(tmp_path / "o")) == (
+        f"error: --hf: {wrong / 'config.json'}: a JSON list, not an object")
+    assert not (tmp_path / "o").exists()
+
+
+
+def test_overwrite_replaces_only_a_bare_import_and_dot_is_refused(tmp_path, capsys, monkeypatch):
+    """--overwrite of an import's folder: only when it holds the import's step 0, `latest` and a run's lock alone, not
+    when steps set aside by tools/rollback.py (a run rolled back to its imported step 0) or the user's files lie
+    beside them. `--output .` (the current folder) is one line for both converters, not a traceback."""
+    hf = _hf_original(tmp_path / "hf", untied=False)
+    capsys.readouterr()  # transformers' own progress bar
+    imported = tmp_path / "imported"
+    assert tool_main("convert_from_hf")(["--hf", str(hf), "--output", str(imported), "--no-progress"]) == 0
+    (imported / "rolled_back_after_step_0000000-20261204-000000").mkdir()
+    (imported / "rolled_back_after_step_0000000-20261204-000000" / "keep").write_text("trained steps")
+    code = tool_main("convert_from_hf")(["--hf", str(hf), "--output", str(imported), "--overwrite", "--no-progress"])
+    assert code == 2 and "is not an earlier import" in capsys.readouterr().err
+    assert (imported / "rolled_back_after_step_0000000-20261204-000000" / "keep").is_file()
+    shutil.rmtree(imported / "rolled_back_after_step_0000000-20261204-000000")
+    (imported / ".lock").write_text("host h pid 1\n")  # left by a run that trained from it and saved nothing
+    assert tool_main("convert_from_hf")(["--hf", str(hf), "--output", str(imported), "--overwrite",
+                                         "--no-progress"]) == 0
+    capsys.readouterr()
+    assert tool_main("inspect_checkpoint")([str(imported)]) == 0  # where it came from, not its whole config.json
+    assert f"imported from  {hf.resolve()} (Hugging Face)\n" in capsys.readouterr().out
+
+    here = tmp_path / "empty"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    for tool, source in (("convert_from_hf", ["--hf", str(hf)]), ("convert_to_hf", ["--checkpoint", str(imported)])):
+        code = tool_main(tool)([*source, "--output", ".", "--no-progress"])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and lines == ["error: --output .: it is or holds the current folder; name a folder "
+                                       "(e.g. ../NAME)"], lines
+    assert not list(here.iterdir())
+
+
+
+@pytest.mark.parametrize("tool", ["convert_to_hf", "convert_from_hf"])
+def test_sigterm_leaves_no_half_written_output(tmp_path, capsys, monkeypatch, tool):
+    """SIGTERM (kill, timeout, a Slurm time limit) in the middle of a conversion cleans up as Ctrl-C does: one line,
+    exit 143, and neither the output nor its hidden staging folder is left (before, SIGTERM ended the process on
+    the spot and left the staging folder, hundreds of MB, behind)."""
+    import signal
+
+    from nanotronix.checkpoint import hf_export, hf_import
+    if tool == "convert_to_hf":
+        trained_checkpoint(tmp_path / "run")
+        source = ["--checkpoint", str(tmp_path / "run")]
+    else:
+        source = ["--hf", str(_hf_original(tmp_path / "hf", untied=False))]
+    capsys.readouterr()
+    module = hf_export if tool == "convert_to_hf" else hf_import
+
+    def commit_when_killed(*args):  # the signal arrives while the output is still being written
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop the conversion")
+
+    monkeypatch.setattr(module, "commit", commit_when_killed)
+    out = tmp_path / "out"
+    assert tool_main(tool)([*source, "--output", str(out), "--no-progress"]) == 143
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "terminated"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith((".out", "out"))]
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handed back when the command ended
+
+
+
+def test_a_step_pruned_while_it_is_exported_is_said_in_one_line(tmp_path, capsys, monkeypatch):
+    """A running run's keep_last prunes the step an export is reading (an export of a large model takes minutes):
+    one line saying so, exit 2, no output (before: DCP's tracebacks, then "metadata is None")."""
+    from nanotronix.checkpoint.reader import CheckpointReader
+    folder, _ = trained_checkpoint(tmp_path / "run")
+    real, calls = CheckpointReader.tensors, []
+
+    def pruned_meanwhile(self, names, dtype=None):
+        calls.append(names)
+        if len(calls) == 3:  # what paths.prune does: rename aside, then delete
+            folder.rename(folder.with_name(".pruned"))
+        return real(self, names, dtype)
+
+    monkeypatch.setattr(CheckpointReader, "tensors", pruned_meanwhile)
+    capsys.readouterr()
+    code = tool_main("convert_to_hf")(["--checkpoint", str(folder), "--output", str(tmp_path / "hf"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [f"error: checkpoint {folder} was removed while it was being read (a running run's "
+                                 "checkpoint.keep_last prunes its older steps): read a step it keeps (a milestone: "
+                                 "checkpoint.keep_every / keep_steps) or a copy of the step"], err
+    assert not [p.name for p in tmp_path.iterdir() if "hf" in p.name]
+
+
+
+def test_what_a_killed_conversion_left_is_removed(tmp_path, capsys):
+    """SIGKILL (the OOM killer, scancel -s KILL) gives a converter no chance to remove its staging folder; the next
+    conversion to that output removes the ones whose process is gone, and says so, leaving a live one alone."""
+    dead = subprocess.Popen(["true"])  # its process id names no process once it has ended
+    dead.wait()
+    out = tmp_path / "out"
+    for pid in (dead.pid, 1):  # 1: a process that is alive (init), maybe another conversion
+        (tmp_path / f".out.tmp-{pid}").mkdir()
+        (tmp_path / f".out.tmp-{pid}" / "model.safetensors").write_bytes(b"half")
+    source = _hf_original(tmp_path / "hf", untied=False)
+    capsys.readouterr()
+    assert tool_main("convert_from_hf")(["--hf", str(source), "--output", str(out), "--no-progress"]) == 0
+    assert f"note: removed what an interrupted run left beside the output (its process is gone): .out.tmp-{dead.pid}" \
+        in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out")) == [".out.tmp-1"]

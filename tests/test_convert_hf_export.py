@@ -1,0 +1,156 @@
+"""Hugging Face export against transformers itself: logits of the export (fp32, 1e-5, tied and untied), sharded
+bf16 safetensors with an index (through the command), and the tokenizer files shipped with it (the run's, a
+given one, an instruct one with its chat template) with the bos/eos ids transformers reads from them."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+import transformers
+
+from checkpoint_helpers import TINY, TINY_UNTIED, adamw, plain_model, train_steps
+from convert_hf_helpers import WITH_BYTES, _write_tiny_tokenizer, cli, hf_tensors, logits_match, trained_checkpoint
+
+from nanotronix.checkpoint.hf_export import export_to_hf
+from nanotronix.checkpoint.hf_import import import_from_hf
+from nanotronix.convert.hf_mapping import hf_config_dict
+from nanotronix.errors import UserError
+
+
+@pytest.mark.parametrize("cfg", [TINY, TINY_UNTIED], ids=["tied", "untied"])
+def test_export_logits_match_transformers(tmp_path, cfg):
+    folder, model = trained_checkpoint(tmp_path / "run", cfg)
+    out = export_to_hf(tmp_path / "run", tmp_path / "hf", progress=False, log=lambda _: None)
+    assert logits_match(out, model, cfg) < 1e-5
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["tie_word_embeddings"] == cfg.tie_word_embeddings
+    assert config["rope_theta"] == cfg.rope_theta and config["torch_dtype"] == "float32"
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 0
+    assert ("lm_head.weight" in hf_tensors(out)) == (not cfg.tie_word_embeddings)
+
+
+
+def test_cli_sharded_bf16_export(tmp_path):
+    _, model = trained_checkpoint(tmp_path / "run")
+    proc = cli("convert_to_hf.py", "--checkpoint", str(tmp_path / "run"), "--output", str(tmp_path / "hf"),
+               "--dtype", "bfloat16", "--max-shard-size", "20KB", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "hf"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) > 2 and set(index["weight_map"].values()) == {p.name for p in shards}
+    tensors = hf_tensors(out)
+    assert index["metadata"]["total_size"] == sum(t.numel() * 2 for t in tensors.values())
+    assert all(t.dtype == torch.bfloat16 for t in tensors.values())
+    ours = model.state_dict()
+    assert torch.equal(tensors["model.embed_tokens.weight"], ours["embed_tokens.weight"].to(torch.bfloat16))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert hf.dtype == torch.bfloat16
+    assert torch.equal(hf.model.layers[1].mlp.up_proj.weight, ours["layers.1.mlp.gate_up_proj.weight"][1::2]
+                       .to(torch.bfloat16))
+
+
+
+def test_export_ships_the_runs_tokenizer(tmp_path):
+    from tokenizers import Tokenizer
+
+    tokenizer_file = _write_tiny_tokenizer(tmp_path / "tok")
+    trained_checkpoint(tmp_path / "run", cfg=WITH_BYTES, config={"data": {"tokenizer": str(tokenizer_file)}})
+    out = export_to_hf(tmp_path / "run", tmp_path / "hf", progress=False, log=lambda _: None)
+    theirs = transformers.AutoTokenizer.from_pretrained(out)
+    text = "the lazy fox"
+    assert theirs(text)["input_ids"] == Tokenizer.from_file(str(tokenizer_file)).encode(text).ids
+    assert theirs.eos_token == "<|endoftext|>"
+
+
+
+def test_export_takes_bos_from_the_tokenizer_and_refuses_a_larger_one(tmp_path):
+    """config.json's bos_token_id is the tokenizer's own bos_token (here <s>, not its EOS); a tokenizer with more
+    tokens than the model's vocabulary is not the model's (transformers' generate() would index past the
+    embedding): refused when asked for, left out with a warning when it is the run's, and the ids defaulted say so."""
+    from tokenizers import Tokenizer
+
+    tokenizer_file = _write_tiny_tokenizer(tmp_path / "tok")
+    tok = Tokenizer.from_file(str(tokenizer_file))
+    tok.add_special_tokens(["<s>"])
+    tok.save(str(tokenizer_file))
+    (tokenizer_file.parent / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "<|endoftext|>"}))
+    trained_checkpoint(tmp_path / "run", cfg=WITH_BYTES, config={"data": {"tokenizer": str(tokenizer_file)}})
+    out = export_to_hf(tmp_path / "run", tmp_path / "hf", progress=False, log=lambda _: None)
+    config = json.loads((out / "config.json").read_text())
+    assert config["bos_token_id"] == tok.token_to_id("<s>")
+    assert config["eos_token_id"] == tok.token_to_id("<|endoftext|>")
+    assert config["bos_token_id"] != config["eos_token_id"]
+    assert transformers.AutoTokenizer.from_pretrained(out).bos_token_id == config["bos_token_id"]
+
+    big = tmp_path / "big"
+    big.mkdir()
+    tok.add_tokens([f"word{i}" for i in range(100)])  # past the model's 320
+    tok.save(str(big / "tokenizer.json"))
+    with pytest.raises(UserError, match=f"has {tok.get_vocab_size()} tokens, more than the model's vocabulary "
+                                        "\\(320\\)"):
+        export_to_hf(tmp_path / "run", tmp_path / "hf2", tokenizer=str(big), progress=False, log=lambda _: None)
+    assert not (tmp_path / "hf2").exists()
+    said = []
+    trained_checkpoint(tmp_path / "run2", cfg=WITH_BYTES, config={"data": {"tokenizer": str(big / "tokenizer.json")}})
+    out = export_to_hf(tmp_path / "run2", tmp_path / "hf3", progress=False, log=said.append)
+    assert not (out / "tokenizer.json").exists() and not (out / "tokenizer_config.json").exists()
+    assert said[0].startswith("warning: tokenizer files not written (tokenizer ") and "more than the model's" in said[0]
+    assert said[1].startswith("warning: no tokenizer, so bos_token_id and eos_token_id in config.json are set to 0")
+
+
+
+CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+
+
+
+def test_export_ships_the_tokenizer_as_transformers_reads_it(tmp_path):
+    """An instruct tokenizer (eos_token <|im_end|>, its chat template in chat_template.jinja, where transformers saves
+    it): the export keeps the template and makes config.json's eos_token_id the one AutoTokenizer reports (generate()
+    stops there); a run continued from an import that names no data.tokenizer ships the imported model's."""
+    from tokenizers import Tokenizer
+    from nanotronix.checkpoint.manifest import read_manifest
+    from nanotronix.checkpoint.paths import Retention
+    from nanotronix.checkpoint.storage import Collective
+    from nanotronix.checkpoint.training_state import take_snapshot, write_snapshot
+    from nanotronix.parallel import ParallelContext
+
+    folder = tmp_path / "orig"
+    tokenizer_file = _write_tiny_tokenizer(folder)
+    tok = Tokenizer.from_file(str(tokenizer_file))
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    tok.save(str(tokenizer_file))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}))
+    (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+
+    trained_checkpoint(tmp_path / "run", cfg=WITH_BYTES)
+    out = export_to_hf(tmp_path / "run", tmp_path / "hf", tokenizer=str(folder), progress=False, log=lambda _: None)
+    theirs = transformers.AutoTokenizer.from_pretrained(out)
+    config = json.loads((out / "config.json").read_text())
+    assert theirs.eos_token == "<|im_end|>" and config["eos_token_id"] == theirs.eos_token_id == tok.token_to_id(
+        "<|im_end|>")
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == theirs.eos_token_id
+    assert theirs.chat_template == CHAT_TEMPLATE
+
+    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in hf_config_dict(WITH_BYTES).items()
+                                         if k not in ("architectures", "model_type", "torch_dtype")})
+    transformers.LlamaForCausalLM(hf_cfg).save_pretrained(folder)
+    import_from_hf(folder, tmp_path / "imported", log=lambda _: None)
+    source = read_manifest(tmp_path / "imported" / "step_0000000")["source"]
+    model = plain_model(WITH_BYTES)
+    opt = adamw(model)
+    train_steps(model, opt, range(1, 2), WITH_BYTES)
+    snap = take_snapshot(1, model, opt, ParallelContext(tp=1, pp=1, dp=1, rank=0, world_size=1),
+                         {"model": dataclasses.asdict(WITH_BYTES)}, {"consumed_samples": 2}, staging=None,
+                         # what the trainer saves after resuming from the import, data.tokenizer unset
+                         coll=Collective(), source=source)
+    write_snapshot(snap, tmp_path / "continued", Collective(), Retention(0, 0, frozenset()))
+    said = []
+    out = export_to_hf(tmp_path / "continued", tmp_path / "hf2", progress=False, log=said.append)
+    assert transformers.AutoTokenizer.from_pretrained(out).chat_template == CHAT_TEMPLATE
+    assert (out / "tokenizer.json").read_bytes() == tokenizer_file.read_bytes()
+    assert any("shipping the imported model's" in line for line in said), said
