@@ -44,12 +44,7 @@ def test_store_serves_torch_clients_outlives_usr1_and_stops_on_term():
         assert taken.returncode == 2 and err.splitlines()[0].startswith(
             f"error: rendezvous store: cannot listen on port {port}: "), err
         assert len(err.strip().splitlines()) == 1, err
-        store.send_signal(signal.SIGUSR1)
-        time.sleep(0.5)
-        assert store.poll() is None and client.get("rank0") == b"ready"
-        store.send_signal(signal.SIGTERM)
-        out, err = store.communicate(timeout=30)
-        assert store.returncode == 0 and out == "" and err == "", (store.returncode, out, err)
+        _survives_then_stops(store, client, signal.SIGUSR1, signal.SIGTERM)
     finally:
         if store.poll() is None:
             store.kill()
@@ -67,12 +62,17 @@ def test_store_started_ignoring_sigterm_outlives_it_and_stops_on_hup():
         client = TCPStore("127.0.0.1", port, is_master=False, multi_tenant=True,
                           timeout=datetime.timedelta(seconds=30))
         client.set("rank0", "ready")
-        store.send_signal(signal.SIGTERM)
-        time.sleep(0.5)
-        assert store.poll() is None and client.get("rank0") == b"ready"
-        store.send_signal(signal.SIGHUP)
-        out, err = store.communicate(timeout=30)
-        assert store.returncode == 0 and out == "" and err == "", (store.returncode, out, err)
+        _survives_then_stops(store, client, signal.SIGTERM, signal.SIGHUP)
     finally:
         if store.poll() is None:
             store.kill()
+
+
+def _survives_then_stops(store, client, ignored: int, stopping: int) -> None:
+    """`ignored` leaves the store serving what the client set; `stopping` then ends it quietly, exit 0."""
+    store.send_signal(ignored)
+    time.sleep(0.5)
+    assert store.poll() is None and client.get("rank0") == b"ready"
+    store.send_signal(stopping)
+    out, err = store.communicate(timeout=30)
+    assert store.returncode == 0 and out == "" and err == "", (store.returncode, out, err)
