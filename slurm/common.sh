@@ -153,6 +153,7 @@ log "job $SLURM_JOB_ID ($SLURM_JOB_NAME) restart $RESTART: $NNODES node(s) [$SLU
 NO_REQUEUE="the job was submitted with --no-requeue"
 requeue_disabled() { scontrol show job "$SLURM_JOB_ID" 2>/dev/null | grep -q '\bRequeue=0\b'; }
 PREEMPTED=0
+USR1_OF_TIME_LIMIT=0  # whether that USR1 came with no more time left than the lead (see usr1_of_time_limit)
 SRUN_PID=""
 RESENDER_PID=""
 forward_usr1() {
@@ -165,9 +166,44 @@ forward_usr1() {
   ( while sleep 10 && kill -USR1 "$SRUN_PID" 2>/dev/null; do :; done ) &
   RESENDER_PID=$!
 }
+# Slurm's [D-]HH:MM:SS (or MM:SS) in seconds; fails on anything else (UNLIMITED, NOT_SET, INVALID).
+slurm_seconds() {
+  [[ "$1" =~ ^(([0-9]+)-)?(([0-9]+):)?([0-9]+):([0-9]+)$ ]] || return 1
+  echo $(( ((10#${BASH_REMATCH[2]:-0} * 24 + 10#${BASH_REMATCH[4]:-0}) * 60 + 10#${BASH_REMATCH[5]}) * 60 \
+           + 10#${BASH_REMATCH[6]} ))
+}
+# The USR1 lead in seconds (--signal=[{R|B}:]USR1[@TIME], TIME 60 when left out): from SBATCH_SIGNAL (sbatch's own
+# variable, which wins over the script's lines) or the submitted script's last #SBATCH --signal line ($0 is Slurm's
+# copy of it); fails when neither names USR1. A --signal on sbatch's command line is not visible to the job (Slurm
+# shows the lead nowhere: not in scontrol, squeue or the job's environment).
+usr1_lead_s() {
+  local spec=${SBATCH_SIGNAL:-}
+  [ -n "$spec" ] || spec=$(sed -n 's/^#SBATCH[[:space:]]\{1,\}--signal[= ]\([^[:space:]]*\).*/\1/p' "$0" 2>/dev/null \
+                           | tail -n 1)
+  [[ "${spec^^}" =~ ^([RB]+:)?(SIG)?(USR1|10)(@([0-9]+))?$ ]] || return 1
+  echo "${BASH_REMATCH[5]:-60}"
+}
+# Whether a USR1 is the time limit's (--signal=B:USR1@LEAD), not a preemption's, `scancel --signal=USR1`'s or an
+# admin's: Slurm sends it once the time left is at most the lead, "up to 60 seconds earlier than specified" (sbatch's
+# manual: its time-limit checks run every 30 s), so a USR1 with more time left than that is another's. Only the time limit's USR1
+# repeats at every allocation's start when --time is not above the lead, which is what the guard below stops.
+# Where the lead is not known (a --signal given only on sbatch's command line), the bound is Slurm's largest lead,
+# 65535 s: the guard then errs on ending a job rather than requeueing it forever. The README's advice for a short
+# job, a shorter --signal on the command line than the script's 600 s, stays within the bound; a longer lead belongs
+# in the #SBATCH line or SBATCH_SIGNAL. A time left that squeue cannot say counts for the same reason; none
+# (UNLIMITED) does not.
+usr1_of_time_limit() {
+  local left lead
+  left=$(squeue -h -j "$SLURM_JOB_ID" -o %L 2>/dev/null) || return 0
+  [ "$left" != UNLIMITED ] || return 1
+  left=$(slurm_seconds "$left") || return 0
+  lead=$(usr1_lead_s) || lead=65535
+  [ "$left" -le $((lead + 60)) ]
+}
 on_usr1() {
   if [ "$PREEMPTED" = 0 ]; then
     PREEMPTED=1
+    ! usr1_of_time_limit || USR1_OF_TIME_LIMIT=1
     local after="the job will requeue itself"
     ! requeue_disabled || after="it will not requeue itself: $NO_REQUEUE"
     log "USR1: asking the trainer to save a checkpoint and stop ($after)"
@@ -307,9 +343,11 @@ fi
 # After a USR1 the step ends non-zero (the trainer exits 75 after saving, and so does nanotronix.launch then).
 # Exit 0 means the run had finished anyway: nothing to requeue.
 # Not when another run holds CKPT_DIR's lock (this job's trainer was refused: a requeue would be refused again), nor
-# when this allocation and the one before it both got USR1 before committing a checkpoint: a --time not above the
-# --signal lead sends USR1 during every start-up, and each requeue would stop the same way, forever.
-USR1_MARK=usr1_without_progress  # in JOB_LOG_DIR: this allocation was requeued on USR1 from step N, without progress
+# when this allocation and the one before it both got the time limit's USR1 before committing a checkpoint: a --time
+# not above the --signal lead sends USR1 during every start-up, and each requeue would stop the same way, forever.
+# Other USR1s (a preemption, an admin's) do not count: two of them in a long start-up are no reason to end the job.
+# In JOB_LOG_DIR: this allocation was requeued on the time limit's USR1 from step N, without progress.
+USR1_MARK=time_limit_usr1_without_progress
 if [ "$PREEMPTED" = 1 ] && { [ "$LAUNCHED" = 0 ] || [ "$RC" != 0 ]; }; then
   REACHED=$(latest_step)
   if [ "$REQUEUED_BY_SLURM" = 1 ]; then
@@ -326,12 +364,13 @@ if [ "$PREEMPTED" = 1 ] && { [ "$LAUNCHED" = 0 ] || [ "$RC" != 0 ]; }; then
         "not requeued (two jobs cannot train into one CKPT_DIR); wait for that run to end or give this one its own"
     exit "$RC"
   fi
-  if [ "$REACHED" -le "$STARTED_FROM" ]; then
+  if [ "$REACHED" -le "$STARTED_FROM" ] && [ "$USR1_OF_TIME_LIMIT" = 1 ]; then
     PREVIOUS=$RUN_DIR/slurm/job-$SLURM_JOB_ID-restart-$((RESTART - 1))/$USR1_MARK
     if [ "$RESTART" -gt 0 ] && [ "$(cat "$PREVIOUS" 2>/dev/null)" = "$STARTED_FROM" ]; then
-      fail "USR1 came before a checkpoint in two allocations in a row (still at step $STARTED_FROM): not requeued" \
-           "again, the next one would stop the same way; the job's --time must be well above the USR1 lead time" \
-           "(#SBATCH --signal=B:USR1@600: 10 minutes; for a short job pass e.g. --signal=B:USR1@60)"
+      fail "the time limit's USR1 came before a checkpoint in two allocations in a row (still at step" \
+           "$STARTED_FROM): not requeued again, the next one would stop the same way; the job's --time must be well" \
+           "above the USR1 lead time (#SBATCH --signal=B:USR1@600: 10 minutes; for a short job pass e.g." \
+           "--signal=B:USR1@60)"
     fi
     echo "$STARTED_FROM" >"$JOB_LOG_DIR/$USR1_MARK"
   fi

@@ -29,7 +29,8 @@ def tiny_tokenizer(tmp_path_factory) -> str:
 # xdist's reordering by test count): these take minutes each (the Slurm jobs, the quickstart's 4-process run, the
 # layout launches), so they start first and the short files fill in around them, instead of one of them running
 # alone at the end. Serial runs (plain `pytest tests`) keep this order too.
-SLOW_FILES_FIRST = ("test_slurm.py", "test_quickstart.py", "test_parallel_layouts.py", "test_checkpoint_reshard.py")
+SLOW_FILES_FIRST = ("test_slurm.py", "test_slurm_preemption.py", "test_quickstart.py", "test_parallel_layouts.py",
+                    "test_checkpoint_reshard.py")
 
 
 def pytest_collection_modifyitems(config, items):
