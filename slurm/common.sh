@@ -261,17 +261,26 @@ PREFLIGHT=$(srun --nodes=1 --ntasks=1 --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}"
   "$PYTHON" -m nanotronix.preflight --config "$CONFIG" --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" \
     "${RUN_OVERRIDES[@]}" 2>&1)
 PREFLIGHT_RC=$?
-if [ "$PREFLIGHT_RC" != 0 ]; then
-  # Slurm's TERM (scancel, the time limit, a requeue) stops the preflight's step too: its output is then no error.
-  if [ "$TERMINATED" = 1 ]; then
-    log "the TERM came during the preflight: training was not started (nothing was saved)"
-    exit 2
+# Its summary line, then the run's start notes (`note: ...`, the trainer's words): a log line each.
+[ "$PREFLIGHT_RC" != 0 ] || while IFS= read -r line; do log "$line"; done <<<"$PREFLIGHT"
+# Slurm's TERM (scancel, the time limit, a requeue) during the preflight, which stops its step too (its output is then
+# no error), or as it ended (the trap runs once srun has returned, 0 or not): training is not started (before, a TERM
+# after a successful preflight launched it all the same). After a USR1, the USR1 paths below say how the job ends
+# (the time limit's TERM lets its requeue go on).
+if [ "$TERMINATED" = 1 ] && [ "$PREEMPTED" = 0 ]; then
+  if [ "$PREFLIGHT_RC" = 0 ]; then WHEN="as the preflight ended"; else WHEN="during the preflight"; fi
+  if [ "$REQUEUED_BY_SLURM" = 1 ]; then
+    log "the TERM came $WHEN: training was not started; Slurm requeues the job, which resumes from the latest" \
+        "checkpoint in $CKPT_DIR"
+  else
+    log "the TERM came $WHEN: training was not started (nothing was saved)"
   fi
+  exit 2
+fi
+if [ "$PREFLIGHT_RC" != 0 ] && [ "$TERMINATED" = 0 ]; then
   grep -v '^srun: ' <<<"$PREFLIGHT" >&2
   exit 2
 fi
-# Its summary line, then the run's start notes (`note: ...`, the trainer's words): a log line each.
-while IFS= read -r line; do log "$line"; done <<<"$PREFLIGHT"
 # (the store's own line already starts with "error: ")
 kill -0 "$STORE_PID" 2>/dev/null || fail "$(grep -h '^error' "$STORE_LOG" | sed 's/^error: //' | grep . \
   || echo "the rendezvous store stopped: see $STORE_LOG")"
@@ -350,13 +359,14 @@ fi
 USR1_MARK=time_limit_usr1_without_progress
 if [ "$PREEMPTED" = 1 ] && { [ "$LAUNCHED" = 0 ] || [ "$RC" != 0 ]; }; then
   REACHED=$(latest_step)
+  if [ "$LAUNCHED" = 1 ]; then WHAT="job step ended (exit $RC) after USR1"; else WHAT="USR1 before training started"; fi
   if [ "$REQUEUED_BY_SLURM" = 1 ]; then
-    log "job step ended (exit $RC) after USR1 and TERM: Slurm requeues the job, which resumes from step $REACHED"
+    log "$WHAT and TERM: Slurm requeues the job, which resumes from step $REACHED"
     exit "$RC"
   fi
   if [ "$TERMINATED" = 1 ] && [ "$TIME_LIMIT" = 0 ]; then
-    log "job step ended (exit $RC) after USR1, then TERM (scancel): not requeued; the latest checkpoint is step" \
-        "$REACHED: resubmit the job to continue from it"
+    log "$WHAT, then TERM (scancel): not requeued; the latest checkpoint is step $REACHED: resubmit the job to" \
+        "continue from it"
     exit "$RC"
   fi
   if [ "$LAUNCHED" = 1 ] && HOLDER=$(lock_holder); then
@@ -374,7 +384,6 @@ if [ "$PREEMPTED" = 1 ] && { [ "$LAUNCHED" = 0 ] || [ "$RC" != 0 ]; }; then
     fi
     echo "$STARTED_FROM" >"$JOB_LOG_DIR/$USR1_MARK"
   fi
-  if [ "$LAUNCHED" = 1 ]; then WHAT="job step ended (exit $RC) after USR1"; else WHAT="USR1 before training started"; fi
   if requeue_disabled; then
     log "$WHAT: not requeued: $NO_REQUEUE; resubmit it to continue from the latest checkpoint in $CKPT_DIR"
     exit 75

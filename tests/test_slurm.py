@@ -594,12 +594,14 @@ def test_scancel_while_stopping_on_usr1_ends_the_job(slurm, tmp_path):
     assert "TCPStore" not in out and "frame #" not in out, out
 
 
-def submit_with_a_slow_preflight(slurm: Slurm, tmp_path: Path, *flags: str, hold_s: int = 8) -> str:
+def submit_with_a_slow_preflight(slurm: Slurm, tmp_path: Path, *flags: str, hold_s: int = 8, then: str = "") -> str:
     """A training job of the tiny two-stage config whose launch preflight takes `hold_s` s more (a PYTHON wrapper), as
-    in a large job's start: a USR1 sent once the log says the allocation started (`wait_for_restart`) lands in it."""
+    in a large job's start: a USR1 sent once the log says the allocation started (`wait_for_restart`) lands in it.
+    `then`: shell commands the wrapper runs in the preflight's job step once the preflight itself has succeeded."""
     config, stores = two_stage_run(tmp_path)
     wrapper = tmp_path / "python"
-    wrapper.write_text(f'#!/bin/bash\ncase " $* " in *" nanotronix.preflight "*) sleep {hold_s} ;; esac\n'
+    preflight = f'{sys.executable} "$@" || exit; {then}; exit 0' if then else f'exec {sys.executable} "$@"'
+    wrapper.write_text(f'#!/bin/bash\ncase " $* " in *" nanotronix.preflight "*) sleep {hold_s}; {preflight} ;; esac\n'
                        f'exec {sys.executable} "$@"\n')
     wrapper.chmod(0o755)
     return slurm.sbatch(tmp_path, {"CONFIG": str(config), "DATA_ROOT": str(stores), "GPUS_PER_NODE": "0",

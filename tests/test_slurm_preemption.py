@@ -5,10 +5,14 @@ the job handle and the helpers are test_slurm.py's).
   #SBATCH --signal=B:USR1@600) ends the job with one line instead of requeueing it forever (~2 min); two USR1s that
   are not the time limit's (`scancel --signal=USR1 --batch`, as a preemption or an admin sends) in two start-ups in a
   row requeue the job both times (~1 min).
+- A TERM that comes just as the preflight succeeded starts no training; `scontrol requeue` in the preflight says
+  that Slurm brings the job back (~20 s each).
 
 The preflight is slowed down (a PYTHON wrapper) so that the signal lands in it, as in a large job's start.
 """
 from __future__ import annotations
+
+import pytest
 
 from test_slurm import (ENDED, job_output, pytestmark, release, slurm, submit_with_a_slow_preflight,  # noqa: F401
                         wait_for_restart)
@@ -59,3 +63,27 @@ def test_usr1s_that_are_not_the_time_limits_requeue_the_job_every_time(slurm, tm
     assert out.count(f"USR1 before training started: requeueing job {job}") == 2, out
     assert not any(line.startswith("error") for line in out.splitlines()), out
     assert "launching on every node" not in out, out
+
+
+@pytest.mark.parametrize("requeue", [False, True], ids=["term", "requeue"])
+def test_a_term_at_the_end_of_the_preflight_starts_no_training(slurm, tmp_path, requeue):
+    """Slurm's TERM while the preflight's srun returns 0 (here to the batch shell alone, sent from the preflight's step
+    once the preflight itself has succeeded): the shell's trap runs once srun has returned, and the script went on to
+    launch training all the same. It now ends as a TERM in the preflight does, with one line. `scontrol requeue` TERMs
+    the preflight's step too (srun then fails): the line says that Slurm brings the job back (~20 s each)."""
+    signal = 'scontrol requeue "$SLURM_JOB_ID"' if requeue else 'scancel --signal=TERM --batch "$SLURM_JOB_ID"'
+    job = submit_with_a_slow_preflight(slurm, tmp_path, hold_s=0, then=f"{signal}; sleep 3")
+    info = requeued_or_ended(slurm, job, 0)
+    out = job_output(tmp_path, job)
+    slurm.cmd("scancel", job)
+    assert "launching on every node" not in out and not any(line.startswith("error") for line in out.splitlines()), out
+    if requeue:
+        assert (info["JobState"], info["Restarts"]) == ("PENDING", "1"), (info, out)
+        assert "TERM: Slurm is requeueing the job (scontrol requeue or a preemption)" in out, out
+        assert ("the TERM came during the preflight: training was not started; Slurm requeues the job, which resumes "
+                f"from the latest checkpoint in {tmp_path / 'run' / 'checkpoints'}") in out, out
+    else:
+        assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("FAILED", "2:0", "0"), (info, out)
+        assert "] preflight ok: " in out, out  # the preflight succeeded (its summary is a log line)
+        assert "TERM: waiting for the job step to stop (the job will not be requeued)" in out, out
+        assert "the TERM came as the preflight ended: training was not started (nothing was saved)" in out, out
