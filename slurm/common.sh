@@ -185,8 +185,8 @@ usr1_lead_s() {
 }
 # Whether a USR1 is the time limit's (--signal=B:USR1@LEAD), not a preemption's, `scancel --signal=USR1`'s or an
 # admin's: Slurm sends it once the time left is at most the lead, "up to 60 seconds earlier than specified" (sbatch's
-# manual: its time-limit checks run every 30 s), so a USR1 with more time left than that is another's. Only the time limit's USR1
-# repeats at every allocation's start when --time is not above the lead, which is what the guard below stops.
+# manual: its time-limit checks run every 30 s), so a USR1 with more time left than that is another's. Only the time
+# limit's USR1 repeats at every allocation's start when --time is not above the lead: what the guard below stops.
 # Where the lead is not known (a --signal given only on sbatch's command line), the bound is Slurm's largest lead,
 # 65535 s: the guard then errs on ending a job rather than requeueing it forever. The README's advice for a short
 # job, a shorter --signal on the command line than the script's 600 s, stays within the bound; a longer lead belongs
