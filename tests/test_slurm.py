@@ -286,6 +286,8 @@ def ended_without_restart(slurm: Slurm, job: str, cwd: Path) -> tuple[dict, str]
     while "job step ended (exit" not in job_output(cwd, job):
         assert time.monotonic() < deadline, job_output(cwd, job)
         time.sleep(0.5)
+    # then until Slurm has settled it: COMPLETING while its processes stop (seconds, under load), else a requeue
+    slurm.wait(job, 120, until=lambda i: i["JobState"] in ENDED | {"PENDING", "REQUEUED"})
     time.sleep(2)
     return slurm.info(job), job_output(cwd, job)
 
