@@ -11,7 +11,8 @@ through a stand-in optimizer, and the real one only by the loss). One spawn of f
    and moments (gathered) equal the saved logical tensors' slices, bit for bit, and every AdamW piece has its state
    with the saved step. The first of them saves again: the same tensors, bit for bit, as the original folder.
 3. A rank with nothing to write (one parameter, three keys, four ranks) still takes part in the save and the load.
-~40 s of CPU on 2 cores.
+~40 s of CPU on 2 cores. And in one process: frozen parameters (weights saved, no moments) in a plain AdamW resume
+bit for bit against the uninterrupted run.
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from checkpoint_helpers import adamw, load_single, plain_model, save_single, train_steps
 
 WORLD = 4
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -173,3 +176,34 @@ def _free_port() -> int:
 def test_distributed_optimizer_moments_reshard_bit_for_bit(tmp_path):
     # A failing assertion in any rank raises here, with that rank's traceback.
     mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True, start_method="spawn")
+
+
+def test_frozen_parameters_are_saved_without_moments_and_resume_bit_for_bit(tmp_path):
+    """A frozen parameter has weights but no AdamW state (`save_chunks`, `add_optimizer_targets` and the optimizer's
+    `param_states(names)` / `load_groups` skip it alike); the optimizer holds it all the same (torch skips parameters
+    without a gradient). The reference: the same run, not interrupted."""
+    frozen = {"norm.weight", "layers.1.mlp.down_proj.weight"}
+
+    def build(seed: int):
+        model = plain_model(seed=seed)
+        for name, p in model.named_parameters():
+            p.requires_grad_(name not in frozen)
+        return model, adamw(model)  # every parameter, the frozen ones included
+
+    model, opt = build(0)
+    train_steps(model, opt, range(1, 3))
+    folder = save_single(tmp_path / "run", 2, model, opt)
+    stored = set(read_all(folder))
+    assert {f"model.{n}" for n in frozen} <= stored
+    assert not {f"optim.{k}.{n}" for n in frozen for k in MOMENTS} & stored
+    train_steps(model, opt, range(3, 5))  # the uninterrupted run
+
+    resumed, resumed_opt = build(5)  # other weights, the frozen ones too: the checkpoint's must come back
+    load_single(folder, resumed, resumed_opt)
+    train_steps(resumed, resumed_opt, range(3, 5))
+    want = dict(model.named_parameters())
+    for name, p in resumed.named_parameters():
+        assert torch.equal(p, want[name]), name
+        assert (p in resumed_opt.state) == (name not in frozen), name
+        for k in resumed_opt.state.get(p, {}):
+            assert torch.equal(resumed_opt.state[p][k], opt.state[want[name]][k]), (name, k)
