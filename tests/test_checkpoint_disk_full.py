@@ -85,3 +85,51 @@ def test_a_full_log_disk_costs_metrics_lines_not_the_run(tmp_path, capsys):
     assert len(err) == 2 and err[0].startswith(f"warning: step 2: cannot write {log.path}: No space left on device")
     assert err[1] == f"{log.path}: written again from step 4"
     assert log.path.read_text() == '{"step": 1, "loss": 5.0}\n{"step": 4, "loss": 2.0}\n'
+
+
+ONE_RANK_CANNOT_READ_BACK = """
+import sys
+from datetime import timedelta
+from pathlib import Path
+import torch, torch.distributed as dist
+from nanotronix.checkpoint import manifest, paths, rng, storage
+from nanotronix.checkpoint.errors import CheckpointError
+
+rank, run_dir, rendezvous = int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2,
+                        timeout=timedelta(seconds=60))
+if rank == 1:  # an I/O error reading its own files back (a flaky network file system)
+    def unreadable(folder, names):
+        raise OSError(5, "Input/output error")
+    manifest.digest_files = unreadable
+try:
+    storage.write_step(run_dir, 1, {f"w{rank}": torch.ones(100)}, {"step": 1}, rng.capture_rng(), rank,
+                       storage.Collective(), paths.Retention())
+except CheckpointError as e:
+    print(f"rank {rank}: every_rank={e.every_rank}: {e}", flush=True)
+"""
+
+
+def test_a_read_back_failing_on_one_rank_is_every_ranks_error_at_once(tmp_path):
+    """A rank that cannot hash what it wrote (an I/O error) fails the save on every rank at once, with one message
+    naming it; before, its OSError went up alone (a traceback) and the other ranks waited in the gather of the files'
+    digests: on NCCL until the collective timeout, here on gloo until the failed rank's exit broke the connection."""
+    import os
+    import sys
+    from pathlib import Path
+
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    ranks = [subprocess.Popen([sys.executable, "-c", ONE_RANK_CANNOT_READ_BACK, str(r), str(run_dir),
+                               str(tmp_path / "rendezvous")], cwd=Path(__file__).parent, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    try:
+        outs = [proc.communicate(timeout=45)[0] for proc in ranks]
+    finally:
+        for proc in ranks:
+            proc.kill()
+    temp = run_dir / ".step_0000001.tmp"
+    for rank, out in enumerate(outs):
+        assert (f"rank {rank}: every_rank=True: cannot read back checkpoint {temp} to checksum it (on rank 1: "
+                "OSError: [Errno 5] Input/output error); the checkpoints committed before it are intact") in out, outs
+    assert not (run_dir / "step_0000001").exists()

@@ -112,8 +112,19 @@ def write_step(run_dir: Path, step: int, state: dict[str, Any], manifest: dict[s
         raise CheckpointError(f"cannot write checkpoint {temp} ({failed[0]}; {_free_space(run_dir)} free on its "
                               f"filesystem); the checkpoints committed before it are intact (the next save removes "
                               f"the partial folder)", every_rank=True)
-    written += [name for name in mf.list_files(temp) if name.startswith(f"__{coll.rank}_")]
-    digests = coll.all_gather(mf.digest_files(temp, written))
+    # Each rank reads back (hashes) what it wrote; a failure there is said to every rank, which would otherwise wait
+    # in the gather below for the failing one until the collective timeout.
+    try:
+        written += [name for name in mf.list_files(temp) if name.startswith(f"__{coll.rank}_")]
+        digest: Any = mf.digest_files(temp, written)
+    except OSError as e:
+        digest = f"on rank {coll.rank}: {type(e).__name__}: {e}"
+    digests = coll.all_gather(digest)
+    failed = [d for d in digests if isinstance(d, str)]
+    if failed:
+        raise CheckpointError(f"cannot read back checkpoint {temp} to checksum it ({failed[0]}); the checkpoints "
+                              f"committed before it are intact (the next save removes the partial folder)",
+                              every_rank=True)
     if coll.rank == 0:
         try:
             files: dict[str, Any] = {}
