@@ -145,29 +145,6 @@ def test_a_rank_stopped_by_another_says_so_in_one_line_and_exits_after_it(tmp_pa
     assert "rank      : 1 (local_rank: 1)" in root_cause and "exitcode  : 2" in root_cause, root_cause
 
 
-def test_bad_data_met_by_one_rank_stops_the_others_at_start_up(tmp_path, store):
-    """The held-out store's token 300 (its sidecar says 256 tokens) lies in rank 1's validation windows only (windows
-    2-3 of 4: tokens 64-128): rank 1 says its error, rank 0 stops at start-up with one line saying so (not in step
-    1's collective, from the lost connection), and exits after rank 1, torchrun's root cause."""
-    from nanotronix.data.megatron_store import MegatronWriter
-
-    tokens = np.arange(1, 201, dtype=np.uint16)
-    tokens[120] = 300
-    writer = MegatronWriter(tmp_path / "held", np.uint16)
-    writer.add_document(tokens)
-    writer.finalize({"tokenizer": {"name": "synthetic", "vocab_size": 256, "eos_id": 0}})
-    cfg = tiny_config(tmp_path, store)
-    proc = torchrun(2, ["-m", "nanotronix.train", "--config", str(cfg), "validation.interval=5",
-                        "validation.num_samples=4", f"validation.data=[{tmp_path / 'held'}]"])
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert proc.returncode != 0 and sorted(errors) == [  # said at the same moment: in either order, each whole
-        "error: rank 0: at start-up (data): bad input stopped rank 1 (its error says why), so this one stops too",
-        f"error: rank 1: validation.data: token id 300 in {tmp_path / 'held'} is outside the model's vocabulary (256)",
-    ], proc.stderr[-3000:]
-    root_cause = proc.stderr.split("Root Cause (first observed failure):")[1]
-    assert "rank      : 1 (local_rank: 1)" in root_cause and "exitcode  : 2" in root_cause, root_cause
-
-
 def test_an_error_line_is_one_write(monkeypatch):
     """Ranks that fail at the same moment share torchrun's stderr pipe: an error line written in two parts (print's
     text, then its newline, on an unbuffered stderr) lets another rank's line land in between."""

@@ -78,8 +78,9 @@ def main(argv=None) -> None:
     except (UserError, FileNotFoundError) as e:
         # Bad input, one line, no traceback wall. A bad config, or a collective step that failed as a whole
         # (every_rank), is the same on every rank: rank 0 says it. Other bad input may show on some ranks only (a
-        # stage's own check, a path one node lacks): each says it.
-        if getattr(e, "every_rank", False) and rank() != 0:
+        # stage's own check, a path one node lacks): each says it, unless another rank known to meet the same one
+        # says it (said_elsewhere: a bad batch, read alike by a model replica's TP x PP ranks).
+        if (getattr(e, "every_rank", False) and rank() != 0) or getattr(e, "said_elsewhere", False):
             code, exit_late = EXIT_BAD_INPUT, True
         else:
             code = fail(f"rank {rank()}: {e}" if rank() != 0 else e)

@@ -20,7 +20,7 @@ from nanotronix.checkpoint.checkpointer import store_change_notes
 from nanotronix.checkpoint.paths import find_checkpoint
 from nanotronix.config import Config, grad_accum_steps
 from nanotronix.config_checks import skipped_step_ranges
-from nanotronix.data import build_prefetched_loader, document_eos_mismatch
+from nanotronix.data import DataError, build_prefetched_loader, document_eos_mismatch
 from nanotronix.distributed import PeerStopped, peer_stopped, stopping_together
 from nanotronix.errors import UserError, found_behind
 from nanotronix.model import build_model
@@ -199,7 +199,13 @@ def _train_with(cfg: Config, ctx: ParallelContext, device: torch.device, watch: 
             else:
                 watch.at(step, "data")
                 asked = time.perf_counter()
-                batch = loader.batch(step)  # read ahead while the previous step trained: ~0 unless the input is slow
+                try:
+                    batch = loader.batch(step)  # read ahead while the previous step trained: ~0 unless input is slow
+                except DataError as e:
+                    # (a token outside the vocabulary, a damaged store) every tensor- and pipeline-parallel rank of
+                    # this replica reads the same windows and meets it: the replica's first rank says it for them
+                    e.said_elsewhere = ctx.tp_rank != 0 or ctx.pp_rank != 0
+                    raise
                 log.batch_read(time.perf_counter() - asked, batch)
                 watch.at(step, "train step")
                 result = train_step(model, optimizer, batch, lr, cfg.optimizer.clip_grad, guard)
