@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -25,12 +26,27 @@ def tiny_tokenizer(tmp_path_factory) -> str:
     return str(train_tiny_tokenizer(tmp_path_factory.mktemp("tiny_tokenizer") / "tokenizer.json"))
 
 
+@pytest.fixture(scope="module")
+def slurm():
+    """A handle on the local two-node Slurm cluster (.ci/slurm_cluster.sh starts it unless it runs), for the Slurm test
+    files (slurm_helpers.py); it cancels the module's jobs that are still queued at the end."""
+    from slurm_helpers import Slurm
+    start = subprocess.run(["bash", str(ROOT / ".ci" / "slurm_cluster.sh"), "start"], capture_output=True,
+                           text=True, timeout=300)
+    assert start.returncode == 0, f"could not start the Slurm cluster: {start.stderr}"
+    conf = subprocess.run(["bash", str(ROOT / ".ci" / "slurm_cluster.sh"), "conf"], capture_output=True,
+                          text=True).stdout.strip()
+    cluster = Slurm(conf)
+    yield cluster
+    cluster.cancel_all()
+
+
 # `make test` runs the files on two pytest-xdist workers, a file per worker at a time (--dist loadfile, without
 # xdist's reordering by test count): these take minutes each (the Slurm jobs, the quickstart's 4-process run, the
 # layout launches), so they start first and the short files fill in around them, instead of one of them running
 # alone at the end. Serial runs (plain `pytest tests`) keep this order too.
-SLOW_FILES_FIRST = ("test_slurm.py", "test_slurm_preemption.py", "test_quickstart.py", "test_parallel_layouts.py",
-                    "test_checkpoint_reshard.py")
+SLOW_FILES_FIRST = ("test_slurm_failures.py", "test_slurm.py", "test_slurm_preemption.py", "test_slurm_stop.py",
+                    "test_quickstart.py", "test_parallel_layouts.py", "test_checkpoint_reshard.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,8 +1,8 @@
 """nanotronix.rendezvous_store, the c10d rendezvous store slurm/common.sh hosts for a job (its use by torchrun agents
-across two Slurm nodes: tests/test_slurm.py). Here: torch's own TCPStore client talks to it, a USR1 (what
-`scancel --signal=USR1 --batch` sends the batch shell's children) does not stop it, SIGTERM does (exit 0), and a
-taken port is one line; started with SIGTERM ignored (slurm/common.sh), it outlives a SIGTERM and stops on SIGHUP.
-~7 s."""
+across two Slurm nodes: tests/test_slurm.py, tests/test_slurm_failures.py). Here: torch's own TCPStore client talks to
+it, a USR1 (what `scancel --signal=USR1 --batch` sends the batch shell's children) does not stop it, SIGTERM does
+(exit 0), and a taken port is one line; started with SIGTERM ignored (slurm/common.sh), it outlives a SIGTERM and
+stops on SIGHUP. ~7 s."""
 import datetime
 import os
 import signal

@@ -1,5 +1,5 @@
 """slurm/smollm2_1p7b.sh's USR1 and TERM at the edges of a job's start, on the real local Slurm cluster (the cluster,
-the job handle and the helpers are test_slurm.py's).
+the job handle and the helpers: slurm_helpers.py).
 
 - The time limit's USR1 before a checkpoint in two allocations in a row (`sbatch --time=2` with the recipe's
   #SBATCH --signal=B:USR1@600) ends the job with one line instead of requeueing it forever (~2 min); two USR1s that
@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import pytest
 
-from test_slurm import (ENDED, job_output, pytestmark, release, slurm, submit_with_a_slow_preflight,  # noqa: F401
-                        wait_for_restart)
+from slurm_helpers import ENDED, job_output, release, requires_slurm, submit_with_a_slow_preflight, wait_for_restart
+
+pytestmark = requires_slurm
 
 
 def requeued_or_ended(slurm, job: str, restart: int) -> dict[str, str]:

@@ -1,0 +1,123 @@
+"""slurm/smollm2_1p7b.sh stopped on purpose, on the real local Slurm cluster (the cluster, the job handle and the
+helpers: slurm_helpers.py).
+
+- A cancelled job (scancel's TERM) saves and ends CANCELLED instead of requeueing itself; its log has one line per
+  node's torchrun, no traceback or TCPStore errors (~15 s). So does one cancelled while it stops on USR1 (~15 s), and
+  one cancelled in the preflight says that training was not started (~15 s).
+- `scontrol requeue` says that Slurm brings the job back, not that it is not requeued (~15 s).
+- A job submitted with --no-requeue says so on USR1 instead of trying to requeue itself (~20 s).
+
+Skips only where Slurm is not installed; .ci/run installs and starts the cluster, so CI never skips.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from slurm_helpers import (ENDED, Slurm, job_output, requires_slurm, submit_with_a_slow_preflight, two_stage_run,
+                           wait_for_restart, wait_for_step)
+
+pytestmark = requires_slurm
+
+
+def ended_without_restart(slurm: Slurm, job: str, cwd: Path) -> tuple[dict, str]:
+    """(scontrol's fields, the job's log) once the batch shell has said its last word and a requeue, had there been
+    one, would be in."""
+    deadline = time.monotonic() + 300
+    while "job step ended (exit" not in job_output(cwd, job):
+        assert time.monotonic() < deadline, job_output(cwd, job)
+        time.sleep(0.5)
+    # then until Slurm has settled it: COMPLETING while its processes stop (seconds, under load), else a requeue
+    slurm.wait(job, 120, until=lambda i: i["JobState"] in ENDED | {"PENDING", "REQUEUED"})
+    time.sleep(2)
+    return slurm.info(job), job_output(cwd, job)
+
+
+def test_scancel_ends_the_job_without_a_requeue(slurm, tmp_path):
+    """scancel (SIGTERM): the trainer saves the step it is on and the job ends CANCELLED. Before, that save looked
+    like progress to the failed-step requeue, and the cancelled job came back (Restarts=1, PENDING)."""
+    config, stores = two_stage_run(tmp_path)
+    run_dir = tmp_path / "run"
+    job = slurm.sbatch(tmp_path, {"CONFIG": str(config), "DATA_ROOT": str(stores), "GPUS_PER_NODE": "0",
+                                  "NPROC_PER_NODE": "1", "RUN_DIR": str(run_dir)})
+    wait_for_step(slurm, job, tmp_path, run_dir / "logs" / "metrics.jsonl", 5)
+    slurm.cmd("scancel", job)
+    info, out = ended_without_restart(slurm, job, tmp_path)
+    assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0"), (info, out)
+    assert "after TERM (scancel or the time limit): not requeued" in out and "requeueing job" not in out, out
+    # each node's torchrun says the stop in one line (nanotronix.launch), and the rendezvous store outlives the TERM
+    assert "Traceback" not in out and "stopped by SIGTERM; its 1 worker(s) stopped as planned" in out, out
+    assert "TCPStore" not in out and "frame #" not in out, out
+    assert (run_dir / "checkpoints" / "latest").is_file()  # the step it was on, saved
+
+
+def test_scontrol_requeue_says_the_job_comes_back(slurm, tmp_path):
+    """`scontrol requeue` (or a preemption in REQUEUE mode) TERMs the job as scancel does, but Slurm brings it back
+    by itself: the log says so (before: "will not be requeued ... resubmit the job", which would make a second job
+    of the same run) (~15 s)."""
+    config, stores = two_stage_run(tmp_path)
+    run_dir = tmp_path / "run"
+    job = slurm.sbatch(tmp_path, {"CONFIG": str(config), "DATA_ROOT": str(stores), "GPUS_PER_NODE": "0",
+                                  "NPROC_PER_NODE": "1", "RUN_DIR": str(run_dir)})
+    wait_for_step(slurm, job, tmp_path, run_dir / "logs" / "metrics.jsonl", 3)
+    slurm.cmd("scontrol", "requeue", job)
+    info = slurm.wait(job, timeout=300, until=lambda i: i["JobState"] in ENDED or
+                      (i["Restarts"] == "1" and i["JobState"] == "PENDING"))
+    out = job_output(tmp_path, job)
+    slurm.cmd("scancel", job)
+    assert (info["JobState"], info["Restarts"]) == ("PENDING", "1"), (info, out)
+    assert "TERM: Slurm is requeueing the job (scontrol requeue or a preemption)" in out, out
+    assert "after TERM: Slurm requeues the job, which resumes from step " in out, out
+    assert "not be requeued" not in out and "resubmit" not in out, out
+
+
+def test_scancel_while_stopping_on_usr1_ends_the_job(slurm, tmp_path):
+    """scancel right after a USR1, while the trainer saves and stops: the job ends CANCELLED. Before, the USR1 path
+    requeued it all the same (its TERM line said it would not), and the cancelled job came back (~15 s)."""
+    config, stores = two_stage_run(tmp_path)
+    run_dir = tmp_path / "run"
+    job = slurm.sbatch(tmp_path, {"CONFIG": str(config), "DATA_ROOT": str(stores), "GPUS_PER_NODE": "0",
+                                  "NPROC_PER_NODE": "1", "RUN_DIR": str(run_dir)})
+    wait_for_step(slurm, job, tmp_path, run_dir / "logs" / "metrics.jsonl", 3)
+    slurm.cmd("scancel", "--signal=USR1", "--batch", job)
+    slurm.cmd("scancel", job)
+    info, out = ended_without_restart(slurm, job, tmp_path)
+    assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0"), (info, out)
+    assert "after USR1, then TERM (scancel): not requeued" in out and "requeueing job" not in out, out
+    # each node's torchrun says the stop in one line (nanotronix.launch), and the rendezvous store outlives the TERM
+    assert "Traceback" not in out and "stopped by SIGTERM; its 1 worker(s) stopped as planned" in out, out
+    assert "TCPStore" not in out and "frame #" not in out, out
+
+
+def test_scancel_during_the_preflight_says_nothing_was_started(slurm, tmp_path):
+    """scancel while the preflight runs (slowed down as above): Slurm stops its step too; the log says that training
+    was not started, instead of nothing after the TERM line (~15 s)."""
+    job = submit_with_a_slow_preflight(slurm, tmp_path)
+    wait_for_restart(slurm, tmp_path, job, 0)
+    slurm.cmd("scancel", job)
+    info = slurm.wait(job, timeout=300)
+    deadline = time.monotonic() + 30  # the batch shell's last line, once Slurm shows the job ended
+    while "training was not started" not in job_output(tmp_path, job) and time.monotonic() < deadline:
+        time.sleep(0.25)
+    out = job_output(tmp_path, job)
+    assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0"), (info, out)
+    assert "TERM: waiting for the job step to stop (the job will not be requeued)" in out, out
+    assert "the TERM came during the preflight: training was not started (nothing was saved)" in out, out
+    assert "launching on every node" not in out and not any(line.startswith("error") for line in out.splitlines()), out
+
+
+def test_usr1_in_a_job_submitted_with_no_requeue_says_it_is_not_requeued(slurm, tmp_path):
+    """`sbatch --no-requeue`: Slurm refuses `scontrol requeue`. The log said "requeueing job" and then that scontrol
+    failed; it now says at the USR1, and at the end, that the job is not requeued and why (~20 s: the preflight is
+    slowed down, as in the test above, so that the USR1 lands in it)."""
+    job = submit_with_a_slow_preflight(slurm, tmp_path, "--no-requeue")
+    wait_for_restart(slurm, tmp_path, job, 0)
+    slurm.cmd("scancel", "--signal=USR1", "--batch", job)
+    info = slurm.wait(job, timeout=600)
+    out = job_output(tmp_path, job)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("FAILED", "75:0", "0"), (info, out)
+    assert ("USR1: asking the trainer to save a checkpoint and stop (it will not requeue itself: the job was "
+            "submitted with --no-requeue)") in out, out
+    assert ("USR1 before training started: not requeued: the job was submitted with --no-requeue; resubmit it to "
+            f"continue from the latest checkpoint in {tmp_path / 'run' / 'checkpoints'}") in out, out
+    assert "requeueing" not in out and "scontrol requeue failed" not in out, out
