@@ -207,3 +207,30 @@ def test_frozen_parameters_are_saved_without_moments_and_resume_bit_for_bit(tmp_
         assert (p in resumed_opt.state) == (name not in frozen), name
         for k in resumed_opt.state.get(p, {}):
             assert torch.equal(resumed_opt.state[p][k], opt.state[want[name]][k]), (name, k)
+
+
+def test_the_writers_are_assigned_at_the_first_save_and_again_only_when_the_chunks_change():
+    """`state.WriterPlan` (a run's Checkpointer keeps one): a later save gathers each rank's digest only, not every
+    rank's key list, and takes the first save's assignment; chunks that changed (here a parameter frozen, its moments
+    no longer saved) are assigned anew. The reference: `assign_writers` of a fresh gather."""
+    from nanotronix.checkpoint.state import WriterPlan, assign_writers, save_chunks
+
+    class OneRank:  # the one rank of a collective, noting what each gather carries
+        rank = 0
+
+        def __init__(self):
+            self.gathered = []
+
+        def all_gather(self, obj):
+            self.gathered.append(type(obj).__name__)
+            return [obj]
+
+    model, coll, plan = plain_model(), OneRank(), WriterPlan()
+    first = plan.keys(model, 1, 0, coll)
+    assert first == assign_writers([save_chunks(model, 1, 0)])[0] and coll.gathered == ["str", "dict"]
+    coll.gathered.clear()
+    assert plan.keys(model, 1, 0, coll) == first and coll.gathered == ["str"]
+    model.norm.weight.requires_grad_(False)
+    coll.gathered.clear()
+    again = plan.keys(model, 1, 0, coll)
+    assert coll.gathered == ["str", "dict"] and again == first - {f"optim.{k}.norm.weight" for k in MOMENTS}

@@ -37,6 +37,7 @@ from nanotronix.checkpoint.errors import CheckpointError
 from nanotronix.checkpoint.manifest import layout_text, read_manifest
 from nanotronix.checkpoint.preemption import PreemptionWatcher, torchrun_pid
 from nanotronix.checkpoint.staging import HostStaging
+from nanotronix.checkpoint.state import WriterPlan
 from nanotronix.checkpoint.storage import Collective
 from nanotronix.checkpoint.training_state import load_training_state, take_snapshot, write_snapshot
 from nanotronix.data.blend import weight_units
@@ -202,6 +203,7 @@ class Checkpointer:
         self._executor = ThreadPoolExecutor(1, "checkpoint") if self.settings.async_save else None
         # host buffers an asynchronous save copies into, kept from one save to the next (pinned on a GPU)
         self._staging = HostStaging() if self.settings.async_save else None
+        self._writers = WriterPlan()  # which rank writes each chunk, decided at the first save
         self._pending: Optional[Future] = None
         self.last_saved_step: Optional[int] = None
         self.origin: Optional[dict] = None  # the manifest's `source` of the checkpoint resumed from, saved on
@@ -331,7 +333,7 @@ class Checkpointer:
         background = self._executor is not None and not blocking
         snapshot = take_snapshot(step, model, optimizer, self.ctx, self.cfg.to_dict(), data_state,
                                  staging=self._staging if background else None, coll=self.coll,
-                                 trainer_state=trainer_state, source=self.origin)
+                                 trainer_state=trainer_state, source=self.origin, writers=self._writers)
         self.last_saved_step = step
         if background:
             self._pending = self._executor.submit(self._write, snapshot)

@@ -47,18 +47,19 @@ def _settle_weights(model) -> None:
 
 def take_snapshot(step: int, model, optimizer, ctx, config: dict[str, Any], data_state: dict[str, Any],
                   staging: Optional[HostStaging], coll: storage.Collective,
-                  trainer_state: Optional[dict[str, Any]] = None, source: Optional[dict[str, Any]] = None) -> Snapshot:
+                  trainer_state: Optional[dict[str, Any]] = None, source: Optional[dict[str, Any]] = None,
+                  writers: Optional[st.WriterPlan] = None) -> Snapshot:
     """This rank's state after `step`; `data_state` holds consumed_samples and per-dataset consumption,
     `trainer_state` what the training loop keeps beyond the model (the spike guard's window), `source` where the
     run's weights first came from (an imported Hugging Face model: its config and generation config, which the export
     writes back). With `staging` (an asynchronous save) the pieces are copied into its host buffers, so the training
     may go on while they are written; without, they are the model's and optimizer's own tensors (no copies), to be
     written before the training changes them. Collective over `coll` (the group `write_snapshot` writes with): this
-    rank collects only the pieces it will write (`state.assign_writers`)."""
+    rank collects only the pieces it will write (`state.assign_writers`; `writers` keeps that from an earlier save)."""
     tied = bool(config["model"]["tie_word_embeddings"])
     _settle_weights(model)
     access = st.optimizer_access(optimizer, model)
-    writes = st.assign_writers(coll.all_gather(st.save_chunks(model, ctx.tp, ctx.tp_rank)))[coll.rank]
+    writes = (writers or st.WriterPlan()).keys(model, ctx.tp, ctx.tp_rank, coll)
     pieces = st.model_pieces(model, ctx.tp, tied, writes)
     pieces.update(st.optimizer_pieces(access, model, ctx.tp, writes))
     if staging is not None:
