@@ -33,6 +33,16 @@ def ended_without_restart(slurm: Slurm, job: str, cwd: Path) -> tuple[dict, str]
     return slurm.info(job), job_output(cwd, job)
 
 
+def cancelled_without_requeue(slurm: Slurm, job: str, cwd: Path, said: str) -> None:
+    """The job ended CANCELLED, not requeued, its log saying `said`; each node's torchrun said the stop in one line
+    (nanotronix.launch), and the rendezvous store outlived the TERM (no TCPStore errors)."""
+    info, out = ended_without_restart(slurm, job, cwd)
+    assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0"), (info, out)
+    assert said in out and "requeueing job" not in out, out
+    assert "Traceback" not in out and "stopped by SIGTERM; its 1 worker(s) stopped as planned" in out, out
+    assert "TCPStore" not in out and "frame #" not in out, out
+
+
 def test_scancel_ends_the_job_without_a_requeue(slurm, tmp_path):
     """scancel (SIGTERM): the trainer saves the step it is on and the job ends CANCELLED. Before, that save looked
     like progress to the failed-step requeue, and the cancelled job came back (Restarts=1, PENDING)."""
@@ -42,12 +52,7 @@ def test_scancel_ends_the_job_without_a_requeue(slurm, tmp_path):
                                   "NPROC_PER_NODE": "1", "RUN_DIR": str(run_dir)})
     wait_for_step(slurm, job, tmp_path, run_dir / "logs" / "metrics.jsonl", 5)
     slurm.cmd("scancel", job)
-    info, out = ended_without_restart(slurm, job, tmp_path)
-    assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0"), (info, out)
-    assert "after TERM (scancel or the time limit): not requeued" in out and "requeueing job" not in out, out
-    # each node's torchrun says the stop in one line (nanotronix.launch), and the rendezvous store outlives the TERM
-    assert "Traceback" not in out and "stopped by SIGTERM; its 1 worker(s) stopped as planned" in out, out
-    assert "TCPStore" not in out and "frame #" not in out, out
+    cancelled_without_requeue(slurm, job, tmp_path, "after TERM (scancel or the time limit): not requeued")
     assert (run_dir / "checkpoints" / "latest").is_file()  # the step it was on, saved
 
 
@@ -81,12 +86,7 @@ def test_scancel_while_stopping_on_usr1_ends_the_job(slurm, tmp_path):
     wait_for_step(slurm, job, tmp_path, run_dir / "logs" / "metrics.jsonl", 3)
     slurm.cmd("scancel", "--signal=USR1", "--batch", job)
     slurm.cmd("scancel", job)
-    info, out = ended_without_restart(slurm, job, tmp_path)
-    assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0"), (info, out)
-    assert "after USR1, then TERM (scancel): not requeued" in out and "requeueing job" not in out, out
-    # each node's torchrun says the stop in one line (nanotronix.launch), and the rendezvous store outlives the TERM
-    assert "Traceback" not in out and "stopped by SIGTERM; its 1 worker(s) stopped as planned" in out, out
-    assert "TCPStore" not in out and "frame #" not in out, out
+    cancelled_without_requeue(slurm, job, tmp_path, "after USR1, then TERM (scancel): not requeued")
 
 
 def test_scancel_during_the_preflight_says_nothing_was_started(slurm, tmp_path):
