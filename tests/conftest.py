@@ -41,12 +41,32 @@ def slurm():
     cluster.cancel_all()
 
 
+# The files whose tests run jobs on the one local two-node Slurm cluster: one scope, so that one worker runs them one
+# after another. Two of them at once (a file per worker) fight over its two nodes: a test that releases a requeued job
+# once both nodes are idle, or one that kills a worker of a two-node job, meets the other file's jobs.
+SLURM_JOB_FILES = ("test_slurm_failures.py", "test_slurm.py", "test_slurm_preemption.py", "test_slurm_stop.py")
+
+
 # `make test` runs the files on two pytest-xdist workers, a file per worker at a time (--dist loadfile, without
 # xdist's reordering by test count): these take minutes each (the Slurm jobs, the quickstart's 4-process run, the
 # layout launches), so they start first and the short files fill in around them, instead of one of them running
 # alone at the end. Serial runs (plain `pytest tests`) keep this order too.
-SLOW_FILES_FIRST = ("test_slurm_failures.py", "test_slurm.py", "test_slurm_preemption.py", "test_slurm_stop.py",
-                    "test_quickstart.py", "test_parallel_layouts.py", "test_checkpoint_reshard.py")
+SLOW_FILES_FIRST = (*SLURM_JOB_FILES, "test_quickstart.py", "test_parallel_layouts.py", "test_checkpoint_reshard.py")
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """--dist loadfile, with the Slurm job files as one scope (above)."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class SlurmFilesTogether(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)
+            return "the Slurm job files" if Path(scope).name in SLURM_JOB_FILES else scope
+
+    return SlurmFilesTogether(config, log)
 
 
 def pytest_collection_modifyitems(config, items):
