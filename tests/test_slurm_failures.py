@@ -211,7 +211,9 @@ def test_srun_killed_after_a_checkpoint_requeues_the_job(slurm, tmp_path):
              and b"nanotronix.launch" in argv}
     launcher = next(pid for pid in sruns if parent_of(pid) not in sruns)  # srun forks a helper srun
     os.kill(launcher, signal.SIGKILL)
-    info = slurm.wait(job, timeout=300, until=lambda i: i["JobState"] in ENDED or i["Restarts"] != "0")
+    # (PENDING once the old allocation's COMPLETING is over: Restarts counts up before that)
+    info = slurm.wait(job, timeout=300, until=lambda i: i["JobState"] in ENDED or
+                      (i["Restarts"] != "0" and i["JobState"] == "PENDING"))
     out = job_output(tmp_path, job)
     slurm.cmd("scancel", job)
     assert (info["JobState"], info["Restarts"]) == ("PENDING", "1"), (info, out)
