@@ -7,7 +7,10 @@ torchrun would report as a failed run.
 When one rank stops on an error, the others fail in their next collective: `peer_stopped` tells that failure
 from a bug of their own, so that they say it in one line each instead of a traceback that hides the one error
 that matters (the first rank's). Where bad input may stop some ranks or all (a start-up step that reads files),
-`stopping_together` has them agree first, so that an error every rank met is said once.
+`stopping_together` has them agree first, so that an error every rank met is said once. Where the rank that says its
+error knows that it speaks for the ranks it stops (a bad batch: the other model replicas), it notes so in the job's
+c10d store (`note_cause_said`) before it exits, and those keep quiet when their collective fails (`cause_said_by`);
+where nothing was noted (that rank died first, or its error is its own alone), each still says its line.
 """
 from __future__ import annotations
 
@@ -81,11 +84,13 @@ def rank() -> int:
 
 class PeerStopped(Exception):
     """This rank stops because another one did: said in one line, exit 1 (the other rank's error is the cause).
-    `every_rank`: every rank that did not fail raises the same one, so rank 0 says it for all."""
+    `every_rank`: every rank that did not fail raises the same one, so rank 0 says it for all. `said_elsewhere`: the
+    rank that stopped it said its error for this one too (`cause_said_by`), so this rank keeps quiet."""
 
-    def __init__(self, message: object = "", *, every_rank: bool = False):
+    def __init__(self, message: object = "", *, every_rank: bool = False, said_elsewhere: bool = False):
         super().__init__(message)
         self.every_rank = every_rank
+        self.said_elsewhere = said_elsewhere
 
 
 # How a collective reports a peer that is gone: gloo's TCP transport ("Connection closed by peer ... This is
@@ -104,6 +109,44 @@ def peer_stopped(error: BaseException) -> Optional[str]:
     said = str(gone)
     said = said.split("] ", 1)[-1] if said.startswith("[") else said  # gloo's [file.cc:line] prefix
     return " ".join(said.split(". ")[0].split())
+
+
+# Where in the job's c10d store (torchrun's, prefixed by its restart attempt: a restart starts clean) a rank that said
+# the error stopping the run notes its rank, for the ranks it stops; and how long a call to the store may take, so
+# that a store that went away never holds up a failing rank's exit.
+CAUSE_SAID_KEY = "nanotronix/cause_said_by_rank"
+CAUSE_STORE_TIMEOUT = datetime.timedelta(seconds=5)
+
+
+def _job_store():
+    """The default process group's store, with a short timeout (this rank is on its way out); None without one."""
+    if not dist.is_initialized():
+        return None
+    store = dist.distributed_c10d._get_default_store()
+    store.set_timeout(CAUSE_STORE_TIMEOUT)
+    return store
+
+
+def note_cause_said(store=None) -> None:
+    """Note in the job's store (or `store`) that this rank has said the error that stops the others: called after
+    the line is out, so that a rank dying between the two leaves an extra line, never a lost one. A store that
+    cannot be reached notes nothing (the others then say their lines)."""
+    store = _job_store() if store is None else store
+    if store is not None:
+        with contextlib.suppress(Exception):
+            store.set(CAUSE_SAID_KEY, str(rank()))
+
+
+def cause_said_by(store=None) -> Optional[int]:
+    """The rank that noted in the job's store (or `store`) that it said the error stopping the run, else None:
+    nothing noted, no store, or one that cannot be reached (its host gone), so that the caller says its line."""
+    store = _job_store() if store is None else store
+    if store is None:
+        return None
+    try:
+        return int(store.get(CAUSE_SAID_KEY)) if store.check([CAUSE_SAID_KEY]) else None
+    except Exception:
+        return None
 
 
 NAMED_RANKS = 8  # failed ranks named one by one in a PeerStopped line; the rest are counted

@@ -10,12 +10,15 @@ PATH_THROUGH_A_FILE = "a part of that path is a file, not a folder"  # what mkdi
 class UserError(Exception):
     """`every_rank`: every rank of a distributed run raises the same one (a collective step failed as a whole), so
     rank 0 says it for all. `said_elsewhere`: another rank raises this same one and says it (set where that is known,
-    e.g. the ranks of one model replica reading one batch), so this rank keeps quiet."""
+    e.g. the ranks of one model replica reading one batch), so this rank keeps quiet. `said_for_the_stopped`: the line
+    this rank says also says why the ranks it stops (at their next collective) stop, so they keep quiet once it is
+    out (nanotronix.distributed.note_cause_said; a bad batch: the other model replicas)."""
 
     def __init__(self, message: object = "", *, every_rank: bool = False):
         super().__init__(message)
         self.every_rank = every_rank
         self.said_elsewhere = False
+        self.said_for_the_stopped = False
 
 
 class ConfigError(UserError, ValueError):

@@ -34,11 +34,17 @@ def test_bad_data_met_by_one_rank_stops_the_others_at_start_up(tmp_path, store):
     assert "rank      : 1 (local_rank: 1)" in root_cause and "exitcode  : 2" in root_cause, root_cause
 
 
-@pytest.mark.parametrize("layout", ["parallel.tp=2", "parallel.pp=2"])
-def test_a_bad_batch_mid_training_is_said_once_per_model_replica(tmp_path, layout):
-    """A token outside the vocabulary in a window that step ~18 reads: both ranks of the one replica (tensor- or
-    pipeline-parallel) read that batch and meet it; rank 0 says it, rank 1 exits later without a line (before: the
-    same line from each, 32 of them at TP 8 x PP 4)."""
+@pytest.mark.parametrize("nproc, layout, says", [(2, "parallel.tp=2", 0), (2, "parallel.pp=2", 0),
+                                                  (2, "parallel.dp=2", 1), (4, "parallel.tp=2", 2)],
+                         ids=["tp2", "pp2", "dp2", "tp2-dp2"])
+def test_a_bad_batch_mid_training_is_said_once(tmp_path, nproc, layout, says):
+    """A token outside the vocabulary in a window that step 18 reads, in data-parallel rank 1's half of its batch
+    (at DP 1: the one replica's). The ranks of that replica (tensor- or pipeline-parallel) read that batch and meet
+    it: its first rank (`says`) says it, the others exit later without a line (before: the same line from each, 32
+    of them at TP 8 x PP 4). The other replica's ranks (DP 2) stop when their gradient reduction loses it, without
+    a line either: that error said why (before: one "another rank stopped" line each, 7 at DP 8; at TP 2 x DP 2,
+    rank 1's collective fails only when rank 3, quiet, is gone). One error line in all, and torchrun's root cause
+    is the rank that said it."""
     from nanotronix.data.megatron_store import MegatronWriter
 
     rng = np.random.default_rng(0)
@@ -50,10 +56,34 @@ def test_a_bad_batch_mid_training_is_said_once_per_model_replica(tmp_path, layou
         writer.add_document(np.append(tokens, 0))
     writer.finalize({"tokenizer": {"name": "synthetic", "vocab_size": 256, "eos_id": 0}})
     cfg = tiny_config(tmp_path, tmp_path / "arith")
-    proc = torchrun(2, ["-m", "nanotronix.train", "--config", str(cfg), "train.train_steps=60", layout])
+    proc = torchrun(nproc, ["-m", "nanotronix.train", "--config", str(cfg), "train.train_steps=60", layout])
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-3000:]
-    assert errors[0].startswith(f"error: token store {tmp_path / 'arith'}: token id 300 (in the window at token ") \
-        and "is outside the model's vocabulary (256)" in errors[0], errors
+    said = f"error: {f'rank {says}: ' if says else ''}token store {tmp_path / 'arith'}: token id 300 (in the window "
+    assert errors[0].startswith(said) and "is outside the model's vocabulary (256)" in errors[0], errors
     root_cause = proc.stderr.split("Root Cause (first observed failure):")[1]
-    assert "rank      : 0 (local_rank: 0)" in root_cause and "exitcode  : 2" in root_cause, root_cause
+    assert f"rank      : {says} (local_rank: {says})" in root_cause and "exitcode  : 2" in root_cause, root_cause
+
+
+def test_a_said_cause_is_found_in_the_job_store_and_a_lost_one_reads_as_unsaid(monkeypatch):
+    """The rank that said the error notes it in the job's store (torch's TCPStore, as torchrun's agent hosts it), where
+    a stopped rank finds it; with nothing noted (the rank that said it died first), or the store's host gone, a stopped
+    rank finds nothing, at once (it then says its own line)."""
+    import gc
+    import time
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    from nanotronix.distributed import cause_said_by, note_cause_said
+
+    host = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60))
+    stopped = TCPStore("127.0.0.1", host.port, is_master=False, timeout=timedelta(seconds=60))
+    assert cause_said_by(stopped) is None
+    monkeypatch.setenv("RANK", "3")  # the rank that says it (no process group here: torchrun's RANK)
+    note_cause_said(host)
+    assert cause_said_by(stopped) == 3
+    del host
+    gc.collect()
+    asked = time.monotonic()
+    assert cause_said_by(stopped) is None and time.monotonic() - asked < 5

@@ -14,7 +14,7 @@ from nanotronix.config import dump_config, load_config
 from nanotronix.config_checks import check_parallel_shape
 from nanotronix.errors import EXIT_BAD_INPUT, UserError, fail, say_line
 from nanotronix.train import EXIT_INTERRUPTED, EXIT_PREEMPTED, Interrupted
-from nanotronix.distributed import PeerStopped, init_distributed, pick_device, rank, shutdown_and_exit
+from nanotronix.distributed import PeerStopped, init_distributed, note_cause_said, pick_device, rank, shutdown_and_exit
 
 # How much later than the rank that says an error the others exit: longer than torchrun's --monitor-interval (0.1 s
 # by default) and a failing rank's teardown.
@@ -71,8 +71,9 @@ def main(argv=None) -> None:
         code, exit_late = 1, rank() != 0
     except PeerStopped as e:
         # Not this rank's fault: one line, so that the stopped rank's own error stands out among thousands (one in
-        # all, rank 0's, where the ranks that did not fail agreed on it: every_rank).
-        if not e.every_rank or rank() == 0:
+        # all, rank 0's, where the ranks that did not fail agreed on it: every_rank; none, where the rank that
+        # stopped it said its error for the ranks it stops: said_elsewhere).
+        if (not e.every_rank or rank() == 0) and not e.said_elsewhere:
             say_line(f"error: rank {rank()}: {e}")
         code, exit_late = 1, True
     except (UserError, FileNotFoundError) as e:
@@ -84,6 +85,8 @@ def main(argv=None) -> None:
             code, exit_late = EXIT_BAD_INPUT, True
         else:
             code = fail(f"rank {rank()}: {e}" if rank() != 0 else e)
+            if getattr(e, "said_for_the_stopped", False):
+                note_cause_said()  # before this rank's exit fails the others' collectives
     except (Interrupted, KeyboardInterrupt) as e:  # Ctrl-C reaches every rank: rank 0 says it
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # and torchrun passes it on again
         if rank() == 0:

@@ -21,7 +21,7 @@ from nanotronix.checkpoint.paths import find_checkpoint
 from nanotronix.config import Config, grad_accum_steps
 from nanotronix.config_checks import skipped_step_ranges
 from nanotronix.data import DataError, build_prefetched_loader, document_eos_mismatch
-from nanotronix.distributed import PeerStopped, peer_stopped, stopping_together
+from nanotronix.distributed import PeerStopped, cause_said_by, peer_stopped, stopping_together
 from nanotronix.errors import UserError, found_behind
 from nanotronix.model import build_model
 from nanotronix.parallel import DistributedOptimizer, ParallelContext, parallelize
@@ -56,7 +56,7 @@ def train(cfg: Config, ctx: ParallelContext, device: torch.device) -> dict:
             gone = peer_stopped(e)
             if gone is not None:
                 raise PeerStopped(f"{watch.where}: another rank stopped (its error says why), so this one stops "
-                                  f"too: {gone}") from None
+                                  f"too: {gone}", said_elsewhere=cause_said_by() is not None) from None
             raise
     except KeyboardInterrupt:  # also one that lands while the above handles the failed collective it caused
         # Ctrl-C reaches a worker twice (the terminal's process group, then torchrun passing it on): the second must
@@ -203,8 +203,11 @@ def _train_with(cfg: Config, ctx: ParallelContext, device: torch.device, watch: 
                     batch = loader.batch(step)  # read ahead while the previous step trained: ~0 unless input is slow
                 except DataError as e:
                     # (a token outside the vocabulary, a damaged store) every tensor- and pipeline-parallel rank of
-                    # this replica reads the same windows and meets it: the replica's first rank says it for them
+                    # this replica reads the same windows and meets it: the replica's first rank says it for them,
+                    # and for the other replicas' ranks, which stop at the gradient reduction (one line, not one per
+                    # replica)
                     e.said_elsewhere = ctx.tp_rank != 0 or ctx.pp_rank != 0
+                    e.said_for_the_stopped = True
                     raise
                 log.batch_read(time.perf_counter() - asked, batch)
                 watch.at(step, "train step")
