@@ -1,9 +1,9 @@
 """slurm/smollm2_1p7b.sh's bad settings and failures, on the real local Slurm cluster (the cluster, the job handle and
 the helpers: slurm_helpers.py).
 
-- A wrong or missing setting (config, data root, token stores, processes vs tp*pp, GPUs) fails the job within
-  seconds with one `error:` line, before torchrun starts (~25 s for the seven cases); so do a taken rendezvous port
-  and a RUN_DIR that cannot be created, outside the preflight.
+- A wrong or missing setting (config, data root, token stores, processes vs tp*pp, GPUs, port, OVERRIDES) fails the
+  job within seconds with one `error:` line, before torchrun starts (the twelve cases here, a few seconds each); so
+  do a taken rendezvous port and a RUN_DIR that cannot be created, outside the preflight.
 - A failed job step (a trainer process SIGKILLed) requeues the job only if it committed a checkpoint since the
   allocation started (~60 s): without one it ends FAILED with one line saying why (and torchrun's report of the
   killed process); with one it resumes and finishes.
