@@ -22,7 +22,7 @@ def smollm2_tokenizer_path() -> str:
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory) -> str:
     """Path of a tiny byte-level BPE tokenizer.json (<|endoftext|> = 0), trained in well under a second."""
-    from test_data_support import train_tiny_tokenizer
+    from helpers import train_tiny_tokenizer
     return str(train_tiny_tokenizer(tmp_path_factory.mktemp("tiny_tokenizer") / "tokenizer.json"))
 
 

@@ -14,7 +14,7 @@ import transformers
 from safetensors import safe_open
 
 from checkpoint_helpers import TINY, adamw, plain_model, save_single, train_steps
-from helpers import ROOT
+from helpers import ROOT, train_tiny_tokenizer
 
 
 def cli(tool: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -49,21 +49,13 @@ def logits_match(hf_dir: Path, model, cfg) -> float:
 
 
 
-def _write_tiny_tokenizer(folder: Path) -> Path:
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=TINY.vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20, trainer)
-    folder.mkdir(parents=True, exist_ok=True)
-    tok.save(str(folder / "tokenizer.json"))
-    return folder / "tokenizer.json"
+def byte_tokenizer(folder: Path) -> Path:
+    """FOLDER/tokenizer.json: the tiny byte-level tokenizer with its 256 byte tokens and <|endoftext|> (id 0) only,
+    no merges (a vocabulary that small leaves no room for one), so the tokens a test adds still fit WITH_BYTES."""
+    return train_tiny_tokenizer(folder / "tokenizer.json", vocab_size=257)
 
 
-
-# the tiny byte-level tokenizer's 256 bytes and a few merges fit this vocabulary
+# the byte tokenizer's 257 tokens and the few a test adds fit this vocabulary
 WITH_BYTES = dataclasses.replace(TINY, vocab_size=320)
 
 

@@ -1,4 +1,4 @@
-"""Shared test fixtures' building blocks: tiny configs and tiny learnable token stores."""
+"""Shared test fixtures' building blocks: tiny configs, tiny learnable token stores and a tiny tokenizer."""
 from __future__ import annotations
 
 import os
@@ -36,6 +36,30 @@ def write_learnable_store(prefix: Path, num_docs: int = 200, vocab: int = 256, s
     writer.finalize({"tokenizer": {"name": "synthetic", "vocab_size": vocab, "eos_id": 0,
                                    **({"sha256": tokenizer_sha256} if tokenizer_sha256 else {})}})
     return prefix
+
+
+# What the tiny tokenizer learns from, and text the data tests tokenize: prose, code, digits, accents, CJK, emoji.
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. " * 3,
+    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))\n",
+    "Pack my box with five dozen liquor jugs! 0123456789",
+    "Sphinx of black quartz, judge my vow; the five boxing wizards jump quickly.",
+    "caf\u00e9 na\u00efve \u00fcber \u65e5\u672c\u8a9e \U0001f600 emoji and accents",
+]
+
+
+def train_tiny_tokenizer(path: Path, vocab_size: int = 400) -> Path:
+    """A byte-level BPE with <|endoftext|> as id 0 (like SmolLM2), trained in well under a second."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS * 20, trainer=trainer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path))
+    return path
 
 
 def tiny_config(tmp_path: Path, store: Path, **sections) -> Path:

@@ -11,7 +11,7 @@ import torch
 import transformers
 
 from checkpoint_helpers import TINY, TINY_UNTIED, adamw, plain_model, train_steps
-from convert_hf_helpers import WITH_BYTES, _write_tiny_tokenizer, cli, hf_tensors, logits_match, trained_checkpoint
+from convert_hf_helpers import WITH_BYTES, byte_tokenizer, cli, hf_tensors, logits_match, trained_checkpoint
 
 from nanotronix.checkpoint.hf_export import export_to_hf
 from nanotronix.checkpoint.hf_import import import_from_hf
@@ -56,7 +56,7 @@ def test_cli_sharded_bf16_export(tmp_path):
 def test_export_ships_the_runs_tokenizer(tmp_path):
     from tokenizers import Tokenizer
 
-    tokenizer_file = _write_tiny_tokenizer(tmp_path / "tok")
+    tokenizer_file = byte_tokenizer(tmp_path / "tok")
     trained_checkpoint(tmp_path / "run", cfg=WITH_BYTES, config={"data": {"tokenizer": str(tokenizer_file)}})
     out = export_to_hf(tmp_path / "run", tmp_path / "hf", progress=False, log=lambda _: None)
     theirs = transformers.AutoTokenizer.from_pretrained(out)
@@ -72,7 +72,7 @@ def test_export_takes_bos_from_the_tokenizer_and_refuses_a_larger_one(tmp_path):
     embedding): refused when asked for, left out with a warning when it is the run's, and the ids defaulted say so."""
     from tokenizers import Tokenizer
 
-    tokenizer_file = _write_tiny_tokenizer(tmp_path / "tok")
+    tokenizer_file = byte_tokenizer(tmp_path / "tok")
     tok = Tokenizer.from_file(str(tokenizer_file))
     tok.add_special_tokens(["<s>"])
     tok.save(str(tokenizer_file))
@@ -119,7 +119,7 @@ def test_export_ships_the_tokenizer_as_transformers_reads_it(tmp_path):
     from nanotronix.parallel import ParallelContext
 
     folder = tmp_path / "orig"
-    tokenizer_file = _write_tiny_tokenizer(folder)
+    tokenizer_file = byte_tokenizer(folder)
     tok = Tokenizer.from_file(str(tokenizer_file))
     tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
     tok.save(str(tokenizer_file))

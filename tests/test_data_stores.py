@@ -12,7 +12,8 @@ import pytest
 from nanotronix.data import DataError, load_tokenizer, open_store
 from nanotronix.data.megatron_store import MegatronWriter, optimal_dtype
 from nanotronix.data.zarr_store import ZarrWriter, zarr_output_path
-from test_data_support import spec_megatron_bytes, train_tiny_tokenizer, write_spec_megatron
+from helpers import train_tiny_tokenizer
+from test_data_support import spec_megatron_bytes, write_spec_megatron
 
 RNG = np.random.default_rng(0)
 DOCS = [RNG.integers(0, 49152, size=n).tolist() for n in (1, 7, 300, 2, 1000, 5)]

@@ -1,5 +1,5 @@
-"""Shared helpers of the data tests (no tests here): a tiny byte-level BPE tokenizer trained on the fly,
-an independent Megatron writer built from the spec table, and a subprocess runner for the tools."""
+"""Shared helpers of the data tests (no tests here): an independent Megatron writer built from the spec table, and a
+subprocess runner for the tools (the tiny tokenizer and its corpus: helpers.py)."""
 from __future__ import annotations
 
 import os
@@ -11,29 +11,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-
-CORPUS = [
-    "The quick brown fox jumps over the lazy dog. " * 3,
-    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))\n",
-    "Pack my box with five dozen liquor jugs! 0123456789",
-    "Sphinx of black quartz, judge my vow; the five boxing wizards jump quickly.",
-    "caf\u00e9 na\u00efve \u00fcber \u65e5\u672c\u8a9e \U0001f600 emoji and accents",
-]
-
-
-def train_tiny_tokenizer(path: Path, vocab_size: int = 400) -> Path:
-    """A byte-level BPE with <|endoftext|> as id 0 (like SmolLM2), trained in well under a second."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(CORPUS * 20, trainer=trainer)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tok.save(str(path))
-    return path
-
 
 SPEC_DTYPE_CODES = {np.dtype(np.uint8): 1, np.dtype(np.int8): 2, np.dtype(np.int16): 3, np.dtype(np.int32): 4,
                     np.dtype(np.int64): 5, np.dtype(np.float64): 6, np.dtype(np.float32): 7,

@@ -15,7 +15,7 @@ import numpy as np
 from nanotronix.data import PreprocessOptions, multimodal_note, open_store, preprocess
 from nanotronix.data.megatron_store import MegatronWriter
 from nanotronix.data.sharded_store import ConcatenatedStore
-from test_data_support import CORPUS, train_tiny_tokenizer
+from helpers import CORPUS, train_tiny_tokenizer
 
 # Writes theirs_<dtype> for each job and reads every prefix given, printing {prefix: [[tokens of item i], ...]}.
 MEGATRON_SIDE = """

@@ -261,7 +261,7 @@ def _sentencepiece_style_tokenizer(path: Path, prepend: bool) -> str:
     """A SentencePiece-style BPE: spaces become "▁" (Metaspace), and with `prepend` a normalizer puts one before the
     text as Llama-2's tokenizer.json does, so that a text cut before " word" would encode "▁▁word"."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-    from test_data_support import CORPUS
+    from helpers import CORPUS
     t = Tokenizer(models.BPE())
     if prepend:
         t.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
@@ -281,7 +281,7 @@ def test_a_long_document_is_encoded_in_pieces_with_the_ids_of_encoding_it_whole(
     every text (which must not be cut)."""
     import os
     from nanotronix.data import encode
-    from test_data_support import CORPUS
+    from helpers import CORPUS
     if which == "smollm2":
         tok = os.environ.get("NANOTRONIX_SMOLLM2_TOKENIZER", "")
         if not os.path.isfile(tok):
