@@ -46,12 +46,3 @@ def run_tool(script: str, *args: str, timeout: float = 120) -> subprocess.Comple
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run([sys.executable, str(ROOT / "tools" / script), *args], capture_output=True, text=True,
                           env=env, timeout=timeout)
-
-
-def load_tool(script: str):
-    """Import tools/<script> as a module (in-process calls of main(argv) are much faster than subprocesses)."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(f"tool_{Path(script).stem}", ROOT / "tools" / script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module

@@ -12,7 +12,8 @@ import pytest
 
 from nanotronix.data.megatron_store import MegatronWriter
 from nanotronix.data.zarr_store import ZarrWriter
-from test_data_support import load_tool, run_tool
+from helpers import load_tool
+from test_data_support import run_tool
 
 DOCS = [[5, 6, 7, 0], [9, 0], [1, 2, 3, 4, 5, 0]]
 SIDECAR = {"tokenizer": {"name": "tiny", "sha256": "ab" * 32, "vocab_size": 400, "eos_id": 0},
@@ -21,7 +22,7 @@ SIDECAR = {"tokenizer": {"name": "tiny", "sha256": "ab" * 32, "vocab_size": 400,
 
 @pytest.fixture(scope="module")
 def tool():
-    return load_tool("inspect_store.py")
+    return load_tool("inspect_store")
 
 
 def _write(writer, docs=DOCS, sidecar=SIDECAR):

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from nanotronix.data import open_store
-from test_data_support import load_tool, run_tool
+from helpers import load_tool
+from test_data_support import run_tool
 
 TEXTS = ["The quick brown fox.", "def add(a, b):\n    return a + b\n", "caf\u00e9 \u65e5\u672c", "jumps " * 200]
 
@@ -28,7 +29,7 @@ def tok(tiny_tokenizer):
 
 @pytest.fixture(scope="module")
 def tool():
-    return load_tool("preprocess.py")
+    return load_tool("preprocess")
 
 
 def _reference(tok: str, texts: list[str]) -> list[list[int]]:

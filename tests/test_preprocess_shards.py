@@ -16,14 +16,14 @@ import pytest
 
 from nanotronix.data import DataError, open_store
 from nanotronix.data.sharded_store import split_inputs
-from test_data_support import load_tool
+from helpers import load_tool
 
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
 
 
 @pytest.fixture(scope="module")
 def tool():
-    return load_tool("preprocess.py")
+    return load_tool("preprocess")
 
 
 def write_corpus(folder: Path) -> Path:
@@ -79,7 +79,7 @@ def test_shards_read_as_the_single_run(tmp_path, tiny_tokenizer, tool, fmt, caps
     assert np.array_equal(sharded.windows(starts, 65), whole.windows(starts, 65))
     assert np.array_equal(sharded.gather(starts), whole.gather(starts))
     sharded.verify()
-    inspect = load_tool("inspect_store.py")
+    inspect = load_tool("inspect_store")
     assert inspect.main([str(tmp_path / "sharded"), "--verify"]) == 0
     shown = capsys.readouterr().out
     assert f"documents         {whole.num_documents}\n" in shown and "parts             3\n" in shown, shown

@@ -122,8 +122,8 @@ def test_rollback_then_skip_equals_a_run_that_skipped_from_the_start(tmp_path, s
     checkpoint.resume auto. Its steps 7-8 equal a run that skipped 5-6 from the start, bit for bit; the rolled-back
     steps are kept aside; a requeue of the same command continues from the run's own latest step. A rollback while
     a run holds the folder is refused (the run's next save would undo it)."""
-    from test_data_support import load_tool
-    rollback = load_tool("rollback.py")
+    from helpers import load_tool
+    rollback = load_tool("rollback")
     assert run(["tools/rollback.py", "--help"]).returncode == 0
     train_in_process(_config(tmp_path / "ref", store, train={"train_steps": 8, "skip_steps": ["5-6"]}))
     reference = read_metrics(tmp_path / "ref" / "logs")
