@@ -6,6 +6,8 @@ its device memory (the AdamW moments handed to the checkpoint, `DistributedOptim
   synchronous save of the same state writes (the reference: the tensors themselves, written without staging);
 - through the trainer: the Checkpointer stages a save only after the previous background write has finished
   (which the reuse of the buffers depends on), and an asynchronous run's checkpoints equal a synchronous run's;
+- a run that fails while a background write is in flight lets it commit, then ends the writer thread and frees
+  the buffers (`Checkpointer.release`);
 - without ZeRO-1 the moments a save collects are the optimizer's own state tensors (no copy on the device), for
   the DistributedOptimizer and a plain torch AdamW alike;
 - on a GPU (tools/gpu_checks.sh): the buffers are pinned.
@@ -145,6 +147,68 @@ def test_the_checkpointer_stages_after_the_last_write_and_saves_what_a_sync_run_
     assert len(stages) == 3 and all(start > done[1] for start, done in zip(stages[1:], writes))
     for n in range(1, 5):
         assert_same_tensors(folders["sync"] / f"step_{n:07d}", folders["async"] / f"step_{n:07d}")
+
+
+
+@pytest.mark.parametrize("stop", ["error", "ctrl-c"])
+def test_a_run_failing_during_a_background_save_ends_its_writer_thread_and_frees_the_buffers(tmp_path, store,
+                                                                                           monkeypatch, stop):
+    """The trainer's failure path (`finish_pending`, then `release`; a Ctrl-C skips the first, and `release` waits
+    alike): the write in flight commits, then the writer thread ends and the staging buffers are freed, not kept by a
+    caller that goes on in the same process (a test, a bench running the trainer twice). `release` again, and
+    `close` after it, do nothing more."""
+    import gc
+    import signal
+    import weakref
+
+    from nanotronix.checkpoint.checkpointer import Checkpointer
+    from nanotronix.train import Interrupted, trainer
+
+    made: list[Checkpointer] = []
+    writers: list[threading.Thread] = []
+    buffers: list[weakref.ref] = []
+    failed = threading.Event()
+    write, train_step = Checkpointer._write, trainer.train_step
+
+    class Noted(Checkpointer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    def slow_write(self, snapshot):
+        if threading.current_thread() is not threading.main_thread():  # in flight when the run fails
+            writers.append(threading.current_thread())
+            buffers.extend(weakref.ref(p.tensor) for p in snapshot.pieces.values())
+            failed.wait(timeout=60)
+        write(self, snapshot)
+
+    def failing_step(*args, **kwargs):
+        if writers:  # the step after a background save began
+            failed.set()
+            raise RuntimeError("a step that fails") if stop == "error" else KeyboardInterrupt()
+        return train_step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "Checkpointer", Noted)
+    monkeypatch.setattr(Checkpointer, "_write", slow_write)
+    monkeypatch.setattr(trainer, "train_step", failing_step)
+    ckpt = tmp_path / "ckpt"
+    cfg = tiny_config(tmp_path, store, train={"train_steps": 6},
+                      checkpoint={"dir": str(ckpt), "interval": 2, "async_save": True})
+    sigint = signal.getsignal(signal.SIGINT)  # a Ctrl-C's handling ignores the next one (torchrun passes it on)
+    try:
+        with pytest.raises(RuntimeError if stop == "error" else Interrupted,
+                           match="a step that fails" if stop == "error" else "nothing saved since step_0000002"):
+            train_in_process(cfg)
+    finally:
+        signal.signal(signal.SIGINT, sigint)
+    assert (ckpt / "latest").read_text() == "step_0000002\n"  # the write in flight committed first
+    checkpointer, = made
+    gc.collect()
+    assert len(writers) == 1 and not writers[0].is_alive()
+    assert buffers and all(ref() is None for ref in buffers)
+    checkpointer.release()
+    checkpointer.close()
+    checkpointer.release()
 
 
 def test_without_zero1_param_states_hands_out_the_optimizers_own_moments():

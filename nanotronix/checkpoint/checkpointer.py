@@ -9,7 +9,8 @@
             break                                           # preempted: saved on all ranks, exit EXIT_PREEMPTED
     checkpointer.close()                                    # waits for an asynchronous save
     # on a failure: checkpointer.finish_pending() (a background save of a good step commits); at the end, always:
-    checkpointer.release()                                  # the run folder's lock (one run per checkpoint.dir)
+    checkpointer.release()                                  # the run folder's lock (one run per checkpoint.dir),
+                                                            # the writer thread, staging buffers, signal handlers
 
 Which checkpoint a run resumes from (`checkpoint.resume`):
   auto  the newest complete step in `checkpoint.dir`, or a fresh start when there is none;
@@ -251,12 +252,35 @@ class Checkpointer:
                 "other's steps; wait for it to end, or set another checkpoint.dir")
 
     def release(self) -> None:
-        """Let go of what the run holds, at its end or its failure: the run folder's lock, and the SIGTERM/SIGUSR1
-        handlers (left installed after a failure, they swallowed a later SIGTERM of the process that ran it)."""
-        self.watcher.uninstall()
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # closing the descriptor releases the flock
-            self._lock_fd = None
+        """Let go of what the run holds, at its end or its failure (again after `close` or itself: nothing more): the
+        asynchronous save's writer thread and host buffers (a failed run kept them, and a caller that goes on in the
+        same process, such as a test or tools/bench_checkpoint.py, one thread and ~1/N of the checkpoint in pinned
+        memory per run), the SIGTERM/SIGUSR1 handlers (left installed after a failure, they swallowed a later SIGTERM
+        of the process that ran it) and the run folder's lock.
+
+        A write still in flight (a caller that did not `finish_pending`: a Ctrl-C) finishes first, as there: it writes
+        into the locked folder, and the interpreter's exit would wait for its thread anyway; its collectives time out
+        (parallel.collective_timeout_minutes) when the other ranks are gone. Its wait cut short (a second Ctrl-C), it is
+        left to end on its own: a step folder is renamed into place only once complete, so at worst a `.step_N.tmp`
+        is left, never read, removed by the next save."""
+        finished = False
+        try:
+            self.finish_pending()
+            finished = True
+        finally:
+            self._end_writer(join=finished)
+            self.watcher.uninstall()
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)  # closing the descriptor releases the flock
+                self._lock_fd = None
+
+    def _end_writer(self, join: bool) -> None:
+        """End the writer thread (`join`: wait for it; it is idle unless a wait was interrupted) and free the staging
+        buffers; a second call does nothing."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=join, cancel_futures=True)
+        if self._staging is not None:
+            self._staging.release()
 
     def _choose_resume_source(self) -> Optional[Path]:
         return choose_resume_source(self.run_dir, self.settings.resume, self._log)
@@ -363,11 +387,10 @@ class Checkpointer:
             self._log(f"the save in progress failed too: {e}")
 
     def close(self) -> None:
+        """The run's end: wait for an asynchronous save (raising its error), then end its writer and free its
+        buffers; the run folder's lock is kept until `release`."""
         try:
             self.wait()
         finally:
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
-            if self._staging is not None:
-                self._staging.release()
+            self._end_writer(join=True)
             self.watcher.uninstall()
