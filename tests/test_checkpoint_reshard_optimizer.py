@@ -11,6 +11,8 @@ through a stand-in optimizer, and the real one only by the loss). One spawn of f
    and moments (gathered) equal the saved logical tensors' slices, bit for bit, and every AdamW piece has its state
    with the saved step. The first of them saves again: the same tensors, bit for bit, as the original folder.
 3. A rank with nothing to write (one parameter, three keys, four ranks) still takes part in the save and the load.
+4. A trainable parameter the optimizer holds no moments for fails the save on every rank with one line (only the
+   rank assigned those moments finds them missing).
 ~40 s of CPU on 2 cores. And in one process: frozen parameters (weights saved, no moments) in a plain AdamW resume
 bit for bit against the uninterrupted run.
 """
@@ -157,12 +159,40 @@ def _a_rank_with_nothing_to_write(rank: int, root: Path) -> None:
         assert torch.equal(fresh_opt.state[fresh.weight][k], opt.state[model.weight][k]), k
 
 
+def _a_parameter_without_moments(rank: int) -> None:
+    """A trainable parameter left out of the optimizer: only the rank assigned its moments finds them missing; every
+    rank raises the same one line (every_rank) from the snapshot, none goes on into the write to wait for it there."""
+    from nanotronix.checkpoint.errors import CheckpointError
+    from nanotronix.checkpoint.storage import Collective
+    from nanotronix.checkpoint.training_state import take_snapshot
+    from nanotronix.parallel import ParallelContext
+
+    coll = Collective(dist.new_group(backend="gloo"))
+    ctx = ParallelContext(tp=1, pp=1, dp=WORLD, rank=rank, world_size=WORLD)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW([model.weight])  # the bias is trainable, but not the optimizer's
+    model(torch.ones(2, 4)).sum().backward()
+    opt.step()
+    try:
+        take_snapshot(1, model, opt, ctx, {"model": {"tie_word_embeddings": False}}, {"consumed_samples": 1},
+                      staging=None, coll=coll)
+        said = None
+    except Exception as e:
+        said = (type(e).__name__, getattr(e, "every_rank", False), str(e))
+    everyone = coll.all_gather(said)  # without the shared check only the bias's writer raised, the others went on
+    assert everyone == [("CheckpointError", True, "cannot save a checkpoint: the optimizer holds no state for "
+                         "trainable parameter bias (made trainable after the optimizer was built, or left out of "
+                         "it?)")] * WORLD, everyone
+
+
 def _worker(rank: int, port: int, root: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         _resharded_optimizer(rank, Path(root))
         _a_rank_with_nothing_to_write(rank, Path(root))
+        _a_parameter_without_moments(rank)
     finally:
         dist.destroy_process_group()
 

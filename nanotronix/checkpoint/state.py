@@ -34,6 +34,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from nanotronix.checkpoint.errors import CheckpointError
+
 MODEL_PREFIX = "model."
 MOMENTS = ("exp_avg", "exp_avg_sq")
 TIED_HEAD = "lm_head.weight"
@@ -215,14 +217,20 @@ def model_pieces(model: nn.Module, tp: int, tied: bool, keys: Optional[set[str]]
             if keys is None or model_key(fqn) in keys}
 
 
-def optimizer_pieces(access: Any, model: nn.Module, tp: int, keys: Optional[set[str]] = None) -> dict[str, LocalPiece]:
-    """The moments' pieces (those whose keys are in `keys`); every rank calls it (ZeRO-1 gathers over DP)."""
+def optimizer_pieces(access: Any, model: nn.Module, tp: int, coll: Any,
+                     keys: Optional[set[str]] = None) -> dict[str, LocalPiece]:
+    """The moments' pieces (those whose keys are in `keys`); every rank of `coll` calls it (ZeRO-1 gathers over DP,
+    and a trainable parameter without moments is every rank's error: see below)."""
     params = dict(model.named_parameters())
     names = None if keys is None else {fqn for fqn in params if any(optim_key(m, fqn) in keys for m in MOMENTS)}
     states = access.param_states(names)
     missing = sorted(names - set(states)) if names is not None else []
-    if missing:
-        raise RuntimeError(f"the optimizer holds no state for trainable parameter {missing[0]}")
+    # Only the rank that writes the parameter finds it missing (made trainable after the optimizer was built, or left
+    # out of it); the others would go on into the write's collectives and fail there without saying why.
+    first = next((name for name in coll.all_gather(missing[0] if missing else None) if name), None)
+    if first is not None:
+        raise CheckpointError(f"cannot save a checkpoint: the optimizer holds no state for trainable parameter {first} "
+                              "(made trainable after the optimizer was built, or left out of it?)", every_rank=True)
     out = {}
     for fqn, moments in states.items():
         dim = shard_dim_of(params[fqn], tp)

@@ -61,7 +61,7 @@ def take_snapshot(step: int, model, optimizer, ctx, config: dict[str, Any], data
     access = st.optimizer_access(optimizer, model)
     writes = (writers or st.WriterPlan()).keys(model, ctx.tp, ctx.tp_rank, coll)
     pieces = st.model_pieces(model, ctx.tp, tied, writes)
-    pieces.update(st.optimizer_pieces(access, model, ctx.tp, writes))
+    pieces.update(st.optimizer_pieces(access, model, ctx.tp, coll, writes))
     if staging is not None:
         pieces = staging.stage(pieces)
     optimizer_step = getattr(access, "step_count", None)
