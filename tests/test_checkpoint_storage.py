@@ -61,16 +61,19 @@ def test_rng_restored_is_the_saved_state(tmp_path):
 
 def test_every_name_in_a_saved_step_is_durable(tmp_path, monkeypatch):
     """Each folder of a committed step is fsynced after the names in it were made (a file's data fsynced is not
-    its name: after a power loss, a step that `latest` names could lack its rank's RNG file)."""
+    its name: after a power loss, a step that `latest` names could lack its rank's RNG file), and so is each folder
+    holding a level of the run folder that the save made (`mkdir -p`: the run could vanish with all its steps)."""
     synced = []
     real_fsync = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(Path(os.readlink(f"/proc/self/fd/{fd}"))),
                                                  real_fsync(fd)))
     model = plain_model()
-    folder = save_single(tmp_path / "run", 1, model, adamw(model))
-    written_as = tmp_path / "run" / ".step_0000001.tmp"  # renamed into place once complete
+    run_dir = tmp_path / "new" / "levels" / "run"
+    folder = save_single(run_dir, 1, model, adamw(model))
+    written_as = run_dir / ".step_0000001.tmp"  # renamed into place once complete
     folders = [written_as / sub.relative_to(folder) for sub in [folder, *folder.rglob("*")] if sub.is_dir()]
     assert len(folders) >= 2 and all(sub in synced for sub in folders), (folders, synced)
+    assert {tmp_path, tmp_path / "new", tmp_path / "new" / "levels"} <= set(synced), synced
 
 
 def test_latest_pointer_and_keep_last(tmp_path, monkeypatch):
@@ -240,7 +243,7 @@ def test_a_step_is_durable_before_its_rename_and_the_rename_before_latest(tmp_pa
     assert folder_synced and folder_synced[-1] > files_synced[-1]  # the folder after the names made in it
     pointer = next(i for i, e in enumerate(events) if e[0] == "replace" and e[2] == f"{run_dir}/latest")
     assert commit < events.index(("fsync", run_dir)) < pointer
-    assert commit < events.index(("fsync", str(tmp_path)))  # the run folder's own entry (new with its first step)
+    assert ("fsync", str(tmp_path)) in events[:pointer]  # the run folder's own entry (new with its first step)
 
 
 @pytest.mark.parametrize("kind", ["tmp", "replaced", "pruning"])

@@ -460,3 +460,22 @@ def test_run_folders_that_cannot_be_written_or_hold_another_run_stop_it_at_start
         proc.stderr
     proc = run(["-m", "nanotronix.train", "--config", str(cfg), ckpt, "train.train_steps=4"])
     assert proc.returncode == 0 and "done: 4 steps (steps 3-4 in this run), loss " in proc.stdout, proc.stdout
+
+
+def test_a_checkpoint_dir_made_with_new_levels_is_durable_from_the_start(tmp_path, store, monkeypatch):
+    """The run makes checkpoint.dir at start-up (`create_run_folders`), so the first save finds it made: each level
+    it made is fsynced into its parent there, or a power loss could take the folder with every step committed in it."""
+    import os
+
+    from nanotronix.checkpoint.storage import Collective
+    from nanotronix.config import load_config
+    from nanotronix.train.run_folders import create_run_folders
+
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(Path(os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd)))
+    ckpt = tmp_path / "new" / "levels" / "ckpt"
+    create_run_folders(load_config(tiny_config(tmp_path, store, checkpoint={"dir": str(ckpt)})),
+                       Collective(single_process=True))
+    assert ckpt.is_dir() and {tmp_path, tmp_path / "new", tmp_path / "new" / "levels"} <= set(synced), synced

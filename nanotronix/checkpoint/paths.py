@@ -20,6 +20,7 @@ step is committed and never removes the newest step nor the one that `latest` na
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -131,6 +132,19 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def make_folder_durably(folder: Path) -> None:
+    """`mkdir -p folder` whose new levels survive a power loss: a new folder's entry is in its parent, durable only
+    once the parent is fsynced (a run folder made with new levels above it could otherwise vanish with every step
+    committed in it, though each step's own folders were fsynced)."""
+    new = list(itertools.takewhile(lambda p: not os.path.lexists(p), [folder, *folder.parents]))
+    folder.mkdir(parents=True, exist_ok=True)
+    for level in new:
+        try:
+            fsync_path(level.parent)
+        except OSError:  # a parent this user may only traverse (mode 711): the file system's own commit then
+            pass
+
+
 def write_text_durably(path: Path, text: str) -> None:
     """Replace `path` atomically: write a hidden temp file, fsync it, rename it, fsync the folder."""
     temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -167,8 +181,8 @@ def commit_step(temp: Path, run_dir: Path, step: int) -> Path:
         os.rename(final, replaced)
     os.rename(temp, final)
     fsync_path(run_dir)
-    try:  # the run folder's own entry, new at a run's start: a power loss must not take the whole run folder
-        fsync_path(run_dir.parent)  # (the levels above it are the user's, or mkdir -p's before the run)
+    try:  # the run folder's own entry, should another than make_folder_durably have made it (a user's mkdir -p)
+        fsync_path(run_dir.parent)
     except OSError:  # a parent this user may only traverse (mode 711): the file system's own commit then
         pass
     write_text_durably(run_dir / LATEST_NAME, final.name + "\n")

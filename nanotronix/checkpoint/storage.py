@@ -93,7 +93,7 @@ def write_step(run_dir: Path, step: int, state: dict[str, Any], manifest: dict[s
     error = None
     if coll.rank == 0:
         try:
-            run_dir.mkdir(parents=True, exist_ok=True)
+            paths.make_folder_durably(run_dir)
             paths.remove_stale_temps(run_dir)
             temp.mkdir()
         except OSError as e:
