@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from nanotronix.distributed import shutdown_and_exit
+
 from checkpoint_helpers import (TINY, TINY_UNTIED, FakeOptimizer, local_slice, plain_model, rank_piece,
                                 read_metrics, reference_moments, train_in_process)
 from helpers import tiny_config, write_learnable_store
@@ -95,6 +97,9 @@ def _worker(rank: int, port: int, root: str, train_config: str) -> None:
             train_in_process(train_config, *trainer_overrides(Path(root) / "train", name, steps, resume, tp, pp))
     finally:
         dist.destroy_process_group()
+    # gloo's exit-time abort after DTensor collectives ("terminate called without an active exception", about
+    # one exit in ten under load): skip the interpreter's teardown once the work passed
+    shutdown_and_exit(0)
 
 
 def _save_and_reload(rank: int, root: Path, cfg_model) -> None:
