@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Optional
 
 from nanotronix.checkpoint.errors import CheckpointError
+from nanotronix.data.files import fsync_path
 
 MANIFEST_NAME = "checkpoint.json"  # written last inside a step folder; its presence marks a complete step
 LATEST_NAME = "latest"
@@ -121,15 +122,6 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 # --------------------------------------------------------------------------------------------------
 # durable file-system operations
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or a folder (a folder's fsync makes renames inside it durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def make_folder_durably(folder: Path) -> None:

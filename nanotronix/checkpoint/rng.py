@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from nanotronix.checkpoint.paths import fsync_path
+from nanotronix.data.files import fsync_path
 
 
 def rng_file(folder: Path, rank: int) -> Path:

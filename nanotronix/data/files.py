@@ -61,7 +61,8 @@ def _process_is_gone(pid: int) -> bool:
     return False
 
 
-def fsync_file(path: str | os.PathLike) -> None:
+def fsync_path(path: str | os.PathLike) -> None:
+    """fsync a file or a folder (a folder's fsync makes the names made or renamed in it durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -73,7 +74,7 @@ def commit(temp: str | os.PathLike, final: str | os.PathLike) -> None:
     """Flush `temp` to disk and rename it to `final` (replacing an older file or folder of that name)."""
     temp, final = Path(temp), Path(final)
     if temp.is_file():
-        fsync_file(temp)
+        fsync_path(temp)
     if final.is_dir() and not final.is_symlink():
         shutil.rmtree(final)
     os.replace(temp, final)
