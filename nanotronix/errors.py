@@ -12,7 +12,8 @@ class UserError(Exception):
     rank 0 says it for all. `said_elsewhere`: another rank raises this same one and says it (set where that is known,
     e.g. the ranks of one model replica reading one batch), so this rank keeps quiet. `said_for_the_stopped`: the line
     this rank says also says why the ranks it stops (at their next collective) stop, so they keep quiet once it is
-    out (nanotronix.distributed.note_cause_said; a bad batch: the other model replicas)."""
+    out (nanotronix.distributed.note_cause_said; a bad batch: the other model replicas; an out of memory: the
+    others)."""
 
     def __init__(self, message: object = "", *, every_rank: bool = False):
         super().__init__(message)

@@ -1,8 +1,9 @@
 """Worker for tests/test_train_cli.py: the real trainer, where step 3 meets a GPU out of memory (torch.OutOfMemoryError
 with torch's own wording; a CPU machine has no GPU allocator to exhaust).
-`oom_worker.py [--only-rank=R] [--in-forward] --config ...`: on rank R only (the others meet R's absence), else on
-every rank; raised by the training step itself, or (--in-forward) by a layer's MLP inside the model's forward, where
-a pipeline schedule runs it (torch.distributed.pipelining re-raises it wrapped)."""
+`oom_worker.py [--only-rank=R] [--in-forward] [--bug] --config ...`: on rank R only (the others meet R's absence),
+else on every rank; raised by the training step itself, or (--in-forward) by a layer's MLP inside the model's
+forward, where a pipeline schedule runs it (torch.distributed.pipelining re-raises it wrapped); --bug: a plain
+RuntimeError instead (a defect of the code, said as a traceback), in the same place."""
 import os
 import sys
 
@@ -21,6 +22,10 @@ TORCH_SAID = ("CUDA out of memory. Tried to allocate 3.00 GiB. GPU 0 has a total
               "Management  (https://pytorch.org/docs/stable/notes/cuda.html#environment-variables)")
 
 
+def failure() -> Exception:
+    return RuntimeError("a defect in the training step") if BUG else torch.OutOfMemoryError(TORCH_SAID)
+
+
 def meets_it() -> bool:
     return train_step.calls == 3 and ONLY_RANK in (None, os.environ.get("RANK", "0"))
 
@@ -28,13 +33,13 @@ def meets_it() -> bool:
 def train_step(*args):
     train_step.calls += 1
     if meets_it() and not IN_FORWARD:
-        raise torch.OutOfMemoryError(TORCH_SAID)
+        raise failure()
     return _train_step(*args)
 
 
 def mlp_forward(self, x):
     if meets_it() and IN_FORWARD:
-        raise torch.OutOfMemoryError(TORCH_SAID)
+        raise failure()
     return _mlp_forward(self, x)
 
 
@@ -45,4 +50,6 @@ if __name__ == "__main__":
     args = sys.argv[1:]
     ONLY_RANK = args.pop(0).split("=")[1] if args[0].startswith("--only-rank=") else None
     IN_FORWARD = args[0] == "--in-forward"
-    main(args[1:] if IN_FORWARD else args)
+    args = args[1:] if IN_FORWARD else args
+    BUG = args[0] == "--bug"
+    main(args[1:] if BUG else args)

@@ -124,25 +124,41 @@ def test_out_of_memory_is_one_line_with_where_and_what_to_change(tmp_path, store
 
 
 @pytest.mark.parametrize("layout, where", [([], []), (["parallel.pp=2"], ["--in-forward"])], ids=["dp2", "pp2"])
-def test_a_rank_stopped_by_another_says_so_in_one_line_and_exits_after_it(tmp_path, store, layout, where):
+def test_an_out_of_memory_on_one_rank_is_its_one_line_and_it_exits_first(tmp_path, store, layout, where):
     """Rank 1 alone meets the out of memory (DP2: in its training step; PP2: in the last stage's forward, which
     torch.distributed.pipelining re-raises wrapped); rank 0's next collective or send fails (gloo: connection closed
-    by peer). Each says one line, rank 0 that it stops because another did, and no traceback; rank 0 exits after
-    rank 1, so that torchrun's report names rank 1 as the root cause."""
+    by peer). Rank 1 says its one line, and notes in the job's store that it did, so rank 0, stopped by it, keeps
+    quiet (before: a second line, "another rank stopped", from every rank it stopped); no traceback; rank 0 exits
+    after rank 1, so that torchrun's report names rank 1 as the root cause."""
     cfg = tiny_config(tmp_path, store)
     proc = torchrun(2, [str(Path(__file__).parent / "oom_worker.py"), "--only-rank=1", *where, "--config", str(cfg),
                         "train.train_steps=5", *layout])
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 2, proc.stderr
+    assert len(errors) == 1, proc.stderr
     assert errors[0].startswith("error: rank 1: out of memory in step 3 (train step): CUDA out of memory."), errors
-    stopped = ("error: rank 0: in step 3 (train step): another rank stopped (its error says why), so this one stops "
-               "too: ")
-    # gloo says either, by when the socket went: "Connection closed by peer" or "Read error ...: Connection reset"
-    assert errors[1].startswith(stopped) and "Connection " in errors[1][len(stopped):], errors
     assert "nanotronix/" not in proc.stderr.split("ChildFailedError")[0]  # no traceback of a worker's
     root_cause = proc.stderr.split("Root Cause (first observed failure):")[1]
     assert "rank      : 1 (local_rank: 1)" in root_cause and "exitcode  : 2" in root_cause, root_cause
+
+
+def test_a_rank_stopped_by_another_says_so_in_one_line_and_exits_after_it(tmp_path, store):
+    """Rank 1 alone meets a defect of the code in its training step (a plain RuntimeError: its traceback, and
+    nothing noted in the job's store); rank 0's next collective fails (gloo: connection closed by peer), and it says
+    so in one line, no traceback, and exits after rank 1, so that torchrun's report names rank 1 as the root cause."""
+    cfg = tiny_config(tmp_path, store)
+    proc = torchrun(2, [str(Path(__file__).parent / "oom_worker.py"), "--only-rank=1", "--bug", "--config", str(cfg),
+                        "train.train_steps=5"])
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    stopped = ("error: rank 0: in step 3 (train step): another rank stopped (its error says why), so this one stops "
+               "too: ")
+    # gloo says either, by when the socket went: "Connection closed by peer" or "Read error ...: Connection reset"
+    assert errors[0].startswith(stopped) and "Connection " in errors[0][len(stopped):], errors
+    assert "RuntimeError: a defect in the training step" in proc.stderr  # rank 1's own traceback
+    root_cause = proc.stderr.split("Root Cause (first observed failure):")[1]
+    assert "rank      : 1 (local_rank: 1)" in root_cause and "exitcode  : 1" in root_cause, root_cause
 
 
 def test_an_error_line_is_one_write(monkeypatch):

@@ -91,16 +91,18 @@ _HOST_ALLOCATOR = "DefaultCPUAllocator: "  # torch's CPU allocator failing: a pl
 
 
 def out_of_memory(where: str, error: RuntimeError) -> UserError:
-    """An out of memory as one line (each rank that met it says it): where, what torch tried and had free, and
-    what to change."""
+    """An out of memory as one line (each rank that met it says it, and the ranks it stops say nothing): where, what
+    torch tried and had free, and what to change."""
     if isinstance(error, torch.OutOfMemoryError):
         said = " ".join(str(error).split(" If reserved")[0].split())  # torch's sizes, without its allocator advice
     else:
         said = "host memory: " + " ".join(str(error).split(_HOST_ALLOCATOR, 1)[1].split())
-    return UserError(f"out of memory {where}: {said} Lower train.micro_batch_size (the global batch stays), or "
-                     "set train.recompute=selective (or full) or train.loss_chunk_size; `python tools/plan.py CONFIG "
-                     "--gpus N` estimates the memory per GPU; logging.profile_steps + logging.memory_snapshot show "
-                     "what holds it")
+    error = UserError(f"out of memory {where}: {said} Lower train.micro_batch_size (the global batch stays), or "
+                      "set train.recompute=selective (or full) or train.loss_chunk_size; `python tools/plan.py CONFIG "
+                      "--gpus N` estimates the memory per GPU; logging.profile_steps + logging.memory_snapshot show "
+                      "what holds it")
+    error.said_for_the_stopped = True  # the ranks this one stops (at their next collective) keep quiet once it is out
+    return error
 
 
 def _train(cfg: Config, ctx: ParallelContext, device: torch.device, watch: HangWatch) -> dict:
