@@ -22,7 +22,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from nanotronix.data.files import commit, remove_quietly, temp_path
+from nanotronix.data.files import commit, make_folder_durably, remove_quietly, temp_path
 from nanotronix.errors import EXIT_BAD_INPUT, PATH_THROUGH_A_FILE, UserError, fail
 from nanotronix.train import EXIT_INTERRUPTED
 
@@ -159,7 +159,10 @@ def check_writable_folder(folder: str | Path, option: str, keep: bool = True) ->
     folder = Path(folder)
     created = [] if keep else list(itertools.takewhile(lambda p: not os.path.lexists(p), [folder, *folder.parents]))
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        if keep:  # a folder the work will write into: its new levels made durable
+            make_folder_durably(folder)
+        else:
+            folder.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".nanotronix-probe-", dir=folder)  # unique across hosts sharing it
         os.close(fd)
         os.unlink(probe)

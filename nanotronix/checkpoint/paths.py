@@ -20,7 +20,6 @@ step is committed and never removes the newest step nor the one that `latest` na
 """
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import re
@@ -31,7 +30,7 @@ from pathlib import Path
 from typing import Optional
 
 from nanotronix.checkpoint.errors import CheckpointError
-from nanotronix.data.files import fsync_path
+from nanotronix.data.files import fsync_folder_if_allowed, fsync_path
 
 MANIFEST_NAME = "checkpoint.json"  # written last inside a step folder; its presence marks a complete step
 LATEST_NAME = "latest"
@@ -124,19 +123,6 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 # durable file-system operations
 
 
-def make_folder_durably(folder: Path) -> None:
-    """`mkdir -p folder` whose new levels survive a power loss: a new folder's entry is in its parent, durable only
-    once the parent is fsynced (a run folder made with new levels above it could otherwise vanish with every step
-    committed in it, though each step's own folders were fsynced)."""
-    new = list(itertools.takewhile(lambda p: not os.path.lexists(p), [folder, *folder.parents]))
-    folder.mkdir(parents=True, exist_ok=True)
-    for level in new:
-        try:
-            fsync_path(level.parent)
-        except OSError:  # a parent this user may only traverse (mode 711): the file system's own commit then
-            pass
-
-
 def write_text_durably(path: Path, text: str) -> None:
     """Replace `path` atomically: write a hidden temp file, fsync it, rename it, fsync the folder."""
     temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -173,10 +159,7 @@ def commit_step(temp: Path, run_dir: Path, step: int) -> Path:
         os.rename(final, replaced)
     os.rename(temp, final)
     fsync_path(run_dir)
-    try:  # the run folder's own entry, should another than make_folder_durably have made it (a user's mkdir -p)
-        fsync_path(run_dir.parent)
-    except OSError:  # a parent this user may only traverse (mode 711): the file system's own commit then
-        pass
+    fsync_folder_if_allowed(run_dir.parent)  # the run folder's own entry, should a user's `mkdir -p` have made it
     write_text_durably(run_dir / LATEST_NAME, final.name + "\n")
     if replaced is not None:
         shutil.rmtree(replaced, ignore_errors=True)

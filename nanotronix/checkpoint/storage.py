@@ -24,6 +24,7 @@ from torch.distributed.checkpoint.api import CheckpointException  # a BaseExcept
 from nanotronix.checkpoint import manifest as mf
 from nanotronix.checkpoint import paths
 from nanotronix.checkpoint.errors import CheckpointError
+from nanotronix.data.files import make_folder_durably
 
 DCP_METADATA = ".metadata"
 
@@ -93,7 +94,7 @@ def write_step(run_dir: Path, step: int, state: dict[str, Any], manifest: dict[s
     error = None
     if coll.rank == 0:
         try:
-            paths.make_folder_durably(run_dir)
+            make_folder_durably(run_dir)
             paths.remove_stale_temps(run_dir)
             temp.mkdir()
         except OSError as e:

@@ -4,6 +4,7 @@ finished. Readers look for the file renamed last (e.g. a Megatron `.idx`), which
 hold their documents in a `DocumentSpill` until then."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -70,14 +71,51 @@ def fsync_path(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def fsync_folder_if_allowed(folder: str | os.PathLike) -> None:
+    """fsync a folder this user may not be able to open (a parent of mode 711, only traversable): then the file
+    system's own commit stands in, as it does for every program that cannot fsync there."""
+    try:
+        fsync_path(folder)
+    except OSError:
+        pass
+
+
+def make_folder_durably(folder: str | os.PathLike) -> None:
+    """`mkdir -p folder` whose new levels survive a power loss: a new folder's entry is in its parent, durable only
+    once the parent is fsynced (an output or run folder made with new levels above it could otherwise vanish with
+    every file committed in it, though each file and its own folder were fsynced)."""
+    folder = Path(folder)
+    new = list(itertools.takewhile(lambda p: not os.path.lexists(p), [folder, *folder.parents]))
+    folder.mkdir(parents=True, exist_ok=True)
+    for level in new:
+        fsync_folder_if_allowed(level.parent)
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file under `folder`, then every folder in it, deepest first (a zarr store's chunks, an exported
+    model's config and tokenizer files: written by libraries that do not fsync)."""
+    folders = []
+    for root, _, files in os.walk(folder):
+        folders.append(root)
+        for name in files:
+            fsync_path(os.path.join(root, name))
+    for root in reversed(folders):
+        fsync_path(root)
+
+
 def commit(temp: str | os.PathLike, final: str | os.PathLike) -> None:
-    """Flush `temp` to disk and rename it to `final` (replacing an older file or folder of that name)."""
+    """Flush `temp` (a file, or a folder and everything in it) to disk, rename it to `final` (replacing an older
+    file or folder of that name), and fsync the folder holding it: once this returns, `final` is complete and
+    survives a power loss (a rename is durable only once its folder is fsynced)."""
     temp, final = Path(temp), Path(final)
-    if temp.is_file():
+    if temp.is_dir() and not temp.is_symlink():
+        fsync_tree(temp)
+    else:
         fsync_path(temp)
     if final.is_dir() and not final.is_symlink():
         shutil.rmtree(final)
     os.replace(temp, final)
+    fsync_folder_if_allowed(final.parent)
 
 
 def remove_quietly(path: str | os.PathLike) -> None:

@@ -18,7 +18,8 @@ from typing import Any, Optional
 import numpy as np
 
 from .errors import DataError
-from .files import DocumentSpill, SpillingWriter, commit, remove_quietly, temp_path, write_json_atomic
+from .files import (DocumentSpill, SpillingWriter, commit, make_folder_durably, remove_quietly, temp_path,
+                    write_json_atomic)
 from .store import TokenStore, absent, checked_sidecar, random_access_map
 
 MAGIC = b"MMIDIDX\x00\x00"
@@ -55,7 +56,7 @@ class MegatronWriter(SpillingWriter):
         self.dtype = np.dtype(dtype)
         if self.dtype not in CODE_OF_DTYPE:
             raise DataError(f"Megatron stores cannot hold {self.dtype} tokens")
-        Path(self.prefix).parent.mkdir(parents=True, exist_ok=True)
+        make_folder_durably(Path(self.prefix).parent)
         self._spill = DocumentSpill(temp_path(f"{self.prefix}.bin"), temp_path(f"{self.prefix}.lengths"), self.dtype)
 
     def add_document(self, tokens: np.ndarray) -> None:

@@ -14,7 +14,6 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
-from nanotronix.checkpoint.paths import make_folder_durably
 from nanotronix.checkpoint.storage import Collective
 from nanotronix.cli import check_writable_folder
 from nanotronix.config import Config
@@ -47,12 +46,7 @@ def create_run_folders(cfg: Config, coll: Collective, marker_wait: float = MARKE
         return None
 
     def leave_marker() -> tuple[Optional[str], Optional[str]]:  # (error, the marker's name)
-        if checkpoints is not None:  # made here, before any step is committed in it: its new levels made durable
-            try:
-                make_folder_durably(checkpoints)
-            except OSError:  # check() says why, naming checkpoint.dir
-                pass
-        error = check()
+        error = check()  # makes the folders, their new levels durable before any step is committed in them
         if error is not None or checkpoints is None:
             return error, None
         name = f"{MARKER_PREFIX}{uuid.uuid4().hex}"
