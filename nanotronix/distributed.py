@@ -49,6 +49,12 @@ def init_distributed(device: torch.device, timeout_minutes: float = 10.0) -> Non
     with joining(timeout_minutes):
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes),
                                 device_id=device if device.type == "cuda" else None)
+        if dist.get_rank() == 0:
+            # torchrun's agent keeps its store, and the keys in it, across the restarts it makes (--max-restarts,
+            # elastic rounds): an earlier attempt's note would quiet this one's stopped ranks. A note is made only
+            # after a collective with rank 0 (the run's start-up has them), so none of this attempt's is lost here
+            # (were one, its ranks would say an extra line, never lose one).
+            dist.distributed_c10d._get_default_store().delete_key(CAUSE_SAID_KEY)
 
 
 @contextlib.contextmanager
@@ -111,9 +117,9 @@ def peer_stopped(error: BaseException) -> Optional[str]:
     return " ".join(said.split(". ")[0].split())
 
 
-# Where in the job's c10d store (torchrun's, prefixed by its restart attempt: a restart starts clean) a rank that said
-# the error stopping the run notes its rank, for the ranks it stops; and how long a call to the store may take, so
-# that a store that went away never holds up a failing rank's exit.
+# Where in the job's c10d store (torchrun's agent's, kept across its restarts: rank 0 clears the key as the process
+# group forms) a rank that said the error stopping the run notes its rank, for the ranks it stops; and how long a call
+# to the store may take, so that a store that went away never holds up a failing rank's exit.
 CAUSE_SAID_KEY = "nanotronix/cause_said_by_rank"
 CAUSE_STORE_TIMEOUT = datetime.timedelta(seconds=5)
 

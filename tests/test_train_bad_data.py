@@ -87,3 +87,24 @@ def test_a_said_cause_is_found_in_the_job_store_and_a_lost_one_reads_as_unsaid(m
     gc.collect()
     asked = time.monotonic()
     assert cause_said_by(stopped) is None and time.monotonic() - asked < 5
+
+
+def test_a_cause_noted_before_a_restart_does_not_quiet_the_next_attempt(tmp_path):
+    """torchrun --max-restarts keeps its agent's store (the workers' c10d store) across the restarts it makes, under
+    one name for every attempt: a note from attempt 0 (its rank said its error) must not quiet attempt 1's stopped
+    ranks, whose cause nobody may have said (here: nothing noted). One rank: gloo's own keys, left in the store by
+    attempt 0, would race attempt 1's connections between ranks (a torch matter, not this test's)."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(
+        "import os, torch\n"
+        "from nanotronix.distributed import cause_said_by, init_distributed, note_cause_said\n"
+        "init_distributed(torch.device('cpu'), 1.0)\n"
+        "attempt = os.environ['TORCHELASTIC_RESTART_COUNT']\n"
+        "if attempt == '0':\n"
+        "    note_cause_said()\n"
+        "print(f'attempt {attempt}: noted by rank {cause_said_by()}', flush=True)\n"
+        "os._exit(1 if attempt == '0' else 0)\n")
+    proc = torchrun(1, ["--max-restarts=1", "--monitor-interval=0.1", str(worker)], timeout=120)
+    seen = [line for line in proc.stdout.splitlines() if line.startswith("attempt ")]
+    assert proc.returncode == 0 and seen == ["attempt 0: noted by rank 0", "attempt 1: noted by rank None"], \
+        proc.stdout + proc.stderr[-3000:]
