@@ -74,3 +74,52 @@ def test_preprocess_publishes_its_store_durably(tmp_path, tiny_tokenizer, calls,
         assert_published_durably(calls, out.parent / name)
     renames = [e[2].name for e in calls if e[0] == "replace" and e[2].parent == out.parent]
     assert renames[-1] == published[-1], renames
+
+
+@pytest.fixture()
+def no_folder_fsync(monkeypatch):
+    """A file system whose folders cannot be fsynced: Linux's fsync says EINVAL where the file system has no fsync
+    for them (SMB/CIFS mounts before Linux 4.17, some FUSE and Ceph ones)."""
+    import errno
+    import stat
+
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+def test_a_folder_that_cannot_be_fsynced_leaves_the_output_to_the_file_system(tmp_path, no_folder_fsync):
+    """A folder output (a zarr store, an exported model) and a checkpoint step are still published there, their files
+    fsynced (before: the folder's EINVAL failed the command after all its work, where it had not fsynced folders)."""
+    from nanotronix.checkpoint import paths
+
+    temp = tmp_path / ".model.tmp"
+    (temp / "sub").mkdir(parents=True)
+    (temp / "sub" / "weights.bin").write_text("w")
+    files.commit(temp, tmp_path / "model")
+    assert (tmp_path / "model" / "sub" / "weights.bin").read_text() == "w"
+    (tmp_path / "run" / ".step_0000001.tmp").mkdir(parents=True)
+    assert paths.commit_step(tmp_path / "run" / ".step_0000001.tmp", tmp_path / "run", 1).is_dir()
+    assert (tmp_path / "run" / "latest").read_text() == "step_0000001\n"
+
+
+def test_a_file_that_fails_its_fsync_still_fails_the_commit(tmp_path, monkeypatch):
+    """Only a folder's EINVAL is the file system's business: a file's failed fsync (a lost write: EIO) fails the
+    output, which is then not published."""
+    import errno
+
+    def fsync(fd):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    temp = tmp_path / ".model.tmp"
+    temp.mkdir()
+    (temp / "weights.bin").write_text("w")
+    with pytest.raises(OSError, match="Input/output error"):
+        files.commit(temp, tmp_path / "model")
+    assert not (tmp_path / "model").exists()

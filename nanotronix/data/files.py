@@ -4,11 +4,13 @@ finished. Readers look for the file renamed last (e.g. a Megatron `.idx`), which
 hold their documents in a `DocumentSpill` until then."""
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import os
 import re
 import shutil
+import stat
 import sys
 from pathlib import Path
 
@@ -63,10 +65,15 @@ def _process_is_gone(pid: int) -> bool:
 
 
 def fsync_path(path: str | os.PathLike) -> None:
-    """fsync a file or a folder (a folder's fsync makes the names made or renamed in it durable)."""
+    """fsync a file or a folder (a folder's fsync makes the names made or renamed in it durable). A folder on a file
+    system that has no fsync for folders (Linux says EINVAL: SMB/CIFS before Linux 4.17, some FUSE and Ceph mounts)
+    is left to the file system's own commit, as every program there must; a lost write says EIO or ENOSPC."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as e:
+        if e.errno != errno.EINVAL or not stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise
     finally:
         os.close(fd)
 
