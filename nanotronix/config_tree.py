@@ -1,8 +1,8 @@
 """YAML file -> nested dict -> dotted overrides -> typed dataclasses, for any dataclass tree (the schema is
-nanotronix/config.py's, its checks nanotronix/config_checks.py's). Written here rather than taken from a library (omegaconf, dacite, pydantic)
-because the config contract needs exactly this: strict types without coercion surprises (`true` is not an int,
-`1.5` is not a step count), one-line errors naming the dotted field, and overrides that index lists
-(`data.stages.1.start_step=500`); the whole is ~120 lines.
+nanotronix/config.py's, its checks nanotronix/config_checks.py's). Written here rather than taken from a library
+(omegaconf, dacite, pydantic) because the config contract needs exactly this: strict types without coercion surprises
+(`true` is not an int, `1.5` is not a step count), one-line errors naming the dotted field, and overrides that index
+lists (`data.stages.1.start_step=500`); the whole is ~120 lines.
 """
 from __future__ import annotations
 

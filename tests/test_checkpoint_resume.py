@@ -113,8 +113,8 @@ def test_resume_says_when_a_store_it_read_from_has_changed(tmp_path, capsys):
     from nanotronix.data import open_store
     from nanotronix.data.megatron_store import MegatronWriter
 
-    grown, later = write_learnable_store(tmp_path / "data" / "arith"), write_learnable_store(tmp_path / "data" / "later",
-                                                                                             seed=1)
+    grown = write_learnable_store(tmp_path / "data" / "arith")
+    later = write_learnable_store(tmp_path / "data" / "later", seed=1)
     data = {"root": str(tmp_path / "data"), "stages": [
         {"name": "one", "start_step": 1, "datasets": [{"path": "arith", "weight": 1.0}]},
         {"name": "two", "start_step": 50, "datasets": [{"path": "later", "weight": 1.0}]}]}

@@ -34,7 +34,8 @@ def _cfg(stages, gbs=8, mbs=1, seed=1234):
         "model": {"preset": "smollm2-135m", "num_hidden_layers": 1},
         "train": {"seq_len": SEQ, "global_batch_size": gbs, "micro_batch_size": mbs},
         "data": {"data_seed": seed, "stages": [
-            {"name": n, "start_step": s, "datasets": [{"path": p, "weight": w} for p, w in ds]} for n, s, ds in stages]},
+            {"name": n, "start_step": s, "datasets": [{"path": p, "weight": w} for p, w in ds]}
+            for n, s, ds in stages]},
     })
 
 

@@ -252,7 +252,8 @@ def test_damaged_compressed_inputs_fail_cleanly_and_multi_frame_zstd_reads(tmp_p
         assert err.startswith(f"error: {tmp_path / name}:") and "cannot decompress" in err and why in err
         assert _outputs(tmp_path) == []
     c = zstandard.ZstdCompressor()
-    (tmp_path / "multi.jsonl.zst").write_bytes(c.compress(b'{"text": "frame one"}\n') + c.compress(b'{"text": "two"}\n'))
+    (tmp_path / "multi.jsonl.zst").write_bytes(c.compress(b'{"text": "frame one"}\n')
+                                               + c.compress(b'{"text": "two"}\n'))
     assert tool.main(["--input", str(tmp_path / "multi.jsonl.zst"), "--tokenizer", tok, "--output-prefix",
                       str(tmp_path / "out"), "--workers", "1", "--no-progress"]) == 0
     assert _docs(tmp_path / "out") == _reference(tok, ["frame one", "two"])

@@ -99,8 +99,8 @@ def test_usr1_saves_requeues_resumes_and_continues_the_same_run(slurm, tmp_path)
     job = slurm.sbatch(tmp_path, {"CONFIG": str(config), "DATA_ROOT": str(stores), "RUN_DIR": str(run_dir),
                                   "GPUS_PER_NODE": "0", "NPROC_PER_NODE": "1",
                                   "OVERRIDES": "checkpoint.async_save=true"}, nodes=2)
-    nodes = slurm.cmd("scontrol", "show", "hostnames", slurm.wait(job, 60, lambda i: i.get("NodeList", "") not in ("", "(null)"))[
-        "NodeList"]).split()
+    placed = slurm.wait(job, 60, lambda i: i.get("NodeList", "") not in ("", "(null)"))
+    nodes = slurm.cmd("scontrol", "show", "hostnames", placed["NodeList"]).split()
     assert len(nodes) == 2, nodes  # two nodes, one process each (world size 2, as the reference below)
     # Train until the first interval checkpoint (step 10) is behind us, then preempt.
     wait_for_step(slurm, job, tmp_path, metrics, SIGNAL_AFTER)

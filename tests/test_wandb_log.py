@@ -81,7 +81,8 @@ def test_online_without_an_api_key_is_one_line_before_any_step(tmp_path, store, 
 
 
 @pytest.mark.parametrize("override, message", [
-    (["logging.wandb_project=p", "logging.wandb_mode=cloud"], "error: logging.wandb_mode: 'cloud' is not online|offline"),
+    (["logging.wandb_project=p", "logging.wandb_mode=cloud"],
+     "error: logging.wandb_mode: 'cloud' is not online|offline"),
     (["logging.wandb_name=run-1"], "error: logging.wandb_name: needs logging.wandb_project (W&B logging is off "
                                    "without it)"),
 ])

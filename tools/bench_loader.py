@@ -62,7 +62,8 @@ def parse_args(argv=None):
                         help="windows per step on this rank (default 32: SmolLM2-1.7B's 1024 over 32 DP ranks)")
     parser.add_argument("--micro-batch", type=int, default=4, help="micro-batch size (divides --windows)")
     parser.add_argument("--steps", type=int, default=100, help="steps per measurement")
-    parser.add_argument("--step-ms", type=finite_float, default=20.0, help="simulated compute per step in the second figure")
+    parser.add_argument("--step-ms", type=finite_float, default=20.0,
+                        help="simulated compute per step in the second figure")
     parser.add_argument("--tokens", type=int, default=20_000_000, help="tokens in the synthetic store")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; the best is kept")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],

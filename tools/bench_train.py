@@ -289,7 +289,8 @@ def format_table(results: list[RunResult]) -> str:
             continue
         lines.append(f"{r.name:<{w}} {fmt(r.tokens_per_sec_per_gpu, ',.0f'):>13} {fmt(r.tflops_per_gpu, '.1f'):>12} "
                      f"{fmt(r.mfu and 100 * r.mfu, '.1f') + ('%' if r.mfu else ''):>7} "
-                     f"{fmt(r.peak_memory_gb, '.1f'):>8} {fmt(r.ratio_to_baseline, '.2f') + ('x' if r.ratio_to_baseline else ''):>7}")
+                     f"{fmt(r.peak_memory_gb, '.1f'):>8} "
+                     f"{fmt(r.ratio_to_baseline, '.2f') + ('x' if r.ratio_to_baseline else ''):>7}")
     return "\n".join(lines)
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Plot a run's metrics.jsonl: loss (and validation loss), learning rate, throughput and per-source consumed tokens against the step,
-with the data-stage boundaries marked. One PNG, what people look at instead of reading logs.
+"""Plot a run's metrics.jsonl: loss (and validation loss), learning rate, throughput and per-source consumed tokens
+against the step, with the data-stage boundaries marked. One PNG, what people look at instead of reading logs.
 
     python tools/plot_run.py LOG_DIR [--output PNG|SVG|PDF] [--title TEXT]
 
@@ -29,9 +29,10 @@ class PlotError(Exception):
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = ArgumentParser(prog="tools/plot_run.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("log_dir", metavar="LOG_DIR", help="the run's logging.dir (or its metrics.jsonl)")
-    parser.add_argument("--output", "-o", metavar="PNG", help="output file, .png, .svg or .pdf (default LOG_DIR/run.png)")
+    parser.add_argument("--output", "-o", metavar="PNG",
+                        help="output file, .png, .svg or .pdf (default LOG_DIR/run.png)")
     parser.add_argument("--title", help="figure title (default: the folder name)")
     return parser.parse_args(argv)
 

@@ -4,8 +4,9 @@
     python tools/rollback.py CKPT_DIR --to-step N
 
 `latest` then names step N, and every later step moves into CKPT_DIR/rolled_back_after_step_NNNNNNN-TIME/ (kept:
-delete it once it is not wanted). Run it while the run is stopped (a run that holds the folder is refused). Then start the run as before (checkpoint.resume:
-auto, the Slurm scripts' default), usually with the steps after N that met the spike skipped:
+delete it once it is not wanted). Run it while the run is stopped (a run that holds the folder is refused). Then
+start the run as before (checkpoint.resume: auto, the Slurm scripts' default), usually with the steps after N that
+met the spike skipped:
 
     python tools/rollback.py runs/smollm2-1.7b/checkpoints --to-step 12000
     OVERRIDES="train.skip_steps=[12001-12200]" sbatch slurm/smollm2_1p7b.sh

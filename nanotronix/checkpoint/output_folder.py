@@ -17,9 +17,9 @@ from nanotronix.errors import PATH_THROUGH_A_FILE, UserError
 def prepare_output(output: Path, source: Path, overwrite: bool, replaceable: Callable[[Path], bool],
                    kind: str) -> Path:
     """The new, empty staging folder beside `output` (data/files' temp name) that `data.files.commit` later puts in
-    its place. Raises UserError unless `output` may be written: absent or empty, or (with overwrite) a folder for which `replaceable`
-    holds, `kind` naming what that is ("a Hugging Face model folder"); never one that is, holds or lies inside
-    `source`; and when its folder cannot be written (the error names the output, not the staging folder)."""
+    its place. Raises UserError unless `output` may be written: absent or empty, or (with overwrite) a folder for which
+    `replaceable` holds, `kind` naming what that is ("a Hugging Face model folder"); never one that is, holds or lies
+    inside `source`; and when its folder cannot be written (the error names the output, not the staging folder)."""
     if output.is_symlink():  # what would be replaced is the link, not the folder it names: say so before the work
         raise UserError(f"--output {output} is a symbolic link; give the folder it points to, or another name")
     out, src, here = output.resolve(), source.resolve(), Path.cwd().resolve()

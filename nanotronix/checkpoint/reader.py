@@ -53,7 +53,8 @@ class CheckpointReader:
         for name, shape in shapes.items():  # the config beside the weights must describe them
             if self.shape(name) != shape:
                 raise CheckpointError(f"checkpoint {self.folder}: tensor {name} is {list(self.shape(name))}, but the "
-                                      f"model config in {MANIFEST_NAME} makes it {list(shape)} (the manifest was edited, or the files mixed up)")
+                                      f"model config in {MANIFEST_NAME} makes it {list(shape)} (the manifest was "
+                                      "edited, or the files mixed up)")
         self._verified: set[str] = set()
 
     @property

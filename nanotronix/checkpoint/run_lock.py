@@ -39,7 +39,8 @@ def acquire(run_dir: Path, wait_s: float, log: Callable[[str], None], refusal: s
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
             if time.monotonic() >= deadline:
                 os.close(fd)
-                raise CheckpointError(f"{name} {run_dir} is in use by another run ({holder}; {lock}): {refusal}") from None
+                raise CheckpointError(f"{name} {run_dir} is in use by another run ({holder}; {lock}): "
+                                      f"{refusal}") from None
             if not said:
                 log(f"{lock} is held by {holder}: waiting up to {wait_s:.0f} s for it")
                 said = True

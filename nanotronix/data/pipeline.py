@@ -237,7 +237,8 @@ def _complete_shard(opts: PreprocessOptions, prefix: str, shard: dict) -> Option
         return None
     seed = _shuffle_seed(opts)
     if (meta.get("shard") != shard or meta.get("format") != opts.format or meta.get("text_key") != opts.text_key
-            or meta.get("shuffled") != (None if seed is None else {"seed": seed}) or (meta.get("tokenizer") or {}).get("sha256") != info.sha256):
+            or meta.get("shuffled") != (None if seed is None else {"seed": seed})
+            or (meta.get("tokenizer") or {}).get("sha256") != info.sha256):
         return None
     print(f"note: {prefix}: this shard is already complete (the same inputs, tokenizer and settings): nothing to do "
           "(--overwrite writes it again)", file=sys.stderr)

@@ -16,12 +16,12 @@ Layers, each O(1) in memory and time per sample (nothing grows with the length o
 Documents are not reordered inside the stream (that would need per-document arrays): the windows a batch draws
 come from all over the dataset, but the documents sharing one window are neighbours in the store. Stores written
 by `tools/preprocess.py --shuffle` or by datatrove's DocumentTokenizer (shuffle=True, as for SmolLM2's corpus) are
-document-shuffled, and nanotron's Nanoset reads the latter in this same order. A dataset's order is keyed by its path (`dataset_order_key`:
-relative to `data.root` when it lies there, as the recipes write them), so a dataset keeps its order when other
-datasets are added to the mixture, and when the corpus moves and `data.root` follows it (a run requeued on
-another mount or cluster resumes with the same samples). The key is the path's canonical spelling (`./`, doubled
-or trailing slashes and a store file's suffix do not count: a requeue whose path was tab-completed to `corpus/` or
-`x.bin` reads on in its order); a store in another folder is another order.
+document-shuffled, and nanotron's Nanoset reads the latter in this same order. A dataset's order is keyed by its path
+(`dataset_order_key`: relative to `data.root` when it lies there, as the recipes write them), so a dataset keeps its
+order when other datasets are added to the mixture, and when the corpus moves and `data.root` follows it (a run
+requeued on another mount or cluster resumes with the same samples). The key is the path's canonical spelling (`./`,
+doubled or trailing slashes and a store file's suffix do not count: a requeue whose path was tab-completed to
+`corpus/` or `x.bin` reads on in its order); a store in another folder is another order.
 """
 from __future__ import annotations
 

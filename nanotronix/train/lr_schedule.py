@@ -31,8 +31,8 @@ def lr_at(step: int, peak_lr: float, sched: LRScheduleConfig) -> float:
 
 def schedule_note(sched: LRScheduleConfig, train_steps: int) -> str | None:
     """A note when the run ends before its schedule does (a short test run that kept a long run's schedule: its
-    learning rate never reaches the peak, or never decays), or goes on after a decay to 0; None otherwise. Only a note: a run continued later
-    with more steps (a WSD run's stable phase) ends before its decay on purpose."""
+    learning rate never reaches the peak, or never decays), or goes on after a decay to 0; None otherwise. Only a note:
+    a run continued later with more steps (a WSD run's stable phase) ends before its decay on purpose."""
     if sched.warmup_steps > train_steps:
         return (f"lr_schedule.warmup_steps={sched.warmup_steps} is beyond train.train_steps={train_steps}: the "
                 f"learning rate never reaches optimizer.lr (set lr_schedule.* for a short run)")
