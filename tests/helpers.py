@@ -90,6 +90,37 @@ def load_tool(name: str):
     return module
 
 
+def record_file_system_calls(monkeypatch) -> list[tuple[str, ...]]:
+    """Each fsync ("fsync", the path its descriptor names), os.rename / os.replace ("rename" | "replace", src, dst)
+    and shutil.rmtree ("rmtree", path) from now on, in order, paths as str; the calls still happen. A power loss
+    cannot be staged in a test; what survives one depends on the order of these calls (POSIX), which this records."""
+    import shutil
+
+    events: list[tuple[str, ...]] = []
+    real_fsync, real_rename, real_replace, real_rmtree = os.fsync, os.rename, os.replace, shutil.rmtree
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def rename(src, dst, **kwargs):
+        events.append(("rename", str(src), str(dst)))
+        return real_rename(src, dst, **kwargs)
+
+    def replace(src, dst, **kwargs):
+        events.append(("replace", str(src), str(dst)))
+        return real_replace(src, dst, **kwargs)
+
+    def rmtree(path, *args, **kwargs):
+        events.append(("rmtree", str(path)))
+        return real_rmtree(path, *args, **kwargs)
+
+    for module, name, recorder in ((os, "fsync", fsync), (os, "rename", rename), (os, "replace", replace),
+                                   (shutil, "rmtree", rmtree)):
+        monkeypatch.setattr(module, name, recorder)
+    return events
+
+
 def run(args: list[str], cwd: Path = ROOT, timeout: float = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from checkpoint_helpers import adamw, load_single, plain_model, save_single, train_steps
-from helpers import ROOT
+from helpers import ROOT, record_file_system_calls
 
 from nanotronix.checkpoint import CheckpointError, find_checkpoint, resolve_checkpoint
 
@@ -21,17 +21,15 @@ def test_every_name_in_a_saved_step_is_durable(tmp_path, monkeypatch):
     """Each folder of a committed step is fsynced after the names in it were made (a file's data fsynced is not
     its name: after a power loss, a step that `latest` names could lack its rank's RNG file), and so is each folder
     holding a level of the run folder that the save made (`mkdir -p`: the run could vanish with all its steps)."""
-    synced = []
-    real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(Path(os.readlink(f"/proc/self/fd/{fd}"))),
-                                                 real_fsync(fd)))
+    calls = record_file_system_calls(monkeypatch)
     model = plain_model()
     run_dir = tmp_path / "new" / "levels" / "run"
     folder = save_single(run_dir, 1, model, adamw(model))
     written_as = run_dir / ".step_0000001.tmp"  # renamed into place once complete
     folders = [written_as / sub.relative_to(folder) for sub in [folder, *folder.rglob("*")] if sub.is_dir()]
+    synced = {Path(e[1]) for e in calls if e[0] == "fsync"}
     assert len(folders) >= 2 and all(sub in synced for sub in folders), (folders, synced)
-    assert {tmp_path, tmp_path / "new", tmp_path / "new" / "levels"} <= set(synced), synced
+    assert {tmp_path, tmp_path / "new", tmp_path / "new" / "levels"} <= synced, synced
 
 
 def test_a_prune_cut_short_is_finished_by_the_next_save(tmp_path, monkeypatch):
@@ -121,20 +119,12 @@ def test_a_rollback_cut_short_never_leaves_latest_behind_the_step_resumed_from(t
 def test_a_pruned_step_is_renamed_durably_before_its_files_go(tmp_path, monkeypatch):
     """Pruning renames a step out of the step pattern, fsyncs the run folder, and only then deletes the files: a
     power loss between the two cannot bring back `step_N` without its files (ext4 may persist the deletions first)."""
-    import shutil
-
     from nanotronix.checkpoint import paths
 
-    events = []
     model = plain_model()
     opt = adamw(model)
     save_single(tmp_path / "run", 1, model, opt, keep_last=1)
-    real_fsync, real_rename, real_rmtree = os.fsync, os.rename, shutil.rmtree
-    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
-                                                 real_fsync(fd))[1])
-    monkeypatch.setattr(os, "rename", lambda a, b: (events.append(("rename", str(a), str(b))), real_rename(a, b))[1])
-    monkeypatch.setattr(shutil, "rmtree", lambda p, *a, **k: (events.append(("rmtree", str(p))),
-                                                               real_rmtree(p, *a, **k))[1])
+    events = record_file_system_calls(monkeypatch)
     save_single(tmp_path / "run", 2, model, opt, keep_last=1)
     run_dir = str(tmp_path / "run")
     doomed = f"{run_dir}/.step_0000001.pruning"
@@ -146,13 +136,7 @@ def test_a_pruned_step_is_renamed_durably_before_its_files_go(tmp_path, monkeypa
 def test_a_step_is_durable_before_its_rename_and_the_rename_before_latest(tmp_path, monkeypatch):
     """The order a power loss needs: every file of the step fsynced (DCP's `.metadata` as the temp file it renames),
     then its folder, then the rename into place, the run folder fsynced, and only then `latest` replaced."""
-    events = []
-    real_fsync, real_rename, real_replace = os.fsync, os.rename, os.replace
-    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
-                                                 real_fsync(fd))[1])
-    monkeypatch.setattr(os, "rename", lambda a, b: (events.append(("rename", str(a), str(b))), real_rename(a, b))[1])
-    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(a), str(b))),
-                                                     real_replace(a, b))[1])
+    events = record_file_system_calls(monkeypatch)
     model = plain_model()
     folder = save_single(tmp_path / "run", 1, model, adamw(model))
     temp, run_dir = str(tmp_path / "run" / ".step_0000001.tmp"), str(tmp_path / "run")

@@ -11,40 +11,27 @@ from pathlib import Path
 
 import pytest
 
-from helpers import load_tool
+from helpers import load_tool, record_file_system_calls
 
 from nanotronix.data import files
 
 
 @pytest.fixture()
-def calls(monkeypatch) -> list[tuple[str, Path, ...]]:
-    """("fsync", path as the descriptor names it) and ("replace", src, dst), in the order they happen."""
-    events = []
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(fd):
-        events.append(("fsync", Path(os.readlink(f"/proc/self/fd/{fd}"))))
-        return real_fsync(fd)
-
-    def replace(src, dst, **kwargs):
-        events.append(("replace", Path(src), Path(dst)))
-        return real_replace(src, dst, **kwargs)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
-    return events
+def calls(monkeypatch) -> list[tuple[str, ...]]:
+    """The file system calls from the test's start on (helpers.record_file_system_calls)."""
+    return record_file_system_calls(monkeypatch)
 
 
 def assert_published_durably(events: list, final: Path) -> None:
     """`final` (a file or a folder) reached its name by a rename after each of its files and folders was fsynced
     under its temp name, and the folder holding it was fsynced after that rename."""
-    renamed = max(i for i, e in enumerate(events) if e[0] == "replace" and e[2] == final)
-    temp = events[renamed][1]
+    renamed = max(i for i, e in enumerate(events) if e[0] == "replace" and e[2] == str(final))
+    temp = Path(events[renamed][1])
     inside = [final, *final.rglob("*")] if final.is_dir() else [final]
-    synced_before = {e[1] for e in events[:renamed] if e[0] == "fsync"}
+    synced_before = {Path(e[1]) for e in events[:renamed] if e[0] == "fsync"}
     unsynced = [p for p in inside if temp / p.relative_to(final) not in synced_before]
     assert not unsynced, (unsynced, events)
-    assert ("fsync", final.parent) in events[renamed + 1:], events
+    assert ("fsync", str(final.parent)) in events[renamed + 1:], events
 
 
 def test_commit_makes_a_folder_and_its_rename_durable(tmp_path, calls):
@@ -68,11 +55,11 @@ def test_preprocess_publishes_its_store_durably(tmp_path, tiny_tokenizer, calls,
     out = tmp_path / "new" / "levels" / "out"
     assert tool.main(["--input", str(src), "--tokenizer", tiny_tokenizer, "--no-progress", "--format", fmt,
                       "--output-prefix", str(out)]) == 0
-    synced = {e[1] for e in calls if e[0] == "fsync"}
+    synced = {Path(e[1]) for e in calls if e[0] == "fsync"}
     assert {tmp_path, tmp_path / "new", tmp_path / "new" / "levels"} <= synced, synced
     for name in published:
         assert_published_durably(calls, out.parent / name)
-    renames = [e[2].name for e in calls if e[0] == "replace" and e[2].parent == out.parent]
+    renames = [Path(e[2]).name for e in calls if e[0] == "replace" and Path(e[2]).parent == out.parent]
     assert renames[-1] == published[-1], renames
 
 
