@@ -182,6 +182,9 @@ def test_errors_are_one_line(plan_tool, tmp_path, capsys):
         assert plan_tool.main([str(CONFIGS / "smollm2_1p7b.yaml"), *args]) == 2
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(message), lines
+    with pytest.raises(SystemExit) as e:  # the config forgotten: the overrides are not what is missing
+        plan_tool.main(["--gpus", "8"])
+    assert e.value.code == 2 and capsys.readouterr().err == "error: the following arguments are required: CONFIG\n"
     assert plan_tool.main([str(tmp_path / "missing.yaml"), "--gpus", "8"]) == 2
     assert capsys.readouterr().err.strip() == f"error: config file not found: {tmp_path / 'missing.yaml'}"
     with pytest.raises(SystemExit) as e:  # nan passed `<= 0` and printed nan figures

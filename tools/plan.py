@@ -66,7 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="network bandwidth per GPU between nodes, Gbit/s per direction (default 400)")
     parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
-    parser.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides")
+    # default=[]: without one, argparse counts a "*" positional as required and a missing CONFIG read "required:
+    # CONFIG, dotted.key=value", as if overrides had to be given
+    parser.add_argument("overrides", nargs="*", default=[], metavar="dotted.key=value", help="config overrides")
     return parser.parse_intermixed_args(argv)  # overrides may follow the options
 
 
