@@ -183,6 +183,9 @@ def test_overwrite_replaces_only_a_bare_import_and_dot_is_refused(tmp_path, caps
     capsys.readouterr()  # transformers' own progress bar
     imported = tmp_path / "imported"
     assert tool_main("convert_from_hf")(["--hf", str(hf), "--output", str(imported), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert tool_main("convert_from_hf")(["--hf", str(hf), "--output", str(imported)]) == 2  # with its progress bar
+    assert capsys.readouterr().err == f"error: output {imported} already exists (remove it or pass --overwrite)\n"
     (imported / "rolled_back_after_step_0000000-20261204-000000").mkdir()
     (imported / "rolled_back_after_step_0000000-20261204-000000" / "keep").write_text("trained steps")
     code = tool_main("convert_from_hf")(["--hf", str(hf), "--output", str(imported), "--overwrite", "--no-progress"])

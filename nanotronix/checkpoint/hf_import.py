@@ -148,10 +148,6 @@ def import_from_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, overwri
         log(f"warning: {len(unused)} tensor(s) of {hf_dir} not imported, which this model has no place for: "
             f"{', '.join(unused[:3])}{', ...' if len(unused) > 3 else ''}")
 
-    from tqdm import tqdm
-    bar = tqdm(total=sum(t.numel() for t in state.values()), unit="param", unit_scale=True, desc="import",
-               disable=not progress)
-
     not_finite: list[str] = []
 
     def produce(key: str) -> torch.Tensor:
@@ -178,6 +174,10 @@ def import_from_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, overwri
                              "an earlier import (a checkpoint folder holding step 0 only)")
     temp = paths.temp_folder(staging, 0)
     temp.mkdir()
+    # the bar starts once the output is known to be writable: an output refused above is its error line alone
+    from tqdm import tqdm
+    bar = tqdm(total=sum(t.numel() for t in state.values()), unit="param", unit_scale=True, desc="import",
+               disable=not progress)
     try:
         Collective(single_process=True).save(state, temp, planner=_LazyPlanner(produce))
         if not_finite:
