@@ -117,6 +117,19 @@ def test_train_tokenizer_reads_what_preprocess_reads_and_says_what_is_wrong(tmp_
     assert out.read_bytes() != saved
 
 
+def test_train_tokenizer_says_when_the_texts_give_fewer_tokens_than_asked(tmp_path, capsys):
+    tool = load_tool("train_tokenizer")
+    (tmp_path / "a.txt").write_text("the cat sat on the mat. " * 20)
+    assert tool.main(["--input", str(tmp_path / "a.txt"), "--output", str(tmp_path / "tok.json"),
+                      "--vocab-size", "8192"]) == 0
+    from tokenizers import Tokenizer
+
+    made = Tokenizer.from_file(str(tmp_path / "tok.json")).get_vocab_size()  # tokenizers' own count
+    assert made < 8192
+    assert capsys.readouterr().out == (f"tokenizer: {made} tokens (of --vocab-size 8192: the texts hold no more "
+                                       f"merges) -> {tmp_path / 'tok.json'}\n")
+
+
 def test_bench_json_path_is_checked_before_the_runs(tmp_path, blocker, capsys):
     sys.path.insert(0, str(ROOT / "tools"))
     import bench_train as tool  # imported, not loaded by path: its dataclasses need their module registered

@@ -55,7 +55,11 @@ def main(argv=None) -> int:
     first = next(texts)  # a bad or empty input is said before training starts
     tok.train_from_iterator(itertools.chain([first], texts), trainer=trainer)
     replace_file(out, tok.save)
-    print(f"tokenizer: {tok.get_vocab_size()} tokens -> {out}")
+    made = tok.get_vocab_size()
+    # BPE stops when no pair is left to merge: a small corpus gives fewer tokens than asked, said rather than left
+    # for the store's vocab_size to reveal
+    short = f" (of --vocab-size {args.vocab_size}: the texts hold no more merges)" if made < args.vocab_size else ""
+    print(f"tokenizer: {made} tokens{short} -> {out}")
     return 0
 
 
