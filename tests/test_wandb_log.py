@@ -69,11 +69,13 @@ def test_an_offline_run_holds_the_records_and_a_resume_continues_it(tmp_path, st
 
 
 def test_online_without_an_api_key_is_one_line_before_any_step(tmp_path, store, monkeypatch):
+    """Rank 0 alone starts W&B: on 2 ranks its line is the only one (rank 1, stopped at its first collective, said
+    'another rank stopped' too)."""
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc from `wandb login`
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     cfg = tiny_config(tmp_path, store)
-    proc = run(["-m", "nanotronix.train", "--config", str(cfg), "logging.wandb_project=p"])
-    assert proc.returncode == 2, proc.stderr[-2000:]
+    proc = torchrun(2, ["-m", "nanotronix.train", "--config", str(cfg), "logging.wandb_project=p"])
+    assert proc.returncode == 1, proc.stderr[-2000:]  # torchrun's (its workers exited 2)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: logging.wandb_project: W&B did not start ("), errors
     assert "wandb login" in errors[0] and "logging.wandb_mode=offline" in errors[0]

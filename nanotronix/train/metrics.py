@@ -26,19 +26,27 @@ class MetricsLog:
         self._failing = False  # the last write to metrics.jsonl failed (a full disk): warned once
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            if cfg.logging.tensorboard:
-                try:
-                    from torch.utils.tensorboard import SummaryWriter
-                except ImportError:
-                    raise UserError("logging.tensorboard: needs the tensorboard package (pip install "
-                                    "tensorboard)") from None
-                # A resume re-trains the steps after its checkpoint that the stopped run had logged: TensorBoard
-                # drops those earlier points (purge_step), or its curves would hold both runs' values of each step.
-                self._tb = SummaryWriter(str(self.path.parent / "tensorboard"),
-                                         purge_step=first_step if first_step > 1 else None)
-            if cfg.logging.wandb_project is not None:
-                from nanotronix.train.wandb_log import WandbLog
-                self._wandb = WandbLog(cfg.logging, cfg.to_dict())
+            try:
+                self._open_loggers(cfg, first_step)
+            except UserError as e:  # rank 0's alone: the ranks it stops at their next collective keep quiet
+                e.said_for_the_stopped = True
+                raise
+
+    def _open_loggers(self, cfg: Config, first_step: int) -> None:
+        """TensorBoard and W&B, where the config asks for them (rank 0)."""
+        if cfg.logging.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UserError("logging.tensorboard: needs the tensorboard package (pip install "
+                                "tensorboard)") from None
+            # A resume re-trains the steps after its checkpoint that the stopped run had logged: TensorBoard
+            # drops those earlier points (purge_step), or its curves would hold both runs' values of each step.
+            self._tb = SummaryWriter(str(self.path.parent / "tensorboard"),
+                                     purge_step=first_step if first_step > 1 else None)
+        if cfg.logging.wandb_project is not None:
+            from nanotronix.train.wandb_log import WandbLog
+            self._wandb = WandbLog(cfg.logging, cfg.to_dict())
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
