@@ -179,6 +179,24 @@ def test_missing_store_names_the_path(tmp_path):
         open_store(tmp_path / "half.bin")  # named by its .bin file
 
 
+def test_a_folder_of_stores_given_as_a_store_names_them(tmp_path):
+    """`inspect_store.py my/` (the folder `preprocess --output-prefix my/tokens` wrote into): the stores it holds,
+    not 'looked for my/.bin + my/.idx'."""
+    (tmp_path / "sharded").mkdir()
+    for writer in (MegatronWriter(tmp_path / "tokens", np.uint16), ZarrWriter(str(tmp_path / "more.zarr"), np.uint16),
+                   MegatronWriter(tmp_path / "sharded" / "shard-00000-of-00001", np.uint16)):
+        writer.add_documents(np.array([5, 6, 0]), np.array([3]))
+        writer.finalize({"tokenizer": {"name": "tiny", "vocab_size": 400, "eos_id": 0}})
+    (tmp_path / "notes.txt").write_text("not a store")
+    (tmp_path / "other").mkdir()
+    with pytest.raises(DataError) as e:
+        open_store(f"{tmp_path}/")
+    assert str(e.value) == (f"token store not found: {tmp_path}/ is a folder holding token stores (more.zarr, sharded, "
+                            f"tokens): name one of them, e.g. {tmp_path}/more.zarr")
+    assert open_store(tmp_path / "tokens").num_tokens == 3  # the name it gives opens
+    assert open_store(tmp_path / "more.zarr").num_tokens == 3 and open_store(tmp_path / "sharded").num_tokens == 3
+
+
 def test_a_folder_in_place_of_a_store_file_is_said_so(tmp_path):
     """A folder with the name of a store's .idx, .bin or .ds.index (a copy gone wrong) is not "missing": the file
     the user would look for is there, as a folder."""

@@ -345,5 +345,25 @@ def open_store(path_or_prefix: str | os.PathLike) -> TokenStore:
             # half of a Megatron store: its .idx is not a file (megatron_prefix would have found it)
             raise DataError(f"token store {spec}: {prefix}.idx {absent(f'{prefix}.idx')} (a Megatron store is "
                             "PREFIX.bin + PREFIX.idx)")
+    held = stores_in_folder(spec) if os.path.isdir(spec) else []
+    if held:  # the folder a newcomer wrote the stores into (`my/` for `my/tokens`): name what it holds
+        shown = ", ".join(held[:5]) + (f", ... ({len(held)} in all)" if len(held) > 5 else "")
+        raise DataError(f"token store not found: {spec} is a folder holding token stores ({shown}): name one of "
+                        f"them, e.g. {os.path.join(spec, held[0])}")
     raise DataError(f"token store not found: {spec} (looked for {spec}.bin + {spec}.idx, {spec}.ds + "
                     f"{spec}.ds.index, a zarr store at {spec} or {spec}.zarr)")
+
+
+def stores_in_folder(folder: str) -> list[str]:
+    """The names (as open_store takes them, relative to `folder`) of the token stores directly in `folder`: Megatron
+    prefixes with both files, datatrove `.ds` files with their index, zarr stores (`.zarr` folders), folders of
+    preprocess shards, sorted."""
+    from .sharded_store import sharded_folder
+
+    names = os.listdir(folder)
+    present = set(names)
+    held = [n[:-4] for n in names if n.endswith(".idx") and n[:-4] + ".bin" in present]
+    held += [n for n in names if n.endswith(".ds") and n + ".index" in present]
+    held += [n for n in names if os.path.isdir(os.path.join(folder, n))
+             and (n.endswith(".zarr") or sharded_folder(os.path.join(folder, n)) is not None)]
+    return sorted(held)
