@@ -377,10 +377,33 @@ def test_a_bom_json_arrays_and_files_a_folder_leaves_out_are_said(tmp_path, tok,
                       "--no-progress", "--workers", "1"]) == 0
     assert _docs(tmp_path / "out") == _reference(tok, TEXTS[:1])
     err = capsys.readouterr().err
-    assert f"note: input folder {src}: 2 entries not read (not a supported file type, or a link to a folder): " \
-           "b.jsonl.bz2, linked" in err, err
+    assert f"note: input folder {src}: 2 entries not read (not a supported file type, a token store's file, or a " \
+           "link to a folder): b.jsonl.bz2, linked" in err, err
     array = tmp_path / "array.json"
     array.write_text(json.dumps([{"text": "x"}]))
     assert tool.main(["--input", str(array), "--tokenizer", tok, "--output-prefix", str(tmp_path / "arr"),
                       "--no-progress"]) == 2
     assert "not a JSON object (list; JSON lines are read: one object per line)" in capsys.readouterr().err
+
+
+def test_stores_written_into_an_input_folder_are_not_read_as_input(tmp_path, tok, tool, capsys):
+    """`--input data --output-prefix data/tokens`, then any run over `data` again (a rerun with --overwrite, another
+    tokenizer, train_tokenizer): the stores' JSON (a sidecar, a shard's, a zarr store's zarr.json) is no text, and
+    stopped those runs at `tokens.meta.json:1: invalid JSON`."""
+    src = tmp_path / "data"
+    src.mkdir()
+    _jsonl(src / "a.jsonl", [json.dumps({"text": t}) for t in TEXTS[:2]])
+    (src / "b.md").write_text(TEXTS[2])
+    expected = _reference(tok, [*TEXTS[:2], TEXTS[2]])
+    runs = [["--output-prefix", str(src / "tokens")], ["--output-prefix", str(src / "z"), "--format", "zarr"],
+            ["--output-prefix", str(src / "sharded"), "--shard", "0/1"], ["--output-prefix", str(src / "tokens"),
+                                                                        "--overwrite"]]
+    for args in runs:
+        assert tool.main(["--input", str(src), "--tokenizer", tok, *args, "--no-progress", "--workers", "1"]) == 0, \
+            capsys.readouterr().err
+        assert _docs(src / "tokens") == expected
+    assert _docs(src / "z") == expected and _docs(src / "sharded") == expected
+    assert "a token store's file" in capsys.readouterr().err  # said in the note, as what is not read
+    train_tokenizer = load_tool("train_tokenizer")
+    assert train_tokenizer.main(["--input", str(src), "--output", str(tmp_path / "tok.json"),
+                                 "--vocab-size", "300"]) == 0, capsys.readouterr().err

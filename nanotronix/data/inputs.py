@@ -70,7 +70,8 @@ def expand_inputs(specs: list[str]) -> list[Path]:
         if path.is_dir():
             visible = [p for p in path.rglob("*")
                        if not any(part.startswith(".") for part in p.relative_to(path).parts)]
-            found = sorted(p for p in visible if p.is_file() and input_kind(p))
+            stores = token_store_files(visible)
+            found = sorted(p for p in visible if p.is_file() and input_kind(p) and p not in stores)
             if not found:
                 raise DataError(f"input folder {spec} holds no supported files (.jsonl[.gz|.zst], .parquet, "
                                 f"{', '.join(TEXT_SUFFIXES[:5])}, ...)")
@@ -81,7 +82,7 @@ def expand_inputs(specs: list[str]) -> list[Path]:
             if left_out:
                 names = ", ".join(str(p.relative_to(path)) for p in left_out[:3])
                 print(f"note: input folder {spec}: {len(left_out)} entr{'y' if len(left_out) == 1 else 'ies'} not "
-                      f"read (not a supported file type, or a link to a folder): {names}"
+                      f"read (not a supported file type, a token store's file, or a link to a folder): {names}"
                       f"{', ...' if len(left_out) > 3 else ''}", file=sys.stderr)
             files.extend(found)
         elif path.is_file():
@@ -100,6 +101,21 @@ def expand_inputs(specs: list[str]) -> list[Path]:
             also = f" (also as {first})" if str(first) != str(path) else ""
             raise DataError(f"input {path} is named twice{also}: its documents would be stored twice")
     return files
+
+
+def token_store_files(entries: list[Path]) -> set[Path]:
+    """The files among `entries` (what an input folder holds) that belong to token stores written into it
+    (`preprocess --output-prefix DATA/tokens` with DATA an input folder): a Megatron store's or shard's sidecar
+    `NAME.meta.json` beside its `NAME.idx` or `NAME.bin`, and everything inside a zarr store (a folder with a
+    `zarr.json`). Their JSON is no text to tokenize: read as JSON lines, it stopped the next run over the folder (a
+    rerun with --overwrite too) at `tokens.meta.json:1: invalid JSON`."""
+    present = set(entries)
+    zarr_roots = {p.parent for p in entries if p.name == "zarr.json"}
+    sidecar = ".meta.json"
+    return {p for p in entries
+            if (p.name.endswith(sidecar) and any(p.with_name(p.name[:-len(sidecar)] + suffix) in present
+                                                 for suffix in (".idx", ".bin")))  # .bin is renamed in first
+            or (zarr_roots and any(parent in zarr_roots for parent in p.parents))}
 
 
 @dataclass(frozen=True)
