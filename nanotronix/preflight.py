@@ -135,8 +135,10 @@ def check_resume(cfg: Config) -> int:
 
 def preflight(config: str, overrides: list[str], nnodes: int, nproc_per_node: int) -> str:
     cfg = load_config(config, overrides)
-    dp = check_layout(cfg, nnodes, nproc_per_node)
+    # the devices first: a GPU job on a node without GPUs (GPUS_PER_NODE left at 8 on a CPU cluster) gets 8 processes,
+    # and the layout's error about them ("16 is not divisible by micro_batch_size*dp = 4*8") hid the cause
     device = check_devices(cfg, nproc_per_node)
+    dp = check_layout(cfg, nnodes, nproc_per_node)
     check_device_features(cfg, nnodes * nproc_per_node, on_cuda=device != "cpu")
     loader, stores = check_data(cfg, dp)
     from nanotronix.data import document_eos_mismatch

@@ -60,6 +60,8 @@ def test_a_good_launch_prints_one_summary_line(tmp_path, store, capsys):
     (["--nproc-per-node", "1", "validation.interval=5", "validation.num_samples=100000", "validation.data=[arith]"],
      "error: validation.num_samples: 100000 windows of 32 tokens need 3200001 tokens, "),
     (["--nproc-per-node", "1", "train.device=cuda"], "error: train.device: cuda, but no CUDA GPU is visible"),
+    # a GPU job's process count on a node without GPUs: the missing GPUs, not what that count does to the batch
+    (["--nproc-per-node", "3", "train.device=cuda"], "error: train.device: cuda, but no CUDA GPU is visible"),
     (["--nproc-per-node", "0"], "error: --nnodes and --nproc-per-node must be >= 1"),
     (["model.hidden_sise=3"], "error: model.hidden_sise: unknown config key"),
     # documents cut at an ordinary token: the store's sidecar says its EOS is 0
