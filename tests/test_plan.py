@@ -139,6 +139,16 @@ def test_data_parallel_traffic_against_compute(plan_tool):
     assert bzc["mfu"] > bz["mfu"]
     # one node: NVLink
     assert plan(8)["comm"]["link"] == "NVLink" and plan(8)["comm"]["exposed_seconds"] == 0
+    # ... at the node's own speed (data sheets): the A100's NVLink 3 is 2/3 of NVLink 4, and a PCIe card's ring
+    # crosses PCIe Gen5 x16 (~64 GB/s per direction), which an 8-GPU node's backward no longer hides
+    h100 = plan(8, "train.global_batch_size=64")["comm"]
+    a100 = plan_tool.build_plan(str(CONFIGS / "smollm2_1p7b.yaml"), ["train.global_batch_size=64"], 8, 0.45,
+                                "A100")["comm"]
+    assert a100["bytes_per_gpu"] == pytest.approx(h100["bytes_per_gpu"])
+    assert a100["comm_seconds"] == pytest.approx(1.5 * h100["comm_seconds"])
+    pcie = plan_tool.build_plan(str(CONFIGS / "smollm2_1p7b.yaml"), ["train.global_batch_size=64"], 8, 0.45,
+                                "H100 PCIe")["comm"]
+    assert pcie["link"] == "PCIe" and pcie["comm_seconds"] > 7 * h100["comm_seconds"]
     assert plan(1, "train.global_batch_size=4")["comm"]["bytes_per_gpu"] == 0
 
 

@@ -31,12 +31,12 @@ Data-parallel traffic (per GPU and step, an estimate): the fp32 gradient reducti
 DP group, as NCCL's ring moves it: all-reduce 2 (dp-1)/dp x 4 bytes per parameter (2 with
 parallel.grad_reduce_dtype bfloat16); ZeRO-1 the same in two halves, a reduce-scatter and the all-gather of the
 updated weights (fp32; the decoder linears' in bf16 with train.bf16_weight_cache). Ranks are numbered tp fastest,
-then dp, so a DP group spans tp x dp consecutive ranks: within one node of `--gpus-per-node` it rides NVLink
-(450 GB/s per GPU and direction on H100 SXM), across nodes each GPU's own network link (`--net-gbps`, 400 Gb/s:
-one ConnectX-7 per GPU as in a DGX H100). The trainer hides it behind compute: the gradient reduction behind the
-backward of the step's last micro-batch (~2/3 of its compute), ZeRO-1's weight gather behind the next step's first
-forward (~1/3, with parallel.overlap_param_gather); what sticks out lengthens the step and lowers the MFU the run
-can reach.
+then dp, so a DP group spans tp x dp consecutive ranks: within one node of `--gpus-per-node` it rides the
+node's link of `--gpu` (NVLink, 450 GB/s per GPU and direction on H100 SXM; PCIe for the PCIe cards), across nodes
+each GPU's own network link (`--net-gbps`, 400 Gb/s: one ConnectX-7 per GPU as in a DGX H100). The trainer hides
+it behind compute: the gradient reduction behind the backward of the step's last micro-batch (~2/3 of its compute),
+ZeRO-1's weight gather behind the next step's first forward (~1/3, with parallel.overlap_param_gather); what sticks
+out lengthens the step and lowers the MFU the run can reach.
 """
 from __future__ import annotations
 
@@ -260,7 +260,12 @@ def time_plan(cfg, gpus: int, mfu: float, gpu: str, stages: list[dict], start: i
 
 # ------------------------------------------------------------------------------------- data-parallel traffic
 
-NVLINK_GBYTES = 450.0  # H100 SXM NVLink 4: 900 GB/s per GPU, both directions together
+# Within a node, each GPU's link to the others, GB/s per direction (vendor data sheets), by the peak table's names:
+# SXM boards switch NVLink between all 8 GPUs (NVLink 4: 900 GB/s per GPU both directions together; the A100's
+# NVLink 3: 600; the table's A100 is the SXM board); the PCIe cards' NVLink bridges pair two GPUs only, so a ring
+# over the node crosses PCIe Gen5 x16.
+NODE_LINK = {"H100 SXM": ("NVLink", 450.0), "H200": ("NVLink", 450.0), "A100": ("NVLink", 300.0),
+             "H100 PCIe": ("PCIe", 64.0), "H100 NVL": ("PCIe", 64.0)}
 
 
 def checkpoint_plan(cfg, start: int = 0) -> dict[str, Any]:
@@ -295,7 +300,7 @@ def comm_plan(cfg, dp: int, accum: int, params_per_gpu: float, time: dict, net_g
         if cfg.train.bf16_weight_cache else 0.0
     ring = (dp - 1) / dp * (4 * (params_per_gpu - bf16_weights) + 2 * bf16_weights)
     crosses_nodes = p.tp * dp > gpus_per_node
-    gbytes_per_s = net_gbps / 8 if crosses_nodes else NVLINK_GBYTES
+    link, gbytes_per_s = ("network", net_gbps / 8) if crosses_nodes else NODE_LINK[time["gpu"]]
     step_tokens = cfg.train.global_batch_size * cfg.train.seq_len
     compute = step_tokens / (dp * p.tp * p.pp * time["tokens_per_sec_per_gpu"])  # the step's FLOPs / all GPUs
     micro = compute / accum  # one micro-batch's forward and backward on this GPU
@@ -309,7 +314,7 @@ def comm_plan(cfg, dp: int, accum: int, params_per_gpu: float, time: dict, net_g
     step = compute + exposed  # with dp 1 the ring volumes are 0: nothing is exposed
     return {"grad_reduce_dtype": p.grad_reduce_dtype,
             "bytes_per_gpu": ring_grads + (ring if p.zero_stage == 1 else ring_grads),
-            "link": "network" if crosses_nodes else "NVLink", "gbytes_per_s": gbytes_per_s,
+            "link": link, "gbytes_per_s": gbytes_per_s,
             "comm_seconds": sum(seconds.values()), "compute_seconds": compute, "exposed_seconds": exposed,
             "step_seconds": step, "mfu": time["mfu"] * compute / step,
             # the run's time at that pace (time's figures are compute alone)
