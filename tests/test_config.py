@@ -22,7 +22,7 @@ def tiny_yaml(tmp_path):
 
 
 def test_presets_have_published_architecture():
-    # SmolLM2 HF config.json values (HuggingFaceTB/SmolLM2-*), see ../shared/smollm2/hf_configs.
+    # SmolLM2 HF config.json values (the Hub's HuggingFaceTB/SmolLM2-* model repositories).
     expected = {
         "smollm2-135m": (576, 1536, 30, 9, 3),
         "smollm2-360m": (960, 2560, 32, 15, 5),
@@ -34,7 +34,7 @@ def test_presets_have_published_architecture():
                 m.num_key_value_heads) == (d, f, layers, heads, kv)
         assert m.vocab_size == 49152 and m.tie_word_embeddings and m.rms_norm_eps == 1e-5 and m.head_dim == 64
     # nanotron's init std (what training uses) and the release's config.json initializer_range differ for 360M
-    # (../shared/smollm2/FACTS.md, architecture table): an export says what the release says
+    # (huggingface/smollm's nanotron configs against the Hub's config.json): an export says what the release says
     from nanotronix.convert.hf_mapping import hf_config_dict
     published = {"smollm2-135m": (0.041666666666666664, 0.041666666666666664), "smollm2-360m": (0.03227, 0.02),
                  "smollm2-1.7b": (0.02, 0.02)}

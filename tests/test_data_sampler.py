@@ -102,7 +102,7 @@ def test_window_starts_of_one_sample_is_the_batch_value():
         assert [int(stream.window_starts(np.int64(x))) for x in c] == batch.tolist()
 
 
-SMOLLM2_STAGES = [  # SmolLM2-1.7B stage mixtures (shared/smollm2/schedule.yaml), buckets flattened
+SMOLLM2_STAGES = [  # SmolLM2-1.7B stage mixtures (arXiv 2502.02737, Sec. 4), buckets flattened
     [0.54, 0.36, 0.10],
     [0.45, 0.30, 0.20, 0.05],
     [0.296, 0.444, 0.16, 0.10],

@@ -18,7 +18,7 @@ SOURCES = {
     "stack_edu": 1.25e11, "infiwebmath": 4.0e10, "finemath": 5.0e10, "aug_gsm8k": 2.0e8,
     "cosmopedia_v2": 3.0e10, "jupyter": 1.5e10,
 }
-STAGES = [  # shared/smollm2/schedule.yaml, SmolLM2-1.7B; unpublished bucket splits set evenly here
+STAGES = [  # SmolLM2-1.7B (arXiv 2502.02737, Sec. 4); unpublished bucket splits set evenly here
     ("stage1_stable", 1, {"fineweb_edu": 0.54, "dclm": 0.36, "starcoderdata": 0.10}),
     ("stage2_stable", 2861023, {"fineweb_edu": 0.45, "dclm": 0.30, "starcoderdata": 0.20, "open_web_math": 0.05}),
     ("stage3_stable", 3814698, {"fineweb_edu": 0.296, "dclm": 0.444, "stack_edu": 0.08, "jupyter": 0.08,

@@ -18,7 +18,7 @@ SPEC_DTYPE_CODES = {np.dtype(np.uint8): 1, np.dtype(np.int8): 2, np.dtype(np.int
 
 
 def spec_megatron_bytes(documents: list[list[int]], dtype) -> tuple[bytes, bytes]:
-    """(.bin, .idx) bytes written straight from the table in shared/formats/megatron_indexed.md, one
+    """(.bin, .idx) bytes written straight from Megatron-LM's format (megatron/core/datasets/indexed_dataset.py), one
     sequence per document: magic, <Q version 1, <B dtype code, <Q N, <Q D+1, int32 lengths, int64 byte
     pointers, int64 document indices 0..N."""
     dtype = np.dtype(dtype)

@@ -1,5 +1,5 @@
 """Megatron-Core indexed dataset (`PREFIX.bin` + `PREFIX.idx`): writer and reader, byte-compatible with
-Megatron-LM's `IndexedDatasetBuilder` / `IndexedDataset` (facts in shared/formats/megatron_indexed.md).
+Megatron-LM's `IndexedDatasetBuilder` / `IndexedDataset` (megatron/core/datasets/indexed_dataset.py).
 
 Hand-written rather than imported because Megatron-Core is a heavy dependency for a 34-byte header and three
 arrays. The writer keeps bounded memory: sequence lengths are spilled to a temporary file as documents
