@@ -132,6 +132,10 @@ def test_skip_bad_counts_every_reason_and_keeps_every_good_record(tmp_path, tok,
     assert skipped["total"] == 12 and f"{src}:3: invalid JSON" in skipped["examples"]
     assert f"{tmp_path / 'p.parquet'}:2: text not a string" in skipped["examples"]
     assert "skipped 12 bad records" in summary and "invalid JSON: 1" in summary
+    one = _jsonl(tmp_path / "one.jsonl", [json.dumps({"text": "good"}), json.dumps({"text": 1})])
+    assert tool.main(["--input", str(one), "--tokenizer", tok, "--output-prefix", str(tmp_path / "one"),
+                      "--skip-bad", "--no-progress"]) == 0
+    assert "skipped 1 bad record (text not a string: 1)" in capsys.readouterr().out
     # without --skip-bad, a Parquet file without the text column names its columns, as a JSON line its keys
     assert tool.main(["--input", str(tmp_path / "q.parquet"), "--tokenizer", tok, "--output-prefix",
                       str(tmp_path / "q"), "--workers", "2", "--no-progress"]) == 2

@@ -106,6 +106,7 @@ def test_a_diverging_run_stops_with_one_line_before_updating(tmp_path, store):
     assert proc.returncode == 1, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(errors) == 1 and errors[0].startswith("error: step 2: the loss (") and "not finite" in errors[0], errors
+    assert "e.g. 'train.skip_steps=[2-5]';" in errors[0]  # quoted: zsh would read an unquoted [2-5] as a glob
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.name.startswith("step_")) == ["step_0000001"]
 
 

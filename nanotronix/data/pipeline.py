@@ -77,11 +77,12 @@ class PreprocessResult:
         rate = self.tokens / max(self.seconds, 1e-9)
         skipped = sum(self.skipped.values())
         why = (" (" + ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())) + ")") if skipped else ""
+        records = f"{skipped} bad record{'' if skipped == 1 else 's'}{why}"
         if not self.written:
             return (f"already complete: {self.output}: {self.documents} documents, {self.tokens} tokens; skipped "
-                    f"{skipped} bad records{why}")
+                    f"{records}")
         return (f"wrote {self.output}: {self.documents} documents, {self.tokens} tokens in {self.seconds:.1f} s "
-                f"({rate:,.0f} tokens/s); skipped {skipped} bad records{why}")
+                f"({rate:,.0f} tokens/s); skipped {records}")
 
 
 def create_writer(fmt: str, prefix: str, dtype: np.dtype):

@@ -222,7 +222,7 @@ def _train_with(cfg: Config, ctx: ParallelContext, device: torch.device, watch: 
                         f"step {step}: the loss ({result.loss}) or the gradient norm ({result.grad_norm}) is not "
                         f"finite; the weights were not updated and nothing was saved after step {step - 1} (rerunning "
                         f"would meet the same batch: lower the learning rate, or resume with the steps from here "
-                        f"skipped, e.g. train.skip_steps=[{step}-{min(step + 99, t.train_steps)}]; tools/rollback.py "
+                        f"skipped, e.g. 'train.skip_steps=[{step}-{min(step + 99, t.train_steps)}]'; tools/rollback.py "
                         f"goes back further)")
                 first_loss = result.loss if first_loss is None else first_loss
                 last_loss = result.loss
