@@ -95,6 +95,12 @@ def test_output_option_and_errors(plot_tool, tmp_path, capsys):
     assert said == f"error: cannot write {out_png / 'z.png'} (a part of that path is a file, not a folder)", said
 
 
+def test_the_default_title_names_the_run(plot_tool, tmp_path):
+    """The Slurm recipes log to RUN_DIR/logs: the figure is titled by the run, not "logs"."""
+    assert plot_tool.default_title(tmp_path / "runs" / "smollm2-1.7b" / "logs") == "smollm2-1.7b"
+    assert plot_tool.default_title(tmp_path / "my_run") == "my_run"
+
+
 def test_cli_help():
     proc = run(["tools/plot_run.py", "--help"])
     assert proc.returncode == 0 and "LOG_DIR" in proc.stdout

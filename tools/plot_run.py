@@ -33,7 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("log_dir", metavar="LOG_DIR", help="the run's logging.dir (or its metrics.jsonl)")
     parser.add_argument("--output", "-o", metavar="PNG",
                         help="output file, .png, .svg or .pdf (default LOG_DIR/run.png)")
-    parser.add_argument("--title", help="figure title (default: the folder name)")
+    parser.add_argument("--title", help="figure title (default: the run's name: LOG_DIR's, or its parent's when "
+                        "LOG_DIR is RUN_DIR/logs as in the Slurm recipes)")
     return parser.parse_args(argv)
 
 
@@ -166,6 +167,13 @@ def plot_run(metrics_path: Path, output: Path, title: str) -> dict[str, Any]:
             "validation_stores": sorted(val_stores), "skipped_updates": [step for step, _ in spikes]}
 
 
+def default_title(log_folder: Path) -> str:
+    """The run's name: the log folder's, or its run folder's where it is the recipes' RUN_DIR/logs (every such
+    figure was titled "logs")."""
+    folder = log_folder.resolve()
+    return folder.parent.name if folder.name == "logs" and folder.parent.name else folder.name
+
+
 @one_line_errors
 def main(argv=None) -> int:
     args = parse_args(argv)
@@ -177,7 +185,7 @@ def main(argv=None) -> int:
         output = Path(args.output) if args.output else metrics.parent / "run.png"
         if output.suffix.lower() not in (".png", ".svg", ".pdf"):
             raise PlotError(f"--output {output}: name a .png, .svg or .pdf file (its suffix picks the format)")
-        summary = plot_run(metrics, output, args.title or metrics.parent.resolve().name)
+        summary = plot_run(metrics, output, args.title or default_title(metrics.parent))
     except (PlotError, OSError) as e:
         return fail(e)
     if summary["skipped_lines"]:
