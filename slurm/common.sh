@@ -152,6 +152,11 @@ log "job $SLURM_JOB_ID ($SLURM_JOB_NAME) restart $RESTART: $NNODES node(s) [$SLU
 # asked before saying "requeueing", which `scontrol requeue` would then refuse ("presently disabled").
 NO_REQUEUE="the job was submitted with --no-requeue"
 requeue_disabled() { scontrol show job "$SLURM_JOB_ID" 2>/dev/null | grep -q '\bRequeue=0\b'; }
+# Whether Slurm is ending this job (scancel, the time limit, a preemption or requeue), as scontrol says its state.
+job_ending() {
+  [[ "$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/.*\bJobState=\([A-Z_]*\).*/\1/p')" =~ \
+     ^(CANCELLED|COMPLETING|TIMEOUT|PREEMPTED|REQUEUED|REQUEUE_HOLD|PENDING)$ ]]
+}
 PREEMPTED=0
 USR1_OF_TIME_LIMIT=0  # whether that USR1 came with no more time left than the lead (see usr1_of_time_limit)
 SRUN_PID=""
@@ -261,6 +266,14 @@ PREFLIGHT=$(srun --nodes=1 --ntasks=1 --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}"
   "$PYTHON" -m nanotronix.preflight --config "$CONFIG" --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" \
     "${RUN_OVERRIDES[@]}" 2>&1)
 PREFLIGHT_RC=$?
+# Slurm ends a cancelled (or requeued, timed-out) job's steps before it signals this shell: the preflight's step can
+# return, stopped, before the TERM arrives here, which then read as the preflight failing (its "CANCELLED" line as
+# the error). A failed preflight in a job Slurm is ending waits a moment for that TERM, then takes it as come (a
+# state scontrol cannot say is no such job: the preflight's own error stands).
+if [ "$PREFLIGHT_RC" != 0 ] && [ "$TERMINATED" = 0 ] && job_ending; then
+  for _ in {1..50}; do [ "$TERMINATED" = 0 ] || break; sleep 0.1; done  # the trap runs between two sleeps
+  [ "$TERMINATED" = 1 ] || on_term
+fi
 # Its summary line, then the run's start notes (`note: ...`, the trainer's words): a log line each.
 [ "$PREFLIGHT_RC" != 0 ] || while IFS= read -r line; do log "$line"; done <<<"$PREFLIGHT"
 # Slurm's TERM (scancel, the time limit, a requeue) during the preflight, which stops its step too (its output is then

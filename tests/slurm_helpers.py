@@ -137,12 +137,25 @@ def submit_with_a_slow_preflight(slurm: Slurm, tmp_path: Path, *flags: str, hold
     config, stores = two_stage_run(tmp_path)
     wrapper = tmp_path / "python"
     preflight = f'{sys.executable} "$@" || exit; {then}; exit 0' if then else f'exec {sys.executable} "$@"'
-    wrapper.write_text(f'#!/bin/bash\ncase " $* " in *" nanotronix.preflight "*) sleep {hold_s}; {preflight} ;; esac\n'
-                       f'exec {sys.executable} "$@"\n')
+    started = tmp_path / PREFLIGHT_STARTED
+    wrapper.write_text(f'#!/bin/bash\ncase " $* " in *" nanotronix.preflight "*) touch "{started}"; sleep {hold_s}; '
+                       f'{preflight} ;; esac\nexec {sys.executable} "$@"\n')
     wrapper.chmod(0o755)
     return slurm.sbatch(tmp_path, {"CONFIG": str(config), "DATA_ROOT": str(stores), "GPUS_PER_NODE": "0",
                                    "NPROC_PER_NODE": "1", "RUN_DIR": str(tmp_path / "run"), "PYTHON": str(wrapper)},
                         *flags)
+
+
+PREFLIGHT_STARTED = "preflight_started"  # made by submit_with_a_slow_preflight's wrapper as the preflight starts
+
+
+def wait_for_preflight(slurm: Slurm, tmp_path: Path, job: str) -> None:
+    """Until the slowed preflight of `submit_with_a_slow_preflight` runs: the script's signal handlers are in place
+    then (the log's "restart N:" line comes before them)."""
+    deadline = time.monotonic() + 300
+    while not (tmp_path / PREFLIGHT_STARTED).exists():
+        assert time.monotonic() < deadline and slurm.info(job)["JobState"] not in ENDED, job_output(tmp_path, job)
+        time.sleep(0.1)
 
 
 def wait_for_restart(slurm: Slurm, tmp_path: Path, job: str, restart: int) -> None:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from slurm_helpers import (ENDED, Slurm, job_output, requires_slurm, submit_with_a_slow_preflight, two_stage_run,
-                           wait_for_restart, wait_for_step)
+                           wait_for_preflight, wait_for_restart, wait_for_step)
 
 pytestmark = requires_slurm
 
@@ -93,7 +93,7 @@ def test_scancel_during_the_preflight_says_nothing_was_started(slurm, tmp_path):
     """scancel while the preflight runs (slowed down as above): Slurm stops its step too; the log says that training
     was not started, instead of nothing after the TERM line (~15 s)."""
     job = submit_with_a_slow_preflight(slurm, tmp_path)
-    wait_for_restart(slurm, tmp_path, job, 0)
+    wait_for_preflight(slurm, tmp_path, job)
     slurm.cmd("scancel", job)
     info = slurm.wait(job, timeout=300)
     deadline = time.monotonic() + 30  # the batch shell's last line, once Slurm shows the job ended
