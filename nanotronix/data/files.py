@@ -4,6 +4,7 @@ finished. Readers look for the file renamed last (e.g. a Megatron `.idx`), which
 hold their documents in a `DocumentSpill` until then."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import json
@@ -81,10 +82,8 @@ def fsync_path(path: str | os.PathLike) -> None:
 def fsync_folder_if_allowed(folder: str | os.PathLike) -> None:
     """fsync a folder this user may not be able to open (a parent of mode 711, only traversable): then the file
     system's own commit stands in, as it does for every program that cannot fsync there."""
-    try:
+    with contextlib.suppress(OSError):
         fsync_path(folder)
-    except OSError:
-        pass
 
 
 def make_folder_durably(folder: str | os.PathLike) -> None:
