@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import itertools
 import json
 import os
 import select
@@ -22,7 +21,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from nanotronix.data.files import commit, make_folder_durably, remove_quietly, temp_path
+from nanotronix.data.files import commit, make_folder_durably, missing_levels, remove_quietly, temp_path
 from nanotronix.errors import EXIT_BAD_INPUT, PATH_THROUGH_A_FILE, UserError, fail
 from nanotronix.train import EXIT_INTERRUPTED
 
@@ -157,7 +156,7 @@ def check_writable_folder(folder: str | Path, option: str, keep: bool = True) ->
     created (a check made long before the work, by the launch preflight: a run that fails before it starts then
     leaves no empty folders behind)."""
     folder = Path(folder)
-    created = [] if keep else list(itertools.takewhile(lambda p: not os.path.lexists(p), [folder, *folder.parents]))
+    created = [] if keep else missing_levels(folder)
     try:
         if keep:  # a folder the work will write into: its new levels made durable
             make_folder_durably(folder)

@@ -86,13 +86,18 @@ def fsync_folder_if_allowed(folder: str | os.PathLike) -> None:
         fsync_path(folder)
 
 
+def missing_levels(folder: str | os.PathLike) -> list[Path]:
+    """The levels of `folder` that do not exist yet, deepest first: what `mkdir -p folder` would make."""
+    folder = Path(folder)
+    return list(itertools.takewhile(lambda p: not os.path.lexists(p), [folder, *folder.parents]))
+
+
 def make_folder_durably(folder: str | os.PathLike) -> None:
     """`mkdir -p folder` whose new levels survive a power loss: a new folder's entry is in its parent, durable only
     once the parent is fsynced (an output or run folder made with new levels above it could otherwise vanish with
     every file committed in it, though each file and its own folder were fsynced)."""
-    folder = Path(folder)
-    new = list(itertools.takewhile(lambda p: not os.path.lexists(p), [folder, *folder.parents]))
-    folder.mkdir(parents=True, exist_ok=True)
+    new = missing_levels(folder)
+    Path(folder).mkdir(parents=True, exist_ok=True)
     for level in new:
         fsync_folder_if_allowed(level.parent)
 
