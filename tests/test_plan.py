@@ -186,7 +186,7 @@ def test_errors_are_one_line(plan_tool, tmp_path, capsys):
         (["--gpus", "3"], "error: train.global_batch_size: 1024 is not divisible by micro_batch_size*dp = 4*3"),
         (["--gpus", "256", "--mfu", "2"], "error: --mfu must be in (0, 1], got 2.0"),
         (["--gpus", "256", "parallel.tq=2"], "error: parallel.tq: unknown config key"),
-        (["--gpus", "256", "--gpu", "B300"], "error: --gpu 'B300' is not in the peak table"),
+        (["--gpus", "256", "--gpu", "B300"], "error: --gpu 'B300' is not in the GPU table"),
         (["--gpus", "256", "--net-gbps", "0"], "error: --net-gbps must be > 0"),
     ]:
         assert plan_tool.main([str(CONFIGS / "smollm2_1p7b.yaml"), *args]) == 2

@@ -25,7 +25,7 @@ A run that starts from another run's step (checkpoint.resume naming a step folde
 smollm2_1p7b_anneal_math.yaml) is planned from that step: its time and saves count only the steps it trains.
 
 Time: total tokens x model FLOPs per token (`nanotronix.train.flops`, the trainer's own MFU counter) / (GPUs x peak
-x MFU). `--gpu` picks the peak from the same table the trainer uses.
+x MFU). `--gpu` picks the peak from the same table the trainer uses (`nanotronix.train.gpus`).
 
 Data-parallel traffic (per GPU and step, an estimate): the fp32 gradient reduction of the GPU's parameters over its
 DP group, as NCCL's ring moves it: all-reduce 2 (dp-1)/dp x 4 bytes per parameter (2 with
@@ -50,6 +50,7 @@ from typing import Any, Optional
 
 from nanotronix.cli import ArgumentParser, finite_float, one_line_errors
 from nanotronix.errors import fail
+from nanotronix.train.gpus import GPUS
 
 GIB = 1024 ** 3
 
@@ -237,11 +238,11 @@ def resumed_step(cfg) -> int:
 
 def time_plan(cfg, gpus: int, mfu: float, gpu: str, stages: list[dict], start: int = 0) -> dict[str, Any]:
     """Compute time of the steps after `start` (`resumed_step`), in all and per stage."""
-    from nanotronix.train.flops import PEAK_TFLOPS, flops_per_token
+    from nanotronix.train.flops import flops_per_token
 
-    if gpu not in PEAK_TFLOPS:
-        raise ValueError(f"--gpu {gpu!r} is not in the peak table ({', '.join(PEAK_TFLOPS)})")
-    peak = PEAK_TFLOPS[gpu][cfg.train.dtype]
+    if gpu not in GPUS:
+        raise ValueError(f"--gpu {gpu!r} is not in the GPU table ({', '.join(GPUS)})")
+    peak = GPUS[gpu].peak_tflops[cfg.train.dtype]
     per_token = flops_per_token(cfg.model, cfg.train.seq_len)
     step_tokens = cfg.train.global_batch_size * cfg.train.seq_len
     tokens = (cfg.train.train_steps - start) * step_tokens
@@ -259,14 +260,6 @@ def time_plan(cfg, gpus: int, mfu: float, gpu: str, stages: list[dict], start: i
 
 
 # ------------------------------------------------------------------------------------- data-parallel traffic
-
-# Within a node, each GPU's link to the others, GB/s per direction (vendor data sheets), by the peak table's names:
-# SXM boards switch NVLink between all 8 GPUs (NVLink 4: 900 GB/s per GPU both directions together; the A100's
-# NVLink 3: 600; the table's A100 is the SXM board); the PCIe cards' NVLink bridges pair two GPUs only, so a ring
-# over the node crosses PCIe Gen5 x16.
-NODE_LINK = {"H100 SXM": ("NVLink", 450.0), "H200": ("NVLink", 450.0), "A100": ("NVLink", 300.0),
-             "H100 PCIe": ("PCIe", 64.0), "H100 NVL": ("PCIe", 64.0)}
-
 
 def checkpoint_plan(cfg, start: int = 0) -> dict[str, Any]:
     """The saves a run makes after `start` (`resumed_step`; every checkpoint.interval steps, its milestones, the last
@@ -300,7 +293,8 @@ def comm_plan(cfg, dp: int, accum: int, params_per_gpu: float, time: dict, net_g
         if cfg.train.bf16_weight_cache else 0.0
     ring = (dp - 1) / dp * (4 * (params_per_gpu - bf16_weights) + 2 * bf16_weights)
     crosses_nodes = p.tp * dp > gpus_per_node
-    link, gbytes_per_s = ("network", net_gbps / 8) if crosses_nodes else NODE_LINK[time["gpu"]]
+    sheet = GPUS[time["gpu"]]  # within a node, its GPUs' link (nanotronix.train.gpus)
+    link, gbytes_per_s = ("network", net_gbps / 8) if crosses_nodes else (sheet.node_link, sheet.node_link_gbytes_per_s)
     step_tokens = cfg.train.global_batch_size * cfg.train.seq_len
     compute = step_tokens / (dp * p.tp * p.pp * time["tokens_per_sec_per_gpu"])  # the step's FLOPs / all GPUs
     micro = compute / accum  # one micro-batch's forward and backward on this GPU

@@ -18,17 +18,7 @@ from typing import Optional
 import torch
 
 from nanotronix.config import ModelConfig
-
-# Dense peak TFLOP/s from the vendor data sheets (no sparsity): bf16 tensor cores, and plain FP32 for fp32 training,
-# whose matmuls run in full fp32 here (torch's default: TF32 is off and nothing here turns it on; dividing by the TF32
-# tensor-core peak would show ~1/7 of the real utilisation).
-PEAK_TFLOPS = {
-    "H100 SXM": {"bfloat16": 989.4, "float32": 66.9},
-    "H100 PCIe": {"bfloat16": 756.0, "float32": 51.2},
-    "H100 NVL": {"bfloat16": 835.0, "float32": 60.0},
-    "H200": {"bfloat16": 989.4, "float32": 66.9},
-    "A100": {"bfloat16": 312.0, "float32": 19.5},
-}
+from nanotronix.train.gpus import GPUS, gpu_of_device_name
 
 
 def matmul_params(cfg: ModelConfig) -> int:
@@ -60,16 +50,8 @@ def device_peak_tflops(device: torch.device, dtype: str) -> Optional[float]:
     """Peak for this device, or None where it is unknown (CPUs, unlisted GPUs): MFU is then reported as null."""
     if torch.device(device).type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    if "H100" in name:
-        key = "H100 PCIe" if "PCIe" in name else "H100 NVL" if "NVL" in name else "H100 SXM"
-    elif "H200" in name:
-        key = "H200"
-    elif "A100" in name:
-        key = "A100"
-    else:
-        return None
-    return PEAK_TFLOPS[key][dtype]
+    key = gpu_of_device_name(torch.cuda.get_device_name(device))
+    return None if key is None else GPUS[key].peak_tflops[dtype]
 
 
 def mfu(tokens_per_sec_per_gpu: float, flops_token: float, peak_tflops: Optional[float]) -> Optional[float]:
