@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -16,15 +17,15 @@ import torch
 
 from nanotronix import accel
 from nanotronix.checkpoint import Checkpointer
-from nanotronix.checkpoint.checkpointer import store_change_notes
+from nanotronix.checkpoint.checkpointer import ResumeState, store_change_notes
 from nanotronix.checkpoint.paths import find_checkpoint
 from nanotronix.config import Config, grad_accum_steps
 from nanotronix.config_checks import skipped_step_ranges
-from nanotronix.data import DataError, build_prefetched_loader, document_eos_mismatch
+from nanotronix.data import DataError, PrefetchingLoader, build_prefetched_loader, document_eos_mismatch
 from nanotronix.distributed import PeerStopped, cause_said_by, peer_stopped, stopping_together
 from nanotronix.errors import UserError, found_behind
 from nanotronix.model import build_model
-from nanotronix.parallel import DistributedOptimizer, ParallelContext, parallelize
+from nanotronix.parallel import DistributedOptimizer, ParallelContext, ParallelModel, parallelize
 from nanotronix.train import Interrupted
 from nanotronix.train.hang_report import HangWatch
 from nanotronix.train.lr_schedule import lr_at
@@ -34,7 +35,7 @@ from nanotronix.train.run_folders import create_run_folders
 from nanotronix.train.run_log import RunLog
 from nanotronix.train.spike_guard import SpikeGuard
 from nanotronix.train.start_notes import start_notes
-from nanotronix.train.step import train_step
+from nanotronix.train.step import StepResult, train_step
 from nanotronix.train.validation import Validator
 
 
@@ -118,17 +119,54 @@ def _train(cfg: Config, ctx: ParallelContext, device: torch.device, watch: HangW
 
 def _train_with(cfg: Config, ctx: ParallelContext, device: torch.device, watch: HangWatch,
                 checkpointer: Checkpointer) -> dict:
-    t, m = cfg.train, cfg.model
+    t = cfg.train
     profiler = StepProfiler.from_config(cfg, ctx.rank, ctx.world_size, device)  # logging.profile_steps, or nothing
-    torch.manual_seed(t.seed)
-    attn = accel.resolve_attention(m.attn_implementation, device, t.dtype)
+    model, optimizer, attn = _build_model_and_optimizer(cfg, ctx, device)
+    create_run_folders(cfg, checkpointer.coll)
+    resumed = _resume(cfg, ctx, watch, checkpointer, model, optimizer)
+    skips = skipped_step_ranges(t)
+    guard = (SpikeGuard(t.spike_skip_sigma, t.spike_skip_window, resumed.trainer_state.get("spike_guard"))
+             if t.spike_skip_sigma > 0 else None)
+    watch.at(0, "data")
+    loader = log = None
+    try:  # the read-ahead thread (or DALI pipeline) and the loggers are released on an error too
+        # A bad store met by every rank is said once (rank 0); one that some ranks met stops the others too.
+        with stopping_together(checkpointer.coll, watch.where):
+            loader = _build_loader(cfg, ctx, device, resumed, skips)
+            validator = Validator.from_config(cfg, ctx, model)  # None unless validation.interval > 0
+        _continue_data(cfg, ctx, loader, validator, resumed)
+        log0(ctx, _start_line(cfg, ctx, device, model, attn, loader))
+        start_step = resumed.step + 1
+        log = RunLog(cfg, ctx.rank, ctx.world_size, device, start_step)
+        log.config_used_from(start_step)
+        run = _TrainingRun(cfg, ctx, watch, checkpointer, profiler, model, optimizer, guard, skips, loader, validator,
+                           log, start_step)
+        return run.all_steps()
+    finally:  # after the checkpointer's last save (normal path), or at once (an error)
+        if loader is not None:
+            loader.close()
+        if log is not None:
+            log.close()
+
+
+def _build_model_and_optimizer(cfg: Config, ctx: ParallelContext,
+                               device: torch.device) -> tuple[ParallelModel, DistributedOptimizer, str]:
+    """This rank's part of the model, initialised from train.seed, its optimizer, and the attention it uses."""
+    torch.manual_seed(cfg.train.seed)
+    attn = accel.resolve_attention(cfg.model.attn_implementation, device, cfg.train.dtype)
     # Every rank builds the whole plain model from the same seed, then keeps its TP/PP part (nanotronix.parallel).
-    model = parallelize(build_model(m, attn, device), ctx, cfg)
+    model = parallelize(build_model(cfg.model, attn, device), ctx, cfg)
     o = cfg.optimizer
     groups = param_groups(model.named_parameters(), o.weight_decay, o.weight_decay_norms)
     optimizer = DistributedOptimizer(model, groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                      fused=True if device.type == "cuda" else None)
-    create_run_folders(cfg, checkpointer.coll)
+    return model, optimizer, attn
+
+
+def _resume(cfg: Config, ctx: ParallelContext, watch: HangWatch, checkpointer: Checkpointer, model: ParallelModel,
+            optimizer: DistributedOptimizer) -> ResumeState:
+    """Load the checkpoint.resume step (if any) into the model and optimizer; an error if it is past the run's end."""
+    t = cfg.train
     watch.at(0, "resume")
     resumed = checkpointer.resume(model, optimizer)
     if resumed.step > t.train_steps:  # the same checkpoint on every rank: rank 0 says it
@@ -136,116 +174,160 @@ def _train_with(cfg: Config, ctx: ParallelContext, device: torch.device, watch: 
                         f"{resumed.step}: past the end of the run, nothing to train", every_rank=True)
     if resumed.step == t.train_steps:
         log0(ctx, f"step {resumed.step} = train.train_steps: the run is complete, nothing left to train")
-    skips = skipped_step_ranges(t)
-    guard = (SpikeGuard(t.spike_skip_sigma, t.spike_skip_window, resumed.trainer_state.get("spike_guard"))
-             if t.spike_skip_sigma > 0 else None)
+    return resumed
 
-    def trainer_state() -> dict:  # saved with each checkpoint, back in `resumed.trainer_state` on resume
-        return {"spike_guard": guard.state_dict()} if guard is not None else {}
 
-    watch.at(0, "data")
-    loader = log = None
-    try:  # the read-ahead thread (or DALI pipeline) and the loggers are released on an error too
-        # A bad store met by every rank is said once (rank 0); one that some ranks met stops the others too.
-        with stopping_together(checkpointer.coll, watch.where):
-            loader = build_prefetched_loader(cfg, ctx.dp_rank, ctx.dp, device, last_step=t.train_steps,
-                                             consumed_samples=resumed.consumed_samples,
-                                             skipped_steps=skips,  # reads ahead while a step trains
-                                             earlier_order_keys=list(resumed.data.get("datasets") or ()))
-            validator = Validator.from_config(cfg, ctx, model)  # None unless validation.interval > 0
-        if resumed.data:
-            loader.loader.count_tokens_from(resumed.data, resumed.step)
-        if ctx.rank == 0:  # its notes to say, and its fingerprint reads alone (`stats`)
-            for changed in store_change_notes(resumed.data, loader.stats(resumed.step, fingerprints=True)):
-                log0(ctx, f"data order: {changed}")
-        stores = {**loader.loader.stores, **(validator.stores if validator else {})}
-        wrong_eos = document_eos_mismatch(stores, m.document_mask_eos_id)
-        if wrong_eos:  # the same stores and config on every rank
-            raise UserError(wrong_eos, every_rank=True)
-        for note in start_notes(cfg, loader.loader, stores, resumed.step if ctx.rank == 0 else None):
-            log0(ctx, f"note: {note}")  # the launch preflight said them too
+def _build_loader(cfg: Config, ctx: ParallelContext, device: torch.device, resumed: ResumeState,
+                  skips: list[tuple[int, int]]) -> PrefetchingLoader:
+    """This data-parallel rank's batches, from the resumed data position on."""
+    return build_prefetched_loader(cfg, ctx.dp_rank, ctx.dp, device, last_step=cfg.train.train_steps,
+                                   consumed_samples=resumed.consumed_samples,
+                                   skipped_steps=skips,  # reads ahead while a step trains
+                                   earlier_order_keys=list(resumed.data.get("datasets") or ()))
 
-        accum = grad_accum_steps(cfg, ctx.dp)
-        log0(ctx, f"nanotronix: {m.num_parameters() / 1e6:.1f}M parameters | layout {model.describe()} "
-                  f"| global batch {t.global_batch_size} x {t.seq_len} tokens, micro-batch "
-                  f"{t.micro_batch_size}, grad accumulation {accum} | device {device.type} | "
-                  f"{accel.describe(attn, m.document_mask_eos_id is not None)} | data loader: {loader.name}")
 
-        start_step = resumed.step + 1
-        log = RunLog(cfg, ctx.rank, ctx.world_size, device, start_step)
+def _continue_data(cfg: Config, ctx: ParallelContext, loader: PrefetchingLoader, validator: Optional[Validator],
+                   resumed: ResumeState) -> None:
+    """Carry the resumed token counts on, say what changed in the data order since the checkpoint, check the stores'
+    end-of-document id, and say the start notes."""
+    if resumed.data:
+        loader.loader.count_tokens_from(resumed.data, resumed.step)
+    if ctx.rank == 0:  # its notes to say, and its fingerprint reads alone (`stats`)
+        for changed in store_change_notes(resumed.data, loader.stats(resumed.step, fingerprints=True)):
+            log0(ctx, f"data order: {changed}")
+    stores = {**loader.loader.stores, **(validator.stores if validator else {})}
+    wrong_eos = document_eos_mismatch(stores, cfg.model.document_mask_eos_id)
+    if wrong_eos:  # the same stores and config on every rank
+        raise UserError(wrong_eos, every_rank=True)
+    for note in start_notes(cfg, loader.loader, stores, resumed.step if ctx.rank == 0 else None):
+        log0(ctx, f"note: {note}")  # the launch preflight said them too
+
+
+def _start_line(cfg: Config, ctx: ParallelContext, device: torch.device, model: ParallelModel, attn: str,
+                loader: PrefetchingLoader) -> str:
+    """The run's one-line summary: size, layout, batch, device, attention, loader."""
+    t, m = cfg.train, cfg.model
+    accum = grad_accum_steps(cfg, ctx.dp)
+    return (f"nanotronix: {m.num_parameters() / 1e6:.1f}M parameters | layout {model.describe()} "
+            f"| global batch {t.global_batch_size} x {t.seq_len} tokens, micro-batch "
+            f"{t.micro_batch_size}, grad accumulation {accum} | device {device.type} | "
+            f"{accel.describe(attn, m.document_mask_eos_id is not None)} | data loader: {loader.name}")
+
+
+@dataclass
+class _TrainingRun:
+    """What the steps work with, built once by _train_with; all_steps() runs them."""
+    cfg: Config
+    ctx: ParallelContext
+    watch: HangWatch
+    checkpointer: Checkpointer
+    profiler: StepProfiler
+    model: ParallelModel
+    optimizer: DistributedOptimizer
+    guard: Optional[SpikeGuard]
+    skips: list[tuple[int, int]]  # train.skip_steps as (first, last) ranges
+    loader: PrefetchingLoader
+    validator: Optional[Validator]
+    log: RunLog
+    start_step: int
+
+    def all_steps(self) -> dict:
+        """Steps start_step..train.train_steps (or up to a SIGTERM/SIGUSR1 save): the summary train() returns."""
         first_loss = last_loss = None
         preempted = False
-        log.config_used_from(start_step)
-
-        def validate_if_due(step: int) -> Optional[dict[str, float]]:
-            if validator is None or not (step % cfg.validation.interval == 0 or step == t.train_steps):
-                return None
-            watch.at(step, "validation")
-            with log.paused():  # the tokens/s of training only
-                return validator.run()
-
-        for step in range(start_step, t.train_steps + 1):
-            profiler.begin(step)
-            lr = lr_at(step, cfg.optimizer.lr, cfg.lr_schedule)
-            skipped = next(((a, b) for a, b in skips if a <= step <= b), None)
+        for step in range(self.start_step, self.cfg.train.train_steps + 1):
+            self.profiler.begin(step)
+            lr = lr_at(step, self.cfg.optimizer.lr, self.cfg.lr_schedule)
+            skipped = next(((a, b) for a, b in self.skips if a <= step <= b), None)
             if skipped is not None:  # no batch read, no update: the data position and the step move on
-                watch.at(step, "skipped")
-                if step in (skipped[0], start_step):
-                    which = f"steps {step}-{skipped[1]}" if skipped[1] > step else f"step {step}"
-                    log0(ctx, f"{which}: skipped (train.skip_steps), "
-                              f"{(skipped[1] - step + 1) * t.global_batch_size} samples passed over")
-                loader.skip(step)
-                val_losses = validate_if_due(step)  # the curve keeps its points (the last trained step's weights)
-                if val_losses:
-                    log.skipped(step, lr, loader.stats(step), val_losses)
+                self._pass_over(step, lr, skipped)
             else:
-                watch.at(step, "data")
-                asked = time.perf_counter()
-                try:
-                    batch = loader.batch(step)  # read ahead while the previous step trained: ~0 unless input is slow
-                except DataError as e:
-                    # (a token outside the vocabulary, a damaged store) every tensor- and pipeline-parallel rank of
-                    # this replica reads the same windows and meets it: the replica's first rank says it for them,
-                    # and for the other replicas' ranks, which stop at the gradient reduction (one line, not one per
-                    # replica)
-                    e.said_elsewhere = ctx.tp_rank != 0 or ctx.pp_rank != 0
-                    e.said_for_the_stopped = True
-                    raise
-                log.batch_read(time.perf_counter() - asked, batch)
-                watch.at(step, "train step")
-                result = train_step(model, optimizer, batch, lr, cfg.optimizer.clip_grad, guard)
-                if result.spike is not None:
-                    log0(ctx, f"step {step}: update skipped (train.spike_skip_sigma): {result.spike}")
-                elif not result.applied:
-                    checkpointer.close()  # an asynchronous save of an earlier (good) step completes first
-                    raise FloatingPointError(
-                        f"step {step}: the loss ({result.loss}) or the gradient norm ({result.grad_norm}) is not "
-                        f"finite; the weights were not updated and nothing was saved after step {step - 1} (rerunning "
-                        f"would meet the same batch: lower the learning rate, or resume with the steps from here "
-                        f"skipped, e.g. 'train.skip_steps=[{step}-{min(step + 99, t.train_steps)}]'; tools/rollback.py "
-                        f"goes back further)")
-                first_loss = result.loss if first_loss is None else first_loss
-                last_loss = result.loss
-                log.trained()
-                val_losses = validate_if_due(step)
-                if (step % cfg.logging.interval == 0 or step in (start_step, t.train_steps) or val_losses
-                        or result.spike is not None):
-                    log.step(step, lr, result, loader.stats(step), val_losses)
-            watch.at(step, "checkpoint")
-            stop = checkpointer.after_step(step, model, optimizer, loader, trainer_state)
-            with log.paused():  # writing the trace, at the window's end
-                profiler.end(step)
-            if stop:
+                loss = self._train_one(step, lr)
+                first_loss = loss if first_loss is None else first_loss
+                last_loss = loss
+            if self._end_step(step):
                 preempted = True
                 break
-        watch.at(None, "finish")  # the last step it reached
-        profiler.close()  # a run stopped inside the profiled steps (preempted): what it recorded
-        model.grads.wait_for_weights()  # ZeRO-1 overlap_param_gather: the last step's weight gathers
-        checkpointer.close()
-        return {"first_loss": first_loss, "last_loss": last_loss, "steps": t.train_steps, "first_step": start_step,
-                "preempted": preempted}
-    finally:  # after the checkpointer's last save (normal path), or at once (an error)
-        if loader is not None:
-            loader.close()
-        if log is not None:
-            log.close()
+        self._finish()
+        return {"first_loss": first_loss, "last_loss": last_loss, "steps": self.cfg.train.train_steps,
+                "first_step": self.start_step, "preempted": preempted}
+
+    def _pass_over(self, step: int, lr: float, skipped: tuple[int, int]) -> None:
+        """A train.skip_steps step: said at its range's start (or the run's), its validation kept when due."""
+        self.watch.at(step, "skipped")
+        if step in (skipped[0], self.start_step):
+            which = f"steps {step}-{skipped[1]}" if skipped[1] > step else f"step {step}"
+            log0(self.ctx, f"{which}: skipped (train.skip_steps), "
+                           f"{(skipped[1] - step + 1) * self.cfg.train.global_batch_size} samples passed over")
+        self.loader.skip(step)
+        val_losses = self._validate_if_due(step)  # the curve keeps its points (the last trained step's weights)
+        if val_losses:
+            self.log.skipped(step, lr, self.loader.stats(step), val_losses)
+
+    def _train_one(self, step: int, lr: float) -> float:
+        """Read the step's batch, train on it, log and validate when due; its loss. A loss or gradient norm that is
+        not finite stops the run (FloatingPointError)."""
+        batch = self._read_batch(step)
+        self.watch.at(step, "train step")
+        result = train_step(self.model, self.optimizer, batch, lr, self.cfg.optimizer.clip_grad, self.guard)
+        if result.spike is not None:
+            log0(self.ctx, f"step {step}: update skipped (train.spike_skip_sigma): {result.spike}")
+        elif not result.applied:
+            self.checkpointer.close()  # an asynchronous save of an earlier (good) step completes first
+            raise _not_finite(step, result, self.cfg.train.train_steps)
+        self.log.trained()
+        val_losses = self._validate_if_due(step)
+        if (step % self.cfg.logging.interval == 0 or step in (self.start_step, self.cfg.train.train_steps)
+                or val_losses or result.spike is not None):
+            self.log.step(step, lr, result, self.loader.stats(step), val_losses)
+        return result.loss
+
+    def _read_batch(self, step: int) -> torch.Tensor:
+        self.watch.at(step, "data")
+        asked = time.perf_counter()
+        try:
+            batch = self.loader.batch(step)  # read ahead while the previous step trained: ~0 unless input is slow
+        except DataError as e:
+            # (a token outside the vocabulary, a damaged store) every tensor- and pipeline-parallel rank of this
+            # replica reads the same windows and meets it: the replica's first rank says it for them, and for the
+            # other replicas' ranks, which stop at the gradient reduction (one line, not one per replica)
+            e.said_elsewhere = self.ctx.tp_rank != 0 or self.ctx.pp_rank != 0
+            e.said_for_the_stopped = True
+            raise
+        self.log.batch_read(time.perf_counter() - asked, batch)
+        return batch
+
+    def _validate_if_due(self, step: int) -> Optional[dict[str, float]]:
+        if self.validator is None:
+            return None
+        if not (step % self.cfg.validation.interval == 0 or step == self.cfg.train.train_steps):
+            return None
+        self.watch.at(step, "validation")
+        with self.log.paused():  # the tokens/s of training only
+            return self.validator.run()
+
+    def _end_step(self, step: int) -> bool:
+        """Save if due, close the profiler's window if due; True when a SIGTERM/SIGUSR1 save asks the run to stop."""
+        self.watch.at(step, "checkpoint")
+        stop = self.checkpointer.after_step(step, self.model, self.optimizer, self.loader, self._trainer_state)
+        with self.log.paused():  # writing the trace, at the window's end
+            self.profiler.end(step)
+        return stop
+
+    def _trainer_state(self) -> dict:  # saved with each checkpoint, back in `resumed.trainer_state` on resume
+        return {"spike_guard": self.guard.state_dict()} if self.guard is not None else {}
+
+    def _finish(self) -> None:
+        self.watch.at(None, "finish")  # the last step it reached
+        self.profiler.close()  # a run stopped inside the profiled steps (preempted): what it recorded
+        self.model.grads.wait_for_weights()  # ZeRO-1 overlap_param_gather: the last step's weight gathers
+        self.checkpointer.close()
+
+
+def _not_finite(step: int, result: StepResult, last_step: int) -> FloatingPointError:
+    return FloatingPointError(
+        f"step {step}: the loss ({result.loss}) or the gradient norm ({result.grad_norm}) is not "
+        f"finite; the weights were not updated and nothing was saved after step {step - 1} (rerunning "
+        f"would meet the same batch: lower the learning rate, or resume with the steps from here "
+        f"skipped, e.g. 'train.skip_steps=[{step}-{min(step + 99, last_step)}]'; tools/rollback.py "
+        f"goes back further)")
