@@ -106,43 +106,14 @@ def existing_output(fmt: str, prefix: str) -> Optional[str]:
 
 
 def preprocess(opts: PreprocessOptions) -> PreprocessResult:
-    if opts.workers < 1:
-        raise DataError(f"--workers must be >= 1, got {opts.workers}")
-    if opts.format not in FORMATS:
-        raise DataError(f"--format {opts.format!r}: expected one of {', '.join(FORMATS)}")
-    if "://" in opts.output_prefix:  # as a local path it would be a folder named "s3:", the URL never written
-        raise DataError(f"--output-prefix {opts.output_prefix}: preprocess writes local files (stores are read from "
-                        "URLs, not written to them); write locally, then copy it there")
-    if opts.shard is None and not os.path.basename(opts.output_prefix):
-        raise DataError(f"--output-prefix {opts.output_prefix}: names a folder; give DIR/NAME (NAME.bin and "
-                        "NAME.idx are written)")
+    _check_options(opts)
     pieces = whole_files(expand_inputs(opts.inputs))
-    prefix = opts.output_prefix
-    shard = None
+    prefix, shard = opts.output_prefix, None
     if opts.shard is not None:
-        index, count = opts.shard
-        text_ratio = {p.path: text_per_byte(p.path) for p in pieces} if count > 1 else {}  # what cuts count by
-        # what every task of the array must have seen alike, or their runs of the inputs overlap or leave gaps
-        shard = {"index": index, "count": count, "inputs_sha256": inputs_fingerprint(pieces, text_ratio)}
-        pieces = _pieces_of_shard(pieces, index, count, text_ratio)
-        prefix = os.path.join(opts.output_prefix, shard_name(*opts.shard))
-    if shard is not None:
-        others = shard_kinds(Path(opts.output_prefix)) - {(shard["count"], opts.format)}
-        if others:  # the folder would never open: "shards of different splits", "its parts mix formats"
-            count, fmt = min(others)
-            other = f"a {count}-way split" if count != shard["count"] else f"the {fmt} format"
-            raise DataError(f"--output-prefix {opts.output_prefix}: holds shards of {other}; --shard "
-                            f"{shard['index']}/{shard['count']} --format {opts.format} would mix them in one store "
-                            "(write to another folder, or remove those shards)")
-    existing = existing_output(opts.format, prefix)
-    if existing is not None and not opts.overwrite:
-        if shard is not None:
-            done = _complete_shard(opts, prefix, shard)
-            if done is not None:  # an array resubmitted after one task failed: its finished tasks succeed at once
-                return done
-        raise DataError(f"--output-prefix {opts.output_prefix}: {existing} already exists; pass --overwrite"
-                        f"{' (slurm/preprocess.sh: EXTRA_ARGS=--overwrite)' if shard is not None else ''} to "
-                        "replace that store")
+        pieces, prefix, shard = _this_shard(opts, pieces)
+    done = _earlier_output(opts, prefix, shard)
+    if done is not None:  # an array resubmitted after one task failed: its finished tasks succeed at once
+        return done
     check_writable_folder(os.path.dirname(os.path.abspath(prefix)), "--output-prefix")
     note_removed_temps(remove_abandoned_temps(prefix))
     tokenizer, info = load_tokenizer(opts.tokenizer)
@@ -219,6 +190,53 @@ def preprocess(opts: PreprocessOptions) -> PreprocessResult:
             os.environ["TOKENIZERS_PARALLELISM"] = previous_parallelism
     return PreprocessResult(output, writer.num_documents, writer.num_tokens, dict(skipped),
                             time.perf_counter() - start)
+
+
+def _check_options(opts: PreprocessOptions) -> None:
+    if opts.workers < 1:
+        raise DataError(f"--workers must be >= 1, got {opts.workers}")
+    if opts.format not in FORMATS:
+        raise DataError(f"--format {opts.format!r}: expected one of {', '.join(FORMATS)}")
+    if "://" in opts.output_prefix:  # as a local path it would be a folder named "s3:", the URL never written
+        raise DataError(f"--output-prefix {opts.output_prefix}: preprocess writes local files (stores are read from "
+                        "URLs, not written to them); write locally, then copy it there")
+    if opts.shard is None and not os.path.basename(opts.output_prefix):
+        raise DataError(f"--output-prefix {opts.output_prefix}: names a folder; give DIR/NAME (NAME.bin and "
+                        "NAME.idx are written)")
+
+
+def _this_shard(opts: PreprocessOptions, pieces: list[InputPiece]) -> tuple[list[InputPiece], str, dict]:
+    """For --shard INDEX/COUNT: the inputs this shard tokenizes, its prefix in the --output-prefix folder, and what
+    its sidecar records of the split; an error if the folder holds shards of another split or format."""
+    index, count = opts.shard
+    text_ratio = {p.path: text_per_byte(p.path) for p in pieces} if count > 1 else {}  # what cuts count by
+    # what every task of the array must have seen alike, or their runs of the inputs overlap or leave gaps
+    shard = {"index": index, "count": count, "inputs_sha256": inputs_fingerprint(pieces, text_ratio)}
+    pieces = _pieces_of_shard(pieces, index, count, text_ratio)
+    prefix = os.path.join(opts.output_prefix, shard_name(*opts.shard))
+    others = shard_kinds(Path(opts.output_prefix)) - {(shard["count"], opts.format)}
+    if others:  # the folder would never open: "shards of different splits", "its parts mix formats"
+        count, fmt = min(others)
+        other = f"a {count}-way split" if count != shard["count"] else f"the {fmt} format"
+        raise DataError(f"--output-prefix {opts.output_prefix}: holds shards of {other}; --shard "
+                        f"{shard['index']}/{shard['count']} --format {opts.format} would mix them in one store "
+                        "(write to another folder, or remove those shards)")
+    return pieces, prefix, shard
+
+
+def _earlier_output(opts: PreprocessOptions, prefix: str, shard: Optional[dict]) -> Optional[PreprocessResult]:
+    """None when nothing is at `prefix` (or --overwrite replaces it); an earlier run's result when it is this very
+    shard, complete; otherwise the error that refuses to replace it."""
+    existing = existing_output(opts.format, prefix)
+    if existing is None or opts.overwrite:
+        return None
+    if shard is not None:
+        done = _complete_shard(opts, prefix, shard)
+        if done is not None:
+            return done
+    raise DataError(f"--output-prefix {opts.output_prefix}: {existing} already exists; pass --overwrite"
+                    f"{' (slurm/preprocess.sh: EXTRA_ARGS=--overwrite)' if shard is not None else ''} to "
+                    "replace that store")
 
 
 def _shuffle_seed(opts: PreprocessOptions) -> Optional[list[int]]:
