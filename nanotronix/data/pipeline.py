@@ -123,37 +123,17 @@ def preprocess(opts: PreprocessOptions) -> PreprocessResult:
     # oversubscribe the cores, and is unsafe in forked children); the caller's setting is restored after.
     previous_parallelism = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    encode.use_tokenizer(tokenizer, info.eos_id, dtype)
-    executor = _start_workers(opts, info, dtype)  # before any other thread (progress bar) exists
-    writer, output = create_writer(opts.format, prefix, dtype)
-    shuffle_seed = _shuffle_seed(opts)
-    if shuffle_seed is not None:
-        writer = ShufflingWriter(writer, output, shuffle_seed, progress=opts.progress)
-    per_file = [{"path": str(p.path), **({"part": p.part()} if p.part() else {}), "bytes": p.nbytes,
-                 "documents": 0, "tokens": 0} for p in pieces]
-    skipped: collections.Counter = collections.Counter()
-    examples: list[str] = []
-    bar = tqdm(total=sum(p["bytes"] for p in per_file), unit="B", unit_scale=True, desc="preprocess",
-               disable=not opts.progress, smoothing=0.1)
-    results = _encoded_chunks(pieces, opts, executor, bar)
-    try:
-        for result in results:
-            for file_index, line, reason, detail in result.bad:
-                where = f"{pieces[file_index].path}:{line}"
-                if not opts.skip_bad:
-                    raise DataError(f"{where}: {reason}{f' ({detail})' if detail else ''} "
-                                    f"(use --skip-bad to skip bad records)")
-                skipped[reason] += 1
-                if len(examples) < _MAX_EXAMPLES:
-                    examples.append(f"{where}: {reason}")
-            writer.add_documents(result.tokens, result.lengths)
-            for file_index in np.unique(result.files).tolist():
-                mine = result.files == file_index
-                per_file[file_index]["documents"] += int(mine.sum())
-                per_file[file_index]["tokens"] += int(result.lengths[mine].sum())
-            elapsed = max(time.perf_counter() - start, 1e-9)
-            bar.set_postfix_str(f"{writer.num_documents / elapsed:,.0f} docs/s, "
-                                f"{writer.num_tokens / elapsed:,.0f} tokens/s", refresh=False)
+    executor = writer = bar = None
+    try:  # from here on, a failure (a writer that cannot start too) stops the workers and gives the setting back
+        encode.use_tokenizer(tokenizer, info.eos_id, dtype)
+        executor = _start_workers(opts, info, dtype)  # before any other thread (progress bar) exists
+        writer, output = create_writer(opts.format, prefix, dtype)
+        shuffle_seed = _shuffle_seed(opts)
+        if shuffle_seed is not None:
+            writer = ShufflingWriter(writer, output, shuffle_seed, progress=opts.progress)
+        bar = tqdm(total=sum(p.nbytes for p in pieces), unit="B", unit_scale=True, desc="preprocess",
+                   disable=not opts.progress, smoothing=0.1)
+        per_file, skipped, examples = _encode_into(writer, pieces, opts, executor, bar, start)
         # A shard with no document (its byte range holds no record start, or only records --skip-bad skipped) is
         # an empty part of the folder, written (with its skipped counts) so that the folder completes as a single
         # run over the same inputs would; a single run with no document is an error.
@@ -177,19 +157,53 @@ def preprocess(opts: PreprocessOptions) -> PreprocessResult:
         }
         writer.finalize(sidecar)
     except BaseException:
-        writer.abort()
+        if writer is not None:
+            writer.abort()
         raise
     finally:
-        results.close()
         if executor is not None:  # stop the workers now, not when the traceback is freed
             executor.shutdown(wait=False, cancel_futures=True)
-        bar.close()
+        if bar is not None:
+            bar.close()
         if previous_parallelism is None:
             os.environ.pop("TOKENIZERS_PARALLELISM", None)
         else:
             os.environ["TOKENIZERS_PARALLELISM"] = previous_parallelism
     return PreprocessResult(output, writer.num_documents, writer.num_tokens, dict(skipped),
                             time.perf_counter() - start)
+
+
+def _encode_into(writer, pieces: list[InputPiece], opts: PreprocessOptions, executor, bar,
+                 start: float) -> tuple[list[dict], collections.Counter, list[str]]:
+    """Encode the pieces into `writer`, in input order; what the sidecar says of them: each input's documents and
+    tokens, the bad records skipped by reason, and the first of them by position (a bad record is an error unless
+    --skip-bad)."""
+    per_file = [{"path": str(p.path), **({"part": p.part()} if p.part() else {}), "bytes": p.nbytes,
+                 "documents": 0, "tokens": 0} for p in pieces]
+    skipped: collections.Counter = collections.Counter()
+    examples: list[str] = []
+    results = _encoded_chunks(pieces, opts, executor, bar)
+    try:
+        for result in results:
+            for file_index, line, reason, detail in result.bad:
+                where = f"{pieces[file_index].path}:{line}"
+                if not opts.skip_bad:
+                    raise DataError(f"{where}: {reason}{f' ({detail})' if detail else ''} "
+                                    f"(use --skip-bad to skip bad records)")
+                skipped[reason] += 1
+                if len(examples) < _MAX_EXAMPLES:
+                    examples.append(f"{where}: {reason}")
+            writer.add_documents(result.tokens, result.lengths)
+            for file_index in np.unique(result.files).tolist():
+                mine = result.files == file_index
+                per_file[file_index]["documents"] += int(mine.sum())
+                per_file[file_index]["tokens"] += int(result.lengths[mine].sum())
+            elapsed = max(time.perf_counter() - start, 1e-9)
+            bar.set_postfix_str(f"{writer.num_documents / elapsed:,.0f} docs/s, "
+                                f"{writer.num_tokens / elapsed:,.0f} tokens/s", refresh=False)
+    finally:
+        results.close()
+    return per_file, skipped, examples
 
 
 def _check_options(opts: PreprocessOptions) -> None:
