@@ -110,3 +110,34 @@ def test_a_file_that_fails_its_fsync_still_fails_the_commit(tmp_path, monkeypatc
     with pytest.raises(OSError, match="Input/output error"):
         files.commit(temp, tmp_path / "model")
     assert not (tmp_path / "model").exists()
+
+
+def test_a_lost_write_on_the_folder_holding_the_output_fails_the_commit(tmp_path, monkeypatch):
+    """The folder's fsync after the rename saying EIO (a lost write) fails the commit as a file's does: the rename is
+    not known to survive a power loss. Only a folder this user cannot open (a parent of mode 711: EACCES, simulated
+    since the tests may run as root) is left to the file system's own commit."""
+    import errno
+    import stat
+
+    real_fsync, real_open = os.fsync, os.open
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    temp = tmp_path / ".out.json.tmp"
+    temp.write_text("{}")
+    with pytest.raises(OSError, match="Input/output error"):
+        files.commit(temp, tmp_path / "out.json")
+
+    def open_(path, flags, *args, **kwargs):
+        if Path(path) == tmp_path:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_)
+    temp.write_text("{}")
+    files.commit(temp, tmp_path / "out.json")
+    assert (tmp_path / "out.json").read_text() == "{}"

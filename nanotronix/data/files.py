@@ -81,8 +81,9 @@ def fsync_path(path: str | os.PathLike) -> None:
 
 def fsync_folder_if_allowed(folder: str | os.PathLike) -> None:
     """fsync a folder this user may not be able to open (a parent of mode 711, only traversable): then the file
-    system's own commit stands in, as it does for every program that cannot fsync there."""
-    with contextlib.suppress(OSError):
+    system's own commit stands in, as it does for every program that cannot fsync there. A folder that opens but
+    whose fsync fails (EIO: a lost write) fails the caller, as a file's does."""
+    with contextlib.suppress(PermissionError):
         fsync_path(folder)
 
 
