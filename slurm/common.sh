@@ -151,10 +151,16 @@ log "job $SLURM_JOB_ID ($SLURM_JOB_NAME) restart $RESTART: $NNODES node(s) [$SLU
 # Whether Slurm refuses to requeue this job (`sbatch --no-requeue`, which wins over the #SBATCH --requeue line):
 # asked before saying "requeueing", which `scontrol requeue` would then refuse ("presently disabled").
 NO_REQUEUE="the job was submitted with --no-requeue"
-requeue_disabled() { scontrol show job "$SLURM_JOB_ID" 2>/dev/null | grep -q '\bRequeue=0\b'; }
+requeue_disabled() { job_record | grep -q '\bRequeue=0\b'; }
+# This job's own record from scontrol, one line: a job array's task that runs under the array's id (its last) is
+# shown with every task of the array, a het job's leader with every component, whose states, restart counts and
+# reasons are not this job's.
+job_record() {
+  scontrol -o show job "$SLURM_JOB_ID" 2>/dev/null | grep "^JobId=$SLURM_JOB_ID "
+}
 # Whether Slurm is ending this job (scancel, the time limit, a preemption or requeue), as scontrol says its state.
 job_ending() {
-  [[ "$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/.*\bJobState=\([A-Z_]*\).*/\1/p')" =~ \
+  [[ "$(job_record | sed -n 's/.*\bJobState=\([A-Z_]*\).*/\1/p')" =~ \
      ^(CANCELLED|COMPLETING|TIMEOUT|PREEMPTED|REQUEUED|REQUEUE_HOLD|PENDING)$ ]]
 }
 PREEMPTED=0
@@ -232,7 +238,7 @@ TIME_LIMIT=0
 on_term() {
   local job restarts
   TERMINATED=1
-  job=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null)
+  job=$(job_record)
   restarts=$(sed -n 's/.*\bRestarts=\([0-9]*\).*/\1/p' <<<"$job")
   ! grep -q '\bReason=TimeLimit\b' <<<"$job" || TIME_LIMIT=1
   if [ "${restarts:-0}" -gt "$RESTART" ] 2>/dev/null; then

@@ -6,16 +6,19 @@ helpers: slurm_helpers.py).
   one cancelled in the preflight says that training was not started (~15 s).
 - `scontrol requeue` says that Slurm brings the job back, not that it is not requeued (~15 s).
 - A job submitted with --no-requeue says so on USR1 instead of trying to requeue itself (~20 s).
+- A job array's task under the array's own id reads its own state and restarts, not its sibling tasks' (~10 s).
 
 Skips only where Slurm is not installed; .ci/run installs and starts the cluster, so CI never skips.
 """
 from __future__ import annotations
 
+import re
+import subprocess
 import time
 from pathlib import Path
 
-from slurm_helpers import (ENDED, Slurm, job_output, requires_slurm, submit_with_a_slow_preflight, two_stage_run,
-                           wait_for_preflight, wait_for_restart, wait_for_step)
+from slurm_helpers import (ENDED, SCRIPT, Slurm, job_output, requires_slurm, submit_with_a_slow_preflight,
+                           two_stage_run, wait_for_preflight, wait_for_restart, wait_for_step)
 
 pytestmark = requires_slurm
 
@@ -121,3 +124,38 @@ def test_usr1_in_a_job_submitted_with_no_requeue_says_it_is_not_requeued(slurm, 
     assert ("USR1 before training started: not requeued: the job was submitted with --no-requeue; resubmit it to "
             f"continue from the latest checkpoint in {tmp_path / 'run' / 'checkpoints'}") in out, out
     assert "requeueing" not in out and "scontrol requeue failed" not in out, out
+
+
+def test_a_job_array_task_reads_its_own_state_and_restarts(slurm, tmp_path):
+    """A job array's last task runs under the array's own id, and `scontrol show job ID` then shows every task of the
+    array (as it shows every component of a het job under its leader's id): the script read all their states and
+    restart counts as its own. Requeued, that task's job_ending did not match ("REQUEUED" and "RUNNING" on two
+    lines: a failed preflight then printed the stopped step's CANCELLED as its error) and its TERM said "will not be
+    requeued" (a restart count of "1" and "0" on two lines, no number). The script's own functions (common.sh), run
+    against the real scontrol (~10 s)."""
+    array = slurm.cmd("sbatch", "--parsable", "--array=0-1", "--requeue", "--output=/dev/null", "--wrap",
+                      "sleep 300").strip().split(";")[0]
+    slurm.jobs.append(array)
+
+    def records() -> dict[str, dict[str, str]]:
+        lines = slurm.cmd("scontrol", "-o", "show", "job", array).splitlines()
+        return {r["JobId"]: r for r in (dict(re.findall(r"(\w+)=(\S*)", line)) for line in lines if line)}
+
+    deadline = time.monotonic() + 300
+    while not (len(records()) == 2 and all(r["JobState"] == "RUNNING" for r in records().values())):
+        assert time.monotonic() < deadline, records()
+        time.sleep(0.25)
+    text = (SCRIPT.parent / "common.sh").read_text()
+    functions = "\n".join(re.search(rf"^{name}\(\) {{\n.*?^}}$", text, re.S | re.M).group(0)
+                          for name in ("job_record", "job_ending", "on_term"))
+
+    def run(commands: str) -> str:
+        proc = subprocess.run(["bash", "-c", f'log() {{ echo "$*"; }}\n{functions}\n{commands}'], capture_output=True,
+                              text=True, timeout=60, env={**slurm.env, "SLURM_JOB_ID": array})
+        return proc.stdout + proc.stderr
+
+    assert run("job_ending; echo ending=$?") == "ending=1\n"  # running
+    slurm.cmd("scontrol", "requeue", f"{array}_{records()[array]['ArrayTaskId']}")
+    out = run("job_ending; echo ending=$?; RESTART=0 PREEMPTED=0 CKPT_DIR=ckpt; on_term")
+    slurm.cmd("scancel", array)
+    assert "ending=0\n" in out and "TERM: Slurm is requeueing the job" in out, out
