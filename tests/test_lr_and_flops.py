@@ -97,8 +97,8 @@ def test_fp32_mfu_is_against_the_peak_of_the_math_that_runs():
     importlib.import_module("nanotronix.train.trainer")  # everything the trainer imports, in case one set it
 
     assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cuda.matmul.allow_tf32
-    for device, sheet in GPUS.items():
-        assert sheet.peak_tflops["float32"] < sheet.peak_tflops["bfloat16"] / 10, device  # FP32 without tensor cores: ~1/15 of bf16
+    for device, sheet in GPUS.items():  # FP32 without tensor cores: ~1/15 of bf16
+        assert sheet.peak_tflops["float32"] < sheet.peak_tflops["bfloat16"] / 10, device
 
 
 # Megatron-Core's scheduler in a process of its own (importing megatron.core sets environment variables and warning
