@@ -176,8 +176,9 @@ def test_cli_in_a_real_process_one_line_errors(tmp_path, tok):
     assert missing.returncode != 0 and missing.stderr.strip() == f"error: input not found: {tmp_path / 'nope.jsonl'}"
     src = _jsonl(tmp_path / "in.jsonl", [json.dumps({"text": "x"})])
     bad_tok = run_tool("preprocess.py", "--input", str(src), "--tokenizer", str(tmp_path / "no" / "tokenizer.json"),
-                       "--output-prefix", str(tmp_path / "out"))
+                       "--output-prefix", str(tmp_path / "new" / "out"))
     assert bad_tok.returncode != 0 and "tokenizer not found" in bad_tok.stderr
+    assert not (tmp_path / "new").exists()  # the output folder is made once the tokenizer has loaded
     assert "Traceback" not in missing.stderr + bad_tok.stderr and len(bad_tok.stderr.strip().splitlines()) == 1
 
 

@@ -114,9 +114,9 @@ def preprocess(opts: PreprocessOptions) -> PreprocessResult:
     done = _earlier_output(opts, prefix, shard)
     if done is not None:  # an array resubmitted after one task failed: its finished tasks succeed at once
         return done
+    tokenizer, info = load_tokenizer(opts.tokenizer)  # before the output folder is made: a bad one leaves none
     check_writable_folder(os.path.dirname(os.path.abspath(prefix)), "--output-prefix")
     note_removed_temps(remove_abandoned_temps(prefix))
-    tokenizer, info = load_tokenizer(opts.tokenizer)
     dtype = optimal_dtype(info.vocab_size)
     start = time.perf_counter()
     # Parallelism comes from worker processes, so the tokenizers thread pool stays off for this run (it would
