@@ -49,6 +49,9 @@ set -uo pipefail  # not -e: failures are handled explicitly, and `wait` returns 
 
 log() { echo "[nanotronix-slurm $(date '+%F %T')] $*"; }
 fail() { echo "error: $*" >&2; exit 2; }
+# A TERM (scancel, a requeue) before the handlers below are in place (the script's checks and its config read, about
+# half a second): nothing has been started. Said, where the shell ended without a line.
+trap 'log "TERM as the job started: training was not started (nothing was saved)"; exit 2' TERM
 
 [ -n "${SLURM_JOB_ID:-}" ] || fail "not inside a Slurm job: submit this script with sbatch"
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -107,6 +108,31 @@ def test_scancel_during_the_preflight_says_nothing_was_started(slurm, tmp_path):
     assert "TERM: waiting for the job step to stop (the job will not be requeued)" in out, out
     assert "the TERM came during the preflight: training was not started (nothing was saved)" in out, out
     assert "launching on every node" not in out and not any(line.startswith("error") for line in out.splitlines()), out
+
+
+def test_scancel_before_the_handlers_are_set_says_nothing_was_started(slurm, tmp_path):
+    """scancel in the script's first moments, before its TERM handler is in place (here while it reads the config's
+    checkpoint.resume, slowed down by a PYTHON wrapper): the shell ended without a line (~10 s)."""
+    config, stores = two_stage_run(tmp_path)
+    started, wrapper = tmp_path / "config_read", tmp_path / "python"
+    wrapper.write_text(f'#!/bin/bash\ncase " $* " in *load_config*) touch "{started}"; sleep 8 ;; esac\n'
+                       f'exec {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    job = slurm.sbatch(tmp_path, {"CONFIG": str(config), "DATA_ROOT": str(stores), "GPUS_PER_NODE": "0",
+                                  "NPROC_PER_NODE": "1", "RUN_DIR": str(tmp_path / "run"), "PYTHON": str(wrapper)})
+    deadline = time.monotonic() + 120
+    while not started.exists():
+        assert time.monotonic() < deadline and slurm.info(job)["JobState"] not in ENDED, job_output(tmp_path, job)
+        time.sleep(0.1)
+    slurm.cmd("scancel", job)
+    info = slurm.wait(job, timeout=120)
+    deadline = time.monotonic() + 30  # the batch shell's line, once Slurm shows the job ended
+    while "training was not started" not in job_output(tmp_path, job) and time.monotonic() < deadline:
+        time.sleep(0.25)
+    out = job_output(tmp_path, job)
+    assert info["JobState"] == "CANCELLED", (info, out)
+    assert "TERM as the job started: training was not started (nothing was saved)" in out, out
+    assert " restart 0: " not in out, out  # it came before the allocation's first line
 
 
 def test_usr1_in_a_job_submitted_with_no_requeue_says_it_is_not_requeued(slurm, tmp_path):
