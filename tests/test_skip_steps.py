@@ -186,3 +186,40 @@ def test_validation_due_on_a_skipped_step_still_runs_on_the_unchanged_weights(tm
     assert got[6]["val_losses"] == got[3]["val_losses"]
     assert got[9]["val_loss"] != got[6]["val_loss"]
     assert "skipped" not in got[3] and "skipped" not in got[7]
+
+
+def test_the_summary_counts_only_trained_steps_and_says_a_stop(tmp_path, store, monkeypatch):
+    """train()'s summary (the `done: ... loss A -> B` line, exit 75 when preempted): its first and last loss are those
+    of the first and last step trained in this run (not of a skipped one), `preempted` says a SIGUSR1 save stopped it,
+    `first_step` is where this run started. The reference is the run's own metrics.jsonl (~5 s)."""
+    import os
+    import signal
+
+    import nanotronix.train.trainer as trainer
+
+    real_train_step = trainer.train_step
+
+    def usr1_while_step_4_trains(model, optimizer, batch, lr, *args):
+        if signalled == [] and metrics_so_far() == [3]:  # steps 1-2 skipped, 3 trained: this is step 4
+            signalled.append(True)
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return real_train_step(model, optimizer, batch, lr, *args)
+
+    def metrics_so_far() -> list[int]:
+        path = tmp_path / "logs" / "metrics.jsonl"
+        return [r["step"] for r in read_metrics(tmp_path / "logs").values() if "loss" in r] if path.exists() else []
+
+    signalled: list[bool] = []
+    monkeypatch.setattr(trainer, "train_step", usr1_while_step_4_trains)
+    cfg = _config(tmp_path, store, train={"train_steps": 6, "skip_steps": ["1-2"]},
+                  checkpoint={"dir": str(tmp_path / "ckpt"), "interval": 0})
+    stopped = train_in_process(cfg)
+    got = read_metrics(tmp_path / "logs")
+    assert signalled and sorted(got) == [3, 4]
+    assert stopped == {"first_loss": got[3]["loss"], "last_loss": got[4]["loss"], "steps": 6, "first_step": 1,
+                       "preempted": True}
+
+    resumed = train_in_process(cfg)  # the requeue: from step 4's checkpoint to the end
+    got = read_metrics(tmp_path / "logs")
+    assert resumed == {"first_loss": got[5]["loss"], "last_loss": got[6]["loss"], "steps": 6, "first_step": 5,
+                       "preempted": False}
