@@ -208,7 +208,9 @@ usr1_lead_s() {
 # (UNLIMITED) does not.
 usr1_of_time_limit() {
   local left lead
-  left=$(squeue -h -j "$SLURM_JOB_ID" -o %L 2>/dev/null) || return 0
+  # This job's own line (%A: its job id): a job array's task under the array's id is listed with every task.
+  left=$(squeue -h -j "$SLURM_JOB_ID" -o "%A %L" 2>/dev/null) || return 0
+  left=$(sed -n "s/^$SLURM_JOB_ID //p" <<<"$left")
   [ "$left" != UNLIMITED ] || return 1
   left=$(slurm_seconds "$left") || return 0
   lead=$(usr1_lead_s) || lead=65535
@@ -330,7 +332,12 @@ lock_holder() {
   [ "$rc" = 200 ] && { head -c 200 "$lock" | tr -d '\n'; echo; }
 }
 # Whether a job step of this job other than the batch script (`JOBID.N`) still runs; the preflight's has ended.
-step_running() { squeue -h --steps --jobs "$SLURM_JOB_ID" -o %i 2>/dev/null | grep -qE "^$SLURM_JOB_ID\.[0-9]+$"; }
+# squeue names a job array task's steps ARRAYID_TASK.N, and lists every task's under the array's id.
+step_running() {
+  local mine=$SLURM_JOB_ID
+  [ -z "${SLURM_ARRAY_JOB_ID:-}" ] || mine+="|${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID:-}"
+  squeue -h --steps --jobs "$SLURM_JOB_ID" -o %i 2>/dev/null | grep -qE "^($mine)\.[0-9]+$"
+}
 STEP_END_WAIT_S=150  # Slurm's KillWait (30 s by default) and srun's --wait=120 below, with room
 RC=0
 LAUNCHED=0

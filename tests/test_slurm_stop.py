@@ -7,6 +7,7 @@ helpers: slurm_helpers.py).
 - `scontrol requeue` says that Slurm brings the job back, not that it is not requeued (~15 s).
 - A job submitted with --no-requeue says so on USR1 instead of trying to requeue itself (~20 s).
 - A job array's task under the array's own id reads its own state and restarts, not its sibling tasks' (~10 s).
+- Each task of a job array reads its own job steps and time left (squeue), not its sibling tasks' (~10 s).
 
 Skips only where Slurm is not installed; .ci/run installs and starts the cluster, so CI never skips.
 """
@@ -185,3 +186,43 @@ def test_a_job_array_task_reads_its_own_state_and_restarts(slurm, tmp_path):
     out = run("job_ending; echo ending=$?; RESTART=0 PREEMPTED=0 CKPT_DIR=ckpt; on_term")
     slurm.cmd("scancel", array)
     assert "ending=0\n" in out and "TERM: Slurm is requeueing the job" in out, out
+
+
+def test_a_job_array_task_reads_its_own_steps_and_time_left(slurm, tmp_path):
+    """squeue, like scontrol, shows a job array's task under the array's own id with every task of the array, and
+    names a task's steps ARRAYID_TASK.N (not JOBID.N) under whatever id it is asked for: step_running never saw an
+    array task's own step (after srun was killed the script did not wait for it, and then took its trainer's lock for
+    another run's), and the task under the array's id read every task's time left, which is no one time (a
+    preemption's USR1 counted as the time limit's). The script's own functions against the real squeue (~10 s)."""
+    array = slurm.cmd("sbatch", "--parsable", "--array=0-1", "--time=60", "--output=/dev/null", "--wrap",
+                      # the task under the array's id has no step; the other one has a step (.0) while it runs
+                      'if [ "$SLURM_JOB_ID" = "$SLURM_ARRAY_JOB_ID" ]; then sleep 300; else srun sleep 300; fi'
+                      ).strip().split(";")[0]
+    slurm.jobs.append(array)
+
+    def records() -> dict[str, dict[str, str]]:
+        lines = slurm.cmd("scontrol", "-o", "show", "job", array).splitlines()
+        return {r["JobId"]: r for r in (dict(re.findall(r"(\w+)=(\S*)", line)) for line in lines if line)}
+
+    deadline = time.monotonic() + 300
+    while not (len(records()) == 2 and all(r["JobState"] == "RUNNING" for r in records().values())
+               and re.search(r"^\d+_\d+\.0$", slurm.cmd("squeue", "-h", "--steps", "-j", array, "-o", "%i"), re.M)):
+        assert time.monotonic() < deadline, records()
+        time.sleep(0.25)
+    sibling = next(job for job in records() if job != array)
+    slurm.cmd("scontrol", "update", f"JobId={sibling}", "TimeLimit=5")  # 5 minutes left, within the 600 s lead
+    text = (SCRIPT.parent / "common.sh").read_text()
+    functions = "\n".join(re.search(rf"^{name}\(\) {{(\n.*?^}}| [^\n]*}})$", text, re.S | re.M).group(0)
+                          for name in ("slurm_seconds", "usr1_lead_s", "usr1_of_time_limit", "step_running"))
+
+    def run(job: str, commands: str) -> str:
+        env = {**slurm.env, "SLURM_JOB_ID": job, "SLURM_ARRAY_JOB_ID": array,
+               "SLURM_ARRAY_TASK_ID": records()[job]["ArrayTaskId"], "SBATCH_SIGNAL": "B:USR1@600"}
+        proc = subprocess.run(["bash", "-c", f"{functions}\n{commands}"], capture_output=True, text=True, timeout=60,
+                              env=env)
+        return proc.stdout + proc.stderr
+
+    said = {job: run(job, "step_running; echo step=$?; usr1_of_time_limit; echo time_limit=$?") for job in records()}
+    slurm.cmd("scancel", array)
+    assert said[array] == "step=1\ntime_limit=1\n", said  # no step of its own; an hour left
+    assert said[sibling] == "step=0\ntime_limit=0\n", said
