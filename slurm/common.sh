@@ -52,6 +52,8 @@ fail() { echo "error: $*" >&2; exit 2; }
 # A TERM (scancel, a requeue) before the handlers below are in place (the script's checks and its config read, about
 # half a second): nothing has been started. Said, where the shell ended without a line.
 trap 'log "TERM as the job started: training was not started (nothing was saved)"; exit 2' TERM
+EARLY_USR1=0  # ... and a USR1 then (bash's default would end the shell without a line) is taken once on_usr1 is set
+trap 'EARLY_USR1=1' USR1
 
 [ -n "${SLURM_JOB_ID:-}" ] || fail "not inside a Slurm job: submit this script with sbatch"
 
@@ -227,6 +229,7 @@ on_usr1() {
   fi
 }
 trap on_usr1 USR1
+[ "$EARLY_USR1" = 0 ] || on_usr1
 # SIGTERM (scancel, the time limit): Slurm signals the job step itself; the shell only waits for srun, and does not
 # requeue the job afterwards (the trainer saves on TERM too, which would otherwise look like progress to requeue on:
 # a cancelled job would come back). Unless Slurm itself is requeueing the job (`scontrol requeue`, a preemption in

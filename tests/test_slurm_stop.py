@@ -111,20 +111,28 @@ def test_scancel_during_the_preflight_says_nothing_was_started(slurm, tmp_path):
     assert "launching on every node" not in out and not any(line.startswith("error") for line in out.splitlines()), out
 
 
-def test_scancel_before_the_handlers_are_set_says_nothing_was_started(slurm, tmp_path):
-    """scancel in the script's first moments, before its TERM handler is in place (here while it reads the config's
-    checkpoint.resume, slowed down by a PYTHON wrapper): the shell ended without a line (~10 s)."""
+def submit_with_a_slow_config_read(slurm: Slurm, tmp_path: Path, *flags: str) -> str:
+    """A training job whose script reads its config's checkpoint.resume 8 s longer (a PYTHON wrapper): the script's
+    first moments, before its signal handlers are in place. Returns once that read has started."""
     config, stores = two_stage_run(tmp_path)
     started, wrapper = tmp_path / "config_read", tmp_path / "python"
     wrapper.write_text(f'#!/bin/bash\ncase " $* " in *load_config*) touch "{started}"; sleep 8 ;; esac\n'
                        f'exec {sys.executable} "$@"\n')
     wrapper.chmod(0o755)
     job = slurm.sbatch(tmp_path, {"CONFIG": str(config), "DATA_ROOT": str(stores), "GPUS_PER_NODE": "0",
-                                  "NPROC_PER_NODE": "1", "RUN_DIR": str(tmp_path / "run"), "PYTHON": str(wrapper)})
+                                  "NPROC_PER_NODE": "1", "RUN_DIR": str(tmp_path / "run"), "PYTHON": str(wrapper)},
+                       *flags)
     deadline = time.monotonic() + 120
     while not started.exists():
         assert time.monotonic() < deadline and slurm.info(job)["JobState"] not in ENDED, job_output(tmp_path, job)
         time.sleep(0.1)
+    return job
+
+
+def test_scancel_before_the_handlers_are_set_says_nothing_was_started(slurm, tmp_path):
+    """scancel in the script's first moments, before its TERM handler is in place: the shell ended without a line
+    (~10 s)."""
+    job = submit_with_a_slow_config_read(slurm, tmp_path)
     slurm.cmd("scancel", job)
     info = slurm.wait(job, timeout=120)
     deadline = time.monotonic() + 30  # the batch shell's line, once Slurm shows the job ended
@@ -134,6 +142,20 @@ def test_scancel_before_the_handlers_are_set_says_nothing_was_started(slurm, tmp
     assert info["JobState"] == "CANCELLED", (info, out)
     assert "TERM as the job started: training was not started (nothing was saved)" in out, out
     assert " restart 0: " not in out, out  # it came before the allocation's first line
+
+
+def test_a_usr1_before_the_handlers_are_set_is_taken_once_they_are(slurm, tmp_path):
+    """A USR1 in the script's first moments (a preemption, or the time limit's in an allocation whose --time is not
+    above the lead): it ended the batch shell without a line (bash's default for USR1) and the job was not requeued.
+    It is now taken as any USR1 before training starts (~20 s; --no-requeue keeps the test short)."""
+    job = submit_with_a_slow_config_read(slurm, tmp_path, "--no-requeue")
+    slurm.cmd("scancel", "--signal=USR1", "--batch", job)
+    info = slurm.wait(job, timeout=300)
+    out = job_output(tmp_path, job)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("FAILED", "75:0", "0"), (info, out)
+    assert "USR1: asking the trainer to save a checkpoint and stop" in out, out
+    assert "USR1 before training started: not requeued: the job was submitted with --no-requeue" in out, out
+    assert "launching on every node" not in out, out
 
 
 def test_usr1_in_a_job_submitted_with_no_requeue_says_it_is_not_requeued(slurm, tmp_path):
