@@ -141,6 +141,10 @@ def note_cause_said(store=None) -> None:
     if store is not None:
         with contextlib.suppress(Exception):
             store.set(CAUSE_SAID_KEY, str(rank()))
+            # torch's TCPStore does not answer a set, and serves each connection in order: the note is in the store
+            # once a query after it on this connection is answered. Without this one, the others' check (on their
+            # own connections, as this rank's exit fails their collectives) could be served first and miss it.
+            store.check([CAUSE_SAID_KEY])
 
 
 def cause_said_by(store=None) -> Optional[int]:

@@ -75,7 +75,7 @@ def test_a_said_cause_is_found_in_the_job_store_and_a_lost_one_reads_as_unsaid(m
 
     from torch.distributed import TCPStore
 
-    from nanotronix.distributed import cause_said_by, note_cause_said
+    from nanotronix.distributed import CAUSE_SAID_KEY, cause_said_by, note_cause_said
 
     host = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60))
     stopped = TCPStore("127.0.0.1", host.port, is_master=False, timeout=timedelta(seconds=60))
@@ -83,6 +83,14 @@ def test_a_said_cause_is_found_in_the_job_store_and_a_lost_one_reads_as_unsaid(m
     monkeypatch.setenv("RANK", "3")  # the rank that says it (no process group here: torchrun's RANK)
     note_cause_said(host)
     assert cause_said_by(stopped) == 3
+    # The note is in the store when note_cause_said returns, not merely sent: TCPStore does not answer a set, so a
+    # check on another connection, right after, was sometimes served first (this test failed under load; in a tight
+    # loop, up to 4 notes in 10 were missed)
+    for said_by in range(1000):
+        stopped.delete_key(CAUSE_SAID_KEY)
+        monkeypatch.setenv("RANK", str(said_by))
+        note_cause_said(host)
+        assert cause_said_by(stopped) == said_by
     del host
     gc.collect()
     asked = time.monotonic()
