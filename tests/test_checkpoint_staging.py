@@ -109,22 +109,35 @@ def test_the_checkpointer_stages_after_the_last_write_and_saves_what_a_sync_run_
 
     events: list[tuple] = []
     stage, write, wait = HostStaging.stage, Checkpointer._write, Checkpointer.wait
-    next_save = threading.Event()  # the main thread went on to the next save (staging it, or waiting for a write)
+    # The main thread's calls of wait and stage (each save makes both), counted: a background write lasts until the
+    # main thread has gone on to the next save, a call after the one that staged it. (An Event cleared by the writer
+    # lost the main thread's call when the writer thread started late, on a loaded machine: it then waited out its
+    # 60 s timeout, a minute added to the test.)
+    main_calls = threading.Condition()
+    counts = {"calls": 0, "staged_at": 0}  # staged_at: the call that staged the write in flight (one at a time)
+
+    def note_call(staging: bool) -> None:
+        with main_calls:
+            counts["calls"] += 1
+            if staging:
+                counts["staged_at"] = counts["calls"]
+            main_calls.notify_all()
 
     def noted_stage(self, pieces):
         events.append(("stage", time.perf_counter()))
-        next_save.set()
+        note_call(staging=True)
         return stage(self, pieces)
 
     def noted_wait(self):
-        next_save.set()
+        note_call(staging=False)
         return wait(self)
 
     def slow_write(self, snapshot):
         background = threading.current_thread() is not threading.main_thread()
         if background:  # a slow disk: this write lasts until the next save is due (whatever the step's time)
-            next_save.clear()
-            next_save.wait(timeout=60)
+            with main_calls:
+                staged_at = counts["staged_at"]  # the next stage waits for this write: it is still this one's
+                assert main_calls.wait_for(lambda: counts["calls"] > staged_at, timeout=60), "no next save came"
         storages = {k: p.tensor.untyped_storage().data_ptr() for k, p in snapshot.pieces.items()}
         write(self, snapshot)
         events.append(("write", time.perf_counter(), snapshot.step, background, storages))
@@ -167,8 +180,9 @@ def test_a_run_failing_during_a_background_save_ends_its_writer_thread_and_frees
     made: list[Checkpointer] = []
     writers: list[threading.Thread] = []
     buffers: list[weakref.ref] = []
-    failed = threading.Event()
+    failed, writing = threading.Event(), threading.Event()
     write, train_step = Checkpointer._write, trainer.train_step
+    steps: list[int] = []
 
     class Noted(Checkpointer):
         def __init__(self, *args, **kwargs):
@@ -179,11 +193,16 @@ def test_a_run_failing_during_a_background_save_ends_its_writer_thread_and_frees
         if threading.current_thread() is not threading.main_thread():  # in flight when the run fails
             writers.append(threading.current_thread())
             buffers.extend(weakref.ref(p.tensor) for p in snapshot.pieces.values())
+            writing.set()
             failed.wait(timeout=60)
         write(self, snapshot)
 
     def failing_step(*args, **kwargs):
-        if writers:  # the step after a background save began
+        steps.append(len(steps) + 1)
+        if steps[-1] == 3:  # the step after step 2's background save: it fails once that write has begun
+            # (checked before by the writer's own note: a writer thread that started late on a loaded machine let
+            # step 3 train, and step 4's save wait out the write's 60 s and commit a step more)
+            assert writing.wait(timeout=60), "step 2's background write did not begin"
             failed.set()
             raise RuntimeError("a step that fails") if stop == "error" else KeyboardInterrupt()
         return train_step(*args, **kwargs)
