@@ -41,7 +41,11 @@ if plan.startswith("term-"):  # SIGTERMed (Slurm signals every process of the st
     stopping = []
     if plan != "term-default":  # term-default: no handler yet (a trainer in its start-up)
         signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
-    open(f"{sys.argv[3]}/ready-{rank}", "w").write(str(os.getpid()))
+    # written whole, then named: the test reads the pid as soon as the name is there (an open() that creates it
+    # empty, then a write, could be read between the two on a loaded machine)
+    with open(f"{sys.argv[3]}/.ready-{rank}", "w") as f:
+        f.write(str(os.getpid()))
+    os.rename(f"{sys.argv[3]}/.ready-{rank}", f"{sys.argv[3]}/ready-{rank}")
     while not stopping:
         time.sleep(0.05)
     time.sleep(0.5)  # the save
