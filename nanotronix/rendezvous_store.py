@@ -38,9 +38,11 @@ def main(argv=None) -> int:
     # must outlive it, since the trainers save a checkpoint, which needs no rendezvous, but their agents still
     # report to it until they exit.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        if signal.getsignal(sig) != signal.SIG_IGN:  # an ignored SIGTERM: the module docstring says why
-            signal.signal(sig, lambda *_: sys.exit(0))
+    if signal.getsignal(signal.SIGTERM) != signal.SIG_IGN:  # an ignored SIGTERM: the module docstring says why
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # SIGHUP always ends it: it is how slurm/common.sh stops it, and a launcher may hand it down ignored (nohup, a
+    # CI runner), which left the store running after the job's shell had gone.
+    signal.signal(signal.SIGHUP, lambda *_: sys.exit(0))
     from torch.distributed import TCPStore
     try:
         store = TCPStore("0.0.0.0", args.port, is_master=True, wait_for_workers=False, multi_tenant=True,
