@@ -175,6 +175,18 @@ def test_usr1_in_a_job_submitted_with_no_requeue_says_it_is_not_requeued(slurm, 
     assert "requeueing" not in out and "scontrol requeue failed" not in out, out
 
 
+def array_records(slurm: Slurm, array: str) -> dict[str, dict[str, str]]:
+    """Every task of a job array, by job id: its `scontrol -o show job` fields."""
+    lines = slurm.cmd("scontrol", "-o", "show", "job", array).splitlines()
+    return {r["JobId"]: r for r in (dict(re.findall(r"(\w+)=(\S*)", line)) for line in lines if line)}
+
+
+def common_sh_functions(*names: str) -> str:
+    """The named shell functions of slurm/common.sh, as written there (one-line or multi-line definitions)."""
+    text = (SCRIPT.parent / "common.sh").read_text()
+    return "\n".join(re.search(rf"^{name}\(\) {{(\n.*?^}}| [^\n]*}})$", text, re.S | re.M).group(0) for name in names)
+
+
 def test_a_job_array_task_reads_its_own_state_and_restarts(slurm, tmp_path):
     """A job array's last task runs under the array's own id, and `scontrol show job ID` then shows every task of the
     array (as it shows every component of a het job under its leader's id): the script read all their states and
@@ -187,16 +199,13 @@ def test_a_job_array_task_reads_its_own_state_and_restarts(slurm, tmp_path):
     slurm.jobs.append(array)
 
     def records() -> dict[str, dict[str, str]]:
-        lines = slurm.cmd("scontrol", "-o", "show", "job", array).splitlines()
-        return {r["JobId"]: r for r in (dict(re.findall(r"(\w+)=(\S*)", line)) for line in lines if line)}
+        return array_records(slurm, array)
 
     deadline = time.monotonic() + 300
     while not (len(records()) == 2 and all(r["JobState"] == "RUNNING" for r in records().values())):
         assert time.monotonic() < deadline, records()
         time.sleep(0.25)
-    text = (SCRIPT.parent / "common.sh").read_text()
-    functions = "\n".join(re.search(rf"^{name}\(\) {{\n.*?^}}$", text, re.S | re.M).group(0)
-                          for name in ("job_record", "job_ending", "on_term"))
+    functions = common_sh_functions("job_record", "job_ending", "on_term")
 
     def run(commands: str) -> str:
         proc = subprocess.run(["bash", "-c", f'log() {{ echo "$*"; }}\n{functions}\n{commands}'], capture_output=True,
@@ -223,8 +232,7 @@ def test_a_job_array_task_reads_its_own_steps_and_time_left(slurm, tmp_path):
     slurm.jobs.append(array)
 
     def records() -> dict[str, dict[str, str]]:
-        lines = slurm.cmd("scontrol", "-o", "show", "job", array).splitlines()
-        return {r["JobId"]: r for r in (dict(re.findall(r"(\w+)=(\S*)", line)) for line in lines if line)}
+        return array_records(slurm, array)
 
     deadline = time.monotonic() + 300
     while not (len(records()) == 2 and all(r["JobState"] == "RUNNING" for r in records().values())
@@ -233,9 +241,7 @@ def test_a_job_array_task_reads_its_own_steps_and_time_left(slurm, tmp_path):
         time.sleep(0.25)
     sibling = next(job for job in records() if job != array)
     slurm.cmd("scontrol", "update", f"JobId={sibling}", "TimeLimit=5")  # 5 minutes left, within the 600 s lead
-    text = (SCRIPT.parent / "common.sh").read_text()
-    functions = "\n".join(re.search(rf"^{name}\(\) {{(\n.*?^}}| [^\n]*}})$", text, re.S | re.M).group(0)
-                          for name in ("slurm_seconds", "usr1_lead_s", "usr1_of_time_limit", "step_running"))
+    functions = common_sh_functions("slurm_seconds", "usr1_lead_s", "usr1_of_time_limit", "step_running")
 
     def run(job: str, commands: str) -> str:
         env = {**slurm.env, "SLURM_JOB_ID": job, "SLURM_ARRAY_JOB_ID": array,
