@@ -49,9 +49,32 @@ set -uo pipefail  # not -e: failures are handled explicitly, and `wait` returns 
 
 log() { echo "[nanotronix-slurm $(date '+%F %T')] $*"; }
 fail() { echo "error: $*" >&2; exit 2; }
+# This job's own record from scontrol, one line: a job array's task that runs under the array's id (its last) is
+# shown with every task of the array, a het job's leader with every component, whose states, restart counts and
+# reasons are not this job's.
+job_record() {
+  scontrol -o show job "$SLURM_JOB_ID" 2>/dev/null | grep "^JobId=$SLURM_JOB_ID "
+}
+# Whether the job record $1 says that Slurm is requeueing this job (`scontrol requeue`, a preemption in REQUEUE
+# mode): Slurm counts the restart before it sends the TERM.
+requeued_by_slurm() {
+  local restarts
+  restarts=$(sed -n 's/.*\bRestarts=\([0-9]*\).*/\1/p' <<<"$1")
+  [ "${restarts:-0}" -gt "${SLURM_RESTART_COUNT:-0}" ] 2>/dev/null
+}
 # A TERM (scancel, a requeue) before the handlers below are in place (the script's checks and its config read, about
-# half a second): nothing has been started. Said, where the shell ended without a line.
-trap 'log "TERM as the job started: training was not started (nothing was saved)"; exit 2' TERM
+# half a second): nothing has been started. Said, where the shell ended without a line; a requeue says that Slurm
+# brings the job back, as on_term does (the two functions above are defined first for it).
+on_early_term() {
+  if requeued_by_slurm "$(job_record)"; then
+    log "TERM as the job started: training was not started; Slurm requeues the job, which resumes from its latest" \
+        "checkpoint"
+  else
+    log "TERM as the job started: training was not started (nothing was saved)"
+  fi
+  exit 2
+}
+trap on_early_term TERM
 EARLY_USR1=0  # ... and a USR1 then (bash's default would end the shell without a line) is taken once on_usr1 is set
 trap 'EARLY_USR1=1' USR1
 
@@ -157,12 +180,7 @@ log "job $SLURM_JOB_ID ($SLURM_JOB_NAME) restart $RESTART: $NNODES node(s) [$SLU
 # asked before saying "requeueing", which `scontrol requeue` would then refuse ("presently disabled").
 NO_REQUEUE="the job was submitted with --no-requeue"
 requeue_disabled() { job_record | grep -q '\bRequeue=0\b'; }
-# This job's own record from scontrol, one line: a job array's task that runs under the array's id (its last) is
-# shown with every task of the array, a het job's leader with every component, whose states, restart counts and
-# reasons are not this job's.
-job_record() {
-  scontrol -o show job "$SLURM_JOB_ID" 2>/dev/null | grep "^JobId=$SLURM_JOB_ID "
-}
+# (job_record: at the top.)
 # Whether Slurm is ending this job (scancel, the time limit, a preemption or requeue), as scontrol says its state.
 job_ending() {
   [[ "$(job_record | sed -n 's/.*\bJobState=\([A-Z_]*\).*/\1/p')" =~ \
@@ -244,12 +262,11 @@ TERMINATED=0
 REQUEUED_BY_SLURM=0
 TIME_LIMIT=0
 on_term() {
-  local job restarts
+  local job
   TERMINATED=1
   job=$(job_record)
-  restarts=$(sed -n 's/.*\bRestarts=\([0-9]*\).*/\1/p' <<<"$job")
   ! grep -q '\bReason=TimeLimit\b' <<<"$job" || TIME_LIMIT=1
-  if [ "${restarts:-0}" -gt "$RESTART" ] 2>/dev/null; then
+  if requeued_by_slurm "$job"; then
     REQUEUED_BY_SLURM=1
     log "TERM: Slurm is requeueing the job (scontrol requeue or a preemption): waiting for the job step to stop;" \
         "the job resumes from the latest checkpoint in $CKPT_DIR"

@@ -4,7 +4,8 @@ helpers: slurm_helpers.py).
 - A cancelled job (scancel's TERM) saves and ends CANCELLED instead of requeueing itself; its log has one line per
   node's torchrun, no traceback or TCPStore errors (~15 s). So does one cancelled while it stops on USR1 (~15 s), and
   one cancelled in the preflight says that training was not started (~15 s).
-- `scontrol requeue` says that Slurm brings the job back, not that it is not requeued (~15 s).
+- `scontrol requeue` says that Slurm brings the job back, not that it is not requeued (~15 s), also in the script's
+  first moments (~10 s).
 - A job submitted with --no-requeue says so on USR1 instead of trying to requeue itself (~20 s).
 - A job array's task under the array's own id reads its own state and restarts, not its sibling tasks' (~10 s).
 - Each task of a job array reads its own job steps and time left (squeue), not its sibling tasks' (~10 s).
@@ -144,6 +145,24 @@ def test_scancel_before_the_handlers_are_set_says_nothing_was_started(slurm, tmp
     assert " restart 0: " not in out, out  # it came before the allocation's first line
 
 
+def test_scontrol_requeue_before_the_handlers_are_set_says_the_job_comes_back(slurm, tmp_path):
+    """`scontrol requeue` in the script's first moments: the early TERM line said "nothing was saved" and not that
+    Slurm brings the job back, as the later TERM lines do (~10 s)."""
+    job = submit_with_a_slow_config_read(slurm, tmp_path)
+    slurm.cmd("scontrol", "requeue", job)
+    info = slurm.wait(job, timeout=120, until=lambda i: i["JobState"] in ENDED or
+                      (i["Restarts"] == "1" and i["JobState"] == "PENDING"))
+    deadline = time.monotonic() + 30  # the batch shell's line, once Slurm shows the job requeued
+    while "training was not started" not in job_output(tmp_path, job) and time.monotonic() < deadline:
+        time.sleep(0.25)
+    out = job_output(tmp_path, job)
+    slurm.cmd("scancel", job)
+    assert (info["JobState"], info["Restarts"]) == ("PENDING", "1"), (info, out)
+    assert "TERM as the job started: training was not started; Slurm requeues the job, which resumes from its " \
+           "latest checkpoint" in out, out
+    assert "nothing was saved" not in out and " restart 0: " not in out, out
+
+
 def test_a_usr1_before_the_handlers_are_set_is_taken_once_they_are(slurm, tmp_path):
     """A USR1 in the script's first moments (a preemption, or the time limit's in an allocation whose --time is not
     above the lead): it ended the batch shell without a line (bash's default for USR1) and the job was not requeued.
@@ -205,7 +224,7 @@ def test_a_job_array_task_reads_its_own_state_and_restarts(slurm, tmp_path):
     while not (len(records()) == 2 and all(r["JobState"] == "RUNNING" for r in records().values())):
         assert time.monotonic() < deadline, records()
         time.sleep(0.25)
-    functions = common_sh_functions("job_record", "job_ending", "on_term")
+    functions = common_sh_functions("job_record", "requeued_by_slurm", "job_ending", "on_term")
 
     def run(commands: str) -> str:
         proc = subprocess.run(["bash", "-c", f'log() {{ echo "$*"; }}\n{functions}\n{commands}'], capture_output=True,
