@@ -416,22 +416,37 @@ def test_stores_written_into_an_input_folder_are_not_read_as_input(tmp_path, tok
 
 def test_a_writer_that_cannot_start_stops_the_workers_and_gives_back_tokenizers_parallelism(tmp_path, tok,
                                                                                            monkeypatch):
-    """--format zarr without zarr installed fails once the workers (two forked processes) are started: they are
-    stopped and the caller's TOKENIZERS_PARALLELISM is back, as after any other failure (before, both were left)."""
+    """A writer that fails to start (its temporary token file cannot be opened: a folder holds that name) fails once
+    the workers (two forked processes) are started: they are stopped and the caller's TOKENIZERS_PARALLELISM is
+    back, as after any other failure (before, both were left)."""
     import multiprocessing
-    from nanotronix.data import DataError
+    from nanotronix.data.files import temp_path
     from nanotronix.data.pipeline import PreprocessOptions, preprocess
-    monkeypatch.setitem(sys.modules, "zarr", None)  # `import zarr` raises ImportError: not installed
-    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
+    blocked = temp_path(tmp_path / "out.bin")  # the Megatron writer's token file in this process
+    blocked.mkdir()
     src = _jsonl(tmp_path / "in.jsonl", [json.dumps({"text": t}) for t in TEXTS])
     before = set(multiprocessing.active_children())
-    with pytest.raises(DataError, match="--format zarr needs the Python package 'zarr'") as failed:
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
+    with pytest.raises(IsADirectoryError) as failed:
         preprocess(PreprocessOptions([str(src)], tok, str(tmp_path / "out"), workers=2, threads_per_process=1,
-                                     format="zarr", progress=False))
+                                     progress=False))
     assert os.environ["TOKENIZERS_PARALLELISM"] == "true"
     deadline = time.monotonic() + 10
     while set(multiprocessing.active_children()) - before and time.monotonic() < deadline:
         time.sleep(0.05)
     # (the traceback, held here as by a caller that reports it, holds the executor: it is not what stops them)
     assert not set(multiprocessing.active_children()) - before, f"workers left running after {failed.value}"
-    assert _outputs(tmp_path) == []
+    assert _outputs(tmp_path) == [blocked.name]
+
+
+def test_format_zarr_without_zarr_is_refused_before_any_folder_is_made(tmp_path, tok, tool, capsys, monkeypatch):
+    """--format zarr where zarr is not installed: one line, exit 2, and the new --output-prefix folders are not made
+    (before, the writer found zarr missing after they were, and left them empty)."""
+    monkeypatch.setitem(sys.modules, "zarr", None)  # `import zarr` raises ImportError: not installed
+    src = _jsonl(tmp_path / "in.jsonl", [json.dumps({"text": t}) for t in TEXTS])
+    code = tool.main(["--input", str(src), "--tokenizer", tok, "--output-prefix",
+                      str(tmp_path / "new" / "dir" / "out"), "--format", "zarr", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err == ("error: --format zarr needs the Python package 'zarr': pip install "
+                                 "'nanotronix[data]'\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from nanotronix.cli import check_writable_folder
 
 from . import encode
-from .errors import DataError
+from .errors import DataError, require_module
 from .files import note_removed_temps, remove_abandoned_temps
 from .inputs import InputPiece, expand_inputs, iter_chunks, split_large_inputs, text_per_byte, whole_files
 from .megatron_store import MegatronWriter, optimal_dtype, sidecar_path
@@ -211,6 +211,8 @@ def _check_options(opts: PreprocessOptions) -> None:
         raise DataError(f"--workers must be >= 1, got {opts.workers}")
     if opts.format not in FORMATS:
         raise DataError(f"--format {opts.format!r}: expected one of {', '.join(FORMATS)}")
+    if opts.format == "zarr":  # before any folder is made: the writer, which needs it, starts after the output's
+        require_module("zarr", "--format zarr")
     if "://" in opts.output_prefix:  # as a local path it would be a folder named "s3:", the URL never written
         raise DataError(f"--output-prefix {opts.output_prefix}: preprocess writes local files (stores are read from "
                         "URLs, not written to them); write locally, then copy it there")
