@@ -14,7 +14,7 @@ import transformers
 from safetensors import safe_open
 
 from checkpoint_helpers import TINY, adamw, plain_model, save_single, train_steps
-from helpers import ROOT, train_tiny_tokenizer
+from helpers import ROOT, load_tool, train_tiny_tokenizer
 
 
 def cli(tool: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -77,9 +77,4 @@ def _hf_original(folder: Path, untied: bool, dtype=torch.float32) -> Path:
 
 def tool_main(name: str):
     """main() of tools/NAME.py, to run the command's own code in this process."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_tool(name).main

@@ -81,9 +81,12 @@ def tiny_config(tmp_path: Path, store: Path, **sections) -> Path:
 
 
 def load_tool(name: str):
-    """tools/NAME.py as a module, so a test calls its main() in this process (no interpreter start-up per call)."""
+    """tools/NAME.py as a module, so a test calls its main() in this process (no interpreter start-up per call).
+    tools/ goes on sys.path, as when the tool runs as a script: each imports tools/_project_python.py first."""
     import importlib.util
 
+    if str(ROOT / "tools") not in sys.path:
+        sys.path.append(str(ROOT / "tools"))
     spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

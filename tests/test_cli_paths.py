@@ -228,3 +228,32 @@ def test_help_shows_docstring_commands_as_written(tool):
     continued = [line for line in literal.splitlines() if line.endswith("\\")]
     assert [line for line in shown.splitlines() if line.endswith("\\")] == [line.replace("\\\\", "\\")
                                                                          for line in continued], tool
+
+
+def required_by_setup() -> list[str]:
+    """setup.py's install_requires, by name, as the installed nanotronix's metadata lists them."""
+    import importlib.metadata
+    import re
+    return [re.match(r"[\w.-]+", requirement).group(0) for requirement in importlib.metadata.requires("nanotronix")
+            if "extra ==" not in requirement]
+
+
+@pytest.mark.parametrize("command", [f"tools/{tool}.py" for tool in TOOLS] + ["-m nanotronix.train"])
+def test_a_python_without_the_project_packages_says_so_in_one_line(command):
+    """The commonest newcomer mistake, a Python without the project's packages (the system python3 instead of
+    .venv/bin/python): here this one without its site-packages (-S). One line naming every package it lacks (those
+    of setup.py) and how to get them, exit 2, where each command ended in a ModuleNotFoundError traceback."""
+    proc = subprocess.run([sys.executable, "-S", *command.split(), "--help"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    lacks = ", ".join(f"`{name}`" for name in required_by_setup())
+    assert (proc.returncode, proc.stdout, proc.stderr) == (
+        2, "", f"error: the Python at {sys.executable} lacks {lacks}: run `make install` and use .venv/bin/python "
+               "(or `source .venv/bin/activate` first)\n")
+
+
+@pytest.mark.parametrize("command", ["tools/preprocess.py", "-m nanotronix.train"])
+def test_help_under_the_project_python_is_shown(command):
+    """... while the Python that has them (.venv/bin/python in a checkout, as run by a user) starts the command."""
+    proc = subprocess.run([sys.executable, *command.split(), "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: ") and proc.stderr == "", proc.stderr

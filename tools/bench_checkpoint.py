@@ -51,16 +51,16 @@ from pathlib import Path
 from typing import Any, Optional
 from unittest import mock
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _project_python  # noqa: F401  (first: a Python without the project's packages says so in one line)
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from nanotronix.checkpoint import Checkpointer, paths  # noqa: E402
-from nanotronix.cli import ArgumentParser, check_writable_folder, one_line_errors, write_json_report  # noqa: E402
-from nanotronix.config import Config, config_from_dict  # noqa: E402
-from nanotronix.config_tree import apply_override, read_yaml_tree  # noqa: E402
-from nanotronix.errors import UserError, fail  # noqa: E402
+from nanotronix.checkpoint import Checkpointer, paths
+from nanotronix.cli import ArgumentParser, check_writable_folder, one_line_errors, write_json_report
+from nanotronix.config import Config, config_from_dict
+from nanotronix.config_tree import apply_override, read_yaml_tree
+from nanotronix.errors import UserError, fail
 
 MODES = (("sync", False), ("async", True))
 

@@ -27,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import _project_python  # noqa: F401  (first: a Python without the project's packages says so in one line)
 from nanotronix.cli import ArgumentParser, finite_float, one_line_errors
 from nanotronix.errors import fail
 

@@ -44,11 +44,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from nanotronix.cli import ArgumentParser, finite_float, one_line_errors  # noqa: E402
-from nanotronix.errors import fail  # noqa: E402
+import _project_python  # noqa: F401  (first: a Python without the project's packages says so in one line)
+from nanotronix.cli import ArgumentParser, finite_float, one_line_errors
+from nanotronix.errors import fail
 
 
 def _fail(message: str):

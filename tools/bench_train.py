@@ -32,18 +32,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _project_python  # noqa: F401  (first: a Python without the project's packages says so in one line)
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from nanotronix import accel  # noqa: E402
-from nanotronix.config import Config, TrainConfig, load_config  # noqa: E402
-from nanotronix.config_tree import apply_override, read_yaml_tree  # noqa: E402
-from nanotronix.cli import ArgumentParser, check_writable_folder, one_line_errors, write_json_report  # noqa: E402
-from nanotronix.errors import UserError, fail  # noqa: E402
-from nanotronix.train.flops import device_peak_tflops, document_attention_span, flops_per_token, mfu  # noqa: E402
-from nanotronix.train.profiler import own_times, summarize  # noqa: E402
+from nanotronix import accel
+from nanotronix.config import Config, TrainConfig, load_config
+from nanotronix.config_tree import apply_override, read_yaml_tree
+from nanotronix.cli import ArgumentParser, check_writable_folder, one_line_errors, write_json_report
+from nanotronix.errors import UserError, fail
+from nanotronix.train.flops import device_peak_tflops, document_attention_span, flops_per_token, mfu
+from nanotronix.train.profiler import own_times, summarize
 
 
 @dataclass

@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 
+import _project_python  # noqa: F401  (first: a Python without the project's packages says so in one line)
 from nanotronix.cli import ArgumentParser, one_line_errors
 
 

@@ -48,6 +48,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+import _project_python  # noqa: F401  (first: a Python without the project's packages says so in one line)
 from nanotronix.cli import ArgumentParser, finite_float, one_line_errors
 from nanotronix.errors import fail
 from nanotronix.train.gpus import GPUS

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import _project_python  # noqa: F401  (first: a Python without the project's packages says so in one line)
 from nanotronix.cli import ArgumentParser, one_line_errors, replace_file
 from nanotronix.errors import fail
 

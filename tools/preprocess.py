@@ -24,6 +24,7 @@ import argparse
 import os
 import sys
 
+import _project_python  # noqa: F401  (first: a Python without the project's packages says so in one line)
 from nanotronix.cli import ArgumentParser, EXIT_TERMINATED, Terminated, non_negative_int, one_line_errors
 from nanotronix.train import EXIT_INTERRUPTED
 

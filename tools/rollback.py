@@ -18,6 +18,7 @@ import os
 import sys
 from pathlib import Path
 
+import _project_python  # noqa: F401  (first: a Python without the project's packages says so in one line)
 from nanotronix.cli import ArgumentParser, one_line_errors
 from nanotronix.errors import fail
 

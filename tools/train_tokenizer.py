@@ -11,6 +11,7 @@ import itertools
 import sys
 from pathlib import Path
 
+import _project_python  # noqa: F401  (first: a Python without the project's packages says so in one line)
 from nanotronix.cli import ArgumentParser, check_writable_folder, one_line_errors, replace_file
 from nanotronix.errors import fail
 

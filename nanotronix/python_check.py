@@ -1,0 +1,31 @@
+"""Whether this Python has the packages nanotronix needs (setup.py's install_requires), checked before a command
+imports them: a tool or `python -m nanotronix.train` run with a Python that lacks them (the system python3 instead
+of .venv/bin/python, the commonest newcomer mistake) says so in one line instead of ending in a ModuleNotFoundError
+traceback. Standard library only, as it runs before any of them is imported (tools/_project_python.py for the
+tools, nanotronix/train/__main__.py for the trainer)."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+from nanotronix.errors import fail
+
+# What each command needs to start, by import name -> the name pip installs it by (setup.py's install_requires,
+# in its order; tests/test_cli_paths.py holds them to it).
+REQUIRED_PACKAGES = {"torch": "torch", "numpy": "numpy", "yaml": "pyyaml", "tokenizers": "tokenizers",
+                     "safetensors": "safetensors", "huggingface_hub": "huggingface_hub", "tqdm": "tqdm"}
+
+
+def missing_packages() -> list[str]:
+    """The required packages this Python cannot import, by their pip names (found, not imported: it costs no
+    import time)."""
+    return [pip_name for name, pip_name in REQUIRED_PACKAGES.items() if importlib.util.find_spec(name) is None]
+
+
+def require_project_packages() -> None:
+    """Exit 2 with one `error:` line naming what this Python lacks and how to get it, if it lacks any."""
+    missing = missing_packages()
+    if missing:
+        names = ", ".join(f"`{name}`" for name in missing)
+        sys.exit(fail(f"the Python at {sys.executable} lacks {names}: run `make install` and use .venv/bin/python "
+                      "(or `source .venv/bin/activate` first)"))
