@@ -26,7 +26,7 @@ from nanotronix.checkpoint.output_folder import prepare_output
 from nanotronix.checkpoint import state as st
 from nanotronix.checkpoint.reader import model_parameter_shapes
 from nanotronix.checkpoint.storage import Collective
-from nanotronix.config import Config
+from nanotronix.config import Config, ModelConfig
 from nanotronix.convert.hf_mapping import from_hf, model_config_from_hf, to_hf
 from nanotronix.data.files import commit
 from nanotronix.errors import UserError
@@ -103,6 +103,21 @@ class _LazyPlanner(DefaultSavePlanner):
 def import_from_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, overwrite: bool = False,
                    log: Callable[[str], None] = print, progress: bool = False) -> Path:
     hf_dir, output = Path(hf_dir), Path(output)
+    hf_config, model_cfg = _read_hf_config(hf_dir)
+    source = SafetensorsFolder(hf_dir)
+    state, used = _check_weights(hf_dir, source, model_cfg)
+    _warn_unused(hf_dir, source, used, model_cfg, log)
+    manifest = _import_manifest(hf_dir, hf_config, model_cfg)
+    staging = prepare_output(output, hf_dir, overwrite, _is_an_import,
+                             "an earlier import (a checkpoint folder holding step 0 only)")
+    _write_step_0(hf_dir, source, model_cfg, state, manifest, staging, output, progress)
+    log(f"imported {hf_dir} ({model_cfg.num_parameters() / 1e6:.1f}M parameters) as {output / 'step_0000000'}")
+    return output
+
+
+def _read_hf_config(hf_dir: Path) -> tuple[dict, ModelConfig]:
+    """hf_dir's config.json as read, and the model it describes; UserError for a missing, unreadable or quantized
+    one, or one describing a model this one does not compute."""
     config_file = hf_dir / "config.json"
     if not config_file.is_file():
         raise UserError(f"--hf: {hf_dir} has no config.json (expected a Hugging Face model folder)")
@@ -120,7 +135,14 @@ def import_from_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, overwri
         method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else "?"
         raise UserError(f"--hf: {hf_dir} is a quantized model (quantization_config: {method}); convert from its "
                         "unquantized weights")
-    source = SafetensorsFolder(hf_dir)
+    return hf_config, model_cfg
+
+
+def _check_weights(hf_dir: Path, source: SafetensorsFolder,
+                   model_cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """The model's parameters as fp32 meta tensors (the state to save), and the names of the source tensors they are
+    read from; UserError, before anything is written, unless the source holds each of them, of the shape config.json
+    gives it, in floating point, and no biases."""
     biases = sorted(name for name in source.location if name.endswith(".bias"))
     if biases:  # the config did not say so, but the weights have biases the model would drop
         raise UserError(f"--hf: {hf_dir} holds bias tensors ({biases[0]}, ...), which this model does not have")
@@ -129,7 +151,7 @@ def import_from_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, overwri
     state = {st.model_key(n): torch.empty(shape, dtype=torch.float32, device="meta")
              for n, shape in model_parameter_shapes(model_cfg).items()}
     used = set()
-    for key, tensor in state.items():  # every weight there, of the shape config.json gives it, before writing
+    for key, tensor in state.items():
         for hf_name, expected in to_hf(key[len(st.MODEL_PREFIX):], tensor, model_cfg):
             if hf_name not in source:
                 raise UserError(f"--hf: {hf_dir} lacks tensor {hf_name}")
@@ -140,14 +162,48 @@ def import_from_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, overwri
                 raise UserError(f"--hf: {hf_dir}: tensor {hf_name} is {source.dtype(hf_name)}, not floating point "
                                 "(a quantized model? convert from its unquantized weights)")
             used.add(hf_name)
-    # Tensors left out: what older transformers saved of RoPE (rotary_emb.inv_freq, recomputed from rope_theta), a
-    # tied model's copy of the embedding; anything else is said, as weights the model has no place for
+    return state, used
+
+
+def _warn_unused(hf_dir: Path, source: SafetensorsFolder, used: set[str], model_cfg: ModelConfig,
+                 log: Callable[[str], None]) -> None:
+    """Say the source's tensors that are not imported, as weights the model has no place for. Left out unsaid: what
+    older transformers saved of RoPE (rotary_emb.inv_freq, recomputed from rope_theta), a tied model's copy of the
+    embedding."""
     unused = sorted(n for n in source.location if n not in used and not n.endswith("rotary_emb.inv_freq")
                     and not (n == "lm_head.weight" and model_cfg.tie_word_embeddings))
     if unused:
         log(f"warning: {len(unused)} tensor(s) of {hf_dir} not imported, which this model has no place for: "
             f"{', '.join(unused[:3])}{', ...' if len(unused) > 3 else ''}")
 
+
+def _import_manifest(hf_dir: Path, hf_config: dict, model_cfg: ModelConfig) -> dict:
+    """Step 0's manifest, less its file digests: no optimizer state, no consumed data, and the original config.json,
+    generation config and tokenizer location, so that exporting the checkpoint again returns the same folder."""
+    config = Config(model=model_cfg).to_dict()
+    if (hf_dir / "tokenizer.json").is_file():
+        config["data"]["tokenizer"] = str(hf_dir.resolve())
+    generation_file = hf_dir / "generation_config.json"
+    return {
+        "step": 0, "consumed_samples": 0, "data": {}, "config": config,
+        "layout": {"tp": 1, "pp": 1, "dp": 1, "world_size": 1}, "rope_layout": ROPE_LAYOUT,
+        "optimizer": False, "optimizer_step": 0, "torch_version": torch.__version__,
+        "source": {"hf": {"path": str(hf_dir.resolve()), "config": hf_config,
+                          "generation_config": json.loads(generation_file.read_text())
+                          if generation_file.is_file() else None}},
+    }
+
+
+def _write_step_0(hf_dir: Path, source: SafetensorsFolder, model_cfg: ModelConfig, state: dict[str, torch.Tensor],
+                  manifest: dict, staging: Path, output: Path, progress: bool) -> None:
+    """Save `state`, read from `source` tensor by tensor, as step 0 of the run folder `staging` with its manifest,
+    then put `staging` in `output`'s place; on any failure `staging` is removed."""
+    temp = paths.temp_folder(staging, 0)
+    temp.mkdir()
+    # the bar starts once the output is known to be writable: an output refused before is its error line alone
+    from tqdm import tqdm
+    bar = tqdm(total=sum(t.numel() for t in state.values()), unit="param", unit_scale=True, desc="import",
+               disable=not progress)
     not_finite: list[str] = []
 
     def produce(key: str) -> torch.Tensor:
@@ -158,26 +214,6 @@ def import_from_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, overwri
         bar.update(tensor.numel())
         return tensor
 
-    config = Config(model=model_cfg).to_dict()
-    if (hf_dir / "tokenizer.json").is_file():
-        config["data"]["tokenizer"] = str(hf_dir.resolve())
-    generation_file = hf_dir / "generation_config.json"
-    manifest = {
-        "step": 0, "consumed_samples": 0, "data": {}, "config": config,
-        "layout": {"tp": 1, "pp": 1, "dp": 1, "world_size": 1}, "rope_layout": ROPE_LAYOUT,
-        "optimizer": False, "optimizer_step": 0, "torch_version": torch.__version__,
-        "source": {"hf": {"path": str(hf_dir.resolve()), "config": hf_config,
-                          "generation_config": json.loads(generation_file.read_text())
-                          if generation_file.is_file() else None}},
-    }
-    staging = prepare_output(output, hf_dir, overwrite, _is_an_import,
-                             "an earlier import (a checkpoint folder holding step 0 only)")
-    temp = paths.temp_folder(staging, 0)
-    temp.mkdir()
-    # the bar starts once the output is known to be writable: an output refused above is its error line alone
-    from tqdm import tqdm
-    bar = tqdm(total=sum(t.numel() for t in state.values()), unit="param", unit_scale=True, desc="import",
-               disable=not progress)
     try:
         Collective(single_process=True).save(state, temp, planner=_LazyPlanner(produce))
         if not_finite:
@@ -191,8 +227,6 @@ def import_from_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, overwri
         raise
     finally:
         bar.close()
-    log(f"imported {hf_dir} ({model_cfg.num_parameters() / 1e6:.1f}M parameters) as {output / 'step_0000000'}")
-    return output
 
 
 def _is_an_import(folder: Path) -> bool:
