@@ -240,6 +240,36 @@ def test_sigterm_leaves_no_half_written_output(tmp_path, capsys, monkeypatch, to
 
 
 
+@pytest.mark.parametrize("failure, code, said", [
+    ("sigterm", 143, "terminated"),
+    ("full_disk", 2, "error: No space left on device: __0_0.distcp")])
+def test_what_stops_the_import_while_it_writes_is_one_line(tmp_path, capsys, monkeypatch, failure, code, said):
+    """SIGTERM (or Ctrl-C) or a full disk while the import writes its weights, most of its time: the same line and
+    exit code as at any other moment, and nothing left (before: DCP wrapped it in its CheckpointException, whose
+    multi-line traceback the command printed, exit 1)."""
+    import errno
+    import signal
+
+    from nanotronix.checkpoint import hf_import
+    source = _hf_original(tmp_path / "hf", untied=False)
+    real = hf_import.from_hf
+
+    def stopped_while_writing(*args, **kwargs):  # DCP asks for each tensor as it writes it
+        if failure == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)
+        else:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "__0_0.distcp")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hf_import, "from_hf", stopped_while_writing)
+    capsys.readouterr()
+    out = tmp_path / "out"
+    assert tool_main("convert_from_hf")(["--hf", str(source), "--output", str(out), "--no-progress"]) == code
+    assert capsys.readouterr().err.strip().splitlines() == [said]
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith((".out", "out"))]
+
+
+
 def test_a_step_pruned_while_it_is_exported_is_said_in_one_line(tmp_path, capsys, monkeypatch):
     """A running run's keep_last prunes the step an export is reading (an export of a large model takes minutes):
     one line saying so, exit 2, no output (before: DCP's tracebacks, then "metadata is None")."""

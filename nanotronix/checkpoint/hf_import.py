@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
 from nanotronix.checkpoint import manifest as mf
@@ -215,7 +216,12 @@ def _write_step_0(hf_dir: Path, source: SafetensorsFolder, model_cfg: ModelConfi
         return tensor
 
     try:
-        Collective(single_process=True).save(state, temp, planner=_LazyPlanner(produce))
+        try:
+            Collective(single_process=True).save(state, temp, planner=_LazyPlanner(produce))
+        except CheckpointException as e:
+            # DCP wraps what stopped the write (SIGTERM, Ctrl-C, a full disk); raised as itself, the command says it
+            # in one line, as it does at any other moment
+            raise _wrapped_failure(e) from None
         if not_finite:
             raise UserError(f"--hf: {hf_dir}: the weights of {not_finite[0]} hold NaN or infinite values")
         manifest["files"] = mf.digest_files(temp, mf.list_files(temp))
@@ -227,6 +233,12 @@ def _write_step_0(hf_dir: Path, source: SafetensorsFolder, model_cfg: ModelConfi
         raise
     finally:
         bar.close()
+
+
+def _wrapped_failure(error: CheckpointException) -> BaseException:
+    """The exception behind DCP's CheckpointException of a single-process save (its one failed rank's)."""
+    failure = next(iter(error.failures.values()), None)
+    return (failure[0] if isinstance(failure, tuple) else failure) or error
 
 
 def _is_an_import(folder: Path) -> bool:
