@@ -121,6 +121,25 @@ def test_what_the_model_does_not_compute_is_refused_on_import(tmp_path, capsys):
 
 
 
+@pytest.mark.parametrize("text, message", [
+    ("{", "Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"),
+    ("[1]", "a JSON list, not an object")])
+def test_a_generation_config_transformers_cannot_read_is_refused(tmp_path, capsys, text, message):
+    """A generation_config.json that is not JSON, or not an object, is refused by transformers'
+    GenerationConfig.from_pretrained, and by the import in one line (before: a JSONDecodeError traceback, or the
+    list kept in the manifest, for the export to fail on later)."""
+    folder = _hf_original(tmp_path / "hf", untied=False)
+    (folder / "generation_config.json").write_text(text)
+    with pytest.raises((OSError, TypeError, ValueError)):
+        transformers.GenerationConfig.from_pretrained(folder)
+    capsys.readouterr()
+    code = tool_main("convert_from_hf")(["--hf", str(folder), "--output", str(tmp_path / "o"), "--no-progress"])
+    assert code == 2 and capsys.readouterr().err.strip().splitlines() == [
+        f"error: --hf: {folder / 'generation_config.json'}: {message}"]
+    assert not (tmp_path / "o").exists()
+
+
+
 def test_quantized_nan_and_extra_tensors_are_said(tmp_path, capsys):
     """What would import as a float checkpoint that is not the model: a quantized model (quantization_config, or
     integer weights with scales beside them), weights holding NaN; extra tensors are imported without, and said."""

@@ -123,9 +123,7 @@ def _read_hf_config(hf_dir: Path) -> tuple[dict, ModelConfig]:
     if not config_file.is_file():
         raise UserError(f"--hf: {hf_dir} has no config.json (expected a Hugging Face model folder)")
     try:
-        hf_config = json.loads(config_file.read_text())
-        if not isinstance(hf_config, dict):
-            raise ValueError(f"a JSON {type(hf_config).__name__}, not an object")
+        hf_config = _json_object(config_file)
         model_cfg = model_config_from_hf(hf_config)
     except KeyError as e:
         raise UserError(f"--hf: {config_file}: field {e.args[0]!r} is missing") from None
@@ -184,15 +182,33 @@ def _import_manifest(hf_dir: Path, hf_config: dict, model_cfg: ModelConfig) -> d
     config = Config(model=model_cfg).to_dict()
     if (hf_dir / "tokenizer.json").is_file():
         config["data"]["tokenizer"] = str(hf_dir.resolve())
-    generation_file = hf_dir / "generation_config.json"
     return {
         "step": 0, "consumed_samples": 0, "data": {}, "config": config,
         "layout": {"tp": 1, "pp": 1, "dp": 1, "world_size": 1}, "rope_layout": ROPE_LAYOUT,
         "optimizer": False, "optimizer_step": 0, "torch_version": torch.__version__,
         "source": {"hf": {"path": str(hf_dir.resolve()), "config": hf_config,
-                          "generation_config": json.loads(generation_file.read_text())
-                          if generation_file.is_file() else None}},
+                          "generation_config": _read_generation_config(hf_dir)}},
     }
+
+
+def _read_generation_config(hf_dir: Path) -> dict | None:
+    """hf_dir's generation_config.json as read, None when there is none; UserError for one that transformers cannot
+    read either: not JSON, or not an object (one the export would fail on)."""
+    generation_file = hf_dir / "generation_config.json"
+    if not generation_file.is_file():
+        return None
+    try:
+        return _json_object(generation_file)
+    except ValueError as e:
+        raise UserError(f"--hf: {generation_file}: {e}") from None
+
+
+def _json_object(file: Path) -> dict:
+    """The JSON object `file` holds; ValueError when it is not JSON or holds another value (a list, a number)."""
+    value = json.loads(file.read_text())
+    if not isinstance(value, dict):
+        raise ValueError(f"a JSON {type(value).__name__}, not an object")
+    return value
 
 
 def _write_step_0(hf_dir: Path, source: SafetensorsFolder, model_cfg: ModelConfig, state: dict[str, torch.Tensor],
