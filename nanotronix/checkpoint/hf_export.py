@@ -20,6 +20,7 @@ from nanotronix.checkpoint.output_folder import prepare_output
 from nanotronix.checkpoint.paths import LATEST_NAME
 from nanotronix.checkpoint.reader import CheckpointReader
 from nanotronix.checkpoint.safetensors_stream import StreamingSafetensorsWriter, tensor_nbytes
+from nanotronix.config import ModelConfig
 from nanotronix.convert.hf_mapping import hf_config_dict, to_hf
 from nanotronix.data.files import commit
 from nanotronix.errors import UserError
@@ -158,52 +159,67 @@ def export_to_hf(checkpoint: str | os.PathLike, output: str | os.PathLike, dtype
     temp = prepare_output(output, in_run, overwrite, lambda old: (old / "config.json").is_file(),
                           "a Hugging Face model folder (no config.json)")
     try:
-        tokenizer_spec = tokenizer or (manifest["config"].get("data") or {}).get("tokenizer")
-        imported_tokenizer = Path(source_hf["path"]) if source_hf.get("path") else None
-        if not tokenizer_spec and imported_tokenizer and (imported_tokenizer / "tokenizer.json").is_file():
-            tokenizer_spec = str(imported_tokenizer)  # a run continued from an import that names no data.tokenizer
-            log(f"note: the run names no data.tokenizer; shipping the imported model's ({imported_tokenizer})")
-        info = bos_id = eos_id = None
-        if tokenizer_spec:
-            try:
-                info = write_tokenizer_files(tokenizer_spec, temp, cfg.max_position_embeddings)
-                if info.vocab_size > cfg.vocab_size:  # its ids past the embedding: an IndexError in generate()
-                    raise UserError(f"tokenizer {tokenizer_spec} has {info.vocab_size} tokens, more than the "
-                                    f"model's vocabulary ({cfg.vocab_size}): not the model's tokenizer")
-                bos_id, eos_id = _bos_id(info, temp), _eos_id(info, temp)
-            except UserError as e:
-                if tokenizer:  # asked for explicitly: an error; the run's own: export the model anyway
-                    raise
-                for name in TOKENIZER_FILES:
-                    (temp / name).unlink(missing_ok=True)
-                info = None
-                log(f"warning: tokenizer files not written ({e})")
+        info, bos_id, eos_id = _write_tokenizer(temp, tokenizer, manifest, source_hf, cfg, log)
         _write_weights(reader, temp, torch_dtype, max_shard_bytes, progress)
-        imported = source_hf.get("config", {})
-        if info is None and not {"eos_token_id", "bos_token_id"} <= imported.keys():
-            log("warning: no tokenizer, so bos_token_id and eos_token_id in config.json are set to 0 (SmolLM2's "
-                "<|endoftext|>): pass --tokenizer to have the tokenizer's own")
-        eos = imported.get("eos_token_id", eos_id if info else 0)
-        bos = imported.get("bos_token_id", bos_id if info else 0)
-        config = hf_config_dict(cfg, eos_token_id=eos, bos_token_id=bos, torch_dtype=dtype)
-        for key, value in source_hf.get("config", {}).items():
-            if key not in config and key not in _RECOMPUTED:
-                config[key] = value  # fields of an imported model's config that nanotronix does not model
-        version = _transformers_version()
-        if version:
-            config["transformers_version"] = version
-        generation = source_hf.get("generation_config") or {"_from_model_config": True, "bos_token_id": bos,
-                                                            "eos_token_id": eos}
-        if version:
-            generation = {**generation, "transformers_version": version}
-        (temp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        (temp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        _write_configs(temp, cfg, dtype, source_hf, info, bos_id, eos_id, log)
         commit(temp, output)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
     log(f"exported step {reader.step} of {reader.folder} to {output} ({dtype})")
     return output
+
+
+def _write_tokenizer(folder: Path, tokenizer: Optional[str], manifest: dict, source_hf: dict, cfg: ModelConfig,
+                     log: Callable[[str], None]) -> tuple[Any, Optional[int], Optional[int]]:
+    """Ship a tokenizer into `folder`: `tokenizer` when given, else the run's data.tokenizer, else an imported
+    model's own; its info, BOS and EOS ids, or three Nones when none is shipped. One asked for that cannot be shipped
+    is an error; the run's own, a warning (the model is exported without it)."""
+    tokenizer_spec = tokenizer or (manifest["config"].get("data") or {}).get("tokenizer")
+    imported_tokenizer = Path(source_hf["path"]) if source_hf.get("path") else None
+    if not tokenizer_spec and imported_tokenizer and (imported_tokenizer / "tokenizer.json").is_file():
+        tokenizer_spec = str(imported_tokenizer)  # a run continued from an import that names no data.tokenizer
+        log(f"note: the run names no data.tokenizer; shipping the imported model's ({imported_tokenizer})")
+    if not tokenizer_spec:
+        return None, None, None
+    try:
+        info = write_tokenizer_files(tokenizer_spec, folder, cfg.max_position_embeddings)
+        if info.vocab_size > cfg.vocab_size:  # its ids past the embedding: an IndexError in generate()
+            raise UserError(f"tokenizer {tokenizer_spec} has {info.vocab_size} tokens, more than the "
+                            f"model's vocabulary ({cfg.vocab_size}): not the model's tokenizer")
+        return info, _bos_id(info, folder), _eos_id(info, folder)
+    except UserError as e:
+        if tokenizer:  # asked for explicitly: an error; the run's own: export the model anyway
+            raise
+        for name in TOKENIZER_FILES:
+            (folder / name).unlink(missing_ok=True)
+        log(f"warning: tokenizer files not written ({e})")
+        return None, None, None
+
+
+def _write_configs(folder: Path, cfg: ModelConfig, dtype: str, source_hf: dict, info: Any, bos_id: Optional[int],
+                   eos_id: Optional[int], log: Callable[[str], None]) -> None:
+    """config.json and generation_config.json: the token ids an imported model's config.json gave, else the shipped
+    tokenizer's, else 0; the fields of an imported model's config that nanotronix does not model carried over."""
+    imported = source_hf.get("config", {})
+    if info is None and not {"eos_token_id", "bos_token_id"} <= imported.keys():
+        log("warning: no tokenizer, so bos_token_id and eos_token_id in config.json are set to 0 (SmolLM2's "
+            "<|endoftext|>): pass --tokenizer to have the tokenizer's own")
+    eos = imported.get("eos_token_id", eos_id if info else 0)
+    bos = imported.get("bos_token_id", bos_id if info else 0)
+    config = hf_config_dict(cfg, eos_token_id=eos, bos_token_id=bos, torch_dtype=dtype)
+    for key, value in source_hf.get("config", {}).items():
+        if key not in config and key not in _RECOMPUTED:
+            config[key] = value  # fields of an imported model's config that nanotronix does not model
+    version = _transformers_version()
+    if version:
+        config["transformers_version"] = version
+    generation = source_hf.get("generation_config") or {"_from_model_config": True, "bos_token_id": bos,
+                                                        "eos_token_id": eos}
+    if version:
+        generation = {**generation, "transformers_version": version}
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
 
 def _write_weights(reader: CheckpointReader, folder: Path, dtype: torch.dtype, max_bytes: int,
