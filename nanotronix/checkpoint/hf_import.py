@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
 from nanotronix.checkpoint import manifest as mf
@@ -26,7 +25,7 @@ from nanotronix.checkpoint.errors import CheckpointError
 from nanotronix.checkpoint.output_folder import prepare_output
 from nanotronix.checkpoint import state as st
 from nanotronix.checkpoint.reader import model_parameter_shapes
-from nanotronix.checkpoint.storage import Collective
+from nanotronix.checkpoint.storage import Collective, failures_of
 from nanotronix.config import Config, ModelConfig
 from nanotronix.convert.hf_mapping import from_hf, model_config_from_hf, to_hf
 from nanotronix.data.files import commit
@@ -234,10 +233,13 @@ def _write_step_0(hf_dir: Path, source: SafetensorsFolder, model_cfg: ModelConfi
     try:
         try:
             Collective(single_process=True).save(state, temp, planner=_LazyPlanner(produce))
-        except CheckpointException as e:
-            # DCP wraps what stopped the write (SIGTERM, Ctrl-C, a full disk); raised as itself, the command says it
-            # in one line, as it does at any other moment
-            raise _wrapped_failure(e) from None
+        except BaseException as e:  # DCP's CheckpointException is a BaseException
+            # DCP wraps what stopped the write (SIGTERM, Ctrl-C, a full disk) in its CheckpointException; raised as
+            # itself, the command says it in one line, as it does at any other moment
+            failures = failures_of(e)
+            if not failures:
+                raise
+            raise failures[0][1] from None
         if not_finite:
             raise UserError(f"--hf: {hf_dir}: the weights of {not_finite[0]} hold NaN or infinite values")
         manifest["files"] = mf.digest_files(temp, mf.list_files(temp))
@@ -249,12 +251,6 @@ def _write_step_0(hf_dir: Path, source: SafetensorsFolder, model_cfg: ModelConfi
         raise
     finally:
         bar.close()
-
-
-def _wrapped_failure(error: CheckpointException) -> BaseException:
-    """The exception behind DCP's CheckpointException of a single-process save (its one failed rank's)."""
-    failure = next(iter(error.failures.values()), None)
-    return (failure[0] if isinstance(failure, tuple) else failure) or error
 
 
 def _is_an_import(folder: Path) -> bool:

@@ -146,15 +146,21 @@ def write_step(run_dir: Path, step: int, state: dict[str, Any], manifest: dict[s
 
 
 def _failure(error: BaseException, rank: int) -> str:
-    """A failed write on `rank` in one line. DCP's CheckpointException carries each failed rank's exception
-    (`failures`: rank in the group -> (exception, traceback)); shown is the lowest rank's OSError, which names the
-    cause (no space, no permission), else the lowest rank's error (torch's zip writer may only say "unexpected pos"
-    when the disk fills under it), without torch's wrapper and tracebacks."""
-    failures = getattr(error, "failures", None)
-    if isinstance(failures, dict) and failures:
-        unwrapped = sorted((r, w[0] if isinstance(w, tuple) else w) for r, w in failures.items())
-        rank, error = next(((r, e) for r, e in unwrapped if isinstance(e, OSError)), unwrapped[0])
+    """A failed write on `rank` in one line: the lowest rank's OSError, which names the cause (no space, no
+    permission), else the lowest rank's error (torch's zip writer may only say "unexpected pos" when the disk fills
+    under it), without torch's wrapper and tracebacks."""
+    unwrapped = failures_of(error) or [(rank, error)]
+    rank, error = next(((r, e) for r, e in unwrapped if isinstance(e, OSError)), unwrapped[0])
     return f"on rank {rank}: {type(error).__name__}: {' '.join(str(error).split())}"
+
+
+def failures_of(error: BaseException) -> list[tuple[int, BaseException]]:
+    """The exceptions behind DCP's CheckpointException, by rank (its `failures`: rank in the group -> (exception,
+    traceback)), lowest rank first; [] for any other exception."""
+    failures = getattr(error, "failures", None)
+    if not isinstance(failures, dict):
+        return []
+    return sorted(((r, w[0] if isinstance(w, tuple) else w) for r, w in failures.items()), key=lambda rw: rw[0])
 
 
 def _free_space(folder: Path) -> str:
