@@ -294,6 +294,40 @@ def test_a_step_pruned_while_it_is_exported_is_said_in_one_line(tmp_path, capsys
 
 
 
+@pytest.mark.parametrize("failure, code, said", [
+    ("sigterm", 143, "terminated"),
+    ("ctrl_c", 130, "interrupted"),
+    ("eio", 2, "error: cannot read checkpoint {folder} (on rank 0: OSError: [Errno 5] Input/output error: "
+               "'__0_0.distcp')")])
+def test_what_stops_the_export_while_it_reads_is_one_line(tmp_path, capsys, monkeypatch, failure, code, said):
+    """SIGTERM, Ctrl-C or an I/O error while DCP reads the checkpoint, most of an export's time: the command's own line
+    and exit code, and no output left (before: DCP wrapped the signal's exception in its CheckpointException, said as
+    "error: cannot read checkpoint ... (on rank 0: Terminated: )", exit 2, which a scheduler takes for bad input)."""
+    import errno
+    import signal
+
+    from torch.distributed.checkpoint import FileSystemReader
+    folder, _ = trained_checkpoint(tmp_path / "run")
+    real = FileSystemReader.read_data
+
+    def stopped_while_reading(self, plan, planner):
+        if failure == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)
+        elif failure == "ctrl_c":
+            raise KeyboardInterrupt
+        else:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), "__0_0.distcp")
+        return real(self, plan, planner)
+
+    monkeypatch.setattr(FileSystemReader, "read_data", stopped_while_reading)
+    capsys.readouterr()
+    assert tool_main("convert_to_hf")(["--checkpoint", str(folder), "--output", str(tmp_path / "hf"),
+                                       "--no-progress"]) == code
+    assert capsys.readouterr().err.strip().splitlines() == [said.format(folder=folder)]
+    assert not [p.name for p in tmp_path.iterdir() if "hf" in p.name]
+
+
+
 def test_what_a_killed_conversion_left_is_removed(tmp_path, capsys):
     """SIGKILL (the OOM killer, scancel -s KILL) gives a converter no chance to remove its staging folder; the next
     conversion to that output removes the ones whose process is gone, and says so, leaving a live one alone."""

@@ -118,3 +118,30 @@ def test_a_store_of_a_larger_tokenizer_is_refused_up_front(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err == [f"error: --data: {store} was tokenized with {2 * TINY.vocab_size} tokens, more than "
                                  f"the model's vocabulary ({TINY.vocab_size}): not the checkpoint's tokenizer"], err
+
+
+def test_sigterm_while_the_checkpoint_is_read_is_one_line(tmp_path, capsys, monkeypatch):
+    """SIGTERM (a scheduler's time limit, `timeout`) while DCP reads the weights: "terminated", exit 143, as at any
+    other moment (before: DCP wrapped it in its CheckpointException, said as "error: cannot read checkpoint ... (on
+    rank 0: Terminated: )" with the bad-input exit code 2)."""
+    import os
+    import signal
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from nanotronix.evaluate import main
+
+    store = write_learnable_store(tmp_path / "store" / "arith", num_docs=5, vocab=TINY.vocab_size)
+    model = plain_model()
+    save_single(tmp_path / "run", 1, model, adamw(model))
+    real = FileSystemReader.read_data
+
+    def terminated_while_reading(self, plan, planner):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, plan, planner)
+
+    monkeypatch.setattr(FileSystemReader, "read_data", terminated_while_reading)
+    capsys.readouterr()
+    code = main(["--checkpoint", str(tmp_path / "run"), "--data", str(store), "--seq-len", "32", "--num-samples", "2",
+                 "--no-progress"])
+    assert (code, capsys.readouterr().err.strip().splitlines()) == (143, ["terminated"])

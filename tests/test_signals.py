@@ -1,6 +1,7 @@
 """Preemption: SIGTERM or SIGUSR1 makes the trainer finish its step, save on every rank, and exit with
 EXIT_PREEMPTED (75). SIGTERM to a single process; SIGUSR1 to ONE rank of a 2-rank torchrun job (the other must
-stop at the same step). Costs ~15-25 s (two short training launches)."""
+stop at the same step); a SIGTERM or Ctrl-C while DCP loads or saves (in this process). Costs ~25-35 s (short
+training launches)."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from helpers import ROOT, tiny_config, write_learnable_store
 
@@ -135,6 +138,56 @@ def test_ctrl_c_stops_every_rank_with_one_line(tmp_path):
     assert "KeyboardInterrupt" not in err and "[rank" not in err, err[-3000:]
     assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").glob("step_*"))
 
+
+
+def _stopped_in_dcp(monkeypatch, where: str, stop) -> None:
+    """`stop()` each time DCP reads (where="read") or writes (where="write") a step's data: a signal landing during a
+    load or save, most of the time either takes at scale."""
+    from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+
+    cls = FileSystemReader if where == "read" else FileSystemWriter
+    real = getattr(cls, f"{where}_data")
+
+    def stopped(self, plan, planner):
+        stop()
+        return real(self, plan, planner)
+
+    monkeypatch.setattr(cls, f"{where}_data", stopped)
+
+
+def _ctrl_c():
+    raise KeyboardInterrupt
+
+
+def test_ctrl_c_while_dcp_loads_or_saves_is_the_trainers_interrupted_line(tmp_path, monkeypatch):
+    """Ctrl-C during the resume's load or during a save: the trainer's own Interrupted (rank 0's "interrupted ..."
+    line, exit 130), not DCP's CheckpointException turned into "cannot read/write checkpoint ... (on rank 0:
+    KeyboardInterrupt: )" with the bad-input exit code 2."""
+    from checkpoint_helpers import train_in_process
+
+    from nanotronix.train import Interrupted
+    cfg = _config(tmp_path)
+    with monkeypatch.context() as patched:
+        _stopped_in_dcp(patched, "write", _ctrl_c)
+        with pytest.raises(Interrupted, match=r"^interrupted in step 2 \(checkpoint\): no checkpoint saved yet"):
+            train_in_process(cfg, "train.train_steps=2")
+    train_in_process(cfg, "train.train_steps=2")
+    _stopped_in_dcp(monkeypatch, "read", _ctrl_c)
+    with pytest.raises(Interrupted, match="^interrupted .*nothing saved since step_0000002, which a rerun resumes"):
+        train_in_process(cfg, "train.train_steps=4")
+
+
+def test_sigterm_while_the_resume_loads_saves_the_next_step_and_stops(tmp_path, monkeypatch, capsys):
+    """SIGTERM during the resume's load only sets the trainer's flag (its handler is installed before the resume):
+    the load completes, the next step is trained, saved, and the run stops as preempted (exit 75), no traceback."""
+    from checkpoint_helpers import train_in_process
+    cfg = _config(tmp_path)
+    train_in_process(cfg, "train.train_steps=2")
+    _stopped_in_dcp(monkeypatch, "read", lambda: os.kill(os.getpid(), signal.SIGTERM))
+    capsys.readouterr()
+    assert train_in_process(cfg, "train.train_steps=4")["preempted"]
+    assert "checkpoint: received SIGTERM: saved step 3; stopping (exit 75" in capsys.readouterr().out
+    assert (tmp_path / "ckpt" / "latest").read_text().strip() == "step_0000003"
 
 # The trainer in a process of its own, sending itself SIGTERM while step AT trains (as a scheduler might at any time).
 SIGNAL_AT_STEP = """

@@ -67,6 +67,7 @@ class Collective:
             with self._quiet():
                 dcp.load(state, storage_reader=dcp.FileSystemReader(str(folder)), **self._kwargs())
         except CheckpointException as e:  # raised alike on every rank, with each failed rank's exception
+            _raise_stop(e)
             raise CheckpointError(f"cannot read checkpoint {folder} ({_failure(e, self.rank)})",
                                   every_rank=True) from None
 
@@ -107,6 +108,7 @@ def write_step(run_dir: Path, step: int, state: dict[str, Any], manifest: dict[s
         coll.save(state, temp)  # DCP raises the same CheckpointException, of every rank's failures, on every rank
         written = [save_rng(temp, global_rank, rng_state)]
     except (Exception, CheckpointException) as e:
+        _raise_stop(e)  # alike on every rank (the same CheckpointException), so none waits in the gather below
         error = _failure(e, coll.rank)
     failed = [e for e in coll.all_gather(error) if e]
     if failed:
@@ -161,6 +163,16 @@ def failures_of(error: BaseException) -> list[tuple[int, BaseException]]:
     if not isinstance(failures, dict):
         return []
     return sorted(((r, w[0] if isinstance(w, tuple) else w) for r, w in failures.items()), key=lambda rw: rw[0])
+
+
+def _raise_stop(error: BaseException) -> None:
+    """Raise as itself what stopped the process during a DCP load or save rather than failed it (Ctrl-C, a command's
+    SIGTERM raised as cli.Terminated, a sys.exit): the caller's own handling of it (the trainer's "interrupted" line,
+    a command's "terminated" and exit 143) then applies, not a one-line "cannot read/write checkpoint ... (on rank 0:
+    KeyboardInterrupt: )" with the exit code of bad input. Nothing for any other failure."""
+    stop = next((e for _, e in failures_of(error) if not isinstance(e, Exception)), None)
+    if stop is not None:
+        raise stop from None
 
 
 def _free_space(folder: Path) -> str:
