@@ -4,6 +4,7 @@ traceback, and nothing half-written left behind (nanotronix/cli.py). Costs ~15 s
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -231,11 +232,15 @@ def test_help_shows_docstring_commands_as_written(tool):
 
 
 def required_by_setup() -> list[str]:
-    """setup.py's install_requires, by name, as the installed nanotronix's metadata lists them."""
-    import importlib.metadata
+    """setup.py's install_requires, by name, read from setup.py itself: an installed nanotronix's metadata is not
+    there where the checkout is not pip-installed (the GPU machine's PYTHONPATH=checkout), and lags an edit of
+    setup.py until the next install."""
+    import ast
     import re
-    return [re.match(r"[\w.-]+", requirement).group(0) for requirement in importlib.metadata.requires("nanotronix")
-            if "extra ==" not in requirement]
+    setup = ast.parse((ROOT / "setup.py").read_text())
+    listed = next(keyword.value for node in ast.walk(setup) if isinstance(node, ast.Call)
+                  for keyword in node.keywords if keyword.arg == "install_requires")
+    return [re.match(r"[\w.-]+", requirement).group(0) for requirement in ast.literal_eval(listed)]
 
 
 @pytest.mark.parametrize("command", [f"tools/{tool}.py" for tool in TOOLS] + ["-m nanotronix.train"])
@@ -243,8 +248,10 @@ def test_a_python_without_the_project_packages_says_so_in_one_line(command):
     """The commonest newcomer mistake, a Python without the project's packages (the system python3 instead of
     .venv/bin/python): here this one without its site-packages (-S). One line naming every package it lacks (those
     of setup.py) and how to get them, exit 2, where each command ended in a ModuleNotFoundError traceback."""
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}  # (a cluster's module system
+    # may put a site-packages there, which -S keeps)
     proc = subprocess.run([sys.executable, "-S", *command.split(), "--help"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60)
+                          text=True, timeout=60, env=env)
     lacks = ", ".join(f"`{name}`" for name in required_by_setup())
     assert (proc.returncode, proc.stdout, proc.stderr) == (
         2, "", f"error: the Python at {sys.executable} lacks {lacks}: run `make install` and use .venv/bin/python "
