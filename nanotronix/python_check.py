@@ -1,8 +1,8 @@
 """Whether this Python has the packages nanotronix needs (setup.py's install_requires), checked before a command
-imports them: a tool or `python -m nanotronix.train` run with a Python that lacks them (the system python3 instead
-of .venv/bin/python, the commonest newcomer mistake) says so in one line instead of ending in a ModuleNotFoundError
-traceback. Standard library only, as it runs before any of them is imported (tools/_project_python.py for the
-tools, nanotronix/train/__main__.py for the trainer)."""
+imports them: a tool or a `python -m nanotronix.*` command run with a Python that lacks them (the system python3
+instead of .venv/bin/python, the commonest newcomer mistake) says so in one line instead of ending in a
+ModuleNotFoundError traceback. Standard library only, as it runs before any of them is imported
+(tools/_project_python.py for the tools, nanotronix/__init__.py for the `python -m` commands)."""
 from __future__ import annotations
 
 import importlib.util

@@ -243,11 +243,13 @@ def required_by_setup() -> list[str]:
     return [re.match(r"[\w.-]+", requirement).group(0) for requirement in ast.literal_eval(listed)]
 
 
-@pytest.mark.parametrize("command", [f"tools/{tool}.py" for tool in TOOLS] + ["-m nanotronix.train"])
+@pytest.mark.parametrize("command", [f"tools/{tool}.py" for tool in TOOLS] + [f"-m nanotronix.{module}" for module in (
+    "train", "evaluate", "preflight", "launch", "rendezvous_store")])
 def test_a_python_without_the_project_packages_says_so_in_one_line(command):
     """The commonest newcomer mistake, a Python without the project's packages (the system python3 instead of
     .venv/bin/python): here this one without its site-packages (-S). One line naming every package it lacks (those
-    of setup.py) and how to get them, exit 2, where each command ended in a ModuleNotFoundError traceback."""
+    of setup.py) and how to get them, exit 2, where each command ended in a ModuleNotFoundError traceback (the
+    `python -m nanotronix.*` commands other than train, which the Slurm scripts run with their PYTHON, too)."""
     env = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}  # (a cluster's module system
     # may put a site-packages there, which -S keeps)
     proc = subprocess.run([sys.executable, "-S", *command.split(), "--help"], cwd=ROOT, capture_output=True,

@@ -1,9 +1,10 @@
 """slurm/smollm2_1p7b.sh's bad settings and failures, on the real local Slurm cluster (the cluster, the job handle and
 the helpers: slurm_helpers.py).
 
-- A wrong or missing setting (config, data root, token stores, processes vs tp*pp, GPUs, port, OVERRIDES) fails the
-  job within seconds with one `error:` line, before torchrun starts (the twelve cases here, a few seconds each); so
-  do a taken rendezvous port and a RUN_DIR that cannot be created, outside the preflight.
+- A wrong or missing setting (config, data root, token stores, processes vs tp*pp, GPUs, port, OVERRIDES, a PYTHON
+  without the project's packages) fails the job within seconds with one `error:` line, before torchrun starts (the
+  thirteen cases here, a few seconds each); so do a taken rendezvous port and a RUN_DIR that cannot be created,
+  outside the preflight.
 - A failed job step (a trainer process SIGKILLed) requeues the job only if it committed a checkpoint since the
   allocation started (~60 s): without one it ends FAILED with one line saying why (and torchrun's report of the
   killed process); with one it resumes and finishes.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -45,6 +47,9 @@ def preflight_cases(tmp: Path) -> list[tuple[str, dict[str, str], tuple[str, ...
     write_learnable_store(store_root / "b", seed=1)
     tiny = tiny_two_stage_config(tmp / "tiny.yaml", 100, 50)
     (tmp / "empty").mkdir()
+    wrong_python = tmp / "python"  # a Python without the project's packages (the system python3 on a cluster)
+    wrong_python.write_text(f'#!/bin/bash\nexec {sys.executable} -S "$@"\n')
+    wrong_python.chmod(0o755)
     return [
         ("no config", {"CONFIG": str(tmp / "missing.yaml")}, (),
          f"error: CONFIG={tmp / 'missing.yaml'}: no such file"),
@@ -74,6 +79,9 @@ def preflight_cases(tmp: Path) -> list[tuple[str, dict[str, str], tuple[str, ...
          "error: OVERRIDES replaces the whole checkpoint section (and its folder): set its keys one by one"),
         ("a list with a space in OVERRIDES", {"OVERRIDES": "train.seed=3 validation.data=[a, b]"}, (),
          "error: OVERRIDES: 'b]' is not dotted.key=value (OVERRIDES is split at spaces and newlines"),
+        # the preflight says it, where its ModuleNotFoundError traceback was the job's error
+        ("a Python without the project's packages", {"PYTHON": str(wrong_python), "GPUS_PER_NODE": "0"}, (),
+         f"error: the Python at {sys.executable} lacks `torch`, `numpy`, `pyyaml`"),
     ]
 
 
