@@ -51,8 +51,9 @@ log() { echo "[nanotronix-slurm $(date '+%F %T')] $*"; }
 fail() { echo "error: $*" >&2; exit 2; }
 # This job's own record from scontrol, one line: a job array's task that runs under the array's id (its last) is
 # shown with every task of the array, a het job's leader with every component, whose states, restart counts and
-# reasons are not this job's.
+# reasons are not this job's. None outside a job (the early TERM trap below may run before the script checks that).
 job_record() {
+  [ -n "${SLURM_JOB_ID:-}" ] || return 1
   scontrol -o show job "$SLURM_JOB_ID" 2>/dev/null | grep "^JobId=$SLURM_JOB_ID "
 }
 # Whether the job record $1 says that Slurm is requeueing this job (`scontrol requeue`, a preemption in REQUEUE

@@ -233,7 +233,7 @@ def test_a_job_array_task_reads_its_own_state_and_restarts(slurm, tmp_path):
 
     assert run("job_ending; echo ending=$?") == "ending=1\n"  # running
     slurm.cmd("scontrol", "requeue", f"{array}_{records()[array]['ArrayTaskId']}")
-    out = run("job_ending; echo ending=$?; RESTART=0 PREEMPTED=0 CKPT_DIR=ckpt; on_term")
+    out = run("job_ending; echo ending=$?; PREEMPTED=0 CKPT_DIR=ckpt; on_term")
     slurm.cmd("scancel", array)
     assert "ending=0\n" in out and "TERM: Slurm is requeueing the job" in out, out
 
