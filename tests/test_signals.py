@@ -1,7 +1,7 @@
 """Preemption: SIGTERM or SIGUSR1 makes the trainer finish its step, save on every rank, and exit with
 EXIT_PREEMPTED (75). SIGTERM to a single process; SIGUSR1 to ONE rank of a 2-rank torchrun job (the other must
-stop at the same step); a SIGTERM or Ctrl-C while DCP loads or saves (in this process). Costs ~25-35 s (short
-training launches)."""
+stop at the same step); a SIGTERM or Ctrl-C while DCP loads or saves (in this process, and on one rank of two).
+Costs ~35-50 s (short training launches)."""
 from __future__ import annotations
 
 import json
@@ -188,6 +188,67 @@ def test_sigterm_while_the_resume_loads_saves_the_next_step_and_stops(tmp_path, 
     assert train_in_process(cfg, "train.train_steps=4")["preempted"]
     assert "checkpoint: received SIGTERM: saved step 3; stopping (exit 75" in capsys.readouterr().out
     assert (tmp_path / "ckpt" / "latest").read_text().strip() == "step_0000003"
+
+
+# Rank 1 of a 2-rank gloo group stopped (Ctrl-C) while DCP writes, then while it reads, its data; rank 0 not.
+ONE_RANK_STOPPED_IN_DCP = """
+import sys, time
+from datetime import timedelta
+from pathlib import Path
+import torch, torch.distributed as dist
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from nanotronix.checkpoint import paths, rng, storage
+
+rank, run_dir, rendezvous = int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2,
+                        timeout=timedelta(seconds=60))
+coll, state = storage.Collective(), {f"w{rank}": torch.ones(100)}
+
+def stopped(self, plan, planner):
+    raise KeyboardInterrupt
+
+def said(what, run):
+    t0 = time.monotonic()
+    try:
+        run()
+        print(f"rank {rank}: {what}: returned", flush=True)
+    except BaseException as e:  # what reached the caller, and whether this rank waited for the other's exit
+        print(f"rank {rank}: {what}: {type(e).__name__} within 10 s: {time.monotonic() - t0 < 10}", flush=True)
+
+real_write = FileSystemWriter.write_data
+if rank == 1:
+    FileSystemWriter.write_data = stopped
+said("save", lambda: storage.write_step(run_dir, 1, state, {"step": 1}, rng.capture_rng(), rank, coll,
+                                        paths.Retention()))
+FileSystemWriter.write_data = real_write
+said("clean save", lambda: storage.write_step(run_dir, 1, state, {"step": 1}, rng.capture_rng(), rank, coll,
+                                              paths.Retention()))
+if rank == 1:
+    FileSystemReader.read_data = stopped
+said("load", lambda: storage.read_step(run_dir / "step_0000001", {f"w{rank}": torch.zeros(100)}, coll))
+"""
+
+
+def test_ctrl_c_on_one_rank_while_dcp_saves_or_loads_is_raised_on_every_rank_at_once(tmp_path):
+    """DCP gathers every rank's failure into the CheckpointException that each rank raises, so a Ctrl-C that landed
+    on one rank during a save or a load is raised as itself on every rank at once (the trainer's Interrupted line
+    on each), none left waiting for the stopped one in write_step's gather (before: "cannot write/read checkpoint
+    ... (on rank 1: KeyboardInterrupt: )", the bad-input error, on every rank)."""
+    run_dir = tmp_path / "run"
+    ranks = [subprocess.Popen([sys.executable, "-c", ONE_RANK_STOPPED_IN_DCP, str(r), str(run_dir),
+                               str(tmp_path / "rendezvous")], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    try:
+        outs = [proc.communicate(timeout=90)[0] for proc in ranks]
+    finally:
+        for proc in ranks:
+            proc.kill()
+    for rank, out in enumerate(outs):
+        lines = [line for line in out.splitlines() if line.startswith(f"rank {rank}: ")]
+        assert lines == [f"rank {rank}: save: KeyboardInterrupt within 10 s: True",
+                         f"rank {rank}: clean save: returned",
+                         f"rank {rank}: load: KeyboardInterrupt within 10 s: True"], outs
+
 
 # The trainer in a process of its own, sending itself SIGTERM while step AT trains (as a scheduler might at any time).
 SIGNAL_AT_STEP = """
