@@ -108,7 +108,7 @@ def write_step(run_dir: Path, step: int, state: dict[str, Any], manifest: dict[s
         coll.save(state, temp)  # DCP raises the same CheckpointException, of every rank's failures, on every rank
         written = [save_rng(temp, global_rank, rng_state)]
     except (Exception, CheckpointException) as e:
-        _raise_stop(e)  # alike on every rank (the same CheckpointException), so none waits in the gather below
+        _raise_stop(e)  # alike on every rank (DCP hands every rank the same CheckpointException)
         error = _failure(e, coll.rank)
     failed = [e for e in coll.all_gather(error) if e]
     if failed:
