@@ -99,6 +99,40 @@ def test_verify_names_a_corrupted_or_truncated_file(trained, tool, capsys, tmp_p
     assert code == 2 and err.startswith("error: checkpoint file missing: ") and str(metadata) in err, err
 
 
+@pytest.mark.parametrize("errno_code", ["EIO", "EACCES"])
+def test_metadata_that_cannot_be_read_is_said_as_the_os_error_not_damage(trained, tool, capsys, monkeypatch,
+                                                                         errno_code):
+    """An I/O or permission error opening DCP's .metadata is said as itself, in one line, by every command that reads
+    it (before: "checkpoint file damaged: ... cannot be read (OSError)", for a file that may be whole)."""
+    import errno
+    import os
+
+    from torch.distributed.checkpoint.filesystem import FileSystem
+
+    from nanotronix.evaluate import main as evaluate_main
+
+    _, tmp = trained
+    step = tmp / "ckpt" / "step_0000004"
+    metadata = step / ".metadata"
+    code = getattr(errno, errno_code)
+    real = FileSystem.create_stream
+
+    def failing_on_metadata(self, path, mode):
+        if str(path) == str(metadata):
+            raise OSError(code, os.strerror(code), str(path))
+        return real(self, path, mode)
+
+    monkeypatch.setattr(FileSystem, "create_stream", failing_on_metadata)
+    said = f"error: cannot read {metadata}: [Errno {code}] {os.strerror(code)}"
+    assert run_tool(tool, capsys, step)[::2] == (2, said + "\n")
+    assert evaluate_main(["--checkpoint", str(step), "--data", str(tmp / "arith"), "--seq-len", "8",
+                          "--num-samples", "1", "--no-progress"]) == 2
+    assert capsys.readouterr().err == said + "\n"
+    convert = load_tool("convert_to_hf")
+    assert convert.main(["--checkpoint", str(step), "--output", str(tmp / f"hf_{errno_code}")]) == 2
+    assert capsys.readouterr().err == said + "\n" and not (tmp / f"hf_{errno_code}").exists()
+
+
 def test_errors_and_help(tool, capsys, tmp_path):
     code, _, err = run_tool(tool, capsys, tmp_path / "missing")
     assert code == 2 and err == f"error: checkpoint not found: {tmp_path / 'missing'}\n"

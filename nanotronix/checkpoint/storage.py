@@ -186,7 +186,10 @@ def _free_space(folder: Path) -> str:
 def dcp_metadata(folder: Path):
     try:
         return dcp.FileSystemReader(str(folder)).read_metadata()
-    except Exception as e:  # the size/hash checks normally catch damage first
+    except OSError as e:  # the disk or the permissions failed, not the file's content: say which, not "damaged"
+        what = f"[Errno {e.errno}] {e.strerror}" if e.errno is not None else str(e)
+        raise CheckpointError(f"cannot read {folder / DCP_METADATA}: {what}") from None
+    except Exception as e:  # content that does not unpickle; the size/hash checks normally catch damage first
         raise CheckpointError(f"checkpoint file damaged: {folder / DCP_METADATA} cannot be read "
                               f"({type(e).__name__})") from None
 
