@@ -162,19 +162,40 @@ def _ctrl_c():
 def test_ctrl_c_while_dcp_loads_or_saves_is_the_trainers_interrupted_line(tmp_path, monkeypatch):
     """Ctrl-C during the resume's load or during a save: the trainer's own Interrupted (rank 0's "interrupted ..."
     line, exit 130), not DCP's CheckpointException turned into "cannot read/write checkpoint ... (on rank 0:
-    KeyboardInterrupt: )" with the bad-input exit code 2."""
+    KeyboardInterrupt: )" with the bad-input exit code 2. During a save, the line says that save was abandoned and
+    which step a rerun resumes from (not that SIGTERM "would have saved this step first": it was being saved)."""
     from checkpoint_helpers import train_in_process
 
     from nanotronix.train import Interrupted
     cfg = _config(tmp_path)
     with monkeypatch.context() as patched:
         _stopped_in_dcp(patched, "write", _ctrl_c)
-        with pytest.raises(Interrupted, match=r"^interrupted in step 2 \(checkpoint\): no checkpoint saved yet"):
+        with pytest.raises(Interrupted) as stopped:
             train_in_process(cfg, "train.train_steps=2")
+        assert str(stopped.value) == ("interrupted in step 2 (checkpoint): the save of step 2 was abandoned; no "
+                                      "checkpoint saved yet, so a rerun starts over (the next save removes the "
+                                      "partial one)")
     train_in_process(cfg, "train.train_steps=2")
-    _stopped_in_dcp(monkeypatch, "read", _ctrl_c)
-    with pytest.raises(Interrupted, match="^interrupted .*nothing saved since step_0000002, which a rerun resumes"):
-        train_in_process(cfg, "train.train_steps=4")
+    with monkeypatch.context() as patched:
+        _stopped_in_dcp(patched, "read", _ctrl_c)
+        with pytest.raises(Interrupted, match="^interrupted .*nothing saved since step_0000002, which a rerun resumes "
+                                              r"from \(SIGTERM or SIGUSR1 would have saved this step first\)$"):
+            train_in_process(cfg, "train.train_steps=4")
+    with monkeypatch.context() as patched:
+        _stopped_in_dcp(patched, "write", _ctrl_c)
+        with pytest.raises(Interrupted) as stopped:
+            train_in_process(cfg, "train.train_steps=3")
+        assert str(stopped.value) == ("interrupted in step 3 (checkpoint): the save of step 3 was abandoned; the "
+                                      "latest committed checkpoint is step_0000002, which a rerun resumes from (the "
+                                      "next save removes the partial one)")
+    assert (tmp_path / "ckpt" / ".step_0000003.tmp").is_dir()  # the partial one, never read
+    with monkeypatch.context() as patched:  # Ctrl-C after the commit's rename (in the pruning): the step is saved
+        patched.setattr("nanotronix.checkpoint.paths.prune", lambda *args: _ctrl_c())
+        with pytest.raises(Interrupted) as stopped:
+            train_in_process(cfg, "train.train_steps=3")
+        assert str(stopped.value) == ("interrupted in step 3 (checkpoint): step 3 was saved, as step_0000003, which a "
+                                      "rerun resumes from")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.name.startswith(".step")) == []
 
 
 def test_sigterm_while_the_resume_loads_saves_the_next_step_and_stops(tmp_path, monkeypatch, capsys):

@@ -207,6 +207,9 @@ class Checkpointer:
         self._writers = WriterPlan()  # which rank writes each chunk, decided at the first save
         self._pending: Optional[Future] = None
         self.last_saved_step: Optional[int] = None
+        # the step whose save runs in the calling thread (its snapshot, and its write unless in the background);
+        # left set by a Ctrl-C that cut it short, for the trainer's line to say so
+        self.saving_step: Optional[int] = None
         self.origin: Optional[dict] = None  # the manifest's `source` of the checkpoint resumed from, saved on
         self._lock_fd: Optional[int] = None  # rank 0's hold on RUN_DIR/.lock (one run per checkpoint.dir)
 
@@ -352,6 +355,7 @@ class Checkpointer:
             self.wait()  # one save at a time (and the staging buffers are reused only once the last write is done)
         except UserError as e:  # a background save failed (a full disk since cleared?): this step is still tried
             earlier = e
+        self.saving_step = step
         # the fingerprints on rank 0 alone, which writes the manifest (`stats`: reads the others need not make)
         data_state = {**loader.state_dict(), **loader.stats(step, fingerprints=self.ctx.rank == 0)}
         background = self._executor is not None and not blocking
@@ -363,6 +367,7 @@ class Checkpointer:
             self._pending = self._executor.submit(self._write, snapshot)
         else:
             self._write(snapshot)
+        self.saving_step = None
         if earlier is not None:
             raise earlier
 

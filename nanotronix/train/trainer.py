@@ -18,7 +18,7 @@ import torch
 from nanotronix import accel
 from nanotronix.checkpoint import Checkpointer
 from nanotronix.checkpoint.checkpointer import ResumeState, store_change_notes
-from nanotronix.checkpoint.paths import find_checkpoint
+from nanotronix.checkpoint.paths import find_checkpoint, step_of
 from nanotronix.config import Config, grad_accum_steps
 from nanotronix.config_checks import skipped_step_ranges
 from nanotronix.data import DataError, PrefetchingLoader, build_prefetched_loader, document_eos_mismatch
@@ -47,9 +47,11 @@ def log0(ctx: ParallelContext, msg: str) -> None:
 def train(cfg: Config, ctx: ParallelContext, device: torch.device) -> dict:
     """Run the configured training; return a summary (first/last loss, steps) for the caller to print."""
     watch = HangWatch.start(cfg.logging.hang_report_seconds)  # which rank a stuck run waits for, and where
+    checkpointer: Optional[Checkpointer] = None
     try:
         try:
-            return _train(cfg, ctx, device, watch)
+            checkpointer = Checkpointer(cfg, ctx, device)  # resume, periodic saves, SIGTERM/SIGUSR1 -> save and stop
+            return _train(cfg, ctx, device, watch, checkpointer)
         except Exception as e:
             oom = out_of_memory_behind(e)
             if oom is not None:
@@ -63,22 +65,36 @@ def train(cfg: Config, ctx: ParallelContext, device: torch.device) -> dict:
         # Ctrl-C reaches a worker twice (the terminal's process group, then torchrun passing it on): the second must
         # not cut short the first's handling
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        raise Interrupted(f"interrupted {watch.where}: {what_a_rerun_does(cfg)} (SIGTERM or SIGUSR1 would have saved "
-                          "this step first)") from None
+        raise Interrupted(interrupted_line(cfg, watch.where, checkpointer.saving_step if checkpointer else None)) \
+            from None
     finally:
         watch.close()
 
 
-def what_a_rerun_does(cfg: Config) -> str:
-    """After a stop that saved nothing: where the same command would start again."""
+def interrupted_line(cfg: Config, where: str, saving_step: Optional[int]) -> str:
+    """Ctrl-C's line: where the run stopped and where the same command would start again. `saving_step`: the step
+    whose save it cut short, if any (SIGTERM or SIGUSR1 would have let that save finish, but saying so is no help
+    then: the step was being saved)."""
     latest = find_checkpoint(Path(cfg.checkpoint.dir)) if cfg.checkpoint.dir else None
+    if saving_step is None:
+        return f"interrupted {where}: {what_a_rerun_does(cfg, latest, 'nothing saved since')} (SIGTERM or SIGUSR1 " \
+               "would have saved this step first)"
+    if latest is not None and step_of(latest) == saving_step:  # cut short after its commit (the pruning, `latest`)
+        return f"interrupted {where}: step {saving_step} was saved, {what_a_rerun_does(cfg, latest, 'as')}"
+    return f"interrupted {where}: the save of step {saving_step} was abandoned; " \
+           f"{what_a_rerun_does(cfg, latest, 'the latest committed checkpoint is')} (the next save removes the " \
+           "partial one)"
+
+
+def what_a_rerun_does(cfg: Config, latest: Optional[Path], latest_is: str) -> str:
+    """Where the same command would start again, `latest` (the run's newest complete step) said after `latest_is`."""
     resume = cfg.checkpoint.resume.strip()
     if latest is None:
         return (f"no checkpoint of this run saved yet, so a rerun starts again from {resume}"
                 if resume not in ("auto", "none") else "no checkpoint saved yet, so a rerun starts over")
     if resume == "none":
-        return f"nothing saved since {latest.name}; a rerun continues from it with checkpoint.resume=auto"
-    return f"nothing saved since {latest.name}, which a rerun resumes from"
+        return f"{latest_is} {latest.name}; a rerun continues from it with checkpoint.resume=auto"
+    return f"{latest_is} {latest.name}, which a rerun resumes from"
 
 
 def out_of_memory_behind(error: BaseException) -> Optional[RuntimeError]:
@@ -106,8 +122,8 @@ def out_of_memory(where: str, error: RuntimeError) -> UserError:
     return error
 
 
-def _train(cfg: Config, ctx: ParallelContext, device: torch.device, watch: HangWatch) -> dict:
-    checkpointer = Checkpointer(cfg, ctx, device)  # resume, periodic saves, SIGTERM/SIGUSR1 -> save and stop
+def _train(cfg: Config, ctx: ParallelContext, device: torch.device, watch: HangWatch,
+           checkpointer: Checkpointer) -> dict:
     try:
         return _train_with(cfg, ctx, device, watch, checkpointer)
     except Exception:
