@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -136,10 +137,11 @@ def submit_with_a_slow_preflight(slurm: Slurm, tmp_path: Path, *flags: str, hold
     `then`: shell commands the wrapper runs in the preflight's job step once the preflight itself has succeeded."""
     config, stores = two_stage_run(tmp_path)
     wrapper = tmp_path / "python"
-    preflight = f'{sys.executable} "$@" || exit; {then}; exit 0' if then else f'exec {sys.executable} "$@"'
+    python = shlex.quote(sys.executable)  # shell text: a Python under a path with spaces stays one word
+    preflight = f'{python} "$@" || exit; {then}; exit 0' if then else f'exec {python} "$@"'
     started = tmp_path / PREFLIGHT_STARTED
     wrapper.write_text(f'#!/bin/bash\ncase " $* " in *" nanotronix.preflight "*) touch "{started}"; sleep {hold_s}; '
-                       f'{preflight} ;; esac\nexec {sys.executable} "$@"\n')
+                       f'{preflight} ;; esac\nexec {python} "$@"\n')
     wrapper.chmod(0o755)
     return slurm.sbatch(tmp_path, {"CONFIG": str(config), "DATA_ROOT": str(stores), "GPUS_PER_NODE": "0",
                                    "NPROC_PER_NODE": "1", "RUN_DIR": str(tmp_path / "run"), "PYTHON": str(wrapper)},

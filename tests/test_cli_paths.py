@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -192,9 +193,9 @@ def test_a_reader_that_goes_away_is_not_an_error(tmp_path):
     writer = MegatronWriter(tmp_path / "long", np.uint16)
     writer.add_document(np.append(np.arange(1, 60_000) % 1000 + 1, 0))  # ~300 KB of printed ids
     writer.finalize({"tokenizer": {"name": "synthetic", "vocab_size": 1024, "eos_id": 0}})
-    proc = subprocess.run(["bash", "-c", f"set -o pipefail; {sys.executable} tools/inspect_store.py "
-                           f"{tmp_path / 'long'} --doc 0 | head -c 10"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+    command = f"{shlex.quote(sys.executable)} tools/inspect_store.py {shlex.quote(str(tmp_path / 'long'))} --doc 0"
+    proc = subprocess.run(["bash", "-c", f"set -o pipefail; {command} | head -c 10"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
     assert proc.returncode == 0 and len(proc.stdout) == 10 and proc.stderr == "", proc.stderr
 
 

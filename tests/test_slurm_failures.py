@@ -17,6 +17,7 @@ Skips only where Slurm is not installed; .ci/run installs and starts the cluster
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import sys
 import time
@@ -48,7 +49,7 @@ def preflight_cases(tmp: Path) -> list[tuple[str, dict[str, str], tuple[str, ...
     tiny = tiny_two_stage_config(tmp / "tiny.yaml", 100, 50)
     (tmp / "empty").mkdir()
     wrong_python = tmp / "python"  # a Python without the project's packages (the system python3 on a cluster)
-    wrong_python.write_text(f'#!/bin/bash\nexec {sys.executable} -S "$@"\n')
+    wrong_python.write_text(f'#!/bin/bash\nexec {shlex.quote(sys.executable)} -S "$@"\n')
     wrong_python.chmod(0o755)
     return [
         ("no config", {"CONFIG": str(tmp / "missing.yaml")}, (),

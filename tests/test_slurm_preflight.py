@@ -158,10 +158,11 @@ def test_resume_settings_the_trainer_refuses_fail_here(tmp_path, store, capsys):
 
 
 def test_a_closed_stdout_is_quiet():
+    import shlex
     import subprocess
     import sys
 
-    proc = subprocess.run(f"{sys.executable} -m nanotronix.preflight --config examples/configs/quickstart.yaml "
-                          "train.device=cpu | head -c 0", shell=True, cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(f"{shlex.quote(sys.executable)} -m nanotronix.preflight --config "
+                          "examples/configs/quickstart.yaml train.device=cpu | head -c 0", shell=True, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
     assert "Traceback" not in proc.stderr, proc.stderr

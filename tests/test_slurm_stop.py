@@ -15,6 +15,7 @@ Skips only where Slurm is not installed; .ci/run installs and starts the cluster
 from __future__ import annotations
 
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -118,7 +119,7 @@ def submit_with_a_slow_config_read(slurm: Slurm, tmp_path: Path, *flags: str) ->
     config, stores = two_stage_run(tmp_path)
     started, wrapper = tmp_path / "config_read", tmp_path / "python"
     wrapper.write_text(f'#!/bin/bash\ncase " $* " in *load_config*) touch "{started}"; sleep 8 ;; esac\n'
-                       f'exec {sys.executable} "$@"\n')
+                       f'exec {shlex.quote(sys.executable)} "$@"\n')
     wrapper.chmod(0o755)
     job = slurm.sbatch(tmp_path, {"CONFIG": str(config), "DATA_ROOT": str(stores), "GPUS_PER_NODE": "0",
                                   "NPROC_PER_NODE": "1", "RUN_DIR": str(tmp_path / "run"), "PYTHON": str(wrapper)},
