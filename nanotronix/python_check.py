@@ -19,7 +19,16 @@ REQUIRED_PACKAGES = {"torch": "torch", "numpy": "numpy", "yaml": "pyyaml", "toke
 def missing_packages() -> list[str]:
     """The required packages this Python cannot import, by their pip names (found, not imported: it costs no
     import time)."""
-    return [pip_name for name, pip_name in REQUIRED_PACKAGES.items() if importlib.util.find_spec(name) is None]
+    return [pip_name for name, pip_name in REQUIRED_PACKAGES.items() if not _installed(name)]
+
+
+def _installed(name: str) -> bool:
+    """Whether `name` is a package with code, not only a folder of that name on sys.path (a `torch/` or `yaml/` in the
+    folder a `python -m` command runs from), which Python finds as a namespace package (origin None) where nothing
+    else of the name is installed: the command would pass this check and end in a traceback at its first use. Each
+    required package is a regular one (an __init__.py)."""
+    spec = importlib.util.find_spec(name)
+    return spec is not None and spec.origin is not None
 
 
 def require_project_packages() -> None:

@@ -261,6 +261,21 @@ def test_a_python_without_the_project_packages_says_so_in_one_line(command):
                "(or `source .venv/bin/activate` first)\n")
 
 
+def test_a_folder_named_like_a_missing_package_does_not_count_as_it(tmp_path):
+    """`python -m nanotronix.X` run from a folder that holds a `torch/` or `yaml/` folder (Python finds each as a
+    namespace package where the real one is not installed): those packages are still named as missing, in the one
+    line, not passed over to end in a traceback at their first use."""
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "yaml").mkdir()
+    env = {**{name: value for name, value in os.environ.items() if name != "PYTHONPATH"}, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-S", "-m", "nanotronix.evaluate", "--help"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60, env=env)
+    lacks = ", ".join(f"`{name}`" for name in required_by_setup())
+    assert (proc.returncode, proc.stdout, proc.stderr) == (
+        2, "", f"error: the Python at {sys.executable} lacks {lacks}: run `make install` and use .venv/bin/python "
+               "(or `source .venv/bin/activate` first)\n")
+
+
 @pytest.mark.parametrize("command", ["tools/preprocess.py", "-m nanotronix.train"])
 def test_help_under_the_project_python_is_shown(command):
     """... while the Python that has them (.venv/bin/python in a checkout, as run by a user) starts the command."""
