@@ -130,6 +130,22 @@ def run(args: list[str], cwd: Path = ROOT, timeout: float = 300) -> subprocess.C
                           timeout=timeout)
 
 
+def two_gloo_ranks(script: str, tmp_path: Path, timeout: float) -> list[tuple[int, str]]:
+    """SCRIPT (`python -c`, from tests/) as ranks 0 and 1 at once, each given its rank, TMP_PATH/run and a
+    rendezvous file for its gloo group (the script joins it); each rank's exit code and output, both killed if
+    still running after TIMEOUT s."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    ranks = [subprocess.Popen([sys.executable, "-c", script, str(r), str(tmp_path / "run"),
+                               str(tmp_path / "rendezvous")], cwd=ROOT / "tests", env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    try:
+        outs = [proc.communicate(timeout=timeout)[0] for proc in ranks]
+    finally:
+        for proc in ranks:
+            proc.kill()
+    return [(proc.returncode, out) for proc, out in zip(ranks, outs)]
+
+
 def torchrun(nproc: int, args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
     return run(["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args],
                timeout=timeout)

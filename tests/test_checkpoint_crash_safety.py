@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from checkpoint_helpers import adamw, load_single, plain_model, save_single, train_steps
-from helpers import ROOT, record_file_system_calls
+from helpers import ROOT, record_file_system_calls, two_gloo_ranks
 
 from nanotronix.checkpoint import CheckpointError, find_checkpoint, resolve_checkpoint
 
@@ -236,12 +236,9 @@ def test_one_rank_killed_mid_save_leaves_no_committed_step(tmp_path):
     DCP's own `.metadata` already makes the folder look finished: rank 0 fails instead of committing (a step is
     renamed into place only once every rank said its files are written), and step 1 stays the one resumed from."""
     run_dir = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    ranks = [subprocess.Popen([sys.executable, "-c", ONE_OF_TWO_RANKS_KILLED, str(r), str(run_dir),
-                               str(tmp_path / "rendezvous")], cwd=ROOT / "tests", env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
-    outs = [proc.communicate(timeout=120)[0] for proc in ranks]
-    assert [proc.returncode for proc in ranks] == [3, -9], outs
+    ranks = two_gloo_ranks(ONE_OF_TWO_RANKS_KILLED, tmp_path, timeout=120)
+    outs = [out for _, out in ranks]
+    assert [code for code, _ in ranks] == [3, -9], outs
     assert (run_dir / ".step_0000002.tmp" / ".metadata").is_file(), outs  # DCP had finished on both ranks
     assert sorted(p.name for p in run_dir.iterdir()) == [".step_0000002.tmp", "latest", "step_0000001"]
     assert find_checkpoint(run_dir) == run_dir / "step_0000001"

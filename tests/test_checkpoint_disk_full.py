@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from helpers import load_tool, tiny_config, torchrun, write_learnable_store
+from helpers import load_tool, tiny_config, torchrun, two_gloo_ranks, write_learnable_store
 
 
 @pytest.fixture
@@ -114,20 +114,8 @@ def test_a_read_back_failing_on_one_rank_is_every_ranks_error_at_once(tmp_path):
     """A rank that cannot hash what it wrote (an I/O error) fails the save on every rank at once, with one message
     naming it; before, its OSError went up alone (a traceback) and the other ranks waited in the gather of the files'
     digests: on NCCL until the collective timeout, here on gloo until the failed rank's exit broke the connection."""
-    import os
-    import sys
-    from pathlib import Path
-
     run_dir = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    ranks = [subprocess.Popen([sys.executable, "-c", ONE_RANK_CANNOT_READ_BACK, str(r), str(run_dir),
-                               str(tmp_path / "rendezvous")], cwd=Path(__file__).parent, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
-    try:
-        outs = [proc.communicate(timeout=45)[0] for proc in ranks]
-    finally:
-        for proc in ranks:
-            proc.kill()
+    outs = [out for _, out in two_gloo_ranks(ONE_RANK_CANNOT_READ_BACK, tmp_path, timeout=45)]
     temp = run_dir / ".step_0000001.tmp"
     for rank, out in enumerate(outs):
         assert (f"rank {rank}: every_rank=True: cannot read back checkpoint {temp} to checksum it (on rank 1: "

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, tiny_config, write_learnable_store
+from helpers import ROOT, tiny_config, two_gloo_ranks, write_learnable_store
 
 from nanotronix.train import EXIT_PREEMPTED
 
@@ -255,15 +255,7 @@ def test_ctrl_c_on_one_rank_while_dcp_saves_or_loads_is_raised_on_every_rank_at_
     on one rank during a save or a load is raised as itself on every rank at once (the trainer's Interrupted line
     on each), none left waiting for the stopped one in write_step's gather (before: "cannot write/read checkpoint
     ... (on rank 1: KeyboardInterrupt: )", the bad-input error, on every rank)."""
-    run_dir = tmp_path / "run"
-    ranks = [subprocess.Popen([sys.executable, "-c", ONE_RANK_STOPPED_IN_DCP, str(r), str(run_dir),
-                               str(tmp_path / "rendezvous")], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
-    try:
-        outs = [proc.communicate(timeout=90)[0] for proc in ranks]
-    finally:
-        for proc in ranks:
-            proc.kill()
+    outs = [out for _, out in two_gloo_ranks(ONE_RANK_STOPPED_IN_DCP, tmp_path, timeout=90)]
     for rank, out in enumerate(outs):
         lines = [line for line in out.splitlines() if line.startswith(f"rank {rank}: ")]
         assert lines == [f"rank {rank}: save: KeyboardInterrupt within 10 s: True",
