@@ -21,7 +21,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from nanotronix.data.files import commit, make_folder_durably, missing_levels, remove_quietly, temp_path
+from nanotronix.data.files import commit, make_folder_durably, remove_made_folders, remove_quietly, temp_path
 from nanotronix.errors import EXIT_BAD_INPUT, PATH_THROUGH_A_FILE, UserError, fail
 from nanotronix.train import EXIT_INTERRUPTED
 
@@ -150,28 +150,27 @@ def write_json_report(path: str | Path, payload: dict) -> Path:
     return replace_file(path, write)
 
 
-def check_writable_folder(folder: str | Path, option: str, keep: bool = True) -> None:
+def check_writable_folder(folder: str | Path, option: str, keep: bool = True) -> list[Path]:
     """Create `folder` if it is missing and make sure a file can be written in it, so that an unusable output path
-    is one line naming `option` before the work, not an error after it. keep=False removes again the folders it
-    created (a check made long before the work, by the launch preflight: a run that fails before it starts then
-    leaves no empty folders behind)."""
+    is one line naming `option` before the work, not an error after it. Returns the folders it made, deepest first,
+    for a caller whose work may still fail to remove again (`remove_made_folders`: a failed command leaves no empty
+    folders behind); a failure here removes them itself. keep=False removes them at once (a check made long before
+    the work, by the launch preflight: a run that fails before it starts then leaves no empty folders behind)."""
     folder = Path(folder)
-    created = [] if keep else missing_levels(folder)
+    made: list[Path] = []
     try:
-        if keep:  # a folder the work will write into: its new levels made durable
-            make_folder_durably(folder)
-        else:
-            folder.mkdir(parents=True, exist_ok=True)
+        made = make_folder_durably(folder)
         fd, probe = tempfile.mkstemp(prefix=".nanotronix-probe-", dir=folder)  # unique across hosts sharing it
         os.close(fd)
         os.unlink(probe)
-    except (FileExistsError, NotADirectoryError):  # mkdir's words for a file where a folder was to be
-        raise UserError(f"{option}: cannot write to {folder} ({PATH_THROUGH_A_FILE})") from None
-    except OSError as e:
-        raise UserError(f"{option}: cannot write to {folder} ({e.strerror or e})") from None
-    finally:
-        for path in created:  # deepest first; one that something else has filled since stays
-            try:
-                path.rmdir()
-            except OSError:
-                pass
+    except BaseException as e:
+        remove_made_folders(made)
+        if isinstance(e, (FileExistsError, NotADirectoryError)):  # mkdir's words for a file where a folder was to be
+            raise UserError(f"{option}: cannot write to {folder} ({PATH_THROUGH_A_FILE})") from None
+        if isinstance(e, OSError):
+            raise UserError(f"{option}: cannot write to {folder} ({e.strerror or e})") from None
+        raise
+    if not keep:
+        remove_made_folders(made)
+        return []
+    return made

@@ -450,3 +450,35 @@ def test_format_zarr_without_zarr_is_refused_before_any_folder_is_made(tmp_path,
     assert code == 2 and err == ("error: --format zarr needs the Python package 'zarr': pip install "
                                  "'nanotronix[data]'\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+@pytest.mark.parametrize("fmt", ["megatron", "zarr"])
+def test_a_failed_run_removes_the_output_folders_it_made_and_only_those(tmp_path, tok, tool, capsys, fmt):
+    """A bad record, and input with no document, fail after the new --output-prefix folders were made: each leaves
+    none of them behind (before, `new/dir` stayed, empty), nor a half-written store; a folder that was already
+    there stays (only the levels this run made are removed)."""
+    bad = _jsonl(tmp_path / "bad.jsonl", [json.dumps({"text": "fine"}), "{not json}"])
+    empty = _jsonl(tmp_path / "empty.jsonl", [json.dumps({"text": " "})])
+    (tmp_path / "kept").mkdir()
+    runs = [([bad], tmp_path / "new" / "dir" / "out", "bad.jsonl:2: invalid JSON"),
+            ([empty, "--skip-bad"], tmp_path / "new" / "dir" / "out", "no documents"),
+            ([bad], tmp_path / "kept" / "sub" / "out", "bad.jsonl:2: invalid JSON")]
+    for (src, *extra), prefix, why in runs:
+        code = tool.main(["--input", str(src), "--tokenizer", tok, "--output-prefix", str(prefix), "--format", fmt,
+                          "--workers", "1", "--no-progress", *extra])
+        err = capsys.readouterr().err.strip()
+        assert code != 0 and err.startswith("error: ") and why in err and "\n" not in err, err
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "empty.jsonl", "kept"], why
+        assert list((tmp_path / "kept").iterdir()) == []
+
+
+def test_a_made_folder_that_something_else_filled_stays(tmp_path):
+    """The folders a failed run made are removed with rmdir only: one that holds a file written there meanwhile (not
+    this run's) stays, and so do the levels above it; the empty one below it goes."""
+    from nanotronix.data.files import make_folder_durably, remove_made_folders
+    (tmp_path / "a").mkdir()
+    made = make_folder_durably(tmp_path / "a" / "b" / "c" / "d")
+    assert made == [tmp_path / "a" / "b" / "c" / "d", tmp_path / "a" / "b" / "c", tmp_path / "a" / "b"]
+    (tmp_path / "a" / "b" / "someone-elses").write_text("x")
+    remove_made_folders(made + [tmp_path / "gone"])  # one already removed: nothing to say
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["a", "a/b", "a/b/someone-elses"]

@@ -471,3 +471,18 @@ def test_a_shard_whose_records_were_all_skipped_is_written_empty(tmp_path, tiny_
     sidecars = sorted((tmp_path / "sharded").glob("*.json"))
     skipped = [json.loads(p.read_text()).get("skipped", {}).get("total") for p in sidecars]
     assert sum(skipped) == 50, skipped  # each task counts the bad records of its own byte range
+
+
+def test_a_failed_task_of_an_array_leaves_the_shared_output_folder(tmp_path, tiny_tokenizer, tool, capsys):
+    """A --shard task of several that fails (a bad record) leaves the --output-prefix folders it made: its sibling
+    tasks, started at the same time, write into them, and removing one between a sibling's mkdir and its first file
+    would fail that sibling. A single task (--shard 0/1) has no siblings: its failure removes them, as a run's."""
+    src = tmp_path / "bad.jsonl"
+    src.write_text("".join("{not json}\n" for _ in range(40)))
+    common = ["--input", str(src), "--tokenizer", tiny_tokenizer, "--no-progress", "--workers", "1"]
+    assert tool.main(common + ["--output-prefix", str(tmp_path / "new" / "sharded"), "--shard", "0/2"]) == 2
+    assert "bad.jsonl:1: invalid JSON" in capsys.readouterr().err
+    assert (tmp_path / "new" / "sharded").is_dir() and list((tmp_path / "new" / "sharded").iterdir()) == []
+    assert tool.main(common + ["--output-prefix", str(tmp_path / "alone" / "sharded"), "--shard", "0/1"]) == 2
+    assert "bad.jsonl:1: invalid JSON" in capsys.readouterr().err
+    assert not (tmp_path / "alone").exists()

@@ -93,14 +93,40 @@ def missing_levels(folder: str | os.PathLike) -> list[Path]:
     return list(itertools.takewhile(lambda p: not os.path.lexists(p), [folder, *folder.parents]))
 
 
-def make_folder_durably(folder: str | os.PathLike) -> None:
+def make_folder_durably(folder: str | os.PathLike) -> list[Path]:
     """`mkdir -p folder` whose new levels survive a power loss: a new folder's entry is in its parent, durable only
     once the parent is fsynced (an output or run folder made with new levels above it could otherwise vanish with
-    every file committed in it, though each file and its own folder were fsynced)."""
-    new = missing_levels(folder)
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    for level in new:
-        fsync_folder_if_allowed(level.parent)
+    every file committed in it, though each file and its own folder were fsynced). Returns the levels this call
+    made, deepest first (one another process made meanwhile is not among them), for a caller that removes them
+    again when its work fails (`remove_made_folders`); a failure here removes them itself."""
+    made: list[Path] = []
+    try:
+        for level in reversed(missing_levels(folder)):
+            try:
+                level.mkdir()
+            except FileExistsError:
+                if not level.is_dir():  # a file where a folder was to be: the caller's error
+                    raise
+                continue  # made meanwhile by someone else: theirs, not ours to remove
+            made.insert(0, level)
+            fsync_folder_if_allowed(level.parent)
+    except BaseException:
+        remove_made_folders(made)
+        raise
+    return made
+
+
+def remove_made_folders(made: list[Path]) -> None:
+    """Remove the folders a failed command made (`make_folder_durably`'s list, deepest first), so that it leaves no
+    trace: rmdir only, never a recursive delete, so a folder that holds anything (a file someone else wrote there
+    since) is not ours to remove and stays, as do the levels above it."""
+    for level in made:
+        try:
+            os.rmdir(level)
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):  # EEXIST: some systems' "not empty"
+                print(f"note: could not remove the folder {level} that this run made ({e.strerror or e})",
+                      file=sys.stderr)
 
 
 def fsync_tree(folder: Path) -> None:

@@ -32,7 +32,7 @@ from nanotronix.cli import check_writable_folder
 
 from . import encode
 from .errors import DataError, require_module
-from .files import note_removed_temps, remove_abandoned_temps
+from .files import note_removed_temps, remove_abandoned_temps, remove_made_folders
 from .inputs import InputPiece, expand_inputs, iter_chunks, split_large_inputs, text_per_byte, whole_files
 from .megatron_store import MegatronWriter, optimal_dtype, sidecar_path
 from .sharded_store import inputs_fingerprint, shard_name, shard_kinds, split_inputs
@@ -115,16 +115,17 @@ def preprocess(opts: PreprocessOptions) -> PreprocessResult:
     if done is not None:  # an array resubmitted after one task failed: its finished tasks succeed at once
         return done
     tokenizer, info = load_tokenizer(opts.tokenizer)  # before the output folder is made: a bad one leaves none
-    check_writable_folder(os.path.dirname(os.path.abspath(prefix)), "--output-prefix")
-    note_removed_temps(remove_abandoned_temps(prefix))
-    dtype = optimal_dtype(info.vocab_size)
-    start = time.perf_counter()
+    made_folders = check_writable_folder(os.path.dirname(os.path.abspath(prefix)), "--output-prefix")
     # Parallelism comes from worker processes, so the tokenizers thread pool stays off for this run (it would
     # oversubscribe the cores, and is unsafe in forked children); the caller's setting is restored after.
     previous_parallelism = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     executor = writer = bar = None
-    try:  # from here on, a failure (a writer that cannot start too) stops the workers and gives the setting back
+    try:  # from here on, a failure (a writer that cannot start too) stops the workers, gives the setting back and
+        # removes the output folders this run made
+        note_removed_temps(remove_abandoned_temps(prefix))
+        dtype = optimal_dtype(info.vocab_size)
+        start = time.perf_counter()
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
         encode.use_tokenizer(tokenizer, info.eos_id, dtype)
         executor = _start_workers(opts, info, dtype)  # before any other thread (progress bar) exists
         writer, output = create_writer(opts.format, prefix, dtype)
@@ -158,7 +159,9 @@ def preprocess(opts: PreprocessOptions) -> PreprocessResult:
         writer.finalize(sidecar)
     except BaseException:
         if writer is not None:
-            writer.abort()
+            writer.abort()  # first: its staging files lie in the folders made, and rmdir removes only empty ones
+        if not _shares_output_folder(opts):
+            remove_made_folders(made_folders)
         raise
     finally:
         if executor is not None:  # stop the workers now, not when the traceback is freed
@@ -219,6 +222,13 @@ def _check_options(opts: PreprocessOptions) -> None:
     if opts.shard is None and not os.path.basename(opts.output_prefix):
         raise DataError(f"--output-prefix {opts.output_prefix}: names a folder; give DIR/NAME (NAME.bin and "
                         "NAME.idx are written)")
+
+
+def _shares_output_folder(opts: PreprocessOptions) -> bool:
+    """Whether this run is one shard of several (--shard I/N, N > 1): its sibling tasks, started at the same time
+    (a job array), make and write into the same --output-prefix folder. A failed task leaves the folders it made:
+    removing one between a sibling's mkdir and its first file would fail that sibling too."""
+    return opts.shard is not None and opts.shard[1] > 1
 
 
 def _this_shard(opts: PreprocessOptions, pieces: list[InputPiece]) -> tuple[list[InputPiece], str, dict]:
