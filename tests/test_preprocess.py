@@ -482,3 +482,27 @@ def test_a_made_folder_that_something_else_filled_stays(tmp_path):
     (tmp_path / "a" / "b" / "someone-elses").write_text("x")
     remove_made_folders(made + [tmp_path / "gone"])  # one already removed: nothing to say
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["a", "a/b", "a/b/someone-elses"]
+
+
+def test_a_writer_that_fails_half_started_leaves_nothing(tmp_path, tok, tool, capsys, monkeypatch):
+    """A writer that fails while starting, after it made part of its temporary output, removes that part itself (no
+    caller holds it to abort): a zarr store on a full disk (its group made, its arrays not), and a Megatron writer
+    whose second staging file cannot be opened (a folder holds that name; the first was open). Before, the hidden
+    half-made store stayed, and with it the `new` folder made for it, and the first staging file stayed."""
+    from nanotronix.data import zarr_store
+    from nanotronix.data.files import temp_path
+
+    def full_disk():
+        raise OSError(28, "No space left on device")
+    src = _jsonl(tmp_path / "in.jsonl", [json.dumps({"text": t}) for t in TEXTS])
+    args = ["--input", str(src), "--tokenizer", tok, "--workers", "1", "--no-progress"]
+    with monkeypatch.context() as patch:
+        patch.setattr(zarr_store, "_codecs", full_disk)
+        assert tool.main(args + ["--output-prefix", str(tmp_path / "new" / "out"), "--format", "zarr"]) != 0
+    assert capsys.readouterr().err == "error: No space left on device\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+    blocked = temp_path(tmp_path / "out.lengths")  # the Megatron writer's lengths file in this process
+    blocked.mkdir()
+    assert tool.main(args + ["--output-prefix", str(tmp_path / "out")]) != 0
+    assert capsys.readouterr().err == f"error: Is a directory: {blocked}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [blocked.name, "in.jsonl"]

@@ -181,7 +181,12 @@ class DocumentSpill:
         self.tokens_path, self.lengths_path = tokens_path, lengths_path
         self.dtype = np.dtype(dtype)
         self._tokens = open(tokens_path, "wb")
-        self._lengths = open(lengths_path, "wb")
+        try:
+            self._lengths = open(lengths_path, "wb")
+        except BaseException:  # no caller holds a spill that failed to start, to remove() it
+            self._tokens.close()
+            remove_quietly(tokens_path)
+            raise
         self.num_documents = 0
         self.num_tokens = 0
 

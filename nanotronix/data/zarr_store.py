@@ -81,11 +81,15 @@ class ZarrWriter:
         self._tmp = temp_path(path)
         remove_quietly(self._tmp)
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._group = zarr.open_group(str(self._tmp), mode="w")
-        tokens = self._group.create_array("tokens", shape=(0,), dtype=self.dtype, chunks=(INNER_CHUNK,),
-                                          shards=(SHARD,), compressors=_codecs())
-        ends = self._group.create_array("document_ends", shape=(0,), dtype=np.int64, chunks=(SHARD,),
-                                        compressors=_codecs())
+        try:  # a writer that fails to start (a full disk) removes the half-made store: no caller holds it to abort
+            self._group = zarr.open_group(str(self._tmp), mode="w")
+            tokens = self._group.create_array("tokens", shape=(0,), dtype=self.dtype, chunks=(INNER_CHUNK,),
+                                              shards=(SHARD,), compressors=_codecs())
+            ends = self._group.create_array("document_ends", shape=(0,), dtype=np.int64, chunks=(SHARD,),
+                                            compressors=_codecs())
+        except BaseException:
+            remove_quietly(self._tmp)
+            raise
         self._tokens = _AppendBuffer(tokens, SHARD)
         self._ends = _AppendBuffer(ends, SHARD)
         self.num_documents = 0
