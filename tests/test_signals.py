@@ -19,6 +19,15 @@ from helpers import ROOT, tiny_config, two_gloo_ranks, write_learnable_store
 from nanotronix.train import EXIT_PREEMPTED
 
 
+@pytest.fixture(autouse=True)
+def _sigint_as_it_was():
+    """An in-process run stopped by Ctrl-C leaves SIGINT ignored (a worker must: torchrun passes it on again), which
+    the tests after it, in this process, must not inherit (one that sends SIGINT would see nothing happen)."""
+    handler = signal.getsignal(signal.SIGINT)
+    yield
+    signal.signal(signal.SIGINT, handler)
+
+
 def _launch(args: list[str], cwd: Path) -> subprocess.Popen:
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
