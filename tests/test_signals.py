@@ -207,6 +207,42 @@ def test_ctrl_c_while_dcp_loads_or_saves_is_the_trainers_interrupted_line(tmp_pa
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.name.startswith(".step")) == []
 
 
+def test_ctrl_c_reaching_a_worker_twice_lets_the_background_save_commit_before_the_line(tmp_path, monkeypatch):
+    """Ctrl-C reaches a worker twice (the terminal's process group, then torchrun passing it on). The first, in step
+    2 while step 1's background save writes, waits for that save to commit; the second must not cut that wait short:
+    the write would go on (the interpreter's exit waits for its thread) and commit step 1 while the line said that no
+    checkpoint was saved yet."""
+    import threading
+
+    from checkpoint_helpers import train_in_process
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    import nanotronix.train.trainer as trainer
+    from nanotronix.train import Interrupted
+    real_write, real_step = FileSystemWriter.write_data, trainer.train_step
+    steps = []
+
+    def slow_write(self, plan, planner):
+        time.sleep(2)  # the second SIGINT lands while the first's handling waits for this save
+        return real_write(self, plan, planner)
+
+    def ctrl_c_twice_in_step_2(model, optimizer, batch, lr, *args):
+        steps.append(lr)
+        if len(steps) == 2:  # step 1 done: its save is writing in the background
+            threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()  # torchrun passing it on
+            os.kill(os.getpid(), signal.SIGINT)  # the terminal's
+        return real_step(model, optimizer, batch, lr, *args)
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", slow_write)
+    monkeypatch.setattr(trainer, "train_step", ctrl_c_twice_in_step_2)
+    with pytest.raises(Interrupted) as stopped:
+        train_in_process(_config(tmp_path), "checkpoint.interval=1", "checkpoint.async_save=true",
+                         "train.train_steps=3")
+    assert str(stopped.value) == ("interrupted in step 2 (train step): nothing saved since step_0000001, which a "
+                                  "rerun resumes from (SIGTERM or SIGUSR1 would have saved this step first)")
+    assert (tmp_path / "ckpt" / "step_0000001" / "checkpoint.json").is_file()  # committed before the line said so
+
+
 def test_sigterm_while_the_resume_loads_saves_the_next_step_and_stops(tmp_path, monkeypatch, capsys):
     """SIGTERM during the resume's load only sets the trainer's flag (its handler is installed before the resume):
     the load completes, the next step is trained, saved, and the run stops as preempted (exit 75), no traceback."""

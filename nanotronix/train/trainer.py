@@ -8,6 +8,7 @@ nanotronix/train/run_log.py's; where it is, nanotronix/train/hang_report.py's.
 from __future__ import annotations
 
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,11 @@ def train(cfg: Config, ctx: ParallelContext, device: torch.device) -> dict:
     """Run the configured training; return a summary (first/last loss, steps) for the caller to print."""
     watch = HangWatch.start(cfg.logging.hang_report_seconds)  # which rank a stuck run waits for, and where
     checkpointer: Optional[Checkpointer] = None
+    # (signal handlers are the main thread's to set; a SIGINT ignored from the start, as in a background job, stays so)
+    earlier_sigint = signal.getsignal(signal.SIGINT)
+    own_sigint = threading.current_thread() is threading.main_thread() and earlier_sigint is signal.default_int_handler
+    if own_sigint:
+        signal.signal(signal.SIGINT, _interrupt_once)
     try:
         try:
             checkpointer = Checkpointer(cfg, ctx, device)  # resume, periodic saves, SIGTERM/SIGUSR1 -> save and stop
@@ -69,6 +75,17 @@ def train(cfg: Config, ctx: ParallelContext, device: torch.device) -> dict:
             from None
     finally:
         watch.close()
+        if own_sigint and signal.getsignal(signal.SIGINT) is _interrupt_once:  # no Ctrl-C came: as it was
+            signal.signal(signal.SIGINT, earlier_sigint)
+
+
+def _interrupt_once(signum, frame) -> None:
+    """Ctrl-C as KeyboardInterrupt, and SIGINT ignored from then on: it reaches a worker twice (the terminal's process
+    group, then torchrun passing it on), and the second, landing while the first unwinds, would cut short the wait
+    for a background save of a good step (Checkpointer.release): the line would name an older step than the one that
+    save then commits at the exit (which waits for its thread), the step a rerun resumes from."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 
 def interrupted_line(cfg: Config, where: str, saving_step: Optional[int]) -> str:
