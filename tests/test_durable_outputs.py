@@ -141,3 +141,18 @@ def test_a_lost_write_on_the_folder_holding_the_output_fails_the_commit(tmp_path
     temp.write_text("{}")
     files.commit(temp, tmp_path / "out.json")
     assert (tmp_path / "out.json").read_text() == "{}"
+
+
+def test_make_folder_durably_is_mkdir_p_and_says_the_levels_it_made(tmp_path):
+    """Like `mkdir -p` (os.makedirs, the reference): an existing folder makes nothing, a file where the folder is
+    raises FileExistsError as os.makedirs(exist_ok=True) does (it returned as if the folder were there), and the new
+    levels come back deepest first, for a failed command to remove."""
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError) as reference:
+        os.makedirs(tmp_path / "file", exist_ok=True)
+    with pytest.raises(FileExistsError) as ours:
+        files.make_folder_durably(tmp_path / "file")
+    assert ours.value.errno == reference.value.errno
+    assert files.make_folder_durably(tmp_path) == []
+    assert files.make_folder_durably(tmp_path / "a" / "b") == [tmp_path / "a" / "b", tmp_path / "a"]
+    assert (tmp_path / "a" / "b").is_dir()

@@ -110,6 +110,8 @@ def make_folder_durably(folder: str | os.PathLike) -> list[Path]:
                 continue  # made meanwhile by someone else: theirs, not ours to remove
             made.insert(0, level)
             fsync_folder_if_allowed(level.parent)
+        if not os.path.isdir(folder):  # a file (or a dangling link) where the folder is: mkdir -p's error
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(folder))
     except BaseException:
         remove_made_folders(made)
         raise
