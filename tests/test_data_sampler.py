@@ -381,6 +381,8 @@ def test_blend_weights_beyond_its_resolution_are_refused():
         BlendTree([1e308, 1e308, 1e300])
     with pytest.raises(DataError, match=r"1e-09 is below 2\^-24 of their sum"):
         BlendTree([1e-9, 1.0])
+    with pytest.raises(DataError, match=r"their sum is not finite"):  # was OverflowError from float(sum(...))
+        BlendTree([1, 10**400])
     counts = BlendTree([1e-7, 1.0]).counts(10**8)
     assert abs(int(counts[0]) - 10) <= 2 and int(sum(counts)) == 10**8
 

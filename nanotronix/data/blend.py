@@ -25,7 +25,10 @@ def weight_units(weights: list[float]) -> list[int]:
     in scale, 1:1 and 0.5:0.5, are the same blend and draw the same samples)."""
     if not weights or any(not w > 0 for w in weights):
         raise DataError(f"blend weights must be positive, got {weights}")
-    total = float(sum(weights))
+    try:
+        total = float(sum(weights))
+    except OverflowError:  # Python ints beyond a float's range: as much a non-finite sum as floats' inf
+        total = float("inf")
     if not np.isfinite(total):
         raise DataError(f"blend weights {weights}: their sum is not finite; scale them down (only their ratios "
                         "matter)")
