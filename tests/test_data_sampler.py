@@ -56,6 +56,15 @@ def test_permutation_is_a_bijection_and_keyed():
     assert np.array_equal(mixed, np.concatenate([a, b]))
 
 
+def test_permute_of_a_scalar_or_a_matrix_maps_each_value_as_a_flat_call():
+    """A 0-d `i` failed in the cycle walk (IndexError: the round keys indexed as 1-d) and a 2-d one walked rows
+    instead of elements (IndexError, or wrong values); each value is now permuted as in a flat call."""
+    flat = permute(np.arange(12), 10**6 + 3, 7)
+    assert [int(permute(np.int64(v), 10**6 + 3, 7)) for v in range(12)] == flat.tolist()
+    assert permute(np.arange(12).reshape(3, 4), 10**6 + 3, 7).tolist() == flat.reshape(3, 4).tolist()
+    assert permute(np.arange(12).reshape(3, 4), np.full((3, 4), 10**6 + 3), 7).tolist() == flat.reshape(3, 4).tolist()
+
+
 def test_one_call_for_several_datasets_equals_one_call_per_dataset():
     """The schedule places the samples of all datasets in one vectorised call (a size, key, slack and window
     length per sample): the same permutations and window starts as separate calls per dataset, including sizes

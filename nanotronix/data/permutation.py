@@ -48,18 +48,20 @@ def derive_keys(key, index: np.ndarray) -> np.ndarray:
 def permute(i: np.ndarray, n, keys) -> np.ndarray:
     """Image of each value of `i` under the permutation of [0, n) selected by its key. `n`: one size for all, or
     one per element (each value of i in [0, its n), n >= 1), so that samples of several datasets are permuted in
-    one vectorised call; `keys`: one uint64 per element, or a single int for all."""
-    i = np.asarray(i, dtype=np.uint64)
+    one vectorised call; `keys`: one uint64 per element, or a single int for all. `i` may be a scalar or of any
+    shape: the result has its shape."""
+    shape = np.shape(i)
+    i = np.asarray(i, dtype=np.uint64).ravel()  # the cycle walk indexes elements by their flat position
     if np.ndim(n) == 0:
         if n <= 1:
-            return i.astype(np.int64)
+            return i.astype(np.int64).reshape(shape)
         bits = np.uint64((int(n) - 1).bit_length())
     else:
-        n = np.asarray(n, dtype=np.uint64)
+        n = np.broadcast_to(np.asarray(n, dtype=np.uint64), shape).ravel()
         sizes, which_size = np.unique(n, return_inverse=True)  # a few distinct sizes: one per dataset
         bits = np.array([(int(m) - 1).bit_length() if m else 0 for m in sizes.tolist()],
                         dtype=np.uint64)[which_size.reshape(n.shape)]
-    keys = np.broadcast_to(np.asarray(keys, dtype=np.uint64), i.shape)
+    keys = np.broadcast_to(np.asarray(keys, dtype=np.uint64), shape).ravel()
     round_keys = [mix64(keys ^ np.uint64((r + 1) * 0x632BE59BD9B4E019 & _MASK64)) for r in range(_ROUNDS)]
     halves = _Halves(bits)
     x = _feistel(i, halves, round_keys, slice(None))
@@ -67,7 +69,7 @@ def permute(i: np.ndarray, n, keys) -> np.ndarray:
     while outside.size:  # cycle walking: terminates because x's cycle contains an in-range value
         x[outside] = _feistel(x[outside], halves, round_keys, outside)
         outside = outside[x[outside] >= (n if np.ndim(n) == 0 else n[outside])]
-    return x.astype(np.int64)
+    return x.astype(np.int64).reshape(shape)
 
 
 class _Halves:
