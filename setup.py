@@ -51,7 +51,7 @@ setup(
         "data": ["zarr>=3", "pyarrow>=15", "zstandard>=0.22", "fsspec>=2024.1"],
         "plot": ["matplotlib>=3.8"],
         "dali": ["nvidia-dali-cuda120==2.4.0"],
-        "test": ["pytest>=8", "pytest-xdist>=3.6", "pytest-timeout>=2", "transformers>=4.45",
+        "test": ["pytest>=8", "pytest-xdist>=3.6", "pytest-timeout>=2", "hypothesis>=6.100", "transformers>=4.45",
                  "zarr>=3", "pyarrow>=15", "zstandard>=0.22", "fsspec>=2024.1", "matplotlib>=3.8", "wandb>=0.19",
                  "tensorboard>=2.16",
                  # the token stores against the code of the tools that made SmolLM2's and Megatron's datasets
