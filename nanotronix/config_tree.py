@@ -108,7 +108,11 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
                 raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer past a float's range (not printed: it may have too many digits to print)
+            raise ConfigError(f"{where}: expected a finite number, got an integer beyond a float's range") \
+                from None
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{where}: expected a string, got {value!r}")

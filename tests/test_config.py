@@ -81,6 +81,10 @@ def test_dotted_overrides_reach_nested_lists(tiny_yaml):
     ("optimizer.eps=.inf", "optimizer.eps: expected a finite number, got inf"),
     ("model.rms_norm_eps=inf", "model.rms_norm_eps: expected a finite number, got inf"),  # a string
     ("model.rope_theta=.nan", "model.rope_theta: expected a finite number, got nan"),
+    # an integer past a float's range: float() raised OverflowError, a traceback
+    pytest.param("optimizer.lr=1" + "0" * 400,
+                 "optimizer.lr: expected a finite number, got an integer beyond a float's range",
+                 id="optimizer.lr=10^400"),
     ("lr_schedule.decay_steps=5", "lr_schedule.decay_steps: 5 without lr_schedule.decay_start_step"),
     # a decay's shape or floor without a decay trained at a constant learning rate without a word
     ("lr_schedule.decay_style=cosine", "lr_schedule.decay_style: cosine without lr_schedule.decay_start_step"),
