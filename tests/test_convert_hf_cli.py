@@ -293,6 +293,33 @@ def test_a_step_pruned_while_it_is_exported_is_said_in_one_line(tmp_path, capsys
     assert not [p.name for p in tmp_path.iterdir() if "hf" in p.name]
 
 
+@pytest.mark.parametrize("module, read", [("manifest", "read_manifest"), ("manifest", "check_sizes"),
+                                          ("storage", "dcp_metadata")])
+def test_a_step_pruned_before_the_reader_opens_it_is_said_as_pruned(tmp_path, capsys, monkeypatch, module, read):
+    """The step is pruned after the command chose it but before the reader read its manifest, sizes or DCP .metadata:
+    the same line as a prune during the tensor reads (before: "cannot read .../.metadata: [Errno 2] No such file or
+    directory", or the manifest said missing, as if the step were damaged)."""
+    import importlib
+
+    folder, _ = trained_checkpoint(tmp_path / "run")
+    where = importlib.import_module(f"nanotronix.checkpoint.{module}")
+    real = getattr(where, read)
+
+    def pruned_first(*args, **kwargs):
+        if folder.is_dir():  # what paths.prune does: rename aside, then delete
+            folder.rename(folder.with_name(".pruned"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(where, read, pruned_first)
+    capsys.readouterr()
+    code = tool_main("convert_to_hf")(["--checkpoint", str(folder), "--output", str(tmp_path / "hf"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [f"error: checkpoint {folder} was removed while it was being read (a running run's "
+                                 "checkpoint.keep_last prunes its older steps): read a step it keeps (a milestone: "
+                                 "checkpoint.keep_every / keep_steps) or a copy of the step"], err
+    assert not [p.name for p in tmp_path.iterdir() if "hf" in p.name]
+
+
 
 @pytest.mark.parametrize("failure, code, said", [
     ("sigterm", 143, "terminated"),

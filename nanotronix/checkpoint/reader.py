@@ -41,9 +41,13 @@ def model_parameter_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
 class CheckpointReader:
     def __init__(self, path: str | os.PathLike):
         self.folder = resolve_checkpoint(path)
-        self.manifest = mf.read_manifest(self.folder)
-        mf.check_sizes(self.folder, self.manifest)
-        self.metadata = storage.dcp_metadata(self.folder)
+        try:  # a step pruned after it was chosen fails these reads as a missing file: said as the prune, like tensors()
+            self.manifest = mf.read_manifest(self.folder)
+            mf.check_sizes(self.folder, self.manifest)
+            self.metadata = storage.dcp_metadata(self.folder)
+        except CheckpointError:
+            self._still_there()
+            raise
         self.model_config = model_config_from_saved(self.manifest["config"]["model"], self.folder)
         shapes = model_parameter_shapes(self.model_config)
         self.parameter_names = list(shapes)
