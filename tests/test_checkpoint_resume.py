@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from checkpoint_helpers import read_metrics, train_in_process
-from helpers import ROOT, run, tiny_config, write_learnable_store
+from helpers import ROOT, run, tiny_config, torchrun, write_learnable_store
 
 STEPS = 24
 
@@ -240,6 +240,64 @@ def test_resume_to_an_earlier_step_of_the_own_run_is_refused(tmp_path, store):
                 f"checkpoint.resume={ckpt / 'step_0000004'}"])
     assert proc.returncode == 0 and "resumed from" in proc.stdout and "at step 4" in proc.stdout, proc.stderr[-2000:]
 
+
+# The trainer as torchrun's script (argv: a rank that cannot open DCP's .metadata, or -1 for none, then the trainer's
+# arguments), that rank denied it as a node whose mount of the checkpoint folder lacks the permission would be.
+METADATA_DENIED_ON_ONE_RANK = f"""
+import errno, os, sys
+sys.path.insert(0, {str(ROOT)!r})
+if os.environ["RANK"] == sys.argv[1]:
+    from torch.distributed.checkpoint.filesystem import FileSystem
+    real = FileSystem.create_stream
+    def denied(self, path, mode):
+        if os.path.basename(str(path)) == ".metadata":
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real(self, path, mode)
+    FileSystem.create_stream = denied
+from nanotronix.train.main import main
+sys.argv = ["nanotronix.train", *sys.argv[2:]]
+sys.exit(main())
+"""
+
+
+def test_a_step_that_cannot_be_read_on_resume_is_said_once(tmp_path, store):
+    """The step a two-rank run resumes from cannot be read: where both ranks meet it (a file damaged on the file system
+    they share), rank 0 alone says it (before: the same line from each rank, thousands on a big job); where one rank
+    does (its node's mount denies it), that rank says its own line and the other that it stopped because of it."""
+    ckpt = tmp_path / "ckpt"
+    cfg = _config(tmp_path, store, train={"train_steps": 2}, checkpoint={"dir": str(ckpt), "interval": 2})
+    train_in_process(cfg)
+    step, kept = ckpt / "step_0000002", tmp_path / "kept"
+    shutil.copytree(step, kept)
+    metadata, manifest, data = step / ".metadata", step / "checkpoint.json", step / "__0_0.distcp"
+    script = tmp_path / "train_denied.py"
+    script.write_text(METADATA_DENIED_ON_ONE_RANK)
+
+    def errors_said(damage, denied_rank: int = -1) -> list[str]:
+        shutil.rmtree(step)
+        shutil.copytree(kept, step)
+        damage()
+        proc = torchrun(2, [str(script), str(denied_rank), "--config", str(cfg), "train.train_steps=4"], timeout=240)
+        assert proc.returncode != 0, proc.stderr[-3000:]
+        return sorted(line for line in proc.stderr.splitlines() if line.startswith("error:"))
+
+    def flip_a_byte(path):
+        raw = bytearray(path.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        path.write_bytes(bytes(raw))
+
+    size = metadata.stat().st_size
+    assert errors_said(lambda: metadata.write_bytes(b"\x00" * size)) == [  # of the right size: unpickled, and fails
+        f"error: checkpoint file damaged: {metadata} cannot be read (UnpicklingError)"]
+    assert errors_said(lambda: metadata.write_bytes(metadata.read_bytes()[:-10])) == [
+        f"error: checkpoint file damaged: {metadata} has {size - 10} bytes, expected {size} (truncated or overwritten)"]
+    assert errors_said(lambda: manifest.write_text("{")) == [
+        f"error: checkpoint {manifest} is damaged: not valid JSON"]
+    assert errors_said(lambda: flip_a_byte(data)) == [  # found by the hashing that the ranks share
+        f"error: checkpoint file damaged: {data} does not match its SHA-256 in checkpoint.json (corrupted)"]
+    assert errors_said(lambda: None, denied_rank=1) == [
+        f"error: rank 0: loading checkpoint {step}: bad input stopped rank 1 (its error says why), so this one stops "
+        "too", f"error: rank 1: cannot read {metadata}: [Errno 13] Permission denied"]
 
 def test_milestones_are_saved_off_the_interval_and_kept(tmp_path, store):
     """checkpoint.keep_steps [6] and keep_every 5 with interval 4 and keep_last 1 over 12 steps: steps 4, 8 and 12 are

@@ -43,7 +43,7 @@ from nanotronix.checkpoint.storage import Collective
 from nanotronix.checkpoint.training_state import load_training_state, take_snapshot, write_snapshot
 from nanotronix.data.blend import weight_units
 from nanotronix.data.schedule import dataset_order_key
-from nanotronix.distributed import joining
+from nanotronix.distributed import joining, stopping_together
 from nanotronix.errors import UserError
 
 # Model fields that fix the shapes of the weights: a checkpoint only loads into a model that agrees on them.
@@ -293,10 +293,13 @@ class Checkpointer:
         if source is None:
             return ResumeState(0, 0, None)
         t0 = time.perf_counter()
-        saved = read_manifest(source)
-        self.origin = saved.get("source")  # an imported model's HF config, carried to this run's checkpoints
         current = self.cfg.to_dict()
-        for note in check_architecture(saved["config"]["model"], current["model"], source):
+        # read by each rank alone: a damaged manifest or another model config, met by every rank, is said once
+        with stopping_together(self.coll, f"resuming from {source}"):
+            saved = read_manifest(source)
+            notes = check_architecture(saved["config"]["model"], current["model"], source)
+        self.origin = saved.get("source")  # an imported model's HF config, carried to this run's checkpoints
+        for note in notes:
             self._log(note)
         manifest = load_training_state(source, model, optimizer, self.ctx, self.coll,
                                        tied=bool(self.cfg.model.tie_word_embeddings))

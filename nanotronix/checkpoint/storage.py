@@ -202,11 +202,11 @@ def files_holding(metadata, keys: set[str]) -> set[str]:
     return {info.relative_path for index, info in storage.items() if index.fqn in keys}
 
 
-def verify_step(folder: Path, manifest: dict[str, Any], keys: set[str], extra_files: list[str],
+def verify_step(folder: Path, manifest: dict[str, Any], metadata, keys: set[str], extra_files: list[str],
                 coll: Collective) -> None:
-    """Sizes of all files, then SHA-256 of the files this load reads, the hashing split over the ranks."""
-    mf.check_sizes(folder, manifest)
-    needed = files_holding(dcp_metadata(folder), keys) | set(extra_files) | {DCP_METADATA}
+    """SHA-256 of the files this load reads (by DCP's `metadata` of the step), the hashing split over the ranks; the
+    caller checked every file's size (`manifest.check_sizes`, cheap), agreeing with the other ranks on the outcome."""
+    needed = files_holding(metadata, keys) | set(extra_files) | {DCP_METADATA}
     if needed == set(extra_files) | {DCP_METADATA}:
         needed = set(manifest["files"])  # unknown storage layout: check everything
     everyone = sorted(set().union(*coll.all_gather(sorted(needed))))
@@ -219,8 +219,8 @@ def verify_step(folder: Path, manifest: dict[str, Any], keys: set[str], extra_fi
         except CheckpointError as e:
             error = str(e)
     errors = [e for e in coll.all_gather(error) if e]
-    if errors:
-        raise CheckpointError(errors[0])
+    if errors:  # the same one on every rank: rank 0 says it
+        raise CheckpointError(errors[0], every_rank=True)
 
 
 def read_step(folder: Path, state: dict[str, Any], coll: Collective) -> None:

@@ -20,6 +20,7 @@ from nanotronix.checkpoint import storage
 from nanotronix.checkpoint.errors import CheckpointError
 from nanotronix.checkpoint.rng import capture_rng, load_rng, restore_rng, rng_file
 from nanotronix.checkpoint.staging import HostStaging
+from nanotronix.distributed import stopping_together
 from nanotronix.model.rope import ROPE_LAYOUT
 
 
@@ -104,25 +105,30 @@ def load_training_state(folder: Path, model, optimizer: Optional[Any], ctx, coll
                         tied: bool, restore_rng_state: bool = True) -> dict[str, Any]:
     """Load weights (and, when the checkpoint has them and `optimizer` is given, AdamW moments and step count)
     into this rank's model/optimizer, whatever layout saved them; return the manifest."""
-    manifest = mf.read_manifest(folder)
-    metadata = storage.dcp_metadata(folder)
     _settle_weights(model)  # a weight gather still in flight would overwrite what is loaded
-    targets = st.model_targets(model, ctx.tp, tied)
-    with_optimizer = optimizer is not None and manifest.get("optimizer", False)
-    if with_optimizer:
-        dtypes = metadata.state_dict_metadata
+    # Each rank reads the step's manifest, file sizes and DCP metadata alone, before the load's first collective: the
+    # ranks agree on how that went, so that a file every rank fails to read (damaged, on the file system they share) is
+    # said once, by rank 0, and one that some ranks fail to read (a node's own mount) stops the others at once.
+    with stopping_together(coll, f"loading checkpoint {folder}"):
+        manifest = mf.read_manifest(folder)
+        mf.check_sizes(folder, manifest)  # first: a truncated .metadata is said as that, not as one that won't unpickle
+        metadata = storage.dcp_metadata(folder)
+        targets = st.model_targets(model, ctx.tp, tied)
+        with_optimizer = optimizer is not None and manifest.get("optimizer", False)
+        if with_optimizer:
+            dtypes = metadata.state_dict_metadata
 
-        def stored_dtype(key: str) -> torch.dtype:
-            if key not in dtypes:
-                raise CheckpointError(f"checkpoint {folder} has no tensor {key} (saved from a different model?)")
-            return dtypes[key].properties.dtype
+            def stored_dtype(key: str) -> torch.dtype:
+                if key not in dtypes:
+                    raise CheckpointError(f"checkpoint {folder} has no tensor {key} (saved from a different model?)")
+                return dtypes[key].properties.dtype
 
-        st.add_optimizer_targets(targets, model, ctx.tp, stored_dtype)
-    _check_shapes(folder, metadata, {**targets.pieces, **targets.moments}, ctx.tp)
+            st.add_optimizer_targets(targets, model, ctx.tp, stored_dtype)
+        _check_shapes(folder, metadata, {**targets.pieces, **targets.moments}, ctx.tp)
     same_layout = manifest.get("layout") == layout_of(ctx)
     restore = restore_rng_state and same_layout and rng_file(folder, ctx.rank).is_file()
     extra = [rng_file(folder, ctx.rank).relative_to(folder).as_posix()] if restore else []
-    storage.verify_step(folder, manifest, set(targets.pieces) | set(targets.moments), extra, coll)
+    storage.verify_step(folder, manifest, metadata, set(targets.pieces) | set(targets.moments), extra, coll)
 
     meshes = st.TensorParallelMeshes(ctx.tp_group, ctx.tp)
     storage.read_step(folder, st.to_dcp(targets.pieces, meshes), coll)
