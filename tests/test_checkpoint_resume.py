@@ -5,8 +5,10 @@
   grad norm, learning rate and data position bit for bit (fp32, same layout);
 - a run started from a Hugging Face import (weights only, a new rope_theta), and a requeue of the same command
   that keeps the run's own progress instead of going back to checkpoint.resume;
-- checkpoint.resume naming an earlier step of the run's own folder is refused (a requeue would go back again).
-Costs ~25-35 s of CPU (four training subprocesses; the rest runs in this process).
+- checkpoint.resume naming an earlier step of the run's own folder is refused (a requeue would go back again);
+- a step that two ranks cannot read (damaged on their shared disk, or denied to one rank) is said once (~25 s: five
+  two-rank torchrun starts).
+Costs ~90 s of CPU (training subprocesses; the rest runs in this process).
 """
 from __future__ import annotations
 
