@@ -1,7 +1,8 @@
 """Whether this Python has the packages nanotronix needs (setup.py's install_requires), checked before a command
 imports them: a tool or a `python -m nanotronix.*` command run with a Python that lacks them (the system python3
 instead of .venv/bin/python, the commonest newcomer mistake) says so in one line instead of ending in a
-ModuleNotFoundError traceback. Standard library only, as it runs before any of them is imported
+ModuleNotFoundError traceback; so does a file that hides one of them (a `torch.py` in the folder a `python -m` command
+runs from). Standard library only, as it runs before any of them is imported
 (tools/_project_python.py for the tools, nanotronix/__init__.py for the `python -m` commands)."""
 from __future__ import annotations
 
@@ -31,8 +32,24 @@ def _installed(name: str) -> bool:
     return spec is not None and spec.origin is not None
 
 
+def shadowing_files() -> list[tuple[str, str]]:
+    """(file, package) for each required package that Python would import from a single module file instead: a user's
+    `torch.py` in the folder a `python -m` command runs from (first on sys.path) hides the installed torch, and the
+    command would run that file and end in a traceback at its first `import torch.distributed`. Each required package
+    is a regular one, never a single module, so such a file is never the real package."""
+    specs = {name: importlib.util.find_spec(name) for name in REQUIRED_PACKAGES}
+    return [(spec.origin, name) for name, spec in specs.items()
+            if spec is not None and spec.origin is not None and spec.submodule_search_locations is None]
+
+
 def require_project_packages() -> None:
-    """Exit 2 with one `error:` line naming what this Python lacks and how to get it, if it lacks any."""
+    """Exit 2 with one `error:` line naming a file that hides a required package, or else what this Python lacks and
+    how to get it, if either."""
+    shadowing = shadowing_files()
+    if shadowing:
+        where, name = shadowing[0]
+        sys.exit(fail(f"{where} shadows the `{name}` package nanotronix needs (Python finds it first, in the folder "
+                      "the command runs from or on PYTHONPATH): rename it"))
     missing = missing_packages()
     if missing:
         names = ", ".join(f"`{name}`" for name in missing)

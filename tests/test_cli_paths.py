@@ -276,6 +276,29 @@ def test_a_folder_named_like_a_missing_package_does_not_count_as_it(tmp_path):
                "(or `source .venv/bin/activate` first)\n")
 
 
+def test_a_module_file_named_like_a_required_package_is_said_to_shadow_it(tmp_path):
+    """`python -m nanotronix.X` run from a folder holding a `torch.py` (a user's own script): Python imports that file
+    in place of the installed torch (the folder comes first on sys.path), so the package check passed it and the
+    command ended in a traceback at its first `import torch.distributed` ("'torch' is not a package"). One line naming
+    the file, exit 2, with this Python that has every package."""
+    (tmp_path / "torch.py").write_text("raise SystemExit('imported ./torch.py')\n")
+    proc = subprocess.run([sys.executable, "-m", "nanotronix.train", "--help"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (
+        2, "", f"error: {tmp_path / 'torch.py'} shadows the `torch` package nanotronix needs (Python finds it first, "
+               "in the folder the command runs from or on PYTHONPATH): rename it\n")
+
+
+def test_every_required_package_is_a_package_not_a_single_module():
+    """What the shadowing check above relies on: each required package, as installed here, is a regular package (an
+    __init__.py), so a single module file found under its name is never the real one."""
+    import importlib.util
+
+    from nanotronix.python_check import REQUIRED_PACKAGES
+    for name in REQUIRED_PACKAGES:
+        spec = importlib.util.find_spec(name)
+        assert spec is not None and spec.submodule_search_locations is not None, (name, spec)
+
 @pytest.mark.parametrize("command", ["tools/preprocess.py", "-m nanotronix.train"])
 def test_help_under_the_project_python_is_shown(command):
     """... while the Python that has them (.venv/bin/python in a checkout, as run by a user) starts the command."""
