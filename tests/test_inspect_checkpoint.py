@@ -139,3 +139,34 @@ def test_errors_and_help(tool, capsys, tmp_path):
     with pytest.raises(SystemExit) as done:
         tool.main(["--help"])
     assert done.value.code == 0 and "--verify" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("which", ["manifest", "size", "hash"])
+def test_a_manifest_or_data_file_that_cannot_be_read_is_said_as_the_os_error(trained, tool, capsys, monkeypatch,
+                                                                             which):
+    """An I/O error reading checkpoint.json, stat-ing a data file (the size check) or reading it (the --verify hash)
+    is the one line .metadata's is: the file and the OS error (it was Python's OSError text)."""
+    import errno
+    import os
+    from pathlib import Path
+
+    from nanotronix.checkpoint import manifest
+
+    _, tmp = trained
+    step = tmp / "ckpt" / "step_0000004"
+    target = step / "checkpoint.json" if which == "manifest" else next(step.glob("*.distcp"))
+
+    def failing_on_target(real):
+        def call(path, *args, **kwargs):
+            if str(path) == str(target):
+                raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+            return real(path, *args, **kwargs)
+        return call
+
+    if which == "hash":  # manifest.file_digest opens the file with the builtin open
+        monkeypatch.setattr(manifest, "open", failing_on_target(open), raising=False)
+    else:
+        method = {"manifest": "read_text", "size": "stat"}[which]
+        monkeypatch.setattr(Path, method, failing_on_target(getattr(Path, method)))
+    code, _, err = run_tool(tool, capsys, step, "--verify", "--no-progress")
+    assert (code, err) == (2, f"error: cannot read {target}: [Errno {errno.EIO}] {os.strerror(errno.EIO)}\n")

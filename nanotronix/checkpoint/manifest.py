@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from nanotronix.checkpoint.errors import CheckpointError
+from nanotronix.checkpoint.errors import CheckpointError, unreadable
 from nanotronix.checkpoint.paths import MANIFEST_NAME
 
 FORMAT = "nanotronix-checkpoint"
@@ -72,6 +72,8 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {folder} is incomplete: {MANIFEST_NAME} is missing") from None
+    except OSError as e:
+        raise unreadable(path, e) from None
     except (ValueError, UnicodeDecodeError):
         raise CheckpointError(f"checkpoint {path} is damaged: not valid JSON") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -93,6 +95,8 @@ def check_sizes(folder: Path, manifest: dict[str, Any]) -> None:
             size = path.stat().st_size
         except FileNotFoundError:
             raise CheckpointError(f"checkpoint file missing: {path}") from None
+        except OSError as e:
+            raise unreadable(path, e) from None
         if size != info["size"]:
             raise CheckpointError(f"checkpoint file damaged: {path} has {size} bytes, expected {info['size']} "
                                   "(truncated or overwritten)")
@@ -102,7 +106,12 @@ def check_hashes(folder: Path, manifest: dict[str, Any], names: Iterable[str]) -
     """Full check of the given files against their recorded SHA-256 (catches flipped bits)."""
     for name in names:
         expected = manifest["files"][name]
-        got = file_digest(folder / name)
+        try:
+            got = file_digest(folder / name)
+        except FileNotFoundError:
+            raise CheckpointError(f"checkpoint file missing: {folder / name}") from None
+        except OSError as e:
+            raise unreadable(folder / name, e) from None
         if got["size"] != expected["size"]:
             raise CheckpointError(f"checkpoint file damaged: {folder / name} has {got['size']} bytes, expected "
                                   f"{expected['size']} (truncated or overwritten)")

@@ -23,7 +23,7 @@ from torch.distributed.checkpoint.api import CheckpointException  # a BaseExcept
 
 from nanotronix.checkpoint import manifest as mf
 from nanotronix.checkpoint import paths
-from nanotronix.checkpoint.errors import CheckpointError
+from nanotronix.checkpoint.errors import CheckpointError, unreadable
 from nanotronix.data.files import make_folder_durably
 
 DCP_METADATA = ".metadata"
@@ -187,8 +187,7 @@ def dcp_metadata(folder: Path):
     try:
         return dcp.FileSystemReader(str(folder)).read_metadata()
     except OSError as e:  # the disk or the permissions failed, not the file's content: say which, not "damaged"
-        what = f"[Errno {e.errno}] {e.strerror}" if e.errno is not None else str(e)
-        raise CheckpointError(f"cannot read {folder / DCP_METADATA}: {what}") from None
+        raise unreadable(folder / DCP_METADATA, e) from None
     except Exception as e:  # content that does not unpickle; the size/hash checks normally catch damage first
         raise CheckpointError(f"checkpoint file damaged: {folder / DCP_METADATA} cannot be read "
                               f"({type(e).__name__})") from None
