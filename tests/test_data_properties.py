@@ -1,32 +1,26 @@
 """Property-based tests (hypothesis) of the data schedule's stateless index math: the keyed permutation
 (permutation.py), the blend tree (blend.py) and the stages x blend x packed-window schedule (schedule.py), each
 against the claims of its docstrings and against references written plainly here (sorted() bijections, Python-int
-splitmix64, exact Fractions, direct sequential counts). Derandomized with no example database, so CI sees the same
-examples every run and nothing is written into the checkout. ~8 s on one core."""
+splitmix64, exact Fractions, direct sequential counts). Derandomized with no example database (tests/properties.py),
+so CI sees the same examples every run and nothing is written into the checkout. ~8 s on one core."""
 from __future__ import annotations
 
 import math
-import tempfile
 from fractions import Fraction
-from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
-from hypothesis.configuration import set_hypothesis_home_dir
 
 from nanotronix.data.blend import MAX_SAMPLES, BlendTree, weight_units
 from nanotronix.data.errors import DataError
 from nanotronix.data.loader import TrainLoader
 from nanotronix.data.permutation import derive_keys, mix64, permute
 from nanotronix.data.schedule import BlendSchedule, PackedStream, window_starts
+from properties import PROPERTY
 
-# hypothesis keeps caches (and patches of failing examples) under ./.hypothesis by default: not in the checkout
-set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "nanotronix-hypothesis")
 MASK64 = (1 << 64) - 1
-PROPERTY = settings(deadline=None, derandomize=True, database=None, print_blob=False,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 keys64 = st.integers(0, MASK64)
 
