@@ -37,6 +37,13 @@ def test_decay_styles_end_at_min_lr(style, half):
     assert lr_at(150, 1e-3, s) == pytest.approx(1e-5 + (1e-3 - 1e-5) * half)
 
 
+def test_warm_up_ends_at_the_peak_exactly():
+    """peak * step / warmup_steps rounds to 1 ulp off the peak at the last warm-up step for these peaks (above it for
+    the first); peak * (step / warmup_steps) is the peak itself (found by tests/test_train_properties.py)."""
+    assert lr_at(5, 6.745791472935803, LRScheduleConfig(warmup_steps=5)) == 6.745791472935803
+    assert lr_at(37, 7.745791472935803, LRScheduleConfig(warmup_steps=37)) == 7.745791472935803
+
+
 def test_flops_counter_excludes_embedding_lookup_and_halves_causal_attention():
     cfg = ModelConfig(**PRESETS["smollm2-1.7b"])
     n_nonembed = cfg.num_parameters() - cfg.vocab_size * cfg.hidden_size - cfg.num_hidden_layers * 2 * 2048 - 2048

@@ -16,7 +16,9 @@ from nanotronix.config import LRScheduleConfig
 
 def lr_at(step: int, peak_lr: float, sched: LRScheduleConfig) -> float:
     if sched.warmup_steps > 0 and step <= sched.warmup_steps:
-        return peak_lr * step / sched.warmup_steps
+        # step / warmup_steps first: exactly 1.0 at the end of warm-up, so that step gets the peak itself (peak * step
+        # / warmup_steps may round to 1 ulp off it, above it too)
+        return peak_lr * (step / sched.warmup_steps)
     if sched.decay_start_step is None or step <= sched.decay_start_step:
         return peak_lr
     progress = min(1.0, (step - sched.decay_start_step) / sched.decay_steps)
