@@ -113,6 +113,14 @@ def test_the_guard_waits_for_a_full_window_and_judges_by_sigma():
     assert "gradient norm" in SpikeGuard(3.0, 2, {"losses": [1.0, 1.1], "grad_norms": [1.0, 1.2]}).judge(1.0, 9.0)
 
 
+def test_a_window_of_one_repeated_value_judges_nothing():
+    """sum([0.1] * 3) / 3 is 1 ulp above 0.1, which made the std of a window of three 0.1s 1.4e-17, not 0, and a next
+    gradient norm of 0.3 a spike of 1.4e16 sigma (found by tests/test_train_properties.py)."""
+    guard = SpikeGuard(sigma=0.5, window=3, state={"losses": [0.1] * 3, "grad_norms": [0.1] * 3})
+    assert guard.judge(0.1, 0.3) is None
+    assert SpikeGuard(6.0, 3, {"losses": [0.1] * 3, "grad_norms": [1.0] * 3}).judge(1e9, 1.0) is None
+
+
 def test_bad_settings_are_refused(tmp_path, stores):
     cfg = _config(tmp_path, stores)
     with pytest.raises(ConfigError, match="train.spike_skip_sigma: must be >= 0"):

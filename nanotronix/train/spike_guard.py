@@ -4,9 +4,10 @@ One bad batch can throw a long run off for thousands of steps, and by the time a
 checkpoint since. OLMo 2 trained with this guard (OLMo-core's skip-step AdamW: 6 sigma over the last 128 steps):
 a step whose loss or gradient norm is more than `sigma` standard deviations above the mean of the last `window`
 steps' is not applied (weights, AdamW moments and step count stay as they are, like a step in `train.skip_steps`),
-the run goes on with the next batch, and the console and metrics say so. The values of every finite step enter the
-window, the skipped ones included, so a lasting change of level (a new data stage) becomes the norm after a few
-steps instead of being refused forever. The guard waits until the window is full.
+the run goes on with the next batch, and the console and metrics say so. A window whose values are all equal
+(standard deviation 0) gives nothing to measure against: it judges no step a spike. The values of every finite step
+enter the window, the skipped ones included, so a lasting change of level (a new data stage) becomes the norm after a
+few steps instead of being refused forever. The guard waits until the window is full.
 
 Exact on resume: the window is saved in every checkpoint (`state_dict`, the manifest's `trainer_state`) and
 restored, so a resumed run skips the same steps as an uninterrupted one. The loss and the gradient norm are global
@@ -15,7 +16,7 @@ the decision needs the step's global loss, which only the training step knows.
 """
 from __future__ import annotations
 
-import math
+import statistics
 from collections import deque
 from typing import Any, Optional
 
@@ -35,8 +36,11 @@ class SpikeGuard:
         reason = None
         if len(self.losses) == self.window:
             for name, value, seen in (("loss", loss, self.losses), ("gradient norm", grad_norm, self.grad_norms)):
-                mean = sum(seen) / len(seen)
-                std = math.sqrt(sum((x - mean) ** 2 for x in seen) / len(seen))
+                # exact statistics (statistics rounds once, at the end): a window of one repeated value has std 0
+                # and judges nothing, where sum()/len() put the mean of [0.1] * 3 1 ulp off 0.1, a std of 1e-17,
+                # and any later value above 0.1 a spike of 1e14 sigma
+                mean = statistics.mean(seen)
+                std = statistics.pstdev(seen, mean)
                 if std > 0 and value > mean + self.sigma * std:
                     z = (value - mean) / std
                     reason = (f"{name} {value:.4g} is {z:.1f} sigma above the last {self.window} steps' "
