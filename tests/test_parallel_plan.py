@@ -30,6 +30,9 @@ def test_head_cost_moves_layers_off_the_last_stage():
     assert partition_layers(10, 2, head_cost=2.0) == [[0, 1, 2, 3, 4, 5], [6, 7, 8, 9]]
     # an embedding as expensive as a layer: the first stage gets one fewer
     assert [len(c) for c in partition_layers(9, 2, embedding_cost=1.0)] == [4, 5]
+    # the chunks before an expensive last one stay balanced among themselves (the docstring's tie-break), not cut as
+    # early as possible: [0], [1-6], [7] has the same most expensive chunk
+    assert partition_layers(8, 3, head_cost=10.0) == [[0, 1, 2], [3, 4, 5, 6], [7]]
 
 
 def test_smollm2_135m_partition_is_balanced():

@@ -9,8 +9,11 @@ counted for completeness and is tiny in FLOPs (it weighs like the head in memory
 pipeline's throughput).
 
 Chunks are contiguous, each holds at least one layer, the first also holds the embedding and the last the head;
-among all such splits we take one that minimises the most expensive chunk (exact dynamic programme, O(C*L^2)),
-breaking ties towards the earliest cut points so every rank computes the same plan. Chunk c runs on pipeline rank
+among all such splits we take one that minimises the most expensive chunk (exact dynamic programme, O(C*L^2)).
+Ties are broken from the last cut back, so every rank computes the same plan: the earliest last cut, then, for the
+chunks before it, a split that minimises their own most expensive chunk, with the earliest cut among those, and so
+on. The chunks before an expensive one stay balanced among themselves instead of being cut as early as possible
+(8 layers in 3 chunks, the head costing 10 layers: [0-2] [3-6] [7], not [0] [1-6] [7]). Chunk c runs on pipeline rank
 c % pp (virtual stage c // pp), the order of interleaved 1F1B (Narayanan et al. 2021, and
 `torch.distributed.pipelining`'s "loop" placement).
 """
