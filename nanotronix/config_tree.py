@@ -37,6 +37,19 @@ class _StrictLoader(yaml.SafeLoader):
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
+    def construct_object(self, node, deep=False):
+        # PyYAML's constructors raise a bare ValueError for a scalar its resolver typed but Python cannot build (a
+        # date such as 2023-02-30, an integer past int()'s digit limit): said with its line, like invalid YAML
+        try:
+            return super().construct_object(node, deep=deep)
+        except ConfigError:  # one of ours from a nested node (a ValueError too): already says where
+            raise
+        except ValueError as e:
+            text = node.value if isinstance(node.value, str) else ""
+            shown = text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
+            raise ConfigError(f"line {node.start_mark.line + 1}: {shown} cannot be read as YAML "
+                              f"({str(e).split(';')[0]}); quote it if it is text") from None
+
 
 def _unshared(value: Any) -> Any:
     """The tree with new containers at every place: a YAML alias (`*mix`) becomes a copy of its anchor's value, so
@@ -143,7 +156,7 @@ def apply_override(tree: dict[str, Any], override: str) -> None:
         raise ConfigError(f"override {override!r}: empty key part")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError):  # ValueError: typed by YAML, not buildable (2023-02-30): the text as written
         value = raw
     node: Any = tree
     for i, part in enumerate(parts[:-1]):

@@ -1,4 +1,7 @@
 """Config parsing, presets, overrides and validation (pure Python, < 1 s)."""
+import datetime
+import sys
+
 import pytest
 import yaml
 
@@ -186,6 +189,25 @@ def test_yaml_that_would_be_read_other_than_written_is_refused(tmp_path, tiny_ya
 """)
     cfg = load_config(anchored, ["data.stages.1.datasets.0.weight=0.1"])
     assert [[d.weight for d in stage.datasets] for stage in cfg.data.stages] == [[1.0, 1.0], [0.1, 1.0]]
+
+
+def test_yaml_values_pyyaml_cannot_build_are_one_line_errors(tmp_path, tiny_yaml):
+    """PyYAML reads 2023-02-30 as a date and Python's int() refuses an integer of more than
+    sys.get_int_max_str_digits() digits: both ended in a ValueError traceback. In a file: a one-line ConfigError naming
+    the line; in an override: the text as written, as for a value that is not YAML (a string field takes it)."""
+    with pytest.raises(ValueError, match="day is out of range"):
+        datetime.date(2023, 2, 30)  # the reference: no such day
+    long_number = "1" + "0" * sys.get_int_max_str_digits()
+    for value, reason in (("2023-02-30", "day is out of range for month"),
+                          (long_number, "Exceeds the limit .* for integer string conversion")):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(tiny_yaml.read_text() + f"logging: {{dir: {value}}}\n")
+        line = len(bad.read_text().splitlines())
+        with pytest.raises(ConfigError, match=f"{bad}: line {line}: .* cannot be read as YAML \\({reason}"):
+            load_config(bad)
+        assert load_config(tiny_yaml, [f"logging.dir={value}"]).logging.dir == value
+        with pytest.raises(ConfigError, match="train.seed: expected an integer"):
+            load_config(tiny_yaml, [f"train.seed={value}"])
 
 
 def test_yaml_merge_keys_are_read_as_yaml_says(tmp_path):
