@@ -84,6 +84,36 @@ def test_latest_pointer_and_keep_last(tmp_path, monkeypatch):
         choose_resume_source(None, str(tmp_path / "missing"), log=lambda _: None)
 
 
+def test_a_run_folder_that_cannot_be_listed_is_one_checkpoint_error(tmp_path, monkeypatch):
+    """An OSError listing checkpoint.dir or checkpoint.resume's folder (EIO, ESTALE on NFS) while the step to resume
+    from is chosen: the trainer's rank 0 re-raised it into a traceback (the other ranks keeping quiet), preflight too;
+    it is the one `cannot read PATH: [Errno N] ...` CheckpointError of checkpoint.errors.unreadable, which rank 0 says
+    for every rank."""
+    import errno
+    import os
+
+    from nanotronix.checkpoint.checkpointer import choose_resume_source
+    run_dir, other = tmp_path / "run", tmp_path / "other"
+    run_dir.mkdir()
+    other.mkdir()
+    listed = Path.iterdir
+    failing = {run_dir}
+
+    def iterdir(self):
+        if self in failing:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(self))
+        return listed(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    said = f"cannot read {run_dir}: \\[Errno {errno.EIO}\\] {os.strerror(errno.EIO)}$"
+    for mode in ("auto", "none", str(other)):
+        with pytest.raises(CheckpointError, match=f"^{said}"):
+            choose_resume_source(run_dir, mode, log=lambda _: None)
+    failing = {other}
+    with pytest.raises(CheckpointError, match=f"^checkpoint.resume: {said.replace(str(run_dir), str(other))}"):
+        choose_resume_source(None, str(other), log=lambda _: None)
+
+
 def test_milestones_are_never_pruned(tmp_path):
     """keep_last 2 with checkpoint.keep_every 3 and keep_steps [5]: after steps 1-10 the milestones 3, 5, 6, 9 stay
     with the newest two (9, 10)."""

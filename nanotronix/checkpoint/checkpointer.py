@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from nanotronix.checkpoint import paths, run_lock
-from nanotronix.checkpoint.errors import CheckpointError
+from nanotronix.checkpoint.errors import CheckpointError, unreadable
 from nanotronix.checkpoint.manifest import layout_text, read_manifest
 from nanotronix.checkpoint.preemption import PreemptionWatcher, torchrun_pid
 from nanotronix.checkpoint.staging import HostStaging
@@ -152,7 +152,10 @@ def choose_resume_source(run_dir: Optional[Path], resume: str, log: Callable[[st
     """The step folder a run with checkpoint.dir `run_dir` and checkpoint.resume `resume` starts from (None: from
     scratch), or the CheckpointError that refuses the combination; the trainer's rank 0 and preflight decide alike."""
     mode = resume.strip()
-    own = paths.find_checkpoint(run_dir) if run_dir is not None else None
+    try:
+        own = paths.find_checkpoint(run_dir) if run_dir is not None else None
+    except OSError as e:  # listing the folder failed (EIO, ESTALE): one line, not rank 0's traceback
+        raise unreadable(e.filename or run_dir, e) from None
     if mode == "none":
         if own is not None:  # a fresh run's steps would be committed among those of the run already there
             raise CheckpointError(f"checkpoint.resume=none, but checkpoint.dir {run_dir} already holds "
@@ -165,6 +168,8 @@ def choose_resume_source(run_dir: Optional[Path], resume: str, log: Callable[[st
         requested = paths.resolve_checkpoint(Path(mode).expanduser())
     except CheckpointError as e:  # "checkpoint not found: PATH" named no key (preflight's line already did)
         raise CheckpointError(f"checkpoint.resume: {e}") from None
+    except OSError as e:
+        raise CheckpointError(f"checkpoint.resume: {unreadable(e.filename or mode, e)}") from None
     inside_run = run_dir is not None and run_dir.resolve() in requested.resolve().parents
     if own is not None and not inside_run:
         log(f"{run_dir} already holds this run's checkpoints: continuing from {own.name} "
