@@ -1,5 +1,8 @@
-"""The one hypothesis configuration of the property-based test files: derandomized with no example database, so CI
-sees the same examples every run, and hypothesis' home folder (its caches) outside the checkout, not ./.hypothesis."""
+"""The one hypothesis configuration of the property-based test files: derandomized with no example database, and
+hypothesis' home folder (its caches) outside the checkout, not ./.hypothesis. Derandomized is not quite "the same
+examples every run": hypothesis also draws (now and then) constants it finds in the project's modules already
+imported, which differ with the test files an xdist worker ran first. So a failure prints its
+`@reproduce_failure` blob (print_blob) beside the minimal example, to replay exactly that case."""
 from __future__ import annotations
 
 import tempfile
@@ -9,5 +12,5 @@ from hypothesis import HealthCheck, settings
 from hypothesis.configuration import set_hypothesis_home_dir
 
 set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "nanotronix-hypothesis")
-PROPERTY = settings(deadline=None, derandomize=True, database=None, print_blob=False,
+PROPERTY = settings(deadline=None, derandomize=True, database=None, print_blob=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

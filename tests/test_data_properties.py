@@ -1,8 +1,8 @@
 """Property-based tests (hypothesis) of the data schedule's stateless index math: the keyed permutation
 (permutation.py), the blend tree (blend.py) and the stages x blend x packed-window schedule (schedule.py), each
 against the claims of its docstrings and against references written plainly here (sorted() bijections, Python-int
-splitmix64, exact Fractions, direct sequential counts). Derandomized with no example database (tests/properties.py),
-so CI sees the same examples every run and nothing is written into the checkout. ~8 s on one core."""
+splitmix64, exact Fractions, direct sequential counts). Derandomized with no example database (tests/properties.py:
+nearly the same examples every run, nothing written into the checkout). ~8 s on one core."""
 from __future__ import annotations
 
 import math
