@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from nanotronix.data import DataError, open_store
-from nanotronix.data.sharded_store import split_inputs
+from nanotronix.data.megatron_store import MegatronWriter
+from nanotronix.data.sharded_store import shard_kinds, shard_name, split_inputs
 from helpers import load_tool
 
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
@@ -145,6 +146,21 @@ def test_an_incomplete_folder_does_not_open(tmp_path, tiny_tokenizer, tool, caps
         path.unlink()
     assert tool.main(common + ["--shard", "0/9"]) == 2
     assert "9 shards but the inputs make 7 piece(s)" in capsys.readouterr().err
+
+
+def test_a_split_into_more_than_99999_shards_is_seen(tmp_path):
+    """--shard I/N takes any N; past 99999 a shard's name has more than five digits (shard-00000-of-100000), which the
+    folder once did not recognise as a shard: a folder of them was no store at all, and a task of another split
+    was not refused."""
+    writer = MegatronWriter(tmp_path / "sharded" / shard_name(0, 100_000), np.uint16)
+    writer.add_document(np.array([1, 2, 3]))
+    writer.finalize()
+    assert shard_kinds(tmp_path / "sharded") == {(100_000, "megatron")}
+    with pytest.raises(DataError, match=r"99999 of 100000 shards missing \(1, 2, 3, 4, 5, 6, 7, 8, 9, 10, \.\.\.\)"):
+        open_store(tmp_path / "sharded")
+    (tmp_path / "sharded" / "shard-100000-of-100000.bin").write_bytes(b"")  # numbered past the split
+    with pytest.raises(DataError, match="shard-100000-of-100000.bin is not one of its 100000 shards"):
+        open_store(tmp_path / "sharded")
 
 
 @pytest.mark.parametrize("fmt", ["megatron", "zarr"])

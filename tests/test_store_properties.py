@@ -6,7 +6,7 @@ and references written plainly here:
   (empty ones too), vocabulary sizes at the dtype boundaries, documents of several sequences, the multimodal trailer;
 - the shuffling writer's order (shuffle.py), datatrove `.ds` files and folders written from datatrove's format facts,
   the zarr writer's whole-shard appends (zarr_store.py), the vocabulary checks on every id dtype (store.py);
-- a folder of preprocess shards (sharded_store.py) against one store of all its documents.
+- a folder of preprocess shards (sharded_store.py) against one store of all its documents, shard names of any N.
 
 Derandomized with no example database (tests/properties.py); files go to temporary folders. ~4 s on one core."""
 from __future__ import annotations
@@ -23,8 +23,10 @@ from hypothesis import strategies as st
 from nanotronix.data import megatron_store, shuffle
 from nanotronix.data import store as store_module
 from nanotronix.data.datatrove_store import DatatroveStore
+from nanotronix.data.errors import DataError
 from nanotronix.data.megatron_store import MegatronStore, MegatronWriter, optimal_dtype
-from nanotronix.data.sharded_store import ConcatenatedStore, ShardedStore, shard_name
+from nanotronix.data.sharded_store import (ConcatenatedStore, ShardedStore, shard_kinds, shard_name,
+                                          sharded_folder)
 from nanotronix.data.shuffle import ShufflingWriter
 from nanotronix.data.store import first_outside_vocabulary, largest_id, open_store
 from properties import PROPERTY
@@ -334,6 +336,22 @@ def test_ids_outside_the_vocabulary_negative_ones_too_are_found(dtype, data):
 
 
 # --- sharded stores ---------------------------------------------------------------------------------------------
+
+@settings(PROPERTY, max_examples=100)
+@given(st.one_of(st.integers(1, 250_000), st.sampled_from([1, 99_999, 100_000, 100_001])), st.data())
+def test_every_shard_name_preprocess_writes_is_read_as_a_shard(count, data):
+    """Whatever --shard I/N preprocess accepts (tools/preprocess.py: any 0 <= I < N), the shard it writes is seen as
+    shard I of an N-way split, so the folder opens as one (or says which shards are missing) and a task of another
+    split is refused."""
+    index = data.draw(st.sampled_from(sorted({0, count - 1, count // 2})), "index")
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, shard_name(index, count) + ".idx").touch()
+        assert sharded_folder(tmp) == Path(tmp)
+        assert shard_kinds(Path(tmp)) == {(count, "megatron")}
+        if count > 1:
+            with pytest.raises(DataError, match=f"{count - 1} of {count} shards missing"):
+                ShardedStore(Path(tmp))
+
 
 parts_of_documents = st.lists(documents.map(lambda d: d[:12]), min_size=1, max_size=5)
 

@@ -26,8 +26,9 @@ import numpy as np
 from .errors import DataError
 from .store import TokenStore, largest_id
 
-_SHARD = re.compile(r"^shard-(\d{5})-of-(\d{5})(\.idx|\.zarr)$")
-_SHARD_FILE = re.compile(r"^shard-(\d{5})-of-\d{5}\.")  # any file of a shard: .bin, .idx, .meta.json, .zarr
+# at least 5 digits: shard_name writes more past 99999 (--shard I/N takes any N), which must not go unseen
+_SHARD = re.compile(r"^shard-(\d{5,})-of-(\d{5,})(\.idx|\.zarr)$")
+_SHARD_FILE = re.compile(r"^shard-(\d{5,})-of-\d{5,}\.")  # any file of a shard: .bin, .idx, .meta.json, .zarr
 
 
 def shard_name(index: int, count: int) -> str:
