@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from checkpoint_helpers import read_metrics, train_in_process
-from helpers import load_tool, tiny_config, write_learnable_store
+from checkpoint_helpers import read_metrics, trained  # noqa: F401 (a fixture)
+from helpers import load_tool
 from nanotronix.config import load_config
 
 
@@ -21,15 +21,6 @@ def run_tool(tool, capsys, *args):
     code = tool.main([str(a) for a in args])
     out, err = capsys.readouterr()
     return code, out, err
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("run")
-    cfg = tiny_config(tmp, write_learnable_store(tmp / "arith"), train={"train_steps": 4},
-                      checkpoint={"dir": str(tmp / "ckpt"), "interval": 2, "keep_steps": [3]})
-    train_in_process(cfg)
-    return cfg, tmp
 
 
 def test_summary_of_a_run_folder_is_its_latest_step(trained, tool, capsys):
