@@ -64,6 +64,12 @@ def _unshared(value: Any) -> Any:
 def read_yaml_tree(path: str | Path) -> dict[str, Any]:
     """A YAML file of sections as a nested dict."""
     p = Path(path)
+    try:  # a path the OS refuses to look up (a name over 255 bytes: ENAMETOOLONG) is bad input as a missing one is
+        p.stat()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {p}") from None
+    except OSError as e:
+        raise ConfigError(f"config file {p} cannot be read: {e.strerror or e}") from None
     if p.is_dir():
         raise ConfigError(f"config file {p} is a folder (give a YAML file, e.g. examples/configs/quickstart.yaml)")
     if not p.is_file():

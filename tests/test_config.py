@@ -130,6 +130,20 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(tmp_path)
 
 
+def test_a_config_path_the_os_cannot_look_up_is_one_line(tmp_path):
+    """A name over 255 bytes (ENAMETOOLONG, from the OS's stat, not a missing file): a ConfigError, not the OSError
+    that ended `python -m nanotronix.train --config NAME` in a traceback."""
+    import errno
+    import os
+
+    long_name = tmp_path / ("n" * 300 + ".yaml")
+    with pytest.raises(OSError) as raised:  # the reference: what the OS itself says of that path
+        os.stat(long_name)
+    assert raised.value.errno == errno.ENAMETOOLONG
+    with pytest.raises(ConfigError, match=f"config file {long_name} cannot be read: File name too long"):
+        load_config(long_name)
+
+
 def test_layout_resolution(tiny_yaml):
     cfg = load_config(tiny_yaml, ["parallel.tp=2", "parallel.pp=2"])
     assert resolve_layout(cfg, 8) == 2 and grad_accum_steps(cfg, 2) == 2
