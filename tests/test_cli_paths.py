@@ -119,6 +119,18 @@ def test_train_tokenizer_reads_what_preprocess_reads_and_says_what_is_wrong(tmp_
     assert out.read_bytes() != saved
 
 
+def test_train_tokenizer_leaves_no_folders_behind_when_its_input_is_bad(tmp_path, capsys):
+    """--output in folders yet to be made and an input found bad after the output check: nothing is left (the check
+    made the folders and kept them)."""
+    tool = load_tool("train_tokenizer")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": 5}) + "\n")
+    said = one_error(capsys, tool.main(["--input", str(bad), "--output", str(tmp_path / "new" / "deeper" / "t.json"),
+                                        "--vocab-size", "300"]))
+    assert said == f"error: {bad}:1: text not a string (int)"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
+
+
 def test_train_tokenizer_says_when_the_texts_give_fewer_tokens_than_asked(tmp_path, capsys):
     tool = load_tool("train_tokenizer")
     (tmp_path / "a.txt").write_text("the cat sat on the mat. " * 20)

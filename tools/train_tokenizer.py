@@ -40,7 +40,9 @@ def main(argv=None) -> int:
     if out.exists() and not args.overwrite:
         return fail(f"--output {out} already exists (token stores made with it would no longer match it); pass "
                     "--overwrite to replace it")
-    check_writable_folder(out.parent, "--output")
+    # keep=False: folders it makes go again at once (replace_file makes them when the tokenizer is written), so that
+    # an input found bad later leaves no empty folders behind
+    check_writable_folder(out.parent, "--output", keep=False)
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     from nanotronix.data.encode import read_texts
