@@ -132,6 +132,12 @@ def test_rollback_then_skip_equals_a_run_that_skipped_from_the_start(tmp_path, s
     checkpoint = {"dir": str(ckpt), "interval": 2, "resume": "auto"}
     train_in_process(_config(tmp_path / "run", store, train={"train_steps": 8}, checkpoint=checkpoint))
     capsys.readouterr()
+    logs = tmp_path / "run" / "logs"
+    before = sorted(p.name for p in logs.iterdir())
+    assert rollback.main([str(logs), "--to-step", "2"]) == 2  # not a checkpoint folder: refused, nothing written
+    assert capsys.readouterr().err == f"error: {logs}: no committed step_NNNNNNN folder in it: nothing to roll back " \
+        "to\n"
+    assert sorted(p.name for p in logs.iterdir()) == before  # before: a .lock file left in it
     assert rollback.main([str(ckpt), "--to-step", "3"]) == 2  # never saved
     assert "no complete checkpoint of step 3 (committed steps: 2, 4, 6, 8)" in capsys.readouterr().err
     damaged = max((ckpt / "step_0000002").glob("*.distcp"), key=lambda p: p.stat().st_size)

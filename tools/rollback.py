@@ -40,6 +40,8 @@ def main(argv=None) -> int:
     run_dir = Path(args.checkpoint_dir)
     if not run_dir.is_dir() or paths.is_step_folder(run_dir):
         return fail(f"{run_dir}: not a run's checkpoint folder (the folder that holds step_NNNNNNN folders)")
+    if not paths.committed_steps(run_dir):  # checked before the lock: its .lock file would stay in any folder
+        return fail(f"{run_dir}: no committed step_NNNNNNN folder in it: nothing to roll back to")
     # A live run's next save would undo the rollback: refused while a run holds the folder, held meanwhile
     lock = run_lock.acquire(run_dir, 0.0, print, "stop it first (its next save would undo the rollback)",
                             name="CKPT_DIR")
