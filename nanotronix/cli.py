@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from nanotronix.data.files import commit, make_folder_durably, remove_made_folders, remove_quietly, temp_path
-from nanotronix.errors import EXIT_BAD_INPUT, PATH_THROUGH_A_FILE, UserError, fail
+from nanotronix.errors import EXIT_BAD_INPUT, PATH_THROUGH_A_FILE, UserError, fail, one_line
 from nanotronix.train import EXIT_INTERRUPTED
 
 
@@ -31,7 +31,7 @@ class ArgumentParser(argparse.ArgumentParser):
     the usage text and the program's name before the message (`--help` shows the usage)."""
 
     def error(self, message: str):
-        self.exit(EXIT_BAD_INPUT, f"error: {message}\n")
+        self.exit(EXIT_BAD_INPUT, f"error: {one_line(message)}\n")
 
 
 def finite_float(text: str) -> float:

@@ -29,10 +29,21 @@ class ConfigError(UserError, ValueError):
         super().__init__(message, every_rank=every_rank)
 
 
+# What str.splitlines() breaks a line at, each written as its escape: a path or value given on the command line can
+# hold one ($'a\nb'), and the error line naming it must stay one line.
+_LINE_BREAKS = {ord(c): repr(c)[1:-1] for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"}
+
+
+def one_line(text: str) -> str:
+    """`text` with its line breaks escaped (`\\n`, `\\u2028`, ...): one line whatever a user's input held."""
+    return text.translate(_LINE_BREAKS)
+
+
 def say_line(line: str) -> None:
-    """`line` on stderr in one write: ranks saying theirs at the same moment into torchrun's one pipe would otherwise
-    mix them (unbuffered, as PYTHONUNBUFFERED makes it, print writes the text and its newline apart)."""
-    sys.stderr.write(f"{line}\n")
+    """`line` on stderr, as one line (`one_line`), in one write: ranks saying theirs at the same moment into
+    torchrun's one pipe would otherwise mix them (unbuffered, as PYTHONUNBUFFERED makes it, print writes the text and
+    its newline apart)."""
+    sys.stderr.write(f"{one_line(line)}\n")
     sys.stderr.flush()
 
 

@@ -144,6 +144,20 @@ def test_train_tokenizer_says_when_the_texts_give_fewer_tokens_than_asked(tmp_pa
                                        f"merges) -> {tmp_path / 'tok.json'}\n")
 
 
+@pytest.mark.parametrize("name", ["a\nb", "a\r\nb", "a\u2028b", "a\x85b"])
+def test_a_line_break_in_a_path_or_argument_is_escaped_in_the_one_error_line(tmp_path, capsys, name):
+    """A path (or an unknown argument) holding a line break, as a shell passes $'a\\nb': the error line that names
+    it stays one line by str.splitlines()'s own reckoning (before: the message broke where the name did)."""
+    escaped = repr(name)[1:-1]
+    code = load_tool("inspect_store").main([str(tmp_path / name)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: token store not found: {tmp_path}/{escaped} (looked for "), err
+    with pytest.raises(SystemExit) as exited:  # argparse's own error
+        load_tool("inspect_checkpoint").main([str(tmp_path), name])
+    assert exited.value.code == 2 and capsys.readouterr().err == f"error: unrecognized arguments: {escaped}\n"
+
+
 def test_bench_json_path_is_checked_before_the_runs(tmp_path, blocker, capsys):
     sys.path.insert(0, str(ROOT / "tools"))
     import bench_train as tool  # imported, not loaded by path: its dataclasses need their module registered
