@@ -34,10 +34,11 @@ SCRATCH = {
     "missing": "nope", "missing/": "nope/", "nested": "new/deeper/out", "a_file": "a_file", "a_file/": "a_file/",
     "under_a_file": "a_file/x", "empty_folder": "empty", "empty_folder/": "empty/", "empty": "", "-": "-", ".": ".",
     "long": "n" * 300, "long_part": "\u00fc" * 130 + "/x",  # 260 bytes in one name
-    "unicode": "\u65e5\u672c \u00fc\u200b\U0001f600", "dots": "..", "spaces": " ",
+    "unicode": "\u65e5\u672c \u00fc\u200b\U0001f600", "dots": "..", "spaces": " ", "line_break": "a\nb",
 }
 # Names of inputs that are never there: a command given one must fail.
-NEVER_THERE = {"missing", "missing/", "nested", "a_file/", "under_a_file", "empty", "long", "long_part", "unicode"}
+NEVER_THERE = {"missing", "missing/", "nested", "a_file/", "under_a_file", "empty", "long", "long_part", "unicode",
+               "line_break"}
 OUTPUT_NAMES = {"out.png": "out.png", "out.svg": "out.svg", "out.json": "out.json", "nested.png": "new/deeper/o.png",
                 "under_a_file.png": "a_file/o.png"}
 
@@ -64,7 +65,9 @@ def resolve(kind: str, world: dict[str, str]) -> str:
 
 # --- values -------------------------------------------------------------------------------------------------------
 
-TEXT = st.text(st.characters(exclude_categories=("Cs", "Cc")), max_size=12)  # what a shell can pass (no NUL)
+# What a shell can pass (no NUL), line breaks too ($'a\nb')
+TEXT = st.text(st.one_of(st.characters(exclude_categories=("Cs", "Cc")), st.sampled_from("\n\r\t\x0b\x1c\x85\u2028")),
+               max_size=12)
 NUMBERS = st.one_of(
     st.sampled_from(["0", "-1", "1", "2", "3", "7", "nan", "inf", "-inf", "1.5", "", "1e3", " 4", "\u0663", "0x10",
                      "1_0", "+5", "99999999999999999999", "-99999999999", "4294967296", "1e400"]),
