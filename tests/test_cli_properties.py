@@ -156,8 +156,10 @@ def sandbox(world, tmp_path_factory):
 
 def call_and_check(main, args, world, root: Path, writes: bool = False, copies: dict | None = None,
                    inputs: tuple[str, ...] = ()):
-    """Run main(argv) in a fresh scratch folder and check the contract. `copies`: world names copied into the scratch
-    folder first (what the command may change: a run's checkpoint folder, its logs), under the name given."""
+    """Run main(argv) in a fresh scratch folder and check the contract. `writes`: the command writes where it is told
+    (else it must write nothing at all). `copies`: world names copied into the scratch folder first (what the command
+    may change: a run's checkpoint folder, its logs), under the name given. `inputs`: the flags ("" for the first
+    positional) whose value must exist for the command to succeed."""
     scratch = Path(tempfile.mkdtemp(dir=root))
     (scratch / "a_file").write_text("x\n")
     (scratch / "empty").mkdir()
@@ -184,8 +186,8 @@ def call_and_check(main, args, world, root: Path, writes: bool = False, copies: 
         assert "Traceback" not in said, (strings, said[-3000:])
         if code != 0:
             assert isinstance(code, int) and lines and lines[-1].startswith("error: "), (strings, code, said[-2000:])
-            if writes:
-                assert listing(scratch) == before, (strings, said[-2000:])
+        if code != 0 or not writes:  # a command that only reads writes nothing, failed or not
+            assert listing(scratch) == before, (strings, said[-2000:])
         missing = [s for (kind, text), s in zip(args, strings) if kind == "path" and text in NEVER_THERE
                    and s in inputs_of(strings, inputs)]
         assert code != 0 or not missing or "--help" in strings, (strings, "exit 0 with missing inputs", missing)
@@ -249,7 +251,7 @@ def test_evaluate(sandbox, world, args):
 OVERRIDES = st.one_of(
     st.tuples(st.sampled_from(["train.seq_len", "train.train_steps", "parallel.tp", "parallel.pp", "model.preset",
                                "data.tokenizer", "checkpoint.dir", "logging.dir", "optimizer.lr", "nope", "",
-                               "train", "model.hidden_size"]), st.one_of(NUMBERS, TEXT))
+                               "train", "model.hidden_size"]), st.one_of(NUMBERS, TEXT, st.sampled_from(sorted(SCRATCH.values()))))
     .map(lambda kv: ("text", f"{kv[0]}={kv[1]}")),
     text_value(TEXT))
 
@@ -334,3 +336,14 @@ def test_plot_run(sandbox, world, args):
                   ("--overwrite", None, False), ("--no-progress", None, True)]))
 def test_preprocess(sandbox, world, args):
     call_and_check(load_tool("preprocess").main, args, world, sandbox, writes=True, inputs=("--input", "--tokenizer"))
+
+
+@settings(PROPERTY, max_examples=30)
+@given(args=argv([("--config", path_value("config", "store", "ckpt", "text.jsonl", "bad.jsonl"), True),
+                  ("--nnodes", text_value(NUMBERS), False), ("--nproc-per-node", text_value(NUMBERS), False)]),
+       overrides=st.lists(OVERRIDES, max_size=3))
+def test_preflight(sandbox, world, args, overrides):
+    """`python -m nanotronix.preflight` (the Slurm scripts' check before torchrun): it reads, and makes no folder it
+    checks (checkpoint.dir, logging.dir) to stay behind."""
+    from nanotronix.preflight import main
+    call_and_check(main, [*args, *overrides], world, sandbox, inputs=("--config",))
