@@ -95,6 +95,20 @@ def test_output_option_and_errors(plot_tool, tmp_path, capsys):
     assert said == f"error: cannot write {out_png / 'z.png'} (a part of that path is a file, not a folder)", said
 
 
+def test_dollar_signs_in_the_title_stage_and_store_names_are_drawn_as_written(plot_tool, tmp_path, capsys):
+    """matplotlib reads text between two "$" as mathtext: a title, stage or store name holding them (--title '$$', a
+    run folder named cost$1$) is drawn as written, not a ValueError from its parser."""
+    log_dir = tmp_path / "run$1$" / "logs"
+    log_dir.mkdir(parents=True)
+    rows = [dict(record(s, "web", 3.0), stage="$web$", datasets={"/data/$a$": {"consumed_tokens": s}})
+            for s in (1, 2, 3)]
+    rows[2]["stage"] = "$\\frac{$"
+    (log_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for title in (["--title", "$$"], ["--title", "$\\undefined{x}$"], []):
+        assert plot_tool.main([str(log_dir), "--output", str(tmp_path / "p.png"), *title]) == 0, capsys.readouterr()
+        assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_the_default_title_names_the_run(plot_tool, tmp_path):
     """The Slurm recipes log to RUN_DIR/logs: the figure is titled by the run, not "logs"."""
     assert plot_tool.default_title(tmp_path / "runs" / "smollm2-1.7b" / "logs") == "smollm2-1.7b"

@@ -103,6 +103,13 @@ def plot_run(metrics_path: Path, output: Path, title: str) -> dict[str, Any]:
     import matplotlib
 
     matplotlib.use("Agg")
+    # The title (--title, or the run folder's name), stage names and store paths are drawn as written: a "$" pair in
+    # one (--title '$$', a run named run$1$) is no mathtext to parse (matplotlib's parser raised a ValueError).
+    with matplotlib.rc_context({"text.parse_math": False}):
+        return _draw_and_save(metrics_path, output, title)
+
+
+def _draw_and_save(metrics_path: Path, output: Path, title: str) -> dict[str, Any]:
     import matplotlib.pyplot as plt
 
     records, bad = read_metrics(metrics_path)
