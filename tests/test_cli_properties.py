@@ -317,8 +317,9 @@ def test_train_tokenizer(sandbox, world, args):
 @settings(PROPERTY, max_examples=30)
 @given(args=argv([("--output", st.one_of(path_value(), st.sampled_from(sorted(OUTPUT_NAMES))
                                          .map(lambda k: ("path", k))), False),
-                  ("--title", text_value(), False)],
-                 positional=[paths("logs", "metrics", "ckpt", "store.bin", "text.jsonl")]))
+                  ("--title", choice_value("$$", "$\\frac{$", "run $1$"), False)],  # "$" pairs: matplotlib's mathtext
+                 positional=[st.one_of(st.sampled_from(["logs", "metrics"]),  # half the time a real run's logs
+                                       paths("logs", "metrics", "ckpt", "store.bin", "text.jsonl"))]))
 def test_plot_run(sandbox, world, args):
     """On a copy of the run's logs (without --output, the plot is written beside metrics.jsonl)."""
     call_and_check(load_tool("plot_run").main, args, world, sandbox, writes=True,
