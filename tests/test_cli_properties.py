@@ -7,10 +7,11 @@ expected and the reverse, an empty folder, a file in place of a parent folder, t
 than 255 bytes, beside real inputs made once per module (a token store, a trained checkpoint, its logs, a
 tokenizer, texts, a Hugging Face export). A missing input is always a failure; a command that writes leaves nothing
 new where it was told to write when it fails. Each call runs in a fresh scratch folder (its cwd), so that relative
-names land there. The bench_* tools (they time things) are left out. ~50 s on one core."""
+names land there. The bench_* tools (they time things) are left out. ~10 s on one core."""
 from __future__ import annotations
 
 import faulthandler
+import json
 import os
 import shutil
 import sys
@@ -120,19 +121,19 @@ def world(trained, tiny_tokenizer, tmp_path_factory):  # noqa: F811 (the importe
     cfg, run = trained
     extra = tmp_path_factory.mktemp("cli_world")
     (extra / "texts").mkdir()
-    (extra / "texts" / "a.jsonl").write_text("".join(f'{{"text": {t!r}}}\n'.replace("'", '"') for t in
+    (extra / "texts" / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in
                                                      ["one two three", "four five six seven"]))
     (extra / "texts" / "b.txt").write_text("\n".join(CORPUS))
     (extra / "bad.jsonl").write_text('{"text": 5}\n')
     with open(os.devnull, "w") as quiet, redirect_stdout(quiet):  # the export's own output is no test here
         assert load_tool("convert_to_hf").main(["--checkpoint", str(run / "ckpt"), "--output", str(extra / "hf"),
                                                 "--no-progress"]) == 0
-    paths = {"store": run / "arith", "store.bin": run / "arith.bin", "ckpt": run / "ckpt",
+    made = {"store": run / "arith", "store.bin": run / "arith.bin", "ckpt": run / "ckpt",
              "step": run / "ckpt" / "step_0000002", "logs": run / "logs", "metrics": run / "logs" / "metrics.jsonl",
              "config": cfg, "tokenizer": Path(tiny_tokenizer), "tokenizer_folder": Path(tiny_tokenizer).parent,
              "texts": extra / "texts", "text.jsonl": extra / "texts" / "a.jsonl", "text.txt": extra / "texts" / "b.txt",
              "bad.jsonl": extra / "bad.jsonl", "hf": extra / "hf"}
-    return {name: str(path) for name, path in paths.items()}
+    return {name: str(path) for name, path in made.items()}
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +154,6 @@ def sandbox(world, tmp_path_factory):
         yield root
     if faulthandler.is_enabled():  # the trainer's main enabled it on a capture file that is gone
         faulthandler.enable(file=sys.__stderr__)
-
 
 
 def call_and_check(main, args, world, root: Path, writes: bool = False, copies: dict | None = None,
@@ -253,7 +253,8 @@ def test_evaluate(sandbox, world, args):
 OVERRIDES = st.one_of(
     st.tuples(st.sampled_from(["train.seq_len", "train.train_steps", "parallel.tp", "parallel.pp", "model.preset",
                                "data.tokenizer", "checkpoint.dir", "logging.dir", "optimizer.lr", "nope", "",
-                               "train", "model.hidden_size"]), st.one_of(NUMBERS, TEXT, st.sampled_from(sorted(SCRATCH.values()))))
+                               "train", "model.hidden_size"]),
+              st.one_of(NUMBERS, TEXT, st.sampled_from(sorted(SCRATCH.values()))))
     .map(lambda kv: ("text", f"{kv[0]}={kv[1]}")),
     text_value(TEXT))
 
