@@ -506,3 +506,15 @@ def test_a_writer_that_fails_half_started_leaves_nothing(tmp_path, tok, tool, ca
     assert tool.main(args + ["--output-prefix", str(tmp_path / "out")]) != 0
     assert capsys.readouterr().err == f"error: Is a directory: {blocked}\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == [blocked.name, "in.jsonl"]
+
+
+def test_workers_past_what_the_cores_can_use_are_refused_before_any_process_starts(tmp_path, tok, tool, capsys):
+    """Tokenizing is CPU-bound: a --workers typo (100000) would fork that many processes (it forked them). The most
+    taken: 4 per core, at least 64 (more threads than cores still splits the work over processes, as a test does)."""
+    src = _jsonl(tmp_path / "in.jsonl", [json.dumps({"text": t}) for t in TEXTS])
+    limit = max(64, 4 * os.cpu_count())
+    assert tool.main(["--input", str(src), "--tokenizer", tok, "--output-prefix", str(tmp_path / "new" / "out"),
+                      "--workers", str(limit + 1), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --workers {limit + 1}: ") and f"at most {limit}" in err and err.count("\n") == 1
+    assert not (tmp_path / "new").exists()

@@ -39,7 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="output prefix: PREFIX.bin/.idx/.meta.json (megatron) or PREFIX.zarr (zarr)")
     parser.add_argument("--text-key", default="text", help="JSON/Parquet field holding the text (default: text)")
     parser.add_argument("--workers", type=int, default=_usable_cores(),
-                        help="tokenising threads, up to 8 per process (default: the cores this process may use)")
+                        help="tokenising threads, up to 8 per process (default: the cores this process may use; "
+                             "at most 4 per core, or 64)")
     parser.add_argument("--format", default="megatron", choices=["megatron", "zarr"], help="store format")
     parser.add_argument("--skip-bad", action="store_true",
                         help="skip bad records (counted by reason) instead of stopping at the first one")

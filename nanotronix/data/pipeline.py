@@ -212,6 +212,10 @@ def _encode_into(writer, pieces: list[InputPiece], opts: PreprocessOptions, exec
 def _check_options(opts: PreprocessOptions) -> None:
     if opts.workers < 1:
         raise DataError(f"--workers must be >= 1, got {opts.workers}")
+    most = max(64, 4 * (os.cpu_count() or 1))  # a typo (100000) would fork that many processes
+    if opts.workers > most:
+        raise DataError(f"--workers {opts.workers}: more than this machine's {os.cpu_count()} cores can use "
+                        f"(tokenizing is CPU-bound); give at most {most}")
     if opts.format not in FORMATS:
         raise DataError(f"--format {opts.format!r}: expected one of {', '.join(FORMATS)}")
     if opts.format == "zarr":  # before any folder is made: the writer, which needs it, starts after the output's
