@@ -17,6 +17,7 @@ from convert_hf_helpers import _hf_original, cli, tool_main, trained_checkpoint
 from helpers import ROOT
 
 from nanotronix.checkpoint.hf_export import export_to_hf
+from nanotronix.checkpoint.paths import MANIFEST_NAME
 
 
 def test_cli_help_and_bad_input(tmp_path, capsys):
@@ -172,6 +173,30 @@ def test_weights_that_do_not_fit_their_config_are_one_line(tmp_path, capsys):
     assert one_error("convert_from_hf", "--hf", str(wrong), "--output", str(tmp_path / "o")) == (
         f"error: --hf: {wrong / 'config.json'}: a JSON list, not an object")
     assert not (tmp_path / "o").exists()
+
+
+
+def test_a_manifest_model_config_the_trainer_refuses_is_not_exported(tmp_path, capsys):
+    """A checkpoint.json whose model section was edited into values the trainer refuses, with the weights' shapes
+    unchanged (rope_theta 0, a non-number, a string for a bool): one line naming the field, as the import says it,
+    not a config.json that transformers and the import refuse (before: exported, exit code 0)."""
+    folder, _ = trained_checkpoint(tmp_path / "run")
+    manifest_file = folder / "checkpoint.json"
+    manifest = json.loads(manifest_file.read_text())
+    for field, value, message in [("rope_theta", 0.0, "model.rope_theta: must be positive"),
+                                  ("rope_theta", "big", "model.rope_theta: expected a number, got 'big'"),
+                                  ("tie_word_embeddings", "yes", "model.tie_word_embeddings: expected true or false"),
+                                  ("rms_norm_eps", -1e-5, "model.rms_norm_eps: must be positive")]:
+        edited = json.loads(json.dumps(manifest))
+        edited["config"]["model"][field] = value
+        manifest_file.write_text(json.dumps(edited))
+        capsys.readouterr()
+        code = tool_main("convert_to_hf")(["--checkpoint", str(tmp_path / "run"), "--output", str(tmp_path / "o"),
+                                           "--no-progress"])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith(
+            f"error: checkpoint {folder}: {MANIFEST_NAME}: {message}"), (field, value, code, lines)
+        assert not (tmp_path / "o").exists()
 
 
 

@@ -20,15 +20,25 @@ from nanotronix.checkpoint import storage
 from nanotronix.checkpoint.errors import CheckpointError
 from nanotronix.checkpoint.paths import MANIFEST_NAME, resolve_checkpoint
 from nanotronix.config import ModelConfig
+from nanotronix.config_checks import validate_model
+from nanotronix.config_tree import build_dataclass
+from nanotronix.errors import ConfigError
 from nanotronix.model import build_model
 
 
 def model_config_from_saved(saved: dict, where: Path) -> ModelConfig:
+    """The model section of a step's manifest, checked as the trainer checks its config (each value of its field's
+    type, then validate_model): an edited manifest that keeps the weights' shapes (rope_theta 0, a string for a
+    number) would otherwise export a config.json that neither transformers nor the import accepts."""
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"checkpoint {where}: {MANIFEST_NAME}: model config is not a mapping")
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     try:
-        return ModelConfig(**{k: v for k, v in saved.items() if k in known})
-    except TypeError as e:
-        raise CheckpointError(f"checkpoint {where}: model config cannot be read ({e})") from None
+        cfg = build_dataclass(ModelConfig, {k: v for k, v in saved.items() if k in known}, "model")
+        validate_model(cfg)
+    except ConfigError as e:
+        raise CheckpointError(f"checkpoint {where}: {MANIFEST_NAME}: {e}") from None
+    return cfg
 
 
 def model_parameter_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
