@@ -1,9 +1,11 @@
 """Building blocks of the Hugging Face conversion tests (tests/test_convert_hf_*.py): the two commands run as a
 subprocess or in this process, a tiny trained checkpoint, a tiny model saved by transformers itself, a tiny
-tokenizer, and the reads of an export (its tensors, its logits beside ours)."""
+tokenizer, the reads of an export (its tensors, its logits beside ours, two folders compared), and the model against
+transformers' LlamaForCausalLM of the same weights (tests/test_model_hf_parity.py, tests/test_model_properties.py)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -15,6 +17,10 @@ from safetensors import safe_open
 
 from checkpoint_helpers import TINY, adamw, plain_model, save_single, train_steps
 from helpers import ROOT, load_tool, train_tiny_tokenizer
+
+from nanotronix.config import ModelConfig
+from nanotronix.convert.hf_mapping import hf_config_dict, to_hf_state_dict
+from nanotronix.model import build_model, cross_entropy
 
 
 def cli(tool: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -62,17 +68,71 @@ WITH_BYTES = dataclasses.replace(TINY, vocab_size=320)
 
 def _hf_original(folder: Path, untied: bool, dtype=torch.float32) -> Path:
     """A tiny SmolLM2-shaped model saved by transformers itself, with the extra keys SmolLM2's config carries."""
-    cfg = transformers.LlamaConfig(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
-                                   num_key_value_heads=2, vocab_size=128, max_position_embeddings=256,
-                                   rope_theta=130000.0, rms_norm_eps=1e-5, tie_word_embeddings=not untied,
-                                   bos_token_id=0, eos_token_id=0, initializer_range=0.03)
+    return saved_hf_llama(folder, dtype, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                          num_attention_heads=6, num_key_value_heads=2, vocab_size=128, max_position_embeddings=256,
+                          rope_theta=130000.0, rms_norm_eps=1e-5, tie_word_embeddings=not untied, bos_token_id=0,
+                          eos_token_id=0, initializer_range=0.03)
+
+
+def saved_hf_llama(folder: Path, dtype=torch.float32, seed: int = 0, **fields) -> Path:
+    """FOLDER: a random LlamaForCausalLM of the LlamaConfig FIELDS (and the extra keys SmolLM2's config carries),
+    saved by transformers' own save_pretrained."""
+    cfg = transformers.LlamaConfig(**fields)
     cfg.is_llama_config = True
     cfg.rope_interleaved = False
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(cfg).to(dtype)
     model.save_pretrained(folder)
     return folder
 
+
+def assert_same_hf_folder(a: Path, b: Path) -> None:
+    """Two Hugging Face folders hold the same tensors (names, dtypes, values), the same config as transformers reads
+    it and the same generation config (but for the transformers version that wrote them)."""
+    ta, tb = hf_tensors(a), hf_tensors(b)
+    assert set(ta) == set(tb)
+    for name in ta:
+        assert ta[name].dtype == tb[name].dtype and torch.equal(ta[name], tb[name]), name
+    ignore = {"transformers_version", "_name_or_path"}
+    ca, cb = ({k: v for k, v in transformers.AutoConfig.from_pretrained(d).to_dict().items() if k not in ignore}
+              for d in (a, b))
+    assert ca == cb
+    ga, gb = (json.loads((d / "generation_config.json").read_text()) for d in (a, b))
+    ga.pop("transformers_version"), gb.pop("transformers_version")
+    assert ga == gb
+
+
+def hf_twin(cfg: ModelConfig) -> transformers.LlamaForCausalLM:
+    """transformers' LlamaForCausalLM of the architecture CFG (fp32, eager attention, eval mode)."""
+    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in hf_config_dict(cfg).items()
+                                         if k not in ("architectures", "model_type", "torch_dtype")})
+    hf_cfg._attn_implementation = "eager"
+    return transformers.LlamaForCausalLM(hf_cfg).float().eval()
+
+
+def assert_matches_transformers(cfg: ModelConfig, backend: str, ids: torch.Tensor) -> None:
+    """Our model of CFG (random init, attention BACKEND) and transformers' holding the same weights (loaded through
+    the mapping, so the mapping is checked as well as the numerics) give the same logits for IDS[:, :-1] and the
+    same gradients of the next-token loss on IDS[:, 1:] (fp32: 1e-5)."""
+    ours = build_model(cfg, attn_backend=backend)
+    hf = hf_twin(cfg)
+    missing, unexpected = hf.load_state_dict(to_hf_state_dict(ours.state_dict(), cfg), strict=False)
+    assert not unexpected
+    assert set(missing) <= {"lm_head.weight"} and (cfg.tie_word_embeddings or not missing)
+    if cfg.tie_word_embeddings:
+        assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
+
+    logits = ours(ids[:, :-1])
+    ref = hf(input_ids=ids[:, :-1]).logits
+    assert (logits - ref).abs().max().item() < 1e-5
+
+    cross_entropy(logits, ids[:, 1:]).backward()
+    torch.nn.functional.cross_entropy(ref.flatten(0, 1), ids[:, 1:].flatten()).backward()
+    our_grads = to_hf_state_dict({n: p.grad for n, p in ours.named_parameters()}, cfg)
+    hf_grads = {n: p.grad for n, p in hf.named_parameters()}
+    assert set(our_grads) == set(hf_grads)
+    for n, g in our_grads.items():
+        assert torch.allclose(g, hf_grads[n], atol=1e-5, rtol=1e-4), n
 
 
 def tool_main(name: str):

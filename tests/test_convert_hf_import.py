@@ -14,7 +14,7 @@ import torch
 import transformers
 
 from checkpoint_helpers import adamw
-from convert_hf_helpers import _hf_original, cli, hf_tensors, logits_match, tool_main
+from convert_hf_helpers import _hf_original, assert_same_hf_folder, cli, logits_match, tool_main
 
 from nanotronix.checkpoint.hf_export import export_to_hf
 from nanotronix.checkpoint.hf_import import import_from_hf
@@ -34,18 +34,7 @@ def test_hf_to_nanotronix_to_hf_is_identity(tmp_path, untied, dtype):
     assert manifest["optimizer"] is False and manifest["config"]["model"]["rope_theta"] == 130000.0
     export_to_hf(tmp_path / "ckpt", tmp_path / "back", dtype=dtype, progress=False, log=lambda _: None)
 
-    a, b = hf_tensors(original), hf_tensors(tmp_path / "back")
-    assert set(a) == set(b)
-    for name in a:
-        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
-    ignore = {"transformers_version", "_name_or_path"}
-    ca = {k: v for k, v in transformers.AutoConfig.from_pretrained(original).to_dict().items() if k not in ignore}
-    cb = {k: v for k, v in transformers.AutoConfig.from_pretrained(tmp_path / "back").to_dict().items()
-          if k not in ignore}
-    assert ca == cb
-    ga, gb = (json.loads((d / "generation_config.json").read_text()) for d in (original, tmp_path / "back"))
-    ga.pop("transformers_version"), gb.pop("transformers_version")
-    assert ga == gb
+    assert_same_hf_folder(original, tmp_path / "back")
 
 
 

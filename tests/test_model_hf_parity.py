@@ -5,11 +5,12 @@ Costs ~10 s: depth-reduced SmolLM2 shapes plus odd shapes (9 heads / 3 KV heads,
 
 import pytest
 import torch
-import transformers
+
+from convert_hf_helpers import assert_matches_transformers
 
 from nanotronix.config import PRESETS, ModelConfig
-from nanotronix.convert.hf_mapping import from_hf_state_dict, hf_config_dict, to_hf_state_dict
-from nanotronix.model import build_model, cross_entropy
+from nanotronix.convert.hf_mapping import from_hf_state_dict, to_hf_state_dict
+from nanotronix.model import build_model
 
 
 def _shape(preset=None, **kw) -> ModelConfig:
@@ -32,40 +33,13 @@ SHAPES = {
 }
 
 
-def _hf_model(cfg: ModelConfig) -> transformers.LlamaForCausalLM:
-    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in hf_config_dict(cfg).items()
-                                         if k not in ("architectures", "model_type", "torch_dtype")})
-    hf_cfg._attn_implementation = "eager"
-    return transformers.LlamaForCausalLM(hf_cfg).float().eval()
-
-
 @pytest.mark.parametrize("name", list(SHAPES))
 @pytest.mark.parametrize("backend", ["sdpa", "eager"])
 def test_logits_and_grads_match_transformers(name, backend):
     cfg = SHAPES[name]
     torch.manual_seed(0)
-    ours = build_model(cfg, attn_backend=backend)
-    hf = _hf_model(cfg)
-    # Load OUR random init into HF through the mapping, so the mapping is checked as well as the numerics.
-    missing, unexpected = hf.load_state_dict(to_hf_state_dict(ours.state_dict(), cfg), strict=False)
-    assert not unexpected
-    assert set(missing) <= {"lm_head.weight"} and (cfg.tie_word_embeddings or not missing)
-    if cfg.tie_word_embeddings:
-        assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
-
     seq = min(24, cfg.max_position_embeddings)
-    ids = torch.randint(0, cfg.vocab_size, (2, seq + 1))
-    logits = ours(ids[:, :-1])
-    ref = hf(input_ids=ids[:, :-1]).logits
-    assert (logits - ref).abs().max().item() < 1e-5
-
-    cross_entropy(logits, ids[:, 1:]).backward()
-    torch.nn.functional.cross_entropy(ref.flatten(0, 1), ids[:, 1:].flatten()).backward()
-    our_grads = to_hf_state_dict({n: p.grad for n, p in ours.named_parameters()}, cfg)
-    hf_grads = {n: p.grad for n, p in hf.named_parameters()}
-    assert set(our_grads) == set(hf_grads)
-    for n, g in our_grads.items():
-        assert torch.allclose(g, hf_grads[n], atol=1e-5, rtol=1e-4), n
+    assert_matches_transformers(cfg, backend, torch.randint(0, cfg.vocab_size, (2, seq + 1)))
 
 
 def test_hf_roundtrip_is_identity():
