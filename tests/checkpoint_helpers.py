@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 
-import pytest
 import torch
 from torch import nn
 
@@ -159,16 +158,3 @@ def read_metrics(log_dir) -> dict[int, dict]:
 
     rows = [json.loads(line) for line in (Path(log_dir) / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r for r in rows}
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny real run (4 steps, checkpoints at 2, 3 (kept for good) and 4): (its config file, its folder, holding
-    the store `arith`, `ckpt/` and `logs/`). A module's fixture: a test module imports it by name."""
-    from helpers import tiny_config, write_learnable_store
-
-    tmp = tmp_path_factory.mktemp("run")
-    cfg = tiny_config(tmp, write_learnable_store(tmp / "arith"), train={"train_steps": 4},
-                      checkpoint={"dir": str(tmp / "ckpt"), "interval": 2, "keep_steps": [3]})
-    train_in_process(cfg)
-    return cfg, tmp

@@ -27,6 +27,20 @@ def tiny_tokenizer(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny real run (4 steps, checkpoints at 2, 3 (kept for good) and 4): (its config file, its folder, holding
+    the store `arith`, `ckpt/` and `logs/`). Made once per test module that asks for it."""
+    from checkpoint_helpers import train_in_process
+    from helpers import tiny_config, write_learnable_store
+
+    tmp = tmp_path_factory.mktemp("run")
+    cfg = tiny_config(tmp, write_learnable_store(tmp / "arith"), train={"train_steps": 4},
+                      checkpoint={"dir": str(tmp / "ckpt"), "interval": 2, "keep_steps": [3]})
+    train_in_process(cfg)
+    return cfg, tmp
+
+
+@pytest.fixture(scope="module")
 def slurm():
     """A handle on the local two-node Slurm cluster (.ci/slurm_cluster.sh starts it unless it runs), for the Slurm test
     files (slurm_helpers.py); it cancels the module's jobs that are still queued at the end."""

@@ -23,7 +23,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from checkpoint_helpers import trained  # noqa: F401 (a fixture)
 from helpers import CORPUS, load_tool
 from properties import PROPERTY
 
@@ -116,7 +115,7 @@ def listing(root: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def world(trained, tiny_tokenizer, tmp_path_factory):  # noqa: F811 (the imported fixture)
+def world(trained, tiny_tokenizer, tmp_path_factory):
     """The real inputs, made once: name -> absolute path."""
     cfg, run = trained
     extra = tmp_path_factory.mktemp("cli_world")

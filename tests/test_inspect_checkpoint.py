@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from checkpoint_helpers import read_metrics, trained  # noqa: F401 (a fixture)
+from checkpoint_helpers import read_metrics
 from helpers import load_tool
 from nanotronix.config import load_config
 
