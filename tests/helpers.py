@@ -38,6 +38,20 @@ def write_learnable_store(prefix: Path, num_docs: int = 200, vocab: int = 256, s
     return prefix
 
 
+def walk_documents(ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Document index and position of each token of IDS [B, S], by walking the tokens (the reference for
+    nanotronix.model.documents: an EOS ends its document, the next token starts one at position 0)."""
+    doc_ids, positions = torch.zeros_like(ids), torch.zeros_like(ids)
+    for b in range(ids.shape[0]):
+        doc, pos = 0, 0
+        for s in range(ids.shape[1]):
+            doc_ids[b, s], positions[b, s] = doc, pos
+            pos += 1
+            if ids[b, s] == eos_id:
+                doc, pos = doc + 1, 0
+    return doc_ids, positions
+
+
 # What the tiny tokenizer learns from, and text the data tests tokenize: prose, code, digits, accents, CJK, emoji.
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. " * 3,

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from helpers import requires_cuda
+from helpers import requires_cuda, walk_documents
 from nanotronix import accel
 from nanotronix.config import ConfigError, ModelConfig, config_from_dict
 from nanotronix.convert.hf_mapping import hf_config_dict, to_hf_state_dict
@@ -37,25 +37,12 @@ def _packed(lengths_per_row, generator):
     return torch.tensor(rows), docs
 
 
-def _reference_layout(ids):
-    """Document index and position of each token, by walking the tokens."""
-    doc_ids, positions = torch.zeros_like(ids), torch.zeros_like(ids)
-    for b in range(ids.shape[0]):
-        doc, pos = 0, 0
-        for s in range(ids.shape[1]):
-            doc_ids[b, s], positions[b, s] = doc, pos
-            pos += 1
-            if ids[b, s] == EOS:
-                doc, pos = doc + 1, 0
-    return doc_ids, positions
-
-
 def test_document_layout_ids_positions_and_cu_seqlens():
     g = torch.Generator().manual_seed(0)
     ids, docs = _packed([[4, 9, 1, 6], [20], [7, 13]], g)
     ids[2, -1] = 17  # the last document runs past the window (no EOS)
     documents = Documents.from_tokens(ids, EOS)
-    want_ids, want_pos = _reference_layout(ids)
+    want_ids, want_pos = walk_documents(ids, EOS)
     assert torch.equal(documents.ids, want_ids) and torch.equal(documents.positions, want_pos)
     cu, longest = documents.cu_seqlens
     lengths = [len(d) for row in docs for d in row]

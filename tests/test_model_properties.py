@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import math
 import tempfile
 from pathlib import Path
 
@@ -28,16 +27,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from convert_hf_helpers import assert_matches_transformers, assert_same_hf_folder, saved_hf_llama, tool_main
-from properties import PROPERTY
+from properties import PROPERTY, log_uniform
 
 from nanotronix.checkpoint.hf_export import export_to_hf
 from nanotronix.checkpoint.hf_import import import_from_hf
 from nanotronix.config import ModelConfig
-
-
-def _log_uniform(low: float, high: float) -> st.SearchStrategy[float]:
-    """Floats spread over the orders of magnitude between LOW and HIGH (10 ** uniform exponent), the bounds included."""
-    return st.floats(math.log10(low), math.log10(high)).map(lambda e: float(10 ** e))
 
 
 @st.composite
@@ -51,9 +45,9 @@ def architectures(draw) -> ModelConfig:
                        num_hidden_layers=draw(st.integers(1, 3)), num_attention_heads=heads,
                        num_key_value_heads=kv_heads, vocab_size=draw(st.integers(3, 300)),
                        max_position_embeddings=draw(st.integers(1, 48)),
-                       rope_theta=draw(st.one_of(st.just(10000.0), _log_uniform(1.0, 1e9))),
-                       rms_norm_eps=draw(st.one_of(st.just(1e-5), _log_uniform(1e-12, 1e-1))),
-                       tie_word_embeddings=draw(st.booleans()), init_std=draw(_log_uniform(0.005, 0.2)))
+                       rope_theta=draw(st.one_of(st.just(10000.0), log_uniform(1.0, 1e9))),
+                       rms_norm_eps=draw(st.one_of(st.just(1e-5), log_uniform(1e-12, 1e-1))),
+                       tie_word_embeddings=draw(st.booleans()), init_std=draw(log_uniform(0.005, 0.2)))
 
 
 @st.composite
