@@ -52,6 +52,51 @@ def walk_documents(ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.
     return doc_ids, positions
 
 
+# --- Megatron .bin/.idx written through both of the writer's entry points, and read by the spec alone -------------
+
+# The spec's table of token dtypes (Megatron-Core `class DType`), little-endian.
+SPEC_DTYPES = {1: "u1", 2: "i1", 3: "<i2", 4: "<i4", 5: "<i8", 6: "<f8", 7: "<f4", 8: "<u2"}
+
+
+def write_megatron(prefix, docs: list[np.ndarray], dtype, batching_seed: int = 0) -> None:
+    """A Megatron store of `docs` written through both of the writer's entry points: single documents and flat
+    batches of several."""
+    from nanotronix.data.megatron_store import MegatronWriter
+
+    writer = MegatronWriter(prefix, dtype)
+    rng, i = np.random.default_rng(batching_seed), 0
+    while i < len(docs):
+        batch = docs[i:i + int(rng.integers(1, 4))]
+        if len(batch) == 1 and rng.integers(2):
+            writer.add_document(batch[0])
+        else:
+            writer.add_documents(np.concatenate(batch), np.array([len(d) for d in batch]))
+        i += len(batch)
+    writer.finalize()
+
+
+def read_megatron_plainly(prefix) -> tuple[np.dtype, list[np.ndarray]]:
+    """The spec's reader: header fields at their offsets, the three arrays after it, the file ending there, and
+    every document's tokens from its pointer in the .bin."""
+    idx = Path(f"{prefix}.idx").read_bytes()
+    assert idx[0:9] == b"MMIDIDX\x00\x00"
+    assert int.from_bytes(idx[9:17], "little") == 1
+    dtype = np.dtype(SPEC_DTYPES[idx[17]])
+    n = int.from_bytes(idx[18:26], "little")
+    doc_count = int.from_bytes(idx[26:34], "little")
+    assert len(idx) == 34 + 12 * n + 8 * doc_count  # no multimodal trailer, nothing after
+    lengths = np.frombuffer(idx, "<i4", n, 34)
+    pointers = np.frombuffer(idx, "<i8", n, 34 + 4 * n)
+    doc_indices = np.frombuffer(idx, "<i8", doc_count, 34 + 12 * n)
+    # one sequence per document; pointers are the running byte offsets
+    assert doc_indices.tolist() == list(range(n + 1))
+    assert pointers.tolist() == [sum(int(x) for x in lengths[:i]) * dtype.itemsize for i in range(n)]
+    binary = Path(f"{prefix}.bin").read_bytes()
+    assert len(binary) == int(lengths.sum()) * dtype.itemsize  # no header, no padding
+    docs = [np.frombuffer(binary, dtype, int(lengths[i]), int(pointers[i])) for i in range(n)]
+    return dtype, docs
+
+
 # What the tiny tokenizer learns from, and text the data tests tokenize: prose, code, digits, accents, CJK, emoji.
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. " * 3,

@@ -20,6 +20,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers import SPEC_DTYPES, read_megatron_plainly, write_megatron
+
 from nanotronix.data import megatron_store, shuffle
 from nanotronix.data import store as store_module
 from nanotronix.data.datatrove_store import DatatroveStore
@@ -33,8 +35,6 @@ from properties import PROPERTY
 
 # --- Megatron .bin/.idx ---------------------------------------------------------------------------------------
 
-# The spec's table (Megatron-Core `class DType`), little-endian.
-SPEC_DTYPES = {1: "u1", 2: "i1", 3: "<i2", 4: "<i4", 5: "<i8", 6: "<f8", 7: "<f4", 8: "<u2"}
 VOCAB_EDGES = [1, 2, 255, 256, 257, 32767, 32768, 49152, 65499, 65500, 65501, 65535, 65536, 65537, 100_000,
                2**31 - 1]
 vocab_sizes = st.one_of(st.sampled_from(VOCAB_EDGES), st.integers(1, 2**31 - 1))
@@ -53,42 +53,6 @@ def _tokens(docs, vocab: int, dtype) -> list[np.ndarray]:
     return out
 
 
-def _write_megatron(prefix, docs: list[np.ndarray], dtype, batching_seed: int = 0) -> None:
-    """Through both of the writer's entry points: single documents and flat batches of several."""
-    writer = MegatronWriter(prefix, dtype)
-    rng, i = np.random.default_rng(batching_seed), 0
-    while i < len(docs):
-        batch = docs[i:i + int(rng.integers(1, 4))]
-        if len(batch) == 1 and rng.integers(2):
-            writer.add_document(batch[0])
-        else:
-            writer.add_documents(np.concatenate(batch), np.array([len(d) for d in batch]))
-        i += len(batch)
-    writer.finalize()
-
-
-def _read_megatron_plainly(prefix) -> tuple[np.dtype, list[np.ndarray]]:
-    """The spec's reader: header fields at their offsets, the three arrays after it, the file ending there, and
-    every document's tokens from its pointer in the .bin."""
-    idx = Path(f"{prefix}.idx").read_bytes()
-    assert idx[0:9] == b"MMIDIDX\x00\x00"
-    assert int.from_bytes(idx[9:17], "little") == 1
-    dtype = np.dtype(SPEC_DTYPES[idx[17]])
-    n = int.from_bytes(idx[18:26], "little")
-    doc_count = int.from_bytes(idx[26:34], "little")
-    assert len(idx) == 34 + 12 * n + 8 * doc_count  # no multimodal trailer, nothing after
-    lengths = np.frombuffer(idx, "<i4", n, 34)
-    pointers = np.frombuffer(idx, "<i8", n, 34 + 4 * n)
-    doc_indices = np.frombuffer(idx, "<i8", doc_count, 34 + 12 * n)
-    # one sequence per document; pointers are the running byte offsets
-    assert doc_indices.tolist() == list(range(n + 1))
-    assert pointers.tolist() == [sum(int(x) for x in lengths[:i]) * dtype.itemsize for i in range(n)]
-    binary = Path(f"{prefix}.bin").read_bytes()
-    assert len(binary) == int(lengths.sum()) * dtype.itemsize  # no header, no padding
-    docs = [np.frombuffer(binary, dtype, int(lengths[i]), int(pointers[i])) for i in range(n)]
-    return dtype, docs
-
-
 @settings(PROPERTY, max_examples=200)
 @given(vocab_sizes)
 def test_optimal_dtype_is_megatrons_rule_and_holds_every_id(vocab):
@@ -105,8 +69,8 @@ def test_megatron_files_follow_the_spec_and_read_back(vocab, docs, batching_seed
     with tempfile.TemporaryDirectory() as tmp:
         prefix = f"{tmp}/store"
         with mock.patch.object(megatron_store, "_CHUNK", index_chunk):  # the .idx arrays streamed in chunks
-            _write_megatron(prefix, tokens, dtype, batching_seed)
-        spec_dtype, spec_docs = _read_megatron_plainly(prefix)
+            write_megatron(prefix, tokens, dtype, batching_seed)
+        spec_dtype, spec_docs = read_megatron_plainly(prefix)
         assert spec_dtype == dtype
         assert len(spec_docs) == len(tokens)
         assert all(np.array_equal(a, b) for a, b in zip(spec_docs, tokens))
@@ -175,8 +139,8 @@ def test_megatron_writer_stores_any_integer_dtype_under_its_spec_code(dtype, doc
     vocab = int(np.iinfo(dtype).max) + 1
     tokens = _tokens(docs, vocab, dtype)
     with tempfile.TemporaryDirectory() as tmp:
-        _write_megatron(f"{tmp}/store", tokens, dtype)
-        spec_dtype, spec_docs = _read_megatron_plainly(f"{tmp}/store")
+        write_megatron(f"{tmp}/store", tokens, dtype)
+        spec_dtype, spec_docs = read_megatron_plainly(f"{tmp}/store")
         assert spec_dtype == dtype
         assert all(np.array_equal(a, b) for a, b in zip(spec_docs, tokens))
 
@@ -194,7 +158,7 @@ def test_shuffled_store_holds_input_document_order_j_at_j(docs, seed, batch, bat
         for t in tokens:
             writer.add_documents(t, np.array([len(t)]))
         writer.finalize()
-        _, stored = _read_megatron_plainly(f"{tmp}/store")
+        _, stored = read_megatron_plainly(f"{tmp}/store")
         order = np.random.default_rng(seed).permutation(len(tokens))
         assert len(stored) == len(tokens)
         assert all(np.array_equal(stored[j], tokens[order[j]]) for j in range(len(tokens)))
@@ -242,7 +206,7 @@ def test_datatrove_files_and_folders_read_back_as_written(files, token_size, met
         lo = data.draw(st.integers(0, len(stream)), "token start")
         length = data.draw(st.integers(0, len(stream) - lo), "token count")
         assert store.tokens(lo, length).tolist() == stream[lo:lo + length].tolist()
-        _write_megatron(f"{tmp}/megatron", everything, np.int64)  # the same stream in another format
+        write_megatron(f"{tmp}/megatron", everything, np.int64)  # the same stream in another format
         with mock.patch.object(store_module, "FINGERPRINT_RUNS", 3):
             assert store.fingerprint == MegatronStore(f"{tmp}/megatron").fingerprint
 
@@ -309,7 +273,7 @@ def test_zarr_store_reads_back_what_its_writer_wrote_across_shards(docs, vocab, 
             positions = np.array(data.draw(st.lists(st.integers(0, len(stream) - 1), max_size=20), "positions"),
                                  dtype=np.int64)
             assert store.gather(positions).tolist() == stream[positions].astype(np.int64).tolist()
-        _write_megatron(f"{tmp}/megatron", tokens, dtype)  # the same stream in another format
+        write_megatron(f"{tmp}/megatron", tokens, dtype)  # the same stream in another format
         with mock.patch.object(store_module, "FINGERPRINT_RUNS", 3):
             assert store.fingerprint == MegatronStore(f"{tmp}/megatron").fingerprint
 
@@ -364,8 +328,8 @@ def test_a_folder_of_shards_reads_as_one_store_of_all_their_documents(parts, voc
     everything = [t for part in tokens for t in part]
     with tempfile.TemporaryDirectory() as tmp:
         for i, part in enumerate(tokens):  # empty shards too: a task whose inputs held no document
-            _write_megatron(Path(tmp, "shards", shard_name(i, len(tokens))), part, dtype)
-        _write_megatron(f"{tmp}/one", everything, dtype)
+            write_megatron(Path(tmp, "shards", shard_name(i, len(tokens))), part, dtype)
+        write_megatron(f"{tmp}/one", everything, dtype)
         sharded, one = open_store(Path(tmp, "shards")), MegatronStore(f"{tmp}/one")
         assert isinstance(sharded, ShardedStore) and len(sharded.parts) == len(parts)
         stream = np.concatenate(everything) if everything else np.zeros(0, dtype)
