@@ -67,7 +67,7 @@ def read_yaml_tree(path: str | Path) -> dict[str, Any]:
     try:  # a path the OS refuses to look up (a name over 255 bytes: ENAMETOOLONG) is bad input as a missing one is
         p.stat()
     except FileNotFoundError:
-        raise ConfigError(f"config file not found: {p}") from None
+        pass  # said below, as for any path that is no file
     except OSError as e:
         raise ConfigError(f"config file {p} cannot be read: {e.strerror or e}") from None
     if p.is_dir():

@@ -294,6 +294,16 @@ def test_what_stops_the_import_while_it_writes_is_one_line(tmp_path, capsys, mon
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith((".out", "out"))]
 
 
+def _assert_export_says_the_step_was_pruned(folder, tmp_path, capsys) -> None:
+    """convert_to_hf of `folder`, pruned while it runs: exit 2, the one line a prune gets, no output left."""
+    capsys.readouterr()
+    code = tool_main("convert_to_hf")(["--checkpoint", str(folder), "--output", str(tmp_path / "hf"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [f"error: checkpoint {folder} was removed while it was being read (a running run's "
+                                 "checkpoint.keep_last prunes its older steps): read a step it keeps (a milestone: "
+                                 "checkpoint.keep_every / keep_steps) or a copy of the step"], err
+    assert not [p.name for p in tmp_path.iterdir() if "hf" in p.name]
+
 
 def test_a_step_pruned_while_it_is_exported_is_said_in_one_line(tmp_path, capsys, monkeypatch):
     """A running run's keep_last prunes the step an export is reading (an export of a large model takes minutes):
@@ -309,13 +319,7 @@ def test_a_step_pruned_while_it_is_exported_is_said_in_one_line(tmp_path, capsys
         return real(self, names, dtype)
 
     monkeypatch.setattr(CheckpointReader, "tensors", pruned_meanwhile)
-    capsys.readouterr()
-    code = tool_main("convert_to_hf")(["--checkpoint", str(folder), "--output", str(tmp_path / "hf"), "--no-progress"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and err == [f"error: checkpoint {folder} was removed while it was being read (a running run's "
-                                 "checkpoint.keep_last prunes its older steps): read a step it keeps (a milestone: "
-                                 "checkpoint.keep_every / keep_steps) or a copy of the step"], err
-    assert not [p.name for p in tmp_path.iterdir() if "hf" in p.name]
+    _assert_export_says_the_step_was_pruned(folder, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("module, read", [("manifest", "read_manifest"), ("manifest", "check_sizes"),
@@ -336,14 +340,7 @@ def test_a_step_pruned_before_the_reader_opens_it_is_said_as_pruned(tmp_path, ca
         return real(*args, **kwargs)
 
     monkeypatch.setattr(where, read, pruned_first)
-    capsys.readouterr()
-    code = tool_main("convert_to_hf")(["--checkpoint", str(folder), "--output", str(tmp_path / "hf"), "--no-progress"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and err == [f"error: checkpoint {folder} was removed while it was being read (a running run's "
-                                 "checkpoint.keep_last prunes its older steps): read a step it keeps (a milestone: "
-                                 "checkpoint.keep_every / keep_steps) or a copy of the step"], err
-    assert not [p.name for p in tmp_path.iterdir() if "hf" in p.name]
-
+    _assert_export_says_the_step_was_pruned(folder, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("failure, code, said", [
