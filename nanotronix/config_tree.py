@@ -66,10 +66,9 @@ def read_yaml_tree(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     try:  # a path the OS refuses to look up (a name over 255 bytes: ENAMETOOLONG) is bad input as a missing one is
         p.stat()
-    except FileNotFoundError:
-        pass  # said below, as for any path that is no file
     except OSError as e:
-        raise ConfigError(f"config file {p} cannot be read: {e.strerror or e}") from None
+        if not isinstance(e, FileNotFoundError):  # a missing one is said below, as any path that is no file
+            raise ConfigError(f"config file {p} cannot be read: {e.strerror or e}") from None
     if p.is_dir():
         raise ConfigError(f"config file {p} is a folder (give a YAML file, e.g. examples/configs/quickstart.yaml)")
     if not p.is_file():
