@@ -105,9 +105,11 @@ def check_cross_entropy(g, logit_scale: float) -> dict:
 
 def check_fused_head_loss(mode: str, g, logit_scale: float, compile_options=None) -> dict:
     """train.loss_chunk_size under TP: the head fused into the loss over each rank's vocabulary slice, in chunks of
-    5 tokens (16 tokens: the last chunk is short), against F.cross_entropy of the dense head's full logits."""
+    5 tokens (16 tokens: the last chunk is short; a quarter of the labels at the ignore index -100), against
+    F.cross_entropy of the dense head's full logits."""
     torch.manual_seed(5)
     w, h, labels = torch.randn(V, D_IN) * logit_scale, torch.randn(B, S, D_IN), torch.randint(0, V, (B, S))
+    labels[torch.rand(B, S) < 0.25] = -100
     hd, wd = leaf(h), leaf(w)
     want = F.cross_entropy(F.linear(hd, wd).flatten(0, 1), labels.flatten())
     want.backward()

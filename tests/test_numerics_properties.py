@@ -21,8 +21,8 @@ test_kernels.py):
   and under bf16 autocast.
 
 The vocabulary-parallel loss (parallel/cross_entropy.py) needs a process group: tests/test_parallel_layers.py.
-`linear_cross_entropy` has no ignore index (every label must be a vocabulary id; the trainer never masks labels), so
-it is generated only with valid labels. Costs ~15 s on one core."""
+`linear_cross_entropy`'s labels include some at the ignore index -100 in some examples (never all: the mean of no
+tokens, nan, is an example test in test_speedups.py). Costs ~15 s on one core."""
 from __future__ import annotations
 
 import copy
@@ -199,7 +199,8 @@ def test_packed_model_equals_transformers_on_each_document_alone(data, cfg, back
 
 @st.composite
 def head_and_labels(draw):
-    """hidden [n, D] or [b, n / b, D], head weight [V, D], labels, a chunk size (dividing n or not, or past n)."""
+    """hidden [n, D] or [b, n / b, D], head weight [V, D], labels (none, some or all but one at the ignore index
+    -100), a chunk size (dividing n or not, or past n)."""
     n, vocab, dim = draw(st.integers(1, 300)), draw(st.integers(2, 500)), draw(st.integers(1, 64))
     rows = draw(st.sampled_from([b for b in (1, 2, 3) if n % b == 0]))
     chunk = draw(st.one_of(st.integers(1, n + 20), st.sampled_from([d for d in range(1, n + 1) if n % d == 0])))
@@ -209,6 +210,9 @@ def head_and_labels(draw):
     hidden = torch.randn(n, dim, generator=g)
     weight = torch.randn(vocab, dim, generator=g) * spread / math.sqrt(dim)
     labels = torch.randint(0, vocab, (n,), generator=g)
+    ignored = torch.rand(n, generator=g) < draw(st.sampled_from([0.0, 0.0, 0.3, 1.0]))
+    ignored[torch.randint(0, n, (), generator=g)] = False
+    labels[ignored] = -100
     shape = (rows, n // rows) if rows > 1 else (n,)
     return hidden.view(*shape, dim), weight, labels.view(shape), chunk
 
@@ -233,7 +237,7 @@ def test_linear_cross_entropy_fp32_equals_cross_entropy_of_the_full_logits(case,
     loss.backward(torch.tensor(grad_loss))
     ref_loss, ref_gh, ref_gw = full_logits_loss_and_grads(hidden, weight, labels, grad_loss, wants)
     assert loss.dtype == torch.float32 and abs(loss.item() - ref_loss) <= 1e-5 * (1 + ref_loss)
-    n = labels.numel()
+    n = (labels != -100).sum().item()  # the tokens counted: each one's gradient is scaled by 1/n
     for t, ref, other in ((hidden, ref_gh, weight), (weight, ref_gw, hidden)):
         if ref is None:
             assert t.grad is None
@@ -260,7 +264,7 @@ def test_linear_cross_entropy_bf16_is_within_bf16_rounding_of_the_full_logits(ca
     ref_loss, ref_gh, ref_gw = full_logits_loss_and_grads(hidden, weight, labels, 1.0, wants)
     spread = weight.double().norm(dim=1).max().item()  # max |w_v|: the largest logit standard deviation
     assert loss.dtype == torch.float32 and abs(loss.item() - ref_loss) <= 4 * BF16_EPS * (1 + spread)
-    n = labels.numel()
+    n = (labels != -100).sum().item()
     for t, ref, other in ((hidden, ref_gh, weight), (weight, ref_gw, hidden)):
         if ref is None:
             assert t.grad is None

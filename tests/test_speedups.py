@@ -3,6 +3,7 @@
 path and the loss chunks), the fused head + chunked cross entropy, and their config validation. Costs ~25 s.
 """
 import copy
+import math
 
 import pytest
 import torch
@@ -52,12 +53,15 @@ def test_compile_matches_plain():
     assert_same(loss_and_grads(model, ids), ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("ignored", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
-def test_linear_cross_entropy_matches_full_logits(chunk):
+def test_linear_cross_entropy_matches_full_logits(chunk, ignored):
+    """Labels at -100 (a share `ignored` of them) add no loss and no gradient, as in F.cross_entropy; with every
+    label ignored both give a nan loss and zero gradients."""
     torch.manual_seed(0)
     h = torch.randn(3, 21, 16, dtype=torch.float64, requires_grad=True)
     w = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
-    y = torch.randint(0, 50, (3, 21))
+    y = torch.randint(0, 50, (3, 21)).masked_fill(torch.rand(3, 21) < ignored, -100)
     g = torch.tensor(0.7, dtype=torch.float64)
     out = linear_cross_entropy(h, w, y, chunk)
     out.backward(g)
@@ -66,7 +70,11 @@ def test_linear_cross_entropy_matches_full_logits(chunk):
     logits = torch.nn.functional.linear(h, w)
     ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
     ref.backward(g)
-    assert abs(got[0] - ref.item()) < 1e-6  # logits are made in fp32, as in the plain loss
+    if ignored == 1.0:
+        assert math.isnan(got[0]) and math.isnan(ref.item())
+    else:
+        # logits and the loss are made in fp32, as in the plain loss: a few of its units (2^-23, relative)
+        assert abs(got[0] - ref.item()) < 1e-6 * (1 + abs(ref.item()))
     assert torch.allclose(got[1], h.grad, atol=1e-7) and torch.allclose(got[2], w.grad, atol=1e-7)
 
 
@@ -80,9 +88,9 @@ def test_linear_cross_entropy_computes_no_gradients_under_no_grad():
     y = torch.randint(0, 50, (40,))
     asked = []
 
-    def chunk_fn(h, w, labels, grad_scale, want_grads):
+    def chunk_fn(h, w, labels, row_scale, want_grads):
         asked.append(want_grads)
-        return _chunk_loss_and_grads(h, w, labels, grad_scale, want_grads)
+        return _chunk_loss_and_grads(h, w, labels, row_scale, want_grads)
 
     with torch.no_grad():
         loss = linear_cross_entropy(h, w, y, 16, chunk_fn=chunk_fn)

@@ -1,4 +1,4 @@
-"""Next-token cross entropy, computed in fp32 and averaged over every token of the batch.
+"""Next-token cross entropy, computed in fp32 and averaged over the tokens of the batch whose label is not -100.
 
 `cross_entropy` takes full logits (the plain path). `linear_cross_entropy` fuses the output head into the loss
 and works through the tokens in chunks, so the [tokens, vocab] logits never exist in full, in any dtype: each
@@ -30,23 +30,25 @@ def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
-def _chunk_loss_and_grads(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, grad_scale: float,
+def _chunk_loss_and_grads(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, row_scale: torch.Tensor,
                           want_grads: bool):
-    """One chunk of tokens: returns the sum of its losses and, with `want_grads`, grad_scale * d(sum)/d(logits) and
-    grad_scale * d(sum)/dh, both in h's dtype (the caller turns the first into the head weight's gradient). The
-    logits exist only here, in fp32; compiled (Inductor), not even that: one pass over the matmul's output finds
-    the log-sum-exp, another writes the low-precision gradient."""
+    """One chunk of tokens: returns its part of the mean loss, sum(row_scale * loss per token), and, with
+    `want_grads`, that sum's gradients w.r.t. the logits and h, both in h's dtype (the caller turns the first into
+    the head weight's gradient). row_scale (fp32, one per token) is 1 / (tokens counted) for a counted token and 0
+    for an ignored one (whose label the caller has made 0). The logits exist only here, in fp32; compiled
+    (Inductor), not even that: one pass over the matmul's output finds the log-sum-exp, another writes the
+    low-precision gradient."""
     logits = (h @ w.t()).float()
     lse = torch.logsumexp(logits, dim=-1)
     target_logit = logits.gather(1, y[:, None]).squeeze(1)
-    loss_sum = (lse - target_logit).sum()
+    loss_sum = ((lse - target_logit) * row_scale).sum()
     if not want_grads:
         return loss_sum, None, None
     # d(loss)/d(logits) = softmax - onehot. The softmax part is made in place in the logits buffer and rounded to
     # h's dtype in the same pass; the label entries, where the 1 is subtracted (in fp32: subtracting after
     # rounding would cancel badly), are computed apart and written over it (a scatter of one entry per token).
-    grad_logits = logits.sub_(lse[:, None]).exp_().mul_(grad_scale).to(h.dtype)
-    at_label = ((target_logit - lse).exp() - 1.0) * grad_scale
+    grad_logits = logits.sub_(lse[:, None]).exp_().mul_(row_scale[:, None]).to(h.dtype)
+    at_label = ((target_logit - lse).exp() - 1.0) * row_scale
     grad_logits.scatter_(1, y[:, None], at_label[:, None].to(h.dtype))
     return loss_sum, grad_logits, grad_logits @ w
 
@@ -66,8 +68,8 @@ def maybe_compiled(fn: Callable, compile_options: Optional[dict]) -> Callable:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int,
-                compute_dtype: torch.dtype, chunk_fn: Callable, grad_enabled: bool) -> torch.Tensor:
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int,
+                chunk_size: int, compute_dtype: torch.dtype, chunk_fn: Callable, grad_enabled: bool) -> torch.Tensor:
         # grad_enabled: the caller's grad mode (always off in here; needs_input_grad stays True under no_grad, as in
         # validation, which then would compute and drop the gradients)
         n = hidden.shape[0]
@@ -76,13 +78,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
             if grad_enabled and ctx.needs_input_grad[1] else None
         want_grads = grad_hidden is not None or grad_weight is not None
-        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        # The mean over the counted tokens, as F.cross_entropy takes it: each token's loss and gradients scaled by
+        # 1 / (tokens counted), or 0 where the label is ignore_index (then made a valid id, 0). Tensors, not a
+        # Python count: no device sync, and one compiled chunk for every batch size.
+        counted = labels != ignore_index
+        count = counted.sum().to(torch.float32)
+        row_scale = torch.where(counted, 1.0 / count, 0.0)
+        labels = labels.masked_fill(~counted, 0)
         for start in range(0, n, chunk_size):
             h = hidden[start:start + chunk_size].to(compute_dtype)
-            # 1/n: the loss is the mean over all n tokens
-            chunk_loss, grad_logits, grad_h = chunk_fn(h, w, labels[start:start + chunk_size], 1.0 / n,
-                                                       want_grads)
-            loss_sum += chunk_loss
+            chunk_loss, grad_logits, grad_h = chunk_fn(h, w, labels[start:start + chunk_size],
+                                                       row_scale[start:start + chunk_size], want_grads)
+            loss += chunk_loss
             if grad_hidden is not None:
                 grad_hidden[start:start + chunk_size] = grad_h
             if grad_weight is not None:
@@ -91,28 +99,30 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 wgrad_accumulate_fp32(grad_weight, grad_logits, h)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
-        return loss_sum / n
+        # no token counted: F.cross_entropy's mean of nothing, nan (its gradients are 0, as these are)
+        return torch.where(count > 0, loss, torch.nan)
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
         gh = grad_hidden * grad_loss.to(grad_hidden.dtype) if grad_hidden is not None else None
         gw = (grad_weight * grad_loss).to(ctx.weight_dtype) if grad_weight is not None else None
-        return gh, gw, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int,
                          compute_dtype: Optional[torch.dtype] = None, compile_options: Optional[dict] = None,
-                         chunk_fn: Optional[Callable] = None) -> torch.Tensor:
+                         chunk_fn: Optional[Callable] = None, ignore_index: int = -100) -> torch.Tensor:
     """mean CE of `hidden @ weight.T` against `labels`, in chunks of `chunk_size` tokens.
 
-    hidden [..., D] (the final norm's output), weight [V, D] (the head, tied or not), labels [...] (int64).
+    hidden [..., D] (the final norm's output), weight [V, D] (the head, tied or not), labels [...] (int64; a label
+    equal to `ignore_index` adds no loss and no gradient, and the mean is over the other tokens).
     Same value and gradients as `cross_entropy(F.linear(hidden, weight), labels)` up to rounding; the matmuls run
     in `compute_dtype` (default: autocast's dtype when autocast is on, like the plain head), logits in fp32.
     `compile_options` (torch.compile's keyword arguments, e.g. {"backend": "inductor"}): each chunk's head matmul and
     softmax run through torch.compile, which fuses the elementwise passes over the [chunk, vocab] logits (the
     trainer does so under `train.compile`, with train.compile_mode).
-    `chunk_fn(h, w, labels, grad_scale, want_grads) -> (loss sum, grad of the logits, grad of h)` replaces the
+    `chunk_fn(h, w, labels, row_scale, want_grads) -> (scaled loss sum, grad of the logits, grad of h)` replaces the
     plain chunk (`_chunk_loss_and_grads`): the vocab-parallel loss (parallel/cross_entropy.py) passes one that
     combines its vocabulary slice's log-sum-exp with the other ranks'.
     """
@@ -120,6 +130,6 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     dtype = compute_dtype or _compute_dtype(weight)
     with torch.autocast(hidden.device.type, enabled=False):
-        return _LinearCrossEntropy.apply(hidden.flatten(0, -2), weight, labels.flatten(), chunk_size, dtype,
-                                         chunk_fn or maybe_compiled(_chunk_loss_and_grads, compile_options),
+        return _LinearCrossEntropy.apply(hidden.flatten(0, -2), weight, labels.flatten(), ignore_index, chunk_size,
+                                         dtype, chunk_fn or maybe_compiled(_chunk_loss_and_grads, compile_options),
                                          torch.is_grad_enabled())

@@ -97,10 +97,10 @@ def _slice_sums(logits: torch.Tensor, row_max: torch.Tensor, local: torch.Tensor
 
 
 def _slice_grads(logits: torch.Tensor, lse: torch.Tensor, at_label: torch.Tensor, local: torch.Tensor,
-                 here: torch.Tensor, grad_scale: float, w: torch.Tensor, dtype: torch.dtype):
-    """grad_scale * (softmax - onehot) of this slice's logits in `dtype` (made in place in the logits buffer, the
+                 here: torch.Tensor, row_scale: torch.Tensor, w: torch.Tensor, dtype: torch.dtype):
+    """row_scale * (softmax - onehot) of this slice's logits in `dtype` (made in place in the logits buffer, the
     label entries written over it), and its product with the slice's weight: this slice's part of d/dh."""
-    grad_logits = logits.sub_(lse[:, None]).exp_().mul_(grad_scale).to(dtype)
+    grad_logits = logits.sub_(lse[:, None]).exp_().mul_(row_scale[:, None]).to(dtype)
     index = local.clamp(0, logits.shape[1] - 1)[:, None]
     label_entry = torch.where(here, at_label.to(dtype), grad_logits.gather(1, index).squeeze(1))
     grad_logits.scatter_(1, index, label_entry[:, None])
@@ -119,7 +119,7 @@ class _VocabSliceChunk:
         self.sums_fn = maybe_compiled(_slice_sums, compile_options)
         self.grads_fn = maybe_compiled(_slice_grads, compile_options)
 
-    def __call__(self, h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, grad_scale: float, want_grads: bool):
+    def __call__(self, h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, row_scale: torch.Tensor, want_grads: bool):
         logits, row_max = self.logits_fn(h, w)
         dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=self.group)
         local = y - self.vocab_start
@@ -127,11 +127,11 @@ class _VocabSliceChunk:
         sums = self.sums_fn(logits, row_max, local, here)
         dist.all_reduce(sums, group=self.group)
         log_sum_exp = sums[0].log()  # log of the sum over the whole vocabulary of exp(logit - max)
-        loss_sum = (log_sum_exp - sums[1]).sum()
+        loss_sum = ((log_sum_exp - sums[1]) * row_scale).sum()
         if not want_grads:
             return loss_sum, None, None
-        at_label = ((sums[1] - log_sum_exp).exp() - 1.0) * grad_scale  # softmax - 1 at the target, in fp32
-        grad_logits, grad_h = self.grads_fn(logits, row_max + log_sum_exp, at_label, local, here, grad_scale, w,
+        at_label = ((sums[1] - log_sum_exp).exp() - 1.0) * row_scale  # softmax - 1 at the target, in fp32
+        grad_logits, grad_h = self.grads_fn(logits, row_max + log_sum_exp, at_label, local, here, row_scale, w,
                                             h.dtype)
         return loss_sum, grad_logits, grad_h
 
@@ -140,7 +140,8 @@ def head_and_loss(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Ten
                   compute_dtype: Optional[torch.dtype], compile_options: Optional[dict], group: Group) -> torch.Tensor:
     """Mean next-token loss of the head applied to `hidden` (the final norm's output) in chunks of `chunk_size`
     tokens, never making the [tokens, vocab] logits: `model.loss.linear_cross_entropy`, and under tensor
-    parallelism its vocab-parallel form (the head's input mapping, then each rank's vocabulary slice)."""
+    parallelism its vocab-parallel form (the head's input mapping, then each rank's vocabulary slice). Labels of -100
+    are not counted, as in `vocab_parallel_cross_entropy` and `F.cross_entropy`."""
     if group is None:
         return linear_cross_entropy(hidden, head.weight, labels, chunk_size, compute_dtype, compile_options)
     chunk = _VocabSliceChunk(group, mappings.group_rank(group) * head.weight.shape[0], compile_options)
