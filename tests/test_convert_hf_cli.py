@@ -265,6 +265,36 @@ def test_sigterm_leaves_no_half_written_output(tmp_path, capsys, monkeypatch, to
 
 
 
+@pytest.mark.parametrize("tool", ["convert_to_hf", "convert_from_hf"])
+def test_a_failed_conversion_leaves_no_folders_it_made(tmp_path, capsys, monkeypatch, tool):
+    """--output in folders yet to be made, and a failure after they were made (an export's --tokenizer that is not
+    there, an import's full disk): one line, and neither the output nor the folders above it are left (they were,
+    empty: the property test of test_cli_properties found it). A folder above that holds anything stays."""
+    import errno
+
+    from nanotronix.checkpoint import hf_import
+    if tool == "convert_to_hf":
+        trained_checkpoint(tmp_path / "run")
+        args = ["--checkpoint", str(tmp_path / "run"), "--tokenizer", str(tmp_path / "no_tokenizer.json")]
+        said = f"error: tokenizer not found: {tmp_path / 'no_tokenizer.json'}"
+    else:
+        args = ["--hf", str(_hf_original(tmp_path / "hf", untied=False))]
+        said = "error: No space left on device: __0_0.distcp"
+
+        def full_disk(*args, **kwargs):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "__0_0.distcp")
+        monkeypatch.setattr(hf_import, "from_hf", full_disk)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "a_file").write_text("x")
+    for out in (tmp_path / "new" / "deeper" / "out", tmp_path / "kept" / "new" / "out"):
+        capsys.readouterr()
+        assert tool_main(tool)([*args, "--output", str(out), "--no-progress"]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == said
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*before, "kept"])
+    assert [p.name for p in (tmp_path / "kept").iterdir()] == ["a_file"]
+
+
 @pytest.mark.parametrize("failure, code, said", [
     ("sigterm", 143, "terminated"),
     ("full_disk", 2, "error: No space left on device: __0_0.distcp")])

@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from nanotronix.checkpoint.errors import CheckpointError
-from nanotronix.checkpoint.output_folder import prepare_output
+from nanotronix.checkpoint.output_folder import staged_output
 from nanotronix.checkpoint.paths import LATEST_NAME
 from nanotronix.checkpoint.reader import CheckpointReader
 from nanotronix.checkpoint.safetensors_stream import StreamingSafetensorsWriter, tensor_nbytes
@@ -156,16 +156,12 @@ def export_to_hf(checkpoint: str | os.PathLike, output: str | os.PathLike, dtype
     # the run's folder when the step lies in one: an export among its step folders would be in the way of its
     # pruning, rollback and copies
     in_run = reader.folder.parent if (reader.folder.parent / LATEST_NAME).is_file() else reader.folder
-    temp = prepare_output(output, in_run, overwrite, lambda old: (old / "config.json").is_file(),
-                          "a Hugging Face model folder (no config.json)")
-    try:
+    with staged_output(output, in_run, overwrite, lambda old: (old / "config.json").is_file(),
+                       "a Hugging Face model folder (no config.json)") as temp:
         info, bos_id, eos_id = _write_tokenizer(temp, tokenizer, manifest, source_hf, cfg, log)
         _write_weights(reader, temp, torch_dtype, max_shard_bytes, progress)
         _write_configs(temp, cfg, dtype, source_hf, info, bos_id, eos_id, log)
         commit(temp, output)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
     log(f"exported step {reader.step} of {reader.folder} to {output} ({dtype})")
     return output
 

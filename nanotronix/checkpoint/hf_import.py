@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -22,7 +21,7 @@ from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from nanotronix.checkpoint import manifest as mf
 from nanotronix.checkpoint import paths
 from nanotronix.checkpoint.errors import CheckpointError
-from nanotronix.checkpoint.output_folder import prepare_output
+from nanotronix.checkpoint.output_folder import staged_output
 from nanotronix.checkpoint import state as st
 from nanotronix.checkpoint.reader import model_parameter_shapes
 from nanotronix.checkpoint.storage import Collective, failures_of
@@ -108,9 +107,9 @@ def import_from_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, overwri
     state, used = _check_weights(hf_dir, source, model_cfg)
     _warn_unused(hf_dir, source, used, model_cfg, log)
     manifest = _import_manifest(hf_dir, hf_config, model_cfg)
-    staging = prepare_output(output, hf_dir, overwrite, _is_an_import,
-                             "an earlier import (a checkpoint folder holding step 0 only)")
-    _write_step_0(hf_dir, source, model_cfg, state, manifest, staging, output, progress)
+    with staged_output(output, hf_dir, overwrite, _is_an_import,
+                       "an earlier import (a checkpoint folder holding step 0 only)") as staging:
+        _write_step_0(hf_dir, source, model_cfg, state, manifest, staging, output, progress)
     log(f"imported {hf_dir} ({model_cfg.num_parameters() / 1e6:.1f}M parameters) as {output / 'step_0000000'}")
     return output
 
@@ -213,7 +212,7 @@ def _json_object(file: Path) -> dict:
 def _write_step_0(hf_dir: Path, source: SafetensorsFolder, model_cfg: ModelConfig, state: dict[str, torch.Tensor],
                   manifest: dict, staging: Path, output: Path, progress: bool) -> None:
     """Save `state`, read from `source` tensor by tensor, as step 0 of the run folder `staging` with its manifest,
-    then put `staging` in `output`'s place; on any failure `staging` is removed."""
+    then put `staging` in `output`'s place (on failure, `staged_output` removes it)."""
     temp = paths.temp_folder(staging, 0)
     temp.mkdir()
     # the bar starts once the output is known to be writable: an output refused before is its error line alone
@@ -246,9 +245,6 @@ def _write_step_0(hf_dir: Path, source: SafetensorsFolder, model_cfg: ModelConfi
         mf.write_manifest(temp, manifest)
         paths.commit_step(temp, staging, 0)
         commit(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     finally:
         bar.close()
 

@@ -7,19 +7,48 @@ kind (`replaceable`) is replaced; a training run, or anyone's other files, are l
 from __future__ import annotations
 
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
-from nanotronix.data.files import note_removed_temps, remove_abandoned_temps, temp_path
+from nanotronix.data.files import (make_folder_durably, note_removed_temps, remove_abandoned_temps,
+                                   remove_made_folders, temp_path)
 from nanotronix.errors import PATH_THROUGH_A_FILE, UserError
 
 
-def prepare_output(output: Path, source: Path, overwrite: bool, replaceable: Callable[[Path], bool],
-                   kind: str) -> Path:
-    """The new, empty staging folder beside `output` (data/files' temp name) that `data.files.commit` later puts in
-    its place. Raises UserError unless `output` may be written: absent or empty, or (with overwrite) a folder for which
-    `replaceable` holds, `kind` naming what that is ("a Hugging Face model folder"); never one that is, holds or lies
-    inside `source`; and when its folder cannot be written (the error names the output, not the staging folder)."""
+@contextmanager
+def staged_output(output: Path, source: Path, overwrite: bool, replaceable: Callable[[Path], bool],
+                  kind: str) -> Iterator[Path]:
+    """Yields the new, empty staging folder beside `output` (data/files' temp name), which the body fills and puts in
+    `output`'s place with `data.files.commit`. Raises UserError unless `output` may be written: absent or empty, or
+    (with overwrite) a folder for which `replaceable` holds, `kind` naming what that is ("a Hugging Face model
+    folder"); never one that is, holds or lies inside `source`; and when its folder cannot be written (the error
+    names the output, not the staging folder). When the body fails, the staging folder goes, and so do the folders
+    above `output` made for it (rmdir only): a failed conversion leaves nothing behind."""
+    _check_output(output, source, overwrite, replaceable, kind)
+    staging = temp_path(output)
+    note_removed_temps(remove_abandoned_temps(output))
+    made: list[Path] = []
+    try:
+        made = make_folder_durably(output.parent)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+    except (FileExistsError, NotADirectoryError):  # mkdir's words for a file where a folder was to be
+        remove_made_folders(made)
+        raise UserError(f"--output {output}: cannot write there ({PATH_THROUGH_A_FILE})") from None
+    except OSError as e:
+        remove_made_folders(made)
+        raise UserError(f"--output {output}: cannot write there ({e.strerror or e})") from None
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        remove_made_folders(made)
+        raise
+
+
+def _check_output(output: Path, source: Path, overwrite: bool, replaceable: Callable[[Path], bool],
+                  kind: str) -> None:
     if output.is_symlink():  # what would be replaced is the link, not the folder it names: say so before the work
         raise UserError(f"--output {output} is a symbolic link; give the folder it points to, or another name")
     out, src, here = output.resolve(), source.resolve(), Path.cwd().resolve()
@@ -33,15 +62,4 @@ def prepare_output(output: Path, source: Path, overwrite: bool, replaceable: Cal
         if not output.is_dir() or not replaceable(output):
             raise UserError(f"--overwrite: {output} is not {kind}, so it is left as it is (remove it yourself if "
                             "it is to go)")
-    staging = temp_path(output)
-    note_removed_temps(remove_abandoned_temps(output))
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
-    except (FileExistsError, NotADirectoryError):  # mkdir's words for a file where a folder was to be
-        raise UserError(f"--output {output}: cannot write there ({PATH_THROUGH_A_FILE})") from None
-    except OSError as e:
-        raise UserError(f"--output {output}: cannot write there ({e.strerror or e})") from None
-    return staging
 
