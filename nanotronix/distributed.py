@@ -159,7 +159,15 @@ def cause_said_by(store=None) -> Optional[int]:
         return None
 
 
-NAMED_RANKS = 8  # failed ranks named one by one in a PeerStopped line; the rest are counted
+NAMED_RANKS = 8  # failed ranks named one by one in an error line; the rest are counted
+
+
+def ranks_text(ranks: list[int], hosts: Optional[dict[int, str]] = None) -> str:
+    """`rank 3` or `ranks 1, 2, ... 8 and 5 more` (the first NAMED_RANKS named), each followed by its host where
+    `hosts` has it (`rank 3 (node7)`): which ranks met something, in one line however many did."""
+    named = ", ".join(f"{r} ({hosts[r]})" if hosts and r in hosts else str(r) for r in ranks[:NAMED_RANKS])
+    more = f" and {len(ranks) - NAMED_RANKS} more" if len(ranks) > NAMED_RANKS else ""
+    return f"rank{'s' if len(ranks) > 1 else ''} {named}{more}"
 
 
 @contextlib.contextmanager
@@ -179,10 +187,7 @@ def stopping_together(coll: "Collective", where: str) -> Iterator[None]:
     if error is not None:
         error.every_rank = error.every_rank or len(failed) == coll.size
         raise error
-    if len(failed) == 1:
-        raise PeerStopped(f"{where}: bad input stopped rank {failed[0]} (its error says why), so this one stops too",
-                          every_rank=True)
     if failed:
-        more = f" and {len(failed) - NAMED_RANKS} more" if len(failed) > NAMED_RANKS else ""
-        raise PeerStopped(f"{where}: bad input stopped ranks {', '.join(map(str, failed[:NAMED_RANKS]))}{more} "
-                          "(their errors say why), so this one stops too", every_rank=True)
+        whose = "its error says" if len(failed) == 1 else "their errors say"
+        raise PeerStopped(f"{where}: bad input stopped {ranks_text(failed)} ({whose} why), so this one stops too",
+                          every_rank=True)

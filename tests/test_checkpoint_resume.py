@@ -6,7 +6,7 @@
 - a run started from a Hugging Face import (weights only, a new rope_theta), and a requeue of the same command
   that keeps the run's own progress instead of going back to checkpoint.resume;
 - checkpoint.resume naming an earlier step of the run's own folder is refused (a requeue would go back again);
-- a step that two ranks cannot read (damaged on their shared disk, or denied to one rank) is said once (~25 s: five
+- a step that two ranks cannot read (damaged on their shared disk, or denied to one rank) is said once (~30 s: six
   two-rank torchrun starts).
 Costs ~90 s of CPU (training subprocesses; the rest runs in this process).
 """
@@ -17,6 +17,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -295,8 +296,18 @@ def test_a_step_that_cannot_be_read_on_resume_is_said_once(tmp_path, store):
         f"error: checkpoint file damaged: {metadata} has {size - 10} bytes, expected {size} (truncated or overwritten)"]
     assert errors_said(lambda: manifest.write_text("{")) == [
         f"error: checkpoint {manifest} is damaged: not valid JSON"]
-    assert errors_said(lambda: flip_a_byte(data)) == [  # found by the hashing that the ranks share
-        f"error: checkpoint file damaged: {data} does not match its SHA-256 in checkpoint.json (corrupted)"]
+    # found by the hashing that the ranks share (.metadata is rank 0's to hash, the data file rank 1's): the line
+    # names the rank and host that met it, the others having found their files intact
+    assert errors_said(lambda: flip_a_byte(data)) == [
+        f"error: checkpoint file damaged: {data} does not match its SHA-256 in checkpoint.json (corrupted) (met by "
+        f"rank 1 ({socket.gethostname()}))"]
+
+    def unlist_data():  # a file the load reads that the manifest leaves out: every rank finds it so, one line as before
+        listed = json.loads(manifest.read_text())
+        del listed["files"][data.name]
+        manifest.write_text(json.dumps(listed))
+
+    assert errors_said(unlist_data) == [f"error: checkpoint file missing from checkpoint.json: {data}"]
     assert errors_said(lambda: None, denied_rank=1) == [
         f"error: rank 0: loading checkpoint {step}: bad input stopped rank 1 (its error says why), so this one stops "
         "too", f"error: rank 1: cannot read {metadata}: [Errno 13] Permission denied"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import socket
 import time
 import warnings
 from pathlib import Path
@@ -25,6 +26,7 @@ from nanotronix.checkpoint import manifest as mf
 from nanotronix.checkpoint import paths
 from nanotronix.checkpoint.errors import CheckpointError, unreadable
 from nanotronix.data.files import make_folder_durably
+from nanotronix.distributed import ranks_text
 
 DCP_METADATA = ".metadata"
 
@@ -217,9 +219,15 @@ def verify_step(folder: Path, manifest: dict[str, Any], metadata, keys: set[str]
             mf.check_hashes(folder, manifest, mine)
         except CheckpointError as e:
             error = str(e)
-    errors = [e for e in coll.all_gather(error) if e]
-    if errors:  # the same one on every rank: rank 0 says it
-        raise CheckpointError(errors[0], every_rank=True)
+    # Each failed rank's error with its host, in the one gather every rank reaches: rank 0 says the lowest failed
+    # rank's. Where only some ranks failed (a file is hashed by one rank; a node's own disk or memory), the line
+    # names which ranks and hosts met it; where every rank did (a file missing from the manifest), it stands for all.
+    met = {r: said for r, said in enumerate(coll.all_gather(error and (error, socket.gethostname()))) if said}
+    if met:
+        first = met[min(met)][0]
+        if len(met) < coll.size:
+            first += f" (met by {ranks_text(sorted(met), {r: host for r, (_, host) in met.items()})})"
+        raise CheckpointError(first, every_rank=True)
 
 
 def read_step(folder: Path, state: dict[str, Any], coll: Collective) -> None:
