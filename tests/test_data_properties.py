@@ -6,6 +6,7 @@ nearly the same examples every run, nothing written into the checkout). ~8 s on 
 from __future__ import annotations
 
 import math
+import sys
 from fractions import Fraction
 
 import numpy as np
@@ -195,7 +196,8 @@ bad_weight = st.one_of(st.floats(allow_nan=True, allow_infinity=True).filter(lam
 
 
 @settings(PROPERTY, max_examples=160)
-@given(st.lists(st.one_of(st.floats(1e-300, 1e308), st.integers(1, 10**400), bad_weight), min_size=0, max_size=8))
+@given(st.lists(st.one_of(st.floats(1e-300, 1e308), st.integers(1, 10**400), st.integers(10**4300, 10**5000),
+                          bad_weight), min_size=0, max_size=8))
 def test_blend_weights_are_served_or_refused_in_one_line(weights):
     """Any list of numbers: units of at least one each, or a DataError of one line (never another exception)."""
     try:
@@ -205,6 +207,21 @@ def test_blend_weights_are_served_or_refused_in_one_line(weights):
         return
     assert len(units) == len(weights) and min(units) >= 1
     assert all(w > 0 for w in weights)
+
+
+def test_a_blend_weight_too_long_to_write_is_said_by_its_digit_count():
+    """An int past Python's int-to-str limit (4300 digits by default) among the weights: the DataError says how many
+    digits it has (before: a ValueError from writing the message, which str() refuses for such an int)."""
+    limit = sys.get_int_max_str_digits()
+    for huge in (10**4400 - 1, 10**4400, 7 * 10**5000):
+        sys.set_int_max_str_digits(0)  # no limit: Python's own count of its digits, the reference
+        try:
+            digits = len(str(huge))
+        finally:
+            sys.set_int_max_str_digits(limit)
+        for weights in ([huge, 1.0], [huge, -1]):
+            with pytest.raises(DataError, match=rf"^blend weights .*\[<an integer of {digits} digits>, "):
+                weight_units(weights)
 
 
 def test_blend_sample_numbers_outside_its_range_are_refused():

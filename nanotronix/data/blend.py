@@ -14,6 +14,8 @@ about (K+1)/2^25 of the prefix (1:2 is served as 5592405:11184811: 5461 samples 
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .errors import DataError
@@ -22,22 +24,38 @@ WEIGHT_UNITS = 1 << 24  # weights are quantised to integers summing to ~2^24 (ex
 MAX_SAMPLES = 1 << 38  # keeps (i+1)*A + T within int64
 
 
+def _number_text(value) -> str:
+    """`value` as written, or an int too long for Python to write (str() refuses past sys.get_int_max_str_digits(),
+    4300 digits by default: a ValueError raised while saying the error) as its digit count."""
+    try:
+        return repr(value)
+    except ValueError:
+        digits = int(math.log10(abs(value))) + 1  # math.log10 takes any int; a float's rounding is fixed below
+        digits += (abs(value) >= 10 ** digits) - (abs(value) < 10 ** (digits - 1))
+        return f"<an integer of {digits} digits>"
+
+
+def _weights_text(weights: list[float]) -> str:
+    return f"[{', '.join(map(_number_text, weights))}]"
+
+
 def weight_units(weights: list[float]) -> list[int]:
     """The weights as the blend serves them: integers summing to ~2^24 in their ratios (so weights that differ only
     in scale, 1:1 and 0.5:0.5, are the same blend and draw the same samples)."""
     if not weights or any(not w > 0 for w in weights):
-        raise DataError(f"blend weights must be positive, got {weights}")
+        raise DataError(f"blend weights must be positive, got {_weights_text(weights)}")
     try:
         total = float(sum(weights))
     except OverflowError:  # Python ints beyond a float's range: as much a non-finite sum as floats' inf
         total = float("inf")
     if not np.isfinite(total):
-        raise DataError(f"blend weights {weights}: their sum is not finite; scale them down (only their ratios "
-                        "matter)")
+        raise DataError(f"blend weights {_weights_text(weights)}: their sum is not finite; scale them down (only "
+                        "their ratios matter)")
     units = [round(w / total * WEIGHT_UNITS) for w in weights]
     if min(units) < 1:  # the blend's resolution: a smaller share would be served as 2^-24, not as asked
-        raise DataError(f"blend weights {weights}: {weights[units.index(min(units))]!r} is below 2^-24 of their "
-                        f"sum, finer than the blend can serve; raise it or leave that dataset out")
+        finest = _number_text(weights[units.index(min(units))])
+        raise DataError(f"blend weights {_weights_text(weights)}: {finest} is below 2^-24 of their sum, finer than "
+                        "the blend can serve; raise it or leave that dataset out")
     return units
 
 
