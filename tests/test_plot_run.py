@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from helpers import load_tool, run
+from nanotronix.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +108,26 @@ def test_dollar_signs_in_the_title_stage_and_store_names_are_drawn_as_written(pl
     for title in (["--title", "$$"], ["--title", "$\\undefined{x}$"], []):
         assert plot_tool.main([str(log_dir), "--output", str(tmp_path / "p.png"), *title]) == 0, capsys.readouterr()
         assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_draw_that_fails_leaves_no_figure_open(plot_tool, tmp_path):
+    """plot_run imported and called in-process (as these tests and the CLI property tests do): a figure whose drawing
+    fails (a step of 400 digits, which no float holds: matplotlib's OverflowError) or whose saving fails (an output
+    path through a file) is closed all the same, so that repeated calls do not pile up open figures."""
+    import matplotlib.pyplot as plt
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(f'{{"step": 1, "loss": 3.0}}\n{{"step": {10**400}, "loss": 2.0}}\n')
+    through_a_file = tmp_path / "file.png"
+    through_a_file.write_bytes(b"")
+    before = plt.get_fignums()
+    with pytest.raises(OverflowError):
+        plot_tool.plot_run(metrics, tmp_path / "run.png", "t")
+    assert plt.get_fignums() == before and not (tmp_path / "run.png").exists()
+    metrics.write_text('{"step": 1, "loss": 3.0}\n')
+    with pytest.raises(UserError, match="a part of that path is a file"):
+        plot_tool.plot_run(metrics, through_a_file / "run.png", "t")
+    assert plt.get_fignums() == before
 
 
 def test_the_default_title_names_the_run(plot_tool, tmp_path):

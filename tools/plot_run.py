@@ -120,6 +120,20 @@ def _draw_and_save(metrics_path: Path, output: Path, title: str) -> dict[str, An
                            if isinstance(stats, dict) else None)
 
     fig, axes = plt.subplots(2, 2, figsize=(14, 9), sharex=True)
+    try:  # closed on every path: a caller that imports plot_run and calls it again must not pile up open figures
+        drawn = _draw(fig, axes, records, boundaries, sources, title)
+        replace_file(output, lambda temp: fig.savefig(temp, dpi=100, format=output.suffix[1:].lower()),
+                     suffix=output.suffix)
+    finally:
+        plt.close(fig)
+    return {"output": str(output), "records": len(records), "skipped_lines": bad,
+            "first_step": records[0]["step"], "last_step": records[-1]["step"],
+            "stage_boundaries": boundaries, "sources": sorted(sources), **drawn}
+
+
+def _draw(fig, axes, records: list[dict[str, Any]], boundaries: list[tuple[int, str]],
+          sources: dict[str, tuple[list[int], list[float]]], title: str) -> dict[str, Any]:
+    """The four panels of `fig`; returns what the summary says of the validations and skipped updates."""
     (ax_loss, ax_lr), (ax_speed, ax_data) = axes
     ax_loss.plot(*series(records, "loss"), lw=1, color="tab:blue", label="training")
     val_steps, val_loss = series(records, "val_loss")  # validation.interval > 0
@@ -163,16 +177,8 @@ def _draw_and_save(metrics_path: Path, output: Path, title: str) -> dict[str, An
         ax.set_xlabel("step")
     fig.suptitle(title)
     fig.tight_layout()
-
-    try:
-        replace_file(output, lambda temp: fig.savefig(temp, dpi=100, format=output.suffix[1:].lower()),
-                     suffix=output.suffix)
-    finally:
-        plt.close(fig)
-    return {"output": str(output), "records": len(records), "skipped_lines": bad,
-            "first_step": records[0]["step"], "last_step": records[-1]["step"],
-            "stage_boundaries": boundaries, "sources": sorted(sources), "validations": len(val_loss),
-            "validation_stores": sorted(val_stores), "skipped_updates": [step for step, _ in spikes]}
+    return {"validations": len(val_loss), "validation_stores": sorted(val_stores),
+            "skipped_updates": [step for step, _ in spikes]}
 
 
 def default_title(log_folder: Path) -> str:
