@@ -140,6 +140,23 @@ def test_an_incomplete_folder_does_not_open(tmp_path, tiny_tokenizer, tool, caps
         part.rmdir()
         part.write_bytes(content)
     assert open_store(stray).num_documents == open_store(tmp_path / "sharded").num_documents
+    # one shard in both formats (a zarr shard of the same split copied in by hand): refused naming both, not one read
+    # and the other left out without a word
+    assert tool.main(common[:-1] + [str(tmp_path / "zarr_shards"), "--shard", "1/3", "--format", "zarr"]) == 0
+    both = tmp_path / "both"
+    shutil.copytree(tmp_path / "sharded", both)
+    shutil.copytree(tmp_path / "zarr_shards" / "shard-00001-of-00003.zarr", both / "shard-00001-of-00003.zarr")
+    with pytest.raises(DataError) as said:
+        open_store(both)
+    assert str(said.value) == (f"{both}: {both / 'shard-00001-of-00003.idx'} and {both / 'shard-00001-of-00003.zarr'}"
+                               " are the same shard in two formats (preprocess writes one per folder): remove one")
+    for i in (0, 2):  # every shard in both formats (before: the zarr ones read, the others unsaid)
+        assert tool.main(common[:-1] + [str(tmp_path / "zarr_shards"), "--shard", f"{i}/3", "--format", "zarr"]) == 0
+        name = f"shard-0000{i}-of-00003.zarr"
+        shutil.copytree(tmp_path / "zarr_shards" / name, both / name)
+    with pytest.raises(DataError, match=f"^{both}: {both / 'shard-00000-of-00003.idx'} and "
+                                        f"{both / 'shard-00000-of-00003.zarr'} are the same shard in two formats"):
+        open_store(both)
     capsys.readouterr()
     for path in corpus.rglob("*.jsonl"):  # compressed files are cut at 64 KiB blocks: 7 small ones are 7 pieces
         path.with_suffix(".jsonl.gz").write_bytes(gzip.compress(path.read_bytes()))

@@ -198,17 +198,22 @@ class ShardedStore(ConcatenatedStore):
     def __init__(self, folder: Path):
         from .store import open_store
 
-        found: dict[int, Path] = {}
+        named: dict[int, list[str]] = {}  # shard index -> its .idx / .zarr names
         counts = set()
         names = sorted(p.name for p in folder.iterdir())
         for name in names:
             m = _SHARD.match(name)
             if m:
-                found[int(m.group(1))] = folder / (name[:-4] if m.group(3) == ".idx" else name)
+                named.setdefault(int(m.group(1)), []).append(name)
                 counts.add(int(m.group(2)))
         if len(counts) != 1:
             raise DataError(f"{folder}: shards of different splits ({', '.join(map(str, sorted(counts)))} shards)")
         count = counts.pop()
+        twice = next((both for both in named.values() if len(both) > 1), None)
+        if twice:  # a .idx and a .zarr of one shard (put there by hand; preprocess refuses): one would go unread
+            raise DataError(f"{folder}: {folder / twice[0]} and {folder / twice[1]} are the same shard in two formats "
+                            "(preprocess writes one per folder): remove one")
+        found = {i: folder / (name[:-4] if name.endswith(".idx") else name) for i, [name] in named.items()}
         # A file numbered past the split (renamed or copied in by hand; any of a shard's files, its .bin too) would
         # otherwise be left out of the dataset without a word.
         stray = next((name for name in names if (m := _SHARD_FILE.match(name)) and int(m.group(1)) >= count), None)
