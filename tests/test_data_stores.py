@@ -113,6 +113,28 @@ def test_datatrove_folder_is_one_stream(tmp_path):
     assert store.windows(np.array([boundary - 2, 0]), 4).tolist() == [flat[boundary - 2:boundary + 2], flat[:4]]
 
 
+def test_an_empty_datatrove_file_without_metadata_takes_its_folders_token_size(tmp_path):
+    """A .ds holding no tokens and no .metadata (a task that got no documents, from a datatrove that wrote none) beside
+    4-byte files: the folder reads as datatrove's own reader reads it with token_size=4, the empty file adding nothing
+    (before: taken as 2-byte, and the folder refused as mixing token dtypes); alone, it is an empty 2-byte store, as
+    datatrove's default token_size reads it."""
+    from datatrove.utils.dataset import DatatroveFolderDataset
+
+    docs = [RNG.integers(0, 200_000, size=n).tolist() for n in (3, 9, 4)]
+    _write_datatrove(tmp_path / "a.ds", docs[:2], token_size=4, metadata=None)  # the size from .ds over .ds.index
+    _write_datatrove(tmp_path / "b.ds", [], metadata=None)
+    _write_datatrove(tmp_path / "c.ds", docs[2:], token_size=4, metadata=None)
+    store = open_store(tmp_path)
+    assert store.dtype == np.uint32 and store.num_tokens == 16 and store.num_documents == 3
+    reference = DatatroveFolderDataset(str(tmp_path), seq_len=3, token_size=4)  # windows of 4 tokens, in file order
+    windows = [reference[i]["input_ids"].tolist() for i in range(len(reference))]
+    assert store.tokens(0, 16).tolist() == sum(windows, [])
+    assert [store.document(i).tolist() for i in range(3)] == docs
+    store.verify()
+    alone = open_store(tmp_path / "b.ds")
+    assert alone.dtype == np.uint16 and alone.num_tokens == 0 and alone.num_documents == 0
+
+
 def test_reads_what_datatrove_itself_writes_and_preprocess_agrees(tmp_path):
     """datatrove's own tokenizer step (what SmolLM2's corpora were made with) writes .ds files: unshuffled, shuffled
     per task (two tasks), and merged by its DocumentTokenizerMerger. Each reads as one store holding datatrove's

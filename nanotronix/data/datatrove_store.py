@@ -6,7 +6,8 @@ Format facts (datatrove `pipeline/tokens/tokenizer.py`, `utils/dataset.py`; no h
 - `NAME.ds.metadata` (optional): text lines `TOKENIZER[|TOKEN_SIZE]`, token count, human-readable count.
 A dataset is one `.ds` file or a folder of them (nanotron's Nanoset reads `FOLDER/*.ds` in sorted order);
 the stream of a folder is its files' streams concatenated in that order. The token size comes from the
-metadata's `|N` suffix or, for older files without it, from the file size divided by the index's last end.
+metadata's `|N` suffix or, for older files without it, from the file size divided by the index's last end; a file
+that holds no tokens and no metadata takes its folder's (datatrove's reader takes one for a folder), else 2.
 
 Hand-written because datatrove's own reader is a torch Dataset of fixed windows, not random access by token.
 """
@@ -52,15 +53,25 @@ def open_datatrove(path: Path) -> TokenStore:
     """One .ds file, or a folder of them as one store (their streams in sorted file order)."""
     if path.is_dir():
         from .sharded_store import ConcatenatedStore
-        return ConcatenatedStore(str(path), [DatatroveStore(p) for p in sorted(path.glob("*.ds"))])
+        parts = [DatatroveStore(p) for p in sorted(path.glob("*.ds"))]
+        # A file with no tokens and no .metadata (a task that got no documents) tells no token size: it takes the
+        # folder's, as datatrove's reader does (one token_size for the folder; such a file yields nothing), rather
+        # than the 2 bytes that would refuse a folder of 4-byte files as mixing token dtypes.
+        told = {p.dtype.itemsize for p in parts if p.tells_token_size}
+        if len(told) == 1:
+            size = told.pop()
+            parts = [p if p.tells_token_size else DatatroveStore(Path(p.path), size) for p in parts]
+        return ConcatenatedStore(str(path), parts)
     return DatatroveStore(path)
 
 
 class DatatroveStore(TokenStore):
-    """One `.ds` file with its `.ds.index` (and optional `.ds.metadata`)."""
+    """One `.ds` file with its `.ds.index` (and optional `.ds.metadata`). `untold_token_size`: the token size of a
+    file whose metadata and sizes tell none (no tokens, no .metadata): datatrove's reader's default, 2, or its
+    folder's (`open_datatrove`)."""
     format = "datatrove"
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, untold_token_size: int = 2):
         super().__init__(str(path))
         index_path = Path(f"{path}.index")
         if not index_path.is_file():
@@ -74,8 +85,9 @@ class DatatroveStore(TokenStore):
         tokens = int(self.ends[-1]) if len(self.ends) else 0
         tokenizer, token_size = _read_metadata(Path(f"{path}.metadata"))
         data_size = path.stat().st_size
+        self.tells_token_size = token_size is not None or tokens > 0
         if token_size is None:
-            token_size = data_size // tokens if tokens and data_size % tokens == 0 else 2
+            token_size = data_size // tokens if tokens and data_size % tokens == 0 else untold_token_size
         if token_size not in (2, 4):
             raise DataError(f"{path}: token size {token_size} bytes is not 2 or 4")
         self._dtype = np.dtype("<u2" if token_size == 2 else "<u4")
