@@ -112,22 +112,43 @@ def test_dollar_signs_in_the_title_stage_and_store_names_are_drawn_as_written(pl
 
 def test_a_draw_that_fails_leaves_no_figure_open(plot_tool, tmp_path):
     """plot_run imported and called in-process (as these tests and the CLI property tests do): a figure whose drawing
-    fails (a step of 400 digits, which no float holds: matplotlib's OverflowError) or whose saving fails (an output
-    path through a file) is closed all the same, so that repeated calls do not pile up open figures."""
+    fails (losses of +-1e308, whose range matplotlib's ticks overflow) or whose saving fails (an output path through a
+    file) is closed all the same, so that repeated calls do not pile up open figures."""
     import matplotlib.pyplot as plt
 
     metrics = tmp_path / "metrics.jsonl"
-    metrics.write_text(f'{{"step": 1, "loss": 3.0}}\n{{"step": {10**400}, "loss": 2.0}}\n')
+    metrics.write_text('{"step": 1, "loss": 1e308}\n{"step": 2, "loss": -1e308}\n')
     through_a_file = tmp_path / "file.png"
     through_a_file.write_bytes(b"")
     before = plt.get_fignums()
-    with pytest.raises(OverflowError):
+    with pytest.raises(plot_tool.PlotError, match="its values cannot be drawn"):
         plot_tool.plot_run(metrics, tmp_path / "run.png", "t")
     assert plt.get_fignums() == before and not (tmp_path / "run.png").exists()
     metrics.write_text('{"step": 1, "loss": 3.0}\n')
     with pytest.raises(UserError, match="a part of that path is a file"):
         plot_tool.plot_run(metrics, through_a_file / "run.png", "t")
     assert plt.get_fignums() == before
+
+
+def test_steps_and_values_no_axis_can_hold_are_one_line(plot_tool, tmp_path, capsys):
+    """A hand-edited or damaged metrics.jsonl: a step of 400 digits, a negative one or an infinite one is an
+    unreadable line (skipped with the warning), and losses matplotlib cannot lay out are one line, exit 2 (both
+    were tracebacks: OverflowError converting the step to a float, ValueError from the ticks' arange)."""
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    metrics = log_dir / "metrics.jsonl"
+    metrics.write_text(f'{{"step": 1, "loss": 3.0}}\n{{"step": {10**400}, "loss": 2.0}}\n{{"step": -4, "loss": 1}}\n'
+                       '{"step": Infinity, "loss": 1}\n{"step": 2, "loss": 2.5}\n')
+    assert plot_tool.main([str(log_dir)]) == 0
+    said = capsys.readouterr()
+    assert said.err.strip() == f"warning: skipped 3 unreadable line(s) of {metrics}"
+    assert said.out.startswith(f"wrote {log_dir / 'run.png'}: steps 1-2 (2 records")
+    metrics.write_text('{"step": 1, "loss": 1e308}\n{"step": 2, "loss": -1e308}\n')
+    (log_dir / "run.png").unlink()
+    assert plot_tool.main([str(log_dir)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {metrics}: its values cannot be drawn (")
+    assert not (log_dir / "run.png").exists()
 
 
 def test_the_default_title_names_the_run(plot_tool, tmp_path):

@@ -28,6 +28,9 @@ class PlotError(Exception):
     """Bad input, reported as one line."""
 
 
+MAX_STEP = 2 ** 53  # the largest step a float (the axes' numbers) holds exactly
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = ArgumentParser(prog="tools/plot_run.py", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -51,7 +54,10 @@ def read_metrics(path: Path) -> tuple[list[dict[str, Any]], int]:
             try:
                 record = json.loads(line)
                 step = int(record["step"])
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, OverflowError):  # OverflowError: int(inf)
+                bad += 1
+                continue
+            if not 0 <= step <= MAX_STEP:  # no run counts that far; matplotlib's axes cannot hold it
                 bad += 1
                 continue
             while kept and kept[-1]["step"] >= step:  # a resume from an earlier step: what followed it is gone
@@ -121,7 +127,10 @@ def _draw_and_save(metrics_path: Path, output: Path, title: str) -> dict[str, An
 
     fig, axes = plt.subplots(2, 2, figsize=(14, 9), sharex=True)
     try:  # closed on every path: a caller that imports plot_run and calls it again must not pile up open figures
-        drawn = _draw(fig, axes, records, boundaries, sources, title)
+        try:
+            drawn = _draw(fig, axes, records, boundaries, sources, title)
+        except (OverflowError, ValueError) as e:  # values matplotlib cannot lay out (a loss of 1e308 in a record)
+            raise PlotError(f"{metrics_path}: its values cannot be drawn ({e})") from None
         replace_file(output, lambda temp: fig.savefig(temp, dpi=100, format=output.suffix[1:].lower()),
                      suffix=output.suffix)
     finally:
