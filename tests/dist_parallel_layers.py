@@ -103,6 +103,22 @@ def check_cross_entropy(g, logit_scale: float) -> dict:
             "grad_logits": err(lp.grad, chunk(ld.grad, 2)), "scale": ld.grad.abs().max().item()}
 
 
+def check_cross_entropy_nothing_counted(g) -> dict:
+    """The mean over labels all at the ignore index: F.cross_entropy's nan, with zero gradients (a nan gradient is
+    an infinite error: one such micro-batch would make every weight nan)."""
+    torch.manual_seed(3)
+    logits, labels = torch.randn(B, S, V), torch.full((B, S), -100)
+    ld = leaf(logits)
+    want = F.cross_entropy(ld.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    want.backward()
+    lp = leaf(chunk(logits, 2))
+    got = vocab_parallel_cross_entropy(lp, labels, g)
+    got.backward()
+    return {"loss_is_nan": float(got.isnan()), "reference_loss_is_nan": float(want.isnan()),
+            "grad_logits": (lp.grad - chunk(ld.grad, 2)).abs().max().nan_to_num(nan=float("inf")).item(),
+            "reference_grad": ld.grad.abs().max().item()}
+
+
 def check_fused_head_loss(mode: str, g, logit_scale: float, compile_options=None) -> dict:
     """train.loss_chunk_size under TP: the head fused into the loss over each rank's vocabulary slice, in chunks of
     5 tokens (16 tokens: the last chunk is short; a quarter of the labels at the ignore index -100), against
@@ -153,6 +169,7 @@ def main() -> None:
             "embedding_sequence_parallel": check_embedding(True, g),
             "cross_entropy": check_cross_entropy(g, 1.0),
             "cross_entropy_large_logits": check_cross_entropy(g, 80.0),
+            "cross_entropy_nothing_counted": check_cross_entropy_nothing_counted(g),
             "mappings_sequence": check_mappings(g),
             "fused_head_loss_copy": check_fused_head_loss("copy", g, 1.0),
             "fused_head_loss_gather_sequence": check_fused_head_loss("gather_sequence", g, 1.0),

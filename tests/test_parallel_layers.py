@@ -1,9 +1,10 @@
 """Each tensor-parallel layer and the vocab-parallel cross entropy against its dense PyTorch equivalent, forward
 and gradients, over 2 gloo ranks (one torchrun launch, ~10 s on 2 cores): column-parallel linear (replicated and
 sequence-sharded input), row-parallel linear (all-reduce and sequence reduce-scatter), vocab-parallel embedding
-(both), vocab-parallel cross entropy (with ignored tokens, and with logits large enough to overflow a naive exp),
-the sequence gather/scatter collectives, and the head fused into the vocab-parallel loss in chunks of tokens
-(train.loss_chunk_size; both head inputs, large logits, traced by torch.compile)."""
+(both), vocab-parallel cross entropy (with ignored tokens, with logits large enough to overflow a naive exp, and its
+mean over no counted token: nan with zero gradients), the sequence gather/scatter collectives, and the head fused
+into the vocab-parallel loss in chunks of tokens (train.loss_chunk_size; both head inputs, large logits, traced by
+torch.compile)."""
 from __future__ import annotations
 
 import json
@@ -41,3 +42,12 @@ def test_tensor_parallel_matches_dense(results, check):
         assert error <= 1e-5 * max(1.0, values["scale"]), f"{check}: {name} differs from dense by {error}"
     if check in SHARD_DIMS:
         assert values["shard_dim"] == SHARD_DIMS[check]
+
+
+def test_vocab_parallel_mean_over_no_counted_token_is_nan_with_zero_gradients(results):
+    """F.cross_entropy's mean over labels all at the ignore index -100: nan, and gradients of zero, not the nan of
+    0 / 0 (found by test_parallel_properties.py)."""
+    values = results["checks"]["cross_entropy_nothing_counted"]
+    assert values["loss_is_nan"] == values["reference_loss_is_nan"] == 1.0
+    assert values["reference_grad"] == 0.0
+    assert values["grad_logits"] == 0.0, f"gradients differ from F.cross_entropy's zeros by {values['grad_logits']}"

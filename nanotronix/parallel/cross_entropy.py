@@ -67,8 +67,9 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, gro
                                  ignore_index: int = -100, reduction: str = "mean") -> torch.Tensor:
     """Cross entropy of local vocab-slice logits [..., V/tp] against global labels [...] (fp32).
 
-    reduction "none" gives the loss per token (0 at ignored ones); "mean" averages over the non-ignored tokens,
-    "sum" adds them: the same results as `F.cross_entropy` on the gathered logits.
+    reduction "none" gives the loss per token (0 at ignored ones); "mean" averages over the non-ignored tokens (nan,
+    with zero gradients, where there are none), "sum" adds them: the same results as `F.cross_entropy` on the
+    gathered logits.
     """
     flat_logits = logits.reshape(-1, logits.shape[-1]).float()
     flat_labels = labels.reshape(-1)
@@ -78,7 +79,9 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, gro
     if reduction == "sum":
         return per_token.sum()
     if reduction == "mean":
-        return per_token.sum() / (flat_labels != ignore_index).sum()
+        # No token counted: F.cross_entropy's nan with zero gradients, not 0 / 0's nan gradients (0 * inf).
+        count = (flat_labels != ignore_index).sum()
+        return torch.where(count > 0, per_token.sum() / count.clamp(min=1), torch.nan)
     raise ValueError(f"reduction {reduction!r} is not none|sum|mean")
 
 
