@@ -20,7 +20,8 @@ test_kernels.py):
   fused decoder layer (RoPE fused into the QKV split, add + RMSNorm, SwiGLU) against the plain DecoderLayer, in fp32
   and under bf16 autocast.
 
-The vocabulary-parallel loss (parallel/cross_entropy.py) needs a process group: tests/test_parallel_layers.py.
+The vocabulary-parallel losses (parallel/cross_entropy.py) need a process group: their properties are in
+tests/test_parallel_properties.py (gloo groups of 2-4 ranks), their fixed-shape examples in test_parallel_layers.py.
 `linear_cross_entropy`'s labels include some at the ignore index -100 in some examples (never all: the mean of no
 tokens, nan, is an example test in test_speedups.py). Costs ~15 s on one core."""
 from __future__ import annotations
