@@ -160,6 +160,58 @@ def test_missing_manifest_or_file(trained):
         resolve_checkpoint(folder)
 
 
+MANIFEST_EDITS = {  # an edit of a real manifest -> the words of the one line that refuses it
+    "step gone": (lambda m: m.pop("step"), "is damaged: it has no step"),
+    "step 4.5": (lambda m: m.update(step=4.5), "is damaged: step is 4.5, not a whole number >= 0"),
+    "step -1": (lambda m: m.update(step=-1), "is damaged: step is -1, not a whole number >= 0"),
+    "step text": (lambda m: m.update(step="3"), "is damaged: step is '3', not a whole number >= 0"),
+    "samples true": (lambda m: m.update(consumed_samples=True), "consumed_samples is True, not a whole number"),
+    "data samples": (lambda m: m["data"].update(consumed_samples=-6), "data.consumed_samples is -6, not a whole"),
+    "optimizer 1": (lambda m: m.update(optimizer=1), "optimizer is 1, not true or false"),
+    "trainer_state null": (lambda m: m.update(trainer_state=None), "trainer_state is None, not a mapping"),
+    "config gone": (lambda m: m.pop("config"), "is damaged: it holds no config with a model section"),
+    "config list": (lambda m: m["config"].update(train=[]), "config.train is [], not a mapping"),
+    "file null": (lambda m: m["files"].update({".metadata": None}), "files['.metadata'] is None, not a mapping"),
+    "size gone": (lambda m: m["files"][".metadata"].pop("size"),
+                  "files['.metadata'].size is None, not a whole number >= 0"),
+    "size text": (lambda m: m["files"][".metadata"].update(size="12"),
+                  "files['.metadata'].size is '12', not a whole number >= 0"),
+    "hash gone": (lambda m: m["files"][".metadata"].pop("sha256"),
+                  "files['.metadata'].sha256 is None, not a SHA-256 (64 hex digits)"),
+    "outside": (lambda m: m["files"].update({"../x": m["files"][".metadata"]}),
+                "a file name in files is '../x', not a path inside the step folder"),
+    "absolute": (lambda m: m["files"].update({"/etc/hostname": m["files"][".metadata"]}),
+                 "a file name in files is '/etc/hostname', not a path inside the step folder"),
+    "version 1.0": (lambda m: m.update(format_version=1.0), "format_version is 1.0, not a version number"),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(MANIFEST_EDITS))
+def test_an_edited_manifest_field_is_one_line_naming_it(trained, edit):
+    """A hand-edited checkpoint.json whose field the readers use is of another type (or missing) is refused where it
+    is read, naming the field, instead of a KeyError / TypeError deep in an export, a resume or inspect_checkpoint."""
+    from nanotronix.checkpoint.manifest import read_manifest
+
+    _, folder, _, _ = trained
+    change, message = MANIFEST_EDITS[edit]
+    manifest = json.loads((folder / "checkpoint.json").read_text())
+    change(manifest)
+    (folder / "checkpoint.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError) as err:
+        read_manifest(folder)
+    assert message in str(err.value) and str(folder / "checkpoint.json") in str(err.value)
+
+
+def test_a_manifest_nested_deeper_than_json_reads_is_not_valid_json(trained):
+    """json's reader recurses per level: a manifest nested past that raised RecursionError, a traceback."""
+    from nanotronix.checkpoint.manifest import read_manifest
+
+    _, folder, _, _ = trained
+    (folder / "checkpoint.json").write_text('{"format": [' + "[" * 100_000 + "]" * 100_000 + "]}")
+    with pytest.raises(CheckpointError, match="is damaged: not valid JSON"):
+        read_manifest(folder)
+
+
 def test_damaged_checkpoint_cli_error_is_one_line(trained, tmp_path):
     _, folder, _, _ = trained
     victim = _damage_largest_data_file(folder, "flip")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -67,6 +68,7 @@ def layout_text(layout: Any) -> str:
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
+    """The step's manifest, its fields checked (`check_fields`): every reader may then rely on their types."""
     path = folder / MANIFEST_NAME
     try:
         manifest = json.loads(path.read_text())
@@ -74,17 +76,94 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {folder} is incomplete: {MANIFEST_NAME} is missing") from None
     except OSError as e:
         raise unreadable(path, e) from None
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested deeper than json reads
         raise CheckpointError(f"checkpoint {path} is damaged: not valid JSON") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a nanotronix checkpoint manifest")
     version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not _is_count(version) or version < 1:
+        raise CheckpointError(f"checkpoint {path} is damaged: format_version is {_shown(version)}, not a version "
+                              "number")
+    if version > FORMAT_VERSION:
         raise CheckpointError(f"{path}: format version {version!r} is newer than this nanotronix reads "
                               f"({FORMAT_VERSION}); upgrade nanotronix")
     if not isinstance(manifest.get("files"), dict):
         raise CheckpointError(f"checkpoint {path} is damaged: it lists no files")
+    check_fields(path, manifest)
     return manifest
+
+
+def _is_count(value: Any) -> bool:
+    return type(value) is int and value >= 0  # not a bool, a float or a string of digits
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
+
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# Optional sections of a manifest: each a mapping when present.
+_MAPPINGS = ("data", "layout", "trainer_state", "source")
+
+
+def check_fields(path: Path, manifest: dict[str, Any]) -> None:
+    """The fields that the readers (export, evaluate, inspect, rollback, the trainer's resume) use, each of the type
+    the writer gives it, so that a hand-edited or damaged manifest is one line naming the field rather than a
+    traceback deep inside one of them, or a number that means nothing (a step of -1 or 4.5, a size of "12")."""
+    def damaged(field: str, value: Any, expected: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint {path} is damaged: {field} is {_shown(value)}, not {expected}")
+
+    if "step" not in manifest:
+        raise CheckpointError(f"checkpoint {path} is damaged: it has no step")
+    for field in ("step", "consumed_samples", "optimizer_step"):
+        if field in manifest and not _is_count(manifest[field]):
+            raise damaged(field, manifest[field], "a whole number >= 0")
+    if "optimizer" in manifest and not isinstance(manifest["optimizer"], bool):
+        raise damaged("optimizer", manifest["optimizer"], "true or false")
+    config = manifest.get("config")
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise CheckpointError(f"checkpoint {path} is damaged: it holds no config with a model section")
+    for section, value in config.items():
+        if not isinstance(value, dict):
+            raise damaged(f"config.{section}", value, "a mapping")
+    for field in _MAPPINGS:
+        if field in manifest and not isinstance(manifest[field], dict):
+            raise damaged(field, manifest[field], "a mapping")
+    _check_data(manifest.get("data") or {}, damaged)
+    hf = (manifest.get("source") or {}).get("hf", {})
+    if not isinstance(hf, dict):
+        raise damaged("source.hf", hf, "a mapping")
+    for field, kind, expected in (("path", str, "a path"), ("config", dict, "a mapping"),
+                                  ("generation_config", dict, "a mapping")):
+        if field in hf and not isinstance(hf[field], kind):
+            raise damaged(f"source.hf.{field}", hf[field], expected)
+    for name, info in manifest["files"].items():
+        if any(part in ("", ".", "..") for part in name.split("/")):  # absolute, empty, or climbing out
+            raise damaged("a file name in files", name, "a path inside the step folder")
+        if not isinstance(info, dict):
+            raise damaged(f"files[{name!r}]", info, "a mapping of size and sha256")
+        if not _is_count(info.get("size")):
+            raise damaged(f"files[{name!r}].size", info.get("size"), "a whole number >= 0")
+        if not isinstance(info.get("sha256"), str) or not _SHA256.match(info["sha256"]):
+            raise damaged(f"files[{name!r}].sha256", info.get("sha256"), "a SHA-256 (64 hex digits)")
+
+
+def _check_data(data: dict[str, Any], damaged) -> None:
+    """The loader's state as `TrainLoader.state_dict` / `stats` saved it (per-dataset counts and fingerprints)."""
+    if "consumed_samples" in data and not _is_count(data["consumed_samples"]):
+        raise damaged("data.consumed_samples", data["consumed_samples"], "a whole number >= 0")
+    for field in ("datasets", "store_tokens", "store_fingerprints"):
+        if field in data and not isinstance(data[field], dict):
+            raise damaged(f"data.{field}", data[field], "a mapping")
+    for name, got in (data.get("datasets") or {}).items():
+        if not isinstance(got, dict):
+            raise damaged(f"data.datasets[{name!r}]", got, "a mapping")
+        if "consumed_tokens" in got and not _is_count(got["consumed_tokens"]):
+            raise damaged(f"data.datasets[{name!r}].consumed_tokens", got["consumed_tokens"], "a whole number >= 0")
+    for name, tokens in (data.get("store_tokens") or {}).items():
+        if not _is_count(tokens):
+            raise damaged(f"data.store_tokens[{name!r}]", tokens, "a whole number >= 0")
 
 
 def check_sizes(folder: Path, manifest: dict[str, Any]) -> None:
