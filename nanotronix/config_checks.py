@@ -44,6 +44,9 @@ def validate(cfg: Config) -> None:
     _validate_run(cfg)
 
 
+MAX_WEIGHT_ELEMENTS = 2**61 - 1  # fp32 bytes within int64, torch's sizes (SmolLM2-1.7B's largest: 2^27)
+
+
 def validate_model(m: ModelConfig) -> None:
     """The model section's own checks (also run on a Hugging Face config.json by convert_from_hf)."""
     optional = ("preset", "document_mask_eos_id", "initializer_range")
@@ -60,6 +63,15 @@ def validate_model(m: ModelConfig) -> None:
              f"model.num_attention_heads: {m.num_attention_heads} is not a multiple of "
              f"model.num_key_value_heads={m.num_key_value_heads}")
     _require(m.head_dim % 2 == 0, f"model.hidden_size: head dim {m.head_dim} must be even for RoPE")
+    # a weight whose fp32 bytes torch cannot count in int64 (a typo, an edited checkpoint.json: vocab_size 2^63) is
+    # an overflow traceback deep in building the model, even on the meta device; smaller ones too large for the host
+    # are an out of memory, said as that
+    rows = {"vocab_size": m.vocab_size, "intermediate_size": 2 * m.intermediate_size,
+            "num_key_value_heads": m.hidden_size + 2 * m.num_key_value_heads * m.head_dim}
+    name = max(rows, key=rows.get)
+    _require(rows[name] * m.hidden_size <= MAX_WEIGHT_ELEMENTS,
+             f"model.{name}: {getattr(m, name)} makes a weight of {rows[name]} x {m.hidden_size} (hidden_size) "
+             f"elements, more than torch can size (2^61)")
     _require(m.rope_theta > 0, "model.rope_theta: must be positive")
     _require(m.rms_norm_eps > 0, "model.rms_norm_eps: must be positive")
     _require(m.init_std > 0, "model.init_std: must be positive")

@@ -96,6 +96,12 @@ def test_dotted_overrides_reach_nested_lists(tiny_yaml):
     ("train.train_steps=99999999999999", "train.train_steps: 99999999999999 steps of 8 samples are more than the "
                                          "sampler's 2^38 samples"),
     ("train.seed=99999999999999999999999", "train.seed: 99999999999999999999999 is not a 64-bit integer"),
+    # a weight torch cannot size (its fp32 bytes past int64): an overflow traceback in build_model
+    ("model.vocab_size=9223372036854775808", "model.vocab_size: 9223372036854775808 makes a weight of "
+                                             "9223372036854775808 x 64 (hidden_size) elements, more than torch can"),
+    ("model.intermediate_size=4611686018427387904", "model.intermediate_size: 4611686018427387904 makes a weight of"),
+    ("model.hidden_size=1099511627776", "model.num_key_value_heads: 2 makes a weight of 2199023255552 x "
+                                        "1099511627776 (hidden_size) elements"),
     ("checkpoint.dir=''", "checkpoint.dir: empty"),
     ("logging.dir=' '", "logging.dir: empty"),
     ("parallel.collective_timeout_minutes=1e12", "parallel.collective_timeout_minutes: must be > 0 and at most"),
