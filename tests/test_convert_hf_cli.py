@@ -200,6 +200,23 @@ def test_a_manifest_model_config_the_trainer_refuses_is_not_exported(tmp_path, c
 
 
 
+@pytest.mark.timeout(60)
+def test_a_layer_count_edited_in_the_manifest_is_refused_before_the_model_is_built(tmp_path, capsys):
+    """num_hidden_layers 4 -> 400000 in checkpoint.json: one line at once, from the layers the weights hold, instead
+    of building a 400000-layer model on the meta device (half an hour) to compare its shapes with them."""
+    folder, _ = trained_checkpoint(tmp_path / "run")
+    manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    layers = manifest["config"]["model"]["num_hidden_layers"]
+    manifest["config"]["model"]["num_hidden_layers"] = 400_000
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest))
+    code = tool_main("convert_to_hf")(["--checkpoint", str(folder), "--output", str(tmp_path / "o"), "--no-progress"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and lines == [
+        f"error: checkpoint {folder} holds {layers} decoder layers, but the model config in {MANIFEST_NAME} has "
+        "num_hidden_layers=400000 (the manifest was edited, or the files mixed up)"]
+    assert not (tmp_path / "o").exists()
+
+
 def test_overwrite_replaces_only_a_bare_import_and_dot_is_refused(tmp_path, capsys, monkeypatch):
     """--overwrite of an import's folder: only when it holds the import's step 0, `latest` and a run's lock alone, not
     when steps set aside by tools/rollback.py (a run rolled back to its imported step 0) or the user's files lie

@@ -47,6 +47,11 @@ def model_parameter_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
     return {name: p.shape for name, p in build_model(cfg, device=torch.device("meta")).named_parameters()}
 
 
+def stored_layer_count(metadata) -> int:
+    """How many decoder layers a step's weights hold (distinct `model.layers.N.` indices in DCP's metadata)."""
+    prefix = st.model_key("layers.")
+    return len({key[len(prefix):].split(".", 1)[0] for key in metadata.state_dict_metadata if key.startswith(prefix)})
+
 
 class CheckpointReader:
     def __init__(self, path: str | os.PathLike):
@@ -59,6 +64,11 @@ class CheckpointReader:
             self._still_there()
             raise
         self.model_config = model_config_from_saved(self.manifest["config"]["model"], self.folder)
+        layers = stored_layer_count(self.metadata)
+        if layers != self.model_config.num_hidden_layers:  # before building it: 400000 layers take half an hour
+            raise CheckpointError(f"checkpoint {self.folder} holds {layers} decoder layers, but the model config in "
+                                  f"{MANIFEST_NAME} has num_hidden_layers={self.model_config.num_hidden_layers} (the "
+                                  "manifest was edited, or the files mixed up)")
         shapes = model_parameter_shapes(self.model_config)
         self.parameter_names = list(shapes)
         missing = [n for n in self.parameter_names if st.model_key(n) not in self.metadata.state_dict_metadata]
