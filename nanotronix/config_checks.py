@@ -90,7 +90,7 @@ def _validate_run(cfg: Config) -> None:
     _check_fit_to_model(cfg.train, cfg.model)
     _check_optimizer(cfg.optimizer)
     _check_lr_schedule(cfg.lr_schedule, cfg.optimizer.lr)
-    _check_data(cfg.data)
+    validate_data(cfg.data)
     _check_validation(cfg.validation)
     _check_checkpoint(cfg.checkpoint)
     _check_logging(cfg)
@@ -198,8 +198,9 @@ def _check_lr_schedule(s: LRScheduleConfig, lr: float) -> None:
                                 "rate would never decay to it (set decay_start_step and decay_steps too)")
 
 
-def _check_data(d: DataConfig) -> None:
-    """The loader and the stages: the first starting at step 1, each after the one before, each with datasets."""
+def validate_data(d: DataConfig) -> None:
+    """The loader and the stages: the first starting at step 1, each after the one before, each with datasets (also
+    run on a checkpoint's saved data section, whose stages a resume compares with the config's)."""
     _require(d.loader in ("pytorch", "dali"), f"data.loader: {d.loader!r} is not pytorch|dali")
     prev = 0
     for i, stage in enumerate(d.stages):

@@ -174,6 +174,24 @@ def test_resume_refuses_another_global_batch_size(tmp_path, store):
     assert "consumed 16 samples in 2 steps (global batch 8), but train.global_batch_size is 16" in lines[0]
 
 
+def test_a_checkpoint_whose_saved_stages_were_edited_is_one_line(tmp_path, store):
+    """A checkpoint.json whose config.data was edited out of shape (a dataset's `path` key renamed): the resume's data
+    order notes walked its stages, a KeyError traceback; now one line naming the field, before any weight is read."""
+    from nanotronix.checkpoint import CheckpointError
+
+    cfg = _config(tmp_path, store, train={"train_steps": 2}, checkpoint={"dir": str(tmp_path / "ckpt")})
+    train_in_process(cfg)
+    step = tmp_path / "ckpt" / "step_0000002"
+    manifest = json.loads((step / "checkpoint.json").read_text())
+    dataset = manifest["config"]["data"]["stages"][0]["datasets"][0]
+    dataset["paths"] = dataset.pop("path")
+    (step / "checkpoint.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError) as err:
+        train_in_process(cfg, "train.train_steps=3")
+    assert str(err.value).startswith(f"checkpoint {step}: checkpoint.json: data.stages.0.datasets.0.paths: unknown "
+                                     "config key"), err.value
+
+
 def test_tokens_are_counted_at_the_length_each_step_trained(tmp_path, store):
     """A resume with another train.seq_len (the 8k context stage does so): steps 1-2 trained 8 x 32 tokens each, steps
     3-4 8 x 64; the metrics and the checkpoint count 512 + 1,024 tokens, not 4 x 8 x 64 (every step at the new

@@ -26,7 +26,7 @@ import os
 import socket
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -37,10 +37,13 @@ from nanotronix.checkpoint import paths, run_lock
 from nanotronix.checkpoint.errors import CheckpointError, unreadable
 from nanotronix.checkpoint.manifest import layout_text, read_manifest
 from nanotronix.checkpoint.preemption import PreemptionWatcher, torchrun_pid
+from nanotronix.checkpoint.reader import section_from_saved
 from nanotronix.checkpoint.staging import HostStaging
 from nanotronix.checkpoint.state import WriterPlan
 from nanotronix.checkpoint.storage import Collective
 from nanotronix.checkpoint.training_state import load_training_state, take_snapshot, write_snapshot
+from nanotronix.config import DataConfig
+from nanotronix.config_checks import validate_data
 from nanotronix.data.blend import weight_units
 from nanotronix.data.schedule import dataset_order_key
 from nanotronix.distributed import joining, stopping_together
@@ -75,6 +78,14 @@ def check_architecture(saved: dict[str, Any], current: dict[str, Any], where: Pa
             for k in ("rope_theta", "max_position_embeddings", "rms_norm_eps", "document_mask_eos_id")
             if saved.get(k) != current.get(k)]
 
+
+
+def _checked_saved_config(saved: dict[str, Any], where: Path) -> dict[str, Any]:
+    """The checkpoint's config with its data section as the trainer reads its own (types, validate_data): the data
+    order notes walk its stages and weights, which a hand-edited checkpoint.json may leave in any shape."""
+    if "data" not in saved:  # a checkpoint saved without one (an import's step 0 has one; tests' plain saves not)
+        return saved
+    return {**saved, "data": asdict(section_from_saved(DataConfig, saved["data"], "data", where, validate_data))}
 
 
 def data_order_notes(saved: dict[str, Any], current: dict[str, Any], step: int) -> list[str]:
@@ -303,6 +314,7 @@ class Checkpointer:
         with stopping_together(self.coll, f"resuming from {source}"):
             saved = read_manifest(source)
             notes = check_architecture(saved["config"]["model"], current["model"], source)
+            saved_config = _checked_saved_config(saved["config"], source)
         self.origin = saved.get("source")  # an imported model's HF config, carried to this run's checkpoints
         for note in notes:
             self._log(note)
@@ -317,9 +329,9 @@ class Checkpointer:
                                   f"{consumed // max(step, 1)}), but train.global_batch_size is {gbs}: the run would "
                                   "skip or repeat samples; resume with the checkpoint's global batch size")
         if consumed:  # the data position continues (not a fresh start from imported weights)
-            for note in data_order_notes(saved["config"], current, step):
+            for note in data_order_notes(saved_config, current, step):
                 self._log(f"data order: {note}")
-            for note in schedule_change_notes(saved["config"], current):
+            for note in schedule_change_notes(saved_config, current):
                 self._log(f"learning rate: {note}")
         own_run = self.run_dir is not None and source.parent.resolve() == self.run_dir.resolve()
         self.last_saved_step = step if own_run else None  # never save again the step resumed from

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -26,19 +26,25 @@ from nanotronix.errors import ConfigError
 from nanotronix.model import build_model
 
 
+def section_from_saved(cls: type, saved: Any, section: str, where: Path, check: Callable[[Any], None]) -> Any:
+    """A section of a step's manifest config as a `cls`, checked as the trainer checks its config (each value of its
+    field's type, then `check`); fields this version does not know (an older checkpoint's) are left out."""
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"checkpoint {where}: {MANIFEST_NAME}: {section} config is not a mapping")
+    known = {f.name for f in dataclasses.fields(cls)}
+    try:
+        value = build_dataclass(cls, {k: v for k, v in saved.items() if k in known}, section)
+        check(value)
+    except ConfigError as e:
+        raise CheckpointError(f"checkpoint {where}: {MANIFEST_NAME}: {e}") from None
+    return value
+
+
 def model_config_from_saved(saved: dict, where: Path) -> ModelConfig:
     """The model section of a step's manifest, checked as the trainer checks its config (each value of its field's
     type, then validate_model): an edited manifest that keeps the weights' shapes (rope_theta 0, a string for a
     number) would otherwise export a config.json that neither transformers nor the import accepts."""
-    if not isinstance(saved, dict):
-        raise CheckpointError(f"checkpoint {where}: {MANIFEST_NAME}: model config is not a mapping")
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    try:
-        cfg = build_dataclass(ModelConfig, {k: v for k, v in saved.items() if k in known}, "model")
-        validate_model(cfg)
-    except ConfigError as e:
-        raise CheckpointError(f"checkpoint {where}: {MANIFEST_NAME}: {e}") from None
-    return cfg
+    return section_from_saved(ModelConfig, saved, "model", where, validate_model)
 
 
 def model_parameter_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
