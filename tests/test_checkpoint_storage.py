@@ -162,9 +162,9 @@ def test_missing_manifest_or_file(trained):
 
 MANIFEST_EDITS = {  # an edit of a real manifest -> the words of the one line that refuses it
     "step gone": (lambda m: m.pop("step"), "is damaged: it has no step"),
-    "step 4.5": (lambda m: m.update(step=4.5), "is damaged: step is 4.5, not a whole number >= 0"),
-    "step -1": (lambda m: m.update(step=-1), "is damaged: step is -1, not a whole number >= 0"),
-    "step text": (lambda m: m.update(step="3"), "is damaged: step is '3', not a whole number >= 0"),
+    "step 4.5": (lambda m: m.update(step=4.5), "is damaged: step is 4.5, not a whole number in 0..2^63-1"),
+    "step -1": (lambda m: m.update(step=-1), "is damaged: step is -1, not a whole number in 0..2^63-1"),
+    "step text": (lambda m: m.update(step="3"), "is damaged: step is '3', not a whole number in 0..2^63-1"),
     "samples true": (lambda m: m.update(consumed_samples=True), "consumed_samples is True, not a whole number"),
     "data samples": (lambda m: m["data"].update(consumed_samples=-6), "data.consumed_samples is -6, not a whole"),
     "optimizer 1": (lambda m: m.update(optimizer=1), "optimizer is 1, not true or false"),
@@ -173,9 +173,9 @@ MANIFEST_EDITS = {  # an edit of a real manifest -> the words of the one line th
     "config list": (lambda m: m["config"].update(train=[]), "config.train is [], not a mapping"),
     "file null": (lambda m: m["files"].update({".metadata": None}), "files['.metadata'] is None, not a mapping"),
     "size gone": (lambda m: m["files"][".metadata"].pop("size"),
-                  "files['.metadata'].size is None, not a whole number >= 0"),
+                  "files['.metadata'].size is None, not a whole number in 0..2^63-1"),
     "size text": (lambda m: m["files"][".metadata"].update(size="12"),
-                  "files['.metadata'].size is '12', not a whole number >= 0"),
+                  "files['.metadata'].size is '12', not a whole number in 0..2^63-1"),
     "hash gone": (lambda m: m["files"][".metadata"].pop("sha256"),
                   "files['.metadata'].sha256 is None, not a SHA-256 (64 hex digits)"),
     "outside": (lambda m: m["files"].update({"../x": m["files"][".metadata"]}),
@@ -183,6 +183,11 @@ MANIFEST_EDITS = {  # an edit of a real manifest -> the words of the one line th
     "absolute": (lambda m: m["files"].update({"/etc/hostname": m["files"][".metadata"]}),
                  "a file name in files is '/etc/hostname', not a path inside the step folder"),
     "version 1.0": (lambda m: m.update(format_version=1.0), "format_version is 1.0, not a version number"),
+    # torch.tensor(float(step)) of an AdamW state: an OverflowError traceback on resume
+    "step 2^63": (lambda m: m.update(step=2 ** 63, optimizer_step=2 ** 63),
+                  "is damaged: step is 9223372036854775808, not a whole number in 0..2^63-1"),
+    "updates past steps": (lambda m: m.update(optimizer_step=m["step"] + 1),
+                           "is damaged: optimizer_step 4 is more than its step 3"),
 }
 
 

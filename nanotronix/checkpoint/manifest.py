@@ -93,8 +93,11 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
+COUNT = "a whole number in 0..2^63-1"  # steps, samples, tokens, bytes: torch keeps them (an AdamW step) as 64 bits
+
+
 def _is_count(value: Any) -> bool:
-    return type(value) is int and value >= 0  # not a bool, a float or a string of digits
+    return type(value) is int and 0 <= value < 2**63  # not a bool, a float or a string of digits
 
 
 def _shown(value: Any) -> str:
@@ -118,7 +121,10 @@ def check_fields(path: Path, manifest: dict[str, Any]) -> None:
         raise CheckpointError(f"checkpoint {path} is damaged: it has no step")
     for field in ("step", "consumed_samples", "optimizer_step"):
         if field in manifest and not _is_count(manifest[field]):
-            raise damaged(field, manifest[field], "a whole number >= 0")
+            raise damaged(field, manifest[field], COUNT)
+    if manifest.get("optimizer_step", 0) > manifest["step"]:  # skipped steps make fewer updates, never more
+        raise CheckpointError(f"checkpoint {path} is damaged: optimizer_step {manifest['optimizer_step']} is more than "
+                              f"its step {manifest['step']}")
     if "optimizer" in manifest and not isinstance(manifest["optimizer"], bool):
         raise damaged("optimizer", manifest["optimizer"], "true or false")
     config = manifest.get("config")
@@ -144,7 +150,7 @@ def check_fields(path: Path, manifest: dict[str, Any]) -> None:
         if not isinstance(info, dict):
             raise damaged(f"files[{name!r}]", info, "a mapping of size and sha256")
         if not _is_count(info.get("size")):
-            raise damaged(f"files[{name!r}].size", info.get("size"), "a whole number >= 0")
+            raise damaged(f"files[{name!r}].size", info.get("size"), COUNT)
         if not isinstance(info.get("sha256"), str) or not _SHA256.match(info["sha256"]):
             raise damaged(f"files[{name!r}].sha256", info.get("sha256"), "a SHA-256 (64 hex digits)")
 
@@ -152,7 +158,7 @@ def check_fields(path: Path, manifest: dict[str, Any]) -> None:
 def _check_data(data: dict[str, Any], damaged) -> None:
     """The loader's state as `TrainLoader.state_dict` / `stats` saved it (per-dataset counts and fingerprints)."""
     if "consumed_samples" in data and not _is_count(data["consumed_samples"]):
-        raise damaged("data.consumed_samples", data["consumed_samples"], "a whole number >= 0")
+        raise damaged("data.consumed_samples", data["consumed_samples"], COUNT)
     for field in ("datasets", "store_tokens", "store_fingerprints"):
         if field in data and not isinstance(data[field], dict):
             raise damaged(f"data.{field}", data[field], "a mapping")
@@ -160,10 +166,10 @@ def _check_data(data: dict[str, Any], damaged) -> None:
         if not isinstance(got, dict):
             raise damaged(f"data.datasets[{name!r}]", got, "a mapping")
         if "consumed_tokens" in got and not _is_count(got["consumed_tokens"]):
-            raise damaged(f"data.datasets[{name!r}].consumed_tokens", got["consumed_tokens"], "a whole number >= 0")
+            raise damaged(f"data.datasets[{name!r}].consumed_tokens", got["consumed_tokens"], COUNT)
     for name, tokens in (data.get("store_tokens") or {}).items():
         if not _is_count(tokens):
-            raise damaged(f"data.store_tokens[{name!r}]", tokens, "a whole number >= 0")
+            raise damaged(f"data.store_tokens[{name!r}]", tokens, COUNT)
 
 
 def check_sizes(folder: Path, manifest: dict[str, Any]) -> None:
