@@ -207,6 +207,26 @@ def test_an_edited_manifest_field_is_one_line_naming_it(trained, edit):
     assert message in str(err.value) and str(folder / "checkpoint.json") in str(err.value)
 
 
+@pytest.mark.parametrize("recorded", ["interleaved", None, 1])
+def test_a_rope_layout_other_than_the_models_is_refused_by_every_weight_reader(trained, recorded):
+    """checkpoint.json records the RoPE layout (DESIGN.md) so that weights of another are not read as this model's:
+    the export (CheckpointReader) and the resume (load_training_state) read them as rotate_half without a word."""
+    from nanotronix.checkpoint.reader import CheckpointReader
+
+    _, folder, _, _ = trained
+    manifest = json.loads((folder / "checkpoint.json").read_text())
+    manifest["rope_layout"] = recorded
+    (folder / "checkpoint.json").write_text(json.dumps(manifest))
+    message = f"checkpoint {folder}: rope_layout is {recorded!r}, but this nanotronix computes 'rotate_half'"
+    with pytest.raises(CheckpointError) as err:
+        CheckpointReader(folder)
+    assert str(err.value).startswith(message)
+    model = plain_model()
+    with pytest.raises(CheckpointError) as err:
+        load_single(folder, model, adamw(model))
+    assert str(err.value).startswith(message)
+
+
 def test_a_manifest_nested_deeper_than_json_reads_is_not_valid_json(trained):
     """json's reader recurses per level: a manifest nested past that raised RecursionError, a traceback."""
     from nanotronix.checkpoint.manifest import read_manifest

@@ -155,6 +155,15 @@ def check_fields(path: Path, manifest: dict[str, Any]) -> None:
             raise damaged(f"files[{name!r}].sha256", info.get("sha256"), "a SHA-256 (64 hex digits)")
 
 
+def check_rope_layout(path: Path, manifest: dict[str, Any], computed: str) -> None:
+    """The RoPE layout the manifest records is the one the model computes (`computed`): weights of another would need
+    their q/k rows permuted, so a reader that takes them as they are (export, evaluate, resume) refuses them."""
+    recorded = manifest.get("rope_layout", computed)  # absent: written before it was recorded, by this model
+    if recorded != computed:
+        raise CheckpointError(f"checkpoint {path}: rope_layout is {_shown(recorded)}, but this nanotronix computes "
+                              f"{computed!r} (its q/k weights would need another layout)")
+
+
 def _check_data(data: dict[str, Any], damaged) -> None:
     """The loader's state as `TrainLoader.state_dict` / `stats` saved it (per-dataset counts and fingerprints)."""
     if "consumed_samples" in data and not _is_count(data["consumed_samples"]):

@@ -24,6 +24,7 @@ from nanotronix.config_checks import validate_model
 from nanotronix.config_tree import build_dataclass
 from nanotronix.errors import ConfigError
 from nanotronix.model import build_model
+from nanotronix.model.rope import ROPE_LAYOUT
 
 
 def section_from_saved(cls: type, saved: Any, section: str, where: Path, check: Callable[[Any], None]) -> Any:
@@ -69,6 +70,7 @@ class CheckpointReader:
         except CheckpointError:
             self._still_there()
             raise
+        mf.check_rope_layout(self.folder, self.manifest, ROPE_LAYOUT)
         self.model_config = model_config_from_saved(self.manifest["config"]["model"], self.folder)
         layers = stored_layer_count(self.metadata)
         if layers != self.model_config.num_hidden_layers:  # before building it: 400000 layers take half an hour

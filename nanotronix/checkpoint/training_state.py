@@ -111,6 +111,7 @@ def load_training_state(folder: Path, model, optimizer: Optional[Any], ctx, coll
     # said once, by rank 0, and one that some ranks fail to read (a node's own mount) stops the others at once.
     with stopping_together(coll, f"loading checkpoint {folder}"):
         manifest = mf.read_manifest(folder)
+        mf.check_rope_layout(folder, manifest, ROPE_LAYOUT)
         mf.check_sizes(folder, manifest)  # first: a truncated .metadata is said as that, not as one that won't unpickle
         metadata = storage.dcp_metadata(folder)
         targets = st.model_targets(model, ctx.tp, tied)
