@@ -138,6 +138,18 @@ def _damage_largest_data_file(folder: Path, how: str) -> Path:
     return victim
 
 
+def test_a_step_whose_manifest_nests_past_json_is_pruned_by_the_current_settings(tmp_path):
+    """Pruning reads each older step's manifest for the milestones it was saved with: one nested deeper than json's
+    reader recurses (a RecursionError, not a ValueError) stopped the save that pruned; it is pruned as unreadable."""
+    model = plain_model()
+    opt = adamw(model)
+    first = save_single(tmp_path / "run", 1, model, opt)
+    (first / "checkpoint.json").write_text('{"config": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    save_single(tmp_path / "run", 2, model, opt)
+    save_single(tmp_path / "run", 3, model, opt, keep_last=1)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith("step_")) == ["step_0000003"]
+
+
 @pytest.mark.parametrize("how, message", [("truncate", "truncated"), ("flip", "SHA-256")])
 def test_damaged_file_is_named(trained, how, message):
     _, folder, _, _ = trained

@@ -27,7 +27,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from nanotronix.checkpoint.errors import CheckpointError
 from nanotronix.data.files import fsync_folder_if_allowed, fsync_path
@@ -184,15 +184,26 @@ class Retention:
         return (self.keep_every > 0 and step % self.keep_every == 0) or step in self.keep_steps
 
 
+def saved_retention(config: Any) -> Retention:
+    """The milestones (checkpoint.keep_every / keep_steps) of the run that saved a step, from its manifest's `config`;
+    none where it holds no such settings (saved before they existed) or none of their types (edited by hand)."""
+    settings = config.get("checkpoint") if isinstance(config, dict) else None
+    if not isinstance(settings, dict):
+        return Retention()
+    every, steps = settings.get("keep_every") or 0, settings.get("keep_steps") or []
+    if type(every) is not int or every < 0 or not isinstance(steps, list) or any(type(s) is not int for s in steps):
+        return Retention()
+    return Retention(0, every, frozenset(steps))
+
+
 def _saved_as_milestone(step_dir: Path) -> bool:
     """Whether the step is a milestone by the keep_every / keep_steps of the run that saved it (its manifest's
     config): a resume that leaves those settings out (a requeue with trimmed overrides) must not prune it."""
     try:
-        settings = json.loads((step_dir / MANIFEST_NAME).read_text())["config"]["checkpoint"]
-        saved = Retention(0, int(settings.get("keep_every") or 0), frozenset(settings.get("keep_steps") or ()))
-        return saved.milestone(step_of(step_dir))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # unreadable: the current settings decide
+        manifest = json.loads((step_dir / MANIFEST_NAME).read_text())
+    except (OSError, ValueError, RecursionError):  # unreadable: the current settings decide
         return False
+    return saved_retention(manifest.get("config") if isinstance(manifest, dict) else None).milestone(step_of(step_dir))
 
 
 def prune(run_dir: Path, retention: Retention) -> list[Path]:
