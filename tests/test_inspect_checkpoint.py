@@ -56,6 +56,34 @@ def test_a_damaged_latest_pointer_is_stale(trained, tool, capsys, tmp_path):
     assert json.loads(out)["path"] == str(tmp_path / "ckpt" / "step_0000004")
 
 
+EDITED_SUMMARIES = {  # an edit of checkpoint.json the summary has a meaning for -> (consumed tokens, milestones)
+    # a dataset's count gone: samples x seq_len (KeyError before)
+    "tokens gone": (lambda m: m["data"]["datasets"]["arith"].pop("consumed_tokens"), 32 * 32, [3]),
+    # no counts and a seq_len that is no length: unknown ("32" * 32 before, or a TypeError)
+    "seq_len text": (lambda m: (m["data"].pop("datasets"), m["config"]["train"].update(seq_len="32")), None, [3]),
+    # milestones settings of no meaning: none (a TypeError in `step % keep_every` before)
+    "keep_every text": (lambda m: m["config"]["checkpoint"].update(keep_every="2"), 1024, []),
+    "keep_steps number": (lambda m: m["config"]["checkpoint"].update(keep_steps=3), 1024, []),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(EDITED_SUMMARIES))
+def test_a_hand_edited_manifest_is_summarised_by_what_it_still_says(trained, tool, capsys, tmp_path, edit):
+    import shutil
+
+    _, tmp = trained
+    change, tokens, milestones = EDITED_SUMMARIES[edit]
+    shutil.copytree(tmp / "ckpt", tmp_path / "ckpt")
+    manifest_file = tmp_path / "ckpt" / "step_0000004" / "checkpoint.json"
+    manifest = json.loads(manifest_file.read_text())
+    change(manifest)
+    manifest_file.write_text(json.dumps(manifest))
+    code, out, err = run_tool(tool, capsys, tmp_path / "ckpt", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["consumed_tokens"] == tokens and report["milestones"] == milestones
+
+
 def test_verify_names_a_corrupted_or_truncated_file(trained, tool, capsys, tmp_path):
     import shutil
 

@@ -36,9 +36,9 @@ def consumed_tokens(manifest: dict, consumed_samples: int, seq_len) -> int | Non
     """The tokens trained on: the datasets' counts the checkpoint saved (right across a resume that changed
     train.seq_len), else samples x the config's seq_len (checkpoints without them, an import: None)."""
     datasets = manifest.get("data", {}).get("datasets")
-    if datasets:
-        return sum(int(d["consumed_tokens"]) for d in datasets.values())
-    return consumed_samples * seq_len if seq_len is not None else None
+    if datasets and all("consumed_tokens" in d for d in datasets.values()):  # counts: read_manifest checked them
+        return sum(d["consumed_tokens"] for d in datasets.values())
+    return consumed_samples * seq_len if type(seq_len) is int and seq_len > 0 else None
 
 
 def summarise(folder: Path) -> dict:
@@ -58,8 +58,7 @@ def summarise(folder: Path) -> dict:
     consumed = int(manifest.get("consumed_samples", 0))
     run = folder.parent
     run_steps = [paths.step_of(p) for p in paths.committed_steps(run)]
-    kept = config.get("checkpoint", {})  # the run's checkpoint.keep_every / keep_steps (absent before they existed)
-    retention = paths.Retention(0, kept.get("keep_every") or 0, frozenset(kept.get("keep_steps") or ()))
+    retention = paths.saved_retention(config)  # the run's checkpoint.keep_every / keep_steps
     return {
         "path": str(folder), "step": manifest["step"], "consumed_samples": consumed,
         "consumed_tokens": consumed_tokens(manifest, consumed, train.get("seq_len")),
