@@ -118,6 +118,23 @@ def test_verify_names_a_corrupted_or_truncated_file(trained, tool, capsys, tmp_p
     assert code == 2 and err.startswith("error: checkpoint file missing: ") and str(metadata) in err, err
 
 
+def test_verify_refuses_a_file_the_manifest_leaves_out(trained, tool, capsys, tmp_path):
+    """A data file's entry deleted from checkpoint.json: --verify said "OK: every file matches its size and SHA-256"
+    without reading it (flipped bits there went unnoticed); it names the file instead, as a resume does."""
+    import shutil
+
+    _, tmp = trained
+    step = tmp_path / "step_0000004"
+    shutil.copytree(tmp / "ckpt" / "step_0000004", step)
+    manifest = json.loads((step / "checkpoint.json").read_text())
+    del manifest["files"]["__0_0.distcp"]
+    (step / "checkpoint.json").write_text(json.dumps(manifest))
+    code, out, err = run_tool(tool, capsys, step, "--verify", "--no-progress")
+    assert code == 2 and err.strip().splitlines() == [
+        f"error: checkpoint file missing from checkpoint.json: {step / '__0_0.distcp'} (it cannot be verified)"]
+    assert run_tool(tool, capsys, step)[0] == 0  # the summary alone reads no file's bytes: it still says what it can
+
+
 @pytest.mark.parametrize("errno_code", ["EIO", "EACCES"])
 def test_metadata_that_cannot_be_read_is_said_as_the_os_error_not_damage(trained, tool, capsys, monkeypatch,
                                                                          errno_code):

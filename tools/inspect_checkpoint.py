@@ -79,10 +79,17 @@ def summarise(folder: Path) -> dict:
 def verify(folder: Path, progress: bool) -> None:
     from tqdm import tqdm
 
-    from nanotronix.checkpoint.manifest import check_hashes, read_manifest
+    from nanotronix.checkpoint.errors import CheckpointError
+    from nanotronix.checkpoint.manifest import check_hashes, list_files, read_manifest
+    from nanotronix.checkpoint.paths import MANIFEST_NAME
 
     manifest = read_manifest(folder)
     files = manifest["files"]
+    # a file the manifest leaves out (its entry deleted by hand) has no size or hash to check: not "every file matches"
+    unlisted = [name for name in list_files(folder) if name not in files]
+    if unlisted:
+        raise CheckpointError(f"checkpoint file missing from {MANIFEST_NAME}: {folder / unlisted[0]} (it cannot be "
+                              "verified)")
     with tqdm(total=sum(f["size"] for f in files.values()), unit="B", unit_scale=True, desc="verify",
               disable=not progress) as bar:
         for name in sorted(files):
