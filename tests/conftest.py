@@ -41,6 +41,29 @@ def trained(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def commands_in_process():
+    """For calling commands' `main(argv)` in this process (test_cli_properties.py and
+    test_checkpoint_manifest_properties.py): the Hub offline (a missing tokenizer name is tried as a Hub id) and the
+    trainer's exit (os._exit) raised as SystemExit; faulthandler, which the trainer's main enables on the stderr of the
+    call (a capture file that is gone after it), back on the real stderr at the end."""
+    import faulthandler
+
+    import huggingface_hub.constants
+
+    import nanotronix.train.main as train_main
+
+    def exit_as_system_exit(code: int):
+        raise SystemExit(code)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        mp.setattr(train_main, "shutdown_and_exit", exit_as_system_exit)
+        yield
+    if faulthandler.is_enabled():
+        faulthandler.enable(file=sys.__stderr__)
+
+
+@pytest.fixture(scope="module")
 def slurm():
     """A handle on the local two-node Slurm cluster (.ci/slurm_cluster.sh starts it unless it runs), for the Slurm test
     files (slurm_helpers.py); it cancels the module's jobs that are still queued at the end."""

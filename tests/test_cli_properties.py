@@ -10,11 +10,9 @@ new where it was told to write when it fails. Each call runs in a fresh scratch 
 names land there. The bench_* tools (they time things) are left out. ~10 s on one core."""
 from __future__ import annotations
 
-import faulthandler
 import json
 import os
 import shutil
-import sys
 import tempfile
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -136,23 +134,10 @@ def world(trained, tiny_tokenizer, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def sandbox(world, tmp_path_factory):
-    """Where each call runs (a fresh scratch folder per call, below `root`), with the Hub offline (a missing
-    tokenizer name is tried as a Hub id) and the trainer's exit (os._exit) raised as SystemExit."""
-    import huggingface_hub.constants
-
-    import nanotronix.train.main as train_main
-
-    def exit_as_system_exit(code: int):
-        raise SystemExit(code)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-        mp.setattr(train_main, "shutdown_and_exit", exit_as_system_exit)
-        root = tmp_path_factory.mktemp("cli_scratch")
-        yield root
-    if faulthandler.is_enabled():  # the trainer's main enabled it on a capture file that is gone
-        faulthandler.enable(file=sys.__stderr__)
+def sandbox(world, commands_in_process, tmp_path_factory):
+    """Where each call runs (a fresh scratch folder per call, below it), commands called as conftest's
+    `commands_in_process` sets them up."""
+    return tmp_path_factory.mktemp("cli_scratch")
 
 
 def call_and_check(main, args, world, root: Path, writes: bool = False, copies: dict | None = None,
