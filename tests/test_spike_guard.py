@@ -121,6 +121,17 @@ def test_a_window_of_one_repeated_value_judges_nothing():
     assert SpikeGuard(6.0, 3, {"losses": [0.1] * 3, "grad_norms": [1.0] * 3}).judge(1e9, 1.0) is None
 
 
+@pytest.mark.parametrize("state", [{"losses": 5, "grad_norms": []}, {"losses": ["2.5"], "grad_norms": [1.0]},
+                                   {"losses": [2.5], "grad_norms": [float("nan")]}, {"losses": [2.5]}, [2.5]])
+def test_a_window_edited_in_the_checkpoint_is_one_user_error(state):
+    """The window comes back from the checkpoint's trainer_state: edited into another shape it was a TypeError (at the
+    resume, or at the first step judged against a string), or a nan mean that judged nothing."""
+    from nanotronix.errors import UserError
+
+    with pytest.raises(UserError, match="the checkpoint's trainer_state.spike_guard.(losses|grad_norms) is damaged"):
+        SpikeGuard(6.0, 1, state)
+
+
 def test_bad_settings_are_refused(tmp_path, stores):
     cfg = _config(tmp_path, stores)
     with pytest.raises(ConfigError, match="train.spike_skip_sigma: must be >= 0"):

@@ -16,9 +16,12 @@ the decision needs the step's global loss, which only the training step knows.
 """
 from __future__ import annotations
 
+import math
 import statistics
 from collections import deque
 from typing import Any, Optional
+
+from nanotronix.errors import UserError
 
 
 class SpikeGuard:
@@ -28,8 +31,8 @@ class SpikeGuard:
         self.losses: deque[float] = deque(maxlen=window)
         self.grad_norms: deque[float] = deque(maxlen=window)
         if state:
-            self.losses.extend(state["losses"])
-            self.grad_norms.extend(state["grad_norms"])
+            self.losses.extend(_saved_window(state, "losses"))
+            self.grad_norms.extend(_saved_window(state, "grad_norms"))
 
     def judge(self, loss: float, grad_norm: float) -> Optional[str]:
         """Why this step's update should be skipped (None: apply it); then add its values to the window."""
@@ -52,3 +55,13 @@ class SpikeGuard:
 
     def state_dict(self) -> dict[str, Any]:
         return {"losses": list(self.losses), "grad_norms": list(self.grad_norms)}
+
+
+def _saved_window(state: Any, key: str) -> list[float]:
+    """A window as `state_dict` saved it (in the checkpoint's trainer_state): finite numbers only, as only finite steps
+    enter it. One edited into anything else is a UserError, not a TypeError at the first step it is judged against."""
+    values = state.get(key) if isinstance(state, dict) else None
+    if not isinstance(values, list) or not all(type(v) in (int, float) and math.isfinite(v) for v in values):
+        raise UserError(f"the checkpoint's trainer_state.spike_guard.{key} is damaged: not a list of finite numbers",
+                        every_rank=True)  # the same checkpoint on every rank: rank 0 says it
+    return values
