@@ -183,6 +183,9 @@ MANIFEST_EDITS = {  # an edit of a real manifest -> the words of the one line th
     "trainer_state null": (lambda m: m.update(trainer_state=None), "trainer_state is None, not a mapping"),
     "config gone": (lambda m: m.pop("config"), "is damaged: it holds no config with a model section"),
     "config list": (lambda m: m["config"].update(train=[]), "config.train is [], not a mapping"),
+    # evaluate compares it with the store's tokenizer as a path: a TypeError traceback
+    "tokenizer 5": (lambda m: m["config"].update(data={"tokenizer": 5}),
+                    "config.data.tokenizer is 5, not a tokenizer's path or Hub id"),
     "file null": (lambda m: m["files"].update({".metadata": None}), "files['.metadata'] is None, not a mapping"),
     "size gone": (lambda m: m["files"][".metadata"].pop("size"),
                   "files['.metadata'].size is None, not a whole number in 0..2^63-1"),

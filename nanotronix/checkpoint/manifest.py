@@ -133,6 +133,9 @@ def check_fields(path: Path, manifest: dict[str, Any]) -> None:
     for section, value in config.items():
         if not isinstance(value, dict):
             raise damaged(f"config.{section}", value, "a mapping")
+    tokenizer = config.get("data", {}).get("tokenizer")  # what the export ships and evaluate compares with the store's
+    if tokenizer is not None and not isinstance(tokenizer, str):
+        raise damaged("config.data.tokenizer", tokenizer, "a tokenizer's path or Hub id")
     for field in _MAPPINGS:
         if field in manifest and not isinstance(manifest[field], dict):
             raise damaged(field, manifest[field], "a mapping")
