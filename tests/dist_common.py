@@ -1,11 +1,16 @@
 """The tiny SmolLM2-shaped setup shared by the parallel-layout test and its torchrun worker, and the
-single-process reference run (plain PyTorch: the model, F.cross_entropy, clip_grad_norm_, torch.optim.AdamW)."""
+single-process reference run (plain PyTorch: the model, F.cross_entropy, clip_grad_norm_, torch.optim.AdamW), and
+how every torchrun worker of the tests ends (`run_worker`)."""
 from __future__ import annotations
+
+import traceback
+from typing import Callable, NoReturn
 
 import torch
 import torch.nn.functional as F
 
 from nanotronix.config import Config, config_from_dict
+from nanotronix.distributed import shutdown_and_exit
 
 STEPS = 5
 
@@ -100,3 +105,15 @@ def reference_run(cfg: Config, data: torch.Tensor):
     weights = {n: p.detach().clone() for n, p in named}
     states = {n: {k: opt.state[p][k].clone() for k in ("exp_avg", "exp_avg_sq")} for n, p in named}
     return losses, norms, weights, states, val_losses
+
+
+def run_worker(body: Callable[[], None]) -> NoReturn:
+    """A torchrun worker's checks, then the trainer's teardown (shutdown_and_exit dodges gloo's exit-time abort):
+    exit 0, or 1 with the traceback printed when they raise."""
+    code = 0
+    try:
+        body()
+    except Exception:
+        traceback.print_exc()
+        code = 1
+    shutdown_and_exit(code)

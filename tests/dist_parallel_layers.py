@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import sys
-import traceback
 from pathlib import Path
 
 import torch
@@ -22,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nanotronix.parallel import mappings  # noqa: E402
 from nanotronix.parallel.cross_entropy import head_and_loss, vocab_parallel_cross_entropy  # noqa: E402
-from nanotronix.distributed import shutdown_and_exit  # noqa: E402
+from dist_common import run_worker  # noqa: E402
 from nanotronix.parallel.tensor_parallel import (ColumnParallelLinear, RowParallelLinear,  # noqa: E402
                                                  VocabParallelEmbedding)
 
@@ -158,8 +157,8 @@ def main() -> None:
     out = Path(sys.argv[1])
     dist.init_process_group("gloo")
     g = dist.group.WORLD
-    code = 0
-    try:
+
+    def check_all() -> None:
         checks = {
             "column_copy": check_column("copy", g),
             "column_gather_sequence": check_column("gather_sequence", g),
@@ -184,10 +183,7 @@ def main() -> None:
                     values[key] = t.item()
         if dist.get_rank() == 0:
             out.write_text(json.dumps({"world_size": dist.get_world_size(), "checks": checks}))
-    except Exception:
-        traceback.print_exc()
-        code = 1
-    shutdown_and_exit(code)  # the trainer's teardown (dodges gloo's exit-time abort)
+    run_worker(check_all)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import traceback
 from pathlib import Path
 
 import torch
@@ -23,13 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dist_common import (STEPS, VALIDATE_AFTER, VALIDATION_WINDOWS, make_config, make_data,  # noqa: E402
-                         make_validation_windows, rank_batch)
+                         make_validation_windows, rank_batch, run_worker)
 from nanotronix.model import build_model  # noqa: E402
 from nanotronix.parallel import DistributedOptimizer, ParallelContext, parallelize  # noqa: E402
 from nanotronix.train.optimizer import param_groups  # noqa: E402
 from nanotronix.train.step import train_step  # noqa: E402
 from nanotronix.train.validation import Validator  # noqa: E402
-from nanotronix.distributed import shutdown_and_exit  # noqa: E402
 
 
 def parse_layout(text: str) -> tuple[str, dict]:
@@ -134,15 +132,12 @@ def main() -> None:
     parser.add_argument("layouts", nargs="+")
     args = parser.parse_args()
     dist.init_process_group("gloo")
-    code = 0
-    try:
+
+    def run_layouts() -> None:
         for text in args.layouts:
             name, fields = parse_layout(text)
             run_layout(name, fields, Path(args.out))
-    except Exception:
-        traceback.print_exc()
-        code = 1
-    shutdown_and_exit(code)  # the trainer's teardown (dodges gloo's exit-time abort)
+    run_worker(run_layouts)
 
 
 if __name__ == "__main__":

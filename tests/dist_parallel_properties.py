@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from dist_parallel_layers import chunk, leaf  # also puts the repository root on sys.path
+from dist_common import run_worker
 
 from nanotronix.distributed import shutdown_and_exit
 from nanotronix.parallel import mappings
@@ -321,18 +322,15 @@ def main() -> None:
     cases, out = json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2])
     # a rank left waiting in a collective (another one stopped) fails in a minute, not gloo's default 30
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
-    code = 0
-    try:
+
+    def check_cases() -> None:
         if any(case["tp"] != dist.get_world_size() for case in cases):
             raise ValueError(f"cases for another tp than this world of {dist.get_world_size()}")
         results = [run_case(case, dist.group.WORLD) for case in cases]
         worst_over_ranks(results)
         if dist.get_rank() == 0:
             out.write_text(json.dumps(results))
-    except Exception:
-        traceback.print_exc()
-        code = 1
-    shutdown_and_exit(code)  # the trainer's teardown (dodges gloo's exit-time abort)
+    run_worker(check_cases)
 
 
 if __name__ == "__main__":
