@@ -194,12 +194,13 @@ def test_replace_file_leaves_no_temp_behind(tmp_path):
 def test_an_output_under_a_file_or_on_a_read_only_file_system_is_named(tmp_path, blocker, monkeypatch):
     """The path the user gave, in the words of the commands' other path checks: not mkdir's `File exists`, nor
     (on a read-only file system, where removing the temp file fails too) the hidden temp file's name."""
-    from nanotronix.checkpoint.output_folder import prepare_output
+    from nanotronix.checkpoint.output_folder import staged_output
     with pytest.raises(UserError) as said:
         replace_file(blocker / "plot.png", lambda temp: Path(temp).write_text("x"))
     assert str(said.value) == f"cannot write {blocker / 'plot.png'} (a part of that path is a file, not a folder)"
     with pytest.raises(UserError) as said:
-        prepare_output(blocker / "hf", tmp_path / "ckpt", False, lambda p: False, "a model folder")
+        with staged_output(blocker / "hf", tmp_path / "ckpt", False, lambda p: False, "a model folder"):
+            raise AssertionError("a folder was staged under a file")
     assert str(said.value) == f"--output {blocker / 'hf'}: cannot write there (a part of that path is a file, not " \
                               "a folder)"
 
