@@ -112,14 +112,16 @@ def check_loggers(cfg: Config) -> None:
 
 
 def check_resume(cfg: Config) -> int:
-    """The checkpoint the run would start from is there, holds a model of the config's shape, and
-    checkpoint.resume fits checkpoint.dir (none into a folder holding checkpoints, an earlier step of the run's own
-    folder): the trainer's own decisions, made here before torchrun starts on every node. Returns the step the run
-    would start after (0: from scratch)."""
+    """The checkpoint the run would start from is there, holds a model of the config's shape in the RoPE layout the
+    model computes, every file it lists present at its recorded size (a truncated copy: cheap stats, no hashing),
+    and checkpoint.resume fits checkpoint.dir (none into a folder holding checkpoints, an earlier step of the run's
+    own folder): the trainer's own decisions, made here before torchrun starts on every node. Returns the step the
+    run would start after (0: from scratch)."""
     from pathlib import Path
 
     from nanotronix.checkpoint.checkpointer import check_architecture, choose_resume_source
-    from nanotronix.checkpoint.manifest import read_manifest
+    from nanotronix.checkpoint.manifest import check_rope_layout, check_sizes, read_manifest
+    from nanotronix.model.rope import ROPE_LAYOUT
 
     run_dir = Path(cfg.checkpoint.dir).expanduser() if cfg.checkpoint.dir else None
     try:
@@ -128,6 +130,8 @@ def check_resume(cfg: Config) -> int:
             return 0
         manifest = read_manifest(source)  # a model of another shape than the config's would fail after the rendezvous
         check_architecture(manifest["config"]["model"], cfg.to_dict()["model"], source)
+        check_rope_layout(source, manifest, ROPE_LAYOUT)
+        check_sizes(source, manifest)
         return int(manifest["step"])
     except UserError as e:
         raise PreflightError(f"checkpoint.resume: {e}" if "checkpoint.resume" not in str(e) else str(e)) from None

@@ -372,8 +372,9 @@ def test_resume(run, edits_root, data):
 @settings(PROPERTY, max_examples=120)
 @given(data=st.data())
 def test_preflight(run, edits_root, data):
-    """`python -m nanotronix.preflight` with checkpoint.resume naming the edited step: it reads the manifest and
-    compares the model with the config's (the rest is the trainer's), and makes none of the folders it checks."""
+    """`python -m nanotronix.preflight` with checkpoint.resume naming the edited step: it reads the manifest, compares
+    the model with the config's and stats the listed files (hashes and weights are the trainer's), and makes none
+    of the folders it checks."""
     from nanotronix.preflight import main
 
     edit = data.draw(edited_manifest(source_manifest(run, 4)), "edit")
@@ -384,5 +385,5 @@ def test_preflight(run, edits_root, data):
                     ("text", f"checkpoint.dir={out / 'ckpt'}"), ("text", f"logging.dir={out / 'logs'}"),
                     ("text", "train.train_steps=5")], world, edits_root)
     assert not out.exists()
-    check_refusal(edit, source_manifest(run, 4), {"architecture"}, codes)
+    check_refusal(edit, source_manifest(run, 4), {"architecture", "sizes"}, codes)
     check_and_clean(run, world, edit.data, codes)

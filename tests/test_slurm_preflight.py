@@ -1,6 +1,8 @@
 """`python -m nanotronix.preflight`, the check the Slurm scripts run before torchrun, without Slurm (~3 s)."""
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -155,6 +157,21 @@ def test_resume_settings_the_trainer_refuses_fail_here(tmp_path, store, capsys):
     assert code == 0 and f"\nnote: {tmp_path / 'logs' / 'metrics.jsonl'} already holds records " in out, (out, err)
     code, out, err = check(capsys, "--config", str(cfg), "checkpoint.resume=auto", "model.hidden_size=128")
     assert code == 2 and err.endswith("was saved with model.hidden_size=64, but the config has 128"), err
+    # a checkpoint of another RoPE layout, and a truncated copy: said here, not by every rank after the rendezvous
+    step = ckpt / "step_0000004"
+    manifest = json.loads((step / "checkpoint.json").read_text())
+    (step / "checkpoint.json").write_text(json.dumps({**manifest, "rope_layout": "interleaved"}))
+    code, out, err = check(capsys, "--config", str(cfg), "checkpoint.resume=auto", "train.train_steps=6")
+    assert code == 2 and err == f"error: checkpoint.resume: checkpoint {step}: rope_layout is 'interleaved', " \
+                                "but this nanotronix computes 'rotate_half' (its q/k weights would need another " \
+                                "layout)", err
+    (step / "checkpoint.json").write_text(json.dumps(manifest))
+    victim = max((p for p in step.iterdir() if p.name.endswith(".distcp")), key=lambda p: p.stat().st_size)
+    size = victim.stat().st_size
+    os.truncate(victim, size - 1)
+    code, out, err = check(capsys, "--config", str(cfg), "checkpoint.resume=auto", "train.train_steps=6")
+    assert code == 2 and err == f"error: checkpoint.resume: checkpoint file damaged: {victim} has {size - 1} " \
+                                f"bytes, expected {size} (truncated or overwritten)", err
 
 
 def test_a_closed_stdout_is_quiet():
