@@ -180,6 +180,6 @@ def apply_override(tree: dict[str, Any], override: str) -> None:
 
 
 def _list_index(part: str, node: list, where: str) -> int:
-    if not part.isdigit() or int(part) >= len(node):
+    if not (part.isascii() and part.isdigit()) or int(part) >= len(node):
         raise ConfigError(f"{where}: no list item {part!r} (the list has {len(node)})")
     return int(part)

@@ -148,6 +148,7 @@ def load_tool(name: str):
         sys.path.append(str(ROOT / "tools"))
     spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # as an import does: a dataclass in the tool looks its module up there
     spec.loader.exec_module(module)
     return module
 

@@ -10,6 +10,7 @@ new where it was told to write when it fails. Each call runs in a fresh scratch 
 names land there. The bench_* tools (they time things) are left out. ~10 s on one core."""
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -70,7 +71,7 @@ TEXT = st.text(st.one_of(st.characters(exclude_categories=("Cs", "Cc")), st.samp
                max_size=12)
 NUMBERS = st.one_of(
     st.sampled_from(["0", "-1", "1", "2", "3", "7", "nan", "inf", "-inf", "1.5", "", "1e3", " 4", "\u0663", "0x10",
-                     "1_0", "+5", "99999999999999999999", "-99999999999", "4294967296", "1e400"]),
+                     "1_0", "+5", "\u00b2", "99999999999999999999", "-99999999999", "4294967296", "1e400"]),
     st.integers(1, 64).map(str), st.integers(-10 ** 6, 10 ** 6).map(str), TEXT)
 
 
@@ -141,11 +142,11 @@ def sandbox(world, commands_in_process, tmp_path_factory):
 
 
 def call_and_check(main, args, world, root: Path, writes: bool = False, copies: dict | None = None,
-                   inputs: tuple[str, ...] = ()):
-    """Run main(argv) in a fresh scratch folder and check the contract. `writes`: the command writes where it is told
-    (else it must write nothing at all). `copies`: world names copied into the scratch folder first (what the command
-    may change: a run's checkpoint folder, its logs), under the name given. `inputs`: the flags ("" for the first
-    positional) whose value must exist for the command to succeed."""
+                   inputs: tuple[str, ...] = ()) -> tuple[int, list[str]]:
+    """Run main(argv) in a fresh scratch folder, check the contract, return the exit code and stderr's lines.
+    `writes`: the command writes where it is told (else it must write nothing at all). `copies`: world names copied
+    into the scratch folder first (what the command may change: a run's checkpoint folder, its logs), under the name
+    given. `inputs`: the flags ("" for the first positional) whose value must exist for the command to succeed."""
     scratch = Path(tempfile.mkdtemp(dir=root))
     (scratch / "a_file").write_text("x\n")
     (scratch / "empty").mkdir()
@@ -182,6 +183,7 @@ def call_and_check(main, args, world, root: Path, writes: bool = False, copies: 
     finally:
         os.chdir(cwd)
         shutil.rmtree(scratch, ignore_errors=True)
+    return code, lines
 
 
 def inputs_of(strings: list[str], flags: tuple[str, ...]) -> list[str]:
@@ -237,7 +239,8 @@ def test_evaluate(sandbox, world, args):
 OVERRIDES = st.one_of(
     st.tuples(st.sampled_from(["train.seq_len", "train.train_steps", "parallel.tp", "parallel.pp", "model.preset",
                                "data.tokenizer", "checkpoint.dir", "logging.dir", "optimizer.lr", "nope", "",
-                               "train", "model.hidden_size"]),
+                               "train", "model.hidden_size", "data.stages.0.name",
+                               "data.stages.\u00b2.name"]),
               st.one_of(NUMBERS, TEXT, st.sampled_from(sorted(SCRATCH.values()))))
     .map(lambda kv: ("text", f"{kv[0]}={kv[1]}")),
     text_value(TEXT))
@@ -263,7 +266,8 @@ def test_train_fails_before_training(sandbox, world, args, overrides, print_conf
 @given(args=argv([("--checkpoint", path_value("ckpt", "step", "store", "hf"), True),
                   ("--output", path_value(), True),
                   ("--dtype", choice_value("float32", "bfloat16", "float16"), False),
-                  ("--max-shard-size", choice_value("5GB", "1KB", "0", "-1GB", "nanGB", "1e400GB", "10", "GB"),
+                  ("--max-shard-size", choice_value("5GB", "1KB", "0", "-1GB", "nanGB", "1e400GB", "10", "GB",
+                                                            "\u00b2GB"),
                    False),
                   ("--tokenizer", path_value("tokenizer", "tokenizer_folder", "store"), False),
                   ("--overwrite", None, False), ("--private", None, False),
@@ -320,7 +324,8 @@ def test_plot_run(sandbox, world, args):
                   ("--workers", choice_value("1", "0", "-1", "2", "nan", "", "1.5", "\u0663"), False),
                   ("--format", choice_value("megatron", "zarr"), False), ("--skip-bad", None, False),
                   ("--shuffle", text_value(NUMBERS), False),
-                  ("--shard", choice_value("0/1", "1/2", "2/2", "1/0", "-1/2", "a/b", "0/99999999999", "1"), False),
+                  ("--shard", choice_value("0/1", "1/2", "2/2", "1/0", "-1/2", "a/b", "0/99999999999", "1", "\u00b2/3"),
+                   False),
                   ("--overwrite", None, False), ("--no-progress", None, True)]))
 def test_preprocess(sandbox, world, args):
     call_and_check(load_tool("preprocess").main, args, world, sandbox, writes=True, inputs=("--input", "--tokenizer"))
@@ -335,3 +340,26 @@ def test_preflight(sandbox, world, args, overrides):
     checks (checkpoint.dir, logging.dir) to stay behind."""
     from nanotronix.preflight import main
     call_and_check(main, [*args, *overrides], world, sandbox, inputs=("--config",))
+
+
+# Digits str.isdigit() takes but int() refuses (a superscript two), where each command reads a number out of a text:
+# drawn above too, but derandomized draws need not meet them. Each was a ValueError traceback.
+SUPERSCRIPT_NUMBERS = {
+    "override list index": ("nanotronix.train.main", [("text", "--config"), ("path", "config"),
+                                                      ("text", "--print-config"),
+                                                      ("text", "data.stages.\u00b2.name=x")]),
+    "max shard size": ("convert_to_hf", [("text", "--checkpoint"), ("path", "ckpt"), ("text", "--output"),
+                                         ("path", "missing"), ("text", "--max-shard-size"), ("text", "\u00b2GB")]),
+    "preprocess shard": ("preprocess", [("text", "--input"), ("path", "texts"), ("text", "--tokenizer"),
+                                        ("path", "tokenizer"), ("text", "--output-prefix"), ("path", "missing"),
+                                        ("text", "--shard"), ("text", "\u00b2/3")]),
+    "bench documents": ("bench_train", [("text", "--documents"), ("text", "\u00b2:4")]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SUPERSCRIPT_NUMBERS))
+def test_superscript_digits_are_refused_in_one_line(sandbox, world, case):
+    tool, args = SUPERSCRIPT_NUMBERS[case]
+    main = (importlib.import_module(tool) if "." in tool else load_tool(tool)).main  # a module, or a tools/ script
+    code, lines = call_and_check(main, args, world, sandbox, writes=True)
+    assert code == 2 and "\u00b2" in lines[-1], (case, code, lines)

@@ -88,7 +88,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         ap.error("--warmup must be >= 0")
     if args.documents is not None:
         eos, sep, mean = args.documents.partition(":")
-        if not (sep and eos.isdigit() and mean.isdigit() and int(mean) >= 1):
+        if not (sep and args.documents.isascii() and eos.isdigit() and mean.isdigit() and int(mean) >= 1):
             ap.error(f"--documents {args.documents!r}: expected EOS_ID:MEAN_LENGTH (two integers, length >= 1)")
         args.documents = (int(eos), int(mean))
     return args

@@ -38,10 +38,10 @@ def parse_size(text: str) -> int:
     t = text.strip().upper()
     size = None
     for unit, factor in units.items():
-        if t.endswith(unit) and t[:-len(unit)].strip().replace(".", "", 1).isdigit():
+        if t.endswith(unit) and t.isascii() and t[:-len(unit)].strip().replace(".", "", 1).isdigit():
             size = int(float(t[:-len(unit)]) * factor)
             break
-    if size is None and t.isdigit():
+    if size is None and t.isascii() and t.isdigit():
         size = int(t)
     if size is None:
         raise UserError(f"--max-shard-size: cannot read {text!r} (examples: 5GB, 500MB, 2GiB)")

@@ -44,7 +44,7 @@ def _read_metadata(path: Path) -> tuple[Optional[str], Optional[int]]:
     if not first:
         return None, None
     name, _, size = first[0].rpartition("|")
-    if name and size.isdigit():
+    if name and size.isascii() and size.isdigit():
         return name, int(size)
     return first[0], None
 
