@@ -247,7 +247,8 @@ def refusal_due(data: bytes, original: str, checks: set[str]) -> str | None:
     by the `checks` it makes: "sizes" (every listed file present and of its size), "hashes" (the weights' files
     listed with their true SHA-256), "verify" (every listed file's SHA-256, no file left out), "weights" (read as the
     model the manifest describes: its RoPE layout, the weights' shapes), "architecture" (against the run's config).
-    A manifest of another version, without a step or a file list is refused by all."""
+    A manifest of another version, without a step or a file list, or of another step than its folder's name is refused
+    by all."""
     try:
         manifest = json.loads(data)
     except (ValueError, RecursionError):
@@ -258,6 +259,8 @@ def refusal_due(data: bytes, original: str, checks: set[str]) -> str | None:
     step, files, truth = manifest.get("step"), manifest.get("files"), json.loads(original)
     if type(step) is not int or not 0 <= step < 2 ** 63 or not isinstance(files, dict):
         return "no step or no file list"
+    if step != truth["step"]:  # the edited manifest stays in its folder, step_<the true step>
+        return "a step other than its folder's"
     real = truth["files"]
     if "sizes" in checks and any(not isinstance(info, dict) or name not in real or type(info.get("size")) is not int
                                  or info["size"] != real[name]["size"] for name, info in files.items()):

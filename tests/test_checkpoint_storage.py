@@ -201,6 +201,9 @@ MANIFEST_EDITS = {  # an edit of a real manifest -> the words of the one line th
     # torch.tensor(float(step)) of an AdamW state: an OverflowError traceback on resume
     "step 2^63": (lambda m: m.update(step=2 ** 63, optimizer_step=2 ** 63),
                   "is damaged: step is 9223372036854775808, not a whole number in 0..2^63-1"),
+    # a resume picks the newest folder by name, then continued from the manifest's step: its saves were never newer
+    "step of another folder": (lambda m: m.update(step=m["step"] + 2),
+                               "is damaged: its step 5 is not its folder's (step_0000003)"),
     "updates past steps": (lambda m: m.update(optimizer_step=m["step"] + 1),
                            "is damaged: optimizer_step 4 is more than its step 3"),
 }

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from nanotronix.checkpoint.errors import CheckpointError, unreadable
-from nanotronix.checkpoint.paths import MANIFEST_NAME
+from nanotronix.checkpoint.paths import MANIFEST_NAME, step_of
 
 FORMAT = "nanotronix-checkpoint"
 FORMAT_VERSION = 1
@@ -122,6 +122,11 @@ def check_fields(path: Path, manifest: dict[str, Any]) -> None:
     for field in ("step", "consumed_samples", "optimizer_step"):
         if field in manifest and not _is_count(manifest[field]):
             raise damaged(field, manifest[field], COUNT)
+    named = step_of(path.parent)
+    if named is not None and named != manifest["step"]:  # a folder renamed or a manifest copied by hand: a resume
+        # picks the newest folder by its name and continues from the manifest's step; its saves would never be newer
+        raise CheckpointError(f"checkpoint {path} is damaged: its step {manifest['step']} is not its folder's "
+                              f"({path.parent.name})")
     if manifest.get("optimizer_step", 0) > manifest["step"]:  # skipped steps make fewer updates, never more
         raise CheckpointError(f"checkpoint {path} is damaged: optimizer_step {manifest['optimizer_step']} is more than "
                               f"its step {manifest['step']}")
