@@ -121,6 +121,13 @@ def test_a_window_of_one_repeated_value_judges_nothing():
     assert SpikeGuard(6.0, 3, {"losses": [0.1] * 3, "grad_norms": [1.0] * 3}).judge(1e9, 1.0) is None
 
 
+def test_a_window_of_tiny_different_values_has_a_spread():
+    """statistics.pstdev given the mean squares the float deviations: [0, 3e-287] had a std of 0 (judged nothing)
+    where it is 1.5e-287 (found by a random-seed run of tests/test_train_properties.py)."""
+    guard = SpikeGuard(sigma=0.5, window=2, state={"losses": [0.1, 0.1], "grad_norms": [0.0, 3e-287]})
+    assert guard.judge(0.1, 0.1).startswith("gradient norm 0.1 is ")
+
+
 @pytest.mark.parametrize("state", [{"losses": 5, "grad_norms": []}, {"losses": ["2.5"], "grad_norms": [1.0]},
                                    {"losses": [2.5], "grad_norms": [float("nan")]}, {"losses": [2.5]}, [2.5]])
 def test_a_window_edited_in_the_checkpoint_is_one_user_error(state):

@@ -42,8 +42,9 @@ class SpikeGuard:
                 # exact statistics (statistics rounds once, at the end): a window of one repeated value has std 0
                 # and judges nothing, where sum()/len() put the mean of [0.1] * 3 1 ulp off 0.1, a std of 1e-17,
                 # and any later value above 0.1 a spike of 1e14 sigma
+                # (pstdev given the mean squares the float deviations, which underflow to 0 below ~1e-154)
                 mean = statistics.mean(seen)
-                std = statistics.pstdev(seen, mean)
+                std = statistics.pstdev(seen)
                 if std > 0 and value > mean + self.sigma * std:
                     z = (value - mean) / std
                     reason = (f"{name} {value:.4g} is {z:.1f} sigma above the last {self.window} steps' "
