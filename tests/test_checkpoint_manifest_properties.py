@@ -36,7 +36,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from helpers import load_tool
-from properties import PROPERTY
+from properties import PROPERTY, damaged_json
 from test_cli_properties import call_and_check
 
 MANIFEST = "checkpoint.json"
@@ -161,20 +161,7 @@ def edited_manifest(draw, text: str) -> EditedManifest:
     manifest = json.loads(text)
     done = [draw(structural_edit(manifest)) for _ in range(draw(st.integers(1, 3)))] \
         if draw(st.integers(0, 9)) else []
-    data = json.dumps(manifest, indent=1).encode()
-    damage = draw(st.sampled_from(["none"] * 10 + ["truncate", "bytes", "not_an_object", "nested", "empty"]))
-    if damage == "truncate":
-        data = data[:draw(st.integers(0, len(data) - 1))]
-    elif damage == "bytes":
-        cut = draw(st.integers(0, len(data)))
-        data = data[:cut] + draw(st.sampled_from([b"\xff", b"\x80\x80", b"\xc3", b"\xef\xbb\xbf", b"\x00"])) + \
-            data[cut:]
-    elif damage == "not_an_object":
-        data = json.dumps(draw(st.sampled_from([[manifest], None, 4, "checkpoint", [], True]))).encode()
-    elif damage == "nested":  # deeper than the JSON reader recurses
-        data = data[:-2] + b', "deep": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n"
-    elif damage == "empty":
-        data = b""
+    data, damage = draw(damaged_json(manifest))
     return EditedManifest(data, [*done, damage])
 
 

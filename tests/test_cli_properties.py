@@ -142,11 +142,11 @@ def sandbox(world, commands_in_process, tmp_path_factory):
 
 
 def call_and_check(main, args, world, root: Path, writes: bool = False, copies: dict | None = None,
-                   inputs: tuple[str, ...] = ()) -> tuple[int, list[str]]:
-    """Run main(argv) in a fresh scratch folder, check the contract, return the exit code and stderr's lines.
-    `writes`: the command writes where it is told (else it must write nothing at all). `copies`: world names copied
-    into the scratch folder first (what the command may change: a run's checkpoint folder, its logs), under the name
-    given. `inputs`: the flags ("" for the first positional) whose value must exist for the command to succeed."""
+                   inputs: tuple[str, ...] = ()):
+    """Run main(argv) in a fresh scratch folder and check the contract. `writes`: the command writes where it is told
+    (else it must write nothing at all). `copies`: world names copied into the scratch folder first (what the command
+    may change: a run's checkpoint folder, its logs), under the name given. `inputs`: the flags ("" for the first
+    positional) whose value must exist for the command to succeed. Returns the exit code, stdout and stderr."""
     scratch = Path(tempfile.mkdtemp(dir=root))
     (scratch / "a_file").write_text("x\n")
     (scratch / "empty").mkdir()
@@ -168,6 +168,8 @@ def call_and_check(main, args, world, root: Path, writes: bool = False, copies: 
                     code = e.code
             err.seek(0)
             said = err.read()
+            out.seek(0)
+            printed = out.read()
         code = 0 if code is None else code
         lines = [line for line in said.strip().splitlines() if line.strip()]
         assert "Traceback" not in said, (strings, said[-3000:])
@@ -180,10 +182,10 @@ def call_and_check(main, args, world, root: Path, writes: bool = False, copies: 
         assert code != 0 or not missing or "--help" in strings, (strings, "exit 0 with missing inputs", missing)
         assert {name: listing(Path(path)) for name, path in world.items() if Path(path).is_dir()} == world_before, \
             strings
+        return code, printed, said
     finally:
         os.chdir(cwd)
         shutil.rmtree(scratch, ignore_errors=True)
-    return code, lines
 
 
 def inputs_of(strings: list[str], flags: tuple[str, ...]) -> list[str]:
@@ -361,5 +363,5 @@ SUPERSCRIPT_NUMBERS = {
 def test_superscript_digits_are_refused_in_one_line(sandbox, world, case):
     tool, args = SUPERSCRIPT_NUMBERS[case]
     main = (importlib.import_module(tool) if "." in tool else load_tool(tool)).main  # a module, or a tools/ script
-    code, lines = call_and_check(main, args, world, sandbox, writes=True)
-    assert code == 2 and "\u00b2" in lines[-1], (case, code, lines)
+    code, _, said = call_and_check(main, args, world, sandbox, writes=True)
+    assert code == 2 and "\u00b2" in said.strip().splitlines()[-1], (case, code, said)
