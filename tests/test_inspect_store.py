@@ -97,6 +97,17 @@ DAMAGE = {
                            "sidecar says num_tokens='12', the store holds 12"),
     # float values are no token ids: the trainer and evaluate refuse such a store, so --verify does not pass it
     "float values": (lambda p: _write(MegatronWriter(p, np.float32)), "holds float32 values, not integer"),
+    # the sidecar's strings and counts of other types (were TypeError tracebacks in the preflight's tokenizer note and
+    # a folder of shards' sum of skipped records)
+    "sidecar sha256": (lambda p: Path(f"{p}.meta.json").write_text(json.dumps(
+        {**SIDECAR, "tokenizer": {**SIDECAR["tokenizer"], "sha256": 5}})), "its tokenizer's sha256 is 5, not a string"),
+    "sidecar skipped total": (lambda p: Path(f"{p}.meta.json").write_text(json.dumps({**SIDECAR, "skipped": {
+        "total": "3"}})), "its skipped's total is '3', not a whole number"),
+    # nested deeper than the JSON reader recurses (was a RecursionError traceback), a folder in its place (was passed
+    # over as no sidecar, and the store read without its tokenizer)
+    "sidecar nested": (lambda p: Path(f"{p}.meta.json").write_text("[" * 100_000 + "]" * 100_000), "not valid JSON"),
+    "sidecar a folder": (lambda p: (Path(f"{p}.meta.json").unlink(), Path(f"{p}.meta.json").mkdir()),
+                         "meta.json: is a folder, not a file (the store's sidecar)"),
 }
 
 

@@ -158,10 +158,12 @@ class MegatronStore(TokenStore):
                      .view(np.ndarray) if self._num_tokens else np.zeros(0, self._dtype))
         self._windows = random_access_map(self.bin_path, self._dtype, self._num_tokens)
         meta = sidecar_path(prefix)
+        if meta.is_dir():  # optional (Megatron's own tools write none), but a folder of its name is a copy gone wrong
+            raise DataError(f"{meta}: {absent(meta)} (the store's sidecar)")
         if meta.is_file():
             try:
                 sidecar = json.loads(meta.read_text())
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested deeper than the JSON reader recurses
                 raise DataError(f"{meta}: not valid JSON") from None
             self.metadata = checked_sidecar(sidecar, str(meta))
 

@@ -80,21 +80,32 @@ def first_outside_vocabulary(tokens: np.ndarray, vocab_size: int) -> Optional[in
 
 def checked_sidecar(metadata: Any, where: str) -> dict[str, Any]:
     """A store's sidecar (Megatron's PREFIX.meta.json, a zarr store's attributes) as read, once the fields that
-    readers use have their types: `tokenizer` and `skipped` objects, the tokenizer's vocab_size and eos_id
-    integers. Anything else is a DataError naming `where` (a hand-edited sidecar would otherwise fail later, as a
-    traceback)."""
+    readers use have their types: `tokenizer`, `skipped` and `shard` objects; the tokenizer's vocab_size and eos_id,
+    the skipped total and the shard's index and count whole numbers; the tokenizer's name and sha256 and the shard's
+    inputs_sha256 strings; eos_appended a bool (each may be absent or null). Anything else is a DataError naming
+    `where` (a hand-edited sidecar would otherwise fail later, as a traceback: a sha256 of 5 in the tokenizer note, a
+    list in a folder of shards' set of tokenizers, a skipped total of "3" in its sum)."""
     def fail(what: str):
         raise DataError(f"{where}: not a token store's sidecar ({what})")
 
     if not isinstance(metadata, dict):
         fail(f"a JSON {type(metadata).__name__}, not an object")
-    for key in ("tokenizer", "skipped"):
+    for key in ("tokenizer", "skipped", "shard"):
         if not isinstance(metadata.get(key) or {}, dict):
             fail(f"its {key} is {metadata[key]!r}, not an object")
-    for key in ("vocab_size", "eos_id"):
-        value = (metadata.get("tokenizer") or {}).get(key)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-            fail(f"its tokenizer's {key} is {value!r}, not a whole number")
+    fields = [("tokenizer", key, int) for key in ("vocab_size", "eos_id")] + [("skipped", "total", int)] + \
+        [("shard", key, int) for key in ("index", "count")] + \
+        [("tokenizer", key, str) for key in ("name", "sha256")] + [("shard", "inputs_sha256", str)]
+    for section, key, kind in fields:
+        value = (metadata.get(section) or {}).get(key)
+        if value is None:
+            continue
+        if kind is int and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            fail(f"its {section}'s {key} is {value!r}, not a whole number")
+        if kind is str and not isinstance(value, str):
+            fail(f"its {section}'s {key} is {value!r}, not a string")
+    if not isinstance(metadata.get("eos_appended", False), bool):
+        fail(f"its eos_appended is {metadata['eos_appended']!r}, not true or false")
     return metadata
 
 
