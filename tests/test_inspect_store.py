@@ -136,6 +136,32 @@ def test_a_document_beyond_a_damaged_index_is_one_line(tool, capsys, store):
     assert code == 2 and "document indices decrease" in err and "\n" not in err, err
 
 
+def test_a_last_sequence_starting_inside_a_token_is_refused_at_open(tool, capsys, store):
+    """The stream's length comes from the last sequence (O(1) at open): one starting inside a token was read from
+    the token before it, a stream one token short in the trainer and the preflight (only --verify said, of the .bin's
+    size)."""
+    _patch(Path(f"{store}.idx"), 34 + 12 + 16, struct.pack("<q", 9))  # the last of 3 pointers: 12 -> 9
+    code, _, err = _run(tool, capsys, store)
+    assert code == 2 and "its last sequence starts at byte 9, inside a 2-byte token" in err and "\n" not in err, err
+
+
+# A document's sequence edited to leave the stream: it was read as no tokens, as the stream cut where the .bin ends,
+# or (negative) as tokens counted from the end of the stream, with exit 0.
+SEQUENCE_EDITS = {"pointer past the end": (34 + 12, struct.pack("<q", 10 ** 6)),
+                  "negative pointer": (34 + 12, struct.pack("<q", -4)),
+                  "pointer inside a token": (34 + 12, struct.pack("<q", 1)),
+                  "length past the end": (34, struct.pack("<i", 2 ** 31 - 1)),
+                  "negative length": (34, struct.pack("<i", -1))}
+
+
+@pytest.mark.parametrize("kind", list(SEQUENCE_EDITS))
+def test_a_document_whose_sequence_leaves_the_stream_is_one_line(tool, capsys, store, kind):
+    _patch(Path(f"{store}.idx"), *SEQUENCE_EDITS[kind])
+    code, _, err = _run(tool, capsys, store, "--doc", "0")
+    assert code == 2 and "damaged index (document 0's sequences [0, 1) are not whole tokens" in err, err
+    assert "\n" not in err
+
+
 def test_real_process_help_and_failure(store):
     assert run_tool("inspect_store.py", "--help").returncode == 0
     Path(f"{store}.bin").write_bytes(b"\x00")

@@ -147,6 +147,9 @@ class MegatronStore(TokenStore):
             if last_pointer < 0 or last_length < 0:
                 raise DataError(f"{self.idx_path}: damaged index (its last sequence starts at byte {last_pointer} "
                                 f"and holds {last_length} tokens)")
+            if last_pointer % self._dtype.itemsize:
+                raise DataError(f"{self.idx_path}: damaged index (its last sequence starts at byte {last_pointer}, "
+                                f"inside a {self._dtype.itemsize}-byte token)")
             end_byte = last_pointer + last_length * self._dtype.itemsize
             self._num_tokens = end_byte // self._dtype.itemsize
         bin_size = self.bin_path.stat().st_size
@@ -193,8 +196,26 @@ class MegatronStore(TokenStore):
         if not 0 <= first <= stop <= self.num_sequences:
             raise DataError(f"{self.idx_path}: damaged index (document {i} spans sequences [{first}, {stop}) of "
                             f"{self.num_sequences}; tools/inspect_store.py PREFIX --verify)")
+        self._check_sequences(i, first, stop)
         lo, hi = self._sequence_span(first, stop)
         return np.array(self._bin[lo:hi])
+
+    def _check_sequences(self, i: int, first: int, stop: int) -> None:
+        """That sequences [first, stop) of document i are whole tokens one after another inside the stream, as
+        `_sequence_span` reads them: an edited pointer or length would otherwise be read as the tokens of another
+        place (a negative one from the end), or cut short where the .bin ends, without a word. O(its sequences)."""
+        if stop <= first:
+            return
+        size = self._dtype.itemsize
+        lengths = np.asarray(self.sequence_lengths[first:stop], dtype=np.int64) * size
+        pointers = np.asarray(self.sequence_pointers[first:stop], dtype=np.int64)
+        # pointers compared with the stream's end less each length: no sum that could pass int64 and wrap
+        if (lengths.min() < 0 or pointers.min() < 0 or np.any(pointers % size)
+                or np.any(pointers > self._num_tokens * size - lengths)
+                or np.any(pointers[1:] != pointers[:-1] + lengths[:-1])):
+            raise DataError(f"{self.idx_path}: damaged index (document {i}'s sequences [{first}, {stop}) are not whole "
+                            f"tokens one after another inside the {self._num_tokens}-token stream; "
+                            "tools/inspect_store.py PREFIX --verify)")
 
     def document_lengths(self, start: int = 0, stop: Optional[int] = None) -> np.ndarray:
         stop = self.num_documents if stop is None else min(stop, self.num_documents)
