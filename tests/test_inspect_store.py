@@ -162,6 +162,74 @@ def test_a_document_whose_sequence_leaves_the_stream_is_one_line(tool, capsys, s
     assert "\n" not in err
 
 
+def _zarr_store(tmp_path: Path) -> Path:
+    _write(ZarrWriter(str(tmp_path / "z.zarr"), np.uint16))
+    return tmp_path / "z.zarr"
+
+
+def _datatrove_store(tmp_path: Path) -> Path:
+    ds = tmp_path / "d.ds"
+    ds.write_bytes(np.array(sum(DOCS, []), dtype="<u2").tobytes())
+    Path(f"{ds}.index").write_bytes(np.cumsum([len(d) for d in DOCS]).astype("<u8").tobytes())
+    Path(f"{ds}.metadata").write_text("tiny|2\n")
+    return ds
+
+
+def _zarr_metadata(store: Path, array: str, **fields) -> None:
+    path = store / array / "zarr.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+
+
+def _flip_chunk_byte(store: Path) -> None:
+    _patch(store / "document_ends" / "c" / "0", 20, b"\xff")
+
+
+# damage that zarr meets while reading (was its codec's ValueError / RuntimeError / ZeroDivisionError traceback), a
+# document end edited out of order (was read as no tokens, or cut short where the stream ends, with exit 0), a missing
+# chunk file (zarr reads it as zeros: --verify passed), a datatrove index or metadata edited (a document past the
+# stream read with exit 0; "²", which str.isdigit takes, was a ValueError traceback; a metadata folder was passed over)
+OTHER_FORMATS = {
+    "zarr chunk bytes": (_zarr_store, _flip_chunk_byte, (), "its document_ends array cannot be read (RuntimeError"),
+    "zarr chunk shape 0": (_zarr_store, lambda s: _zarr_metadata(s, "tokens", chunk_grid={
+        "name": "regular", "configuration": {"chunk_shape": [0]}}), ("--doc", "0"), "its tokens array cannot be read"),
+    "zarr float ends": (_zarr_store, lambda s: _zarr_metadata(s, "document_ends", data_type="float64"), (),
+                        "its document_ends array holds float64 values, not integer token offsets"),
+    "zarr end out of order": (_zarr_store, lambda s: _zarr_end(s, 0, 100), ("--doc", "0"),
+                              "damaged index (document 0 spans tokens [0, 100) of the 12-token stream"),
+    "zarr chunk file missing": (_zarr_store, lambda s: (s / "tokens" / "c" / "0").unlink(), ("--verify", "--json"),
+                                "its tokens array is missing chunk files (0 of its 1 chunks"),
+    "datatrove end out of order": (_datatrove_store, lambda s: _patch(Path(f"{s}.index"), 8, struct.pack("<Q", 1)),
+                                   ("--doc", "1"), "damaged index (document 1 spans tokens [4, 1) of the 12-token"),
+    "datatrove metadata a folder": (_datatrove_store, lambda s: (Path(f"{s}.metadata").unlink(),
+                                                                 Path(f"{s}.metadata").mkdir()), (),
+                                    "d.ds.metadata: is a folder, not a file"),
+}
+
+
+def _zarr_end(store: Path, i: int, value: int) -> None:
+    import zarr
+    zarr.open_array(str(store / "document_ends"), mode="r+")[i] = value
+
+
+@pytest.mark.parametrize("kind", list(OTHER_FORMATS))
+def test_damaged_zarr_and_datatrove_stores_are_one_line(tool, capsys, tmp_path, kind):
+    make, damage, flags, message = OTHER_FORMATS[kind]
+    store = make(tmp_path)
+    damage(store)
+    code, _, err = _run(tool, capsys, store, *flags)
+    assert code == 2 and message in err and "\n" not in err, err
+
+
+def test_a_datatrove_token_size_that_int_does_not_read_is_no_token_size(tool, capsys, tmp_path):
+    """`tiny|²`: not a `|N` suffix (str.isdigit takes "²", int() does not), so the whole line is the tokenizer's name
+    and the token size comes from the file's size, as for a metadata line without one."""
+    store = _datatrove_store(tmp_path)
+    Path(f"{store}.metadata").write_text("tiny|\u00b2\n")
+    code, out, err = _run(tool, capsys, store, "--json", "--doc", "2")
+    report = json.loads(out)
+    assert code == 0 and report["tokenizer"] == "tiny|\u00b2" and report["doc_tokens"] == DOCS[2], (out, err)
+
+
 def test_real_process_help_and_failure(store):
     assert run_tool("inspect_store.py", "--help").returncode == 0
     Path(f"{store}.bin").write_bytes(b"\x00")

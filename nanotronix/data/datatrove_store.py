@@ -38,13 +38,15 @@ def datatrove_path(spec: str) -> Optional[Path]:
 
 
 def _read_metadata(path: Path) -> tuple[Optional[str], Optional[int]]:
+    if path.is_dir():  # optional, but a folder of its name is a copy gone wrong
+        raise DataError(f"{path}: {absent(path)} (the .ds file's metadata)")
     if not path.is_file():
         return None, None
     first = path.read_text(errors="replace").splitlines()[:1]
     if not first:
         return None, None
     name, _, size = first[0].rpartition("|")
-    if name and size.isascii() and size.isdigit():
+    if name and size.isascii() and size.isdigit():  # str.isdigit alone takes "²", which int() does not
         return name, int(size)
     return first[0], None
 
@@ -114,7 +116,9 @@ class DatatroveStore(TokenStore):
 
     def document(self, i: int) -> np.ndarray:
         i = self._check_document(i)
-        return np.array(self.data[int(self.ends[i - 1]) if i else 0:int(self.ends[i])], dtype=self.dtype)
+        lo, hi = int(self.ends[i - 1]) if i else 0, int(self.ends[i])
+        self._check_document_span(i, lo, hi, str(self.index_path))
+        return np.array(self.data[lo:hi], dtype=self.dtype)
 
     def document_lengths(self, start: int = 0, stop: Optional[int] = None) -> np.ndarray:
         stop = self.num_documents if stop is None else min(stop, self.num_documents)

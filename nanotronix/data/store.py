@@ -270,6 +270,14 @@ class TokenStore(ABC):
             raise DataError(f"{self.path}: no document {i} (the store has {self.num_documents})")
         return int(i)
 
+    def _check_document_span(self, i: int, lo: int, hi: int, where: str) -> None:
+        """That document i's tokens [lo, hi), from its store's document ends (`where`), lie inside the stream in
+        order: an edited end would otherwise be read as no tokens, as tokens cut short where the stream ends, or (a
+        negative one, on zarr) as tokens counted from the end."""
+        if not 0 <= lo <= hi <= self.num_tokens:
+            raise DataError(f"{where}: damaged index (document {i} spans tokens [{lo}, {hi}) of the "
+                            f"{self.num_tokens}-token stream; tools/inspect_store.py {self.path} --verify)")
+
 
 def tokenizer_note(stores: dict[str, TokenStore], configured: Optional[str] = None,
                    evaluated: bool = False) -> Optional[str]:

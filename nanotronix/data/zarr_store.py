@@ -83,10 +83,13 @@ class ZarrWriter:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         try:  # a writer that fails to start (a full disk) removes the half-made store: no caller holds it to abort
             self._group = zarr.open_group(str(self._tmp), mode="w")
+            # every chunk written, those of fill values (zeros: SmolLM2's EOS id) too, so that a chunk file missing
+            # is damage that --verify can name (zarr reads one as fill values)
+            every_chunk = {"write_empty_chunks": True}
             tokens = self._group.create_array("tokens", shape=(0,), dtype=self.dtype, chunks=(INNER_CHUNK,),
-                                              shards=(SHARD,), compressors=_codecs())
+                                              shards=(SHARD,), compressors=_codecs(), config=every_chunk)
             ends = self._group.create_array("document_ends", shape=(0,), dtype=np.int64, chunks=(SHARD,),
-                                            compressors=_codecs())
+                                            compressors=_codecs(), config=every_chunk)
         except BaseException:
             remove_quietly(self._tmp)
             raise
@@ -128,8 +131,11 @@ class ZarrStore(TokenStore):
             raise DataError(f"token store not found or not a nanotronix zarr store: {location} "
                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}){url_note}") from None
         self.metadata = checked_sidecar(group.attrs.asdict(), f"{self.path} (attributes)")
+        if np.dtype(self._ends.dtype).kind not in "iu":  # its values are token offsets, which int() takes as they are
+            raise DataError(f"{location}: its document_ends array holds {np.dtype(self._ends.dtype).name} values, "
+                            "not integer token offsets")
         n = self._ends.shape[0]
-        self._num_tokens = int(self._ends[n - 1]) if n else 0
+        self._num_tokens = int(self._read(self._ends, n - 1)) if n else 0
         if self._tokens.shape[0] != self._num_tokens:
             raise DataError(f"{location}: tokens array holds {self._tokens.shape[0]} tokens, document_ends "
                             f"says {self._num_tokens}")
@@ -146,21 +152,38 @@ class ZarrStore(TokenStore):
     def dtype(self) -> np.dtype:
         return np.dtype(self._tokens.dtype)
 
+    def _read(self, array, selection, coordinates: bool = False) -> np.ndarray:
+        """array[selection] (a coordinate selection: the values at those indices), or one DataError naming the
+        store: a chunk that zarr cannot decode (damaged bytes, a data type or chunk shape edited in its zarr.json)
+        raises whatever its codec does."""
+        return self._zarr_call(array, lambda: np.asarray(array.get_coordinate_selection(selection) if coordinates
+                                                         else array[selection]))
+
+    def _zarr_call(self, array, call):
+        """call(), which reads `array`; whatever zarr raises becomes one DataError naming the store and the array."""
+        try:
+            return call()
+        except Exception as e:  # zarr and its codecs raise many kinds: ValueError, RuntimeError, ZeroDivisionError
+            said = str(e).splitlines()[0] if str(e) else ""
+            raise DataError(f"{self.path}: its {array.basename} array cannot be read ({type(e).__name__}: {said}); "
+                            f"tools/inspect_store.py {self.path} --verify") from None
+
     def document(self, i: int) -> np.ndarray:
         i = self._check_document(i)
-        lo = int(self._ends[i - 1]) if i else 0
-        return np.asarray(self._tokens[lo:int(self._ends[i])])
+        lo, hi = int(self._read(self._ends, i - 1)) if i else 0, int(self._read(self._ends, i))
+        self._check_document_span(i, lo, hi, f"{self.path}/document_ends")
+        return self._read(self._tokens, slice(lo, hi))
 
     def document_lengths(self, start: int = 0, stop: Optional[int] = None) -> np.ndarray:
         stop = self.num_documents if stop is None else min(stop, self.num_documents)
         if start >= stop:
             return np.zeros(0, np.int64)
-        ends = np.asarray(self._ends[max(start - 1, 0):stop], dtype=np.int64)
+        ends = np.asarray(self._read(self._ends, slice(max(start - 1, 0), stop)), dtype=np.int64)
         return np.diff(ends) if start else np.diff(np.concatenate([[0], ends]))
 
     def tokens(self, start: int, length: int) -> np.ndarray:
         self._check_range(start, length)
-        return np.asarray(self._tokens[start:start + length])
+        return self._read(self._tokens, slice(start, start + length))
 
     def gather(self, positions: np.ndarray) -> np.ndarray:
         positions = np.asarray(positions, dtype=np.int64)
@@ -168,14 +191,19 @@ class ZarrStore(TokenStore):
             return np.zeros(0, np.int64)
         lo, hi = int(positions.min()), int(positions.max()) + 1
         if hi - lo <= _READ_CHUNK:
-            return np.asarray(self._tokens[lo:hi], dtype=np.int64)[positions - lo]
-        return np.asarray(self._tokens.get_coordinate_selection(positions), dtype=np.int64)
+            return np.asarray(self._read(self._tokens, slice(lo, hi)), dtype=np.int64)[positions - lo]
+        return np.asarray(self._read(self._tokens, positions, coordinates=True), dtype=np.int64)
 
     def verify(self, progress: bool = False) -> None:
         from .verify import check_tokens_and_sidecar
+        for array in (self._tokens, self._ends):
+            found, expected = self._zarr_call(array, lambda: (array.nchunks_initialized, array.nchunks))
+            if found < expected:  # zarr reads a missing chunk file as its fill value; the writer writes every one
+                raise DataError(f"{self.path}: its {array.basename} array is missing chunk files ({found} of its "
+                                f"{expected} chunks stored; zarr would read the others as fill values)")
         previous = 0
         for lo in range(0, self.num_documents, _READ_CHUNK):
-            ends = np.asarray(self._ends[lo:lo + _READ_CHUNK], dtype=np.int64)
+            ends = np.asarray(self._read(self._ends, slice(lo, lo + _READ_CHUNK)), dtype=np.int64)
             steps = np.diff(np.concatenate([[previous], ends]))
             if np.any(steps < 0):
                 raise DataError(f"{self.path}: document end {lo + int(np.argmin(steps))} goes backwards")
