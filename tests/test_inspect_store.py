@@ -1,6 +1,7 @@
 """tools/inspect_store.py: summary, --doc, --json, and --verify catching each kind of damage with one line
 (truncated .bin, damaged .idx header, non-contiguous pointers, out-of-vocabulary ids, missing EOS, sidecar
-counts), on all three formats. ~3 s (two subprocess runs, the rest in-process)."""
+counts), on all three formats and a folder of shards; a document whose index entries leave the stream is refused.
+Edits drawn at random: test_store_damage_properties.py. ~3 s (two subprocess runs, the rest in-process)."""
 from __future__ import annotations
 
 import json
@@ -228,6 +229,21 @@ def test_a_datatrove_token_size_that_int_does_not_read_is_no_token_size(tool, ca
     code, out, err = _run(tool, capsys, store, "--json", "--doc", "2")
     report = json.loads(out)
     assert code == 0 and report["tokenizer"] == "tiny|\u00b2" and report["doc_tokens"] == DOCS[2], (out, err)
+
+
+def test_a_shard_copied_over_another_is_refused(tool, capsys, tmp_path):
+    """A shard's files copied in under another shard's name (a lost task "repaired" by hand) were read as that shard:
+    the same documents twice. Its sidecar still says which shard it is."""
+    from nanotronix.data.sharded_store import shard_name
+
+    folder = tmp_path / "corpus"
+    for index in range(2):
+        _write(MegatronWriter(folder / shard_name(index, 2), np.uint16),
+               sidecar={**SIDECAR, "shard": {"index": index, "count": 2, "inputs_sha256": "cd" * 32}})
+    for suffix in (".bin", ".idx", ".meta.json"):
+        (folder / f"{shard_name(1, 2)}{suffix}").write_bytes((folder / f"{shard_name(0, 2)}{suffix}").read_bytes())
+    code, _, err = _run(tool, capsys, folder)
+    assert code == 2 and "its sidecar says it is shard 0 of 2, not 1 of 2" in err and "\n" not in err, err
 
 
 def test_real_process_help_and_failure(store):

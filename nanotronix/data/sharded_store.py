@@ -226,6 +226,12 @@ class ShardedStore(ConcatenatedStore):
             raise DataError(f"{folder}: {len(missing)} of {count} shards missing ({listed}): a preprocess task has "
                             f"not finished")
         super().__init__(str(folder), [open_store(found[i]) for i in range(count)])
+        for i, part in enumerate(self.parts):  # a shard copied in under another's name would be read twice
+            said = part.metadata.get("shard") or {}
+            if "index" in said and (said.get("index"), said.get("count")) != (i, count):
+                raise DataError(f"{found[i]}: its sidecar says it is shard {said.get('index')} of "
+                                f"{said.get('count')}, not {i} of {count} (copied or renamed by hand?): rerun "
+                                f"shard {i}")
         listings = {(p.metadata.get("shard") or {}).get("inputs_sha256") for p in self.parts} - {None}
         if len(listings) > 1:
             raise DataError(f"{folder}: its shards were cut from different input listings (files added, removed or "
