@@ -83,7 +83,7 @@ def evaluate(checkpoint: str, data: str, seq_len: int, num_samples: int, batch_s
             windows = store.leading_windows(first, count, seq_len)
             bad = first_outside_vocabulary(windows, cfg.vocab_size)  # negative ids too: a damaged int32 store
             if bad is not None:
-                raise UserError(f"--data: token id {bad} is outside the model's vocabulary ({cfg.vocab_size})")
+                raise UserError(f"--data: {data}: token id {bad} is outside the model's vocabulary ({cfg.vocab_size})")
             windows = torch.from_numpy(windows).to(dev)
             logits = model(windows[:, :-1]).float()
             loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten(), reduction="sum")

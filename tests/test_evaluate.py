@@ -67,7 +67,8 @@ def test_evaluate_bad_input_is_one_line(tmp_path, capsys):
     writer.add_documents(damaged, [len(damaged)])
     writer.finalize({})
     cases.append(((run, "2", "32", "--data", str(tmp_path / "damaged"), "--no-progress"),
-                  f"error: --data: token id -1 is outside the model's vocabulary ({TINY.vocab_size})"))
+                  f"error: --data: {tmp_path / 'damaged'}: token id -1 is outside the model's vocabulary "
+                  f"({TINY.vocab_size})"))
     for (checkpoint, samples, seq, *more), message in cases:
         data = more[more.index("--data") + 1] if "--data" in more else str(store)
         more = [m for m in more if m not in ("--data", data)]
