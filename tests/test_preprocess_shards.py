@@ -165,6 +165,26 @@ def test_an_incomplete_folder_does_not_open(tmp_path, tiny_tokenizer, tool, caps
     assert "9 shards but the inputs make 7 piece(s)" in capsys.readouterr().err
 
 
+def test_a_complete_shard_with_an_edited_sidecar_reports_the_counts_it_holds(tmp_path, tiny_tokenizer, tool, capsys):
+    """A rerun task finds its shard complete by the sidecar's split, inputs and settings, and reports the counts the
+    store holds: counts edited by hand in the sidecar were read as they were (int("x"): a ValueError traceback)."""
+    corpus = write_corpus(tmp_path / "corpus")
+    common = ["--input", str(corpus), "--tokenizer", tiny_tokenizer, "--no-progress", "--workers", "1",
+              "--output-prefix", str(tmp_path / "sharded"), "--shard", "0/2"]
+    assert tool.main(common) == 0
+    prefix = tmp_path / "sharded" / shard_name(0, 2)
+    store = open_store(prefix)
+    sidecar = Path(f"{prefix}.meta.json")
+    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "num_documents": "x", "num_tokens": None,
+                                   "skipped": {"total": 0, "reasons": [1]}}))
+    capsys.readouterr()
+    assert tool.main(common) == 0
+    said = capsys.readouterr()
+    assert "this shard is already complete" in said.err
+    assert said.out.startswith(f"already complete: {prefix}: {store.num_documents} documents, {store.num_tokens} "
+                               "tokens; skipped "), said.out
+
+
 def test_a_split_into_more_than_99999_shards_is_seen(tmp_path):
     """--shard I/N takes any N; past 99999 a shard's name has more than five digits (shard-00000-of-100000), which the
     folder once did not recognise as a shard: a folder of them was no store at all, and a task of another split

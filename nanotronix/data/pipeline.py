@@ -280,10 +280,11 @@ def _complete_shard(opts: PreprocessOptions, prefix: str, shard: dict) -> Option
     from .store import open_store
 
     try:
-        meta = open_store(prefix).metadata
+        store = open_store(prefix)
         _, info = load_tokenizer(opts.tokenizer)
     except DataError:
         return None
+    meta = store.metadata
     seed = _shuffle_seed(opts)
     if (meta.get("shard") != shard or meta.get("format") != opts.format or meta.get("text_key") != opts.text_key
             or meta.get("shuffled") != (None if seed is None else {"seed": seed})
@@ -291,8 +292,10 @@ def _complete_shard(opts: PreprocessOptions, prefix: str, shard: dict) -> Option
         return None
     print(f"note: {prefix}: this shard is already complete (the same inputs, tokenizer and settings): nothing to do "
           "(--overwrite writes it again)", file=sys.stderr)
-    skipped = (meta.get("skipped") or {}).get("reasons") or {}
-    return PreprocessResult(prefix, int(meta["num_documents"]), int(meta["num_tokens"]), dict(skipped), written=False)
+    skipped = (meta.get("skipped") or {}).get("reasons")
+    # the counts the store holds: its sidecar's may have been edited ("x" was a ValueError traceback here)
+    return PreprocessResult(prefix, store.num_documents, store.num_tokens,
+                            dict(skipped) if isinstance(skipped, dict) else {}, written=False)
 
 
 def _pieces_of_shard(pieces: list[InputPiece], index: int, count: int,
