@@ -12,7 +12,10 @@ version, dtype code, sequence and document counts) and its arrays' entries (leng
 neighbours, zero, negative as read, past the end, huge); a token id changed (past the vocabulary too); a zarr array's
 zarr.json (shape, chunk shape, data type, fill value) or the group's attributes; a `.ds.index` entry or the
 `.ds.metadata` line; a shard deleted, copied over another, added past N or rewritten in another dtype; the sidecar's
-JSON edited (keys deleted, values of other types) or damaged (tests/properties.py's damaged_json).
+JSON edited (keys deleted, values of other types) or damaged (tests/properties.py's damaged_json). The readers:
+tools/inspect_store.py (plain, --verify, --json, --doc N), `python -m nanotronix.preflight` and the trainer
+(`python -m nanotronix.train`, world size 1, 2 steps) with a tiny config naming the store, `python -m
+nanotronix.evaluate` (a tiny trained checkpoint scoring the store's windows), tools/plan.py.
 
 What must be refused, from the plain readings below (`Plain`): what cannot be opened as the format says (`at_open`:
 every reader); a document whose span leaves the stream (`--doc N`); any broken invariant (`--verify`); float values
@@ -719,3 +722,16 @@ def test_evaluate(trained, originals, edits_root, data, fmt):
         why = "too few tokens for the windows"
     check_refusal(plain, why, code, done)
     shutil.rmtree(store.parent.parent)
+
+
+@settings(PROPERTY, max_examples=60)
+@given(data=st.data(), fmt=FORMATS)
+def test_plan(originals, edits_root, data, fmt):
+    """`tools/plan.py` shows a store it cannot open as such in its data table (exit 0: the plan of the rest stands)."""
+    store, done = data.draw(edited_store(originals, edits_root, fmt), "edit")
+    plain, cfg = plain_reading(store, fmt), config_for(store, edits_root)
+    code, out = call(load_tool("plan").main, [str(cfg), "--gpus", "1"], store, edits_root)
+    event(f"exit {code}, {'cannot be opened' if plain.at_open else 'opens'}")
+    assert code == 0 and (not plain.at_open or "store unreadable" in out or "store not found" in out), (done, out)
+    shutil.rmtree(store.parent.parent)
+    shutil.rmtree(cfg.parent)
