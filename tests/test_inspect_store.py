@@ -221,6 +221,16 @@ def test_damaged_zarr_and_datatrove_stores_are_one_line(tool, capsys, tmp_path, 
     assert code == 2 and message in err and "\n" not in err, err
 
 
+def test_a_folder_in_place_of_a_ds_file_of_a_folder_of_them_is_said_so(tool, capsys, tmp_path):
+    """A folder of datatrove files is read as one store; a folder named like one of its .ds files was an OSError's
+    "Is a directory" (one line, but not saying which store or what is wrong)."""
+    (tmp_path / "trove").mkdir()
+    _datatrove_store(tmp_path / "trove")  # d.ds and its index, beside the folder e.ds
+    (tmp_path / "trove" / "e.ds").mkdir()
+    code, _, err = _run(tool, capsys, tmp_path / "trove")
+    assert code == 2 and f"{tmp_path / 'trove' / 'e.ds'}: is a folder, not a file (a datatrove .ds file)" in err, err
+
+
 def test_a_datatrove_token_size_that_int_does_not_read_is_no_token_size(tool, capsys, tmp_path):
     """`tiny|²`: not a `|N` suffix (str.isdigit takes "²", int() does not), so the whole line is the tokenizer's name
     and the token size comes from the file's size, as for a metadata line without one."""

@@ -75,6 +75,8 @@ class DatatroveStore(TokenStore):
 
     def __init__(self, path: Path, untold_token_size: int = 2):
         super().__init__(str(path))
+        if not path.is_file():  # a folder of a .ds file's name in a folder of them (a copy gone wrong)
+            raise DataError(f"{path}: {absent(path)} (a datatrove .ds file)")
         index_path = Path(f"{path}.index")
         if not index_path.is_file():
             raise DataError(f"{index_path}: {absent(index_path)} (a datatrove .ds file needs its .ds.index)")
