@@ -4,15 +4,16 @@ whose files were edited, returns 0 with what a plain reader of the edited bytes 
 line (exit 2) naming the store; never a traceback, a hang, a read of tokens from outside what the index describes,
 or a file written beside the store.
 
-The stores, written once by the project's writers (a datatrove `.ds` file by the format's facts: the project reads
+The stores, written once by the project's writers (datatrove `.ds` files by the format's facts: the project reads
 the format, it writes none): Megatron `.bin/.idx` with its sidecar, zarr, datatrove `.ds` + `.ds.index` +
-`.ds.metadata`, a folder of two preprocess shards. The edits, drawn from the real files: any file truncated,
-extended, overwritten in places, emptied, deleted or replaced by a folder; the `.idx` header's fields (magic,
-version, dtype code, sequence and document counts) and its arrays' entries (lengths, pointers, document indices:
-neighbours, zero, negative as read, past the end, huge); a token id changed (past the vocabulary too); a zarr array's
-zarr.json (shape, chunk shape, data type, fill value) or the group's attributes; a `.ds.index` entry or the
-`.ds.metadata` line; a shard deleted, copied over another, added past N or rewritten in another dtype; the sidecar's
-JSON edited (keys deleted, values of other types) or damaged (tests/properties.py's damaged_json). The readers:
+`.ds.metadata`, a folder of two such `.ds` files, a folder of two preprocess shards. The edits, drawn from the real
+files: any file truncated, extended, overwritten in places, emptied, deleted or replaced by a folder; the `.idx`
+header's fields (magic, version, dtype code, sequence and document counts) and its arrays' entries (lengths,
+pointers, document indices: neighbours, zero, negative as read, past the end, huge); a token id changed (past the
+vocabulary too); a zarr array's zarr.json (shape, chunk shape, data type, fill value) or the group's attributes; a
+`.ds.index` entry or the `.ds.metadata` line (of either file of the folder); a shard deleted, copied over another,
+added past N or rewritten in another dtype; the sidecar's JSON edited (keys deleted, values of other types) or
+damaged (tests/properties.py's damaged_json). The readers:
 tools/inspect_store.py (plain, --verify, --json, --doc N), `python -m nanotronix.preflight` and the trainer
 (`python -m nanotronix.train`, world size 1, 2 steps) with a tiny config naming the store, `python -m
 nanotronix.evaluate` (a tiny trained checkpoint scoring the store's windows), tools/plan.py.
@@ -23,7 +24,7 @@ and a sidecar vocabulary over the model's (the trainer, preflight, evaluate); id
 the windows read (the trainer, evaluate). A store that the plain reader finds whole (every invariant, the sidecar as
 written) must work in every reader. Not caught by the readers that open a store in O(1) (only by --verify): pointers
 and lengths before the last sequence, a .bin or .ds longer than its index says, a zarr chunk file missing (zarr
-reads it as its fill value). `--hypothesis-show-statistics` shows the outcomes. ~15 s on one core."""
+reads it as its fill value). `--hypothesis-show-statistics` shows the outcomes. ~20 s on one core."""
 from __future__ import annotations
 
 import copy
@@ -52,7 +53,9 @@ EOS = 0
 DOCUMENTS = [[17, 3, 250, 9, EOS], [1, 2, 3, 4, 5, 6, EOS], [200, 201, 7, EOS], [8, 8, 8, 8, 8, EOS], [99, 42, EOS],
              [5, 4, 3, 2, 1, 11, 12, EOS]]
 SEQ_LEN, GLOBAL_BATCH, STEPS = 4, 4, 2
-STORES = {"megatron": "tokens", "zarr": "tokens.zarr", "datatrove": "tokens.ds", "shards": "corpus"}
+STORES = {"megatron": "tokens", "zarr": "tokens.zarr", "datatrove": "tokens.ds", "datatrove_folder": "trove",
+          "shards": "corpus"}
+HALVES = (DOCUMENTS[:3], DOCUMENTS[3:])  # the documents of the two shards, and of the two .ds files of a folder
 TIMEOUT_S = 60  # a call that takes longer hangs (the whole file runs in well under a minute)
 
 
@@ -79,6 +82,17 @@ def write_shard(folder: Path, index: int, docs: list[list[int]], dtype=np.uint16
                 {"index": index, "count": 2, "inputs_sha256": "cd" * 32})
 
 
+def datatrove_metadata(docs: list[list[int]]) -> str:
+    return f"tiny|2\n{sum(map(len, docs))}\n{sum(map(len, docs))}\n"
+
+
+def write_datatrove(ds: Path, docs: list[list[int]]) -> None:
+    """datatrove's DocumentTokenizer's three files (datatrove_store.py's format facts)."""
+    ds.write_bytes(np.array(sum(docs, []), dtype="<u2").tobytes())
+    Path(f"{ds}.index").write_bytes(np.cumsum([len(d) for d in docs]).astype("<u8").tobytes())
+    Path(f"{ds}.metadata").write_text(datatrove_metadata(docs))
+
+
 @pytest.fixture(scope="module")
 def originals(tmp_path_factory) -> Path:
     """One folder per format holding its store (STORES names it in there)."""
@@ -90,12 +104,12 @@ def originals(tmp_path_factory) -> Path:
         (root / fmt).mkdir()
     write_store(MegatronWriter(root / "megatron" / "tokens", np.uint16), "megatron", DOCUMENTS)
     write_store(ZarrWriter(str(root / "zarr" / "tokens.zarr"), np.uint16), "zarr", DOCUMENTS)
-    ds = root / "datatrove" / "tokens.ds"  # datatrove's DocumentTokenizer's three files (datatrove_store.py)
-    ds.write_bytes(np.array(sum(DOCUMENTS, []), dtype="<u2").tobytes())
-    Path(f"{ds}.index").write_bytes(np.cumsum([len(d) for d in DOCUMENTS]).astype("<u8").tobytes())
-    Path(f"{ds}.metadata").write_text(f"tiny|2\n{sum(map(len, DOCUMENTS))}\n33\n")
+    write_datatrove(root / "datatrove" / "tokens.ds", DOCUMENTS)
+    (root / "datatrove_folder" / "trove").mkdir()
+    for index, docs in enumerate(HALVES):  # a folder of a job's files, one stream in sorted order
+        write_datatrove(root / "datatrove_folder" / "trove" / f"{index:05d}.ds", docs)
     (root / "shards" / "corpus").mkdir()
-    for index, docs in enumerate((DOCUMENTS[:3], DOCUMENTS[3:])):
+    for index, docs in enumerate(HALVES):
         write_shard(root / "shards" / "corpus", index, docs)
     return root
 
@@ -287,7 +301,7 @@ def shard_edit(draw, folder: Path) -> str:
                 copy_to.unlink()
             shutil.copytree(f, copy_to) if f.is_dir() else shutil.copy(f, copy_to)
     if how == "int32":
-        write_shard(folder, index, (DOCUMENTS[:3], DOCUMENTS[3:])[index], np.int32)
+        write_shard(folder, index, HALVES[index], np.int32)
     return f"shard {index}: {how}"
 
 
@@ -310,8 +324,9 @@ def edited_store(draw, originals: Path, root: Path, fmt: str) -> tuple[Path, lis
             kinds = {"file": file_edit(folder), "array": zarr_array_edit(store), "token": zarr_token_edit(store),
                      "attributes": json_edit(store / "zarr.json", "attributes")}
         else:
-            kinds = {"file": file_edit(folder), "token": token_edit(store, 2),
-                     "index": index_edit(Path(f"{store}.index")), "metadata": metadata_edit(Path(f"{store}.metadata"))}
+            ds = store / draw(st.sampled_from(["00000.ds", "00001.ds"])) if fmt == "datatrove_folder" else store
+            kinds = {"file": file_edit(folder), "token": token_edit(ds, 2),
+                     "index": index_edit(Path(f"{ds}.index")), "metadata": metadata_edit(Path(f"{ds}.metadata"))}
         done.append(draw(kinds[draw(st.sampled_from(sorted(kinds)))]))
     return store, done
 
@@ -465,9 +480,10 @@ def plain_megatron(prefix: Path, written: dict) -> Plain:
     return plain
 
 
-def plain_datatrove(path: Path, written_metadata: str) -> Plain:
+def plain_datatrove(path: Path, written_metadata: str, untold: int = 2) -> Plain:
     """By datatrove's format (datatrove_store.py's docstring): uint64 document ends; the token size from the
-    metadata's `|N` or the file's size over the last end, else 2; document i = tokens [end[i-1], end[i])."""
+    metadata's `|N` or the file's size over the last end, else `untold` (`told`: whether it was one of those);
+    document i = tokens [end[i-1], end[i])."""
     index, metadata = Path(f"{path}.index"), Path(f"{path}.metadata")
     if not path.is_file() or not index.is_file() or index.stat().st_size % 8 or metadata.is_dir():
         return refused("a file missing or of a size of no index")
@@ -477,10 +493,11 @@ def plain_datatrove(path: Path, written_metadata: str) -> Plain:
     size = None
     if metadata.is_file():
         first = (metadata.read_text(errors="replace").splitlines() or [""])[0]
-        name, _, told = first.rpartition("|")
-        size = int(told) if name and told.isascii() and told.isdigit() else None
+        name, _, said = first.rpartition("|")
+        size = int(said) if name and said.isascii() and said.isdigit() else None
+    told = size is not None or last > 0
     if size is None:
-        size = len(data) // last if last and len(data) % last == 0 else 2
+        size = len(data) // last if last and len(data) % last == 0 else untold
     if size not in (2, 4) or len(data) < last * size:
         return refused("token size or truncated")
     stream = np.frombuffer(data, f"<u{size}", last)
@@ -494,7 +511,30 @@ def plain_datatrove(path: Path, written_metadata: str) -> Plain:
     else:
         plain.damage = invariants(plain, None, False)
     plain.whole = not plain.damage and (not metadata.exists() or metadata.read_bytes() == written_metadata.encode())
+    plain.told = told
     return plain
+
+
+def plain_datatrove_folder(folder: Path) -> Plain:
+    """Its `.ds` files' plain readings one after another, in sorted order (nanotron's Nanoset); a file that tells no
+    token size takes the one the others tell (datatrove's reader has one per folder); one dtype for all."""
+    files = sorted(folder.glob("*.ds"))
+    if not files or any(not f.is_file() for f in files):
+        return refused("no .ds file, or a folder of a .ds file's name")
+    written = {f"{index:05d}.ds": datatrove_metadata(docs) for index, docs in enumerate(HALVES)}
+    parts = [plain_datatrove(f, written.get(f.name, "")) for f in files]
+    if any(p.at_open for p in parts):
+        return next(p for p in parts if p.at_open)
+    told = {p.dtype.itemsize for p in parts if p.told}
+    if len(told) == 1:
+        parts = [p if p.told else plain_datatrove(f, written.get(f.name, ""), next(iter(told)))
+                 for f, p in zip(files, parts)]
+    if any(p.at_open for p in parts) or len({p.dtype for p in parts}) > 1:
+        return refused("a part unreadable at its folder's token size, or parts of two token sizes")
+    return Plain(dtype=parts[0].dtype, documents=sum((p.documents for p in parts), []),
+                 stream=np.concatenate([p.stream for p in parts]),
+                 damage=next((p.damage for p in parts if p.damage), None),
+                 whole=all(p.whole for p in parts) and [f.name for f in files] == sorted(written))
 
 
 def plain_zarr(path: Path, written: dict) -> Plain:
@@ -547,7 +587,7 @@ def plain_shards(folder: Path) -> Plain:
     if any(name.startswith("shard-00002") for name in names):
         return refused("a shard past N")
     parts = []
-    for index, docs in enumerate((DOCUMENTS[:3], DOCUMENTS[3:])):
+    for index, docs in enumerate(HALVES):
         prefix = folder / f"shard-0000{index}-of-00002"
         if not Path(f"{prefix}.idx").exists():
             return refused("a shard missing")
@@ -576,7 +616,9 @@ def plain_reading(store: Path, fmt: str) -> Plain:
     if fmt == "zarr":
         return plain_zarr(store, {**sidecar("zarr", DOCUMENTS), "format": "zarr"})
     if fmt == "datatrove":
-        return plain_datatrove(store, f"tiny|2\n{sum(map(len, DOCUMENTS))}\n33\n")
+        return plain_datatrove(store, datatrove_metadata(DOCUMENTS))
+    if fmt == "datatrove_folder":
+        return plain_datatrove_folder(store)
     return plain_shards(store)
 
 
