@@ -100,14 +100,6 @@ def test_datatrove_file_round_trip(tmp_path, token_size, metadata):
     store.verify()
 
 
-def test_a_datatrove_metadata_size_in_other_digits_is_no_size(tmp_path):
-    """`name|²` (str.isdigit() takes it, int() does not: was a ValueError traceback) gives no token size: it is taken
-    from the files, as without a metadata file."""
-    _write_datatrove(tmp_path / "a.ds", DOCS, token_size=4, metadata="my/tokenizer|\u00b2")
-    store = open_store(tmp_path / "a.ds")
-    assert store.dtype.itemsize == 4 and [store.document(i).tolist() for i in range(len(DOCS))] == DOCS
-
-
 def test_datatrove_folder_is_one_stream(tmp_path):
     _write_datatrove(tmp_path / "b.ds", DOCS[3:])  # sorted order: a.ds first
     _write_datatrove(tmp_path / "a.ds", DOCS[:3])
