@@ -301,15 +301,20 @@ def test_resume_notes_what_changes_the_data_order():
 
     saved = config("/old/mount")
     assert data_order_notes(saved, config("/new/cluster/corpus"), step=50) == []
-    # a stage that has not begun may still change
+    # a stage that has not begun may still change, its datasets too (the annealing branch adds one)
     assert data_order_notes(saved, config("/old/mount", decay_start=120), step=50) == []
+    branch = config("/old/mount")
+    branch["data"]["stages"][1]["datasets"] = [{"path": "finemath", "weight": 0.6},
+                                               {"path": "/elsewhere/stack-edu", "weight": 0.4}]
+    assert data_order_notes(saved, branch, step=50) == []
     notes = data_order_notes(saved, config("/new/cluster/corpus", first="/elsewhere/fineweb-edu", seed=7,
                                            seq_len=1024), step=50)
     assert [n.split(":")[0] for n in notes] == [
         "data.data_seed", "train.seq_len",
-        "datasets (order keys, relative to data.root) not in the checkpoint's config",
+        "datasets (order keys, relative to data.root) of the stages begun by step 50 that the checkpoint's did not "
+        "have",
         "the stages begun by step 50 differ from the checkpoint's (start steps, datasets or weights)"]
-    assert "['/elsewhere/fineweb-edu']" in notes[2] and "no longer configured: ['fineweb-edu']" in notes[2]
+    assert "['/elsewhere/fineweb-edu']" in notes[2] and "no longer in them: ['fineweb-edu']" in notes[2]
     for changed in (config("/old/mount", weight=0.5), config("/old/mount", decay_start=40)):  # a begun blend
         notes = data_order_notes(saved, changed, step=50)
         assert [n.split(":")[0] for n in notes] == [

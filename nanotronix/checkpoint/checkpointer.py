@@ -101,8 +101,10 @@ def data_order_notes(saved: dict[str, Any], current: dict[str, Any], step: int) 
             units = weight_units([ds.get("weight") for ds in datasets]) if datasets else []
             blends.append((1 if k == 0 else stage.get("start_step") or 0,
                            list(zip([dataset_order_key(ds["path"], data.get("root")) for ds in datasets], units))))
-        keys = {key for _, blend in blends for key, _ in blend}
         begun = [b for b in blends if b[0] <= step]  # their blends fixed what each dataset has given so far
+        # a dataset only in a stage not begun has given nothing yet: adding, renaming or dropping it there is as free
+        # as that stage's weights (a note for it would greet every branch that adds a stage, as the anneal recipe)
+        keys = {key for _, blend in begun for key, _ in blend}
         return data.get("data_seed"), (cfg.get("train") or {}).get("seq_len"), keys, begun
 
     (seed0, seq0, keys0, begun0), (seed1, seq1, keys1, begun1) = facts(saved), facts(current)
@@ -113,9 +115,9 @@ def data_order_notes(saved: dict[str, Any], current: dict[str, Any], step: int) 
         notes.append(f"train.seq_len: {seq0} in the checkpoint, {seq1} now (windows are cut anew)")
     if keys0 != keys1:
         gone, new = sorted(keys0 - keys1), sorted(keys1 - keys0)
-        notes.append(f"datasets (order keys, relative to data.root) not in the checkpoint's config: {new or 'none'}; "
-                     f"no longer configured: {gone or 'none'} (a dataset renamed, or moved other than with "
-                     "data.root, gets another sample order)")
+        notes.append(f"datasets (order keys, relative to data.root) of the stages begun by step {step} that the "
+                     f"checkpoint's did not have: {new or 'none'}; no longer in them: {gone or 'none'} (a dataset "
+                     "renamed, or moved other than with data.root, gets another sample order)")
     if begun0 != begun1:
         notes.append(f"the stages begun by step {step} differ from the checkpoint's (start steps, datasets or "
                      "weights): what each dataset has given so far is recounted from the new blend, so some of "
