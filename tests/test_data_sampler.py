@@ -237,6 +237,23 @@ def test_dataset_continues_across_stages_without_repeating(stores):
     assert stats["datasets"][a]["epochs"] == pytest.approx(len(a_starts) / windows_a)
 
 
+def test_a_resume_without_a_dataset_keeps_its_count_in_the_stats(stores):
+    """A resume whose config no longer lists a dataset it had read (dropped, or renamed: another key): its count and
+    epochs stay among the stats, so the run's consumed tokens (their sum) and its later checkpoints still hold what
+    it gave (they dropped by that much); the dataset that took its place counts from 0."""
+    a, b, c = stores[:3]
+    saved = build_train_loader(_cfg([("one", 1, [(a, 1), (b, 1)])]), 0, 1).stats(10)
+    resumed = build_train_loader(_cfg([("one", 1, [(a, 1), (c, 1)])]), 0, 1, consumed_samples=80)
+    resumed.count_tokens_from(saved, 10)
+    stats = resumed.stats(12)
+    assert stats["datasets"][b] == saved["datasets"][b]
+    assert stats["datasets"][c]["consumed_tokens"] == int(sum(resumed.schedule.locate(np.arange(80, 96))[1] == 1)) * SEQ
+    assert sum(v["consumed_tokens"] for v in stats["datasets"].values()) == 12 * 8 * SEQ
+    for epochs in (10 ** 400, "x", None, float("nan")):  # a hand-edited checkpoint.json: its count alone carries on
+        resumed.count_tokens_from({"datasets": {**saved["datasets"], b: {"consumed_tokens": 5, "epochs": epochs}}}, 10)
+        assert resumed.stats(12)["datasets"][b] == {"consumed_tokens": 5}
+
+
 def test_loader_errors_are_one_clear_line(stores, tmp_path):
     with pytest.raises(DataError, match=f"token store not found: {tmp_path / 'missing'}"):
         build_train_loader(_cfg([("one", 1, [(str(tmp_path / "missing"), 1)])]), 0, 1)

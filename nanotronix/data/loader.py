@@ -8,6 +8,7 @@ samples (the global count over all ranks), which is what `state_dict()` returns.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Iterable, Optional
 
@@ -49,6 +50,8 @@ class TrainLoader:
         self.vocab_size = vocab_size  # token ids read are checked against it (a damaged store: one line)
         # per dataset: (samples consumed at the resumed step, tokens they held then); see count_tokens_from
         self._tokens_before: dict[str, tuple[int, int]] = {}
+        # the checkpoint's datasets this config no longer has (dropped, renamed): their saved stats, kept in ours
+        self._gone: dict[str, dict[str, Any]] = {}
 
     @property
     def next_step(self) -> int:
@@ -140,6 +143,8 @@ class TrainLoader:
             store_tokens[stream.order_key] = self.stores[name].num_tokens
             if fingerprints:
                 store_fingerprints[stream.order_key] = self.stores[name].fingerprint
+        for key, got in self._gone.items():
+            datasets.setdefault(key, dict(got))
         return {"stage": self.schedule.stage_at_step(step).name, "datasets": datasets, "store_tokens": store_tokens,
                 **({"store_fingerprints": store_fingerprints} if fingerprints else {})}
 
@@ -158,12 +163,26 @@ class TrainLoader:
         samples the new blend would have given before the resume."""
         consumed = self.schedule.consumed(step * self.global_batch_size)
         saved_datasets = saved.get("datasets") or {}
+        # A dataset the checkpoint counted and this config no longer lists (dropped, or renamed: another key) keeps
+        # its count in the stats, so the run's consumed tokens (their sum) and its later checkpoints still hold what
+        # it gave, instead of dropping by that much at the resume.
+        keys = {stream.order_key for stream in self.schedule.streams.values()}
+        self._gone = {key: _carried(got) for key, got in saved_datasets.items()
+                      if key not in keys and "consumed_tokens" in got}
         for name, count in consumed.items():
             tokens = saved_datasets.get(self.schedule.streams[name].order_key, {}).get("consumed_tokens")
             if tokens is None and saved_datasets:  # a dataset the checkpoint's config did not have: none read yet
                 tokens = 0  # (a blend changed on resume would otherwise count its samples before the resume)
             if tokens is not None:
                 self._tokens_before[name] = (count, int(tokens))
+
+
+def _carried(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved dataset's stats as carried on: its token count (read_manifest checked it) and its epochs where they are
+    a finite float, as `stats` writes them (a hand-edited manifest may hold anything there: 10**400 is no float)."""
+    epochs = saved.get("epochs")
+    number = type(epochs) is float and math.isfinite(epochs)
+    return {"consumed_tokens": saved["consumed_tokens"], **({"epochs": epochs} if number else {})}
 
 
 def data_root_hint(cfg, paths: list[str]) -> str:
