@@ -405,7 +405,10 @@ def test_add_rms_norm_twin_equals_the_residual_add_and_the_plain_rmsnorm(case, b
     scales = [x_scale] * len(inputs) + [w_scale]
     for fused_t, t, scale in zip(fused_inputs + [fused_norm.weight], inputs + [norm.weight], scales):
         assert fused_t.grad.dtype == t.grad.dtype
-        close(fused_t.grad, t.grad, 1e-4, floor=1e-5 * scale)
+        # a bf16 gradient (the attention output's) is the fp32 one rounded: fp32 values a few ulps apart can round to
+        # neighbouring bf16 numbers, one bf16 spacing apart (found by a random-seed run: 2^-8 at a gradient of ~1)
+        rel = BF16_EPS if t.grad.dtype == torch.bfloat16 else 1e-4
+        close(fused_t.grad, t.grad, rel, floor=1e-5 * scale)
 
 
 @st.composite
