@@ -160,6 +160,8 @@ def idx_fields(idx: Path) -> list[tuple[int, str, str]]:
 def file_edit(draw, folder: Path) -> str:
     """Any file of the store: truncated, extended, bytes overwritten, emptied, deleted, a folder in its place."""
     files = sorted(p for p in folder.rglob("*") if p.is_file())
+    if not files:  # earlier edits deleted or replaced them all (both shards deleted)
+        return "no file left to edit"
     path = draw(st.sampled_from(files))
     raw, how = path.read_bytes(), draw(st.sampled_from(["truncate", "extend", "overwrite", "empty", "delete",
                                                          "folder"]))
