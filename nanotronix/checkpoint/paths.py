@@ -20,6 +20,7 @@ step is committed and never removes the newest step nor the one that `latest` na
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -140,10 +141,19 @@ def remove_stale_temps(run_dir: Path, keep: Optional[Path] = None) -> None:
     if not run_dir.is_dir():
         return
     for p in run_dir.iterdir():
-        if _TEMP_RE.match(p.name) and p != keep:
-            shutil.rmtree(p, ignore_errors=True)
-        elif _POINTER_TEMP_RE.match(p.name):
-            p.unlink(missing_ok=True)
+        if (_TEMP_RE.match(p.name) and p != keep) or _POINTER_TEMP_RE.match(p.name):
+            remove_entry(p)
+
+
+def remove_entry(path: Path) -> None:
+    """Delete a folder's tree, or a file or symlink (whatever a leftover name holds: a `.step_N.tmp` file would stop
+    the save of step N, and rmtree leaves a symlink in place), never what a symlink points to (a step linked into
+    the run from elsewhere); what cannot be deleted stays, for the next try."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
 
 
 def commit_step(temp: Path, run_dir: Path, step: int) -> Path:
@@ -155,14 +165,14 @@ def commit_step(temp: Path, run_dir: Path, step: int) -> Path:
         # A run resumed from an older step (a rollback, or a crash before `latest` moved) is redoing this one.
         # Move the old folder aside rather than deleting it first, so a complete copy exists at every moment.
         replaced = run_dir / f".{final.name}.replaced"
-        shutil.rmtree(replaced, ignore_errors=True)
+        remove_entry(replaced)
         os.rename(final, replaced)
     os.rename(temp, final)
     fsync_path(run_dir)
     fsync_folder_if_allowed(run_dir.parent)  # the run folder's own entry, should a user's `mkdir -p` have made it
     write_text_durably(run_dir / LATEST_NAME, final.name + "\n")
     if replaced is not None:
-        shutil.rmtree(replaced, ignore_errors=True)
+        remove_entry(replaced)
     return final
 
 
@@ -230,7 +240,7 @@ def prune(run_dir: Path, retention: Retention) -> list[Path]:
     if removing:  # the renames reach the disk before the deletions: a power loss cannot bring back a step folder
         fsync_path(run_dir)  # whose files were deleted
     for folder in removing:
-        shutil.rmtree(folder, ignore_errors=True)
+        remove_entry(folder)  # a symlinked step: the link, not the step it points to
     return doomed
 
 
