@@ -231,9 +231,13 @@ def prune(run_dir: Path, retention: Retention) -> list[Path]:
         # holds open on NFS) leaves a `.step_N.pruning` folder, which the next save's remove_stale_temps finishes
         # off, never a step folder that looks complete but lacks files, nor one that stays on disk for good.
         doomed_temp = run_dir / f".{p.name}.pruning"
+        remove_entry(doomed_temp)  # left by an earlier prune of this step cut short: the rename cannot replace it
         try:
             p.rename(doomed_temp)
         except OSError:  # cannot rename: at least no longer a complete step
+            if p.is_symlink():  # a step linked from elsewhere: the link goes, never the linked step's manifest
+                remove_entry(p)
+                continue
             (p / MANIFEST_NAME).unlink(missing_ok=True)
             doomed_temp = p
         removing.append(doomed_temp)
