@@ -127,11 +127,16 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 def write_text_durably(path: Path, text: str) -> None:
     """Replace `path` atomically: write a hidden temp file, fsync it, rename it, fsync the folder."""
     temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(temp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temp, path)
+    try:
+        with open(temp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except OSError:  # a full disk, or `path` a folder: the pointer stays as it was, and no temp file beside it
+        with contextlib.suppress(OSError):
+            temp.unlink(missing_ok=True)
+        raise
     fsync_path(path.parent)
 
 
@@ -259,6 +264,10 @@ def roll_back(run_dir: Path, step: int) -> tuple[Optional[Path], list[Path]]:
     if not is_step_folder(target):
         steps = ", ".join(str(step_of(p)) for p in committed_steps(run_dir)) or "none"
         raise CheckpointError(f"{run_dir}: no complete checkpoint of step {step} (committed steps: {steps})")
+    pointer = run_dir / LATEST_NAME
+    if pointer.is_dir() and not pointer.is_symlink():  # it could not be replaced: found before anything moves
+        raise CheckpointError(f"{pointer} is a folder, not the run's `latest` pointer file: move it out of the way "
+                              "and run the rollback again")
     later = [p for p in committed_steps(run_dir) if step_of(p) > step]
     aside = None
     if later:
@@ -267,5 +276,5 @@ def roll_back(run_dir: Path, step: int) -> tuple[Optional[Path], list[Path]]:
         for p in reversed(later):
             os.rename(p, aside / p.name)
         fsync_path(run_dir)
-    write_text_durably(run_dir / LATEST_NAME, target.name + "\n")
+    write_text_durably(pointer, target.name + "\n")
     return aside, later
