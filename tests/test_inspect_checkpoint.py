@@ -61,9 +61,10 @@ EDITED_SUMMARIES = {  # an edit of checkpoint.json the summary has a meaning for
     "tokens gone": (lambda m: m["data"]["datasets"]["arith"].pop("consumed_tokens"), 32 * 32, [3]),
     # no counts and a seq_len that is no length: unknown ("32" * 32 before, or a TypeError)
     "seq_len text": (lambda m: (m["data"].pop("datasets"), m["config"]["train"].update(seq_len="32")), None, [3]),
-    # milestones settings of no meaning: none (a TypeError in `step % keep_every` before)
-    "keep_every text": (lambda m: m["config"]["checkpoint"].update(keep_every="2"), 1024, []),
-    "keep_steps number": (lambda m: m["config"]["checkpoint"].update(keep_steps=3), 1024, []),
+    # milestones settings of no meaning: none by them (a TypeError in `step % keep_every` before); step 3 is still one
+    # by the keep_steps [3] its own manifest was saved with
+    "keep_every text": (lambda m: m["config"]["checkpoint"].update(keep_every="2"), 1024, [3]),
+    "keep_steps number": (lambda m: m["config"]["checkpoint"].update(keep_steps=3), 1024, [3]),
 }
 
 

@@ -56,8 +56,7 @@ def summarise(folder: Path) -> dict:
     config = manifest.get("config", {})
     train = config.get("train", {})
     consumed = int(manifest.get("consumed_samples", 0))
-    run = folder.parent
-    run_steps = [paths.step_of(p) for p in paths.committed_steps(run)]
+    run_steps = paths.committed_steps(folder.parent)
     retention = paths.saved_retention(config)  # the run's checkpoint.keep_every / keep_steps
     return {
         "path": str(folder), "step": manifest["step"], "consumed_samples": consumed,
@@ -72,7 +71,9 @@ def summarise(folder: Path) -> dict:
         "torch_version": manifest.get("torch_version"), "source": manifest.get("source"),
         "trainer_state": sorted(manifest.get("trainer_state", {})),
         "files": len(manifest["files"]), "bytes": sum(f["size"] for f in manifest["files"].values()),
-        "run_steps": run_steps, "milestones": [s for s in run_steps if retention.milestone(s)],
+        "run_steps": [paths.step_of(p) for p in run_steps],
+        # kept for good by the run's settings or those each step was saved with (a resume may have left them out)
+        "milestones": [paths.step_of(p) for p in run_steps if paths.kept_for_good(p, retention)],
     }
 
 

@@ -221,6 +221,12 @@ def _saved_as_milestone(step_dir: Path) -> bool:
     return saved_retention(manifest.get("config") if isinstance(manifest, dict) else None).milestone(step_of(step_dir))
 
 
+def kept_for_good(step_dir: Path, retention: Retention) -> bool:
+    """Whether pruning keeps the committed step for good: a milestone by `retention` (the current settings) or by the
+    settings it was saved with."""
+    return retention.milestone(step_of(step_dir)) or _saved_as_milestone(step_dir)
+
+
 def prune(run_dir: Path, retention: Retention) -> list[Path]:
     """Remove the committed steps `retention` does not keep, nor the settings they were saved with; never the one
     `latest` names."""
@@ -228,8 +234,7 @@ def prune(run_dir: Path, retention: Retention) -> list[Path]:
         return []
     latest = read_latest(run_dir)
     steps = committed_steps(run_dir)
-    doomed = [p for p in steps[:-retention.keep_last]
-              if p != latest and not retention.milestone(step_of(p)) and not _saved_as_milestone(p)]
+    doomed = [p for p in steps[:-retention.keep_last] if p != latest and not kept_for_good(p, retention)]
     removing = []
     for p in doomed:
         # Renamed out of the step pattern first (atomic): a prune interrupted half-way (killed, or files a reader
