@@ -54,7 +54,7 @@ READABLE = {"committed", "link"}
 # A save's hidden entries (folders as a kill leaves them, or files where folders are expected) and the pointer's temp
 TEMP_KINDS = ["tmp", "tmp_with_manifest", "replaced", "pruning", "tmp_file", "latest_temp", "latest_temp_folder"]
 STRAYS = ["notes.txt", "step_0000003.bak/", "rolled_back_after_step_0000002-20260101-000000/step_0000008/", ".lock",
-          "step_x/", "latest.old"]
+          "step_x/", "latest.old", "step_0000005\n/", ".step_0000006.tmp\n"]  # a name with a line break is no step
 # keep_every / keep_steps a step's manifest says it was saved with; None: a config without them (saved before they
 # existed), "wrong types": edited by hand (they then keep nothing)
 SAVED = st.one_of(st.none(), st.just("wrong types"),
@@ -299,7 +299,7 @@ def test_remove_stale_temps_removes_exactly_the_leftovers_of_saves(source, scrat
     spec, run = drawn_folder(data, source, scratch_root)
     before = snapshot(run.parent)
     paths.remove_stale_temps(run)
-    stale = re.compile(r"^ckpt/(\.step_\d+\.(tmp|replaced|pruning)|\.latest\.tmp-\d+)(/|$)")
+    stale = re.compile(r"^ckpt/(\.step_[0-9]+\.(tmp|replaced|pruning)|\.latest\.tmp-[0-9]+)(/|\Z)")
     assert snapshot(run.parent) == {rel: what for rel, what in before.items() if not stale.match(rel)}, spec
     shutil.rmtree(run.parent)
 

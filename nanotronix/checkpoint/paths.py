@@ -36,9 +36,11 @@ from nanotronix.data.files import fsync_folder_if_allowed, fsync_path
 MANIFEST_NAME = "checkpoint.json"  # written last inside a step folder; its presence marks a complete step
 LATEST_NAME = "latest"
 LOCK_NAME = ".lock"  # the lock a run holds on its checkpoint.dir (Checkpointer._lock_run_dir)
-_STEP_RE = re.compile(r"^step_([0-9]+)$")
-_TEMP_RE = re.compile(r"^\.step_(\d+)\.(tmp|replaced|pruning)$")
-_POINTER_TEMP_RE = re.compile(rf"^\.{LATEST_NAME}\.tmp-\d+$")  # write_text_durably's temp file of `latest`
+# \Z, not $ (which also matches before a final line break): a folder named "step_0000500\n" is no step 500, which
+# a resume would take and whose number would prune real steps
+_STEP_RE = re.compile(r"^step_([0-9]+)\Z")
+_TEMP_RE = re.compile(r"^\.step_([0-9]+)\.(tmp|replaced|pruning)\Z")
+_POINTER_TEMP_RE = re.compile(rf"^\.{LATEST_NAME}\.tmp-[0-9]+\Z")  # write_text_durably's temp file of `latest`
 
 
 def step_folder_name(step: int) -> str:
