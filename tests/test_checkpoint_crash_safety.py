@@ -116,6 +116,21 @@ def test_a_rollback_cut_short_never_leaves_latest_behind_the_step_resumed_from(t
     assert sorted(p.name for p in aside.iterdir()) == ["step_0000002", "step_0000003", "step_0000004"]
 
 
+def test_a_rollback_finds_a_step_folder_of_any_padding(tmp_path):
+    """`step_2` (copied in by hand) is a committed step like `step_0000002`: a rollback to 2 takes it (it said "no
+    complete checkpoint of step 2 (committed steps: 1, 2, 3)")."""
+    from nanotronix.checkpoint import paths
+
+    model = plain_model()
+    opt = adamw(model)
+    run_dir = tmp_path / "run"
+    for step in range(1, 4):
+        save_single(run_dir, step, model, opt)
+    (run_dir / "step_0000002").rename(run_dir / "step_2")
+    aside, moved = paths.roll_back(run_dir, 2)
+    assert [p.name for p in moved] == ["step_0000003"] and find_checkpoint(run_dir) == run_dir / "step_2"
+
+
 def test_a_pruned_step_is_renamed_durably_before_its_files_go(tmp_path, monkeypatch):
     """Pruning renames a step out of the step pattern, fsyncs the run folder, and only then deletes the files: a
     power loss between the two cannot bring back `step_N` without its files (ext4 may persist the deletions first)."""

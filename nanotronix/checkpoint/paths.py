@@ -267,7 +267,8 @@ def roll_back(run_dir: Path, step: int) -> tuple[Optional[Path], list[Path]]:
     A resume takes the newest complete step, so a crash part-way leaves what looks like a run that got less far
     (its newest steps aside, the others not yet), never `latest` on `step` beside later steps that a resume would
     take: run it again to finish."""
-    target = run_dir / step_folder_name(step)
+    # the committed folder of that step, however its number is padded (a step_4 copied in counts as committed)
+    target = next((p for p in committed_steps(run_dir) if step_of(p) == step), run_dir / step_folder_name(step))
     if not is_step_folder(target):
         steps = ", ".join(str(step_of(p)) for p in committed_steps(run_dir)) or "none"
         raise CheckpointError(f"{run_dir}: no complete checkpoint of step {step} (committed steps: {steps})")
