@@ -481,7 +481,8 @@ def rows(batch: torch.Tensor) -> np.ndarray:
 # --- the property -------------------------------------------------------------------------------------------------
 
 # A failure is reported as drawn, not shrunk: its edits read plainly, and shrinking costs minutes of trainer runs.
-@settings(PROPERTY, max_examples=150, phases=[Phase.explicit, Phase.generate])
+# 80 examples (~25 s on one core): it passed at 150, in a 600-example random run and in three random-seed runs of 150
+@settings(PROPERTY, max_examples=80, phases=[Phase.explicit, Phase.generate])
 @given(e=edits())
 # found by this test: a dataset new in a stage appended after the resumed step was said as a renamed one
 @example(e=Edits(stages=BASE_STAGES + (Stage("three", 6, (Dataset("extra", Fraction(1)),)),), train={"train_steps": 6}))
