@@ -9,6 +9,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def pytest_configure(config):
+    """One intra-op thread for every run the suite makes: in the test's own process, and (through OMP_NUM_THREADS)
+    in the ranks it spawns, the commands it starts and the Slurm jobs it submits, which inherit the environment.
+    `make test` runs two workers on two cores: with a thread per core in each, the tiny models' steps were many
+    times slower, their OpenMP threads waiting on cores that another worker or rank holds (the tiny model's linear,
+    64 tokens from 64 to 128 features, forward and backward: 0.12 ms on one thread, 5 ms on two, the machine busy)."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def smollm2_tokenizer_path() -> str:
     """Path of the real SmolLM2 tokenizer.json, from NANOTRONIX_SMOLLM2_TOKENIZER (set by .ci/run)."""
