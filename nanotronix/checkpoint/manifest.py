@@ -148,8 +148,9 @@ def check_fields(path: Path, manifest: dict[str, Any]) -> None:
     hf = (manifest.get("source") or {}).get("hf", {})
     if not isinstance(hf, dict):
         raise damaged("source.hf", hf, "a mapping")
+    # generation_config: null where the imported folder had none (the export then writes one from config.json's ids)
     for field, kind, expected in (("path", str, "a path"), ("config", dict, "a mapping"),
-                                  ("generation_config", dict, "a mapping")):
+                                  ("generation_config", (dict, type(None)), "a mapping or null")):
         if field in hf and not isinstance(hf[field], kind):
             raise damaged(f"source.hf.{field}", hf[field], expected)
     for name, info in manifest["files"].items():
