@@ -45,10 +45,16 @@ class SafetensorsFolder:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
+                if not all(isinstance(name, str) for name in weight_map.values()):
+                    raise TypeError("its weight_map names a file by something other than a string")
                 files = sorted(set(weight_map.values()))
-            except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON, or no weight_map of names
+            except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:  # not JSON, or no
+                # weight_map of names; RecursionError: nested deeper than the JSON reader recurses
                 why = f"no {e.args[0]!r}" if isinstance(e, KeyError) else " ".join(str(e).split())
                 raise UserError(f"{index}: not a safetensors index ({why})") from None
+            outside = [name for name in files if Path(name).anchor or ".." in Path(name).parts]
+            if outside:  # transformers refuses these too: the index would read weights from another folder
+                raise UserError(f"{index}: weight file {outside[0]} lies outside {folder}")
             if (folder / "model.safetensors").is_file():  # beside it (an older save's): transformers loads this one
                 files = ["model.safetensors"]
         elif (folder / "model.safetensors").is_file():
@@ -127,6 +133,8 @@ def _read_hf_config(hf_dir: Path) -> tuple[dict, ModelConfig]:
         raise UserError(f"--hf: {config_file}: field {e.args[0]!r} is missing") from None
     except (ValueError, TypeError, AttributeError) as e:  # not JSON, not a mapping, not a Llama
         raise UserError(f"--hf: {config_file}: {e}") from None
+    except RecursionError:  # nested deeper than the JSON reader recurses
+        raise UserError(f"--hf: {config_file}: nested too deeply to be read") from None
     quantization = hf_config.get("quantization_config")
     if quantization is not None:  # its weights are integers plus scales this model has no place for
         method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else "?"
@@ -145,6 +153,12 @@ def _check_weights(hf_dir: Path, source: SafetensorsFolder,
         raise UserError(f"--hf: {hf_dir} holds bias tensors ({biases[0]}, ...), which this model does not have")
     if not model_cfg.tie_word_embeddings and "lm_head.weight" not in source:
         raise UserError(f"--hf: {hf_dir} has untied embeddings but no lm_head.weight")
+    embedding = [model_cfg.vocab_size, model_cfg.hidden_size]
+    if model_cfg.tie_word_embeddings and "lm_head.weight" in source and source.shape("lm_head.weight") != embedding:
+        # the tied head is the embedding (its copy is not read), but a head of another shape says the config does
+        # not describe these weights: transformers refuses it too
+        raise UserError(f"--hf: {hf_dir}: tensor lm_head.weight is {source.shape('lm_head.weight')}, but its "
+                        f"config.json ties it to the embedding, {embedding}")
     state = {st.model_key(n): torch.empty(shape, dtype=torch.float32, device="meta")
              for n, shape in model_parameter_shapes(model_cfg).items()}
     used = set()
@@ -199,6 +213,8 @@ def _read_generation_config(hf_dir: Path) -> dict | None:
         return _json_object(generation_file)
     except ValueError as e:
         raise UserError(f"--hf: {generation_file}: {e}") from None
+    except RecursionError:  # nested deeper than the JSON reader recurses
+        raise UserError(f"--hf: {generation_file}: nested too deeply to be read") from None
 
 
 def _json_object(file: Path) -> dict:
