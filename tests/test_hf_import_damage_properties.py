@@ -371,3 +371,27 @@ def test_a_tied_head_of_another_shape_is_refused(folders, tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines() == [
         f"error: --hf: {hf}: tensor lm_head.weight is [4], but its config.json ties it to the embedding, [32, 16]"]
     assert transformers_reading(hf, folders["tied"])[0] is None
+
+
+@pytest.mark.parametrize("field, value", [("rope_parameters", False), ("rope_parameters", 0), ("rope_parameters", []),
+                                          ("rope_scaling", False), ("rope_scaling", []), ("rope_scaling", "")])
+def test_false_rope_settings_are_read_as_transformers_reads_them(folders, tmp_path, capsys, field, value):
+    """transformers takes a false rope_scaling as none but refuses a rope_parameters that is neither null nor a
+    mapping; the import took `"rope_parameters": false` as plain RoPE (a random seed of the property found it)."""
+    hf = tmp_path / "hf"
+    shutil.copytree(folders["tied"], hf)
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**config, field: value}))
+    try:
+        reference = transformers_reading_with(hf, transformers.AutoConfig.from_pretrained(hf))
+    except Exception:  # noqa: BLE001 (whatever it raises is a refusal)
+        reference = None
+    code = load_tool("convert_from_hf").main(["--hf", str(hf), "--output", str(tmp_path / "ckpt"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    if reference is None:
+        assert code == 2 and err == [f"error: --hf: {hf / 'config.json'}: {field}: {json.dumps(value)} is not a "
+                                     "mapping"], err
+    else:
+        assert code == 0, err
+        with torch.no_grad():
+            assert (our_logits(tmp_path / "ckpt") - reference(input_ids=IDS).logits).abs().max().item() < 1e-5

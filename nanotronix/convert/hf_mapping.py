@@ -136,13 +136,15 @@ def hf_config_dict(cfg: ModelConfig, eos_token_id: int = 0, bos_token_id: int = 
     }
 
 
-def _rope_type(settings: Any) -> str:
+def _rope_type(field: str, settings: Any) -> str:
     """The RoPE variant a config's `rope_scaling` / `rope_parameters` names: transformers writes `rope_type` (and,
-    before 4.45, `type`); none named is the default."""
-    if not settings:
+    before 4.45, `type`); none named is the default. transformers takes any false `rope_scaling` (false, 0, "", [])
+    as none, but `rope_parameters` only as null or a mapping: `"rope_parameters": false` is refused, as it refuses
+    it (it was imported as plain RoPE)."""
+    if settings is None or (field == "rope_scaling" and not settings):
         return "default"
     if not isinstance(settings, dict):
-        raise ValueError(f"RoPE settings {settings!r} are not a mapping")
+        raise ValueError(f"{field}: {json.dumps(settings)} is not a mapping")
     return settings.get("rope_type") or settings.get("type") or "default"
 
 
@@ -153,7 +155,7 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     if hf.get("model_type") != "llama":
         raise ValueError(f"not a Llama config (model_type={hf.get('model_type')!r})")
     for field in ("rope_scaling", "rope_parameters"):  # transformers >= 5 keeps the RoPE settings in the second
-        kind = _rope_type(hf.get(field))
+        kind = _rope_type(field, hf.get(field))
         if kind != "default":
             raise ValueError(f"{field}: RoPE type {kind!r} is not supported (only plain RoPE)")
     for field in ("attention_bias", "mlp_bias"):
