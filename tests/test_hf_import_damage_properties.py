@@ -395,3 +395,22 @@ def test_false_rope_settings_are_read_as_transformers_reads_them(folders, tmp_pa
         assert code == 0, err
         with torch.no_grad():
             assert (our_logits(tmp_path / "ckpt") - reference(input_ids=IDS).logits).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("layers", [2, 10 ** 30])
+def test_more_layers_than_the_weights_hold_are_refused_before_the_model_is_built(folders, tmp_path, capsys, layers):
+    """A config.json giving more decoder layers than the weights hold is refused (transformers leaves them missing,
+    initialised at random) before the model is built: 10**30 layers hung the import building it (a random seed of
+    the property found it). transformers itself is asked only for the small count: it builds them all."""
+    hf = tmp_path / "hf"
+    shutil.copytree(folders["tied"], hf)
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**config, "num_hidden_layers": layers}))
+    if layers < 10:
+        assert transformers_reading_with(hf, transformers.AutoConfig.from_pretrained(hf)) is None
+    held = config["num_hidden_layers"]
+    capsys.readouterr()  # transformers' progress bar
+    assert load_tool("convert_from_hf").main(["--hf", str(hf), "--output", str(tmp_path / "ckpt")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: --hf: {hf} lacks tensors model.layers.{held}.*: its config.json gives {layers} decoder layers, its "
+        f"weights hold {held}"]

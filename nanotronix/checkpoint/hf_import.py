@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -32,6 +33,7 @@ from nanotronix.errors import UserError
 from nanotronix.model.rope import ROPE_LAYOUT
 
 
+_LAYER_NAME = re.compile(r"model\.layers\.([0-9]+)\.")  # a decoder layer's tensor, as LlamaForCausalLM names it
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors' names of the types a weight is read from
 
 
@@ -148,6 +150,10 @@ def _check_weights(hf_dir: Path, source: SafetensorsFolder,
     """The model's parameters as fp32 meta tensors (the state to save), and the names of the source tensors they are
     read from; UserError, before anything is written, unless the source holds each of them, of the shape config.json
     gives it, in floating point, and no biases."""
+    held = _held_layers(source)
+    if model_cfg.num_hidden_layers > held:  # said before the model is built: a config.json with 10**30 layers hung
+        raise UserError(f"--hf: {hf_dir} lacks tensors model.layers.{held}.*: its config.json gives "
+                        f"{model_cfg.num_hidden_layers} decoder layers, its weights hold {held}")
     biases = sorted(name for name in source.location if name.endswith(".bias"))
     if biases:  # the config did not say so, but the weights have biases the model would drop
         raise UserError(f"--hf: {hf_dir} holds bias tensors ({biases[0]}, ...), which this model does not have")
@@ -174,6 +180,12 @@ def _check_weights(hf_dir: Path, source: SafetensorsFolder,
                                 "(a quantized model? convert from its unquantized weights)")
             used.add(hf_name)
     return state, used
+
+
+def _held_layers(source: SafetensorsFolder) -> int:
+    """How many decoder layers the source holds from layer 0 on (model.layers.0., .1., ... without a gap)."""
+    indices = {int(m.group(1)) for m in map(_LAYER_NAME.match, source.location) if m}
+    return next(i for i in range(len(indices) + 1) if i not in indices)
 
 
 def _warn_unused(hf_dir: Path, source: SafetensorsFolder, used: set[str], model_cfg: ModelConfig,
