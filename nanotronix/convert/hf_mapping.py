@@ -187,4 +187,9 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     if head_dim is not None and head_dim != model.head_dim:
         raise ValueError(f"head_dim: {head_dim} is not hidden_size / num_attention_heads = {model.head_dim} "
                          "(not supported)")
+    pad = hf.get("pad_token_id")  # transformers' embedding padding_idx: it builds no model with another (the
+    # export would carry it into a config.json transformers cannot load)
+    if pad is not None and (type(pad) is not int or not -model.vocab_size <= pad < model.vocab_size):
+        raise ValueError(f"pad_token_id: {json.dumps(pad)} is not null or a token id of the {model.vocab_size}-token "
+                         "vocabulary")
     return model
