@@ -125,6 +125,35 @@ def test_milestones_are_never_pruned(tmp_path):
         "latest", "step_0000003", "step_0000005", "step_0000006", "step_0000009", "step_0000010"]
 
 
+def test_a_latest_pointer_that_cannot_be_replaced_fails_the_save_saying_the_step_is_saved(tmp_path):
+    """README: the rename is the commit, `latest` is moved after it. A `latest` that is a folder cannot be replaced:
+    the save fails in one line that says the step is saved (a resume takes it) and the pointer is not, not "cannot
+    commit checkpoint RUN/.step_N.tmp" (a folder gone by then); the older copy of a step saved again goes at once
+    (it stayed, a whole checkpoint, until the next save). Once the folder is moved away, the next save moves
+    `latest` again."""
+    model = plain_model()
+    opt = adamw(model)
+    run_dir = tmp_path / "run"
+    save_single(run_dir, 1, model, opt)
+    (run_dir / "latest").unlink()
+    (run_dir / "latest").mkdir()
+    (run_dir / "latest" / "notes.txt").write_text("someone's\n")
+    for _ in range(2):  # the second time step 2 is saved again, replacing the first copy
+        with pytest.raises(CheckpointError) as err:
+            save_single(run_dir, 2, model, opt)
+        said = str(err.value)
+        assert said.startswith(f"step 2 is saved in {run_dir / 'step_0000002'} (committed: a resume takes it), "
+                               f"but {run_dir / 'latest'} could not be replaced to name it"), said
+        assert "Is a directory" in said and "\n" not in said and ".tmp" not in said.split("(")[0], said
+        assert sorted(p.name for p in run_dir.iterdir()) == ["latest", "step_0000001", "step_0000002"]
+        assert find_checkpoint(run_dir) == run_dir / "step_0000002"
+        assert (run_dir / "latest" / "notes.txt").read_text() == "someone's\n"
+    fresh = plain_model(seed=5)
+    assert load_single(find_checkpoint(run_dir), fresh, adamw(fresh))["step"] == 2
+    (run_dir / "latest").rename(tmp_path / "moved")
+    save_single(run_dir, 3, model, opt)
+    assert (run_dir / "latest").read_text() == "step_0000003\n"
+
 
 
 def _damage_largest_data_file(folder: Path, how: str) -> Path:

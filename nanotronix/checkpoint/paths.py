@@ -164,7 +164,9 @@ def remove_entry(path: Path) -> None:
 
 
 def commit_step(temp: Path, run_dir: Path, step: int) -> Path:
-    """Rename a fully written temp folder to its step folder, then point `latest` at it."""
+    """Rename a fully written temp folder to its step folder, then point `latest` at it. The rename is the commit:
+    a `latest` that cannot be replaced then (a folder in its place, a full disk) is a CheckpointError that says the
+    step is saved, raised once the step is complete and the older copy it replaced is gone."""
     final = run_dir / step_folder_name(step)
     fsync_path(temp)
     replaced = None
@@ -177,9 +179,15 @@ def commit_step(temp: Path, run_dir: Path, step: int) -> Path:
     os.rename(temp, final)
     fsync_path(run_dir)
     fsync_folder_if_allowed(run_dir.parent)  # the run folder's own entry, should a user's `mkdir -p` have made it
-    write_text_durably(run_dir / LATEST_NAME, final.name + "\n")
-    if replaced is not None:
+    if replaced is not None:  # the new copy is durable: the old one is no longer needed, whatever `latest` does
         remove_entry(replaced)
+    pointer = run_dir / LATEST_NAME
+    try:
+        write_text_durably(pointer, final.name + "\n")
+    except OSError as e:
+        raise CheckpointError(f"step {step} is saved in {final} (committed: a resume takes it), but {pointer} could "
+                              f"not be replaced to name it ({e.strerror or e}): move what is there out of the way "
+                              "before the next save") from None
     return final
 
 

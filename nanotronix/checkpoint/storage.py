@@ -140,6 +140,8 @@ def write_step(run_dir: Path, step: int, state: dict[str, Any], manifest: dict[s
             mf.write_manifest(temp, {**manifest, "files": dict(sorted(files.items())), "saved_at": time.time()})
             paths.commit_step(temp, run_dir, step)
             paths.prune(run_dir, retention)
+        except CheckpointError as e:  # committed, but `latest` not replaced (commit_step says so)
+            error = str(e)
         except OSError as e:
             error = f"cannot commit checkpoint {temp}: {e}"
     # Also a barrier: nobody returns (and maybe exits) before the commit is durable.
