@@ -156,6 +156,26 @@ def test_a_latest_pointer_that_cannot_be_replaced_fails_the_save_saying_the_step
 
 
 
+@pytest.mark.parametrize("pointer", ["../elsewhere/step_0000004", "{elsewhere}/step_0000004",
+                                     "step_0000001/../../elsewhere/step_0000004"])
+def test_a_latest_pointer_naming_anything_but_a_step_folder_of_the_run_is_stale(tmp_path, pointer):
+    """`latest` is one of the run's own step folder names; anything else (a path to another run's step, absolute or
+    through `..`, as a hand edit or a copied-in pointer may hold) names no step of this run, like a pointer naming a
+    missing step: read_latest ignores it (it returned the other run's step), and the run's own steps decide."""
+    from nanotronix.checkpoint import paths
+
+    model = plain_model()
+    opt = adamw(model)
+    run_dir, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    save_single(run_dir, 1, model, opt)
+    save_single(elsewhere, 4, model, opt)
+    (run_dir / "latest").write_text(pointer.format(elsewhere=elsewhere) + "\n")
+    assert paths.read_latest(run_dir) is None
+    assert find_checkpoint(run_dir) == run_dir / "step_0000001"
+    (run_dir / "latest").write_text("step_0000001\n")
+    assert paths.read_latest(run_dir) == run_dir / "step_0000001"
+
+
 def _damage_largest_data_file(folder: Path, how: str) -> Path:
     victim = max(folder.glob("*.distcp"), key=lambda p: p.stat().st_size)
     data = bytearray(victim.read_bytes())

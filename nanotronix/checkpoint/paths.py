@@ -77,10 +77,11 @@ def read_latest(run_dir: Path) -> Optional[Path]:
         name = pointer.read_text().strip()
     except UnicodeDecodeError:  # a damaged pointer: stale, like one naming no complete step
         return None
-    target = run_dir / name
-    if step_of(target) is None or not is_step_folder(target):
+    # the name of one of the run's own step folders, or stale: a path out of the run (`../other/step_N`, absolute)
+    # names another run's step
+    if not _STEP_RE.match(name) or not is_step_folder(run_dir / name):
         return None
-    return target
+    return run_dir / name
 
 
 def find_checkpoint(path: str | os.PathLike) -> Optional[Path]:
