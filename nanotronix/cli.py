@@ -34,12 +34,25 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"error: {one_line(message)}\n")
 
 
+def integer(text: str) -> int:
+    """argparse type: int() of ASCII text, what `type=int` is for every flag here: int() alone also reads other
+    scripts' decimal digits ("\u0663" is 3, "\uff13" too) as the number they stand for."""
+    try:
+        if not text.isascii():
+            raise ValueError
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None  # argparse's words for type=int
+
+
 def finite_float(text: str) -> float:
-    """argparse type: a number, not nan or inf (which pass every `<= 0` check and end in a traceback or a nan
-    figure)."""
+    """argparse type: a number in ASCII text (float(), like int(), reads other scripts' digits), not nan or inf
+    (which pass every `<= 0` check and end in a traceback or a nan figure)."""
     import math
 
     try:
+        if not text.isascii():
+            raise ValueError
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None

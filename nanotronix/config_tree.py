@@ -117,8 +117,10 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return int(value)
     if tp is float:
-        if isinstance(value, str):
+        if isinstance(value, str):  # 3e-4: YAML 1.1 reads a float without a dot as a string
             try:
+                if not value.isascii():  # float() reads other scripts' digits too: float("\u0663e-4") is 3e-4
+                    raise ValueError
                 value = float(value)
             except ValueError:
                 raise ConfigError(f"{where}: expected a number, got {value!r}") from None

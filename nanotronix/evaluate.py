@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from nanotronix.cli import ArgumentParser, one_line_errors
+from nanotronix.cli import ArgumentParser, integer, one_line_errors
 from nanotronix.errors import fail
 
 
@@ -26,9 +26,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a step folder or a run's checkpoint folder")
     p.add_argument("--data", required=True, help="token store (Megatron prefix, datatrove .ds, zarr)")
-    p.add_argument("--seq-len", type=int, required=True, help="L: input tokens per window")
-    p.add_argument("--num-samples", type=int, required=True, help="K: number of windows")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    p.add_argument("--seq-len", type=integer, required=True, help="L: input tokens per window")
+    p.add_argument("--num-samples", type=integer, required=True, help="K: number of windows")
+    p.add_argument("--batch-size", type=integer, default=8, help="windows per forward pass (default 8)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: cuda if available")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (stderr)")

@@ -15,7 +15,7 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-from nanotronix.cli import ArgumentParser, check_writable_folder, one_line_errors
+from nanotronix.cli import ArgumentParser, check_writable_folder, integer, one_line_errors
 from nanotronix.config import Config, grad_accum_steps, load_config
 from nanotronix.config_checks import resolve_layout, too_few_processes
 from nanotronix.errors import UserError
@@ -172,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
                     "stores, output folders) before starting torchrun. Prints one summary line and the run's start "
                     "notes (one `note:` line each), or one error line and exits 2.")
     parser.add_argument("--config", required=True, help="YAML config file (as for nanotronix.train)")
-    parser.add_argument("--nnodes", type=int, default=1, help="nodes in the job (default 1)")
-    parser.add_argument("--nproc-per-node", type=int, default=1, help="processes per node (default 1)")
+    parser.add_argument("--nnodes", type=integer, default=1, help="nodes in the job (default 1)")
+    parser.add_argument("--nproc-per-node", type=integer, default=1, help="processes per node (default 1)")
     parser.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides")
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
     if args.nnodes < 1 or args.nproc_per_node < 1:

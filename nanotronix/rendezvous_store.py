@@ -22,7 +22,7 @@ import datetime
 import signal
 import sys
 
-from nanotronix.cli import ArgumentParser, one_line_errors
+from nanotronix.cli import ArgumentParser, integer, one_line_errors
 from nanotronix.errors import fail
 
 
@@ -30,7 +30,7 @@ from nanotronix.errors import fail
 def main(argv=None) -> int:
     parser = ArgumentParser(prog="python -m nanotronix.rendezvous_store",
                                      description=" ".join(__doc__.split("\n\n")[0].split()))
-    parser.add_argument("--port", type=int, required=True, help="TCP port to listen on (all interfaces)")
+    parser.add_argument("--port", type=integer, required=True, help="TCP port to listen on (all interfaces)")
     args = parser.parse_args(argv)
     if not 1 <= args.port <= 65535:
         parser.error(f"--port {args.port}: not a TCP port (1-65535)")

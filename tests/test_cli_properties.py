@@ -71,7 +71,7 @@ TEXT = st.text(st.one_of(st.characters(exclude_categories=("Cs", "Cc")), st.samp
                max_size=12)
 NUMBERS = st.one_of(
     st.sampled_from(["0", "-1", "1", "2", "3", "7", "nan", "inf", "-inf", "1.5", "", "1e3", " 4", "\u0663", "0x10",
-                     "1_0", "+5", "\u00b2", "99999999999999999999", "-99999999999", "4294967296", "1e400"]),
+                     "1_0", "+5", "\u00b2", "\uff13", "99999999999999999999", "-99999999999", "4294967296", "1e400"]),
     st.integers(1, 64).map(str), st.integers(-10 ** 6, 10 ** 6).map(str), TEXT)
 
 
@@ -365,3 +365,38 @@ def test_superscript_digits_are_refused_in_one_line(sandbox, world, case):
     main = (importlib.import_module(tool) if "." in tool else load_tool(tool)).main  # a module, or a tools/ script
     code, _, said = call_and_check(main, args, world, sandbox, writes=True)
     assert code == 2 and "\u00b2" in said.strip().splitlines()[-1], (case, code, said)
+
+
+# Decimal digits of other scripts, which int() and float() read as numbers (int("\u0663") is 3, float("\u0664.\u0665")
+# 4.5): each was taken as that number where a command reads a number out of a flag's or an override's text (a
+# rollback went to step 2, a tokenizer of vocabulary 300 was trained); each is refused in one line, as other text that
+# is not a number. Arabic-Indic, fullwidth and Devanagari digits; (command, its argv, copies as call_and_check's).
+FOREIGN_DIGITS = {
+    "rollback --to-step": ("rollback", [("path", "ckpt"), ("text", "--to-step"), ("text", "\u0662")],
+                           {"ckpt": "run_ckpt"}),
+    "inspect_store --doc": ("inspect_store", [("path", "store"), ("text", "--doc"), ("text", "\uff10")], None),
+    "evaluate --seq-len": ("nanotronix.evaluate", [("text", "--checkpoint"), ("path", "ckpt"), ("text", "--data"),
+                                                  ("path", "store"), ("text", "--seq-len"), ("text", "\u0968"),
+                                                  ("text", "--num-samples"), ("text", "1"),
+                                                  ("text", "--no-progress")], None),
+    "plan --gpus": ("plan", [("path", "config"), ("text", "--gpus"), ("text", "\u0661")], None),
+    "plan --mfu": ("plan", [("path", "config"), ("text", "--gpus"), ("text", "1"), ("text", "--mfu"),
+                            ("text", "\u0660.\u0665")], None),
+    "preflight --nproc-per-node": ("nanotronix.preflight", [("text", "--config"), ("path", "config"),
+                                                            ("text", "--nproc-per-node"), ("text", "\u0661")], None),
+    "train_tokenizer --vocab-size": ("train_tokenizer", [("text", "--input"), ("path", "texts"), ("text", "--output"),
+                                                         ("path", "out.json"), ("text", "--vocab-size"),
+                                                         ("text", "\uff13\uff10\uff10")], None),
+    "override of a float": ("nanotronix.train.main", [("text", "--config"), ("path", "config"),
+                                                      ("text", "--print-config"), ("text", "optimizer.lr=\u0663e-4")],
+                            None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FOREIGN_DIGITS))
+def test_decimal_digits_of_other_scripts_are_refused_in_one_line(sandbox, world, case):
+    tool, args, copies = FOREIGN_DIGITS[case]
+    main = (importlib.import_module(tool) if "." in tool else load_tool(tool)).main  # a module, or a tools/ script
+    code, _, said = call_and_check(main, args, world, sandbox, writes=True, copies=copies)
+    digits = next(text for kind, text in args if not text.isascii()).split("=")[-1]  # an override's value
+    assert code == 2 and digits in said.strip().splitlines()[-1], (case, code, said)

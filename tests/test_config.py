@@ -83,6 +83,9 @@ def test_dotted_overrides_reach_nested_lists(tiny_yaml):
     ("parallel.tp=.nan", "parallel.tp: expected a finite number, got nan"),
     ("optimizer.eps=.inf", "optimizer.eps: expected a finite number, got inf"),
     ("model.rms_norm_eps=inf", "model.rms_norm_eps: expected a finite number, got inf"),  # a string
+    # a string (YAML reads a float without a dot as one), which float() reads as 3e-4 and 1e-5
+    ("optimizer.lr=\u0663e-4", "optimizer.lr: expected a number, got '\u0663e-4'"),
+    ("model.rms_norm_eps=\uff11e-5", "model.rms_norm_eps: expected a number, got '\uff11e-5'"),
     ("model.rope_theta=.nan", "model.rope_theta: expected a finite number, got nan"),
     # an integer past a float's range: float() raised OverflowError, a traceback
     pytest.param("optimizer.lr=1" + "0" * 400,

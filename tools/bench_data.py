@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import _project_python  # noqa: F401  (first: a Python without the project's packages says so in one line)
-from nanotronix.cli import ArgumentParser, finite_float, one_line_errors
+from nanotronix.cli import ArgumentParser, finite_float, integer, one_line_errors
 from nanotronix.errors import fail
 
 PROSE = ["/usr/share/games/fortunes", "/usr/share/doc/python3.11", "/usr/share/doc/jargon-text"]
@@ -42,10 +42,10 @@ def parse_args(argv=None):
                         help="folders of text/code (default: Python stdlib + prose)")
     parser.add_argument("--max-mb", type=finite_float, default=16.0,
                         help="corpus size cap in MB (default 16: worker start-up, ~0.5 s, is then a few %%)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="workers/threads (default: cores)")
-    parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--reads", type=int, default=8192, help="random windows read per sampler measurement")
-    parser.add_argument("--rounds", type=int, default=3,
+    parser.add_argument("--workers", type=integer, default=os.cpu_count() or 1, help="workers/threads (default: cores)")
+    parser.add_argument("--seq-len", type=integer, default=2048)
+    parser.add_argument("--reads", type=integer, default=8192, help="random windows read per sampler measurement")
+    parser.add_argument("--rounds", type=integer, default=3,
                         help="interleaved repetitions; the best of each measurement is kept (shared machines)")
     args = parser.parse_args(argv)
     for name in ("workers", "seq_len", "reads", "rounds"):  # before minutes of tokenising, not after

@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 
 import _project_python  # noqa: F401  (first: a Python without the project's packages says so in one line)
-from nanotronix.cli import ArgumentParser, finite_float, one_line_errors
+from nanotronix.cli import ArgumentParser, finite_float, integer, one_line_errors
 from nanotronix.errors import fail
 
 
@@ -55,15 +55,15 @@ def _fail(message: str):
 
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--windows", type=int, default=32,
+    parser.add_argument("--seq-len", type=integer, default=2048)
+    parser.add_argument("--windows", type=integer, default=32,
                         help="windows per step on this rank (default 32: SmolLM2-1.7B's 1024 over 32 DP ranks)")
-    parser.add_argument("--micro-batch", type=int, default=4, help="micro-batch size (divides --windows)")
-    parser.add_argument("--steps", type=int, default=100, help="steps per measurement")
+    parser.add_argument("--micro-batch", type=integer, default=4, help="micro-batch size (divides --windows)")
+    parser.add_argument("--steps", type=integer, default=100, help="steps per measurement")
     parser.add_argument("--step-ms", type=finite_float, default=20.0,
                         help="simulated compute per step in the second figure")
-    parser.add_argument("--tokens", type=int, default=20_000_000, help="tokens in the synthetic store")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; the best is kept")
+    parser.add_argument("--tokens", type=integer, default=20_000_000, help="tokens in the synthetic store")
+    parser.add_argument("--rounds", type=integer, default=3, help="interleaved repetitions; the best is kept")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                         help="where batches go (cuda: pinned memory, DALI pipeline on the GPU)")
     parser.add_argument("--cold", action="store_true",

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from nanotronix import accel
 from nanotronix.config import Config, TrainConfig, load_config
 from nanotronix.config_tree import apply_override, read_yaml_tree
-from nanotronix.cli import ArgumentParser, check_writable_folder, one_line_errors, write_json_report
+from nanotronix.cli import ArgumentParser, check_writable_folder, integer, one_line_errors, write_json_report
 from nanotronix.errors import UserError, fail
 from nanotronix.train.flops import device_peak_tflops, document_attention_span, flops_per_token, mfu
 from nanotronix.train.profiler import own_times, summarize
@@ -69,9 +69,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--config", help="YAML config to start from (default: built-in defaults)")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME:k=v,k=v",
                     help="a nanotronix run with extra overrides (repeatable)")
-    ap.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
-    ap.add_argument("--steps", type=int, default=5, help="timed optimizer steps (default 5)")
+    ap.add_argument("--accum", type=integer, default=1, help="micro-batches per optimizer step (default 1)")
+    ap.add_argument("--warmup", type=integer, default=2, help="untimed steps first (default 2)")
+    ap.add_argument("--steps", type=integer, default=5, help="timed optimizer steps (default 5)")
     ap.add_argument("--no-baseline", action="store_true", help="skip the transformers baseline")
     ap.add_argument("--baseline-only", action="store_true", help="run only the transformers baseline")
     ap.add_argument("--documents", metavar="EOS_ID:MEAN_LENGTH",

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import _project_python  # noqa: F401  (first: a Python without the project's packages says so in one line)
-from nanotronix.cli import ArgumentParser, finite_float, one_line_errors
+from nanotronix.cli import ArgumentParser, finite_float, integer, one_line_errors
 from nanotronix.errors import fail
 from nanotronix.train.gpus import GPUS
 
@@ -60,13 +60,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = ArgumentParser(prog="tools/plan.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", metavar="CONFIG", help="run config (YAML)")
-    parser.add_argument("--gpus", type=int, required=True, help="GPUs (processes) in the run")
+    parser.add_argument("--gpus", type=integer, required=True, help="GPUs (processes) in the run")
     parser.add_argument("--mfu", type=finite_float, default=0.45, help="model FLOPs utilisation to project with "
                                                                 "(default 0.45)")
     parser.add_argument("--gpu", default="H100 SXM", help='GPU model for the peak FLOP/s (default "H100 SXM")')
     parser.add_argument("--net-gbps", type=finite_float, default=400.0,
                         help="network bandwidth per GPU between nodes, Gbit/s per direction (default 400)")
-    parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
+    parser.add_argument("--gpus-per-node", type=integer, default=8, help="GPUs per node (default 8)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     # default=[]: without one, argparse counts a "*" positional as required and a missing CONFIG read "required:
     # CONFIG, dotted.key=value", as if overrides had to be given

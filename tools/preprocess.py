@@ -25,7 +25,7 @@ import os
 import sys
 
 import _project_python  # noqa: F401  (first: a Python without the project's packages says so in one line)
-from nanotronix.cli import ArgumentParser, EXIT_TERMINATED, Terminated, non_negative_int, one_line_errors
+from nanotronix.cli import ArgumentParser, EXIT_TERMINATED, Terminated, integer, non_negative_int, one_line_errors
 from nanotronix.train import EXIT_INTERRUPTED
 
 
@@ -38,7 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output-prefix", required=True,
                         help="output prefix: PREFIX.bin/.idx/.meta.json (megatron) or PREFIX.zarr (zarr)")
     parser.add_argument("--text-key", default="text", help="JSON/Parquet field holding the text (default: text)")
-    parser.add_argument("--workers", type=int, default=_usable_cores(),
+    parser.add_argument("--workers", type=integer, default=_usable_cores(),
                         help="tokenising threads, up to 8 per process (default: the cores this process may use; "
                              "at most 4 per core, or 64)")
     parser.add_argument("--format", default="megatron", choices=["megatron", "zarr"], help="store format")
