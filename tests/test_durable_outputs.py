@@ -156,3 +156,18 @@ def test_make_folder_durably_is_mkdir_p_and_says_the_levels_it_made(tmp_path):
     assert files.make_folder_durably(tmp_path) == []
     assert files.make_folder_durably(tmp_path / "a" / "b") == [tmp_path / "a" / "b", tmp_path / "a"]
     assert (tmp_path / "a" / "b").is_dir()
+
+
+def test_only_a_temp_name_of_ascii_digits_is_a_killed_writers_leftover(tmp_path):
+    """remove_abandoned_temps deletes `.NAME.tmp-PID` when no process PID runs; the writers name it with os.getpid()
+    (ASCII digits). Its pattern was `\\d`, which takes any script's decimal digits, and int() reads them: a file named
+    with the pid in Arabic-Indic digits, which no writer made, was deleted as that process's leftover."""
+    import subprocess
+
+    dead = subprocess.Popen(["true"])  # its process id names no process once it has ended
+    dead.wait()
+    arabic = str(dead.pid).translate({ord(d): chr(0x0660 + int(d)) for d in "0123456789"})
+    for pid in (str(dead.pid), arabic):
+        (tmp_path / f".out.tmp-{pid}").write_text("x\n")
+    assert files.remove_abandoned_temps(tmp_path / "out") == [tmp_path / f".out.tmp-{dead.pid}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".out.tmp-{arabic}"]

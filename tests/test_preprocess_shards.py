@@ -200,6 +200,26 @@ def test_a_split_into_more_than_99999_shards_is_seen(tmp_path):
         open_store(tmp_path / "sharded")
 
 
+def test_a_shard_name_in_digits_of_another_script_is_no_shard(tmp_path):
+    """Shard names are ASCII digits (shard_name); the folder's patterns were `\\d`, which takes any script's decimal
+    digits, and int() reads them: a copy named shard-00000-of-00001 in Arabic-Indic digits counted as shard 0 of 1
+    (the folder then held "the same shard in two formats"), and so did a name ending in a line break (`$`, not
+    `\\Z`). Such a name is no shard, as a step_\u0663 folder is no step: the folder opens as its real shards."""
+    folder = tmp_path / "sharded"
+    writer = MegatronWriter(folder / shard_name(0, 1), np.uint16)
+    writer.add_document(np.array([1, 2, 3]))
+    writer.finalize()
+    arabic = shard_name(0, 1).translate({ord(d): chr(0x0660 + int(d)) for d in "0123456789"})
+    for suffix in (".bin", ".idx"):
+        shutil.copy(folder / f"{shard_name(0, 1)}{suffix}", folder / f"{arabic}{suffix}")
+    shutil.copy(folder / f"{shard_name(0, 1)}.idx", folder / f"{shard_name(0, 1)}.idx\n")  # a line break: no shard
+    assert shard_kinds(folder) == {(1, "megatron")}
+    assert open_store(folder).num_documents == 1
+    (folder / f"{shard_name(0, 1)}.bin").unlink()
+    (folder / f"{shard_name(0, 1)}.idx").unlink()
+    assert shard_kinds(folder) == set()
+
+
 @pytest.mark.parametrize("fmt", ["megatron", "zarr"])
 def test_shards_cut_from_different_input_listings_do_not_open(tmp_path, tiny_tokenizer, tool, fmt):
     """A file that grows while the array runs moves the cuts: a shard rerun afterwards would overlap its

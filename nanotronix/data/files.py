@@ -32,7 +32,7 @@ def remove_abandoned_temps(final: str | os.PathLike) -> list[Path]:
     Returns what was removed. A writer of the same output on another machine is not seen (it would collide at its
     own commit anyway)."""
     final = Path(final)
-    pattern = re.compile(rf"\.{re.escape(final.name)}(\.[^/]*)?\.tmp-(\d+)")
+    pattern = re.compile(rf"\.{re.escape(final.name)}(\.[^/]*)?\.tmp-([0-9]+)")  # a pid: ASCII digits, not any \d
     removed = []
     try:
         entries = list(final.parent.iterdir())

@@ -27,8 +27,10 @@ from .errors import DataError
 from .store import TokenStore, largest_id
 
 # at least 5 digits: shard_name writes more past 99999 (--shard I/N takes any N), which must not go unseen
-_SHARD = re.compile(r"^shard-(\d{5,})-of-(\d{5,})(\.idx|\.zarr)$")
-_SHARD_FILE = re.compile(r"^shard-(\d{5,})-of-\d{5,}\.")  # any file of a shard: .bin, .idx, .meta.json, .zarr
+# [0-9], not \d, which takes any script's decimal digits (int() reads them): shard_name writes ASCII; \Z, not $, which
+# also matches before a final line break
+_SHARD = re.compile(r"^shard-([0-9]{5,})-of-([0-9]{5,})(\.idx|\.zarr)\Z")
+_SHARD_FILE = re.compile(r"^shard-([0-9]{5,})-of-[0-9]{5,}\.")  # any file of a shard: .bin, .idx, .meta.json, .zarr
 
 
 def shard_name(index: int, count: int) -> str:
