@@ -156,6 +156,32 @@ def test_a_latest_pointer_that_cannot_be_replaced_fails_the_save_saying_the_step
 
 
 
+def test_a_prune_that_fails_after_the_commit_says_the_step_is_saved(tmp_path, monkeypatch):
+    """Pruning runs after the commit: its failure (EIO listing the run folder) said "cannot commit checkpoint
+    RUN/.step_N.tmp" of a step renamed into place, which a resume takes; it says the step is saved."""
+    import errno
+    import os
+
+    from nanotronix.checkpoint import paths
+
+    model = plain_model()
+    opt = adamw(model)
+    run_dir = tmp_path / "run"
+    save_single(run_dir, 1, model, opt)
+
+    def failing_prune(*_):
+        raise OSError(errno.EIO, os.strerror(errno.EIO), str(run_dir))
+
+    monkeypatch.setattr(paths, "prune", failing_prune)
+    with pytest.raises(CheckpointError) as err:
+        save_single(run_dir, 2, model, opt, keep_last=1)
+    assert str(err.value) == (f"step 2 is saved in {run_dir / 'step_0000002'} (committed: a resume takes it), but "
+                              f"pruning the older steps failed ([Errno {errno.EIO}] {os.strerror(errno.EIO)}: "
+                              f"'{run_dir}')")
+    assert find_checkpoint(run_dir) == run_dir / "step_0000002"
+    assert (run_dir / "latest").read_text() == "step_0000002\n"
+
+
 @pytest.mark.parametrize("pointer", ["../elsewhere/step_0000004", "{elsewhere}/step_0000004",
                                      "step_0000001/../../elsewhere/step_0000004"])
 def test_a_latest_pointer_naming_anything_but_a_step_folder_of_the_run_is_stale(tmp_path, pointer):

@@ -186,10 +186,14 @@ def commit_step(temp: Path, run_dir: Path, step: int) -> Path:
     try:
         write_text_durably(pointer, final.name + "\n")
     except OSError as e:
-        raise CheckpointError(f"step {step} is saved in {final} (committed: a resume takes it), but {pointer} could "
-                              f"not be replaced to name it ({e.strerror or e}): move what is there out of the way "
-                              "before the next save") from None
+        raise CheckpointError(saved_but(final, f"{pointer} could not be replaced to name it ({e.strerror or e}): "
+                                               "move what is there out of the way before the next save")) from None
     return final
+
+
+def saved_but(final: Path, failure: str) -> str:
+    """What failed after a step's commit (its rename), said with what holds all the same: the step is saved."""
+    return f"step {step_of(final)} is saved in {final} (committed: a resume takes it), but {failure}"
 
 
 @dataclass(frozen=True)

@@ -131,6 +131,7 @@ def write_step(run_dir: Path, step: int, state: dict[str, Any], manifest: dict[s
                               f"committed before it are intact (the next save removes the partial folder)",
                               every_rank=True)
     if coll.rank == 0:
+        final = None
         try:
             files: dict[str, Any] = {}
             for d in digests:
@@ -138,12 +139,13 @@ def write_step(run_dir: Path, step: int, state: dict[str, Any], manifest: dict[s
             unclaimed = [name for name in mf.list_files(temp) if name not in files]  # .metadata, any others
             files.update(mf.digest_files(temp, unclaimed))
             mf.write_manifest(temp, {**manifest, "files": dict(sorted(files.items())), "saved_at": time.time()})
-            paths.commit_step(temp, run_dir, step)
+            final = paths.commit_step(temp, run_dir, step)
             paths.prune(run_dir, retention)
         except CheckpointError as e:  # committed, but `latest` not replaced (commit_step says so)
             error = str(e)
         except OSError as e:
-            error = f"cannot commit checkpoint {temp}: {e}"
+            error = f"cannot commit checkpoint {temp}: {e}" if final is None else \
+                paths.saved_but(final, f"pruning the older steps failed ({e})")
     # Also a barrier: nobody returns (and maybe exits) before the commit is durable.
     error = coll.broadcast(error)
     if error:
