@@ -148,7 +148,8 @@ def build_dataclass(cls: type, values: dict[str, Any], where: str = "") -> Any:
     for key, value in values.items():
         name = f"{where}.{key}" if where else str(key)
         if key not in known:
-            raise ConfigError(f"{name}: unknown config key (known: {', '.join(sorted(known))})")
+            shown = name if name.isprintable() else repr(name)  # a YAML key may hold a line break
+            raise ConfigError(f"{shown}: unknown config key (known: {', '.join(sorted(known))})")
         kwargs[key] = _convert(value, hints[key], name)
     return cls(**kwargs)
 
@@ -158,6 +159,8 @@ def apply_override(tree: dict[str, Any], override: str) -> None:
     if "=" not in override:
         raise ConfigError(f"override {override!r}: expected dotted.key=value")
     key, raw = override.split("=", 1)
+    if not key.isprintable():  # a line break or tab typed into a key: no config key has one, and messages name it
+        raise ConfigError(f"override {override!r}: the key holds a control character")
     parts = key.strip().split(".")
     if not all(parts):
         raise ConfigError(f"override {override!r}: empty key part")

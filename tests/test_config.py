@@ -1,6 +1,7 @@
 """Config parsing, presets, overrides and validation (pure Python, < 1 s)."""
 import datetime
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -255,3 +256,20 @@ def test_yaml_merge_keys_are_read_as_yaml_says(tmp_path):
     unhashable.write_text(tree + "? [1, 2]\n: 3\n")
     with pytest.raises(ConfigError, match="is not valid YAML"):
         load_config(unhashable)
+
+
+@pytest.mark.parametrize("override, said", [
+    ("0\n0=", "override '0\\n0=': the key holds a control character"),  # a random seed of the property found it
+    ("model.hidden_size.x\ny=1", "override 'model.hidden_size.x\\ny=1': the key holds a control character"),
+    ("model.\tx=1", "override 'model.\\tx=1': the key holds a control character"),
+])
+def test_a_key_with_a_line_break_is_one_line(tiny_yaml, tmp_path, override, said):
+    """A key typed with a line break was echoed as written, making a two-line error; so was a YAML file's."""
+    with pytest.raises(ConfigError) as e:
+        load_config(tiny_yaml, [override])
+    assert str(e.value) == said
+    config = tmp_path / "broken_key.yaml"
+    config.write_text(Path(tiny_yaml).read_text() + '"log\\nging": {}\n')
+    with pytest.raises(ConfigError) as e:
+        load_config(config)
+    assert str(e.value).startswith("'log\\nging': unknown config key (known: ")
