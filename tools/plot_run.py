@@ -8,16 +8,20 @@ LOG_DIR is the run's logging.dir (the folder holding metrics.jsonl) or the metri
 to LOG_DIR/run.png unless --output says otherwise, and appears only when complete. A run that resumed from an
 earlier checkpoint logs some steps twice: a record of step s drops the records of steps >= s written before it (they
 belong to the run that was abandoned: after tools/rollback.py its logged steps beyond the new run's progress, too).
-A truncated last line (a job killed while writing) is skipped with a warning.
+Lines end at a line feed alone (JSON Lines: a carriage return is JSON whitespace). A line that is no JSON object with
+an integer "step" in [0, 2^53] (a truncated line: a job killed while writing; a full disk's cut line; a hand edit) is
+skipped, and their count said in one warning; values that are no numbers (null, strings, true) are left out of the
+curves, NaN leaves a gap.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import _project_python  # noqa: F401  (first: a Python without the project's packages says so in one line)
 from nanotronix.cli import ArgumentParser, one_line_errors, replace_file
@@ -45,19 +49,27 @@ def parse_args(argv=None) -> argparse.Namespace:
 def read_metrics(path: Path) -> tuple[list[dict[str, Any]], int]:
     """The records of the run that went on, in step order (see the module docstring); and the number of unreadable
     lines."""
+    try:
+        return _read_records(path)
+    except OSError as e:  # an I/O error on the file's disk: the file named (the read's error names none)
+        raise PlotError(f"{path}: cannot be read ({e.strerror or e})") from None
+
+
+def _read_records(path: Path) -> tuple[list[dict[str, Any]], int]:
     kept: list[dict[str, Any]] = []  # increasing steps
     bad = 0
-    with path.open(errors="replace") as f:  # bytes that are not UTF-8 make their line unreadable, not the file
+    # Lines end at "\n" alone, as JSON Lines says ("\r" is JSON whitespace, a stray one no line end); bytes that are
+    # not UTF-8 read as U+FFFD: their line may be unreadable, not the file
+    with path.open(errors="replace", newline="\n") as f:
         for line in f:
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
-                step = int(record["step"])
-            except (ValueError, KeyError, TypeError, OverflowError):  # OverflowError: int(inf)
-                bad += 1
-                continue
-            if not 0 <= step <= MAX_STEP:  # no run counts that far; matplotlib's axes cannot hold it
+            except (ValueError, RecursionError):
+                record = None
+            step = record_step(record)
+            if step is None:
                 bad += 1
                 continue
             while kept and kept[-1]["step"] >= step:  # a resume from an earlier step: what followed it is gone
@@ -65,6 +77,23 @@ def read_metrics(path: Path) -> tuple[list[dict[str, Any]], int]:
             record["step"] = step
             kept.append(record)
     return kept, bad
+
+
+def is_number(value: Any) -> bool:
+    """A JSON number: true and false are no loss of 1 and 0 (a hand-edited record)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def record_step(record: Any) -> Optional[int]:
+    """The step of a line's JSON value, or None where it is no record: an object whose "step" is an integer (or a
+    float of an integral value) in [0, MAX_STEP]. A step of true, "3" or 2.5 (a hand edit, a damaged line) is no
+    step: read as a number it would drop the records written before it as an abandoned run's."""
+    step = record.get("step") if isinstance(record, dict) else None
+    if not is_number(step):
+        return None
+    if isinstance(step, float) and not (math.isfinite(step) and step.is_integer()):
+        return None
+    return int(step) if 0 <= step <= MAX_STEP else None  # no run counts that far; an axis cannot hold it
 
 
 def stage_boundaries(records: list[dict[str, Any]]) -> list[tuple[int, str]]:
@@ -77,7 +106,7 @@ def stage_boundaries(records: list[dict[str, Any]]) -> list[tuple[int, str]]:
 
 
 def series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
-    pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+    pts = [(r["step"], r[key]) for r in records if is_number(r.get(key))]
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
@@ -90,7 +119,7 @@ def store_series(records: list[dict[str, Any]], key: str, pick) -> dict[str, tup
             continue
         for name, stats in by_store.items():
             value = pick(stats)
-            if isinstance(value, (int, float)):
+            if is_number(value):
                 steps, values = out.setdefault(name, ([], []))
                 steps.append(r["step"])
                 values.append(value)
@@ -107,11 +136,15 @@ def source_labels(names: list[str]) -> dict[str, str]:
 
 def plot_run(metrics_path: Path, output: Path, title: str) -> dict[str, Any]:
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     # The title (--title, or the run folder's name), stage names and store paths are drawn as written: a "$" pair in
     # one (--title '$$', a run named run$1$) is no mathtext to parse (matplotlib's parser raised a ValueError).
-    with matplotlib.rc_context({"text.parse_math": False}):
+    # A value near the float's limit (an lr of 1e308 in a hand-edited record) overflows inside matplotlib's tick
+    # arithmetic: numpy's warnings of it (lines of matplotlib's source on stderr) are not the user's to read; the
+    # figure is drawn, or the values are refused in one line.
+    with matplotlib.rc_context({"text.parse_math": False}), np.errstate(all="ignore"):
         return _draw_and_save(metrics_path, output, title)
 
 
@@ -203,8 +236,8 @@ def main(argv=None) -> int:
     log_dir = Path(args.log_dir)
     metrics = log_dir if log_dir.is_file() else log_dir / "metrics.jsonl"
     try:
-        if not metrics.is_file():
-            raise PlotError(f"no metrics.jsonl in {log_dir}")
+        if not metrics.is_file():  # a folder or a pipe where the file should be is no file to read
+            raise PlotError(f"{metrics}: not a file" if metrics.exists() else f"no metrics.jsonl in {log_dir}")
         output = Path(args.output) if args.output else metrics.parent / "run.png"
         if output.suffix.lower() not in (".png", ".svg", ".pdf"):
             raise PlotError(f"--output {output}: name a .png, .svg or .pdf file (its suffix picks the format)")
