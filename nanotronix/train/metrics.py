@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import stat
 import sys
 import time
 from pathlib import Path
@@ -61,11 +62,17 @@ class MetricsLog:
     def _append(self, line: str, step: int) -> None:
         """One line onto metrics.jsonl. A log disk that fills up (or fails) mid-run does not stop the training (the
         checkpoints are what a run must not lose): one warning, the line dropped whole (no partial line for readers
-        to trip on), and the next records are tried again."""
+        to trip on), and the next records are tried again. A file that does not end with a line end (a job killed
+        while writing its record, then resumed) gets one first: the record would else be glued onto the cut line,
+        one line that no reader can parse."""
         data = line.encode()
         try:
-            with self.path.open("ab", buffering=0) as f:  # unbuffered: nothing left to flush at close
+            with self.path.open("a+b", buffering=0) as f:  # unbuffered: nothing left to flush at close
                 size = f.seek(0, 2)
+                if size:
+                    f.seek(size - 1)  # to read the last byte: an append writes at the end wherever the file's offset
+                    if f.read(1) != b"\n":
+                        data = b"\n" + data
                 try:
                     written = 0
                     while written < len(data):
@@ -123,9 +130,10 @@ def earlier_records_note(cfg: Config, resumed_step: int) -> Optional[str]:
     earlier start of this one): its records are appended after them, which mixes two runs' curves in one file."""
     path = Path(cfg.logging.dir) / "metrics.jsonl"
     try:
-        held = resumed_step == 0 and path.stat().st_size > 0
+        found = path.stat()
     except OSError:
         return None
+    held = resumed_step == 0 and stat.S_ISREG(found.st_mode) and found.st_size > 0  # a folder there holds no records
     if not held:
         return None
     return (f"{path} already holds records (another run's, or this run's before it was restarted without a "
