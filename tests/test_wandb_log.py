@@ -92,3 +92,30 @@ def test_bad_wandb_settings_are_one_line(tmp_path, store, override, message):
     cfg = tiny_config(tmp_path, store)
     proc = run(["-m", "nanotronix.train", "--config", str(cfg), *override])
     assert proc.returncode == 2 and message in proc.stderr.splitlines(), proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("damage, said", [("folder", "Is a directory"), ("empty", "empty"), ("blank", "empty"),
+                                          ("not_text", "not text"), ("dangling", "No such file or directory")])
+def test_a_damaged_saved_run_id_is_one_line_naming_it(tmp_path, damage, said):
+    """LOGGING_DIR/wandb/run_id (the W&B run a resume continues) as a damaged or hand-edited folder leaves it: one line
+    naming it, before W&B starts (W&B refused an empty id with a line that said to log in; a folder in its place
+    raised IsADirectoryError from saving a new id over it), and the folder left as it was."""
+    from nanotronix.config import LoggingConfig
+    from nanotronix.errors import UserError
+    from nanotronix.train.wandb_log import WandbLog
+
+    saved = tmp_path / "logs" / "wandb" / "run_id"
+    saved.parent.mkdir(parents=True)
+    {"folder": saved.mkdir, "empty": lambda: saved.write_bytes(b""), "blank": lambda: saved.write_bytes(b" \n"),
+     "not_text": lambda: saved.write_bytes(b"\xff\xfe1"), "dangling": lambda: saved.symlink_to(tmp_path / "gone")}[
+        damage]()
+    before = sorted(saved.parent.iterdir())
+    with pytest.raises(UserError) as caught:
+        WandbLog(LoggingConfig(dir=str(tmp_path / "logs"), wandb_project="p", wandb_mode="offline"), {})
+    assert str(caught.value) == (f"{saved}: no W&B run id to continue ({said}): delete it to start a new W&B run in "
+                                 "this logging.dir, or write the run's id into it")
+    assert sorted(saved.parent.iterdir()) == before
+    (tmp_path / "logs" / "wandb").rename(tmp_path / "moved")
+    (tmp_path / "logs" / "wandb").write_text("")  # a file where the W&B folder goes
+    with pytest.raises(UserError, match=f"^logging.wandb_project: cannot make {tmp_path / 'logs' / 'wandb'} "):
+        WandbLog(LoggingConfig(dir=str(tmp_path / "logs"), wandb_project="p", wandb_mode="offline"), {})

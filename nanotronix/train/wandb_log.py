@@ -24,11 +24,16 @@ class WandbLog:
         except ImportError:
             raise UserError("logging.wandb_project: needs the wandb package (pip install wandb)") from None
         folder = Path(cfg.dir) / "wandb"
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a file of that name: mkdir's FileExistsError
+            raise UserError(f"logging.wandb_project: cannot make {folder} ({e.strerror or e})") from None
+        # before W&B starts: a damaged saved id is not W&B failing to start (whose line says to log in)
+        saved_id = run_id(folder)
         try:
             self.run = wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity,
                                   name=cfg.wandb_name or Path(cfg.dir).resolve().parent.name,
-                                  id=run_id(folder), resume="allow", dir=str(cfg.dir), mode=cfg.wandb_mode,
+                                  id=saved_id, resume="allow", dir=str(cfg.dir), mode=cfg.wandb_mode,
                                   config=run_config)
         except Exception as e:  # no API key, no network, a bad entity: one line, before any step runs
             said = " ".join(str(e).split())
@@ -46,12 +51,25 @@ class WandbLog:
 
 
 def run_id(folder: Path) -> str:
-    """This logging folder's W&B run id: the one saved in `folder/run_id`, else a new one, saved (atomically)."""
+    """This logging folder's W&B run id: the one saved in `folder/run_id`, else a new one, saved (atomically). A saved
+    one that cannot be read (a folder, bytes that are not text) or is empty is a UserError naming it, said before W&B
+    starts (W&B's own refusal of it reads as W&B failing to start, with a hint to log in); a new id in its place
+    would start another W&B run where a resume means to continue this one."""
     path = folder / "run_id"
-    if path.is_file():
-        return path.read_text().strip()
-    new = uuid.uuid4().hex[:12]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(new + "\n")
-    os.replace(tmp, path)
-    return new
+    if not os.path.lexists(path):
+        new = uuid.uuid4().hex[:12]
+        tmp = path.with_suffix(".tmp")
+        try:
+            tmp.write_text(new + "\n")
+            os.replace(tmp, path)
+        except OSError as e:
+            raise UserError(f"logging.wandb_project: cannot write {path} ({e.strerror or e})") from None
+        return new
+    try:
+        saved, why = path.read_text(encoding="utf-8").strip(), "empty"
+    except (OSError, UnicodeDecodeError) as e:
+        saved, why = "", getattr(e, "strerror", None) or "not text"
+    if not saved:
+        raise UserError(f"{path}: no W&B run id to continue ({why}): delete it to start a new W&B run in this "
+                        "logging.dir, or write the run's id into it")
+    return saved
