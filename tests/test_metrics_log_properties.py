@@ -404,8 +404,9 @@ def test_lines_that_are_no_records_and_values_near_the_float_limit(plot_tool, tm
 def test_a_metrics_path_that_is_no_readable_file(plot_tool, runs, tmp_path, monkeypatch):
     """A folder, a pipe, a file whose reads fail (/proc/self/mem: EIO at offset 0, a disk's I/O error as root sees
     it) or an empty file as metrics.jsonl: plot_run refuses in one line naming it (an I/O error said no file), and the
-    trainer's start says no note of earlier records (a folder was said to hold them); the writer on a folder warns
-    once and the training goes on."""
+    trainer's start says no note of earlier records (a folder was said to hold them); a folder stops the trainer's
+    start in one line (the run went on with a warning at step 1, writing no record)."""
+    from nanotronix.errors import UserError
     from nanotronix.train.metrics import MetricsLog, earlier_records_note
 
     cfg = copy.deepcopy(runs["config"])
@@ -423,10 +424,7 @@ def test_a_metrics_path_that_is_no_readable_file(plot_tool, runs, tmp_path, monk
         cfg.logging.dir = str(folder)
         assert earlier_records_note(cfg, 0) is None, kind
     cfg.logging.dir = str(tmp_path / "folder")
-    err = StringIO()
-    with redirect_stderr(err):
-        log = MetricsLog(cfg, enabled=True)
-        for record in runs["b_records"]:
-            log.write(record)
-    assert err.getvalue().startswith(f"warning: step 3: cannot write {tmp_path / 'folder' / 'metrics.jsonl'}: ")
-    assert len(err.getvalue().splitlines()) == 1
+    with pytest.raises(UserError) as caught:
+        MetricsLog(cfg, enabled=True)
+    assert str(caught.value) == (f"logging.dir: {tmp_path / 'folder' / 'metrics.jsonl'} is a folder: rank 0 appends "
+                                 "the metrics records to a file of that name") and caught.value.said_for_the_stopped

@@ -28,6 +28,9 @@ class MetricsLog:
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             try:
+                if self.path.is_dir():  # no record can ever be appended: said before step 1, not warned at it
+                    raise UserError(f"logging.dir: {self.path} is a folder: rank 0 appends the metrics records to a "
+                                    "file of that name")
                 self._open_loggers(cfg, first_step)
             except UserError as e:  # rank 0's alone: the ranks it stops at their next collective keep quiet
                 e.said_for_the_stopped = True
