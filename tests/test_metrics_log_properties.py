@@ -428,3 +428,19 @@ def test_a_metrics_path_that_is_no_readable_file(plot_tool, runs, tmp_path, monk
         MetricsLog(cfg, enabled=True)
     assert str(caught.value) == (f"logging.dir: {tmp_path / 'folder' / 'metrics.jsonl'} is a folder: rank 0 appends "
                                  "the metrics records to a file of that name") and caught.value.said_for_the_stopped
+
+
+def test_a_file_where_the_tensorboard_folder_goes_is_one_line(runs, tmp_path):
+    """LOGGING_DIR/tensorboard as a file (a hand edit, a copy gone wrong): one line before step 1, rank 0's for the
+    ranks it stops (TensorBoard's writer raised FileExistsError, a traceback), and the file left as it was."""
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (pip install tensorboard)")
+    from nanotronix.errors import UserError
+    from nanotronix.train.metrics import MetricsLog
+
+    cfg = copy.deepcopy(runs["config"])
+    cfg.logging.dir, cfg.logging.tensorboard = str(tmp_path), True
+    (tmp_path / "tensorboard").write_text("notes\n")
+    with pytest.raises(UserError) as caught:
+        MetricsLog(cfg, enabled=True)
+    assert str(caught.value) == f"logging.tensorboard: cannot write {tmp_path / 'tensorboard'} (File exists)"
+    assert caught.value.said_for_the_stopped and (tmp_path / "tensorboard").read_text() == "notes\n"

@@ -46,8 +46,11 @@ class MetricsLog:
                                 "tensorboard)") from None
             # A resume re-trains the steps after its checkpoint that the stopped run had logged: TensorBoard
             # drops those earlier points (purge_step), or its curves would hold both runs' values of each step.
-            self._tb = SummaryWriter(str(self.path.parent / "tensorboard"),
-                                     purge_step=first_step if first_step > 1 else None)
+            folder = self.path.parent / "tensorboard"
+            try:
+                self._tb = SummaryWriter(str(folder), purge_step=first_step if first_step > 1 else None)
+            except OSError as e:  # a file of that name (makedirs' FileExistsError): one line, before step 1
+                raise UserError(f"logging.tensorboard: cannot write {folder} ({e.strerror or e})") from None
         if cfg.logging.wandb_project is not None:
             from nanotronix.train.wandb_log import WandbLog
             self._wandb = WandbLog(cfg.logging, cfg.to_dict())
