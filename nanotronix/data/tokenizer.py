@@ -23,12 +23,16 @@ from .errors import DataError
 _EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eos|>", "[SEP]")
 
 
+# Token ids a store can hold: Megatron's .bin holds int32 above 65500 tokens (megatron_store.optimal_dtype)
+STORE_IDS = 2 ** 31
+
+
 @dataclass(frozen=True)
 class TokenizerInfo:
     name: str  # the spec as the user gave it (path or Hub id)
     file: str  # resolved tokenizer.json path
     sha256: str  # of the tokenizer.json bytes
-    vocab_size: int  # including added/special tokens
+    vocab_size: int  # its largest id + 1 (the embedding rows its ids need), added/special tokens included
     eos_id: int
     eos_token: str
 
@@ -73,16 +77,29 @@ def load_tokenizer(spec: str) -> tuple[Tokenizer, TokenizerInfo]:
     except Exception as e:  # tokenizers raises a bare Exception on malformed files
         raise DataError(f"tokenizer {file}: cannot be loaded ({str(e).splitlines()[0] if str(e) else e!r})") \
             from None
-    eos_token = _find_eos_token(tokenizer, file.parent / "tokenizer_config.json")
+    eos_token = _find_eos_token(tokenizer, file)
+    vocab_size = ids_needed(tokenizer)
+    if vocab_size > STORE_IDS:
+        raise DataError(f"tokenizer {file}: gives token ids up to {vocab_size - 1}, past the largest a token store "
+                        f"holds ({STORE_IDS - 1})")
     info = TokenizerInfo(
         name=spec,
         file=str(file),
         sha256=file_sha256(file),
-        vocab_size=tokenizer.get_vocab_size(with_added_tokens=True),
+        vocab_size=vocab_size,
         eos_id=tokenizer.token_to_id(eos_token),
         eos_token=eos_token,
     )
     return tokenizer, info
+
+
+def ids_needed(tokenizer: Tokenizer) -> int:
+    """Its largest token id + 1: the size of a vocabulary (an embedding, a store's dtype) that holds every id it
+    gives. A tokenizer.json whose vocab has an id past its token count (a hand edit: 70000 in a 400-token vocab) is
+    counted by that id, not by its entries: get_vocab_size would say 400, and a uint16 store or a 400-row embedding
+    could not hold the 70000 it gives."""
+    ids = tokenizer.get_vocab(with_added_tokens=True).values()
+    return max(tokenizer.get_vocab_size(with_added_tokens=True), max(ids, default=-1) + 1)
 
 
 def _download_from_hub(repo_id: str) -> Path:
@@ -100,14 +117,16 @@ def _download_from_hub(repo_id: str) -> Path:
     return Path(file)
 
 
-def _find_eos_token(tokenizer: Tokenizer, config_file: Path) -> str:
+def _find_eos_token(tokenizer: Tokenizer, file: Path) -> str:
     if tokenizer.token_to_id("<|endoftext|>") is not None:
         return "<|endoftext|>"
+    config_file = file.parent / "tokenizer_config.json"
     if config_file.is_file():
         try:
-            eos = json.loads(config_file.read_text()).get("eos_token")
-        except (ValueError, OSError):
-            eos = None
+            config = json.loads(config_file.read_text())
+        except (ValueError, OSError, RecursionError):  # not JSON, not UTF-8, nested past the reader: none named
+            config = None
+        eos = config.get("eos_token") if isinstance(config, dict) else None
         if isinstance(eos, dict):  # older configs store an AddedToken dict
             eos = eos.get("content")
         if isinstance(eos, str) and tokenizer.token_to_id(eos) is not None:
@@ -115,5 +134,5 @@ def _find_eos_token(tokenizer: Tokenizer, config_file: Path) -> str:
     for candidate in _EOS_CANDIDATES:
         if tokenizer.token_to_id(candidate) is not None:
             return candidate
-    raise DataError("tokenizer has no end-of-document token (looked for <|endoftext|>, the eos_token of "
+    raise DataError(f"tokenizer {file}: has no end-of-document token (looked for <|endoftext|>, the eos_token of "
                     "tokenizer_config.json, and " + ", ".join(_EOS_CANDIDATES[1:]) + ")")

@@ -1,0 +1,135 @@
+"""Property-based tests (hypothesis, configured in tests/properties.py) of what the tokenizer's readers do with a
+damaged or hand-edited tokenizer folder (README, Token stores and Checkpoints and Hugging Face): tools/preprocess.py
+and tools/convert_to_hf.py --tokenizer, called in this process on a copy of a real Hugging Face tokenizer folder whose
+files were edited, exit 0 giving the token ids `tokenizers.Tokenizer.from_file` gives (the store) and the BOS / EOS
+ids `transformers.AutoTokenizer` reports (the export's config.json, and its folder, which AutoTokenizer loads with
+them and which tokenizes as tokenizer.json does), or end with ONE `error: ...` line (exit 2) naming the folder or
+one of its files; never a traceback, a half-written output, or other ids than the references'.
+
+The folders: a small byte-level BPE trained here, and the real SmolLM2 tokenizer (NANOTRONIX_SMOLLM2_TOKENIZER;
+skipped, saying so, without it), each given an instruct tokenizer's <|im_start|> / <|im_end|> as BOS / EOS and
+saved by transformers' own save_pretrained (tokenizer.json, tokenizer_config.json, chat_template.jinja), with the
+special_tokens_map.json transformers 4 wrote beside them. The edits: tokenizer.json's text damaged
+(tests/properties.py's damaged_json), its vocab, added_tokens or model edited (an id out of range, a duplicate id,
+a special token removed or renamed, another model); tokenizer_config.json's or special_tokens_map.json's special
+tokens, model_max_length or chat_template given values of other types or tokens the vocabulary lacks, or their
+text damaged; a file deleted, emptied, replaced by a folder or given non-UTF-8 bytes.
+
+Where a reference refuses and a reader accepts, the test says why that is right: preprocess reads tokenizer.json
+alone (its EOS from tokenizer_config.json only when <|endoftext|> is not a token), so a tokenizer_config.json or
+chat template AutoTokenizer cannot read does not change a token it writes. ~30 s on one core."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import transformers
+from tokenizers import Tokenizer
+
+from checkpoint_helpers import TINY
+from convert_hf_helpers import trained_checkpoint
+from helpers import CORPUS, load_tool, read_megatron_plainly, train_tiny_tokenizer
+
+TEXT = "".join(CORPUS) + " <|im_start|>user hi<|im_end|> <|endoftext|> end"
+TOKENIZER_JSON, CONFIG, SPECIAL_MAP, CHAT = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                                             "chat_template.jinja")
+SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+MODEL_VOCAB = 49152  # SmolLM2's: both tokenizers fit the exported model
+# Refusals of a folder both references read (and AutoTokenizer without making a token special): ids past the
+# model's vocabulary (an IndexError in generate()) or past what a store's int32 holds, no token that ends a document
+# (README, Token stores)
+DOCUMENTED = ("more than the model's vocabulary", "past the largest a token store holds",
+              "has no end-of-document token")
+
+
+def hf_folder(tokenizer_file: Path, folder: Path) -> Path:
+    """FOLDER holding TOKENIZER_FILE's tokenizer as transformers saves an instruct tokenizer, plus the
+    special_tokens_map.json (AddedToken dicts) that transformers 4 wrote."""
+    tok = Tokenizer.from_file(str(tokenizer_file))
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>",
+                                                eos_token="<|im_end|>", unk_token="<|endoftext|>",
+                                                model_max_length=8192)
+    fast.chat_template = "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    fast.save_pretrained(folder)
+    added = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+    (folder / SPECIAL_MAP).write_text(json.dumps({"bos_token": {"content": "<|im_start|>", **added},
+                                                  "eos_token": {"content": "<|im_end|>", **added},
+                                                  "unk_token": {"content": "<|endoftext|>", **added}}, indent=2))
+    assert {p.name for p in folder.iterdir()} == {TOKENIZER_JSON, CONFIG, SPECIAL_MAP, CHAT}
+    return folder
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict:
+    """The tiny tokenizer's folder, a checkpoint to export (SmolLM2's vocabulary size), a text file to tokenize."""
+    root = tmp_path_factory.mktemp("tokenizer_damage")
+    tiny = hf_folder(train_tiny_tokenizer(root / "raw" / TOKENIZER_JSON, vocab_size=300), root / "tiny")
+    trained_checkpoint(root / "run", cfg=dataclasses.replace(TINY, vocab_size=MODEL_VOCAB))
+    (root / "text.txt").write_text(TEXT)
+    return {"root": root, "tiny": tiny, "run": root / "run", "text": root / "text.txt"}
+
+
+# --- the cases the property found, each once ----------------------------------------------------------------------
+
+def edited(world, tmp_path: Path, name: str, edit) -> Path:
+    """A copy of the tiny tokenizer's folder whose file NAME (a JSON object) EDIT changed in place."""
+    folder = tmp_path / "tok"
+    shutil.copytree(world["tiny"], folder)
+    value = json.loads((folder / name).read_text())
+    edit(value)
+    (folder / name).write_text(json.dumps(value))
+    return folder
+
+
+def export(world, tmp_path: Path, folder: Path, capsys) -> tuple[int, list[str]]:
+    capsys.readouterr()
+    code = load_tool("convert_to_hf").main(["--checkpoint", str(world["run"]), "--output", str(tmp_path / "hf"),
+                                           "--tokenizer", str(folder), "--no-progress"])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize("token_id", [70_000, 2 ** 31])
+def test_an_id_past_the_token_count_is_stored_or_refused(world, tmp_path, capsys, token_id):
+    """A tokenizer.json whose vocab gives a token the text uses an id past its token count: its store was uint16
+    (sized by the count), and preprocess ended in numpy's OverflowError traceback; the export shipped it with a
+    300-token vocabulary to a model whose embedding has no row for 70000. Now the store holds the ids tokenizers
+    gives, and an id past a store's int32 is one line."""
+    folder = edited(world, tmp_path, TOKENIZER_JSON, lambda t: t["model"]["vocab"].update({"\u0120": token_id}))
+    reference = Tokenizer.from_file(str(folder / TOKENIZER_JSON))
+    assert token_id in reference.encode(TEXT).ids
+    capsys.readouterr()
+    code = load_tool("preprocess").main(["--input", str(world["text"]), "--tokenizer", str(folder),
+                                         "--output-prefix", str(tmp_path / "store"), "--workers", "1",
+                                         "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    if token_id < 2 ** 31:
+        assert code == 0, err
+        assert read_megatron_plainly(tmp_path / "store")[1][0].tolist() == reference.encode(TEXT).ids + [0]
+        code, err = export(world, tmp_path, folder, capsys)
+        assert code == 2 and err == [f"error: tokenizer {folder} has {token_id + 1} tokens, more than the model's "
+                                     f"vocabulary ({MODEL_VOCAB}): not the model's tokenizer"]
+    else:
+        assert code == 2 and err == [f"error: tokenizer {folder / TOKENIZER_JSON}: gives token ids up to {token_id}, "
+                                     f"past the largest a token store holds ({2 ** 31 - 1})"], err
+        assert not list(tmp_path.glob("store*"))
+
+
+def test_no_end_of_document_token_is_one_line_naming_the_file(world, tmp_path, capsys):
+    """A tokenizer with no EOS candidate and a tokenizer_config.json that is not an object: an AttributeError
+    traceback (the config read as a dict); and the line did not name the tokenizer."""
+    def rename(tokenizer):
+        tokenizer["model"]["vocab"]["<eot>"] = tokenizer["model"]["vocab"].pop("<|endoftext|>")
+        tokenizer["added_tokens"][0]["content"] = "<eot>"
+
+    folder = edited(world, tmp_path, TOKENIZER_JSON, rename)
+    (folder / CONFIG).write_text("[1]")
+    capsys.readouterr()
+    code = load_tool("preprocess").main(["--input", str(world["text"]), "--tokenizer", str(folder),
+                                         "--output-prefix", str(tmp_path / "store"), "--workers", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith(
+        f"error: tokenizer {folder / TOKENIZER_JSON}: has no end-of-document token"), err
