@@ -73,6 +73,35 @@ def world(tmp_path_factory) -> dict:
     return {"root": root, "tiny": tiny, "run": root / "run", "text": root / "text.txt"}
 
 
+# --- the references -----------------------------------------------------------------------------------------------
+
+def tokenizers_reading(folder: Path):
+    """`tokenizers`' own Tokenizer of FOLDER's tokenizer.json, or None where it refuses it."""
+    try:
+        return Tokenizer.from_file(str(folder / TOKENIZER_JSON))
+    except Exception:  # noqa: BLE001 (whatever it raises is a refusal)
+        return None
+
+
+def auto_reading(folder: Path):
+    """transformers' AutoTokenizer of FOLDER, or None where it refuses it or then fails to tokenize TEXT (a
+    model_max_length of "8192" it loads, then compares a length with)."""
+    try:
+        auto = transformers.AutoTokenizer.from_pretrained(folder)
+        auto(TEXT)
+        return auto
+    except Exception:  # noqa: BLE001 (whatever it raises is a refusal)
+        return None
+
+
+def changes_tokens(auto, reference: Tokenizer) -> bool:
+    """AutoTokenizer made special tokens that tokenizer.json does not hold as special (added) ones, the ones its
+    config files name: new ids past the vocabulary, or text holding them tokenized otherwise."""
+    added = {token.content for token in reference.get_added_tokens_decoder().values()}
+    return bool(set(auto.get_vocab()) - set(reference.get_vocab(with_added_tokens=True))
+                or set(auto.all_special_tokens) - added)
+
+
 # --- the cases the property found, each once ----------------------------------------------------------------------
 
 def edited(world, tmp_path: Path, name: str, edit) -> Path:
@@ -116,6 +145,63 @@ def test_an_id_past_the_token_count_is_stored_or_refused(world, tmp_path, capsys
         assert code == 2 and err == [f"error: tokenizer {folder / TOKENIZER_JSON}: gives token ids up to {token_id}, "
                                      f"past the largest a token store holds ({2 ** 31 - 1})"], err
         assert not list(tmp_path.glob("store*"))
+
+
+@pytest.mark.parametrize("name, data, said", [
+    (CONFIG, b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply to be read"),
+    (CONFIG, b'{"eos_token": "<|im', "not JSON (Unterminated string starting at: line 1 column 15 (char 14))"),
+    (CONFIG, b"[1, 2]", "not a JSON object"),
+    (SPECIAL_MAP, b'{"eos_token": "\xff"}', "not UTF-8 text (byte 15)"),
+    (CHAT, b"\xff{{ messages }}", "not UTF-8 text (byte 0)"),
+    (CONFIG, b'{"model_max_length": "8192"}', 'model_max_length: "8192" is not a number (AutoTokenizer loads it, '
+                                              "then fails comparing a text's length with it)"),
+    (SPECIAL_MAP, b'{"chat_template": ["x"]}', 'chat_template: a list whose items are not all {"name": ..., '
+                                               '"template": ...} (AutoTokenizer cannot read it)'),
+])
+def test_hf_files_autotokenizer_cannot_read_are_refused(world, tmp_path, capsys, name, data, said):
+    """The export copied the HF files beside tokenizer.json as they were: a folder AutoTokenizer cannot load (or
+    load and then tokenize with) came out of an export that said it succeeded; a tokenizer_config.json nested past
+    json's recursion was a RecursionError traceback. Now one line naming the file."""
+    folder = tmp_path / "tok"
+    shutil.copytree(world["tiny"], folder)
+    (folder / name).write_bytes(data)
+    assert auto_reading(folder) is None  # the reference refuses it too
+    code, err = export(world, tmp_path, folder, capsys)
+    assert code == 2 and err == [f"error: {folder / name}: {said}"], err
+    assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("name, edit, token", [
+    (CONFIG, lambda c: c.update(pad_token="<nope>"), "<nope>"),
+    (SPECIAL_MAP, lambda c: c.update(bos_token="<nope>"), "<nope>"),
+    (TOKENIZER_JSON, lambda t: t.update(added_tokens=t["added_tokens"][1:]), "<|endoftext|>"),  # unk_token's
+])
+def test_special_tokens_that_tokenizer_json_lacks_are_refused(world, tmp_path, capsys, name, edit, token):
+    """A config file naming a special token that tokenizer.json does not hold as one: AutoTokenizer adds it (a new
+    id past the vocabulary; as bos_token, the id it then reports as BOS) or makes a plain token special (text
+    holding it tokenized otherwise than the store); the export shipped it, config.json saying the data EOS (0) for
+    a BOS the folder it shipped reported as 302."""
+    folder = edited(world, tmp_path, name, edit)
+    source = auto_reading(folder)
+    assert changes_tokens(source, Tokenizer.from_file(str(folder / TOKENIZER_JSON)))
+    code, err = export(world, tmp_path, folder, capsys)
+    named = folder / (SPECIAL_MAP if name == TOKENIZER_JSON else name)
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"error: {named}: ") and \
+        f"{json.dumps(token)} is not a special token of its tokenizer.json" in err[0], err
+
+
+def test_special_tokens_map_names_win_without_a_tokenizer_config(world, tmp_path, capsys):
+    """With no tokenizer_config.json, the export writes one naming the EOS (<|endoftext|>) as bos_token, but ships
+    special_tokens_map.json, whose bos_token (<|im_start|>) AutoTokenizer reads over it: config.json said 0."""
+    folder = tmp_path / "tok"
+    shutil.copytree(world["tiny"], folder)
+    (folder / CONFIG).unlink()
+    code, err = export(world, tmp_path, folder, capsys)
+    assert code == 0, err
+    shipped = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (shipped.bos_token_id, shipped.eos_token_id) == \
+        (300, 301)
 
 
 def test_no_end_of_document_token_is_one_line_naming_the_file(world, tmp_path, capsys):

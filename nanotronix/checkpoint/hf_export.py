@@ -81,56 +81,92 @@ def shard_file_names(count: int) -> list[str]:
     return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
 
 
-def write_tokenizer_files(spec: str, folder: Path, max_length: int) -> Any:
-    """Copy the run's tokenizer (tokenizer.json and, when beside it, its HF config files); return its info."""
+def write_tokenizer_files(spec: str, folder: Path, max_length: int) -> tuple[Any, Optional[int], Optional[int]]:
+    """Copy the run's tokenizer (tokenizer.json and, when beside it, its HF config files) once they read as
+    AutoTokenizer reads them; return its info and the BOS and EOS ids the shipped folder names (None: none named)."""
     from nanotronix.data import load_tokenizer
 
-    _, info = load_tokenizer(spec)
+    tokenizer, info = load_tokenizer(spec)
     source = Path(info.file)
+    shipped = {extra: source.parent / extra for extra in TOKENIZER_FILES[1:] if (source.parent / extra).is_file()}
+    specials = _special_tokens(tokenizer, shipped)
     shutil.copyfile(source, folder / "tokenizer.json")
-    copied = False
-    for extra in TOKENIZER_FILES[1:]:
-        if (source.parent / extra).is_file():
-            shutil.copyfile(source.parent / extra, folder / extra)
-            copied |= extra == "tokenizer_config.json"
-    if not copied:
-        eos = info.eos_token
-        (folder / "tokenizer_config.json").write_text(json.dumps({
-            "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": eos, "eos_token": eos, "unk_token": eos,
-            "model_max_length": max_length, "clean_up_tokenization_spaces": False}, indent=2) + "\n")
-    return info
+    for extra, file in shipped.items():
+        shutil.copyfile(file, folder / extra)
+    if "tokenizer_config.json" not in shipped:
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_length,
+                  "clean_up_tokenization_spaces": False}
+        if info.eos_id in tokenizer.get_added_tokens_decoder():  # naming another would make it special
+            config.update(bos_token=info.eos_token, eos_token=info.eos_token, unk_token=info.eos_token)
+            specials = {"bos_token": info.eos_id, "eos_token": info.eos_id, **specials}  # the map's names win
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return info, specials.get("bos_token"), specials.get("eos_token")
 
 
 # chat_template.jinja: where transformers (>= 4.50) saves a tokenizer's chat template (an instruct model's)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+# The tokens transformers' tokenizers hold as attributes; AutoTokenizer makes each one named a special token: one
+# tokenizer.json lacks, a new token past its vocabulary (an id the model never trained on); one it holds as a plain
+# token, one that text holding it is no longer split into (the store's ids for that text are others)
+SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
-def _special_id(info, folder: Path, key: str) -> Optional[int]:
-    """The id of the token the shipped tokenizer_config.json names as `key` (bos_token, eos_token: a string, or a
-    dict with "content"); None when it names none in the vocabulary."""
-    from tokenizers import Tokenizer
+def _special_tokens(tokenizer, shipped: dict[str, Path]) -> dict[str, Optional[int]]:
+    """The id of each special token the HF files beside a tokenizer.json name, as AutoTokenizer reads them
+    (special_tokens_map.json's over tokenizer_config.json's; a string, or an AddedToken dict's "content"; null:
+    none), after checking that AutoTokenizer can read the files at all: a file it cannot read, a token of another
+    type, one that is not a special (added) token of tokenizer.json, a model_max_length that is not a number, or a
+    list of chat templates that are not named ones, is a UserError naming the file (an export shipping it would not
+    load or tokenize, or would tokenize otherwise than the store)."""
+    named: dict[str, tuple[Path, Any]] = {}
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):  # the latter's names win
+        if name in shipped:
+            config = _json_object(shipped[name])
+            named.update({key: (shipped[name], value) for key, value in config.items() if key in SPECIAL_TOKENS})
+            if not isinstance(config.get("model_max_length"), (int, float, type(None))):
+                raise UserError(f"{shipped[name]}: model_max_length: {json.dumps(config['model_max_length'])} is "
+                                "not a number (AutoTokenizer loads it, then fails comparing a text's length with it)")
+            # chat_template.jinja takes the place of tokenizer_config.json's (not of special_tokens_map.json's)
+            templates = None if name == "tokenizer_config.json" and "chat_template.jinja" in shipped else \
+                config.get("chat_template")
+            if isinstance(templates, list) and not all(isinstance(t, dict) and {"name", "template"} <= t.keys()
+                                                       for t in templates):
+                raise UserError(f"{shipped[name]}: chat_template: a list whose items are not all "
+                                '{"name": ..., "template": ...} (AutoTokenizer cannot read it)')
+    if "chat_template.jinja" in shipped:
+        _utf8_text(shipped["chat_template.jinja"])
+    added = {token.content: index for index, token in tokenizer.get_added_tokens_decoder().items()}
+    ids: dict[str, Optional[int]] = {}
+    for key, (file, value) in named.items():
+        token = value.get("content") if isinstance(value, dict) and (
+            file.name == "special_tokens_map.json" or value.get("__type") == "AddedToken") else value
+        if value is not None and not isinstance(token, str):
+            raise UserError(f"{file}: {key}: {json.dumps(value)} is not a token (a string, or an AddedToken's "
+                            "content)")
+        if value is not None and token not in added:
+            raise UserError(f"{file}: {key}: {json.dumps(token)} is not a special token of its tokenizer.json "
+                            "(AutoTokenizer would make it one, tokenizing text otherwise than the store)")
+        ids[key] = None if value is None else added[token]
+    return ids
 
+
+def _json_object(file: Path) -> dict:
     try:
-        token = json.loads((folder / "tokenizer_config.json").read_text()).get(key)
-    except (OSError, ValueError, AttributeError):  # none, or not a JSON object: no token of its own
-        token = None
-    if isinstance(token, dict):
-        token = token.get("content")
-    return Tokenizer.from_file(info.file).token_to_id(token) if isinstance(token, str) else None
+        value = json.loads(_utf8_text(file))
+    except RecursionError:
+        raise UserError(f"{file}: nested too deeply to be read") from None
+    except ValueError as e:
+        raise UserError(f"{file}: not JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{file}: not a JSON object")
+    return value
 
 
-def _bos_id(info, folder: Path) -> int:
-    """The tokenizer's own beginning-of-sequence id: its tokenizer_config.json's bos_token, else its EOS (SmolLM2's
-    tokenizer uses <|endoftext|> for both)."""
-    bos_id = _special_id(info, folder, "bos_token")
-    return info.eos_id if bos_id is None else bos_id
-
-
-def _eos_id(info, folder: Path) -> int:
-    """The EOS id the shipped tokenizer reports (its tokenizer_config.json's eos_token, e.g. an instruct model's
-    <|im_end|>), so that generate() stops where AutoTokenizer says; else the one the data pipeline uses."""
-    eos_id = _special_id(info, folder, "eos_token")
-    return info.eos_id if eos_id is None else eos_id
+def _utf8_text(file: Path) -> str:
+    try:
+        return file.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{file}: not UTF-8 text (byte {e.start})") from None
 
 
 def _transformers_version() -> Optional[str]:
@@ -179,11 +215,12 @@ def _write_tokenizer(folder: Path, tokenizer: Optional[str], manifest: dict, sou
     if not tokenizer_spec:
         return None, None, None
     try:
-        info = write_tokenizer_files(tokenizer_spec, folder, cfg.max_position_embeddings)
+        info, bos_id, eos_id = write_tokenizer_files(tokenizer_spec, folder, cfg.max_position_embeddings)
         if info.vocab_size > cfg.vocab_size:  # its ids past the embedding: an IndexError in generate()
             raise UserError(f"tokenizer {tokenizer_spec} has {info.vocab_size} tokens, more than the "
                             f"model's vocabulary ({cfg.vocab_size}): not the model's tokenizer")
-        return info, _bos_id(info, folder), _eos_id(info, folder)
+        # no BOS named: its EOS (SmolLM2's tokenizer uses <|endoftext|> for both); no EOS: the data pipeline's
+        return info, info.eos_id if bos_id is None else bos_id, info.eos_id if eos_id is None else eos_id
     except UserError as e:
         if tokenizer:  # asked for explicitly: an error; the run's own: export the model anyway
             raise
