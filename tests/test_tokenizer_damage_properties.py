@@ -17,21 +17,29 @@ text damaged; a file deleted, emptied, replaced by a folder or given non-UTF-8 b
 
 Where a reference refuses and a reader accepts, the test says why that is right: preprocess reads tokenizer.json
 alone (its EOS from tokenizer_config.json only when <|endoftext|> is not a token), so a tokenizer_config.json or
-chat template AutoTokenizer cannot read does not change a token it writes. ~30 s on one core."""
+chat template AutoTokenizer cannot read does not change a token it writes. Where AutoTokenizer reports no BOS or
+EOS (none named, or no tokenizer_config.json, which the export then writes), the export's config.json says the EOS
+the data pipeline ends documents with, as README says: a token of the vocabulary. ~35 s on one core."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 import transformers
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
 from checkpoint_helpers import TINY
 from convert_hf_helpers import trained_checkpoint
 from helpers import CORPUS, load_tool, read_megatron_plainly, train_tiny_tokenizer
+from properties import PROPERTY, damaged_json
+from test_cli_properties import call_and_check
 
 TEXT = "".join(CORPUS) + " <|im_start|>user hi<|im_end|> <|endoftext|> end"
 TOKENIZER_JSON, CONFIG, SPECIAL_MAP, CHAT = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -73,6 +81,97 @@ def world(tmp_path_factory) -> dict:
     return {"root": root, "tiny": tiny, "run": root / "run", "text": root / "text.txt"}
 
 
+@pytest.fixture(scope="module")
+def smollm2(world, smollm2_tokenizer_path) -> Path:
+    return hf_folder(Path(smollm2_tokenizer_path), world["root"] / "smollm2")
+
+
+# --- the edits ----------------------------------------------------------------------------------------------------
+
+def a_token(draw, tokenizer: dict) -> str:
+    """One of the folder's tokens: a special one more often than a word piece."""
+    added = [t["content"] for t in tokenizer["added_tokens"]]
+    return draw(st.sampled_from(added + [draw(st.sampled_from(sorted(tokenizer["model"]["vocab"])[:50]))]))
+
+
+def edit_tokenizer_json(folder: Path, draw) -> str:
+    tokenizer = json.loads((folder / TOKENIZER_JSON).read_text())
+    vocab, added = tokenizer["model"]["vocab"], tokenizer["added_tokens"]
+    kind = draw(st.sampled_from(["id_out", "id_dup", "removed", "renamed", "added_id", "model", "none"]))
+    if kind == "id_out":  # a token the text uses given an id past the vocabulary (or not one)
+        token = draw(st.sampled_from(["\u0120", "e", "t", "<|endoftext|>"]))
+        vocab[token] = draw(st.sampled_from([len(vocab) + len(added), 70_000, 2 ** 31, -1, "7", None]))
+    elif kind == "id_dup":
+        vocab[draw(st.sampled_from(["\u0120", "e"]))] = vocab[draw(st.sampled_from(["t", "<|endoftext|>"]))]
+    elif kind == "removed":
+        index = draw(st.integers(0, len(added) - 1))
+        content = added.pop(index)["content"]
+        if draw(st.booleans()):
+            vocab.pop(content, None)
+    elif kind == "renamed":
+        entry = draw(st.sampled_from(added))
+        new = draw(st.sampled_from(["<eot>", entry["content"] + "x", "", "</s>"]))
+        vocab[new] = vocab.pop(entry["content"], entry["id"])
+        entry["content"] = new
+    elif kind == "added_id":
+        draw(st.sampled_from(added))["id"] = draw(st.sampled_from([0, 3, 70_000, -1]))
+    elif kind == "model":
+        tokenizer["model"] = copy.deepcopy(draw(st.sampled_from([None, {}, [], {"type": "WordPiece"},
+                                                                 {**tokenizer["model"], "type": "Unigram"}])))
+    data, damage = draw(damaged_json(tokenizer))
+    (folder / TOKENIZER_JSON).write_bytes(data)
+    return f"tokenizer.json {kind} {damage}"
+
+
+def special_value(draw, tokenizer: dict):
+    token = a_token(draw, tokenizer)
+    return draw(st.sampled_from([None, token, {"content": token}, {"__type": "AddedToken", "content": token},
+                                 "<nope>", "", 5, [token], True, {"__type": "AddedToken"}]))
+
+
+def edit_hf_config(name: str, folder: Path, draw) -> str:
+    if not (folder / name).is_file():
+        return f"{name} absent"
+    config = json.loads((folder / name).read_text())
+    tokenizer = json.loads((folder / TOKENIZER_JSON).read_text())
+    kind = draw(st.sampled_from(["special", "delete", "max_length", "chat_template", "none"]))
+    if kind == "special":
+        key = draw(st.sampled_from(SPECIAL_KEYS))
+        config[key] = special_value(draw, tokenizer)
+    elif kind == "delete":
+        config.pop(draw(st.sampled_from(sorted(config))))
+    elif kind == "max_length":
+        config["model_max_length"] = draw(st.sampled_from([10 ** 40, 1e30, -1, 0, "8192", None]))
+    elif kind == "chat_template":
+        config["chat_template"] = draw(st.sampled_from([5, None, ["x"], [{"name": "default", "template": "x"}], {},
+                                                        "{% for m in messages %}{{ m['content'] }}{% endfor %}"]))
+    data, damage = draw(damaged_json(config))
+    (folder / name).write_bytes(data)
+    return f"{name} {kind} {damage}"
+
+
+def edit_file(folder: Path, draw) -> str:
+    file = draw(st.sampled_from(sorted(folder.iterdir())))
+    kind = draw(st.sampled_from(["delete", "empty", "folder", "bytes"]))
+    if kind == "bytes":
+        raw = file.read_bytes()
+        cut = draw(st.integers(0, min(len(raw), 200)))
+        file.write_bytes(raw[:cut] + draw(st.sampled_from([b"\xff", b"\xc3", b"\x80\x80"])) + raw[cut:])
+    elif kind == "empty":
+        file.write_bytes(b"")
+    else:
+        file.unlink()
+        if kind == "folder":
+            file.mkdir()
+    return f"file {kind} {file.name}"
+
+
+EDITS = {"tokenizer.json": edit_tokenizer_json,
+         "tokenizer_config.json": lambda folder, draw: edit_hf_config(CONFIG, folder, draw),
+         "special_tokens_map.json": lambda folder, draw: edit_hf_config(SPECIAL_MAP, folder, draw),
+         "file": edit_file}
+
+
 # --- the references -----------------------------------------------------------------------------------------------
 
 def tokenizers_reading(folder: Path):
@@ -100,6 +199,92 @@ def changes_tokens(auto, reference: Tokenizer) -> bool:
     added = {token.content for token in reference.get_added_tokens_decoder().values()}
     return bool(set(auto.get_vocab()) - set(reference.get_vocab(with_added_tokens=True))
                 or set(auto.all_special_tokens) - added)
+
+
+# --- the readers --------------------------------------------------------------------------------------------------
+
+def check_preprocess(world, work: Path, spec: str, said: str, reference) -> None:
+    prefix = work / "store"
+    code, _, err = call_and_check(load_tool("preprocess").main,
+                                  [("text", "--input"), ("text", str(world["text"])), ("text", "--tokenizer"),
+                                   ("text", spec), ("text", "--output-prefix"), ("text", str(prefix)),
+                                   ("text", "--workers"), ("text", "1"), ("text", "--no-progress")],
+                                  {}, work, writes=True)
+    if code == 0:
+        event("preprocess: written")
+        assert reference is not None, (said, "tokenized with a tokenizer.json tokenizers refuses")
+        meta = json.loads(Path(f"{prefix}.meta.json").read_text())
+        (document,) = read_megatron_plainly(prefix)[1]
+        assert document.tolist() == reference.encode(TEXT).ids + [meta["tokenizer"]["eos_id"]], said
+        assert reference.id_to_token(meta["tokenizer"]["eos_id"]) == meta["tokenizer"]["eos_token"], said
+        return
+    line = err.strip().splitlines()[-1]
+    event("preprocess: refused")
+    assert code == 2 and spec in line, (said, line)
+    assert not list(work.glob("store*")), (said, "a refused preprocess left output")
+    if reference is not None:  # tokenizers reads it: a refusal README documents
+        assert any(reason in line for reason in DOCUMENTED), (said, line)
+
+
+def check_export(world, work: Path, folder: Path, said: str, reference) -> None:
+    output = work / "hf"
+    code, _, err = call_and_check(load_tool("convert_to_hf").main,
+                                  [("text", "--checkpoint"), ("text", str(world["run"])), ("text", "--output"),
+                                   ("text", str(output)), ("text", "--tokenizer"), ("text", str(folder)),
+                                   ("text", "--dtype"), ("text", "bfloat16"), ("text", "--no-progress")],
+                                  {}, work, writes=True)
+    source = auto_reading(folder) if reference is not None else None
+    if code == 0:
+        event("export: written")
+        assert reference is not None, (said, "shipped a tokenizer.json tokenizers refuses")
+        shipped = auto_reading(output)
+        assert shipped is not None, (said, "exported a tokenizer AutoTokenizer does not load")
+        assert not changes_tokens(shipped, reference), (said, "exported a tokenizer AutoTokenizer changes")
+        assert shipped(TEXT)["input_ids"] == reference.encode(TEXT).ids, said
+        config = json.loads((output / "config.json").read_text())
+        for key in ("bos", "eos"):
+            ours, theirs = config[f"{key}_token_id"], getattr(shipped, f"{key}_token_id")
+            # AutoTokenizer reporting none (a config naming none, or no tokenizer_config.json at all): the export
+            # says the EOS the data pipeline ends documents with (README), a token of the vocabulary
+            assert ours == theirs or (theirs is None and reference.id_to_token(ours) is not None), (said, key)
+            if source is not None and getattr(source, f"{key}_token_id") is not None:
+                assert ours == getattr(source, f"{key}_token_id"), (said, key)
+        return
+    line = err.strip().splitlines()[-1]
+    event("export: refused")
+    assert code == 2 and str(folder) in line, (said, line)
+    assert not output.exists(), (said, "a refused export left its output")
+    if source is not None and not changes_tokens(source, reference):  # both references read it as it is
+        assert any(reason in line for reason in DOCUMENTED), (said, line)
+
+
+def damaged_folder_is_read_as_the_references_read_it(world, original: Path, data) -> None:
+    kind = data.draw(st.sampled_from(sorted(EDITS)), "edit")
+    work = Path(tempfile.mkdtemp(dir=world["root"]))
+    try:
+        folder = work / "tok"
+        shutil.copytree(original, folder)
+        said = EDITS[kind](folder, data.draw)
+        event(said)
+        # the folder, or its tokenizer.json (the files beside it read the same way)
+        spec = str(folder / TOKENIZER_JSON) if data.draw(st.booleans(), "spec is the file") else str(folder)
+        reference = tokenizers_reading(folder)
+        check_preprocess(world, work, spec, said, reference)
+        check_export(world, work, folder, said, reference)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@settings(PROPERTY, max_examples=200)
+@given(data=st.data())
+def test_damaged_tiny_tokenizer_folders(world, data):
+    damaged_folder_is_read_as_the_references_read_it(world, world["tiny"], data)
+
+
+@settings(PROPERTY, max_examples=20)  # its 2 MB tokenizer.json: ~1 s an example
+@given(data=st.data())
+def test_damaged_smollm2_tokenizer_folders(world, smollm2, data):
+    damaged_folder_is_read_as_the_references_read_it(world, smollm2, data)
 
 
 # --- the cases the property found, each once ----------------------------------------------------------------------
