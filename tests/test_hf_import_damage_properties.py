@@ -379,28 +379,57 @@ def test_a_tied_head_of_another_shape_is_refused(folders, tmp_path, capsys):
     assert transformers_reading(hf, folders["tied"])[0] is None
 
 
+def imported_as_transformers_reads_it(original: Path, tmp_path: Path, capsys, edits: dict, refusal: str) -> None:
+    """ORIGINAL with config.json EDITS: imported with transformers' logits where transformers (past its config's type
+    checks, as the property reads it) loads it whole and runs it, else refused with the one line REFUSAL (after
+    `--hf: FILE: `)."""
+    hf = tmp_path / "hf"
+    shutil.copytree(original, hf)
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**config, **edits}))
+    reference, _ = transformers_reading(hf, original)
+    try:
+        with torch.no_grad():
+            expected = None if reference is None else reference(input_ids=IDS).logits
+    except Exception:  # noqa: BLE001 (built, but it cannot run it: a padding_idx of true)
+        expected = None
+    capsys.readouterr()  # transformers' progress bar
+    code = load_tool("convert_from_hf").main(["--hf", str(hf), "--output", str(tmp_path / "ckpt"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    if expected is None:
+        assert code == 2 and err == [f"error: --hf: {hf / 'config.json'}: {refusal}"], err
+    else:
+        assert code == 0, err
+        with torch.no_grad():
+            assert (our_logits(tmp_path / "ckpt") - expected).abs().max().item() < 1e-5
+
+
 @pytest.mark.parametrize("field, value", [("rope_parameters", False), ("rope_parameters", 0), ("rope_parameters", []),
                                           ("rope_scaling", False), ("rope_scaling", []), ("rope_scaling", "")])
 def test_false_rope_settings_are_read_as_transformers_reads_them(folders, tmp_path, capsys, field, value):
     """transformers takes a false rope_scaling as none but refuses a rope_parameters that is neither null nor a
     mapping; the import took `"rope_parameters": false` as plain RoPE (a random seed of the property found it)."""
-    hf = tmp_path / "hf"
-    shutil.copytree(folders["tied"], hf)
-    config = json.loads((hf / "config.json").read_text())
-    (hf / "config.json").write_text(json.dumps({**config, field: value}))
-    try:
-        reference = transformers_reading_with(hf, transformers.AutoConfig.from_pretrained(hf))
-    except Exception:  # noqa: BLE001 (whatever it raises is a refusal)
-        reference = None
-    code = load_tool("convert_from_hf").main(["--hf", str(hf), "--output", str(tmp_path / "ckpt"), "--no-progress"])
-    err = capsys.readouterr().err.strip().splitlines()
-    if reference is None:
-        assert code == 2 and err == [f"error: --hf: {hf / 'config.json'}: {field}: {json.dumps(value)} is not a "
-                                     "mapping"], err
-    else:
-        assert code == 0, err
-        with torch.no_grad():
-            assert (our_logits(tmp_path / "ckpt") - reference(input_ids=IDS).logits).abs().max().item() < 1e-5
+    imported_as_transformers_reads_it(folders["tied"], tmp_path, capsys, {field: value},
+                                      f"{field}: {json.dumps(value)} is not a mapping")
+
+
+@pytest.mark.parametrize("pad", [None, 31, -32, 32, -33, pytest.param(10 ** 400, id="10**400"), True, 1.0, "1"])
+def test_a_pad_token_id_is_read_as_transformers_reads_it(folders, tmp_path, capsys, pad):
+    """transformers builds no model whose pad_token_id (the embedding's padding_idx) is outside the vocabulary or
+    not an integer; the import took one (a random seed of the property found 10**400 and true), and its export would
+    have carried it into a config.json transformers cannot load."""
+    imported_as_transformers_reads_it(folders["tied"], tmp_path, capsys, {"pad_token_id": pad},
+                                      f"pad_token_id: {json.dumps(pad)} is not null or a token id of the 32-token "
+                                      "vocabulary")
+
+
+@pytest.mark.parametrize("head_dim", [8, 8.0, True, "8"])
+def test_a_head_dim_is_read_as_transformers_reads_it(folders, tmp_path, capsys, head_dim):
+    """A head_dim of the right value as a float (8.0) is refused by transformers' config type checks alone: its
+    model, built past them, loads the weights whole, and so does the import; true or "8" are refused."""
+    imported_as_transformers_reads_it(folders["tied"], tmp_path, capsys, {"head_dim": head_dim},
+                                      f"head_dim: {head_dim} is not hidden_size / num_attention_heads = 8 (not "
+                                      "supported)")
 
 
 @pytest.mark.parametrize("layers", [2, 10 ** 30])
@@ -420,50 +449,3 @@ def test_more_layers_than_the_weights_hold_are_refused_before_the_model_is_built
     assert capsys.readouterr().err.strip().splitlines() == [
         f"error: --hf: {hf} lacks tensors model.layers.{held}.*: its config.json gives {layers} decoder layers, its "
         f"weights hold {held}"]
-
-
-@pytest.mark.parametrize("pad", [None, 31, -32, 32, -33, pytest.param(10 ** 400, id="10**400"), True, 1.0, "1"])
-def test_a_pad_token_id_is_read_as_transformers_reads_it(folders, tmp_path, capsys, pad):
-    """transformers builds no model whose pad_token_id (the embedding's padding_idx) is outside the vocabulary or
-    not an integer; the import took one (a random seed of the property found 10**400 and true), and its export would
-    have carried it into a config.json transformers cannot load."""
-    hf = tmp_path / "hf"
-    shutil.copytree(folders["tied"], hf)
-    config = json.loads((hf / "config.json").read_text())
-    (hf / "config.json").write_text(json.dumps({**config, "pad_token_id": pad}))
-    try:
-        reference = transformers_reading_with(hf, transformers.AutoConfig.from_pretrained(hf))
-    except Exception:  # noqa: BLE001 (whatever it raises is a refusal)
-        reference = None
-    capsys.readouterr()  # transformers' progress bar
-    code = load_tool("convert_from_hf").main(["--hf", str(hf), "--output", str(tmp_path / "ckpt"), "--no-progress"])
-    err = capsys.readouterr().err.strip().splitlines()
-    if reference is None:
-        assert code == 2 and err == [f"error: --hf: {hf / 'config.json'}: pad_token_id: {json.dumps(pad)} is not "
-                                     "null or a token id of the 32-token vocabulary"], err
-    else:
-        assert code == 0, err
-        with torch.no_grad():
-            assert (our_logits(tmp_path / "ckpt") - reference(input_ids=IDS).logits).abs().max().item() < 1e-5
-
-
-@pytest.mark.parametrize("head_dim", [8, 8.0, True, "8"])
-def test_a_head_dim_is_read_as_transformers_reads_it(folders, tmp_path, capsys, head_dim):
-    """A head_dim of the right value as a float (8.0) is refused by transformers' config type checks alone: its
-    model, built past them, loads the weights whole, and so does the import; true or "8" are refused."""
-    hf = tmp_path / "hf"
-    shutil.copytree(folders["tied"], hf)
-    config = json.loads((hf / "config.json").read_text())
-    assert config["hidden_size"] // config["num_attention_heads"] == 8
-    (hf / "config.json").write_text(json.dumps({**config, "head_dim": head_dim}))
-    reference, _ = transformers_reading(hf, folders["tied"])
-    capsys.readouterr()  # transformers' progress bar
-    code = load_tool("convert_from_hf").main(["--hf", str(hf), "--output", str(tmp_path / "ckpt"), "--no-progress"])
-    err = capsys.readouterr().err.strip().splitlines()
-    if reference is None:
-        assert code == 2 and err == [f"error: --hf: {hf / 'config.json'}: head_dim: {head_dim} is not hidden_size / "
-                                     "num_attention_heads = 8 (not supported)"], err
-    else:
-        assert code == 0, err
-        with torch.no_grad():
-            assert (our_logits(tmp_path / "ckpt") - reference(input_ids=IDS).logits).abs().max().item() < 1e-5
