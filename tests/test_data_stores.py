@@ -219,6 +219,20 @@ def test_a_folder_of_stores_given_as_a_store_names_them(tmp_path):
     assert open_store(tmp_path / "more.zarr").num_tokens == 3 and open_store(tmp_path / "sharded").num_tokens == 3
 
 
+def test_a_store_prefix_typed_with_a_trailing_slash_names_the_store(tmp_path):
+    """`--data tokens/` for the prefix `tokens` (a shell completes a folder with a /): said so, not 'looked for
+    tokens/.bin + tokens/.idx'; a missing store with a / stays 'not found'."""
+    writer = MegatronWriter(tmp_path / "tokens", np.uint16)
+    writer.add_documents(np.array([5, 6, 0]), np.array([3]))
+    writer.finalize({"tokenizer": {"name": "tiny", "vocab_size": 400, "eos_id": 0}})
+    with pytest.raises(DataError) as e:
+        open_store(f"{tmp_path}/tokens/")
+    assert str(e.value) == (f"token store not found: {tmp_path}/tokens/ is no folder; the token store is "
+                            f"{tmp_path}/tokens (without the trailing /)")
+    with pytest.raises(DataError, match=f"token store not found: {tmp_path}/nope/ \\(looked for"):
+        open_store(f"{tmp_path}/nope/")
+
+
 def test_a_folder_in_place_of_a_store_file_is_said_so(tmp_path):
     """A folder with the name of a store's .idx, .bin or .ds.index (a copy gone wrong) is not "missing": the file
     the user would look for is there, as a folder."""

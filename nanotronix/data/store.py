@@ -369,8 +369,21 @@ def open_store(path_or_prefix: str | os.PathLike) -> TokenStore:
         shown = ", ".join(held[:5]) + (f", ... ({len(held)} in all)" if len(held) > 5 else "")
         raise DataError(f"token store not found: {spec} is a folder holding token stores ({shown}): name one of "
                         f"them, e.g. {os.path.join(spec, held[0])}")
+    bare = spec.rstrip("/")
+    if bare != spec and bare and not os.path.isdir(spec) and _opens(bare):  # `data/tokens/` typed for a prefix
+        raise DataError(f"token store not found: {spec} is no folder; the token store is {bare} (without the "
+                        "trailing /)")
     raise DataError(f"token store not found: {spec} (looked for {spec}.bin + {spec}.idx, {spec}.ds + "
                     f"{spec}.ds.index, a zarr store at {spec} or {spec}.zarr)")
+
+
+def _opens(spec: str) -> bool:
+    """Whether `spec` names a token store (found, whatever its state)."""
+    try:
+        open_store(spec)
+    except DataError as e:
+        return not str(e).startswith("token store not found")
+    return True
 
 
 def stores_in_folder(folder: str) -> list[str]:
