@@ -397,6 +397,25 @@ def test_one_run_per_checkpoint_dir(tmp_path, store, monkeypatch):
     assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_0000002", "step_0000003", "step_0000004"]
 
 
+def test_a_folder_in_place_of_latest_stops_the_start(tmp_path, store):
+    """A folder named `latest` in checkpoint.dir fails every save after its commit: the run trained up to its first
+    save before saying so; now it stops before step 1, in one line, and starts once the folder is moved."""
+    from nanotronix.checkpoint import CheckpointError
+
+    ckpt = tmp_path / "ckpt"
+    cfg = _config(tmp_path, store, train={"train_steps": 2}, checkpoint={"dir": str(ckpt)})
+    train_in_process(cfg)
+    (ckpt / "latest").unlink()
+    (ckpt / "latest").mkdir()
+    with pytest.raises(CheckpointError, match=f"^{ckpt / 'latest'} is a folder: a save names the newest step in a "
+                                              "file there, and cannot replace it; move it out of the way$"):
+        train_in_process(cfg, "train.train_steps=3")
+    assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_0000002"]
+    (ckpt / "latest").rmdir()
+    train_in_process(cfg, "train.train_steps=3")
+    assert (ckpt / "latest").read_text() == "step_0000003\n"
+
+
 def test_async_saves_survive_a_failed_step_and_their_failure_is_said_at_once(tmp_path, store, monkeypatch):
     """checkpoint.async_save: a step that fails while the background save of a good step is still writing lets that
     save commit first (before, the process exited mid-write and the step was lost: a whole interval); a background

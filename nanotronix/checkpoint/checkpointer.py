@@ -245,6 +245,8 @@ class Checkpointer:
         if self.coll.rank == 0:
             try:
                 self._lock_run_dir()
+                if self.run_dir is not None:
+                    paths.check_pointer_replaceable(self.run_dir)
                 chosen = ("ok", self._choose_resume_source())
             except CheckpointError as e:
                 chosen = ("error", str(e))

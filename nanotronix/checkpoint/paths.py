@@ -191,6 +191,15 @@ def commit_step(temp: Path, run_dir: Path, step: int) -> Path:
     return final
 
 
+def check_pointer_replaceable(run_dir: Path) -> None:
+    """CheckpointError unless `latest` can be replaced by a save: a folder in its place (a copy gone wrong) fails
+    every save after its commit; said at the start rather than after the first save's training."""
+    pointer = run_dir / LATEST_NAME
+    if pointer.is_dir() and not pointer.is_symlink():  # a link is replaced as a file is
+        raise CheckpointError(f"{pointer} is a folder: a save names the newest step in a file there, and cannot "
+                              "replace it; move it out of the way")
+
+
 def saved_but(final: Path, failure: str) -> str:
     """What failed after a step's commit (its rename), said with what holds all the same: the step is saved."""
     return f"step {step_of(final)} is saved in {final} (committed: a resume takes it), but {failure}"
