@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from checkpoint_helpers import read_metrics, train_in_process
-from helpers import ROOT, run, tiny_config, torchrun, write_learnable_store
+from helpers import ROOT, load_tool, run, tiny_config, torchrun, write_learnable_store
 
 STEPS = 24
 
@@ -196,8 +196,6 @@ def test_tokens_are_counted_at_the_length_each_step_trained(tmp_path, store):
     """A resume with another train.seq_len (the 8k context stage does so): steps 1-2 trained 8 x 32 tokens each, steps
     3-4 8 x 64; the metrics and the checkpoint count 512 + 1,024 tokens, not 4 x 8 x 64 (every step at the new
     length), in total and per dataset, and tools/inspect_checkpoint.py says the same."""
-    from helpers import load_tool
-
     ckpt = tmp_path / "ckpt"
     cfg = _config(tmp_path, store, train={"train_steps": 2}, checkpoint={"dir": str(ckpt)})
     train_in_process(cfg)
@@ -397,7 +395,7 @@ def test_one_run_per_checkpoint_dir(tmp_path, store, monkeypatch):
     assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_0000002", "step_0000003", "step_0000004"]
 
 
-def test_a_folder_in_place_of_latest_stops_the_start(tmp_path, store):
+def test_a_folder_in_place_of_latest_stops_the_start_and_a_rollback(tmp_path, store, capsys):
     """A folder named `latest` in checkpoint.dir fails every save after its commit: the run trained up to its first
     save before saying so; now it stops before step 1, in one line, and starts once the folder is moved."""
     from nanotronix.checkpoint import CheckpointError
@@ -407,11 +405,15 @@ def test_a_folder_in_place_of_latest_stops_the_start(tmp_path, store):
     train_in_process(cfg)
     (ckpt / "latest").unlink()
     (ckpt / "latest").mkdir()
-    with pytest.raises(CheckpointError, match=f"^{ckpt / 'latest'} is a folder: a save names the newest step in a "
-                                              "file there, and cannot replace it; move it out of the way$"):
+    with pytest.raises(CheckpointError, match=f"^{ckpt / 'latest'} is a folder where the run's `latest` pointer file "
+                                              "goes: move it out of the way$"):
         train_in_process(cfg, "train.train_steps=3")
     assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_0000002"]
-    (ckpt / "latest").rmdir()
+    capsys.readouterr()
+    assert load_tool("rollback").main([str(ckpt), "--to-step", "2"]) == 2  # a rollback says so too
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {ckpt / 'latest'} is a folder where the run's `latest` pointer file goes: move it out of the way"]
+    (ckpt / "latest").rmdir()  # no `latest` at all: the run takes its newest step folder
     train_in_process(cfg, "train.train_steps=3")
     assert (ckpt / "latest").read_text() == "step_0000003\n"
 

@@ -192,12 +192,12 @@ def commit_step(temp: Path, run_dir: Path, step: int) -> Path:
 
 
 def check_pointer_replaceable(run_dir: Path) -> None:
-    """CheckpointError unless `latest` can be replaced by a save: a folder in its place (a copy gone wrong) fails
-    every save after its commit; said at the start rather than after the first save's training."""
+    """CheckpointError unless `latest` can be replaced: a folder in its place (a copy gone wrong) fails every save
+    after its commit, and a rollback; said before a run trains or a rollback moves anything."""
     pointer = run_dir / LATEST_NAME
     if pointer.is_dir() and not pointer.is_symlink():  # a link is replaced as a file is
-        raise CheckpointError(f"{pointer} is a folder: a save names the newest step in a file there, and cannot "
-                              "replace it; move it out of the way")
+        raise CheckpointError(f"{pointer} is a folder where the run's `latest` pointer file goes: move it out of the "
+                              "way")
 
 
 def saved_but(final: Path, failure: str) -> str:
@@ -294,10 +294,7 @@ def roll_back(run_dir: Path, step: int) -> tuple[Optional[Path], list[Path]]:
     if not is_step_folder(target):
         steps = ", ".join(str(step_of(p)) for p in committed_steps(run_dir)) or "none"
         raise CheckpointError(f"{run_dir}: no complete checkpoint of step {step} (committed steps: {steps})")
-    pointer = run_dir / LATEST_NAME
-    if pointer.is_dir() and not pointer.is_symlink():  # it could not be replaced: found before anything moves
-        raise CheckpointError(f"{pointer} is a folder, not the run's `latest` pointer file: move it out of the way "
-                              "and run the rollback again")
+    check_pointer_replaceable(run_dir)  # found before anything moves
     later = [p for p in committed_steps(run_dir) if step_of(p) > step]
     aside = None
     if later:
@@ -306,5 +303,5 @@ def roll_back(run_dir: Path, step: int) -> tuple[Optional[Path], list[Path]]:
         for p in reversed(later):
             os.rename(p, aside / p.name)
         fsync_path(run_dir)
-    write_text_durably(pointer, target.name + "\n")
+    write_text_durably(run_dir / LATEST_NAME, target.name + "\n")
     return aside, later
