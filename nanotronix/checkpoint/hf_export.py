@@ -21,7 +21,7 @@ from nanotronix.checkpoint.paths import LATEST_NAME
 from nanotronix.checkpoint.reader import CheckpointReader
 from nanotronix.checkpoint.safetensors_stream import StreamingSafetensorsWriter, tensor_nbytes
 from nanotronix.config import ModelConfig
-from nanotronix.convert.hf_mapping import hf_config_dict, to_hf
+from nanotronix.convert.hf_mapping import hf_config_dict, read_json_object, to_hf
 from nanotronix.data.files import commit
 from nanotronix.errors import UserError
 
@@ -151,15 +151,17 @@ def _special_tokens(tokenizer, shipped: dict[str, Path]) -> dict[str, Optional[i
 
 
 def _json_object(file: Path) -> dict:
+    """read_json_object's object; a UserError naming the file for what it refuses."""
     try:
-        value = json.loads(_utf8_text(file))
+        return read_json_object(file)
     except RecursionError:
         raise UserError(f"{file}: nested too deeply to be read") from None
-    except ValueError as e:
+    except UnicodeDecodeError as e:
+        raise UserError(f"{file}: not UTF-8 text (byte {e.start})") from None
+    except json.JSONDecodeError as e:
         raise UserError(f"{file}: not JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise UserError(f"{file}: not a JSON object")
-    return value
+    except ValueError:  # another JSON value
+        raise UserError(f"{file}: not a JSON object") from None
 
 
 def _utf8_text(file: Path) -> str:

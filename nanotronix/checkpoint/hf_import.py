@@ -27,7 +27,7 @@ from nanotronix.checkpoint import state as st
 from nanotronix.checkpoint.reader import model_parameter_shapes
 from nanotronix.checkpoint.storage import Collective, failures_of
 from nanotronix.config import Config, ModelConfig
-from nanotronix.convert.hf_mapping import from_hf, model_config_from_hf, to_hf
+from nanotronix.convert.hf_mapping import from_hf, model_config_from_hf, read_json_object, to_hf
 from nanotronix.data.files import commit
 from nanotronix.errors import UserError
 from nanotronix.model.rope import ROPE_LAYOUT
@@ -129,7 +129,7 @@ def _read_hf_config(hf_dir: Path) -> tuple[dict, ModelConfig]:
     if not config_file.is_file():
         raise UserError(f"--hf: {hf_dir} has no config.json (expected a Hugging Face model folder)")
     try:
-        hf_config = _json_object(config_file)
+        hf_config = read_json_object(config_file)
         model_cfg = model_config_from_hf(hf_config)
     except KeyError as e:
         raise UserError(f"--hf: {config_file}: field {e.args[0]!r} is missing") from None
@@ -222,19 +222,11 @@ def _read_generation_config(hf_dir: Path) -> dict | None:
     if not generation_file.is_file():
         return None
     try:
-        return _json_object(generation_file)
+        return read_json_object(generation_file)
     except ValueError as e:
         raise UserError(f"--hf: {generation_file}: {e}") from None
     except RecursionError:  # nested deeper than the JSON reader recurses
         raise UserError(f"--hf: {generation_file}: nested too deeply to be read") from None
-
-
-def _json_object(file: Path) -> dict:
-    """The JSON object `file` holds; ValueError when it is not JSON or holds another value (a list, a number)."""
-    value = json.loads(file.read_text())
-    if not isinstance(value, dict):
-        raise ValueError(f"a JSON {type(value).__name__}, not an object")
-    return value
 
 
 def _write_step_0(hf_dir: Path, source: SafetensorsFolder, model_cfg: ModelConfig, state: dict[str, torch.Tensor],

@@ -7,6 +7,7 @@ untied), and the config fields. RoPE needs no permutation: both sides use the ro
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
@@ -134,6 +135,16 @@ def hf_config_dict(cfg: ModelConfig, eos_token_id: int = 0, bos_token_id: int = 
         "use_cache": True,
         "vocab_size": cfg.vocab_size,
     }
+
+
+def read_json_object(file: Path) -> dict:
+    """The JSON object a Hugging Face folder's file (config.json, tokenizer_config.json, ...) holds, read as UTF-8 as
+    transformers reads it. ValueError when it is not UTF-8 (UnicodeDecodeError), not JSON (JSONDecodeError) or
+    holds another value (a list, a number); RecursionError when nested past json's reader: each caller words it."""
+    value = json.loads(file.read_bytes().decode("utf-8"))
+    if not isinstance(value, dict):
+        raise ValueError(f"a JSON {type(value).__name__}, not an object")
+    return value
 
 
 def _rope_type(field: str, settings: Any) -> str:
