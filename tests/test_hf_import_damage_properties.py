@@ -6,17 +6,20 @@ one of its files; never a traceback, a file written into the folder, or a half-w
 
 The folders, written once by transformers' own save_pretrained: a tied model in one model.safetensors, an untied
 one in shards with model.safetensors.index.json. The edits: config.json (a key deleted, a value of another type,
-a number changed, the head counts changed together, another model_type / architectures / rope_scaling /
-torch_dtype, or the text damaged: tests/properties.py's damaged_json); a safetensors header (its length prefix, a
-tensor's dtype string, shape or data_offsets); a weight file truncated or extended; tensors removed, added,
+the same value written as another JSON type (1 as 1.0 or "1", true as 1), a number changed, the head counts changed
+together, another model_type / architectures / rope_scaling / torch_dtype, or the text damaged:
+tests/properties.py's damaged_json); a safetensors header (its length prefix, a tensor's dtype string, shape or
+data_offsets); a weight file truncated or extended; tensors removed, added,
 renamed, reshaped, retyped or given a NaN (the file rewritten by safetensors itself); the index (an entry dropped
 or pointed at a missing, another, an absolute or a `..` shard, a value of another type, or its text damaged); a
 file emptied, deleted or replaced by a folder.
 
-Where the import succeeds, transformers must load the edited folder with every weight from it (nothing missing
-or resized; tensors it does not expect it leaves out, as the import does) and give the same logits. Where it
-refuses and transformers loads every weight, the refusal must be one README documents (`DOCUMENTED`); a config.json
-transformers refuses for a value's type is compared as `transformers_reading` says. ~15 s on one core."""
+Where the import succeeds, transformers' AutoConfig must load the edited config.json, transformers must load the
+edited folder with every weight from it (nothing missing or resized; tensors it does not expect it leaves out, as the
+import does) and give the same logits, and after a config.json edit the export of the imported checkpoint (which
+writes back the fields nanotronix does not model) must hold a config.json AutoConfig loads. Where it refuses and
+transformers loads every weight, the refusal must be one README documents (`DOCUMENTED`); a config.json AutoConfig
+refuses, for a value's type alone too (`use_cache: "x"`, `rms_norm_eps: 1`), must be refused. ~15 s on one core."""
 from __future__ import annotations
 
 import copy
@@ -41,6 +44,7 @@ from properties import PROPERTY, damaged_json
 from test_checkpoint_manifest_properties import OTHER_VALUES
 from test_cli_properties import call_and_check
 
+from nanotronix.checkpoint.hf_export import export_to_hf
 from nanotronix.checkpoint.reader import CheckpointReader
 from nanotronix.model import build_model
 
@@ -78,14 +82,34 @@ def weight_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.safetensors"))
 
 
+def recast(value) -> list:
+    """VALUE written as other JSON types, as a hand edit or another tool writes it (the same number as an integer, a
+    float or text, a bool as 0 or 1, a token id as a list of one)."""
+    if isinstance(value, bool):
+        return [int(value), json.dumps(value), None]
+    if isinstance(value, int):
+        return [float(value), str(value), [value], value != 0]
+    if isinstance(value, float):
+        return [str(value), [value]] + ([int(value)] if value.is_integer() else [])
+    if isinstance(value, str):
+        return [[value], None]
+    if value is None:
+        return [0, False, "null", "", []]
+    if isinstance(value, list):
+        return [value[0] if value else None, {}]
+    return [list(value), json.dumps(value), []]  # a mapping
+
+
 def edit_config(folder: Path, draw) -> str:
     config = json.loads((folder / "config.json").read_text())
-    kind = draw(st.sampled_from(["delete", "retype", "number", "heads", "kind", "none"]))
+    kind = draw(st.sampled_from(["delete", "retype", "recast", "number", "heads", "kind", "none"]))
     key = draw(st.sampled_from(sorted(config)))
     if kind == "delete":
         del config[key]
     elif kind == "retype":
         config[key] = copy.deepcopy(draw(st.sampled_from(OTHER_VALUES)))
+    elif kind == "recast":
+        config[key] = draw(st.sampled_from(recast(config[key])))
     elif kind == "number":
         key = draw(st.sampled_from(sorted(k for k, v in config.items() if isinstance(v, (int, float))
                                           and not isinstance(v, bool))))
@@ -229,28 +253,28 @@ EDITS = {"config": edit_config, "header": edit_header, "bytes": edit_bytes, "ten
 
 # --- the readings -------------------------------------------------------------------------------------------------
 
-def transformers_reading(folder: Path, original: Path) -> tuple[object, bool]:
+def transformers_reading(folder: Path) -> tuple[object, bool]:
     """transformers' fp32 model of FOLDER, or None where it refuses it or does not load every weight from it
-    (missing ones it would initialise at random, resized ones), and whether it refuses FOLDER's config.json. One it
-    refuses for a value's type alone (`use_cache: "x"`, `attention_bias: null`, `rms_norm_eps: 1`) is read as ORIGINAL's
-    config with the edited values set past those checks: the import may take them, as the model uses them."""
+    (missing ones it would initialise at random, resized ones), and whether AutoConfig refuses FOLDER's config.json
+    (for a value's type alone too: `use_cache: "x"`, `attention_bias: null`, `rms_norm_eps: 1`)."""
     try:
         config = transformers.AutoConfig.from_pretrained(folder)
     except Exception:  # noqa: BLE001 (whatever it raises is a refusal)
-        try:
-            edited = json.loads((folder / "config.json").read_text())
-        except (OSError, ValueError, RecursionError):  # no JSON object: refused as transformers refuses it
-            return None, True
-        if not isinstance(edited, dict):
-            return None, True
-        config = transformers.AutoConfig.from_pretrained(original)
-        before = json.loads((original / "config.json").read_text())
-        for key in [k for k in edited if edited[k] != before.get(k)]:  # the edited value as the model uses it (an
-            object.__setattr__(config, key, edited[key])  # int eps of 10**30), past transformers' type checks
         if currently_in_test_context():  # not in the cases below the property
-            event("transformers refuses config.json: compared with the original's, edited past its checks")
-        return transformers_reading_with(folder, config), True
+            event("AutoConfig refuses config.json")
+        return None, True
     return transformers_reading_with(folder, config), False
+
+
+def exported_config_loads(output: Path, work: Path) -> str | None:
+    """None where AutoConfig loads the config.json of the export of the checkpoint OUTPUT (the imported config.json's
+    fields nanotronix does not model written back), else what it raised."""
+    export_to_hf(output, work / "export", progress=False, log=lambda _: None)
+    try:
+        transformers.AutoConfig.from_pretrained(work / "export")
+    except Exception as e:  # noqa: BLE001 (whatever it raises is a refusal)
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 def transformers_reading_with(folder: Path, config):
@@ -298,13 +322,17 @@ def test_convert_from_hf(folders, edits_root, data):
         code, _, err = call_and_check(load_tool("convert_from_hf").main,
                                       [("text", "--hf"), ("path", "hf"), ("text", "--output"), ("text", str(output)),
                                        ("text", "--no-progress")], {"hf": str(hf)}, work, writes=True)
-        reference, config_refused = transformers_reading(hf, folders[which])
+        reference, config_refused = transformers_reading(hf)
         if code == 0:
             event("imported")
+            assert not config_refused, (said, "imported a config.json AutoConfig refuses")
             assert reference is not None, (said, "imported a folder transformers does not load whole")
             with torch.no_grad():
                 expected = reference(input_ids=IDS).logits
             assert (our_logits(output) - expected).abs().max().item() < 1e-5, said
+            if kind == "config":  # the export writes the edited config.json's fields back
+                refused = exported_config_loads(output, work)
+                assert refused is None, (said, "the export's config.json", refused)
             return
         line = err.strip().splitlines()[-1]
         event("refused")
@@ -361,7 +389,7 @@ def test_a_folder_without_generation_config_imports_a_loadable_checkpoint(folder
     (hf / "generation_config.json").unlink()
     assert load_tool("convert_from_hf").main(["--hf", str(hf), "--output", str(tmp_path / "ckpt"),
                                              "--no-progress"]) == 0
-    reference, _ = transformers_reading(hf, folders["tied"])
+    reference, _ = transformers_reading(hf)
     with torch.no_grad():
         assert (our_logits(tmp_path / "ckpt") - reference(input_ids=IDS).logits).abs().max().item() < 1e-5
 
@@ -376,18 +404,19 @@ def test_a_tied_head_of_another_shape_is_refused(folders, tmp_path, capsys):
     assert load_tool("convert_from_hf").main(["--hf", str(hf), "--output", str(tmp_path / "ckpt")]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         f"error: --hf: {hf}: tensor lm_head.weight is [4], but its config.json ties it to the embedding, [32, 16]"]
-    assert transformers_reading(hf, folders["tied"])[0] is None
+    assert transformers_reading(hf)[0] is None
 
 
-def imported_as_transformers_reads_it(original: Path, tmp_path: Path, capsys, edits: dict, refusal: str) -> None:
-    """ORIGINAL with config.json EDITS: imported with transformers' logits where transformers (past its config's type
-    checks, as the property reads it) loads it whole and runs it, else refused with the one line REFUSAL (after
-    `--hf: FILE: `)."""
+def imported_as_transformers_reads_it(original: Path, tmp_path: Path, capsys, edits: dict,
+                                      refusal: str | None) -> None:
+    """ORIGINAL with config.json EDITS: imported with transformers' logits, and exported to a config.json AutoConfig
+    loads, where AutoConfig loads its config.json and transformers loads the folder whole and runs it, else refused
+    with the one line REFUSAL (after `--hf: FILE: `)."""
     hf = tmp_path / "hf"
     shutil.copytree(original, hf)
     config = json.loads((hf / "config.json").read_text())
     (hf / "config.json").write_text(json.dumps({**config, **edits}))
-    reference, _ = transformers_reading(hf, original)
+    reference, _ = transformers_reading(hf)
     try:
         with torch.no_grad():
             expected = None if reference is None else reference(input_ids=IDS).logits
@@ -402,6 +431,7 @@ def imported_as_transformers_reads_it(original: Path, tmp_path: Path, capsys, ed
         assert code == 0, err
         with torch.no_grad():
             assert (our_logits(tmp_path / "ckpt") - expected).abs().max().item() < 1e-5
+        assert exported_config_loads(tmp_path / "ckpt", tmp_path) is None
 
 
 @pytest.mark.parametrize("field, value", [("rope_parameters", False), ("rope_parameters", 0), ("rope_parameters", []),
@@ -410,26 +440,72 @@ def test_false_rope_settings_are_read_as_transformers_reads_them(folders, tmp_pa
     """transformers takes a false rope_scaling as none but refuses a rope_parameters that is neither null nor a
     mapping; the import took `"rope_parameters": false` as plain RoPE (a random seed of the property found it)."""
     imported_as_transformers_reads_it(folders["tied"], tmp_path, capsys, {field: value},
-                                      f"{field}: {json.dumps(value)} is not a mapping")
+                                      f'field "{field}" is {json.dumps(value)}, transformers reads a mapping or null '
+                                      "there")
 
 
 @pytest.mark.parametrize("pad", [None, 31, -32, 32, -33, pytest.param(10 ** 400, id="10**400"), True, 1.0, "1"])
 def test_a_pad_token_id_is_read_as_transformers_reads_it(folders, tmp_path, capsys, pad):
-    """transformers builds no model whose pad_token_id (the embedding's padding_idx) is outside the vocabulary or
-    not an integer; the import took one (a random seed of the property found 10**400 and true), and its export would
-    have carried it into a config.json transformers cannot load."""
-    imported_as_transformers_reads_it(folders["tied"], tmp_path, capsys, {"pad_token_id": pad},
-                                      f"pad_token_id: {json.dumps(pad)} is not null or a token id of the 32-token "
-                                      "vocabulary")
+    """transformers builds no model whose pad_token_id (the embedding's padding_idx) is outside the vocabulary, and
+    AutoConfig refuses one that is not an integer or null; the import took one (a random seed of the property found
+    10**400 and true), and its export would have carried it into a config.json transformers cannot load."""
+    refusal = f"pad_token_id: {json.dumps(pad)} is not null or a token id of the 32-token vocabulary" if type(pad) \
+        is int else f'field "pad_token_id" is {json.dumps(pad)}, transformers reads an integer or null there'
+    imported_as_transformers_reads_it(folders["tied"], tmp_path, capsys, {"pad_token_id": pad}, refusal)
 
 
-@pytest.mark.parametrize("head_dim", [8, 8.0, True, "8"])
-def test_a_head_dim_is_read_as_transformers_reads_it(folders, tmp_path, capsys, head_dim):
-    """A head_dim of the right value as a float (8.0) is refused by transformers' config type checks alone: its
-    model, built past them, loads the weights whole, and so does the import; true or "8" are refused."""
-    imported_as_transformers_reads_it(folders["tied"], tmp_path, capsys, {"head_dim": head_dim},
-                                      f"head_dim: {head_dim} is not hidden_size / num_attention_heads = 8 (not "
-                                      "supported)")
+@pytest.mark.parametrize("head_dim, refusal", [
+    (8, None), (16, "head_dim: 16 is not hidden_size / num_attention_heads = 8 (not supported)"),
+    (8.0, 'field "head_dim" is 8.0, transformers reads an integer or null there'),
+    (True, 'field "head_dim" is true, transformers reads an integer or null there'),
+    ("8", 'field "head_dim" is "8", transformers reads an integer or null there')])
+def test_a_head_dim_is_read_as_transformers_reads_it(folders, tmp_path, capsys, head_dim, refusal):
+    """A head_dim of the right value as a float (8.0) is refused by AutoConfig's type checks alone: the import took it
+    (its model, built past them, loads the weights whole), and its export wrote it into a config.json AutoConfig
+    refuses; now it is refused as true or "8" are."""
+    imported_as_transformers_reads_it(folders["tied"], tmp_path, capsys, {"head_dim": head_dim}, refusal)
+
+
+@pytest.mark.parametrize("field, value, wanted", [
+    ("use_cache", "x", "a bool"), ("use_cache", 1, "a bool"), ("eos_token_id", True, "an integer, a list of "
+     "integers or null"), ("eos_token_id", [0, "1"], "an integer, a list of integers or null"),
+    ("bos_token_id", 0.0, "an integer or null"), ("attention_dropout", "0.1", "an integer, a float (a number written "
+     "with a point or an exponent) or null"), ("rms_norm_eps", 1, "a float (a number written with a point or an "
+     "exponent)"), ("initializer_range", 1.5, "a float from 0 to 1"), ("initializer_range", 1, "a float from 0 to 1"),
+    ("pretraining_tp", 1.0, "an integer or null"), ("max_position_embeddings", 64.0, "an integer"),
+    ("attention_bias", None, "a bool"), ("dtype", "fp32", "a torch dtype's name or null"),
+    ("dtype", 1e308, "a torch dtype's name or null"), ("id2label", {"a": "b"}, "a mapping of integer keys, or null")])
+def test_a_field_of_a_type_transformers_refuses_is_one_line(folders, tmp_path, capsys, field, value, wanted):
+    """config.json fields holding a value AutoConfig refuses by its type (or a dtype it cannot read): the import took
+    them (the fields it does not model are not read, only kept), and its export wrote them back into a config.json
+    AutoConfig cannot load; now one line naming the field, nothing written."""
+    hf = tmp_path / "hf"
+    shutil.copytree(folders["tied"], hf)
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**config, field: value}))
+    with pytest.raises(Exception):  # noqa: B017 (the reference: whatever AutoConfig raises is a refusal)
+        transformers.AutoConfig.from_pretrained(hf)
+    capsys.readouterr()
+    assert load_tool("convert_from_hf").main(["--hf", str(hf), "--output", str(tmp_path / "ckpt")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: --hf: {hf / 'config.json'}: field {json.dumps(field)} is {json.dumps(value)}, transformers reads "
+        f"{wanted} there"]
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_fields_transformers_does_not_know_are_kept_whatever_they_hold(folders, tmp_path, capsys):
+    """AutoConfig keeps a field it does not know, whatever its value (SmolLM2's is_llama_config): so do the import
+    and the export, whose config.json AutoConfig loads with the same value."""
+    hf = tmp_path / "hf"
+    shutil.copytree(folders["tied"], hf)
+    config = json.loads((hf / "config.json").read_text())
+    extra = {"is_llama_config": "yes", "my_notes": {"a": [1, None, 2.5]}, "rope_interleaved": 0}
+    (hf / "config.json").write_text(json.dumps({**config, **extra}))
+    assert load_tool("convert_from_hf").main(["--hf", str(hf), "--output", str(tmp_path / "ckpt"),
+                                             "--no-progress"]) == 0
+    assert exported_config_loads(tmp_path / "ckpt", tmp_path) is None
+    loaded = transformers.AutoConfig.from_pretrained(tmp_path / "export")
+    assert {key: getattr(loaded, key) for key in extra} == extra
 
 
 @pytest.mark.parametrize("layers", [2, 10 ** 30])

@@ -15,6 +15,7 @@ import torch
 from nanotronix.config import ModelConfig
 from nanotronix.config_checks import validate_model
 from nanotronix.config_tree import build_dataclass
+from nanotronix.convert.hf_config_types import check_field_types
 
 
 def _split_qkv(w: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -150,8 +151,7 @@ def read_json_object(file: Path) -> dict:
 def _rope_type(field: str, settings: Any) -> str:
     """The RoPE variant a config's `rope_scaling` / `rope_parameters` names: transformers writes `rope_type` (and,
     before 4.45, `type`); none named is the default. transformers takes any false `rope_scaling` (false, 0, "", [])
-    as none, but `rope_parameters` only as null or a mapping: `"rope_parameters": false` is refused, as it refuses
-    it (it was imported as plain RoPE)."""
+    as none; `rope_parameters` (null or a mapping, as it refuses others) comes here checked by check_field_types."""
     if settings is None or (field == "rope_scaling" and not settings):
         return "default"
     if not isinstance(settings, dict):
@@ -162,15 +162,17 @@ def _rope_type(field: str, settings: Any) -> str:
 def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     """The model section of a Llama config.json, refusing (ValueError) what this model does not compute: biases,
     another activation, scaled RoPE (llama3, yarn, linear, ...). Accepting them would load the weights into a model
-    that gives other logits."""
+    that gives other logits. So is a field holding a value of a type transformers refuses (the export would write
+    it back into a config.json transformers cannot load)."""
     if hf.get("model_type") != "llama":
         raise ValueError(f"not a Llama config (model_type={hf.get('model_type')!r})")
+    check_field_types(hf)
     for field in ("rope_scaling", "rope_parameters"):  # transformers >= 5 keeps the RoPE settings in the second
         kind = _rope_type(field, hf.get(field))
         if kind != "default":
             raise ValueError(f"{field}: RoPE type {kind!r} is not supported (only plain RoPE)")
     for field in ("attention_bias", "mlp_bias"):
-        if hf.get(field):  # a string such as "false" too: transformers' nn.Linear(bias="false") has a bias
+        if hf.get(field):  # a bool here (check_field_types)
             raise ValueError(f"{field}: {json.dumps(hf[field])} is not supported (the model has no biases)")
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act: {hf['hidden_act']!r} is not supported (the MLP is SwiGLU: silu)")
@@ -198,9 +200,9 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     if head_dim is not None and head_dim != model.head_dim:
         raise ValueError(f"head_dim: {head_dim} is not hidden_size / num_attention_heads = {model.head_dim} "
                          "(not supported)")
-    pad = hf.get("pad_token_id")  # transformers' embedding padding_idx: it builds no model with another (the
-    # export would carry it into a config.json transformers cannot load)
-    if pad is not None and (type(pad) is not int or not -model.vocab_size <= pad < model.vocab_size):
+    pad = hf.get("pad_token_id")  # transformers' embedding padding_idx (null or an integer: check_field_types): it
+    # builds no model with one outside the vocabulary (the export would carry it into a config.json it cannot load)
+    if pad is not None and not -model.vocab_size <= pad < model.vocab_size:
         raise ValueError(f"pad_token_id: {json.dumps(pad)} is not null or a token id of the {model.vocab_size}-token "
                          "vocabulary")
     return model
