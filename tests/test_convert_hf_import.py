@@ -85,6 +85,11 @@ def test_what_the_model_does_not_compute_is_refused_on_import(tmp_path, capsys):
     refused({"num_key_value_heads": 4}, "model.num_attention_heads: 6 is not a multiple of model.num_key_value_heads=4")
     refused({"hidden_size": "48"}, 'field "hidden_size" is "48", transformers reads an integer there')
     refused({"head_dim": 16}, "head_dim: 16 is not hidden_size / num_attention_heads = 8")
+    # a rope_theta past a float's range, alone or beside another (float() of it was an OverflowError traceback)
+    refused({"rope_parameters": None, "rope_theta": 10 ** 400}, "model.rope_theta: expected a finite number, got an "
+            "integer beyond a float's range")
+    refused({"rope_theta": 10 ** 400}, f"rope_theta: config.json gives rope_parameters.rope_theta=130000.0, "
+            f"rope_theta={10 ** 400}; transformers versions differ")
 
     def with_index(text: str):
         return lambda folder: (folder / "model.safetensors.index.json").write_text(text)

@@ -183,7 +183,11 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
               if isinstance(hf.get(field), dict) and hf[field].get("rope_theta") is not None}
     if hf.get("rope_theta") is not None:
         thetas["rope_theta"] = hf["rope_theta"]
-    if len({float(v) for v in thetas.values()}) > 1:
+    distinct: list = []
+    for value in thetas.values():  # compared as values (130000 and 130000.0 are one), not converted: float() of
+        if value not in distinct:  # 10**400 raised OverflowError; a single one is the model field's to check
+            distinct.append(value)
+    if len(distinct) > 1:
         raise ValueError("rope_theta: config.json gives " + ", ".join(f"{k}={v}" for k, v in thetas.items()) +
                          "; transformers versions differ in which one they use: keep one")
     rope_theta = next(iter(thetas.values()), 10000.0)
