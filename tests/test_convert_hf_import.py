@@ -91,8 +91,11 @@ def test_what_the_model_does_not_compute_is_refused_on_import(tmp_path, capsys):
     refused({"rope_theta": 10 ** 400}, f"rope_theta: config.json gives rope_parameters.rope_theta=130000.0, "
             f"rope_theta={10 ** 400}; transformers versions differ")
 
-    def with_index(text: str):
-        return lambda folder: (folder / "model.safetensors.index.json").write_text(text)
+    def with_index(text: str):  # in place of model.safetensors: beside it, transformers reads neither the index
+        def edit(folder: Path) -> None:
+            (folder / "model.safetensors.index.json").write_text(text)
+            (folder / "model.safetensors").unlink()
+        return edit
 
     refused({}, "model.safetensors.index.json: not a safetensors index (", with_index('{"weight_map": '))
     refused({}, "model.safetensors.index.json: not a safetensors index (no 'weight_map')", with_index("{}"))

@@ -27,9 +27,10 @@ from nanotronix.errors import UserError
 
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' save_pretrained default ("5GB")
-# Keys of an imported model's original config.json that the export recomputes rather than carries over.
+# Keys of an imported model's original config.json that the export recomputes rather than carries over
+# (transformers_weights names the imported folder's weight file, which transformers would look for in the export's).
 _RECOMPUTED = {"rope_parameters", "rope_scaling", "rope_theta", "dtype", "torch_dtype", "transformers_version",
-               "_name_or_path"}
+               "_name_or_path", "transformers_weights"}
 
 
 def parse_size(text: str) -> int:

@@ -10,7 +10,6 @@ the safetensors files only when DCP writes it.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -22,6 +21,7 @@ from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from nanotronix.checkpoint import manifest as mf
 from nanotronix.checkpoint import paths
 from nanotronix.checkpoint.errors import CheckpointError
+from nanotronix.checkpoint.hf_weights import FLOAT_DTYPES, SafetensorsFolder
 from nanotronix.checkpoint.output_folder import staged_output
 from nanotronix.checkpoint import state as st
 from nanotronix.checkpoint.reader import model_parameter_shapes
@@ -34,66 +34,6 @@ from nanotronix.model.rope import ROPE_LAYOUT
 
 
 _LAYER_NAME = re.compile(r"model\.layers\.([0-9]+)\.")  # a decoder layer's tensor, as LlamaForCausalLM names it
-FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors' names of the types a weight is read from
-
-
-class SafetensorsFolder:
-    """Lazy access to the tensors of model.safetensors or a sharded model.safetensors.index.json."""
-
-    def __init__(self, folder: Path):
-        from safetensors import safe_open
-
-        index = folder / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-                if not all(isinstance(name, str) for name in weight_map.values()):
-                    raise TypeError("its weight_map names a file by something other than a string")
-                files = sorted(set(weight_map.values()))
-            except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:  # not JSON, or no
-                # weight_map of names; RecursionError: nested deeper than the JSON reader recurses
-                why = f"no {e.args[0]!r}" if isinstance(e, KeyError) else " ".join(str(e).split())
-                raise UserError(f"{index}: not a safetensors index ({why})") from None
-            outside = [name for name in files if Path(name).anchor or ".." in Path(name).parts]
-            if outside:  # transformers refuses these too: the index would read weights from another folder
-                raise UserError(f"{index}: weight file {outside[0]} lies outside {folder}")
-            if (folder / "model.safetensors").is_file():  # beside it (an older save's): transformers loads this one
-                files = ["model.safetensors"]
-        elif (folder / "model.safetensors").is_file():
-            files = ["model.safetensors"]
-        elif any(folder.glob("*.bin")):
-            raise UserError(f"{folder}: only .bin (pickle) weights found; convert_from_hf reads .safetensors "
-                            "(re-save the model with safe_serialization=True)")
-        else:
-            raise UserError(f"{folder}: no model.safetensors or model.safetensors.index.json")
-        self.handles = {}
-        self.location = {}
-        for name in files:
-            if not (folder / name).is_file():
-                raise UserError(f"{folder}: weight file {name} named in the index is missing")
-            try:
-                handle = safe_open(str(folder / name), framework="pt")
-            except Exception as e:  # safetensors' own error type: a truncated or foreign file
-                raise UserError(f"{folder / name}: cannot be read as safetensors ({' '.join(str(e).split())})") \
-                    from None
-            self.handles[name] = handle
-            for key in handle.keys():
-                self.location[key] = name
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.location
-
-    def shape(self, key: str) -> list[int]:
-        return list(self.handles[self.location[key]].get_slice(key).get_shape())
-
-    def dtype(self, key: str) -> str:
-        """safetensors' name of the tensor's type: F32, BF16, I8, F8_E4M3, ..."""
-        return self.handles[self.location[key]].get_slice(key).get_dtype()
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        if key not in self.location:
-            raise KeyError(f"Hugging Face checkpoint lacks {key}")
-        return self.handles[self.location[key]].get_tensor(key)
 
 
 class _LazyPlanner(DefaultSavePlanner):
@@ -111,7 +51,7 @@ def import_from_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, overwri
                    log: Callable[[str], None] = print, progress: bool = False) -> Path:
     hf_dir, output = Path(hf_dir), Path(output)
     hf_config, model_cfg = _read_hf_config(hf_dir)
-    source = SafetensorsFolder(hf_dir)
+    source = SafetensorsFolder(hf_dir, hf_config.get("transformers_weights"))
     state, used = _check_weights(hf_dir, source, model_cfg)
     _warn_unused(hf_dir, source, used, model_cfg, log)
     manifest = _import_manifest(hf_dir, hf_config, model_cfg)
@@ -148,8 +88,8 @@ def _read_hf_config(hf_dir: Path) -> tuple[dict, ModelConfig]:
 def _check_weights(hf_dir: Path, source: SafetensorsFolder,
                    model_cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], set[str]]:
     """The model's parameters as fp32 meta tensors (the state to save), and the names of the source tensors they are
-    read from; UserError, before anything is written, unless the source holds each of them, of the shape config.json
-    gives it, in floating point, and no biases."""
+    read from; UserError, before anything is written, unless the source holds each of them (in one file, or in files
+    alike), of the shape config.json gives it, in floating point, and no biases."""
     held = _held_layers(source)
     if model_cfg.num_hidden_layers > held:  # said before the model is built: a config.json with 10**30 layers hung
         raise UserError(f"--hf: {hf_dir} lacks tensors model.layers.{held}.*: its config.json gives "
@@ -172,6 +112,11 @@ def _check_weights(hf_dir: Path, source: SafetensorsFolder,
         for hf_name, expected in to_hf(key[len(st.MODEL_PREFIX):], tensor, model_cfg):
             if hf_name not in source:
                 raise UserError(f"--hf: {hf_dir} lacks tensor {hf_name}")
+            differing = source.differing_copy(hf_name)
+            if differing:  # transformers takes the later file's, a reader following the index the index's
+                raise UserError(f"--hf: {hf_dir}: tensor {hf_name} is in both {differing[0]} and "
+                                f"{source.location[hf_name]}, with different {differing[1]}: which one is read "
+                                "depends on the reader")
             if source.shape(hf_name) != list(expected.shape):
                 raise UserError(f"--hf: {hf_dir}: tensor {hf_name} is {source.shape(hf_name)}, but its config.json "
                                 f"makes it {list(expected.shape)}")

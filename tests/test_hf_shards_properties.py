@@ -1,0 +1,369 @@
+"""Property-based test (hypothesis, configured in tests/properties.py) of which files and tensors
+tools/convert_from_hf.py reads from a sharded Hugging Face folder (README, Checkpoints and Hugging Face): called in
+this process on a copy of a tiny Llama that transformers' own save_pretrained sharded, with the shard layout edited,
+it returns 0 with every imported weight bit for bit the one `transformers.LlamaForCausalLM.from_pretrained` loads
+from the same folder, or ends with ONE `error: ...` line (exit 2) naming the folder or one of its files, writing
+nothing. The reference no one here wrote is transformers itself: it opens the shards the index names (or
+model.safetensors beside it, or the file config.json's `transformers_weights` names) and takes every tensor of each,
+a later file's over an earlier one's, whatever the weight_map says.
+
+The edits, one to three of them: a tensor copied into another shard (the same, with other values, another dtype or
+shape), moved to another shard, or into a stray shard; weight_map entries moved, removed or added; a stray shard
+added to the index or left out of it; the index naming a shard twice; its metadata removed or of another type; a
+model.safetensors beside the index; config.json's transformers_weights naming a file; a shard's header metadata
+format other than "pt"; a stray file named as a distributed checkpoint's shard. ~20 s on one core."""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
+from convert_hf_helpers import saved_hf_llama
+from helpers import load_tool
+from properties import PROPERTY
+from test_cli_properties import call_and_check
+from test_hf_import_damage_properties import INDEX, TINY_HF, transformers_reading
+
+from nanotronix.checkpoint.reader import CheckpointReader, model_parameter_shapes
+from nanotronix.convert.hf_mapping import to_hf_state_dict
+
+# Refusals of a folder transformers loads whole, and why: a tensor in two opened files with different contents
+# (transformers takes the later file name's, a reader following the index the index's: the weight depends on the
+# reader's order of the files), and a distributed checkpoint's shard name (transformers then reads every
+# .safetensors file of the folder through torch.distributed.checkpoint, in its own order)
+ORDER_DEPENDENT = ("is in both", "distributed checkpoint")
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("hf_shards")
+    single = saved_hf_llama(root / "single", seed=2, tie_word_embeddings=False, **TINY_HF)
+    transformers.LlamaForCausalLM.from_pretrained(single).save_pretrained(root / "sharded", max_shard_size="4KB")
+    assert len(shards(root / "sharded")) > 2
+    return root / "sharded"
+
+
+@pytest.fixture(scope="module")
+def edits_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("hf_shard_edits")
+
+
+def shards(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.glob("model-*.safetensors"))
+
+
+def read_index(folder: Path) -> dict:
+    return json.loads((folder / INDEX).read_text())
+
+
+def write_index(folder: Path, index: dict) -> None:
+    (folder / INDEX).write_text(json.dumps(index, indent=1))
+
+
+def all_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for name in shards(folder):
+        out.update(load_file(folder / name))
+    return out
+
+
+def changed(tensor: torch.Tensor, how: str) -> torch.Tensor:
+    """TENSOR as another copy of it holds it: the same, with other values, another dtype or another shape."""
+    if how == "same":
+        return tensor.clone()
+    if how == "values":
+        return tensor + 1
+    if how == "dtype":
+        return tensor.to(torch.bfloat16)
+    return torch.zeros(tensor.numel() + 1)
+
+
+# --- the edits ----------------------------------------------------------------------------------------------------
+
+def copy_tensor(folder: Path, draw) -> str:
+    """A tensor copied (or moved) into another shard; the weight_map left as it was, or pointed at the new copy."""
+    index = read_index(folder)
+    name = draw(st.sampled_from(sorted(all_tensors(folder))))
+    source = next(s for s in shards(folder) if name in load_file(folder / s))
+    target = draw(st.sampled_from([s for s in shards(folder) if s != source]))
+    how = draw(st.sampled_from(["same", "values", "dtype", "shape"]))
+    tensors = load_file(folder / target)
+    tensors[name] = changed(load_file(folder / source)[name], how)
+    save_file(tensors, folder / target, metadata={"format": "pt"})
+    moved = draw(st.booleans())
+    if moved:
+        rest = load_file(folder / source)
+        del rest[name]
+        save_file(rest, folder / source, metadata={"format": "pt"})
+    if draw(st.booleans()):
+        index["weight_map"][name] = target
+        write_index(folder, index)
+    return f"{'move' if moved else 'copy'} {how} {'later' if target > source else 'earlier'}"
+
+
+def edit_weight_map(folder: Path, draw) -> str:
+    """An entry moved to another shard (one lacking the tensor), removed, or added for a tensor of no shard."""
+    index = read_index(folder)
+    weight_map = index["weight_map"]
+    name = draw(st.sampled_from(sorted(weight_map)))
+    kind = draw(st.sampled_from(["move", "remove", "add", "twice"]))
+    if kind == "move":
+        weight_map[name] = draw(st.sampled_from(shards(folder)))
+    elif kind == "remove":
+        del weight_map[name]
+    elif kind == "add":
+        weight_map[draw(st.sampled_from(["extra.weight", "model.layers.1.input_layernorm.weight"]))] = \
+            draw(st.sampled_from(shards(folder)))
+    else:  # one shard under a second name
+        weight_map[name] = f"./{weight_map[name]}"
+    write_index(folder, index)
+    return f"weight_map {kind}"
+
+
+def stray_shard(folder: Path, draw) -> str:
+    """A shard file the index does not name (holding a copy of a tensor with other values, or a tensor of no other
+    shard), then perhaps named by an entry; or one named as a distributed checkpoint's shard."""
+    tensors = all_tensors(folder)
+    name = draw(st.sampled_from(sorted(tensors)))
+    held = {name: draw(st.sampled_from([tensors[name] + 1, tensors[name].clone()])),
+            "extra.weight": torch.ones(3)}
+    stray = draw(st.sampled_from(["model-00000-of-00004.safetensors", "model-00099-of-00099.safetensors",
+                                  "zz.safetensors", "shard-00000-model-00001-of-00001.safetensors"]))
+    save_file(held, folder / stray, metadata={"format": "pt"})
+    kind = "distributed" if stray.startswith("shard-") else "stray"
+    if draw(st.booleans()):
+        index = read_index(folder)
+        index["weight_map"][draw(st.sampled_from([name, "extra.weight"]))] = stray
+        write_index(folder, index)
+        kind += " indexed"
+    return kind
+
+
+def edit_metadata(folder: Path, draw) -> str:
+    index = read_index(folder)
+    kind = draw(st.sampled_from(["removed", "{}", "[]", "null", '"pt"', "3", "dtype"]))
+    if kind == "removed":
+        index.pop("metadata")
+    elif kind == "dtype":
+        index["metadata"] = index.get("metadata") if isinstance(index.get("metadata"), dict) else {}
+        index["metadata"]["dtype"] = draw(st.sampled_from(["float16", "bfloat16", "nothing"]))
+    else:
+        index["metadata"] = json.loads(kind)
+    write_index(folder, index)
+    return f"metadata {kind}"
+
+
+def single_beside(folder: Path, draw) -> str:
+    """A model.safetensors beside the index (an older save's, with other values), the index perhaps damaged."""
+    tensors = {k: v + 1 for k, v in all_tensors(folder).items()}
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    damage = draw(st.sampled_from(["none", "not JSON", "no metadata"]))
+    if damage == "not JSON":
+        (folder / INDEX).write_text("{")
+    elif damage == "no metadata":
+        index = read_index(folder)
+        index.pop("metadata", None)
+        write_index(folder, index)
+    return f"model.safetensors beside an index, {damage}"
+
+
+def name_weights(folder: Path, draw) -> str:
+    """config.json's transformers_weights naming a file: a shard, a whole file with other values, the index, one
+    missing, one outside the folder, or no file name."""
+    save_file({k: v * 2 for k, v in all_tensors(folder).items()}, folder / "whole.safetensors",
+              metadata={"format": "pt"})
+    named = draw(st.sampled_from([shards(folder)[0], "whole.safetensors", "./whole.safetensors", INDEX,
+                                  "missing.safetensors", "missing.safetensors.index.json", "model.bin",
+                                  f"../{folder.name}/whole.safetensors", str(folder / "whole.safetensors"), 3,
+                                  None]))
+    config = json.loads((folder / "config.json").read_text())
+    config["transformers_weights"] = named
+    (folder / "config.json").write_text(json.dumps(config))
+    return f"transformers_weights {named if named in (None, 3, INDEX) else Path(str(named)).name}"
+
+
+def header_format(folder: Path, draw) -> str:
+    shard = draw(st.sampled_from(shards(folder)))
+    metadata = draw(st.sampled_from([{"format": "np"}, {"format": "tf"}, {"format": ""}, {"other": "x"}, None]))
+    save_file(load_file(folder / shard), folder / shard, metadata=metadata)
+    return "header format"
+
+
+# in the order they are made: the shards' contents, then the index (the last may leave it unreadable)
+EDITS = {"copy": copy_tensor, "stray": stray_shard, "format": header_format, "named": name_weights,
+         "weight_map": edit_weight_map, "metadata": edit_metadata, "single": single_beside}
+
+
+# --- the readings -------------------------------------------------------------------------------------------------
+
+def imported_weights(output: Path) -> dict[str, torch.Tensor]:
+    """The imported checkpoint's weights by their Hugging Face names, as its reader gives them."""
+    reader = CheckpointReader(output)
+    cfg = reader.model_config
+    return to_hf_state_dict(reader.tensors(sorted(model_parameter_shapes(cfg))), cfg)
+
+
+def import_folder(hf: Path, work: Path) -> tuple[int, str]:
+    code, _, err = call_and_check(load_tool("convert_from_hf").main,
+                                  [("text", "--hf"), ("path", "hf"), ("text", "--output"),
+                                   ("text", str(work / "ckpt")), ("text", "--no-progress")], {"hf": str(hf)}, work,
+                                  writes=True)
+    return code, err
+
+
+def check_against_transformers(hf: Path, original: Path, work: Path, said: str) -> str:
+    """Import HF and hold the result against transformers' reading of it; the outcome, for the events."""
+    code, err = import_folder(hf, work)
+    reference = transformers_reading(hf, original)[0]
+    if code == 0:
+        assert reference is not None, (said, "imported a folder transformers does not load whole")
+        ours, theirs = imported_weights(work / "ckpt"), reference.state_dict()
+        for name, tensor in ours.items():
+            assert torch.equal(tensor, theirs[name]), (said, name)
+        return "imported"
+    line = err.strip().splitlines()[-1]
+    assert code == 2 and len(err.strip().splitlines()) == 1 and str(hf) in line, (said, err)
+    assert not (work / "ckpt").exists(), (said, "a refused import left its output")
+    if reference is not None:  # transformers loads it whole: refused only where its weight depends on an order
+        assert any(reason in line for reason in ORDER_DEPENDENT), (said, line)
+        return "refused, order-dependent"
+    return "refused, as transformers"
+
+
+@settings(PROPERTY, max_examples=120)
+@given(data=st.data())
+def test_shards_are_read_as_transformers_reads_them(sharded, edits_root, data):
+    work = Path(tempfile.mkdtemp(dir=edits_root))
+    try:
+        hf = work / "hf"
+        shutil.copytree(sharded, hf)
+        kinds = sorted(data.draw(st.lists(st.sampled_from(list(EDITS)), min_size=1, max_size=3, unique=True), "edits"),
+                       key=list(EDITS).index)
+        said = "; ".join(EDITS[kind](hf, data.draw) for kind in kinds)
+        for part in said.split("; "):
+            event(part)
+        event(check_against_transformers(hf, sharded, work, said))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# --- the cases the property found, each once ----------------------------------------------------------------------
+
+def edited_copy(sharded: Path, tmp_path: Path) -> Path:
+    hf = tmp_path / "hf"
+    shutil.copytree(sharded, hf)
+    return hf
+
+
+def refused_with(hf: Path, tmp_path: Path, capsys, line: str) -> None:
+    capsys.readouterr()
+    assert load_tool("convert_from_hf").main(["--hf", str(hf), "--output", str(tmp_path / "ckpt")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {line}"]
+    assert not (tmp_path / "ckpt").exists()
+
+
+def imported_as_transformers(hf: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
+    """HF imported, its weights bit for bit those transformers loads from it; returns them."""
+    assert load_tool("convert_from_hf").main(["--hf", str(hf), "--output", str(tmp_path / "ckpt"),
+                                             "--no-progress"]) == 0
+    theirs = transformers_reading(hf, hf)[0].state_dict()
+    ours = imported_weights(tmp_path / "ckpt")
+    assert all(torch.equal(tensor, theirs[name]) for name, tensor in ours.items())
+    return ours
+
+
+@pytest.mark.parametrize("how, differ", [("values", "values"), ("dtype", "dtypes (F32, BF16)"),
+                                         ("shape", "shapes ([32, 16], [513])"), ("same", None)])
+def test_a_tensor_in_two_shards_is_read_only_where_the_copies_agree(sharded, tmp_path, capsys, how, differ):
+    """transformers takes a tensor held by two shards from the later file name, whatever the weight_map says, and
+    a reader following the map takes the other: copies that differ were imported as the later one (a weight that
+    depends on the reader); they are refused, naming both files. Copies alike are imported."""
+    hf = edited_copy(sharded, tmp_path)
+    weight_map = read_index(hf)["weight_map"]
+    name = "model.embed_tokens.weight"
+    first, last = weight_map[name], shards(hf)[-1]
+    assert first < last
+    tensors = load_file(hf / last)
+    save_file({**tensors, name: changed(load_file(hf / first)[name], how)}, hf / last, metadata={"format": "pt"})
+    if differ is None:
+        imported_as_transformers(hf, tmp_path)
+        return
+    assert transformers_reading(hf, sharded)[0] is not None or how == "shape"  # a copy of another shape: mismatched
+    refused_with(hf, tmp_path, capsys, f"--hf: {hf}: tensor {name} is in both {first} and {last}, with different "
+                                       f"{differ}: which one is read depends on the reader")
+
+
+@pytest.mark.parametrize("metadata, why", [(None, "no 'metadata'"),
+                                           ("[]", "its metadata is a JSON array, not an object"),
+                                           ("null", "its metadata is a JSON null, not an object"),
+                                           ('"pt"', "its metadata is a JSON string, not an object")])
+def test_an_index_without_a_metadata_object_is_refused(sharded, tmp_path, capsys, metadata, why):
+    """transformers refuses an index with no metadata object (it adds its keys to it); the import read it."""
+    hf = edited_copy(sharded, tmp_path)
+    index = read_index(hf)
+    if metadata is None:
+        del index["metadata"]
+    else:
+        index["metadata"] = json.loads(metadata)
+    write_index(hf, index)
+    assert transformers_reading(hf, sharded)[0] is None
+    refused_with(hf, tmp_path, capsys, f"{hf / INDEX}: not a safetensors index ({why})")
+
+
+def test_model_safetensors_beside_an_index_is_read_alone(sharded, tmp_path):
+    """transformers takes model.safetensors over an index beside it, which it does not read: the import read the
+    index first and refused a damaged one."""
+    hf = edited_copy(sharded, tmp_path)
+    save_file({k: v + 1 for k, v in all_tensors(hf).items()}, hf / "model.safetensors", metadata={"format": "pt"})
+    (hf / INDEX).write_text("{")
+    assert torch.equal(imported_as_transformers(hf, tmp_path)["model.norm.weight"],
+                       load_file(hf / "model.safetensors")["model.norm.weight"])
+
+
+def test_the_weights_file_config_json_names_is_read_and_not_exported(sharded, tmp_path):
+    """transformers loads the file config.json's transformers_weights names, whatever else the folder holds: the
+    import read the shards instead (other weights), and its export carried the key over, so transformers looked for
+    that file in the exported folder and could not load it."""
+    hf = edited_copy(sharded, tmp_path)
+    save_file({k: v * 2 for k, v in all_tensors(hf).items()}, hf / "whole.safetensors", metadata={"format": "pt"})
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**config, "transformers_weights": "whole.safetensors"}))
+    ours = imported_as_transformers(hf, tmp_path)
+    assert torch.equal(ours["model.norm.weight"], load_file(hf / "whole.safetensors")["model.norm.weight"])
+    assert load_tool("convert_to_hf").main(["--checkpoint", str(tmp_path / "ckpt"), "--output",
+                                           str(tmp_path / "export")]) == 0
+    exported = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "export", dtype=torch.float32).state_dict()
+    assert all(torch.equal(tensor, exported[name]) for name, tensor in ours.items())
+
+
+@pytest.mark.parametrize("named, why", [
+    (3, "transformers_weights is a JSON number, not a file name"),
+    ("model.bin", "transformers_weights: 'model.bin' is not a .safetensors or .safetensors.index.json file"),
+    ("../x/whole.safetensors", "transformers_weights: '../x/whole.safetensors' lies outside {hf}"),
+])
+def test_a_weights_file_transformers_refuses_to_read_is_refused(sharded, tmp_path, capsys, named, why):
+    hf = edited_copy(sharded, tmp_path)
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**config, "transformers_weights": named}))
+    assert transformers_reading(hf, sharded)[0] is None
+    refused_with(hf, tmp_path, capsys, f"--hf: {hf / 'config.json'}: {why.format(hf=hf)}")
+
+
+def test_a_distributed_checkpoint_shard_name_is_refused(sharded, tmp_path, capsys):
+    """A file named as a distributed checkpoint's shard makes transformers read every .safetensors file of the
+    folder through torch.distributed.checkpoint (here a stray copy of a tensor with other values among them): the
+    import read the index's shards and said nothing."""
+    hf = edited_copy(sharded, tmp_path)
+    stray = "shard-00000-model-00001-of-00001.safetensors"
+    save_file({"model.norm.weight": torch.zeros(16)}, hf / stray, metadata={"format": "pt"})
+    refused_with(hf, tmp_path, capsys, f"--hf: {hf}: {stray} makes transformers read the folder as a distributed "
+                                       "checkpoint (every .safetensors file of it), which convert_from_hf does not "
+                                       "read")
