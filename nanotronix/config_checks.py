@@ -15,7 +15,7 @@ import math
 import re
 from typing import TYPE_CHECKING, Optional
 
-from nanotronix.errors import ConfigError
+from nanotronix.errors import ConfigError, number_text
 
 if TYPE_CHECKING:  # nanotronix.config imports this module (load_config validates what it builds)
     from nanotronix.config import (CheckpointConfig, Config, DataConfig, LRScheduleConfig, ModelConfig,
@@ -55,14 +55,14 @@ def validate_model(m: ModelConfig) -> None:
                           f"or use model.preset, e.g. smollm2-135m)")
     for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                  "num_key_value_heads", "vocab_size", "max_position_embeddings"):
-        _require(getattr(m, name) > 0, f"model.{name}: must be positive, got {getattr(m, name)}")
+        _require(getattr(m, name) > 0, f"model.{name}: must be positive, got {number_text(getattr(m, name))}")
     _require(m.hidden_size % m.num_attention_heads == 0,
-             f"model.hidden_size: {m.hidden_size} is not divisible by model.num_attention_heads="
-             f"{m.num_attention_heads}")
+             f"model.hidden_size: {number_text(m.hidden_size)} is not divisible by model.num_attention_heads="
+             f"{number_text(m.num_attention_heads)}")
     _require(m.num_attention_heads % m.num_key_value_heads == 0,
-             f"model.num_attention_heads: {m.num_attention_heads} is not a multiple of "
-             f"model.num_key_value_heads={m.num_key_value_heads}")
-    _require(m.head_dim % 2 == 0, f"model.hidden_size: head dim {m.head_dim} must be even for RoPE")
+             f"model.num_attention_heads: {number_text(m.num_attention_heads)} is not a multiple of "
+             f"model.num_key_value_heads={number_text(m.num_key_value_heads)}")
+    _require(m.head_dim % 2 == 0, f"model.hidden_size: head dim {number_text(m.head_dim)} must be even for RoPE")
     # a weight whose fp32 bytes torch cannot count in int64 (a typo, an edited checkpoint.json: vocab_size 2^63) is
     # an overflow traceback deep in building the model, even on the meta device; smaller ones too large for the host
     # are an out of memory, said as that
@@ -70,8 +70,8 @@ def validate_model(m: ModelConfig) -> None:
             "num_key_value_heads": m.hidden_size + 2 * m.num_key_value_heads * m.head_dim}
     name = max(rows, key=rows.get)
     _require(rows[name] * m.hidden_size <= MAX_WEIGHT_ELEMENTS,
-             f"model.{name}: {getattr(m, name)} makes a weight of {rows[name]} x {m.hidden_size} (hidden_size) "
-             f"elements, more than torch can size (2^61)")
+             f"model.{name}: {number_text(getattr(m, name))} makes a weight of {number_text(rows[name])} x "
+             f"{number_text(m.hidden_size)} (hidden_size) elements, more than torch can size (2^61)")
     _require(m.rope_theta > 0, "model.rope_theta: must be positive")
     _require(m.rms_norm_eps > 0, "model.rms_norm_eps: must be positive")
     _require(m.init_std > 0, "model.init_std: must be positive")

@@ -1,5 +1,6 @@
 """Errors caused by the user's input (config, paths, layout). Commands print them as one line and exit 2
 (`fail`); anything else is a bug and keeps its traceback."""
+import math
 import sys
 from typing import Callable, Optional
 
@@ -45,6 +46,22 @@ def say_line(line: str) -> None:
     its newline apart)."""
     sys.stderr.write(f"{one_line(line)}\n")
     sys.stderr.flush()
+
+
+# The longest integer an error line shows whole (2^128 has 39 digits): a longer one is a typo or an edit (a config's
+# vocab_size of 10**400), and its digits would fill the line; so would those of a product of it.
+SHOWN_DIGITS = 39
+
+
+def number_text(value: object, text: Callable[[object], str] = str) -> str:
+    """`text(value)`, or for an integer of more than SHOWN_DIGITS digits (str() refuses past 4300 of them: a
+    ValueError raised while saying the error) its digit count: `<an integer of 401 digits>`, `<a negative integer
+    of 401 digits>`."""
+    if type(value) is not int or -10 ** SHOWN_DIGITS < value < 10 ** SHOWN_DIGITS:
+        return text(value)
+    digits = int(math.log10(abs(value))) + 1  # math.log10 takes any int; a float's rounding is fixed below
+    digits += (abs(value) >= 10 ** digits) - (abs(value) < 10 ** (digits - 1))
+    return f"<{'a negative' if value < 0 else 'an'} integer of {digits} digits>"
 
 
 def fail(message: object) -> int:

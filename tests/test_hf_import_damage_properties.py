@@ -46,6 +46,7 @@ from test_cli_properties import call_and_check
 
 from nanotronix.checkpoint.hf_export import export_to_hf
 from nanotronix.checkpoint.reader import CheckpointReader
+from nanotronix.errors import number_text
 from nanotronix.model import build_model
 
 TINY_HF = dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
@@ -449,8 +450,8 @@ def test_a_pad_token_id_is_read_as_transformers_reads_it(folders, tmp_path, caps
     """transformers builds no model whose pad_token_id (the embedding's padding_idx) is outside the vocabulary, and
     AutoConfig refuses one that is not an integer or null; the import took one (a random seed of the property found
     10**400 and true), and its export would have carried it into a config.json transformers cannot load."""
-    refusal = f"pad_token_id: {json.dumps(pad)} is not null or a token id of the 32-token vocabulary" if type(pad) \
-        is int else f'field "pad_token_id" is {json.dumps(pad)}, transformers reads an integer or null there'
+    refusal = f"pad_token_id: {number_text(pad, json.dumps)} is not null or a token id of the 32-token vocabulary" \
+        if type(pad) is int else f'field "pad_token_id" is {json.dumps(pad)}, transformers reads an integer or null there'
     imported_as_transformers_reads_it(folders["tied"], tmp_path, capsys, {"pad_token_id": pad}, refusal)
 
 

@@ -15,6 +15,7 @@ format other than "pt"; a stray file named as a distributed checkpoint's shard. 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -34,6 +35,7 @@ from test_hf_import_damage_properties import INDEX, TINY_HF, transformers_readin
 
 from nanotronix.checkpoint.reader import CheckpointReader, model_parameter_shapes
 from nanotronix.convert.hf_mapping import to_hf_state_dict
+from nanotronix.errors import SHOWN_DIGITS, number_text
 
 # Refusals of a folder transformers loads whole, and why: a tensor in two opened files with different contents
 # (transformers takes the later file name's, a reader following the index the index's: the weight depends on the
@@ -367,3 +369,51 @@ def test_a_distributed_checkpoint_shard_name_is_refused(sharded, tmp_path, capsy
     refused_with(hf, tmp_path, capsys, f"--hf: {hf}: {stray} makes transformers read the folder as a distributed "
                                        "checkpoint (every .safetensors file of it), which convert_from_hf does not "
                                        "read")
+
+
+# --- config.json and generation_config.json, beside the weights ---------------------------------------------------
+
+@pytest.mark.parametrize("sign", [1, -1])
+@pytest.mark.parametrize("field", ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                   "num_attention_heads", "num_key_value_heads", "head_dim", "pad_token_id"])
+def test_a_huge_number_in_config_json_is_said_by_its_length(sharded, tmp_path, capsys, field, sign):
+    """A config.json value of 10**400 put its 401 digits into the error line (a vocab_size twice: itself and the
+    weight it makes); an integer of more digits than errors.SHOWN_DIGITS is said by its digit count."""
+    hf = edited_copy(sharded, tmp_path)
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**config, field: sign * 10 ** 400}))
+    capsys.readouterr()
+    assert load_tool("convert_from_hf").main(["--hf", str(hf), "--output", str(tmp_path / "ckpt")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: --hf: {hf}"), lines
+    assert "integer of 401 digits>" in lines[0] and not re.search(f"[0-9]{{{SHOWN_DIGITS + 1}}}", lines[0]), lines
+
+
+def test_number_text_shows_an_integer_whole_up_to_its_limit():
+    """Python's own writing of the number is the reference: whole up to SHOWN_DIGITS digits, its length past them."""
+    for value in (0, 7, -7, 10 ** SHOWN_DIGITS - 1, -(10 ** SHOWN_DIGITS - 1), 2.5, True, "12"):
+        assert number_text(value) == str(value)
+    assert number_text(None, json.dumps) == "null"
+    for value in (10 ** SHOWN_DIGITS, 10 ** SHOWN_DIGITS + 1, 99 * 10 ** 600, -(10 ** SHOWN_DIGITS), -(10 ** 700)):
+        sign = "a negative" if value < 0 else "an"
+        assert number_text(value) == f"<{sign} integer of {len(str(abs(value)))} digits>"
+
+
+def test_a_generation_config_json_that_is_a_folder_is_read_as_none(sharded, tmp_path):
+    """transformers reads a folder named generation_config.json as no generation config: GenerationConfig's
+    from_pretrained says the file is missing, word for word as where there is none, and the model's from_pretrained
+    then builds one from config.json. The import records none, as for a folder without one (found matching)."""
+    hf = edited_copy(sharded, tmp_path)
+    none = tmp_path / "none"
+    shutil.copytree(sharded, none)
+    (none / "generation_config.json").unlink()
+    (hf / "generation_config.json").unlink()
+    (hf / "generation_config.json").mkdir()
+    said = []
+    for folder in (hf, none):
+        with pytest.raises(OSError) as e:
+            transformers.GenerationConfig.from_pretrained(folder)
+        said.append(str(e.value).replace(str(folder), "FOLDER"))
+    assert said[0] == said[1] and "does not appear to have a file named generation_config.json" in said[0]
+    imported_as_transformers(hf, tmp_path)
+    assert CheckpointReader(tmp_path / "ckpt").manifest["source"]["hf"]["generation_config"] is None

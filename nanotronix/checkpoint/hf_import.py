@@ -29,7 +29,7 @@ from nanotronix.checkpoint.storage import Collective, failures_of
 from nanotronix.config import Config, ModelConfig
 from nanotronix.convert.hf_mapping import from_hf, model_config_from_hf, read_json_object, to_hf
 from nanotronix.data.files import commit
-from nanotronix.errors import UserError
+from nanotronix.errors import UserError, number_text
 from nanotronix.model.rope import ROPE_LAYOUT
 
 
@@ -93,7 +93,7 @@ def _check_weights(hf_dir: Path, source: SafetensorsFolder,
     held = _held_layers(source)
     if model_cfg.num_hidden_layers > held:  # said before the model is built: a config.json with 10**30 layers hung
         raise UserError(f"--hf: {hf_dir} lacks tensors model.layers.{held}.*: its config.json gives "
-                        f"{model_cfg.num_hidden_layers} decoder layers, its weights hold {held}")
+                        f"{number_text(model_cfg.num_hidden_layers)} decoder layers, its weights hold {held}")
     biases = sorted(name for name in source.location if name.endswith(".bias"))
     if biases:  # the config did not say so, but the weights have biases the model would drop
         raise UserError(f"--hf: {hf_dir} holds bias tensors ({biases[0]}, ...), which this model does not have")

@@ -16,6 +16,7 @@ from nanotronix.config import ModelConfig
 from nanotronix.config_checks import validate_model
 from nanotronix.config_tree import build_dataclass
 from nanotronix.convert.hf_config_types import check_field_types
+from nanotronix.errors import number_text
 
 
 def _split_qkv(w: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -202,11 +203,11 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     validate_model(model)  # the trainer's own checks (ConfigError, a ValueError)
     head_dim = hf.get("head_dim")
     if head_dim is not None and head_dim != model.head_dim:
-        raise ValueError(f"head_dim: {head_dim} is not hidden_size / num_attention_heads = {model.head_dim} "
-                         "(not supported)")
+        raise ValueError(f"head_dim: {number_text(head_dim)} is not hidden_size / num_attention_heads = "
+                         f"{model.head_dim} (not supported)")
     pad = hf.get("pad_token_id")  # transformers' embedding padding_idx (null or an integer: check_field_types): it
     # builds no model with one outside the vocabulary (the export would carry it into a config.json it cannot load)
     if pad is not None and not -model.vocab_size <= pad < model.vocab_size:
-        raise ValueError(f"pad_token_id: {json.dumps(pad)} is not null or a token id of the {model.vocab_size}-token "
-                         "vocabulary")
+        raise ValueError(f"pad_token_id: {number_text(pad, json.dumps)} is not null or a token id of the "
+                         f"{model.vocab_size}-token vocabulary")
     return model

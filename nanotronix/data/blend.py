@@ -14,29 +14,17 @@ about (K+1)/2^25 of the prefix (1:2 is served as 5592405:11184811: 5461 samples 
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from .errors import DataError
+from ..errors import number_text
 
 WEIGHT_UNITS = 1 << 24  # weights are quantised to integers summing to ~2^24 (exact integer arithmetic)
 MAX_SAMPLES = 1 << 38  # keeps (i+1)*A + T within int64
 
 
-def _number_text(value) -> str:
-    """`value` as written, or an int too long for Python to write (str() refuses past sys.get_int_max_str_digits(),
-    4300 digits by default: a ValueError raised while saying the error) as its digit count."""
-    try:
-        return repr(value)
-    except ValueError:
-        digits = int(math.log10(abs(value))) + 1  # math.log10 takes any int; a float's rounding is fixed below
-        digits += (abs(value) >= 10 ** digits) - (abs(value) < 10 ** (digits - 1))
-        return f"<an integer of {digits} digits>"
-
-
 def _weights_text(weights: list[float]) -> str:
-    return f"[{', '.join(map(_number_text, weights))}]"
+    return f"[{', '.join(map(number_text, weights))}]"
 
 
 def weight_units(weights: list[float]) -> list[int]:
@@ -53,7 +41,7 @@ def weight_units(weights: list[float]) -> list[int]:
                         "their ratios matter)")
     units = [round(w / total * WEIGHT_UNITS) for w in weights]
     if min(units) < 1:  # the blend's resolution: a smaller share would be served as 2^-24, not as asked
-        finest = _number_text(weights[units.index(min(units))])
+        finest = number_text(weights[units.index(min(units))])
         raise DataError(f"blend weights {_weights_text(weights)}: {finest} is below 2^-24 of their sum, finer than "
                         "the blend can serve; raise it or leave that dataset out")
     return units
