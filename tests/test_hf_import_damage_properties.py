@@ -369,7 +369,7 @@ def test_an_index_transformers_refuses_is_one_line(folders, tmp_path, capsys, ed
         (hf / INDEX).write_text(json.dumps(index))
     assert load_tool("convert_from_hf").main(["--hf", str(hf), "--output", str(tmp_path / "ckpt")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"error: {hf / INDEX}: ") and said in err[0], err
+    assert len(err) == 1 and err[0].startswith(f"error: --hf: {hf / INDEX}: ") and said in err[0], err
     assert not (tmp_path / "ckpt").exists()
 
 

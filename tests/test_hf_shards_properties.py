@@ -317,7 +317,7 @@ def test_an_index_without_a_metadata_object_is_refused(sharded, tmp_path, capsys
         index["metadata"] = json.loads(metadata)
     write_index(hf, index)
     assert transformers_reading(hf, sharded)[0] is None
-    refused_with(hf, tmp_path, capsys, f"{hf / INDEX}: not a safetensors index ({why})")
+    refused_with(hf, tmp_path, capsys, f"--hf: {hf / INDEX}: not a safetensors index ({why})")
 
 
 def test_model_safetensors_beside_an_index_is_read_alone(sharded, tmp_path):

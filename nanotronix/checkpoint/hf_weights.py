@@ -49,14 +49,14 @@ class SafetensorsFolder:
         for name in files:
             path = folder / name
             if not path.is_file():
-                raise UserError(f"{folder}: weight file {name} named in {named_in} is missing")
+                raise UserError(f"--hf: {folder}: weight file {name} named in {named_in} is missing")
             if path.resolve() in opened:  # one file named twice (./a.safetensors, a.safetensors): the same tensors
                 continue
             opened.add(path.resolve())
             try:
                 handle = safe_open(str(path), framework="pt")
             except Exception as e:  # safetensors' own error type: a truncated or foreign file
-                raise UserError(f"{path}: cannot be read as safetensors ({' '.join(str(e).split())})") from None
+                raise UserError(f"--hf: {path}: cannot be read as safetensors ({' '.join(str(e).split())})") from None
             self.handles[name] = handle
             for key in handle.keys():
                 self.copies.setdefault(key, []).append(name)
@@ -108,9 +108,9 @@ def _weight_file_names(folder: Path, named: object) -> tuple[list[str], str]:
     if (folder / INDEX_FILE).is_file():
         return _indexed_file_names(folder, folder / INDEX_FILE), "the index"
     if any(folder.glob("*.bin")):
-        raise UserError(f"{folder}: only .bin (pickle) weights found; convert_from_hf reads .safetensors "
+        raise UserError(f"--hf: {folder}: only .bin (pickle) weights found; convert_from_hf reads .safetensors "
                         "(re-save the model with safe_serialization=True)")
-    raise UserError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+    raise UserError(f"--hf: {folder}: no model.safetensors or model.safetensors.index.json")
 
 
 def _named_file_names(folder: Path, named: object) -> list[str]:
@@ -119,15 +119,17 @@ def _named_file_names(folder: Path, named: object) -> list[str]:
     where = f"--hf: {folder / 'config.json'}: transformers_weights"
     if not isinstance(named, str):
         raise UserError(f"{where} is a JSON {_json_kind(named)}, not a file name")
-    if not named.endswith((".safetensors", ".safetensors.index.json")):  # transformers refuses these (but for an
-        raise UserError(f"{where}: {named!r} is not a .safetensors or .safetensors.index.json file")  # adapter .bin)
+    if not named.endswith((".safetensors", ".safetensors.index.json")):  # transformers refuses them (an adapter's
+        # .bin it reads: convert_from_hf reads no .bin)
+        raise UserError(f"{where}: {named!r} is not a .safetensors or .safetensors.index.json file")
     base = os.path.abspath(folder)
     if os.path.commonpath([base, os.path.abspath(os.path.join(base, named))]) != base:
         raise UserError(f"{where}: {named!r} lies outside {folder}")
     if not named.endswith(".index.json"):
         return [named]
     if not (folder / named).is_file():
-        raise UserError(f"{folder}: weight file {named} named in config.json's transformers_weights is missing")
+        raise UserError(f"--hf: {folder}: weight file {named} named in config.json's transformers_weights is "
+                        "missing")
     return _indexed_file_names(folder, folder / named)
 
 
@@ -147,10 +149,10 @@ def _indexed_file_names(folder: Path, index: Path) -> list[str]:
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:  # not JSON, or no weight_map
         # of names; RecursionError: nested deeper than the JSON reader recurses
         why = f"no {e.args[0]!r}" if isinstance(e, KeyError) else " ".join(str(e).split())
-        raise UserError(f"{index}: not a safetensors index ({why})") from None
+        raise UserError(f"--hf: {index}: not a safetensors index ({why})") from None
     outside = [name for name in files if Path(name).anchor or ".." in Path(name).parts]
     if outside:  # transformers refuses these too: the index would read weights from another folder
-        raise UserError(f"{index}: weight file {outside[0]} lies outside {folder}")
+        raise UserError(f"--hf: {index}: weight file {outside[0]} lies outside {folder}")
     return files
 
 
