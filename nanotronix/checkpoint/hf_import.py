@@ -113,10 +113,12 @@ def _check_weights(hf_dir: Path, source: SafetensorsFolder,
             if hf_name not in source:
                 raise UserError(f"--hf: {hf_dir} lacks tensor {hf_name}")
             differing = source.differing_copy(hf_name)
-            if differing:  # transformers takes the later file's, a reader following the index the index's
-                raise UserError(f"--hf: {hf_dir}: tensor {hf_name} is in both {differing[0]} and "
-                                f"{source.location[hf_name]}, with different {differing[1]}: which one is read "
-                                "depends on the reader")
+            if differing:  # which one is read depends on the reader's order of the files or the names
+                file, name, how = differing
+                held = f"in both {file} and" if name == hf_name else f"in {file} as {name}, which transformers " \
+                    f"reads as {hf_name}, and in"
+                raise UserError(f"--hf: {hf_dir}: tensor {hf_name} is {held} {source.location[hf_name]}, with "
+                                f"different {how}: which one is read depends on the reader")
             if source.shape(hf_name) != list(expected.shape):
                 raise UserError(f"--hf: {hf_dir}: tensor {hf_name} is {source.shape(hf_name)}, but its config.json "
                                 f"makes it {list(expected.shape)}")

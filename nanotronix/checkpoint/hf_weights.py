@@ -7,7 +7,9 @@ it opens, a later file's over an earlier one's, whatever the weight_map says of 
 chooses files, not tensors: a tensor of an opened file that the map leaves out is read, one mapped to a file that
 lacks it is read from whichever opened file holds it, and files the map does not name are not opened. A tensor held
 by two opened files with different contents is refused where it is imported (`differing_copy`): which copy a reader
-takes depends on its order of the files (transformers the later name's, a reader following the map the map's).
+takes depends on its order of the files (transformers the later name's, a reader following the map the map's). So is
+one also held under a name transformers renames to it (`aliases`: model.model.norm.weight, norm.weight) with other
+contents: transformers takes the first of the two in its order of the names, a reader by the model's names that one.
 """
 from __future__ import annotations
 
@@ -77,19 +79,33 @@ class SafetensorsFolder:
             raise KeyError(f"Hugging Face checkpoint lacks {key}")
         return self.handles[self.location[key]].get_tensor(key)
 
-    def differing_copy(self, key: str) -> tuple[str, str] | None:
-        """(an opened file holding a copy of tensor `key` other than the one read, and how they differ: dtypes,
-        shapes or values), or None when every copy is the one read, bit for bit. Values are compared in floating
-        point types only: a weight of another type is refused whichever copy is read."""
+    def aliases(self, key: str) -> list[str]:
+        """The source's other names that transformers renames to the model's tensor `key` (core_model_loading's
+        rename_source_key): a name with LlamaForCausalLM's base_model_prefix before it (`model.model.norm.weight`;
+        transformers strips `^model.`, a regex: any one character after `model`), or without the one it has
+        (`norm.weight` for `model.norm.weight`)."""
+        prefixed = [name for name in self.location if name.startswith("model") and name[6:] == key
+                    and name[5:6] not in ("", "\n")]
+        bare = key[len("model."):] if key.startswith("model.") and key[len("model."):] in self.location else None
+        return prefixed + ([bare] if bare else [])
+
+    def differing_copy(self, key: str) -> tuple[str, str, str] | None:
+        """(an opened file, the name in it, and how that tensor differs from tensor `key` as read: dtypes, shapes or
+        values) of a copy that transformers may read as `key` instead: `key` in another opened file, or one of its
+        `aliases`; None when every such copy is the one read, bit for bit. Values are compared in floating point types
+        only: a weight of another type is refused whichever copy is read."""
         read = self.handles[self.location[key]].get_slice(key)
-        for name in self.copies[key][:-1]:
-            other = self.handles[name].get_slice(key)
+        others = [(name, key) for name in self.copies[key][:-1]]
+        others += [(name, alias) for alias in self.aliases(key) for name in self.copies[alias]]
+        for name, other_key in others:
+            other = self.handles[name].get_slice(other_key)
             if other.get_dtype() != read.get_dtype():
-                return name, f"dtypes ({other.get_dtype()}, {read.get_dtype()})"
+                return name, other_key, f"dtypes ({other.get_dtype()}, {read.get_dtype()})"
             if other.get_shape() != read.get_shape():
-                return name, f"shapes ({list(other.get_shape())}, {list(read.get_shape())})"
-            if read.get_dtype() in FLOAT_DTYPES and not _same_bits(self.handles[name].get_tensor(key), self[key]):
-                return name, "values"
+                return name, other_key, f"shapes ({list(other.get_shape())}, {list(read.get_shape())})"
+            if read.get_dtype() in FLOAT_DTYPES and \
+                    not _same_bits(self.handles[name].get_tensor(other_key), self[key]):
+                return name, other_key, "values"
         return None
 
 
