@@ -450,8 +450,9 @@ def test_a_pad_token_id_is_read_as_transformers_reads_it(folders, tmp_path, caps
     """transformers builds no model whose pad_token_id (the embedding's padding_idx) is outside the vocabulary, and
     AutoConfig refuses one that is not an integer or null; the import took one (a random seed of the property found
     10**400 and true), and its export would have carried it into a config.json transformers cannot load."""
-    refusal = f"pad_token_id: {number_text(pad, json.dumps)} is not null or a token id of the 32-token vocabulary" \
-        if type(pad) is int else f'field "pad_token_id" is {json.dumps(pad)}, transformers reads an integer or null there'
+    refusal = (f"pad_token_id: {number_text(pad, json.dumps)} is not null or a token id of the 32-token vocabulary"
+               if type(pad) is int else
+               f'field "pad_token_id" is {json.dumps(pad)}, transformers reads an integer or null there')
     imported_as_transformers_reads_it(folders["tied"], tmp_path, capsys, {"pad_token_id": pad}, refusal)
 
 
@@ -475,7 +476,8 @@ def test_a_head_dim_is_read_as_transformers_reads_it(folders, tmp_path, capsys, 
      "exponent)"), ("initializer_range", 1.5, "a float from 0 to 1"), ("initializer_range", 1, "a float from 0 to 1"),
     ("pretraining_tp", 1.0, "an integer or null"), ("max_position_embeddings", 64.0, "an integer"),
     ("attention_bias", None, "a bool"), ("dtype", "fp32", "a torch dtype's name or null"),
-    ("dtype", 1e308, "a torch dtype's name or null"), ("id2label", {"a": "b"}, "a mapping of integer keys, or null")])
+    ("dtype", 1e308, "a torch dtype's name or null"), ("id2label", {"a": "b"}, "a mapping of integer keys, or null"),
+    pytest.param("use_cache", 10 ** 400, "a bool", id="10**400")])
 def test_a_field_of_a_type_transformers_refuses_is_one_line(folders, tmp_path, capsys, field, value, wanted):
     """config.json fields holding a value AutoConfig refuses by its type (or a dtype it cannot read): the import took
     them (the fields it does not model are not read, only kept), and its export wrote them back into a config.json
@@ -489,8 +491,8 @@ def test_a_field_of_a_type_transformers_refuses_is_one_line(folders, tmp_path, c
     capsys.readouterr()
     assert load_tool("convert_from_hf").main(["--hf", str(hf), "--output", str(tmp_path / "ckpt")]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        f"error: --hf: {hf / 'config.json'}: field {json.dumps(field)} is {json.dumps(value)}, transformers reads "
-        f"{wanted} there"]
+        f"error: --hf: {hf / 'config.json'}: field {json.dumps(field)} is {number_text(value, json.dumps)}, "
+        f"transformers reads {wanted} there"]
     assert not (tmp_path / "ckpt").exists()
 
 

@@ -260,11 +260,11 @@ def import_folder(hf: Path, work: Path) -> tuple[int, str]:
     return code, err
 
 
-def check_against_transformers(hf: Path, original: Path, work: Path, said: str) -> str:
+def check_against_transformers(hf: Path, work: Path, said: str) -> str:
     """Import HF and hold the result against transformers' reading of it; the outcome, for the events."""
     code, err = import_folder(hf, work)
     try:
-        reference = transformers_reading(hf, original)[0]
+        reference = transformers_reading(hf)[0]
     except CheckpointException:  # a BaseException: transformers refusing a folder it reads as a distributed checkpoint
         reference = None
     if code == 0:
@@ -295,7 +295,7 @@ def test_shards_are_read_as_transformers_reads_them(folders, edits_root, data):
         said = "; ".join(EDITS[kind](hf, data.draw) for kind in kinds)
         for part in said.split("; "):
             event(part)
-        event(check_against_transformers(hf, folders[which], work, said))
+        event(check_against_transformers(hf, work, said))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -319,7 +319,7 @@ def imported_as_transformers(hf: Path, tmp_path: Path) -> dict[str, torch.Tensor
     """HF imported, its weights bit for bit those transformers loads from it; returns them."""
     assert load_tool("convert_from_hf").main(["--hf", str(hf), "--output", str(tmp_path / "ckpt"),
                                              "--no-progress"]) == 0
-    theirs = transformers_reading(hf, hf)[0].state_dict()
+    theirs = transformers_reading(hf)[0].state_dict()
     ours = imported_weights(tmp_path / "ckpt")
     assert all(torch.equal(tensor, theirs[name]) for name, tensor in ours.items())
     return ours
@@ -341,7 +341,7 @@ def test_a_tensor_in_two_shards_is_read_only_where_the_copies_agree(sharded, tmp
     if differ is None:
         imported_as_transformers(hf, tmp_path)
         return
-    assert transformers_reading(hf, sharded)[0] is not None or how == "shape"  # a copy of another shape: mismatched
+    assert transformers_reading(hf)[0] is not None or how == "shape"  # a copy of another shape: mismatched
     refused_with(hf, tmp_path, capsys, f"--hf: {hf}: tensor {name} is in both {first} and {last}, with different "
                                        f"{differ}: which one is read depends on the reader")
 
@@ -362,7 +362,7 @@ def test_a_tensor_under_a_second_name_transformers_reads_is_read_only_where_they
     if how == "same":
         imported_as_transformers(hf, tmp_path)
         return
-    assert torch.equal(transformers_reading(hf, sharded)[0].state_dict()[name], load_file(hf / last)[alias])
+    assert torch.equal(transformers_reading(hf)[0].state_dict()[name], load_file(hf / last)[alias])
     held = read_index(hf)["weight_map"][name]
     refused_with(hf, tmp_path, capsys, f"--hf: {hf}: tensor {name} is in {last} as {alias}, which transformers reads "
                                        f"as {name}, and in {held}, with different values: which one is read depends "
@@ -382,7 +382,7 @@ def test_an_index_without_a_metadata_object_is_refused(sharded, tmp_path, capsys
     else:
         index["metadata"] = json.loads(metadata)
     write_index(hf, index)
-    assert transformers_reading(hf, sharded)[0] is None
+    assert transformers_reading(hf)[0] is None
     refused_with(hf, tmp_path, capsys, f"--hf: {hf / INDEX}: not a safetensors index ({why})")
 
 
@@ -421,7 +421,7 @@ def test_a_weights_file_transformers_refuses_to_read_is_refused(sharded, tmp_pat
     hf = edited_copy(sharded, tmp_path)
     config = json.loads((hf / "config.json").read_text())
     (hf / "config.json").write_text(json.dumps({**config, "transformers_weights": named}))
-    assert transformers_reading(hf, sharded)[0] is None
+    assert transformers_reading(hf)[0] is None
     refused_with(hf, tmp_path, capsys, f"--hf: {hf / 'config.json'}: {why.format(hf=hf)}")
 
 

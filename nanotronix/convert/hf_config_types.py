@@ -18,6 +18,8 @@ from typing import Any, Callable
 
 import torch
 
+from nanotronix.errors import number_text
+
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)  # JSON true is no integer to transformers
@@ -118,4 +120,5 @@ def check_field_types(config: dict[str, Any]) -> None:
         if not takes(field, value):
             kinds = FIELD_KINDS[field]
             wanted = kinds[0] if len(kinds) == 1 else f"{', '.join(kinds[:-1])} or {kinds[-1]}"
-            raise ValueError(f"field {json.dumps(field)} is {json.dumps(value)}, transformers reads {wanted} there")
+            shown = number_text(value, json.dumps)  # 10**400: its length, not its digits
+            raise ValueError(f"field {json.dumps(field)} is {shown}, transformers reads {wanted} there")
