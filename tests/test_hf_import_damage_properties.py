@@ -445,6 +445,14 @@ def test_false_rope_settings_are_read_as_transformers_reads_them(folders, tmp_pa
                                       "there")
 
 
+def test_a_null_num_key_value_heads_is_read_as_transformers_reads_it(tmp_path, capsys):
+    """transformers reads `"num_key_value_heads": null` as num_attention_heads (multi-head attention); the import
+    refused it as a missing model field."""
+    mha = saved_hf_llama(tmp_path / "mha", **{**TINY_HF, "num_key_value_heads": TINY_HF["num_attention_heads"]})
+    imported_as_transformers_reads_it(mha, tmp_path, capsys, {"num_key_value_heads": None}, None)
+    assert CheckpointReader(tmp_path / "ckpt").model_config.num_key_value_heads == TINY_HF["num_attention_heads"]
+
+
 @pytest.mark.parametrize("pad", [None, 31, -32, 32, -33, pytest.param(10 ** 400, id="10**400"), True, 1.0, "1"])
 def test_a_pad_token_id_is_read_as_transformers_reads_it(folders, tmp_path, capsys, pad):
     """transformers builds no model whose pad_token_id (the embedding's padding_idx) is outside the vocabulary, and

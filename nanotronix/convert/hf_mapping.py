@@ -192,10 +192,11 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         raise ValueError("rope_theta: config.json gives " + ", ".join(f"{k}={v}" for k, v in thetas.items()) +
                          "; transformers versions differ in which one they use: keep one")
     rope_theta = next(iter(thetas.values()), 10000.0)
+    kv_heads = hf.get("num_key_value_heads")  # null or left out: transformers' LlamaConfig reads the head count
     fields = {
         "hidden_size": hf["hidden_size"], "intermediate_size": hf["intermediate_size"],
         "num_hidden_layers": hf["num_hidden_layers"], "num_attention_heads": hf["num_attention_heads"],
-        "num_key_value_heads": hf.get("num_key_value_heads", hf["num_attention_heads"]),
+        "num_key_value_heads": hf["num_attention_heads"] if kv_heads is None else kv_heads,
         "vocab_size": hf["vocab_size"], "max_position_embeddings": hf["max_position_embeddings"],
         "rope_theta": rope_theta, "rms_norm_eps": hf["rms_norm_eps"],
         "tie_word_embeddings": hf.get("tie_word_embeddings", False), "init_std": hf.get("initializer_range", 0.02)}
