@@ -41,6 +41,7 @@ def _require(cond: bool, msg: str) -> None:
 
 def validate(cfg: Config) -> None:
     validate_model(cfg.model)
+    validate_model_export(cfg.model)
     _validate_run(cfg)
 
 
@@ -79,6 +80,23 @@ def validate_model(m: ModelConfig) -> None:
     _require(m.attn_implementation in ("auto", "sdpa", "sdpa_cudnn", "flash_attention_2", "flex", "eager"),
              f"model.attn_implementation: {m.attn_implementation!r} is not "
              "auto|sdpa|sdpa_cudnn|flash_attention_2|flex|eager")
+
+
+def validate_model_export(m: ModelConfig) -> None:
+    """What the Hugging Face export writes of the model that transformers bounds tighter than training does: it
+    refuses a config.json whose initializer_range (model.initializer_range, else model.init_std) is past 1. Checked
+    when a run's config loads, not only by the export: a run no export of which transformers loads is a trap found
+    only after training. An init_std past 1 is no SmolLM2 setting (0.02-0.042): with every matrix drawn from
+    Normal(0, init_std), activations grow by about init_std * sqrt(hidden_size) per matmul; a run that means it says
+    in model.initializer_range what its export writes. Not part of validate_model, which the readers of a saved
+    checkpoint run: evaluating a checkpoint saved before this check needs no export."""
+    if m.initializer_range is None:
+        _require(m.init_std <= 1, f"model.init_std: {m.init_std} is more than 1, which a Hugging Face export writes as "
+                                  "config.json's initializer_range, where transformers reads 0 to 1: set "
+                                  "model.initializer_range (0 to 1) for the export to write in its place")
+    else:
+        _require(m.initializer_range <= 1, f"model.initializer_range: {m.initializer_range} is more than 1 "
+                                           "(config.json's initializer_range, where transformers reads 0 to 1)")
 
 
 def _validate_run(cfg: Config) -> None:

@@ -109,12 +109,23 @@ def test_dotted_overrides_reach_nested_lists(tiny_yaml):
     ("checkpoint.dir=''", "checkpoint.dir: empty"),
     ("logging.dir=' '", "logging.dir: empty"),
     ("parallel.collective_timeout_minutes=1e12", "parallel.collective_timeout_minutes: must be > 0 and at most"),
+    # config.json's initializer_range past 1, which transformers refuses: the run could never be exported
+    ("model.init_std=1.5", "model.init_std: 1.5 is more than 1, which a Hugging Face export writes as config.json's "
+                           "initializer_range, where transformers reads 0 to 1: set model.initializer_range"),
+    ("model.initializer_range=1.01", "model.initializer_range: 1.01 is more than 1"),
 ])
 def test_validation_names_the_field(tiny_yaml, override, field):
     with pytest.raises(ConfigError) as e:
         load_config(tiny_yaml, [override])
     assert field in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_an_init_std_past_1_trains_when_the_export_is_told_what_to_write(tiny_yaml):
+    from nanotronix.convert.hf_mapping import hf_config_dict
+
+    cfg = load_config(tiny_yaml, ["model.init_std=1.5", "model.initializer_range=0.02"])
+    assert (cfg.model.init_std, hf_config_dict(cfg.model)["initializer_range"]) == (1.5, 0.02)
 
 
 def test_missing_model_field_is_reported(tiny_yaml):

@@ -17,13 +17,14 @@ import torch
 
 from nanotronix.checkpoint.errors import CheckpointError
 from nanotronix.checkpoint.output_folder import staged_output
-from nanotronix.checkpoint.paths import LATEST_NAME
+from nanotronix.checkpoint.paths import LATEST_NAME, MANIFEST_NAME
 from nanotronix.checkpoint.reader import CheckpointReader
 from nanotronix.checkpoint.safetensors_stream import StreamingSafetensorsWriter, tensor_nbytes
 from nanotronix.config import ModelConfig
+from nanotronix.config_checks import validate_model_export
 from nanotronix.convert.hf_mapping import hf_config_dict, read_json_object, to_hf
 from nanotronix.data.files import commit
-from nanotronix.errors import UserError
+from nanotronix.errors import ConfigError, UserError
 
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' save_pretrained default ("5GB")
@@ -189,6 +190,10 @@ def export_to_hf(checkpoint: str | os.PathLike, output: str | os.PathLike, dtype
     output = Path(output)
     reader = CheckpointReader(checkpoint)
     cfg, manifest = reader.model_config, reader.manifest
+    try:  # a checkpoint of a run started before its config was checked for this (init_std past 1)
+        validate_model_export(cfg)
+    except ConfigError as e:
+        raise CheckpointError(f"checkpoint {reader.folder}: {MANIFEST_NAME}: {e}") from None
     torch_dtype = EXPORT_DTYPES[dtype]
     source_hf = (manifest.get("source") or {}).get("hf") or {}
 
