@@ -1,6 +1,7 @@
 """Hugging Face export against transformers itself: logits of the export (fp32, 1e-5, tied and untied), sharded
 bf16 safetensors with an index (through the command), and the tokenizer files shipped with it (the run's, a
-given one, an instruct one with its chat template) with the bos/eos ids transformers reads from them."""
+given one, an instruct one with its chat template) with the bos/eos ids transformers reads from them, and the fields
+of an imported config.json of a type transformers refuses left out."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,11 +11,12 @@ import pytest
 import torch
 import transformers
 
-from checkpoint_helpers import TINY, TINY_UNTIED, adamw, plain_model, train_steps
+from checkpoint_helpers import TINY, TINY_UNTIED, adamw, plain_model, save_single, train_steps
 from convert_hf_helpers import WITH_BYTES, byte_tokenizer, cli, hf_tensors, logits_match, trained_checkpoint
 
 from nanotronix.checkpoint.hf_export import export_to_hf
 from nanotronix.checkpoint.hf_import import import_from_hf
+from nanotronix.convert.hf_config_types import refusal
 from nanotronix.convert.hf_mapping import hf_config_dict
 from nanotronix.errors import UserError
 
@@ -154,3 +156,31 @@ def test_export_ships_the_tokenizer_as_transformers_reads_it(tmp_path):
     assert transformers.AutoTokenizer.from_pretrained(out).chat_template == CHAT_TEMPLATE
     assert (out / "tokenizer.json").read_bytes() == tokenizer_file.read_bytes()
     assert any("shipping the imported model's" in line for line in said), said
+
+
+def test_imported_fields_transformers_refuses_are_left_out_with_a_warning(tmp_path):
+    """A checkpoint imported before the import refused them carries config.json fields of a type AutoConfig refuses
+    (its manifest's source.hf.config, edited here into one), which the export wrote back into a config.json AutoConfig
+    could not load. Now each field the export carries over is said in a warning naming the manifest and left out (a
+    token id: the one the export gives without it); those transformers takes, known to it or not, are carried over,
+    and those the export writes of its own (use_cache) are its own."""
+    model = plain_model(TINY)
+    step = save_single(tmp_path / "run", 0, model, adamw(model))
+    manifest = json.loads((step / "checkpoint.json").read_text())
+    refused = {"eos_token_id": True, "pad_token_id": 1.0, "id2label": {"a": "b"}}
+    kept = {"rope_interleaved": False, "is_llama_config": "yes", "bos_token_id": 5}
+    manifest["source"] = {"hf": {"path": str(tmp_path / "gone"), "generation_config": None,
+                                 "config": {"model_type": "llama", "use_cache": "x", **refused, **kept}}}
+    (step / "checkpoint.json").write_text(json.dumps(manifest))
+    said = []
+    out = export_to_hf(tmp_path / "run", tmp_path / "hf", progress=False, log=said.append)
+    loaded = transformers.AutoConfig.from_pretrained(out)
+    written = json.loads((out / "config.json").read_text())
+    assert not {"pad_token_id", "id2label"} & written.keys() and (written["eos_token_id"], written["use_cache"]) == \
+        (0, True)
+    assert {field: getattr(loaded, field) for field in kept} == kept
+    generation = transformers.GenerationConfig.from_pretrained(out)
+    assert (generation.bos_token_id, generation.eos_token_id) == (5, 0)
+    warnings = [line for line in said if "source.hf.config" in line]
+    assert warnings == [f"warning: {step / 'checkpoint.json'}: source.hf.config: {refusal(field, value)} (imported "
+                        "before the import refused it): left out of config.json" for field, value in refused.items()]

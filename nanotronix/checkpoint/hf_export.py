@@ -22,6 +22,7 @@ from nanotronix.checkpoint.reader import CheckpointReader
 from nanotronix.checkpoint.safetensors_stream import StreamingSafetensorsWriter, tensor_nbytes
 from nanotronix.config import ModelConfig
 from nanotronix.config_checks import validate_model_export
+from nanotronix.convert.hf_config_types import refusal
 from nanotronix.convert.hf_mapping import hf_config_dict, read_json_object, to_hf
 from nanotronix.data.files import commit
 from nanotronix.errors import ConfigError, UserError
@@ -195,7 +196,8 @@ def export_to_hf(checkpoint: str | os.PathLike, output: str | os.PathLike, dtype
     except ConfigError as e:
         raise CheckpointError(f"checkpoint {reader.folder}: {MANIFEST_NAME}: {e}") from None
     torch_dtype = EXPORT_DTYPES[dtype]
-    source_hf = (manifest.get("source") or {}).get("hf") or {}
+    source_hf = _without_refused_fields((manifest.get("source") or {}).get("hf") or {}, cfg,
+                                        reader.folder / MANIFEST_NAME, log)
 
     # the run's folder when the step lies in one: an export among its step folders would be in the way of its
     # pruning, rollback and copies
@@ -208,6 +210,24 @@ def export_to_hf(checkpoint: str | os.PathLike, output: str | os.PathLike, dtype
         commit(temp, output)
     log(f"exported step {reader.step} of {reader.folder} to {output} ({dtype})")
     return output
+
+
+def _without_refused_fields(source_hf: dict, cfg: ModelConfig, manifest_file: Path,
+                            log: Callable[[str], None]) -> dict:
+    """An imported model's source.hf, less the fields of its config.json that the export would carry into its own
+    (those nanotronix does not model, and the token ids) holding a value transformers refuses by type, each said in a
+    warning. Only an import made before the import refused them holds one (`"use_cache": "x"`). Left out rather than
+    refused: the value comes from a config.json transformers itself could not load, so it never meant anything to
+    transformers, and a refusal would leave the run that continued from the import exportable only by editing its
+    manifest by hand; without it, config.json says what transformers defaults to (a token id: the tokenizer's)."""
+    imported = source_hf.get("config") or {}
+    computed = hf_config_dict(cfg).keys() - {"bos_token_id", "eos_token_id"}  # the ids are taken from the import
+    refused = {field: refusal(field, value) for field, value in imported.items()
+               if field not in computed and field not in _RECOMPUTED and refusal(field, value)}
+    for said in refused.values():
+        log(f"warning: {manifest_file}: source.hf.config: {said} (imported before the import refused it): left out "
+            "of config.json")
+    return {**source_hf, "config": {k: v for k, v in imported.items() if k not in refused}} if refused else source_hf
 
 
 def _write_tokenizer(folder: Path, tokenizer: Optional[str], manifest: dict, source_hf: dict, cfg: ModelConfig,

@@ -1,4 +1,5 @@
-"""The JSON values transformers' LlamaConfig takes in each config.json field, checked on import.
+"""The JSON values transformers' LlamaConfig takes in each config.json field, checked on import (and by the export,
+on the fields an import made before that check carried into a checkpoint).
 
 transformers (5.x) builds LlamaConfig as a strict dataclass (huggingface_hub's `@strict`): AutoConfig refuses a
 config.json whose field holds a value of another type than the field's annotation, by type alone (`"use_cache": 1`,
@@ -111,14 +112,23 @@ def takes(field: str, value: Any) -> bool:
     return any(KINDS[kind](value) for kind in FIELD_KINDS.get(field, ("any value",)))
 
 
+def refusal(field: str, value: Any) -> str | None:
+    """What transformers refuses of VALUE in FIELD, said as `field "use_cache" is "x", transformers reads a bool
+    there`; None where it takes it."""
+    if takes(field, value):
+        return None
+    kinds = FIELD_KINDS[field]
+    wanted = kinds[0] if len(kinds) == 1 else f"{', '.join(kinds[:-1])} or {kinds[-1]}"
+    shown = number_text(value, json.dumps)  # 10**400: its length, not its digits
+    return f"field {json.dumps(field)} is {shown}, transformers reads {wanted} there"
+
+
 def check_field_types(config: dict[str, Any]) -> None:
     """ValueError naming the first field of config.json (in its order) holding a value transformers refuses by type,
     and what it reads there."""
     for field, value in config.items():
         if field == "torch_dtype" and config.get("dtype") is not None:
             continue  # transformers reads torch_dtype only in place of a dtype not given
-        if not takes(field, value):
-            kinds = FIELD_KINDS[field]
-            wanted = kinds[0] if len(kinds) == 1 else f"{', '.join(kinds[:-1])} or {kinds[-1]}"
-            shown = number_text(value, json.dumps)  # 10**400: its length, not its digits
-            raise ValueError(f"field {json.dumps(field)} is {shown}, transformers reads {wanted} there")
+        said = refusal(field, value)
+        if said:
+            raise ValueError(said)
