@@ -16,7 +16,6 @@ from convert_hf_helpers import WITH_BYTES, byte_tokenizer, cli, hf_tensors, logi
 
 from nanotronix.checkpoint.hf_export import export_to_hf
 from nanotronix.checkpoint.hf_import import import_from_hf
-from nanotronix.convert.hf_config_types import refusal
 from nanotronix.convert.hf_mapping import hf_config_dict
 from nanotronix.errors import UserError
 
@@ -159,22 +158,27 @@ def test_export_ships_the_tokenizer_as_transformers_reads_it(tmp_path):
 
 
 def test_imported_fields_transformers_refuses_are_left_out_with_a_warning(tmp_path):
-    """A checkpoint imported before the import refused them carries config.json fields of a type AutoConfig refuses
-    (its manifest's source.hf.config, edited here into one), which the export wrote back into a config.json AutoConfig
-    could not load. Now each field the export carries over is said in a warning naming the manifest and left out (a
-    token id: the one the export gives without it); those transformers takes, known to it or not, are carried over,
-    and those the export writes of its own (use_cache) are its own."""
+    """A checkpoint imported before the import refused them carries config.json fields of a type AutoConfig refuses,
+    or a pad_token_id transformers builds no model of (its manifest's source.hf.config, edited here into one), which
+    the export wrote back into a config.json transformers could not load. Now each field the export carries over is
+    said in a warning naming the manifest and left out (a token id: the one the export gives without it); those
+    transformers takes, known to it or not, are carried over, and those the export writes of its own (use_cache) are
+    its own."""
     model = plain_model(TINY)
     step = save_single(tmp_path / "run", 0, model, adamw(model))
     manifest = json.loads((step / "checkpoint.json").read_text())
-    refused = {"eos_token_id": True, "pad_token_id": 1.0, "id2label": {"a": "b"}}
+    refused = ['field "eos_token_id" is true, transformers reads an integer, a list of integers or null there',
+               'field "id2label" is {"a": "b"}, transformers reads a mapping of integer keys, or null there',
+               "pad_token_id: 96 is not null or a token id of the 96-token vocabulary"]  # TINY's 96 rows
     kept = {"rope_interleaved": False, "is_llama_config": "yes", "bos_token_id": 5}
     manifest["source"] = {"hf": {"path": str(tmp_path / "gone"), "generation_config": None,
-                                 "config": {"model_type": "llama", "use_cache": "x", **refused, **kept}}}
+                                 "config": {"model_type": "llama", "use_cache": "x", "eos_token_id": True,
+                                            "id2label": {"a": "b"}, "pad_token_id": 96, **kept}}}
     (step / "checkpoint.json").write_text(json.dumps(manifest))
     said = []
     out = export_to_hf(tmp_path / "run", tmp_path / "hf", progress=False, log=said.append)
     loaded = transformers.AutoConfig.from_pretrained(out)
+    transformers.LlamaForCausalLM(loaded)  # builds (a pad_token_id outside the vocabulary: it does not)
     written = json.loads((out / "config.json").read_text())
     assert not {"pad_token_id", "id2label"} & written.keys() and (written["eos_token_id"], written["use_cache"]) == \
         (0, True)
@@ -182,5 +186,5 @@ def test_imported_fields_transformers_refuses_are_left_out_with_a_warning(tmp_pa
     generation = transformers.GenerationConfig.from_pretrained(out)
     assert (generation.bos_token_id, generation.eos_token_id) == (5, 0)
     warnings = [line for line in said if "source.hf.config" in line]
-    assert warnings == [f"warning: {step / 'checkpoint.json'}: source.hf.config: {refusal(field, value)} (imported "
-                        "before the import refused it): left out of config.json" for field, value in refused.items()]
+    assert warnings == [f"warning: {step / 'checkpoint.json'}: source.hf.config: {why} (imported before the import "
+                        "refused it): left out of config.json" for why in refused]

@@ -23,7 +23,7 @@ from nanotronix.checkpoint.safetensors_stream import StreamingSafetensorsWriter,
 from nanotronix.config import ModelConfig
 from nanotronix.config_checks import validate_model_export
 from nanotronix.convert.hf_config_types import refusal
-from nanotronix.convert.hf_mapping import hf_config_dict, read_json_object, to_hf
+from nanotronix.convert.hf_mapping import hf_config_dict, pad_token_refusal, read_json_object, to_hf
 from nanotronix.data.files import commit
 from nanotronix.errors import ConfigError, UserError
 
@@ -215,15 +215,22 @@ def export_to_hf(checkpoint: str | os.PathLike, output: str | os.PathLike, dtype
 def _without_refused_fields(source_hf: dict, cfg: ModelConfig, manifest_file: Path,
                             log: Callable[[str], None]) -> dict:
     """An imported model's source.hf, less the fields of its config.json that the export would carry into its own
-    (those nanotronix does not model, and the token ids) holding a value transformers refuses by type, each said in a
-    warning. Only an import made before the import refused them holds one (`"use_cache": "x"`). Left out rather than
-    refused: the value comes from a config.json transformers itself could not load, so it never meant anything to
-    transformers, and a refusal would leave the run that continued from the import exportable only by editing its
-    manifest by hand; without it, config.json says what transformers defaults to (a token id: the tokenizer's)."""
-    imported = source_hf.get("config") or {}
+    (those nanotronix does not model, and the token ids) holding a value transformers refuses (by type, or a
+    pad_token_id outside the vocabulary), each said in a warning. Only an import made before the import refused them
+    holds one (`"pad_token_id": 1.0`). Left out rather than refused: the value comes from a folder transformers itself
+    could not load, so it never meant anything to transformers, and a refusal would leave the run that continued from
+    the import exportable only by editing its manifest by hand; without it, config.json says what transformers
+    defaults to (a token id: the tokenizer's)."""
     computed = hf_config_dict(cfg).keys() - {"bos_token_id", "eos_token_id"}  # the ids are taken from the import
-    refused = {field: refusal(field, value) for field, value in imported.items()
-               if field not in computed and field not in _RECOMPUTED and refusal(field, value)}
+
+    def refused_value(field: str, value: Any) -> Optional[str]:
+        if field in computed or field in _RECOMPUTED:  # not carried over
+            return None
+        said = refusal(field, value)
+        return said or (pad_token_refusal(value, cfg.vocab_size) if field == "pad_token_id" else None)
+
+    imported = source_hf.get("config") or {}
+    refused = {field: said for field, value in imported.items() if (said := refused_value(field, value))}
     for said in refused.values():
         log(f"warning: {manifest_file}: source.hf.config: {said} (imported before the import refused it): left out "
             "of config.json")

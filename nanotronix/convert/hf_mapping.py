@@ -206,9 +206,16 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     if head_dim is not None and head_dim != model.head_dim:
         raise ValueError(f"head_dim: {number_text(head_dim)} is not hidden_size / num_attention_heads = "
                          f"{model.head_dim} (not supported)")
-    pad = hf.get("pad_token_id")  # transformers' embedding padding_idx (null or an integer: check_field_types): it
-    # builds no model with one outside the vocabulary (the export would carry it into a config.json it cannot load)
-    if pad is not None and not -model.vocab_size <= pad < model.vocab_size:
-        raise ValueError(f"pad_token_id: {number_text(pad, json.dumps)} is not null or a token id of the "
-                         f"{model.vocab_size}-token vocabulary")
+    said = pad_token_refusal(hf.get("pad_token_id"), model.vocab_size)  # null or an integer: check_field_types
+    if said:  # the export would carry it into a config.json transformers builds no model of
+        raise ValueError(said)
     return model
+
+
+def pad_token_refusal(pad: int | None, vocab_size: int) -> str | None:
+    """What is wrong with a config.json's pad_token_id (null or an integer), None where nothing is: transformers makes
+    it its embedding's padding_idx, and builds no model with one outside the vocabulary (AutoConfig loads it)."""
+    if pad is not None and not -vocab_size <= pad < vocab_size:
+        return f"pad_token_id: {number_text(pad, json.dumps)} is not null or a token id of the {vocab_size}-token " \
+            "vocabulary"
+    return None
