@@ -369,6 +369,46 @@ def test_a_tensor_under_a_second_name_transformers_reads_is_read_only_where_they
                                        "on the reader")
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_base_llama_model_is_read_as_transformers_reads_it(tmp_path, capsys, tied):
+    """A base LlamaModel saved by transformers names its tensors without LlamaForCausalLM's base_model_prefix
+    (embed_tokens.weight, layers.0...) and has no lm_head: LlamaForCausalLM.from_pretrained renames every one to the
+    model's name, and a tied model's head is its embedding, so it is imported (it was refused as lacking
+    model.embed_tokens.weight); an untied one's head transformers initialises at random: refused, naming it."""
+    cfg = transformers.LlamaConfig(**{**TINY_HF, "tie_word_embeddings": tied})
+    torch.manual_seed(5)
+    hf = tmp_path / "base"
+    transformers.LlamaModel(cfg).save_pretrained(hf)
+    assert not any(name.startswith("model.") for name in load_file(hf / "model.safetensors"))
+    if tied:
+        ours = imported_as_transformers(hf, tmp_path)
+        assert torch.equal(ours["model.norm.weight"], load_file(hf / "model.safetensors")["norm.weight"])
+        return
+    assert transformers_reading(hf)[0] is None  # lm_head.weight missing: initialised at random
+    refused_with(hf, tmp_path, capsys, f"--hf: {hf} has untied embeddings but no lm_head.weight (transformers would "
+                                       "initialise the head at random)")
+
+
+@pytest.mark.parametrize("which", ["tied", "untied"])
+@pytest.mark.parametrize("rename", ["doubled", "dropped", "doubled with the head"])
+def test_weights_named_with_the_prefix_doubled_or_dropped_are_read_as_transformers_reads_them(folders, tmp_path,
+                                                                                             which, rename):
+    """Every tensor of every shard named with `model.` doubled (model.model.layers.0..., model.lm_head.weight) or
+    dropped (layers.0..., norm.weight): transformers renames each to the model's name; the import refused the folder
+    as lacking model.embed_tokens.weight."""
+    hf = edited_copy(folders[which], tmp_path)
+    for shard in shards(hf):
+        renamed = {}
+        for name, tensor in load_file(hf / shard).items():
+            if rename == "dropped":
+                name = name.removeprefix("model.")
+            elif name.startswith("model.") or rename == "doubled with the head":
+                name = f"model.{name}"
+            renamed[name] = tensor
+        save_file(renamed, hf / shard, metadata={"format": "pt"})
+    imported_as_transformers(hf, tmp_path)
+
+
 @pytest.mark.parametrize("metadata, why", [(None, "no 'metadata'"),
                                            ("[]", "its metadata is a JSON array, not an object"),
                                            ("null", "its metadata is a JSON null, not an object"),

@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from nanotronix.checkpoint import manifest as mf
 from nanotronix.checkpoint import paths
 from nanotronix.checkpoint.errors import CheckpointError
-from nanotronix.checkpoint.hf_weights import FLOAT_DTYPES, SafetensorsFolder
+from nanotronix.checkpoint.hf_weights import FLOAT_DTYPES, SafetensorsFolder, read_as
 from nanotronix.checkpoint.output_folder import staged_output
 from nanotronix.checkpoint import state as st
 from nanotronix.checkpoint.reader import model_parameter_shapes
@@ -97,8 +97,9 @@ def _check_weights(hf_dir: Path, source: SafetensorsFolder,
     biases = sorted(name for name in source.location if name.endswith(".bias"))
     if biases:  # the config did not say so, but the weights have biases the model would drop
         raise UserError(f"--hf: {hf_dir} holds bias tensors ({biases[0]}, ...), which this model does not have")
-    if not model_cfg.tie_word_embeddings and "lm_head.weight" not in source:
-        raise UserError(f"--hf: {hf_dir} has untied embeddings but no lm_head.weight")
+    if not model_cfg.tie_word_embeddings and "lm_head.weight" not in source:  # a base LlamaModel's folder, untied
+        raise UserError(f"--hf: {hf_dir} has untied embeddings but no lm_head.weight (transformers would initialise "
+                        "the head at random)")
     embedding = [model_cfg.vocab_size, model_cfg.hidden_size]
     if model_cfg.tie_word_embeddings and "lm_head.weight" in source and source.shape("lm_head.weight") != embedding:
         # the tied head is the embedding (its copy is not read), but a head of another shape says the config does
@@ -110,28 +111,32 @@ def _check_weights(hf_dir: Path, source: SafetensorsFolder,
     used = set()
     for key, tensor in state.items():
         for hf_name, expected in to_hf(key[len(st.MODEL_PREFIX):], tensor, model_cfg):
-            if hf_name not in source:
+            read = source.name_of(hf_name)  # hf_name, or the name transformers renames to it (a base model's)
+            if read is None:
                 raise UserError(f"--hf: {hf_dir} lacks tensor {hf_name}")
             differing = source.differing_copy(hf_name)
             if differing:  # which one is read depends on the reader's order of the files or the names
                 file, name, how = differing
-                held = f"in both {file} and" if name == hf_name else f"in {file} as {name}, which transformers " \
-                    f"reads as {hf_name}, and in"
-                raise UserError(f"--hf: {hf_dir}: tensor {hf_name} is {held} {source.location[hf_name]}, with "
-                                f"different {how}: which one is read depends on the reader")
+                where = source.location[read] + ("" if read == hf_name else f" as {read}")
+                held = f"in both {file} and {where}" if name == read else f"in {file} as {name}, which " \
+                    f"transformers reads as {hf_name}, and in {where}"
+                raise UserError(f"--hf: {hf_dir}: tensor {hf_name} is {held}, with different {how}: which one is "
+                                "read depends on the reader")
             if source.shape(hf_name) != list(expected.shape):
                 raise UserError(f"--hf: {hf_dir}: tensor {hf_name} is {source.shape(hf_name)}, but its config.json "
                                 f"makes it {list(expected.shape)}")
             if source.dtype(hf_name) not in FLOAT_DTYPES:
                 raise UserError(f"--hf: {hf_dir}: tensor {hf_name} is {source.dtype(hf_name)}, not floating point "
                                 "(a quantized model? convert from its unquantized weights)")
-            used.add(hf_name)
+            used.update([read, *source.aliases(hf_name)])  # its other names hold the same (differing_copy)
     return state, used
 
 
 def _held_layers(source: SafetensorsFolder) -> int:
-    """How many decoder layers the source holds from layer 0 on (model.layers.0., .1., ... without a gap)."""
-    indices = {int(m.group(1)) for m in map(_LAYER_NAME.match, source.location) if m}
+    """How many decoder layers the source holds from layer 0 on (model.layers.0., .1., ... without a gap, by the
+    names transformers reads them as: layers.0. of a base LlamaModel's folder)."""
+    names = (read_as(name, _LAYER_NAME.match) for name in source.location)
+    indices = {int(m.group(1)) for m in map(_LAYER_NAME.match, names) if m}
     return next(i for i in range(len(indices) + 1) if i not in indices)
 
 
@@ -139,9 +144,10 @@ def _warn_unused(hf_dir: Path, source: SafetensorsFolder, used: set[str], model_
                  log: Callable[[str], None]) -> None:
     """Say the source's tensors that are not imported, as weights the model has no place for. Left out unsaid: what
     older transformers saved of RoPE (rotary_emb.inv_freq, recomputed from rope_theta), a tied model's copy of the
-    embedding."""
+    embedding (under any name transformers reads as lm_head.weight)."""
+    head = {"lm_head.weight", *source.aliases("lm_head.weight")} if model_cfg.tie_word_embeddings else set()
     unused = sorted(n for n in source.location if n not in used and not n.endswith("rotary_emb.inv_freq")
-                    and not (n == "lm_head.weight" and model_cfg.tie_word_embeddings))
+                    and n not in head)
     if unused:
         log(f"warning: {len(unused)} tensor(s) of {hf_dir} not imported, which this model has no place for: "
             f"{', '.join(unused[:3])}{', ...' if len(unused) > 3 else ''}")

@@ -10,13 +10,15 @@ by two opened files with different contents is refused where it is imported (`di
 takes depends on its order of the files (transformers the later name's, a reader following the map the map's). So is
 one also held under a name transformers renames to it (`aliases`: model.model.norm.weight, norm.weight) with other
 contents: transformers takes the first of the two in its order of the names, a reader by the model's names that one.
+A tensor held only under such a name is read from it, as transformers reads it (`name_of`: a base LlamaModel's folder
+names every tensor without the prefix).
 """
 from __future__ import annotations
 
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -65,48 +67,66 @@ class SafetensorsFolder:
         self.location = {key: names[-1] for key, names in self.copies.items()}
 
     def __contains__(self, key: str) -> bool:
-        return key in self.location
+        return self.name_of(key) is not None
 
     def shape(self, key: str) -> list[int]:
-        return list(self.handles[self.location[key]].get_slice(key).get_shape())
+        name = self.name_of(key)
+        return list(self.handles[self.location[name]].get_slice(name).get_shape())
 
     def dtype(self, key: str) -> str:
         """safetensors' name of the tensor's type: F32, BF16, I8, F8_E4M3, ..."""
-        return self.handles[self.location[key]].get_slice(key).get_dtype()
+        name = self.name_of(key)
+        return self.handles[self.location[name]].get_slice(name).get_dtype()
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        if key not in self.location:
+        name = self.name_of(key)
+        if name is None:
             raise KeyError(f"Hugging Face checkpoint lacks {key}")
-        return self.handles[self.location[key]].get_tensor(key)
+        return self.handles[self.location[name]].get_tensor(name)
+
+    def name_of(self, key: str) -> str | None:
+        """The source's name transformers reads as the model's tensor `key`: `key` itself, else one of its `aliases`
+        (every name of a base LlamaModel's folder lacks the prefix, of a `model.model.` folder has it twice); None
+        where it holds none of them. Which alias, where several are held, differing_copy checks does not matter."""
+        if key in self.location:
+            return key
+        return next(iter(self.aliases(key)), None)
 
     def aliases(self, key: str) -> list[str]:
-        """The source's other names that transformers renames to the model's tensor `key` (core_model_loading's
-        rename_source_key): a name with LlamaForCausalLM's base_model_prefix before it (`model.model.norm.weight`;
-        transformers strips `^model.`, a regex: any one character after `model`), or without the one it has
-        (`norm.weight` for `model.norm.weight`)."""
-        prefixed = [name for name in self.location if name.startswith("model") and name[6:] == key
-                    and name[5:6] not in ("", "\n")]
-        bare = key[len("model."):] if key.startswith("model.") and key[len("model."):] in self.location else None
-        return prefixed + ([bare] if bare else [])
+        """The source's other names that transformers renames to the model's tensor `key` (`read_as`)."""
+        return [name for name in self.location if name != key and read_as(name, key.__eq__) == key]
 
     def differing_copy(self, key: str) -> tuple[str, str, str] | None:
         """(an opened file, the name in it, and how that tensor differs from tensor `key` as read: dtypes, shapes or
-        values) of a copy that transformers may read as `key` instead: `key` in another opened file, or one of its
-        `aliases`; None when every such copy is the one read, bit for bit. Values are compared in floating point types
-        only: a weight of another type is refused whichever copy is read."""
-        read = self.handles[self.location[key]].get_slice(key)
-        others = [(name, key) for name in self.copies[key][:-1]]
-        others += [(name, alias) for alias in self.aliases(key) for name in self.copies[alias]]
-        for name, other_key in others:
-            other = self.handles[name].get_slice(other_key)
+        values) of a copy that transformers may read as `key` instead: the name read (`name_of`) in another opened
+        file, or another of `key` and its `aliases`; None when every such copy is the one read, bit for bit. Values
+        are compared in floating point types only: a weight of another type is refused whichever copy is read."""
+        name = self.name_of(key)
+        read = self.handles[self.location[name]].get_slice(name)
+        others = [(file, name) for file in self.copies[name][:-1]]
+        others += [(file, alias) for alias in [key, *self.aliases(key)] if alias != name and alias in self.copies
+                   for file in self.copies[alias]]
+        for file, other_key in others:
+            other = self.handles[file].get_slice(other_key)
             if other.get_dtype() != read.get_dtype():
-                return name, other_key, f"dtypes ({other.get_dtype()}, {read.get_dtype()})"
+                return file, other_key, f"dtypes ({other.get_dtype()}, {read.get_dtype()})"
             if other.get_shape() != read.get_shape():
-                return name, other_key, f"shapes ({list(other.get_shape())}, {list(read.get_shape())})"
+                return file, other_key, f"shapes ({list(other.get_shape())}, {list(read.get_shape())})"
             if read.get_dtype() in FLOAT_DTYPES and \
-                    not _same_bits(self.handles[name].get_tensor(other_key), self[key]):
-                return name, other_key, "values"
+                    not _same_bits(self.handles[file].get_tensor(other_key), self[key]):
+                return file, other_key, "values"
         return None
+
+
+def read_as(name: str, is_model_name: Callable[[str], bool]) -> str:
+    """The name transformers 5 reads a source tensor NAME as, for a model whose names `is_model_name` tells
+    (core_model_loading.rename_source_key, with LlamaForCausalLM's base_model_prefix `model`): NAME less a leading
+    `model` and the character after it (its `^model.`, a regex: any one but a newline) where that is a model name,
+    else `model.` + NAME where that is one, else NAME."""
+    stripped = re.sub(r"^model.", "", name, count=1)
+    if stripped != name and is_model_name(stripped):
+        return stripped
+    return f"model.{name}" if is_model_name(f"model.{name}") else name
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
