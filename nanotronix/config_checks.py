@@ -76,7 +76,8 @@ def validate_model(m: ModelConfig) -> None:
     _require(m.rope_theta > 0, "model.rope_theta: must be positive")
     _require(m.rms_norm_eps > 0, "model.rms_norm_eps: must be positive")
     _require(m.init_std > 0, "model.init_std: must be positive")
-    _require(m.initializer_range is None or m.initializer_range > 0, "model.initializer_range: must be positive")
+    _require(m.initializer_range is None or m.initializer_range >= 0,  # 0 too: transformers reads 0 to 1 there
+             "model.initializer_range: must not be negative")
     _require(m.attn_implementation in ("auto", "sdpa", "sdpa_cudnn", "flash_attention_2", "flex", "eager"),
              f"model.attn_implementation: {m.attn_implementation!r} is not "
              "auto|sdpa|sdpa_cudnn|flash_attention_2|flex|eager")

@@ -113,6 +113,7 @@ def test_dotted_overrides_reach_nested_lists(tiny_yaml):
     ("model.init_std=1.5", "model.init_std: 1.5 is more than 1, which a Hugging Face export writes as config.json's "
                            "initializer_range, where transformers reads 0 to 1: set model.initializer_range"),
     ("model.initializer_range=1.01", "model.initializer_range: 1.01 is more than 1"),
+    ("model.initializer_range=-0.01", "model.initializer_range: must not be negative"),
 ])
 def test_validation_names_the_field(tiny_yaml, override, field):
     with pytest.raises(ConfigError) as e:
@@ -126,6 +127,9 @@ def test_an_init_std_past_1_trains_when_the_export_is_told_what_to_write(tiny_ya
 
     cfg = load_config(tiny_yaml, ["model.init_std=1.5", "model.initializer_range=0.02"])
     assert (cfg.model.init_std, hf_config_dict(cfg.model)["initializer_range"]) == (1.5, 0.02)
+    # 0, which transformers reads (0 to 1) and an imported config.json may hold
+    cfg = load_config(tiny_yaml, ["model.initializer_range=0.0"])
+    assert hf_config_dict(cfg.model)["initializer_range"] == 0.0
 
 
 def test_missing_model_field_is_reported(tiny_yaml):

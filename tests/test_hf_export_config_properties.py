@@ -30,11 +30,11 @@ from nanotronix.errors import ConfigError
 @st.composite
 def exported_models(draw) -> ModelConfig:
     """architectures() with init_std, initializer_range, rope_theta and rms_norm_eps drawn over the orders of
-    magnitude the config's own checks accept (any positive finite number)."""
+    magnitude the config's own checks accept (any positive finite number; an initializer_range of 0 too)."""
     cfg = draw(architectures())
     return dataclasses.replace(
         cfg, init_std=draw(log_uniform(1e-6, 1e3)),
-        initializer_range=draw(st.one_of(st.none(), log_uniform(1e-6, 1e3))),
+        initializer_range=draw(st.one_of(st.none(), st.just(0.0), log_uniform(1e-6, 1e3))),
         rope_theta=draw(log_uniform(1e-300, 1e300)), rms_norm_eps=draw(log_uniform(1e-300, 1e300)))
 
 

@@ -115,7 +115,8 @@ def edit_config(folder: Path, draw) -> str:
         key = draw(st.sampled_from(sorted(k for k, v in config.items() if isinstance(v, (int, float))
                                           and not isinstance(v, bool))))
         old = config[key]
-        config[key] = draw(st.sampled_from([old + 1, old - 1, old * 2, 0, -old, 10 ** 30, math.nan, float(old)]))
+        config[key] = draw(st.sampled_from([old + 1, old - 1, old * 2, 0, old * 0, -old, 10 ** 30, math.nan,
+                                            float(old)]))  # old * 0: 0.0 in a float field
     elif kind == "heads":  # changed together, consistently: the model they describe has other shapes
         heads = draw(st.sampled_from([1, 2, 4]))
         config.update(num_attention_heads=heads, num_key_value_heads=draw(st.sampled_from([1, heads])),
@@ -537,3 +538,14 @@ def test_more_layers_than_the_weights_hold_are_refused_before_the_model_is_built
     assert capsys.readouterr().err.strip().splitlines() == [
         f"error: --hf: {hf} lacks tensors model.layers.{held}.*: its config.json gives {layers} decoder layers, its "
         f"weights hold {held}"]
+
+
+def test_an_initializer_range_of_0_is_read_as_transformers_reads_it(folders, tmp_path, capsys):
+    """transformers takes `"initializer_range": 0.0` (it reads 0 to 1, and uses it only to initialise weights a
+    checkpoint lacks: none here); the import refused it as an init_std that must be positive. It is kept as what the
+    export writes (model.initializer_range), with init_std transformers' default, as where config.json has none:
+    nanotron's init, which a run resumed from the import does not run."""
+    imported_as_transformers_reads_it(folders["tied"], tmp_path, capsys, {"initializer_range": 0.0}, None)
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["initializer_range"] == 0.0
+    assert CheckpointReader(tmp_path / "ckpt").model_config.init_std == transformers.LlamaConfig().initializer_range
+

@@ -160,6 +160,9 @@ def _rope_type(field: str, settings: Any) -> str:
     return settings.get("rope_type") or settings.get("type") or "default"
 
 
+DEFAULT_INITIALIZER_RANGE = 0.02  # transformers' LlamaConfig's, where config.json gives none
+
+
 def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     """The model section of a Llama config.json, refusing (ValueError) what this model does not compute: biases,
     another activation, scaled RoPE (llama3, yarn, linear, ...). Accepting them would load the weights into a model
@@ -199,7 +202,14 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         "num_key_value_heads": hf["num_attention_heads"] if kv_heads is None else kv_heads,
         "vocab_size": hf["vocab_size"], "max_position_embeddings": hf["max_position_embeddings"],
         "rope_theta": rope_theta, "rms_norm_eps": hf["rms_norm_eps"],
-        "tie_word_embeddings": hf.get("tie_word_embeddings", False), "init_std": hf.get("initializer_range", 0.02)}
+        "tie_word_embeddings": hf.get("tie_word_embeddings", False)}
+    # initializer_range (a float from 0 to 1: check_field_types) is what transformers initialises weights a checkpoint
+    # lacks with (none here), init_std what nanotron's init draws a model trained from scratch with, which a run
+    # resumed from the import is not: 0.0, which transformers takes (zeros) and the trainer's init_std refuses, is
+    # kept as what the export writes (model.initializer_range), with init_std transformers' default, as where
+    # config.json gives none
+    init_range = hf.get("initializer_range", DEFAULT_INITIALIZER_RANGE)
+    fields.update(init_std=init_range or DEFAULT_INITIALIZER_RANGE, initializer_range=None if init_range else 0.0)
     model = build_dataclass(ModelConfig, fields, "model")  # each value of its field's type (ConfigError)
     validate_model(model)  # the trainer's own checks (ConfigError, a ValueError)
     head_dim = hf.get("head_dim")
