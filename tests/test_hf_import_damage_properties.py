@@ -549,3 +549,13 @@ def test_an_initializer_range_of_0_is_read_as_transformers_reads_it(folders, tmp
     assert json.loads((tmp_path / "export" / "config.json").read_text())["initializer_range"] == 0.0
     assert CheckpointReader(tmp_path / "ckpt").model_config.init_std == transformers.LlamaConfig().initializer_range
 
+
+@pytest.mark.parametrize("field, value", [("max_position_embeddings", 10 ** 400), ("bos_token_id", 10 ** 400),
+                                          ("eos_token_id", 10 ** 400), ("eos_token_id", [0, 10 ** 400])],
+                         ids=["max_position_embeddings", "bos_token_id", "eos_token_id", "eos_token_id list"])
+def test_a_huge_length_or_token_id_is_kept_as_transformers_keeps_it(folders, tmp_path, capsys, field, value):
+    """AutoConfig and the model take 10**400 there (a token id outside the vocabulary with a warning; generate reads
+    generation_config.json's ids, and without one stops on an id past int64 alike in the folder and its export): the
+    import keeps it and the export writes it back, into a config.json AutoConfig loads (checked, found matching)."""
+    imported_as_transformers_reads_it(folders["tied"], tmp_path, capsys, {field: value}, None)
+    assert json.loads((tmp_path / "export" / "config.json").read_text())[field] == value
