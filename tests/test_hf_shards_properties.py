@@ -477,6 +477,31 @@ def test_a_distributed_checkpoint_shard_name_is_refused(sharded, tmp_path, capsy
                                        "read")
 
 
+def test_pickled_weights_are_refused_in_one_line(sharded, tmp_path, capsys):
+    """A folder of .bin (pickle) weights alone, which transformers loads, is refused (the import reads safetensors
+    alone); a .bin shard named by the safetensors index, which transformers refuses too, is one line naming it."""
+    hf = edited_copy(sharded, tmp_path)
+    last = shards(hf)[-1]
+    torch.save(load_file(hf / last), hf / "pytorch_model-00099.bin")
+    (hf / last).unlink()
+    index = read_index(hf)
+    index["weight_map"] = {k: "pytorch_model-00099.bin" if v == last else v for k, v in index["weight_map"].items()}
+    write_index(hf, index)
+    assert transformers_reading(hf)[0] is None
+    refused = f"--hf: {hf / 'pytorch_model-00099.bin'}: cannot be read as safetensors"
+    capsys.readouterr()
+    assert load_tool("convert_from_hf").main(["--hf", str(hf), "--output", str(tmp_path / "ckpt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {refused} ("), err
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    shutil.copy(hf / "config.json", pickled)
+    torch.save(all_tensors(sharded), pickled / "pytorch_model.bin")
+    assert transformers_reading(pickled)[0] is not None
+    refused_with(pickled, tmp_path, capsys, f"--hf: {pickled}: only .bin (pickle) weights found; convert_from_hf "
+                                            "reads .safetensors (re-save the model with safe_serialization=True)")
+
+
 # --- config.json and generation_config.json, beside the weights ---------------------------------------------------
 
 @pytest.mark.parametrize("sign", [1, -1])

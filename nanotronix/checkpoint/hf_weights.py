@@ -143,7 +143,8 @@ def _weight_file_names(folder: Path, named: object) -> tuple[list[str], str]:
         return [SINGLE_FILE], SINGLE_FILE
     if (folder / INDEX_FILE).is_file():
         return _indexed_file_names(folder, folder / INDEX_FILE), "the index"
-    if any(folder.glob("*.bin")):
+    if any(folder.glob("*.bin")):  # transformers loads them (torch.load): the import reads each tensor when it
+        # writes it, from safetensors files alone (memory bounded by one tensor, no unpickling)
         raise UserError(f"--hf: {folder}: only .bin (pickle) weights found; convert_from_hf reads .safetensors "
                         "(re-save the model with safe_serialization=True)")
     raise UserError(f"--hf: {folder}: no model.safetensors or model.safetensors.index.json")
@@ -179,7 +180,9 @@ def _indexed_file_names(folder: Path, index: Path) -> list[str]:
         if not all(isinstance(name, str) for name in weight_map.values()):
             raise TypeError("its weight_map names a file by something other than a string")
         files = sorted(set(weight_map.values()))
-        metadata = content["metadata"]  # transformers adds its own keys to it (and so refuses one missing)
+        metadata = content["metadata"]  # transformers adds its own keys to it (and so refuses one missing); its
+        # dtype, which transformers reads only for the type it loads weights in where neither the caller nor
+        # config.json names one (refusing one that is no float type's name), is not read: weights are read in fp32
         if not isinstance(metadata, dict):
             raise TypeError(f"its metadata is a JSON {_json_kind(metadata)}, not an object")
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:  # not JSON, or no weight_map
