@@ -65,6 +65,9 @@ class SafetensorsFolder:
             for key in handle.keys():
                 self.copies.setdefault(key, []).append(name)
         self.location = {key: names[-1] for key, names in self.copies.items()}
+        self._by_rest: dict[str, list[str]] = {}  # name[6:] -> the names: those `aliases` may strip `model?` from
+        for key in self.location:
+            self._by_rest.setdefault(key[6:], []).append(key)
 
     def __contains__(self, key: str) -> bool:
         return self.name_of(key) is not None
@@ -94,7 +97,9 @@ class SafetensorsFolder:
 
     def aliases(self, key: str) -> list[str]:
         """The source's other names that transformers renames to the model's tensor `key` (`read_as`)."""
-        return [name for name in self.location if name != key and read_as(name, key.__eq__) == key]
+        candidates = self._by_rest.get(key, []) + [key.removeprefix("model.")]  # a prefix added, or dropped
+        return [name for name in candidates
+                if name != key and name in self.location and read_as(name, key.__eq__) == key]
 
     def differing_copy(self, key: str) -> tuple[str, str, str] | None:
         """(an opened file, the name in it, and how that tensor differs from tensor `key` as read: dtypes, shapes or
