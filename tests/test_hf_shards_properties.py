@@ -9,6 +9,7 @@ a later file's over an earlier one's, whatever the weight_map says.
 
 The edits, one to three of them: a tensor copied into another shard (the same, with other values, another dtype or
 shape), moved to another shard or into a stray shard, or held under a second name transformers reads as its own;
+every name of a shard or of all of them with the `model.` prefix doubled or dropped;
 weight_map entries moved, removed or added; a stray shard added to the index or left out of it; a shard moved into a
 subfolder; the index naming a shard twice; its metadata removed or of another type; a model.safetensors beside the
 index; config.json's transformers_weights naming a file; a shard's header metadata format other than "pt"; a stray
@@ -136,6 +137,31 @@ def alias_tensor(folder: Path, draw) -> str:
     return f"alias {alias.split('.')[0]}. {how}"
 
 
+PREFIX_RENAMES = ("doubled", "dropped", "doubled with the head")
+
+
+def rename_with_prefix(shard: Path, how: str) -> None:
+    """Every tensor of SHARD named with LlamaForCausalLM's `model.` prefix doubled (model.model.layers.0..., and
+    model.lm_head.weight where HOW says so) or dropped (layers.0..., norm.weight: a base LlamaModel's names)."""
+    renamed = {}
+    for name, tensor in load_file(shard).items():
+        if how == "dropped":
+            name = name.removeprefix("model.")
+        elif name.startswith("model.") or how == "doubled with the head":
+            name = f"model.{name}"
+        renamed[name] = tensor
+    save_file(renamed, shard, metadata={"format": "pt"})
+
+
+def prefix_names(folder: Path, draw) -> str:
+    """Every tensor of one shard, or of all of them, named with the prefix doubled or dropped."""
+    how = draw(st.sampled_from(PREFIX_RENAMES))
+    every = draw(st.booleans())
+    for shard in shards(folder) if every else [draw(st.sampled_from(shards(folder)))]:
+        rename_with_prefix(folder / shard, how)
+    return f"prefix {how} in {'every shard' if every else 'one shard'}"
+
+
 def edit_weight_map(folder: Path, draw) -> str:
     """An entry moved to another shard (one lacking the tensor), removed, or added for a tensor of no shard."""
     index = read_index(folder)
@@ -238,7 +264,8 @@ def header_format(folder: Path, draw) -> str:
 
 
 # in the order they are made: the shards' contents, then the index (the last may leave it unreadable)
-EDITS = {"copy": copy_tensor, "alias": alias_tensor, "stray": stray_shard, "format": header_format,
+EDITS = {"copy": copy_tensor, "alias": alias_tensor, "prefix": prefix_names, "stray": stray_shard,
+         "format": header_format,
          "named": name_weights, "weight_map": edit_weight_map, "subfolder": subfolder, "metadata": edit_metadata,
          "single": single_beside}
 
@@ -390,22 +417,15 @@ def test_a_base_llama_model_is_read_as_transformers_reads_it(tmp_path, capsys, t
 
 
 @pytest.mark.parametrize("which", ["tied", "untied"])
-@pytest.mark.parametrize("rename", ["doubled", "dropped", "doubled with the head"])
+@pytest.mark.parametrize("how", PREFIX_RENAMES)
 def test_weights_named_with_the_prefix_doubled_or_dropped_are_read_as_transformers_reads_them(folders, tmp_path,
-                                                                                             which, rename):
+                                                                                             which, how):
     """Every tensor of every shard named with `model.` doubled (model.model.layers.0..., model.lm_head.weight) or
     dropped (layers.0..., norm.weight): transformers renames each to the model's name; the import refused the folder
     as lacking model.embed_tokens.weight."""
     hf = edited_copy(folders[which], tmp_path)
     for shard in shards(hf):
-        renamed = {}
-        for name, tensor in load_file(hf / shard).items():
-            if rename == "dropped":
-                name = name.removeprefix("model.")
-            elif name.startswith("model.") or rename == "doubled with the head":
-                name = f"model.{name}"
-            renamed[name] = tensor
-        save_file(renamed, hf / shard, metadata={"format": "pt"})
+        rename_with_prefix(hf / shard, how)
     imported_as_transformers(hf, tmp_path)
 
 
