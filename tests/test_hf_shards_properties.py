@@ -220,7 +220,8 @@ def edit_metadata(folder: Path, draw) -> str:
         index.pop("metadata")
     elif kind == "dtype":
         index["metadata"] = index.get("metadata") if isinstance(index.get("metadata"), dict) else {}
-        index["metadata"]["dtype"] = draw(st.sampled_from(["float16", "bfloat16", "nothing"]))
+        # what transformers reads only to choose the type it loads in where neither the caller nor config.json does
+        index["metadata"]["dtype"] = draw(st.sampled_from(["float16", "bfloat16", "int8", "nothing", 3, None]))
     else:
         index["metadata"] = json.loads(kind)
     write_index(folder, index)
