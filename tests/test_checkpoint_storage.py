@@ -353,6 +353,12 @@ def test_model_mismatch_is_one_line(trained):
         check_architecture(saved, vars(replace(TINY, num_hidden_layers=2)), folder)
     notes = check_architecture(saved, vars(replace(TINY, rope_theta=130000.0)), folder)
     assert notes == ["model.rope_theta: 10000.0 in the checkpoint, 130000.0 now"]
+    # an imported config.json's 10**400 (which transformers takes): said by its length, not 401 digits
+    notes = check_architecture({**saved, "max_position_embeddings": 10 ** 400}, vars(TINY), folder)
+    assert notes == [f"model.max_position_embeddings: <an integer of 401 digits> in the checkpoint, "
+                     f"{TINY.max_position_embeddings} now"]
+    with pytest.raises(CheckpointError, match=r"model.vocab_size=<an integer of 401 digits>, but the config has"):
+        check_architecture({**saved, "vocab_size": 10 ** 400}, vars(TINY), folder)
     wider = plain_model(replace(TINY, vocab_size=128))
     with pytest.raises(CheckpointError, match="embed_tokens.weight of shape"):
         load_single(folder, wider, adamw(wider))

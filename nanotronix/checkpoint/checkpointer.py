@@ -47,7 +47,7 @@ from nanotronix.config_checks import validate_data
 from nanotronix.data.blend import weight_units
 from nanotronix.data.schedule import dataset_order_key
 from nanotronix.distributed import joining, stopping_together
-from nanotronix.errors import UserError
+from nanotronix.errors import UserError, number_text
 
 # Model fields that fix the shapes of the weights: a checkpoint only loads into a model that agrees on them.
 # Other fields (rope_theta, max_position_embeddings, rms_norm_eps, init_std) may change between stages, e.g. the
@@ -72,9 +72,10 @@ def check_architecture(saved: dict[str, Any], current: dict[str, Any], where: Pa
     """Raise on a shape-changing difference; return notes on the allowed ones."""
     for key in ARCHITECTURE_FIELDS:
         if saved.get(key) != current.get(key):
-            raise CheckpointError(f"checkpoint {where} was saved with model.{key}={saved.get(key)}, but the config "
-                                  f"has {current.get(key)}")
-    return [f"model.{k}: {saved.get(k)} in the checkpoint, {current.get(k)} now"
+            raise CheckpointError(f"checkpoint {where} was saved with model.{key}={number_text(saved.get(key))}, "
+                                  f"but the config has {number_text(current.get(key))}")
+    # number_text: an imported config.json's 10**400 (transformers takes it) said by its length, not its digits
+    return [f"model.{k}: {number_text(saved.get(k))} in the checkpoint, {number_text(current.get(k))} now"
             for k in ("rope_theta", "max_position_embeddings", "rms_norm_eps", "document_mask_eos_id")
             if saved.get(k) != current.get(k)]
 
