@@ -12,14 +12,16 @@ saved by transformers' own save_pretrained (tokenizer.json, tokenizer_config.jso
 special_tokens_map.json transformers 4 wrote beside them. The edits: tokenizer.json's text damaged
 (tests/properties.py's damaged_json), its vocab, added_tokens or model edited (an id out of range, a duplicate id,
 a special token removed or renamed, another model); tokenizer_config.json's or special_tokens_map.json's special
-tokens, model_max_length or chat_template given values of other types or tokens the vocabulary lacks, or their
-text damaged; a file deleted, emptied, replaced by a folder or given non-UTF-8 bytes.
+tokens, extra special tokens (additional_special_tokens, extra_special_tokens: lists, mappings, 10^5 items; a
+model's own image_token), model_max_length or chat_template given values of other types or tokens the vocabulary
+lacks, or their text damaged; a file deleted, emptied, replaced by a folder or given non-UTF-8 bytes.
 
 Where a reference refuses and a reader accepts, the test says why that is right: preprocess reads tokenizer.json
 alone (its EOS from tokenizer_config.json only when <|endoftext|> is not a token), so a tokenizer_config.json or
 chat template AutoTokenizer cannot read does not change a token it writes. Where AutoTokenizer reports no BOS or
 EOS (none named, or no tokenizer_config.json, which the export then writes), the export's config.json says the EOS
-the data pipeline ends documents with, as README says: a token of the vocabulary. ~35 s on one core."""
+the data pipeline ends documents with, as README says: a token of the vocabulary. The folder shipped loads with the special tokens
+(extra ones too) and ids of the one given, and tokenizes a text holding them alike. ~40 s on one core."""
 from __future__ import annotations
 
 import copy
@@ -41,10 +43,11 @@ from helpers import CORPUS, load_tool, read_megatron_plainly, train_tiny_tokeniz
 from properties import PROPERTY, damaged_json
 from test_cli_properties import call_and_check
 
-TEXT = "".join(CORPUS) + " <|im_start|>user hi<|im_end|> <|endoftext|> end"
+TEXT = "".join(CORPUS) + " <|im_start|>user hi<|im_end|> <|endoftext|> <nope> end"
 TOKENIZER_JSON, CONFIG, SPECIAL_MAP, CHAT = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                                              "chat_template.jinja")
 SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+EXTRA_KEYS = ("additional_special_tokens", "extra_special_tokens", "image_token")
 MODEL_VOCAB = 49152  # SmolLM2's: both tokenizers fit the exported model
 # Refusals of a folder both references read (and AutoTokenizer without making a token special): ids past the
 # model's vocabulary (an IndexError in generate()) or past what a store's int32 holds, no token that ends a document
@@ -129,15 +132,27 @@ def special_value(draw, tokenizer: dict):
                                  "<nope>", "", 5, [token], True, {"__type": "AddedToken"}]))
 
 
+def extra_value(draw, tokenizer: dict):
+    """A value of an extra-token key: a list of tokens (one the vocabulary lacks, a plain one, a duplicate, 10^5 of
+    them, items of other types), a mapping of named tokens, or another type."""
+    token = a_token(draw, tokenizer)
+    return draw(st.sampled_from([None, [token], [token, token], ["<nope>"], [token, 5], [{"content": token}],
+                                 [{"__type": "AddedToken", "content": token}], {"image_token": token},
+                                 {"image_token": 5}, token, 5, True, [token] * 10 ** 5]))
+
+
 def edit_hf_config(name: str, folder: Path, draw) -> str:
     if not (folder / name).is_file():
         return f"{name} absent"
     config = json.loads((folder / name).read_text())
     tokenizer = json.loads((folder / TOKENIZER_JSON).read_text())
-    kind = draw(st.sampled_from(["special", "delete", "max_length", "chat_template", "none"]))
+    kind = draw(st.sampled_from(["special", "extra", "extra", "delete", "max_length", "chat_template", "none"]))
     if kind == "special":
         key = draw(st.sampled_from(SPECIAL_KEYS))
         config[key] = special_value(draw, tokenizer)
+    elif kind == "extra":  # the tokens AutoTokenizer makes special besides the named ones (a model's own: image_token)
+        key = draw(st.sampled_from(EXTRA_KEYS))
+        config[key] = special_value(draw, tokenizer) if key == "image_token" else extra_value(draw, tokenizer)
     elif kind == "delete":
         config.pop(draw(st.sampled_from(sorted(config))))
     elif kind == "max_length":
@@ -201,6 +216,16 @@ def changes_tokens(auto, reference: Tokenizer) -> bool:
                 or set(auto.all_special_tokens) - added)
 
 
+def assert_same_special_tokens(source, shipped, folder: Path, said: str) -> None:
+    """SHIPPED (the export's folder as AutoTokenizer loads it) has SOURCE's special tokens with their ids, and one more
+    where the export wrote the tokenizer_config.json FOLDER lacks: its EOS, named as BOS, EOS and UNK."""
+    ids = {token: source.convert_tokens_to_ids(token) for token in source.all_special_tokens}
+    assert {token: shipped.convert_tokens_to_ids(token) for token in ids} == ids, said
+    more = set(shipped.all_special_tokens) - set(ids)
+    assert not more if (folder / CONFIG).is_file() else more <= {shipped.eos_token}, (said, more)
+    assert shipped(TEXT)["input_ids"] == source(TEXT)["input_ids"], said
+
+
 # --- the readers --------------------------------------------------------------------------------------------------
 
 def check_preprocess(world, work: Path, spec: str, said: str, reference) -> None:
@@ -241,6 +266,8 @@ def check_export(world, work: Path, folder: Path, said: str, reference) -> None:
         assert shipped is not None, (said, "exported a tokenizer AutoTokenizer does not load")
         assert not changes_tokens(shipped, reference), (said, "exported a tokenizer AutoTokenizer changes")
         assert shipped(TEXT)["input_ids"] == reference.encode(TEXT).ids, said
+        if source is not None:  # the folder shipped loads as the one given, its special tokens (extra ones too)
+            assert_same_special_tokens(source, shipped, folder, said)
         config = json.loads((output / "config.json").read_text())
         for key in ("bos", "eos"):
             ours, theirs = config[f"{key}_token_id"], getattr(shipped, f"{key}_token_id")
@@ -404,3 +431,47 @@ def test_no_end_of_document_token_is_one_line_naming_the_file(world, tmp_path, c
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith(
         f"error: tokenizer {folder / TOKENIZER_JSON}: has no end-of-document token"), err
+
+
+@pytest.mark.parametrize("name, key, value, said", [
+    (CONFIG, "additional_special_tokens", ["<|im_end|>", "<nope>"], '"<nope>" is not a special token'),
+    (CONFIG, "extra_special_tokens", ["e"], '"e" is not a special token'),
+    (CONFIG, "extra_special_tokens", {"image_token": "<nope>"}, '"<nope>" is not a special token'),
+    (CONFIG, "image_token", "<nope>", '"<nope>" is not a special token'),
+    (SPECIAL_MAP, "additional_special_tokens", ["<nope>"], '"<nope>" is not a special token'),
+    (CONFIG, "extra_special_tokens", [5], "5 is not a token"),
+    (SPECIAL_MAP, "additional_special_tokens", [{"content": "<|im_end|>"}], 'is not a token'),
+    (CONFIG, "extra_special_tokens", "<|im_end|>", "a string, not a list or mapping of tokens"),
+])
+def test_extra_special_tokens_autotokenizer_changes_or_refuses_are_refused(world, tmp_path, capsys, name, key, value,
+                                                                           said):
+    """additional_special_tokens / extra_special_tokens (a list, or a mapping of named tokens) and a model's own
+    *_token names were not checked: the export shipped a folder AutoTokenizer cannot load, or one where it adds a
+    token past the vocabulary (<nope>) or makes a plain one special ("e": text tokenized otherwise than the store).
+    Now one line naming the file."""
+    folder = edited(world, tmp_path, name, lambda c: c.update({key: value}))
+    source = auto_reading(folder)
+    assert source is None or changes_tokens(source, Tokenizer.from_file(str(folder / TOKENIZER_JSON)))
+    code, err = export(world, tmp_path, folder, capsys)
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"error: {folder / name}: {key}") and said in err[0], err
+    assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("name, key, value", [
+    (CONFIG, "additional_special_tokens", ["<|im_start|>", "<|im_end|>"]),
+    (CONFIG, "extra_special_tokens", ["<|im_end|>"] * 10 ** 5),
+    (CONFIG, "extra_special_tokens", {"image_token": "<|im_start|>"}),
+    (CONFIG, "extra_special_tokens", None),
+    (SPECIAL_MAP, "additional_special_tokens", ["<|im_end|>", "<|im_end|>"]),
+])
+def test_extra_special_tokens_of_the_vocabulary_are_shipped(world, tmp_path, capsys, name, key, value):
+    """Extra special tokens that tokenizer.json holds as special ones: the shipped folder loads with the same
+    special tokens and ids as the source, and tokenizes a text holding them as tokenizer.json does."""
+    folder = edited(world, tmp_path, name, lambda c: c.update({key: value}))
+    code, err = export(world, tmp_path, folder, capsys)
+    assert code == 0, err
+    source, shipped = auto_reading(folder), auto_reading(tmp_path / "hf")
+    assert (shipped.all_special_tokens, shipped.all_special_ids) == (source.all_special_tokens,
+                                                                     source.all_special_ids)
+    assert shipped(TEXT)["input_ids"] == Tokenizer.from_file(str(folder / TOKENIZER_JSON)).encode(TEXT).ids
+

@@ -118,14 +118,17 @@ def _special_tokens(tokenizer, shipped: dict[str, Path]) -> dict[str, Optional[i
     """The id of each special token the HF files beside a tokenizer.json name, as AutoTokenizer reads them
     (special_tokens_map.json's over tokenizer_config.json's; a string, or an AddedToken dict's "content"; null:
     none), after checking that AutoTokenizer can read the files at all: a file it cannot read, a token of another
-    type, one that is not a special (added) token of tokenizer.json, a model_max_length that is not a number, or a
-    list of chat templates that are not named ones, is a UserError naming the file (an export shipping it would not
-    load or tokenize, or would tokenize otherwise than the store)."""
+    type, one that is not a special (added) token of tokenizer.json (named, an extra one or a model's own *_token),
+    a model_max_length that is not a number, or a list of chat templates that are not named ones, is a UserError
+    naming the file (an export shipping it would not load or tokenize, or would tokenize otherwise than the store)."""
     named: dict[str, tuple[Path, Any]] = {}
+    extra: list[tuple[Path, str, Any]] = []  # (file, where, value): the other tokens AutoTokenizer makes special
     for name in ("tokenizer_config.json", "special_tokens_map.json"):  # the latter's names win
         if name in shipped:
             config = _json_object(shipped[name])
             named.update({key: (shipped[name], value) for key, value in config.items() if key in SPECIAL_TOKENS})
+            extra += [(shipped[name], label, value) for key, item in config.items()
+                      for label, value in _extra_tokens(shipped[name], key, item)]
             if not isinstance(config.get("model_max_length"), (int, float, type(None))):
                 raise UserError(f"{shipped[name]}: model_max_length: {json.dumps(config['model_max_length'])} is "
                                 "not a number (AutoTokenizer loads it, then fails comparing a text's length with it)")
@@ -141,16 +144,51 @@ def _special_tokens(tokenizer, shipped: dict[str, Path]) -> dict[str, Optional[i
     added = {token.content: index for index, token in tokenizer.get_added_tokens_decoder().items()}
     ids: dict[str, Optional[int]] = {}
     for key, (file, value) in named.items():
-        token = value.get("content") if isinstance(value, dict) and (
-            file.name == "special_tokens_map.json" or value.get("__type") == "AddedToken") else value
-        if value is not None and not isinstance(token, str):
-            raise UserError(f"{file}: {key}: {json.dumps(value)} is not a token (a string, or an AddedToken's "
-                            "content)")
-        if value is not None and token not in added:
-            raise UserError(f"{file}: {key}: {json.dumps(token)} is not a special token of its tokenizer.json "
-                            "(AutoTokenizer would make it one, tokenizing text otherwise than the store)")
-        ids[key] = None if value is None else added[token]
+        ids[key] = None if value is None else added[_added_token(file, key, value, added)]
+    for file, where, value in extra:
+        _added_token(file, where, value, added)
     return ids
+
+
+# The keys AutoTokenizer reads as a list (or a mapping of named tokens) of special tokens besides the named ones;
+# transformers 5 reads the older name as the newer
+_EXTRA_TOKEN_LISTS = ("additional_special_tokens", "extra_special_tokens")
+
+
+def _extra_tokens(file: Path, key: str, value: Any) -> list[tuple[str, Any]]:
+    """(where, value) of each special token besides SPECIAL_TOKENS that FILE's KEY holding VALUE makes, as
+    AutoTokenizer reads it: an extra-token list's items, a mapping's values (named tokens of the model: where is
+    KEY.NAME), a string under another *_token key (a model's own, an image_token: AutoTokenizer makes it special
+    too); a UserError for an extra-token value it cannot read (neither null, a list nor a mapping)."""
+    if key in _EXTRA_TOKEN_LISTS:
+        if isinstance(value, dict):
+            return [(f"{key}.{name}", token) for name, token in value.items()]
+        if isinstance(value, list) or value is None:
+            return [(key, token) for token in value or []]
+        kind = {str: "a string", bool: "a boolean", int: "a number", float: "a number"}[type(value)]
+        raise UserError(f"{file}: {key}: {kind}, not a list or mapping of tokens (AutoTokenizer cannot read it)")
+    named = key.endswith("_token") and key not in SPECIAL_TOKENS
+    return [(key, value)] if named and (isinstance(value, str) or _is_added_token(file, key, value)) else []
+
+
+def _is_added_token(file: Path, where: str, value: Any) -> bool:
+    """VALUE (at WHERE in FILE) is an AddedToken dict that AutoTokenizer reads as its "content": one marked
+    "__type": "AddedToken" in either file, any other dict of special_tokens_map.json but in an
+    additional_special_tokens list or as a value of an extra-token mapping (WHERE is KEY.NAME)."""
+    return isinstance(value, dict) and (value.get("__type") == "AddedToken" or (
+        file.name == "special_tokens_map.json" and where != "additional_special_tokens" and "." not in where))
+
+
+def _added_token(file: Path, where: str, value: Any, added: dict[str, int]) -> str:
+    """The token VALUE (at WHERE in FILE) names, once it is a special (added) token of tokenizer.json; else a
+    UserError naming the file."""
+    token = value.get("content") if _is_added_token(file, where, value) else value
+    if not isinstance(token, str):
+        raise UserError(f"{file}: {where}: {json.dumps(value)} is not a token (a string, or an AddedToken's content)")
+    if token not in added:
+        raise UserError(f"{file}: {where}: {json.dumps(token)} is not a special token of its tokenizer.json "
+                        "(AutoTokenizer would make it one, tokenizing text otherwise than the store)")
+    return token
 
 
 def _json_object(file: Path) -> dict:
