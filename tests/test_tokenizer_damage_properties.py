@@ -20,7 +20,7 @@ Where a reference refuses and a reader accepts, the test says why that is right:
 alone (its EOS from tokenizer_config.json only when <|endoftext|> is not a token), so a tokenizer_config.json or
 chat template AutoTokenizer cannot read does not change a token it writes. Where AutoTokenizer reports no BOS or
 EOS (none named, or no tokenizer_config.json, which the export then writes), the export's config.json says the EOS
-the data pipeline ends documents with, as README says: a token of the vocabulary. The folder shipped loads with the special tokens
+the data pipeline ends documents with, as README says: the store's. The folder shipped loads with the special tokens
 (extra ones too) and ids of the one given, and tokenizes a text holding them alike. ~40 s on one core."""
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import transformers
@@ -228,7 +229,8 @@ def assert_same_special_tokens(source, shipped, folder: Path, said: str) -> None
 
 # --- the readers --------------------------------------------------------------------------------------------------
 
-def check_preprocess(world, work: Path, spec: str, said: str, reference) -> None:
+def check_preprocess(world, work: Path, spec: str, said: str, reference) -> Optional[int]:
+    """The store's EOS (the id the data pipeline ends documents with), or None where preprocess refused."""
     prefix = work / "store"
     code, _, err = call_and_check(load_tool("preprocess").main,
                                   [("text", "--input"), ("text", str(world["text"])), ("text", "--tokenizer"),
@@ -242,16 +244,17 @@ def check_preprocess(world, work: Path, spec: str, said: str, reference) -> None
         (document,) = read_megatron_plainly(prefix)[1]
         assert document.tolist() == reference.encode(TEXT).ids + [meta["tokenizer"]["eos_id"]], said
         assert reference.id_to_token(meta["tokenizer"]["eos_id"]) == meta["tokenizer"]["eos_token"], said
-        return
+        return meta["tokenizer"]["eos_id"]
     line = err.strip().splitlines()[-1]
     event("preprocess: refused")
     assert code == 2 and spec in line, (said, line)
     assert not list(work.glob("store*")), (said, "a refused preprocess left output")
     if reference is not None:  # tokenizers reads it: a refusal README documents
         assert any(reason in line for reason in DOCUMENTED), (said, line)
+    return None
 
 
-def check_export(world, work: Path, folder: Path, said: str, reference) -> None:
+def check_export(world, work: Path, folder: Path, said: str, reference, store_eos: Optional[int]) -> None:
     output = work / "hf"
     code, _, err = call_and_check(load_tool("convert_to_hf").main,
                                   [("text", "--checkpoint"), ("text", str(world["run"])), ("text", "--output"),
@@ -272,8 +275,8 @@ def check_export(world, work: Path, folder: Path, said: str, reference) -> None:
         for key in ("bos", "eos"):
             ours, theirs = config[f"{key}_token_id"], getattr(shipped, f"{key}_token_id")
             # AutoTokenizer reporting none (a config naming none, or no tokenizer_config.json at all): the export
-            # says the EOS the data pipeline ends documents with (README), a token of the vocabulary
-            assert ours == theirs or (theirs is None and reference.id_to_token(ours) is not None), (said, key)
+            # says the EOS the data pipeline ends documents with (README), the store's
+            assert ours == (store_eos if theirs is None else theirs), (said, key, ours, theirs, store_eos)
             if source is not None and getattr(source, f"{key}_token_id") is not None:
                 assert ours == getattr(source, f"{key}_token_id"), (said, key)
         return
@@ -296,8 +299,8 @@ def damaged_folder_is_read_as_the_references_read_it(world, original: Path, data
         # the folder, or its tokenizer.json (the files beside it read the same way)
         spec = str(folder / TOKENIZER_JSON) if data.draw(st.booleans(), "spec is the file") else str(folder)
         reference = tokenizers_reading(folder)
-        check_preprocess(world, work, spec, said, reference)
-        check_export(world, work, folder, said, reference)
+        store_eos = check_preprocess(world, work, spec, said, reference)
+        check_export(world, work, folder, said, reference, store_eos)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -475,3 +478,25 @@ def test_extra_special_tokens_of_the_vocabulary_are_shipped(world, tmp_path, cap
                                                                      source.all_special_ids)
     assert shipped(TEXT)["input_ids"] == Tokenizer.from_file(str(folder / TOKENIZER_JSON)).encode(TEXT).ids
 
+
+@pytest.mark.parametrize("named", [{}, {"eos_token": "<|im_end|>"}, {"bos_token": "<|im_start|>"}])
+def test_ids_autotokenizer_reports_as_none_are_the_data_eos(world, tmp_path, capsys, named):
+    """README: a BOS or EOS that AutoTokenizer reports as none (the tokenizer's files name none) is the EOS the data
+    pipeline ends documents with (<|endoftext|>, the store's) in config.json and generation_config.json."""
+    folder = tmp_path / "tok"
+    shutil.copytree(world["tiny"], folder)
+    for name in (CONFIG, SPECIAL_MAP):
+        config = json.loads((folder / name).read_text())
+        for key in ("bos_token", "eos_token"):
+            config.pop(key, None)
+        (folder / name).write_text(json.dumps({**config, **named}))
+    code, err = export(world, tmp_path, folder, capsys)
+    assert code == 0, err
+    shipped = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    data_eos = Tokenizer.from_file(str(folder / TOKENIZER_JSON)).token_to_id("<|endoftext|>")
+    for file in ("config.json", "generation_config.json"):
+        written = json.loads((tmp_path / "hf" / file).read_text())
+        for key in ("bos", "eos"):
+            reported = getattr(shipped, f"{key}_token_id")
+            assert written[f"{key}_token_id"] == (data_eos if reported is None else reported), (file, key)
+    assert [shipped.bos_token_id, shipped.eos_token_id].count(None) == 2 - len(named)
