@@ -4,7 +4,10 @@ and tools/convert_to_hf.py --tokenizer, called in this process on a copy of a re
 files were edited, exit 0 giving the token ids `tokenizers.Tokenizer.from_file` gives (the store) and the BOS / EOS
 ids `transformers.AutoTokenizer` reports (the export's config.json, and its folder, which AutoTokenizer loads with
 them and which tokenizes as tokenizer.json does), or end with ONE `error: ...` line (exit 2) naming the folder or
-one of its files; never a traceback, a half-written output, or other ids than the references'.
+one of its files; never a traceback, a half-written output, or other ids than the references'. The trainer's and the
+launch preflight's reading of it as data.tokenizer (a start note when it is not the store's file, or holds no
+tokenizer.json) and convert_from_hf's record of it (step 0's data.tokenizer, and what an export of the import ships
+from it: what the --tokenizer export shipped, or nothing and one warning naming it) are held to the same folders.
 
 The folders: a small byte-level BPE trained here, and the real SmolLM2 tokenizer (NANOTRONIX_SMOLLM2_TOKENIZER;
 skipped, saying so, without it), each given an instruct tokenizer's <|im_start|> / <|im_end|> as BOS / EOS and
@@ -82,7 +85,11 @@ def world(tmp_path_factory) -> dict:
     tiny = hf_folder(train_tiny_tokenizer(root / "raw" / TOKENIZER_JSON, vocab_size=300), root / "tiny")
     trained_checkpoint(root / "run", cfg=dataclasses.replace(TINY, vocab_size=MODEL_VOCAB))
     (root / "text.txt").write_text(TEXT)
-    return {"root": root, "tiny": tiny, "run": root / "run", "text": root / "text.txt"}
+    # a store of the undamaged tiny tokenizer: the trainer's data.tokenizer is compared with its sidecar's file
+    assert load_tool("preprocess").main(["--input", str(root / "text.txt"), "--tokenizer", str(tiny),
+                                         "--output-prefix", str(root / "store"), "--workers", "1",
+                                         "--no-progress"]) == 0
+    return {"root": root, "tiny": tiny, "run": root / "run", "text": root / "text.txt", "store": root / "store"}
 
 
 @pytest.fixture(scope="module")
@@ -288,6 +295,40 @@ def check_export(world, work: Path, folder: Path, said: str, reference, store_eo
         assert any(reason in line for reason in DOCUMENTED), (said, line)
 
 
+def check_run_tokenizer(world, folder: Path, spec: str, said: str) -> None:
+    """The trainer's and the launch preflight's reading of data.tokenizer SPEC (it hashes the file; the export at the
+    run's end ships it), against a store of the undamaged tokenizer: a note naming it when its tokenizer.json holds
+    other bytes than the store's, or holds none (the export will ship none); no note when it is the same file."""
+    from nanotronix.data import open_store, tokenizer_note
+    note = tokenizer_note({"store": open_store(world["store"])}, spec)
+    file = folder / TOKENIZER_JSON
+    same = file.is_file() and file.read_bytes() == (world["tiny"] / TOKENIZER_JSON).read_bytes()
+    assert (note is None) == same and (same or f"data.tokenizer {spec} " in note), (said, note)
+
+
+def check_import_record(world, work: Path, folder: Path, said: str, exported: bool) -> None:
+    """convert_from_hf's record of the folder's tokenizer (step 0's manifest, data.tokenizer: the folder when it holds
+    a tokenizer.json; no weights imported here) and what an export of that import ships from it: the tokenizer the
+    --tokenizer export shipped (EXPORTED), or no tokenizer files and one warning naming the folder."""
+    from nanotronix.checkpoint.hf_export import TOKENIZER_FILES, _write_tokenizer
+    from nanotronix.checkpoint.hf_import import _import_manifest
+    manifest = _import_manifest(folder, {}, TINY)
+    recorded = manifest["config"]["data"].get("tokenizer")
+    assert recorded == (str(folder.resolve()) if (folder / TOKENIZER_JSON).is_file() else None), (said, recorded)
+    output, lines = work / "imported_hf", []
+    output.mkdir()
+    info = _write_tokenizer(output, None, manifest, manifest["source"]["hf"],
+                            dataclasses.replace(TINY, vocab_size=MODEL_VOCAB), lines.append)[0]
+    if recorded is None or not exported:
+        assert info is None and not any((output / name).exists() for name in TOKENIZER_FILES), said
+        assert recorded is None or (len(lines) == 1 and lines[0].startswith("warning: tokenizer files not written (")
+                                    and str(folder) in lines[0]), (said, lines)
+    else:
+        assert info is not None and not lines, (said, lines)
+        assert {p.name: p.read_bytes() for p in output.iterdir()} == \
+            {p.name: p.read_bytes() for p in (work / "hf").iterdir() if p.name in TOKENIZER_FILES}, said
+
+
 def damaged_folder_is_read_as_the_references_read_it(world, original: Path, data) -> None:
     kind = data.draw(st.sampled_from(sorted(EDITS)), "edit")
     work = Path(tempfile.mkdtemp(dir=world["root"]))
@@ -301,6 +342,8 @@ def damaged_folder_is_read_as_the_references_read_it(world, original: Path, data
         reference = tokenizers_reading(folder)
         store_eos = check_preprocess(world, work, spec, said, reference)
         check_export(world, work, folder, said, reference, store_eos)
+        check_run_tokenizer(world, folder, spec, said)
+        check_import_record(world, work, folder, said, (work / "hf").is_dir())
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -500,3 +543,19 @@ def test_ids_autotokenizer_reports_as_none_are_the_data_eos(world, tmp_path, cap
             reported = getattr(shipped, f"{key}_token_id")
             assert written[f"{key}_token_id"] == (data_eos if reported is None else reported), (file, key)
     assert [shipped.bos_token_id, shipped.eos_token_id].count(None) == 2 - len(named)
+
+
+def test_a_run_tokenizer_path_holding_no_tokenizer_json_is_noted(world, tmp_path):
+    """data.tokenizer a folder whose tokenizer.json was deleted, or a path that is not there: the trainer and the
+    launch preflight said nothing (the hash they compare was None), and the export at the run's end shipped no
+    tokenizer, in a warning then. Now a start note; a Hub id is still not looked up."""
+    from nanotronix.data import open_store, tokenizer_note
+    folder = tmp_path / "tok"
+    shutil.copytree(world["tiny"], folder)
+    (folder / TOKENIZER_JSON).unlink()
+    stores = {"store": open_store(world["store"])}
+    for spec in (str(folder), str(folder / TOKENIZER_JSON), str(tmp_path / "missing"), "./missing.json"):
+        note = tokenizer_note(stores, spec)
+        assert note and note.startswith(f"data.tokenizer {spec} holds no tokenizer.json"), (spec, note)
+    assert tokenizer_note(stores, str(world["tiny"])) is None
+    assert tokenizer_note(stores, "HuggingFaceTB/SmolLM2-135M") is None

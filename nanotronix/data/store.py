@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Optional
 import numpy as np
 
 from .errors import DataError
-from .tokenizer import local_tokenizer_sha256
+from .tokenizer import local_tokenizer_sha256, names_a_path
 
 
 # Rows gathered, converted and checked at a time by `TokenStore._read_windows_from`: 32 windows of 2049 tokens are
@@ -283,9 +283,14 @@ def tokenizer_note(stores: dict[str, TokenStore], configured: Optional[str] = No
                    evaluated: bool = False) -> Optional[str]:
     """A warning when the stores' sidecars name different tokenizer files (by sha256), or when `configured`
     (data.tokenizer: a local tokenizer.json or a folder holding one; what the Hugging Face export ships) is another
-    file than theirs; else None. Only a note: two files can hold the same vocabulary (a tokenizer re-saved by another
-    `tokenizers` version), so the run goes on. `evaluated`: the stores are scored by a checkpoint whose run named
+    file than theirs, or a path holding no tokenizer.json (the export at the run's end would ship none); else None.
+    Only a note: two files can hold the same vocabulary (a tokenizer re-saved by another `tokenizers` version), so
+    the run goes on. `evaluated`: the stores are scored by a checkpoint whose run named
     `configured` (nanotronix.evaluate), which the note then says."""
+    mine = local_tokenizer_sha256(configured)
+    if configured and not evaluated and mine is None and names_a_path(configured):
+        return (f"data.tokenizer {configured} holds no tokenizer.json (none there, or unreadable): the Hugging Face "
+                "export ships data.tokenizer, so it will ship no tokenizer; set it to the stores' tokenizer")
     by_file: dict[str, list[str]] = {}
     for name, store in stores.items():
         sha = store.tokenizer_info.get("sha256")
@@ -295,7 +300,6 @@ def tokenizer_note(stores: dict[str, TokenStore], configured: Optional[str] = No
     if len(by_file) >= 2:
         return (f"token stores were written with {len(by_file)} different tokenizer files ({groups}); unless they "
                 f"hold the same vocabulary, the ids mean different tokens")
-    mine = local_tokenizer_sha256(configured)
     if mine and by_file and mine not in by_file and evaluated:
         return (f"the checkpoint's run names data.tokenizer {configured} ({mine[:12]}), another file than the one the "
                 f"store was written with ({groups}); unless they hold the same vocabulary, the loss scores the model "

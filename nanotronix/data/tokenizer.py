@@ -45,6 +45,12 @@ def file_sha256(file: Path) -> str:
     return hashlib.sha256(file.read_bytes()).hexdigest()
 
 
+def names_a_path(spec: str) -> bool:
+    """SPEC names a path on this machine, not a Hub id: one that exists, or one written as a path (starting with `/`,
+    `.` or `~`, or ending in `.json`), which load_tokenizer reports as missing rather than fetches."""
+    return Path(spec).expanduser().exists() or spec.startswith(("/", ".", "~")) or spec.endswith(".json")
+
+
 def local_tokenizer_sha256(spec: Optional[str]) -> Optional[str]:
     """`file_sha256` of a local tokenizer spec (a tokenizer.json, or a folder holding one); None for a Hub id or a
     path that is not on this machine (nothing is downloaded)."""
@@ -68,7 +74,7 @@ def load_tokenizer(spec: str) -> tuple[Tokenizer, TokenizerInfo]:
         file = path / "tokenizer.json"
         if not file.is_file():
             raise DataError(f"tokenizer folder {spec} has no tokenizer.json")
-    elif spec.startswith(("/", ".", "~")) or spec.endswith(".json") or not spec:
+    elif names_a_path(spec) or not spec:
         raise DataError(f"tokenizer not found: {spec}")
     else:
         file = _download_from_hub(spec)
