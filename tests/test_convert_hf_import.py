@@ -88,8 +88,8 @@ def test_what_the_model_does_not_compute_is_refused_on_import(tmp_path, capsys):
     # a rope_theta past a float's range, alone or beside another (float() of it was an OverflowError traceback)
     refused({"rope_parameters": None, "rope_theta": 10 ** 400}, "model.rope_theta: expected a finite number, got an "
             "integer beyond a float's range")
-    refused({"rope_theta": 10 ** 400}, f"rope_theta: config.json gives rope_parameters.rope_theta=130000.0, "
-            f"rope_theta={10 ** 400}; transformers versions differ")
+    refused({"rope_theta": 10 ** 400}, "rope_theta: config.json gives rope_parameters.rope_theta=130000.0, "
+            "rope_theta=<an integer of 401 digits>; transformers versions differ")
 
     def with_index(text: str):  # in place of model.safetensors: beside it, transformers reads neither the index
         def edit(folder: Path) -> None:

@@ -527,10 +527,12 @@ def test_pickled_weights_are_refused_in_one_line(sharded, tmp_path, capsys):
 
 @pytest.mark.parametrize("sign", [1, -1])
 @pytest.mark.parametrize("field", ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                                   "num_attention_heads", "num_key_value_heads", "head_dim", "pad_token_id"])
+                                   "num_attention_heads", "num_key_value_heads", "head_dim", "pad_token_id",
+                                   "rope_theta"])
 def test_a_huge_number_in_config_json_is_said_by_its_length(sharded, tmp_path, capsys, field, sign):
     """A config.json value of 10**400 put its 401 digits into the error line (a vocab_size twice: itself and the
-    weight it makes); an integer of more digits than errors.SHOWN_DIGITS is said by its digit count."""
+    weight it makes; a rope_theta beside rope_parameters' own, in the line naming both); an integer of more digits
+    than errors.SHOWN_DIGITS is said by its digit count."""
     hf = edited_copy(sharded, tmp_path)
     config = json.loads((hf / "config.json").read_text())
     (hf / "config.json").write_text(json.dumps({**config, field: sign * 10 ** 400}))

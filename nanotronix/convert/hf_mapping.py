@@ -192,8 +192,9 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         if value not in distinct:  # 10**400 raised OverflowError; a single one is the model field's to check
             distinct.append(value)
     if len(distinct) > 1:
-        raise ValueError("rope_theta: config.json gives " + ", ".join(f"{k}={v}" for k, v in thetas.items()) +
-                         "; transformers versions differ in which one they use: keep one")
+        given = ", ".join(f"{k}={number_text(v)}" for k, v in thetas.items())  # 10**400: its length, not its digits
+        raise ValueError(f"rope_theta: config.json gives {given}; transformers versions differ in which one they "
+                         "use: keep one")
     rope_theta = next(iter(thetas.values()), 10000.0)
     kv_heads = hf.get("num_key_value_heads")  # null or left out: transformers' LlamaConfig reads the head count
     fields = {
