@@ -104,13 +104,13 @@ class SafetensorsFolder:
     def differing_copy(self, key: str) -> tuple[str, str, str] | None:
         """(an opened file, the name in it, and how that tensor differs from tensor `key` as read: dtypes, shapes or
         values) of a copy that transformers may read as `key` instead: the name read (`name_of`) in another opened
-        file, or another of `key` and its `aliases`; None when every such copy is the one read, bit for bit. Values
-        are compared in floating point types only: a weight of another type is refused whichever copy is read."""
+        file, or another of its `aliases` (`key` itself, where held, is the name read); None when every such copy is
+        the one read, bit for bit. Values are compared in floating point types only: a weight of another type is
+        refused whichever copy is read."""
         name = self.name_of(key)
         read = self.handles[self.location[name]].get_slice(name)
         others = [(file, name) for file in self.copies[name][:-1]]
-        others += [(file, alias) for alias in [key, *self.aliases(key)] if alias != name and alias in self.copies
-                   for file in self.copies[alias]]
+        others += [(file, alias) for alias in self.aliases(key) if alias != name for file in self.copies[alias]]
         for file, other_key in others:
             other = self.handles[file].get_slice(other_key)
             if other.get_dtype() != read.get_dtype():
