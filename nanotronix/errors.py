@@ -64,6 +64,12 @@ def number_text(value: object, text: Callable[[object], str] = str) -> str:
     return f"<{'a negative' if value < 0 else 'an'} integer of {digits} digits>"
 
 
+def json_kind(value: object) -> str:
+    """JSON's name of VALUE's type (null, boolean, a list is an array), for a line saying what was found instead."""
+    return {type(None): "null", bool: "boolean", int: "number", float: "number", str: "string", list: "array",
+            dict: "object"}.get(type(value), type(value).__name__)
+
+
 def fail(message: object) -> int:
     """Say `error: message` on one stderr line; returns the bad-input exit code for the command to exit with."""
     say_line(f"error: {message}")

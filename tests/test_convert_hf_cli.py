@@ -171,7 +171,7 @@ def test_weights_that_do_not_fit_their_config_are_one_line(tmp_path, capsys):
         f"error: --hf: {weights}: cannot be read as safetensors (")
     (wrong / "config.json").write_text("[1]")
     assert one_error("convert_from_hf", "--hf", str(wrong), "--output", str(tmp_path / "o")) == (
-        f"error: --hf: {wrong / 'config.json'}: a JSON list, not an object")
+        f"error: --hf: {wrong / 'config.json'}: a JSON array, not an object")
     assert not (tmp_path / "o").exists()
 
 

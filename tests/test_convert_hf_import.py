@@ -120,7 +120,7 @@ def test_what_the_model_does_not_compute_is_refused_on_import(tmp_path, capsys):
 
 @pytest.mark.parametrize("text, message", [
     ("{", "Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"),
-    ("[1]", "a JSON list, not an object")])
+    ("[1]", "a JSON array, not an object")])
 def test_a_generation_config_transformers_cannot_read_is_refused(tmp_path, capsys, text, message):
     """A generation_config.json that is not JSON, or not an object, is refused by transformers'
     GenerationConfig.from_pretrained, and by the import in one line (before: a JSONDecodeError traceback, or the

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 
 from nanotronix.convert.hf_mapping import read_json_object
-from nanotronix.errors import UserError
+from nanotronix.errors import UserError, json_kind
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -160,7 +160,7 @@ def _named_file_names(folder: Path, named: object) -> list[str]:
     whose shards are named relative to FOLDER (as transformers reads them), inside FOLDER."""
     where = f"--hf: {folder / 'config.json'}: transformers_weights"
     if not isinstance(named, str):
-        raise UserError(f"{where} is a JSON {_json_kind(named)}, not a file name")
+        raise UserError(f"{where} is a JSON {json_kind(named)}, not a file name")
     if not named.endswith((".safetensors", ".safetensors.index.json")):  # transformers refuses them (an adapter's
         # .bin it reads: convert_from_hf reads no .bin)
         raise UserError(f"{where}: {named!r} is not a .safetensors or .safetensors.index.json file")
@@ -189,7 +189,7 @@ def _indexed_file_names(folder: Path, index: Path) -> list[str]:
         # dtype, which transformers reads only for the type it loads weights in where neither the caller nor
         # config.json names one (refusing one that is no float type's name), is not read: weights are read in fp32
         if not isinstance(metadata, dict):
-            raise TypeError(f"its metadata is a JSON {_json_kind(metadata)}, not an object")
+            raise TypeError(f"its metadata is a JSON {json_kind(metadata)}, not an object")
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:  # not JSON, or no weight_map
         # of names; RecursionError: nested deeper than the JSON reader recurses
         why = f"no {e.args[0]!r}" if isinstance(e, KeyError) else " ".join(str(e).split())
@@ -198,9 +198,3 @@ def _indexed_file_names(folder: Path, index: Path) -> list[str]:
     if outside:  # transformers refuses these too: the index would read weights from another folder
         raise UserError(f"--hf: {index}: weight file {outside[0]} lies outside {folder}")
     return files
-
-
-def _json_kind(value: object) -> str:
-    """JSON's name of VALUE's type (null, true, a list is an array), for a line saying what was found instead."""
-    return {type(None): "null", bool: "boolean", int: "number", float: "number", str: "string", list: "array",
-            dict: "object"}.get(type(value), type(value).__name__)

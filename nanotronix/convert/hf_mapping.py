@@ -16,7 +16,7 @@ from nanotronix.config import ModelConfig
 from nanotronix.config_checks import validate_model
 from nanotronix.config_tree import build_dataclass
 from nanotronix.convert.hf_config_types import check_field_types
-from nanotronix.errors import number_text
+from nanotronix.errors import json_kind, number_text
 
 
 def _split_qkv(w: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -145,7 +145,7 @@ def read_json_object(file: Path) -> dict:
     holds another value (a list, a number); RecursionError when nested past json's reader: each caller words it."""
     value = json.loads(file.read_bytes().decode("utf-8"))
     if not isinstance(value, dict):
-        raise ValueError(f"a JSON {type(value).__name__}, not an object")
+        raise ValueError(f"a JSON {json_kind(value)}, not an object")
     return value
 
 
