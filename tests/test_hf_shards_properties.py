@@ -433,6 +433,22 @@ def test_weights_named_with_the_prefix_doubled_or_dropped_are_read_as_transforme
     imported_as_transformers(hf, tmp_path)
 
 
+@pytest.mark.parametrize("how, said", [("reshape", "[3], but its config.json makes it [16]"),
+                                       ("retype", "I32, not floating point")])
+def test_a_renamed_tensor_refused_is_named_as_the_folder_holds_it(sharded, tmp_path, capsys, how, said):
+    """A tensor read under a name transformers renames (norm.weight, as a base LlamaModel saves it) and refused for its
+    shape or type: the line said the model's name alone, model.norm.weight, which no file of the folder holds."""
+    hf = edited_copy(sharded, tmp_path)
+    for shard in shards(hf):
+        rename_with_prefix(hf / shard, "dropped")
+    file = next(hf / shard for shard in shards(hf) if "norm.weight" in load_file(hf / shard))
+    tensors = load_file(file)
+    tensors["norm.weight"] = torch.zeros(3) if how == "reshape" else tensors["norm.weight"].to(torch.int32)
+    save_file(tensors, file, metadata={"format": "pt"})
+    refused_with(hf, tmp_path, capsys, f"--hf: {hf}: tensor model.norm.weight (held as norm.weight) is {said}"
+                 + (" (a quantized model? convert from its unquantized weights)" if how == "retype" else ""))
+
+
 @pytest.mark.parametrize("metadata, why", [(None, "no 'metadata'"),
                                            ("[]", "its metadata is a JSON array, not an object"),
                                            ("null", "its metadata is a JSON null, not an object"),

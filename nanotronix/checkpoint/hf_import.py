@@ -122,11 +122,12 @@ def _check_weights(hf_dir: Path, source: SafetensorsFolder,
                     f"transformers reads as {hf_name}, and in {where}"
                 raise UserError(f"--hf: {hf_dir}: tensor {hf_name} is {held}, with different {how}: which one is "
                                 "read depends on the reader")
+            shown = hf_name if read == hf_name else f"{hf_name} (held as {read})"  # the name found in its file
             if source.shape(hf_name) != list(expected.shape):
-                raise UserError(f"--hf: {hf_dir}: tensor {hf_name} is {source.shape(hf_name)}, but its config.json "
+                raise UserError(f"--hf: {hf_dir}: tensor {shown} is {source.shape(hf_name)}, but its config.json "
                                 f"makes it {list(expected.shape)}")
             if source.dtype(hf_name) not in FLOAT_DTYPES:
-                raise UserError(f"--hf: {hf_dir}: tensor {hf_name} is {source.dtype(hf_name)}, not floating point "
+                raise UserError(f"--hf: {hf_dir}: tensor {shown} is {source.dtype(hf_name)}, not floating point "
                                 "(a quantized model? convert from its unquantized weights)")
             used.update([read, *source.aliases(hf_name)])  # its other names hold the same (differing_copy)
     return state, used
