@@ -449,6 +449,17 @@ def test_a_renamed_tensor_refused_is_named_as_the_folder_holds_it(sharded, tmp_p
                  + (" (a quantized model? convert from its unquantized weights)" if how == "retype" else ""))
 
 
+def test_a_tied_head_of_another_shape_is_named_as_the_folder_holds_it(folders, tmp_path, capsys):
+    """model.lm_head.weight, which transformers reads as lm_head.weight, of another shape than the embedding of a tied
+    model: the line named lm_head.weight alone, which no file of the folder holds."""
+    hf = edited_copy(folders["tied"], tmp_path)
+    last = hf / shards(hf)[-1]
+    save_file({**load_file(last), "model.lm_head.weight": torch.zeros(3, 16)}, last, metadata={"format": "pt"})
+    assert transformers_reading(hf)[0] is None  # as transformers refuses it
+    refused_with(hf, tmp_path, capsys, f"--hf: {hf}: tensor lm_head.weight (held as model.lm_head.weight) is [3, 16], "
+                                       "but its config.json ties it to the embedding, [32, 16]")
+
+
 @pytest.mark.parametrize("metadata, why", [(None, "no 'metadata'"),
                                            ("[]", "its metadata is a JSON array, not an object"),
                                            ("null", "its metadata is a JSON null, not an object"),

@@ -104,8 +104,8 @@ def _check_weights(hf_dir: Path, source: SafetensorsFolder,
     if model_cfg.tie_word_embeddings and "lm_head.weight" in source and source.shape("lm_head.weight") != embedding:
         # the tied head is the embedding (its copy is not read), but a head of another shape says the config does
         # not describe these weights: transformers refuses it too
-        raise UserError(f"--hf: {hf_dir}: tensor lm_head.weight is {source.shape('lm_head.weight')}, but its "
-                        f"config.json ties it to the embedding, {embedding}")
+        raise UserError(f"--hf: {hf_dir}: tensor {source.said_as('lm_head.weight')} is "
+                        f"{source.shape('lm_head.weight')}, but its config.json ties it to the embedding, {embedding}")
     state = {st.model_key(n): torch.empty(shape, dtype=torch.float32, device="meta")
              for n, shape in model_parameter_shapes(model_cfg).items()}
     used = set()
@@ -122,7 +122,7 @@ def _check_weights(hf_dir: Path, source: SafetensorsFolder,
                     f"transformers reads as {hf_name}, and in {where}"
                 raise UserError(f"--hf: {hf_dir}: tensor {hf_name} is {held}, with different {how}: which one is "
                                 "read depends on the reader")
-            shown = hf_name if read == hf_name else f"{hf_name} (held as {read})"  # the name found in its file
+            shown = source.said_as(hf_name)
             if source.shape(hf_name) != list(expected.shape):
                 raise UserError(f"--hf: {hf_dir}: tensor {shown} is {source.shape(hf_name)}, but its config.json "
                                 f"makes it {list(expected.shape)}")

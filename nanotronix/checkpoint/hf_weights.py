@@ -95,6 +95,12 @@ class SafetensorsFolder:
             return key
         return next(iter(self.aliases(key)), None)
 
+    def said_as(self, key: str) -> str:
+        """The model's tensor `key` as an error line names it: with the name its file holds it under, where that is
+        another (`model.norm.weight (held as norm.weight)`), so that the line names what the folder holds."""
+        name = self.name_of(key)
+        return key if name in (key, None) else f"{key} (held as {name})"
+
     def aliases(self, key: str) -> list[str]:
         """The source's other names that transformers renames to the model's tensor `key` (`read_as`)."""
         candidates = self._by_rest.get(key, []) + [key.removeprefix("model.")]  # a prefix added, or dropped
