@@ -573,6 +573,20 @@ def test_a_huge_number_in_config_json_is_said_by_its_length(sharded, tmp_path, c
     assert "integer of 401 digits>" in lines[0] and not re.search(f"[0-9]{{{SHOWN_DIGITS + 1}}}", lines[0]), lines
 
 
+@pytest.mark.parametrize("field, value", [("eos_token_id", [10 ** 400, True]), ("use_cache", {"a": [-10 ** 400]})])
+def test_a_huge_number_inside_a_refused_value_is_said_by_its_length(sharded, tmp_path, capsys, field, value):
+    """A value of a type transformers refuses is said as config.json writes it, but for its integers of more digits
+    than errors.SHOWN_DIGITS, said by their digit count: json.dumps wrote a list's or a mapping's 401 digits."""
+    hf = edited_copy(sharded, tmp_path)
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**config, field: value}))
+    shown = json.dumps(value).replace(str(10 ** 400), "<an integer of 401 digits>").replace(
+        "-<an integer", "<a negative integer")
+    said = "an integer, a list of integers or null" if field == "eos_token_id" else "a bool"
+    refused_with(hf, tmp_path, capsys, f"--hf: {hf / 'config.json'}: field \"{field}\" is {shown}, transformers "
+                                       f"reads {said} there")
+
+
 def test_number_text_shows_an_integer_whole_up_to_its_limit():
     """Python's own writing of the number is the reference: whole up to SHOWN_DIGITS digits, its length past them."""
     for value in (0, 7, -7, 10 ** SHOWN_DIGITS - 1, -(10 ** SHOWN_DIGITS - 1), 2.5, True, "12"):

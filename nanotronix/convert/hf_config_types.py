@@ -15,11 +15,12 @@ its fields' types (it refuses some values, such as an early_stopping other than 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Callable
 
 import torch
 
-from nanotronix.errors import number_text
+from nanotronix.errors import SHOWN_DIGITS, number_text
 
 
 def _is_int(value: Any) -> bool:
@@ -119,8 +120,19 @@ def refusal(field: str, value: Any) -> str | None:
         return None
     kinds = FIELD_KINDS[field]
     wanted = kinds[0] if len(kinds) == 1 else f"{', '.join(kinds[:-1])} or {kinds[-1]}"
-    shown = number_text(value, json.dumps)  # 10**400: its length, not its digits
-    return f"field {json.dumps(field)} is {shown}, transformers reads {wanted} there"
+    return f"field {json.dumps(field)} is {_json_text(value)}, transformers reads {wanted} there"
+
+
+def _json_text(value: Any) -> str:
+    """VALUE as json.dumps writes it, but for each integer past errors.SHOWN_DIGITS, in a list or a mapping too, said
+    by its length (number_text: 10**400 is `<an integer of 401 digits>`, not its digits). Walked item by item only
+    where the text holds such a run of digits: json.dumps itself writes a value nested hundreds deep."""
+    text = number_text(value, json.dumps)
+    if not isinstance(value, (list, dict)) or not re.search(f"[0-9]{{{SHOWN_DIGITS + 1}}}", text):
+        return text
+    if isinstance(value, list):
+        return f"[{', '.join(map(_json_text, value))}]"
+    return "{" + ", ".join(f"{json.dumps(key)}: {_json_text(item)}" for key, item in value.items()) + "}"
 
 
 def check_field_types(config: dict[str, Any]) -> None:
