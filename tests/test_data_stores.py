@@ -406,3 +406,14 @@ def test_windows_are_the_streams_slices_in_every_memory_mapped_format(tmp_path):
         opened = [open_store(tmp_path / "u16"), open_store(tmp_path / "two.ds")]  # their maps exist while they do
         assert _advised_random((tmp_path / "u16.bin").resolve()) and _advised_random((tmp_path / "two.ds").resolve())
         assert [store.num_tokens for store in opened] == [len(flat)] * 2
+
+
+@pytest.mark.parametrize("sidecar, kind", [([], "array"), (None, "null"), ("x", "string"), (True, "boolean"),
+                                           (3, "number")])
+def test_a_sidecar_that_is_no_object_is_said_by_its_json_type(sidecar, kind):
+    """The line names what the file holds in JSON's words (an array, not Python's list), as the HF import's do."""
+    from nanotronix.data.store import checked_sidecar
+
+    with pytest.raises(DataError) as raised:
+        checked_sidecar(sidecar, "s.meta.json")
+    assert str(raised.value) == f"s.meta.json: not a token store's sidecar (a JSON {kind}, not an object)"

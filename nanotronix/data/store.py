@@ -16,6 +16,8 @@ from typing import Any, ClassVar, Optional
 
 import numpy as np
 
+from nanotronix.errors import json_kind
+
 from .errors import DataError
 from .tokenizer import local_tokenizer_sha256, names_a_path
 
@@ -89,7 +91,7 @@ def checked_sidecar(metadata: Any, where: str) -> dict[str, Any]:
         raise DataError(f"{where}: not a token store's sidecar ({what})")
 
     if not isinstance(metadata, dict):
-        fail(f"a JSON {type(metadata).__name__}, not an object")
+        fail(f"a JSON {json_kind(metadata)}, not an object")
     for key in ("tokenizer", "skipped", "shard"):
         if not isinstance(metadata.get(key) or {}, dict):
             fail(f"its {key} is {metadata[key]!r}, not an object")
