@@ -10,7 +10,7 @@ the table takes exactly the values transformers takes, and that it names every f
 
 Fields transformers does not know (SmolLM2's `is_llama_config`, `rope_interleaved`) it keeps as they are, whatever
 their value: so does the import. generation_config.json gets no table: transformers' GenerationConfig checks none of
-its fields' types (it refuses some values, such as an early_stopping other than true, false or "never").
+its fields' types, only some values (nanotronix.convert.hf_generation_config).
 """
 from __future__ import annotations
 
@@ -120,10 +120,10 @@ def refusal(field: str, value: Any) -> str | None:
         return None
     kinds = FIELD_KINDS[field]
     wanted = kinds[0] if len(kinds) == 1 else f"{', '.join(kinds[:-1])} or {kinds[-1]}"
-    return f"field {json.dumps(field)} is {_json_text(value)}, transformers reads {wanted} there"
+    return f"field {json.dumps(field)} is {json_text(value)}, transformers reads {wanted} there"
 
 
-def _json_text(value: Any) -> str:
+def json_text(value: Any) -> str:
     """VALUE as json.dumps writes it, but for each integer past errors.SHOWN_DIGITS, in a list or a mapping too, said
     by its length (number_text: 10**400 is `<an integer of 401 digits>`, not its digits). Walked item by item only
     where the text holds such a run of digits: json.dumps itself writes a value nested hundreds deep."""
@@ -131,8 +131,8 @@ def _json_text(value: Any) -> str:
     if not isinstance(value, (list, dict)) or not re.search(f"[0-9]{{{SHOWN_DIGITS + 1}}}", text):
         return text
     if isinstance(value, list):
-        return f"[{', '.join(map(_json_text, value))}]"
-    return "{" + ", ".join(f"{json.dumps(key)}: {_json_text(item)}" for key, item in value.items()) + "}"
+        return f"[{', '.join(map(json_text, value))}]"
+    return "{" + ", ".join(f"{json.dumps(key)}: {json_text(item)}" for key, item in value.items()) + "}"
 
 
 def check_field_types(config: dict[str, Any]) -> None:
