@@ -188,3 +188,29 @@ def test_imported_fields_transformers_refuses_are_left_out_with_a_warning(tmp_pa
     warnings = [line for line in said if "source.hf.config" in line]
     assert warnings == [f"warning: {step / 'checkpoint.json'}: source.hf.config: {why} (imported before the import "
                         "refused it): left out of config.json" for why in refused]
+
+
+def test_imported_generation_config_values_transformers_refuses_are_left_out_with_a_warning(tmp_path):
+    """A checkpoint imported before the import refused them carries generation_config.json values GenerationConfig
+    refuses (its manifest's source.hf.generation_config, edited here into one), which the export wrote back into a
+    folder neither GenerationConfig nor the model loads. Now each is said in a warning naming the manifest and left
+    out; what transformers merely warns about (a temperature without do_sample) is carried over."""
+    transformers.logging.set_verbosity_error()
+    model = plain_model(TINY)
+    step = save_single(tmp_path / "run", 0, model, adamw(model))
+    manifest = json.loads((step / "checkpoint.json").read_text())
+    kept = {"bos_token_id": 5, "eos_token_id": 0, "temperature": 0.5}
+    manifest["source"] = {"hf": {"path": str(tmp_path / "gone"), "config": {"model_type": "llama"},
+                                 "generation_config": {"early_stopping": "x", "num_return_sequences": 2, **kept}}}
+    (step / "checkpoint.json").write_text(json.dumps(manifest))
+    said = []
+    out = export_to_hf(tmp_path / "run", tmp_path / "hf", progress=False, log=said.append)
+    generation = transformers.GenerationConfig.from_pretrained(out)
+    assert {field: getattr(generation, field) for field in kept} == kept
+    assert (generation.early_stopping, generation.num_return_sequences) == (None, None)
+    transformers.AutoModelForCausalLM.from_pretrained(out)
+    refused = ['field "early_stopping" is "x", transformers reads true, false, "never" or null there',
+               'field "num_return_sequences" is 2, more than 1 without do_sample or num_beams']
+    assert [line for line in said if "source.hf.generation_config" in line] == [
+        f"warning: {step / 'checkpoint.json'}: source.hf.generation_config: {why} (imported before the import "
+        "refused it): left out of generation_config.json" for why in refused]

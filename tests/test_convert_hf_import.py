@@ -120,11 +120,16 @@ def test_what_the_model_does_not_compute_is_refused_on_import(tmp_path, capsys):
 
 @pytest.mark.parametrize("text, message", [
     ("{", "Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"),
-    ("[1]", "a JSON array, not an object")])
+    ("[1]", "a JSON array, not an object"),
+    ('{"early_stopping": "x"}', 'field "early_stopping" is "x", transformers reads true, false, "never" or null there'),
+    ('{"num_return_sequences": 2, "do_sample": false}',
+     'field "num_return_sequences" is 2, more than 1 without do_sample or num_beams'),
+    ('{"streamer": null}', 'field "streamer" is an argument of generate(), which transformers refuses here')])
 def test_a_generation_config_transformers_cannot_read_is_refused(tmp_path, capsys, text, message):
-    """A generation_config.json that is not JSON, or not an object, is refused by transformers'
-    GenerationConfig.from_pretrained, and by the import in one line (before: a JSONDecodeError traceback, or the
-    list kept in the manifest, for the export to fail on later)."""
+    """A generation_config.json that is not JSON, not an object, or holds a value GenerationConfig refuses (see
+    nanotronix.convert.hf_generation_config) is refused by transformers' GenerationConfig.from_pretrained, and by the
+    import in one line (before: a JSONDecodeError traceback, or the list or values kept in the manifest, for the
+    export to fail on later or write back into a folder transformers cannot load)."""
     folder = _hf_original(tmp_path / "hf", untied=False)
     (folder / "generation_config.json").write_text(text)
     with pytest.raises((OSError, TypeError, ValueError)):

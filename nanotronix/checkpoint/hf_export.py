@@ -23,6 +23,7 @@ from nanotronix.checkpoint.safetensors_stream import StreamingSafetensorsWriter,
 from nanotronix.config import ModelConfig
 from nanotronix.config_checks import validate_model_export
 from nanotronix.convert.hf_config_types import refusal
+from nanotronix.convert.hf_generation_config import loadable as loadable_generation
 from nanotronix.convert.hf_mapping import hf_config_dict, pad_token_refusal, read_json_object, to_hf
 from nanotronix.data.files import commit
 from nanotronix.errors import ConfigError, UserError
@@ -254,8 +255,9 @@ def _without_refused_fields(source_hf: dict, cfg: ModelConfig, manifest_file: Pa
                             log: Callable[[str], None]) -> dict:
     """An imported model's source.hf, less the fields of its config.json that the export would carry into its own
     (those nanotronix does not model, and the token ids) holding a value transformers refuses (by type, or a
-    pad_token_id outside the vocabulary), each said in a warning. Only an import made before the import refused them
-    holds one (`"pad_token_id": 1.0`). Left out rather than refused: the value comes from a folder transformers itself
+    pad_token_id outside the vocabulary), and those of its generation_config.json GenerationConfig refuses
+    (`"early_stopping": "x"`), each said in a warning. Only an import made before the import refused them holds one
+    (`"pad_token_id": 1.0`). Left out rather than refused: the value comes from a folder transformers itself
     could not load, so it never meant anything to transformers, and a refusal would leave the run that continued from
     the import exportable only by editing its manifest by hand; without it, config.json says what transformers
     defaults to (a token id: the tokenizer's)."""
@@ -272,7 +274,14 @@ def _without_refused_fields(source_hf: dict, cfg: ModelConfig, manifest_file: Pa
     for said in refused.values():
         log(f"warning: {manifest_file}: source.hf.config: {said} (imported before the import refused it): left out "
             "of config.json")
-    return {**source_hf, "config": {k: v for k, v in imported.items() if k not in refused}} if refused else source_hf
+    if refused:
+        source_hf = {**source_hf, "config": {k: v for k, v in imported.items() if k not in refused}}
+    generation = source_hf.get("generation_config")
+    if generation:  # its values GenerationConfig refuses, left out alike
+        source_hf = {**source_hf, "generation_config": loadable_generation(generation, lambda _, said: log(
+            f"warning: {manifest_file}: source.hf.generation_config: {said} (imported before the import refused it): "
+            "left out of generation_config.json"))}
+    return source_hf
 
 
 def _write_tokenizer(folder: Path, tokenizer: Optional[str], manifest: dict, source_hf: dict, cfg: ModelConfig,

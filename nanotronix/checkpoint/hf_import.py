@@ -28,6 +28,7 @@ from nanotronix.checkpoint.reader import model_parameter_shapes
 from nanotronix.checkpoint.storage import Collective, failures_of
 from nanotronix.config import Config, ModelConfig
 from nanotronix.convert.hf_mapping import from_hf, model_config_from_hf, read_json_object, to_hf
+from nanotronix.convert.hf_generation_config import refusal as generation_refusal
 from nanotronix.data.files import commit
 from nanotronix.errors import UserError, number_text
 from nanotronix.model.rope import ROPE_LAYOUT
@@ -171,16 +172,21 @@ def _import_manifest(hf_dir: Path, hf_config: dict, model_cfg: ModelConfig) -> d
 
 def _read_generation_config(hf_dir: Path) -> dict | None:
     """hf_dir's generation_config.json as read, None when there is none; UserError for one that transformers cannot
-    read either: not JSON, or not an object (one the export would fail on)."""
+    load either: not JSON, not an object (one the export would fail on), or holding a value GenerationConfig refuses
+    (one the export would write back into a folder transformers cannot load)."""
     generation_file = hf_dir / "generation_config.json"
     if not generation_file.is_file():
         return None
     try:
-        return read_json_object(generation_file)
+        generation = read_json_object(generation_file)
     except ValueError as e:
         raise UserError(f"--hf: {generation_file}: {e}") from None
     except RecursionError:  # nested deeper than the JSON reader recurses
         raise UserError(f"--hf: {generation_file}: nested too deeply to be read") from None
+    refused = generation_refusal(generation)
+    if refused:
+        raise UserError(f"--hf: {generation_file}: {refused[1]}")
+    return generation
 
 
 def _write_step_0(hf_dir: Path, source: SafetensorsFolder, model_cfg: ModelConfig, state: dict[str, torch.Tensor],
