@@ -124,7 +124,9 @@ def test_what_the_model_does_not_compute_is_refused_on_import(tmp_path, capsys):
     ('{"early_stopping": "x"}', 'field "early_stopping" is "x", transformers reads true, false, "never" or null there'),
     ('{"num_return_sequences": 2, "do_sample": false}',
      'field "num_return_sequences" is 2, more than 1 without do_sample or num_beams'),
-    ('{"streamer": null}', 'field "streamer" is an argument of generate(), which transformers refuses here')])
+    ('{"streamer": null}', 'field "streamer" is an argument of generate(), which transformers refuses here'),
+    # mappings nested deeper than transformers' copy of the config (and the rules' walk of them) recurses
+    pytest.param('{"my_field": ' + '{"a": ' * 600 + "{}" + "}" * 601, "nested too deeply to be read", id="deep")])
 def test_a_generation_config_transformers_cannot_read_is_refused(tmp_path, capsys, text, message):
     """A generation_config.json that is not JSON, not an object, or holds a value GenerationConfig refuses (see
     nanotronix.convert.hf_generation_config) is refused by transformers' GenerationConfig.from_pretrained, and by the
@@ -132,7 +134,7 @@ def test_a_generation_config_transformers_cannot_read_is_refused(tmp_path, capsy
     export to fail on later or write back into a folder transformers cannot load)."""
     folder = _hf_original(tmp_path / "hf", untied=False)
     (folder / "generation_config.json").write_text(text)
-    with pytest.raises((OSError, TypeError, ValueError)):
+    with pytest.raises((OSError, TypeError, ValueError, RecursionError)):
         transformers.GenerationConfig.from_pretrained(folder)
     capsys.readouterr()
     code = tool_main("convert_from_hf")(["--hf", str(folder), "--output", str(tmp_path / "o"), "--no-progress"])

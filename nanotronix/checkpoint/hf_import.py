@@ -179,11 +179,11 @@ def _read_generation_config(hf_dir: Path) -> dict | None:
         return None
     try:
         generation = read_json_object(generation_file)
+        refused = generation_refusal(generation)
     except ValueError as e:
         raise UserError(f"--hf: {generation_file}: {e}") from None
-    except RecursionError:  # nested deeper than the JSON reader recurses
+    except RecursionError:  # nested deeper than the JSON reader, or the rules walking its mappings, recurse
         raise UserError(f"--hf: {generation_file}: nested too deeply to be read") from None
-    refused = generation_refusal(generation)
     if refused:
         raise UserError(f"--hf: {generation_file}: {refused[1]}")
     return generation
