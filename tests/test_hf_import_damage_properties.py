@@ -256,8 +256,30 @@ def edit_file(folder: Path, draw) -> str:
     return f"file {kind} {'weights' if file.suffix == '.safetensors' else file.name}"
 
 
+# Fields of generation_config.json that nanotronix.convert.hf_generation_config's rules read, and two no rule reads
+GENERATION_FIELDS = ["early_stopping", "max_new_tokens", "num_return_sequences", "num_beams", "do_sample",
+                     "suppress_tokens", "forced_eos_token_id", "cache_implementation", "watermarking_config",
+                     "streamer", "dtype", "pad_token_id", "temperature", "my_own_field"]
+
+
+def edit_generation_config(folder: Path, draw) -> str:
+    """One to three fields of generation_config.json set to a drawn value (with transformers' _from_model_config
+    kept, or dropped: only then does it read fields it does not know)."""
+    file = folder / "generation_config.json"
+    config = json.loads(file.read_text())
+    if draw(st.booleans()):
+        config.pop("_from_model_config", None)
+    values = OTHER_VALUES + ["never", "static", [0], [1, 0], {"dtype": 1}, {"seeding_scheme": "x"}]
+    edits = dict(draw(st.lists(st.tuples(st.sampled_from(GENERATION_FIELDS), st.sampled_from(values)), min_size=1,
+                               max_size=3)))
+    config.update(copy.deepcopy(edits))
+    file.write_text(json.dumps(config))
+    return f"generation_config.json {'with' if '_from_model_config' in config else 'without'} _from_model_config: " \
+        f"{sorted(edits)}"
+
+
 EDITS = {"config": edit_config, "header": edit_header, "bytes": edit_bytes, "tensors": edit_tensors,
-         "index": edit_index, "file": edit_file}
+         "index": edit_index, "file": edit_file, "generation": edit_generation_config}
 
 
 # --- the readings -------------------------------------------------------------------------------------------------
@@ -277,10 +299,12 @@ def transformers_reading(folder: Path) -> tuple[object, bool]:
 
 def exported_config_loads(output: Path, work: Path) -> str | None:
     """None where AutoConfig loads the config.json of the export of the checkpoint OUTPUT (the imported config.json's
-    fields nanotronix does not model written back), else what it raised."""
+    fields nanotronix does not model written back) and GenerationConfig its generation_config.json (the imported one
+    written back), else what it raised."""
     export_to_hf(output, work / "export", progress=False, log=lambda _: None)
     try:
         transformers.AutoConfig.from_pretrained(work / "export")
+        transformers.GenerationConfig.from_pretrained(work / "export")
     except Exception as e:  # noqa: BLE001 (whatever it raises is a refusal)
         return f"{type(e).__name__}: {e}"
     return None
@@ -339,7 +363,7 @@ def test_convert_from_hf(folders, edits_root, data):
             with torch.no_grad():
                 expected = reference(input_ids=IDS).logits
             assert (our_logits(output) - expected).abs().max().item() < 1e-5, said
-            if kind == "config":  # the export writes the edited config.json's fields back
+            if kind in ("config", "generation"):  # the export writes the edited files' fields back
                 refused = exported_config_loads(output, work)
                 assert refused is None, (said, "the export's config.json", refused)
             return
@@ -349,6 +373,8 @@ def test_convert_from_hf(folders, edits_root, data):
         assert not output.exists(), (said, "a refused import left its output")
         if reference is not None and not config_refused:  # transformers loads it whole: a refusal README documents
             assert any(reason in line for reason in DOCUMENTED), (said, line)
+            # but none of a generation_config.json that stays a JSON object (DOCUMENTED names its file for that)
+            assert kind != "generation", (said, "refused a generation config transformers loads", line)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
