@@ -484,6 +484,17 @@ def test_a_null_num_key_value_heads_is_read_as_transformers_reads_it(tmp_path, c
     assert CheckpointReader(tmp_path / "ckpt").model_config.num_key_value_heads == TINY_HF["num_attention_heads"]
 
 
+def test_a_tied_model_saved_with_its_head_alone_is_read_as_transformers_reads_it(folders, tmp_path, capsys):
+    """A tied model's folder holding its embedding only as lm_head.weight: transformers ties the embedding to the head
+    it loads (the same logits); the import refused it as lacking model.embed_tokens.weight (random seed 3211)."""
+    head_only = tmp_path / "head_only"
+    shutil.copytree(folders["tied"], head_only)
+    weights = load_file(head_only / "model.safetensors")
+    weights["lm_head.weight"] = weights.pop("model.embed_tokens.weight")
+    save_file(weights, head_only / "model.safetensors", metadata={"format": "pt"})
+    imported_as_transformers_reads_it(head_only, tmp_path, capsys, {}, None)
+
+
 @pytest.mark.parametrize("pad", [None, 31, -32, 32, -33, pytest.param(10 ** 400, id="10**400"), True, 1.0, "1"])
 def test_a_pad_token_id_is_read_as_transformers_reads_it(folders, tmp_path, capsys, pad):
     """transformers builds no model whose pad_token_id (the embedding's padding_idx) is outside the vocabulary, and

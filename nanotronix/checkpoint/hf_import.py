@@ -101,6 +101,8 @@ def _check_weights(hf_dir: Path, source: SafetensorsFolder,
     if not model_cfg.tie_word_embeddings and "lm_head.weight" not in source:  # a base LlamaModel's folder, untied
         raise UserError(f"--hf: {hf_dir} has untied embeddings but no lm_head.weight (transformers would initialise "
                         "the head at random)")
+    if model_cfg.tie_word_embeddings:
+        source.read_embedding_from_head()
     embedding = [model_cfg.vocab_size, model_cfg.hidden_size]
     if model_cfg.tie_word_embeddings and "lm_head.weight" in source and source.shape("lm_head.weight") != embedding:
         # the tied head is the embedding (its copy is not read), but a head of another shape says the config does

@@ -26,6 +26,7 @@ from nanotronix.convert.hf_mapping import read_json_object
 from nanotronix.errors import UserError, json_kind
 
 SINGLE_FILE = "model.safetensors"
+EMBEDDING, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 INDEX_FILE = "model.safetensors.index.json"
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors' names of the types a weight is read from
 # a file transformers takes as the sign of a distributed checkpoint (transformers.distributed.checkpoint): it then
@@ -65,6 +66,9 @@ class SafetensorsFolder:
             for key in handle.keys():
                 self.copies.setdefault(key, []).append(name)
         self.location = {key: names[-1] for key, names in self.copies.items()}
+        # the embedding of a tied model whose folder holds it only as its head: transformers ties the embedding to
+        # the lm_head.weight it loads (the same logits), so it is read from there (`read_embedding_from_head`)
+        self._embedding_from_head = False
         self._by_rest: dict[str, list[str]] = {}  # name[6:] -> the names: those `aliases` may strip `model?` from
         for key in self.location:
             self._by_rest.setdefault(key[6:], []).append(key)
@@ -93,7 +97,15 @@ class SafetensorsFolder:
         where it holds none of them. Which alias, where several are held, differing_copy checks does not matter."""
         if key in self.location:
             return key
-        return next(iter(self.aliases(key)), None)
+        alias = next(iter(self.aliases(key)), None)
+        if alias is None and self._embedding_from_head and key == EMBEDDING:
+            return self.name_of(HEAD)
+        return alias
+
+    def read_embedding_from_head(self) -> None:
+        """A tied model's: where the folder holds no embedding under any name transformers reads as it, but a head,
+        the embedding is that head, as transformers ties them (a folder saved with the head alone)."""
+        self._embedding_from_head = True
 
     def said_as(self, key: str) -> str:
         """The model's tensor `key` as an error line names it: with the name its file holds it under, where that is
