@@ -172,6 +172,10 @@ def test_weights_that_do_not_fit_their_config_are_one_line(tmp_path, capsys):
     (wrong / "config.json").write_text("[1]")
     assert one_error("convert_from_hf", "--hf", str(wrong), "--output", str(tmp_path / "o")) == (
         f"error: --hf: {wrong / 'config.json'}: a JSON array, not an object")
+    (wrong / "config.json").write_text(json.dumps(config)[:-1] + ', "vocab_size": ' + "1" * 5000 + "}")
+    assert one_error("convert_from_hf", "--hf", str(wrong), "--output", str(tmp_path / "o")) == (
+        f"error: --hf: {wrong / 'config.json'}: holds an integer of 5000 digits, more than Python's JSON reader (and "
+        "so transformers) reads (4300)")  # was json's advice to raise the interpreter's limit
     assert not (tmp_path / "o").exists()
 
 

@@ -408,7 +408,9 @@ def test_an_id_past_the_token_count_is_stored_or_refused(world, tmp_path, capsys
 @pytest.mark.parametrize("name, data, said", [
     (CONFIG, b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply to be read"),
     (CONFIG, b'{"eos_token": "<|im', "not JSON (Unterminated string starting at: line 1 column 15 (char 14))"),
-    (CONFIG, b"[1, 2]", "not a JSON object"),
+    (CONFIG, b"[1, 2]", "a JSON array, not an object"),
+    (CONFIG, b'{"model_max_length": ' + b"9" * 5000 + b"}",  # said "not a JSON object" before
+     "holds an integer of 5000 digits, more than Python's JSON reader (and so transformers) reads (4300)"),
     (SPECIAL_MAP, b'{"eos_token": "\xff"}', "not UTF-8 text (byte 15)"),
     (CHAT, b"\xff{{ messages }}", "not UTF-8 text (byte 0)"),
     (CONFIG, b'{"model_max_length": "8192"}', 'model_max_length: "8192" is not a number (AutoTokenizer loads it, '

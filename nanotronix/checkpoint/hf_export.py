@@ -202,8 +202,8 @@ def _json_object(file: Path) -> dict:
         raise UserError(f"{file}: not UTF-8 text (byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{file}: not JSON ({e})") from None
-    except ValueError:  # another JSON value
-        raise UserError(f"{file}: not a JSON object") from None
+    except ValueError as e:  # another JSON value, or an integer too long to read
+        raise UserError(f"{file}: {e}") from None
 
 
 def _utf8_text(file: Path) -> str:

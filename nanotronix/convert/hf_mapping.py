@@ -7,6 +7,7 @@ untied), and the config fields. RoPE needs no permutation: both sides use the ro
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -139,11 +140,23 @@ def hf_config_dict(cfg: ModelConfig, eos_token_id: int = 0, bos_token_id: int = 
     }
 
 
+def _json_integer(text: str) -> int:
+    """int(text), refusing one past Python's int-from-text limit (sys.get_int_max_str_digits, 4300 by default; 0 is
+    none) in words a user can act on rather than json's advice to raise the interpreter's limit."""
+    digits = len(text.lstrip("-"))
+    limit = sys.get_int_max_str_digits()
+    if limit and digits > limit:
+        raise ValueError(f"holds an integer of {digits} digits, more than Python's JSON reader (and so transformers) "
+                         f"reads ({limit})")
+    return int(text)
+
+
 def read_json_object(file: Path) -> dict:
     """The JSON object a Hugging Face folder's file (config.json, tokenizer_config.json, ...) holds, read as UTF-8 as
     transformers reads it. ValueError when it is not UTF-8 (UnicodeDecodeError), not JSON (JSONDecodeError) or
-    holds another value (a list, a number); RecursionError when nested past json's reader: each caller words it."""
-    value = json.loads(file.read_bytes().decode("utf-8"))
+    holds another value (a list, a number) or an integer longer than Python reads (transformers' reader refuses it
+    too); RecursionError when nested past json's reader: each caller words it."""
+    value = json.loads(file.read_bytes().decode("utf-8"), parse_int=_json_integer)
     if not isinstance(value, dict):
         raise ValueError(f"a JSON {json_kind(value)}, not an object")
     return value
