@@ -413,6 +413,9 @@ def test_an_id_past_the_token_count_is_stored_or_refused(world, tmp_path, capsys
      "holds an integer of 5000 digits, more than Python's JSON reader (and so transformers) reads (4300)"),
     (SPECIAL_MAP, b'{"eos_token": "\xff"}', "not UTF-8 text (byte 15)"),
     (CHAT, b"\xff{{ messages }}", "not UTF-8 text (byte 0)"),
+    (SPECIAL_MAP, b'{"additional_special_tokens": {"image_token": "<|endoftext|>"}}',  # exported (random seed 3401)
+     "additional_special_tokens: a mapping, read as one token, not a list of tokens (AutoTokenizer cannot read it; a "
+     "mapping of named tokens goes under extra_special_tokens)"),
     (CONFIG, b'{"model_max_length": "8192"}', 'model_max_length: "8192" is not a number (AutoTokenizer loads it, '
                                               "then fails comparing a text's length with it)"),
     (SPECIAL_MAP, b'{"chat_template": ["x"]}', 'chat_template: a list whose items are not all {"name": ..., '

@@ -160,8 +160,13 @@ def _extra_tokens(file: Path, key: str, value: Any) -> list[tuple[str, Any]]:
     """(where, value) of each special token besides SPECIAL_TOKENS that FILE's KEY holding VALUE makes, as
     AutoTokenizer reads it: an extra-token list's items, a mapping's values (named tokens of the model: where is
     KEY.NAME), a string under another *_token key (a model's own, an image_token: AutoTokenizer makes it special
-    too); a UserError for an extra-token value it cannot read (neither null, a list nor a mapping)."""
+    too); a UserError for an extra-token value it cannot read (neither null, a list nor a mapping; in
+    special_tokens_map.json, a mapping under the older name, which it reads as one AddedToken and then refuses as no
+    list)."""
     if key in _EXTRA_TOKEN_LISTS:
+        if isinstance(value, dict) and file.name == "special_tokens_map.json" and key == "additional_special_tokens":
+            raise UserError(f"{file}: {key}: a mapping, read as one token, not a list of tokens (AutoTokenizer cannot "
+                            "read it; a mapping of named tokens goes under extra_special_tokens)")
         if isinstance(value, dict):
             return [(f"{key}.{name}", token) for name, token in value.items()]
         if isinstance(value, list) or value is None:
