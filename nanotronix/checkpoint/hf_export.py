@@ -26,7 +26,7 @@ from nanotronix.convert.hf_config_types import refusal
 from nanotronix.convert.hf_generation_config import loadable as loadable_generation
 from nanotronix.convert.hf_mapping import hf_config_dict, pad_token_refusal, read_json_object, to_hf
 from nanotronix.data.files import commit
-from nanotronix.errors import ConfigError, UserError
+from nanotronix.errors import ConfigError, UserError, json_kind
 
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' save_pretrained default ("5GB")
@@ -117,29 +117,36 @@ SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token
 
 def _special_tokens(tokenizer, shipped: dict[str, Path]) -> dict[str, Optional[int]]:
     """The id of each special token the HF files beside a tokenizer.json name, as AutoTokenizer reads them
-    (special_tokens_map.json's over tokenizer_config.json's; a string, or an AddedToken dict's "content"; null:
-    none), after checking that AutoTokenizer can read the files at all: a file it cannot read, a token of another
-    type, one that is not a special (added) token of tokenizer.json (named, an extra one or a model's own *_token),
-    a model_max_length that is not a number, or a list of chat templates that are not named ones, is a UserError
-    naming the file (an export shipping it would not load or tokenize, or would tokenize otherwise than the store)."""
+    (special_tokens_map.json's over tokenizer_config.json's, the map read only where tokenizer_config.json holds no
+    added_tokens_decoder, as there; a string, or an AddedToken dict's "content"; null: none), after checking that
+    AutoTokenizer can read the files at all and that the decoder holds tokenizer.json's added tokens as they are
+    there: a file it cannot read, a token of another type, one that is not a special (added) token of
+    tokenizer.json (named, an extra one or a model's own *_token), a model_max_length that is not a number, or a list
+    of chat templates that are not named ones, is a UserError naming the file (an export shipping it would not load
+    or tokenize, or would tokenize otherwise than the store)."""
     named: dict[str, tuple[Path, Any]] = {}
     extra: list[tuple[Path, str, Any]] = []  # (file, where, value): the other tokens AutoTokenizer makes special
-    for name in ("tokenizer_config.json", "special_tokens_map.json"):  # the latter's names win
-        if name in shipped:
-            config = _json_object(shipped[name])
-            named.update({key: (shipped[name], value) for key, value in config.items() if key in SPECIAL_TOKENS})
-            extra += [(shipped[name], label, value) for key, item in config.items()
-                      for label, value in _extra_tokens(shipped[name], key, item)]
-            if not isinstance(config.get("model_max_length"), (int, float, type(None))):
-                raise UserError(f"{shipped[name]}: model_max_length: {json.dumps(config['model_max_length'])} is "
-                                "not a number (AutoTokenizer loads it, then fails comparing a text's length with it)")
-            # chat_template.jinja takes the place of tokenizer_config.json's (not of special_tokens_map.json's)
-            templates = None if name == "tokenizer_config.json" and "chat_template.jinja" in shipped else \
-                config.get("chat_template")
-            if isinstance(templates, list) and not all(isinstance(t, dict) and {"name", "template"} <= t.keys()
-                                                       for t in templates):
-                raise UserError(f"{shipped[name]}: chat_template: a list whose items are not all "
-                                '{"name": ..., "template": ...} (AutoTokenizer cannot read it)')
+    configs = {"tokenizer_config.json": _json_object(shipped["tokenizer_config.json"])} \
+        if "tokenizer_config.json" in shipped else {}
+    if "added_tokens_decoder" in configs.get("tokenizer_config.json", {}):  # a folder transformers 4 saved
+        _check_added_tokens_decoder(shipped["tokenizer_config.json"],
+                                    configs["tokenizer_config.json"]["added_tokens_decoder"], tokenizer)
+    elif "special_tokens_map.json" in shipped:  # AutoTokenizer reads it only without an added_tokens_decoder
+        configs["special_tokens_map.json"] = _json_object(shipped["special_tokens_map.json"])
+    for name, config in configs.items():  # the map's names win
+        named.update({key: (shipped[name], value) for key, value in config.items() if key in SPECIAL_TOKENS})
+        extra += [(shipped[name], label, value) for key, item in config.items()
+                  for label, value in _extra_tokens(shipped[name], key, item)]
+        if not isinstance(config.get("model_max_length"), (int, float, type(None))):
+            raise UserError(f"{shipped[name]}: model_max_length: {json.dumps(config['model_max_length'])} is "
+                            "not a number (AutoTokenizer loads it, then fails comparing a text's length with it)")
+        # chat_template.jinja takes the place of tokenizer_config.json's (not of special_tokens_map.json's)
+        templates = None if name == "tokenizer_config.json" and "chat_template.jinja" in shipped else \
+            config.get("chat_template")
+        if isinstance(templates, list) and not all(isinstance(t, dict) and {"name", "template"} <= t.keys()
+                                                   for t in templates):
+            raise UserError(f"{shipped[name]}: chat_template: a list whose items are not all "
+                            '{"name": ..., "template": ...} (AutoTokenizer cannot read it)')
     if "chat_template.jinja" in shipped:
         _utf8_text(shipped["chat_template.jinja"])
     added = {token.content: index for index, token in tokenizer.get_added_tokens_decoder().items()}
@@ -175,6 +182,54 @@ def _extra_tokens(file: Path, key: str, value: Any) -> list[tuple[str, Any]]:
         raise UserError(f"{file}: {key}: {kind}, not a list or mapping of tokens (AutoTokenizer cannot read it)")
     named = key.endswith("_token") and key not in SPECIAL_TOKENS
     return [(key, value)] if named and (isinstance(value, str) or _is_added_token(file, key, value)) else []
+
+
+# The properties of an AddedToken (besides its content) that change how text around it is split, or whether it is
+# special
+_ADDED_TOKEN_PROPERTIES = ("single_word", "lstrip", "rstrip", "normalized", "special")
+
+
+def _check_added_tokens_decoder(file: Path, decoder: Any, tokenizer) -> None:
+    """tokenizer_config.json's added_tokens_decoder (saved by transformers 4 beside tokenizer.json), read as
+    AutoTokenizer (transformers 5.25) reads it: each entry, an id and the fields of a tokenizers AddedToken, is added
+    to the tokenizer again with its own properties. A UserError naming FILE where it cannot read it, or where that
+    adds a token tokenizer.json lacks as an added one (a new id past the vocabulary), or gives one other properties
+    than tokenizer.json's (lstrip: the space before it swallowed; text tokenized otherwise than the store), or another
+    id (the two files disagree). An entry without content adds nothing, as there."""
+    from tokenizers import AddedToken
+
+    where = f"{file}: added_tokens_decoder"
+    if not isinstance(decoder, dict):
+        raise UserError(f"{where}: a JSON {json_kind(decoder)}, not a mapping of ids to tokens (AutoTokenizer "
+                        "cannot read it)")
+    added = {token.content: (index, token) for index, token in tokenizer.get_added_tokens_decoder().items()}
+    for key, fields in decoder.items():
+        try:
+            index = int(key)  # as transformers reads the key: " 5" and "1_0" are ids there too
+        except ValueError:
+            raise UserError(f"{where}: {json.dumps(key)} is not a token id (AutoTokenizer cannot read it)") from None
+        if not isinstance(fields, dict):
+            raise UserError(f"{where}: {json.dumps(key)}: a JSON {json_kind(fields)}, not a token's fields "
+                            "(AutoTokenizer cannot read it)")
+        try:  # the fields AddedToken knows (it ignores others, printing a line for each)
+            token = AddedToken(**{k: v for k, v in fields.items() if k in ("content", *_ADDED_TOKEN_PROPERTIES)})
+        except TypeError as e:
+            raise UserError(f"{where}: {json.dumps(key)}: not a token AutoTokenizer reads ({e})") from None
+        if not token.content:
+            continue
+        if token.content not in added:
+            raise UserError(f"{where}: {json.dumps(token.content)} is not an added token of its tokenizer.json "
+                            "(AutoTokenizer would add it, past the vocabulary)")
+        known_index, known = added[token.content]
+        differing = [f"{name} {json.dumps(getattr(token, name))}, not {json.dumps(getattr(known, name))}"
+                     for name in _ADDED_TOKEN_PROPERTIES if getattr(token, name) != getattr(known, name)]
+        if differing:
+            raise UserError(f"{where}: {json.dumps(token.content)} differs from tokenizer.json's "
+                            f"({', '.join(differing)}): AutoTokenizer re-adds it so, tokenizing text otherwise than "
+                            "the store")
+        if index != known_index:
+            raise UserError(f"{where}: {json.dumps(token.content)} has id {index} there, {known_index} in its "
+                            "tokenizer.json")
 
 
 def _is_added_token(file: Path, where: str, value: Any) -> bool:
