@@ -97,6 +97,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 # Outside the compiled function: torch.compile cannot yet trace the fp32-accumulating GEMM
                 # (addmm with out_dtype and out=), and it would run as the same cuBLAS call anyway.
                 wgrad_accumulate_fp32(grad_weight, grad_logits, h)
+            # freed now, not when the next chunk's replace them: else two chunks' logits exist at once
+            del h, grad_logits, grad_h
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         # no token counted: F.cross_entropy's mean of nothing, nan (its gradients are 0, as these are)
