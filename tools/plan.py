@@ -11,11 +11,13 @@ is reported as "store not found" (point the recipe at your corpus with data.root
 
 Memory (per GPU, the most loaded pipeline stage): fp32 weights (they are their own master copy) and fp32 gradients,
 AdamW's two fp32 moments (divided over DP with ZeRO-1), bf16 weight copies made by autocast (held until the
-micro-batch's backward; once per step with train.bf16_weight_cache), and activations: the tensors one Llama block
-saves for backward with flash/memory-efficient attention (fewer with train.recompute), times the micro-batches a
-stage holds at once (1 without pipelining, up to pp with 1F1B, all with AFAB), plus the last stage's logits (bf16,
-their fp32 copy and softmax for the loss; one chunk with train.loss_chunk_size). Allocator fragmentation, NCCL
-buffers and the CUDA context (~1-3 GiB together) come on top. An estimate, not a measurement.
+micro-batch's backward; once per step with train.bf16_weight_cache; the decoder layers' one layer at a time with
+train.recompute), and activations: the tensors one Llama block keeps for backward with flash/memory-efficient
+attention (fewer with train.recompute), times the micro-batches a stage holds at once (1 without pipelining, up to
+pp with 1F1B, all with AFAB), plus the last stage's final norm and logits (bf16, their fp32 copy and log-softmax
+for the loss; one chunk with train.loss_chunk_size). Allocator fragmentation, NCCL buffers and the CUDA context
+(~1-3 GiB together) come on top. An estimate, not a measurement; tests/test_plan_memory.py holds its terms to what
+the model keeps on CPU.
 
 Checkpoints: the saves the run makes (checkpoint.interval, its milestones, the last step), how many stay on disk
 at its end under keep_last / keep_every / keep_steps, and their size (12 bytes per parameter: fp32 weights and
@@ -145,40 +147,67 @@ def in_flight_microbatches(cfg, accum: int) -> int:
 def activation_bytes_per_token_per_layer(cfg) -> tuple[float, float]:
     """(bytes one decoder layer keeps for backward per token, bytes of one layer's full set) on this rank.
 
-    The residual stream is fp32 (fp32 weights, bf16 autocast): both norms save their fp32 input; the two matmul
-    inputs after the norms, q/k/v after RoPE, the attention output and the o_proj input, and the four SwiGLU
-    tensors (gate, silu(gate), up, their product) are in the compute dtype. Flash/memory-efficient attention keeps
-    no seq x seq scores. train.recompute: "full" keeps only each layer's input and rebuilds one layer's set in its
-    backward; "selective" keeps the matmul and attention outputs and recomputes the norms.
+    The residual stream is fp32 (fp32 weights, bf16 autocast). Each norm keeps its fp32 input, 1/rms (fp32, one
+    per token) and its fp32 normalised input (the multiplication by the norm's weight keeps it for the weight's
+    gradient); the matmul after it keeps its input in the compute dtype, whole on every TP rank (under sequence
+    parallelism the all-gathered one). Attention, on this rank's heads: q and k after RoPE, v, the attention output
+    (the o_proj input is a view of it: the kernels write it [B, S, heads, D]) and its fp32 log-sum-exp;
+    flash/memory-efficient attention keeps no seq x seq scores. SwiGLU: gate/up, silu(gate) and their product.
+    tests/test_plan_memory.py measures these against the model.
+    train.recompute: "full" keeps only each layer's input and rebuilds one layer's set in its backward; "selective"
+    keeps the outputs of the matmuls and of attention (o_proj's and down_proj's whole: their partial sums before
+    the TP reduction) and recomputes the rest.
     """
     m, p = cfg.model, cfg.parallel
     e = 2 if cfg.train.dtype == "bfloat16" else 4
-    d, f = m.hidden_size, m.intermediate_size
+    d, f, heads = m.hidden_size, m.intermediate_size, m.num_attention_heads
     kv = m.num_key_value_heads * m.head_dim
     seq_split = p.tp if p.sequence_parallel else 1
-    replicated = (2 * 4 * d + 2 * e * d) / seq_split  # norm inputs and outputs: whole on every TP rank unless SP
-    sharded = (e * (d + 2 * kv) + 2 * e * d + 4 * e * f) / p.tp
+    norms = 2 * (4 * d + 4 + 4 * d) / seq_split  # whole on every TP rank unless SP
+    matmul_inputs = 2 * e * d
+    attention = e * (d + 2 * kv) + e * d + 4 * heads
+    full = norms + matmul_inputs + (attention + 4 * e * f) / p.tp
     layer_input = 4 * d / seq_split
-    full = replicated + sharded
-    kept = {"full": layer_input, "selective": layer_input + sharded}.get(cfg.train.recompute, full)
+    matmul_outputs = (e * (d + 2 * kv) + e * d + 4 * heads + 2 * e * f) / p.tp + 2 * e * d
+    kept = {"full": layer_input, "selective": layer_input + matmul_outputs}.get(cfg.train.recompute, full)
     return kept, full
+
+
+def final_norm_bytes_per_token(cfg) -> float:
+    """What the last stage's final norm keeps (its fp32 input, 1/rms and normalised input: split over TP only with
+    sequence parallelism) and the head's input, whole: in the compute dtype for the plain head, the fp32 norm output
+    that the fused loss reads (alive while it runs)."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    d = m.hidden_size
+    seq_split = p.tp if p.sequence_parallel else 1
+    head_input = 4 if t.loss_chunk_size > 0 or t.dtype != "bfloat16" else 2
+    return (8 * d + 4) / seq_split + head_input * d
 
 
 def loss_bytes(cfg, tokens: int) -> float:
     """Peak bytes of the head + loss of one micro-batch on the last stage."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
     v, d = m.vocab_size / p.tp, m.hidden_size
-    if t.loss_chunk_size > 0:  # fused head + loss: one chunk of fp32 logits (a vocabulary slice), dW and dX kept
-        return min(t.loss_chunk_size, tokens) * v * 6 + 4 * v * d + tokens * d * 4
-    # logits in the compute dtype, their fp32 copy and the fp32 softmax kept for backward
-    return tokens * v * ((2 if t.dtype == "bfloat16" else 0) + 4 + 4)
+    bf16 = 2 if t.dtype == "bfloat16" else 0
+    if t.loss_chunk_size > 0:
+        # fused head + loss: one chunk of fp32 logits (a vocabulary slice) and their gradient in the compute dtype
+        # (under fp32 the same buffer), the chunk's input or its dX, and the fp32 dW and dX made in the forward and
+        # kept for the backward
+        chunk = min(t.loss_chunk_size, tokens)
+        return chunk * (v * (4 + bf16) + d * (4 - bf16)) + 4 * v * d + tokens * d * 4
+    # logits in the compute dtype, their fp32 copy and the fp32 log-softmax (under TP the softmax) kept for backward
+    return tokens * v * (bf16 + 4 + 4)
 
 
-def bf16_copy_bytes(params: float, layer_params: float, held: int, train) -> float:
+def bf16_copy_bytes(params: float, layer_params: float, held: int, train, layers: int) -> float:
     """Autocast's bf16 weight copies live until each in-flight micro-batch's backward; with
-    train.bf16_weight_cache the decoder layers' copies exist once (the embedding/head is still cast per use)."""
+    train.bf16_weight_cache the decoder layers' copies exist once (the embedding/head is still cast per use); with
+    train.recompute the decoder layers' are not kept (remade in the backward, one layer's at a time).
+    `layer_params`: the stage's decoder layers' parameters, over `layers` layers."""
     if train.bf16_weight_cache:
         return 2 * (layer_params + (params - layer_params) * held)
+    if train.recompute != "none":
+        return 2 * (layer_params / layers + (params - layer_params) * held)
     return 2 * params * held
 
 
@@ -208,10 +237,11 @@ def memory_plan(cfg, dp: int, accum: int) -> dict[str, Any]:
         held = in_flight_microbatches(cfg, accum) if first else 1
         acts = held * tokens * layers_per_stage * act_kept + tokens * (act_full - act_kept)
         if last:
-            acts += loss_bytes(cfg, tokens) + tokens * 6 * d  # + the final norm's input (fp32) and output
+            acts += loss_bytes(cfg, tokens) + tokens * final_norm_bytes_per_token(cfg)
         parts = {
             "weights_fp32": 4 * params,
-            "weights_bf16_copies": bf16_copy_bytes(params, layers_per_stage * layer_params, held, t) if bf16 else 0.0,
+            "weights_bf16_copies": bf16_copy_bytes(params, layers_per_stage * layer_params, held, t,
+                                                   layers_per_stage) if bf16 else 0.0,
             "grads_fp32": 4 * params,
             "optimizer_adamw": 8 * params / (dp if p.zero_stage == 1 else 1),
             "activations": acts,
