@@ -35,8 +35,9 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(x).view(b, s, -1, r + 2, d)  # [B, S, KV_local, r + 2, D]
         q = qkv[:, :, :, :r].reshape(b, s, -1, d).transpose(1, 2)  # [B, H_local, S, D]
         k = qkv[:, :, :, r].transpose(1, 2)  # [B, KV_local, S, D]
-        # a copy: attention keeps v for its backward, and a view would keep the whole QKV output alive with it
-        v = qkv[:, :, :, r + 1].transpose(1, 2).contiguous()
+        # a copy: attention keeps v for its backward, and a view would keep the whole QKV output alive with it; laid
+        # out [B, S, KV, D] in memory as RoPE leaves q and k (what flash attention reads)
+        v = qkv[:, :, :, r + 1].contiguous().transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = accel.ATTENTION_BACKENDS[self.attn_backend](q, k, v, documents)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
