@@ -21,6 +21,12 @@ TINY_MODEL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 
               "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 128, "rope_theta": 10000.0,
               "rms_norm_eps": 1e-5, "tie_word_embeddings": True, "init_std": 0.02}
 
+# The fields of a trained step's metrics.jsonl record (no validation, no skipped update): each one the README names
+# (tests/test_readme_commands.py), the trainer writes them all and no others (tests/test_train_cli.py).
+METRICS_FIELDS = {"step", "loss", "lr", "grad_norm", "consumed_tokens", "tokens_per_sec", "tokens_per_sec_per_gpu",
+                  "model_tflops_per_gpu", "mfu", "stage", "datasets", "time", "data_wait_ms", "data_wait_rank",
+                  "peak_memory_gb"}
+
 
 def write_learnable_store(prefix: Path, num_docs: int = 200, vocab: int = 256, seed: int = 0,
                           tokenizer_sha256: str | None = None) -> Path:

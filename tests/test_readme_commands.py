@@ -1,6 +1,7 @@
 """README's `## Commands` block against the commands themselves: every `--flag` it shows for a tool or a
 `python -m nanotronix.*` command is one that command's `--help` lists, so a renamed or dropped option cannot stay
-in the README; likewise the `## Config` block's field names. In-process (no interpreter start-up): ~5 s."""
+in the README; likewise the `## Config` block's field names, and the fields of a `metrics.jsonl` record. In-process
+(no interpreter start-up): ~5 s."""
 from __future__ import annotations
 
 import importlib
@@ -85,3 +86,15 @@ def test_readme_config_block_names_every_field():
     sections = typing.get_type_hints(Config)  # {section: its dataclass}
     want = {name: [f.name for f in dataclasses.fields(section)] for name, section in sections.items()}
     assert readme_config_fields() == want
+
+
+def test_readme_names_every_metrics_field():
+    """The `metrics.jsonl` paragraph under `## Commands` names (in backticks) every field of a trained step's record,
+    the set tests/test_train_cli.py holds the trainer's records to, and the keys a validation or a skipped update
+    adds."""
+    from helpers import METRICS_FIELDS
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    paragraph = text.split("- Training writes `LOGGING_DIR/metrics.jsonl`", 1)[1].split("\n- ", 1)[0].split("\n\n")[0]
+    named = set(re.findall(r"`(\w+)`", paragraph))
+    assert METRICS_FIELDS | {"val_loss", "val_losses", "update_skipped"} <= named, METRICS_FIELDS - named
