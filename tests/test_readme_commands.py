@@ -98,3 +98,11 @@ def test_readme_names_every_metrics_field():
     paragraph = text.split("- Training writes `LOGGING_DIR/metrics.jsonl`", 1)[1].split("\n- ", 1)[0].split("\n\n")[0]
     named = set(re.findall(r"`(\w+)`", paragraph))
     assert METRICS_FIELDS | {"val_loss", "val_losses", "update_skipped"} <= named, METRICS_FIELDS - named
+
+
+@pytest.mark.parametrize("command", sorted(readme_commands()))
+def test_help_says_its_summary_once(command, capsys, monkeypatch):
+    """A `--help` says what the command does once: a help whose details repeat its summary line reads as two texts."""
+    lines = [line.strip() for line in help_text(command, capsys, monkeypatch).splitlines() if line.strip()]
+    summary = next(line for line in lines[1:] if not line.startswith(("[", "usage:")) and line.endswith("."))
+    assert lines.count(summary) == 1, (command, summary)

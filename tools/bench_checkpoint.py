@@ -74,8 +74,8 @@ STORE = "random"  # the synthetic store's name under the work folder
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    ap = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                        epilog=__doc__)
+    summary, details = __doc__.split("\n\n", 1)  # the summary above the options, the details below them
+    ap = ArgumentParser(description=summary, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=details)
     ap.add_argument("overrides", nargs="*", help="dotted config overrides (model.hidden_size=1024 ...)")
     ap.add_argument("--config", help="YAML config to start from (default: a small built-in model)")
     ap.add_argument("--interval", type=integer, default=5, help="steps between saves (default 5)")

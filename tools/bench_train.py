@@ -63,8 +63,8 @@ class RunResult:
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    ap = ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    summary, details = __doc__.split("\n\n", 1)  # the summary above the options, the details below them
+    ap = ArgumentParser(description=summary, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=details)
     ap.add_argument("overrides", nargs="*", help="dotted config overrides shared by every run (model.preset=...)")
     ap.add_argument("--config", help="YAML config to start from (default: built-in defaults)")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME:k=v,k=v",
