@@ -281,18 +281,15 @@ def _sentencepiece_style_tokenizer(path: Path, prepend: bool) -> str:
 
 @pytest.mark.parametrize("which", ["byte_level", "smollm2", "metaspace", "prepended"])
 def test_a_long_document_is_encoded_in_pieces_with_the_ids_of_encoding_it_whole(tmp_path, tok, tool, monkeypatch,
-                                                                                which):
+                                                                                which, request):
     """Documents longer than LONG_TEXT_CHARS (made 1,500 here; 1 MiB in use) are encoded a piece at a time, so a
     worker's memory does not grow with the longest document, and give the ids `tokenizers` gives for the whole
     text: with the tiny byte-level BPE, the real SmolLM2 tokenizer, a Metaspace one, and one that puts "▁" before
     every text (which must not be cut)."""
-    import os
     from nanotronix.data import encode
     from helpers import CORPUS
     if which == "smollm2":
-        tok = os.environ.get("NANOTRONIX_SMOLLM2_TOKENIZER", "")
-        if not os.path.isfile(tok):
-            pytest.skip("the real SmolLM2 tokenizer is absent: set NANOTRONIX_SMOLLM2_TOKENIZER (.ci/run does)")
+        tok = request.getfixturevalue("smollm2_tokenizer_path")  # skips, saying so, where it is absent
     elif which != "byte_level":
         tok = _sentencepiece_style_tokenizer(tmp_path / f"{which}.json", prepend=which == "prepended")
     monkeypatch.setattr(encode, "LONG_TEXT_CHARS", 1500)
