@@ -106,3 +106,13 @@ def test_help_says_its_summary_once(command, capsys, monkeypatch):
     lines = [line.strip() for line in help_text(command, capsys, monkeypatch).splitlines() if line.strip()]
     summary = next(line for line in lines[1:] if not line.startswith(("[", "usage:")) and line.endswith("."))
     assert lines.count(summary) == 1, (command, summary)
+
+
+def test_readme_layout_names_every_module():
+    """The `## Layout` block names each module and package of nanotronix/ (a newcomer's map of the code)."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = text.split("\n## Layout\n", 1)[1].split("```", 2)[1].split("\ntools/", 1)[0]
+    named = set(re.findall(r"\b(\w+)(?:\.py\b|/)", block))
+    modules = {path.stem for path in (ROOT / "nanotronix").glob("*.py") if path.stem != "__init__"}
+    packages = {path.parent.name for path in (ROOT / "nanotronix").glob("*/__init__.py")}
+    assert modules | packages <= named, (modules | packages) - named
