@@ -5,6 +5,8 @@ failures and the lock: test_slurm_failures.py; USR1 and TERM in a job's start: t
 
 - slurm/preprocess.sh as a job array of 3 tasks (~15 s): the folder of shards reads as one store equal to a
   single preprocess run of the same inputs; a task without its settings fails with one line.
+- The README's CPU try-out block as written (~35 s): the quickstart model trained in a Slurm job, and a 2-task
+  preprocessing array, in a scratch checkout holding a small quickstart/.
 - A config that names a checkpoint to start from (a branch off another run) starts from it, not from scratch.
 - End to end on CPU (~60-90 s): `sbatch --nodes=2 slurm/smollm2_1p7b.sh` with environment overrides pointing at a
   tiny two-stage config and small token stores trains with one process on each node (a torchrun agent per node,
@@ -21,6 +23,7 @@ Skips only where Slurm is not installed; .ci/run installs and starts the cluster
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -85,6 +88,67 @@ def test_preprocess_job_array_writes_one_store(slurm, tmp_path, tiny_tokenizer):
     assert sharded.metadata["shards"] == 3 and sharded.num_documents == whole.num_documents
     assert (tmp_path / "whole.bin").read_bytes() == b"".join(
         (tmp_path / "sharded" / f"shard-{i:05d}-of-00003.bin").read_bytes() for i in range(3))
+
+
+# ------------------------------------------------------------------------------- the README's CPU try-out
+
+def readme_cpu_try_block() -> list[str]:
+    """README's block "To try the scripts on a cluster without GPUs", one command per line: continuation lines
+    joined, comments dropped."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = text.split("\nTo try the scripts on a cluster without GPUs", 1)[1].split("```bash\n", 1)[1]
+    commands, current = [], ""
+    for line in block.split("```", 1)[0].splitlines():
+        line = re.split(r"\s+# ", line, maxsplit=1)[0].rstrip()
+        current += line.removesuffix("\\").strip() + " "
+        if not line.endswith("\\"):
+            commands.append(current.strip())
+            current = ""
+    return [c for c in commands if c]
+
+
+def test_readme_cpu_try_block_runs(slurm, tmp_path, tiny_tokenizer):
+    """The README's CPU try-out, run as written in a scratch checkout (links to the project's folders) holding a
+    small quickstart/ (what `make quickstart` leaves there: corpus, tokenizer, stores): the quickstart model trains in
+    a Slurm job, shortened to 6 steps (OVERRIDES), and the 2-task preprocessing array writes one store, equal to one
+    preprocess run; each job's log is where the README says. ~40 s."""
+    from nanotronix.data import PreprocessOptions, open_store, preprocess
+    from helpers import CORPUS
+
+    commands = readme_cpu_try_block()
+    assert [c.split("sbatch ")[-1].split()[-1] for c in commands[1:]] == [
+        "slurm/smollm2_135m.sh", "slurm/preprocess.sh"], commands
+    for name in ("nanotronix", "tools", "slurm", "examples", ".ci"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    quickstart = tmp_path / "quickstart"
+    quickstart.mkdir()
+    (quickstart / "tokenizer.json").write_bytes(open(tiny_tokenizer, "rb").read())
+    texts = [f"{i}: {CORPUS[i % len(CORPUS)]}" for i in range(400)]  # ~40k tokens: the held-out windows fit
+    (quickstart / "corpus.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    for name in ("stdlib", "heldout"):
+        preprocess(PreprocessOptions([str(quickstart / "corpus.jsonl")], str(quickstart / "tokenizer.json"),
+                                     str(quickstart / "data" / name), progress=False))
+    short_run = ("train.train_steps=6 lr_schedule.warmup_steps=2 lr_schedule.decay_start_step=4 "
+                 "lr_schedule.decay_steps=2 validation.interval=3 checkpoint.interval=3")
+    env = {**slurm.env, "PYTHON": sys.executable, "OVERRIDES": short_run}
+    proc = subprocess.run(["bash", "-euo", "pipefail", "-c", "\n".join(commands)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    train_job, array_job = re.findall(r"Submitted batch job (\d+)", proc.stdout)
+    slurm.jobs += [train_job, array_job]
+
+    info = slurm.wait(train_job, timeout=300)
+    log = (tmp_path / f"smollm2-135m-{train_job}.out").read_text()
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), (info, log[-3000:])
+    assert "2 process(es) on cpu" in log and "done: 6 steps" in log, log[-3000:]
+    for task in (f"{array_job}_0", f"{array_job}_1"):
+        info = slurm.wait(task, timeout=300)
+        log = (tmp_path / f"preprocess-{task}.out").read_text()
+        assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), (info, log)
+    sharded = open_store(quickstart / "sharded")
+    assert sharded.metadata["shards"] == 2
+    assert (quickstart / "data" / "stdlib.bin").read_bytes() == b"".join(
+        (quickstart / "sharded" / f"shard-{i:05d}-of-00002.bin").read_bytes() for i in range(2))
 
 
 # ------------------------------------------------------------------------------- USR1 -> save -> requeue
