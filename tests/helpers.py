@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,21 @@ TINY_MODEL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 
 METRICS_FIELDS = {"step", "loss", "lr", "grad_norm", "consumed_tokens", "tokens_per_sec", "tokens_per_sec_per_gpu",
                   "model_tflops_per_gpu", "mfu", "stage", "datasets", "time", "data_wait_ms", "data_wait_rank",
                   "peak_memory_gb"}
+
+
+def readme_bash_block(after: str) -> list[str]:
+    """The commands of README's first ```bash block after the text AFTER, one per line: continuation lines joined,
+    comments dropped."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = text.split(after, 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    commands, current = [], ""
+    for line in block.splitlines():
+        line = re.split(r"\s+# ", line, maxsplit=1)[0].rstrip()
+        current += line.removesuffix("\\").strip() + " "
+        if not line.endswith("\\"):
+            commands.append(current.strip())
+            current = ""
+    return [c for c in commands if c]
 
 
 def write_learnable_store(prefix: Path, num_docs: int = 200, vocab: int = 256, seed: int = 0,

@@ -10,24 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from helpers import ROOT
+from helpers import ROOT, readme_bash_block
 
 SHORT_RUN = ("train.train_steps=30 lr_schedule.warmup_steps=3 lr_schedule.decay_start_step=20 "
              "lr_schedule.decay_steps=10 checkpoint.interval=10")
 
 
 def own_text_block() -> list[str]:
-    """The block's commands, one per line: continuation lines joined, comments dropped."""
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    block = text.split("\nYour own text, on this machine", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
-    commands, current = [], ""
-    for line in block.splitlines():
-        line = re.split(r"\s+# ", line, maxsplit=1)[0].rstrip()
-        current += line.removesuffix("\\").strip() + " "
-        if not line.endswith("\\"):
-            commands.append(current.strip())
-            current = ""
-    return [c for c in commands if c]
+    return readme_bash_block("\nYour own text, on this machine")
 
 
 def test_the_block_is_what_this_test_runs():

@@ -92,30 +92,15 @@ def test_preprocess_job_array_writes_one_store(slurm, tmp_path, tiny_tokenizer):
 
 # ------------------------------------------------------------------------------- the README's CPU try-out
 
-def readme_cpu_try_block() -> list[str]:
-    """README's block "To try the scripts on a cluster without GPUs", one command per line: continuation lines
-    joined, comments dropped."""
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    block = text.split("\nTo try the scripts on a cluster without GPUs", 1)[1].split("```bash\n", 1)[1]
-    commands, current = [], ""
-    for line in block.split("```", 1)[0].splitlines():
-        line = re.split(r"\s+# ", line, maxsplit=1)[0].rstrip()
-        current += line.removesuffix("\\").strip() + " "
-        if not line.endswith("\\"):
-            commands.append(current.strip())
-            current = ""
-    return [c for c in commands if c]
-
-
 def test_readme_cpu_try_block_runs(slurm, tmp_path, tiny_tokenizer):
     """The README's CPU try-out, run as written in a scratch checkout (links to the project's folders) holding a
     small quickstart/ (what `make quickstart` leaves there: corpus, tokenizer, stores): the quickstart model trains in
     a Slurm job, shortened to 6 steps (OVERRIDES), and the 2-task preprocessing array writes one store, equal to one
     preprocess run; each job's log is where the README says. ~40 s."""
     from nanotronix.data import PreprocessOptions, open_store, preprocess
-    from helpers import CORPUS
+    from helpers import CORPUS, readme_bash_block
 
-    commands = readme_cpu_try_block()
+    commands = readme_bash_block("\nTo try the scripts on a cluster without GPUs")
     assert [c.split("sbatch ")[-1].split()[-1] for c in commands[1:]] == [
         "slurm/smollm2_135m.sh", "slurm/preprocess.sh"], commands
     for name in ("nanotronix", "tools", "slurm", "examples", ".ci"):
