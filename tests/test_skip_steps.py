@@ -85,7 +85,7 @@ def test_skipped_steps_train_nothing_and_pass_their_data_over(tmp_path, store, c
                                           "resume": str(ckpt / "step_0000005")})
     train_in_process(resumed_cfg)
     again = read_metrics(tmp_path / "resumed" / "logs")
-    assert sorted(again) == [7, 9]
+    assert sorted(again) == [6, 7, 9] and again[6]["skipped"] and "loss" not in again[6]  # its first step is logged
     assert all(again[s][k] == got[s][k] for s in (7, 9) for k in ("loss", "grad_norm", "lr", "consumed_tokens"))
 
 
@@ -172,6 +172,11 @@ def test_rollback_then_skip_equals_a_run_that_skipped_from_the_start(tmp_path, s
     got = read_metrics(tmp_path / "run" / "logs")  # the last record of a step wins
     for step in (7, 8):
         assert all(got[step][k] == reference[step][k] for k in ("loss", "grad_norm", "lr", "consumed_tokens"))
+    # what plot_run draws: the rolled-back run's losses of steps 5-6 are gone (the recovered run's first step, 5,
+    # skipped, is logged: before, its first record was step 7's, and the abandoned spike stayed on the curve)
+    plotted = load_tool("plot_run").read_metrics(tmp_path / "run" / "logs" / "metrics.jsonl")[0]
+    assert [(r["step"], r.get("loss")) for r in plotted] == [(s, got[s]["loss"]) for s in (1, 2, 3, 4)] + \
+        [(5, None)] + [(s, reference[s]["loss"]) for s in (7, 8)]
     train_in_process(recovered)  # a requeue: nothing left to do, and not back to step 4
     assert f"resumed from {ckpt / 'step_0000008'} at step 8" in capsys.readouterr().out
 

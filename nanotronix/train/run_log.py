@@ -83,10 +83,13 @@ class RunLog:
         self._emit(record)
 
     def skipped(self, step: int, lr: float, data_stats: dict[str, Any], val_losses: dict[str, float]) -> None:
-        """The record of a step in train.skip_steps that ran a validation (on the last trained step's weights)."""
-        self._emit({"step": step, "skipped": True, "lr": lr, "consumed_tokens": self._consumed_tokens(step, data_stats),
-                    "stage": data_stats.get("stage"), "datasets": data_stats.get("datasets"), "time": time.time(),
-                    "val_loss": mean_loss(val_losses), "val_losses": val_losses})
+        """The record of a step in train.skip_steps that ran a validation (on the last trained step's weights), or
+        that is a resumed run's first."""
+        record = {"step": step, "skipped": True, "lr": lr, "consumed_tokens": self._consumed_tokens(step, data_stats),
+                  "stage": data_stats.get("stage"), "datasets": data_stats.get("datasets"), "time": time.time()}
+        if val_losses:
+            record.update(val_loss=mean_loss(val_losses), val_losses=val_losses)
+        self._emit(record)
 
     def _consumed_tokens(self, step: int, data_stats: dict[str, Any]) -> int:
         """Tokens of the samples consumed by the end of `step`: the datasets' counts, which a resume with another

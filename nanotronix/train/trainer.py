@@ -294,7 +294,9 @@ class _TrainingRun:
                            f"{(skipped[1] - step + 1) * self.cfg.train.global_batch_size} samples passed over")
         self.loader.skip(step)
         val_losses = self._validate_if_due(step)  # the curve keeps its points (the last trained step's weights)
-        if val_losses:
+        # a resumed run's first step is logged too: its record ends, for metrics.jsonl's readers, the steps past it
+        # that a run abandoned by tools/rollback.py had logged (a step's record drops the later ones written before it)
+        if val_losses or step == self.start_step > 1:
             self.log.skipped(step, lr, self.loader.stats(step), val_losses)
 
     def _train_one(self, step: int, lr: float) -> float:
