@@ -150,8 +150,8 @@ def console_line(record: dict[str, Any], train_steps: int, tokens_per_step: int)
     """The log line of a metrics record: step, loss (and validation losses), lr, grad norm, tokens/s, MFU, memory,
     a slow rank's data wait, and the time left at this pace (of steps of `tokens_per_step` tokens: the run's now,
     not the average since step 1, which a resume with another seq_len changed);
-    a skipped step's record (train.skip_steps: a validation's, or a resumed run's first) gets step, validation losses and
-    lr."""
+    a skipped step's record (train.skip_steps: a validation's, or a resumed run's first) gets step, validation
+    losses and lr."""
     skipped = record.get("skipped", False)
     parts = [f"step {record['step']:>6}/{train_steps}", "skipped" if skipped else f"loss {record['loss']:.4f}"]
     if record.get("val_losses"):
