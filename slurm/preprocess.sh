@@ -1,6 +1,6 @@
 #!/bin/bash
 # Tokenize a corpus on many machines: one Slurm job array, each task running tools/preprocess.py on its share of
-# the inputs (`--shard I/N`: the I-th of N contiguous runs of the sorted inputs, about equal in bytes; large
+# the inputs (`--shard I/N`: the I-th of N contiguous runs of the sorted inputs, holding like amounts of text; large
 # JSON-lines (also .gz/.zst) and Parquet files are cut between tasks).
 #
 #   INPUT=/raw/fineweb-edu TOKENIZER=/models/smollm2/tokenizer.json OUTPUT=/corpus/fineweb-edu \
