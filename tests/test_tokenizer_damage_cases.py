@@ -265,6 +265,30 @@ def test_an_added_tokens_decoder_other_than_tokenizer_json_is_refused(world, tmp
     assert not (tmp_path / "hf").exists()
 
 
+def test_an_added_tokens_decoder_lacking_an_added_token_is_refused(world, tmp_path, capsys):
+    """A decoder without one of tokenizer.json's added tokens (here one no special-token key names): AutoTokenizer
+    builds a tokenizer_class such as GPT2Tokenizer (SmolLM2's) from tokenizer.json's vocabulary and merges and adds
+    the decoder's tokens only, so the one left out is no longer one token; the export shipped it, saying it
+    succeeded."""
+    folder = tmp_path / "tok"
+    shutil.copytree(world["tiny"], folder)
+    reference = Tokenizer.from_file(str(folder / TOKENIZER_JSON))
+    reference.add_special_tokens(["<tool>"])
+    reference.save(str(folder / TOKENIZER_JSON))
+    config = json.loads((folder / CONFIG).read_text())
+    decoder = decoder_of(folder)
+    del decoder[str(reference.token_to_id("<tool>"))]
+    (folder / CONFIG).write_text(json.dumps({**config, "tokenizer_class": "GPT2Tokenizer",
+                                             "added_tokens_decoder": decoder}))
+    source = auto_reading(folder)
+    assert source("a <tool> b")["input_ids"] != reference.encode("a <tool> b").ids  # what the refusal saves
+    code, err = export(world, tmp_path, folder, capsys)
+    assert code == 2 and err == [f"error: {folder / CONFIG}: added_tokens_decoder: lacks \"<tool>\", an added token of "
+                                 "its tokenizer.json (AutoTokenizer builds a tokenizer_class such as GPT2Tokenizer "
+                                 "without it, tokenizing text otherwise than the store)"], err
+    assert not (tmp_path / "hf").exists()
+
+
 def test_special_tokens_map_is_not_read_beside_an_added_tokens_decoder(world, tmp_path, capsys):
     """AutoTokenizer (transformers 5) reads special_tokens_map.json only where tokenizer_config.json holds no
     added_tokens_decoder: the export took the map's eos_token over the config's, and its config.json named another

@@ -59,9 +59,11 @@ MODEL_VOCAB = 49152  # SmolLM2's: both tokenizers fit the exported model
 # Refusals of a folder both references read (and AutoTokenizer without making a token special): ids past the
 # model's vocabulary (an IndexError in generate()) or past what a store's int32 holds, no token that ends a document
 # (README, Token stores); an added_tokens_decoder entry other than tokenizer.json's added token (its properties, or id:
-# the files disagree; README, Checkpoints and Hugging Face)
+# the files disagree), or one lacking such a token (what a tokenizer_class that rebuilds the tokenizer, GPT2Tokenizer,
+# drops; README, Checkpoints and Hugging Face)
 DOCUMENTED = ("more than the model's vocabulary", "past the largest a token store holds",
-              "has no end-of-document token", "differs from tokenizer.json's", "in its tokenizer.json")
+              "has no end-of-document token", "differs from tokenizer.json's", "in its tokenizer.json",
+              "an added token of its tokenizer.json (AutoTokenizer builds")
 
 
 def hf_folder(tokenizer_file: Path, folder: Path) -> Path:
@@ -225,6 +227,8 @@ def edit_added_tokens_decoder(folder: Path, draw) -> str:
         decoder[draw(st.sampled_from(["x", "", "1.0"]))] = decoder.pop(key)
     config["added_tokens_decoder"] = draw(st.sampled_from([decoder] * 5 + [None, [], {}, "x"])) if kind == "whole" \
         else decoder
+    # SmolLM2's class, which AutoTokenizer builds from the vocabulary with the decoder's added tokens, or the saved one
+    config["tokenizer_class"] = draw(st.sampled_from(["GPT2Tokenizer", config.get("tokenizer_class")]))
     (folder / CONFIG).write_text(json.dumps(config))
     then = draw(st.sampled_from(["nothing", SPECIAL_MAP, CONFIG]))
     return f"added_tokens_decoder {kind} then " + (then if then == "nothing" else edit_hf_config(then, folder, draw))

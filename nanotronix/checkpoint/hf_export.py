@@ -195,7 +195,9 @@ def _check_added_tokens_decoder(file: Path, decoder: Any, tokenizer) -> None:
     to the tokenizer again with its own properties. A UserError naming FILE where it cannot read it, or where that
     adds a token tokenizer.json lacks as an added one (a new id past the vocabulary), or gives one other properties
     than tokenizer.json's (lstrip: the space before it swallowed; text tokenized otherwise than the store), or another
-    id (the two files disagree). An entry without content adds nothing, as there."""
+    id (the two files disagree), or where it lacks one of tokenizer.json's added tokens (a tokenizer_class such as
+    GPT2Tokenizer, SmolLM2's, is built from tokenizer.json's vocabulary and merges with the decoder's tokens only:
+    the one left out is no longer split out of text as one token). An entry without content adds nothing, as there."""
     from tokenizers import AddedToken
 
     where = f"{file}: added_tokens_decoder"
@@ -203,6 +205,7 @@ def _check_added_tokens_decoder(file: Path, decoder: Any, tokenizer) -> None:
         raise UserError(f"{where}: a JSON {json_kind(decoder)}, not a mapping of ids to tokens (AutoTokenizer "
                         "cannot read it)")
     added = {token.content: (index, token) for index, token in tokenizer.get_added_tokens_decoder().items()}
+    listed: set[str] = set()
     for key, fields in decoder.items():
         try:
             index = int(key)  # as transformers reads the key: " 5" and "1_0" are ids there too
@@ -230,6 +233,12 @@ def _check_added_tokens_decoder(file: Path, decoder: Any, tokenizer) -> None:
         if index != known_index:
             raise UserError(f"{where}: {json.dumps(token.content)} has id {index} there, {known_index} in its "
                             "tokenizer.json")
+        listed.add(token.content)
+    lacking = sorted((index, content) for content, (index, _) in added.items() if content not in listed)
+    if lacking:
+        raise UserError(f"{where}: lacks {json.dumps(lacking[0][1])}, an added token of its tokenizer.json "
+                        "(AutoTokenizer builds a tokenizer_class such as GPT2Tokenizer without it, tokenizing text "
+                        "otherwise than the store)")
 
 
 def _is_added_token(file: Path, where: str, value: Any) -> bool:
