@@ -243,6 +243,9 @@ def with_decoder(world, tmp_path: Path, edit) -> Path:
 @pytest.mark.parametrize("edit, said", [
     (lambda d: d.update({"300": {**d["300"], "content": "<new>"}}),
      '"<new>" is not an added token of its tokenizer.json (AutoTokenizer would add it, past the vocabulary)'),
+    (lambda d: d.update({"300": {**d["300"], "content": "a"}}),  # said "past the vocabulary", where "a" is
+     '"a" is a token of its tokenizer.json\'s vocabulary, not an added one (AutoTokenizer would make it one, '
+     "splitting text at it otherwise than the store)"),
     (lambda d: d["0"].update(lstrip=True),
      '"<|endoftext|>" differs from tokenizer.json\'s (lstrip true, not false): AutoTokenizer re-adds it so, '
      "tokenizing text otherwise than the store"),

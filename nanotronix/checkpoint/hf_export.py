@@ -193,11 +193,12 @@ def _check_added_tokens_decoder(file: Path, decoder: Any, tokenizer) -> None:
     """tokenizer_config.json's added_tokens_decoder (saved by transformers 4 beside tokenizer.json), read as
     AutoTokenizer (transformers 5.25) reads it: each entry, an id and the fields of a tokenizers AddedToken, is added
     to the tokenizer again with its own properties. A UserError naming FILE where it cannot read it, or where that
-    adds a token tokenizer.json lacks as an added one (a new id past the vocabulary), or gives one other properties
-    than tokenizer.json's (lstrip: the space before it swallowed; text tokenized otherwise than the store), or another
-    id (the two files disagree), or where it lacks one of tokenizer.json's added tokens (a tokenizer_class such as
-    GPT2Tokenizer, SmolLM2's, is built from tokenizer.json's vocabulary and merges with the decoder's tokens only:
-    the one left out is no longer split out of text as one token). An entry without content adds nothing, as there."""
+    adds a token tokenizer.json lacks (a new id past the vocabulary) or holds as a plain one of its vocabulary (text
+    then split at it), or gives an added one other properties than tokenizer.json's (lstrip: the space before it
+    swallowed; text tokenized otherwise than the store), or another id (the two files disagree), or where it lacks
+    one of tokenizer.json's added tokens (a tokenizer_class such as GPT2Tokenizer, SmolLM2's, is built from
+    tokenizer.json's vocabulary and merges with the decoder's tokens only: the one left out is no longer split out of
+    text as one token). An entry without content adds nothing, as there."""
     from tokenizers import AddedToken
 
     where = f"{file}: added_tokens_decoder"
@@ -220,6 +221,10 @@ def _check_added_tokens_decoder(file: Path, decoder: Any, tokenizer) -> None:
             raise UserError(f"{where}: {json.dumps(key)}: not a token AutoTokenizer reads ({e})") from None
         if not token.content:
             continue
+        if token.content not in added and tokenizer.token_to_id(token.content) is not None:
+            raise UserError(f"{where}: {json.dumps(token.content)} is a token of its tokenizer.json's vocabulary, not "
+                            "an added one (AutoTokenizer would make it one, splitting text at it otherwise than the "
+                            "store)")
         if token.content not in added:
             raise UserError(f"{where}: {json.dumps(token.content)} is not an added token of its tokenizer.json "
                             "(AutoTokenizer would add it, past the vocabulary)")
