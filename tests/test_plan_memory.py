@@ -2,13 +2,14 @@
 
 The model is built and parallelised as the trainer does (`parallelize`, which applies train.recompute through
 `speedups.apply_recompute`), and one micro-batch runs forward and loss as `MicroBatchRunner.run` does. A dispatch
-mode notes every storage an op makes (a weak reference: it keeps nothing alive); what is still alive when the loss
-is ready (the loss put aside) is what autograd keeps for backward, however it keeps it: saved tensors, the views
-they hold, recompute's inputs and selective recompute's cache (saved_tensors_hooks would miss the last two:
-checkpointing installs hooks of its own). Each storage counts once; the bf16 weight copies (casts of a parameter)
-count apart from activations. Per layer: the difference between a 3-layer and a 1-layer model, halved. Attention is
-CPU SDPA's flash kernel (causal, no mask), which keeps q, k, v, the output and the log-sum-exp as the CUDA flash and
-memory-efficient kernels do. ~15 s, and the parameters per GPU of tp 2 and pp 2 layouts (two gloo ranks, ~30 s).
+mode (tests/live_storages.py) notes every storage an op makes (a weak reference: it keeps nothing alive); what is
+still alive when the loss is ready (the loss put aside) is what autograd keeps for backward, however it keeps it:
+saved tensors, the views they hold, recompute's inputs and selective recompute's cache (saved_tensors_hooks would
+miss the last two: checkpointing installs hooks of its own). Each storage counts once; the bf16 weight copies
+(casts of a parameter) count apart from activations. Per layer: the difference between a 3-layer and a 1-layer
+model, halved. Attention is CPU SDPA's flash kernel (causal, no mask), which keeps q, k, v, the output and the
+log-sum-exp as the CUDA flash and memory-efficient kernels do. ~15 s, and the parameters per GPU of tp 2 and pp 2
+layouts (two gloo ranks, ~30 s).
 """
 from __future__ import annotations
 
@@ -17,11 +18,9 @@ import json
 
 import pytest
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from helpers import load_tool, two_gloo_ranks
+from live_storages import LiveStorages
 from nanotronix.config import config_from_dict
 from nanotronix.model import build_model
 from nanotronix.parallel import ParallelContext, parallelize
@@ -37,48 +36,6 @@ TOKENS = SEQ * MICRO_BATCH
 @pytest.fixture(scope="module")
 def plan_tool():
     return load_tool("plan")
-
-
-class LiveStorages(TorchDispatchMode):
-    """Weak references to the storages the ops make while on; `alive()` sums those that still exist. After every
-    op, the peak of what is alive of those made since each `mark(name)`. A parameter's storage (and its views:
-    `.t()`) is no activation; a cast of one is a weight copy."""
-
-    def __init__(self, params: set[int]):
-        super().__init__()
-        self.params = params
-        self.made: dict[int, tuple[StorageWeakRef, int, bool, int]] = {}  # data_ptr -> (ref, bytes, copy?, serial)
-        self.serial = 0
-        self.marks: dict[str, int] = {}
-        self.peaks: dict[str, int] = {}
-        self.ops: set = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.ops.add(func)
-        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-        weight_copy = func is torch.ops.aten._to_copy.default and inputs[0].untyped_storage().data_ptr() in self.params
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                key = storage.data_ptr()
-                if key in self.params or storage.nbytes() == 0:
-                    continue
-                known = self.made.get(key)
-                if known is None or known[0].expired():  # a freed storage's address can be handed out again
-                    self.serial += 1
-                    self.made[key] = (StorageWeakRef(storage), storage.nbytes(), weight_copy, self.serial)
-        for name, serial in self.marks.items():
-            self.peaks[name] = max(self.peaks[name], self.alive(since=serial)[0])
-        return out
-
-    def mark(self, name: str) -> None:
-        self.marks[name], self.peaks[name] = self.serial, 0
-
-    def alive(self, since: int = 0) -> tuple[int, int]:
-        """(activation bytes, weight-copy bytes) of the storages made after serial `since` that still exist."""
-        live = [(n, copy) for ref, n, copy, serial in self.made.values() if serial > since and not ref.expired()]
-        return sum(n for n, copy in live if not copy), sum(n for n, copy in live if copy)
 
 
 def measure(layers: int, dtype: str, recompute: str = "none", loss_chunk_size: int = 0) -> dict:
