@@ -169,10 +169,14 @@ dist.destroy_process_group()
 
 def test_parameters_per_gpu_are_the_parallel_models(plan_tool, tmp_path):
     """The plan's parameters on the GPU it reports (every TP rank alike; the pipeline stage it names) against those
-    of the part `parallelize` gives that rank: tp 2 with an untied head, pp 2 with a tied one (both ends hold it)."""
-    trees = [{"model": {**MODEL, "num_hidden_layers": 4, "tie_word_embeddings": tied}, "parallel": parallel,
-              "train": {"seq_len": SEQ, "global_batch_size": 2, "micro_batch_size": 1}}
-             for tied, parallel in ((False, {"tp": 2}), (True, {"pp": 2}))]
+    of the part `parallelize` gives that rank: tp 2 with an untied head, pp 2 with a tied one (both ends hold it),
+    and pp 2 with a head that costs ~5 layers, so that the first stage holds 7 of the 8 layers (the trainer's
+    partition balances compute, not layers)."""
+    trees = [{"model": {**MODEL, "num_hidden_layers": layers, "tie_word_embeddings": tied, "vocab_size": vocab},
+              "parallel": parallel, "train": {"seq_len": SEQ, "global_batch_size": 2, "micro_batch_size": 1}}
+             for tied, parallel, layers, vocab in ((False, {"tp": 2}, 4, MODEL["vocab_size"]),
+                                                   (True, {"pp": 2}, 4, MODEL["vocab_size"]),
+                                                   (True, {"pp": 2}, 8, 16000))]
     ranks = two_gloo_ranks(PARAMETERS_PER_RANK % json.dumps(trees), tmp_path, timeout=120)
     assert [code for code, _ in ranks] == [0, 0], ranks
     counts = [[int(line) for line in out.split()] for _, out in ranks]  # [rank][layout]
@@ -181,4 +185,6 @@ def test_parameters_per_gpu_are_the_parallel_models(plan_tool, tmp_path):
         plan = plan_tool.memory_plan(cfg, 1, 2)
         rank = 1 if plan["stage"] == "last" and cfg.parallel.pp == 2 else 0
         assert plan["params_per_gpu"] == counts[rank][k], (tree["parallel"], plan["stage"])
+        if cfg.parallel.pp == 2:  # and both stages'
+            assert [plan_tool.stage_memory(cfg, 1, 2, r)["params"] for r in (0, 1)] == [counts[0][k], counts[1][k]]
     assert counts[0][0] == counts[1][0]  # TP ranks hold the same number of parameters

@@ -13,11 +13,15 @@ Memory (per GPU, the most loaded pipeline stage): fp32 weights (they are their o
 AdamW's two fp32 moments (divided over DP with ZeRO-1), bf16 weight copies made by autocast (held until the
 micro-batch's backward; once per step with train.bf16_weight_cache; the decoder layers' one layer at a time with
 train.recompute), and activations: the tensors one Llama block keeps for backward with flash/memory-efficient
-attention (fewer with train.recompute), times the micro-batches a stage holds at once (1 without pipelining, up to
-pp with 1F1B, all with AFAB), plus the last stage's final norm and logits (bf16, their fp32 copy and log-softmax
-for the loss; one chunk with train.loss_chunk_size). Allocator fragmentation, NCCL buffers and the CUDA context
-(~1-3 GiB together) come on top. An estimate, not a measurement; tests/test_plan_memory.py holds its terms to what
-the model keeps on CPU.
+attention (fewer with train.recompute), times the rank's layers (the trainer's partition: the head counts, so the
+first ranks may hold more) and the micro-batches it holds at once (1 without pipelining; with 1F1B pp on the first
+rank, 1 on the last; all on every rank with AFAB; interleaved: pp + (pp-1)/virtual_stages on the first, all with
+fewer than 2 pp micro-batches), plus the last stage's final norm and logits (bf16, their fp32 copy and log-softmax
+for the loss; one chunk with train.loss_chunk_size; with AFAB every micro-batch's loss keeps its log-softmax or
+the fused loss's dW and dX), and the pipeline stages' receive buffers (one per micro-batch of the step, kept).
+Allocator fragmentation, NCCL buffers, the backward's passing gradients and the CUDA context (~1-3 GiB together)
+come on top. An estimate, not a measurement; tests/test_plan_memory.py holds its terms to what the model keeps on
+CPU, tests/test_plan_memory_parallel.py those of pipeline and data-parallel layouts.
 
 Checkpoints: the saves the run makes (checkpoint.interval, its milestones, the last step), how many stay on disk
 at its end under keep_last / keep_every / keep_steps, and their size (12 bytes per parameter: fp32 weights and
@@ -134,14 +138,69 @@ def stage_plan(cfg) -> list[dict[str, Any]]:
 
 # --------------------------------------------------------------------------------------------------- memory
 
-def in_flight_microbatches(cfg, accum: int) -> int:
-    """Micro-batches whose activations the first pipeline stage holds at its peak."""
+def rank_chunks(cfg, pp_rank: int) -> list[tuple[int, int]]:
+    """(global chunk id, decoder layers) of each pipeline chunk of rank `pp_rank`: the trainer's own partition, which
+    balances compute with the head counted (`parallel.partition`), so the first ranks can hold more than layers/pp."""
+    from nanotronix.parallel.partition import chunk_ids_of_rank, pipeline_chunks
+
+    p = cfg.parallel
+    layers = pipeline_chunks(cfg.model, cfg.train.seq_len, p.pp, p.virtual_stages)
+    return [(c, len(layers[c])) for c in chunk_ids_of_rank(pp_rank, p.pp, p.virtual_stages)]
+
+
+def chunk_forwards_at_peak(cfg, accum: int, pp_rank: int) -> list[tuple[int, int]]:
+    """(forwards awaiting their backward, backwards done) of each chunk of rank `pp_rank` at its peak, as
+    torch.distributed.pipelining's schedules run them (tests/test_plan_memory_parallel.py counts them): 1 without
+    pipelining; all micro-batches with AFAB (GPipe: every forward first), on every rank; with 1F1B pp - pp_rank (the
+    first rank pp, the last 1). Interleaved 1F1B: rank r runs (v - 1) x (micro-batches per round) + 2 (pp - 1 - r)
+    forwards before its first backward (all of them at most), then a forward and a backward at a time, the
+    backwards from its last chunk back, a round's micro-batches each: its last forward is its peak."""
     p = cfg.parallel
     if p.pp == 1:
-        return 1
-    if p.pp_schedule == "afab":
-        return accum
-    return min(accum, p.pp * (2 if p.pp_schedule == "interleaved" else 1))
+        return [(1, 0)]
+    if p.pp_schedule != "interleaved":
+        return [(accum if p.pp_schedule == "afab" else min(accum, p.pp - pp_rank), 0)]
+    v = p.virtual_stages
+    per_round = accum // max(1, accum // p.pp)
+    warmup = min((v - 1) * per_round + 2 * (p.pp - 1 - pp_rank), accum * v)
+    done = [0] * v
+    for k in range(accum * v - warmup - 1):  # the backwards before the last forward
+        done[v - 1 - (k // per_round) % v] += 1
+    return [(accum - d, d) for d in done]
+
+
+def in_flight_microbatches(cfg, accum: int, pp_rank: int = 0) -> float:
+    """Micro-batches whose activations pipeline rank `pp_rank` holds at its peak (`chunk_forwards_at_peak`), in
+    forwards of all its chunks: with interleaved 1F1B on the first rank pp + (pp - 1) / virtual_stages when the step
+    has two rounds (2 pp micro-batches) or more, all of them with one round; on the last rank more than one."""
+    peak = chunk_forwards_at_peak(cfg, accum, pp_rank)
+    return sum(forwards for forwards, _ in peak) / len(peak)
+
+
+def pipeline_buffer_bytes(cfg, accum: int, pp_rank: int) -> float:
+    """What the pipeline stages of rank `pp_rank` keep at its peak beside the layers' activations, in micro-batches'
+    residual streams (fp32: the weights are fp32 and autocast leaves the residual so; split over TP under sequence
+    parallelism). torch.distributed.pipelining's PipelineStage makes, once, a receive buffer per micro-batch of the
+    step for the activations a chunk receives (every chunk but the model's first) and one for its output's gradient
+    (every chunk but the last), and keeps them; a forward in flight keeps its chunk's output until its backward (its
+    received activations are its first layer's input, counted with the layer). The interleaved schedule (torch's
+    runtime schedule) waits for its sends only at the end of the step, and a pending send keeps its tensor: at the
+    rank's peak every forward's output and the input gradients of the backwards done so far are alive."""
+    p, t = cfg.parallel, cfg.train
+    if p.pp == 1:
+        return 0.0
+    last = p.pp * p.virtual_stages - 1
+    chunks = [(c, forwards, done) for (c, _), (forwards, done) in zip(rank_chunks(cfg, pp_rank),
+                                                                        chunk_forwards_at_peak(cfg, accum, pp_rank))]
+    buffers = accum * sum((c > 0) + (c < last) for c, _, _ in chunks)
+    received = sum(forwards for c, forwards, _ in chunks if c > 0)
+    if p.pp_schedule == "interleaved":
+        outputs = accum * sum(c < last for c, _, _ in chunks)
+        gradients = sum(done for c, _, done in chunks if c > 0)
+    else:
+        outputs, gradients = sum(forwards for c, forwards, _ in chunks if c < last), 0
+    residual = t.micro_batch_size * t.seq_len * 4 * cfg.model.hidden_size / (p.tp if p.sequence_parallel else 1)
+    return residual * (buffers - received + outputs + gradients)
 
 
 def activation_bytes_per_token_per_layer(cfg) -> tuple[float, float]:
@@ -199,7 +258,7 @@ def loss_bytes(cfg, tokens: int) -> float:
     return tokens * v * (bf16 + 4 + 4)
 
 
-def bf16_copy_bytes(params: float, layer_params: float, held: int, train, layers: int) -> float:
+def bf16_copy_bytes(params: float, layer_params: float, held: float, train, layers: int) -> float:
     """Autocast's bf16 weight copies live until each in-flight micro-batch's backward; with
     train.bf16_weight_cache the decoder layers' copies exist once (the embedding/head is still cast per use); with
     train.recompute the decoder layers' are not kept (remade in the backward, one layer's at a time).
@@ -218,41 +277,65 @@ def layer_linear_params(cfg) -> float:
     return (d * (d + 2 * kv) + d * d + 3 * d * m.intermediate_size) / cfg.parallel.tp
 
 
-def memory_plan(cfg, dp: int, accum: int) -> dict[str, Any]:
+def loss_kept_bytes(cfg, tokens: int) -> float:
+    """What the head + loss of one micro-batch on the last pipeline stage keeps until its backward, once it has run:
+    the fp32 log-softmax (under TP the softmax of the vocabulary slice) and the logits, the chunk's output, which the
+    stage keeps for the backward; the fused loss's fp32 dW and dX (its input, the final norm's output, is counted
+    with the norm). AFAB's last stage holds this per micro-batch."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
-    d, v, layers = m.hidden_size, m.vocab_size, m.num_hidden_layers
-    layer_params = layer_linear_params(cfg) + 2 * d
+    v, d = m.vocab_size / p.tp, m.hidden_size
+    if t.loss_chunk_size > 0:
+        return 4 * v * d + 4 * tokens * d
+    return tokens * v * (4 + (2 if t.dtype == "bfloat16" else 4))
+
+
+def stage_memory(cfg, dp: int, accum: int, pp_rank: int) -> dict[str, float]:
+    """Bytes per GPU of pipeline rank `pp_rank` by kind (module docstring), with its parameters and the micro-batches
+    it holds in flight."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    d, v = m.hidden_size, m.vocab_size
+    first, last = pp_rank == 0, pp_rank == p.pp - 1
+    chunks = rank_chunks(cfg, pp_rank)
+    layers = sum(n for _, n in chunks)
+    layer_params = layers * (layer_linear_params(cfg) + 2 * d)
     embedding = v * d / p.tp
-    layers_per_stage = math.ceil(layers / p.pp)
-    bf16 = t.dtype == "bfloat16"
     tokens = t.micro_batch_size * t.seq_len
     act_kept, act_full = activation_bytes_per_token_per_layer(cfg)
+    params = layer_params
+    if first:
+        params += embedding
+    if last:
+        params += d + (embedding if (not m.tie_word_embeddings or not first) else 0)
+    held = in_flight_microbatches(cfg, accum, pp_rank)
+    in_flight_layers = sum(n * forwards for (_, n), (forwards, _) in zip(chunks, chunk_forwards_at_peak(cfg, accum,
+                                                                                                      pp_rank)))
+    acts = in_flight_layers * tokens * act_kept + tokens * (act_full - act_kept) \
+        + pipeline_buffer_bytes(cfg, accum, pp_rank)
+    if last:
+        losses = accum if p.pp > 1 and p.pp_schedule == "afab" else 1  # the last chunk's forwards in flight
+        acts += losses * tokens * final_norm_bytes_per_token(cfg) + (losses - 1) * loss_kept_bytes(cfg, tokens) \
+            + loss_bytes(cfg, tokens)
+    parts = {
+        "weights_fp32": 4 * params,
+        "weights_bf16_copies": bf16_copy_bytes(params, layer_params, held, t, layers) if t.dtype == "bfloat16"
+        else 0.0,
+        "grads_fp32": 4 * params,
+        "optimizer_adamw": 8 * params / (dp if p.zero_stage == 1 else 1),
+        "activations": acts,
+    }
+    parts["total"] = sum(parts.values())
+    return {"params": params, "held": held, **parts}
 
-    def stage(first: bool, last: bool) -> dict[str, float]:
-        params = layers_per_stage * layer_params
-        if first:
-            params += embedding
-        if last:
-            params += d + (embedding if (not m.tie_word_embeddings or not first) else 0)
-        held = in_flight_microbatches(cfg, accum) if first else 1
-        acts = held * tokens * layers_per_stage * act_kept + tokens * (act_full - act_kept)
-        if last:
-            acts += loss_bytes(cfg, tokens) + tokens * final_norm_bytes_per_token(cfg)
-        parts = {
-            "weights_fp32": 4 * params,
-            "weights_bf16_copies": bf16_copy_bytes(params, layers_per_stage * layer_params, held, t,
-                                                   layers_per_stage) if bf16 else 0.0,
-            "grads_fp32": 4 * params,
-            "optimizer_adamw": 8 * params / (dp if p.zero_stage == 1 else 1),
-            "activations": acts,
-        }
-        parts["total"] = sum(parts.values())
-        return {"params": params, "held": held, **parts}
 
-    candidates = [stage(True, True)] if p.pp == 1 else [stage(True, False), stage(False, True)]
-    worst = max(candidates, key=lambda s: s["total"])
+def memory_plan(cfg, dp: int, accum: int) -> dict[str, Any]:
+    """The memory of the most loaded pipeline rank."""
+    pp = cfg.parallel.pp
+    ranks = [stage_memory(cfg, dp, accum, r) for r in range(pp)]
+    rank = max(range(pp), key=lambda r: ranks[r]["total"])
+    worst = ranks[rank]
     held = worst.pop("held")  # the micro-batches in flight on the stage reported, not always the first's
-    return {"stage": "first" if worst is candidates[0] else "last", "in_flight_microbatches": held,
+    stage = "first" if rank == 0 else "last" if rank == pp - 1 else f"rank {rank} of {pp}"
+    return {"stage": stage, "pp_rank": rank, "in_flight_microbatches": held,
             "params_per_gpu": worst.pop("params"), "bytes": worst, "gib": {k: b / GIB for k, b in worst.items()}}
 
 
@@ -418,10 +501,11 @@ def format_plan(plan: dict[str, Any]) -> str:
         lines.append(f"({len(missing)} store(s) not readable, so no epochs for them: point data.root=... at the "
                      f"corpus folder)")
     g = mem["gib"]
+    where = f"{mem['stage']} pipeline stage" if mem["stage"] in ("first", "last") else f"pipeline {mem['stage']}"
     lines += [
         "",
-        f"memory per GPU (estimate, {mem['stage']} pipeline stage, {mem['params_per_gpu'] / 1e6:,.1f}M parameters, "
-        f"{mem['in_flight_microbatches']} micro-batch(es) in flight): weights {g['weights_fp32']:.2f} GiB fp32 "
+        f"memory per GPU (estimate, {where}, {mem['params_per_gpu'] / 1e6:,.1f}M parameters, "
+        f"{mem['in_flight_microbatches']:g} micro-batch(es) in flight): weights {g['weights_fp32']:.2f} GiB fp32 "
         f"+ {g['weights_bf16_copies']:.2f} GiB bf16 copies, grads {g['grads_fp32']:.2f} GiB, optimizer "
         f"{g['optimizer_adamw']:.2f} GiB, activations {g['activations']:.2f} GiB = {g['total']:.2f} GiB "
         f"(+ ~1-3 GiB CUDA context, NCCL, fragmentation)",

@@ -1,0 +1,93 @@
+"""tools/plan.py's per-GPU memory under pipeline schedules and data parallelism against what each rank keeps, on CPU.
+
+One torchrun launch of 4 gloo ranks (tests/dist_plan_memory.py, ~40 s on 2 cores) runs a training step of
+tests/test_plan_memory.py's model (8 layers, bf16) in each layout below, the second under `LiveStorages`, and
+records per rank: the most micro-batches in flight (forwards whose backward has not run), the most activation bytes
+alive outside the backward passes, the buffers the pipeline stages keep, and the gradient, optimizer and weight
+buffers. The layouts: 1F1B, AFAB and interleaved 1F1B on 4 pipeline ranks with fewer micro-batches than ranks, a
+count that is not a multiple of them, one round and two; interleaved with 4 virtual stages on 2 ranks; ZeRO-1 and
+not over 2 data-parallel ranks.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dist_parallel_layouts import parse_layout
+from dist_plan_memory import layout_config
+from helpers import load_tool, torchrun
+from test_plan_memory import SEQ, TOKENS, rope_tables
+
+WORKER = str(Path(__file__).resolve().parent / "dist_plan_memory.py")
+WORLD = 4
+LAYOUTS = {
+    "1f1b": "pp=4,train.global_batch_size=6",
+    "afab_fused_loss": "pp=4,pp_schedule=afab,train.global_batch_size=2,train.loss_chunk_size=128",
+    "afab": "pp=4,pp_schedule=afab,train.global_batch_size=5",
+    "interleaved_under_pp": "pp=4,pp_schedule=interleaved,virtual_stages=2,train.global_batch_size=2",
+    "interleaved_one_round": "pp=4,pp_schedule=interleaved,virtual_stages=2,train.global_batch_size=6",
+    "interleaved_two_rounds": "pp=4,pp_schedule=interleaved,virtual_stages=2,train.global_batch_size=8",
+    "interleaved_4_virtual": "pp=2,pp_schedule=interleaved,virtual_stages=4,train.global_batch_size=8",
+    "zero0": "pp=2,train.global_batch_size=4",
+    "zero1": "pp=2,zero_stage=1,train.global_batch_size=4",
+}
+
+
+@pytest.fixture(scope="module")
+def plan_tool():
+    return load_tool("plan")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, list[dict]]:
+    """layout -> its ranks' records, in global rank order."""
+    out = tmp_path_factory.mktemp("plan_memory")
+    proc = torchrun(WORLD, [WORKER, "--out", str(out), *(f"{n}:{s}" for n, s in LAYOUTS.items())], timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {name: [json.loads((out / name / f"rank{r}.json").read_text()) for r in range(WORLD)] for name in LAYOUTS}
+
+
+def config(name: str):
+    return layout_config(parse_layout(f"{name}:{LAYOUTS[name]}")[1])
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_micro_batches_in_flight_are_the_plans(plan_tool, runs, name):
+    cfg = config(name)
+    for r in runs[name]:
+        assert r["peak_in_flight"] == plan_tool.in_flight_microbatches(cfg, r["accum"], r["coords"]["pp"]), r
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_pipeline_stages_keep_a_buffer_per_micro_batch(runs, name):
+    """torch's PipelineStage keeps, per micro-batch of the step, a buffer for the activations a chunk receives (all
+    chunks but the model's first) and one for its output's gradient (all but the last), each a micro-batch's fp32
+    residual stream (tools/plan.py's `pipeline_buffer_bytes`, whose whole is held to the measurement below)."""
+    cfg = config(name)
+    p = cfg.parallel
+    last = p.pp * p.virtual_stages - 1
+    for r in runs[name]:
+        ids = [v * p.pp + r["coords"]["pp"] for v in range(p.virtual_stages)]
+        buffers = r["accum"] * sum((c > 0) + (c < last) for c in ids)
+        assert r["kept_buffers"] == buffers * SEQ * 4 * cfg.model.hidden_size  # micro-batches of one sequence
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_each_ranks_activations_are_the_plans(plan_tool, runs, name):
+    """What a rank holds at its peak outside the backward passes, with the stages' buffers, against the plan's
+    activations of that rank. Beside the plan's terms: the bf16 RoPE tables of every layer in flight
+    (test_plan_memory.rope_tables), and tensors on their way: a gradient the schedule sent, a norm's intermediate
+    while it runs, a few small ones (labels, log-sum-exps); at most 4 micro-batches' residual streams (each ~1% of
+    a micro-batch's activations here, where a rank holds 2 layers of 256 tokens)."""
+    cfg = config(name)
+    dp = WORLD // cfg.parallel.pp
+    residual = SEQ * 4 * cfg.model.hidden_size
+    for r in runs[name]:
+        rank, accum = r["coords"]["pp"], r["accum"]
+        planned = plan_tool.stage_memory(cfg, dp, accum, rank)
+        rope = r["peak_in_flight"] * r["layers"] * TOKENS * rope_tables("bfloat16", "none")  # per layer and sequence
+        beside = r["peak_activations"] + r["kept_buffers"] - (planned["activations"] + rope)
+        assert 0 <= beside <= 4 * residual, (r, beside / residual)
+        assert r["params"] == planned["params"]
