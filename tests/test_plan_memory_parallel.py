@@ -91,3 +91,17 @@ def test_each_ranks_activations_are_the_plans(plan_tool, runs, name):
         beside = r["peak_activations"] + r["kept_buffers"] - (planned["activations"] + rope)
         assert 0 <= beside <= 4 * residual, (r, beside / residual)
         assert r["params"] == planned["params"]
+
+
+@pytest.mark.parametrize("name", ["zero0", "zero1"])
+def test_data_parallel_state_is_the_plans(plan_tool, runs, name):
+    """Per rank: fp32 weights and gradient buffers of 4 bytes per parameter (each parameter starts 256-byte aligned
+    in its bucket: a little padding), AdamW's two fp32 moments of 8 bytes per parameter, over dp with ZeRO-1."""
+    cfg = config(name)
+    dp = WORLD // cfg.parallel.pp
+    for r in runs[name]:
+        planned = plan_tool.stage_memory(cfg, dp, r["accum"], r["coords"]["pp"])
+        assert r["weight_bytes"] == pytest.approx(planned["weights_fp32"], rel=0.002)
+        assert r["grad_bytes"] == pytest.approx(planned["grads_fp32"], rel=0.002), r
+        assert r["optimizer_bytes"] == pytest.approx(planned["optimizer_adamw"], rel=0.002)
+    assert runs["zero1"][0]["optimizer_bytes"] == pytest.approx(runs["zero0"][0]["optimizer_bytes"] / 2, rel=0.002)

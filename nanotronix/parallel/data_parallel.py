@@ -14,8 +14,9 @@ order on every rank (as torch DDP does), so NCCL sees the same collective order 
 trigger no communication at all.
 
   zero_stage 0: all-reduce of the bucket over DP; every rank then holds the full summed gradient.
-  zero_stage 1: reduce-scatter; DP rank d holds the sum for its contiguous 1/dp shard of the bucket only, which is
-                all the sharded optimizer (`optimizer.DistributedOptimizer`) needs. After the update the buckets
+  zero_stage 1: reduce-scatter; DP rank d holds the sum for its contiguous 1/dp shard of the bucket only (in that
+                part of the bucket's own buffer), which is all the sharded optimizer
+                (`optimizer.DistributedOptimizer`) needs. After the update the buckets
                 are all-gathered over DP (`gather_weights`). With `parallel.overlap_param_gather` those gathers
                 run in the background, in forward order, and each part of the model (embedding, decoder layer,
                 final norm with the head) waits only for the buckets of its own weights, in a forward pre-hook,
@@ -190,7 +191,10 @@ class GradBuffers:
         if self.zero_stage == 1 and self.ctx.dp > 1:
             size = b.numel // self.ctx.dp
             b.shard_start, b.shard_end = self.ctx.dp_rank * size, (self.ctx.dp_rank + 1) * size
-            b.shard_grad = torch.zeros(size, dtype=torch.float32, device=first.device)
+            # the reduce-scatter writes this rank's sum over its own part of the bucket (in place, as Megatron's
+            # distributed optimizer does; NCCL and gloo take an output at input + rank * size): no second fp32
+            # buffer of 4/dp bytes per parameter, which tools/plan.py does not count
+            b.shard_grad = b.grad[b.shard_start:b.shard_end]
         else:
             b.shard_start, b.shard_end = 0, b.numel
             b.shard_grad = b.grad
