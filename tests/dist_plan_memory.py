@@ -11,6 +11,7 @@ DIR/NAME/rank{R}.json with:
   kept_buffers: bytes the pipeline stages hold between steps (`stage_buffer_bytes`);
   peak_in_flight: the most forwards whose backward had not run yet, in micro-batches of the rank's layers (a chunk
       of the interleaved schedule counts its share of the rank's layers);
+  peak_weight_copies: the most bytes of autocast's bf16 weight copies alive after a forward;
   layers, params; and the data-parallel state: the gradient buffers' bytes (the buckets and the reduced shards
   the optimizer reads, each storage once), AdamW's moments' bytes, the fp32 weights' bytes.
 """
@@ -70,12 +71,13 @@ def count_in_flight(model, storages: LiveStorages) -> dict:
     """Wrap the pipeline stages' forward and backward of one chunk to follow the forwards awaiting their backward,
     in layers (returns the record the wrappers update), and to leave the backward passes out of the peak of the
     mark "step": what they make passes (gradients on their way), the plan counts what the stages hold."""
-    record = {"now": 0, "peak": 0}
+    record = {"now": 0, "peak": 0, "copies": 0}
     for stage, chunk in zip(model.runner._stages, model.chunks):
         def forward(*args, _run=stage.forward_one_chunk, _layers=len(chunk.layers), **kwargs):
             out = _run(*args, **kwargs)
             record["now"] += _layers
             record["peak"] = max(record["peak"], record["now"])
+            record["copies"] = max(record["copies"], storages.alive(since=storages.marks["step"])[1])
             return out
 
         def backward(*args, _run=stage.backward_one_chunk, _layers=len(chunk.layers), **kwargs):
@@ -116,6 +118,7 @@ def run_layout(name: str, fields: dict, out: Path) -> None:
         "peak_activations": storages.peaks["step"],
         "kept_buffers": stage_buffer_bytes(model),
         "peak_in_flight": in_flight["peak"] / layers if in_flight else 1,
+        "peak_weight_copies": in_flight["copies"] if in_flight else None,
         "grad_bytes": unique_bytes([t for b in model.grads.buckets for t in (b.grad, b.shard_grad)]),
         "optimizer_bytes": unique_bytes(state),
         "weight_bytes": unique_bytes([b.data for b in model.grads.buckets]),

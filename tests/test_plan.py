@@ -48,7 +48,7 @@ def test_1p7b_plan_matches_the_published_schedule(plan_tool):
     n = 1_711_376_384
     assert plan["memory"]["params_per_gpu"] == n
     assert (mem["weights_fp32"], mem["grads_fp32"], mem["optimizer_adamw"]) == (4 * n, 4 * n, 8 * n)
-    assert mem["weights_bf16_copies"] == 2 * n
+    assert mem["weights_bf16_copies"] == 2 * (n - 49 * 2048)  # autocast casts every weight but the 49 norms'
     assert 10 * GIB < mem["activations"] < 40 * GIB
     assert mem["total"] < 80 * GIB  # the published layout fits an 80 GB H100
     # time: 6 N_matmul + causal attention FLOPs per token, at 45% of 989.4 TFLOP/s on 256 GPUs
@@ -80,9 +80,8 @@ def test_zero1_and_pipeline_change_memory(plan_tool):
     assert pp["params_per_gpu"] < base["params_per_gpu"] / 3
     cached = plan_tool.build_plan(str(CONFIGS / "smollm2_1p7b.yaml"), ["parallel.pp=4", "train.micro_batch_size=1",
                                   "train.bf16_weight_cache=true"], 256, 0.45, "H100 SXM")["memory"]
-    # autocast's copies live per in-flight micro-batch (4 on the first stage); the cache's once (the first stage's
-    # embedding is still cast per micro-batch)
-    layer_copies = 2 * 6 * (3 * 2048 * 2048 + 2048 * 2048 + 3 * 2048 * 8192 + 2 * 2048)
+    # autocast's copies live per in-flight micro-batch (4 on the first stage); the cache's once
+    layer_copies = 2 * 6 * (3 * 2048 * 2048 + 2048 * 2048 + 3 * 2048 * 8192)
     assert pp["bytes"]["weights_bf16_copies"] - cached["bytes"]["weights_bf16_copies"] == pytest.approx(
         3 * layer_copies)
     lean = plan_tool.build_plan(str(CONFIGS / "smollm2_1p7b.yaml"), ["train.recompute=full",

@@ -3,10 +3,10 @@
 One torchrun launch of 4 gloo ranks (tests/dist_plan_memory.py, ~40 s on 2 cores) runs a training step of
 tests/test_plan_memory.py's model (8 layers, bf16) in each layout below, the second under `LiveStorages`, and
 records per rank: the most micro-batches in flight (forwards whose backward has not run), the most activation bytes
-alive outside the backward passes, the buffers the pipeline stages keep, and the gradient, optimizer and weight
-buffers. The layouts: 1F1B, AFAB and interleaved 1F1B on 4 pipeline ranks with fewer micro-batches than ranks, a
-count that is not a multiple of them, one round and two; interleaved with 4 virtual stages on 2 ranks; ZeRO-1 and
-not over 2 data-parallel ranks.
+alive outside the backward passes, the bf16 weight copies, the buffers the pipeline stages keep, and the gradient,
+optimizer and weight buffers. The layouts: 1F1B, AFAB and interleaved 1F1B on 4 pipeline ranks with fewer
+micro-batches than ranks, a count that is not a multiple of them, one round and two; interleaved with 4 virtual
+stages on 2 ranks; ZeRO-1 and not over 2 data-parallel ranks.
 """
 from __future__ import annotations
 
@@ -91,6 +91,20 @@ def test_each_ranks_activations_are_the_plans(plan_tool, runs, name):
         beside = r["peak_activations"] + r["kept_buffers"] - (planned["activations"] + rope)
         assert 0 <= beside <= 4 * residual, (r, beside / residual)
         assert r["params"] == planned["params"]
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_each_ranks_weight_copies_are_the_plans(plan_tool, runs, name):
+    """Autocast's bf16 weight copies alive after a forward: every decoder layer's per forward in flight, the head's
+    per loss awaiting its backward on the last stage (the fused loss's copy lives only while the loss runs: the plan
+    counts it, measured apart in test_plan_memory.py), none of the embedding's or the norms'."""
+    cfg = config(name)
+    v, d = cfg.model.vocab_size, cfg.model.hidden_size
+    for r in runs[name]:
+        rank = r["coords"]["pp"]
+        planned = plan_tool.stage_memory(cfg, WORLD // cfg.parallel.pp, r["accum"], rank)["weights_bf16_copies"]
+        fused_head = 2 * v * d if rank == cfg.parallel.pp - 1 and cfg.train.loss_chunk_size else 0
+        assert r["peak_weight_copies"] + fused_head == planned, r
 
 
 @pytest.mark.parametrize("name", ["zero0", "zero1"])

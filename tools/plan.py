@@ -12,13 +12,14 @@ is reported as "store not found" (point the recipe at your corpus with data.root
 Memory (per GPU, the most loaded pipeline stage): fp32 weights (they are their own master copy) and fp32 gradients,
 AdamW's two fp32 moments (divided over DP with ZeRO-1), bf16 weight copies made by autocast (held until the
 micro-batch's backward; once per step with train.bf16_weight_cache; the decoder layers' one layer at a time with
-train.recompute), and activations: the tensors one Llama block keeps for backward with flash/memory-efficient
-attention (fewer with train.recompute), times the rank's layers (the trainer's partition: the head counts, so the
-first ranks may hold more) and the micro-batches it holds at once (1 without pipelining; with 1F1B pp on the first
-rank, 1 on the last; all on every rank with AFAB; interleaved: pp + (pp-1)/virtual_stages on the first, all with
-fewer than 2 pp micro-batches), plus the last stage's final norm and logits (bf16, their fp32 copy and log-softmax
-for the loss; one chunk with train.loss_chunk_size; with AFAB every micro-batch's loss keeps its log-softmax or
-the fused loss's dW and dX), and the pipeline stages' receive buffers (one per micro-batch of the step, kept).
+train.recompute; none of the embedding, whose lookup reads the fp32 weight), and activations: the tensors one
+Llama block keeps for backward with flash/memory-efficient attention (fewer with train.recompute), times the
+rank's layers (the trainer's partition: the head counts, so the first ranks may hold more) and the micro-batches
+it holds at once (1 without pipelining; with 1F1B pp on the first rank, 1 on the last; all on every rank with
+AFAB; interleaved: pp + (pp-1)/virtual_stages on the first, all with fewer than 2 pp micro-batches), plus the last
+stage's final norm and logits (bf16, their fp32 copy and log-softmax for the loss; one chunk with
+train.loss_chunk_size; with AFAB every micro-batch's loss keeps its log-softmax or the fused loss's dW and dX),
+and the pipeline stages' receive buffers (one per micro-batch of the step, kept).
 Allocator fragmentation, NCCL buffers, the backward's passing gradients and the CUDA context (~1-3 GiB together)
 come on top. An estimate, not a measurement; tests/test_plan_memory.py holds its terms to what the model keeps on
 CPU, tests/test_plan_memory_parallel.py those of pipeline and data-parallel layouts.
@@ -258,16 +259,22 @@ def loss_bytes(cfg, tokens: int) -> float:
     return tokens * v * (bf16 + 4 + 4)
 
 
-def bf16_copy_bytes(params: float, layer_params: float, held: float, train, layers: int) -> float:
-    """Autocast's bf16 weight copies live until each in-flight micro-batch's backward; with
-    train.bf16_weight_cache the decoder layers' copies exist once (the embedding/head is still cast per use); with
-    train.recompute the decoder layers' are not kept (remade in the backward, one layer's at a time).
-    `layer_params`: the stage's decoder layers' parameters, over `layers` layers."""
-    if train.bf16_weight_cache:
-        return 2 * (layer_params + (params - layer_params) * held)
-    if train.recompute != "none":
-        return 2 * (layer_params / layers + (params - layer_params) * held)
-    return 2 * params * held
+def bf16_copy_bytes(cfg, layers: int, in_flight_layers: float, head_copies: int) -> float:
+    """Autocast's bf16 weight copies: a forward casts the weights of each decoder layer it runs, and the casts live
+    until its backward (`in_flight_layers`: layers times the forwards in flight of their chunk); with
+    train.bf16_weight_cache the decoder layers' copies exist once; with train.recompute they are not kept (remade in
+    the backward, one layer's at a time). The head is cast per use: `head_copies` on the last stage (the plain
+    loss's live until its backward; the fused loss's only while it runs). The embedding's lookup and the norms read
+    their fp32 weights: no copy. tests/test_plan_memory.py and test_plan_memory_parallel.py measure them."""
+    m, t = cfg.model, cfg.train
+    per_layer = layer_linear_params(cfg)
+    if t.bf16_weight_cache:
+        decoder = layers
+    elif t.recompute != "none":
+        decoder = 1
+    else:
+        decoder = in_flight_layers
+    return 2 * (per_layer * decoder + m.vocab_size * m.hidden_size / cfg.parallel.tp * head_copies)
 
 
 def layer_linear_params(cfg) -> float:
@@ -311,14 +318,16 @@ def stage_memory(cfg, dp: int, accum: int, pp_rank: int) -> dict[str, float]:
                                                                                                       pp_rank)))
     acts = in_flight_layers * tokens * act_kept + tokens * (act_full - act_kept) \
         + pipeline_buffer_bytes(cfg, accum, pp_rank)
+    losses = 0  # the last chunk's forwards in flight
     if last:
-        losses = accum if p.pp > 1 and p.pp_schedule == "afab" else 1  # the last chunk's forwards in flight
+        losses = accum if p.pp > 1 and p.pp_schedule == "afab" else 1
         acts += losses * tokens * final_norm_bytes_per_token(cfg) + (losses - 1) * loss_kept_bytes(cfg, tokens) \
             + loss_bytes(cfg, tokens)
+    head_copies = min(losses, 1) if t.loss_chunk_size > 0 else losses
     parts = {
         "weights_fp32": 4 * params,
-        "weights_bf16_copies": bf16_copy_bytes(params, layer_params, held, t, layers) if t.dtype == "bfloat16"
-        else 0.0,
+        "weights_bf16_copies": bf16_copy_bytes(cfg, layers, in_flight_layers, head_copies)
+        if t.dtype == "bfloat16" else 0.0,
         "grads_fp32": 4 * params,
         "optimizer_adamw": 8 * params / (dp if p.zero_stage == 1 else 1),
         "activations": acts,
