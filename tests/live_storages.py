@@ -56,5 +56,7 @@ class LiveStorages(TorchDispatchMode):
 
     def alive(self, since: int = 0) -> tuple[int, int]:
         """(activation bytes, weight-copy bytes) of the storages made after serial `since` that still exist."""
-        live = [(n, copy) for ref, n, copy, serial in self.made.values() if serial > since and not ref.expired()]
+        for key in [key for key, (ref, *_) in self.made.items() if ref.expired()]:
+            del self.made[key]  # freed for good: what is scanned after every op stays what is alive
+        live = [(n, copy) for ref, n, copy, serial in self.made.values() if serial > since]
         return sum(n for n, copy in live if not copy), sum(n for n, copy in live if copy)
