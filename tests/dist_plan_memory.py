@@ -8,6 +8,7 @@ receive buffers are made once and kept), then runs the next step's micro-batches
 DIR/NAME/rank{R}.json with:
   peak_activations: the most bytes alive at once outside the backward passes (`count_in_flight`) of the storages
       the step made (weights and their bf16 copies apart): what the micro-batches in flight keep, and the loss;
+  left_after_step: bytes of the storages the step made that are still alive after it (activations and copies);
   kept_buffers: bytes the pipeline stages hold between steps (`stage_buffer_bytes`);
   peak_in_flight: the most forwards whose backward had not run yet, in micro-batches of the rank's layers (a chunk
       of the interleaved schedule counts its share of the rank's layers);
@@ -110,12 +111,15 @@ def run_layout(name: str, fields: dict, out: Path) -> None:
         storages.mark("step")
         model.runner.run(batch[..., :-1], batch[..., 1:], scale=1.0 / (accum * ctx.dp))
     model.grads.finish()
+    gc.collect()
+    left = storages.alive(since=storages.marks["step"])
     layers = sum(len(chunk.layers) for chunk in model.chunks)
     state = [t for s in optimizer.inner.state.values() for k, t in s.items() if k in ("exp_avg", "exp_avg_sq")]
     record = {
         "coords": {"pp": ctx.pp_rank, "dp": ctx.dp_rank}, "accum": accum, "layers": layers,
         "params": sum(p.numel() for p in model.parameters()),
         "peak_activations": storages.peaks["step"],
+        "left_after_step": left[0] + left[1],
         "kept_buffers": stage_buffer_bytes(model),
         "peak_in_flight": in_flight["peak"] / layers if in_flight else 1,
         "peak_weight_copies": in_flight["copies"] if in_flight else None,

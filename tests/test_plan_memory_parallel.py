@@ -75,6 +75,13 @@ def test_pipeline_stages_keep_a_buffer_per_micro_batch(runs, name):
 
 
 @pytest.mark.parametrize("name", LAYOUTS)
+def test_nothing_a_step_makes_outlives_it(runs, name):
+    """Beside the stages' buffers (above) a step leaves nothing alive behind it: no micro-batch's activations,
+    outputs, logits or weight copies (the interleaved schedule's pending sends are waited at its end)."""
+    assert [r["left_after_step"] for r in runs[name]] == [0] * WORLD
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
 def test_each_ranks_activations_are_the_plans(plan_tool, runs, name):
     """What a rank holds at its peak outside the backward passes, with the stages' buffers, against the plan's
     activations of that rank. Beside the plan's terms: the bf16 RoPE tables of every layer in flight
