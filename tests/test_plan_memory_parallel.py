@@ -6,7 +6,7 @@ records per rank: the most micro-batches in flight (forwards whose backward has 
 alive outside the backward passes, the bf16 weight copies, the buffers the pipeline stages keep, and the gradient,
 optimizer and weight buffers. The layouts: 1F1B, AFAB and interleaved 1F1B on 4 pipeline ranks with fewer
 micro-batches than ranks, a count that is not a multiple of them, one round and two; interleaved with 4 virtual
-stages on 2 ranks; ZeRO-1 and not over 2 data-parallel ranks.
+stages on 2 ranks; 1F1B on 2 ranks of tp 2 with sequence parallelism; ZeRO-1 and not over 2 data-parallel ranks.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ LAYOUTS = {
     "interleaved_one_round": "pp=4,pp_schedule=interleaved,virtual_stages=2,train.global_batch_size=6",
     "interleaved_two_rounds": "pp=4,pp_schedule=interleaved,virtual_stages=2,train.global_batch_size=8",
     "interleaved_4_virtual": "pp=2,pp_schedule=interleaved,virtual_stages=4,train.global_batch_size=8",
+    "tp_sequence_parallel": "tp=2,pp=2,sequence_parallel=true,train.global_batch_size=4",
     "zero0": "pp=2,train.global_batch_size=4",
     "zero1": "pp=2,zero_stage=1,train.global_batch_size=4",
 }
@@ -53,6 +54,10 @@ def config(name: str):
     return layout_config(parse_layout(f"{name}:{LAYOUTS[name]}")[1])
 
 
+def data_parallel(cfg) -> int:
+    return WORLD // (cfg.parallel.pp * cfg.parallel.tp)
+
+
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_micro_batches_in_flight_are_the_plans(plan_tool, runs, name):
     cfg = config(name)
@@ -64,14 +69,16 @@ def test_micro_batches_in_flight_are_the_plans(plan_tool, runs, name):
 def test_pipeline_stages_keep_a_buffer_per_micro_batch(runs, name):
     """torch's PipelineStage keeps, per micro-batch of the step, a buffer for the activations a chunk receives (all
     chunks but the model's first) and one for its output's gradient (all but the last), each a micro-batch's fp32
-    residual stream (tools/plan.py's `pipeline_buffer_bytes`, whose whole is held to the measurement below)."""
+    residual stream, split over TP under sequence parallelism (tools/plan.py's `pipeline_buffer_bytes`, whose whole
+    is held to the measurement below)."""
     cfg = config(name)
     p = cfg.parallel
     last = p.pp * p.virtual_stages - 1
     for r in runs[name]:
         ids = [v * p.pp + r["coords"]["pp"] for v in range(p.virtual_stages)]
         buffers = r["accum"] * sum((c > 0) + (c < last) for c in ids)
-        assert r["kept_buffers"] == buffers * SEQ * 4 * cfg.model.hidden_size  # micro-batches of one sequence
+        residual = SEQ * 4 * cfg.model.hidden_size // (p.tp if p.sequence_parallel else 1)  # of one sequence
+        assert r["kept_buffers"] == buffers * residual
 
 
 @pytest.mark.parametrize("name", LAYOUTS)
@@ -89,7 +96,7 @@ def test_each_ranks_activations_are_the_plans(plan_tool, runs, name):
     while it runs, a few small ones (labels, log-sum-exps); at most 4 micro-batches' residual streams (each ~1% of
     a micro-batch's activations here, where a rank holds 2 layers of 256 tokens)."""
     cfg = config(name)
-    dp = WORLD // cfg.parallel.pp
+    dp = data_parallel(cfg)
     residual = SEQ * 4 * cfg.model.hidden_size
     for r in runs[name]:
         rank, accum = r["coords"]["pp"], r["accum"]
@@ -109,7 +116,7 @@ def test_each_ranks_weight_copies_are_the_plans(plan_tool, runs, name):
     v, d = cfg.model.vocab_size, cfg.model.hidden_size
     for r in runs[name]:
         rank = r["coords"]["pp"]
-        planned = plan_tool.stage_memory(cfg, WORLD // cfg.parallel.pp, r["accum"], rank)["weights_bf16_copies"]
+        planned = plan_tool.stage_memory(cfg, data_parallel(cfg), r["accum"], rank)["weights_bf16_copies"]
         fused_head = 2 * v * d if rank == cfg.parallel.pp - 1 and cfg.train.loss_chunk_size else 0
         assert r["peak_weight_copies"] + fused_head == planned, r
 
@@ -119,7 +126,7 @@ def test_data_parallel_state_is_the_plans(plan_tool, runs, name):
     """Per rank: fp32 weights and gradient buffers of 4 bytes per parameter (each parameter starts 256-byte aligned
     in its bucket: a little padding), AdamW's two fp32 moments of 8 bytes per parameter, over dp with ZeRO-1."""
     cfg = config(name)
-    dp = WORLD // cfg.parallel.pp
+    dp = data_parallel(cfg)
     for r in runs[name]:
         planned = plan_tool.stage_memory(cfg, dp, r["accum"], r["coords"]["pp"])
         assert r["weight_bytes"] == pytest.approx(planned["weights_fp32"], rel=0.002)
