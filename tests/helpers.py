@@ -207,9 +207,23 @@ def record_file_system_calls(monkeypatch) -> list[tuple[str, ...]]:
 
 
 def run(args: list[str], cwd: Path = ROOT, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python ARGS`, its output captured; past TIMEOUT s it is asked to stop (SIGTERM) before it is killed, and
+    TimeoutExpired raised: torchrun starts its workers in sessions of their own and stops them only on a signal it
+    can catch, so a killed launcher would leave them running (tests/test_helpers_torchrun.py)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    with subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired as timed_out:
+            proc.terminate()
+            try:
+                timed_out.stdout, timed_out.stderr = proc.communicate(timeout=60)  # torchrun's own grace: 30 s
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                timed_out.stdout, timed_out.stderr = proc.communicate()
+            raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def two_gloo_ranks(script: str, tmp_path: Path, timeout: float) -> list[tuple[int, str]]:
