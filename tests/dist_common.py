@@ -3,10 +3,13 @@ single-process reference run (plain PyTorch: the model, F.cross_entropy, clip_gr
 how every torchrun worker of the tests ends (`run_worker`)."""
 from __future__ import annotations
 
+import argparse
 import traceback
+from pathlib import Path
 from typing import Callable, NoReturn
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from nanotronix.config import Config, config_from_dict
@@ -117,3 +120,28 @@ def run_worker(body: Callable[[], None]) -> NoReturn:
         traceback.print_exc()
         code = 1
     shutdown_and_exit(code)
+
+
+def parse_layout(text: str) -> tuple[str, dict]:
+    """NAME:key=value,... (a layout as the tests name it) -> (NAME, its parallel fields)."""
+    name, _, spec = text.partition(":")
+    fields = {}
+    for item in filter(None, spec.split(",")):
+        key, _, value = item.partition("=")
+        fields[key] = {"true": True, "false": False}.get(value, int(value) if value.isdigit() else value)
+    return name, fields
+
+
+def run_layouts_main(description: str, run_layout: Callable[[str, dict, Path], None]) -> NoReturn:
+    """A layout worker's command line (`--out DIR LAYOUT...`): each layout run in turn on gloo, as run_worker runs."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("layouts", nargs="+")
+    args = parser.parse_args()
+    dist.init_process_group("gloo")
+
+    def run_layouts() -> None:
+        for text in args.layouts:
+            name, fields = parse_layout(text)
+            run_layout(name, fields, Path(args.out))
+    run_worker(run_layouts)

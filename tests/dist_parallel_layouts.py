@@ -10,7 +10,6 @@ them with a single-process run, so this script only trains and records.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -22,21 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dist_common import (STEPS, VALIDATE_AFTER, VALIDATION_WINDOWS, make_config, make_data,  # noqa: E402
-                         make_validation_windows, rank_batch, run_worker)
+                         make_validation_windows, rank_batch, run_layouts_main)
 from nanotronix.model import build_model  # noqa: E402
 from nanotronix.parallel import DistributedOptimizer, ParallelContext, parallelize  # noqa: E402
 from nanotronix.train.optimizer import param_groups  # noqa: E402
 from nanotronix.train.step import train_step  # noqa: E402
 from nanotronix.train.validation import Validator  # noqa: E402
-
-
-def parse_layout(text: str) -> tuple[str, dict]:
-    name, _, spec = text.partition(":")
-    fields = {}
-    for item in filter(None, spec.split(",")):
-        key, _, value = item.partition("=")
-        fields[key] = {"true": True, "false": False}.get(value, int(value) if value.isdigit() else value)
-    return name, fields
 
 
 def run_layout(name: str, parallel: dict, out: Path) -> None:
@@ -126,19 +116,5 @@ def run_layout(name: str, parallel: dict, out: Path) -> None:
     dist.barrier()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True)
-    parser.add_argument("layouts", nargs="+")
-    args = parser.parse_args()
-    dist.init_process_group("gloo")
-
-    def run_layouts() -> None:
-        for text in args.layouts:
-            name, fields = parse_layout(text)
-            run_layout(name, fields, Path(args.out))
-    run_worker(run_layouts)
-
-
 if __name__ == "__main__":
-    main()
+    run_layouts_main(__doc__.splitlines()[0], run_layout)

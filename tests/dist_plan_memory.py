@@ -18,7 +18,6 @@ DIR/NAME/rank{R}.json with:
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import sys
@@ -30,8 +29,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dist_common import run_worker  # noqa: E402
-from dist_parallel_layouts import parse_layout  # noqa: E402
+from dist_common import run_layouts_main  # noqa: E402
 from live_storages import LiveStorages  # noqa: E402
 from nanotronix.config import config_from_dict  # noqa: E402
 from nanotronix.model import build_model  # noqa: E402
@@ -133,19 +131,5 @@ def run_layout(name: str, fields: dict, out: Path) -> None:
     dist.barrier()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True)
-    parser.add_argument("layouts", nargs="+")
-    args = parser.parse_args()
-    dist.init_process_group("gloo")
-
-    def run_layouts() -> None:
-        for text in args.layouts:
-            name, fields = parse_layout(text)
-            run_layout(name, fields, Path(args.out))
-    run_worker(run_layouts)
-
-
 if __name__ == "__main__":
-    main()
+    run_layouts_main(__doc__.splitlines()[0], run_layout)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_parallel_layouts import parse_layout
+from dist_common import parse_layout
 from dist_plan_memory import layout_config
 from helpers import load_tool, torchrun
 from test_plan_memory import SEQ, TOKENS, rope_tables
