@@ -356,7 +356,8 @@ def check_import_record(world, work: Path, folder: Path, said: str, exported: bo
     """convert_from_hf's record of the folder's tokenizer (step 0's manifest, data.tokenizer: the folder when it holds
     a tokenizer.json; no weights imported here) and what an export of that import ships from it: the tokenizer the
     --tokenizer export shipped (EXPORTED), or no tokenizer files and one warning naming the folder."""
-    from nanotronix.checkpoint.hf_export import TOKENIZER_FILES, _write_tokenizer
+    from nanotronix.checkpoint.hf_export import _write_tokenizer
+    from nanotronix.checkpoint.hf_tokenizer_files import TOKENIZER_FILES
     from nanotronix.checkpoint.hf_import import _import_manifest
     manifest = _import_manifest(folder, {}, TINY)
     recorded = manifest["config"]["data"].get("tokenizer")
