@@ -38,6 +38,11 @@ LAYOUTS = {
         "pp2_docs": f"pp=2,model.document_mask_eos_id={EOS}",
         # the head fused into the vocab-parallel loss, in chunks of tokens (parallel/cross_entropy.py)
         "tp2_sp_fused_loss": "tp=2,sequence_parallel=true,train.loss_chunk_size=24",
+        # the column linears gather their input again in backward; under torch.compile without a graph break
+        "tp2_sp_compiled": "tp=2,sequence_parallel=true,train.compile=true",
+        # with recomputation they keep the gathered input instead (sequence_parallel_linear.py)
+        "tp2_sp_selective": "tp=2,sequence_parallel=true,train.recompute=selective",
+        "tp2_sp_full_recompute": "tp=2,sequence_parallel=true,train.recompute=full",
     },
     4: {
         "tp4": "tp=4",
@@ -179,6 +184,14 @@ def test_layout_matches_single_process(world, layout, runs, references):
         states = assemble(folder, key)
         for name, want in ref_states.items():
             torch.testing.assert_close(states[name], want[key], rtol=1e-4, atol=1e-7, msg=f"{name}.{key}")
+
+
+def test_compiled_sequence_parallel_layers_are_one_graph(runs):
+    """train.compile with tensor and sequence parallelism: the layers' collectives (the gathers of the column
+    linears, forward and backward, and the reduce-scatters) trace into the compiled layer: one graph for all
+    layers, one for the validation's forward without gradients, none for graph breaks."""
+    for f in sorted((runs(2) / "tp2_sp_compiled").glob("rank*.pt")):
+        assert torch.load(f, weights_only=False)["unique_graphs"] == 2, f.name
 
 
 @pytest.mark.parametrize("world, layout", [(w, n) for w, n in ALL if "dp2" in n], ids=lambda v: str(v))

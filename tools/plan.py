@@ -210,7 +210,8 @@ def activation_bytes_per_token_per_layer(cfg) -> tuple[float, float]:
     The residual stream is fp32 (fp32 weights, bf16 autocast). Each norm keeps its fp32 input, 1/rms (fp32, one
     per token) and its fp32 normalised input (the multiplication by the norm's weight keeps it for the weight's
     gradient); the matmul after it keeps its input in the compute dtype, whole on every TP rank (under sequence
-    parallelism the all-gathered one). Attention, on this rank's heads: q and k after RoPE, v, the attention output
+    parallelism its own sequence shard, gathered again in backward; with recomputation the gathered input).
+    Attention, on this rank's heads: q and k after RoPE, v, the attention output
     (the o_proj input is a view of it: the kernels write it [B, S, heads, D]) and its fp32 log-sum-exp;
     flash/memory-efficient attention keeps no seq x seq scores. SwiGLU: gate/up, silu(gate) and their product.
     tests/test_plan_memory.py measures these against the model.
@@ -224,7 +225,7 @@ def activation_bytes_per_token_per_layer(cfg) -> tuple[float, float]:
     kv = m.num_key_value_heads * m.head_dim
     seq_split = p.tp if p.sequence_parallel else 1
     norms = 2 * (4 * d + 4 + 4 * d) / seq_split  # whole on every TP rank unless SP
-    matmul_inputs = 2 * e * d
+    matmul_inputs = 2 * e * d / (seq_split if cfg.train.recompute == "none" else 1)
     attention = e * (d + 2 * kv) + e * d + 4 * heads
     full = norms + matmul_inputs + (attention + 4 * e * f) / p.tp
     layer_input = 4 * d / seq_split
@@ -235,12 +236,15 @@ def activation_bytes_per_token_per_layer(cfg) -> tuple[float, float]:
 
 def final_norm_bytes_per_token(cfg) -> float:
     """What the last stage's final norm keeps (its fp32 input, 1/rms and normalised input: split over TP only with
-    sequence parallelism) and the head's input, whole: in the compute dtype for the plain head, the fp32 norm output
-    that the fused loss reads (alive while it runs)."""
+    sequence parallelism) and the head's input: the whole fp32 norm output that the fused loss reads (alive while it
+    runs), or for the plain head its input in the compute dtype (under sequence parallelism its shard)."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
     d = m.hidden_size
     seq_split = p.tp if p.sequence_parallel else 1
-    head_input = 4 if t.loss_chunk_size > 0 or t.dtype != "bfloat16" else 2
+    if t.loss_chunk_size > 0:
+        head_input = 4.0
+    else:
+        head_input = (4 if t.dtype != "bfloat16" else 2) / seq_split
     return (8 * d + 4) / seq_split + head_input * d
 
 

@@ -19,8 +19,9 @@ class FusedAttention(Attention):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, documents=None) -> torch.Tensor:
         if documents is not None:  # config validation rules this out; a direct caller gets told
             raise NotImplementedError("fused kernels with document masking are not yet implemented")
-        b, s, _ = x.shape
-        qkv = self.qkv_proj(x).view(b, s, -1, self.group_size + 2, self.head_dim)
+        qkv = self.qkv_proj(x)  # whole sequence (under sequence parallelism qkv_proj gathers x)
+        b, s = qkv.shape[:2]
+        qkv = qkv.view(b, s, -1, self.group_size + 2, self.head_dim)
         q, k, v = rope_split_qkv(qkv, cos, sin)  # [B, S, heads, D]; SDPA takes the transposed views as they are
         out = accel.ATTENTION_BACKENDS[self.attn_backend](q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))

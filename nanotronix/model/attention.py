@@ -30,9 +30,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 documents: Optional[Documents] = None) -> torch.Tensor:
-        b, s, _ = x.shape
         r, d = self.group_size, self.head_dim
-        qkv = self.qkv_proj(x).view(b, s, -1, r + 2, d)  # [B, S, KV_local, r + 2, D]
+        qkv = self.qkv_proj(x)  # [B, S, ...]: under sequence parallelism x holds S / tp tokens and qkv_proj gathers
+        b, s = qkv.shape[:2]
+        qkv = qkv.view(b, s, -1, r + 2, d)  # [B, S, KV_local, r + 2, D]
         q = qkv[:, :, :, :r].reshape(b, s, -1, d).transpose(1, 2)  # [B, H_local, S, D]
         k = qkv[:, :, :, r].transpose(1, 2)  # [B, KV_local, S, D]
         # a copy: attention keeps v for its backward, and a view would keep the whole QKV output alive with it; laid

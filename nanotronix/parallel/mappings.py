@@ -18,7 +18,7 @@ A group of size 1 (or None) makes every function the identity.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -57,22 +57,44 @@ def _seq_chunks_back(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(0, 1).reshape(b, n * s, *x.shape[3:])
 
 
-def _all_gather_seq(x: torch.Tensor, group: Group) -> torch.Tensor:
+def start_all_gather_seq(x: torch.Tensor, group: Group, async_op: bool = True) -> Callable[[], torch.Tensor]:
+    """Start all-gathering the sequence shards [B, S/n, ...] of the group; the returned function waits for it and
+    gives the whole [B, S, ...] (so the caller can compute something else meanwhile)."""
     n = group_size(group)
     # Both backends want the gathered dim 0 flat: [n * B, S/n, ...].
     out = torch.empty((n * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-    all_gather_flat(out, x.contiguous(), group=group)
-    return _seq_chunks_back(out.view(n, *x.shape))
+    work = all_gather_flat(out, x.contiguous(), group=group, async_op=async_op)
+
+    def finish() -> torch.Tensor:
+        if work is not None:
+            work.wait()
+        return _seq_chunks_back(out.view(n, *x.shape))
+    return finish
 
 
-def _reduce_scatter_seq(x: torch.Tensor, group: Group) -> torch.Tensor:
+def start_reduce_scatter_seq(x: torch.Tensor, group: Group, async_op: bool = True) -> Callable[[], torch.Tensor]:
+    """Start summing [B, S, ...] over the group and scattering the sum's sequence chunks; the returned function
+    waits for it and gives this rank's [B, S/n, ...]."""
     n = group_size(group)
     if x.shape[1] % n:
         raise ValueError(f"sequence length {x.shape[1]} is not divisible by the tensor-parallel size {n}")
     chunks = _seq_chunks_first(x, n)
     out = torch.empty(chunks.shape[1:], dtype=x.dtype, device=x.device)
-    reduce_scatter_flat(out, chunks.flatten(0, 1), group=group)
-    return out
+    work = reduce_scatter_flat(out, chunks.flatten(0, 1), group=group, async_op=async_op)
+
+    def finish() -> torch.Tensor:
+        if work is not None:
+            work.wait()
+        return out
+    return finish
+
+
+def _all_gather_seq(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return start_all_gather_seq(x, group, async_op=False)()
+
+
+def _reduce_scatter_seq(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return start_reduce_scatter_seq(x, group, async_op=False)()
 
 
 def _own_seq_chunk(x: torch.Tensor, group: Group) -> torch.Tensor:

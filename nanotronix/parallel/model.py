@@ -8,11 +8,11 @@ What a rank gets (a `ParallelModel`, an nn.Module):
   tensor under the same name, sum its gradient over `ctx.embedding_group`, and checkpoints see one tensor.
 - tensor-parallel layers (`tensor_parallel`): QKV and gate/up column-parallel, o/down row-parallel, vocab-parallel
   embedding and head. Every parameter carries `tp_shard_dim` (0, 1, or None when replicated over TP).
-- sequence parallelism (tp > 1): the residual stream and the norms hold seq_len/tp tokens; the attention and MLP
-  inputs are all-gathered over the sequence (a forward pre-hook: the attention reads [B, S] from its input, so
-  the gather must happen before the module, not inside its first projection) and their outputs reduce-scattered by
-  the row-parallel projection. Replicated parameters then see only their rank's tokens: they are tagged
-  `sequence_parallel = True` and their gradients summed over TP before the data-parallel reduction.
+- sequence parallelism (tp > 1): the residual stream and the norms hold seq_len/tp tokens; the first projection
+  of the attention and of the MLP all-gathers its input over the sequence (keeping only the shard for backward,
+  `sequence_parallel_linear`) and the row-parallel projection reduce-scatters their outputs. Replicated
+  parameters then see only their rank's tokens: they are tagged `sequence_parallel = True` and their gradients
+  summed over TP before the data-parallel reduction.
 - `chunks`: one `ModelChunk` per virtual pipeline stage held by this rank (not registered as children, so names
   stay unique), the units that the pipeline schedule runs.
 - `grads`: the data-parallel gradient buckets (`data_parallel.GradBuffers`), hooked into backward.
@@ -31,7 +31,6 @@ from torch import nn
 from nanotronix.config import Config
 from nanotronix.model.documents import Documents
 from nanotronix.model.llama import DecoderLayer, Llama, decoder_forward
-from nanotronix.parallel import mappings
 from nanotronix.parallel.compute_weights import decoder_linears
 from nanotronix.parallel.context import ParallelContext
 from nanotronix.parallel.data_parallel import GradBuffers
@@ -143,23 +142,16 @@ class ParallelModel(DecoderParts):
         return self.chunks[0](x)
 
 
-def _tensor_parallel_layer(layer: DecoderLayer, group, sequence_parallel: bool) -> None:
+def _tensor_parallel_layer(layer: DecoderLayer, group, sequence_parallel: bool, recompute: bool) -> None:
+    """Under sequence parallelism the qkv and gate/up linears gather their input themselves; with activation
+    recomputation they keep it gathered (the recomputed forward gathers it anyway)."""
     attn, mlp = layer.self_attn, layer.mlp
-    in_mode = "none" if sequence_parallel else "copy"
+    in_mode = "gather_sequence" if sequence_parallel else "copy"
     out_mode = "reduce_scatter_sequence" if sequence_parallel else "reduce"
-    attn.qkv_proj = ColumnParallelLinear.from_dense(attn.qkv_proj.weight, group, in_mode)
+    attn.qkv_proj = ColumnParallelLinear.from_dense(attn.qkv_proj.weight, group, in_mode, recompute)
     attn.o_proj = RowParallelLinear.from_dense(attn.o_proj.weight, group, out_mode)
-    mlp.gate_up_proj = ColumnParallelLinear.from_dense(mlp.gate_up_proj.weight, group, in_mode)
+    mlp.gate_up_proj = ColumnParallelLinear.from_dense(mlp.gate_up_proj.weight, group, in_mode, recompute)
     mlp.down_proj = RowParallelLinear.from_dense(mlp.down_proj.weight, group, out_mode)
-    if sequence_parallel:
-        for module in (attn, mlp):
-            module.register_forward_pre_hook(_gather_sequence_of_first_input(group))
-
-
-def _gather_sequence_of_first_input(group):
-    def hook(module, args):
-        return (mappings.gather_from_sequence(args[0], group), *args[1:])
-    return hook
 
 
 def weight_readers(chunks: list[ModelChunk]) -> list[tuple[nn.Module, list[nn.Parameter]]]:
@@ -192,7 +184,7 @@ def parallelize(model: Llama, ctx: ParallelContext, cfg: Config) -> ParallelMode
     for cid in chunk_ids:
         for i in layer_plan[cid]:
             layer = model.layers[str(i)]
-            _tensor_parallel_layer(layer, group, sequence_parallel)
+            _tensor_parallel_layer(layer, group, sequence_parallel, cfg.train.recompute != "none")
             layers[str(i)] = layer
 
     embed = None

@@ -6,8 +6,9 @@ parameters carry `tp_shard_dim = None`. Checkpoints and the optimizer rely on ex
 hand-written (torch's DTensor `parallelize_module` would turn the parameters into DTensors).
 
 The communication of each layer is one differentiable collective from `mappings`:
-  ColumnParallelLinear  input:  "copy" (identity, grads all-reduced), "gather_sequence" (sequence parallel), or
-                                "none" when the caller already made the input whole (see `parallelize`)
+  ColumnParallelLinear  input:  "copy" (identity, grads all-reduced), "gather_sequence" (sequence parallel: the
+                                gather and the matmul in one function that keeps only the shard for backward,
+                                `sequence_parallel_linear`), or "none" when the caller already made it whole
   RowParallelLinear     output: "reduce" (all-reduce) or "reduce_scatter_sequence" (sequence parallel)
   VocabParallelEmbedding        rows of the vocabulary; output all-reduced or reduce-scattered over the sequence
 The fused QKV and gate/up weights of the model are laid out so that TP chunk r is contiguous (see
@@ -22,6 +23,7 @@ from torch import nn
 from nanotronix.parallel import mappings
 from nanotronix.parallel.grad_accumulation_fusion import linear_accumulating_weight_grad
 from nanotronix.parallel.mappings import Group
+from nanotronix.parallel.sequence_parallel_linear import gather_sequence_linear
 
 COLUMN_INPUT_MODES = ("copy", "gather_sequence", "none")
 ROW_OUTPUT_MODES = ("reduce", "reduce_scatter_sequence")
@@ -56,7 +58,8 @@ class _ParallelLinear(nn.Module):
 class ColumnParallelLinear(_ParallelLinear):
     """y_r = x W_r^T with W_r the r-th row block of the [out, in] weight; the output stays split over TP."""
 
-    def __init__(self, weight: nn.Parameter, group: Group, input_mode: str = "copy"):
+    def __init__(self, weight: nn.Parameter, group: Group, input_mode: str = "copy",
+                 keep_gathered_input: bool = False):
         super().__init__()
         if input_mode not in COLUMN_INPUT_MODES:
             raise ValueError(f"input_mode {input_mode!r} is not one of {COLUMN_INPUT_MODES}")
@@ -65,12 +68,19 @@ class ColumnParallelLinear(_ParallelLinear):
         self.weight = weight
         self.group = group
         self.input_mode = input_mode
+        # gather_sequence: keep the gathered input for backward instead of gathering it again there (what
+        # activation recomputation wants; sequence_parallel_linear.py)
+        self.keep_gathered_input = keep_gathered_input
 
     @classmethod
-    def from_dense(cls, dense_weight: torch.Tensor, group: Group, input_mode: str = "copy") -> "ColumnParallelLinear":
-        return cls(shard(dense_weight, 0, group), group, input_mode)
+    def from_dense(cls, dense_weight: torch.Tensor, group: Group, input_mode: str = "copy",
+                   keep_gathered_input: bool = False) -> "ColumnParallelLinear":
+        return cls(shard(dense_weight, 0, group), group, input_mode, keep_gathered_input)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_mode == "gather_sequence" and mappings.group_size(self.group) > 1:
+            weight = self.weight if self.compute_weight is None else self.compute_weight
+            return gather_sequence_linear(x, weight, self.group, self.weight_grad_target, self.keep_gathered_input)
         return self._matmul(self.map_input(x))
 
     def map_input(self, x: torch.Tensor) -> torch.Tensor:
