@@ -1,0 +1,210 @@
+"""tools/preprocess.py when a run fails or is stopped: a stopped run (SIGTERM, SIGKILL) leaves no worker running and no
+partial output; a failed one leaves no half-written store, no old index beside new tokens, and none of the output
+folders it made (only those: a folder already there, or one something else filled, stays); what cannot work (zarr
+not installed, more workers than the cores can use) is refused before any folder is made or process started. The
+inputs and the reference tokenizer: tests/test_preprocess.py. ~5 s (the stopped runs are processes of their own)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nanotronix.data import open_store
+import test_preprocess as preprocess
+from test_preprocess import TEXTS, _jsonl, _outputs
+
+tok, tool = preprocess.tok, preprocess.tool  # the fixtures: the tiny tokenizer's path and tools/preprocess.py
+
+
+def test_a_failed_overwrite_leaves_no_old_index_beside_new_tokens(tmp_path, monkeypatch):
+    """--overwrite of a Megatron store that fails after its new .bin is in place (a full disk while the sidecar is
+    written): the old .idx must not stay to describe the new tokens (it opened, and read other documents, without
+    a word); the store is then half there and says so."""
+    from nanotronix.data import DataError, megatron_store
+    from nanotronix.data.megatron_store import MegatronWriter
+
+    writer = MegatronWriter(tmp_path / "s", np.uint16)
+    writer.add_documents(np.array([5, 6, 0, 7, 0]), np.array([3, 2]))
+    writer.finalize({})
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(megatron_store, "write_json_atomic", full_disk)
+    writer = MegatronWriter(tmp_path / "s", np.uint16)
+    writer.add_documents(np.arange(1, 101), np.array([50, 50]))
+    with pytest.raises(OSError):
+        writer.finalize({})
+    with pytest.raises(DataError, match=r"s.idx is missing"):
+        open_store(tmp_path / "s")
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; the parent-death signal is Linux's")
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_a_stopped_preprocess_leaves_no_workers_and_no_partial_output(tmp_path, tok, how):
+    """With more workers than one process takes (12: two forked processes of 6 threads), `kill` (SIGTERM, also
+    what scancel sends) removes the partial output and ends the workers, exit 143; SIGKILL (the OOM killer) gives
+    no chance to clean up, but the kernel ends the workers with it (before, they went on encoding, orphaned)."""
+    text = " ".join(TEXTS)
+    src = _jsonl(tmp_path / "in.jsonl", [json.dumps({"text": f"{i} {text}"}) for i in range(60_000)])  # ~25 MB
+    out = tmp_path / "out"
+    out.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve().parents[1] / "tools" / "preprocess.py"),
+                             "--input", str(src), "--tokenizer", tok, "--output-prefix", str(out / "store"),
+                             "--workers", "12", "--no-progress"], env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (len(_children(proc.pid)) >= 2 and any(out.iterdir())):  # the workers forked, the output begun
+        assert proc.poll() is None and time.monotonic() < deadline, "preprocess ended before it could be stopped"
+        time.sleep(0.05)
+    workers = _children(proc.pid)
+    proc.send_signal(getattr(signal, how))
+    _, err = proc.communicate(timeout=60)
+    deadline = time.monotonic() + 10
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [w for w in workers if _alive(w)], f"workers left running after {how}"
+    if how == "SIGTERM":
+        assert proc.returncode == 143 and err.strip() == "preprocess: terminated; no output was written", err
+        assert not list(out.iterdir()), list(out.iterdir())
+    else:
+        assert proc.returncode == -signal.SIGKILL
+        # what it left (its staging files, as large as the store) goes with the next run to that output, said
+        assert [p.name for p in out.iterdir() if ".tmp-" not in p.name] == [] and any(out.iterdir())
+        small = _jsonl(tmp_path / "small.jsonl", [json.dumps({"text": TEXTS[0]})])
+        again = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "tools" / "preprocess.py"),
+                                "--input", str(small), "--tokenizer", tok, "--output-prefix", str(out / "store"),
+                                "--workers", "1", "--no-progress"], env=env, capture_output=True, text=True)
+        assert again.returncode == 0 and "note: removed what an interrupted run left beside the output" in again.stderr
+        assert not [p.name for p in out.iterdir() if ".tmp-" in p.name], list(out.iterdir())
+
+
+def test_a_writer_that_cannot_start_stops_the_workers_and_gives_back_tokenizers_parallelism(tmp_path, tok,
+                                                                                           monkeypatch):
+    """A writer that fails to start (its temporary token file cannot be opened: a folder holds that name) fails once
+    the workers (two forked processes) are started: they are stopped and the caller's TOKENIZERS_PARALLELISM is
+    back, as after any other failure (before, both were left)."""
+    import multiprocessing
+    from nanotronix.data.files import temp_path
+    from nanotronix.data.pipeline import PreprocessOptions, preprocess
+    blocked = temp_path(tmp_path / "out.bin")  # the Megatron writer's token file in this process
+    blocked.mkdir()
+    src = _jsonl(tmp_path / "in.jsonl", [json.dumps({"text": t}) for t in TEXTS])
+    before = set(multiprocessing.active_children())
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
+    with pytest.raises(IsADirectoryError) as failed:
+        preprocess(PreprocessOptions([str(src)], tok, str(tmp_path / "out"), workers=2, threads_per_process=1,
+                                     progress=False))
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "true"
+    deadline = time.monotonic() + 10
+    while set(multiprocessing.active_children()) - before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # (the traceback, held here as by a caller that reports it, holds the executor: it is not what stops them)
+    assert not set(multiprocessing.active_children()) - before, f"workers left running after {failed.value}"
+    assert _outputs(tmp_path) == [blocked.name]
+
+
+def test_format_zarr_without_zarr_is_refused_before_any_folder_is_made(tmp_path, tok, tool, capsys, monkeypatch):
+    """--format zarr where zarr is not installed: one line, exit 2, and the new --output-prefix folders are not made
+    (before, the writer found zarr missing after they were, and left them empty)."""
+    monkeypatch.setitem(sys.modules, "zarr", None)  # `import zarr` raises ImportError: not installed
+    src = _jsonl(tmp_path / "in.jsonl", [json.dumps({"text": t}) for t in TEXTS])
+    code = tool.main(["--input", str(src), "--tokenizer", tok, "--output-prefix",
+                      str(tmp_path / "new" / "dir" / "out"), "--format", "zarr", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err == ("error: --format zarr needs the Python package 'zarr': pip install "
+                                 "'nanotronix[data]'\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+@pytest.mark.parametrize("fmt", ["megatron", "zarr"])
+def test_a_failed_run_removes_the_output_folders_it_made_and_only_those(tmp_path, tok, tool, capsys, fmt):
+    """A bad record, and input with no document, fail after the new --output-prefix folders were made: each leaves
+    none of them behind (before, `new/dir` stayed, empty), nor a half-written store; a folder that was already
+    there stays (only the levels this run made are removed)."""
+    bad = _jsonl(tmp_path / "bad.jsonl", [json.dumps({"text": "fine"}), "{not json}"])
+    empty = _jsonl(tmp_path / "empty.jsonl", [json.dumps({"text": " "})])
+    (tmp_path / "kept").mkdir()
+    runs = [([bad], tmp_path / "new" / "dir" / "out", "bad.jsonl:2: invalid JSON"),
+            ([empty, "--skip-bad"], tmp_path / "new" / "dir" / "out", "no documents"),
+            ([bad], tmp_path / "kept" / "sub" / "out", "bad.jsonl:2: invalid JSON")]
+    for (src, *extra), prefix, why in runs:
+        code = tool.main(["--input", str(src), "--tokenizer", tok, "--output-prefix", str(prefix), "--format", fmt,
+                          "--workers", "1", "--no-progress", *extra])
+        err = capsys.readouterr().err.strip()
+        assert code != 0 and err.startswith("error: ") and why in err and "\n" not in err, err
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "empty.jsonl", "kept"], why
+        assert list((tmp_path / "kept").iterdir()) == []
+
+
+def test_a_made_folder_that_something_else_filled_stays(tmp_path):
+    """The folders a failed run made are removed with rmdir only: one that holds a file written there meanwhile (not
+    this run's) stays, and so do the levels above it; the empty one below it goes."""
+    from nanotronix.data.files import make_folder_durably, remove_made_folders
+    (tmp_path / "a").mkdir()
+    made = make_folder_durably(tmp_path / "a" / "b" / "c" / "d")
+    assert made == [tmp_path / "a" / "b" / "c" / "d", tmp_path / "a" / "b" / "c", tmp_path / "a" / "b"]
+    (tmp_path / "a" / "b" / "someone-elses").write_text("x")
+    remove_made_folders(made + [tmp_path / "gone"])  # one already removed: nothing to say
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["a", "a/b", "a/b/someone-elses"]
+
+
+def test_a_writer_that_fails_half_started_leaves_nothing(tmp_path, tok, tool, capsys, monkeypatch):
+    """A writer that fails while starting, after it made part of its temporary output, removes that part itself (no
+    caller holds it to abort): a zarr store on a full disk (its group made, its arrays not), and a Megatron writer
+    whose second staging file cannot be opened (a folder holds that name; the first was open). Before, the hidden
+    half-made store stayed, and with it the `new` folder made for it, and the first staging file stayed."""
+    from nanotronix.data import zarr_store
+    from nanotronix.data.files import temp_path
+
+    def full_disk():
+        raise OSError(28, "No space left on device")
+    src = _jsonl(tmp_path / "in.jsonl", [json.dumps({"text": t}) for t in TEXTS])
+    args = ["--input", str(src), "--tokenizer", tok, "--workers", "1", "--no-progress"]
+    with monkeypatch.context() as patch:
+        patch.setattr(zarr_store, "_codecs", full_disk)
+        assert tool.main(args + ["--output-prefix", str(tmp_path / "new" / "out"), "--format", "zarr"]) != 0
+    assert capsys.readouterr().err == "error: No space left on device\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+    blocked = temp_path(tmp_path / "out.lengths")  # the Megatron writer's lengths file in this process
+    blocked.mkdir()
+    assert tool.main(args + ["--output-prefix", str(tmp_path / "out")]) != 0
+    assert capsys.readouterr().err == f"error: Is a directory: {blocked}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [blocked.name, "in.jsonl"]
+
+
+def test_workers_past_what_the_cores_can_use_are_refused_before_any_process_starts(tmp_path, tok, tool, capsys):
+    """Tokenizing is CPU-bound: a --workers typo (100000) would fork that many processes (it forked them). The most
+    taken: 4 per core, at least 64 (more threads than cores still splits the work over processes, as a test does)."""
+    src = _jsonl(tmp_path / "in.jsonl", [json.dumps({"text": t}) for t in TEXTS])
+    limit = max(64, 4 * os.cpu_count())
+    assert tool.main(["--input", str(src), "--tokenizer", tok, "--output-prefix", str(tmp_path / "new" / "out"),
+                      "--workers", str(limit + 1), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --workers {limit + 1}: ") and f"at most {limit}" in err and err.count("\n") == 1
+    assert not (tmp_path / "new").exists()
