@@ -1,10 +1,13 @@
 """Building blocks of the Hugging Face conversion tests (tests/test_convert_hf_*.py): the two commands run as a
-subprocess or in this process, a tiny trained checkpoint, a tiny model saved by transformers itself, a tiny
-tokenizer, the reads of an export (its tensors, its logits beside ours, two folders compared), and the model against
-transformers' LlamaForCausalLM of the same weights (tests/test_model_hf_parity.py, tests/test_model_properties.py)."""
+subprocess or in this process (`one_error_line`: a call that must fail in one line), a tiny trained checkpoint, a
+tiny model saved by transformers itself, a tiny tokenizer, the reads of an export (its tensors, its logits beside
+ours, two folders compared), and the model against transformers' LlamaForCausalLM of the same weights
+(tests/test_model_hf_parity.py, tests/test_model_properties.py)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import os
 import subprocess
@@ -138,3 +141,14 @@ def assert_matches_transformers(cfg: ModelConfig, backend: str, ids: torch.Tenso
 def tool_main(name: str):
     """main() of tools/NAME.py, to run the command's own code in this process."""
     return load_tool(name).main
+
+
+def one_error_line(tool: str, *args: str) -> str:
+    """Run tools/TOOL.py's main() in this process; it must fail (exit code 2) saying one line on stderr. (Its output is
+    caught here, not with pytest's capsys: that fixture lives once for all the examples of a property.)"""
+    err, out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        code = tool_main(tool)([*args, "--no-progress"])
+    lines = err.getvalue().strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (code, lines)
+    return lines[0]

@@ -17,8 +17,9 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from checkpoint_helpers import adamw, plain_model, save_single
+from convert_hf_helpers import one_error_line
 from properties import PROPERTY, log_uniform
-from test_model_properties import _one_error_line, architectures
+from test_model_properties import architectures
 
 from nanotronix.checkpoint.hf_export import export_to_hf
 from nanotronix.config import ModelConfig
@@ -68,7 +69,7 @@ def test_the_exported_config_files_are_ones_transformers_loads(cfg):
             tmp = Path(tmp)
             model = plain_model(cfg)  # saved as a run started before the check would have saved it
             step = save_single(tmp / "run", 0, model, adamw(model))
-            said = _one_error_line("convert_to_hf", "--checkpoint", str(tmp / "run"), "--output", str(tmp / "hf"))
+            said = one_error_line("convert_to_hf", "--checkpoint", str(tmp / "run"), "--output", str(tmp / "hf"))
             assert said == f"error: checkpoint {step}: checkpoint.json: {e}" and not (tmp / "hf").exists(), said
         return
     event("exported")

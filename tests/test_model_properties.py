@@ -15,8 +15,6 @@ tests/test_convert_hf_*.py check a few fixed shapes):
 Costs ~35 s on one core (each generated model is built, and the round trip writes two folders)."""
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import tempfile
 from pathlib import Path
@@ -26,7 +24,7 @@ import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from convert_hf_helpers import assert_matches_transformers, assert_same_hf_folder, saved_hf_llama, tool_main
+from convert_hf_helpers import assert_matches_transformers, assert_same_hf_folder, one_error_line, saved_hf_llama
 from properties import PROPERTY, log_uniform
 
 from nanotronix.checkpoint.hf_export import export_to_hf
@@ -102,17 +100,6 @@ def test_import_then_export_gives_back_the_folder_transformers_saved(data, cfg):
         assert torch.equal(_logits(original, ids), _logits(back, ids))
 
 
-def _one_error_line(tool: str, *args: str) -> str:
-    """Run tools/TOOL.py's main() in this process; it must fail (exit code 2) saying one line on stderr. (Its output is
-    caught here, not with pytest's capsys: that fixture lives once for all the examples of a property.)"""
-    err, out = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-        code = tool_main(tool)([*args, "--no-progress"])
-    lines = err.getvalue().strip().splitlines()
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (code, lines)
-    return lines[0]
-
-
 # What the model does not compute, as an edit of a valid config.json: (the edit, the field the error line names).
 UNSUPPORTED = st.one_of(
     st.sampled_from([({"attention_bias": True}, "attention_bias"), ({"mlp_bias": True}, "mlp_bias"),
@@ -150,7 +137,7 @@ def test_a_config_the_model_does_not_compute_is_refused_on_import_in_one_line(da
         folder = Path(tmp) / "hf"
         folder.mkdir()  # config.json alone: it is read (and refused) before any weight
         (folder / "config.json").write_text(json.dumps({"model_type": "llama", **_hf_fields(cfg), **edit}))
-        said = _one_error_line("convert_from_hf", "--hf", str(folder), "--output", str(Path(tmp) / "o"))
+        said = one_error_line("convert_from_hf", "--hf", str(folder), "--output", str(Path(tmp) / "o"))
         assert field in said and str(folder) in said, said
         assert not (Path(tmp) / "o").exists()
 
@@ -176,6 +163,6 @@ def test_a_checkpoint_of_a_model_the_trainer_refuses_is_not_exported(data, cfg, 
         manifest = json.loads(manifest_file.read_text())
         manifest["config"]["model"][field] = value
         manifest_file.write_text(json.dumps(manifest))
-        said = _one_error_line("convert_to_hf", "--checkpoint", str(tmp / "ckpt"), "--output", str(tmp / "o"))
+        said = one_error_line("convert_to_hf", "--checkpoint", str(tmp / "ckpt"), "--output", str(tmp / "o"))
         assert f"model.{field}" in said, said
         assert not (tmp / "o").exists()
