@@ -248,3 +248,30 @@ def test_a_stage_the_run_never_reaches_is_said_as_such(plan_tool):
     later = [line for line in text.splitlines() if line.startswith("stage ")][1:]
     assert len(later) == 3 and all(" never reached (it starts at step " in line and
                                    line.endswith(", after the last step 1,000)") for line in later), later
+
+
+def test_the_memory_line_says_which_gpu_and_its_micro_batches_in_words(plan_tool):
+    """The text's memory line names the GPU it is of and the micro-batches it holds: at pp 1 no pipeline stage (it
+    said "first pipeline stage" of a run without a pipeline); a whole count of micro-batches as such ("1 micro-batch",
+    not "1 micro-batch(es)"); an interleaved rank's mean over its chunks to 2 decimals, saying it is one (it said
+    "3.66667 micro-batch(es)"). --json keeps the figure as it is."""
+    def memory(gpus: int, overrides: list[str]) -> tuple[dict, str]:
+        plan = plan_tool.build_plan(str(CONFIGS / "smollm2_1p7b.yaml"), ["data.root=/nonexistent", *overrides], gpus,
+                                    0.45, "H100 SXM")
+        lines = [line for line in plan_tool.format_plan(plan).splitlines() if line.startswith("memory per GPU")]
+        assert len(lines) == 1, lines
+        return plan["memory"], lines[0]
+
+    mem, line = memory(256, [])
+    assert mem["in_flight_microbatches"] == 1 and mem["stage"] == "first"  # the JSON's, as before
+    assert line.startswith("memory per GPU (estimate, no pipeline parallelism, 1,711.4M parameters, 1 micro-batch "
+                           "in flight): "), line
+    mem, line = memory(256, ["parallel.pp=4", "train.micro_batch_size=1"])
+    assert line.startswith("memory per GPU (estimate, first pipeline stage, ") and \
+        ", 4 micro-batches in flight): " in line, line
+    mem, line = memory(16, ["parallel.pp=4", "parallel.pp_schedule=interleaved", "parallel.virtual_stages=3"])
+    held = mem["in_flight_microbatches"]
+    assert held != int(held) and mem["pp_rank"] == 2, mem
+    assert line.startswith("memory per GPU (estimate, pipeline rank 2 of 4, ") and \
+        f", {held:.2f} micro-batches in flight, the mean over its interleaved chunks): " in line, line
+    assert f"{held:g}" not in line, line

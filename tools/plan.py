@@ -484,6 +484,21 @@ def _tok(n: float) -> str:
     return f"{n:.0f}"
 
 
+def _memory_rank(mem: dict[str, Any], pp: int) -> str:
+    """The GPU whose memory the plan reports, in words: at pp 1 there is no pipeline to name a stage of."""
+    if pp == 1:
+        return "no pipeline parallelism"
+    return f"{mem['stage']} pipeline stage" if mem["stage"] in ("first", "last") else f"pipeline {mem['stage']}"
+
+
+def _in_flight(held: float) -> str:
+    """The micro-batches whose activations that GPU holds at its peak. An interleaved rank's count is the mean of its
+    chunks' (each chunk holds whole micro-batches): to 2 decimals, said to be a mean (it read "3.66667")."""
+    if held == int(held):
+        return f"{int(held)} micro-batch{'' if held == 1 else 'es'} in flight"
+    return f"{held:.2f}".rstrip("0") + " micro-batches in flight, the mean over its interleaved chunks"
+
+
 def format_plan(plan: dict[str, Any]) -> str:
     lay, b, mem, tm = plan["layout"], plan["batch"], plan["memory"], plan["time"]
     lines = [
@@ -514,11 +529,10 @@ def format_plan(plan: dict[str, Any]) -> str:
         lines.append(f"({len(missing)} store(s) not readable, so no epochs for them: point data.root=... at the "
                      f"corpus folder)")
     g = mem["gib"]
-    where = f"{mem['stage']} pipeline stage" if mem["stage"] in ("first", "last") else f"pipeline {mem['stage']}"
     lines += [
         "",
-        f"memory per GPU (estimate, {where}, {mem['params_per_gpu'] / 1e6:,.1f}M parameters, "
-        f"{mem['in_flight_microbatches']:g} micro-batch(es) in flight): weights {g['weights_fp32']:.2f} GiB fp32 "
+        f"memory per GPU (estimate, {_memory_rank(mem, lay['pp'])}, {mem['params_per_gpu'] / 1e6:,.1f}M parameters, "
+        f"{_in_flight(mem['in_flight_microbatches'])}): weights {g['weights_fp32']:.2f} GiB fp32 "
         f"+ {g['weights_bf16_copies']:.2f} GiB bf16 copies, grads {g['grads_fp32']:.2f} GiB, optimizer "
         f"{g['optimizer_adamw']:.2f} GiB, activations {g['activations']:.2f} GiB = {g['total']:.2f} GiB "
         f"(+ ~1-3 GiB CUDA context, NCCL, fragmentation)",
