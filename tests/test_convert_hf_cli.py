@@ -13,7 +13,7 @@ import sys
 import pytest
 import transformers
 
-from convert_hf_helpers import _hf_original, cli, tool_main, trained_checkpoint
+from convert_hf_helpers import _hf_original, cli, one_error_line, tool_main, trained_checkpoint
 from helpers import ROOT
 
 from nanotronix.checkpoint.hf_export import export_to_hf
@@ -86,7 +86,7 @@ def test_push_to_hub_failure_keeps_the_complete_export(tmp_path):
 
 
 
-def test_output_and_overwrite_never_destroy_the_input_or_other_files(tmp_path, capsys):
+def test_output_and_overwrite_never_destroy_the_input_or_other_files(tmp_path):
     """--overwrite replaces an earlier output of the same kind only: not the run being read (it used to delete the
     whole run and exit 0), not the HF folder being imported, not a training run, not someone's other files."""
     run = tmp_path / "run"
@@ -98,23 +98,17 @@ def test_output_and_overwrite_never_destroy_the_input_or_other_files(tmp_path, c
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
 
-    def one_error(tool: str, *args: str) -> str:
-        code = tool_main(tool)([*args, "--no-progress"])
-        lines = capsys.readouterr().err.strip().splitlines()
-        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
-        return lines[0]
-
     for output in (run, run / "step_0000002", tmp_path, run / "step_0000002" / "hf", run / "hf"):
-        said = one_error("convert_to_hf", "--checkpoint", str(run), "--output", str(output), "--overwrite")
+        said = one_error_line("convert_to_hf", "--checkpoint", str(run), "--output", str(output), "--overwrite")
         assert "it is, holds or lies inside the input" in said
-    assert "is not a Hugging Face model folder" in one_error(
+    assert "is not a Hugging Face model folder" in one_error_line(
         "convert_to_hf", "--checkpoint", str(run), "--output", str(notes), "--overwrite")
-    assert "cannot write there" in one_error("convert_to_hf", "--checkpoint", str(run), "--output",
-                                             str(blocker / "hf"))
+    assert "cannot write there" in one_error_line("convert_to_hf", "--checkpoint", str(run), "--output",
+                                                  str(blocker / "hf"))
     link = tmp_path / "link"
     link.symlink_to(notes)
-    assert "is a symbolic link" in one_error("convert_to_hf", "--checkpoint", str(run), "--output", str(link),
-                                             "--overwrite")
+    assert "is a symbolic link" in one_error_line("convert_to_hf", "--checkpoint", str(run), "--output",
+                                                  str(link), "--overwrite")
     assert sorted(p.relative_to(tmp_path) for p in run.rglob("*")) == files
     assert (notes / "thesis.tex").read_text() == "years of work"
 
@@ -122,10 +116,9 @@ def test_output_and_overwrite_never_destroy_the_input_or_other_files(tmp_path, c
     assert tool_main("convert_to_hf")(["--checkpoint", str(run), "--output", str(hf), "--no-progress"]) == 0
     assert tool_main("convert_to_hf")(["--checkpoint", str(run), "--output", str(hf), "--overwrite",
                                        "--no-progress"]) == 0  # an earlier export is replaced
-    capsys.readouterr()
-    assert "it is, holds or lies inside the input" in one_error("convert_from_hf", "--hf", str(hf), "--output",
-                                                                str(hf), "--overwrite")
-    said = one_error("convert_from_hf", "--hf", str(hf), "--output", str(run), "--overwrite")
+    assert "it is, holds or lies inside the input" in one_error_line("convert_from_hf", "--hf", str(hf), "--output",
+                                                                     str(hf), "--overwrite")
+    said = one_error_line("convert_from_hf", "--hf", str(hf), "--output", str(run), "--overwrite")
     assert "is not an earlier import" in said
     imported = tmp_path / "imported"
     for _ in range(2):  # the second replaces the first
@@ -136,18 +129,12 @@ def test_output_and_overwrite_never_destroy_the_input_or_other_files(tmp_path, c
 
 
 
-def test_weights_that_do_not_fit_their_config_are_one_line(tmp_path, capsys):
+def test_weights_that_do_not_fit_their_config_are_one_line(tmp_path):
     """A config beside the weights that does not describe them (an edited checkpoint.json or config.json), damaged
     safetensors, a config.json that is not an object: one line naming the tensor or file, never a traceback."""
     run = tmp_path / "run"
     folder, _ = trained_checkpoint(run)
     hf = export_to_hf(run, tmp_path / "hf", progress=False, log=lambda _: None)
-
-    def one_error(tool: str, *args: str) -> str:
-        code = tool_main(tool)([*args, "--no-progress"])
-        lines = capsys.readouterr().err.strip().splitlines()
-        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
-        return lines[0]
 
     edited = tmp_path / "edited"
     edited.mkdir()
@@ -155,25 +142,25 @@ def test_weights_that_do_not_fit_their_config_are_one_line(tmp_path, capsys):
     manifest = json.loads((edited / folder.name / "checkpoint.json").read_text())
     manifest["config"]["model"]["intermediate_size"] *= 2
     (edited / folder.name / "checkpoint.json").write_text(json.dumps(manifest))
-    said = one_error("convert_to_hf", "--checkpoint", str(edited), "--output", str(tmp_path / "o"))
+    said = one_error_line("convert_to_hf", "--checkpoint", str(edited), "--output", str(tmp_path / "o"))
     assert "tensor layers.0.mlp.gate_up_proj.weight is [" in said and "but the model config in checkpoint.json" in said
 
     config = json.loads((hf / "config.json").read_text())
     wrong = tmp_path / "wrong"
     shutil.copytree(hf, wrong)
     (wrong / "config.json").write_text(json.dumps({**config, "intermediate_size": config["intermediate_size"] * 2}))
-    said = one_error("convert_from_hf", "--hf", str(wrong), "--output", str(tmp_path / "o"))
+    said = one_error_line("convert_from_hf", "--hf", str(wrong), "--output", str(tmp_path / "o"))
     assert said.startswith(f"error: --hf: {wrong}: tensor model.layers.0.mlp.gate_proj.weight is [")
     (wrong / "config.json").write_text(json.dumps(config))
     weights = wrong / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    assert one_error("convert_from_hf", "--hf", str(wrong), "--output", str(tmp_path / "o")).startswith(
+    assert one_error_line("convert_from_hf", "--hf", str(wrong), "--output", str(tmp_path / "o")).startswith(
         f"error: --hf: {weights}: cannot be read as safetensors (")
     (wrong / "config.json").write_text("[1]")
-    assert one_error("convert_from_hf", "--hf", str(wrong), "--output", str(tmp_path / "o")) == (
+    assert one_error_line("convert_from_hf", "--hf", str(wrong), "--output", str(tmp_path / "o")) == (
         f"error: --hf: {wrong / 'config.json'}: a JSON array, not an object")
     (wrong / "config.json").write_text(json.dumps(config)[:-1] + ', "vocab_size": ' + "1" * 5000 + "}")
-    assert one_error("convert_from_hf", "--hf", str(wrong), "--output", str(tmp_path / "o")) == (
+    assert one_error_line("convert_from_hf", "--hf", str(wrong), "--output", str(tmp_path / "o")) == (
         f"error: --hf: {wrong / 'config.json'}: holds an integer of 5000 digits, more than Python's JSON reader (and "
         "so transformers) reads (4300)")  # was json's advice to raise the interpreter's limit
     assert not (tmp_path / "o").exists()
