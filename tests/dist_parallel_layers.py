@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nanotronix.parallel import mappings  # noqa: E402
 from nanotronix.parallel.cross_entropy import head_and_loss, vocab_parallel_cross_entropy  # noqa: E402
 from nanotronix.parallel.grad_accumulation_fusion import linear_accumulating_weight_grad  # noqa: E402
-from nanotronix.parallel.sequence_parallel_linear import gather_sequence_linear  # noqa: E402
+from nanotronix.parallel.column_parallel_matmul import column_parallel_matmul  # noqa: E402
 from dist_common import run_worker  # noqa: E402
 from nanotronix.parallel.tensor_parallel import (ColumnParallelLinear, RowParallelLinear,  # noqa: E402
                                                  VocabParallelEmbedding)
@@ -57,27 +57,30 @@ def check_column(mode: str, g) -> dict:
             "scale": xd.grad.abs().max().item()}
 
 
-def check_gather_sequence_linear(g) -> dict:
-    """`gather_sequence_linear` (the column-parallel matmul under sequence parallelism) against the collective +
-    linear it replaces (gather_from_sequence, then F.linear; autocast casting after the gather): the difference
-    (0 means bit-identical) of the output and of the input and weight gradients, fp32 and under bf16 autocast
-    (the fp32 weight, or a bf16 copy as train.bf16_weight_cache gives), with the shard kept or the gathered input
-    kept, and with the weight gradient accumulated into an fp32 buffer (train.grad_accumulation_fusion); and the
-    bytes of input each keeps for backward (unique storages that autograd saved, the weight left out)."""
+def check_column_parallel_matmul(g) -> dict:
+    """`column_parallel_matmul` (the column-parallel linears' matmul with its input's collective) against the
+    collective + linear it replaces (copy_to_tp or gather_from_sequence, then F.linear; autocast casting after the
+    collective): the difference (0 means bit-identical) of the output and of the input and weight gradients, fp32
+    and under bf16 autocast (the fp32 weight, or a bf16 copy as train.bf16_weight_cache gives), under sequence
+    parallelism with the shard kept or the gathered input kept, and with the weight gradient accumulated into an
+    fp32 buffer (train.grad_accumulation_fusion); and the bytes of input each keeps for backward (unique storages
+    that autograd saved, the weight left out)."""
     torch.manual_seed(2)
     w, x, upstream = torch.randn(D_OUT, D_IN), torch.randn(B, S, D_IN), torch.randn(B, S, D_OUT)
-    x_local = chunk(x, 1)
     # name suffix -> (weight dtype, accumulate into an fp32 buffer)
     variants = {torch.float32: {"": (torch.float32, False), "_acc": (torch.float32, True)},
                 torch.bfloat16: {"": (torch.float32, False), "_cache": (torch.bfloat16, False),
                                  "_cache_acc": (torch.bfloat16, True)}}
     results = {}
-    for dtype, weights in variants.items():
-        for keep_gathered in (False, True):
+    for mode, keeps in (("copy", [False]), ("regather", [False]), ("keep", [True])):
+        gather = mode != "copy"
+        x_in = chunk(x, 1) if gather else x
+        collective = mappings.gather_from_sequence if gather else mappings.copy_to_tp
+        for dtype, weights in variants.items():
             for suffix, (weight_dtype, accumulate) in weights.items():
                 runs = []
                 for fused in (False, True):
-                    xp, wp = leaf(x_local), leaf(w.to(weight_dtype))
+                    xp, wp = leaf(x_in), leaf(w.to(weight_dtype))
                     main_grad = torch.full_like(w, 0.5) if accumulate else None
                     saved: dict[int, int] = {}
 
@@ -88,20 +91,19 @@ def check_gather_sequence_linear(g) -> dict:
                     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
                             torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
                         if fused:
-                            y = gather_sequence_linear(xp, wp, g, main_grad, keep_gathered)
+                            y = column_parallel_matmul(xp, wp, g, gather, main_grad, keep_gathered=keeps[0])
                         elif accumulate:
-                            y = linear_accumulating_weight_grad(mappings.gather_from_sequence(xp, g), wp, main_grad)
+                            y = linear_accumulating_weight_grad(collective(xp, g), wp, main_grad)
                         else:
-                            y = F.linear(mappings.gather_from_sequence(xp, g), wp)
+                            y = F.linear(collective(xp, g), wp)
                     (y.float() * upstream).sum().backward()
                     runs.append((y, xp.grad, main_grad if accumulate else wp.grad, sum(saved.values())))
                 (y0, gx0, gw0, kept0), (y1, gx1, gw1, kept1) = runs
-                name = f"{str(dtype)[6:]}_{'keep' if keep_gathered else 'regather'}{suffix}"
                 element = 2 if dtype == torch.bfloat16 else 4
-                results[name] = {"forward": err(y1, y0), "grad_input": err(gx1, gx0), "grad_weight": err(gw1, gw0),
-                                 "scale": gx0.abs().max().item(),
-                                 "kept_input_bytes": float(kept1), "collective_path_kept_bytes": float(kept0),
-                                 "shard_bytes": float(x_local.numel() * element)}
+                results[f"{mode}_{str(dtype)[6:]}{suffix}"] = {
+                    "forward": err(y1, y0), "grad_input": err(gx1, gx0), "grad_weight": err(gw1, gw0),
+                    "scale": gx0.abs().max().item(), "kept_input_bytes": float(kept1),
+                    "collective_path_kept_bytes": float(kept0), "input_bytes": float(x_in.numel() * element)}
     return results
 
 
@@ -225,7 +227,7 @@ def main() -> None:
             "fused_head_loss_large_logits": check_fused_head_loss("copy", g, 30.0),
             "fused_head_loss_compiled": check_fused_head_loss("gather_sequence", g, 1.0, {"backend": "aot_eager"}),
         }
-        paths = check_gather_sequence_linear(g)
+        paths = check_column_parallel_matmul(g)
         for values in [*checks.values(), *paths.values()]:  # worst case over ranks
             for key, value in values.items():
                 if isinstance(value, float):
@@ -234,7 +236,7 @@ def main() -> None:
                     values[key] = t.item()
         if dist.get_rank() == 0:
             out.write_text(json.dumps({"world_size": dist.get_world_size(), "checks": checks,
-                                       "gather_sequence_linear": paths}))
+                                       "column_parallel_matmul": paths}))
     run_worker(check_all)
 
 

@@ -176,9 +176,8 @@ def dense_linear(x, w, upstream):
 
 
 def check_column(case: dict, group) -> dict:
-    """ColumnParallelLinear (input copy, gather_sequence, or none: a caller that made the input whole sums the
-    ranks' input gradients, as the sequence gather's backward does) against F.linear: the output's split along
-    the features, d/d input, d/d the weight's row block; fp32 or under bf16 autocast."""
+    """ColumnParallelLinear (input copy or gather_sequence) against F.linear: the output's split along the
+    features, d/d input, d/d the weight's row block; fp32 or under bf16 autocast."""
     x, w, upstream = linear_inputs(case)
     y, gx, gw, terms = dense_linear(x, w, upstream)
     mode = case["mode"]
@@ -190,8 +189,6 @@ def check_column(case: dict, group) -> dict:
     grad_input, want_gx, gx_terms = xp.grad, gx, terms["grad_input"]
     if mode == "gather_sequence":
         want_gx, gx_terms = chunk(gx, 1), chunk(gx_terms, 1)
-    if mode == "none":
-        dist.all_reduce(grad_input, group=group)
     tolerance = "fp32" if case["precision"] == "fp32" else "bf16"
     return {"out": compare(out, chunk(y, 2), tolerance, floor=amax(chunk(terms["out"], 2))),
             "grad_input": compare(grad_input, want_gx, tolerance, floor=amax(gx_terms)),

@@ -53,20 +53,20 @@ def test_vocab_parallel_mean_over_no_counted_token_is_nan_with_zero_gradients(re
     assert values["grad_logits"] == 0.0, f"gradients differ from F.cross_entropy's zeros by {values['grad_logits']}"
 
 
-@pytest.mark.parametrize("case", [f"{dtype}_{mode}{variant}" for dtype, variants in (
+@pytest.mark.parametrize("case", [f"{mode}_{dtype}{variant}" for dtype, variants in (
     ("float32", ("", "_acc")), ("bfloat16", ("", "_cache", "_cache_acc")))
-    for mode in ("regather", "keep") for variant in variants])
-def test_gather_sequence_linear_is_the_collective_and_linear_keeping_the_shard(results, case):
-    """The sequence-parallel column matmul (`gather_sequence_linear`) gives bit-identical outputs and gradients to
-    gather_from_sequence + F.linear (fp32; bf16 autocast, which casts after the gather where this casts before;
-    the weight gradient returned or accumulated into an fp32 buffer), and keeps for backward only this rank's
-    sequence shard of its input in the compute dtype (1/tp of what the collective path keeps), or with
-    keep_gathered the same gathered input as that path."""
-    values = results["gather_sequence_linear"][case]
+    for mode in ("copy", "regather", "keep") for variant in variants])
+def test_column_parallel_matmul_is_the_collective_and_linear(results, case):
+    """The column-parallel linears' matmul with its collective in one function (`column_parallel_matmul`) gives
+    bit-identical outputs and gradients to copy_to_tp / gather_from_sequence + F.linear (fp32; bf16 autocast,
+    which casts after the collective where this casts before; the weight gradient returned or accumulated into an
+    fp32 buffer), and keeps for backward the same input as that path, except under sequence parallelism: only this
+    rank's sequence shard in the compute dtype (1/tp of it), or with keep_gathered the same gathered input."""
+    values = results["column_parallel_matmul"][case]
     assert values["scale"] > 1e-3
     for name in ("forward", "grad_input", "grad_weight"):
         assert values[name] == 0.0, f"{case}: {name} differs by {values[name]}"
-    world = results["world_size"]
-    assert values["collective_path_kept_bytes"] == world * values["shard_bytes"], values
-    want = values["collective_path_kept_bytes"] if case.split("_")[1] == "keep" else values["shard_bytes"]
-    assert values["kept_input_bytes"] == want, values
+    mode, world = case.split("_")[0], results["world_size"]
+    whole = values["input_bytes"] * (1 if mode == "copy" else world)
+    assert values["collective_path_kept_bytes"] == whole, values
+    assert values["kept_input_bytes"] == (values["input_bytes"] if mode == "regather" else whole), values

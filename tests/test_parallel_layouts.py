@@ -38,9 +38,11 @@ LAYOUTS = {
         "pp2_docs": f"pp=2,model.document_mask_eos_id={EOS}",
         # the head fused into the vocab-parallel loss, in chunks of tokens (parallel/cross_entropy.py)
         "tp2_sp_fused_loss": "tp=2,sequence_parallel=true,train.loss_chunk_size=24",
-        # the column linears gather their input again in backward; under torch.compile without a graph break
+        # the column linears' collectives inside their autograd function (column_parallel_matmul.py), under
+        # torch.compile without a graph break
+        "tp2_compiled": "tp=2,train.compile=true",
         "tp2_sp_compiled": "tp=2,sequence_parallel=true,train.compile=true",
-        # with recomputation they keep the gathered input instead (sequence_parallel_linear.py)
+        # under SP they gather their input again in backward; with recomputation they keep it gathered instead
         "tp2_sp_selective": "tp=2,sequence_parallel=true,train.recompute=selective",
         "tp2_sp_full_recompute": "tp=2,sequence_parallel=true,train.recompute=full",
     },
@@ -186,11 +188,13 @@ def test_layout_matches_single_process(world, layout, runs, references):
             torch.testing.assert_close(states[name], want[key], rtol=1e-4, atol=1e-7, msg=f"{name}.{key}")
 
 
-def test_compiled_sequence_parallel_layers_are_one_graph(runs):
-    """train.compile with tensor and sequence parallelism: the layers' collectives (the gathers of the column
-    linears, forward and backward, and the reduce-scatters) trace into the compiled layer: one graph for all
-    layers, one for the validation's forward without gradients, none for graph breaks."""
-    for f in sorted((runs(2) / "tp2_sp_compiled").glob("rank*.pt")):
+@pytest.mark.parametrize("layout", ["tp2_compiled", "tp2_sp_compiled"])
+def test_compiled_tensor_parallel_layers_are_one_graph(runs, layout):
+    """train.compile with tensor parallelism, with and without sequence parallelism: the layers' collectives (the
+    column linears' all-reduce or gathers, forward and backward, the row linears' reductions) trace into the
+    compiled layer: one graph for all layers, one for the validation's forward without gradients, none for graph
+    breaks."""
+    for f in sorted((runs(2) / layout).glob("rank*.pt")):
         assert torch.load(f, weights_only=False)["unique_graphs"] == 2, f.name
 
 

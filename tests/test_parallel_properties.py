@@ -9,7 +9,7 @@ F.cross_entropy of the whole logits); the fixed-shape examples are in test_paral
   one token; head input copied or gathered over the sequence; fp32, the trainer's bf16 compute dtype, bf16
   autocast): the mean loss and d/d hidden, d/d the head weight, held to test_numerics_properties' tolerances for
   the plain fused loss;
-- ColumnParallelLinear (input copy, gather_sequence, none) and RowParallelLinear (reduce,
+- ColumnParallelLinear (input copy, gather_sequence) and RowParallelLinear (reduce,
   reduce_scatter_sequence), fp32 and bf16 autocast: output and both gradients; VocabParallelEmbedding (plain and
   sequence parallel): output exactly and the weight's gradient;
 - the sequence collectives: gather and scatter undo each other, every backward is the adjoint collective, an
@@ -128,7 +128,7 @@ KINDS = {
                                                      precision=["fp32", "bf16"])),
     "head_and_loss": (head_and_loss_draws(), product(mode=["copy", "gather_sequence"],
                                                      precision=["fp32", "bf16", "bf16_autocast"])),
-    "column": (linear_draws(), product(mode=["copy", "gather_sequence", "none"], precision=["fp32", "bf16_autocast"])),
+    "column": (linear_draws(), product(mode=["copy", "gather_sequence"], precision=["fp32", "bf16_autocast"])),
     "row": (linear_draws(), product(mode=["reduce", "reduce_scatter_sequence"], precision=["fp32", "bf16_autocast"])),
     "embedding": (embedding_draws(), product(sequence_parallel=[False, True])),
     "sequence": (sequence_draws(), [{}]),

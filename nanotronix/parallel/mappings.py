@@ -89,6 +89,18 @@ def start_reduce_scatter_seq(x: torch.Tensor, group: Group, async_op: bool = Tru
     return finish
 
 
+def start_all_reduce(x: torch.Tensor, group: Group, async_op: bool = True) -> Callable[[], torch.Tensor]:
+    """Start summing `x` over the group in place (x must be the caller's own); the returned function waits for it
+    and gives the sum."""
+    work = dist.all_reduce(x, group=group, async_op=async_op)
+
+    def finish() -> torch.Tensor:
+        if work is not None:
+            work.wait()
+        return x
+    return finish
+
+
 def _all_gather_seq(x: torch.Tensor, group: Group) -> torch.Tensor:
     return start_all_gather_seq(x, group, async_op=False)()
 

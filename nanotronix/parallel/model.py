@@ -10,7 +10,7 @@ What a rank gets (a `ParallelModel`, an nn.Module):
   embedding and head. Every parameter carries `tp_shard_dim` (0, 1, or None when replicated over TP).
 - sequence parallelism (tp > 1): the residual stream and the norms hold seq_len/tp tokens; the first projection
   of the attention and of the MLP all-gathers its input over the sequence (keeping only the shard for backward,
-  `sequence_parallel_linear`) and the row-parallel projection reduce-scatters their outputs. Replicated
+  `column_parallel_matmul`) and the row-parallel projection reduce-scatters their outputs. Replicated
   parameters then see only their rank's tokens: they are tagged `sequence_parallel = True` and their gradients
   summed over TP before the data-parallel reduction.
 - `chunks`: one `ModelChunk` per virtual pipeline stage held by this rank (not registered as children, so names

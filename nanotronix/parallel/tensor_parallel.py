@@ -5,12 +5,13 @@ weight along `param.tp_shard_dim` (0: rows / output features, 1: columns / input
 parameters carry `tp_shard_dim = None`. Checkpoints and the optimizer rely on exactly that, so the layers are
 hand-written (torch's DTensor `parallelize_module` would turn the parameters into DTensors).
 
-The communication of each layer is one differentiable collective from `mappings`:
-  ColumnParallelLinear  input:  "copy" (identity, grads all-reduced), "gather_sequence" (sequence parallel: the
-                                gather and the matmul in one function that keeps only the shard for backward,
-                                `sequence_parallel_linear`), or "none" when the caller already made it whole
+The communication of each layer:
+  ColumnParallelLinear  input:  "copy" (identity, grads all-reduced) or "gather_sequence" (sequence parallel:
+                                all-gathered, grads reduce-scattered), in one autograd function with the matmul
+                                (`column_parallel_matmul`: overlaps them with the backward's GEMMs)
   RowParallelLinear     output: "reduce" (all-reduce) or "reduce_scatter_sequence" (sequence parallel)
   VocabParallelEmbedding        rows of the vocabulary; output all-reduced or reduce-scattered over the sequence
+The row-parallel and embedding reductions are differentiable collectives from `mappings`.
 The fused QKV and gate/up weights of the model are laid out so that TP chunk r is contiguous (see
 `nanotronix/model/attention.py` and `mlp.py`), so a column-parallel shard of them is just a row block.
 """
@@ -23,9 +24,9 @@ from torch import nn
 from nanotronix.parallel import mappings
 from nanotronix.parallel.grad_accumulation_fusion import linear_accumulating_weight_grad
 from nanotronix.parallel.mappings import Group
-from nanotronix.parallel.sequence_parallel_linear import gather_sequence_linear
+from nanotronix.parallel.column_parallel_matmul import column_parallel_matmul
 
-COLUMN_INPUT_MODES = ("copy", "gather_sequence", "none")
+COLUMN_INPUT_MODES = ("copy", "gather_sequence")
 ROW_OUTPUT_MODES = ("reduce", "reduce_scatter_sequence")
 
 
@@ -69,7 +70,7 @@ class ColumnParallelLinear(_ParallelLinear):
         self.group = group
         self.input_mode = input_mode
         # gather_sequence: keep the gathered input for backward instead of gathering it again there (what
-        # activation recomputation wants; sequence_parallel_linear.py)
+        # activation recomputation wants; column_parallel_matmul.py)
         self.keep_gathered_input = keep_gathered_input
 
     @classmethod
@@ -78,18 +79,17 @@ class ColumnParallelLinear(_ParallelLinear):
         return cls(shard(dense_weight, 0, group), group, input_mode, keep_gathered_input)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_mode == "gather_sequence" and mappings.group_size(self.group) > 1:
-            weight = self.weight if self.compute_weight is None else self.compute_weight
-            return gather_sequence_linear(x, weight, self.group, self.weight_grad_target, self.keep_gathered_input)
-        return self._matmul(self.map_input(x))
+        if mappings.group_size(self.group) == 1:
+            return self._matmul(x)
+        weight = self.weight if self.compute_weight is None else self.compute_weight
+        return column_parallel_matmul(x, weight, self.group, self.input_mode == "gather_sequence",
+                                      self.weight_grad_target, self.keep_gathered_input)
 
     def map_input(self, x: torch.Tensor) -> torch.Tensor:
-        """The input every rank multiplies (a loss that applies the head itself maps it the same way)."""
+        """The input every rank multiplies, for a loss that applies the head itself (`parallel.cross_entropy`)."""
         if self.input_mode == "copy":
             return mappings.copy_to_tp(x, self.group)
-        if self.input_mode == "gather_sequence":
-            return mappings.gather_from_sequence(x, self.group)
-        return x
+        return mappings.gather_from_sequence(x, self.group)
 
     def extra_repr(self) -> str:
         return f"local_weight={tuple(self.weight.shape)}, input={self.input_mode}"
