@@ -10,7 +10,8 @@ tensor-parallel linears do:
     the fp32 norm output and casting after; the same values);
   - "gather_sequence" keeps only this rank's sequence shard for backward and gathers it again there, started before
     the input-gradient GEMM so that the two overlap: per layer 2 (1 - 1/tp) S d bytes less per sequence in bf16
-    (qkv and gate/up), at tp 2 for SmolLM2-1.7B ~12% of what a layer keeps. With `keep_gathered` (activation
+    (qkv and gate/up): for SmolLM2-1.7B 6% of what a layer kept at tp 2, 17% at tp 4, 32% at tp 8 (by
+    tools/plan.py's count, which tests/test_plan_memory_parallel.py measures). With `keep_gathered` (activation
     recomputation) it keeps the gathered input instead: the recomputed forward gathers it anyway, and a second
     gather would only add traffic;
   - the input gradient's all-reduce ("copy") or reduce-scatter ("gather_sequence") is started as soon as that
