@@ -9,6 +9,8 @@ DIR/NAME/rank{R}.json with:
   peak_activations: the most bytes alive at once outside the backward passes (`count_in_flight`) of the storages
       the step made (weights and their bf16 copies apart): what the micro-batches in flight keep, and the loss;
   left_after_step: bytes of the storages the step made that are still alive after it (activations and copies);
+  left_by_update: bytes of the storages the optimizer's update then made that are alive while its ZeRO-1 weight
+      gathers run;
   kept_buffers: bytes the pipeline stages hold between steps (`stage_buffer_bytes`);
   peak_in_flight: the most forwards whose backward had not run yet, in micro-batches of the rank's layers (a chunk
       of the interleaved schedule counts its share of the rank's layers);
@@ -111,6 +113,12 @@ def run_layout(name: str, fields: dict, out: Path) -> None:
     model.grads.finish()
     gc.collect()
     left = storages.alive(since=storages.marks["step"])
+    with storages:  # the update, with ZeRO-1 its weight gathers started (parallel.overlap_param_gather)
+        storages.mark("update")
+        optimizer.step(1e-3)
+    gc.collect()
+    left_by_update = storages.alive(since=storages.marks["update"])[0]
+    model.grads.wait_for_weights()
     layers = sum(len(chunk.layers) for chunk in model.chunks)
     state = [t for s in optimizer.inner.state.values() for k, t in s.items() if k in ("exp_avg", "exp_avg_sq")]
     record = {
@@ -118,6 +126,7 @@ def run_layout(name: str, fields: dict, out: Path) -> None:
         "params": sum(p.numel() for p in model.parameters()),
         "peak_activations": storages.peaks["step"],
         "left_after_step": left[0] + left[1],
+        "left_by_update": left_by_update,
         "kept_buffers": stage_buffer_bytes(model),
         "peak_in_flight": in_flight["peak"] / layers if in_flight else 1,
         "peak_weight_copies": in_flight["copies"] if in_flight else None,

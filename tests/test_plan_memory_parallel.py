@@ -153,3 +153,12 @@ def test_data_parallel_state_is_the_plans(plan_tool, runs, name):
         assert r["grad_bytes"] == pytest.approx(planned["grads_fp32"], rel=0.002), r
         assert r["optimizer_bytes"] == pytest.approx(planned["optimizer_adamw"], rel=0.002)
     assert runs["zero1"][0]["optimizer_bytes"] == pytest.approx(runs["zero0"][0]["optimizer_bytes"] / 2, rel=0.002)
+
+
+@pytest.mark.parametrize("name", ["zero0", "zero1"])
+def test_the_update_keeps_nothing_beside_the_state(runs, name):
+    """The optimizer's update leaves nothing alive beside the weights, gradients and moments above, also while
+    ZeRO-1's weight all-gathers it started run behind the next forward: each gathers a bucket in place (this
+    rank's updated shard is its input, at its place in the output), not from a copy of the shard (4 / dp bytes per
+    parameter, which the plan does not count)."""
+    assert [r["left_by_update"] for r in runs[name]] == [0] * WORLD

@@ -231,7 +231,9 @@ class GradBuffers:
             if twin is not None:
                 twin[b.shard_start:b.shard_end].copy_(b.data[b.shard_start:b.shard_end])
                 b.twin_version = b.data._version
-            b.gather_input = target[b.shard_start:b.shard_end].clone()
+            # in place: this rank's shard is the input, at its own place in the output (NCCL and gloo take an
+            # input at output + rank * size, as Megatron's distributed optimizer gathers): no copy of the shard
+            b.gather_input = target[b.shard_start:b.shard_end]
             b.gather = all_gather_flat(target, b.gather_input, group=self.dp_group, async_op=True)
         if not self.overlap_param_gather:
             self.weights_ready(self.buckets, fp32=False)  # the step reads the twins: no fp32 gather for them
@@ -253,7 +255,7 @@ class GradBuffers:
                 b.gather, b.gather_input = None, None
                 b.gather_waited_after = self.parts_entered
             if fp32 and self.twin_holds_weights(b):
-                all_gather_flat(b.data, b.data[b.shard_start:b.shard_end].clone(), group=self.dp_group)
+                all_gather_flat(b.data, b.data[b.shard_start:b.shard_end], group=self.dp_group)  # in place
                 b.twin_version = None
             if self.compute_weights is not None:
                 self.compute_weights.refresh(b.index)
