@@ -1,4 +1,5 @@
-"""tools/plan.py's memory terms against what the trainer's model really keeps for backward, on CPU.
+"""tools/plan.py's memory terms (tools/_plan_memory.py) against what the trainer's model really keeps for backward,
+on CPU.
 
 The model is built and parallelised as the trainer does (`parallelize`, which applies train.recompute through
 `speedups.apply_recompute`), and one micro-batch runs forward and loss as `MicroBatchRunner.run` does. A dispatch
@@ -34,8 +35,8 @@ TOKENS = SEQ * MICRO_BATCH
 
 
 @pytest.fixture(scope="module")
-def plan_tool():
-    return load_tool("plan")
+def plan_memory():
+    return load_tool("_plan_memory")
 
 
 def measure(layers: int, dtype: str, recompute: str = "none", loss_chunk_size: int = 0) -> dict:
@@ -73,11 +74,11 @@ def rope_tables(dtype: str, recompute: str) -> float:
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("recompute", ["none", "selective", "full"])
-def test_a_layer_keeps_what_the_plan_says(plan_tool, dtype, recompute):
+def test_a_layer_keeps_what_the_plan_says(plan_memory, dtype, recompute):
     one, three = measure(1, dtype, recompute), measure(3, dtype, recompute)
     assert torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default in three["ops"]  # the trainer's kernel
     per_layer = (three["activations"] - one["activations"]) / 2 / TOKENS
-    kept, full = plan_tool.activation_bytes_per_token_per_layer(three["config"])
+    kept, full = plan_memory.activation_bytes_per_token_per_layer(three["config"])
     assert per_layer == pytest.approx(kept + rope_tables(dtype, recompute), rel=0.01)
     if recompute == "none":
         assert kept == full
@@ -86,15 +87,15 @@ def test_a_layer_keeps_what_the_plan_says(plan_tool, dtype, recompute):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("recompute", ["none", "full"])
 @pytest.mark.parametrize("loss_chunk_size", [0, 128])
-def test_the_forward_peak_is_the_plans_activations(plan_tool, dtype, recompute, loss_chunk_size):
+def test_the_forward_peak_is_the_plans_activations(plan_memory, dtype, recompute, loss_chunk_size):
     """Without recompute the forward's peak is at its end, the loss running: every layer's set, the final norm's and
     the head + loss at their peak, the plan's activations. With recompute a layer's whole set also exists while it
     runs: the peak lies between the plan's end-of-forward figure and its activations, which add one layer's set
     (rebuilt in the backward)."""
     got = measure(3, dtype, recompute, loss_chunk_size)
     cfg = got["config"]
-    kept, full = plan_tool.activation_bytes_per_token_per_layer(cfg)
-    planned = plan_tool.memory_plan(cfg, 1, 1)["bytes"]["activations"]
+    kept, full = plan_memory.activation_bytes_per_token_per_layer(cfg)
+    planned = plan_memory.memory_plan(cfg, 1, 1)["bytes"]["activations"]
     # beside the plan's terms: the bf16 RoPE tables (above), the labels (int64), the fp32 RoPE tables (recompute's
     # inputs), and on CPU the fused loss's weight gradient (`cpu_wgrad`)
     extra = 3 * TOKENS * rope_tables(dtype, recompute) + cpu_wgrad(dtype, loss_chunk_size)
@@ -114,7 +115,7 @@ def cpu_wgrad(dtype: str, loss_chunk_size: int) -> int:
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("loss_chunk_size", [0, 128])
-def test_the_head_and_loss_peak_is_the_plans(plan_tool, dtype, loss_chunk_size):
+def test_the_head_and_loss_peak_is_the_plans(plan_memory, dtype, loss_chunk_size):
     """From the final norm's output on: the plain head's logits, their fp32 copy and log-softmax (and the head's
     input cast to bf16, which the plan counts with the final norm); the fused loss's one chunk of logits, their
     gradient and the chunk's input or dX, with the whole dW and dX. Besides them only a few small tensors (labels,
@@ -122,22 +123,22 @@ def test_the_head_and_loss_peak_is_the_plans(plan_tool, dtype, loss_chunk_size):
     got = measure(1, dtype, "none", loss_chunk_size)
     cfg = got["config"]
     head_input = 2 * MODEL["hidden_size"] * TOKENS if dtype == "bfloat16" and loss_chunk_size == 0 else 0
-    planned = plan_tool.loss_bytes(cfg, TOKENS) + head_input + cpu_wgrad(dtype, loss_chunk_size)
+    planned = plan_memory.loss_bytes(cfg, TOKENS) + head_input + cpu_wgrad(dtype, loss_chunk_size)
     assert got["loss_peak"] == pytest.approx(planned, rel=0.01)
 
 
 @pytest.mark.parametrize("recompute", ["none", "selective", "full"])
 @pytest.mark.parametrize("loss_chunk_size", [0, 128])
-def test_bf16_weight_copies_are_the_plans(plan_tool, recompute, loss_chunk_size):
+def test_bf16_weight_copies_are_the_plans(plan_memory, recompute, loss_chunk_size):
     """Autocast's bf16 copies of the weights that the forward leaves for the backward: every decoder linear's and
     the head's without recompute; with it only the head's (the layers' are made again in their backward, one layer
     at a time: the plan counts one layer's), and the fused loss frees the head's before the backward (the plan
     counts it: it exists while the loss runs). The norms' weights are never cast."""
     got = measure(3, "bfloat16", recompute, loss_chunk_size)
     cfg = got["config"]
-    planned = plan_tool.memory_plan(cfg, 1, 1)["bytes"]["weights_bf16_copies"]
+    planned = plan_memory.memory_plan(cfg, 1, 1)["bytes"]["weights_bf16_copies"]
     d, v = MODEL["hidden_size"], MODEL["vocab_size"]
-    one_layer = 2 * plan_tool.layer_linear_params(cfg)
+    one_layer = 2 * plan_memory.layer_linear_params(cfg)
     head = 0 if loss_chunk_size else 2 * v * d
     if recompute == "none":
         assert got["weight_copies"] == 3 * one_layer + head
@@ -167,7 +168,7 @@ dist.destroy_process_group()
 """
 
 
-def test_parameters_per_gpu_are_the_parallel_models(plan_tool, tmp_path):
+def test_parameters_per_gpu_are_the_parallel_models(plan_memory, tmp_path):
     """The plan's parameters on the GPU it reports (every TP rank alike; the pipeline stage it names) against those
     of the part `parallelize` gives that rank: tp 2 with an untied head, pp 2 with a tied one (both ends hold it),
     and pp 2 with a head that costs ~5 layers, so that the first stage holds 7 of the 8 layers (the trainer's
@@ -182,9 +183,9 @@ def test_parameters_per_gpu_are_the_parallel_models(plan_tool, tmp_path):
     counts = [[int(line) for line in out.split()] for _, out in ranks]  # [rank][layout]
     for k, tree in enumerate(trees):
         cfg = config_from_dict(tree)
-        plan = plan_tool.memory_plan(cfg, 1, 2)
+        plan = plan_memory.memory_plan(cfg, 1, 2)
         rank = 1 if plan["stage"] == "last" and cfg.parallel.pp == 2 else 0
         assert plan["params_per_gpu"] == counts[rank][k], (tree["parallel"], plan["stage"])
         if cfg.parallel.pp == 2:  # and both stages'
-            assert [plan_tool.stage_memory(cfg, 1, 2, r)["params"] for r in (0, 1)] == [counts[0][k], counts[1][k]]
+            assert [plan_memory.stage_memory(cfg, 1, 2, r)["params"] for r in (0, 1)] == [counts[0][k], counts[1][k]]
     assert counts[0][0] == counts[1][0]  # TP ranks hold the same number of parameters

@@ -1,4 +1,5 @@
-"""tools/plan.py's per-GPU memory under pipeline schedules and data parallelism against what each rank keeps, on CPU.
+"""tools/plan.py's per-GPU memory (tools/_plan_memory.py) under pipeline schedules and data parallelism against what
+each rank keeps, on CPU.
 
 One torchrun launch of 4 gloo ranks (tests/dist_plan_memory.py, ~40 s on 2 cores) runs a training step of
 tests/test_plan_memory.py's model (8 layers, bf16) in each layout below, the second under `LiveStorages`, and
@@ -44,8 +45,8 @@ LAYOUTS = {
 
 
 @pytest.fixture(scope="module")
-def plan_tool():
-    return load_tool("plan")
+def plan_memory():
+    return load_tool("_plan_memory")
 
 
 @pytest.fixture(scope="module")
@@ -66,18 +67,18 @@ def data_parallel(cfg) -> int:
 
 
 @pytest.mark.parametrize("name", LAYOUTS)
-def test_micro_batches_in_flight_are_the_plans(plan_tool, runs, name):
+def test_micro_batches_in_flight_are_the_plans(plan_memory, runs, name):
     cfg = config(name)
     for r in runs[name]:
-        assert r["peak_in_flight"] == plan_tool.in_flight_microbatches(cfg, r["accum"], r["coords"]["pp"]), r
+        assert r["peak_in_flight"] == plan_memory.in_flight_microbatches(cfg, r["accum"], r["coords"]["pp"]), r
 
 
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_pipeline_stages_keep_a_buffer_per_micro_batch(runs, name):
     """torch's PipelineStage keeps, per micro-batch of the step, a buffer for the activations a chunk receives (all
     chunks but the model's first) and one for its output's gradient (all but the last), each a micro-batch's fp32
-    residual stream, split over TP under sequence parallelism (tools/plan.py's `pipeline_buffer_bytes`, whose whole
-    is held to the measurement below)."""
+    residual stream, split over TP under sequence parallelism (tools/_plan_memory.py's `pipeline_buffer_bytes`, whose
+    whole is held to the measurement below)."""
     cfg = config(name)
     p = cfg.parallel
     last = p.pp * p.virtual_stages - 1
@@ -88,11 +89,11 @@ def test_pipeline_stages_keep_a_buffer_per_micro_batch(runs, name):
         assert r["kept_buffers"] == buffers * residual
 
 
-def rebuilt_layer(plan_tool, cfg) -> float:
+def rebuilt_layer(plan_memory, cfg) -> float:
     """What the plan counts for the layer that a backward pass rebuilds under train.recompute (its set beyond what
     it keeps; measured in test_plan_memory.py). Outside the backward passes only the forward of the layer running
     holds a part of it, for a moment."""
-    kept, full = plan_tool.activation_bytes_per_token_per_layer(cfg)
+    kept, full = plan_memory.activation_bytes_per_token_per_layer(cfg)
     return cfg.train.micro_batch_size * SEQ * (full - kept)
 
 
@@ -104,7 +105,7 @@ def test_nothing_a_step_makes_outlives_it(runs, name):
 
 
 @pytest.mark.parametrize("name", LAYOUTS)
-def test_each_ranks_activations_are_the_plans(plan_tool, runs, name):
+def test_each_ranks_activations_are_the_plans(plan_memory, runs, name):
     """What a rank holds at its peak outside the backward passes, with the stages' buffers, against the plan's
     activations of that rank. Beside the plan's terms: the bf16 RoPE tables of every layer in flight
     (test_plan_memory.rope_tables), and tensors on their way: a gradient the schedule sent, a norm's intermediate
@@ -116,17 +117,17 @@ def test_each_ranks_activations_are_the_plans(plan_tool, runs, name):
     residual = SEQ * 4 * cfg.model.hidden_size
     for r in runs[name]:
         rank, accum = r["coords"]["pp"], r["accum"]
-        planned = plan_tool.stage_memory(cfg, dp, accum, rank)
+        planned = plan_memory.stage_memory(cfg, dp, accum, rank)
         # the tables: per layer and sequence
         rope = r["peak_in_flight"] * r["layers"] * TOKENS * rope_tables("bfloat16", cfg.train.recompute)
-        rebuilt = rebuilt_layer(plan_tool, cfg)
+        rebuilt = rebuilt_layer(plan_memory, cfg)
         beside = r["peak_activations"] + r["kept_buffers"] - (planned["activations"] - rebuilt + rope)
         assert 0 <= beside <= 4 * residual + rebuilt, (r, beside / residual)
         assert r["params"] == planned["params"]
 
 
 @pytest.mark.parametrize("name", LAYOUTS)
-def test_each_ranks_weight_copies_are_the_plans(plan_tool, runs, name):
+def test_each_ranks_weight_copies_are_the_plans(plan_memory, runs, name):
     """Autocast's bf16 weight copies alive after a forward: every decoder layer's per forward in flight, the head's
     per loss awaiting its backward on the last stage (the fused loss's copy lives only while the loss runs: the plan
     counts it, measured apart in test_plan_memory.py), none of the embedding's or the norms'."""
@@ -134,21 +135,21 @@ def test_each_ranks_weight_copies_are_the_plans(plan_tool, runs, name):
     v, d = cfg.model.vocab_size, cfg.model.hidden_size
     for r in runs[name]:
         rank = r["coords"]["pp"]
-        planned = plan_tool.stage_memory(cfg, data_parallel(cfg), r["accum"], rank)["weights_bf16_copies"]
+        planned = plan_memory.stage_memory(cfg, data_parallel(cfg), r["accum"], rank)["weights_bf16_copies"]
         fused_head = 2 * v * d / cfg.parallel.tp if rank == cfg.parallel.pp - 1 and cfg.train.loss_chunk_size else 0
         # with recomputation the plan counts the copies of the one layer its backward rebuilds
-        rebuilt = 2 * plan_tool.layer_linear_params(cfg) if cfg.train.recompute != "none" else 0
+        rebuilt = 2 * plan_memory.layer_linear_params(cfg) if cfg.train.recompute != "none" else 0
         assert r["peak_weight_copies"] + fused_head + rebuilt == planned, r
 
 
 @pytest.mark.parametrize("name", ["zero0", "zero1"])
-def test_data_parallel_state_is_the_plans(plan_tool, runs, name):
+def test_data_parallel_state_is_the_plans(plan_memory, runs, name):
     """Per rank: fp32 weights and gradient buffers of 4 bytes per parameter (each parameter starts 256-byte aligned
     in its bucket: a little padding), AdamW's two fp32 moments of 8 bytes per parameter, over dp with ZeRO-1."""
     cfg = config(name)
     dp = data_parallel(cfg)
     for r in runs[name]:
-        planned = plan_tool.stage_memory(cfg, dp, r["accum"], r["coords"]["pp"])
+        planned = plan_memory.stage_memory(cfg, dp, r["accum"], r["coords"]["pp"])
         assert r["weight_bytes"] == pytest.approx(planned["weights_fp32"], rel=0.002)
         assert r["grad_bytes"] == pytest.approx(planned["grads_fp32"], rel=0.002), r
         assert r["optimizer_bytes"] == pytest.approx(planned["optimizer_adamw"], rel=0.002)

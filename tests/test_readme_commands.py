@@ -116,3 +116,13 @@ def test_readme_layout_names_every_module():
     modules = {path.stem for path in (ROOT / "nanotronix").glob("*.py") if path.stem != "__init__"}
     packages = {path.parent.name for path in (ROOT / "nanotronix").glob("*/__init__.py")}
     assert modules | packages <= named, (modules | packages) - named
+
+
+def test_readme_layout_names_the_tools_modules():
+    """The `## Layout` block's tools/ entry names each module that is not a command of its own (tools/_*.py: what
+    the tools share, or a part split off one), as its nanotronix/ part names every module."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = text.split("\n## Layout\n", 1)[1].split("```", 2)[1].split("\ntools/", 1)[1].split("\nexamples/", 1)[0]
+    named = set(re.findall(r"\b(\w+)\.py\b", block))
+    modules = {path.stem for path in (ROOT / "tools").glob("_*.py")}
+    assert modules and modules <= named, modules - named
