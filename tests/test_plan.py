@@ -254,7 +254,8 @@ def test_the_memory_line_says_which_gpu_and_its_micro_batches_in_words(plan_tool
     """The text's memory line names the GPU it is of and the micro-batches it holds: at pp 1 no pipeline stage (it
     said "first pipeline stage" of a run without a pipeline); a whole count of micro-batches as such ("1 micro-batch",
     not "1 micro-batch(es)"); an interleaved rank's mean over its chunks to 2 decimals, saying it is one (it said
-    "3.66667 micro-batch(es)"). --json keeps the figure as it is."""
+    "3.66667 micro-batch(es)"); a middle pipeline rank by its 0-based number and the range of them (it said "pipeline
+    rank 2 of 4", which reads as the second of four). --json keeps its figures and words as they are."""
     def memory(gpus: int, overrides: list[str]) -> tuple[dict, str]:
         plan = plan_tool.build_plan(str(CONFIGS / "smollm2_1p7b.yaml"), ["data.root=/nonexistent", *overrides], gpus,
                                     0.45, "H100 SXM")
@@ -271,7 +272,7 @@ def test_the_memory_line_says_which_gpu_and_its_micro_batches_in_words(plan_tool
         ", 4 micro-batches in flight): " in line, line
     mem, line = memory(16, ["parallel.pp=4", "parallel.pp_schedule=interleaved", "parallel.virtual_stages=3"])
     held = mem["in_flight_microbatches"]
-    assert held != int(held) and mem["pp_rank"] == 2, mem
-    assert line.startswith("memory per GPU (estimate, pipeline rank 2 of 4, ") and \
+    assert held != int(held) and mem["pp_rank"] == 2 and mem["stage"] == "rank 2 of 4", mem
+    assert line.startswith("memory per GPU (estimate, pipeline rank 2 (ranks 0-3), ") and \
         f", {held:.2f} micro-batches in flight, the mean over its interleaved chunks): " in line, line
     assert f"{held:g}" not in line, line

@@ -271,10 +271,14 @@ def _tok(n: float) -> str:
 
 
 def _memory_rank(mem: dict[str, Any], pp: int) -> str:
-    """The GPU whose memory the plan reports, in words: at pp 1 there is no pipeline to name a stage of."""
+    """The GPU whose memory the plan reports, in words: at pp 1 there is no pipeline to name a stage of. A middle rank
+    is named by its 0-based number with the range it is of ("pipeline rank 2 (ranks 0-3)"): the JSON's "rank 2 of
+    4" read as the second of four."""
     if pp == 1:
         return "no pipeline parallelism"
-    return f"{mem['stage']} pipeline stage" if mem["stage"] in ("first", "last") else f"pipeline {mem['stage']}"
+    if mem["stage"] in ("first", "last"):
+        return f"{mem['stage']} pipeline stage"
+    return f"pipeline rank {mem['pp_rank']} (ranks 0-{pp - 1})"
 
 
 def _in_flight(held: float) -> str:
