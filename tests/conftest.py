@@ -38,6 +38,28 @@ def tiny_tokenizer(tmp_path_factory) -> str:
     return str(train_tiny_tokenizer(tmp_path_factory.mktemp("tiny_tokenizer") / "tokenizer.json"))
 
 
+# tools/ scripts that several test files call in this process (helpers.load_tool), loaded once per test module
+@pytest.fixture(scope="module")
+def preprocess_tool():
+    """tools/preprocess.py (test_preprocess*.py)."""
+    from helpers import load_tool
+    return load_tool("preprocess")
+
+
+@pytest.fixture(scope="module")
+def plot_tool():
+    """tools/plot_run.py (test_plot_run.py, test_metrics_log_properties.py)."""
+    from helpers import load_tool
+    return load_tool("plot_run")
+
+
+@pytest.fixture(scope="module")
+def plan_memory():
+    """tools/_plan_memory.py, tools/plan.py's per-GPU memory model (test_plan_memory*.py)."""
+    from helpers import load_tool
+    return load_tool("_plan_memory")
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny real run (4 steps, checkpoints at 2, 3 (kept for good) and 4): (its config file, its folder, holding

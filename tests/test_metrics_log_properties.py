@@ -39,17 +39,12 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from checkpoint_helpers import train_in_process
-from helpers import load_tool, tiny_config, write_learnable_store
+from helpers import tiny_config, write_learnable_store
 from properties import PROPERTY
 
 MAX_STEP = 2 ** 53  # the largest step an axis (a float) holds exactly: plot_run's documented limit
 # A value no axis can lay out (its range overflows a float): plot_run may refuse the file for it
 TOO_LARGE = 1e300
-
-
-@pytest.fixture(scope="module")
-def plot_tool():
-    return load_tool("plot_run")
 
 
 class Runs(dict):

@@ -20,7 +20,7 @@ import json
 import pytest
 import torch
 
-from helpers import load_tool, two_gloo_ranks
+from helpers import two_gloo_ranks
 from live_storages import LiveStorages
 from nanotronix.config import config_from_dict
 from nanotronix.model import build_model
@@ -32,11 +32,6 @@ MODEL = {"hidden_size": 256, "intermediate_size": 688, "num_attention_heads": 4,
          "rms_norm_eps": 1e-5, "tie_word_embeddings": True}
 SEQ, MICRO_BATCH = 256, 2
 TOKENS = SEQ * MICRO_BATCH
-
-
-@pytest.fixture(scope="module")
-def plan_memory():
-    return load_tool("_plan_memory")
 
 
 def measure(layers: int, dtype: str, recompute: str = "none", loss_chunk_size: int = 0) -> dict:

@@ -20,7 +20,7 @@ import pytest
 
 from dist_common import parse_layout
 from dist_plan_memory import layout_config
-from helpers import load_tool, torchrun
+from helpers import torchrun
 from test_plan_memory import SEQ, TOKENS, rope_tables
 
 WORKER = str(Path(__file__).resolve().parent / "dist_plan_memory.py")
@@ -42,11 +42,6 @@ LAYOUTS = {
     "zero0": "pp=2,train.global_batch_size=4",
     "zero1": "pp=2,zero_stage=1,train.global_batch_size=4",
 }
-
-
-@pytest.fixture(scope="module")
-def plan_memory():
-    return load_tool("_plan_memory")
 
 
 @pytest.fixture(scope="module")

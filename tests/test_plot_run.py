@@ -6,13 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import load_tool, run
+from helpers import run
 from nanotronix.errors import UserError
-
-
-@pytest.fixture(scope="module")
-def plot_tool():
-    return load_tool("plot_run")
 
 
 def record(step: int, stage: str, loss: float) -> dict:

@@ -24,11 +24,6 @@ def tok(tiny_tokenizer):
     return tiny_tokenizer
 
 
-@pytest.fixture(scope="module")
-def tool():
-    return load_tool("preprocess")
-
-
 def _reference(tok: str, texts: list[str]) -> list[list[int]]:
     from tokenizers import Tokenizer
     t = Tokenizer.from_file(tok)
@@ -53,7 +48,7 @@ def _outputs(tmp_path: Path) -> list[str]:
     return sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("out", ".out")))
 
 
-def test_all_input_formats_match_direct_tokenisation(tmp_path, tok, tool):
+def test_all_input_formats_match_direct_tokenisation(tmp_path, tok, preprocess_tool):
     import pyarrow as pa
     import pyarrow.parquet as pq
     import zstandard
@@ -69,8 +64,8 @@ def test_all_input_formats_match_direct_tokenisation(tmp_path, tok, tool):
     (src / "sub" / "f.py").write_text(TEXTS[1])
     (src / ".hidden.txt").write_text("not read")
     (src / "notes.bin").write_bytes(b"\x00")  # unsupported suffix inside a folder: ignored
-    assert tool.main(["--input", str(src), "--tokenizer", tok, "--output-prefix", str(tmp_path / "out"),
-                      "--workers", "1", "--no-progress"]) == 0
+    assert preprocess_tool.main(["--input", str(src), "--tokenizer", tok, "--output-prefix", str(tmp_path / "out"),
+                                 "--workers", "1", "--no-progress"]) == 0
     expected = _reference(tok, TEXTS[:2] + TEXTS[2:] + TEXTS + TEXTS[::-1] + TEXTS[0:1] + TEXTS[1:2])
     assert _docs(tmp_path / "out") == expected
     meta = open_store(tmp_path / "out").metadata
@@ -98,18 +93,18 @@ BAD_JSONL = [
 
 
 @pytest.mark.parametrize("bad", range(1, 8))
-def test_each_bad_record_stops_the_run_with_file_line_and_reason(tmp_path, tok, tool, capsys, bad):
+def test_each_bad_record_stops_the_run_with_file_line_and_reason(tmp_path, tok, preprocess_tool, capsys, bad):
     lines = [BAD_JSONL[0][0], BAD_JSONL[bad][0], BAD_JSONL[-1][0]]
     src = _jsonl(tmp_path / "in.jsonl", lines)
-    code = tool.main(["--input", str(src), "--tokenizer", tok, "--output-prefix", str(tmp_path / "out"),
-                      "--workers", "1", "--no-progress"])
+    code = preprocess_tool.main(["--input", str(src), "--tokenizer", tok, "--output-prefix", str(tmp_path / "out"),
+                                 "--workers", "1", "--no-progress"])
     err = capsys.readouterr().err.strip()
     assert code != 0
     assert err.startswith(f"error: {src}:2: {BAD_JSONL[bad][1]}") and "\n" not in err
     assert _outputs(tmp_path) == [], "a failed run must leave nothing behind"
 
 
-def test_skip_bad_counts_every_reason_and_keeps_every_good_record(tmp_path, tok, tool, capsys):
+def test_skip_bad_counts_every_reason_and_keeps_every_good_record(tmp_path, tok, preprocess_tool, capsys):
     import pyarrow as pa
     import pyarrow.parquet as pq
     src = _jsonl(tmp_path / "in.jsonl", [x for x, _ in BAD_JSONL])
@@ -119,8 +114,8 @@ def test_skip_bad_counts_every_reason_and_keeps_every_good_record(tmp_path, tok,
     pq.write_table(pa.table({"body": ["no text column"]}), tmp_path / "q.parquet")
     inputs = [str(src), str(tmp_path / "bad.txt"), str(tmp_path / "empty.txt"), str(tmp_path / "p.parquet"),
               str(tmp_path / "q.parquet")]
-    assert tool.main(["--input", *inputs, "--tokenizer", tok, "--output-prefix", str(tmp_path / "out"),
-                      "--workers", "1", "--skip-bad", "--no-progress"]) == 0
+    assert preprocess_tool.main(["--input", *inputs, "--tokenizer", tok, "--output-prefix", str(tmp_path / "out"),
+                                 "--workers", "1", "--skip-bad", "--no-progress"]) == 0
     summary = capsys.readouterr().out
     assert _docs(tmp_path / "out") == _reference(tok, ["good one", "good two", "good three"])
     skipped = open_store(tmp_path / "out").metadata["skipped"]
@@ -130,21 +125,21 @@ def test_skip_bad_counts_every_reason_and_keeps_every_good_record(tmp_path, tok,
     assert f"{tmp_path / 'p.parquet'}:2: text not a string" in skipped["examples"]
     assert "skipped 12 bad records" in summary and "invalid JSON: 1" in summary
     one = _jsonl(tmp_path / "one.jsonl", [json.dumps({"text": "good"}), json.dumps({"text": 1})])
-    assert tool.main(["--input", str(one), "--tokenizer", tok, "--output-prefix", str(tmp_path / "one"),
-                      "--skip-bad", "--no-progress"]) == 0
+    assert preprocess_tool.main(["--input", str(one), "--tokenizer", tok, "--output-prefix", str(tmp_path / "one"),
+                                 "--skip-bad", "--no-progress"]) == 0
     assert "skipped 1 bad record (text not a string: 1)" in capsys.readouterr().out
     # without --skip-bad, a Parquet file without the text column names its columns, as a JSON line its keys
-    assert tool.main(["--input", str(tmp_path / "q.parquet"), "--tokenizer", tok, "--output-prefix",
-                      str(tmp_path / "q"), "--workers", "2", "--no-progress"]) == 2
+    assert preprocess_tool.main(["--input", str(tmp_path / "q.parquet"), "--tokenizer", tok, "--output-prefix",
+                                 str(tmp_path / "q"), "--workers", "2", "--no-progress"]) == 2
     assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'q.parquet'}:1: missing text key ('text'; its " \
         "columns: 'body'; --text-key names another) (use --skip-bad to skip bad records)"
 
 
-def test_workers_give_identical_bytes_and_zarr_format(tmp_path, tok, tool):
+def test_workers_give_identical_bytes_and_zarr_format(tmp_path, tok, preprocess_tool):
     lines = [json.dumps({"text": f"document {i} " + TEXTS[i % 3] * (i % 5 + 1)}) for i in range(1500)]
     src = _jsonl(tmp_path / "in.jsonl", lines)
     args = ["--input", str(src), "--tokenizer", tok, "--no-progress"]
-    assert tool.main(args + ["--output-prefix", str(tmp_path / "one"), "--workers", "1"]) == 0
+    assert preprocess_tool.main(args + ["--output-prefix", str(tmp_path / "one"), "--workers", "1"]) == 0
     from nanotronix.data import PreprocessOptions, preprocess
     # small chunks so that every worker gets many chunks and results arrive out of order: 2 threads; 3
     # forked processes of one thread; 2 forked processes of 2 threads (groups of chunks)
@@ -161,7 +156,8 @@ def test_workers_give_identical_bytes_and_zarr_format(tmp_path, tok, tool):
     for ext in ("bin", "idx"):
         for name in [*layouts, "spawned"]:
             assert (tmp_path / f"one.{ext}").read_bytes() == (tmp_path / f"{name}.{ext}").read_bytes(), name
-    assert tool.main(args + ["--output-prefix", str(tmp_path / "z"), "--workers", "1", "--format", "zarr"]) == 0
+    assert preprocess_tool.main(args + ["--output-prefix", str(tmp_path / "z"), "--workers", "1",
+                                        "--format", "zarr"]) == 0
     assert _docs(tmp_path / "z.zarr") == _docs(tmp_path / "one")
 
 
@@ -179,45 +175,46 @@ def test_cli_in_a_real_process_one_line_errors(tmp_path, tok):
     assert "Traceback" not in missing.stderr + bad_tok.stderr and len(bad_tok.stderr.strip().splitlines()) == 1
 
 
-def test_unsupported_input_and_empty_result(tmp_path, tok, tool, capsys):
+def test_unsupported_input_and_empty_result(tmp_path, tok, preprocess_tool, capsys):
     (tmp_path / "x.csv").write_text("a,b")
-    assert tool.main(["--input", str(tmp_path / "x.csv"), "--tokenizer", tok, "--output-prefix",
-                      str(tmp_path / "out"), "--workers", "1"]) != 0
+    assert preprocess_tool.main(["--input", str(tmp_path / "x.csv"), "--tokenizer", tok, "--output-prefix",
+                                 str(tmp_path / "out"), "--workers", "1"]) != 0
     assert "unsupported file type" in capsys.readouterr().err
     src = _jsonl(tmp_path / "in.jsonl", [json.dumps({"text": ""})])
-    assert tool.main(["--input", str(src), "--tokenizer", tok, "--output-prefix", str(tmp_path / "out"),
-                      "--workers", "1", "--skip-bad", "--no-progress"]) != 0
+    assert preprocess_tool.main(["--input", str(src), "--tokenizer", tok, "--output-prefix", str(tmp_path / "out"),
+                                 "--workers", "1", "--skip-bad", "--no-progress"]) != 0
     assert "no documents" in capsys.readouterr().err and _outputs(tmp_path) == []
 
 
-def test_inputs_named_twice_and_url_outputs_are_refused(tmp_path, tok, tool, capsys, monkeypatch):
+def test_inputs_named_twice_and_url_outputs_are_refused(tmp_path, tok, preprocess_tool, capsys, monkeypatch):
     """A folder and a file inside it (or overlapping globs) would store that file's documents twice; a URL prefix
     would have been written as a local folder named 's3:' (preprocess writes local files): one line each, nothing
     written."""
     (tmp_path / "in").mkdir()
     src = _jsonl(tmp_path / "in" / "a.jsonl", [json.dumps({"text": "hello"})])
     out = ["--tokenizer", tok, "--workers", "1", "--no-progress"]
-    assert tool.main(["--input", str(tmp_path / "in"), str(src), *out, "--output-prefix", str(tmp_path / "out")]) == 2
+    assert preprocess_tool.main(["--input", str(tmp_path / "in"), str(src), *out,
+                                 "--output-prefix", str(tmp_path / "out")]) == 2
     assert f"input {src} is named twice: its documents would be stored twice" in capsys.readouterr().err
     os.link(src, tmp_path / "in" / "hard_link.jsonl")  # one file under two names: a link copies nothing
-    assert tool.main(["--input", str(tmp_path / "in"), *out, "--output-prefix", str(tmp_path / "out")]) == 2
+    assert preprocess_tool.main(["--input", str(tmp_path / "in"), *out, "--output-prefix", str(tmp_path / "out")]) == 2
     assert f"(also as {src})" in capsys.readouterr().err
     os.unlink(tmp_path / "in" / "hard_link.jsonl")
     monkeypatch.chdir(tmp_path)
-    assert tool.main(["--input", str(src), *out, "--output-prefix", "s3://bucket/tokens"]) == 2
+    assert preprocess_tool.main(["--input", str(src), *out, "--output-prefix", "s3://bucket/tokens"]) == 2
     assert "--output-prefix s3://bucket/tokens: preprocess writes local files" in capsys.readouterr().err
     assert _outputs(tmp_path) == [] and not (tmp_path / "s3:").exists()
     # an unset $INPUT ("") was the current folder, tokenized into a store that looked complete
-    assert tool.main(["--input", "", *out, "--output-prefix", str(tmp_path / "out")]) == 2
+    assert preprocess_tool.main(["--input", "", *out, "--output-prefix", str(tmp_path / "out")]) == 2
     assert "an input is empty (an unset variable?)" in capsys.readouterr().err
     # a negative seed failed in numpy only after the whole corpus was tokenized: refused up front
     with pytest.raises(SystemExit) as e:
-        tool.main(["--input", str(src), *out, "--output-prefix", str(tmp_path / "out"), "--shuffle", "-5"])
+        preprocess_tool.main(["--input", str(src), *out, "--output-prefix", str(tmp_path / "out"), "--shuffle", "-5"])
     assert e.value.code == 2 and "argument --shuffle: '-5' is not an integer >= 0" in capsys.readouterr().err
     assert _outputs(tmp_path) == []
 
 
-def test_damaged_compressed_inputs_fail_cleanly_and_multi_frame_zstd_reads(tmp_path, tok, tool, capsys):
+def test_damaged_compressed_inputs_fail_cleanly_and_multi_frame_zstd_reads(tmp_path, tok, preprocess_tool, capsys):
     import zstandard
     body = ("\n".join(json.dumps({"text": f"line {i} " * 20}) for i in range(2000)) + "\n").encode()
     gz, zst = gzip.compress(body), zstandard.ZstdCompressor().compress(body)
@@ -225,16 +222,16 @@ def test_damaged_compressed_inputs_fail_cleanly_and_multi_frame_zstd_reads(tmp_p
     (tmp_path / "cut.jsonl.zst").write_bytes(zst[:len(zst) // 2])
     (tmp_path / "junk.jsonl.zst").write_bytes(b"this is not zstd")
     for name, why in (("cut.jsonl.gz", "EOFError"), ("cut.jsonl.zst", "truncated"), ("junk.jsonl.zst", "ZstdError")):
-        assert tool.main(["--input", str(tmp_path / name), "--tokenizer", tok, "--output-prefix",
-                          str(tmp_path / "out"), "--workers", "1", "--no-progress"]) != 0
+        assert preprocess_tool.main(["--input", str(tmp_path / name), "--tokenizer", tok, "--output-prefix",
+                                     str(tmp_path / "out"), "--workers", "1", "--no-progress"]) != 0
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"error: {tmp_path / name}:") and "cannot decompress" in err and why in err
         assert _outputs(tmp_path) == []
     c = zstandard.ZstdCompressor()
     (tmp_path / "multi.jsonl.zst").write_bytes(c.compress(b'{"text": "frame one"}\n')
                                                + c.compress(b'{"text": "two"}\n'))
-    assert tool.main(["--input", str(tmp_path / "multi.jsonl.zst"), "--tokenizer", tok, "--output-prefix",
-                      str(tmp_path / "out"), "--workers", "1", "--no-progress"]) == 0
+    assert preprocess_tool.main(["--input", str(tmp_path / "multi.jsonl.zst"), "--tokenizer", tok, "--output-prefix",
+                                 str(tmp_path / "out"), "--workers", "1", "--no-progress"]) == 0
     assert _docs(tmp_path / "out") == _reference(tok, ["frame one", "two"])
 
 
@@ -254,8 +251,8 @@ def _sentencepiece_style_tokenizer(path: Path, prepend: bool) -> str:
 
 
 @pytest.mark.parametrize("which", ["byte_level", "smollm2", "metaspace", "prepended"])
-def test_a_long_document_is_encoded_in_pieces_with_the_ids_of_encoding_it_whole(tmp_path, tok, tool, monkeypatch,
-                                                                                which, request):
+def test_a_long_document_is_encoded_in_pieces_with_the_ids_of_encoding_it_whole(tmp_path, tok, preprocess_tool,
+                                                                                monkeypatch, which, request):
     """Documents longer than LONG_TEXT_CHARS (made 1,500 here; 1 MiB in use) are encoded a piece at a time, so a
     worker's memory does not grow with the longest document, and give the ids `tokenizers` gives for the whole
     text: with the tiny byte-level BPE, the real SmolLM2 tokenizer, a Metaspace one, and one that puts "▁" before
@@ -272,8 +269,8 @@ def test_a_long_document_is_encoded_in_pieces_with_the_ids_of_encoding_it_whole(
     src = _jsonl(tmp_path / "in.jsonl", [json.dumps({"text": t}) for t in texts])
     for workers in (1, 3):
         out = tmp_path / f"out{workers}"
-        assert tool.main(["--input", str(src), "--tokenizer", tok, "--output-prefix", str(out), "--no-progress",
-                          "--workers", str(workers)]) == 0
+        assert preprocess_tool.main(["--input", str(src), "--tokenizer", tok, "--output-prefix", str(out),
+                                     "--no-progress", "--workers", str(workers)]) == 0
         assert _docs(out) == _reference(tok, texts), workers
     from tokenizers import Tokenizer
     encode.use_tokenizer(Tokenizer.from_file(tok), 0, np.int32)
@@ -281,7 +278,7 @@ def test_a_long_document_is_encoded_in_pieces_with_the_ids_of_encoding_it_whole(
     assert (cut == len(long_text)) == (which == "prepended"), cut  # the check at the cut decides, not the name
 
 
-def test_a_bom_json_arrays_and_files_a_folder_leaves_out_are_said(tmp_path, tok, tool, capsys):
+def test_a_bom_json_arrays_and_files_a_folder_leaves_out_are_said(tmp_path, tok, preprocess_tool, capsys):
     """A byte-order mark before line 1 (some editors write one) is read past; a `.json` file holding one array says
     that JSON lines are read; a folder's files that are not read (an unsupported compression, a link to a folder)
     are named in a note, not dropped without a word."""
@@ -291,20 +288,20 @@ def test_a_bom_json_arrays_and_files_a_folder_leaves_out_are_said(tmp_path, tok,
     (src / "b.jsonl.bz2").write_bytes(b"BZh9")
     (src / "linked").symlink_to(tmp_path)
     (src / ".hidden.jsonl").write_text("not read, not said\n")
-    assert tool.main(["--input", str(src), "--tokenizer", tok, "--output-prefix", str(tmp_path / "out"),
-                      "--no-progress", "--workers", "1"]) == 0
+    assert preprocess_tool.main(["--input", str(src), "--tokenizer", tok, "--output-prefix", str(tmp_path / "out"),
+                                 "--no-progress", "--workers", "1"]) == 0
     assert _docs(tmp_path / "out") == _reference(tok, TEXTS[:1])
     err = capsys.readouterr().err
     assert f"note: input folder {src}: 2 entries not read (not a supported file type, a token store's file, or a " \
            "link to a folder): b.jsonl.bz2, linked" in err, err
     array = tmp_path / "array.json"
     array.write_text(json.dumps([{"text": "x"}]))
-    assert tool.main(["--input", str(array), "--tokenizer", tok, "--output-prefix", str(tmp_path / "arr"),
-                      "--no-progress"]) == 2
+    assert preprocess_tool.main(["--input", str(array), "--tokenizer", tok, "--output-prefix", str(tmp_path / "arr"),
+                                 "--no-progress"]) == 2
     assert "not a JSON object (list; JSON lines are read: one object per line)" in capsys.readouterr().err
 
 
-def test_stores_written_into_an_input_folder_are_not_read_as_input(tmp_path, tok, tool, capsys):
+def test_stores_written_into_an_input_folder_are_not_read_as_input(tmp_path, tok, preprocess_tool, capsys):
     """`--input data --output-prefix data/tokens`, then any run over `data` again (a rerun with --overwrite, another
     tokenizer, train_tokenizer): the stores' JSON (a sidecar, a shard's, a zarr store's zarr.json) is no text, and
     stopped those runs at `tokens.meta.json:1: invalid JSON`."""
@@ -317,8 +314,8 @@ def test_stores_written_into_an_input_folder_are_not_read_as_input(tmp_path, tok
             ["--output-prefix", str(src / "sharded"), "--shard", "0/1"], ["--output-prefix", str(src / "tokens"),
                                                                         "--overwrite"]]
     for args in runs:
-        assert tool.main(["--input", str(src), "--tokenizer", tok, *args, "--no-progress", "--workers", "1"]) == 0, \
-            capsys.readouterr().err
+        assert preprocess_tool.main(["--input", str(src), "--tokenizer", tok, *args, "--no-progress",
+                                     "--workers", "1"]) == 0, capsys.readouterr().err
         assert _docs(src / "tokens") == expected
     assert _docs(src / "z") == expected and _docs(src / "sharded") == expected
     assert "a token store's file" in capsys.readouterr().err  # said in the note, as what is not read

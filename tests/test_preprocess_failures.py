@@ -20,7 +20,7 @@ from nanotronix.data import open_store
 import test_preprocess as preprocess
 from test_preprocess import TEXTS, _jsonl, _outputs
 
-tok, tool = preprocess.tok, preprocess.tool  # the fixtures: the tiny tokenizer's path and tools/preprocess.py
+tok = preprocess.tok  # the fixture: the tiny tokenizer's path
 
 
 def test_a_failed_overwrite_leaves_no_old_index_beside_new_tokens(tmp_path, monkeypatch):
@@ -129,13 +129,14 @@ def test_a_writer_that_cannot_start_stops_the_workers_and_gives_back_tokenizers_
     assert _outputs(tmp_path) == [blocked.name]
 
 
-def test_format_zarr_without_zarr_is_refused_before_any_folder_is_made(tmp_path, tok, tool, capsys, monkeypatch):
+def test_format_zarr_without_zarr_is_refused_before_any_folder_is_made(tmp_path, tok, preprocess_tool, capsys,
+                                                                         monkeypatch):
     """--format zarr where zarr is not installed: one line, exit 2, and the new --output-prefix folders are not made
     (before, the writer found zarr missing after they were, and left them empty)."""
     monkeypatch.setitem(sys.modules, "zarr", None)  # `import zarr` raises ImportError: not installed
     src = _jsonl(tmp_path / "in.jsonl", [json.dumps({"text": t}) for t in TEXTS])
-    code = tool.main(["--input", str(src), "--tokenizer", tok, "--output-prefix",
-                      str(tmp_path / "new" / "dir" / "out"), "--format", "zarr", "--no-progress"])
+    code = preprocess_tool.main(["--input", str(src), "--tokenizer", tok, "--output-prefix",
+                                 str(tmp_path / "new" / "dir" / "out"), "--format", "zarr", "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and err == ("error: --format zarr needs the Python package 'zarr': pip install "
                                  "'nanotronix[data]'\n")
@@ -143,7 +144,7 @@ def test_format_zarr_without_zarr_is_refused_before_any_folder_is_made(tmp_path,
 
 
 @pytest.mark.parametrize("fmt", ["megatron", "zarr"])
-def test_a_failed_run_removes_the_output_folders_it_made_and_only_those(tmp_path, tok, tool, capsys, fmt):
+def test_a_failed_run_removes_the_output_folders_it_made_and_only_those(tmp_path, tok, preprocess_tool, capsys, fmt):
     """A bad record, and input with no document, fail after the new --output-prefix folders were made: each leaves
     none of them behind (before, `new/dir` stayed, empty), nor a half-written store; a folder that was already
     there stays (only the levels this run made are removed)."""
@@ -154,8 +155,8 @@ def test_a_failed_run_removes_the_output_folders_it_made_and_only_those(tmp_path
             ([empty, "--skip-bad"], tmp_path / "new" / "dir" / "out", "no documents"),
             ([bad], tmp_path / "kept" / "sub" / "out", "bad.jsonl:2: invalid JSON")]
     for (src, *extra), prefix, why in runs:
-        code = tool.main(["--input", str(src), "--tokenizer", tok, "--output-prefix", str(prefix), "--format", fmt,
-                          "--workers", "1", "--no-progress", *extra])
+        code = preprocess_tool.main(["--input", str(src), "--tokenizer", tok, "--output-prefix", str(prefix),
+                                     "--format", fmt, "--workers", "1", "--no-progress", *extra])
         err = capsys.readouterr().err.strip()
         assert code != 0 and err.startswith("error: ") and why in err and "\n" not in err, err
         assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "empty.jsonl", "kept"], why
@@ -174,7 +175,7 @@ def test_a_made_folder_that_something_else_filled_stays(tmp_path):
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["a", "a/b", "a/b/someone-elses"]
 
 
-def test_a_writer_that_fails_half_started_leaves_nothing(tmp_path, tok, tool, capsys, monkeypatch):
+def test_a_writer_that_fails_half_started_leaves_nothing(tmp_path, tok, preprocess_tool, capsys, monkeypatch):
     """A writer that fails while starting, after it made part of its temporary output, removes that part itself (no
     caller holds it to abort): a zarr store on a full disk (its group made, its arrays not), and a Megatron writer
     whose second staging file cannot be opened (a folder holds that name; the first was open). Before, the hidden
@@ -188,23 +189,24 @@ def test_a_writer_that_fails_half_started_leaves_nothing(tmp_path, tok, tool, ca
     args = ["--input", str(src), "--tokenizer", tok, "--workers", "1", "--no-progress"]
     with monkeypatch.context() as patch:
         patch.setattr(zarr_store, "_codecs", full_disk)
-        assert tool.main(args + ["--output-prefix", str(tmp_path / "new" / "out"), "--format", "zarr"]) != 0
+        assert preprocess_tool.main(args + ["--output-prefix", str(tmp_path / "new" / "out"), "--format", "zarr"]) != 0
     assert capsys.readouterr().err == "error: No space left on device\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
     blocked = temp_path(tmp_path / "out.lengths")  # the Megatron writer's lengths file in this process
     blocked.mkdir()
-    assert tool.main(args + ["--output-prefix", str(tmp_path / "out")]) != 0
+    assert preprocess_tool.main(args + ["--output-prefix", str(tmp_path / "out")]) != 0
     assert capsys.readouterr().err == f"error: Is a directory: {blocked}\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == [blocked.name, "in.jsonl"]
 
 
-def test_workers_past_what_the_cores_can_use_are_refused_before_any_process_starts(tmp_path, tok, tool, capsys):
+def test_workers_past_what_the_cores_can_use_are_refused_before_any_process_starts(tmp_path, tok, preprocess_tool,
+                                                                                    capsys):
     """Tokenizing is CPU-bound: a --workers typo (100000) would fork that many processes (it forked them). The most
     taken: 4 per core, at least 64 (more threads than cores still splits the work over processes, as a test does)."""
     src = _jsonl(tmp_path / "in.jsonl", [json.dumps({"text": t}) for t in TEXTS])
     limit = max(64, 4 * os.cpu_count())
-    assert tool.main(["--input", str(src), "--tokenizer", tok, "--output-prefix", str(tmp_path / "new" / "out"),
-                      "--workers", str(limit + 1), "--no-progress"]) == 2
+    assert preprocess_tool.main(["--input", str(src), "--tokenizer", tok, "--output-prefix",
+                                 str(tmp_path / "new" / "out"), "--workers", str(limit + 1), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: --workers {limit + 1}: ") and f"at most {limit}" in err and err.count("\n") == 1
     assert not (tmp_path / "new").exists()

@@ -12,12 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import test_preprocess_shards as preprocess_shards
 from test_preprocess_shards import WORDS
 
 from nanotronix.data import DataError, open_store
 
-tool = preprocess_shards.tool  # the fixture: tools/preprocess.py, loaded for this module
 
 
 def write_large_inputs(folder: Path) -> list[Path]:
@@ -84,7 +82,8 @@ def test_text_per_byte_reads_the_first_block_or_the_footer(tmp_path):
     assert text_per_byte(damaged) == 1.0
 
 
-def test_compressed_and_plain_inputs_mixed_give_each_shard_a_like_share_of_text(tmp_path, tiny_tokenizer, tool):
+def test_compressed_and_plain_inputs_mixed_give_each_shard_a_like_share_of_text(tmp_path, tiny_tokenizer,
+                                                                                 preprocess_tool):
     """Half the documents in one plain JSON-lines file, half in eight gzipped ones (~5x smaller on disk): balanced by
     bytes on disk, the shards holding the gzipped files would get most of the text; by text, each of 2 or 4 shards
     holds its share of the tokens, within a piece's worth."""
@@ -103,14 +102,14 @@ def test_compressed_and_plain_inputs_mixed_give_each_shard_a_like_share_of_text(
     for count in (2, 4):
         out = tmp_path / f"sharded{count}"
         for i in range(count):
-            assert tool.main(common + ["--output-prefix", str(out), "--shard", f"{i}/{count}"]) == 0
+            assert preprocess_tool.main(common + ["--output-prefix", str(out), "--shard", f"{i}/{count}"]) == 0
         store = open_store(out)
         tokens = np.array([part.num_tokens for part in store.parts], dtype=float)
         assert store.num_documents == 1600
         assert np.abs(tokens / tokens.sum() - 1 / count).max() < 0.25 / count, tokens  # a piece: 1/4 of a share
 
 
-def test_shards_whose_tasks_counted_a_compressed_file_differently_do_not_open(tmp_path, tiny_tokenizer, tool,
+def test_shards_whose_tasks_counted_a_compressed_file_differently_do_not_open(tmp_path, tiny_tokenizer, preprocess_tool,
                                                                                monkeypatch):
     """The cuts depend on what each task's decompressor makes of a compressed file's first block: a task that found
     another text per byte (another zlib) would cut elsewhere, so its shard does not open with the others'."""
@@ -119,11 +118,11 @@ def test_shards_whose_tasks_counted_a_compressed_file_differently_do_not_open(tm
     common = ["--input", str(tmp_path / "corpus"), "--tokenizer", tiny_tokenizer, "--no-progress", "--workers", "1",
               "--output-prefix", str(tmp_path / "sharded")]
     for i in range(3):
-        assert tool.main(common + ["--shard", f"{i}/3"]) == 0
+        assert preprocess_tool.main(common + ["--shard", f"{i}/3"]) == 0
     assert open_store(tmp_path / "sharded").num_documents == 601
     found = inputs.text_per_byte
     monkeypatch.setattr(pipeline, "text_per_byte", lambda path: found(path) * (1.01 if path == files[2] else 1))
-    assert tool.main(common + ["--shard", "1/3", "--overwrite"]) == 0
+    assert preprocess_tool.main(common + ["--shard", "1/3", "--overwrite"]) == 0
     with pytest.raises(DataError, match="cut from different input listings .* compressed files decoded differently"):
         open_store(tmp_path / "sharded")
 
@@ -189,14 +188,15 @@ def test_json_lines_pieces_hold_every_line_once_in_order(tmp_path, seed, compres
 
 
 @pytest.mark.parametrize("count", [2, 5, 11])
-def test_shards_of_large_inputs_read_as_the_single_run(tmp_path, tiny_tokenizer, tool, count, monkeypatch):
+def test_shards_of_large_inputs_read_as_the_single_run(tmp_path, tiny_tokenizer, preprocess_tool, count, monkeypatch):
     from nanotronix.data import compressed_lines
     monkeypatch.setattr(compressed_lines, "COMPRESSED_BLOCK", 128)  # c.jsonl.gz (~2.5 KB) is cut too
     write_large_inputs(tmp_path / "corpus")
     common = ["--input", str(tmp_path / "corpus"), "--tokenizer", tiny_tokenizer, "--no-progress", "--workers", "2"]
-    assert tool.main(common + ["--output-prefix", str(tmp_path / "whole")]) == 0
+    assert preprocess_tool.main(common + ["--output-prefix", str(tmp_path / "whole")]) == 0
     for i in range(count):
-        assert tool.main(common + ["--output-prefix", str(tmp_path / "sharded"), "--shard", f"{i}/{count}"]) == 0
+        assert preprocess_tool.main(common + ["--output-prefix", str(tmp_path / "sharded"),
+                                              "--shard", f"{i}/{count}"]) == 0
     whole, sharded = open_store(tmp_path / "whole"), open_store(tmp_path / "sharded")
     assert np.array_equal(sharded.tokens(0, sharded.num_tokens), whole.tokens(0, whole.num_tokens))
     assert np.array_equal(sharded.document_lengths(), whole.document_lengths()) and whole.num_documents == 601
@@ -215,7 +215,7 @@ def test_shards_of_large_inputs_read_as_the_single_run(tmp_path, tiny_tokenizer,
     assert per_file == {"a.jsonl": 300, "b.parquet": 180, "c.jsonl.gz": 120, "d.txt": 1}
 
 
-def test_a_bad_line_inside_a_cut_file_is_reported_by_byte_offset(tmp_path, tiny_tokenizer, tool, capsys):
+def test_a_bad_line_inside_a_cut_file_is_reported_by_byte_offset(tmp_path, tiny_tokenizer, preprocess_tool, capsys):
     corpus = tmp_path / "corpus"
     write_large_inputs(corpus)
     data = (corpus / "a.jsonl").read_bytes()
@@ -223,12 +223,12 @@ def test_a_bad_line_inside_a_cut_file_is_reported_by_byte_offset(tmp_path, tiny_
     (corpus / "a.jsonl").write_bytes(data[:bad] + b"{not json}\n" + data[bad:])
     common = ["--input", str(corpus), "--tokenizer", tiny_tokenizer, "--no-progress", "--workers", "1",
               "--output-prefix", str(tmp_path / "sharded")]
-    codes = [tool.main(common + ["--shard", f"{i}/8"]) for i in range(8)]
+    codes = [preprocess_tool.main(common + ["--shard", f"{i}/8"]) for i in range(8)]
     assert codes.count(2) == 1 and set(codes) == {0, 2}, codes
     assert f"a.jsonl:byte {bad}: invalid JSON" in capsys.readouterr().err
 
 
-def test_a_bad_line_inside_a_cut_compressed_file_is_reported_by_line(tmp_path, tiny_tokenizer, tool, capsys,
+def test_a_bad_line_inside_a_cut_compressed_file_is_reported_by_line(tmp_path, tiny_tokenizer, preprocess_tool, capsys,
                                                                       monkeypatch):
     """One gzipped file of two members cut into 4 shards: the shard holding the bad line names its true line
     number; the others read their pieces."""
@@ -241,7 +241,7 @@ def test_a_bad_line_inside_a_cut_compressed_file_is_reported_by_line(tmp_path, t
     path.write_bytes(gzip.compress(b"".join(lines[:60])) + gzip.compress(b"".join(lines[60:])))
     common = ["--input", str(path), "--tokenizer", tiny_tokenizer, "--no-progress", "--workers", "1",
               "--output-prefix", str(tmp_path / "sharded")]
-    codes = [tool.main(common + ["--shard", f"{i}/4"]) for i in range(4)]
+    codes = [preprocess_tool.main(common + ["--shard", f"{i}/4"]) for i in range(4)]
     assert codes.count(2) == 1 and set(codes) == {0, 2}, codes
     assert "c.jsonl.gz:98: invalid JSON" in capsys.readouterr().err
     parts = [entry["part"] for i in range(4) if codes[i] == 0 for entry in json.loads(

@@ -21,11 +21,6 @@ from helpers import load_tool
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
 
 
-@pytest.fixture(scope="module")
-def tool():
-    return load_tool("preprocess")
-
-
 def write_corpus(folder: Path) -> Path:
     """Seven JSON-lines files of very different sizes (3 to 400 documents), in nested folders."""
     rng = np.random.default_rng(0)
@@ -57,12 +52,12 @@ def test_split_refuses_impossible_requests():
 
 
 @pytest.mark.parametrize("fmt", ["megatron", "zarr"])
-def test_shards_read_as_the_single_run(tmp_path, tiny_tokenizer, tool, fmt, capsys):
+def test_shards_read_as_the_single_run(tmp_path, tiny_tokenizer, preprocess_tool, fmt, capsys):
     corpus = write_corpus(tmp_path / "corpus")
     common = ["--input", str(corpus), "--tokenizer", tiny_tokenizer, "--no-progress", "--workers", "1", "--format", fmt]
-    assert tool.main(common + ["--output-prefix", str(tmp_path / "whole")]) == 0
+    assert preprocess_tool.main(common + ["--output-prefix", str(tmp_path / "whole")]) == 0
     for i in range(3):
-        assert tool.main(common + ["--output-prefix", str(tmp_path / "sharded"), "--shard", f"{i}/3"]) == 0
+        assert preprocess_tool.main(common + ["--output-prefix", str(tmp_path / "sharded"), "--shard", f"{i}/3"]) == 0
     whole = open_store(tmp_path / ("whole" if fmt == "megatron" else "whole.zarr"))
     sharded = open_store(tmp_path / "sharded")
     assert sharded.format == whole.format and sharded.metadata["shards"] == 3
@@ -88,32 +83,33 @@ def test_shards_read_as_the_single_run(tmp_path, tiny_tokenizer, tool, fmt, caps
         assert parts == (tmp_path / "whole.bin").read_bytes()
 
 
-def test_an_incomplete_folder_does_not_open(tmp_path, tiny_tokenizer, tool, capsys):
+def test_an_incomplete_folder_does_not_open(tmp_path, tiny_tokenizer, preprocess_tool, capsys):
     corpus = write_corpus(tmp_path / "corpus")
     common = ["--input", str(corpus), "--tokenizer", tiny_tokenizer, "--no-progress", "--workers", "1",
               "--output-prefix", str(tmp_path / "sharded")]
     for i in (0, 2):
-        assert tool.main(common + ["--shard", f"{i}/3"]) == 0
+        assert preprocess_tool.main(common + ["--shard", f"{i}/3"]) == 0
     with pytest.raises(DataError, match=r"1 of 3 shards missing \(1\): a preprocess task has not finished"):
         open_store(tmp_path / "sharded")
-    assert tool.main(common + ["--shard", "1/3"]) == 0
+    assert preprocess_tool.main(common + ["--shard", "1/3"]) == 0
     assert open_store(tmp_path / "sharded").num_documents > 0
     # the whole array resubmitted after one task failed: a finished shard succeeds without work, said; a shard of
     # other settings is not replaced unasked; a shard of another split would leave a folder that never opens
     capsys.readouterr()
     written = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "sharded").iterdir()}
-    assert tool.main(common + ["--shard", "1/3"]) == 0
+    assert preprocess_tool.main(common + ["--shard", "1/3"]) == 0
     said = capsys.readouterr()
     assert "this shard is already complete (the same inputs, tokenizer and settings): nothing to do" in said.err
     assert said.out.startswith(f"already complete: {tmp_path / 'sharded' / 'shard-00001-of-00003'}: ")
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "sharded").iterdir()} == written
-    assert tool.main(common + ["--shard", "1/3", "--shuffle"]) == 2
+    assert preprocess_tool.main(common + ["--shard", "1/3", "--shuffle"]) == 2
     assert "already exists; pass --overwrite (slurm/preprocess.sh: EXTRA_ARGS=--overwrite)" in capsys.readouterr().err
-    assert tool.main(common + ["--shard", "3/4"]) == 2
+    assert preprocess_tool.main(common + ["--shard", "3/4"]) == 2
     assert capsys.readouterr().err.strip() == (f"error: --output-prefix {tmp_path / 'sharded'}: holds shards of a "
                                                "3-way split; --shard 3/4 --format megatron would mix them in one "
                                                "store (write to another folder, or remove those shards)")
-    assert tool.main(common + ["--shard", "1/3", "--format", "zarr"]) == 2  # the folder's parts would mix formats
+    # the folder's parts would mix formats
+    assert preprocess_tool.main(common + ["--shard", "1/3", "--format", "zarr"]) == 2
     assert "holds shards of the megatron format; --shard 1/3 --format zarr would mix them" in capsys.readouterr().err
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "sharded").iterdir()} == written
     other = tmp_path / "mixed"
@@ -141,7 +137,8 @@ def test_an_incomplete_folder_does_not_open(tmp_path, tiny_tokenizer, tool, caps
     assert open_store(stray).num_documents == open_store(tmp_path / "sharded").num_documents
     # one shard in both formats (a zarr shard of the same split copied in by hand): refused naming both, not one read
     # and the other left out without a word
-    assert tool.main(common[:-1] + [str(tmp_path / "zarr_shards"), "--shard", "1/3", "--format", "zarr"]) == 0
+    assert preprocess_tool.main(common[:-1] + [str(tmp_path / "zarr_shards"), "--shard", "1/3",
+                                               "--format", "zarr"]) == 0
     both = tmp_path / "both"
     shutil.copytree(tmp_path / "sharded", both)
     shutil.copytree(tmp_path / "zarr_shards" / "shard-00001-of-00003.zarr", both / "shard-00001-of-00003.zarr")
@@ -150,7 +147,8 @@ def test_an_incomplete_folder_does_not_open(tmp_path, tiny_tokenizer, tool, caps
     assert str(said.value) == (f"{both}: {both / 'shard-00001-of-00003.idx'} and {both / 'shard-00001-of-00003.zarr'}"
                                " are the same shard in two formats (preprocess writes one per folder): remove one")
     for i in (0, 2):  # every shard in both formats (before: the zarr ones read, the others unsaid)
-        assert tool.main(common[:-1] + [str(tmp_path / "zarr_shards"), "--shard", f"{i}/3", "--format", "zarr"]) == 0
+        assert preprocess_tool.main(common[:-1] + [str(tmp_path / "zarr_shards"), "--shard", f"{i}/3",
+                                                   "--format", "zarr"]) == 0
         name = f"shard-0000{i}-of-00003.zarr"
         shutil.copytree(tmp_path / "zarr_shards" / name, both / name)
     with pytest.raises(DataError, match=f"^{both}: {both / 'shard-00000-of-00003.idx'} and "
@@ -160,24 +158,25 @@ def test_an_incomplete_folder_does_not_open(tmp_path, tiny_tokenizer, tool, caps
     for path in corpus.rglob("*.jsonl"):  # compressed files are cut at 64 KiB blocks: 7 small ones are 7 pieces
         path.with_suffix(".jsonl.gz").write_bytes(gzip.compress(path.read_bytes()))
         path.unlink()
-    assert tool.main(common + ["--shard", "0/9"]) == 2
+    assert preprocess_tool.main(common + ["--shard", "0/9"]) == 2
     assert "9 shards but the inputs make 7 piece(s)" in capsys.readouterr().err
 
 
-def test_a_complete_shard_with_an_edited_sidecar_reports_the_counts_it_holds(tmp_path, tiny_tokenizer, tool, capsys):
+def test_a_complete_shard_with_an_edited_sidecar_reports_the_counts_it_holds(tmp_path, tiny_tokenizer, preprocess_tool,
+                                                                              capsys):
     """A rerun task finds its shard complete by the sidecar's split, inputs and settings, and reports the counts the
     store holds: counts edited by hand in the sidecar were read as they were (int("x"): a ValueError traceback)."""
     corpus = write_corpus(tmp_path / "corpus")
     common = ["--input", str(corpus), "--tokenizer", tiny_tokenizer, "--no-progress", "--workers", "1",
               "--output-prefix", str(tmp_path / "sharded"), "--shard", "0/2"]
-    assert tool.main(common) == 0
+    assert preprocess_tool.main(common) == 0
     prefix = tmp_path / "sharded" / shard_name(0, 2)
     store = open_store(prefix)
     sidecar = Path(f"{prefix}.meta.json")
     sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "num_documents": "x", "num_tokens": None,
                                    "skipped": {"total": 0, "reasons": [1]}}))
     capsys.readouterr()
-    assert tool.main(common) == 0
+    assert preprocess_tool.main(common) == 0
     said = capsys.readouterr()
     assert "this shard is already complete" in said.err
     assert said.out.startswith(f"already complete: {prefix}: {store.num_documents} documents, {store.num_tokens} "
@@ -220,39 +219,40 @@ def test_a_shard_name_in_digits_of_another_script_is_no_shard(tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["megatron", "zarr"])
-def test_shards_cut_from_different_input_listings_do_not_open(tmp_path, tiny_tokenizer, tool, fmt):
+def test_shards_cut_from_different_input_listings_do_not_open(tmp_path, tiny_tokenizer, preprocess_tool, fmt):
     """A file that grows while the array runs moves the cuts: a shard rerun afterwards would overlap its
     neighbours or leave a gap, so the folder refuses to open rather than read as a dataset."""
     corpus = write_corpus(tmp_path / "corpus")
     common = ["--input", str(corpus), "--tokenizer", tiny_tokenizer, "--no-progress", "--workers", "1", "--format", fmt,
               "--output-prefix", str(tmp_path / "sharded")]
     for i in range(3):
-        assert tool.main(common + ["--shard", f"{i}/3"]) == 0
+        assert preprocess_tool.main(common + ["--shard", f"{i}/3"]) == 0
     store = open_store(tmp_path / "sharded")
     shards = [part.metadata["shard"] for part in store.parts]
     assert [(s["index"], s["count"]) for s in shards] == [(0, 3), (1, 3), (2, 3)]
     assert len({s["inputs_sha256"] for s in shards}) == 1
     with open(corpus / "part0" / "00.jsonl", "a") as f:
         f.write(json.dumps({"text": "alpha beta"}) + "\n")
-    assert tool.main(common + ["--shard", "1/3"]) == 2  # a shard already written is not replaced unasked
-    assert tool.main(common + ["--shard", "1/3", "--overwrite"]) == 0
+    assert preprocess_tool.main(common + ["--shard", "1/3"]) == 2  # a shard already written is not replaced unasked
+    assert preprocess_tool.main(common + ["--shard", "1/3", "--overwrite"]) == 0
     with pytest.raises(DataError, match="its shards were cut from different input listings"):
         open_store(tmp_path / "sharded")
 
 
 @pytest.mark.parametrize("fmt", ["megatron", "zarr"])
-def test_shuffle_stores_a_seeded_permutation_of_the_documents(tmp_path, tiny_tokenizer, tool, monkeypatch, fmt):
+def test_shuffle_stores_a_seeded_permutation_of_the_documents(tmp_path, tiny_tokenizer, preprocess_tool, monkeypatch,
+                                                              fmt):
     from nanotronix.data import shuffle
     monkeypatch.setattr(shuffle, "SHUFFLE_BATCH", 50)  # many batches of the permuted pass
     corpus = write_corpus(tmp_path / "corpus")
     common = ["--input", str(corpus), "--tokenizer", tiny_tokenizer, "--no-progress", "--workers", "1", "--format", fmt]
     suffix = ".zarr" if fmt == "zarr" else ""
-    assert tool.main(common + ["--output-prefix", str(tmp_path / "plain")]) == 0
+    assert preprocess_tool.main(common + ["--output-prefix", str(tmp_path / "plain")]) == 0
     # batches also cut by tokens: the longest document is copied alone, the others gathered several at a time
     longest = int(open_store(tmp_path / ("plain" + suffix)).document_lengths().max())
     monkeypatch.setattr(shuffle, "SHUFFLE_BATCH_TOKENS", longest - 1)
-    assert tool.main(common + ["--output-prefix", str(tmp_path / "shuffled"), "--shuffle", "7"]) == 0
-    assert tool.main(common + ["--output-prefix", str(tmp_path / "other"), "--shuffle"]) == 0  # seed 1234
+    assert preprocess_tool.main(common + ["--output-prefix", str(tmp_path / "shuffled"), "--shuffle", "7"]) == 0
+    assert preprocess_tool.main(common + ["--output-prefix", str(tmp_path / "other"), "--shuffle"]) == 0  # seed 1234
     plain, shuffled, other = (open_store(tmp_path / (name + suffix)) for name in ("plain", "shuffled", "other"))
     n = plain.num_documents
     order = np.random.default_rng([7]).permutation(n)  # document j of the output is input document order[j]
@@ -266,8 +266,8 @@ def test_shuffle_stores_a_seeded_permutation_of_the_documents(tmp_path, tiny_tok
                       for ext in ([".zarr"] if fmt == "zarr" else [".bin", ".idx", ".meta.json"])])
     # shards: each shuffled on its own, from the seed and its index
     for i in range(2):
-        assert tool.main(common + ["--output-prefix", str(tmp_path / "sharded"), "--shard", f"{i}/2",
-                                   "--shuffle", "7"]) == 0
+        assert preprocess_tool.main(common + ["--output-prefix", str(tmp_path / "sharded"), "--shard", f"{i}/2",
+                                              "--shuffle", "7"]) == 0
     sharded = open_store(tmp_path / "sharded")
     offset = 0
     for i, part in enumerate(sharded.parts):
@@ -279,16 +279,16 @@ def test_shuffle_stores_a_seeded_permutation_of_the_documents(tmp_path, tiny_tok
 
 
 @pytest.mark.parametrize("fmt", ["megatron", "zarr"])
-def test_a_shard_whose_part_holds_no_record_is_written_empty(tmp_path, tiny_tokenizer, tool, fmt):
+def test_a_shard_whose_part_holds_no_record_is_written_empty(tmp_path, tiny_tokenizer, preprocess_tool, fmt):
     """One document longer than a shard's share of the text: the second task's byte range holds no line start. It
     writes an empty shard (0 documents), so the folder completes and reads as the single run; before, that task
     failed with 'every input record was empty or bad' on every rerun and the folder could never open."""
     src = tmp_path / "skew.jsonl"
     src.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("x", "y", "z" * 3000)))
     common = ["--input", str(src), "--tokenizer", tiny_tokenizer, "--no-progress", "--workers", "1", "--format", fmt]
-    assert tool.main(common + ["--output-prefix", str(tmp_path / "whole")]) == 0
+    assert preprocess_tool.main(common + ["--output-prefix", str(tmp_path / "whole")]) == 0
     for i in range(2):
-        assert tool.main(common + ["--output-prefix", str(tmp_path / "sharded"), "--shard", f"{i}/2"]) == 0
+        assert preprocess_tool.main(common + ["--output-prefix", str(tmp_path / "sharded"), "--shard", f"{i}/2"]) == 0
     whole = open_store(tmp_path / ("whole" if fmt == "megatron" else "whole.zarr"))
     sharded = open_store(tmp_path / "sharded")
     assert [p.num_documents for p in sharded.parts] == [3, 0]
@@ -296,7 +296,7 @@ def test_a_shard_whose_part_holds_no_record_is_written_empty(tmp_path, tiny_toke
     sharded.verify()
 
 
-def test_a_shard_whose_records_were_all_skipped_is_written_empty(tmp_path, tiny_tokenizer, tool):
+def test_a_shard_whose_records_were_all_skipped_is_written_empty(tmp_path, tiny_tokenizer, preprocess_tool):
     """With --skip-bad, a task whose part of the inputs holds only bad records writes an empty shard that counts
     them, so the folder reads as the single run over the same inputs (which skips them too); before, that task
     failed on every rerun and the folder never opened."""
@@ -305,9 +305,9 @@ def test_a_shard_whose_records_were_all_skipped_is_written_empty(tmp_path, tiny_
     (inputs / "a.jsonl").write_text("".join(json.dumps({"text": f"good document {i}"}) + "\n" for i in range(50)))
     (inputs / "b.jsonl").write_text("".join(json.dumps({"text": "   " * 12}) + "\n" for _ in range(50)))
     common = ["--input", str(inputs), "--tokenizer", tiny_tokenizer, "--no-progress", "--workers", "1", "--skip-bad"]
-    assert tool.main(common + ["--output-prefix", str(tmp_path / "whole")]) == 0
+    assert preprocess_tool.main(common + ["--output-prefix", str(tmp_path / "whole")]) == 0
     for i in range(2):
-        assert tool.main(common + ["--output-prefix", str(tmp_path / "sharded"), "--shard", f"{i}/2"]) == 0
+        assert preprocess_tool.main(common + ["--output-prefix", str(tmp_path / "sharded"), "--shard", f"{i}/2"]) == 0
     whole, sharded = open_store(tmp_path / "whole"), open_store(tmp_path / "sharded")
     assert [p.num_documents for p in sharded.parts] == [50, 0]
     assert np.array_equal(sharded.tokens(0, sharded.num_tokens), whole.tokens(0, whole.num_tokens))
@@ -316,16 +316,17 @@ def test_a_shard_whose_records_were_all_skipped_is_written_empty(tmp_path, tiny_
     assert sum(skipped) == 50, skipped  # each task counts the bad records of its own byte range
 
 
-def test_a_failed_task_of_an_array_leaves_the_shared_output_folder(tmp_path, tiny_tokenizer, tool, capsys):
+def test_a_failed_task_of_an_array_leaves_the_shared_output_folder(tmp_path, tiny_tokenizer, preprocess_tool, capsys):
     """A --shard task of several that fails (a bad record) leaves the --output-prefix folders it made: its sibling
     tasks, started at the same time, write into them, and removing one between a sibling's mkdir and its first file
     would fail that sibling. A single task (--shard 0/1) has no siblings: its failure removes them, as a run's."""
     src = tmp_path / "bad.jsonl"
     src.write_text("".join("{not json}\n" for _ in range(40)))
     common = ["--input", str(src), "--tokenizer", tiny_tokenizer, "--no-progress", "--workers", "1"]
-    assert tool.main(common + ["--output-prefix", str(tmp_path / "new" / "sharded"), "--shard", "0/2"]) == 2
+    assert preprocess_tool.main(common + ["--output-prefix", str(tmp_path / "new" / "sharded"), "--shard", "0/2"]) == 2
     assert "bad.jsonl:1: invalid JSON" in capsys.readouterr().err
     assert (tmp_path / "new" / "sharded").is_dir() and list((tmp_path / "new" / "sharded").iterdir()) == []
-    assert tool.main(common + ["--output-prefix", str(tmp_path / "alone" / "sharded"), "--shard", "0/1"]) == 2
+    assert preprocess_tool.main(common + ["--output-prefix", str(tmp_path / "alone" / "sharded"),
+                                          "--shard", "0/1"]) == 2
     assert "bad.jsonl:1: invalid JSON" in capsys.readouterr().err
     assert not (tmp_path / "alone").exists()
