@@ -276,3 +276,15 @@ def test_the_memory_line_says_which_gpu_and_its_micro_batches_in_words(plan_tool
     assert line.startswith("memory per GPU (estimate, pipeline rank 2 (ranks 0-3), ") and \
         f", {held:.2f} micro-batches in flight, the mean over its interleaved chunks): " in line, line
     assert f"{held:g}" not in line, line
+
+
+def test_activations_are_an_upper_bound_under_compile(plan_tool):
+    """The activations are eager's count (tests/test_plan_memory_compiled.py: a compiled layer keeps less): the
+    memory line says so for a run with train.compile (the recipes), and --json has it, not for one without."""
+    for compiled in (True, False):
+        plan = plan_tool.build_plan(str(CONFIGS / "smollm2_1p7b.yaml"),
+                                    ["data.root=/nonexistent", f"train.compile={str(compiled).lower()}"], 256, 0.45,
+                                    "H100 SXM")
+        line = next(line for line in plan_tool.format_plan(plan).splitlines() if line.startswith("memory per GPU"))
+        assert plan["memory"]["activations_upper_bound"] is compiled
+        assert ("(as eager keeps them: at most that under train.compile)" in line) is compiled, line

@@ -1,9 +1,10 @@
-"""tools/plan.py counts activations as eager PyTorch keeps them (tests/test_plan_memory.py measures that). Under
-train.compile, which the SmolLM2 recipes use, AOTAutograd's partitioner chooses what a compiled decoder layer saves
-for backward (it recomputes cheap elementwise results from fewer saved tensors), so the plan's figure is an upper
-bound there: measured here on tests/test_plan_memory.py's model, bf16, one micro-batch, the tensors the layers
-save for backward (autograd's saved-tensor hooks see the compiled graphs' saves too; each storage once, autocast's
-bf16 weight copies apart, which the plan counts on their own), per layer from a 1- and a 3-layer model.
+"""tools/plan.py (its memory model, tools/_plan_memory.py) counts activations as eager PyTorch keeps them
+(tests/test_plan_memory.py measures that). Under train.compile, which the SmolLM2 recipes use, AOTAutograd's
+partitioner chooses what a compiled decoder layer saves for backward (it recomputes cheap elementwise results from
+fewer saved tensors), so the plan's figure is an upper bound there: measured here on tests/test_plan_memory.py's
+model, bf16, one micro-batch, the tensors the layers save for backward (autograd's saved-tensor hooks see the
+compiled graphs' saves too; each storage once, autocast's bf16 weight copies apart, which the plan counts on their
+own), per layer from a 1- and a 3-layer model.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 from nanotronix.config import config_from_dict
 from nanotronix.model import build_model
 from nanotronix.parallel import ParallelContext, parallelize
-from test_plan_memory import MODEL, SEQ, TOKENS, plan_tool, rope_tables  # noqa: F401 (plan_tool: a fixture)
+from test_plan_memory import MODEL, SEQ, TOKENS, rope_tables
 
 MICRO_BATCH = 2
 
@@ -59,9 +60,9 @@ def per_layer() -> dict[str, float]:
     return out
 
 
-def test_a_compiled_layer_keeps_at_most_the_plans_eager_count(plan_tool, per_layer):
+def test_a_compiled_layer_keeps_at_most_the_plans_eager_count(plan_memory, per_layer):
     cfg = saved_bytes(1, False)[1]
-    kept, _ = plan_tool.activation_bytes_per_token_per_layer(cfg)
+    kept, _ = plan_memory.activation_bytes_per_token_per_layer(cfg)
     # the measurement is a real one: eager, the same hooks see the plan's count and the layer's bf16 RoPE tables
     # (test_plan_memory.rope_tables: per token of its micro-batch)
     assert MICRO_BATCH * SEQ == TOKENS

@@ -22,7 +22,9 @@ train.loss_chunk_size; with AFAB every micro-batch's loss keeps its log-softmax 
 and the pipeline stages' receive buffers (one per micro-batch of the step, kept).
 Allocator fragmentation, NCCL buffers, the backward's passing gradients and the CUDA context (~1-3 GiB together)
 come on top. An estimate, not a measurement; tests/test_plan_memory.py holds its terms to what the model keeps on
-CPU, tests/test_plan_memory_parallel.py those of pipeline and data-parallel layouts.
+CPU, tests/test_plan_memory_parallel.py those of pipeline and data-parallel layouts. The activations are what
+eager PyTorch keeps: a layer compiled by train.compile keeps less (what AOTAutograd's partitioner saves: 69% of it
+on the tests' model, tests/test_plan_memory_compiled.py), so under train.compile they are an upper bound.
 
 Checkpoints: the saves the run makes (checkpoint.interval, its milestones, the last step), how many stay on disk
 at its end under keep_last / keep_every / keep_steps, and their size (12 bytes per parameter: fp32 weights and
@@ -248,6 +250,8 @@ def build_plan(config: str, overrides: list[str], gpus: int, mfu: float, gpu: st
     t = cfg.train
     start = resumed_step(cfg)
     memory, time = memory_plan(cfg, dp, accum), time_plan(cfg, gpus, mfu, gpu, stages, start)
+    # the activations are eager's count, an upper bound for layers compiled by train.compile (module docstring)
+    memory["activations_upper_bound"] = t.compile
     return {
         "config": config, "gpus": gpus,
         "model": {"preset": cfg.model.preset, "parameters": cfg.model.num_parameters()},
@@ -324,8 +328,9 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"memory per GPU (estimate, {_memory_rank(mem, lay['pp'])}, {mem['params_per_gpu'] / 1e6:,.1f}M parameters, "
         f"{_in_flight(mem['in_flight_microbatches'])}): weights {g['weights_fp32']:.2f} GiB fp32 "
         f"+ {g['weights_bf16_copies']:.2f} GiB bf16 copies, grads {g['grads_fp32']:.2f} GiB, optimizer "
-        f"{g['optimizer_adamw']:.2f} GiB, activations {g['activations']:.2f} GiB = {g['total']:.2f} GiB "
-        f"(+ ~1-3 GiB CUDA context, NCCL, fragmentation)",
+        f"{g['optimizer_adamw']:.2f} GiB, activations {g['activations']:.2f} GiB"
+        f"{' (as eager keeps them: at most that under train.compile)' if mem['activations_upper_bound'] else ''}"
+        f" = {g['total']:.2f} GiB (+ ~1-3 GiB CUDA context, NCCL, fragmentation)",
         f"time at MFU {tm['mfu']:.0%} of {tm['gpu']} ({tm['peak_tflops']} TFLOP/s {tm['dtype']}): "
         f"{tm['flops_per_token'] / 1e9:.2f} GFLOP/token, {tm['total_flops']:.3g} FLOPs, "
         f"{tm['tokens_per_sec_per_gpu']:,.0f} tokens/s/GPU -> {tm['wall_hours']:,.0f} h "
