@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanotronix.parallel import mappings
+from nanotronix.parallel.column_parallel_matmul import column_parallel_matmul
 from nanotronix.parallel.grad_accumulation_fusion import linear_accumulating_weight_grad
 from nanotronix.parallel.mappings import Group
-from nanotronix.parallel.column_parallel_matmul import column_parallel_matmul
 
 COLUMN_INPUT_MODES = ("copy", "gather_sequence")
 ROW_OUTPUT_MODES = ("reduce", "reduce_scatter_sequence")
@@ -92,7 +92,8 @@ class ColumnParallelLinear(_ParallelLinear):
         return mappings.gather_from_sequence(x, self.group)
 
     def extra_repr(self) -> str:
-        return f"local_weight={tuple(self.weight.shape)}, input={self.input_mode}"
+        kept = ", keeps the gathered input" if self.input_mode == "gather_sequence" and self.keep_gathered_input else ""
+        return f"local_weight={tuple(self.weight.shape)}, input={self.input_mode}{kept}"
 
 
 class RowParallelLinear(_ParallelLinear):
