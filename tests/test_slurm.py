@@ -118,9 +118,10 @@ def test_readme_cpu_try_block_runs(slurm, tmp_path, tiny_tokenizer):
     env = {**slurm.env, "PYTHON": sys.executable, "OVERRIDES": short_run}
     proc = subprocess.run(["bash", "-euo", "pipefail", "-c", "\n".join(commands)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
+    submitted = re.findall(r"Submitted batch job (\d+)", proc.stdout)
+    slurm.jobs += submitted  # cancelled at the end whatever happens below (a failing block may have submitted one)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    train_job, array_job = re.findall(r"Submitted batch job (\d+)", proc.stdout)
-    slurm.jobs += [train_job, array_job]
+    train_job, array_job = submitted
 
     info = slurm.wait(train_job, timeout=300)
     log = (tmp_path / f"smollm2-135m-{train_job}.out").read_text()
