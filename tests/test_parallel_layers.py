@@ -70,3 +70,16 @@ def test_column_parallel_matmul_is_the_collective_and_linear(results, case):
     whole = values["input_bytes"] * (1 if mode == "copy" else world)
     assert values["collective_path_kept_bytes"] == whole, values
     assert values["kept_input_bytes"] == (values["input_bytes"] if mode == "regather" else whole), values
+
+
+@pytest.mark.parametrize("mode", ["regather", "keep"])
+def test_compiled_column_parallel_matmul_keeps_the_gathered_input(results, mode):
+    """Under torch.compile (Inductor) the function gives the eager outputs and gradients, bit for bit, and its
+    compiled graph saves the gathered input whether the shard or the gathered input is asked for: it merges the
+    backward's all-gather of the shard with the forward's (the same functional collective of the same tensor). What
+    the README and column_parallel_matmul.py say of compiled runs; a torch that keeps the shard fails here."""
+    values = results["column_parallel_matmul_compiled"][mode]
+    assert values["scale"] > 1e-3
+    for name in ("forward", "grad_input", "grad_weight"):
+        assert values[name] == 0.0, f"{mode}: {name} differs by {values[name]}"
+    assert values["kept_input_bytes"] == results["world_size"] * values["input_bytes"], values

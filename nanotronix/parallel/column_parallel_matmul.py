@@ -20,7 +20,10 @@ The input gradient is reduced in the input's own dtype (fp32 for the fp32 residu
 collective path does: both give bit-identical results (tests/test_parallel_layers.py). The weight gradient is
 returned, or with `main_grad` (train.grad_accumulation_fusion) accumulated into it by the wgrad GEMM
 (`grad_accumulation_fusion.accumulate_weight_grad`). Under torch.compile the collectives are issued synchronously
-(dynamo traces only those, into functional collectives whose waits Inductor schedules). Hand-written: torch's
+(dynamo traces only those, into functional collectives whose waits Inductor schedules), and the compiled graph
+keeps the gathered input after all: it merges the backward's gather of the shard with the forward's, the same
+functional collective of the same tensor (tests/test_parallel_layers.py; a compiled layer still keeps less than
+the eager count in all, tests/test_plan_memory_compiled.py). Hand-written: torch's
 tensor-parallel styles (DTensor) run the collective and the matmul as separate autograd steps.
 """
 from __future__ import annotations
