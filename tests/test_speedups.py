@@ -11,7 +11,7 @@ import torch
 from helpers import requires_cuda
 from nanotronix.config import ConfigError, ModelConfig, config_from_dict
 from nanotronix.model import build_model, cross_entropy
-from nanotronix.model.loss import linear_cross_entropy
+from nanotronix.model.loss import InputCollectives, linear_cross_entropy
 from nanotronix.parallel.speedups import apply_compile, apply_recompute
 
 CFG = ModelConfig(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
@@ -115,6 +115,43 @@ def test_linear_cross_entropy_bf16_close_to_plain_autocast_head():
     assert w.grad.dtype == torch.float32
     assert abs(out.item() - ref.item()) < 1e-2
     assert (h.grad - gh).norm() / gh.norm() < 2e-2 and (w.grad - gw).norm() / gw.norm() < 2e-2
+
+
+def test_linear_cross_entropy_gathers_in_bf16_keeps_bf16_and_reduces_in_fp32():
+    """The vocab-parallel fused loss's input collectives (sequence parallelism: gather, reduce-scatter), stood in for
+    by two 'ranks' holding halves of the sequence: the gather gets the hidden states in the compute dtype (bf16
+    under autocast, not the fp32 norm output), the gradient kept for backward is bf16 (its values are: made by a
+    bf16 GEMM), and the reduction gets it in fp32 scaled by the incoming gradient, bit for bit what the function
+    gives without collectives on the whole sequence."""
+    torch.manual_seed(0)
+    h = torch.randn(2, 12, 16)
+    w = (torch.randn(37, 16) * 0.3).requires_grad_(True)
+    y = torch.randint(0, 37, (2, 12)).masked_fill(torch.rand(2, 12) < 0.2, -100)
+    seen = []
+
+    def gather(x):  # both halves, as if each rank sent its own: this rank's is the first half
+        seen.append(("gather", x.dtype))
+        return torch.cat([x, other.to(x.dtype)], dim=1)
+
+    def reduce_grad(grad):  # this rank's half of the sum (the other rank's part of it is zero here)
+        seen.append(("reduce", grad.dtype))
+        return grad[:, :6]
+
+    mine, other = h[:, :6].clone().requires_grad_(True), h[:, 6:]
+    whole = h.clone().requires_grad_(True)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.dtype) or t, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(mine, w, y, 5, input_collectives=InputCollectives(gather, reduce_grad))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = linear_cross_entropy(whole, w, y, 5)
+    (loss / 3).backward()
+    grad_w, w.grad = w.grad.clone(), None
+    (ref / 3).backward()
+    assert seen == [("gather", torch.bfloat16), ("reduce", torch.float32)]
+    assert kept == [torch.bfloat16, torch.float32]  # dX in bf16, dW in fp32
+    assert torch.equal(loss, ref) and torch.equal(grad_w, w.grad)
+    assert mine.grad.dtype == torch.float32 and torch.equal(mine.grad, whole.grad[:, :6])
 
 
 def _train_two_steps(train_overrides: dict, compile_backend: str | None = None,

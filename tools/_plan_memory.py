@@ -107,13 +107,14 @@ def activation_bytes_per_token_per_layer(cfg) -> tuple[float, float]:
 
 def final_norm_bytes_per_token(cfg) -> float:
     """What the last stage's final norm keeps (its fp32 input, 1/rms and normalised input: split over TP only with
-    sequence parallelism) and the head's input: the whole fp32 norm output that the fused loss reads (alive while it
-    runs), or for the plain head its input in the compute dtype (under sequence parallelism its shard)."""
+    sequence parallelism) and the head's input: for the fused loss the fp32 norm output (alive while it runs; under
+    sequence parallelism its shard and the gathered whole in the compute dtype), or for the plain head its input in
+    the compute dtype (under sequence parallelism its shard)."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
     d = m.hidden_size
     seq_split = p.tp if p.sequence_parallel else 1
     if t.loss_chunk_size > 0:
-        head_input = 4.0
+        head_input = 4 / seq_split + ((2 if t.dtype == "bfloat16" else 4) if p.sequence_parallel else 0)
     else:
         head_input = (4 if t.dtype != "bfloat16" else 2) / seq_split
     return (8 * d + 4) / seq_split + head_input * d
@@ -126,10 +127,10 @@ def loss_bytes(cfg, tokens: int) -> float:
     bf16 = 2 if t.dtype == "bfloat16" else 0
     if t.loss_chunk_size > 0:
         # fused head + loss: one chunk of fp32 logits (a vocabulary slice) and their gradient in the compute dtype
-        # (under fp32 the same buffer), the chunk's input or its dX, and the fp32 dW and dX made in the forward and
-        # kept for the backward
+        # (under fp32 the same buffer), the chunk's input or its dX, and the fp32 dW and the dX (in the compute dtype)
+        # made in the forward and kept for the backward
         chunk = min(t.loss_chunk_size, tokens)
-        return chunk * (v * (4 + bf16) + d * (4 - bf16)) + 4 * v * d + tokens * d * 4
+        return chunk * (v * (4 + bf16) + d * (4 - bf16)) + 4 * v * d + tokens * d * (4 - bf16)
     # logits in the compute dtype, their fp32 copy and the fp32 log-softmax (under TP the softmax) kept for backward
     return tokens * v * (bf16 + 4 + 4)
 
@@ -162,12 +163,12 @@ def layer_linear_params(cfg) -> float:
 def loss_kept_bytes(cfg, tokens: int) -> float:
     """What the head + loss of one micro-batch on the last pipeline stage keeps until its backward, once it has run:
     the fp32 log-softmax (under TP the softmax of the vocabulary slice) and the logits, the chunk's output, which the
-    stage keeps for the backward; the fused loss's fp32 dW and dX (its input, the final norm's output, is counted
-    with the norm). AFAB's last stage holds this per micro-batch."""
+    stage keeps for the backward; the fused loss's fp32 dW and its dX in the compute dtype (its input, the final
+    norm's output, is counted with the norm). AFAB's last stage holds this per micro-batch."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
     v, d = m.vocab_size / p.tp, m.hidden_size
     if t.loss_chunk_size > 0:
-        return 4 * v * d + 4 * tokens * d
+        return 4 * v * d + (2 if t.dtype == "bfloat16" else 4) * tokens * d
     return tokens * v * (4 + (2 if t.dtype == "bfloat16" else 4))
 
 

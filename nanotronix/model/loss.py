@@ -11,7 +11,7 @@ Liger-Kernel's FusedLinearCrossEntropy (written here from the math, not from its
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +53,17 @@ def _chunk_loss_and_grads(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, row
     return loss_sum, grad_logits, grad_logits @ w
 
 
+class InputCollectives(NamedTuple):
+    """How the hidden states reach a head split over ranks (tensor parallelism, `parallel.cross_entropy`): `gather`
+    takes this rank's hidden states, cast to the compute dtype, to the [..., D] that every rank multiplies (the
+    sequence's all-gather; None: every rank has them whole already); `reduce_grad` takes that tensor's gradient, in
+    the hidden states' dtype, to this rank's (the sum over the ranks: all-reduce or reduce-scatter). So the
+    gather moves bf16 under autocast (half the bytes of the fp32 norm output) and the gradient is still summed in
+    fp32, as the plain head's cast + collective + matmul does it."""
+    gather: Optional[Callable[[torch.Tensor], torch.Tensor]]
+    reduce_grad: Callable[[torch.Tensor], torch.Tensor]
+
+
 _compiled: dict[tuple, Callable] = {}
 
 
@@ -69,12 +80,23 @@ def maybe_compiled(fn: Callable, compile_options: Optional[dict]) -> Callable:
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int,
-                chunk_size: int, compute_dtype: torch.dtype, chunk_fn: Callable, grad_enabled: bool) -> torch.Tensor:
+                chunk_size: int, compute_dtype: torch.dtype, chunk_fn: Callable, grad_enabled: bool,
+                input_collectives: Optional[InputCollectives]) -> torch.Tensor:
         # grad_enabled: the caller's grad mode (always off in here; needs_input_grad stays True under no_grad, as in
         # validation, which then would compute and drop the gradients)
-        n = hidden.shape[0]
+        whole = hidden
+        if input_collectives is not None and input_collectives.gather is not None:
+            # cast to compute_dtype (what each chunk multiplies in) before gathering: the same values in fewer bytes
+            whole = input_collectives.gather(hidden.to(compute_dtype))
+        ctx.whole_shape = whole.shape
+        whole = whole.flatten(0, -2)
+        n = whole.shape[0]
         w = weight.to(compute_dtype)
-        grad_hidden = torch.empty_like(hidden) if grad_enabled and ctx.needs_input_grad[0] else None
+        # d/dh is made in compute_dtype (grad_logits @ w): kept so when that is the narrower dtype (bf16 for an fp32
+        # hidden: half the bytes until backward), with the same values
+        grad_dtype = compute_dtype if compute_dtype.itemsize < hidden.dtype.itemsize else hidden.dtype
+        grad_hidden = torch.empty(whole.shape, dtype=grad_dtype, device=whole.device) \
+            if grad_enabled and ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
             if grad_enabled and ctx.needs_input_grad[1] else None
         want_grads = grad_hidden is not None or grad_weight is not None
@@ -87,7 +109,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         row_scale = torch.where(counted, 1.0 / count, 0.0)
         labels = labels.masked_fill(~counted, 0)
         for start in range(0, n, chunk_size):
-            h = hidden[start:start + chunk_size].to(compute_dtype)
+            h = whole[start:start + chunk_size].to(compute_dtype)
             chunk_loss, grad_logits, grad_h = chunk_fn(h, w, labels[start:start + chunk_size],
                                                        row_scale[start:start + chunk_size], want_grads)
             loss += chunk_loss
@@ -100,21 +122,30 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # freed now, not when the next chunk's replace them: else two chunks' logits exist at once
             del h, grad_logits, grad_h
         ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.weight_dtype = weight.dtype
+        ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
+        ctx.input_collectives = input_collectives
         # no token counted: F.cross_entropy's mean of nothing, nan (its gradients are 0, as these are)
         return torch.where(count > 0, loss, torch.nan)
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
-        gh = grad_hidden * grad_loss.to(grad_hidden.dtype) if grad_hidden is not None else None
-        gw = (grad_weight * grad_loss).to(ctx.weight_dtype) if grad_weight is not None else None
-        return gh, gw, None, None, None, None, None, None
+        gh = gw = None
+        if grad_hidden is not None:
+            # scaled in hidden's dtype (fp32: exact products of the bf16 values), then reduced over the ranks in it
+            gh = grad_hidden.to(ctx.hidden_dtype) * grad_loss.to(ctx.hidden_dtype)
+            gh = gh.view(ctx.whole_shape)
+            if ctx.input_collectives is not None:
+                gh = ctx.input_collectives.reduce_grad(gh)
+        if grad_weight is not None:
+            gw = (grad_weight * grad_loss).to(ctx.weight_dtype)
+        return gh, gw, None, None, None, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int,
                          compute_dtype: Optional[torch.dtype] = None, compile_options: Optional[dict] = None,
-                         chunk_fn: Optional[Callable] = None, ignore_index: int = -100) -> torch.Tensor:
+                         chunk_fn: Optional[Callable] = None, ignore_index: int = -100,
+                         input_collectives: Optional[InputCollectives] = None) -> torch.Tensor:
     """mean CE of `hidden @ weight.T` against `labels`, in chunks of `chunk_size` tokens.
 
     hidden [..., D] (the final norm's output), weight [V, D] (the head, tied or not), labels [...] (int64; a label
@@ -126,12 +157,13 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     trainer does so under `train.compile`, with train.compile_mode).
     `chunk_fn(h, w, labels, row_scale, want_grads) -> (scaled loss sum, grad of the logits, grad of h)` replaces the
     plain chunk (`_chunk_loss_and_grads`): the vocab-parallel loss (parallel/cross_entropy.py) passes one that
-    combines its vocabulary slice's log-sum-exp with the other ranks'.
+    combines its vocabulary slice's log-sum-exp with the other ranks', and `input_collectives` the collectives that
+    bring `hidden` (this rank's) to the head and its gradient back (`labels` are then the gathered tokens').
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     dtype = compute_dtype or _compute_dtype(weight)
     with torch.autocast(hidden.device.type, enabled=False):
-        return _LinearCrossEntropy.apply(hidden.flatten(0, -2), weight, labels.flatten(), ignore_index, chunk_size,
-                                         dtype, chunk_fn or maybe_compiled(_chunk_loss_and_grads, compile_options),
-                                         torch.is_grad_enabled())
+        return _LinearCrossEntropy.apply(hidden, weight, labels.flatten(), ignore_index, chunk_size, dtype,
+                                         chunk_fn or maybe_compiled(_chunk_loss_and_grads, compile_options),
+                                         torch.is_grad_enabled(), input_collectives)

@@ -114,7 +114,7 @@ class _VocabSliceChunk:
     """`linear_cross_entropy`'s chunk for a head split along the vocabulary: the same math, with the row max, the
     sum of exponentials and the target logit combined over the TP group (3 floats per token, as above). Each rank
     gets the whole chunk's loss and the gradients of its own slice; its d/dh is its slice's part, summed over the
-    ranks by the head's input mapping in backward."""
+    ranks by the head's input collectives in backward."""
 
     def __init__(self, group: Group, vocab_start: int, compile_options: Optional[dict]):
         self.group, self.vocab_start = group, vocab_start
@@ -143,10 +143,10 @@ def head_and_loss(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Ten
                   compute_dtype: Optional[torch.dtype], compile_options: Optional[dict], group: Group) -> torch.Tensor:
     """Mean next-token loss of the head applied to `hidden` (the final norm's output) in chunks of `chunk_size`
     tokens, never making the [tokens, vocab] logits: `model.loss.linear_cross_entropy`, and under tensor
-    parallelism its vocab-parallel form (the head's input mapping, then each rank's vocabulary slice). Labels of -100
+    parallelism its vocab-parallel form (the head's input collectives, each rank's vocabulary slice). Labels of -100
     are not counted, as in `vocab_parallel_cross_entropy` and `F.cross_entropy`."""
     if group is None:
         return linear_cross_entropy(hidden, head.weight, labels, chunk_size, compute_dtype, compile_options)
     chunk = _VocabSliceChunk(group, mappings.group_rank(group) * head.weight.shape[0], compile_options)
-    return linear_cross_entropy(head.map_input(hidden), head.weight, labels, chunk_size, compute_dtype,
-                                chunk_fn=chunk)
+    return linear_cross_entropy(hidden, head.weight, labels, chunk_size, compute_dtype, chunk_fn=chunk,
+                                input_collectives=head.input_collectives())

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanotronix.model.loss import InputCollectives
 from nanotronix.parallel import mappings
 from nanotronix.parallel.column_parallel_matmul import column_parallel_matmul
 from nanotronix.parallel.grad_accumulation_fusion import linear_accumulating_weight_grad
@@ -85,11 +86,14 @@ class ColumnParallelLinear(_ParallelLinear):
         return column_parallel_matmul(x, weight, self.group, self.input_mode == "gather_sequence",
                                       self.weight_grad_target, self.keep_gathered_input)
 
-    def map_input(self, x: torch.Tensor) -> torch.Tensor:
-        """The input every rank multiplies, for a loss that applies the head itself (`parallel.cross_entropy`)."""
+    def input_collectives(self) -> InputCollectives:
+        """The input's collectives, for a loss that applies the head itself (`parallel.cross_entropy`): what every
+        rank multiplies, and its gradient summed back to this rank's input."""
+        group = self.group
         if self.input_mode == "copy":
-            return mappings.copy_to_tp(x, self.group)
-        return mappings.gather_from_sequence(x, self.group)
+            return InputCollectives(None, lambda grad: mappings.start_all_reduce(grad, group, False)())
+        return InputCollectives(lambda x: mappings.start_all_gather_seq(x, group, False)(),
+                                lambda grad: mappings.start_reduce_scatter_seq(grad, group, False)())
 
     def extra_repr(self) -> str:
         kept = ", keeps the gathered input" if self.input_mode == "gather_sequence" and self.keep_gathered_input else ""
