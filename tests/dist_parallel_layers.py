@@ -9,9 +9,11 @@ gradient against the matching slice of the dense result. Global rank 0 writes {c
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -104,6 +106,73 @@ def check_column_parallel_matmul(g) -> dict:
                     "forward": err(y1, y0), "grad_input": err(gx1, gx0), "grad_weight": err(gw1, gw0),
                     "scale": gx0.abs().max().item(), "kept_input_bytes": float(kept1),
                     "collective_path_kept_bytes": float(kept0), "input_bytes": float(x_in.numel() * element)}
+    return results
+
+
+class _WatchedWork:
+    """A collective's work handle that records whether it was waited for."""
+
+    def __init__(self, work):
+        self.work, self.waited = work, False
+
+    def wait(self, *args):
+        self.waited = True
+        return self.work.wait(*args)
+
+
+@contextlib.contextmanager
+def watching_async_collectives(started: list):
+    """Every collective `mappings` starts with async_op=True inside the block goes into `started`, wrapped."""
+    def watched(collective):
+        def call(*args, async_op=False, **kwargs):
+            work = collective(*args, async_op=async_op, **kwargs)
+            if async_op:
+                work = _WatchedWork(work)
+                started.append(work)
+            return work
+        return call
+    with mock.patch.object(mappings, "all_gather_flat", watched(mappings.all_gather_flat)), \
+            mock.patch.object(mappings, "reduce_scatter_flat", watched(mappings.reduce_scatter_flat)), \
+            mock.patch.object(dist, "all_reduce", watched(dist.all_reduce)):
+        yield
+
+
+def check_column_parallel_matmul_waits(g) -> dict:
+    """`column_parallel_matmul`'s backward with each of its inputs needing a gradient or not (the input; the weight,
+    or its gradient accumulated into an fp32 buffer): the collectives it starts asynchronously, how many of them
+    backward returned without waiting for (NCCL may still read or write their tensors then), and the difference of
+    the gradients from the collective + linear path (fp32)."""
+    torch.manual_seed(4)
+    w, x, upstream = torch.randn(D_OUT, D_IN), torch.randn(B, S, D_IN), torch.randn(B, S, D_OUT)
+    results = {}
+    for mode, keep in (("copy", False), ("regather", False), ("keep", True)):
+        gather = mode != "copy"
+        x_in = chunk(x, 1) if gather else x
+        collective = mappings.gather_from_sequence if gather else mappings.copy_to_tp
+        # the input needs a gradient; the weight: "grad" (returned), "frozen" (none), "acc" (accumulated)
+        for x_grad, weight in ((True, "grad"), (True, "frozen"), (True, "acc"), (False, "grad"), (False, "acc")):
+            runs = []
+            for fused in (False, True):
+                xp, wp = x_in.clone().requires_grad_(x_grad), w.clone().requires_grad_(weight != "frozen")
+                main_grad = torch.full_like(w, 0.5) if weight == "acc" else None
+                started: list = []
+                if fused:
+                    y = column_parallel_matmul(xp, wp, g, gather, main_grad, keep_gathered=keep)
+                elif main_grad is not None:
+                    y = linear_accumulating_weight_grad(collective(xp, g), wp, main_grad)
+                else:
+                    y = F.linear(collective(xp, g), wp)
+                with watching_async_collectives(started):
+                    (y * upstream).sum().backward()
+                runs.append((xp.grad, main_grad if main_grad is not None else wp.grad, started))
+            (gx0, gw0, _), (gx1, gw1, started) = runs
+            values = {"async_started": float(len(started)),
+                      "unwaited": float(sum(not work.waited for work in started))}
+            if x_grad:
+                values["grad_input"] = err(gx1, gx0)
+            if weight != "frozen":
+                values["grad_weight"] = err(gw1, gw0)
+            results[f"{mode}_{'input' if x_grad else 'no_input'}_{weight}"] = values
     return results
 
 
@@ -263,7 +332,8 @@ def main() -> None:
         }
         paths = check_column_parallel_matmul(g)
         compiled = check_column_parallel_matmul_compiled(g)
-        for values in [*checks.values(), *paths.values(), *compiled.values()]:  # worst case over ranks
+        waits = check_column_parallel_matmul_waits(g)
+        for values in [*checks.values(), *paths.values(), *compiled.values(), *waits.values()]:  # worst case over ranks
             for key, value in values.items():
                 if isinstance(value, float):
                     t = torch.tensor(value, dtype=torch.float64)
@@ -272,7 +342,8 @@ def main() -> None:
         if dist.get_rank() == 0:
             out.write_text(json.dumps({"world_size": dist.get_world_size(), "checks": checks,
                                        "column_parallel_matmul": paths,
-                                       "column_parallel_matmul_compiled": compiled}))
+                                       "column_parallel_matmul_compiled": compiled,
+                                       "column_parallel_matmul_waits": waits}))
     run_worker(check_all)
 
 

@@ -83,3 +83,21 @@ def test_compiled_column_parallel_matmul_keeps_the_gathered_input(results, mode)
     for name in ("forward", "grad_input", "grad_weight"):
         assert values[name] == 0.0, f"{mode}: {name} differs by {values[name]}"
     assert values["kept_input_bytes"] == results["world_size"] * values["input_bytes"], values
+
+
+@pytest.mark.parametrize("case", [f"{mode}_{x_grad}_{weight}" for mode in ("copy", "regather", "keep")
+                                  for x_grad, weight in (("input", "grad"), ("input", "frozen"), ("input", "acc"),
+                                                         ("no_input", "grad"), ("no_input", "acc"))])
+def test_column_parallel_matmul_waits_for_every_collective_it_starts(results, case):
+    """Whichever of its inputs needs a gradient (the weight's returned, accumulated into an fp32 buffer, or none),
+    the function's backward returns only after every collective it started asynchronously has been waited for (on
+    NCCL the work keeps its tensors until then, and the result is complete only then), starts the input gradient's
+    reduction only when that gradient is asked for, and gathers the shard again only under sequence parallelism
+    without keep_gathered; its gradients are bit-identical to the collective + linear path's."""
+    values = results["column_parallel_matmul_waits"][case]
+    mode, x_grad = case.split("_")[0], not case.split("_", 1)[1].startswith("no_input")
+    assert values["unwaited"] == 0.0, values
+    assert values["async_started"] == (mode == "regather") + x_grad, values
+    assert ("grad_input" in values) == x_grad and ("grad_weight" in values) == (not case.endswith("frozen"))
+    for name in ("grad_input", "grad_weight"):
+        assert values.get(name, 0.0) == 0.0, f"{case}: {name} differs by {values[name]}"
