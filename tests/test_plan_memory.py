@@ -58,13 +58,13 @@ def measure(layers: int, dtype: str, recompute: str = "none", loss_chunk_size: i
             "loss_peak": storages.peaks["head and loss"], "ops": storages.ops}
 
 
-def rope_tables(dtype: str, recompute: str) -> float:
+def rope_tables(dtype: str, recompute: str, model: dict = MODEL) -> float:
     """Bytes per token and layer the plan leaves out: under autocast `apply_rope` casts cos and sin ([S, head_dim])
     to bf16 for q and again for k, and the multiplications keep the four casts (one set per sequence position, not
     per token of the micro-batch: <1% at the recipes' sizes); recompute makes them again in the backward."""
     if dtype != "bfloat16" or recompute != "none":
         return 0.0
-    return 4 * SEQ * (MODEL["hidden_size"] // MODEL["num_attention_heads"]) * 2 / TOKENS
+    return 4 * SEQ * (model["hidden_size"] // model["num_attention_heads"]) * 2 / TOKENS
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
