@@ -22,9 +22,9 @@ returned, or with `main_grad` (train.grad_accumulation_fusion) accumulated into 
 (`grad_accumulation_fusion.accumulate_weight_grad`). Under torch.compile the collectives are issued synchronously
 (dynamo traces only those, into functional collectives whose waits Inductor schedules), and the compiled graph
 keeps the gathered input after all: it merges the backward's gather of the shard with the forward's, the same
-functional collective of the same tensor (tests/test_parallel_layers.py; a compiled layer still keeps less than
-the eager count in all, tests/test_plan_memory_compiled.py). Hand-written: torch's
-tensor-parallel styles (DTensor) run the collective and the matmul as separate autograd steps.
+functional collective of the same tensor (tests/test_parallel_layers.py; tools/plan.py counts the gathered input
+for compiled layers: at tp 4 a compiled layer can keep more than the eager count, tests/test_plan_memory_compiled.py).
+Hand-written: torch's tensor-parallel styles (DTensor) run the collective and the matmul as separate autograd steps.
 """
 from __future__ import annotations
 
