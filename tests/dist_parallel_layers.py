@@ -13,6 +13,7 @@ import contextlib
 import json
 import sys
 from pathlib import Path
+from typing import Any, Callable
 from unittest import mock
 
 import torch
@@ -174,39 +175,55 @@ def check_column_parallel_matmul_waits(g) -> dict:
                 values["grad_weight"] = err(gw1, gw0)
             results[f"{mode}_{'input' if x_grad else 'no_input'}_{weight}"] = values
     return results
+def all_gathers_run(fn: Callable[[], Any]) -> tuple[Any, int]:
+    """fn()'s result and the all-gathers gloo ran meanwhile (by the profiler's events: only a collective that ran,
+    not one that torch.compile traced)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = fn()
+    return out, sum(e.count for e in prof.key_averages() if e.key == "gloo:all_gather")
 
 
 def check_column_parallel_matmul_compiled(g) -> dict:
-    """The same under torch.compile (Inductor, whose partitioner chooses what the compiled graph saves): under
-    sequence parallelism, bf16 autocast, the bytes of input saved for backward (weights in either orientation left
-    out) with the shard kept and with the gathered input kept, and the difference of output and gradients from the
-    eager function."""
+    """The same under torch.compile, by Inductor (whose min-cut partitioner chooses what the compiled graph saves, as
+    in training) and by aot_eager (the default partitioner): under sequence parallelism and bf16 autocast, with the
+    shard kept, with the gathered input kept, and with the shard kept and the weight gradient of a bf16 weight
+    accumulated into an fp32 buffer: the difference of output and gradients from the eager function, the bytes of
+    input saved for backward (weights in either orientation left out), and the all-gathers that the forward and
+    the backward ran, eager and compiled."""
     torch.manual_seed(3)
     s = 12  # B * s tokens: not D_OUT, so that a saved [tokens, D_IN] input is not taken for the weight
     w, x, upstream = torch.randn(D_OUT, D_IN), torch.randn(B, s, D_IN), torch.randn(B, s, D_OUT)
     x_in = chunk(x, 1)
     results = {}
-    for keep_gathered in (False, True):
-        def matmul(xp, wp, keep_gathered=keep_gathered):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                return column_parallel_matmul(xp, wp, g, True, keep_gathered=keep_gathered)
-        runs = []
-        for fn in (matmul, torch.compile(matmul, backend="inductor", fullgraph=True)):
-            xp, wp = leaf(x_in), leaf(w)
-            saved: dict[int, int] = {}
+    # name -> (keep_gathered, accumulate into an fp32 buffer)
+    cases = {"regather": (False, False), "keep": (True, False), "regather_acc": (False, True)}
+    for backend in ("inductor", "aot_eager"):
+        for name, (keep_gathered, accumulate) in cases.items():
+            def matmul(xp, wp, main_grad, keep_gathered=keep_gathered):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    return column_parallel_matmul(xp, wp, g, True, main_grad, keep_gathered=keep_gathered)
+            runs = []
+            for fn in (matmul, torch.compile(matmul, backend=backend, fullgraph=True)):
+                xp, wp = leaf(x_in), leaf(w.to(torch.bfloat16) if accumulate else w)
+                main_grad = torch.full_like(w, 0.5) if accumulate else None
+                saved: dict[int, int] = {}
 
-            def pack(t, saved=saved):
-                if t.shape not in (w.shape, w.t().shape):
-                    saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-                return t
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                y = fn(xp, wp)
-            (y.float() * upstream).sum().backward()
-            runs.append((y, xp.grad, wp.grad, sum(saved.values())))
-        (y0, gx0, gw0, _), (y1, gx1, gw1, kept) = runs
-        results["keep" if keep_gathered else "regather"] = {
-            "forward": err(y1, y0), "grad_input": err(gx1, gx0), "grad_weight": err(gw1, gw0),
-            "scale": gx0.abs().max().item(), "kept_input_bytes": float(kept), "input_bytes": float(x_in.numel() * 2)}
+                def pack(t, saved=saved):
+                    if t.shape not in (w.shape, w.t().shape):
+                        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+                    return t
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                    y, forward_gathers = all_gathers_run(lambda: fn(xp, wp, main_grad))
+                _, backward_gathers = all_gathers_run(lambda: (y.float() * upstream).sum().backward())
+                runs.append((y, xp.grad, main_grad if accumulate else wp.grad, sum(saved.values()), forward_gathers,
+                             backward_gathers))
+            (y0, gx0, gw0, _, fw0, bw0), (y1, gx1, gw1, kept, fw1, bw1) = runs
+            results[f"{name}_{backend}"] = {
+                "forward": err(y1, y0), "grad_input": err(gx1, gx0), "grad_weight": err(gw1, gw0),
+                "scale": gx0.abs().max().item(), "kept_input_bytes": float(kept),
+                "input_bytes": float(x_in.numel() * 2), "forward_gathers": float(fw1),
+                "backward_gathers": float(bw1), "eager_forward_gathers": float(fw0),
+                "eager_backward_gathers": float(bw0)}
     return results
 
 

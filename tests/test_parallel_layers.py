@@ -72,17 +72,24 @@ def test_column_parallel_matmul_is_the_collective_and_linear(results, case):
     assert values["kept_input_bytes"] == (values["input_bytes"] if mode == "regather" else whole), values
 
 
-@pytest.mark.parametrize("mode", ["regather", "keep"])
-def test_compiled_column_parallel_matmul_keeps_the_gathered_input(results, mode):
-    """Under torch.compile (Inductor) the function gives the eager outputs and gradients, bit for bit, and its
-    compiled graph saves the gathered input whether the shard or the gathered input is asked for: it merges the
-    backward's all-gather of the shard with the forward's (the same functional collective of the same tensor). What
-    the README and column_parallel_matmul.py say of compiled runs; a torch that keeps the shard fails here."""
-    values = results["column_parallel_matmul_compiled"][mode]
+@pytest.mark.parametrize("case", [f"{mode}_{backend}" for backend in ("inductor", "aot_eager")
+                                  for mode in ("regather", "keep", "regather_acc")])
+def test_compiled_column_parallel_matmul_keeps_what_eager_keeps(results, case):
+    """Under torch.compile (Inductor, as training compiles, and aot_eager: the min-cut and the default partitioner)
+    the function gives the eager outputs and gradients, bit for bit, keeps for backward the input that eager keeps
+    (this rank's sequence shard, or with keep_gathered the gathered input), and runs the same all-gathers: one in
+    the forward, and the shard's again in the backward. Without the selective-checkpoint policy of
+    column_parallel_matmul.py the compiled graph kept the gathered input (the partitioner saved the forward's gather
+    rather than run it again) and ran no gather in the backward."""
+    values = results["column_parallel_matmul_compiled"][case]
     assert values["scale"] > 1e-3
     for name in ("forward", "grad_input", "grad_weight"):
-        assert values[name] == 0.0, f"{mode}: {name} differs by {values[name]}"
-    assert values["kept_input_bytes"] == results["world_size"] * values["input_bytes"], values
+        assert values[name] == 0.0, f"{case}: {name} differs by {values[name]}"
+    keep = case.startswith("keep")
+    assert values["kept_input_bytes"] == values["input_bytes"] * (results["world_size"] if keep else 1), values
+    gathers = (1.0, 0.0 if keep else 1.0)
+    assert (values["eager_forward_gathers"], values["eager_backward_gathers"]) == gathers, values
+    assert (values["forward_gathers"], values["backward_gathers"]) == gathers, values
 
 
 @pytest.mark.parametrize("case", [f"{mode}_{x_grad}_{weight}" for mode in ("copy", "regather", "keep")

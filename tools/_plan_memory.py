@@ -81,8 +81,8 @@ def activation_bytes_per_token_per_layer(cfg) -> tuple[float, float]:
     The residual stream is fp32 (fp32 weights, bf16 autocast). Each norm keeps its fp32 input, 1/rms (fp32, one
     per token) and its fp32 normalised input (the multiplication by the norm's weight keeps it for the weight's
     gradient); the matmul after it keeps its input in the compute dtype, whole on every TP rank (under sequence
-    parallelism its own sequence shard, gathered again in backward; with recomputation, and in a layer compiled by
-    train.compile, whose graph merges that gather into the forward's, the gathered input).
+    parallelism its own sequence shard, gathered again in backward, compiled too; with recomputation the gathered
+    input).
     Attention, on this rank's heads: q and k after RoPE, v, the attention output
     (the o_proj input is a view of it: the kernels write it [B, S, heads, D]) and its fp32 log-sum-exp;
     flash/memory-efficient attention keeps no seq x seq scores. SwiGLU: gate/up, silu(gate) and their product.
@@ -97,8 +97,7 @@ def activation_bytes_per_token_per_layer(cfg) -> tuple[float, float]:
     kv = m.num_key_value_heads * m.head_dim
     seq_split = p.tp if p.sequence_parallel else 1
     norms = 2 * (4 * d + 4 + 4 * d) / seq_split  # whole on every TP rank unless SP
-    gathered = cfg.train.recompute != "none" or cfg.train.compile  # column_parallel_matmul.py
-    matmul_inputs = 2 * e * d / (1 if gathered else seq_split)
+    matmul_inputs = 2 * e * d / (seq_split if cfg.train.recompute == "none" else 1)  # column_parallel_matmul.py
     attention = e * (d + 2 * kv) + e * d + 4 * heads
     full = norms + matmul_inputs + (attention + 4 * e * f) / p.tp
     layer_input = 4 * d / seq_split

@@ -20,18 +20,24 @@ The input gradient is reduced in the input's own dtype (fp32 for the fp32 residu
 collective path does: both give bit-identical results (tests/test_parallel_layers.py). The weight gradient is
 returned, or with `main_grad` (train.grad_accumulation_fusion) accumulated into it by the wgrad GEMM
 (`grad_accumulation_fusion.accumulate_weight_grad`). Under torch.compile the collectives are issued synchronously
-(dynamo traces only those, into functional collectives whose waits Inductor schedules), and the compiled graph
-keeps the gathered input after all: it merges the backward's gather of the shard with the forward's, the same
-functional collective of the same tensor (tests/test_parallel_layers.py; tools/plan.py counts the gathered input
-for compiled layers: at tp 4 a compiled layer can keep more than the eager count, tests/test_plan_memory_compiled.py).
-Hand-written: torch's tensor-parallel styles (DTensor) run the collective and the matmul as separate autograd steps.
+(dynamo traces only those, into functional collectives whose waits Inductor schedules). There AOTAutograd traces
+forward and backward as one graph, whose partitioner would save the forward's gather for backward (it never
+recomputes a collective on its own: ranks could decide differently) rather than gather the shard again; so under
+sequence parallelism the compiled function runs inside torch.utils.checkpoint with a selective policy that leaves
+the casts to the compute dtype and the matmul to the partitioner and marks the rest, the gather and the copies that
+order its chunks, MUST_RECOMPUTE (a collective the user marks is recomputed): the compiled graph keeps the shard and
+the compute-dtype weight, as eager does, and gathers again in backward, bit-identical (tests/test_parallel_layers.py,
+with Inductor's partitioner and aot_eager's). Hand-written: torch's tensor-parallel styles (DTensor) run the
+collective and the matmul as separate autograd steps.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from nanotronix.parallel import mappings
 from nanotronix.parallel.grad_accumulation_fusion import accumulate_weight_grad
@@ -83,10 +89,28 @@ class _ColumnParallelMatmul(torch.autograd.Function):
         return (grad_x() if grad_x is not None else None), grad_w, None, None, None, None, None
 
 
+# The ops of the compiled function's forward whose outputs the partitioner may keep: the casts to the compute dtype
+# (the shard and the weight that eager keeps) and the matmul (its output leaves the function; F.linear without a bias
+# reaches the partitioner as mm). Everything else is recomputed in backward: the all-gather, its wait, and the copies
+# that order the gathered chunks (naming only the gather would leave those copies' output to be saved).
+_KEPT_OPS = {torch.ops.aten._to_copy.default, torch.ops.aten.mm.default}
+
+
+def _regather_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.PREFER_SAVE if op in _KEPT_OPS else CheckpointPolicy.MUST_RECOMPUTE
+
+
 def column_parallel_matmul(x: torch.Tensor, weight: torch.Tensor, group: Group, gather_sequence: bool,
                            main_grad: Optional[torch.Tensor] = None, keep_gathered: bool = False) -> torch.Tensor:
     """F.linear(X, weight) over the TP `group` (a group of more than one rank), X being `x` replicated
     (`gather_sequence` False) or `x`'s sequence shards all-gathered (True); see the module docstring. `main_grad`:
     the fp32 buffer the weight gradient is accumulated into instead of returned."""
-    return _ColumnParallelMatmul.apply(x, weight, main_grad, group, compute_dtype_of(x, weight), gather_sequence,
-                                       keep_gathered)
+    dtype = compute_dtype_of(x, weight)
+    # Compiled, keeping the shard (module docstring): keep_gathered, so that the backward uses the forward's gather,
+    # which the policy recomputes there from the shard (a gather of its own in the backward would be a collective of
+    # forward values only, which the partitioner moves into the forward and saves). Without gradients: no backward.
+    if gather_sequence and not keep_gathered and torch.compiler.is_compiling() and torch.is_grad_enabled():
+        return checkpoint(_ColumnParallelMatmul.apply, x, weight, main_grad, group, dtype, True, True,
+                          use_reentrant=False,
+                          context_fn=functools.partial(create_selective_checkpoint_contexts, _regather_policy))
+    return _ColumnParallelMatmul.apply(x, weight, main_grad, group, dtype, gather_sequence, keep_gathered)
