@@ -107,8 +107,9 @@ def column_parallel_matmul(x: torch.Tensor, weight: torch.Tensor, group: Group, 
     the fp32 buffer the weight gradient is accumulated into instead of returned."""
     dtype = compute_dtype_of(x, weight)
     # Compiled, keeping the shard (module docstring): keep_gathered, so that the backward uses the forward's gather,
-    # which the policy recomputes there from the shard (a gather of its own in the backward would be a collective of
-    # forward values only, which the partitioner moves into the forward and saves). Without gradients: no backward.
+    # which the policy recomputes there from the shard, rather than a gather of its own, which works only while CSE
+    # merges it into the forward's (unmerged, a collective of forward values is moved into the forward and saved).
+    # Without gradients: no backward.
     if gather_sequence and not keep_gathered and torch.compiler.is_compiling() and torch.is_grad_enabled():
         return checkpoint(_ColumnParallelMatmul.apply, x, weight, main_grad, group, dtype, True, True,
                           use_reentrant=False,
