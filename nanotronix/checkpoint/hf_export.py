@@ -1,9 +1,10 @@
 """Any nanotronix checkpoint -> a Hugging Face `LlamaForCausalLM` folder (what tools/convert_to_hf.py runs).
 
 Tensors stream from the checkpoint (one plain-model tensor at a time, whatever layout saved it) through
-`convert.hf_mapping.to_hf` into .safetensors shards, so memory stays bounded by the largest tensor. The folder is
-built under a hidden temp name and renamed into place at the end: an interrupted export leaves nothing that
-looks complete.
+`convert.hf_mapping.to_hf` into .safetensors shards, so memory stays bounded by the largest tensor. The tokenizer
+files and configs are written first, so that the tokenizer shipped is checked (hf_tokenizer_probes: AutoTokenizer
+reads config.json too) before the weights. The folder is built under a hidden temp name and renamed into place at the
+end: an interrupted or refused export leaves nothing that looks complete.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 
 from nanotronix.checkpoint.errors import CheckpointError
 from nanotronix.checkpoint.hf_tokenizer_files import TOKENIZER_FILES, write_tokenizer_files
+from nanotronix.checkpoint.hf_tokenizer_probes import check_tokenizes_as_tokenizer_json
 from nanotronix.checkpoint.output_folder import staged_output
 from nanotronix.checkpoint.paths import LATEST_NAME, MANIFEST_NAME
 from nanotronix.checkpoint.reader import CheckpointReader
@@ -115,9 +117,8 @@ def export_to_hf(checkpoint: str | os.PathLike, output: str | os.PathLike, dtype
     in_run = reader.folder.parent if (reader.folder.parent / LATEST_NAME).is_file() else reader.folder
     with staged_output(output, in_run, overwrite, lambda old: (old / "config.json").is_file(),
                        "a Hugging Face model folder (no config.json)") as temp:
-        info, bos_id, eos_id = _write_tokenizer(temp, tokenizer, manifest, source_hf, cfg, log)
+        _write_tokenizer_and_configs(temp, tokenizer, manifest, source_hf, cfg, dtype, log)
         _write_weights(reader, temp, torch_dtype, max_shard_bytes, progress)
-        _write_configs(temp, cfg, dtype, source_hf, info, bos_id, eos_id, log)
         commit(temp, output)
     log(f"exported step {reader.step} of {reader.folder} to {output} ({dtype})")
     return output
@@ -156,6 +157,35 @@ def _without_refused_fields(source_hf: dict, cfg: ModelConfig, manifest_file: Pa
     return source_hf
 
 
+def _write_tokenizer_and_configs(folder: Path, tokenizer: Optional[str], manifest: dict, source_hf: dict,
+                                 cfg: ModelConfig, dtype: str, log: Callable[[str], None]) -> Any:
+    """The tokenizer (_write_tokenizer), then config.json and generation_config.json with its ids, then the check that
+    the folder, as AutoTokenizer loads it (config.json steers its choice of class too), tokenizes as its
+    tokenizer.json does; one that does not is handled as _write_tokenizer handles a tokenizer it cannot ship (the
+    configs then written again without it). Its info, or None when no tokenizer is shipped."""
+    info, bos_id, eos_id = _write_tokenizer(folder, tokenizer, manifest, source_hf, cfg, log)
+    _write_configs(folder, cfg, dtype, source_hf, info, bos_id, eos_id, log)
+    if info is None:
+        return None
+    named = Path(info.file).parent / "tokenizer_config.json"  # what decides the class, else the export's own
+    try:
+        check_tokenizes_as_tokenizer_json(folder, named if named.is_file() else Path(info.file), log)
+        return info
+    except UserError as e:
+        if tokenizer:
+            raise
+        _leave_out_tokenizer(folder, e, log)
+    _write_configs(folder, cfg, dtype, source_hf, None, None, None, log)
+    return None
+
+
+def _leave_out_tokenizer(folder: Path, why: UserError, log: Callable[[str], None]) -> None:
+    """The run's own tokenizer cannot be shipped: the model is exported without it, in a warning."""
+    for name in TOKENIZER_FILES:
+        (folder / name).unlink(missing_ok=True)
+    log(f"warning: tokenizer files not written ({why})")
+
+
 def _write_tokenizer(folder: Path, tokenizer: Optional[str], manifest: dict, source_hf: dict, cfg: ModelConfig,
                      log: Callable[[str], None]) -> tuple[Any, Optional[int], Optional[int]]:
     """Ship a tokenizer into `folder`: `tokenizer` when given, else the run's data.tokenizer, else an imported
@@ -178,9 +208,7 @@ def _write_tokenizer(folder: Path, tokenizer: Optional[str], manifest: dict, sou
     except UserError as e:
         if tokenizer:  # asked for explicitly: an error; the run's own: export the model anyway
             raise
-        for name in TOKENIZER_FILES:
-            (folder / name).unlink(missing_ok=True)
-        log(f"warning: tokenizer files not written ({e})")
+        _leave_out_tokenizer(folder, e, log)
         return None, None, None
 
 

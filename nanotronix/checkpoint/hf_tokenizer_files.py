@@ -4,7 +4,8 @@ The run's tokenizer.json, and the HF config files beside it, are copied only onc
 AutoTokenizer (the release the test extra pins) reads them, since the exported folder must load and tokenize text as
 the token stores were tokenized: these checks mirror what AutoTokenizer does with each file (which it reads, which
 wins, what it adds or refuses) — transformers is a test reference here, not a dependency of the export, so they are
-written out rather than delegated.
+written out rather than delegated. What these rules cannot tell, how the class tokenizer_config.json names tokenizes
+text, is checked by loading the folder where transformers is installed (hf_tokenizer_probes).
 """
 from __future__ import annotations
 

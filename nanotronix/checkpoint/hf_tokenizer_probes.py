@@ -1,0 +1,78 @@
+"""The tokenizer folder a Hugging Face export ships tokenizes text as its tokenizer.json does (what the token stores
+were tokenized with), checked by loading it with transformers' AutoTokenizer on a fixed set of probe texts.
+
+Why a load, not a reading of the files as hf_tokenizer_files does: transformers 5 (5.25 here) builds the class
+tokenizer_config.json names. PreTrainedTokenizerFast and TokenizersBackend (the class of a tokenizer_class it does not
+know) load tokenizer.json whole. A class with a pipeline of its own (GPT2Tokenizer, SmolLM2's; Qwen2Tokenizer, ...:
+each subclass of TokenizersBackend with an __init__ of its own; LlamaTokenizer too, but beside a byte-level
+tokenizer.json, which it loads as TokenizersBackend) is rebuilt from tokenizer.json's vocabulary and merges alone,
+with its own normalizer, pre-tokenizer and decoder (it keeps tokenizer.json's post-processor, padding and truncation):
+text tokenizes otherwise wherever tokenizer.json's normalizer or pre-tokenizer differ from the class's — a Lowercase
+normalizer, or SmolLM2's digit splitting before its byte-level pre-tokenizer ("x  =  1": GPT2Tokenizer's regex keeps
+the space before the digit, then finds no "Ġ1" in a vocabulary trained on split digits). Which class AutoTokenizer
+picks also depends on config.json and on transformers' own tables, so the folder is loaded as a user loads it, once
+per export, rather than the rules written out here. transformers is optional for the export: without it the check is
+not run, and the export says so.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+from nanotronix.errors import UserError
+
+# Varied text that tokenizers' pipelines treat differently: prose, digits and numbers of many lengths, mixed case,
+# runs of spaces (before digits too), tabs and newlines, code, accents, CJK and emoji. Each added token of the
+# tokenizer is probed inside text as well (probe_texts).
+PROBES = (
+    "The quick brown fox jumps over the lazy dog. It's 'quoted', isn't it?",
+    "0 7 42 365 2024 31415 1234567 9876543210 3.14159 -12.5e-3 1,000,000 0x1F 2024-01-01 10:30:59",
+    "x  =  1;  y   =   22;  z    =    333",
+    "MiXeD CaSe WORDS, UPPER CASE, lower case, CamelCaseNames and snake_case_names",
+    "   leading spaces, trailing spaces   ",
+    "line one\nline two\r\n\tindented\n\n\n\t\ttwo tabs\n    four spaces",
+    "def add(a, b):\n    return a + b  # the sum\n\nif (x != y && z >= 10) { return arr[i]; }\n",
+    "café naïve résumé Ångström Straße ÉCOLE",
+    "日本語のテキスト、中文文本，한국어 텍스트",
+    "emoji 🙂👍🏽🇫🇷 and symbols © ™ ∑ ≠ → ½",
+)
+_SHOWN_CHARS = 40  # of a differing probe, in the refusal line
+
+
+def probe_texts(added_tokens: list[str]) -> list[str]:
+    """PROBES, then each added token inside text, between words and beside spaces and digits."""
+    return [*PROBES, *(f"a{token}b {token} 1{token}\n{token}" for token in added_tokens)]
+
+
+def check_tokenizes_as_tokenizer_json(folder: Path, named: Path, log: Callable[[str], None]) -> None:
+    """FOLDER (an export's, holding its tokenizer files and config.json), loaded by transformers' AutoTokenizer, gives
+    the ids its tokenizer.json gives for each probe text (no special tokens added); else a UserError naming NAMED (the
+    source's tokenizer_config.json, or its tokenizer.json), the class AutoTokenizer built, the first differing probe
+    and the fix. Without transformers, a note in LOG that the check was not run."""
+    try:
+        import transformers
+    except ImportError:
+        log("note: transformers is not installed: the tokenizer shipped was not checked to tokenize as its "
+            "tokenizer.json does (install transformers to check it)")
+        return
+    from tokenizers import Tokenizer
+
+    reference = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    try:
+        auto = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 (whatever it raises, the folder does not load)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{named}: AutoTokenizer (transformers {transformers.__version__}) cannot load the tokenizer "
+                        f"folder the export would ship ({reason})") from None
+    added = [token.content for _, token in sorted(reference.get_added_tokens_decoder().items())]
+    for text in probe_texts(added):
+        # verbose=False: no warning for a probe longer than a small model_max_length
+        theirs = auto(text, add_special_tokens=False, verbose=False)["input_ids"]
+        if theirs != reference.encode(text, add_special_tokens=False).ids:
+            named_class = json.loads((folder / "tokenizer_config.json").read_text()).get("tokenizer_class")
+            shown = json.dumps(text[:_SHOWN_CHARS] + ("..." if len(text) > _SHOWN_CHARS else ""), ensure_ascii=False)
+            raise UserError(f"{named}: tokenizer_class {json.dumps(named_class)}, which transformers "
+                            f"{transformers.__version__} builds as {type(auto).__name__}, tokenizes text otherwise "
+                            f"than its tokenizer.json (first {shown}): name PreTrainedTokenizerFast as tokenizer_class "
+                            "in tokenizer_config.json to load tokenizer.json whole")
