@@ -1,8 +1,9 @@
-"""The Hugging Face export ships a tokenizer folder only where transformers' AutoTokenizer, loading it, tokenizes text
-as its tokenizer.json does (README, Checkpoints and Hugging Face): a tokenizer_class that transformers 5 rebuilds from
-tokenizer.json's vocabulary and merges with a pipeline of its own (GPT2Tokenizer) is refused where that pipeline
-differs (a Lowercase normalizer; SmolLM2's digit splitting), with the fix; PreTrainedTokenizerFast, which loads
-tokenizer.json whole, is shipped. Against AutoTokenizer of the source folder and `tokenizers` itself."""
+"""The Hugging Face export ships a tokenizer folder that transformers' AutoTokenizer, loading it, tokenizes as its
+tokenizer.json does (README, Checkpoints and Hugging Face): where the tokenizer_class named is one that transformers 5
+rebuilds from tokenizer.json's vocabulary and merges with a pipeline of its own (GPT2Tokenizer) and that pipeline
+differs (a Lowercase normalizer; SmolLM2's digit splitting), the export's tokenizer_config.json names
+PreTrainedTokenizerFast instead, which loads tokenizer.json whole, and says so in a note; a folder that still
+tokenizes otherwise is refused. Against AutoTokenizer of the source folder and `tokenizers` itself."""
 from __future__ import annotations
 
 import dataclasses
@@ -23,7 +24,7 @@ from convert_hf_helpers import WITH_BYTES, byte_tokenizer, cli, trained_checkpoi
 from nanotronix.checkpoint.hf_export import export_to_hf
 from nanotronix.errors import UserError
 
-FIX = "name PreTrainedTokenizerFast as tokenizer_class in tokenizer_config.json to load tokenizer.json whole"
+NOTE_END = "the export's tokenizer_config.json names PreTrainedTokenizerFast instead, which loads tokenizer.json whole"
 CODE = inspect.getsource(base64)  # real text: code, prose in docstrings, whitespace runs, digits
 
 
@@ -56,33 +57,63 @@ def run(tmp_path_factory) -> Path:
     return trained_checkpoint(tmp_path_factory.mktemp("run") / "run", cfg=WITH_BYTES)[0].parent
 
 
-def test_a_tokenizer_class_that_tokenizes_otherwise_is_refused(lowercasing, run, tmp_path):
+def test_a_tokenizer_class_that_tokenizes_otherwise_is_shipped_as_pretrained_tokenizer_fast(lowercasing, run, tmp_path):
     """A tokenizer_config.json naming GPT2Tokenizer beside a lowercasing tokenizer.json: transformers builds
     GPT2Tokenizer from the vocabulary alone, so the export loaded in transformers but tokenized "The" otherwise than the
-    store; it said it succeeded. Now one line naming the file, the class, the text and the fix, and no folder."""
-    folder = with_config(lowercasing, "GPT2Tokenizer", eos_token="<|endoftext|>")
+    store, and said nothing. Now its tokenizer_config.json names PreTrainedTokenizerFast (its other fields kept; the
+    source folder untouched), in one note naming the file, the class and the text, and it tokenizes as the store."""
+    folder = with_config(lowercasing, "GPT2Tokenizer", eos_token="<|endoftext|>", model_max_length=64)
+    source_config = (folder / "tokenizer_config.json").read_bytes()
     assert not same_ids(folder, ["The Fox"])  # the reference: AutoTokenizer of the source folder
-    proc = cli("convert_to_hf.py", "--checkpoint", str(run), "--output", str(tmp_path / "hf"), "--tokenizer",
-               str(folder), "--no-progress")
-    err = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(err) == 1, proc.stderr
-    assert err[0].startswith(f'error: {folder / "tokenizer_config.json"}: tokenizer_class "GPT2Tokenizer", which '
-                             f"transformers {transformers.__version__} builds as GPT2Tokenizer, tokenizes text "
-                             'otherwise than its tokenizer.json (first "') and err[0].endswith(f"): {FIX}"), err
+    out = tmp_path / "hf"
+    proc = cli("convert_to_hf.py", "--checkpoint", str(run), "--output", str(out), "--tokenizer", str(folder),
+               "--no-progress")
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    note, done = proc.stdout.splitlines()
+    assert note.startswith(f'note: {folder / "tokenizer_config.json"}: tokenizer_class "GPT2Tokenizer", which '
+                           f"transformers {transformers.__version__} builds as GPT2Tokenizer, tokenizes text "
+                           'otherwise than its tokenizer.json (first "') and note.endswith(f"): {NOTE_END}"), note
+    assert done.startswith("exported step 2 of ")
+    shipped = json.loads((out / "tokenizer_config.json").read_text())
+    assert shipped == {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
+                       "model_max_length": 64}
+    assert same_ids(out, ["The Fox", "MiXeD", CODE])
+    assert (folder / "tokenizer_config.json").read_bytes() == source_config
+
+
+def test_a_folder_still_tokenizing_otherwise_is_refused(lowercasing, run, tmp_path, monkeypatch):
+    """Should PreTrainedTokenizerFast too tokenize otherwise (a transformers that reads more of tokenizer_config.json
+    into its pipeline; stood in for by an AutoTokenizer that lowercases nothing), the export is refused: one line
+    naming the file, the class and the text, exit 2, no folder."""
+    folder = with_config(lowercasing, "GPT2Tokenizer", eos_token="<|endoftext|>")
+    plain = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    plain.normalizer = None
+
+    class NotLowercasing:
+        def __call__(self, text, add_special_tokens=False, verbose=False):
+            return {"input_ids": plain.encode(text, add_special_tokens=add_special_tokens).ids}
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: NotLowercasing())
+    with pytest.raises(UserError) as refused:
+        export_to_hf(run, tmp_path / "hf", tokenizer=str(folder), progress=False, log=lambda _: None)
+    assert str(refused.value).startswith(f'{folder / "tokenizer_config.json"}: tokenizer_class "GPT2Tokenizer", '
+                                         "which transformers") \
+        and str(refused.value).endswith("and so does PreTrainedTokenizerFast with the folder's other settings")
     assert not (tmp_path / "hf").exists() and not list(tmp_path.iterdir())
 
 
-def test_the_runs_own_tokenizer_that_tokenizes_otherwise_is_left_out(lowercasing, tmp_path):
-    """The run's data.tokenizer refused so is left out with a warning, as the export's other refusals of it are, and
-    config.json's ids say they were defaulted."""
+def test_the_runs_own_tokenizer_that_tokenizes_otherwise_is_shipped_so_too(lowercasing, tmp_path):
+    """The run's data.tokenizer (no --tokenizer) likewise: shipped naming PreTrainedTokenizerFast, with the note, and
+    config.json's ids are its own."""
     folder = with_config(lowercasing, "GPT2Tokenizer", eos_token="<|endoftext|>")
     trained_checkpoint(tmp_path / "run", cfg=WITH_BYTES, config={"data": {"tokenizer": str(folder)}})
     said = []
     out = export_to_hf(tmp_path / "run", tmp_path / "hf", progress=False, log=said.append)
-    assert not any((out / name).exists() for name in ("tokenizer.json", "tokenizer_config.json"))
-    assert said[0].startswith("warning: tokenizer files not written (") and FIX in said[0], said
-    assert said[1].startswith("warning: no tokenizer, so bos_token_id and eos_token_id in config.json are set to 0")
-    assert json.loads((out / "config.json").read_text())["eos_token_id"] == 0
+    assert said[0].startswith("note: ") and said[0].endswith(NOTE_END) and len(said) == 2, said
+    assert json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+    eos = Tokenizer.from_file(str(folder / "tokenizer.json")).token_to_id("<|endoftext|>")
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == eos
+    assert same_ids(out, ["The Fox", CODE])
 
 
 def test_pretrained_tokenizer_fast_loads_tokenizer_json_whole(lowercasing, run, tmp_path):
@@ -125,22 +156,21 @@ def smollm2_folder(tokenizer_file: str, folder: Path, tokenizer_class: str) -> P
                        unk_token="<|endoftext|>", vocab_size=49152)
 
 
-def test_smollm2s_gpt2_tokenizer_class_is_refused(smollm2_tokenizer_path, tmp_path):
+def test_smollm2s_gpt2_tokenizer_class_is_shipped_as_pretrained_tokenizer_fast(smollm2_tokenizer_path, tmp_path):
     """SmolLM2's own folder (GPT2Tokenizer) does not tokenize as its tokenizer.json under transformers 5: its
     pre-tokenizer splits digits before the byte-level one; GPT2Tokenizer's keeps the space before a digit in one piece
     with it, which its vocabulary (trained on split digits) cannot merge ("x  =  1": two tokens for the two spaces, not
-    one), as in much code (base64's source). Refused so; naming PreTrainedTokenizerFast, it is shipped and
-    tokenizes as tokenizer.json does."""
+    one), as in much code (base64's source). Shipped naming PreTrainedTokenizerFast, it tokenizes as tokenizer.json
+    does, with the source folder's special tokens."""
     trained_checkpoint(tmp_path / "run", cfg=dataclasses.replace(TINY, vocab_size=49152))
     hub = smollm2_folder(smollm2_tokenizer_path, tmp_path / "hub", "GPT2Tokenizer")
     assert not same_ids(hub, ["x  =  1"]) and not same_ids(hub, [CODE])  # the reference
     assert same_ids(hub, ["The quick brown fox, 1234567 and 3.14159"])  # where the two pipelines agree
-    with pytest.raises(UserError) as refused:
-        export_to_hf(tmp_path / "run", tmp_path / "hf", tokenizer=str(hub), progress=False, log=lambda _: None)
-    assert str(refused.value).startswith(f'{hub / "tokenizer_config.json"}: tokenizer_class "GPT2Tokenizer", which '
-                                         "transformers") and str(refused.value).endswith(FIX), refused.value
-    assert not (tmp_path / "hf").exists()
-
-    fast = smollm2_folder(smollm2_tokenizer_path, tmp_path / "fast", "PreTrainedTokenizerFast")
-    out = export_to_hf(tmp_path / "run", tmp_path / "hf", tokenizer=str(fast), progress=False, log=lambda _: None)
+    said = []
+    out = export_to_hf(tmp_path / "run", tmp_path / "hf", tokenizer=str(hub), progress=False, log=said.append)
+    assert said[0].startswith(f'note: {hub / "tokenizer_config.json"}: tokenizer_class "GPT2Tokenizer"'), said
     assert same_ids(out, ["x  =  1", CODE, "<|im_start|>user\nhi<|im_end|>"])
+    source, shipped = (transformers.AutoTokenizer.from_pretrained(f) for f in (hub, out))
+    assert {t: shipped.convert_tokens_to_ids(t) for t in source.all_special_tokens} == \
+        {t: source.convert_tokens_to_ids(t) for t in source.all_special_tokens}
+    assert (shipped.bos_token, shipped.eos_token) == (source.bos_token, source.eos_token)

@@ -11,8 +11,10 @@ text tokenizes otherwise wherever tokenizer.json's normalizer or pre-tokenizer d
 normalizer, or SmolLM2's digit splitting before its byte-level pre-tokenizer ("x  =  1": GPT2Tokenizer's regex keeps
 the space before the digit, then finds no "Ġ1" in a vocabulary trained on split digits). Which class AutoTokenizer
 picks also depends on config.json and on transformers' own tables, so the folder is loaded as a user loads it, once
-per export, rather than the rules written out here. transformers is optional for the export: without it the check is
-not run, and the export says so.
+per export, rather than the rules written out here. Where the class named tokenizes otherwise, the export's copy of
+tokenizer_config.json names PreTrainedTokenizerFast instead (in a note), which tokenizes as the store: SmolLM2's Hub
+folder is shipped so. transformers is optional for the export: without it the check is not run, and the export says
+so.
 """
 from __future__ import annotations
 
@@ -45,11 +47,17 @@ def probe_texts(added_tokens: list[str]) -> list[str]:
     return [*PROBES, *(f"a{token}b {token} 1{token}\n{token}" for token in added_tokens)]
 
 
+WHOLE = "PreTrainedTokenizerFast"  # the tokenizer_class transformers builds by loading tokenizer.json whole
+
+
 def check_tokenizes_as_tokenizer_json(folder: Path, named: Path, log: Callable[[str], None]) -> None:
     """FOLDER (an export's, holding its tokenizer files and config.json), loaded by transformers' AutoTokenizer, gives
-    the ids its tokenizer.json gives for each probe text (no special tokens added); else a UserError naming NAMED (the
-    source's tokenizer_config.json, or its tokenizer.json), the class AutoTokenizer built, the first differing probe
-    and the fix. Without transformers, a note in LOG that the check was not run."""
+    the ids its tokenizer.json gives for each probe text (no special tokens added). Where the tokenizer_class its
+    tokenizer_config.json names does not, that file (the export's copy) is made to name PreTrainedTokenizerFast
+    instead, in a note: transformers then loads tokenizer.json whole, the pipeline the store was tokenized with, and
+    the folder is probed again. Still other ids (or a folder that does not load): a UserError naming NAMED (the
+    source's tokenizer_config.json, or its tokenizer.json), the class and the first differing probe. Without
+    transformers, a note in LOG that the check was not run."""
     try:
         import transformers
     except ImportError:
@@ -59,20 +67,45 @@ def check_tokenizes_as_tokenizer_json(folder: Path, named: Path, log: Callable[[
     from tokenizers import Tokenizer
 
     reference = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    texts = probe_texts([token.content for _, token in sorted(reference.get_added_tokens_decoder().items())])
+    version = transformers.__version__
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    named_class = config.get("tokenizer_class")
+    built, differing = _first_difference(transformers, folder, named, reference, texts)
+    if differing is None:
+        return
+    if named_class != WHOLE:
+        config["tokenizer_class"] = WHOLE
+        config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        _, still = _first_difference(transformers, folder, named, reference, texts)
+        if still is None:
+            log(f"note: {named}: tokenizer_class {json.dumps(named_class)}, which transformers {version} builds as "
+                f"{built}, tokenizes text otherwise than its tokenizer.json (first {_shown(differing)}): the export's "
+                f"tokenizer_config.json names {WHOLE} instead, which loads tokenizer.json whole")
+            return
+        differing = still
+    raise UserError(f"{named}: tokenizer_class {json.dumps(named_class)}, which transformers {version} builds as "
+                    f"{built}, tokenizes text otherwise than its tokenizer.json (first {_shown(differing)}), and so "
+                    f"does {WHOLE} with the folder's other settings")
+
+
+def _first_difference(transformers, folder: Path, named: Path, reference, texts: list[str]):
+    """(the class AutoTokenizer builds of FOLDER, the first of TEXTS it tokenizes otherwise than REFERENCE or None);
+    a UserError naming NAMED where it cannot load the folder."""
     try:
         auto = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except Exception as e:  # noqa: BLE001 (whatever it raises, the folder does not load)
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{named}: AutoTokenizer (transformers {transformers.__version__}) cannot load the tokenizer "
                         f"folder the export would ship ({reason})") from None
-    added = [token.content for _, token in sorted(reference.get_added_tokens_decoder().items())]
-    for text in probe_texts(added):
+    for text in texts:
         # verbose=False: no warning for a probe longer than a small model_max_length
-        theirs = auto(text, add_special_tokens=False, verbose=False)["input_ids"]
-        if theirs != reference.encode(text, add_special_tokens=False).ids:
-            named_class = json.loads((folder / "tokenizer_config.json").read_text()).get("tokenizer_class")
-            shown = json.dumps(text[:_SHOWN_CHARS] + ("..." if len(text) > _SHOWN_CHARS else ""), ensure_ascii=False)
-            raise UserError(f"{named}: tokenizer_class {json.dumps(named_class)}, which transformers "
-                            f"{transformers.__version__} builds as {type(auto).__name__}, tokenizes text otherwise "
-                            f"than its tokenizer.json (first {shown}): name PreTrainedTokenizerFast as tokenizer_class "
-                            "in tokenizer_config.json to load tokenizer.json whole")
+        if auto(text, add_special_tokens=False, verbose=False)["input_ids"] != \
+                reference.encode(text, add_special_tokens=False).ids:
+            return type(auto).__name__, text
+    return type(auto).__name__, None
+
+
+def _shown(text: str) -> str:
+    return json.dumps(text[:_SHOWN_CHARS] + ("..." if len(text) > _SHOWN_CHARS else ""), ensure_ascii=False)
