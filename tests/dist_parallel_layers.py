@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from nanotronix.model.loss import InputCollectives  # noqa: E402
 from nanotronix.parallel import mappings  # noqa: E402
 from nanotronix.parallel.cross_entropy import head_and_loss, vocab_parallel_cross_entropy  # noqa: E402
 from nanotronix.parallel.grad_accumulation_fusion import linear_accumulating_weight_grad  # noqa: E402
@@ -311,6 +312,31 @@ def check_fused_head_loss(mode: str, g, logit_scale: float, compile_options=None
             "scale": max(wd.grad.abs().max().item(), hd.grad.abs().max().item())}
 
 
+def check_fused_head_loss_bf16(mode: str, g) -> dict:
+    """train.loss_chunk_size under TP with bf16 matmuls on the fp32 norm output: the head's input collectives inside
+    the fused loss (the gather in bf16, the bf16 dX kept, scaled and summed over the ranks in fp32) against the
+    plain collective (copy_to_tp / gather_from_sequence of the fp32 output) before the same fused loss. Bit for
+    bit, with an incoming gradient (1/3) that is not a power of two, so a scale or sum in bf16 would show."""
+    torch.manual_seed(6)
+    w, h, labels = torch.randn(V, D_IN), torch.randn(B, S, D_IN), torch.randint(0, V, (B, S))
+    labels[torch.rand(B, S) < 0.25] = -100
+    sharded = mode == "gather_sequence"
+    grads = []
+    for plain in (False, True):
+        head = ColumnParallelLinear.from_dense(w, g, mode)
+        hp = leaf(chunk(h, 1) if sharded else h)
+        hidden = hp
+        if plain:  # the collective outside, in fp32, and none inside the loss
+            hidden = mappings.gather_from_sequence(hp, g) if sharded else mappings.copy_to_tp(hp, g)
+            head.input_collectives = lambda: InputCollectives(None, lambda grad: grad)
+        loss = head_and_loss(hidden, head, labels, 5, torch.bfloat16, None, g)
+        (loss / 3).backward()
+        grads.append((loss, hp.grad, head.weight.grad))
+    (got, got_h, got_w), (want, want_h, want_w) = grads
+    return {"forward": err(got, want), "grad_input": err(got_h, want_h), "grad_weight": err(got_w, want_w),
+            "scale": want_h.abs().max().item()}
+
+
 def check_mappings(g) -> dict:
     """gather/scatter over the sequence are inverses, and their backward passes are the adjoint collectives."""
     torch.manual_seed(4)
@@ -346,6 +372,8 @@ def main() -> None:
             "fused_head_loss_gather_sequence": check_fused_head_loss("gather_sequence", g, 1.0),
             "fused_head_loss_large_logits": check_fused_head_loss("copy", g, 30.0),
             "fused_head_loss_compiled": check_fused_head_loss("gather_sequence", g, 1.0, {"backend": "aot_eager"}),
+            "fused_head_loss_bf16_copy": check_fused_head_loss_bf16("copy", g),
+            "fused_head_loss_bf16_gather_sequence": check_fused_head_loss_bf16("gather_sequence", g),
         }
         paths = check_column_parallel_matmul(g)
         compiled = check_column_parallel_matmul_compiled(g)

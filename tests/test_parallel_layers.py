@@ -53,6 +53,17 @@ def test_vocab_parallel_mean_over_no_counted_token_is_nan_with_zero_gradients(re
     assert values["grad_logits"] == 0.0, f"gradients differ from F.cross_entropy's zeros by {values['grad_logits']}"
 
 
+@pytest.mark.parametrize("mode", ["copy", "gather_sequence"])
+def test_fused_head_loss_in_bf16_is_the_collective_then_the_loss(results, mode):
+    """The fused loss under TP with bf16 matmuls (train.loss_chunk_size, train.dtype bfloat16): its input
+    collectives (the gather in bf16, the kept bf16 dX scaled and summed over the ranks in fp32) give bit for bit
+    the loss and gradients of the plain fp32 collective followed by the same loss."""
+    values = results["checks"][f"fused_head_loss_bf16_{mode}"]
+    assert values["scale"] > 1e-3
+    for name in ("forward", "grad_input", "grad_weight"):
+        assert values[name] == 0.0, f"{mode}: {name} differs by {values[name]}"
+
+
 @pytest.mark.parametrize("case", [f"{mode}_{dtype}{variant}" for dtype, variants in (
     ("float32", ("", "_acc")), ("bfloat16", ("", "_cache", "_cache_acc")))
     for mode in ("copy", "regather", "keep") for variant in variants])
