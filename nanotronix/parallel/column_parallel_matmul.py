@@ -33,6 +33,7 @@ collective and the matmul as separate autograd steps.
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Optional
 
 import torch
@@ -98,6 +99,20 @@ _KEPT_OPS = {torch.ops.aten._to_copy.default, torch.ops.aten.mm.default}
 
 def _regather_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.PREFER_SAVE if op in _KEPT_OPS else CheckpointPolicy.MUST_RECOMPUTE
+
+
+class _WithoutCheckpointAdvice(logging.Filter):
+    """Drops torch's advice, logged once per process on every rank when a context_fn reaches torch.utils.checkpoint
+    under torch.compile, to keep in-place ops out of the checkpointed region: this function's region has none
+    (casts, the gather and its copies, mm), nor has the decoder layer that train.recompute selective checkpoints
+    with its own policy, so the line would only be noise in each rank's log of a compiled run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "context_fn is passed to torch.utils.checkpoint under torch.compile" not in record.getMessage()
+
+
+# At import, not where the checkpoint is called: that code runs under dynamo's tracing. The logger torch logs it on.
+logging.getLogger("torch._higher_order_ops.wrap").addFilter(_WithoutCheckpointAdvice())
 
 
 def column_parallel_matmul(x: torch.Tensor, weight: torch.Tensor, group: Group, gather_sequence: bool,
