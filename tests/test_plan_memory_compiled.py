@@ -1,13 +1,14 @@
 """tools/plan.py (its memory model, tools/_plan_memory.py) counts activations as eager PyTorch keeps them
 (tests/test_plan_memory.py measures that). Under train.compile, which the SmolLM2 recipes use, AOTAutograd's
 partitioner chooses what a compiled decoder layer saves for backward (it recomputes cheap elementwise results from
-fewer saved tensors), except that under sequence parallelism it keeps the column linears' gathered input where eager
-keeps the shard, which the plan then counts: so the plan's figure is an upper bound there. Measured here on
+fewer saved tensors; under sequence parallelism the column linears keep their sequence shard, as eager does, through
+column_parallel_matmul.py's checkpoint policy): so the plan's figure is an upper bound there. Measured here on
 tests/test_plan_memory.py's model, bf16, one micro-batch, the tensors the layers save for backward (autograd's
 saved-tensor hooks see the compiled graphs' saves too; each storage once, autocast's bf16 weight copies apart, which
 the plan counts on their own), per layer from a 1- and a 3-layer model; at tp 1 and, on gloo ranks
 (tests/dist_plan_memory_compiled.py), at tp 2 with sequence parallelism and at tp 4 on a model with a narrow MLP,
-where what compiling saves elsewhere is less than the gathered inputs add (~40 s on 2 cores).
+where a compiled layer that kept the column linears' gathered inputs would keep more than the count (what compiling
+saves elsewhere is less than those add; ~40 s on 2 cores).
 """
 from __future__ import annotations
 
