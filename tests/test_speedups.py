@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from helpers import requires_cuda
+from live_storages import LiveStorages
 from nanotronix.config import ConfigError, ModelConfig, config_from_dict
 from nanotronix.model import build_model, cross_entropy
 from nanotronix.model.loss import InputCollectives, linear_cross_entropy
@@ -152,6 +153,25 @@ def test_linear_cross_entropy_gathers_in_bf16_keeps_bf16_and_reduces_in_fp32():
     assert kept == [torch.bfloat16, torch.float32]  # dX in bf16, dW in fp32
     assert torch.equal(loss, ref) and torch.equal(grad_w, w.grad)
     assert mine.grad.dtype == torch.float32 and torch.equal(mine.grad, whole.grad[:, :6])
+
+
+def test_linear_cross_entropy_backward_makes_only_the_gradients_it_returns():
+    """The fused loss's backward (bf16 matmuls on an fp32 hidden: the dX kept in bf16) scales the kept gradients by
+    the incoming one and returns them: the fp32 dX and dW, and no more alive at any point of that backward (more
+    tokens than the vocabulary, so a second fp32 [tokens, D] tensor would exceed the dW beside it). It made an fp32
+    copy of the kept bf16 dX and then a scaled copy of that, one [tokens, D] fp32 tensor more than the gradient
+    returned (a peak 2 bytes per token and hidden unit above the fp32 dX kept before, at the start of backward)."""
+    torch.manual_seed(0)
+    h = torch.randn(2, 40, 16, requires_grad=True)
+    w = (torch.randn(37, 16) * 0.3).requires_grad_(True)
+    y = torch.randint(0, 37, (2, 40))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(h, w, y, 16)
+    with LiveStorages({w.untyped_storage().data_ptr(), h.untyped_storage().data_ptr()}) as storages:
+        storages.mark("backward")
+        (loss / 3).backward()
+    returned = 4 * h.numel() + 4 * w.numel()
+    assert returned <= storages.peaks["backward"] <= returned + 64, (storages.peaks, returned)  # 64: the scalars
 
 
 def _train_two_steps(train_overrides: dict, compile_backend: str | None = None,

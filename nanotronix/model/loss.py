@@ -132,8 +132,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         gh = gw = None
         if grad_hidden is not None:
-            # scaled in hidden's dtype (fp32: exact products of the bf16 values), then reduced over the ranks in it
-            gh = grad_hidden.to(ctx.hidden_dtype) * grad_loss.to(ctx.hidden_dtype)
+            # scaled in hidden's dtype (fp32: exact products of the bf16 values), then reduced over the ranks in it;
+            # kept in bf16, scaled in place in its fp32 copy (no second fp32 [tokens, D] tensor at backward's start)
+            scale = grad_loss.to(ctx.hidden_dtype)
+            gh = grad_hidden.to(ctx.hidden_dtype).mul_(scale) if grad_hidden.dtype != ctx.hidden_dtype \
+                else grad_hidden * scale
             gh = gh.view(ctx.whole_shape)
             if ctx.input_collectives is not None:
                 gh = ctx.input_collectives.reduce_grad(gh)
