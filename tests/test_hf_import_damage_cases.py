@@ -228,10 +228,16 @@ def test_an_initializer_range_of_0_is_read_as_transformers_reads_it(folders, tmp
     """transformers takes `"initializer_range": 0.0` (it reads 0 to 1, and uses it only to initialise weights a
     checkpoint lacks: none here); the import refused it as an init_std that must be positive. It is kept as what the
     export writes (model.initializer_range), with init_std transformers' default, as where config.json has none:
-    nanotron's init, which a run resumed from the import does not run."""
+    nanotron's init, which a run resumed from the import does not run. transformers reads 0 as unset: a model it builds
+    from that config.json draws its matrices with the default's std, not zeros."""
     imported_as_transformers_reads_it(folders["tied"], tmp_path, capsys, {"initializer_range": 0.0}, None)
     assert json.loads((tmp_path / "export" / "config.json").read_text())["initializer_range"] == 0.0
-    assert CheckpointReader(tmp_path / "ckpt").model_config.init_std == transformers.LlamaConfig().initializer_range
+    init_std = CheckpointReader(tmp_path / "ckpt").model_config.init_std
+    assert init_std == transformers.LlamaConfig().initializer_range
+    torch.manual_seed(0)
+    drawn = transformers.LlamaForCausalLM(transformers.AutoConfig.from_pretrained(tmp_path / "hf"))
+    matrices = torch.cat([p.detach().flatten() for name, p in drawn.named_parameters() if "norm" not in name])
+    assert matrices.numel() > 2000 and matrices.std().item() == pytest.approx(init_std, rel=0.1)
 
 
 @pytest.mark.parametrize("field, value", [("max_position_embeddings", 10 ** 400), ("bos_token_id", 10 ** 400),

@@ -219,9 +219,9 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         "tie_word_embeddings": hf.get("tie_word_embeddings", False)}
     # initializer_range (a float from 0 to 1: check_field_types) is what transformers initialises weights a checkpoint
     # lacks with (none here), init_std what nanotron's init draws a model trained from scratch with, which a run
-    # resumed from the import is not: 0.0, which transformers takes (zeros) and the trainer's init_std refuses, is
-    # kept as what the export writes (model.initializer_range), with init_std transformers' default, as where
-    # config.json gives none
+    # resumed from the import is not: 0.0, which transformers takes (and initialises with 0.02, as if unset) and the
+    # trainer's init_std refuses, is kept as what the export writes (model.initializer_range), with init_std
+    # transformers' default, as where config.json gives none
     init_range = hf.get("initializer_range", DEFAULT_INITIALIZER_RANGE)
     fields.update(init_std=init_range or DEFAULT_INITIALIZER_RANGE, initializer_range=None if init_range else 0.0)
     model = build_dataclass(ModelConfig, fields, "model")  # each value of its field's type (ConfigError)
