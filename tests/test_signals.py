@@ -1,7 +1,7 @@
 """Preemption: SIGTERM or SIGUSR1 makes the trainer finish its step, save on every rank, and exit with
 EXIT_PREEMPTED (75). SIGTERM to a single process; SIGUSR1 to ONE rank of a 2-rank torchrun job (the other must
-stop at the same step); a SIGTERM or Ctrl-C while DCP loads or saves (in this process, and on one rank of two).
-Costs ~35-50 s (short training launches)."""
+stop at the same step), and to a torchrun told to pass it on; a SIGTERM or Ctrl-C while DCP loads or saves (in this
+process, and on one rank of two). Costs ~40-55 s (short training launches)."""
 from __future__ import annotations
 
 import contextlib
@@ -98,6 +98,20 @@ def test_sigusr1_to_one_rank_stops_all_ranks(tmp_path):
     # torchrun reports each worker's exit code (it exits 1 itself when a worker exits non-zero).
     assert out.count(f"exitcode  : {EXIT_PREEMPTED}") == 2, out[-3000:]
 
+
+def test_sigusr1_to_a_torchrun_told_to_handle_it_stops_every_rank_with_a_save(tmp_path):
+    """torchrun dies of SIGUSR1 by default; started with --signals-to-handle naming it (the README's other way), it
+    passes it on to its workers as it does SIGTERM, and every rank saves the step in flight."""
+    proc = _launch(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "-m", "nanotronix.train",
+                    "--config", str(_config(tmp_path))], ROOT)
+    _wait_for_step(tmp_path / "logs" / "metrics.jsonl", proc, 3)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=120)
+    step = _check_saved_last_step(tmp_path, world_size=2)
+    assert f"checkpoint: received SIGUSR1: saved step {step}" in out, out[-3000:]
+    # torchrun reports the signal it handled (its SignalException) and exits 1, as for SIGTERM
+    assert proc.returncode == 1 and "SignalException: Process" in out and "got signal: 10" in out, out[-3000:]
 
 def test_workers_whose_torchrun_is_gone_save_and_stop(tmp_path):
     """torchrun killed (here SIGKILL; a SIGUSR1 sent to it instead of its workers kills it too) leaves its workers
