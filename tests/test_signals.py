@@ -1,7 +1,8 @@
 """Preemption: SIGTERM or SIGUSR1 makes the trainer finish its step, save on every rank, and exit with
 EXIT_PREEMPTED (75). SIGTERM to a single process; SIGUSR1 to ONE rank of a 2-rank torchrun job (the other must
 stop at the same step), and to a torchrun told to pass it on; a SIGTERM or Ctrl-C while DCP loads or saves (in this
-process, and on one rank of two). Costs ~40-55 s (short training launches)."""
+process, and on one rank of two); SIGBUS from a store cut short under the run. Costs ~45-60 s (short training
+launches)."""
 from __future__ import annotations
 
 import contextlib
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, tiny_config, two_gloo_ranks, write_learnable_store
+from helpers import ROOT, run, tiny_config, two_gloo_ranks, write_learnable_store
 
 from nanotronix.train import EXIT_PREEMPTED
 
@@ -69,8 +70,8 @@ def _check_saved_last_step(tmp_path: Path, world_size: int) -> int:
     return manifest["step"]
 
 
-def _config(tmp_path: Path) -> Path:
-    store = write_learnable_store(tmp_path / "store" / "arith")
+def _config(tmp_path: Path, store: Path | None = None) -> Path:
+    store = store or write_learnable_store(tmp_path / "store" / "arith")
     return tiny_config(tmp_path, store, train={"train_steps": 100000},
                        checkpoint={"dir": str(tmp_path / "ckpt"), "interval": 0})
 
@@ -112,6 +113,24 @@ def test_sigusr1_to_a_torchrun_told_to_handle_it_stops_every_rank_with_a_save(tm
     assert f"checkpoint: received SIGUSR1: saved step {step}" in out, out[-3000:]
     # torchrun reports the signal it handled (its SignalException) and exits 1, as for SIGTERM
     assert proc.returncode == 1 and "SignalException: Process" in out and "got signal: 10" in out, out[-3000:]
+
+def test_a_store_cut_short_under_the_run_ends_it_with_each_threads_stack(tmp_path):
+    """A store's .bin shortened while the trainer maps it (rewritten in place): the kernel kills the process with
+    SIGBUS at its next read past the new end, and faulthandler prints each thread's stack, the format's reader among
+    them but not the store's path (the README says so); inspect_store names the shortened file."""
+    store = write_learnable_store(tmp_path / "store" / "arith", num_docs=20000)
+    bin_file = Path(f"{store}.bin")
+    size = bin_file.stat().st_size
+    proc = _launch(["-m", "nanotronix.train", "--config", str(_config(tmp_path, store))], ROOT)
+    _wait_for_step(tmp_path / "logs" / "metrics.jsonl", proc, 3)
+    os.truncate(bin_file, 4096)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGBUS, out[-3000:]
+    fault = out[out.index("Fatal Python error: Bus error"):]
+    assert "megatron_store.py" in fault and " in read_windows" in fault and str(store) not in fault, fault
+    said = run(["tools/inspect_store.py", str(store)])
+    assert said.returncode == 2, said
+    assert said.stderr.strip() == f"error: {bin_file}: truncated (4096 bytes, the index needs {size})", said.stderr
 
 def test_workers_whose_torchrun_is_gone_save_and_stop(tmp_path):
     """torchrun killed (here SIGKILL; a SIGUSR1 sent to it instead of its workers kills it too) leaves its workers

@@ -36,7 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     # A crash in native code (a token store truncated or rewritten in place under its memory map: SIGBUS) then
-    # prints each thread's Python stack, which names the store being read, instead of only "Bus error".
+    # prints each thread's Python stack, which names the format's reader (not the store's path: faulthandler shows no
+    # values), instead of only "Bus error".
     faulthandler.enable()
     torchrun_pid()  # whose worker this is, noted before the start-up's minutes: a torchrun gone by then is noticed
     args = parse_args(argv)
