@@ -81,6 +81,30 @@ def test_a_tokenizer_class_that_tokenizes_otherwise_is_shipped_as_pretrained_tok
     assert (folder / "tokenizer_config.json").read_bytes() == source_config
 
 
+@pytest.mark.parametrize("tokenizer_class, failure", [
+    ("BertTokenizer", 'builds as BertTokenizer, fails to tokenize text (first "The quick brown fox jumps over the lazy '
+                      '...": WordPiece error: Missing [UNK] token from the vocabulary)'),
+    ("T5Tokenizer", "cannot load from the folder the export would ship ("),
+])
+def test_a_tokenizer_class_failing_on_the_folder_is_shipped_as_pretrained_tokenizer_fast(tokenizer_class, failure,
+                                                                                          run, tmp_path):
+    """A tokenizer_class transformers rebuilds from a vocabulary it was not made for fails: BertTokenizer, beside the
+    byte tokenizer (no [UNK]), loads but raises on any text (the export ended in a traceback), T5Tokenizer does not
+    load (the export was refused). Both are shipped as a class that tokenizes otherwise is: naming
+    PreTrainedTokenizerFast, in a note saying how the class failed, tokenizing as the store."""
+    folder = with_config(byte_tokenizer(tmp_path / "tok").parent, tokenizer_class, eos_token="<|endoftext|>")
+    out = tmp_path / "hf"
+    proc = cli("convert_to_hf.py", "--checkpoint", str(run), "--output", str(out), "--tokenizer", str(folder),
+               "--no-progress")
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    note, _ = proc.stdout.splitlines()
+    assert note.startswith(f'note: {folder / "tokenizer_config.json"}: tokenizer_class "{tokenizer_class}", which '
+                           f"transformers {transformers.__version__} {failure}"), note
+    assert note.endswith(f": {NOTE_END}"), note
+    assert json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert same_ids(out, ["The Fox", CODE])
+
+
 def test_a_folder_still_tokenizing_otherwise_is_refused(lowercasing, run, tmp_path, monkeypatch):
     """Should PreTrainedTokenizerFast too tokenize otherwise (a transformers that reads more of tokenizer_config.json
     into its pipeline; stood in for by an AutoTokenizer that lowercases nothing), the export is refused: one line
@@ -98,7 +122,8 @@ def test_a_folder_still_tokenizing_otherwise_is_refused(lowercasing, run, tmp_pa
         export_to_hf(run, tmp_path / "hf", tokenizer=str(folder), progress=False, log=lambda _: None)
     assert str(refused.value).startswith(f'{folder / "tokenizer_config.json"}: tokenizer_class "GPT2Tokenizer", '
                                          "which transformers") \
-        and str(refused.value).endswith("and so does PreTrainedTokenizerFast with the folder's other settings")
+        and ", and PreTrainedTokenizerFast in its place, with the folder's other settings, which transformers " \
+        in str(refused.value)
     assert not (tmp_path / "hf").exists() and not list(tmp_path.iterdir())
 
 

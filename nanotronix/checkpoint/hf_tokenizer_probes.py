@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from nanotronix.errors import UserError
 
@@ -53,11 +53,12 @@ WHOLE = "PreTrainedTokenizerFast"  # the tokenizer_class transformers builds by 
 def check_tokenizes_as_tokenizer_json(folder: Path, named: Path, log: Callable[[str], None]) -> None:
     """FOLDER (an export's, holding its tokenizer files and config.json), loaded by transformers' AutoTokenizer, gives
     the ids its tokenizer.json gives for each probe text (no special tokens added). Where the tokenizer_class its
-    tokenizer_config.json names does not, that file (the export's copy) is made to name PreTrainedTokenizerFast
-    instead, in a note: transformers then loads tokenizer.json whole, the pipeline the store was tokenized with, and
-    the folder is probed again. Still other ids (or a folder that does not load): a UserError naming NAMED (the
-    source's tokenizer_config.json, or its tokenizer.json), the class and the first differing probe. Without
-    transformers, a note in LOG that the check was not run."""
+    tokenizer_config.json names does not (or does not load, or fails on a text: a class rebuilt from a vocabulary it
+    was not made for), that file (the export's copy) is made to name PreTrainedTokenizerFast instead, in a note:
+    transformers then loads tokenizer.json whole, the pipeline the store was tokenized with, and the folder is probed
+    again. Still failing: a UserError naming NAMED (the source's tokenizer_config.json, or its tokenizer.json), the
+    class and how it fails (the first differing probe). Without transformers, a note in LOG that the check was not
+    run."""
     try:
         import transformers
     except ImportError:
@@ -68,43 +69,45 @@ def check_tokenizes_as_tokenizer_json(folder: Path, named: Path, log: Callable[[
 
     reference = Tokenizer.from_file(str(folder / "tokenizer.json"))
     texts = probe_texts([token.content for _, token in sorted(reference.get_added_tokens_decoder().items())])
-    version = transformers.__version__
     config_file = folder / "tokenizer_config.json"
     config = json.loads(config_file.read_text())
     named_class = config.get("tokenizer_class")
-    built, differing = _first_difference(transformers, folder, named, reference, texts)
-    if differing is None:
+    failure = _failure(transformers, folder, reference, texts)
+    if failure is None:
         return
-    if named_class != WHOLE:
-        config["tokenizer_class"] = WHOLE
-        config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-        _, still = _first_difference(transformers, folder, named, reference, texts)
-        if still is None:
-            log(f"note: {named}: tokenizer_class {json.dumps(named_class)}, which transformers {version} builds as "
-                f"{built}, tokenizes text otherwise than its tokenizer.json (first {_shown(differing)}): the export's "
-                f"tokenizer_config.json names {WHOLE} instead, which loads tokenizer.json whole")
-            return
-        differing = still
-    raise UserError(f"{named}: tokenizer_class {json.dumps(named_class)}, which transformers {version} builds as "
-                    f"{built}, tokenizes text otherwise than its tokenizer.json (first {_shown(differing)}), and so "
-                    f"does {WHOLE} with the folder's other settings")
+    if named_class == WHOLE:
+        raise UserError(f"{named}: tokenizer_class {json.dumps(named_class)}, {failure}")
+    config["tokenizer_class"] = WHOLE
+    config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    still = _failure(transformers, folder, reference, texts)
+    if still is not None:
+        raise UserError(f"{named}: tokenizer_class {json.dumps(named_class)}, {failure}, and {WHOLE} in its place, "
+                        f"with the folder's other settings, {still}")
+    log(f"note: {named}: tokenizer_class {json.dumps(named_class)}, {failure}: the export's tokenizer_config.json "
+        f"names {WHOLE} instead, which loads tokenizer.json whole")
 
 
-def _first_difference(transformers, folder: Path, named: Path, reference, texts: list[str]):
-    """(the class AutoTokenizer builds of FOLDER, the first of TEXTS it tokenizes otherwise than REFERENCE or None);
-    a UserError naming NAMED where it cannot load the folder."""
+def _failure(transformers, folder: Path, reference, texts: list[str]) -> Optional[str]:
+    """None where AutoTokenizer loads FOLDER and gives REFERENCE's ids for each of TEXTS; else how it fails, in a
+    clause on the class ("which transformers 5.25.0 builds as GPT2Tokenizer, tokenizes text otherwise ...")."""
+    version = transformers.__version__
     try:
         auto = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except Exception as e:  # noqa: BLE001 (whatever it raises, the folder does not load)
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{named}: AutoTokenizer (transformers {transformers.__version__}) cannot load the tokenizer "
-                        f"folder the export would ship ({reason})") from None
+        return f"which transformers {version} cannot load from the folder the export would ship ({_reason(e)})"
+    built = f"which transformers {version} builds as {type(auto).__name__}"
     for text in texts:
-        # verbose=False: no warning for a probe longer than a small model_max_length
-        if auto(text, add_special_tokens=False, verbose=False)["input_ids"] != \
-                reference.encode(text, add_special_tokens=False).ids:
-            return type(auto).__name__, text
-    return type(auto).__name__, None
+        try:  # verbose=False: no warning for a probe longer than a small model_max_length
+            ids = auto(text, add_special_tokens=False, verbose=False)["input_ids"]
+        except Exception as e:  # noqa: BLE001 (a class rebuilt from another model's vocabulary: a missing [UNK])
+            return f"{built}, fails to tokenize text (first {_shown(text)}: {_reason(e)})"
+        if ids != reference.encode(text, add_special_tokens=False).ids:
+            return f"{built}, tokenizes text otherwise than its tokenizer.json (first {_shown(text)})"
+    return None
+
+
+def _reason(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def _shown(text: str) -> str:
