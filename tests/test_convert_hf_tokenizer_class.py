@@ -155,6 +155,23 @@ def test_pretrained_tokenizer_fast_loads_tokenizer_json_whole(lowercasing, run, 
     assert same_ids(out, ["The Fox", "MiXeD", CODE])
 
 
+def test_a_tokenizer_json_holding_truncation_and_padding_is_shipped(run, tmp_path):
+    """Truncation and padding in tokenizer.json (transformers saves those of a call) are not its pipeline: the store
+    holds each document whole (nanotronix.data.read_tokenizer_file) and AutoTokenizer applies them only when a call
+    asks. The probes compared AutoTokenizer's ids with tokenizers' truncated or padded ones, and refused the folder."""
+    folder = with_config(byte_tokenizer(tmp_path / "tok").parent, "PreTrainedTokenizerFast", eos_token="<|endoftext|>")
+    plain = Tokenizer.from_file(str(folder / "tokenizer.json"))  # the reference: the file before the edit
+    edited = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    edited.enable_truncation(max_length=8)
+    edited.enable_padding(pad_id=0, length=100)
+    edited.save(str(folder / "tokenizer.json"))
+    said = []
+    out = export_to_hf(run, tmp_path / "hf", tokenizer=str(folder), progress=False, log=said.append)
+    assert len(said) == 1 and said[0].startswith("exported step 2 of "), said
+    auto = transformers.AutoTokenizer.from_pretrained(out)
+    assert auto(CODE, add_special_tokens=False)["input_ids"] == plain.encode(CODE, add_special_tokens=False).ids
+
+
 def test_without_transformers_the_check_is_said_not_run(lowercasing, run, tmp_path, monkeypatch):
     """Where transformers cannot be imported the folder is shipped as before, and the export says the check was not
     run."""

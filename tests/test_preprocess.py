@@ -1,7 +1,7 @@
 """tools/preprocess.py: every input format, every bad-record kind with and without --skip-bad, identical output for any
 worker count, one-line errors. Reference: direct `tokenizers` encoding + EOS. A failed or stopped run (atomic
-outputs, no workers left): tests/test_preprocess_failures.py. ~3 s (one 2-worker spawn run and three subprocess
-runs; the rest in-process)."""
+outputs, no workers left): tests/test_preprocess_failures.py. ~5 s (two spawn runs of 2 and 4 workers and three
+subprocess runs; the rest in-process)."""
 from __future__ import annotations
 
 import gzip
@@ -159,6 +159,29 @@ def test_workers_give_identical_bytes_and_zarr_format(tmp_path, tok, preprocess_
     assert preprocess_tool.main(args + ["--output-prefix", str(tmp_path / "z"), "--workers", "1",
                                         "--format", "zarr"]) == 0
     assert _docs(tmp_path / "z.zarr") == _docs(tmp_path / "one")
+
+
+def test_a_tokenizer_json_holding_truncation_and_padding_stores_each_document_whole(tmp_path, tok, preprocess_tool,
+                                                                                     monkeypatch):
+    """A tokenizer.json saved by transformers after a call with truncation=True or padding holds them, and tokenizers
+    applies them to every encode: such a store held each document cut at 8 tokens, or padded to the batch's longest
+    with the pad token, and said nothing. Now the ids of the same tokenizer.json without them (the reference: the
+    file they were added to), in this process and in spawned workers (which load the file themselves)."""
+    from tokenizers import Tokenizer
+    import multiprocessing
+    src = _jsonl(tmp_path / "in.jsonl", [json.dumps({"text": t}) for t in TEXTS])
+    for setting in ("truncation", "padding"):
+        edited = Tokenizer.from_file(tok)
+        edited.enable_truncation(max_length=8) if setting == "truncation" else edited.enable_padding(pad_id=0)
+        edited.save(str(tmp_path / f"{setting}.json"))
+        assert preprocess_tool.main(["--input", str(src), "--tokenizer", str(tmp_path / f"{setting}.json"),
+                                     "--output-prefix", str(tmp_path / setting), "--no-progress"]) == 0
+        assert _docs(tmp_path / setting) == _reference(tok, TEXTS), setting
+    monkeypatch.setattr(multiprocessing, "get_all_start_methods", lambda: ["spawn"])
+    from nanotronix.data import PreprocessOptions, preprocess
+    preprocess(PreprocessOptions([str(src)], str(tmp_path / "truncation.json"), str(tmp_path / "spawned"), workers=2,
+                                 progress=False, chunk_bytes=64, threads_per_process=1))
+    assert _docs(tmp_path / "spawned") == _reference(tok, TEXTS)
 
 
 def test_cli_in_a_real_process_one_line_errors(tmp_path, tok):

@@ -65,9 +65,9 @@ def check_tokenizes_as_tokenizer_json(folder: Path, named: Path, log: Callable[[
         log("note: transformers is not installed: the tokenizer shipped was not checked to tokenize as its "
             "tokenizer.json does (install transformers to check it)")
         return
-    from tokenizers import Tokenizer
+    from nanotronix.data.tokenizer import read_tokenizer_file
 
-    reference = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    reference = read_tokenizer_file(folder / "tokenizer.json")  # as the store was tokenized
     texts = probe_texts([token.content for _, token in sorted(reference.get_added_tokens_decoder().items())])
     config_file = folder / "tokenizer_config.json"
     config = json.loads(config_file.read_text())

@@ -48,9 +48,9 @@ def init_threads(threads: int, parent_pid: int) -> None:
 
 def init_worker(tokenizer_file: str, eos_id: int, dtype: str, threads: int, parent_pid: int) -> None:
     """Initialiser of spawned workers (where fork is unavailable): load the tokenizer once per process."""
-    from tokenizers import Tokenizer
+    from .tokenizer import read_tokenizer_file
     init_threads(threads, parent_pid)
-    use_tokenizer(Tokenizer.from_file(tokenizer_file), eos_id, dtype)
+    use_tokenizer(read_tokenizer_file(tokenizer_file), eos_id, dtype)
 
 
 def _end_with_parent(parent_pid: int) -> None:

@@ -79,7 +79,7 @@ def load_tokenizer(spec: str) -> tuple[Tokenizer, TokenizerInfo]:
     else:
         file = _download_from_hub(spec)
     try:
-        tokenizer = Tokenizer.from_file(str(file))
+        tokenizer = read_tokenizer_file(file)
     except Exception as e:  # tokenizers raises a bare Exception on malformed files
         raise DataError(f"tokenizer {file}: cannot be loaded ({str(e).splitlines()[0] if str(e) else e!r})") \
             from None
@@ -97,6 +97,16 @@ def load_tokenizer(spec: str) -> tuple[Tokenizer, TokenizerInfo]:
         eos_token=eos_token,
     )
     return tokenizer, info
+
+
+def read_tokenizer_file(file: str | Path) -> Tokenizer:
+    """FILE's tokenizer without the truncation and padding a tokenizer.json may hold (transformers saves those of its
+    last call with truncation=True or padding, and tokenizers applies them to every encode): a store holds each
+    document's ids whole, as AutoTokenizer gives them unless a call asks it to truncate or pad."""
+    tokenizer = Tokenizer.from_file(str(file))
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    return tokenizer
 
 
 def ids_needed(tokenizer: Tokenizer) -> int:
