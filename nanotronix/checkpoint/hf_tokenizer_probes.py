@@ -25,8 +25,9 @@ from typing import Callable, Optional
 from nanotronix.errors import UserError
 
 # Varied text that tokenizers' pipelines treat differently: prose, digits and numbers of many lengths, mixed case,
-# runs of spaces (before digits too), tabs and newlines, code, accents, CJK and emoji. Each added token of the
-# tokenizer is probed inside text as well (probe_texts).
+# runs of spaces (before digits too), tabs and newlines, code, accents, CJK and emoji, text that unicode normalizers
+# change (decomposed accents: NFC; compatibility forms: NFKC) and other whitespace (no-break, em and ideographic
+# spaces, a lone carriage return). Each added token of the tokenizer is probed inside text as well (probe_texts).
 PROBES = (
     "The quick brown fox jumps over the lazy dog. It's 'quoted', isn't it?",
     "0 7 42 365 2024 31415 1234567 9876543210 3.14159 -12.5e-3 1,000,000 0x1F 2024-01-01 10:30:59",
@@ -38,13 +39,15 @@ PROBES = (
     "café naïve résumé Ångström Straße ÉCOLE",
     "日本語のテキスト、中文文本，한국어 텍스트",
     "emoji 🙂👍🏽🇫🇷 and symbols © ™ ∑ ≠ → ½",
+    "cafe\u0301 nai\u0308ve A\u030angstro\u0308m, \ufb01ne \uff26\uff35\uff2c\uff2c \u2460 x\u00b2 \u2126",
+    "no-break\u00a0space em\u2003space ideographic\u3000space, lone\rreturn\u2028line separator",
 )
 _SHOWN_CHARS = 40  # of a differing probe, in the refusal line
 
 
 def probe_texts(added_tokens: list[str]) -> list[str]:
-    """PROBES, then each added token inside text, between words and beside spaces and digits."""
-    return [*PROBES, *(f"a{token}b {token} 1{token}\n{token}" for token in added_tokens)]
+    """PROBES, then each added token inside text: first, between words, beside spaces, digits and punctuation."""
+    return [*PROBES, *(f"{token}a{token}b {token} 1{token}\n{token}.({token})," for token in added_tokens)]
 
 
 WHOLE = "PreTrainedTokenizerFast"  # the tokenizer_class transformers builds by loading tokenizer.json whole
