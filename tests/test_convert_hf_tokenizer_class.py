@@ -105,21 +105,25 @@ def test_a_tokenizer_class_failing_on_the_folder_is_shipped_as_pretrained_tokeni
     assert same_ids(out, ["The Fox", CODE])
 
 
-def test_a_normalizer_the_prose_probes_leave_unchanged_is_probed_too(run, tmp_path):
-    """An NFC normalizer changes only decomposed text, which no probe held: beside GPT2Tokenizer (rebuilt without it)
-    the folder was shipped naming GPT2Tokenizer, tokenizing "cafe\u0301" otherwise than the store. Now probed (and
-    NFKC's compatibility forms, other whitespace), so shipped naming PreTrainedTokenizerFast, tokenizing as the
-    store."""
+@pytest.mark.parametrize("normalizer, text, failure", [
+    (normalizers.NFC(), "cafe\u0301 re\u0301sume\u0301", "tokenizes text otherwise than its tokenizer.json (first"),
+    (normalizers.Replace("``", '"'), "``quoted''", "with another normalizer than its tokenizer.json's (none, not "
+                                                   "Replace)"),
+])
+def test_a_normalizer_the_prose_probes_leave_unchanged_is_caught_too(normalizer, text, failure, run, tmp_path):
+    """A normalizer that changes only text no probe held, beside GPT2Tokenizer (rebuilt without it): the folder was
+    shipped naming GPT2Tokenizer, tokenizing TEXT otherwise than the store. NFC (decomposed accents) is now probed;
+    a Replace of any pattern is caught by the pipelines' normalizers compared. Shipped naming
+    PreTrainedTokenizerFast, tokenizing as the store."""
     folder = with_config(byte_tokenizer(tmp_path / "tok").parent, "GPT2Tokenizer", eos_token="<|endoftext|>")
-    nfc = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    nfc.normalizer = normalizers.NFC()
-    nfc.save(str(folder / "tokenizer.json"))
-    decomposed = "cafe\u0301 re\u0301sume\u0301"
-    assert not same_ids(folder, [decomposed])  # the reference: AutoTokenizer of the source folder
+    edited = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    edited.normalizer = normalizer
+    edited.save(str(folder / "tokenizer.json"))
+    assert not same_ids(folder, [text])  # the reference: AutoTokenizer of the source folder
     said = []
     out = export_to_hf(run, tmp_path / "hf", tokenizer=str(folder), progress=False, log=said.append)
-    assert said[0].startswith("note: ") and said[0].endswith(NOTE_END), said
-    assert same_ids(out, [decomposed, CODE])
+    assert f"builds as GPT2Tokenizer, {failure}" in said[0] and said[0].endswith(NOTE_END), said
+    assert same_ids(out, [text, CODE])
 
 
 def test_a_folder_still_tokenizing_otherwise_is_refused(lowercasing, run, tmp_path, monkeypatch):

@@ -1,5 +1,6 @@
 """The tokenizer folder a Hugging Face export ships tokenizes text as its tokenizer.json does (what the token stores
-were tokenized with), checked by loading it with transformers' AutoTokenizer on a fixed set of probe texts.
+were tokenized with), checked by loading it with transformers' AutoTokenizer on a fixed set of probe texts, and by
+comparing the normalizer and pre-tokenizer of the tokenizers pipeline it builds with tokenizer.json's.
 
 Why a load, not a reading of the files as hf_tokenizer_files does: transformers 5 (5.25 here) builds the class
 tokenizer_config.json names. PreTrainedTokenizerFast and TokenizersBackend (the class of a tokenizer_class it does not
@@ -43,6 +44,10 @@ PROBES = (
     "no-break\u00a0space em\u2003space ideographic\u3000space, lone\rreturn\u2028line separator",
 )
 _SHOWN_CHARS = 40  # of a differing probe, in the refusal line
+# The parts of a tokenizers pipeline that change text before the model sees it. A class rebuilt with others than
+# tokenizer.json's tokenizes otherwise on some text even where every probe agrees (a Replace normalizer of a pattern
+# no probe holds), so they are compared too; transformers 5.25 keeps them when it loads tokenizer.json whole.
+_TEXT_PARTS = ("normalizer", "pre_tokenizer")
 
 
 def probe_texts(added_tokens: list[str]) -> list[str]:
@@ -75,14 +80,15 @@ def check_tokenizes_as_tokenizer_json(folder: Path, named: Path, log: Callable[[
     config_file = folder / "tokenizer_config.json"
     config = json.loads(config_file.read_text())
     named_class = config.get("tokenizer_class")
-    failure = _failure(transformers, folder, reference, texts)
+    parts = _text_parts(reference)
+    failure = _failure(transformers, folder, reference, parts, texts)
     if failure is None:
         return
     if named_class == WHOLE:
         raise UserError(f"{named}: tokenizer_class {json.dumps(named_class)}, {failure}")
     config["tokenizer_class"] = WHOLE
     config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-    still = _failure(transformers, folder, reference, texts)
+    still = _failure(transformers, folder, reference, parts, texts)
     if still is not None:
         raise UserError(f"{named}: tokenizer_class {json.dumps(named_class)}, {failure}, and {WHOLE} in its place, "
                         f"with the folder's other settings, {still}")
@@ -90,9 +96,10 @@ def check_tokenizes_as_tokenizer_json(folder: Path, named: Path, log: Callable[[
         f"names {WHOLE} instead, which loads tokenizer.json whole")
 
 
-def _failure(transformers, folder: Path, reference, texts: list[str]) -> Optional[str]:
-    """None where AutoTokenizer loads FOLDER and gives REFERENCE's ids for each of TEXTS; else how it fails, in a
-    clause on the class ("which transformers 5.25.0 builds as GPT2Tokenizer, tokenizes text otherwise ...")."""
+def _failure(transformers, folder: Path, reference, parts: dict, texts: list[str]) -> Optional[str]:
+    """None where AutoTokenizer loads FOLDER and gives REFERENCE's ids for each of TEXTS, its tokenizers backend holding
+    REFERENCE's PARTS (_text_parts); else how it fails, in a clause on the class ("which transformers 5.25.0 builds as
+    GPT2Tokenizer, tokenizes text otherwise ...")."""
     version = transformers.__version__
     try:
         auto = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
@@ -106,7 +113,23 @@ def _failure(transformers, folder: Path, reference, texts: list[str]) -> Optiona
             return f"{built}, fails to tokenize text (first {_shown(text)}: {_reason(e)})"
         if ids != reference.encode(text, add_special_tokens=False).ids:
             return f"{built}, tokenizes text otherwise than its tokenizer.json (first {_shown(text)})"
+    backend = getattr(auto, "backend_tokenizer", None)  # a class of transformers' own Python pipeline has none
+    theirs = _text_parts(backend) if backend is not None else parts
+    for part in _TEXT_PARTS:
+        if theirs[part] != parts[part]:
+            return (f"{built}, with another {part} than its tokenizer.json's ({_kind(theirs[part])}, not "
+                    f"{_kind(parts[part])})")
     return None
+
+
+def _text_parts(tokenizer) -> dict:
+    """TOKENIZER's (a tokenizers.Tokenizer) _TEXT_PARTS, as its tokenizer.json would hold them."""
+    whole = json.loads(tokenizer.to_str())
+    return {part: whole.get(part) for part in _TEXT_PARTS}
+
+
+def _kind(part: Optional[dict]) -> str:
+    return part.get("type", "?") if isinstance(part, dict) else "none"
 
 
 def _reason(e: Exception) -> str:
