@@ -126,6 +126,23 @@ def test_a_normalizer_the_prose_probes_leave_unchanged_is_caught_too(normalizer,
     assert same_ids(out, [text, CODE])
 
 
+def test_the_rewritten_tokenizer_config_keeps_its_unicode_under_any_locale(lowercasing, run, tmp_path):
+    """The export's copy of tokenizer_config.json is read and written as UTF-8 (what transformers reads), not in the
+    locale's encoding: under an ASCII one (LC_ALL=C without Python's UTF-8 mode) a chat template holding "é" ended
+    every export with transformers installed in a UnicodeDecodeError traceback. Its text is kept."""
+    template = "Réponse : {{ messages[0]['content'] }} 🙂"
+    folder = lowercasing
+    (folder / "tokenizer_config.json").write_text(json.dumps(  # as transformers saves it: UTF-8, not \u escapes
+        {"tokenizer_class": "GPT2Tokenizer", "eos_token": "<|endoftext|>", "chat_template": template},
+        ensure_ascii=False), encoding="utf-8")
+    out = tmp_path / "hf"
+    proc = cli("convert_to_hf.py", "--checkpoint", str(run), "--output", str(out), "--tokenizer", str(folder),
+               "--no-progress", env={"LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"})
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    shipped = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert shipped["chat_template"] == template and shipped["tokenizer_class"] == "PreTrainedTokenizerFast"
+
+
 def test_a_folder_still_tokenizing_otherwise_is_refused(lowercasing, run, tmp_path, monkeypatch):
     """Should PreTrainedTokenizerFast too tokenize otherwise (a transformers that reads more of tokenizer_config.json
     into its pipeline; stood in for by an AutoTokenizer that lowercases nothing), the export is refused: one line

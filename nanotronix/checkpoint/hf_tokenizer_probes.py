@@ -78,7 +78,8 @@ def check_tokenizes_as_tokenizer_json(folder: Path, named: Path, log: Callable[[
     reference = read_tokenizer_file(folder / "tokenizer.json")  # as the store was tokenized
     texts = probe_texts([token.content for _, token in sorted(reference.get_added_tokens_decoder().items())])
     config_file = folder / "tokenizer_config.json"
-    config = json.loads(config_file.read_text())
+    # UTF-8 whatever the locale: what hf_tokenizer_files checked it is, and what transformers reads
+    config = json.loads(config_file.read_text(encoding="utf-8"))
     named_class = config.get("tokenizer_class")
     parts = _text_parts(reference)
     failure = _failure(transformers, folder, reference, parts, texts)
@@ -87,7 +88,7 @@ def check_tokenizes_as_tokenizer_json(folder: Path, named: Path, log: Callable[[
     if named_class == WHOLE:
         raise UserError(f"{named}: tokenizer_class {json.dumps(named_class)}, {failure}")
     config["tokenizer_class"] = WHOLE
-    config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     still = _failure(transformers, folder, reference, parts, texts)
     if still is not None:
         raise UserError(f"{named}: tokenizer_class {json.dumps(named_class)}, {failure}, and {WHOLE} in its place, "
