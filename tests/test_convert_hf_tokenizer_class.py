@@ -85,7 +85,7 @@ def test_a_tokenizer_class_that_tokenizes_otherwise_is_shipped_as_pretrained_tok
     ("BertTokenizer", 'builds as BertTokenizer, fails to tokenize text (first "The quick brown fox jumps over the lazy '
                       '...": WordPiece error: Missing [UNK] token from the vocabulary)'),
     ("T5Tokenizer", "cannot load from the folder the export would ship ("),
-])
+], ids=["BertTokenizer", "T5Tokenizer"])
 def test_a_tokenizer_class_failing_on_the_folder_is_shipped_as_pretrained_tokenizer_fast(tokenizer_class, failure,
                                                                                           run, tmp_path):
     """A tokenizer_class transformers rebuilds from a vocabulary it was not made for fails: BertTokenizer, beside the
@@ -109,7 +109,7 @@ def test_a_tokenizer_class_failing_on_the_folder_is_shipped_as_pretrained_tokeni
     (normalizers.NFC(), "cafe\u0301 re\u0301sume\u0301", "tokenizes text otherwise than its tokenizer.json (first"),
     (normalizers.Replace("``", '"'), "``quoted''", "with another normalizer than its tokenizer.json's (none, not "
                                                    "Replace)"),
-])
+], ids=["NFC", "Replace"])
 def test_a_normalizer_the_prose_probes_leave_unchanged_is_caught_too(normalizer, text, failure, run, tmp_path):
     """A normalizer that changes only text no probe held, beside GPT2Tokenizer (rebuilt without it): the folder was
     shipped naming GPT2Tokenizer, tokenizing TEXT otherwise than the store. NFC (decomposed accents) is now probed;
