@@ -5,10 +5,11 @@ fewer saved tensors; under sequence parallelism the column linears keep their se
 column_parallel_matmul.py's checkpoint policy): so the plan's figure is an upper bound there. Measured here on
 tests/test_plan_memory.py's model, bf16, one micro-batch, the tensors the layers save for backward (autograd's
 saved-tensor hooks see the compiled graphs' saves too; each storage once, autocast's bf16 weight copies apart, which
-the plan counts on their own), per layer from a 1- and a 3-layer model; at tp 1 and, on gloo ranks
-(tests/dist_plan_memory_compiled.py), at tp 2 with sequence parallelism and at tp 4 on a model with a narrow MLP,
-where a compiled layer that kept the column linears' gathered inputs would keep more than the count (what compiling
-saves elsewhere is less than those add; ~40 s on 2 cores).
+the plan counts on their own), per layer from a 1- and a 3-layer model; at tp 1 and, on 2 gloo ranks
+(tests/dist_plan_memory_compiled.py), at tp 2 with sequence parallelism (~25 s on 2 cores). A compiled layer that kept
+the column linears' gathered inputs kept more than the count at tp 4 on a model with a narrow MLP (103%, measured
+2026-12-06 with 4 ranks; with the policy 59%): not run here, as 4 ranks double this file's time on 2 cores, while
+tests/test_parallel_layers.py holds the policy itself (the shard kept under torch.compile).
 """
 from __future__ import annotations
 
@@ -26,12 +27,8 @@ from helpers import torchrun
 from test_plan_memory import MODEL, SEQ, TOKENS, rope_tables
 
 MICRO_BATCH = 2
-# the intermediate size that of the hidden: SwiGLU, where compiling saves the most, is small beside the column
-# linears' inputs (8 heads of 8 KV heads: 4 TP ranks take them)
-NARROW_MLP = {**MODEL, "num_attention_heads": 8, "num_key_value_heads": 8, "intermediate_size": MODEL["hidden_size"]}
 # name -> (model, ParallelConfig fields)
-LAYOUTS = {"tp1": (MODEL, None), "tp2_sequence_parallel": (MODEL, {"tp": 2, "sequence_parallel": True}),
-           "tp4_sequence_parallel_narrow_mlp": (NARROW_MLP, {"tp": 4, "sequence_parallel": True})}
+LAYOUTS = {"tp1": (MODEL, None), "tp2_sequence_parallel": (MODEL, {"tp": 2, "sequence_parallel": True})}
 
 
 def run_config(layers: int, compiled: bool, parallel: Optional[dict] = None, model: dict = MODEL):
@@ -95,7 +92,7 @@ def distributed(tmp_path_factory):
 def test_a_compiled_layer_keeps_at_most_the_plans_count(plan_memory, layout, distributed):
     """The plan's count for a compiled run is eager's: under sequence parallelism a compiled layer's column linears
     keep their sequence shard, as the eager function does (column_parallel_matmul.py's checkpoint policy). Without
-    that policy the compiled graph kept the gathered input, more than this count at tp 4 on the narrow-MLP model."""
+    that policy the compiled graph kept the gathered input (more than this count at tp 4 on a narrow-MLP model)."""
     model, parallel = LAYOUTS[layout]
     measured = distributed(layout) if parallel else per_layer_bytes()
     eager, _ = plan_memory.activation_bytes_per_token_per_layer(run_config(1, False, parallel, model))
@@ -104,5 +101,5 @@ def test_a_compiled_layer_keeps_at_most_the_plans_count(plan_memory, layout, dis
     # (test_plan_memory.rope_tables: per token of its micro-batch)
     assert MICRO_BATCH * SEQ == TOKENS
     assert measured["eager"] == pytest.approx(eager + rope_tables("bfloat16", "none", model), rel=0.01)
-    # measured (torch 2.13, Inductor on CPU): 69% of the plan's count at tp 1, 61% at tp 2 with SP, 59% at tp 4
+    # measured (torch 2.13, Inductor on CPU): 69% of the plan's count at tp 1, 61% at tp 2 with SP
     assert 0.3 * compiled < measured["compiled"] <= compiled, (measured, compiled)

@@ -24,8 +24,8 @@ Allocator fragmentation, NCCL buffers, the backward's passing gradients and the 
 come on top. An estimate, not a measurement; tests/test_plan_memory.py holds its terms to what the model keeps on
 CPU, tests/test_plan_memory_parallel.py those of pipeline and data-parallel layouts. The activations are what
 eager PyTorch keeps: a layer compiled by train.compile keeps less (what AOTAutograd's partitioner saves: 69% of it
-on the tests' model, 61% at tp 2 and 59% at tp 4 with SP; tests/test_plan_memory_compiled.py), so under
-train.compile they are an upper bound.
+on the tests' model, 61% at tp 2 with SP; tests/test_plan_memory_compiled.py), so under train.compile they are an
+upper bound.
 
 Checkpoints: the saves the run makes (checkpoint.interval, its milestones, the last step), how many stay on disk
 at its end under keep_last / keep_every / keep_steps, and their size (12 bytes per parameter: fp32 weights and
