@@ -41,6 +41,14 @@ def same_ids(folder: Path, texts: list[str]) -> bool:
                for t in texts)
 
 
+def exported_saying(run: Path, folder: Path, out: Path) -> list[str]:
+    """convert_to_hf of RUN shipping FOLDER's tokenizer to OUT: succeeds, nothing on stderr; its stdout lines."""
+    proc = cli("convert_to_hf.py", "--checkpoint", str(run), "--output", str(out), "--tokenizer", str(folder),
+               "--no-progress")
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    return proc.stdout.splitlines()
+
+
 @pytest.fixture(scope="module")
 def lowercasing(tmp_path_factory) -> Path:
     """The tiny byte tokenizer given a Lowercase normalizer: tokenizer.json lowercases, GPT2Tokenizer's rebuild does
@@ -66,10 +74,7 @@ def test_a_tokenizer_class_that_tokenizes_otherwise_is_shipped_as_pretrained_tok
     source_config = (folder / "tokenizer_config.json").read_bytes()
     assert not same_ids(folder, ["The Fox"])  # the reference: AutoTokenizer of the source folder
     out = tmp_path / "hf"
-    proc = cli("convert_to_hf.py", "--checkpoint", str(run), "--output", str(out), "--tokenizer", str(folder),
-               "--no-progress")
-    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
-    note, done = proc.stdout.splitlines()
+    note, done = exported_saying(run, folder, out)
     assert note.startswith(f'note: {folder / "tokenizer_config.json"}: tokenizer_class "GPT2Tokenizer", which '
                            f"transformers {transformers.__version__} builds as GPT2Tokenizer, tokenizes text "
                            'otherwise than its tokenizer.json (first "') and note.endswith(f"): {NOTE_END}"), note
@@ -94,10 +99,7 @@ def test_a_tokenizer_class_failing_on_the_folder_is_shipped_as_pretrained_tokeni
     PreTrainedTokenizerFast, in a note saying how the class failed, tokenizing as the store."""
     folder = with_config(byte_tokenizer(tmp_path / "tok").parent, tokenizer_class, eos_token="<|endoftext|>")
     out = tmp_path / "hf"
-    proc = cli("convert_to_hf.py", "--checkpoint", str(run), "--output", str(out), "--tokenizer", str(folder),
-               "--no-progress")
-    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
-    note, _ = proc.stdout.splitlines()
+    note, _ = exported_saying(run, folder, out)
     assert note.startswith(f'note: {folder / "tokenizer_config.json"}: tokenizer_class "{tokenizer_class}", which '
                            f"transformers {transformers.__version__} {failure}"), note
     assert note.endswith(f": {NOTE_END}"), note
