@@ -155,23 +155,29 @@ def test_linear_cross_entropy_gathers_in_bf16_keeps_bf16_and_reduces_in_fp32():
     assert mine.grad.dtype == torch.float32 and torch.equal(mine.grad, whole.grad[:, :6])
 
 
-def test_linear_cross_entropy_backward_makes_only_the_gradients_it_returns():
-    """The fused loss's backward (bf16 matmuls on an fp32 hidden: the dX kept in bf16) scales the kept gradients by
-    the incoming one and returns them: the fp32 dX and dW, and no more alive at any point of that backward (more
-    tokens than the vocabulary, so a second fp32 [tokens, D] tensor would exceed the dW beside it). It made an fp32
-    copy of the kept bf16 dX and then a scaled copy of that, one [tokens, D] fp32 tensor more than the gradient
-    returned (a peak 2 bytes per token and hidden unit above the fp32 dX kept before, at the start of backward)."""
+@pytest.mark.parametrize("autocast", [True, False])
+def test_linear_cross_entropy_backward_makes_no_tensor_beside_the_kept_gradients(autocast):
+    """The fused loss's backward scales the gradients its forward kept by the incoming one, in place (their last
+    use), and returns them: under bf16 autocast (the dX kept in bf16, the hidden fp32) it makes only the fp32 dX it
+    returns, in fp32 nothing at all. It made a scaled copy of each: an fp32 [V, D] dW and a [tokens, D] dX more,
+    alive beside the kept ones at the start of backward (more tokens than the vocabulary here, so a second fp32
+    [tokens, D] tensor would show too). A second backward through the graph is refused, not scaled twice."""
     torch.manual_seed(0)
     h = torch.randn(2, 40, 16, requires_grad=True)
     w = (torch.randn(37, 16) * 0.3).requires_grad_(True)
     y = torch.randint(0, 37, (2, 40))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         loss = linear_cross_entropy(h, w, y, 16)
     with LiveStorages({w.untyped_storage().data_ptr(), h.untyped_storage().data_ptr()}) as storages:
         storages.mark("backward")
         (loss / 3).backward()
-    returned = 4 * h.numel() + 4 * w.numel()
-    assert returned <= storages.peaks["backward"] <= returned + 64, (storages.peaks, returned)  # 64: the scalars
+    made = 4 * h.numel() if autocast else 0  # the fp32 copy of the bf16 dX
+    assert made <= storages.peaks["backward"] <= made + 64, (storages.peaks, made)  # 64: the scalars
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = linear_cross_entropy(h, w, y, 16)
+    (loss / 3).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (loss / 3).backward()
 
 
 def _train_two_steps(train_overrides: dict, compile_backend: str | None = None,

@@ -132,16 +132,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         gh = gw = None
         if grad_hidden is not None:
-            # scaled in hidden's dtype (fp32: exact products of the bf16 values), then reduced over the ranks in it;
-            # kept in bf16, scaled in place in its fp32 copy (no second fp32 [tokens, D] tensor at backward's start)
-            scale = grad_loss.to(ctx.hidden_dtype)
-            gh = grad_hidden.to(ctx.hidden_dtype).mul_(scale) if grad_hidden.dtype != ctx.hidden_dtype \
-                else grad_hidden * scale
-            gh = gh.view(ctx.whole_shape)
+            # scaled in hidden's dtype (fp32: exact products of the bf16 values), then reduced over the ranks in it.
+            # Both kept gradients are scaled in place (a bf16 dX in its fp32 copy): this is their last use, and a
+            # scaled copy would be a second [tokens, D] or fp32 [V, D] tensor beside them at backward's start (a
+            # second backward through the graph is refused by autograd: its saved tensors changed)
+            gh = grad_hidden.to(ctx.hidden_dtype).mul_(grad_loss.to(ctx.hidden_dtype)).view(ctx.whole_shape)
             if ctx.input_collectives is not None:
                 gh = ctx.input_collectives.reduce_grad(gh)
         if grad_weight is not None:
-            gw = (grad_weight * grad_loss).to(ctx.weight_dtype)
+            gw = grad_weight.mul_(grad_loss).to(ctx.weight_dtype)
         return gh, gw, None, None, None, None, None, None, None
 
 
