@@ -127,3 +127,32 @@ def test_column_parallel_matmul_waits_for_every_collective_it_starts(results, ca
     assert ("grad_input" in values) == x_grad and ("grad_weight" in values) == (not case.endswith("frozen"))
     for name in ("grad_input", "grad_weight"):
         assert values.get(name, 0.0) == 0.0, f"{case}: {name} differs by {values[name]}"
+
+
+def test_blocking_collectives_use_nothing_torch_returns(monkeypatch):
+    """A collective started with async_op=False has run when it returns; what torch returns then is no Work to wait
+    for (None in eager torch, a tensor from torch 2.11's dynamo, the GPU machine's: every compiled TP + SP layout
+    failed there with "'Tensor' object has no attribute 'wait'"). Stood in for by collectives over a group of one
+    that return their output, as 2.11's traced ones do; with async_op=True the Work returned is waited for once."""
+    import torch
+    from nanotronix.parallel import mappings
+
+    waited = []
+
+    class Work:
+        def wait(self):
+            waited.append(True)
+
+    def flat(out, inp, group=None, async_op=False):
+        out.copy_(inp)
+        return Work() if async_op else out
+
+    monkeypatch.setattr(mappings, "group_size", lambda group: 1)
+    monkeypatch.setattr(mappings, "all_gather_flat", flat)
+    monkeypatch.setattr(mappings, "reduce_scatter_flat", flat)
+    monkeypatch.setattr(mappings.dist, "all_reduce", lambda x, group=None, async_op=False: Work() if async_op else x)
+    x = torch.randn(2, 4, 3)
+    for async_op in (False, True):
+        for start in (mappings.start_all_gather_seq, mappings.start_reduce_scatter_seq, mappings.start_all_reduce):
+            assert torch.equal(start(x.clone(), None, async_op=async_op)(), x), (start.__name__, async_op)
+    assert len(waited) == 3

@@ -66,7 +66,7 @@ def start_all_gather_seq(x: torch.Tensor, group: Group, async_op: bool = True) -
     work = all_gather_flat(out, x.contiguous(), group=group, async_op=async_op)
 
     def finish() -> torch.Tensor:
-        if work is not None:
+        if async_op:  # else it has run (what torch returns then is no Work: under torch 2.11's dynamo, a tensor)
             work.wait()
         return _seq_chunks_back(out.view(n, *x.shape))
     return finish
@@ -83,7 +83,7 @@ def start_reduce_scatter_seq(x: torch.Tensor, group: Group, async_op: bool = Tru
     work = reduce_scatter_flat(out, chunks.flatten(0, 1), group=group, async_op=async_op)
 
     def finish() -> torch.Tensor:
-        if work is not None:
+        if async_op:  # else it has run (what torch returns then is no Work: under torch 2.11's dynamo, a tensor)
             work.wait()
         return out
     return finish
@@ -95,7 +95,7 @@ def start_all_reduce(x: torch.Tensor, group: Group, async_op: bool = True) -> Ca
     work = dist.all_reduce(x, group=group, async_op=async_op)
 
     def finish() -> torch.Tensor:
-        if work is not None:
+        if async_op:  # else it has run (what torch returns then is no Work: under torch 2.11's dynamo, a tensor)
             work.wait()
         return x
     return finish
