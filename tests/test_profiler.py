@@ -95,3 +95,27 @@ def test_gpu_user_annotations_are_not_counted_as_kernel_time():
     prof = SimpleNamespace(key_averages=lambda: rows)
     assert [(name, t) for name, t, _ in own_times(prof, cuda=True)] == [("sm90_xmma_gemm_bf16", 700),
                                                                        ("triton_poi_fused_add_mul_silu_0", 300)]
+
+
+def test_memory_snapshot_records_python_stacks_only(tmp_path, monkeypatch):
+    """`logging.memory_snapshot` on CUDA, its torch.cuda calls recorded here (no GPU): the allocator's history is
+    asked for Python frames only (torch's default, C++ frames too, is symbolized at the dump: minutes, and a crash on
+    Inductor's generated code), bounded, dumped beside the trace when the window closes, then switched off."""
+    import torch
+
+    from nanotronix.train.profiler import StepProfiler
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda.memory, "_record_memory_history", lambda *a, **k: calls.append(("record", a, k)))
+    monkeypatch.setattr(torch.cuda.memory, "_dump_snapshot",
+                        lambda path: (calls.append(("dump", path)), open(path, "wb").close()))
+    profiler = StepProfiler((2, 3), tmp_path, 0, torch.device("cuda"), memory=True)
+    for step in (1, 2, 3):
+        profiler.begin(step)
+        torch.ones(4, 4) @ torch.ones(4, 4)
+        profiler.end(step)
+    assert calls[0] == ("record", (), {"max_entries": 1_000_000, "stacks": "python"}), calls
+    assert calls[1][0] == "dump" and calls[2] == ("record", (), {"enabled": None}), calls
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0_steps_2-3.json.gz", "rank0_steps_2-3.txt",
+                                                          "rank0_steps_2-3_memory.pickle"]

@@ -159,7 +159,11 @@ class StepProfiler:
         if self.cuda:
             activities.append(torch.profiler.ProfilerActivity.CUDA)
             if self.memory:
-                torch.cuda.memory._record_memory_history(max_entries=1_000_000)
+                # Python frames only (Inductor's generated code included), which is what memory_viz shows: torch's
+                # default also records C++ frames, symbolized when the snapshot is dumped, which took minutes
+                # there (torchtitan measured 461 s against 4 s, pytorch/torchtitan#3628) and crashed on Inductor's
+                # generated code (pytorch/torchtitan#2991): a profiled compiled run would lose its window.
+                torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
         self.prof = torch.profiler.profile(activities=activities)
         self.prof.start()
         self.first = step
