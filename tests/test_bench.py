@@ -122,11 +122,13 @@ def test_measure_frees_the_model():
     assert result.ok and [r() for r in refs] == [None] * 4
 
 
-def test_a_failing_profile_keeps_the_runs_timings(monkeypatch, capsys):
-    """The profiled step is an extra: when the profiler fails (on a GPU: CUPTI unavailable, out of memory), the
-    run's timed steps still count."""
+@pytest.mark.parametrize("error", [RuntimeError("CUPTI_ERROR_NOT_INITIALIZED\nmore detail"),
+                                   KeyError("CUPTI_ERROR_NOT_INITIALIZED")], ids=["cupti", "parsing"])
+def test_a_failing_profile_keeps_the_runs_timings(monkeypatch, capsys, error):
+    """The profiled step is an extra: when the profiler fails (on a GPU: CUPTI unavailable, out of memory, the
+    parsing of a CUDA profile, which no CPU run makes), the run's timed steps still count."""
     def broken(*args, **kwargs):
-        raise RuntimeError("CUPTI_ERROR_NOT_INITIALIZED\nmore detail")
+        raise error
 
     monkeypatch.setattr(bench_train, "profile_step", broken)
     args = bench_train.parse_args([*TINY, "--steps", "2", "--warmup", "1"])
@@ -135,7 +137,24 @@ def test_a_failing_profile_keeps_the_runs_timings(monkeypatch, capsys):
     result = bench_train.measure("x", lambda: bench_train.nanotronix_step_fn(cfg, device), cfg, device,
                                  bench_train.make_batches(cfg, 2, 1), 1, [], profile=True)
     assert result.ok and len(result.step_seconds) == 1 and result.time_shares is None
-    assert "[x] profile failed, timings kept: RuntimeError: CUPTI_ERROR_NOT_INITIALIZED" in capsys.readouterr().out
+    said = f"[x] profile failed, timings kept: {type(error).__name__}: {str(error).splitlines()[0]}"
+    assert said in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("error", [TypeError("addmm() got an unexpected keyword argument 'out_dtype'"),
+                                   AssertionError("unexpected stride")], ids=["type", "assertion"])
+def test_a_run_failing_in_any_way_is_reported_and_the_next_runs(error):
+    """A CUDA-only path that fails on the GPU machine's torch (no CPU run takes it) ends its run with the error in its
+    row, not the whole benchmark: the runs after it, and the GPU session's one try, go on."""
+    def failing(batch):
+        raise error
+
+    args = bench_train.parse_args([*TINY, "--steps", "1", "--warmup", "0"])
+    cfg = bench_train.build_config(args, [], torch.device("cpu"))
+    batches = bench_train.make_batches(cfg, 1, 1)
+    result = bench_train.measure("x", lambda: failing, cfg, torch.device("cpu"), batches, 0, [])
+    assert not result.ok and result.error == f"{type(error).__name__}: {error}"
+    assert bench_train.measure("y", lambda: (lambda batch: 1.0), cfg, torch.device("cpu"), batches, 0, []).ok
 
 
 def test_documents_plants_eos_at_the_mean_length():
