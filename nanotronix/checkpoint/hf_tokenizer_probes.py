@@ -124,9 +124,10 @@ def _failure(transformers, folder: Path, reference, parts: dict, texts: list[str
 
 
 def _text_parts(tokenizer) -> dict:
-    """TOKENIZER's (a tokenizers.Tokenizer) _TEXT_PARTS, as its tokenizer.json would hold them."""
-    whole = json.loads(tokenizer.to_str())
-    return {part: whole.get(part) for part in _TEXT_PARTS}
+    """TOKENIZER's (a tokenizers.Tokenizer) _TEXT_PARTS, as its tokenizer.json would hold them (each serialized alone:
+    the whole tokenizer's JSON, its vocabulary and merges, takes a third of a second for SmolLM2's)."""
+    return {part: None if getattr(tokenizer, part) is None else json.loads(getattr(tokenizer, part).__getstate__())
+            for part in _TEXT_PARTS}
 
 
 def _kind(part: Optional[dict]) -> str:
