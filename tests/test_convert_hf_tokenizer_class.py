@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import base64
+import contextlib
 import inspect
 import json
+import logging
 import shutil
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import transformers
@@ -47,6 +50,22 @@ def exported_saying(run: Path, folder: Path, out: Path) -> list[str]:
                "--no-progress")
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     return proc.stdout.splitlines()
+
+
+@contextlib.contextmanager
+def transformers_log_lines() -> Iterator[list[str]]:
+    """The lines transformers' loggers give its handler (what it prints on stderr) while the block runs, each message
+    said once (transformers says some once per process: its cache of those is emptied first)."""
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    library = logging.getLogger("transformers")
+    transformers.utils.logging.warning_once.cache_clear()
+    library.addHandler(handler)
+    try:
+        yield lines
+    finally:
+        library.removeHandler(handler)
 
 
 @pytest.fixture(scope="module")
@@ -193,6 +212,26 @@ def test_pretrained_tokenizer_fast_loads_tokenizer_json_whole(lowercasing, run, 
     assert proc.stdout.splitlines() == [f"exported step 2 of {run / 'step_0000002'} to {out} (float32)"]
     assert same_ids(out, ["The Fox", "MiXeD", CODE])
     assert same_ids(out, ["The Fox", "MiXeD", CODE])
+
+
+@pytest.mark.parametrize("tokenizer_class", ["LlamaTokenizer", "LlamaTokenizerFast"])
+def test_transformers_own_log_lines_on_the_probe_load_are_kept_out(tokenizer_class, run, tmp_path):
+    """LlamaTokenizer(Fast) named beside a byte-level tokenizer.json: transformers loads it as TokenizersBackend
+    (whole), which tokenizes as the store, and prints a line of its own on that ("`tokenizer_class` is `LlamaTokenizer`
+    but `tokenizer.json` is ByteLevel; ..."): the export's output held it, about a load the user did not ask for. The
+    folder is shipped as it is, the export saying its own line only; transformers' log level is left as it was."""
+    folder = with_config(byte_tokenizer(tmp_path / "tok").parent, tokenizer_class, eos_token="<|endoftext|>")
+    level = logging.getLogger("transformers").level
+    said = []
+    with transformers_log_lines() as lines:
+        out = export_to_hf(run, tmp_path / "hf", tokenizer=str(folder), progress=False, log=said.append)
+    assert lines == [] and len(said) == 1 and said[0].startswith("exported step 2 of "), (lines, said)
+    assert logging.getLogger("transformers").level == level
+    assert json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"] == tokenizer_class
+    with transformers_log_lines() as lines:  # the reference: transformers says it on a load of the folder
+        assert same_ids(out, ["The Fox", CODE])
+    assert any(f"`tokenizer_class` is `{tokenizer_class}` but `tokenizer.json` is ByteLevel" in line
+               for line in lines), lines
 
 
 def test_a_tokenizer_json_holding_truncation_and_padding_is_shipped(run, tmp_path):

@@ -19,7 +19,9 @@ so.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -66,7 +68,7 @@ def check_tokenizes_as_tokenizer_json(folder: Path, named: Path, log: Callable[[
     transformers then loads tokenizer.json whole, the pipeline the store was tokenized with, and the folder is probed
     again. Still failing: a UserError naming NAMED (the source's tokenizer_config.json, or its tokenizer.json), the
     class and how it fails (the first differing probe). Without transformers, a note in LOG that the check was not
-    run."""
+    run. transformers' own log lines on these loads are kept out of the export's output."""
     try:
         import transformers
     except ImportError:
@@ -82,14 +84,16 @@ def check_tokenizes_as_tokenizer_json(folder: Path, named: Path, log: Callable[[
     config = json.loads(config_file.read_text(encoding="utf-8"))
     named_class = config.get("tokenizer_class")
     parts = _text_parts(reference)
-    failure = _failure(transformers, folder, reference, parts, texts)
+    with _without_transformers_log():
+        failure = _failure(transformers, folder, reference, parts, texts)
     if failure is None:
         return
     if named_class == WHOLE:
         raise UserError(f"{named}: tokenizer_class {json.dumps(named_class)}, {failure}")
     config["tokenizer_class"] = WHOLE
     config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    still = _failure(transformers, folder, reference, parts, texts)
+    with _without_transformers_log():
+        still = _failure(transformers, folder, reference, parts, texts)
     if still is not None:
         raise UserError(f"{named}: tokenizer_class {json.dumps(named_class)}, {failure}, and {WHOLE} in its place, "
                         f"with the folder's other settings, {still}")
@@ -121,6 +125,20 @@ def _failure(transformers, folder: Path, reference, parts: dict, texts: list[str
             return (f"{built}, with another {part} than its tokenizer.json's ({_kind(theirs[part])}, not "
                     f"{_kind(parts[part])})")
     return None
+
+
+@contextlib.contextmanager
+def _without_transformers_log():
+    """transformers' own log lines (on the class a folder names, "`tokenizer_class` is `LlamaTokenizer` but
+    `tokenizer.json` is ByteLevel"; on a setting it ignores) are about loads the user did not ask for: kept out of the
+    export's output, where the note says what matters. Its loggers all answer to the library's root logger."""
+    library = logging.getLogger("transformers")
+    level = library.level
+    library.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        library.setLevel(level)
 
 
 def _text_parts(tokenizer) -> dict:
