@@ -19,16 +19,18 @@ from typing import Iterator
 
 import pytest
 import transformers
-from tokenizers import Tokenizer, normalizers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from checkpoint_helpers import TINY
 from convert_hf_helpers import WITH_BYTES, byte_tokenizer, cli, trained_checkpoint
+from helpers import CORPUS, load_tool
 
 from nanotronix.checkpoint.hf_export import export_to_hf
 from nanotronix.errors import UserError
 
 NOTE_END = "the export's tokenizer_config.json names PreTrainedTokenizerFast instead, which loads tokenizer.json whole"
 CODE = inspect.getsource(base64)  # real text: code, prose in docstrings, whitespace runs, digits
+PROSE = "Is it ? Yes , it is . I 've seen x != y ! Haven 't you ?"  # what clean_up_tokenization_spaces rewrites
 
 
 def with_config(folder: Path, tokenizer_class: str, **fields) -> Path:
@@ -42,6 +44,16 @@ def same_ids(folder: Path, texts: list[str]) -> bool:
     reference = Tokenizer.from_file(str(folder / "tokenizer.json"))
     return all(auto(t, add_special_tokens=False)["input_ids"] == reference.encode(t, add_special_tokens=False).ids
                for t in texts)
+
+
+def same_decoding(folder: Path, texts: list[str]) -> bool:
+    """AutoTokenizer of FOLDER decodes the ids its tokenizer.json gives each of TEXTS as tokenizer.json does (special
+    tokens kept)."""
+    auto = transformers.AutoTokenizer.from_pretrained(folder)
+    reference = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    encoded = [reference.encode(t, add_special_tokens=False).ids for t in texts]
+    return all(auto.decode(ids, skip_special_tokens=False) == reference.decode(ids, skip_special_tokens=False)
+               for ids in encoded)
 
 
 def exported_saying(run: Path, folder: Path, out: Path) -> list[str]:
@@ -75,6 +87,20 @@ def lowercasing(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("lowercasing")
     tok = Tokenizer.from_file(str(byte_tokenizer(folder)))
     tok.normalizer = normalizers.Lowercase()
+    tok.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def unigram(tmp_path_factory) -> Path:
+    """A tiny Unigram tokenizer with a Metaspace pre-tokenizer and decoder (T5's kind: not BPE, so transformers 5
+    applies clean_up_tokenization_spaces when decoding), <|endoftext|> its id 0."""
+    folder = tmp_path_factory.mktemp("unigram")
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(CORPUS * 20, trainers.UnigramTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<unk>"], unk_token="<unk>", show_progress=False))
     tok.save(str(folder / "tokenizer.json"))
     return folder
 
@@ -214,24 +240,122 @@ def test_pretrained_tokenizer_fast_loads_tokenizer_json_whole(lowercasing, run, 
     assert same_ids(out, ["The Fox", "MiXeD", CODE])
 
 
-@pytest.mark.parametrize("tokenizer_class", ["LlamaTokenizer", "LlamaTokenizerFast"])
-def test_transformers_own_log_lines_on_the_probe_load_are_kept_out(tokenizer_class, run, tmp_path):
+@pytest.mark.parametrize("tokenizer_class, fields, line", [
+    ("LlamaTokenizer", {}, "`tokenizer_class` is `LlamaTokenizer` but `tokenizer.json` is ByteLevel"),
+    ("LlamaTokenizerFast", {}, "`tokenizer_class` is `LlamaTokenizerFast` but `tokenizer.json` is ByteLevel"),
+    ("PreTrainedTokenizerFast", {"clean_up_tokenization_spaces": True},
+     "Ignoring clean_up_tokenization_spaces=True for BPE tokenizer TokenizersBackend"),
+], ids=["LlamaTokenizer", "LlamaTokenizerFast", "clean_up-BPE"])
+def test_transformers_own_log_lines_on_the_probe_load_are_kept_out(tokenizer_class, fields, line, run, tmp_path):
     """LlamaTokenizer(Fast) named beside a byte-level tokenizer.json: transformers loads it as TokenizersBackend
     (whole), which tokenizes as the store, and prints a line of its own on that ("`tokenizer_class` is `LlamaTokenizer`
-    but `tokenizer.json` is ByteLevel; ..."): the export's output held it, about a load the user did not ask for. The
-    folder is shipped as it is, the export saying its own line only; transformers' log level is left as it was."""
-    folder = with_config(byte_tokenizer(tmp_path / "tok").parent, tokenizer_class, eos_token="<|endoftext|>")
+    but `tokenizer.json` is ByteLevel; ..."): the export's output held it, about a load the user did not ask for; so
+    would the line transformers 5 prints on decoding with clean_up_tokenization_spaces true for a BPE tokenizer (which
+    it ignores there: the folder decodes as tokenizer.json). The folder is shipped as it is, the export saying its own
+    line only; transformers' log level is left as it was."""
+    folder = with_config(byte_tokenizer(tmp_path / "tok").parent, tokenizer_class, eos_token="<|endoftext|>", **fields)
     level = logging.getLogger("transformers").level
     said = []
     with transformers_log_lines() as lines:
         out = export_to_hf(run, tmp_path / "hf", tokenizer=str(folder), progress=False, log=said.append)
     assert lines == [] and len(said) == 1 and said[0].startswith("exported step 2 of "), (lines, said)
     assert logging.getLogger("transformers").level == level
-    assert json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"] == tokenizer_class
+    assert json.loads((out / "tokenizer_config.json").read_text()) == json.loads(
+        (folder / "tokenizer_config.json").read_text())
     with transformers_log_lines() as lines:  # the reference: transformers says it on a load of the folder
-        assert same_ids(out, ["The Fox", CODE])
-    assert any(f"`tokenizer_class` is `{tokenizer_class}` but `tokenizer.json` is ByteLevel" in line
-               for line in lines), lines
+        assert same_ids(out, [PROSE, CODE]) and same_decoding(out, [PROSE, CODE])
+    assert any(line in said_by_transformers for said_by_transformers in lines), lines
+
+
+@pytest.mark.parametrize("decoder, text, failure", [
+    (decoders.Sequence([decoders.ByteLevel(), decoders.Strip(" ", 1, 0)]), "  two spaces",
+     'decodes ids otherwise than its tokenizer.json (first those of "   leading spaces, trailing spaces   ": '
+     '"   leading spaces, t...", not "  leading spaces, tr...")'),
+    (decoders.Sequence([decoders.ByteLevel(), decoders.Replace("§", "S")]), "§ 1",
+     "with another decoder than its tokenizer.json's (ByteLevel, not Sequence)"),
+], ids=["Strip", "Replace"])
+def test_a_tokenizer_class_decoding_otherwise_is_shipped_as_pretrained_tokenizer_fast(decoder, text, failure, run,
+                                                                                       tmp_path):
+    """GPT2Tokenizer beside a tokenizer.json whose decoder is not the plain ByteLevel one transformers rebuilds it with
+    (its vocabulary, merges and pre-tokenizer are: it tokenizes as the store): a user decoding the model's ids got
+    other text than tokenizer.json gives, and the export said nothing. A decoder that changes the probes' text (Strip)
+    is caught by decoding their ids; one of a pattern no probe holds (Replace), by the decoders compared. Shipped
+    naming PreTrainedTokenizerFast, in a note, decoding as tokenizer.json."""
+    folder = with_config(byte_tokenizer(tmp_path / "tok").parent, "GPT2Tokenizer", eos_token="<|endoftext|>")
+    edited = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    edited.decoder = decoder
+    edited.save(str(folder / "tokenizer.json"))
+    assert same_ids(folder, [text, CODE]) and not same_decoding(folder, [text])  # the reference
+    said = []
+    out = export_to_hf(run, tmp_path / "hf", tokenizer=str(folder), progress=False, log=said.append)
+    assert said[0] == f'note: {folder / "tokenizer_config.json"}: tokenizer_class "GPT2Tokenizer", which ' \
+                      f"transformers {transformers.__version__} builds as GPT2Tokenizer, {failure}: {NOTE_END}", said
+    assert same_decoding(out, [text, CODE]) and same_ids(out, [text, CODE])
+
+
+@pytest.mark.parametrize("tokenizer, fields", [
+    ("Unigram", {}),
+    ("BPE", {"clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output": True}),
+], ids=["Unigram", "BPE-forced"])
+def test_clean_up_tokenization_spaces_that_changes_decoding_is_set_false(tokenizer, fields, unigram, run, tmp_path):
+    """clean_up_tokenization_spaces true (what transformers 4 saved into many folders) in the tokenizer_config.json
+    shipped: transformers 5 decodes ids with the spaces before punctuation gone ("x != y" comes back "x!= y") for a
+    tokenizer that is not BPE (for BPE only with ..._even_though_it_will_corrupt_output true), rewriting the text the
+    model generates, and the export said nothing. The export's copy sets it false (its other fields kept; the source
+    untouched), in a note naming the setting, and decodes as tokenizer.json."""
+    folder = unigram if tokenizer == "Unigram" else byte_tokenizer(tmp_path / "tok").parent
+    fields = {"eos_token": "<|endoftext|>", "clean_up_tokenization_spaces": True, **fields}
+    with_config(folder, "PreTrainedTokenizerFast", **fields)
+    assert not same_decoding(folder, [PROSE])  # the reference: AutoTokenizer of the source folder
+    said = []
+    out = export_to_hf(run, tmp_path / "hf", tokenizer=str(folder), progress=False, log=said.append)
+    assert said[0].startswith(f'note: {folder / "tokenizer_config.json"}: clean_up_tokenization_spaces true: the '
+                              f"folder, which transformers {transformers.__version__} builds as TokenizersBackend, "
+                              "decodes ids otherwise than its tokenizer.json (first those of ") \
+        and said[0].endswith(": the export's tokenizer_config.json sets it false") and len(said) == 2, said
+    assert json.loads((out / "tokenizer_config.json").read_text()) == {
+        "tokenizer_class": "PreTrainedTokenizerFast", **fields, "clean_up_tokenization_spaces": False}
+    assert same_decoding(out, [PROSE, CODE]) and same_ids(out, [PROSE, CODE])
+    assert json.loads((folder / "tokenizer_config.json").read_text())["clean_up_tokenization_spaces"] is True
+
+
+@pytest.mark.parametrize("tokenizer_class, built", [("PreTrainedTokenizerFast", "TokenizersBackend"),
+                                                    ("GPT2Tokenizer", "GPT2Tokenizer")])
+def test_split_special_tokens_is_named_in_the_refusal(tokenizer_class, built, run, tmp_path):
+    """split_special_tokens true: transformers tokenizes "<|endoftext|>" written in text as its characters, where the
+    store holds the token, a choice made for the model's users, not a leftover, so the folder is refused rather than
+    the setting dropped. The refusal named the class only ("tokenizes text otherwise"; GPT2Tokenizer: replaced by
+    PreTrainedTokenizerFast, to the same end), not the setting: now its one line names the setting. No folder."""
+    folder = with_config(byte_tokenizer(tmp_path / "tok").parent, tokenizer_class, eos_token="<|endoftext|>",
+                         split_special_tokens=True)
+    assert not same_ids(folder, ["<|endoftext|>hi"]) and same_ids(folder, [CODE])  # the reference
+    with pytest.raises(UserError) as refused:
+        export_to_hf(run, tmp_path / "hf", tokenizer=str(folder), progress=False, log=lambda _: None)
+    assert str(refused.value) == (
+        f'{folder / "tokenizer_config.json"}: split_special_tokens true: the folder, which transformers '
+        f"{transformers.__version__} builds as {built}, tokenizes text otherwise than its tokenizer.json (first "
+        '"<|endoftext|>a<|endoftext|>b <|endoftext..."): a special token written in text is split into '
+        "other tokens, where the store holds the token (set it false, or remove it, to ship this tokenizer)")
+    assert list(tmp_path.iterdir()) == [tmp_path / "tok"]
+
+
+def test_an_id_two_tokens_share_is_not_decoded_to_ship_or_refuse_by_chance(run, tmp_path):
+    """A tokenizer.json whose vocabulary gives two tokens one id (a hand edit; tests/test_tokenizer_damage_properties.py
+    found it): tokenizers decodes that id as either, which one differing from load to load, so comparing the decoding
+    shipped or refused the folder by chance. The probes holding such an id are not decoded: the folder is shipped, as
+    before decoding was compared, every time (six exports)."""
+    folder = byte_tokenizer(tmp_path / "tok").parent
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    vocab["e"] = vocab["t"]
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with_config(folder, "PreTrainedTokenizerFast", eos_token="<|endoftext|>")
+    # the reference: tokenizers itself, load to load
+    assert {Tokenizer.from_file(str(folder / "tokenizer.json")).decode([vocab["t"]]) for _ in range(20)} == {"e", "t"}
+    for attempt in range(6):
+        said = []
+        export_to_hf(run, tmp_path / f"hf{attempt}", tokenizer=str(folder), progress=False, log=said.append)
+        assert len(said) == 1 and said[0].startswith("exported step 2 of "), said
 
 
 def test_a_tokenizer_json_holding_truncation_and_padding_is_shipped(run, tmp_path):
@@ -289,9 +413,30 @@ def test_smollm2s_gpt2_tokenizer_class_is_shipped_as_pretrained_tokenizer_fast(s
     assert same_ids(hub, ["The quick brown fox, 1234567 and 3.14159"])  # where the two pipelines agree
     said = []
     out = export_to_hf(tmp_path / "run", tmp_path / "hf", tokenizer=str(hub), progress=False, log=said.append)
-    assert said[0].startswith(f'note: {hub / "tokenizer_config.json"}: tokenizer_class "GPT2Tokenizer"'), said
+    assert said[0].startswith(f'note: {hub / "tokenizer_config.json"}: tokenizer_class "GPT2Tokenizer"') \
+        and len(said) == 2, said  # that note only: it decodes as tokenizer.json
     assert same_ids(out, ["x  =  1", CODE, "<|im_start|>user\nhi<|im_end|>"])
     source, shipped = (transformers.AutoTokenizer.from_pretrained(f) for f in (hub, out))
     assert {t: shipped.convert_tokens_to_ids(t) for t in source.all_special_tokens} == \
         {t: source.convert_tokens_to_ids(t) for t in source.all_special_tokens}
     assert (shipped.bos_token, shipped.eos_token) == (source.bos_token, source.eos_token)
+    assert same_decoding(out, [PROSE, CODE, "<|im_start|>user\nhi<|im_end|>"])
+    said = []  # its tokenizer.json alone (a run's data.tokenizer): shipped with the export's own config, no note
+    out = export_to_hf(tmp_path / "run", tmp_path / "bare", tokenizer=smollm2_tokenizer_path, progress=False,
+                       log=said.append)
+    assert len(said) == 1 and said[0].startswith("exported step 2 of "), said
+    assert same_ids(out, [PROSE, CODE]) and same_decoding(out, [PROSE, CODE, "<|im_start|>user\nhi<|im_end|>"])
+
+
+def test_the_quickstarts_tokenizer_is_shipped_without_a_note(run, tmp_path):
+    """A tokenizer.json of tools/train_tokenizer.py (the quickstart's: byte-level BPE after digit splitting, as
+    SmolLM2's) is shipped with the export's own tokenizer_config.json, saying nothing but the export's line, and
+    tokenizes and decodes as itself."""
+    (tmp_path / "corpus.txt").write_text("\n".join(CORPUS * 20) + "\n" + CODE)
+    tokenizer = tmp_path / "tokenizer.json"
+    assert load_tool("train_tokenizer").main(["--input", str(tmp_path / "corpus.txt"), "--output", str(tokenizer),
+                                              "--vocab-size", "300"]) == 0
+    said = []
+    out = export_to_hf(run, tmp_path / "hf", tokenizer=str(tokenizer), progress=False, log=said.append)
+    assert len(said) == 1 and said[0].startswith("exported step 2 of "), said
+    assert same_ids(out, [PROSE, CODE]) and same_decoding(out, [PROSE, CODE])

@@ -1,6 +1,7 @@
 """The tokenizer folder a Hugging Face export ships tokenizes text as its tokenizer.json does (what the token stores
-were tokenized with), checked by loading it with transformers' AutoTokenizer on a fixed set of probe texts, and by
-comparing the normalizer and pre-tokenizer of the tokenizers pipeline it builds with tokenizer.json's.
+were tokenized with), and decodes ids back into the text tokenizer.json decodes them into, checked by loading it with
+transformers' AutoTokenizer on a fixed set of probe texts, and by comparing the normalizer, pre-tokenizer and decoder of
+the tokenizers pipeline it builds with tokenizer.json's.
 
 Why a load, not a reading of the files as hf_tokenizer_files does: transformers 5 (5.25 here) builds the class
 tokenizer_config.json names. PreTrainedTokenizerFast and TokenizersBackend (the class of a tokenizer_class it does not
@@ -10,16 +11,28 @@ tokenizer.json, which it loads as TokenizersBackend) is rebuilt from tokenizer.j
 with its own normalizer, pre-tokenizer and decoder (it keeps tokenizer.json's post-processor, padding and truncation):
 text tokenizes otherwise wherever tokenizer.json's normalizer or pre-tokenizer differ from the class's — a Lowercase
 normalizer, or SmolLM2's digit splitting before its byte-level pre-tokenizer ("x  =  1": GPT2Tokenizer's regex keeps
-the space before the digit, then finds no "Ġ1" in a vocabulary trained on split digits). Which class AutoTokenizer
-picks also depends on config.json and on transformers' own tables, so the folder is loaded as a user loads it, once
-per export, rather than the rules written out here. Where the class named tokenizes otherwise, the export's copy of
-tokenizer_config.json names PreTrainedTokenizerFast instead (in a note), which tokenizes as the store: SmolLM2's Hub
-folder is shipped so. transformers is optional for the export: without it the check is not run, and the export says
-so.
+the space before the digit, then finds no "Ġ1" in a vocabulary trained on split digits) — and ids decode otherwise
+wherever the decoders differ. Which class AutoTokenizer picks also depends on config.json and on transformers' own
+tables, so the folder is loaded as a user loads it, once per export, rather than the rules written out here. Where the
+class named tokenizes or decodes otherwise, the export's copy of tokenizer_config.json names PreTrainedTokenizerFast
+instead (in a note), which tokenizes as the store: SmolLM2's Hub folder is shipped so.
+
+Two settings of tokenizer_config.json change what every class does (transformers 5.25 reads no other into its
+encoding or decoding; add_prefix_space, spaces_between_special_tokens and the like only steer a class's rebuilt
+pipeline, which the probes cover): clean_up_tokenization_spaces true makes decode() remove the spaces before
+punctuation ("x != y" comes back "x!= y"; 5.25 ignores it, with a warning, for a BPE model, unless
+clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output is true too). transformers 4 saved it true
+into many folders by default, and it rewrites the text the model generates, so the export's copy sets it false (in a
+note). split_special_tokens true makes a special token written in text tokenize as the text of its characters, where
+the store holds the token: a choice a user makes for the model's users (text they type cannot hold a control token),
+not a leftover, so the export is refused naming it rather than the setting dropped. transformers is optional for the
+export: without it the check is not run, and the export says so.
 """
+
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -46,10 +59,12 @@ PROBES = (
     "no-break\u00a0space em\u2003space ideographic\u3000space, lone\rreturn\u2028line separator",
 )
 _SHOWN_CHARS = 40  # of a differing probe, in the refusal line
-# The parts of a tokenizers pipeline that change text before the model sees it. A class rebuilt with others than
-# tokenizer.json's tokenizes otherwise on some text even where every probe agrees (a Replace normalizer of a pattern
-# no probe holds), so they are compared too; transformers 5.25 keeps them when it loads tokenizer.json whole.
-_TEXT_PARTS = ("normalizer", "pre_tokenizer")
+_CONTEXT_CHARS = 8  # before the first character where a probe decodes otherwise, shown with it
+# The parts of a tokenizers pipeline that change text before the model sees it, and the ids it gives back into text. A
+# class rebuilt with others than tokenizer.json's tokenizes or decodes otherwise on some text even where every probe
+# agrees (a Replace normalizer of a pattern no probe holds), so they are compared too; transformers 5.25 keeps them when
+# it loads tokenizer.json whole.
+_TEXT_PARTS = ("normalizer", "pre_tokenizer", "decoder")
 
 
 def probe_texts(added_tokens: list[str]) -> list[str]:
@@ -58,17 +73,32 @@ def probe_texts(added_tokens: list[str]) -> list[str]:
 
 
 WHOLE = "PreTrainedTokenizerFast"  # the tokenizer_class transformers builds by loading tokenizer.json whole
+CLEAN_UP = "clean_up_tokenization_spaces"
+SPLIT_SPECIAL = "split_special_tokens"
+_SPLIT_SPECIAL_WHY = ("a special token written in text is split into other tokens, where the store holds the token "
+                      "(set it false, or remove it, to ship this tokenizer)")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Failure:
+    """How the folder fails, a clause on it ("which transformers 5.25.0 builds as GPT2Tokenizer, tokenizes text
+    otherwise than its tokenizer.json (first ...)"), and the setting of tokenizer_config.json that makes it fail
+    (CLEAN_UP, SPLIT_SPECIAL), None where it is the class."""
+    clause: str
+    setting: Optional[str] = None
 
 
 def check_tokenizes_as_tokenizer_json(folder: Path, named: Path, log: Callable[[str], None]) -> None:
     """FOLDER (an export's, holding its tokenizer files and config.json), loaded by transformers' AutoTokenizer, gives
-    the ids its tokenizer.json gives for each probe text (no special tokens added). Where the tokenizer_class its
-    tokenizer_config.json names does not (or does not load, or fails on a text: a class rebuilt from a vocabulary it
-    was not made for), that file (the export's copy) is made to name PreTrainedTokenizerFast instead, in a note:
-    transformers then loads tokenizer.json whole, the pipeline the store was tokenized with, and the folder is probed
-    again. Still failing: a UserError naming NAMED (the source's tokenizer_config.json, or its tokenizer.json), the
-    class and how it fails (the first differing probe). Without transformers, a note in LOG that the check was not
-    run. transformers' own log lines on these loads are kept out of the export's output."""
+    the ids its tokenizer.json gives for each probe text (no special tokens added) and decodes those ids into the
+    text tokenizer.json decodes them into (special tokens kept). Where it does not, the export's copy of
+    tokenizer_config.json is changed, each change in a note naming NAMED (the source's tokenizer_config.json, or its
+    tokenizer.json), and the folder probed again: clean_up_tokenization_spaces true, where it is the cause, is set
+    false; a tokenizer_class that does (or does not load, or fails on a text: a class rebuilt from a vocabulary it was
+    not made for) is replaced by PreTrainedTokenizerFast, which loads tokenizer.json whole, the pipeline the store was
+    tokenized with. Still failing, or failing by split_special_tokens: a UserError naming NAMED, the setting or the
+    class and how it fails (the first differing probe). transformers' own log lines on these loads are kept out of the
+    export's output. Without transformers, a note in LOG that the check was not run."""
     try:
         import transformers
     except ImportError:
@@ -82,49 +112,117 @@ def check_tokenizes_as_tokenizer_json(folder: Path, named: Path, log: Callable[[
     config_file = folder / "tokenizer_config.json"
     # UTF-8 whatever the locale: what hf_tokenizer_files checked it is, and what transformers reads
     config = json.loads(config_file.read_text(encoding="utf-8"))
-    named_class = config.get("tokenizer_class")
     parts = _text_parts(reference)
+    changes: list[tuple[str, str, str]] = []  # (why, what the export's copy holds instead: a clause, a note's end)
     with _without_transformers_log():
         failure = _failure(transformers, folder, reference, parts, texts)
-    if failure is None:
-        return
-    if named_class == WHOLE:
-        raise UserError(f"{named}: tokenizer_class {json.dumps(named_class)}, {failure}")
-    config["tokenizer_class"] = WHOLE
-    config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    with _without_transformers_log():
-        still = _failure(transformers, folder, reference, parts, texts)
-    if still is not None:
-        raise UserError(f"{named}: tokenizer_class {json.dumps(named_class)}, {failure}, and {WHOLE} in its place, "
-                        f"with the folder's other settings, {still}")
-    log(f"note: {named}: tokenizer_class {json.dumps(named_class)}, {failure}: the export's tokenizer_config.json "
-        f"names {WHOLE} instead, which loads tokenizer.json whole")
+        while failure is not None:
+            change = _change(failure, config)
+            if change is None:
+                raise UserError(_refusal(named, config, failure, changes))
+            key, value, *said = change
+            changes.append(tuple(said))
+            config[key] = value
+            config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            failure = _failure(transformers, folder, reference, parts, texts)
+    for why, _, done in changes:
+        log(f"note: {named}: {why}: the export's tokenizer_config.json {done}")
 
 
-def _failure(transformers, folder: Path, reference, parts: dict, texts: list[str]) -> Optional[str]:
-    """None where AutoTokenizer loads FOLDER and gives REFERENCE's ids for each of TEXTS, its tokenizers backend holding
-    REFERENCE's PARTS (_text_parts); else how it fails, in a clause on the class ("which transformers 5.25.0 builds as
-    GPT2Tokenizer, tokenizes text otherwise ...")."""
+def _change(failure: _Failure, config: dict) -> Optional[tuple]:
+    """The change to the export's copy of tokenizer_config.json (CONFIG) that makes FAILURE go, (key, value, why,
+    what it holds instead, what the note says it does), once per key; None where no change does."""
+    setting = _setting(failure, config)
+    if setting == CLEAN_UP:
+        return (CLEAN_UP, False, f"{CLEAN_UP} {json.dumps(config[CLEAN_UP])}: the folder, {failure.clause}",
+                f"{CLEAN_UP} false in its place", "sets it false")
+    named_class = config.get("tokenizer_class")
+    if setting is None and named_class != WHOLE:
+        return ("tokenizer_class", WHOLE, f"tokenizer_class {json.dumps(named_class)}, {failure.clause}",
+                f"{WHOLE} in its place", f"names {WHOLE} instead, which loads tokenizer.json whole")
+    return None
+
+
+def _refusal(named: Path, config: dict, failure: _Failure, changes: list[tuple[str, str, str]]) -> str:
+    """The line refusing the folder: the setting that FAILURE names (split_special_tokens), else the changes made
+    (CHANGES) and how it still fails, else the class it names and how it fails."""
+    if _setting(failure, config) == SPLIT_SPECIAL:
+        return f"{named}: {SPLIT_SPECIAL} {json.dumps(config[SPLIT_SPECIAL])}: the folder, {failure.clause}: " \
+               f"{_SPLIT_SPECIAL_WHY}"
+    if changes:
+        whys, instead = ", and ".join(why for why, _, _ in changes), ", ".join(held for _, held, _ in changes)
+        return f"{named}: {whys}, and {instead}, with the folder's other settings, {failure.clause}"
+    return f"{named}: tokenizer_class {json.dumps(config.get('tokenizer_class'))}, {failure.clause}"
+
+
+def _setting(failure: _Failure, config: dict) -> Optional[str]:
+    """The setting that makes FAILURE where CONFIG (tokenizer_config.json) holds it; None where the class does (its
+    own default for it, or its pipeline)."""
+    return failure.setting if failure.setting is not None and config.get(failure.setting) else None
+
+
+def _failure(transformers, folder: Path, reference, parts: dict, texts: list[str]) -> Optional[_Failure]:
+    """None where AutoTokenizer loads FOLDER, gives REFERENCE's ids for each of TEXTS, decodes them into REFERENCE's
+    text, and its tokenizers backend holds REFERENCE's PARTS (_text_parts); else how it fails."""
     version = transformers.__version__
     try:
         auto = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except Exception as e:  # noqa: BLE001 (whatever it raises, the folder does not load)
-        return f"which transformers {version} cannot load from the folder the export would ship ({_reason(e)})"
+        return _Failure(f"which transformers {version} cannot load from the folder the export would ship "
+                        f"({_reason(e)})")
     built = f"which transformers {version} builds as {type(auto).__name__}"
     for text in texts:
+        expected = reference.encode(text, add_special_tokens=False).ids
         try:  # verbose=False: no warning for a probe longer than a small model_max_length
             ids = auto(text, add_special_tokens=False, verbose=False)["input_ids"]
         except Exception as e:  # noqa: BLE001 (a class rebuilt from another model's vocabulary: a missing [UNK])
-            return f"{built}, fails to tokenize text (first {_shown(text)}: {_reason(e)})"
-        if ids != reference.encode(text, add_special_tokens=False).ids:
-            return f"{built}, tokenizes text otherwise than its tokenizer.json (first {_shown(text)})"
+            return _Failure(f"{built}, fails to tokenize text (first {_shown(text)}: {_reason(e)})")
+        if ids != expected:
+            # the setting, where the same call without it gives the store's ids
+            split = getattr(auto, SPLIT_SPECIAL, False) and auto(
+                text, add_special_tokens=False, verbose=False, split_special_tokens=False)["input_ids"] == expected
+            return _Failure(f"{built}, tokenizes text otherwise than its tokenizer.json (first {_shown(text)})",
+                            SPLIT_SPECIAL if split else None)
+    shared = _shared_ids(reference)
+    for text in texts:
+        ids = reference.encode(text, add_special_tokens=False).ids
+        failure = _decode_failure(auto, built, reference, ids, text) if shared.isdisjoint(ids) else None
+        if failure is not None:
+            return failure
     backend = getattr(auto, "backend_tokenizer", None)  # a class of transformers' own Python pipeline has none
     theirs = _text_parts(backend) if backend is not None else parts
     for part in _TEXT_PARTS:
         if theirs[part] != parts[part]:
-            return (f"{built}, with another {part} than its tokenizer.json's ({_kind(theirs[part])}, not "
-                    f"{_kind(parts[part])})")
+            return _Failure(f"{built}, with another {part} than its tokenizer.json's ({_kind(theirs[part])}, not "
+                            f"{_kind(parts[part])})")
     return None
+
+
+def _decode_failure(auto, built: str, reference, ids: list[int], text: str) -> Optional[_Failure]:
+    """None where AUTO decodes IDS (TEXT's) as REFERENCE does, special tokens kept (what a user of the model does with
+    the ids it generates); else how it fails, the setting CLEAN_UP where AUTO's tokenizers backend decodes them as
+    REFERENCE does and transformers, cleaning up spaces, changes that text (the one step its decode() adds)."""
+    expected = reference.decode(ids, skip_special_tokens=False)
+    try:
+        decoded = auto.decode(ids, skip_special_tokens=False)
+    except Exception as e:  # noqa: BLE001 (a class rebuilt with a decoder of another vocabulary)
+        return _Failure(f"{built}, fails to decode ids (first those of {_shown(text)}: {_reason(e)})")
+    if decoded == expected:
+        return None
+    backend = getattr(auto, "backend_tokenizer", None)
+    cleaned = getattr(auto, CLEAN_UP, False) and backend is not None and \
+        backend.decode(ids, skip_special_tokens=False) == expected
+    return _Failure(f"{built}, decodes ids otherwise than its tokenizer.json (first those of {_shown(text)}: "
+                    f"{_difference(decoded, expected)})", CLEAN_UP if cleaned else None)
+
+
+def _shared_ids(tokenizer) -> set[int]:
+    """The ids that two tokens of TOKENIZER's vocabulary share (a hand edit): tokenizers decodes such an id as either
+    token, which one differing from load to load (of its reverse map, built from a hash map), so the decoding of a
+    probe holding one is not compared: it would ship or refuse the folder by chance."""
+    first: dict[int, str] = {}
+    return {index for token, index in tokenizer.get_vocab(with_added_tokens=True).items()
+            if first.setdefault(index, token) != token}
 
 
 @contextlib.contextmanager
@@ -158,3 +256,14 @@ def _reason(e: Exception) -> str:
 
 def _shown(text: str) -> str:
     return json.dumps(text[:_SHOWN_CHARS] + ("..." if len(text) > _SHOWN_CHARS else ""), ensure_ascii=False)
+
+
+def _difference(decoded: str, expected: str) -> str:
+    """Where DECODED first differs from EXPECTED, each shown from a few characters before it."""
+    at = next((i for i, (a, b) in enumerate(zip(decoded, expected)) if a != b), min(len(decoded), len(expected)))
+    start = max(0, at - _CONTEXT_CHARS)
+
+    def shown(text: str) -> str:
+        return json.dumps(("..." if start else "") + text[start:start + _SHOWN_CHARS // 2] +
+                          ("..." if len(text) > start + _SHOWN_CHARS // 2 else ""), ensure_ascii=False)
+    return f"{shown(decoded)}, not {shown(expected)}"
