@@ -160,7 +160,7 @@ def _without_refused_fields(source_hf: dict, cfg: ModelConfig, manifest_file: Pa
 def _write_tokenizer_and_configs(folder: Path, tokenizer: Optional[str], manifest: dict, source_hf: dict,
                                  cfg: ModelConfig, dtype: str, log: Callable[[str], None]) -> Any:
     """The tokenizer (_write_tokenizer), then config.json and generation_config.json with its ids, then the check that
-    the folder, as AutoTokenizer loads it (config.json steers its choice of class too), tokenizes as its
+    the folder, as AutoTokenizer loads it (config.json steers its choice of class too), tokenizes and decodes as its
     tokenizer.json does; one that does not is handled as _write_tokenizer handles a tokenizer it cannot ship (the
     configs then written again without it). Its info, or None when no tokenizer is shipped."""
     info, bos_id, eos_id = _write_tokenizer(folder, tokenizer, manifest, source_hf, cfg, log)
