@@ -66,18 +66,22 @@ def exported_saying(run: Path, folder: Path, out: Path) -> list[str]:
 
 @contextlib.contextmanager
 def transformers_log_lines() -> Iterator[list[str]]:
-    """The lines transformers' loggers give its handler (what it prints on stderr) while the block runs, each message
-    said once (transformers says some once per process: its cache of those is emptied first)."""
+    """The lines transformers' loggers give its handler (what it prints on stderr, at its default level, warning)
+    while the block runs, each message said once (transformers says some once per process: its cache of those is
+    emptied first; tests that run before in the same process may have set its level to error)."""
     lines: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: lines.append(record.getMessage())
     library = logging.getLogger("transformers")
+    level = library.level
     transformers.utils.logging.warning_once.cache_clear()
+    library.setLevel(logging.WARNING)
     library.addHandler(handler)
     try:
         yield lines
     finally:
         library.removeHandler(handler)
+        library.setLevel(level)
 
 
 @pytest.fixture(scope="module")
@@ -254,12 +258,11 @@ def test_transformers_own_log_lines_on_the_probe_load_are_kept_out(tokenizer_cla
     it ignores there: the folder decodes as tokenizer.json). The folder is shipped as it is, the export saying its own
     line only; transformers' log level is left as it was."""
     folder = with_config(byte_tokenizer(tmp_path / "tok").parent, tokenizer_class, eos_token="<|endoftext|>", **fields)
-    level = logging.getLogger("transformers").level
     said = []
     with transformers_log_lines() as lines:
         out = export_to_hf(run, tmp_path / "hf", tokenizer=str(folder), progress=False, log=said.append)
+        assert logging.getLogger("transformers").level == logging.WARNING  # as the export found it
     assert lines == [] and len(said) == 1 and said[0].startswith("exported step 2 of "), (lines, said)
-    assert logging.getLogger("transformers").level == level
     assert json.loads((out / "tokenizer_config.json").read_text()) == json.loads(
         (folder / "tokenizer_config.json").read_text())
     with transformers_log_lines() as lines:  # the reference: transformers says it on a load of the folder
