@@ -31,6 +31,9 @@ from nanotronix.train.validation import Validator  # noqa: E402
 
 def run_layout(name: str, parallel: dict, out: Path) -> None:
     from torch._dynamo.utils import counters
+    # each layout compiles afresh, as the run of a user (one layout per process) does: under torch 2.11 a layout's
+    # compiled layers found the previous one's cached graphs and recompiled on their guards, counting 4 graphs
+    torch._dynamo.reset()
     graphs_before = counters["stats"]["unique_graphs"]  # train.compile layouts: graphs dynamo compiled for this one
     cfg = make_config(parallel)
     ctx = ParallelContext.build(cfg)

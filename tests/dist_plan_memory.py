@@ -62,9 +62,10 @@ def stage_buffer_bytes(model) -> int:
     tensors = []
     for stage in model.runner._stages:
         for infos in list(stage.args_recv_info.values()) + list(stage.grad_recv_info.values()):
-            for info in infos:
-                if info.buffer is not None:
-                    tensors += [info.buffer, info.buffer.grad]
+            for info in infos:  # the first stage's inputs: placeholders with no buffer under torch 2.11
+                buffer = getattr(info, "buffer", None)
+                if buffer is not None:
+                    tensors += [buffer, buffer.grad]
     return unique_bytes(tensors)
 
 

@@ -127,10 +127,14 @@ class _CopyToTP(torch.autograd.Function):
         return _all_reduce(grad, ctx.group), None
 
 
+# The forwards below return a view of the tensor their collective wrote in place, not that tensor: torch 2.11's
+# dynamo (the GPU machines') drops the autograd link of a Function's output written by a traced in-place collective,
+# so under train.compile every gradient before a row-parallel linear was silently zero (a view keeps the link;
+# tests/test_parallel_layouts.py's compiled layouts under torch 2.11). Eager and torch 2.13 need no view; it is free.
 class _ReduceFromTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
-        return _all_reduce(x, group)
+        return _all_reduce(x, group).view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
@@ -152,7 +156,8 @@ class _ReduceScatterToSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        return _reduce_scatter_seq(x, group)
+        out = _reduce_scatter_seq(x, group)
+        return out.view_as(out)  # a view: see _ReduceFromTP
 
     @staticmethod
     def backward(ctx, grad):
