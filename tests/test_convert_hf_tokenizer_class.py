@@ -296,6 +296,33 @@ def test_a_tokenizer_class_decoding_otherwise_is_shipped_as_pretrained_tokenizer
     assert same_decoding(out, [text, CODE]) and same_ids(out, [text, CODE])
 
 
+@pytest.mark.parametrize("part, edited", [
+    ("decoder", {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}),
+    ("pre_tokenizer", {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": True}),
+], ids=["decoder", "pre_tokenizer"])
+def test_byte_level_flags_that_change_nothing_are_not_a_difference(part, edited, run, tmp_path):
+    """GPT2Tokenizer beside a tokenizer.json whose ByteLevel decoder holds its flags false (tokenizers decodes bytes
+    alike whatever they hold), or whose ByteLevel pre-tokenizer holds trim_offsets false (read by its post-processor
+    only): the folder tokenizes and decodes as tokenizer.json, yet the parts compared differed in those fields, so it
+    was shipped naming PreTrainedTokenizerFast in a note "with another decoder than its tokenizer.json's (ByteLevel,
+    not ByteLevel)". Shipped as it is, with no note."""
+    folder = with_config(byte_tokenizer(tmp_path / "tok").parent, "GPT2Tokenizer", eos_token="<|endoftext|>")
+    plain = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    tokenizer[part] = edited
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    reread = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    assert json.loads(getattr(reread, part).__getstate__()) == edited  # tokenizers keeps the flags it ignores
+    for text in (PROSE, CODE):  # the reference: tokenizers itself, before and after the edit
+        ids = plain.encode(text, add_special_tokens=False).ids
+        assert reread.encode(text, add_special_tokens=False).ids == ids and reread.decode(ids) == plain.decode(ids)
+    assert same_ids(folder, [PROSE, CODE]) and same_decoding(folder, [PROSE, CODE])
+    said = []
+    out = export_to_hf(run, tmp_path / "hf", tokenizer=str(folder), progress=False, log=said.append)
+    assert len(said) == 1 and said[0].startswith("exported step 2 of "), said
+    assert json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"] == "GPT2Tokenizer"
+
+
 @pytest.mark.parametrize("tokenizer, fields", [
     ("Unigram", {}),
     ("BPE", {"clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output": True}),

@@ -65,6 +65,12 @@ _CONTEXT_CHARS = 8  # before the first character where a probe decodes otherwise
 # agrees (a Replace normalizer of a pattern no probe holds), so they are compared too; transformers 5.25 keeps them when
 # it loads tokenizer.json whole.
 _TEXT_PARTS = ("normalizer", "pre_tokenizer", "decoder")
+# Fields that tokenizers serializes with a part but does not read in that part's work, left out of the comparison: a
+# ByteLevel decoder maps each character back to its byte whatever its flags hold (tokenizers written by other tools
+# hold them false, transformers' rebuilt ones true), and a ByteLevel pre-tokenizer's trim_offsets is read only by the
+# ByteLevel post-processor (tokenizer.json's, which transformers keeps).
+_UNREAD_FIELDS = {("decoder", "ByteLevel"): ("add_prefix_space", "trim_offsets", "use_regex"),
+                  ("pre_tokenizer", "ByteLevel"): ("trim_offsets",)}
 
 
 def probe_texts(added_tokens: list[str]) -> list[str]:
@@ -241,9 +247,20 @@ def _without_transformers_log():
 
 def _text_parts(tokenizer) -> dict:
     """TOKENIZER's (a tokenizers.Tokenizer) _TEXT_PARTS, as its tokenizer.json would hold them (each serialized alone:
-    the whole tokenizer's JSON, its vocabulary and merges, takes a third of a second for SmolLM2's)."""
-    return {part: None if getattr(tokenizer, part) is None else json.loads(getattr(tokenizer, part).__getstate__())
-            for part in _TEXT_PARTS}
+    the whole tokenizer's JSON, its vocabulary and merges, takes a third of a second for SmolLM2's), less the fields
+    tokenizers does not read in them (_UNREAD_FIELDS)."""
+    return {part: None if getattr(tokenizer, part) is None else
+            _without_unread_fields(part, json.loads(getattr(tokenizer, part).__getstate__())) for part in _TEXT_PARTS}
+
+
+def _without_unread_fields(part: str, value):
+    """VALUE (PART's JSON, or a piece of it: a Sequence holds its parts in a list) without its _UNREAD_FIELDS."""
+    if isinstance(value, list):
+        return [_without_unread_fields(part, item) for item in value]
+    if not isinstance(value, dict):
+        return value
+    unread = _UNREAD_FIELDS.get((part, value.get("type")), ())
+    return {key: _without_unread_fields(part, item) for key, item in value.items() if key not in unread}
 
 
 def _kind(part: Optional[dict]) -> str:
