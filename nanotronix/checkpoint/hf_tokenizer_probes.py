@@ -231,18 +231,29 @@ def _shared_ids(tokenizer) -> set[int]:
             if first.setdefault(index, token) != token}
 
 
+_SAID_ONCE = {"warning_once": logging.Logger.warning, "info_once": logging.Logger.info}  # transformers' own
+
+
 @contextlib.contextmanager
 def _without_transformers_log():
     """transformers' own log lines (on the class a folder names, "`tokenizer_class` is `LlamaTokenizer` but
     `tokenizer.json` is ByteLevel"; on a setting it ignores) are about loads the user did not ask for: kept out of the
-    export's output, where the note says what matters. Its loggers all answer to the library's root logger."""
+    export's output, where the note says what matters. Its loggers all answer to the library's root logger. A line
+    transformers says once per process (its warning_once and info_once, which it adds to logging.Logger) is remembered
+    as said even when not shown: the plain methods stand in for them meanwhile, so that a user's own load of the folder
+    after the export, in the same process, still says it."""
     library = logging.getLogger("transformers")
     level = library.level
+    once = {name: vars(logging.Logger)[name] for name in _SAID_ONCE if name in vars(logging.Logger)}
     library.setLevel(logging.CRITICAL + 1)
+    for name in once:
+        setattr(logging.Logger, name, _SAID_ONCE[name])
     try:
         yield
     finally:
         library.setLevel(level)
+        for name, method in once.items():
+            setattr(logging.Logger, name, method)
 
 
 def _text_parts(tokenizer) -> dict:
