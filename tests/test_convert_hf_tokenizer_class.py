@@ -301,6 +301,29 @@ def test_a_tokenizer_class_decoding_otherwise_is_shipped_as_pretrained_tokenizer
     assert same_decoding(out, [text, CODE]) and same_ids(out, [text, CODE])
 
 
+def test_a_tokenizer_json_without_a_decoder_is_no_reference_for_decoding(run, tmp_path):
+    """A byte-level tokenizer.json with no decoder (one trained with tokenizers, its decoder never set) beside
+    GPT2Tokenizer, which transformers rebuilds with the ByteLevel decoder: tokenizers joins the tokens' own strings
+    ("ĠThe"), GPT2Tokenizer gives the text back. Comparing the decoding replaced the class by PreTrainedTokenizerFast
+    in a note, shipping a folder that decoded into those strings where the source folder decoded into the text. With
+    no decoder in tokenizer.json there is no decoding of its own to keep: shipped as it is, with no note, decoding
+    text back (the reference: the text itself)."""
+    folder = with_config(byte_tokenizer(tmp_path / "tok").parent, "GPT2Tokenizer", eos_token="<|endoftext|>")
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    tokenizer["decoder"] = None
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    reference = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    assert reference.decode(reference.encode(PROSE, add_special_tokens=False).ids) != PROSE  # the tokens' strings
+    said = []
+    out = export_to_hf(run, tmp_path / "hf", tokenizer=str(folder), progress=False, log=said.append)
+    assert len(said) == 1 and said[0].startswith("exported step 2 of "), said
+    assert json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"] == "GPT2Tokenizer"
+    assert same_ids(out, [PROSE, CODE])
+    auto = transformers.AutoTokenizer.from_pretrained(out)
+    for text in (PROSE, CODE):
+        assert auto.decode(reference.encode(text, add_special_tokens=False).ids) == text
+
+
 @pytest.mark.parametrize("part, edited", [
     ("decoder", {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}),
     ("pre_tokenizer", {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": True}),

@@ -1,7 +1,7 @@
 """The tokenizer folder a Hugging Face export ships tokenizes text as its tokenizer.json does (what the token stores
-were tokenized with), and decodes ids back into the text tokenizer.json decodes them into, checked by loading it with
-transformers' AutoTokenizer on a fixed set of probe texts, and by comparing the normalizer, pre-tokenizer and decoder of
-the tokenizers pipeline it builds with tokenizer.json's.
+were tokenized with), and decodes ids back into the text tokenizer.json decodes them into (where it has a decoder),
+checked by loading it with transformers' AutoTokenizer on a fixed set of probe texts, and by comparing the normalizer,
+pre-tokenizer and decoder of the tokenizers pipeline it builds with tokenizer.json's.
 
 Why a load, not a reading of the files as hf_tokenizer_files does: transformers 5 (5.25 here) builds the class
 tokenizer_config.json names. PreTrainedTokenizerFast and TokenizersBackend (the class of a tokenizer_class it does not
@@ -97,14 +97,15 @@ class _Failure:
 def check_tokenizes_as_tokenizer_json(folder: Path, named: Path, log: Callable[[str], None]) -> None:
     """FOLDER (an export's, holding its tokenizer files and config.json), loaded by transformers' AutoTokenizer, gives
     the ids its tokenizer.json gives for each probe text (no special tokens added) and decodes those ids into the
-    text tokenizer.json decodes them into (special tokens kept). Where it does not, the export's copy of
-    tokenizer_config.json is changed, each change in a note naming NAMED (the source's tokenizer_config.json, or its
-    tokenizer.json), and the folder probed again: clean_up_tokenization_spaces true, where it is the cause, is set
-    false; a tokenizer_class that does (or does not load, or fails on a text: a class rebuilt from a vocabulary it was
-    not made for) is replaced by PreTrainedTokenizerFast, which loads tokenizer.json whole, the pipeline the store was
-    tokenized with. Still failing, or failing by split_special_tokens: a UserError naming NAMED, the setting or the
-    class and how it fails (the first differing probe). transformers' own log lines on these loads are kept out of the
-    export's output. Without transformers, a note in LOG that the check was not run."""
+    text tokenizer.json decodes them into (special tokens kept; where it has a decoder). Where it does not, the
+    export's copy of tokenizer_config.json is changed, each change in a note naming NAMED (the source's
+    tokenizer_config.json, or its tokenizer.json), and the folder probed again: clean_up_tokenization_spaces true,
+    where it is the cause, is set false; a tokenizer_class that does (or does not load, or fails on a text: a class
+    rebuilt from a vocabulary it was not made for) is replaced by PreTrainedTokenizerFast, which loads tokenizer.json
+    whole, the pipeline the store was tokenized with. Still failing, or failing by split_special_tokens: a UserError
+    naming NAMED, the setting or the class and how it fails (the first differing probe). transformers' own log lines
+    on these loads are kept out of the export's output. Without transformers, a note in LOG that the check was not
+    run."""
     try:
         import transformers
     except ImportError:
@@ -169,7 +170,8 @@ def _setting(failure: _Failure, config: dict) -> Optional[str]:
 
 def _failure(transformers, folder: Path, reference, parts: dict, texts: list[str]) -> Optional[_Failure]:
     """None where AutoTokenizer loads FOLDER, gives REFERENCE's ids for each of TEXTS, decodes them into REFERENCE's
-    text, and its tokenizers backend holds REFERENCE's PARTS (_text_parts); else how it fails."""
+    text, and its tokenizers backend holds REFERENCE's PARTS (_text_parts), the decoding and the decoder compared only
+    where REFERENCE has a decoder; else how it fails."""
     version = transformers.__version__
     try:
         auto = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
@@ -189,15 +191,18 @@ def _failure(transformers, folder: Path, reference, parts: dict, texts: list[str
                 text, add_special_tokens=False, verbose=False, split_special_tokens=False)["input_ids"] == expected
             return _Failure(f"{built}, tokenizes text otherwise than its tokenizer.json (first {_shown(text)})",
                             SPLIT_SPECIAL if split else None)
-    shared = _shared_ids(reference)
-    for text in texts:
+    # A tokenizer.json with no decoder decodes ids into its tokens' own strings joined by spaces ("ĠThe Ġquick"), no
+    # text of its own to keep: where a class gives the text back with a decoder of its own, that is no worse.
+    decodes = parts["decoder"] is not None
+    shared = _shared_ids(reference) if decodes else set()
+    for text in texts if decodes else ():
         ids = reference.encode(text, add_special_tokens=False).ids
         failure = _decode_failure(auto, built, reference, ids, text) if shared.isdisjoint(ids) else None
         if failure is not None:
             return failure
     backend = getattr(auto, "backend_tokenizer", None)  # a class of transformers' own Python pipeline has none
     theirs = _text_parts(backend) if backend is not None else parts
-    for part in _TEXT_PARTS:
+    for part in _TEXT_PARTS if decodes else [part for part in _TEXT_PARTS if part != "decoder"]:
         if theirs[part] != parts[part]:
             return _Failure(f"{built}, with another {part} than its tokenizer.json's ({_kind(theirs[part])}, not "
                             f"{_kind(parts[part])})")
