@@ -27,32 +27,39 @@ from helpers import torchrun
 
 WORKER = str(Path(__file__).resolve().parent / "dist_parallel_layouts.py")
 
+# Layouts with tensor parallelism and no pipeline run 2 micro-batches per data-parallel rank (4 sequences each; the
+# others 1 sequence, 8 per step, as the reference does): each TP collective costs ~0.5 ms on gloo here (~5 ms with 4
+# ranks on 2 cores), and layers make several per micro-batch (tp4 took 10 s with 8, 2 s with 2). Gradient
+# accumulation is still exercised, and validation's rounds are still padded (5 windows).
+TP_MICRO_BATCHES = "train.micro_batch_size=4"
+TP_DP2_MICRO_BATCHES = "train.micro_batch_size=2"
+
 LAYOUTS = {
     2: {
-        "tp2": "tp=2",
-        "tp2_sp": "tp=2,sequence_parallel=true",
+        "tp2": f"tp=2,{TP_MICRO_BATCHES}",
+        "tp2_sp": f"tp=2,sequence_parallel=true,{TP_MICRO_BATCHES}",
         "pp2_1f1b": "pp=2,pp_schedule=1f1b",
         "pp2_afab": "pp=2,pp_schedule=afab",
         "dp2": "",
         "dp2_zero1": "zero_stage=1",
         "pp2_docs": f"pp=2,model.document_mask_eos_id={EOS}",
         # the head fused into the vocab-parallel loss, in chunks of tokens (parallel/cross_entropy.py)
-        "tp2_sp_fused_loss": "tp=2,sequence_parallel=true,train.loss_chunk_size=24",
+        "tp2_sp_fused_loss": f"tp=2,sequence_parallel=true,train.loss_chunk_size=24,{TP_MICRO_BATCHES}",
         # the column linears' collectives inside their autograd function (column_parallel_matmul.py), under
         # torch.compile without a graph break
-        "tp2_compiled": "tp=2,train.compile=true",
-        "tp2_sp_compiled": "tp=2,sequence_parallel=true,train.compile=true",
+        "tp2_compiled": f"tp=2,train.compile=true,{TP_MICRO_BATCHES}",
+        "tp2_sp_compiled": f"tp=2,sequence_parallel=true,train.compile=true,{TP_MICRO_BATCHES}",
         # under SP they gather their input again in backward; with recomputation they keep it gathered instead
-        "tp2_sp_selective": "tp=2,sequence_parallel=true,train.recompute=selective",
-        "tp2_sp_full_recompute": "tp=2,sequence_parallel=true,train.recompute=full",
+        "tp2_sp_selective": f"tp=2,sequence_parallel=true,train.recompute=selective,{TP_MICRO_BATCHES}",
+        "tp2_sp_full_recompute": f"tp=2,sequence_parallel=true,train.recompute=full,{TP_MICRO_BATCHES}",
     },
     4: {
-        "tp4": "tp=4",
+        "tp4": f"tp=4,{TP_MICRO_BATCHES}",
         "pp4_interleaved": "pp=4,pp_schedule=interleaved,virtual_stages=2",
         # 2 micro-batches for 4 stages: the interleaved schedule runs them as one round (1F1B could not)
         "pp4_interleaved_2mb": "pp=4,pp_schedule=interleaved,virtual_stages=2,train.micro_batch_size=4",
         "tp2_pp2": "tp=2,pp=2",
-        "tp2_dp2": "tp=2",
+        "tp2_dp2": f"tp=2,{TP_DP2_MICRO_BATCHES}",
         "pp2_dp2_zero1": "pp=2,zero_stage=1",
         "pp2_interleaved_dp2_zero1": "pp=2,pp_schedule=interleaved,virtual_stages=2,zero_stage=1",
         "tp2_sp_pp2_docs": f"tp=2,pp=2,sequence_parallel=true,model.document_mask_eos_id={EOS}",
@@ -67,7 +74,8 @@ ALL = [(world, name) for world, layouts in LAYOUTS.items() for name in layouts]
 # copies must give bit-identical steps through pipeline stages, TP + SP and the ZeRO-1 all-gather of the weights.
 CACHE_PAIRS = {
     2: {"pp2_1f1b_bf16": "pp=2,pp_schedule=1f1b,train.dtype=bfloat16"},
-    4: {"tp2_sp_dp2_zero1_bf16": "tp=2,sequence_parallel=true,zero_stage=1,train.dtype=bfloat16"},
+    4: {"tp2_sp_dp2_zero1_bf16": "tp=2,sequence_parallel=true,zero_stage=1,train.dtype=bfloat16,"
+                                 f"{TP_DP2_MICRO_BATCHES}"},
 }
 
 # train.grad_accumulation_fusion (the wgrad GEMM accumulates into the fp32 buckets) on top of the weight cache,
@@ -84,7 +92,7 @@ OVERLAP_PAIRS = {
         # the hook that waits runs outside the compiled layer: same graphs, no graph break inside the layer
         "dp2_zero1_compiled": "zero_stage=1,train.compile=true"},
     4: {"tp2_sp_dp2_zero1_bf16_cache": "tp=2,sequence_parallel=true,zero_stage=1,train.dtype=bfloat16,"
-                                       "train.bf16_weight_cache=true",
+                                       f"train.bf16_weight_cache=true,{TP_DP2_MICRO_BATCHES}",
         # torch.distributed.pipelining runs the chunks: the parts' hooks still wait, two chunks per rank
         "pp2_interleaved_dp2_zero1": "pp=2,pp_schedule=interleaved,virtual_stages=2,zero_stage=1"},
 }
