@@ -279,6 +279,30 @@ def test_loader_errors_are_one_clear_line(stores, tmp_path):
     assert str(e.value).endswith(": list it once in data.stages.0, with the weights added")
 
 
+def test_two_stores_with_one_order_key_are_refused(stores, tmp_path):
+    """A Megatron store `x` and a zarr store `x.zarr` or datatrove store `x.ds` beside it are two stores, but one
+    dataset key (a store file's suffix does not count): they would draw their windows in the same keyed order and be
+    counted as one dataset in the stats (the metrics' and checkpoints' consumed tokens of one of them lost)."""
+    import shutil
+    from nanotronix.data.zarr_store import ZarrWriter
+    for suffix in (".bin", ".idx"):
+        shutil.copy(stores[0] + suffix, tmp_path / f"x{suffix}")
+    tokens = np.random.default_rng(7).integers(1, 49152, size=3000)
+    writer = ZarrWriter(str(tmp_path / "x.zarr"), np.uint16)
+    writer.add_documents(tokens, np.array([3000]))
+    writer.finalize({})
+    (tmp_path / "x.ds").write_bytes(tokens.astype("<u2").tobytes())
+    (tmp_path / "x.ds.index").write_bytes(np.array([3000], dtype="<u8").tobytes())
+    mega = str(tmp_path / "x")
+    for other in (str(tmp_path / "x.zarr"), str(tmp_path / "x.ds")):
+        for stages in ([("one", 1, [(mega, 1), (other, 1)])], [("one", 1, [(mega, 1)]), ("two", 3, [(other, 1)])]):
+            with pytest.raises(DataError) as e:
+                build_train_loader(_cfg(stages), 0, 1)
+            assert str(e.value) == (f"data.stages: datasets {mega} and {other} are two token stores with one dataset "
+                                    f"key, {mega} (a store file's suffix does not count): they would be read in the "
+                                    "same order and counted as one dataset; rename one of them")
+
+
 def test_loader_blends_all_three_store_formats(stores, tmp_path):
     """One reader interface: a datatrove .ds and a zarr store in the same blend as a Megatron store."""
     from nanotronix.data.zarr_store import ZarrWriter

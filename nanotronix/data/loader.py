@@ -230,6 +230,13 @@ def build_train_loader(cfg, dp_rank: int, dp_size: int, consumed_samples: int = 
     streams = {name: PackedStream(name, store.num_tokens, seq_len, cfg.data.data_seed,
                                   order_key=dataset_order_key(name, cfg.data.root, earlier_order_keys))
                for name, store in stores.items()}
+    keyed: dict[str, str] = {}
+    for name, stream in streams.items():  # two stores (`x` and `x.zarr`): one shuffle key, one entry in the stats
+        first = keyed.setdefault(stream.order_key, name)
+        if first != name:
+            raise DataError(f"data.stages: datasets {first} and {name} are two token stores with one dataset key, "
+                            f"{stream.order_key} (a store file's suffix does not count): they would be read in the "
+                            "same order and counted as one dataset; rename one of them")
     schedule = BlendSchedule(stages, gbs, streams)
     return TrainLoader(schedule, stores, seq_len, cfg.train.micro_batch_size, dp_rank, dp_size,
                        consumed_samples, vocab_size=vocab)
