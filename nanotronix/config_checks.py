@@ -110,7 +110,7 @@ def _validate_run(cfg: Config) -> None:
     _check_optimizer(cfg.optimizer)
     _check_lr_schedule(cfg.lr_schedule, cfg.optimizer.lr)
     validate_data(cfg.data)
-    _check_validation(cfg.validation)
+    _check_validation(cfg.validation, cfg.data.root)
     _check_checkpoint(cfg.checkpoint)
     _check_logging(cfg)
 
@@ -237,14 +237,23 @@ def validate_data(d: DataConfig) -> None:
                      f"{where}.datasets.{j}.weight: must be positive, got {ds.weight}")
 
 
-def _check_validation(v: ValidationConfig) -> None:
-    """With an interval, held-out stores to score (each once) and a number of windows."""
+def _check_validation(v: ValidationConfig, root: Optional[str]) -> None:
+    """With an interval, held-out stores to score (each once, each under a name of its own) and a number of
+    windows."""
     _require(v.interval >= 0, f"validation.interval: must be >= 0 (0: no validation), got {v.interval}")
     if v.interval > 0:
         _require(bool(v.data), "validation.data: missing (validation.interval > 0 needs a list of held-out token "
                                "stores)")
         _require(all(v.data), "validation.data: an empty path")
         _require(len(set(v.data)) == len(v.data), "validation.data: a path is listed twice")
+        from nanotronix.data.schedule import dataset_order_key  # what names each store's loss in val_losses
+        named: dict[str, str] = {}
+        for path in v.data:
+            key = dataset_order_key(path, root)
+            first = named.setdefault(key, path)
+            _require(first == path, f"validation.data: {first} and {path} have one name in val_losses, {key} (a store "
+                                    "file's suffix, ./ and doubled slashes do not count): name each store once, and "
+                                    "stores side by side by more than a suffix")
         _require(v.num_samples >= 1, f"validation.num_samples: must be >= 1 with validation.interval > 0, got "
                                      f"{v.num_samples}")
 

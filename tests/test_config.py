@@ -122,6 +122,21 @@ def test_validation_names_the_field(tiny_yaml, override, field):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("second", ["val/web.zarr", "val/web.ds", "./val/web", "val//web/", "other/../val/web.bin"])
+def test_validation_stores_with_one_name_are_refused(tiny_yaml, second):
+    """val_losses names each store by its dataset key (a store file's suffix, `./`, doubled slashes do not count):
+    two paths with one key would be one entry, one store's loss lost (or one store scored twice)."""
+    overrides = ["validation.interval=5", "validation.num_samples=4", "data.root=/corpus",
+                 f"validation.data=[val/web,{second}]"]
+    with pytest.raises(ConfigError) as e:
+        load_config(tiny_yaml, overrides)
+    assert str(e.value) == (f"validation.data: /corpus/val/web and /corpus/{second} have one name in val_losses, "
+                            "val/web (a store file's suffix, ./ and doubled slashes do not count): name each store "
+                            "once, and stores side by side by more than a suffix")
+    assert load_config(tiny_yaml, overrides[:3] + ["validation.data=[val/web,val/web2]"]).validation.data == [
+        "/corpus/val/web", "/corpus/val/web2"]
+
+
 def test_an_init_std_past_1_trains_when_the_export_is_told_what_to_write(tiny_yaml):
     from nanotronix.convert.hf_mapping import hf_config_dict
 
