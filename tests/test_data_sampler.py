@@ -221,6 +221,25 @@ def test_epochs_cover_every_window_and_reshuffle(stores):
     assert stream.epochs(125) == 2.5
 
 
+def test_a_stage_past_the_samplers_reach_is_never_reached_not_an_error(stores):
+    """A stage whose start_step lies past 2^38 samples (a typo: 471600100 for 4716001) starts after any run's last
+    step (train_steps x global_batch_size <= 2^38 is checked), so it is never trained, as a stage past
+    train.train_steps is: the run reads what it reads without that stage."""
+    a, b = stores[:2]
+    far = 2 ** 38 // 1024 + 2  # its first sample, (far - 1) * 1024, is past 2^38
+    for stages in ([("one", 1, [(a, 1)]), ("typo", far, [(b, 1)])],
+                   [("one", 1, [(a, 1)]), ("two", 5, [(a, 1), (b, 2)]), ("typo", far, [(b, 1)]),
+                    ("later", far + 10, [(a, 1)])]):
+        with_typo = build_train_loader(_cfg(stages, gbs=1024, mbs=64), 0, 2)
+        without = build_train_loader(_cfg([s for s in stages if s[1] < far], gbs=1024, mbs=64), 0, 2)
+        for step in (1, 6, 900):
+            assert np.array_equal(with_typo.read_batch(step), without.read_batch(step))
+            got, expected = with_typo.stats(step), without.stats(step)
+            assert got["stage"] == expected["stage"]
+            assert got["datasets"] == {**{d: {"consumed_tokens": 0, "epochs": 0.0} for d in got["datasets"]},
+                                       **expected["datasets"]}  # a dataset of the unreached stages only: none read
+
+
 def test_dataset_continues_across_stages_without_repeating(stores):
     a, b, c = stores[:3]
     cfg = _cfg([("one", 1, [(a, 1), (b, 1)]), ("two", 11, [(a, 1), (c, 1)])], gbs=16)

@@ -32,7 +32,7 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from .blend import BlendTree
+from .blend import MAX_SAMPLES, BlendTree
 from .errors import DataError
 from .permutation import derive_keys, mix64, permute, stable_key
 
@@ -137,7 +137,10 @@ class BlendSchedule:
             first = (start_step - 1) * global_batch_size
             if self.stages:  # close the previous stage: add what each of its datasets received in it
                 prev = self.stages[-1]
-                for d, n in zip(prev.datasets, prev.tree.counts(first - prev.first_sample)):
+                # no run reads past sample 2^38 (train_steps x global_batch_size is checked): a stage starting past
+                # it (a start_step typed with a digit too many) is never reached, like one past train_steps
+                reached = max(0, min(first, MAX_SAMPLES) - prev.first_sample)
+                for d, n in zip(prev.datasets, prev.tree.counts(reached)):
                     totals[d] = totals.get(d, 0) + n
             tree = BlendTree([w for _, w in datasets])
             self.stages.append(StagePlan(name, start_step, first, tuple(names), tree,
