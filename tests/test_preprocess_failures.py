@@ -210,3 +210,26 @@ def test_workers_past_what_the_cores_can_use_are_refused_before_any_process_star
     err = capsys.readouterr().err
     assert err.startswith(f"error: --workers {limit + 1}: ") and f"at most {limit}" in err and err.count("\n") == 1
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("staging", ["out.bin", "out.unshuffled"])
+def test_a_full_disk_while_tokens_are_written_leaves_nothing(tmp_path, tok, preprocess_tool, capsys, staging):
+    """A disk that fills while the tokens are staged: the bytes still buffered fail again when the staging file is
+    closed, and that second error stopped the clean-up (before, the hidden staging files, as large as what the disk
+    held, stayed until a later run, and so did the folders this run made, which this test cannot show; with
+    --shuffle the store writer's files too), and the line said no path. /dev/full stands in for the full disk:
+    every write to it fails with ENOSPC."""
+    from nanotronix.data.files import temp_path
+    # a first document that the staging file's write buffer holds, then more than its 8 KiB: that write fails
+    (tmp_path / "first.txt").write_text(TEXTS[0])
+    src = _jsonl(tmp_path / "in.jsonl", [json.dumps({"text": t}) for t in TEXTS * 40])
+    prefix = tmp_path / "new" / "out"
+    prefix.parent.mkdir()
+    full = temp_path(prefix.parent / staging)  # the name this process stages those tokens under
+    full.symlink_to("/dev/full")
+    shuffle = ["--shuffle"] if staging == "out.unshuffled" else []
+    code = preprocess_tool.main(["--input", str(tmp_path / "first.txt"), str(src), "--tokenizer", tok,
+                                 "--output-prefix", str(prefix), "--workers", "1", "--no-progress", *shuffle])
+    err = capsys.readouterr().err
+    assert sorted(p.name for p in prefix.parent.iterdir()) == []  # the staging files, the link to the "disk" too
+    assert (code, err) == (2, f"error: No space left on device: {full}\n")  # which disk: the file's path

@@ -199,19 +199,43 @@ class DocumentSpill:
             raise ValueError("document lengths do not add up to the token count")
         if lengths.size and int(lengths.max()) > np.iinfo(np.int32).max:
             raise DataError("a document longer than 2^31-1 tokens cannot be stored")
-        self._tokens.write(np.ascontiguousarray(flat_tokens, dtype=self.dtype).tobytes())
-        self._lengths.write(lengths.astype(np.int32).tobytes())
+        with _named(self.tokens_path):
+            self._tokens.write(np.ascontiguousarray(flat_tokens, dtype=self.dtype).tobytes())
+        with _named(self.lengths_path):
+            self._lengths.write(lengths.astype(np.int32).tobytes())
         self.num_documents += len(lengths)
         self.num_tokens += len(flat_tokens)
 
     def close(self) -> None:
-        self._tokens.close()
-        self._lengths.close()
+        """Close both files, the second one even when the first one's buffered bytes cannot be written."""
+        try:
+            with _named(self.tokens_path):
+                self._tokens.close()
+        finally:
+            with _named(self.lengths_path):
+                self._lengths.close()
 
     def remove(self) -> None:
-        self.close()
-        remove_quietly(self.tokens_path)
-        remove_quietly(self.lengths_path)
+        """Discard both files. After a write failed on a full disk, closing fails again on the bytes still buffered:
+        that must not keep the files (as large as what the disk held) from being removed."""
+        try:
+            with contextlib.suppress(OSError):
+                self.close()
+        finally:
+            remove_quietly(self.tokens_path)
+            remove_quietly(self.lengths_path)
+
+
+@contextlib.contextmanager
+def _named(path: Path):
+    """An OSError of a write to an open file names no file ("No space left on device"): name `path`, so the error line
+    says which disk filled."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(path)
+        raise
 
 
 class SpillingWriter:

@@ -68,5 +68,7 @@ class ShufflingWriter(SpillingWriter):
             self._spill.remove()
 
     def abort(self) -> None:
-        self._spill.remove()
-        self.writer.abort()
+        try:
+            self._spill.remove()
+        finally:
+            self.writer.abort()
