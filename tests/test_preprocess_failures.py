@@ -233,3 +233,38 @@ def test_a_full_disk_while_tokens_are_written_leaves_nothing(tmp_path, tok, prep
     err = capsys.readouterr().err
     assert sorted(p.name for p in prefix.parent.iterdir()) == []  # the staging files, the link to the "disk" too
     assert (code, err) == (2, f"error: No space left on device: {full}\n")  # which disk: the file's path
+
+
+def test_a_stop_while_overwrite_replaces_a_zarr_store_leaves_none_that_reads_wrong(tmp_path, tok, preprocess_tool,
+                                                                                     monkeypatch, capsys):
+    """--overwrite of a zarr store (a folder) removed the old folder file by file where the new one was to go: a
+    SIGTERM (raised as an interrupt) or a SIGKILL in the middle left the old store with some chunk files gone, which
+    opens, and zarr reads a missing chunk as fill values (zeros, SmolLM2's EOS): a later run trained on them without a
+    word. Whatever the moment, the store at the prefix must be the old one, the new one, or none."""
+    import shutil
+    import types
+    from nanotronix.data import DataError, files
+    calls = []
+
+    def stopped_midway(path, *args, **kwargs):  # removes a chunk file of the tokens, then the signal arrives
+        calls.append(path)
+        if len(calls) > 1:
+            return shutil.rmtree(path, *args, **kwargs)
+        (Path(path) / "tokens" / "c" / "0").unlink()
+        raise KeyboardInterrupt
+
+    stores = {}
+    for name, texts in (("old", TEXTS), ("new", TEXTS[::-1])):
+        src = _jsonl(tmp_path / f"{name}.jsonl", [json.dumps({"text": t}) for t in texts])
+        args = ["--input", str(src), "--tokenizer", tok, "--output-prefix", str(tmp_path / "out"), "--format", "zarr",
+                "--workers", "1", "--no-progress", "--overwrite"]
+        if name == "new":  # only files' own removals (zarr clears folders with shutil.rmtree too)
+            monkeypatch.setattr(files, "shutil", types.SimpleNamespace(rmtree=stopped_midway))
+        assert preprocess_tool.main(args) == (0 if name == "old" else 130), capsys.readouterr().err
+        stores[name] = preprocess._reference(tok, texts)
+    assert calls, "the old store was not removed"
+    try:
+        held = preprocess._docs(tmp_path / "out.zarr")
+    except DataError:
+        held = None
+    assert held in (stores["old"], stores["new"], None)

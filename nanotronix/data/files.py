@@ -146,16 +146,28 @@ def fsync_tree(folder: Path) -> None:
 def commit(temp: str | os.PathLike, final: str | os.PathLike) -> None:
     """Flush `temp` (a file, or a folder and everything in it) to disk, rename it to `final` (replacing an older
     file or folder of that name), and fsync the folder holding it: once this returns, `final` is complete and
-    survives a power loss (a rename is durable only once its folder is fsynced)."""
+    survives a power loss (a rename is durable only once its folder is fsynced). At no moment does `final` hold a
+    part of the older folder: it is renamed aside whole before it is removed (removed in place, a removal stopped by
+    a signal left a zarr store missing chunk files, which zarr reads as fill values)."""
     temp, final = Path(temp), Path(final)
     if temp.is_dir() and not temp.is_symlink():
         fsync_tree(temp)
     else:
         fsync_path(temp)
-    if final.is_dir() and not final.is_symlink():
-        shutil.rmtree(final)
-    os.replace(temp, final)
+    replaced = None
+    if final.is_dir() and not final.is_symlink():  # a folder cannot be renamed over one that holds files
+        replaced = temp_path(final.with_name(f"{final.name}.replaced"))  # remove_abandoned_temps' name for it
+        remove_quietly(replaced)
+        os.replace(final, replaced)
+    try:
+        os.replace(temp, final)
+    except BaseException:
+        if replaced is not None:  # the older one back in its place
+            os.replace(replaced, final)
+        raise
     fsync_folder_if_allowed(final.parent)
+    if replaced is not None:
+        remove_quietly(replaced)
 
 
 def remove_quietly(path: str | os.PathLike) -> None:
