@@ -345,3 +345,23 @@ def test_stores_written_into_an_input_folder_are_not_read_as_input(tmp_path, tok
     train_tokenizer = load_tool("train_tokenizer")
     assert train_tokenizer.main(["--input", str(src), "--output", str(tmp_path / "tok.json"),
                                  "--vocab-size", "300"]) == 0, capsys.readouterr().err
+
+
+def test_a_record_nested_deeper_than_the_json_reader_recurses_is_a_bad_record(tmp_path, tok, preprocess_tool, capsys):
+    """A JSON line nested 100,000 deep (a crawler's runaway metadata field) makes Python's JSON reader raise
+    RecursionError, not ValueError: it ended preprocess with a traceback (exit 1), --skip-bad or not, and
+    train_tokenizer too. It is invalid JSON to this reader: one line naming FILE:line, or skipped and counted."""
+    deep = '{"text": "deep", "meta": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    src = _jsonl(tmp_path / "in.jsonl", [json.dumps({"text": TEXTS[0]}), deep, json.dumps({"text": TEXTS[1]})])
+    args = ["--input", str(src), "--tokenizer", tok, "--no-progress"]
+    for workers in ("1", "2"):
+        assert preprocess_tool.main(args + ["--output-prefix", str(tmp_path / "out"), "--workers", workers]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {src}:2: invalid JSON (") and err.count("\n") == 1, err
+        assert _outputs(tmp_path) == []
+    assert preprocess_tool.main(args + ["--output-prefix", str(tmp_path / "out"), "--skip-bad"]) == 0
+    assert _docs(tmp_path / "out") == _reference(tok, TEXTS[:2])
+    assert open_store(tmp_path / "out").metadata["skipped"]["reasons"] == {"invalid JSON": 1}
+    train_tokenizer = load_tool("train_tokenizer")
+    assert train_tokenizer.main(["--input", str(src), "--output", str(tmp_path / "tok.json")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {src}:2: invalid JSON (")

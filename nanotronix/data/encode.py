@@ -94,6 +94,8 @@ def _text_of(chunk: Chunk, item, text_key: str):
             record = json.loads(line.removeprefix("\ufeff"))  # a byte-order mark some editors put before line 1
         except ValueError as e:
             return None, ("invalid JSON", f"{e}; JSON lines are read: one object per line")
+        except RecursionError:  # what the JSON reader raises for a value nested past the interpreter's recursion limit
+            return None, ("invalid JSON", "nested deeper than the JSON reader recurses")
         if not isinstance(record, dict):
             return None, ("not a JSON object", f"{type(record).__name__}; JSON lines are read: one object per line")
         if text_key not in record:  # the keys it has, for --text-key (a corpus whose field is "content")
