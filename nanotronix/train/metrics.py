@@ -106,7 +106,8 @@ class MetricsLog:
 
 
 class Throughput:
-    """Tokens/s over the steps since the last report (wall clock, so data loading and logging count)."""
+    """Tokens/s over the steps since the last report (wall clock, so data loading and logging count; the trainer
+    leaves validation passes, checkpoint saves and profile writing out with `paused`)."""
 
     def __init__(self) -> None:
         self._t = time.perf_counter()

@@ -344,8 +344,10 @@ class _TrainingRun:
     def _end_step(self, step: int) -> bool:
         """Save if due, close the profiler's window if due; True when a SIGTERM/SIGUSR1 save asks the run to stop."""
         self.watch.at(step, "checkpoint")
-        stop = self.checkpointer.after_step(step, self.model, self.optimizer, self.loader, self._trainer_state)
-        with self.log.paused():  # writing the trace, at the window's end
+        # a save, and writing the profiler's trace at its window's end, are not training: their time stays out of
+        # tokens/s and MFU (Megatron-LM's interval timer stops for a save too), or the record after each save dips
+        with self.log.paused():
+            stop = self.checkpointer.after_step(step, self.model, self.optimizer, self.loader, self._trainer_state)
             self.profiler.end(step)
         return stop
 
