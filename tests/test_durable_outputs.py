@@ -171,3 +171,25 @@ def test_only_a_temp_name_of_ascii_digits_is_a_killed_writers_leftover(tmp_path)
         (tmp_path / f".out.tmp-{pid}").write_text("x\n")
     assert files.remove_abandoned_temps(tmp_path / "out") == [tmp_path / f".out.tmp-{dead.pid}"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [f".out.tmp-{arabic}"]
+
+
+def test_a_writer_removes_only_its_own_outputs_leftovers_of_processes_gone_from_this_host(tmp_path):
+    """On a file system shared by many nodes, a staging file named for another output (`.out.v2.tmp-PID`: the output
+    `out.v2`, whose name extends `out` with a dot) or written on another host (its pid names no process here, but may
+    be running there) is not `out`'s leftover: it was deleted, and that writer failed at its final rename. Staging
+    names carry the host (`.NAME.tmp-HOST-PID`); those of older versions (`.NAME.tmp-PID`) are still removed."""
+    import socket
+    import subprocess
+
+    dead = subprocess.Popen(["true"])  # its process id names no process once it has ended
+    dead.wait()
+    host = socket.gethostname()
+    assert files.temp_path(tmp_path / "out").name == f".out.tmp-{host}-{os.getpid()}"
+    ours = [f".out.tmp-{dead.pid}", f".out.tmp-{host}-{dead.pid}", f".out.replaced.tmp-{host}-{dead.pid}"]
+    theirs = [f".out.v2.tmp-{dead.pid}", f".out.v2.tmp-{host}-{dead.pid}", f".out.tmp-other-node-7-{dead.pid}",
+              f".out.tmp-{host}-{os.getpid()}"]  # the last: this live process's
+    for name in ours + theirs:
+        (tmp_path / name).write_text("x\n")
+    removed = files.remove_abandoned_temps(tmp_path / "out", tmp_path / "out.replaced")
+    assert sorted(p.name for p in removed) == sorted(ours)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(theirs)

@@ -268,3 +268,28 @@ def test_a_stop_while_overwrite_replaces_a_zarr_store_leaves_none_that_reads_wro
     except DataError:
         held = None
     assert held in (stores["old"], stores["new"], None)
+
+
+def test_a_run_removes_its_outputs_leftovers_not_another_outputs_nor_another_hosts(tmp_path, tok, preprocess_tool,
+                                                                                  capsys):
+    """What killed runs at this prefix left (each staging file of either format, with --shuffle's too) is removed;
+    the staging files of `tokens.v2` (a name extending `tokens` with a dot) and of a writer of `tokens` on another
+    node of a shared file system (its pid is not this host's) are not: deleting them failed that writer at its
+    final rename, after hours of work."""
+    import socket
+    dead = subprocess.Popen(["true"])  # its process id names no process once it has ended
+    dead.wait()
+    host = socket.gethostname()
+    ours = [f".tokens.{kind}.tmp-{dead.pid}" for kind in ("bin", "lengths", "idx", "meta.json", "unshuffled",
+                                                          "unshuffled-lengths", "zarr", "zarr.replaced")]
+    ours.append(f".tokens.bin.tmp-{host}-{dead.pid}")
+    theirs = [f".tokens.v2.bin.tmp-{dead.pid}", f".tokens.v2.idx.tmp-{host}-{dead.pid}",
+              f".tokens.bin.tmp-node-2-{dead.pid}"]
+    for name in ours + theirs:
+        (tmp_path / name).write_text("x\n")
+    src = _jsonl(tmp_path / "in.jsonl", [json.dumps({"text": t}) for t in TEXTS])
+    capsys.readouterr()
+    assert preprocess_tool.main(["--input", str(src), "--tokenizer", tok, "--output-prefix", str(tmp_path / "tokens"),
+                                 "--no-progress", "--workers", "1"]) == 0
+    assert "note: removed what an interrupted run left beside the output" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == sorted(theirs)

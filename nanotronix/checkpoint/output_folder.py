@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from nanotronix.data.files import (make_folder_durably, note_removed_temps, remove_abandoned_temps,
-                                   remove_made_folders, temp_path)
+                                   remove_made_folders, replaced_path, temp_path)
 from nanotronix.errors import PATH_THROUGH_A_FILE, UserError
 
 
@@ -27,7 +27,7 @@ def staged_output(output: Path, source: Path, overwrite: bool, replaceable: Call
     above `output` made for it (rmdir only): a failed conversion leaves nothing behind."""
     _check_output(output, source, overwrite, replaceable, kind)
     staging = temp_path(output)
-    note_removed_temps(remove_abandoned_temps(output))
+    note_removed_temps(remove_abandoned_temps(output, replaced_path(output)))  # what commit() stages: both
     made: list[Path] = []
     try:
         made = make_folder_durably(output.parent)

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import stat
 import sys
 from pathlib import Path
@@ -20,29 +21,49 @@ import numpy as np
 from .errors import DataError
 
 
+def _host_tag() -> str:
+    """This host's name as staging names carry it (characters a file name may hold and a hostname normally has)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname()) or "_"
+
+
 def temp_path(final: str | os.PathLike) -> Path:
+    """The staging name of `final` in this process: `.NAME.tmp-HOST-PID` beside it. The host is in the name because
+    a pid means something only on its host: on a file system that several nodes share, a writer on another node
+    must not find its staging file judged abandoned here (`remove_abandoned_temps`)."""
     final = Path(final)
-    return final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    return final.with_name(f".{final.name}.tmp-{_host_tag()}-{os.getpid()}")
 
 
-def remove_abandoned_temps(final: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files and folders that killed writers of `final` left beside it (`.NAME[.ext].tmp-PID`,
-    NAME being `final`'s name, e.g. a store prefix's `.NAME.bin.tmp-PID`), when their process is gone from this
-    machine: a SIGKILLed preprocess or converter cannot clean up, and its leftovers are as large as the output.
-    Returns what was removed. A writer of the same output on another machine is not seen (it would collide at its
-    own commit anyway)."""
+def replaced_path(final: str | os.PathLike) -> Path:
+    """What `commit` stages an older folder at `final` under (`temp_path` of this name) while the new one goes in."""
     final = Path(final)
-    pattern = re.compile(rf"\.{re.escape(final.name)}(\.[^/]*)?\.tmp-([0-9]+)")  # a pid: ASCII digits, not any \d
+    return final.with_name(f"{final.name}.replaced")
+
+
+def remove_abandoned_temps(*staged: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files and folders that killed writers left beside the paths in `staged`: the outputs,
+    and any other names a writer stages under `temp_path` (a store's `.lengths`, `replaced_path`), each named
+    exactly, so that another output's staging files (`.NAME.v2.bin.tmp-...` beside `NAME`'s) are never taken for
+    these. One is removed when its process is gone from this host: `.NAME.tmp-HOST-PID` with this host's name, or
+    `.NAME.tmp-PID` (the name older versions gave, which carries no host). A SIGKILLed preprocess or converter
+    cannot clean up, and its leftovers are as large as the output. A writer on another host is never judged by
+    its pid here; one on this host that is alive stays. Returns what was removed."""
+    host = re.escape(_host_tag())
+    patterns = {}
+    for path in map(Path, staged):  # a pid: ASCII digits, not any \d
+        patterns.setdefault(path.parent, []).append(rf"\.{re.escape(path.name)}\.tmp-(?:{host}-)?([0-9]+)")
     removed = []
-    try:
-        entries = list(final.parent.iterdir())
-    except OSError:  # no folder yet: nothing left there
-        return removed
-    for entry in entries:
-        found = pattern.fullmatch(entry.name)
-        if found and _process_is_gone(int(found.group(2))):
-            remove_quietly(entry)
-            removed.append(entry)
+    for folder, names in patterns.items():
+        pattern = re.compile("|".join(f"(?:{name})" for name in names))
+        try:
+            entries = sorted(folder.iterdir())
+        except OSError:  # no folder yet: nothing left there
+            continue
+        for entry in entries:
+            found = pattern.fullmatch(entry.name)
+            if found and _process_is_gone(int(next(g for g in found.groups() if g is not None))):
+                remove_quietly(entry)
+                removed.append(entry)
     return removed
 
 
@@ -156,7 +177,7 @@ def commit(temp: str | os.PathLike, final: str | os.PathLike) -> None:
         fsync_path(temp)
     replaced = None
     if final.is_dir() and not final.is_symlink():  # a folder cannot be renamed over one that holds files
-        replaced = temp_path(final.with_name(f"{final.name}.replaced"))  # remove_abandoned_temps' name for it
+        replaced = temp_path(replaced_path(final))
         remove_quietly(replaced)
         os.replace(final, replaced)
     try:

@@ -59,6 +59,13 @@ class MegatronWriter(SpillingWriter):
         make_folder_durably(Path(self.prefix).parent)
         self._spill = DocumentSpill(temp_path(f"{self.prefix}.bin"), temp_path(f"{self.prefix}.lengths"), self.dtype)
 
+    @staticmethod
+    def staged_paths(prefix: str | os.PathLike) -> list[str]:
+        """Every name this writer stages a file under (`temp_path` of each): what files.remove_abandoned_temps
+        removes for it."""
+        prefix = os.fspath(prefix)
+        return [f"{prefix}.bin", f"{prefix}.lengths", f"{prefix}.idx", str(sidecar_path(prefix))]
+
     def add_document(self, tokens: np.ndarray) -> None:
         self.add_documents(np.asarray(tokens), np.array([len(tokens)]))
 

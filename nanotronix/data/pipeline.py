@@ -95,6 +95,15 @@ def create_writer(fmt: str, prefix: str, dtype: np.dtype):
     raise DataError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
 
 
+def staged_paths(prefix: str) -> list[str | Path]:
+    """The names that a run writing a store at `prefix` stages files under, in either format and with --shuffle
+    (what a killed run at this prefix can have left, and nothing of another output's)."""
+    from .zarr_store import ZarrWriter, zarr_output_path
+    outputs = [prefix, zarr_output_path(prefix)]
+    return [*MegatronWriter.staged_paths(prefix), *ZarrWriter.staged_paths(zarr_output_path(prefix)),
+            *(name for output in outputs for name in ShufflingWriter.staged_paths(output))]
+
+
 def existing_output(fmt: str, prefix: str) -> Optional[str]:
     """The first file or folder of a store already at `prefix` that a run in `fmt` would replace, if any."""
     if fmt == "zarr":
@@ -122,7 +131,7 @@ def preprocess(opts: PreprocessOptions) -> PreprocessResult:
     executor = writer = bar = None
     try:  # from here on, a failure (a writer that cannot start too) stops the workers, gives the setting back and
         # removes the output folders this run made
-        note_removed_temps(remove_abandoned_temps(prefix))
+        note_removed_temps(remove_abandoned_temps(*staged_paths(prefix)))
         dtype = optimal_dtype(info.vocab_size)
         start = time.perf_counter()
         os.environ["TOKENIZERS_PARALLELISM"] = "false"

@@ -35,8 +35,13 @@ class ShufflingWriter(SpillingWriter):
         self.seed = seed
         self.progress = progress
         output = os.fspath(output)
-        self._spill = DocumentSpill(temp_path(f"{output}.unshuffled"), temp_path(f"{output}.unshuffled-lengths"),
-                                    self.dtype)
+        self._spill = DocumentSpill(*map(temp_path, self.staged_paths(output)), self.dtype)
+
+    @staticmethod
+    def staged_paths(output: str | os.PathLike) -> list[str]:
+        """The names of the unshuffled copy beside `output` (staged under `temp_path` of each): what
+        files.remove_abandoned_temps removes for it (the store writer's own are its own)."""
+        return [f"{os.fspath(output)}.unshuffled", f"{os.fspath(output)}.unshuffled-lengths"]
 
     def finalize(self, sidecar: Optional[dict[str, Any]] = None) -> None:
         self._spill.close()

@@ -16,7 +16,7 @@ from typing import Any, Optional
 import numpy as np
 
 from .errors import DataError, require_module
-from .files import commit, remove_quietly, temp_path
+from .files import commit, remove_quietly, replaced_path, temp_path
 from .store import TokenStore, checked_sidecar
 
 SHARD = 1 << 20
@@ -97,6 +97,12 @@ class ZarrWriter:
         self._ends = _AppendBuffer(ends, SHARD)
         self.num_documents = 0
         self.num_tokens = 0
+
+    @staticmethod
+    def staged_paths(path: str) -> list[Path]:
+        """Every name this writer stages a folder under (`temp_path` of each; commit() stages the store it replaces):
+        what files.remove_abandoned_temps removes for it."""
+        return [Path(path), replaced_path(path)]
 
     def add_documents(self, flat_tokens: np.ndarray, lengths: np.ndarray) -> None:
         lengths = np.asarray(lengths, dtype=np.int64)
