@@ -330,3 +330,31 @@ def test_a_failed_task_of_an_array_leaves_the_shared_output_folder(tmp_path, tin
                                           "--shard", "0/1"]) == 2
     assert "bad.jsonl:1: invalid JSON" in capsys.readouterr().err
     assert not (tmp_path / "alone").exists()
+
+
+def test_a_shard_that_skipped_bad_records_is_complete_only_for_a_rerun_with_skip_bad(tmp_path, tiny_tokenizer,
+                                                                                   preprocess_tool, capsys):
+    """A rerun task finds its shard complete when it would write the same shard: one that --skip-bad wrote past a bad
+    record is not what a task without --skip-bad writes (that task stops at the record), so such a task is refused,
+    saying why, instead of succeeding on it; a shard with nothing skipped is complete either way."""
+    corpus = write_corpus(tmp_path / "corpus")
+    first = sorted(corpus.rglob("*.jsonl"))[0]  # in shard 0 of 2
+    first.write_text(first.read_text() + "{not json\n")
+    common = ["--input", str(corpus), "--tokenizer", tiny_tokenizer, "--no-progress", "--workers", "1",
+              "--output-prefix", str(tmp_path / "sharded")]
+    assert preprocess_tool.main(common + ["--shard", "0/2", "--skip-bad"]) == 0
+    assert preprocess_tool.main(common + ["--shard", "1/2"]) == 0
+    assert open_store(tmp_path / "sharded" / shard_name(0, 2)).metadata["skipped"]["total"] == 1
+    written = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "sharded").iterdir()}
+    capsys.readouterr()
+    assert preprocess_tool.main(common + ["--shard", "0/2", "--skip-bad"]) == 0
+    assert "this shard is already complete" in capsys.readouterr().err
+    assert preprocess_tool.main(common + ["--shard", "1/2", "--skip-bad"]) == 0  # nothing skipped: the same shard
+    assert "this shard is already complete" in capsys.readouterr().err
+    assert preprocess_tool.main(common + ["--shard", "0/2"]) == 2
+    prefix = tmp_path / "sharded" / shard_name(0, 2)
+    assert capsys.readouterr().err.strip() == (
+        f"error: --output-prefix {tmp_path / 'sharded'}: {prefix} was written with --skip-bad, which skipped 1 bad "
+        "record; without --skip-bad this task stops at it: pass --skip-bad to keep that shard, or --overwrite "
+        "(slurm/preprocess.sh: EXTRA_ARGS) to write it again")
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "sharded").iterdir()} == written

@@ -285,7 +285,8 @@ def _shuffle_seed(opts: PreprocessOptions) -> Optional[list[int]]:
 
 def _complete_shard(opts: PreprocessOptions, prefix: str, shard: dict) -> Optional[PreprocessResult]:
     """The result of an earlier run that wrote this very shard (same split, inputs, tokenizer file, format, text key
-    and shuffle), said in a note; None when the store there is another one (or cannot be read)."""
+    and shuffle), said in a note; None when the store there is another one (or cannot be read). A shard that skipped
+    bad records is this run's only with --skip-bad: without it, the error that says so."""
     from .store import open_store
 
     try:
@@ -299,6 +300,14 @@ def _complete_shard(opts: PreprocessOptions, prefix: str, shard: dict) -> Option
             or meta.get("shuffled") != (None if seed is None else {"seed": seed})
             or (meta.get("tokenizer") or {}).get("sha256") != info.sha256):
         return None
+    skipped_total = (meta.get("skipped") or {}).get("total")
+    # a task without --skip-bad would stop at those records: it does not write this shard
+    if isinstance(skipped_total, int) and skipped_total > 0 and not opts.skip_bad:
+        count = f"{skipped_total} bad record{'' if skipped_total == 1 else 's'}"
+        raise DataError(f"--output-prefix {opts.output_prefix}: {prefix} was written with --skip-bad, which skipped "
+                        f"{count}; without --skip-bad this task stops at {'it' if skipped_total == 1 else 'them'}: "
+                        "pass --skip-bad to keep that shard, or --overwrite (slurm/preprocess.sh: EXTRA_ARGS) to "
+                        "write it again")
     print(f"note: {prefix}: this shard is already complete (the same inputs, tokenizer and settings): nothing to do "
           "(--overwrite writes it again)", file=sys.stderr)
     skipped = (meta.get("skipped") or {}).get("reasons")
