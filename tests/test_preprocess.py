@@ -365,3 +365,16 @@ def test_a_record_nested_deeper_than_the_json_reader_recurses_is_a_bad_record(tm
     train_tokenizer = load_tool("train_tokenizer")
     assert train_tokenizer.main(["--input", str(src), "--output", str(tmp_path / "tok.json")]) == 2
     assert capsys.readouterr().err.startswith(f"error: {src}:2: invalid JSON (")
+
+
+def test_a_byte_order_mark_at_the_start_of_a_text_file_is_no_text_as_in_json_lines(tmp_path, tok, preprocess_tool):
+    """A UTF-8 byte-order mark that an editor put at the start of a text file is read past, as one before a JSON line
+    is (it was tokenized into the document's first tokens); one inside the text is the text's and stays."""
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.txt").write_bytes(b"\xef\xbb\xbf" + TEXTS[0].encode())
+    (src / "b.md").write_text(TEXTS[0] + "\ufeff" + TEXTS[1], encoding="utf-8")
+    _jsonl(src / "c.jsonl", [b"\xef\xbb\xbf" + json.dumps({"text": TEXTS[0]}).encode()])
+    assert preprocess_tool.main(["--input", str(src), "--tokenizer", tok, "--output-prefix", str(tmp_path / "out"),
+                                 "--no-progress", "--workers", "1"]) == 0
+    assert _docs(tmp_path / "out") == _reference(tok, [TEXTS[0], TEXTS[0] + "\ufeff" + TEXTS[1], TEXTS[0]])

@@ -80,9 +80,9 @@ class EncodedChunk:
 
 def _text_of(chunk: Chunk, item, text_key: str):
     """(text, None) for a good record, (None, (reason, detail)) for a bad one."""
-    if chunk.kind == "text":
+    if chunk.kind == "text":  # one item: a whole file
         try:
-            text = item.decode("utf-8")
+            text = item.decode("utf-8").removeprefix("\ufeff")  # a byte-order mark some editors put first, as below
         except UnicodeDecodeError as e:
             return None, ("invalid UTF-8", f"byte {e.start}")
     elif chunk.kind == "jsonl":
