@@ -48,6 +48,24 @@ def test_preprocess_refuses_unusable_output_prefixes_before_tokenizing(tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "in.jsonl"]
 
 
+def test_preprocess_refuses_a_prefix_whose_last_part_is_dot_or_dot_dot(tmp_path, tiny_tokenizer, monkeypatch, capsys):
+    """`--output-prefix .` (or `data/.`, `..`) names a folder as `data/` does, but its last part is a name to the
+    writer: it wrote the hidden files `..bin`, `..idx` and `..meta.json` (`..zarr`) into that folder. Refused in one
+    line saying what a prefix is, before any work, in either format."""
+    tool = load_tool("preprocess")
+    work = tmp_path / "work"
+    (work / "data").mkdir(parents=True)
+    monkeypatch.chdir(work)
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"text": "hello world"}) + "\n")
+    for prefix in (".", "data/.", "..", "data/.."):
+        for fmt in ("megatron", "zarr"):
+            said = one_error(capsys, tool.main(["--input", str(src), "--tokenizer", tiny_tokenizer, "--no-progress",
+                                                "--format", fmt, "--output-prefix", prefix]))
+            assert said.startswith(f"error: --output-prefix {prefix}: names a folder; give DIR/NAME"), said
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["in.jsonl", "work", "work/data"]
+
+
 @pytest.mark.parametrize("fmt, written", [("megatron", ["out.bin", "out.idx", "out.meta.json"]),
                                             ("zarr", ["out.zarr"])])
 def test_preprocess_replaces_a_store_only_when_asked(tmp_path, tiny_tokenizer, capsys, fmt, written):

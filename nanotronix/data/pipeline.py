@@ -232,9 +232,11 @@ def _check_options(opts: PreprocessOptions) -> None:
     if "://" in opts.output_prefix:  # as a local path it would be a folder named "s3:", the URL never written
         raise DataError(f"--output-prefix {opts.output_prefix}: preprocess writes local files (stores are read from "
                         "URLs, not written to them); write locally, then copy it there")
-    if opts.shard is None and not os.path.basename(opts.output_prefix):
-        raise DataError(f"--output-prefix {opts.output_prefix}: names a folder; give DIR/NAME (NAME.bin and "
-                        "NAME.idx are written)")
+    # `data/`, `.`, `data/..`: a folder, whose last part the writers would take for NAME (`..bin`, hidden files)
+    if opts.shard is None and os.path.basename(opts.output_prefix) in ("", os.curdir, os.pardir):
+        written = "NAME.zarr is" if opts.format == "zarr" else "NAME.bin, NAME.idx and NAME.meta.json are"
+        raise DataError(f"--output-prefix {opts.output_prefix}: names a folder; give DIR/NAME (the prefix of the "
+                        f"store's files: {written} written)")
 
 
 def _shares_output_folder(opts: PreprocessOptions) -> bool:
