@@ -293,3 +293,51 @@ def test_a_run_removes_its_outputs_leftovers_not_another_outputs_nor_another_hos
                                  "--no-progress", "--workers", "1"]) == 0
     assert "note: removed what an interrupted run left beside the output" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == sorted(theirs)
+
+
+@pytest.mark.parametrize("fmt", ["megatron", "zarr"])
+def test_a_stop_that_lands_once_the_store_is_complete_says_so(tmp_path, tok, preprocess_tool, capsys, monkeypatch,
+                                                             fmt):
+    """Ctrl-C or SIGTERM after the last rename (while the staging files are cleaned up, or the folder fsynced) stops a
+    run whose store is complete: it said 'no output was written', which was untrue; the exit code stays the
+    signal's. Stopped just before that rename, it is still no output."""
+    from nanotronix.cli import Terminated
+    from nanotronix.data import files, megatron_store
+    from nanotronix.data.zarr_store import zarr_output_path
+
+    final = Path(zarr_output_path(str(tmp_path / "out"))) if fmt == "zarr" else tmp_path / "out.idx"
+    real_commit = files.commit
+
+    def stop_around_the_last_rename(when, signal_class):
+        def commit(temp, target):
+            if Path(target) == final and when == "before":
+                raise signal_class()
+            real_commit(temp, target)
+            if Path(target) == final:
+                raise signal_class()
+        return commit
+
+    src = _jsonl(tmp_path / "in.jsonl", [json.dumps({"text": t}) for t in TEXTS])
+    args = ["--input", str(src), "--tokenizer", tok, "--output-prefix", str(tmp_path / "out"), "--no-progress",
+            "--workers", "1", "--format", fmt, "--overwrite"]
+    for when, signal_class, code, word in (("after", KeyboardInterrupt, 130, "interrupted"),
+                                           ("after", Terminated, 143, "terminated"),
+                                           ("before", KeyboardInterrupt, 130, "interrupted")):
+        stop = stop_around_the_last_rename(when, signal_class)
+        monkeypatch.setattr(files, "commit", stop)
+        monkeypatch.setattr(megatron_store, "commit", stop)
+        if fmt == "zarr":
+            from nanotronix.data import zarr_store
+            monkeypatch.setattr(zarr_store, "commit", stop)
+        files.remove_quietly(final)
+        capsys.readouterr()
+        assert preprocess_tool.main(args) == code
+        err = capsys.readouterr().err.strip()
+        if when == "after":
+            written = final if fmt == "zarr" else tmp_path / "out"  # what the summary line names
+            assert err == f"preprocess: {word} once the store was complete: {written} is written whole", err
+            assert preprocess._docs(tmp_path / "out") == preprocess._reference(tok, TEXTS)
+        else:
+            assert err == "preprocess: interrupted; no output was written", err
+            assert not final.exists()
+        assert not [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name]

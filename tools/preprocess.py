@@ -71,13 +71,17 @@ def parse_shard(text: str) -> tuple[int, int]:
 @one_line_errors
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from nanotronix.data.pipeline import PreprocessOptions, preprocess
+    from nanotronix.data.pipeline import PreprocessOptions, StoppedWhenComplete, preprocess
     opts = PreprocessOptions(inputs=args.input, tokenizer=args.tokenizer, output_prefix=args.output_prefix,
                              text_key=args.text_key, workers=args.workers, format=args.format,
                              skip_bad=args.skip_bad, progress=not args.no_progress, shard=args.shard,
                              shuffle_seed=args.shuffle, overwrite=args.overwrite)
     try:
         result = preprocess(opts)
+    except StoppedWhenComplete as e:  # after the store's last rename: only the cleanup after it was stopped
+        print(f"preprocess: {'terminated' if e.terminated else 'interrupted'} once the store was complete: "
+              f"{e.output} is written whole", file=sys.stderr)
+        return EXIT_TERMINATED if e.terminated else EXIT_INTERRUPTED
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated); other errors: one_line_errors
         terminated = isinstance(e, Terminated)
         print(f"preprocess: {'terminated' if terminated else 'interrupted'}; no output was written",

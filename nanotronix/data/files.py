@@ -15,6 +15,7 @@ import socket
 import stat
 import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -84,6 +85,16 @@ def _process_is_gone(pid: int) -> bool:
     except OSError:  # someone else's live process (EPERM)
         return False
     return False
+
+
+def file_identity(path: str | os.PathLike) -> Optional[tuple[int, int]]:
+    """(device, inode) of `path`, None when there is none: a rename keeps it, so a writer can tell whether what is at
+    its final name is what it staged (the rename done) whatever stopped it around that rename."""
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino
 
 
 def fsync_path(path: str | os.PathLike) -> None:

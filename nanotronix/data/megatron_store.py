@@ -18,8 +18,8 @@ from typing import Any, Optional
 import numpy as np
 
 from .errors import DataError
-from .files import (DocumentSpill, SpillingWriter, commit, make_folder_durably, remove_quietly, temp_path,
-                    write_json_atomic)
+from .files import (DocumentSpill, SpillingWriter, commit, file_identity, make_folder_durably, remove_quietly,
+                    temp_path, write_json_atomic)
 from .store import TokenStore, absent, checked_sidecar, random_access_map
 
 MAGIC = b"MMIDIDX\x00\x00"
@@ -58,6 +58,7 @@ class MegatronWriter(SpillingWriter):
             raise DataError(f"Megatron stores cannot hold {self.dtype} tokens")
         make_folder_durably(Path(self.prefix).parent)
         self._spill = DocumentSpill(temp_path(f"{self.prefix}.bin"), temp_path(f"{self.prefix}.lengths"), self.dtype)
+        self._staged_index = None  # the .idx's file_identity, once written
 
     @staticmethod
     def staged_paths(prefix: str | os.PathLike) -> list[str]:
@@ -77,6 +78,7 @@ class MegatronWriter(SpillingWriter):
         idx_tmp = temp_path(f"{self.prefix}.idx")
         try:
             _write_index(idx_tmp, self._spill.lengths_path, self.num_documents, self.dtype)
+            self._staged_index = file_identity(idx_tmp)
             remove_quietly(f"{self.prefix}.idx")
             commit(self._spill.tokens_path, f"{self.prefix}.bin")
             if sidecar is not None:
@@ -88,6 +90,11 @@ class MegatronWriter(SpillingWriter):
 
     def abort(self) -> None:
         self._spill.remove()
+
+    def is_complete(self) -> bool:
+        """Whether finalize() renamed this writer's .idx into place (the store is whole), even when it was stopped
+        after that rename."""
+        return self._staged_index is not None and file_identity(f"{self.prefix}.idx") == self._staged_index
 
 
 def _write_index(path: Path, lengths_file: Path, n: int, dtype: np.dtype) -> None:

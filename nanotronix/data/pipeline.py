@@ -28,7 +28,7 @@ from typing import Optional
 import numpy as np
 from tqdm import tqdm
 
-from nanotronix.cli import check_writable_folder
+from nanotronix.cli import Terminated, check_writable_folder
 
 from . import encode
 from .errors import DataError, require_module
@@ -41,6 +41,15 @@ from .tokenizer import load_tokenizer
 
 FORMATS = ("megatron", "zarr")
 _MAX_EXAMPLES = 20  # bad records listed by position in the sidecar (all are counted)
+
+
+class StoppedWhenComplete(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM (`terminated`) that came once the store at `output` was renamed into place: what it stopped
+    was the cleanup after it, and the store is whole."""
+
+    def __init__(self, output: str, terminated: bool):
+        super().__init__(output)
+        self.output, self.terminated = output, terminated
 
 
 @dataclass
@@ -166,21 +175,28 @@ def preprocess(opts: PreprocessOptions) -> PreprocessResult:
             "shard": shard,
         }
         writer.finalize(sidecar)
-    except BaseException:
+    except BaseException as failure:
         if writer is not None:
             writer.abort()  # first: its staging files lie in the folders made, and rmdir removes only empty ones
+            if isinstance(failure, KeyboardInterrupt) and writer.is_complete():  # stopped after the last rename
+                raise StoppedWhenComplete(output, isinstance(failure, Terminated)) from None
         if not _shares_output_folder(opts):
             remove_made_folders(made_folders)
         raise
     finally:
-        if executor is not None:  # stop the workers now, not when the traceback is freed
-            executor.shutdown(wait=False, cancel_futures=True)
-        if bar is not None:
-            bar.close()
-        if previous_parallelism is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = previous_parallelism
+        try:
+            if executor is not None:  # stop the workers now, not when the traceback is freed
+                executor.shutdown(wait=False, cancel_futures=True)
+            if bar is not None:
+                bar.close()
+            if previous_parallelism is None:
+                os.environ.pop("TOKENIZERS_PARALLELISM", None)
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = previous_parallelism
+        except KeyboardInterrupt as stop:  # after the body: its store may be whole by now
+            if writer is not None and writer.is_complete():
+                raise StoppedWhenComplete(output, isinstance(stop, Terminated)) from None
+            raise
     return PreprocessResult(output, writer.num_documents, writer.num_tokens, dict(skipped),
                             time.perf_counter() - start)
 

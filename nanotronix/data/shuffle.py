@@ -77,3 +77,6 @@ class ShufflingWriter(SpillingWriter):
             self._spill.remove()
         finally:
             self.writer.abort()
+
+    def is_complete(self) -> bool:
+        return self.writer.is_complete()

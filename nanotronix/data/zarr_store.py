@@ -16,7 +16,7 @@ from typing import Any, Optional
 import numpy as np
 
 from .errors import DataError, require_module
-from .files import commit, remove_quietly, replaced_path, temp_path
+from .files import commit, file_identity, remove_quietly, replaced_path, temp_path
 from .store import TokenStore, checked_sidecar
 
 SHARD = 1 << 20
@@ -93,6 +93,7 @@ class ZarrWriter:
         except BaseException:
             remove_quietly(self._tmp)
             raise
+        self._staged = file_identity(self._tmp)  # the folder keeps it when renamed into place
         self._tokens = _AppendBuffer(tokens, SHARD)
         self._ends = _AppendBuffer(ends, SHARD)
         self.num_documents = 0
@@ -119,6 +120,11 @@ class ZarrWriter:
 
     def abort(self) -> None:
         remove_quietly(self._tmp)
+
+    def is_complete(self) -> bool:
+        """Whether finalize() renamed this writer's folder into place (the store is whole), even when it was stopped
+        after that rename."""
+        return file_identity(self.path) == self._staged
 
 
 class ZarrStore(TokenStore):
