@@ -249,6 +249,20 @@ def test_gpu_checks_skip_what_the_device_call_has_no_time_for(tmp_path, part):
     assert not list(tmp_path.glob("bench_*"))
 
 
+@pytest.mark.parametrize("part, code", [("--help", 0), ("3", 2)])
+def test_gpu_checks_help_or_a_bad_part_makes_no_output_folder(tmp_path, part, code):
+    """`--help` is the usage line (exit 0), an unknown part one `error:` line (exit 2); neither leaves an empty
+    OUT folder behind (it was made before the part was read)."""
+    out = tmp_path / "out"
+    env = {"PATH": "/usr/bin:/bin", "OUT": str(out), "PY": "true"}
+    proc = subprocess.run(["bash", str(ROOT / "tools" / "gpu_checks.sh"), part], env=env, capture_output=True,
+                          text=True, timeout=60)
+    said = (proc.stdout if code == 0 else proc.stderr).splitlines()
+    assert proc.returncode == code and len(said) == 1, (proc.returncode, proc.stdout, proc.stderr)
+    assert said[0].startswith("usage: " if code == 0 else "error: "), said
+    assert not out.exists()
+
+
 def test_gpu_checks_part_2_after_part_1_skips_the_autotuning_it_cannot_finish(tmp_path):
     """Part 2 right after part 1 in a 15-minute device session has a few minutes: the autotuned 1.7B bench (minutes
     of compiling before its first step) is skipped rather than started and killed, and the steps after it run. (90 s:

@@ -20,6 +20,13 @@ set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
 PART=${1:-all}
+# Before anything is made: a bad part (or --help) leaves no empty $OUT behind.
+USAGE="usage: OUT=dir [CALL_S=seconds] bash tools/gpu_checks.sh [1|2|all]"
+case $PART in
+  1|2|all) ;;
+  -h|--help) echo "$USAGE"; exit 0 ;;
+  *) echo "error: no part '$PART' ($USAGE)" >&2; exit 2 ;;
+esac
 mkdir -p "$OUT"
 PY=${PY:-python3}
 [ "$PART" = all ] && CALL_S=${CALL_S:-100000}  # all: not one device call
@@ -29,7 +36,6 @@ export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=8
 # nanotronix is not pip-installed on the device machine: tools/preprocess.py and tools/train_tokenizer.py (the
 # quickstart data of the trainer check) import it from the checkout
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-case $PART in 1|2|all) ;; *) echo "usage: OUT=dir bash tools/gpu_checks.sh [1|2|all]" >&2; exit 2 ;; esac
 LOG=$OUT/checks.log
 [ "$PART" = 2 ] && LOG=$OUT/checks2.log
 
