@@ -101,6 +101,17 @@ def check_writable(path: str | None, what: str) -> None:
             raise PreflightError(str(e)) from None
 
 
+def check_metrics_file(cfg: Config) -> None:
+    """logging.dir's metrics.jsonl is no folder (the run's own check, before its first step)."""
+    from nanotronix.train.metrics import check_metrics_file as check_file
+
+    if cfg.logging.dir:
+        try:
+            check_file(os.path.expanduser(cfg.logging.dir))
+        except UserError as e:
+            raise PreflightError(str(e)) from None
+
+
 def check_loggers(cfg: Config) -> None:
     """The packages of the loggers the config asks for are installed (a W&B login is checked by the run itself)."""
     import importlib.util
@@ -151,6 +162,7 @@ def preflight(config: str, overrides: list[str], nnodes: int, nproc_per_node: in
         raise PreflightError(wrong_eos)
     check_writable(cfg.checkpoint.dir, "checkpoint.dir")
     check_writable(cfg.logging.dir, "logging.dir")
+    check_metrics_file(cfg)
     resumed_step = check_resume(cfg)
     check_loggers(cfg)
     from nanotronix.train.start_notes import start_notes

@@ -118,6 +118,22 @@ def test_the_run_folders_are_checked_but_not_left_behind(tmp_path, store, capsys
                                   "is a file, not a folder)")
 
 
+def test_a_metrics_file_that_is_a_folder_is_one_line(tmp_path, store, capsys):
+    """A folder named metrics.jsonl in logging.dir stops the run at its start (README); the preflight says so at
+    submission, in the run's words, rather than 'preflight ok' and the job failing once it leaves the queue."""
+    from nanotronix.config import load_config
+    from nanotronix.train.metrics import MetricsLog
+
+    cfg = tiny_config(tmp_path, store)
+    logs = tmp_path / "logs"
+    (logs / "metrics.jsonl").mkdir(parents=True)
+    with pytest.raises(preflight.UserError) as run_says:  # the run's own line (rank 0's metrics log)
+        MetricsLog(load_config(str(cfg), [f"logging.dir={logs}"]), enabled=True)
+    code, out, err = check(capsys, "--config", str(cfg), "train.device=cpu", f"logging.dir={logs}")
+    assert (code, out, err) == (2, "", f"error: {run_says.value}")
+    assert "is a folder: rank 0 appends the metrics records" in err
+
+
 def test_missing_config(tmp_path, capsys):
     code, out, err = check(capsys, "--config", str(tmp_path / "missing.yaml"))
     assert (code, err) == (2, f"error: config file not found: {tmp_path / 'missing.yaml'}")

@@ -17,6 +17,14 @@ from nanotronix.config import Config
 from nanotronix.errors import UserError
 
 
+def check_metrics_file(logging_dir: str) -> None:
+    """A UserError where LOGGING_DIR/metrics.jsonl is a folder: no record could ever be appended, so it is said before
+    step 1 (by the run, and by the launch preflight at submission), not warned at every record."""
+    path = Path(logging_dir) / "metrics.jsonl"
+    if path.is_dir():
+        raise UserError(f"logging.dir: {path} is a folder: rank 0 appends the metrics records to a file of that name")
+
+
 class MetricsLog:
     """Where rank 0's records go: metrics.jsonl, and TensorBoard and W&B when the config asks for them."""
 
@@ -28,9 +36,7 @@ class MetricsLog:
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             try:
-                if self.path.is_dir():  # no record can ever be appended: said before step 1, not warned at it
-                    raise UserError(f"logging.dir: {self.path} is a folder: rank 0 appends the metrics records to a "
-                                    "file of that name")
+                check_metrics_file(cfg.logging.dir)
                 self._open_loggers(cfg, first_step)
             except UserError as e:  # rank 0's alone: the ranks it stops at their next collective keep quiet
                 e.said_for_the_stopped = True
