@@ -18,6 +18,11 @@ ROOT = Path(__file__).resolve().parents[1]
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
                                    reason="needs a CUDA GPU (run by tools/gpu_checks.sh)")
 
+# A traceback frame of one of nanotronix's own modules, for the tests that a worker said one line and no traceback. Not
+# "nanotronix/" alone: a checkout cloned as nanotronix/ holds the .venv whose python torchrun's report names
+# (`of binary: .../nanotronix/.venv/bin/python`) and whose torch its own traceback's frames lie in.
+NANOTRONIX_FRAME = re.compile(r'File "[^"]*nanotronix/(?:[a-z_]+/)?[a-z_0-9]+\.py"')
+
 TINY_MODEL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
               "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 128, "rope_theta": 10000.0,
               "rms_norm_eps": 1e-5, "tie_word_embeddings": True, "init_std": 0.02}
