@@ -11,7 +11,7 @@ OUT=quickstart
     --output "$OUT/corpus.jsonl" --heldout "$OUT/heldout.jsonl"
 # 2. A small byte-level BPE trained on it (real runs use the SmolLM2 tokenizer instead).
 [ -f "$OUT/tokenizer.json" ] || "$PY" tools/train_tokenizer.py --input "$OUT/corpus.jsonl" --output "$OUT/tokenizer.json"
-# 3. Tokenise both into Megatron .bin/.idx token stores.
+# 3. Tokenize both into Megatron .bin/.idx token stores.
 [ -f "$OUT/data/stdlib.idx" ] || "$PY" tools/preprocess.py --input "$OUT/corpus.jsonl" --tokenizer "$OUT/tokenizer.json" \
     --output-prefix "$OUT/data/stdlib" --workers 2
 [ -f "$OUT/data/heldout.idx" ] || "$PY" tools/preprocess.py --input "$OUT/heldout.jsonl" \

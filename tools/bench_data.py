@@ -4,10 +4,10 @@
     python tools/bench_data.py --tokenizer TOKENIZER [--corpus DIR ...] [--max-mb 16] [--workers N]
 
 1. Preprocessing: the corpus (default: this Python's standard library sources, plus /usr/share prose when
-   installed) is written as JSON lines, then tokenised with the same worker count N by the raw
+   installed) is written as JSON lines, then tokenized with the same worker count N by the raw
    `Tokenizer.encode_batch_fast` (encode_batch without character offsets, which the pipeline uses too) on
    texts already in memory (the better of N Rust threads and N processes, pure encoding time) and by the
-   whole `tools/preprocess.py` pipeline (start-up, read, parse, tokenise with N workers, write the store).
+   whole `tools/preprocess.py` pipeline (start-up, read, parse, tokenize with N workers, write the store).
    Goal: >= 0.85.
    Wall-clock rates are what the goal is about but are only meaningful on an otherwise idle machine, so
    tokens per CPU-second (this process and its workers, start-up included) are printed as well.
@@ -48,7 +48,7 @@ def parse_args(argv=None):
     parser.add_argument("--rounds", type=integer, default=3,
                         help="interleaved repetitions; the best of each measurement is kept (shared machines)")
     args = parser.parse_args(argv)
-    for name in ("workers", "seq_len", "reads", "rounds"):  # before minutes of tokenising, not after
+    for name in ("workers", "seq_len", "reads", "rounds"):  # before minutes of tokenizing, not after
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.max_mb <= 0:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Tokenise text into a token store (Megatron .bin/.idx by default, or zarr).
+"""Tokenize text into a token store (Megatron .bin/.idx by default, or zarr).
 
     python tools/preprocess.py --input FILE_OR_DIR [...] --tokenizer TOKENIZER --output-prefix PREFIX \\
         [--text-key text] [--workers N] [--format megatron|zarr] [--skip-bad] [--shard I/N] [--shuffle [SEED]]
@@ -39,7 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="output prefix: PREFIX.bin/.idx/.meta.json (megatron) or PREFIX.zarr (zarr)")
     parser.add_argument("--text-key", default="text", help="JSON/Parquet field holding the text (default: text)")
     parser.add_argument("--workers", type=integer, default=_usable_cores(),
-                        help="tokenising threads, up to 8 per process (default: the cores this process may use; "
+                        help="tokenizing threads, up to 8 per process (default: the cores this process may use; "
                              "at most 4 per core, or 64)")
     parser.add_argument("--format", default="megatron", choices=["megatron", "zarr"], help="store format")
     parser.add_argument("--skip-bad", action="store_true",

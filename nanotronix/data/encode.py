@@ -1,4 +1,4 @@
-"""Worker side of preprocessing: parse and validate one chunk of records, tokenise the good ones with
+"""Worker side of preprocessing: parse and validate one chunk of records, tokenize the good ones with
 `encode_batch`, append EOS to each document and return them as one flat array plus lengths.
 
 Bad-record reasons (the keys counted in the sidecar): invalid UTF-8, invalid JSON, not a JSON object,

@@ -1,7 +1,7 @@
 """Input discovery and streaming record reading for preprocessing.
 
 The main process only reads bytes and cuts them into chunks of whole records (bounded size); parsing,
-validation and tokenisation happen in the workers (`encode.py`), so the reader never becomes the bottleneck
+validation and tokenization happen in the workers (`encode.py`), so the reader never becomes the bottleneck
 and memory stays bounded whatever the input size. Supported inputs:
 
 - JSON lines: `.jsonl`, `.ndjson`, `.json` (one object per line), optionally compressed `.gz` / `.zst`;
@@ -216,7 +216,7 @@ def _parquet_file(path: Path):
 
 @dataclass
 class Chunk:
-    """Whole records, to be parsed and tokenised by a worker. Small text files share a chunk."""
+    """Whole records, to be parsed and tokenized by a worker. Small text files share a chunk."""
     kind: str  # jsonl | parquet | text
     items: list  # raw lines (bytes), Parquet values, or text files' bytes
     file_index: int  # input piece of the items (of the first item for text chunks)

@@ -1,7 +1,7 @@
 """Streaming, parallel text -> token store conversion (what `tools/preprocess.py` runs).
 
 The main process reads inputs as chunks of whole records (`inputs.py`) and keeps at most a few chunks per
-worker in flight; workers parse, validate and tokenise them (`encode.py`); results are written in input order,
+worker in flight; workers parse, validate and tokenize them (`encode.py`); results are written in input order,
 so the output is the same for any worker count. Memory is bounded by chunk size x in-flight chunks whatever the
 input size, and the output appears only when complete (see `files.py`).
 
