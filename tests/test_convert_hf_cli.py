@@ -208,6 +208,30 @@ def test_a_layer_count_edited_in_the_manifest_is_refused_before_the_model_is_bui
     assert not (tmp_path / "o").exists()
 
 
+def test_overwrite_of_an_import_a_live_run_trains_from_is_refused(tmp_path):
+    """A run whose checkpoint.dir is the import's folder holds its lock until it ends, its first save maybe hours
+    away: --overwrite then would put another import's step 0 under it, beside which its steps (trained from the old
+    weights) would land, and its lock would no longer cover the folder. Refused in one line naming the holder; once
+    the run has let go, the same command replaces the folder."""
+    import fcntl
+
+    hf = _hf_original(tmp_path / "hf", untied=False)
+    imported = tmp_path / "imported"
+    assert tool_main("convert_from_hf")(["--hf", str(hf), "--output", str(imported), "--no-progress"]) == 0
+    before = (imported / "step_0000000" / MANIFEST_NAME).read_text()
+    with open(imported / ".lock", "a+") as run:  # the live run's hold (Checkpointer: rank 0, for the run's life)
+        fcntl.flock(run, fcntl.LOCK_EX)
+        run.write("host trainer pid 4242 since then\n")
+        run.flush()
+        said = one_error_line("convert_from_hf", "--hf", str(hf), "--output", str(imported), "--overwrite")
+    assert said.startswith(f"error: --output {imported} is in use by another run (host trainer pid 4242 since then;")
+    assert (imported / "step_0000000" / MANIFEST_NAME).read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "imported"]  # no staging folder left beside it
+    assert tool_main("convert_from_hf")(["--hf", str(hf), "--output", str(imported), "--overwrite",
+                                         "--no-progress"]) == 0
+    assert (imported / "step_0000000" / MANIFEST_NAME).read_text() != before  # saved_at: a new import
+
+
 def test_overwrite_replaces_only_a_bare_import_and_dot_is_refused(tmp_path, capsys, monkeypatch):
     """--overwrite of an import's folder: only when it holds the import's step 0, `latest` and a run's lock alone, not
     when steps set aside by tools/rollback.py (a run rolled back to its imported step 0) or the user's files lie

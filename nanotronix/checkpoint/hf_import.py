@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
 from nanotronix.checkpoint import manifest as mf
-from nanotronix.checkpoint import paths
+from nanotronix.checkpoint import paths, run_lock
 from nanotronix.checkpoint.errors import CheckpointError
 from nanotronix.checkpoint.hf_weights import FLOAT_DTYPES, SafetensorsFolder, read_as
 from nanotronix.checkpoint.output_folder import staged_output
@@ -56,8 +57,9 @@ def import_from_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, overwri
     state, used = _check_weights(hf_dir, source, model_cfg)
     _warn_unused(hf_dir, source, used, model_cfg, log)
     manifest = _import_manifest(hf_dir, hf_config, model_cfg)
-    with staged_output(output, hf_dir, overwrite, _is_an_import,
-                       "an earlier import (a checkpoint folder holding step 0 only)") as staging:
+    with _no_run_in(output, overwrite, log), staged_output(
+            output, hf_dir, overwrite, _is_an_import,
+            "an earlier import (a checkpoint folder holding step 0 only)") as staging:
         _write_step_0(hf_dir, source, model_cfg, state, manifest, staging, output, progress)
     log(f"imported {hf_dir} ({model_cfg.num_parameters() / 1e6:.1f}M parameters) as {output / 'step_0000000'}")
     return output
@@ -229,6 +231,23 @@ def _write_step_0(hf_dir: Path, source: SafetensorsFolder, model_cfg: ModelConfi
         commit(staging, output)
     finally:
         bar.close()
+
+
+@contextmanager
+def _no_run_in(output: Path, overwrite: bool, log: Callable[[str], None]) -> Iterator[None]:
+    """With --overwrite of an earlier import: the folder's run lock (run_lock), held until the new folder is in its
+    place. A run training from the import (its checkpoint.dir, no step saved yet) holds it for the run's life:
+    replaced under it, the folder would get that run's steps, trained from the old weights, beside the new step 0,
+    and the lock would no longer cover it. Refused then; and no run starts from the old folder meanwhile."""
+    held = None
+    if overwrite and output.is_dir() and not output.is_symlink() and _is_an_import(output):
+        held = run_lock.acquire(output, 0.0, log, "a run is training from it (its checkpoint.dir): import into "
+                                "another folder, or wait for the run to end", name="--output")
+    try:
+        yield
+    finally:
+        if held is not None:
+            os.close(held)
 
 
 def _is_an_import(folder: Path) -> bool:
