@@ -460,6 +460,38 @@ def test_async_saves_survive_a_failed_step_and_their_failure_is_said_at_once(tmp
     assert max(read_metrics(tmp_path / "logs")) <= 10  # said at once, not at step 12's save
 
 
+def test_a_step_not_finite_during_a_failing_background_save_says_both(tmp_path, store, monkeypatch, capsys):
+    """A step whose loss is not finite while the background save of an earlier step is still writing waits for that
+    save; when the save fails too, the run's error is still the step's (where it stopped, the skip_steps advice) and
+    the save's failure is said beside it, not raised in its place."""
+    from nanotronix.checkpoint import CheckpointError
+    from nanotronix.checkpoint.checkpointer import Checkpointer
+    from nanotronix.train import trainer
+    from nanotronix.train.step import StepResult
+
+    cfg = _config(tmp_path, store, train={"train_steps": 8},
+                  checkpoint={"dir": str(tmp_path / "ckpt"), "interval": 3, "async_save": True})
+
+    def failing_write(self, snap):
+        time.sleep(1.0)  # a slow disk: still writing when step 4 fails
+        raise CheckpointError(f"cannot write checkpoint step {snap.step} (a full disk)")
+
+    monkeypatch.setattr(Checkpointer, "_write", failing_write)
+    train_step = trainer.train_step
+    calls = []
+
+    def diverging_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:  # what train_step returns for a loss that is not finite: the weights left as they were
+            return StepResult(float("nan"), float("nan"), applied=False)
+        return train_step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_step", diverging_step)
+    with pytest.raises(FloatingPointError, match="^step 4: the loss"):
+        train_in_process(cfg)
+    assert "the save in progress failed too: cannot write checkpoint step 3 (a full disk)" in capsys.readouterr().out
+
+
 def test_a_fresh_run_into_a_logging_dir_with_records_says_so(tmp_path, store, capsys):
     """Two runs with their own checkpoint.dir but one logging.dir: the second's records go after the first's in one
     metrics.jsonl (two curves in one file); it says so in a note. A resumed run appends without one."""

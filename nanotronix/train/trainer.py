@@ -308,7 +308,9 @@ class _TrainingRun:
         if result.spike is not None:
             log0(self.ctx, f"step {step}: update skipped (train.spike_skip_sigma): {result.spike}")
         elif not result.applied:
-            self.checkpointer.close()  # an asynchronous save of an earlier (good) step completes first
+            # an asynchronous save of an earlier (good) step completes first; its failure is said, not raised over
+            # this step's error (where the run stopped, and the train.skip_steps to get past it)
+            self.checkpointer.finish_pending()
             raise _not_finite(step, result, self.cfg.train.train_steps)
         self.log.trained()
         val_losses = self._validate_if_due(step)
