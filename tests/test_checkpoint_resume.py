@@ -395,6 +395,27 @@ def test_one_run_per_checkpoint_dir(tmp_path, store, monkeypatch):
     assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_0000002", "step_0000003", "step_0000004"]
 
 
+def test_a_step_folder_as_checkpoint_dir_is_refused_before_anything_is_written_in_it(tmp_path, store):
+    """checkpoint.dir naming a step folder (the step to continue from, given where its run folder belongs): the run
+    saved its steps inside that step folder, beside its files, and every restart resumed from the step folder itself
+    again (a folder holding a manifest means itself), so a requeued job went back to it each time. Refused in one
+    line, by the trainer and preflight alike, before the step folder gets a lock, a `latest` or steps."""
+    from nanotronix.checkpoint import CheckpointError
+    from nanotronix.checkpoint.checkpointer import choose_resume_source
+
+    ckpt = tmp_path / "ckpt"
+    train_in_process(_config(tmp_path, store, train={"train_steps": 2}, checkpoint={"dir": str(ckpt)}))
+    step = ckpt / "step_0000002"
+    before = sorted(p.relative_to(step) for p in step.rglob("*"))
+    again = _config(tmp_path / "again", store, train={"train_steps": 4}, checkpoint={"dir": str(step), "interval": 1})
+    said = f"checkpoint.dir {step} is a step folder"
+    with pytest.raises(CheckpointError, match=f"^{said}"):
+        train_in_process(again)
+    with pytest.raises(CheckpointError, match=f"^{said}"):  # what preflight asks
+        choose_resume_source(step, "auto", print)
+    assert sorted(p.relative_to(step) for p in step.rglob("*")) == before
+
+
 def test_a_folder_in_place_of_latest_stops_the_start_and_a_rollback(tmp_path, store, capsys):
     """A folder named `latest` in checkpoint.dir fails every save after its commit: the run trained up to its first
     save before saying so; now it stops before step 1, in one line, and starts once the folder is moved."""

@@ -167,6 +167,8 @@ def choose_resume_source(run_dir: Optional[Path], resume: str, log: Callable[[st
     scratch), or the CheckpointError that refuses the combination; the trainer's rank 0 and preflight decide alike."""
     mode = resume.strip()
     try:
+        if run_dir is not None:
+            paths.check_not_a_step_folder(run_dir)
         own = paths.find_checkpoint(run_dir) if run_dir is not None else None
     except OSError as e:  # listing the folder failed (EIO, ESTALE): one line, not rank 0's traceback
         raise unreadable(e.filename or run_dir, e) from None
@@ -245,6 +247,8 @@ class Checkpointer:
         chosen, failure = None, None
         if self.coll.rank == 0:
             try:
+                if self.run_dir is not None:  # before its lock file lands in a step folder (choose_resume_source)
+                    paths.check_not_a_step_folder(self.run_dir)
                 self._lock_run_dir()
                 if self.run_dir is not None:
                     paths.check_pointer_replaceable(self.run_dir)

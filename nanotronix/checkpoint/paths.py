@@ -191,6 +191,17 @@ def commit_step(temp: Path, run_dir: Path, step: int) -> Path:
     return final
 
 
+def check_not_a_step_folder(run_dir: Path) -> None:
+    """CheckpointError when a run's checkpoint.dir is itself a step folder (holds a manifest): the run would save its
+    steps inside it, and every restart resume from that step again (a step folder means itself), so a requeued job
+    went back to it each time. Said before the folder gets anything of the run's (its lock, `latest`, steps)."""
+    if is_step_folder(run_dir):
+        raise CheckpointError(f"checkpoint.dir {run_dir} is a step folder (it holds {MANIFEST_NAME}), not a run's "
+                              f"folder: every restart would resume from it again; set checkpoint.dir to its run folder "
+                              f"({run_dir.parent}), or start from it with checkpoint.resume={run_dir} and another "
+                              "checkpoint.dir")
+
+
 def check_pointer_replaceable(run_dir: Path) -> None:
     """CheckpointError unless `latest` can be replaced: a folder in its place (a copy gone wrong) fails every save
     after its commit, and a rollback; said before a run trains or a rollback moves anything."""
