@@ -513,6 +513,41 @@ def test_a_step_not_finite_during_a_failing_background_save_says_both(tmp_path, 
     assert "the save in progress failed too: cannot write checkpoint step 3 (a full disk)" in capsys.readouterr().out
 
 
+def test_a_preemption_right_after_a_failed_background_save_still_saves_its_step(tmp_path, store, monkeypatch):
+    """SIGTERM at the step after a background save failed (a disk full for a moment): the step is saved before the
+    save's failure is raised, as for any save after a failed one; before, the failure was raised first and the
+    preempted run lost every step since the last committed one."""
+    from nanotronix.checkpoint import CheckpointError
+    from nanotronix.checkpoint.checkpointer import Checkpointer
+    from nanotronix.train import trainer
+
+    ckpt = tmp_path / "ckpt"
+    cfg = _config(tmp_path, store, train={"train_steps": 8},
+                  checkpoint={"dir": str(ckpt), "interval": 3, "async_save": True})
+    write = Checkpointer._write
+
+    def failing_write(self, snap):
+        if snap.step == 3:
+            raise CheckpointError("cannot write checkpoint step 3 (a full disk)")
+        return write(self, snap)
+
+    monkeypatch.setattr(Checkpointer, "_write", failing_write)
+    train_step = trainer.train_step
+    calls = []
+
+    def preempted_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            time.sleep(0.5)  # the background save of step 3 has failed by the end of this step
+            os.kill(os.getpid(), signal.SIGTERM)  # the scheduler's notice, during step 4
+        return train_step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_step", preempted_step)
+    with pytest.raises(CheckpointError, match="step 3"):
+        train_in_process(cfg)
+    assert (ckpt / "latest").read_text() == "step_0000004\n"
+
+
 def test_a_fresh_run_into_a_logging_dir_with_records_says_so(tmp_path, store, capsys):
     """Two runs with their own checkpoint.dir but one logging.dir: the second's records go after the first's in one
     metrics.jsonl (two curves in one file); it says so in a note. A resumed run appends without one."""

@@ -360,9 +360,10 @@ class Checkpointer:
         its last step, which ends the run anyway (a signal met there must not ask for a requeue of a finished run).
         `trainer_state()` (JSON values), asked for only when a save is due, is saved too and comes back as
         `ResumeState.trainer_state`."""
-        if self._pending is not None and self._pending.done():
-            self.wait()  # a background save that failed is said now, not when the next one is due (an interval on)
         stop = self.watcher.stop_requested()
+        if not stop and self._pending is not None and self._pending.done():
+            self.wait()  # a background save that failed is said now, not when the next one is due (an interval on)
+        # (preempted: `save` saves this step first, then raises that failure; raised here, the step would be lost)
         last = step == self.cfg.train.train_steps
         interval = self.settings.interval
         if stop or last or (interval > 0 and step % interval == 0) or self.retention.milestone(step):
