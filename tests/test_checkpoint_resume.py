@@ -416,6 +416,27 @@ def test_a_step_folder_as_checkpoint_dir_is_refused_before_anything_is_written_i
     assert sorted(p.relative_to(step) for p in step.rglob("*")) == before
 
 
+def test_a_held_lock_is_one_line_on_a_run_whose_collective_timeout_is_shorter_than_the_wait(tmp_path, store):
+    """Rank 0 waits for a held checkpoint.dir lock while the other ranks wait in the checkpoint group's broadcast: with
+    parallel.collective_timeout_minutes under the 150 s wait, rank 1 died first of gloo's timeout (a traceback) and
+    rank 0, still waiting, was killed by torchrun; the wait now ends within the timeout, with the lock's one line."""
+    import fcntl
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    cfg = _config(tmp_path, store, train={"train_steps": 2}, checkpoint={"dir": str(ckpt)},
+                  parallel={"collective_timeout_minutes": 0.1}, logging={"hang_report_seconds": 0})
+    with open(ckpt / ".lock", "a+") as other:  # another live run's hold on the folder
+        fcntl.flock(other, fcntl.LOCK_EX)
+        other.write("host elsewhere pid 4242 since then\n")
+        other.flush()
+        proc = torchrun(2, ["-m", "nanotronix.train", "--config", str(cfg)], timeout=240)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode != 0 and "Timed out" not in proc.stderr, proc.stderr[-3000:]
+    assert len(errors) == 1 and errors[0].startswith(f"error: checkpoint.dir {ckpt} is in use by another run (host "
+                                                     "elsewhere pid 4242 since then;"), proc.stderr[-3000:]
+
+
 def test_a_folder_in_place_of_latest_stops_the_start_and_a_rollback(tmp_path, store, capsys):
     """A folder named `latest` in checkpoint.dir fails every save after its commit: the run trained up to its first
     save before saying so; now it stops before step 1, in one line, and starts once the folder is moved."""

@@ -220,6 +220,9 @@ class Checkpointer:
             with joining(cfg.parallel.collective_timeout_minutes):
                 group = dist.new_group(backend="gloo", timeout=timeout)
         self.coll = Collective(group)
+        # rank 0 waits for a held lock while the other ranks wait in this group's broadcast: within its timeout, so
+        # that they hear the lock's one line rather than die of gloo's timeout first
+        self._lock_wait_s = min(LOCK_WAIT_S, timeout.total_seconds() / 2) if self.coll.distributed else LOCK_WAIT_S
         self.watcher = PreemptionWatcher(device, launcher_pid=torchrun_pid())
         self.watcher.install()
         self._executor = ThreadPoolExecutor(1, "checkpoint") if self.settings.async_save else None
@@ -276,7 +279,7 @@ class Checkpointer:
         """Rank 0 holds RUN_DIR/.lock until the run ends (run_lock: one run per checkpoint.dir)."""
         if self.run_dir is not None:
             self._lock_fd = run_lock.acquire(
-                self.run_dir, LOCK_WAIT_S, self._log, "two runs in one folder would resume from and replace each "
+                self.run_dir, self._lock_wait_s, self._log, "two runs in one folder would resume from and replace each "
                 "other's steps; wait for it to end, or set another checkpoint.dir")
 
     def release(self) -> None:
