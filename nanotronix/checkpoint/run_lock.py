@@ -5,7 +5,7 @@ A second run into the same folder (a job submitted twice, a new experiment with 
 first's steps and replace them with its own, and its start would delete the first's save in progress; a rollback
 under a live run would be undone by the run's next save. A lock still held is waited for up to `wait_s` (NFS keeps
 a dead node's lock until its lease runs out, ~90 s), then refused. File systems without locks (Lustre mounted
-without flock) go unlocked. Written here because the standard library's fcntl is all it takes.
+without flock) go unlocked, in a note. Written here because the standard library's fcntl is all it takes.
 """
 from __future__ import annotations
 
@@ -45,8 +45,10 @@ def acquire(run_dir: Path, wait_s: float, log: Callable[[str], None], refusal: s
                 log(f"{lock} is held by {holder}: waiting up to {wait_s:.0f} s for it")
                 said = True
             time.sleep(min(1.0, max(deadline - time.monotonic(), 0.0)))
-        except OSError:  # no locks on this file system
+        except OSError as e:  # no locks on this file system: unprotected, which the user should know
             os.close(fd)
+            log(f"{run_dir}'s file system takes no locks ({e.strerror or e}): a second user of {name} "
+                f"{run_dir} would not be refused")
             return None
     try:  # who holds it, for the message of a user refused (advisory: a full disk may not take it)
         os.ftruncate(fd, 0)
