@@ -280,3 +280,26 @@ def test_crash_before_commit_keeps_previous_checkpoint(tmp_path, monkeypatch, wh
         save_single(tmp_path / "run", 2, model, opt)
     monkeypatch.undo()
     _check_previous_survives(tmp_path / "run")
+
+
+def test_the_rollback_tool_checks_and_names_the_step_folder_of_any_padding(tmp_path, capsys):
+    """tools/rollback.py checks the sizes of the folder it goes back to, `step_2` as well as `step_0000002` (a
+    truncated `step_2` was gone back to unchecked), and names the folder `latest` names (it said step_0000002)."""
+    from helpers import load_tool
+    rollback = load_tool("rollback")
+    model = plain_model()
+    opt = adamw(model)
+    run_dir = tmp_path / "run"
+    for step in range(1, 4):
+        save_single(run_dir, step, model, opt)
+    (run_dir / "step_0000002").rename(run_dir / "step_2")
+    damaged = max((run_dir / "step_2").glob("*.distcp"), key=lambda p: p.stat().st_size)
+    whole = damaged.read_bytes()
+    damaged.write_bytes(whole[:-10])
+    assert rollback.main([str(run_dir), "--to-step", "2"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: checkpoint file damaged: {damaged} has ")
+    assert (run_dir / "latest").read_text() == "step_0000003\n" and (run_dir / "step_0000003").is_dir()
+    damaged.write_bytes(whole)
+    assert rollback.main([str(run_dir), "--to-step", "2"]) == 0
+    assert "to step 2: latest -> step_2; 1 later step(s) (3) moved to" in capsys.readouterr().out
+    assert (run_dir / "latest").read_text() == "step_2\n"

@@ -46,8 +46,8 @@ def main(argv=None) -> int:
     lock = run_lock.acquire(run_dir, 0.0, print, "stop it first (its next save would undo the rollback)",
                             name="CKPT_DIR")
     try:
-        target = run_dir / paths.step_folder_name(args.to_step)
-        if paths.is_step_folder(target):  # a damaged step is no place to go back to: found before anything moves
+        target = paths.committed_step(run_dir, args.to_step)  # the folder roll_back goes back to, of any padding
+        if target is not None:  # a damaged step is no place to go back to: found before anything moves
             check_sizes(target, read_manifest(target))
         aside, moved = paths.roll_back(run_dir, args.to_step)
     finally:
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
             os.close(lock)
     where = (f"; {len(moved)} later step(s) ({', '.join(str(paths.step_of(p)) for p in moved)}) moved to {aside} "
              f"(delete it when no longer wanted)") if moved else "; no later steps"
-    print(f"rolled back {run_dir} to step {args.to_step}: latest -> {paths.step_folder_name(args.to_step)}{where}")
+    print(f"rolled back {run_dir} to step {args.to_step}: latest -> {target.name}{where}")
     return 0
 
 

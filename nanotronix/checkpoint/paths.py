@@ -293,6 +293,12 @@ def prune(run_dir: Path, retention: Retention) -> list[Path]:
     return doomed
 
 
+def committed_step(run_dir: Path, step: int) -> Optional[Path]:
+    """The committed folder of `step` in a run, however its number is padded (a step_4 copied in counts as
+    committed), or None."""
+    return next((p for p in committed_steps(run_dir) if step_of(p) == step), None)
+
+
 def roll_back(run_dir: Path, step: int) -> tuple[Optional[Path], list[Path]]:
     """Make the committed `step` the run's latest again (`tools/rollback.py`): every later step folder moves into
     RUN_DIR/rolled_back_after_step_NNNNNNN-TIME/ (kept, not deleted; no step pattern there, so no resume, prune or
@@ -300,9 +306,8 @@ def roll_back(run_dir: Path, step: int) -> tuple[Optional[Path], list[Path]]:
     A resume takes the newest complete step, so a crash part-way leaves what looks like a run that got less far
     (its newest steps aside, the others not yet), never `latest` on `step` beside later steps that a resume would
     take: run it again to finish."""
-    # the committed folder of that step, however its number is padded (a step_4 copied in counts as committed)
-    target = next((p for p in committed_steps(run_dir) if step_of(p) == step), run_dir / step_folder_name(step))
-    if not is_step_folder(target):
+    target = committed_step(run_dir, step)
+    if target is None:
         steps = ", ".join(str(step_of(p)) for p in committed_steps(run_dir)) or "none"
         raise CheckpointError(f"{run_dir}: no complete checkpoint of step {step} (committed steps: {steps})")
     check_pointer_replaceable(run_dir)  # found before anything moves
