@@ -1,5 +1,6 @@
 """`python -m nanotronix.evaluate` against the same loss computed by transformers on the exported model, with the
-windows read straight from the Megatron .bin (raw concatenated tokens, per the format spec). Costs ~8 s."""
+windows read straight from the Megatron .bin (raw concatenated tokens, per the format spec), with and without document
+masking. Costs ~15 s."""
 from __future__ import annotations
 
 import json
@@ -44,6 +45,42 @@ def test_evaluate_matches_transformers_on_the_export(tmp_path):
     with torch.no_grad():
         reference = hf(input_ids=windows, labels=windows).loss.item()  # transformers shifts the labels itself
     assert abs(result["loss"] - reference) < 1e-5, (result["loss"], reference)
+
+
+def test_a_document_masked_checkpoint_matches_transformers_on_each_document(tmp_path):
+    """A checkpoint trained with model.document_mask_eos_id is scored with the mask: each window's loss is
+    transformers' on every document of its inputs run alone (an EOS ends its document; positions restart), with the
+    targets read straight from the .bin; attention across the documents gives another loss."""
+    import dataclasses
+    eos = 0  # write_learnable_store's EOS id
+    store = write_learnable_store(tmp_path / "store" / "arith", num_docs=30, vocab=TINY.vocab_size)
+    model = plain_model(dataclasses.replace(TINY, document_mask_eos_id=eos))
+    opt = adamw(model)
+    train_steps(model, opt, range(1, 4), model.config)
+    save_single(tmp_path / "run", 3, model, opt)
+    proc = evaluate_cli("--checkpoint", str(tmp_path / "run"), "--data", str(store), "--seq-len", str(SEQ),
+                        "--num-samples", str(WINDOWS), "--batch-size", "4", "--json", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    loss = json.loads(proc.stdout)["loss"]
+
+    stream = torch.from_numpy(np.fromfile(f"{store}.bin", dtype=np.uint16).astype(np.int64))
+    hf_dir = export_to_hf(tmp_path / "run", tmp_path / "hf", progress=False, log=lambda _: None)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="eager").float().eval()
+    total, across, several = 0.0, 0.0, 0
+    with torch.no_grad():
+        for i in range(WINDOWS):
+            window = stream[i * SEQ:i * SEQ + SEQ + 1]
+            inputs, targets = window[:-1], window[1:]
+            ends = [j + 1 for j in range(SEQ) if inputs[j] == eos and j + 1 < SEQ] + [SEQ]
+            starts = [0] + ends[:-1]
+            several += len(starts) > 1
+            logits = torch.cat([hf(input_ids=inputs[a:b][None]).logits[0] for a, b in zip(starts, ends)])
+            total += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+            whole = hf(input_ids=inputs[None]).logits[0]
+            across += torch.nn.functional.cross_entropy(whole, targets, reduction="sum").item()
+    assert several > 0  # windows that hold several documents: the mask matters
+    assert abs(loss - total / (SEQ * WINDOWS)) < 1e-5, (loss, total / (SEQ * WINDOWS))
+    assert abs(loss - across / (SEQ * WINDOWS)) > 1e-3
 
 
 def test_evaluate_bad_input_is_one_line(tmp_path, capsys):
