@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -303,3 +304,40 @@ def test_the_rollback_tool_checks_and_names_the_step_folder_of_any_padding(tmp_p
     assert rollback.main([str(run_dir), "--to-step", "2"]) == 0
     assert "to step 2: latest -> step_2; 1 later step(s) (3) moved to" in capsys.readouterr().out
     assert (run_dir / "latest").read_text() == "step_2\n"
+
+
+@pytest.mark.parametrize("moves_before_the_kill", [0, 1, 2])
+def test_a_rollback_run_again_after_a_kill_finishes_in_the_folder_it_began(tmp_path, monkeypatch,
+                                                                             moves_before_the_kill):
+    """Killed after 0, 1 or 2 of its 3 moves and run again a second later, a rollback puts the steps it had left into
+    the folder it began (a second one held the rest, and the folder its line names lacked the newest steps; killed
+    before any move, an empty folder stayed). A later rollback to the same step, once finished, gets its own."""
+    from nanotronix.checkpoint import paths
+
+    model = plain_model()
+    opt = adamw(model)
+    run_dir = tmp_path / "run"
+    for step in range(1, 5):
+        save_single(run_dir, step, model, opt)
+    real_rename, renamed = os.rename, []
+
+    def killed_part_way(src, dst):
+        if len(renamed) == moves_before_the_kill:
+            raise KeyboardInterrupt("killed mid-rollback")
+        renamed.append(src)
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", killed_part_way)
+    monkeypatch.setattr(time, "strftime", lambda *_: "20260101-000000")
+    with pytest.raises(KeyboardInterrupt):
+        paths.roll_back(run_dir, 1)
+    monkeypatch.setattr(os, "rename", real_rename)
+    monkeypatch.setattr(time, "strftime", lambda *_: "20260101-000001")  # run again a second later
+    aside, moved = paths.roll_back(run_dir, 1)
+    assert [p.name for p in run_dir.iterdir() if p.name.startswith("rolled_back_")] == [aside.name]
+    assert sorted(p.name for p in aside.iterdir()) == ["step_0000002", "step_0000003", "step_0000004"]
+    assert paths.read_latest(run_dir) == run_dir / "step_0000001"
+    save_single(run_dir, 2, model, opt)  # the resumed run saves again, and is rolled back again
+    monkeypatch.setattr(time, "strftime", lambda *_: "20260101-000002")
+    again, _ = paths.roll_back(run_dir, 1)
+    assert again != aside and [p.name for p in again.iterdir()] == ["step_0000002"]

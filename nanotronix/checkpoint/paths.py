@@ -299,13 +299,27 @@ def committed_step(run_dir: Path, step: int) -> Optional[Path]:
     return next((p for p in committed_steps(run_dir) if step_of(p) == step), None)
 
 
+def _cut_short_aside(run_dir: Path, target: Path) -> Optional[Path]:
+    """The folder of a rollback to `target` that was cut short: empty (killed before its first move), or holding the
+    step `latest` still names, moved out of the run (pointing `latest` at `target` is a rollback's last act). A
+    finished one's folder is not it: a later rollback to the same step gets its own."""
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        named = (run_dir / LATEST_NAME).read_text().strip() if (run_dir / LATEST_NAME).is_file() else ""
+        for folder in sorted(run_dir.glob(f"rolled_back_after_{target.name}-*"), reverse=True):  # newest first
+            if folder.is_dir() and not folder.is_symlink() and (
+                    not any(folder.iterdir())
+                    or (_STEP_RE.match(named) and (folder / named).is_dir() and not (run_dir / named).exists())):
+                return folder
+    return None
+
+
 def roll_back(run_dir: Path, step: int) -> tuple[Optional[Path], list[Path]]:
     """Make the committed `step` the run's latest again (`tools/rollback.py`): every later step folder moves into
     RUN_DIR/rolled_back_after_step_NNNNNNN-TIME/ (kept, not deleted; no step pattern there, so no resume, prune or
     export sees it), newest first, then `latest` names `step`. Returns (that folder or None, the steps moved).
     A resume takes the newest complete step, so a crash part-way leaves what looks like a run that got less far
     (its newest steps aside, the others not yet), never `latest` on `step` beside later steps that a resume would
-    take: run it again to finish."""
+    take: run it again to finish (into the same folder)."""
     target = committed_step(run_dir, step)
     if target is None:
         steps = ", ".join(str(step_of(p)) for p in committed_steps(run_dir)) or "none"
@@ -314,8 +328,9 @@ def roll_back(run_dir: Path, step: int) -> tuple[Optional[Path], list[Path]]:
     later = [p for p in committed_steps(run_dir) if step_of(p) > step]
     aside = None
     if later:
-        aside = run_dir / f"rolled_back_after_{target.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        aside.mkdir(exist_ok=True)  # a rollback cut short and run again within the same second
+        aside = _cut_short_aside(run_dir, target) or (
+            run_dir / f"rolled_back_after_{target.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        aside.mkdir(exist_ok=True)  # a rollback cut short and run again: it finishes in the folder it began
         for p in reversed(later):
             os.rename(p, aside / p.name)
         fsync_path(run_dir)
