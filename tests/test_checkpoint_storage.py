@@ -443,3 +443,20 @@ def test_each_replicated_chunk_has_one_writer_and_the_bytes_are_balanced():
     assert set().union(*replicated_writes) == set(replicated)
     assert sum(len(w) for w in replicated_writes) == len(replicated)
     assert assign_writers([{**replicated, **own[r]} for r in range(4)]) == writes  # the same on every rank
+
+
+@pytest.mark.parametrize("listed", [sorted, lambda paths: sorted(paths, reverse=True)],
+                         ids=["listed_up", "listed_down"])
+def test_two_folders_of_one_step_give_the_same_newest_step_in_any_listing_order(tmp_path, monkeypatch, listed):
+    """A `step_4` copied in by hand beside the save's `step_0000004`: the run's newest step is the save's folder,
+    whatever order the file system lists them in (it was the one listed last)."""
+    from nanotronix.checkpoint import paths
+
+    run_dir = tmp_path / "run"
+    for name in ("step_0000003", "step_4", "step_0000004"):
+        (run_dir / name).mkdir(parents=True)
+        (run_dir / name / paths.MANIFEST_NAME).write_text("{}")
+    iterdir = Path.iterdir
+    monkeypatch.setattr(Path, "iterdir", lambda self: iter(listed(list(iterdir(self)))))
+    assert find_checkpoint(run_dir) == run_dir / "step_0000004"
+    assert [p.name for p in paths.committed_steps(run_dir)] == ["step_0000003", "step_4", "step_0000004"]

@@ -61,11 +61,13 @@ def step_of(path: Path) -> Optional[int]:
 
 
 def committed_steps(run_dir: Path) -> list[Path]:
-    """Complete step folders of a run, oldest first."""
+    """Complete step folders of a run, oldest first. Two folders of one step (a `step_4` copied in beside
+    `step_0000004`) come in a fixed order, the name a save gives last, so the newest step is the same whatever order
+    the file system lists them in."""
     if not run_dir.is_dir():
         return []
     found = [p for p in run_dir.iterdir() if step_of(p) is not None and is_step_folder(p)]
-    return sorted(found, key=lambda p: step_of(p))
+    return sorted(found, key=lambda p: (step_of(p), p.name == step_folder_name(step_of(p)), p.name))
 
 
 def read_latest(run_dir: Path) -> Optional[Path]:
