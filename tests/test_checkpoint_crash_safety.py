@@ -87,16 +87,21 @@ def test_a_kill_between_the_commit_rename_and_the_pointer_update_resumes_the_new
     assert sorted(p.name for p in run_dir.iterdir()) == ["latest", "step_0000001", "step_0000002", "step_0000003"]
 
 
+def saved_steps(run_dir: Path, last: int) -> Path:
+    """RUN_DIR holding steps 1 to LAST of the plain model (the rollback tests' run)."""
+    model = plain_model()
+    opt = adamw(model)
+    for step in range(1, last + 1):
+        save_single(run_dir, step, model, opt)
+    return run_dir
+
+
 def test_a_rollback_cut_short_never_leaves_latest_behind_the_step_resumed_from(tmp_path, monkeypatch):
     """tools/rollback.py killed part-way: `latest` names the step a resume takes, or none (stale), never an earlier
     one beside later steps that the resume takes anyway; run again, it finishes the rollback."""
     from nanotronix.checkpoint import paths
 
-    model = plain_model()
-    opt = adamw(model)
-    run_dir = tmp_path / "run"
-    for step in range(1, 5):
-        save_single(run_dir, step, model, opt)
+    run_dir = saved_steps(tmp_path / "run", 4)
     real_rename, renamed = os.rename, []
 
     def killed_after_one_move(src, dst):
@@ -122,11 +127,7 @@ def test_a_rollback_finds_a_step_folder_of_any_padding(tmp_path):
     complete checkpoint of step 2 (committed steps: 1, 2, 3)")."""
     from nanotronix.checkpoint import paths
 
-    model = plain_model()
-    opt = adamw(model)
-    run_dir = tmp_path / "run"
-    for step in range(1, 4):
-        save_single(run_dir, step, model, opt)
+    run_dir = saved_steps(tmp_path / "run", 3)
     (run_dir / "step_0000002").rename(run_dir / "step_2")
     aside, moved = paths.roll_back(run_dir, 2)
     assert [p.name for p in moved] == ["step_0000003"] and find_checkpoint(run_dir) == run_dir / "step_2"
@@ -288,11 +289,7 @@ def test_the_rollback_tool_checks_and_names_the_step_folder_of_any_padding(tmp_p
     truncated `step_2` was gone back to unchecked), and names the folder `latest` names (it said step_0000002)."""
     from helpers import load_tool
     rollback = load_tool("rollback")
-    model = plain_model()
-    opt = adamw(model)
-    run_dir = tmp_path / "run"
-    for step in range(1, 4):
-        save_single(run_dir, step, model, opt)
+    run_dir = saved_steps(tmp_path / "run", 3)
     (run_dir / "step_0000002").rename(run_dir / "step_2")
     damaged = max((run_dir / "step_2").glob("*.distcp"), key=lambda p: p.stat().st_size)
     whole = damaged.read_bytes()
@@ -314,11 +311,7 @@ def test_a_rollback_run_again_after_a_kill_finishes_in_the_folder_it_began(tmp_p
     before any move, an empty folder stayed). A later rollback to the same step, once finished, gets its own."""
     from nanotronix.checkpoint import paths
 
-    model = plain_model()
-    opt = adamw(model)
-    run_dir = tmp_path / "run"
-    for step in range(1, 5):
-        save_single(run_dir, step, model, opt)
+    run_dir = saved_steps(tmp_path / "run", 4)
     real_rename, renamed = os.rename, []
 
     def killed_part_way(src, dst):
@@ -337,7 +330,8 @@ def test_a_rollback_run_again_after_a_kill_finishes_in_the_folder_it_began(tmp_p
     assert [p.name for p in run_dir.iterdir() if p.name.startswith("rolled_back_")] == [aside.name]
     assert sorted(p.name for p in aside.iterdir()) == ["step_0000002", "step_0000003", "step_0000004"]
     assert paths.read_latest(run_dir) == run_dir / "step_0000001"
-    save_single(run_dir, 2, model, opt)  # the resumed run saves again, and is rolled back again
+    model = plain_model()
+    save_single(run_dir, 2, model, adamw(model))  # the resumed run saves again, and is rolled back again
     monkeypatch.setattr(time, "strftime", lambda *_: "20260101-000002")
     again, _ = paths.roll_back(run_dir, 1)
     assert again != aside and [p.name for p in again.iterdir()] == ["step_0000002"]
