@@ -1,7 +1,7 @@
 """`make quickstart` (examples/quickstart.sh), the README's first command, end to end as a newcomer runs it: stdlib
 corpus -> BPE tokenizer -> token stores -> torchrun TP2 x PP2 training -> the loss and held-out loss fall (the
 script's own check) -> Hugging Face export -> transformers generates. Shipped examples that no longer run on main are
-a complaint about every framework this one is measured against; this keeps ours running. ~2 min on 2 cores. Its
+a complaint about every framework this one is measured against; this keeps ours running. ~1.5 min on 2 cores. Its
 output lands in the checkout's quickstart/ (git-ignored), as `make quickstart`'s does; data already there is reused."""
 import os
 import subprocess

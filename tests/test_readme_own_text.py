@@ -1,7 +1,7 @@
 """The README's "Your own text" block, run as written (in a scratch folder holding links to tools/ and examples/, on a
 small folder of texts of three kinds): train a tokenizer, preprocess, copy the quickstart config, train with the
 block's overrides under torchrun on 2 ranks, export to Hugging Face format. Only the run's length is shortened (30
-steps instead of the copy's 300). The quickstart test covers `make quickstart`; nothing ran this block, the second
+steps instead of the copy's 200). The quickstart test covers `make quickstart`; nothing ran this block, the second
 thing a newcomer types. ~25 s on 2 cores."""
 import json
 import os
