@@ -168,4 +168,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    sys.argv[0] = "python -m nanotronix.launch"  # torchrun's parser names the command from it (else "launch.py")
     sys.exit(main())

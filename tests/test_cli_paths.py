@@ -344,9 +344,12 @@ def test_every_required_package_is_a_package_not_a_single_module():
         spec = importlib.util.find_spec(name)
         assert spec is not None and spec.submodule_search_locations is not None, (name, spec)
 
-@pytest.mark.parametrize("command", ["tools/preprocess.py", "-m nanotronix.train"])
+@pytest.mark.parametrize("command", ["tools/preprocess.py", "-m nanotronix.train", "-m nanotronix.launch"])
 def test_help_under_the_project_python_is_shown(command):
-    """... while the Python that has them (.venv/bin/python in a checkout, as run by a user) starts the command."""
+    """... while the Python that has them (.venv/bin/python in a checkout, as run by a user) starts the command; a
+    `python -m` command's usage line says it so (torchrun's parser under nanotronix.launch said "launch.py")."""
     proc = subprocess.run([sys.executable, *command.split(), "--help"], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0 and proc.stdout.startswith("usage: ") and proc.stderr == "", proc.stderr
+    if command.startswith("-m "):
+        assert proc.stdout.startswith(f"usage: python {command} "), proc.stdout[:200]
