@@ -119,6 +119,11 @@ class TrainConfig:
     # with compile: default | max-autotune-no-cudagraphs (Inductor times its own Triton GEMMs against cuBLAS for
     # every matmul shape and may fuse the elementwise ops around a GEMM into it; minutes more of compilation)
     compile_mode: str = "default"
+    # with compile: inductor (it generates the kernels: the speed) | aot_eager_decomp_partition (the same graphs,
+    # decompositions and partitioner as Inductor's, run by eager kernels: no code generated or compiled, so it
+    # separates a fault in Inductor's generated code from one in the traced graphs) | aot_eager (default
+    # partitioner)
+    compile_backend: str = "inductor"
     recompute: str = "none"  # none | selective (save matmul/attention outputs only) | full (whole layer)
     fused_kernels: bool = False  # csrc/ CUDA kernels for add+RMSNorm, RoPE, SwiGLU (PyTorch twin elsewhere)
     loss_chunk_size: int = 0  # > 0: fused head + cross entropy over chunks of this many tokens (no full logits)

@@ -24,6 +24,8 @@ if TYPE_CHECKING:  # nanotronix.config imports this module (load_config validate
 
 # torch.compile modes for train.compile_mode ("default" passes no mode); none with CUDA graphs.
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+# torch.compile backends for train.compile_backend: Inductor, and two that trace the same way but generate no code.
+COMPILE_BACKENDS = ("inductor", "aot_eager_decomp_partition", "aot_eager")
 
 # parallel.collective_timeout_minutes' ceiling (~2 years): torch's stores take the timeout in milliseconds as a 64-bit
 # integer, and infinity has no timedelta at all.
@@ -168,6 +170,13 @@ def _check_speed_switches(t: TrainConfig) -> None:
              "are not supported: the gradient buckets run Python hooks during every backward)")
     _require(t.compile_mode == "default" or t.compile,
              f"train.compile_mode: {t.compile_mode!r} needs train.compile: true")
+    _require(t.compile_backend in COMPILE_BACKENDS,
+             f"train.compile_backend: {t.compile_backend!r} is not {'|'.join(COMPILE_BACKENDS)}")
+    _require(t.compile_backend == "inductor" or t.compile,
+             f"train.compile_backend: {t.compile_backend!r} needs train.compile: true")
+    _require(t.compile_mode == "default" or t.compile_backend == "inductor",
+             f"train.compile_mode: {t.compile_mode!r} is Inductor's: it needs train.compile_backend: inductor "
+             f"(got {t.compile_backend!r})")
     # Inductor already generates fused kernels for the same ops, and the compiled csrc ops are opaque to it.
     _require(not (t.compile and t.fused_kernels),
              "train.fused_kernels: cannot be combined with train.compile (compile fuses the same ops itself)")

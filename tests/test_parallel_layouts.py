@@ -33,6 +33,11 @@ WORKER = str(Path(__file__).resolve().parent / "dist_parallel_layouts.py")
 # accumulation is still exercised, and validation's rounds are still padded (5 windows).
 TP_MICRO_BATCHES = "train.micro_batch_size=4"
 TP_DP2_MICRO_BATCHES = "train.micro_batch_size=2"
+# train.compile layouts trace, decompose and partition the layers as Inductor does but run them with eager kernels:
+# Inductor's C++ for each layout took ~60 s of the 2-rank launch's ~75 s on 2 cores (a fresh machine, no compile
+# cache). Inductor's own code is tested in test_parallel_layers.py (the column linears, TP + SP),
+# test_compute_weights.py, test_speedups.py and test_plan_memory_compiled.py, and on the GPU by tools/gpu_checks.sh.
+COMPILED = "train.compile=true,train.compile_backend=aot_eager_decomp_partition"
 
 LAYOUTS = {
     2: {
@@ -47,8 +52,8 @@ LAYOUTS = {
         "tp2_sp_fused_loss": f"tp=2,sequence_parallel=true,train.loss_chunk_size=24,{TP_MICRO_BATCHES}",
         # the column linears' collectives inside their autograd function (column_parallel_matmul.py), under
         # torch.compile without a graph break
-        "tp2_compiled": f"tp=2,train.compile=true,{TP_MICRO_BATCHES}",
-        "tp2_sp_compiled": f"tp=2,sequence_parallel=true,train.compile=true,{TP_MICRO_BATCHES}",
+        "tp2_compiled": f"tp=2,{COMPILED},{TP_MICRO_BATCHES}",
+        "tp2_sp_compiled": f"tp=2,sequence_parallel=true,{COMPILED},{TP_MICRO_BATCHES}",
         # under SP they gather their input again in backward; with recomputation they keep it gathered instead
         "tp2_sp_selective": f"tp=2,sequence_parallel=true,train.recompute=selective,{TP_MICRO_BATCHES}",
         "tp2_sp_full_recompute": f"tp=2,sequence_parallel=true,train.recompute=full,{TP_MICRO_BATCHES}",
@@ -90,7 +95,7 @@ FUSION_PAIRS = {2: {"pp2_1f1b_bf16": "train.grad_accumulation_fusion=true"},  # 
 OVERLAP_PAIRS = {
     2: {"dp2_zero1": "zero_stage=1",
         # the hook that waits runs outside the compiled layer: same graphs, no graph break inside the layer
-        "dp2_zero1_compiled": "zero_stage=1,train.compile=true"},
+        "dp2_zero1_compiled": f"zero_stage=1,{COMPILED}"},
     4: {"tp2_sp_dp2_zero1_bf16_cache": "tp=2,sequence_parallel=true,zero_stage=1,train.dtype=bfloat16,"
                                        f"train.bf16_weight_cache=true,{TP_DP2_MICRO_BATCHES}",
         # torch.distributed.pipelining runs the chunks: the parts' hooks still wait, two chunks per rank

@@ -238,6 +238,27 @@ def test_compile_mode_max_autotune_matches_plain():
         assert torch.allclose(params[name], p, atol=2e-4), name
 
 
+def test_compile_backend_reaches_every_compile_of_the_trainer_path(monkeypatch):
+    """train.compile_backend reaches the decoder layers and the fused loss's chunks: the backend that generates no code
+    (what the layout tests compile with) gives the plain run's losses and weights."""
+    compiled_layers = []
+
+    def compile_layer(layer, **options):  # Module.compile, recording what each decoder layer was given
+        compiled_layers.append(options["backend"])
+        return real_compile(layer, **options)
+    real_compile = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", compile_layer)
+    torch._dynamo.reset()
+    ref_losses, ref_params = _train_two_steps({})
+    backend = "aot_eager_decomp_partition"
+    losses, params = _train_two_steps({"compile": True, "compile_backend": backend, "loss_chunk_size": 5},
+                                      expect_loss_compile={"backend": backend, "mode": None})
+    assert compiled_layers == [backend] * CFG.num_hidden_layers, compiled_layers
+    assert losses == pytest.approx(ref_losses, abs=1e-5)
+    for name, p in ref_params.items():
+        assert torch.allclose(params[name], p, atol=2e-4), name
+
+
 @pytest.mark.parametrize("train,message", [
     ({"recompute": "some"}, "train.recompute"),
     ({"loss_chunk_size": -1}, "train.loss_chunk_size"),
@@ -245,6 +266,10 @@ def test_compile_mode_max_autotune_matches_plain():
     ({"compile": "yes"}, "train.compile"),
     ({"compile": True, "compile_mode": "max-autotune"}, "train.compile_mode"),
     ({"compile_mode": "max-autotune-no-cudagraphs"}, "needs train.compile: true"),
+    ({"compile": True, "compile_backend": "tvm"}, "train.compile_backend: 'tvm' is not inductor|"),
+    ({"compile_backend": "aot_eager"}, "train.compile_backend: 'aot_eager' needs train.compile: true"),
+    ({"compile": True, "compile_backend": "aot_eager", "compile_mode": "max-autotune-no-cudagraphs"},
+     "train.compile_mode: 'max-autotune-no-cudagraphs' is Inductor's: it needs train.compile_backend: inductor"),
 ])
 def test_switch_validation(train, message):
     with pytest.raises(ConfigError, match=message):

@@ -121,5 +121,5 @@ def apply_speedups(model: nn.Module, train: TrainConfig) -> nn.Module:
         apply_fused_kernels(model)
     apply_recompute(model, train.recompute)
     if train.compile:
-        apply_compile(model, mode=train.compile_mode)
+        apply_compile(model, backend=train.compile_backend, mode=train.compile_mode)
     return model
