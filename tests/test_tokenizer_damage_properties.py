@@ -27,7 +27,7 @@ alone (its EOS from tokenizer_config.json only when <|endoftext|> is not a token
 chat template AutoTokenizer cannot read does not change a token it writes. Where AutoTokenizer reports no BOS or
 EOS (none named, or no tokenizer_config.json, which the export then writes), the export's config.json says the EOS
 the data pipeline ends documents with, as README says: the store's. The folder shipped loads with the special tokens
-(extra ones too) and ids of the one given, and tokenizes a text holding them alike. ~40 s on one core."""
+(extra ones too) and ids of the one given, and tokenizes a text holding them alike. ~25 s on one core."""
 from __future__ import annotations
 
 import copy
@@ -399,13 +399,14 @@ def damaged_folder_is_read_as_the_references_read_it(world, original: Path, data
         shutil.rmtree(work, ignore_errors=True)
 
 
-@settings(PROPERTY, max_examples=200)
+@settings(PROPERTY, max_examples=120)
 @given(data=st.data())
 def test_damaged_tiny_tokenizer_folders(world, data):
     damaged_folder_is_read_as_the_references_read_it(world, world["tiny"], data)
 
 
-@settings(PROPERTY, max_examples=20)  # its 2 MB tokenizer.json: ~1 s an example
+# its 2 MB tokenizer.json: ~1.4 s an example alone; the tiny folder's 120 walk the same damages
+@settings(PROPERTY, max_examples=10)
 @given(data=st.data())
 def test_damaged_smollm2_tokenizer_folders(world, smollm2, data):
     damaged_folder_is_read_as_the_references_read_it(world, smollm2, data)
