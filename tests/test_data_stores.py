@@ -12,7 +12,7 @@ import pytest
 from nanotronix.data import DataError, load_tokenizer, open_store
 from nanotronix.data.megatron_store import MegatronWriter, optimal_dtype
 from nanotronix.data.zarr_store import ZarrWriter, zarr_output_path
-from helpers import train_tiny_tokenizer
+from helpers import load_tool, train_tiny_tokenizer
 from test_data_support import spec_megatron_bytes, write_spec_megatron
 
 RNG = np.random.default_rng(0)
@@ -406,6 +406,50 @@ def test_windows_are_the_streams_slices_in_every_memory_mapped_format(tmp_path):
         opened = [open_store(tmp_path / "u16"), open_store(tmp_path / "two.ds")]  # their maps exist while they do
         assert _advised_random((tmp_path / "u16.bin").resolve()) and _advised_random((tmp_path / "two.ds").resolve())
         assert [store.num_tokens for store in opened] == [len(flat)] * 2
+
+
+def test_zarr_windows_are_the_streams_slices_read_at_once(tmp_path, monkeypatch):
+    """ZarrStore.read_windows reads a batch's windows with one zarr read, not one each: the same slices of the stream as
+    the generic read per window gives (random starts, the first and the last window, windows across documents, rows
+    filled in any subset, no rows), both when the windows lie close enough for one read of their span and when they
+    need a coordinate selection; the chunks they touch are fetched concurrently, where the read per window fetched a
+    window's few at a time (on object storage each waited out a round trip: tools/bench_loader.py --zarr)."""
+    from functools import partial
+
+    import zarr
+    from zarr.storage import LocalStore
+
+    from nanotronix.data import zarr_store
+    from nanotronix.data.store import TokenStore
+
+    docs = [RNG.integers(0, 49152, size=n).tolist() for n in RNG.integers(1, 400, size=300)]
+    flat = np.array(sum(docs, []), dtype=np.int64)
+    # zarr fetches a read's shards concurrently: shards of 2^12 tokens (2^10-token chunks) give this ~60K-token
+    # store ~15 of them, as the format's 2^20-token shards give a corpus of ~15M tokens
+    monkeypatch.setattr(zarr_store, "SHARD", 1 << 12)
+    monkeypatch.setattr(zarr_store, "INNER_CHUNK", 1 << 10)
+    _write_ours(tmp_path / "z", docs, np.uint16, fmt="zarr")
+    store = open_store(tmp_path / "z")
+    length, ends = 65, np.cumsum([len(d) for d in docs])
+    starts = np.concatenate([[0, len(flat) - length], ends[[3, 150]] - 7, RNG.integers(0, len(flat) - length, 40)])
+    expected = np.stack([flat[s:s + length] for s in starts.tolist()])
+    rows = np.arange(0, len(starts), 2)
+    bench_loader = load_tool("bench_loader")
+    in_flight, read_chunks = {}, (zarr_store._READ_CHUNK, 1000)  # the default reads the span at once; 1000: coordinates
+    for read_chunk in read_chunks:
+        monkeypatch.setattr(zarr_store, "_READ_CHUNK", read_chunk)
+        for name, read in (("at once", store.read_windows), ("one by one", partial(TokenStore.read_windows, store))):
+            counted = bench_loader.counting_latency_store(LocalStore(f"{tmp_path / 'z'}.zarr", read_only=True), 0.0)
+            store._tokens = zarr.open_group(counted, mode="r")["tokens"]  # the same array, its reads counted
+            out = np.full((len(starts), length), -1, dtype=np.int64)
+            assert read(out, rows, starts[rows]) == int(expected[rows].max()), (name, read_chunk)
+            assert np.array_equal(out[rows], expected[rows]) and (np.delete(out, rows, axis=0) == -1).all(), name
+            assert read(out, rows[:0], starts[:0]) == -1
+            in_flight[name, read_chunk] = counted.most_in_flight
+    # (measured: 10 and 8 requests at once, zarr's limit being 10, against 4 for a window)
+    assert all(in_flight["at once", chunk] > in_flight["one by one", chunk] for chunk in read_chunks), in_flight
+    with pytest.raises(DataError, match=r"tokens \[\d+, \d+\) are outside the stream"):
+        store.read_windows(np.zeros((1, length), np.int64), np.array([0]), np.array([len(flat) - length + 1]))
 
 
 @pytest.mark.parametrize("sidecar, kind", [([], "array"), (None, "null"), ("x", "string"), (True, "boolean"),

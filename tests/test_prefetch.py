@@ -167,6 +167,30 @@ def test_bench_loader_cold_reports_every_read_path(capsys, tmp_path):
         assert capsys.readouterr().err.strip() == message
 
 
+def test_bench_loader_zarr_reports_both_reads(capsys):
+    """tools/bench_loader.py --zarr on a tiny store (in process, < 1 s; no wait before the requests): a row per read,
+    each checked against the store's windows by the benchmark itself, the ratio against the read per window, and fewer
+    requests for the batch read; --zarr and --cold exclude each other."""
+    import sys
+
+    from helpers import ROOT
+    sys.path.insert(0, str(ROOT / "tools"))
+    import bench_loader
+
+    argv = ["--zarr", "--latency-ms", "0", "--seq-len", "32", "--windows", "40", "--tokens", "200000", "--rounds", "1"]
+    assert bench_loader.main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("40 random windows of 33 tokens from a zarr store of 200,000 uint16 tokens, 0 ms"), out
+    rows = {line[:12].strip(): line[12:].split() for line in out[2:]}
+    assert set(rows) == {"one by one", "at once"} and rows["one by one"][1] == "1.00x", out
+    assert int(rows["at once"][2]) < int(rows["one by one"][2]), out  # requests (one 2^20-token shard: none at once)
+    for argv, message in ((["--zarr", "--cold"], "error: --zarr and --cold measure different things: give one"),
+                          (["--zarr", "--latency-ms", "-1"], "error: --latency-ms must be within 0-10000, got -1.0")):
+        with pytest.raises(SystemExit):
+            bench_loader.main(argv)
+        assert capsys.readouterr().err.strip() == message
+
+
 def test_skipped_steps_are_never_read(store):
     """train.skip_steps: after step 3 the batch read ahead is step 7's (4-6 skipped); a skipped step counts as consumed
     for the resume state; nothing is read past the run's last step, even when the steps before it are skipped."""

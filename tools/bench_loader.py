@@ -36,6 +36,18 @@ it is closed; no root needed):
 Three figures per path, each also as a ratio against `map`: cold (nothing cached), warm (cached, a fresh map: the
 first touch of each page in this process, as on a store much larger than what training has read of it) and
 mapped (the same windows read again through the same map).
+
+    python tools/bench_loader.py --zarr [--latency-ms 20] [--tokens N] [--windows 64] [--rounds 3]
+
+--zarr measures how a batch of --windows random windows is read from a zarr store (a synthetic one, written as
+tools/preprocess.py --format zarr writes), every request to it first waiting --latency-ms (a round trip to object
+storage: s3://, gs://; 0 for a local disk), by:
+
+  one by one   a zarr read per window (TokenStore.read_windows, every other store's generic path: the baseline)
+  at once      ZarrStore.read_windows: one read for the batch, zarr fetching the chunks it touches concurrently
+
+with the requests made per batch and the most of them in flight at once, each path's windows checked against the
+store's own reads.
 """
 import argparse
 import os
@@ -69,6 +81,10 @@ def parse_args(argv=None):
     parser.add_argument("--cold", action="store_true",
                         help="measure the read paths of random windows, cold and warm, instead of the loaders")
     parser.add_argument("--store", help="with --cold: an existing Megatron store PREFIX instead of a synthetic one")
+    parser.add_argument("--zarr", action="store_true",
+                        help="measure a zarr store's batch reads, one window at a time and all at once, instead")
+    parser.add_argument("--latency-ms", type=finite_float, default=20.0,
+                        help="with --zarr: the wait before every request (a round trip to object storage)")
     args = parser.parse_args(argv)
     for name in ("seq_len", "windows", "micro_batch", "steps", "rounds"):
         if getattr(args, name) < 1:
@@ -79,6 +95,10 @@ def parse_args(argv=None):
         parser.error(f"--windows {args.windows} is not divisible by --micro-batch {args.micro_batch}")
     if args.store and not args.cold:
         parser.error("--store needs --cold")
+    if args.zarr and args.cold:
+        parser.error("--zarr and --cold measure different things: give one")
+    if not 0 <= args.latency_ms <= 10_000:
+        parser.error(f"--latency-ms must be within 0-10000, got {args.latency_ms}")
     if args.tokens < 4 * (args.seq_len + 1):
         parser.error(f"--tokens {args.tokens} is too few for windows of {args.seq_len + 1} tokens")
     return args
@@ -246,10 +266,90 @@ def run_loop(batch, first_step: int, steps: int, step_seconds: float, device) ->
 
 
 @one_line_errors
+def counting_latency_store(store, latency_s: float):
+    """`store` (a zarr store) behind a wrapper that waits `latency_s` before every read, as a request to object
+    storage waits out its round trip, and counts the reads (`.requests`) and the most of them in flight at once
+    (`.most_in_flight`)."""
+    import asyncio
+
+    from zarr.storage import WrapperStore
+
+    class CountingLatencyStore(WrapperStore):
+        def __init__(self, store, latency_s: float = 0.0):
+            super().__init__(store)
+            self.latency_s, self.requests, self.in_flight, self.most_in_flight = latency_s, 0, 0, 0
+
+        def _with_store(self, store):
+            return type(self)(store, self.latency_s)
+
+        async def get(self, key, prototype, byte_range=None):
+            self.requests += 1
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+            try:
+                await asyncio.sleep(self.latency_s)
+                return await self._store.get(key, prototype, byte_range)
+            finally:
+                self.in_flight -= 1
+
+    return CountingLatencyStore(store, latency_s)
+
+
+def zarr_main(args) -> int:
+    """--zarr: seconds per batch of random windows from a zarr store behind a per-request wait, a read per window
+    against one read for all."""
+    import numpy as np
+    import zarr
+    from zarr.storage import LocalStore
+
+    from nanotronix.data.store import TokenStore
+    from nanotronix.data.zarr_store import ZarrStore, ZarrWriter
+
+    length = args.seq_len + 1
+    paths = {"one by one": lambda store, out, starts: TokenStore.read_windows(store, out, np.arange(len(out)), starts),
+             "at once": lambda store, out, starts: store.read_windows(out, np.arange(len(out)), starts)}
+    best = {name: float("inf") for name in paths}
+    counts = {}
+    with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmp:
+        path = str(Path(tmp) / "tokens.zarr")
+        rng = np.random.default_rng(0)
+        lengths = np.full(args.tokens // 1000, 1000)
+        lengths[-1] += args.tokens - lengths.sum()
+        writer = ZarrWriter(path, np.dtype(np.uint16))
+        writer.add_documents(rng.integers(1, 49152, size=args.tokens, dtype=np.uint16), lengths)
+        writer.finalize({"tokenizer": {"name": "synthetic", "vocab_size": 49152, "eos_id": 0}})
+        store = ZarrStore(path)
+        plain = store._tokens
+        for _ in range(args.rounds):
+            starts = np.sort(rng.integers(0, args.tokens - length + 1, size=args.windows))
+            expected = np.stack([np.asarray(plain[s:s + length]) for s in starts.tolist()])
+            for name, read in paths.items():
+                # the store's tokens array reopened behind the wait: nothing cached from the round before
+                slow = counting_latency_store(LocalStore(path, read_only=True), args.latency_ms / 1e3)
+                store._tokens = zarr.open_group(slow, mode="r")["tokens"]
+                out = np.empty((args.windows, length), dtype=np.int64)
+                before = slow.requests
+                t0 = time.perf_counter()
+                read(store, out, starts)
+                best[name] = min(best[name], time.perf_counter() - t0)
+                counts[name] = (slow.requests - before, slow.most_in_flight)
+                if not np.array_equal(out, expected):
+                    _fail(f"{name} read other tokens than the store's windows")
+    print(f"{args.windows} random windows of {length} tokens from a zarr store of {args.tokens:,} uint16 tokens, "
+          f"{args.latency_ms:g} ms before every request; best of {args.rounds} rounds")
+    print(f"{'read':12s} {'per batch':>10s} {'vs one by one':>14s} {'requests':>9s} {'most in flight':>15s}")
+    for name in paths:
+        print(f"{name:12s} {best[name] * 1e3:8.1f}ms {best['one by one'] / best[name]:13.2f}x "
+              f"{counts[name][0]:9d} {counts[name][1]:15d}")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.cold:
         return cold_main(args)
+    if args.zarr:
+        return zarr_main(args)
     import torch
     from nanotronix import accel
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from .errors import DataError, require_module
 from .files import commit, file_identity, remove_quietly, replaced_path, temp_path
-from .store import TokenStore, checked_sidecar
+from .store import TokenStore, checked_sidecar, largest_id
 
 SHARD = 1 << 20
 INNER_CHUNK = 1 << 14
@@ -201,10 +201,35 @@ class ZarrStore(TokenStore):
         positions = np.asarray(positions, dtype=np.int64)
         if not len(positions):
             return np.zeros(0, np.int64)
+        return np.asarray(self._tokens_at(positions), dtype=np.int64)
+
+    def read_windows(self, out: np.ndarray, rows: np.ndarray, starts: np.ndarray) -> int:
+        """TokenStore.read_windows with one zarr read for many windows instead of one each: zarr fetches the chunks
+        a read touches concurrently, so on object storage the windows of a batch wait out one request's round trip,
+        not one each (`python tools/bench_loader.py --zarr`: 64 windows of 2,049 tokens at 20 ms a request, 2.9 s
+        one by one, ~0.3 s at once); on a local disk it also halves zarr's per-call cost at 256 windows."""
+        length, top = out.shape[1], -1
+        starts = np.asarray(starts, dtype=np.int64)
+        block = max(1, _READ_CHUNK // max(length, 1))  # windows per read: positions and values of <= 4M tokens
+        for lo in range(0, len(starts), block):
+            part = starts[lo:lo + block]
+            for start in (int(part.min()), int(part.max())):  # the ends of the block's range: all of it inside
+                self._check_range(start, length)
+            if not length:
+                continue
+            tokens = self._tokens_at((part[:, None] + np.arange(length, dtype=np.int64)).ravel())
+            out[rows[lo:lo + block]] = tokens.reshape(len(part), length)
+            top = max(top, largest_id(tokens))
+        return top
+
+    def _tokens_at(self, positions: np.ndarray) -> np.ndarray:
+        """The stream's tokens at `positions` (int64, not empty), in the store's dtype: one slice read where they lie
+        within _READ_CHUNK tokens of each other (consecutive windows, as validation reads), else one coordinate
+        selection (the chunks they touch fetched concurrently)."""
         lo, hi = int(positions.min()), int(positions.max()) + 1
         if hi - lo <= _READ_CHUNK:
-            return np.asarray(self._read(self._tokens, slice(lo, hi)), dtype=np.int64)[positions - lo]
-        return np.asarray(self._read(self._tokens, positions, coordinates=True), dtype=np.int64)
+            return self._read(self._tokens, slice(lo, hi))[positions - lo]
+        return self._read(self._tokens, positions, coordinates=True)
 
     def verify(self, progress: bool = False) -> None:
         from .verify import check_tokens_and_sidecar
