@@ -167,7 +167,7 @@ def test_bench_loader_cold_reports_every_read_path(capsys, tmp_path):
         assert capsys.readouterr().err.strip() == message
 
 
-def test_bench_loader_zarr_reports_both_reads(capsys):
+def test_bench_loader_zarr_reports_both_reads(capsys, monkeypatch):
     """tools/bench_loader.py --zarr on a tiny store (in process, < 1 s; no wait before the requests): a row per read,
     each checked against the store's windows by the benchmark itself, the ratio against the read per window, and fewer
     requests for the batch read; --zarr and --cold exclude each other."""
@@ -189,6 +189,11 @@ def test_bench_loader_zarr_reports_both_reads(capsys):
         with pytest.raises(SystemExit):
             bench_loader.main(argv)
         assert capsys.readouterr().err.strip() == message
+
+    def failing(args):
+        raise DataError("the store cannot be read")
+    monkeypatch.setattr(bench_loader, "zarr_main", failing)  # an error in a measurement: one line, as every command
+    assert bench_loader.main(["--zarr"]) == 2 and capsys.readouterr().err == "error: the store cannot be read\n"
 
 
 def test_skipped_steps_are_never_read(store):
