@@ -61,6 +61,13 @@ def finite_float(text: str) -> float:
     return value
 
 
+def user_path(text: str) -> str:
+    """argparse type of every path argument: `~` expanded. A shell expands it in a word of its own, but not after
+    `--output=` nor inside quotes, and an unexpanded `--output=~/hf` made a folder named `~` in the working folder
+    (which `rm -rf ~` would then "clean up") while the tool reported writing to `~/hf`."""
+    return os.path.expanduser(text)
+
+
 def non_negative_int(text: str) -> int:
     """argparse type: an integer >= 0 (a seed: numpy's generators take no negative one)."""
     if not text.isascii() or not text.isdigit():

@@ -177,6 +177,10 @@ def _check_speed_switches(t: TrainConfig) -> None:
     _require(t.compile_mode == "default" or t.compile_backend == "inductor",
              f"train.compile_mode: {t.compile_mode!r} is Inductor's: it needs train.compile_backend: inductor "
              f"(got {t.compile_backend!r})")
+    _require(not (t.grad_accumulation_fusion and t.compile and t.compile_backend != "inductor"),
+             f"train.grad_accumulation_fusion: needs train.compile_backend: inductor under train.compile (got "
+             f"{t.compile_backend!r}: only Inductor turns the traced copy of a gradient buffer back into the buffer "
+             "the fused accumulation adds into)")
     # Inductor already generates fused kernels for the same ops, and the compiled csrc ops are opaque to it.
     _require(not (t.compile and t.fused_kernels),
              "train.fused_kernels: cannot be combined with train.compile (compile fuses the same ops itself)")

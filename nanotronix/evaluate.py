@@ -17,15 +17,15 @@ from typing import Any
 
 import torch
 
-from nanotronix.cli import ArgumentParser, integer, one_line_errors
+from nanotronix.cli import ArgumentParser, integer, one_line_errors, user_path
 from nanotronix.errors import fail
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(prog="python -m nanotronix.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a step folder or a run's checkpoint folder")
-    p.add_argument("--data", required=True, help="token store (Megatron prefix, datatrove .ds, zarr)")
+    p.add_argument("--checkpoint", type=user_path, required=True, help="a step folder or a run's checkpoint folder")
+    p.add_argument("--data", type=user_path, required=True, help="token store (Megatron prefix, datatrove .ds, zarr)")
     p.add_argument("--seq-len", type=integer, required=True, help="L: input tokens per window")
     p.add_argument("--num-samples", type=integer, required=True, help="K: number of windows")
     p.add_argument("--batch-size", type=integer, default=8, help="windows per forward pass (default 8)")

@@ -15,7 +15,7 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-from nanotronix.cli import ArgumentParser, check_writable_folder, integer, one_line_errors
+from nanotronix.cli import ArgumentParser, check_writable_folder, integer, one_line_errors, user_path
 from nanotronix.config import Config, grad_accum_steps, load_config
 from nanotronix.config_checks import resolve_layout, too_few_processes
 from nanotronix.errors import UserError
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Check a training launch (config, layout against the allocation, GPUs on this node, token "
                     "stores, output folders) before starting torchrun. Prints one summary line and the run's start "
                     "notes (one `note:` line each), or one error line and exits 2.")
-    parser.add_argument("--config", required=True, help="YAML config file (as for nanotronix.train)")
+    parser.add_argument("--config", type=user_path, required=True, help="YAML config file (as for nanotronix.train)")
     parser.add_argument("--nnodes", type=integer, default=1, help="nodes in the job (default 1)")
     parser.add_argument("--nproc-per-node", type=integer, default=1, help="processes per node (default 1)")
     parser.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides")

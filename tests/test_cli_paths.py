@@ -137,6 +137,21 @@ def test_train_tokenizer_reads_what_preprocess_reads_and_says_what_is_wrong(tmp_
     assert out.read_bytes() != saved
 
 
+def test_a_tilde_in_a_flag_is_the_home_folder(tmp_path, capsys, monkeypatch):
+    """`--output=~/tok.json` reaches the tool with its `~` (a shell expands it only in a word of its own): it wrote a
+    folder named `~` into the working folder, and the next command, given the same path, did not find the file."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    work.mkdir()
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": f"text number {i}"}) + "\n" for i in range(50)))
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    assert load_tool("train_tokenizer").main([f"--input={tmp_path / 'in.jsonl'}", "--output=~/t/tokenizer.json",
+                                              "--vocab-size", "300"]) == 0, capsys.readouterr().err
+    assert load_tool("preprocess").main([f"--input={tmp_path / 'in.jsonl'}", "--tokenizer=~/t/tokenizer.json",
+                                         "--output-prefix=~/s/tokens", "--no-progress"]) == 0, capsys.readouterr().err
+    assert (home / "s" / "tokens.idx").is_file() and list(work.iterdir()) == []
+
+
 def test_train_tokenizer_leaves_no_folders_behind_when_its_input_is_bad(tmp_path, capsys):
     """--output in folders yet to be made and an input found bad after the output check: nothing is left (the check
     made the folders and kept them)."""

@@ -46,6 +46,21 @@ def test_cli_help_and_bad_input(tmp_path, capsys):
 
 
 
+def test_a_tilde_in_every_path_flag_is_the_home_folder(tmp_path, capsys, monkeypatch):
+    """`--output=~/hf` reaches the tool with its `~` (a shell expands it only in a word of its own): --checkpoint was
+    expanded but --output made a folder named `~` in the working folder, reported as written to `~/hf`, and --hf
+    said the folder had no config.json."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    work.mkdir()
+    trained_checkpoint(home / "run")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    assert tool_main("convert_to_hf")(["--checkpoint=~/run", "--output=~/hf", "--no-progress"]) == 0
+    assert tool_main("convert_from_hf")(["--hf=~/hf", "--output=~/imported", "--no-progress"]) == 0
+    assert f"to {home / 'hf'} " in capsys.readouterr().out
+    assert (home / "hf" / "config.json").is_file() and (home / "imported").is_dir() and list(work.iterdir()) == []
+
+
 @pytest.mark.parametrize("env, message", [
     ({"HF_HUB_OFFLINE": "1", "HF_TOKEN": "hf_fake"}, "offline mode"),
     ({"HF_HUB_OFFLINE": "0"}, "no Hugging Face token"),

@@ -12,7 +12,8 @@ import torch
 import transformers
 
 from checkpoint_helpers import TINY, TINY_UNTIED, adamw, plain_model, save_single, train_steps
-from convert_hf_helpers import WITH_BYTES, byte_tokenizer, cli, hf_tensors, logits_match, trained_checkpoint
+from convert_hf_helpers import (WITH_BYTES, byte_tokenizer, cli, hf_tensors, logits_match, saved_hf_llama,
+                               trained_checkpoint)
 
 from nanotronix.checkpoint.hf_export import export_to_hf
 from nanotronix.checkpoint.hf_import import import_from_hf
@@ -108,6 +109,42 @@ CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['conte
 
 
 
+def instruct_tokenizer(folder):
+    """FOLDER/tokenizer.json (returned): the byte tokenizer with <|im_start|> and <|im_end|> as BOS and EOS (ids 257
+    and 258) in its tokenizer_config.json, and CHAT_TEMPLATE."""
+    from tokenizers import Tokenizer
+    tokenizer_file = byte_tokenizer(folder)
+    tok = Tokenizer.from_file(str(tokenizer_file))
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    tok.save(str(tokenizer_file))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}))
+    (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    return tokenizer_file
+
+
+def test_another_tokenizer_shipped_with_an_import_gives_its_ids(tmp_path):
+    """An imported base model (bos and eos 0 in its config.json and generation_config.json) exported with an instruct
+    --tokenizer (EOS <|im_end|>): its ids won, so generate() ran past the tokenizer's EOS, without a word. Now the
+    shipped tokenizer's ids are in both files, in a note; the import's own ids stay without a tokenizer."""
+    base = saved_hf_llama(tmp_path / "base", **{k: v for k, v in hf_config_dict(WITH_BYTES).items()
+                                                if k not in ("architectures", "model_type", "torch_dtype")})
+    assert json.loads((base / "generation_config.json").read_text())["eos_token_id"] == 0
+    import_from_hf(base, tmp_path / "imported", log=lambda _: None)
+    said = []
+    out = export_to_hf(tmp_path / "imported", tmp_path / "hf", tokenizer=str(instruct_tokenizer(tmp_path / "tok")),
+                       progress=False, log=said.append)
+    theirs = transformers.AutoTokenizer.from_pretrained(out)
+    generation = transformers.GenerationConfig.from_pretrained(out)
+    config = transformers.AutoConfig.from_pretrained(out)
+    assert (config.bos_token_id, config.eos_token_id) == (theirs.bos_token_id, theirs.eos_token_id) == (257, 258)
+    assert (generation.bos_token_id, generation.eos_token_id) == (257, 258)
+    assert "note: bos_token_id 257 and eos_token_id 258 are the shipped tokenizer's, not the imported model's (0 and " \
+        "0): generate() stops at the tokenizer's EOS" in said
+    out = export_to_hf(tmp_path / "imported", tmp_path / "hf2", progress=False, log=lambda _: None)
+    assert transformers.GenerationConfig.from_pretrained(out).eos_token_id == 0
+
+
 def test_export_ships_the_tokenizer_as_transformers_reads_it(tmp_path):
     """An instruct tokenizer (eos_token <|im_end|>, its chat template in chat_template.jinja, where transformers saves
     it): the export keeps the template and makes config.json's eos_token_id the one AutoTokenizer reports (generate()
@@ -120,13 +157,8 @@ def test_export_ships_the_tokenizer_as_transformers_reads_it(tmp_path):
     from nanotronix.parallel import ParallelContext
 
     folder = tmp_path / "orig"
-    tokenizer_file = byte_tokenizer(folder)
+    tokenizer_file = instruct_tokenizer(folder)
     tok = Tokenizer.from_file(str(tokenizer_file))
-    tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
-    tok.save(str(tokenizer_file))
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}))
-    (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE)
 
     trained_checkpoint(tmp_path / "run", cfg=WITH_BYTES)
     out = export_to_hf(tmp_path / "run", tmp_path / "hf", tokenizer=str(folder), progress=False, log=lambda _: None)

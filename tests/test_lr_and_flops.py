@@ -152,6 +152,18 @@ def test_fp32_mfu_is_against_the_peak_of_the_math_that_runs():
         assert sheet.peak_tflops["float32"] < sheet.peak_tflops["bfloat16"] / 10, device
 
 
+def test_each_board_gets_its_own_peak():
+    """The names CUDA reports for the boards map to their data sheets' rows: an H200 NVL (a PCIe card at a lower
+    clock, 1,671 sparse bf16 TFLOP/s) had the H200 SXM's peak, so its MFU read ~16% low."""
+    from nanotronix.train.gpus import GPUS, gpu_of_device_name
+    names = {"NVIDIA H100 80GB HBM3": "H100 SXM", "NVIDIA H100 PCIe": "H100 PCIe", "NVIDIA H100 NVL": "H100 NVL",
+             "NVIDIA H200": "H200", "NVIDIA H200 NVL": "H200 NVL", "NVIDIA A100-SXM4-80GB": "A100",
+             "NVIDIA GeForce RTX 4090": None}
+    assert {name: gpu_of_device_name(name) for name in names} == names
+    assert GPUS["H200 NVL"].peak_tflops["bfloat16"] == pytest.approx(1671 / 2, rel=1e-3)
+    assert GPUS["H200 NVL"].node_link == "PCIe"  # its bridges join 4 cards, not the node's 8
+
+
 # Megatron-Core's scheduler in a process of its own (importing megatron.core sets environment variables and warning
 # filters): its learning rate after `num_steps` updates, for each schedule given.
 MEGATRON_LR = """

@@ -258,6 +258,24 @@ def test_damaged_compressed_inputs_fail_cleanly_and_multi_frame_zstd_reads(tmp_p
     assert _docs(tmp_path / "out") == _reference(tok, ["frame one", "two"])
 
 
+def test_a_damaged_parquet_page_is_named_by_file_and_row(tmp_path, tok, preprocess_tool, capsys):
+    """A Parquet file whose footer reads but whose data pages are damaged fails while its rows are read: the line
+    said only pyarrow's words ("Corrupt snappy compressed data"), naming no file among the thousands of an input
+    folder."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    path = tmp_path / "damaged.parquet"
+    pq.write_table(pa.table({"text": [f"row {i} " * 30 for i in range(400)]}), path, row_group_size=100)
+    data = bytearray(path.read_bytes())
+    data[4:len(data) // 2] = bytes(b ^ 0x5A for b in data[4:len(data) // 2])  # the first groups' pages; not the footer
+    path.write_bytes(bytes(data))
+    assert preprocess_tool.main(["--input", str(path), "--tokenizer", tok, "--output-prefix", str(tmp_path / "out"),
+                                 "--workers", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}:1: cannot read the Parquet rows from here (") and err.count("\n") == 1, err
+    assert _outputs(tmp_path) == []
+
+
 def _sentencepiece_style_tokenizer(path: Path, prepend: bool) -> str:
     """A SentencePiece-style BPE: spaces become "▁" (Metaspace), and with `prepend` a normalizer puts one before the
     text as Llama-2's tokenizer.json does, so that a text cut before " word" would encode "▁▁word"."""

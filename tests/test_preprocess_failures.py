@@ -235,6 +235,25 @@ def test_a_full_disk_while_tokens_are_written_leaves_nothing(tmp_path, tok, prep
     assert (code, err) == (2, f"error: No space left on device: {full}\n")  # which disk: the file's path
 
 
+def test_a_full_disk_while_the_sidecar_is_written_leaves_nothing_and_a_retry_runs(tmp_path, tok, preprocess_tool,
+                                                                                   capsys):
+    """A fresh Megatron store whose .bin is in place when its sidecar's write fails (a full disk): before, that .bin
+    (as large as the store) and the sidecar's half-written staging file stayed, the folder holding them too, and the
+    retry was refused for the .bin in its way; the line named no file. /dev/full stands in for the full disk."""
+    from nanotronix.data.files import temp_path
+    src = _jsonl(tmp_path / "in.jsonl", [json.dumps({"text": t}) for t in TEXTS])
+    prefix = tmp_path / "out" / "store"
+    prefix.parent.mkdir()
+    full = temp_path(prefix.parent / "store.meta.json")  # where this process stages the sidecar
+    full.symlink_to("/dev/full")
+    args = ["--input", str(src), "--tokenizer", tok, "--output-prefix", str(prefix), "--workers", "1",
+            "--no-progress"]
+    assert (preprocess_tool.main(args), capsys.readouterr().err) == (2, f"error: No space left on device: {full}\n")
+    assert list(prefix.parent.iterdir()) == []
+    assert preprocess_tool.main(args) == 0, capsys.readouterr().err
+    assert open_store(prefix).num_documents == len(TEXTS)
+
+
 def test_a_stop_while_overwrite_replaces_a_zarr_store_leaves_none_that_reads_wrong(tmp_path, tok, preprocess_tool,
                                                                                      monkeypatch, capsys):
     """--overwrite of a zarr store (a folder) removed the old folder file by file where the new one was to go: a

@@ -314,6 +314,10 @@ def test_a_shard_whose_records_were_all_skipped_is_written_empty(tmp_path, tiny_
     sidecars = sorted((tmp_path / "sharded").glob("*.json"))
     skipped = [json.loads(p.read_text()).get("skipped", {}).get("total") for p in sidecars]
     assert sum(skipped) == 50, skipped  # each task counts the bad records of its own byte range
+    assert sharded.metadata["skipped"]["total"] == 50
+    nulled = json.loads(sidecars[-1].read_text())  # a count the sidecar may leave out (null): the rest still add up
+    sidecars[-1].write_text(json.dumps({**nulled, "skipped": {**nulled["skipped"], "total": None}}))
+    assert open_store(tmp_path / "sharded").metadata["skipped"]["total"] == sum(skipped[:-1])
 
 
 def test_a_failed_task_of_an_array_leaves_the_shared_output_folder(tmp_path, tiny_tokenizer, preprocess_tool, capsys):

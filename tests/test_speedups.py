@@ -45,6 +45,53 @@ def test_recompute_matches_plain(mode):
     assert_same(loss_and_grads(model, ids), ref)
 
 
+@pytest.fixture()
+def flash_attn_stand_in(monkeypatch):
+    """flash-attn >= 2.6's forward kernel as its custom op `flash_attn::_flash_attn_forward` (SDPA inside, its calls
+    counted) behind a stand-in `flash_attn.flash_attn_func`, as the model's flash_attention_2 backend calls it; the
+    op's library is removed afterwards. Yields the list of calls."""
+    import types
+    import torch.nn.functional as F
+    from nanotronix import accel
+
+    def attention(q, k, v):  # [B, S, heads, D] as flash-attn takes them
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                             enable_gqa=True)
+        return out.transpose(1, 2).contiguous()
+
+    calls = []
+    lib = torch.library.Library("flash_attn", "FRAGMENT")
+    lib.define("_flash_attn_forward(Tensor q, Tensor k, Tensor v) -> Tensor")
+    lib.impl("_flash_attn_forward", lambda q, k, v: calls.append(1) or attention(q, k, v), "CPU")
+
+    def backward(ctx, grad):
+        with torch.enable_grad():
+            inputs = [t.detach().requires_grad_() for t in ctx.saved_tensors]
+            return torch.autograd.grad(attention(*inputs), inputs, grad)
+
+    torch.library.register_autograd("flash_attn::_flash_attn_forward", backward,
+                                    setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs), lib=lib)
+    fake = types.SimpleNamespace(flash_attn_func=lambda q, k, v, causal: torch.ops.flash_attn._flash_attn_forward(
+        q, k, v))
+    monkeypatch.setattr(accel, "_optional_module", lambda name: fake if name == "flash_attn" else None)
+    yield calls
+    lib._destroy()
+
+
+def test_selective_recompute_keeps_flash_attentions_output(flash_attn_stand_in):
+    """Selective recompute keeps what matmuls and attention made: flash-attn's forward (a custom op named
+    flash_attn::...) was not in its list, so every layer ran it again in the backward. Same gradients as no
+    recompute, and one attention forward per layer."""
+    torch.manual_seed(0)
+    plain = build_model(CFG, "flash_attention_2")
+    ids = torch.randint(0, CFG.vocab_size, (2, 17))
+    ref = loss_and_grads(plain, ids)
+    assert len(flash_attn_stand_in) == CFG.num_hidden_layers  # the stand-in runs (once per layer)
+    flash_attn_stand_in.clear()
+    assert_same(loss_and_grads(apply_recompute(copy.deepcopy(plain), "selective"), ids), ref)
+    assert len(flash_attn_stand_in) == CFG.num_hidden_layers
+
+
 def test_compile_matches_plain():
     torch.manual_seed(0)
     plain = build_model(CFG)
@@ -271,6 +318,11 @@ def test_compile_backend_reaches_every_compile_of_the_trainer_path(monkeypatch):
     ({"compile_backend": "aot_eager"}, "train.compile_backend: 'aot_eager' needs train.compile: true"),
     ({"compile": True, "compile_backend": "aot_eager", "compile_mode": "max-autotune-no-cudagraphs"},
      "train.compile_mode: 'max-autotune-no-cudagraphs' is Inductor's: it needs train.compile_backend: inductor"),
+    # accepted, it failed at step 1 in a traceback (nanotronix::accumulate_weight_grad ran on a copy of a buffer)
+    ({"dtype": "bfloat16", "bf16_weight_cache": True, "grad_accumulation_fusion": True, "compile": True,
+      "compile_backend": "aot_eager_decomp_partition"},
+     "train.grad_accumulation_fusion: needs train.compile_backend: inductor under train.compile \\(got "
+     "'aot_eager_decomp_partition'"),
 ])
 def test_switch_validation(train, message):
     with pytest.raises(ConfigError, match=message):

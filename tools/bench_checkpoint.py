@@ -57,7 +57,7 @@ import numpy as np
 import torch
 
 from nanotronix.checkpoint import Checkpointer, paths
-from nanotronix.cli import ArgumentParser, check_writable_folder, integer, one_line_errors, write_json_report
+from nanotronix.cli import ArgumentParser, check_writable_folder, integer, one_line_errors, user_path, write_json_report
 from nanotronix.config import Config, config_from_dict
 from nanotronix.config_tree import apply_override, read_yaml_tree
 from nanotronix.errors import UserError, fail
@@ -77,14 +77,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     summary, details = __doc__.split("\n\n", 1)  # the summary above the options, the details below them
     ap = ArgumentParser(description=summary, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=details)
     ap.add_argument("overrides", nargs="*", help="dotted config overrides (model.hidden_size=1024 ...)")
-    ap.add_argument("--config", help="YAML config to start from (default: a small built-in model)")
+    ap.add_argument("--config", type=user_path, help="YAML config to start from (default: a small built-in model)")
     ap.add_argument("--interval", type=integer, default=5, help="steps between saves (default 5)")
     ap.add_argument("--saves", type=integer, default=4, help="timed saves per mode (default 4)")
     ap.add_argument("--warmup", type=integer, default=2, help="untimed steps first, fewer than --interval (default 2)")
     ap.add_argument("--nproc", type=integer, default=1, help="ranks, data parallel (default 1: this process)")
-    ap.add_argument("--dir", help="where the checkpoints are written (default: a temporary folder); use the file "
-                                  "system a run saves to")
-    ap.add_argument("--json", help="write every figure to this JSON file")
+    ap.add_argument("--dir", type=user_path,
+                    help="where the checkpoints are written (default: a temporary folder); use the file system a run "
+                    "saves to")
+    ap.add_argument("--json", type=user_path, help="write every figure to this JSON file")
     args = ap.parse_args(argv)
     for name in ("interval", "saves", "nproc"):
         if getattr(args, name) < 1:

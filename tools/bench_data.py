@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import _project_python  # noqa: F401  (first: a Python without the project's packages says so in one line)
-from nanotronix.cli import ArgumentParser, finite_float, integer, one_line_errors
+from nanotronix.cli import ArgumentParser, finite_float, integer, one_line_errors, user_path
 from nanotronix.errors import fail
 
 PROSE = ["/usr/share/games/fortunes", "/usr/share/doc/python3.11", "/usr/share/doc/jargon-text"]
@@ -37,8 +37,8 @@ SUFFIXES = (".py", ".txt", ".rst", ".md")
 
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokenizer", required=True, help="tokenizer.json, folder or Hub id")
-    parser.add_argument("--corpus", nargs="+", action="extend",
+    parser.add_argument("--tokenizer", type=user_path, required=True, help="tokenizer.json, folder or Hub id")
+    parser.add_argument("--corpus", type=user_path, nargs="+", action="extend",
                         help="folders of text/code (default: Python stdlib + prose)")
     parser.add_argument("--max-mb", type=finite_float, default=16.0,
                         help="corpus size cap in MB (default 16: worker start-up, ~0.5 s, is then a few %%)")

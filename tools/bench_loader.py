@@ -57,7 +57,7 @@ import time
 from pathlib import Path
 
 import _project_python  # noqa: F401  (first: a Python without the project's packages says so in one line)
-from nanotronix.cli import ArgumentParser, finite_float, integer, one_line_errors
+from nanotronix.cli import ArgumentParser, finite_float, integer, one_line_errors, user_path
 from nanotronix.errors import fail
 
 
@@ -80,7 +80,8 @@ def parse_args(argv=None):
                         help="where batches go (cuda: pinned memory, DALI pipeline on the GPU)")
     parser.add_argument("--cold", action="store_true",
                         help="measure the read paths of random windows, cold and warm, instead of the loaders")
-    parser.add_argument("--store", help="with --cold: an existing Megatron store PREFIX instead of a synthetic one")
+    parser.add_argument("--store", type=user_path,
+                        help="with --cold: an existing Megatron store PREFIX instead of a synthetic one")
     parser.add_argument("--zarr", action="store_true",
                         help="measure a zarr store's batch reads, one window at a time and all at once, instead")
     parser.add_argument("--latency-ms", type=finite_float, default=20.0,

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from nanotronix import accel
 from nanotronix.config import Config, TrainConfig, load_config
 from nanotronix.config_tree import apply_override, read_yaml_tree
-from nanotronix.cli import ArgumentParser, check_writable_folder, integer, one_line_errors, write_json_report
+from nanotronix.cli import ArgumentParser, check_writable_folder, integer, one_line_errors, user_path, write_json_report
 from nanotronix.errors import UserError, fail
 from nanotronix.train.flops import device_peak_tflops, document_attention_span, flops_per_token, mfu
 from nanotronix.train.profiler import own_times, summarize
@@ -66,7 +66,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     summary, details = __doc__.split("\n\n", 1)  # the summary above the options, the details below them
     ap = ArgumentParser(description=summary, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=details)
     ap.add_argument("overrides", nargs="*", help="dotted config overrides shared by every run (model.preset=...)")
-    ap.add_argument("--config", help="YAML config to start from (default: built-in defaults)")
+    ap.add_argument("--config", type=user_path, help="YAML config to start from (default: built-in defaults)")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME:k=v,k=v",
                     help="a nanotronix run with extra overrides (repeatable)")
     ap.add_argument("--accum", type=integer, default=1, help="micro-batches per optimizer step (default 1)")
@@ -77,7 +77,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--documents", metavar="EOS_ID:MEAN_LENGTH",
                     help="plant token EOS_ID in the random batches so that documents average MEAN_LENGTH tokens "
                          "(for runs with model.document_mask_eos_id=EOS_ID; random tokens alone hold ~no EOS)")
-    ap.add_argument("--json", help="write every figure to this JSON file")
+    ap.add_argument("--json", type=user_path, help="write every figure to this JSON file")
     ap.add_argument("--profile", action="append", default=[], metavar="NAME",
                     help="profile one extra step of this run and print its kernel-time breakdown (repeatable)")
     args = ap.parse_args(argv)

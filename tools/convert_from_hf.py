@@ -12,7 +12,7 @@ import argparse
 import sys
 
 import _project_python  # noqa: F401  (first: a Python without the project's packages says so in one line)
-from nanotronix.cli import ArgumentParser, one_line_errors
+from nanotronix.cli import ArgumentParser, one_line_errors, user_path
 from nanotronix.errors import fail
 
 
@@ -21,8 +21,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog="tools/convert_from_hf.py",
         description="Convert a Hugging Face LlamaForCausalLM folder (config.json + model.safetensors, sharded or "
                     "not) into a nanotronix checkpoint that `checkpoint.resume` can start a run from.")
-    p.add_argument("--hf", required=True, help="Hugging Face model folder")
-    p.add_argument("--output", required=True, help="checkpoint folder to create")
+    p.add_argument("--hf", type=user_path, required=True, help="Hugging Face model folder")
+    p.add_argument("--output", type=user_path, required=True, help="checkpoint folder to create")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)

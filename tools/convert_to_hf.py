@@ -12,7 +12,7 @@ import argparse
 import sys
 
 import _project_python  # noqa: F401  (first: a Python without the project's packages says so in one line)
-from nanotronix.cli import ArgumentParser, one_line_errors
+from nanotronix.cli import ArgumentParser, one_line_errors, user_path
 from nanotronix.errors import fail
 
 
@@ -22,12 +22,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         description="Export a nanotronix checkpoint to a Hugging Face LlamaForCausalLM folder (config.json, "
                     "generation_config.json, model.safetensors (sharded with an index above the shard size), "
                     "tokenizer files when the run's tokenizer is known).")
-    p.add_argument("--checkpoint", required=True, help="a step folder or a run's checkpoint folder")
-    p.add_argument("--output", required=True, help="folder to create")
+    p.add_argument("--checkpoint", type=user_path, required=True, help="a step folder or a run's checkpoint folder")
+    p.add_argument("--output", type=user_path, required=True, help="folder to create")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="dtype of the exported weights (default: float32, lossless)")
     p.add_argument("--max-shard-size", default="5GB", help="split model.safetensors above this size (default 5GB)")
-    p.add_argument("--tokenizer", default=None,
+    p.add_argument("--tokenizer", type=user_path, default=None,
                    help="tokenizer to ship (path or Hub id); default: the run's data.tokenizer, when loadable")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--push-to-hub", metavar="REPO", default=None, help="also upload to this Hub repo (owner/name)")

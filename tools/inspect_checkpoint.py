@@ -18,14 +18,15 @@ import sys
 from pathlib import Path
 
 import _project_python  # noqa: F401  (first: a Python without the project's packages says so in one line)
-from nanotronix.cli import ArgumentParser, one_line_errors
+from nanotronix.cli import ArgumentParser, one_line_errors, user_path
 from nanotronix.errors import fail
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(prog="tools/inspect_checkpoint.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", metavar="CKPT_DIR", help="a step folder, or a run's checkpoint folder (latest step)")
+    p.add_argument("checkpoint", type=user_path, metavar="CKPT_DIR",
+                   help="a step folder, or a run's checkpoint folder (latest step)")
     p.add_argument("--verify", action="store_true", help="check every file's size and SHA-256; non-zero exit on damage")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--no-progress", action="store_true", help="no progress bar while verifying")

@@ -12,12 +12,13 @@ import json
 import sys
 
 import _project_python  # noqa: F401  (first: a Python without the project's packages says so in one line)
-from nanotronix.cli import ArgumentParser, integer, one_line_errors
+from nanotronix.cli import ArgumentParser, integer, one_line_errors, user_path
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("store", metavar="PREFIX", help="store prefix, .ds file, zarr folder or fsspec URL")
+    parser.add_argument("store", type=user_path, metavar="PREFIX",
+                        help="store prefix, .ds file, zarr folder or fsspec URL")
     parser.add_argument("--doc", type=integer, metavar="N", help="print the token ids of document N")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--verify", action="store_true", help="check every invariant; non-zero exit on damage")

@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import _project_python  # noqa: F401  (first: a Python without the project's packages says so in one line)
-from nanotronix.cli import ArgumentParser, finite_float, integer, one_line_errors
+from nanotronix.cli import ArgumentParser, finite_float, integer, one_line_errors, user_path
 from nanotronix.errors import fail
 from nanotronix.train.gpus import GPUS
 from _plan_memory import layer_linear_params, memory_plan  # beside this file: the per-GPU memory model
@@ -68,7 +68,7 @@ from _plan_memory import layer_linear_params, memory_plan  # beside this file: t
 def parse_args(argv=None) -> argparse.Namespace:
     parser = ArgumentParser(prog="tools/plan.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", metavar="CONFIG", help="run config (YAML)")
+    parser.add_argument("config", type=user_path, metavar="CONFIG", help="run config (YAML)")
     parser.add_argument("--gpus", type=integer, required=True, help="GPUs (processes) in the run")
     parser.add_argument("--mfu", type=finite_float, default=0.45, help="model FLOPs utilisation to project with "
                                                                 "(default 0.45)")

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import _project_python  # noqa: F401  (first: a Python without the project's packages says so in one line)
-from nanotronix.cli import ArgumentParser, one_line_errors, replace_file
+from nanotronix.cli import ArgumentParser, one_line_errors, replace_file, user_path
 from nanotronix.errors import fail
 
 
@@ -38,8 +38,9 @@ MAX_STEP = 2 ** 53  # the largest step a float (the axes' numbers) holds exactly
 def parse_args(argv=None) -> argparse.Namespace:
     parser = ArgumentParser(prog="tools/plot_run.py", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("log_dir", metavar="LOG_DIR", help="the run's logging.dir (or its metrics.jsonl)")
-    parser.add_argument("--output", "-o", metavar="PNG",
+    parser.add_argument("log_dir", type=user_path, metavar="LOG_DIR",
+                        help="the run's logging.dir (or its metrics.jsonl)")
+    parser.add_argument("--output", "-o", type=user_path, metavar="PNG",
                         help="output file, .png, .svg or .pdf (default LOG_DIR/run.png)")
     parser.add_argument("--title", help="figure title (default: the run's name: LOG_DIR's, or its parent's when "
                         "LOG_DIR is RUN_DIR/logs as in the Slurm recipes)")

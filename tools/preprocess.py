@@ -25,17 +25,18 @@ import os
 import sys
 
 import _project_python  # noqa: F401  (first: a Python without the project's packages says so in one line)
-from nanotronix.cli import ArgumentParser, EXIT_TERMINATED, Terminated, integer, non_negative_int, one_line_errors
+from nanotronix.cli import (ArgumentParser, EXIT_TERMINATED, Terminated, integer, non_negative_int, one_line_errors,
+                            user_path)
 from nanotronix.train import EXIT_INTERRUPTED
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", nargs="+", action="extend", required=True, metavar="FILE_OR_DIR",
+    parser.add_argument("--input", type=user_path, nargs="+", action="extend", required=True, metavar="FILE_OR_DIR",
                         help="input files or folders (repeatable)")
-    parser.add_argument("--tokenizer", required=True,
+    parser.add_argument("--tokenizer", type=user_path, required=True,
                         help="tokenizer.json, a folder holding one, or a Hugging Face Hub id")
-    parser.add_argument("--output-prefix", required=True,
+    parser.add_argument("--output-prefix", type=user_path, required=True,
                         help="output prefix: PREFIX.bin/.idx/.meta.json (megatron) or PREFIX.zarr (zarr)")
     parser.add_argument("--text-key", default="text", help="JSON/Parquet field holding the text (default: text)")
     parser.add_argument("--workers", type=integer, default=_usable_cores(),

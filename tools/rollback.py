@@ -19,14 +19,15 @@ import sys
 from pathlib import Path
 
 import _project_python  # noqa: F401  (first: a Python without the project's packages says so in one line)
-from nanotronix.cli import ArgumentParser, integer, one_line_errors
+from nanotronix.cli import ArgumentParser, integer, one_line_errors, user_path
 from nanotronix.errors import fail
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(prog="tools/rollback.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint_dir", metavar="CKPT_DIR", help="the run's checkpoint folder (checkpoint.dir)")
+    p.add_argument("checkpoint_dir", type=user_path, metavar="CKPT_DIR",
+                   help="the run's checkpoint folder (checkpoint.dir)")
     p.add_argument("--to-step", type=integer, required=True, metavar="N", help="the committed step to go back to")
     return p.parse_args(argv)
 

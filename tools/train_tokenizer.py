@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import _project_python  # noqa: F401  (first: a Python without the project's packages says so in one line)
-from nanotronix.cli import ArgumentParser, check_writable_folder, integer, one_line_errors, replace_file
+from nanotronix.cli import ArgumentParser, check_writable_folder, integer, one_line_errors, replace_file, user_path
 from nanotronix.errors import fail
 
 # far above any LM vocabulary (SmolLM2: 49,152); the trainer allocates for it up front and aborts in Rust past memory
@@ -22,9 +22,9 @@ MAX_VOCAB = 1_000_000
 @one_line_errors
 def main(argv=None) -> int:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--input", nargs="+", action="extend", required=True, metavar="FILE_OR_DIR",
+    parser.add_argument("--input", type=user_path, nargs="+", action="extend", required=True, metavar="FILE_OR_DIR",
                         help="what tools/preprocess.py reads: text, .jsonl[.gz|.zst] or .parquet files, or folders")
-    parser.add_argument("--output", required=True, help="tokenizer.json to write")
+    parser.add_argument("--output", type=user_path, required=True, help="tokenizer.json to write")
     parser.add_argument("--vocab-size", type=integer, default=4096, help="tokens in the vocabulary (default: 4096)")
     parser.add_argument("--text-key", default="text", help="JSON key of the text in .jsonl inputs")
     parser.add_argument("--overwrite", action="store_true",

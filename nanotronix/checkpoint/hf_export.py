@@ -215,13 +215,21 @@ def _write_tokenizer(folder: Path, tokenizer: Optional[str], manifest: dict, sou
 def _write_configs(folder: Path, cfg: ModelConfig, dtype: str, source_hf: dict, info: Any, bos_id: Optional[int],
                    eos_id: Optional[int], log: Callable[[str], None]) -> None:
     """config.json and generation_config.json: the token ids an imported model's config.json gave, else the shipped
-    tokenizer's, else 0; the fields of an imported model's config that nanotronix does not model carried over."""
+    tokenizer's, else 0 (a shipped tokenizer other than the imported model's own, whose ids differ from them: its
+    ids, in a note); the fields of an imported model's config that nanotronix does not model carried over."""
     imported = source_hf.get("config", {})
     if info is None and not {"eos_token_id", "bos_token_id"} <= imported.keys():
         log("warning: no tokenizer, so bos_token_id and eos_token_id in config.json are set to 0 (SmolLM2's "
             "<|endoftext|>): pass --tokenizer to have the tokenizer's own")
     eos = imported.get("eos_token_id", eos_id if info else 0)
     bos = imported.get("bos_token_id", bos_id if info else 0)
+    generation = source_hf.get("generation_config")
+    if info is not None and not _is_imported_tokenizer(info, source_hf) and not (
+            _names_id(eos, eos_id) and _names_id(bos, bos_id)):
+        log(f"note: bos_token_id {bos_id} and eos_token_id {eos_id} are the shipped tokenizer's, not the imported "
+            f"model's ({bos} and {eos}): generate() stops at the tokenizer's EOS")
+        eos, bos = eos_id, bos_id
+        generation = generation and {**generation, "bos_token_id": bos, "eos_token_id": eos}
     config = hf_config_dict(cfg, eos_token_id=eos, bos_token_id=bos, torch_dtype=dtype)
     for key, value in source_hf.get("config", {}).items():
         if key not in config and key not in _RECOMPUTED:
@@ -229,12 +237,22 @@ def _write_configs(folder: Path, cfg: ModelConfig, dtype: str, source_hf: dict, 
     version = _transformers_version()
     if version:
         config["transformers_version"] = version
-    generation = source_hf.get("generation_config") or {"_from_model_config": True, "bos_token_id": bos,
-                                                        "eos_token_id": eos}
+    generation = generation or {"_from_model_config": True, "bos_token_id": bos, "eos_token_id": eos}
     if version:
         generation = {**generation, "transformers_version": version}
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+
+
+def _is_imported_tokenizer(info: Any, source_hf: dict) -> bool:
+    """Whether the shipped tokenizer is the imported model's own folder's (its config's ids then stay, as imported)."""
+    imported = source_hf.get("path")
+    return bool(imported) and Path(info.file).resolve().parent == Path(imported).resolve()
+
+
+def _names_id(config_value: Any, token_id: int) -> bool:
+    """Whether a config.json id field (an integer, or a list as Llama 3's eos_token_id) names `token_id`."""
+    return config_value == token_id or (isinstance(config_value, list) and token_id in config_value)
 
 
 def _write_weights(reader: CheckpointReader, folder: Path, dtype: torch.dtype, max_bytes: int,

@@ -215,8 +215,13 @@ def remove_quietly(path: str | os.PathLike) -> None:
 
 def write_json_atomic(path: str | os.PathLike, obj: dict) -> None:
     temp = temp_path(path)
-    temp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    commit(temp, path)
+    try:
+        with os_errors_naming(temp):
+            temp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+        commit(temp, path)
+    except BaseException:  # a full disk: no partial temporary file left beside `path`
+        remove_quietly(temp)
+        raise
 
 
 class DocumentSpill:
@@ -243,9 +248,9 @@ class DocumentSpill:
             raise ValueError("document lengths do not add up to the token count")
         if lengths.size and int(lengths.max()) > np.iinfo(np.int32).max:
             raise DataError("a document longer than 2^31-1 tokens cannot be stored")
-        with _named(self.tokens_path):
+        with os_errors_naming(self.tokens_path):
             self._tokens.write(np.ascontiguousarray(flat_tokens, dtype=self.dtype).tobytes())
-        with _named(self.lengths_path):
+        with os_errors_naming(self.lengths_path):
             self._lengths.write(lengths.astype(np.int32).tobytes())
         self.num_documents += len(lengths)
         self.num_tokens += len(flat_tokens)
@@ -253,10 +258,10 @@ class DocumentSpill:
     def close(self) -> None:
         """Close both files, the second one even when the first one's buffered bytes cannot be written."""
         try:
-            with _named(self.tokens_path):
+            with os_errors_naming(self.tokens_path):
                 self._tokens.close()
         finally:
-            with _named(self.lengths_path):
+            with os_errors_naming(self.lengths_path):
                 self._lengths.close()
 
     def remove(self) -> None:
@@ -271,7 +276,7 @@ class DocumentSpill:
 
 
 @contextlib.contextmanager
-def _named(path: Path):
+def os_errors_naming(path: Path):
     """An OSError of a write to an open file names no file ("No space left on device"): name `path`, so the error line
     says which disk filled."""
     try:

@@ -385,7 +385,14 @@ def _parquet_chunks(index: int, piece: InputPiece, text_key: str, chunk_bytes: i
         return
     done, read = 0, 0
     groups = None if piece.row_groups is None else list(range(first, stop))
-    for batch in pf.iter_batches(batch_size=rows_per_batch, row_groups=groups, columns=[text_key]):
+    batches = pf.iter_batches(batch_size=rows_per_batch, row_groups=groups, columns=[text_key])
+    while True:
+        try:  # a damaged page is found only here, as pyarrow's words alone ("Corrupt snappy compressed data")
+            batch = next(batches)
+        except StopIteration:
+            break
+        except Exception as e:  # ArrowInvalid, OSError and friends
+            raise DataError(f"{piece.path}:{row}: cannot read the Parquet rows from here ({e})") from None
         values = batch.column(0).to_pylist()
         yield Chunk("parquet", values, index, row)
         row += len(values)

@@ -18,8 +18,8 @@ from typing import Any, Optional
 import numpy as np
 
 from .errors import DataError
-from .files import (DocumentSpill, SpillingWriter, commit, file_identity, make_folder_durably, remove_quietly,
-                    temp_path, write_json_atomic)
+from .files import (DocumentSpill, SpillingWriter, commit, file_identity, make_folder_durably, os_errors_naming,
+                    remove_quietly, temp_path, write_json_atomic)
 from .store import TokenStore, absent, checked_sidecar, random_access_map
 
 MAGIC = b"MMIDIDX\x00\x00"
@@ -59,6 +59,7 @@ class MegatronWriter(SpillingWriter):
         make_folder_durably(Path(self.prefix).parent)
         self._spill = DocumentSpill(temp_path(f"{self.prefix}.bin"), temp_path(f"{self.prefix}.lengths"), self.dtype)
         self._staged_index = None  # the .idx's file_identity, once written
+        self._staged_tokens = None  # the .bin's file_identity, once finalize() starts renaming
 
     @staticmethod
     def staged_paths(prefix: str | os.PathLike) -> list[str]:
@@ -75,9 +76,11 @@ class MegatronWriter(SpillingWriter):
         being replaced (--overwrite) loses its .idx first: a failure before the new one is in place (a full disk
         while the sidecar is written) must not leave the old index describing the new tokens."""
         self._spill.close()
+        self._staged_tokens = file_identity(self._spill.tokens_path)
         idx_tmp = temp_path(f"{self.prefix}.idx")
         try:
-            _write_index(idx_tmp, self._spill.lengths_path, self.num_documents, self.dtype)
+            with os_errors_naming(idx_tmp):
+                _write_index(idx_tmp, self._spill.lengths_path, self.num_documents, self.dtype)
             self._staged_index = file_identity(idx_tmp)
             remove_quietly(f"{self.prefix}.idx")
             commit(self._spill.tokens_path, f"{self.prefix}.bin")
@@ -89,7 +92,16 @@ class MegatronWriter(SpillingWriter):
             remove_quietly(self._spill.lengths_path)
 
     def abort(self) -> None:
+        """Remove what this writer staged and, when finalize() stopped between renaming the .bin and the .idx into
+        place, the .bin and sidecar it left there: without its .idx they are no store, and a fresh run's retry would
+        be refused for the .bin in its way."""
         self._spill.remove()
+        remove_quietly(temp_path(sidecar_path(self.prefix)))
+        bin_path = f"{self.prefix}.bin"
+        committed_bin = self._staged_tokens is not None and file_identity(bin_path) == self._staged_tokens
+        if committed_bin and not self.is_complete():
+            remove_quietly(bin_path)
+            remove_quietly(sidecar_path(self.prefix))  # this run's, or the replaced store's: it describes no store now
 
     def is_complete(self) -> bool:
         """Whether finalize() renamed this writer's .idx into place (the store is whole), even when it was stopped

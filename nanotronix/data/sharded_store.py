@@ -104,7 +104,7 @@ class ConcatenatedStore(TokenStore):
         self.metadata = {key: described[key] for key in ("format", "created_by", "tokenizer", "dtype",
                                                          "eos_appended", "text_key") if key in described}
         self.metadata.update(num_documents=self.num_documents, num_tokens=self.num_tokens, parts=len(parts),
-                             skipped={"total": sum((p.metadata.get("skipped") or {}).get("total", 0)
+                             skipped={"total": sum((p.metadata.get("skipped") or {}).get("total") or 0
                                                    for p in parts)})
 
     @property

@@ -54,10 +54,14 @@ _SAVE_OPS = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
     torch.ops.higher_order.flex_attention,
 }
+# flash-attn's forward kernels (custom ops since flash-attn 2.6), by name: they exist only once flash_attn is imported,
+# and without them here selective recompute ran every layer's attention forward a second time in the backward.
+_SAVE_OP_NAMES = {"flash_attn::_flash_attn_forward", "flash_attn::_flash_attn_varlen_forward"}
 
 
 def _save_matmuls_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    saved = op in _SAVE_OPS or (isinstance(op, torch._ops.OpOverload) and op.name() in _SAVE_OP_NAMES)
+    return CheckpointPolicy.MUST_SAVE if saved else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def _recomputed_forward(forward, mode: str):

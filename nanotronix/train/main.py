@@ -9,7 +9,7 @@ import time
 import traceback
 
 from nanotronix.checkpoint.preemption import torchrun_pid
-from nanotronix.cli import ArgumentParser
+from nanotronix.cli import ArgumentParser, user_path
 from nanotronix.config import dump_config, load_config
 from nanotronix.config_checks import check_parallel_shape
 from nanotronix.errors import EXIT_BAD_INPUT, UserError, fail, say_line
@@ -26,7 +26,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog="python -m nanotronix.train",
         description="Train a SmolLM2-family model with tensor, pipeline and data parallelism. "
                     "Launch with torchrun; overrides like train.train_steps=20 parallel.tp=2 change any config field.")
-    parser.add_argument("--config", required=True, help="YAML config file")
+    parser.add_argument("--config", type=user_path, required=True, help="YAML config file")
     parser.add_argument("--print-config", action="store_true",
                         help="print the config the run would use (defaults, preset and overrides applied, dataset "
                              "paths resolved) as YAML and exit, without torchrun")
