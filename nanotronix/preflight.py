@@ -125,12 +125,12 @@ def check_loggers(cfg: Config) -> None:
 def check_resume(cfg: Config) -> int:
     """The checkpoint the run would start from is there, holds a model of the config's shape in the RoPE layout the
     model computes, every file it lists present at its recorded size (a truncated copy: cheap stats, no hashing),
-    and checkpoint.resume fits checkpoint.dir (none into a folder holding checkpoints, an earlier step of the run's
-    own folder): the trainer's own decisions, made here before torchrun starts on every node. Returns the step the
-    run would start after (0: from scratch)."""
+    checkpoint.resume fits checkpoint.dir (none into a folder holding checkpoints, an earlier step of the run's own
+    folder), and the run's global batch size and last step fit the step: the trainer's own decisions, made here
+    before torchrun starts on every node. Returns the step the run would start after (0: from scratch)."""
     from pathlib import Path
 
-    from nanotronix.checkpoint.checkpointer import check_architecture, choose_resume_source
+    from nanotronix.checkpoint.checkpointer import check_architecture, check_resumed_position, choose_resume_source
     from nanotronix.checkpoint.manifest import check_rope_layout, check_sizes, read_manifest
     from nanotronix.model.rope import ROPE_LAYOUT
 
@@ -143,7 +143,11 @@ def check_resume(cfg: Config) -> int:
         check_architecture(manifest["config"]["model"], cfg.to_dict()["model"], source)
         check_rope_layout(source, manifest, ROPE_LAYOUT)
         check_sizes(source, manifest)
-        return int(manifest["step"])
+        with_optimizer = bool(manifest.get("optimizer", False))  # weights only: the run starts at step 0
+        step = int(manifest["step"]) if with_optimizer else 0
+        check_resumed_position(source, step, int(manifest.get("consumed_samples", 0)) if with_optimizer else 0,
+                               cfg.train)
+        return step
     except UserError as e:
         raise PreflightError(f"checkpoint.resume: {e}" if "checkpoint.resume" not in str(e) else str(e)) from None
 

@@ -9,6 +9,7 @@ import pytest
 
 from helpers import tiny_config, write_learnable_store
 from nanotronix import preflight
+from nanotronix.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -173,6 +174,14 @@ def test_resume_settings_the_trainer_refuses_fail_here(tmp_path, store, capsys):
     assert code == 0 and f"\nnote: {tmp_path / 'logs' / 'metrics.jsonl'} already holds records " in out, (out, err)
     code, out, err = check(capsys, "--config", str(cfg), "checkpoint.resume=auto", "model.hidden_size=128")
     assert code == 2 and err.endswith("was saved with model.hidden_size=64, but the config has 128"), err
+    # another global batch size, and a last step before the checkpoint's: the trainer's refusals, said at launch
+    gbs = 2 * load_config(str(cfg)).train.global_batch_size
+    code, out, err = check(capsys, "--config", str(cfg), f"train.global_batch_size={gbs}", "train.train_steps=6")
+    assert code == 2 and err.endswith(f"but train.global_batch_size is {gbs}: the run would skip or repeat samples; "
+                                      "resume with the checkpoint's global batch size"), err
+    code, out, err = check(capsys, "--config", str(cfg), "train.train_steps=3")
+    assert (code, err) == (2, "error: checkpoint.resume: train.train_steps=3, but the checkpoint resumed from is at "
+                              "step 4: past the end of the run, nothing to train"), err
     # a checkpoint of another RoPE layout, and a truncated copy: said here, not by every rank after the rendezvous
     step = ckpt / "step_0000004"
     manifest = json.loads((step / "checkpoint.json").read_text())

@@ -162,6 +162,20 @@ def store_change_notes(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     return notes
 
 
+def check_resumed_position(source: Path, step: int, consumed: int, train: Any) -> None:
+    """A run may continue after `step` of `source` (`consumed` samples): with the same global batch size (a step's
+    samples are [(s-1)*gbs, s*gbs): another one skips or repeats data), and not past its last step. The trainer's
+    check, and the preflight's before a job waits in the queue."""
+    gbs = train.global_batch_size
+    if consumed != step * gbs:
+        raise CheckpointError(f"checkpoint {source} consumed {consumed} samples in {step} steps (global batch "
+                              f"{consumed // max(step, 1)}), but train.global_batch_size is {gbs}: the run would "
+                              "skip or repeat samples; resume with the checkpoint's global batch size")
+    if step > train.train_steps:
+        raise UserError(f"train.train_steps={train.train_steps}, but the checkpoint resumed from is at step {step}: "
+                        "past the end of the run, nothing to train", every_rank=True)
+
+
 def choose_resume_source(run_dir: Optional[Path], resume: str, log: Callable[[str], None]) -> Optional[Path]:
     """The step folder a run with checkpoint.dir `run_dir` and checkpoint.resume `resume` starts from (None: from
     scratch), or the CheckpointError that refuses the combination; the trainer's rank 0 and preflight decide alike."""
@@ -335,11 +349,7 @@ class Checkpointer:
         restored = manifest["_restored"]
         step = int(manifest["step"]) if restored["optimizer"] else 0
         consumed = int(manifest.get("consumed_samples", 0)) if restored["optimizer"] else 0
-        gbs = self.cfg.train.global_batch_size
-        if consumed != step * gbs:  # a step's samples are [(s-1)*gbs, s*gbs): another gbs skips or repeats data
-            raise CheckpointError(f"checkpoint {source} consumed {consumed} samples in {step} steps (global batch "
-                                  f"{consumed // max(step, 1)}), but train.global_batch_size is {gbs}: the run would "
-                                  "skip or repeat samples; resume with the checkpoint's global batch size")
+        check_resumed_position(source, step, consumed, self.cfg.train)
         if consumed:  # the data position continues (not a fresh start from imported weights)
             for note in data_order_notes(saved_config, current, step):
                 self._log(f"data order: {note}")

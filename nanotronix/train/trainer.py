@@ -198,13 +198,11 @@ def _build_model_and_optimizer(cfg: Config, ctx: ParallelContext,
 
 def _resume(cfg: Config, ctx: ParallelContext, watch: HangWatch, checkpointer: Checkpointer, model: ParallelModel,
             optimizer: DistributedOptimizer) -> ResumeState:
-    """Load the checkpoint.resume step (if any) into the model and optimizer; an error if it is past the run's end."""
+    """Load the checkpoint.resume step (if any) into the model and optimizer (an error if it is past the run's end:
+    checkpointer.check_resumed_position)."""
     t = cfg.train
     watch.at(0, "resume")
     resumed = checkpointer.resume(model, optimizer)
-    if resumed.step > t.train_steps:  # the same checkpoint on every rank: rank 0 says it
-        raise UserError(f"train.train_steps={t.train_steps}, but the checkpoint resumed from is at step "
-                        f"{resumed.step}: past the end of the run, nothing to train", every_rank=True)
     if resumed.step == t.train_steps:
         log0(ctx, f"step {resumed.step} = train.train_steps: the run is complete, nothing left to train")
     return resumed
