@@ -108,6 +108,27 @@ def test_what_the_model_does_not_compute_is_refused_on_import(tmp_path, capsys):
         save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
 
     refused({}, "holds bias tensors (model.layers.0.self_attn.q_proj.bias, ...)", add_bias)
+    # beside a rope_scaling (here plain RoPE) transformers reads no rope_parameters: its 130000 was imported, while
+    # transformers computed with 10000
+    refused({"rope_scaling": {"rope_type": "default"}}, "rope_theta: config.json gives rope_parameters.rope_theta="
+            "130000.0, the default (transformers reads no rope_parameters beside a rope_scaling)=10000")
+
+    def add_head(shift: float):
+        def edit(folder: Path) -> None:
+            from safetensors.torch import load_file, save_file
+            tensors = load_file(folder / "model.safetensors")
+            tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"] + shift
+            save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+        return edit
+
+    # a tied config over a head trained apart: imported tied (the embedding), transformers 5 computes with the head
+    refused({}, "its config.json ties the head to the embedding, but its lm_head.weight holds other values: "
+            "transformers 5 computes with that head, transformers 4 with the embedding", add_head(0.5))
+    folder = tmp_path / "equal_head"
+    shutil.copytree(hf, folder)
+    add_head(0.0)(folder)  # a copy of the embedding, as some saves hold it: imported
+    assert tool_main("convert_from_hf")(["--hf", str(folder), "--output", str(tmp_path / "equal_ckpt"),
+                                          "--no-progress"]) == 0
     # plain RoPE written either way is imported (transformers 5 writes rope_parameters with rope_type default)
     plain = {"rope_scaling": None, "rope_parameters": {"rope_type": "default", "rope_theta": 130000.0}}
     (tmp_path / "plain").mkdir()

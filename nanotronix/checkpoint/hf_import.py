@@ -111,6 +111,13 @@ def _check_weights(hf_dir: Path, source: SafetensorsFolder,
         # not describe these weights: transformers refuses it too
         raise UserError(f"--hf: {hf_dir}: tensor {source.said_as('lm_head.weight')} is "
                         f"{source.shape('lm_head.weight')}, but its config.json ties it to the embedding, {embedding}")
+    if model_cfg.tie_word_embeddings and "lm_head.weight" in source and \
+            not torch.equal(source["lm_head.weight"].float(), source["model.embed_tokens.weight"].float()):
+        # a head trained apart from the embedding: transformers 5 then unties them and computes with it, 4 ties them
+        raise UserError(f"--hf: {hf_dir}: its config.json ties the head to the embedding, but its "
+                        f"{source.said_as('lm_head.weight')} holds other values: transformers 5 computes with that "
+                        "head, transformers 4 with the embedding; set tie_word_embeddings: false in its config.json to "
+                        "import the head, or remove the head from the weights")
     state = {st.model_key(n): torch.empty(shape, dtype=torch.float32, device="meta")
              for n, shape in model_parameter_shapes(model_cfg).items()}
     used = set()

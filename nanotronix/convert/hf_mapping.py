@@ -200,6 +200,10 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
               if isinstance(hf.get(field), dict) and hf[field].get("rope_theta") is not None}
     if hf.get("rope_theta") is not None:
         thetas["rope_theta"] = hf["rope_theta"]
+    if hf.get("rope_scaling") and thetas.keys() == {"rope_parameters.rope_theta"}:
+        # beside a rope_scaling, transformers 5 reads no rope_parameters (it takes the first in its place), 4 never
+        # does: both compute with the default
+        thetas["the default (transformers reads no rope_parameters beside a rope_scaling)"] = 10000.0
     distinct: list = []
     for value in thetas.values():  # compared as values (130000 and 130000.0 are one), not converted: float() of
         if value not in distinct:  # 10**400 raised OverflowError; a single one is the model field's to check
