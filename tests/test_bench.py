@@ -191,6 +191,10 @@ def test_documents_eos_outside_the_vocabulary_and_the_baselines_flops(capsys):
     assert per_token[False] > per_token[True]
 
 
+def args_of(config, *overrides: str) -> list[str]:
+    return ["--config", str(config), *TINY[:-2], *overrides, "--accum", "3"]
+
+
 def test_a_config_file_sets_the_micro_batch(tmp_path):
     """--config with its own micro_batch_size (the quickstart's is 4): the global batch follows it (before, only an
     override's was read, and validation refused micro-batch 4 against a global batch of 1 x --accum)."""
@@ -198,9 +202,15 @@ def test_a_config_file_sets_the_micro_batch(tmp_path):
 
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"train": {"micro_batch_size": 5, "seq_len": 16}}))
-    args = bench_train.parse_args(["--config", str(config), *TINY[:-2], "--accum", "3"])
+    args = bench_train.parse_args(args_of(config))
     cfg = bench_train.build_config(args, [], torch.device("cpu"))
     assert (cfg.train.micro_batch_size, cfg.train.global_batch_size) == (5, 15)
+    assert cfg.train.dtype == "float32"  # the device's, where the file names none
+    # the file's own dtype: the device's default, put among the overrides, beat it (a bf16 recipe ran in fp32)
+    config.write_text(yaml.safe_dump({"train": {"micro_batch_size": 5, "seq_len": 16, "dtype": "bfloat16"}}))
+    assert bench_train.build_config(args, [], torch.device("cpu")).train.dtype == "bfloat16"
+    assert bench_train.build_config(bench_train.parse_args(args_of(config, "train.dtype=float32")), [],
+                                    torch.device("cpu")).train.dtype == "float32"  # an override still beats it
 
 
 def test_gpu_checks_benchmarks_are_valid_runs():

@@ -187,6 +187,9 @@ def test_errors_are_one_line(plan_tool, tmp_path, capsys):
         (["--gpus", "256", "parallel.tq=2"], "error: parallel.tq: unknown config key"),
         (["--gpus", "256", "--gpu", "B300"], "error: --gpu 'B300' is not in the GPU table"),
         (["--gpus", "256", "--net-gbps", "0"], "error: --net-gbps must be > 0"),
+        # a branch off a step past its own end: the trainer's refusal (it printed a plan of -583 hours)
+        (["--gpus", "256", "checkpoint.resume=/x/step_9000000"], "error: train.train_steps=5240000, but the "
+         "checkpoint resumed from is at step 9000000: past the end of the run, nothing to train"),
     ]:
         assert plan_tool.main([str(CONFIGS / "smollm2_1p7b.yaml"), *args]) == 2
         lines = capsys.readouterr().err.strip().splitlines()

@@ -91,6 +91,28 @@ def test_output_option_and_errors(plot_tool, tmp_path, capsys):
     assert said == f"error: cannot write {out_png / 'z.png'} (a part of that path is a file, not a folder)", said
 
 
+def test_each_loss_curve_has_a_colour_of_its_own(plot_tool, tmp_path):
+    """The held-out stores' dashed curves took matplotlib's colour cycle, whose first colour is the training curve's
+    blue (and whose 4th and 5th the skipped updates' red and the validation mean's purple)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_hex
+
+    rows = [dict(record(s, "web", 3.0 - 0.01 * s)) for s in range(1, 11)]
+    for row in rows[4::5]:
+        row["val_losses"] = {f"/data/heldout/store{i}": row["loss"] + 0.1 * i for i in range(5)}
+        row["val_loss"] = row["loss"] + 0.2
+    rows[-1]["update_skipped"] = "a spike"
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fig, axes = plt.subplots(2, 2)
+    try:
+        records, _ = plot_tool.read_metrics(tmp_path / "metrics.jsonl")
+        plot_tool._draw(fig, axes, records, [], {}, "t")
+        colours = {line.get_label(): to_hex(line.get_color()) for line in axes[0][0].get_lines()}
+    finally:
+        plt.close(fig)
+    assert len(colours) == 1 + 1 + 5 + 1 and len(set(colours.values())) == len(colours), colours
+
+
 def test_dollar_signs_in_the_title_stage_and_store_names_are_drawn_as_written(plot_tool, tmp_path, capsys):
     """matplotlib reads text between two "$" as mathtext: a title, stage or store name holding them (--title '$$', a
     run folder named cost$1$) is drawn as written, not a ValueError from its parser."""

@@ -102,11 +102,14 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 
 
 def build_config(args: argparse.Namespace, extra: list[str], device: torch.device) -> Config:
-    defaults = [f"train.dtype={'bfloat16' if device.type == 'cuda' else 'float32'}"]
+    tree = read_yaml_tree(args.config) if args.config else {}
+    # the device's training dtype where the config file names none (a default put among the overrides beat the
+    # file's own: a recipe's bf16 ran in fp32 on the CPU, an fp32 config in bf16 on a GPU)
+    named = (tree.get("train") or {}).get("dtype") if isinstance(tree.get("train"), dict) else None
+    defaults = [] if named is not None else [f"train.dtype={'bfloat16' if device.type == 'cuda' else 'float32'}"]
     overrides = defaults + list(args.overrides) + extra
     # the micro-batch (from the config file or an override) sets the global batch, before validation checks one
     # against the other
-    tree = read_yaml_tree(args.config) if args.config else {}
     for o in overrides:
         apply_override(tree, o)
     micro = (tree.get("train") or {}).get("micro_batch_size", TrainConfig.micro_batch_size)
@@ -274,7 +277,7 @@ def measure(name: str, build: Callable[[], Callable[[torch.Tensor], float]], cfg
         result.tflops_per_gpu = rate * flops / 1e12
         result.mfu = mfu(rate, flops, device_peak_tflops(device, t.dtype))
     if device.type == "cuda":
-        result.peak_memory_gb = torch.cuda.max_memory_allocated(device) / 2**30
+        result.peak_memory_gb = torch.cuda.max_memory_allocated(device) / 1e9  # GB, as the trainer's metrics
     free_memory(device)
     return result
 

@@ -144,10 +144,13 @@ def stage_plan(cfg) -> list[dict[str, Any]]:
 def resumed_step(cfg) -> int:
     """The step a run starts after: the one `checkpoint.resume` names when it is a step folder (a branch off another
     run, e.g. smollm2_1p7b_anneal_math.yaml), else 0. Its earlier steps were trained by that other run."""
+    from nanotronix.checkpoint.checkpointer import check_steps_left
     from nanotronix.checkpoint.paths import step_of
 
     resume = cfg.checkpoint.resume.strip()
-    return 0 if resume in ("auto", "none") else step_of(Path(resume)) or 0
+    step = 0 if resume in ("auto", "none") else step_of(Path(resume)) or 0
+    check_steps_left(step, cfg.train.train_steps)  # the trainer's refusal: a plan of negative steps said nothing
+    return step
 
 
 def time_plan(cfg, gpus: int, mfu: float, gpu: str, stages: list[dict], start: int = 0) -> dict[str, Any]:

@@ -174,6 +174,11 @@ def _draw_and_save(metrics_path: Path, output: Path, title: str) -> dict[str, An
             "stage_boundaries": boundaries, "sources": sorted(sources), **drawn}
 
 
+# The held-out stores' curves: matplotlib's own cycle starts with the training curve's blue and holds the mean's
+# purple and the skipped updates' red, which made the first store read as the training loss.
+STORE_COLOURS = ("tab:green", "tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
+
+
 def _draw(fig, axes, records: list[dict[str, Any]], boundaries: list[tuple[int, str]],
           sources: dict[str, tuple[list[int], list[float]]], title: str) -> dict[str, Any]:
     """The four panels of `fig`; returns what the summary says of the validations and skipped updates."""
@@ -185,8 +190,9 @@ def _draw(fig, axes, records: list[dict[str, Any]], boundaries: list[tuple[int, 
         ax_loss.plot(val_steps, val_loss, lw=1.2, marker="o", ms=3, color="tab:purple", label="validation")
         if len(val_stores) > 1:  # each held-out store, next to their mean
             names = source_labels(sorted(val_stores))
-            for name in sorted(val_stores):
-                ax_loss.plot(*val_stores[name], lw=0.8, ls="--", marker=".", label=f"validation: {names[name]}")
+            for i, name in enumerate(sorted(val_stores)):
+                ax_loss.plot(*val_stores[name], lw=0.8, ls="--", marker=".", label=f"validation: {names[name]}",
+                             color=STORE_COLOURS[i % len(STORE_COLOURS)])
         ax_loss.legend(fontsize=8, loc="upper right")
     spikes = [(r["step"], r["loss"]) for r in records if r.get("update_skipped") and isinstance(r.get("loss"), float)]
     if spikes:  # steps whose update the spike guard skipped (train.spike_skip_sigma)

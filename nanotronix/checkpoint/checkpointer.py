@@ -171,8 +171,13 @@ def check_resumed_position(source: Path, step: int, consumed: int, train: Any) -
         raise CheckpointError(f"checkpoint {source} consumed {consumed} samples in {step} steps (global batch "
                               f"{consumed // max(step, 1)}), but train.global_batch_size is {gbs}: the run would "
                               "skip or repeat samples; resume with the checkpoint's global batch size")
-    if step > train.train_steps:
-        raise UserError(f"train.train_steps={train.train_steps}, but the checkpoint resumed from is at step {step}: "
+    check_steps_left(step, train.train_steps)
+
+
+def check_steps_left(step: int, train_steps: int) -> None:
+    """A run that resumes after `step` has steps left to train (tools/plan.py's check too)."""
+    if step > train_steps:
+        raise UserError(f"train.train_steps={train_steps}, but the checkpoint resumed from is at step {step}: "
                         "past the end of the run, nothing to train", every_rank=True)
 
 
