@@ -4,6 +4,7 @@
 chosen beforehand (CPU 2.13.0 when none is present, the cluster's own when one is). The optional C++/CUDA kernels
 in csrc/ are built only when the torch in that environment has CUDA; a CPU machine skips them cleanly.
 """
+import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -20,7 +21,11 @@ def optional_extensions():
     except ImportError:
         return [], {}
     kernels = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cu"))
-    if not kernels or torch.version.cuda is None or CUDA_HOME is None:
+    if not kernels or torch.version.cuda is None:
+        return [], {}
+    if CUDA_HOME is None:  # CUDA torch, yet no CUDA toolkit found: said, as the kernels are then silently absent
+        print("note: CUDA torch but no CUDA toolkit (nvcc) found: the csrc/ kernels are not built (set CUDA_HOME)",
+              file=sys.stderr)
         return [], {}
     flags = {"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-std=c++17"]}
     return ([CUDAExtension(name="nanotronix._kernels", sources=["csrc/bindings.cpp", *kernels],

@@ -178,6 +178,16 @@ def resolve_attention(requested: str, device: Optional[torch.device], dtype: str
     return requested
 
 
+def fused_kernels_in_use(device: torch.device) -> str:
+    """What train.fused_kernels runs on `device`, for the start-up line: the csrc kernels, or their PyTorch twins
+    and why (without the line a run on a GPU whose extension was never built looked the same as one with it)."""
+    if device.type != "cuda":
+        return f"PyTorch twins (the csrc kernels are CUDA's; device {device.type})"
+    if compiled_kernels() is None:
+        return "PyTorch twins (csrc kernels not built: python setup.py build_ext --inplace)"
+    return "csrc CUDA kernels"
+
+
 def describe(attention: str, document_masking: bool = False) -> str:
     """One start-up line saying what runs and why (e.g. 'attention: sdpa (flash-attn not installed)')."""
     why = ""

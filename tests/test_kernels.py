@@ -108,3 +108,31 @@ def test_fused_model_matches_plain_model(name):
     assert torch.allclose(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
     for n, g in results[0][1].items():
         assert torch.allclose(results[1][1][n], g, atol=1e-6, rtol=1e-4), n
+
+
+def test_the_norm_takes_the_twin_for_a_dtype_the_kernels_refuse(monkeypatch):
+    """The kernels take fp32 and bf16 only, and the dispatch looked at x alone: fp16 autocast over an fp32 residual
+    (an fp16 output), or an fp16 delta, reached the kernel, which refused it. Each dtype the call involves counts."""
+    import types
+
+    from nanotronix import accel
+    from nanotronix.kernels import functions, reference
+
+    ext = object()
+    monkeypatch.setattr(accel, "compiled_kernels", lambda: ext)
+    x = types.SimpleNamespace(is_cuda=True, dtype=torch.float32)  # as on a GPU: only these two are read
+    assert functions._impl(x, 64, (None, torch.bfloat16)) is ext
+    assert functions._impl(x, 64, (None, torch.float16)) is reference
+    assert functions._impl(x, 64, (torch.float16, torch.float32)) is reference
+    assert functions._impl(x, functions._MAX_NORM_COLS + 1) is reference
+
+
+def test_the_start_line_says_which_fused_kernels_run(monkeypatch):
+    """train.fused_kernels on a GPU without the built extension runs the PyTorch twins: the start-up line says so
+    (it said nothing, and such a run looked like one on the kernels)."""
+    from nanotronix import accel
+    assert accel.fused_kernels_in_use(torch.device("cpu")) == "PyTorch twins (the csrc kernels are CUDA's; device cpu)"
+    monkeypatch.setattr(accel, "compiled_kernels", lambda: None)
+    assert "not built: python setup.py build_ext --inplace" in accel.fused_kernels_in_use(torch.device("cuda"))
+    monkeypatch.setattr(accel, "compiled_kernels", lambda: object())
+    assert accel.fused_kernels_in_use(torch.device("cuda")) == "csrc CUDA kernels"

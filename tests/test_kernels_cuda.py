@@ -26,9 +26,12 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def poison_allocator():
-    """Fill freed cached blocks with NaN so an output element the kernel forgets to write shows up as NaN."""
+    """Fill freed cached blocks with NaN so an output element the kernel forgets to write shows up as NaN: one large
+    block, and small ones too (the caching allocator serves requests of up to 1 MiB, most outputs here, from a pool
+    of 2 MiB segments of its own, which the large block never was part of)."""
     junk = torch.full((64 << 20,), float("nan"), device="cuda")
-    del junk
+    small = [torch.full((64 << 10,), float("nan"), device="cuda") for _ in range(256)]  # 256 KiB each: 64 MiB
+    del junk, small
 
 
 def rand(*shape, dtype, scale=1.0):

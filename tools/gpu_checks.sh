@@ -57,7 +57,20 @@ build() {
   local start=$(date +%s) limit
   limit=$(cap 240 60 "csrc build") || return 0
   timeout "$limit" $PY setup.py build_ext --inplace >> "$LOG" 2>&1; echo "build rc=$? in $(( $(date +%s) - start )) s" | tee -a "$LOG"
-  $PY -c "from nanotronix import accel; print('kernels loaded:', accel.compiled_kernels() is not None, '| torch fp32-accumulating GEMM:', accel.fp32_accumulating_gemm())" 2>&1 | tee -a "$LOG"
+  # not loaded, test_kernels_cuda.py skips (rc 0): said here in capitals, with why, and again in the summary
+  $PY - <<'PYEOF' 2>&1 | tee -a "$LOG"
+import importlib
+from nanotronix import accel
+print("kernels loaded:", accel.compiled_kernels() is not None, "| torch fp32-accumulating GEMM:",
+      accel.fp32_accumulating_gemm())
+if accel.compiled_kernels() is None:
+    try:
+        importlib.import_module("nanotronix._kernels")
+        why = "it imports, but CUDA is not usable"
+    except Exception as e:
+        why = f"{type(e).__name__}: {e}"
+    print(f"KERNELS NOT LOADED ({why}): their GPU tests skip, which is no pass")
+PYEOF
 }
 
 gpu_tests() {  # timeout, test files...
@@ -176,6 +189,7 @@ if [ "$PART" != 1 ]; then  # in the order of what matters most, should the devic
 fi
 
 echo "== [t+${SECONDS}s] summary against issue 7's Done-when (best run of each bench file present)"
+grep -hE "^kernels loaded:|^KERNELS NOT LOADED" "$OUT"/checks*.log 2>/dev/null | sort -u
 $PY - "$OUT" <<'PYEOF'
 import json, sys
 from pathlib import Path

@@ -19,10 +19,12 @@ from nanotronix.kernels import reference
 _MAX_NORM_COLS = 4000
 
 
-def _impl(t: torch.Tensor, cols: Optional[int] = None):
-    """The compiled module when it can take `t`, else the PyTorch twin."""
+def _impl(t: torch.Tensor, cols: Optional[int] = None, dtypes: tuple = ()):
+    """The compiled module when it can take `t` and the other tensors' and outputs' `dtypes` (None: no tensor), else
+    the PyTorch twin. The norm's output dtype and delta are not x's: fp16 autocast over an fp32 residual reached the
+    kernels, which refuse fp16, instead of the twin."""
     ext = accel.compiled_kernels()
-    if ext is None or not t.is_cuda or t.dtype not in (torch.float32, torch.bfloat16):
+    if ext is None or not t.is_cuda or not {t.dtype, *dtypes} - {None} <= {torch.float32, torch.bfloat16}:
         return reference
     if cols is not None and cols > _MAX_NORM_COLS:
         return reference
@@ -43,7 +45,8 @@ class _AddRMSNorm(torch.autograd.Function):
         x2 = x.reshape(-1, shape[-1]).contiguous()
         d2 = delta.reshape(-1, shape[-1]).contiguous() if delta is not None else None
         w = reference._f(weight).contiguous()  # the kernels take an fp32 weight (fp64 only in CPU tests)
-        out, res, rstd = _impl(x2, shape[-1]).add_rmsnorm_fwd(x2, d2, w, eps, out_dtype)
+        impl = _impl(x2, shape[-1], (d2.dtype if d2 is not None else None, out_dtype))
+        out, res, rstd = impl.add_rmsnorm_fwd(x2, d2, w, eps, out_dtype)
         saved_res = res if delta is not None else x2
         ctx.save_for_backward(saved_res, rstd, w)
         ctx.has_delta = delta is not None
@@ -60,7 +63,8 @@ class _AddRMSNorm(torch.autograd.Function):
         shape = g_out.shape
         g2 = g_out.reshape(-1, shape[-1]).contiguous()
         gr2 = g_res.reshape(-1, shape[-1]).to(res.dtype).contiguous() if g_res is not None else None
-        gx, gd, gw = _impl(g2, shape[-1]).add_rmsnorm_bwd(g2, gr2, res, rstd, w, x_dtype, delta_dtype)
+        impl = _impl(g2, shape[-1], (res.dtype, x_dtype, delta_dtype))
+        gx, gd, gw = impl.add_rmsnorm_bwd(g2, gr2, res, rstd, w, x_dtype, delta_dtype)
         gx = gx.view(shape)
         return gx, gd.view(shape) if ctx.has_delta else None, gw.to(w_dtype), None, None
 

@@ -236,13 +236,14 @@ def _continue_data(cfg: Config, ctx: ParallelContext, loader: PrefetchingLoader,
 
 def _start_line(cfg: Config, ctx: ParallelContext, device: torch.device, model: ParallelModel, attn: str,
                 loader: PrefetchingLoader) -> str:
-    """The run's one-line summary: size, layout, batch, device, attention, loader."""
+    """The run's one-line summary: size, layout, batch, device, attention, loader (and the fused kernels' path)."""
     t, m = cfg.train, cfg.model
     accum = grad_accum_steps(cfg, ctx.dp)
     return (f"nanotronix: {m.num_parameters() / 1e6:.1f}M parameters | layout {model.describe()} "
             f"| global batch {t.global_batch_size} x {t.seq_len} tokens, micro-batch "
             f"{t.micro_batch_size}, grad accumulation {accum} | device {device.type} | "
-            f"{accel.describe(attn, m.document_mask_eos_id is not None)} | data loader: {loader.name}")
+            f"{accel.describe(attn, m.document_mask_eos_id is not None)} | data loader: {loader.name}"
+            + (f" | fused kernels: {accel.fused_kernels_in_use(device)}" if t.fused_kernels else ""))
 
 
 @dataclass
