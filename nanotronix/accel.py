@@ -1,8 +1,9 @@
 """The one place that imports optional accelerators.
 
-flash-attn, apex, NVIDIA DALI and the compiled csrc kernels are absent on many machines (CPU CI, the H100 test
-machine). Each is probed here once; everything else asks this module which implementation to use, and every
-accelerated path has a plain PyTorch twin that the CPU tests cover.
+flash-attn, NVIDIA DALI and the compiled csrc kernels are absent on many machines (CPU CI, the H100 test
+machine). Each is probed here once (apex is not used: torch's fused AdamW and the csrc kernels do its work);
+everything else asks this module which implementation to use, and every accelerated path has a plain PyTorch twin
+that the CPU tests cover.
 """
 from __future__ import annotations
 

@@ -283,6 +283,36 @@ def test_tokenizer_hub_id_fails_with_one_clear_line(monkeypatch):
     assert "\n" not in str(err.value)
 
 
+def test_huggingface_hubs_own_warnings_are_not_said_beside_the_error(monkeypatch):
+    """Offline without HF_HUB_OFFLINE, huggingface_hub said each failed request on a line of its own (its logger's
+    handler writes to stderr) before the one error line. Here its download logs as its retries do, then fails."""
+    import logging
+
+    import huggingface_hub
+    said = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())  # beside huggingface_hub's own, on its logger
+    hub_logger = logging.getLogger("huggingface_hub")
+    hub_logger.addHandler(handler)
+    level = hub_logger.level
+    hub_logger.setLevel(logging.WARNING)  # its default verbosity
+
+    def download(**_):
+        logging.getLogger("huggingface_hub.utils._http").warning("'[Errno -2] Name or service not known' thrown "
+                                                                 "while requesting HEAD https://huggingface.co/...")
+        raise OSError("offline")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    try:
+        with pytest.raises(DataError, match=r"could not be fetched from the Hugging Face Hub \(OSError: offline\)"):
+            load_tokenizer("nanotronix-test/definitely-not-a-repo")
+        assert said == []
+        logging.getLogger("huggingface_hub.utils._http").warning("said again")  # its level is back afterwards
+        assert said == ["said again"]
+    finally:
+        hub_logger.removeHandler(handler)
+        hub_logger.setLevel(level)
+
+
 def test_real_smollm2_tokenizer_store_bytes(tmp_path, smollm2_tokenizer_path):
     """Real SmolLM2 tokenizer: preprocess text, compare .bin/.idx with the spec writer fed by a direct
     `tokenizers` encode + EOS (id 0)."""

@@ -8,8 +8,10 @@ so a tokenizer fetched once also works offline).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -119,18 +121,32 @@ def ids_needed(tokenizer: Tokenizer) -> int:
 
 
 def _download_from_hub(repo_id: str) -> Path:
-    try:
-        from huggingface_hub import hf_hub_download
-        file = hf_hub_download(repo_id=repo_id, filename="tokenizer.json")
-    except Exception as e:  # offline, unknown repo, no tokenizer.json: all one clear line
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"tokenizer {repo_id!r} is not a local path and could not be fetched from the "
-                        f"Hugging Face Hub ({type(e).__name__}: {reason})") from None
-    try:  # the config names the EOS token when it is not one of the usual ones; optional
-        hf_hub_download(repo_id=repo_id, filename="tokenizer_config.json")
-    except Exception:
-        pass
+    with _hub_warnings_unsaid():
+        try:
+            from huggingface_hub import hf_hub_download
+            file = hf_hub_download(repo_id=repo_id, filename="tokenizer.json")
+        except Exception as e:  # offline, unknown repo, no tokenizer.json: all one clear line
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DataError(f"tokenizer {repo_id!r} is not a local path and could not be fetched from the "
+                            f"Hugging Face Hub ({type(e).__name__}: {reason})") from None
+        try:  # the config names the EOS token when it is not one of the usual ones; optional
+            hf_hub_download(repo_id=repo_id, filename="tokenizer_config.json")
+        except Exception:
+            pass
     return Path(file)
+
+
+@contextlib.contextmanager
+def _hub_warnings_unsaid():
+    """huggingface_hub's warnings held back: offline, each retry said "'[Errno -2] Name or service not known' thrown
+    while requesting HEAD ..." on a line of its own before the one error line that says the same."""
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hub_logger.setLevel(level)
 
 
 def _find_eos_token(tokenizer: Tokenizer, file: Path) -> str:

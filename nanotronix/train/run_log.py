@@ -85,8 +85,12 @@ class RunLog:
     def skipped(self, step: int, lr: float, data_stats: dict[str, Any], val_losses: dict[str, float]) -> None:
         """The record of a step in train.skip_steps that ran a validation (on the last trained step's weights), or
         that is a resumed run's first."""
-        record = {"step": step, "skipped": True, "lr": lr, "consumed_tokens": self._consumed_tokens(step, data_stats),
-                  "stage": data_stats.get("stage"), "datasets": data_stats.get("datasets"), "time": time.time()}
+        # every field a record holds, those of training null (nothing trained): a reader may take record["loss"]
+        nothing = dict.fromkeys(("loss", "grad_norm", "tokens_per_sec", "tokens_per_sec_per_gpu",
+                                 "model_tflops_per_gpu", "mfu"))
+        record = {"step": step, "skipped": True, **nothing, "lr": lr,
+                  "consumed_tokens": self._consumed_tokens(step, data_stats), "stage": data_stats.get("stage"),
+                  "datasets": data_stats.get("datasets"), "time": time.time()}
         if val_losses:
             record.update(val_loss=mean_loss(val_losses), val_losses=val_losses)
         self._emit(record)
