@@ -7,6 +7,7 @@ lists (`data.stages.1.start_step=500`); the whole is ~120 lines.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import typing
 from pathlib import Path
@@ -168,6 +169,10 @@ def apply_override(tree: dict[str, Any], override: str) -> None:
         value = yaml.safe_load(raw) if raw.strip() else None
     except (yaml.YAMLError, ValueError):  # ValueError: typed by YAML, not buildable (2023-02-30): the text as written
         value = raw
+    if raw.count("#") > json.dumps(value, ensure_ascii=False, default=str).count("#"):
+        # YAML read a comment: `checkpoint.dir=/runs/exp #2` was `/runs/exp`, another folder, without a word
+        raise ConfigError(f"override {override!r}: YAML reads ' #' as the start of a comment, which drops "
+                          f"{raw[raw.index('#'):]!r} from the value: quote it ({key}='...')")
     node: Any = tree
     for i, part in enumerate(parts[:-1]):
         where = ".".join(parts[: i + 1])

@@ -150,8 +150,12 @@ for override in ${USER_OVERRIDES[@]+"${USER_OVERRIDES[@]}"}; do
             "a list without spaces, e.g. validation.data=[a,b])" ;;
   esac
 done
-RUN_OVERRIDES=(checkpoint.dir="$CKPT_DIR" checkpoint.resume="$RESUME" logging.dir="$LOG_DIR" train.device="$DEVICE")
-[ -z "$DATA_ROOT" ] || RUN_OVERRIDES+=(data.root="$DATA_ROOT")
+# The folders as YAML single-quoted strings: an override's value is YAML, which read `/runs/exp #2` as `/runs/exp`
+# (the rest a comment: the checkpoints went to another run's folder) and `/runs/a: b` as a mapping.
+yaml_text() { local quote="'"; printf "'%s'" "${1//$quote/$quote$quote}"; }
+RUN_OVERRIDES=(checkpoint.dir="$(yaml_text "$CKPT_DIR")" checkpoint.resume="$(yaml_text "$RESUME")"
+               logging.dir="$(yaml_text "$LOG_DIR")" train.device="$DEVICE")
+[ -z "$DATA_ROOT" ] || RUN_OVERRIDES+=(data.root="$(yaml_text "$DATA_ROOT")")
 RUN_OVERRIDES+=(${USER_OVERRIDES[@]+"${USER_OVERRIDES[@]}"})  # (empty-array safe under set -u in bash < 4.4)
 
 RESTART=${SLURM_RESTART_COUNT:-0}
@@ -241,7 +245,13 @@ on_usr1() {
   if [ "$PREEMPTED" = 0 ]; then
     PREEMPTED=1
     ! usr1_of_time_limit || USR1_OF_TIME_LIMIT=1
-    local after="the job will requeue itself"
+    local after="the job will requeue itself" lead
+    # The time limit's USR1 this early: the allocation trains for less than the lead, every time it is requeued
+    # (the guard below ends the job only when an allocation commits nothing; one that saves a few steps goes on)
+    if [ "$USR1_OF_TIME_LIMIT" = 1 ] && lead=$(usr1_lead_s) && [ "$SECONDS" -lt "$lead" ]; then
+      log "warning: the time limit's USR1 came ${SECONDS} s into this allocation: its --time leaves less than the" \
+          "USR1 lead (${lead} s) to train in, in every allocation; give the job a --time well above the lead"
+    fi
     ! requeue_disabled || after="it will not requeue itself: $NO_REQUEUE"
     log "USR1: asking the trainer to save a checkpoint and stop ($after)"
     forward_usr1

@@ -8,7 +8,8 @@
 # (`sbatch --nodes=4 --time=12:00:00 --partition=p slurm/smollm2_135m.sh`), and everything else with
 # environment variables: CONFIG, DATA_ROOT, RUN_DIR, CKPT_DIR, LOG_DIR, GPUS_PER_NODE,
 # NPROC_PER_NODE, OVERRIDES, PYTHON, NANOTRONIX_DIR, MASTER_PORT (all documented, with their defaults, in
-# slurm/common.sh). global_batch_size stays 512 sequences on any node count (gradient accumulation adapts).
+# slurm/common.sh). global_batch_size stays 512 sequences (gradient accumulation adapts) on node counts whose
+# micro_batch_size x data-parallel size divides it (the preflight says so in one line otherwise).
 # The job checkpoints every 2000 steps, saves and requeues itself on USR1 (sent 10 minutes before the time
 # limit), and resumes from the latest checkpoint in CKPT_DIR, so one sbatch carries the run to its end.
 # Output: %x-%j.out in the submission folder (appended across requeues); the run's metrics and checkpoints

@@ -52,6 +52,19 @@ def test_preset_fields_can_be_overridden():
     assert m.num_hidden_layers == 2 and m.hidden_size == 576
 
 
+def test_an_override_that_yaml_would_cut_at_a_comment_is_refused(tiny_yaml):
+    """An override's value is YAML, where ' #' starts a comment: `checkpoint.dir=/runs/exp #2` was `/runs/exp`,
+    another run's folder, without a word (the Slurm scripts passed their folders so). Refused, naming what it would
+    drop; quoted, or with a '#' YAML keeps (no space before it), the value is taken whole."""
+    with pytest.raises(ConfigError, match=r"override 'checkpoint.dir=/runs/exp #2': YAML reads ' #' as the start of "
+                                          r"a comment, which drops '#2' from the value: quote it \(checkpoint.dir="):
+        load_config(tiny_yaml, ["checkpoint.dir=/runs/exp #2"])
+    with pytest.raises(ConfigError, match="which drops '# 7'"):
+        load_config(tiny_yaml, ["train.seed=3 # 7"])
+    cfg = load_config(tiny_yaml, ["checkpoint.dir='/runs/exp #2: a'", "logging.dir=/runs/exp#2"])
+    assert (cfg.checkpoint.dir, cfg.logging.dir) == ("/runs/exp #2: a", "/runs/exp#2")
+
+
 def test_dotted_overrides_reach_nested_lists(tiny_yaml):
     cfg = load_config(tiny_yaml, ["train.train_steps=20", "parallel.tp=2", "data.stages.0.datasets.0.path=/d",
                                   "optimizer.betas=[0.8, 0.9]", "optimizer.lr=1e-3"])

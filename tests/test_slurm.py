@@ -50,14 +50,18 @@ def test_a_config_that_names_a_checkpoint_starts_from_it(slurm, tmp_path):
     branch["checkpoint"]["resume"] = str(source / "step_0000004")
     branch["train"]["train_steps"] = 6
     (tmp_path / "branch.yaml").write_text(yaml.safe_dump(branch))
-    run_dir = tmp_path / "run"
-    job = slurm.sbatch(tmp_path, {"CONFIG": str(tmp_path / "branch.yaml"), "DATA_ROOT": str(stores),
+    # folders whose names YAML reads otherwise, unquoted: ' #' starts a comment (the checkpoints went to
+    # tmp_path/run, the stores were looked for in tmp_path/stores), ': ' makes a mapping
+    run_dir = tmp_path / "run #2: it's"
+    (tmp_path / "stores #1").symlink_to(stores)
+    job = slurm.sbatch(tmp_path, {"CONFIG": str(tmp_path / "branch.yaml"), "DATA_ROOT": str(tmp_path / "stores #1"),
                                   "RUN_DIR": str(run_dir), "GPUS_PER_NODE": "0", "NPROC_PER_NODE": "1"})
     info = slurm.wait(job, timeout=400)
     out = job_output(tmp_path, job)
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), (info, out)
     assert f"resumed from {source / 'step_0000004'}" in out, out
     assert [r["step"] for r in read_records(run_dir / "logs" / "metrics.jsonl")] == [5, 6]
+    assert (run_dir / "checkpoints" / "step_0000006").is_dir() and not (tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------------------- preprocessing job array

@@ -45,6 +45,8 @@ def test_the_time_limits_usr1_before_a_checkpoint_in_two_allocations_in_a_row_en
         "error: the time limit's USR1 came before a checkpoint in two allocations in a row (still at step 0): not "
         "requeued again"), out
     assert "launching on every node" not in out, out
+    # each allocation's log says why: a job that saves a few steps after such a USR1 is requeued on and on
+    assert out.count("warning: the time limit's USR1 came ") == 2 and "less than the USR1 lead (600 s)" in out, out
 
 
 def test_usr1s_that_are_not_the_time_limits_requeue_the_job_every_time(slurm, tmp_path):
