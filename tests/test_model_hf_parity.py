@@ -75,3 +75,8 @@ def test_init_follows_nanotrons_standard_parametrization():
                     else 1.0 if "norm" in name else cfg.init_std)
         got = param.detach().std().item() if "norm" not in name else param.detach().mean().item()
         assert got == pytest.approx(expected, rel=0.02), name
+        if "norm" not in name:  # normal_(mean=0, std): centred (within 5 standard errors), and a normal's tails
+            w = param.detach().double().flatten()
+            assert abs(w.mean().item()) < 5 * expected / w.numel() ** 0.5, name
+            beyond = (w.abs() > 2 * expected).double().mean().item()  # 4.55% for a normal, none for a uniform
+            assert beyond == pytest.approx(0.0455, abs=0.005), (name, beyond)

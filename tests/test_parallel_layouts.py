@@ -207,7 +207,9 @@ def test_compiled_tensor_parallel_layers_are_one_graph(runs, layout):
     column linears' all-reduce or gathers, forward and backward, the row linears' reductions) trace into the
     compiled layer: one graph for all layers, one for the validation's forward without gradients, none for graph
     breaks."""
-    for f in sorted((runs(2) / layout).glob("rank*.pt")):
+    files = sorted((runs(2) / layout).glob("rank*.pt"))
+    assert len(files) == 2, files  # (none: the loop below checked nothing)
+    for f in files:
         assert torch.load(f, weights_only=False)["unique_graphs"] == 2, f.name
 
 
@@ -216,7 +218,9 @@ def test_data_parallel_reduction_overlaps_backward(world, layout, runs):
     """Bucketed gradient reduction: every rank's optimizer state survives param_states -> load_param_states, the
     first bucket's reduction starts before backward has produced the step's last gradient (overlap), and without
     pipelining (micro-batches strictly one after another) no bucket is reduced before the last micro-batch."""
-    for f in sorted((runs(world) / layout).glob("rank*.pt")):
+    files = sorted((runs(world) / layout).glob("rank*.pt"))
+    assert len(files) == world, files  # (none: the loop below checked nothing)
+    for f in files:
         r = torch.load(f, weights_only=False)
         assert r["states_roundtrip"], f.name
         assert r["copied_grads"] == 0, f"{f.name}: gradients were copied instead of accumulated in the bucket"
