@@ -96,10 +96,13 @@ def run_folders(draw) -> dict:
 
 def committed_copy(source: Path, dest: Path, step: int, saved) -> None:
     """`source` (a real step) as step `step` at `dest`, hard-linked (cheap; nothing writes into a step's files), its
-    manifest saying `step` and the retention settings `saved`."""
+    manifest saying `step`, the samples of `step` steps and the retention settings `saved`."""
     shutil.copytree(source, dest, copy_function=os.link)
     manifest = json.loads((source / paths.MANIFEST_NAME).read_text())
+    per_step = manifest["consumed_samples"] // manifest["step"]  # the global batch: the step's own samples, so that
+    # the trainer's (and the preflight's) check of the global batch size against the step holds
     manifest["step"], manifest["optimizer_step"] = step, min(manifest["optimizer_step"], step)
+    manifest["consumed_samples"] = per_step * step
     settings_saved = manifest["config"]["checkpoint"]
     settings_saved.pop("keep_every", None), settings_saved.pop("keep_steps", None)
     if saved == "wrong types":
