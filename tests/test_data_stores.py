@@ -491,3 +491,18 @@ def test_a_sidecar_that_is_no_object_is_said_by_its_json_type(sidecar, kind):
     with pytest.raises(DataError) as raised:
         checked_sidecar(sidecar, "s.meta.json")
     assert str(raised.value) == f"s.meta.json: not a token store's sidecar (a JSON {kind}, not an object)"
+
+
+def test_verify_counts_a_sharded_zarr_stores_missing_shards(tmp_path, monkeypatch):
+    """A zarr store missing one token shard file: --verify said "320 of its 324 chunks stored" for a missing shard of
+    64 chunks (zarr counts every chunk slot of a stored shard, past the array's end too, against the chunks up to
+    it). Now shard files against the shards the stream needs: 2 of 3 here (shards of 2^12 tokens, chunks of 2^10)."""
+    from nanotronix.data import zarr_store
+    monkeypatch.setattr(zarr_store, "SHARD", 1 << 12)
+    monkeypatch.setattr(zarr_store, "INNER_CHUNK", 1 << 10)
+    docs = [RNG.integers(0, 49152, size=n).tolist() for n in (4000, 4000, 1000)]  # 9000 tokens: 3 shards, the last
+    _write_ours(tmp_path / "z", docs, np.uint16, fmt="zarr")  # holding 1 of its 4 chunks
+    open_store(tmp_path / "z").verify()
+    (tmp_path / "z.zarr" / "tokens" / "c" / "1").unlink()
+    with pytest.raises(DataError, match=r"its tokens array is missing shard files \(2 of its 3 shards stored"):
+        open_store(tmp_path / "z").verify()

@@ -198,7 +198,7 @@ OTHER_FORMATS = {
     "zarr end out of order": (_zarr_store, lambda s: _zarr_end(s, 0, 100), ("--doc", "0"),
                               "damaged index (document 0 spans tokens [0, 100) of the 12-token stream"),
     "zarr chunk file missing": (_zarr_store, lambda s: (s / "tokens" / "c" / "0").unlink(), ("--verify", "--json"),
-                                "its tokens array is missing chunk files (0 of its 1 chunks"),
+                                "its tokens array is missing shard files (0 of its 1 shards"),
     "datatrove end out of order": (_datatrove_store, lambda s: _patch(Path(f"{s}.index"), 8, struct.pack("<Q", 1)),
                                    ("--doc", "1"), "damaged index (document 1 spans tokens [4, 1) of the 12-token"),
     "datatrove metadata a folder": (_datatrove_store, lambda s: (Path(f"{s}.metadata").unlink(),

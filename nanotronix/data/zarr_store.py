@@ -234,10 +234,10 @@ class ZarrStore(TokenStore):
     def verify(self, progress: bool = False) -> None:
         from .verify import check_tokens_and_sidecar
         for array in (self._tokens, self._ends):
-            found, expected = self._zarr_call(array, lambda: (array.nchunks_initialized, array.nchunks))
+            found, expected, kind = self._zarr_call(array, lambda: _stored_files(array))
             if found < expected:  # zarr reads a missing chunk file as its fill value; the writer writes every one
-                raise DataError(f"{self.path}: its {array.basename} array is missing chunk files ({found} of its "
-                                f"{expected} chunks stored; zarr would read the others as fill values)")
+                raise DataError(f"{self.path}: its {array.basename} array is missing {kind} files ({found} of its "
+                                f"{expected} {kind}s stored; zarr would read the others as fill values)")
         previous = 0
         for lo in range(0, self.num_documents, _READ_CHUNK):
             ends = np.asarray(self._read(self._ends, slice(lo, lo + _READ_CHUNK)), dtype=np.int64)
@@ -246,3 +246,13 @@ class ZarrStore(TokenStore):
                 raise DataError(f"{self.path}: document end {lo + int(np.argmin(steps))} goes backwards")
             previous = int(ends[-1])
         check_tokens_and_sidecar(self, progress)
+
+
+def _stored_files(array) -> tuple[int, int, str]:
+    """(files stored, files the array's length needs, what they hold): for a sharded array (the tokens) zarr's
+    nchunks_initialized counts every inner chunk of each stored shard, those past the array's end too, against
+    nchunks' inner chunks up to its end, so the two made a wrong count (a missing 64-chunk shard said as 4 chunks)."""
+    if array.shards is None:
+        return array.nchunks_initialized, array.nchunks, "chunk"
+    per_shard = array.shards[0] // array.chunks[0]
+    return array.nchunks_initialized // per_shard, -(-array.shape[0] // array.shards[0]), "shard"
