@@ -105,7 +105,8 @@ def build_config(args: argparse.Namespace, extra: list[str], device: torch.devic
     tree = read_yaml_tree(args.config) if args.config else {}
     # the device's training dtype where the config file names none (a default put among the overrides beat the
     # file's own: a recipe's bf16 ran in fp32 on the CPU, an fp32 config in bf16 on a GPU)
-    named = (tree.get("train") or {}).get("dtype") if isinstance(tree.get("train"), dict) else None
+    train = tree.get("train")
+    named = train.get("dtype") if isinstance(train, dict) else None
     defaults = [] if named is not None else [f"train.dtype={'bfloat16' if device.type == 'cuda' else 'float32'}"]
     overrides = defaults + list(args.overrides) + extra
     # the micro-batch (from the config file or an override) sets the global batch, before validation checks one
