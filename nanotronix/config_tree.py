@@ -7,7 +7,6 @@ lists (`data.stages.1.start_step=500`); the whole is ~120 lines.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import typing
 from pathlib import Path
@@ -169,7 +168,9 @@ def apply_override(tree: dict[str, Any], override: str) -> None:
         value = yaml.safe_load(raw) if raw.strip() else None
     except (yaml.YAMLError, ValueError):  # ValueError: typed by YAML, not buildable (2023-02-30): the text as written
         value = raw
-    if raw.count("#") > json.dumps(value, ensure_ascii=False, default=str).count("#"):
+    # repr, not json.dumps: a YAML alias inside its own anchor (`&a [*a]`) is a value holding itself, which repr
+    # prints as `[[...]]` and json refuses with a traceback; every '#' of a string or key shows in either
+    if raw.count("#") > repr(value).count("#"):
         # YAML read a comment: `checkpoint.dir=/runs/exp #2` was `/runs/exp`, another folder, without a word
         raise ConfigError(f"override {override!r}: YAML reads ' #' as the start of a comment, which drops "
                           f"{raw[raw.index('#'):]!r} from the value: quote it ({key}='...')")

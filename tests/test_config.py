@@ -65,6 +65,14 @@ def test_an_override_that_yaml_would_cut_at_a_comment_is_refused(tiny_yaml):
     assert (cfg.checkpoint.dir, cfg.logging.dir) == ("/runs/exp #2: a", "/runs/exp#2")
 
 
+@pytest.mark.parametrize("value", ["&a [*a]", "&a {k: *a}", "&a [1, '#', *a]"])
+def test_an_override_holding_itself_is_one_line(tiny_yaml, value):
+    """A YAML alias inside its own anchor (`&a [*a]`) is a value that contains itself: the comment check counted its
+    '#'s through json.dumps, which raised 'Circular reference detected' (a traceback on every rank)."""
+    with pytest.raises(ConfigError, match=r"^model\.preset: expected a string, got "):
+        load_config(tiny_yaml, [f"model.preset={value}"])
+
+
 def test_dotted_overrides_reach_nested_lists(tiny_yaml):
     cfg = load_config(tiny_yaml, ["train.train_steps=20", "parallel.tp=2", "data.stages.0.datasets.0.path=/d",
                                   "optimizer.betas=[0.8, 0.9]", "optimizer.lr=1e-3"])
