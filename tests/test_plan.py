@@ -190,6 +190,8 @@ def test_errors_are_one_line(plan_tool, tmp_path, capsys):
         # a branch off a step past its own end: the trainer's refusal (it printed a plan of -583 hours)
         (["--gpus", "256", "checkpoint.resume=/x/step_9000000"], "error: train.train_steps=5240000, but the "
          "checkpoint resumed from is at step 9000000: past the end of the run, nothing to train"),
+        # the preflight's and the trainer's refusal (it printed a whole plan without a stage)
+        (["--gpus", "256", "data.stages=[]"], "error: data.stages: no stage configured"),
     ]:
         assert plan_tool.main([str(CONFIGS / "smollm2_1p7b.yaml"), *args]) == 2
         lines = capsys.readouterr().err.strip().splitlines()
@@ -238,6 +240,14 @@ def test_a_branch_off_another_run_is_planned_from_its_checkpoint(plan_tool):
     assert anneal["time"]["stage_wall_hours"]["stage1_stable"] == 0
     assert anneal["checkpoints"]["saves"] == len(range(1_432_000, 1_477_684, 2_000)) + 1  # and the last step
     assert "starts from step 1,430,000 of another run" in plan_tool.format_plan(anneal)
+    # a branch from the last step of its run: said complete as the trainer says it (before: "trains steps
+    # 1,430,001-1,430,000")
+    done = plan_tool.build_plan(str(CONFIGS / "smollm2_1p7b_anneal_math.yaml"),
+                                ["data.root=/nonexistent", "train.train_steps=1430000"], 64, 0.45, "H100 SXM")
+    text = plan_tool.format_plan(done)
+    assert ("starts from step 1,430,000 of another run (checkpoint.resume) = train.train_steps: the run is complete, "
+            "nothing left to train") in text and "this run trains steps" not in text, text
+    assert done["time"]["wall_hours"] == 0 and done["checkpoints"]["saves"] == 0, (done["time"], done["checkpoints"])
 
 
 def test_a_stage_the_run_never_reaches_is_said_as_such(plan_tool):

@@ -99,8 +99,9 @@ def stage_plan(cfg) -> list[dict[str, Any]]:
     """Steps, tokens and per-source samples/tokens/epochs of every stage, with the sampler's arithmetic."""
     from nanotronix.data import DataError
     from nanotronix.data.blend import BlendTree
-    from nanotronix.data.schedule import PackedStream
+    from nanotronix.data.schedule import PackedStream, require_stages
 
+    require_stages(cfg.data.stages)  # the preflight's refusal: a plan with no stage printed a whole plan
     t = cfg.train
     gbs, seq, steps = t.global_batch_size, t.seq_len, t.train_steps
     tokens_per_step = gbs * seq
@@ -306,7 +307,10 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"batch: {b['global_batch_size']} x {b['seq_len']} = {b['tokens_per_step']:,} tokens/step; "
         f"{plan['train_steps']:,} steps = {plan['total_tokens']:,} tokens ({_tok(plan['total_tokens'])})",
     ]
-    if plan["resumed_step"]:
+    if plan["resumed_step"] == plan["train_steps"]:  # the trainer's own words for it; not "steps N+1-N"
+        lines.append(f"starts from step {plan['resumed_step']:,} of another run (checkpoint.resume) = "
+                     "train.train_steps: the run is complete, nothing left to train")
+    elif plan["resumed_step"]:
         lines.append(f"starts from step {plan['resumed_step']:,} of another run (checkpoint.resume): this run trains "
                      f"steps {plan['resumed_step'] + 1:,}-{plan['train_steps']:,}; time and saves count those only")
     lines.append("")

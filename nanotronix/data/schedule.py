@@ -118,13 +118,18 @@ class StagePlan:
     carried: tuple[int, ...]  # per dataset: samples it received in earlier stages
 
 
+def require_stages(stages: list) -> None:
+    """A run reads at least one stage (the trainer's schedule and tools/plan.py refuse alike)."""
+    if not stages:
+        raise DataError("data.stages: no stage configured (the trainer needs at least one dataset)")
+
+
 class BlendSchedule:
     """Stages x blend x packed streams for a fixed global batch size."""
 
     def __init__(self, stages: list[tuple[str, int, list[tuple[str, float]]]], global_batch_size: int,
                  streams: dict[str, PackedStream]):
-        if not stages:
-            raise DataError("data.stages: no stage configured (the trainer needs at least one dataset)")
+        require_stages(stages)
         self.global_batch_size = global_batch_size
         self.streams = streams
         self.stages: list[StagePlan] = []
