@@ -121,3 +121,29 @@ def test_a_read_back_failing_on_one_rank_is_every_ranks_error_at_once(tmp_path):
         assert (f"rank {rank}: every_rank=True: cannot read back checkpoint {temp} to checksum it (on rank 1: "
                 "OSError: [Errno 5] Input/output error); the checkpoints committed before it are intact") in out, outs
     assert not (run_dir / "step_0000001").exists()
+
+
+def test_a_console_on_a_full_disk_costs_its_lines_not_the_run(tmp_path):
+    """Rank 0's console on a disk that says 'No space left on device' (`torchrun ... > run.log` on a full disk; here
+    /dev/full, buffered as a file is): one warning on stderr, the run trains to its end and exits 0 (before: an
+    OSError traceback at its first line), metrics.jsonl holds every step. --print-config into it: one error line."""
+    import os
+    import sys
+
+    cfg = tiny_config(tmp_path, write_learnable_store(tmp_path / "arith"), train={"train_steps": 4})
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-m", "nanotronix.train", "--config", str(cfg)], stdout=full,
+                              stderr=subprocess.PIPE, text=True, env=env, timeout=300)
+        printed = subprocess.run([sys.executable, "-m", "nanotronix.train", "--config", str(cfg), "--print-config"],
+                                 stdout=full, stderr=subprocess.PIPE, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    warnings = [line for line in proc.stderr.splitlines() if "console" in line]
+    assert warnings == ["warning: cannot write the console output (No space left on device): training goes on, its "
+                        "console lines stop here (the metrics file keeps every record)"], proc.stderr
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
+    import json
+    records = [json.loads(line) for line in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4], records
+    assert printed.returncode == 2 and printed.stderr == ("error: cannot write the config to standard output: No space "
+                                                          "left on device\n"), printed.stderr

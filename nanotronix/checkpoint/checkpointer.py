@@ -44,6 +44,7 @@ from nanotronix.checkpoint.storage import Collective
 from nanotronix.checkpoint.training_state import load_training_state, take_snapshot, write_snapshot
 from nanotronix.config import DataConfig
 from nanotronix.config_checks import validate_data
+from nanotronix.console import say
 from nanotronix.data.blend import weight_units
 from nanotronix.data.schedule import dataset_order_key
 from nanotronix.distributed import joining, stopping_together
@@ -258,7 +259,7 @@ class Checkpointer:
 
     def _log(self, msg: str) -> None:
         if self.ctx.rank == 0:
-            print(f"checkpoint: {msg}", flush=True)
+            say(f"checkpoint: {msg}")
 
     # ---- resume --------------------------------------------------------------------------------------
 

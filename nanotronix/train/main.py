@@ -3,15 +3,17 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import os
 import signal
 import sys
 import time
 import traceback
 
 from nanotronix.checkpoint.preemption import torchrun_pid
-from nanotronix.cli import ArgumentParser, user_path
+from nanotronix.cli import ArgumentParser, os_error_line, user_path
 from nanotronix.config import dump_config, load_config
 from nanotronix.config_checks import check_parallel_shape
+from nanotronix.console import say
 from nanotronix.errors import EXIT_BAD_INPUT, UserError, fail, say_line
 from nanotronix.train import EXIT_INTERRUPTED, EXIT_PREEMPTED, Interrupted
 from nanotronix.distributed import PeerStopped, init_distributed, note_cause_said, pick_device, rank, shutdown_and_exit
@@ -46,7 +48,11 @@ def main(argv=None) -> None:
         cfg = load_config(args.config, args.overrides)
         if args.print_config:
             check_parallel_shape(cfg)  # the layout's checks that need no world size: what any launch would refuse
-            print(dump_config(cfg), end="", flush=True)
+            try:
+                print(dump_config(cfg), end="", flush=True)
+            except OSError as e:  # stdout on a full disk: what was asked for is not written (a pipe gone: the same)
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second failure at exit
+                raise UserError(f"cannot write the config to standard output: {os_error_line(e)}") from None
             shutdown_and_exit(0)
         device = pick_device(cfg.train.device)
         init_distributed(device, cfg.parallel.collective_timeout_minutes)
@@ -60,11 +66,11 @@ def main(argv=None) -> None:
         elif rank() == 0 and summary["first_loss"] is not None:
             resumed = f" (steps {summary['first_step']}-{summary['steps']} in this run)" \
                 if summary["first_step"] > 1 else ""
-            print(f"done: {summary['steps']} steps{resumed}, loss {summary['first_loss']:.4f} -> "
-                  f"{summary['last_loss']:.4f}", flush=True)
+            say(f"done: {summary['steps']} steps{resumed}, loss {summary['first_loss']:.4f} -> "
+                f"{summary['last_loss']:.4f}")
         elif rank() == 0 and summary["first_step"] <= summary["steps"]:  # steps trained, every one of them skipped
-            print(f"done: {summary['steps']} steps; steps {summary['first_step']}-{summary['steps']} were all skipped "
-                  "(train.skip_steps): no update was applied in this run", flush=True)
+            say(f"done: {summary['steps']} steps; steps {summary['first_step']}-{summary['steps']} were all skipped "
+                "(train.skip_steps): no update was applied in this run")
     except FloatingPointError as e:
         # The run diverged: the same on every rank (the loss and gradient norm are global), so rank 0 says it.
         if rank() == 0:

@@ -26,6 +26,7 @@ from torch.autograd import DeviceType
 
 from nanotronix.config import Config, ConfigError
 from nanotronix.config_checks import profiled_step_range
+from nanotronix.console import say
 
 STEP_LABEL = "nanotronix step "  # the trace's range of each profiled step
 
@@ -152,7 +153,7 @@ class StepProfiler:
                 f"{'GPU' if self.cuda else 'CPU'} time")
         text = "\n".join([what, *found.top, f"by group: {found.groups()}"]) + "\n"
         _write_aside(self.out_dir / f"{stem}.txt", lambda path: Path(path).write_text(text))
-        print(f"{what}: {found.groups()} -> {trace}", flush=True)
+        say(f"{what}: {found.groups()} -> {trace}")
 
     def _start(self, step: int) -> None:
         activities = [torch.profiler.ProfilerActivity.CPU]

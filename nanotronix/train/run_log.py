@@ -11,6 +11,7 @@ import torch
 
 from nanotronix.cli import replace_file
 from nanotronix.config import Config, dump_config
+from nanotronix.console import say
 from nanotronix.train.flops import device_peak_tflops, document_attention_span, flops_per_token, mfu
 from nanotronix.train.metrics import (MetricsLog, Throughput, console_line, mean_over_ranks, peak_memory_gb,
                                       slowest_rank)
@@ -107,7 +108,7 @@ class RunLog:
     def _emit(self, record: dict[str, Any]) -> None:
         self.metrics.write(record)
         if self.rank == 0:
-            print(console_line(record, self.cfg.train.train_steps, self.tokens_per_step), flush=True)
+            say(console_line(record, self.cfg.train.train_steps, self.tokens_per_step))
 
     def close(self) -> None:
         self.metrics.close()

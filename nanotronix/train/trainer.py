@@ -22,6 +22,7 @@ from nanotronix.checkpoint.checkpointer import ResumeState, store_change_notes
 from nanotronix.checkpoint.paths import find_checkpoint, step_of
 from nanotronix.config import Config, grad_accum_steps
 from nanotronix.config_checks import skipped_step_ranges
+from nanotronix.console import say
 from nanotronix.data import DataError, PrefetchingLoader, build_prefetched_loader, document_eos_mismatch
 from nanotronix.distributed import PeerStopped, cause_said_by, peer_stopped, stopping_together
 from nanotronix.errors import UserError, found_behind
@@ -42,7 +43,7 @@ from nanotronix.train.validation import Validator
 
 def log0(ctx: ParallelContext, msg: str) -> None:
     if ctx.rank == 0:
-        print(msg, flush=True)
+        say(msg)
 
 
 def train(cfg: Config, ctx: ParallelContext, device: torch.device) -> dict:
