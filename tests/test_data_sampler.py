@@ -312,13 +312,13 @@ def test_two_stores_with_one_order_key_are_refused(stores, tmp_path):
     writer.finalize({})
     (tmp_path / "x.ds").write_bytes(tokens.astype("<u2").tobytes())
     (tmp_path / "x.ds.index").write_bytes(np.array([3000], dtype="<u8").tobytes())
-    mega = str(tmp_path / "x")
+    mega, key = str(tmp_path / "x.bin"), str(tmp_path / "x")  # (`x` itself names three stores: refused as such)
     for other in (str(tmp_path / "x.zarr"), str(tmp_path / "x.ds")):
         for stages in ([("one", 1, [(mega, 1), (other, 1)])], [("one", 1, [(mega, 1)]), ("two", 3, [(other, 1)])]):
             with pytest.raises(DataError) as e:
                 build_train_loader(_cfg(stages), 0, 1)
             assert str(e.value) == (f"data.stages: datasets {mega} and {other} are two token stores with one dataset "
-                                    f"key, {mega} (a store file's suffix does not count): they would be read in the "
+                                    f"key, {key} (a store file's suffix does not count): they would be read in the "
                                     "same order and counted as one dataset; rename one of them")
 
 

@@ -377,18 +377,18 @@ def test_fingerprint_follows_the_stream_not_the_format(tmp_path):
     _write_ours(tmp_path / "sharded" / "shard-00000-of-00002", docs[:120], np.uint16)
     _write_ours(tmp_path / "sharded" / "shard-00001-of-00002", docs[120:], np.uint16)
     _write_ours(tmp_path / "reordered", docs[::-1], np.uint16)
-    store = open_store(tmp_path / "one")
+    store = open_store(tmp_path / "one.bin")  # (`one` names three stores: refused, test_preprocess_failures.py)
     assert store.num_tokens > 4 * 256  # sampled, not hashed whole
     prints = {where: open_store(tmp_path / where).fingerprint
-              for where in ("one", "one.zarr", "one.ds", "sharded", "reordered")}
-    assert len(store.fingerprint) == 64 and store.fingerprint == prints["one"]
-    assert prints["one.zarr"] == prints["one.ds"] == prints["sharded"] == prints["one"]
-    assert open_store(tmp_path / "reordered").num_tokens == store.num_tokens and prints["reordered"] != prints["one"]
+              for where in ("one.bin", "one.zarr", "one.ds", "sharded", "reordered")}
+    assert len(store.fingerprint) == 64 and store.fingerprint == prints["one.bin"]
+    assert prints["one.zarr"] == prints["one.ds"] == prints["sharded"] == prints["one.bin"]
+    assert open_store(tmp_path / "reordered").num_tokens == store.num_tokens and prints["reordered"] != prints["one.bin"]
     _write_ours(tmp_path / "small", [[5, 6, 7], [8, 9], [4]], np.uint16)
     _write_ours(tmp_path / "small2", [[5, 6, 7], [8, 10], [4]], np.uint16)
     assert open_store(tmp_path / "small").fingerprint != open_store(tmp_path / "small2").fingerprint
     store.windows = None  # a second reading would fail: the first one's answer is kept
-    assert store.fingerprint == prints["one"]
+    assert store.fingerprint == prints["one.bin"]
 
 
 def _advised_random(path: Path) -> bool:

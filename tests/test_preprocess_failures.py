@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nanotronix.data import open_store
+from nanotronix.data import DataError, open_store
 import test_preprocess as preprocess
 from test_preprocess import TEXTS, _jsonl, _outputs
 
@@ -360,3 +360,30 @@ def test_a_stop_that_lands_once_the_store_is_complete_says_so(tmp_path, tok, pre
             assert err == "preprocess: interrupted; no output was written", err
             assert not final.exists()
         assert not [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_a_store_of_another_kind_by_the_same_name_is_refused_and_never_read_by_choice(tmp_path, tok, preprocess_tool,
+                                                                                      capsys):
+    """`--format zarr` onto a prefix holding a Megatron store (with --overwrite too), or `--shard 0/1` (a folder of
+    that name): before, it wrote PREFIX.zarr (PREFIX/) beside PREFIX.bin/.idx and said so, and every reader of PREFIX
+    went on reading the old Megatron store. Now refused; --overwrite of the same kind still replaces. A name that
+    opens two stores anyway (copied in) is one line in every reader, not open_store's first pick."""
+    src = _jsonl(tmp_path / "in.jsonl", [json.dumps({"text": t}) for t in TEXTS])
+    prefix = tmp_path / "d" / "tokens"
+    common = ["--input", str(src), "--tokenizer", tok, "--no-progress", "--workers", "1"]
+    assert preprocess_tool.main(common + ["--output-prefix", str(prefix)]) == 0
+    for extra in (["--format", "zarr"], ["--format", "zarr", "--overwrite"], ["--shard", "0/1"]):
+        capsys.readouterr()
+        assert preprocess_tool.main(common + ["--output-prefix", str(prefix), *extra]) == 2, extra
+        assert capsys.readouterr().err == (
+            f"error: --output-prefix {prefix}: {prefix}.bin/.idx is another token store by this name (a run would not "
+            "know which to read; --overwrite replaces only a store of the kind written): write to another prefix, or "
+            "remove it first\n"), extra
+    assert sorted(p.name for p in prefix.parent.iterdir()) == ["tokens.bin", "tokens.idx", "tokens.meta.json"]
+    assert preprocess_tool.main(common + ["--output-prefix", str(prefix), "--overwrite"]) == 0
+    assert preprocess_tool.main(common + ["--output-prefix", str(tmp_path / "z" / "tokens"), "--format", "zarr"]) == 0
+    (tmp_path / "z" / "tokens.zarr").rename(prefix.parent / "tokens.zarr")
+    with pytest.raises(DataError, match=rf"^token store {prefix}: names 2 stores \({prefix}.bin/.idx, "
+                                        rf"{prefix}.zarr\): name one by its own path"):
+        open_store(prefix)
+    assert open_store(f"{prefix}.zarr").num_documents == open_store(f"{prefix}.bin").num_documents == len(TEXTS)

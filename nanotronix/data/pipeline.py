@@ -284,6 +284,15 @@ def _this_shard(opts: PreprocessOptions, pieces: list[InputPiece]) -> tuple[list
 def _earlier_output(opts: PreprocessOptions, prefix: str, shard: Optional[dict]) -> Optional[PreprocessResult]:
     """None when nothing is at `prefix` (or --overwrite replaces it); an earlier run's result when it is this very
     shard, complete; otherwise the error that refuses to replace it."""
+    from .store import stores_named
+
+    name = opts.output_prefix if shard is not None else prefix  # what a run names the store by
+    own = "shards" if shard is not None else opts.format
+    other = next((where for kind, where in stores_named(os.path.expanduser(name)) if kind != own), None)
+    if other is not None:  # even with --overwrite, which replaces a store of this kind: the name would open both
+        raise DataError(f"--output-prefix {opts.output_prefix}: {other} is another token store by this name (a run "
+                        "would not know which to read; --overwrite replaces only a store of the kind written): write "
+                        "to another prefix, or remove it first")
     existing = existing_output(opts.format, prefix)
     if existing is None or opts.overwrite:
         return None

@@ -337,6 +337,22 @@ def document_eos_mismatch(stores: dict[str, TokenStore], eos_id: Optional[int]) 
     return None
 
 
+def stores_named(spec: str) -> list[tuple[str, str]]:
+    """(kind, where) of each token store that the local name `spec` opens, in open_store's order: a folder of
+    preprocess shards ("shards"), a Megatron prefix ("megatron"), a datatrove .ds ("datatrove"), a zarr folder
+    ("zarr"). Two are one name for two stores (`tokens.bin/.idx` beside a later `--format zarr` run's
+    `tokens.zarr`): open_store refuses to pick one, preprocess to add the second."""
+    from .datatrove_store import datatrove_path
+    from .megatron_store import megatron_prefix
+    from .sharded_store import sharded_folder
+    from .zarr_store import zarr_path
+
+    found = [("shards", sharded_folder(spec)), ("megatron", megatron_prefix(spec)), ("datatrove", datatrove_path(spec)),
+             ("zarr", zarr_path(spec))]
+    shown = {"shards": "{}/ (preprocess shards)", "megatron": "{}.bin/.idx"}
+    return [(kind, shown.get(kind, "{}").format(where)) for kind, where in found if where is not None]
+
+
 def open_store(path_or_prefix: str | os.PathLike) -> TokenStore:
     """Open a token store, recognising the format from the files present.
 
@@ -351,6 +367,10 @@ def open_store(path_or_prefix: str | os.PathLike) -> TokenStore:
     spec = os.fspath(path_or_prefix)
     if "://" not in spec:
         spec = os.path.expanduser(spec)
+        named = stores_named(spec)
+        if len(named) > 1:  # which one a run reads would be this function's order, said nowhere
+            raise DataError(f"token store {spec}: names {len(named)} stores ({', '.join(where for _, where in named)}):"
+                            " name one by its own path (PREFIX.bin, PREFIX.zarr, FOLDER/) or remove the other")
     folder = sharded_folder(spec)
     if folder is not None:
         return ShardedStore(folder)
