@@ -23,27 +23,66 @@ from test_preprocess import TEXTS, _jsonl, _outputs
 tok = preprocess.tok  # the fixture: the tiny tokenizer's path
 
 
-def test_a_failed_overwrite_leaves_no_old_index_beside_new_tokens(tmp_path, monkeypatch):
+def test_a_failed_overwrite_leaves_no_old_index_beside_new_tokens_and_puts_the_old_store_back(tmp_path, monkeypatch):
     """--overwrite of a Megatron store that fails after its new .bin is in place (a full disk while the sidecar is
-    written): the old .idx must not stay to describe the new tokens (it opened, and read other documents, without
-    a word); the store is then half there and says so."""
+    written, here after the .bin so that both orders are covered): the old .idx must not stay to describe the new
+    tokens (it opened, and read other documents, without a word). abort() then puts the old store back whole
+    (before, it was gone: removed .idx, replaced .bin), and removes the new .bin."""
     from nanotronix.data import DataError, megatron_store
     from nanotronix.data.megatron_store import MegatronWriter
 
     writer = MegatronWriter(tmp_path / "s", np.uint16)
     writer.add_documents(np.array([5, 6, 0, 7, 0]), np.array([3, 2]))
-    writer.finalize({})
+    writer.finalize({"old": True})
+    real_commit = megatron_store.commit
 
-    def full_disk(*args):
-        raise OSError(28, "No space left on device")
+    def full_disk_after_the_bin(temp, final):
+        real_commit(temp, final)
+        if str(final).endswith(".bin"):
+            raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(megatron_store, "write_json_atomic", full_disk)
+    monkeypatch.setattr(megatron_store, "commit", full_disk_after_the_bin)
     writer = MegatronWriter(tmp_path / "s", np.uint16)
     writer.add_documents(np.arange(1, 101), np.array([50, 50]))
     with pytest.raises(OSError):
-        writer.finalize({})
+        writer.finalize({"old": False})
     with pytest.raises(DataError, match=r"s.idx is missing"):
         open_store(tmp_path / "s")
+    writer.abort()
+    old = open_store(tmp_path / "s")
+    assert [old.document(i).tolist() for i in range(old.num_documents)] == [[5, 6, 0], [7, 0]]
+    assert json.loads((tmp_path / "s.meta.json").read_text()) == {"old": True}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.bin", "s.idx", "s.meta.json"]
+
+
+@pytest.mark.parametrize("stop_at", [".meta.json", ".bin", ".idx"])
+def test_ctrl_c_while_overwrite_renames_the_new_store_keeps_the_old_one(tmp_path, tok, preprocess_tool, capsys,
+                                                                      monkeypatch, stop_at):
+    """Ctrl-C while --overwrite renames a new Megatron store into place (its sidecar, .bin or .idx about to go in):
+    before, the old store was gone (its .idx removed, its .bin replaced) and nothing new was written, under
+    "no output was written". Now the old store is back whole and that line is true."""
+    from nanotronix.data import files, megatron_store
+
+    src = _jsonl(tmp_path / "in.jsonl", [json.dumps({"text": t}) for t in TEXTS])
+    prefix = tmp_path / "out"
+    args = ["--input", str(src), "--tokenizer", tok, "--output-prefix", str(prefix), "--workers", "1", "--no-progress"]
+    _jsonl(tmp_path / "old.jsonl", [json.dumps({"text": "the old store"})])
+    assert preprocess_tool.main(args[:1] + [str(tmp_path / "old.jsonl")] + args[2:]) == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("out")}
+    real_commit = files.commit
+
+    def stopped(temp, final):
+        if str(final).endswith(stop_at):
+            raise KeyboardInterrupt
+        real_commit(temp, final)
+
+    monkeypatch.setattr(files, "commit", stopped)
+    monkeypatch.setattr(megatron_store, "commit", stopped)
+    capsys.readouterr()
+    assert preprocess_tool.main(args + ["--overwrite"]) == 130
+    assert capsys.readouterr().err.strip() == "preprocess: interrupted; no output was written"
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name not in ("in.jsonl", "old.jsonl")} == before
+    assert open_store(prefix).num_documents == 1
 
 
 def _children(pid: int) -> list[int]:
@@ -387,3 +426,20 @@ def test_a_store_of_another_kind_by_the_same_name_is_refused_and_never_read_by_c
                                         rf"{prefix}.zarr\): name one by its own path"):
         open_store(prefix)
     assert open_store(f"{prefix}.zarr").num_documents == open_store(f"{prefix}.bin").num_documents == len(TEXTS)
+
+
+def test_what_a_run_killed_between_its_renames_left_is_said_as_such(tmp_path, tok, preprocess_tool, capsys):
+    """A SIGKILL (or a power loss) between the sidecar's or .bin's rename and the .idx's leaves a .bin and sidecar
+    without .idx: no store. The rerun said "PREFIX.bin already exists ... to replace that store"; it now says what
+    that is, and --overwrite writes the store."""
+    src = _jsonl(tmp_path / "in.jsonl", [json.dumps({"text": t}) for t in TEXTS])
+    prefix = tmp_path / "out"
+    (tmp_path / "out.bin").write_bytes(b"\0" * 64)
+    (tmp_path / "out.meta.json").write_text("{}")
+    args = ["--input", str(src), "--tokenizer", tok, "--output-prefix", str(prefix), "--workers", "1", "--no-progress"]
+    assert preprocess_tool.main(args) == 2
+    assert capsys.readouterr().err == (
+        f"error: --output-prefix {prefix}: {prefix}.bin is there without {prefix}.idx, which is no store (what a run "
+        "killed as it renamed its files into place leaves); pass --overwrite to write it\n")
+    assert preprocess_tool.main(args + ["--overwrite"]) == 0
+    assert open_store(prefix).num_documents == len(TEXTS)

@@ -18,8 +18,8 @@ from typing import Any, Optional
 import numpy as np
 
 from .errors import DataError
-from .files import (DocumentSpill, SpillingWriter, commit, file_identity, make_folder_durably, os_errors_naming,
-                    remove_quietly, temp_path, write_json_atomic)
+from .files import (DocumentSpill, SpillingWriter, commit, file_identity, fsync_path, make_folder_durably,
+                    os_errors_naming, remove_quietly, replaced_path, temp_path, write_json_atomic)
 from .store import TokenStore, absent, checked_sidecar, random_access_map
 
 MAGIC = b"MMIDIDX\x00\x00"
@@ -59,49 +59,74 @@ class MegatronWriter(SpillingWriter):
         make_folder_durably(Path(self.prefix).parent)
         self._spill = DocumentSpill(temp_path(f"{self.prefix}.bin"), temp_path(f"{self.prefix}.lengths"), self.dtype)
         self._staged_index = None  # the .idx's file_identity, once written
-        self._staged_tokens = None  # the .bin's file_identity, once finalize() starts renaming
+        self._set_aside: list[Path] = []  # the replaced store's files (--overwrite), until the new one is whole
+        self._placing = False  # finalize() has begun renaming this writer's files into place
 
     @staticmethod
     def staged_paths(prefix: str | os.PathLike) -> list[str]:
         """Every name this writer stages a file under (`temp_path` of each): what files.remove_abandoned_temps
-        removes for it."""
+        removes for it (a replaced store's files set aside included)."""
         prefix = os.fspath(prefix)
-        return [f"{prefix}.bin", f"{prefix}.lengths", f"{prefix}.idx", str(sidecar_path(prefix))]
+        finals = [f"{prefix}.bin", f"{prefix}.idx", str(sidecar_path(prefix))]
+        return [*finals, f"{prefix}.lengths", *(str(replaced_path(final)) for final in finals)]
 
     def add_document(self, tokens: np.ndarray) -> None:
         self.add_documents(np.asarray(tokens), np.array([len(tokens)]))
 
+    def _finals(self) -> list[Path]:
+        """The store's files in the order a replaced store's are put back: its .idx (the completion marker) last."""
+        return [Path(f"{self.prefix}.bin"), sidecar_path(self.prefix), Path(f"{self.prefix}.idx")]
+
     def finalize(self, sidecar: Optional[dict[str, Any]] = None) -> None:
-        """Write the .idx, then rename .bin, sidecar and finally .idx (the completion marker) into place. A store
-        being replaced (--overwrite) loses its .idx first: a failure before the new one is in place (a full disk
-        while the sidecar is written) must not leave the old index describing the new tokens."""
+        """Write the .idx and flush it and the .bin, set a store being replaced (--overwrite) aside (its .idx first:
+        its index must never describe the new tokens), then rename the sidecar, the .bin and finally the .idx (the
+        completion marker) into place: between the first rename and the last there is nothing to write, so a run
+        killed there leaves the least (no reader takes a .bin or sidecar without its .idx for a store). abort() puts
+        the replaced store back when the new one did not get its .idx."""
         self._spill.close()
-        self._staged_tokens = file_identity(self._spill.tokens_path)
         idx_tmp = temp_path(f"{self.prefix}.idx")
         try:
             with os_errors_naming(idx_tmp):
                 _write_index(idx_tmp, self._spill.lengths_path, self.num_documents, self.dtype)
+                fsync_path(idx_tmp)
+            with os_errors_naming(self._spill.tokens_path):
+                fsync_path(self._spill.tokens_path)
             self._staged_index = file_identity(idx_tmp)
-            remove_quietly(f"{self.prefix}.idx")
-            commit(self._spill.tokens_path, f"{self.prefix}.bin")
+            for final in reversed(self._finals()):  # .idx first
+                self._set_aside.append(final)  # before the rename: a signal is raised once the rename is done
+                if os.path.lexists(final):
+                    os.replace(final, temp_path(replaced_path(final)))
+            self._placing = True  # from here on, what is at the store's names is this writer's
             if sidecar is not None:
                 write_json_atomic(sidecar_path(self.prefix), sidecar)
+            commit(self._spill.tokens_path, f"{self.prefix}.bin")
             commit(idx_tmp, f"{self.prefix}.idx")
+            for final in self._set_aside:
+                remove_quietly(temp_path(replaced_path(final)))
+            self._set_aside = []
         finally:
             remove_quietly(idx_tmp)
             remove_quietly(self._spill.lengths_path)
 
     def abort(self) -> None:
-        """Remove what this writer staged and, when finalize() stopped between renaming the .bin and the .idx into
-        place, the .bin and sidecar it left there: without its .idx they are no store, and a fresh run's retry would
-        be refused for the .bin in its way."""
+        """Remove what this writer staged and, when finalize() stopped before the .idx was in place, the .bin and
+        sidecar it put there (without their .idx they are no store, and a retry would be refused for the .bin in its
+        way), then put a replaced store back whole; once the .idx is in place, the new store stands."""
         self._spill.remove()
         remove_quietly(temp_path(sidecar_path(self.prefix)))
-        bin_path = f"{self.prefix}.bin"
-        committed_bin = self._staged_tokens is not None and file_identity(bin_path) == self._staged_tokens
-        if committed_bin and not self.is_complete():
-            remove_quietly(bin_path)
-            remove_quietly(sidecar_path(self.prefix))  # this run's, or the replaced store's: it describes no store now
+        complete = self.is_complete()
+        if self._placing and not complete:
+            remove_quietly(f"{self.prefix}.bin")
+            remove_quietly(sidecar_path(self.prefix))
+        for final in [f for f in self._finals() if f in self._set_aside]:  # its .idx last
+            aside = temp_path(replaced_path(final))
+            if not os.path.lexists(aside):
+                continue
+            if complete:
+                remove_quietly(aside)
+            else:
+                os.replace(aside, final)
+        self._set_aside = []
 
     def is_complete(self) -> bool:
         """Whether finalize() renamed this writer's .idx into place (the store is whole), even when it was stopped

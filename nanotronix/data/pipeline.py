@@ -300,9 +300,11 @@ def _earlier_output(opts: PreprocessOptions, prefix: str, shard: Optional[dict])
         done = _complete_shard(opts, prefix, shard)
         if done is not None:
             return done
-    raise DataError(f"--output-prefix {opts.output_prefix}: {existing} already exists; pass --overwrite"
-                    f"{' (slurm/preprocess.sh: EXTRA_ARGS=--overwrite)' if shard is not None else ''} to "
-                    "replace that store")
+    how = f"pass --overwrite{' (slurm/preprocess.sh: EXTRA_ARGS=--overwrite)' if shard is not None else ''}"
+    if opts.format == "megatron" and not os.path.lexists(f"{prefix}.idx"):  # a run killed between its renames
+        raise DataError(f"--output-prefix {opts.output_prefix}: {existing} is there without {prefix}.idx, which is no "
+                        f"store (what a run killed as it renamed its files into place leaves); {how} to write it")
+    raise DataError(f"--output-prefix {opts.output_prefix}: {existing} already exists; {how} to replace that store")
 
 
 def _shuffle_seed(opts: PreprocessOptions) -> Optional[list[int]]:
