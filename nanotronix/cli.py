@@ -141,24 +141,32 @@ def _stdout_is_gone() -> bool:
 
 def replace_file(path: str | Path, write: Callable[[str], None], suffix: str = "") -> Path:
     """Write `path` whole or not at all: `write(temp_path)` creates a hidden file beside it, which then replaces
-    `path` (a reader never sees a half-written file); the temp file never stays behind. An unusable path is a
-    UserError naming `path`."""
+    `path` (a reader never sees a half-written file); the temp file never stays behind, nor the folders made for it
+    when the write fails (those it makes are durable, as the file is). A device or FIFO at `path` (`/dev/null`,
+    `/dev/stdout`) is written into, as a shell's `>` would: a rename would replace the device node itself. An
+    unusable path is a UserError naming `path`."""
     target = Path(path)
     temp = temp_path(target)
     temp = temp.with_name(temp.name + suffix)  # made by `write` (the usual file mode); the suffix for its format
+    made: list[Path] = []
     try:
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
+            made = make_folder_durably(target.parent)
         except (FileExistsError, NotADirectoryError):  # mkdir's words for a file where a folder was to be
             raise UserError(f"cannot write {target} ({PATH_THROUGH_A_FILE})") from None
         if target.is_dir():
             raise IsADirectoryError(21, "Is a directory")
+        if target.exists() and not target.is_file():  # (through a link too: /dev/stdout -> /proc/self/fd/1)
+            write(str(target))
+            return target
         write(str(temp))
         commit(temp, target)
-    except OSError as e:
-        raise UserError(f"cannot write {target}: {e.strerror or e}") from None
-    finally:
-        remove_quietly(temp)
+    except BaseException as e:
+        remove_quietly(temp)  # first: it lies in the folders made
+        remove_made_folders(made)
+        if isinstance(e, OSError):
+            raise UserError(f"cannot write {target}: {e.strerror or e}") from None
+        raise
     return target
 
 

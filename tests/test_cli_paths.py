@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -164,6 +165,29 @@ def test_train_tokenizer_leaves_no_folders_behind_when_its_input_is_bad(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
 
 
+def test_train_tokenizer_neither_replaces_its_input_nor_fails_on_a_full_disk_with_a_traceback(tmp_path, capsys,
+                                                                                                monkeypatch):
+    """--output naming one of the inputs, with --overwrite (a link to it too): refused, the corpus kept (before: the
+    tokenizer replaced it). A full disk while the tokenizer is written: one line, no folders left (before: the
+    `tokenizers` library's own "Exception: No space left on device (os error 28)" traceback, exit 1). /dev/full
+    stands in for the disk: the tool's staging file is linked to it."""
+    from nanotronix.data.files import temp_path
+    tool = load_tool("train_tokenizer")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the cat sat on the mat. " * 20)
+    (tmp_path / "link.txt").symlink_to(corpus)
+    for output in (corpus, tmp_path / "link.txt"):
+        said = one_error(capsys, tool.main(["--input", str(corpus), "--output", str(output), "--vocab-size", "300",
+                                            "--overwrite"]))
+        assert said == f"error: --output {output} is one of the --input files, which --overwrite would replace"
+    assert corpus.read_text() == "the cat sat on the mat. " * 20
+    out = tmp_path / "tok.json"
+    temp_path(out).symlink_to("/dev/full")
+    said = one_error(capsys, tool.main(["--input", str(corpus), "--output", str(out), "--vocab-size", "300"]))
+    assert said == f"error: cannot write {out}: No space left on device"
+    assert not out.exists() and not temp_path(out).exists()
+
+
 def test_train_tokenizer_says_when_the_texts_give_fewer_tokens_than_asked(tmp_path, capsys):
     tool = load_tool("train_tokenizer")
     (tmp_path / "a.txt").write_text("the cat sat on the mat. " * 20)
@@ -222,6 +246,34 @@ def test_replace_file_leaves_no_temp_behind(tmp_path):
     with pytest.raises(UserError, match="cannot write"):  # a folder where the file is to be
         replace_file(tmp_path / "folder", lambda temp: Path(temp).write_text("x"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "report.json"]
+
+
+def test_replace_file_leaves_no_folder_it_made_and_writes_into_a_device(tmp_path, monkeypatch):
+    """A write that fails (a full disk, Ctrl-C) under new folders leaves none of them (they stayed, empty: plot_run
+    --output, train_tokenizer, --json reports); the folders it makes are durable (their parents fsynced, as
+    make_folder_durably does). A device at the path (`--json /dev/null`, `/dev/stdout`) is written into: before, the
+    rename replaced the device node with a regular file (root's /dev/null, once)."""
+    from nanotronix.data import files
+
+    def broken(temp: str) -> None:
+        Path(temp).write_text("half")
+        raise OSError(28, "No space left on device")
+    with pytest.raises(UserError, match="No space left on device"):
+        replace_file(tmp_path / "new" / "deeper" / "plot.png", broken)
+    with pytest.raises(KeyboardInterrupt):
+        replace_file(tmp_path / "new" / "deeper" / "plot.png", lambda temp: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert list(tmp_path.iterdir()) == []
+    synced = []
+    monkeypatch.setattr(files, "fsync_folder_if_allowed", lambda folder: synced.append(Path(folder)))
+    replace_file(tmp_path / "new" / "deeper" / "plot.png", lambda temp: Path(temp).write_text("x"))
+    assert synced[:2] == [tmp_path, tmp_path / "new"] and (tmp_path / "new" / "deeper" / "plot.png").read_text() == "x"
+    device = tmp_path / "null"
+    try:
+        os.mknod(device, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    except PermissionError:
+        pytest.skip("making a device node needs root, as CI runs")
+    replace_file(device, lambda temp: Path(temp).write_text("report"))
+    assert device.is_char_device()
 
 
 def test_an_output_under_a_file_or_on_a_read_only_file_system_is_named(tmp_path, blocker, monkeypatch):

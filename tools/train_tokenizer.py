@@ -8,6 +8,7 @@ with the same structure (byte-level BPE, `<|endoftext|>` as id 0, no normaliser)
 from __future__ import annotations
 
 import itertools
+import os
 import sys
 from pathlib import Path
 
@@ -40,6 +41,10 @@ def main(argv=None) -> int:
     if out.exists() and not args.overwrite:
         return fail(f"--output {out} already exists (token stores made with it would no longer match it); pass "
                     "--overwrite to replace it")
+    if out.is_file():
+        from nanotronix.data.inputs import expand_inputs
+        if any(os.path.samefile(out, f) for f in expand_inputs(args.input)):
+            return fail(f"--output {out} is one of the --input files, which --overwrite would replace")
     # keep=False: folders it makes go again at once (replace_file makes them when the tokenizer is written), so that
     # an input found bad later leaves no empty folders behind
     check_writable_folder(out.parent, "--output", keep=False)
@@ -57,7 +62,8 @@ def main(argv=None) -> int:
     texts = read_texts(args.input, args.text_key)
     first = next(texts)  # a bad or empty input is said before training starts
     tok.train_from_iterator(itertools.chain([first], texts), trainer=trainer)
-    replace_file(out, tok.save)
+    # written by Python, not tok.save: its Rust error ("No space left on device (os error 28)") is no OSError
+    replace_file(out, lambda temp: Path(temp).write_text(tok.to_str(pretty=True), encoding="utf-8"))
     made = tok.get_vocab_size()
     # BPE stops when no pair is left to merge: a small corpus gives fewer tokens than asked, said rather than left
     # for the store's vocab_size to reveal
