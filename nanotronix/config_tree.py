@@ -17,7 +17,35 @@ import yaml
 from nanotronix.errors import ConfigError
 
 
-class _StrictLoader(yaml.SafeLoader):
+class _IntText(int):
+    """An integer as YAML 1.1 read it, with the text it was read from (`text`): `2024_01` is 202401, `010` is 8,
+    `0x10` is 16, `1:30` is 90. A string field (a dataset path, a stage's name) takes the text as written."""
+
+
+class _FloatText(float):
+    """A float as YAML read it, with its text (`1_0.5` is 10.5): for a string field, as _IntText."""
+
+
+def _with_text(number_type: type, construct):
+    def constructor(loader, node):
+        value = number_type(construct(loader, node))
+        value.text = node.value
+        return value
+    return constructor
+
+
+class _TextKeepingLoader(yaml.SafeLoader):
+    """PyYAML's safe loader whose numbers keep their text (_IntText, _FloatText): a config's string field given what
+    YAML 1.1 reads as a number (`path: 2024_01`) must not become another string ('202401', another folder)."""
+
+
+_TextKeepingLoader.add_constructor("tag:yaml.org,2002:int",
+                                   _with_text(_IntText, yaml.constructor.SafeConstructor.construct_yaml_int))
+_TextKeepingLoader.add_constructor("tag:yaml.org,2002:float",
+                                   _with_text(_FloatText, yaml.constructor.SafeConstructor.construct_yaml_float))
+
+
+class _StrictLoader(_TextKeepingLoader):
     """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps the last: a
     second `train:` section appended to a recipe would silently replace the first, every field back to defaults)."""
 
@@ -136,7 +164,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return str(value)
+        return getattr(value, "text", None) or str(value)  # a number YAML read: the text as written
     return value
 
 
@@ -165,7 +193,7 @@ def apply_override(tree: dict[str, Any], override: str) -> None:
     if not all(parts):
         raise ConfigError(f"override {override!r}: empty key part")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.load(raw, Loader=_TextKeepingLoader) if raw.strip() else None
     except (yaml.YAMLError, ValueError):  # ValueError: typed by YAML, not buildable (2023-02-30): the text as written
         value = raw
     # repr, not json.dumps: a YAML alias inside its own anchor (`&a [*a]`) is a value holding itself, which repr

@@ -57,7 +57,7 @@ def number_text(value: object, text: Callable[[object], str] = str) -> str:
     """`text(value)`, or for an integer of more than SHOWN_DIGITS digits (str() refuses past 4300 of them: a
     ValueError raised while saying the error) its digit count: `<an integer of 401 digits>`, `<a negative integer
     of 401 digits>`."""
-    if type(value) is not int or -10 ** SHOWN_DIGITS < value < 10 ** SHOWN_DIGITS:
+    if not isinstance(value, int) or isinstance(value, bool) or -10 ** SHOWN_DIGITS < value < 10 ** SHOWN_DIGITS:
         return text(value)
     digits = int(math.log10(abs(value))) + 1  # math.log10 takes any int; a float's rounding is fixed below
     digits += (abs(value) >= 10 ** digits) - (abs(value) < 10 ** (digits - 1))

@@ -65,6 +65,25 @@ def test_an_override_that_yaml_would_cut_at_a_comment_is_refused(tiny_yaml):
     assert (cfg.checkpoint.dir, cfg.logging.dir) == ("/runs/exp #2: a", "/runs/exp#2")
 
 
+def test_a_string_field_given_what_yaml_reads_as_a_number_keeps_the_text(tmp_path, tiny_yaml):
+    """YAML 1.1 reads `2024_01` as 202401, `010` as 8, `0x10` as 16, `1:30` as 90: a dataset path or stage name
+    typed so became another string ('202401': another folder, which a run would read if it existed), in a config
+    file and on the command line alike. A string field now takes the text as written; number fields are unchanged."""
+    import yaml
+    cfg = load_config(tiny_yaml, ["data.stages.0.datasets.0.path=2024_01", "data.stages.0.name=0001",
+                                  "checkpoint.dir=0x10", "logging.dir=1:30", "train.train_steps=1_000"])
+    assert cfg.data.stages[0].datasets[0].path.rsplit("/", 1)[-1] == "2024_01", cfg.data.stages[0].datasets[0].path
+    assert (cfg.data.stages[0].name, cfg.train.train_steps) == ("0001", 1000)
+    assert cfg.checkpoint.dir.endswith("0x10") and cfg.logging.dir.endswith("1:30")
+    tree = yaml.safe_load(tiny_yaml.read_text())
+    tree["data"]["stages"][0]["datasets"][0]["path"] = "REPLACED"
+    text = yaml.safe_dump(tree).replace("REPLACED", "010")
+    (tmp_path / "numbers.yaml").write_text(text)
+    from_file = load_config(tmp_path / "numbers.yaml")
+    assert from_file.data.stages[0].datasets[0].path.rsplit("/", 1)[-1] == "010", from_file.data.stages[0].datasets[0].path
+    assert load_config(tmp_path / "numbers.yaml", ["optimizer.betas=[0.9, 0.95]"]).optimizer.betas == [0.9, 0.95]
+
+
 @pytest.mark.parametrize("value", ["&a [*a]", "&a {k: *a}", "&a [1, '#', *a]"])
 def test_an_override_holding_itself_is_one_line(tiny_yaml, value):
     """A YAML alias inside its own anchor (`&a [*a]`) is a value that contains itself: the comment check counted its
