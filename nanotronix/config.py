@@ -271,18 +271,23 @@ def config_from_dict(tree: dict[str, Any]) -> Config:
 def resolve_dataset_paths(data: DataConfig, validation: ValidationConfig) -> None:
     """Join relative dataset paths (and validation.data) to data.root, made absolute first so that a dumped config
     reloads unchanged. A data.tokenizer that names a local file or folder relative to where the run starts is made
-    absolute too (checkpoints keep the config: the export reads the tokenizer from any folder); a Hub id stays."""
-    if data.tokenizer and not os.path.isabs(os.path.expanduser(data.tokenizer)) \
-            and os.path.exists(os.path.expanduser(data.tokenizer)):
-        data.tokenizer = os.path.abspath(os.path.expanduser(data.tokenizer))
-    if data.root is None:
-        return
-    root_is_url = "://" in data.root  # an fsspec URL (zarr stores): join as a string
-    if not root_is_url:
+    absolute too (checkpoints keep the config: the export reads the tokenizer from any folder); a Hub id stays.
+    A leading `~` is expanded in each (the dataset's key, which orders its samples, is then the same however the
+    path is spelled)."""
+    def local(path: str) -> str:  # `~/x` (a shell leaves it after `=`) is /home/u/x: one store, one dataset key
+        return os.path.expanduser(path) if path.startswith("~") else path
+
+    if data.tokenizer:
+        data.tokenizer = local(data.tokenizer)
+        if not os.path.isabs(data.tokenizer) and os.path.exists(data.tokenizer):
+            data.tokenizer = os.path.abspath(data.tokenizer)
+    root_is_url = data.root is not None and "://" in data.root  # an fsspec URL (zarr stores): join as a string
+    if data.root is not None and not root_is_url:
         data.root = os.path.abspath(os.path.expanduser(data.root))
 
     def joined(path: str) -> str:
-        if not path or "://" in path or os.path.isabs(os.path.expanduser(path)):
+        path = local(path)
+        if data.root is None or not path or "://" in path or os.path.isabs(path):
             return path
         return data.root.rstrip("/") + "/" + path if root_is_url else os.path.join(data.root, path)
 

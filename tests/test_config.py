@@ -65,6 +65,20 @@ def test_an_override_that_yaml_would_cut_at_a_comment_is_refused(tiny_yaml):
     assert (cfg.checkpoint.dir, cfg.logging.dir) == ("/runs/exp #2: a", "/runs/exp#2")
 
 
+def test_a_tilde_in_dataset_validation_and_tokenizer_paths_is_the_home_folder(tmp_path, tiny_yaml, monkeypatch):
+    """`data.stages.0.datasets.0.path=~/x` (bash leaves `~` after `=`) stayed '~/x': the same store got another
+    dataset key than /home/u/x (another sample order on a resume that spells it so, two datasets in the metrics),
+    validation could score one store twice, and data.tokenizer was saved unexpanded into checkpoints."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "tok.json").write_text("{}")
+    cfg = load_config(tiny_yaml, ["data.root=~/corpus", "data.stages.0.datasets.0.path=~/store/tokens",
+                                  "validation.data=[~/store/tokens, store/tokens]", "data.tokenizer=~/tok.json"])
+    assert cfg.data.root == str(tmp_path / "corpus")
+    assert cfg.data.stages[0].datasets[0].path == str(tmp_path / "store" / "tokens")
+    assert cfg.validation.data == [str(tmp_path / "store" / "tokens"), str(tmp_path / "corpus" / "store" / "tokens")]
+    assert cfg.data.tokenizer == str(tmp_path / "tok.json")
+
+
 def test_a_string_field_given_what_yaml_reads_as_a_number_keeps_the_text(tmp_path, tiny_yaml):
     """YAML 1.1 reads `2024_01` as 202401, `010` as 8, `0x10` as 16, `1:30` as 90: a dataset path or stage name
     typed so became another string ('202401': another folder, which a run would read if it existed), in a config
@@ -80,7 +94,8 @@ def test_a_string_field_given_what_yaml_reads_as_a_number_keeps_the_text(tmp_pat
     text = yaml.safe_dump(tree).replace("REPLACED", "010")
     (tmp_path / "numbers.yaml").write_text(text)
     from_file = load_config(tmp_path / "numbers.yaml")
-    assert from_file.data.stages[0].datasets[0].path.rsplit("/", 1)[-1] == "010", from_file.data.stages[0].datasets[0].path
+    path = from_file.data.stages[0].datasets[0].path
+    assert path.rsplit("/", 1)[-1] == "010", path
     assert load_config(tmp_path / "numbers.yaml", ["optimizer.betas=[0.9, 0.95]"]).optimizer.betas == [0.9, 0.95]
 
 
