@@ -171,15 +171,28 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
 def build_dataclass(cls: type, values: dict[str, Any], where: str = "") -> Any:
     """`cls` from a nested dict, every value checked against its field's type; unknown keys are errors."""
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
         name = f"{where}.{key}" if where else str(key)
-        if key not in known:
+        if key not in fields:
             shown = name if name.isprintable() else repr(name)  # a YAML key may hold a line break
-            raise ConfigError(f"{shown}: unknown config key (known: {', '.join(sorted(known))})")
+            raise ConfigError(f"{shown}: unknown config key (known: {', '.join(sorted(fields))})")
+        if typing.get_origin(hints[key]) is list and isinstance(value, dict) and value \
+                and all(isinstance(k, str) and k.isascii() and k.isdigit() for k in value):
+            value = _items_onto_default(fields[key], value, name)
         kwargs[key] = _convert(value, hints[key], name)
     return cls(**kwargs)
+
+
+def _items_onto_default(field: dataclasses.Field, items: dict[str, Any], where: str) -> list:
+    """`optimizer.betas.1=0.99` where the config file leaves the list at its default: apply_override made
+    {'1': 0.99} (it cannot know the default), set here onto the field's default list, [0.9, 0.99]."""
+    default = field.default_factory() if field.default_factory is not dataclasses.MISSING else []
+    merged = list(default) if isinstance(default, list) else []
+    for part, value in items.items():
+        merged[_list_index(part, merged, f"{where}.{part}")] = value
+    return merged
 
 
 def apply_override(tree: dict[str, Any], override: str) -> None:

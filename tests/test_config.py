@@ -65,6 +65,18 @@ def test_an_override_that_yaml_would_cut_at_a_comment_is_refused(tiny_yaml):
     assert (cfg.checkpoint.dir, cfg.logging.dir) == ("/runs/exp #2: a", "/runs/exp#2")
 
 
+def test_a_list_item_override_of_a_list_the_file_leaves_at_its_default(tiny_yaml):
+    """The README's "list items by index" on a list the config file does not write out (optimizer.betas,
+    logging.profile_ranks at their defaults) was refused as "expected a list, got {'1': 0.99}"; it now sets that
+    item of the default list, and an index past it is the usual one line."""
+    cfg = load_config(tiny_yaml, ["optimizer.betas.1=0.99", "logging.profile_ranks.0=1"])
+    assert cfg.optimizer.betas == [0.9, 0.99] and cfg.logging.profile_ranks == [1]
+    with pytest.raises(ConfigError, match=r"^optimizer\.betas\.2: no list item '2' \(the list has 2\)$"):
+        load_config(tiny_yaml, ["optimizer.betas.2=0.9"])
+    with pytest.raises(ConfigError, match=r"^optimizer\.betas: expected a list, got \{'a': 1\}$"):
+        load_config(tiny_yaml, ["optimizer.betas={a: 1}"])
+
+
 def test_a_tilde_in_dataset_validation_and_tokenizer_paths_is_the_home_folder(tmp_path, tiny_yaml, monkeypatch):
     """`data.stages.0.datasets.0.path=~/x` (bash leaves `~` after `=`) stayed '~/x': the same store got another
     dataset key than /home/u/x (another sample order on a resume that spells it so, two datasets in the metrics),
