@@ -21,8 +21,9 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from nanotronix.data.files import commit, make_folder_durably, remove_made_folders, remove_quietly, temp_path
-from nanotronix.errors import EXIT_BAD_INPUT, PATH_THROUGH_A_FILE, UserError, fail, one_line
+from nanotronix.data.files import (commit, file_identity, make_folder_durably, remove_made_folders, remove_quietly,
+                                   temp_path)
+from nanotronix.errors import EXIT_BAD_INPUT, PATH_THROUGH_A_FILE, StoppedWhenComplete, UserError, fail, one_line
 from nanotronix.train import EXIT_INTERRUPTED
 
 
@@ -117,6 +118,10 @@ def one_line_errors(main: Callable[..., int]) -> Callable[..., int]:
             return 0
         except OSError as e:
             return fail(os_error_line(e))
+        except StoppedWhenComplete as e:  # after the output's last rename: only the cleanup after it was stopped
+            print(f"{'terminated' if e.terminated else 'interrupted'} once the output was complete: {e.output} is "
+                  "written whole", file=sys.stderr, flush=True)
+            return EXIT_TERMINATED if e.terminated else EXIT_INTERRUPTED
         except Terminated:
             print("terminated", file=sys.stderr, flush=True)
             return EXIT_TERMINATED
@@ -149,6 +154,7 @@ def replace_file(path: str | Path, write: Callable[[str], None], suffix: str = "
     temp = temp_path(target)
     temp = temp.with_name(temp.name + suffix)  # made by `write` (the usual file mode); the suffix for its format
     made: list[Path] = []
+    written = None  # the staged file's identity, once `write` made it
     try:
         try:
             made = make_folder_durably(target.parent)
@@ -160,8 +166,11 @@ def replace_file(path: str | Path, write: Callable[[str], None], suffix: str = "
             write(str(target))
             return target
         write(str(temp))
+        written = file_identity(temp)
         commit(temp, target)
     except BaseException as e:
+        if isinstance(e, KeyboardInterrupt) and written is not None and file_identity(target) == written:
+            raise StoppedWhenComplete(str(target), isinstance(e, Terminated)) from None  # stopped after the rename
         remove_quietly(temp)  # first: it lies in the folders made
         remove_made_folders(made)
         if isinstance(e, OSError):

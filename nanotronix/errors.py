@@ -82,3 +82,12 @@ def found_behind(error: Optional[BaseException], matches: Callable[[BaseExceptio
     while error is not None and not matches(error):
         error = error.__cause__ or error.__context__
     return error
+
+
+class StoppedWhenComplete(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM (`terminated`) that came once the output at `output` was renamed into place (a store, a
+    converted model folder): what it stopped was the cleanup after it, and the output is whole."""
+
+    def __init__(self, output: str, terminated: bool):
+        super().__init__(output)
+        self.output, self.terminated = output, terminated

@@ -420,3 +420,49 @@ def test_help_under_the_project_python_is_shown(command):
     assert proc.returncode == 0 and proc.stdout.startswith("usage: ") and proc.stderr == "", proc.stderr
     if command.startswith("-m "):
         assert proc.stdout.startswith(f"usage: python {command} "), proc.stdout[:200]
+
+
+def test_a_stop_once_the_output_is_renamed_into_place_says_it_is_whole(tmp_path, capsys, monkeypatch):
+    """Ctrl-C or SIGTERM that lands after the final rename (while the folder is fsynced) of a tokenizer, a plot, a
+    converted model or checkpoint: the command said "interrupted" (exit 130) with the whole output in place, which
+    the rerun then refused as existing. It now says the output is whole, as preprocess does; a stop before the
+    rename still leaves nothing."""
+    from nanotronix.checkpoint.output_folder import staged_output
+    from nanotronix.cli import Terminated, one_line_errors
+    from nanotronix.data.files import commit
+    from nanotronix.errors import StoppedWhenComplete
+
+    def commit_then(stop):
+        def commit_stopped(temp, final):
+            commit(temp, final)
+            raise stop
+        return commit_stopped
+
+    import nanotronix.cli
+    target = tmp_path / "tok.json"
+    monkeypatch.setattr(nanotronix.cli, "commit", commit_then(KeyboardInterrupt()))
+    with pytest.raises(StoppedWhenComplete) as said:
+        replace_file(target, lambda temp: Path(temp).write_text("x"))
+    assert (said.value.output, said.value.terminated, target.read_text()) == (str(target), False, "x")
+    monkeypatch.undo()
+    output = tmp_path / "new" / "hf"
+    for stop, committed in ((Terminated(), True), (KeyboardInterrupt(), False)):
+        with pytest.raises(KeyboardInterrupt) as said:
+            with staged_output(output, tmp_path / "ckpt", True, lambda old: True, "a model folder") as staging:
+                (staging / "config.json").write_text("{}")
+                if committed:
+                    commit_then(stop)(staging, output)
+                raise stop
+        if committed:
+            assert type(said.value) is StoppedWhenComplete and said.value.terminated
+            assert (output / "config.json").is_file()
+            import shutil
+            shutil.rmtree(tmp_path / "new")
+        else:
+            assert type(said.value) is KeyboardInterrupt and not (tmp_path / "new").exists()
+
+    @one_line_errors
+    def tool() -> int:
+        raise StoppedWhenComplete(str(output), terminated=False)
+    assert tool() == 130
+    assert capsys.readouterr().err == f"interrupted once the output was complete: {output} is written whole\n"

@@ -72,7 +72,8 @@ def parse_shard(text: str) -> tuple[int, int]:
 @one_line_errors
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from nanotronix.data.pipeline import PreprocessOptions, StoppedWhenComplete, preprocess
+    from nanotronix.data.pipeline import PreprocessOptions, preprocess
+    from nanotronix.errors import StoppedWhenComplete
     opts = PreprocessOptions(inputs=args.input, tokenizer=args.tokenizer, output_prefix=args.output_prefix,
                              text_key=args.text_key, workers=args.workers, format=args.format,
                              skip_bad=args.skip_bad, progress=not args.no_progress, shard=args.shard,

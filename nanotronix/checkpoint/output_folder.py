@@ -11,9 +11,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from nanotronix.data.files import (make_folder_durably, note_removed_temps, remove_abandoned_temps,
+from nanotronix.data.files import (file_identity, make_folder_durably, note_removed_temps, remove_abandoned_temps,
                                    remove_made_folders, replaced_path, temp_path)
-from nanotronix.errors import PATH_THROUGH_A_FILE, UserError
+from nanotronix.errors import PATH_THROUGH_A_FILE, StoppedWhenComplete, UserError
 
 
 @contextmanager
@@ -39,9 +39,14 @@ def staged_output(output: Path, source: Path, overwrite: bool, replaceable: Call
     except OSError as e:
         remove_made_folders(made)
         raise UserError(f"--output {output}: cannot write there ({e.strerror or e})") from None
+    staged = file_identity(staging)
     try:
         yield staging
-    except BaseException:
+    except BaseException as stop:
+        if isinstance(stop, KeyboardInterrupt) and not staging.exists() and file_identity(output) == staged:
+            # stopped once the body's commit renamed it into place (while its folder was fsynced): it is whole
+            from nanotronix.cli import Terminated
+            raise StoppedWhenComplete(str(output), isinstance(stop, Terminated)) from None
         shutil.rmtree(staging, ignore_errors=True)
         remove_made_folders(made)
         raise

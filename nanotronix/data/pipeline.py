@@ -29,6 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from nanotronix.cli import Terminated, check_writable_folder
+from nanotronix.errors import StoppedWhenComplete
 
 from . import encode
 from .errors import DataError, require_module
@@ -41,15 +42,6 @@ from .tokenizer import load_tokenizer
 
 FORMATS = ("megatron", "zarr")
 _MAX_EXAMPLES = 20  # bad records listed by position in the sidecar (all are counted)
-
-
-class StoppedWhenComplete(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM (`terminated`) that came once the store at `output` was renamed into place: what it stopped
-    was the cleanup after it, and the store is whole."""
-
-    def __init__(self, output: str, terminated: bool):
-        super().__init__(output)
-        self.output, self.terminated = output, terminated
 
 
 @dataclass
