@@ -49,6 +49,7 @@ fi
 [ -n "${OUTPUT:-}" ] || fail "OUTPUT is not set (the sharded store's folder)"
 shards=${SHARDS:-$(( ${SLURM_ARRAY_TASK_MAX:-0} + 1 ))}
 [[ "$shards" =~ ^[0-9]+$ ]] && [ "$shards" -ge 1 ] || fail "SHARDS=$shards is not a positive number"
+shards=$((10#$shards))  # SHARDS=08: bash arithmetic reads a leading 0 as octal ("value too great for base")
 [ "$SLURM_ARRAY_TASK_ID" -lt "$shards" ] \
   || fail "array task $SLURM_ARRAY_TASK_ID is not a shard of $shards: give --array within 0-$(( shards - 1 ))"
 if [ -z "${SHARDS:-}" ] && [ "${SLURM_ARRAY_TASK_COUNT:-$shards}" != "$shards" ]; then

@@ -423,6 +423,11 @@ def test_a_metrics_path_that_is_no_readable_file(plot_tool, runs, tmp_path, monk
         MetricsLog(cfg, enabled=True)
     assert str(caught.value) == (f"logging.dir: {tmp_path / 'folder' / 'metrics.jsonl'} is a folder: rank 0 appends "
                                  "the metrics records to a file of that name") and caught.value.said_for_the_stopped
+    (tmp_path / "fifo").mkdir()
+    os.mkfifo(tmp_path / "fifo" / "metrics.jsonl")  # before: passed, and the whole run kept no record ("Illegal seek")
+    cfg.logging.dir = str(tmp_path / "fifo")
+    with pytest.raises(UserError, match=r"metrics.jsonl is a FIFO or socket: rank 0 appends the metrics records"):
+        MetricsLog(cfg, enabled=True)
 
 
 def test_a_file_where_the_tensorboard_folder_goes_is_one_line(runs, tmp_path):

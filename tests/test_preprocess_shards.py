@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pytest
 from nanotronix.data import DataError, open_store
 from nanotronix.data.megatron_store import MegatronWriter
 from nanotronix.data.sharded_store import shard_kinds, shard_name, split_inputs
-from helpers import load_tool
+from helpers import ROOT, load_tool
 
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
 
@@ -362,3 +363,16 @@ def test_a_shard_that_skipped_bad_records_is_complete_only_for_a_rerun_with_skip
         "record; without --skip-bad this task stops at it: pass --skip-bad to keep that shard, or --overwrite "
         "(slurm/preprocess.sh: EXTRA_ARGS) to write it again")
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "sharded").iterdir()} == written
+
+
+def test_the_array_script_reads_a_shard_count_with_a_leading_zero_as_decimal(tmp_path):
+    """slurm/preprocess.sh with SHARDS=08 and task 8 (run by bash as Slurm would, outside a job: its checks come
+    before any Slurm command): bash arithmetic read 08 as octal and printed "value too great for base" above the
+    error line. Now one line, counted in decimal."""
+    import subprocess
+    env = {**os.environ, "SHARDS": "08", "SLURM_ARRAY_TASK_ID": "8", "INPUT": str(tmp_path), "TOKENIZER": "t.json",
+           "OUTPUT": str(tmp_path / "out"), "NANOTRONIX_DIR": str(ROOT)}
+    proc = subprocess.run(["bash", str(ROOT / "slurm" / "preprocess.sh")], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert (proc.returncode, proc.stdout + proc.stderr) == (
+        2, "error: array task 8 is not a shard of 8: give --array within 0-7\n"), proc

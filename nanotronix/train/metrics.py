@@ -18,11 +18,15 @@ from nanotronix.errors import UserError
 
 
 def check_metrics_file(logging_dir: str) -> None:
-    """A UserError where LOGGING_DIR/metrics.jsonl is a folder: no record could ever be appended, so it is said before
-    step 1 (by the run, and by the launch preflight at submission), not warned at every record."""
+    """A UserError where LOGGING_DIR/metrics.jsonl is a folder, a FIFO or a socket: no record could ever be appended
+    and read back, so it is said before step 1 (by the run, and by the launch preflight at submission), not warned
+    at every record."""
     path = Path(logging_dir) / "metrics.jsonl"
     if path.is_dir():
         raise UserError(f"logging.dir: {path} is a folder: rank 0 appends the metrics records to a file of that name")
+    if path.exists() and not path.is_file() and not path.is_char_device():  # a device: /dev/null, taken as asked
+        raise UserError(f"logging.dir: {path} is a FIFO or socket: rank 0 appends the metrics records to a file of "
+                        "that name and reads its end back on a resume")
 
 
 class MetricsLog:
