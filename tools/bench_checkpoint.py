@@ -307,7 +307,7 @@ def format_table(modes: dict[str, dict[str, Any]]) -> str:
     lines = [f"{'mode':<6}" + "".join(f"{name:>14}" for name, _ in cols) + f"{'collected/rank':>16}"]
     for mode, r in modes.items():
         lines.append(f"{mode:<6}" + "".join(f"{ms(r[key]):>14}" for _, key in cols) +
-                     f"{r['collected_bytes'] / 2**20:>13,.1f} MB")
+                     f"{r['collected_bytes'] / 2**20:>12,.1f} MiB")
     return "\n".join(lines)
 
 
@@ -350,7 +350,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     size = sync["checkpoint_bytes"]
     share = ", ".join(f"{b / size:.2f}" for b in modes["async"]["collected_bytes_per_rank"]) if size else "-"
     staged = {True: "pinned", False: "pageable", None: "-"}[background["staged_pinned"]]
-    summary = (f"checkpoint: {size / 2**20:,.1f} MB on disk; collected per rank and save: {share} of it; async "
+    summary = (f"checkpoint: {size / 2**20:,.1f} MiB on disk; collected per rank and save: {share} of it; async "
                f"saves staged in {staged} host memory\n"
                f"pause sync / async: {f'{pause_ratio:.2f}x' if pause_ratio else '-'} | "
                f"cost per save sync / async: {f'{cost_ratio:.2f}x' if cost_ratio else '-'}")
