@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -125,6 +126,16 @@ def test_dollar_signs_in_the_title_stage_and_store_names_are_drawn_as_written(pl
     for title in (["--title", "$$"], ["--title", "$\\undefined{x}$"], []):
         assert plot_tool.main([str(log_dir), "--output", str(tmp_path / "p.png"), *title]) == 0, capsys.readouterr()
         assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_run_folder_named_in_bytes_that_are_not_utf8_is_drawn(plot_tool, tmp_path, capsys):
+    """A run folder whose name is not UTF-8 (Python's lone surrogates for its bytes) as the default title: matplotlib
+    raised a TypeError (a traceback); it is drawn with U+FFFD for the bytes."""
+    log_dir = tmp_path / os.fsdecode(b"run\xff") / "logs"
+    log_dir.mkdir(parents=True)
+    (log_dir / "metrics.jsonl").write_text("".join(json.dumps(record(s, "web", 3.0)) + "\n" for s in (1, 2)))
+    assert plot_tool.main([str(log_dir), "--output", str(tmp_path / "p.png")]) == 0, capsys.readouterr()
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_a_draw_that_fails_leaves_no_figure_open(plot_tool, tmp_path):

@@ -145,6 +145,8 @@ def plot_run(metrics_path: Path, output: Path, title: str) -> dict[str, Any]:
     # A value near the float's limit (an lr of 1e308 in a hand-edited record) overflows inside matplotlib's tick
     # arithmetic: numpy's warnings of it (lines of matplotlib's source on stderr) are not the user's to read; the
     # figure is drawn, or the values are refused in one line.
+    # A folder name that is not UTF-8 (Python holds its bytes as lone surrogates) cannot be drawn: shown with U+FFFD.
+    title = title.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     with matplotlib.rc_context({"text.parse_math": False}), np.errstate(all="ignore"):
         return _draw_and_save(metrics_path, output, title)
 
