@@ -6,6 +6,7 @@ configs of huggingface/smollm @ a041759, [MC] the model cards. Nothing here is r
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +104,12 @@ def test_recipe_matches_published_numbers(name):
     assert lr_at(t.train_steps, o.lr, s) == 0.0
     assert cfg.checkpoint.interval == 2000 and cfg.checkpoint.resume == "auto"  # [R] (1.7B; [D] for the others)
     assert cfg.data.tokenizer == "HuggingFaceTB/cosmo2-tokenizer"  # [R]
+    # the recipe's Slurm script asks for the published GPU count (nodes x GPUs per node), whose dp is the above
+    header = (ROOT / "slurm" / f"smollm2_{name}.sh").read_text()
+    nodes = re.search(r"^#SBATCH --nodes=(\d+)$", header, re.M)
+    gres = re.search(r"^#SBATCH --gres=gpu:(\d+)$", header, re.M)
+    assert nodes and gres and int(nodes[1]) * int(gres[1]) == pub["gpus"], (nodes, gres)
+    assert f"RECIPE_CONFIG=$NANOTRONIX_DIR/examples/configs/{pub['file']}" in header
 
 
 def test_1p7b_stage_steps_and_mixtures():
