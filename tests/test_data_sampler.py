@@ -273,6 +273,34 @@ def test_a_resume_without_a_dataset_keeps_its_count_in_the_stats(stores):
         assert resumed.stats(12)["datasets"][b] == {"consumed_tokens": 5}
 
 
+def test_a_resume_at_another_seq_len_counts_epochs_on_from_the_checkpoints(stores):
+    """A resume with train.seq_len doubled (the 8k stage): each dataset's epochs are the checkpoint's plus the windows
+    read since at the new length. Before, every sample consumed, the earlier ones at the old length too, was divided
+    by the new windows per epoch (epochs nearly doubled at the resume; a start note said a store was read more than
+    once when it was not). A run that resumes unchanged gives what an uninterrupted run does."""
+    a, b = stores[:2]
+    stages = [("one", 1, [(a, 1), (b, 1)])]
+    saved = build_train_loader(_cfg(stages), 0, 1).stats(10)
+    longer = _cfg(stages)
+    longer.train.seq_len = 2 * SEQ
+    resumed = build_train_loader(longer, 0, 1, consumed_samples=80)
+    resumed.count_tokens_from(saved, 10)
+    counts = {name: resumed.schedule.consumed(n * 8) for name, n in (("then", 10), ("now", 14))}
+    for name in (a, b):
+        stream = resumed.schedule.streams[name]
+        since = counts["now"][name] - counts["then"][name]
+        want = saved["datasets"][name]["epochs"] + since / stream.windows_per_epoch
+        assert resumed.stats(14)["datasets"][name]["epochs"] == pytest.approx(want)
+        assert resumed.epochs(14)[name] == pytest.approx(want)
+        assert want < stream.epochs(counts["now"][name])  # what it said before: every sample at the new length
+    same = build_train_loader(_cfg(stages), 0, 1, consumed_samples=80)
+    same.count_tokens_from(saved, 10)
+    whole = build_train_loader(_cfg(stages), 0, 1).stats(14)["datasets"]
+    for name, got in same.stats(14)["datasets"].items():
+        assert got["consumed_tokens"] == whole[name]["consumed_tokens"]
+        assert got["epochs"] == pytest.approx(whole[name]["epochs"], rel=1e-12)
+
+
 def test_loader_errors_are_one_clear_line(stores, tmp_path):
     with pytest.raises(DataError, match=f"token store not found: {tmp_path / 'missing'}"):
         build_train_loader(_cfg([("one", 1, [(str(tmp_path / "missing"), 1)])]), 0, 1)

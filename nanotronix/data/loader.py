@@ -48,8 +48,9 @@ class TrainLoader:
         self.grad_accum = gbs // (micro_batch_size * dp_size)
         self.consumed_samples = consumed_samples
         self.vocab_size = vocab_size  # token ids read are checked against it (a damaged store: one line)
-        # per dataset: (samples consumed at the resumed step, tokens they held then); see count_tokens_from
-        self._tokens_before: dict[str, tuple[int, int]] = {}
+        # per dataset: (samples consumed at the resumed step, tokens they held then, epochs read then, None where the
+        # checkpoint does not say); see count_tokens_from
+        self._tokens_before: dict[str, tuple[int, int, Optional[float]]] = {}
         # the checkpoint's datasets this config no longer has (dropped, renamed): their saved stats, kept in ours
         self._gone: dict[str, dict[str, Any]] = {}
 
@@ -137,9 +138,9 @@ class TrainLoader:
         datasets, store_tokens, store_fingerprints = {}, {}, {}
         for name, count in consumed.items():
             stream = self.schedule.streams[name]
-            samples_then, tokens_then = self._tokens_before.get(name, (0, 0))
+            samples_then, tokens_then, _ = self._tokens_before.get(name, (0, 0, None))
             tokens = tokens_then + (count - samples_then) * self.seq_len
-            datasets[stream.order_key] = {"consumed_tokens": tokens, "epochs": stream.epochs(count)}
+            datasets[stream.order_key] = {"consumed_tokens": tokens, "epochs": self._epochs(name, count)}
             store_tokens[stream.order_key] = self.stores[name].num_tokens
             if fingerprints:
                 store_fingerprints[stream.order_key] = self.stores[name].fingerprint
@@ -153,8 +154,18 @@ class TrainLoader:
         """Per dataset (named as in `stats`), how many times over its store the run has read by `step` (the sampler's
         arithmetic only)."""
         streams = self.schedule.streams
-        return {streams[name].order_key: streams[name].epochs(count)
+        return {streams[name].order_key: self._epochs(name, count)
                 for name, count in self.schedule.consumed(step * self.global_batch_size).items()}
+
+    def _epochs(self, name: str, count: int) -> float:
+        """Epochs of dataset `name` once `count` of its samples are consumed: after a resume, the checkpoint's epochs
+        plus the windows read since at this run's length (a resume with another train.seq_len or blend would
+        otherwise count the samples before it at the new windows per epoch: 1.13 epochs of a store read 0.64 times)."""
+        stream = self.schedule.streams[name]
+        samples_then, _, epochs_then = self._tokens_before.get(name, (0, 0, None))
+        if epochs_then is None or epochs_then == stream.epochs(samples_then):  # unchanged: an uninterrupted run's,
+            return stream.epochs(count)  # bit for bit (a sum of two quotients may differ in the last bit)
+        return epochs_then + stream.epochs(count - samples_then)
 
     def count_tokens_from(self, saved: dict[str, Any], step: int) -> None:
         """Resuming at `step` from a checkpoint whose data state (`stats` then) is `saved`: count each dataset's tokens
@@ -170,11 +181,13 @@ class TrainLoader:
         self._gone = {key: _carried(got) for key, got in saved_datasets.items()
                       if key not in keys and "consumed_tokens" in got}
         for name, count in consumed.items():
-            tokens = saved_datasets.get(self.schedule.streams[name].order_key, {}).get("consumed_tokens")
+            got = saved_datasets.get(self.schedule.streams[name].order_key, {})
+            tokens = got.get("consumed_tokens")
+            epochs = _carried(got).get("epochs") if tokens is not None else None
             if tokens is None and saved_datasets:  # a dataset the checkpoint's config did not have: none read yet
-                tokens = 0  # (a blend changed on resume would otherwise count its samples before the resume)
+                tokens, epochs = 0, 0.0  # (a blend changed on resume would otherwise count its samples before it)
             if tokens is not None:
-                self._tokens_before[name] = (count, int(tokens))
+                self._tokens_before[name] = (count, int(tokens), epochs)
 
 
 def _carried(saved: dict[str, Any]) -> dict[str, Any]:
