@@ -112,9 +112,9 @@ class CheckpointReader:
 
     def tensors(self, names: list[str], dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
         """Full logical tensors (CPU) of the given parameter names."""
-        self.verify(names)
         state = {st.model_key(n): torch.empty(self.shape(n), dtype=self.dtype(n)) for n in names}
         try:
+            self.verify(names)  # its hashing reads whole files: a prune then says "missing", said as the prune below
             self._still_there()  # before DCP's load, which logs tracebacks of its own on a missing folder
             storage.Collective(single_process=True).load(state, self.folder)
         except CheckpointError:
