@@ -290,20 +290,18 @@ def test_sigterm_leaves_no_half_written_output(tmp_path, capsys, monkeypatch, to
     the spot and left the staging folder, hundreds of MB, behind)."""
     import signal
 
-    from nanotronix.checkpoint import hf_export, hf_import
+    from nanotronix.checkpoint import output_folder
     if tool == "convert_to_hf":
         trained_checkpoint(tmp_path / "run")
         source = ["--checkpoint", str(tmp_path / "run")]
     else:
         source = ["--hf", str(_hf_original(tmp_path / "hf", untied=False))]
     capsys.readouterr()
-    module = hf_export if tool == "convert_to_hf" else hf_import
-
-    def commit_when_killed(*args):  # the signal arrives while the output is still being written
+    def commit_when_killed(*args, **kwargs):  # the signal arrives while the output is still being written
         os.kill(os.getpid(), signal.SIGTERM)
         raise AssertionError("SIGTERM did not stop the conversion")
 
-    monkeypatch.setattr(module, "commit", commit_when_killed)
+    monkeypatch.setattr(output_folder, "commit", commit_when_killed)
     out = tmp_path / "out"
     assert tool_main(tool)([*source, "--output", str(out), "--no-progress"]) == 143
     assert capsys.readouterr().err.strip().splitlines()[-1] == "terminated"
@@ -471,3 +469,33 @@ def test_what_a_killed_conversion_left_is_removed(tmp_path, capsys):
     assert f"note: removed what an interrupted run left beside the output (its process is gone): .out.tmp-{dead.pid}" \
         in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out")) == [".out.tmp-1"]
+
+
+@pytest.mark.parametrize("tool", ["convert_to_hf", "convert_from_hf"])
+def test_an_output_that_appeared_during_the_conversion_is_left_as_it_is(tmp_path, capsys, monkeypatch, tool):
+    """--output was free when the conversion started, and something was written there before it ended (a training run
+    started in an import's folder, another conversion that finished first): commit() moved it aside and deleted it
+    (a live run's steps and .lock), or the later conversion replaced the earlier one's, both saying they wrote it.
+    Without --overwrite it is now left as it is, in one line, and the conversion's staging folder goes."""
+    from nanotronix.checkpoint import output_folder
+    if tool == "convert_to_hf":
+        trained_checkpoint(tmp_path / "run")
+        source = ["--checkpoint", str(tmp_path / "run")]
+    else:
+        source = ["--hf", str(_hf_original(tmp_path / "hf", untied=False))]
+    out = tmp_path / "out"
+    real_commit = output_folder.commit
+
+    def a_run_started_there_first(temp, final, **kwargs):
+        (out / "step_0000001").mkdir(parents=True)
+        (out / ".lock").write_text("4242")
+        real_commit(temp, final, **kwargs)
+
+    monkeypatch.setattr(output_folder, "commit", a_run_started_there_first)
+    capsys.readouterr()
+    assert tool_main(tool)([*source, "--output", str(out), "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: output {out} appeared while converting (another process writing there?): left as it is; nothing "
+        "written")
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "step_0000001"]
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")]

@@ -19,6 +19,7 @@ import pytest
 from nanotronix.data import DataError, open_store
 import test_preprocess as preprocess
 from test_preprocess import TEXTS, _jsonl, _outputs
+from helpers import ROOT
 
 tok = preprocess.tok  # the fixture: the tiny tokenizer's path
 
@@ -367,10 +368,10 @@ def test_a_stop_that_lands_once_the_store_is_complete_says_so(tmp_path, tok, pre
     real_commit = files.commit
 
     def stop_around_the_last_rename(when, signal_class):
-        def commit(temp, target):
+        def commit(temp, target, **kwargs):
             if Path(target) == final and when == "before":
                 raise signal_class()
-            real_commit(temp, target)
+            real_commit(temp, target, **kwargs)
             if Path(target) == final:
                 raise signal_class()
         return commit
@@ -443,3 +444,36 @@ def test_what_a_run_killed_between_its_renames_left_is_said_as_such(tmp_path, to
         "killed as it renamed its files into place leaves); pass --overwrite to write it\n")
     assert preprocess_tool.main(args + ["--overwrite"]) == 0
     assert open_store(prefix).num_documents == len(TEXTS)
+
+
+@pytest.mark.parametrize("fmt", ["megatron", "zarr"])
+def test_a_store_another_run_wrote_to_the_prefix_meanwhile_is_left_as_it_is(tmp_path, tok, preprocess_tool, capsys,
+                                                                           monkeypatch, fmt):
+    """Two runs started on one --output-prefix without --overwrite: both found it free at the start, and the later
+    to finish replaced the other's store, both saying "wrote" (another run's 200 documents read as this run's). Now
+    the later one is refused in one line and the first one's store stays whole."""
+    from nanotronix.data.megatron_store import MegatronWriter
+    from nanotronix.data.zarr_store import ZarrWriter
+
+    src = _jsonl(tmp_path / "in.jsonl", [json.dumps({"text": t}) for t in TEXTS])
+    other = _jsonl(tmp_path / "other.jsonl", [json.dumps({"text": "the other run"})])
+    prefix = tmp_path / "out"
+    common = ["--tokenizer", tok, "--output-prefix", str(prefix), "--workers", "1", "--no-progress", "--format", fmt]
+    writer_class = MegatronWriter if fmt == "megatron" else ZarrWriter
+    real_finalize = writer_class.finalize
+
+    def another_run_finished_first(self, sidecar=None):  # a process of its own, as another job's run is
+        done = subprocess.run([sys.executable, "tools/preprocess.py", "--input", str(other), *common], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        real_finalize(self, sidecar)
+
+    monkeypatch.setattr(writer_class, "finalize", another_run_finished_first)
+    capsys.readouterr()
+    assert preprocess_tool.main(["--input", str(src), *common]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: --output-prefix {prefix}") and err.endswith(
+        " while this run tokenized (another run writing the same prefix?): left as it is; this run's store is not "
+        "written"), err
+    assert open_store(f"{prefix}.zarr" if fmt == "zarr" else prefix).num_documents == 1
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]

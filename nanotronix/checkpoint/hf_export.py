@@ -27,7 +27,6 @@ from nanotronix.config_checks import validate_model_export
 from nanotronix.convert.hf_config_types import refusal
 from nanotronix.convert.hf_generation_config import loadable as loadable_generation
 from nanotronix.convert.hf_mapping import hf_config_dict, pad_token_refusal, to_hf
-from nanotronix.data.files import commit
 from nanotronix.errors import ConfigError, UserError
 
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -119,7 +118,6 @@ def export_to_hf(checkpoint: str | os.PathLike, output: str | os.PathLike, dtype
                        "a Hugging Face model folder (no config.json)") as temp:
         _write_tokenizer_and_configs(temp, tokenizer, manifest, source_hf, cfg, dtype, log)
         _write_weights(reader, temp, torch_dtype, max_shard_bytes, progress)
-        commit(temp, output)
     log(f"exported step {reader.step} of {reader.folder} to {output} ({dtype})")
     return output
 

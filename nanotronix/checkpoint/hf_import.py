@@ -30,7 +30,6 @@ from nanotronix.checkpoint.storage import Collective, failures_of
 from nanotronix.config import Config, ModelConfig
 from nanotronix.convert.hf_mapping import from_hf, model_config_from_hf, read_json_object, to_hf
 from nanotronix.convert.hf_generation_config import refusal as generation_refusal
-from nanotronix.data.files import commit
 from nanotronix.errors import UserError, number_text
 from nanotronix.model.rope import ROPE_LAYOUT
 
@@ -235,7 +234,6 @@ def _write_step_0(hf_dir: Path, source: SafetensorsFolder, model_cfg: ModelConfi
         manifest["files"] = mf.digest_files(temp, mf.list_files(temp))
         mf.write_manifest(temp, manifest)
         paths.commit_step(temp, staging, 0)
-        commit(staging, output)
     finally:
         bar.close()
 

@@ -11,16 +11,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from nanotronix.data.files import (file_identity, make_folder_durably, note_removed_temps, remove_abandoned_temps,
-                                   remove_made_folders, replaced_path, temp_path)
+from nanotronix.data.files import (commit, file_identity, make_folder_durably, note_removed_temps,
+                                   remove_abandoned_temps, remove_made_folders, replaced_path, temp_path)
 from nanotronix.errors import PATH_THROUGH_A_FILE, StoppedWhenComplete, UserError
 
 
 @contextmanager
 def staged_output(output: Path, source: Path, overwrite: bool, replaceable: Callable[[Path], bool],
                   kind: str) -> Iterator[Path]:
-    """Yields the new, empty staging folder beside `output` (data/files' temp name), which the body fills and puts in
-    `output`'s place with `data.files.commit`. Raises UserError unless `output` may be written: absent or empty, or
+    """Yields the new, empty staging folder beside `output` (data/files' temp name), which the body fills; once it
+    has, the folder is put in `output`'s place (`data.files.commit`), what is there checked again first. Raises UserError unless `output` may be written: absent or empty, or
     (with overwrite) a folder for which `replaceable` holds, `kind` naming what that is ("a Hugging Face model
     folder"); never one that is, holds or lies inside `source`; and when its folder cannot be written (the error
     names the output, not the staging folder). When the body fails, the staging folder goes, and so do the folders
@@ -42,6 +42,14 @@ def staged_output(output: Path, source: Path, overwrite: bool, replaceable: Call
     staged = file_identity(staging)
     try:
         yield staging
+        # checked again: the conversion took minutes, and a run may have started in `output` meanwhile (an import's
+        # folder is a checkpoint.dir), or another conversion finished there first
+        _check_output(output, source, overwrite, replaceable, kind)
+        try:
+            commit(staging, output, replace=overwrite)
+        except FileExistsError:
+            raise UserError(f"output {output} appeared while converting (another process writing there?): left as "
+                            "it is; nothing written") from None
     except BaseException as stop:
         if isinstance(stop, KeyboardInterrupt) and not staging.exists() and file_identity(output) == staged:
             # stopped once the body's commit renamed it into place (while its folder was fsynced): it is whole

@@ -175,26 +175,39 @@ def fsync_tree(folder: Path) -> None:
         fsync_path(root)
 
 
-def commit(temp: str | os.PathLike, final: str | os.PathLike) -> None:
+def commit(temp: str | os.PathLike, final: str | os.PathLike, replace: bool = True) -> None:
     """Flush `temp` (a file, or a folder and everything in it) to disk, rename it to `final` (replacing an older
     file or folder of that name), and fsync the folder holding it: once this returns, `final` is complete and
     survives a power loss (a rename is durable only once its folder is fsynced). At no moment does `final` hold a
     part of the older folder: it is renamed aside whole before it is removed (removed in place, a removal stopped by
-    a signal left a zarr store missing chunk files, which zarr reads as fill values)."""
+    a signal left a zarr store missing chunk files, which zarr reads as fill values). replace=False (a command run
+    without --overwrite, whose check that `final` was free came minutes before): a `final` that appeared since (an
+    empty folder aside) is a FileExistsError, and is left as it is."""
     temp, final = Path(temp), Path(final)
+    if not replace and os.path.lexists(final) and not (final.is_dir() and not final.is_symlink()
+                                                       and not any(final.iterdir())):
+        raise FileExistsError(errno.EEXIST, "appeared while this command ran (another one writing there?); left as it "
+                                            "is, nothing written", str(final))
     if temp.is_dir() and not temp.is_symlink():
         fsync_tree(temp)
     else:
         fsync_path(temp)
     replaced = None
-    if final.is_dir() and not final.is_symlink():  # a folder cannot be renamed over one that holds files
+    if replace and final.is_dir() and not final.is_symlink():  # a folder cannot be renamed over one holding files
         replaced = temp_path(replaced_path(final))
         remove_quietly(replaced)
         os.replace(final, replaced)
     try:
         os.replace(temp, final)
-    except BaseException:
+    except OSError as e:
         if replaced is not None:  # the older one back in its place
+            os.replace(replaced, final)
+        if not replace and e.errno in (errno.ENOTEMPTY, errno.EEXIST):  # a folder that appeared after the check
+            raise FileExistsError(errno.EEXIST, "appeared while this command ran (another one writing there?); left "
+                                                "as it is, nothing written", str(final)) from None
+        raise
+    except BaseException:
+        if replaced is not None:
             os.replace(replaced, final)
         raise
     fsync_folder_if_allowed(final.parent)

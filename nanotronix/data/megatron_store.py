@@ -51,8 +51,11 @@ def megatron_prefix(spec: str) -> Optional[str]:
 class MegatronWriter(SpillingWriter):
     """Append documents, then `finalize()`; until then only hidden temporary files exist."""
 
-    def __init__(self, prefix: str | os.PathLike, dtype: np.dtype):
+    def __init__(self, prefix: str | os.PathLike, dtype: np.dtype, replace: bool = True):
+        """replace=False (preprocess without --overwrite): a store that appeared at `prefix` meanwhile (another run
+        writing there) is not replaced: finalize() raises a DataError."""
         self.prefix = os.fspath(prefix)
+        self.replace = replace
         self.dtype = np.dtype(dtype)
         if self.dtype not in CODE_OF_DTYPE:
             raise DataError(f"Megatron stores cannot hold {self.dtype} tokens")
@@ -92,6 +95,10 @@ class MegatronWriter(SpillingWriter):
             with os_errors_naming(self._spill.tokens_path):
                 fsync_path(self._spill.tokens_path)
             self._staged_index = file_identity(idx_tmp)
+            taken = next((final for final in self._finals() if os.path.lexists(final)), None)
+            if taken is not None and not self.replace:  # checked free at the start, minutes ago
+                raise DataError(f"--output-prefix {self.prefix}: {taken} appeared while this run tokenized (another run "
+                                "writing the same prefix?): left as it is; this run's store is not written")
             for final in reversed(self._finals()):  # .idx first
                 self._set_aside.append(final)  # before the rename: a signal is raised once the rename is done
                 if os.path.lexists(final):

@@ -86,13 +86,13 @@ class PreprocessResult:
                 f"({rate:,.0f} tokens/s); skipped {records}")
 
 
-def create_writer(fmt: str, prefix: str, dtype: np.dtype):
+def create_writer(fmt: str, prefix: str, dtype: np.dtype, replace: bool = True):
     if fmt == "megatron":
-        return MegatronWriter(prefix, dtype), prefix
+        return MegatronWriter(prefix, dtype, replace), prefix
     if fmt == "zarr":
         from .zarr_store import ZarrWriter, zarr_output_path
         path = zarr_output_path(prefix)
-        return ZarrWriter(path, dtype), path
+        return ZarrWriter(path, dtype, replace), path
     raise DataError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
 
 
@@ -138,7 +138,7 @@ def preprocess(opts: PreprocessOptions) -> PreprocessResult:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
         encode.use_tokenizer(tokenizer, info.eos_id, dtype)
         executor = _start_workers(opts, info, dtype)  # before any other thread (progress bar) exists
-        writer, output = create_writer(opts.format, prefix, dtype)
+        writer, output = create_writer(opts.format, prefix, dtype, replace=opts.overwrite)
         shuffle_seed = _shuffle_seed(opts)
         if shuffle_seed is not None:
             writer = ShufflingWriter(writer, output, shuffle_seed, progress=opts.progress)

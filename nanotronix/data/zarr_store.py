@@ -72,8 +72,10 @@ class _AppendBuffer:
 
 
 class ZarrWriter:
-    def __init__(self, path: str, dtype: np.dtype):
+    def __init__(self, path: str, dtype: np.dtype, replace: bool = True):
+        """replace=False (preprocess without --overwrite): a store that appeared at `path` meanwhile is not replaced."""
         zarr = require_module("zarr", "--format zarr")
+        self.replace = replace
         if "://" in path:
             raise DataError(f"--format zarr writes a local folder; got the URL {path} (copy it there afterwards)")
         self.path = path
@@ -116,7 +118,11 @@ class ZarrWriter:
         self._tokens.flush()
         self._ends.flush()
         self._group.attrs.update(dict(sidecar or {}, format="zarr"))
-        commit(self._tmp, self.path)
+        try:
+            commit(self._tmp, self.path, replace=self.replace)
+        except FileExistsError:  # not --overwrite: checked free at the start, minutes ago
+            raise DataError(f"--output-prefix {self.path}: a store appeared there while this run tokenized (another "
+                            "run writing the same prefix?): left as it is; this run's store is not written") from None
 
     def abort(self) -> None:
         remove_quietly(self._tmp)
