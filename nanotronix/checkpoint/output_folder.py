@@ -20,10 +20,10 @@ from nanotronix.errors import PATH_THROUGH_A_FILE, StoppedWhenComplete, UserErro
 def staged_output(output: Path, source: Path, overwrite: bool, replaceable: Callable[[Path], bool],
                   kind: str) -> Iterator[Path]:
     """Yields the new, empty staging folder beside `output` (data/files' temp name), which the body fills; once it
-    has, the folder is put in `output`'s place (`data.files.commit`), what is there checked again first. Raises UserError unless `output` may be written: absent or empty, or
-    (with overwrite) a folder for which `replaceable` holds, `kind` naming what that is ("a Hugging Face model
-    folder"); never one that is, holds or lies inside `source`; and when its folder cannot be written (the error
-    names the output, not the staging folder). When the body fails, the staging folder goes, and so do the folders
+    has, the folder is put in `output`'s place (`data.files.commit`), what is there checked again first. Raises
+    UserError unless `output` may be written: absent or empty, or (with overwrite) a folder for which `replaceable`
+    holds, `kind` naming what that is ("a Hugging Face model folder"); never one that is, holds or lies inside
+    `source`; and when its folder cannot be written (the error names the output, not the staging folder). When the body fails, the staging folder goes, and so do the folders
     above `output` made for it (rmdir only): a failed conversion leaves nothing behind."""
     _check_output(output, source, overwrite, replaceable, kind)
     staging = temp_path(output)

@@ -97,8 +97,8 @@ class MegatronWriter(SpillingWriter):
             self._staged_index = file_identity(idx_tmp)
             taken = next((final for final in self._finals() if os.path.lexists(final)), None)
             if taken is not None and not self.replace:  # checked free at the start, minutes ago
-                raise DataError(f"--output-prefix {self.prefix}: {taken} appeared while this run tokenized (another run "
-                                "writing the same prefix?): left as it is; this run's store is not written")
+                raise DataError(f"--output-prefix {self.prefix}: {taken} appeared while this run tokenized (another "
+                                "run writing the same prefix?): left as it is; this run's store is not written")
             for final in reversed(self._finals()):  # .idx first
                 self._set_aside.append(final)  # before the rename: a signal is raised once the rename is done
                 if os.path.lexists(final):
