@@ -23,8 +23,9 @@ def staged_output(output: Path, source: Path, overwrite: bool, replaceable: Call
     has, the folder is put in `output`'s place (`data.files.commit`), what is there checked again first. Raises
     UserError unless `output` may be written: absent or empty, or (with overwrite) a folder for which `replaceable`
     holds, `kind` naming what that is ("a Hugging Face model folder"); never one that is, holds or lies inside
-    `source`; and when its folder cannot be written (the error names the output, not the staging folder). When the body fails, the staging folder goes, and so do the folders
-    above `output` made for it (rmdir only): a failed conversion leaves nothing behind."""
+    `source`; and when its folder cannot be written (the error names the output, not the staging folder). When the
+    body fails, the staging folder goes, and so do the folders above `output` made for it (rmdir only): a failed
+    conversion leaves nothing behind."""
     _check_output(output, source, overwrite, replaceable, kind)
     staging = temp_path(output)
     note_removed_temps(remove_abandoned_temps(output, replaced_path(output)))  # what commit() stages: both
