@@ -499,3 +499,34 @@ def test_an_output_that_appeared_during_the_conversion_is_left_as_it_is(tmp_path
         "written")
     assert sorted(p.name for p in out.iterdir()) == [".lock", "step_0000001"]
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_an_export_refuses_a_data_tokenizer_rewritten_since_the_run_trained(tmp_path, capsys):
+    """A run tokenized and trained with TOK; then TOK was retrained in place (another corpus or vocabulary): the
+    export shipped the new file as the model's tokenizer, with no word (generate() then decodes its ids as other
+    tokens). The checkpoint keeps the sha256 of the tokenizer the stores were written with: the run's own
+    data.tokenizer that is another file now is refused in one line; --tokenizer naming it ships it, with a warning."""
+    from checkpoint_helpers import train_in_process
+    from helpers import load_tool, tiny_config, train_tiny_tokenizer
+
+    tok = train_tiny_tokenizer(tmp_path / "tok" / "tokenizer.json", vocab_size=300)
+    (tmp_path / "texts.jsonl").write_text("".join(json.dumps({"text": f"the cat {i} sat on the mat"}) + "\n"
+                                                  for i in range(200)))
+    assert load_tool("preprocess").main(["--input", str(tmp_path / "texts.jsonl"), "--tokenizer", str(tok),
+                                         "--output-prefix", str(tmp_path / "tokens"), "--no-progress"]) == 0
+    train_in_process(tiny_config(tmp_path, tmp_path / "tokens", data={"tokenizer": str(tok)}, model={"vocab_size": 320},
+                                 train={"train_steps": 2}, checkpoint={"dir": str(tmp_path / "ckpt")}))
+    run = ["--checkpoint", str(tmp_path / "ckpt"), "--no-progress"]
+    assert tool_main("convert_to_hf")([*run, "--output", str(tmp_path / "hf_same")]) == 0  # unchanged: shipped
+    capsys.readouterr()
+    was = tok.read_text()
+    train_tiny_tokenizer(tok, vocab_size=280)  # retrained into the same path
+    assert tok.read_text() != was
+    assert tool_main("convert_to_hf")([*run, "--output", str(tmp_path / "hf")]) == 2
+    said = capsys.readouterr().err.strip()
+    assert said.startswith(f"error: tokenizer {tok} (") and said.endswith(
+        "rewritten since the run trained? Pass --tokenizer with the stores' tokenizer (or this one, to ship it all "
+        "the same)") and "another file than the one the run's token stores were written with" in said, said
+    assert not (tmp_path / "hf").exists()
+    assert tool_main("convert_to_hf")([*run, "--output", str(tmp_path / "hf"), "--tokenizer", str(tok)]) == 0
+    assert "warning: tokenizer" in capsys.readouterr().out and (tmp_path / "hf" / "tokenizer.json").is_file()

@@ -27,6 +27,7 @@ from nanotronix.config_checks import validate_model_export
 from nanotronix.convert.hf_config_types import refusal
 from nanotronix.convert.hf_generation_config import loadable as loadable_generation
 from nanotronix.convert.hf_mapping import hf_config_dict, pad_token_refusal, to_hf
+from nanotronix.data.tokenizer import local_tokenizer_sha256
 from nanotronix.errors import ConfigError, UserError
 
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -184,6 +185,24 @@ def _leave_out_tokenizer(folder: Path, why: UserError, log: Callable[[str], None
     log(f"warning: tokenizer files not written ({why})")
 
 
+def _check_the_stores_tokenizer(spec: str, asked: bool, manifest: dict, log: Callable[[str], None]) -> None:
+    """The tokenizer about to be shipped against the tokenizer files the run's token stores were written with (their
+    sha256, which the checkpoint keeps): the run's data.tokenizer rewritten since it trained (a tokenizer retrained
+    into the same path) would ship ids that mean other tokens, with no word. Refused for the run's own; `--tokenizer`
+    (asked) is shipped as asked, with a warning (two files can hold the same vocabulary)."""
+    recorded = sorted(set(((manifest.get("data") or {}).get("store_tokenizers") or {}).values()))
+    mine = local_tokenizer_sha256(spec)
+    if not recorded or mine is None or mine in recorded:
+        return
+    said = (f"tokenizer {spec} ({mine[:12]}) is another file than the one the run's token stores were written with "
+            f"({', '.join(sha[:12] for sha in recorded)})")
+    if asked:
+        log(f"warning: {said}; shipped as asked: unless they hold the same vocabulary, its ids mean other tokens")
+        return
+    raise UserError(f"{said}: rewritten since the run trained? Pass --tokenizer with the stores' tokenizer (or this "
+                    "one, to ship it all the same)")
+
+
 def _write_tokenizer(folder: Path, tokenizer: Optional[str], manifest: dict, source_hf: dict, cfg: ModelConfig,
                      log: Callable[[str], None]) -> tuple[Any, Optional[int], Optional[int]]:
     """Ship a tokenizer into `folder`: `tokenizer` when given, else the run's data.tokenizer, else an imported
@@ -196,6 +215,7 @@ def _write_tokenizer(folder: Path, tokenizer: Optional[str], manifest: dict, sou
         log(f"note: the run names no data.tokenizer; shipping the imported model's ({imported_tokenizer})")
     if not tokenizer_spec:
         return None, None, None
+    _check_the_stores_tokenizer(tokenizer_spec, bool(tokenizer), manifest, log)
     try:
         info, bos_id, eos_id = write_tokenizer_files(tokenizer_spec, folder, cfg.max_position_embeddings)
         if info.vocab_size > cfg.vocab_size:  # its ids past the embedding: an IndexError in generate()

@@ -130,12 +130,14 @@ class TrainLoader:
     def stats(self, step: int, fingerprints: bool = False) -> dict[str, Any]:
         """Active stage at `step` and, per dataset, tokens consumed and epochs after `step` (whole run), and the
         tokens each store holds (what its sample order is cut from) and, with `fingerprints`, its content
-        fingerprint (what its windows hold): a checkpoint keeps them, so a resume can say when a store it read from
-        has changed. Only the rank that writes the manifest and says the notes asks for fingerprints: a few hundred
-        small reads per store, which thousands of ranks would repeat on a shared file system at every start.
+        fingerprint (what its windows hold) and the sha256 of the tokenizer file its sidecar names: a checkpoint
+        keeps them, so a resume can say when a store it read from has changed, and the export when the tokenizer it
+        ships is not the stores'. Only the rank that writes the manifest and says the notes asks for fingerprints: a
+        few hundred small reads per store, which thousands of ranks would repeat on a shared file system at every
+        start.
         Datasets are named as validation stores are (`dataset_order_key`: the path relative to data.root under it)."""
         consumed = self.schedule.consumed(step * self.global_batch_size)
-        datasets, store_tokens, store_fingerprints = {}, {}, {}
+        datasets, store_tokens, store_fingerprints, store_tokenizers = {}, {}, {}, {}
         for name, count in consumed.items():
             stream = self.schedule.streams[name]
             samples_then, tokens_then, _ = self._tokens_before.get(name, (0, 0, None))
@@ -144,10 +146,13 @@ class TrainLoader:
             store_tokens[stream.order_key] = self.stores[name].num_tokens
             if fingerprints:
                 store_fingerprints[stream.order_key] = self.stores[name].fingerprint
+                if self.stores[name].tokenizer_info.get("sha256"):  # what the HF export checks its tokenizer by
+                    store_tokenizers[stream.order_key] = self.stores[name].tokenizer_info["sha256"]
         for key, got in self._gone.items():
             datasets.setdefault(key, dict(got))
         return {"stage": self.schedule.stage_at_step(step).name, "datasets": datasets, "store_tokens": store_tokens,
-                **({"store_fingerprints": store_fingerprints} if fingerprints else {})}
+                **({"store_fingerprints": store_fingerprints, "store_tokenizers": store_tokenizers}
+                   if fingerprints else {})}
 
 
     def epochs(self, step: int) -> dict[str, float]:
