@@ -190,7 +190,8 @@ def _check_the_stores_tokenizer(spec: str, asked: bool, manifest: dict, log: Cal
     sha256, which the checkpoint keeps): the run's data.tokenizer rewritten since it trained (a tokenizer retrained
     into the same path) would ship ids that mean other tokens, with no word. Refused for the run's own; `--tokenizer`
     (asked) is shipped as asked, with a warning (two files can hold the same vocabulary)."""
-    recorded = sorted(set(((manifest.get("data") or {}).get("store_tokenizers") or {}).values()))
+    kept = (manifest.get("data") if isinstance(manifest.get("data"), dict) else {}).get("store_tokenizers")
+    recorded = sorted({sha for sha in kept.values() if isinstance(sha, str)} if isinstance(kept, dict) else ())
     mine = local_tokenizer_sha256(spec)
     if not recorded or mine is None or mine in recorded:
         return
