@@ -188,3 +188,23 @@ def test_the_default_title_names_the_run(plot_tool, tmp_path):
 def test_cli_help():
     proc = run(["tools/plot_run.py", "--help"])
     assert proc.returncode == 0 and "LOG_DIR" in proc.stdout
+
+
+def test_a_stage_switch_between_two_logged_steps_is_drawn_where_the_stage_starts(plot_tool, tmp_path, capsys):
+    """logging.interval 3 and a stage from step 4: the trainer logged steps 3 and 6, and plot_run drew the switch at
+    6, where its per-source curves bend at 4. A stage's first step is now always logged, and the switch is drawn
+    there; skipped-step records carry every field of a trained one (null), data wait and peak memory included."""
+    from checkpoint_helpers import train_in_process
+    from helpers import tiny_config, write_learnable_store
+
+    store = write_learnable_store(tmp_path / "arith")
+    cfg = tiny_config(tmp_path, store, train={"train_steps": 7}, logging={"dir": str(tmp_path / "logs"), "interval": 3})
+    import yaml
+    tree = yaml.safe_load(cfg.read_text())
+    tree["data"]["stages"].append({"name": "later", "start_step": 4, "datasets": [{"path": "arith", "weight": 1.0}]})
+    cfg.write_text(yaml.safe_dump(tree))
+    train_in_process(cfg)
+    records, _ = plot_tool.read_metrics(tmp_path / "logs" / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 3, 4, 6, 7]
+    assert plot_tool.main([str(tmp_path / "logs"), "--output", str(tmp_path / "p.png")]) == 0
+    assert "stage switches: later at step 4" in capsys.readouterr().out

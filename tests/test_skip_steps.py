@@ -13,7 +13,7 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from checkpoint_helpers import read_metrics, train_in_process
-from helpers import run, tiny_config, write_learnable_store
+from helpers import METRICS_FIELDS, run, tiny_config, write_learnable_store
 from nanotronix.config import ConfigError, load_config
 from nanotronix.config_checks import skipped_step_ranges
 
@@ -86,6 +86,9 @@ def test_skipped_steps_train_nothing_and_pass_their_data_over(tmp_path, store, c
     train_in_process(resumed_cfg)
     again = read_metrics(tmp_path / "resumed" / "logs")
     assert sorted(again) == [6, 7, 9] and again[6]["skipped"] and again[6]["loss"] is None  # its first step is logged
+    # a skipped step's record holds every field of a trained one, those of training null (a reader may take any)
+    assert set(again[6]) == METRICS_FIELDS | {"skipped"}, set(again[6]) ^ METRICS_FIELDS
+    assert again[6]["data_wait_ms"] is None and again[6]["peak_memory_gb"] is None
     assert all(again[s][k] == got[s][k] for s in (7, 9) for k in ("loss", "grad_norm", "lr", "consumed_tokens"))
 
 

@@ -88,7 +88,7 @@ class RunLog:
         that is a resumed run's first."""
         # every field a record holds, those of training null (nothing trained): a reader may take record["loss"]
         nothing = dict.fromkeys(("loss", "grad_norm", "tokens_per_sec", "tokens_per_sec_per_gpu",
-                                 "model_tflops_per_gpu", "mfu"))
+                                 "model_tflops_per_gpu", "mfu", "peak_memory_gb", "data_wait_ms", "data_wait_rank"))
         record = {"step": step, "skipped": True, **nothing, "lr": lr,
                   "consumed_tokens": self._consumed_tokens(step, data_stats), "stage": data_stats.get("stage"),
                   "datasets": data_stats.get("datasets"), "time": time.time()}

@@ -315,9 +315,14 @@ class _TrainingRun:
         self.log.trained()
         val_losses = self._validate_if_due(step)
         if (step % self.cfg.logging.interval == 0 or step in (self.start_step, self.cfg.train.train_steps)
-                or val_losses or result.spike is not None):
+                or val_losses or result.spike is not None or self._starts_a_stage(step)):
             self.log.step(step, lr, result, self.loader.stats(step), val_losses)
         return result.loss
+
+    def _starts_a_stage(self, step: int) -> bool:
+        """A data stage's first step is always logged: a record of it marks where the stage starts (plot_run draws
+        the switch at the first record of a stage: with logging.interval > 1 that was a later step)."""
+        return any(stage.start_step == step for stage in self.cfg.data.stages[1:])
 
     def _read_batch(self, step: int) -> torch.Tensor:
         self.watch.at(step, "data")
