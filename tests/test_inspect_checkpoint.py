@@ -207,3 +207,30 @@ def test_a_manifest_or_data_file_that_cannot_be_read_is_said_as_the_os_error(tra
         monkeypatch.setattr(Path, method, failing_on_target(getattr(Path, method)))
     code, _, err = run_tool(tool, capsys, step, "--verify", "--no-progress")
     assert (code, err) == (2, f"error: cannot read {target}: [Errno {errno.EIO}] {os.strerror(errno.EIO)}\n")
+
+
+@pytest.mark.parametrize("verify", [False, True])
+def test_a_step_pruned_while_it_is_inspected_is_said_as_pruned(trained, tool, capsys, tmp_path, monkeypatch, verify):
+    """A running run's keep_last prunes the step while it is summarised or verified (a --verify of a large step takes
+    minutes): it said "checkpoint ... is incomplete: checkpoint.json is missing" (damage), after hashing every file."""
+    import shutil
+
+    from nanotronix.checkpoint import manifest
+
+    _, tmp = trained
+    step = tmp_path / "step_0000004"
+    shutil.copytree(tmp / "ckpt" / "step_0000004", step)
+    real, reads = manifest.read_manifest, []
+
+    def pruned_after_the_first_read(folder, *args, **kwargs):
+        reads.append(folder)
+        if len(reads) == 2:  # what paths.prune does: rename aside, then delete
+            step.rename(step.with_name(".pruned"))
+        return real(folder, *args, **kwargs)
+
+    monkeypatch.setattr(manifest, "read_manifest", pruned_after_the_first_read)
+    monkeypatch.setattr(tool, "read_manifest", pruned_after_the_first_read, raising=False)
+    code, _, err = run_tool(tool, capsys, step, *(["--verify", "--no-progress"] if verify else []))
+    assert (code, err.strip()) == (2, f"error: checkpoint {step} was removed while it was being read (a running run's "
+                                      "checkpoint.keep_last prunes its older steps): read a step it keeps (a "
+                                      "milestone: checkpoint.keep_every / keep_steps) or a copy of the step")

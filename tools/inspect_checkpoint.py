@@ -110,6 +110,9 @@ def main(argv=None) -> int:
     from nanotronix.checkpoint.errors import CheckpointError
     from nanotronix.checkpoint.manifest import check_sizes, layout_text, read_manifest
 
+    from nanotronix.checkpoint.reader import still_there
+
+    folder = None
     try:
         folder = paths.resolve_checkpoint(Path(args.checkpoint))
         check_sizes(folder, read_manifest(folder))  # a missing or truncated file: said at once, before hashing
@@ -118,6 +121,11 @@ def main(argv=None) -> int:
         report = summarise(folder)
         report["verified"] = args.verify
     except (CheckpointError, OSError) as e:
+        try:
+            if folder is not None:
+                still_there(folder)  # a step pruned meanwhile by a running run: not "incomplete", not "missing"
+        except CheckpointError as pruned:
+            return fail(pruned)
         return fail(e)
     if args.json:
         print(json.dumps(report))

@@ -60,6 +60,15 @@ def stored_layer_count(metadata) -> int:
     return len({key[len(prefix):].split(".", 1)[0] for key in metadata.state_dict_metadata if key.startswith(prefix)})
 
 
+def still_there(folder: Path) -> None:
+    """A step read for minutes (an export of a 1.7B model, a --verify) that a running run prunes meanwhile
+    (checkpoint.keep_last): said as that, not as a damaged checkpoint (a file "missing", the step "incomplete")."""
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint {folder} was removed while it was being read (a running run's "
+                              "checkpoint.keep_last prunes its older steps): read a step it keeps (a milestone: "
+                              "checkpoint.keep_every / keep_steps) or a copy of the step")
+
+
 class CheckpointReader:
     def __init__(self, path: str | os.PathLike):
         self.folder = resolve_checkpoint(path)
@@ -123,12 +132,7 @@ class CheckpointReader:
         return {n: state[st.model_key(n)] if dtype is None else state[st.model_key(n)].to(dtype) for n in names}
 
     def _still_there(self) -> None:
-        """A step read tensor by tensor (an export of a 1.7B model takes minutes) that a running run prunes meanwhile
-        (checkpoint.keep_last): said as that, not as a damaged checkpoint."""
-        if not self.folder.is_dir():
-            raise CheckpointError(f"checkpoint {self.folder} was removed while it was being read (a running run's "
-                                  "checkpoint.keep_last prunes its older steps): read a step it keeps (a milestone: "
-                                  "checkpoint.keep_every / keep_steps) or a copy of the step")
+        still_there(self.folder)
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Every parameter in model order, read one at a time."""
