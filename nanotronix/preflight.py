@@ -122,12 +122,13 @@ def check_loggers(cfg: Config) -> None:
             raise PreflightError(f"{key}: needs the {package} package (pip install {package})")
 
 
-def check_resume(cfg: Config) -> int:
+def check_resume(cfg: Config) -> tuple[int, dict]:
     """The checkpoint the run would start from is there, holds a model of the config's shape in the RoPE layout the
     model computes, every file it lists present at its recorded size (a truncated copy: cheap stats, no hashing),
     checkpoint.resume fits checkpoint.dir (none into a folder holding checkpoints, an earlier step of the run's own
     folder), and the run's global batch size and last step fit the step: the trainer's own decisions, made here
-    before torchrun starts on every node. Returns the step the run would start after (0: from scratch)."""
+    before torchrun starts on every node. Returns the step the run would start after (0: from scratch) and the
+    checkpoint's data stats (what the trainer carries its token counts and epochs on from)."""
     from pathlib import Path
 
     from nanotronix.checkpoint.checkpointer import check_architecture, check_resumed_position, choose_resume_source
@@ -138,7 +139,7 @@ def check_resume(cfg: Config) -> int:
     try:
         source = choose_resume_source(run_dir, cfg.checkpoint.resume, log=lambda _: None)
         if source is None:
-            return 0
+            return 0, {}
         manifest = read_manifest(source)  # a model of another shape than the config's would fail after the rendezvous
         check_architecture(manifest["config"]["model"], cfg.to_dict()["model"], source)
         check_rope_layout(source, manifest, ROPE_LAYOUT)
@@ -147,7 +148,8 @@ def check_resume(cfg: Config) -> int:
         step = int(manifest["step"]) if with_optimizer else 0
         check_resumed_position(source, step, int(manifest.get("consumed_samples", 0)) if with_optimizer else 0,
                                cfg.train)
-        return step
+        data = manifest.get("data")
+        return step, (data if with_optimizer and isinstance(data, dict) else {})
     except UserError as e:
         raise PreflightError(f"checkpoint.resume: {e}" if "checkpoint.resume" not in str(e) else str(e)) from None
 
@@ -167,7 +169,9 @@ def preflight(config: str, overrides: list[str], nnodes: int, nproc_per_node: in
     check_writable(cfg.checkpoint.dir, "checkpoint.dir")
     check_writable(cfg.logging.dir, "logging.dir")
     check_metrics_file(cfg)
-    resumed_step = check_resume(cfg)
+    resumed_step, resumed_data = check_resume(cfg)
+    if resumed_data:  # the trainer's own carry: its epoch notes count the samples before the resume as it does
+        loader.count_tokens_from(resumed_data, resumed_step)
     check_loggers(cfg)
     from nanotronix.train.start_notes import start_notes
     notes = start_notes(cfg, loader, stores, resumed_step)  # the trainer's, in its words

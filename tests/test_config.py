@@ -89,6 +89,10 @@ def test_a_tilde_in_dataset_validation_and_tokenizer_paths_is_the_home_folder(tm
     assert cfg.data.stages[0].datasets[0].path == str(tmp_path / "store" / "tokens")
     assert cfg.validation.data == [str(tmp_path / "store" / "tokens"), str(tmp_path / "corpus" / "store" / "tokens")]
     assert cfg.data.tokenizer == str(tmp_path / "tok.json")
+    # a checkpoint keyed before the expansion (its key '~/store/tokens', as written) resumes in the same order
+    from nanotronix.data.schedule import dataset_order_key
+    assert dataset_order_key(str(tmp_path / "store" / "tokens"), cfg.data.root, ["~/store/tokens.bin"]) == \
+        "~/store/tokens.bin"
 
 
 def test_a_string_field_given_what_yaml_reads_as_a_number_keeps_the_text(tmp_path, tiny_yaml):
@@ -100,6 +104,10 @@ def test_a_string_field_given_what_yaml_reads_as_a_number_keeps_the_text(tmp_pat
                                   "checkpoint.dir=0x10", "logging.dir=1:30", "train.train_steps=1_000"])
     assert cfg.data.stages[0].datasets[0].path.rsplit("/", 1)[-1] == "2024_01", cfg.data.stages[0].datasets[0].path
     assert (cfg.data.stages[0].name, cfg.train.train_steps) == ("0001", 1000)
+    # step texts keep what YAML read as numbers readable: `1_000` and `+5` are steps 1000 and 5, as before
+    from nanotronix.config_checks import skipped_step_ranges
+    steps = load_config(tiny_yaml, ["train.train_steps=2000", "train.skip_steps=[1_000, +5-7]"]).train
+    assert skipped_step_ranges(steps) == [(5, 7), (1000, 1000)]
     assert cfg.checkpoint.dir.endswith("0x10") and cfg.logging.dir.endswith("1:30")
     tree = yaml.safe_load(tiny_yaml.read_text())
     tree["data"]["stages"][0]["datasets"][0]["path"] = "REPLACED"

@@ -208,3 +208,25 @@ def test_a_closed_stdout_is_quiet():
                           "examples/configs/quickstart.yaml train.device=cpu | head -c 0", shell=True, cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_the_epochs_note_of_a_resume_at_another_seq_len_is_the_trainers(tmp_path, store, capsys):
+    """A resume with train.seq_len doubled: the preflight says the trainer's note, whose epochs are the checkpoint's
+    plus the windows read since at the new length (before, the preflight divided every sample by the new windows per
+    epoch: 2.17 times over where the run reads the store 1.44 times)."""
+    import re
+
+    from checkpoint_helpers import train_in_process
+    from nanotronix.data import build_train_loader
+
+    ckpt = tmp_path / "ckpt"
+    cfg = tiny_config(tmp_path, store, train={"train_steps": 40}, checkpoint={"dir": str(ckpt), "interval": 40})
+    train_in_process(cfg)
+    saved = json.loads((ckpt / "step_0000040" / "checkpoint.json").read_text())["data"]["datasets"]["arith"]["epochs"]
+    overrides = ["train.seq_len=64", "train.train_steps=60"]
+    stream = build_train_loader(load_config(cfg, overrides), 0, 1).schedule.streams[str(store)]
+    capsys.readouterr()
+    code, out, err = check(capsys, "--config", str(cfg), *overrides)
+    assert code == 0, err
+    said = re.search(r"note: data: arith is read ([0-9.]+) times over by step 60", out)
+    assert said and float(said[1]) == pytest.approx(saved + 20 * 8 / stream.windows_per_epoch, abs=0.005), out

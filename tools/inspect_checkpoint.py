@@ -110,8 +110,6 @@ def main(argv=None) -> int:
     from nanotronix.checkpoint.errors import CheckpointError
     from nanotronix.checkpoint.manifest import check_sizes, layout_text, read_manifest
 
-    from nanotronix.checkpoint.reader import still_there
-
     folder = None
     try:
         folder = paths.resolve_checkpoint(Path(args.checkpoint))
@@ -121,6 +119,7 @@ def main(argv=None) -> int:
         report = summarise(folder)
         report["verified"] = args.verify
     except (CheckpointError, OSError) as e:
+        from nanotronix.checkpoint.reader import still_there  # (torch: only on this path)
         try:
             if folder is not None:
                 still_there(folder)  # a step pruned meanwhile by a running run: not "incomplete", not "missing"

@@ -189,7 +189,7 @@ def _check_the_stores_tokenizer(spec: str, asked: bool, manifest: dict, log: Cal
     """The tokenizer about to be shipped against the tokenizer files the run's token stores were written with (their
     sha256, which the checkpoint keeps): the run's data.tokenizer rewritten since it trained (a tokenizer retrained
     into the same path) would ship ids that mean other tokens, with no word. Refused for the run's own; `--tokenizer`
-    (asked) is shipped as asked, with a warning (two files can hold the same vocabulary)."""
+    or an imported model's own (`asked`) is shipped, with a warning (two files can hold the same vocabulary)."""
     kept = (manifest.get("data") if isinstance(manifest.get("data"), dict) else {}).get("store_tokenizers")
     recorded = sorted({sha for sha in kept.values() if isinstance(sha, str)} if isinstance(kept, dict) else ())
     mine = local_tokenizer_sha256(spec)
@@ -208,15 +208,18 @@ def _write_tokenizer(folder: Path, tokenizer: Optional[str], manifest: dict, sou
                      log: Callable[[str], None]) -> tuple[Any, Optional[int], Optional[int]]:
     """Ship a tokenizer into `folder`: `tokenizer` when given, else the run's data.tokenizer, else an imported
     model's own; its info, BOS and EOS ids, or three Nones when none is shipped. One asked for that cannot be shipped
-    is an error; the run's own, a warning (the model is exported without it)."""
+    is an error; the run's own, a warning (the model is exported without it). The run's data.tokenizer that is
+    another file than its stores' is refused; another one, a warning (_check_the_stores_tokenizer)."""
     tokenizer_spec = tokenizer or (manifest["config"].get("data") or {}).get("tokenizer")
     imported_tokenizer = Path(source_hf["path"]) if source_hf.get("path") else None
+    the_imported = False
     if not tokenizer_spec and imported_tokenizer and (imported_tokenizer / "tokenizer.json").is_file():
-        tokenizer_spec = str(imported_tokenizer)  # a run continued from an import that names no data.tokenizer
+        tokenizer_spec, the_imported = str(imported_tokenizer), True  # a run from an import naming no data.tokenizer
         log(f"note: the run names no data.tokenizer; shipping the imported model's ({imported_tokenizer})")
     if not tokenizer_spec:
         return None, None, None
-    _check_the_stores_tokenizer(tokenizer_spec, bool(tokenizer), manifest, log)
+    # the imported model's own is no file the run named (its stores may hold a re-saved copy): a warning, as asked
+    _check_the_stores_tokenizer(tokenizer_spec, bool(tokenizer) or the_imported, manifest, log)
     try:
         info, bos_id, eos_id = write_tokenizer_files(tokenizer_spec, folder, cfg.max_position_embeddings)
         if info.vocab_size > cfg.vocab_size:  # its ids past the embedding: an IndexError in generate()

@@ -201,8 +201,8 @@ def _read_generation_config(hf_dir: Path) -> dict | None:
 
 def _write_step_0(hf_dir: Path, source: SafetensorsFolder, model_cfg: ModelConfig, state: dict[str, torch.Tensor],
                   manifest: dict, staging: Path, output: Path, progress: bool) -> None:
-    """Save `state`, read from `source` tensor by tensor, as step 0 of the run folder `staging` with its manifest,
-    then put `staging` in `output`'s place (on failure, `staged_output` removes it)."""
+    """Save `state`, read from `source` tensor by tensor, as step 0 of the run folder `staging` with its manifest
+    (`staged_output` then puts `staging` in `output`'s place, or removes it on failure)."""
     temp = paths.temp_folder(staging, 0)
     temp.mkdir()
     # the bar starts once the output is known to be writable: an output refused before is its error line alone

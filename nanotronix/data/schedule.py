@@ -63,12 +63,18 @@ def dataset_order_key(path: str, root: Optional[str], earlier: Iterable[str] = (
     `earlier`: the keys of the checkpoint a run resumes from (its data stats); one that is this key spelled
     otherwise is kept as it is, so that a run whose checkpoints were keyed before keys were canonical (as
     written: `./x`, `x.bin`) resumes in the same order."""
-    key = canonical_path(path)
-    if root:
-        prefix = _normalised(root).rstrip("/") + "/"
-        if key.startswith(prefix):
-            key = key[len(prefix):]
-    return next((old for old in earlier if canonical_path(old) == key), key)
+    def keyed(spelled: str) -> str:
+        key = canonical_path(spelled)
+        if root:
+            prefix = _normalised(root).rstrip("/") + "/"
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        return key
+
+    key = keyed(path)
+    # an earlier key with `~` (kept unexpanded before the config expanded it) is the same dataset
+    return next((old for old in earlier
+                 if (keyed(os.path.expanduser(old)) if old.startswith("~") else canonical_path(old)) == key), key)
 
 
 def window_starts(c: np.ndarray, windows_per_epoch, key, slack, seq_len) -> np.ndarray:
