@@ -22,7 +22,7 @@ from typing import Any, Optional
 import yaml
 
 from nanotronix.config_checks import validate
-from nanotronix.config_tree import apply_override, build_dataclass, read_yaml_tree
+from nanotronix.config_tree import StepText, apply_override, build_dataclass, read_yaml_tree
 from nanotronix.errors import ConfigError
 
 
@@ -132,7 +132,7 @@ class TrainConfig:
     # steps not trained ("A-B" inclusive, or "N"; Megatron's --skip-train-iteration-range): their batches are passed
     # over, no update is made, the learning rate goes on by step. After a loss spike: resume from a checkpoint before
     # it with the steps around it skipped, so the run meets other data.
-    skip_steps: list[str] = field(default_factory=list)
+    skip_steps: list[StepText] = field(default_factory=list)
     # > 0: a step whose loss or gradient norm is more than this many standard deviations above the mean of the
     # last spike_skip_window steps' is not applied (OLMo 2: 6 over 128; nanotronix/train/spike_guard.py). 0: off.
     spike_skip_sigma: float = 0.0
@@ -225,7 +225,7 @@ class LoggingConfig:
     hang_report_seconds: float = 300.0
     # Steps run under torch.profiler ("A-B" inclusive, or "N"; "" off) on the ranks in profile_ranks: a trace and a
     # kernel-time summary per rank in LOGGING_DIR/profile/ (nanotronix/train/profiler.py). Those steps run slower.
-    profile_steps: str = ""
+    profile_steps: StepText = StepText("")
     profile_ranks: list[int] = field(default_factory=lambda: [0])
     # With profile_steps on CUDA: the caching allocator's history over those steps too (for pytorch.org/memory_viz).
     memory_snapshot: bool = False

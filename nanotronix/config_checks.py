@@ -410,8 +410,8 @@ def profiled_step_range(cfg: Config) -> Optional[tuple[int, int]]:
 def _step_range(text: str, where: str, train_steps: int) -> tuple[int, int]:
     """"A-B" (inclusive) or "N" as (A, B), within the run's steps."""
     first, dash, last = text.partition("-")
-    def is_number(part: str) -> bool:  # ASCII digits: str.isdigit() also takes "²", which int() refuses; `1_430_000`
-        return re.fullmatch(r"\+?[0-9]+(?:_[0-9]+)*", part.strip()) is not None  # and `+5` as YAML read them
+    def is_number(part: str) -> bool:  # ASCII digits: str.isdigit() also takes "²", which int() refuses
+        return re.fullmatch(r"[0-9]+", part.strip()) is not None
 
     _require(is_number(first) and (not dash or is_number(last)),
              f"{where}: {text!r} is not a step N or a range A-B")

@@ -34,6 +34,11 @@ def _with_text(number_type: type, construct):
     return constructor
 
 
+# A config field of step numbers as text ("1000", "20-40": train.skip_steps, logging.profile_steps): a number YAML read
+# there is its value (`1_000` is step 1000, as YAML says), not its text, which a step field would refuse.
+StepText = typing.NewType("StepText", str)
+
+
 class _TextKeepingLoader(yaml.SafeLoader):
     """PyYAML's safe loader whose numbers keep their text (_IntText, _FloatText): a config's string field given what
     YAML 1.1 reads as a number (`path: 2024_01`) must not become another string ('202401', another folder)."""
@@ -161,9 +166,11 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         except OverflowError:  # an integer past a float's range (not printed: it may have too many digits to print)
             raise ConfigError(f"{where}: expected a finite number, got an integer beyond a float's range") \
                 from None
-    if tp is str:
+    if tp in (str, StepText):
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
+        if tp is StepText and isinstance(value, int):
+            return str(int(value))
         return getattr(value, "text", None) or str(value)  # a number YAML read: the text as written
     return value
 

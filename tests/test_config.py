@@ -104,10 +104,11 @@ def test_a_string_field_given_what_yaml_reads_as_a_number_keeps_the_text(tmp_pat
                                   "checkpoint.dir=0x10", "logging.dir=1:30", "train.train_steps=1_000"])
     assert cfg.data.stages[0].datasets[0].path.rsplit("/", 1)[-1] == "2024_01", cfg.data.stages[0].datasets[0].path
     assert (cfg.data.stages[0].name, cfg.train.train_steps) == ("0001", 1000)
-    # step texts keep what YAML read as numbers readable: `1_000` and `+5` are steps 1000 and 5, as before
+    # a step field takes a number YAML read as its value: `1_000` is step 1000, as before (its text would be refused)
     from nanotronix.config_checks import skipped_step_ranges
-    steps = load_config(tiny_yaml, ["train.train_steps=2000", "train.skip_steps=[1_000, +5-7]"]).train
-    assert skipped_step_ranges(steps) == [(5, 7), (1000, 1000)]
+    steps = load_config(tiny_yaml, ["train.train_steps=2000", "train.skip_steps=[1_000, 5-7]",
+                                    "logging.profile_steps=+5"])
+    assert skipped_step_ranges(steps.train) == [(5, 7), (1000, 1000)] and steps.logging.profile_steps == "5"
     assert cfg.checkpoint.dir.endswith("0x10") and cfg.logging.dir.endswith("1:30")
     tree = yaml.safe_load(tiny_yaml.read_text())
     tree["data"]["stages"][0]["datasets"][0]["path"] = "REPLACED"
