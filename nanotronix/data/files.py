@@ -184,10 +184,10 @@ def commit(temp: str | os.PathLike, final: str | os.PathLike, replace: bool = Tr
     without --overwrite, whose check that `final` was free came minutes before): a `final` that appeared since (an
     empty folder aside) is a FileExistsError, and is left as it is."""
     temp, final = Path(temp), Path(final)
+    appeared = "appeared while this command ran (another one writing there?); left as it is, nothing written"
     if not replace and os.path.lexists(final) and not (final.is_dir() and not final.is_symlink()
                                                        and not any(final.iterdir())):
-        raise FileExistsError(errno.EEXIST, "appeared while this command ran (another one writing there?); left as it "
-                                            "is, nothing written", str(final))
+        raise FileExistsError(errno.EEXIST, appeared, str(final))
     if temp.is_dir() and not temp.is_symlink():
         fsync_tree(temp)
     else:
@@ -199,16 +199,11 @@ def commit(temp: str | os.PathLike, final: str | os.PathLike, replace: bool = Tr
         os.replace(final, replaced)
     try:
         os.replace(temp, final)
-    except OSError as e:
+    except BaseException as e:
         if replaced is not None:  # the older one back in its place
             os.replace(replaced, final)
-        if not replace and e.errno in (errno.ENOTEMPTY, errno.EEXIST):  # a folder that appeared after the check
-            raise FileExistsError(errno.EEXIST, "appeared while this command ran (another one writing there?); left "
-                                                "as it is, nothing written", str(final)) from None
-        raise
-    except BaseException:
-        if replaced is not None:
-            os.replace(replaced, final)
+        if not replace and isinstance(e, OSError) and e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise FileExistsError(errno.EEXIST, appeared, str(final)) from None  # a folder that appeared since
         raise
     fsync_folder_if_allowed(final.parent)
     if replaced is not None:
