@@ -34,7 +34,20 @@ def test_both_modes_are_measured_and_reported(tmp_path, capsys):
         assert mode["checkpoint_bytes"] > tensor_bytes(report)  # the tensors, plus metadata, RNG and manifest
     assert sync["steps_beside_write"] == 0  # sync writes inside the pause
     assert report["pause_ratio"] == sync["pause_s"] / background["pause_s"]
-    assert list((tmp_path / "ckpt").iterdir()) == []  # the checkpoints are removed after the run
+    assert not (tmp_path / "ckpt").exists()  # the checkpoints are removed after the run, and the folder made for them
+
+
+def test_folders_made_for_dir_and_json_are_removed_on_failure_and_an_existing_dir_stays(tmp_path, capsys):
+    """A bad config after the --dir and --json checks made their folders leaves none of them behind (the rule for
+    every failed command); a --dir that existed before is kept, with what it held."""
+    assert bench_checkpoint.main([*TINY, "train.recompute=most", "--dir", str(tmp_path / "a" / "ckpt"), "--json",
+                                  str(tmp_path / "a" / "r" / "bench.json")]) == 2
+    assert capsys.readouterr().err.startswith("error: train.recompute")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "note").write_text("x")
+    assert bench_checkpoint.main([*TINY, "train.recompute=most", "--dir", str(tmp_path / "kept")]) == 2
+    assert [p.name for p in (tmp_path / "kept").iterdir()] == ["note"]
 
 
 def test_two_ranks_each_collect_about_half(tmp_path):

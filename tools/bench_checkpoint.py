@@ -60,6 +60,7 @@ from nanotronix.checkpoint import Checkpointer, paths
 from nanotronix.cli import ArgumentParser, check_writable_folder, integer, one_line_errors, user_path, write_json_report
 from nanotronix.config import Config, config_from_dict
 from nanotronix.config_tree import apply_override, read_yaml_tree
+from nanotronix.data.files import remove_made_folders
 from nanotronix.errors import UserError, fail
 
 MODES = (("sync", False), ("async", True))
@@ -318,12 +319,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     if cuda and args.nproc > torch.cuda.device_count():
         return fail(f"--nproc {args.nproc}: this machine has {torch.cuda.device_count()} GPU(s), one per rank")
     tree = build_tree(args, "cuda" if cuda else "cpu")
+    made: list[Path] = []  # folders the checks below make: removed again, as the bench keeps nothing in --dir
     if args.json:  # an unusable --json path is said now, not after the runs
         if Path(args.json).is_dir():
             return fail(f"--json {args.json} is a folder; name the JSON file to write")
-        check_writable_folder(Path(args.json).resolve().parent, "--json")
+        made += check_writable_folder(Path(args.json).resolve().parent, "--json")
     if args.dir:
-        check_writable_folder(args.dir, "--dir")
+        made[:0] = check_writable_folder(args.dir, "--dir")  # first: it may lie in a folder made for --json
     work = Path(tempfile.mkdtemp(prefix="bench-checkpoint-", dir=args.dir))
     try:
         probe = mode_config(tree, work, "sync", False, args.interval)  # a bad config is one line before any run
@@ -340,6 +342,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             ranks = run_ranks(args, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        remove_made_folders(made)  # a --json folder made for the report is made again when the report is written
     modes = ranks[0]
     for mode in modes:
         modes[mode]["collected_bytes_per_rank"] = [r[mode]["collected_bytes"] for r in ranks]
