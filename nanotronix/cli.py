@@ -21,8 +21,8 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from nanotronix.data.files import (commit, file_identity, make_folder_durably, remove_made_folders, remove_quietly,
-                                   temp_path)
+from nanotronix.data.files import (commit, file_identity, make_folder_durably, note_removed_temps,
+                                   remove_abandoned_temps, remove_made_folders, remove_quietly, temp_path)
 from nanotronix.errors import EXIT_BAD_INPUT, PATH_THROUGH_A_FILE, StoppedWhenComplete, UserError, fail, one_line
 from nanotronix.train import EXIT_INTERRUPTED
 
@@ -148,8 +148,9 @@ def replace_file(path: str | Path, write: Callable[[str], None], suffix: str = "
     """Write `path` whole or not at all: `write(temp_path)` creates a hidden file beside it, which then replaces
     `path` (a reader never sees a half-written file); the temp file never stays behind, nor the folders made for it
     when the write fails (those it makes are durable, as the file is). A device or FIFO at `path` (`/dev/null`,
-    `/dev/stdout`) is written into, as a shell's `>` would: a rename would replace the device node itself. An
-    unusable path is a UserError naming `path`."""
+    `/dev/stdout`) is written into, as a shell's `>` would: a rename would replace the device node itself. The
+    hidden file a SIGKILLed earlier writer of `path` left is removed first. An unusable path is a UserError naming
+    `path`."""
     target = Path(path)
     temp = temp_path(target)
     temp = temp.with_name(temp.name + suffix)  # made by `write` (the usual file mode); the suffix for its format
@@ -165,6 +166,7 @@ def replace_file(path: str | Path, write: Callable[[str], None], suffix: str = "
         if target.exists() and not target.is_file():  # (through a link too: /dev/stdout -> /proc/self/fd/1)
             write(str(target))
             return target
+        note_removed_temps(remove_abandoned_temps(target, suffix=suffix))  # a SIGKILLed writer's, as large as this
         write(str(temp))
         written = file_identity(temp)
         commit(temp, target)

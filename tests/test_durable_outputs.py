@@ -193,3 +193,25 @@ def test_a_writer_removes_only_its_own_outputs_leftovers_of_processes_gone_from_
     removed = files.remove_abandoned_temps(tmp_path / "out", tmp_path / "out.replaced")
     assert sorted(p.name for p in removed) == sorted(ours)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(theirs)
+
+
+def test_replace_file_removes_what_a_killed_writer_of_the_same_output_left(tmp_path, capsys):
+    """plot_run --output and train_tokenizer --output write through replace_file, whose staging file
+    (`.NAME.tmp-HOST-PID` plus the format's extension) a SIGKILLed run leaves behind, as large as the output: the
+    next write of that output removes it when its process is gone, and leaves a live process's and another output's."""
+    import socket
+    import subprocess
+
+    from nanotronix.cli import replace_file
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    host = socket.gethostname()
+    left = [f".plot.png.tmp-{host}-{dead.pid}.png", f".plot.png.tmp-{dead.pid}.png"]
+    kept = [f".plot.png.tmp-{host}-{os.getppid()}.png", f".plot.png.tmp-{host}-{dead.pid}",
+            f".plot.png.v2.tmp-{host}-{dead.pid}.png"]
+    for name in left + kept:
+        (tmp_path / name).write_text("x\n")
+    replace_file(tmp_path / "plot.png", lambda temp: Path(temp).write_text("png\n"), suffix=".png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + ["plot.png"])
+    assert "note: removed what an interrupted run left beside the output" in capsys.readouterr().err

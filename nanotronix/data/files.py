@@ -41,18 +41,20 @@ def replaced_path(final: str | os.PathLike) -> Path:
     return final.with_name(f"{final.name}.replaced")
 
 
-def remove_abandoned_temps(*staged: str | os.PathLike) -> list[Path]:
+def remove_abandoned_temps(*staged: str | os.PathLike, suffix: str = "") -> list[Path]:
     """Delete the temporary files and folders that killed writers left beside the paths in `staged`: the outputs,
     and any other names a writer stages under `temp_path` (a store's `.lengths`, `replaced_path`), each named
     exactly, so that another output's staging files (`.NAME.v2.bin.tmp-...` beside `NAME`'s) are never taken for
     these. One is removed when its process is gone from this host: `.NAME.tmp-HOST-PID` with this host's name, or
     `.NAME.tmp-PID` (the name older versions gave, which carries no host). A SIGKILLed preprocess or converter
     cannot clean up, and its leftovers are as large as the output. A writer on another host is never judged by
-    its pid here; one on this host that is alive stays. Returns what was removed."""
+    its pid here; one on this host that is alive stays. `suffix`: what the writer adds after the pid
+    (`replace_file`'s, for a format told by its extension). Returns what was removed."""
     host = re.escape(_host_tag())
     patterns = {}
     for path in map(Path, staged):  # a pid: ASCII digits, not any \d
-        patterns.setdefault(path.parent, []).append(rf"\.{re.escape(path.name)}\.tmp-(?:{host}-)?([0-9]+)")
+        patterns.setdefault(path.parent, []).append(
+            rf"\.{re.escape(path.name)}\.tmp-(?:{host}-)?([0-9]+){re.escape(suffix)}")
     removed = []
     for folder, names in patterns.items():
         pattern = re.compile("|".join(f"(?:{name})" for name in names))
