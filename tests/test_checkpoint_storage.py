@@ -4,10 +4,12 @@ fsync order are in test_checkpoint_crash_safety.py."""
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -459,3 +461,55 @@ def test_two_folders_of_one_step_give_the_same_newest_step_in_any_listing_order(
     monkeypatch.setattr(Path, "iterdir", lambda self: iter(listed(list(iterdir(self)))))
     assert find_checkpoint(run_dir) == run_dir / "step_0000004"
     assert [p.name for p in paths.committed_steps(run_dir)] == ["step_0000003", "step_4", "step_0000004"]
+
+
+def test_python_and_numpy_generators_continue_where_the_save_left_them(tmp_path):
+    """rng.py saves Python's and NumPy's global generators beside torch's; a load must put them back (torch's alone
+    is checked in test_checkpoint_storage.py). Reference: what each generator gives right after the save."""
+    model = plain_model()
+    opt = adamw(model)
+    train_steps(model, opt, range(1, 2))
+    random.seed(11)
+    np.random.seed(12)
+    random.random(), np.random.rand(3)  # somewhere in their streams, not at a seed
+    folder = save_single(tmp_path / "run", 1, model, opt)
+    expected_py, expected_np = [random.random() for _ in range(4)], np.random.rand(4)
+
+    random.seed(0)
+    np.random.seed(0)
+    fresh = plain_model()
+    assert load_single(folder, fresh, adamw(fresh))["_restored"]["rng"] is True
+    assert [random.random() for _ in range(4)] == expected_py
+    assert np.array_equal(np.random.rand(4), expected_np)
+
+
+def test_a_damaged_rng_file_is_refused_before_it_is_unpickled(tmp_path):
+    """The RNG file is listed in the manifest with its SHA-256 like the weights: a flipped byte in it (same size, so
+    the cheap size check passes) is refused as a damaged file, one CheckpointError naming it, before torch.load reads
+    it (unchecked, the load failed deep inside torch's zip reader, or restored whatever the bytes now say)."""
+    model = plain_model()
+    opt = adamw(model)
+    train_steps(model, opt, range(1, 2))
+    folder = save_single(tmp_path / "run", 1, model, opt)
+    rng = folder / "rng" / "rank_00000.pt"
+    data = bytearray(rng.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    rng.write_bytes(bytes(data))
+    fresh = plain_model()
+    with pytest.raises(CheckpointError, match="rank_00000.pt does not match its SHA-256"):
+        load_single(folder, fresh, adamw(fresh))
+
+
+def test_a_resume_with_a_smaller_global_batch_size_is_refused_too():
+    """A step's samples are [(s-1)*gbs, s*gbs): a checkpoint that consumed 16 samples in 2 steps (gbs 8) resumed with
+    gbs 4 would read samples 8..15 again, as one with gbs 16 would skip some. Both are refused (only the larger one
+    is run through the trainer in test_checkpoint_resume.py). Reference: that arithmetic."""
+    from types import SimpleNamespace
+
+    from nanotronix.checkpoint.checkpointer import check_resumed_position
+
+    for gbs in (4, 16):
+        with pytest.raises(CheckpointError, match=f"consumed 16 samples in 2 steps .global batch 8., but "
+                                                  f"train.global_batch_size is {gbs}"):
+            check_resumed_position(Path("ckpt"), 2, 16, SimpleNamespace(global_batch_size=gbs, train_steps=4))
+    check_resumed_position(Path("ckpt"), 2, 16, SimpleNamespace(global_batch_size=8, train_steps=4))

@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import struct
 
 import pytest
 import torch
 import transformers
+from safetensors import safe_open
 
 from checkpoint_helpers import TINY, TINY_UNTIED, adamw, plain_model, save_single, train_steps
-from convert_hf_helpers import (WITH_BYTES, byte_tokenizer, cli, hf_tensors, logits_match, saved_hf_llama,
+from convert_hf_helpers import (WITH_BYTES, _hf_original, byte_tokenizer, cli, hf_tensors, logits_match, saved_hf_llama,
                                trained_checkpoint)
 
 from nanotronix.checkpoint.hf_export import export_to_hf
@@ -246,3 +248,60 @@ def test_imported_generation_config_values_transformers_refuses_are_left_out_wit
     assert [line for line in said if "source.hf.generation_config" in line] == [
         f"warning: {step / 'checkpoint.json'}: source.hf.generation_config: {why} (imported before the import "
         "refused it): left out of generation_config.json" for why in refused]
+
+
+def test_an_export_after_a_rope_theta_change_holds_the_new_theta(tmp_path):
+    """A transformers-saved model (its config.json keeps the theta under rope_parameters, which transformers 5 reads
+    first) imported, then trained on with another model.rope_theta (the 8k context stage): the export's config.json
+    must give transformers the run's theta, not carry the imported rope_parameters over it. Reference: transformers'
+    logits of the exported folder against the model the checkpoint holds."""
+    from nanotronix.checkpoint.hf_export import export_to_hf
+    from nanotronix.checkpoint.hf_import import import_from_hf
+    from nanotronix.checkpoint.reader import CheckpointReader
+    from nanotronix.checkpoint.storage import Collective
+    from nanotronix.checkpoint.training_state import take_snapshot, write_snapshot
+    from nanotronix.model import build_model
+    from nanotronix.parallel import ParallelContext
+
+    hf_dir = _hf_original(tmp_path / "hf", untied=False)  # rope_theta 130000
+    assert "rope_parameters" in json.loads((hf_dir / "config.json").read_text())
+    import_from_hf(hf_dir, tmp_path / "imported", log=lambda _: None)
+    reader = CheckpointReader(tmp_path / "imported")
+    source = reader.manifest["source"]
+    cfg = dataclasses.replace(reader.model_config, rope_theta=10000.0)
+    model = build_model(cfg)
+    reader.load_into(model)
+
+    snap = take_snapshot(1, model, adamw(model), ParallelContext(tp=1, pp=1, dp=1, rank=0, world_size=1),
+                         {"model": dataclasses.asdict(cfg)}, {"consumed_samples": 1}, staging=None,
+                         coll=Collective(), source=source)
+    write_snapshot(snap, tmp_path / "run", Collective())
+    out = export_to_hf(tmp_path / "run", tmp_path / "out", progress=False, log=lambda _: None)
+    assert transformers.AutoConfig.from_pretrained(out).rope_parameters["rope_theta"] == 10000.0
+    assert logits_match(out, model.eval(), cfg) < 1e-5
+
+
+def test_shards_smaller_than_the_first_tensor_are_never_empty_and_headers_are_aligned(tmp_path):
+    """--max-shard-size below the embedding's size: each tensor larger than a shard gets a shard of its own (as
+    transformers' save_pretrained does), no shard file is left holding nothing, the index names every file, and every
+    file's JSON header is padded so the data starts at a multiple of 8 bytes (the safetensors format's alignment,
+    which safetensors_stream's docstring promises). transformers loads the folder."""
+    from nanotronix.checkpoint.hf_export import export_to_hf
+
+    model = plain_model()
+    opt = adamw(model)
+    save_single(tmp_path / "run", 0, model, opt)
+    embedding_bytes = TINY.vocab_size * TINY.hidden_size * 4
+    out = export_to_hf(tmp_path / "run", tmp_path / "hf", max_shard_bytes=embedding_bytes // 2, progress=False,
+                       log=lambda _: None)
+    files = sorted(out.glob("*.safetensors"))
+    assert len(files) > 1
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {f.name for f in files}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            assert list(f.keys()), f"{file.name} holds no tensor"
+        with open(file, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+        assert (8 + header_len) % 8 == 0, (file.name, header_len)
+    assert logits_match(out, model.eval(), TINY) < 1e-5

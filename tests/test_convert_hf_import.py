@@ -247,3 +247,30 @@ def test_import_reads_the_weights_and_rope_theta_transformers_reads(tmp_path):
     with pytest.raises(UserError, match="rope_theta: config.json gives rope_parameters.rope_theta=130000.0, "
                                         "rope_theta=500000.0"):
         import_from_hf(twice, tmp_path / "ckpt2", log=lambda _: None)
+
+
+def test_a_config_json_leaving_out_defaulted_fields_imports_as_transformers_reads_it(tmp_path):
+    """tie_word_embeddings and the RoPE theta may be left out of a config.json: transformers then takes its
+    LlamaConfig defaults (an untied head, theta 10000). The import must take the same, so that the imported model
+    gives transformers' logits for the folder (an import that defaulted to a tied head refused the folder's own head;
+    another default theta computed other logits)."""
+    from nanotronix.checkpoint.hf_import import import_from_hf
+    from nanotronix.checkpoint.reader import CheckpointReader
+    from nanotronix.model import build_model
+
+    hf_dir = _hf_original(tmp_path / "hf", untied=True)
+    config = json.loads((hf_dir / "config.json").read_text())
+    for field in ("tie_word_embeddings", "rope_theta", "rope_parameters", "rope_scaling"):
+        config.pop(field, None)
+    (hf_dir / "config.json").write_text(json.dumps(config))
+    hf_config = transformers.AutoConfig.from_pretrained(hf_dir)
+    assert hf_config.tie_word_embeddings is False  # transformers' own defaults, the reference
+
+    import_from_hf(hf_dir, tmp_path / "ckpt", log=lambda _: None)
+    reader = CheckpointReader(tmp_path / "ckpt")
+    cfg = reader.model_config
+    assert cfg.tie_word_embeddings == hf_config.tie_word_embeddings
+    assert cfg.rope_theta == hf_config.rope_parameters["rope_theta"]
+    model = build_model(cfg)
+    reader.load_into(model)
+    assert logits_match(hf_dir, model.eval(), cfg) < 1e-5

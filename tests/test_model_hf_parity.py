@@ -80,3 +80,45 @@ def test_init_follows_nanotrons_standard_parametrization():
             assert abs(w.mean().item()) < 5 * expected / w.numel() ** 0.5, name
             beyond = (w.abs() > 2 * expected).double().mean().item()  # 4.55% for a normal, none for a uniform
             assert beyond == pytest.approx(0.0455, abs=0.005), (name, beyond)
+
+
+def test_an_untied_head_is_drawn_like_the_embedding():
+    """With tie_word_embeddings=False the output head is a matrix of its own: nanotron's StandardParametrizator draws
+    it from Normal(0, init_std) like the embedding. tests/test_model_hf_parity.py checks the init on the tied SmolLM2
+    presets only, where the head IS the embedding, so a head left at nn.Linear's default (uniform, std 1/sqrt(3 D),
+    0.036 here) would pass unnoticed. Normal's signature: 4.55% of the draws beyond 2 std (none for a uniform)."""
+    from nanotronix.config import ModelConfig
+    from nanotronix.model import build_model
+
+    cfg = ModelConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=4096, max_position_embeddings=64, rope_theta=10000.0,
+                      rms_norm_eps=1e-5, tie_word_embeddings=False, init_std=0.02)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    head, embedding = model.lm_head.weight.detach().double(), model.embed_tokens.weight.detach().double()
+    assert head.data_ptr() != embedding.data_ptr()
+    for name, w in (("lm_head", head), ("embed_tokens", embedding)):
+        assert w.std().item() == pytest.approx(cfg.init_std, rel=0.02), name
+        assert abs(w.mean().item()) < 5 * cfg.init_std / w.numel() ** 0.5, name
+        assert (w.abs() > 2 * cfg.init_std).double().mean().item() == pytest.approx(0.0455, abs=0.005), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_is_transformers_llama_rmsnorm_bit_for_bit(dtype):
+    """RMSNorm's numerics are transformers' LlamaRMSNorm's (norm.py's docstring): normalise in fp32, round to the
+    input dtype, then multiply by the fp32 gain (so a bf16 input gives an fp32 output). The model-level parity tests
+    run fp32, and under the trainer's autocast the residual stream entering a norm is fp32 too, so a norm that
+    scaled in fp32 and rounded the product to bf16 at the end (or kept bf16 out) was seen by no test."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from nanotronix.model.norm import RMSNorm
+
+    torch.manual_seed(0)
+    dim = 96
+    theirs, ours = LlamaRMSNorm(dim, eps=1e-5), RMSNorm(dim, 1e-5)
+    with torch.no_grad():
+        theirs.weight.copy_(torch.randn(dim) * 0.3 + 1)
+        ours.weight.copy_(theirs.weight)
+    x = (torch.randn(4, 7, dim) * 3).to(dtype)
+    want, got = theirs(x), ours(x)
+    assert got.dtype == want.dtype == torch.float32
+    assert torch.equal(got, want)

@@ -7,6 +7,7 @@ first spike (it must skip the second one too: the window comes back from the che
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -145,3 +146,22 @@ def test_bad_settings_are_refused(tmp_path, stores):
         load_config(cfg, ["train.spike_skip_sigma=-1"])
     with pytest.raises(ConfigError, match="train.spike_skip_window: must be >= 2"):
         load_config(cfg, ["train.spike_skip_window=1"])
+
+
+def test_the_spike_guards_loss_window_holds_the_losses(tmp_path):
+    """The guard judges (loss, gradient norm) against windows of the same quantities: after 6 steps with a window of
+    4, the checkpoint's trainer_state holds the last 4 logged losses under `losses` and the last 4 logged gradient
+    norms under `grad_norms`. tests/test_spike_guard.py's run spikes both at once and accepts either name in its
+    message, so a training step that handed the guard (gradient norm, loss) in the wrong order skipped the same steps,
+    said "loss" for the gradient norm, and saved each window under the other's name (~5 s)."""
+    from nanotronix.checkpoint.paths import MANIFEST_NAME
+
+    cfg = tiny_config(tmp_path, write_learnable_store(tmp_path / "arith"),
+                      train={"train_steps": 6, "spike_skip_sigma": 1000.0, "spike_skip_window": 4},
+                      checkpoint={"dir": str(tmp_path / "ckpt"), "interval": 6})
+    train_in_process(cfg)
+    rows = read_metrics(tmp_path / "logs")
+    manifest = json.loads((tmp_path / "ckpt" / "step_0000006" / MANIFEST_NAME).read_text())
+    window = manifest["trainer_state"]["spike_guard"]
+    assert window["losses"] == [rows[s]["loss"] for s in range(3, 7)]
+    assert window["grad_norms"] == [rows[s]["grad_norm"] for s in range(3, 7)]
