@@ -83,13 +83,17 @@ TokenStore.fingerprint = property(fingerprint)
 
 
 def test_resume_is_bit_exact_with_two_zero1_ranks(tmp_path, stores, monkeypatch):
-    """Also: only rank 0 reads the stores' content fingerprints (a few hundred small reads per store, which every
+    """ZeRO-1 over two ranks with the bf16 weight cache and async saves: after each update a rank gathers the other
+    rank's weights into its bf16 twin only, so its fp32 copy of them is stale until the save waits for their fp32
+    gather; a checkpoint that held the stale weights (whichever rank writes each replicated chunk) resumed into other
+    losses. Also: only rank 0 reads the stores' content fingerprints (a few hundred small reads per store, which every
     rank of a large job would repeat at each start), and its checkpoints keep them."""
     hook, reads = tmp_path / "hook", tmp_path / "fingerprint_reads.txt"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(FINGERPRINT_READS.format(log=str(reads)))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(hook), *filter(None, [os.environ.get("PYTHONPATH")])]))
-    ref, resumed = _configs(tmp_path, stores, parallel={"zero_stage": 1}, checkpoint={"async_save": True})
+    ref, resumed = _configs(tmp_path, stores, parallel={"zero_stage": 1}, checkpoint={"async_save": True},
+                            train={"dtype": "bfloat16", "bf16_weight_cache": True})
     for cfg in (ref, resumed):
         proc = torchrun(2, ["-m", "nanotronix.train", "--config", str(cfg)])
         assert proc.returncode == 0, proc.stderr[-3000:]
