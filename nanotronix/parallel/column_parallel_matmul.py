@@ -17,7 +17,9 @@ tensor-parallel linears do:
   - the input gradient's all-reduce ("copy") or reduce-scatter ("gather_sequence") is started as soon as that
     gradient exists and runs during the weight-gradient GEMM.
 The input gradient is reduced in the input's own dtype (fp32 for the fp32 residual stream), as autograd's cast +
-collective path does: both give bit-identical results (tests/test_parallel_layers.py). The weight gradient is
+collective path does: both give bit-identical results (tests/test_parallel_layers.py; with a weight block of its
+own on each rank, whose partial gradients a bf16 reduction would round differently: test_parallel_edge_cases.py).
+The weight gradient is
 returned, or with `main_grad` (train.grad_accumulation_fusion) accumulated into it by the wgrad GEMM
 (`grad_accumulation_fusion.accumulate_weight_grad`). Under torch.compile the collectives are issued synchronously
 (dynamo traces only those, into functional collectives whose waits Inductor schedules). There AOTAutograd traces
