@@ -21,6 +21,7 @@ step is committed and never removes the newest step nor the one that `latest` na
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -315,6 +316,20 @@ def _cut_short_aside(run_dir: Path, target: Path) -> Optional[Path]:
     return None
 
 
+def _new_aside(run_dir: Path, target: Path) -> Path:
+    """A new folder for the steps a rollback to `target` moves aside, named for the time; a second rollback to the same
+    step within that second (a script rolling back, training a step, rolling back again) gets `-2`, `-3`: sharing
+    the first one's folder, its moves failed ("Directory not empty") on a step name the first one holds."""
+    name = f"rolled_back_after_{target.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for n in itertools.count(1):
+        aside = run_dir / (name if n == 1 else f"{name}-{n}")
+        try:
+            aside.mkdir()
+            return aside
+        except FileExistsError:
+            continue
+
+
 def roll_back(run_dir: Path, step: int) -> tuple[Optional[Path], list[Path]]:
     """Make the committed `step` the run's latest again (`tools/rollback.py`): every later step folder moves into
     RUN_DIR/rolled_back_after_step_NNNNNNN-TIME/ (kept, not deleted; no step pattern there, so no resume, prune or
@@ -330,9 +345,11 @@ def roll_back(run_dir: Path, step: int) -> tuple[Optional[Path], list[Path]]:
     later = [p for p in committed_steps(run_dir) if step_of(p) > step]
     aside = None
     if later:
-        aside = _cut_short_aside(run_dir, target) or (
-            run_dir / f"rolled_back_after_{target.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-        aside.mkdir(exist_ok=True)  # a rollback cut short and run again: it finishes in the folder it began
+        aside = _cut_short_aside(run_dir, target)  # a rollback cut short and run again: it finishes where it began
+        if aside is None:
+            aside = _new_aside(run_dir, target)
+        else:
+            aside.mkdir(exist_ok=True)
         for p in reversed(later):
             os.rename(p, aside / p.name)
         fsync_path(run_dir)
