@@ -14,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import gc
 import os
+import time
 import weakref
 
 import pytest
@@ -125,13 +126,9 @@ def test_the_start_up_marker_is_removed_from_checkpoint_dir(tmp_path):
     assert ckpt.is_dir() and not list(ckpt.glob(f"{MARKER_PREFIX}*")), list(ckpt.iterdir())
 
 
-def test_a_second_rollback_cut_short_resumes_in_its_own_folder_not_an_older_ones(tmp_path, monkeypatch):
-    """Rolled back to step 1 (steps 2, 3 aside in folder A), trained to step 3 again, rolled back to step 1 again and
-    killed after its first move (step 3 into folder B, `latest` still on step 3): run again, it must finish in B, the
-    newest cut-short folder. A also holds a `step_0000003` and no longer sees it in the run, so it looks cut short
-    too; finishing there would put the new step 2 onto A's old one."""
-    import time
-
+def _rolled_back_and_trained_again(tmp_path, monkeypatch):
+    """Steps 1-3 saved, rolled back to step 1 at 2026-01-01 00:00:00 (steps 2 and 3 into that rollback's folder),
+    then steps 2 and 3 saved again: (the run folder, the first rollback's folder)."""
     run_dir = tmp_path / "run"
     model = plain_model()
     opt = adamw(model)
@@ -141,6 +138,15 @@ def test_a_second_rollback_cut_short_resumes_in_its_own_folder_not_an_older_ones
     first, _ = paths.roll_back(run_dir, 1)
     for step in (2, 3):
         save_single(run_dir, step, model, opt)
+    return run_dir, first
+
+
+def test_a_second_rollback_cut_short_resumes_in_its_own_folder_not_an_older_ones(tmp_path, monkeypatch):
+    """Rolled back to step 1 (steps 2, 3 aside in folder A), trained to step 3 again, rolled back to step 1 again and
+    killed after its first move (step 3 into folder B, `latest` still on step 3): run again, it must finish in B, the
+    newest cut-short folder. A also holds a `step_0000003` and no longer sees it in the run, so it looks cut short
+    too; finishing there would put the new step 2 onto A's old one."""
+    run_dir, first = _rolled_back_and_trained_again(tmp_path, monkeypatch)
     real_rename, renamed = os.rename, []
 
     def killed_after_one_move(src, dst):
@@ -166,17 +172,7 @@ def test_two_rollbacks_to_one_step_within_a_second_each_get_a_folder(tmp_path, m
     """The aside folder is named for the second: a script that rolls back to step 1, trains steps 2 and 3 again and
     rolls back again within that second shared the first rollback's folder, whose step_0000003 made the second one's
     first move fail ("Directory not empty"). It gets `-2`, and each folder keeps the steps it was given."""
-    import time
-
-    run_dir = tmp_path / "run"
-    model = plain_model()
-    opt = adamw(model)
-    for step in (1, 2, 3):
-        save_single(run_dir, step, model, opt)
-    monkeypatch.setattr(time, "strftime", lambda *_: "20260101-000000")
-    first, _ = paths.roll_back(run_dir, 1)
-    for step in (2, 3):
-        save_single(run_dir, step, model, opt)
+    run_dir, first = _rolled_back_and_trained_again(tmp_path, monkeypatch)
     second, moved = paths.roll_back(run_dir, 1)
     assert (first.name, second.name) == ("rolled_back_after_step_0000001-20260101-000000",
                                          "rolled_back_after_step_0000001-20260101-000000-2")

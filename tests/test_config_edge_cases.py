@@ -12,27 +12,12 @@ import torch
 import yaml
 
 from helpers import load_tool
+from test_config import tiny_yaml  # noqa: F401  (a fixture: the tiny config of test_config.py as a file)
 from nanotronix.config import ConfigError, config_notes, load_config
 from nanotronix.config_checks import check_parallel_shape, resolve_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "examples" / "configs"
-
-TINY = {
-    "model": {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 4, "num_attention_heads": 4,
-              "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 128, "rope_theta": 10000.0,
-              "rms_norm_eps": 1e-5, "tie_word_embeddings": True, "init_std": 0.02},
-    "train": {"seq_len": 32, "global_batch_size": 8, "micro_batch_size": 2, "train_steps": 3},
-    "data": {"stages": [{"name": "s1", "start_step": 1, "datasets": [{"path": "x", "weight": 1.0}]}]},
-}
-
-
-@pytest.fixture
-def tiny_yaml(tmp_path):
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(TINY))
-    return path
-
 
 @pytest.fixture(scope="module")
 def plan_tool():

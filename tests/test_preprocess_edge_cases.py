@@ -154,37 +154,6 @@ def test_a_shard_written_from_another_text_key_is_not_taken_for_complete(tmp_pat
     assert _docs(out) == _encode(tiny_tokenizer, TEXTS)
 
 
-def test_the_step_just_before_a_skipped_range_reads_no_skipped_step_ahead(tmp_path):
-    """train.skip_steps (4-6): after step 3 the batch read ahead is step 7's, never 4's. tests/test_prefetch.py asserts
-    the same reads, but a read ahead of step 4 that the jump to 7 cancels before the worker starts it goes unseen
-    there (on a busy machine it always is): here the worker is let finish what was queued after each batch, so every
-    read that was asked for happens and is counted."""
-    import torch
-    from helpers import write_learnable_store
-    from nanotronix.config import config_from_dict
-    from nanotronix.data import build_prefetched_loader, build_train_loader
-    store = write_learnable_store(tmp_path / "arith", num_docs=150)
-    cfg = config_from_dict({
-        "model": {"preset": "smollm2-135m", "num_hidden_layers": 1},
-        "train": {"seq_len": 16, "global_batch_size": 8, "micro_batch_size": 2},
-        "data": {"stages": [{"name": "one", "start_step": 1, "datasets": [{"path": str(store)}]}]}})
-    plain = build_train_loader(cfg, 0, 1)
-    feed = build_prefetched_loader(cfg, 0, 1, torch.device("cpu"), last_step=10, skipped_steps=[(4, 6), (9, 10)])
-    read = []
-    reader = feed._read_batch
-    feed._read_batch = lambda step: read.append(step) or reader(step)
-    try:
-        for step in range(1, 11):
-            if 4 <= step <= 6 or step >= 9:
-                feed.skip(step)
-            else:
-                assert torch.equal(feed.batch(step), plain.read_batch(step)), step
-            feed._worker.submit(lambda: None).result()  # the serial worker has done every read queued before
-        assert read == [1, 2, 3, 7, 8]
-    finally:
-        feed.close()
-
-
 def _bpe_with_specials(folder: Path, specials: list[str]) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from helpers import CORPUS
