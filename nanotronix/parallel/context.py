@@ -29,7 +29,6 @@ class ParallelContext:
     dp_group: Optional[dist.ProcessGroup] = None
     pp_group: Optional[dist.ProcessGroup] = None
     embedding_group: Optional[dist.ProcessGroup] = None  # first + last stage of this pipeline (pp > 1)
-    model_parallel_group: Optional[dist.ProcessGroup] = None  # tp x pp: every rank holding distinct weights
 
     @property
     def tp_rank(self) -> int:
@@ -97,8 +96,3 @@ class ParallelContext:
                 group = dist.new_group(ends, timeout=timeout)
                 if rank in ends:
                     ctx.embedding_group = group
-        for d in range(ctx.dp):
-            members = [g(t, d, p) for p in range(ctx.pp) for t in range(ctx.tp)]
-            group = dist.new_group(members, timeout=timeout)
-            if rank in members:
-                ctx.model_parallel_group = group
