@@ -210,46 +210,6 @@ def test_tensorboard_and_wandb_get_the_records_numbers_not_their_flags():
     assert dict(_scalars(record)) == {"step": 7, "loss": 2.5, "val_losses/web": 3.0, "datasets/web/epochs": 0.5}
 
 
-def run_file_records(run_file: Path) -> list:
-    """Every wandb_internal_pb2.Record of a .wandb run file (framing as in test_wandb_log.wandb_history)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-    import struct
-    data = run_file.read_bytes()
-    block, pos, parts, records = 32768, 7, [], []
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:
-            pos += block - pos % block
-            continue
-        length, kind = struct.unpack_from("<HB", data, pos + 4)
-        if length == kind == 0:
-            break
-        parts.append(data[pos + 7:pos + 7 + length])
-        pos += 7 + length
-        if kind in (1, 4):
-            record = pb.Record()
-            record.ParseFromString(b"".join(parts))
-            parts = []
-            records.append(record)
-    return records
-
-
-def test_wandb_charts_are_drawn_against_the_records_step(tmp_path):
-    """The W&B run declares every metric ("*") stepped by the record's own `step` (define_metric), so that the steps a
-    resume trains again are drawn at their step instead of dropped as out of order by W&B's own step counter: the
-    run file wandb writes (offline) holds that metric definition."""
-    pytest.importorskip("wandb")
-    from nanotronix.config import LoggingConfig
-    from nanotronix.train.wandb_log import WandbLog
-
-    log = WandbLog(LoggingConfig(dir=str(tmp_path / "logs"), wandb_project="p", wandb_mode="offline"), {})
-    log.log({"step": 3, "loss": 2.0})
-    log.log({"step": 2, "loss": 2.5})  # a resume from step 1
-    log.close()
-    (run,) = (tmp_path / "logs" / "wandb").glob("offline-run-*/run-*.wandb")
-    metrics = [r.metric for r in run_file_records(run) if r.WhichOneof("record_type") == "metric"]
-    assert any(m.glob_name == "*" and m.step_metric == "step" for m in metrics), metrics
-
-
 def test_cpu_profile_counts_each_ops_own_time_once():
     """On CPU ops nest (a record_function range around matmuls, aten ops calling aten ops): `own_times` takes each
     op's self time, so that the rows sum to about the wall time profiled (not more than 1.5x: the profiler's own
