@@ -20,8 +20,8 @@ The input gradient is reduced in the input's own dtype (fp32 for the fp32 residu
 collective path does: both give bit-identical results (tests/test_parallel_layers.py; with a weight block of its
 own on each rank, whose partial gradients a bf16 reduction would round differently: test_parallel_edge_cases.py).
 The weight gradient is returned, or with `main_grad` (train.grad_accumulation_fusion) accumulated into it by the
-wgrad GEMM (`grad_accumulation_fusion.accumulate_weight_grad`). Under torch.compile the collectives are issued synchronously
-(dynamo traces only those, into functional collectives whose waits Inductor schedules). There AOTAutograd traces
+wgrad GEMM (`grad_accumulation_fusion.accumulate_weight_grad`). Under torch.compile the collectives are issued
+synchronously (dynamo traces only those, into functional collectives whose waits Inductor schedules). There AOTAutograd traces
 forward and backward as one graph, whose partitioner would save the forward's gather for backward (it never
 recomputes a collective on its own: ranks could decide differently) rather than gather the shard again; so under
 sequence parallelism the compiled function runs inside torch.utils.checkpoint with a selective policy that leaves
