@@ -17,19 +17,19 @@ tensor-parallel linears do:
   - the input gradient's all-reduce ("copy") or reduce-scatter ("gather_sequence") is started as soon as that
     gradient exists and runs during the weight-gradient GEMM.
 The input gradient is reduced in the input's own dtype (fp32 for the fp32 residual stream), as autograd's cast +
-collective path does: both give bit-identical results (tests/test_parallel_layers.py; with a weight block of its
-own on each rank, whose partial gradients a bf16 reduction would round differently: test_parallel_edge_cases.py).
-The weight gradient is returned, or with `main_grad` (train.grad_accumulation_fusion) accumulated into it by the
-wgrad GEMM (`grad_accumulation_fusion.accumulate_weight_grad`). Under torch.compile the collectives are issued
-synchronously (dynamo traces only those, into functional collectives whose waits Inductor schedules). There AOTAutograd traces
-forward and backward as one graph, whose partitioner would save the forward's gather for backward (it never
-recomputes a collective on its own: ranks could decide differently) rather than gather the shard again; so under
-sequence parallelism the compiled function runs inside torch.utils.checkpoint with a selective policy that leaves
-the casts to the compute dtype and the matmul to the partitioner and marks the rest, the gather and the copies that
-order its chunks, MUST_RECOMPUTE (a collective the user marks is recomputed): the compiled graph keeps the shard and
-the compute-dtype weight, as eager does, and gathers again in backward, bit-identical (tests/test_parallel_layers.py,
-with Inductor's partitioner and aot_eager's). Hand-written: torch's tensor-parallel styles (DTensor) run the
-collective and the matmul as separate autograd steps.
+collective path does: both give bit-identical results (tests/test_parallel_layers.py; with a weight block of its own
+on each rank, whose partial gradients a bf16 reduction would round differently: test_parallel_edge_cases.py). The
+weight gradient is returned, or with `main_grad` (train.grad_accumulation_fusion) accumulated into it by the wgrad
+GEMM (`grad_accumulation_fusion.accumulate_weight_grad`). Under torch.compile the collectives are issued
+synchronously (dynamo traces only those, into functional collectives whose waits Inductor schedules). There
+AOTAutograd traces forward and backward as one graph, whose partitioner would save the forward's gather for backward
+(it never recomputes a collective on its own: ranks could decide differently) rather than gather the shard again; so
+under sequence parallelism the compiled function runs inside torch.utils.checkpoint with a selective policy that
+leaves the casts to the compute dtype and the matmul to the partitioner and marks the rest, the gather and the
+copies that order its chunks, MUST_RECOMPUTE (a collective the user marks is recomputed): the compiled graph keeps
+the shard and the compute-dtype weight, as eager does, and gathers again in backward, bit-identical
+(tests/test_parallel_layers.py, with Inductor's partitioner and aot_eager's). Hand-written: torch's tensor-parallel
+styles (DTensor) run the collective and the matmul as separate autograd steps.
 """
 from __future__ import annotations
 
