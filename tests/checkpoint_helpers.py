@@ -3,8 +3,10 @@ harness that cuts the plain model into one rank's TP x PP piece the way `nanotro
 equal TP chunks along `tp_shard_dim`, a stage keeping only its layers, tied embedding on both pipeline ends)."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import os
 
 import torch
 from torch import nn
@@ -112,6 +114,25 @@ class FakeOptimizer:
         assert not unknown, unknown
         self.states.update({n: {k: v.clone() for k, v in s.items()} for n, s in states.items()})
         self.step_count = step_count
+
+
+@contextlib.contextmanager
+def renames_killed_after(moves: int):
+    """os.rename raises KeyboardInterrupt (as a SIGINT would) once `moves` renames have gone through: a rollback or
+    save killed part-way. The real os.rename is back when the block ends."""
+    real_rename, done = os.rename, []
+
+    def killed_part_way(src, dst):
+        if len(done) == moves:
+            raise KeyboardInterrupt("killed mid-rollback")
+        done.append(src)
+        return real_rename(src, dst)
+
+    os.rename = killed_part_way
+    try:
+        yield
+    finally:
+        os.rename = real_rename
 
 
 def save_single(run_dir, step: int, model: nn.Module, optimizer, keep_last: int = 0, config: dict | None = None,

@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from helpers import load_tool
+from test_metrics_log_properties import call_plot
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
@@ -110,17 +111,8 @@ def test_plot_speed_panel_draws_tokens_per_second_per_gpu(tmp_path, monkeypatch)
     rows = [{"step": s, "loss": 5.0 - 0.1 * s, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_sec": 4000.0 + s,
              "tokens_per_sec_per_gpu": 1000.0 + s, "mfu": 0.1 + s / 100} for s in range(1, 7)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    drawn = {}
-    draw = plot_tool._draw
-
-    def recording_draw(fig, axes, records, bounds, sources, title):
-        result = draw(fig, axes, records, bounds, sources, title)
-        for ax in fig.axes:
-            drawn[ax.get_ylabel()] = [(list(line.get_xdata()), list(line.get_ydata())) for line in ax.lines]
-        return result
-
-    monkeypatch.setattr(plot_tool, "_draw", recording_draw)
-    assert plot_tool.main([str(tmp_path)]) == 0
+    code, _, err, _, drawn = call_plot(plot_tool, monkeypatch, [str(tmp_path)])
+    assert code == 0, err
     x, y = drawn["tokens/s per GPU"][0]
     assert x == [r["step"] for r in rows]
     assert y == [r["tokens_per_sec_per_gpu"] for r in rows]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from checkpoint_helpers import adamw, load_single, plain_model, save_single, train_steps
+from checkpoint_helpers import adamw, load_single, plain_model, renames_killed_after, save_single, train_steps
 from helpers import ROOT, record_file_system_calls, two_gloo_ranks
 
 from nanotronix.checkpoint import CheckpointError, find_checkpoint, resolve_checkpoint
@@ -96,24 +96,14 @@ def saved_steps(run_dir: Path, last: int) -> Path:
     return run_dir
 
 
-def test_a_rollback_cut_short_never_leaves_latest_behind_the_step_resumed_from(tmp_path, monkeypatch):
+def test_a_rollback_cut_short_never_leaves_latest_behind_the_step_resumed_from(tmp_path):
     """tools/rollback.py killed part-way: `latest` names the step a resume takes, or none (stale), never an earlier
     one beside later steps that the resume takes anyway; run again, it finishes the rollback."""
     from nanotronix.checkpoint import paths
 
     run_dir = saved_steps(tmp_path / "run", 4)
-    real_rename, renamed = os.rename, []
-
-    def killed_after_one_move(src, dst):
-        if renamed:
-            raise KeyboardInterrupt("killed mid-rollback")
-        renamed.append(src)
-        return real_rename(src, dst)
-
-    monkeypatch.setattr(os, "rename", killed_after_one_move)
-    with pytest.raises(KeyboardInterrupt):
+    with renames_killed_after(1), pytest.raises(KeyboardInterrupt):
         paths.roll_back(run_dir, 1)
-    monkeypatch.undo()
     assert paths.read_latest(run_dir) in (None, find_checkpoint(run_dir))
     assert [paths.step_of(p) for p in paths.committed_steps(run_dir)] == [1, 2, 3]  # the newest moved first
     aside, moved = paths.roll_back(run_dir, 1)
@@ -312,19 +302,9 @@ def test_a_rollback_run_again_after_a_kill_finishes_in_the_folder_it_began(tmp_p
     from nanotronix.checkpoint import paths
 
     run_dir = saved_steps(tmp_path / "run", 4)
-    real_rename, renamed = os.rename, []
-
-    def killed_part_way(src, dst):
-        if len(renamed) == moves_before_the_kill:
-            raise KeyboardInterrupt("killed mid-rollback")
-        renamed.append(src)
-        return real_rename(src, dst)
-
-    monkeypatch.setattr(os, "rename", killed_part_way)
     monkeypatch.setattr(time, "strftime", lambda *_: "20260101-000000")
-    with pytest.raises(KeyboardInterrupt):
+    with renames_killed_after(moves_before_the_kill), pytest.raises(KeyboardInterrupt):
         paths.roll_back(run_dir, 1)
-    monkeypatch.setattr(os, "rename", real_rename)
     monkeypatch.setattr(time, "strftime", lambda *_: "20260101-000001")  # run again a second later
     aside, moved = paths.roll_back(run_dir, 1)
     assert [p.name for p in run_dir.iterdir() if p.name.startswith("rolled_back_")] == [aside.name]

@@ -20,7 +20,7 @@ import weakref
 import pytest
 import torch
 
-from checkpoint_helpers import adamw, plain_model, save_single
+from checkpoint_helpers import adamw, plain_model, renames_killed_after, save_single
 from helpers import load_tool, record_file_system_calls
 
 from nanotronix.checkpoint import CheckpointError, paths, run_lock
@@ -147,19 +147,9 @@ def test_a_second_rollback_cut_short_resumes_in_its_own_folder_not_an_older_ones
     newest cut-short folder. A also holds a `step_0000003` and no longer sees it in the run, so it looks cut short
     too; finishing there would put the new step 2 onto A's old one."""
     run_dir, first = _rolled_back_and_trained_again(tmp_path, monkeypatch)
-    real_rename, renamed = os.rename, []
-
-    def killed_after_one_move(src, dst):
-        if renamed:
-            raise KeyboardInterrupt("killed mid-rollback")
-        renamed.append(src)
-        return real_rename(src, dst)
-
-    monkeypatch.setattr(os, "rename", killed_after_one_move)
     monkeypatch.setattr(time, "strftime", lambda *_: "20260101-000100")
-    with pytest.raises(KeyboardInterrupt):
+    with renames_killed_after(1), pytest.raises(KeyboardInterrupt):
         paths.roll_back(run_dir, 1)
-    monkeypatch.setattr(os, "rename", real_rename)
     monkeypatch.setattr(time, "strftime", lambda *_: "20260101-000101")
     again, moved = paths.roll_back(run_dir, 1)
     assert again.name.endswith("-20260101-000100") and again != first
