@@ -85,11 +85,21 @@ trap 'EARLY_USR1=1' USR1
 if [ -z "${PYTHON:-}" ]; then
   if [ -x "$NANOTRONIX_DIR/.venv/bin/python" ]; then PYTHON=$NANOTRONIX_DIR/.venv/bin/python; else PYTHON=python3; fi
 fi
-CONFIG=${CONFIG:-$RECIPE_CONFIG}
-DATA_ROOT=${DATA_ROOT:-}
-RUN_DIR=${RUN_DIR:-${SLURM_SUBMIT_DIR:-$PWD}/runs/$RUN_NAME}
-CKPT_DIR=${CKPT_DIR:-$RUN_DIR/checkpoints}
-LOG_DIR=${LOG_DIR:-$RUN_DIR/logs}
+# A leading `~` or `~user` that reached the job unexpanded (`sbatch --export=ALL,RUN_DIR=~/x`, a quoted "~/x") is
+# expanded here as the trainer expands it (os.path.expanduser): left as written, this script's folders and the
+# checkpoints it reads to decide on a requeue were a literal `./~` beside the trainer's.
+expand_home() {
+  [[ "$1" =~ ^~([^/]*)(/.*)?$ ]] || { printf '%s' "$1"; return; }
+  local home=$HOME
+  [ -z "${BASH_REMATCH[1]}" ] || home=$(getent passwd "${BASH_REMATCH[1]}" | cut -d: -f6)
+  [ -n "$home" ] || { printf '%s' "$1"; return; }  # no such user: kept, as expanduser keeps it
+  printf '%s%s' "$home" "${BASH_REMATCH[2]}"
+}
+CONFIG=$(expand_home "${CONFIG:-$RECIPE_CONFIG}")
+DATA_ROOT=$(expand_home "${DATA_ROOT:-}")
+RUN_DIR=$(expand_home "${RUN_DIR:-${SLURM_SUBMIT_DIR:-$PWD}/runs/$RUN_NAME}")
+CKPT_DIR=$(expand_home "${CKPT_DIR:-$RUN_DIR/checkpoints}")
+LOG_DIR=$(expand_home "${LOG_DIR:-$RUN_DIR/logs}")
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 OVERRIDES=${OVERRIDES:-}
 REQUEUE_ON_FAILURE=${REQUEUE_ON_FAILURE:-1}
@@ -250,7 +260,9 @@ on_usr1() {
     # (the guard below ends the job only when an allocation commits nothing; one that saves a few steps goes on)
     if [ "$USR1_OF_TIME_LIMIT" = 1 ] && lead=$(usr1_lead_s) && [ "$SECONDS" -lt "$lead" ]; then
       log "warning: the time limit's USR1 came ${SECONDS} s into this allocation: its --time leaves less than the" \
-          "USR1 lead (${lead} s) to train in, in every allocation; give the job a --time well above the lead"
+          "USR1 lead (${lead} s) to train in, in every allocation; give the job a --time well above the lead (the" \
+          "lead of SBATCH_SIGNAL or the script's #SBATCH --signal line: a --signal on sbatch's command line is not" \
+          "visible to the job)"
     fi
     ! requeue_disabled || after="it will not requeue itself: $NO_REQUEUE"
     log "USR1: asking the trainer to save a checkpoint and stop ($after)"
@@ -304,8 +316,10 @@ trap 'kill -HUP "$STORE_PID" 2>/dev/null' EXIT
 # As a one-task job step on the first node, so it sees the GPUs (and CPUs) a training step gets: under
 # --exclusive the batch shell itself sees every GPU of the node, whatever the job asked for.
 # Its output is captured so that a failure shows as its one line, without srun's own "task 0: Exited" notes.
+# USR1 is ignored in it, as in the torchrun agents: `scancel --signal=USR1 JOB` (no --batch) signals the job's steps,
+# and USR1's default action killed the preflight, which failed the job without a word.
 PREFLIGHT=$(srun --nodes=1 --ntasks=1 --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}" \
-  "$PYTHON" -m nanotronix.preflight --config "$CONFIG" --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" \
+  bash -c 'trap "" USR1; exec "$@"' preflight "$PYTHON" -m nanotronix.preflight --config "$CONFIG" --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" \
     "${RUN_OVERRIDES[@]}" 2>&1)
 PREFLIGHT_RC=$?
 # Slurm ends a cancelled (or requeued, timed-out) job's steps before it signals this shell: the preflight's step can
@@ -333,7 +347,13 @@ if [ "$TERMINATED" = 1 ] && [ "$PREEMPTED" = 0 ]; then
   exit 2
 fi
 if [ "$PREFLIGHT_RC" != 0 ] && [ "$TERMINATED" = 0 ]; then
-  grep -v '^srun: ' <<<"$PREFLIGHT" >&2
+  # A preflight killed by a signal (out of memory, a crash in an import) says nothing itself: then srun's note is
+  # the reason
+  MESSAGE=$(grep -v '^srun: ' <<<"$PREFLIGHT")
+  grep -q '[^[:space:]]' <<<"$MESSAGE" \
+    || fail "the preflight ($PYTHON -m nanotronix.preflight) failed without a message (exit $PREFLIGHT_RC:" \
+            "$(sed -n 's/^srun: error: //p' <<<"$PREFLIGHT" | head -n 1 | grep . || echo "srun said nothing either"))"
+  echo "$MESSAGE" >&2
   exit 2
 fi
 # (the store's own line already starts with "error: ")

@@ -51,6 +51,11 @@ def preflight_cases(tmp: Path) -> list[tuple[str, dict[str, str], tuple[str, ...
     wrong_python = tmp / "python"  # a Python without the project's packages (the system python3 on a cluster)
     wrong_python.write_text(f'#!/bin/bash\nexec {shlex.quote(sys.executable)} -S "$@"\n')
     wrong_python.chmod(0o755)
+    # the preflight killed before it says anything (the OOM killer, a crash while torch imports), the store started
+    killed_python = tmp / "killed_python"
+    killed_python.write_text('#!/bin/bash\ncase " $* " in *" nanotronix.preflight "*) kill -KILL $$ ;; esac\n'
+                             f'exec {shlex.quote(sys.executable)} "$@"\n')
+    killed_python.chmod(0o755)
     return [
         ("no config", {"CONFIG": str(tmp / "missing.yaml")}, (),
          f"error: CONFIG={tmp / 'missing.yaml'}: no such file"),
@@ -83,6 +88,9 @@ def preflight_cases(tmp: Path) -> list[tuple[str, dict[str, str], tuple[str, ...
         # the preflight says it, where its ModuleNotFoundError traceback was the job's error
         ("a Python without the project's packages", {"PYTHON": str(wrong_python), "GPUS_PER_NODE": "0"}, (),
          f"error: the Python at {sys.executable} lacks `torch`, `numpy`, `pyyaml`"),
+        # srun's note is the reason (it was filtered out with srun's other lines, which left no line at all)
+        ("the preflight killed", {"PYTHON": str(killed_python), "GPUS_PER_NODE": "0"}, (),
+         f"error: the preflight ({killed_python} -m nanotronix.preflight) failed without a message (exit 137: "),
     ]
 
 
@@ -111,14 +119,16 @@ def test_bad_settings_fail_in_seconds_with_one_line(slurm, tmp_path):
 def test_startup_failures_outside_the_preflight_are_one_line(slurm, tmp_path):
     """The rendezvous port already taken on the first node, and a RUN_DIR that cannot be created: one `error:` line
     each (before: "error: error: rendezvous store: ...", and mkdir's own line above a reasonless one). The first line
-    of the log says where the checkpoints and the metrics go."""
+    of the log says where the checkpoints and the metrics go, a leading `~` in their folders expanded."""
     import socket
     busy = socket.socket()
     busy.bind(("0.0.0.0", 0))
     busy.listen()
     port = busy.getsockname()[1]
     (tmp_path / "a_file").write_text("")
-    cases = [({"MASTER_PORT": str(port), "RUN_DIR": str(tmp_path / "run"), "CKPT_DIR": str(tmp_path / "ckpt")},
+    # RUN_DIR and CKPT_DIR with a `~` that reached the job unexpanded (--export=ALL,RUN_DIR=~/run): expanded as the
+    # trainer expands them, not a literal `~` folder in the submit directory beside the trainer's checkpoints
+    cases = [({"MASTER_PORT": str(port), "HOME": str(tmp_path), "RUN_DIR": "~/run", "CKPT_DIR": "~/ckpt"},
               f"error: rendezvous store: cannot listen on port {port}"),
              ({"RUN_DIR": str(tmp_path / "a_file" / "run")},
               f"error: cannot create {tmp_path / 'a_file' / 'run' / 'slurm'}/job-")]
@@ -135,6 +145,8 @@ def test_startup_failures_outside_the_preflight_are_one_line(slurm, tmp_path):
             if "MASTER_PORT" in settings:
                 assert f"(checkpoints {tmp_path / 'ckpt'}, metrics {tmp_path / 'run' / 'logs'}, this job's logs " in out
                 assert "] note: data: a is read 2.02 times over by step 150 " in out, out  # the preflight's, a log line
+                assert [p.name for p in (tmp_path / "run" / "slurm").iterdir()] == [f"job-{job}-restart-0"]
+                assert not (tmp_path / "~").exists()
             else:
                 assert lines[0].endswith(": Not a directory"), out
     finally:

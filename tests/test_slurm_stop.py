@@ -3,7 +3,8 @@ helpers: slurm_helpers.py).
 
 - A cancelled job (scancel's TERM) saves and ends CANCELLED instead of requeueing itself; its log has one line per
   node's torchrun, no traceback or TCPStore errors (~15 s). So does one cancelled while it stops on USR1 (~15 s), and
-  one cancelled in the preflight says that training was not started (~15 s).
+  one cancelled in the preflight says that training was not started (~15 s). A USR1 to the job's steps during the
+  preflight does not kill it (~15 s).
 - `scontrol requeue` says that Slurm brings the job back, not that it is not requeued (~15 s), also in the script's
   first moments (~10 s).
 - A job submitted with --no-requeue says so on USR1 instead of trying to requeue itself (~20 s).
@@ -111,6 +112,24 @@ def test_scancel_during_the_preflight_says_nothing_was_started(slurm, tmp_path):
     assert "TERM: waiting for the job step to stop (the job will not be requeued)" in out, out
     assert "the TERM came during the preflight: training was not started (nothing was saved)" in out, out
     assert "launching on every node" not in out and not any(line.startswith("error") for line in out.splitlines()), out
+
+
+def test_a_usr1_to_the_job_steps_during_the_preflight_does_not_kill_it(slurm, tmp_path):
+    """`scancel --signal=USR1 JOB` (no --batch) signals the job's steps, not the batch shell: during the preflight
+    (slowed down as above) only its step, where USR1's default action killed it and failed the job without a line.
+    The preflight ignores it as the torchrun agents do, and training starts (~15 s)."""
+    job = submit_with_a_slow_preflight(slurm, tmp_path)
+    wait_for_preflight(slurm, tmp_path, job)
+    slurm.cmd("scancel", "--signal=USR1", job)
+    deadline = time.monotonic() + 120
+    while "launching on every node" not in job_output(tmp_path, job):
+        assert time.monotonic() < deadline and slurm.info(job)["JobState"] not in ENDED, \
+            (slurm.info(job), job_output(tmp_path, job))
+        time.sleep(0.25)
+    slurm.cmd("scancel", job)
+    slurm.wait(job, timeout=300)
+    assert not any(line.startswith("error") for line in job_output(tmp_path, job).splitlines()), \
+        job_output(tmp_path, job)
 
 
 def submit_with_a_slow_config_read(slurm: Slurm, tmp_path: Path, *flags: str) -> str:
