@@ -497,6 +497,9 @@ if [ "$RC" != 0 ] && [ "$LAUNCHED" = 1 ]; then
     log "job step failed (exit $RC) without committing a checkpoint after step $STARTED_FROM: not requeued (a" \
         "failure before any progress could repeat at every requeue); see the errors above (a process killed by" \
         "the OOM killer or a user shows in torchrun's report as a signal, e.g. exitcode -9), then resubmit"
+  else
+    log "job step failed (exit $RC): not requeued (REQUEUE_ON_FAILURE=0); the latest checkpoint is step $REACHED:" \
+        "resubmit the job to continue from it"
   fi
 fi
 log "job step ended with exit code $RC"

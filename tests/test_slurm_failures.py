@@ -295,15 +295,20 @@ def test_a_job_refused_by_another_runs_lock_is_not_requeued(slurm, tmp_path, usr
     assert "requeueing job" not in out, out
 
 
-def test_a_failed_step_in_a_job_submitted_with_no_requeue_says_it_is_not_requeued(slurm, tmp_path):
-    """`sbatch --no-requeue`, a step that fails after committing a checkpoint: the log says why the job is not
-    requeued (Slurm would refuse `scontrol requeue`) and how to continue, and Slurm shows no restart (~15 s)."""
+@pytest.mark.parametrize("how", ["--no-requeue", "REQUEUE_ON_FAILURE=0"])
+def test_a_failed_step_in_a_job_submitted_with_no_requeue_says_it_is_not_requeued(slurm, tmp_path, how):
+    """`sbatch --no-requeue` (or the script's REQUEUE_ON_FAILURE=0), a step that fails after committing a
+    checkpoint: the log says why the job is not requeued (Slurm would refuse `scontrol requeue`) and how to continue,
+    and Slurm shows no restart (~15 s each)."""
     config, stores = two_stage_run(tmp_path)
     run_dir = tmp_path / "run"
     latest = run_dir / "checkpoints" / "latest"
-    job = slurm.sbatch(tmp_path, {"CONFIG": str(config), "DATA_ROOT": str(stores), "GPUS_PER_NODE": "0",
-                                  "NPROC_PER_NODE": "1", "RUN_DIR": str(run_dir), "OVERRIDES": "checkpoint.interval=2"},
-                       "--no-requeue")
+    settings = {"CONFIG": str(config), "DATA_ROOT": str(stores), "GPUS_PER_NODE": "0", "NPROC_PER_NODE": "1",
+                "RUN_DIR": str(run_dir), "OVERRIDES": "checkpoint.interval=2"}
+    if how.startswith("--"):
+        job = slurm.sbatch(tmp_path, settings, how)
+    else:
+        job = slurm.sbatch(tmp_path, dict(settings, REQUEUE_ON_FAILURE="0"))
     deadline = time.monotonic() + 300
     while not latest.is_file():  # a checkpoint committed: progress, which a requeueable job would requeue on
         assert time.monotonic() < deadline and slurm.info(job)["JobState"] not in ENDED, job_output(tmp_path, job)
@@ -313,6 +318,10 @@ def test_a_failed_step_in_a_job_submitted_with_no_requeue_says_it_is_not_requeue
     out = job_output(tmp_path, job)
     reached = max(int(p.name[5:]) for p in latest.parent.glob("step_*") if (p / "checkpoint.json").is_file())
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("FAILED", "1:0", "0"), (info, out)
-    assert (f"job step failed (exit 1) after committing the checkpoint of step {reached}: not requeued: the job was "
-            "submitted with --no-requeue; resubmit it to continue from that checkpoint") in out, out
+    said = {"--no-requeue": f"job step failed (exit 1) after committing the checkpoint of step {reached}: not "
+                            "requeued: the job was submitted with --no-requeue; resubmit it to continue from that "
+                            "checkpoint",
+            "REQUEUE_ON_FAILURE=0": f"job step failed (exit 1): not requeued (REQUEUE_ON_FAILURE=0); the latest "
+                                    f"checkpoint is step {reached}: resubmit the job to continue from it"}
+    assert said[how] in out, out
     assert "requeueing" not in out and "scontrol requeue failed" not in out, out
