@@ -126,9 +126,10 @@ def test_startup_failures_outside_the_preflight_are_one_line(slurm, tmp_path):
     busy.listen()
     port = busy.getsockname()[1]
     (tmp_path / "a_file").write_text("")
-    # RUN_DIR and CKPT_DIR with a `~` that reached the job unexpanded (--export=ALL,RUN_DIR=~/run): expanded as the
+    # RUN_DIR, CKPT_DIR and LOG_DIR with a `~` that reached the job unexpanded (--export=ALL,RUN_DIR=~/run): expanded as the
     # trainer expands them, not a literal `~` folder in the submit directory beside the trainer's checkpoints
-    cases = [({"MASTER_PORT": str(port), "HOME": str(tmp_path), "RUN_DIR": "~/run", "CKPT_DIR": "~/ckpt"},
+    cases = [({"MASTER_PORT": str(port), "HOME": str(tmp_path), "RUN_DIR": "~/run", "CKPT_DIR": "~/ckpt",
+               "LOG_DIR": "~/metrics"},
               f"error: rendezvous store: cannot listen on port {port}"),
              ({"RUN_DIR": str(tmp_path / "a_file" / "run")},
               f"error: cannot create {tmp_path / 'a_file' / 'run' / 'slurm'}/job-")]
@@ -143,7 +144,7 @@ def test_startup_failures_outside_the_preflight_are_one_line(slurm, tmp_path):
             assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0"), (info, out)
             assert len(lines) == 1 and lines[0].startswith(message), out
             if "MASTER_PORT" in settings:
-                assert f"(checkpoints {tmp_path / 'ckpt'}, metrics {tmp_path / 'run' / 'logs'}, this job's logs " in out
+                assert f"(checkpoints {tmp_path / 'ckpt'}, metrics {tmp_path / 'metrics'}, this job's logs " in out
                 assert "] note: data: a is read 2.02 times over by step 150 " in out, out  # the preflight's, a log line
                 assert [p.name for p in (tmp_path / "run" / "slurm").iterdir()] == [f"job-{job}-restart-0"]
                 assert not (tmp_path / "~").exists()
