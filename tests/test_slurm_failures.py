@@ -126,8 +126,9 @@ def test_startup_failures_outside_the_preflight_are_one_line(slurm, tmp_path):
     busy.listen()
     port = busy.getsockname()[1]
     (tmp_path / "a_file").write_text("")
-    # RUN_DIR, CKPT_DIR and LOG_DIR with a `~` that reached the job unexpanded (--export=ALL,RUN_DIR=~/run): expanded as the
-    # trainer expands them, not a literal `~` folder in the submit directory beside the trainer's checkpoints
+    # RUN_DIR, CKPT_DIR and LOG_DIR with a `~` that reached the job unexpanded (--export=ALL,RUN_DIR=~/run):
+    # expanded as the trainer expands them, not a literal `~` folder in the submit directory beside the trainer's
+    # checkpoints
     cases = [({"MASTER_PORT": str(port), "HOME": str(tmp_path), "RUN_DIR": "~/run", "CKPT_DIR": "~/ckpt",
                "LOG_DIR": "~/metrics"},
               f"error: rendezvous store: cannot listen on port {port}"),
