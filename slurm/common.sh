@@ -319,8 +319,8 @@ trap 'kill -HUP "$STORE_PID" 2>/dev/null' EXIT
 # USR1 is ignored in it, as in the torchrun agents: `scancel --signal=USR1 JOB` (no --batch) signals the job's steps,
 # and USR1's default action killed the preflight, which failed the job without a word.
 PREFLIGHT=$(srun --nodes=1 --ntasks=1 --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}" \
-  bash -c 'trap "" USR1; exec "$@"' preflight "$PYTHON" -m nanotronix.preflight --config "$CONFIG" --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" \
-    "${RUN_OVERRIDES[@]}" 2>&1)
+  bash -c 'trap "" USR1; exec "$@"' preflight "$PYTHON" -m nanotronix.preflight --config "$CONFIG" \
+    --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" "${RUN_OVERRIDES[@]}" 2>&1)
 PREFLIGHT_RC=$?
 # Slurm ends a cancelled (or requeued, timed-out) job's steps before it signals this shell: the preflight's step can
 # return, stopped, before the TERM arrives here, which then read as the preflight failing (its "CANCELLED" line as
