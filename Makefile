@@ -30,6 +30,11 @@ $(STAMP): setup.py | $(PY)
 		|| $(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet --upgrade "setuptools>=70" wheel
 	$(PY) -m pip install --quiet --no-build-isolation -e ".[test]"
+	@# A torch kept from outside the venv installs no torchrun script into it: `torchrun` after activating it was the
+	@# system's, whose workers run under the system Python (without nanotronix). This one runs the venv's Python.
+	[ -x $(VENV)/bin/torchrun ] || { printf '%s\n' '#!/bin/sh' \
+		'exec "$$(dirname "$$0")/python" -m torch.distributed.run "$$@"' > $(VENV)/bin/torchrun \
+		&& chmod +x $(VENV)/bin/torchrun; }
 	touch $(STAMP)
 
 $(DALI_STAMP): $(STAMP)

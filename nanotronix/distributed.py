@@ -35,7 +35,13 @@ def pick_device(requested: str, option: str = "train.device") -> torch.device:
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise UserError(f"{option}: cuda requested but CUDA is not available")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        local_rank, gpus = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+        if local_rank >= gpus:  # torch.cuda.set_device's own error is a traceback, on every rank past the last GPU
+            raise UserError(f"{option}: {requested} puts local rank {local_rank} on GPU {local_rank}, but this node "
+                            f"shows {gpus} CUDA GPU(s) (CUDA_VISIBLE_DEVICES="
+                            f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start at most {gpus} process(es) "
+                            f"per node, or set {option}=cpu")
+        return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
 

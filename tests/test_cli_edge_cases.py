@@ -10,6 +10,7 @@ train/run_folders.py and the tools' argument handling found):
   another host (any host name), or not exactly a staging name; a folder level another process made meanwhile; a
   file someone put in a folder this command made;
 - commit(replace=False) leaves an output that appeared meanwhile, and a failed folder rename puts the older back.
+- a process whose local rank has no GPU on its node is refused in one line (auto or cuda), not torch's traceback.
 Each a few file operations in one process: well under a second apiece (after the imports).
 """
 from __future__ import annotations
@@ -223,3 +224,26 @@ def test_an_unwritable_output_folder_leaves_no_folder_made_for_it(tmp_path, monk
     with pytest.raises(UserError, match=r"^--output: cannot write to .*Permission denied"):
         check_writable_folder(tmp_path / "a" / "b", "--output")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("requested", ["auto", "cuda"])
+def test_a_local_rank_past_the_nodes_gpus_is_refused_in_one_line(monkeypatch, requested):
+    """More processes on a node than GPUs it shows (`make quickstart`'s 4 ranks on a 1-GPU workstation with
+    `auto`): the ranks past the last GPU are refused with one line naming the count and the way out, not
+    torch.cuda.set_device's traceback; the ranks that have a GPU get theirs, and `cpu` is never refused."""
+    import torch
+
+    from nanotronix.distributed import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+    for local_rank in (0, 1):
+        monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+        assert pick_device(requested) == torch.device("cuda", local_rank)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(UserError) as e:
+        pick_device(requested)
+    assert str(e.value) == (f"train.device: {requested} puts local rank 2 on GPU 2, but this node shows 2 CUDA GPU(s) "
+                            "(CUDA_VISIBLE_DEVICES=4,5): start at most 2 process(es) per node, or set train.device=cpu")
+    assert pick_device("cpu") == torch.device("cpu")

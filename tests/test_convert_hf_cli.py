@@ -530,3 +530,11 @@ def test_an_export_refuses_a_data_tokenizer_rewritten_since_the_run_trained(tmp_
     assert not (tmp_path / "hf").exists()
     assert tool_main("convert_to_hf")([*run, "--output", str(tmp_path / "hf"), "--tokenizer", str(tok)]) == 0
     assert "warning: tokenizer" in capsys.readouterr().out and (tmp_path / "hf" / "tokenizer.json").is_file()
+    # --tokenizer naming another file that cannot be the model's (more tokens than its vocabulary): the refusal
+    # alone, not the "shipped as asked" warning above it
+    big = train_tiny_tokenizer(tmp_path / "big" / "tokenizer.json", vocab_size=400)
+    assert tool_main("convert_to_hf")([*run, "--output", str(tmp_path / "hf_big"), "--tokenizer", str(big)]) == 2
+    out, err = capsys.readouterr()
+    assert "warning" not in out + err and err.startswith(f"error: tokenizer {big} has ") and err.count("\n") == 1, \
+        (out, err)
+    assert not (tmp_path / "hf_big").exists()

@@ -84,30 +84,6 @@ def test_a_repo_id_not_of_the_form_owner_name_is_refused_before_any_work(repo_id
         check_hub_access(repo_id)
 
 
-def test_private_reaches_the_hub_repo_it_creates(tmp_path, monkeypatch):
-    """--private makes a private repo: the flag reaches HfApi.create_repo (dropped, the model went public), and an
-    existing repo is uploaded to, not refused. A recording stand-in for HfApi here: there is no network."""
-    import huggingface_hub
-    from nanotronix.checkpoint.hub import push_folder
-    calls = []
-
-    class RecordingApi:
-        def create_repo(self, repo_id, **kw):
-            calls.append(("create_repo", repo_id, kw))
-            return f"https://huggingface.co/{repo_id}"
-
-        def upload_folder(self, **kw):
-            calls.append(("upload_folder", kw))
-
-    monkeypatch.setattr(huggingface_hub, "HfApi", RecordingApi)
-    for private in (True, False):
-        calls.clear()
-        assert push_folder(tmp_path, "someone/tiny", private=private) == "https://huggingface.co/someone/tiny"
-        assert calls[0][0] == "create_repo" and calls[0][2].get("private") is private, calls
-        assert calls[0][2].get("exist_ok") is True, calls  # a second export goes to the repo the first made
-        assert calls[1][1]["folder_path"] == str(tmp_path) and calls[1][1]["repo_id"] == "someone/tiny", calls
-
-
 def test_summary_shows_zero_values_and_document_zero(tmp_path, capsys):
     """The text summary prints a 0 as 0 (an EOS id of 0, no skipped records), not as '-' (missing), and `--doc 0`
     prints document 0 (a falsy 0 printed nothing). The expected tokens are the ones written."""

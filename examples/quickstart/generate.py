@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def main(argv=None) -> int:
@@ -12,6 +13,10 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt", default="def __init__(self")
     parser.add_argument("--max-new-tokens", type=int, default=40)
     args = parser.parse_args(argv)
+    if not (Path(args.model) / "config.json").is_file():  # transformers' own error is a traceback about the Hub
+        print(f"error: {args.model}: no exported model here (no config.json): write one with tools/convert_to_hf.py",
+              file=sys.stderr)
+        return 2
 
     import transformers
 

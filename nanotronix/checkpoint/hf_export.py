@@ -185,21 +185,21 @@ def _leave_out_tokenizer(folder: Path, why: UserError, log: Callable[[str], None
     log(f"warning: tokenizer files not written ({why})")
 
 
-def _check_the_stores_tokenizer(spec: str, asked: bool, manifest: dict, log: Callable[[str], None]) -> None:
+def _check_the_stores_tokenizer(spec: str, asked: bool, manifest: dict) -> Optional[str]:
     """The tokenizer about to be shipped against the tokenizer files the run's token stores were written with (their
     sha256, which the checkpoint keeps): the run's data.tokenizer rewritten since it trained (a tokenizer retrained
     into the same path) would ship ids that mean other tokens, with no word. Refused for the run's own; `--tokenizer`
-    or an imported model's own (`asked`) is shipped, with a warning (two files can hold the same vocabulary)."""
+    or an imported model's own (`asked`) is shipped, with a warning (two files can hold the same vocabulary): its
+    text is returned, said once the tokenizer is shipped (before a refusal of it, it contradicted the error line)."""
     kept = (manifest.get("data") if isinstance(manifest.get("data"), dict) else {}).get("store_tokenizers")
     recorded = sorted({sha for sha in kept.values() if isinstance(sha, str)} if isinstance(kept, dict) else ())
     mine = local_tokenizer_sha256(spec)
     if not recorded or mine is None or mine in recorded:
-        return
+        return None
     said = (f"tokenizer {spec} ({mine[:12]}) is another file than the one the run's token stores were written with "
             f"({', '.join(sha[:12] for sha in recorded)})")
     if asked:
-        log(f"warning: {said}; shipped as asked: unless they hold the same vocabulary, its ids mean other tokens")
-        return
+        return f"warning: {said}; shipped as asked: unless they hold the same vocabulary, its ids mean other tokens"
     raise UserError(f"{said}: rewritten since the run trained? Pass --tokenizer with the stores' tokenizer (or this "
                     "one, to ship it all the same)")
 
@@ -219,12 +219,14 @@ def _write_tokenizer(folder: Path, tokenizer: Optional[str], manifest: dict, sou
     if not tokenizer_spec:
         return None, None, None
     # the imported model's own is no file the run named (its stores may hold a re-saved copy): a warning, as asked
-    _check_the_stores_tokenizer(tokenizer_spec, bool(tokenizer) or the_imported, manifest, log)
+    warning = _check_the_stores_tokenizer(tokenizer_spec, bool(tokenizer) or the_imported, manifest)
     try:
         info, bos_id, eos_id = write_tokenizer_files(tokenizer_spec, folder, cfg.max_position_embeddings)
         if info.vocab_size > cfg.vocab_size:  # its ids past the embedding: an IndexError in generate()
             raise UserError(f"tokenizer {tokenizer_spec} has {info.vocab_size} tokens, more than the "
                             f"model's vocabulary ({cfg.vocab_size}): not the model's tokenizer")
+        if warning:
+            log(warning)
         # no BOS named: its EOS (SmolLM2's tokenizer uses <|endoftext|> for both); no EOS: the data pipeline's
         return info, info.eos_id if bos_id is None else bos_id, info.eos_id if eos_id is None else eos_id
     except UserError as e:

@@ -64,7 +64,9 @@ def layout_text(layout: Any) -> str:
     """A manifest's `layout` as people read it: `tp 2 x pp 1 x dp 4 (8 ranks)`."""
     if not isinstance(layout, dict):
         return str(layout)
-    return f"tp {layout.get('tp')} x pp {layout.get('pp')} x dp {layout.get('dp')} ({layout.get('world_size')} ranks)"
+    world = layout.get("world_size")
+    ranks = f"{world} rank" if world == 1 else f"{world} ranks"
+    return f"tp {layout.get('tp')} x pp {layout.get('pp')} x dp {layout.get('dp')} ({ranks})"
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
