@@ -30,10 +30,37 @@ def _sigint_as_it_was():
     signal.signal(signal.SIGINT, handler)
 
 
+_LAUNCHED: list[subprocess.Popen] = []
+
+
 def _launch(args: list[str], cwd: Path) -> subprocess.Popen:
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
+    _LAUNCHED.append(proc)
+    return proc
+
+
+def _descendants(pid: int) -> list[int]:
+    try:
+        children = _children(pid)
+    except OSError:  # gone meanwhile
+        return []
+    return [d for c in children for d in (c, *_descendants(c))]
+
+
+@pytest.fixture(autouse=True)
+def _no_run_left_behind():
+    """A test that fails while its run goes on (a stop that never came: communicate's timeout) kills what it
+    launched, torchrun's workers too (their own sessions), instead of leaving a 100,000-step run on the machine."""
+    yield
+    while _LAUNCHED:
+        proc = _LAUNCHED.pop()
+        if proc.poll() is None:
+            for pid in [*_descendants(proc.pid), proc.pid]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            proc.communicate()
 
 
 def _wait_for_step(metrics: Path, proc: subprocess.Popen, step: int, timeout: float = 180) -> None:
