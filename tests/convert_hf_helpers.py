@@ -77,6 +77,31 @@ def _hf_original(folder: Path, untied: bool, dtype=torch.float32) -> Path:
                           eos_token_id=0, initializer_range=0.03)
 
 
+def unigram_tokenizer(folder: Path) -> Path:
+    """A tiny Unigram tokenizer.json in `folder` with a Metaspace pre-tokenizer and decoder (T5's kind: not BPE, so
+    transformers 5 applies clean_up_tokenization_spaces when decoding it), <|endoftext|> its id 0; its path."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from helpers import CORPUS
+
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(CORPUS * 20, trainers.UnigramTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<unk>"], unk_token="<unk>", show_progress=False))
+    tok.save(str(folder / "tokenizer.json"))
+    return folder / "tokenizer.json"
+
+
+def conversion_source(tool: str, tmp_path: Path) -> list[str]:
+    """The source arguments of a tiny conversion by `tool`: a trained checkpoint for convert_to_hf, a model saved by
+    transformers for convert_from_hf (made under tmp_path)."""
+    if tool == "convert_to_hf":
+        trained_checkpoint(tmp_path / "run")
+        return ["--checkpoint", str(tmp_path / "run")]
+    return ["--hf", str(_hf_original(tmp_path / "hf", untied=False))]
+
+
 def saved_hf_llama(folder: Path, dtype=torch.float32, seed: int = 0, **fields) -> Path:
     """FOLDER: a random LlamaForCausalLM of the LlamaConfig FIELDS (and the extra keys SmolLM2's config carries),
     saved by transformers' own save_pretrained."""

@@ -13,7 +13,7 @@ import sys
 import pytest
 import transformers
 
-from convert_hf_helpers import _hf_original, cli, one_error_line, tool_main, trained_checkpoint
+from convert_hf_helpers import _hf_original, cli, conversion_source, one_error_line, tool_main, trained_checkpoint
 from helpers import ROOT
 
 from nanotronix.checkpoint.hf_export import export_to_hf
@@ -291,11 +291,7 @@ def test_sigterm_leaves_no_half_written_output(tmp_path, capsys, monkeypatch, to
     import signal
 
     from nanotronix.checkpoint import output_folder
-    if tool == "convert_to_hf":
-        trained_checkpoint(tmp_path / "run")
-        source = ["--checkpoint", str(tmp_path / "run")]
-    else:
-        source = ["--hf", str(_hf_original(tmp_path / "hf", untied=False))]
+    source = conversion_source(tool, tmp_path)
     capsys.readouterr()
     def commit_when_killed(*args, **kwargs):  # the signal arrives while the output is still being written
         os.kill(os.getpid(), signal.SIGTERM)
@@ -478,11 +474,7 @@ def test_an_output_that_appeared_during_the_conversion_is_left_as_it_is(tmp_path
     (a live run's steps and .lock), or the later conversion replaced the earlier one's, both saying they wrote it.
     Without --overwrite it is now left as it is, in one line, and the conversion's staging folder goes."""
     from nanotronix.checkpoint import output_folder
-    if tool == "convert_to_hf":
-        trained_checkpoint(tmp_path / "run")
-        source = ["--checkpoint", str(tmp_path / "run")]
-    else:
-        source = ["--hf", str(_hf_original(tmp_path / "hf", untied=False))]
+    source = conversion_source(tool, tmp_path)
     out = tmp_path / "out"
     real_commit = output_folder.commit
 

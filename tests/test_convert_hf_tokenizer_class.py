@@ -19,10 +19,10 @@ from typing import Iterator
 
 import pytest
 import transformers
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, normalizers
 
 from checkpoint_helpers import TINY
-from convert_hf_helpers import WITH_BYTES, byte_tokenizer, cli, trained_checkpoint
+from convert_hf_helpers import WITH_BYTES, byte_tokenizer, cli, trained_checkpoint, unigram_tokenizer
 from helpers import CORPUS, load_tool
 
 from nanotronix.checkpoint.hf_export import export_to_hf
@@ -99,15 +99,10 @@ def lowercasing(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def unigram(tmp_path_factory) -> Path:
-    """A tiny Unigram tokenizer with a Metaspace pre-tokenizer and decoder (T5's kind: not BPE, so transformers 5
-    applies clean_up_tokenization_spaces when decoding), <|endoftext|> its id 0."""
+    """convert_hf_helpers.unigram_tokenizer's tiny Unigram (not BPE: transformers 5 applies
+    clean_up_tokenization_spaces when decoding it), alone in its folder."""
     folder = tmp_path_factory.mktemp("unigram")
-    tok = Tokenizer(models.Unigram())
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    tok.train_from_iterator(CORPUS * 20, trainers.UnigramTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>", "<unk>"], unk_token="<unk>", show_progress=False))
-    tok.save(str(folder / "tokenizer.json"))
+    unigram_tokenizer(folder)
     return folder
 
 

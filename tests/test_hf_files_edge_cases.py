@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import transformers
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, normalizers
 
-from convert_hf_helpers import WITH_BYTES, byte_tokenizer, saved_hf_llama, trained_checkpoint
-from helpers import CORPUS
+from convert_hf_helpers import WITH_BYTES, byte_tokenizer, saved_hf_llama, trained_checkpoint, unigram_tokenizer
+from test_hf_generation_config import _transformers_loads
 from test_hf_import_damage_properties import TINY_HF
 
 from nanotronix.checkpoint.hf_export import export_to_hf
@@ -25,15 +25,6 @@ from nanotronix.errors import UserError
 
 BASE = {"bos_token_id": 0, "eos_token_id": 0}
 PROSE = "Is it ? Yes , it is . I 've seen x != y ! Haven 't you ?"  # what clean_up_tokenization_spaces rewrites
-
-
-def _generation_config_loads(folder: Path, config: dict) -> bool:
-    (folder / "generation_config.json").write_text(json.dumps(config))
-    try:
-        transformers.GenerationConfig.from_pretrained(folder)
-    except Exception:  # noqa: BLE001 (whatever it raises is a refusal)
-        return False
-    return True
 
 
 @pytest.mark.parametrize("config", [
@@ -54,7 +45,7 @@ def test_generation_config_rules_agree_with_transformers_at_their_bounds(tmp_pat
     field of a generation_config.json that transformers loads. The rules refuse exactly where GenerationConfig does."""
     transformers.logging.set_verbosity_error()
     config = {**BASE, **config}
-    assert (refusal(config) is None) == _generation_config_loads(tmp_path, config)
+    assert (refusal(config) is None) == _transformers_loads(tmp_path, config)
 
 
 @pytest.fixture(scope="module")
@@ -192,16 +183,8 @@ def run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def bare_unigram(tmp_path_factory) -> Path:
-    """A bare tokenizer.json (no HF config files beside it): a tiny Unigram with Metaspace (not BPE: transformers 5
-    applies clean_up_tokenization_spaces when decoding it), <|endoftext|> its id 0."""
-    folder = tmp_path_factory.mktemp("unigram")
-    tok = Tokenizer(models.Unigram())
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    tok.train_from_iterator(CORPUS * 20, trainers.UnigramTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>", "<unk>"], unk_token="<unk>", show_progress=False))
-    tok.save(str(folder / "tokenizer.json"))
-    return folder / "tokenizer.json"
+    """A bare tokenizer.json (no HF config files beside it): convert_hf_helpers.unigram_tokenizer's."""
+    return unigram_tokenizer(tmp_path_factory.mktemp("unigram"))
 
 
 @pytest.mark.parametrize("kind", ["byte-level BPE", "Unigram"])

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import transformers
 
-from convert_hf_helpers import one_error_line, tool_main, trained_checkpoint
+from convert_hf_helpers import conversion_source, one_error_line, tool_main, trained_checkpoint
 from helpers import load_tool
 
 from nanotronix.data.megatron_store import MegatronWriter
@@ -50,12 +50,7 @@ def test_overwrite_leaves_a_run_that_appeared_during_the_conversion(tmp_path, ca
     again before the replace leaves it as it is, in one line (without that second check, --overwrite replaced the
     live run's folder: only the case without --overwrite, caught by commit() itself, was tested)."""
     from nanotronix.checkpoint import output_folder
-    from convert_hf_helpers import _hf_original
-    if tool == "convert_to_hf":
-        trained_checkpoint(tmp_path / "run")
-        source = ["--checkpoint", str(tmp_path / "run")]
-    else:
-        source = ["--hf", str(_hf_original(tmp_path / "hf", untied=False))]
+    source = conversion_source(tool, tmp_path)
     out = tmp_path / "out"
     real_check = output_folder._check_output
     checks = []
