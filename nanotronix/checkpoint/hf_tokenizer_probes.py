@@ -123,11 +123,13 @@ def check_tokenizes_as_tokenizer_json(folder: Path, named: Path, log: Callable[[
     changes: list[tuple[str, str, str]] = []  # (why, what the export's copy holds instead: a clause, a note's end)
     with _without_transformers_log():
         failure = _failure(transformers, folder, reference, parts, texts)
+        changed: set[str] = set()
         while failure is not None:
             change = _change(failure, config)
-            if change is None:
+            if change is None or change[0] in changed:  # each key changed once at most: the loop ends
                 raise UserError(_refusal(named, config, failure, changes))
             key, value, *said = change
+            changed.add(key)
             changes.append(tuple(said))
             config[key] = value
             config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
