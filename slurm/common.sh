@@ -47,27 +47,35 @@
 
 set -uo pipefail  # not -e: failures are handled explicitly, and `wait` returns >128 when a trap fires
 
-log() { echo "[nanotronix-slurm $(date '+%F %T')] $*"; }
+# No $( ) command substitution in this file: bash 5.2 finds the end of a $( ) by re-running its parser as it expands
+# it, and runs a pending trap (Slurm's TERM, a USR1) from inside that parser, which then fails to parse the trap
+# ("trap: line 2: unexpected EOF while looking for matching `)'") and the command it was in: the handler never ran
+# and the shell went on without it, or hung (seen in CI: a scancel as the job started). Values come from functions
+# that set a variable (printf -v) and from backquotes, which bash delimits by a plain scan. (Arithmetic $(( )) is
+# not parsed so.) tests/test_slurm_scripts_static.py keeps it so.
+log() { printf '[nanotronix-slurm %(%F %T)T] %s\n' -1 "$*"; }
 fail() { echo "error: $*" >&2; exit 2; }
-# This job's own record from scontrol, one line: a job array's task that runs under the array's id (its last) is
-# shown with every task of the array, a het job's leader with every component, whose states, restart counts and
-# reasons are not this job's. None outside a job (the early TERM trap below may run before the script checks that).
-job_record() {
+# This job's own record from scontrol, one line, into JOB_RECORD (empty, and a failure, where there is none): a job
+# array's task that runs under the array's id (its last) is shown with every task of the array, a het job's leader
+# with every component, whose states, restart counts and reasons are not this job's. None outside a job (the early
+# TERM trap below may run before the script checks that).
+read_job_record() {
+  JOB_RECORD=
   [ -n "${SLURM_JOB_ID:-}" ] || return 1
-  scontrol -o show job "$SLURM_JOB_ID" 2>/dev/null | grep "^JobId=$SLURM_JOB_ID "
+  JOB_RECORD=`scontrol -o show job "$SLURM_JOB_ID" 2>/dev/null | grep "^JobId=$SLURM_JOB_ID "`
 }
 # Whether the job record $1 says that Slurm is requeueing this job (`scontrol requeue`, a preemption in REQUEUE
 # mode): Slurm counts the restart before it sends the TERM.
 requeued_by_slurm() {
-  local restarts
-  restarts=$(sed -n 's/.*\bRestarts=\([0-9]*\).*/\1/p' <<<"$1")
-  [ "${restarts:-0}" -gt "${SLURM_RESTART_COUNT:-0}" ] 2>/dev/null
+  [[ "$1" =~ (^|[[:space:]])Restarts=([0-9]+) ]] || return 1
+  [ "${BASH_REMATCH[2]}" -gt "${SLURM_RESTART_COUNT:-0}" ] 2>/dev/null
 }
 # A TERM (scancel, a requeue) before the handlers below are in place (the script's checks and its config read, about
 # half a second): nothing has been started. Said, where the shell ended without a line; a requeue says that Slurm
 # brings the job back, as on_term does (the two functions above are defined first for it).
 on_early_term() {
-  if requeued_by_slurm "$(job_record)"; then
+  read_job_record
+  if requeued_by_slurm "$JOB_RECORD"; then
     log "TERM as the job started: training was not started; Slurm requeues the job, which resumes from its latest" \
         "checkpoint"
   else
@@ -88,18 +96,20 @@ fi
 # A leading `~` or `~user` that reached the job unexpanded (`sbatch --export=ALL,RUN_DIR=~/x`, a quoted "~/x") is
 # expanded here as the trainer expands it (os.path.expanduser): left as written, this script's folders and the
 # checkpoints it reads to decide on a requeue were a literal `./~` beside the trainer's.
+# Sets the variable named $1 to the path $2 so expanded.
 expand_home() {
-  [[ "$1" =~ ^~([^/]*)(/.*)?$ ]] || { printf '%s' "$1"; return; }
-  local home=$HOME
-  [ -z "${BASH_REMATCH[1]}" ] || home=$(getent passwd "${BASH_REMATCH[1]}" | cut -d: -f6)
-  [ -n "$home" ] || { printf '%s' "$1"; return; }  # no such user: kept, as expanduser keeps it
-  printf '%s%s' "$home" "${BASH_REMATCH[2]}"
+  local user rest home
+  printf -v "$1" '%s' "$2"
+  [[ "$2" =~ ^~([^/]*)(/.*)?$ ]] || return 0
+  user=${BASH_REMATCH[1]} rest=${BASH_REMATCH[2]}
+  if [ -z "$user" ]; then home=${HOME:-}; else home=`getent passwd "$user" | cut -d: -f6`; fi
+  [ -z "$home" ] || printf -v "$1" '%s%s' "$home" "$rest"  # no such user: kept, as expanduser keeps it
 }
-CONFIG=$(expand_home "${CONFIG:-$RECIPE_CONFIG}")
-DATA_ROOT=$(expand_home "${DATA_ROOT:-}")
-RUN_DIR=$(expand_home "${RUN_DIR:-${SLURM_SUBMIT_DIR:-$PWD}/runs/$RUN_NAME}")
-CKPT_DIR=$(expand_home "${CKPT_DIR:-$RUN_DIR/checkpoints}")
-LOG_DIR=$(expand_home "${LOG_DIR:-$RUN_DIR/logs}")
+expand_home CONFIG "${CONFIG:-$RECIPE_CONFIG}"
+expand_home DATA_ROOT "${DATA_ROOT:-}"
+expand_home RUN_DIR "${RUN_DIR:-${SLURM_SUBMIT_DIR:-$PWD}/runs/$RUN_NAME}"
+expand_home CKPT_DIR "${CKPT_DIR:-$RUN_DIR/checkpoints}"
+expand_home LOG_DIR "${LOG_DIR:-$RUN_DIR/logs}"
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 OVERRIDES=${OVERRIDES:-}
 REQUEUE_ON_FAILURE=${REQUEUE_ON_FAILURE:-1}
@@ -128,7 +138,8 @@ command -v "$PYTHON" >/dev/null 2>&1 || fail "PYTHON=$PYTHON is not an executabl
 MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 12000))}
 # The node this batch script runs on (Slurm's name for it, which the other nodes resolve): the rendezvous store
 # below runs here. (Slurm runs the script on the allocation's first node.)
-MASTER_ADDR=${SLURMD_NODENAME:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
+MASTER_ADDR=${SLURMD_NODENAME:-}
+[ -n "$MASTER_ADDR" ] || MASTER_ADDR=`scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1`
 [ -n "$MASTER_ADDR" ] || fail "cannot resolve the first node of SLURM_JOB_NODELIST=$SLURM_JOB_NODELIST"
 
 # The checkout is importable even when nanotronix is not installed into $PYTHON.
@@ -138,8 +149,8 @@ export PYTHONPATH=$NANOTRONIX_DIR${PYTHONPATH:+:$PYTHONPATH}
 # checkpoint to start from (a branch off another run, e.g. smollm2_1p7b_anneal_math.yaml): the trainer then starts
 # from it while CKPT_DIR is empty and continues from CKPT_DIR's latest once it is not. (A config it cannot read
 # falls back to auto; the preflight below says what is wrong with it.)
-CONFIG_RESUME=$("$PYTHON" -c 'import sys; from nanotronix.config import load_config
-print(load_config(sys.argv[1]).checkpoint.resume.strip())' "$CONFIG" 2>/dev/null) || CONFIG_RESUME=auto
+CONFIG_RESUME=`"$PYTHON" -c 'import sys; from nanotronix.config import load_config
+print(load_config(sys.argv[1]).checkpoint.resume.strip())' "$CONFIG" 2>/dev/null` || CONFIG_RESUME=auto
 case "$CONFIG_RESUME" in auto|none|"") RESUME=auto ;; *) RESUME=$CONFIG_RESUME ;; esac
 
 # Overrides: the script's (where the run lives, resume, device), then the user's, which win.
@@ -162,15 +173,18 @@ for override in ${USER_OVERRIDES[@]+"${USER_OVERRIDES[@]}"}; do
 done
 # The folders as YAML single-quoted strings: an override's value is YAML, which read `/runs/exp #2` as `/runs/exp`
 # (the rest a comment: the checkpoints went to another run's folder) and `/runs/a: b` as a mapping.
-yaml_text() { local quote="'"; printf "'%s'" "${1//$quote/$quote$quote}"; }
-RUN_OVERRIDES=(checkpoint.dir="$(yaml_text "$CKPT_DIR")" checkpoint.resume="$(yaml_text "$RESUME")"
-               logging.dir="$(yaml_text "$LOG_DIR")" train.device="$DEVICE")
-[ -z "$DATA_ROOT" ] || RUN_OVERRIDES+=(data.root="$(yaml_text "$DATA_ROOT")")
+add_folder_override() { local quote="'"; RUN_OVERRIDES+=("$1='${2//$quote/$quote$quote}'"); }
+RUN_OVERRIDES=()
+add_folder_override checkpoint.dir "$CKPT_DIR"
+add_folder_override checkpoint.resume "$RESUME"
+add_folder_override logging.dir "$LOG_DIR"
+RUN_OVERRIDES+=(train.device="$DEVICE")
+[ -z "$DATA_ROOT" ] || add_folder_override data.root "$DATA_ROOT"
 RUN_OVERRIDES+=(${USER_OVERRIDES[@]+"${USER_OVERRIDES[@]}"})  # (empty-array safe under set -u in bash < 4.4)
 
 RESTART=${SLURM_RESTART_COUNT:-0}
 JOB_LOG_DIR=$RUN_DIR/slurm/job-$SLURM_JOB_ID-restart-$RESTART
-MKDIR_ERROR=$(mkdir -p "$JOB_LOG_DIR" 2>&1) || fail "cannot create $JOB_LOG_DIR: ${MKDIR_ERROR##*: }"
+MKDIR_ERROR=`mkdir -p "$JOB_LOG_DIR" 2>&1` || fail "cannot create $JOB_LOG_DIR: ${MKDIR_ERROR##*: }"
 
 # ---- NCCL / PyTorch distributed defaults for H100 nodes on InfiniBand (values already set win) --------------
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
@@ -194,12 +208,12 @@ log "job $SLURM_JOB_ID ($SLURM_JOB_NAME) restart $RESTART: $NNODES node(s) [$SLU
 # Whether Slurm refuses to requeue this job (`sbatch --no-requeue`, which wins over the #SBATCH --requeue line):
 # asked before saying "requeueing", which `scontrol requeue` would then refuse ("presently disabled").
 NO_REQUEUE="the job was submitted with --no-requeue"
-requeue_disabled() { job_record | grep -q '\bRequeue=0\b'; }
-# (job_record: at the top.)
+requeue_disabled() { read_job_record && [[ "$JOB_RECORD" =~ (^|[[:space:]])Requeue=0([[:space:]]|$) ]]; }
+# (read_job_record: at the top.)
 # Whether Slurm is ending this job (scancel, the time limit, a preemption or requeue), as scontrol says its state.
 job_ending() {
-  [[ "$(job_record | sed -n 's/.*\bJobState=\([A-Z_]*\).*/\1/p')" =~ \
-     ^(CANCELLED|COMPLETING|TIMEOUT|PREEMPTED|REQUEUED|REQUEUE_HOLD|PENDING)$ ]]
+  read_job_record && [[ "$JOB_RECORD" =~ \
+    (^|[[:space:]])JobState=(CANCELLED|COMPLETING|TIMEOUT|PREEMPTED|REQUEUED|REQUEUE_HOLD|PENDING)([[:space:]]|$) ]]
 }
 PREEMPTED=0
 USR1_OF_TIME_LIMIT=0  # whether that USR1 came with no more time left than the lead (see usr1_of_time_limit)
@@ -215,22 +229,24 @@ forward_usr1() {
   ( while sleep 10 && kill -USR1 "$SRUN_PID" 2>/dev/null; do :; done ) &
   RESENDER_PID=$!
 }
-# Slurm's [D-]HH:MM:SS (or MM:SS) in seconds; fails on anything else (UNLIMITED, NOT_SET, INVALID).
+# Sets the variable named $1 to Slurm's [D-]HH:MM:SS (or MM:SS) $2 in seconds; fails on anything else (UNLIMITED,
+# NOT_SET, INVALID).
 slurm_seconds() {
-  [[ "$1" =~ ^(([0-9]+)-)?(([0-9]+):)?([0-9]+):([0-9]+)$ ]] || return 1
-  echo $(( ((10#${BASH_REMATCH[2]:-0} * 24 + 10#${BASH_REMATCH[4]:-0}) * 60 + 10#${BASH_REMATCH[5]}) * 60 \
-           + 10#${BASH_REMATCH[6]} ))
+  [[ "$2" =~ ^(([0-9]+)-)?(([0-9]+):)?([0-9]+):([0-9]+)$ ]] || return 1
+  printf -v "$1" '%d' $(( ((10#${BASH_REMATCH[2]:-0} * 24 + 10#${BASH_REMATCH[4]:-0}) * 60 + 10#${BASH_REMATCH[5]}) \
+                          * 60 + 10#${BASH_REMATCH[6]} ))
 }
-# The USR1 lead in seconds (--signal=[{R|B}:]USR1[@TIME], TIME 60 when left out): from SBATCH_SIGNAL (sbatch's own
-# variable, which wins over the script's lines) or the submitted script's last #SBATCH --signal line ($0 is Slurm's
-# copy of it); fails when neither names USR1. A --signal on sbatch's command line is not visible to the job (Slurm
-# shows the lead nowhere: not in scontrol, squeue or the job's environment).
+# Sets the variable named $1 to the USR1 lead in seconds (--signal=[{R|B}:]USR1[@TIME], TIME 60 when left out):
+# from SBATCH_SIGNAL (sbatch's own variable, which wins over the script's lines) or the last `#SBATCH --signal` line
+# of the submitted script ($0 is Slurm's copy of it); fails when neither names USR1. A --signal on sbatch's command
+# line is not visible to the job (Slurm shows the lead nowhere: not in scontrol, squeue or the job's environment).
 usr1_lead_s() {
-  local spec=${SBATCH_SIGNAL:-}
-  [ -n "$spec" ] || spec=$(sed -n 's/^#SBATCH[[:space:]]\{1,\}--signal[= ]\([^[:space:]]*\).*/\1/p' "$0" 2>/dev/null \
-                           | tail -n 1)
+  local spec=${SBATCH_SIGNAL:-} line signal_line='^#SBATCH[[:space:]]+--signal[= ]([^[:space:]]*)'
+  if [ -z "$spec" ]; then
+    while IFS= read -r line; do [[ ! "$line" =~ $signal_line ]] || spec=${BASH_REMATCH[1]}; done 2>/dev/null <"$0"
+  fi
   [[ "${spec^^}" =~ ^([RB]+:)?(SIG)?(USR1|10)(@([0-9]+))?$ ]] || return 1
-  echo "${BASH_REMATCH[5]:-60}"
+  printf -v "$1" '%s' "${BASH_REMATCH[5]:-60}"
 }
 # Whether a USR1 is the time limit's (--signal=B:USR1@LEAD), not a preemption's, `scancel --signal=USR1`'s or an
 # admin's: Slurm sends it once the time left is at most the lead, "up to 60 seconds earlier than specified" (sbatch's
@@ -244,11 +260,10 @@ usr1_lead_s() {
 usr1_of_time_limit() {
   local left lead
   # This job's own line (%A: its job id): a job array's task under the array's id is listed with every task.
-  left=$(squeue -h -j "$SLURM_JOB_ID" -o "%A %L" 2>/dev/null) || return 0
-  left=$(sed -n "s/^$SLURM_JOB_ID //p" <<<"$left")
+  left=`squeue -h -j "$SLURM_JOB_ID" -o "%A %L" 2>/dev/null | sed -n "s/^$SLURM_JOB_ID //p"` || return 0
   [ "$left" != UNLIMITED ] || return 1
-  left=$(slurm_seconds "$left") || return 0
-  lead=$(usr1_lead_s) || lead=65535
+  slurm_seconds left "$left" || return 0
+  usr1_lead_s lead || lead=65535
   [ "$left" -le $((lead + 60)) ]
 }
 on_usr1() {
@@ -258,7 +273,7 @@ on_usr1() {
     local after="the job will requeue itself" lead
     # The time limit's USR1 this early: the allocation trains for less than the lead, every time it is requeued
     # (the guard below ends the job only when an allocation commits nothing; one that saves a few steps goes on)
-    if [ "$USR1_OF_TIME_LIMIT" = 1 ] && lead=$(usr1_lead_s) && [ "$SECONDS" -lt "$lead" ]; then
+    if [ "$USR1_OF_TIME_LIMIT" = 1 ] && usr1_lead_s lead && [ "$SECONDS" -lt "$lead" ]; then
       log "warning: the time limit's USR1 came ${SECONDS} s into this allocation: its --time leaves less than the" \
           "USR1 lead (${lead} s) to train in, in every allocation; give the job a --time well above the lead (the" \
           "lead of SBATCH_SIGNAL or the script's #SBATCH --signal line: a --signal on sbatch's command line is not" \
@@ -285,11 +300,10 @@ TERMINATED=0
 REQUEUED_BY_SLURM=0
 TIME_LIMIT=0
 on_term() {
-  local job
   TERMINATED=1
-  job=$(job_record)
-  ! grep -q '\bReason=TimeLimit\b' <<<"$job" || TIME_LIMIT=1
-  if requeued_by_slurm "$job"; then
+  read_job_record
+  [[ ! "$JOB_RECORD" =~ (^|[[:space:]])Reason=TimeLimit([[:space:]]|$) ]] || TIME_LIMIT=1
+  if requeued_by_slurm "$JOB_RECORD"; then
     REQUEUED_BY_SLURM=1
     log "TERM: Slurm is requeueing the job (scontrol requeue or a preemption): waiting for the job step to stop;" \
         "the job resumes from the latest checkpoint in $CKPT_DIR"
@@ -318,9 +332,10 @@ trap 'kill -HUP "$STORE_PID" 2>/dev/null' EXIT
 # Its output is captured so that a failure shows as its one line, without srun's own "task 0: Exited" notes.
 # USR1 is ignored in it, as in the torchrun agents: `scancel --signal=USR1 JOB` (no --batch) signals the job's steps,
 # and USR1's default action killed the preflight, which failed the job without a word.
-PREFLIGHT=$(srun --nodes=1 --ntasks=1 --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}" \
-  bash -c 'trap "" USR1; exec "$@"' preflight "$PYTHON" -m nanotronix.preflight --config "$CONFIG" \
-    --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" "${RUN_OVERRIDES[@]}" 2>&1)
+PREFLIGHT_CMD=(srun --nodes=1 --ntasks=1 --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}"
+  bash -c 'trap "" USR1; exec "$@"' preflight "$PYTHON" -m nanotronix.preflight --config "$CONFIG"
+    --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" "${RUN_OVERRIDES[@]}")
+PREFLIGHT=`"${PREFLIGHT_CMD[@]}" 2>&1`
 PREFLIGHT_RC=$?
 # Slurm ends a cancelled (or requeued, timed-out) job's steps before it signals this shell: the preflight's step can
 # return, stopped, before the TERM arrives here, which then read as the preflight failing (its "CANCELLED" line as
@@ -349,21 +364,25 @@ fi
 if [ "$PREFLIGHT_RC" != 0 ] && [ "$TERMINATED" = 0 ]; then
   # A preflight killed by a signal (out of memory, a crash in an import) says nothing itself: then srun's note is
   # the reason
-  MESSAGE=$(grep -v '^srun: ' <<<"$PREFLIGHT")
-  grep -q '[^[:space:]]' <<<"$MESSAGE" \
-    || fail "the preflight ($PYTHON -m nanotronix.preflight) failed without a message (exit $PREFLIGHT_RC:" \
-            "$(sed -n 's/^srun: error: //p' <<<"$PREFLIGHT" | head -n 1 | grep . || echo "srun said nothing either"))"
+  MESSAGE=`grep -v '^srun: ' <<<"$PREFLIGHT"`
+  if ! grep -q '[^[:space:]]' <<<"$MESSAGE"; then
+    SRUN_SAID=`sed -n 's/^srun: error: //p' <<<"$PREFLIGHT" | head -n 1`
+    fail "the preflight ($PYTHON -m nanotronix.preflight) failed without a message (exit $PREFLIGHT_RC:" \
+         "${SRUN_SAID:-srun said nothing either})"
+  fi
   echo "$MESSAGE" >&2
   exit 2
 fi
 # (the store's own line already starts with "error: ")
-kill -0 "$STORE_PID" 2>/dev/null || fail "$(grep -h '^error' "$STORE_LOG" | sed 's/^error: //' | grep . \
-  || echo "the rendezvous store stopped: see $STORE_LOG")"
+if ! kill -0 "$STORE_PID" 2>/dev/null; then
+  STORE_ERROR=`grep -h '^error' "$STORE_LOG" | sed 's/^error: //'`
+  fail "${STORE_ERROR:-the rendezvous store stopped: see $STORE_LOG}"
+fi
 
 # ---- train -----------------------------------------------------------------------------------------------
-# The run's newest committed step (0: none yet), the one the trainer resumes from (a step folder holding its
-# manifest; `latest` lags one step behind after a kill between the commit and its update): a failure after it
-# moved on has made progress.
+# Sets the variable named $1 to the run's newest committed step (0: none yet), the one the trainer resumes from (a
+# step folder holding its manifest; `latest` lags one step behind after a kill between the commit and its update): a
+# failure after it moved on has made progress.
 latest_step() {
   local newest=0 manifest n
   for manifest in "$CKPT_DIR"/step_*/checkpoint.json; do
@@ -371,16 +390,19 @@ latest_step() {
     n=${BASH_REMATCH[1]:-0}
     (( n > newest )) && newest=$n
   done
-  echo "$newest"
+  printf -v "$1" '%d' "$newest"
 }
-STARTED_FROM=$(latest_step)
+latest_step STARTED_FROM
 # Whether another run holds the trainer's lock on CKPT_DIR now that this job's processes have ended (a job submitted
 # twice): a newer step is then that run's progress, not this one's, and requeueing would only repeat the refusal.
+# Sets the variable named $1 to what the lock says of its holder.
 lock_holder() {
-  local lock=$CKPT_DIR/.lock rc=0
+  local lock=$CKPT_DIR/.lock rc=0 holder
   [ -e "$lock" ] || return 1
   flock --nonblock --conflict-exit-code 200 "$lock" true 2>/dev/null || rc=$?
-  [ "$rc" = 200 ] && { head -c 200 "$lock" | tr -d '\n'; echo; }
+  [ "$rc" = 200 ] || return 1
+  holder=`head -c 200 "$lock"`
+  printf -v "$1" '%s' "${holder//$'\n'/}"
 }
 # Whether a job step of this job other than the batch script (`JOBID.N`) still runs; the preflight's has ended.
 # squeue names a job array task's steps ARRAYID_TASK.N, and lists every task's under the array's id.
@@ -438,7 +460,7 @@ fi
 # In JOB_LOG_DIR: this allocation was requeued on the time limit's USR1 from step N, without progress.
 USR1_MARK=time_limit_usr1_without_progress
 if [ "$PREEMPTED" = 1 ] && { [ "$LAUNCHED" = 0 ] || [ "$RC" != 0 ]; }; then
-  REACHED=$(latest_step)
+  latest_step REACHED
   if [ "$LAUNCHED" = 1 ]; then WHAT="job step ended (exit $RC) after USR1"; else WHAT="USR1 before training started"; fi
   if [ "$REQUEUED_BY_SLURM" = 1 ]; then
     log "$WHAT and TERM: Slurm requeues the job, which resumes from step $REACHED"
@@ -449,14 +471,15 @@ if [ "$PREEMPTED" = 1 ] && { [ "$LAUNCHED" = 0 ] || [ "$RC" != 0 ]; }; then
         "continue from it"
     exit "$RC"
   fi
-  if [ "$LAUNCHED" = 1 ] && HOLDER=$(lock_holder); then
+  if [ "$LAUNCHED" = 1 ] && lock_holder HOLDER; then
     log "job step ended (exit $RC) after USR1 while another run holds $CKPT_DIR/.lock (${HOLDER:-holder unknown}):" \
         "not requeued (two jobs cannot train into one CKPT_DIR); wait for that run to end or give this one its own"
     exit "$RC"
   fi
   if [ "$REACHED" -le "$STARTED_FROM" ] && [ "$USR1_OF_TIME_LIMIT" = 1 ]; then
     PREVIOUS=$RUN_DIR/slurm/job-$SLURM_JOB_ID-restart-$((RESTART - 1))/$USR1_MARK
-    if [ "$RESTART" -gt 0 ] && [ "$(cat "$PREVIOUS" 2>/dev/null)" = "$STARTED_FROM" ]; then
+    PREVIOUS_FROM=`cat "$PREVIOUS" 2>/dev/null`
+    if [ "$RESTART" -gt 0 ] && [ "$PREVIOUS_FROM" = "$STARTED_FROM" ]; then
       fail "the time limit's USR1 came before a checkpoint in two allocations in a row (still at step" \
            "$STARTED_FROM): not requeued again, the next one would stop the same way; the job's --time must be well" \
            "above the USR1 lead time (#SBATCH --signal=B:USR1@600: 10 minutes; for a short job pass e.g." \
@@ -476,13 +499,13 @@ if [ "$PREEMPTED" = 1 ] && { [ "$LAUNCHED" = 0 ] || [ "$RC" != 0 ]; }; then
   exit 75
 fi
 if [ "$RC" != 0 ] && [ "$LAUNCHED" = 1 ]; then
-  REACHED=$(latest_step)
+  latest_step REACHED
   if [ "$REQUEUED_BY_SLURM" = 1 ]; then
     log "job step ended (exit $RC) after TERM: Slurm requeues the job, which resumes from step $REACHED"
   elif [ "$TERMINATED" = 1 ]; then
     log "job step ended (exit $RC) after TERM (scancel or the time limit): not requeued; the latest checkpoint" \
         "is step $REACHED: resubmit the job to continue from it"
-  elif [ "$REQUEUE_ON_FAILURE" = 1 ] && HOLDER=$(lock_holder); then
+  elif [ "$REQUEUE_ON_FAILURE" = 1 ] && lock_holder HOLDER; then
     log "job step failed (exit $RC) while another run holds $CKPT_DIR/.lock (${HOLDER:-holder unknown}): not" \
         "requeued (two jobs cannot train into one CKPT_DIR); wait for that run to end or give this one its own"
   elif [ "$REQUEUE_ON_FAILURE" = 1 ] && [ "$REACHED" -gt "$STARTED_FROM" ] && requeue_disabled; then

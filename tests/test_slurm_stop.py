@@ -244,7 +244,7 @@ def test_a_job_array_task_reads_its_own_state_and_restarts(slurm, tmp_path):
     while not (len(records()) == 2 and all(r["JobState"] == "RUNNING" for r in records().values())):
         assert time.monotonic() < deadline, records()
         time.sleep(0.25)
-    functions = common_sh_functions("job_record", "requeued_by_slurm", "job_ending", "on_term")
+    functions = common_sh_functions("read_job_record", "requeued_by_slurm", "job_ending", "on_term")
 
     def run(commands: str) -> str:
         proc = subprocess.run(["bash", "-c", f'log() {{ echo "$*"; }}\n{functions}\n{commands}'], capture_output=True,
