@@ -64,18 +64,26 @@ read_job_record() {
   [ -n "${SLURM_JOB_ID:-}" ] || return 1
   JOB_RECORD=`scontrol -o show job "$SLURM_JOB_ID" 2>/dev/null | grep "^JobId=$SLURM_JOB_ID "`
 }
-# Whether the job record $1 says that Slurm is requeueing this job (`scontrol requeue`, a preemption in REQUEUE
-# mode): Slurm counts the restart before it sends the TERM.
+# The record is read with globs, not =~: the TERM and USR1 handlers read it, and an =~ in a handler replaced
+# BASH_REMATCH under the main shell's feet (a trap runs between two commands: between an =~ and the line that reads
+# its BASH_REMATCH). The handlers' other =~ run in subshells.
+# Whether JOB_RECORD has the field $1 (NAME=VALUE).
+record_has() { case " $JOB_RECORD " in *[[:space:]]"$1"[[:space:]]*) return 0 ;; *) return 1 ;; esac; }
+# Whether JOB_RECORD says that Slurm is requeueing this job (`scontrol requeue`, a preemption in REQUEUE mode): Slurm
+# counts the restart before it sends the TERM.
 requeued_by_slurm() {
-  [[ "$1" =~ (^|[[:space:]])Restarts=([0-9]+) ]] || return 1
-  [ "${BASH_REMATCH[2]}" -gt "${SLURM_RESTART_COUNT:-0}" ] 2>/dev/null
+  local restarts=" $JOB_RECORD "
+  [[ "$restarts" == *[[:space:]]Restarts=* ]] || return 1
+  restarts=${restarts#*[[:space:]]Restarts=}
+  restarts=${restarts%%[!0-9]*}
+  [ -n "$restarts" ] && [ "$((10#$restarts))" -gt "${SLURM_RESTART_COUNT:-0}" ] 2>/dev/null
 }
 # A TERM (scancel, a requeue) before the handlers below are in place (the script's checks and its config read, about
 # half a second): nothing has been started. Said, where the shell ended without a line; a requeue says that Slurm
 # brings the job back, as on_term does (the two functions above are defined first for it).
 on_early_term() {
   read_job_record
-  if requeued_by_slurm "$JOB_RECORD"; then
+  if requeued_by_slurm; then
     log "TERM as the job started: training was not started; Slurm requeues the job, which resumes from its latest" \
         "checkpoint"
   else
@@ -208,12 +216,16 @@ log "job $SLURM_JOB_ID ($SLURM_JOB_NAME) restart $RESTART: $NNODES node(s) [$SLU
 # Whether Slurm refuses to requeue this job (`sbatch --no-requeue`, which wins over the #SBATCH --requeue line):
 # asked before saying "requeueing", which `scontrol requeue` would then refuse ("presently disabled").
 NO_REQUEUE="the job was submitted with --no-requeue"
-requeue_disabled() { read_job_record && [[ "$JOB_RECORD" =~ (^|[[:space:]])Requeue=0([[:space:]]|$) ]]; }
-# (read_job_record: at the top.)
+requeue_disabled() { read_job_record && record_has Requeue=0; }
+# (read_job_record, record_has: at the top.)
 # Whether Slurm is ending this job (scancel, the time limit, a preemption or requeue), as scontrol says its state.
 job_ending() {
-  read_job_record && [[ "$JOB_RECORD" =~ \
-    (^|[[:space:]])JobState=(CANCELLED|COMPLETING|TIMEOUT|PREEMPTED|REQUEUED|REQUEUE_HOLD|PENDING)([[:space:]]|$) ]]
+  local state
+  read_job_record || return 1
+  for state in CANCELLED COMPLETING TIMEOUT PREEMPTED REQUEUED REQUEUE_HOLD PENDING; do
+    ! record_has "JobState=$state" || return 0
+  done
+  return 1
 }
 PREEMPTED=0
 USR1_OF_TIME_LIMIT=0  # whether that USR1 came with no more time left than the lead (see usr1_of_time_limit)
@@ -243,10 +255,12 @@ slurm_seconds() {
 usr1_lead_s() {
   local spec=${SBATCH_SIGNAL:-} line signal_line='^#SBATCH[[:space:]]+--signal[= ]([^[:space:]]*)'
   if [ -z "$spec" ]; then
-    while IFS= read -r line; do [[ ! "$line" =~ $signal_line ]] || spec=${BASH_REMATCH[1]}; done 2>/dev/null <"$0"
+    while IFS= read -r line || [ -n "$line" ]; do  # (a last line without a newline too)
+      [[ ! "$line" =~ $signal_line ]] || spec=${BASH_REMATCH[1]}
+    done 2>/dev/null <"$0"
   fi
   [[ "${spec^^}" =~ ^([RB]+:)?(SIG)?(USR1|10)(@([0-9]+))?$ ]] || return 1
-  printf -v "$1" '%s' "${BASH_REMATCH[5]:-60}"
+  printf -v "$1" '%d' "$((10#${BASH_REMATCH[5]:-60}))"  # (10#: @090 is 90, not an invalid octal number)
 }
 # Whether a USR1 is the time limit's (--signal=B:USR1@LEAD), not a preemption's, `scancel --signal=USR1`'s or an
 # admin's: Slurm sends it once the time left is at most the lead, "up to 60 seconds earlier than specified" (sbatch's
@@ -269,11 +283,11 @@ usr1_of_time_limit() {
 on_usr1() {
   if [ "$PREEMPTED" = 0 ]; then
     PREEMPTED=1
-    ! usr1_of_time_limit || USR1_OF_TIME_LIMIT=1
+    ! (usr1_of_time_limit) || USR1_OF_TIME_LIMIT=1  # (in a subshell: see record_has)
     local after="the job will requeue itself" lead
     # The time limit's USR1 this early: the allocation trains for less than the lead, every time it is requeued
     # (the guard below ends the job only when an allocation commits nothing; one that saves a few steps goes on)
-    if [ "$USR1_OF_TIME_LIMIT" = 1 ] && usr1_lead_s lead && [ "$SECONDS" -lt "$lead" ]; then
+    if [ "$USR1_OF_TIME_LIMIT" = 1 ] && lead=`usr1_lead_s lead && echo "$lead"` && [ "$SECONDS" -lt "$lead" ]; then
       log "warning: the time limit's USR1 came ${SECONDS} s into this allocation: its --time leaves less than the" \
           "USR1 lead (${lead} s) to train in, in every allocation; give the job a --time well above the lead (the" \
           "lead of SBATCH_SIGNAL or the script's #SBATCH --signal line: a --signal on sbatch's command line is not" \
@@ -302,8 +316,8 @@ TIME_LIMIT=0
 on_term() {
   TERMINATED=1
   read_job_record
-  [[ ! "$JOB_RECORD" =~ (^|[[:space:]])Reason=TimeLimit([[:space:]]|$) ]] || TIME_LIMIT=1
-  if requeued_by_slurm "$JOB_RECORD"; then
+  ! record_has Reason=TimeLimit || TIME_LIMIT=1
+  if requeued_by_slurm; then
     REQUEUED_BY_SLURM=1
     log "TERM: Slurm is requeueing the job (scontrol requeue or a preemption): waiting for the job step to stop;" \
         "the job resumes from the latest checkpoint in $CKPT_DIR"
@@ -375,7 +389,7 @@ if [ "$PREFLIGHT_RC" != 0 ] && [ "$TERMINATED" = 0 ]; then
 fi
 # (the store's own line already starts with "error: ")
 if ! kill -0 "$STORE_PID" 2>/dev/null; then
-  STORE_ERROR=`grep -h '^error' "$STORE_LOG" | sed 's/^error: //'`
+  STORE_ERROR=`grep -h '^error' "$STORE_LOG" | sed 's/^error: //' | grep .`
   fail "${STORE_ERROR:-the rendezvous store stopped: see $STORE_LOG}"
 fi
 

@@ -70,6 +70,12 @@ class Slurm:
             subprocess.run(["scancel", job], env=self.env, capture_output=True, timeout=60)
 
 
+def common_sh_functions(*names: str) -> str:
+    """The named shell functions of slurm/common.sh, as written there (one-line or multi-line definitions)."""
+    text = (SCRIPT.parent / "common.sh").read_text()
+    return "\n".join(re.search(rf"^{name}\(\) {{(\n.*?^}}| [^\n]*}})$", text, re.S | re.M).group(0) for name in names)
+
+
 def job_output(cwd: Path, job: str) -> str:
     return (cwd / f"smollm2-1.7b-{job}.out").read_text()
 

@@ -22,8 +22,9 @@ import sys
 import time
 from pathlib import Path
 
-from slurm_helpers import (ENDED, SCRIPT, Slurm, job_output, requires_slurm, submit_with_a_slow_preflight,
-                           two_stage_run, wait_for_preflight, wait_for_restart, wait_for_step)
+from slurm_helpers import (ENDED, Slurm, common_sh_functions, job_output, requires_slurm,
+                           submit_with_a_slow_preflight, two_stage_run, wait_for_preflight, wait_for_restart,
+                           wait_for_step)
 
 pytestmark = requires_slurm
 
@@ -220,12 +221,6 @@ def array_records(slurm: Slurm, array: str) -> dict[str, dict[str, str]]:
     return {r["JobId"]: r for r in (dict(re.findall(r"(\w+)=(\S*)", line)) for line in lines if line)}
 
 
-def common_sh_functions(*names: str) -> str:
-    """The named shell functions of slurm/common.sh, as written there (one-line or multi-line definitions)."""
-    text = (SCRIPT.parent / "common.sh").read_text()
-    return "\n".join(re.search(rf"^{name}\(\) {{(\n.*?^}}| [^\n]*}})$", text, re.S | re.M).group(0) for name in names)
-
-
 def test_a_job_array_task_reads_its_own_state_and_restarts(slurm, tmp_path):
     """A job array's last task runs under the array's own id, and `scontrol show job ID` then shows every task of the
     array (as it shows every component of a het job under its leader's id): the script read all their states and
@@ -244,7 +239,7 @@ def test_a_job_array_task_reads_its_own_state_and_restarts(slurm, tmp_path):
     while not (len(records()) == 2 and all(r["JobState"] == "RUNNING" for r in records().values())):
         assert time.monotonic() < deadline, records()
         time.sleep(0.25)
-    functions = common_sh_functions("read_job_record", "requeued_by_slurm", "job_ending", "on_term")
+    functions = common_sh_functions("read_job_record", "record_has", "requeued_by_slurm", "job_ending", "on_term")
 
     def run(commands: str) -> str:
         proc = subprocess.run(["bash", "-c", f'log() {{ echo "$*"; }}\n{functions}\n{commands}'], capture_output=True,
