@@ -53,7 +53,7 @@ from nanotronix.model.rope import apply_rope, rope_cos_sin
 from nanotronix.parallel.speedups import apply_fused_kernels
 
 EOS = 5
-BF16_EPS = 2.0 ** -8  # the spacing of bf16 numbers in [1, 2): its relative rounding is half of it
+BF16_EPS = 2.0 ** -8  # half the spacing of bf16 numbers in [1, 2) (2^-7): the largest relative error of a rounding
 
 
 def seeded(draw) -> torch.Generator:
