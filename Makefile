@@ -11,8 +11,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.nanotronix-installed
 DALI_STAMP := $(VENV)/.nanotronix-dali-installed
 PYTEST_ARGS ?=
-# Two workers (pytest-xdist), whole files each: the suite's Slurm jobs and launches wait as much as they compute.
-PYTEST_WORKERS ?= 2
+# Three pytest-xdist workers, whole files each: one runs the Slurm job files alone (they wait on the cluster's jobs),
+# two run the other files, one per core (tests/conftest.py).
+PYTEST_WORKERS ?= 3
 # A test that hangs (a collective no rank answers, a Slurm job that never starts) fails after 20 minutes with its
 # stacks (pytest-timeout; longer than any test's own bound, the quickstart's 15) instead of holding CI to its
 # limit; the slowest tests are listed to keep the suite's 20-minute budget in sight.

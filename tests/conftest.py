@@ -12,10 +12,12 @@ sys.path.insert(0, str(ROOT))
 def pytest_configure(config):
     """One intra-op thread for every run the suite makes: in the test's own process, and (through OMP_NUM_THREADS)
     in the ranks it spawns, the commands it starts and the Slurm jobs it submits, which inherit the environment.
-    `make test` runs two workers on two cores: with a thread per core in each, the tiny models' steps were many
+    `make test` runs two busy workers on two cores: with a thread per core in each, the tiny models' steps were many
     times slower, their OpenMP threads waiting on cores that another worker or rank holds (the tiny model's linear,
     64 tokens from 64 to 128 features, forward and backward: 0.12 ms on one thread, 5 ms on two, the machine busy)."""
     os.environ["OMP_NUM_THREADS"] = "1"
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker (`make test`): see pytest_xdist_make_scheduler
+        os.nice(WORKER_NICENESS)
     import torch
 
     torch.set_num_threads(1)
@@ -118,26 +120,48 @@ def slurm():
 SLURM_JOB_FILES = ("test_slurm_failures.py", "test_slurm.py", "test_slurm_preemption.py", "test_slurm_stop.py")
 
 
-# `make test` runs the files on two pytest-xdist workers, a file per worker at a time (--dist loadfile, without
+# `make test` runs the files on pytest-xdist workers, a file per worker at a time (--dist loadfile, without
 # xdist's reordering by test count): these take minutes each (the Slurm jobs, the quickstart's 4-process run, the
 # layout launches), so they start first and the short files fill in around them, instead of one of them running
 # alone at the end. Serial runs (plain `pytest tests`) keep this order too.
 SLOW_FILES_FIRST = (*SLURM_JOB_FILES, "test_quickstart.py", "test_parallel_layouts.py", "test_checkpoint_reshard.py")
 
 
+SLURM_SCOPE = "the Slurm job files"
+# The workers, and the ranks and commands they start, yield the CPU to the Slurm jobs (slurmd starts those; Slurm does
+# not pass a submitter's niceness on), which wait for the workers' tests otherwise: with three workers on two cores at
+# equal niceness the Slurm files took ~1050 s (~410 s alone), the run's last ~10 minutes.
+WORKER_NICENESS = 5
+
+
 @pytest.hookimpl(tryfirst=True, optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-    """--dist loadfile, with the Slurm job files as one scope (above)."""
+    """--dist loadfile, with the Slurm job files as one scope (above), run by a worker of their own.
+
+    That worker mostly waits: the jobs run under slurmd and its own process polls scontrol (the Slurm files alone kept
+    the 2-core machine ~20% busy over their ~7 minutes). With two workers, the one running them left most of a core
+    idle for those minutes (the suite took 1205 and 1227 s on 2026-12-07, each with a per-test CPU probe); so while
+    two other workers are there to run the rest (`make test` starts three), it takes no other file and stops once
+    the Slurm files are done (977 s with WORKER_NICENESS). With two workers it goes on to other files as before, or
+    one worker would run them all."""
     if config.getvalue("dist") != "loadfile":
         return None
     from xdist.scheduler import LoadFileScheduling
 
-    class SlurmFilesTogether(LoadFileScheduling):
+    class SlurmFilesOnTheirOwn(LoadFileScheduling):
         def _split_scope(self, nodeid: str) -> str:
             scope = super()._split_scope(nodeid)
-            return "the Slurm job files" if Path(scope).name in SLURM_JOB_FILES else scope
+            return SLURM_SCOPE if Path(scope).name in SLURM_JOB_FILES else scope
 
-    return SlurmFilesTogether(config, log)
+        def _reschedule(self, node) -> None:
+            work = self.assigned_work.get(node, {})
+            if SLURM_SCOPE in work and len(self.nodes) > 2 and not node.shutting_down:
+                if self._pending_of(work) == 0:
+                    node.shutdown()
+                return
+            super()._reschedule(node)
+
+    return SlurmFilesOnTheirOwn(config, log)
 
 
 def pytest_collection_modifyitems(config, items):
