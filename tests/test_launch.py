@@ -1,85 +1,17 @@
-"""`python -m nanotronix.launch` (torchrun for slurm/common.sh) on 2 stand-in workers, each told what to do: a
+"""`python -m nanotronix.launch` (torchrun for slurm/common.sh) on 2 stand-in workers (launch_workers.py): a
 planned stop (every worker exits 75, or is SIGTERMed by torchrun in its teardown) is one line and exit 75; a failure
 is torchrun's own report, the same lines as plain torchrun's (~4 s a launch). Likewise when the launcher itself is
 SIGTERMed (scancel, a time limit) with its workers: one line when they stopped as a trainer does, torchrun's
 traceback when one failed."""
 from __future__ import annotations
 
-import contextlib
-import os
 import re
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
+from launch_workers import launch, launch_and_signal
+
 from nanotronix.train import EXIT_PREEMPTED
-
-ROOT = Path(__file__).resolve().parents[1]
-
-# argv[1 + RANK] says what the worker of that rank does.
-WORKER = """
-import os, signal, sys, time
-rank = int(os.environ["RANK"])
-plan = sys.argv[1 + rank]
-if plan == "raise":
-    raise ValueError(f"rank {rank} fails")
-if plan == "75":
-    time.sleep(0.5)
-    sys.exit(75)
-if plan == "75-late":  # still in its teardown when the other has exited: torchrun SIGTERMs it (default action)
-    time.sleep(30)
-    sys.exit(75)
-if plan == "slow-to-stop":  # catches torchrun's SIGTERM, takes 3 s to stop, then fails
-    def stop(*_):
-        time.sleep(3)
-        print(f"rank {rank} stops now", flush=True)
-        os._exit(1)
-    signal.signal(signal.SIGTERM, stop)
-    time.sleep(30)
-if plan.startswith("term-"):  # SIGTERMed (Slurm signals every process of the step, torchrun then passes it on)
-    stopping = []
-    if plan != "term-default":  # term-default: no handler yet (a trainer in its start-up)
-        signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
-    # written whole, then named: the test reads the pid as soon as the name is there (an open() that creates it
-    # empty, then a write, could be read between the two on a loaded machine)
-    with open(f"{sys.argv[3]}/.ready-{rank}", "w") as f:
-        f.write(str(os.getpid()))
-    os.rename(f"{sys.argv[3]}/.ready-{rank}", f"{sys.argv[3]}/ready-{rank}")
-    while not stopping:
-        time.sleep(0.05)
-    time.sleep(0.5)  # the save
-    if plan == "term-75":  # the trainer: saved, exit 75
-        print(f"rank {rank} saved", flush=True)
-        sys.exit(75)
-    if plan == "term-fails":
-        raise ValueError(f"rank {rank} fails")
-    if plan == "term-killed":  # SIGKILLed, as torchrun ends a worker that outlives its shutdown deadline
-        os.kill(os.getpid(), signal.SIGKILL)
-"""
-
-
-def launch(tmp_path: Path, plans: tuple[str, str], launcher: str = "nanotronix.launch",
-           hold_back_s: float | None = None) -> tuple[int, str]:
-    """(exit code, stdout and stderr together, in order) of `launcher` with 2 workers following `plans`."""
-    proc = subprocess.run(launch_command(tmp_path, plans, launcher, hold_back_s), cwd=ROOT, env=ENV,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
-    return proc.returncode, proc.stdout
-
-
-ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-
-
-def launch_command(tmp_path: Path, plans: tuple[str, ...], launcher: str, hold_back_s: float | None) -> list[str]:
-    worker = tmp_path / "worker.py"
-    worker.write_text(WORKER)
-    args = ["--standalone", "--nproc_per_node=2", "--max_restarts=0", str(worker), *plans]
-    if hold_back_s is None:
-        return [sys.executable, "-m", launcher, *args]
-    # the launcher with a shorter hold-back
-    return [sys.executable, "-c", f"import sys, nanotronix.launch as m; m.HOLD_BACK_S = {hold_back_s}; "
-                                  "sys.exit(m.main(sys.argv[1:]))", *args]
 
 
 def test_a_planned_stop_is_one_line(tmp_path):
@@ -126,26 +58,9 @@ def test_a_75_beside_a_failure_keeps_the_report_and_its_held_lines_come_in_time(
 
 def launch_and_sigterm(tmp_path: Path, plans: tuple[str, str], launcher: str = "nanotronix.launch",
                        hold_back_s: float | None = None) -> tuple[int, str]:
-    """(exit code, output) of `launcher` with 2 `term-*` workers, SIGTERMed with them once they are ready, as Slurm
-    TERMs every process of a job step (scancel, the time limit)."""
-    for ready in tmp_path.glob("ready-*"):
-        ready.unlink()
-    proc = subprocess.Popen(launch_command(tmp_path, (*plans, str(tmp_path)), launcher, hold_back_s), cwd=ROOT,
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while len(list(tmp_path.glob("ready-*"))) < 2:
-            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate(timeout=60)[0]
-            time.sleep(0.05)
-        for pid in [proc.pid] + [int(ready.read_text()) for ready in tmp_path.glob("ready-*")]:
-            # the launcher passes its SIGTERM on at once, so a worker without a handler may be gone already: Slurm
-            # signals the processes still there (CI once lost this race)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-        out = proc.communicate(timeout=60)[0]
-    finally:
-        proc.kill()
-    return proc.returncode, out
+    """(exit code, stdout then stderr) of `launcher` with 2 `term-*` workers, SIGTERMed with them once ready."""
+    code, out, err = launch_and_signal(tmp_path, plans, signal.SIGTERM, launcher, hold_back_s)
+    return code, out + err
 
 
 def test_a_sigterm_stop_is_one_line(tmp_path):

@@ -3,54 +3,19 @@ beside a 75 (an OOM kill, one that outlived torchrun's shutdown deadline) is a f
 the launcher (Ctrl-C) is not a SIGTERM stop, whatever its workers exit with; the one line names Slurm's node, goes to
 stderr, and `main(argv)` hands torchrun its argv; and which of the agent's log lines are held back (only a planned
 stop's), how long (a SIGTERM's line holds them for torchrun's shutdown deadline), and that nothing is held after
-`drop()`. The launches use 2 stand-in workers, ~4 s each, as tests/test_launch.py; the log-line checks use records made
-as torch's agent logs them (the format strings and arguments of torch/distributed/elastic)."""
+`drop()`. The launches use the 2 stand-in workers of tests/launch_workers.py, ~4 s each; the log-line checks use
+records made as torch's agent logs them (the format strings and arguments of torch/distributed/elastic)."""
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
+
+from helpers import ROOT
+from launch_workers import ENV, WORKER, launch, launch_and_signal
 
 from nanotronix.train import EXIT_PREEMPTED
-
-ROOT = Path(__file__).resolve().parents[1]
-ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-
-# argv[1 + RANK] says what the worker of that rank does; argv[3] is a folder for the `ready-RANK` files.
-WORKER = """
-import os, signal, sys, time
-rank = int(os.environ["RANK"])
-plan = sys.argv[1 + rank]
-if plan == "75":
-    time.sleep(1.0)
-    sys.exit(75)
-if plan == "killed-on-term":  # torchrun's SIGTERM (once the other exited) ends it by a SIGKILL, as the OOM killer
-    signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGKILL))
-    time.sleep(30)
-if plan in ("int-75", "term-default"):  # int-75 saves on SIGINT and exits 75; term-default: no handler (-15)
-    stopping = []
-    if plan == "int-75":
-        signal.signal(signal.SIGINT, lambda *_: stopping.append(1))
-    with open(f"{sys.argv[3]}/.ready-{rank}", "w") as f:
-        f.write(str(os.getpid()))
-    os.rename(f"{sys.argv[3]}/.ready-{rank}", f"{sys.argv[3]}/ready-{rank}")
-    while not stopping:
-        time.sleep(0.05)
-    time.sleep(0.5)
-    sys.exit(75)
-"""
-
-
-def command(tmp_path: Path, plans: tuple[str, ...], launcher: str = "nanotronix.launch") -> list[str]:
-    worker = tmp_path / "worker.py"
-    worker.write_text(WORKER)
-    return [sys.executable, "-m", launcher, "--standalone", "--nproc_per_node=2", "--max_restarts=0", str(worker),
-            *plans]
 
 
 def test_a_worker_sigkilled_beside_a_75_keeps_torchruns_report(tmp_path):
@@ -58,38 +23,17 @@ def test_a_worker_sigkilled_beside_a_75_keeps_torchruns_report(tmp_path):
     did not go as planned (the module's docstring): torchrun's report and exit code, as plain torchrun's."""
     results = {}
     for launcher in ("nanotronix.launch", "torch.distributed.run"):
-        proc = subprocess.run(command(tmp_path, ("killed-on-term", "75"), launcher), cwd=ROOT, env=ENV,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
-        results[launcher] = proc.returncode, proc.stdout
+        results[launcher] = launch(tmp_path, ("killed-on-term", "75"), launcher)
     code, out = results["nanotronix.launch"]
     assert (code, results["torch.distributed.run"][0]) == (1, 1), out
     assert "exitcode  : 75" in out and "exitcode  : -9" in out and "ChildFailedError" in out, out
     assert "stopped as planned" not in out, out
 
 
-def launch_and_signal(tmp_path: Path, plan: str, sig: signal.Signals) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of the launcher with 2 `plan` workers, sent `sig` with them once they are ready
-    (as Slurm, or a terminal's Ctrl-C, signals every process)."""
-    proc = subprocess.Popen(command(tmp_path, (plan, plan, str(tmp_path))), cwd=ROOT, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while len(list(tmp_path.glob("ready-*"))) < 2:
-            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate(timeout=60)
-            time.sleep(0.05)
-        for pid in [proc.pid] + [int(ready.read_text()) for ready in tmp_path.glob("ready-*")]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    return proc.returncode, out, err
-
-
 def test_a_sigint_of_the_launcher_is_not_a_sigterm_stop(tmp_path):
     """Ctrl-C (SIGINT to the launcher and its workers) whose workers exit 75: only the agent's SIGTERM is the planned
     stop that the one line "stopped by SIGTERM" says; a SIGINT keeps torchrun's traceback and exit 1."""
-    code, out, err = launch_and_signal(tmp_path, "int-75", signal.SIGINT)
+    code, out, err = launch_and_signal(tmp_path, ("int-75", "int-75"), signal.SIGINT)
     out = out + err
     assert code == 1 and "SignalException" in out, out
     assert "stopped by SIGTERM" not in out and "stopped as planned" not in out, out
@@ -113,7 +57,7 @@ def test_the_line_names_slurms_node_on_stderr_and_main_passes_its_argv(tmp_path)
 def test_a_sigterm_stops_line_is_on_stderr(tmp_path):
     """The one line of a SIGTERM stop (workers without a handler yet: exit 143) goes to stderr, as torchrun's report
     it replaces; stdout is the workers' alone."""
-    code, out, err = launch_and_signal(tmp_path, "term-default", signal.SIGTERM)
+    code, out, err = launch_and_signal(tmp_path, ("term-default", "term-default"), signal.SIGTERM)
     line = "its 2 worker(s) ended without saving on it (exit codes -15, -15): exit 143"
     assert code == 128 + signal.SIGTERM and line in err and "stopped by SIGTERM" not in out, (out, err)
 
