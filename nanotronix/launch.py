@@ -157,9 +157,10 @@ def main(argv: list[str] | None = None) -> int:
         # Not exit 1 (torchrun's): slurm/common.sh only asks whether the step's exit was 0, and says the number.
         if stopped_as_planned(codes):
             what, code = f"its {len(codes)} worker(s) {planned}", EXIT_PREEMPTED
-        else:
-            exits = ", ".join(map(str, codes))
-            what, code = f"its {len(codes)} worker(s) ended without saving on it (exit codes {exits})", EXIT_TERMINATED
+        else:  # not every worker saved: -15s (no handler yet) beside 0s (the run had finished), maybe some 75s
+            exits, saved = ", ".join(map(str, codes)), codes.count(EXIT_PREEMPTED)
+            how = f"ended on it, {saved} of them saving" if saved else "ended without saving on it"
+            what, code = f"its {len(codes)} worker(s) {how} (exit codes {exits})", EXIT_TERMINATED
         print(f"torchrun on {node}: stopped by SIGTERM; {what}: exit {code}", file=sys.stderr, flush=True)
         return code
     finally:

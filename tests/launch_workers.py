@@ -55,6 +55,8 @@ if plan.startswith("term-") or plan == "int-75":  # signalled (Slurm signals eve
     if plan in ("term-75", "int-75"):  # the trainer: saved, exit 75
         print(f"rank {rank} saved", flush=True)
         sys.exit(75)
+    if plan == "term-0":  # the trainer that had just finished its last step: exit 0
+        sys.exit(0)
     if plan == "term-fails":
         raise ValueError(f"rank {rank} fails")
     if plan == "term-killed":  # SIGKILLed, as torchrun ends a worker that outlives its shutdown deadline

@@ -81,6 +81,15 @@ def test_a_sigterm_stop_without_a_save_is_one_line(tmp_path):
     assert "Traceback" not in out and "death signal" not in out and "Sending process" not in out, out
 
 
+def test_a_sigterm_stop_where_one_worker_had_finished_says_how_many_saved(tmp_path):
+    """Rank 0 had finished its run (exit 0) when the SIGTERM came, rank 1 saved (75): not a planned stop of every
+    worker (exit 143, as any end without every worker's save), and the line says that one of them saved."""
+    code, out = launch_and_sigterm(tmp_path, ("term-0", "term-75"))
+    assert code == 128 + signal.SIGTERM, out
+    assert ": stopped by SIGTERM; its 2 worker(s) ended on it, 1 of them saving (exit codes 0, 75): exit 143" in out
+    assert "Traceback" not in out and "without saving" not in out, out
+
+
 def test_a_sigterm_with_a_worker_killed_keeps_torchruns_report(tmp_path):
     """Rank 0 saves, rank 1 is SIGKILLed (as torchrun ends a worker that outlives --shutdown-timeout): the stop did not
     go as planned: torchrun's agent lines and traceback, as plain torchrun's."""
