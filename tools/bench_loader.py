@@ -92,7 +92,7 @@ def parse_args(argv=None):
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.step_ms < 0:
         parser.error(f"--step-ms must be >= 0, got {args.step_ms}")
-    if args.windows % args.micro_batch:
+    if args.windows % args.micro_batch and not (args.cold or args.zarr):  # only the loaders cut micro-batches
         parser.error(f"--windows {args.windows} is not divisible by --micro-batch {args.micro_batch}")
     if args.store and not args.cold:
         parser.error("--store needs --cold")
