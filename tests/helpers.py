@@ -1,8 +1,10 @@
 """Shared test fixtures' building blocks: tiny configs, tiny learnable token stores and a tiny tokenizer."""
 from __future__ import annotations
 
+import multiprocessing
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -245,6 +247,24 @@ def two_gloo_ranks(script: str, tmp_path: Path, timeout: float) -> list[tuple[in
         for proc in ranks:
             proc.kill()
     return [(proc.returncode, out) for proc, out in zip(ranks, outs)]
+
+
+# What the ranks of `start_gloo_ranks` import: a forkserver imports them once and forks each rank from itself. Spawned
+# ranks imported them each (~4 s of CPU per rank: most of an 8-rank test's cost on 2 cores).
+RANK_PRELOAD = ["torch", "torch.distributed.checkpoint", "nanotronix.train.trainer", "nanotronix.checkpoint.hf_export",
+                "transformers", "checkpoint_helpers"]
+
+
+def start_gloo_ranks(worker, nprocs: int, *args) -> None:
+    """WORKER(rank, port, *ARGS) in NPROCS processes, which join a gloo group on 127.0.0.1:port (MASTER_ADDR/PORT);
+    a rank that raises fails this with its traceback. The forkserver (one per test process, started by its first
+    call) holds RANK_PRELOAD: a rank imports only its worker's module."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    multiprocessing.get_context("forkserver").set_forkserver_preload(RANK_PRELOAD)
+    torch.multiprocessing.start_processes(worker, args=(port, *args), nprocs=nprocs, join=True,
+                                          start_method="forkserver")
 
 
 def torchrun(nproc: int, args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:

@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
 import weakref
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from nanotronix.distributed import shutdown_and_exit
 
 from checkpoint_helpers import adamw, load_single, plain_model, save_single, train_steps
+from helpers import start_gloo_ranks
 
 
 class MomentBufferWatch:
@@ -130,16 +129,9 @@ def _zero1_save_and_load(rank: int, root: str) -> None:
             assert torch.equal(loaded[name][k], saved[name][k]), (rank, name, k)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_a_zero1_load_holds_one_buckets_moments(tmp_path):
     # A failing assertion in either rank raises here, with that rank's traceback.
-    mp.start_processes(_zero1_worker, args=(_free_port(), str(tmp_path / "run")), nprocs=2, join=True,
-                       start_method="spawn")
+    start_gloo_ranks(_zero1_worker, 2, str(tmp_path / "run"))
 
 
 def test_a_save_reads_only_the_buckets_it_writes_from():

@@ -1,4 +1,4 @@
-"""Resharded resume: save in one TP x PP x DP layout, continue in any other. One spawn of eight gloo ranks runs:
+"""Resharded resume: save in one TP x PP x DP layout, continue in any other. One start of eight gloo ranks runs:
 
 1. The checkpoint layer, bit for bit: the ranks hold the pieces of one tiny plain model and of reference AdamW
    moments, cut as `nanotronix.parallel` cuts them (tied and untied embeddings). The checkpoint saved in
@@ -11,25 +11,24 @@
    right after the update, while ZeRO-1's overlapped weight gathers run), to 5 in TP1xPP4xDP2, to 6 back in
    TP2xPP2xDP2 with ZeRO-1; and from the first checkpoint to step 3 in one process. Every step's loss is within
    rel 1e-5 of an uninterrupted single-process run, and its learning rate equal.
-Costs ~30-40 s of CPU on 2 cores (mostly starting 8 interpreters).
+The file takes ~35 s on 2 cores (~50 CPU-s; the ranks forked from a process that imported torch and the
+trainer once, helpers.start_gloo_ranks: spawned, each imported them itself and the file took ~50 s).
 """
 from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from nanotronix.distributed import shutdown_and_exit
 
 from checkpoint_helpers import (TINY, TINY_UNTIED, FakeOptimizer, local_slice, plain_model, rank_piece,
                                 read_metrics, reference_moments, train_in_process)
-from helpers import tiny_config, write_learnable_store
+from helpers import start_gloo_ranks, tiny_config, write_learnable_store
 
 WORLD = 8
 SAVE_LAYOUTS = [(2, 2, 2), (2, 1, 4), (1, 4, 2)]  # (tp, pp, dp)
@@ -167,12 +166,6 @@ def _check_each_chunk_collected_once(snap, ctx, coll, plain, layout) -> None:
     assert collected == logical, f"{layout}: collected elements differ from the logical tensors'"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def saved_layouts(tmp_path_factory):
     root = tmp_path_factory.mktemp("reshard")
@@ -180,8 +173,7 @@ def saved_layouts(tmp_path_factory):
     (root / "train").mkdir()
     train_config = tiny_config(root / "train", store)
     # A failing assertion in any rank raises here, with that rank's traceback.
-    mp.start_processes(_worker, args=(_free_port(), str(root), str(train_config)), nprocs=WORLD, join=True,
-                       start_method="spawn")
+    start_gloo_ranks(_worker, WORLD, str(root), str(train_config))
     return root
 
 

@@ -1,5 +1,5 @@
 """Resharded resume of the real `DistributedOptimizer` (test_checkpoint_reshard.py checks the moments bit for bit only
-through a stand-in optimizer, and the real one only by the loss). One spawn of four gloo ranks:
+through a stand-in optimizer, and the real one only by the loss). One start of four gloo ranks:
 
 1. Each of three layouts trains the tiny model 3 steps and saves, each with the writers of `state.assign_writers`:
    ZeRO-1 over DP4 (shard boundaries inside parameters), TP2 with sequence parallelism x ZeRO-1 over DP2 (the norms'
@@ -13,22 +13,21 @@ through a stand-in optimizer, and the real one only by the loss). One spawn of f
 3. A rank with nothing to write (one parameter, three keys, four ranks) still takes part in the save and the load.
 4. A trainable parameter the optimizer holds no moments for fails the save on every rank with one line (only the
    rank assigned those moments finds them missing).
-~40 s of CPU on 2 cores. And in one process: frozen parameters (weights saved, no moments) in a plain AdamW resume
+The file takes ~20 s on 2 cores. And in one process: frozen parameters (weights saved, no moments) in a plain AdamW resume
 bit for bit against the uninterrupted run.
 """
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from nanotronix.distributed import shutdown_and_exit
 
 from checkpoint_helpers import adamw, load_single, plain_model, save_single, train_steps
+from helpers import start_gloo_ranks
 
 WORLD = 4
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -201,15 +200,9 @@ def _worker(rank: int, port: int, root: str) -> None:
     shutdown_and_exit(0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_distributed_optimizer_moments_reshard_bit_for_bit(tmp_path):
     # A failing assertion in any rank raises here, with that rank's traceback.
-    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True, start_method="spawn")
+    start_gloo_ranks(_worker, WORLD, str(tmp_path))
 
 
 def test_frozen_parameters_are_saved_without_moments_and_resume_bit_for_bit(tmp_path):
